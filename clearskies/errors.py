@@ -1,0 +1,40 @@
+"""Error types, split by whose fault the error is.
+
+``ProtocolError`` and its subclasses mean a *peer* (or a control-socket
+client, or a tracker) sent something we refuse; the connection that carried it
+is closed and the daemon carries on.  ``ConfigurationError`` means the *local
+user* asked for something impossible; it is reported to them with a message
+saying what to do.
+"""
+
+
+class ClearSkiesError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ProtocolError(ClearSkiesError):
+    """The remote side broke the protocol; close the connection that carried it."""
+
+
+class WireError(ProtocolError):
+    """Bytes on the wire that the framing of protocol/wire.md does not allow."""
+
+
+class HandshakeError(ProtocolError):
+    """The connection handshake cannot go on (wrong ID, clock skew, bad keys, …)."""
+
+
+class UnsafePathError(ProtocolError):
+    """A path from outside (peer, control socket) that could escape the share."""
+
+
+class AccessCodeError(ClearSkiesError, ValueError):
+    """An access code that cannot be parsed; the message says which check failed."""
+
+
+class ConfigurationError(ClearSkiesError):
+    """The local user asked for something impossible; the message says what to do."""
+
+
+class ShareError(ClearSkiesError):
+    """A share is in an error state (root vanished, marker missing, database trouble)."""

@@ -1,0 +1,10 @@
+"""Settings shared by the whole suite."""
+
+from hypothesis import HealthCheck, settings
+
+# The machine is small and shared: no per-example deadlines, modest example counts.
+settings.register_profile(
+    "clearskies", deadline=None, max_examples=200,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("clearskies")
