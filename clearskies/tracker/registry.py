@@ -1,0 +1,357 @@
+"""Who is registered for which ID: the tracker's bookkeeping, free of I/O.
+
+A registration says "peer P of ID X listens at these addresses".  It lives
+``ttl`` seconds after its last refresh.  Time is always passed in as ``now``
+(seconds, any monotonic-enough origin), so tests drive expiry with plain
+numbers and the web layer passes ``reactor.seconds()``.
+
+Every table here is bounded: IDs per request, registrations per source
+address, registrations in total, open fast_track subscriptions, and peers
+listed per ID in one answer.  Exceeding a bound raises before anything is
+stored, so a refused request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+
+from clearskies.errors import ProtocolError
+
+_ID_RE = re.compile(r"[0-9a-f]{64}")
+_PEER_RE = re.compile(r"[0-9a-f]{32}")
+
+DEFAULT_TTL = 300
+MAX_IDS_PER_REQUEST = 64
+MAX_PER_SOURCE = 1024
+MAX_TOTAL = 1_000_000
+MAX_STREAMS = 2000
+MAX_OTHERS = 256
+
+
+class CapacityError(ProtocolError):
+    """A bound of the tracker is reached; the request may succeed later."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    share_id: str
+    peer: str
+    host: str
+    addresses: tuple[str, ...]
+    expires: float
+
+
+class Subscription:
+    """The interest of one fast_track stream: which IDs, and which peers are its own.
+
+    ``callback(changed_ids)`` is called with the requested IDs whose set of
+    *other* peers changed; the stream then asks :meth:`Registry.others_for`
+    for the current lists (so a paused stream can coalesce several changes).
+    """
+
+    __slots__ = ("wanted", "callback", "active")
+
+    def __init__(
+        self, wanted: dict[str, frozenset[str]], callback: Callable[[list[str]], None]
+    ) -> None:
+        self.wanted = wanted
+        self.callback = callback
+        self.active = True
+
+
+def _show(value: object) -> str:
+    """A short repr for error messages, so a huge parameter is not echoed whole."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def canonical_host(host: str) -> str:
+    """The IP literal as the tracker reports it; IPv4-mapped IPv6 becomes IPv4.
+
+    Raises ProtocolError when ``host`` is not an IP address.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ProtocolError(
+            "the source address %s is not an IP address" % (_show(host),)
+        ) from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def format_address(proto: str, host: str, port: int) -> str:
+    """``proto:host:port`` with IPv6 hosts in brackets (REFERENCE §11)."""
+    if ":" in host:
+        return "%s:[%s]:%d" % (proto, host, port)
+    return "%s:%s:%d" % (proto, host, port)
+
+
+def _check_port(name: str, port: int | None) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ProtocolError(
+            "%s must be a number from 1 to 65535, not %s" % (name, _show(port))
+        )
+
+
+def _check_pairs(
+    ids_with_peers: Iterable[tuple[str, str]], max_ids: int
+) -> dict[str, frozenset[str]]:
+    """Validate (ID, peer ID) pairs; return ID -> own peer IDs, duplicates merged."""
+    wanted: dict[str, set[str]] = {}
+    count = 0
+    for share_id, peer in ids_with_peers:
+        if not isinstance(share_id, str) or not _ID_RE.fullmatch(share_id):
+            raise ProtocolError(
+                "an ID must be 64 lowercase hex characters, not %s" % (_show(share_id),)
+            )
+        if not isinstance(peer, str) or not _PEER_RE.fullmatch(peer):
+            raise ProtocolError(
+                "a peer ID must be 32 lowercase hex characters, not %s" % (_show(peer),)
+            )
+        peers = wanted.setdefault(share_id, set())
+        if peer not in peers:
+            peers.add(peer)
+            count += 1
+            if count > max_ids:
+                raise ProtocolError(
+                    "at most %d id=<ID>@<peer ID> parameters per request" % (max_ids,)
+                )
+    if not wanted:
+        raise ProtocolError("give at least one id=<ID>@<peer ID> parameter")
+    return {share_id: frozenset(peers) for share_id, peers in wanted.items()}
+
+
+class Registry:
+    """Registrations keyed by (ID, peer ID), expiring ``ttl`` seconds after refresh."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        ttl: int = DEFAULT_TTL,
+        *,
+        max_ids_per_request: int = MAX_IDS_PER_REQUEST,
+        max_per_source: int = MAX_PER_SOURCE,
+        max_total: int = MAX_TOTAL,
+        max_streams: int = MAX_STREAMS,
+        max_others: int = MAX_OTHERS,
+    ) -> None:
+        if ttl < 1:
+            raise ValueError("ttl must be at least 1 second")
+        self.ttl = ttl
+        self.max_ids_per_request = max_ids_per_request
+        self.max_per_source = max_per_source
+        self.max_total = max_total
+        self.max_streams = max_streams
+        self.max_others = max_others
+        # Ordered by last refresh; since every entry lives exactly ``ttl``,
+        # that is also expiry order, so a sweep only looks at the front.
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        # ID -> peer ID -> entry, each inner dict also in refresh order.
+        self._by_id: dict[str, dict[str, _Entry]] = {}
+        self._per_source: dict[str, int] = {}
+        self._subscriptions: dict[str, set[Subscription]] = {}
+        self._stream_count = 0
+
+    # -- registering ------------------------------------------------------
+
+    def register(
+        self,
+        ids_with_peers: Iterable[tuple[str, str]],
+        host: str,
+        tcp_port: int,
+        utp_port: int | None,
+        now: float,
+    ) -> dict:
+        """Store or refresh the requester's registrations; answer with the others.
+
+        Returns ``{"your_ip": …, "others": {ID: ["peer@tcp:host:port", …]}, "ttl": …}``
+        where each list leaves out the requester's own peer IDs for that ID.
+        Raises ProtocolError for bad input, CapacityError when a bound is hit.
+        """
+        wanted, host = self._store(ids_with_peers, host, tcp_port, utp_port, now)
+        return {
+            "your_ip": host,
+            "others": {share_id: self.others(share_id, own) for share_id, own in wanted.items()},
+            "ttl": self.ttl,
+        }
+
+    def renew(
+        self,
+        ids_with_peers: Iterable[tuple[str, str]],
+        host: str,
+        tcp_port: int,
+        utp_port: int | None,
+        now: float,
+    ) -> None:
+        """Like :meth:`register` without building an answer (fast_track keep-alives)."""
+        self._store(ids_with_peers, host, tcp_port, utp_port, now)
+
+    def _store(
+        self,
+        ids_with_peers: Iterable[tuple[str, str]],
+        host: str,
+        tcp_port: int,
+        utp_port: int | None,
+        now: float,
+    ) -> tuple[dict[str, frozenset[str]], str]:
+        wanted = _check_pairs(ids_with_peers, self.max_ids_per_request)
+        _check_port("tcp_port", tcp_port)
+        if utp_port is not None:
+            _check_port("utp_port", utp_port)
+        host = canonical_host(host)
+        self.expire(now)
+
+        keys = [(share_id, peer) for share_id, peers in wanted.items() for peer in sorted(peers)]
+        brand_new = sum(1 for key in keys if key not in self._entries)
+        not_ours = sum(
+            1 for key in keys
+            if key not in self._entries or self._entries[key].host != host
+        )
+        if self._per_source.get(host, 0) + not_ours > self.max_per_source:
+            raise CapacityError(
+                "too many registrations from %s (at most %d); let some expire first"
+                % (host, self.max_per_source)
+            )
+        if len(self._entries) + brand_new > self.max_total:
+            raise CapacityError("the tracker is full; try again later")
+
+        addresses: tuple[str, ...] = (format_address("tcp", host, tcp_port),)
+        if utp_port is not None:
+            addresses += (format_address("utp", host, utp_port),)
+        expires = now + self.ttl
+        changed: dict[str, set[str]] = {}
+        for share_id, peer in keys:
+            old = self._remove((share_id, peer))
+            entry = _Entry(share_id, peer, host, addresses, expires)
+            self._entries[(share_id, peer)] = entry
+            self._by_id.setdefault(share_id, {})[peer] = entry
+            self._per_source[host] = self._per_source.get(host, 0) + 1
+            if old is None or old.addresses != addresses:
+                changed.setdefault(share_id, set()).add(peer)
+        self._notify(changed)
+        return wanted, host
+
+    def _remove(self, key: tuple[str, str]) -> _Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        peers = self._by_id[entry.share_id]
+        del peers[entry.peer]
+        if not peers:
+            del self._by_id[entry.share_id]
+        left = self._per_source[entry.host] - 1
+        if left:
+            self._per_source[entry.host] = left
+        else:
+            del self._per_source[entry.host]
+        return entry
+
+    def expire(self, now: float) -> int:
+        """Drop registrations whose time is up; tell subscribers.  Returns how many."""
+        changed: dict[str, set[str]] = {}
+        dropped = 0
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if entry.expires > now:
+                break
+            self._remove(key)
+            changed.setdefault(entry.share_id, set()).add(entry.peer)
+            dropped += 1
+        self._notify(changed)
+        return dropped
+
+    # -- reading ----------------------------------------------------------
+
+    def others(self, share_id: str, exclude: Iterable[str] = ()) -> list[str]:
+        """``peer@address`` strings for ``share_id``, newest first, at most ``max_others`` peers."""
+        peers = self._by_id.get(share_id)
+        if not peers:
+            return []
+        skip = frozenset(exclude)
+        found: list[str] = []
+        listed = 0
+        for entry in reversed(peers.values()):
+            if entry.peer in skip:
+                continue
+            found.extend("%s@%s" % (entry.peer, address) for address in entry.addresses)
+            listed += 1
+            if listed >= self.max_others:
+                break
+        return found
+
+    def others_for(self, subscription: Subscription, ids: Iterable[str]) -> dict[str, list[str]]:
+        """The current ``others`` lists of ``ids`` as that subscriber sees them."""
+        return {
+            share_id: self.others(share_id, subscription.wanted[share_id])
+            for share_id in ids
+            if share_id in subscription.wanted
+        }
+
+    def stats(self) -> dict[str, int]:
+        """Counts for the status page and benchmarks."""
+        return {
+            "ids": len(self._by_id),
+            "registrations": len(self._entries),
+            "sources": len(self._per_source),
+            "streams": self._stream_count,
+        }
+
+    # -- fast_track subscriptions ----------------------------------------
+
+    def subscribe(
+        self,
+        ids_with_peers: Iterable[tuple[str, str]],
+        callback: Callable[[list[str]], None],
+    ) -> Subscription:
+        """Watch the given IDs; raises CapacityError when ``max_streams`` are open."""
+        wanted = _check_pairs(ids_with_peers, self.max_ids_per_request)
+        if self._stream_count >= self.max_streams:
+            raise CapacityError(
+                "the tracker already holds %d fast_track streams; "
+                "poll without fast_track or try again later" % (self.max_streams,)
+            )
+        subscription = Subscription(wanted, callback)
+        for share_id in wanted:
+            self._subscriptions.setdefault(share_id, set()).add(subscription)
+        self._stream_count += 1
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Stop watching; calling it twice is harmless."""
+        if not subscription.active:
+            return
+        subscription.active = False
+        for share_id in subscription.wanted:
+            watchers = self._subscriptions.get(share_id)
+            if watchers is not None:
+                watchers.discard(subscription)
+                if not watchers:
+                    del self._subscriptions[share_id]
+        self._stream_count -= 1
+
+    def _notify(self, changed: dict[str, set[str]]) -> None:
+        """Call each subscriber once with the IDs where a peer other than its own changed."""
+        if not changed or not self._subscriptions:
+            return
+        todo: dict[Subscription, list[str]] = {}
+        for share_id, peers in changed.items():
+            for subscription in self._subscriptions.get(share_id, ()):
+                if peers - subscription.wanted[share_id]:
+                    todo.setdefault(subscription, []).append(share_id)
+        for subscription, ids in todo.items():
+            if not subscription.active:
+                continue
+            try:
+                subscription.callback(ids)
+            except Exception:
+                self._log.failure("fast_track subscriber failed on an update")
+

@@ -1,0 +1,323 @@
+"""The tracker registry: registrations, expiry, bounds and fast_track notifications."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clearskies.errors import ProtocolError
+from clearskies.tracker.registry import (
+    CapacityError,
+    Registry,
+    canonical_host,
+    format_address,
+)
+
+A = "a" * 64
+B = "b" * 64
+P1 = "1" * 32
+P2 = "2" * 32
+P3 = "3" * 32
+
+
+def test_first_registration_sees_nobody():
+    """The first peer of an ID gets its IP, an empty list for that ID and the TTL."""
+    registry = Registry(ttl=300)
+    assert registry.register([(A, P1)], "192.0.2.7", 30001, None, now=0) == {
+        "your_ip": "192.0.2.7",
+        "others": {A: []},
+        "ttl": 300,
+    }
+
+
+def test_second_peer_sees_first_and_first_sees_second():
+    """Each peer of an ID learns the other's peer@tcp:host:port, never itself."""
+    registry = Registry()
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=0)
+    second = registry.register([(A, P2)], "192.0.2.2", 30002, None, now=1)
+    assert second["others"] == {A: [P1 + "@tcp:192.0.2.1:30001"]}
+    first = registry.register([(A, P1)], "192.0.2.1", 30001, None, now=2)
+    assert first["others"] == {A: [P2 + "@tcp:192.0.2.2:30002"]}
+
+
+def test_utp_port_adds_a_second_address():
+    """With utp_port the peer is listed once per protocol."""
+    registry = Registry()
+    registry.register([(A, P1)], "192.0.2.1", 30001, 30005, now=0)
+    answer = registry.register([(A, P2)], "192.0.2.2", 30002, None, now=0)
+    assert answer["others"][A] == [P1 + "@tcp:192.0.2.1:30001", P1 + "@utp:192.0.2.1:30005"]
+
+
+def test_ipv6_hosts_are_bracketed_and_mapped_ipv4_is_plain():
+    """IPv6 addresses appear in brackets; ::ffff:a.b.c.d is reported as IPv4."""
+    registry = Registry()
+    assert registry.register([(A, P1)], "2001:db8::1", 30001, None, now=0)["your_ip"] == "2001:db8::1"
+    answer = registry.register([(A, P2)], "::ffff:192.0.2.9", 30002, None, now=0)
+    assert answer["your_ip"] == "192.0.2.9"
+    assert answer["others"][A] == [P1 + "@tcp:[2001:db8::1]:30001"]
+    assert format_address("tcp", "::1", 5) == "tcp:[::1]:5"
+    assert canonical_host("::FFFF:127.0.0.1") == "127.0.0.1"
+
+
+def test_registration_expires_after_ttl():
+    """A peer that does not come back is gone once ttl seconds have passed."""
+    registry = Registry(ttl=30)
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=100)
+    assert registry.register([(A, P2)], "192.0.2.2", 1, None, now=129.9)["others"][A] == [
+        P1 + "@tcp:192.0.2.1:30001"
+    ]
+    assert registry.register([(A, P2)], "192.0.2.2", 1, None, now=130)["others"][A] == []
+    assert registry.stats()["registrations"] == 1
+
+
+def test_reregistration_refreshes_lifetime():
+    """Registering again restarts the TTL, so a polling peer never drops out."""
+    registry = Registry(ttl=30)
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=0)
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=25)
+    assert registry.expire(now=40) == 0
+    assert registry.register([(A, P2)], "192.0.2.2", 1, None, now=54)["others"][A] == [
+        P1 + "@tcp:192.0.2.1:30001"
+    ]
+    assert registry.expire(now=55) == 1
+
+
+def test_expire_sweep_counts_and_cleans_tables():
+    """expire() drops exactly the stale entries and empties the per-ID and per-source tables."""
+    registry = Registry(ttl=10)
+    registry.register([(A, P1), (B, P1)], "192.0.2.1", 1, None, now=0)
+    registry.register([(A, P2)], "192.0.2.2", 1, None, now=5)
+    assert registry.expire(now=12) == 2
+    assert registry.stats() == {"ids": 1, "registrations": 1, "sources": 1, "streams": 0}
+    assert registry.expire(now=15) == 1
+    assert registry.stats() == {"ids": 0, "registrations": 0, "sources": 0, "streams": 0}
+
+
+def test_new_port_replaces_old_address():
+    """A peer that re-registers from a new port is listed once, at the new port."""
+    registry = Registry()
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=0)
+    registry.register([(A, P1)], "192.0.2.1", 30009, None, now=1)
+    answer = registry.register([(A, P2)], "192.0.2.2", 1, None, now=2)
+    assert answer["others"][A] == [P1 + "@tcp:192.0.2.1:30009"]
+
+
+def test_new_source_address_moves_the_registration():
+    """A peer that moved to another IP is listed at the new IP only and counted there."""
+    registry = Registry(max_per_source=1)
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=0)
+    registry.register([(A, P1)], "198.51.100.1", 30001, None, now=1)
+    assert registry.others(A) == [P1 + "@tcp:198.51.100.1:30001"]
+    assert registry.stats()["sources"] == 1
+    # The old source's quota is free again.
+    registry.register([(B, P2)], "192.0.2.1", 1, None, now=2)
+
+
+def test_multiple_ids_in_one_request():
+    """One request registers every ID and answers with a list per ID."""
+    registry = Registry()
+    registry.register([(A, P2)], "192.0.2.2", 2, None, now=0)
+    registry.register([(B, P3)], "192.0.2.3", 3, None, now=0)
+    answer = registry.register([(A, P1), (B, P1)], "192.0.2.1", 1, None, now=0)
+    assert answer["others"] == {A: [P2 + "@tcp:192.0.2.2:2"], B: [P3 + "@tcp:192.0.2.3:3"]}
+    assert registry.stats()["ids"] == 2
+
+
+def test_duplicate_ids_are_merged_and_lists_have_no_duplicates():
+    """The same id@peer twice counts once and is listed once."""
+    registry = Registry()
+    registry.register([(A, P1), (A, P1)], "192.0.2.1", 1, None, now=0)
+    registry.register([(A, P1)], "192.0.2.1", 1, None, now=1)
+    assert registry.stats()["registrations"] == 1
+    assert registry.register([(A, P2), (A, P2)], "192.0.2.2", 2, None, now=2)["others"] == {
+        A: [P1 + "@tcp:192.0.2.1:1"]
+    }
+
+
+def test_answers_list_newest_peers_up_to_the_cap():
+    """At most max_others peers are listed per ID, the most recently registered first."""
+    registry = Registry(max_others=2)
+    for i, peer in enumerate([P1, P2, P3]):
+        registry.register([(A, peer)], "192.0.2.%d" % (i + 1), 1, None, now=i)
+    answer = registry.register([(A, "4" * 32)], "192.0.2.4", 1, None, now=5)
+    assert answer["others"][A] == [P3 + "@tcp:192.0.2.3:1", P2 + "@tcp:192.0.2.2:1"]
+
+
+@pytest.mark.parametrize(
+    "pairs, host, tcp, utp, words",
+    [
+        ([], "192.0.2.1", 1, None, "at least one"),
+        ([(A.upper(), P1)], "192.0.2.1", 1, None, "64 lowercase hex"),
+        ([(A[:-1], P1)], "192.0.2.1", 1, None, "64 lowercase hex"),
+        ([(A, P1 + "0")], "192.0.2.1", 1, None, "32 lowercase hex"),
+        ([(A, "g" * 32)], "192.0.2.1", 1, None, "32 lowercase hex"),
+        ([(A, P1)], "192.0.2.1", 0, None, "tcp_port"),
+        ([(A, P1)], "192.0.2.1", 65536, None, "tcp_port"),
+        ([(A, P1)], "192.0.2.1", 1, 0, "utp_port"),
+        ([(A, P1)], "example.com", 1, None, "not an IP address"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message(pairs, host, tcp, utp, words):
+    """Malformed IDs, peer IDs, ports or hosts raise ProtocolError naming the problem."""
+    registry = Registry()
+    with pytest.raises(ProtocolError, match=words):
+        registry.register(pairs, host, tcp, utp, now=0)
+    assert registry.stats()["registrations"] == 0
+
+
+def test_error_messages_do_not_echo_huge_values():
+    """A giant bogus ID is shortened in the error message."""
+    with pytest.raises(ProtocolError) as info:
+        Registry().register([("x" * 100_000, P1)], "192.0.2.1", 1, None, now=0)
+    assert len(str(info.value)) < 200
+
+
+def test_too_many_ids_per_request():
+    """More distinct id@peer pairs than max_ids_per_request is a client error, nothing stored."""
+    registry = Registry(max_ids_per_request=3)
+    pairs = [("%064x" % i, P1) for i in range(4)]
+    with pytest.raises(ProtocolError, match="at most 3"):
+        registry.register(pairs, "192.0.2.1", 1, None, now=0)
+    assert registry.stats()["registrations"] == 0
+    registry.register(pairs[:3], "192.0.2.1", 1, None, now=0)
+    assert registry.stats()["registrations"] == 3
+
+
+def test_per_source_bound_is_all_or_nothing():
+    """A request that would pass max_per_source is refused whole; refreshes still work."""
+    registry = Registry(max_per_source=3)
+    registry.register([("%064x" % i, P1) for i in range(2)], "192.0.2.1", 1, None, now=0)
+    with pytest.raises(CapacityError, match="too many registrations from 192.0.2.1"):
+        registry.register([("%064x" % i, P1) for i in range(2, 4)], "192.0.2.1", 1, None, now=0)
+    assert registry.stats()["registrations"] == 2
+    # Refreshing what is already there, plus one new, fits exactly.
+    registry.register([("%064x" % i, P1) for i in range(3)], "192.0.2.1", 1, None, now=1)
+    # Another source is not affected.
+    registry.register([("%064x" % 9, P2)], "192.0.2.2", 1, None, now=1)
+    assert registry.stats()["registrations"] == 4
+
+
+def test_total_bound():
+    """Once max_total registrations exist, new ones are refused until some expire."""
+    registry = Registry(ttl=10, max_total=2)
+    registry.register([(A, P1)], "192.0.2.1", 1, None, now=0)
+    registry.register([(A, P2)], "192.0.2.2", 1, None, now=5)
+    with pytest.raises(CapacityError, match="full"):
+        registry.register([(A, P3)], "192.0.2.3", 1, None, now=6)
+    registry.register([(A, P1)], "192.0.2.1", 1, None, now=6)  # a refresh still fits
+    registry.register([(A, P3)], "192.0.2.3", 1, None, now=15.5)  # P2 expired at 15
+    assert sorted(e.split("@")[0] for e in registry.others(A)) == [P1, P3]
+
+
+def test_stream_bound():
+    """subscribe() refuses past max_streams and accepts again after an unsubscribe."""
+    registry = Registry(max_streams=2)
+    first = registry.subscribe([(A, P1)], lambda ids: None)
+    registry.subscribe([(A, P2)], lambda ids: None)
+    with pytest.raises(CapacityError, match="2 fast_track streams"):
+        registry.subscribe([(A, P3)], lambda ids: None)
+    registry.unsubscribe(first)
+    registry.unsubscribe(first)
+    registry.subscribe([(A, P3)], lambda ids: None)
+    assert registry.stats()["streams"] == 2
+
+
+def test_subscriber_hears_when_another_peer_arrives():
+    """A new peer for a watched ID calls the subscriber with that ID and others_for lists it."""
+    registry = Registry()
+    heard: list[list[str]] = []
+    sub = registry.subscribe([(A, P1), (B, P1)], heard.append)
+    registry.register([(A, P1), (B, P1)], "192.0.2.1", 1, None, now=0)
+    assert heard == []  # its own registration is no news to it
+    registry.register([(A, P2)], "192.0.2.2", 2, None, now=1)
+    assert heard == [[A]]
+    assert registry.others_for(sub, heard[0]) == {A: [P2 + "@tcp:192.0.2.2:2"]}
+
+
+def test_subscriber_not_called_for_unchanged_refresh_or_other_ids():
+    """Refreshing the same address, or changes to unwatched IDs, cause no update."""
+    registry = Registry()
+    heard: list[list[str]] = []
+    registry.register([(A, P2)], "192.0.2.2", 2, None, now=0)
+    registry.subscribe([(A, P1)], heard.append)
+    registry.register([(A, P2)], "192.0.2.2", 2, None, now=1)
+    registry.register([(B, P3)], "192.0.2.3", 3, None, now=1)
+    assert heard == []
+    registry.register([(A, P2)], "192.0.2.2", 7, None, now=2)  # new port is news
+    assert heard == [[A]]
+
+
+def test_subscriber_hears_departures_and_unsubscribe_stops_calls():
+    """Expiry of a watched peer is reported (empty list); after unsubscribe, silence."""
+    registry = Registry(ttl=10)
+    heard: list[list[str]] = []
+    sub = registry.subscribe([(A, P1)], heard.append)
+    registry.register([(A, P2)], "192.0.2.2", 2, None, now=0)
+    registry.expire(now=10)
+    assert heard == [[A], [A]]
+    assert registry.others_for(sub, [A]) == {A: []}
+    registry.unsubscribe(sub)
+    registry.register([(A, P3)], "192.0.2.3", 3, None, now=11)
+    assert len(heard) == 2
+
+
+def test_one_call_per_subscriber_per_change_batch():
+    """A request touching two watched IDs produces one callback naming both."""
+    registry = Registry()
+    heard: list[list[str]] = []
+    registry.subscribe([(A, P1), (B, P1)], heard.append)
+    registry.register([(A, P2), (B, P2)], "192.0.2.2", 2, None, now=0)
+    assert [sorted(ids) for ids in heard] == [[A, B]]
+
+
+def test_failing_subscriber_does_not_break_registration():
+    """An exception in one callback is logged; the registration and other subscribers go on."""
+    registry = Registry()
+    heard: list[list[str]] = []
+
+    def broken(ids: list[str]) -> None:
+        raise RuntimeError("boom")
+
+    registry.subscribe([(A, P1)], broken)
+    registry.subscribe([(A, P3)], heard.append)
+    answer = registry.register([(A, P2)], "192.0.2.2", 2, None, now=0)
+    assert answer["others"] == {A: []}
+    assert heard == [[A]]
+    assert registry.stats()["registrations"] == 1
+
+
+_peers = st.sampled_from([P1, P2, P3, "4" * 32])
+_ids = st.sampled_from([A, B])
+_hosts = st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::5"])
+_ops = st.lists(
+    st.tuples(st.booleans(), st.lists(st.tuples(_ids, _peers), min_size=1, max_size=3),
+              _hosts, st.integers(1, 3), st.floats(0, 20)),
+    max_size=30,
+)
+
+
+@given(_ops)
+def test_tables_stay_consistent(ops):
+    """After any mix of registrations and sweeps, counts agree and nothing stale is listed."""
+    registry = Registry(ttl=10, max_per_source=5)
+    now = 0.0
+    for sweep, pairs, host, port, step in ops:
+        now += step
+        if sweep:
+            registry.expire(now)
+            continue
+        try:
+            registry.register(pairs, host, port, None, now)
+        except CapacityError:
+            pass
+    registry.expire(now)
+    entries = registry._entries
+    assert all(entry.expires > now for entry in entries.values())
+    per_source: dict[str, int] = {}
+    for entry in entries.values():
+        per_source[entry.host] = per_source.get(entry.host, 0) + 1
+    assert per_source == registry._per_source
+    assert all(count <= 5 for count in per_source.values())
+    assert sum(len(v) for v in registry._by_id.values()) == len(entries)
+    for share_id in (A, B):
+        listed = registry.others(share_id)
+        assert len(listed) == len(set(listed))
