@@ -209,7 +209,7 @@ class AccessCode:
             expires = d["expires"]
             result = cls(
                 code=code,
-                share_id=str(d["share_id"]),
+                share_id=d["share_id"],
                 level=level,
                 created=float(d["created"]),
                 expires=None if expires is None else float(expires),
@@ -219,6 +219,8 @@ class AccessCode:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError("malformed stored access code: {}".format(e)) from None
+        if not isinstance(d["share_id"], str):
+            raise ValueError("malformed stored access code: share_id is not text")
         if len(code) not in (CODE_BYTES, 32):
             raise ValueError("malformed stored access code: wrong code length")
         if level not in GRANTABLE_LEVELS:

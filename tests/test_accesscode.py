@@ -323,7 +323,8 @@ def test_dict_round_trip_through_json():
     {"code": "00" * 5},
     {"level": "unknown"},
     {"created": "yesterday"},
-    {"share_id": None, "code": None},
+    {"share_id": None},
+    {"code": None},
 ])
 def test_from_dict_rejects_damage(damage):
     """from_dict raises ValueError for a malformed stored record."""
