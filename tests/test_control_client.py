@@ -121,6 +121,18 @@ def test_refused_socket_says_daemon_not_running(short_tmp):
         ControlClient(path).connect()
 
 
+def test_connect_is_idempotent(short_tmp):
+    """connect() on a connected client returns its greeting without reconnecting."""
+    path = os.path.join(short_tmp, "control")
+    with fake_daemon(path, lambda conn: conn.sendall(GREETING)):
+        client = ControlClient(path, timeout=5)
+        greeting = client.connect()
+        assert greeting == json.loads(GREETING)
+        with client:
+            assert client.connect() is greeting
+        assert client.greeting is None
+
+
 def test_wrong_service_refused(short_tmp):
     """A peer that does not greet as ClearSkies Control is refused with ProtocolError."""
     path = os.path.join(short_tmp, "control")

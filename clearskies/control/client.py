@@ -83,9 +83,9 @@ class ControlClient:
     # -- connection ----------------------------------------------------------
 
     def connect(self) -> JSONDict:
-        """Connect and check the daemon's greeting, which is returned."""
-        if self._sock is not None:
-            raise RuntimeError("already connected")
+        """Connect and check the daemon's greeting, which is returned (again if connected)."""
+        if self._sock is not None and self.greeting is not None:
+            return self.greeting
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -94,7 +94,7 @@ class ControlClient:
             sock.close()
             raise DaemonNotRunning(
                 f"the ClearSkies daemon is not running (nothing answers at {self.path}); "
-                "start it with `twistd clearskies`, or set CLEARSKIES_DATA_DIR to the data "
+                "start it with `clearskies start`, or set CLEARSKIES_DATA_DIR to the data "
                 "directory of the daemon you mean"
             ) from None
         except PermissionError:
@@ -126,6 +126,7 @@ class ControlClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self.greeting = None
 
     def __enter__(self) -> ControlClient:
         if self._sock is None:
