@@ -1,0 +1,350 @@
+"""The tracker's HTTP face, over a real port on 127.0.0.1 (and one fake-request stream test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
+
+from clearskies.tracker.registry import Registry
+from clearskies.tracker.web import TrackQuery, _Stream, make_site
+
+# Agent's own body transport lacks abortConnection; readBody warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
+
+A = "a" * 64
+B = "b" * 64
+P1 = "1" * 32
+P2 = "2" * 32
+P3 = "3" * 32
+
+
+class _Lines(Protocol):
+    """Collects a streamed response body line by line."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self._buffer = b""
+        self._waiting: list[Deferred[bytes]] = []
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            if self._waiting:
+                self._waiting.pop(0).callback(line)
+            else:
+                self.lines.append(line)
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(None)
+
+    def next_line(self) -> Deferred[bytes]:
+        if self.lines:
+            d: Deferred[bytes] = Deferred()
+            d.callback(self.lines.pop(0))
+            return d
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+class _Raw(Protocol):
+    """Sends fixed bytes and gathers everything until the server closes."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.done.callback(self.received)
+
+
+def _track(*pairs: tuple[str, str], tcp_port: int = 30001, extra: str = "") -> str:
+    query = "&".join("id=%s%%40%s" % (share_id, peer) for share_id, peer in pairs)
+    return "/clearskies/track?%s&tcp_port=%d%s" % (query, tcp_port, extra)
+
+
+class TrackerWebTests(unittest.TestCase):
+    timeout = 15
+
+    def setUp(self) -> None:
+        self.registry = Registry(ttl=300, max_ids_per_request=4, max_streams=1)
+        self.site = make_site(self.registry, reactor, stream_timeout=1)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.base = "http://127.0.0.1:%d" % (self.port.getHost().port,)
+
+    async def _get(self, path: str, method: bytes = b"GET") -> tuple[int, Headers, bytes]:
+        response = await self.agent.request(method, (self.base + path).encode("ascii"))
+        body = await readBody(response)
+        return response.code, response.headers, body
+
+    async def _raw(self, payload: bytes) -> bytes:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        raw = _Raw(payload)
+        await connectProtocol(endpoint, raw)
+        return await raw.done
+
+    async def _open_stream(self, path: str) -> _Lines:
+        response = await self.agent.request(b"GET", (self.base + path).encode("ascii"))
+        self.assertEqual(response.code, 200)
+        lines = _Lines()
+        response.deliverBody(lines)
+        return lines
+
+    async def _until_no_streams(self) -> None:
+        for _ in range(100):
+            if self.registry.stats()["streams"] == 0:
+                return
+            await deferLater(reactor, 0.02, lambda: None)
+        self.fail("the stream was not cleaned up")
+
+    async def _close_stream(self, lines: _Lines) -> None:
+        lines.transport.stopProducing()
+        await lines.closed
+        await self._until_no_streams()
+
+    def test_reference_shaped_request(self) -> Deferred:
+        """The reference peer's exact request gets the reference JSON shape, then sees the next peer."""
+        async def go() -> None:
+            code, headers, body = await self._get(
+                "/clearskies/track?id=%s%%40%s&tcp_port=30001" % (A, P1)
+            )
+            self.assertEqual(code, 200)
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+            self.assertEqual(
+                body,
+                b'{"your_ip":"127.0.0.1","others":{"%s":[]},"ttl":300}' % A.encode(),
+            )
+            code, _, body = await self._get(
+                "/clearskies/track?id=%s%%40%s&tcp_port=30002" % (A, P2)
+            )
+            self.assertEqual(
+                json.loads(body),
+                {"your_ip": "127.0.0.1", "others": {A: [P1 + "@tcp:127.0.0.1:30001"]}, "ttl": 300},
+            )
+        return Deferred.fromCoroutine(go())
+
+    def test_literal_at_multiple_ids_and_utp_port(self) -> Deferred:
+        """A raw '@', several id parameters and utp_port are understood."""
+        async def go() -> None:
+            await self._get("/clearskies/track?id=%s@%s&id=%s@%s&tcp_port=7&utp_port=8" % (A, P1, B, P1))
+            code, _, body = await self._get(_track((A, P2), (B, P2), tcp_port=9))
+            self.assertEqual(code, 200)
+            self.assertEqual(json.loads(body)["others"], {
+                A: [P1 + "@tcp:127.0.0.1:7", P1 + "@utp:127.0.0.1:8"],
+                B: [P1 + "@tcp:127.0.0.1:7", P1 + "@utp:127.0.0.1:8"],
+            })
+        return Deferred.fromCoroutine(go())
+
+    def test_status_page_counts(self) -> Deferred:
+        """GET / shows how many IDs and peers are registered."""
+        async def go() -> None:
+            await self._get(_track((A, P1), (B, P1)))
+            await self._get(_track((A, P2)))
+            code, headers, body = await self._get("/")
+            self.assertEqual(code, 200)
+            self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+            self.assertIn(b"IDs: 2\n", body)
+            self.assertIn(b"peers: 3\n", body)
+        return Deferred.fromCoroutine(go())
+
+    def test_bad_parameters_get_400_with_a_message(self) -> Deferred:
+        """Each malformed query is answered 400 text/plain naming the problem; nothing is stored."""
+        cases = [
+            ("/clearskies/track", b"at least one id"),
+            ("/clearskies/track?tcp_port=30001", b"at least one id"),
+            ("/clearskies/track?id=%s" % (A,), b"id must look like"),
+            ("/clearskies/track?id=%s%%40%s" % (A, P1), b"tcp_port is required"),
+            (_track((A, P1), tcp_port=0), b"tcp_port must be a number from 1 to 65535"),
+            (_track((A, P1), tcp_port=70000), b"tcp_port must be a number from 1 to 65535"),
+            ("/clearskies/track?id=%s%%40%s&tcp_port=-5" % (A, P1), b"tcp_port must be"),
+            ("/clearskies/track?id=%s%%40%s&tcp_port=1e3" % (A, P1), b"tcp_port must be"),
+            (_track((A, P1)) + "&tcp_port=5", b"at most once"),
+            (_track((A, P1), extra="&utp_port=x"), b"utp_port must be"),
+            (_track((A, P1), extra="&fast_track=yes"), b"fast_track must be 1 or 0"),
+            (_track((A.upper(), P1)), b"64 lowercase hex"),
+            (_track((A, "zz")), b"32 lowercase hex"),
+            ("/clearskies/track?id=%s%%40%s%%ff&tcp_port=1" % (A, P1), b"ASCII"),
+            (_track(*[("%064x" % i, P1) for i in range(5)]), b"at most 4"),
+        ]
+
+        async def go() -> None:
+            for path, words in cases:
+                code, headers, body = await self._get(path)
+                self.assertEqual((path, code), (path, 400))
+                self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+                self.assertIn(words, body)
+            self.assertEqual(self.registry.stats()["registrations"], 0)
+            code, _, _ = await self._get(_track((A, P1)))
+            self.assertEqual(code, 200)
+        return Deferred.fromCoroutine(go())
+
+    def test_oversized_and_garbage_requests_leave_the_tracker_serving(self) -> Deferred:
+        """A 40 KB request line and a non-HTTP line get 400; the next request is served."""
+        async def go() -> None:
+            huge = b"GET /clearskies/track?id=" + b"a" * 40_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            answer = await self._raw(huge)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+            self.assertIn(b"longer than", answer)
+            answer = await self._raw(b"\x00\xffGARBAGE\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+            code, _, body = await self._get(_track((A, P1)))
+            self.assertEqual(code, 200)
+            self.assertEqual(json.loads(body)["your_ip"], "127.0.0.1")
+        return Deferred.fromCoroutine(go())
+
+    def test_other_methods_and_paths_are_not_server_errors(self) -> Deferred:
+        """POST to the track URL is 405 and an unknown path is 404, never 500."""
+        async def go() -> None:
+            code, headers, body = await self._get(_track((A, P1)), method=b"POST")
+            self.assertEqual((code, body), (405, b"only GET is supported here\n"))
+            self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
+            for path in ("/nothing/here", "/clearskies", "/clearskies/other"):
+                code, _, body = await self._get(path)
+                self.assertEqual(code, 404)
+                self.assertIn(b"/clearskies/track", body)
+            code, _, body = await self._get("/", method=b"HEAD")
+            self.assertEqual((code, body), (200, b""))
+            self.assertEqual(self.registry.stats()["registrations"], 0)
+        return Deferred.fromCoroutine(go())
+
+    def test_fast_track_streams_updates_and_keepalives(self) -> Deferred:
+        """fast_track=1: first line with timeout, an others line when a peer arrives, then {} pings."""
+        async def go() -> None:
+            await self._get(_track((A, P3), tcp_port=30003))
+            lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
+            first = json.loads(await lines.next_line())
+            self.assertEqual(first, {
+                "your_ip": "127.0.0.1",
+                "others": {A: [P3 + "@tcp:127.0.0.1:30003"]},
+                "ttl": 300,
+                "timeout": 1,
+            })
+            code, _, body = await self._get(_track((A, P2), tcp_port=30002))
+            self.assertEqual(json.loads(body)["others"][A], [P1 + "@tcp:127.0.0.1:30001", P3 + "@tcp:127.0.0.1:30003"])
+            line = await lines.next_line()
+            while line == b"{}":  # a ping may come first on a slow machine
+                line = await lines.next_line()
+            update = json.loads(line)
+            self.assertEqual(update, {"others": {A: [P2 + "@tcp:127.0.0.1:30002", P3 + "@tcp:127.0.0.1:30003"]}})
+            self.assertEqual(await lines.next_line(), b"{}")
+            await self._close_stream(lines)
+            self.assertIn(b"fast_track streams: 0", (await self._get("/"))[2])
+        return Deferred.fromCoroutine(go())
+
+    def test_fast_track_keeps_its_registration_alive(self) -> Deferred:
+        """While a stream is open its peer stays registered past the TTL."""
+        self.registry.ttl = 1
+
+        async def go() -> None:
+            lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
+            await lines.next_line()
+            await deferLater(reactor, 1.6, lambda: None)
+            self.registry.expire(reactor.seconds())
+            self.assertEqual(self.registry.others(A), [P1 + "@tcp:127.0.0.1:30001"])
+            await self._close_stream(lines)
+        return Deferred.fromCoroutine(go())
+
+    def test_too_many_streams_is_503(self) -> Deferred:
+        """Past max_streams a fast_track request gets 503 with a message and registers nothing."""
+        async def go() -> None:
+            lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
+            await lines.next_line()
+            code, headers, body = await self._get(_track((A, P2), extra="&fast_track=1"))
+            self.assertEqual(code, 503)
+            self.assertIn(b"fast_track streams", body)
+            self.assertEqual(self.registry.others(A), [P1 + "@tcp:127.0.0.1:30001"])
+            await self._close_stream(lines)
+            code, _, _ = await self._get(_track((A, P2)))
+            self.assertEqual(code, 200)
+        return Deferred.fromCoroutine(go())
+
+
+class _PushRequest(DummyRequest):
+    """A DummyRequest that records a push producer instead of looping on it."""
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def _stream(registry: Registry, clock: Clock) -> tuple[_PushRequest, _Stream, StringTransport]:
+    request = _PushRequest([])
+    transport = StringTransport()
+    request.transport = transport
+    query = TrackQuery([(A, P1)], 30001, None, True)
+    stream = _Stream(request, registry, clock, query, "127.0.0.1", timeout=10)
+    stream.start()
+    return request, stream, transport
+
+
+def test_paused_stream_coalesces_updates_and_sends_them_on_resume():
+    """While the client is not reading, changes are only noted; resume sends one current line."""
+    clock = Clock()
+    registry = Registry(ttl=300)
+    request, stream, _ = _stream(registry, clock)
+    assert request.producer is stream
+    assert len(request.written) == 1
+    stream.pauseProducing()
+    registry.register([(A, P2)], "127.0.0.2", 2, None, now=0)
+    registry.register([(A, P3)], "127.0.0.3", 3, None, now=0)
+    clock.advance(5)  # keep-alive time, but paused: nothing written
+    assert len(request.written) == 1
+    stream.resumeProducing()
+    assert [json.loads(line) for line in request.written[1:]] == [
+        {"others": {A: [P3 + "@tcp:127.0.0.3:3", P2 + "@tcp:127.0.0.2:2"]}}
+    ]
+    clock.advance(5)
+    assert request.written[-1] == b"{}\n"
+
+
+def test_stream_paused_too_long_is_aborted_and_unsubscribed():
+    """A client that stops reading for longer than timeout is disconnected and forgotten."""
+    clock = Clock()
+    registry = Registry(ttl=300)
+    request, stream, transport = _stream(registry, clock)
+    stream.pauseProducing()
+    clock.advance(5)
+    assert not transport.disconnecting
+    clock.advance(5)
+    assert transport.disconnecting
+    assert registry.stats()["streams"] == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_disconnect_cleans_up():
+    """When the request ends (client gone) the subscription and the timer are released."""
+    clock = Clock()
+    registry = Registry(ttl=300)
+    request, stream, _ = _stream(registry, clock)
+    assert registry.stats()["streams"] == 1
+    request.finish()
+    assert registry.stats()["streams"] == 0
+    assert clock.getDelayedCalls() == []
+    registry.register([(A, P2)], "127.0.0.2", 2, None, now=0)
+    assert len(request.written) == 1
