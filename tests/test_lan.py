@@ -489,6 +489,16 @@ def test_failing_get_announcements_keeps_timer_running():
     assert port.sent() == [Announcement(SHARE, PEER, 5000)]
 
 
+def test_malformed_own_entries_skipped():
+    """A malformed entry from get_announcements is skipped; the valid ones still go out."""
+    h = Harness()
+    h.ours[:0] = [(SHARE, "SYNC" * 8, 5000), (SHARE, PEER)]  # type: ignore[list-item]
+    with capturedLogs() as events:
+        port = h.start()
+    assert port.sent() == [Announcement(SHARE, PEER, 5000)]
+    assert not any("SYNC" in repr(e) for e in events)
+
+
 def test_stop_closes_ports_and_stops_announcing():
     """After stopService the ports are closed and no burst, pending or periodic, is sent."""
     h = Harness()
@@ -514,6 +524,24 @@ def test_listen_failure_leaves_service_quiet():
     assert any("LAN discovery is off" in e.get("log_format", "") for e in events)
     h.service.announce_now()
     assert h.reactor.getDelayedCalls() == []
+
+
+def test_ipv6_failure_keeps_ipv4():
+    """If the IPv6 port cannot be opened, IPv4 announcing still works."""
+    h = Harness(ipv6=True)
+    listen = h.reactor.listenMulticast
+
+    def no_ipv6(port: int, protocol: Any, interface: str = "", **kw: Any):
+        if interface == "::":
+            raise CannotListenError("::", port, OSError(97, "Address family not supported"))
+        return listen(port, protocol, interface, **kw)
+
+    h.reactor.listenMulticast = no_ipv6
+    with capturedLogs() as events:
+        port = h.start()
+    assert h.service.listening and len(h.reactor.ports) == 1
+    assert [addr for _, addr in port.written] == [(DEFAULT_GROUP, 47000)]
+    assert any("IPv6 LAN discovery is off" in e.get("log_format", "") for e in events)
 
 
 @pytest.mark.parametrize("options", [

@@ -271,7 +271,6 @@ class LanDiscovery(Service):
             )
             self._close_ports()
             return
-        self._refresh_own()
         self._loop = LoopingCall(self._request_burst)
         self._loop.clock = self._reactor
         self._loop.start(self._interval, now=True)
@@ -304,15 +303,27 @@ class LanDiscovery(Service):
             v4.setBroadcastAllowed(True)
             self._targets.append((v4, (IPV4_BROADCAST, self._port)))
         if self._ipv6:
-            # Every IPv6 interface is already in ff02::1, so no join is needed;
-            # the kernel picks the outgoing interface.
+            self._listen_ipv6()
+
+    def _listen_ipv6(self) -> None:
+        """Add the IPv6 port; without IPv6 on this host, carry on with IPv4 alone."""
+        try:
             v6 = self._reactor.listenMulticast(
                 self._port, LanDatagramProtocol(self._receive), interface="::",
                 maxPacketSize=MAX_DATAGRAM + 1, listenMultiple=True,
             )
-            self._ports.append(v6)
-            v6.setLoopbackMode(True)
-            self._targets.append((v6, (IPV6_ALL_NODES, self._port)))
+        except Exception:
+            _log.failure(
+                "IPv6 LAN discovery is off: cannot open UDP port {port} on ::; "
+                "IPv4 announcements go on",
+                port=self._port,
+            )
+            return
+        # Every IPv6 interface is already in ff02::1, so no join is needed;
+        # the kernel picks the outgoing interface.
+        self._ports.append(v6)
+        v6.setLoopbackMode(True)
+        self._targets.append((v6, (IPV6_ALL_NODES, self._port)))
 
     def _close_ports(self) -> Deferred[Any]:
         ports, self._ports, self._targets = self._ports, [], []
@@ -366,16 +377,17 @@ class LanDiscovery(Service):
     def _refresh_own(self) -> list[Announcement]:
         """Ask what we announce now; remember our peer IDs and IDs for filtering."""
         try:
-            entries = list(self._get_announcements())
+            entries = [tuple(entry) for entry in self._get_announcements()]
         except Exception:
             _log.failure("cannot list the IDs to announce on the LAN")
             return []
         announcements = []
-        for id, peer, port in entries:
-            if _valid(id, peer, port):
-                announcements.append(Announcement(id, peer, port))
+        for entry in entries:
+            if len(entry) == 3 and _valid(*entry):
+                announcements.append(Announcement(*entry))
             else:
-                _log.error("not announcing malformed entry for peer {peer}", peer=peer)
+                # Not logged: a mistaken entry might hold a key or a code.
+                _log.error("not announcing a malformed (id, peer, port) entry")
         self._own_peers = frozenset(a.peer for a in announcements)
         self._own_ids = frozenset(a.id for a in announcements)
         return announcements
