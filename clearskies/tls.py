@@ -43,7 +43,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 __all__ = [
-    "IDENTITY_PREFIX",
     "TLS12_CIPHERS",
     "TLS13_SUITES",
     "PSKConnectionCreator",
@@ -55,9 +54,6 @@ __all__ = [
 ]
 
 _log = Logger()
-
-#: What we send as PSK identity before the share or access ID.
-IDENTITY_PREFIX = b"clearskies:1:"
 
 #: TLS 1.2 suites we offer, best first.  All are (EC)DHE-PSK: forward secret.
 TLS12_CIPHERS: tuple[str, ...] = (
