@@ -135,6 +135,9 @@ class WireDecoder:
     violation raises :class:`~clearskies.errors.WireError`; the decoder then
     stays broken and every later call raises again, because the stream can
     no longer be trusted to be in step.
+
+    The memory bound (about one line plus one ``receive_data()`` argument)
+    holds when events are drained after every ``receive_data()`` call.
     """
 
     def __init__(
