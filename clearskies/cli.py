@@ -1,28 +1,532 @@
-"""The ``clearskies`` command: a thin client of the daemon's control socket."""
+"""The ``clearskies`` command: a thin client of the daemon's control socket.
+
+Every command except ``start`` and ``log`` is one or a few control-socket
+requests (protocol/control.md).  ``share`` and ``attach`` start the daemon
+first when none is running, so a new user needs a single command.
+"""
+
+from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
+import re
+import subprocess
 import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from clearskies import __version__
+from clearskies.accesscode import code_url, parse_code
+from clearskies.control.client import (
+    ControlClient,
+    ControlError,
+    DaemonNotRunning,
+    default_control_path,
+    default_data_dir,
+)
+from clearskies.errors import AccessCodeError, ConfigurationError, ProtocolError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_NO_DAEMON = 2
+EXIT_TIMEOUT = 3
+
+DAEMON_START_TIMEOUT = 30.0
+
+
+class CommandFailed(Exception):
+    """A CLI command failed; the message is the one line the user sees."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_duration(text: str) -> float | None:
+    """``24h``, ``30m``, ``7d``, ``90s`` or ``never`` → seconds (None = never)."""
+    text = text.strip().lower()
+    if text in ("never", "none", "0"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            "%r is not a duration; use e.g. 90s, 30m, 24h, 7d or never" % text)
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+class Cli:
+    """One CLI invocation: the parsed arguments, where to print, how to reach the daemon."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO,
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.sleep = sleep
+        self.monotonic = monotonic
+        self.data_dir = args.data_dir or default_data_dir()
+        self.control_path = default_control_path(self.data_dir)
+
+    # -- talking to the daemon ---------------------------------------------
+
+    def client(self) -> ControlClient:
+        client = ControlClient(self.control_path, timeout=self.args.timeout)
+        try:
+            client.connect()
+        except DaemonNotRunning:
+            raise CommandFailed(
+                "the ClearSkies daemon is not running (no control socket at %s); "
+                "start it with: clearskies start" % self.control_path, EXIT_NO_DAEMON) from None
+        return client
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self.client() as client:
+            return client.request(body)
+
+    def daemon_running(self) -> bool:
+        try:
+            with ControlClient(self.control_path, timeout=2.0) as client:
+                client.connect()
+                return True
+        except DaemonNotRunning:
+            return False
+
+    def ensure_daemon(self) -> None:
+        """Start the daemon in the background when none answers."""
+        if not self.daemon_running():
+            self.start_daemon(foreground=False)
+
+    def twistd_command(self, foreground: bool) -> list[str]:
+        args = self.args
+        cmd = [sys.executable, "-m", "twisted"]
+        if foreground:
+            cmd += ["--nodaemon", "--pidfile="]
+        else:
+            cmd += ["--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
+                    "--logfile", os.path.join(self.data_dir, "clearskies.log")]
+        cmd += ["clearskies", "--data-dir", self.data_dir]
+        for option in ("listen", "name"):
+            value = getattr(args, option, None)
+            if value:
+                cmd += ["--" + option, value]
+        for tracker in getattr(args, "tracker", None) or []:
+            cmd += ["--tracker", tracker]
+        if getattr(args, "no_lan", False):
+            cmd.append("--no-lan")
+        return cmd
+
+    def start_daemon(self, foreground: bool) -> int:
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        cmd = self.twistd_command(foreground)
+        if foreground:
+            return subprocess.call(cmd)
+        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CommandFailed("the daemon did not start: %s" % (
+                (result.stderr or result.stdout).strip().splitlines() or ["no output"])[-1])
+        deadline = self.monotonic() + DAEMON_START_TIMEOUT
+        while self.monotonic() < deadline:
+            if self.daemon_running():
+                return EXIT_OK
+            self.sleep(0.2)
+        raise CommandFailed("the daemon did not answer within %d s; see %s" % (
+            DAEMON_START_TIMEOUT, os.path.join(self.data_dir, "clearskies.log")))
+
+    # -- output --------------------------------------------------------------
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.args.json:
+            self.out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        else:
+            human()
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    # -- commands ------------------------------------------------------------
+
+    def cmd_start(self) -> int:
+        if self.daemon_running():
+            self.line("the daemon is already running (%s)" % self.data_dir)
+            return EXIT_OK
+        code = self.start_daemon(foreground=self.args.foreground)
+        if not self.args.foreground:
+            self.line("daemon started (data in %s)" % self.data_dir)
+        return code
+
+    def cmd_stop(self) -> int:
+        self.request({"type": "stop"})
+        self.line("daemon stopping")
+        return EXIT_OK
+
+    def cmd_status(self) -> int:
+        if self.args.path:
+            reply = self.request({"type": ".clearskies.share_status",
+                                  "path": os.path.abspath(self.args.path)})
+            self.emit(reply, lambda: self.print_share_status(reply))
+            return EXIT_OK
+        reply = self.request({"type": "status"})
+
+        def human() -> None:
+            self.line("paused: %s" % ("yes" if reply.get("paused") else "no"))
+            self.line("upload:   %s/s" % format_bytes(reply.get("upload_rate", 0)))
+            self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
+            if "shares" in reply:
+                self.line("shares: %d" % reply["shares"])
+        self.emit(reply, human)
+        return EXIT_OK
+
+    def print_share_status(self, share: dict[str, Any]) -> None:
+        self.line("%s: %s%s" % (share.get("path"), share.get("status"),
+                                (" (%s)" % share["error"]) if share.get("error") else ""))
+        self.line("  %d files, %s, revision %s" % (
+            share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
+        if share.get("local_changes_not_shared"):
+            self.line("  %d local changes not shared" % share["local_changes_not_shared"])
+        for peer in share.get("peers", []):
+            self.line("  peer %s %s %s%s" % (
+                peer.get("name") or peer.get("peer_id"), peer.get("access", ""),
+                "connected" if peer.get("connected") else "offline",
+                (", needs %d items" % peer["items_needed"]) if peer.get("items_needed") else ""))
+        if share.get("items_to_download"):
+            self.line("  downloading: %d items, %s left" % (
+                share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
+
+    def cmd_share(self) -> int:
+        self.ensure_daemon()
+        path = os.path.abspath(self.args.path)
+        if not os.path.isdir(path):
+            raise CommandFailed("%s is not a directory" % path)
+        with self.client() as client:
+            shares = client.request({"type": "list_shares"})["shares"]
+            if not any(share["path"] == path for share in shares):
+                client.request({"type": "create_share", "path": path})
+            reply = client.request({
+                "type": "create_access_code", "path": path, "mode": self.args.mode,
+                "one_time": not self.args.multi_use, "expires": self.args.expires,
+            })
+        code = reply["access_code"]
+
+        def human() -> None:
+            self.line(code)
+            self.line()
+            self.line("On the other machine run:  clearskies attach %s DIRECTORY" % code)
+            self.line("(or open %s)" % code_url(parse_code(code)))
+            lifetime = self.args.expires
+            self.line("This %s code %s." % (
+                "multi-use" if self.args.multi_use else "one-time",
+                "never expires" if lifetime is None else
+                "expires in %s" % self.args.expires_text))
+        self.emit({"access_code": code, "url": code_url(parse_code(code)), "path": path}, human)
+        return EXIT_OK
+
+    def cmd_attach(self) -> int:
+        try:
+            parse_code(self.args.code)
+        except AccessCodeError as e:
+            raise CommandFailed("invalid access code: %s" % e) from None
+        path = os.path.abspath(self.args.path)
+        self.ensure_daemon()
+        request: dict[str, Any] = {"type": "add_share", "code": self.args.code, "path": path}
+        if self.args.peer:
+            request["peers"] = self.args.peer
+        reply = self.request(request)
+        if not self.args.wait:
+            self.emit(reply or {"path": path}, lambda: self.line(
+                "attached %s; it fills as soon as a peer is found "
+                "(see: clearskies status %s)" % (path, path)))
+            return EXIT_OK
+        return self.wait_for_sync(path, self.args.timeout_wait, require_peer=True)
+
+    def cmd_wait(self) -> int:
+        path = os.path.abspath(self.args.path)
+        return self.wait_for_sync(path, self.args.timeout_wait, require_peer=False)
+
+    def wait_for_sync(self, path: str, timeout: float | None, require_peer: bool) -> int:
+        """Poll the share until it is idle and every connected peer is in sync."""
+        deadline = None if timeout is None else self.monotonic() + timeout
+        progress = not self.args.json and self.err.isatty()
+        while True:
+            status = self.request({"type": ".clearskies.share_status", "path": path})
+            if status.get("status") == "error":
+                raise CommandFailed("share %s is in error: %s" % (path, status.get("error")))
+            connected = [p for p in status.get("peers", []) if p.get("connected")]
+            in_sync = status.get("in_sync") and (connected or not require_peer)
+            if in_sync:
+                if progress:
+                    self.err.write("\r\x1b[K")
+                summary = "%s is in sync (%d files, %s)" % (
+                    path, status.get("files", 0), format_bytes(status.get("bytes", 0)))
+                self.emit(status, functools.partial(self.line, summary))
+                return EXIT_OK
+            if progress:
+                self.err.write("\r\x1b[K%s: %s, %d items / %s to download, %s/s" % (
+                    os.path.basename(path) or path, status.get("status"),
+                    status.get("items_to_download", 0),
+                    format_bytes(status.get("bytes_to_download", 0)),
+                    format_bytes(status.get("download_rate", 0))))
+                self.err.flush()
+            if deadline is not None and self.monotonic() >= deadline:
+                if progress:
+                    self.err.write("\n")
+                raise CommandFailed("not in sync after %g s" % timeout, EXIT_TIMEOUT)
+            self.sleep(0.25)
+
+    def cmd_scan(self) -> int:
+        path = os.path.abspath(self.args.path)
+        reply = self.request({"type": ".clearskies.scan", "path": path})
+        self.emit(reply, lambda: self.line("scanned %s: %d changes" % (
+            path, reply.get("changes", 0))))
+        return EXIT_OK
+
+    def cmd_detach(self) -> int:
+        path = os.path.abspath(self.args.path)
+        self.request({"type": "remove_share", "path": path})
+        self.line("%s is no longer synced (its files stay where they are)" % path)
+        return EXIT_OK
+
+    def cmd_list(self) -> int:
+        shares = self.request({"type": "list_shares"})["shares"]
+
+        def human() -> None:
+            if not shares:
+                self.line("no shares; share a directory with: clearskies share DIRECTORY")
+            for share in shares:
+                self.line("%-8s %-10s %6d files %10s  %d/%d peers  %s" % (
+                    share.get("status", "?"), share.get("access", ""), share.get("files", 0),
+                    format_bytes(share.get("bytes", 0)), share.get("peers_connected", 0),
+                    share.get("peers_known", 0), share["path"]))
+        self.emit({"shares": shares}, human)
+        return EXIT_OK
+
+    def cmd_peers(self) -> int:
+        path = os.path.abspath(self.args.path)
+        if self.args.peers_action == "add":
+            self.request({"type": ".clearskies.add_peer", "path": path,
+                          "address": self.args.address})
+            self.line("added %s to %s" % (self.args.address, path))
+            return EXIT_OK
+        peers = self.request({"type": ".clearskies.peers", "path": path})["peers"]
+
+        def human() -> None:
+            if not peers:
+                self.line("no peers known yet")
+            for peer in peers:
+                self.line("%s  %-10s %-9s %s" % (
+                    peer.get("peer_id"), peer.get("access", ""),
+                    "connected" if peer.get("connected") else "offline",
+                    peer.get("name") or ", ".join(peer.get("addresses", []))))
+        self.emit({"peers": peers}, human)
+        return EXIT_OK
+
+    def cmd_codes(self) -> int:
+        path = os.path.abspath(self.args.path)
+        codes = self.request({"type": ".clearskies.codes", "path": path})["codes"]
+
+        def human() -> None:
+            if not codes:
+                self.line("no live access codes")
+            for code in codes:
+                self.line("%s  %-10s %s %s" % (
+                    code["access_id"][:16], code["level"],
+                    "one-time" if code.get("one_time") else "multi-use",
+                    "never expires" if code.get("expires") is None else
+                    time.strftime("expires %Y-%m-%d %H:%M", time.localtime(code["expires"]))))
+        self.emit({"codes": codes}, human)
+        return EXIT_OK
+
+    def cmd_cancel_code(self) -> int:
+        value = self.args.code
+        request: dict[str, Any] = {"type": ".clearskies.cancel_code"}
+        if re.fullmatch(r"[0-9a-f]{8,64}", value):
+            request["access_id"] = value
+        else:
+            try:
+                parse_code(value)
+            except AccessCodeError as e:
+                raise CommandFailed("invalid access code: %s" % e) from None
+            request["code"] = value
+        self.request(request)
+        self.line("access code cancelled")
+        return EXIT_OK
+
+    def cmd_pause(self) -> int:
+        self.request({"type": "pause"})
+        self.line("paused: no transfers until 'clearskies resume'")
+        return EXIT_OK
+
+    def cmd_resume(self) -> int:
+        self.request({"type": "resume"})
+        self.line("resumed")
+        return EXIT_OK
+
+    def cmd_log(self) -> int:
+        log_path = os.path.join(self.data_dir, "clearskies.log")
+        if not os.path.exists(log_path):
+            raise CommandFailed("no log at %s (is the daemon started with 'clearskies start'?)"
+                                % log_path)
+        with open(log_path, encoding="utf-8", errors="replace") as log:
+            lines = log.readlines()[-self.args.lines:]
+            self.out.write("".join(lines))
+            self.out.flush()
+            while self.args.follow:
+                line = log.readline()
+                if line:
+                    self.out.write(line)
+                    self.out.flush()
+                else:
+                    self.sleep(0.5)
+        return EXIT_OK
+
+    def cmd_config(self) -> int:
+        if self.args.config_action == "get":
+            if self.args.key:
+                reply = self.request({"type": "get_config_value", "key": self.args.key})
+                self.emit(reply, lambda: self.line(json.dumps(reply.get("value"))))
+            else:
+                reply = self.request({"type": "get_config"})
+                self.emit(reply, lambda: [self.line("%s = %s" % (k, json.dumps(v)))
+                                          for k, v in sorted(reply.get("config", {}).items())])
+            return EXIT_OK
+        try:
+            value = json.loads(self.args.value)
+        except ValueError:
+            value = self.args.value
+        self.request({"type": "set_config_value", "key": self.args.key, "value": value})
+        self.line("%s = %s" % (self.args.key, json.dumps(value)))
+        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clearskies",
-        description="Keep directories in sync with your other machines.",
+        description="Keep directories in sync with your other machines, peer to peer.",
+        epilog="Quick start: 'clearskies share DIR' prints a code; on the other machine "
+               "'clearskies attach CODE DIR'.",
     )
     parser.add_argument("--version", action="version", version="clearskies " + __version__)
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--data-dir", default=os.environ.get("CLEARSKIES_DATA_DIR"),
+                        help="the daemon's data directory (default: $CLEARSKIES_DATA_DIR or "
+                             "~/.local/share/clearskies); selects one of several daemons")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for each daemon reply (default 30)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    start = sub.add_parser("start", help="start the daemon in the background")
+    start.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    start.add_argument("--listen", help="endpoint for peer connections (default tcp:0)")
+    start.add_argument("--name", help="the name other peers see for this machine")
+    start.add_argument("--tracker", action="append", help="tracker URL (repeatable)")
+    start.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    sub.add_parser("stop", help="stop the daemon")
+
+    status = sub.add_parser("status", help="daemon status, or one share's with PATH")
+    status.add_argument("path", nargs="?")
+
+    share = sub.add_parser("share", help="share a directory and print an access code")
+    share.add_argument("path")
+    share.add_argument("--mode", choices=["read_write", "read_only", "untrusted"],
+                       default="read_write", help="what the code's holder may do")
+    share.add_argument("--multi-use", action="store_true", help="the code can be used again")
+    share.add_argument("--expires", default="24h",
+                       help="code lifetime: e.g. 1h, 24h, 7d or never (default 24h)")
+
+    attach = sub.add_parser("attach", help="sync a directory using an access code")
+    attach.add_argument("code")
+    attach.add_argument("path")
+    attach.add_argument("--peer", action="append", metavar="HOST:PORT",
+                        help="address of a peer that has the share (repeatable)")
+    attach.add_argument("--wait", action="store_true", help="wait until in sync, show progress")
+    attach.add_argument("--timeout-wait", type=float, default=None, metavar="SECONDS")
+
+    detach = sub.add_parser("detach", help="stop syncing a directory (files stay)")
+    detach.add_argument("path")
+    sub.add_parser("list", help="list shares")
+
+    peers = sub.add_parser("peers", help="list a share's peers, or 'peers add PATH HOST:PORT'")
+    peers.add_argument("peers_action", nargs="?", choices=["list", "add"], default="list")
+    peers.add_argument("path")
+    peers.add_argument("address", nargs="?")
+
+    codes = sub.add_parser("codes", help="list a share's live access codes")
+    codes.add_argument("path")
+    cancel = sub.add_parser("cancel-code", help="cancel an access code (code or access ID)")
+    cancel.add_argument("code")
+
+    sub.add_parser("pause", help="pause all transfers")
+    sub.add_parser("resume", help="resume transfers")
+
+    log = sub.add_parser("log", help="show the daemon's log")
+    log.add_argument("-f", "--follow", action="store_true")
+    log.add_argument("-n", "--lines", type=int, default=50)
+
+    config = sub.add_parser("config", help="'config get [KEY]' or 'config set KEY VALUE'")
+    config.add_argument("config_action", choices=["get", "set"])
+    config.add_argument("key", nargs="?")
+    config.add_argument("value", nargs="?")
+
+    scan = sub.add_parser("scan", help="rescan a share now and wait for it")
+    scan.add_argument("path")
+    wait = sub.add_parser("wait", help="wait until every connected peer is in sync")
+    wait.add_argument("path")
+    wait.add_argument("--timeout", dest="timeout_wait", type=float, default=None,
+                      metavar="SECONDS", help="give up (exit 3) after this long")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout,
+         err: TextIO = sys.stderr) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
-    return 0
+        parser.print_help(out)
+        return EXIT_OK
+    if args.command == "share":
+        args.expires_text = args.expires
+        try:
+            args.expires = parse_duration(args.expires)
+        except argparse.ArgumentTypeError as e:
+            parser.error(str(e))
+    if args.command == "peers" and args.peers_action == "add" and not args.address:
+        parser.error("peers add needs PATH and HOST:PORT")
+    if args.command == "config" and args.config_action == "set" and (
+            args.key is None or args.value is None):
+        parser.error("config set needs KEY and VALUE")
+    cli = Cli(args, out, err)
+    handler = getattr(cli, "cmd_" + args.command.replace("-", "_"))
+    try:
+        return handler()
+    except CommandFailed as e:
+        err.write("clearskies: %s\n" % e)
+        return e.exit_code
+    except ControlError as e:
+        err.write("clearskies: %s\n" % (e.message or e.code))
+        return EXIT_ERROR
+    except DaemonNotRunning as e:
+        err.write("clearskies: %s\n" % e)
+        return EXIT_NO_DAEMON
+    except TimeoutError:
+        err.write("clearskies: the daemon did not answer within %g s\n" % args.timeout)
+        return EXIT_TIMEOUT
+    except (ProtocolError, ConfigurationError) as e:
+        err.write("clearskies: %s\n" % e)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
