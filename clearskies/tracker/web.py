@@ -336,7 +336,7 @@ class _Channel(HTTPChannel):
         self.transport.loseConnection()
 
 
-class _QuietSite(Site):
+class TrackerSite(Site):
     """A Site without an access log: a tracker should not record who asked for which ID."""
 
     protocol = _Channel
@@ -356,4 +356,4 @@ def make_site(
     clearskies = _Folder()
     clearskies.putChild(b"track", TrackResource(registry, clock, stream_timeout))
     root.putChild(b"clearskies", clearskies)
-    return _QuietSite(root, reactor=clock)
+    return TrackerSite(root, reactor=clock)
