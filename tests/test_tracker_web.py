@@ -6,6 +6,7 @@ import json
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -17,7 +18,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
 from clearskies.tracker.registry import Registry
-from clearskies.tracker.web import TrackQuery, _Stream, make_site
+from clearskies.tracker.web import TrackQuery, TrackResource, _Stream, make_site
 
 # Agent's own body transport lacks abortConnection; readBody warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
@@ -283,6 +284,30 @@ class TrackerWebTests(unittest.TestCase):
         return Deferred.fromCoroutine(go())
 
 
+class TrackerWebIPv6Tests(unittest.TestCase):
+    timeout = 15
+
+    def test_ipv6_client_is_listed_in_brackets(self) -> Deferred:
+        """Over ::1, your_ip is '::1' and the peer's address is tcp:[::1]:PORT."""
+        registry = Registry()
+        try:
+            port = reactor.listenTCP(0, make_site(registry, reactor), interface="::1")
+        except Exception as e:
+            raise unittest.SkipTest("no IPv6 loopback here: %s" % (e,))
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, pool=pool)
+        base = "http://[::1]:%d" % (port.getHost().port,)
+
+        async def go() -> None:
+            for peer in (P1, P2):
+                response = await agent.request(b"GET", (base + _track((A, peer))).encode())
+                body = json.loads(await readBody(response))
+            self.assertEqual(body, {"your_ip": "::1", "others": {A: [P1 + "@tcp:[::1]:30001"]}, "ttl": 300})
+        return Deferred.fromCoroutine(go())
+
+
 class _PushRequest(DummyRequest):
     """A DummyRequest that records a push producer instead of looping on it."""
 
@@ -348,3 +373,40 @@ def test_client_disconnect_cleans_up():
     assert clock.getDelayedCalls() == []
     registry.register([(A, P2)], "127.0.0.2", 2, None, now=0)
     assert len(request.written) == 1
+
+
+def test_failing_keepalive_closes_the_stream():
+    """If writing a keep-alive fails, the stream is closed and the connection aborted."""
+
+    class _BrokenAfterFirst(_PushRequest):
+        def write(self, data: bytes) -> None:
+            if self.written:
+                raise RuntimeError("socket gone")
+            super().write(data)
+
+    clock = Clock()
+    registry = Registry(ttl=300)
+    request = _BrokenAfterFirst([])
+    request.transport = StringTransport()
+    stream = _Stream(request, registry, clock, TrackQuery([(A, P1)], 1, None, True), "127.0.0.1", 10)
+    stream.start()
+    clock.advance(5)
+    assert request.transport.disconnecting
+    assert registry.stats()["streams"] == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_unexpected_fault_is_503_not_500():
+    """An internal error while registering is logged and answered 503 with a message."""
+
+    class _Broken(Registry):
+        def register(self, *args: object, **kwargs: object) -> dict:
+            raise RuntimeError("bug")
+
+    resource = TrackResource(_Broken(), Clock())
+    request = DummyRequest([])
+    request.client = IPv4Address("TCP", "127.0.0.1", 5555)
+    request.args = {b"id": [("%s@%s" % (A, P1)).encode()], b"tcp_port": [b"1"]}
+    body = resource.render(request)
+    assert request.responseCode == 503
+    assert body == b"the tracker hit an internal error; try again later\n"

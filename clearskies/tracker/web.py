@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -165,7 +166,7 @@ class _Stream:
         request.registerProducer(self, True)
         request.notifyFinish().addBoth(self._finished)
         interval = min(self._timeout, self._registry.ttl) / 2
-        self._ticker.start(interval, now=False)
+        self._ticker.start(interval, now=False).addErrback(self._tick_failed)
 
     def _changed(self, ids: list[str]) -> None:
         if not self._open or self._closed:
@@ -194,6 +195,11 @@ class _Stream:
             self._log.info("dropping a fast_track client that stopped reading")
             self._close()
             self._request.transport.abortConnection()
+
+    def _tick_failed(self, failure: Failure) -> None:
+        self._log.failure("fast_track keep-alive failed; closing the stream", failure)
+        self._close()
+        self._request.transport.abortConnection()
 
     # IPushProducer, driven by the HTTP channel's send buffer.
     def pauseProducing(self) -> None:
