@@ -1,0 +1,1 @@
+"""The tracker service: registry (pure), HTTP resource, and twistd plugin entry."""
