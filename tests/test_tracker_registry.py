@@ -5,12 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clearskies.errors import ProtocolError
-from clearskies.tracker.registry import (
-    CapacityError,
-    Registry,
-    canonical_host,
-    format_address,
-)
+from clearskies.discovery.addresses import Address, parse_tracker_entry
+from clearskies.tracker.registry import CapacityError, Registry, canonical_host
 
 A = "a" * 64
 B = "b" * 64
@@ -54,8 +50,20 @@ def test_ipv6_hosts_are_bracketed_and_mapped_ipv4_is_plain():
     answer = registry.register([(A, P2)], "::ffff:192.0.2.9", 30002, None, now=0)
     assert answer["your_ip"] == "192.0.2.9"
     assert answer["others"][A] == [P1 + "@tcp:[2001:db8::1]:30001"]
-    assert format_address("tcp", "::1", 5) == "tcp:[::1]:5"
     assert canonical_host("::FFFF:127.0.0.1") == "127.0.0.1"
+
+
+def test_listed_entries_parse_with_the_client_parser():
+    """Every entry the tracker lists is read back by discovery.addresses as the same address."""
+    registry = Registry()
+    registry.register([(A, P1)], "2001:db8::1", 30001, 30002, now=0)
+    registry.register([(A, P2)], "::ffff:192.0.2.9", 1, None, now=0)
+    entries = registry.others(A)
+    assert [parse_tracker_entry(entry) for entry in entries] == [
+        (P2, Address("tcp", "192.0.2.9", 1)),
+        (P1, Address("tcp", "2001:db8::1", 30001)),
+        (P1, Address("utp", "2001:db8::1", 30002)),
+    ]
 
 
 def test_registration_expires_after_ttl():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from clearskies.discovery.addresses import Address, format_address
 from clearskies.errors import ProtocolError
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -85,13 +86,6 @@ def canonical_host(host: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return str(ip)
-
-
-def format_address(proto: str, host: str, port: int) -> str:
-    """``proto:host:port`` with IPv6 hosts in brackets (REFERENCE §11)."""
-    if ":" in host:
-        return "%s:[%s]:%d" % (proto, host, port)
-    return "%s:%s:%d" % (proto, host, port)
 
 
 def _check_port(name: str, port: int | None) -> None:
@@ -224,9 +218,9 @@ class Registry:
         if len(self._entries) + brand_new > self.max_total:
             raise CapacityError("the tracker is full; try again later")
 
-        addresses: tuple[str, ...] = (format_address("tcp", host, tcp_port),)
+        addresses: tuple[str, ...] = (format_address(Address("tcp", host, tcp_port)),)
         if utp_port is not None:
-            addresses += (format_address("utp", host, utp_port),)
+            addresses += (format_address(Address("utp", host, utp_port)),)
         expires = now + self.ttl
         changed: dict[str, set[str]] = {}
         for share_id, peer in keys:
