@@ -80,7 +80,7 @@ def precedence(record: FileRecord) -> tuple:
     else:
         # Inverting each hex digit turns "smaller hash wins" into "larger key wins".
         sha_key = (1, record.sha256.translate(_HEX_INVERSE))
-    kind = 0 if record.deleted else 1 if record.is_dir else 2
+    kind = (not record.deleted, not record.is_dir)
     return (
         record.utime,
         _present(record.mtime_ns),
