@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from clearskies import SOFTWARE
@@ -616,9 +616,14 @@ class Handshake:
         assert target is not None
         self._keys = keys
         self._level = keys.access
-        self.state = CREATING_SHARE
-        result = self._keyring.create_share_from_keys(keys, target)
         self._our_peer = target.peer_id
+        self.state = CREATING_SHARE
+        try:
+            result = self._keyring.create_share_from_keys(keys, target)
+        except Exception:
+            # The daemon could not create the share (path taken, disk full, ...):
+            # report it through the same path as a slow creation that failed.
+            return [AwaitShare(fail())]
         if isinstance(result, Deferred):
             return [AwaitShare(result)]
         return self.share_created(now)

@@ -601,3 +601,21 @@ def test_await_share_carries_the_seam_deferred(keys):
     client.receive({"type": "starttls", "peer": SERVER_PEER, "access": "unknown"}, NOW)
     (action,) = client.receive(keys.keys_message("read_only"), NOW)
     assert isinstance(action.result, Deferred) and action.result is ring_c.pending[0]
+
+
+def test_seam_exception_becomes_failed_await(keys):
+    """If the seam raises while creating the share, the adapter gets a failed Deferred."""
+    _, client, _, ring_c, _, _ = code_pair(keys)
+
+    def broken(keys, target):
+        raise OSError("disk full")
+
+    ring_c.create_share_from_keys = broken
+    client.receive(GOOD_GREETING, NOW)
+    client.receive({"type": "starttls", "peer": SERVER_PEER, "access": "unknown"}, NOW)
+    (action,) = client.receive(keys.keys_message("read_only"), NOW)
+    assert isinstance(action, AwaitShare)
+    failures = []
+    action.result.addErrback(failures.append)
+    assert failures[0].check(OSError)
+    assert client.state == CREATING_SHARE

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from clearskies import tls
 from clearskies.accesscode import new_access_code
-from clearskies.errors import HandshakeError, ProtocolError
+from clearskies.errors import HandshakeError, ProtocolError, ShareError
 from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.keys import ShareKeys, generate_share_keys
 from clearskies.peer import FailureLimiter, PeerServerFactory, connect_peer
@@ -258,6 +258,29 @@ class HandshakeTests(PeerTestBase):
         self.assertEqual(client.established.access, "read_write")
         client.close("done", quiet=True)
         await self.client_sessions[0].lost
+
+    def test_share_creation_failure_closes(self):
+        """If the share cannot be created, the connection closes with that reason."""
+        return Deferred.fromCoroutine(self._creation_fails())
+
+    async def _creation_fails(self):
+        await self.listen()
+        code = new_access_code(KEYS.share_id, "read_only", time.time())
+        self.ring_s.add_code(code)
+        self.ring_c = MemoryKeyRing(time.time)
+        self.ring_c.delay_creation = True
+        pending = Deferred.fromCoroutine(
+            self.connect_fails(ConnectTarget.join(code.code, CLIENT_PEER)))
+        for _ in range(200):
+            if self.ring_c.pending:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.ring_c.pending[0].errback(ShareError("the target folder vanished"))
+        reason = await pending
+        self.assertIn("could not create the share: ShareError: the target folder vanished", reason)
+        self.assertEqual(len(self.flushLoggedErrors(ShareError)), 1)
+        await self.settle()
+        self.assertEqual(self.ring_s.used, [])
 
     def test_offer_to_joining_server(self):
         """A share holder connecting to a code holder hands over the keys."""
