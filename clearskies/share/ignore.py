@@ -1,0 +1,86 @@
+"""Which paths of a share are never announced and never overwritten.
+
+Always ignored: our partial downloads (``*.!clearsky``, hidden ``.name.!clearsky``
+included), the reference peer's leftovers (``*.!sync``), and the two files of
+ours at the share root: the share marker ``.clearskies`` and the user's
+``.clearskiesignore``.  The user's patterns come from ``<root>/.clearskiesignore``
+with gitignore syntax (``#`` comments, ``!`` negation, trailing ``/`` for
+directories only, leading ``/`` anchors at the root).  Only the root's file is
+read, and it is not synced: each peer chooses what it leaves alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pathspec
+from twisted.logger import Logger
+
+MARKER_NAME = ".clearskies"
+IGNORE_FILE_NAME = ".clearskiesignore"
+TEMP_SUFFIX = ".!clearsky"
+MAX_IGNORE_FILE_BYTES = 256 * 1024
+
+BUILTIN_PATTERNS = (
+    "*" + TEMP_SUFFIX,
+    "*.!sync",
+    "/" + MARKER_NAME,
+    "/" + IGNORE_FILE_NAME,
+)
+
+
+class IgnoreRules:
+    """A compiled set of gitignore-style patterns plus the built-in ones."""
+
+    _log = Logger()
+
+    def __init__(self, user_patterns: list[str] | tuple[str, ...] = ()) -> None:
+        self.user_patterns = tuple(user_patterns)
+        self._spec = pathspec.GitIgnoreSpec.from_lines(
+            list(BUILTIN_PATTERNS) + list(self.user_patterns))
+
+    @classmethod
+    def load(cls, root: str | os.PathLike[str]) -> IgnoreRules:
+        """Read ``<root>/.clearskiesignore`` (blocking: call from a worker thread).
+
+        A missing file means no user patterns; an unreadable or oversized one
+        is reported and skipped rather than stopping the share.
+        """
+        path = Path(root, IGNORE_FILE_NAME)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_IGNORE_FILE_BYTES + 1)
+        except FileNotFoundError:
+            return cls()
+        except OSError as e:
+            cls._log.warn("cannot read {path}: {error}; using the built-in rules only",
+                          path=str(path), error=str(e))
+            return cls()
+        if len(data) > MAX_IGNORE_FILE_BYTES:
+            cls._log.warn("{path} is larger than {limit} bytes; using the built-in rules only",
+                          path=str(path), limit=MAX_IGNORE_FILE_BYTES)
+            return cls()
+        return cls(data.decode("utf-8", "replace").splitlines())
+
+    def matches(self, path: str, is_dir: bool = False) -> bool:
+        """True if a pattern matches ``path`` itself (its parents are not checked).
+
+        For a walk that never enters ignored directories, this is enough.
+        """
+        return self._spec.match_file(path + "/" if is_dir else path)
+
+    def is_ignored(self, path: str, is_dir: bool = False) -> bool:
+        """True if the share-relative ``path`` or a directory above it is ignored."""
+        if self.matches(path, is_dir):
+            return True
+        # Below an ignored directory everything is ignored, as in git.
+        parts = path.split("/")
+        return any(self.matches("/".join(parts[:end]), True) for end in range(1, len(parts)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IgnoreRules) and other.user_patterns == self.user_patterns
+
+    def __hash__(self) -> int:
+        return hash(self.user_patterns)
+

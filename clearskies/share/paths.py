@@ -1,0 +1,112 @@
+"""Turning wire paths into local ones (and back) without leaving the share.
+
+Every piece of code that writes, renames or deletes a file named by a peer
+goes through ``LocalPaths.to_local``.  Besides the syntax checks of
+``validate_wire_path`` it refuses:
+
+- any existing component that is a symlink (a peer, or a previous sync,
+  could plant ``docs -> /etc`` and then write ``docs/passwd``);
+- an existing component that is not a directory where one is needed;
+- a name that is missing but whose NFC form equals the NFC form of a
+  different name already in that directory (e.g. a decomposed ``é`` written
+  by a Mac): writing it would create a second file that looks the same.
+
+Names reserved on Windows (``CON``, ``aux.txt``, trailing dots…) are allowed:
+this daemon runs on POSIX systems, where they are ordinary names.
+
+The checks see the disk at one instant; a local process racing to swap a
+directory for a symlink afterwards is outside this threat model (it could
+write there itself).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import unicodedata
+from pathlib import Path
+
+from clearskies.errors import UnsafePathError
+from clearskies.share.records import validate_wire_path
+
+_NFC_CACHE_SIZE = 256
+
+
+class LocalPaths:
+    """Maps between wire paths and absolute local paths under one share root."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        # The root itself may be reached through a symlink the user chose.
+        self.root = Path(os.path.realpath(root))
+        # directory -> ((st_ino, st_mtime_ns), {nfc form: local name} for non-NFC names)
+        self._nfc_cache: dict[str, tuple[tuple[int, int], dict[str, str]]] = {}
+
+    def to_local(self, wire_path: str) -> Path:
+        """The local path for ``wire_path``; UnsafePathError if it is not safe to use."""
+        validate_wire_path(wire_path)
+        current = str(self.root)
+        parts = wire_path.split("/")
+        for index, name in enumerate(parts):
+            parent, current = current, os.path.join(current, name)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                self._check_nfc_collision(parent, name, wire_path)
+                # Nothing below a missing component exists either.
+                current = os.path.join(current, *parts[index + 1:])
+                break
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafePathError("%r goes through a symbolic link" % wire_path)
+            if index < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+                raise UnsafePathError(
+                    "%r goes through something that is not a directory" % wire_path)
+        result = Path(current)
+        if os.path.commonpath([self.root, result]) != str(self.root) or result == self.root:
+            raise UnsafePathError("%r is not inside the share" % wire_path)
+        return result
+
+    def to_wire(self, local_path: str | os.PathLike[str]) -> str:
+        """The wire form (relative, '/'-separated, NFC) of a path inside the share."""
+        absolute = os.path.abspath(local_path)
+        # Resolve the parents (the root may be reached through a symlink) but
+        # not the last component, which names the entry itself.
+        absolute = os.path.join(os.path.realpath(os.path.dirname(absolute)),
+                                os.path.basename(absolute))
+        root = str(self.root)
+        if os.path.commonpath([root, absolute]) != root or absolute == root:
+            raise UnsafePathError("%s is not inside the share %s" % (local_path, root))
+        relative = os.path.relpath(absolute, root).replace(os.sep, "/")
+        return validate_wire_path(unicodedata.normalize("NFC", relative))
+
+    def _check_nfc_collision(self, directory: str, name: str, wire_path: str) -> None:
+        """Refuse ``name`` if another spelling of it already lives in ``directory``."""
+        other = self._non_nfc_names(directory).get(name)
+        if other is not None:
+            raise UnsafePathError(
+                "%r would sit next to %r, which is the same name in another Unicode form"
+                % (wire_path, other))
+
+    def _non_nfc_names(self, directory: str) -> dict[str, str]:
+        """Names in ``directory`` that change under NFC, keyed by their NFC form.
+
+        Cached per directory and refreshed whenever its mtime or inode changes.
+        """
+        try:
+            st = os.stat(directory)
+            stamp = (st.st_ino, st.st_mtime_ns)
+            cached = self._nfc_cache.get(directory)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            found = {}
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if not entry.name.isascii():
+                        normal = unicodedata.normalize("NFC", entry.name)
+                        if normal != entry.name:
+                            found[normal] = entry.name
+        except OSError:
+            return {}  # the directory is missing or unreadable: nothing to collide with
+        if len(self._nfc_cache) >= _NFC_CACHE_SIZE:
+            self._nfc_cache.pop(next(iter(self._nfc_cache)))
+        self._nfc_cache[directory] = (stamp, found)
+        return found
