@@ -16,6 +16,7 @@ from clearskies.discovery.addresses import (
     format_address,
     format_tracker_entry,
     is_lan,
+    make_address,
     parse_address,
     parse_tracker_entry,
     parse_user_address,
@@ -217,3 +218,16 @@ def test_format_parse_round_trip(proto: str, host: str, port: int) -> None:
     assert str(address) == text
     if ":" in host:
         assert ipaddress.ip_address(host) and "[" in text
+
+
+def test_make_address_checks_and_canonicalises() -> None:
+    """make_address builds the same canonical Address the parser would, and refuses bad parts."""
+    assert make_address("tcp", "::FFFF:192.168.1.9", 4000) == Address("tcp", "192.168.1.9", 4000)
+    assert make_address("tcp", "fe80::1%eth0", 1) == parse_address("tcp:[fe80::1%eth0]:1")
+    assert make_address("tcp", "Peer.Example", 9) == Address("tcp", "peer.example", 9)
+    for proto, host, port in [("tcp", "1.2.3.4", 0), ("tcp", "1.2.3.4", True), ("tcp", "bad host", 1),
+                              ("tcp", "[::1]", 1), ("tor", "1.2.3.4", 1)]:
+        with pytest.raises(ValueError):
+            make_address(proto, host, port)
+    with pytest.raises(UnsupportedProtocolError):
+        make_address("quic", "1.2.3.4", 1)

@@ -185,6 +185,22 @@ def _parse(proto: str, text: str, whole: str) -> Address:
     return Address(proto, _check_host(proto, host, bracketed, whole), port)
 
 
+def make_address(proto: str, host: str, port: int) -> Address:
+    """A checked, canonical Address from parts (e.g. a LAN sender's IP and announced port).
+
+    Takes the host without brackets.  Raises ValueError like :func:`parse_address`.
+    """
+    if proto not in PROTOCOLS:
+        raise UnsupportedProtocolError("unknown transport %r (known: %s)" % (proto, ", ".join(PROTOCOLS)))
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError("port must be a number from 1 to 65535, not %r" % (port,))
+    if not isinstance(host, str):
+        raise ValueError("host must be text, not %s" % (type(host).__name__,))
+    whole = "%s:%s" % (proto, format_host_port(host, port))
+    _check_text(whole, MAX_ADDRESS_LENGTH, "an address")
+    return Address(proto, _check_host(proto, host, ":" in host, whole), port)
+
+
 def _check_text(text: object, limit: int, what: str) -> str:
     if not isinstance(text, str):
         raise ValueError("%s must be text, not %s" % (what, type(text).__name__))
