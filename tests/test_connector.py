@@ -304,3 +304,26 @@ def test_learned_own_peer_is_dropped_and_stop_cancels() -> None:
     dialer.calls[1][3].addErrback(lambda f: None)
     run_for(clock, 100)
     assert len(dialer.calls) == 2
+
+
+def test_fault_in_daemon_callback_does_not_stop_the_loop() -> None:
+    """If is_connected raises, the pass is logged and the loop runs again at the next tick."""
+    clock = Clock()
+    dialer = Dialer(clock)
+    broken = [True]
+
+    def is_connected(target: str, peer: str) -> bool:
+        if broken[0]:
+            raise RuntimeError("table not ready")
+        return False
+
+    manager = ConnectionManager(clock, dialer, is_connected, lambda: [], lambda: [], tick_interval=30)
+    manager.startService()
+    manager.add_candidate(SHARE, WAN, PEER_B, "tracker")
+    clock.advance(0)
+    assert dialer.calls == []
+    broken[0] = False
+    clock.advance(29)
+    assert dialer.calls == []
+    clock.advance(1)
+    assert dialer.addresses == [WAN]

@@ -323,10 +323,19 @@ class ConnectionManager(Service):
         self._wake = self._clock.callLater(delay, self._run)
 
     def _run(self) -> None:
-        """Expire stale candidates, start due dials, and plan the next wake-up."""
+        """One pass of the dial loop; a fault in it is logged and retried at the next tick."""
         self._wake = None
         if not self.running:
             return
+        try:
+            self._run_once()
+        except Exception:
+            self._log.failure("the dial loop failed; trying again in {delay} s",
+                              delay=self._tick_interval)
+            self._wake_in(self._tick_interval)
+
+    def _run_once(self) -> None:
+        """Expire stale candidates, start due dials, and plan the next wake-up."""
         now = self._clock.seconds()
         self._expire(now)
         own_peers = set(self._own_peer_ids())
