@@ -8,6 +8,7 @@ first when none is running, so a new user needs a single command.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -77,7 +78,7 @@ class Cli:
         self.err = err
         self.sleep = sleep
         self.monotonic = monotonic
-        self.data_dir = args.data_dir or default_data_dir()
+        self.data_dir = os.path.abspath(args.data_dir or default_data_dir())
         self.control_path = default_control_path(self.data_dir)
 
     # -- talking to the daemon ---------------------------------------------
@@ -111,7 +112,8 @@ class Cli:
 
     def twistd_command(self, foreground: bool) -> list[str]:
         args = self.args
-        cmd = [sys.executable, "-m", "twisted"]
+        # twistd itself (``python -m twisted`` is the newer ``twist`` runner).
+        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
         if foreground:
             cmd += ["--nodaemon", "--pidfile="]
         else:
@@ -191,7 +193,7 @@ class Cli:
 
     def print_share_status(self, share: dict[str, Any]) -> None:
         self.line("%s: %s%s" % (share.get("path"), share.get("status"),
-                                (" (%s)" % share["error"]) if share.get("error") else ""))
+                                (" (%s)" % share["problem"]) if share.get("problem") else ""))
         self.line("  %d files, %s, revision %s" % (
             share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
         if share.get("local_changes_not_shared"):
@@ -206,10 +208,10 @@ class Cli:
                 share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
 
     def cmd_share(self) -> int:
-        self.ensure_daemon()
         path = os.path.abspath(self.args.path)
         if not os.path.isdir(path):
-            raise CommandFailed("%s is not a directory" % path)
+            raise CommandFailed("%s is not a directory; create it first" % path)
+        self.ensure_daemon()
         with self.client() as client:
             shares = client.request({"type": "list_shares"})["shares"]
             if not any(share["path"] == path for share in shares):
@@ -262,7 +264,7 @@ class Cli:
         while True:
             status = self.request({"type": ".clearskies.share_status", "path": path})
             if status.get("status") == "error":
-                raise CommandFailed("share %s is in error: %s" % (path, status.get("error")))
+                raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
             connected = [p for p in status.get("peers", []) if p.get("connected")]
             in_sync = status.get("in_sync") and (connected or not require_peer)
             if in_sync:
@@ -351,8 +353,8 @@ class Cli:
     def cmd_cancel_code(self) -> int:
         value = self.args.code
         request: dict[str, Any] = {"type": ".clearskies.cancel_code"}
-        if re.fullmatch(r"[0-9a-f]{8,64}", value):
-            request["access_id"] = value
+        if re.fullmatch(r"[0-9a-fA-F]{8,64}", value):
+            request["access_id"] = value.lower()
         else:
             try:
                 parse_code(value)
@@ -379,7 +381,7 @@ class Cli:
             raise CommandFailed("no log at %s (is the daemon started with 'clearskies start'?)"
                                 % log_path)
         with open(log_path, encoding="utf-8", errors="replace") as log:
-            lines = log.readlines()[-self.args.lines:]
+            lines = collections.deque(log, maxlen=max(0, self.args.lines))
             self.out.write("".join(lines))
             self.out.flush()
             while self.args.follow:
@@ -514,7 +516,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout,
         err.write("clearskies: %s\n" % e)
         return e.exit_code
     except ControlError as e:
-        err.write("clearskies: %s\n" % (e.message or e.code))
+        err.write("clearskies: %s\n" % " ".join(str(e.message or e.code).split()))
         return EXIT_ERROR
     except DaemonNotRunning as e:
         err.write("clearskies: %s\n" % e)
@@ -524,6 +526,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout,
         return EXIT_TIMEOUT
     except (ProtocolError, ConfigurationError) as e:
         err.write("clearskies: %s\n" % e)
+        return EXIT_ERROR
+    except OSError as e:
+        err.write("clearskies: %s\n" % (e.strerror or e))
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
