@@ -126,8 +126,10 @@ def test_winner_is_associative_and_transitive(a, b, c):
         assert winner(a, c) == a
 
 
-@given(st.permutations([make("file", utime=t, content=c, mtime=m)
-                        for t, c, m in [(1.0, "a", 1), (1.0, "b", 1), (2.0, "c", 0), (1.0, "d", 2)]]))
+_FOUR = [(1.0, "a", 1), (1.0, "b", 1), (2.0, "c", 0), (1.0, "d", 2)]
+
+
+@given(st.permutations([make("file", utime=t, content=c, mtime=m) for t, c, m in _FOUR]))
 def test_winner_of_many_does_not_depend_on_order(records):
     """The overall winner of several versions is the same in every arrival order."""
     best = records[0]
@@ -453,7 +455,8 @@ def _simulate(base: dict, edits: list, pick) -> list[dict]:
         state = dict(base)
         state.update(edits[index])
         states.append(state)
-        pending += [(other, r) for other in range(3) if other != index for r in edits[index].values()]
+        pending += [(other, r) for other in range(3) if other != index
+                    for r in edits[index].values()]
     steps = 0
     while pending:
         steps += 1

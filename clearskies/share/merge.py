@@ -30,9 +30,9 @@ IGNORE = "ignore"
 ACCEPT = "accept"
 """Make ``record`` the path's state: fetch its content, delete, or create the directory."""
 KEEP = "keep"
-"""Our version stays on disk as it is; store ``record`` (ours with the merged vv) and announce it."""
+"""Our version stays on disk as it is; store ``record`` (ours, merged vv) and announce it."""
 CONFLICT = "conflict"
-"""Concurrent versions with different content: one keeps the path, the other becomes ``conflict``."""
+"""Concurrent versions, different content: one keeps the path, the other becomes ``conflict``."""
 
 # Results of vv_compare(a, b), read as "a is ... b".
 EQUAL = "equal"

@@ -1,0 +1,757 @@
+"""Moving file content between peers (REFERENCE §8).
+
+Receiving: :class:`FileReceiver` writes a download into a hidden temporary
+file next to its target, hashing as the bytes arrive, then verifies size and
+SHA-256, applies mtime and permissions, fsyncs, and renames over the target
+only if the target did not change locally meanwhile.  The temporary name
+depends only on the target's name and the expected hash, so a download cut
+off by a lost connection or a restart resumes with ``range``.
+
+Sending: :class:`FileSender` streams one file as a ``file_data`` message, a
+chunk at a time, as a Twisted push producer, so a slow peer or a full socket
+buffer stops the disk reads.  :class:`SendQueue` serialises everything one
+connection writes: one file at a time, small messages in between.
+
+The small file-system calls (open, stat, a 1 MiB read or write) run on the
+reactor thread; the slow ones (fsync, rename, hashing a resumed or copied
+file) go through the injected runner.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from clearskies import wire
+from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.share.records import FileRecord
+from clearskies.threads import Runner
+
+TEMP_SUFFIX = ".!clearsky"
+"""Ends the name of every partial download; the scanner must skip such files."""
+
+BLOCK_SIZE = 1024 * 1024
+"""Read/write block for copying and re-hashing in worker threads."""
+
+MAX_QUEUED_FILES = 64
+"""Most ``get`` requests one connection may have waiting for their turn."""
+
+MAX_QUEUED_MESSAGE_BYTES = 32 * 1024 * 1024
+"""Most bytes of messages held back while a file is being sent (two maximal lines)."""
+
+OK = "ok"
+CORRUPT = "corrupt"
+CONFLICT = "conflict"
+
+_OPEN_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def temp_name(name: str, sha256: str) -> str:
+    """``.<name>.<first 16 hex of sha256>.!clearsky``, shortened to fit in 255 bytes."""
+    room = 255 - (1 + 1 + 16 + len(TEMP_SUFFIX))
+    encoded = name.encode("utf-8")
+    if len(encoded) > room:
+        name = encoded[:room].decode("utf-8", "ignore")
+    return ".%s.%s%s" % (name, sha256[:16], TEMP_SUFFIX)
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names of our partial downloads (never part of a share's content)."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def get_error_message(path: str, message: str) -> dict[str, Any]:
+    """The answer to a ``get`` we cannot serve."""
+    return {"type": "get_error", "path": path, "message": message}
+
+
+def describe_os_error(error: OSError) -> str:
+    """A reason for a peer: says what went wrong without naming local paths."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if error.errno == errno.ELOOP:
+        return "not a regular file"
+    return error.strerror or "cannot read the file"
+
+
+# -- receiving -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    """How a download ended.
+
+    ``status`` is OK (the content is at ``path``; ``size``/``mtime_ns``/
+    ``inode`` are its cache key), CONFLICT (verified content waits in the
+    temporary file ``path``: call ``keep_as`` or ``abort``) or CORRUPT
+    (wrong size or hash; the temporary file is gone; ``reason`` says why).
+    """
+
+    status: str
+    path: Path
+    size: int | None = None
+    mtime_ns: int | None = None
+    inode: int | None = None
+    reason: str = ""
+
+
+# Receiver states.
+_NEW, _WRITING, _BUSY, _VERIFIED, _DONE = "new", "writing", "busy", "verified", "done"
+
+
+class FileReceiver:
+    """One download into ``local_path``, verified against ``expected``.
+
+    Use: read :attr:`offset` (ask the peer for ``range [offset, size - offset]``
+    when it is not 0), feed the payload to :meth:`write`, then
+    :meth:`finish`.  Or fill it with :meth:`copy_local` instead of the
+    network.  :meth:`abort` ends it early, keeping the partial file for a
+    later resume or not.
+    """
+
+    _log = Logger()
+
+    def __init__(self, root: Path, local_path: Path, expected: FileRecord, *,
+                 runner: Runner, resume: bool = True) -> None:
+        if expected.deleted or expected.is_dir or expected.sha256 is None or expected.size is None:
+            raise ValueError("only a file record with size and sha256 can be downloaded")
+        self.root = Path(root)
+        self.local_path = Path(local_path)
+        self.expected = expected
+        self.temp_path = self.local_path.with_name(
+            temp_name(self.local_path.name, expected.sha256))
+        self._runner = runner
+        _check_inside(self.root, self.local_path, resolve=False)
+        self._state = _NEW
+        self._fd: int | None = None
+        self._hasher: Any = hashlib.sha256()
+        self._received = 0
+        self._overflow = False
+        self._offset = self._existing_prefix() if resume else 0
+        # A resumed file is hashed whole at the end, in the runner.
+        self._rehash = self._offset > 0
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the content already on disk from an earlier attempt."""
+        return self._offset
+
+    @property
+    def received(self) -> int:
+        """Bytes written so far, counting the resumed prefix."""
+        return self._offset + self._received
+
+    def _existing_prefix(self) -> int:
+        try:
+            st = os.lstat(self.temp_path)
+        except OSError:
+            return 0
+        if not stat.S_ISREG(st.st_mode) or st.st_size > self.expected.size:
+            return 0
+        return st.st_size
+
+    # -- filling the temporary file ------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Append payload bytes, straight to the file: nothing is held in memory."""
+        if self._state == _NEW:
+            self._open_for_writing()
+        elif self._state != _WRITING:
+            raise RuntimeError("write to a download that is %s" % self._state)
+        if self._overflow or self.received + len(data) > self.expected.size:
+            # More than the record's size: refuse to fill the disk; finish() reports it.
+            self._overflow = True
+            return
+        assert self._fd is not None
+        _write_all(self._fd, data)
+        if not self._rehash:
+            self._hasher.update(data)
+        self._received += len(data)
+
+    def _open_for_writing(self) -> None:
+        self._prepare_directory()
+        fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
+        try:
+            os.ftruncate(fd, self._offset)
+            os.lseek(fd, self._offset, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._state = _WRITING
+
+    def _prepare_directory(self) -> None:
+        parent = self.local_path.parent
+        if not parent.is_dir():
+            parent.mkdir(parents=True, exist_ok=True)
+        _check_inside(self.root, self.local_path, resolve=True)
+
+    def copy_local(self, source: Path) -> Deferred[None]:
+        """Fill the download from a local file said to hold the same content.
+
+        Replaces whatever was received so far; :meth:`finish` still verifies
+        it, so a source that changed meanwhile ends as CORRUPT.
+        """
+        if self._state not in (_NEW, _WRITING):
+            raise RuntimeError("copy into a download that is %s" % self._state)
+        self._close_fd()
+        self._prepare_directory()
+        self._state = _BUSY
+        d = self._runner.run(_copy_into, Path(source), self.temp_path, self.expected.size)
+
+        def copied(result: tuple[Any, int, int]) -> None:
+            self._hasher, self._received, self._fd = result
+            self._offset = 0
+            self._rehash = False
+            self._overflow = self._received > self.expected.size
+            self._state = _WRITING
+
+        def failed(failure: Failure) -> Failure:
+            self._state = _NEW
+            return failure
+
+        return d.addCallbacks(copied, failed)
+
+    # -- finishing -------------------------------------------------------------------
+
+    def finish(self, is_unchanged: Callable[[], bool | Deferred[bool]]) -> Deferred[FinishResult]:
+        """Verify, then put the content in place if ``is_unchanged()`` allows.
+
+        ``is_unchanged`` is called on the reactor thread after verification,
+        just before the rename; it answers (directly or by Deferred) whether
+        the target is still as our last scan saw it.
+        """
+        return Deferred.fromCoroutine(self._finish(is_unchanged))
+
+    async def _finish(self, is_unchanged: Callable[[], bool | Deferred[bool]]) -> FinishResult:
+        if self._state == _NEW:
+            self._open_for_writing()  # nothing arrived: an empty file or a complete resume
+        if self._state != _WRITING:
+            raise RuntimeError("finish of a download that is %s" % self._state)
+        self._state = _BUSY
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        hasher = None if self._rehash else self._hasher
+        problem = await self._runner.run(
+            _seal, fd, self.temp_path, hasher, self._overflow, self.expected)
+        if problem is not None:
+            self._state = _DONE
+            self._log.info("download of {path} failed verification: {why}",
+                           path=self.expected.path, why=problem)
+            return FinishResult(CORRUPT, self.local_path, reason=problem)
+        self._state = _VERIFIED
+        if not await maybeDeferred(is_unchanged):
+            return FinishResult(CONFLICT, self.temp_path,
+                                reason="the file changed locally during the download")
+        self._state = _BUSY
+        try:
+            size, mtime_ns, inode = await self._runner.run(
+                _install, self.temp_path, self.local_path)
+        except BaseException:
+            self._state = _VERIFIED
+            raise
+        self._state = _DONE
+        return FinishResult(OK, self.local_path, size, mtime_ns, inode)
+
+    def keep_as(self, other_path: Path) -> Deferred[FinishResult]:
+        """After a CONFLICT result: keep the verified content at ``other_path`` instead.
+
+        Never overwrites: if ``other_path`` already holds this very content
+        the temporary file is simply dropped; if it holds something else,
+        the Deferred fails with FileExistsError and the temporary file stays.
+        """
+        if self._state != _VERIFIED:
+            raise RuntimeError("keep_as on a download that is %s" % self._state)
+        other_path = Path(other_path)
+        _check_inside(self.root, other_path, resolve=False)
+        if not other_path.parent.is_dir():
+            other_path.parent.mkdir(parents=True, exist_ok=True)
+        _check_inside(self.root, other_path, resolve=True)
+        self._state = _BUSY
+        d = self._runner.run(_keep, self.temp_path, other_path, self.expected.sha256)
+
+        def kept(info: tuple[int, int, int]) -> FinishResult:
+            self._state = _DONE
+            return FinishResult(OK, other_path, *info)
+
+        def failed(failure: Failure) -> Failure:
+            self._state = _VERIFIED
+            return failure
+
+        return d.addCallbacks(kept, failed)
+
+    def abort(self, keep_partial: bool) -> None:
+        """Give up; with ``keep_partial`` the bytes so far stay for a resume."""
+        if self._state == _DONE:
+            return
+        self._close_fd()
+        self._state = _DONE
+        if not keep_partial:
+            try:
+                os.unlink(self.temp_path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._log.warn("could not remove partial download {path}: {why}",
+                               path=self.expected.path, why=e.strerror)
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _check_inside(root: Path, path: Path, *, resolve: bool) -> None:
+    """Refuse a target outside the share (lexically, or through symlinked directories)."""
+    if path.name in ("", ".", ".."):
+        raise UnsafePathError("download target has no file name")
+    if resolve:
+        base, parent = root.resolve(), path.parent.resolve()
+    else:
+        base, parent = Path(os.path.abspath(root)), Path(os.path.abspath(path.parent))
+    if parent != base and base not in parent.parents:
+        raise UnsafePathError("download target lies outside the share")
+
+
+# Worker-thread jobs: plain values in and out, no Twisted objects.
+
+
+def _hash_fd(fd: int) -> str:
+    hasher = hashlib.sha256()
+    position = 0
+    while block := os.pread(fd, BLOCK_SIZE, position):
+        hasher.update(block)
+        position += len(block)
+    return hasher.hexdigest()
+
+
+def _seal(fd: int, temp: Path, hasher: Any, overflow: bool,
+          expected: FileRecord) -> str | None:
+    """Verify the temporary file; if good, set its metadata, fsync it and close it.
+
+    Returns None when it is ready for the rename, else why it was deleted.
+    """
+    try:
+        size = os.fstat(fd).st_size
+        if overflow:
+            problem = "the peer sent more than %d bytes" % expected.size
+        elif size != expected.size:
+            problem = "got %d bytes, expected %d" % (size, expected.size)
+        else:
+            digest = hasher.hexdigest() if hasher is not None else _hash_fd(fd)
+            problem = None if digest == expected.sha256 else "SHA-256 mismatch"
+        if problem is None:
+            os.fchmod(fd, (expected.mode if expected.mode is not None else 0o644) & 0o777)
+            if expected.mtime_ns is not None:
+                os.utime(fd, ns=(expected.mtime_ns, expected.mtime_ns))
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if problem is not None:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+    return problem
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _install(temp: Path, target: Path) -> tuple[int, int, int]:
+    os.replace(temp, target)
+    _fsync_directory(target.parent)
+    return _stat_key(target)
+
+
+def _keep(temp: Path, other: Path, sha256: str) -> tuple[int, int, int]:
+    try:
+        os.link(temp, other)  # fails rather than overwrite
+    except FileExistsError:
+        fd = os.open(other, os.O_RDONLY | _OPEN_FLAGS)
+        try:
+            same = _hash_fd(fd) == sha256
+        finally:
+            os.close(fd)
+        if not same:
+            raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # No hard links here: check, then rename (a tiny window, but no clobbering by us).
+        if os.path.lexists(other):
+            raise FileExistsError(errno.EEXIST, "conflict copy path is taken") from None
+        os.rename(temp, other)
+        _fsync_directory(other.parent)
+        return _stat_key(other)
+    os.unlink(temp)
+    _fsync_directory(other.parent)
+    return _stat_key(other)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+
+
+def _copy_into(source: Path, temp: Path, limit: int) -> tuple[Any, int, int]:
+    """Copy ``source`` into ``temp`` (at most ``limit + 1`` bytes), hashing on the way.
+
+    Returns the hasher, the byte count and the still open descriptor of ``temp``.
+    """
+    hasher = hashlib.sha256()
+    copied = 0
+    src = os.open(source, os.O_RDONLY | _OPEN_FLAGS)
+    try:
+        dst = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _OPEN_FLAGS, 0o600)
+        try:
+            while copied <= limit:
+                block = os.read(src, min(BLOCK_SIZE, limit + 1 - copied))
+                if not block:
+                    break
+                _write_all(dst, block)
+                hasher.update(block)
+                copied += len(block)
+        except BaseException:
+            os.close(dst)
+            raise
+    finally:
+        os.close(src)
+    return hasher, copied, dst
+
+
+# -- sending -------------------------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class FileSender:
+    """Streams one file as ``!{"type":"file_data",…}`` + chunks + ``0``.
+
+    A push producer: it registers itself with the consumer, reads and writes
+    one chunk per reactor turn, and stops reading while paused.  The Deferred
+    from :meth:`begin` fires with the payload bytes sent, or fails with
+    ConnectionLost if the consumer stopped it.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, path: str, file: BinaryIO, start: int, length: int,
+                 *, include_range: bool = False, chunk_size: int = wire.SEND_CHUNK_SIZE,
+                 on_sent: Callable[[int], None] | None = None) -> None:
+        if not 1 <= chunk_size <= wire.MAX_CHUNK_SIZE:
+            raise ValueError("chunk_size must be 1 to %d" % wire.MAX_CHUNK_SIZE)
+        self.path = path
+        self.start = start
+        self.length = length
+        self._clock = clock
+        self._file = file
+        self._include_range = include_range
+        self._chunk_size = chunk_size
+        self._on_sent = on_sent
+        self._remaining = length
+        self._sent = 0
+        self._consumer: IConsumer | None = None
+        self._call: IDelayedCall | None = None
+        self._paused = False
+        self._finished = False
+        self._done: Deferred[int] = Deferred()
+
+    @classmethod
+    def open(cls, clock: IReactorTime, path: str, local_path: Path, *,
+             expected_size: int | None = None, request_range: tuple[int, int] | None = None,
+             chunk_size: int = wire.SEND_CHUNK_SIZE,
+             on_sent: Callable[[int], None] | None = None) -> FileSender:
+        """Open ``local_path`` to answer a ``get`` for ``path``.
+
+        Raises OSError when it cannot be served as recorded: missing,
+        unreadable, not a regular file (symlinks are not followed), a size
+        other than ``expected_size``, or a range outside the file.
+        :func:`describe_os_error` turns that into the ``get_error`` text.
+        """
+        fd = os.open(local_path, os.O_RDONLY | _OPEN_FLAGS)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            if expected_size is not None and st.st_size != expected_size:
+                raise OSError(errno.ESTALE, "the file changed since it was last scanned")
+            if request_range is None:
+                start, length = 0, st.st_size
+            else:
+                start, length = request_range
+                if start < 0 or length < 0 or start + length > st.st_size:
+                    raise OSError(errno.EINVAL, "the requested range lies outside the file")
+            os.lseek(fd, start, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        file = os.fdopen(fd, "rb", buffering=0)
+        return cls(clock, path, file, start, length, include_range=request_range is not None,
+                   chunk_size=chunk_size, on_sent=on_sent)
+
+    def header(self) -> dict[str, Any]:
+        """The ``file_data`` message; ``range`` only when the request had one."""
+        body: dict[str, Any] = {"type": "file_data", "path": self.path}
+        if self._include_range:
+            body["range"] = [self.start, self.length]
+        return body
+
+    def begin(self, consumer: IConsumer) -> Deferred[int]:
+        """Register with ``consumer`` and start streaming."""
+        if self._consumer is not None:
+            raise RuntimeError("a FileSender streams only once")
+        self._consumer = consumer
+        consumer.registerProducer(self, True)
+        if not self._finished:
+            consumer.write(wire.encode_payload_start(self.header()))
+            self._schedule()
+        return self._done
+
+    def _schedule(self) -> None:
+        if self._call is None and not self._paused and not self._finished:
+            self._call = self._clock.callLater(0, self._step)
+
+    def _step(self) -> None:
+        self._call = None
+        if self._paused or self._finished:
+            return
+        assert self._consumer is not None
+        try:
+            wanted = min(self._chunk_size, self._remaining)
+            data = self._file.read(wanted) if wanted else b""
+        except OSError as e:
+            # The header is out: end the payload short; the receiver's check rejects it.
+            self._log.warn("reading {path} failed while sending: {why}",
+                           path=self.path, why=e.strerror)
+            data = b""
+        if not data:
+            if self._remaining:
+                self._log.warn("{path} ended {missing} bytes early while being sent",
+                               path=self.path, missing=self._remaining)
+            self._end()
+            return
+        self._remaining -= len(data)
+        self._sent += len(data)
+        self._consumer.write(wire.encode_chunk_header(len(data)))
+        self._consumer.write(data)
+        if self._on_sent is not None:
+            self._on_sent(len(data))
+        if self._finished:  # stopped from inside write()
+            return
+        if not self._remaining:
+            self._end()
+        else:
+            self._schedule()
+
+    def _end(self) -> None:
+        assert self._consumer is not None
+        self._finished = True
+        self._file.close()
+        self._consumer.write(wire.PAYLOAD_END)
+        self._consumer.unregisterProducer()
+        self._done.callback(self._sent)
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        self._file.close()
+        self._done.errback(ConnectionLost("stopped while sending %s" % (self.path,)))
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What became of one queued file: sent (``size`` payload bytes) or not (``error``)."""
+
+    path: str
+    sent: bool
+    size: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _FileRequest:
+    path: str
+    local_path: Path
+    expected_size: int | None
+    request_range: tuple[int, int] | None
+    on_sent: Callable[[int], None] | None
+    done: Deferred[SendResult]
+
+
+class SendQueue:
+    """Everything one connection writes, in an order the framing allows.
+
+    A file's payload must not be interrupted, so while a file is being sent
+    other messages wait (bounded) and go out before the next file starts.
+    When no file is in flight, messages are written at once.  Files are
+    opened only when their turn comes, so a file deleted or changed while
+    waiting is answered with ``get_error``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, consumer: IConsumer, clock: IReactorTime, *,
+                 max_files: int = MAX_QUEUED_FILES,
+                 max_message_bytes: int = MAX_QUEUED_MESSAGE_BYTES,
+                 chunk_size: int = wire.SEND_CHUNK_SIZE) -> None:
+        self._consumer = consumer
+        self._clock = clock
+        self._max_files = max_files
+        self._max_message_bytes = max_message_bytes
+        self._chunk_size = chunk_size
+        self._messages: deque[bytes] = deque()
+        self._message_bytes = 0
+        self._files: deque[_FileRequest] = deque()
+        self._current: FileSender | None = None
+        self._stopped = False
+
+    @property
+    def sending(self) -> str | None:
+        """The path whose payload is being written, if any."""
+        return self._current.path if self._current is not None else None
+
+    @property
+    def waiting_files(self) -> int:
+        return len(self._files)
+
+    @property
+    def waiting_message_bytes(self) -> int:
+        return self._message_bytes
+
+    def send_message(self, data: bytes) -> None:
+        """Write encoded message bytes now, or right after the file being sent.
+
+        Raises ProtocolError when more than ``max_message_bytes`` wait: the
+        peer is not reading, and the connection should be closed.
+        """
+        if self._stopped:
+            return
+        if self._current is None:
+            self._consumer.write(data)
+            return
+        if self._message_bytes + len(data) > self._max_message_bytes:
+            raise ProtocolError("the peer is not reading: over %d bytes of messages queued"
+                                % self._max_message_bytes)
+        self._messages.append(data)
+        self._message_bytes += len(data)
+
+    def send_file(self, path: str, local_path: Path, *, expected_size: int | None = None,
+                  request_range: tuple[int, int] | None = None,
+                  on_sent: Callable[[int], None] | None = None) -> Deferred[SendResult]:
+        """Queue the answer to a ``get``: ``file_data`` with the content, or ``get_error``.
+
+        Raises ProtocolError when the peer already has ``max_files`` requests waiting.
+        The Deferred never fails; after the connection is gone it reports ``sent=False``.
+        """
+        if self._stopped:
+            return succeed(SendResult(path, False, error="connection closed"))
+        if len(self._files) >= self._max_files:
+            raise ProtocolError("more than %d file requests pending" % self._max_files)
+        request = _FileRequest(path, Path(local_path), expected_size, request_range, on_sent,
+                               Deferred())
+        self._files.append(request)
+        self._pump()
+        return request.done
+
+    def stop(self) -> None:
+        """The connection is gone: stop reading, drop what waits, report unsent files."""
+        if self._stopped:
+            return
+        self._stopped = True
+        current, self._current = self._current, None
+        if current is not None:
+            current.stopProducing()
+        self._messages.clear()
+        self._message_bytes = 0
+        files, self._files = self._files, deque()
+        for request in files:
+            request.done.callback(SendResult(request.path, False, error="connection closed"))
+
+    def _pump(self) -> None:
+        while self._current is None and not self._stopped:
+            while self._messages:
+                data = self._messages.popleft()
+                self._message_bytes -= len(data)
+                self._consumer.write(data)
+            if not self._files:
+                return
+            request = self._files.popleft()
+            try:
+                sender = FileSender.open(
+                    self._clock, request.path, request.local_path,
+                    expected_size=request.expected_size, request_range=request.request_range,
+                    chunk_size=self._chunk_size, on_sent=request.on_sent)
+            except OSError as e:
+                reason = describe_os_error(e)
+                self._log.info("cannot send {path}: {why}", path=request.path, why=reason)
+                self._consumer.write(wire.encode(get_error_message(request.path, reason)))
+                request.done.callback(SendResult(request.path, False, error=reason))
+                continue
+            self._current = sender
+            sender.begin(self._consumer).addCallbacks(
+                self._file_sent, self._file_stopped,
+                callbackArgs=(request, sender), errbackArgs=(request, sender))
+
+    def _file_sent(self, size: int, request: _FileRequest, sender: FileSender) -> None:
+        if self._current is sender:
+            self._current = None
+        request.done.callback(SendResult(request.path, True, size))
+        self._pump()
+
+    def _file_stopped(self, failure: Failure, request: _FileRequest, sender: FileSender) -> None:
+        failure.trap(ConnectionLost)
+        if self._current is sender:
+            self._current = None
+        request.done.callback(SendResult(request.path, False, error="connection closed"))
+        self.stop()
+
+
+__all__ = [
+    "TEMP_SUFFIX", "OK", "CORRUPT", "CONFLICT", "FinishResult", "FileReceiver", "FileSender",
+    "SendQueue", "SendResult", "temp_name", "is_temp_name", "get_error_message",
+    "describe_os_error",
+]
