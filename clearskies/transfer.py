@@ -186,6 +186,12 @@ class FileReceiver:
 
     def _open_for_writing(self) -> None:
         self._prepare_directory()
+        if self._offset == 0:
+            # Starting over: whatever sits under the temp name (even a symlink) goes.
+            try:
+                os.unlink(self.temp_path)
+            except FileNotFoundError:
+                pass
         fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
         try:
             os.ftruncate(fd, self._offset)
@@ -297,9 +303,14 @@ class FileReceiver:
         return d.addCallbacks(kept, failed)
 
     def abort(self, keep_partial: bool) -> None:
-        """Give up; with ``keep_partial`` the bytes so far stay for a resume."""
+        """Give up; with ``keep_partial`` the bytes so far stay for a resume.
+
+        Not allowed while a copy, a verification or a rename is running.
+        """
         if self._state == _DONE:
             return
+        if self._state == _BUSY:
+            raise RuntimeError("cannot abort a download while its file work is running")
         self._close_fd()
         self._state = _DONE
         if not keep_partial:

@@ -500,6 +500,21 @@ def test_resume_disabled_or_oversized_temp_starts_over(tmp_path):
     assert result.status == OK and (tmp_path / "f").read_bytes() == data
 
 
+def test_symlink_under_the_temp_name_is_replaced_not_followed(tmp_path):
+    """A symlink where the temp file should be is removed; its target is never written."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    share = tmp_path / "share"
+    share.mkdir()
+    data = content(100)
+    record = record_for("f", data)
+    probe = FileReceiver(share, share / "f", record, runner=SyncRunner())
+    probe.temp_path.symlink_to(victim)
+    _, result = receive(share, "f", data, record=record)
+    assert result.status == OK and (share / "f").read_bytes() == data
+    assert victim.read_bytes() == b"precious"
+
+
 def test_local_change_during_download_is_a_conflict_kept_aside(tmp_path):
     """If the target changed meanwhile it is not touched; keep_as saves the download."""
     data = content(3000)
