@@ -1,0 +1,788 @@
+"""Finding local changes: walk the share, compare with the database, hash what moved.
+
+A scan runs in phases so the reactor stays responsive:
+
+1. check the root and its marker, load the ignore rules (worker thread);
+2. list the whole tree, or the subtrees asked for (worker thread, one job);
+3. compare the sorted listing with the database rows, one page of
+   ``batch_size`` rows at a time (pure code on the reactor, pages fetched on
+   the database thread);
+4. hash only files whose cache key (size, mtime_ns, inode) changed, in
+   jobs of several small files, ``concurrency`` jobs at a time;
+5. write records in transactions of about ``batch_size`` rows and tell
+   ``on_batch`` what was written.
+
+Rules this module implements:
+
+- Symlinks are never followed and never synced: they are skipped (and
+  counted in ``ScanResult.skipped``), like sockets, FIFOs and devices, and
+  names that cannot travel on the wire (not UTF-8, not NFC, control
+  characters, backslashes).
+- Every directory gets an ``is_dir`` record, so empty directories sync.
+  Only a change of its permission bits is a change of a directory.
+- A vanished path becomes a tombstone (``deleted``) that keeps the previous
+  version vector plus our own bump.  Nothing is tombstoned under a
+  directory that could not be listed, for an entry that vanished between
+  listing and stat, for ignored paths, or when the root or its marker is
+  missing (then the scan fails with ShareError before writing anything).
+- Every local change bumps our own counter in the version vector.
+- ``utime``: the scan time on the share's first scan; later, the mtime if
+  it is before ``since`` (the previous full scan, or when the watcher saw
+  the change), else ``since``; and always a little after the record it
+  replaces, so peers that only compare utimes accept it.
+- A path that disappeared and a new path with the same content in the
+  same scan form a move.  When the new path also has the old file's inode,
+  size and mtime (a rename), its content is not hashed again.
+- A file whose mtime is within ``racy_window`` of the scan start is stored
+  without a cache key, so it is hashed again next time: a write in the same
+  timestamp tick would otherwise go unnoticed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from clearskies.errors import ShareError, UnsafePathError
+from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
+from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
+from clearskies.share.ignore import MARKER_NAME, IgnoreRules
+from clearskies.share.records import MAX_PATH_BYTES, FileRecord, validate_wire_path
+from clearskies.threads import Runner
+
+HASH_JOB_FILES = 64
+HASH_JOB_BYTES = 16 * 1024 * 1024
+UTIME_STEP = 0.001  # how far after the replaced record a local change is dated
+_PLAIN_NAME = re.compile(r"[^\x00-\x1f\x7f\\]+")
+
+
+# -- the share marker ---------------------------------------------------------
+
+def write_marker(root: str, share_id: str) -> None:
+    """Create ``<root>/.clearskies`` naming the share (blocking)."""
+    path = os.path.join(root, MARKER_NAME)
+    data = json.dumps({"share_id": share_id}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_marker(root: str) -> str | None:
+    """The share ID in ``<root>/.clearskies``, or None if absent or unreadable."""
+    try:
+        fd = os.open(os.path.join(root, MARKER_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    share_id = data.get("share_id") if isinstance(data, dict) else None
+    return share_id if isinstance(share_id, str) else None
+
+
+def check_share_root(root: str, share_id: str) -> None:
+    """Raise ShareError unless the root is a directory holding our marker (blocking).
+
+    A missing marker usually means the disk holding the share is not
+    mounted and we are looking at the empty mount point: scanning it would
+    turn every file into a deletion.
+    """
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        raise ShareError("the share folder %s is not reachable (%s); reconnect the disk or "
+                         "move it back, then the share resumes" % (root, e.strerror)) from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise ShareError("the share folder %s is not a directory any more" % root)
+    found = read_marker(root)
+    if found != share_id:
+        raise ShareError(
+            "the share folder %s has lost its %s marker file (is the disk mounted?); "
+            "nothing is synced until it is back" % (root, MARKER_NAME))
+
+
+# -- listing ------------------------------------------------------------------
+
+class LocalEntry(NamedTuple):
+    """One directory or regular file found on disk."""
+
+    path: str  # wire form
+    is_dir: bool
+    size: int
+    mtime_ns: int
+    inode: int
+    mode: int  # permission bits
+
+    @property
+    def cache_key(self) -> CacheKey:
+        return CacheKey(self.inode, self.size, self.mtime_ns)
+
+
+@dataclass
+class Listing:
+    """What a walk found, sorted by path, plus what it had to leave out."""
+
+    entries: list[LocalEntry] = field(default_factory=list)
+    protected: list[str] = field(default_factory=list)  # unknown state: no tombstones there
+    skipped: list[str] = field(default_factory=list)  # symlinks, specials, unusable names
+
+
+def _usable_name(name: str, parent: str) -> bool:
+    """True if ``parent/name`` can be a wire path (cheap for plain ASCII names)."""
+    if not (name.isascii() and _PLAIN_NAME.fullmatch(name)):
+        try:
+            validate_wire_path(name)
+        except UnsafePathError:
+            return False
+    return len(parent) + len(name) < MAX_PATH_BYTES // 4 or len(
+        (parent + "/" + name).encode("utf-8")) <= MAX_PATH_BYTES
+
+
+def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> Listing:
+    """List the share (``scopes=None``) or the given subtrees (blocking).
+
+    Never follows symlinks.  A listing error at the root raises ShareError;
+    below it, the unreadable directory is marked protected.
+    """
+    listing = Listing()
+    if scopes is None:
+        try:
+            os.scandir(root).close()
+        except OSError as e:
+            raise ShareError("cannot list the share folder %s: %s" % (root, e.strerror)) from e
+        _walk_tree(root, "", rules, listing)
+    else:
+        for scope in scopes:
+            _list_scope(root, scope, rules, listing)
+    listing.entries.sort(key=lambda e: e.path)
+    return listing
+
+
+def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> None:
+    parts = scope.split("/")
+    current = root
+    for part in parts[:-1]:  # every parent must still be a real directory
+        current = os.path.join(current, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        except OSError:
+            listing.protected.append(scope)
+            return
+    try:
+        st = os.lstat(os.path.join(root, scope))
+    except FileNotFoundError:
+        return
+    except OSError:
+        listing.protected.append(scope)
+        return
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if rules.is_ignored(scope, is_dir):
+        return
+    if stat.S_ISLNK(st.st_mode) or not (is_dir or stat.S_ISREG(st.st_mode)):
+        listing.skipped.append(scope)
+        return
+    listing.entries.append(_entry(scope, st))
+    if is_dir:
+        _walk_tree(root, scope, rules, listing)
+
+
+def _entry(path: str, st: os.stat_result) -> LocalEntry:
+    is_dir = stat.S_ISDIR(st.st_mode)
+    return LocalEntry(path, is_dir, 0 if is_dir else st.st_size, st.st_mtime_ns, st.st_ino,
+                      stat.S_IMODE(st.st_mode))
+
+
+def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing) -> None:
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        prefix = directory + "/" if directory else ""
+        try:
+            with os.scandir(os.path.join(root, directory) if directory else root) as entries:
+                for entry in entries:
+                    name = entry.name
+                    path = prefix + name
+                    if not _usable_name(name, directory):
+                        listing.skipped.append(path)
+                        continue
+                    try:
+                        if entry.is_symlink():
+                            listing.skipped.append(path)
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        listing.protected.append(path)  # vanished or unreadable just now
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        if not rules.matches(path, True):
+                            listing.entries.append(_entry(path, st))
+                            stack.append(path)
+                    elif stat.S_ISREG(st.st_mode):
+                        if not rules.matches(path):
+                            listing.entries.append(_entry(path, st))
+                    else:
+                        listing.skipped.append(path)
+        except OSError:
+            listing.protected.append(directory)
+
+
+def normalize_scopes(paths: Iterable[str]) -> list[str]:
+    """Sorted, valid, non-overlapping subtrees (a path below another is dropped)."""
+    kept: list[str] = []
+    for path in sorted(set(paths)):
+        try:
+            validate_wire_path(path)
+        except UnsafePathError:
+            continue
+        if kept and (path == kept[-1] or path.startswith(kept[-1] + "/")):
+            continue
+        # Sorting puts "a b" between "a" and "a/x": look further back for an ancestor.
+        parts = path.split("/")
+        if any("/".join(parts[:n]) in kept for n in range(1, len(parts))):
+            continue
+        kept.append(path)
+    return kept
+
+
+def scope_ranges(scope: str) -> list[tuple[str, str]]:
+    """Key ranges [low, high) covering ``scope`` and everything below it."""
+    return [(scope, scope + "\x00"), (scope + "/", scope + "0")]
+
+
+# -- comparing with the database ---------------------------------------------
+
+def _is_live_file(record: FileRecord) -> bool:
+    return not record.deleted and not record.is_dir
+
+
+@dataclass
+class Comparison:
+    """The outcome of merging a sorted listing with the stored rows (pure)."""
+
+    unchanged: int = 0
+    files: list[tuple[LocalEntry, StoredRecord | None]] = field(default_factory=list)
+    directories: list[tuple[LocalEntry, StoredRecord | None]] = field(default_factory=list)
+    gone: list[StoredRecord] = field(default_factory=list)
+
+    def add_page(self, entries: Sequence[LocalEntry], stored: Sequence[StoredRecord],
+                 protected: Callable[[StoredRecord], bool]) -> None:
+        """Merge entries and rows covering the same key interval, both sorted by path."""
+        i = j = 0
+        while i < len(entries) or j < len(stored):
+            entry = entries[i] if i < len(entries) else None
+            row = stored[j] if j < len(stored) else None
+            if row is None or (entry is not None and entry.path < row.path):
+                self._found(entry, None)
+                i += 1
+            elif entry is None or row.path < entry.path:
+                if not row.record.deleted and not protected(row):
+                    self.gone.append(row)
+                j += 1
+            else:
+                self._found(entry, row)
+                i += 1
+                j += 1
+
+    def _found(self, entry: LocalEntry, row: StoredRecord | None) -> None:
+        record = row.record if row else None
+        if entry.is_dir:
+            if record is not None and record.is_dir and not record.deleted \
+                    and record.mode == entry.mode:
+                self.unchanged += 1
+            else:
+                self.directories.append((entry, row))
+        elif (record is not None and _is_live_file(record) and row.cache == entry.cache_key
+              and record.mode == entry.mode):
+            self.unchanged += 1
+        else:
+            self.files.append((entry, row))
+
+
+# -- building records (pure) ------------------------------------------------
+
+def bump(vv: dict[str, int], peer_id: str, *others: dict[str, int]) -> dict[str, int]:
+    """Element-wise max of the vectors, then our own counter plus one."""
+    merged = dict(vv)
+    for other in others:
+        for peer, counter in other.items():
+            if counter > merged.get(peer, 0):
+                merged[peer] = counter
+    merged[peer_id] = merged.get(peer_id, 0) + 1
+    return merged
+
+
+def local_utime(mtime: float | None, since: float | None, now: float,
+                previous: FileRecord | None) -> float:
+    """When a local change is said to have happened (REFERENCE §6, see module doc).
+
+    ``mtime`` is None for a deletion, which is dated ``since``.
+    """
+    if since is None:
+        utime = now
+    else:
+        utime = since if mtime is None else min(mtime, since)
+    if previous is not None:
+        utime = max(utime, previous.utime + UTIME_STEP)
+    return max(utime, 0.0)
+
+
+def _split_ns(ns: int) -> tuple[int, int]:
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    return (seconds, nanos)
+
+
+def file_record(path: str, sha256: str, size: int, mtime_ns: int, mode: int,
+                previous: FileRecord | None, peer_id: str, utime: float,
+                source: FileRecord | None = None) -> FileRecord:
+    """The record of a file we changed (or moved here from ``source``)."""
+    base = previous.vv if previous is not None else {}
+    vv = bump(base, peer_id, source.vv) if source is not None else bump(base, peer_id)
+    keep = previous if previous is not None and previous.file_id is not None else source
+    live = previous is not None and not previous.deleted
+    return FileRecord(
+        path=path, utime=utime, size=size, mtime=_split_ns(mtime_ns), mode=mode,
+        sha256=sha256, vv=vv, file_id=keep.file_id if keep else None,
+        key=keep.key if keep else None,
+        conflict_source=previous.conflict_source if live else None)
+
+
+def dir_record(entry: LocalEntry, previous: FileRecord | None, peer_id: str,
+               utime: float) -> FileRecord:
+    return FileRecord(path=entry.path, utime=utime, is_dir=True, mode=entry.mode,
+                      vv=bump(previous.vv if previous else {}, peer_id),
+                      file_id=previous.file_id if previous else None)
+
+
+def tombstone(previous: FileRecord, peer_id: str, utime: float) -> FileRecord:
+    return FileRecord(path=previous.path, utime=utime, deleted=True,
+                      vv=bump(previous.vv, peer_id), file_id=previous.file_id)
+
+
+class MovePairer:
+    """Matches vanished files with new files of the same content."""
+
+    def __init__(self, gone: Iterable[StoredRecord]) -> None:
+        self._by_sha: dict[str, list[StoredRecord]] = {}
+        self._by_key: dict[CacheKey, StoredRecord] = {}
+        self.claimed: set[str] = set()
+        for row in gone:
+            record = row.record
+            if _is_live_file(record) and record.sha256 and record.size:
+                self._by_sha.setdefault(record.sha256, []).append(row)
+                if row.cache is not None:
+                    self._by_key[row.cache] = row
+
+    def by_cache_key(self, key: CacheKey) -> StoredRecord | None:
+        """A vanished file with this exact inode, size and mtime: a plain rename."""
+        row = self._by_key.get(key)
+        if row is None or row.path in self.claimed:
+            return None
+        self.claimed.add(row.path)
+        return row
+
+    def by_content(self, sha256: str, size: int, path: str) -> StoredRecord | None:
+        """A vanished file with this content, preferring one with the same name."""
+        if not size:
+            return None  # every empty file looks alike: never a move
+        candidates = [row for row in self._by_sha.get(sha256, ())
+                      if row.path not in self.claimed]
+        if not candidates:
+            return None
+        name = path.rsplit("/", 1)[-1]
+        row = next((c for c in candidates if c.path.rsplit("/", 1)[-1] == name), candidates[0])
+        self.claimed.add(row.path)
+        return row
+
+
+# -- the scan -----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A path that moved: the sync layer can send ``move`` instead of delete + update."""
+
+    source: str
+    destination: FileRecord
+
+
+@dataclass
+class ScanResult:
+    full: bool
+    records: list[FileRecord] = field(default_factory=list)  # written, in write order
+    moves: list[Move] = field(default_factory=list)
+    files: int = 0  # regular files listed
+    directories: int = 0
+    unchanged: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    skipped: int = 0
+    unstable: list[str] = field(default_factory=list)  # look at these again later
+    directory_paths: list[str] = field(default_factory=list)  # directories listed
+    revision: int = 0
+    started: float = 0.0
+    duration: float = 0.0
+
+
+class ScanProgress:
+    """Live counters for the CLI; the byte counter is bumped from worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset("idle")
+
+    def reset(self, phase: str) -> None:
+        self.phase = phase
+        self.files_total = self.files_done = 0
+        self.bytes_total = self.bytes_done = 0
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_done += n
+
+    def as_dict(self) -> dict[str, object]:
+        return {"phase": self.phase, "files_done": self.files_done,
+                "files_total": self.files_total, "bytes_done": self.bytes_done,
+                "bytes_total": self.bytes_total}
+
+
+Batch = Callable[[list[FileRecord], list[Move]], None]
+
+
+class Scanner:
+    """Scans one share's folder and records local changes in the store."""
+
+    _log = Logger()
+
+    def __init__(self, root: str, share_id: str, peer_id: str, store: ShareStore,
+                 runner: Runner, clock: IReactorTime, *, hasher: HashFile = hash_file,
+                 concurrency: int | None = None, batch_size: int = 1000,
+                 racy_window: float = 1.0) -> None:
+        self.root = root
+        self.share_id = share_id
+        self.peer_id = peer_id
+        self._store = store
+        self._runner = runner
+        self._clock = clock
+        self._hasher = hasher
+        self._concurrency = concurrency or os.cpu_count() or 1
+        self._batch_size = batch_size
+        self._racy_window = racy_window
+        self.rules = IgnoreRules()
+        self.progress = ScanProgress()
+        self._stopping = False
+        self._skipped_before = -1
+
+    def stop(self) -> None:
+        """Make a running scan give up at its next step (what it wrote stays valid)."""
+        self._stopping = True
+
+    def _check_stop(self) -> None:
+        if self._stopping:
+            raise CancelledError("the share is stopping")
+
+    def scan(self, paths: Iterable[str] | None = None, since: float | None = None,
+             on_batch: Batch | None = None) -> Deferred[ScanResult]:
+        """Scan everything (``paths=None``) or the given share-relative subtrees.
+
+        ``since``: when the changes were first noticed (partial scans); the
+        default is the start of the previous full scan.  ``on_batch`` gets
+        the records and moves of each committed transaction.
+        """
+        return Deferred.fromCoroutine(self._scan(paths, since, on_batch))
+
+    async def _scan(self, paths: Iterable[str] | None, since: float | None,
+                    on_batch: Batch | None) -> ScanResult:
+        self._stopping = False
+        full = paths is None
+        scopes = None if full else normalize_scopes(paths)
+        result = ScanResult(full=full, started=self._clock.seconds())
+        try:
+            await self._run(result, scopes, since, on_batch or (lambda records, moves: None))
+        finally:
+            self.progress.reset("idle")
+        result.duration = self._clock.seconds() - result.started
+        return result
+
+    async def _run(self, result: ScanResult, scopes: list[str] | None, since: float | None,
+                   on_batch: Batch) -> None:
+        progress = self.progress
+        progress.reset("listing")
+        share = await self._store.get_share(self.share_id)
+        if share is None:
+            raise ShareError("share %s is not in the database" % self.share_id)
+        if result.full or since is None:
+            since = share.last_scan
+        self.rules = await self._runner.run(self._prepare)
+        if scopes == []:
+            return
+        listing = await self._runner.run(walk_share, self.root, scopes, self.rules)
+        self._check_stop()
+        # The root could have gone while we walked; only trust the listing if not.
+        await self._runner.run(check_share_root, self.root, self.share_id)
+        self._note_skipped(listing, result)
+        result.directory_paths = [e.path for e in listing.entries if e.is_dir]
+        result.directories = len(result.directory_paths)
+        result.files = len(listing.entries) - result.directories
+
+        progress.phase = "comparing"
+        comparison = await self._compare(listing, scopes)
+        result.unchanged = comparison.unchanged
+        writer = _Writer(self._store, self.share_id, self._batch_size, result, on_batch)
+        plan = _Planner(self, result, since, comparison, writer)
+        await plan.directories()
+        await plan.without_hashing()
+        progress.phase = "hashing"
+        progress.files_total = len(plan.to_hash)
+        progress.bytes_total = sum(entry.size for entry, _ in plan.to_hash)
+        await plan.hash_all()
+        progress.phase = "writing"
+        await plan.deletions()
+        await writer.flush()
+        if result.full:
+            await self._store.set_last_scan(self.share_id, result.started)
+
+    def _prepare(self) -> IgnoreRules:
+        check_share_root(self.root, self.share_id)
+        return IgnoreRules.load(self.root)
+
+    def _note_skipped(self, listing: Listing, result: ScanResult) -> None:
+        result.skipped = len(listing.skipped)
+        if result.full and listing.skipped and result.skipped != self._skipped_before:
+            self._log.info(
+                "{count} paths in {root} are not synced (symbolic links, special files or "
+                "names that are not valid UTF-8/NFC), e.g. {example}",
+                count=result.skipped, root=self.root, example=listing.skipped[0])
+        if result.full:
+            self._skipped_before = result.skipped
+
+    async def _compare(self, listing: Listing, scopes: list[str] | None) -> Comparison:
+        comparison = Comparison()
+        keys = [entry.path for entry in listing.entries]
+        unknown = set(listing.protected)
+
+        def protected(row: StoredRecord) -> bool:
+            parts = row.path.split("/")
+            if any("/".join(parts[:n]) in unknown for n in range(1, len(parts) + 1)):
+                return True
+            return self.rules.is_ignored(row.path, row.record.is_dir)
+
+        ranges: list[tuple[str, str | None]] = [("", None)] if scopes is None else [
+            r for scope in scopes for r in scope_ranges(scope)]
+        for low, high in ranges:
+            start = bisect.bisect_left(keys, low)
+            stop = len(keys) if high is None else bisect.bisect_left(keys, high)
+            after: str | None = None
+            while True:
+                self._check_stop()
+                page = await self._store.records_between(
+                    self.share_id, low, high, after, self._batch_size)
+                more = len(page) == self._batch_size
+                upto = bisect.bisect_right(keys, page[-1].path, start, stop) if more else stop
+                comparison.add_page(listing.entries[start:upto], page, protected)
+                start = upto
+                if not more:
+                    break
+                after = page[-1].path
+        return comparison
+
+
+class _Writer:
+    """Collects changes and commits them in transactions of about ``size`` rows."""
+
+    def __init__(self, store: ShareStore, share_id: str, size: int, result: ScanResult,
+                 on_batch: Batch) -> None:
+        self._store = store
+        self._share_id = share_id
+        self._size = size
+        self._result = result
+        self._on_batch = on_batch
+        self._changes: list[LocalChange] = []
+        self._moves: list[Move] = []
+        self._refresh: list[tuple[str, CacheKey, int]] = []
+
+    async def add(self, *changes: LocalChange, move: Move | None = None) -> None:
+        """Queue changes that must land together (a move's two halves)."""
+        self._changes.extend(changes)
+        if move is not None:
+            self._moves.append(move)
+        if len(self._changes) >= self._size:
+            await self.flush()
+
+    async def refresh(self, path: str, key: CacheKey, revision: int) -> None:
+        self._refresh.append((path, key, revision))
+        if len(self._refresh) >= self._size:
+            await self.flush()
+
+    async def flush(self) -> None:
+        changes, self._changes = self._changes, []
+        moves, self._moves = self._moves, []
+        refresh, self._refresh = self._refresh, []
+        if refresh:
+            await self._store.refresh_cache_keys(self._share_id, refresh)
+        if not changes:
+            return
+        revision, written = await self._store.apply_local_changes(self._share_id, changes)
+        self._result.revision = max(self._result.revision, revision)
+        if not written:
+            return
+        paths = {record.path for record in written}
+        moves = [m for m in moves if m.source in paths and m.destination.path in paths]
+        self._result.records.extend(written)
+        self._result.moves.extend(moves)
+        self._on_batch(written, moves)
+
+
+class _Planner:
+    """Turns a comparison into records: directories, renames, hashing, deletions."""
+
+    def __init__(self, scanner: Scanner, result: ScanResult, since: float | None,
+                 comparison: Comparison, writer: _Writer) -> None:
+        self._scanner = scanner
+        self._result = result
+        self._since = since
+        self._now = result.started
+        self._racy_after_ns = int((result.started - scanner._racy_window) * 1e9)
+        self._comparison = comparison
+        self._writer = writer
+        self._pairer = MovePairer(comparison.gone)
+        self.to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
+
+    def _utime(self, mtime_ns: int | None, previous: FileRecord | None) -> float:
+        mtime = None if mtime_ns is None else mtime_ns / 1e9
+        return local_utime(mtime, self._since, self._now, previous)
+
+    def _cache(self, inode: int, size: int, mtime_ns: int) -> CacheKey | None:
+        if mtime_ns >= self._racy_after_ns:
+            return None  # may still change within the same timestamp tick
+        return CacheKey(inode, size, mtime_ns)
+
+    async def directories(self) -> None:
+        peer_id = self._scanner.peer_id
+        for entry, row in self._comparison.directories:
+            previous = row.record if row else None
+            record = dir_record(entry, previous, peer_id, self._utime(entry.mtime_ns, previous))
+            await self._writer.add(LocalChange(record, None, row.revision if row else None))
+
+    async def without_hashing(self) -> None:
+        """Changes whose content is known: renames (a vanished file's inode, size and
+        mtime at a new path) and permission changes.  The rest waits for hashing."""
+        peer_id = self._scanner.peer_id
+        for entry, row in self._comparison.files:
+            previous = row.record if row else None
+            if previous is None or previous.deleted:
+                source = self._pairer.by_cache_key(entry.cache_key)
+                if source is not None:
+                    await self._moved(entry.path, source.record.sha256, entry.size,
+                                      entry.mtime_ns, entry.mode, entry.inode, row, source)
+                    continue
+            elif _is_live_file(previous) and row.cache == entry.cache_key:
+                record = file_record(entry.path, previous.sha256, entry.size, entry.mtime_ns,
+                                     entry.mode, previous, peer_id,
+                                     self._utime(entry.mtime_ns, previous))
+                await self._writer.add(LocalChange(record, row.cache, row.revision))
+                continue
+            self.to_hash.append((entry, row))
+
+    async def _moved(self, path: str, sha256: str, size: int, mtime_ns: int, mode: int,
+                     inode: int, row: StoredRecord | None, source: StoredRecord) -> None:
+        peer_id = self._scanner.peer_id
+        previous = row.record if row else None
+        record = file_record(path, sha256, size, mtime_ns, mode, previous, peer_id,
+                             self._utime(mtime_ns, previous), source=source.record)
+        gone = tombstone(source.record, peer_id, self._utime(None, source.record))
+        await self._writer.add(
+            LocalChange(gone, None, source.revision),
+            LocalChange(record, self._cache(inode, size, mtime_ns),
+                        row.revision if row else None),
+            move=Move(source.path, record))
+
+    async def hash_all(self) -> None:
+        """Hash with ``concurrency`` jobs in flight; the first error stops the rest."""
+        jobs = iter(_hash_jobs(self.to_hash))
+        workers = [Deferred.fromCoroutine(self._hash_worker(jobs))
+                   for _ in range(self._scanner._concurrency)]
+        outcomes = await DeferredList(workers, consumeErrors=True)
+        for ok, value in outcomes:
+            if not ok:
+                value.raiseException()
+
+    async def _hash_worker(self, jobs: Iterable[list[tuple[LocalEntry, StoredRecord | None]]]
+                           ) -> None:
+        try:
+            for job in jobs:
+                await self._hash_job(job)
+        except BaseException:
+            self._scanner.stop()  # the other workers stop at their next job
+            raise
+
+    async def _hash_job(self, job: list[tuple[LocalEntry, StoredRecord | None]]) -> None:
+        scanner = self._scanner
+        scanner._check_stop()
+        paths = [os.path.join(scanner.root, entry.path) for entry, _ in job]
+        outcomes = await scanner._runner.run(
+            hash_files, paths, scanner._hasher, scanner.progress.add_bytes)
+        for (entry, row), outcome in zip(job, outcomes):
+            scanner.progress.files_done += 1
+            if isinstance(outcome, HashResult):
+                self._result.hashed_files += 1
+                self._result.hashed_bytes += outcome.size
+                await self._hashed(entry.path, outcome, row)
+            else:
+                self._result.unstable.append(entry.path)
+
+    async def _hashed(self, path: str, h: HashResult, row: StoredRecord | None) -> None:
+        previous = row.record if row else None
+        cache = self._cache(h.inode, h.size, h.mtime_ns)
+        if (previous is not None and _is_live_file(previous) and previous.sha256 == h.sha256
+                and previous.size == h.size and previous.mode == h.mode):
+            # Touched, not changed: remember the new stat, announce nothing.
+            if cache is not None and row is not None:
+                await self._writer.refresh(path, cache, row.revision)
+            return
+        source = None
+        if previous is None or previous.deleted:
+            source = self._pairer.by_content(h.sha256, h.size, path)
+        if source is not None:
+            await self._moved(path, h.sha256, h.size, h.mtime_ns, h.mode, h.inode, row, source)
+            return
+        record = file_record(path, h.sha256, h.size, h.mtime_ns, h.mode, previous,
+                             self._scanner.peer_id, self._utime(h.mtime_ns, previous))
+        await self._writer.add(LocalChange(record, cache, row.revision if row else None))
+
+    async def deletions(self) -> None:
+        peer_id = self._scanner.peer_id
+        for row in self._comparison.gone:
+            if row.path in self._pairer.claimed:
+                continue
+            # The deletion happened after ``since`` (the last look at it).
+            record = tombstone(row.record, peer_id, self._utime(None, row.record))
+            await self._writer.add(LocalChange(record, None, row.revision))
+
+
+def _hash_jobs(items: Sequence[tuple[LocalEntry, StoredRecord | None]]
+               ) -> Iterable[list[tuple[LocalEntry, StoredRecord | None]]]:
+    """Group files into worker jobs of up to HASH_JOB_FILES files / HASH_JOB_BYTES."""
+    job: list[tuple[LocalEntry, StoredRecord | None]] = []
+    size = 0
+    for item in items:
+        job.append(item)
+        size += item[0].size
+        if len(job) >= HASH_JOB_FILES or size >= HASH_JOB_BYTES:
+            yield job
+            job, size = [], 0
+    if job:
+        yield job
