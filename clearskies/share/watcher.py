@@ -1,0 +1,264 @@
+"""Noticing local changes quickly: inotify events, debounced into partial rescans.
+
+``Debouncer`` (pure, clock-driven) turns a stream of "this path changed"
+into batches: a path is ready once it has been quiet for ``quiet`` seconds,
+or ``max_delay`` seconds after its first event if it never stops changing.
+Too many pending paths (a bounded set) collapse into one full rescan.
+
+``InotifyWatcher`` feeds it from Linux inotify through Twisted's ``INotify``,
+one watch per directory (inotify is not recursive).  New directories are
+watched as they appear; their contents are found by the rescan of the new
+directory, which also reports the directories below it for watching.  When
+the kernel's queue overflows, events were lost: ask for a full rescan.
+
+Periodic full rescans back all this up (and replace it where inotify is
+missing or out of watches); ``full_rescan_interval`` keeps their cost under
+about a tenth of the wall time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+
+try:
+    from twisted.internet import inotify
+except ImportError:  # not Linux
+    inotify = None  # type: ignore[assignment]
+
+DEFAULT_QUIET = 1.5
+DEFAULT_MAX_DELAY = 30.0
+MAX_PENDING_PATHS = 10_000
+MIN_FULL_RESCAN_INTERVAL = 60.0
+FULL_RESCAN_FACTOR = 10.0
+
+
+def full_rescan_interval(last_duration: float, minimum: float = MIN_FULL_RESCAN_INTERVAL,
+                         factor: float = FULL_RESCAN_FACTOR) -> float:
+    """Seconds until the next full rescan: scanning takes at most 1/factor of the time."""
+    return max(minimum, factor * last_duration)
+
+
+class Debouncer:
+    """Collects changed paths and releases each once it has settled."""
+
+    def __init__(self, clock: IReactorTime, on_ready: Callable[[set[str], float], None],
+                 on_overflow: Callable[[float], None], quiet: float = DEFAULT_QUIET,
+                 max_delay: float = DEFAULT_MAX_DELAY,
+                 max_paths: int = MAX_PENDING_PATHS) -> None:
+        """``on_ready(paths, first_seen)`` gets each settled batch and when its
+        first event came; ``on_overflow(first_seen)`` replaces it when more
+        than ``max_paths`` paths were pending."""
+        self._clock = clock
+        self._on_ready = on_ready
+        self._on_overflow = on_overflow
+        self.quiet = quiet
+        self.max_delay = max_delay
+        self.max_paths = max_paths
+        self._first: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._timer: IDelayedCall | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._first)
+
+    def touch(self, path: str) -> None:
+        """Note that ``path`` changed now."""
+        now = self._clock.seconds()
+        first = self._first.setdefault(path, now)
+        self._last[path] = now
+        if len(self._first) > self.max_paths:
+            earliest = min(self._first.values())
+            self.clear()
+            self._on_overflow(earliest)
+            return
+        deadline = min(now + self.quiet, first + self.max_delay)
+        if self._timer is None or deadline < self._timer.getTime():
+            self._schedule(deadline)
+
+    def clear(self) -> None:
+        """Forget every pending path (e.g. a full rescan is coming anyway)."""
+        self._first.clear()
+        self._last.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _deadline(self, path: str) -> float:
+        return min(self._last[path] + self.quiet, self._first[path] + self.max_delay)
+
+    def _schedule(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        ready = {path for path in self._first if self._deadline(path) <= now}
+        first_seen = min((self._first[path] for path in ready), default=now)
+        for path in ready:
+            del self._first[path], self._last[path]
+        if self._first:
+            self._schedule(min(self._deadline(path) for path in self._first))
+        if ready:
+            self._on_ready(ready, first_seen)
+
+
+if inotify is not None:
+    _EVENTS = (inotify.IN_MODIFY | inotify.IN_ATTRIB | inotify.IN_CLOSE_WRITE
+               | inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_MOVED_FROM
+               | inotify.IN_MOVED_TO | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
+               | inotify.IN_UNMOUNT | inotify.IN_ONLYDIR | inotify.IN_DONT_FOLLOW)
+    _ROOT_GONE = (inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_UNMOUNT
+                  | inotify.IN_IGNORED)
+    _NEW_DIR = inotify.IN_CREATE | inotify.IN_MOVED_TO
+    _OVERFLOW_WD = 0xFFFFFFFF  # -1 as the unsigned 32-bit number Twisted unpacks
+
+    class _ShareINotify(inotify.INotify):
+        """Twisted's INotify, adjusted for watching a whole tree.
+
+        - Twisted closes the inotify descriptor (dropping every watch) when
+          any watched directory is deleted, which suits a watcher of one
+          path; here a deleted subdirectory must only lose its own watch.
+          So the descriptor closes only through ``close``.
+        - The kernel reports a queue overflow with watch descriptor -1
+          (read as unsigned by Twisted), which Twisted drops as unknown; a
+          watch entry under that number routes it to our callback.
+        """
+
+        def __init__(self, reactor: IReactorFDSet, root: FilePath[bytes],
+                     callback: Callable[[object, FilePath[bytes], int], None]) -> None:
+            super().__init__(reactor)
+            self._closing = False
+            self._watchpoints[_OVERFLOW_WD] = inotify._Watch(root, callbacks=[callback])
+
+        def close(self) -> None:
+            self._closing = True
+            self.loseConnection()
+
+        def loseConnection(self) -> None:
+            if self._closing:
+                super().loseConnection()
+
+
+class InotifyWatcher:
+    """Watches every directory of a share and reports changed share-relative paths."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: IReactorFDSet, root: str, on_change: Callable[[str], None],
+                 on_overflow: Callable[[], None], on_root_changed: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self.root = os.path.realpath(root)
+        self._on_change = on_change
+        self._on_overflow = on_overflow
+        self._on_root_changed = on_root_changed
+        self._notifier: _ShareINotify | None = None
+        self._watched: set[str] = set()
+        self.complete = False  # every directory handed to us is watched
+
+    @staticmethod
+    def available() -> bool:
+        return inotify is not None
+
+    def start(self) -> bool:
+        """Watch the root; False (and nothing watched) if inotify is unusable."""
+        if inotify is None:
+            return False
+        root = FilePath(os.fsencode(self.root))
+        try:
+            self._notifier = _ShareINotify(self._reactor, root, self._event)
+            self._notifier.startReading()
+            self._notifier.watch(root, mask=_EVENTS, callbacks=[self._event])
+        except (OSError, inotify.INotifyError) as e:
+            self._log.warn("cannot watch {root} for changes ({error}); relying on periodic "
+                           "rescans", root=self.root, error=str(e))
+            self.stop()
+            return False
+        self._watched = {""}
+        self.complete = True
+        return True
+
+    def stop(self) -> None:
+        if self._notifier is not None:
+            self._notifier.close()
+            self._notifier = None
+        self._watched = set()
+        self.complete = False
+
+    @property
+    def running(self) -> bool:
+        return self._notifier is not None
+
+    def watch_directories(self, paths: Iterable[str]) -> None:
+        """Add a watch for each share-relative directory not watched yet."""
+        for path in paths:
+            if path not in self._watched and self._notifier is not None:
+                self._watch(path)
+
+    def _watch(self, path: str) -> None:
+        filepath = FilePath(os.fsencode(os.path.join(self.root, path)))
+        try:
+            self._notifier.watch(filepath, mask=_EVENTS, callbacks=[self._event])
+        except inotify.INotifyError:
+            # Gone already or not a directory (we never follow symlinks): the
+            # rescan of its parent tells the truth.  Or out of watches.
+            if os.path.isdir(filepath.path) and self.complete:
+                self.complete = False
+                self._log.warn(
+                    "cannot watch every directory of {root} (raise the sysctl "
+                    "fs.inotify.max_user_watches); changes there are found by periodic "
+                    "rescans", root=self.root)
+            return
+        self._watched.add(path)
+
+    def _unwatch_tree(self, path: str) -> None:
+        """Drop the watches of a directory that moved away, and of those below it."""
+        below = path + "/"
+        for watched in [w for w in self._watched if w == path or w.startswith(below)]:
+            self._watched.discard(watched)
+            try:
+                self._notifier.ignore(FilePath(os.fsencode(os.path.join(self.root, watched))))
+            except (KeyError, inotify.INotifyError):
+                pass
+
+    def _relative(self, filepath: FilePath[bytes]) -> str | None:
+        path = os.fsdecode(filepath.path)
+        if path == self.root:
+            return ""
+        if not path.startswith(self.root + os.sep):
+            return None
+        return path[len(self.root) + 1:].replace(os.sep, "/")
+
+    def _event(self, _watch: object, filepath: FilePath[bytes], mask: int) -> None:
+        if self._notifier is None:
+            return
+        if mask & inotify.IN_Q_OVERFLOW:
+            self._log.info("inotify queue overflowed for {root}; rescanning everything",
+                           root=self.root)
+            self._on_overflow()
+            return
+        path = self._relative(filepath)
+        if path is None:
+            return
+        if path == "":
+            if mask & _ROOT_GONE:
+                self._on_root_changed()
+            return
+        if mask & (inotify.IN_DELETE_SELF | inotify.IN_IGNORED):
+            self._watched.discard(path)  # its parent reports the deletion itself
+            return
+        if mask & inotify.IN_MOVE_SELF:
+            return  # the parent's IN_MOVED_FROM / IN_MOVED_TO say where
+        if mask & inotify.IN_ISDIR:
+            if mask & inotify.IN_MOVED_FROM:
+                self._unwatch_tree(path)
+            elif mask & _NEW_DIR:
+                self._watch(path)
+        self._on_change(path)

@@ -1,0 +1,224 @@
+"""Debouncing of change events, rescan pacing, and the inotify adapter on real folders."""
+
+import os
+import shutil
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+from clearskies.share.watcher import Debouncer, InotifyWatcher, full_rescan_interval
+
+
+class Recorder:
+    def __init__(self):
+        self.ready = []
+        self.overflows = []
+
+    def on_ready(self, paths, first_seen):
+        self.ready.append((sorted(paths), first_seen))
+
+    def on_overflow(self, first_seen):
+        self.overflows.append(first_seen)
+
+
+@pytest.fixture
+def debounce():
+    clock = Clock()
+    clock.advance(1000)
+    recorder = Recorder()
+    debouncer = Debouncer(clock, recorder.on_ready, recorder.on_overflow, quiet=1.5,
+                          max_delay=30.0, max_paths=5)
+    return clock, debouncer, recorder
+
+
+def test_path_released_after_quiet_period(debounce):
+    """A single change is released 1.5 s later, not before, with its first-seen time."""
+    clock, debouncer, recorder = debounce
+    debouncer.touch("a")
+    clock.advance(1.4)
+    assert recorder.ready == []
+    clock.advance(0.1)
+    assert recorder.ready == [(["a"], 1000.0)]
+    assert debouncer.pending == 0 and clock.getDelayedCalls() == []
+
+
+def test_repeated_changes_extend_the_wait(debounce):
+    """Each new change restarts the quiet period; the batch comes once, after the last."""
+    clock, debouncer, recorder = debounce
+    for _ in range(5):
+        debouncer.touch("a")
+        clock.advance(1.0)
+    assert recorder.ready == []
+    clock.advance(0.5)
+    assert recorder.ready == [(["a"], 1000.0)]
+
+
+def test_never_quiet_path_released_at_max_delay(debounce):
+    """A path that changes every second is still released 30 s after its first change."""
+    clock, debouncer, recorder = debounce
+    for _ in range(29):
+        debouncer.touch("log")
+        clock.advance(1.0)
+    assert recorder.ready == []
+    debouncer.touch("log")
+    clock.advance(1.0)
+    assert recorder.ready == [(["log"], 1000.0)]
+
+
+def test_paths_settling_together_come_in_one_batch(debounce):
+    """Paths whose quiet periods end at the same time form one batch; others wait."""
+    clock, debouncer, recorder = debounce
+    debouncer.touch("from")
+    debouncer.touch("to")
+    clock.advance(1.0)
+    debouncer.touch("late")
+    clock.advance(0.5)
+    assert recorder.ready == [(["from", "to"], 1000.0)]
+    clock.advance(1.0)
+    assert recorder.ready[1] == (["late"], 1001.0)
+
+
+def test_too_many_paths_collapse_into_overflow(debounce):
+    """More pending paths than the bound drop the set and ask for a full rescan."""
+    clock, debouncer, recorder = debounce
+    for n in range(6):
+        debouncer.touch("p%d" % n)
+    assert recorder.overflows == [1000.0] and debouncer.pending == 0
+    clock.advance(60)
+    assert recorder.ready == []
+
+
+def test_clear_forgets_everything(debounce):
+    """clear() drops pending paths and their timer."""
+    clock, debouncer, recorder = debounce
+    debouncer.touch("a")
+    debouncer.clear()
+    clock.advance(60)
+    assert recorder.ready == [] and clock.getDelayedCalls() == []
+
+
+def test_full_rescan_interval():
+    """Rescans wait at least 60 s and ten times the last scan's duration."""
+    assert full_rescan_interval(0.5) == 60.0
+    assert full_rescan_interval(12.0) == 120.0
+
+
+# -- inotify on real folders -------------------------------------------------------------
+
+async def eventually(condition, timeout=5.0):
+    """Wait on the real reactor until condition() is true."""
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("condition not met within %s s" % timeout)
+        await deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+class InotifyWatcherTests(TestCase):
+    def setUp(self):
+        if not InotifyWatcher.available():
+            raise SkipTest("inotify is not available here")
+        self.root = os.path.realpath(self.mktemp())
+        os.makedirs(os.path.join(self.root, "sub"))
+        self.changes = []
+        self.overflows = []
+        self.root_events = []
+        self.watcher = InotifyWatcher(reactor, self.root, self.changes.append,
+                                      lambda: self.overflows.append(True),
+                                      lambda: self.root_events.append(True))
+        self.assertTrue(self.watcher.start())
+        self.watcher.watch_directories(["sub"])
+        self.addCleanup(self.watcher.stop)
+
+    def run_async(self, coro):
+        return Deferred.fromCoroutine(coro)
+
+    def test_reports_relative_paths(self):
+        """Writing a file in a watched subdirectory reports its share-relative path."""
+        async def go():
+            with open(os.path.join(self.root, "sub", "f.txt"), "w") as f:
+                f.write("x")
+            await eventually(lambda: "sub/f.txt" in self.changes)
+        return self.run_async(go())
+
+    def test_new_directories_are_watched(self):
+        """A directory created after start is watched at once: changes inside it show up."""
+        async def go():
+            os.mkdir(os.path.join(self.root, "new"))
+            await eventually(lambda: "new" in self.changes)
+            with open(os.path.join(self.root, "new", "inner"), "w") as f:
+                f.write("x")
+            await eventually(lambda: "new/inner" in self.changes)
+        return self.run_async(go())
+
+    def test_deleting_a_subdirectory_keeps_the_rest_watched(self):
+        """Removing a watched subdirectory loses only its watch, not the whole watcher."""
+        async def go():
+            shutil.rmtree(os.path.join(self.root, "sub"))
+            await eventually(lambda: "sub" in self.changes)
+            await deferLater(reactor, 0.05, lambda: None)
+            with open(os.path.join(self.root, "after.txt"), "w") as f:
+                f.write("x")
+            await eventually(lambda: "after.txt" in self.changes)
+            os.mkdir(os.path.join(self.root, "sub"))  # same name again: watched again
+            await eventually(lambda: self.changes.count("sub") >= 2)
+            with open(os.path.join(self.root, "sub", "again"), "w") as f:
+                f.write("x")
+            await eventually(lambda: "sub/again" in self.changes)
+        return self.run_async(go())
+
+    def test_directory_moved_away_and_back(self):
+        """A moved directory is reported at both names and watched under the new one."""
+        async def go():
+            os.rename(os.path.join(self.root, "sub"), os.path.join(self.root, "moved"))
+            await eventually(lambda: "sub" in self.changes and "moved" in self.changes)
+            with open(os.path.join(self.root, "moved", "f"), "w") as f:
+                f.write("x")
+            await eventually(lambda: "moved/f" in self.changes)
+        return self.run_async(go())
+
+    def test_symlinked_directory_is_not_watched(self):
+        """watch_directories refuses to follow a symlink to a directory outside."""
+        outside = os.path.realpath(self.mktemp())
+        os.mkdir(outside)
+        os.symlink(outside, os.path.join(self.root, "link"))
+        self.watcher.watch_directories(["link"])
+
+        async def go():
+            with open(os.path.join(outside, "secret"), "w") as f:
+                f.write("x")
+            with open(os.path.join(self.root, "marker"), "w") as f:
+                f.write("x")
+            await eventually(lambda: "marker" in self.changes)
+            self.assertNotIn("link/secret", self.changes)
+        return self.run_async(go())
+
+    def test_queue_overflow_asks_for_full_rescan(self):
+        """When the kernel queue overflows, the watcher reports lost events."""
+        try:
+            with open("/proc/sys/fs/inotify/max_queued_events") as f:
+                limit = int(f.read())
+        except OSError:
+            raise SkipTest("cannot read the inotify queue limit") from None
+        if limit > 100_000:
+            raise SkipTest("inotify queue limit too large to overflow quickly")
+        names = [os.path.join(self.root, "sub", n) for n in ("a", "b")]
+        for name in names:
+            open(name, "w").close()
+        for n in range(limit + 100):  # alternate so the kernel cannot merge events
+            os.utime(names[n % 2], ns=(n, n))
+
+        async def go():
+            await eventually(lambda: self.overflows)
+        return self.run_async(go())
+
+    def test_root_removed_is_reported(self):
+        """Removing the share root itself reports a root change."""
+        async def go():
+            shutil.rmtree(self.root)
+            await eventually(lambda: self.root_events)
+        return self.run_async(go())
