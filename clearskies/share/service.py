@@ -1,0 +1,368 @@
+"""One share's local side as a service: scans, watching, error state, change feed.
+
+``ShareService`` owns the scanner, the inotify watcher and the timers of
+one share, and runs at most one scan at a time.  On start it scans the
+whole folder, then watches it; watcher events are debounced into partial
+rescans, and full rescans repeat at an interval that keeps their cost near
+a tenth of the wall time.
+
+The sync layer subscribes with ``add_change_listener`` and is told about
+every committed batch of local changes.  When it writes a file it received
+it calls ``note_remote_write`` so the next scan sees the file as known.
+
+If the folder or its ``.clearskies`` marker disappears (a disk that is not
+mounted), the share goes to the error state, records nothing, and checks
+again every ``error_retry`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from clearskies.errors import ConfigurationError, ShareError
+from clearskies.share.database import CacheKey, ShareCounts, ShareInfo, ShareStore
+from clearskies.share.hashing import HashFile, hash_file
+from clearskies.share.ignore import MARKER_NAME
+from clearskies.share.paths import LocalPaths
+from clearskies.share.records import FileRecord
+from clearskies.share.scanner import Move, Scanner, ScanResult, read_marker, write_marker
+from clearskies.share.watcher import (
+    DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, InotifyWatcher, full_rescan_interval)
+from clearskies.threads import Runner
+
+ChangeListener = Callable[[list[FileRecord], list[Move]], Any]
+ERROR_RETRY = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ShareStatus:
+    """What the CLI shows about one share."""
+
+    state: str  # "starting", "idle", "scanning", "paused", "error" or "stopped"
+    reason: str | None  # why, in the error state
+    files: int
+    directories: int
+    bytes: int
+    deleted: int
+    revision: int
+    watching: bool  # inotify covers the whole tree
+    progress: dict[str, object] | None  # counters of the scan in progress
+
+
+def create_share(store: ShareStore, runner: Runner, root: str, share_id: str, peer_id: str,
+                 access: str, now: float) -> Deferred[ShareInfo]:
+    """Register a new share at ``root`` and write its marker file.
+
+    ConfigurationError if the folder is missing, belongs to another share,
+    or lies inside (or around) an existing share.
+    """
+    return Deferred.fromCoroutine(
+        _create_share(store, runner, root, share_id, peer_id, access, now))
+
+
+async def _create_share(store: ShareStore, runner: Runner, root: str, share_id: str,
+                        peer_id: str, access: str, now: float) -> ShareInfo:
+    root = os.path.realpath(root)
+    for other in await store.list_shares():
+        inside = os.path.commonpath([root, other.path]) in (root, other.path)
+        if inside:
+            raise ConfigurationError(
+                "%s overlaps the share at %s; choose a folder outside it" % (root, other.path))
+    await runner.run(_claim_root, root, share_id)
+    return await store.add_share(ShareInfo(share_id, root, peer_id, access, created=now))
+
+
+def _claim_root(root: str, share_id: str) -> None:
+    if not os.path.isdir(root):
+        raise ConfigurationError("%s is not a folder; create it first" % root)
+    found = read_marker(root)
+    if os.path.lexists(os.path.join(root, MARKER_NAME)) and found != share_id:
+        raise ConfigurationError(
+            "%s already holds the %s file of another share; remove that file if the old "
+            "share is gone" % (root, MARKER_NAME))
+    write_marker(root, share_id)
+
+
+class ShareService(Service):
+    """Keeps one share's database records in step with its folder."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: IReactorTime, store: ShareStore, share: ShareInfo,
+                 runner: Runner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
+                 quiet: float = DEFAULT_QUIET, max_delay: float = DEFAULT_MAX_DELAY,
+                 error_retry: float = ERROR_RETRY, concurrency: int | None = None) -> None:
+        """``reactor`` gives time and timers (and file descriptors when
+        ``use_inotify``); ``runner`` runs the blocking work (a thread pool)."""
+        self._reactor = reactor
+        self._store = store
+        self.share = share
+        self.share_id = share.share_id
+        self.paths = LocalPaths(share.path)
+        self.scanner = Scanner(share.path, share.share_id, share.peer_id, store, runner,
+                               reactor, hasher=hasher, concurrency=concurrency)
+        self._debouncer = Debouncer(reactor, self._paths_settled, self._too_many_changes,
+                                    quiet=quiet, max_delay=max_delay)
+        self._watcher = (InotifyWatcher(reactor, share.path, self.path_changed,
+                                        self._events_lost, self._root_changed)
+                         if use_inotify and InotifyWatcher.available() else None)
+        self._error_retry = error_retry
+        self._listeners: list[ChangeListener] = []
+        self._state = "stopped"
+        self._reason: str | None = share.error if share.state == "error" else None
+        self._paused = False
+        self._counts = ShareCounts(0, 0, 0, 0)
+        self._revision = share.revision
+        self._full_waiters: list[Deferred[ScanResult]] | None = None
+        self._dirty: set[str] = set()
+        self._dirty_since: float | None = None
+        self._busy = False  # a _drain is running
+        self._draining: Deferred[None] | None = None
+        self._watcher_failed = False
+        self._timer: IDelayedCall | None = None  # the next full rescan or error re-check
+        self._needs_catch_up = False
+
+    # -- lifetime -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._state = "starting"
+        self._request_full()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop timers and the watcher; the Deferred fires when any scan has ended."""
+        super().stopService()
+        self._state = "stopped"
+        self._cancel_timer()
+        self._debouncer.clear()
+        if self._watcher is not None:
+            self._watcher.stop()
+        self.scanner.stop()
+        waiters, self._full_waiters = self._full_waiters or [], None
+        for waiter in waiters:
+            waiter.errback(CancelledError("the share is stopping"))
+        done: Deferred[None] = Deferred()
+        if self._draining is None:
+            done.callback(None)
+        else:
+            self._draining.addBoth(lambda _: done.callback(None))
+        return done
+
+    # -- what the sync layer and the CLI use ----------------------------------
+
+    def add_change_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener(records, moves)`` after each batch of local changes is stored."""
+        self._listeners.append(listener)
+
+    def remove_change_listener(self, listener: ChangeListener) -> None:
+        self._listeners.remove(listener)
+
+    def rescan(self) -> Deferred[ScanResult]:
+        """Scan the whole folder now (after any scan in progress); fires with its result."""
+        d: Deferred[ScanResult] = Deferred()
+        if not self.running:
+            d.errback(ShareError("the share %s is not running" % self.share.path))
+            return d
+        self._request_full(d)
+        return d
+
+    def path_changed(self, path: str) -> None:
+        """Something changed at this share-relative path: rescan it once it settles."""
+        if not self.running or self.scanner.rules.is_ignored(path):
+            return
+        self._debouncer.touch(path)
+
+    def pause(self) -> None:
+        """Hold local change detection, and so every announcement, until ``resume``.
+
+        Changes noticed meanwhile are remembered (a bounded set, else one
+        full rescan) and scanned and announced on resume.
+        """
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._kick()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def note_remote_write(self, record: FileRecord, inode: int, size: int,
+                          mtime_ns: int) -> Deferred[int]:
+        """Store a record whose content the sync layer has just put on disk.
+
+        The cache key (the written file's inode, size and mtime) tells the
+        next scan that this file is known, so it is not mistaken for a local
+        change.  Listeners are not called: the sync layer announces what it
+        receives itself.  Fires with the new share revision.
+        """
+        key = CacheKey(inode, size, mtime_ns)
+        d = self._store.apply_changes(self.share_id, [record], {record.path: key})
+        return d.addCallback(self._note_revision)
+
+    def is_ignored(self, path: str, is_dir: bool = False) -> bool:
+        """True if the sync layer must neither announce nor overwrite this path."""
+        return self.scanner.rules.is_ignored(path, is_dir)
+
+    @property
+    def status(self) -> ShareStatus:
+        state = self._state
+        if state in ("idle", "scanning") and self._paused:
+            state = "paused"
+        counts = self._counts
+        return ShareStatus(
+            state=state, reason=self._reason if state == "error" else None,
+            files=counts.files, directories=counts.directories, bytes=counts.bytes,
+            deleted=counts.deleted, revision=self._revision,
+            watching=self._watcher is not None and self._watcher.complete,
+            progress=self.scanner.progress.as_dict() if state == "scanning" else None)
+
+    # -- scheduling -------------------------------------------------------------
+
+    def _note_revision(self, revision: int) -> int:
+        self._revision = max(self._revision, revision)
+        return revision
+
+    def _request_full(self, waiter: Deferred[ScanResult] | None = None) -> None:
+        if self._full_waiters is None:
+            self._full_waiters = []
+        if waiter is not None:
+            self._full_waiters.append(waiter)
+        self._kick()
+
+    def _paths_settled(self, paths: set[str], first_seen: float) -> None:
+        self._dirty |= paths
+        if self._dirty_since is None or first_seen < self._dirty_since:
+            self._dirty_since = first_seen
+        self._kick()
+
+    def _too_many_changes(self, first_seen: float) -> None:
+        self._request_full()
+
+    def _events_lost(self) -> None:
+        self._debouncer.clear()
+        self._request_full()
+
+    def _root_changed(self) -> None:
+        self._request_full()
+
+    def _kick(self) -> None:
+        if self._busy or not self.running or self._paused:
+            return
+        self._busy = True
+        drain = Deferred.fromCoroutine(self._drain())
+        self._draining = None if drain.called else drain
+
+    async def _drain(self) -> None:
+        """Run queued scans one after the other until nothing is queued."""
+        try:
+            while self.running and not self._paused:
+                if self._full_waiters is not None:
+                    waiters, self._full_waiters = self._full_waiters, None
+                    self._dirty, self._dirty_since = set(), None  # covered by this scan
+                    await self._scan(None, None, waiters)
+                elif self._dirty:
+                    paths, since = self._dirty, self._dirty_since
+                    self._dirty, self._dirty_since = set(), None
+                    await self._scan(paths, since, [])
+                else:
+                    break
+        finally:
+            self._busy = False
+            self._draining = None
+
+    async def _scan(self, paths: Iterable[str] | None, since: float | None,
+                    waiters: list[Deferred[ScanResult]]) -> None:
+        self._state = "scanning"
+        try:
+            result = await self.scanner.scan(paths, since, self._announce)
+            self._counts = await self._store.share_counts(self.share_id)
+        except CancelledError as e:
+            for waiter in waiters:
+                waiter.errback(e)
+            return
+        except Exception as e:
+            if isinstance(e, ShareError):
+                reason = str(e)
+            else:
+                self._log.failure("scanning {root} failed", root=self.share.path)
+                reason = "scanning failed: %s" % (e,)
+            await self._enter_error(reason)
+            for waiter in waiters:
+                waiter.errback(e)
+            return
+        self._note_revision(result.revision)
+        if self._state != "stopped":
+            self._state = "idle"
+        try:
+            await self._after_scan(result)
+        except Exception:
+            self._log.failure("after scanning {root}", root=self.share.path)
+        for waiter in waiters:
+            waiter.callback(result)
+
+    async def _after_scan(self, result: ScanResult) -> None:
+        if self._reason is not None:
+            self._log.info("share {root} is back: {reason} no more", root=self.share.path,
+                           reason=self._reason)
+            self._reason = None
+            await self._store.set_share_state(self.share_id, "ok", None)
+        for path in result.unstable:
+            self._debouncer.touch(path)  # changing right now: look again once it settles
+        if self._watcher is not None and self.running and not self._watcher_failed:
+            if not self._watcher.running and result.full:
+                if self._watcher.start():
+                    # Changes made while the watches were being set up are
+                    # caught by one more (cheap: nothing to hash) full scan.
+                    self._needs_catch_up = True
+                else:
+                    self._watcher_failed = True  # periodic rescans only
+            self._watcher.watch_directories(result.directory_paths)
+        if result.full:
+            if self._needs_catch_up:
+                self._needs_catch_up = False
+                self._full_waiters = self._full_waiters or []
+            else:
+                self._schedule(full_rescan_interval(result.duration), self._request_full)
+
+    async def _enter_error(self, reason: str) -> None:
+        self._state = "error"
+        if reason != self._reason:
+            self._log.error("share {root} stopped: {reason}", root=self.share.path,
+                            reason=reason)
+            self._reason = reason
+            await self._store.set_share_state(self.share_id, "error", reason)
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._debouncer.clear()
+        self._dirty, self._dirty_since = set(), None
+        if self.running:
+            self._schedule(self._error_retry, self._request_full)
+
+    def _announce(self, records: list[FileRecord], moves: list[Move]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(records, moves)
+            except Exception:
+                self._log.failure("a change listener of {root} failed", root=self.share.path)
+
+    def _schedule(self, delay: float, action: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self._reactor.callLater(delay, self._timer_fired, action)
+
+    def _timer_fired(self, action: Callable[[], None]) -> None:
+        self._timer = None
+        action()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

@@ -1,0 +1,288 @@
+"""ShareService: scans on start, debounced rescans, error state, listeners, remote writes."""
+
+import hashlib
+import os
+import time
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+from clearskies.errors import ConfigurationError, ShareError
+from clearskies.share.database import ShareStore
+from clearskies.share.hashing import Unstable, hash_file
+from clearskies.share.records import FileRecord
+from clearskies.share.scanner import read_marker
+from clearskies.share.service import ShareService, create_share
+from clearskies.share.watcher import InotifyWatcher
+from clearskies.threads import SyncRunner, ThreadPoolRunner
+
+SHARE = "5" * 64
+PEER = "a" * 32
+OTHER = "b" * 32
+
+
+def result_of(d):
+    """The result of an already-fired Deferred (raising its failure)."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+class Setup:
+    """A share folder, its store, and a ShareService on a Clock with a SyncRunner."""
+
+    def __init__(self, tmp_path, hasher=None):
+        self.hashed = []
+        if hasher is None:
+            def hasher(path, progress=None):
+                self.hashed.append(os.path.basename(path))
+                return hash_file(path, progress)
+        self.tmp_path = tmp_path
+        self.root = tmp_path / "share"
+        self.root.mkdir()
+        (self.root / "existing.txt").write_bytes(b"old")
+        self.clock = Clock()
+        self.clock.advance(time.time() + 100)
+        self.store = ShareStore(tmp_path / "state.sqlite3", SyncRunner())
+        self.info = result_of(create_share(self.store, SyncRunner(), str(self.root), SHARE,
+                                           PEER, "read_write", self.clock.seconds()))
+        self.service = ShareService(self.clock, self.store, self.info, SyncRunner(),
+                                    use_inotify=False, hasher=hasher, error_retry=30.0)
+        self.batches = []
+        self.service.add_change_listener(lambda records, moves: self.batches.append(records))
+
+    def write(self, name, data):
+        (self.root / name).write_bytes(data)
+
+    def announced(self):
+        return [r for batch in self.batches for r in batch]
+
+    def record(self, path):
+        return result_of(self.store.get_record(SHARE, path))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    s = Setup(tmp_path)
+    s.service.startService()
+    yield s
+    result_of(s.service.stopService())
+
+
+def test_start_scans_and_reports(setup):
+    """Starting runs a full scan; listeners hear about it; status counts the share."""
+    assert [r.path for r in setup.announced()] == ["existing.txt"]
+    status = setup.service.status
+    assert (status.state, status.files, status.bytes, status.revision) == ("idle", 1, 3, 1)
+    assert status.reason is None and status.progress is None
+
+
+def test_two_quick_writes_give_one_change_with_final_hash(setup):
+    """A file modified twice within the debounce window is announced once, final content."""
+    setup.batches.clear()
+    setup.write("doc.txt", b"draft")
+    setup.service.path_changed("doc.txt")
+    setup.clock.advance(1.0)
+    setup.write("doc.txt", b"final version")
+    setup.service.path_changed("doc.txt")
+    setup.clock.advance(1.4)
+    assert setup.batches == []
+    setup.clock.advance(0.2)
+    records = setup.announced()
+    assert [(r.path, r.sha256, r.vv) for r in records] == [
+        ("doc.txt", sha(b"final version"), {PEER: 1})]
+
+
+def test_periodic_full_rescan_finds_unwatched_changes(setup):
+    """Without any event, the periodic full rescan (60 s) still finds a change."""
+    setup.batches.clear()
+    setup.write("quiet.txt", b"q")
+    setup.clock.advance(59)
+    assert setup.batches == []
+    setup.clock.advance(1)
+    assert [r.path for r in setup.announced()] == ["quiet.txt"]
+
+
+def test_root_renamed_away_enters_error_and_recovers(setup):
+    """A vanished root gives error state, zero tombstones, and recovery when it returns."""
+    setup.batches.clear()
+    away = setup.tmp_path / "away"
+    os.rename(setup.root, away)
+    failure = []
+    setup.service.rescan().addErrback(failure.append)
+    assert failure and failure[0].check(ShareError)
+    status = setup.service.status
+    assert status.state == "error" and "not reachable" in status.reason
+    assert result_of(setup.store.get_share(SHARE)).state == "error"
+    assert setup.batches == [] and not setup.record("existing.txt").deleted
+    os.rename(away, setup.root)
+    setup.clock.advance(30)
+    assert setup.service.status.state == "idle"
+    assert result_of(setup.store.get_share(SHARE)).state == "ok"
+    assert setup.batches == []
+
+
+def test_marker_removed_enters_error_without_tombstones(setup):
+    """Removing the marker (and the files, as an unmounted disk would) deletes nothing."""
+    setup.batches.clear()
+    os.remove(setup.root / "existing.txt")
+    os.remove(setup.root / ".clearskies")
+    setup.service.path_changed("existing.txt")
+    setup.clock.advance(2)
+    assert setup.service.status.state == "error"
+    assert "marker" in setup.service.status.reason
+    assert setup.batches == [] and not setup.record("existing.txt").deleted
+    setup.clock.advance(300)
+    assert setup.service.status.state == "error" and setup.batches == []
+
+
+def test_remote_write_is_not_a_local_change(setup):
+    """A file written by the sync layer and noted with its stat is not re-announced."""
+    setup.batches.clear()
+    data = b"from a peer"
+    setup.write("remote.txt", data)
+    os.utime(setup.root / "remote.txt", (1_600_000_000, 1_600_000_000))
+    st = os.stat(setup.root / "remote.txt")
+    record = FileRecord(path="remote.txt", utime=1_700_000_000.0, size=len(data),
+                        mtime=(1_600_000_000, 0), mode=0o644, sha256=sha(data),
+                        vv={OTHER: 4})
+    revision = result_of(setup.service.note_remote_write(record, st.st_ino, st.st_size,
+                                                         st.st_mtime_ns))
+    assert revision == 2 and setup.service.status.revision == 2
+    setup.hashed.clear()
+    setup.service.path_changed("remote.txt")
+    setup.clock.advance(2)
+    result_of(setup.service.rescan())
+    assert setup.batches == [] and setup.hashed == []
+    assert setup.record("remote.txt") == record
+
+
+def test_pause_holds_announcements_until_resume(setup):
+    """While paused nothing is scanned or announced; resume scans and announces."""
+    setup.batches.clear()
+    setup.service.pause()
+    setup.write("new.txt", b"n")
+    setup.service.path_changed("new.txt")
+    setup.clock.advance(120)
+    assert setup.batches == [] and setup.service.status.state == "paused"
+    setup.service.resume()
+    assert [r.path for r in setup.announced()] == ["new.txt"]
+    assert setup.service.status.state == "idle"
+
+
+def test_ignored_paths_are_not_scanned(setup):
+    """Events for ignored paths (partial downloads) are dropped before any scan."""
+    setup.batches.clear()
+    setup.write(".x.!clearsky", b"partial")
+    setup.service.path_changed(".x.!clearsky")
+    assert setup.service._debouncer.pending == 0
+    assert setup.service.is_ignored(".x.!clearsky")
+
+
+def test_unstable_file_is_looked_at_again(tmp_path):
+    """A file that was changing while hashed is rescanned after it settles."""
+    outcomes = []
+
+    def hasher(path, progress=None):
+        if outcomes:
+            return outcomes.pop(0)(path)
+        return hash_file(path, progress)
+
+    s = Setup(tmp_path, hasher)
+    s.service.startService()
+    s.batches.clear()
+    s.write("growing.log", b"abc")
+    outcomes.append(lambda path: Unstable(path, "changed while it was read"))
+    s.service.path_changed("growing.log")
+    s.clock.advance(1.5)
+    assert s.batches == []
+    s.clock.advance(1.5)
+    assert [r.path for r in s.announced()] == ["growing.log"]
+    result_of(s.service.stopService())
+
+
+def test_stop_cancels_timers(tmp_path):
+    """After stopService no timer of the share is left on the clock."""
+    s = Setup(tmp_path)
+    s.service.startService()
+    s.service.path_changed("existing.txt")
+    result_of(s.service.stopService())
+    assert s.clock.getDelayedCalls() == []
+    assert s.service.status.state == "stopped"
+
+
+def test_create_share_checks_the_folder(tmp_path):
+    """create_share writes the marker and refuses missing, foreign or overlapping folders."""
+    store = ShareStore(tmp_path / "state.sqlite3", SyncRunner())
+    root = tmp_path / "mine"
+    with pytest.raises(ConfigurationError, match="not a folder"):
+        result_of(create_share(store, SyncRunner(), str(root), SHARE, PEER, "read_write", 1.0))
+    root.mkdir()
+    info = result_of(create_share(store, SyncRunner(), str(root), SHARE, PEER, "read_write",
+                                  1.0))
+    assert info.path == str(root) and read_marker(str(root)) == SHARE
+    (root / "inner").mkdir()
+    with pytest.raises(ConfigurationError, match="overlaps"):
+        result_of(create_share(store, SyncRunner(), str(root / "inner"), "6" * 64, PEER,
+                               "read_write", 1.0))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / ".clearskies").write_text('{"share_id": "%s"}' % ("7" * 64))
+    with pytest.raises(ConfigurationError, match="another share"):
+        result_of(create_share(store, SyncRunner(), str(foreign), "6" * 64, PEER,
+                               "read_write", 1.0))
+
+
+class RealReactorTests(TestCase):
+    """The whole service with inotify, a thread pool and the real reactor."""
+
+    def test_change_is_announced_via_inotify(self):
+        """A file written into a running share is announced shortly after, with its hash."""
+        if not InotifyWatcher.available():
+            raise SkipTest("inotify is not available here")
+        base = self.mktemp()
+        root = os.path.join(base, "share")
+        os.makedirs(root)
+        pool = ThreadPoolRunner(reactor, 2)
+        db = ThreadPoolRunner(reactor, 1)
+        pool.startService()
+        db.startService()
+        store = ShareStore(os.path.join(base, "state.sqlite3"), db)
+        announced = []
+
+        async def go():
+            info = await create_share(store, pool, root, SHARE, PEER, "read_write",
+                                      reactor.seconds())
+            service = ShareService(reactor, store, info, pool, quiet=0.1)
+            service.add_change_listener(lambda records, moves: announced.extend(records))
+            service.startService()
+            try:
+                for _ in range(250):
+                    if service.status.state == "idle" and service.status.watching:
+                        break
+                    await deferLater(reactor, 0.02, lambda: None)
+                with open(os.path.join(root, "hello.txt"), "wb") as f:
+                    f.write(b"hello")
+                for _ in range(250):
+                    if announced:
+                        break
+                    await deferLater(reactor, 0.02, lambda: None)
+                self.assertEqual([(r.path, r.sha256) for r in announced],
+                                 [("hello.txt", sha(b"hello"))])
+            finally:
+                await service.stopService()
+                await store.close()
+                pool.stopService()
+                db.stopService()
+
+        return Deferred.fromCoroutine(go())
