@@ -335,6 +335,8 @@ class PeerProtocol(Protocol):
         except Exception as e:
             self._log.failure("internal error on connection with {peer}", peer=self.peer_address)
             self.close("internal error: {}".format(type(e).__name__))
+            # The connection's state is unknown after a bug: do not wait for a clean close.
+            self.transport.abortConnection()
 
     def _feed(self, data: bytes) -> None:
         self._decoder.receive_data(data)

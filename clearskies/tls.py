@@ -217,7 +217,10 @@ class PSKConnectionCreator:
         context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         context.set_verify(SSL.VERIFY_NONE)
         context.set_cipher_list(":".join(self._tls12).encode("ascii"))
-        context.set_tls13_ciphersuites(":".join(self._tls13).encode("ascii"))
+        # Through the binding: pyOpenSSL gained set_tls13_ciphersuites only in 25.1.
+        suites = ":".join(self._tls13).encode("ascii")
+        if lib.SSL_CTX_set_ciphersuites(context._context, suites) != 1:
+            raise RuntimeError("OpenSSL refused the TLS 1.3 suites {}".format(self._tls13))
         if server:
             _load_ffdhe2048(context)
             callbacks = self._server_callbacks()
@@ -318,8 +321,15 @@ def negotiated_version(transport: Any) -> str:
     return handle.get_protocol_version_name()
 
 
-def negotiated_group(transport: Any) -> str:
-    """The (EC)DH group of the key exchange ('' if none, e.g. pure PSK)."""
+def negotiated_group(transport: Any) -> str | None:
+    """The (EC)DH group of the key exchange ('' if none, e.g. pure PSK).
+
+    None when this pyOpenSSL cannot tell (``get_group_name`` arrived in 25.1).
+    """
     handle = _handle(transport)
-    name = handle.get_group_name() if handle is not None else None
-    return name or ""
+    if handle is None:
+        return ""
+    get_group_name = getattr(handle, "get_group_name", None)
+    if get_group_name is None:
+        return None
+    return get_group_name() or ""
