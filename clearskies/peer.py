@@ -313,12 +313,13 @@ class PeerProtocol(Protocol):
         else:
             self._log.warn("closing connection with {peer}: {reason}",
                            peer=self.peer_address, reason=reason)
+        # Scheduled first: connectionLost (which cancels it) may run inside loseConnection.
+        self._abort_call = self._clock.callLater(CLOSE_GRACE, self._abort)
         if self._paused:
             # A TLS close waits for the peer's close_notify: keep reading.
             self._paused = False
             self.transport.resumeProducing()
         self.transport.loseConnection()
-        self._abort_call = self._clock.callLater(CLOSE_GRACE, self._abort)
 
     def _abort(self) -> None:
         self._abort_call = None
