@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -446,7 +448,9 @@ class GnuTLSInteropTests(TestCase):
     # -- our client against a GnuTLS server ---------------------------------------------
 
     async def server_run(self, priority: str) -> tuple[dict, Any]:
-        psk_file = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="clearskies-gnutls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        psk_file = os.path.join(directory, "psk.txt")
         identity = b"clearskies:1:" + KEYS.share_id.encode()
         with open(psk_file, "w") as f:
             # '#' marks a hex identity (ours contains ':'); the key is the PSK bytes in hex.
