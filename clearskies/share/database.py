@@ -38,6 +38,7 @@ T = TypeVar("T")
 SCHEMA_DIR = Path(__file__).with_name("schema")
 DB_FILENAME = "state.sqlite3"
 PAGE_SIZE = 1000
+_MAX_SQL_PARAMETERS = 900  # below SQLite's oldest default limit of 999
 ACCESS_LEVELS = ("read_write", "read_only", "untrusted", "unknown")
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
 
@@ -383,12 +384,14 @@ class StateDatabase:
         revision is not bumped.
         """
         with self._transaction() as conn:
-            fresh = []
-            for change in changes:
-                row = conn.execute("SELECT revision FROM files WHERE share_id = ? AND path = ?",
-                                   (share_id, change.record.path)).fetchone()
-                if (row[0] if row else None) == change.expected_revision:
-                    fresh.append(change)
+            current: dict[str, int] = {}
+            paths = [change.record.path for change in changes]
+            for start in range(0, len(paths), _MAX_SQL_PARAMETERS):
+                chunk = paths[start:start + _MAX_SQL_PARAMETERS]
+                current.update(conn.execute(
+                    "SELECT path, revision FROM files WHERE share_id = ? AND path IN (%s)"
+                    % ",".join("?" * len(chunk)), [share_id, *chunk]))
+            fresh = [c for c in changes if current.get(c.record.path) == c.expected_revision]
             if not fresh:
                 return self._current_revision(conn, share_id), []
             revision = self._bump_revision(conn, share_id)

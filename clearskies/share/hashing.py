@@ -68,7 +68,9 @@ def hash_file(path: str, progress: Callable[[int], None] | None = None,
         if not stat.S_ISREG(before.st_mode):
             return Unstable(path, "not a regular file")
         digest = hashlib.sha256()
-        buffer = bytearray(block_size)
+        # Small files get a small buffer: zeroing 1 MiB per file would cost
+        # more than hashing it.  One byte extra shows whether it grew.
+        buffer = bytearray(min(block_size, before.st_size + 1))
         view = memoryview(buffer)
         total = 0
         while total <= before.st_size:  # a file that keeps growing must not keep us here
