@@ -442,7 +442,9 @@ class PeerProtocol(Protocol):
             role="server" if established.we_are_server else "client")
         self._start_keepalive()
         self.session = self._settings.session_factory(self)
-        if not self.when_established.called:
+        # A session factory may refuse the connection by closing it; then the
+        # connection counts as failed for whoever waits on it.
+        if not self._closing and not self.when_established.called:
             self.when_established.callback(self)
 
     def _report_handshake(self, success: bool) -> None:

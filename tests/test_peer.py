@@ -282,6 +282,33 @@ class HandshakeTests(PeerTestBase):
         await self.settle()
         self.assertEqual(self.ring_s.used, [])
 
+    def test_session_factory_may_refuse(self):
+        """A session factory that closes the connection makes connect_peer fail with its reason."""
+        return Deferred.fromCoroutine(self._refused_by_session())
+
+    async def _refused_by_session(self):
+        await self.listen()
+        lost: Deferred = Deferred()
+
+        class Refusing:
+            def __init__(self, connection):
+                connection.close("share is gone")
+
+            def event_received(self, event):
+                pass
+
+            def connection_lost(self, reason):
+                lost.callback(reason)
+
+        try:
+            await connect_peer(reactor, self.endpoint(), ConnectTarget.share(KEYS, CLIENT_PEER),
+                               self.ring_c, "client box", Refusing)
+        except HandshakeError as e:
+            self.assertIn("share is gone", str(e))
+        else:
+            self.fail("connect_peer succeeded on a refused connection")
+        self.assertEqual(await lost, "share is gone")
+
     def test_offer_to_joining_server(self):
         """A share holder connecting to a code holder hands over the keys."""
         return Deferred.fromCoroutine(self._offer())
