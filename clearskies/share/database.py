@@ -195,10 +195,14 @@ class StateDatabase:
 
     def __init__(self, path: str | os.PathLike[str], schema_dir: Path = SCHEMA_DIR) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            # Create it private: it holds access codes.  SQLite gives its
-            # -wal and -shm files the same permissions.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        try:
+            if not self.path.exists():
+                # Create it private: it holds access codes.  SQLite gives its
+                # -wal and -shm files the same permissions.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            raise ConfigurationError(
+                "cannot create the state database %s: %s" % (self.path, e.strerror)) from e
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None,
                                          check_same_thread=False, timeout=30)

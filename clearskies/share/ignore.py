@@ -77,10 +77,3 @@ class IgnoreRules:
         # Below an ignored directory everything is ignored, as in git.
         parts = path.split("/")
         return any(self.matches("/".join(parts[:end]), True) for end in range(1, len(parts)))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, IgnoreRules) and other.user_patterns == self.user_patterns
-
-    def __hash__(self) -> int:
-        return hash(self.user_patterns)
-
