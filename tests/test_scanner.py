@@ -16,20 +16,11 @@ from clearskies.share.records import FileRecord
 from clearskies.share.scanner import (
     Scanner, local_utime, normalize_scopes, read_marker, write_marker)
 from clearskies.threads import SyncRunner
+from tests.test_database import result_of
 
 SHARE = "5" * 64
 PEER = "a" * 32
 OTHER = "b" * 32
-
-
-def result_of(d):
-    """The result of an already-fired Deferred (raising its failure)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 class SpyHasher:

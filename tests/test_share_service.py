@@ -18,20 +18,11 @@ from clearskies.share.scanner import read_marker
 from clearskies.share.service import ShareService, create_share
 from clearskies.share.watcher import InotifyWatcher
 from clearskies.threads import SyncRunner, ThreadPoolRunner
+from tests.test_database import result_of
 
 SHARE = "5" * 64
 PEER = "a" * 32
 OTHER = "b" * 32
-
-
-def result_of(d):
-    """The result of an already-fired Deferred (raising its failure)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def sha(data):
