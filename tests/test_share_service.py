@@ -180,8 +180,8 @@ def test_ignored_paths_are_not_scanned(setup):
     assert setup.service.is_ignored(".x.!clearsky")
 
 
-def test_unstable_file_is_looked_at_again(tmp_path):
-    """A file that was changing while hashed is rescanned after it settles."""
+def test_unstable_file_is_looked_at_again_with_backoff(tmp_path):
+    """A file that was changing while hashed is rescanned after 3 s, then 6 s, and so on."""
     outcomes = []
 
     def hasher(path, progress=None):
@@ -193,11 +193,17 @@ def test_unstable_file_is_looked_at_again(tmp_path):
     s.service.startService()
     s.batches.clear()
     s.write("growing.log", b"abc")
-    outcomes.append(lambda path: Unstable(path, "changed while it was read"))
+    busy = lambda path: Unstable(path, "changed while it was read")  # noqa: E731
+    outcomes.extend([busy, busy])
     s.service.path_changed("growing.log")
-    s.clock.advance(1.5)
+    s.clock.advance(1.5)  # first look: unstable, next in 3 s
+    s.clock.advance(2.9)
+    assert outcomes == [busy]
+    s.clock.advance(0.1)  # second look: unstable again, next in 6 s
+    assert outcomes == [] and s.batches == []
+    s.clock.advance(5.9)
     assert s.batches == []
-    s.clock.advance(1.5)
+    s.clock.advance(0.1)
     assert [r.path for r in s.announced()] == ["growing.log"]
     result_of(s.service.stopService())
 

@@ -81,6 +81,16 @@ def test_paths_settling_together_come_in_one_batch(debounce):
     assert recorder.ready[1] == (["late"], 1001.0)
 
 
+def test_wait_holds_a_path_back(debounce):
+    """touch(path, wait) releases the path no earlier than `wait` seconds from now."""
+    clock, debouncer, recorder = debounce
+    debouncer.touch("busy", wait=100.0)
+    clock.advance(99)
+    assert recorder.ready == []
+    clock.advance(1)
+    assert recorder.ready == [(["busy"], 1000.0)]
+
+
 def test_too_many_paths_collapse_into_overflow(debounce):
     """More pending paths than the bound drop the set and ask for a full rescan."""
     clock, debouncer, recorder = debounce

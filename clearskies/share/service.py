@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -39,6 +39,7 @@ from clearskies.threads import Runner
 
 ChangeListener = Callable[[list[FileRecord], list[Move]], Any]
 ERROR_RETRY = 60.0
+MAX_UNSTABLE_WAIT = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,7 @@ class ShareService(Service):
         self._watcher_failed = False
         self._timer: IDelayedCall | None = None  # the next full rescan or error re-check
         self._needs_catch_up = False
+        self._unstable: dict[str, int] = {}  # path -> unstable results in a row
 
     # -- lifetime -------------------------------------------------------------
 
@@ -272,14 +274,14 @@ class ShareService(Service):
                 elif self._dirty:
                     paths, since = self._dirty, self._dirty_since
                     self._dirty, self._dirty_since = set(), None
-                    await self._scan(paths, since, [])
+                    await self._scan(sorted(paths), since, [])
                 else:
                     break
         finally:
             self._busy = False
             self._draining = None
 
-    async def _scan(self, paths: Iterable[str] | None, since: float | None,
+    async def _scan(self, paths: list[str] | None, since: float | None,
                     waiters: list[Deferred[ScanResult]]) -> None:
         self._state = "scanning"
         try:
@@ -303,20 +305,19 @@ class ShareService(Service):
         if self._state != "stopped":
             self._state = "idle"
         try:
-            await self._after_scan(result)
+            await self._after_scan(result, paths)
         except Exception:
             self._log.failure("after scanning {root}", root=self.share.path)
         for waiter in waiters:
             waiter.callback(result)
 
-    async def _after_scan(self, result: ScanResult) -> None:
+    async def _after_scan(self, result: ScanResult, scanned: list[str] | None) -> None:
         if self._reason is not None:
             self._log.info("share {root} is back: {reason} no more", root=self.share.path,
                            reason=self._reason)
             self._reason = None
             await self._store.set_share_state(self.share_id, "ok", None)
-        for path in result.unstable:
-            self._debouncer.touch(path)  # changing right now: look again once it settles
+        self._retry_unstable(result.unstable, scanned)
         if self._watcher is not None and self.running and not self._watcher_failed:
             if not self._watcher.running and result.full:
                 if self._watcher.start():
@@ -332,6 +333,20 @@ class ShareService(Service):
                 self._full_waiters = self._full_waiters or []
             else:
                 self._schedule(full_rescan_interval(result.duration), self._request_full)
+
+    def _retry_unstable(self, unstable: list[str], scanned: list[str] | None) -> None:
+        """Look again at files that were changing while hashed, backing off
+        (3 s, 6 s, 12 s … 10 min) while they keep changing."""
+        if scanned is None:  # a full scan: whatever is not unstable now is settled
+            self._unstable = {path: self._unstable.get(path, 0) for path in unstable}
+        else:
+            for path in set(scanned).difference(unstable):
+                self._unstable.pop(path, None)
+        for path in unstable:
+            tries = self._unstable.get(path, 0) + 1
+            self._unstable[path] = tries
+            wait = min(self._debouncer.quiet * 2 ** tries, MAX_UNSTABLE_WAIT)
+            self._debouncer.touch(path, wait)
 
     async def _enter_error(self, reason: str) -> None:
         self._state = "error"

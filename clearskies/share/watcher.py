@@ -61,23 +61,27 @@ class Debouncer:
         self.max_paths = max_paths
         self._first: dict[str, float] = {}
         self._last: dict[str, float] = {}
+        self._not_before: dict[str, float] = {}
         self._timer: IDelayedCall | None = None
 
     @property
     def pending(self) -> int:
         return len(self._first)
 
-    def touch(self, path: str) -> None:
-        """Note that ``path`` changed now."""
+    def touch(self, path: str, wait: float | None = None) -> None:
+        """Note that ``path`` changed now; with ``wait``, release it no earlier
+        than ``wait`` seconds from now (a back-off for files that keep changing)."""
         now = self._clock.seconds()
-        first = self._first.setdefault(path, now)
+        self._first.setdefault(path, now)
         self._last[path] = now
+        if wait is not None:
+            self._not_before[path] = max(self._not_before.get(path, 0.0), now + wait)
         if len(self._first) > self.max_paths:
             earliest = min(self._first.values())
             self.clear()
             self._on_overflow(earliest)
             return
-        deadline = min(now + self.quiet, first + self.max_delay)
+        deadline = self._deadline(path)
         if self._timer is None or deadline < self._timer.getTime():
             self._schedule(deadline)
 
@@ -85,12 +89,14 @@ class Debouncer:
         """Forget every pending path (e.g. a full rescan is coming anyway)."""
         self._first.clear()
         self._last.clear()
+        self._not_before.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _deadline(self, path: str) -> float:
-        return min(self._last[path] + self.quiet, self._first[path] + self.max_delay)
+        settled = min(self._last[path] + self.quiet, self._first[path] + self.max_delay)
+        return max(settled, self._not_before.get(path, 0.0))
 
     def _schedule(self, when: float) -> None:
         if self._timer is not None:
@@ -104,6 +110,7 @@ class Debouncer:
         first_seen = min((self._first[path] for path in ready), default=now)
         for path in ready:
             del self._first[path], self._last[path]
+            self._not_before.pop(path, None)
         if self._first:
             self._schedule(min(self._deadline(path) for path in self._first))
         if ready:
