@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
@@ -107,6 +108,11 @@ class PrivateNetworkTests(unittest.TestCase):
             net.stop()
 
         self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+        # Watch every tor's sockets while the test runs: only 127.0.0.1 peers allowed.
+        foreign: list[str] = []
+        watch = LoopingCall(lambda: foreign.extend(net.foreign_connections()))
+        watch.start(1.0)
+        self.addCleanup(lambda: watch.running and watch.stop())
         began = time.monotonic()
         await deferToThread(net.start, 120)
         booted = time.monotonic()
@@ -148,8 +154,10 @@ class PrivateNetworkTests(unittest.TestCase):
         bob.startService()
         self.assertEqual(await bob.ready, bob_address)
 
-        outputs = ["\n".join(tor.output.lines) for tor in services]
+        outputs = [tor.output.text() for tor in services]
+        watch.stop()
         await cleanup()
+        self.assertEqual(foreign, [])
         self.assertEqual(_tor_children(), [])
         print("network %.0f s, services and exchange %.0f s" % (booted - began, time.monotonic() - booted))
         self.assertEqual(net.foreign_addresses(*outputs), [])

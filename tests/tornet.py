@@ -8,7 +8,8 @@ replaces tor's built-in authorities and fallback directories, so nothing ever
 contacts the public Tor network.  Every port is on 127.0.0.1, clients may only
 reach 127.0.0.1 (``ReachableAddresses``), no relay is an exit, relays would
 resolve names only through a ``resolv.conf`` that points at 127.0.0.1, and
-:meth:`foreign_addresses` checks the logs afterwards for any other address.
+:meth:`foreign_addresses` checks the logs afterwards for any other address
+(:meth:`foreign_connections` checks the live sockets of every tor).
 
 Usage from a test (blocking calls; run ``start`` in a thread when the reactor
 must keep turning)::
@@ -24,7 +25,8 @@ must keep turning)::
         options = net.client_torrc_options()   # join this network from another tor
         socks = net.socks_port()          # or use the harness's own client
         ...
-        assert net.foreign_addresses() == []
+        assert net.foreign_addresses() == []     # nothing but 127.0.0.1 in the logs
+        assert net.foreign_connections() == []   # nor in the tors' sockets right now
     finally:
         net.stop()                         # kills every tor it started
 
@@ -276,6 +278,27 @@ class PrivateTorNetwork:
             for match in _ADDRESS_WITH_PORT.finditer(text):
                 if match.group(1) not in (LOOPBACK, "0.0.0.0"):
                     found.append(match.group(0))
+        return found
+
+    @staticmethod
+    def foreign_connections() -> list[str]:
+        """Sockets of tor processes under this test process whose peer is not 127.0.0.1.
+
+        A snapshot (sample it while the test runs); covers tors the test
+        launched itself too.  Needs psutil.
+        """
+        import psutil
+
+        found = []
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if process.name() != "tor":
+                    continue
+                for conn in process.net_connections(kind="inet"):
+                    if conn.raddr and conn.raddr.ip != LOOPBACK:
+                        found.append("tor pid %d -> %s:%d" % (process.pid, conn.raddr.ip, conn.raddr.port))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
         return found
 
     def log_tail(self, node: TorNode, lines: int = 15) -> str:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, race, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     UNIXClientEndpoint,
@@ -471,6 +471,7 @@ class TorService(Service):
         self.output = TorOutput()
         self.error: TorUnavailable | None = None
         self.process: TorProcess | None = None
+        self._ending: set[TorProcess] = set()
         self._tor: Any = None
         self._socks: IStreamClientEndpoint | None = None
         self._address: str | None = None
@@ -553,6 +554,8 @@ class TorService(Service):
         else:
             if result.check(TorUnavailable):
                 error = result.value
+            elif result.check(ConfigurationError, OSError):  # our files in the data dir
+                error = TorUnavailable(str(result.value))
             elif result.check(CancelledError):
                 error = TorUnavailable("the Tor service was stopped before tor was ready")
             else:
@@ -562,6 +565,9 @@ class TorService(Service):
             if not result.check(CancelledError):
                 self._log.error("Tor is not available; peers are reached without it: {why}",
                                 why=str(error))
+                # Do not leave a half-started tor behind.
+                Deferred.fromCoroutine(self._end_tor()).addErrback(
+                    lambda f: self._log.failure("cannot end tor", f))
             result = Failure(error)
         self._result = result
         waiters, self._waiters = self._waiters, []
@@ -574,6 +580,15 @@ class TorService(Service):
     async def _stop(self) -> None:
         if self._starting is not None:
             self._starting.cancel()
+        await self._end_tor()
+        for process in list(self._ending):  # still ending after a failed start
+            try:
+                await process.when_ended().addTimeout(STOP_GRACE, self._reactor)
+            except TimeoutError:
+                process.signal("KILL")
+
+    async def _end_tor(self) -> None:
+        """Close the control connection and end a tor we started (TERM, later KILL)."""
         tor, self._tor = self._tor, None
         process, self.process = self.process, None
         self._address = None
@@ -583,7 +598,10 @@ class TorService(Service):
                 await tor.quit().addTimeout(STOP_GRACE, self._reactor)
             except Exception as e:
                 self._log.warn("tor's control connection did not close cleanly: {why}", why=_describe(e))
-        if process is not None:
+        if process is None:
+            return
+        self._ending.add(process)
+        try:
             # A tor we own exits when its control connection closes; make sure.
             process.signal("TERM")
             try:
@@ -592,6 +610,8 @@ class TorService(Service):
                 self._log.warn("tor did not exit within {seconds} s; killing it", seconds=STOP_GRACE)
                 process.signal("KILL")
                 await process.when_ended()
+        finally:
+            self._ending.discard(process)
 
     # -- steps ----------------------------------------------------------------
 
@@ -681,7 +701,11 @@ class TorService(Service):
     async def _await_bootstrap(self, deadline: float) -> None:
         """Wait until tor reports 100 %; fail with tor's own warning otherwise."""
         protocol = self._tor.protocol
-        done: Deferred[None] = Deferred()
+        outcome: Deferred[str] = Deferred()  # "done", or "ended" if tor exits first
+
+        def settle(what: str) -> None:
+            if not outcome.called:
+                outcome.callback(what)
 
         def status(text: str) -> None:
             fields = parse_bootstrap_status(text)
@@ -694,26 +718,24 @@ class TorService(Service):
             if summary != self._bootstrap:
                 self._bootstrap = "%d%%: %s" % (percent, summary)
                 self._log.info("tor bootstrap {percent}%: {summary}", percent=percent, summary=summary)
-            if percent == 100 and not done.called:
-                done.callback(None)
+            if percent == 100:
+                settle("done")
 
         await protocol.add_event_listener("STATUS_CLIENT", status)
         try:
-            status(await protocol.get_info_single("status/bootstrap-phase"))
-            waits: list[Deferred[Any]] = [done]
             if self.process is not None:
-                waits.append(self.process.when_ended())
-            index, _ = await race(waits).addTimeout(self._remaining(deadline), self._reactor)
-            if index == 1:
+                self.process.when_ended().addCallback(lambda _: settle("ended"))
+            status(await protocol.get_info_single("status/bootstrap-phase"))
+            try:
+                what = await outcome.addTimeout(self._remaining(deadline), self._reactor)
+            except TimeoutError:
+                raise TorUnavailable("tor did not finish bootstrapping within %d s; %s"
+                                     % (self.launch_timeout, self._tor_says())) from None
+            if what == "ended":
                 raise TorUnavailable("tor stopped while bootstrapping (%s); %s"
                                      % (self.process.exit_reason, self._tor_says()))
-        except TimeoutError:
-            raise TorUnavailable("tor did not finish bootstrapping within %d s; %s"
-                                 % (self.launch_timeout, self._tor_says())) from None
         finally:
-            if not done.called:
-                done.cancel()
-            if not self.process or not self.process.ended:
+            if not (self.process and self.process.ended):
                 try:
                     await protocol.remove_event_listener("STATUS_CLIENT", status)
                 except Exception:
