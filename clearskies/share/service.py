@@ -176,8 +176,11 @@ class ShareService(Service):
         return d
 
     def path_changed(self, path: str) -> None:
-        """Something changed at this share-relative path: rescan it once it settles."""
-        if not self.running or self.scanner.rules.is_ignored(path):
+        """Something changed at this share-relative path: rescan it once it settles.
+
+        Ignored in the error state, whose periodic re-check scans everything.
+        """
+        if not self.running or self._state == "error" or self.scanner.rules.is_ignored(path):
             return
         self._debouncer.touch(path)
 
@@ -313,8 +316,7 @@ class ShareService(Service):
 
     async def _after_scan(self, result: ScanResult, scanned: list[str] | None) -> None:
         if self._reason is not None:
-            self._log.info("share {root} is back: {reason} no more", root=self.share.path,
-                           reason=self._reason)
+            self._log.info("share {root} is reachable again", root=self.share.path)
             self._reason = None
             await self._store.set_share_state(self.share_id, "ok", None)
         self._retry_unstable(result.unstable, scanned)
