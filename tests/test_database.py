@@ -2,11 +2,13 @@
 
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -26,6 +28,13 @@ from clearskies.threads import SerialRunner, SyncRunner
 SHARE = "5" * 64
 PEER = "a" * 32
 OTHER = "b" * 32
+
+
+def temporary_dir(case: TestCase) -> str:
+    """A fresh directory removed after the test (trial's mktemp writes into the cwd)."""
+    path = os.path.realpath(tempfile.mkdtemp(prefix="clearskies-test-"))
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def result_of(d: Deferred):
@@ -331,7 +340,7 @@ class SerialRunnerTests(TestCase):
         runner = SerialRunner(reactor)
         runner.startService()
         self.addCleanup(runner.stopService)
-        store = ShareStore(self.mktemp() + ".sqlite3", runner)
+        store = ShareStore(os.path.join(temporary_dir(self), "state.sqlite3"), runner)
         threads = []
 
         def where(db):

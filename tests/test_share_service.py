@@ -18,7 +18,7 @@ from clearskies.share.scanner import read_marker
 from clearskies.share.service import ShareService, create_share
 from clearskies.share.watcher import InotifyWatcher
 from clearskies.threads import SyncRunner, ThreadPoolRunner
-from tests.test_database import result_of
+from tests.test_database import result_of, temporary_dir
 
 SHARE = "5" * 64
 PEER = "a" * 32
@@ -247,7 +247,7 @@ class RealReactorTests(TestCase):
         """A file written into a running share is announced shortly after, with its hash."""
         if not InotifyWatcher.available():
             raise SkipTest("inotify is not available here")
-        base = self.mktemp()
+        base = temporary_dir(self)
         root = os.path.join(base, "share")
         os.makedirs(root)
         pool = ThreadPoolRunner(reactor, 2)

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from clearskies.share.watcher import Debouncer, InotifyWatcher, full_rescan_interval
+from tests.test_database import temporary_dir
 
 
 class Recorder:
@@ -132,7 +133,7 @@ class InotifyWatcherTests(TestCase):
     def setUp(self):
         if not InotifyWatcher.available():
             raise SkipTest("inotify is not available here")
-        self.root = os.path.realpath(self.mktemp())
+        self.root = temporary_dir(self)
         os.makedirs(os.path.join(self.root, "sub"))
         self.changes = []
         self.overflows = []
@@ -193,8 +194,7 @@ class InotifyWatcherTests(TestCase):
 
     def test_symlinked_directory_is_not_watched(self):
         """watch_directories refuses to follow a symlink to a directory outside."""
-        outside = os.path.realpath(self.mktemp())
-        os.mkdir(outside)
+        outside = temporary_dir(self)
         os.symlink(outside, os.path.join(self.root, "link"))
         self.watcher.watch_directories(["link"])
 
