@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from clearskies.discovery import tor as tormod
@@ -134,6 +135,9 @@ class FakeTor:
     def stream_via(self, host, port, socks_endpoint=None):
         self.streams.append((host, port, socks_endpoint))
         return ("endpoint", host, port)
+
+    def web_agent(self, pool=None, socks_endpoint=None):
+        return ("agent", pool, socks_endpoint)
 
     def quit(self) -> Deferred:
         self.quit_called += 1
@@ -521,16 +525,19 @@ def test_long_data_dir_uses_loopback_tcp_control_port(tmp_path):
 
 
 def test_client_endpoint_goes_through_tors_socks_port(tmp_path):
-    """Outgoing connections use stream_via with the SOCKS listener tor reported."""
+    """Outgoing connections and web requests use the SOCKS listener tor reported."""
     reactor, lib = FakeReactor(), FakeTxtorcon(info={"net/listeners/socks": '"unix:/d/tor/socks.socket"'})
     tor = service(tmp_path, lib, reactor)
     with pytest.raises(TorUnavailable):
         tor.client_endpoint(HOSTNAME, 60106)
+    with pytest.raises(TorUnavailable):
+        tor.web_agent()
     tor.startService()
     open_control(reactor)
     assert tor.client_endpoint(HOSTNAME, 60106) == ("endpoint", HOSTNAME, 60106)
     host, port, socks = lib.tor.streams[0]
     assert isinstance(socks, UNIXClientEndpoint) and socks._path == "/d/tor/socks.socket"
+    assert tor.web_agent(pool="pool") == ("agent", "pool", socks)
 
 
 # -- attaching to a running tor -----------------------------------------------
@@ -598,3 +605,18 @@ def test_unusable_data_dir_is_reported(tmp_path):
     assert failure.check(TorUnavailable)
     assert str(blocker) in str(failure.value)
     assert reactor.spawned == []
+
+
+def test_tor_warnings_reach_our_log_without_the_noise(tmp_path):
+    """tor's warnings are logged (so later trouble is visible); its start-up boilerplate is not."""
+    reactor = FakeReactor()
+    tor = service(tmp_path, FakeTxtorcon(), reactor)
+    tor.startService()
+    with capturedLogs() as events:
+        reactor.spawned[0]["protocol"].outReceived(
+            b"Nov 26 [warn] You are running Tor as root. You don't need to.\n"
+            b"Nov 26 [notice] Bootstrapped 5% (conn): Connecting to a relay\n"
+            b"Nov 26 [warn] Your system clock just jumped 3600 seconds forward.\n")
+    logged = [formatEvent(event) for event in events]
+    assert logged == ["tor: Nov 26 [warn] Your system clock just jumped 3600 seconds forward."]
+    assert events[0]["log_level"] == LogLevel.warn

@@ -401,6 +401,8 @@ class TorProcess(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         for line in self.output.write(data):
+            if ("[warn]" in line or "[err]" in line) and not any(n in line for n in _NOISE):
+                self._log.warn("tor: {line}", line=line)
             opened = _CONTROL_OPENED.search(line)
             if opened and self.control_address is None:
                 self.control_address = opened.group(1).strip()
@@ -513,6 +515,13 @@ class TorService(Service):
             raise TorUnavailable("Tor is not running yet, so %s:%d cannot be reached through it"
                                  % (host, port))
         return self._tor.stream_via(host, port, socks_endpoint=self._socks)
+
+    def web_agent(self, pool: Any = None) -> Any:
+        """An ``IAgent`` whose requests go through Tor (for trackers under ``--tor-only``);
+        host names are resolved by the Tor exit, not locally."""
+        if self._tor is None:
+            raise TorUnavailable("Tor is not running yet, so no request can go through it")
+        return self._tor.web_agent(pool=pool, socks_endpoint=self._socks)
 
     # -- service life cycle ---------------------------------------------------
 
