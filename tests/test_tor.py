@@ -96,6 +96,7 @@ class FakeControl:
         self.info = info
         self.commands: list[str] = []
         self.listeners: dict[str, list] = {}
+        self.disconnected: Deferred = Deferred()
 
     def queue_command(self, command: str) -> Deferred:
         self.commands.append(command)
@@ -112,6 +113,11 @@ class FakeControl:
     def get_info_single(self, key: str) -> Deferred:
         value = self.info[key]
         return value if isinstance(value, Deferred) else succeed(value)
+
+    def when_disconnected(self) -> Deferred:
+        d: Deferred = Deferred()
+        self.disconnected.addBoth(lambda r: d.callback(None) or r)
+        return d
 
     def emit(self, event: str, text: str) -> None:
         for callback in list(self.listeners.get(event, [])):
@@ -141,6 +147,8 @@ class FakeTor:
 
     def quit(self) -> Deferred:
         self.quit_called += 1
+        if not self.protocol.disconnected.called:
+            self.protocol.disconnected.callback(None)
         return succeed(None)
 
 
@@ -620,3 +628,37 @@ def test_tor_warnings_reach_our_log_without_the_noise(tmp_path):
     logged = [formatEvent(event) for event in events]
     assert logged == ["tor: Nov 26 [warn] Your system clock just jumped 3600 seconds forward."]
     assert events[0]["log_level"] == LogLevel.warn
+
+
+def test_tor_dying_later_is_noticed(tmp_path):
+    """If our tor exits after publishing, the address is withdrawn and the error says why."""
+    reactor, lib = FakeReactor(), FakeTxtorcon()
+    tor = service(tmp_path, lib, reactor)
+    tor.startService()
+    spawned = open_control(reactor)
+    lib.tor.publish.callback(FakeOnion(HOSTNAME, KEY))
+    assert tor.onion_address() is not None
+    with capturedLogs() as events:
+        spawned["protocol"].outReceived(b"Nov 26 [err] Out of memory. Dying.\n")
+        spawned["transport"].end(ProcessTerminated(exitCode=1))
+        lib.control.disconnected.callback(None)
+    assert tor.onion_address() is None
+    assert "lost tor's control connection (tor exited with status 1)" in str(tor.error)
+    assert "Out of memory" in str(tor.error)
+    assert outcome(tor.ready).check(TorUnavailable)
+    assert any("lost tor's control connection" in formatEvent(e) for e in events)
+    with pytest.raises(TorUnavailable):
+        tor.client_endpoint(HOSTNAME, 1)
+
+
+def test_stopping_is_not_reported_as_a_loss(tmp_path):
+    """Our own stop closes the control connection without an error."""
+    reactor, lib = FakeReactor(), FakeTxtorcon()
+    tor = service(tmp_path, lib, reactor)
+    tor.startService()
+    open_control(reactor)
+    lib.tor.publish.callback(FakeOnion(HOSTNAME, KEY))
+    with capturedLogs() as events:
+        assert outcome(tor.stopService()) is None
+    assert tor.error is None
+    assert [e for e in events if e["log_level"] >= LogLevel.warn] == []

@@ -154,6 +154,7 @@ class PrivateNetworkTests(unittest.TestCase):
         bob.startService()
         self.assertEqual(await bob.ready, bob_address)
 
+        self.assertEqual([tor.error for tor in services], [None, None])
         outputs = [tor.output.text() for tor in services]
         watch.stop()
         await cleanup()

@@ -560,6 +560,7 @@ class TorService(Service):
         if isinstance(result, str):
             self._address = result
             self._log.info("onion service published: {address}", address=result)
+            self._tor.protocol.when_disconnected().addBoth(self._lost, self._tor)
         else:
             if result.check(TorUnavailable):
                 error = result.value
@@ -585,6 +586,18 @@ class TorService(Service):
                 waiter.callback(result)
             else:
                 waiter.errback(result)
+
+    def _lost(self, reason: object, tor: Any) -> None:
+        """The control connection closed while we were using tor (tor died or was stopped)."""
+        if tor is not self._tor:
+            return  # we closed it ourselves
+        why = self.process.exit_reason if self.process and self.process.ended else "connection closed"
+        self.error = TorUnavailable("lost tor's control connection (%s); onion peers are "
+                                    "unreachable until the daemon restarts; %s" % (why, self._tor_says()))
+        self._log.error("{why}", why=str(self.error))
+        self._result = Failure(self.error)
+        Deferred.fromCoroutine(self._end_tor()).addErrback(
+            lambda f: self._log.failure("cannot end tor", f))
 
     async def _stop(self) -> None:
         if self._starting is not None:
