@@ -10,7 +10,6 @@ import os
 import shutil
 import stat
 import tempfile
-import time
 
 import psutil
 import pytest
@@ -113,9 +112,7 @@ class PrivateNetworkTests(unittest.TestCase):
         watch = LoopingCall(lambda: foreign.extend(net.foreign_connections()))
         watch.start(1.0)
         self.addCleanup(lambda: watch.running and watch.stop())
-        began = time.monotonic()
         await deferToThread(net.start, 120)
-        booted = time.monotonic()
 
         def service(name: bytes) -> TorService:
             factory = Factory.forProtocol(lambda: LineServer(name))
@@ -160,5 +157,4 @@ class PrivateNetworkTests(unittest.TestCase):
         await cleanup()
         self.assertEqual(foreign, [])
         self.assertEqual(_tor_children(), [])
-        print("network %.0f s, services and exchange %.0f s" % (booted - began, time.monotonic() - booted))
         self.assertEqual(net.foreign_addresses(*outputs), [])
