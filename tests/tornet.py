@@ -35,7 +35,8 @@ must keep turning)::
 to a value, or to a list of values for options that repeat.
 
 Every tor also gets ``__OwningControllerProcess`` set to the test process, so
-even if the test process is killed the tors exit by themselves within seconds.
+even if the test process is killed the tors exit by themselves (tor checks
+every 15 seconds or so).
 Timings (5 s initial voting interval, every flag voted to every relay) are
 chosen so a fresh network bootstraps in well under a minute on a small
 machine; they are bad for security and only fit for a throw-away network.
