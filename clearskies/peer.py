@@ -243,6 +243,7 @@ class PeerProtocol(Protocol):
         self._their_ping_timeout = 0
         self._last_received = 0.0
         self.when_established: Deferred[PeerProtocol] = Deferred()
+        self.message_writer: Callable[[bytes], None] | None = None
 
     # -- Twisted entry points --------------------------------------------------------
 
@@ -290,9 +291,17 @@ class PeerProtocol(Protocol):
     # -- sending ------------------------------------------------------------------------
 
     def send_message(self, body: dict[str, Any]) -> None:
-        """Write one JSON message (no payload, unsigned)."""
+        """Write one JSON message (no payload, unsigned).
+
+        Once a session sets ``message_writer`` (its send queue), messages go
+        through it, so a keep-alive never lands inside a file's payload.
+        """
         if not self._closing:
-            self.transport.write(encode(body))
+            data = encode(body)
+            if self.message_writer is not None:
+                self.message_writer(data)
+            else:
+                self.transport.write(data)
 
     def send_bytes(self, data: bytes) -> None:
         """Write pre-encoded wire bytes (payload chunks, signed messages)."""

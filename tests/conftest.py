@@ -8,3 +8,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("clearskies")
+
+# The end-to-end harness fixture, available to every test module.
+from tests.daemons import daemon_factory  # noqa: E402,F401

@@ -1,0 +1,316 @@
+"""The daemon's control commands (protocol/control.md, "Commands").
+
+Each ``cmd_<type>`` takes the request object and returns the reply object
+(or raises ``ControlError``).  Arguments are checked here, so a malformed
+request gets a clear ``bad_request`` reply and never reaches the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+from clearskies import SOFTWARE
+from clearskies.accesscode import access_id, format_code, parse_code
+from clearskies.control.protocol import CommandDispatcher, ControlError
+from clearskies.errors import AccessCodeError, ClearSkiesError
+
+if TYPE_CHECKING:
+    from clearskies.daemon import Daemon
+    from clearskies.share.runtime import ShareRuntime
+
+MAX_CODE_LIFETIME = 10 * 365 * 86400.0
+CONFIG_KEYS = {
+    "name": str,
+    "upload_limit": int,  # bytes/s, 0 = none
+    "download_limit": int,
+}
+
+
+def _text(request: dict[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value or len(value) > 4096 or "\x00" in value:
+        raise ControlError("bad_request", "%r must be a non-empty string" % key)
+    return value
+
+
+def _path(request: dict[str, Any]) -> str:
+    path = _text(request, "path")
+    if not os.path.isabs(path):
+        raise ControlError("bad_request", "'path' must be absolute, got %r" % path)
+    return os.path.realpath(path)
+
+
+class DaemonCommands(CommandDispatcher):
+    """What the control socket can ask of the daemon."""
+
+    _log = Logger()
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def dispatch(self, request: dict[str, Any]) -> Any:
+        try:
+            result = super().dispatch(request)
+        except ClearSkiesError as e:
+            raise self._as_control_error(e) from None
+        if hasattr(result, "__await__") or hasattr(result, "addCallback"):
+            from twisted.internet.defer import Deferred, ensureDeferred
+            d = result if isinstance(result, Deferred) else ensureDeferred(result)
+            return d.addErrback(self._translate)
+        return result
+
+    def _translate(self, failure: Any) -> Any:
+        if failure.check(ClearSkiesError) and not failure.check(ControlError):
+            raise self._as_control_error(failure.value)
+        return failure
+
+    @staticmethod
+    def _as_control_error(error: Exception) -> ControlError:
+        if isinstance(error, ControlError):
+            return error
+        if isinstance(error, AccessCodeError):
+            return ControlError("invalid_code", str(error))
+        return ControlError("refused", str(error))
+
+    def _share(self, request: dict[str, Any]) -> ShareRuntime:
+        path = _path(request)
+        runtime = self.daemon.share_by_path(path)
+        if runtime is None:
+            raise ControlError("no_such_share", "%s is not a share of this daemon" % path)
+        return runtime
+
+    # -- REFERENCE §13 ------------------------------------------------------------
+
+    def cmd_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        reactor = self.daemon.reactor
+        reactor.callLater(0.1, reactor.stop)
+        return {}
+
+    def cmd_pause(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.daemon.pause()
+        return {}
+
+    def cmd_resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.daemon.resume()
+        return {}
+
+    def cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        daemon = self.daemon
+        return {
+            "paused": daemon.paused,
+            "tracking": any(getattr(t, "registered", False) for t in daemon.trackers),
+            "nat_punctured": False,
+            "upload_rate": int(daemon.upload.rate),
+            "download_rate": int(daemon.download.rate),
+            "software": SOFTWARE,
+            "shares": len(daemon.shares),
+            "pending_attaches": len(daemon.joins),
+            "port": daemon.listening_port,
+            "name": daemon.name,
+        }
+
+    async def cmd_create_share(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = _path(request)
+        if self.daemon.share_by_path(path) is not None:
+            raise ControlError("already_shared", "%s is already shared" % path)
+        runtime = await self.daemon.create_share(path)
+        return {"path": str(runtime.root), "share_id": runtime.share_id}
+
+    def cmd_list_shares(self, request: dict[str, Any]) -> dict[str, Any]:
+        shares = [self.share_summary(r) for r in self.daemon.shares.values()]
+        for join in self.daemon.joins.values():
+            shares.append({"path": join.path, "status": "waiting", "access": "unknown",
+                           "files": 0, "bytes": 0, "peers_connected": 0, "peers_known": 0,
+                           "problem": "waiting for a peer that holds the access code"})
+        return {"shares": sorted(shares, key=lambda s: s["path"])}
+
+    async def cmd_create_access_code(self, request: dict[str, Any]) -> dict[str, Any]:
+        runtime = self._share(request)
+        mode = request.get("mode", "read_write")
+        if mode not in ("read_write", "read_only", "untrusted"):
+            raise ControlError("bad_request", "mode must be read_write, read_only or untrusted")
+        one_time = request.get("one_time", True)
+        if not isinstance(one_time, bool):
+            raise ControlError("bad_request", "one_time must be true or false")
+        expires = request.get("expires", 86400)
+        if expires is not None and (isinstance(expires, bool) or
+                                    not isinstance(expires, (int, float)) or
+                                    not 0 < expires <= MAX_CODE_LIFETIME):
+            raise ControlError("bad_request", "expires must be seconds (at most ten years) "
+                                              "or null for never")
+        code = await self.daemon.create_code(str(runtime.root), mode, one_time, expires)
+        return {"access_code": format_code(code.code), "access_id": code.access_id,
+                "expires": code.expires, "one_time": code.one_time, "mode": code.level}
+
+    async def cmd_add_share(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            code = parse_code(_text(request, "code"))
+        except AccessCodeError as e:
+            raise ControlError("invalid_code", str(e)) from None
+        path = _path(request)
+        peers = request.get("peers", [])
+        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers) \
+                or len(peers) > 64:
+            raise ControlError("bad_request", "peers must be a list of HOST:PORT strings")
+        if access_id(code) in self.daemon.codes:
+            raise ControlError("refused", "that access code was made by this daemon")
+        try:
+            join = await self.daemon.add_join(code, path, peers)
+        except ValueError as e:
+            raise ControlError("bad_request", str(e)) from None
+        return {"path": join.path, "status": "waiting"}
+
+    async def cmd_remove_share(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = _path(request)
+        for join_id, join in list(self.daemon.joins.items()):
+            if join.path == path:
+                del self.daemon.joins[join_id]
+                await self.daemon._save_joins()
+                return {}
+        await self.daemon.remove_share(path)
+        return {}
+
+    def cmd_get_config(self, request: dict[str, Any]) -> dict[str, Any]:
+        config = {key: self.daemon.config.get(key) for key in CONFIG_KEYS}
+        config["name"] = self.daemon.name
+        return {"config": config}
+
+    async def cmd_set_config(self, request: dict[str, Any]) -> dict[str, Any]:
+        values = request.get("config")
+        if not isinstance(values, dict):
+            raise ControlError("bad_request", "config must be an object")
+        for key, value in values.items():
+            await self._set(key, value)
+        return {}
+
+    def cmd_get_config_value(self, request: dict[str, Any]) -> dict[str, Any]:
+        key = _text(request, "key")
+        if key not in CONFIG_KEYS:
+            raise ControlError("unknown_key", "no setting %r; settings: %s"
+                               % (key, ", ".join(sorted(CONFIG_KEYS))))
+        value = self.daemon.name if key == "name" else self.daemon.config.get(key)
+        return {"key": key, "value": value}
+
+    async def cmd_set_config_value(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self._set(_text(request, "key"), request.get("value"))
+        return {}
+
+    async def _set(self, key: str, value: Any) -> None:
+        kind = CONFIG_KEYS.get(key)
+        if kind is None:
+            raise ControlError("unknown_key", "no setting %r; settings: %s"
+                               % (key, ", ".join(sorted(CONFIG_KEYS))))
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ControlError("bad_request", "%s must be a %s" % (key, kind.__name__))
+        if kind is int and value < 0:
+            raise ControlError("bad_request", "%s must not be negative" % key)
+        self.daemon.config[key] = value
+        if key == "name":
+            self.daemon.name = value
+        await self.daemon.store.set_config(key, value)
+
+    # -- extensions ------------------------------------------------------------------
+
+    def share_summary(self, runtime: ShareRuntime) -> dict[str, Any]:
+        status = runtime.service.status
+        sync = runtime.sync
+        state = status.state
+        if state == "idle" and sync.wanted:
+            state = "syncing"
+        counts = runtime.counts or status
+        summary = {
+            "path": str(runtime.root),
+            "share_id": runtime.share_id,
+            "status": state,
+            "access": runtime.keys.access,
+            "files": counts.files,
+            "directories": counts.directories,
+            "bytes": counts.bytes,
+            "revision": runtime.revision(),
+            "peers_connected": len(sync.sessions),
+            "peers_known": len(runtime.peers),
+            "items_to_download": sync.items_to_download,
+            "bytes_to_download": sync.bytes_to_download,
+            "last_sync": runtime.last_sync,
+            "in_sync": sync.in_sync and state not in ("scanning", "starting", "error"),
+        }
+        if status.reason:
+            summary["problem"] = status.reason
+        if status.progress:
+            summary["scan_progress"] = status.progress
+        return summary
+
+    def cmd__clearskies_share_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = _path(request)
+        for join in self.daemon.joins.values():
+            if join.path == path:
+                return {"path": path, "status": "waiting", "in_sync": False, "peers": [],
+                        "problem": "waiting for a peer that holds the access code"}
+        runtime = self._share(request)
+        summary = self.share_summary(runtime)
+        summary["peers"] = self._peers(runtime)
+        summary["download_rate"] = int(self.daemon.download.rate)
+        summary["upload_rate"] = int(self.daemon.upload.rate)
+        return summary
+
+    def _peers(self, runtime: ShareRuntime) -> list[dict[str, Any]]:
+        out = []
+        for peer_id, info in runtime.peers.items():
+            session = runtime.sync.sessions.get(peer_id)
+            entry: dict[str, Any] = {
+                "peer_id": peer_id, "name": info.name, "connected": session is not None,
+                "last_seen": info.last_seen, "addresses": list(info.addresses),
+            }
+            if session is not None:
+                established = session.connection.established
+                entry["access"] = established.access
+                entry["in_sync"] = session.in_sync
+                progress = session.peer_progress or {}
+                entry["acknowledged_revision"] = progress.get("revision")
+                entry["items_needed"] = progress.get("items")
+                entry["bytes_needed"] = progress.get("bytes")
+            out.append(entry)
+        return sorted(out, key=lambda p: (not p["connected"], p["peer_id"]))
+
+    def cmd__clearskies_peers(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"peers": self._peers(self._share(request))}
+
+    async def cmd__clearskies_add_peer(self, request: dict[str, Any]) -> dict[str, Any]:
+        runtime = self._share(request)
+        address = _text(request, "address")
+        try:
+            await self.daemon.remember_manual_peer(runtime.share_id, address)
+        except ValueError as e:
+            raise ControlError("bad_request", str(e)) from None
+        return {}
+
+    async def cmd__clearskies_scan(self, request: dict[str, Any]) -> dict[str, Any]:
+        runtime = self._share(request)
+        result = await runtime.service.rescan()
+        return {"changes": len(result.records), "moves": len(result.moves),
+                "hashed_files": result.hashed_files, "duration": result.duration}
+
+    def cmd__clearskies_codes(self, request: dict[str, Any]) -> dict[str, Any]:
+        runtime = self._share(request)
+        now = self.daemon.now()
+        codes = [
+            {"access_id": code.access_id, "level": code.level, "one_time": code.one_time,
+             "created": code.created, "expires": code.expires, "used": code.used}
+            for code in self.daemon.codes.values()
+            if code.share_id == runtime.share_id and code.is_live(now)
+        ]
+        return {"codes": sorted(codes, key=lambda c: c["created"])}
+
+    async def cmd__clearskies_cancel_code(self, request: dict[str, Any]) -> dict[str, Any]:
+        if "code" in request:
+            try:
+                prefix = access_id(parse_code(_text(request, "code")))
+            except AccessCodeError as e:
+                raise ControlError("invalid_code", str(e)) from None
+        else:
+            prefix = _text(request, "access_id").lower()
+        await self.daemon.cancel_code(prefix)
+        return {}

@@ -1,0 +1,623 @@
+"""The daemon: every share, the peer listener, discovery and the control socket.
+
+``Daemon`` is a ``MultiService``.  ``makeService`` (tap.py) builds it without
+touching the disk; ``startService`` then opens the state database, brings
+back every share, key, access code and pending attach from the data
+directory, and starts listening.  Blocking work (key generation, SQLite,
+scans) runs in thread pools.
+
+The daemon is also the handshake's ``KeyRing``: it answers, synchronously,
+which shares and access codes it holds.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from clearskies import SOFTWARE
+from clearskies.accesscode import AccessCode, access_id, new_access_code, parse_code
+from clearskies.control.protocol import ControlFactory, listen_control
+from clearskies.discovery.addresses import Address, make_address, parse_user_address
+from clearskies.discovery.connector import ConnectionManager
+from clearskies.errors import ConfigurationError, ShareError
+from clearskies.handshake import ConnectTarget
+from clearskies.keys import ShareKeys, generate_share_keys
+from clearskies.peer import PeerProtocol, PeerServerFactory, connect_peer
+from clearskies.share.database import AccessCodeInfo, PeerInfo, ShareInfo, ShareStore  # noqa: F401
+from clearskies.share.runtime import ShareRuntime
+from clearskies.share.service import create_share as register_share
+from clearskies.sync import SyncSession
+from clearskies.threads import SerialRunner, ThreadPoolRunner
+
+FEATURES = ("vv", "directories", "progress")
+"""Feature strings we offer in the handshake (protocol/handshake.md)."""
+
+RATE_INTERVAL = 1.0
+
+
+def new_peer_id() -> str:
+    return secrets.token_hex(16)
+
+
+@dataclass
+class DaemonSettings:
+    data_dir: str
+    listen: str = "tcp:0"
+    name: str | None = None
+    shares: list[str] = field(default_factory=list)
+    join_code: str | None = None
+    join_into: str | None = None
+    peers: list[str] = field(default_factory=list)
+    trackers: list[str] = field(default_factory=list)
+    lan: bool = True
+    lan_port: int = 60106
+    lan_group: str | None = None
+    lan_interface: str = "0.0.0.0"
+
+
+@dataclass
+class PendingJoin:
+    """An access code we were given and have not used yet (persisted)."""
+
+    code: bytes
+    path: str
+    peer_id: str
+    peers: list[str] = field(default_factory=list)
+
+    @property
+    def access_id(self) -> str:
+        return access_id(self.code)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code.hex(), "path": self.path, "peer_id": self.peer_id,
+                "peers": list(self.peers)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PendingJoin:
+        return cls(bytes.fromhex(d["code"]), d["path"], d["peer_id"], list(d.get("peers", [])))
+
+
+class RateMeter:
+    """Bytes per second over the last few seconds, from a running byte total."""
+
+    def __init__(self, smoothing: float = 0.5) -> None:
+        self.smoothing = smoothing
+        self.rate = 0.0
+        self._last_total = 0
+
+    def sample(self, total: int, interval: float) -> None:
+        current = max(0, total - self._last_total) / interval
+        self._last_total = total
+        self.rate = self.smoothing * current + (1 - self.smoothing) * self.rate
+
+
+class Daemon(MultiService):
+    """One ClearSkies daemon and everything it runs."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, settings: DaemonSettings) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.name = settings.name or socket.gethostname()
+        self.db_runner = SerialRunner(reactor)
+        self.db_runner.setServiceParent(self)
+        self.cpu_runner = ThreadPoolRunner(reactor)
+        self.cpu_runner.setServiceParent(self)
+        self.store: ShareStore | None = None
+        self.shares: dict[str, ShareRuntime] = {}
+        self.codes: dict[str, AccessCode] = {}
+        self.joins: dict[str, PendingJoin] = {}
+        self._finished_joins: dict[str, PendingJoin] = {}
+        self._port_number = 0
+        self.config: dict[str, Any] = {}
+        self.paused = False
+        self.peer_port: IListeningPort | None = None
+        self.control_port: IListeningPort | None = None
+        self.peer_factory: PeerServerFactory | None = None
+        self.connector: ConnectionManager | None = None
+        self.lan = None
+        self.trackers: list[Any] = []
+        self.upload = RateMeter()
+        self.download = RateMeter()
+        self.ready: Deferred[None] = Deferred()
+        self._stopping = False
+        TimerService(RATE_INTERVAL, self._sample_rates).setServiceParent(self)
+
+    # -- start and stop ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addCallbacks(self._started, self._start_failed)
+
+    def _started(self, _: object) -> None:
+        self._log.info("ClearSkies daemon ready: {count} share(s), peers on port {port}",
+                       count=len(self.shares), port=self.listening_port)
+        self.ready.callback(None)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(ConfigurationError, ShareError):
+            self._log.error("cannot start: {why}", why=failure.getErrorMessage())
+        else:
+            self._log.failure("cannot start the daemon", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _start(self) -> None:
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.keys_dir, mode=0o700, exist_ok=True)
+        self.store = ShareStore(os.path.join(self.data_dir, "state.sqlite3"), self.db_runner)
+        self.config = await self.store.all_config()
+        for info in await self.store.list_shares():
+            await self._open_share(info)
+        for info in await self.store.list_access_codes():
+            code = AccessCode(code=bytes.fromhex(info.code), share_id=info.share_id,
+                              level=info.level, created=info.created, expires=info.expires,
+                              one_time=info.one_time, used=info.used, revoked=info.revoked)
+            if code.is_live(self.now()):
+                self.codes[code.access_id] = code
+        for entry in self.config.get("pending_joins", []):
+            join = PendingJoin.from_dict(entry)
+            self.joins[join.access_id] = join
+        for path in self.settings.shares:
+            if self.share_by_path(path) is None:
+                await self.create_share(path)
+        if self.settings.join_code:
+            code = parse_code(self.settings.join_code)
+            if access_id(code) not in self.joins:
+                await self.add_join(code, self.settings.join_into, [])
+        await self._listen_peers()
+        self._start_discovery()
+        self.control_port = await listen_control(
+            self.reactor, self.control_path, ControlFactory(self._dispatcher(), SOFTWARE))
+
+    def stopService(self) -> Deferred[None]:
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.control_port is not None:
+            await self.control_port.stopListening()
+        if self.peer_port is not None:
+            await self.peer_port.stopListening()
+        if self.peer_factory is not None:
+            for protocol in list(self.peer_factory.connections | self.peer_factory.handshaking):
+                protocol.close("daemon shutting down")
+        for runtime in list(self.shares.values()):
+            await runtime.stop()
+        if self.store is not None:
+            await self.store.close()  # before the database thread stops with the children
+        await super().stopService()
+
+    def _dispatcher(self) -> Any:
+        from clearskies.control.commands import DaemonCommands
+        return DaemonCommands(self)
+
+    # -- paths --------------------------------------------------------------------
+
+    @property
+    def keys_dir(self) -> str:
+        return os.path.join(self.data_dir, "keys")
+
+    @property
+    def control_path(self) -> str:
+        return os.path.join(self.data_dir, "control")
+
+    def keys_path(self, share_id: str) -> str:
+        return os.path.join(self.keys_dir, share_id + ".json")
+
+    def now(self) -> float:
+        return self.reactor.seconds()
+
+    # -- shares --------------------------------------------------------------------
+
+    def share_by_path(self, path: str) -> ShareRuntime | None:
+        path = os.path.realpath(path)
+        for runtime in self.shares.values():
+            if str(runtime.root) == path:
+                return runtime
+        return None
+
+    def require_share(self, path: str) -> ShareRuntime:
+        runtime = self.share_by_path(path)
+        if runtime is None:
+            raise ConfigurationError("%s is not a share of this daemon" % path)
+        return runtime
+
+    async def create_share(self, path: str) -> ShareRuntime:
+        """Make a new share of an existing directory, with fresh keys."""
+        path = os.path.realpath(path)
+        if not os.path.isdir(path):
+            raise ConfigurationError("%s is not a directory" % path)
+        self._check_not_nested(path)
+        keys = await self.cpu_runner.run(generate_share_keys)
+        return await self._add_share(keys, path, new_peer_id())
+
+    def _check_not_nested(self, path: str) -> None:
+        for runtime in self.shares.values():
+            root = str(runtime.root)
+            inside = os.path.commonpath([root, path])
+            if inside in (root, path):
+                raise ConfigurationError(
+                    "%s overlaps the share %s; shares cannot be nested" % (path, runtime.root))
+
+    async def _add_share(self, keys: ShareKeys, path: str, peer_id: str) -> ShareRuntime:
+        await self.cpu_runner.run(keys.save, self.keys_path(keys.share_id))
+        info = await register_share(self.store, self.cpu_runner, path, keys.share_id, peer_id,
+                                    keys.access, self.now())
+        runtime = await self._open_share(info, keys, new=True)
+        self._announce_changed()
+        return runtime
+
+    async def _open_share(self, info: ShareInfo, keys: ShareKeys | None = None,
+                          new: bool = False) -> ShareRuntime:
+        if keys is None:
+            keys = await self.cpu_runner.run(ShareKeys.load, self.keys_path(info.share_id))
+        runtime = ShareRuntime(self, info, keys)
+        self.shares[info.share_id] = runtime
+        await runtime.start(new=new)
+        return runtime
+
+    async def remove_share(self, path: str) -> None:
+        runtime = self.require_share(path)
+        share_id = runtime.share_id
+        for session in list(runtime.sync.sessions.values()):
+            session.connection.close("share removed")
+        await runtime.stop()
+        del self.shares[share_id]
+        for code_id in [c for c, code in self.codes.items() if code.share_id == share_id]:
+            del self.codes[code_id]
+        if self.connector is not None:
+            self.connector.remove_target(share_id)
+        await self.store.remove_share(share_id)
+        try:
+            os.unlink(self.keys_path(share_id))
+        except FileNotFoundError:
+            pass
+
+    # -- access codes -------------------------------------------------------------------
+
+    async def create_code(self, path: str, level: str, one_time: bool,
+                          lifetime: float | None) -> AccessCode:
+        runtime = self.require_share(path)
+        if level not in ("read_write", "read_only", "untrusted"):
+            raise ConfigurationError("mode must be read_write, read_only or untrusted")
+        if runtime.keys.access != "read_write" and level == "read_write":
+            raise ConfigurationError("a read-only share can only hand out read_only codes")
+        code = new_access_code(runtime.share_id, level, self.now(), lifetime=lifetime,
+                               one_time=one_time)
+        await self.store.add_access_code(AccessCodeInfo(
+            access_id=code.access_id, code=code.code.hex(), share_id=code.share_id,
+            level=code.level, created=code.created, expires=code.expires,
+            one_time=code.one_time))
+        self.codes[code.access_id] = code
+        self._announce_changed()
+        return code
+
+    async def cancel_code(self, access_id_prefix: str) -> None:
+        matches = [a for a in self.codes if a.startswith(access_id_prefix)]
+        if len(matches) != 1:
+            raise ConfigurationError("no single live access code matches %r" % access_id_prefix)
+        code = self.codes.pop(matches[0])
+        code.revoked = True
+        await self.store.revoke_access_code(code.access_id)
+
+    async def add_join(self, code: bytes, path: str, peers: list[str]) -> PendingJoin:
+        """Remember a code we were given and start looking for its share."""
+        path = os.path.realpath(path)
+        if self.share_by_path(path) is not None:
+            raise ConfigurationError("%s is already a share" % path)
+        self._check_not_nested(path)
+        for peer in peers:
+            parse_user_address(peer)
+        os.makedirs(path, exist_ok=True)
+        join = PendingJoin(code, path, new_peer_id(), list(peers))
+        self.joins[join.access_id] = join
+        await self._save_joins()
+        for peer in peers:
+            self.add_manual_peer(join.access_id, peer)
+        self._announce_changed()
+        return join
+
+    async def _save_joins(self) -> None:
+        self.config["pending_joins"] = [j.to_dict() for j in self.joins.values()]
+        await self.store.set_config("pending_joins", self.config["pending_joins"])
+
+    # -- KeyRing (the handshake's view of us) -----------------------------------------------
+
+    def share_keys(self, share_id: str) -> ShareKeys | None:
+        runtime = self.shares.get(share_id)
+        if runtime is None or runtime.error is not None:
+            return None
+        return runtime.keys
+
+    def peer_id(self, share_id: str) -> str:
+        return self.shares[share_id].peer_id
+
+    def live_code(self, access_id: str) -> AccessCode | None:
+        code = self.codes.get(access_id)
+        if code is None or not code.is_live(self.now()) or code.share_id not in self.shares:
+            return None
+        return code
+
+    def pending_join(self, access_id: str) -> ConnectTarget | None:
+        join = self.joins.get(access_id)
+        if join is None:
+            return None
+        return ConnectTarget.join(join.code, join.peer_id, note=join)
+
+    def code_used(self, access_id: str) -> None:
+        code = self.codes.get(access_id)
+        if code is None:
+            return
+        code.used = True
+        if not code.is_live(self.now()):
+            del self.codes[access_id]
+        self.store.mark_access_code_used(access_id).addErrback(
+            lambda f: self._log.failure("could not record a used access code", f))
+
+    def create_share_from_keys(self, keys: ShareKeys, target: ConnectTarget) -> Deferred:
+        join: PendingJoin = target.note
+        return Deferred.fromCoroutine(self._join_completed(keys, join))
+
+    async def _join_completed(self, keys: ShareKeys, join: PendingJoin) -> None:
+        self.joins.pop(join.access_id, None)
+        await self._save_joins()
+        existing = self.shares.get(keys.share_id)
+        if existing is None:
+            await self._add_share(keys, join.path, join.peer_id)
+        if join.peers:
+            peers = self.config.setdefault("manual_peers", {})
+            peers[keys.share_id] = list(join.peers)
+            await self.store.set_config("manual_peers", peers)
+        # The dial carrying this very handshake is still in flight: move the code's
+        # candidates to the share once that connection's session has started.
+        self._finished_joins[keys.share_id] = join
+        self._log.info("attached {path} to share {share}", path=join.path,
+                       share=keys.share_id[:16])
+
+    # -- peer connections -------------------------------------------------------------------
+
+    def session_factory(self, connection: PeerProtocol) -> Any:
+        info = connection.established
+        runtime = self.shares.get(info.share_id)
+        if runtime is None:
+            connection.close("share is gone")
+            return _ClosedSession()
+        finished_join = self._finished_joins.pop(info.share_id, None)
+        if finished_join is not None and self.connector is not None:
+            self.reactor.callLater(0, self.connector.remove_target, finished_join.access_id)
+            # We know who is at the address we attached through: no second connection.
+            known = info.their_peer_id if len(finished_join.peers) == 1 else None
+            for address in finished_join.peers:
+                self.connector.add_candidate(info.share_id, parse_user_address(address),
+                                             peer_id=known, source="manual")
+        session = SyncSession(runtime.sync, connection)
+        runtime.peer_connected(info, connection)
+        session.start(runtime.last_manifest_revision(info.their_peer_id))
+        return _TrackedSession(session, runtime, info.their_peer_id)
+
+    async def _listen_peers(self) -> None:
+        self.peer_factory = PeerServerFactory(
+            self.reactor, self, self.name, self.session_factory, features=FEATURES)
+        endpoint = endpoints.serverFromString(self.reactor, self.settings.listen)
+        try:
+            self.peer_port = await endpoint.listen(self.peer_factory)
+            self._port_number = getattr(self.peer_port.getHost(), "port", 0)
+        except Exception as e:
+            raise ConfigurationError("cannot listen for peers on %s: %s"
+                                     % (self.settings.listen, e)) from None
+
+    @property
+    def listening_port(self) -> int:
+        return self._port_number
+
+    def dial(self, address: Address, target_id: str) -> Deferred:
+        """Open a connection to ``address`` for a share or a pending join."""
+        target = self._target_for(target_id)
+        if target is None:
+            return Deferred.fromCoroutine(_fail(ConfigurationError("nothing to connect for")))
+        endpoint = endpoints.clientFromString(self.reactor, address.endpoint_string())
+        d = connect_peer(self.reactor, endpoint, target, self, self.name,
+                         self.session_factory, features=FEATURES)
+        def dialled(protocol: PeerProtocol) -> _Dialled:
+            protocol.dialled_address = address  # type: ignore[attr-defined]
+            return _Dialled(protocol)
+
+        return d.addCallback(dialled)
+
+    def _target_for(self, target_id: str) -> ConnectTarget | None:
+        runtime = self.shares.get(target_id)
+        if runtime is not None:
+            return ConnectTarget.share(runtime.keys, runtime.peer_id)
+        return self.pending_join(target_id)
+
+    def is_connected(self, target_id: str, peer_id: str) -> bool:
+        runtime = self.shares.get(target_id)
+        return runtime is not None and peer_id in runtime.sync.sessions
+
+    def own_peer_ids(self) -> set[str]:
+        ids = {r.peer_id for r in self.shares.values()}
+        ids.update(j.peer_id for j in self.joins.values())
+        return ids
+
+    def own_addresses(self) -> list[Address]:
+        port = self.listening_port
+        if not port:
+            return []
+        return [make_address("tcp", "127.0.0.1", port), make_address("tcp", "::1", port)]
+
+    def add_manual_peer(self, target_id: str, address: str) -> None:
+        if self.connector is not None:
+            self.connector.add_candidate(target_id, parse_user_address(address), source="manual")
+
+    def _start_discovery(self) -> None:
+        self.connector = ConnectionManager(
+            self.reactor, self.dial, self.is_connected, self.own_peer_ids, self.own_addresses)
+        self.connector.setServiceParent(self)
+        for target_id in self.registrations_ids():
+            for address in self.settings.peers + self.manual_peers(target_id):
+                self.add_manual_peer(target_id, address)
+        for join in self.joins.values():
+            for address in join.peers:
+                self.add_manual_peer(join.access_id, address)
+        self._start_lan()
+        self._start_trackers()
+
+    def manual_peers(self, target_id: str) -> list[str]:
+        return list(self.config.get("manual_peers", {}).get(target_id, []))
+
+    async def remember_manual_peer(self, share_id: str, address: str) -> None:
+        parse_user_address(address)
+        peers = self.config.setdefault("manual_peers", {})
+        listed = peers.setdefault(share_id, [])
+        if address not in listed:
+            listed.append(address)
+            await self.store.set_config("manual_peers", peers)
+        self.add_manual_peer(share_id, address)
+
+    def registrations_ids(self) -> list[str]:
+        return list(self.shares)
+
+    def registrations(self) -> list[tuple[str, str]]:
+        """(ID, our peer ID) for every share, live code and pending join: what we announce."""
+        out = [(share_id, runtime.peer_id) for share_id, runtime in self.shares.items()]
+        for code in list(self.codes.values()):
+            if self.live_code(code.access_id) is not None:
+                out.append((code.access_id, self.shares[code.share_id].peer_id))
+        out.extend((join.access_id, join.peer_id) for join in self.joins.values())
+        return out
+
+    def _on_discovered(self, target_id: str, peer_id: str | None, address: Address,
+                       source: str) -> None:
+        if self.connector is None:
+            return
+        if target_id in self.codes:
+            return  # the code's holder connects to us, not the other way round
+        if target_id in self.shares or target_id in self.joins:
+            self.connector.add_candidate(target_id, address, peer_id=peer_id, source=source)
+
+    def _start_lan(self) -> None:
+        if not self.settings.lan:
+            return
+        from clearskies.discovery.lan import DEFAULT_GROUP, LanDiscovery
+
+        def announcements() -> list[tuple[str, str, int]]:
+            return [(i, p, self.listening_port) for i, p in self.registrations()]
+
+        def hint(announcement: Any, host: str) -> None:
+            try:
+                address = make_address("tcp", host, announcement.port)
+            except ValueError:
+                return
+            self._on_discovered(announcement.id, announcement.peer, address, "lan")
+
+        self.lan = LanDiscovery(
+            self.reactor, announcements, hint, port=self.settings.lan_port,
+            group=self.settings.lan_group or DEFAULT_GROUP,
+            interface=self.settings.lan_interface)
+        self.lan.setServiceParent(self)
+
+    def _start_trackers(self) -> None:
+        from clearskies.discovery.tracker_client import TrackerClient
+
+        def on_peers(target_id: str, peers: list[tuple[str, Address]]) -> None:
+            for peer_id, address in peers:
+                self._on_discovered(target_id, peer_id, address, "tracker")
+
+        for url in self.settings.trackers:
+            client = TrackerClient(self.reactor, url, self.registrations,
+                                   lambda: (self.listening_port, None), on_peers)
+            client.setServiceParent(self)
+            self.trackers.append(client)
+
+    def _announce_changed(self) -> None:
+        """A share, code or join appeared: tell the LAN and the trackers now."""
+        if self.lan is not None:
+            self.lan.announce_now()
+        for tracker in self.trackers:
+            tracker.refresh()
+
+    # -- pause and rates -------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self.paused = True
+        for runtime in self.shares.values():
+            runtime.sync.pause()
+
+    def resume(self) -> None:
+        self.paused = False
+        for runtime in self.shares.values():
+            runtime.sync.resume()
+
+    def _sample_rates(self) -> None:
+        sent = sum(r.sync.bytes_sent for r in self.shares.values())
+        received = sum(r.sync.bytes_received for r in self.shares.values())
+        self.upload.sample(sent, RATE_INTERVAL)
+        self.download.sample(received, RATE_INTERVAL)
+
+    async def record_peer(self, share_id: str, info: Any, address: str | None) -> None:
+        existing = await self.store.get_peer(share_id, info.their_peer_id)
+        addresses = list(existing.addresses) if existing else []
+        if address and address not in addresses:
+            addresses = ([address] + addresses)[:8]
+        await self.store.upsert_peer(PeerInfo(
+            share_id=share_id, peer_id=info.their_peer_id, name=info.their_name,
+            last_seen=self.now(), addresses=tuple(addresses),
+            manifest_revision=existing.manifest_revision if existing else None,
+            acked_revision=existing.acked_revision if existing else None))
+
+
+class _TrackedSession:
+    """Wraps a SyncSession so the share runtime hears when the connection ends."""
+
+    def __init__(self, session: SyncSession, runtime: ShareRuntime, peer_id: str) -> None:
+        self.session = session
+        self.runtime = runtime
+        self.peer_id = peer_id
+
+    def event_received(self, event: Any) -> None:
+        self.session.event_received(event)
+
+    def connection_lost(self, reason: Any) -> None:
+        self.session.connection_lost(reason)
+        self.runtime.peer_disconnected(self.session)
+
+
+class _Dialled:
+    """What a successful dial hands the connection manager: the peer ID it reached."""
+
+    def __init__(self, protocol: PeerProtocol) -> None:
+        self.protocol = protocol
+        self.peer_id = protocol.established.their_peer_id
+
+
+class _ClosedSession:
+    def event_received(self, event: Any) -> None:
+        pass
+
+    def connection_lost(self, reason: Any) -> None:
+        pass
+
+
+async def _fail(error: Exception) -> None:
+    raise error
+
+
+__all__ = ["Daemon", "DaemonSettings", "PendingJoin", "FEATURES", "DeferredList"]

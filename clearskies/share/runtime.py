@@ -1,0 +1,299 @@
+"""One share inside the running daemon: its engine, its sync, its peers.
+
+``ShareRuntime`` ties the share engine (``ShareService``: scanning and
+watching) to the sync layer (``ShareSync``), and implements the
+``LocalShare`` seam the sync layer uses to read and change the share.
+Every file operation runs in the CPU thread pool; every database call goes
+through the store's own thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from clearskies.keys import ShareKeys
+from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
+from clearskies.share.records import FileRecord
+from clearskies.share.scanner import Move
+from clearskies.share.service import ShareService
+from clearskies.sync import ShareSync
+
+if TYPE_CHECKING:
+    from clearskies.daemon import Daemon
+
+
+def _matches(path: str, stored: StoredRecord | None) -> bool:
+    """True if the file at ``path`` still holds the content ``stored`` records.
+
+    The cache key answers without reading; when there is none (a file that
+    was still changing when it was scanned) the content is hashed.
+    """
+    if stored is None or stored.record.deleted or stored.record.is_dir:
+        return False
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != stored.record.size:
+        return False
+    cache = stored.cache
+    if cache is not None:
+        return (st.st_ino, st.st_size, st.st_mtime_ns) == (cache.inode, cache.size,
+                                                            cache.mtime_ns)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == stored.record.sha256
+
+
+def _unchanged(path: str, stored: StoredRecord | None) -> bool:
+    """The path on disk is as the database says: the same file, or absent when it is absent."""
+    if stored is None or stored.record.deleted:
+        return not os.path.lexists(path)
+    if stored.record.is_dir:
+        return os.path.isdir(path) and not os.path.islink(path)
+    return _matches(path, stored)
+
+
+def _remove(path: str, stored: StoredRecord | None) -> bool:
+    if not os.path.lexists(path):
+        return True
+    if stored is None or stored.record.deleted:
+        return False  # something we never recorded: not ours to delete
+    if stored.record.is_dir:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return False  # holds files we still keep: the directory stays
+        return True
+    if not _matches(path, stored):
+        return False
+    os.unlink(path)
+    return True
+
+
+def _make_directory(path: str, mode: int | None) -> None:
+    os.makedirs(path, exist_ok=True)
+    if mode is not None:
+        os.chmod(path, mode & 0o7777 | 0o700)
+
+
+def _rename(source: str, destination: str, stored: StoredRecord | None) -> bool:
+    if not _matches(source, stored):
+        return False
+    if os.path.lexists(destination):
+        return False
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    os.rename(source, destination)
+    return True
+
+
+def _cache_key_of(path: str) -> CacheKey | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return CacheKey(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class ShareRuntime:
+    """A share the daemon runs: engine + sync + what we know of its peers."""
+
+    _log = Logger()
+
+    def __init__(self, daemon: Daemon, info: ShareInfo, keys: ShareKeys) -> None:
+        self.daemon = daemon
+        self.info = info
+        self.keys = keys
+        self.share_id = info.share_id
+        self.our_peer_id = info.peer_id
+        self.peer_id = info.peer_id
+        self.root = Path(info.path)
+        self.store = daemon.store
+        self.runner = daemon.cpu_runner
+        self.service = ShareService(daemon.reactor, daemon.store, info, daemon.cpu_runner)
+        self.paths = self.service.paths
+        self.sync = ShareSync(self, daemon.reactor)
+        self.peers: dict[str, PeerInfo] = {}
+        self._revision = info.revision
+        self.last_sync: float | None = None
+        self.counts: ShareCounts | None = None
+        self.service.add_change_listener(self._local_changes)
+
+    # -- lifetime ----------------------------------------------------------------
+
+    async def start(self, new: bool = False) -> None:
+        self.peers = {p.peer_id: p for p in await self.store.list_peers(self.share_id)}
+        self.counts = await self.store.share_counts(self.share_id)
+        if self.daemon.paused:
+            self.sync.pause()
+        self.service.startService()
+
+    async def stop(self) -> None:
+        for session in list(self.sync.sessions.values()):
+            session.connection.close("share stopping")
+        await self.service.stopService()
+
+    @property
+    def error(self) -> str | None:
+        status = self.service.status
+        return status.reason if status.state == "error" else None
+
+    # -- LocalShare (what ShareSync uses) ---------------------------------------------
+
+    def revision(self) -> int:
+        return max(self._revision, self.service.status.revision)
+
+    def manifest(self) -> Deferred[tuple[int, list[FileRecord]]]:
+        return Deferred.fromCoroutine(self._manifest())
+
+    async def _manifest(self) -> tuple[int, list[FileRecord]]:
+        revision = await self.store.get_revision(self.share_id)
+        records: list[FileRecord] = []
+        async for page in self.store.iter_records(self.share_id):
+            records.extend(page)
+        return revision, records
+
+    def get_record(self, path: str) -> Deferred[FileRecord | None]:
+        return self.store.get_record(self.share_id, path)
+
+    def local_path(self, path: str) -> Path:
+        return self.paths.to_local(path)
+
+    def is_ignored(self, path: str) -> bool:
+        return self.service.is_ignored(path)
+
+    def is_unchanged(self, path: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._is_unchanged(path))
+
+    async def _is_unchanged(self, path: str) -> bool:
+        stored = await self.store.get_stored(self.share_id, path)
+        return await self.runner.run(_unchanged, str(self.local_path(path)), stored)
+
+    def commit_remote(self, records: list[FileRecord],
+                      written: dict[str, tuple[int, int, int]] | None = None) -> Deferred[int]:
+        return Deferred.fromCoroutine(self._commit_remote(records, written or {}))
+
+    async def _commit_remote(self, records: list[FileRecord],
+                             written: dict[str, tuple[int, int, int]]) -> int:
+        keys: dict[str, CacheKey] = {}
+        for record in records:
+            if record.deleted or record.is_dir:
+                continue
+            if record.path in written:
+                size, mtime_ns, inode = written[record.path]
+                keys[record.path] = CacheKey(inode, size, mtime_ns)
+                continue
+            # Content unchanged on disk (a kept version or a moved-aside copy): keep
+            # the cache key valid so the next scan does not hash it again.
+            stored = await self.store.get_stored(self.share_id, record.path)
+            if stored is not None and stored.cache is not None and \
+                    stored.record.sha256 == record.sha256:
+                keys[record.path] = stored.cache
+            else:
+                key = await self.runner.run(_cache_key_of, str(self.local_path(record.path)))
+                if key is not None and key.size == record.size:
+                    keys[record.path] = key
+        revision = await self.store.apply_changes(self.share_id, records, keys)
+        self._revision = max(self._revision, revision)
+        self.last_sync = self.daemon.now()
+        self.counts = await self.store.share_counts(self.share_id)
+        return revision
+
+    def find_local_copy(self, sha256: str) -> Deferred[Path | None]:
+        return Deferred.fromCoroutine(self._find_local_copy(sha256))
+
+    async def _find_local_copy(self, sha256: str) -> Path | None:
+        for stored in await self.store.find_by_sha256(self.share_id, sha256):
+            local = str(self.local_path(stored.path))
+            if await self.runner.run(_matches, local, stored):
+                return Path(local)
+        return None
+
+    def remove_local(self, path: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._remove_local(path))
+
+    async def _remove_local(self, path: str) -> bool:
+        stored = await self.store.get_stored(self.share_id, path)
+        return await self.runner.run(_remove, str(self.local_path(path)), stored)
+
+    def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
+        return self.runner.run(_make_directory, str(self.local_path(path)), mode)
+
+    def rename_local(self, source: str, destination: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._rename_local(source, destination))
+
+    async def _rename_local(self, source: str, destination: str) -> bool:
+        stored = await self.store.get_stored(self.share_id, source)
+        return await self.runner.run(_rename, str(self.local_path(source)),
+                                     str(self.local_path(destination)), stored)
+
+    def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
+        known = self.peers.get(peer_id)
+        if known is None or revision is None:
+            return
+        updated = PeerInfo(
+            share_id=known.share_id, peer_id=known.peer_id, name=known.name,
+            last_seen=self.daemon.now(), addresses=known.addresses,
+            manifest_revision=revision, acked_revision=known.acked_revision)
+        self.peers[peer_id] = updated
+        self.store.upsert_peer(updated).addErrback(
+            lambda f: self._log.failure("could not store a peer's revision", f))
+
+    # -- events ----------------------------------------------------------------------
+
+    def _local_changes(self, records: list[FileRecord], moves: list[Move]) -> None:
+        # The batch is committed; the store (one thread, in order) knows its revision.
+        d = self.store.get_revision(self.share_id)
+        d.addCallback(self._announce_local, records, moves)
+        d.addErrback(lambda f: self._log.failure("announcing local changes failed", f))
+
+    def _announce_local(self, revision: int, records: list[FileRecord],
+                        moves: list[Move]) -> None:
+        self._revision = max(self._revision, revision)
+        self.store.share_counts(self.share_id).addCallback(self._set_counts)
+        self.sync.local_changes(records, revision,
+                                [(move.source, move.destination) for move in moves])
+
+    def _set_counts(self, counts: ShareCounts) -> None:
+        self.counts = counts
+
+    def last_manifest_revision(self, peer_id: str) -> Any:
+        known = self.peers.get(peer_id)
+        return known.manifest_revision if known is not None else None
+
+    def peer_connected(self, info: Any, connection: Any) -> None:
+        peer = connection.transport.getPeer() if connection.transport else None
+        address = None
+        host = getattr(peer, "host", None)
+        if host and not info.we_are_server:
+            port = getattr(peer, "port", None)
+            address = ("tcp:[%s]:%d" % (host, port)) if ":" in host else (
+                "tcp:%s:%d" % (host, port))
+        known = self.peers.get(info.their_peer_id)
+        addresses = list(known.addresses) if known else []
+        if address and address not in addresses:
+            addresses = ([address] + addresses)[:8]
+        record = PeerInfo(
+            share_id=self.share_id, peer_id=info.their_peer_id, name=info.their_name,
+            last_seen=self.daemon.now(), addresses=tuple(addresses),
+            manifest_revision=known.manifest_revision if known else None,
+            acked_revision=known.acked_revision if known else None)
+        self.peers[info.their_peer_id] = record
+        self.store.upsert_peer(record).addErrback(
+            lambda f: self._log.failure("could not store a peer", f))
+
+    def peer_disconnected(self, session: Any) -> None:
+        if self.daemon.connector is not None:
+            address = getattr(session.connection, "dialled_address", None)
+            self.daemon.connector.connection_lost(self.share_id, session.peer_id, address)

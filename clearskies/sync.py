@@ -1,0 +1,855 @@
+"""Keeping one share identical with its connected peers (REFERENCE §6–§8).
+
+Two classes:
+
+* ``ShareSync`` — one per share.  It owns what the share still needs
+  (``wanted``: path → the record whose content we must fetch), decides what
+  to do with every record a peer announces (``clearskies.share.merge``),
+  schedules downloads across all connected peers, and relays changes.
+* ``SyncSession`` — one per authenticated connection.  It turns wire
+  messages into calls on ``ShareSync`` and back, and owns the connection's
+  transfers (at most ``window`` outstanding ``get`` requests, one incoming
+  payload at a time, uploads through a producer queue).
+
+What the sync layer needs from the share engine is the small ``LocalShare``
+seam below, so the whole layer can be tested against a fake.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from clearskies import wire
+from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.share import merge
+from clearskies.share.records import FileRecord, validate_wire_path
+from clearskies.transfer import CONFLICT, CORRUPT, OK, FileReceiver, SendQueue, get_error_message
+
+WINDOW = 16
+"""Outstanding ``get`` requests per connection."""
+
+RETRY_AFTER = 30.0
+"""Seconds before a file that failed from one peer is asked from it again."""
+
+MAX_RANGE = 2**63
+MAX_WAITING_GETS = 256
+"""File requests a peer may have waiting on one connection before it is cut off."""
+
+
+class LocalShare(Protocol):
+    """What syncing needs from one share's engine (implemented by the share service)."""
+
+    share_id: str
+    our_peer_id: str
+    root: Path
+
+    def revision(self) -> int:
+        """Our current manifest revision."""
+
+    def manifest(self) -> Deferred[tuple[int, list[FileRecord]]]:
+        """Every record, sorted by path, with the revision they make up."""
+
+    def get_record(self, path: str) -> Deferred[FileRecord | None]:
+        """Our record for ``path``."""
+
+    def local_path(self, path: str) -> Path:
+        """The checked local path for a peer-supplied one (UnsafePathError)."""
+
+    def is_ignored(self, path: str) -> bool:
+        """True for paths the user excluded: never announced, never overwritten."""
+
+    def is_unchanged(self, path: str) -> Deferred[bool]:
+        """True when the file on disk is as our last scan recorded it."""
+
+    def commit_remote(self, records: list[FileRecord],
+                      written: dict[str, tuple[int, int, int]] | None = None) -> Deferred[int]:
+        """Store records whose on-disk state is now in place; returns the new revision.
+
+        ``written`` gives (size, mtime_ns, inode) of files just written, so the
+        next scan knows them.
+        """
+
+    def find_local_copy(self, sha256: str) -> Deferred[Path | None]:
+        """A local file that holds this content (for copying instead of downloading)."""
+
+    def remove_local(self, path: str) -> Deferred[bool]:
+        """Delete the local file or empty directory if unchanged since the scan."""
+
+    def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
+        """Create a directory (and parents) inside the share."""
+
+    def rename_local(self, source: str, destination: str) -> Deferred[bool]:
+        """Move a file within the share if the source is unchanged since the scan."""
+
+    def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
+        """Remember the revision of a peer's manifest, to ask for changes since it next time."""
+
+    @property
+    def runner(self) -> Any:
+        """The thread runner for blocking file work."""
+
+
+@dataclass
+class Wanted:
+    """Content the share needs: the record, who has it, and who failed to give it."""
+
+    record: FileRecord
+    sources: set[str] = field(default_factory=set)
+    failed: dict[str, float] = field(default_factory=dict)
+    fetch_path: str | None = None  # what to ask peers for, when not record.path
+
+    @property
+    def remote_path(self) -> str:
+        return self.fetch_path or self.record.path
+
+
+class ShareSync:
+    """Converges one share with all its connected peers."""
+
+    _log = Logger()
+
+    def __init__(self, share: LocalShare, clock: IReactorTime, *,
+                 rng: random.Random | None = None, window: int = WINDOW) -> None:
+        self.share = share
+        self.clock = clock
+        self.rng = rng or random.SystemRandom()
+        self.window = window
+        self.sessions: dict[str, SyncSession] = {}
+        self.wanted: dict[str, Wanted] = {}
+        self.in_flight: dict[str, SyncSession] = {}
+        self.paused = False
+        self._lock = DeferredLock()
+        self.pending_rmdirs: dict[str, FileRecord] = {}
+        self.placeholders: set[str] = set()
+        self._retry_call: Any = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # -- sessions --------------------------------------------------------------
+
+    def attach(self, session: SyncSession) -> bool:
+        """Register a new session; False when it duplicates a live one and must close."""
+        existing = self.sessions.get(session.peer_id)
+        if existing is not None and existing is not session:
+            if existing.keep_over(session):
+                return False
+            existing.connection.close("replaced by a newer connection from the same peer")
+            self.detach(existing)
+        self.sessions[session.peer_id] = session
+        return True
+
+    def detach(self, session: SyncSession) -> None:
+        if self.sessions.get(session.peer_id) is session:
+            del self.sessions[session.peer_id]
+        for path in [p for p, s in self.in_flight.items() if s is session]:
+            del self.in_flight[path]
+        if session.peer_id not in self.sessions:
+            for wanted in self.wanted.values():
+                wanted.sources.discard(session.peer_id)
+        self.pump()
+
+    # -- state for status reports ---------------------------------------------
+
+    @property
+    def items_to_download(self) -> int:
+        return len(self.wanted)
+
+    @property
+    def bytes_to_download(self) -> int:
+        return sum(w.record.size or 0 for w in self.wanted.values())
+
+    @property
+    def in_sync(self) -> bool:
+        """Nothing to fetch and every connected peer has our latest revision."""
+        return not self.wanted and all(s.in_sync for s in self.sessions.values())
+
+    # -- local changes -----------------------------------------------------------
+
+    def local_changes(self, records: Iterable[FileRecord], revision: int,
+                      moves: Iterable[tuple[str, FileRecord]] = ()) -> None:
+        """The scanner found changes: tell every peer that has our manifest."""
+        records = list(records)
+        for record in records:
+            wanted = self.wanted.get(record.path)
+            if wanted is not None and not record.same_content(wanted.record):
+                # A local edit supersedes what we were fetching; merge decides again later.
+                self.wanted.pop(record.path, None)
+        for session in list(self.sessions.values()):
+            session.push_changes(records, list(moves), revision)
+
+    # -- remote records ----------------------------------------------------------
+
+    def receive_records(self, session: SyncSession, records: list[FileRecord]) -> Deferred[None]:
+        """Merge what a peer announced; serialised so two peers cannot race on one path."""
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._merge(session, records)))
+
+    async def _merge(self, session: SyncSession, records: list[FileRecord]) -> None:
+        committed: list[FileRecord] = []
+        for_origin: list[FileRecord] = []
+        for remote in records:
+            if self.share.is_ignored(remote.path):
+                continue
+            session.remote_index[remote.path] = remote
+            local = await self.share.get_record(remote.path)
+            decision = merge.merge_remote(
+                local, remote,
+                local_unacked=session.local_unacked(local),
+                our_peer_id=self.share.our_peer_id,
+            )
+            self._log.debug("{path} from {peer}: {action} (ours {ours}, theirs {theirs})",
+                            path=remote.path, peer=session.peer_id[:8], action=decision.action,
+                            ours=local.vv if local else None, theirs=remote.vv)
+            applied = await self._apply(session, local, remote, decision)
+            committed.extend(applied)
+            # What the sender told us needs no echo; what we made of it (merged
+            # vectors, conflict copies) it must hear too.
+            for_origin.extend(r for r in applied if r != remote)
+        committed.extend(await self._retry_directory_deletions())
+        if committed:
+            revision = await self.share.commit_remote(committed)
+            self.relay(committed, revision, origin=session)
+            if for_origin:
+                session.push_changes(
+                    [r for r in for_origin if not (r.deleted and r.path in self.placeholders)],
+                    [], revision, force=True)
+        self.pump()
+
+    async def _retry_directory_deletions(self) -> list[FileRecord]:
+        """Directories deleted remotely go once their contents have gone (deepest first)."""
+        done = []
+        for path in sorted(self.pending_rmdirs, reverse=True):
+            if await self.share.remove_local(path):
+                done.append(self.pending_rmdirs.pop(path))
+        return done
+
+    def receive_move(self, session: SyncSession, source: str,
+                     destination: FileRecord) -> Deferred[None]:
+        """A peer renamed a file: rename ours too when we hold that very content."""
+        return self._lock.run(
+            lambda: Deferred.fromCoroutine(self._move(session, source, destination)))
+
+    async def _move(self, session: SyncSession, source: str, destination: FileRecord) -> None:
+        tombstone = FileRecord(path=source, utime=destination.utime, deleted=True,
+                               vv=dict(destination.vv))
+        if not (self.share.is_ignored(source) or self.share.is_ignored(destination.path)
+                or destination.deleted or destination.is_dir):
+            ours = await self.share.get_record(source)
+            there = await self.share.get_record(destination.path)
+            if (ours is not None and not ours.deleted and not ours.is_dir
+                    and ours.sha256 == destination.sha256
+                    and (there is None or there.deleted)
+                    and merge.vv_compare(ours.vv, destination.vv) in (merge.BEFORE, merge.EQUAL)):
+                decision = merge.merge_remote(there, destination, local_unacked=False,
+                                              our_peer_id=self.share.our_peer_id)
+                if decision.action == merge.ACCEPT and \
+                        await self.share.rename_local(source, destination.path):
+                    session.remote_index[destination.path] = destination
+                    session.remote_index[source] = tombstone
+                    records = [decision.record, tombstone]
+                    records.extend(await self._retry_directory_deletions())
+                    revision = await self.share.commit_remote(records)
+                    self.relay(records, revision, origin=session)
+                    return
+        await self._merge(session, [destination, tombstone])
+
+    async def _apply(self, session: SyncSession, local: FileRecord | None, remote: FileRecord,
+                     decision: merge.MergeDecision) -> list[FileRecord]:
+        """Carry out one merge decision; returns records whose disk state is already final."""
+        if decision.action == merge.IGNORE:
+            if (local is not None and not local.deleted and not local.is_dir
+                    and remote.same_content(local)):
+                session.acknowledge(local)
+            return []
+        if decision.action == merge.ACCEPT:
+            if decision.record.deleted and local is not None and local.is_dir:
+                # Its contents may still be on their way out: retried after each batch.
+                self.pending_rmdirs[local.path] = decision.record
+                return []
+            return await self._take(session, decision.record)
+        if decision.action == merge.KEEP:
+            return [decision.record]  # ours stays on disk; its merged vv goes out
+        # Concurrent change: keep both contents.
+        out: list[FileRecord] = []
+        conflict = decision.conflict
+        assert conflict is not None and local is not None
+        if decision.local_wins:
+            # Ours keeps the path (with the merged vv); theirs is fetched as a copy.
+            out.append(decision.record)
+            out.extend(await self._take(session, conflict, fetch_path=remote.path))
+        else:
+            # Theirs takes the path; ours moves aside first, then theirs is fetched.
+            if not local.deleted and not local.is_dir:
+                moved = await self.share.rename_local(local.path, conflict.path)
+                if moved:
+                    out.append(conflict)
+                    # Until theirs arrives the path is empty here: record that (for the
+                    # scanner), but tell nobody; it is a placeholder, not a deletion.
+                    out.append(FileRecord(path=local.path, utime=local.utime, deleted=True,
+                                          vv=dict(local.vv)))
+                    self.placeholders.add(local.path)
+                else:
+                    self._log.warn("could not move {path} aside for a conflict copy; keeping it",
+                                   path=local.path)
+                    return []
+            out.extend(await self._take(session, decision.record))
+        self._log.info("concurrent changes to {path}: kept both, copy at {copy}",
+                       path=remote.path, copy=conflict.path)
+        return out
+
+    async def _take(self, session: SyncSession, record: FileRecord,
+                    fetch_path: str | None = None) -> list[FileRecord]:
+        """Make ``record`` the path's state: delete, mkdir now, or queue the content."""
+        if record.deleted:
+            removed = await self.share.remove_local(record.path)
+            if not removed:
+                # Changed locally since the scan: the edit wins, the scan will announce it.
+                return []
+            self.wanted.pop(record.path, None)
+            return [record]
+        if record.is_dir:
+            await self.share.make_directory(record.path, record.mode)
+            return [record]
+        wanted = self.wanted.get(record.path)
+        if wanted is None or wanted.record != record:
+            wanted = Wanted(record, fetch_path=fetch_path)
+            self.wanted[record.path] = wanted
+        elif fetch_path is None and wanted.fetch_path is not None:
+            # The content is now announced under its own path: ask for that instead.
+            wanted.fetch_path = None
+            wanted.failed.clear()
+        wanted.sources.add(session.peer_id)
+        for other in self.sessions.values():
+            known = other.remote_index.get(wanted.remote_path)
+            if known is not None and known.same_content(record):
+                wanted.sources.add(other.peer_id)
+        return []
+
+    def relay(self, records: list[FileRecord], revision: int,
+              origin: SyncSession | None) -> None:
+        records = [r for r in records if not (r.deleted and r.path in self.placeholders)]
+        for session in list(self.sessions.values()):
+            if session is not origin:
+                session.push_changes(records, [], revision)
+            elif session.manifest_sent_revision is not None:
+                # The origin already holds these records: nothing to send it.
+                session.manifest_sent_revision = max(session.manifest_sent_revision, revision)
+
+    # -- downloads ---------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Hand wanted files to sessions with room in their request window."""
+        if self.paused or not self.sessions:
+            return
+        now = self.clock.seconds()
+        waiting = [p for p in self.wanted if p not in self.in_flight]
+        self.rng.shuffle(waiting)
+        next_retry: float | None = None
+        for path in waiting:
+            wanted = self.wanted[path]
+            candidates = []
+            for peer_id in wanted.sources:
+                session = self.sessions.get(peer_id)
+                if session is None or not session.has_room():
+                    continue
+                failed_at = wanted.failed.get(peer_id)
+                if failed_at is not None and now - failed_at < RETRY_AFTER:
+                    retry_at = failed_at + RETRY_AFTER
+                    next_retry = retry_at if next_retry is None else min(next_retry, retry_at)
+                    continue
+                candidates.append(session)
+            if not candidates:
+                continue
+            session = self.rng.choice(candidates)
+            self.in_flight[path] = session
+            Deferred.fromCoroutine(self._start_download(session, wanted)).addErrback(
+                self._download_crashed, path)
+        if next_retry is not None and self._retry_call is None:
+            self._retry_call = self.clock.callLater(max(0.0, next_retry - now), self._retry)
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        self.pump()
+
+    def _download_crashed(self, failure: Failure, path: str) -> None:
+        self._log.failure("download of {path} failed", failure, path=path)
+        self.in_flight.pop(path, None)
+
+    async def _start_download(self, session: SyncSession, wanted: Wanted) -> None:
+        record = wanted.record
+        try:
+            local_path = self.share.local_path(record.path)
+        except UnsafePathError as e:
+            self._log.warn("not fetching {path}: {why}", path=record.path, why=str(e))
+            self.wanted.pop(record.path, None)
+            self.in_flight.pop(record.path, None)
+            return
+        copy = await self.share.find_local_copy(record.sha256) if record.size else None
+        receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner)
+        if copy is not None or record.size == 0:
+            # Content already here (or nothing to fetch): no network needed.
+            try:
+                if copy is not None:
+                    await receiver.copy_local(copy)
+                await self.finish_download(session, receiver, record)
+            finally:
+                self.in_flight.pop(record.path, None)
+            self.pump()
+            return
+        if self.in_flight.get(record.path) is not session or not session.alive:
+            receiver.abort(keep_partial=True)
+            self.in_flight.pop(record.path, None)
+            return
+        session.request(receiver, wanted.remote_path)
+
+    async def finish_download(self, session: SyncSession, receiver: FileReceiver,
+                              record: FileRecord) -> None:
+        """A payload ended: verify, put in place, record; or queue a retry."""
+        current = self.wanted.get(record.path)
+        if current is None or current.record != record:
+            receiver.abort(keep_partial=False)  # superseded while we fetched it
+            return
+        result = await self._lock.run(
+            lambda: Deferred.fromCoroutine(self._finish_locked(receiver, record)))
+        if result == OK:
+            self.wanted.pop(record.path, None)
+            if not self.wanted:
+                self.report_progress()
+        elif result == CORRUPT:
+            current.failed[session.peer_id] = self.clock.seconds()
+            self._log.warn("{path} from {peer} did not match its hash; will fetch again",
+                           path=record.path, peer=session.peer_id)
+
+    async def _finish_locked(self, receiver: FileReceiver, record: FileRecord) -> str:
+        result = await receiver.finish(lambda: self.share.is_unchanged(record.path))
+        if result.status == OK:
+            self.placeholders.discard(record.path)
+            revision = await self.share.commit_remote(
+                [record], {record.path: (result.size, result.mtime_ns, result.inode)})
+            self.relay([record], revision, origin=None)
+            return OK
+        if result.status == CONFLICT:
+            # The file changed here while we fetched it: keep both, ours at the path.
+            conflict = merge.conflict_record(record)
+            kept = await receiver.keep_as(self.share.local_path(conflict.path))
+            revision = await self.share.commit_remote(
+                [conflict], {conflict.path: (kept.size, kept.mtime_ns, kept.inode)})
+            self.relay([conflict], revision, origin=None)
+            self._log.info("{path} changed here while downloading; theirs kept as {copy}",
+                           path=record.path, copy=conflict.path)
+            return OK
+        return result.status
+
+    def download_failed(self, session: SyncSession, path: str) -> None:
+        wanted = self.wanted.get(path)
+        if wanted is not None:
+            wanted.failed[session.peer_id] = self.clock.seconds()
+        if self.in_flight.get(path) is session:
+            del self.in_flight[path]
+        self.pump()
+
+    def report_progress(self) -> None:
+        for session in list(self.sessions.values()):
+            session.send_progress()
+
+    # -- pause -------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.pump()
+
+
+class SyncSession:
+    """One authenticated connection of a share: messages in, messages and files out."""
+
+    _log = Logger()
+
+    def __init__(self, sync: ShareSync, connection: Any, *, window: int | None = None) -> None:
+        self.sync = sync
+        self.connection = connection
+        info = connection.established
+        self.peer_id: str = info.their_peer_id
+        self.we_initiated: bool = not info.we_are_server
+        self.opener_key = _opener_key(connection, sync.share.our_peer_id, self.peer_id,
+                                      self.we_initiated)
+        self.supports_dirs = "directories" in (info.features or ())
+        self.window = window or sync.window
+        self.alive = True
+        self.remote_index: dict[str, FileRecord] = {}
+        self.acked: dict[str, str] = {}
+        self.manifest_sent_revision: int | None = None
+        self.peer_revision: Any = None
+        self.pending: dict[str, FileReceiver] = {}
+        self.receiving: FileReceiver | None = None
+        self.sends = SendQueue(connection.transport, sync.clock)
+        connection.message_writer = self._write  # keep-alives queue behind payloads too
+        self.peer_progress: dict[str, Any] | None = None
+        self.peer_revision_seen: Any = None
+        self._queued_changes: list[tuple[list[FileRecord], list[tuple[str, FileRecord]], int]] = []
+        self._building_manifest = False
+        self._gets_pending = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _send(self, body: dict[str, Any]) -> None:
+        self._log.debug("sending {type} to {peer}", peer=self.peer_id[:8], type=body["type"])
+        self._write(wire.encode(body))
+
+    def _write(self, data: bytes) -> None:
+        """Every message goes through the send queue, so none lands inside a payload."""
+        try:
+            self.sends.send_message(data)
+        except ProtocolError as e:
+            self.connection.close(str(e))
+
+    def start(self, last_revision: Any = None) -> None:
+        if not self.sync.attach(self):
+            self.connection.close("duplicate connection with the same peer")
+            return
+        request: dict[str, Any] = {"type": "get_manifest"}
+        if last_revision is not None:
+            request["revision"] = last_revision
+        self._send(request)
+
+    def keep_over(self, newcomer: SyncSession) -> bool:
+        """Of two connections with one peer, both sides keep the same one.
+
+        The one opened by the smaller peer ID wins; between two opened by the
+        same peer, the one from the lower source port.  Both ends see the same
+        (opener, port) pair, so they never each close a different connection.
+        """
+        return self.opener_key <= newcomer.opener_key
+
+    def connection_lost(self, reason: Any) -> None:
+        self.alive = False
+        for receiver in self.pending.values():
+            receiver.abort(keep_partial=True)
+        if self.receiving is not None:
+            self.receiving.abort(keep_partial=True)
+        self.pending.clear()
+        self.receiving = None
+        self.sends.stop()
+        self.sync.detach(self)
+
+    @property
+    def in_sync(self) -> bool:
+        """The peer has our latest revision (and, if it reports progress, all its content)."""
+        revision = self.sync.share.revision()
+        if (self.manifest_sent_revision is None or self.manifest_sent_revision < revision
+                or self._queued_changes):
+            return False
+        if "progress" not in (self.connection.established.features or ()):
+            return True
+        progress = self.peer_progress
+        return progress is not None and progress["revision"] >= revision \
+            and progress["items"] == 0
+
+    # -- wire events ---------------------------------------------------------------
+
+    def event_received(self, event: wire.Event) -> None:
+        if isinstance(event, wire.PayloadChunk):
+            if self.receiving is None:
+                raise ProtocolError("payload data outside a file_data message")
+            self.receiving.write(event.data)
+            self.sync.bytes_received += len(event.data)
+            return
+        if isinstance(event, wire.PayloadEnd):
+            if self.receiving is None:
+                raise ProtocolError("payload end outside a file_data message")
+            receiver, self.receiving = self.receiving, None
+            self._finish(receiver)
+            return
+        self._log.debug("{peer} sent {type}", peer=self.peer_id[:8], type=event.type)
+        handler = getattr(self, "_on_" + event.type.replace(".", "_"), None)
+        if event.has_payload and event.type != "file_data":
+            raise ProtocolError("unexpected payload on a %r message" % event.type)
+        if handler is not None:
+            handler(event.body, event)
+
+    def _on_get_manifest(self, body: dict, event: wire.Message) -> None:
+        seen = body.get("revision", body.get("version"))
+        if seen is not None and (isinstance(seen, bool) or not isinstance(seen, (int, float))):
+            raise ProtocolError("get_manifest revision must be a number")
+        current = self.sync.share.revision()
+        if seen == current and self.manifest_sent_revision is None:
+            self.manifest_sent_revision = current
+            self._send({"type": "manifest_current"})
+            self._flush_queued()
+            return
+        if self._building_manifest:
+            return
+        self._building_manifest = True
+        self.sync.share.manifest().addCallback(self._send_manifest).addErrback(
+            self._fail, "building the manifest")
+
+    def _send_manifest(self, result: tuple[int, list[FileRecord]]) -> None:
+        self._building_manifest = False
+        if not self.alive:
+            return
+        revision, records = result
+        files = [r.to_wire() for r in records if self._shareable(r)]
+        self._send({
+            "type": "manifest", "peer": self.sync.share.our_peer_id,
+            "revision": revision, "version": revision, "files": files,
+        })
+        self.manifest_sent_revision = revision
+        self._flush_queued()
+
+    def _on_manifest_current(self, body: dict, event: wire.Message) -> None:
+        pass
+
+    def _on_manifest(self, body: dict, event: wire.Message) -> None:
+        files = body.get("files")
+        if not isinstance(files, list):
+            raise ProtocolError("manifest without a files list")
+        revision = body.get("revision", body.get("version"))
+        records: dict[str, FileRecord] = {}
+        for entry in files:
+            record = FileRecord.from_wire(entry)
+            previous = records.get(record.path)
+            records[record.path] = record if previous is None else merge.winner(previous, record)
+        self.peer_revision = revision
+        self._saw_revision(revision)
+        self.sync.share.peer_manifest_seen(self.peer_id, revision)
+        for record in records.values():
+            if not record.deleted and record.sha256:
+                self.acked[record.path] = record.sha256
+        self._receive(sorted(records.values(), key=lambda r: r.path))
+
+    def _on_update(self, body: dict, event: wire.Message) -> None:
+        record = FileRecord.from_wire(body.get("file"))
+        self._saw_revision(body.get("revision"))
+        self._receive([record])
+
+    def _saw_revision(self, revision: Any) -> None:
+        if isinstance(revision, int) and not isinstance(revision, bool):
+            if not isinstance(self.peer_revision_seen, int) or revision > self.peer_revision_seen:
+                self.peer_revision_seen = revision
+
+    def _on_move(self, body: dict, event: wire.Message) -> None:
+        source = validate_wire_path(body.get("source"))
+        destination = FileRecord.from_wire(body.get("destination"))
+        self._saw_revision(body.get("revision"))
+        d = self.sync.receive_move(self, source, destination)
+        d.addCallback(lambda _: self.send_progress() if not self.sync.wanted else None)
+        d.addErrback(self._fail, "applying a move")
+
+    def _receive(self, records: list[FileRecord]) -> None:
+        d = self.sync.receive_records(self, records)
+        d.addCallback(lambda _: self.send_progress() if not self.sync.wanted else None)
+        d.addErrback(self._fail, "merging records")
+
+    def _on_get(self, body: dict, event: wire.Message) -> None:
+        path = validate_wire_path(body.get("path"))
+        requested_range = _parse_range(body.get("range"))
+        if self.sends.waiting_files >= MAX_WAITING_GETS:
+            raise ProtocolError("more than %d file requests waiting" % MAX_WAITING_GETS)
+        self._gets_pending += 1
+        Deferred.fromCoroutine(self._serve(path, requested_range)).addErrback(
+            self._fail, "serving " + path)
+
+    async def _serve(self, path: str, requested_range: tuple[int, int] | None) -> None:
+        try:
+            record = await self.sync.share.get_record(path)
+        finally:
+            self._gets_pending -= 1
+        if not self.alive:
+            return
+        if (record is None or record.deleted or record.is_dir or record.size is None
+                or self.sync.share.is_ignored(path) or self.sync.paused):
+            why = "paused" if self.sync.paused else "no such file in this share"
+            self._send(get_error_message(path, why))
+            return
+        local = self.sync.share.local_path(path)
+        self.sends.send_file(path, local, expected_size=record.size,
+                             request_range=requested_range, on_sent=self._sent_bytes)
+
+    def _sent_bytes(self, count: int) -> None:
+        self.sync.bytes_sent += count
+
+    def _on_file_data(self, body: dict, event: wire.Message) -> None:
+        if not event.has_payload:
+            raise ProtocolError("file_data without a payload")
+        path = validate_wire_path(body.get("path"))
+        receiver = self.pending.pop(path, None)
+        if receiver is None:
+            raise ProtocolError("file_data for %r, which we did not ask for" % path)
+        data_range = _parse_range(body.get("range"))
+        start = data_range[0] if data_range else 0
+        if start != receiver.offset:
+            receiver.abort(keep_partial=False)
+            raise ProtocolError("file_data for %r starts at %d, we asked for %d"
+                                % (path, start, receiver.offset))
+        self.receiving = receiver
+
+    def _on_clearskies_progress(self, body: dict, event: wire.Message) -> None:
+        """Extension: how far the peer has got with our changes (for status and wait)."""
+        revision = body.get("revision")
+        items = body.get("items")
+        if (isinstance(revision, bool) or not isinstance(revision, int)
+                or isinstance(items, bool) or not isinstance(items, int)):
+            raise ProtocolError("clearskies.progress needs integer revision and items")
+        size = body.get("bytes", 0)
+        self.peer_progress = {"revision": revision, "items": items,
+                              "bytes": size if isinstance(size, int) else 0}
+
+    def send_progress(self) -> None:
+        """Tell the peer which of its revisions we hold completely (extension message)."""
+        if "progress" not in (self.connection.established.features or ()):
+            return
+        if not isinstance(self.peer_revision_seen, int):
+            return
+        self._send({"type": "clearskies.progress", "revision": self.peer_revision_seen,
+                    "items": self.sync.items_to_download,
+                    "bytes": self.sync.bytes_to_download})
+
+    def _on_get_error(self, body: dict, event: wire.Message) -> None:
+        path = validate_wire_path(body.get("path"))
+        receiver = self.pending.pop(path, None)
+        if receiver is None:
+            return
+        receiver.abort(keep_partial=True)
+        self._log.info("{peer} cannot send {path}: {message}", peer=self.peer_id, path=path,
+                       message=str(body.get("message", ""))[:200])
+        self.sync.download_failed(self, receiver.expected.path)
+
+    # -- requests ------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        in_flight = sum(1 for s in self.sync.in_flight.values() if s is self)
+        return self.alive and in_flight < self.window
+
+    def request(self, receiver: FileReceiver, remote_path: str) -> None:
+        record = receiver.expected
+        if remote_path in self.pending:
+            # Already asking this peer for that path (for another target): later.
+            receiver.abort(keep_partial=True)
+            if self.sync.in_flight.get(record.path) is self:
+                del self.sync.in_flight[record.path]
+            return
+        self.pending[remote_path] = receiver
+        message: dict[str, Any] = {"type": "get", "path": remote_path}
+        if receiver.offset:
+            message["range"] = [receiver.offset, record.size - receiver.offset]
+        self._send(message)
+
+    def _finish(self, receiver: FileReceiver) -> None:
+        record = receiver.expected
+
+        def done(_: object) -> None:
+            if self.sync.in_flight.get(record.path) is self:
+                del self.sync.in_flight[record.path]
+            self.sync.pump()
+
+        d = Deferred.fromCoroutine(self.sync.finish_download(self, receiver, record))
+        d.addErrback(self._log_failure, "finishing " + record.path)
+        d.addBoth(done)
+
+    # -- pushing our changes ---------------------------------------------------------
+
+    def push_changes(self, records: list[FileRecord], moves: list[tuple[str, FileRecord]],
+                     revision: int, force: bool = False) -> None:
+        """Send changes at ``revision`` unless the peer has them (``force``: send anyway)."""
+        if not self.alive:
+            return
+        if self.manifest_sent_revision is None:
+            self._queued_changes.append((records, moves, revision))
+            return
+        if revision <= self.manifest_sent_revision and not force:
+            return
+        moved_to = {dest.path: source for source, dest in moves}
+        moved_from = set(moved_to.values())
+        for record in records:
+            if not self._shareable(record):
+                continue
+            if record.deleted and record.path in moved_from:
+                continue  # carried by the move message
+            if record.path in moved_to:
+                self._send({
+                    "type": "move", "revision": revision, "source": moved_to[record.path],
+                    "destination": record.to_wire()})
+                if self._reference_peer():
+                    # Peers without move support still need the deletion.
+                    self._send({
+                        "type": "update", "revision": revision,
+                        "file": FileRecord(path=moved_to[record.path], utime=record.utime,
+                                           deleted=True, vv=dict(record.vv)).to_wire()})
+                continue
+            self._send(
+                {"type": "update", "revision": revision, "file": record.to_wire()})
+        self.manifest_sent_revision = max(self.manifest_sent_revision, revision)
+
+    def _flush_queued(self) -> None:
+        queued, self._queued_changes = self._queued_changes, []
+        for records, moves, revision in queued:
+            self.push_changes(records, moves, revision)
+
+    def _reference_peer(self) -> bool:
+        return "vv" not in (self.connection.established.features or ())
+
+    def _shareable(self, record: FileRecord) -> bool:
+        return self.supports_dirs or not record.is_dir
+
+    # -- acknowledgement (for peers without version vectors) ---------------------------
+
+    def acknowledge(self, record: FileRecord) -> None:
+        if record.sha256:
+            self.acked[record.path] = record.sha256
+
+    def local_unacked(self, local: FileRecord | None) -> bool:
+        """Our version of a path has changes this peer has not confirmed holding."""
+        if local is None or local.deleted or local.is_dir:
+            return False
+        if local.vv.get(self.sync.share.our_peer_id, 0) == 0:
+            return False
+        return self.acked.get(local.path) != local.sha256
+
+    # -- errors -------------------------------------------------------------------------
+
+    def _fail(self, failure: Failure, doing: str) -> None:
+        if failure.check(ProtocolError):
+            self._log.warn("closing connection to {peer}: {why}", peer=self.peer_id,
+                           why=failure.getErrorMessage())
+            self.connection.close(failure.getErrorMessage())
+            return
+        self._log_failure(failure, doing)
+
+    def _log_failure(self, failure: Failure, doing: str) -> None:
+        self._log.failure("error while {doing} with {peer}", failure, doing=doing,
+                          peer=self.peer_id)
+
+
+def _opener_key(connection: Any, our_peer_id: str, their_peer_id: str,
+                we_opened: bool) -> tuple[str, int]:
+    """(peer ID of the side that opened the TCP connection, its source port)."""
+    transport = connection.transport
+    try:
+        address = transport.getHost() if we_opened else transport.getPeer()
+        port = int(getattr(address, "port", 0) or 0)
+    except Exception:
+        port = 0
+    return (our_peer_id if we_opened else their_peer_id, port)
+
+
+def _parse_range(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_RANGE
+                       for v in value)):
+        raise ProtocolError("range must be [start, length] of non-negative integers")
+    return (value[0], value[1])
+
+
+__all__ = ["ShareSync", "SyncSession", "LocalShare", "Wanted", "get_error_message"]

@@ -1,0 +1,129 @@
+"""Two real daemons on 127.0.0.1, driven only through the ``clearskies`` CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import assert_trees_equal, tree_snapshot, wait_until
+
+pytestmark = pytest.mark.slow
+
+SYNC_TIMEOUT = 30.0
+
+
+def _attach_pair(daemon_factory):
+    alice = daemon_factory("alice")
+    bob = daemon_factory("bob")
+    return alice, bob
+
+
+def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
+    """Wait until both trees are identical (and stay so for a moment)."""
+    def same() -> bool:
+        return tree_snapshot(a.shares) == tree_snapshot(b.shares)
+    try:
+        wait_until(same, timeout=timeout, interval=0.2)
+    except TimeoutError:
+        assert_trees_equal(a.shares, b.shares)
+        raise
+
+
+def _share_and_attach(alice, bob, *share_args: str) -> str:
+    code = alice.cli_json("share", str(alice.shares), *share_args)["access_code"]
+    bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
+    return code
+
+
+def _no_temp_files(root: Path) -> None:
+    leftovers = [p for p in root.rglob("*") if p.name.endswith(".!clearsky")]
+    assert leftovers == []
+
+
+def test_share_attach_and_edit_both_ways(daemon_factory):
+    """Files of every kind flow both ways and both trees end byte-identical."""
+    alice, bob = _attach_pair(daemon_factory)
+    a, b = Path(alice.shares), Path(bob.shares)
+    (a / "hello.txt").write_text("hello from alice\n")
+    (a / "empty").write_bytes(b"")
+    (a / "empty-dir").mkdir()
+    (a / "deep" / "er" / "tree").mkdir(parents=True)
+    (a / "deep" / "er" / "tree" / "leaf.bin").write_bytes(os.urandom(300_000))
+    script = a / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+
+    _share_and_attach(alice, bob)
+    _in_sync(alice, bob)
+    assert (b / "hello.txt").read_text() == "hello from alice\n"
+    assert (b / "empty-dir").is_dir()
+    assert os.stat(b / "run.sh").st_mode & 0o777 == 0o755
+
+    # Bob edits, creates and deletes; Alice follows.
+    (b / "hello.txt").write_text("bob was here\n")
+    (b / "from-bob.txt").write_text("new file\n")
+    (b / "empty").unlink()
+    bob.cli("scan", str(b))
+    _in_sync(alice, bob)
+    assert (a / "hello.txt").read_text() == "bob was here\n"
+    assert not (a / "empty").exists()
+
+    # Alice renames a directory tree, changes a mode and grows an empty file.
+    os.rename(a / "deep", a / "moved")
+    (a / "run.sh").chmod(0o700)
+    (a / "grows").write_bytes(b"")
+    alice.cli("scan", str(a))
+    _in_sync(alice, bob)
+    (a / "grows").write_bytes(os.urandom(2_000_000))
+    alice.cli("scan", str(a))
+    _in_sync(alice, bob)
+    assert not (b / "deep").exists()
+    assert (b / "moved" / "er" / "tree" / "leaf.bin").read_bytes() == \
+        (a / "moved" / "er" / "tree" / "leaf.bin").read_bytes()
+    _no_temp_files(a)
+    _no_temp_files(b)
+
+
+def test_changes_made_while_a_peer_is_down_sync_after_restart(daemon_factory):
+    """Bob stops, both sides change things, Bob starts again: everything converges."""
+    alice, bob = _attach_pair(daemon_factory)
+    a, b = Path(alice.shares), Path(bob.shares)
+    (a / "keep.txt").write_text("1\n")
+    _share_and_attach(alice, bob)
+    _in_sync(alice, bob)
+
+    bob.cli("stop")
+    wait_until(lambda: not bob.running, timeout=15)
+    (a / "while-away.txt").write_text("alice wrote this while bob was away\n")
+    (b / "offline-edit.txt").write_text("bob wrote this offline\n")
+    alice.cli("scan", str(a))
+    bob.start()
+    _in_sync(alice, bob)
+    assert (b / "while-away.txt").exists() and (a / "offline-edit.txt").exists()
+
+    listing = {s["path"]: s for s in bob.cli_json("list")["shares"]}
+    assert listing[os.path.realpath(b)]["files"] == 3
+
+
+def test_concurrent_edits_keep_both_versions(daemon_factory):
+    """The same file edited on both sides while apart ends as the file plus a conflict copy."""
+    alice, bob = _attach_pair(daemon_factory)
+    a, b = Path(alice.shares), Path(bob.shares)
+    (a / "notes.txt").write_text("original\n")
+    _share_and_attach(alice, bob)
+    _in_sync(alice, bob)
+
+    bob.cli("stop")
+    wait_until(lambda: not bob.running, timeout=15)
+    (a / "notes.txt").write_text("alice's version\n")
+    alice.cli("scan", str(a))
+    (b / "notes.txt").write_text("bob's version, a bit longer\n")
+    bob.start()
+    bob.cli("scan", str(b))
+    _in_sync(alice, bob)
+
+    contents = sorted(p.read_text() for p in a.iterdir() if p.name.startswith("notes"))
+    assert contents == ["alice's version\n", "bob's version, a bit longer\n"]
+    assert any(".CONFLICT." in p.name for p in a.iterdir())
