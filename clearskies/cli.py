@@ -177,7 +177,7 @@ class Cli:
     def cmd_status(self) -> int:
         if self.args.path:
             reply = self.request({"type": ".clearskies.share_status",
-                                  "path": os.path.abspath(self.args.path)})
+                                  "path": os.path.realpath(self.args.path)})
             self.emit(reply, lambda: self.print_share_status(reply))
             return EXIT_OK
         reply = self.request({"type": "status"})
@@ -208,7 +208,7 @@ class Cli:
                 share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
 
     def cmd_share(self) -> int:
-        path = os.path.abspath(self.args.path)
+        path = os.path.realpath(self.args.path)
         if not os.path.isdir(path):
             raise CommandFailed("%s is not a directory; create it first" % path)
         self.ensure_daemon()
@@ -240,7 +240,7 @@ class Cli:
             parse_code(self.args.code)
         except AccessCodeError as e:
             raise CommandFailed("invalid access code: %s" % e) from None
-        path = os.path.abspath(self.args.path)
+        path = os.path.realpath(self.args.path)
         self.ensure_daemon()
         request: dict[str, Any] = {"type": "add_share", "code": self.args.code, "path": path}
         if self.args.peer:
@@ -254,7 +254,7 @@ class Cli:
         return self.wait_for_sync(path, self.args.timeout_wait, require_peer=True)
 
     def cmd_wait(self) -> int:
-        path = os.path.abspath(self.args.path)
+        path = os.path.realpath(self.args.path)
         return self.wait_for_sync(path, self.args.timeout_wait, require_peer=False)
 
     def wait_for_sync(self, path: str, timeout: float | None, require_peer: bool) -> int:
@@ -288,14 +288,14 @@ class Cli:
             self.sleep(0.25)
 
     def cmd_scan(self) -> int:
-        path = os.path.abspath(self.args.path)
+        path = os.path.realpath(self.args.path)
         reply = self.request({"type": ".clearskies.scan", "path": path})
         self.emit(reply, lambda: self.line("scanned %s: %d changes" % (
             path, reply.get("changes", 0))))
         return EXIT_OK
 
     def cmd_detach(self) -> int:
-        path = os.path.abspath(self.args.path)
+        path = os.path.realpath(self.args.path)
         self.request({"type": "remove_share", "path": path})
         self.line("%s is no longer synced (its files stay where they are)" % path)
         return EXIT_OK
@@ -315,7 +315,7 @@ class Cli:
         return EXIT_OK
 
     def cmd_peers(self) -> int:
-        path = os.path.abspath(self.args.path)
+        path = os.path.realpath(self.args.path)
         if self.args.peers_action == "add":
             self.request({"type": ".clearskies.add_peer", "path": path,
                           "address": self.args.address})
@@ -335,7 +335,7 @@ class Cli:
         return EXIT_OK
 
     def cmd_codes(self) -> int:
-        path = os.path.abspath(self.args.path)
+        path = os.path.realpath(self.args.path)
         codes = self.request({"type": ".clearskies.codes", "path": path})["codes"]
 
         def human() -> None:
