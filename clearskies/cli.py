@@ -188,6 +188,8 @@ class Cli:
             self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
             if "shares" in reply:
                 self.line("shares: %d" % reply["shares"])
+            if reply.get("port"):
+                self.line("listening for peers on port %d" % reply["port"])
         self.emit(reply, human)
         return EXIT_OK
 

@@ -41,7 +41,7 @@ RETRY_AFTER = 30.0
 """Seconds before a file that failed from one peer is asked from it again."""
 
 MAX_RANGE = 2**63
-MAX_WAITING_GETS = 256
+MAX_WAITING_GETS = 64
 """File requests a peer may have waiting on one connection before it is cut off."""
 
 
@@ -183,6 +183,11 @@ class ShareSync:
             if wanted is not None and not record.same_content(wanted.record):
                 # A local edit supersedes what we were fetching; merge decides again later.
                 self.wanted.pop(record.path, None)
+            if not record.deleted and self.pending_rmdirs:
+                # Something new lives here now: its directories stay.
+                for directory in [d for d in self.pending_rmdirs
+                                  if record.path == d or record.path.startswith(d + "/")]:
+                    del self.pending_rmdirs[directory]
         for session in list(self.sessions.values()):
             session.push_changes(records, list(moves), revision)
 
