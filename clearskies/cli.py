@@ -120,10 +120,13 @@ class Cli:
             cmd += ["--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
                     "--logfile", os.path.join(self.data_dir, "clearskies.log")]
         cmd += ["clearskies", "--data-dir", self.data_dir]
-        for option in ("listen", "name"):
+        for option in ("listen", "name", "tor_control", "tor_config"):
             value = getattr(args, option, None)
             if value:
-                cmd += ["--" + option, value]
+                cmd += ["--" + option.replace("_", "-"), value]
+        for flag in ("tor", "tor_only", "no_tor"):
+            if getattr(args, flag, False):
+                cmd.append("--" + flag.replace("_", "-"))
         for tracker in getattr(args, "tracker", None) or []:
             cmd += ["--tracker", tracker]
         if getattr(args, "no_lan", False):
@@ -190,6 +193,10 @@ class Cli:
                 self.line("shares: %d" % reply["shares"])
             if reply.get("port"):
                 self.line("listening for peers on port %d" % reply["port"])
+            if reply.get("onion_address"):
+                self.line("reachable through Tor at %s" % reply["onion_address"])
+            if reply.get("tor_error"):
+                self.line("Tor problem: %s" % reply["tor_error"])
         self.emit(reply, human)
         return EXIT_OK
 
@@ -436,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--name", help="the name other peers see for this machine")
     start.add_argument("--tracker", action="append", help="tracker URL (repeatable)")
     start.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    start.add_argument("--tor", action="store_true",
+                       help="also be reachable through Tor (an onion service)")
+    start.add_argument("--tor-only", action="store_true",
+                       help="use nothing but Tor: no public port, no LAN, all traffic through Tor")
+    start.add_argument("--no-tor", action="store_true", help="turn Tor off again")
+    start.add_argument("--tor-control", metavar="ENDPOINT",
+                       help="use a running tor's control port instead of starting one")
+    start.add_argument("--tor-config", metavar="FILE",
+                       help="advanced/testing: JSON file of extra torrc options")
     sub.add_parser("stop", help="stop the daemon")
 
     status = sub.add_parser("status", help="daemon status, or one share's with PATH")

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,7 +34,7 @@ from clearskies.discovery.connector import ConnectionManager
 from clearskies.errors import ConfigurationError, ShareError
 from clearskies.handshake import ConnectTarget
 from clearskies.keys import ShareKeys, generate_share_keys
-from clearskies.peer import PeerProtocol, PeerServerFactory, connect_peer
+from clearskies.peer import FailureLimiter, PeerProtocol, PeerServerFactory, connect_peer
 from clearskies.share.database import AccessCodeInfo, PeerInfo, ShareInfo, ShareStore  # noqa: F401
 from clearskies.share.runtime import ShareRuntime
 from clearskies.share.service import create_share as register_share
@@ -45,6 +45,35 @@ FEATURES = ("vv", "directories", "progress")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 RATE_INTERVAL = 1.0
+
+#: Tor modes: off, reachable through Tor as well ("on"), or nothing outside Tor ("only").
+TOR_MODES = ("off", "on", "only")
+#: Where the onion service's connections arrive (protocol/tor.md).
+ONION_LISTEN = "tcp:0:interface=127.0.0.1"
+#: The name peers see under --tor-only when none was chosen (never the host name).
+NEUTRAL_NAME = "ClearSkies peer"
+#: Failed handshakes through the onion service all come from 127.0.0.1, so they are
+#: limited as one class, with a higher threshold and a short block (protocol/tor.md).
+ONION_FAILURE_THRESHOLD = 60
+ONION_BLOCK = 5.0
+ONION_MAX_BLOCK = 60.0
+
+
+def is_loopback_listen(description: str) -> bool:
+    """Whether a server endpoint string is TCP bound to a 127.0.0.0/8 address only."""
+    import ipaddress
+
+    kind, _, rest = description.partition(":")
+    if kind != "tcp":
+        return False
+    for part in rest.split(":"):
+        name, equals, value = part.partition("=")
+        if equals and name == "interface":
+            try:
+                return ipaddress.ip_address(value).is_loopback
+            except ValueError:
+                return False
+    return False
 
 
 def new_peer_id() -> str:
@@ -65,6 +94,11 @@ class DaemonSettings:
     lan_port: int = 60106
     lan_group: str | None = None
     lan_interface: str = "0.0.0.0"
+    #: None: keep the mode stored in the data directory (default off); else one of TOR_MODES.
+    tor_mode: str | None = None
+    tor_control: str | None = None
+    #: Extra torrc options for a tor we start (testing and advanced use).
+    tor_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +166,11 @@ class Daemon(MultiService):
         self.connector: ConnectionManager | None = None
         self.lan = None
         self.trackers: list[Any] = []
+        self.tor_mode = "off"
+        self.tor_control: str | None = None
+        self.tor: Any = None  # clearskies.discovery.tor.TorService when Tor is on
+        self.onion_factory: PeerServerFactory | None = None
+        self.onion_listener: IListeningPort | None = None
         self.upload = RateMeter()
         self.download = RateMeter()
         self.ready: Deferred[None] = Deferred()
@@ -182,7 +221,9 @@ class Daemon(MultiService):
             code = parse_code(self.settings.join_code)
             if access_id(code) not in self.joins:
                 await self.add_join(code, self.settings.join_into, [])
+        await self._choose_tor_mode()
         await self._listen_peers()
+        self._start_tor()
         self._start_discovery()
         self.control_port = await listen_control(
             self.reactor, self.control_path, ControlFactory(self._dispatcher(), SOFTWARE))
@@ -194,10 +235,13 @@ class Daemon(MultiService):
     async def _stop(self) -> None:
         if self.control_port is not None:
             await self.control_port.stopListening()
-        if self.peer_port is not None:
-            await self.peer_port.stopListening()
-        if self.peer_factory is not None:
-            for protocol in list(self.peer_factory.connections | self.peer_factory.handshaking):
+        for port in (self.peer_port, self.onion_listener):
+            if port is not None:
+                await port.stopListening()
+        for factory in (self.peer_factory, self.onion_factory):
+            if factory is None:
+                continue
+            for protocol in list(factory.connections | factory.handshaking):
                 protocol.close("daemon shutting down")
         for runtime in list(self.shares.values()):
             await runtime.stop()
@@ -325,7 +369,7 @@ class Daemon(MultiService):
             raise ConfigurationError("%s is already a share" % path)
         self._check_not_nested(path)
         for peer in peers:
-            parse_user_address(peer)
+            self.check_peer_address(peer)
         os.makedirs(path, exist_ok=True)
         join = PendingJoin(code, path, new_peer_id(), list(peers))
         self.joins[join.access_id] = join
@@ -414,15 +458,108 @@ class Daemon(MultiService):
         return _TrackedSession(session, runtime, info.their_peer_id)
 
     async def _listen_peers(self) -> None:
-        self.peer_factory = PeerServerFactory(
-            self.reactor, self, self.name, self.session_factory, features=FEATURES)
-        endpoint = endpoints.serverFromString(self.reactor, self.settings.listen)
+        listen = self.settings.listen
+        if self.tor_only and not is_loopback_listen(listen):
+            self._log.warn("Tor only: not listening on {listen}; peers reach us through "
+                           "the onion service on {local}", listen=listen, local=ONION_LISTEN)
+            listen = ONION_LISTEN
+        factory = PeerServerFactory(
+            self.reactor, self, self.name, self.session_factory, features=FEATURES,
+            limiter=self._onion_limiter() if self.tor_only else None)
+        self.peer_port = await self._listen(listen, factory)
+        self.peer_factory = factory
+        self._port_number = getattr(self.peer_port.getHost(), "port", 0)
+        if self.tor_only:
+            # The one (loopback) listener is the onion service's target.
+            self.onion_factory, self.onion_listener = factory, self.peer_port
+        elif self.tor_mode == "on":
+            # A separate loopback port, so that onion connections (which all come
+            # from 127.0.0.1) have their own failure limit and never lock out
+            # the clearnet port's local peers, nor the other way round.
+            self.onion_factory = PeerServerFactory(
+                self.reactor, self, self.name, self.session_factory, features=FEATURES,
+                limiter=self._onion_limiter())
+            self.onion_listener = await self._listen(ONION_LISTEN, self.onion_factory)
+
+    async def _listen(self, description: str, factory: PeerServerFactory) -> IListeningPort:
+        endpoint = endpoints.serverFromString(self.reactor, description)
         try:
-            self.peer_port = await endpoint.listen(self.peer_factory)
-            self._port_number = getattr(self.peer_port.getHost(), "port", 0)
+            return await endpoint.listen(factory)
         except Exception as e:
             raise ConfigurationError("cannot listen for peers on %s: %s"
-                                     % (self.settings.listen, e)) from None
+                                     % (description, e)) from None
+
+    def _onion_limiter(self) -> FailureLimiter:
+        return FailureLimiter(self.reactor, threshold=ONION_FAILURE_THRESHOLD,
+                              base_delay=ONION_BLOCK, max_delay=ONION_MAX_BLOCK)
+
+    # -- Tor ---------------------------------------------------------------------------------
+
+    @property
+    def tor_only(self) -> bool:
+        return self.tor_mode == "only"
+
+    async def _choose_tor_mode(self) -> None:
+        """Command-line Tor settings win and are kept; otherwise the stored ones apply.
+
+        Kept so that a daemon started once with --tor-only and later started
+        again without options (``clearskies share`` does that) never leaks.
+        """
+        stored = self.config.get("tor") or {}
+        if self.settings.tor_mode is not None:
+            mode, control = self.settings.tor_mode, self.settings.tor_control
+            wanted = {"mode": mode, "control": control}
+            if wanted != stored:
+                self.config["tor"] = wanted
+                await self.store.set_config("tor", wanted)
+        else:
+            mode, control = stored.get("mode", "off"), stored.get("control")
+        if mode not in TOR_MODES:
+            raise ConfigurationError("unknown Tor mode %r in the stored settings; start once "
+                                     "with --tor, --tor-only or --no-tor" % (mode,))
+        self.tor_mode, self.tor_control = mode, control
+        if self.tor_only and not self.settings.name:
+            self.name = self.config.get("name") or NEUTRAL_NAME
+            self._log.info("Tor only: peers see this daemon as {name!r} (set it with --name)",
+                           name=self.name)
+
+    def _start_tor(self) -> None:
+        if self.tor_mode == "off":
+            return
+        from clearskies.discovery.tor import TorService
+
+        try:
+            self.tor = TorService(
+                self.reactor, self.data_dir, lambda: self.onion_listener.getHost().port,
+                control_endpoint=self.tor_control,
+                extra_config=self.settings.tor_config if self.tor_control is None else None,
+                runner=self.cpu_runner)
+        except ConfigurationError as e:
+            self._log.error("Tor is not available; peers are reached without it: {why}",
+                            why=str(e))
+            return
+        self.tor.setServiceParent(self)
+        self.tor.ready.addCallbacks(self._tor_ready, lambda _: None)  # the service logs failures
+
+    def _tor_ready(self, address: str) -> None:
+        self._log.info("reachable through Tor at {address}", address=address)
+        if self.tor_only:
+            self._start_trackers()
+
+    def onion_address(self) -> str | None:
+        """``tor:<name>.onion:<port>`` while our onion service is published."""
+        return self.tor.onion_address() if self.tor is not None else None
+
+    def _endpoint(self, address: Address) -> Deferred[Any]:
+        """The client endpoint for ``address``: through Tor for ``tor:`` (and, under
+        --tor-only, every) address, once Tor is ready; directly otherwise."""
+        if address.proto != "tor" and not self.tor_only:
+            return succeed(endpoints.clientFromString(self.reactor, address.endpoint_string()))
+        tor = self.tor
+        if tor is None:
+            return fail(ConfigurationError(
+                "%s can only be reached through Tor; start the daemon with --tor" % (address,)))
+        return tor.ready.addCallback(lambda _: tor.client_endpoint(address.host, address.port))
 
     @property
     def listening_port(self) -> int:
@@ -433,9 +570,14 @@ class Daemon(MultiService):
         target = self._target_for(target_id)
         if target is None:
             return Deferred.fromCoroutine(_fail(ConfigurationError("nothing to connect for")))
-        endpoint = endpoints.clientFromString(self.reactor, address.endpoint_string())
-        d = connect_peer(self.reactor, endpoint, target, self, self.name,
-                         self.session_factory, features=FEATURES)
+        try:
+            d = self._endpoint(address)
+        except Exception as e:  # e.g. Tor went away: this dial fails, others go on
+            d = fail(e)
+        d.addCallback(lambda endpoint: connect_peer(self.reactor, endpoint, target, self,
+                                                    self.name, self.session_factory,
+                                                    features=FEATURES))
+
         def dialled(protocol: PeerProtocol) -> _Dialled:
             protocol.dialled_address = address  # type: ignore[attr-defined]
             return _Dialled(protocol)
@@ -459,17 +601,38 @@ class Daemon(MultiService):
 
     def own_addresses(self) -> list[Address]:
         port = self.listening_port
-        if not port:
-            return []
-        return [make_address("tcp", "127.0.0.1", port), make_address("tcp", "::1", port)]
+        own = []
+        if port:
+            own = [make_address("tcp", "127.0.0.1", port), make_address("tcp", "::1", port)]
+        onion = self.onion_address()
+        if onion is not None:
+            _, host, onion_port = onion.split(":")
+            own.append(make_address("tor", host, int(onion_port)))
+        return own
+
+    def check_peer_address(self, text: str) -> Address:
+        """Parse a manual peer address; under --tor-only only ``tor:`` addresses are taken."""
+        address = parse_user_address(text)
+        if self.tor_only and address.proto != "tor":
+            raise ConfigurationError(
+                "%s is not a tor: address; with --tor-only the daemon only connects to "
+                "peers by their tor:NAME.onion:PORT address" % (text,))
+        return address
 
     def add_manual_peer(self, target_id: str, address: str) -> None:
-        if self.connector is not None:
-            self.connector.add_candidate(target_id, parse_user_address(address), source="manual")
+        if self.connector is None:
+            return
+        try:
+            parsed = self.check_peer_address(address)
+        except ConfigurationError as e:
+            self._log.warn("ignoring manual peer: {why}", why=str(e))
+            return
+        self.connector.add_candidate(target_id, parsed, source="manual")
 
     def _start_discovery(self) -> None:
         self.connector = ConnectionManager(
-            self.reactor, self.dial, self.is_connected, self.own_peer_ids, self.own_addresses)
+            self.reactor, self.dial, self.is_connected, self.own_peer_ids, self.own_addresses,
+            protocols=("tcp", "tor") if self.tor_mode != "off" else ("tcp",))
         self.connector.setServiceParent(self)
         for target_id in self.registrations_ids():
             for address in self.settings.peers + self.manual_peers(target_id):
@@ -478,13 +641,14 @@ class Daemon(MultiService):
             for address in join.peers:
                 self.add_manual_peer(join.access_id, address)
         self._start_lan()
-        self._start_trackers()
+        if not self.tor_only:  # under --tor-only: once Tor is ready (_tor_ready)
+            self._start_trackers()
 
     def manual_peers(self, target_id: str) -> list[str]:
         return list(self.config.get("manual_peers", {}).get(target_id, []))
 
     async def remember_manual_peer(self, share_id: str, address: str) -> None:
-        parse_user_address(address)
+        self.check_peer_address(address)
         peers = self.config.setdefault("manual_peers", {})
         listed = peers.setdefault(share_id, [])
         if address not in listed:
@@ -514,7 +678,7 @@ class Daemon(MultiService):
             self.connector.add_candidate(target_id, address, peer_id=peer_id, source=source)
 
     def _start_lan(self) -> None:
-        if not self.settings.lan:
+        if not self.settings.lan or self.tor_only:
             return
         from clearskies.discovery.lan import DEFAULT_GROUP, LanDiscovery
 
@@ -541,9 +705,11 @@ class Daemon(MultiService):
             for peer_id, address in peers:
                 self._on_discovered(target_id, peer_id, address, "tracker")
 
+        # Under --tor-only every tracker request goes through Tor (protocol/tor.md).
+        agent = self.tor.web_agent() if self.tor_only and self.settings.trackers else None
         for url in self.settings.trackers:
             client = TrackerClient(self.reactor, url, self.registrations,
-                                   lambda: (self.listening_port, None), on_peers)
+                                   lambda: (self.listening_port, None), on_peers, agent=agent)
             client.setServiceParent(self)
             self.trackers.append(client)
 

@@ -8,6 +8,7 @@ reactor starts, inside ``clearskies.daemon.Daemon``.
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.python import usage
@@ -35,6 +36,11 @@ class Options(usage.Options):
 
     optFlags = [
         ["no-lan", None, "Do not announce or listen for peers on the local network."],
+        ["tor", None, "Also be reachable through Tor: publish an onion service and "
+                      "reach tor: peers through Tor (kept for later runs)."],
+        ["tor-only", None, "Use nothing but Tor: no public port, no LAN discovery, "
+                           "trackers and peers only through Tor (kept for later runs)."],
+        ["no-tor", None, "Turn Tor off again after an earlier --tor or --tor-only."],
     ]
     optParameters = [
         ["data-dir", "d", None,
@@ -47,6 +53,12 @@ class Options(usage.Options):
         ["lan-port", None, 60106, "UDP port for LAN announcements.", int],
         ["lan-group", None, None, "IPv4 multicast group for LAN announcements."],
         ["lan-interface", None, "0.0.0.0", "Interface address for LAN multicast."],
+        ["tor-control", None, None,
+         "Use the running tor at this control endpoint (e.g. unix:/run/tor/control) "
+         "instead of starting one; implies --tor."],
+        ["tor-config", None, None,
+         "Advanced and testing use: a JSON file of extra torrc options for the tor the "
+         "daemon starts, e.g. {\"DirAuthority\": [...]} to join a private Tor network."],
     ]
 
     def __init__(self) -> None:
@@ -89,6 +101,63 @@ class Options(usage.Options):
             self["into"] = os.path.abspath(os.path.expanduser(self["into"]))
         if not 0 < self["lan-port"] < 65536:
             raise usage.UsageError("--lan-port must be between 1 and 65535")
+        self._check_tor()
+
+    def _check_tor(self) -> None:
+        """Settle the Tor mode (None: the one stored in the data directory) and its options."""
+        self["tor-mode"] = None
+        self["tor-extra"] = {}
+        if self["no-tor"]:
+            if self["tor"] or self["tor-only"] or self["tor-control"] or self["tor-config"]:
+                raise usage.UsageError("--no-tor cannot go with other Tor options")
+            self["tor-mode"] = "off"
+            return
+        if self["tor-only"]:
+            self["tor-mode"] = "only"
+        elif self["tor"] or self["tor-control"] or self["tor-config"]:
+            self["tor-mode"] = "on"
+        if self["tor-control"] and self["tor-config"]:
+            raise usage.UsageError("--tor-config only applies to a tor the daemon starts, "
+                                   "not to the running tor at --tor-control")
+        if self["tor-config"]:
+            self["tor-extra"] = _read_tor_config(self["tor-config"])
+        if self["tor-mode"] != "only":
+            return
+        if self["listen"] == "tcp:0":
+            self["listen"] = "tcp:0:interface=127.0.0.1"
+        elif not _loopback(self["listen"]):
+            raise usage.UsageError(
+                "--tor-only opens no public port: --listen must be a TCP port on 127.0.0.1 "
+                "(the onion service's target), e.g. tcp:0:interface=127.0.0.1")
+        for peer in self["peers"]:
+            if not peer.startswith("tor:") and not peer.rpartition(":")[0].endswith(".onion"):
+                raise usage.UsageError(
+                    "--peer %s: with --tor-only, peers are reached only by their "
+                    "tor:NAME.onion:PORT address" % peer)
+
+
+def _loopback(listen: str) -> bool:
+    from clearskies.daemon import is_loopback_listen
+
+    return is_loopback_listen(listen)
+
+
+def _read_tor_config(path: str) -> dict:
+    """The JSON object of extra torrc options in ``path``, checked like TorService checks it."""
+    from clearskies.discovery.tor import check_extra_config
+    from clearskies.errors import ConfigurationError
+
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise usage.UsageError("--tor-config %s: cannot read it as JSON (%s)" % (path, e)) from None
+    if not isinstance(value, dict):
+        raise usage.UsageError("--tor-config %s must hold a JSON object of torrc options" % path)
+    try:
+        return check_extra_config(value)
+    except ConfigurationError as e:
+        raise usage.UsageError("--tor-config %s: %s" % (path, e)) from None
 
 
 def makeService(options: Options):
@@ -109,5 +178,8 @@ def makeService(options: Options):
         lan_port=options["lan-port"],
         lan_group=options["lan-group"],
         lan_interface=options["lan-interface"],
+        tor_mode=options["tor-mode"],
+        tor_control=options["tor-control"],
+        tor_config=dict(options["tor-extra"]),
     )
     return Daemon(reactor, settings)

@@ -110,6 +110,10 @@ class DaemonCommands(CommandDispatcher):
             "pending_attaches": len(daemon.joins),
             "port": daemon.listening_port,
             "name": daemon.name,
+            "tor": daemon.tor_mode,
+            "onion_address": daemon.onion_address(),
+            "tor_error": str(daemon.tor.error) if daemon.tor is not None and daemon.tor.error
+            else None,
         }
 
     async def cmd_create_share(self, request: dict[str, Any]) -> dict[str, Any]:
