@@ -1,0 +1,347 @@
+"""The sync session against an in-memory share: messages in, messages and files out."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from clearskies import wire
+from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.share.records import FileRecord
+from clearskies.sync import ShareSync, SyncSession
+from clearskies.threads import SyncRunner
+
+US = "a" * 32
+THEM = "b" * 32
+OTHER = "c" * 32
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_record(path: str, data: bytes, vv: dict[str, int], utime: float = 10.0) -> FileRecord:
+    return FileRecord(path=path, utime=utime, size=len(data), mtime=(1, 0), mode=0o644,
+                      sha256=sha(data), vv=vv)
+
+
+class MemoryShare:
+    """A LocalShare whose records live in a dict and whose files live in a temp dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.share_id = "f" * 64
+        self.our_peer_id = US
+        self.root = root
+        self.runner = SyncRunner()
+        self.records: dict[str, FileRecord] = {}
+        self.rev = 0
+        self.ignored: set[str] = set()
+        self.commits: list[list[FileRecord]] = []
+
+    def revision(self) -> int:
+        return self.rev
+
+    def manifest(self):
+        return succeed((self.rev, [self.records[p] for p in sorted(self.records)]))
+
+    def get_record(self, path: str):
+        return succeed(self.records.get(path))
+
+    def local_path(self, path: str) -> Path:
+        if ".." in path.split("/") or path.startswith("/"):
+            raise UnsafePathError(path)
+        return self.root / path
+
+    def is_ignored(self, path: str) -> bool:
+        return path in self.ignored
+
+    def is_unchanged(self, path: str):
+        record = self.records.get(path)
+        local = self.root / path
+        if record is None or record.deleted:
+            return succeed(not local.exists())
+        return succeed(local.exists() and sha(local.read_bytes()) == record.sha256)
+
+    def commit_remote(self, records: list[FileRecord], written: Any = None):
+        self.rev += 1
+        for record in records:
+            self.records[record.path] = record
+        self.commits.append(list(records))
+        return succeed(self.rev)
+
+    def find_local_copy(self, digest: str):
+        for record in self.records.values():
+            if record.sha256 == digest and (self.root / record.path).exists():
+                return succeed(self.root / record.path)
+        return succeed(None)
+
+    def remove_local(self, path: str):
+        local = self.root / path
+        if local.is_dir():
+            local.rmdir()
+        elif local.exists():
+            local.unlink()
+        return succeed(True)
+
+    def make_directory(self, path: str, mode: int | None):
+        (self.root / path).mkdir(parents=True, exist_ok=True)
+        return succeed(None)
+
+    def rename_local(self, source: str, destination: str):
+        target = self.root / destination
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.root / source, target)
+        return succeed(True)
+
+    def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
+        self.seen = (peer_id, revision)
+
+    def add_local(self, path: str, data: bytes, vv: dict[str, int]) -> FileRecord:
+        local = self.root / path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(data)
+        record = file_record(path, data, vv)
+        self.records[path] = record
+        self.rev += 1
+        return record
+
+
+class FakeConnection:
+    """What a session sees of PeerProtocol: established info, a transport, close()."""
+
+    def __init__(self, peer_id: str = THEM, features: tuple[str, ...] = ("vv", "progress"),
+                 we_are_server: bool = True, port: int = 5000) -> None:
+        self.established = SimpleNamespace(
+            their_peer_id=peer_id, we_are_server=we_are_server, features=features,
+            access="read_write")
+        self.transport = StringTransport(
+            hostAddress=SimpleNamespace(port=port), peerAddress=SimpleNamespace(port=port))
+        self.closed: str | None = None
+        self.message_writer = None
+
+    def close(self, reason: str, quiet: bool = False) -> None:
+        self.closed = reason
+
+    def sent(self) -> list[Any]:
+        """Every wire event written so far (and clear the transport)."""
+        decoder = wire.WireDecoder()
+        decoder.receive_data(self.transport.value())
+        self.transport.clear()
+        return list(decoder.events())
+
+    def sent_types(self) -> list[str]:
+        return [e.type for e in self.sent() if isinstance(e, wire.Message)]
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> MemoryShare:
+    root = tmp_path / "share"
+    root.mkdir()
+    return MemoryShare(root)
+
+
+def open_session(share: MemoryShare, clock: Clock, **options: Any):
+    sync = ShareSync(share, clock)
+    connection = FakeConnection(**options)
+    session = SyncSession(sync, connection)
+    session.start(None)
+    return sync, session, connection
+
+
+def message(body: dict[str, Any]) -> wire.Message:
+    return wire.Message(body=body, text=wire.dumps(body))
+
+
+def deliver_file(session: SyncSession, path: str, data: bytes) -> None:
+    session.event_received(wire.Message(body={"type": "file_data", "path": path},
+                                        text=b"", has_payload=True))
+    if data:
+        session.event_received(wire.PayloadChunk(data))
+    session.event_received(wire.PayloadEnd())
+
+
+def test_start_asks_for_the_manifest(share):
+    """A new session's first message is get_manifest."""
+    _, _, connection = open_session(share, Clock())
+    assert [e.body for e in connection.sent()] == [{"type": "get_manifest"}]
+
+
+def test_manifest_lists_records_sorted_and_hides_directories_from_old_peers(share):
+    """The manifest carries every record in path order; directory records need the feature."""
+    share.add_local("b.txt", b"b", {US: 1})
+    share.add_local("a.txt", b"a", {US: 1})
+    share.records["d"] = FileRecord(path="d", utime=1.0, is_dir=True, vv={US: 1})
+    _, session, connection = open_session(share, Clock())
+    connection.sent()
+    session.event_received(message({"type": "get_manifest"}))
+    (manifest,) = connection.sent()
+    assert manifest.body["revision"] == share.rev
+    assert [f["path"] for f in manifest.body["files"]] == ["a.txt", "b.txt"]
+
+
+def test_current_revision_gets_manifest_current(share):
+    """A peer that already has our revision is told so instead of getting the manifest."""
+    share.add_local("a.txt", b"a", {US: 1})
+    _, session, connection = open_session(share, Clock())
+    connection.sent()
+    session.event_received(message({"type": "get_manifest", "revision": share.rev}))
+    assert connection.sent_types() == ["manifest_current"]
+
+
+def test_changes_wait_for_the_manifest_then_go_out_as_updates(share):
+    """Changes before our manifest are carried by it; later ones follow as updates."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    record = share.add_local("new.txt", b"new", {US: 1})
+    sync.local_changes([record], share.rev)
+    assert connection.sent_types() == []
+    session.event_received(message({"type": "get_manifest"}))
+    (manifest,) = connection.sent()
+    assert [f["path"] for f in manifest.body["files"]] == ["new.txt"]
+    later = share.add_local("later.txt", b"later", {US: 1})
+    sync.local_changes([later], share.rev)
+    (update,) = connection.sent()
+    assert update.body["type"] == "update" and update.body["file"]["path"] == "later.txt"
+    assert update.body["revision"] == share.rev
+
+
+def test_update_is_fetched_verified_written_and_relayed(share):
+    """A new remote file is requested, written byte for byte, stored and relayed to others."""
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    other = SyncSession(sync, FakeConnection(peer_id=OTHER, port=6000))
+    other.start(None)
+    other.event_received(message({"type": "get_manifest"}))
+    other.connection.sent()
+    connection.sent()
+    data = os.urandom(3000)
+    record = file_record("dir/file.bin", data, {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 4, "file": record.to_wire()}))
+    requests = [e.body for e in connection.sent() if isinstance(e, wire.Message)]
+    assert {"type": "get", "path": "dir/file.bin"} in requests
+    deliver_file(session, "dir/file.bin", data)
+    assert (share.root / "dir" / "file.bin").read_bytes() == data
+    assert share.records["dir/file.bin"].sha256 == record.sha256
+    relayed = [e.body for e in other.connection.sent() if isinstance(e, wire.Message)]
+    assert any(b["type"] == "update" and b["file"]["path"] == "dir/file.bin" for b in relayed)
+    assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
+
+
+def test_wrong_bytes_are_never_written_under_the_real_name(share):
+    """A payload that does not match its hash is dropped and the file is asked for again."""
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    good = b"the real content"
+    record = file_record("f.txt", good, {THEM: 1})
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    connection.sent()
+    deliver_file(session, "f.txt", b"something else!!")
+    assert not (share.root / "f.txt").exists()
+    assert "f.txt" in sync.wanted and THEM in sync.wanted["f.txt"].failed
+    clock.advance(31)
+    assert "get" in connection.sent_types()
+    deliver_file(session, "f.txt", good)
+    assert (share.root / "f.txt").read_bytes() == good
+
+
+def test_get_of_an_unknown_path_is_answered_with_get_error(share):
+    """We never serve what we do not hold; the peer hears why."""
+    _, session, connection = open_session(share, Clock())
+    connection.sent()
+    session.event_received(message({"type": "get", "path": "nope.txt"}))
+    (reply,) = connection.sent()
+    assert reply.body["type"] == "get_error" and reply.body["path"] == "nope.txt"
+
+
+def test_get_of_a_held_file_streams_its_content(share):
+    """A get for a file we hold is answered with file_data and exactly its bytes."""
+    data = os.urandom(5000)
+    share.add_local("x.bin", data, {US: 1})
+    clock = Clock()
+    _, session, connection = open_session(share, clock)
+    connection.sent()
+    session.event_received(message({"type": "get", "path": "x.bin"}))
+    for _ in range(100):
+        if connection.transport.producer is None:
+            break
+        clock.advance(0)
+    events = connection.sent()
+    assert events[0].body == {"type": "file_data", "path": "x.bin"}
+    assert b"".join(e.data for e in events if isinstance(e, wire.PayloadChunk)) == data
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../b", "nul\x00", "back\\slash"])
+def test_unsafe_paths_are_protocol_errors(share, bad):
+    """Records and requests naming unsafe paths raise ProtocolError (the connection closes)."""
+    _, session, _ = open_session(share, Clock())
+    with pytest.raises(ProtocolError):
+        session.event_received(message({"type": "get", "path": bad}))
+    record = file_record("ok", b"x", {THEM: 1}).to_wire()
+    record["path"] = bad
+    with pytest.raises(ProtocolError):
+        session.event_received(message({"type": "update", "file": record}))
+
+
+def test_payload_for_a_file_we_did_not_ask_for_is_refused(share):
+    """Unrequested file_data is a protocol error, never written."""
+    _, session, _ = open_session(share, Clock())
+    with pytest.raises(ProtocolError):
+        deliver_file(session, "surprise.txt", b"data")
+    assert not (share.root / "surprise.txt").exists()
+
+
+def test_move_of_content_we_hold_is_a_local_rename(share):
+    """A move whose source we hold unchanged renames locally and fetches nothing."""
+    data = b"moving content"
+    share.add_local("old/name.txt", data, {THEM: 1})
+    _, session, connection = open_session(share, Clock())
+    connection.sent()
+    destination = file_record("new/name.txt", data, {THEM: 2})
+    session.event_received(message({"type": "move", "revision": 3, "source": "old/name.txt",
+                                     "destination": destination.to_wire()}))
+    assert (share.root / "new" / "name.txt").read_bytes() == data
+    assert not (share.root / "old" / "name.txt").exists()
+    assert share.records["old/name.txt"].deleted
+    assert "get" not in connection.sent_types()
+
+
+def test_both_ends_keep_the_same_of_two_connections(share):
+    """Whichever arrives first, the connection opened by the smaller peer ID survives."""
+    for first_port, second_port in ((7000, 7001), (7001, 7000)):
+        sync = ShareSync(share, Clock())
+        # THEM > US, so connections we opened (we_are_server=False) win.
+        ours = SyncSession(sync, FakeConnection(we_are_server=False, port=first_port))
+        theirs = SyncSession(sync, FakeConnection(we_are_server=True, port=second_port))
+        ours.start(None)
+        theirs.start(None)
+        assert sync.sessions[THEM] is ours
+        assert theirs.connection.closed is not None
+
+
+def test_progress_report_makes_the_peer_in_sync(share):
+    """A peer that reports our latest revision with nothing left to fetch is in sync."""
+    share.add_local("a.txt", b"a", {US: 1})
+    sync, session, connection = open_session(share, Clock())
+    session.event_received(message({"type": "get_manifest"}))
+    assert not session.in_sync
+    session.event_received(message({"type": "clearskies.progress", "revision": share.rev,
+                                    "items": 0, "bytes": 0}))
+    assert session.in_sync and sync.in_sync
+
+
+def test_ignored_paths_are_not_taken_from_peers(share):
+    """An update for a path the user ignores changes nothing."""
+    share.ignored.add("secret.txt")
+    sync, session, connection = open_session(share, Clock())
+    record = file_record("secret.txt", b"x", {THEM: 1})
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    assert "secret.txt" not in sync.wanted and "secret.txt" not in share.records
