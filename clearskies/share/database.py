@@ -517,6 +517,26 @@ class StateDatabase:
         return {key: json.loads(value)
                 for key, value in self._conn.execute("SELECT key, value FROM config")}
 
+    # -- signed messages (read-only shares) ---------------------------------------
+
+    def put_signed(self, share_id: str,
+                   rows: Sequence[tuple[str, str, bytes | None, bytes | None]]) -> None:
+        """Store (kind, key, text, signature) rows; a row without text is deleted."""
+        with self._transaction() as conn:
+            for kind, key, text, signature in rows:
+                if text is None:
+                    conn.execute("DELETE FROM signed_messages WHERE share_id = ? AND kind = ?"
+                                 " AND key = ?", (share_id, kind, key))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO signed_messages (share_id, kind, key,"
+                                 " text, signature) VALUES (?, ?, ?, ?, ?)",
+                                 (share_id, kind, key, text, signature))
+
+    def list_signed(self, share_id: str) -> list[tuple[str, str, bytes, bytes]]:
+        return [(kind, key, bytes(text), bytes(signature)) for kind, key, text, signature in
+                self._conn.execute("SELECT kind, key, text, signature FROM signed_messages"
+                                   " WHERE share_id = ? ORDER BY rowid", (share_id,))]
+
 
 def _row_from_record(share_id: str, r: FileRecord, revision: int,
                      cache: CacheKey | None) -> tuple[Any, ...]:
@@ -707,3 +727,11 @@ class ShareStore:
 
     def all_config(self) -> Deferred[dict[str, Any]]:
         return self._call(StateDatabase.all_config)
+
+    # signed messages
+    def put_signed(self, share_id: str,
+                   rows: Sequence[tuple[str, str, bytes | None, bytes | None]]) -> Deferred[None]:
+        return self._call(StateDatabase.put_signed, share_id, rows)
+
+    def list_signed(self, share_id: str) -> Deferred[list[tuple[str, str, bytes, bytes]]]:
+        return self._call(StateDatabase.list_signed, share_id)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from clearskies import readonly
 from clearskies.keys import ShareKeys
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
 from clearskies.share.records import FileRecord
@@ -124,6 +125,11 @@ class ShareRuntime:
         self.service = ShareService(daemon.reactor, daemon.store, info, daemon.cpu_runner)
         self.paths = self.service.paths
         self.sync = ShareSync(self, daemon.reactor)
+        self.signing = readonly.ShareSigning(keys, daemon.reactor, info.peer_id,
+                                             persist=self._persist_signed)
+        self.sync.signing = self.signing
+        self.unshared: list[str] = []
+        self._recount_call: Any = None
         self.peers: dict[str, PeerInfo] = {}
         self._revision = info.revision
         self.last_sync: float | None = None
@@ -134,12 +140,16 @@ class ShareRuntime:
 
     async def start(self, new: bool = False) -> None:
         self.peers = {p.peer_id: p for p in await self.store.list_peers(self.share_id)}
+        if self.signing.read_only:
+            self.signing.store.load(await self.store.list_signed(self.share_id))
         self.counts = await self.store.share_counts(self.share_id)
         if self.daemon.paused:
             self.sync.pause()
         self.service.startService()
 
     async def stop(self) -> None:
+        if self._recount_call is not None and self._recount_call.active():
+            self._recount_call.cancel()
         for session in list(self.sync.sessions.values()):
             session.connection.close("share stopping")
         await self.service.stopService()
@@ -208,6 +218,7 @@ class ShareRuntime:
         self._revision = max(self._revision, revision)
         self.last_sync = self.daemon.now()
         self.counts = await self.store.share_counts(self.share_id)
+        self.recount_unshared()
         return revision
 
     def find_local_copy(self, sha256: str) -> Deferred[Path | None]:
@@ -262,11 +273,36 @@ class ShareRuntime:
                         moves: list[Move]) -> None:
         self._revision = max(self._revision, revision)
         self.store.share_counts(self.share_id).addCallback(self._set_counts)
+        self.recount_unshared()
         self.sync.local_changes(records, revision,
                                 [(move.source, move.destination) for move in moves])
 
     def _set_counts(self, counts: ShareCounts) -> None:
         self.counts = counts
+
+    # -- read-only shares (clearskies.readonly) ---------------------------------------
+
+    def _persist_signed(self, changes: list[tuple[str, str, Any]]) -> None:
+        rows = [(kind, key, m.text if m else None, m.signature if m else None)
+                for kind, key, m in changes]
+        self.store.put_signed(self.share_id, rows).addErrback(
+            lambda f: self._log.failure("could not store signed messages", f))
+
+    def recount_unshared(self) -> None:
+        """Soon, count the local changes a read-only share keeps to itself."""
+        if self.signing.read_only and self._recount_call is None:
+            self._recount_call = self.daemon.reactor.callLater(0.2, self._recount)
+
+    def _recount(self) -> None:
+        def done(paths: list[str]) -> None:
+            self._recount_call = None
+            self.unshared = paths
+
+        def failed(f: Any) -> None:
+            self._recount_call = None
+            self._log.failure("could not count local changes", f)
+
+        Deferred.fromCoroutine(readonly.count_unshared(self)).addCallbacks(done, failed)
 
     def last_manifest_revision(self, peer_id: str) -> Any:
         known = self.peers.get(peer_id)

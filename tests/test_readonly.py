@@ -1,0 +1,303 @@
+"""Read-only shares: the pure rules, the signed store and the per-share signing face."""
+
+from __future__ import annotations
+
+import base64
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from clearskies import readonly, wire
+from clearskies.keys import ShareKeys, generate_share_keys
+from clearskies.share.database import ShareInfo, StateDatabase
+from clearskies.share.records import FileRecord
+
+A = "a" * 32  # the read_write peer
+B = "b" * 32  # a read-only peer
+
+
+@pytest.fixture(scope="module")
+def rw_keys() -> ShareKeys:
+    return generate_share_keys(rsa_bits=1024)
+
+
+@pytest.fixture(scope="module")
+def ro_keys(rw_keys: ShareKeys) -> ShareKeys:
+    return ShareKeys.from_keys_message(rw_keys.keys_message("read_only"))
+
+
+def _decode(data: bytes) -> list[Any]:
+    decoder = wire.WireDecoder()
+    decoder.receive_data(data)
+    events = []
+    while (event := decoder.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def _file(path: str, sha: str, vv: dict[str, int], utime: float = 100.0) -> FileRecord:
+    return FileRecord(path=path, utime=utime, size=3, mtime=(1, 0), mode=0o644,
+                      sha256=sha * 64, vv=vv)
+
+
+def _signed(keys: ShareKeys, body: dict, level: str = "read_write") -> readonly.SignedMessage:
+    text = wire.dumps(body)
+    from clearskies.keys import sign
+    return readonly.SignedMessage.parse(text, sign(keys.private_keys[level], text))
+
+
+def _update(record: FileRecord) -> dict:
+    return {"type": "update", "revision": 1, "file": record.to_wire()}
+
+
+def _manifest(records: list[FileRecord], revision: int = 1, peer: str = A) -> dict:
+    return {"type": "manifest", "peer": peer, "revision": revision,
+            "files": [r.to_wire() for r in records]}
+
+
+# -- rules -------------------------------------------------------------------------------
+
+
+def test_who_signs_and_who_relays():
+    """Only a read_write share signs, and only for less trusted peers; others only relay."""
+    assert readonly.signs_for("read_write", "read_only")
+    assert readonly.signs_for("read_write", "untrusted")
+    assert not readonly.signs_for("read_write", "read_write")
+    assert not readonly.signs_for("read_only", "read_only")
+    assert readonly.relays_only("read_only") and not readonly.relays_only("read_write")
+
+
+@pytest.mark.parametrize("ours, theirs, signed, valid, accepted", [
+    ("read_write", "read_write", False, False, True),
+    ("read_write", "read_only", True, True, False),
+    ("read_write", "read_only", False, False, False),
+    ("read_only", "read_write", True, True, True),
+    ("read_only", "read_only", True, True, True),
+    ("read_only", "read_write", False, False, False),
+    ("read_only", "read_only", True, False, False),
+])
+def test_metadata_verdict(ours, theirs, signed, valid, accepted):
+    """Metadata is merged only from read_write peers or with a valid read_write signature."""
+    assert (readonly.metadata_verdict(ours, theirs, signed, valid) is None) == accepted
+
+
+def test_bitmask_marks_held_files_most_significant_bit_first():
+    """The bitmask has one bit per manifest file, set where our content matches."""
+    files = [_file("f%d" % i, "ab"[i % 2], {A: 1}) for i in range(10)]
+    local = {f.path: f for f in files if f.sha256.startswith("a")}  # holds f0, f2, f4…
+    mask = readonly.held_bitmask(files, local)
+    assert mask == bytes([0b10101010, 0b10000000])
+    assert [f.path for f in readonly.bitmask_selects(mask, files)] == \
+        ["f0", "f2", "f4", "f6", "f8"]
+
+
+def test_unshared_paths_are_our_edits_and_additions_only():
+    """Local additions and our own edits count; files still to download do not."""
+    share = {"same": _file("same", "a", {A: 1}), "edited": _file("edited", "a", {A: 1}),
+             "behind": _file("behind", "b", {A: 2}), "gone": _file("gone", "a", {A: 1})}
+    local = [
+        _file("same", "a", {A: 1}),
+        _file("edited", "c", {A: 1, B: 1}),
+        _file("behind", "a", {A: 1}),
+        FileRecord(path="gone", utime=5.0, deleted=True, vv={A: 1, B: 1}),
+        _file("added", "d", {B: 1}),
+        FileRecord(path="added-then-deleted", utime=5.0, deleted=True, vv={B: 2}),
+    ]
+    assert readonly.unshared_paths(local, share, B) == ["added", "edited", "gone"]
+
+
+# -- signatures ----------------------------------------------------------------------------
+
+
+def test_signed_body_verifies_and_tampering_does_not(rw_keys):
+    """A signed message verifies with the read_write public key; changed text or key fail."""
+    data = readonly.sign_body(rw_keys.private_keys["read_write"], _update(_file("x", "a", {})))
+    [message] = _decode(data)
+    assert data.startswith(b"$")
+    public = rw_keys.public_keys["read_write"]
+    assert readonly.verify(public, message.text, message.signature)
+    assert not readonly.verify(public, message.text.replace(b'"x"', b'"y"'), message.signature)
+    assert not readonly.verify(rw_keys.public_keys["read_only"], message.text, message.signature)
+    assert not readonly.verify(public, message.text, None)
+
+
+def test_source_text_round_trip(rw_keys):
+    """The §10 source form (text, newline, base64 signature) parses back to the same message."""
+    message = _signed(rw_keys, _manifest([_file("x", "a", {A: 1})]))
+    again = readonly.SignedMessage.from_source_text(message.as_source_text())
+    assert again == message and again.encode() == message.encode()
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+def test_store_keeps_newest_update_per_path(rw_keys):
+    """A newer update replaces an older one; a stale one changes nothing."""
+    store = readonly.SignedStore()
+    old = _signed(rw_keys, _update(_file("x", "a", {A: 1})))
+    new = _signed(rw_keys, _update(_file("x", "b", {A: 2})))
+    assert store.add(old) == [("update", "x", old)]
+    assert store.add(new) == [("update", "x", new)]
+    assert store.add(old) == []
+    assert store.for_path("x") is new
+    assert store.share_records()["x"].sha256 == "b" * 64
+
+
+def test_manifest_replaces_older_and_prunes_covered_updates(rw_keys):
+    """A newer manifest of the same origin wins and drops updates it already states."""
+    store = readonly.SignedStore()
+    store.add(_signed(rw_keys, _manifest([_file("x", "a", {A: 1})], revision=1)))
+    update = _signed(rw_keys, _update(_file("x", "b", {A: 2})))
+    store.add(update)
+    stale = _signed(rw_keys, _manifest([_file("x", "a", {A: 1})], revision=0))
+    assert store.add(stale) == []
+    newer = _signed(rw_keys, _manifest([_file("x", "b", {A: 2}), _file("y", "c", {A: 3})],
+                                       revision=5))
+    changes = store.add(newer)
+    assert ("update", "x", None) in changes and ("manifest", A, newer) in changes
+    assert store.for_path("x") is None
+    assert sorted(store.share_records()) == ["x", "y"]
+
+
+def test_move_states_destination_and_source_deletion(rw_keys):
+    """A stored move makes the source a deletion and the destination the file."""
+    store = readonly.SignedStore()
+    store.add(_signed(rw_keys, _manifest([_file("old", "a", {A: 1})])))
+    store.add(_signed(rw_keys, {"type": "move", "revision": 2, "source": "old",
+                                "destination": _file("new", "a", {A: 2}).to_wire()}))
+    records = store.share_records()
+    assert records["old"].deleted and records["new"].sha256 == "a" * 64
+
+
+def test_store_persists_through_the_database(rw_keys, tmp_path):
+    """Rows written with put_signed load back into an equal store."""
+    db = StateDatabase(tmp_path / "state.sqlite3")
+    db.add_share(ShareInfo(share_id="s" * 64, path=str(tmp_path), peer_id=B,
+                           access="read_only"))
+    store = readonly.SignedStore()
+    changes = store.add(_signed(rw_keys, _manifest([_file("x", "a", {A: 1})])))
+    changes += store.add(_signed(rw_keys, _update(_file("y", "b", {A: 2}))))
+    db.put_signed("s" * 64, [(k, key, m.text, m.signature) for k, key, m in changes])
+    again = readonly.SignedStore()
+    again.load(db.list_signed("s" * 64))
+    assert again.rows() == store.rows()
+    db.put_signed("s" * 64, [("update", "y", None, None)])
+    assert [row[:2] for row in db.list_signed("s" * 64)] == [("manifest", A)]
+    db.close()
+
+
+# -- ShareSigning ---------------------------------------------------------------------------
+
+
+class FakeSession:
+    """Records what the signing face writes for one connection."""
+
+    def __init__(self, access: str, features: tuple[str, ...] = ()) -> None:
+        self.peer_id = "c" * 32
+        self.alive = True
+        self.connection = SimpleNamespace(
+            established=SimpleNamespace(access=access, features=features))
+        self.written: list[bytes] = []
+
+    def _write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def _send(self, body: dict) -> None:
+        self.written.append(wire.encode(body))
+
+    def messages(self) -> list[Any]:
+        return _decode(b"".join(self.written))
+
+
+def _as_wire(data: bytes) -> wire.Message:
+    [message] = _decode(data)
+    return message
+
+
+def test_read_only_share_admits_only_read_write_signatures(rw_keys, ro_keys):
+    """Unsigned and wrongly signed updates are dropped and counted; a signed one is stored."""
+    signing = readonly.ShareSigning(ro_keys, Clock(), B)
+    session = FakeSession("read_only")
+    body = _update(_file("x", "a", {A: 1}))
+    assert not signing.admit(session, _as_wire(wire.encode(body)), "read_only")
+    forged = readonly.sign_body(ro_keys.private_keys["read_only"], body)
+    assert not signing.admit(session, _as_wire(forged), "read_only")
+    assert signing.forgeries == 2 and len(signing.store) == 0
+    good = readonly.sign_body(rw_keys.private_keys["read_write"], body)
+    assert signing.admit(session, _as_wire(good), "read_only")
+    assert signing.store.for_path("x").encode() == good
+
+
+def test_read_write_share_drops_metadata_from_read_only_peers(rw_keys):
+    """Even a validly signed update from a read-only connection changes nothing."""
+    signing = readonly.ShareSigning(rw_keys, Clock(), A)
+    good = readonly.sign_body(rw_keys.private_keys["read_write"], _update(_file("x", "a", {})))
+    assert not signing.admit(FakeSession("read_only"), _as_wire(good), "read_only")
+    assert signing.admit(FakeSession("read_write"), _as_wire(wire.encode(
+        _update(_file("x", "a", {})))), "read_write")
+    assert not signing.requests_manifest_from("read_only")
+    assert signing.requests_manifest_from("read_write")
+
+
+def test_serve_offers_only_held_files_with_the_extension(rw_keys, ro_keys):
+    """A read-only share serves the signed manifest with a bitmask of the files it holds."""
+    signing = readonly.ShareSigning(ro_keys, Clock(), B)
+    files = [_file("a", "a", {A: 1}), _file("b", "b", {A: 1})]
+    manifest = _signed(rw_keys, _manifest(files))
+    signing.store.add(manifest)
+    session = FakeSession("read_only", (readonly.FEATURE,))
+    signing.serve(session, [files[0]], revision=7)
+    [message] = session.messages()
+    assert message.type == readonly.RO_MANIFEST
+    [source] = message.body["sources"]
+    assert source["manifest"] == manifest.as_source_text()
+    assert base64.b64decode(source["bitmask"]) == bytes([0b10000000])
+
+    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    records = receiver.admit_read_only_manifest(FakeSession("read_only"), message.body,
+                                                "read_only")
+    assert [r.path for r in records] == ["a"]
+    assert receiver.store.manifests[A] == manifest
+
+
+def test_forged_read_only_manifest_source_is_dropped(rw_keys, ro_keys):
+    """A source manifest signed with anything but the read_write key yields no records."""
+    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    forged = _signed(ro_keys, _manifest([_file("a", "a", {A: 9})]), level="read_only")
+    body = {"type": readonly.RO_MANIFEST, "peer": B, "version": 1,
+            "sources": [{"manifest": forged.as_source_text(), "bitmask": "gA=="}]}
+    assert receiver.admit_read_only_manifest(FakeSession("read_only"), body, "read_only") == []
+    assert receiver.forgeries == 1 and len(receiver.store) == 0
+
+
+def test_relay_sends_each_signed_update_once_verbatim(rw_keys, ro_keys):
+    """Relaying passes on the exact signed bytes, once per connection, only when held."""
+    signing = readonly.ShareSigning(ro_keys, Clock(), B)
+    record = _file("x", "a", {A: 1})
+    update = _signed(rw_keys, _update(record))
+    signing.store.add(update)
+    session = FakeSession("read_only")
+    signing.relay(session, [_file("x", "z", {A: 1, B: 1})], lambda: None)  # our edit
+    assert session.written == []
+    signing.relay(session, [record], lambda: None)
+    signing.relay(session, [record], lambda: None)
+    assert session.written == [update.encode()]
+    assert json.loads(session.messages()[0].text)["file"]["path"] == "x"
+
+
+def test_relay_announces_a_fuller_bitmask_after_downloads(rw_keys, ro_keys):
+    """Files from a manifest that arrive later are announced again after a short delay."""
+    from twisted.internet.defer import succeed
+    clock = Clock()
+    signing = readonly.ShareSigning(ro_keys, clock, B)
+    files = [_file("a", "a", {A: 1}), _file("b", "b", {A: 1})]
+    signing.store.add(_signed(rw_keys, _manifest(files)))
+    session = FakeSession("read_only", (readonly.FEATURE,))
+    signing.relay(session, [files[1]], lambda: succeed((3, files)))
+    assert session.written == []
+    clock.advance(readonly.RESEND_DELAY)
+    [message] = session.messages()
+    assert base64.b64decode(message.body["sources"][0]["bitmask"]) == bytes([0b11000000])
