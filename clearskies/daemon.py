@@ -759,6 +759,11 @@ class _TrackedSession:
         self.peer_id = peer_id
 
     def event_received(self, event: Any) -> None:
+        if self.runtime.error is not None:
+            # The folder is gone or lost its marker: apply nothing from peers (it would
+            # write into an empty mount point) until a scan finds it again.
+            self.session.connection.close("the share is unavailable on this peer", quiet=True)
+            return
         self.session.event_received(event)
 
     def connection_lost(self, reason: Any) -> None:

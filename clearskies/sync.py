@@ -453,9 +453,16 @@ class ShareSync:
             return OK
         return result.status
 
-    def download_failed(self, session: SyncSession, path: str) -> None:
+    def download_failed(self, session: SyncSession, path: str,
+                        asked: tuple[FileRecord, str] | None = None) -> None:
+        """The peer could not send ``path``; ``asked`` is the (record, remote path) requested.
+
+        A refusal for what we no longer want in that form (a conflict copy
+        first asked for under the original name, since announced under its
+        own) does not hold the peer back for RETRY_AFTER.
+        """
         wanted = self.wanted.get(path)
-        if wanted is not None:
+        if wanted is not None and (asked is None or asked == (wanted.record, wanted.remote_path)):
             wanted.failed[session.peer_id] = self.clock.seconds()
         if self.in_flight.get(path) is session:
             del self.in_flight[path]
@@ -501,6 +508,7 @@ class SyncSession:
         connection.message_writer = self._write  # keep-alives queue behind payloads too
         self.peer_progress: dict[str, Any] | None = None
         self.peer_revision_seen: Any = None
+        self._manifest_to_remember: Any = None
         self._queued_changes: list[tuple[list[FileRecord], list[tuple[str, FileRecord]], int]] = []
         self._building_manifest = False
         self._gets_pending = 0
@@ -626,7 +634,9 @@ class SyncSession:
             records[record.path] = record if previous is None else merge.winner(previous, record)
         self.peer_revision = revision
         self._saw_revision(revision)
-        self.sync.share.peer_manifest_seen(self.peer_id, revision)
+        # Remembered only once its content is all here (send_progress): a restart
+        # before then must ask for the whole manifest again, not "anything new?".
+        self._manifest_to_remember = revision
         for record in records.values():
             if not record.deleted and record.sha256:
                 self.acked[record.path] = record.sha256
@@ -711,6 +721,9 @@ class SyncSession:
 
     def send_progress(self) -> None:
         """Tell the peer which of its revisions we hold completely (extension message)."""
+        if self._manifest_to_remember is not None and not self.sync.wanted:
+            self.sync.share.peer_manifest_seen(self.peer_id, self._manifest_to_remember)
+            self._manifest_to_remember = None
         if "progress" not in (self.connection.established.features or ()):
             return
         if not isinstance(self.peer_revision_seen, int):
@@ -727,7 +740,7 @@ class SyncSession:
         receiver.abort(keep_partial=True)
         self._log.info("{peer} cannot send {path}: {message}", peer=self.peer_id, path=path,
                        message=str(body.get("message", ""))[:200])
-        self.sync.download_failed(self, receiver.expected.path)
+        self.sync.download_failed(self, receiver.expected.path, (receiver.expected, path))
 
     # -- requests ------------------------------------------------------------------
 
@@ -747,6 +760,8 @@ class SyncSession:
         message: dict[str, Any] = {"type": "get", "path": remote_path}
         if receiver.offset:
             message["range"] = [receiver.offset, record.size - receiver.offset]
+        self._log.debug("asking {peer} for {path} from byte {offset}", peer=self.peer_id[:8],
+                        path=remote_path, offset=receiver.offset)
         self._send(message)
 
     def _finish(self, receiver: FileReceiver) -> None:

@@ -203,6 +203,9 @@ class FileReceiver:
         self._state = _WRITING
 
     def _prepare_directory(self) -> None:
+        if not self.root.is_dir():
+            # A share folder moved away or unmounted is never recreated by a download.
+            raise FileNotFoundError(errno.ENOENT, "the share folder is missing", str(self.root))
         parent = self.local_path.parent
         if not parent.is_dir():
             parent.mkdir(parents=True, exist_ok=True)
