@@ -32,6 +32,7 @@ from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.records import FileRecord, validate_wire_path
+from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.transfer import CONFLICT, CORRUPT, OK, FileReceiver, SendQueue, get_error_message
 
 WINDOW = 16
@@ -133,6 +134,9 @@ class ShareSync:
         self._retry_call: Any = None
         self.bytes_received = 0
         self.bytes_sent = 0
+        # Daemon-wide rate limits, shared by every share (set by the daemon).
+        self.upload_limiter: RateLimiter | None = None
+        self.download_limiter: RateLimiter | None = None
 
     # -- sessions --------------------------------------------------------------
 
@@ -504,7 +508,9 @@ class SyncSession:
         self.peer_revision: Any = None
         self.pending: dict[str, FileReceiver] = {}
         self.receiving: FileReceiver | None = None
-        self.sends = SendQueue(connection.transport, sync.clock)
+        self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter)
+        self._read_throttle = (ReadThrottle(connection.transport, sync.download_limiter, sync.clock)
+                               if sync.download_limiter is not None else None)
         connection.message_writer = self._write  # keep-alives queue behind payloads too
         self.peer_progress: dict[str, Any] | None = None
         self.peer_revision_seen: Any = None
@@ -553,6 +559,8 @@ class SyncSession:
         self.pending.clear()
         self.receiving = None
         self.sends.stop()
+        if self._read_throttle is not None:
+            self._read_throttle.stop()
         self.sync.detach(self)
 
     @property
@@ -576,6 +584,8 @@ class SyncSession:
                 raise ProtocolError("payload data outside a file_data message")
             self.receiving.write(event.data)
             self.sync.bytes_received += len(event.data)
+            if self._read_throttle is not None:
+                self._read_throttle.received(len(event.data))
             return
         if isinstance(event, wire.PayloadEnd):
             if self.receiving is None:

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.ratelimit import MAX_WAIT, RateLimiter
 from clearskies.share.records import FileRecord
 from clearskies.threads import Runner
 
@@ -472,14 +473,16 @@ class FileSender:
     A push producer: it registers itself with the consumer, reads and writes
     one chunk per reactor turn, and stops reading while paused.  The Deferred
     from :meth:`begin` fires with the payload bytes sent, or fails with
-    ConnectionLost if the consumer stopped it.
+    ConnectionLost if the consumer stopped it.  With a ``limiter`` (upload
+    limit) it sends smaller chunks and waits, between chunks, for the bucket.
     """
 
     _log = Logger()
 
     def __init__(self, clock: IReactorTime, path: str, file: BinaryIO, start: int, length: int,
                  *, include_range: bool = False, chunk_size: int = wire.SEND_CHUNK_SIZE,
-                 on_sent: Callable[[int], None] | None = None) -> None:
+                 on_sent: Callable[[int], None] | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         if not 1 <= chunk_size <= wire.MAX_CHUNK_SIZE:
             raise ValueError("chunk_size must be 1 to %d" % wire.MAX_CHUNK_SIZE)
         self.path = path
@@ -490,6 +493,7 @@ class FileSender:
         self._include_range = include_range
         self._chunk_size = chunk_size
         self._on_sent = on_sent
+        self._limiter = limiter
         self._remaining = length
         self._sent = 0
         self._consumer: IConsumer | None = None
@@ -502,7 +506,8 @@ class FileSender:
     def open(cls, clock: IReactorTime, path: str, local_path: Path, *,
              expected_size: int | None = None, request_range: tuple[int, int] | None = None,
              chunk_size: int = wire.SEND_CHUNK_SIZE,
-             on_sent: Callable[[int], None] | None = None) -> FileSender:
+             on_sent: Callable[[int], None] | None = None,
+             limiter: RateLimiter | None = None) -> FileSender:
         """Open ``local_path`` to answer a ``get`` for ``path``.
 
         Raises OSError when it cannot be served as recorded: missing,
@@ -529,7 +534,7 @@ class FileSender:
             raise
         file = os.fdopen(fd, "rb", buffering=0)
         return cls(clock, path, file, start, length, include_range=request_range is not None,
-                   chunk_size=chunk_size, on_sent=on_sent)
+                   chunk_size=chunk_size, on_sent=on_sent, limiter=limiter)
 
     def header(self) -> dict[str, Any]:
         """The ``file_data`` message; ``range`` only when the request had one."""
@@ -549,17 +554,24 @@ class FileSender:
             self._schedule()
         return self._done
 
-    def _schedule(self) -> None:
+    def _schedule(self, delay: float = 0.0) -> None:
         if self._call is None and not self._paused and not self._finished:
-            self._call = self._clock.callLater(0, self._step)
+            self._call = self._clock.callLater(delay, self._step)
 
     def _step(self) -> None:
         self._call = None
         if self._paused or self._finished:
             return
         assert self._consumer is not None
+        chunk_size = self._chunk_size
+        if self._limiter is not None and self._remaining:
+            wait = self._limiter.delay()
+            if wait > 0:  # over the upload limit: no disk read until the bucket refills
+                self._schedule(min(wait, MAX_WAIT))
+                return
+            chunk_size = self._limiter.chunk_size(chunk_size)
         try:
-            wanted = min(self._chunk_size, self._remaining)
+            wanted = min(chunk_size, self._remaining)
             data = self._file.read(wanted) if wanted else b""
         except OSError as e:
             # The header is out: end the payload short; the receiver's check rejects it.
@@ -578,6 +590,8 @@ class FileSender:
         self._consumer.write(data)
         if self._on_sent is not None:
             self._on_sent(len(data))
+        if self._limiter is not None:
+            self._limiter.consume(len(data))
         if self._finished:  # stopped from inside write()
             return
         if not self._remaining:
@@ -651,9 +665,11 @@ class SendQueue:
     def __init__(self, consumer: IConsumer, clock: IReactorTime, *,
                  max_files: int = MAX_QUEUED_FILES,
                  max_message_bytes: int = MAX_QUEUED_MESSAGE_BYTES,
-                 chunk_size: int = wire.SEND_CHUNK_SIZE) -> None:
+                 chunk_size: int = wire.SEND_CHUNK_SIZE,
+                 limiter: RateLimiter | None = None) -> None:
         self._consumer = consumer
         self._clock = clock
+        self._limiter = limiter
         self._max_files = max_files
         self._max_message_bytes = max_message_bytes
         self._chunk_size = chunk_size
@@ -738,7 +754,8 @@ class SendQueue:
                 sender = FileSender.open(
                     self._clock, request.path, request.local_path,
                     expected_size=request.expected_size, request_range=request.request_range,
-                    chunk_size=self._chunk_size, on_sent=request.on_sent)
+                    chunk_size=self._chunk_size, on_sent=request.on_sent,
+                    limiter=self._limiter)
             except OSError as e:
                 reason = describe_os_error(e)
                 self._log.info("cannot send {path}: {why}", path=request.path, why=reason)
