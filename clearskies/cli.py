@@ -303,6 +303,15 @@ class Cli:
             path, reply.get("changes", 0))))
         return EXIT_OK
 
+    def cmd_revert(self) -> int:
+        path = os.path.realpath(self.args.path)
+        reply = self.request({"type": ".clearskies.revert", "path": path})
+        self.emit(reply, lambda: self.line(
+            "%s: %d local changes reverted (%d files being restored from peers, %d removed)"
+            % (path, reply.get("changes", 0), reply.get("restoring", 0),
+               reply.get("removed", 0))))
+        return EXIT_OK
+
     def cmd_detach(self) -> int:
         path = os.path.realpath(self.args.path)
         self.request({"type": "remove_share", "path": path})
@@ -316,10 +325,12 @@ class Cli:
             if not shares:
                 self.line("no shares; share a directory with: clearskies share DIRECTORY")
             for share in shares:
-                self.line("%-8s %-10s %6d files %10s  %d/%d peers  %s" % (
+                self.line("%-8s %-10s %6d files %10s  %d/%d peers  %s%s" % (
                     share.get("status", "?"), share.get("access", ""), share.get("files", 0),
                     format_bytes(share.get("bytes", 0)), share.get("peers_connected", 0),
-                    share.get("peers_known", 0), share["path"]))
+                    share.get("peers_known", 0), share["path"],
+                    "  (%d local changes not shared)" % share["local_changes_not_shared"]
+                    if share.get("local_changes_not_shared") else ""))
         self.emit({"shares": shares}, human)
         return EXIT_OK
 
@@ -476,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     detach = sub.add_parser("detach", help="stop syncing a directory (files stay)")
     detach.add_argument("path")
     sub.add_parser("list", help="list shares")
+    revert = sub.add_parser("revert", help="read-only share: undo local changes under PATH")
+    revert.add_argument("path")
 
     peers = sub.add_parser("peers", help="list a share's peers, or 'peers add PATH HOST:PORT'")
     peers.add_argument("peers_action", nargs="?", choices=["list", "add"], default="list")

@@ -41,7 +41,7 @@ from clearskies.share.service import create_share as register_share
 from clearskies.sync import SyncSession
 from clearskies.threads import SerialRunner, ThreadPoolRunner
 
-FEATURES = ("vv", "directories", "progress")
+FEATURES = ("vv", "directories", "progress", "read_only_manifest")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 RATE_INTERVAL = 1.0

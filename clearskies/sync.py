@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clearskies import wire
+from clearskies import readonly, wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.records import FileRecord, validate_wire_path
@@ -134,6 +134,8 @@ class ShareSync:
         self._retry_call: Any = None
         self.bytes_received = 0
         self.bytes_sent = 0
+        # Read-only shares (clearskies.readonly): signing and relaying; None = plain.
+        self.signing: readonly.ShareSigning | None = None
         # Daemon-wide rate limits, shared by every share (set by the daemon).
         self.upload_limiter: RateLimiter | None = None
         self.download_limiter: RateLimiter | None = None
@@ -523,7 +525,22 @@ class SyncSession:
 
     def _send(self, body: dict[str, Any]) -> None:
         self._log.debug("sending {type} to {peer}", peer=self.peer_id[:8], type=body["type"])
+        signing = self.sync.signing
+        if signing is not None and body["type"] in readonly.SIGNED_TYPES \
+                and signing.signs_for(self.access):
+            self._write(signing.encode(body))
+            return
         self._write(wire.encode(body))
+
+    @property
+    def access(self) -> str:
+        return self.connection.established.access
+
+    @property
+    def _relaying(self) -> bool:
+        """A read-only share passes on only the signed messages it holds."""
+        return self.sync.signing is not None and self.sync.signing.read_only
+
 
     def _write(self, data: bytes) -> None:
         """Every message goes through the send queue, so none lands inside a payload."""
@@ -535,6 +552,9 @@ class SyncSession:
     def start(self, last_revision: Any = None) -> None:
         if not self.sync.attach(self):
             self.connection.close("duplicate connection with the same peer")
+            return
+        if self.sync.signing is not None and \
+                not self.sync.signing.requests_manifest_from(self.access):
             return
         request: dict[str, Any] = {"type": "get_manifest"}
         if last_revision is not None:
@@ -566,6 +586,9 @@ class SyncSession:
     @property
     def in_sync(self) -> bool:
         """The peer has our latest revision (and, if it reports progress, all its content)."""
+        if self._relaying:
+            # We change nothing; the peer's revisions are the read_write peer's own.
+            return self.peer_progress is None or self.peer_progress["items"] == 0
         revision = self.sync.share.revision()
         if (self.manifest_sent_revision is None or self.manifest_sent_revision < revision
                 or self._queued_changes):
@@ -597,6 +620,10 @@ class SyncSession:
         handler = getattr(self, "_on_" + event.type.replace(".", "_"), None)
         if event.has_payload and event.type != "file_data":
             raise ProtocolError("unexpected payload on a %r message" % event.type)
+        if (handler is not None and event.type in readonly.SIGNED_TYPES
+                and self.sync.signing is not None
+                and not self.sync.signing.admit(self, event, self.access)):
+            return
         if handler is not None:
             handler(event.body, event)
 
@@ -604,6 +631,12 @@ class SyncSession:
         seen = body.get("revision", body.get("version"))
         if seen is not None and (isinstance(seen, bool) or not isinstance(seen, (int, float))):
             raise ProtocolError("get_manifest revision must be a number")
+        if self._relaying:
+            if not self._building_manifest:
+                self._building_manifest = True
+                self.sync.share.manifest().addCallback(self._send_signed).addErrback(
+                    self._fail, "relaying signed manifests")
+            return
         current = self.sync.share.revision()
         if seen == current and self.manifest_sent_revision is None:
             self.manifest_sent_revision = current
@@ -629,8 +662,24 @@ class SyncSession:
         self.manifest_sent_revision = revision
         self._flush_queued()
 
+    def _send_signed(self, result: tuple[int, list[FileRecord]]) -> None:
+        self._building_manifest = False
+        if self.alive and self.sync.signing is not None:
+            revision, records = result
+            self.sync.signing.serve(self, records, revision)
+            self.manifest_sent_revision = revision
+
     def _on_manifest_current(self, body: dict, event: wire.Message) -> None:
         pass
+
+    def _on_read_only_manifest_manifest(self, body: dict, event: wire.Message) -> None:
+        """Extension: a read-only peer's signed manifests and which of their files it holds."""
+        if self.sync.signing is None:
+            return
+        records = self.sync.signing.admit_read_only_manifest(self, body, self.access)
+        if records:
+            self._receive(sorted(records, key=lambda r: r.path))
+
 
     def _on_manifest(self, body: dict, event: wire.Message) -> None:
         files = body.get("files")
@@ -792,6 +841,11 @@ class SyncSession:
                      revision: int, force: bool = False) -> None:
         """Send changes at ``revision`` unless the peer has them (``force``: send anyway)."""
         if not self.alive:
+            return
+        if self._relaying:
+            if self.manifest_sent_revision is not None and self.sync.signing is not None:
+                self.sync.signing.relay(self, records, self.sync.share.manifest)
+                self.manifest_sent_revision = max(self.manifest_sent_revision, revision)
             return
         if self.manifest_sent_revision is None:
             self._queued_changes.append((records, moves, revision))

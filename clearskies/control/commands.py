@@ -243,6 +243,8 @@ class DaemonCommands(CommandDispatcher):
         }
         if status.reason:
             summary["problem"] = status.reason
+        if runtime.signing.read_only:
+            summary["local_changes_not_shared"] = len(runtime.unshared)
         if status.progress:
             summary["scan_progress"] = status.progress
         return summary
@@ -296,6 +298,20 @@ class DaemonCommands(CommandDispatcher):
         result = await runtime.service.rescan()
         return {"changes": len(result.records), "moves": len(result.moves),
                 "hashed_files": result.hashed_files, "duration": result.duration}
+
+    async def cmd__clearskies_revert(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Read-only shares: put the share's version back over local changes under path."""
+        path = _path(request)
+        runtime = next((r for r in self.daemon.shares.values()
+                        if path == str(r.root) or path.startswith(str(r.root) + os.sep)), None)
+        if runtime is None:
+            raise ControlError("no_such_share", "%s is not inside a share of this daemon" % path)
+        if not runtime.signing.read_only:
+            raise ControlError("refused", "%s is a read_write share: its local changes are "
+                                          "the share's version" % runtime.root)
+        from clearskies.readonly import revert
+        prefix = os.path.relpath(path, runtime.root).replace(os.sep, "/")
+        return await revert(runtime, "" if prefix == "." else prefix)
 
     def cmd__clearskies_codes(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
