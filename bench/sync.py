@@ -1,0 +1,441 @@
+"""Benchmark: two real daemons syncing on loopback (issue 4).
+
+    .venv/bin/python bench/sync.py [--only W1,W3] [--scale 0.25] [--data /work/bench-data/sync]
+
+Workloads (at ``--scale 1``):
+
+* W1  one 1 GiB file: the sender's initial scan, then the transfer from
+      ``attach`` until both trees are identical;
+* W2  10,000 files of 1-64 KiB (~330 MB) in a 3-level tree (10 x 10
+      directories of 100 files): scan, then transfer;
+* W3  1 MiB overwritten in the middle of the W1 file, noticed by the
+      sender's watcher, until the receiver holds the new content;
+* W4  a directory of 1,000 files (one top directory of W2) renamed;
+      the receiver must rename, not download: its inodes are checked;
+* W5  1,000 files (another top directory of W2) deleted.
+
+W3 runs on the W1 pair, W4 and W5 on the W2 pair.  Each pair of daemons
+(``twistd -n clearskies``, the same command line as the end-to-end tests)
+lives under a fresh ``<data>/<run-id>/`` and is left there: this
+machine's disk is slow to create many files right after many were deleted
+(see /work/shared/notes/machine.md), so nothing is deleted and recreated
+between runs.  Remove old runs by hand when the disk fills.
+
+For each phase: wall time, CPU seconds (user + system, all threads) of
+each daemon from psutil, and each daemon's peak RSS sampled every 50 ms.
+A phase ends when the receiver's files have the sender's sizes and
+mtimes (checked cheaply while polling); the contents are compared by
+SHA-256 after the clock stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.daemons import DaemonProcess, tree_snapshot  # noqa: E402
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MARKER = ".clearskies"
+TEMP_SUFFIX = ".!clearsky"
+TIMEOUT = 900.0
+POLL = 0.05
+
+# Targets from issue 4 (the best existing peer, measured on this kind of machine).
+TARGETS = {
+    "W1 scan": "1.7 s", "W1 transfer": ">= 260 MB/s", "W2 scan": "1.2 s",
+    "W2 transfer": "<= 10 s", "W3 change": "5.5 s", "W4 rename": "<= 2 s, no re-send",
+    "W5 delete": "<= 2 s",
+}
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+class Sampler:
+    """Samples the RSS of some processes in a background thread; keeps the peak per phase."""
+
+    def __init__(self, pids: dict[str, int], interval: float = POLL) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = {name: 0 for name in pids}
+        self.overall = {name: 0 for name in pids}
+        self._interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def sample(self) -> None:
+        for name, proc in self.procs.items():
+            try:
+                rss = proc.memory_info().rss
+            except psutil.Error:
+                continue
+            with self._lock:
+                self.peak[name] = max(self.peak[name], rss)
+                self.overall[name] = max(self.overall[name], rss)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.peak = {name: 0 for name in self.procs}
+
+    def cpu(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
+            times = proc.cpu_times()
+            out[name] = times.user + times.system
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Row:
+    name: str
+    wall: float
+    cpu: dict[str, float]
+    rss: dict[str, int]
+    size: int = 0
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Phase:
+    """Wall clock, CPU and peak RSS of both daemons between start() and stop()."""
+
+    profile_dir: Path | None = None
+
+    def __init__(self, sampler: Sampler, name: str) -> None:
+        self.sampler = sampler
+        self.name = name
+        self.profilers: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Phase:
+        if self.profile_dir is not None:
+            for who, proc in self.sampler.procs.items():
+                out = self.profile_dir / ("%s-%s.txt" % (self.name.replace(" ", "-"), who))
+                self.profilers.append(subprocess.Popen(
+                    [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
+                     "-r", "200", "-f", "raw", "-p", str(proc.pid), "-o", str(out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(0.5)
+        self.sampler.sample()
+        self.sampler.reset()
+        self.cpu0 = self.sampler.cpu()
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.monotonic() - self.t0
+        cpu1 = self.sampler.cpu()
+        self.sampler.sample()
+        self.cpu = {k: cpu1[k] - self.cpu0[k] for k in cpu1}
+        self.rss = dict(self.sampler.peak)
+        for profiler in self.profilers:
+            profiler.send_signal(signal.SIGINT)
+        for profiler in self.profilers:
+            profiler.wait()
+
+    def row(self, size: int = 0, note: str = "") -> Row:
+        return Row(self.name, self.wall, self.cpu, self.rss, size, note)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT,
+             interval: float = POLL) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("%s: not done after %g s" % (what, timeout))
+        time.sleep(interval)
+
+
+def stat_tree(root: Path) -> dict[str, tuple[int, int]]:
+    """path -> (size, mtime_ns) of every regular file, leaving out our own files."""
+    out = {}
+    for base, dirs, files in os.walk(root):
+        for name in files:
+            if name == MARKER or name.endswith(TEMP_SUFFIX):
+                continue
+            full = os.path.join(base, name)
+            st = os.lstat(full)
+            out[os.path.relpath(full, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def inodes(root: Path) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(b, n), root): os.lstat(os.path.join(b, n)).st_ino
+            for b, _, files in os.walk(root) for n in files}
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def make_big(path: Path, size: int) -> None:
+    block = bytearray(os.urandom(MiB))
+    with open(path, "wb") as f:
+        for n in range(size // MiB):
+            block[:8] = n.to_bytes(8, "little")  # every block different
+            f.write(block)
+
+
+def make_small(root: Path, count: int) -> int:
+    """``count`` files of 1-64 KiB in 10 x 10 directories; returns the total size."""
+    rng = random.Random(42)
+    pool = os.urandom(64 * 1024 + 4096)
+    per_leaf = max(1, count // 100)
+    total = 0
+    for top in range(10):
+        for mid in range(10):
+            leaf = root / ("d%02d" % top) / ("e%02d" % mid)
+            leaf.mkdir(parents=True)
+            for n in range(per_leaf):
+                size = rng.randint(1024, 64 * 1024)
+                start = rng.randint(0, 4096)
+                data = bytearray(pool[start:start + size])
+                data[:16] = b"%02d%02d%06d......" % (top, mid, n)  # every file different
+                (leaf / ("f%05d.dat" % n)).write_bytes(data)
+                total += size
+    return total
+
+
+# -- driving daemons ------------------------------------------------------------------------
+
+
+class Pair:
+    """Alice (the sender, holding the data) and Bob (attaching an empty directory)."""
+
+    def __init__(self, run_dir: Path, label: str) -> None:
+        self.alice = DaemonProcess(run_dir / label, "alice")
+        self.bob = DaemonProcess(run_dir / label, "bob")
+        self.a = Path(self.alice.shares)
+        self.b = Path(self.bob.shares)
+        self.sampler: Sampler | None = None
+
+    def start(self) -> None:
+        self.alice.start()
+        self.bob.start()
+        self.sampler = Sampler({"alice": self.alice.pid, "bob": self.bob.pid})
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+        for d in (self.alice, self.bob):
+            d.cleanup()
+
+    def status(self, daemon: DaemonProcess, path: Path) -> dict:
+        return daemon.control_request({"type": ".clearskies.share_status",
+                                       "path": os.path.realpath(path)})
+
+    def scan(self, name: str, files: int, size: int) -> tuple[Row, str]:
+        """Share Alice's tree; measure until her initial scan has recorded every file."""
+        assert self.sampler is not None
+        with Phase(self.sampler, name) as phase:
+            code = self.alice.cli_json("share", str(self.a))["access_code"]
+
+            def scanned() -> bool:
+                s = self.status(self.alice, self.a)
+                return s.get("status") == "idle" and s.get("files") == files
+            wait_for(scanned, name)
+        return phase.row(size), code
+
+    def transfer(self, name: str, code: str, files: int, size: int) -> Row:
+        """Attach Bob; measure until his tree has Alice's files (sizes and mtimes)."""
+        assert self.sampler is not None
+        expected = stat_tree(self.a)
+        with Phase(self.sampler, name) as phase:
+            self.bob.cli("attach", code, str(self.b), "--peer", self.alice.address)
+
+            def done() -> bool:
+                try:
+                    s = self.status(self.bob, self.b)
+                except Exception:
+                    return False
+                if s.get("files") != files or s.get("items_to_download"):
+                    return False
+                return stat_tree(self.b) == expected
+            wait_for(done, name)
+        self.verify()
+        return phase.row(size)
+
+    def verify(self) -> None:
+        """Both trees hold the same content (SHA-256 of every file), after the clock stopped."""
+        wait_for(lambda: tree_snapshot(self.a) == tree_snapshot(self.b), "trees identical",
+                 timeout=60, interval=0.5)
+
+    def settle(self) -> None:
+        """Let both daemons go idle (and the watcher quiet) before a change is timed."""
+        def idle() -> bool:
+            sa, sb = self.status(self.alice, self.a), self.status(self.bob, self.b)
+            return all(s.get("status") == "idle" and not s.get("items_to_download")
+                       for s in (sa, sb))
+        try:
+            wait_for(idle, "idle", timeout=120, interval=0.2)
+        except TimeoutError:
+            for d, root in ((self.alice, self.a), (self.bob, self.b)):
+                print(json.dumps(self.status(d, root)), file=sys.stderr)
+            raise
+        time.sleep(2.0)
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def run_big(run_dir: Path, scale: float, only: set[str]) -> list[Row]:
+    size = max(MiB, int(GiB * scale) // MiB * MiB)
+    pair = Pair(run_dir, "big")
+    print("creating %d MiB file ..." % (size // MiB), file=sys.stderr)
+    make_big(pair.a / "big.bin", size)
+    rows: list[Row] = Rows()
+    try:
+        pair.start()
+        scan, code = pair.scan("W1 scan", 1, size)
+        rows.append(scan)
+        rows.append(pair.transfer("W1 transfer", code, 1, size))
+        if "W3" in only:
+            pair.settle()
+            assert pair.sampler is not None
+            change = os.urandom(MiB)
+            with Phase(pair.sampler, "W3 change") as phase:
+                with open(pair.a / "big.bin", "r+b") as f:
+                    f.seek(size // 2 - MiB // 2)
+                    f.write(change)
+                mtime = os.stat(pair.a / "big.bin").st_mtime_ns
+
+                def arrived() -> bool:
+                    try:
+                        return os.stat(pair.b / "big.bin").st_mtime_ns == mtime
+                    except FileNotFoundError:
+                        return False
+                wait_for(arrived, "W3")
+            pair.verify()
+            rows.append(phase.row(MiB, "whole file re-sent (no delta)"))
+    finally:
+        pair.stop()
+    return rows
+
+
+def run_small(run_dir: Path, scale: float, only: set[str]) -> list[Row]:
+    count = max(100, int(10_000 * scale) // 100 * 100)
+    pair = Pair(run_dir, "small")
+    print("creating %d small files ..." % count, file=sys.stderr)
+    size = make_small(pair.a, count)
+    rows: list[Row] = Rows()
+    try:
+        pair.start()
+        assert pair.sampler is not None
+        scan, code = pair.scan("W2 scan", count, size)
+        rows.append(scan)
+        rows.append(pair.transfer("W2 transfer", code, count, size))
+        if "W4" in only:
+            pair.settle()
+            before = inodes(pair.b / "d00")
+            moved = len(before)
+            with Phase(pair.sampler, "W4 rename") as phase:
+                os.rename(pair.a / "d00", pair.a / "d00-renamed")
+                expected = stat_tree(pair.a / "d00-renamed")
+
+                def renamed() -> bool:
+                    return stat_tree(pair.b / "d00-renamed") == expected and \
+                        not stat_tree(pair.b / "d00")
+                wait_for(renamed, "W4")
+            pair.verify()
+            after = inodes(pair.b / "d00-renamed")
+            kept = sum(1 for p, ino in before.items() if after.get(p) == ino)
+            rows.append(phase.row(0, "%d files, %d renamed in place, %d re-sent"
+                                  % (moved, kept, moved - kept)))
+        if "W5" in only:
+            pair.settle()
+            victims = sorted((pair.a / "d01").rglob("*.dat"))
+            with Phase(pair.sampler, "W5 delete") as phase:
+                for path in victims:
+                    os.unlink(path)
+                wait_for(lambda: not stat_tree(pair.b / "d01"), "W5")
+            pair.verify()
+            rows.append(phase.row(0, "%d files" % len(victims)))
+    finally:
+        pair.stop()
+    return rows
+
+
+class Rows(list):
+    """The table so far, also printed to stderr as each phase ends."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print("  %s: %.2f s  cpu %s  rss %s %s" % (
+            row.name, row.wall, {k: round(v, 2) for k, v in row.cpu.items()},
+            {k: v // MiB for k, v in row.rss.items()}, row.note), file=sys.stderr)
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row], out=sys.stdout) -> None:
+    header = ("| phase | wall s | MB/s | CPU s alice | CPU s bob | peak RSS MiB alice | "
+              "peak RSS MiB bob | target | note |")
+    print(header, file=out)
+    print("|" + "---|" * 9, file=out)
+    for r in rows:
+        rate = "%.0f" % (r.size / r.wall / 1e6) if r.size and r.wall else ""
+        print("| %s | %.2f | %s | %.2f | %.2f | %.0f | %.0f | %s | %s |" % (
+            r.name, r.wall, rate, r.cpu.get("alice", 0), r.cpu.get("bob", 0),
+            r.rss.get("alice", 0) / MiB, r.rss.get("bob", 0) / MiB,
+            TARGETS.get(r.name, ""), r.note), file=out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5",
+                        help="comma-separated workloads (W3 implies W1, W4/W5 imply W2)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="fraction of the full sizes and file counts (e.g. 0.1)")
+    parser.add_argument("--data", default="/work/bench-data/sync",
+                        help="where each run gets a fresh directory")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record every phase of both daemons with py-spy (raw stacks)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
+    run_dir = Path(args.data) / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True)
+    if args.profile:
+        Phase.profile_dir = Path(args.profile)
+        Phase.profile_dir.mkdir(parents=True, exist_ok=True)
+    print("data in %s, scale %g" % (run_dir, args.scale), file=sys.stderr)
+    rows: list[Row] = []
+    if only & {"W1", "W3"}:
+        rows.extend(run_big(run_dir, args.scale, only))
+    if only & {"W2", "W4", "W5"}:
+        rows.extend(run_small(run_dir, args.scale, only))
+    print("scale %g, %s, load average at the end %.1f (2 CPUs)"
+          % (args.scale, time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()[0]))
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in rows], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
