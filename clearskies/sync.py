@@ -219,7 +219,14 @@ class ShareSync:
             self._log.debug("{path} from {peer}: {action} (ours {ours}, theirs {theirs})",
                             path=remote.path, peer=session.peer_id[:8], action=decision.action,
                             ours=local.vv if local else None, theirs=remote.vv)
-            applied = await self._apply(session, local, remote, decision)
+            try:
+                applied = await self._apply(session, local, remote, decision)
+            except UnsafePathError as e:
+                # A valid path that our disk cannot take (through a symlink, a file
+                # where a directory should be): refuse it, keep syncing the rest.
+                self._log.warn("not applying {path} from {peer}: {why}", path=remote.path,
+                               peer=session.peer_id[:8], why=str(e))
+                continue
             committed.extend(applied)
             # What the sender told us needs no echo; what we made of it (merged
             # vectors, conflict copies) it must hear too.
@@ -262,7 +269,7 @@ class ShareSync:
                 decision = merge.merge_remote(there, destination, local_unacked=False,
                                               our_peer_id=self.share.our_peer_id)
                 if decision.action == merge.ACCEPT and \
-                        await self.share.rename_local(source, destination.path):
+                        await self._rename_if_safe(source, destination.path):
                     session.remote_index[destination.path] = destination
                     session.remote_index[source] = tombstone
                     records = [decision.record, tombstone]
@@ -271,6 +278,12 @@ class ShareSync:
                     self.relay(records, revision, origin=session)
                     return
         await self._merge(session, [destination, tombstone])
+
+    async def _rename_if_safe(self, source: str, destination: str) -> bool:
+        try:
+            return await self.share.rename_local(source, destination)
+        except UnsafePathError:
+            return False  # handled as delete + new file, which refuses the unsafe side
 
     async def _apply(self, session: SyncSession, local: FileRecord | None, remote: FileRecord,
                      decision: merge.MergeDecision) -> list[FileRecord]:
