@@ -117,8 +117,12 @@ class Cli:
         if foreground:
             cmd += ["--nodaemon", "--pidfile="]
         else:
+            # The daemon writes <data dir>/clearskies.log itself (rotated).  twistd's own
+            # copy would be the same lines again in a file nothing rotates away, and
+            # --logfile /dev/null is unsafe: twistd's LogFile renames its file to
+            # rotate it, which root can do to /dev/null.  So twistd's log is dropped.
             cmd += ["--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
-                    "--logfile", os.path.join(self.data_dir, "clearskies.log")]
+                    "--logger", "clearskies.logfile.discard"]
         cmd += ["clearskies", "--data-dir", self.data_dir]
         for option in ("listen", "name", "tor_control", "tor_config"):
             value = getattr(args, option, None)
@@ -432,6 +436,13 @@ class Cli:
         return EXIT_OK
 
 
+def _auto_start_options(parser: argparse.ArgumentParser) -> None:
+    """Options for the daemon that ``share``/``attach`` start when none is running."""
+    group = parser.add_argument_group("if the daemon has to be started")
+    group.add_argument("--listen", help="endpoint for peer connections (default tcp:60106, or a free port)")
+    group.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clearskies",
@@ -450,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = sub.add_parser("start", help="start the daemon in the background")
     start.add_argument("--foreground", action="store_true", help="stay in the foreground")
-    start.add_argument("--listen", help="endpoint for peer connections (default tcp:0)")
+    start.add_argument("--listen", help="endpoint for peer connections (default tcp:60106, or a free port)")
     start.add_argument("--name", help="the name other peers see for this machine")
     start.add_argument("--tracker", action="append", help="tracker URL (repeatable)")
     start.add_argument("--no-lan", action="store_true", help="no LAN discovery")
@@ -475,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     share.add_argument("--multi-use", action="store_true", help="the code can be used again")
     share.add_argument("--expires", default="24h",
                        help="code lifetime: e.g. 1h, 24h, 7d or never (default 24h)")
+    _auto_start_options(share)
 
     attach = sub.add_parser("attach", help="sync a directory using an access code")
     attach.add_argument("code")
@@ -483,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address of a peer that has the share (repeatable)")
     attach.add_argument("--wait", action="store_true", help="wait until in sync, show progress")
     attach.add_argument("--timeout-wait", type=float, default=None, metavar="SECONDS")
+    _auto_start_options(attach)
 
     detach = sub.add_parser("detach", help="stop syncing a directory (files stay)")
     detach.add_argument("path")

@@ -29,22 +29,39 @@ from twisted.python.failure import Failure
 from clearskies import SOFTWARE
 from clearskies.accesscode import AccessCode, access_id, new_access_code, parse_code
 from clearskies.control.protocol import ControlFactory, listen_control
-from clearskies.discovery.addresses import Address, make_address, parse_user_address
+from clearskies.discovery.addresses import (
+    Address,
+    make_address,
+    parse_address,
+    parse_user_address,
+)
 from clearskies.discovery.connector import ConnectionManager
 from clearskies.errors import ConfigurationError, ShareError
 from clearskies.handshake import ConnectTarget
 from clearskies.keys import ShareKeys, generate_share_keys
+from clearskies.logfile import LogFileService
 from clearskies.peer import FailureLimiter, PeerProtocol, PeerServerFactory, connect_peer
 from clearskies.share.database import AccessCodeInfo, PeerInfo, ShareInfo, ShareStore  # noqa: F401
+from clearskies.ratelimit import RateLimiter
 from clearskies.share.runtime import ShareRuntime
 from clearskies.share.service import create_share as register_share
 from clearskies.sync import SyncSession
 from clearskies.threads import SerialRunner, ThreadPoolRunner
 
-FEATURES = ("vv", "directories", "progress", "read_only_manifest")
+DEFAULT_LISTEN = "tcp:60106"
+"""Where peers reach us unless told otherwise (the LAN announcement port, but TCP)."""
+
+FEATURES = ("vv", "directories", "progress", "read_only_manifest", "addresses")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 RATE_INTERVAL = 1.0
+#: How often remembered peer addresses are handed to the connection manager again.
+#: They go in as "tracker" candidates, which are forgotten after an hour without a
+#: refresh, so this must stay well below that (protocol/discovery.md).
+REMEMBERED_INTERVAL = 20 * 60.0
+#: Remembered addresses offered per share, most recently seen peers first: enough for
+#: every likely peer, and few enough to leave room for tracker and LAN candidates.
+MAX_REMEMBERED = 64
 
 #: Tor modes: off, reachable through Tor as well ("on"), or nothing outside Tor ("only").
 TOR_MODES = ("off", "on", "only")
@@ -83,7 +100,7 @@ def new_peer_id() -> str:
 @dataclass
 class DaemonSettings:
     data_dir: str
-    listen: str = "tcp:0"
+    listen: str | None = None  # None: DEFAULT_LISTEN, or any free port if it is taken
     name: str | None = None
     shares: list[str] = field(default_factory=list)
     join_code: str | None = None
@@ -148,6 +165,9 @@ class Daemon(MultiService):
         self.settings = settings
         self.data_dir = settings.data_dir
         self.name = settings.name or socket.gethostname()
+        # First child: it starts before (and stops after) everything that logs.
+        self.log_file = LogFileService(self.data_dir)
+        self.log_file.setServiceParent(self)
         self.db_runner = SerialRunner(reactor)
         self.db_runner.setServiceParent(self)
         self.cpu_runner = ThreadPoolRunner(reactor)
@@ -173,6 +193,9 @@ class Daemon(MultiService):
         self.onion_listener: IListeningPort | None = None
         self.upload = RateMeter()
         self.download = RateMeter()
+        # Daemon-wide limits (config upload_limit / download_limit, bytes/s, 0 = none).
+        self.upload_limiter = RateLimiter(reactor)
+        self.download_limiter = RateLimiter(reactor)
         self.ready: Deferred[None] = Deferred()
         self._stopping = False
         TimerService(RATE_INTERVAL, self._sample_rates).setServiceParent(self)
@@ -181,6 +204,8 @@ class Daemon(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self._log.info("{software} starting (pid {pid}), data in {data_dir}",
+                       software=SOFTWARE, pid=os.getpid(), data_dir=self.data_dir)
         d = Deferred.fromCoroutine(self._start())
         d.addCallbacks(self._started, self._start_failed)
 
@@ -203,6 +228,7 @@ class Daemon(MultiService):
         os.makedirs(self.keys_dir, mode=0o700, exist_ok=True)
         self.store = ShareStore(os.path.join(self.data_dir, "state.sqlite3"), self.db_runner)
         self.config = await self.store.all_config()
+        self.apply_limits()
         for info in await self.store.list_shares():
             await self._open_share(info)
         for info in await self.store.list_access_codes():
@@ -314,6 +340,10 @@ class Daemon(MultiService):
         if keys is None:
             keys = await self.cpu_runner.run(ShareKeys.load, self.keys_path(info.share_id))
         runtime = ShareRuntime(self, info, keys)
+        runtime.sync.upload_limiter = self.upload_limiter
+        runtime.sync.download_limiter = self.download_limiter
+        if self.paused:
+            runtime.service.pause()  # before it starts: no start scan until resume
         self.shares[info.share_id] = runtime
         await runtime.start(new=new)
         return runtime
@@ -458,7 +488,7 @@ class Daemon(MultiService):
         return _TrackedSession(session, runtime, info.their_peer_id)
 
     async def _listen_peers(self) -> None:
-        listen = self.settings.listen
+        listen = self.settings.listen or DEFAULT_LISTEN
         if self.tor_only and not is_loopback_listen(listen):
             self._log.warn("Tor only: not listening on {listen}; peers reach us through "
                            "the onion service on {local}", listen=listen, local=ONION_LISTEN)
@@ -466,7 +496,15 @@ class Daemon(MultiService):
         factory = PeerServerFactory(
             self.reactor, self, self.name, self.session_factory, features=FEATURES,
             limiter=self._onion_limiter() if self.tor_only else None)
-        self.peer_port = await self._listen(listen, factory)
+        try:
+            self.peer_port = await self._listen(listen, factory)
+        except ConfigurationError:
+            if self.settings.listen is not None:
+                raise
+            # A stable default port keeps remembered addresses valid; taken → any port.
+            self._log.info("port {listen} is taken; listening on a free port instead",
+                           listen=listen)
+            self.peer_port = await self._listen("tcp:0", factory)
         self.peer_factory = factory
         self._port_number = getattr(self.peer_port.getHost(), "port", 0)
         if self.tor_only:
@@ -545,6 +583,12 @@ class Daemon(MultiService):
         self._log.info("reachable through Tor at {address}", address=address)
         if self.tor_only:
             self._start_trackers()
+        # Tell trackers and connected peers where we can now be reached.
+        for tracker in self.trackers:
+            tracker.refresh()
+        for runtime in self.shares.values():
+            for session in list(runtime.sync.sessions.values()):
+                session.send_addresses()
 
     def onion_address(self) -> str | None:
         """``tor:<name>.onion:<port>`` while our onion service is published."""
@@ -574,8 +618,14 @@ class Daemon(MultiService):
             d = self._endpoint(address)
         except Exception as e:  # e.g. Tor went away: this dial fails, others go on
             d = fail(e)
+        def session_factory(connection: PeerProtocol) -> Any:
+            # Known before the session starts, so the peers table records the address
+            # we dialled (a tor: one through Tor), not the proxy's socket address.
+            connection.dialled_address = address  # type: ignore[attr-defined]
+            return self.session_factory(connection)
+
         d.addCallback(lambda endpoint: connect_peer(self.reactor, endpoint, target, self,
-                                                    self.name, self.session_factory,
+                                                    self.name, session_factory,
                                                     features=FEATURES))
 
         def dialled(protocol: PeerProtocol) -> _Dialled:
@@ -640,9 +690,48 @@ class Daemon(MultiService):
         for join in self.joins.values():
             for address in join.peers:
                 self.add_manual_peer(join.access_id, address)
+        # Also at once: a restarted daemon finds its known peers without any other source.
+        TimerService(REMEMBERED_INTERVAL, self._offer_remembered_peers).setServiceParent(self)
         self._start_lan()
         if not self.tor_only:  # under --tor-only: once Tor is ready (_tor_ready)
             self._start_trackers()
+
+    def advertised_addresses(self) -> list[Address]:
+        """Addresses we tell trackers and peers about beyond what they see themselves:
+        our onion address once it is published (protocol/sync.md, "Addresses")."""
+        return [address for address in self.own_addresses() if address.proto == "tor"]
+
+    def add_peer_candidates(self, share_id: str, peer_id: str | None,
+                            addresses: Any) -> None:
+        """Offer a peer's remembered or advertised addresses (protocol form) for dialling.
+
+        They are hints like a tracker's, so they use the "tracker" lifetime: retried
+        with back-off, forgotten after an hour unless offered again (which
+        :meth:`_offer_remembered_peers` does while they stay in the peers table).
+        Under --tor-only only ``tor:`` addresses are taken.
+        """
+        if self.connector is None:
+            return
+        for text in addresses:
+            try:
+                address = parse_address(text) if isinstance(text, str) else text
+            except ValueError:
+                continue
+            if self.tor_only and address.proto != "tor":
+                continue
+            self.connector.add_candidate(share_id, address, peer_id=peer_id, source="tracker")
+
+    def _offer_remembered_peers(self) -> None:
+        """Hand the peers table's addresses to the connection manager (start-up and timer)."""
+        for share_id, runtime in list(self.shares.items()):
+            peers = sorted(runtime.peers.values(), key=lambda p: p.last_seen or 0, reverse=True)
+            budget = MAX_REMEMBERED
+            for peer in peers:
+                if budget <= 0:
+                    break
+                addresses = list(peer.addresses)[:budget]
+                budget -= len(addresses)
+                self.add_peer_candidates(share_id, peer.peer_id, addresses)
 
     def manual_peers(self, target_id: str) -> list[str]:
         return list(self.config.get("manual_peers", {}).get(target_id, []))
@@ -686,6 +775,11 @@ class Daemon(MultiService):
             return [(i, p, self.listening_port) for i, p in self.registrations()]
 
         def hint(announcement: Any, host: str) -> None:
+            if self.live_code(announcement.id) is not None and self.lan is not None:
+                # Someone holding our code is looking: answer now, so it need not wait
+                # for our next periodic burst (it dials us; bursts are >= 2 s apart).
+                self.lan.announce_now()
+                return
             try:
                 address = make_address("tcp", host, announcement.port)
             except ValueError:
@@ -707,9 +801,13 @@ class Daemon(MultiService):
 
         # Under --tor-only every tracker request goes through Tor (protocol/tor.md).
         agent = self.tor.web_agent() if self.tor_only and self.settings.trackers else None
+        def ports() -> tuple[int | None, int | None]:
+            # Under --tor-only our TCP port is loopback only: register the onion address alone.
+            return (None if self.tor_only else self.listening_port), None
+
         for url in self.settings.trackers:
-            client = TrackerClient(self.reactor, url, self.registrations,
-                                   lambda: (self.listening_port, None), on_peers, agent=agent)
+            client = TrackerClient(self.reactor, url, self.registrations, ports, on_peers,
+                                   agent=agent, extra_addresses=self.advertised_addresses)
             client.setServiceParent(self)
             self.trackers.append(client)
 
@@ -723,14 +821,29 @@ class Daemon(MultiService):
     # -- pause and rates -------------------------------------------------------------------
 
     def pause(self) -> None:
+        """No new downloads or uploads (``get`` answers "paused") and no scans or
+        announcements of local changes until :meth:`resume`; a file already
+        streaming finishes."""
         self.paused = True
         for runtime in self.shares.values():
             runtime.sync.pause()
+            runtime.service.pause()
 
     def resume(self) -> None:
         self.paused = False
         for runtime in self.shares.values():
+            runtime.service.resume()
             runtime.sync.resume()
+
+    def apply_limits(self) -> None:
+        """Set the rate limiters from the config; running transfers follow at once."""
+        for key, limiter in (("upload_limit", self.upload_limiter),
+                             ("download_limit", self.download_limiter)):
+            value = self.config.get(key) or 0
+            rate = value if isinstance(value, int) and not isinstance(value, bool) else 0
+            if rate != limiter.rate:
+                limiter.set_rate(max(0, rate))
+                self._log.info("{key} is now {rate} bytes/s (0: no limit)", key=key, rate=rate)
 
     def _sample_rates(self) -> None:
         sent = sum(r.sync.bytes_sent for r in self.shares.values())

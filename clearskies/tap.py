@@ -46,7 +46,9 @@ class Options(usage.Options):
         ["data-dir", "d", None,
          "Where state, keys and the control socket live "
          "(default: $CLEARSKIES_DATA_DIR or ~/.local/share/clearskies)."],
-        ["listen", "l", "tcp:0", "Endpoint for peer connections, e.g. tcp:40321."],
+        ["listen", "l", None,
+         "Endpoint for peer connections, e.g. tcp:40321 "
+         "(default: tcp:60106, or any free port when that one is taken)."],
         ["name", "n", None, "The name other peers see for this machine (default: host name)."],
         ["into", None, None, "Directory to fill from --code."],
         ["code", None, None, "An access code (SYNC…) to attach a share with (needs --into)."],
@@ -123,7 +125,7 @@ class Options(usage.Options):
             self["tor-extra"] = _read_tor_config(self["tor-config"])
         if self["tor-mode"] != "only":
             return
-        if self["listen"] == "tcp:0":
+        if self["listen"] in (None, "tcp:0"):
             self["listen"] = "tcp:0:interface=127.0.0.1"
         elif not _loopback(self["listen"]):
             raise usage.UsageError(
