@@ -214,6 +214,8 @@ class DaemonCommands(CommandDispatcher):
         self.daemon.config[key] = value
         if key == "name":
             self.daemon.name = value
+        if key in ("upload_limit", "download_limit"):
+            self.daemon.apply_limits()
         await self.daemon.store.set_config(key, value)
 
     # -- extensions ------------------------------------------------------------------
