@@ -191,11 +191,18 @@ class PeerKitCase(TestCase):
         return runtime
 
     async def _stop_daemon(self, daemon: Daemon) -> None:
-        for session in self.sessions:
-            if session.connection.transport is not None and not session.closed:
-                session.connection.transport.abortConnection()
-        await daemon.stopService()
-        await sleep(0.01)  # let closing transports run their last callbacks
+        try:
+            for session in self.sessions:
+                if session.connection.transport is not None and not session.closed:
+                    session.connection.transport.abortConnection()
+            await daemon.stopService().addTimeout(10, reactor)
+            await sleep(0.01)  # let closing transports run their last callbacks
+        finally:
+            # Whatever went wrong, no worker thread may outlive the test: a live
+            # one keeps the whole test process from exiting.
+            for runner in (daemon.cpu_runner, daemon.db_runner):
+                if runner.running:
+                    runner.stopService()
 
     async def connect(self, features: tuple[str, ...] = ALL_FEATURES,
                       peer_id: str | None = None) -> ScriptedSession:

@@ -257,3 +257,74 @@ class ReferencePeerTests(PeerKitCase):
         self.assertEqual([r for r in records if "directory" in r], [])
         self.assertEqual([e for e in self.log_events if e.get("isError")
                           or e.get("log_failure") is not None], [])
+
+
+class GarbageTests(PeerKitCase):
+    async def still_serves(self) -> None:
+        """A fresh peer can fetch a file: one bad connection did not hurt the daemon."""
+        peer = await self.connect()
+        since = len(peer.events)
+        peer.send({"type": "get", "path": "own.txt"})
+        self.assertEqual(await peer.collect_payload("own.txt", since=since), b"still here\n")
+        peer.close()
+
+    def assert_closed_because(self, reason: str) -> None:
+        closing = [t for t in self.logged() if t.startswith("closing connection with")]
+        self.assertTrue(any(reason in t for t in closing), closing[-3:])
+
+    @async_test
+    async def test_garbage_after_the_handshake_closes_only_that_connection(self):
+        """A huge line, bad JSON or a non-digit chunk header close the connection, with a reason."""
+        self.share_path("own.txt").write_bytes(b"still here\n")
+        await self.start_daemon()
+
+        peer = await self.connect()
+        peer.send_raw(b"{" + b"x" * (20 * 1024 * 1024) + b"\n")
+        await peer.wait_closed(timeout=20)
+        self.assert_closed_because("line longer than")
+        await self.still_serves()
+
+        peer = await self.connect()
+        peer.send_raw(b'{"type": "update", "file": {"path": "a"\n')
+        await peer.wait_closed()
+        self.assert_closed_because("not valid JSON")
+        await self.still_serves()
+
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        manifest(peer, peer_id, [file_entry("wanted.txt", b"content", vv={peer_id: 1})])
+        await peer.wait_for("get", where=lambda b: b["path"] == "wanted.txt")
+        peer.send_raw(b'!{"type":"file_data","path":"wanted.txt"}\nzz\ncontent0\n')
+        await peer.wait_closed()
+        self.assert_closed_because("chunk header is not")
+        self.assertFalse(self.share_path("wanted.txt").exists())
+        await self.still_serves()
+
+
+class IgnoredPathTests(PeerKitCase):
+    @async_test
+    async def test_updates_for_ignored_paths_are_not_applied(self):
+        """Records for paths in .clearskiesignore are neither fetched, written, deleted nor served."""
+        self.share_path(".clearskiesignore").write_text("*.log\nprivate/\n")
+        self.share_path("notes.log").write_bytes(b"mine\n")
+        await self.start_daemon()
+        pid = secrets.token_hex(16)
+        peer = await self.connect(peer_id=pid)
+        await peer.wait_for("get_manifest")
+        peer.send(update(file_entry("notes.log", b"theirs\n", vv={pid: 1})))
+        peer.send(update(file_entry("private/secret.txt", b"secret\n", vv={pid: 1})))
+        peer.send(update(file_entry(".clearskiesignore", b"", vv={pid: 1})))
+        peer.send(update(tombstone("notes.log", pid)))
+        peer.send(update(file_entry("normal.txt", b"normal\n", vv={pid: 1})))
+        await peer.wait_for("get", where=lambda b: b["path"] == "normal.txt")
+        peer.send_payload({"type": "file_data", "path": "normal.txt"}, b"normal\n")
+        await wait_until(lambda: self.share_path("normal.txt").exists(), what="normal.txt")
+        peer.send({"type": "get", "path": "notes.log"})
+        await peer.wait_for("get_error", where=lambda b: b["path"] == "notes.log")
+        await sleep(0.3)
+        self.assertEqual([g["path"] for g in peer.messages("get")], ["normal.txt"])
+        self.assertEqual(peer.messages("file_data"), [])
+        self.assertEqual(self.share_path("notes.log").read_bytes(), b"mine\n")
+        self.assertEqual(self.share_path(".clearskiesignore").read_text(), "*.log\nprivate/\n")
+        self.assertFalse(self.share_path("private").exists())
+        self.assertFalse(peer.closed, peer.lost_reason)
