@@ -345,3 +345,21 @@ def test_ignored_paths_are_not_taken_from_peers(share):
     record = file_record("secret.txt", b"x", {THEM: 1})
     session.event_received(message({"type": "update", "file": record.to_wire()}))
     assert "secret.txt" not in sync.wanted and "secret.txt" not in share.records
+
+
+def test_big_manifests_go_out_in_pages_to_peers_that_take_them(share, monkeypatch):
+    """With manifest_pages, the manifest is split; only the last page lacks "more"."""
+    monkeypatch.setattr("clearskies.sync.MANIFEST_PAGE", 2)
+    for name in "abcde":
+        share.add_local(name, name.encode(), {US: 1})
+    _, session, connection = open_session(share, Clock(), features=("vv", "manifest_pages"))
+    connection.sent()
+    session.event_received(message({"type": "get_manifest"}))
+    pages = [e.body for e in connection.sent()]
+    assert [[f["path"] for f in p["files"]] for p in pages] == [["a", "b"], ["c", "d"], ["e"]]
+    assert [p.get("more") for p in pages] == [True, True, None]
+    _, old_session, old_connection = open_session(share, Clock(), features=("vv",))
+    old_connection.sent()
+    old_session.event_received(message({"type": "get_manifest"}))
+    (single,) = old_connection.sent()
+    assert len(single.body["files"]) == 5 and "more" not in single.body
