@@ -23,7 +23,9 @@ of the test, pass or fail::
 
 When a test fails, the last lines of each daemon's log are printed during
 teardown, so they show up in pytest's report.  Everything listens on
-127.0.0.1 only, and LAN discovery is off.
+127.0.0.1 only, and LAN discovery is off unless a test passes
+``lan=LanSettings.private()`` (a private UDP port and multicast group on
+loopback).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,6 +108,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class LanSettings:
+    """LAN discovery for a test: a private UDP port and multicast group, on loopback only."""
+
+    port: int
+    group: str
+    interface: str = "127.0.0.1"
+
+    @classmethod
+    def private(cls) -> LanSettings:
+        """A free UDP port and a random group in 239.194.0.0/16, away from the default group."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return cls(port, "239.194.%d.%d" % (random.randrange(256), random.randrange(1, 255)))
+
+    def argv(self) -> list[str]:
+        return ["--lan-port", str(self.port), "--lan-group", self.group,
+                "--lan-interface", self.interface]
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.1,
                message: str | None = None) -> T:
     """Call ``predicate`` until it returns something truthy, and return that.
@@ -156,9 +181,10 @@ class DaemonProcess:
     """
 
     def __init__(self, tmp_path: str | os.PathLike[str], name: str,
-                 extra: Iterable[str] = ()) -> None:
+                 extra: Iterable[str] = (), lan: LanSettings | None = None) -> None:
         self.name = name
         self.extra = list(extra)
+        self.lan = lan
         self.base = Path(tmp_path) / name
         self.home = self.base / "home"
         self.xdg_data_home = self.base / "xdg-data"
@@ -216,7 +242,8 @@ class DaemonProcess:
             *TWISTD, "-n", "--pidfile=", "clearskies",
             "--data-dir", str(self.data_dir),
             "--listen", "tcp:%d:interface=127.0.0.1" % self.port,
-            "--no-lan", "--name", self.name, *self.extra,
+            *(self.lan.argv() if self.lan is not None else ["--no-lan"]),
+            "--name", self.name, *self.extra,
         ]
 
     # -- lifetime ----------------------------------------------------------------
@@ -288,9 +315,17 @@ class DaemonProcess:
         _live.discard(self)
         return self.proc.returncode
 
-    def restart(self, timeout: float = START_TIMEOUT) -> None:
-        """Stop (gracefully if still running) and start again with the same port and data."""
+    def restart(self, timeout: float = START_TIMEOUT, new_port: bool = False) -> None:
+        """Stop (gracefully if still running) and start again with the same data.
+
+        The port stays the same unless ``new_port``: then the daemon comes back
+        on another free port, as after a move to another network.
+        """
         self.stop()
+        if new_port:
+            old = self.port
+            while self.port == old:
+                self.port = free_port()
         self.start(timeout)
 
     def cleanup(self, stop_timeout: float = 5.0) -> None:
@@ -437,11 +472,15 @@ class DaemonSet:
         self.stop_timeout = stop_timeout
         self.daemons: dict[str, DaemonProcess] = {}
 
-    def make(self, name: str = "peer", *extra: str, start: bool = True) -> DaemonProcess:
-        """A new daemon called ``name`` (unique per test), started unless ``start=False``."""
+    def make(self, name: str = "peer", *extra: str, start: bool = True,
+             lan: LanSettings | None = None) -> DaemonProcess:
+        """A new daemon called ``name`` (unique per test), started unless ``start=False``.
+
+        LAN discovery is off unless ``lan`` names a private port and group.
+        """
         if name in self.daemons:
             raise ValueError("there is already a daemon called %r in this test" % name)
-        daemon = self.process_class(self.tmp_path, name, extra)
+        daemon = self.process_class(self.tmp_path, name, extra, lan=lan)
         self.daemons[name] = daemon
         if start:
             daemon.start()
@@ -469,7 +508,7 @@ class DaemonSet:
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """``daemon_factory(name, *extra_args, start=True) -> DaemonProcess``; all killed at teardown."""
+    """``daemon_factory(name, *extra_args, start=True, lan=None) -> DaemonProcess``; all killed at teardown."""
     with DaemonSet(tmp_path) as daemons:
         yield daemons.make
         # pytest shows teardown output only for failing tests: the logs land in the report.

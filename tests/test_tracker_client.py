@@ -283,6 +283,25 @@ def test_refresh_registers_again_at_once() -> None:
     assert len(agent.requests) == 3
 
 
+def test_refresh_during_a_request_is_not_pushed_back_by_its_answer() -> None:
+    """A code added while the first request is in flight is registered a second later, not at the ttl."""
+    clock = Clock()
+    pending: list[Deferred] = []
+    agent = FakeAgent(clock, lambda r: pending.append(Deferred()) or pending[-1])
+    client, _peers, regs = make_client(clock, agent, fast_track=False)
+    client.startService()
+    clock.advance(0)
+    regs.append((CODE, PEER_A2))
+    client.refresh()  # too soon after the first request: due in MIN_REQUEST_GAP
+    response = FakeResponse(clock)
+    pending[0].callback(response)
+    response.send(json.dumps({"others": {}, "ttl": 300}).encode())
+    response.finish()
+    clock.advance(MIN_REQUEST_GAP)
+    assert len(agent.requests) == 2
+    assert agent.requests[1]["query"]["id"] == [SHARE + "@" + PEER_A, CODE + "@" + PEER_A2]
+
+
 def test_falls_back_to_polling_when_no_stream() -> None:
     """A multi-line JSON document in answer to fast_track=1 is read whole; later requests poll."""
     clock = Clock()

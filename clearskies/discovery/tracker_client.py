@@ -321,6 +321,18 @@ class TrackerClient(Service):
         self._cancel_next()
         self._next = self._reactor.callLater(delay, self._attempt)
 
+    def _schedule_renewal(self, delay: float) -> None:
+        """Renew after ``delay``, unless refresh() asked for an earlier attempt meanwhile.
+
+        An answer to a request sent before a share or code was added must not
+        push back the registration that carries the new ID.
+        """
+        pending = self._next
+        if pending is not None and pending.active() and \
+                pending.getTime() <= self._reactor.seconds() + delay:
+            return
+        self._schedule(delay)
+
     def _abandon_current(self) -> None:
         exchange, self._current = self._current, None
         if exchange is not None:
@@ -420,7 +432,7 @@ class TrackerClient(Service):
             # We asked for a stream and got one document: the tracker polls.
             self._no_stream_until = self._reactor.seconds() + STREAM_RETRY_AFTER
         self._succeeded(exchange, document)
-        self._schedule(self._renew_interval(document))
+        self._schedule_renewal(self._renew_interval(document))
 
     def _stream_line(self, exchange: _Exchange, line: bytes) -> None:
         """One line of a fast_track stream."""
@@ -449,7 +461,7 @@ class TrackerClient(Service):
             )
             self.streaming = True
             self._succeeded(exchange, document)
-            self._schedule(self._renew_interval(document))
+            self._schedule_renewal(self._renew_interval(document))
         elif "others" in document:
             self._deliver_others(exchange, document.get("others"))
         if exchange.silence is not None and exchange.silence.active():
