@@ -249,6 +249,11 @@ class PeerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.peer_address = _describe(self.transport.getPeer())
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # Requests and replies are small and pipelined: Nagle's algorithm
+            # (with delayed ACKs) would hold each for tens of milliseconds.
+            set_no_delay(True)
         self._last_received = self._clock.seconds()
         self._deadline = self._clock.callLater(
             self._settings.handshake_timeout, self._handshake_timed_out)

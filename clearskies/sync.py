@@ -18,22 +18,26 @@ seam below, so the whole layer can be tested against a fake.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clearskies import readonly, wire
+from clearskies.discovery.addresses import UnsupportedProtocolError, parse_address
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.ratelimit import RateLimiter, ReadThrottle
-from clearskies.transfer import CONFLICT, CORRUPT, OK, FileReceiver, SendQueue, get_error_message
+from clearskies.transfer import (
+    CONFLICT, CORRUPT, OK, FileReceiver, FinishResult, SendQueue, get_error_message,
+    sync_directories,
+)
 
 WINDOW = 16
 """Outstanding ``get`` requests per connection."""
@@ -42,8 +46,16 @@ RETRY_AFTER = 30.0
 """Seconds before a file that failed from one peer is asked from it again."""
 
 MAX_RANGE = 2**63
+MAX_ADDRESSES = 8
+"""Entries in one ``clearskies.addresses`` message (extension ``addresses``)."""
 MAX_WAITING_GETS = 64
+MANIFEST_PAGE = 1000
+"""Records per manifest message for peers that negotiated ``manifest_pages``: a big
+share's manifest would not fit the 16 MiB line limit, and pages merge as they arrive."""
 """File requests a peer may have waiting on one connection before it is cut off."""
+
+MAX_FINISHING = 64
+"""Received files waiting for verification and installation before no more are requested."""
 
 
 class LocalShare(Protocol):
@@ -132,6 +144,11 @@ class ShareSync:
         self.pending_rmdirs: dict[str, FileRecord] = {}
         self.placeholders: set[str] = set()
         self._retry_call: Any = None
+        # Payloads received and being verified/installed (path -> session): out of
+        # the request window, so the next files stream while the disk catches up.
+        self.finishing: dict[str, SyncSession] = {}
+        self._ready: list[tuple[FileReceiver, FileRecord, Deferred[str]]] = []
+        self._installing = False
         self.bytes_received = 0
         self.bytes_sent = 0
         # Read-only shares (clearskies.readonly): signing and relaying; None = plain.
@@ -139,6 +156,10 @@ class ShareSync:
         # Daemon-wide rate limits, shared by every share (set by the daemon).
         self.upload_limiter: RateLimiter | None = None
         self.download_limiter: RateLimiter | None = None
+        # Extension "addresses" (set by the daemon): where we can be reached beyond what
+        # peers see themselves, and what to do with a peer's list (peer ID, addresses).
+        self.advertised_addresses: Callable[[], list[str]] | None = None
+        self.addresses_received: Callable[[str, list[str]], None] | None = None
 
     # -- sessions --------------------------------------------------------------
 
@@ -373,16 +394,24 @@ class ShareSync:
         """Hand wanted files to sessions with room in their request window."""
         if self.paused or not self.sessions:
             return
+        if len(self.finishing) >= MAX_FINISHING:
+            return  # the disk is behind: no more downloads until some are installed
+        # Walk ``wanted`` in order (the manifest's path order, so one directory's
+        # files come together) and stop once every window is full: called after
+        # every finished file, this must not cost O(wanted).
         now = self.clock.seconds()
-        waiting = [p for p in self.wanted if p not in self.in_flight]
-        self.rng.shuffle(waiting)
+        open_sessions = {p: s for p, s in self.sessions.items() if s.has_room()}
+        starts: list[tuple[SyncSession, Wanted]] = []
         next_retry: float | None = None
-        for path in waiting:
-            wanted = self.wanted[path]
+        for path, wanted in self.wanted.items():
+            if not open_sessions:
+                break
+            if path in self.in_flight or path in self.finishing:
+                continue
             candidates = []
             for peer_id in wanted.sources:
-                session = self.sessions.get(peer_id)
-                if session is None or not session.has_room():
+                session = open_sessions.get(peer_id)
+                if session is None:
                     continue
                 failed_at = wanted.failed.get(peer_id)
                 if failed_at is not None and now - failed_at < RETRY_AFTER:
@@ -394,8 +423,12 @@ class ShareSync:
                 continue
             session = self.rng.choice(candidates)
             self.in_flight[path] = session
+            if not session.has_room():
+                del open_sessions[session.peer_id]
+            starts.append((session, wanted))
+        for session, wanted in starts:  # may change ``wanted``: not while iterating it
             Deferred.fromCoroutine(self._start_download(session, wanted)).addErrback(
-                self._download_crashed, path)
+                self._download_crashed, wanted.record.path)
         if next_retry is not None and self._retry_call is None:
             self._retry_call = self.clock.callLater(max(0.0, next_retry - now), self._retry)
 
@@ -441,8 +474,10 @@ class ShareSync:
         if current is None or current.record != record:
             receiver.abort(keep_partial=False)  # superseded while we fetched it
             return
-        result = await self._lock.run(
-            lambda: Deferred.fromCoroutine(self._finish_locked(receiver, record)))
+        # Verification and fsync run outside the lock, several at once; the
+        # renames and the database commit are then done in batches.
+        problem = await receiver.seal()
+        result = CORRUPT if problem is not None else await self._install_batched(receiver, record)
         if result == OK:
             self.wanted.pop(record.path, None)
             if not self.wanted:
@@ -452,14 +487,79 @@ class ShareSync:
             self._log.warn("{path} from {peer} did not match its hash; will fetch again",
                            path=record.path, peer=session.peer_id)
 
-    async def _finish_locked(self, receiver: FileReceiver, record: FileRecord) -> str:
-        result = await receiver.finish(lambda: self.share.is_unchanged(record.path))
-        if result.status == OK:
-            self.placeholders.discard(record.path)
-            revision = await self.share.commit_remote(
-                [record], {record.path: (result.size, result.mtime_ns, result.inode)})
-            self.relay([record], revision, origin=None)
-            return OK
+    def _install_batched(self, receiver: FileReceiver, record: FileRecord) -> Deferred[str]:
+        """Queue a verified download for the next install batch; fires with its status."""
+        done: Deferred[str] = Deferred()
+        self._ready.append((receiver, record, done))
+        if not self._installing:
+            self._installing = True
+            Deferred.fromCoroutine(self._install_ready()).addErrback(
+                lambda f: self._log.failure("installing downloads failed", f))
+        return done
+
+    async def _install_ready(self) -> None:
+        try:
+            while self._ready:
+                batch, self._ready = self._ready, []
+                await self._lock.run(
+                    lambda b=batch: Deferred.fromCoroutine(self._install_locked(b)))
+        finally:
+            self._installing = False
+
+    async def _install_locked(self,
+                              batch: list[tuple[FileReceiver, FileRecord, Deferred[str]]]) -> None:
+        """Rename a batch into place, fsync their directories once, commit them in one go.
+
+        The database learns of a file only after its rename is durable.
+        """
+        results: list[tuple[Deferred[str], str | Failure]] = []
+        installed: list[Deferred[str]] = []
+        records: list[FileRecord] = []
+        written: dict[str, tuple[int, int, int]] = {}
+        directories: list[Path] = []
+        # Checks and renames are issued together so their thread hops overlap.
+        checks = await DeferredList(
+            [maybeDeferred(self.share.is_unchanged, record.path) for _, record, _ in batch],
+            consumeErrors=True)
+        finishes = await DeferredList(
+            [receiver.finish(lambda unchanged=unchanged: unchanged, sync_directory=False)
+             if ok else fail(unchanged)
+             for (receiver, _, _), (ok, unchanged) in zip(batch, checks)],
+            consumeErrors=True)
+        for (receiver, record, done), (ok, result) in zip(batch, finishes):
+            try:
+                if not ok:
+                    result.raiseException()
+                if result.status == OK:
+                    self.placeholders.discard(record.path)
+                    records.append(record)
+                    written[record.path] = (result.size, result.mtime_ns, result.inode)
+                    directories.append(result.path.parent)
+                    installed.append(done)
+                    continue
+                status = await self._finish_other(receiver, record, result)
+            except Exception:
+                results.append((done, Failure()))
+                continue
+            results.append((done, status))
+        if records:
+            try:
+                await self.share.runner.run(sync_directories, directories)
+                revision = await self.share.commit_remote(records, written)
+            except Exception:
+                failure = Failure()
+                results.extend((done, failure) for done in installed)
+            else:
+                self.relay(records, revision, origin=None)
+                results.extend((done, OK) for done in installed)
+        for done, outcome in results:
+            if isinstance(outcome, Failure):
+                done.errback(outcome)
+            else:
+                done.callback(outcome)
+
+    async def _finish_other(self, receiver: FileReceiver, record: FileRecord,
+                            result: FinishResult) -> str:
         if result.status == CONFLICT:
             # The file changed here while we fetched it: keep both, ours at the path.
             conflict = merge.conflict_record(record)
@@ -529,6 +629,8 @@ class SyncSession:
         connection.message_writer = self._write  # keep-alives queue behind payloads too
         self.peer_progress: dict[str, Any] | None = None
         self.peer_revision_seen: Any = None
+        self.peer_addresses: list[str] = []  # from its last clearskies.addresses
+        self._addresses_sent: list[str] = []
         self._manifest_to_remember: Any = None
         self._queued_changes: list[tuple[list[FileRecord], list[tuple[str, FileRecord]], int]] = []
         self._building_manifest = False
@@ -554,7 +656,6 @@ class SyncSession:
         """A read-only share passes on only the signed messages it holds."""
         return self.sync.signing is not None and self.sync.signing.read_only
 
-
     def _write(self, data: bytes) -> None:
         """Every message goes through the send queue, so none lands inside a payload."""
         try:
@@ -566,13 +667,12 @@ class SyncSession:
         if not self.sync.attach(self):
             self.connection.close("duplicate connection with the same peer")
             return
-        if self.sync.signing is not None and \
-                not self.sync.signing.requests_manifest_from(self.access):
-            return
-        request: dict[str, Any] = {"type": "get_manifest"}
-        if last_revision is not None:
-            request["revision"] = last_revision
-        self._send(request)
+        if self.sync.signing is None or self.sync.signing.requests_manifest_from(self.access):
+            request: dict[str, Any] = {"type": "get_manifest"}
+            if last_revision is not None:
+                request["revision"] = last_revision
+            self._send(request)
+        self.send_addresses()
 
     def keep_over(self, newcomer: SyncSession) -> bool:
         """Of two connections with one peer, both sides keep the same one.
@@ -668,10 +768,16 @@ class SyncSession:
             return
         revision, records = result
         files = [r.to_wire() for r in records if self._shareable(r)]
-        self._send({
-            "type": "manifest", "peer": self.sync.share.our_peer_id,
-            "revision": revision, "version": revision, "files": files,
-        })
+        paged = "manifest_pages" in (self.connection.established.features or ())
+        step = MANIFEST_PAGE if paged else max(1, len(files))
+        for start in range(0, max(1, len(files)), step):
+            body: dict[str, Any] = {
+                "type": "manifest", "peer": self.sync.share.our_peer_id,
+                "revision": revision, "version": revision, "files": files[start:start + step],
+            }
+            if start + step < len(files):
+                body["more"] = True  # extension manifest_pages: more pages follow
+            self._send(body)
         self.manifest_sent_revision = revision
         self._flush_queued()
 
@@ -693,7 +799,6 @@ class SyncSession:
         if records:
             self._receive(sorted(records, key=lambda r: r.path))
 
-
     def _on_manifest(self, body: dict, event: wire.Message) -> None:
         files = body.get("files")
         if not isinstance(files, list):
@@ -708,7 +813,8 @@ class SyncSession:
         self._saw_revision(revision)
         # Remembered only once its content is all here (send_progress): a restart
         # before then must ask for the whole manifest again, not "anything new?".
-        self._manifest_to_remember = revision
+        if body.get("more") is not True:
+            self._manifest_to_remember = revision
         for record in records.values():
             if not record.deleted and record.sha256:
                 self.acked[record.path] = record.sha256
@@ -780,6 +886,44 @@ class SyncSession:
                                 % (path, start, receiver.offset))
         self.receiving = receiver
 
+    def send_addresses(self) -> None:
+        """Extension ``addresses``: tell the peer where else it can reach us.
+
+        Sent at the start and again when the list changes (Tor became ready);
+        nothing goes to peers that did not negotiate the feature, and an empty
+        list is not sent.
+        """
+        if "addresses" not in (self.connection.established.features or ()):
+            return
+        source = self.sync.advertised_addresses
+        addresses = list(dict.fromkeys(source()))[:MAX_ADDRESSES] if source else []
+        if not addresses or addresses == self._addresses_sent:
+            return
+        self._addresses_sent = addresses
+        self._send({"type": "clearskies.addresses", "addresses": addresses})
+
+    def _on_clearskies_addresses(self, body: dict, event: wire.Message) -> None:
+        """Extension: the peer's addresses; unknown transports and bad entries are skipped."""
+        entries = body.get("addresses")
+        if not isinstance(entries, list) or len(entries) > MAX_ADDRESSES:
+            raise ProtocolError("clearskies.addresses needs a list of at most %d addresses"
+                                % (MAX_ADDRESSES,))
+        found: list[str] = []
+        for entry in entries:
+            try:
+                address = str(parse_address(entry))
+            except UnsupportedProtocolError:
+                continue
+            except ValueError as e:
+                self._log.info("{peer} advertised a bad address: {why}",
+                               peer=self.peer_id[:8], why=str(e))
+                continue
+            if address not in found:
+                found.append(address)
+        self.peer_addresses = found
+        if found and self.sync.addresses_received is not None:
+            self.sync.addresses_received(self.peer_id, found)
+
     def _on_clearskies_progress(self, body: dict, event: wire.Message) -> None:
         """Extension: how far the peer has got with our changes (for status and wait)."""
         revision = body.get("revision")
@@ -838,11 +982,18 @@ class SyncSession:
 
     def _finish(self, receiver: FileReceiver) -> None:
         record = receiver.expected
+        sync = self.sync
+        if sync.in_flight.get(record.path) is self:
+            del sync.in_flight[record.path]
+            sync.finishing[record.path] = self
+            sync.pump()  # the window has room again while this file is installed
 
         def done(_: object) -> None:
-            if self.sync.in_flight.get(record.path) is self:
-                del self.sync.in_flight[record.path]
-            self.sync.pump()
+            if sync.finishing.get(record.path) is self:
+                del sync.finishing[record.path]
+            if sync.in_flight.get(record.path) is self:
+                del sync.in_flight[record.path]
+            sync.pump()
 
         d = Deferred.fromCoroutine(self.sync.finish_download(self, receiver, record))
         d.addErrback(self._log_failure, "finishing " + record.path)

@@ -24,7 +24,7 @@ import hashlib
 import os
 import stat
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,6 +47,9 @@ TEMP_SUFFIX = ".!clearsky"
 
 BLOCK_SIZE = 1024 * 1024
 """Read/write block for copying and re-hashing in worker threads."""
+
+FLUSH_AHEAD = 32 * 1024 * 1024
+"""Bytes a download writes before a worker starts flushing them to disk (the last fsync stays)."""
 
 MAX_QUEUED_FILES = 64
 """Most ``get`` requests one connection may have waiting for their turn."""
@@ -144,6 +147,8 @@ class FileReceiver:
         self._hasher: Any = hashlib.sha256()
         self._received = 0
         self._overflow = False
+        self._unflushed = 0
+        self._flushing = False
         self._offset = self._existing_prefix() if resume else 0
         # A resumed file is hashed whole at the end, in the runner.
         self._rehash = self._offset > 0
@@ -184,6 +189,18 @@ class FileReceiver:
         if not self._rehash:
             self._hasher.update(data)
         self._received += len(data)
+        self._unflushed += len(data)
+        if self._unflushed >= FLUSH_AHEAD and not self._flushing:
+            # Write back while receiving, so the final fsync of a big file is short.
+            self._unflushed = 0
+            self._flushing = True
+            self._runner.run(_flush_copy, os.dup(self._fd)).addBoth(self._flushed)
+
+    def _flushed(self, result: object) -> None:
+        self._flushing = False
+        if isinstance(result, Failure):  # the final fsync still decides
+            self._log.info("early flush of {path} failed: {why}", path=self.expected.path,
+                           why=result.getErrorMessage())
 
     def _open_for_writing(self) -> None:
         self._prepare_directory()
@@ -240,16 +257,17 @@ class FileReceiver:
 
     # -- finishing -------------------------------------------------------------------
 
-    def finish(self, is_unchanged: Callable[[], bool | Deferred[bool]]) -> Deferred[FinishResult]:
-        """Verify, then put the content in place if ``is_unchanged()`` allows.
+    def seal(self) -> Deferred[str | None]:
+        """Verify and fsync the temporary file without putting it in place yet.
 
-        ``is_unchanged`` is called on the reactor thread after verification,
-        just before the rename; it answers (directly or by Deferred) whether
-        the target is still as our last scan saw it.
+        Fires with None when the content is good (then call :meth:`finish`,
+        :meth:`keep_as` or :meth:`abort`), else with why it was rejected (the
+        temporary file is gone).  Lets a caller verify many downloads at
+        once and install them together.
         """
-        return Deferred.fromCoroutine(self._finish(is_unchanged))
+        return Deferred.fromCoroutine(self._seal_temp())
 
-    async def _finish(self, is_unchanged: Callable[[], bool | Deferred[bool]]) -> FinishResult:
+    async def _seal_temp(self) -> str | None:
         if self._state == _NEW:
             self._open_for_writing()  # nothing arrived: an empty file or a complete resume
         if self._state != _WRITING:
@@ -264,15 +282,35 @@ class FileReceiver:
             self._state = _DONE
             self._log.info("download of {path} failed verification: {why}",
                            path=self.expected.path, why=problem)
-            return FinishResult(CORRUPT, self.local_path, reason=problem)
+            return problem
         self._state = _VERIFIED
+        return None
+
+    def finish(self, is_unchanged: Callable[[], bool | Deferred[bool]], *,
+               sync_directory: bool = True) -> Deferred[FinishResult]:
+        """Verify (unless :meth:`seal` did), then put the content in place if ``is_unchanged()`` allows.
+
+        ``is_unchanged`` is called on the reactor thread after verification,
+        just before the rename; it answers (directly or by Deferred) whether
+        the target is still as our last scan saw it.  With ``sync_directory``
+        false the caller must fsync the target's directory itself
+        (:func:`sync_directories`), e.g. once for a batch of downloads.
+        """
+        return Deferred.fromCoroutine(self._finish(is_unchanged, sync_directory))
+
+    async def _finish(self, is_unchanged: Callable[[], bool | Deferred[bool]],
+                      sync_directory: bool) -> FinishResult:
+        if self._state != _VERIFIED:
+            problem = await self._seal_temp()
+            if problem is not None:
+                return FinishResult(CORRUPT, self.local_path, reason=problem)
         if not await maybeDeferred(is_unchanged):
             return FinishResult(CONFLICT, self.temp_path,
                                 reason="the file changed locally during the download")
         self._state = _BUSY
         try:
             size, mtime_ns, inode = await self._runner.run(
-                _install, self.temp_path, self.local_path)
+                _install, self.temp_path, self.local_path, sync_directory)
         except BaseException:
             self._state = _VERIFIED
             raise
@@ -399,10 +437,17 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def _install(temp: Path, target: Path) -> tuple[int, int, int]:
+def _install(temp: Path, target: Path, sync_directory: bool = True) -> tuple[int, int, int]:
     os.replace(temp, target)
-    _fsync_directory(target.parent)
+    if sync_directory:
+        _fsync_directory(target.parent)
     return _stat_key(target)
+
+
+def sync_directories(directories: Iterable[Path]) -> None:
+    """fsync each directory once: makes a batch of renames into them durable (worker thread)."""
+    for directory in set(directories):
+        _fsync_directory(directory)
 
 
 def _keep(temp: Path, other: Path, sha256: str) -> tuple[int, int, int]:
@@ -428,6 +473,14 @@ def _keep(temp: Path, other: Path, sha256: str) -> tuple[int, int, int]:
     os.unlink(temp)
     _fsync_directory(other.parent)
     return _stat_key(other)
+
+
+def _flush_copy(fd: int) -> None:
+    """fdatasync a duplicate descriptor, then close it: the receiver may close its own meanwhile."""
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -783,6 +836,6 @@ class SendQueue:
 
 __all__ = [
     "TEMP_SUFFIX", "OK", "CORRUPT", "CONFLICT", "FinishResult", "FileReceiver", "FileSender",
-    "SendQueue", "SendResult", "temp_name", "is_temp_name", "get_error_message",
+    "SendQueue", "SendResult", "sync_directories", "temp_name", "is_temp_name", "get_error_message",
     "describe_os_error",
 ]

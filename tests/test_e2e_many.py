@@ -263,7 +263,7 @@ def _converged(daemons: list[DaemonProcess], edits: RandomEdits, timeout: float)
     """Wait until every tree is the same and as ``edits`` expects, for a second in a row."""
     last: dict[str, object] = {}
 
-    def agreed() -> Snapshot | None:
+    def agreed() -> tuple[Snapshot] | None:  # a tuple: an empty tree is an answer too
         snapshots = [tree_snapshot(d.shares) for d in daemons]
         if any(s != snapshots[0] for s in snapshots[1:]):
             last["why"] = "trees differ"
@@ -272,7 +272,7 @@ def _converged(daemons: list[DaemonProcess], edits: RandomEdits, timeout: float)
         if wrong:
             last["why"] = wrong
             return None
-        return snapshots[0]
+        return (snapshots[0],)
 
     deadline = time.monotonic() + timeout
     while True:
@@ -291,7 +291,7 @@ def _converged(daemons: list[DaemonProcess], edits: RandomEdits, timeout: float)
             raise AssertionError("\n".join(report)) from None
         time.sleep(1.0)
         if agreed() == first:
-            return first
+            return first[0]
 
 
 def _stop(daemon: DaemonProcess) -> None:

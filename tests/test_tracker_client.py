@@ -552,3 +552,68 @@ class TrackerIntegrationTests(TestCase):
             assert client.registered and not client.streaming
 
         return Deferred.fromCoroutine(run())
+
+    def test_onion_only_peer_is_found_at_its_onion_address(self) -> Deferred:
+        """A client with no TCP port registers its onion address; another client is told it."""
+        from tests.test_address_exchange import onion_name
+
+        name = onion_name(b"integration")
+
+        async def run() -> None:
+            tracker = _Tracker()
+            self.addCleanup(lambda: Deferred.fromCoroutine(tracker.stop()))
+            onion_only = TrackerClient(
+                reactor, tracker.url, lambda: [(SHARE, PEER_A)], lambda: (None, None),
+                lambda *a: None, extra_addresses=lambda: [Address("tor", name + ".onion", 60106)])
+            onion_only.startService()
+            self.addCleanup(onion_only.stopService)
+            await self._until(lambda: onion_only.registered)
+            _client, found = self._client(tracker.url, PEER_B, 4001, fast_track=False)
+            await self._until(lambda: found)
+            assert found == [(SHARE, [(PEER_A, Address("tor", name + ".onion", 60106))])]
+
+        return Deferred.fromCoroutine(run())
+
+
+# -- extension: onion addresses (Clock-driven) ------------------------------------------
+
+
+def test_request_carries_onion_addresses_as_tor_parameters() -> None:
+    """extra_addresses' tor ones (deduplicated, at most 4) go out as tor=; others are not sent."""
+    from tests.test_address_exchange import onion_name
+
+    names = [onion_name(b"%d" % i) for i in range(6)]
+    extra = [Address("tor", names[0] + ".onion", 60106), Address("tcp", "10.0.0.9", 5000),
+             Address("tor", names[0] + ".onion", 60106)]
+    extra += [Address("tor", n + ".onion", 1) for n in names[1:]]
+    clock = Clock()
+    agent = FakeAgent(clock, lambda r: Deferred())
+    client, _peers, _regs = make_client(clock, agent, extra_addresses=lambda: extra)
+    client.startService()
+    clock.advance(0)
+    [request] = agent.requests
+    assert request["query"]["tcp_port"] == ["4000"]
+    assert request["query"]["tor"] == [names[0] + ".onion:60106"] + [
+        n + ".onion:1" for n in names[1:4]]
+
+
+def test_onion_only_request_has_no_tcp_port_and_waits_for_the_onion() -> None:
+    """With no TCP port, nothing is sent until an onion address exists; then no tcp_port."""
+    from tests.test_address_exchange import onion_name
+
+    name = onion_name(b"later")
+    onions: list[Address] = []
+    clock = Clock()
+    agent = FakeAgent(clock, lambda r: Deferred())
+    client = TrackerClient(clock, "http://tracker.invalid/", lambda: [(SHARE, PEER_A)],
+                           lambda: (None, None), lambda *a: None, agent=agent,
+                           extra_addresses=lambda: onions)
+    client.startService()
+    clock.advance(1000)
+    assert agent.requests == []
+    onions.append(Address("tor", name + ".onion", 60106))
+    client.refresh()
+    clock.advance(0)
+    [request] = agent.requests
+    assert "tcp_port" not in request["query"]
+    assert request["query"]["tor"] == [name + ".onion:60106"]

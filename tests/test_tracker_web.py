@@ -410,3 +410,113 @@ def test_unexpected_fault_is_503_not_500():
     body = resource.render(request)
     assert request.responseCode == 503
     assert body == b"the tracker hit an internal error; try again later\n"
+
+
+# -- extension: onion addresses (tor=<name>.onion:<port>) ------------------------------
+
+
+def _onion(seed: str) -> str:
+    from tests.test_address_exchange import onion_name
+    return onion_name(seed.encode())
+
+
+class TrackerOnionTests(unittest.TestCase):
+    timeout = 15
+
+    def setUp(self) -> None:
+        self.registry = Registry(ttl=300)
+        self.port = reactor.listenTCP(0, make_site(self.registry, reactor, stream_timeout=1),
+                                      interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.base = "http://127.0.0.1:%d" % (self.port.getHost().port,)
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        response = await self.agent.request(b"GET", (self.base + path).encode("ascii"))
+        return response.code, await readBody(response)
+
+    def test_tor_addresses_are_listed_beside_tcp(self) -> Deferred:
+        """tor= values (name and %3A-encoded colon) are listed as tor: entries after the tcp one."""
+        one, two = _onion("one"), _onion("two")
+
+        async def go() -> None:
+            code, _ = await self._get(
+                _track((A, P1), extra="&tor=%s.onion%%3A60106&tor=%s.onion:80" % (one, two)))
+            self.assertEqual(code, 200)
+            code, body = await self._get(_track((A, P2), tcp_port=30002))
+            self.assertEqual(json.loads(body)["others"][A], [
+                P1 + "@tcp:127.0.0.1:30001",
+                "%s@tor:%s.onion:60106" % (P1, one),
+                "%s@tor:%s.onion:80" % (P1, two),
+            ])
+            # The reference peer's own request is answered exactly as before.
+            code, body = await self._get("/clearskies/track?id=%s%%40%s&tcp_port=30003" % (B, P3))
+            self.assertEqual(body, b'{"your_ip":"127.0.0.1","others":{"%s":[]},"ttl":300}'
+                             % B.encode())
+        return Deferred.fromCoroutine(go())
+
+    def test_onion_only_peer_has_no_tcp_entry(self) -> Deferred:
+        """Without tcp_port, a peer giving tor= is listed only at its onion address."""
+        name = _onion("only")
+
+        async def go() -> None:
+            code, body = await self._get("/clearskies/track?id=%s%%40%s&tor=%s.onion:60106"
+                                         % (A, P1, name))
+            self.assertEqual((code, json.loads(body)["others"]), (200, {A: []}))
+            code, body = await self._get(_track((A, P2)))
+            self.assertEqual(json.loads(body)["others"][A],
+                             ["%s@tor:%s.onion:60106" % (P1, name)])
+        return Deferred.fromCoroutine(go())
+
+    def test_bad_tor_values_get_400_and_store_nothing(self) -> Deferred:
+        """Malformed, mistyped (bad checksum) or too many tor= values are refused with 400."""
+        good = _onion("good")
+        typo = good[:10] + ("a" if good[10] != "a" else "b") + good[11:]
+        cases = [
+            ("tor=%s.onion:60106" % (good[:-1],), b"tor must be"),
+            ("tor=%s.onion:60106" % (typo,), b"tor must be"),
+            ("tor=%s.onion:60106" % (good.upper(),), b"tor must be"),
+            ("tor=%s.onion:0" % (good,), b"tor must be"),
+            ("tor=%s.onion:70000" % (good,), b"tor must be"),
+            ("tor=%s.onion" % (good,), b"tor must be"),
+            ("tor=tcp:127.0.0.1:4000", b"tor must be"),
+            ("tor=%s.onion:1" % ("a" * 56,), b"tor must be"),
+            ("&".join("tor=%s.onion:%d" % (good, p) for p in range(1, 6)), b"at most 4 tor"),
+        ]
+
+        async def go() -> None:
+            for query, words in cases:
+                path = "/clearskies/track?id=%s%%40%s&%s" % (A, P1, query)
+                code, body = await self._get(path)
+                self.assertEqual((query, code), (query, 400))
+                self.assertIn(words, body)
+                code, body = await self._get(_track((A, P1), extra="&" + query))
+                self.assertEqual((query, code), (query, 400))
+            code, body = await self._get("/clearskies/track?id=%s%%40%s" % (A, P1))
+            self.assertEqual(code, 400)
+            self.assertIn(b"tcp_port is required", body)
+            self.assertEqual(self.registry.stats()["registrations"], 0)
+        return Deferred.fromCoroutine(go())
+
+
+def test_fast_track_stream_renews_and_announces_onion_addresses():
+    """A streaming onion-only peer's keep-alives keep its tor: entry; others see it appear."""
+    clock = Clock()
+    registry = Registry(ttl=300)
+    name = _onion("stream")
+    query = TrackQuery([(A, P1)], None, None, True, ("%s.onion:60106" % name,))
+    request = _PushRequest([])
+    request.transport = StringTransport()
+    stream = _Stream(request, registry, clock, query, "127.0.0.1", 60)
+    stream.start()
+    assert registry.register([(A, P2)], "127.0.0.2", 4000, None, clock.seconds()) == {
+        "your_ip": "127.0.0.2", "others": {A: ["%s@tor:%s.onion:60106" % (P1, name)]},
+        "ttl": 300}
+    for _ in range(20):  # 600 s: twice the ttl, kept alive by the stream
+        clock.advance(30)
+    assert registry.others(A, [P2]) == ["%s@tor:%s.onion:60106" % (P1, name)]
+    lines = [json.loads(line) for line in b"".join(request.written).splitlines()]
+    assert lines[1] == {"others": {A: [P2 + "@tcp:127.0.0.2:4000"]}}
+    stream.stopProducing()

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from clearskies import wire
+from clearskies import transfer, wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner, ThreadPoolRunner
@@ -722,3 +722,37 @@ class LoopbackTransferTests(unittest.TestCase):
         for name, data in files.items():
             self.assertEqual((target / name).read_bytes(), data)
         self.assertEqual(leftovers(target), [])
+
+
+def test_seal_verifies_first_and_finish_installs_later(tmp_path):
+    """seal() verifies and keeps the temp file; finish() then renames it without re-verifying."""
+    data = content(70_000, seed=3)
+    target = tmp_path / "d" / "f.bin"
+    receiver = FileReceiver(tmp_path, target, record_for("d/f.bin", data), runner=SyncRunner())
+    receiver.write(data)
+    assert result_of(receiver.seal()) is None
+    assert not target.exists() and receiver.temp_path.read_bytes() == data
+    result = result_of(receiver.finish(lambda: True, sync_directory=False))
+    assert result.status == OK and target.read_bytes() == data
+    assert leftovers(target.parent) == []
+
+
+def test_seal_reports_corruption_and_removes_the_temp_file(tmp_path):
+    """seal() of wrong bytes says why and leaves neither target nor temp file."""
+    target = tmp_path / "f.bin"
+    receiver = FileReceiver(tmp_path, target, record_for("f.bin", b"a" * 100),
+                            runner=SyncRunner())
+    receiver.write(b"b" * 100)
+    assert result_of(receiver.seal()) == "SHA-256 mismatch"
+    assert not target.exists() and leftovers(tmp_path) == []
+
+
+def test_large_download_flushes_ahead_and_still_lands_intact(tmp_path, monkeypatch):
+    """Past FLUSH_AHEAD bytes a write-behind flush runs on a duplicate fd; content is unharmed."""
+    flushed: list[int] = []
+    monkeypatch.setattr(transfer, "FLUSH_AHEAD", 64 * 1024)
+    monkeypatch.setattr(transfer, "_flush_copy", lambda fd: (flushed.append(fd), os.close(fd)))
+    data = content(300_000, seed=4)
+    receiver, result = receive(tmp_path, "big.bin", data, pieces=50_000)
+    assert result.status == OK and (tmp_path / "big.bin").read_bytes() == data
+    assert len(flushed) == 3  # after writes 2, 4 and 6: each time 64 KiB had piled up

@@ -2,7 +2,7 @@
 
 The daemon runs one :class:`TrackerClient` per configured tracker URL (none
 when the user configured none: nothing here contacts anything on its own).
-It sends ``GET <url>/clearskies/track?tcp_port=P[&utp_port=U]&id=<ID>@<peer>…``
+It sends ``GET <url>/clearskies/track?tcp_port=P[&utp_port=U][&tor=…]&id=<ID>@<peer>…``
 for every share ID and live access ID we have, passes the ``others`` lists to
 a callback as parsed :class:`~clearskies.discovery.addresses.Address` values,
 and registers again before the tracker's ``ttl`` runs out.
@@ -51,6 +51,8 @@ MAX_ENTRIES = 4096
 MAX_PEERS_PER_ID = 256
 #: IDs sent in one request (what our tracker accepts; see tracker/registry.py).
 MAX_IDS_PER_REQUEST = 64
+#: ``tor=`` addresses sent in one request (likewise).
+MAX_TOR_ADDRESSES = 4
 #: How long to wait for an answer (or the first line of a stream).
 REQUEST_TIMEOUT = 30.0
 #: Re-register at this fraction of the tracker's ttl.
@@ -120,12 +122,19 @@ def check_tracker_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def track_url(base: str, pairs: Iterable[tuple[str, str]], tcp_port: int,
-              utp_port: int | None, fast_track: bool) -> str:
-    """The registration URL for ``pairs`` of (ID, our peer ID)."""
-    query: list[tuple[str, str]] = [("tcp_port", str(tcp_port))]
+def track_url(base: str, pairs: Iterable[tuple[str, str]], tcp_port: int | None,
+              utp_port: int | None, fast_track: bool, tor: Iterable[Address] = ()) -> str:
+    """The registration URL for ``pairs`` of (ID, our peer ID).
+
+    ``tor`` addresses go out as ``tor=<name>.onion:<port>`` (our extension);
+    ``tcp_port`` None leaves ``tcp_port`` out, for an onion-only daemon.
+    """
+    query: list[tuple[str, str]] = []
+    if tcp_port is not None:
+        query.append(("tcp_port", str(tcp_port)))
     if utp_port is not None:
         query.append(("utp_port", str(utp_port)))
+    query.extend(("tor", "%s:%d" % (address.host, address.port)) for address in tor)
     query.extend(("id", "%s@%s" % pair) for pair in pairs)
     if fast_track:
         query.append(("fast_track", "1"))
@@ -223,7 +232,10 @@ class TrackerClient(Service):
     ``get_registrations()`` returns every (ID, our peer ID) to register: each
     share ID and each live access ID.  ``get_ports()`` returns
     ``(tcp_port, utp_port or None)``; a ``tcp_port`` of None means we do not
-    listen yet, and nothing is sent.  ``on_peers(id, [(peer_id, Address), …])``
+    listen (yet, or not outside Tor).  ``extra_addresses()``, if given, returns
+    addresses the tracker cannot see for itself: its ``tor`` ones (at most
+    four) are registered as ``tor=`` parameters.  With neither a ``tcp_port``
+    nor a ``tor`` address nothing is sent.  ``on_peers(id, [(peer_id, Address), …])``
     receives the tracker's current list for an ID (our own peer IDs and
     unknown transports left out) after every answer and stream update.
 
@@ -242,6 +254,7 @@ class TrackerClient(Service):
         on_peers: Callable[[str, list[tuple[str, Address]]], object],
         *,
         agent: IAgent | None = None,
+        extra_addresses: Callable[[], Iterable[Address]] | None = None,
         fast_track: bool = True,
         retry_policy: Callable[[int], float] | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
@@ -254,6 +267,7 @@ class TrackerClient(Service):
         self._get_registrations = get_registrations
         self._get_ports = get_ports
         self._on_peers = on_peers
+        self._extra_addresses = extra_addresses
         if agent is None:
             agent = Agent(
                 reactor,
@@ -349,10 +363,11 @@ class TrackerClient(Service):
         try:
             pairs = sorted(set(self._get_registrations()))
             tcp_port, utp_port = self._get_ports()
+            tor = self._tor_addresses()
         except Exception:
             self._log.failure("could not collect what to register at {url}", url=self.url)
             return self._failed("local error")
-        if not pairs or tcp_port is None:
+        if not pairs or (tcp_port is None and not tor):
             self.registered = False
             self._log.debug("nothing to register at {url} yet", url=self.url)
             return  # refresh() wakes us
@@ -369,7 +384,7 @@ class TrackerClient(Service):
         exchange = _Exchange(self, stream, dict(pairs), now)
         self._current = exchange
         self._last_request = now
-        url = track_url(self.url, pairs, tcp_port, utp_port, stream)
+        url = track_url(self.url, pairs, tcp_port, utp_port, stream, tor)
         exchange.deadline = self._reactor.callLater(
             self._request_timeout, self._timed_out, exchange
         )
@@ -384,6 +399,16 @@ class TrackerClient(Service):
             lambda response: self._got_response(exchange, response),
             lambda reason: self._request_failed(exchange, reason),
         )
+
+    def _tor_addresses(self) -> list[Address]:
+        """Our onion addresses to register, at most MAX_TOR_ADDRESSES, duplicates dropped."""
+        if self._extra_addresses is None:
+            return []
+        found: list[Address] = []
+        for address in self._extra_addresses():
+            if address.proto == "tor" and address not in found:
+                found.append(address)
+        return found[:MAX_TOR_ADDRESSES]
 
     # -- the answer --------------------------------------------------------
 

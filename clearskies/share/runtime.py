@@ -128,6 +128,9 @@ class ShareRuntime:
         self.signing = readonly.ShareSigning(keys, daemon.reactor, info.peer_id,
                                              persist=self._persist_signed)
         self.sync.signing = self.signing
+        # Extension "addresses" (protocol/sync.md): what we advertise, what peers tell us.
+        self.sync.advertised_addresses = lambda: [str(a) for a in daemon.advertised_addresses()]
+        self.sync.addresses_received = self.peer_addresses_received
         self.unshared: list[str] = []
         self._recount_call: Any = None
         self.peers: dict[str, PeerInfo] = {}
@@ -312,7 +315,10 @@ class ShareRuntime:
         peer = connection.transport.getPeer() if connection.transport else None
         address = None
         host = getattr(peer, "host", None)
-        if host and not info.we_are_server:
+        dialled = getattr(connection, "dialled_address", None)
+        if dialled is not None:
+            address = str(dialled)  # what we dialled: a tor: address stays one
+        elif host and not info.we_are_server:
             port = getattr(peer, "port", None)
             address = ("tcp:[%s]:%d" % (host, port)) if ":" in host else (
                 "tcp:%s:%d" % (host, port))
@@ -328,6 +334,22 @@ class ShareRuntime:
         self.peers[info.their_peer_id] = record
         self.store.upsert_peer(record).addErrback(
             lambda f: self._log.failure("could not store a peer", f))
+
+    def peer_addresses_received(self, peer_id: str, addresses: list[str]) -> None:
+        """A peer told us where it can be reached: remember it and offer it for dialling."""
+        known = self.peers.get(peer_id)
+        if known is not None:
+            merged = list(dict.fromkeys(list(addresses) + list(known.addresses)))[:8]
+            if tuple(merged) != known.addresses:
+                record = PeerInfo(
+                    share_id=known.share_id, peer_id=peer_id, name=known.name,
+                    last_seen=self.daemon.now(), addresses=tuple(merged),
+                    manifest_revision=known.manifest_revision,
+                    acked_revision=known.acked_revision)
+                self.peers[peer_id] = record
+                self.store.upsert_peer(record).addErrback(
+                    lambda f: self._log.failure("could not store a peer's addresses", f))
+        self.daemon.add_peer_candidates(self.share_id, peer_id, addresses)
 
     def peer_disconnected(self, session: Any) -> None:
         if self.daemon.connector is not None:

@@ -13,10 +13,12 @@ stored, so a refused request leaves no trace.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from twisted.logger import Logger
@@ -26,6 +28,7 @@ from clearskies.errors import ProtocolError
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 _PEER_RE = re.compile(r"[0-9a-f]{32}")
+_TOR_RE = re.compile(r"([a-z2-7]{56})\.onion:([1-9][0-9]{0,4})")
 
 DEFAULT_TTL = 300
 MAX_IDS_PER_REQUEST = 64
@@ -33,6 +36,8 @@ MAX_PER_SOURCE = 1024
 MAX_TOTAL = 1_000_000
 MAX_STREAMS = 2000
 MAX_OTHERS = 256
+#: ``tor=<name>.onion:<port>`` parameters per request (our extension).
+MAX_TOR_ADDRESSES = 4
 
 
 class CapacityError(ProtocolError):
@@ -93,6 +98,42 @@ def _check_port(name: str, port: int | None) -> None:
         raise ProtocolError(
             "%s must be a number from 1 to 65535, not %s" % (name, _show(port))
         )
+
+
+def is_v3_onion(name: str) -> bool:
+    """True for a v3 onion service name (without ``.onion``) whose checksum and version match.
+
+    A v3 name is base32 of public key (32 bytes), checksum (2) and version
+    (1, always 3), so a mistyped or made-up name is caught here, not by a
+    peer that dials it through Tor for a minute.
+    """
+    if len(name) != 56:
+        return False
+    try:
+        raw = base64.b32decode(name.upper())
+    except ValueError:
+        return False
+    key, checksum, version = raw[:32], raw[32:34], raw[34:]
+    expected = hashlib.sha3_256(b".onion checksum" + key + version).digest()[:2]
+    return version == b"\x03" and checksum == expected
+
+
+def check_tor_addresses(values: Sequence[str]) -> tuple[str, ...]:
+    """Validate ``<name>.onion:<port>`` values; return them as ``tor:`` addresses, duplicates merged."""
+    found: list[str] = []
+    for value in values:
+        match = _TOR_RE.fullmatch(value) if isinstance(value, str) else None
+        if match is None or int(match.group(2)) > 65535 or not is_v3_onion(match.group(1)):
+            raise ProtocolError(
+                "tor must be <56-character v3 onion name>.onion:<port 1-65535>, not %s"
+                % (_show(value),)
+            )
+        address = "tor:" + value
+        if address not in found:
+            found.append(address)
+    if len(found) > MAX_TOR_ADDRESSES:
+        raise ProtocolError("at most %d tor parameters per request" % (MAX_TOR_ADDRESSES,))
+    return tuple(found)
 
 
 def _check_pairs(
@@ -161,17 +202,20 @@ class Registry:
         self,
         ids_with_peers: Iterable[tuple[str, str]],
         host: str,
-        tcp_port: int,
+        tcp_port: int | None,
         utp_port: int | None,
         now: float,
+        tor: Sequence[str] = (),
     ) -> dict:
         """Store or refresh the requester's registrations; answer with the others.
 
         Returns ``{"your_ip": …, "others": {ID: ["peer@tcp:host:port", …]}, "ttl": …}``
         where each list leaves out the requester's own peer IDs for that ID.
+        ``tor`` holds ``<name>.onion:<port>`` values (listed as ``tor:`` addresses);
+        ``tcp_port`` may be None only when ``tor`` is given (an onion-only peer).
         Raises ProtocolError for bad input, CapacityError when a bound is hit.
         """
-        wanted, host = self._store(ids_with_peers, host, tcp_port, utp_port, now)
+        wanted, host = self._store(ids_with_peers, host, tcp_port, utp_port, now, tor)
         return {
             "your_ip": host,
             "others": {share_id: self.others(share_id, own) for share_id, own in wanted.items()},
@@ -182,23 +226,27 @@ class Registry:
         self,
         ids_with_peers: Iterable[tuple[str, str]],
         host: str,
-        tcp_port: int,
+        tcp_port: int | None,
         utp_port: int | None,
         now: float,
+        tor: Sequence[str] = (),
     ) -> None:
         """Like :meth:`register` without building an answer (fast_track keep-alives)."""
-        self._store(ids_with_peers, host, tcp_port, utp_port, now)
+        self._store(ids_with_peers, host, tcp_port, utp_port, now, tor)
 
     def _store(
         self,
         ids_with_peers: Iterable[tuple[str, str]],
         host: str,
-        tcp_port: int,
+        tcp_port: int | None,
         utp_port: int | None,
         now: float,
+        tor: Sequence[str] = (),
     ) -> tuple[dict[str, frozenset[str]], str]:
         wanted = _check_pairs(ids_with_peers, self.max_ids_per_request)
-        _check_port("tcp_port", tcp_port)
+        onions = check_tor_addresses(tor)
+        if tcp_port is not None or not onions:
+            _check_port("tcp_port", tcp_port)
         if utp_port is not None:
             _check_port("utp_port", utp_port)
         host = canonical_host(host)
@@ -218,9 +266,12 @@ class Registry:
         if len(self._entries) + brand_new > self.max_total:
             raise CapacityError("the tracker is full; try again later")
 
-        addresses: tuple[str, ...] = (format_address(Address("tcp", host, tcp_port)),)
+        addresses: tuple[str, ...] = ()
+        if tcp_port is not None:
+            addresses += (format_address(Address("tcp", host, tcp_port)),)
         if utp_port is not None:
             addresses += (format_address(Address("utp", host, utp_port)),)
+        addresses += onions
         expires = now + self.ttl
         changed: dict[str, set[str]] = {}
         for share_id, peer in keys:

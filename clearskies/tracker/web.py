@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from clearskies import SOFTWARE
 from clearskies.errors import ProtocolError
-from clearskies.tracker.registry import CapacityError, Registry, Subscription
+from clearskies.tracker.registry import MAX_TOR_ADDRESSES, CapacityError, Registry, Subscription
 
 DEFAULT_STREAM_TIMEOUT = 60
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -38,9 +38,10 @@ class TrackQuery:
     """The parameters of one ``/clearskies/track`` request, syntactically checked."""
 
     pairs: list[tuple[str, str]]
-    tcp_port: int
+    tcp_port: int | None  # None only for an onion-only peer (``tor`` given)
     utp_port: int | None
     fast_track: bool
+    tor: tuple[str, ...] = ()  # ``<name>.onion:<port>`` values, checked by the Registry
 
 
 def _text(raw: bytes) -> str:
@@ -67,7 +68,8 @@ def _port(args: Mapping[bytes, Sequence[bytes]], name: str) -> int | None:
 
 
 def parse_track_query(args: Mapping[bytes, Sequence[bytes]]) -> TrackQuery:
-    """Read ``id`` (repeated), ``tcp_port``, ``utp_port`` and ``fast_track`` from ``request.args``.
+    """Read ``id`` (repeated), ``tcp_port``, ``utp_port``, ``tor`` (repeated) and
+    ``fast_track`` from ``request.args``.
 
     Only the shape is checked here (ASCII, ``@`` present, digits);
     :class:`Registry` checks the values.  Unknown parameters are ignored.
@@ -84,13 +86,18 @@ def parse_track_query(args: Mapping[bytes, Sequence[bytes]]) -> TrackQuery:
         pairs.append((share_id, peer))
     if not pairs:
         raise ProtocolError("give at least one id=<ID>@<peer ID> parameter")
+    raw_tor = args.get(b"tor", [])
+    if len(raw_tor) > MAX_TOR_ADDRESSES:
+        raise ProtocolError("at most %d tor parameters per request" % (MAX_TOR_ADDRESSES,))
+    tor = tuple(_text(value) for value in raw_tor)
     tcp_port = _port(args, "tcp_port")
-    if tcp_port is None:
-        raise ProtocolError("tcp_port is required: the TCP port you accept peers on")
+    if tcp_port is None and not tor:
+        raise ProtocolError("tcp_port is required: the TCP port you accept peers on "
+                            "(an onion-only peer gives tor=<name>.onion:<port> instead)")
     fast = _single(args, "fast_track")
     if fast not in (None, "0", "1"):
         raise ProtocolError("fast_track must be 1 or 0")
-    return TrackQuery(pairs, tcp_port, _port(args, "utp_port"), fast == "1")
+    return TrackQuery(pairs, tcp_port, _port(args, "utp_port"), fast == "1", tor)
 
 
 def _client_host(request: Request) -> str:
@@ -152,7 +159,8 @@ class _Stream:
         query = self._query
         try:
             body = self._registry.register(
-                query.pairs, self._host, query.tcp_port, query.utp_port, self._clock.seconds()
+                query.pairs, self._host, query.tcp_port, query.utp_port, self._clock.seconds(),
+                query.tor,
             )
         except BaseException:
             self._registry.unsubscribe(self._subscription)
@@ -185,7 +193,8 @@ class _Stream:
         query = self._query
         try:
             self._registry.renew(
-                query.pairs, self._host, query.tcp_port, query.utp_port, self._clock.seconds()
+                query.pairs, self._host, query.tcp_port, query.utp_port, self._clock.seconds(),
+                query.tor,
             )
         except ProtocolError as e:
             self._log.info("could not renew a fast_track registration: {why}", why=str(e))
@@ -267,7 +276,7 @@ class _GetOnly(Resource):
 
 
 class TrackResource(_GetOnly):
-    """``GET /clearskies/track?id=<ID>@<peer>&…&tcp_port=P[&utp_port=U][&fast_track=1]``."""
+    """``GET /clearskies/track?id=<ID>@<peer>&…&tcp_port=P[&utp_port=U][&tor=N.onion:P…][&fast_track=1]``."""
     _log = Logger()
 
     def __init__(
@@ -291,7 +300,8 @@ class TrackResource(_GetOnly):
                 ).start()
                 return NOT_DONE_YET
             body = self._registry.register(
-                query.pairs, host, query.tcp_port, query.utp_port, self._clock.seconds()
+                query.pairs, host, query.tcp_port, query.utp_port, self._clock.seconds(),
+                query.tor,
             )
         except CapacityError as e:
             return _plain(request, 503, str(e))
