@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     share = sub.add_parser("share", help="share a directory and print an access code")
     share.add_argument("path")
-    share.add_argument("--mode", choices=["read_write", "read_only", "untrusted"],
+    share.add_argument("--mode", choices=["read_write", "read_only"],
                        default="read_write", help="what the code's holder may do")
     share.add_argument("--multi-use", action="store_true", help="the code can be used again")
     share.add_argument("--expires", default="24h",

@@ -370,8 +370,9 @@ class Daemon(MultiService):
     async def create_code(self, path: str, level: str, one_time: bool,
                           lifetime: float | None) -> AccessCode:
         runtime = self.require_share(path)
-        if level not in ("read_write", "read_only", "untrusted"):
-            raise ConfigurationError("mode must be read_write, read_only or untrusted")
+        if level not in ("read_write", "read_only"):
+            raise ConfigurationError("mode must be read_write or read_only (untrusted "
+                                     "peers are not supported yet)")
         if runtime.keys.access != "read_write" and level == "read_write":
             raise ConfigurationError("a read-only share can only hand out read_only codes")
         code = new_access_code(runtime.share_id, level, self.now(), lifetime=lifetime,
@@ -473,6 +474,10 @@ class Daemon(MultiService):
         runtime = self.shares.get(info.share_id)
         if runtime is None:
             connection.close("share is gone")
+            return _ClosedSession()
+        if info.access not in ("read_write", "read_only"):
+            # An untrusted peer may only ever hold encrypted files (not supported yet).
+            connection.close("access level %s is not supported" % info.access)
             return _ClosedSession()
         finished_join = self._finished_joins.pop(info.share_id, None)
         if finished_join is not None and self.connector is not None:

@@ -134,8 +134,13 @@ class DaemonCommands(CommandDispatcher):
     async def cmd_create_access_code(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
         mode = request.get("mode", "read_write")
-        if mode not in ("read_write", "read_only", "untrusted"):
-            raise ControlError("bad_request", "mode must be read_write, read_only or untrusted")
+        if mode == "untrusted":
+            # Untrusted peers must only ever hold encrypted files; until that
+            # extension exists, no code may hand out that level.
+            raise ControlError("not_supported", "untrusted (encrypted backup) peers are not "
+                                                "supported yet; use read_only")
+        if mode not in ("read_write", "read_only"):
+            raise ControlError("bad_request", "mode must be read_write or read_only")
         one_time = request.get("one_time", True)
         if not isinstance(one_time, bool):
             raise ControlError("bad_request", "one_time must be true or false")
