@@ -468,8 +468,13 @@ class ShareSync:
         session.request(receiver, wanted.remote_path)
 
     async def finish_download(self, session: SyncSession, receiver: FileReceiver,
-                              record: FileRecord) -> None:
-        """A payload ended: verify, put in place, record; or queue a retry."""
+                              record: FileRecord, asked: str | None = None) -> None:
+        """A payload ended: verify, put in place, record; or queue a retry.
+
+        ``asked`` is the remote path requested: content that does not match
+        because we asked under a name the content has since left (a conflict
+        copy) does not hold the peer back for RETRY_AFTER.
+        """
         current = self.wanted.get(record.path)
         if current is None or current.record != record:
             receiver.abort(keep_partial=False)  # superseded while we fetched it
@@ -483,7 +488,8 @@ class ShareSync:
             if not self.wanted:
                 self.report_progress()
         elif result == CORRUPT:
-            current.failed[session.peer_id] = self.clock.seconds()
+            if asked is None or asked == current.remote_path:
+                current.failed[session.peer_id] = self.clock.seconds()
             self._log.warn("{path} from {peer} did not match its hash; will fetch again",
                            path=record.path, peer=session.peer_id)
 
@@ -623,6 +629,7 @@ class SyncSession:
         self.peer_revision: Any = None
         self.pending: dict[str, FileReceiver] = {}
         self.receiving: FileReceiver | None = None
+        self.receiving_path: str | None = None  # the remote path its payload was asked for
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter)
         self._read_throttle = (ReadThrottle(connection.transport, sync.download_limiter, sync.clock)
                                if sync.download_limiter is not None else None)
@@ -885,6 +892,7 @@ class SyncSession:
             raise ProtocolError("file_data for %r starts at %d, we asked for %d"
                                 % (path, start, receiver.offset))
         self.receiving = receiver
+        self.receiving_path = path
 
     def send_addresses(self) -> None:
         """Extension ``addresses``: tell the peer where else it can reach us.
@@ -995,7 +1003,8 @@ class SyncSession:
                 del sync.in_flight[record.path]
             sync.pump()
 
-        d = Deferred.fromCoroutine(self.sync.finish_download(self, receiver, record))
+        d = Deferred.fromCoroutine(
+            self.sync.finish_download(self, receiver, record, asked=self.receiving_path))
         d.addErrback(self._log_failure, "finishing " + record.path)
         d.addBoth(done)
 
