@@ -17,6 +17,7 @@ seam below, so the whole layer can be tested against a fake.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ RETRY_AFTER = 30.0
 MAX_RANGE = 2**63
 MAX_ADDRESSES = 8
 """Entries in one ``clearskies.addresses`` message (extension ``addresses``)."""
+TRACE = bool(os.environ.get("CLEARSKIES_TRACE"))
+"""Log every message and merge decision (debug level): for hunting protocol problems."""
+
 MAX_WAITING_GETS = 64
 MANIFEST_PAGE = 1000
 """Records per manifest message for peers that negotiated ``manifest_pages``: a big
@@ -237,9 +241,11 @@ class ShareSync:
                 local_unacked=session.local_unacked(local),
                 our_peer_id=self.share.our_peer_id,
             )
-            self._log.debug("{path} from {peer}: {action} (ours {ours}, theirs {theirs})",
-                            path=remote.path, peer=session.peer_id[:8], action=decision.action,
-                            ours=local.vv if local else None, theirs=remote.vv)
+            if TRACE:
+                self._log.debug("{path} from {peer}: {action} (ours {ours}, theirs {theirs})",
+                                path=remote.path, peer=session.peer_id[:8],
+                                action=decision.action, ours=local.vv if local else None,
+                                theirs=remote.vv)
             try:
                 applied = await self._apply(session, local, remote, decision)
             except UnsafePathError as e:
@@ -383,7 +389,9 @@ class ShareSync:
         records = [r for r in records if not (r.deleted and r.path in self.placeholders)]
         for session in list(self.sessions.values()):
             if session is not origin:
-                session.push_changes(records, [], revision)
+                # Never tell a peer what it told us (it would only answer with progress).
+                news = [r for r in records if session.remote_index.get(r.path) != r]
+                session.push_changes(news, [], revision)
             elif session.manifest_sent_revision is not None:
                 # The origin already holds these records: nothing to send it.
                 session.manifest_sent_revision = max(session.manifest_sent_revision, revision)
@@ -392,7 +400,7 @@ class ShareSync:
 
     def pump(self) -> None:
         """Hand wanted files to sessions with room in their request window."""
-        if self.paused or not self.sessions:
+        if self.paused or not self.sessions or getattr(self.share, "error", None):
             return
         if len(self.finishing) >= MAX_FINISHING:
             return  # the disk is behind: no more downloads until some are installed
@@ -635,6 +643,8 @@ class SyncSession:
                                if sync.download_limiter is not None else None)
         connection.message_writer = self._write  # keep-alives queue behind payloads too
         self.peer_progress: dict[str, Any] | None = None
+        self.messages_sent = 0
+        self.last_sent_revision = 0  # the newest revision we sent this peer anything of
         self.peer_revision_seen: Any = None
         self.peer_addresses: list[str] = []  # from its last clearskies.addresses
         self._addresses_sent: list[str] = []
@@ -646,7 +656,9 @@ class SyncSession:
     # -- lifecycle ---------------------------------------------------------------
 
     def _send(self, body: dict[str, Any]) -> None:
-        self._log.debug("sending {type} to {peer}", peer=self.peer_id[:8], type=body["type"])
+        self.messages_sent += 1
+        if TRACE:
+            self._log.debug("sending {type} to {peer}", peer=self.peer_id[:8], type=body["type"])
         signing = self.sync.signing
         if signing is not None and body["type"] in readonly.SIGNED_TYPES \
                 and signing.signs_for(self.access):
@@ -715,13 +727,20 @@ class SyncSession:
             return False
         if "progress" not in (self.connection.established.features or ()):
             return True
+        # Revisions made of what this peer sent us were never sent back: only what
+        # we did send needs acknowledging.
         progress = self.peer_progress
-        return progress is not None and progress["revision"] >= revision \
+        return progress is not None and progress["revision"] >= self.last_sent_revision \
             and progress["items"] == 0
 
     # -- wire events ---------------------------------------------------------------
 
     def event_received(self, event: wire.Event) -> None:
+        problem = getattr(self.sync.share, "error", None)
+        if problem:
+            # An unmounted disk must not be refilled (or emptied) from the network.
+            self.connection.close("share is in error: %s" % problem)
+            return
         if isinstance(event, wire.PayloadChunk):
             if self.receiving is None:
                 raise ProtocolError("payload data outside a file_data message")
@@ -736,7 +755,8 @@ class SyncSession:
             receiver, self.receiving = self.receiving, None
             self._finish(receiver)
             return
-        self._log.debug("{peer} sent {type}", peer=self.peer_id[:8], type=event.type)
+        if TRACE:
+            self._log.debug("{peer} sent {type}", peer=self.peer_id[:8], type=event.type)
         handler = getattr(self, "_on_" + event.type.replace(".", "_"), None)
         if event.has_payload and event.type != "file_data":
             raise ProtocolError("unexpected payload on a %r message" % event.type)
@@ -760,6 +780,7 @@ class SyncSession:
         current = self.sync.share.revision()
         if seen == current and self.manifest_sent_revision is None:
             self.manifest_sent_revision = current
+            self.last_sent_revision = max(self.last_sent_revision, current)
             self._send({"type": "manifest_current"})
             self._flush_queued()
             return
@@ -786,6 +807,7 @@ class SyncSession:
                 body["more"] = True  # extension manifest_pages: more pages follow
             self._send(body)
         self.manifest_sent_revision = revision
+        self.last_sent_revision = max(self.last_sent_revision, revision)
         self._flush_queued()
 
     def _send_signed(self, result: tuple[int, list[FileRecord]]) -> None:
@@ -1027,6 +1049,7 @@ class SyncSession:
             return
         moved_to = {dest.path: source for source, dest in moves}
         moved_from = set(moved_to.values())
+        sent_before = self.messages_sent
         for record in records:
             if not self._shareable(record):
                 continue
@@ -1046,6 +1069,8 @@ class SyncSession:
             self._send(
                 {"type": "update", "revision": revision, "file": record.to_wire()})
         self.manifest_sent_revision = max(self.manifest_sent_revision, revision)
+        if self.messages_sent > sent_before:
+            self.last_sent_revision = max(self.last_sent_revision, revision)
 
     def _flush_queued(self) -> None:
         queued, self._queued_changes = self._queued_changes, []

@@ -16,7 +16,7 @@ from clearskies.share.hashing import Unstable, hash_file
 from clearskies.share.records import FileRecord
 from clearskies.share.scanner import read_marker
 from clearskies.share.service import ShareService, create_share
-from clearskies.share.watcher import InotifyWatcher
+from clearskies.share.watcher import DEFAULT_QUIET, InotifyWatcher
 from clearskies.threads import SyncRunner, ThreadPoolRunner
 from tests.test_database import result_of, temporary_dir
 
@@ -83,10 +83,10 @@ def test_two_quick_writes_give_one_change_with_final_hash(setup):
     setup.batches.clear()
     setup.write("doc.txt", b"draft")
     setup.service.path_changed("doc.txt")
-    setup.clock.advance(1.0)
+    setup.clock.advance(DEFAULT_QUIET * 0.6)
     setup.write("doc.txt", b"final version")
     setup.service.path_changed("doc.txt")
-    setup.clock.advance(1.4)
+    setup.clock.advance(DEFAULT_QUIET - 0.1)
     assert setup.batches == []
     setup.clock.advance(0.2)
     records = setup.announced()
@@ -196,7 +196,7 @@ def test_unstable_file_is_looked_at_again_with_backoff(tmp_path):
     busy = lambda path: Unstable(path, "changed while it was read")  # noqa: E731
     outcomes.extend([busy, busy])
     s.service.path_changed("growing.log")
-    s.clock.advance(1.5)  # first look: unstable, next in 3 s
+    s.clock.advance(DEFAULT_QUIET)  # first look: unstable, next in 3 s
     s.clock.advance(2.9)
     assert outcomes == [busy]
     s.clock.advance(0.1)  # second look: unstable again, next in 6 s

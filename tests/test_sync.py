@@ -363,3 +363,20 @@ def test_big_manifests_go_out_in_pages_to_peers_that_take_them(share, monkeypatc
     old_session.event_received(message({"type": "get_manifest"}))
     (single,) = old_connection.sent()
     assert len(single.body["files"]) == 5 and "more" not in single.body
+
+
+def test_peer_is_in_sync_after_revisions_made_of_its_own_changes(share):
+    """Our revisions that only hold what the peer sent us need no acknowledgement from it."""
+    share.add_local("a.txt", b"a", {US: 1})
+    sync, session, connection = open_session(share, Clock())
+    session.event_received(message({"type": "get_manifest"}))
+    session.event_received(message({"type": "clearskies.progress", "revision": share.rev,
+                                    "items": 0, "bytes": 0}))
+    connection.sent()
+    # The peer deletes a.txt; we apply it, which makes a new revision of ours.
+    tombstone = FileRecord(path="a.txt", utime=20.0, deleted=True, vv={US: 1, THEM: 1})
+    session.event_received(message({"type": "update", "revision": 9,
+                                    "file": tombstone.to_wire()}))
+    assert share.records["a.txt"].deleted
+    assert not [e for e in connection.sent() if e.type == "update"]
+    assert session.in_sync and sync.in_sync

@@ -30,7 +30,7 @@ try:
 except ImportError:  # not Linux
     inotify = None  # type: ignore[assignment]
 
-DEFAULT_QUIET = 1.5
+DEFAULT_QUIET = 1.0
 DEFAULT_MAX_DELAY = 30.0
 MAX_PENDING_PATHS = 10_000
 MIN_FULL_RESCAN_INTERVAL = 60.0
