@@ -190,13 +190,14 @@ def test_unstable_file_is_looked_at_again_with_backoff(tmp_path):
         return hash_file(path, progress)
 
     s = Setup(tmp_path, hasher)
+    s.service._debouncer.quiet = 1.5  # the timings below are written for a 1.5 s quiet time
     s.service.startService()
     s.batches.clear()
     s.write("growing.log", b"abc")
     busy = lambda path: Unstable(path, "changed while it was read")  # noqa: E731
     outcomes.extend([busy, busy])
     s.service.path_changed("growing.log")
-    s.clock.advance(DEFAULT_QUIET)  # first look: unstable, next in 3 s
+    s.clock.advance(1.5)  # first look: unstable, next in 3 s
     s.clock.advance(2.9)
     assert outcomes == [busy]
     s.clock.advance(0.1)  # second look: unstable again, next in 6 s
