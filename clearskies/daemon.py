@@ -791,10 +791,13 @@ class Daemon(MultiService):
                 return
             self._on_discovered(announcement.id, announcement.peer, address, "lan")
 
+        # On a real network also IPv4 broadcast and IPv6 ff02::1 (REFERENCE §11); a
+        # daemon told to use one interface (tests: 127.0.0.1) sticks to multicast there.
+        everywhere = self.settings.lan_interface == "0.0.0.0"
         self.lan = LanDiscovery(
             self.reactor, announcements, hint, port=self.settings.lan_port,
             group=self.settings.lan_group or DEFAULT_GROUP,
-            interface=self.settings.lan_interface)
+            interface=self.settings.lan_interface, broadcast=everywhere, ipv6=everywhere)
         self.lan.setServiceParent(self)
 
     def _start_trackers(self) -> None:
