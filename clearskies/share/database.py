@@ -353,7 +353,10 @@ class StateDatabase:
     def find_by_sha256(self, share_id: str, sha256: str) -> list[StoredRecord]:
         """Live (not deleted) files with this content, for copying instead of downloading."""
         rows = self._conn.execute(
-            "SELECT %s FROM files WHERE share_id = ? AND sha256 = ? AND deleted = 0"
+            # Without statistics SQLite prefers the primary key (a scan of the whole
+            # share, per downloaded file); the partial index answers at once.
+            "SELECT %s FROM files INDEXED BY files_by_sha256"
+            " WHERE share_id = ? AND sha256 = ? AND deleted = 0"
             " ORDER BY path" % _FILE_COLUMNS, (share_id, sha256))
         return [_stored_from_row(row) for row in rows]
 
