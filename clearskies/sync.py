@@ -291,6 +291,8 @@ class ShareSync:
             there = await self.share.get_record(destination.path)
             if (ours is not None and not ours.deleted and not ours.is_dir
                     and ours.sha256 == destination.sha256
+                    # A rename cannot carry a new mode: renamed and chmodded goes the long way.
+                    and destination.mode in (None, ours.mode)
                     and (there is None or there.deleted)
                     and merge.vv_compare(ours.vv, destination.vv) in (merge.BEFORE, merge.EQUAL)):
                 decision = merge.merge_remote(there, destination, local_unacked=False,
