@@ -36,8 +36,8 @@ from clearskies.share import merge
 from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.transfer import (
-    CONFLICT, CORRUPT, OK, FileReceiver, FinishResult, SendQueue, get_error_message,
-    sync_directories,
+    CONFLICT, CORRUPT, OK, SMALL_FILE, FileReceiver, FinishResult, SendQueue,
+    get_error_message, sync_directories,
 )
 
 WINDOW = 16
@@ -460,7 +460,8 @@ class ShareSync:
             self.in_flight.pop(record.path, None)
             return
         copy = await self.share.find_local_copy(record.sha256) if record.size else None
-        receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner)
+        receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
+                                buffer_limit=SMALL_FILE)
         if copy is not None or record.size == 0:
             # Content already here (or nothing to fetch): no network needed.
             try:
@@ -1008,8 +1009,9 @@ class SyncSession:
         message: dict[str, Any] = {"type": "get", "path": remote_path}
         if receiver.offset:
             message["range"] = [receiver.offset, record.size - receiver.offset]
-        self._log.debug("asking {peer} for {path} from byte {offset}", peer=self.peer_id[:8],
-                        path=remote_path, offset=receiver.offset)
+        if TRACE:
+            self._log.debug("asking {peer} for {path} from byte {offset}",
+                            peer=self.peer_id[:8], path=remote_path, offset=receiver.offset)
         self._send(message)
 
     def _finish(self, receiver: FileReceiver) -> None:

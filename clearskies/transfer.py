@@ -20,6 +20,7 @@ file) go through the injected runner.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import stat
@@ -47,6 +48,9 @@ TEMP_SUFFIX = ".!clearsky"
 
 BLOCK_SIZE = 1024 * 1024
 """Read/write block for copying and re-hashing in worker threads."""
+
+SMALL_FILE = 128 * 1024
+"""Downloads up to this size may be held in memory until sealed (``buffer_limit``)."""
 
 FLUSH_AHEAD = 32 * 1024 * 1024
 """Bytes a download writes before a worker starts flushing them to disk (the last fsync stays)."""
@@ -132,7 +136,7 @@ class FileReceiver:
     _log = Logger()
 
     def __init__(self, root: Path, local_path: Path, expected: FileRecord, *,
-                 runner: Runner, resume: bool = True) -> None:
+                 runner: Runner, resume: bool = True, buffer_limit: int = 0) -> None:
         if expected.deleted or expected.is_dir or expected.sha256 is None or expected.size is None:
             raise ValueError("only a file record with size and sha256 can be downloaded")
         self.root = Path(root)
@@ -152,6 +156,11 @@ class FileReceiver:
         self._offset = self._existing_prefix() if resume else 0
         # A resumed file is hashed whole at the end, in the runner.
         self._rehash = self._offset > 0
+        # A file of at most ``buffer_limit`` bytes is held in memory and created,
+        # hashed and fsynced by one runner call in seal(): no file-system calls
+        # on the reactor thread per small file.
+        self._buffer: list[bytes] | None = (
+            [] if self._offset == 0 and expected.size <= buffer_limit else None)
 
     @property
     def offset(self) -> int:
@@ -175,14 +184,21 @@ class FileReceiver:
     # -- filling the temporary file ------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Append payload bytes, straight to the file: nothing is held in memory."""
+        """Append payload bytes, straight to the file (a small file: to its buffer)."""
         if self._state == _NEW:
-            self._open_for_writing()
+            if self._buffer is None:
+                self._open_for_writing()
+            else:
+                self._state = _WRITING
         elif self._state != _WRITING:
             raise RuntimeError("write to a download that is %s" % self._state)
         if self._overflow or self.received + len(data) > self.expected.size:
             # More than the record's size: refuse to fill the disk; finish() reports it.
             self._overflow = True
+            return
+        if self._buffer is not None:
+            self._buffer.append(data)
+            self._received += len(data)
             return
         assert self._fd is not None
         _write_all(self._fd, data)
@@ -238,6 +254,7 @@ class FileReceiver:
         if self._state not in (_NEW, _WRITING):
             raise RuntimeError("copy into a download that is %s" % self._state)
         self._close_fd()
+        self._buffer = None
         self._prepare_directory()
         self._state = _BUSY
         d = self._runner.run(_copy_into, Path(source), self.temp_path, self.expected.size)
@@ -269,15 +286,24 @@ class FileReceiver:
 
     async def _seal_temp(self) -> str | None:
         if self._state == _NEW:
-            self._open_for_writing()  # nothing arrived: an empty file or a complete resume
+            if self._buffer is None:
+                self._open_for_writing()  # nothing arrived: an empty file or a complete resume
+            else:
+                self._state = _WRITING
         if self._state != _WRITING:
             raise RuntimeError("finish of a download that is %s" % self._state)
         self._state = _BUSY
-        fd, self._fd = self._fd, None
-        assert fd is not None
-        hasher = None if self._rehash else self._hasher
-        problem = await self._runner.run(
-            _seal, fd, self.temp_path, hasher, self._overflow, self.expected)
+        if self._buffer is not None:
+            data, self._buffer = b"".join(self._buffer), None
+            problem = await self._runner.run(
+                _seal_buffered, self.root, self.local_path, self.temp_path, data,
+                self._overflow, self.expected)
+        else:
+            fd, self._fd = self._fd, None
+            assert fd is not None
+            hasher = None if self._rehash else self._hasher
+            problem = await self._runner.run(
+                _seal, fd, self.temp_path, hasher, self._overflow, self.expected)
         if problem is not None:
             self._state = _DONE
             self._log.info("download of {path} failed verification: {why}",
@@ -347,7 +373,8 @@ class FileReceiver:
     def abort(self, keep_partial: bool) -> None:
         """Give up; with ``keep_partial`` the bytes so far stay for a resume.
 
-        Not allowed while a copy, a verification or a rename is running.
+        A buffered small file keeps nothing: fetching it again is cheaper than
+        writing a partial out on the reactor thread.  Not allowed while a copy, a verification or a rename is running.
         """
         if self._state == _DONE:
             return
@@ -355,6 +382,7 @@ class FileReceiver:
             raise RuntimeError("cannot abort a download while its file work is running")
         self._close_fd()
         self._state = _DONE
+        self._buffer = None
         if not keep_partial:
             try:
                 os.unlink(self.temp_path)
@@ -375,11 +403,21 @@ def _check_inside(root: Path, path: Path, *, resolve: bool) -> None:
     if path.name in ("", ".", ".."):
         raise UnsafePathError("download target has no file name")
     if resolve:
-        base, parent = root.resolve(), path.parent.resolve()
+        base, parent = Path(_real_root(str(root))), path.parent.resolve()
     else:
         base, parent = Path(os.path.abspath(root)), Path(os.path.abspath(path.parent))
     if parent != base and base not in parent.parents:
         raise UnsafePathError("download target lies outside the share")
+
+
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    """A share root's real path: resolved once, not once per downloaded file.
+
+    Should the root later become a symlink elsewhere, targets no longer
+    resolve under the cached path and are refused.
+    """
+    return os.path.realpath(root)
 
 
 # Worker-thread jobs: plain values in and out, no Twisted objects.
@@ -422,6 +460,29 @@ def _seal(fd: int, temp: Path, hasher: Any, overflow: bool,
         except FileNotFoundError:
             pass
     return problem
+
+
+def _seal_buffered(root: Path, target: Path, temp: Path, data: bytes, overflow: bool,
+                   expected: FileRecord) -> str | None:
+    """Write a small download held in memory to its temporary file, then :func:`_seal` it."""
+    if not root.is_dir():
+        # A share folder moved away or unmounted is never recreated by a download.
+        raise FileNotFoundError(errno.ENOENT, "the share folder is missing", str(root))
+    parent = target.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True)
+    _check_inside(root, target, resolve=True)
+    try:
+        os.unlink(temp)  # whatever sits under the temp name (even a symlink) goes
+    except FileNotFoundError:
+        pass
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _seal(fd, temp, hashlib.sha256(data), overflow, expected)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -836,6 +897,6 @@ class SendQueue:
 
 __all__ = [
     "TEMP_SUFFIX", "OK", "CORRUPT", "CONFLICT", "FinishResult", "FileReceiver", "FileSender",
-    "SendQueue", "SendResult", "sync_directories", "temp_name", "is_temp_name", "get_error_message",
+    "SendQueue", "SendResult", "SMALL_FILE", "sync_directories", "temp_name", "is_temp_name", "get_error_message",
     "describe_os_error",
 ]

@@ -575,6 +575,33 @@ def test_copy_local_from_a_changed_source_is_corrupt(tmp_path):
     assert not (tmp_path / "t").exists() and leftovers(tmp_path) == []
 
 
+def test_small_file_is_buffered_until_sealed(tmp_path):
+    """With buffer_limit a small download touches the disk only in seal, then verifies as usual."""
+    data = content(5000, seed=3)
+    receiver = FileReceiver(tmp_path, tmp_path / "sub" / "f", record_for("sub/f", data),
+                            runner=SyncRunner(), buffer_limit=8192)
+    receiver.write(data[:1000])
+    receiver.write(data[1000:])
+    assert not (tmp_path / "sub").exists()
+    result = result_of(receiver.finish(lambda: True))
+    assert result.status == OK and (tmp_path / "sub" / "f").read_bytes() == data
+    assert os.stat(tmp_path / "sub" / "f").st_mode & 0o777 == 0o640
+    assert leftovers(tmp_path / "sub") == []
+
+
+def test_buffered_small_file_with_wrong_bytes_is_corrupt(tmp_path):
+    """A buffered download is verified too: wrong or extra bytes give CORRUPT, nothing left."""
+    data = content(3000)
+    _, result = receive(tmp_path, "f", content(3000, seed=9), record=record_for("f", data),
+                        buffer_limit=8192)
+    assert result.status == CORRUPT and "SHA-256" in result.reason
+    _, result = receive(tmp_path, "g", data + b"x", record=record_for("g", data),
+                        buffer_limit=8192)
+    assert result.status == CORRUPT
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
+    assert leftovers(tmp_path) == []
+
+
 def test_abort_keeps_or_removes_the_partial_file(tmp_path):
     """abort(keep_partial=True) leaves the bytes for a resume; False deletes them."""
     data = content(2000)
