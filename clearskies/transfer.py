@@ -153,14 +153,15 @@ class FileReceiver:
         self._overflow = False
         self._unflushed = 0
         self._flushing = False
-        self._offset = self._existing_prefix() if resume else 0
-        # A resumed file is hashed whole at the end, in the runner.
-        self._rehash = self._offset > 0
         # A file of at most ``buffer_limit`` bytes is held in memory and created,
         # hashed and fsynced by one runner call in seal(): no file-system calls
-        # on the reactor thread per small file.
-        self._buffer: list[bytes] | None = (
-            [] if self._offset == 0 and expected.size <= buffer_limit else None)
+        # on the reactor thread per small file.  It is never resumed (fetching it
+        # again costs less); seal() replaces any leftover temporary file.
+        small = expected.size <= buffer_limit
+        self._offset = self._existing_prefix() if resume and not small else 0
+        # A resumed file is hashed whole at the end, in the runner.
+        self._rehash = self._offset > 0
+        self._buffer: list[bytes] | None = [] if small else None
 
     @property
     def offset(self) -> int:

@@ -46,6 +46,22 @@ def test_rejects_path_through_symlink_to_outside(share):
         LocalPaths(root).to_local("evil/passwd")
 
 
+def test_directory_swapped_for_a_symlink_after_a_check_is_refused(share):
+    """A directory checked once and then replaced by a symlink (or a file) is checked again."""
+    root, outside = share
+    (root / "docs" / "sub").mkdir()
+    paths = LocalPaths(root)
+    assert paths.to_local("docs/sub/x") == root / "docs" / "sub" / "x"
+    os.rename(root / "docs" / "sub", root / "old-sub")
+    os.symlink(outside, root / "docs" / "sub")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        paths.to_local("docs/sub/x")
+    os.unlink(root / "docs" / "sub")
+    (root / "docs" / "sub").write_text("now a file")
+    with pytest.raises(UnsafePathError, match="not a directory"):
+        paths.to_local("docs/sub/x")
+
+
 def test_rejects_symlink_as_final_component(share):
     """A symlink at the target itself is refused too (even one pointing inside)."""
     root, _ = share

@@ -16,7 +16,10 @@ this daemon runs on POSIX systems, where they are ordinary names.
 
 The checks see the disk at one instant; a local process racing to swap a
 directory for a symlink afterwards is outside this threat model (it could
-write there itself).
+write there itself).  So is one that moves a checked directory away and
+puts a symlink to it in its place: directories already checked are
+re-checked only by their own identity (device and inode), so that each
+file of a big download costs one ``lstat`` of its directory, not one per level.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from clearskies.errors import UnsafePathError
 from clearskies.share.records import validate_wire_path
 
 _NFC_CACHE_SIZE = 256
+_CHECKED_CACHE_SIZE = 1024
 
 
 class LocalPaths:
@@ -40,13 +44,28 @@ class LocalPaths:
         self.root = Path(os.path.realpath(root))
         # directory -> ((st_ino, st_mtime_ns), {nfc form: local name} for non-NFC names)
         self._nfc_cache: dict[str, tuple[tuple[int, int], dict[str, str]]] = {}
+        # directory -> (st_dev, st_ino) of a directory whose every component from the
+        # root down was checked: its files then cost one lstat of it, not one per level.
+        # A directory replaced since (by a symlink, a file, another directory) has
+        # another identity and is checked in full again.
+        self._checked: dict[str, tuple[int, int]] = {}
 
     def to_local(self, wire_path: str) -> Path:
         """The local path for ``wire_path``; UnsafePathError if it is not safe to use."""
         validate_wire_path(wire_path)
         current = str(self.root)
         parts = wire_path.split("/")
-        for index, name in enumerate(parts):
+        start = 0
+        if len(parts) > 1:
+            directory = os.path.join(current, *parts[:-1])
+            known = self._checked.get(directory)
+            if known is not None:
+                if self._same_directory(directory, known):
+                    current, start = directory, len(parts) - 1
+                else:
+                    del self._checked[directory]
+        for index in range(start, len(parts)):
+            name = parts[index]
             parent, current = current, os.path.join(current, name)
             try:
                 st = os.lstat(current)
@@ -57,13 +76,25 @@ class LocalPaths:
                 break
             if stat.S_ISLNK(st.st_mode):
                 raise UnsafePathError("%r goes through a symbolic link" % wire_path)
-            if index < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
-                raise UnsafePathError(
-                    "%r goes through something that is not a directory" % wire_path)
+            if index < len(parts) - 1:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise UnsafePathError(
+                        "%r goes through something that is not a directory" % wire_path)
+                if len(self._checked) >= _CHECKED_CACHE_SIZE:
+                    self._checked.pop(next(iter(self._checked)))
+                self._checked[current] = (st.st_dev, st.st_ino)
         result = Path(current)
         if os.path.commonpath([self.root, result]) != str(self.root) or result == self.root:
             raise UnsafePathError("%r is not inside the share" % wire_path)
         return result
+
+    @staticmethod
+    def _same_directory(directory: str, known: tuple[int, int]) -> bool:
+        try:
+            st = os.lstat(directory)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == known
 
     def to_wire(self, local_path: str | os.PathLike[str]) -> str:
         """The wire form (relative, '/'-separated, NFC) of a path inside the share."""
