@@ -178,7 +178,10 @@ def stat_tree(root: Path) -> dict[str, tuple[int, int]]:
             if name == MARKER or name.endswith(TEMP_SUFFIX):
                 continue
             full = os.path.join(base, name)
-            st = os.lstat(full)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue  # deleted (by the sync) between the listing and now
             out[os.path.relpath(full, root)] = (st.st_size, st.st_mtime_ns)
     return out
 
