@@ -29,10 +29,6 @@ from clearskies.sync import ShareSync
 if TYPE_CHECKING:
     from clearskies.daemon import Daemon
 
-COUNTS_INTERVAL = 0.25
-"""Least seconds between two recounts of a share's totals: a recount reads every row of
-the share, so a burst of commits (a big download, a renamed directory) pays a few, not one each."""
-
 
 def _matches(path: str, stored: StoredRecord | None) -> bool:
     """True if the file at ``path`` still holds the content ``stored`` records.
@@ -141,8 +137,6 @@ class ShareRuntime:
         self._revision = info.revision
         self.last_sync: float | None = None
         self.counts: ShareCounts | None = None
-        self._counts_call: Any = None
-        self._counted_at = float("-inf")
         self.service.add_change_listener(self._local_changes)
 
     # -- lifetime ----------------------------------------------------------------
@@ -159,8 +153,6 @@ class ShareRuntime:
     async def stop(self) -> None:
         if self._recount_call is not None and self._recount_call.active():
             self._recount_call.cancel()
-        if self._counts_call is not None and self._counts_call.active():
-            self._counts_call.cancel()
         for session in list(self.sync.sessions.values()):
             session.connection.close("share stopping")
         await self.service.stopService()
@@ -228,7 +220,7 @@ class ShareRuntime:
         revision = await self.store.apply_changes(self.share_id, records, keys)
         self._revision = max(self._revision, revision)
         self.last_sync = self.daemon.now()
-        self._count_soon()
+        self.counts = await self.store.share_counts(self.share_id)
         self.recount_unshared()
         return revision
 
@@ -283,27 +275,13 @@ class ShareRuntime:
     def _announce_local(self, revision: int, records: list[FileRecord],
                         moves: list[Move]) -> None:
         self._revision = max(self._revision, revision)
-        self._count_soon()
+        self.store.share_counts(self.share_id).addCallback(self._set_counts)
         self.recount_unshared()
         self.sync.local_changes(records, revision,
                                 [(move.source, move.destination) for move in moves])
 
     def _set_counts(self, counts: ShareCounts) -> None:
         self.counts = counts
-
-    def _count_soon(self) -> None:
-        """Refresh the totals now, or COUNTS_INTERVAL after the last refresh began."""
-        if self._counts_call is not None:
-            return  # the refresh already scheduled will see this change too
-        reactor = self.daemon.reactor
-        wait = max(0.0, self._counted_at + COUNTS_INTERVAL - reactor.seconds())
-        self._counts_call = reactor.callLater(wait, self._count_now)
-
-    def _count_now(self) -> None:
-        self._counts_call = None
-        self._counted_at = self.daemon.reactor.seconds()
-        self.store.share_counts(self.share_id).addCallbacks(
-            self._set_counts, lambda f: self._log.failure("could not count the share's files", f))
 
     # -- read-only shares (clearskies.readonly) ---------------------------------------
 
