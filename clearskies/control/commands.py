@@ -123,7 +123,9 @@ class DaemonCommands(CommandDispatcher):
         runtime = await self.daemon.create_share(path)
         return {"path": str(runtime.root), "share_id": runtime.share_id}
 
-    def cmd_list_shares(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def cmd_list_shares(self, request: dict[str, Any]) -> dict[str, Any]:
+        for runtime in list(self.daemon.shares.values()):
+            await runtime.fresh_counts()
         shares = [self.share_summary(r) for r in self.daemon.shares.values()]
         for join in self.daemon.joins.values():
             shares.append({"path": join.path, "status": "waiting", "access": "unknown",
@@ -256,13 +258,14 @@ class DaemonCommands(CommandDispatcher):
             summary["scan_progress"] = status.progress
         return summary
 
-    def cmd__clearskies_share_status(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def cmd__clearskies_share_status(self, request: dict[str, Any]) -> dict[str, Any]:
         path = _path(request)
         for join in self.daemon.joins.values():
             if join.path == path:
                 return {"path": path, "status": "waiting", "in_sync": False, "peers": [],
                         "problem": "waiting for a peer that holds the access code"}
         runtime = self._share(request)
+        await runtime.fresh_counts()
         summary = self.share_summary(runtime)
         summary["peers"] = self._peers(runtime)
         summary["download_rate"] = int(self.daemon.download.rate)

@@ -137,6 +137,7 @@ class ShareRuntime:
         self._revision = info.revision
         self.last_sync: float | None = None
         self.counts: ShareCounts | None = None
+        self._counts_dirty = True
         self.service.add_change_listener(self._local_changes)
 
     # -- lifetime ----------------------------------------------------------------
@@ -220,7 +221,7 @@ class ShareRuntime:
         revision = await self.store.apply_changes(self.share_id, records, keys)
         self._revision = max(self._revision, revision)
         self.last_sync = self.daemon.now()
-        self.counts = await self.store.share_counts(self.share_id)
+        self._counts_dirty = True  # recounted when someone asks (fresh_counts)
         self.recount_unshared()
         return revision
 
@@ -275,13 +276,21 @@ class ShareRuntime:
     def _announce_local(self, revision: int, records: list[FileRecord],
                         moves: list[Move]) -> None:
         self._revision = max(self._revision, revision)
-        self.store.share_counts(self.share_id).addCallback(self._set_counts)
+        self._counts_dirty = True
         self.recount_unshared()
         self.sync.local_changes(records, revision,
                                 [(move.source, move.destination) for move in moves])
 
-    def _set_counts(self, counts: ShareCounts) -> None:
-        self.counts = counts
+    async def fresh_counts(self) -> ShareCounts:
+        """File and byte totals, recounted only if something changed since last asked.
+
+        Counting reads every row, so it is done on demand (status, list), not
+        after each commit: that would make a sync of N files cost O(N²).
+        """
+        if self._counts_dirty or self.counts is None:
+            self._counts_dirty = False
+            self.counts = await self.store.share_counts(self.share_id)
+        return self.counts
 
     # -- read-only shares (clearskies.readonly) ---------------------------------------
 
