@@ -495,7 +495,10 @@ class ShareSync:
         problem = await receiver.seal()
         result = CORRUPT if problem is not None else await self._install_batched(receiver, record)
         if result == OK:
-            self.wanted.pop(record.path, None)
+            if self.wanted.get(record.path) is current:
+                # (A newer record that arrived meanwhile, if only with a merged
+                # vector, is still wanted: dropping it would leave ours stale.)
+                del self.wanted[record.path]
             if not self.wanted:
                 self.report_progress()
         elif result == CORRUPT:

@@ -294,6 +294,17 @@ def _converged(daemons: list[DaemonProcess], edits: RandomEdits, timeout: float)
             return first[0]
 
 
+def _attached(daemon: DaemonProcess) -> None:
+    """Wait until the daemon's attach has turned into a share."""
+    path = os.path.realpath(daemon.shares)
+
+    def holds_share() -> bool:
+        return any(share["path"] == path and share.get("status") != "waiting"
+                   for share in daemon.cli_json("list")["shares"])
+
+    wait_until(holds_share, timeout=30, interval=0.2, message="%s attached" % daemon.name)
+
+
 def _stop(daemon: DaemonProcess) -> None:
     daemon.cli("stop")
     wait_until(lambda: not daemon.running, timeout=15, message="%s stopping" % daemon.name)
@@ -315,6 +326,7 @@ def test_three_peers_random_operations_converge(daemon_factory, seed):
     code = alice.cli_json("share", str(alice.shares))["access_code"]
     bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
     via = bob if chain else alice
+    _attached(bob)  # bob can make codes for the share once it holds it
     code = via.cli_json("share", str(via.shares))["access_code"]
     carol.cli("attach", code, str(carol.shares), "--peer", via.address)
     agreed = _converged(daemons, edits, SYNC_TIMEOUT)
@@ -392,7 +404,9 @@ def _last_run(daemon: DaemonProcess) -> str:
 def test_kill9_during_large_download_resumes(daemon_factory):
     """A receiver killed -9 halfway through 300 MB resumes from its partial file
     after a restart and ends with the exact bytes and no temporary file."""
-    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    alice, bob = daemon_factory("alice"), daemon_factory("bob", start=False)
+    bob.env["CLEARSKIES_TRACE"] = "1"  # logs each request with its starting byte
+    bob.start()
     a, b = Path(alice.shares), Path(bob.shares)
     expected = _write_big_file(a / "big.bin", BIG_SIZE)
     code = alice.cli_json("share", str(a))["access_code"]
