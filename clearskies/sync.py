@@ -462,11 +462,21 @@ class ShareSync:
         copy = await self.share.find_local_copy(record.sha256) if record.size else None
         receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
                                 buffer_limit=SMALL_FILE)
+        if copy is not None:
+            try:
+                await receiver.copy_local(copy)
+            except OSError as e:
+                # The copy went away meanwhile (a peer's rename deletes the old
+                # name while we copy from it): fetch the content instead.
+                self._log.info("local copy for {path} is gone ({why}); fetching it",
+                               path=record.path, why=e.strerror)
+                receiver.abort(keep_partial=False)
+                receiver = FileReceiver(self.share.root, local_path, record,
+                                        runner=self.share.runner, buffer_limit=SMALL_FILE)
+                copy = None
         if copy is not None or record.size == 0:
             # Content already here (or nothing to fetch): no network needed.
             try:
-                if copy is not None:
-                    await receiver.copy_local(copy)
                 await self.finish_download(session, receiver, record)
             finally:
                 self.in_flight.pop(record.path, None)
