@@ -170,7 +170,9 @@ class Daemon(MultiService):
         self.log_file.setServiceParent(self)
         self.db_runner = SerialRunner(reactor)
         self.db_runner.setServiceParent(self)
-        self.cpu_runner = ThreadPoolRunner(reactor)
+        # Mostly fsync and file I/O (which wait on the disk, not the CPU), and hashing,
+        # which the scanner caps at one job per core itself: more threads than cores.
+        self.cpu_runner = ThreadPoolRunner(reactor, max(8, 2 * (os.cpu_count() or 1)))
         self.cpu_runner.setServiceParent(self)
         self.store: ShareStore | None = None
         self.shares: dict[str, ShareRuntime] = {}

@@ -231,11 +231,22 @@ class ShareSync:
     async def _merge(self, session: SyncSession, records: list[FileRecord]) -> None:
         committed: list[FileRecord] = []
         for_origin: list[FileRecord] = []
+        # One database round trip for the whole batch (a manifest page), not one per record.
+        prefetched: dict[str, FileRecord] = {}
+        unread: set[str] = set()
+        get_many = getattr(self.share, "get_records", None)
+        if get_many is not None and len(records) > 1:
+            unread = {r.path for r in records}
+            prefetched = await get_many(sorted(unread))
         for remote in records:
             if self.share.is_ignored(remote.path):
                 continue
             session.remote_index[remote.path] = remote
-            local = await self.share.get_record(remote.path)
+            if remote.path in unread:
+                unread.discard(remote.path)  # a repeated path is read again, fresh
+                local = prefetched.get(remote.path)
+            else:
+                local = await self.share.get_record(remote.path)
             decision = merge.merge_remote(
                 local, remote,
                 local_unacked=session.local_unacked(local),
@@ -548,9 +559,18 @@ class ShareSync:
         written: dict[str, tuple[int, int, int]] = {}
         directories: list[Path] = []
         # Checks and renames are issued together so their thread hops overlap.
-        checks = await DeferredList(
-            [maybeDeferred(self.share.is_unchanged, record.path) for _, record, _ in batch],
-            consumeErrors=True)
+        unchanged_many = getattr(self.share, "unchanged_many", None)
+        if unchanged_many is not None:
+            try:
+                answers = await unchanged_many([record.path for _, record, _ in batch])
+                checks = [(True, answers[record.path]) for _, record, _ in batch]
+            except Exception:
+                failure = Failure()
+                checks = [(False, failure) for _ in batch]
+        else:
+            checks = await DeferredList(
+                [maybeDeferred(self.share.is_unchanged, record.path) for _, record, _ in batch],
+                consumeErrors=True)
         finishes = await DeferredList(
             [receiver.finish(lambda unchanged=unchanged: unchanged, sync_directory=False)
              if ok else fail(unchanged)

@@ -23,6 +23,7 @@ import errno
 import functools
 import hashlib
 import os
+import threading
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -404,7 +405,7 @@ def _check_inside(root: Path, path: Path, *, resolve: bool) -> None:
     if path.name in ("", ".", ".."):
         raise UnsafePathError("download target has no file name")
     if resolve:
-        base, parent = Path(_real_root(str(root))), path.parent.resolve()
+        base, parent = Path(_real_root(str(root))), Path(_real_directory(str(path.parent)))
     else:
         base, parent = Path(os.path.abspath(root)), Path(os.path.abspath(path.parent))
     if parent != base and base not in parent.parents:
@@ -419,6 +420,32 @@ def _real_root(root: str) -> str:
     resolve under the cached path and are refused.
     """
     return os.path.realpath(root)
+
+
+_resolved_directories: dict[str, tuple[str, int, int]] = {}
+_resolved_lock = threading.Lock()
+
+
+def _real_directory(directory: str) -> str:
+    """``realpath`` of a download's directory, remembered while the directory stays put.
+
+    Many files land in one directory; resolving every component again for
+    each costs more than the write.  The cached answer is used only while
+    the directory is still the same inode (a swap for a symlink or another
+    directory is resolved afresh).
+    """
+    st = os.lstat(directory)
+    with _resolved_lock:
+        known = _resolved_directories.get(directory)
+    if known is not None and (known[1], known[2]) == (st.st_dev, st.st_ino) \
+            and stat.S_ISDIR(st.st_mode):
+        return known[0]
+    real = os.path.realpath(directory)
+    with _resolved_lock:
+        if len(_resolved_directories) > 4096:
+            _resolved_directories.clear()
+        _resolved_directories[directory] = (real, st.st_dev, st.st_ino)
+    return real
 
 
 # Worker-thread jobs: plain values in and out, no Twisted objects.

@@ -524,3 +524,25 @@ def test_hash_file_refuses_symlinks_fifos_and_missing(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     for name in ("link", "fifo", "missing"):
         assert isinstance(hash_file(str(tmp_path / name)), Unstable)
+
+
+def test_file_written_by_sync_after_the_listing_is_not_a_deletion(share, monkeypatch):
+    """A row stored after the scan listed the folder (a download landing) gets no tombstone."""
+    share.scan()
+    real_walk = scanner_module.walk_share
+    data = b"downloaded meanwhile"
+    landed = FileRecord(path="landed.txt", utime=5.0, size=len(data), mtime=(5, 0),
+                        mode=0o644, sha256=sha(data), vv={"b" * 32: 1})
+
+    def walk_then_download(*args):
+        listing = real_walk(*args)  # the listing does not contain landed.txt yet
+        share.write("landed.txt", data)
+        result_of(share.store.apply_changes(SHARE, [landed]))
+        return listing
+
+    monkeypatch.setattr(scanner_module, "walk_share", walk_then_download)
+    result = share.scan()
+    assert "landed.txt" not in share.by_path(result)
+    assert share.record("landed.txt") == landed
+    monkeypatch.setattr(scanner_module, "walk_share", real_walk)
+    assert not share.record("landed.txt").deleted

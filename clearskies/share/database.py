@@ -307,6 +307,20 @@ class StateDatabase:
             (share_id, path)).fetchone()
         return _stored_from_row(row) if row else None
 
+    def get_stored_many(self, share_id: str, paths: Sequence[str]) -> dict[str, StoredRecord]:
+        """The stored rows of many paths at once (absent paths are left out)."""
+        found: dict[str, StoredRecord] = {}
+        unique = list(dict.fromkeys(paths))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            rows = self._conn.execute(
+                "SELECT %s FROM files WHERE share_id = ? AND path IN (%s)"
+                % (_FILE_COLUMNS, ",".join("?" * len(chunk))), [share_id, *chunk])
+            for row in rows:
+                stored = _stored_from_row(row)
+                found[stored.path] = stored
+        return found
+
     def records_between(self, share_id: str, low: str = "", high: str | None = None,
                         after: str | None = None, limit: int = PAGE_SIZE) -> list[StoredRecord]:
         """One page of rows with ``low <= path < high`` and ``path > after``, in path order.
@@ -647,6 +661,10 @@ class ShareStore:
 
     def get_stored(self, share_id: str, path: str) -> Deferred[StoredRecord | None]:
         return self._call(StateDatabase.get_stored, share_id, path)
+
+    def get_stored_many(self, share_id: str,
+                        paths: Sequence[str]) -> Deferred[dict[str, StoredRecord]]:
+        return self._call(StateDatabase.get_stored_many, share_id, list(paths))
 
     def records_between(self, share_id: str, low: str = "", high: str | None = None,
                         after: str | None = None,

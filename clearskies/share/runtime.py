@@ -181,6 +181,21 @@ class ShareRuntime:
     def get_record(self, path: str) -> Deferred[FileRecord | None]:
         return self.store.get_record(self.share_id, path)
 
+    def get_records(self, paths: list[str]) -> Deferred[dict[str, FileRecord]]:
+        """Our records of many paths in one database round trip."""
+        d = self.store.get_stored_many(self.share_id, paths)
+        return d.addCallback(lambda found: {p: s.record for p, s in found.items()})
+
+    def unchanged_many(self, paths: list[str]) -> Deferred[dict[str, bool]]:
+        """``is_unchanged`` for many paths: one database query, one worker call."""
+        return Deferred.fromCoroutine(self._unchanged_many(paths))
+
+    async def _unchanged_many(self, paths: list[str]) -> dict[str, bool]:
+        stored = await self.store.get_stored_many(self.share_id, paths)
+        locals_ = [(p, str(self.local_path(p)), stored.get(p)) for p in paths]
+        return await self.runner.run(
+            lambda: {p: _unchanged(local, row) for p, local, row in locals_})
+
     def local_path(self, path: str) -> Path:
         return self.paths.to_local(path)
 

@@ -539,7 +539,7 @@ class Scanner:
         result.files = len(listing.entries) - result.directories
 
         progress.phase = "comparing"
-        comparison = await self._compare(listing, scopes)
+        comparison = await self._compare(listing, scopes, share.revision)
         result.unchanged = comparison.unchanged
         writer = _Writer(self._store, self.share_id, self._batch_size, result, on_batch)
         plan = _Planner(self, result, since, comparison, writer)
@@ -569,12 +569,17 @@ class Scanner:
         if result.full:
             self._skipped_before = result.skipped
 
-    async def _compare(self, listing: Listing, scopes: list[str] | None) -> Comparison:
+    async def _compare(self, listing: Listing, scopes: list[str] | None,
+                       listed_at_revision: int) -> Comparison:
         comparison = Comparison()
         keys = [entry.path for entry in listing.entries]
         unknown = set(listing.protected)
 
         def protected(row: StoredRecord) -> bool:
+            if row.revision > listed_at_revision:
+                # Written (by the sync layer) after our listing began: the listing
+                # cannot know the file, which does not make it deleted.
+                return True
             parts = row.path.split("/")
             if any("/".join(parts[:n]) in unknown for n in range(1, len(parts) + 1)):
                 return True
