@@ -280,8 +280,13 @@ class Comparison:
     gone: list[StoredRecord] = field(default_factory=list)
 
     def add_page(self, entries: Sequence[LocalEntry], stored: Sequence[StoredRecord],
-                 protected: Callable[[StoredRecord], bool]) -> None:
-        """Merge entries and rows covering the same key interval, both sorted by path."""
+                 protected: Callable[[StoredRecord], bool],
+                 newer: Callable[[StoredRecord], bool] = lambda row: False) -> None:
+        """Merge entries and rows covering the same key interval, both sorted by path.
+
+        ``newer(row)``: the row was written after the listing was taken, so the
+        listing says nothing about it; such paths are left for the next scan.
+        """
         i = j = 0
         while i < len(entries) or j < len(stored):
             entry = entries[i] if i < len(entries) else None
@@ -294,7 +299,8 @@ class Comparison:
                     self.gone.append(row)
                 j += 1
             else:
-                self._found(entry, row)
+                if not newer(row):
+                    self._found(entry, row)
                 i += 1
                 j += 1
 
@@ -597,7 +603,8 @@ class Scanner:
                     self.share_id, low, high, after, self._batch_size)
                 more = len(page) == self._batch_size
                 upto = bisect.bisect_right(keys, page[-1].path, start, stop) if more else stop
-                comparison.add_page(listing.entries[start:upto], page, protected)
+                comparison.add_page(listing.entries[start:upto], page, protected,
+                                    lambda row: row.revision > listed_at_revision)
                 start = upto
                 if not more:
                     break
