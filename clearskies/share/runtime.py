@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clearskies import readonly
+from clearskies.errors import UnsafePathError
 from clearskies.keys import ShareKeys
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
 from clearskies.share.records import FileRecord
@@ -95,6 +96,14 @@ def _rename(source: str, destination: str, stored: StoredRecord | None) -> bool:
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     os.rename(source, destination)
     return True
+
+
+def _quietly(job: Any, *args: Any) -> bool:
+    """One file of a batch: a failure (permissions, a vanished file) fails only that one."""
+    try:
+        return bool(job(*args))
+    except OSError:
+        return False
 
 
 def _cache_key_of(path: str) -> CacheKey | None:
@@ -259,6 +268,38 @@ class ShareRuntime:
 
     def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
         return self.runner.run(_make_directory, str(self.local_path(path)), mode)
+
+    def rename_many(self, moves: list[tuple[str, str]]) -> Deferred[list[bool]]:
+        """``rename_local`` for many files: one database query, one worker job."""
+        return Deferred.fromCoroutine(self._rename_many(moves))
+
+    async def _rename_many(self, moves: list[tuple[str, str]]) -> list[bool]:
+        if not moves:
+            return []
+        stored = await self.store.get_stored_many(self.share_id, [src for src, _ in moves])
+        jobs = [(self._safe_local(src), self._safe_local(dst), stored.get(src))
+                for src, dst in moves]
+        return await self.runner.run(
+            lambda: [None not in job[:2] and _quietly(_rename, *job) for job in jobs])
+
+    def remove_many(self, paths: list[str]) -> Deferred[list[bool]]:
+        """``remove_local`` for many paths: one database query, one worker job."""
+        return Deferred.fromCoroutine(self._remove_many(paths))
+
+    async def _remove_many(self, paths: list[str]) -> list[bool]:
+        if not paths:
+            return []
+        stored = await self.store.get_stored_many(self.share_id, paths)
+        jobs = [(self._safe_local(p), stored.get(p)) for p in paths]
+        return await self.runner.run(
+            lambda: [job[0] is not None and _quietly(_remove, *job) for job in jobs])
+
+    def _safe_local(self, path: str) -> str | None:
+        """The local path, or None for one our disk cannot take safely (that item fails)."""
+        try:
+            return str(self.local_path(path))
+        except UnsafePathError:
+            return None
 
     def rename_local(self, source: str, destination: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._rename_local(source, destination))
