@@ -644,6 +644,8 @@ class Daemon(MultiService):
     def _target_for(self, target_id: str) -> ConnectTarget | None:
         runtime = self.shares.get(target_id)
         if runtime is not None:
+            if runtime.error is not None:
+                return None  # a share in error syncs with nobody; the dial backs off
             return ConnectTarget.share(runtime.keys, runtime.peer_id)
         return self.pending_join(target_id)
 
