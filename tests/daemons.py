@@ -461,6 +461,20 @@ def assert_trees_equal(a: str | os.PathLike[str] | Mapping[str, tuple[str, int]]
 # -- the fixture -----------------------------------------------------------------
 
 
+def wait_same_trees(a: Any, b: Any, timeout: float = 30.0, interval: float = 0.2) -> None:
+    """Wait until two trees are identical; on timeout fail with their differences.
+
+    ``a`` and ``b`` are directories or daemons (whose ``shares`` are compared).
+    """
+    left, right = getattr(a, "shares", a), getattr(b, "shares", b)
+    try:
+        wait_until(lambda: tree_snapshot(left) == tree_snapshot(right), timeout=timeout,
+                   interval=interval)
+    except TimeoutError:
+        assert_trees_equal(left, right)
+        raise
+
+
 class DaemonSet:
     """Makes daemons for one test and kills them all on ``close()``."""
 

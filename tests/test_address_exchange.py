@@ -21,7 +21,7 @@ from clearskies.errors import ProtocolError
 from clearskies.share.database import PeerInfo
 from clearskies.share.runtime import ShareRuntime
 from clearskies.tracker.registry import Registry, check_tor_addresses, is_v3_onion
-from tests.daemons import assert_trees_equal, tree_snapshot, wait_until
+from tests.daemons import wait_same_trees
 from tests.test_sync import THEM, FakeConnection, MemoryShare, message
 
 SHARE_ID = "f" * 64
@@ -231,12 +231,8 @@ def test_runtime_stores_advertised_addresses_and_offers_them(tmp_path):
 
 
 def _in_sync(a, b, timeout: float = 30.0) -> None:
-    try:
-        wait_until(lambda: tree_snapshot(a.shares) == tree_snapshot(b.shares),
-                   timeout=timeout, interval=0.2)
-    except TimeoutError:
-        assert_trees_equal(a.shares, b.shares)
-        raise
+    """Wait until both share trees are identical."""
+    wait_same_trees(a, b, timeout)
 
 
 @pytest.mark.slow

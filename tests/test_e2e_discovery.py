@@ -27,12 +27,11 @@ import pytest
 from clearskies.accesscode import access_id, parse_code
 from clearskies.discovery.addresses import make_address, parse_tracker_entry
 from tests.daemons import (
+    wait_same_trees,
     REPO_ROOT,
     DaemonProcess,
     LanSettings,
-    assert_trees_equal,
     free_port,
-    tree_snapshot,
     wait_until,
 )
 
@@ -161,14 +160,9 @@ def tracker(tmp_path: Path) -> Iterator[TrackerProcess]:
         sys.stdout.write("--- tracker log:\n%s" % process.log())
 
 
-def _in_sync(a: DaemonProcess, b: DaemonProcess, timeout: float = SYNC_TIMEOUT) -> None:
+def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
     """Wait until both share trees are identical."""
-    try:
-        wait_until(lambda: tree_snapshot(a.shares) == tree_snapshot(b.shares),
-                   timeout=timeout, interval=0.2)
-    except TimeoutError:
-        assert_trees_equal(a.shares, b.shares)
-        raise
+    wait_same_trees(a, b, timeout)
 
 
 def _share_id(daemon: DaemonProcess) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemons import REPO_ROOT, TWISTD, assert_trees_equal, tree_snapshot, wait_until
+from tests.daemons import wait_same_trees, REPO_ROOT, TWISTD, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,9 @@ SYNC_TIMEOUT = 30.0
 CODE_RE = re.compile(r"^SYNC[A-Z2-7]{29}$", re.MULTILINE)
 
 
-def _in_sync(a: Path, b: Path, timeout: float = SYNC_TIMEOUT) -> None:
-    try:
-        wait_until(lambda: tree_snapshot(a) == tree_snapshot(b), timeout=timeout, interval=0.1)
-    except TimeoutError:
-        assert_trees_equal(a, b)
-        raise
+def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
+    """Wait until both share trees are identical."""
+    wait_same_trees(a, b, timeout)
 
 
 def _share_and_attach(alice, bob) -> str:

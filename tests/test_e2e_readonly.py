@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import REPO_ROOT, assert_trees_equal, tree_snapshot, wait_until
+from tests.daemons import wait_same_trees, REPO_ROOT, tree_snapshot, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +29,8 @@ FORGED = b"forged content\n"
 
 
 def _same_trees(a, b, timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until two daemons' share trees are identical."""
-    def same() -> bool:
-        return tree_snapshot(a.shares) == tree_snapshot(b.shares)
-    try:
-        wait_until(same, timeout=timeout, interval=0.2)
-    except TimeoutError:
-        assert_trees_equal(a.shares, b.shares)
-        raise
+    """Wait until both share trees are identical."""
+    wait_same_trees(a, b, timeout)
 
 
 def _read_only_code(owner) -> str:

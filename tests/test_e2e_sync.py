@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import assert_trees_equal, tree_snapshot, wait_until
+from tests.daemons import wait_same_trees, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +21,8 @@ def _attach_pair(daemon_factory):
 
 
 def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until both trees are identical (and stay so for a moment)."""
-    def same() -> bool:
-        return tree_snapshot(a.shares) == tree_snapshot(b.shares)
-    try:
-        wait_until(same, timeout=timeout, interval=0.2)
-    except TimeoutError:
-        assert_trees_equal(a.shares, b.shares)
-        raise
+    """Wait until both share trees are identical."""
+    wait_same_trees(a, b, timeout)
 
 
 def _share_and_attach(alice, bob, *share_args: str) -> str:
