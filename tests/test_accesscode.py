@@ -45,7 +45,8 @@ VECTORS = [
     ("5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a", "SYNC7422LJNFUWS2LJNFUWS2LJNFUWS2R",
      "1c712ecc21e27e374111d5a1beeaf75a4e343b3814c1847cba14013420809873"),
 ]
-SHARED_VECTORS = pathlib.Path("/work/shared/interop/vectors.json")
+# The project's shared/ folder sits beside the checkout (in CI too).
+SHARED_VECTORS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "interop" / "vectors.json"
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SHARE_ID = "ab" * 32
 
