@@ -17,6 +17,7 @@ seam below, so the whole layer can be tested against a fake.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,7 +38,7 @@ from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.transfer import (
     CONFLICT, CORRUPT, OK, SMALL_FILE, FileReceiver, FinishResult, SendQueue,
-    get_error_message, sync_directories,
+    finish_many, get_error_message,
 )
 
 WINDOW = 16
@@ -60,6 +61,12 @@ share's manifest would not fit the 16 MiB line limit, and pages merge as they ar
 
 MAX_FINISHING = 64
 """Received files waiting for verification and installation before no more are requested."""
+
+COPY_LOOKAHEAD = 512
+"""Wanted hashes asked about at once: is there a local file to copy instead of fetching?"""
+
+COPY_ANSWER_TTL = 10.0
+"""Seconds an answer "no local copy" is trusted; after that the file is looked up alone."""
 
 
 class LocalShare(Protocol):
@@ -153,6 +160,11 @@ class ShareSync:
         self.finishing: dict[str, SyncSession] = {}
         self._ready: list[tuple[FileReceiver, FileRecord, Deferred[str]]] = []
         self._installing = False
+        # Hashes with no local file, looked up COPY_LOOKAHEAD at a time (sha256 ->
+        # (when asked, some live file has it)), so that a share filling up with new
+        # content costs one database query per batch, not one per file.
+        self._copy_answers: dict[str, tuple[float, bool]] = {}
+        self._copy_lookup: Deferred[None] | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
         # Read-only shares (clearskies.readonly): signing and relaying; None = plain.
@@ -528,6 +540,8 @@ class ShareSync:
             if not session.has_room():
                 del open_sessions[session.peer_id]
             starts.append((session, wanted))
+        if starts:
+            self._look_ahead(starts, now)
         for session, wanted in starts:  # may change ``wanted``: not while iterating it
             Deferred.fromCoroutine(self._start_download(session, wanted)).addErrback(
                 self._download_crashed, wanted.record.path)
@@ -537,6 +551,63 @@ class ShareSync:
     def _retry(self) -> None:
         self._retry_call = None
         self.pump()
+
+    def _look_ahead(self, starts: list[tuple[SyncSession, Wanted]], now: float) -> None:
+        """Ask in one query which hashes of these and the next wanted files exist locally.
+
+        A stale "absent" only costs fetching content that appeared here
+        meanwhile; a hash found present is still looked up file by file.
+        """
+        hashes_present = getattr(self.share, "hashes_present", None)
+        if hashes_present is None or self._copy_lookup is not None:
+            return
+
+        def unknown(record: FileRecord) -> bool:
+            answer = self._copy_answers.get(record.sha256) if record.size else None
+            return bool(record.size) and (answer is None or now - answer[0] >= COPY_ANSWER_TTL)
+
+        if not any(unknown(wanted.record) for _, wanted in starts):
+            return
+        self._copy_answers = {h: a for h, a in self._copy_answers.items()
+                              if now - a[0] < COPY_ANSWER_TTL}
+        hashes: dict[str, None] = {}
+        for wanted in [w for _, w in starts] + list(itertools.islice(
+                (w for p, w in self.wanted.items() if p not in self.finishing),
+                4 * COPY_LOOKAHEAD)):
+            if len(hashes) >= COPY_LOOKAHEAD:
+                break
+            if unknown(wanted.record):
+                hashes[wanted.record.sha256] = None
+
+        def answered(present: set[str]) -> None:
+            for digest in hashes:
+                self._copy_answers[digest] = (now, digest in present)
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("looking up local copies failed", failure)
+
+        def done(_: object) -> None:
+            self._copy_lookup = None
+
+        lookup = maybeDeferred(hashes_present, list(hashes))
+        lookup.addCallbacks(answered, failed)
+        lookup.addCallback(done)
+        if not lookup.called:
+            self._copy_lookup = lookup
+
+    async def _local_copy(self, record: FileRecord) -> Path | None:
+        """A local file with this content (copied instead of fetched), or None."""
+        if not record.size:
+            return None
+        if self._copy_lookup is not None:
+            await self._copy_lookup  # (fires with None: every waiter may await it)
+        answer = self._copy_answers.get(record.sha256)
+        if answer is not None and not answer[1] and \
+                self.clock.seconds() - answer[0] < COPY_ANSWER_TTL:
+            # Used once: a second file with this content may copy the first.
+            del self._copy_answers[record.sha256]
+            return None
+        return await self.share.find_local_copy(record.sha256)
 
     def _download_crashed(self, failure: Failure, path: str) -> None:
         self._log.failure("download of {path} failed", failure, path=path)
@@ -551,7 +622,7 @@ class ShareSync:
             self.wanted.pop(record.path, None)
             self.in_flight.pop(record.path, None)
             return
-        copy = await self.share.find_local_copy(record.sha256) if record.size else None
+        copy = await self._local_copy(record)
         receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
                                 buffer_limit=SMALL_FILE)
         if copy is not None:
@@ -638,7 +709,6 @@ class ShareSync:
         installed: list[Deferred[str]] = []
         records: list[FileRecord] = []
         written: dict[str, tuple[int, int, int]] = {}
-        directories: list[Path] = []
         # Checks and renames are issued together so their thread hops overlap.
         unchanged_many = getattr(self.share, "unchanged_many", None)
         if unchanged_many is not None:
@@ -652,20 +722,22 @@ class ShareSync:
             checks = await DeferredList(
                 [maybeDeferred(self.share.is_unchanged, record.path) for _, record, _ in batch],
                 consumeErrors=True)
-        finishes = await DeferredList(
-            [receiver.finish(lambda unchanged=unchanged: unchanged, sync_directory=False)
-             if ok else fail(unchanged)
-             for (receiver, _, _), (ok, unchanged) in zip(batch, checks)],
-            consumeErrors=True)
-        for (receiver, record, done), (ok, result) in zip(batch, finishes):
+        # All renames of the batch, and the fsync of their directories, in one worker job.
+        checked = [(receiver, unchanged)
+                   for (receiver, _, _), (ok, unchanged) in zip(batch, checks) if ok]
+        try:
+            installs = iter(await finish_many(self.share.runner, checked))
+        except Exception:
+            installs = iter([Failure()] * len(checked))
+        finishes = [next(installs) if ok else unchanged for ok, unchanged in checks]
+        for (receiver, record, done), result in zip(batch, finishes):
             try:
-                if not ok:
+                if isinstance(result, Failure):
                     result.raiseException()
                 if result.status == OK:
                     self.placeholders.discard(record.path)
                     records.append(record)
                     written[record.path] = (result.size, result.mtime_ns, result.inode)
-                    directories.append(result.path.parent)
                     installed.append(done)
                     continue
                 status = await self._finish_other(receiver, record, result)
@@ -675,7 +747,6 @@ class ShareSync:
             results.append((done, status))
         if records:
             try:
-                await self.share.runner.run(sync_directories, directories)
                 revision = await self.share.commit_remote(records, written)
             except Exception:
                 failure = Failure()

@@ -448,6 +448,56 @@ def _real_directory(directory: str) -> str:
     return real
 
 
+def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
+                ) -> Deferred[list[FinishResult | Failure]]:
+    """Put many sealed downloads in place with one runner call; one result per item.
+
+    ``items`` pairs each receiver (after :meth:`FileReceiver.seal`) with the
+    answer of its unchanged-since-scan check, taken just before: False gives
+    CONFLICT (the verified content waits in the temporary file).  The others
+    are renamed and their directories fsynced once each in a single worker
+    job, so a batch of small files costs one thread hop instead of one per
+    file.  A rename that fails gives that item a Failure; the rest go on.
+    """
+    return Deferred.fromCoroutine(_finish_many(runner, items))
+
+
+async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
+                       ) -> list[FinishResult | Failure]:
+    results: list[FinishResult | Failure | None] = []
+    moving: list[tuple[int, FileReceiver]] = []
+    for index, (receiver, unchanged) in enumerate(items):
+        if receiver._state != _VERIFIED:
+            results.append(Failure(RuntimeError(
+                "install of a download that is %s" % receiver._state)))
+            continue
+        if not unchanged:
+            results.append(FinishResult(CONFLICT, receiver.temp_path,
+                                        reason="the file changed locally during the download"))
+            continue
+        results.append(None)
+        moving.append((index, receiver))
+    if not moving:
+        return [r for r in results if r is not None]
+    for _, receiver in moving:
+        receiver._state = _BUSY
+    try:
+        outcomes = await runner.run(
+            _install_batch, [(r.temp_path, r.local_path) for _, r in moving])
+    except BaseException:
+        for _, receiver in moving:
+            receiver._state = _VERIFIED
+        raise
+    for (index, receiver), outcome in zip(moving, outcomes):
+        if isinstance(outcome, BaseException):
+            receiver._state = _VERIFIED
+            results[index] = Failure(outcome)
+        else:
+            receiver._state = _DONE
+            results[index] = FinishResult(OK, receiver.local_path, *outcome)
+    return [r for r in results if r is not None]
+
+
 # Worker-thread jobs: plain values in and out, no Twisted objects.
 
 
@@ -537,6 +587,27 @@ def sync_directories(directories: Iterable[Path]) -> None:
     """fsync each directory once: makes a batch of renames into them durable (worker thread)."""
     for directory in set(directories):
         _fsync_directory(directory)
+
+
+def _install_batch(pairs: list[tuple[Path, Path]]
+                   ) -> list[tuple[int, int, int] | OSError]:
+    """Rename each (temp, target), then fsync every directory that got a file.
+
+    A failed rename is returned in its place; a failed directory fsync
+    fails the whole job (nothing in the batch may then be recorded).
+    """
+    outcomes: list[tuple[int, int, int] | OSError] = []
+    directories: set[Path] = set()
+    for temp, target in pairs:
+        try:
+            os.replace(temp, target)
+            outcomes.append(_stat_key(target))
+        except OSError as e:
+            outcomes.append(e)
+            continue
+        directories.add(target.parent)
+    sync_directories(directories)
+    return outcomes
 
 
 def _keep(temp: Path, other: Path, sha256: str) -> tuple[int, int, int]:

@@ -237,6 +237,16 @@ def test_find_by_sha256_skips_tombstones(db):
     assert [s.path for s in db.find_by_sha256(SHARE, "7" * 64)] == ["x"]
 
 
+def test_find_by_sha256_many_groups_live_files_by_hash(db):
+    """One lookup for many hashes: live files per hash, tombstones and unknown hashes left out."""
+    db.apply_changes(SHARE, [file("x", sha="7" * 64), file("y", sha="7" * 64),
+                             file("z", sha="8" * 64), file("w", sha="9" * 64)])
+    db.apply_changes(SHARE, [FileRecord(path="w", utime=11.0, deleted=True)])
+    found = db.find_by_sha256_many(SHARE, ["7" * 64, "8" * 64, "9" * 64, "6" * 64])
+    assert {h: [s.path for s in rows] for h, rows in found.items()} == {
+        "7" * 64: ["x", "y"], "8" * 64: ["z"]}
+
+
 def test_apply_local_changes_skips_rows_changed_meanwhile(db):
     """A scan result is dropped for a row rewritten since the scan read it."""
     db.apply_changes(SHARE, [file("a"), file("b")])  # both at revision 1

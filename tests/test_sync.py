@@ -380,3 +380,44 @@ def test_peer_is_in_sync_after_revisions_made_of_its_own_changes(share):
     assert share.records["a.txt"].deleted
     assert not [e for e in connection.sent() if e.type == "update"]
     assert session.in_sync and sync.in_sync
+
+
+class CountingShare(MemoryShare):
+    """A MemoryShare that answers "which hashes are here" in bulk and counts lookups."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.bulk_lookups: list[list[str]] = []
+        self.single_lookups: list[str] = []
+
+    def hashes_present(self, hashes: list[str]):
+        self.bulk_lookups.append(list(hashes))
+        return succeed({r.sha256 for r in self.records.values() if r.sha256 in hashes})
+
+    def find_local_copy(self, digest: str):
+        self.single_lookups.append(digest)
+        return super().find_local_copy(digest)
+
+
+def test_new_content_is_looked_up_once_for_many_files_and_held_content_is_copied(tmp_path):
+    """A manifest of new files costs one bulk hash lookup; content already here is copied, not fetched."""
+    root = tmp_path / "share"
+    root.mkdir()
+    share = CountingShare(root)
+    held = share.add_local("old.txt", b"held content", {US: 1})
+    _, session, connection = open_session(share, Clock())
+    connection.sent()
+    datas = {"f%02d" % n: os.urandom(100 + n) for n in range(12)}
+    files = [file_record(p, d, {THEM: 1}).to_wire() for p, d in datas.items()]
+    files.append(file_record("copy.txt", b"held content", {THEM: 1}).to_wire())
+    session.event_received(message({"type": "manifest", "revision": 3, "files": files}))
+    gets = [e.body["path"] for e in connection.sent()
+            if isinstance(e, wire.Message) and e.body["type"] == "get"]
+    assert sorted(gets) == sorted(datas)
+    assert len(share.bulk_lookups) == 1
+    assert set(share.bulk_lookups[0]) == {sha(d) for d in datas.values()} | {held.sha256}
+    assert share.single_lookups == [held.sha256]  # only the hash the bulk lookup found
+    assert (root / "copy.txt").read_bytes() == b"held content"
+    for path, data in datas.items():
+        deliver_file(session, path, data)
+        assert (root / path).read_bytes() == data

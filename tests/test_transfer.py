@@ -26,7 +26,7 @@ from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner, ThreadPoolRunner
 from clearskies.transfer import (
     CONFLICT, CORRUPT, OK, FileReceiver, FileSender, SendQueue, describe_os_error,
-    get_error_message, is_temp_name, temp_name,
+    finish_many, get_error_message, is_temp_name, temp_name,
 )
 
 MiB = 1024 * 1024
@@ -429,6 +429,31 @@ def test_target_keeps_old_content_until_the_rename(tmp_path):
     assert receiver.temp_path.read_bytes() == new
     assert result_of(receiver.finish(lambda: True)).status == OK
     assert target.read_bytes() == new and leftovers(tmp_path) == []
+
+
+def test_finish_many_installs_a_batch_and_keeps_conflicts_and_failures_apart(tmp_path):
+    """One call renames the unchanged, leaves a conflict in its temp file, fails only the broken one."""
+    datas = [content(3000, seed=n) for n in range(4)]
+    receivers = []
+    for n, data in enumerate(datas):
+        receiver = FileReceiver(tmp_path, tmp_path / ("d%d" % (n % 2)) / ("f%d" % n),
+                                record_for("f%d" % n, data), runner=SyncRunner(),
+                                buffer_limit=64 * 1024)
+        receiver.write(data)
+        assert result_of(receiver.seal()) is None
+        receivers.append(receiver)
+    receivers[3].temp_path.unlink()  # its rename can only fail
+    results = result_of(finish_many(SyncRunner(), [
+        (receivers[0], True), (receivers[1], False), (receivers[2], True), (receivers[3], True)]))
+    assert [r.status for r in results[:3]] == [OK, CONFLICT, OK]
+    assert isinstance(results[3], Failure) and results[3].check(FileNotFoundError)
+    for n in (0, 2):
+        st = os.stat(results[n].path)
+        assert results[n].path.read_bytes() == datas[n]
+        assert (results[n].size, results[n].mtime_ns, results[n].inode) == (
+            st.st_size, st.st_mtime_ns, st.st_ino)
+    assert not receivers[1].local_path.exists()
+    assert results[1].path.read_bytes() == datas[1]  # verified, waiting for keep_as/abort
 
 
 def test_wrong_bytes_are_corrupt_and_leave_nothing(tmp_path):

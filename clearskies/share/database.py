@@ -374,6 +374,23 @@ class StateDatabase:
             " ORDER BY path" % _FILE_COLUMNS, (share_id, sha256))
         return [_stored_from_row(row) for row in rows]
 
+    def find_by_sha256_many(self, share_id: str,
+                            hashes: Sequence[str]) -> dict[str, list[StoredRecord]]:
+        """:meth:`find_by_sha256` for many hashes at once (hashes without a live file are left out)."""
+        found: dict[str, list[StoredRecord]] = {}
+        unique = list(dict.fromkeys(hashes))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            rows = self._conn.execute(
+                "SELECT %s FROM files INDEXED BY files_by_sha256"
+                " WHERE share_id = ? AND sha256 IN (%s) AND deleted = 0"
+                " ORDER BY path" % (_FILE_COLUMNS, ",".join("?" * len(chunk))),
+                [share_id, *chunk])
+            for row in rows:
+                stored = _stored_from_row(row)
+                found.setdefault(stored.record.sha256, []).append(stored)
+        return found
+
     def apply_changes(self, share_id: str, records: Sequence[FileRecord],
                       cache_keys: Mapping[str, CacheKey] | None = None) -> int:
         """Store records in one transaction; return the new share revision.
@@ -693,6 +710,10 @@ class ShareStore:
 
     def find_by_sha256(self, share_id: str, sha256: str) -> Deferred[list[StoredRecord]]:
         return self._call(StateDatabase.find_by_sha256, share_id, sha256)
+
+    def find_by_sha256_many(self, share_id: str,
+                            hashes: Sequence[str]) -> Deferred[dict[str, list[StoredRecord]]]:
+        return self._call(StateDatabase.find_by_sha256_many, share_id, list(hashes))
 
     def apply_changes(self, share_id: str, records: Sequence[FileRecord],
                       cache_keys: Mapping[str, CacheKey] | None = None) -> Deferred[int]:

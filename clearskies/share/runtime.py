@@ -259,6 +259,14 @@ class ShareRuntime:
                 return Path(local)
         return None
 
+    def hashes_present(self, hashes: list[str]) -> Deferred[set[str]]:
+        """Which of ``hashes`` some live file of the share has, in one database query.
+
+        A hash left out has no local copy to take the content from.
+        """
+        d = self.store.find_by_sha256_many(self.share_id, hashes)
+        return d.addCallback(set)
+
     def remove_local(self, path: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._remove_local(path))
 
