@@ -644,7 +644,7 @@ class Daemon(MultiService):
     def _target_for(self, target_id: str) -> ConnectTarget | None:
         runtime = self.shares.get(target_id)
         if runtime is not None:
-            if runtime.error is not None:
+            if getattr(runtime, "error", None) is not None:
                 return None  # a share in error syncs with nobody; the dial backs off
             return ConnectTarget.share(runtime.keys, runtime.peer_id)
         return self.pending_join(target_id)
