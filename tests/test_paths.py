@@ -86,12 +86,15 @@ def test_rejects_nfc_collision(share):
         LocalPaths(root).to_local("docs/caf\u00e9.txt")
 
 
-def test_nfc_collision_cache_sees_new_names(share):
-    """A name that was fine becomes refused once a colliding spelling appears."""
+def test_nfc_collision_cache_sees_new_names(share, monkeypatch):
+    """A name that was fine is refused once a colliding spelling appears (seen within 1 s)."""
     root, _ = share
     paths = LocalPaths(root)
+    now = [1000.0]
+    monkeypatch.setattr("clearskies.share.paths.time.monotonic", lambda: now[0])
     assert paths.to_local("docs/\u00c5ngstr\u00f6m") == root / "docs" / "\u00c5ngstr\u00f6m"
     (root / "docs" / "\u212bngstr\u00f6m").write_text("angstrom sign")
+    now[0] += 1.5
     with pytest.raises(UnsafePathError):
         paths.to_local("docs/\u00c5ngstr\u00f6m")
 

@@ -25,6 +25,7 @@ file of a big download costs one ``lstat`` of its directory, not one per level.
 from __future__ import annotations
 
 import os
+import time
 import stat
 import unicodedata
 from pathlib import Path
@@ -43,7 +44,7 @@ class LocalPaths:
         # The root itself may be reached through a symlink the user chose.
         self.root = Path(os.path.realpath(root))
         # directory -> ((st_ino, st_mtime_ns), {nfc form: local name} for non-NFC names)
-        self._nfc_cache: dict[str, tuple[tuple[int, int], dict[str, str]]] = {}
+        self._nfc_cache: dict[str, tuple[tuple[int, int], dict[str, str], float]] = {}
         # directory -> (st_dev, st_ino) of a directory whose every component from the
         # root down was checked: its files then cost one lstat of it, not one per level.
         # A directory replaced since (by a symlink, a file, another directory) has
@@ -120,13 +121,21 @@ class LocalPaths:
     def _non_nfc_names(self, directory: str) -> dict[str, str]:
         """Names in ``directory`` that change under NFC, keyed by their NFC form.
 
-        Cached per directory and refreshed whenever its mtime or inode changes.
+        Cached per directory and refreshed when its mtime or inode changes, but
+        at most once a second: each download into a directory changes its
+        mtime, and re-listing a big directory for every file made filling it
+        quadratic.  (A clash is about names other systems would merge; our own
+        disk keeps both, so a name appearing within that second is no danger.)
         """
+        now = time.monotonic()
+        cached = self._nfc_cache.get(directory)
+        if cached is not None and now - cached[2] < 1.0:
+            return cached[1]
         try:
             st = os.stat(directory)
             stamp = (st.st_ino, st.st_mtime_ns)
-            cached = self._nfc_cache.get(directory)
             if cached is not None and cached[0] == stamp:
+                self._nfc_cache[directory] = (stamp, cached[1], now)
                 return cached[1]
             found = {}
             with os.scandir(directory) as entries:
@@ -139,5 +148,5 @@ class LocalPaths:
             return {}  # the directory is missing or unreadable: nothing to collide with
         if len(self._nfc_cache) >= _NFC_CACHE_SIZE:
             self._nfc_cache.pop(next(iter(self._nfc_cache)))
-        self._nfc_cache[directory] = (stamp, found)
+        self._nfc_cache[directory] = (stamp, found, now)
         return found
