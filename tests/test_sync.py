@@ -45,6 +45,7 @@ class MemoryShare:
         self.rev = 0
         self.ignored: set[str] = set()
         self.commits: list[list[FileRecord]] = []
+        self.batch_calls: list[tuple[str, int]] = []
 
     def revision(self) -> int:
         return self.rev
@@ -100,6 +101,17 @@ class MemoryShare:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.root / source, target)
         return succeed(True)
+
+    def get_records(self, paths: list[str]):
+        return succeed({p: self.records[p] for p in paths if p in self.records})
+
+    def rename_many(self, moves: list[tuple[str, str]]):
+        self.batch_calls.append(("rename", len(moves)))
+        return succeed([self.rename_local(src, dst).result for src, dst in moves])
+
+    def remove_many(self, paths: list[str]):
+        self.batch_calls.append(("remove", len(paths)))
+        return succeed([self.remove_local(p).result for p in paths])
 
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         self.seen = (peer_id, revision)
@@ -421,3 +433,35 @@ def test_new_content_is_looked_up_once_for_many_files_and_held_content_is_copied
     for path, data in datas.items():
         deliver_file(session, path, data)
         assert (root / path).read_bytes() == data
+
+
+def test_a_burst_of_moves_is_renamed_in_one_batch(share):
+    """Several moves of content we hold become one batch of local renames, no download."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    moves = []
+    for name in ("a", "b", "c"):
+        data = name.encode() * 10
+        share.add_local("old/" + name, data, {THEM: 1})
+        moves.append(("old/" + name, file_record("new/" + name, data, {THEM: 2})))
+    commits_before = len(share.commits)
+    sync.receive_moves(session, moves)
+    assert share.batch_calls == [("rename", 3)]
+    assert sorted(p.name for p in (share.root / "new").iterdir()) == ["a", "b", "c"]
+    assert not list((share.root / "old").iterdir())
+    assert len(share.commits) == commits_before + 1
+    assert all(share.records["old/" + n].deleted for n in "abc")
+    assert "get" not in connection.sent_types()
+
+
+def test_deletions_in_one_batch_remove_files_together(share):
+    """A batch of remote deletions of files we hold unchanged is one removal job."""
+    sync, session, connection = open_session(share, Clock())
+    tombstones = []
+    for name in ("x", "y"):
+        share.add_local(name, name.encode(), {US: 1})
+        tombstones.append(FileRecord(path=name, utime=30.0, deleted=True, vv={US: 1, THEM: 1}))
+    sync.receive_records(session, tombstones)
+    assert share.batch_calls == [("remove", 2)]
+    assert not (share.root / "x").exists() and not (share.root / "y").exists()
+    assert share.records["x"].deleted and share.records["y"].deleted
