@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -55,6 +55,12 @@ SMALL_FILE = 128 * 1024
 
 FLUSH_AHEAD = 32 * 1024 * 1024
 """Bytes a download writes before a worker starts flushing them to disk (the last fsync stays)."""
+
+WRITE_BATCH = 1024 * 1024
+"""Received bytes collected before they go to the writer thread as one batch."""
+
+MAX_QUEUED_BATCHES = 4
+"""Batches a download may have waiting for its writer; beyond that the reactor writes them itself."""
 
 MAX_QUEUED_FILES = 64
 """Most ``get`` requests one connection may have waiting for their turn."""
@@ -150,6 +156,9 @@ class FileReceiver:
         self._state = _NEW
         self._fd: int | None = None
         self._hasher: Any = hashlib.sha256()
+        self._writer: _BatchWriter | None = None
+        self._pieces: list[bytes] = []  # received, not yet handed to the writer
+        self._pending = 0
         self._received = 0
         self._overflow = False
         self._unflushed = 0
@@ -202,12 +211,23 @@ class FileReceiver:
             self._buffer.append(data)
             self._received += len(data)
             return
-        assert self._fd is not None
-        _write_all(self._fd, data)
-        if not self._rehash:
-            self._hasher.update(data)
+        # Pieces are batched and written and hashed by a worker: per-piece
+        # write and hash calls on the reactor thread cost most of its time.
+        self._pieces.append(data if type(data) is bytes else bytes(data))
+        self._pending += len(data)
         self._received += len(data)
-        self._unflushed += len(data)
+        if self._pending >= WRITE_BATCH:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Hand the collected pieces to the writer thread as one batch."""
+        if not self._pieces:
+            return
+        assert self._writer is not None and self._fd is not None
+        pieces, count = self._pieces, self._pending
+        self._pieces, self._pending = [], 0
+        self._writer.submit(pieces)
+        self._unflushed += count
         if self._unflushed >= FLUSH_AHEAD and not self._flushing:
             # Write back while receiving, so the final fsync of a big file is short.
             self._unflushed = 0
@@ -236,6 +256,8 @@ class FileReceiver:
             os.close(fd)
             raise
         self._fd = fd
+        self._writer = _BatchWriter(self._runner, fd, self._offset,
+                                    None if self._rehash else self._hasher)
         self._state = _WRITING
 
     def _prepare_directory(self) -> None:
@@ -263,6 +285,7 @@ class FileReceiver:
 
         def copied(result: tuple[Any, int, int]) -> None:
             self._hasher, self._received, self._fd = result
+            self._writer = _BatchWriter(self._runner, self._fd, self._received, self._hasher)
             self._offset = 0
             self._rehash = False
             self._overflow = self._received > self.expected.size
@@ -301,6 +324,15 @@ class FileReceiver:
                 _seal_buffered, self.root, self.local_path, self.temp_path, data,
                 self._overflow, self.expected)
         else:
+            writer = self._writer
+            assert writer is not None
+            try:
+                self._write_pending()
+                await writer.flush()
+            except BaseException:
+                self._close_fd()
+                raise
+            self._writer = None
             fd, self._fd = self._fd, None
             assert fd is not None
             hasher = None if self._rehash else self._hasher
@@ -382,7 +414,7 @@ class FileReceiver:
             return
         if self._state == _BUSY:
             raise RuntimeError("cannot abort a download while its file work is running")
-        self._close_fd()
+        self._close_fd(keep=keep_partial)
         self._state = _DONE
         self._buffer = None
         if not keep_partial:
@@ -394,10 +426,131 @@ class FileReceiver:
                 self._log.warn("could not remove partial download {path}: {why}",
                                path=self.expected.path, why=e.strerror)
 
-    def _close_fd(self) -> None:
+    def _close_fd(self, keep: bool = False) -> None:
+        """Close the temporary file; with ``keep`` the bytes received so far are written first."""
+        writer, self._writer = self._writer, None
+        pieces, self._pieces, self._pending = self._pieces, [], 0
+        if writer is not None:
+            writer.close(pieces if keep else None)
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+class _BatchWriter:
+    """Writes and hashes one download's batches in worker threads, in arrival order.
+
+    The reactor only queues batches (lists of received pieces).  One runner
+    job at a time drains the queue, writing at explicit offsets and feeding
+    the hasher, so neither the write calls nor the hashing hold the reactor.
+    Whoever drains holds the lock, so the worker and a synchronous drain on
+    the reactor (a backlog over ``MAX_QUEUED_BATCHES``, or a close) take
+    turns and every batch is written and hashed exactly once, in order.
+    """
+
+    _log = Logger()
+
+    def __init__(self, runner: Runner, fd: int, position: int, hasher: Any) -> None:
+        self._runner = runner
+        self._fd = fd
+        self._position = position  # changed only by whoever holds the lock
+        self._hasher = hasher  # None: the whole file is hashed when sealed
+        self._queue: deque[list[bytes]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+        self._closed = False
+        self._waiters: list[Deferred[None]] = []
+        self.error: Exception | None = None
+
+    def submit(self, batch: list[bytes]) -> None:
+        """Queue a batch; raises the error of an earlier write that failed."""
+        if self.error is not None:
+            raise self.error
+        self._queue.append(batch)
+        if len(self._queue) > MAX_QUEUED_BATCHES:
+            # The workers fall behind (busy pool, slow disk): keep memory bounded.
+            self._drain()
+            if self.error is not None:
+                raise self.error
+        elif not self._running:
+            self._start()
+
+    def flush(self) -> Deferred[None]:
+        """Fires when every queued batch is written and hashed (fails with a write error)."""
+        if not self._running and (not self._queue or self.error is not None):
+            return fail(self.error) if self.error is not None else succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        if not self._running:
+            self._start()
+        return waiter
+
+    def close(self, last: list[bytes] | None) -> None:
+        """Stop; with ``last`` (possibly empty) write what is queued plus ``last`` first.
+
+        Waits (briefly, on the calling thread) for a batch a worker is writing,
+        so the caller may close the descriptor afterwards.
+        """
+        self._closed = True
+        if last is None:
+            self._queue.clear()
+        elif last:
+            self._queue.append(last)
+        self._drain()
+        if last is not None and self.error is not None:
+            self._log.warn("writing a partial download failed: {why}", why=str(self.error))
+
+    def _start(self) -> None:
+        self._running = True
+        self._runner.run(self._drain).addBoth(self._drained)
+
+    def _drained(self, result: object) -> None:
+        self._running = False
+        if isinstance(result, Failure) and self.error is None:
+            self.error = result.value if isinstance(result.value, Exception) else None
+        if self._queue and self.error is None and not self._closed:
+            self._start()  # batches queued while the job was finishing
+            return
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if self.error is not None:
+                waiter.errback(self.error)
+            else:
+                waiter.callback(None)
+
+    def _drain(self) -> None:
+        """Write and hash queued batches until none is left (worker or reactor thread)."""
+        with self._lock:
+            while self.error is None:
+                # Everything queued goes out as one write: the further the worker
+                # falls behind, the fewer GIL hand-overs it needs per byte.
+                batch: list[bytes] = []
+                while True:
+                    try:
+                        batch += self._queue.popleft()
+                    except IndexError:
+                        break
+                if not batch:
+                    return
+                try:
+                    self._write(batch)
+                except Exception as e:
+                    self.error = e
+                    self._queue.clear()
+
+    def _write(self, batch: list[bytes]) -> None:
+        # One buffer, so the write and the hash each release the GIL once per
+        # batch: a worker that waits for the GIL after every small piece
+        # falls far behind a busy reactor thread.
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        position = self._position
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], position + done)
+        if self._hasher is not None:
+            self._hasher.update(data)
+        self._position = position + len(data)
 
 
 def _check_inside(root: Path, path: Path, *, resolve: bool) -> None:

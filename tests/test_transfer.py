@@ -417,8 +417,9 @@ def test_good_payload_lands_with_metadata_and_no_temp_file(tmp_path):
     assert leftovers(target.parent) == []
 
 
-def test_target_keeps_old_content_until_the_rename(tmp_path):
+def test_target_keeps_old_content_until_the_rename(tmp_path, monkeypatch):
     """Until finish, the old file is untouched and the bytes sit in the hidden temp file."""
+    monkeypatch.setattr(transfer, "WRITE_BATCH", 1)  # every write goes out at once
     old, new = b"old content", content(5000, seed=1)
     target = tmp_path / "f.txt"
     target.write_bytes(old)
@@ -474,8 +475,9 @@ def test_truncated_payload_is_corrupt(tmp_path):
     assert (tmp_path / "f").read_bytes() == b"previous" and leftovers(tmp_path) == []
 
 
-def test_oversized_payload_is_corrupt_and_not_written_past_the_size(tmp_path):
+def test_oversized_payload_is_corrupt_and_not_written_past_the_size(tmp_path, monkeypatch):
     """Extra bytes beyond the record's size are dropped, then reported as CORRUPT."""
+    monkeypatch.setattr(transfer, "WRITE_BATCH", 1)  # every write goes out at once
     data = content(1000)
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
     receiver.write(data)
@@ -803,8 +805,95 @@ def test_large_download_flushes_ahead_and_still_lands_intact(tmp_path, monkeypat
     """Past FLUSH_AHEAD bytes a write-behind flush runs on a duplicate fd; content is unharmed."""
     flushed: list[int] = []
     monkeypatch.setattr(transfer, "FLUSH_AHEAD", 64 * 1024)
+    monkeypatch.setattr(transfer, "WRITE_BATCH", 50_000)  # one batch per write
     monkeypatch.setattr(transfer, "_flush_copy", lambda fd: (flushed.append(fd), os.close(fd)))
     data = content(300_000, seed=4)
     receiver, result = receive(tmp_path, "big.bin", data, pieces=50_000)
     assert result.status == OK and (tmp_path / "big.bin").read_bytes() == data
     assert len(flushed) == 3  # after writes 2, 4 and 6: each time 64 KiB had piled up
+
+
+class _HeldRunner:
+    """Runs nothing until ``release()``: stands in for a busy worker pool."""
+
+    def __init__(self):
+        self.jobs: list[tuple[Deferred, object, tuple]] = []
+
+    def run(self, fn, *args):
+        d: Deferred = Deferred()
+        self.jobs.append((d, fn, args))
+        return d
+
+    def release(self):
+        while self.jobs:
+            d, fn, args = self.jobs.pop(0)
+            try:
+                d.callback(fn(*args))
+            except Exception:
+                d.errback(Failure())
+
+
+def test_received_pieces_are_written_and_hashed_in_worker_batches(tmp_path, monkeypatch):
+    """Writes only queue batches; the worker job writes them in order and the hash verifies."""
+    monkeypatch.setattr(transfer, "WRITE_BATCH", 64 * 1024)
+    monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 32)
+    data = content(MiB + 3, seed=7)
+    runner = _HeldRunner()
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
+    for start in range(0, len(data), 7000):
+        receiver.write(data[start:start + 7000])
+    assert receiver.temp_path.stat().st_size == 0  # nothing written on the calling thread
+    sealed = receiver.seal()
+    runner.release()
+    assert result_of(sealed) is None
+    assert receiver.temp_path.read_bytes() == data
+
+
+def test_a_stalled_worker_does_not_let_batches_pile_up(tmp_path, monkeypatch):
+    """Past MAX_QUEUED_BATCHES waiting, the caller writes them itself; late jobs add nothing."""
+    monkeypatch.setattr(transfer, "WRITE_BATCH", 1000)
+    monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 4)
+    data = content(20_000, seed=8)
+    runner = _HeldRunner()
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
+    for start in range(0, 5000, 1000):
+        receiver.write(data[start:start + 1000])
+    assert receiver.temp_path.stat().st_size == 5000  # the fifth batch drained all five
+    for start in range(5000, len(data), 1000):
+        receiver.write(data[start:start + 1000])
+    sealed = receiver.seal()
+    runner.release()
+    assert result_of(sealed) is None
+    assert receiver.temp_path.read_bytes() == data
+
+
+def test_abort_keeping_the_partial_writes_pending_pieces_for_a_resume(tmp_path):
+    """abort(keep_partial=True) writes what is still queued, so the resume starts after it."""
+    data = content(3 * MiB, seed=9)
+    record = record_for("f", data)
+    runner = _HeldRunner()
+    first = FileReceiver(tmp_path, tmp_path / "f", record, runner=runner)
+    first.write(data[:MiB + 500])
+    first.abort(keep_partial=True)
+    runner.release()
+    second = FileReceiver(tmp_path, tmp_path / "f", record, runner=SyncRunner())
+    assert second.offset == MiB + 500
+    second.write(data[MiB + 500:])
+    assert result_of(second.finish(lambda: True)).status == OK
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_failed_batch_write_fails_the_seal(tmp_path, monkeypatch):
+    """A disk error while a worker writes a batch makes seal fail instead of verifying."""
+    data = content(2 * MiB, seed=10)
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transfer.os, "pwrite", full)
+    receiver.write(data[:MiB])  # the batch fails in the worker
+    with pytest.raises(OSError):
+        receiver.write(data[MiB:])
+    failure = result_of(receiver.seal())
+    assert isinstance(failure, Failure) and failure.check(OSError)
