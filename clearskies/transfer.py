@@ -56,7 +56,7 @@ SMALL_FILE = 128 * 1024
 FLUSH_AHEAD = 32 * 1024 * 1024
 """Bytes a download writes before a worker starts flushing them to disk (the last fsync stays)."""
 
-WRITE_BATCH = 1024 * 1024
+WRITE_BATCH = 512 * 1024
 """Received bytes collected before they go to the writer thread as one batch."""
 
 MAX_QUEUED_BATCHES = 4
