@@ -25,6 +25,12 @@ def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
     wait_same_trees(a, b, timeout)
 
 
+def _stop(daemon) -> None:
+    """Stop a daemon the way a user does and wait until its process is gone."""
+    daemon.cli("stop")
+    wait_until(lambda: not daemon.running, timeout=15)
+
+
 def _share_and_attach(alice, bob, *share_args: str) -> str:
     code = alice.cli_json("share", str(alice.shares), *share_args)["access_code"]
     bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
@@ -88,8 +94,7 @@ def test_changes_made_while_a_peer_is_down_sync_after_restart(daemon_factory):
     _share_and_attach(alice, bob)
     _in_sync(alice, bob)
 
-    bob.cli("stop")
-    wait_until(lambda: not bob.running, timeout=15)
+    _stop(bob)
     (a / "while-away.txt").write_text("alice wrote this while bob was away\n")
     (b / "offline-edit.txt").write_text("bob wrote this offline\n")
     alice.cli("scan", str(a))
@@ -109,8 +114,7 @@ def test_concurrent_edits_keep_both_versions(daemon_factory):
     _share_and_attach(alice, bob)
     _in_sync(alice, bob)
 
-    bob.cli("stop")
-    wait_until(lambda: not bob.running, timeout=15)
+    _stop(bob)
     (a / "notes.txt").write_text("alice's version\n")
     alice.cli("scan", str(a))
     (b / "notes.txt").write_text("bob's version, a bit longer\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -347,8 +348,8 @@ def test_stream_updates_and_silence() -> None:
     assert len(agent.requests) == 2 and agent.requests[1]["query"]["fast_track"] == ["1"]
 
 
-def test_stream_is_reopened_before_ttl() -> None:
-    """An open stream is replaced by a fresh registration at 0.8 × ttl."""
+def started_stream_client() -> tuple[Clock, FakeAgent, Any, list[FakeResponse]]:
+    """A started client whose every request gets an open response the test feeds."""
     clock = Clock()
     responses: list[FakeResponse] = []
 
@@ -361,6 +362,12 @@ def test_stream_is_reopened_before_ttl() -> None:
     client, _peers, _regs = make_client(clock, agent)
     client.startService()
     clock.advance(0)
+    return clock, agent, client, responses
+
+
+def test_stream_is_reopened_before_ttl() -> None:
+    """An open stream is replaced by a fresh registration at 0.8 × ttl."""
+    clock, agent, client, responses = started_stream_client()
     responses[0].send(b'{"others":{},"ttl":100,"timeout":1000}\n')
     clock.advance(79)
     assert len(agent.requests) == 1
@@ -398,18 +405,7 @@ def test_timeouts_bounds_and_errors_back_off() -> None:
 
 def test_stop_closes_open_stream() -> None:
     """stopService closes the open stream and sends nothing afterwards."""
-    clock = Clock()
-    responses: list[FakeResponse] = []
-
-    def respond(record: dict) -> Deferred:
-        response = FakeResponse(clock)
-        responses.append(response)
-        return succeed(response)
-
-    agent = FakeAgent(clock, respond)
-    client, _peers, _regs = make_client(clock, agent)
-    client.startService()
-    clock.advance(0)
+    clock, agent, client, responses = started_stream_client()
     responses[0].send(b'{"others":{},"ttl":100,"timeout":30}\n')
     stopped = client.stopService()
     assert responses[0].transport.stopped
