@@ -18,6 +18,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from clearskies.discovery import tor as tormod
+from clearskies.discovery.socks import SocksClientEndpoint
 from clearskies.discovery.tor import (
     DEFAULT_ONION_PORT,
     TorOutput,
@@ -295,7 +296,7 @@ def test_tor_arguments_use_sockets_in_the_tor_directory():
     pairs = list(zip(args[4::2], args[5::2]))
     assert ("DataDirectory", "/d/tor") in pairs
     assert ("ControlPort", 'unix:"/d/tor/control.socket"') in pairs
-    assert ("SocksPort", 'unix:"/d/tor/socks.socket"') in pairs
+    assert ("SocksPort", 'unix:"/d/tor/socks.socket" ExtendedErrors') in pairs
     assert ("CookieAuthentication", "1") in pairs
     assert ("__OwningControllerProcess", "77") in pairs
     assert pairs[-3:] == [("DirAuthority", "x 1"), ("DirAuthority", "y 2"), ("TestingTorNetwork", "1")]
@@ -307,7 +308,7 @@ def test_tor_arguments_fall_back_to_loopback_tcp_for_long_paths():
     assert control is None
     pairs = list(zip(args[4::2], args[5::2]))
     assert ("ControlPort", "127.0.0.1:auto") in pairs
-    assert ("SocksPort", "127.0.0.1:auto") in pairs
+    assert ("SocksPort", "127.0.0.1:auto ExtendedErrors") in pairs
 
 
 def test_importing_the_module_does_not_import_txtorcon():
@@ -542,10 +543,22 @@ def test_client_endpoint_goes_through_tors_socks_port(tmp_path):
         tor.web_agent()
     tor.startService()
     open_control(reactor)
-    assert tor.client_endpoint(HOSTNAME, 60106) == ("endpoint", HOSTNAME, 60106)
-    host, port, socks = lib.tor.streams[0]
+    endpoint = tor.client_endpoint(HOSTNAME, 60106)
+    assert isinstance(endpoint, SocksClientEndpoint)
+    assert (endpoint.host, endpoint.port) == (HOSTNAME, 60106)
+    socks = endpoint.proxy
     assert isinstance(socks, UNIXClientEndpoint) and socks._path == "/d/tor/socks.socket"
     assert tor.web_agent(pool="pool") == ("agent", "pool", socks)
+
+
+def test_client_endpoint_without_a_usable_socks_listener_says_so(tmp_path):
+    """A tor whose only SOCKS listener is elsewhere than loopback cannot carry our dials."""
+    reactor, lib = FakeReactor(), FakeTxtorcon(info={"net/listeners/socks": '"10.1.2.3:9050"'})
+    tor = service(tmp_path, lib, reactor)
+    tor.startService()
+    open_control(reactor)
+    with pytest.raises(TorUnavailable, match="add a SocksPort"):
+        tor.client_endpoint(HOSTNAME, 60106)
 
 
 # -- attaching to a running tor -----------------------------------------------
@@ -562,8 +575,7 @@ def test_control_endpoint_attaches_without_spawning(tmp_path):
     assert lib.control.commands == []  # a tor we did not start is not ours to own
     lib.tor.publish.callback(FakeOnion(HOSTNAME, KEY))
     assert outcome(tor.ready) == "tor:%s:%d" % (HOSTNAME, DEFAULT_ONION_PORT)
-    tor.client_endpoint(HOSTNAME, 1)
-    socks = lib.tor.streams[0][2]
+    socks = tor.client_endpoint(HOSTNAME, 1).proxy
     assert isinstance(socks, TCP4ClientEndpoint) and (socks._host, socks._port) == ("127.0.0.1", 9050)
     assert outcome(tor.stopService()) is None
     assert lib.tor.quit_called == 1

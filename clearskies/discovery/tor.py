@@ -49,6 +49,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from clearskies.discovery.socks import SocksClientEndpoint
 from clearskies.errors import ConfigurationError
 from clearskies.threads import Runner, SyncRunner
 
@@ -241,7 +242,8 @@ def tor_arguments(tor_dir: str, owner_pid: int,
         ("DataDirectory", tor_dir),
         ("ControlPort", control),
         ("CookieAuthentication", "1"),
-        ("SocksPort", socks),
+        # Extended errors say why an onion service cannot be reached.
+        ("SocksPort", socks + " ExtendedErrors"),
         ("__OwningControllerProcess", str(owner_pid)),
         ("Log", "notice stdout"),
         ("RunAsDaemon", "0"),
@@ -514,7 +516,11 @@ class TorService(Service):
         if self._tor is None:
             raise TorUnavailable("Tor is not running yet, so %s:%d cannot be reached through it"
                                  % (host, port))
-        return self._tor.stream_via(host, port, socks_endpoint=self._socks)
+        if self._socks is None:
+            raise TorUnavailable(
+                "tor has no SOCKS listener on a UNIX socket or 127.0.0.1, so %s:%d cannot be "
+                "reached through it; add a SocksPort to tor's configuration" % (host, port))
+        return SocksClientEndpoint(self._socks, host, port)
 
     def web_agent(self, pool: Any = None) -> Any:
         """An ``IAgent`` whose requests go through Tor (for trackers under ``--tor-only``);
@@ -764,7 +770,7 @@ class TorService(Service):
                     pass
 
     async def _socks_endpoint(self) -> IStreamClientEndpoint | None:
-        """The first SOCKS listener tor reports (None: let txtorcon find or add one)."""
+        """The first SOCKS listener tor reports on a UNIX socket or 127.0.0.1 (None: none)."""
         try:
             text = await self._tor.protocol.get_info_single("net/listeners/socks")
         except Exception as e:
