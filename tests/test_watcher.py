@@ -4,6 +4,8 @@ import os
 import shutil
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
@@ -80,6 +82,63 @@ def test_paths_settling_together_come_in_one_batch(debounce):
     assert recorder.ready == [(["from", "to"], 1000.0)]
     clock.advance(1.0)
     assert recorder.ready[1] == (["late"], 1001.0)
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 40),
+                          st.none() | st.integers(1, 50)), max_size=40))
+def test_each_path_is_released_exactly_at_its_own_deadline(touches):
+    """Against a direct model: whatever the touches, a path comes out at
+    max(min(last + quiet, first + max_delay), not_before), once."""
+    clock = Clock()
+    released: dict[float, set[str]] = {}
+
+    def on_ready(paths: set[str], first_seen: float) -> None:
+        assert not paths & released.get(clock.seconds(), set())
+        released.setdefault(clock.seconds(), set()).update(paths)
+
+    debouncer = Debouncer(clock, on_ready, lambda first: None, quiet=1.5,
+                          max_delay=6.0, max_paths=100)
+    expected: dict[float, set[str]] = {}
+    pending: dict[str, list[float]] = {}  # path -> [first, last, not_before]
+    def settle_model(now: float) -> None:
+        for path, (first, last, not_before) in list(pending.items()):
+            due = max(min(last + 1.5, first + 6.0), not_before)
+            if due <= now:
+                expected.setdefault(due, set()).add(path)
+                del pending[path]
+    # Touches happen every 0.5 s (tenths of steps); the model settles before each.
+    for path, step, wait in sorted(touches, key=lambda t: t[1]):
+        now = step * 0.5
+        while clock.seconds() < now:
+            clock.advance(0.5)
+            settle_model(clock.seconds())
+        debouncer.touch(path, wait)
+        state = pending.setdefault(path, [now, now, 0.0])
+        state[1] = now
+        if wait is not None:
+            state[2] = max(state[2], now + wait)
+    for _ in range(200):
+        clock.advance(0.5)
+        settle_model(clock.seconds())
+    assert released == expected
+    assert debouncer.pending == 0 and clock.getDelayedCalls() == []
+
+
+def test_many_paths_touched_often_stay_cheap():
+    """10,000 touches on 2,000 paths settle in batches without rescanning every pending path."""
+    clock = Clock()
+    recorder = Recorder()
+    debouncer = Debouncer(clock, recorder.on_ready, recorder.on_overflow, quiet=1.0,
+                          max_delay=30.0, max_paths=10_000)
+    for round_ in range(5):
+        for n in range(2000):
+            debouncer.touch("dir/file%d" % n)
+            if n % 100 == 0:
+                clock.advance(0.01)
+    clock.advance(1.0)
+    released = [p for paths, _ in recorder.ready for p in paths]
+    assert sorted(released) == sorted("dir/file%d" % n for n in range(2000))
+    assert debouncer.pending == 0
 
 
 def test_wait_holds_a_path_back(debounce):

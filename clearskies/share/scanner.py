@@ -244,6 +244,7 @@ def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing) -> Non
 def normalize_scopes(paths: Iterable[str]) -> list[str]:
     """Sorted, valid, non-overlapping subtrees (a path below another is dropped)."""
     kept: list[str] = []
+    kept_set: set[str] = set()
     for path in sorted(set(paths)):
         try:
             validate_wire_path(path)
@@ -253,9 +254,10 @@ def normalize_scopes(paths: Iterable[str]) -> list[str]:
             continue
         # Sorting puts "a b" between "a" and "a/x": look further back for an ancestor.
         parts = path.split("/")
-        if any("/".join(parts[:n]) in kept for n in range(1, len(parts))):
+        if any("/".join(parts[:n]) in kept_set for n in range(1, len(parts))):
             continue
         kept.append(path)
+        kept_set.add(path)
     return kept
 
 

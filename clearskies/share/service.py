@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from clearskies.errors import ConfigurationError, ShareError
 from clearskies.share.database import CacheKey, ShareCounts, ShareInfo, ShareStore
 from clearskies.share.hashing import HashFile, hash_file
-from clearskies.share.ignore import MARKER_NAME
+from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX
 from clearskies.share.paths import LocalPaths
 from clearskies.share.records import FileRecord
 from clearskies.share.scanner import Move, Scanner, ScanResult, read_marker, write_marker
@@ -180,6 +180,8 @@ class ShareService(Service):
 
         Ignored in the error state, whose periodic re-check scans everything.
         """
+        if path.endswith(TEMP_SUFFIX):
+            return  # our own partial downloads (ignored anyway): the cheap test first
         if not self.running or self._state == "error" or self.scanner.rules.is_ignored(path):
             return
         self._debouncer.touch(path)

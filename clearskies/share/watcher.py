@@ -18,6 +18,7 @@ about a tenth of the wall time.
 
 from __future__ import annotations
 
+import heapq
 import os
 from typing import Callable, Iterable
 
@@ -44,7 +45,14 @@ def full_rescan_interval(last_duration: float, minimum: float = MIN_FULL_RESCAN_
 
 
 class Debouncer:
-    """Collects changed paths and releases each once it has settled."""
+    """Collects changed paths and releases each once it has settled.
+
+    A path's deadline only moves later while it keeps changing, so each
+    pending path has one entry in a heap of deadlines, pushed when it first
+    appears; when that entry comes due, the path is either released or
+    pushed again at its current deadline.  A touch costs O(log n) and a
+    release O(log n) per path, however many paths are pending.
+    """
 
     def __init__(self, clock: IReactorTime, on_ready: Callable[[set[str], float], None],
                  on_overflow: Callable[[float], None], quiet: float = DEFAULT_QUIET,
@@ -62,6 +70,7 @@ class Debouncer:
         self._first: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self._not_before: dict[str, float] = {}
+        self._due: list[tuple[float, str]] = []  # heap: (deadline, path), one per pending path
         self._timer: IDelayedCall | None = None
 
     @property
@@ -72,7 +81,9 @@ class Debouncer:
         """Note that ``path`` changed now; with ``wait``, release it no earlier
         than ``wait`` seconds from now (a back-off for files that keep changing)."""
         now = self._clock.seconds()
-        self._first.setdefault(path, now)
+        new = path not in self._first
+        if new:
+            self._first[path] = now
         self._last[path] = now
         if wait is not None:
             self._not_before[path] = max(self._not_before.get(path, 0.0), now + wait)
@@ -81,15 +92,18 @@ class Debouncer:
             self.clear()
             self._on_overflow(earliest)
             return
-        deadline = self._deadline(path)
-        if self._timer is None or deadline < self._timer.getTime():
-            self._schedule(deadline)
+        if new:
+            deadline = self._deadline(path)
+            heapq.heappush(self._due, (deadline, path))
+            if self._timer is None or deadline < self._timer.getTime():
+                self._schedule(deadline)
 
     def clear(self) -> None:
         """Forget every pending path (e.g. a full rescan is coming anyway)."""
         self._first.clear()
         self._last.clear()
         self._not_before.clear()
+        self._due.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -106,13 +120,20 @@ class Debouncer:
     def _fire(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        ready = {path for path in self._first if self._deadline(path) <= now}
+        ready: set[str] = set()
+        while self._due and self._due[0][0] <= now:
+            _, path = heapq.heappop(self._due)
+            deadline = self._deadline(path)
+            if deadline <= now:
+                ready.add(path)
+            else:  # touched again since: wait for its new deadline
+                heapq.heappush(self._due, (deadline, path))
         first_seen = min((self._first[path] for path in ready), default=now)
         for path in ready:
             del self._first[path], self._last[path]
             self._not_before.pop(path, None)
-        if self._first:
-            self._schedule(min(self._deadline(path) for path in self._first))
+        if self._due:
+            self._schedule(self._due[0][0])
         if ready:
             self._on_ready(ready, first_seen)
 
