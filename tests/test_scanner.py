@@ -434,6 +434,28 @@ def test_partial_scan_only_looks_at_its_paths(share):
     assert share.scan(["b/2"]).records[0].path == "b/2"
 
 
+def test_partial_scan_of_many_paths_and_a_big_directory(share):
+    """Hundreds of single-file scopes (asked for together) and a directory with more rows
+    than one first page: every change is found, nothing unchanged is reported."""
+    for n in range(100):
+        share.write("big/f%03d" % n, b"%d" % n)
+    for n in range(300):
+        share.write("single/s%03d" % n, b"s%d" % n)
+    share.scan()
+    share.write("big/f050", b"changed")
+    os.remove(share.root / "big" / "f099")
+    share.write("big/new", b"new")
+    share.write("single/s150", b"changed")
+    os.remove(share.root / "single" / "s299")
+    scopes = ["big"] + ["single/s%03d" % n for n in range(300)]
+    result = share.scan(scopes)
+    changed = {r.path: r.deleted for r in result.records}
+    assert changed == {"big/f050": False, "big/f099": True, "big/new": False,
+                       "single/s150": False, "single/s299": True}
+    # big: 98 files and the directory itself; single: 298 files.
+    assert result.unchanged == 98 + 1 + 298
+
+
 def test_partial_scan_of_vanished_directory(share):
     """A partial scan of a removed directory tombstones it and everything below."""
     share.write("gone/x/y", b"1")

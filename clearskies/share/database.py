@@ -340,6 +340,15 @@ class StateDatabase:
         args.append(limit)
         return [_stored_from_row(row) for row in self._conn.execute(sql, args)]
 
+    def records_between_many(self, share_id: str, ranges: Sequence[tuple[str, str | None]],
+                             limit: int = PAGE_SIZE) -> list[list[StoredRecord]]:
+        """The first page of :meth:`records_between` for each (low, high) range.
+
+        One call for many small ranges (a partial scan of many single files)
+        instead of one database round trip per range.
+        """
+        return [self.records_between(share_id, low, high, None, limit) for low, high in ranges]
+
     def records_page(self, share_id: str, after: str | None = None,
                      limit: int = PAGE_SIZE) -> list[FileRecord]:
         """The next ``limit`` records (tombstones included) after ``after``, in path order.
@@ -687,6 +696,10 @@ class ShareStore:
                         after: str | None = None,
                         limit: int = PAGE_SIZE) -> Deferred[list[StoredRecord]]:
         return self._call(StateDatabase.records_between, share_id, low, high, after, limit)
+
+    def records_between_many(self, share_id: str, ranges: Sequence[tuple[str, str | None]],
+                             limit: int = PAGE_SIZE) -> Deferred[list[list[StoredRecord]]]:
+        return self._call(StateDatabase.records_between_many, share_id, list(ranges), limit)
 
     def records_page(self, share_id: str, after: str | None = None,
                      limit: int = PAGE_SIZE) -> Deferred[list[FileRecord]]:

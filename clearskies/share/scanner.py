@@ -61,6 +61,10 @@ from clearskies.share.records import MAX_PATH_BYTES, FileRecord, validate_wire_p
 from clearskies.threads import Runner
 
 HASH_JOB_FILES = 64
+#: A partial scan asks for the rows of this many path ranges in one database call,
+#: at most _FIRST_PAGE_ROWS rows each (a bigger range then goes on page by page).
+_RANGES_PER_QUERY = 256
+_FIRST_PAGE_ROWS = 32
 HASH_JOB_BYTES = 16 * 1024 * 1024
 UTIME_STEP = 0.001  # how far after the replaced record a local change is dated
 _PLAIN_NAME = re.compile(r"[^\x00-\x1f\x7f\\]+")
@@ -595,22 +599,32 @@ class Scanner:
 
         ranges: list[tuple[str, str | None]] = [("", None)] if scopes is None else [
             r for scope in scopes for r in scope_ranges(scope)]
-        for low, high in ranges:
-            start = bisect.bisect_left(keys, low)
-            stop = len(keys) if high is None else bisect.bisect_left(keys, high)
-            after: str | None = None
-            while True:
-                self._check_stop()
-                page = await self._store.records_between(
-                    self.share_id, low, high, after, self._batch_size)
-                more = len(page) == self._batch_size
-                upto = bisect.bisect_right(keys, page[-1].path, start, stop) if more else stop
-                comparison.add_page(listing.entries[start:upto], page, protected,
-                                    lambda row: row.revision > listed_at_revision)
-                start = upto
-                if not more:
-                    break
-                after = page[-1].path
+        # The start of many ranges in one round trip (a partial scan of many single
+        # files must not cost a query hop per file); a range with more rows than
+        # that start goes on page by page.
+        for chunk in range(0, len(ranges), _RANGES_PER_QUERY):
+            self._check_stop()
+            some = ranges[chunk:chunk + _RANGES_PER_QUERY]
+            first_limit = self._batch_size if len(some) == 1 else min(
+                self._batch_size, _FIRST_PAGE_ROWS)
+            first_pages = await self._store.records_between_many(self.share_id, some,
+                                                                 first_limit)
+            for (low, high), first_page in zip(some, first_pages):
+                start = bisect.bisect_left(keys, low)
+                stop = len(keys) if high is None else bisect.bisect_left(keys, high)
+                page, limit = first_page, first_limit
+                while True:
+                    more = len(page) == limit
+                    upto = bisect.bisect_right(keys, page[-1].path, start, stop) if more else stop
+                    comparison.add_page(listing.entries[start:upto], page, protected,
+                                        lambda row: row.revision > listed_at_revision)
+                    start = upto
+                    if not more:
+                        break
+                    self._check_stop()
+                    page = await self._store.records_between(
+                        self.share_id, low, high, page[-1].path, self._batch_size)
+                    limit = self._batch_size
         return comparison
 
 
