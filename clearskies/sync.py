@@ -725,10 +725,20 @@ class ShareSync:
         # All renames of the batch, and the fsync of their directories, in one worker job.
         checked = [(receiver, unchanged)
                    for (receiver, _, _), (ok, unchanged) in zip(batch, checks) if ok]
+        # The share's watcher then knows the renames it is about to see are ours.
+        expect = getattr(self.share, "expect_own_renames", None)
+        renamed = [receiver.expected.path for receiver, unchanged in checked if unchanged]
+        if expect is not None:
+            expect(renamed)
         try:
-            installs = iter(await finish_many(self.share.runner, checked))
+            installed_now = await finish_many(self.share.runner, checked)
         except Exception:
-            installs = iter([Failure()] * len(checked))
+            installed_now = [Failure()] * len(checked)
+        if expect is not None:
+            self.share.own_renames_failed([
+                receiver.expected.path for (receiver, unchanged), result
+                in zip(checked, installed_now) if unchanged and isinstance(result, Failure)])
+        installs = iter(installed_now)
         finishes = [next(installs) if ok else unchanged for ok, unchanged in checks]
         for (receiver, record, done), result in zip(batch, finishes):
             try:

@@ -328,3 +328,34 @@ class IgnoredPathTests(PeerKitCase):
         self.assertEqual(self.share_path(".clearskiesignore").read_text(), "*.log\nprivate/\n")
         self.assertFalse(self.share_path("private").exists())
         self.assertFalse(peer.closed, peer.lost_reason)
+
+
+class OwnWritesTests(PeerKitCase):
+    @async_test
+    async def test_installed_downloads_are_not_rescanned_but_later_edits_are(self):
+        """The watcher knows a download's rename is ours; a user's edit afterwards still counts."""
+        runtime = await self.start_daemon()
+        touched: list[str] = []
+        debouncer = runtime.service._debouncer
+        original_touch = debouncer.touch
+
+        def spy(path: str, wait: float | None = None) -> None:
+            touched.append(path)
+            original_touch(path, wait)
+
+        debouncer.touch = spy  # type: ignore[method-assign]
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        data = os.urandom(40_000)
+        manifest(peer, peer_id, [file_entry("fetched.bin", data, vv={peer_id: 1})])
+        await peer.wait_for("get", where=lambda b: b["path"] == "fetched.bin")
+        peer.send_payload({"type": "file_data", "path": "fetched.bin"}, data)
+        await wait_until(lambda: self.share_path("fetched.bin").exists(), what="the download")
+        # Anything written after the rename is reported after it: once the marker shows
+        # up, every event of the download has been seen.
+        self.share_path("marker").write_bytes(b"x")
+        await wait_until(lambda: "marker" in touched, what="the marker's event")
+        self.assertNotIn("fetched.bin", touched)
+        with open(self.share_path("fetched.bin"), "ab") as f:
+            f.write(b"edited by the user")
+        await wait_until(lambda: "fetched.bin" in touched, what="the user's edit")

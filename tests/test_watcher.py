@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from clearskies.share.watcher import Debouncer, InotifyWatcher, full_rescan_interval
+from clearskies.share.watcher import (
+    Debouncer, ExpectedArrivals, InotifyWatcher, full_rescan_interval)
 from tests.test_database import temporary_dir
 
 
@@ -170,6 +171,25 @@ def test_clear_forgets_everything(debounce):
     assert recorder.ready == [] and clock.getDelayedCalls() == []
 
 
+def test_expected_arrivals_are_used_once_and_expire():
+    """Each expected rename swallows one event; cancelled or old ones swallow none."""
+    clock = Clock()
+    arrivals = ExpectedArrivals(clock, keep_for=60.0, max_paths=3)
+    arrivals.expect(["a", "b", "a"])
+    assert arrivals.arrived("a") and arrivals.arrived("a")
+    assert not arrivals.arrived("a")  # two expected, two used
+    assert not arrivals.arrived("elsewhere")
+    arrivals.cancel(["b"])
+    assert not arrivals.arrived("b")
+    arrivals.expect(["old"])
+    clock.advance(61)
+    assert not arrivals.arrived("old")
+    assert len(arrivals) == 0
+    arrivals.expect(["1", "2", "3", "4"])  # over the bound: the oldest is forgotten
+    assert len(arrivals) == 3
+    assert not arrivals.arrived("1") and arrivals.arrived("4")
+
+
 def test_full_rescan_interval():
     """Rescans wait at least 60 s and ten times the last scan's duration."""
     assert full_rescan_interval(0.5) == 60.0
@@ -212,6 +232,26 @@ class InotifyWatcherTests(TestCase):
         async def go():
             with open(os.path.join(self.root, "sub", "f.txt"), "w") as f:
                 f.write("x")
+            await eventually(lambda: "sub/f.txt" in self.changes)
+        return self.run_async(go())
+
+    def test_our_own_renames_are_not_reported_but_later_edits_are(self):
+        """An expected rename into a path is swallowed once; a user's edit after it is not."""
+        self.watcher.expected = ExpectedArrivals(reactor)
+        async def go():
+            temp = os.path.join(self.root, "sub", ".f.txt.0123.!clearsky")
+            with open(temp, "w") as f:
+                f.write("downloaded")
+            self.watcher.expected.expect(["sub/f.txt"])
+            os.rename(temp, os.path.join(self.root, "sub", "f.txt"))
+            # A marker written afterwards proves the rename's event was processed.
+            with open(os.path.join(self.root, "sub", "marker"), "w") as f:
+                f.write("x")
+            await eventually(lambda: "sub/marker" in self.changes)
+            self.assertNotIn("sub/f.txt", self.changes)
+            self.assertEqual(len(self.watcher.expected), 0)
+            with open(os.path.join(self.root, "sub", "f.txt"), "a") as f:
+                f.write(" and edited")
             await eventually(lambda: "sub/f.txt" in self.changes)
         return self.run_async(go())
 

@@ -287,8 +287,23 @@ class ShareRuntime:
         stored = await self.store.get_stored_many(self.share_id, [src for src, _ in moves])
         jobs = [(self._safe_local(src), self._safe_local(dst), stored.get(src))
                 for src, dst in moves]
-        return await self.runner.run(
-            lambda: [None not in job[:2] and _quietly(_rename, *job) for job in jobs])
+        destinations = [dst for src, dst in moves]
+        self.expect_own_renames(destinations)
+        try:
+            done = await self.runner.run(
+                lambda: [None not in job[:2] and _quietly(_rename, *job) for job in jobs])
+        except BaseException:
+            self.own_renames_failed(destinations)
+            raise
+        self.own_renames_failed([dst for dst, ok in zip(destinations, done) if not ok])
+        return done
+
+    def expect_own_renames(self, paths: list[str]) -> None:
+        """We are about to rename files into these paths: their "moved in" events are ours."""
+        self.service.expected_arrivals.expect(paths)
+
+    def own_renames_failed(self, paths: list[str]) -> None:
+        self.service.expected_arrivals.cancel(paths)
 
     def remove_many(self, paths: list[str]) -> Deferred[list[bool]]:
         """``remove_local`` for many paths: one database query, one worker job."""

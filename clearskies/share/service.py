@@ -34,7 +34,8 @@ from clearskies.share.paths import LocalPaths
 from clearskies.share.records import FileRecord
 from clearskies.share.scanner import Move, Scanner, ScanResult, read_marker, write_marker
 from clearskies.share.watcher import (
-    DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, InotifyWatcher, full_rescan_interval)
+    DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, ExpectedArrivals, InotifyWatcher,
+    full_rescan_interval)
 from clearskies.threads import Runner
 
 ChangeListener = Callable[[list[FileRecord], list[Move]], Any]
@@ -111,8 +112,10 @@ class ShareService(Service):
                                reactor, hasher=hasher, concurrency=concurrency)
         self._debouncer = Debouncer(reactor, self._paths_settled, self._too_many_changes,
                                     quiet=quiet, max_delay=max_delay)
+        self.expected_arrivals = ExpectedArrivals(reactor)
         self._watcher = (InotifyWatcher(reactor, share.path, self.path_changed,
-                                        self._events_lost, self._root_changed)
+                                        self._events_lost, self._root_changed,
+                                        self.expected_arrivals)
                          if use_inotify and InotifyWatcher.available() else None)
         self._error_retry = error_retry
         self._listeners: list[ChangeListener] = []

@@ -34,6 +34,9 @@ except ImportError:  # not Linux
 DEFAULT_QUIET = 1.0
 DEFAULT_MAX_DELAY = 30.0
 MAX_PENDING_PATHS = 10_000
+#: How long an announced rename of our own may take to show up as an event.
+EXPECTED_ARRIVAL_SECONDS = 60.0
+MAX_EXPECTED_ARRIVALS = 100_000
 MIN_FULL_RESCAN_INTERVAL = 60.0
 FULL_RESCAN_FACTOR = 10.0
 
@@ -175,18 +178,79 @@ if inotify is not None:
                 super().loseConnection()
 
 
+class ExpectedArrivals:
+    """Renames into the share that we are about to make ourselves (installed downloads).
+
+    Each expected rename swallows one "moved in" event for its path, so the
+    sync engine's own writes do not come back as local changes to rescan.
+    Any other event for the path (a user editing the file afterwards) still
+    counts.  Entries older than ``keep_for`` seconds are dropped, and at most
+    ``max_paths`` are kept: a forgotten entry only costs a rescan.
+    """
+
+    def __init__(self, clock: IReactorTime, keep_for: float = EXPECTED_ARRIVAL_SECONDS,
+                 max_paths: int = MAX_EXPECTED_ARRIVALS) -> None:
+        self._clock = clock
+        self.keep_for = keep_for
+        self.max_paths = max_paths
+        self._expected: dict[str, tuple[int, float]] = {}  # path -> (count, when), oldest first
+
+    def __len__(self) -> int:
+        return len(self._expected)
+
+    def expect(self, paths: Iterable[str]) -> None:
+        now = self._clock.seconds()
+        self._expire(now)
+        for path in paths:
+            count, _ = self._expected.pop(path, (0, now))
+            self._expected[path] = (count + 1, now)
+        while len(self._expected) > self.max_paths:
+            del self._expected[next(iter(self._expected))]
+
+    def cancel(self, paths: Iterable[str]) -> None:
+        """These renames did not happen after all."""
+        for path in paths:
+            entry = self._expected.get(path)
+            if entry is None:
+                continue
+            if entry[0] > 1:
+                self._expected[path] = (entry[0] - 1, entry[1])
+            else:
+                del self._expected[path]
+
+    def arrived(self, path: str) -> bool:
+        """A "moved in" event for ``path``: True if it was one of ours (and is now used up)."""
+        entry = self._expected.get(path)
+        if entry is None:
+            return False
+        self._expire(self._clock.seconds())
+        if path not in self._expected:
+            return False
+        self.cancel([path])
+        return True
+
+    def _expire(self, now: float) -> None:
+        while self._expected:
+            path = next(iter(self._expected))
+            if now - self._expected[path][1] < self.keep_for:
+                break
+            del self._expected[path]
+
+
 class InotifyWatcher:
     """Watches every directory of a share and reports changed share-relative paths."""
 
     _log = Logger()
 
     def __init__(self, reactor: IReactorFDSet, root: str, on_change: Callable[[str], None],
-                 on_overflow: Callable[[], None], on_root_changed: Callable[[], None]) -> None:
+                 on_overflow: Callable[[], None], on_root_changed: Callable[[], None],
+                 expected: ExpectedArrivals | None = None) -> None:
         self._reactor = reactor
         self.root = os.path.realpath(root)
         self._on_change = on_change
         self._on_overflow = on_overflow
         self._on_root_changed = on_root_changed
+        self.expected = expected
         self._notifier: _ShareINotify | None = None
         self._watched: set[str] = set()
         self.complete = False  # every directory handed to us is watched
@@ -289,4 +353,7 @@ class InotifyWatcher:
                 self._unwatch_tree(path)
             elif mask & _NEW_DIR:
                 self._watch(path)
+        elif mask & inotify.IN_MOVED_TO and self.expected is not None \
+                and self.expected.arrived(path):
+            return  # a download we installed ourselves: nothing to rescan
         self._on_change(path)
