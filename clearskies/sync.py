@@ -37,7 +37,7 @@ from clearskies.share import merge
 from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.transfer import (
-    CONFLICT, CORRUPT, OK, SMALL_FILE, FileReceiver, FinishResult, SendQueue,
+    CONFLICT, CORRUPT, OK, SMALL_FILE, BufferedSeals, FileReceiver, FinishResult, SendQueue,
     finish_many, get_error_message,
 )
 
@@ -145,7 +145,9 @@ class ShareSync:
                  rng: random.Random | None = None, window: int = WINDOW) -> None:
         self.share = share
         self.clock = clock
-        self.rng = rng or random.SystemRandom()
+        # Only picks which peer to ask: no secret, so no system call per pick.
+        self.rng = rng or random.Random()
+        self._seals: BufferedSeals | None = None
         self.window = window
         self.sessions: dict[str, SyncSession] = {}
         self.wanted: dict[str, Wanted] = {}
@@ -535,7 +537,7 @@ class ShareSync:
                 candidates.append(session)
             if not candidates:
                 continue
-            session = self.rng.choice(candidates)
+            session = candidates[0] if len(candidates) == 1 else self.rng.choice(candidates)
             self.in_flight[path] = session
             if not session.has_room():
                 del open_sessions[session.peer_id]
@@ -609,6 +611,12 @@ class ShareSync:
             return None
         return await self.share.find_local_copy(record.sha256)
 
+    def _buffered_seals(self) -> BufferedSeals:
+        """Small downloads of this share are written and fsynced in batches."""
+        if self._seals is None:
+            self._seals = BufferedSeals(self.share.runner)
+        return self._seals
+
     def _download_crashed(self, failure: Failure, path: str) -> None:
         self._log.failure("download of {path} failed", failure, path=path)
         self.in_flight.pop(path, None)
@@ -624,7 +632,7 @@ class ShareSync:
             return
         copy = await self._local_copy(record)
         receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
-                                buffer_limit=SMALL_FILE)
+                                buffer_limit=SMALL_FILE, sealer=self._buffered_seals())
         if copy is not None:
             try:
                 await receiver.copy_local(copy)
@@ -635,7 +643,8 @@ class ShareSync:
                                path=record.path, why=e.strerror)
                 receiver.abort(keep_partial=False)
                 receiver = FileReceiver(self.share.root, local_path, record,
-                                        runner=self.share.runner, buffer_limit=SMALL_FILE)
+                                        runner=self.share.runner, buffer_limit=SMALL_FILE,
+                                        sealer=self._buffered_seals())
                 copy = None
         if copy is not None or record.size == 0:
             # Content already here (or nothing to fetch): no network needed.
@@ -713,7 +722,8 @@ class ShareSync:
         unchanged_many = getattr(self.share, "unchanged_many", None)
         if unchanged_many is not None:
             try:
-                answers = await unchanged_many([record.path for _, record, _ in batch])
+                answers = await unchanged_many([record.path for _, record, _ in batch],
+                                               [receiver.local_path for receiver, _, _ in batch])
                 checks = [(True, answers[record.path]) for _, record, _ in batch]
             except Exception:
                 failure = Failure()

@@ -143,7 +143,8 @@ class FileReceiver:
     _log = Logger()
 
     def __init__(self, root: Path, local_path: Path, expected: FileRecord, *,
-                 runner: Runner, resume: bool = True, buffer_limit: int = 0) -> None:
+                 runner: Runner, resume: bool = True, buffer_limit: int = 0,
+                 sealer: BufferedSeals | None = None) -> None:
         if expected.deleted or expected.is_dir or expected.sha256 is None or expected.size is None:
             raise ValueError("only a file record with size and sha256 can be downloaded")
         self.root = Path(root)
@@ -152,6 +153,7 @@ class FileReceiver:
         self.temp_path = self.local_path.with_name(
             temp_name(self.local_path.name, expected.sha256))
         self._runner = runner
+        self._sealer = sealer
         _check_inside(self.root, self.local_path, resolve=False)
         self._state = _NEW
         self._fd: int | None = None
@@ -320,9 +322,12 @@ class FileReceiver:
         self._state = _BUSY
         if self._buffer is not None:
             data, self._buffer = b"".join(self._buffer), None
-            problem = await self._runner.run(
-                _seal_buffered, self.root, self.local_path, self.temp_path, data,
-                self._overflow, self.expected)
+            args = (self.root, self.local_path, self.temp_path, data, self._overflow,
+                    self.expected)
+            if self._sealer is not None:
+                problem = await self._sealer.seal(*args)
+            else:
+                problem = await self._runner.run(_seal_buffered, *args)
         else:
             writer = self._writer
             assert writer is not None
@@ -435,6 +440,52 @@ class FileReceiver:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+class BufferedSeals:
+    """Seals small in-memory downloads several at a time: one worker job per batch.
+
+    A download of a few kilobytes costs less to write and fsync than the
+    thread hop that carries it to a worker; hundreds of them a second also
+    keep every worker thread contending with the reactor thread for the
+    GIL.  So at most ``max_jobs`` seal jobs run at once (their fsyncs
+    overlap); seals that arrive while they are all busy wait, and go
+    together, up to ``max_batch`` at a time, to the next free one.
+    """
+
+    def __init__(self, runner: Runner, *, max_batch: int = 32, max_jobs: int = 3) -> None:
+        self._runner = runner
+        self.max_batch = max_batch
+        self.max_jobs = max_jobs
+        self._queue: list[tuple[tuple[Any, ...], Deferred[str | None]]] = []
+        self._jobs = 0
+
+    def seal(self, root: Path, target: Path, temp: Path, data: bytes, overflow: bool,
+             expected: FileRecord) -> Deferred[str | None]:
+        """Like running :func:`_seal_buffered` in a worker: fires with None or the problem."""
+        done: Deferred[str | None] = Deferred()
+        self._queue.append(((root, target, temp, data, overflow, expected), done))
+        self._start()
+        return done
+
+    def _start(self) -> None:
+        while self._queue and self._jobs < self.max_jobs:
+            batch = self._queue[:self.max_batch]
+            del self._queue[:self.max_batch]
+            self._jobs += 1
+            job = self._runner.run(_seal_buffered_many, [args for args, _ in batch])
+            job.addBoth(self._done, batch)
+
+    def _done(self, outcome: list[str | None | BaseException] | Failure,
+              batch: list[tuple[tuple[Any, ...], Deferred[str | None]]]) -> None:
+        self._jobs -= 1
+        for index, (_, done) in enumerate(batch):
+            result = outcome if isinstance(outcome, Failure) else outcome[index]
+            if isinstance(result, (Failure, BaseException)):
+                done.errback(result if isinstance(result, Failure) else Failure(result))
+            else:
+                done.callback(result)
+        self._start()
 
 
 class _BatchWriter:
@@ -714,6 +765,17 @@ def _seal_buffered(root: Path, target: Path, temp: Path, data: bytes, overflow: 
         os.close(fd)
         raise
     return _seal(fd, temp, hashlib.sha256(data), overflow, expected)
+
+
+def _seal_buffered_many(items: list[tuple[Any, ...]]) -> list[str | None | BaseException]:
+    """:func:`_seal_buffered` for each item; an exception is returned in its place."""
+    outcomes: list[str | None | BaseException] = []
+    for args in items:
+        try:
+            outcomes.append(_seal_buffered(*args))
+        except Exception as e:
+            outcomes.append(e)
+    return outcomes
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -629,6 +629,75 @@ def test_buffered_small_file_with_wrong_bytes_is_corrupt(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+class HeldRunner:
+    """A runner whose jobs wait until the test releases them (in order)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Deferred, object, tuple]] = []
+
+    def run(self, fn, *args):
+        d: Deferred = Deferred()
+        self.jobs.append((d, fn, args))
+        return d
+
+    def release(self) -> None:
+        d, fn, args = self.jobs.pop(0)
+        try:
+            result = fn(*args)
+        except Exception:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+
+def test_buffered_seals_run_in_few_jobs_of_many_files(tmp_path):
+    """At most max_jobs seal jobs at once; what waits goes in batches of max_batch; every
+    download still gets its own outcome (a wrong one is CORRUPT, the others are OK)."""
+    runner = HeldRunner()
+    seals = transfer.BufferedSeals(runner, max_batch=4, max_jobs=2)
+    receivers, outcomes = [], []
+    for n in range(12):
+        data = content(1000 + n, seed=n)
+        sent = data if n != 5 else content(1000 + n, seed=99)
+        receiver = FileReceiver(tmp_path, tmp_path / ("f%d" % n), record_for("f%d" % n, data),
+                                runner=runner, buffer_limit=8192, sealer=seals)
+        receiver.write(sent)
+        receivers.append(receiver)
+        sealing = receiver.seal()
+        sealing.addBoth(outcomes.append)
+    # Two jobs of one file each started at once; the other ten wait for a free job.
+    assert [len(args[0]) for _, _, args in runner.jobs] == [1, 1]
+    runner.release()
+    assert [len(args[0]) for _, _, args in runner.jobs] == [1, 4]
+    while runner.jobs:
+        runner.release()
+    assert len(outcomes) == 12
+    assert [o is None for o in outcomes] == [n != 5 for n in range(12)]
+    assert "SHA-256" in outcomes[5]
+    installed = result_of(finish_many(SyncRunner(), [(r, True) for i, r in enumerate(receivers)
+                                                     if i != 5]))
+    assert [r.status for r in installed] == [OK] * 11
+    assert sorted(os.listdir(tmp_path)) == sorted("f%d" % n for n in range(12) if n != 5)
+
+
+def test_buffered_seal_failures_reach_only_their_download(tmp_path):
+    """A seal that raises (its folder is a file) fails that download; the batch goes on."""
+    (tmp_path / "blocked").write_bytes(b"a file where a folder should be")
+    runner = HeldRunner()
+    seals = transfer.BufferedSeals(runner, max_batch=8, max_jobs=1)
+    results = []
+    for name in ("first", "blocked/inner", "last"):
+        data = content(500, seed=len(name))
+        receiver = FileReceiver(tmp_path, tmp_path / name, record_for(name, data),
+                                runner=runner, buffer_limit=8192, sealer=seals)
+        receiver.write(data)
+        receiver.seal().addBoth(results.append)
+    while runner.jobs:
+        runner.release()
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], Failure) and results[1].check(OSError)
+
+
 def test_abort_keeps_or_removes_the_partial_file(tmp_path):
     """abort(keep_partial=True) leaves the bytes for a resume; False deletes them."""
     data = content(2000)

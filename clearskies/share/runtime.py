@@ -195,13 +195,21 @@ class ShareRuntime:
         d = self.store.get_stored_many(self.share_id, paths)
         return d.addCallback(lambda found: {p: s.record for p, s in found.items()})
 
-    def unchanged_many(self, paths: list[str]) -> Deferred[dict[str, bool]]:
-        """``is_unchanged`` for many paths: one database query, one worker call."""
-        return Deferred.fromCoroutine(self._unchanged_many(paths))
+    def unchanged_many(self, paths: list[str],
+                       local_paths: list[Path] | None = None) -> Deferred[dict[str, bool]]:
+        """``is_unchanged`` for many paths: one database query, one worker call.
 
-    async def _unchanged_many(self, paths: list[str]) -> dict[str, bool]:
+        ``local_paths``: their local paths, when the caller has them already
+        (each costs file-system checks to work out again).
+        """
+        return Deferred.fromCoroutine(self._unchanged_many(paths, local_paths))
+
+    async def _unchanged_many(self, paths: list[str],
+                              local_paths: list[Path] | None = None) -> dict[str, bool]:
         stored = await self.store.get_stored_many(self.share_id, paths)
-        locals_ = [(p, str(self.local_path(p)), stored.get(p)) for p in paths]
+        if local_paths is None:
+            local_paths = [self.local_path(p) for p in paths]
+        locals_ = [(p, str(local), stored.get(p)) for p, local in zip(paths, local_paths)]
         return await self.runner.run(
             lambda: {p: _unchanged(local, row) for p, local, row in locals_})
 
