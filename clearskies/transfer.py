@@ -609,10 +609,10 @@ def _check_inside(root: Path, path: Path, *, resolve: bool) -> None:
     if path.name in ("", ".", ".."):
         raise UnsafePathError("download target has no file name")
     if resolve:
-        base, parent = Path(_real_root(str(root))), Path(_real_directory(str(path.parent)))
+        base, parent = _real_root(str(root)), _real_directory(str(path.parent))
     else:
-        base, parent = Path(os.path.abspath(root)), Path(os.path.abspath(path.parent))
-    if parent != base and base not in parent.parents:
+        base, parent = os.path.abspath(root), os.path.abspath(path.parent)
+    if parent != base and not parent.startswith(base.rstrip(os.sep) + os.sep):
         raise UnsafePathError("download target lies outside the share")
 
 

@@ -169,8 +169,7 @@ class ShareRuntime:
 
     @property
     def error(self) -> str | None:
-        status = self.service.status
-        return status.reason if status.state == "error" else None
+        return self.service.error
 
     # -- LocalShare (what ShareSync uses) ---------------------------------------------
 

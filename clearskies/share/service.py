@@ -223,6 +223,11 @@ class ShareService(Service):
         return self.scanner.rules.is_ignored(path, is_dir)
 
     @property
+    def error(self) -> str | None:
+        """Why the share is in error, or None: checked on every peer message, so cheap."""
+        return self._reason if self._state == "error" else None
+
+    @property
     def status(self) -> ShareStatus:
         state = self._state
         if state in ("idle", "scanning") and self._paused:
