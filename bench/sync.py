@@ -125,6 +125,7 @@ class Phase:
     """Wall clock, CPU and peak RSS of both daemons between start() and stop()."""
 
     profile_dir: Path | None = None
+    profile_options: list[str] = []
 
     def __init__(self, sampler: Sampler, name: str) -> None:
         self.sampler = sampler
@@ -137,7 +138,7 @@ class Phase:
                 out = self.profile_dir / ("%s-%s.txt" % (self.name.replace(" ", "-"), who))
                 self.profilers.append(subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
-                     "-r", "200", "-f", "raw", "-p", str(proc.pid), "-o", str(out)],
+                     "-r", "200", "-f", "raw", *self.profile_options, "-p", str(proc.pid), "-o", str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(0.5)
         self.sampler.sample()
@@ -417,6 +418,9 @@ def main() -> int:
                         help="where each run gets a fresh directory")
     parser.add_argument("--profile", metavar="DIR",
                         help="record every phase of both daemons with py-spy (raw stacks)")
+    parser.add_argument("--profile-options", default="", metavar="OPTIONS",
+                        help='more py-spy options, e.g. "--gil" (only threads holding the GIL) '
+                             'or "--idle" (waiting threads too)')
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
@@ -425,6 +429,7 @@ def main() -> int:
     if args.profile:
         Phase.profile_dir = Path(args.profile)
         Phase.profile_dir.mkdir(parents=True, exist_ok=True)
+        Phase.profile_options = args.profile_options.split()
     print("data in %s, scale %g" % (run_dir, args.scale), file=sys.stderr)
     rows: list[Row] = []
     if only & {"W1", "W3"}:
