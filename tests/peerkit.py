@@ -223,6 +223,19 @@ class PeerKitCase(TestCase):
         self.sessions.append(session)
         return session
 
+    async def deliver(self, name: str, data: bytes) -> ScriptedSession:
+        """A new scripted peer announces ``name`` and sends it when asked; returns once
+        the daemon holds exactly ``data`` there."""
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1,
+                   "files": [file_entry(name, data, vv={peer_id: 1})]})
+        await peer.wait_for("get", where=lambda b: b["path"] == name)
+        peer.send_payload({"type": "file_data", "path": name}, data)
+        await wait_until(lambda: self.share_path(name).exists()
+                         and self.share_path(name).read_bytes() == data, what=name)
+        return peer
+
     def share_path(self, path: str) -> Path:
         return self.share_dir / path
 

@@ -160,14 +160,8 @@ class HostilePathTests(PeerKitCase):
         self.assertFalse(os.path.lexists(self.base / "b"))
 
         # The daemon still serves a well-behaved peer.
-        good_id = secrets.token_hex(16)
-        good = await self.connect(peer_id=good_id)
         data = os.urandom(20_000)
-        manifest(good, good_id, [file_entry("good.bin", data, vv={good_id: 1})])
-        await good.wait_for("get", where=lambda b: b["path"] == "good.bin")
-        good.send_payload({"type": "file_data", "path": "good.bin"}, data)
-        await wait_until(lambda: self.share_path("good.bin").exists()
-                         and self.share_path("good.bin").read_bytes() == data, what="good.bin")
+        good = await self.deliver("good.bin", data)
         since = len(good.events)
         good.send({"type": "get", "path": "good.bin"})
         self.assertEqual(await good.collect_payload("good.bin", since=since), data)
@@ -344,13 +338,7 @@ class OwnWritesTests(PeerKitCase):
             original_touch(path, wait)
 
         debouncer.touch = spy  # type: ignore[method-assign]
-        peer_id = secrets.token_hex(16)
-        peer = await self.connect(peer_id=peer_id)
-        data = os.urandom(40_000)
-        manifest(peer, peer_id, [file_entry("fetched.bin", data, vv={peer_id: 1})])
-        await peer.wait_for("get", where=lambda b: b["path"] == "fetched.bin")
-        peer.send_payload({"type": "file_data", "path": "fetched.bin"}, data)
-        await wait_until(lambda: self.share_path("fetched.bin").exists(), what="the download")
+        await self.deliver("fetched.bin", os.urandom(40_000))
         # Anything written after the rename is reported after it: once the marker shows
         # up, every event of the download has been seen.
         self.share_path("marker").write_bytes(b"x")
