@@ -1,13 +1,15 @@
 """File records: conversion to and from the wire, and the path checks."""
 
 import json
+import unicodedata
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clearskies.errors import ProtocolError, UnsafePathError
-from clearskies.share.records import FileRecord, format_mode, parse_mode, validate_wire_path
+from clearskies.share.records import (
+    MAX_NAME_BYTES, MAX_PATH_BYTES, FileRecord, format_mode, parse_mode, validate_wire_path)
 
 SHA = "03381d195f92400ba13ba98f86f12d64696623c3dc227eed00f19ffae1365584"
 PEER = "48d09b6b6a8ae0edb8fc14c64bbc604b"
@@ -112,3 +114,35 @@ def test_non_object_record_is_refused():
     """A record that is not a JSON object is a protocol error."""
     with pytest.raises(ProtocolError):
         FileRecord.from_wire(["path", "x"])
+
+
+def _reference_validation(path: str) -> bool:
+    """The path rules written out plainly, character by character (slow, obvious)."""
+    if not path or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        return False
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in path) or path[0] == "/":
+        return False
+    try:
+        if unicodedata.normalize("NFC", path) != path or path.encode("utf-8") is None:
+            return False
+    except UnicodeEncodeError:
+        return False
+    return all(part not in ("", ".", "..") and len(part.encode("utf-8")) <= MAX_NAME_BYTES
+               for part in path.split("/"))
+
+
+@settings(max_examples=500)
+@given(st.one_of(
+    st.text(),
+    st.text(alphabet="ab./\\\\\x00\x01\x7f", max_size=12),
+    st.lists(st.sampled_from(["a", "/", "e\u0301", "\u00e9", "\ud800", "x" * 255, "y" * 256]),
+             max_size=20).map("".join),
+))
+def test_validation_agrees_with_the_plain_rules(path):
+    """The fast checks (ASCII shortcut, one regex) accept exactly what the plain rules do."""
+    try:
+        validate_wire_path(path)
+        accepted = True
+    except UnsafePathError:
+        accepted = False
+    assert accepted == _reference_validation(path)

@@ -43,6 +43,7 @@ class LocalPaths:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         # The root itself may be reached through a symlink the user chose.
         self.root = Path(os.path.realpath(root))
+        self._root_prefix = os.path.join(str(self.root), "")  # with the trailing separator
         # directory -> ((st_ino, st_mtime_ns), {nfc form: local name} for non-NFC names)
         self._nfc_cache: dict[str, tuple[tuple[int, int], dict[str, str], float]] = {}
         # directory -> (st_dev, st_ino) of a directory whose every component from the
@@ -84,10 +85,10 @@ class LocalPaths:
                 if len(self._checked) >= _CHECKED_CACHE_SIZE:
                     self._checked.pop(next(iter(self._checked)))
                 self._checked[current] = (st.st_dev, st.st_ino)
-        result = Path(current)
-        if os.path.commonpath([self.root, result]) != str(self.root) or result == self.root:
+        # (validate_wire_path already excludes "..", so this is a second fence.)
+        if not current.startswith(self._root_prefix):
             raise UnsafePathError("%r is not inside the share" % wire_path)
-        return result
+        return Path(current)
 
     @staticmethod
     def _same_directory(directory: str, known: tuple[int, int]) -> bool:

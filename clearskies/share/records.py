@@ -23,6 +23,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]{1,128}")
 _OCTAL_MODE = re.compile(r"[0-7]{1,7}")
 _PEER_ID = re.compile(r"[0-9a-f]{32}")
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
 def validate_wire_path(path: object) -> str:
@@ -35,26 +36,30 @@ def validate_wire_path(path: object) -> str:
     """
     if not isinstance(path, str) or not path:
         raise UnsafePathError("path must be a non-empty string")
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+    # Most paths are ASCII: one byte per character, NFC already, valid UTF-8.
+    ascii_only = path.isascii()
+    size = len(path) if ascii_only else len(path.encode("utf-8", "surrogatepass"))
+    if size > MAX_PATH_BYTES:
         raise UnsafePathError("path is longer than %d bytes" % MAX_PATH_BYTES)
     if "\x00" in path:
         raise UnsafePathError("path contains a NUL character")
     if "\\" in path:
         raise UnsafePathError("path contains a backslash")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+    if _CONTROL_CHARACTER.search(path):
         raise UnsafePathError("path contains a control character")
     if path.startswith("/"):
         raise UnsafePathError("path is absolute")
-    if unicodedata.normalize("NFC", path) != path:
-        raise UnsafePathError("path is not in Unicode NFC form")
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UnsafePathError("path is not valid Unicode") from None
+    if not ascii_only:
+        if unicodedata.normalize("NFC", path) != path:
+            raise UnsafePathError("path is not in Unicode NFC form")
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnsafePathError("path is not valid Unicode") from None
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise UnsafePathError("path has an empty, '.' or '..' component")
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        if (len(part) if ascii_only else len(part.encode("utf-8"))) > MAX_NAME_BYTES:
             raise UnsafePathError("a path component is longer than %d bytes" % MAX_NAME_BYTES)
     return path
 
