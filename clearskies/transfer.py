@@ -746,7 +746,54 @@ def _seal(fd: int, temp: Path, hasher: Any, overflow: bool,
 
 def _seal_buffered(root: Path, target: Path, temp: Path, data: bytes, overflow: bool,
                    expected: FileRecord) -> str | None:
-    """Write a small download held in memory to its temporary file, then :func:`_seal` it."""
+    """Verify a small download held in memory, then write and fsync its temporary file.
+
+    Returns None when it is ready for the rename, else why it was refused
+    (then nothing was written).
+    """
+    [outcome] = _seal_buffered_many([(root, target, temp, data, overflow, expected)])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _seal_buffered_many(items: list[tuple[Any, ...]]) -> list[str | None | BaseException]:
+    """:func:`_seal_buffered` for each item; an exception is returned in its place.
+
+    The content is checked before anything is written.  The share root and
+    each target directory (created if missing, resolved to make sure it lies
+    inside the share) are checked once per batch, not once per file: many
+    small files of a batch share a directory.
+    """
+    outcomes: list[str | None | BaseException] = []
+    ready_directories: set[Path] = set()
+    for root, target, temp, data, overflow, expected in items:
+        try:
+            problem = _check_buffered(data, overflow, expected)
+            if problem is None:
+                if target.parent not in ready_directories:
+                    _prepare_directory_of(root, target)
+                    ready_directories.add(target.parent)
+                _write_temp(temp, data, expected)
+            outcomes.append(problem)
+        except Exception as e:
+            outcomes.append(e)
+    return outcomes
+
+
+def _check_buffered(data: bytes, overflow: bool, expected: FileRecord) -> str | None:
+    """Why a small download held in memory is not the expected content, or None."""
+    if overflow:
+        return "the peer sent more than %d bytes" % expected.size
+    if len(data) != expected.size:
+        return "got %d bytes, expected %d" % (len(data), expected.size)
+    if hashlib.sha256(data).hexdigest() != expected.sha256:
+        return "SHA-256 mismatch"
+    return None
+
+
+def _prepare_directory_of(root: Path, target: Path) -> None:
+    """Make sure ``target``'s directory exists inside the share (never the share root itself)."""
     if not root.is_dir():
         # A share folder moved away or unmounted is never recreated by a download.
         raise FileNotFoundError(errno.ENOENT, "the share folder is missing", str(root))
@@ -754,28 +801,30 @@ def _seal_buffered(root: Path, target: Path, temp: Path, data: bytes, overflow: 
     if not parent.is_dir():
         parent.mkdir(parents=True, exist_ok=True)
     _check_inside(root, target, resolve=True)
+
+
+def _write_temp(temp: Path, data: bytes, expected: FileRecord) -> None:
+    """Create ``temp`` afresh with ``data``, the record's mode and mtime, and fsync it."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS
     try:
+        fd = os.open(temp, flags, 0o600)
+    except FileExistsError:
         os.unlink(temp)  # whatever sits under the temp name (even a symlink) goes
-    except FileNotFoundError:
-        pass
-    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
+        fd = os.open(temp, flags, 0o600)
     try:
         _write_all(fd, data)
+        os.fchmod(fd, (expected.mode if expected.mode is not None else 0o644) & 0o777)
+        if expected.mtime_ns is not None:
+            os.utime(fd, ns=(expected.mtime_ns, expected.mtime_ns))
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
-        raise
-    return _seal(fd, temp, hashlib.sha256(data), overflow, expected)
-
-
-def _seal_buffered_many(items: list[tuple[Any, ...]]) -> list[str | None | BaseException]:
-    """:func:`_seal_buffered` for each item; an exception is returned in its place."""
-    outcomes: list[str | None | BaseException] = []
-    for args in items:
         try:
-            outcomes.append(_seal_buffered(*args))
-        except Exception as e:
-            outcomes.append(e)
-    return outcomes
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+    os.close(fd)
 
 
 def _fsync_directory(directory: Path) -> None:

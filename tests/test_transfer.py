@@ -627,6 +627,10 @@ def test_buffered_small_file_with_wrong_bytes_is_corrupt(tmp_path):
     assert result.status == CORRUPT
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
     assert leftovers(tmp_path) == []
+    # Checked before anything is written: not even its folder is made.
+    _, result = receive(tmp_path, "new/h", content(3000, seed=9),
+                        record=record_for("new/h", data), buffer_limit=8192)
+    assert result.status == CORRUPT and not (tmp_path / "new").exists()
 
 
 class HeldRunner:
