@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,10 @@ MARKER = ".clearskies"
 TEMP_SUFFIX = ".!clearsky"
 TIMEOUT = 900.0
 POLL = 0.05
+#: Disk a full-size run leaves behind (two copies of 1 GiB and of 330 MB, W3's
+#: rewritten file, logs), and what must stay free besides.
+FULL_RUN_BYTES = 3 * 1024 ** 3
+SPARE_BYTES = 2 * 1024 ** 3
 
 # Targets from issue 4 (the best existing peer, measured on this kind of machine).
 TARGETS = {
@@ -426,6 +431,13 @@ def main() -> int:
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     run_dir = Path(args.data) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
+    # Every run is kept (see the module doc): stop before a full disk stops the machine.
+    needed = int(args.scale * FULL_RUN_BYTES) + SPARE_BYTES
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        run_dir.rmdir()
+        sys.exit("only %.1f GB free under %s, a run needs %.1f GB: remove old runs first"
+                 % (free / 1e9, args.data, needed / 1e9))
     if args.profile:
         Phase.profile_dir = Path(args.profile)
         Phase.profile_dir.mkdir(parents=True, exist_ok=True)
