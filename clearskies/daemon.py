@@ -590,9 +590,11 @@ class Daemon(MultiService):
         self._log.info("reachable through Tor at {address}", address=address)
         if self.tor_only:
             self._start_trackers()
-        # Tell trackers and connected peers where we can now be reached.
+        # Tell trackers, the LAN and connected peers where we can now be reached.
         for tracker in self.trackers:
             tracker.refresh()
+        if self.lan is not None:
+            self.lan.announce_now()
         for runtime in self.shares.values():
             for session in list(runtime.sync.sessions.values()):
                 session.send_addresses()
@@ -794,6 +796,19 @@ class Daemon(MultiService):
             except ValueError:
                 return
             self._on_discovered(announcement.id, announcement.peer, address, "lan")
+            if announcement.onion is not None and self.tor is not None:
+                # Also through Tor, should the direct way be blocked.
+                name, _, port = announcement.onion.rpartition(":")
+                try:
+                    onion = make_address("tor", name, int(port))
+                except ValueError:
+                    return
+                self._on_discovered(announcement.id, announcement.peer, onion, "lan")
+
+        def our_onion() -> str | None:
+            # (Announced only with --tor: under --tor-only there are no LAN announcements.)
+            address = self.onion_address()
+            return address[len("tor:"):] if address is not None else None
 
         # On a real network also IPv4 broadcast and IPv6 ff02::1 (REFERENCE §11); a
         # daemon told to use one interface (tests: 127.0.0.1) sticks to multicast there.
@@ -801,7 +816,8 @@ class Daemon(MultiService):
         self.lan = LanDiscovery(
             self.reactor, announcements, hint, port=self.settings.lan_port,
             group=self.settings.lan_group or DEFAULT_GROUP,
-            interface=self.settings.lan_interface, broadcast=everywhere, ipv6=everywhere)
+            interface=self.settings.lan_interface, broadcast=everywhere, ipv6=everywhere,
+            get_onion=our_onion)
         self.lan.setServiceParent(self)
 
     def _start_trackers(self) -> None:

@@ -26,6 +26,7 @@ from twisted.python import usage
 from clearskies import tap
 from clearskies.daemon import Daemon, DaemonSettings, is_loopback_listen
 from clearskies.discovery.addresses import parse_address
+from clearskies.discovery.lan import Announcement
 from clearskies.discovery.tor import TorUnavailable
 from clearskies.errors import ConfigurationError
 from tests.daemons import assert_trees_equal, tree_snapshot, wait_until
@@ -232,6 +233,35 @@ def test_tor_addresses_are_dialled_through_tor_once_it_is_ready(tmp_path, fake_t
     tor.publish()
     assert tor.dialled == [("b" * 56 + ".onion", 60106)]
     assert len(reactor.tcpClients) == 1  # nothing else went out directly
+
+
+def test_lan_announcements_carry_the_onion_address_and_lan_onions_are_dialled(tmp_path, fake_tor):
+    """With --tor and LAN on: our onion address joins our LAN announcements once published,
+    and a LAN peer's onion address becomes a candidate next to its direct address."""
+    daemon, _ = _daemon(tmp_path, tor_mode="on", lan=True, lan_interface="127.0.0.1")
+    _run(_bring_up(daemon))
+    [tor] = fake_tor
+    assert daemon.lan is not None and daemon.lan._our_onion() is None
+    tor.publish()
+    assert daemon.lan._our_onion() == "a" * 56 + ".onion:60106"
+    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    peer = "c" * 32
+    daemon.lan._on_hint(Announcement("s" * 64, peer, 4000, onion="b" * 56 + ".onion:60106"),
+                        "192.0.2.7")
+    found = {str(c.address) for c in daemon.connector.candidates("s" * 64)}
+    assert found == {"tcp:192.0.2.7:4000", PEER_ONION}
+
+
+def test_lan_onion_addresses_are_ignored_without_tor(tmp_path, fake_tor):
+    """A daemon without Tor keeps only the direct address of a LAN hint, and announces no onion."""
+    daemon, _ = _daemon(tmp_path, lan=True, lan_interface="127.0.0.1")
+    _run(_bring_up(daemon))
+    assert fake_tor == [] and daemon.lan._our_onion() is None
+    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    daemon.lan._on_hint(Announcement("s" * 64, "c" * 32, 4000, onion="b" * 56 + ".onion:60106"),
+                        "192.0.2.7")
+    assert [str(c.address) for c in daemon.connector.candidates("s" * 64)] == [
+        "tcp:192.0.2.7:4000"]
 
 
 def test_tor_only_sends_nothing_outside_tor(tmp_path, fake_tor):

@@ -59,6 +59,43 @@ def test_encode_exact_bytes():
     )
 
 
+ONION = "b" * 56 + ".onion:60106"
+
+
+def test_onion_address_rides_along_as_key_tor():
+    """With Tor on, each announcement also says where we are reachable through Tor."""
+    data = encode_announcement(SHARE, PEER, 60107, ONION)
+    assert data.endswith(b',"myport":60107,"tor":"' + ONION.encode() + b'"}')
+    assert decode_announcement(data) == Announcement(SHARE, PEER, 60107, onion=ONION)
+    assert decode_announcement(encode_announcement(SHARE, PEER, 60107)).onion is None
+
+
+@pytest.mark.parametrize("value", [
+    "b" * 56 + ".onion", "b" * 55 + ".onion:1", "B" * 56 + ".onion:1", "b" * 56 + ".onion:0",
+    "b" * 56 + ".onion:65536", "192.0.2.7:4000", 12, ["b" * 56 + ".onion:1"],
+])
+def test_malformed_onion_addresses_are_dropped_not_the_announcement(value):
+    """A bad ``tor`` value is neither sent nor believed; the direct hint still counts."""
+    assert decode_announcement(_datagram(tor=value)) == Announcement(SHARE, OTHER_PEER, 4000)
+    if isinstance(value, str):
+        with pytest.raises(ValueError):
+            encode_announcement(SHARE, PEER, 1, value)
+
+
+def test_bursts_carry_our_onion_address_once_we_have_one():
+    """The onion address comes from get_onion at each burst; a failing or bad one is left out."""
+    onion: list = [None]
+    h = Harness(interface="127.0.0.1", get_onion=lambda: onion[0])
+    port = h.start()
+    assert port.written[-1][0] == encode_announcement(SHARE, PEER, 5000)
+    onion[0] = ONION
+    h.reactor.advance(60)
+    assert port.written[-1][0] == encode_announcement(SHARE, PEER, 5000, ONION)
+    onion[0] = "not an onion"
+    h.reactor.advance(60)
+    assert port.written[-1][0] == encode_announcement(SHARE, PEER, 5000)
+
+
 @pytest.mark.parametrize("id,peer,port", [
     ("a" * 63, PEER, 1), (SHARE, "1" * 31, 1), (SHARE, PEER, 0),
     (SHARE, PEER, 65536), (SHARE, PEER, True), ("A" * 64, PEER, 1),

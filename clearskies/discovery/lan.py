@@ -51,17 +51,31 @@ MAX_RECENT_HINTS = 4096
 
 _SHARE_ID = re.compile(r"[0-9a-f]{64}")
 _PEER_ID = re.compile(r"[0-9a-f]{32}")
+_ONION_VALUE = re.compile(r"[a-z2-7]{56}\.onion:([0-9]{1,5})")
 
 _log = Logger()
 
 
 @dataclass(frozen=True)
 class Announcement:
-    """One share ID (or access ID) that a peer says it serves on a TCP port."""
+    """One share ID (or access ID) that a peer says it serves on a TCP port.
+
+    ``onion``: where the peer can also be reached through Tor,
+    ``<name>.onion:<port>`` (the extension key ``tor``), or None.
+    """
 
     id: str
     peer: str
     port: int
+    onion: str | None = None
+
+
+def _valid_onion(value: object) -> bool:
+    """True for ``<56 base32 characters>.onion:<port 1-65535>``."""
+    if not isinstance(value, str):
+        return False
+    match = _ONION_VALUE.fullmatch(value)
+    return match is not None and 1 <= int(match.group(1)) <= 65535
 
 
 def _valid(id: object, peer: object, port: object) -> bool:
@@ -76,8 +90,9 @@ def _valid(id: object, peer: object, port: object) -> bool:
     )
 
 
-def encode_announcement(id: str, peer: str, port: int) -> bytes:
-    """Return the datagram announcing share/access ``id`` of ``peer`` on TCP ``port``.
+def encode_announcement(id: str, peer: str, port: int, onion: str | None = None) -> bytes:
+    """Return the datagram announcing share/access ``id`` of ``peer`` on TCP ``port``
+    (and, with ``onion``, at ``<name>.onion:<port>`` through Tor).
 
     Raises ``ValueError`` for fields we would refuse from others, so a bug
     here never puts a malformed announcement on the network.
@@ -87,13 +102,17 @@ def encode_announcement(id: str, peer: str, port: int) -> bytes:
             "an announcement needs a 64-hex-digit ID, a 32-hex-digit peer ID "
             "and a TCP port in 1-65535"
         )
-    message = {
+    if onion is not None and not _valid_onion(onion):
+        raise ValueError("an onion address is <56 base32 characters>.onion:<port>")
+    message: dict[str, object] = {
         "name": ANNOUNCEMENT_NAME,
         "version": ANNOUNCEMENT_VERSION,
         "id": id,
         "peer": peer,
         "myport": port,
     }
+    if onion is not None:
+        message["tor"] = onion
     return json.dumps(message, separators=(",", ":")).encode("ascii")
 
 
@@ -121,7 +140,10 @@ def decode_announcement(data: bytes) -> Announcement | None:
     id, peer, port = message.get("id"), message.get("peer"), message.get("myport")
     if not _valid(id, peer, port):
         return None
-    return Announcement(id=id, peer=peer, port=port)
+    # The Tor address is an extra hint: a malformed one is dropped, not the datagram.
+    onion = message.get("tor")
+    return Announcement(id=id, peer=peer, port=port,
+                        onion=onion if _valid_onion(onion) else None)
 
 
 class RecentHints:
@@ -205,6 +227,7 @@ class LanDiscovery(Service):
         broadcast: bool = False,
         ipv6: bool = False,
         announce_interval: float = 60.0,
+        get_onion: Callable[[], str | None] | None = None,
     ) -> None:
         if type(port) is not int or not 1 <= port <= 65535:
             raise ConfigurationError(
@@ -234,6 +257,7 @@ class LanDiscovery(Service):
             )
         self._reactor = reactor
         self._get_announcements = get_announcements
+        self._get_onion = get_onion
         self._on_hint = on_hint
         self._port = port
         self._group = group
@@ -358,9 +382,10 @@ class LanDiscovery(Service):
         """Send every current announcement to every destination."""
         self._last_burst = self._reactor.seconds()
         announcements = self._refresh_own()
+        onion = self._our_onion()
         failed: set[tuple[str, int]] = set()
         for a in announcements:
-            datagram = encode_announcement(a.id, a.peer, a.port)
+            datagram = encode_announcement(a.id, a.peer, a.port, onion)
             for transport, destination in self._targets:
                 if destination in failed:
                     continue
@@ -373,6 +398,20 @@ class LanDiscovery(Service):
                         host=destination[0], port=destination[1], error=e,
                     )
         _log.debug("announced {count} IDs on the LAN", count=len(announcements))
+
+    def _our_onion(self) -> str | None:
+        """Our ``<name>.onion:<port>`` to add to each announcement, if we have one."""
+        if self._get_onion is None:
+            return None
+        try:
+            onion = self._get_onion()
+        except Exception:
+            _log.failure("cannot get our onion address for LAN announcements")
+            return None
+        if onion is not None and not _valid_onion(onion):
+            _log.error("not announcing a malformed onion address on the LAN")
+            return None
+        return onion
 
     def _refresh_own(self) -> list[Announcement]:
         """Ask what we announce now; remember our peer IDs and IDs for filtering."""
