@@ -450,7 +450,9 @@ class BufferedSeals:
     keep every worker thread contending with the reactor thread for the
     GIL.  So at most ``max_jobs`` seal jobs run at once (their fsyncs
     overlap); seals that arrive while they are all busy wait, and go
-    together, up to ``max_batch`` at a time, to the next free one.
+    together, up to ``max_batch`` at a time, to the next free one.  The
+    waiting line holds at most the downloads the sync layer lets finish at
+    once (``sync.MAX_FINISHING``), each at most ``SMALL_FILE`` bytes.
     """
 
     def __init__(self, runner: Runner, *, max_batch: int = 32, max_jobs: int = 3) -> None:

@@ -98,6 +98,16 @@ def test_log_shows_lines_and_never_a_secret(daemon_factory):
 # -- limits and pause -----------------------------------------------------------------------
 
 
+def _send_one_mebibyte(sender: Any, source: Path, destination: Path, name: str) -> float:
+    """Seconds from writing 1 MiB of new content at the sender until it arrives whole."""
+    data = os.urandom(1024 * 1024)
+    start = time.monotonic()  # before the write: inotify may start the transfer at once
+    (source / name).write_bytes(data)
+    sender.cli("scan", str(source))
+    wait_until(lambda: _arrives(destination / name, data), timeout=30, interval=0.05)
+    return time.monotonic() - start
+
+
 def test_rate_limits_and_pause(daemon_factory):
     """upload_limit and download_limit slow a 1 MiB file to the limit; pause holds new files."""
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
@@ -109,23 +119,13 @@ def test_rate_limits_and_pause(daemon_factory):
     # Upload limit on the sender.
     alice.cli("config", "set", "upload_limit", "200000")
     assert alice.cli_json("config", "get", "upload_limit")["value"] == 200000
-    big = os.urandom(1024 * 1024)
-    start = time.monotonic()  # before the write: inotify may start the transfer at once
-    (a / "up.bin").write_bytes(big)
-    alice.cli("scan", str(a))
-    wait_until(lambda: _arrives(b / "up.bin", big), timeout=30, interval=0.05)
-    took = time.monotonic() - start
+    took = _send_one_mebibyte(alice, a, b, "up.bin")
     assert 4.0 <= took < 20, "1 MiB at 200 kB/s took %.1f s" % took
 
     # Download limit on the receiver (the sender unlimited again, at once).
     alice.cli("config", "set", "upload_limit", "0")
     bob.cli("config", "set", "download_limit", "200000")
-    big2 = os.urandom(1024 * 1024)
-    start = time.monotonic()  # before the write: inotify may start the transfer at once
-    (a / "down.bin").write_bytes(big2)
-    alice.cli("scan", str(a))
-    wait_until(lambda: _arrives(b / "down.bin", big2), timeout=30, interval=0.05)
-    took = time.monotonic() - start
+    took = _send_one_mebibyte(alice, a, b, "down.bin")
     assert 4.0 <= took < 20, "1 MiB at a 200 kB/s download limit took %.1f s" % took
     bob.cli("config", "set", "download_limit", "0")
 

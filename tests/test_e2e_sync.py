@@ -20,6 +20,16 @@ def _attach_pair(daemon_factory):
     return alice, bob
 
 
+def _synced_pair_holding(daemon_factory, name: str, text: str):
+    """Alice shares a folder holding one file, Bob attaches; returns once both hold it."""
+    alice, bob = _attach_pair(daemon_factory)
+    a, b = Path(alice.shares), Path(bob.shares)
+    (a / name).write_text(text)
+    _share_and_attach(alice, bob)
+    _in_sync(alice, bob)
+    return alice, bob, a, b
+
+
 def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
     """Wait until both share trees are identical."""
     wait_same_trees(a, b, timeout)
@@ -88,11 +98,7 @@ def test_share_attach_and_edit_both_ways(daemon_factory):
 
 def test_changes_made_while_a_peer_is_down_sync_after_restart(daemon_factory):
     """Bob stops, both sides change things, Bob starts again: everything converges."""
-    alice, bob = _attach_pair(daemon_factory)
-    a, b = Path(alice.shares), Path(bob.shares)
-    (a / "keep.txt").write_text("1\n")
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    alice, bob, a, b = _synced_pair_holding(daemon_factory, "keep.txt", "1\n")
 
     _stop(bob)
     (a / "while-away.txt").write_text("alice wrote this while bob was away\n")
@@ -108,11 +114,7 @@ def test_changes_made_while_a_peer_is_down_sync_after_restart(daemon_factory):
 
 def test_concurrent_edits_keep_both_versions(daemon_factory):
     """The same file edited on both sides while apart ends as the file plus a conflict copy."""
-    alice, bob = _attach_pair(daemon_factory)
-    a, b = Path(alice.shares), Path(bob.shares)
-    (a / "notes.txt").write_text("original\n")
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    alice, bob, a, b = _synced_pair_holding(daemon_factory, "notes.txt", "original\n")
 
     _stop(bob)
     (a / "notes.txt").write_text("alice's version\n")

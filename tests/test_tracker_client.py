@@ -319,8 +319,9 @@ def test_falls_back_to_polling_when_no_stream() -> None:
     assert agent.requests[-1]["query"].get("fast_track") == ["1"]
 
 
-def test_stream_updates_and_silence() -> None:
-    """A fast_track stream delivers updates as they come and is reopened after `timeout` s of silence."""
+def started_stream_client() -> tuple[Clock, FakeAgent, Any, list[FakeResponse], list]:
+    """A started client whose every request gets an open response the test feeds;
+    the last item collects what it reports (share ID, peers)."""
     clock = Clock()
     responses: list[FakeResponse] = []
 
@@ -333,6 +334,12 @@ def test_stream_updates_and_silence() -> None:
     client, peers, _regs = make_client(clock, agent)
     client.startService()
     clock.advance(0)
+    return clock, agent, client, responses, peers
+
+
+def test_stream_updates_and_silence() -> None:
+    """A fast_track stream delivers updates as they come and is reopened after `timeout` s of silence."""
+    clock, agent, client, responses, peers = started_stream_client()
     stream = responses[0]
     stream.send(b'{"your_ip":"127.0.0.1","others":{"%s":[]},"ttl":300,"timeout":20}\n' % SHARE.encode())
     assert client.streaming and client.registered and peers == [(SHARE, [])]
@@ -348,26 +355,9 @@ def test_stream_updates_and_silence() -> None:
     assert len(agent.requests) == 2 and agent.requests[1]["query"]["fast_track"] == ["1"]
 
 
-def started_stream_client() -> tuple[Clock, FakeAgent, Any, list[FakeResponse]]:
-    """A started client whose every request gets an open response the test feeds."""
-    clock = Clock()
-    responses: list[FakeResponse] = []
-
-    def respond(record: dict) -> Deferred:
-        response = FakeResponse(clock)
-        responses.append(response)
-        return succeed(response)
-
-    agent = FakeAgent(clock, respond)
-    client, _peers, _regs = make_client(clock, agent)
-    client.startService()
-    clock.advance(0)
-    return clock, agent, client, responses
-
-
 def test_stream_is_reopened_before_ttl() -> None:
     """An open stream is replaced by a fresh registration at 0.8 × ttl."""
-    clock, agent, client, responses = started_stream_client()
+    clock, agent, client, responses, _ = started_stream_client()
     responses[0].send(b'{"others":{},"ttl":100,"timeout":1000}\n')
     clock.advance(79)
     assert len(agent.requests) == 1
@@ -405,7 +395,7 @@ def test_timeouts_bounds_and_errors_back_off() -> None:
 
 def test_stop_closes_open_stream() -> None:
     """stopService closes the open stream and sends nothing afterwards."""
-    clock, agent, client, responses = started_stream_client()
+    clock, agent, client, responses, _ = started_stream_client()
     responses[0].send(b'{"others":{},"ttl":100,"timeout":30}\n')
     stopped = client.stopService()
     assert responses[0].transport.stopped
