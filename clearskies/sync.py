@@ -62,6 +62,9 @@ share's manifest would not fit the 16 MiB line limit, and pages merge as they ar
 MAX_FINISHING = 64
 """Received files waiting for verification and installation before no more are requested."""
 
+SUPERSEDED = "superseded"
+"""An install given up because a local edit came after the decision to download."""
+
 COPY_LOOKAHEAD = 512
 """Wanted hashes asked about at once: is there a local file to copy instead of fetching?"""
 
@@ -254,6 +257,7 @@ class ShareSync:
             prefetched = await get_many(sorted(unread))
         remove_many = getattr(self.share, "remove_many", None)
         removals: list[FileRecord] = []
+        superseded: list[FileRecord] = []  # our record each removal was decided against
         for remote in records:
             if self.share.is_ignored(remote.path):
                 continue
@@ -277,6 +281,7 @@ class ShareSync:
                     and decision.record.deleted and local is not None
                     and not local.deleted and not local.is_dir):
                 removals.append(decision.record)  # deleted together after the loop
+                superseded.append(local)
                 continue
             try:
                 applied = await self._apply(session, local, remote, decision)
@@ -292,7 +297,7 @@ class ShareSync:
             for_origin.extend(r for r in applied if r != remote)
         if removals:
             try:
-                removed = await remove_many([r.path for r in removals])
+                removed = await remove_many([r.path for r in removals], superseded)
             except UnsafePathError as e:
                 self._log.warn("not applying deletions from {peer}: {why}",
                                peer=session.peer_id[:8], why=str(e))
@@ -732,6 +737,16 @@ class ShareSync:
             checks = await DeferredList(
                 [maybeDeferred(self.share.is_unchanged, record.path) for _, record, _ in batch],
                 consumeErrors=True)
+        # A local edit the scanner recorded meanwhile drops the path from ``wanted``
+        # (local_changes).  The check above compared the disk with that newer
+        # record, so it passes; but the download was chosen against the older one
+        # and must not replace the edit.  (The scanner's commit reaches us before
+        # the check's answer: both come through the one database thread.)
+        for index, (receiver, record, _) in enumerate(batch):
+            wanted = self.wanted.get(record.path)
+            if checks[index][0] and (wanted is None or not wanted.record.same_content(record)):
+                receiver.abort(keep_partial=False)
+                checks[index] = (False, SUPERSEDED)
         # All renames of the batch, and the fsync of their directories, in one worker job.
         checked = [(receiver, unchanged)
                    for (receiver, _, _), (ok, unchanged) in zip(batch, checks) if ok]
@@ -751,6 +766,9 @@ class ShareSync:
         installs = iter(installed_now)
         finishes = [next(installs) if ok else unchanged for ok, unchanged in checks]
         for (receiver, record, done), result in zip(batch, finishes):
+            if result == SUPERSEDED:
+                results.append((done, SUPERSEDED))
+                continue
             try:
                 if isinstance(result, Failure):
                     result.raiseException()

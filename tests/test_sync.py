@@ -109,7 +109,7 @@ class MemoryShare:
         self.batch_calls.append(("rename", len(moves)))
         return succeed([self.rename_local(src, dst).result for src, dst in moves])
 
-    def remove_many(self, paths: list[str]):
+    def remove_many(self, paths: list[str], decided_on: Any = None):
         self.batch_calls.append(("remove", len(paths)))
         return succeed([self.remove_local(p).result for p in paths])
 
@@ -465,3 +465,37 @@ def test_deletions_in_one_batch_remove_files_together(share):
     assert share.batch_calls == [("remove", 2)]
     assert not (share.root / "x").exists() and not (share.root / "y").exists()
     assert share.records["x"].deleted and share.records["y"].deleted
+
+
+class EditDuringInstallShare(MemoryShare):
+    """The scanner records a local edit just as a download is checked before its rename."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.sync: ShareSync | None = None
+        self.edit: tuple[str, bytes] | None = None
+
+    def is_unchanged(self, path: str):
+        if self.edit is not None and self.edit[0] == path:
+            name, data = self.edit
+            self.edit = None
+            edited = self.add_local(name, data, {US: 2, THEM: 1})
+            self.sync.local_changes([edited], self.rev)
+        return super().is_unchanged(path)
+
+
+def test_a_local_edit_recorded_during_the_install_is_not_overwritten(tmp_path):
+    """The download was chosen against our older version; the newer local edit stays."""
+    share = EditDuringInstallShare(tmp_path)
+    share.add_local("f.txt", b"ours, version 1", {US: 1})
+    sync, session, connection = open_session(share, Clock())
+    share.sync = sync
+    theirs = b"their newer version"
+    record = file_record("f.txt", theirs, {US: 1, THEM: 1})
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    share.edit = ("f.txt", b"ours, edited again while it downloaded")
+    deliver_file(session, "f.txt", theirs)
+    assert (tmp_path / "f.txt").read_bytes() == b"ours, edited again while it downloaded"
+    assert share.records["f.txt"].vv == {US: 2, THEM: 1}
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".!clearsky")]

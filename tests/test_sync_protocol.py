@@ -347,3 +347,23 @@ class OwnWritesTests(PeerKitCase):
         with open(self.share_path("fetched.bin"), "ab") as f:
             f.write(b"edited by the user")
         await wait_until(lambda: "fetched.bin" in touched, what="the user's edit")
+
+
+class RemovalRaceTests(PeerKitCase):
+    @async_test
+    async def test_a_removal_decided_against_an_older_version_spares_a_newer_local_edit(self):
+        """A peer's deletion was weighed against our record X; if the scanner has since
+        recorded a new local edit Y (and the disk holds Y), the file must stay."""
+        runtime = await self.start_daemon()
+        path = self.share_path("notes.txt")
+        path.write_bytes(b"version X\n")
+        await runtime.service.rescan()
+        older = await runtime.get_record("notes.txt")
+        path.write_bytes(b"version Y, edited here afterwards\n")
+        await runtime.service.rescan()
+        newer = await runtime.get_record("notes.txt")
+        self.assertNotEqual(older, newer)
+        self.assertEqual(await runtime.remove_many(["notes.txt"], [older]), [False])
+        self.assertEqual(path.read_bytes(), b"version Y, edited here afterwards\n")
+        self.assertEqual(await runtime.remove_many(["notes.txt"], [newer]), [True])
+        self.assertFalse(path.exists())

@@ -312,15 +312,28 @@ class ShareRuntime:
     def own_renames_failed(self, paths: list[str]) -> None:
         self.service.expected_arrivals.cancel(paths)
 
-    def remove_many(self, paths: list[str]) -> Deferred[list[bool]]:
-        """``remove_local`` for many paths: one database query, one worker job."""
-        return Deferred.fromCoroutine(self._remove_many(paths))
+    def remove_many(self, paths: list[str],
+                    decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
+        """``remove_local`` for many paths: one database query, one worker job.
 
-    async def _remove_many(self, paths: list[str]) -> list[bool]:
+        ``decided_on``: for each path, our record that the caller's merge
+        found superseded.  A path whose record has changed since (the scanner
+        recorded a new local edit meanwhile) is left alone: that edit was not
+        part of the decision, and deleting it would lose it.
+        """
+        return Deferred.fromCoroutine(self._remove_many(paths, decided_on))
+
+    async def _remove_many(self, paths: list[str],
+                           decided_on: list[FileRecord] | None) -> list[bool]:
         if not paths:
             return []
         stored = await self.store.get_stored_many(self.share_id, paths)
-        jobs = [(self._safe_local(p), stored.get(p)) for p in paths]
+        jobs: list[tuple[str | None, StoredRecord | None]] = []
+        for index, path in enumerate(paths):
+            row = stored.get(path)
+            if decided_on is not None and row is not None and row.record != decided_on[index]:
+                row = None  # moved on since the decision: _remove then refuses
+            jobs.append((self._safe_local(path), row))
         return await self.runner.run(
             lambda: [job[0] is not None and _quietly(_remove, *job) for job in jobs])
 
