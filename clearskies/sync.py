@@ -114,8 +114,13 @@ class LocalShare(Protocol):
     def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
         """Create a directory (and parents) inside the share."""
 
-    def rename_local(self, source: str, destination: str) -> Deferred[bool]:
-        """Move a file within the share if the source is unchanged since the scan."""
+    def rename_local(self, source: str, destination: str,
+                     decided_on: FileRecord | None = None) -> Deferred[bool]:
+        """Move a file within the share if the source is unchanged since the scan.
+
+        ``decided_on``: our record of the source that the caller decided
+        against; if the database holds a newer one, the move is refused.
+        """
 
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         """Remember the revision of a peer's manifest, to ask for changes since it next time."""
@@ -347,7 +352,7 @@ class ShareSync:
                 decision = merge.merge_remote(there, destination, local_unacked=False,
                                               our_peer_id=self.share.our_peer_id)
                 if decision.action == merge.ACCEPT and \
-                        await self._rename_if_safe(source, destination.path):
+                        await self._rename_if_safe(source, destination.path, ours):
                     session.remote_index[destination.path] = destination
                     session.remote_index[source] = tombstone
                     records = [decision.record, tombstone]
@@ -389,7 +394,8 @@ class ShareSync:
             else:
                 slow.append((source, destination))
         try:
-            done = await rename_many([(src, dest.path) for src, dest, _, _ in plan])
+            done = await rename_many([(src, dest.path) for src, dest, _, _ in plan],
+                                     [known[src] for src, _, _, _ in plan])
         except UnsafePathError:
             done = [False] * len(plan)
         records: list[FileRecord] = []
@@ -419,9 +425,9 @@ class ShareSync:
                 and (there is None or there.deleted)
                 and merge.vv_compare(ours.vv, destination.vv) in (merge.BEFORE, merge.EQUAL))
 
-    async def _rename_if_safe(self, source: str, destination: str) -> bool:
+    async def _rename_if_safe(self, source: str, destination: str, ours: FileRecord) -> bool:
         try:
-            return await self.share.rename_local(source, destination)
+            return await self.share.rename_local(source, destination, ours)
         except UnsafePathError:
             return False  # handled as delete + new file, which refuses the unsafe side
 
@@ -452,7 +458,7 @@ class ShareSync:
         else:
             # Theirs takes the path; ours moves aside first, then theirs is fetched.
             if not local.deleted and not local.is_dir:
-                moved = await self.share.rename_local(local.path, conflict.path)
+                moved = await self.share.rename_local(local.path, conflict.path, local)
                 if moved:
                     out.append(conflict)
                     # Until theirs arrives the path is empty here: record that (for the

@@ -96,7 +96,9 @@ class MemoryShare:
         (self.root / path).mkdir(parents=True, exist_ok=True)
         return succeed(None)
 
-    def rename_local(self, source: str, destination: str):
+    def rename_local(self, source: str, destination: str, decided_on: Any = None):
+        if decided_on is not None and self.records.get(source) != decided_on:
+            return succeed(False)  # as the real share: a newer local record wins
         target = self.root / destination
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.root / source, target)
@@ -105,9 +107,11 @@ class MemoryShare:
     def get_records(self, paths: list[str]):
         return succeed({p: self.records[p] for p in paths if p in self.records})
 
-    def rename_many(self, moves: list[tuple[str, str]]):
+    def rename_many(self, moves: list[tuple[str, str]], decided_on: Any = None):
         self.batch_calls.append(("rename", len(moves)))
-        return succeed([self.rename_local(src, dst).result for src, dst in moves])
+        decided = decided_on or [None] * len(moves)
+        return succeed([self.rename_local(src, dst, ours).result
+                        for (src, dst), ours in zip(moves, decided)])
 
     def remove_many(self, paths: list[str], decided_on: Any = None):
         self.batch_calls.append(("remove", len(paths)))
@@ -452,6 +456,39 @@ def test_a_burst_of_moves_is_renamed_in_one_batch(share):
     assert len(share.commits) == commits_before + 1
     assert all(share.records["old/" + n].deleted for n in "abc")
     assert "get" not in connection.sent_types()
+
+
+class EditBeforeRenameShare(MemoryShare):
+    """The scanner records a local edit after the moves were weighed, before the renames."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.edit: tuple[str, bytes] | None = None
+
+    def rename_many(self, moves: list[tuple[str, str]], decided_on: Any = None):
+        if self.edit is not None:
+            name, data = self.edit
+            self.edit = None
+            self.add_local(name, data, {THEM: 1, US: 1})
+        return super().rename_many(moves, decided_on)
+
+
+def test_a_move_decided_against_an_older_version_leaves_a_newer_local_edit_in_place(tmp_path):
+    """The peer moved content X; our file was edited to Y meanwhile: Y stays where it is."""
+    share = EditBeforeRenameShare(tmp_path)
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    moves = []
+    for name in ("a", "b"):
+        data = name.encode() * 10
+        share.add_local("old/" + name, data, {THEM: 1})
+        moves.append(("old/" + name, file_record("new/" + name, data, {THEM: 2})))
+    share.edit = ("old/a", b"edited here after the decision")
+    sync.receive_moves(session, moves)
+    assert (tmp_path / "old" / "a").read_bytes() == b"edited here after the decision"
+    assert not share.records["old/a"].deleted
+    assert (tmp_path / "new" / "b").read_bytes() == b"b" * 10
+    assert share.records["old/b"].deleted
 
 
 def test_deletions_in_one_batch_remove_files_together(share):

@@ -367,3 +367,24 @@ class RemovalRaceTests(PeerKitCase):
         self.assertEqual(path.read_bytes(), b"version Y, edited here afterwards\n")
         self.assertEqual(await runtime.remove_many(["notes.txt"], [newer]), [True])
         self.assertFalse(path.exists())
+
+    @async_test
+    async def test_a_move_decided_against_an_older_version_leaves_a_newer_local_edit(self):
+        """Likewise for a peer's move: the edited file is neither moved nor renamed."""
+        runtime = await self.start_daemon()
+        path = self.share_path("draft.txt")
+        path.write_bytes(b"version X\n")
+        await runtime.service.rescan()
+        older = await runtime.get_record("draft.txt")
+        path.write_bytes(b"version Y, edited here afterwards\n")
+        await runtime.service.rescan()
+        newer = await runtime.get_record("draft.txt")
+        moved = self.share_path("moved.txt")
+        self.assertEqual(await runtime.rename_many([("draft.txt", "moved.txt")], [older]),
+                         [False])
+        self.assertFalse(await runtime.rename_local("draft.txt", "moved.txt", older))
+        self.assertEqual(path.read_bytes(), b"version Y, edited here afterwards\n")
+        self.assertFalse(moved.exists())
+        self.assertEqual(await runtime.rename_many([("draft.txt", "moved.txt")], [newer]),
+                         [True])
+        self.assertEqual(moved.read_bytes(), b"version Y, edited here afterwards\n")

@@ -98,6 +98,18 @@ def _rename(source: str, destination: str, stored: StoredRecord | None) -> bool:
     return True
 
 
+def _if_still(stored: StoredRecord | None, decided_on: FileRecord | None) -> StoredRecord | None:
+    """The stored row, or None when it moved on from the record a decision was made against.
+
+    The scanner may record a new local edit between a merge decision and the
+    disk work it asks for; with None the work refuses (``_remove`` and
+    ``_rename`` only touch what the row vouches for), so the edit survives.
+    """
+    if decided_on is not None and stored is not None and stored.record != decided_on:
+        return None
+    return stored
+
+
 def _quietly(job: Any, *args: Any) -> bool:
     """One file of a batch: a failure (permissions, a vanished file) fails only that one."""
     try:
@@ -284,16 +296,23 @@ class ShareRuntime:
     def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
         return self.runner.run(_make_directory, str(self.local_path(path)), mode)
 
-    def rename_many(self, moves: list[tuple[str, str]]) -> Deferred[list[bool]]:
-        """``rename_local`` for many files: one database query, one worker job."""
-        return Deferred.fromCoroutine(self._rename_many(moves))
+    def rename_many(self, moves: list[tuple[str, str]],
+                    decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
+        """``rename_local`` for many files: one database query, one worker job.
 
-    async def _rename_many(self, moves: list[tuple[str, str]]) -> list[bool]:
+        ``decided_on``: for each move, our record of the source that the
+        caller's decision was made against; see :meth:`remove_many`.
+        """
+        return Deferred.fromCoroutine(self._rename_many(moves, decided_on))
+
+    async def _rename_many(self, moves: list[tuple[str, str]],
+                           decided_on: list[FileRecord] | None) -> list[bool]:
         if not moves:
             return []
         stored = await self.store.get_stored_many(self.share_id, [src for src, _ in moves])
-        jobs = [(self._safe_local(src), self._safe_local(dst), stored.get(src))
-                for src, dst in moves]
+        jobs = [(self._safe_local(src), self._safe_local(dst),
+                 _if_still(stored.get(src), decided_on[index] if decided_on else None))
+                for index, (src, dst) in enumerate(moves)]
         destinations = [dst for src, dst in moves]
         self.expect_own_renames(destinations)
         try:
@@ -328,12 +347,9 @@ class ShareRuntime:
         if not paths:
             return []
         stored = await self.store.get_stored_many(self.share_id, paths)
-        jobs: list[tuple[str | None, StoredRecord | None]] = []
-        for index, path in enumerate(paths):
-            row = stored.get(path)
-            if decided_on is not None and row is not None and row.record != decided_on[index]:
-                row = None  # moved on since the decision: _remove then refuses
-            jobs.append((self._safe_local(path), row))
+        jobs = [(self._safe_local(path),
+                 _if_still(stored.get(path), decided_on[index] if decided_on else None))
+                for index, path in enumerate(paths)]
         return await self.runner.run(
             lambda: [job[0] is not None and _quietly(_remove, *job) for job in jobs])
 
@@ -344,11 +360,13 @@ class ShareRuntime:
         except UnsafePathError:
             return None
 
-    def rename_local(self, source: str, destination: str) -> Deferred[bool]:
-        return Deferred.fromCoroutine(self._rename_local(source, destination))
+    def rename_local(self, source: str, destination: str,
+                     decided_on: FileRecord | None = None) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._rename_local(source, destination, decided_on))
 
-    async def _rename_local(self, source: str, destination: str) -> bool:
-        stored = await self.store.get_stored(self.share_id, source)
+    async def _rename_local(self, source: str, destination: str,
+                            decided_on: FileRecord | None) -> bool:
+        stored = _if_still(await self.store.get_stored(self.share_id, source), decided_on)
         return await self.runner.run(_rename, str(self.local_path(source)),
                                      str(self.local_path(destination)), stored)
 
