@@ -17,15 +17,24 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from clearskies.discovery.socks import SocksError
 from clearskies.discovery.tor import TorService
 from tests.tornet import PrivateTorNetwork, missing_tor
 
 #: The whole test, network boot included, must finish within this many seconds.
 TIME_CAP = 240
+
+#: SOCKS replies that mean "not reachable yet" on a freshly booted network: the
+#: descriptor has reached one directory but not yet the one the client asked,
+#: or the service's introduction points are still being set up.
+NOT_YET_REACHABLE = {0x04, 0x06, 0xF0, 0xF2, 0xF3, 0xF7}
+
+#: How long a dial keeps retrying those, and the pause between tries.
+DIAL_PATIENCE, DIAL_PAUSE = 90.0, 3.0
 
 
 class LineServer(Protocol):
@@ -61,6 +70,24 @@ class Collector(Protocol):
     def connectionLost(self, reason=None) -> None:
         if not self.done.called:
             self.done.errback(reason)
+
+
+async def dial_until_reachable(client: TorService, host: str, port: int,
+                               protocol: Protocol) -> Protocol:
+    """Connect ``protocol`` through ``client``'s tor, retrying while the service is not yet reachable.
+
+    A service counts as published once one directory holds its descriptor, so
+    on a fresh network the first dial may still ask a directory that has none;
+    the daemon's own dialling retries the same way.
+    """
+    deadline = reactor.seconds() + DIAL_PATIENCE
+    while True:
+        try:
+            return await connectProtocol(client.client_endpoint(host, port), protocol)
+        except SocksError as e:
+            if e.code not in NOT_YET_REACHABLE or reactor.seconds() + DIAL_PAUSE > deadline:
+                raise
+        await deferLater(reactor, DIAL_PAUSE)
 
 
 def _tor_children() -> list[psutil.Process]:
@@ -141,7 +168,7 @@ class PrivateNetworkTests(unittest.TestCase):
             _, host, port = server.split(":")
             expected = b"hello from %s\n%s got: ping\n" % (server_name, server_name)
             collector = Collector(len(expected))
-            connected = await connectProtocol(client.client_endpoint(host, int(port)), collector)
+            connected = await dial_until_reachable(client, host, int(port), collector)
             connected.transport.write(b"ping\n")
             self.assertEqual(await collector.done, expected)
             connected.transport.loseConnection()
