@@ -179,6 +179,9 @@ class ShareSync:
         self.bytes_sent = 0
         # Read-only shares (clearskies.readonly): signing and relaying; None = plain.
         self.signing: readonly.ShareSigning | None = None
+        #: Put downloaded files in place without write permission (set by the
+        #: daemon for a read-only share when ``read_only_files`` is on).
+        self.unwritable_files = False
         # Daemon-wide rate limits, shared by every share (set by the daemon).
         self.upload_limiter: RateLimiter | None = None
         self.download_limiter: RateLimiter | None = None
@@ -643,7 +646,8 @@ class ShareSync:
             return
         copy = await self._local_copy(record)
         receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
-                                buffer_limit=SMALL_FILE, sealer=self._buffered_seals())
+                                buffer_limit=SMALL_FILE, sealer=self._buffered_seals(),
+                                unwritable=self.unwritable_files)
         if copy is not None:
             try:
                 await receiver.copy_local(copy)
@@ -655,7 +659,8 @@ class ShareSync:
                 receiver.abort(keep_partial=False)
                 receiver = FileReceiver(self.share.root, local_path, record,
                                         runner=self.share.runner, buffer_limit=SMALL_FILE,
-                                        sealer=self._buffered_seals())
+                                        sealer=self._buffered_seals(),
+                                        unwritable=self.unwritable_files)
                 copy = None
         if copy is not None or record.size == 0:
             # Content already here (or nothing to fetch): no network needed.

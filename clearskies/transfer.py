@@ -27,6 +27,7 @@ import threading
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -73,6 +74,16 @@ CORRUPT = "corrupt"
 CONFLICT = "conflict"
 
 _OPEN_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+#: Write permission bits, removed on disk from a read-only share's files when
+#: the ``read_only_files`` setting is on.
+WRITE_BITS = 0o222
+
+
+def unwritable_mode(mode: int | None) -> int:
+    """A record's permission bits (0o644 when it has none) without write permission."""
+    return (mode if mode is not None else 0o644) & 0o777 & ~WRITE_BITS
 
 
 def temp_name(name: str, sha256: str) -> str:
@@ -144,12 +155,17 @@ class FileReceiver:
 
     def __init__(self, root: Path, local_path: Path, expected: FileRecord, *,
                  runner: Runner, resume: bool = True, buffer_limit: int = 0,
-                 sealer: BufferedSeals | None = None) -> None:
+                 sealer: BufferedSeals | None = None, unwritable: bool = False) -> None:
+        """``unwritable``: the file is put in place without write permission
+        (a read-only share's option); its record keeps the share's mode."""
         if expected.deleted or expected.is_dir or expected.sha256 is None or expected.size is None:
             raise ValueError("only a file record with size and sha256 can be downloaded")
         self.root = Path(root)
         self.local_path = Path(local_path)
         self.expected = expected
+        # What the sealing jobs apply: the expected record, with the mode to set on disk.
+        self._on_disk = (dataclasses.replace(expected, mode=unwritable_mode(expected.mode))
+                         if unwritable else expected)
         self.temp_path = self.local_path.with_name(
             temp_name(self.local_path.name, expected.sha256))
         self._runner = runner
@@ -323,7 +339,7 @@ class FileReceiver:
         if self._buffer is not None:
             data, self._buffer = b"".join(self._buffer), None
             args = (self.root, self.local_path, self.temp_path, data, self._overflow,
-                    self.expected)
+                    self._on_disk)
             if self._sealer is not None:
                 problem = await self._sealer.seal(*args)
             else:
@@ -342,7 +358,7 @@ class FileReceiver:
             assert fd is not None
             hasher = None if self._rehash else self._hasher
             problem = await self._runner.run(
-                _seal, fd, self.temp_path, hasher, self._overflow, self.expected)
+                _seal, fd, self.temp_path, hasher, self._overflow, self._on_disk)
         if problem is not None:
             self._state = _DONE
             self._log.info("download of {path} failed verification: {why}",

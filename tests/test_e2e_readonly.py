@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -140,6 +141,47 @@ def test_local_edits_on_a_read_only_peer_stay_there_and_revert(daemon_factory):
     _same_trees(alice, bob)
     assert (b / "keep.txt").read_text() == "keep me\n"
     wait_until(lambda: _share_status(bob).get("local_changes_not_shared") == 0, timeout=15)
+
+
+def _modes(root: Path, names: list[str]) -> list[int]:
+    return [stat.S_IMODE(os.stat(root / name).st_mode) for name in names]
+
+
+def test_read_only_files_setting_keeps_a_read_only_peers_files_unwritable(daemon_factory):
+    """With read_only_files on, B's files arrive without write permission, count as no
+    local change, stay so through updates, and get their modes back when it is off."""
+    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    a, b = Path(alice.shares), Path(bob.shares)
+    names = ["notes.txt", "tools/run.sh"]
+    (a / "tools").mkdir()
+    (a / "notes.txt").write_text("alice's notes\n")
+    (a / "tools" / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(a / "notes.txt", 0o644)
+    os.chmod(a / "tools" / "run.sh", 0o755)
+    refused = bob.cli("config", "set", "read_only_files", "1", check=False)
+    assert (refused.returncode, refused.stderr) == (
+        1, "clearskies: read_only_files must be true or false\n")
+    bob.cli("config", "set", "read_only_files", "true")
+    assert bob.cli_json("config", "get", "read_only_files")["value"] is True
+    _attach(bob, _read_only_code(alice), alice)
+    wait_until(lambda: all(_text(b / n) == _text(a / n) for n in names), timeout=SYNC_TIMEOUT)
+    wait_until(lambda: _modes(b, names) == [0o444, 0o555], timeout=15)
+    assert os.access(b / "tools", os.W_OK)  # directories stay writable: syncing needs them
+
+    bob.cli("scan", str(b))
+    assert _share_status(bob).get("local_changes_not_shared") == 0
+    (a / "notes.txt").write_text("alice's second version\n")
+    alice.cli("scan", str(a))
+    wait_until(lambda: _text(b / "notes.txt") == "alice's second version\n",
+               timeout=SYNC_TIMEOUT)
+    assert _modes(b, names) == [0o444, 0o555]
+
+    bob.cli("config", "set", "read_only_files", "false")
+    wait_until(lambda: _modes(b, names) == [0o644, 0o755], timeout=15)
+    bob.cli("scan", str(b))
+    assert _share_status(bob).get("local_changes_not_shared") == 0
+    _same_trees(alice, bob)  # contents and modes alike
+    assert _modes(a, names) == [0o644, 0o755]  # the writer's files were never touched
 
 
 def test_forged_updates_from_a_read_only_peer_change_nothing(daemon_factory, tmp_path):

@@ -301,3 +301,41 @@ def test_relay_announces_a_fuller_bitmask_after_downloads(rw_keys, ro_keys):
     clock.advance(readonly.RESEND_DELAY)
     [message] = session.messages()
     assert base64.b64decode(message.body["sources"][0]["bitmask"]) == bytes([0b11000000])
+
+
+# -- read_only_files: write permission on disk ----------------------------------------
+
+
+def test_write_permission_pass_touches_only_files_as_recorded(tmp_path):
+    """Only files that match their record and carry the daemon's bits change, both ways."""
+    import os
+    import stat
+
+    from clearskies.share.database import CacheKey, StoredRecord
+    from clearskies.share.runtime import _set_write_permission
+
+    def stored(name: str, mode: int) -> tuple[str, StoredRecord]:
+        path = tmp_path / name
+        st = os.lstat(path)
+        record = FileRecord(path=name, utime=1.0, size=st.st_size, mtime=(1, 0), mode=mode,
+                            sha256="0" * 64, vv={"a" * 32: 1})
+        return str(path), StoredRecord(record, 1, CacheKey(st.st_ino, st.st_size,
+                                                           st.st_mtime_ns))
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+
+    for name, bits in (("ours", 0o644), ("chmodded", 0o600), ("edited", 0o644)):
+        (tmp_path / name).write_text(name)
+        os.chmod(tmp_path / name, bits)
+    jobs = [stored("ours", 0o644), stored("chmodded", 0o644), stored("edited", 0o644)]
+    (tmp_path / "edited").write_text("edited since the scan")
+    (tmp_path / "gone").write_text("x")
+    jobs.append(stored("gone", 0o644))
+    (tmp_path / "gone").unlink()
+
+    assert _set_write_permission(jobs, writable=False) == 1
+    assert [mode(n) for n in ("ours", "chmodded", "edited")] == [0o444, 0o600, 0o644]
+    assert _set_write_permission(jobs, writable=False) == 0  # already done
+    assert _set_write_permission(jobs, writable=True) == 1
+    assert [mode(n) for n in ("ours", "chmodded", "edited")] == [0o644, 0o600, 0o644]

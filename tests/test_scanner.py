@@ -251,6 +251,28 @@ def test_chmod_is_a_change_without_hashing(share):
     assert [(r.path, r.mode, r.vv) for r in result.records] == [("run.sh", 0o755, {PEER: 2})]
 
 
+def test_write_bits_the_daemon_manages_are_no_change(share):
+    """With ignored_mode_bits, losing write permission is no change; other bits still are,
+    recorded with the write bits of before, and so is a content edit."""
+    target = share.write("run.sh", b"#!/bin/sh\n")
+    os.chmod(target, 0o644)
+    share.scan()
+    share.scanner.ignored_mode_bits = 0o222
+    os.chmod(target, 0o444)
+    assert share.scan().records == []
+    os.utime(target, (1_500_000_000, 1_500_000_000))  # hashed again: still the same file
+    assert share.scan().records == [] and share.hasher.calls == ["run.sh"]
+    os.chmod(target, 0o555)
+    assert [(r.mode, r.vv) for r in share.scan().records] == [(0o755, {PEER: 2})]
+    os.chmod(target, 0o755)
+    target.write_bytes(b"#!/bin/sh\nedited\n")
+    os.chmod(target, 0o555)
+    [edited] = share.scan().records
+    assert (edited.mode, edited.vv) == (0o755, {PEER: 3})
+    share.scanner.ignored_mode_bits = 0
+    assert [r.mode for r in share.scan().records] == [0o555]
+
+
 def test_touch_without_change_announces_nothing(share):
     """A new mtime with the same bytes is hashed once, announced never, cached after."""
     target = share.write("a.txt", b"same")

@@ -417,6 +417,20 @@ def test_good_payload_lands_with_metadata_and_no_temp_file(tmp_path):
     assert leftovers(target.parent) == []
 
 
+@pytest.mark.parametrize("size, buffer_limit", [(3 * MiB, 0), (5000, 8192)])
+def test_unwritable_download_lands_without_write_permission(tmp_path, size, buffer_limit):
+    """unwritable: the file is put in place with no write bit; the record keeps its mode."""
+    data = content(size, seed=5)
+    record = record_for("tools/run.sh", data, mode=0o754)
+    receiver, result = receive(tmp_path, "tools/run.sh", data, record=record,
+                               unwritable=True, buffer_limit=buffer_limit)
+    target = tmp_path / "tools" / "run.sh"
+    assert result.status == OK and target.read_bytes() == data
+    assert os.stat(target).st_mode & 0o7777 == 0o554
+    assert receiver.expected.mode == 0o754
+    assert os.access(target.parent, os.W_OK)
+
+
 def test_target_keeps_old_content_until_the_rename(tmp_path, monkeypatch):
     """Until finish, the old file is untouched and the bytes sit in the hidden temp file."""
     monkeypatch.setattr(transfer, "WRITE_BATCH", 1)  # every write goes out at once

@@ -26,6 +26,8 @@ CONFIG_KEYS = {
     "name": str,
     "upload_limit": int,  # bytes/s, 0 = none
     "download_limit": int,
+    # Keep read-only shares' files without write permission on disk.
+    "read_only_files": bool,
 }
 
 
@@ -214,8 +216,9 @@ class DaemonCommands(CommandDispatcher):
         if kind is None:
             raise ControlError("unknown_key", "no setting %r; settings: %s"
                                % (key, ", ".join(sorted(CONFIG_KEYS))))
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ControlError("bad_request", "%s must be a %s" % (key, kind.__name__))
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ControlError("bad_request", "%s must be %s" % (
+                key, "true or false" if kind is bool else "a " + kind.__name__))
         if kind is int and value < 0:
             raise ControlError("bad_request", "%s must not be negative" % key)
         self.daemon.config[key] = value
@@ -224,6 +227,9 @@ class DaemonCommands(CommandDispatcher):
         if key in ("upload_limit", "download_limit"):
             self.daemon.apply_limits()
         await self.daemon.store.set_config(key, value)
+        if key == "read_only_files":
+            for runtime in list(self.daemon.shares.values()):
+                await runtime.follow_read_only_files()
 
     # -- extensions ------------------------------------------------------------------
 

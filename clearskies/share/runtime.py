@@ -26,6 +26,7 @@ from clearskies.share.records import FileRecord
 from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
 from clearskies.sync import ShareSync
+from clearskies.transfer import WRITE_BITS, unwritable_mode
 
 if TYPE_CHECKING:
     from clearskies.daemon import Daemon
@@ -98,6 +99,26 @@ def _rename(source: str, destination: str, stored: StoredRecord | None) -> bool:
     return True
 
 
+def _set_write_permission(jobs: list[tuple[str, StoredRecord]], writable: bool) -> int:
+    """Give files their record's mode back, or take write permission away; returns how many.
+
+    Only files that are as the database says are touched, and only when
+    their bits are the ones the daemon set (a user's own chmod stays).
+    """
+    changed = 0
+    for path, stored in jobs:
+        mode = stored.record.mode if stored.record.mode is not None else 0o644
+        now, wanted = (unwritable_mode(mode), mode) if writable else (mode, unwritable_mode(mode))
+        try:
+            st = os.lstat(path)
+            if stat.S_IMODE(st.st_mode) == now and now != wanted and _matches(path, stored):
+                os.chmod(path, wanted)
+                changed += 1
+        except OSError:
+            continue  # gone or not ours to change: the next scan sees it
+    return changed
+
+
 def _if_still(stored: StoredRecord | None, decided_on: FileRecord | None) -> StoredRecord | None:
     """The stored row, or None when it moved on from the record a decision was made against.
 
@@ -168,6 +189,7 @@ class ShareRuntime:
         if self.signing.read_only:
             self.signing.store.load(await self.store.list_signed(self.share_id))
         self.counts = await self.store.share_counts(self.share_id)
+        await self.follow_read_only_files()
         if self.daemon.paused:
             self.sync.pause()
         self.service.startService()
@@ -182,6 +204,41 @@ class ShareRuntime:
     @property
     def error(self) -> str | None:
         return self.service.error
+
+    async def follow_read_only_files(self) -> None:
+        """Apply the daemon's ``read_only_files`` setting to this share's files.
+
+        On a read-only share with the setting on, files are kept without write
+        permission on disk, so an accidental edit fails instead of becoming a
+        local change nobody receives; their records keep the share's mode, and
+        the scanner does not count the missing write bits as a change.
+        Turning it off gives the files their modes back.
+        """
+        wanted = bool(self.signing.read_only and self.daemon.config.get("read_only_files"))
+        if wanted == self.sync.unwritable_files:
+            return
+        if wanted:
+            # The scanner first, so the chmods below are never taken for local changes.
+            self.service.scanner.ignored_mode_bits = WRITE_BITS
+            self.sync.unwritable_files = True
+        changed = await self._set_write_permission(writable=not wanted)
+        if not wanted:
+            self.sync.unwritable_files = False
+            self.service.scanner.ignored_mode_bits = 0
+        self._log.info("{share}: {count} files made {how}", share=self.share_id[:8],
+                       count=changed, how="read-only" if wanted else "writable again")
+
+    async def _set_write_permission(self, writable: bool) -> int:
+        changed, after = 0, None
+        while True:
+            page = await self.store.records_between(self.share_id, "", None, after)
+            jobs = [(local, row) for row in page
+                    if not row.record.deleted and not row.record.is_dir
+                    and (local := self._safe_local(row.path)) is not None]
+            changed += await self.runner.run(_set_write_permission, jobs, writable)
+            if not page:
+                return changed
+            after = page[-1].path
 
     # -- LocalShare (what ShareSync uses) ---------------------------------------------
 

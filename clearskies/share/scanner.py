@@ -276,11 +276,20 @@ def _is_live_file(record: FileRecord) -> bool:
     return not record.deleted and not record.is_dir
 
 
+def same_mode(recorded: int | None, on_disk: int | None, ignored_bits: int = 0) -> bool:
+    """Whether the disk's permission bits match the record's, apart from ``ignored_bits``."""
+    if recorded is None or on_disk is None:
+        return recorded == on_disk
+    return (recorded ^ on_disk) & ~ignored_bits == 0
+
+
 @dataclass
 class Comparison:
     """The outcome of merging a sorted listing with the stored rows (pure)."""
 
     unchanged: int = 0
+    #: Permission bits the daemon itself manages on disk (see Scanner.ignored_mode_bits).
+    ignored_mode_bits: int = 0
     files: list[tuple[LocalEntry, StoredRecord | None]] = field(default_factory=list)
     directories: list[tuple[LocalEntry, StoredRecord | None]] = field(default_factory=list)
     gone: list[StoredRecord] = field(default_factory=list)
@@ -319,7 +328,7 @@ class Comparison:
             else:
                 self.directories.append((entry, row))
         elif (record is not None and _is_live_file(record) and row.cache == entry.cache_key
-              and record.mode == entry.mode):
+              and same_mode(record.mode, entry.mode, self.ignored_mode_bits)):
             self.unchanged += 1
         else:
             self.files.append((entry, row))
@@ -495,6 +504,10 @@ class Scanner:
         self._racy_window = racy_window
         self.rules = IgnoreRules()
         self.progress = ScanProgress()
+        #: Permission bits of files that differ from the record without being a
+        #: local change: 0o222 when the daemon keeps a read-only share's files
+        #: unwritable on disk.
+        self.ignored_mode_bits = 0
         self._stopping = False
         self._skipped_before = -1
 
@@ -583,7 +596,7 @@ class Scanner:
 
     async def _compare(self, listing: Listing, scopes: list[str] | None,
                        listed_at_revision: int) -> Comparison:
-        comparison = Comparison()
+        comparison = Comparison(ignored_mode_bits=self.ignored_mode_bits)
         keys = [entry.path for entry in listing.entries]
         unknown = set(listing.protected)
 
@@ -693,6 +706,13 @@ class _Planner:
         mtime = None if mtime_ns is None else mtime_ns / 1e9
         return local_utime(mtime, self._since, self._now, previous)
 
+    def _mode(self, on_disk: int, previous: FileRecord | None) -> int:
+        """The mode to record: the disk's, with the daemon-managed bits kept from before."""
+        ignored = self._scanner.ignored_mode_bits
+        if not ignored or previous is None or previous.mode is None:
+            return on_disk
+        return on_disk & ~ignored | previous.mode & ignored
+
     def _cache(self, inode: int, size: int, mtime_ns: int) -> CacheKey | None:
         if mtime_ns >= self._racy_after_ns:
             return None  # may still change within the same timestamp tick
@@ -719,7 +739,7 @@ class _Planner:
                     continue
             elif _is_live_file(previous) and row.cache == entry.cache_key:
                 record = file_record(entry.path, previous.sha256, entry.size, entry.mtime_ns,
-                                     entry.mode, previous, peer_id,
+                                     self._mode(entry.mode, previous), previous, peer_id,
                                      self._utime(entry.mtime_ns, previous))
                 await self._writer.add(LocalChange(record, row.cache, row.revision))
                 continue
@@ -729,8 +749,9 @@ class _Planner:
                      inode: int, row: StoredRecord | None, source: StoredRecord) -> None:
         peer_id = self._scanner.peer_id
         previous = row.record if row else None
-        record = file_record(path, sha256, size, mtime_ns, mode, previous, peer_id,
-                             self._utime(mtime_ns, previous), source=source.record)
+        record = file_record(path, sha256, size, mtime_ns, self._mode(mode, source.record),
+                             previous, peer_id, self._utime(mtime_ns, previous),
+                             source=source.record)
         gone = tombstone(source.record, peer_id, self._utime(None, source.record))
         await self._writer.add(
             LocalChange(gone, None, source.revision),
@@ -776,7 +797,8 @@ class _Planner:
         previous = row.record if row else None
         cache = self._cache(h.inode, h.size, h.mtime_ns)
         if (previous is not None and _is_live_file(previous) and previous.sha256 == h.sha256
-                and previous.size == h.size and previous.mode == h.mode):
+                and previous.size == h.size
+                and same_mode(previous.mode, h.mode, self._scanner.ignored_mode_bits)):
             # Touched, not changed: remember the new stat, announce nothing.
             if cache is not None and row is not None:
                 await self._writer.refresh(path, cache, row.revision)
@@ -787,8 +809,8 @@ class _Planner:
         if source is not None:
             await self._moved(path, h.sha256, h.size, h.mtime_ns, h.mode, h.inode, row, source)
             return
-        record = file_record(path, h.sha256, h.size, h.mtime_ns, h.mode, previous,
-                             self._scanner.peer_id, self._utime(h.mtime_ns, previous))
+        record = file_record(path, h.sha256, h.size, h.mtime_ns, self._mode(h.mode, previous),
+                             previous, self._scanner.peer_id, self._utime(h.mtime_ns, previous))
         await self._writer.add(LocalChange(record, cache, row.revision if row else None))
 
     async def deletions(self) -> None:
