@@ -395,6 +395,24 @@ def test_from_keys_message_rejects_tiny_key(keys):
         ShareKeys.from_keys_message(m)
 
 
+def test_from_keys_message_rejects_a_private_key_whose_parts_disagree(keys):
+    """A private key whose exponents are damaged (no valid signature can come of it) is refused.
+
+    (OpenSSL recomputes a faulty CRT result with ``d``, so both are damaged.)
+    """
+    good = serialization.load_pem_private_key(keys.private_keys["read_only"], None)
+    n = good.private_numbers()
+    damaged = rsa.RSAPrivateNumbers(
+        n.p, n.q, n.d ^ 2, n.dmp1 ^ 2, n.dmq1, n.iqmp, n.public_numbers,
+    ).private_key(unsafe_skip_rsa_key_validation=True)
+    m = keys.keys_message("read_only")
+    m["read_only"]["rsa"] = damaged.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    with pytest.raises(HandshakeError, match="parts do not agree"):
+        ShareKeys.from_keys_message(m)
+
+
 def test_from_keys_message_accepts_reference_peer_shape():
     """The reference peer's message (read_write, 512-bit keys, no public keys) is accepted."""
     psks = {level: secrets.token_hex(16) for level in GRANTABLE}
