@@ -48,7 +48,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.daemons import DaemonProcess, tree_snapshot  # noqa: E402
+from tests.daemons import REPO_ROOT, DaemonProcess, tree_snapshot  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -443,6 +443,9 @@ def main() -> int:
         Phase.profile_dir.mkdir(parents=True, exist_ok=True)
         Phase.profile_options = args.profile_options.split()
     print("data in %s, scale %g" % (run_dir, args.scale), file=sys.stderr)
+    # The daemons run the code of the checkout this script belongs to
+    # (tests.daemons puts it first on their PYTHONPATH), whatever PYTHONPATH says.
+    print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
     rows: list[Row] = []
     if only & {"W1", "W3"}:
         rows.extend(run_big(run_dir, args.scale, only))
