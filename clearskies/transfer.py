@@ -464,14 +464,16 @@ class BufferedSeals:
     A download of a few kilobytes costs less to write and fsync than the
     thread hop that carries it to a worker; hundreds of them a second also
     keep every worker thread contending with the reactor thread for the
-    GIL.  So at most ``max_jobs`` seal jobs run at once (their fsyncs
-    overlap); seals that arrive while they are all busy wait, and go
+    GIL.  So at most ``max_jobs`` seal jobs run at once: two let their
+    fsyncs overlap (the file system commits them together), while a third
+    cost the reactor more in GIL waits than it saved (W2, bench/README.md).
+    Seals that arrive while they are all busy wait, and go
     together, up to ``max_batch`` at a time, to the next free one.  The
     waiting line holds at most the downloads the sync layer lets finish at
     once (``sync.MAX_FINISHING``), each at most ``SMALL_FILE`` bytes.
     """
 
-    def __init__(self, runner: Runner, *, max_batch: int = 32, max_jobs: int = 3) -> None:
+    def __init__(self, runner: Runner, *, max_batch: int = 32, max_jobs: int = 2) -> None:
         self._runner = runner
         self.max_batch = max_batch
         self.max_jobs = max_jobs
