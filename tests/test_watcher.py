@@ -255,6 +255,18 @@ class InotifyWatcherTests(TestCase):
             await eventually(lambda: "sub/f.txt" in self.changes)
         return self.run_async(go())
 
+    def test_partial_download_names_are_never_reported(self):
+        """Events for ``*.!clearsky`` files are dropped; the file renamed from one is not."""
+        async def go():
+            temp = os.path.join(self.root, "sub", ".g.txt.0123.!clearsky")
+            with open(temp, "w") as f:
+                f.write("partial")
+            os.chmod(temp, 0o644)
+            os.rename(temp, os.path.join(self.root, "sub", "g.txt"))
+            await eventually(lambda: "sub/g.txt" in self.changes)
+            self.assertEqual([c for c in self.changes if c.endswith(".!clearsky")], [])
+        return self.run_async(go())
+
     def test_new_directories_are_watched(self):
         """A directory created after start is watched at once: changes inside it show up."""
         async def go():

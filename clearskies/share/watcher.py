@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import heapq
 import os
+import struct
 from typing import Callable, Iterable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
+
+from clearskies.share.ignore import TEMP_SUFFIX
 
 try:
     from twisted.internet import inotify
@@ -150,6 +153,8 @@ if inotify is not None:
                   | inotify.IN_IGNORED)
     _NEW_DIR = inotify.IN_CREATE | inotify.IN_MOVED_TO
     _OVERFLOW_WD = 0xFFFFFFFF  # -1 as the unsigned 32-bit number Twisted unpacks
+    _HEADER = struct.Struct("=LLLL")  # struct inotify_event: wd, mask, cookie, len
+    _TEMP_SUFFIX = os.fsencode(TEMP_SUFFIX)
 
     class _ShareINotify(inotify.INotify):
         """Twisted's INotify, adjusted for watching a whole tree.
@@ -161,10 +166,14 @@ if inotify is not None:
         - The kernel reports a queue overflow with watch descriptor -1
           (read as unsigned by Twisted), which Twisted drops as unknown; a
           watch entry under that number routes it to our callback.
+        - Events are parsed here: callbacks get the path as bytes, not a
+          ``FilePath`` (building one cost more than the rest of the event), and
+          events for our own partial downloads (``*.!clearsky``, six per
+          downloaded file) are dropped before anything is built for them.
         """
 
         def __init__(self, reactor: IReactorFDSet, root: FilePath[bytes],
-                     callback: Callable[[object, FilePath[bytes], int], None]) -> None:
+                     callback: Callable[[object, bytes, int], None]) -> None:
             super().__init__(reactor)
             self._closing = False
             self._watchpoints[_OVERFLOW_WD] = inotify._Watch(root, callbacks=[callback])
@@ -172,6 +181,29 @@ if inotify is not None:
         def close(self) -> None:
             self._closing = True
             self.loseConnection()
+
+        def _doRead(self, data: bytes) -> None:
+            # The kernel hands out whole events; a buffer only guards against a short read.
+            buffer = self._buffer + data if self._buffer else data
+            offset, end = 0, len(buffer)
+            while end - offset >= _HEADER.size:
+                wd, mask, _cookie, size = _HEADER.unpack_from(buffer, offset)
+                start = offset + _HEADER.size
+                if end - start < size:
+                    break
+                name = buffer[start:start + size].rstrip(b"\0")
+                offset = start + size
+                if name.endswith(_TEMP_SUFFIX):
+                    continue
+                watch = self._watchpoints.get(wd)
+                if watch is None:
+                    continue
+                path = watch.path.path + b"/" + name if name else watch.path.path
+                for callback in watch.callbacks:
+                    callback(watch, path, mask)
+                if mask & inotify.IN_DELETE_SELF:
+                    self._rmWatch(wd)
+            self._buffer = buffer[offset:]
 
         def loseConnection(self) -> None:
             if self._closing:
@@ -320,15 +352,15 @@ class InotifyWatcher:
             except (KeyError, inotify.INotifyError):
                 pass
 
-    def _relative(self, filepath: FilePath[bytes]) -> str | None:
-        path = os.fsdecode(filepath.path)
+    def _relative(self, raw: bytes) -> str | None:
+        path = os.fsdecode(raw)
         if path == self.root:
             return ""
         if not path.startswith(self.root + os.sep):
             return None
         return path[len(self.root) + 1:].replace(os.sep, "/")
 
-    def _event(self, _watch: object, filepath: FilePath[bytes], mask: int) -> None:
+    def _event(self, _watch: object, raw_path: bytes, mask: int) -> None:
         if self._notifier is None:
             return
         if mask & inotify.IN_Q_OVERFLOW:
@@ -336,7 +368,7 @@ class InotifyWatcher:
                            root=self.root)
             self._on_overflow()
             return
-        path = self._relative(filepath)
+        path = self._relative(raw_path)
         if path is None:
             return
         if path == "":
