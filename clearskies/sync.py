@@ -144,6 +144,41 @@ class Wanted:
         return self.fetch_path or self.record.path
 
 
+class WantedFiles(dict[str, Wanted]):
+    """The files a share needs, by path, with a running total of their bytes.
+
+    Status requests ask for that total often; walking 100,000 entries for
+    each would stall the reactor.  Entries are only added, replaced and
+    removed through ``[]``, ``del`` and ``pop`` (a ``Wanted`` never gets
+    another record), which keep the total.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __setitem__(self, path: str, wanted: Wanted) -> None:
+        old = self.get(path)
+        if old is not None:
+            self.bytes -= old.record.size or 0
+        super().__setitem__(path, wanted)
+        self.bytes += wanted.record.size or 0
+
+    def __delitem__(self, path: str) -> None:
+        self.bytes -= self[path].record.size or 0
+        super().__delitem__(path)
+
+    def pop(self, path: str, *default: Any) -> Any:  # type: ignore[override]
+        if path in self:
+            self.bytes -= self[path].record.size or 0
+        return super().pop(path, *default)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("WantedFiles keeps a byte total: use [], del and pop")
+
+    clear = popitem = setdefault = update = __ior__ = _unsupported  # type: ignore[assignment]
+
+
 class ShareSync:
     """Converges one share with all its connected peers."""
 
@@ -158,7 +193,7 @@ class ShareSync:
         self._seals: BufferedSeals | None = None
         self.window = window
         self.sessions: dict[str, SyncSession] = {}
-        self.wanted: dict[str, Wanted] = {}
+        self.wanted = WantedFiles()
         self.in_flight: dict[str, SyncSession] = {}
         self.paused = False
         self._lock = DeferredLock()
@@ -221,7 +256,7 @@ class ShareSync:
 
     @property
     def bytes_to_download(self) -> int:
-        return sum(w.record.size or 0 for w in self.wanted.values())
+        return self.wanted.bytes
 
     @property
     def in_sync(self) -> bool:

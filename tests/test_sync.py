@@ -9,6 +9,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -16,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
-from clearskies.sync import ShareSync, SyncSession
+from clearskies.sync import ShareSync, SyncSession, Wanted, WantedFiles
 from clearskies.threads import SyncRunner
 
 US = "a" * 32
@@ -536,3 +538,26 @@ def test_a_local_edit_recorded_during_the_install_is_not_overwritten(tmp_path):
     assert (tmp_path / "f.txt").read_bytes() == b"ours, edited again while it downloaded"
     assert share.records["f.txt"].vv == {US: 2, THEM: 1}
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".!clearsky")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "del", "pop", "pop_missing"]),
+                          st.sampled_from(["a", "b", "c", "d"]),
+                          st.integers(0, 10**12)), max_size=60))
+def test_wanted_files_keep_their_byte_total(operations):
+    """After any sequence of adds, replacements and removals the total is the plain sum."""
+    wanted = WantedFiles()
+    for operation, path, size in operations:
+        if operation == "set":
+            wanted[path] = Wanted(FileRecord(path=path, utime=1.0, size=size, sha256="0" * 64,
+                                             vv={THEM: 1}))
+        elif operation == "del" and path in wanted:
+            del wanted[path]
+        elif operation == "pop":
+            wanted.pop(path, None)
+        elif operation == "pop_missing":
+            with pytest.raises(KeyError):
+                wanted.pop("never there")
+        assert wanted.bytes == sum(w.record.size or 0 for w in wanted.values())
+    with pytest.raises(TypeError):
+        wanted.update({})
