@@ -388,3 +388,39 @@ class RemovalRaceTests(PeerKitCase):
         self.assertEqual(await runtime.rename_many([("draft.txt", "moved.txt")], [newer]),
                          [True])
         self.assertEqual(moved.read_bytes(), b"version Y, edited here afterwards\n")
+
+
+class ShareTotalsTests(PeerKitCase):
+    async def counts_and_recounts(self, runtime) -> tuple[object, int]:
+        """fresh_counts(), and how many times it read the database for it."""
+        real_count = type(runtime.store).share_counts
+        recounts = []
+
+        def counting(store, share_id: str):
+            recounts.append(share_id)
+            return real_count(store, share_id)
+
+        type(runtime.store).share_counts = counting
+        try:
+            return await runtime.fresh_counts(), len(recounts)
+        finally:
+            type(runtime.store).share_counts = real_count
+
+    @async_test
+    async def test_totals_are_recounted_once_changed_but_not_more_often_than_counting_allows(self):
+        """A status poll recounts after a change; while recounts would come faster than
+        COUNT_SPACING × a count's duration, the last totals are answered instead."""
+        runtime = await self.start_daemon()
+        first, _ = await self.counts_and_recounts(runtime)  # (counts what the first scan found)
+        self.assertEqual(await self.counts_and_recounts(runtime), (first, 0))  # nothing changed
+
+        self.share_path("new.txt").write_bytes(b"one more file\n")
+        await runtime.service.rescan()
+        await wait_until(lambda: runtime._counts_dirty, what="the change to be announced")
+        runtime._count_duration = 60.0  # as if counting were slow: recounts are spaced out
+        runtime._counted_at = runtime.daemon.reactor.seconds()
+        self.assertEqual(await self.counts_and_recounts(runtime), (first, 0))
+
+        runtime._count_duration = 0.0
+        fresh, recounts = await self.counts_and_recounts(runtime)
+        self.assertEqual((fresh.files, recounts), (first.files + 1, 1))

@@ -149,6 +149,11 @@ def _cache_key_of(path: str) -> CacheKey | None:
     return CacheKey(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+#: A share's totals are recounted at most once per this many times the last
+#: count took (see ShareRuntime.fresh_counts).
+COUNT_SPACING = 4.0
+
+
 class ShareRuntime:
     """A share the daemon runs: engine + sync + what we know of its peers."""
 
@@ -180,6 +185,8 @@ class ShareRuntime:
         self.last_sync: float | None = None
         self.counts: ShareCounts | None = None
         self._counts_dirty = True
+        self._counted_at = 0.0
+        self._count_duration = 0.0
         self.service.add_change_listener(self._local_changes)
 
     # -- lifetime ----------------------------------------------------------------
@@ -460,10 +467,20 @@ class ShareRuntime:
 
         Counting reads every row, so it is done on demand (status, list), not
         after each commit: that would make a sync of N files cost O(N²).
+        And while files keep changing, a recount waits until COUNT_SPACING
+        times the last count's duration has passed: a status poll many times
+        a second on a big share then gets totals a moment old instead of
+        keeping the database thread busy counting.
         """
-        if self._counts_dirty or self.counts is None:
-            self._counts_dirty = False
-            self.counts = await self.store.share_counts(self.share_id)
+        now = self.daemon.reactor.seconds()
+        if self.counts is not None and (
+                not self._counts_dirty
+                or now - self._counted_at < COUNT_SPACING * self._count_duration):
+            return self.counts
+        self._counts_dirty = False
+        self.counts = await self.store.share_counts(self.share_id)
+        self._counted_at = self.daemon.reactor.seconds()
+        self._count_duration = self._counted_at - now
         return self.counts
 
     # -- read-only shares (clearskies.readonly) ---------------------------------------
