@@ -200,6 +200,7 @@ class Daemon(MultiService):
         self.download_limiter = RateLimiter(reactor)
         self.ready: Deferred[None] = Deferred()
         self._stopping = False
+        self._spare_keys: Deferred[ShareKeys | None] | None = None
         TimerService(RATE_INTERVAL, self._sample_rates).setServiceParent(self)
 
     # -- start and stop ------------------------------------------------------------
@@ -255,6 +256,7 @@ class Daemon(MultiService):
         self._start_discovery()
         self.control_port = await listen_control(
             self.reactor, self.control_path, ControlFactory(self._dispatcher(), SOFTWARE))
+        self._make_spare_keys()
 
     def stopService(self) -> Deferred[None]:
         self._stopping = True
@@ -318,8 +320,27 @@ class Daemon(MultiService):
         if not os.path.isdir(path):
             raise ConfigurationError("%s is not a directory" % path)
         self._check_not_nested(path)
-        keys = await self.cpu_runner.run(generate_share_keys)
+        keys = await self._fresh_share_keys()
         return await self._add_share(keys, path, new_peer_id())
+
+    async def _fresh_share_keys(self) -> ShareKeys:
+        """Keys for a new share: the spare set made in the background, if it is ready.
+
+        RSA generation takes 30–150 ms of a worker; keeping one set ready
+        (in memory only, never on disk) lets ``share`` answer without it.
+        """
+        spare, self._spare_keys = self._spare_keys, None
+        keys = await spare if spare is not None else None  # (still being made: wait for it)
+        if keys is None:
+            keys = await self.cpu_runner.run(generate_share_keys)
+        self._make_spare_keys()
+        return keys
+
+    def _make_spare_keys(self) -> None:
+        if self._spare_keys is None and not self._stopping:
+            self._spare_keys = self.cpu_runner.run(generate_share_keys)
+            # A set that failed is simply made again when it is needed.
+            self._spare_keys.addErrback(lambda failure: None)
 
     def _check_not_nested(self, path: str) -> None:
         for runtime in self.shares.values():

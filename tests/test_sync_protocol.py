@@ -424,3 +424,22 @@ class ShareTotalsTests(PeerKitCase):
         runtime._count_duration = 0.0
         fresh, recounts = await self.counts_and_recounts(runtime)
         self.assertEqual((fresh.files, recounts), (first.files + 1, 1))
+
+
+class SpareKeysTests(PeerKitCase):
+    @async_test
+    async def test_a_new_share_takes_the_keys_made_in_advance_and_a_new_spare_is_made(self):
+        """create_share uses the key set generated in the background, never twice."""
+        await self.start_daemon()
+        daemon = self.daemon
+        spare = daemon._spare_keys
+        self.assertIsNotNone(spare)
+        ready = await spare  # (awaiting does not consume it: the share below gets it)
+        other = self.base / "another share"
+        other.mkdir()
+        runtime = await daemon.create_share(str(other))
+        self.assertEqual(runtime.keys.share_id, ready.share_id)
+        self.assertIsNot(daemon._spare_keys, spare)
+        next_spare = await daemon._spare_keys
+        self.assertNotEqual(next_spare.share_id, ready.share_id)
+        self.assertNotIn(next_spare.share_id, daemon.shares)
