@@ -350,19 +350,25 @@ class OwnWritesTests(PeerKitCase):
 
 
 class RemovalRaceTests(PeerKitCase):
+    async def edited_after_a_decision(self, name: str):
+        """A file recorded as version X, then edited to Y and recorded again: (runtime,
+        path, record of X, record of Y), as a merge decided against X would find it."""
+        runtime = await self.start_daemon()
+        path = self.share_path(name)
+        path.write_bytes(b"version X\n")
+        await runtime.service.rescan()
+        older = await runtime.get_record(name)
+        path.write_bytes(b"version Y, edited here afterwards\n")
+        await runtime.service.rescan()
+        newer = await runtime.get_record(name)
+        self.assertNotEqual(older, newer)
+        return runtime, path, older, newer
+
     @async_test
     async def test_a_removal_decided_against_an_older_version_spares_a_newer_local_edit(self):
         """A peer's deletion was weighed against our record X; if the scanner has since
         recorded a new local edit Y (and the disk holds Y), the file must stay."""
-        runtime = await self.start_daemon()
-        path = self.share_path("notes.txt")
-        path.write_bytes(b"version X\n")
-        await runtime.service.rescan()
-        older = await runtime.get_record("notes.txt")
-        path.write_bytes(b"version Y, edited here afterwards\n")
-        await runtime.service.rescan()
-        newer = await runtime.get_record("notes.txt")
-        self.assertNotEqual(older, newer)
+        runtime, path, older, newer = await self.edited_after_a_decision("notes.txt")
         self.assertEqual(await runtime.remove_many(["notes.txt"], [older]), [False])
         self.assertEqual(path.read_bytes(), b"version Y, edited here afterwards\n")
         self.assertEqual(await runtime.remove_many(["notes.txt"], [newer]), [True])
@@ -371,14 +377,7 @@ class RemovalRaceTests(PeerKitCase):
     @async_test
     async def test_a_move_decided_against_an_older_version_leaves_a_newer_local_edit(self):
         """Likewise for a peer's move: the edited file is neither moved nor renamed."""
-        runtime = await self.start_daemon()
-        path = self.share_path("draft.txt")
-        path.write_bytes(b"version X\n")
-        await runtime.service.rescan()
-        older = await runtime.get_record("draft.txt")
-        path.write_bytes(b"version Y, edited here afterwards\n")
-        await runtime.service.rescan()
-        newer = await runtime.get_record("draft.txt")
+        runtime, path, older, newer = await self.edited_after_a_decision("draft.txt")
         moved = self.share_path("moved.txt")
         self.assertEqual(await runtime.rename_many([("draft.txt", "moved.txt")], [older]),
                          [False])
