@@ -910,7 +910,8 @@ class SyncSession:
         self.pending: dict[str, FileReceiver] = {}
         self.receiving: FileReceiver | None = None
         self.receiving_path: str | None = None  # the remote path its payload was asked for
-        self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter)
+        self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
+                               runner=sync.share.runner)
         self._read_throttle = (ReadThrottle(connection.transport, sync.download_limiter, sync.clock)
                                if sync.download_limiter is not None else None)
         connection.message_writer = self._write  # keep-alives queue behind payloads too

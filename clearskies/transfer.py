@@ -67,6 +67,10 @@ MAX_QUEUED_FILES = 64
 """Most ``get`` requests one connection may have waiting for their turn."""
 
 MAX_QUEUED_MESSAGE_BYTES = 32 * 1024 * 1024
+
+#: A sender opens at most this many queued small files (and bytes of them) in one worker job.
+PREPARE_FILES = 32
+PREPARE_BYTES = 4 * 1024 * 1024
 """Most bytes of messages held back while a file is being sent (two maximal lines)."""
 
 OK = "ok"
@@ -963,6 +967,55 @@ def _copy_into(source: Path, temp: Path, limit: int) -> tuple[Any, int, int]:
 # -- sending -------------------------------------------------------------------------------
 
 
+@dataclass
+class OpenedFile:
+    """A file opened to be sent: positioned at ``start`` plus what ``first`` holds."""
+
+    file: BinaryIO
+    start: int
+    length: int
+    first: bytes = b""
+
+
+def open_to_send(local_path: Path, expected_size: int | None,
+                 request_range: tuple[int, int] | None, first_chunk: int) -> OpenedFile:
+    """Open, check and (``first_chunk`` > 0) read the start of a file to send (worker thread).
+
+    Raises OSError when it cannot be served as recorded (see FileSender.open).
+    """
+    fd = os.open(local_path, os.O_RDONLY | _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if expected_size is not None and st.st_size != expected_size:
+            raise OSError(errno.ESTALE, "the file changed since it was last scanned")
+        if request_range is None:
+            start, length = 0, st.st_size
+        else:
+            start, length = request_range
+            if start < 0 or length < 0 or start + length > st.st_size:
+                raise OSError(errno.EINVAL, "the requested range lies outside the file")
+        os.lseek(fd, start, os.SEEK_SET)
+        first = os.read(fd, min(first_chunk, length)) if first_chunk and length else b""
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenedFile(os.fdopen(fd, "rb", buffering=0), start, length, first)
+
+
+def _open_many_to_send(jobs: list[tuple[Path, int | None, tuple[int, int] | None]],
+                       first_chunk: int) -> list[OpenedFile | OSError]:
+    """:func:`open_to_send` for several files (worker thread); an error takes its file's place."""
+    out: list[OpenedFile | OSError] = []
+    for local_path, expected_size, request_range in jobs:
+        try:
+            out.append(open_to_send(local_path, expected_size, request_range, first_chunk))
+        except OSError as e:
+            out.append(e)
+    return out
+
+
 @implementer(IPushProducer)
 class FileSender:
     """Streams one file as ``!{"type":"file_data",…}`` + chunks + ``0``.
@@ -972,6 +1025,10 @@ class FileSender:
     from :meth:`begin` fires with the payload bytes sent, or fails with
     ConnectionLost if the consumer stopped it.  With a ``limiter`` (upload
     limit) it sends smaller chunks and waits, between chunks, for the bucket.
+
+    With a ``runner`` each chunk is read by a worker thread (a cold disk never
+    holds the reactor); ``first`` is a chunk already read from ``file``.  The
+    file is closed only once no read of it is running.
     """
 
     _log = Logger()
@@ -979,7 +1036,8 @@ class FileSender:
     def __init__(self, clock: IReactorTime, path: str, file: BinaryIO, start: int, length: int,
                  *, include_range: bool = False, chunk_size: int = wire.SEND_CHUNK_SIZE,
                  on_sent: Callable[[int], None] | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, runner: Runner | None = None,
+                 first: bytes = b"") -> None:
         if not 1 <= chunk_size <= wire.MAX_CHUNK_SIZE:
             raise ValueError("chunk_size must be 1 to %d" % wire.MAX_CHUNK_SIZE)
         self.path = path
@@ -998,6 +1056,9 @@ class FileSender:
         self._paused = False
         self._finished = False
         self._done: Deferred[int] = Deferred()
+        self._runner = runner
+        self._reading = False  # a worker is reading the next chunk
+        self._ready: bytes | None = first or None  # read, not yet written
 
     @classmethod
     def open(cls, clock: IReactorTime, path: str, local_path: Path, *,
@@ -1005,33 +1066,18 @@ class FileSender:
              chunk_size: int = wire.SEND_CHUNK_SIZE,
              on_sent: Callable[[int], None] | None = None,
              limiter: RateLimiter | None = None) -> FileSender:
-        """Open ``local_path`` to answer a ``get`` for ``path``.
+        """Open ``local_path`` to answer a ``get`` for ``path``, on the calling thread.
 
         Raises OSError when it cannot be served as recorded: missing,
         unreadable, not a regular file (symlinks are not followed), a size
         other than ``expected_size``, or a range outside the file.
         :func:`describe_os_error` turns that into the ``get_error`` text.
+        (:class:`SendQueue` with a runner opens files in a worker instead.)
         """
-        fd = os.open(local_path, os.O_RDONLY | _OPEN_FLAGS)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
-            if expected_size is not None and st.st_size != expected_size:
-                raise OSError(errno.ESTALE, "the file changed since it was last scanned")
-            if request_range is None:
-                start, length = 0, st.st_size
-            else:
-                start, length = request_range
-                if start < 0 or length < 0 or start + length > st.st_size:
-                    raise OSError(errno.EINVAL, "the requested range lies outside the file")
-            os.lseek(fd, start, os.SEEK_SET)
-        except BaseException:
-            os.close(fd)
-            raise
-        file = os.fdopen(fd, "rb", buffering=0)
-        return cls(clock, path, file, start, length, include_range=request_range is not None,
-                   chunk_size=chunk_size, on_sent=on_sent, limiter=limiter)
+        opened = open_to_send(local_path, expected_size, request_range, 0)
+        return cls(clock, path, opened.file, opened.start, opened.length,
+                   include_range=request_range is not None, chunk_size=chunk_size,
+                   on_sent=on_sent, limiter=limiter)
 
     def header(self) -> dict[str, Any]:
         """The ``file_data`` message; ``range`` only when the request had one."""
@@ -1057,7 +1103,7 @@ class FileSender:
 
     def _step(self) -> None:
         self._call = None
-        if self._paused or self._finished:
+        if self._paused or self._finished or self._reading:
             return
         assert self._consumer is not None
         chunk_size = self._chunk_size
@@ -1067,14 +1113,42 @@ class FileSender:
                 self._schedule(min(wait, MAX_WAIT))
                 return
             chunk_size = self._limiter.chunk_size(chunk_size)
+        if self._ready is not None:
+            data, self._ready = self._ready, None
+            self._send(data)
+            return
+        wanted = min(chunk_size, self._remaining)
+        if wanted and self._runner is not None:
+            self._reading = True
+            self._runner.run(self._file.read, wanted).addBoth(self._read)
+            return
         try:
-            wanted = min(chunk_size, self._remaining)
             data = self._file.read(wanted) if wanted else b""
         except OSError as e:
-            # The header is out: end the payload short; the receiver's check rejects it.
-            self._log.warn("reading {path} failed while sending: {why}",
-                           path=self.path, why=e.strerror)
-            data = b""
+            data = self._read_failed(e)
+        self._send(data)
+
+    def _read(self, result: bytes | Failure) -> None:
+        """A worker's read is back: send it, keep it while paused, or close up."""
+        self._reading = False
+        if self._finished:  # stopped while the worker read
+            self._file.close()
+            return
+        if isinstance(result, Failure):
+            result = self._read_failed(result.value) if result.check(OSError) else b""
+        if self._paused:
+            self._ready = result
+            return
+        self._send(result)
+
+    def _read_failed(self, error: BaseException) -> bytes:
+        # The header is out: end the payload short; the receiver's check rejects it.
+        self._log.warn("reading {path} failed while sending: {why}",
+                       path=self.path, why=getattr(error, "strerror", None) or str(error))
+        return b""
+
+    def _send(self, data: bytes) -> None:
+        assert self._consumer is not None
         if not data:
             if self._remaining:
                 self._log.warn("{path} ended {missing} bytes early while being sent",
@@ -1123,7 +1197,8 @@ class FileSender:
         if self._call is not None:
             self._call.cancel()
             self._call = None
-        self._file.close()
+        if not self._reading:  # else the read's return closes it
+            self._file.close()
         self._done.errback(ConnectionLost("stopped while sending %s" % (self.path,)))
 
 
@@ -1154,7 +1229,8 @@ class SendQueue:
     other messages wait (bounded) and go out before the next file starts.
     When no file is in flight, messages are written at once.  Files are
     opened only when their turn comes, so a file deleted or changed while
-    waiting is answered with ``get_error``.
+    waiting is answered with ``get_error``.  With a ``runner``, opening a
+    file and reading it happen in worker threads (see FileSender).
     """
 
     _log = Logger()
@@ -1163,8 +1239,9 @@ class SendQueue:
                  max_files: int = MAX_QUEUED_FILES,
                  max_message_bytes: int = MAX_QUEUED_MESSAGE_BYTES,
                  chunk_size: int = wire.SEND_CHUNK_SIZE,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, runner: Runner | None = None) -> None:
         self._consumer = consumer
+        self._runner = runner
         self._clock = clock
         self._limiter = limiter
         self._max_files = max_files
@@ -1174,16 +1251,24 @@ class SendQueue:
         self._message_bytes = 0
         self._files: deque[_FileRequest] = deque()
         self._current: FileSender | None = None
+        # With a runner: requests a worker is opening, and those it opened (or
+        # could not open), in order, waiting for their turn.
+        self._opening: list[_FileRequest] = []
+        self._prepared: deque[tuple[_FileRequest, OpenedFile | OSError]] = deque()
         self._stopped = False
 
     @property
     def sending(self) -> str | None:
-        """The path whose payload is being written, if any."""
-        return self._current.path if self._current is not None else None
+        """The path whose payload is being written (or whose file is being opened), if any."""
+        if self._current is not None:
+            return self._current.path
+        if self._opening:
+            return self._opening[0].path
+        return self._prepared[0][0].path if self._prepared else None
 
     @property
     def waiting_files(self) -> int:
-        return len(self._files)
+        return len(self._files) + len(self._prepared) + max(0, len(self._opening) - 1)
 
     @property
     def waiting_message_bytes(self) -> int:
@@ -1216,7 +1301,7 @@ class SendQueue:
         """
         if self._stopped:
             return succeed(SendResult(path, False, error="connection closed"))
-        if len(self._files) >= self._max_files:
+        if self.waiting_files >= self._max_files:
             raise ProtocolError("more than %d file requests pending" % self._max_files)
         request = _FileRequest(path, Path(local_path), expected_size, request_range, on_sent,
                                Deferred())
@@ -1234,35 +1319,93 @@ class SendQueue:
             current.stopProducing()
         self._messages.clear()
         self._message_bytes = 0
+        prepared, self._prepared = self._prepared, deque()
+        for request, opened in prepared:
+            if isinstance(opened, OpenedFile):
+                opened.file.close()
+            request.done.callback(SendResult(request.path, False, error="connection closed"))
         files, self._files = self._files, deque()
         for request in files:
             request.done.callback(SendResult(request.path, False, error="connection closed"))
 
     def _pump(self) -> None:
-        while self._current is None and not self._stopped:
+        while self._current is None and not self._opening and not self._stopped:
             while self._messages:
                 data = self._messages.popleft()
                 self._message_bytes -= len(data)
                 self._consumer.write(data)
+            if self._prepared:
+                request, opened = self._prepared.popleft()
+                if isinstance(opened, OSError):
+                    self._refuse(request, opened)
+                else:
+                    self._start(request, opened)
+                continue
             if not self._files:
+                return
+            if self._runner is not None:
+                self._open_in_worker()
                 return
             request = self._files.popleft()
             try:
-                sender = FileSender.open(
-                    self._clock, request.path, request.local_path,
-                    expected_size=request.expected_size, request_range=request.request_range,
-                    chunk_size=self._chunk_size, on_sent=request.on_sent,
-                    limiter=self._limiter)
+                self._start(request, open_to_send(request.local_path, request.expected_size,
+                                                  request.request_range, 0))
             except OSError as e:
-                reason = describe_os_error(e)
-                self._log.info("cannot send {path}: {why}", path=request.path, why=reason)
-                self._consumer.write(wire.encode(get_error_message(request.path, reason)))
-                request.done.callback(SendResult(request.path, False, error=reason))
-                continue
-            self._current = sender
-            sender.begin(self._consumer).addCallbacks(
-                self._file_sent, self._file_stopped,
-                callbackArgs=(request, sender), errbackArgs=(request, sender))
+                self._refuse(request, e)
+
+    def _open_in_worker(self) -> None:
+        """Open the next file, and the small ones right behind it, in one worker job.
+
+        A job per file would cost the sender more than the reads of many
+        small files; the batch is bounded by PREPARE_FILES and PREPARE_BYTES
+        (small files are read whole, so their content waits in memory).
+        """
+        batch = [self._files.popleft()]
+        size = 0
+        while (self._files and len(batch) < PREPARE_FILES
+               and self._small(self._files[0]) and self._small(batch[-1])
+               and size + (self._files[0].expected_size or 0) <= PREPARE_BYTES):
+            size += self._files[0].expected_size or 0
+            batch.append(self._files.popleft())
+        self._opening = batch
+        jobs = [(r.local_path, r.expected_size, r.request_range) for r in batch]
+        self._runner.run(_open_many_to_send, jobs, self._chunk_size).addBoth(self._opened)
+
+    def _small(self, request: _FileRequest) -> bool:
+        return (request.request_range is None and request.expected_size is not None
+                and request.expected_size <= self._chunk_size)
+
+    def _opened(self, results: list[OpenedFile | OSError] | Failure) -> None:
+        batch, self._opening = self._opening, []
+        if isinstance(results, Failure):
+            self._log.failure("opening files to send failed", results)
+            results = [OSError(errno.EIO, "the file could not be read")] * len(batch)
+        if self._stopped:
+            for request, opened in zip(batch, results):
+                if isinstance(opened, OpenedFile):
+                    opened.file.close()
+                request.done.callback(SendResult(request.path, False, error="connection closed"))
+            return
+        self._prepared.extend(zip(batch, results))
+        self._pump()
+
+    def _refuse(self, request: _FileRequest, error: OSError) -> None:
+        """Answer a ``get`` whose file cannot be sent with ``get_error``."""
+        reason = describe_os_error(error)
+        self._log.info("cannot send {path}: {why}", path=request.path, why=reason)
+        self._consumer.write(wire.encode(get_error_message(request.path, reason)))
+        request.done.callback(SendResult(request.path, False, error=reason))
+
+    def _start(self, request: _FileRequest, opened: OpenedFile) -> None:
+        sender = FileSender(
+            self._clock, request.path, opened.file, opened.start, opened.length,
+            include_range=request.request_range is not None, chunk_size=self._chunk_size,
+            on_sent=request.on_sent, limiter=self._limiter, runner=self._runner,
+            first=opened.first)
+        self._current = sender
+        sender.begin(self._consumer).addCallbacks(
+            self._file_sent, self._file_stopped,
+            callbackArgs=(request, sender), errbackArgs=(request, sender))
 
     def _file_sent(self, size: int, request: _FileRequest, sender: FileSender) -> None:
         if self._current is sender:

@@ -288,6 +288,12 @@ def test_sending_a_large_file_uses_bounded_memory(tmp_path):
 # -- SendQueue ---------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["reactor thread", "runner"])
+def queue_runner(request):
+    """SendQueue opening and reading files itself, or through a runner (here at once)."""
+    return SyncRunner() if request.param == "runner" else None
+
+
 def test_queue_writes_messages_at_once_when_idle():
     """With no file in flight a message goes straight to the transport."""
     transport = StringTransport()
@@ -296,12 +302,12 @@ def test_queue_writes_messages_at_once_when_idle():
     assert transport.value() == b'{"type":"ping","timeout":60}\n'
 
 
-def test_queue_sends_files_one_at_a_time_with_messages_between(tmp_path):
+def test_queue_sends_files_one_at_a_time_with_messages_between(tmp_path, queue_runner):
     """Messages sent during a payload wait for its end, then go before the next file."""
     (tmp_path / "a").write_bytes(b"A" * 2500)
     (tmp_path / "b").write_bytes(b"B" * 10)
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, chunk_size=1000)
+    queue = SendQueue(transport, clock, runner=queue_runner, chunk_size=1000)
     first = queue.send_file("a", tmp_path / "a", expected_size=2500)
     second = queue.send_file("b", tmp_path / "b", request_range=(2, 3))
     clock.advance(0)
@@ -318,12 +324,12 @@ def test_queue_sends_files_one_at_a_time_with_messages_between(tmp_path):
     assert transport.producer is None and queue.sending is None
 
 
-def test_queue_answers_unservable_files_with_get_error(tmp_path):
+def test_queue_answers_unservable_files_with_get_error(tmp_path, queue_runner):
     """A file missing or changed when its turn comes gets get_error; the queue goes on."""
     (tmp_path / "ok").write_bytes(b"fine")
     (tmp_path / "grew").write_bytes(b"longer now")
     clock, transport = Clock(), StringTransport()
-    queue = SendQueue(transport, clock)
+    queue = SendQueue(transport, clock, runner=queue_runner)
     missing = queue.send_file("gone", tmp_path / "gone")
     changed = queue.send_file("grew", tmp_path / "grew", expected_size=4)
     fine = queue.send_file("ok", tmp_path / "ok")
@@ -339,11 +345,12 @@ def test_queue_answers_unservable_files_with_get_error(tmp_path):
     assert not result_of(changed).sent and result_of(fine).sent
 
 
-def test_queue_bounds_files_and_held_messages(tmp_path):
+def test_queue_bounds_files_and_held_messages(tmp_path, queue_runner):
     """Too many waiting requests or too many held-back message bytes is a protocol error."""
     (tmp_path / "f").write_bytes(content(5000))
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, max_files=2, max_message_bytes=100, chunk_size=1000)
+    queue = SendQueue(transport, clock, runner=queue_runner, max_files=2, max_message_bytes=100,
+                      chunk_size=1000)
     queue.send_file("f", tmp_path / "f")  # starts at once
     queue.send_file("f", tmp_path / "f")
     queue.send_file("f", tmp_path / "f")
@@ -355,11 +362,11 @@ def test_queue_bounds_files_and_held_messages(tmp_path):
     assert queue.waiting_message_bytes == 60
 
 
-def test_queue_stop_reports_unsent_files_and_stops_reading(tmp_path):
+def test_queue_stop_reports_unsent_files_and_stops_reading(tmp_path, queue_runner):
     """After stop() the current file stops, waiting ones report 'connection closed'."""
     (tmp_path / "f").write_bytes(content(5000))
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, chunk_size=1000)
+    queue = SendQueue(transport, clock, runner=queue_runner, chunk_size=1000)
     current = queue.send_file("f", tmp_path / "f")
     waiting = queue.send_file("f", tmp_path / "f")
     clock.advance(0)
@@ -374,17 +381,116 @@ def test_queue_stop_reports_unsent_files_and_stops_reading(tmp_path):
     assert result_of(queue.send_file("f", tmp_path / "f")).sent is False
 
 
-def test_transport_stopping_the_producer_stops_the_queue(tmp_path):
+def test_transport_stopping_the_producer_stops_the_queue(tmp_path, queue_runner):
     """A lost connection (stopProducing from the transport) ends the queue cleanly."""
     (tmp_path / "f").write_bytes(content(5000))
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, chunk_size=1000)
+    queue = SendQueue(transport, clock, runner=queue_runner, chunk_size=1000)
     first = queue.send_file("f", tmp_path / "f")
     second = queue.send_file("f", tmp_path / "f")
     clock.advance(0)
     transport.producer.stopProducing()
     assert not result_of(first).sent and not result_of(second).sent
     assert queue.sending is None and queue.waiting_files == 0
+
+
+class HeldRunner:
+    """A runner whose jobs wait until the test releases them, in order: a busy
+    worker pool, or a worker's timing chosen by the test."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Deferred, object, tuple]] = []
+
+    def run(self, fn, *args) -> Deferred:
+        d: Deferred = Deferred()
+        self.jobs.append((d, fn, args))
+        return d
+
+    def release(self):
+        """Run the oldest job; returns its result (None if it raised: its Deferred failed)."""
+        d, fn, args = self.jobs.pop(0)
+        try:
+            result = fn(*args)
+        except Exception:
+            d.errback(Failure())
+            return None
+        d.callback(result)
+        return result
+
+    def release_all(self) -> None:
+        while self.jobs:
+            self.release()
+
+
+def test_reads_in_a_worker_wait_out_a_pause_and_a_stop_closes_the_file_after_them(tmp_path):
+    """Opening and each read run in the runner; a chunk read while paused is written on
+    resume; a stop during a read closes the file only once that read is back."""
+    data = content(3000)
+    (tmp_path / "f").write_bytes(data)
+    clock, transport, runner = Clock(), StringTransport(), HeldRunner()
+    queue = SendQueue(transport, clock, runner=runner, chunk_size=1000)
+    done = queue.send_file("f", tmp_path / "f")
+    assert queue.sending == "f" and transport.value() == b"" and len(runner.jobs) == 1
+    runner.release()  # opened, first chunk read
+    clock.advance(0)
+    assert transport.value() == b'!{"type":"file_data","path":"f"}\n1000\n' + data[:1000]
+    sender = transport.producer
+    sender.pauseProducing()
+    runner.release()  # the second chunk comes back while paused: held
+    clock.advance(0)
+    assert transport.value().count(b"1000\n") == 1 and runner.jobs == []
+    sender.resumeProducing()
+    clock.advance(0)
+    assert transport.value().endswith(b"1000\n" + data[1000:2000])
+    assert len(runner.jobs) == 1  # the third read is running
+    file = sender._file
+    queue.stop()
+    assert not file.closed
+    runner.release()
+    clock.advance(0)
+    assert file.closed and not transport.value().endswith(data[2000:])
+    assert result_of(done).error == "connection closed"
+
+
+def test_a_queue_stopped_while_a_worker_opens_a_file_closes_that_file(tmp_path):
+    (tmp_path / "f").write_bytes(b"data")
+    transport, runner = StringTransport(), HeldRunner()
+    queue = SendQueue(transport, Clock(), runner=runner)
+    done = queue.send_file("f", tmp_path / "f")
+    queue.stop()
+    [opened] = runner.release()
+    assert opened.file.closed and transport.value() == b""
+    assert result_of(done).error == "connection closed"
+
+
+def test_small_files_waiting_together_are_opened_in_one_worker_job(tmp_path):
+    """Queued small files go to one open job (a missing one answered in its place); a file
+    larger than a chunk ends the batch; the order of answers is the order of requests."""
+    for name, size in (("a", 10), ("b", 20), ("big", 5000), ("c", 30)):
+        (tmp_path / name).write_bytes(name[:1].encode() * size)
+    clock, transport, runner = Clock(), StringTransport(), HeldRunner()
+    queue = SendQueue(transport, clock, runner=runner, chunk_size=1000)
+    requests = [("a", 10), ("gone", 5), ("b", 20), ("big", 5000), ("c", 30)]
+    done = [queue.send_file(name, tmp_path / name, expected_size=size)
+            for name, size in requests]
+    assert [len(args[0]) for _, _, args in runner.jobs] == [1]  # "a" alone: it was first
+    runner.release()
+    clock.advance(0)
+    assert [len(args[0]) for _, _, args in runner.jobs] == [2]  # "gone" and "b"; "big" waits
+    runner.release()
+    clock.advance(0)
+    runner.release()  # "big" on its own
+    for _ in range(10):
+        clock.advance(0)
+        while runner.jobs:
+            runner.release()
+    decoder = wire.WireDecoder()
+    decoder.receive_data(transport.value())
+    heads = [(e.body["type"], e.body["path"]) for e in decoder.events()
+             if isinstance(e, wire.Message)]
+    assert heads == [("file_data", "a"), ("get_error", "gone"), ("file_data", "b"),
+                     ("file_data", "big"), ("file_data", "c")]
+    assert [result_of(d).sent for d in done] == [True, False, True, True, True]
 
 
 # -- FileReceiver ----------------------------------------------------------------------------
@@ -647,27 +753,6 @@ def test_buffered_small_file_with_wrong_bytes_is_corrupt(tmp_path):
     assert result.status == CORRUPT and not (tmp_path / "new").exists()
 
 
-class HeldRunner:
-    """A runner whose jobs wait until the test releases them (in order)."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Deferred, object, tuple]] = []
-
-    def run(self, fn, *args):
-        d: Deferred = Deferred()
-        self.jobs.append((d, fn, args))
-        return d
-
-    def release(self) -> None:
-        d, fn, args = self.jobs.pop(0)
-        try:
-            result = fn(*args)
-        except Exception:
-            d.errback(Failure())
-        else:
-            d.callback(result)
-
-
 def test_buffered_seals_run_in_few_jobs_of_many_files(tmp_path):
     """At most max_jobs seal jobs at once; what waits goes in batches of max_batch; every
     download still gets its own outcome (a wrong one is CORRUPT, the others are OK)."""
@@ -900,38 +985,18 @@ def test_large_download_flushes_ahead_and_still_lands_intact(tmp_path, monkeypat
     assert len(flushed) == 3  # after writes 2, 4 and 6: each time 64 KiB had piled up
 
 
-class _HeldRunner:
-    """Runs nothing until ``release()``: stands in for a busy worker pool."""
-
-    def __init__(self):
-        self.jobs: list[tuple[Deferred, object, tuple]] = []
-
-    def run(self, fn, *args):
-        d: Deferred = Deferred()
-        self.jobs.append((d, fn, args))
-        return d
-
-    def release(self):
-        while self.jobs:
-            d, fn, args = self.jobs.pop(0)
-            try:
-                d.callback(fn(*args))
-            except Exception:
-                d.errback(Failure())
-
-
 def test_received_pieces_are_written_and_hashed_in_worker_batches(tmp_path, monkeypatch):
     """Writes only queue batches; the worker job writes them in order and the hash verifies."""
     monkeypatch.setattr(transfer, "WRITE_BATCH", 64 * 1024)
     monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 32)
     data = content(MiB + 3, seed=7)
-    runner = _HeldRunner()
+    runner = HeldRunner()
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
     for start in range(0, len(data), 7000):
         receiver.write(data[start:start + 7000])
     assert receiver.temp_path.stat().st_size == 0  # nothing written on the calling thread
     sealed = receiver.seal()
-    runner.release()
+    runner.release_all()
     assert result_of(sealed) is None
     assert receiver.temp_path.read_bytes() == data
 
@@ -941,7 +1006,7 @@ def test_a_stalled_worker_does_not_let_batches_pile_up(tmp_path, monkeypatch):
     monkeypatch.setattr(transfer, "WRITE_BATCH", 1000)
     monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 4)
     data = content(20_000, seed=8)
-    runner = _HeldRunner()
+    runner = HeldRunner()
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
     for start in range(0, 5000, 1000):
         receiver.write(data[start:start + 1000])
@@ -949,7 +1014,7 @@ def test_a_stalled_worker_does_not_let_batches_pile_up(tmp_path, monkeypatch):
     for start in range(5000, len(data), 1000):
         receiver.write(data[start:start + 1000])
     sealed = receiver.seal()
-    runner.release()
+    runner.release_all()
     assert result_of(sealed) is None
     assert receiver.temp_path.read_bytes() == data
 
@@ -958,11 +1023,11 @@ def test_abort_keeping_the_partial_writes_pending_pieces_for_a_resume(tmp_path):
     """abort(keep_partial=True) writes what is still queued, so the resume starts after it."""
     data = content(3 * MiB, seed=9)
     record = record_for("f", data)
-    runner = _HeldRunner()
+    runner = HeldRunner()
     first = FileReceiver(tmp_path, tmp_path / "f", record, runner=runner)
     first.write(data[:MiB + 500])
     first.abort(keep_partial=True)
-    runner.release()
+    runner.release_all()
     second = FileReceiver(tmp_path, tmp_path / "f", record, runner=SyncRunner())
     assert second.offset == MiB + 500
     second.write(data[MiB + 500:])
