@@ -1058,7 +1058,7 @@ class FileSender:
         self._done: Deferred[int] = Deferred()
         self._runner = runner
         self._reading = False  # a worker is reading the next chunk
-        self._ready: bytes | None = first or None  # read, not yet written
+        self._ready: memoryview | None = memoryview(first) if first else None  # read, not sent
 
     @classmethod
     def open(cls, clock: IReactorTime, path: str, local_path: Path, *,
@@ -1114,7 +1114,11 @@ class FileSender:
                 return
             chunk_size = self._limiter.chunk_size(chunk_size)
         if self._ready is not None:
-            data, self._ready = self._ready, None
+            # Read ahead before the limit was known (or while paused): sent in
+            # pieces of at most the chunk size the limiter allows now.
+            ready = self._ready
+            data, rest = bytes(ready[:chunk_size]), ready[chunk_size:]
+            self._ready = rest if len(rest) else None
             self._send(data)
             return
         wanted = min(chunk_size, self._remaining)
@@ -1137,7 +1141,7 @@ class FileSender:
         if isinstance(result, Failure):
             result = self._read_failed(result.value) if result.check(OSError) else b""
         if self._paused:
-            self._ready = result
+            self._ready = memoryview(result)
             return
         self._send(result)
 

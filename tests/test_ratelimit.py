@@ -10,6 +10,7 @@ from twisted.internet.testing import StringTransport
 
 from clearskies import wire
 from clearskies.ratelimit import MAX_WAIT, MIN_CHUNK, RateLimiter, ReadThrottle
+from clearskies.threads import SyncRunner
 from clearskies.transfer import FileSender
 
 
@@ -147,21 +148,28 @@ def test_stopped_throttle_schedules_nothing():
 
 
 def _send(data: bytes, limiter: RateLimiter | None, clock: Clock,
-          chunk_size: int = wire.SEND_CHUNK_SIZE) -> tuple[StringTransport, list[int]]:
+          chunk_size: int = wire.SEND_CHUNK_SIZE,
+          read_ahead: bool = False) -> tuple[StringTransport, list[int]]:
+    """Send ``data``; with ``read_ahead`` its first chunk was read before the limit applied
+    (as a worker opening the file does) and the rest is read through a runner."""
     transport = StringTransport()
-    sender = FileSender(clock, "f.bin", io.BytesIO(data), 0, len(data), limiter=limiter,
-                        chunk_size=chunk_size)
+    first = data[:chunk_size] if read_ahead else b""
+    sender = FileSender(clock, "f.bin", io.BytesIO(data[len(first):]), 0, len(data),
+                        limiter=limiter, chunk_size=chunk_size, first=first,
+                        runner=SyncRunner() if read_ahead else None)
     done: list[int] = []
     sender.begin(transport).addCallback(done.append)
     return transport, done
 
 
-def test_file_sender_keeps_to_the_upload_limit():
-    """200 kB at 50 kB/s takes about (size - burst) / rate seconds and arrives intact."""
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_file_sender_keeps_to_the_upload_limit(read_ahead):
+    """200 kB at 50 kB/s takes about (size - burst) / rate seconds and arrives intact,
+    also when its first chunk was read ahead in one piece."""
     data = bytes(range(256)) * 800  # 204,800 bytes
     clock = Clock()
     limiter = RateLimiter(clock, 50_000)
-    transport, done = _send(data, limiter, clock)
+    transport, done = _send(data, limiter, clock, read_ahead=read_ahead)
     while not done:
         clock.advance(0.01)
     expected = (len(data) - limiter.burst - limiter.chunk_size(1 << 20)) / 50_000
