@@ -25,7 +25,7 @@ from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner, ThreadPoolRunner
 from clearskies.transfer import (
-    CONFLICT, CORRUPT, OK, FileReceiver, FileSender, SendQueue, describe_os_error,
+    CONFLICT, CORRUPT, OK, FileReceiver, FileSender, SendQueue, SendResult, describe_os_error,
     finish_many, get_error_message, is_temp_name, temp_name,
 )
 
@@ -491,6 +491,28 @@ def test_small_files_waiting_together_are_opened_in_one_worker_job(tmp_path):
     assert heads == [("file_data", "a"), ("get_error", "gone"), ("file_data", "b"),
                      ("file_data", "big"), ("file_data", "c")]
     assert [result_of(d).sent for d in done] == [True, False, True, True, True]
+
+
+def test_an_open_job_that_crashes_answers_get_error_and_the_queue_goes_on(tmp_path, monkeypatch):
+    """A bug in the worker's open job fails those requests with get_error, not the queue."""
+    (tmp_path / "f").write_bytes(b"fine")
+    clock, transport, runner = Clock(), StringTransport(), HeldRunner()
+    queue = SendQueue(transport, clock, runner=runner)
+    real = transfer._open_many_to_send
+    monkeypatch.setattr(transfer, "_open_many_to_send", lambda jobs, first: 1 / 0)
+    crashed = queue.send_file("f", tmp_path / "f", expected_size=4)
+    runner.release()
+    reason = describe_os_error(OSError(errno.EIO, "the file could not be read"))
+    assert result_of(crashed) == SendResult("f", False, error=reason)
+    monkeypatch.setattr(transfer, "_open_many_to_send", real)
+    fine = queue.send_file("f", tmp_path / "f", expected_size=4)
+    runner.release()
+    run_clock(clock)
+    assert result_of(fine).sent
+    decoder = wire.WireDecoder()
+    decoder.receive_data(transport.value())
+    assert [e.body["type"] for e in decoder.events() if isinstance(e, wire.Message)] == [
+        "get_error", "file_data"]
 
 
 # -- FileReceiver ----------------------------------------------------------------------------
