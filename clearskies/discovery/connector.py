@@ -42,7 +42,10 @@ MAX_TARGETS = 4096
 #: Dials in flight at once, over all targets.
 MAX_DIALS = 8
 INITIAL_BACKOFF = 2.0
-MAX_BACKOFF = 600.0
+#: A peer that stays unreachable is dialled once a minute (Syncthing's reconnect
+#: interval): one that comes back (a restart, a laptop waking up, an onion
+#: service published again) is found within a minute, never ten.
+MAX_BACKOFF = 60.0
 #: Tracker and LAN candidates not announced for this long are dropped.
 EXPIRE_AFTER = 3600.0
 #: Wait this long before redialling an address whose connection was lost.
