@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clearskies.errors import AccessCodeError
-from clearskies.keys import GRANTABLE_LEVELS
+from clearskies.levels import GRANTABLE_LEVELS
 
 CODE_BYTES = 16
 PREFIX_BYTES = bytes.fromhex("961a2ff3")

@@ -29,12 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.logger import Logger
 
 from clearskies.errors import HandshakeError, ShareError
+from clearskies.levels import GRANTABLE_LEVELS, LEVELS, RSA_LEVELS
 
 _log = Logger()
 
-LEVELS = ("unknown", "untrusted", "read_only", "read_write")  # ascending trust
-GRANTABLE_LEVELS = LEVELS[1:]  # levels that come with keys (and access codes)
-RSA_LEVELS = ("read_only", "read_write")  # levels that have an RSA key pair
 
 PSK_BYTES = 16
 RSA_BITS = 2048

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, NoReturn
 
-from clearskies.control.protocol import (
+from clearskies.control.lines import (
     MAX_LINE_LENGTH,
     PROTOCOL_VERSION,
     SERVICE,

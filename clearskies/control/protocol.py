@@ -11,7 +11,6 @@ for a slow subscriber (``MAX_EVENT_BACKLOG``, beyond which we hang up).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import stat
 import typing
@@ -27,48 +26,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from clearskies.errors import ClearSkiesError, ConfigurationError, ProtocolError
-
-SERVICE = "ClearSkies Control"
-PROTOCOL_VERSION = 1
-
-#: Longest request line (without its newline) the daemon accepts.
-MAX_LINE_LENGTH = 1024 * 1024
-#: Requests read but not yet answered, per connection, before we stop reading.
-MAX_PENDING = 64
-#: Events queued for a subscriber that does not read, before we drop it.
-MAX_EVENT_BACKLOG = 1000
-
-#: Request types the connection itself answers (subscription is per connection).
-SUBSCRIBE = ".events.subscribe"
-UNSUBSCRIBE = ".events.unsubscribe"
+from clearskies.control.lines import (  # noqa: F401  (also this module's public names)
+    MAX_EVENT_BACKLOG, MAX_LINE_LENGTH, MAX_PENDING, PROTOCOL_VERSION, SERVICE, SUBSCRIBE,
+    UNSUBSCRIBE, ControlError, JSONDict, LineSplitter, LineTooLong, encode_line, parse_request,
+)
+from clearskies.errors import ConfigurationError
 
 #: Longest filesystem path a UNIX socket address can hold on Linux.
 _MAX_SOCKET_PATH = 107
 
-JSONDict = dict[str, Any]
-
 _log = Logger()
 Reply = JSONDict | None
-
-
-class ControlError(ClearSkiesError):
-    """A request that cannot be carried out; sent back as ``{"error", "message"}``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code})"
-
-    def to_reply(self) -> JSONDict:
-        return {"error": self.code, "message": self.message}
-
-
-class LineTooLong(ProtocolError):
-    """A line longer than the limit the reader was built with."""
 
 
 class Dispatcher(typing.Protocol):
@@ -76,69 +44,6 @@ class Dispatcher(typing.Protocol):
 
     def dispatch(self, request: JSONDict) -> Reply | Deferred[Reply] | Awaitable[Reply]:
         ...
-
-
-def encode_line(message: JSONDict) -> bytes:
-    """One compact, ASCII-only JSON line; raises TypeError/ValueError if not JSON-able."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
-
-
-def parse_request(line: bytes) -> JSONDict:
-    """Decode one request line, or raise ``ControlError("bad_request", …)`` saying why."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ControlError("bad_request", "request is not valid UTF-8") from None
-    try:
-        request = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ControlError(
-            "bad_request", f"request is not valid JSON: {e.msg} at column {e.colno}"
-        ) from None
-    except (ValueError, RecursionError):
-        raise ControlError("bad_request", "request is not acceptable JSON") from None
-    if not isinstance(request, dict):
-        raise ControlError("bad_request", "request must be a JSON object")
-    if not isinstance(request.get("type"), str):
-        raise ControlError("bad_request", 'request needs a string "type"')
-    return request
-
-
-class LineSplitter:
-    """Cuts a byte stream into newline-terminated lines, refusing overlong ones.
-
-    Sans-IO and shared by the daemon and the blocking client.  Memory stays
-    within ``max_length`` plus whatever was fed since the last complete line.
-    """
-
-    def __init__(self, max_length: int) -> None:
-        self.max_length = max_length
-        self._buffer = bytearray()
-        self._start = 0    # where the next line begins
-        self._scanned = 0  # bytes before this hold no newline (avoids rescans)
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def next_line(self) -> bytes | None:
-        """The next complete line without its newline, or None until more is fed."""
-        end = self._buffer.find(b"\n", max(self._start, self._scanned))
-        if end == -1:
-            del self._buffer[: self._start]
-            self._start = 0
-            self._scanned = len(self._buffer)
-            if len(self._buffer) > self.max_length:
-                raise LineTooLong(f"line longer than {self.max_length} bytes")
-            return None
-        if end - self._start > self.max_length:
-            raise LineTooLong(f"line longer than {self.max_length} bytes")
-        line = bytes(self._buffer[self._start : end])
-        self._start = end + 1
-        return line
-
-    def clear(self) -> None:
-        self._buffer.clear()
-        self._start = self._scanned = 0
 
 
 class _PendingReply:
