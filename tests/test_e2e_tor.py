@@ -340,6 +340,9 @@ class _FakeRuntime:
         share_id = "s" * 64
         access = "read_write"
 
+    class sync:  # no connected peers: nobody to tell our new onion address
+        sessions: dict = {}
+
 
 # -- two real daemons over a private Tor network ---------------------------------------
 
