@@ -1233,17 +1233,17 @@ class SendQueue:
     other messages wait (bounded) and go out before the next file starts.
     When no file is in flight, messages are written at once.  Files are
     opened only when their turn comes, so a file deleted or changed while
-    waiting is answered with ``get_error``.  With a ``runner``, opening a
-    file and reading it happen in worker threads (see FileSender).
+    waiting is answered with ``get_error``.  Opening a file and reading it
+    happen through ``runner``, in worker threads (see FileSender).
     """
 
     _log = Logger()
 
-    def __init__(self, consumer: IConsumer, clock: IReactorTime, *,
+    def __init__(self, consumer: IConsumer, clock: IReactorTime, *, runner: Runner,
                  max_files: int = MAX_QUEUED_FILES,
                  max_message_bytes: int = MAX_QUEUED_MESSAGE_BYTES,
                  chunk_size: int = wire.SEND_CHUNK_SIZE,
-                 limiter: RateLimiter | None = None, runner: Runner | None = None) -> None:
+                 limiter: RateLimiter | None = None) -> None:
         self._consumer = consumer
         self._runner = runner
         self._clock = clock
@@ -1255,8 +1255,8 @@ class SendQueue:
         self._message_bytes = 0
         self._files: deque[_FileRequest] = deque()
         self._current: FileSender | None = None
-        # With a runner: requests a worker is opening, and those it opened (or
-        # could not open), in order, waiting for their turn.
+        # Requests a worker is opening, and those it opened (or could not
+        # open), in order, waiting for their turn.
         self._opening: list[_FileRequest] = []
         self._prepared: deque[tuple[_FileRequest, OpenedFile | OSError]] = deque()
         self._stopped = False
@@ -1347,15 +1347,7 @@ class SendQueue:
                 continue
             if not self._files:
                 return
-            if self._runner is not None:
-                self._open_in_worker()
-                return
-            request = self._files.popleft()
-            try:
-                self._start(request, open_to_send(request.local_path, request.expected_size,
-                                                  request.request_range, 0))
-            except OSError as e:
-                self._refuse(request, e)
+            self._open_in_worker()
 
     def _open_in_worker(self) -> None:
         """Open the next file, and the small ones right behind it, in one worker job.

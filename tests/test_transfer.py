@@ -288,26 +288,20 @@ def test_sending_a_large_file_uses_bounded_memory(tmp_path):
 # -- SendQueue ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["reactor thread", "runner"])
-def queue_runner(request):
-    """SendQueue opening and reading files itself, or through a runner (here at once)."""
-    return SyncRunner() if request.param == "runner" else None
-
-
 def test_queue_writes_messages_at_once_when_idle():
     """With no file in flight a message goes straight to the transport."""
     transport = StringTransport()
-    queue = SendQueue(transport, Clock())
+    queue = SendQueue(transport, Clock(), runner=SyncRunner())
     queue.send_message(wire.encode({"type": "ping", "timeout": 60}))
     assert transport.value() == b'{"type":"ping","timeout":60}\n'
 
 
-def test_queue_sends_files_one_at_a_time_with_messages_between(tmp_path, queue_runner):
+def test_queue_sends_files_one_at_a_time_with_messages_between(tmp_path):
     """Messages sent during a payload wait for its end, then go before the next file."""
     (tmp_path / "a").write_bytes(b"A" * 2500)
     (tmp_path / "b").write_bytes(b"B" * 10)
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, runner=queue_runner, chunk_size=1000)
+    queue = SendQueue(transport, clock, runner=SyncRunner(), chunk_size=1000)
     first = queue.send_file("a", tmp_path / "a", expected_size=2500)
     second = queue.send_file("b", tmp_path / "b", request_range=(2, 3))
     clock.advance(0)
@@ -324,12 +318,12 @@ def test_queue_sends_files_one_at_a_time_with_messages_between(tmp_path, queue_r
     assert transport.producer is None and queue.sending is None
 
 
-def test_queue_answers_unservable_files_with_get_error(tmp_path, queue_runner):
+def test_queue_answers_unservable_files_with_get_error(tmp_path):
     """A file missing or changed when its turn comes gets get_error; the queue goes on."""
     (tmp_path / "ok").write_bytes(b"fine")
     (tmp_path / "grew").write_bytes(b"longer now")
     clock, transport = Clock(), StringTransport()
-    queue = SendQueue(transport, clock, runner=queue_runner)
+    queue = SendQueue(transport, clock, runner=SyncRunner())
     missing = queue.send_file("gone", tmp_path / "gone")
     changed = queue.send_file("grew", tmp_path / "grew", expected_size=4)
     fine = queue.send_file("ok", tmp_path / "ok")
@@ -345,11 +339,11 @@ def test_queue_answers_unservable_files_with_get_error(tmp_path, queue_runner):
     assert not result_of(changed).sent and result_of(fine).sent
 
 
-def test_queue_bounds_files_and_held_messages(tmp_path, queue_runner):
+def test_queue_bounds_files_and_held_messages(tmp_path):
     """Too many waiting requests or too many held-back message bytes is a protocol error."""
     (tmp_path / "f").write_bytes(content(5000))
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, runner=queue_runner, max_files=2, max_message_bytes=100,
+    queue = SendQueue(transport, clock, runner=SyncRunner(), max_files=2, max_message_bytes=100,
                       chunk_size=1000)
     queue.send_file("f", tmp_path / "f")  # starts at once
     queue.send_file("f", tmp_path / "f")
@@ -362,11 +356,11 @@ def test_queue_bounds_files_and_held_messages(tmp_path, queue_runner):
     assert queue.waiting_message_bytes == 60
 
 
-def test_queue_stop_reports_unsent_files_and_stops_reading(tmp_path, queue_runner):
+def test_queue_stop_reports_unsent_files_and_stops_reading(tmp_path):
     """After stop() the current file stops, waiting ones report 'connection closed'."""
     (tmp_path / "f").write_bytes(content(5000))
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, runner=queue_runner, chunk_size=1000)
+    queue = SendQueue(transport, clock, runner=SyncRunner(), chunk_size=1000)
     current = queue.send_file("f", tmp_path / "f")
     waiting = queue.send_file("f", tmp_path / "f")
     clock.advance(0)
@@ -381,11 +375,11 @@ def test_queue_stop_reports_unsent_files_and_stops_reading(tmp_path, queue_runne
     assert result_of(queue.send_file("f", tmp_path / "f")).sent is False
 
 
-def test_transport_stopping_the_producer_stops_the_queue(tmp_path, queue_runner):
+def test_transport_stopping_the_producer_stops_the_queue(tmp_path):
     """A lost connection (stopProducing from the transport) ends the queue cleanly."""
     (tmp_path / "f").write_bytes(content(5000))
     clock, transport = Clock(), PausingTransport(limit=1500)
-    queue = SendQueue(transport, clock, runner=queue_runner, chunk_size=1000)
+    queue = SendQueue(transport, clock, runner=SyncRunner(), chunk_size=1000)
     first = queue.send_file("f", tmp_path / "f")
     second = queue.send_file("f", tmp_path / "f")
     clock.advance(0)
@@ -904,7 +898,7 @@ def test_describe_os_error_does_not_leak_paths():
 class _Serve(protocol.Protocol):
     def connectionMade(self):
         factory = self.factory
-        self.queue = SendQueue(self.transport, reactor)
+        self.queue = SendQueue(self.transport, reactor, runner=factory.runner)
         for path, local, size in factory.files:
             self.queue.send_file(path, local, expected_size=size)
 
@@ -957,6 +951,7 @@ class LoopbackTransferTests(unittest.TestCase):
             (source / name).write_bytes(data)
         server = protocol.ServerFactory.forProtocol(_Serve)
         server.files = [(n, source / n, len(d)) for n, d in files.items()]
+        server.runner = self.runner
         port = reactor.listenTCP(0, server, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         receivers = {n: FileReceiver(target, target / n, record_for(n, d), runner=self.runner)

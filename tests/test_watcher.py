@@ -227,11 +227,15 @@ class InotifyWatcherTests(TestCase):
     def run_async(self, coro):
         return Deferred.fromCoroutine(coro)
 
+    def write(self, path: str, data: str = "x", mode: str = "w") -> None:
+        """Write (or with mode "a" append) ``data`` to the share-relative ``path``."""
+        with open(os.path.join(self.root, *path.split("/")), mode) as f:
+            f.write(data)
+
     def test_reports_relative_paths(self):
         """Writing a file in a watched subdirectory reports its share-relative path."""
         async def go():
-            with open(os.path.join(self.root, "sub", "f.txt"), "w") as f:
-                f.write("x")
+            self.write("sub/f.txt")
             await eventually(lambda: "sub/f.txt" in self.changes)
         return self.run_async(go())
 
@@ -239,28 +243,24 @@ class InotifyWatcherTests(TestCase):
         """An expected rename into a path is swallowed once; a user's edit after it is not."""
         self.watcher.expected = ExpectedArrivals(reactor)
         async def go():
+            self.write("sub/.f.txt.0123.!clearsky", "downloaded")
             temp = os.path.join(self.root, "sub", ".f.txt.0123.!clearsky")
-            with open(temp, "w") as f:
-                f.write("downloaded")
             self.watcher.expected.expect(["sub/f.txt"])
             os.rename(temp, os.path.join(self.root, "sub", "f.txt"))
             # A marker written afterwards proves the rename's event was processed.
-            with open(os.path.join(self.root, "sub", "marker"), "w") as f:
-                f.write("x")
+            self.write("sub/marker")
             await eventually(lambda: "sub/marker" in self.changes)
             self.assertNotIn("sub/f.txt", self.changes)
             self.assertEqual(len(self.watcher.expected), 0)
-            with open(os.path.join(self.root, "sub", "f.txt"), "a") as f:
-                f.write(" and edited")
+            self.write("sub/f.txt", " and edited", mode="a")
             await eventually(lambda: "sub/f.txt" in self.changes)
         return self.run_async(go())
 
     def test_partial_download_names_are_never_reported(self):
         """Events for ``*.!clearsky`` files are dropped; the file renamed from one is not."""
         async def go():
+            self.write("sub/.g.txt.0123.!clearsky", "partial")
             temp = os.path.join(self.root, "sub", ".g.txt.0123.!clearsky")
-            with open(temp, "w") as f:
-                f.write("partial")
             os.chmod(temp, 0o644)
             os.rename(temp, os.path.join(self.root, "sub", "g.txt"))
             await eventually(lambda: "sub/g.txt" in self.changes)
@@ -272,8 +272,7 @@ class InotifyWatcherTests(TestCase):
         async def go():
             os.mkdir(os.path.join(self.root, "new"))
             await eventually(lambda: "new" in self.changes)
-            with open(os.path.join(self.root, "new", "inner"), "w") as f:
-                f.write("x")
+            self.write("new/inner")
             await eventually(lambda: "new/inner" in self.changes)
         return self.run_async(go())
 
@@ -283,13 +282,11 @@ class InotifyWatcherTests(TestCase):
             shutil.rmtree(os.path.join(self.root, "sub"))
             await eventually(lambda: "sub" in self.changes)
             await deferLater(reactor, 0.05, lambda: None)
-            with open(os.path.join(self.root, "after.txt"), "w") as f:
-                f.write("x")
+            self.write("after.txt")
             await eventually(lambda: "after.txt" in self.changes)
             os.mkdir(os.path.join(self.root, "sub"))  # same name again: watched again
             await eventually(lambda: self.changes.count("sub") >= 2)
-            with open(os.path.join(self.root, "sub", "again"), "w") as f:
-                f.write("x")
+            self.write("sub/again")
             await eventually(lambda: "sub/again" in self.changes)
         return self.run_async(go())
 
@@ -298,8 +295,7 @@ class InotifyWatcherTests(TestCase):
         async def go():
             os.rename(os.path.join(self.root, "sub"), os.path.join(self.root, "moved"))
             await eventually(lambda: "sub" in self.changes and "moved" in self.changes)
-            with open(os.path.join(self.root, "moved", "f"), "w") as f:
-                f.write("x")
+            self.write("moved/f")
             await eventually(lambda: "moved/f" in self.changes)
         return self.run_async(go())
 
@@ -312,8 +308,7 @@ class InotifyWatcherTests(TestCase):
         async def go():
             with open(os.path.join(outside, "secret"), "w") as f:
                 f.write("x")
-            with open(os.path.join(self.root, "marker"), "w") as f:
-                f.write("x")
+            self.write("marker")
             await eventually(lambda: "marker" in self.changes)
             self.assertNotIn("link/secret", self.changes)
         return self.run_async(go())
