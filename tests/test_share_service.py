@@ -14,7 +14,7 @@ from clearskies.errors import ConfigurationError, ShareError
 from clearskies.share.database import ShareStore
 from clearskies.share.hashing import Unstable, hash_file
 from clearskies.share.records import FileRecord
-from clearskies.share.scanner import read_marker
+from clearskies.share.scanner import list_directories, read_marker
 from clearskies.share.service import ShareService, create_share
 from clearskies.share.watcher import DEFAULT_QUIET, InotifyWatcher
 from clearskies.threads import SyncRunner, ThreadPoolRunner
@@ -241,8 +241,118 @@ def test_create_share_checks_the_folder(tmp_path):
                                "read_write", 1.0))
 
 
+def test_list_directories_finds_what_a_scan_would_list(tmp_path):
+    """Nested directories, without ignored ones, symlinked ones or unusable names."""
+    root = tmp_path / "share"
+    for directory in ("a/b/c", "a/skip/inner", "d", "bad\\name"):
+        (root / directory).mkdir(parents=True)
+    (root / "a" / "file.txt").write_bytes(b"x")
+    (root / "link").symlink_to(root / "d")
+    (root / ".clearskiesignore").write_text("skip/\n")
+    assert sorted(list_directories(str(root))) == ["a", "a/b", "a/b/c", "d"]
+    with pytest.raises(FileNotFoundError):
+        list_directories(str(tmp_path / "missing"))
+
+
 class RealReactorTests(TestCase):
     """The whole service with inotify, a thread pool and the real reactor."""
+
+    def run_service(self, exercise, hasher=hash_file):
+        """Start a real service on a folder holding ``sub/first.txt``; run ``exercise(service, root, announced)``."""
+        if not InotifyWatcher.available():
+            raise SkipTest("inotify is not available here")
+        base = temporary_dir(self)
+        root = os.path.join(base, "share")
+        os.makedirs(os.path.join(root, "sub"))
+        with open(os.path.join(root, "sub", "first.txt"), "wb") as f:
+            f.write(b"first")
+        pool = ThreadPoolRunner(reactor, 2)
+        db = ThreadPoolRunner(reactor, 1)
+        pool.startService()
+        db.startService()
+        store = ShareStore(os.path.join(base, "state.sqlite3"), db)
+        announced = []
+
+        async def go():
+            info = await create_share(store, pool, root, SHARE, PEER, "read_write",
+                                      reactor.seconds())
+            service = ShareService(reactor, store, info, pool, quiet=0.1, hasher=hasher)
+            service.add_change_listener(lambda records, moves: announced.extend(records))
+            try:
+                await exercise(service, root, announced)
+            finally:
+                await service.stopService()
+                await store.close()
+                pool.stopService()
+                db.stopService()
+
+        return Deferred.fromCoroutine(go())
+
+    async def wait_until(self, predicate, what):
+        for _ in range(250):
+            if predicate():
+                return
+            await deferLater(reactor, 0.02, lambda: None)
+        self.fail("not %s after 5 s" % what)
+
+    def test_first_scan_watches_before_listing(self):
+        """A change during the first scan is caught by the watcher: no second full scan.
+
+        The file appears after the listing (while the scan hashes), in a
+        directory that existed before: only an event can report it.
+        """
+        written = []
+
+        def hasher(path, progress=None):
+            if not written:
+                written.append(path)
+                with open(os.path.join(os.path.dirname(path), "late.txt"), "wb") as f:
+                    f.write(b"late")
+            return hash_file(path, progress)
+
+        async def exercise(service, root, announced):
+            full_scans = []
+            real_scan = service.scanner.scan
+
+            def counting_scan(paths, since, on_batch):
+                if paths is None:
+                    full_scans.append(paths)
+                return real_scan(paths, since, on_batch)
+
+            service.scanner.scan = counting_scan
+            service.startService()
+            await self.wait_until(
+                lambda: "sub/late.txt" in [r.path for r in announced], "announced")
+            await deferLater(reactor, 0.3, lambda: None)
+            self.assertEqual(sorted(r.path for r in announced if not r.is_dir),
+                             ["sub/first.txt", "sub/late.txt"])
+            self.assertEqual(len(full_scans), 1)
+            self.assertTrue(service.status.watching)
+
+        return self.run_service(exercise, hasher)
+
+    def test_directory_watched_after_the_listing_is_rescanned(self):
+        """A directory the early watch missed is watched after the scan and looked at again.
+
+        (It appeared between the watcher's listing and the scan's.)  A file
+        written into it after the scan's listing, before its watch, is found.
+        """
+        written = []
+
+        def hasher(path, progress=None):
+            if not written:
+                written.append(path)
+                with open(os.path.join(os.path.dirname(path), "late.txt"), "wb") as f:
+                    f.write(b"late")
+            return hash_file(path, progress)
+
+        async def exercise(service, root, announced):
+            service._runner = _ListingNoDirectories(service._runner)
+            service.startService()
+            await self.wait_until(
+                lambda: "sub/late.txt" in [r.path for r in announced], "announced")
+
+        return self.run_service(exercise, hasher)
 
     def test_change_is_announced_via_inotify(self):
         """A file written into a running share is announced shortly after, with its hash."""
@@ -284,3 +394,15 @@ class RealReactorTests(TestCase):
                 db.stopService()
 
         return Deferred.fromCoroutine(go())
+
+
+class _ListingNoDirectories:
+    """A runner whose ``list_directories`` finds none (as if all appeared just after)."""
+
+    def __init__(self, runner):
+        self._runner = runner
+
+    def run(self, fn, *args):
+        if fn is list_directories:
+            return self._runner.run(lambda root: [], *args)
+        return self._runner.run(fn, *args)

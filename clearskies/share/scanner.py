@@ -174,6 +174,37 @@ def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> L
     return listing
 
 
+def list_directories(root: str) -> list[str]:
+    """Every directory a full scan would list, found without a stat call (blocking).
+
+    The watcher watches these before the scan's own listing begins.  An
+    error listing the root raises OSError; below it, an unreadable
+    directory is simply left out (the scan marks it protected).
+    """
+    rules = IgnoreRules.load(root)
+    found: list[str] = []
+    stack = [""]
+    while stack:
+        directory = stack.pop()
+        prefix = directory + "/" if directory else ""
+        try:
+            with os.scandir(os.path.join(root, directory) if directory else root) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    path = prefix + entry.name
+                    if is_dir and _usable_name(entry.name, directory) \
+                            and not rules.matches(path, True):
+                        found.append(path)
+                        stack.append(path)
+        except OSError:
+            if not directory:
+                raise
+    return found
+
+
 def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> None:
     parts = scope.split("/")
     current = root

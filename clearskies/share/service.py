@@ -32,7 +32,8 @@ from clearskies.share.hashing import HashFile, hash_file
 from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX
 from clearskies.share.paths import LocalPaths
 from clearskies.share.records import FileRecord
-from clearskies.share.scanner import Move, Scanner, ScanResult, read_marker, write_marker
+from clearskies.share.scanner import (
+    Move, Scanner, ScanResult, list_directories, read_marker, write_marker)
 from clearskies.share.watcher import (
     DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, ExpectedArrivals, InotifyWatcher,
     full_rescan_interval)
@@ -105,6 +106,7 @@ class ShareService(Service):
         ``use_inotify``); ``runner`` runs the blocking work (a thread pool)."""
         self._reactor = reactor
         self._store = store
+        self._runner = runner
         self.share = share
         self.share_id = share.share_id
         self.paths = LocalPaths(share.path)
@@ -298,6 +300,8 @@ class ShareService(Service):
                     waiters: list[Deferred[ScanResult]]) -> None:
         self._state = "scanning"
         try:
+            if paths is None:
+                await self._watch_before_listing()
             result = await self.scanner.scan(paths, since, self._announce)
             self._counts = await self._store.share_counts(self.share_id)
         except CancelledError as e:
@@ -324,6 +328,27 @@ class ShareService(Service):
         for waiter in waiters:
             waiter.callback(result)
 
+    async def _watch_before_listing(self) -> None:
+        """Start watching every directory before a full scan lists the folder.
+
+        A change after the listing then raises an event, and a change before
+        it is in the listing: nothing slips between the two, so no second
+        full scan is needed to catch up.
+        """
+        watcher = self._watcher
+        if watcher is None or watcher.running or self._watcher_failed:
+            return
+        try:
+            directories = await self._runner.run(list_directories, self.share.path)
+        except OSError:
+            return  # the scan reports what is wrong; watching starts after a good scan
+        if not self.running or watcher.running:
+            return
+        if not watcher.start():
+            self._watcher_failed = True  # periodic rescans only
+            return
+        watcher.watch_directories(directories)
+
     async def _after_scan(self, result: ScanResult, scanned: list[str] | None) -> None:
         if self._reason is not None:
             self._log.info("share {root} is reachable again", root=self.share.path)
@@ -333,12 +358,18 @@ class ShareService(Service):
         if self._watcher is not None and self.running and not self._watcher_failed:
             if not self._watcher.running and result.full:
                 if self._watcher.start():
+                    # (Not watched before the listing, which failed then.)
                     # Changes made while the watches were being set up are
                     # caught by one more (cheap: nothing to hash) full scan.
                     self._needs_catch_up = True
                 else:
                     self._watcher_failed = True  # periodic rescans only
-            self._watcher.watch_directories(result.directory_paths)
+            added = self._watcher.watch_directories(result.directory_paths)
+            if not self._needs_catch_up:
+                # Directories that appeared after the listing began are watched
+                # only now: what changed in them meanwhile is found by a rescan.
+                for path in added:
+                    self.path_changed(path)
         if result.full:
             if self._needs_catch_up:
                 self._needs_catch_up = False

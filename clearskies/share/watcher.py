@@ -320,13 +320,15 @@ class InotifyWatcher:
     def running(self) -> bool:
         return self._notifier is not None
 
-    def watch_directories(self, paths: Iterable[str]) -> None:
-        """Add a watch for each share-relative directory not watched yet."""
+    def watch_directories(self, paths: Iterable[str]) -> list[str]:
+        """Add a watch for each share-relative directory not watched yet; returns those."""
+        added = []
         for path in paths:
-            if path not in self._watched and self._notifier is not None:
-                self._watch(path)
+            if path not in self._watched and self._notifier is not None and self._watch(path):
+                added.append(path)
+        return added
 
-    def _watch(self, path: str) -> None:
+    def _watch(self, path: str) -> bool:
         filepath = FilePath(os.fsencode(os.path.join(self.root, path)))
         try:
             self._notifier.watch(filepath, mask=_EVENTS, callbacks=[self._event])
@@ -339,8 +341,9 @@ class InotifyWatcher:
                     "cannot watch every directory of {root} (raise the sysctl "
                     "fs.inotify.max_user_watches); changes there are found by periodic "
                     "rescans", root=self.root)
-            return
+            return False
         self._watched.add(path)
+        return True
 
     def _unwatch_tree(self, path: str) -> None:
         """Drop the watches of a directory that moved away, and of those below it."""
