@@ -46,7 +46,7 @@ from clearskies.ratelimit import RateLimiter
 from clearskies.share.runtime import ShareRuntime
 from clearskies.share.service import create_share as register_share
 from clearskies.sync import SyncSession
-from clearskies.threads import SerialRunner, ThreadPoolRunner
+from clearskies.threads import ProcessRunner, SerialRunner, ThreadPoolRunner
 
 DEFAULT_LISTEN = "tcp:60106"
 """Where peers reach us unless told otherwise (the LAN announcement port, but TCP)."""
@@ -174,6 +174,9 @@ class Daemon(MultiService):
         # which the scanner caps at one job per core itself: more threads than cores.
         self.cpu_runner = ThreadPoolRunner(reactor, max(8, 2 * (os.cpu_count() or 1)))
         self.cpu_runner.setServiceParent(self)
+        # Downloads' small-file jobs, in a helper process (threads.ProcessRunner).
+        self.disk_runner = ProcessRunner(reactor, self.cpu_runner)
+        self.disk_runner.setServiceParent(self)
         self.store: ShareStore | None = None
         self.shares: dict[str, ShareRuntime] = {}
         self.codes: dict[str, AccessCode] = {}

@@ -129,6 +129,10 @@ class LocalShare(Protocol):
     def runner(self) -> Any:
         """The thread runner for blocking file work."""
 
+    @property
+    def disk_runner(self) -> Any:
+        """The runner for downloads' small-file jobs (``clearskies.diskjobs``)."""
+
 
 @dataclass
 class Wanted:
@@ -663,7 +667,7 @@ class ShareSync:
     def _buffered_seals(self) -> BufferedSeals:
         """Small downloads of this share are written and fsynced in batches."""
         if self._seals is None:
-            self._seals = BufferedSeals(self.share.runner)
+            self._seals = BufferedSeals(self.share.disk_runner)
         return self._seals
 
     def _download_crashed(self, failure: Failure, path: str) -> None:
@@ -802,7 +806,7 @@ class ShareSync:
         if expect is not None:
             expect(renamed)
         try:
-            installed_now = await finish_many(self.share.runner, checked)
+            installed_now = await finish_many(self.share.disk_runner, checked)
         except Exception:
             installed_now = [Failure()] * len(checked)
         if expect is not None:

@@ -20,13 +20,12 @@ file) go through the injected runner.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import os
 import threading
 import stat
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from clearskies import wire
-from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies import diskjobs, wire
+from clearskies.errors import ProtocolError
 from clearskies.ratelimit import MAX_WAIT, RateLimiter
 from clearskies.share.records import FileRecord
 from clearskies.threads import Runner
@@ -76,9 +75,6 @@ PREPARE_BYTES = 4 * 1024 * 1024
 OK = "ok"
 CORRUPT = "corrupt"
 CONFLICT = "conflict"
-
-_OPEN_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-
 
 #: Write permission bits, removed on disk from a read-only share's files when
 #: the ``read_only_files`` setting is on.
@@ -174,7 +170,7 @@ class FileReceiver:
             temp_name(self.local_path.name, expected.sha256))
         self._runner = runner
         self._sealer = sealer
-        _check_inside(self.root, self.local_path, resolve=False)
+        diskjobs.check_inside(self.root, self.local_path, resolve=False)
         self._state = _NEW
         self._fd: int | None = None
         self._hasher: Any = hashlib.sha256()
@@ -270,7 +266,7 @@ class FileReceiver:
                 os.unlink(self.temp_path)
             except FileNotFoundError:
                 pass
-        fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
+        fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | diskjobs.OPEN_FLAGS, 0o600)
         try:
             os.ftruncate(fd, self._offset)
             os.lseek(fd, self._offset, os.SEEK_SET)
@@ -289,7 +285,7 @@ class FileReceiver:
         parent = self.local_path.parent
         if not parent.is_dir():
             parent.mkdir(parents=True, exist_ok=True)
-        _check_inside(self.root, self.local_path, resolve=True)
+        diskjobs.check_inside(self.root, self.local_path, resolve=True)
 
     def copy_local(self, source: Path) -> Deferred[None]:
         """Fill the download from a local file said to hold the same content.
@@ -343,7 +339,7 @@ class FileReceiver:
         if self._buffer is not None:
             data, self._buffer = b"".join(self._buffer), None
             args = (self.root, self.local_path, self.temp_path, data, self._overflow,
-                    self._on_disk)
+                    diskjobs.Content.of(self._on_disk))
             if self._sealer is not None:
                 problem = await self._sealer.seal(*args)
             else:
@@ -379,7 +375,7 @@ class FileReceiver:
         just before the rename; it answers (directly or by Deferred) whether
         the target is still as our last scan saw it.  With ``sync_directory``
         false the caller must fsync the target's directory itself
-        (:func:`sync_directories`), e.g. once for a batch of downloads.
+        (:func:`clearskies.diskjobs.sync_directories`), e.g. once for a batch of downloads.
         """
         return Deferred.fromCoroutine(self._finish(is_unchanged, sync_directory))
 
@@ -412,10 +408,10 @@ class FileReceiver:
         if self._state != _VERIFIED:
             raise RuntimeError("keep_as on a download that is %s" % self._state)
         other_path = Path(other_path)
-        _check_inside(self.root, other_path, resolve=False)
+        diskjobs.check_inside(self.root, other_path, resolve=False)
         if not other_path.parent.is_dir():
             other_path.parent.mkdir(parents=True, exist_ok=True)
-        _check_inside(self.root, other_path, resolve=True)
+        diskjobs.check_inside(self.root, other_path, resolve=True)
         self._state = _BUSY
         d = self._runner.run(_keep, self.temp_path, other_path, self.expected.sha256)
 
@@ -485,7 +481,7 @@ class BufferedSeals:
         self._jobs = 0
 
     def seal(self, root: Path, target: Path, temp: Path, data: bytes, overflow: bool,
-             expected: FileRecord) -> Deferred[str | None]:
+             expected: diskjobs.Content) -> Deferred[str | None]:
         """Like running :func:`_seal_buffered` in a worker: fires with None or the problem."""
         done: Deferred[str | None] = Deferred()
         self._queue.append(((root, target, temp, data, overflow, expected), done))
@@ -497,7 +493,7 @@ class BufferedSeals:
             batch = self._queue[:self.max_batch]
             del self._queue[:self.max_batch]
             self._jobs += 1
-            job = self._runner.run(_seal_buffered_many, [args for args, _ in batch])
+            job = self._runner.run(diskjobs.seal_buffered_many, [args for args, _ in batch])
             job.addBoth(self._done, batch)
 
     def _done(self, outcome: list[str | None | BaseException] | Failure,
@@ -628,54 +624,6 @@ class _BatchWriter:
         self._position = position + len(data)
 
 
-def _check_inside(root: Path, path: Path, *, resolve: bool) -> None:
-    """Refuse a target outside the share (lexically, or through symlinked directories)."""
-    if path.name in ("", ".", ".."):
-        raise UnsafePathError("download target has no file name")
-    if resolve:
-        base, parent = _real_root(str(root)), _real_directory(str(path.parent))
-    else:
-        base, parent = os.path.abspath(root), os.path.abspath(path.parent)
-    if parent != base and not parent.startswith(base.rstrip(os.sep) + os.sep):
-        raise UnsafePathError("download target lies outside the share")
-
-
-@functools.lru_cache(maxsize=64)
-def _real_root(root: str) -> str:
-    """A share root's real path: resolved once, not once per downloaded file.
-
-    Should the root later become a symlink elsewhere, targets no longer
-    resolve under the cached path and are refused.
-    """
-    return os.path.realpath(root)
-
-
-_resolved_directories: dict[str, tuple[str, int, int]] = {}
-_resolved_lock = threading.Lock()
-
-
-def _real_directory(directory: str) -> str:
-    """``realpath`` of a download's directory, remembered while the directory stays put.
-
-    Many files land in one directory; resolving every component again for
-    each costs more than the write.  The cached answer is used only while
-    the directory is still the same inode (a swap for a symlink or another
-    directory is resolved afresh).
-    """
-    st = os.lstat(directory)
-    with _resolved_lock:
-        known = _resolved_directories.get(directory)
-    if known is not None and (known[1], known[2]) == (st.st_dev, st.st_ino) \
-            and stat.S_ISDIR(st.st_mode):
-        return known[0]
-    real = os.path.realpath(directory)
-    with _resolved_lock:
-        if len(_resolved_directories) > 4096:
-            _resolved_directories.clear()
-        _resolved_directories[directory] = (real, st.st_dev, st.st_ino)
-    return real
-
-
 def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
                 ) -> Deferred[list[FinishResult | Failure]]:
     """Put many sealed downloads in place with one runner call; one result per item.
@@ -711,7 +659,7 @@ async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
         receiver._state = _BUSY
     try:
         outcomes = await runner.run(
-            _install_batch, [(r.temp_path, r.local_path) for _, r in moving])
+            diskjobs.install_batch, [(r.temp_path, r.local_path) for _, r in moving])
     except BaseException:
         for _, receiver in moving:
             receiver._state = _VERIFIED
@@ -769,140 +717,30 @@ def _seal(fd: int, temp: Path, hasher: Any, overflow: bool,
 
 
 def _seal_buffered(root: Path, target: Path, temp: Path, data: bytes, overflow: bool,
-                   expected: FileRecord) -> str | None:
+                   expected: diskjobs.Content) -> str | None:
     """Verify a small download held in memory, then write and fsync its temporary file.
 
     Returns None when it is ready for the rename, else why it was refused
     (then nothing was written).
     """
-    [outcome] = _seal_buffered_many([(root, target, temp, data, overflow, expected)])
+    [outcome] = diskjobs.seal_buffered_many([(root, target, temp, data, overflow, expected)])
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
 
 
-def _seal_buffered_many(items: list[tuple[Any, ...]]) -> list[str | None | BaseException]:
-    """:func:`_seal_buffered` for each item; an exception is returned in its place.
-
-    The content is checked before anything is written.  The share root and
-    each target directory (created if missing, resolved to make sure it lies
-    inside the share) are checked once per batch, not once per file: many
-    small files of a batch share a directory.
-    """
-    outcomes: list[str | None | BaseException] = []
-    ready_directories: set[Path] = set()
-    for root, target, temp, data, overflow, expected in items:
-        try:
-            problem = _check_buffered(data, overflow, expected)
-            if problem is None:
-                if target.parent not in ready_directories:
-                    _prepare_directory_of(root, target)
-                    ready_directories.add(target.parent)
-                _write_temp(temp, data, expected)
-            outcomes.append(problem)
-        except Exception as e:
-            outcomes.append(e)
-    return outcomes
-
-
-def _check_buffered(data: bytes, overflow: bool, expected: FileRecord) -> str | None:
-    """Why a small download held in memory is not the expected content, or None."""
-    if overflow:
-        return "the peer sent more than %d bytes" % expected.size
-    if len(data) != expected.size:
-        return "got %d bytes, expected %d" % (len(data), expected.size)
-    if hashlib.sha256(data).hexdigest() != expected.sha256:
-        return "SHA-256 mismatch"
-    return None
-
-
-def _prepare_directory_of(root: Path, target: Path) -> None:
-    """Make sure ``target``'s directory exists inside the share (never the share root itself)."""
-    if not root.is_dir():
-        # A share folder moved away or unmounted is never recreated by a download.
-        raise FileNotFoundError(errno.ENOENT, "the share folder is missing", str(root))
-    parent = target.parent
-    if not parent.is_dir():
-        parent.mkdir(parents=True, exist_ok=True)
-    _check_inside(root, target, resolve=True)
-
-
-def _write_temp(temp: Path, data: bytes, expected: FileRecord) -> None:
-    """Create ``temp`` afresh with ``data``, the record's mode and mtime, and fsync it."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS
-    try:
-        fd = os.open(temp, flags, 0o600)
-    except FileExistsError:
-        os.unlink(temp)  # whatever sits under the temp name (even a symlink) goes
-        fd = os.open(temp, flags, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fchmod(fd, (expected.mode if expected.mode is not None else 0o644) & 0o777)
-        if expected.mtime_ns is not None:
-            os.utime(fd, ns=(expected.mtime_ns, expected.mtime_ns))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _stat_key(path: Path) -> tuple[int, int, int]:
-    st = os.lstat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
 def _install(temp: Path, target: Path, sync_directory: bool = True) -> tuple[int, int, int]:
     os.replace(temp, target)
     if sync_directory:
-        _fsync_directory(target.parent)
-    return _stat_key(target)
-
-
-def sync_directories(directories: Iterable[Path]) -> None:
-    """fsync each directory once: makes a batch of renames into them durable (worker thread)."""
-    for directory in set(directories):
-        _fsync_directory(directory)
-
-
-def _install_batch(pairs: list[tuple[Path, Path]]
-                   ) -> list[tuple[int, int, int] | OSError]:
-    """Rename each (temp, target), then fsync every directory that got a file.
-
-    A failed rename is returned in its place; a failed directory fsync
-    fails the whole job (nothing in the batch may then be recorded).
-    """
-    outcomes: list[tuple[int, int, int] | OSError] = []
-    directories: set[Path] = set()
-    for temp, target in pairs:
-        try:
-            os.replace(temp, target)
-            outcomes.append(_stat_key(target))
-        except OSError as e:
-            outcomes.append(e)
-            continue
-        directories.add(target.parent)
-    sync_directories(directories)
-    return outcomes
+        diskjobs.fsync_directory(target.parent)
+    return diskjobs.stat_key(target)
 
 
 def _keep(temp: Path, other: Path, sha256: str) -> tuple[int, int, int]:
     try:
         os.link(temp, other)  # fails rather than overwrite
     except FileExistsError:
-        fd = os.open(other, os.O_RDONLY | _OPEN_FLAGS)
+        fd = os.open(other, os.O_RDONLY | diskjobs.OPEN_FLAGS)
         try:
             same = _hash_fd(fd) == sha256
         finally:
@@ -916,11 +754,11 @@ def _keep(temp: Path, other: Path, sha256: str) -> tuple[int, int, int]:
         if os.path.lexists(other):
             raise FileExistsError(errno.EEXIST, "conflict copy path is taken") from None
         os.rename(temp, other)
-        _fsync_directory(other.parent)
-        return _stat_key(other)
+        diskjobs.fsync_directory(other.parent)
+        return diskjobs.stat_key(other)
     os.unlink(temp)
-    _fsync_directory(other.parent)
-    return _stat_key(other)
+    diskjobs.fsync_directory(other.parent)
+    return diskjobs.stat_key(other)
 
 
 def _flush_copy(fd: int) -> None:
@@ -931,13 +769,6 @@ def _flush_copy(fd: int) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])
-
-
 def _copy_into(source: Path, temp: Path, limit: int) -> tuple[Any, int, int]:
     """Copy ``source`` into ``temp`` (at most ``limit + 1`` bytes), hashing on the way.
 
@@ -945,15 +776,15 @@ def _copy_into(source: Path, temp: Path, limit: int) -> tuple[Any, int, int]:
     """
     hasher = hashlib.sha256()
     copied = 0
-    src = os.open(source, os.O_RDONLY | _OPEN_FLAGS)
+    src = os.open(source, os.O_RDONLY | diskjobs.OPEN_FLAGS)
     try:
-        dst = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _OPEN_FLAGS, 0o600)
+        dst = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | diskjobs.OPEN_FLAGS, 0o600)
         try:
             while copied <= limit:
                 block = os.read(src, min(BLOCK_SIZE, limit + 1 - copied))
                 if not block:
                     break
-                _write_all(dst, block)
+                diskjobs.write_all(dst, block)
                 hasher.update(block)
                 copied += len(block)
         except BaseException:
@@ -983,7 +814,7 @@ def open_to_send(local_path: Path, expected_size: int | None,
 
     Raises OSError when it cannot be served as recorded (see FileSender.open).
     """
-    fd = os.open(local_path, os.O_RDONLY | _OPEN_FLAGS)
+    fd = os.open(local_path, os.O_RDONLY | diskjobs.OPEN_FLAGS)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -1419,6 +1250,6 @@ class SendQueue:
 
 __all__ = [
     "TEMP_SUFFIX", "OK", "CORRUPT", "CONFLICT", "FinishResult", "FileReceiver", "FileSender",
-    "SendQueue", "SendResult", "SMALL_FILE", "sync_directories", "temp_name", "is_temp_name", "get_error_message",
+    "SendQueue", "SendResult", "SMALL_FILE", "temp_name", "is_temp_name", "get_error_message",
     "describe_os_error",
 ]

@@ -9,7 +9,6 @@ through the store's own thread.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from clearskies import readonly
+from clearskies import diskjobs, readonly
 from clearskies.errors import UnsafePathError
 from clearskies.keys import ShareKeys
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
@@ -32,38 +31,26 @@ if TYPE_CHECKING:
     from clearskies.daemon import Daemon
 
 
-def _matches(path: str, stored: StoredRecord | None) -> bool:
-    """True if the file at ``path`` still holds the content ``stored`` records.
-
-    The cache key answers without reading; when there is none (a file that
-    was still changing when it was scanned) the content is hashed.
-    """
-    if stored is None or stored.record.deleted or stored.record.is_dir:
-        return False
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size != stored.record.size:
-        return False
+def expected_on_disk(stored: StoredRecord | None) -> diskjobs.Expected:
+    """What the database says about a path, as the plain values disk jobs take."""
+    if stored is None or stored.record.deleted:
+        return ("absent",)
+    if stored.record.is_dir:
+        return ("directory",)
     cache = stored.cache
-    if cache is not None:
-        return (st.st_ino, st.st_size, st.st_mtime_ns) == (cache.inode, cache.size,
-                                                            cache.mtime_ns)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == stored.record.sha256
+    return ("file", stored.record.size, stored.record.sha256,
+            None if cache is None else (cache.inode, cache.size, cache.mtime_ns))
+
+
+def _matches(path: str, stored: StoredRecord | None) -> bool:
+    """True if the file at ``path`` still holds the content ``stored`` records."""
+    expected = expected_on_disk(stored)
+    return expected[0] == "file" and diskjobs.matches(path, *expected[1:])
 
 
 def _unchanged(path: str, stored: StoredRecord | None) -> bool:
     """The path on disk is as the database says: the same file, or absent when it is absent."""
-    if stored is None or stored.record.deleted:
-        return not os.path.lexists(path)
-    if stored.record.is_dir:
-        return os.path.isdir(path) and not os.path.islink(path)
-    return _matches(path, stored)
+    return diskjobs.unchanged(path, expected_on_disk(stored))
 
 
 def _remove(path: str, stored: StoredRecord | None) -> bool:
@@ -169,6 +156,8 @@ class ShareRuntime:
         self.root = Path(info.path)
         self.store = daemon.store
         self.runner = daemon.cpu_runner
+        # The many small per-download jobs (see clearskies.diskjobs).
+        self.disk_runner = daemon.disk_runner
         self.service = ShareService(daemon.reactor, daemon.store, info, daemon.cpu_runner)
         self.paths = self.service.paths
         self.sync = ShareSync(self, daemon.reactor)
@@ -285,8 +274,9 @@ class ShareRuntime:
         if local_paths is None:
             local_paths = [self.local_path(p) for p in paths]
         locals_ = [(p, str(local), stored.get(p)) for p, local in zip(paths, local_paths)]
-        return await self.runner.run(
-            lambda: {p: _unchanged(local, row) for p, local, row in locals_})
+        return await self.disk_runner.run(
+            diskjobs.unchanged_many,
+            [(p, local, expected_on_disk(row)) for p, local, row in locals_])
 
     def local_path(self, path: str) -> Path:
         return self.paths.to_local(path)

@@ -1,0 +1,156 @@
+"""The disk helper process: its frames, its jobs, and ProcessRunner's care of it."""
+
+import hashlib
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from clearskies import diskhelper, diskjobs
+from clearskies.diskhelper import FrameError, FrameReader, answer, encode_frame
+from clearskies.threads import MAX_SILENT_HELPERS, HelperGone, ProcessRunner, SyncRunner
+from tests.test_database import temporary_dir
+
+MTIME_NS = 1_700_000_000_123_456_789
+
+
+def frame_bytes(value):
+    return b"".join(encode_frame(value))
+
+
+def test_frames_survive_any_split():
+    """Jobs cut at every possible point still come out whole and in order."""
+    stream = frame_bytes((1, "a", (b"x" * 300,))) + frame_bytes((2, "b", ()))
+    for cut in range(len(stream) + 1):
+        reader = FrameReader()
+        got = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
+        assert got == [(1, "a", (b"x" * 300,)), (2, "b", ())]
+
+
+def test_oversized_or_garbled_frames_are_refused():
+    with pytest.raises(FrameError, match="over the limit"):
+        FrameReader().feed((diskhelper.MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(FrameError, match="does not decode"):
+        FrameReader().feed((3).to_bytes(4, "big") + b"\x80zz")
+
+
+def test_answer_reports_unknown_jobs_and_errors():
+    assert pickle.loads(b"".join(answer((7, "rm_rf", ())))[4:])[:2] == (7, False)
+    job_id, ok, error = pickle.loads(b"".join(answer(
+        (8, "install_batch", ([(Path("/nonexistent/t"), Path("/nonexistent/x"))],))))[4:])
+    assert (job_id, ok) == (8, True) and isinstance(error[0], FileNotFoundError)
+    job_id, ok, error = pickle.loads(b"".join(answer("not a job"))[4:])
+    assert (job_id, ok) == (None, False) and isinstance(error, FrameError)
+
+
+class _CountingRunner(SyncRunner):
+    def __init__(self):
+        self.calls = []
+
+    def run(self, fn, *args):
+        self.calls.append(fn)
+        return super().run(fn, *args)
+
+
+class ProcessRunnerTests(TestCase):
+    """A real helper process on the real reactor."""
+
+    def setUp(self):
+        self.base = Path(temporary_dir(self))
+        self.fallback = _CountingRunner()
+        self.runner = ProcessRunner(reactor, self.fallback)
+        self.runner.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if self.runner.running:
+            return self.runner.stopService()
+
+    def run_async(self, coroutine):
+        return Deferred.fromCoroutine(coroutine)
+
+    def test_downloads_are_written_and_installed_by_the_helper(self):
+        async def go():
+            root = self.base / "share"
+            root.mkdir()
+            data = b"hello helper"
+            content = diskjobs.Content(len(data), hashlib.sha256(data).hexdigest(), 0o640,
+                                       MTIME_NS)
+            target, temp = root / "dir" / "a.txt", root / "dir" / ".a.txt.tmp"
+            sealed = await self.runner.run(diskjobs.seal_buffered_many,
+                                           [(root, target, temp, data, False, content),
+                                            (root, root / "b", root / ".b", b"bad", False,
+                                             content)])
+            self.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
+            [key] = await self.runner.run(diskjobs.install_batch, [(temp, target)])
+            st = os.lstat(target)
+            self.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
+            self.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
+                             (data, 0o640, MTIME_NS))
+            self.assertFalse((root / ".b").exists())
+            answers = await self.runner.run(diskjobs.unchanged_many,
+                                            [("a", str(target), ("file", len(data),
+                                                                 content.sha256, None)),
+                                             ("b", str(root / "b"), ("absent",))])
+            self.assertEqual(answers, {"a": True, "b": True})
+            self.assertEqual(self.fallback.calls, [])  # all of it in the helper
+
+        return self.run_async(go())
+
+    def test_a_job_error_arrives_as_itself(self):
+        async def go():
+            with self.assertRaises(TypeError):  # an expectation without its values
+                await self.runner.run(diskjobs.unchanged_many, [("a", "/", ("file",))])
+
+        return self.run_async(go())
+
+    def test_only_disk_jobs_are_accepted(self):
+        with self.assertRaises(ValueError):
+            self.runner.run(os.unlink, "/tmp/x")
+
+    def test_a_killed_helper_fails_its_jobs_and_is_started_again(self):
+        async def go():
+            job = self.runner.run(diskjobs.unchanged_many, [])
+            first = self.runner.helper_pid
+            os.kill(first, 9)
+            with self.assertRaises(HelperGone):
+                await job
+            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+            self.assertNotEqual(self.runner.helper_pid, first)
+            self.assertEqual(self.fallback.calls, [])
+
+        return self.run_async(go())
+
+    def test_stopping_ends_the_helper(self):
+        async def go():
+            await self.runner.run(diskjobs.unchanged_many, [])
+            pid = self.runner.helper_pid
+            await self.runner.stopService()
+            for _ in range(100):
+                if not os.path.exists("/proc/%d" % pid):
+                    break
+                await deferLater(reactor, 0.02, lambda: None)
+            self.assertFalse(os.path.exists("/proc/%d" % pid))
+            # Stopped: jobs run on the fallback.
+            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+            self.assertEqual(self.fallback.calls, [diskjobs.unchanged_many])
+
+        return self.run_async(go())
+
+    def test_a_helper_that_cannot_work_leaves_the_jobs_to_threads(self):
+        async def go():
+            self.runner.command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+            for _ in range(MAX_SILENT_HELPERS):
+                with self.assertRaises(HelperGone):
+                    await self.runner.run(diskjobs.unchanged_many, [])
+            self.assertEqual(self.fallback.calls, [])
+            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+            self.assertEqual(self.fallback.calls, [diskjobs.unchanged_many])
+
+        return self.run_async(go())
