@@ -22,7 +22,10 @@ machine's disk is slow to create many files right after many were deleted
 between runs.  Remove old runs by hand when the disk fills.
 
 For each phase: wall time, CPU seconds (user + system, all threads) of
-each daemon from psutil, and each daemon's peak RSS sampled every 50 ms.
+each daemon with its disk helper process from psutil, and each daemon's
+peak memory sampled every 50 ms: its RSS plus the helper's own memory
+(USS; the helper's RSS would count the shared interpreter and libraries
+twice).
 A phase ends when the receiver's files have the sender's sizes and
 mtimes (checked cheaply while polling); the contents are compared by
 SHA-256 after the clock stops.
@@ -72,8 +75,29 @@ TARGETS = {
 # -- measuring -------------------------------------------------------------------------
 
 
+def _uss(proc: psutil.Process) -> int:
+    """A helper process's own memory: what it adds to the daemon's RSS.
+
+    (Its RSS would count again the interpreter and libraries that the
+    daemon's RSS already holds.)
+    """
+    try:
+        return proc.memory_full_info().uss
+    except psutil.Error:
+        return 0  # ended meanwhile
+
+
+def _cpu(proc: psutil.Process) -> float:
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0  # ended meanwhile: its time is in the parent's children_* once reaped
+    return times.user + times.system
+
+
 class Sampler:
-    """Samples the RSS of some processes in a background thread; keeps the peak per phase."""
+    """Samples the memory of some processes in a background thread: each one's RSS
+    plus its helper processes' own memory (USS); keeps the peak per phase."""
 
     def __init__(self, pids: dict[str, int], interval: float = POLL) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
@@ -92,7 +116,7 @@ class Sampler:
     def sample(self) -> None:
         for name, proc in self.procs.items():
             try:
-                rss = proc.memory_info().rss
+                rss = proc.memory_info().rss + sum(_uss(child) for child in proc.children(True))
             except psutil.Error:
                 continue
             with self._lock:
@@ -104,10 +128,13 @@ class Sampler:
             self.peak = {name: 0 for name in self.procs}
 
     def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each daemon with its helper processes (live or ended)."""
         out = {}
         for name, proc in self.procs.items():
             times = proc.cpu_times()
-            out[name] = times.user + times.system
+            out[name] = (times.user + times.system + times.children_user
+                         + times.children_system
+                         + sum(_cpu(child) for child in proc.children(True)))
         return out
 
     def close(self) -> None:
