@@ -142,6 +142,9 @@ class ProcessRunner(Service):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        # Batches of file data are big and short-lived: with a fixed mmap
+        # threshold, glibc hands their memory back when they are freed.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
         helper = _Helper(self._helper_ended)
         try:
             self._reactor.spawnProcess(helper, self.command[0], self.command, env=env,
