@@ -49,6 +49,7 @@ class Share:
         self.clock.advance(time.time() + 100)  # files written now are not "racy"
         self.hasher = SpyHasher()
         self.batches = []
+        self.batch_revisions = []
         self.scanner = Scanner(str(self.root), SHARE, PEER, self.store, SyncRunner(),
                                self.clock, hasher=self.hasher, batch_size=batch_size)
 
@@ -64,7 +65,12 @@ class Share:
         self.clock.advance(advance)
         self.hasher.calls = []
         return result_of(self.scanner.scan(
-            paths, since, lambda records, moves: self.batches.append((records, moves))))
+            paths, since, self._batch))
+
+    def _batch(self, records, moves, revision):
+        self.batches.append((records, moves))
+        # What the store says right now: each batch is reported as it commits.
+        self.batch_revisions.append((revision, result_of(self.store.get_revision(SHARE))))
 
     def record(self, path):
         return result_of(self.store.get_record(SHARE, path))
@@ -99,6 +105,17 @@ def test_first_scan_records_files_and_directories(share):
     assert share.record("docs/a.txt") == a
     assert read_marker(str(share.root)) == SHARE
     assert ".clearskies" not in records
+
+
+def test_each_batch_is_reported_with_the_revision_its_commit_made(tmp_path):
+    """The sync layer orders local changes among its own commits by this revision."""
+    share = Share(tmp_path, batch_size=2)
+    for n in range(5):
+        share.write("f%d" % n, b"%d" % n)
+    share.scan()
+    assert len(share.batch_revisions) == 3
+    assert all(reported == stored for reported, stored in share.batch_revisions)
+    assert [r for r, _ in share.batch_revisions] == sorted({r for r, _ in share.batch_revisions})
 
 
 def test_modify_bumps_our_counter_once(share):

@@ -50,7 +50,7 @@ class Setup:
         self.service = ShareService(self.clock, self.store, self.info, SyncRunner(),
                                     use_inotify=False, hasher=hasher, error_retry=30.0)
         self.batches = []
-        self.service.add_change_listener(lambda records, moves: self.batches.append(records))
+        self.service.add_change_listener(lambda records, moves, revision: self.batches.append(records))
 
     def write(self, name, data):
         (self.root / name).write_bytes(data)
@@ -277,7 +277,7 @@ class RealReactorTests(TestCase):
             info = await create_share(store, pool, root, SHARE, PEER, "read_write",
                                       reactor.seconds())
             service = ShareService(reactor, store, info, pool, quiet=0.1, hasher=hasher)
-            service.add_change_listener(lambda records, moves: announced.extend(records))
+            service.add_change_listener(lambda records, moves, revision: announced.extend(records))
             try:
                 await exercise(service, root, announced)
             finally:
@@ -372,7 +372,7 @@ class RealReactorTests(TestCase):
             info = await create_share(store, pool, root, SHARE, PEER, "read_write",
                                       reactor.seconds())
             service = ShareService(reactor, store, info, pool, quiet=0.1)
-            service.add_change_listener(lambda records, moves: announced.extend(records))
+            service.add_change_listener(lambda records, moves, revision: announced.extend(records))
             service.startService()
             try:
                 for _ in range(250):

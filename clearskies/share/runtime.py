@@ -438,14 +438,11 @@ class ShareRuntime:
 
     # -- events ----------------------------------------------------------------------
 
-    def _local_changes(self, records: list[FileRecord], moves: list[Move]) -> None:
-        # The batch is committed; the store (one thread, in order) knows its revision.
-        d = self.store.get_revision(self.share_id)
-        d.addCallback(self._announce_local, records, moves)
-        d.addErrback(lambda f: self._log.failure("announcing local changes failed", f))
-
-    def _announce_local(self, revision: int, records: list[FileRecord],
-                        moves: list[Move]) -> None:
+    def _local_changes(self, records: list[FileRecord], moves: list[Move],
+                       revision: int) -> None:
+        # Announced at once, with the batch's own revision: a peer session
+        # counts as holding every revision up to the last one it was sent, so
+        # a later commit (say, a download) must not be pushed to it first.
         self._revision = max(self._revision, revision)
         self._counts_dirty = True
         self.recount_unshared()

@@ -511,7 +511,8 @@ class ScanProgress:
                 "bytes_total": self.bytes_total}
 
 
-Batch = Callable[[list[FileRecord], list[Move]], None]
+#: Told of each committed batch: its records, its moves and the share revision it made.
+Batch = Callable[[list[FileRecord], list[Move], int], None]
 
 
 class Scanner:
@@ -567,7 +568,7 @@ class Scanner:
         scopes = None if full else normalize_scopes(paths)
         result = ScanResult(full=full, started=self._clock.seconds())
         try:
-            await self._run(result, scopes, since, on_batch or (lambda records, moves: None))
+            await self._run(result, scopes, since, on_batch or (lambda records, moves, revision: None))
         finally:
             self.progress.reset("idle")
         result.duration = self._clock.seconds() - result.started
@@ -715,7 +716,7 @@ class _Writer:
         moves = [m for m in moves if m.source in paths and m.destination.path in paths]
         self._result.records.extend(written)
         self._result.moves.extend(moves)
-        self._on_batch(written, moves)
+        self._on_batch(written, moves, revision)
 
 
 class _Planner:

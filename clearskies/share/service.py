@@ -39,7 +39,8 @@ from clearskies.share.watcher import (
     full_rescan_interval)
 from clearskies.threads import Runner
 
-ChangeListener = Callable[[list[FileRecord], list[Move]], Any]
+#: Called with each committed batch of local changes: records, moves, the revision it made.
+ChangeListener = Callable[[list[FileRecord], list[Move], int], Any]
 ERROR_RETRY = 60.0
 MAX_UNSTABLE_WAIT = 600.0
 
@@ -165,7 +166,12 @@ class ShareService(Service):
     # -- what the sync layer and the CLI use ----------------------------------
 
     def add_change_listener(self, listener: ChangeListener) -> None:
-        """Call ``listener(records, moves)`` after each batch of local changes is stored."""
+        """Call ``listener(records, moves, revision)`` after each batch of local changes is stored.
+
+        It is called as soon as the batch is committed, before anything
+        committed later is reported: ``revision`` orders it among the sync
+        layer's own commits.
+        """
         self._listeners.append(listener)
 
     def remove_change_listener(self, listener: ChangeListener) -> None:
@@ -405,10 +411,11 @@ class ShareService(Service):
         if self.running:
             self._schedule(self._error_retry, self._request_full)
 
-    def _announce(self, records: list[FileRecord], moves: list[Move]) -> None:
+    def _announce(self, records: list[FileRecord], moves: list[Move], revision: int) -> None:
+        self._note_revision(revision)
         for listener in list(self._listeners):
             try:
-                listener(records, moves)
+                listener(records, moves, revision)
             except Exception:
                 self._log.failure("a change listener of {root} failed", root=self.share.path)
 
