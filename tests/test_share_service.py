@@ -301,14 +301,7 @@ class RealReactorTests(TestCase):
         The file appears after the listing (while the scan hashes), in a
         directory that existed before: only an event can report it.
         """
-        written = []
-
-        def hasher(path, progress=None):
-            if not written:
-                written.append(path)
-                with open(os.path.join(os.path.dirname(path), "late.txt"), "wb") as f:
-                    f.write(b"late")
-            return hash_file(path, progress)
+        hasher = _writing_late_file_on_first_hash()
 
         async def exercise(service, root, announced):
             full_scans = []
@@ -337,14 +330,7 @@ class RealReactorTests(TestCase):
         (It appeared between the watcher's listing and the scan's.)  A file
         written into it after the scan's listing, before its watch, is found.
         """
-        written = []
-
-        def hasher(path, progress=None):
-            if not written:
-                written.append(path)
-                with open(os.path.join(os.path.dirname(path), "late.txt"), "wb") as f:
-                    f.write(b"late")
-            return hash_file(path, progress)
+        hasher = _writing_late_file_on_first_hash()
 
         async def exercise(service, root, announced):
             service._runner = _ListingNoDirectories(service._runner)
@@ -356,44 +342,18 @@ class RealReactorTests(TestCase):
 
     def test_change_is_announced_via_inotify(self):
         """A file written into a running share is announced shortly after, with its hash."""
-        if not InotifyWatcher.available():
-            raise SkipTest("inotify is not available here")
-        base = temporary_dir(self)
-        root = os.path.join(base, "share")
-        os.makedirs(root)
-        pool = ThreadPoolRunner(reactor, 2)
-        db = ThreadPoolRunner(reactor, 1)
-        pool.startService()
-        db.startService()
-        store = ShareStore(os.path.join(base, "state.sqlite3"), db)
-        announced = []
-
-        async def go():
-            info = await create_share(store, pool, root, SHARE, PEER, "read_write",
-                                      reactor.seconds())
-            service = ShareService(reactor, store, info, pool, quiet=0.1)
-            service.add_change_listener(lambda records, moves, revision: announced.extend(records))
+        async def exercise(service, root, announced):
             service.startService()
-            try:
-                for _ in range(250):
-                    if service.status.state == "idle" and service.status.watching:
-                        break
-                    await deferLater(reactor, 0.02, lambda: None)
-                with open(os.path.join(root, "hello.txt"), "wb") as f:
-                    f.write(b"hello")
-                for _ in range(250):
-                    if announced:
-                        break
-                    await deferLater(reactor, 0.02, lambda: None)
-                self.assertEqual([(r.path, r.sha256) for r in announced],
-                                 [("hello.txt", sha(b"hello"))])
-            finally:
-                await service.stopService()
-                await store.close()
-                pool.stopService()
-                db.stopService()
+            await self.wait_until(lambda: service.status.state == "idle"
+                                  and service.status.watching, "idle and watching")
+            del announced[:]
+            with open(os.path.join(root, "hello.txt"), "wb") as f:
+                f.write(b"hello")
+            await self.wait_until(lambda: announced, "announced")
+            self.assertEqual([(r.path, r.sha256) for r in announced],
+                             [("hello.txt", sha(b"hello"))])
 
-        return Deferred.fromCoroutine(go())
+        return self.run_service(exercise)
 
 
 class _ListingNoDirectories:
@@ -406,3 +366,17 @@ class _ListingNoDirectories:
         if fn is list_directories:
             return self._runner.run(lambda root: [], *args)
         return self._runner.run(fn, *args)
+
+
+def _writing_late_file_on_first_hash():
+    """A hasher that, when asked for its first file, writes ``late.txt`` next to it."""
+    written = []
+
+    def hasher(path, progress=None):
+        if not written:
+            written.append(path)
+            with open(os.path.join(os.path.dirname(path), "late.txt"), "wb") as f:
+                f.write(b"late")
+        return hash_file(path, progress)
+
+    return hasher
