@@ -928,7 +928,8 @@ class SyncSession:
         self._manifest_to_remember: Any = None
         self._queued_changes: list[tuple[list[FileRecord], list[tuple[str, FileRecord]], int]] = []
         self._building_manifest = False
-        self._gets_pending = 0
+        self._gets_queued: list[tuple[str, tuple[int, int] | None]] = []  # awaiting a lookup
+        self._gets_looked_up = 0  # requests whose records are being read
         self._inbox: list[tuple[str, list[Any]]] = []
         self._merging = False
 
@@ -1182,19 +1183,56 @@ class SyncSession:
     def _on_get(self, body: dict, event: wire.Message) -> None:
         path = validate_wire_path(body.get("path"))
         requested_range = _parse_range(body.get("range"))
-        if self.sends.waiting_files >= MAX_WAITING_GETS:
+        waiting = self.sends.waiting_files + len(self._gets_queued) + self._gets_looked_up
+        if waiting >= MAX_WAITING_GETS:
             raise ProtocolError("more than %d file requests waiting" % MAX_WAITING_GETS)
-        self._gets_pending += 1
-        Deferred.fromCoroutine(self._serve(path, requested_range)).addErrback(
-            self._fail, "serving " + path)
+        self._gets_queued.append((path, requested_range))
+        if not self._gets_looked_up:
+            self._look_up_gets()
 
-    async def _serve(self, path: str, requested_range: tuple[int, int] | None) -> None:
+    def _look_up_gets(self) -> None:
+        """Read the records of all queued requests in one database call, then serve them.
+
+        Requests arriving meanwhile wait for the next call, so a burst of
+        small files costs a few database hops, not one per file.  The
+        database answers in order: files are still sent in request order.
+        """
+        batch, self._gets_queued = self._gets_queued, []
+        self._gets_looked_up = len(batch)
+        Deferred.fromCoroutine(self._serve_batch(batch)).addErrback(
+            self._fail, "serving requested files")
+
+    async def _serve_batch(self, batch: list[tuple[str, tuple[int, int] | None]]) -> None:
         try:
-            record = await self.sync.share.get_record(path)
+            records = await self._records_of(sorted({path for path, _ in batch}))
         finally:
-            self._gets_pending -= 1
+            self._gets_looked_up = 0
         if not self.alive:
             return
+        for path, requested_range in batch:
+            try:
+                self._serve(path, requested_range, records.get(path))
+            except ProtocolError:
+                raise
+            except Exception:
+                self._log_failure(Failure(), "serving " + path)
+                self._send(get_error_message(path, "cannot read the file here"))
+        if self._gets_queued:
+            self._look_up_gets()
+
+    async def _records_of(self, paths: list[str]) -> dict[str, FileRecord]:
+        get_many = getattr(self.sync.share, "get_records", None)
+        if get_many is not None:
+            return await get_many(paths)
+        found = {}
+        for path in paths:
+            record = await self.sync.share.get_record(path)
+            if record is not None:
+                found[path] = record
+        return found
+
+    def _serve(self, path: str, requested_range: tuple[int, int] | None,
+               record: FileRecord | None) -> None:
         if (record is None or record.deleted or record.is_dir or record.size is None
                 or self.sync.share.is_ignored(path) or self.sync.paused):
             why = "paused" if self.sync.paused else "no such file in this share"

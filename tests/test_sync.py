@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
-from clearskies.sync import ShareSync, SyncSession, Wanted, WantedFiles
+from clearskies.sync import MAX_WAITING_GETS, ShareSync, SyncSession, Wanted, WantedFiles
 from clearskies.threads import SyncRunner
 
 US = "a" * 32
@@ -295,6 +295,60 @@ def test_get_of_a_held_file_streams_its_content(share):
     events = connection.sent()
     assert events[0].body == {"type": "file_data", "path": "x.bin"}
     assert b"".join(e.data for e in events if isinstance(e, wire.PayloadChunk)) == data
+
+
+class SlowLookupShare(MemoryShare):
+    """A share whose record lookups answer only when the test says so."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.lookups: list[tuple[list[str], Deferred]] = []
+
+    def get_records(self, paths: list[str]):
+        answer: Deferred = Deferred()
+        self.lookups.append((list(paths), answer))
+        return answer
+
+    def answer(self, index: int) -> None:
+        paths, answer = self.lookups[index]
+        answer.callback({p: self.records[p] for p in paths if p in self.records})
+
+
+def get(path: str) -> wire.Message:
+    return message({"type": "get", "path": path})
+
+
+def test_requests_arriving_together_cost_one_lookup_and_keep_their_order(tmp_path):
+    """Requests that come while a lookup runs are looked up together; files go out in order."""
+    share = SlowLookupShare(tmp_path)
+    for name in ("a.bin", "c.bin", "d.bin"):
+        share.add_local(name, os.urandom(3000), {US: 1})
+    clock = Clock()
+    _, session, connection = open_session(share, clock)
+    connection.sent()
+    for name in ("d.bin", "a.bin", "c.bin", "nope"):
+        session.event_received(get(name))
+    assert [paths for paths, _ in share.lookups] == [["d.bin"]]
+    share.answer(0)
+    assert [paths for paths, _ in share.lookups] == [["d.bin"], ["a.bin", "c.bin", "nope"]]
+    share.answer(1)
+    for _ in range(100):
+        if connection.transport.producer is None:
+            break
+        clock.advance(0)
+    bodies = [e.body for e in connection.sent() if isinstance(e, wire.Message)]
+    assert [b["path"] for b in bodies if b["type"] == "file_data"] == ["d.bin", "a.bin", "c.bin"]
+    assert [b["path"] for b in bodies if b["type"] == "get_error"] == ["nope"]
+
+
+def test_requests_waiting_for_their_lookup_count_toward_the_limit(tmp_path):
+    """A peer cannot pile up requests faster than the database answers them."""
+    share = SlowLookupShare(tmp_path)
+    _, session, _ = open_session(share, Clock())
+    for n in range(MAX_WAITING_GETS):
+        session.event_received(get("f%d" % n))
+    with pytest.raises(ProtocolError):
+        session.event_received(get("one-too-many"))
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../b", "nul\x00", "back\\slash"])
