@@ -193,7 +193,7 @@ class _Helper(ProcessProtocol):
     _log = Logger()
 
     def __init__(self, on_ended: Callable[[_Helper, Failure], None]) -> None:
-        self._reader = FrameReader()
+        self._reader: FrameReader | None = FrameReader()
         self._pending: dict[int, Deferred[Any]] = {}
         self._next_id = 0
         self._on_ended = on_ended
@@ -209,11 +209,14 @@ class _Helper(ProcessProtocol):
         return done
 
     def outReceived(self, data: bytes) -> None:
+        if self._reader is None:
+            return  # the stream broke: the helper is being killed
         try:
             answers = self._reader.feed(data)
         except FrameError as e:
             self._log.error("the disk helper's answers are broken ({why}); restarting it",
                             why=str(e))
+            self._reader = None
             self.kill()
             return
         for job_id, ok, value in answers:

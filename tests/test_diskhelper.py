@@ -110,6 +110,20 @@ class ProcessRunnerTests(TestCase):
 
         return self.run_async(go())
 
+    def test_a_garbled_answer_stream_replaces_the_helper(self):
+        async def go():
+            await self.runner.run(diskjobs.unchanged_many, [])
+            first = self.runner._helper
+            job = self.runner.run(diskjobs.unchanged_many, [])
+            first.outReceived((diskhelper.MAX_FRAME + 1).to_bytes(4, "big"))
+            with self.assertRaises(HelperGone):
+                await job
+            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+            self.assertIsNot(self.runner._helper, first)
+            self.flushLoggedErrors()
+
+        return self.run_async(go())
+
     def test_only_disk_jobs_are_accepted(self):
         with self.assertRaises(ValueError):
             self.runner.run(os.unlink, "/tmp/x")
