@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import queue
+import signal
 import struct
 import sys
 import threading
@@ -102,6 +103,11 @@ def answer(job: Any) -> list[bytes]:
 
 
 def main() -> None:
+    # Ctrl-C in a terminal, or a service manager stopping the whole group,
+    # reaches the helper too: it ends when the daemon closes its input,
+    # after finishing the jobs it holds, never halfway through one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
     lock = threading.Lock()

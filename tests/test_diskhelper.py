@@ -3,7 +3,10 @@
 import hashlib
 import os
 import pickle
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,30 @@ def test_answer_reports_unknown_jobs_and_errors():
     assert (job_id, ok) == (8, True) and isinstance(error[0], FileNotFoundError)
     job_id, ok, error = pickle.loads(b"".join(answer("not a job"))[4:])
     assert (job_id, ok) == (None, False) and isinstance(error, FrameError)
+
+
+def test_the_helper_outlives_signals_and_ends_with_its_input():
+    """SIGINT/SIGTERM to the whole group do not cut a job short; closing stdin ends it."""
+    helper = subprocess.Popen([sys.executable, "-m", "clearskies.diskhelper"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        helper.stdin.write(frame_bytes((1, "unchanged_many", ([],))))
+        helper.stdin.flush()
+        reader = FrameReader()
+        answers = []
+        while not answers:
+            answers = reader.feed(os.read(helper.stdout.fileno(), 65536))
+        assert answers == [(1, True, {})]
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            helper.send_signal(signal_number)
+        time.sleep(0.2)
+        assert helper.poll() is None
+        helper.stdin.close()
+        assert helper.wait(timeout=10) == 0
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
 
 
 class _CountingRunner(SyncRunner):
