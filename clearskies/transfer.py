@@ -66,11 +66,11 @@ MAX_QUEUED_FILES = 64
 """Most ``get`` requests one connection may have waiting for their turn."""
 
 MAX_QUEUED_MESSAGE_BYTES = 32 * 1024 * 1024
+"""Most bytes of messages held back while a file is being sent (two maximal lines)."""
 
 #: A sender opens at most this many queued small files (and bytes of them) in one worker job.
 PREPARE_FILES = 32
 PREPARE_BYTES = 4 * 1024 * 1024
-"""Most bytes of messages held back while a file is being sent (two maximal lines)."""
 
 OK = "ok"
 CORRUPT = "corrupt"
@@ -857,9 +857,9 @@ class FileSender:
     ConnectionLost if the consumer stopped it.  With a ``limiter`` (upload
     limit) it sends smaller chunks and waits, between chunks, for the bucket.
 
-    With a ``runner`` each chunk is read by a worker thread (a cold disk never
-    holds the reactor); ``first`` is a chunk already read from ``file``.  The
-    file is closed only once no read of it is running.
+    Each chunk is read through ``runner``, a worker thread in the daemon (a
+    cold disk never holds the reactor); ``first`` is a chunk already read
+    from ``file``.  The file is closed only once no read of it is running.
     """
 
     _log = Logger()
@@ -867,7 +867,7 @@ class FileSender:
     def __init__(self, clock: IReactorTime, path: str, file: BinaryIO, start: int, length: int,
                  *, include_range: bool = False, chunk_size: int = wire.SEND_CHUNK_SIZE,
                  on_sent: Callable[[int], None] | None = None,
-                 limiter: RateLimiter | None = None, runner: Runner | None = None,
+                 limiter: RateLimiter | None = None, runner: Runner,
                  first: bytes = b"") -> None:
         if not 1 <= chunk_size <= wire.MAX_CHUNK_SIZE:
             raise ValueError("chunk_size must be 1 to %d" % wire.MAX_CHUNK_SIZE)
@@ -896,19 +896,19 @@ class FileSender:
              expected_size: int | None = None, request_range: tuple[int, int] | None = None,
              chunk_size: int = wire.SEND_CHUNK_SIZE,
              on_sent: Callable[[int], None] | None = None,
-             limiter: RateLimiter | None = None) -> FileSender:
+             limiter: RateLimiter | None = None, runner: Runner) -> FileSender:
         """Open ``local_path`` to answer a ``get`` for ``path``, on the calling thread.
 
         Raises OSError when it cannot be served as recorded: missing,
         unreadable, not a regular file (symlinks are not followed), a size
         other than ``expected_size``, or a range outside the file.
         :func:`describe_os_error` turns that into the ``get_error`` text.
-        (:class:`SendQueue` with a runner opens files in a worker instead.)
+        (:class:`SendQueue` opens files in a worker instead.)
         """
         opened = open_to_send(local_path, expected_size, request_range, 0)
         return cls(clock, path, opened.file, opened.start, opened.length,
                    include_range=request_range is not None, chunk_size=chunk_size,
-                   on_sent=on_sent, limiter=limiter)
+                   on_sent=on_sent, limiter=limiter, runner=runner)
 
     def header(self) -> dict[str, Any]:
         """The ``file_data`` message; ``range`` only when the request had one."""
@@ -953,15 +953,11 @@ class FileSender:
             self._send(data)
             return
         wanted = min(chunk_size, self._remaining)
-        if wanted and self._runner is not None:
-            self._reading = True
-            self._runner.run(self._file.read, wanted).addBoth(self._read)
+        if not wanted:
+            self._send(b"")  # an empty file or range: the payload ends at once
             return
-        try:
-            data = self._file.read(wanted) if wanted else b""
-        except OSError as e:
-            data = self._read_failed(e)
-        self._send(data)
+        self._reading = True
+        self._runner.run(self._file.read, wanted).addBoth(self._read)
 
     def _read(self, result: bytes | Failure) -> None:
         """A worker's read is back: send it, keep it while paused, or close up."""
@@ -970,7 +966,7 @@ class FileSender:
             self._file.close()
             return
         if isinstance(result, Failure):
-            result = self._read_failed(result.value) if result.check(OSError) else b""
+            result = self._read_failed(result.value)
         if self._paused:
             self._ready = memoryview(result)
             return

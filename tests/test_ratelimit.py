@@ -151,12 +151,12 @@ def _send(data: bytes, limiter: RateLimiter | None, clock: Clock,
           chunk_size: int = wire.SEND_CHUNK_SIZE,
           read_ahead: bool = False) -> tuple[StringTransport, list[int]]:
     """Send ``data``; with ``read_ahead`` its first chunk was read before the limit applied
-    (as a worker opening the file does) and the rest is read through a runner."""
+    (as a worker opening the file does)."""
     transport = StringTransport()
     first = data[:chunk_size] if read_ahead else b""
     sender = FileSender(clock, "f.bin", io.BytesIO(data[len(first):]), 0, len(data),
                         limiter=limiter, chunk_size=chunk_size, first=first,
-                        runner=SyncRunner() if read_ahead else None)
+                        runner=SyncRunner())
     done: list[int] = []
     sender.begin(transport).addCallback(done.append)
     return transport, done
@@ -211,7 +211,8 @@ def test_paused_file_sender_waits_for_its_consumer_too():
     clock = Clock()
     limiter = RateLimiter(clock, 1_000_000)
     transport = StringTransport()
-    sender = FileSender(clock, "f.bin", io.BytesIO(data), 0, len(data), limiter=limiter)
+    sender = FileSender(clock, "f.bin", io.BytesIO(data), 0, len(data), limiter=limiter,
+                        runner=SyncRunner())
     done: list[int] = []
     sender.begin(transport).addCallback(done.append)
     sender.pauseProducing()

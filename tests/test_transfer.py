@@ -130,7 +130,8 @@ def test_sender_writes_header_chunks_and_end(tmp_path):
     data = content(2 * MiB + 123)
     (tmp_path / "f.bin").write_bytes(data)
     clock, transport = Clock(), StringTransport()
-    sender = FileSender.open(clock, "dir/f.bin", tmp_path / "f.bin", expected_size=len(data))
+    sender = FileSender.open(clock, "dir/f.bin", tmp_path / "f.bin", expected_size=len(data),
+                             runner=SyncRunner())
     done = sender.begin(transport)
     assert transport.producer is sender and transport.streaming
     assert transport.value() == b'!{"type":"file_data","path":"dir/f.bin"}\n'
@@ -148,7 +149,7 @@ def test_sender_answers_a_range_with_the_range(tmp_path):
     (tmp_path / "f").write_bytes(data)
     clock, transport = Clock(), StringTransport()
     sender = FileSender.open(clock, "f", tmp_path / "f", request_range=(1000, 1500),
-                             chunk_size=1024)
+                             chunk_size=1024, runner=SyncRunner())
     sender.begin(transport)
     run_clock(clock)
     header, sizes, body, _ = parse_payload(transport.value())
@@ -160,7 +161,7 @@ def test_sender_of_empty_file_sends_header_and_end_only(tmp_path):
     """A 0-byte file is the header line followed directly by the end marker."""
     (tmp_path / "e").write_bytes(b"")
     clock, transport = Clock(), StringTransport()
-    done = FileSender.open(clock, "e", tmp_path / "e").begin(transport)
+    done = FileSender.open(clock, "e", tmp_path / "e", runner=SyncRunner()).begin(transport)
     run_clock(clock)
     assert transport.value() == b'!{"type":"file_data","path":"e"}\n0\n'
     assert result_of(done) == 0
@@ -171,7 +172,8 @@ def test_pause_stops_disk_reads_and_resume_restarts_them(tmp_path):
     data = content(5 * 1000)
     (tmp_path / "f").write_bytes(data)
     clock, transport = Clock(), PausingTransport(limit=1500)
-    sender = FileSender.open(clock, "f", tmp_path / "f", chunk_size=1000)
+    sender = FileSender.open(clock, "f", tmp_path / "f", chunk_size=1000,
+                             runner=SyncRunner())
     sender.begin(transport)
     for _ in range(10):
         clock.advance(1)
@@ -195,7 +197,8 @@ def test_stop_producing_fails_the_transfer_and_closes_the_file(tmp_path):
     """A consumer that goes away stops the sender; its Deferred fails with ConnectionLost."""
     (tmp_path / "f").write_bytes(content(4000))
     clock, transport = Clock(), PausingTransport(limit=1500)
-    sender = FileSender.open(clock, "f", tmp_path / "f", chunk_size=1000)
+    sender = FileSender.open(clock, "f", tmp_path / "f", chunk_size=1000,
+                             runner=SyncRunner())
     done = sender.begin(transport)
     clock.advance(0)
     sender.stopProducing()
@@ -218,7 +221,7 @@ def test_sender_refuses_what_it_cannot_serve_as_recorded(tmp_path, setup, kwargs
     path = tmp_path / "x"
     setup(path)
     with pytest.raises(OSError) as info:
-        FileSender.open(Clock(), "x", path, **kwargs)
+        FileSender.open(Clock(), "x", path, runner=SyncRunner(), **kwargs)
     assert message in describe_os_error(info.value)
     assert str(tmp_path) not in describe_os_error(info.value)
 
@@ -272,7 +275,8 @@ def test_sending_a_large_file_uses_bounded_memory(tmp_path):
     consumer = DrainingConsumer(clock, limit=64 * 1024)
     tracemalloc.start()
     try:
-        done = FileSender.open(clock, "big", path, expected_size=size).begin(consumer)
+        done = FileSender.open(clock, "big", path, expected_size=size,
+                               runner=SyncRunner()).begin(consumer)
         for _ in range(10_000):
             if done.called:
                 break
