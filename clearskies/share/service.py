@@ -1,8 +1,8 @@
 """One share's local side as a service: scans, watching, error state, change feed.
 
 ``ShareService`` owns the scanner, the inotify watcher and the timers of
-one share, and runs at most one scan at a time.  On start it scans the
-whole folder, then watches it; watcher events are debounced into partial
+one share, and runs at most one scan at a time.  On start it watches the
+whole folder, then scans it; watcher events are debounced into partial
 rescans, and full rescans repeat at an interval that keeps their cost near
 a tenth of the wall time.
 
@@ -134,7 +134,6 @@ class ShareService(Service):
         self._draining: Deferred[None] | None = None
         self._watcher_failed = False
         self._timer: IDelayedCall | None = None  # the next full rescan or error re-check
-        self._needs_catch_up = False
         self._unstable: dict[str, int] = {}  # path -> unstable results in a row
 
     # -- lifetime -------------------------------------------------------------
@@ -347,7 +346,7 @@ class ShareService(Service):
         try:
             directories = await self._runner.run(list_directories, self.share.path)
         except OSError:
-            return  # the scan reports what is wrong; watching starts after a good scan
+            return  # the scan reports what is wrong; the next full scan tries again
         if not self.running or watcher.running:
             return
         if not watcher.start():
@@ -361,27 +360,16 @@ class ShareService(Service):
             self._reason = None
             await self._store.set_share_state(self.share_id, "ok", None)
         self._retry_unstable(result.unstable, scanned)
-        if self._watcher is not None and self.running and not self._watcher_failed:
-            if not self._watcher.running and result.full:
-                if self._watcher.start():
-                    # (Not watched before the listing, which failed then.)
-                    # Changes made while the watches were being set up are
-                    # caught by one more (cheap: nothing to hash) full scan.
-                    self._needs_catch_up = True
-                else:
-                    self._watcher_failed = True  # periodic rescans only
-            added = self._watcher.watch_directories(result.directory_paths)
-            if not self._needs_catch_up:
-                # Directories that appeared after the listing began are watched
-                # only now: what changed in them meanwhile is found by a rescan.
-                for path in added:
-                    self.path_changed(path)
+        # (A watcher that is not running here could not start before this full
+        # scan; the next periodic one, which finds what it missed, tries again.)
+        watcher = self._watcher
+        if watcher is not None and watcher.running and self.running:
+            # Directories that appeared after the listing began are watched
+            # only now: what changed in them meanwhile is found by a rescan.
+            for path in watcher.watch_directories(result.directory_paths):
+                self.path_changed(path)
         if result.full:
-            if self._needs_catch_up:
-                self._needs_catch_up = False
-                self._full_waiters = self._full_waiters or []
-            else:
-                self._schedule(full_rescan_interval(result.duration), self._request_full)
+            self._schedule(full_rescan_interval(result.duration), self._request_full)
 
     def _retry_unstable(self, unstable: list[str], scanned: list[str] | None) -> None:
         """Look again at files that were changing while hashed, backing off
