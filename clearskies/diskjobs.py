@@ -37,7 +37,9 @@ class Content(NamedTuple):
     def of(cls, record: FileRecord) -> Content:
         return cls(record.size, record.sha256, record.mode, record.mtime_ns)
 
+
 OPEN_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
 
 def check_inside(root: Path, path: Path, *, resolve: bool) -> None:
     """Refuse a target outside the share (lexically, or through symlinked directories)."""
@@ -85,6 +87,7 @@ def _real_directory(directory: str) -> str:
             _resolved_directories.clear()
         _resolved_directories[directory] = (real, st.st_dev, st.st_ino)
     return real
+
 
 def seal_buffered_many(items: list[tuple[Path, Path, Path, bytes, bool, Content]]
                        ) -> list[str | None | BaseException]:
@@ -173,6 +176,7 @@ def stat_key(path: Path) -> tuple[int, int, int]:
     st = os.lstat(path)
     return st.st_size, st.st_mtime_ns, st.st_ino
 
+
 def sync_directories(directories: Iterable[Path]) -> None:
     """fsync each directory once: makes a batch of renames into them durable (worker thread)."""
     for directory in set(directories):
@@ -180,7 +184,7 @@ def sync_directories(directories: Iterable[Path]) -> None:
 
 
 def install_batch(pairs: list[tuple[Path, Path]]
-                   ) -> list[tuple[int, int, int] | OSError]:
+                  ) -> list[tuple[int, int, int] | OSError]:
     """Rename each (temp, target), then fsync every directory that got a file.
 
     A failed rename is returned in its place; a failed directory fsync
@@ -198,6 +202,7 @@ def install_batch(pairs: list[tuple[Path, Path]]
         directories.add(target.parent)
     sync_directories(directories)
     return outcomes
+
 
 def write_all(fd: int, data: bytes) -> None:
     with memoryview(data) as view:
@@ -228,9 +233,15 @@ def matches(path: str, size: int, sha256: str, cache: tuple[int, int, int] | Non
     if cache is not None:
         return (st.st_ino, st.st_size, st.st_mtime_ns) == cache
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    try:
+        fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)  # never through a symlink swapped in
+    except OSError:
+        return False  # not the regular file we recorded any more
+    try:
+        while block := os.read(fd, 1 << 20):
             digest.update(block)
+    finally:
+        os.close(fd)
     return digest.hexdigest() == sha256
 
 

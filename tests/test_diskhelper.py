@@ -62,7 +62,9 @@ def test_the_helper_outlives_signals_and_ends_with_its_input():
         reader = FrameReader()
         answers = []
         while not answers:
-            answers = reader.feed(os.read(helper.stdout.fileno(), 65536))
+            data = os.read(helper.stdout.fileno(), 65536)
+            assert data, "the helper ended without answering"
+            answers = reader.feed(data)
         assert answers == [(1, True, {})]
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             helper.send_signal(signal_number)
