@@ -923,6 +923,7 @@ class SyncSession:
         self.messages_sent = 0
         self.last_sent_revision = 0  # the newest revision we sent this peer anything of
         self.peer_revision_seen: Any = None
+        self._asked_revision: Any = None  # the revision our get_manifest named
         self.peer_addresses: list[str] = []  # from its last clearskies.addresses
         self._addresses_sent: list[str] = []
         self._manifest_to_remember: Any = None
@@ -970,6 +971,7 @@ class SyncSession:
             request: dict[str, Any] = {"type": "get_manifest"}
             if last_revision is not None:
                 request["revision"] = last_revision
+                self._asked_revision = last_revision
             self._send(request)
         self.send_addresses()
 
@@ -1098,7 +1100,12 @@ class SyncSession:
             self.manifest_sent_revision = revision
 
     def _on_manifest_current(self, body: dict, event: wire.Message) -> None:
-        pass
+        # We hold that revision completely (it was remembered only once its content
+        # was all here), and this connection must hear so: the peer's view of us
+        # starts afresh with each connection.
+        self._saw_revision(self._asked_revision)
+        if not self.sync.wanted:
+            self.send_progress()
 
     def _on_read_only_manifest_manifest(self, body: dict, event: wire.Message) -> None:
         """Extension: a read-only peer's signed manifests and which of their files it holds."""

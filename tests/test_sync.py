@@ -410,6 +410,19 @@ def test_progress_report_makes_the_peer_in_sync(share):
     assert session.in_sync and sync.in_sync
 
 
+def test_manifest_current_is_acknowledged_on_the_new_connection(share):
+    """A peer answered "manifest_current" still reports progress on this connection,
+    so the other side can tell it is in sync (a restart after a complete sync)."""
+    sync = ShareSync(share, Clock())
+    connection = FakeConnection()
+    session = SyncSession(sync, connection)
+    session.start(7)
+    assert [e.body for e in connection.sent()] == [{"type": "get_manifest", "revision": 7}]
+    session.event_received(message({"type": "manifest_current"}))
+    (progress,) = [e.body for e in connection.sent() if e.type == "clearskies.progress"]
+    assert progress["revision"] == 7 and progress["items"] == 0
+
+
 def test_ignored_paths_are_not_taken_from_peers(share):
     """An update for a path the user ignores changes nothing."""
     share.ignored.add("secret.txt")
