@@ -245,7 +245,11 @@ class Daemon(MultiService):
                 self.codes[code.access_id] = code
         for entry in self.config.get("pending_joins", []):
             join = PendingJoin.from_dict(entry)
-            self.joins[join.access_id] = join
+            if self.share_by_path(join.path) is None:
+                self.joins[join.access_id] = join
+        if len(self.joins) != len(self.config.get("pending_joins", [])):
+            # Completed just before a crash: the share was stored, the join not yet dropped.
+            await self._save_joins()
         for path in self.settings.shares:
             if self.share_by_path(path) is None:
                 await self.create_share(path)
@@ -478,11 +482,13 @@ class Daemon(MultiService):
         return Deferred.fromCoroutine(self._join_completed(keys, join))
 
     async def _join_completed(self, keys: ShareKeys, join: PendingJoin) -> None:
-        self.joins.pop(join.access_id, None)
-        await self._save_joins()
+        # The share (keys and record) is stored before the pending attach is
+        # forgotten: a crash in between must leave one of the two on disk.
         existing = self.shares.get(keys.share_id)
         if existing is None:
             await self._add_share(keys, join.path, join.peer_id)
+        self.joins.pop(join.access_id, None)
+        await self._save_joins()
         if join.peers:
             peers = self.config.setdefault("manual_peers", {})
             peers[keys.share_id] = list(join.peers)
