@@ -550,11 +550,10 @@ class ShareSync:
 
     def refused(self, session: SyncSession, path: object, why: str) -> None:
         """A peer's record we do not take: listed as skipped, logged once per path and reason."""
-        shown = path if isinstance(path, str) else repr(path)
-        if len(shown) > 300:
-            shown = shown[:300] + "…"
+        key = path if isinstance(path, str) else "(not a path: %s)" % repr(path)[:100]
         note = getattr(self.share, "note_refused", None)
-        if note is None or note(shown, why):
+        if note is None or note(key, why):
+            shown = key if len(key) <= 200 else key[:100] + "…" + key[-100:]
             self._log.warn("not taking {path} from {peer}: {why}", path=shown,
                            peer=session.peer_id[:8], why=why)
 
@@ -1153,14 +1152,17 @@ class SyncSession:
             self._receive([record])
 
     def _record(self, entry: object) -> FileRecord | None:
-        """A peer's file record, or None if it is malformed or out of range.
+        """A peer's file record, or None if a value in it is malformed or out of range.
 
         Only that record is refused (listed and logged once); the rest of the
-        message, and the connection, go on.
+        message, and the connection, go on.  A path that tries to leave the
+        share is an attack, not a slip: it still closes the connection.
         """
         try:
             return FileRecord.from_wire(entry)
-        except (ProtocolError, UnsafePathError) as e:
+        except UnsafePathError:
+            raise
+        except ProtocolError as e:
             self.sync.refused(self, entry.get("path") if isinstance(entry, dict) else None,
                               str(e))
             return None

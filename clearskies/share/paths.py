@@ -95,7 +95,7 @@ class LocalPaths:
         current = str(self.root)
         problem = depth_problem(current, wire_path)
         if problem is not None:
-            raise UnsafePathError("%r: %s" % (wire_path, problem))
+            raise UnsafePathError(problem)
         parts = wire_path.split("/")
         start = 0
         if len(parts) > 1:
