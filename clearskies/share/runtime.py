@@ -298,7 +298,9 @@ class ShareRuntime:
     async def _commit_remote(self, records: list[FileRecord],
                              written: dict[str, tuple[int, int, int]]) -> int:
         keys: dict[str, CacheKey] = {}
+        skipped = self.service.scanner.skipped
         for record in records:
+            skipped.accepted(record.path)  # a record of it was taken after all
             if record.deleted or record.is_dir:
                 continue
             if record.path in written:

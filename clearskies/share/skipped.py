@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 MAX_LISTED = 1000
+#: Refused paths over the limit are remembered by hash (to count and log each
+#: once) up to this many.
+MAX_REMEMBERED = 100_000
 
 
 class SkippedPaths:
@@ -21,12 +24,12 @@ class SkippedPaths:
         self._local: dict[str, str] = {}  # found on disk
         self._remote: dict[str, str] = {}  # refused from peers
         self._unlisted_local = 0  # counted, not kept: over the limit
-        self._unlisted_remote = 0
+        self._unlisted_remote: set[int] = set()  # hashes of (path, reason)
 
     @property
     def count(self) -> int:
         return (len(self._local) + len(self._remote)
-                + self._unlisted_local + self._unlisted_remote)
+                + self._unlisted_local + len(self._unlisted_remote))
 
     def entries(self) -> list[dict[str, str]]:
         """The listed paths in path order, each with its reason and where it was met."""
@@ -69,8 +72,11 @@ class SkippedPaths:
             return False
         if path in self._remote or len(self._local) + len(self._remote) < self._limit:
             self._remote[path] = why
-        else:
-            self._unlisted_remote += 1
+            return True
+        key = hash((path, why))
+        if key in self._unlisted_remote or len(self._unlisted_remote) >= MAX_REMEMBERED:
+            return False
+        self._unlisted_remote.add(key)
         return True
 
     def accepted(self, path: str) -> None:
