@@ -678,6 +678,8 @@ class Scanner:
         new = self.skipped.scanned(result.skipped_paths, scopes)
         if new:
             path, why = new[0]
+            if not path.isprintable():  # a newline in a name must not forge a log line
+                path = path.encode("unicode_escape").decode("ascii")
             self._log.warn(
                 "{count} path(s) in {root} cannot be synced and are left alone, e.g. {example} "
                 "({why}); see: clearskies status {root} --skipped",
