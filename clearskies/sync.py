@@ -611,7 +611,7 @@ class ShareSync:
             self._look_ahead(starts, now)
         for session, wanted in starts:  # may change ``wanted``: not while iterating it
             Deferred.fromCoroutine(self._start_download(session, wanted)).addErrback(
-                self._download_crashed, wanted.record.path)
+                self._download_crashed, wanted.record.path, session.peer_id)
         if next_retry is not None and self._retry_call is None:
             self._retry_call = self.clock.callLater(max(0.0, next_retry - now), self._retry)
 
@@ -682,9 +682,14 @@ class ShareSync:
             self._seals = BufferedSeals(self.share.disk_runner)
         return self._seals
 
-    def _download_crashed(self, failure: Failure, path: str) -> None:
+    def _download_crashed(self, failure: Failure, path: str, peer_id: str) -> None:
         self._log.failure("download of {path} failed", failure, path=path)
         self.in_flight.pop(path, None)
+        wanted = self.wanted.get(path)
+        if wanted is not None:
+            # Asked of that peer again only after RETRY_AFTER: whatever went
+            # wrong, the next pump must not run into it again at once, forever.
+            wanted.failed[peer_id] = self.clock.seconds()
 
     async def _start_download(self, session: SyncSession, wanted: Wanted) -> None:
         record = wanted.record
