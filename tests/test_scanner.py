@@ -687,3 +687,18 @@ def test_a_tree_deeper_than_supported_is_skipped_not_recursed(share):
     assert list(reasons) == ["/".join(["d"] * (MAX_PATH_DEPTH + 1))]
     assert reasons[list(reasons)[0]].startswith(scanner_module.TOO_DEEP)
     assert share.scan().records == []
+
+
+def test_a_partial_scan_updates_the_skip_list_of_its_paths_only(share):
+    """A file made unreadable is listed by the partial scan that sees it, and dropped once readable."""
+    os.symlink("elsewhere", share.root / "link")
+    share.scan()
+    target = share.write("late.txt", b"late")
+    target.chmod(0o000)
+    result = share.scan(["late.txt"])
+    assert result.records == [] and share.record("late.txt") is None
+    assert _reasons(share) == {"link": scanner_module.SYMLINK,
+                               "late.txt": scanner_module.UNREADABLE}
+    target.chmod(0o644)
+    assert [r.path for r in share.scan(["late.txt"]).records] == ["late.txt"]
+    assert _reasons(share) == {"link": scanner_module.SYMLINK}

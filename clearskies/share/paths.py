@@ -40,6 +40,8 @@ from clearskies.share.records import validate_wire_path
 _NFC_CACHE_SIZE = 256
 _CHECKED_CACHE_SIZE = 1024
 #: The deepest path (in parts, ``a/b`` is 2) the daemon lists, writes or fetches.
+#: It also keeps the recursive ``makedirs`` of the paths it hands out far from
+#: Python's recursion limit.
 MAX_PATH_DEPTH = 256
 #: Linux's PATH_MAX less its final NUL: the longest absolute path a system call takes.
 LOCAL_PATH_MAX = 4095

@@ -64,9 +64,9 @@ from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredR
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
 from clearskies.share.ignore import MARKER_NAME, IgnoreRules
 from clearskies.share.paths import LOCAL_PATH_MAX, MAX_PATH_DEPTH, depth_problem, unreadable
-from clearskies.share.skipped import SkippedPaths
 from clearskies.share.records import (
     MAX_PATH_BYTES, FileRecord, clamp_mtime_ns, validate_wire_path)
+from clearskies.share.skipped import SkippedPaths
 from clearskies.threads import Runner
 
 HASH_JOB_FILES = 64
@@ -255,17 +255,17 @@ def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> 
         if unreadable(st):
             listing.protected.append(scope)  # its own skip is listed by a full scan
             return
-    parent, _, name = scope.rpartition("/")
-    problem = name_problem(name, parent, root)
-    if problem is not None:
-        listing.skipped.append((scope, problem))
-        listing.protected.append(scope)
-        return
     try:
         st = os.lstat(os.path.join(root, scope))
     except FileNotFoundError:
         return
     except OSError:
+        listing.protected.append(scope)
+        return
+    parent, _, name = scope.rpartition("/")
+    problem = name_problem(name, parent, root)
+    if problem is not None:
+        listing.skipped.append((scope, problem))
         listing.protected.append(scope)
         return
     is_dir = stat.S_ISDIR(st.st_mode)
