@@ -644,3 +644,26 @@ def test_a_download_that_crashes_is_not_started_again_at_once(tmp_path):
     assert share.asked == 1 and "deep.txt" in sync.wanted
     clock.advance(RETRY_AFTER + 1)
     assert share.asked == 2
+
+
+@pytest.mark.parametrize("revision", [2**70, -1, "7", [1], 1e300])
+def test_a_manifest_revision_out_of_range_is_a_protocol_error(share, revision):
+    """A revision the database could not remember closes the connection with a clear reason."""
+    _, session, _ = open_session(share, Clock())
+    with pytest.raises(ProtocolError, match="manifest revision"):
+        session.event_received(message({"type": "manifest", "revision": revision,
+                                        "files": []}))
+
+
+def test_a_record_with_a_huge_mtime_is_refused_alone(share):
+    """The out-of-range record is dropped; the rest of the manifest is taken."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    bad = file_record("far.txt", b"far", {THEM: 1}).to_wire()
+    bad["mtime"] = [2**62 - 1, 0]
+    good = file_record("near.txt", b"near", {THEM: 1}).to_wire()
+    session.event_received(message({"type": "manifest", "revision": 3,
+                                    "files": [bad, good]}))
+    requests = [e.body["path"] for e in connection.sent()
+                if isinstance(e, wire.Message) and e.body["type"] == "get"]
+    assert requests == ["near.txt"] and list(sync.wanted) == ["near.txt"]
