@@ -159,6 +159,7 @@ class Listing:
     entries: list[LocalEntry] = field(default_factory=list)
     protected: list[str] = field(default_factory=list)  # unknown state: no tombstones there
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) not synced
+    denied: set[str] = field(default_factory=set)  # directories we may not list
 
 
 def name_problem(name: str, parent: str, root: str = "") -> str | None:
@@ -201,6 +202,8 @@ def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> L
     else:
         for scope in scopes:
             _list_scope(root, scope, rules, listing)
+    if listing.denied:  # a folder we may not list gets no record (its old one stays)
+        listing.entries = [e for e in listing.entries if e.path not in listing.denied]
     listing.entries.sort(key=lambda e: e.path)
     return listing
 
@@ -325,6 +328,7 @@ def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing) -> Non
             listing.protected.append(directory)
             if directory:
                 listing.skipped.append((directory, UNREADABLE))
+                listing.denied.add(directory)
         except OSError:
             listing.protected.append(directory)
 

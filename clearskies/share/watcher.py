@@ -336,8 +336,13 @@ class InotifyWatcher:
             # Gone already or not a directory (we never follow symlinks): the
             # rescan of its parent tells the truth.  Or not readable by us: the
             # scanner skips and lists it.  Or out of watches.
-            if os.path.isdir(filepath.path) and os.access(filepath.path, os.R_OK | os.X_OK) \
-                    and self.complete:
+            if not os.path.isdir(filepath.path):
+                return False
+            if not os.access(filepath.path, os.R_OK | os.X_OK):
+                self._log.info("cannot watch {path} in {root}: permission denied; it is not "
+                               "synced while this daemon may not read it", path=path,
+                               root=self.root)
+            elif self.complete:
                 self.complete = False
                 self._log.warn(
                     "cannot watch every directory of {root} (raise the sysctl "
