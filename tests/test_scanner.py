@@ -702,3 +702,12 @@ def test_a_partial_scan_updates_the_skip_list_of_its_paths_only(share):
     target.chmod(0o644)
     assert [r.path for r in share.scan(["late.txt"]).records] == ["late.txt"]
     assert _reasons(share) == {"link": scanner_module.SYMLINK}
+
+
+def test_a_local_change_is_never_dated_past_the_range_peers_accept():
+    """After a record dated at the very end of the range, ours stays in range (not refused)."""
+    previous = FileRecord(path="a", utime=float(MAX_TIME_SECONDS), size=1, mtime=(0, 0),
+                          sha256="0" * 64)
+    assert local_utime(1.0, 2.0, 3.0, previous) == MAX_TIME_SECONDS
+    assert FileRecord.from_wire(previous.with_changes(utime=local_utime(
+        1.0, 2.0, 3.0, previous)).to_wire()).utime == MAX_TIME_SECONDS

@@ -65,7 +65,7 @@ from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
 from clearskies.share.ignore import MARKER_NAME, IgnoreRules
 from clearskies.share.paths import LOCAL_PATH_MAX, MAX_PATH_DEPTH, depth_problem, unreadable
 from clearskies.share.records import (
-    MAX_PATH_BYTES, FileRecord, clamp_mtime_ns, validate_wire_path)
+    MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns, validate_wire_path)
 from clearskies.share.skipped import SkippedPaths
 from clearskies.threads import Runner
 
@@ -447,7 +447,9 @@ def local_utime(mtime: float | None, since: float | None, now: float,
         utime = since if mtime is None else min(mtime, since)
     if previous is not None:
         utime = max(utime, previous.utime + UTIME_STEP)
-    return max(utime, 0.0)
+    # Never past the range records allow (a peer may have dated the record it
+    # replaces at the very end of it): peers would refuse the record.
+    return min(max(utime, 0.0), float(MAX_TIME_SECONDS))
 
 
 def _split_ns(ns: int) -> tuple[int, int]:
