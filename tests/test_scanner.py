@@ -711,3 +711,12 @@ def test_a_local_change_is_never_dated_past_the_range_peers_accept():
     assert local_utime(1.0, 2.0, 3.0, previous) == MAX_TIME_SECONDS
     assert FileRecord.from_wire(previous.with_changes(utime=local_utime(
         1.0, 2.0, 3.0, previous)).to_wire()).utime == MAX_TIME_SECONDS
+
+
+def test_our_counter_never_passes_the_range_peers_accept():
+    """A counter forged to the top of the range stays there instead of going one past it."""
+    from clearskies.share.merge import vv_bump
+    from clearskies.share.records import MAX_COUNTER
+    assert scanner_module.bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
+    assert vv_bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
+    assert scanner_module.bump({PEER: 4}, PEER) == {PEER: 5}

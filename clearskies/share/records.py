@@ -23,8 +23,8 @@ MAX_VV_ENTRIES = 1024
 #: 1970 (years 1677 to 2262): the nanosecond form of any such mtime fits a signed
 #: 64-bit integer, which is what file systems and the database hold.
 MAX_TIME_SECONDS = 9_223_372_035
-#: Sizes (and any other count stored) fit a signed 64-bit integer.
-MAX_SIZE = 2**63 - 1
+#: Sizes and version-vector counters fit a signed 64-bit integer.
+MAX_SIZE = MAX_COUNTER = 2**63 - 1
 MAX_MTIME_NS = MAX_TIME_SECONDS * 1_000_000_000 + 999_999_999
 MIN_MTIME_NS = -MAX_TIME_SECONDS * 1_000_000_000
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -221,7 +221,8 @@ def _version_vector(value: object) -> dict[str, int]:
     for peer, counter in value.items():
         if not _PEER_ID.fullmatch(peer):
             raise ProtocolError("vv keys must be 32-hex peer IDs")
-        if not isinstance(counter, int) or isinstance(counter, bool) or not 0 <= counter < 2**63:
+        if not isinstance(counter, int) or isinstance(counter, bool) \
+                or not 0 <= counter <= MAX_COUNTER:
             raise ProtocolError("vv counters must be non-negative integers")
         out[peer] = counter
     return out

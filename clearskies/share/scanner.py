@@ -65,7 +65,8 @@ from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
 from clearskies.share.ignore import MARKER_NAME, IgnoreRules
 from clearskies.share.paths import LOCAL_PATH_MAX, MAX_PATH_DEPTH, depth_problem, unreadable
 from clearskies.share.records import (
-    MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns, validate_wire_path)
+    MAX_COUNTER, MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns,
+    validate_wire_path)
 from clearskies.share.skipped import SkippedPaths
 from clearskies.threads import Runner
 
@@ -431,7 +432,9 @@ def bump(vv: dict[str, int], peer_id: str, *others: dict[str, int]) -> dict[str,
         for peer, counter in other.items():
             if counter > merged.get(peer, 0):
                 merged[peer] = counter
-    merged[peer_id] = merged.get(peer_id, 0) + 1
+    # A counter at the top of the range (only a hostile peer gets it there) stays
+    # there: one past it, every peer would refuse our records.
+    merged[peer_id] = min(merged.get(peer_id, 0) + 1, MAX_COUNTER)
     return merged
 
 
