@@ -13,7 +13,8 @@ from clearskies.share.database import ShareInfo, ShareStore
 from clearskies.share.hashing import Unstable, hash_file
 from clearskies.share.ignore import IGNORE_FILE_NAME
 from clearskies.share.paths import MAX_PATH_DEPTH
-from clearskies.share.records import MAX_TIME_SECONDS, FileRecord
+from clearskies.share.merge import vv_bump
+from clearskies.share.records import MAX_COUNTER, MAX_TIME_SECONDS, FileRecord
 from clearskies.share.scanner import (
     Scanner, local_utime, normalize_scopes, read_marker, write_marker)
 from clearskies.threads import SyncRunner
@@ -715,8 +716,6 @@ def test_a_local_change_is_never_dated_past_the_range_peers_accept():
 
 def test_our_counter_never_passes_the_range_peers_accept():
     """A counter forged to the top of the range stays there instead of going one past it."""
-    from clearskies.share.merge import vv_bump
-    from clearskies.share.records import MAX_COUNTER
     assert scanner_module.bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
     assert vv_bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
     assert scanner_module.bump({PEER: 4}, PEER) == {PEER: 5}
