@@ -59,6 +59,13 @@ def parse_duration(text: str) -> float | None:
     return float(match.group(1)) * unit
 
 
+def _printable(path: str) -> str:
+    """A path for one terminal line: newlines and other control characters escaped."""
+    if path.isprintable():
+        return path
+    return path.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
 def format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":
@@ -183,10 +190,16 @@ class Cli:
 
     def cmd_status(self) -> int:
         if self.args.path:
-            reply = self.request({"type": ".clearskies.share_status",
-                                  "path": os.path.realpath(self.args.path)})
+            request = {"type": ".clearskies.share_status",
+                       "path": os.path.realpath(self.args.path)}
+            if self.args.skipped:
+                request["skipped"] = True
+            reply = self.request(request)
             self.emit(reply, lambda: self.print_share_status(reply))
             return EXIT_OK
+        if self.args.skipped:
+            raise CommandFailed("--skipped lists one share's paths: give its folder, e.g. "
+                                "clearskies status ~/Photos --skipped")
         reply = self.request({"type": "status"})
 
         def human() -> None:
@@ -211,6 +224,14 @@ class Cli:
             share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
         if share.get("local_changes_not_shared"):
             self.line("  %d local changes not shared" % share["local_changes_not_shared"])
+        if share.get("skipped"):
+            self.line("  %d paths not synced%s" % (
+                share["skipped"], "" if "skipped_paths" in share else " (see: --skipped)"))
+        for entry in share.get("skipped_paths", []):
+            self.line("  skipped %s: %s" % (_printable(entry.get("path", "")),
+                                            entry.get("reason")))
+        if len(share.get("skipped_paths", [])) < share.get("skipped", 0):
+            self.line("  (only the first %d are listed)" % len(share["skipped_paths"]))
         for peer in share.get("peers", []):
             self.line("  peer %s %s %s%s" % (
                 peer.get("name") or peer.get("peer_id"), peer.get("access", ""),
@@ -478,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="daemon status, or one share's with PATH")
     status.add_argument("path", nargs="?")
+    status.add_argument("--skipped", action="store_true",
+                        help="list the share's paths that are not synced, and why")
 
     share = sub.add_parser("share", help="share a directory and print an access code")
     share.add_argument("path")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from clearskies.errors import UnsafePathError
+from clearskies.share.records import clamp_mtime_ns
 
 if TYPE_CHECKING:
     from clearskies.share.records import FileRecord
@@ -174,7 +175,7 @@ def fsync_directory(directory: Path) -> None:
 
 def stat_key(path: Path) -> tuple[int, int, int]:
     st = os.lstat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    return st.st_size, clamp_mtime_ns(st.st_mtime_ns), st.st_ino
 
 
 def sync_directories(directories: Iterable[Path]) -> None:
@@ -231,7 +232,7 @@ def matches(path: str, size: int, sha256: str, cache: tuple[int, int, int] | Non
     if not stat.S_ISREG(st.st_mode) or st.st_size != size:
         return False
     if cache is not None:
-        return (st.st_ino, st.st_size, st.st_mtime_ns) == cache
+        return (st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns)) == cache
     digest = hashlib.sha256()
     try:
         fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)  # never through a symlink swapped in

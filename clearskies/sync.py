@@ -18,6 +18,7 @@ seam below, so the whole layer can be tested against a fake.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 from collections.abc import Callable, Iterable
@@ -34,7 +35,7 @@ from clearskies import readonly, wire
 from clearskies.discovery.addresses import UnsupportedProtocolError, parse_address
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share import merge
-from clearskies.share.records import FileRecord, validate_wire_path
+from clearskies.share.records import MAX_SIZE, FileRecord, validate_wire_path
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.transfer import (
     CONFLICT, CORRUPT, OK, SMALL_FILE, BufferedSeals, FileReceiver, FinishResult, SendQueue,
@@ -124,6 +125,9 @@ class LocalShare(Protocol):
 
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         """Remember the revision of a peer's manifest, to ask for changes since it next time."""
+
+    def note_refused(self, path: str, why: str) -> bool:
+        """List a peer's record that cannot be taken (``status --skipped``); True if new."""
 
     @property
     def runner(self) -> Any:
@@ -335,8 +339,7 @@ class ShareSync:
             except UnsafePathError as e:
                 # A valid path that our disk cannot take (through a symlink, a file
                 # where a directory should be): refuse it, keep syncing the rest.
-                self._log.warn("not applying {path} from {peer}: {why}", path=remote.path,
-                               peer=session.peer_id[:8], why=str(e))
+                self.refused(session, remote.path, str(e))
                 continue
             committed.extend(applied)
             # What the sender told us needs no echo; what we made of it (merged
@@ -545,6 +548,15 @@ class ShareSync:
                 wanted.sources.add(other.peer_id)
         return []
 
+    def refused(self, session: SyncSession, path: object, why: str) -> None:
+        """A peer's record we do not take: listed as skipped, logged once per path and reason."""
+        key = path if isinstance(path, str) else "(not a path: %s)" % repr(path)[:100]
+        note = getattr(self.share, "note_refused", None)
+        if note is None or note(key, why):
+            shown = key if len(key) <= 200 else key[:100] + "…" + key[-100:]
+            self._log.warn("not taking {path} from {peer}: {why}", path=shown,
+                           peer=session.peer_id[:8], why=why)
+
     def relay(self, records: list[FileRecord], revision: int,
               origin: SyncSession | None) -> None:
         records = [r for r in records if not (r.deleted and r.path in self.placeholders)]
@@ -599,7 +611,7 @@ class ShareSync:
             self._look_ahead(starts, now)
         for session, wanted in starts:  # may change ``wanted``: not while iterating it
             Deferred.fromCoroutine(self._start_download(session, wanted)).addErrback(
-                self._download_crashed, wanted.record.path)
+                self._download_crashed, wanted.record.path, session.peer_id)
         if next_retry is not None and self._retry_call is None:
             self._retry_call = self.clock.callLater(max(0.0, next_retry - now), self._retry)
 
@@ -670,16 +682,21 @@ class ShareSync:
             self._seals = BufferedSeals(self.share.disk_runner)
         return self._seals
 
-    def _download_crashed(self, failure: Failure, path: str) -> None:
+    def _download_crashed(self, failure: Failure, path: str, peer_id: str) -> None:
         self._log.failure("download of {path} failed", failure, path=path)
         self.in_flight.pop(path, None)
+        wanted = self.wanted.get(path)
+        if wanted is not None:
+            # Asked of that peer again only after RETRY_AFTER: whatever went
+            # wrong, the next pump must not run into it again at once, forever.
+            wanted.failed[peer_id] = self.clock.seconds()
 
     async def _start_download(self, session: SyncSession, wanted: Wanted) -> None:
         record = wanted.record
         try:
             local_path = self.share.local_path(record.path)
         except UnsafePathError as e:
-            self._log.warn("not fetching {path}: {why}", path=record.path, why=str(e))
+            self.refused(session, record.path, str(e))
             self.wanted.pop(record.path, None)
             self.in_flight.pop(record.path, None)
             return
@@ -1120,9 +1137,13 @@ class SyncSession:
         if not isinstance(files, list):
             raise ProtocolError("manifest without a files list")
         revision = body.get("revision", body.get("version"))
+        if revision is not None and not _is_revision(revision):
+            raise ProtocolError("manifest revision must be a number from 0 to 2**63-1")
         records: dict[str, FileRecord] = {}
         for entry in files:
-            record = FileRecord.from_wire(entry)
+            record = self._record(entry)
+            if record is None:
+                continue
             previous = records.get(record.path)
             records[record.path] = record if previous is None else merge.winner(previous, record)
         self.peer_revision = revision
@@ -1137,9 +1158,26 @@ class SyncSession:
         self._receive(sorted(records.values(), key=lambda r: r.path))
 
     def _on_update(self, body: dict, event: wire.Message) -> None:
-        record = FileRecord.from_wire(body.get("file"))
+        record = self._record(body.get("file"))
         self._saw_revision(body.get("revision"))
-        self._receive([record])
+        if record is not None:
+            self._receive([record])
+
+    def _record(self, entry: object) -> FileRecord | None:
+        """A peer's file record, or None if a value in it is malformed or out of range.
+
+        Only that record is refused (listed and logged once); the rest of the
+        message, and the connection, go on.  A path that tries to leave the
+        share is an attack, not a slip: it still closes the connection.
+        """
+        try:
+            return FileRecord.from_wire(entry)
+        except UnsafePathError:
+            raise
+        except ProtocolError as e:
+            self.sync.refused(self, entry.get("path") if isinstance(entry, dict) else None,
+                              str(e))
+            return None
 
     def _saw_revision(self, revision: Any) -> None:
         if isinstance(revision, int) and not isinstance(revision, bool):
@@ -1148,9 +1186,10 @@ class SyncSession:
 
     def _on_move(self, body: dict, event: wire.Message) -> None:
         source = validate_wire_path(body.get("source"))
-        destination = FileRecord.from_wire(body.get("destination"))
+        destination = self._record(body.get("destination"))
         self._saw_revision(body.get("revision"))
-        self._enqueue("moves", [(source, destination)])
+        if destination is not None:
+            self._enqueue("moves", [(source, destination)])
 
     def _receive(self, records: list[FileRecord]) -> None:
         self._enqueue("records", records)
@@ -1463,6 +1502,12 @@ class SyncSession:
     def _log_failure(self, failure: Failure, doing: str) -> None:
         self._log.failure("error while {doing} with {peer}", failure, doing=doing,
                           peer=self.peer_id)
+
+
+def _is_revision(value: object) -> bool:
+    """A peer's revision: an integer, or the reference peer's float "version", in range."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 <= value <= MAX_SIZE)
 
 
 def _opener_key(connection: Any, our_peer_id: str, their_peer_id: str,

@@ -544,6 +544,27 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                                       "download: 10 B/s\nshares: 2\n")
         return self.go(body)
 
+    def test_status_skipped_lists_each_path_on_one_line(self) -> Deferred:
+        """status DIR --skipped asks for the list; odd names stay on one line; no DIR is an error."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = share_status(
+                skipped=3, skipped_paths=[
+                    {"path": "new\nline", "reason": "name cannot be synced", "where": "local"},
+                    {"path": "pipe", "reason": "special file (FIFO, socket or device)",
+                     "where": "local"}])
+            run = await self.cli("status", self.share_dir, "--skipped")
+            self.assertEqual(run.code, 0)
+            self.assertEqual(self.daemon.received, [{
+                "type": ".clearskies.share_status", "path": self.share_dir, "skipped": True}])
+            self.assertIn("  3 paths not synced\n", run.out)
+            self.assertIn("  skipped new\\nline: name cannot be synced\n", run.out)
+            self.assertIn("  skipped pipe: special file (FIFO, socket or device)\n", run.out)
+            self.assertIn("(only the first 2 are listed)", run.out)
+            run = await self.cli("status", "--skipped")
+            self.assertEqual(run.code, 1)
+            self.assertIn("give its folder", run.err)
+        return self.go(body)
+
     def test_status_json(self) -> Deferred:
         """status --json prints the daemon's reply unchanged."""
         async def body() -> None:

@@ -417,3 +417,19 @@ def test_sigkill_during_bulk_writes_leaves_consistent_db(tmp_path):
         assert db._conn.execute("SELECT COUNT(*) FROM files WHERE revision = ?",
                                 (stamped,)).fetchone()[0] == 500
         db.close()
+
+
+def test_inode_numbers_above_2_63_round_trip(db):
+    """A 64-bit file system's inode past 2**63 is stored (as a signed value) and read back."""
+    big = CacheKey(2**64 - 5, 10, 1_700_000_000_000_000_000)
+    db.apply_changes(SHARE, [file("big-inode")], {"big-inode": big})
+    assert db.get_stored(SHARE, "big-inode").cache == big
+    db.refresh_cache_keys(SHARE, [("big-inode", big, db.get_revision(SHARE))])
+    assert db.get_stored(SHARE, "big-inode").cache == big
+
+
+def test_an_integer_beyond_64_bits_is_a_clear_error(db):
+    """A number no record should carry names the path instead of an OverflowError."""
+    with pytest.raises(ValueError, match="'huge' holds"):
+        db.apply_changes(SHARE, [file("huge")], {"huge": CacheKey(1, 1, 10**19)})
+    assert db.get_record(SHARE, "huge") is None

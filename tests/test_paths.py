@@ -6,7 +6,7 @@ import unicodedata
 import pytest
 
 from clearskies.errors import UnsafePathError
-from clearskies.share.paths import LocalPaths
+from clearskies.share.paths import MAX_PATH_DEPTH, LocalPaths
 
 
 @pytest.fixture
@@ -135,3 +135,31 @@ def test_to_wire(share, tmp_path):
         paths.to_wire(root)
     with pytest.raises(UnsafePathError):
         paths.to_wire(root / ".." / "outside")
+
+
+def test_a_folder_the_daemon_may_not_read_is_left_alone(share):
+    """A chmod 000 folder, and anything below it, is refused (as root too: owner bits decide)."""
+    root, _ = share
+    paths = LocalPaths(root)
+    paths.to_local("docs/a.txt")  # checked once: cached by the folder's identity
+    (root / "docs").chmod(0o000)
+    try:
+        for path in ("docs", "docs/a.txt", "docs/new/b.txt"):
+            with pytest.raises(UnsafePathError, match="permission denied"):
+                paths.to_local(path)
+    finally:
+        (root / "docs").chmod(0o755)
+    assert paths.to_local("docs/a.txt") == root / "docs" / "a.txt"
+
+
+def test_paths_deeper_or_longer_than_supported_are_refused(share):
+    """257 levels, or a path too long once joined to the root, is refused with the reason."""
+    root, _ = share
+    paths = LocalPaths(root)
+    assert paths.to_local("/".join(["d"] * MAX_PATH_DEPTH)) == root.joinpath(
+        *["d"] * MAX_PATH_DEPTH)
+    with pytest.raises(UnsafePathError, match="257 levels deep"):
+        paths.to_local("/".join(["d"] * (MAX_PATH_DEPTH + 1)))
+    long_path = "/".join(["n" * 253] * 16)  # 4063 bytes: valid on the wire
+    with pytest.raises(UnsafePathError, match="the system allows"):
+        paths.to_local(long_path)

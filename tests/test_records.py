@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import (
-    MAX_NAME_BYTES, MAX_PATH_BYTES, FileRecord, format_mode, parse_mode, validate_wire_path)
+    MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns, format_mode,
+    parse_mode, validate_wire_path)
 
 SHA = "03381d195f92400ba13ba98f86f12d64696623c3dc227eed00f19ffae1365584"
 PEER = "48d09b6b6a8ae0edb8fc14c64bbc604b"
@@ -58,7 +59,7 @@ records = st.builds(
     path=st.sampled_from(["a", "dir/b.txt", "ünï/cödé", "x y/z"]),
     utime=st.floats(min_value=0, max_value=4e9),
     size=st.integers(min_value=0, max_value=2**63 - 1),
-    mtime=st.tuples(st.integers(0, 2**40), st.integers(0, 999_999_999)),
+    mtime=st.tuples(st.integers(-MAX_TIME_SECONDS, MAX_TIME_SECONDS), st.integers(0, 999_999_999)),
     mode=st.integers(0, 0o7777),
     sha256=st.text("0123456789abcdef", min_size=64, max_size=64),
     vv=st.dictionaries(st.text("0123456789abcdef", min_size=32, max_size=32),
@@ -108,6 +109,37 @@ def test_malformed_records_raise_protocol_error(change):
     obj.update(change)
     with pytest.raises(ProtocolError):
         FileRecord.from_wire(obj)
+
+
+@pytest.mark.parametrize("change", [
+    {"mtime": [2**62 - 1, 0]}, {"mtime": [MAX_TIME_SECONDS + 1, 0]},
+    {"mtime": [-MAX_TIME_SECONDS - 1, 0]}, {"utime": 1e300}, {"utime": MAX_TIME_SECONDS + 1},
+    {"size": 2**63}, {"vv": {PEER: 2**63}},
+])
+def test_out_of_range_numbers_are_refused(change):
+    """Timestamps, sizes and counters beyond what 64-bit storage holds are protocol errors."""
+    obj = json.loads(REFERENCE_FILE)
+    obj.update(change)
+    with pytest.raises(ProtocolError, match="range|size|vv"):
+        FileRecord.from_wire(obj)
+
+
+def test_the_limits_themselves_are_accepted():
+    """The documented maxima are in range, and their nanoseconds fit a signed 64-bit int."""
+    obj = json.loads(REFERENCE_FILE)
+    obj.update(mtime=[MAX_TIME_SECONDS, 999_999_999], utime=MAX_TIME_SECONDS, size=2**63 - 1)
+    record = FileRecord.from_wire(obj)
+    assert record.mtime_ns < 2**63
+    obj["mtime"] = [-MAX_TIME_SECONDS, 0]
+    assert FileRecord.from_wire(obj).mtime_ns >= -(2**63)
+
+
+def test_a_far_future_local_mtime_is_clamped():
+    """A file dated 2286 is recorded at the last time in range; ordinary times are kept."""
+    year_2286 = 9_999_999_999 * 10**9
+    assert clamp_mtime_ns(year_2286) == MAX_TIME_SECONDS * 10**9 + 999_999_999
+    assert clamp_mtime_ns(-year_2286) == -MAX_TIME_SECONDS * 10**9
+    assert clamp_mtime_ns(1_700_000_000_123_456_789) == 1_700_000_000_123_456_789
 
 
 def test_non_object_record_is_refused():

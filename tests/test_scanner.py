@@ -12,7 +12,9 @@ from clearskies.share import scanner as scanner_module
 from clearskies.share.database import ShareInfo, ShareStore
 from clearskies.share.hashing import Unstable, hash_file
 from clearskies.share.ignore import IGNORE_FILE_NAME
-from clearskies.share.records import FileRecord
+from clearskies.share.paths import MAX_PATH_DEPTH
+from clearskies.share.merge import vv_bump
+from clearskies.share.records import MAX_COUNTER, MAX_TIME_SECONDS, FileRecord
 from clearskies.share.scanner import (
     Scanner, local_utime, normalize_scopes, read_marker, write_marker)
 from clearskies.threads import SyncRunner
@@ -607,3 +609,113 @@ def test_file_written_by_sync_after_the_listing_is_not_a_deletion(share, monkeyp
     assert share.record("landed.txt") == landed
     monkeypatch.setattr(scanner_module, "walk_share", real_walk)
     assert not share.record("landed.txt").deleted
+
+
+# -- edges: far-future times, what cannot be synced, deep trees -------------------
+
+def test_far_future_mtime_is_recorded_in_range_once(share):
+    """A file dated 2286 gets one record with the clamped mtime; the next scan finds no change."""
+    target = share.write("future.txt", b"from the future")
+    os.utime(target, ns=(10**19, 10**19))  # 2286-11-20
+    result = share.scan()
+    record = share.by_path(result)["future.txt"]
+    assert record.mtime == (MAX_TIME_SECONDS, 999_999_999)
+    assert share.scan().records == [] and share.hasher.calls == []
+
+
+def _reasons(share):
+    return {e["path"]: e["reason"] for e in share.scanner.skipped.entries()}
+
+
+def test_every_skipped_path_is_listed_with_its_reason(share, tmp_path):
+    """Symlinks, FIFOs, bad names, unreadable files and folders are listed, counted, not recorded."""
+    share.write("ok.txt", b"1")
+    os.symlink("ok.txt", share.root / "link")
+    os.mkfifo(share.root / "pipe")
+    share.write("new\nline", b"2")
+    with open(os.path.join(os.fsencode(share.root), b"bad\xff"), "wb") as f:
+        f.write(b"3")
+    share.write("locked.txt", b"secret").chmod(0o000)
+    share.write("closed/inside.txt", b"4")
+    (share.root / "closed").chmod(0o000)
+    try:
+        result = share.scan()
+    finally:
+        (share.root / "closed").chmod(0o755)
+    assert set(share.by_path(result)) == {"ok.txt"}
+    reasons = _reasons(share)
+    assert reasons == {
+        "link": scanner_module.SYMLINK, "pipe": scanner_module.SPECIAL,
+        "new\nline": reasons["new\nline"], "bad\udcff": scanner_module.NOT_UTF8,
+        "locked.txt": scanner_module.UNREADABLE, "closed": scanner_module.UNREADABLE}
+    assert "control character" in reasons["new\nline"]
+    assert result.skipped == 6 and share.scanner.skipped.count == 6
+
+
+def test_a_folder_made_unreadable_keeps_its_records(share):
+    """chmod 000 on a synced folder and file: no tombstone, no mode-000 record goes out."""
+    share.write("dir/a.txt", b"a")
+    share.write("b.txt", b"b")
+    share.scan()
+    (share.root / "dir").chmod(0o000)
+    (share.root / "b.txt").chmod(0o000)
+    try:
+        result = share.scan()
+    finally:
+        (share.root / "dir").chmod(0o755)
+    assert result.records == []
+    assert share.record("dir").mode == 0o755 and not share.record("dir/a.txt").deleted
+    assert share.record("b.txt").mode == 0o644
+    # Readable again: nothing changed, nothing to announce.
+    (share.root / "b.txt").chmod(0o644)
+    assert share.scan().records == [] and share.scanner.skipped.count == 0
+
+
+def test_a_tree_deeper_than_supported_is_skipped_not_recursed(share):
+    """300 nested folders: the first 256 levels sync, the rest is listed as too deep."""
+    fd = os.open(share.root, os.O_RDONLY)
+    try:
+        for _ in range(300):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    result = share.scan()
+    assert result.directories == MAX_PATH_DEPTH
+    reasons = _reasons(share)
+    assert list(reasons) == ["/".join(["d"] * (MAX_PATH_DEPTH + 1))]
+    assert reasons[list(reasons)[0]].startswith(scanner_module.TOO_DEEP)
+    assert share.scan().records == []
+
+
+def test_a_partial_scan_updates_the_skip_list_of_its_paths_only(share):
+    """A file made unreadable is listed by the partial scan that sees it, and dropped once readable."""
+    os.symlink("elsewhere", share.root / "link")
+    share.scan()
+    target = share.write("late.txt", b"late")
+    target.chmod(0o000)
+    result = share.scan(["late.txt"])
+    assert result.records == [] and share.record("late.txt") is None
+    assert _reasons(share) == {"link": scanner_module.SYMLINK,
+                               "late.txt": scanner_module.UNREADABLE}
+    target.chmod(0o644)
+    assert [r.path for r in share.scan(["late.txt"]).records] == ["late.txt"]
+    assert _reasons(share) == {"link": scanner_module.SYMLINK}
+
+
+def test_a_local_change_is_never_dated_past_the_range_peers_accept():
+    """After a record dated at the very end of the range, ours stays in range (not refused)."""
+    previous = FileRecord(path="a", utime=float(MAX_TIME_SECONDS), size=1, mtime=(0, 0),
+                          sha256="0" * 64)
+    assert local_utime(1.0, 2.0, 3.0, previous) == MAX_TIME_SECONDS
+    assert FileRecord.from_wire(previous.with_changes(utime=local_utime(
+        1.0, 2.0, 3.0, previous)).to_wire()).utime == MAX_TIME_SECONDS
+
+
+def test_our_counter_never_passes_the_range_peers_accept():
+    """A counter forged to the top of the range stays there instead of going one past it."""
+    assert scanner_module.bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
+    assert vv_bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
+    assert scanner_module.bump({PEER: 4}, PEER) == {PEER: 5}

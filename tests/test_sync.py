@@ -18,7 +18,8 @@ from twisted.internet.testing import StringTransport
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
-from clearskies.sync import MAX_WAITING_GETS, ShareSync, SyncSession, Wanted, WantedFiles
+from clearskies.sync import (
+    MAX_WAITING_GETS, RETRY_AFTER, ShareSync, SyncSession, Wanted, WantedFiles)
 from clearskies.threads import SyncRunner
 
 US = "a" * 32
@@ -628,3 +629,54 @@ def test_wanted_files_keep_their_byte_total(operations):
         assert wanted.bytes == sum(w.record.size or 0 for w in wanted.values())
     with pytest.raises(TypeError):
         wanted.update({})
+
+
+class CrashingPathShare(MemoryShare):
+    """A share whose path check fails with an unexpected error (a bug, not a refusal)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.asked = 0
+
+    def local_path(self, path: str) -> Path:
+        self.asked += 1
+        raise RecursionError("maximum recursion depth exceeded")
+
+
+def test_a_download_that_crashes_is_not_started_again_at_once(tmp_path):
+    """An unexpected error starting a download is logged; the file waits RETRY_AFTER, not a spin."""
+    root = tmp_path / "share"
+    root.mkdir()
+    share = CrashingPathShare(root)
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    record = file_record("deep.txt", b"deep", {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 2, "file": record.to_wire()}))
+    for _ in range(5):
+        sync.pump()
+    assert share.asked == 1 and "deep.txt" in sync.wanted
+    clock.advance(RETRY_AFTER + 1)
+    assert share.asked == 2
+
+
+@pytest.mark.parametrize("revision", [2**70, -1, "7", [1], 1e300])
+def test_a_manifest_revision_out_of_range_is_a_protocol_error(share, revision):
+    """A revision the database could not remember closes the connection with a clear reason."""
+    _, session, _ = open_session(share, Clock())
+    with pytest.raises(ProtocolError, match="manifest revision"):
+        session.event_received(message({"type": "manifest", "revision": revision,
+                                        "files": []}))
+
+
+def test_a_record_with_a_huge_mtime_is_refused_alone(share):
+    """The out-of-range record is dropped; the rest of the manifest is taken."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    bad = file_record("far.txt", b"far", {THEM: 1}).to_wire()
+    bad["mtime"] = [2**62 - 1, 0]
+    good = file_record("near.txt", b"near", {THEM: 1}).to_wire()
+    session.event_received(message({"type": "manifest", "revision": 3,
+                                    "files": [bad, good]}))
+    requests = [e.body["path"] for e in connection.sent()
+                if isinstance(e, wire.Message) and e.body["type"] == "get"]
+    assert requests == ["near.txt"] and list(sync.wanted) == ["near.txt"]

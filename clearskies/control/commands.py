@@ -255,6 +255,7 @@ class DaemonCommands(CommandDispatcher):
             "bytes_to_download": sync.bytes_to_download,
             "last_sync": runtime.last_sync,
             "in_sync": sync.in_sync and state not in ("scanning", "starting", "error"),
+            "skipped": runtime.service.scanner.skipped.count,
         }
         if status.reason:
             summary["problem"] = status.reason
@@ -274,6 +275,8 @@ class DaemonCommands(CommandDispatcher):
         await runtime.fresh_counts()
         summary = self.share_summary(runtime)
         summary["peers"] = self._peers(runtime)
+        if request.get("skipped") is True:
+            summary["skipped_paths"] = runtime.service.scanner.skipped.entries()
         summary["download_rate"] = int(self.daemon.download.rate)
         summary["upload_rate"] = int(self.daemon.upload.rate)
         return summary

@@ -38,6 +38,7 @@ T = TypeVar("T")
 SCHEMA_DIR = Path(__file__).with_name("schema")
 DB_FILENAME = "state.sqlite3"
 PAGE_SIZE = 1000
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MAX_SQL_PARAMETERS = 900  # below SQLite's oldest default limit of 999
 ACCESS_LEVELS = ("read_write", "read_only", "untrusted", "unknown")
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
@@ -459,7 +460,7 @@ class StateDatabase:
             conn.executemany(
                 "UPDATE files SET local_inode = ?, local_size = ?, local_mtime_ns = ?"
                 " WHERE share_id = ? AND path = ? AND revision = ?",
-                [(key.inode, key.size, key.mtime_ns, share_id, path, revision)
+                [(_signed(key.inode), key.size, key.mtime_ns, share_id, path, revision)
                  for path, key, revision in items])
 
     @staticmethod
@@ -586,11 +587,18 @@ def _row_from_record(share_id: str, r: FileRecord, revision: int,
     mtime = r.mtime or (None, None)
     if r.deleted:
         cache = None
-    return (share_id, r.path, r.utime, int(r.deleted), int(r.is_dir), r.size, mtime[0],
-            mtime[1], r.mode, r.sha256, json.dumps(r.vv, sort_keys=True, separators=(",", ":")),
-            r.file_id, r.key, r.conflict_source, revision,
-            cache.inode if cache else None, cache.size if cache else None,
-            cache.mtime_ns if cache else None)
+    row = (share_id, r.path, r.utime, int(r.deleted), int(r.is_dir), r.size, mtime[0],
+           mtime[1], r.mode, r.sha256, json.dumps(r.vv, sort_keys=True, separators=(",", ":")),
+           r.file_id, r.key, r.conflict_source, revision,
+           _signed(cache.inode) if cache else None, cache.size if cache else None,
+           cache.mtime_ns if cache else None)
+    for value in row:
+        if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+            # Records and cache keys are range-checked where they come in (from
+            # peers, from the disk); one that is not is a bug, said plainly.
+            raise ValueError("the record of %r holds %d, which does not fit the database"
+                             % (r.path, value))
+    return row
 
 
 def _stored_from_row(row: Sequence[Any]) -> StoredRecord:
@@ -601,8 +609,13 @@ def _stored_from_row(row: Sequence[Any]) -> StoredRecord:
         mtime=(mtime_sec, mtime_nsec) if mtime_sec is not None else None, mode=mode,
         sha256=sha256, is_dir=bool(is_dir), vv=json.loads(vv), file_id=file_id, key=file_key,
         conflict_source=conflict_source)
-    cache = CacheKey(inode, local_size, local_mtime_ns) if inode is not None else None
+    cache = CacheKey(inode % 2**64, local_size, local_mtime_ns) if inode is not None else None
     return StoredRecord(record, revision, cache)
+
+
+def _signed(inode: int) -> int:
+    """An inode number (up to 2**64 - 1 on some file systems) as SQLite's signed INTEGER."""
+    return inode - 2**64 if inode >= 2**63 else inode
 
 
 def _peer_from_row(row: Sequence[Any]) -> PeerInfo:

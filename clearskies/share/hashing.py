@@ -19,6 +19,8 @@ import stat
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from clearskies.share.records import clamp_mtime_ns
+
 BLOCK_SIZE = 1024 * 1024
 
 
@@ -40,6 +42,7 @@ class Unstable:
 
     path: str
     reason: str
+    denied: bool = False  # the daemon may not read it: not worth retrying until it changes
 
 
 HashOutcome = HashResult | Unstable
@@ -61,6 +64,8 @@ def hash_file(path: str, progress: Callable[[int], None] | None = None,
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return Unstable(path, "vanished")
+    except PermissionError as e:
+        return Unstable(path, e.strerror or str(e), denied=True)
     except OSError as e:
         return Unstable(path, e.strerror or str(e))
     try:
@@ -92,7 +97,7 @@ def hash_file(path: str, progress: Callable[[int], None] | None = None,
         return Unstable(path, "vanished")
     if not (_stamp(before) == _stamp(after) == _stamp(by_name)) or total != after.st_size:
         return Unstable(path, "changed while it was read")
-    return HashResult(path, digest.hexdigest(), after.st_size, after.st_mtime_ns,
+    return HashResult(path, digest.hexdigest(), after.st_size, clamp_mtime_ns(after.st_mtime_ns),
                       after.st_ino, stat.S_IMODE(after.st_mode))
 
 

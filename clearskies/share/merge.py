@@ -22,7 +22,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from clearskies.share.records import MAX_NAME_BYTES, MAX_PATH_BYTES, FileRecord
+from clearskies.share.records import MAX_COUNTER, MAX_NAME_BYTES, MAX_PATH_BYTES, FileRecord
 
 # Outcomes of merge_remote.
 IGNORE = "ignore"
@@ -144,7 +144,7 @@ def vv_compare(a: Mapping[str, int], b: Mapping[str, int]) -> str:
 def vv_bump(vv: Mapping[str, int], peer_id: str) -> dict[str, int]:
     """The vector of a new local change made by ``peer_id`` on top of ``vv``."""
     out = dict(vv)
-    out[peer_id] = out.get(peer_id, 0) + 1
+    out[peer_id] = min(out.get(peer_id, 0) + 1, MAX_COUNTER)  # see scanner.bump
     return out
 
 

@@ -9,7 +9,11 @@ goes through ``LocalPaths.to_local``.  Besides the syntax checks of
 - an existing component that is not a directory where one is needed;
 - a name that is missing but whose NFC form equals the NFC form of a
   different name already in that directory (e.g. a decomposed ``é`` written
-  by a Mac): writing it would create a second file that looks the same.
+  by a Mac): writing it would create a second file that looks the same;
+- a path at or below an entry the daemon may not read (see ``unreadable``):
+  the user's ``chmod 000`` stays as it is, and nothing is created inside;
+- a path deeper than ``MAX_PATH_DEPTH`` levels, or whose absolute local
+  form would be longer than the system allows (``LOCAL_PATH_MAX``).
 
 Names reserved on Windows (``CON``, ``aux.txt``, trailing dots…) are allowed:
 this daemon runs on POSIX systems, where they are ordinary names.
@@ -35,6 +39,41 @@ from clearskies.share.records import validate_wire_path
 
 _NFC_CACHE_SIZE = 256
 _CHECKED_CACHE_SIZE = 1024
+#: The deepest path (in parts, ``a/b`` is 2) the daemon lists, writes or fetches.
+#: It also keeps the recursive ``makedirs`` of the paths it hands out far from
+#: Python's recursion limit.
+MAX_PATH_DEPTH = 256
+#: Linux's PATH_MAX less its final NUL: the longest absolute path a system call takes.
+LOCAL_PATH_MAX = 4095
+_EUID = os.geteuid()
+
+
+def unreadable(st: os.stat_result) -> bool:
+    """Whether the daemon treats this entry as one it may not read (and so leaves alone).
+
+    For an entry the daemon's user owns, or for any entry when the daemon
+    runs as root (which the kernel lets read everything), the owner's
+    permission bits decide: a directory needs read and search (``r-x``), a
+    file needs read.  So a ``chmod 000`` is respected the same way whoever
+    runs the daemon.  For other users' entries the kernel's own answer
+    decides, when the entry is opened.
+    """
+    if _EUID != 0 and st.st_uid != _EUID:
+        return False
+    needed = stat.S_IRUSR | stat.S_IXUSR if stat.S_ISDIR(st.st_mode) else stat.S_IRUSR
+    return st.st_mode & needed != needed
+
+
+def depth_problem(root: str, wire_path: str) -> str | None:
+    """Why a valid wire path is too deep or too long to live under ``root``, or None."""
+    depth = wire_path.count("/") + 1
+    if depth > MAX_PATH_DEPTH:
+        return "path is %d levels deep; at most %d are supported" % (depth, MAX_PATH_DEPTH)
+    size = len(root) + 1 + (len(wire_path) if wire_path.isascii()
+                            else len(wire_path.encode("utf-8", "surrogateescape")))
+    if size > LOCAL_PATH_MAX:
+        return "path would be %d bytes long here; the system allows %d" % (size, LOCAL_PATH_MAX)
+    return None
 
 
 class LocalPaths:
@@ -56,6 +95,9 @@ class LocalPaths:
         """The local path for ``wire_path``; UnsafePathError if it is not safe to use."""
         validate_wire_path(wire_path)
         current = str(self.root)
+        problem = depth_problem(current, wire_path)
+        if problem is not None:
+            raise UnsafePathError(problem)
         parts = wire_path.split("/")
         start = 0
         if len(parts) > 1:
@@ -76,8 +118,16 @@ class LocalPaths:
                 # Nothing below a missing component exists either.
                 current = os.path.join(current, *parts[index + 1:])
                 break
+            except PermissionError:
+                raise UnsafePathError("%r lies in a folder this daemon may not read "
+                                      "(permission denied); it is left as it is" % wire_path
+                                      ) from None
             if stat.S_ISLNK(st.st_mode):
                 raise UnsafePathError("%r goes through a symbolic link" % wire_path)
+            if unreadable(st):
+                raise UnsafePathError(
+                    "%r %s not readable here (permission denied); it is left as it is"
+                    % (wire_path, "is" if index == len(parts) - 1 else "lies in a folder that is"))
             if index < len(parts) - 1:
                 if not stat.S_ISDIR(st.st_mode):
                     raise UnsafePathError(
@@ -96,7 +146,8 @@ class LocalPaths:
             st = os.lstat(directory)
         except OSError:
             return False
-        return stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == known
+        return stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == known \
+            and not unreadable(st)
 
     def to_wire(self, local_path: str | os.PathLike[str]) -> str:
         """The wire form (relative, '/'-separated, NFC) of a path inside the share."""

@@ -19,6 +19,14 @@ from clearskies.errors import ProtocolError, UnsafePathError
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_VV_ENTRIES = 1024
+#: Timestamps (an ``mtime``'s seconds, a ``utime``) lie within this many seconds of
+#: 1970 (years 1677 to 2262): the nanosecond form of any such mtime fits a signed
+#: 64-bit integer, which is what file systems and the database hold.
+MAX_TIME_SECONDS = 9_223_372_035
+#: Sizes and version-vector counters fit a signed 64-bit integer.
+MAX_SIZE = MAX_COUNTER = 2**63 - 1
+MAX_MTIME_NS = MAX_TIME_SECONDS * 1_000_000_000 + 999_999_999
+MIN_MTIME_NS = -MAX_TIME_SECONDS * 1_000_000_000
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]{1,128}")
 _OCTAL_MODE = re.compile(r"[0-7]{1,7}")
@@ -146,7 +154,7 @@ class FileRecord:
             mtime = _mtime(obj["mtime"]) if "mtime" in obj else None
             return cls(is_dir=True, mode=mode, mtime=mtime, **common)
         size = obj.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size >= 2**63:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_SIZE:
             raise ProtocolError("file record %r has no valid size" % path)
         sha256 = obj.get("sha256")
         if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256):
@@ -170,8 +178,9 @@ def parse_mode(value: object) -> int:
 def _number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError("%s must be a number" % name)
-    if not math.isfinite(value) or value < 0:
-        raise ProtocolError("%s must be a finite non-negative number" % name)
+    if not math.isfinite(value) or not 0 <= value <= MAX_TIME_SECONDS:
+        raise ProtocolError("%s is out of range (seconds from 0 to %d)"
+                            % (name, MAX_TIME_SECONDS))
     return float(value)
 
 
@@ -180,9 +189,19 @@ def _mtime(value: object) -> tuple[int, int]:
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         raise ProtocolError("mtime must be [seconds, nanoseconds]")
     seconds, nanos = value
-    if not (-(2**62) < seconds < 2**62) or not (0 <= nanos < 1_000_000_000):
-        raise ProtocolError("mtime is out of range")
+    if not -MAX_TIME_SECONDS <= seconds <= MAX_TIME_SECONDS or not 0 <= nanos < 1_000_000_000:
+        raise ProtocolError("mtime is out of range (seconds must lie within ±%d)"
+                            % MAX_TIME_SECONDS)
     return (seconds, nanos)
+
+
+def clamp_mtime_ns(mtime_ns: int) -> int:
+    """A local file's mtime as records and cache keys hold it: within the range above.
+
+    A file dated after 2262 (or before 1677) is recorded with the nearest
+    time in range; the file on disk keeps its own.
+    """
+    return min(max(mtime_ns, MIN_MTIME_NS), MAX_MTIME_NS)
 
 
 def _optional_hex(value: object, name: str) -> str | None:
@@ -202,7 +221,8 @@ def _version_vector(value: object) -> dict[str, int]:
     for peer, counter in value.items():
         if not _PEER_ID.fullmatch(peer):
             raise ProtocolError("vv keys must be 32-hex peer IDs")
-        if not isinstance(counter, int) or isinstance(counter, bool) or not 0 <= counter < 2**63:
+        if not isinstance(counter, int) or isinstance(counter, bool) \
+                or not 0 <= counter <= MAX_COUNTER:
             raise ProtocolError("vv counters must be non-negative integers")
         out[peer] = counter
     return out

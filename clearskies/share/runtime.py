@@ -21,7 +21,7 @@ from clearskies import diskjobs, readonly
 from clearskies.errors import UnsafePathError
 from clearskies.keys import ShareKeys
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
-from clearskies.share.records import FileRecord
+from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
 from clearskies.sync import ShareSync
@@ -133,7 +133,7 @@ def _cache_key_of(path: str) -> CacheKey | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return CacheKey(st.st_ino, st.st_size, st.st_mtime_ns)
+    return CacheKey(st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns))
 
 
 #: A share's totals are recounted at most once per this many times the last
@@ -298,7 +298,9 @@ class ShareRuntime:
     async def _commit_remote(self, records: list[FileRecord],
                              written: dict[str, tuple[int, int, int]]) -> int:
         keys: dict[str, CacheKey] = {}
+        skipped = self.service.scanner.skipped
         for record in records:
+            skipped.accepted(record.path)  # a record of it was taken after all
             if record.deleted or record.is_dir:
                 continue
             if record.path in written:
@@ -423,6 +425,9 @@ class ShareRuntime:
         stored = _if_still(await self.store.get_stored(self.share_id, source), decided_on)
         return await self.runner.run(_rename, str(self.local_path(source)),
                                      str(self.local_path(destination)), stored)
+
+    def note_refused(self, path: str, why: str) -> bool:
+        return self.service.scanner.skipped.refused(path, why)
 
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         known = self.peers.get(peer_id)

@@ -35,7 +35,13 @@ Rules this module implements:
   size and mtime (a rename), its content is not hashed again.
 - A file whose mtime is within ``racy_window`` of the scan start is stored
   without a cache key, so it is hashed again next time: a write in the same
-  timestamp tick would otherwise go unnoticed.
+  timestamp tick would otherwise go unnoticed.  (One dated further in the
+  future gets its cache key: a write would move its mtime back to now.)
+- Times from the disk are kept within the range records allow
+  (``clamp_mtime_ns``): a file dated 2286 is recorded as dated 2262.
+- Whatever is found and not synced is listed with the reason in
+  ``Scanner.skipped``; an entry the daemon may not read
+  (``clearskies.share.paths.unreadable``) keeps its record as it was.
 """
 
 from __future__ import annotations
@@ -57,7 +63,11 @@ from clearskies.errors import ShareError, UnsafePathError
 from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
 from clearskies.share.ignore import MARKER_NAME, IgnoreRules
-from clearskies.share.records import MAX_PATH_BYTES, FileRecord, validate_wire_path
+from clearskies.share.paths import LOCAL_PATH_MAX, MAX_PATH_DEPTH, depth_problem, unreadable
+from clearskies.share.records import (
+    MAX_COUNTER, MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns,
+    validate_wire_path)
+from clearskies.share.skipped import SkippedPaths
 from clearskies.threads import Runner
 
 HASH_JOB_FILES = 64
@@ -134,31 +144,54 @@ class LocalEntry(NamedTuple):
         return CacheKey(self.inode, self.size, self.mtime_ns)
 
 
+#: Why a path found on disk is not synced (``Listing.skipped``, ``status --skipped``).
+UNREADABLE = "unreadable (permission denied)"
+SYMLINK = "symbolic link"
+SPECIAL = "special file (FIFO, socket or device)"
+NOT_UTF8 = "name is not valid UTF-8"
+BAD_NAME = "name cannot be synced"
+TOO_DEEP = "path too deep or too long"
+
+
 @dataclass
 class Listing:
     """What a walk found, sorted by path, plus what it had to leave out."""
 
     entries: list[LocalEntry] = field(default_factory=list)
     protected: list[str] = field(default_factory=list)  # unknown state: no tombstones there
-    skipped: list[str] = field(default_factory=list)  # symlinks, specials, unusable names
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) not synced
+    denied: set[str] = field(default_factory=set)  # directories we may not list
 
 
-def _usable_name(name: str, parent: str) -> bool:
-    """True if ``parent/name`` can be a wire path (cheap for plain ASCII names)."""
+def name_problem(name: str, parent: str, root: str = "") -> str | None:
+    """Why ``parent/name`` cannot be a synced path, or None (cheap for plain ASCII names)."""
     if not (name.isascii() and _PLAIN_NAME.fullmatch(name)):
         try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return NOT_UTF8
+        try:
             validate_wire_path(name)
-        except UnsafePathError:
-            return False
-    return len(parent) + len(name) < MAX_PATH_BYTES // 4 or len(
-        (parent + "/" + name).encode("utf-8")) <= MAX_PATH_BYTES
+        except UnsafePathError as e:
+            return "%s: %s" % (BAD_NAME, str(e).replace("path ", "the name ", 1))
+    # A path too deep or too long has at least this many characters: most are
+    # shorter and cost nothing more.
+    if len(parent) + len(name) + 1 >= min(2 * MAX_PATH_DEPTH - 1, MAX_PATH_BYTES // 4,
+                                          (LOCAL_PATH_MAX - len(root)) // 4):
+        path = parent + "/" + name if parent else name
+        if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+            return "%s: longer than %d bytes" % (TOO_DEEP, MAX_PATH_BYTES)
+        problem = depth_problem(root, path)
+        if problem is not None:
+            return "%s: %s" % (TOO_DEEP, problem)
+    return None
 
 
 def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> Listing:
     """List the share (``scopes=None``) or the given subtrees (blocking).
 
     Never follows symlinks.  A listing error at the root raises ShareError;
-    below it, the unreadable directory is marked protected.
+    below it, the unreadable directory is marked protected and skipped.
     """
     listing = Listing()
     if scopes is None:
@@ -170,12 +203,14 @@ def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> L
     else:
         for scope in scopes:
             _list_scope(root, scope, rules, listing)
+    if listing.denied:  # a folder we may not list gets no record (its old one stays)
+        listing.entries = [e for e in listing.entries if e.path not in listing.denied]
     listing.entries.sort(key=lambda e: e.path)
     return listing
 
 
 def list_directories(root: str) -> list[str]:
-    """Every directory a full scan would list, found without a stat call (blocking).
+    """Every directory a full scan would list (blocking).
 
     The watcher watches these before the scan's own listing begins.  An
     error listing the root raises OSError; below it, an unreadable
@@ -191,11 +226,13 @@ def list_directories(root: str) -> list[str]:
             with os.scandir(os.path.join(root, directory) if directory else root) as entries:
                 for entry in entries:
                     try:
-                        is_dir = entry.is_dir(follow_symlinks=False)
+                        if not entry.is_dir(follow_symlinks=False):
+                            continue
+                        st = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue
                     path = prefix + entry.name
-                    if is_dir and _usable_name(entry.name, directory) \
+                    if not unreadable(st) and name_problem(entry.name, directory, root) is None \
                             and not rules.matches(path, True):
                         found.append(path)
                         stack.append(path)
@@ -208,15 +245,19 @@ def list_directories(root: str) -> list[str]:
 def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> None:
     parts = scope.split("/")
     current = root
-    for part in parts[:-1]:  # every parent must still be a real directory
+    for part in parts[:-1]:  # every parent must still be a real, readable directory
         current = os.path.join(current, part)
         try:
-            if not stat.S_ISDIR(os.lstat(current).st_mode):
-                return
+            st = os.lstat(current)
         except FileNotFoundError:
             return
         except OSError:
             listing.protected.append(scope)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        if unreadable(st):
+            listing.protected.append(scope)  # its own skip is listed by a full scan
             return
     try:
         st = os.lstat(os.path.join(root, scope))
@@ -225,21 +266,39 @@ def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> 
     except OSError:
         listing.protected.append(scope)
         return
+    parent, _, name = scope.rpartition("/")
+    problem = name_problem(name, parent, root)
+    if problem is not None:
+        listing.skipped.append((scope, problem))
+        listing.protected.append(scope)
+        return
     is_dir = stat.S_ISDIR(st.st_mode)
     if rules.is_ignored(scope, is_dir):
         return
-    if stat.S_ISLNK(st.st_mode) or not (is_dir or stat.S_ISREG(st.st_mode)):
-        listing.skipped.append(scope)
-        return
-    listing.entries.append(_entry(scope, st))
-    if is_dir:
+    if _add(listing, scope, st) and is_dir:
         _walk_tree(root, scope, rules, listing)
 
 
 def _entry(path: str, st: os.stat_result) -> LocalEntry:
     is_dir = stat.S_ISDIR(st.st_mode)
-    return LocalEntry(path, is_dir, 0 if is_dir else st.st_size, st.st_mtime_ns, st.st_ino,
-                      stat.S_IMODE(st.st_mode))
+    return LocalEntry(path, is_dir, 0 if is_dir else st.st_size,
+                      clamp_mtime_ns(st.st_mtime_ns), st.st_ino, stat.S_IMODE(st.st_mode))
+
+
+def _add(listing: Listing, path: str, st: os.stat_result) -> bool:
+    """List one entry, or skip it with the reason; True for a directory to descend into."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        listing.skipped.append((path, SYMLINK))
+    elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        listing.skipped.append((path, SPECIAL))
+    elif unreadable(st):
+        listing.skipped.append((path, UNREADABLE))
+        listing.protected.append(path)  # its record (if any) stays as it was
+    else:
+        listing.entries.append(_entry(path, st))
+        return stat.S_ISDIR(mode)
+    return False
 
 
 def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing) -> None:
@@ -252,26 +311,25 @@ def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing) -> Non
                 for entry in entries:
                     name = entry.name
                     path = prefix + name
-                    if not _usable_name(name, directory):
-                        listing.skipped.append(path)
+                    problem = name_problem(name, directory, root)
+                    if problem is not None:
+                        listing.skipped.append((path, problem))
+                        listing.protected.append(path)
                         continue
                     try:
-                        if entry.is_symlink():
-                            listing.skipped.append(path)
-                            continue
                         st = entry.stat(follow_symlinks=False)
                     except OSError:
                         listing.protected.append(path)  # vanished or unreadable just now
                         continue
-                    if stat.S_ISDIR(st.st_mode):
-                        if not rules.matches(path, True):
-                            listing.entries.append(_entry(path, st))
-                            stack.append(path)
-                    elif stat.S_ISREG(st.st_mode):
-                        if not rules.matches(path):
-                            listing.entries.append(_entry(path, st))
-                    else:
-                        listing.skipped.append(path)
+                    if rules.matches(path, stat.S_ISDIR(st.st_mode)):
+                        continue
+                    if _add(listing, path, st):
+                        stack.append(path)
+        except PermissionError:
+            listing.protected.append(directory)
+            if directory:
+                listing.skipped.append((directory, UNREADABLE))
+                listing.denied.add(directory)
         except OSError:
             listing.protected.append(directory)
 
@@ -374,7 +432,9 @@ def bump(vv: dict[str, int], peer_id: str, *others: dict[str, int]) -> dict[str,
         for peer, counter in other.items():
             if counter > merged.get(peer, 0):
                 merged[peer] = counter
-    merged[peer_id] = merged.get(peer_id, 0) + 1
+    # A counter at the top of the range (only a hostile peer gets it there) stays
+    # there: one past it, every peer would refuse our records.
+    merged[peer_id] = min(merged.get(peer_id, 0) + 1, MAX_COUNTER)
     return merged
 
 
@@ -390,7 +450,9 @@ def local_utime(mtime: float | None, since: float | None, now: float,
         utime = since if mtime is None else min(mtime, since)
     if previous is not None:
         utime = max(utime, previous.utime + UTIME_STEP)
-    return max(utime, 0.0)
+    # Never past the range records allow (a peer may have dated the record it
+    # replaces at the very end of it): peers would refuse the record.
+    return min(max(utime, 0.0), float(MAX_TIME_SECONDS))
 
 
 def _split_ns(ns: int) -> tuple[int, int]:
@@ -481,7 +543,8 @@ class ScanResult:
     unchanged: int = 0
     hashed_files: int = 0
     hashed_bytes: int = 0
-    skipped: int = 0
+    skipped: int = 0  # paths found but not synced (see Scanner.skipped for which and why)
+    skipped_paths: list[tuple[str, str]] = field(default_factory=list)
     unstable: list[str] = field(default_factory=list)  # look at these again later
     directory_paths: list[str] = field(default_factory=list)  # directories listed
     revision: int = 0
@@ -541,7 +604,8 @@ class Scanner:
         #: unwritable on disk.
         self.ignored_mode_bits = 0
         self._stopping = False
-        self._skipped_before = -1
+        #: What the share does not sync and why (the sync layer adds refused records).
+        self.skipped = SkippedPaths()
 
     def stop(self) -> None:
         """Make a running scan give up at its next step (what it wrote stays valid)."""
@@ -590,7 +654,7 @@ class Scanner:
         self._check_stop()
         # The root could have gone while we walked; only trust the listing if not.
         await self._runner.run(check_share_root, self.root, self.share_id)
-        self._note_skipped(listing, result)
+        result.skipped_paths = listing.skipped
         result.directory_paths = [e.path for e in listing.entries if e.is_dir]
         result.directories = len(result.directory_paths)
         result.files = len(listing.entries) - result.directories
@@ -609,6 +673,7 @@ class Scanner:
         progress.phase = "writing"
         await plan.deletions()
         await writer.flush()
+        self._note_skipped(result, scopes)
         if result.full:
             await self._store.set_last_scan(self.share_id, result.started)
 
@@ -616,15 +681,18 @@ class Scanner:
         check_share_root(self.root, self.share_id)
         return IgnoreRules.load(self.root)
 
-    def _note_skipped(self, listing: Listing, result: ScanResult) -> None:
-        result.skipped = len(listing.skipped)
-        if result.full and listing.skipped and result.skipped != self._skipped_before:
-            self._log.info(
-                "{count} paths in {root} are not synced (symbolic links, special files or "
-                "names that are not valid UTF-8/NFC), e.g. {example}",
-                count=result.skipped, root=self.root, example=listing.skipped[0])
-        if result.full:
-            self._skipped_before = result.skipped
+    def _note_skipped(self, result: ScanResult, scopes: list[str] | None) -> None:
+        """Keep the list of what is not synced; log each path once, when it first shows."""
+        result.skipped = len(result.skipped_paths)
+        new = self.skipped.scanned(result.skipped_paths, scopes)
+        if new:
+            path, why = new[0]
+            if not path.isprintable():  # a newline in a name must not forge a log line
+                path = path.encode("unicode_escape").decode("ascii")
+            self._log.warn(
+                "{count} path(s) in {root} cannot be synced and are left alone, e.g. {example} "
+                "({why}); see: clearskies status {root} --skipped",
+                count=len(new), root=self.root, example=path, why=why)
 
     async def _compare(self, listing: Listing, scopes: list[str] | None,
                        listed_at_revision: int) -> Comparison:
@@ -729,6 +797,9 @@ class _Planner:
         self._since = since
         self._now = result.started
         self._racy_after_ns = int((result.started - scanner._racy_window) * 1e9)
+        # A file dated further ahead was dated so on purpose (or comes from a
+        # skewed clock): a write now would move its mtime back, to now.
+        self._racy_until_ns = int((result.started + scanner._racy_window) * 1e9)
         self._comparison = comparison
         self._writer = writer
         self._pairer = MovePairer(comparison.gone)
@@ -746,7 +817,7 @@ class _Planner:
         return on_disk & ~ignored | previous.mode & ignored
 
     def _cache(self, inode: int, size: int, mtime_ns: int) -> CacheKey | None:
-        if mtime_ns >= self._racy_after_ns:
+        if self._racy_after_ns <= mtime_ns <= self._racy_until_ns:
             return None  # may still change within the same timestamp tick
         return CacheKey(inode, size, mtime_ns)
 
@@ -822,6 +893,9 @@ class _Planner:
                 self._result.hashed_files += 1
                 self._result.hashed_bytes += outcome.size
                 await self._hashed(entry.path, outcome, row)
+            elif outcome.denied:
+                # Left as it is (its record too) until it can be read.
+                self._result.skipped_paths.append((entry.path, UNREADABLE))
             else:
                 self._result.unstable.append(entry.path)
 

@@ -334,8 +334,15 @@ class InotifyWatcher:
             self._notifier.watch(filepath, mask=_EVENTS, callbacks=[self._event])
         except inotify.INotifyError:
             # Gone already or not a directory (we never follow symlinks): the
-            # rescan of its parent tells the truth.  Or out of watches.
-            if os.path.isdir(filepath.path) and self.complete:
+            # rescan of its parent tells the truth.  Or not readable by us: the
+            # scanner skips and lists it.  Or out of watches.
+            if not os.path.isdir(filepath.path):
+                return False
+            if not os.access(filepath.path, os.R_OK | os.X_OK):
+                self._log.info("cannot watch {path} in {root}: permission denied; it is not "
+                               "synced while this daemon may not read it", path=path,
+                               root=self.root)
+            elif self.complete:
                 self.complete = False
                 self._log.warn(
                     "cannot watch every directory of {root} (raise the sysctl "
