@@ -139,6 +139,8 @@ class DiskTrouble:
             self.free = 0  # until measured: nothing fits
         if code in SHARE_WIDE_ERRNOS:
             wide = self.share_wide
+            if wide is not None and now < wide.retry_at:
+                return problem  # a download started before the last failure: no new attempt
             wide_tries = (wide.tries if wide is not None else 0) + 1
             self.share_wide = Problem(path, local, code, size, wide_tries,
                                       wide.since if wide is not None else now,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +17,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from clearskies import diskerrors
+from clearskies import sync as sync_module
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
@@ -615,3 +619,94 @@ def test_wanted_files_keep_their_byte_total(operations):
         assert wanted.bytes == sum(w.record.size or 0 for w in wanted.values())
     with pytest.raises(TypeError):
         wanted.update({})
+
+
+def test_a_read_only_disk_keeps_the_connection_and_retries_after_a_backoff(share, monkeypatch):
+    """EROFS while writing a download: the connection stays, status names the file and the
+    fix, nothing is asked for until the backoff passes, then the file is fetched again."""
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    data = random.Random(7).randbytes(200 * 1024)  # streamed to disk, not buffered
+    record = file_record("big.bin", data, {THEM: 1})
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(".!clearsky"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    assert connection.sent_types() == ["get"]
+    deliver_file(session, "big.bin", data)
+    assert connection.closed is None
+    status = sync.disk_status()
+    assert [e["path"] for e in status["disk_errors"]] == ["big.bin"]
+    assert status["disk_errors"][0]["error"] == "EROFS" and "read-only" in status["problem"]
+    clock.advance(4)
+    assert connection.sent_types() == []
+    clock.advance(2)
+    assert connection.sent_types() == ["get"]
+    monkeypatch.setattr(os, "open", real_open)  # remounted read-write
+    deliver_file(session, "big.bin", data)
+    assert (share.root / "big.bin").read_bytes() == data
+    assert sync.disk_status() == {} and not sync.wanted
+
+
+def test_a_full_disk_lets_files_that_fit_through_and_retries_the_big_one(share, monkeypatch):
+    """ENOSPC on a big download: its partial is removed, files that fit the measured free space
+    are still fetched, and the big one is asked for again once the space holds it."""
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    rng = random.Random(8)
+    big = rng.randbytes(300 * 1024)
+    small = rng.randbytes(1000)
+    free = {"bytes": 100 * 1024}
+    monkeypatch.setattr(sync_module, "free_bytes", lambda root: free["bytes"])
+    real_pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if offset + len(data) > free["bytes"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    session.event_received(message({"type": "update", "file": file_record(
+        "a-big.bin", big, {THEM: 1}).to_wire()}))
+    assert connection.sent_types() == ["get"]
+    deliver_file(session, "a-big.bin", big)
+    assert connection.closed is None
+    assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
+    clock.advance(0)  # free space measured
+    session.event_received(message({"type": "update", "file": file_record(
+        "b-small.bin", small, {THEM: 1}).to_wire()}))
+    assert [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)] == [
+        "b-small.bin"]
+    deliver_file(session, "b-small.bin", small)
+    assert (share.root / "b-small.bin").read_bytes() == small
+    assert "free space on" in sync.disk_status()["problem"]
+    clock.advance(60)
+    assert connection.sent_types() == []  # still does not fit
+    free["bytes"] = 10 * 1024 * 1024
+    clock.advance(2)
+    assert [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)] == [
+        "a-big.bin"]
+    deliver_file(session, "a-big.bin", big)
+    assert (share.root / "a-big.bin").read_bytes() == big
+    assert sync.disk_status() == {}
+
+
+def test_many_downloads_failing_at_once_count_as_one_failure_of_the_disk():
+    """Downloads under way when the file system turns read-only fail together: one failed
+    attempt (backoff 5 s), not one per file (which would push the retry minutes away)."""
+    trouble = diskerrors.DiskTrouble("/share")
+    for index in range(6):
+        trouble.failed("f%d" % index, "/share/f%d" % index, 10, errno.EROFS, 100.0 + index / 10)
+    assert trouble.blocked_until(101.0) == 105.0
+    assert trouble.blocked_until(105.0) is None
+    trouble.failed("f0", "/share/f0", 10, errno.EROFS, 106.0)  # the probe fails too
+    assert trouble.blocked_until(106.0) == 116.0
+    trouble.succeeded("f0")
+    assert trouble.blocked_until(106.0) is None and trouble.may_fetch("f0", 10, 106.0)[0]
