@@ -102,7 +102,13 @@ def _claim_root(root: str, share_id: str) -> None:
         raise ConfigurationError(
             "%s already holds the %s file of another share; remove that file if the old "
             "share is gone" % (root, MARKER_NAME))
-    write_marker(root, share_id)
+    try:
+        write_marker(root, share_id)
+    except OSError as e:
+        raise ConfigurationError(
+            "cannot write the %s marker file in %s: %s; make the folder writable (and free "
+            "some space if the disk is full), then try again"
+            % (MARKER_NAME, root, e.strerror or e)) from None
 
 
 def repair_refusal(root: str, recorded: int, present: int) -> str | None:
@@ -538,7 +544,12 @@ class ShareService(Service):
         problem = repair_refusal(root, checked, present)
         if problem is not None:
             raise ShareError(problem)
-        await self._runner.run(write_marker, root, self.share_id)
+        try:
+            await self._runner.run(write_marker, root, self.share_id)
+        except OSError as e:
+            raise ShareError("cannot write the %s marker file in %s: %s; make the folder "
+                             "writable (free some space if the disk is full) and repair again"
+                             % (MARKER_NAME, root, e.strerror or e)) from None
         self._log.info("share {root}: marker recreated ({present} of {checked} recorded files "
                        "present)", root=root, present=present, checked=checked)
         self.check_root()
