@@ -161,6 +161,8 @@ class DiskTrouble:
     def _settle(self) -> None:
         if not self.waits_for_space:
             self.free = None
+        if not self.files:
+            self.share_wide = None  # nothing waits for the file system any more
 
     def measured(self, free: int) -> None:
         """Free bytes on the share's file system, minus what downloads under way will take."""

@@ -581,7 +581,8 @@ class ShareSync:
             return  # the disk is behind: no more downloads until some are installed
         # Walk ``wanted`` in order (the manifest's path order, so one directory's
         # files come together) and stop once every window is full: called after
-        # every finished file, this must not cost O(wanted).
+        # every finished file, this must not cost O(wanted).  (While files wait for the
+        # disk, those skipped are walked too: a cost only while the disk refuses.)
         now = self.clock.seconds()
         disk = self.disk if self.disk else None
         if disk is not None:
@@ -672,13 +673,14 @@ class ShareSync:
             if check_root is not None and error.errno == errno.ENOENT:
                 check_root()
             return
+        now = self.clock.seconds()
         problem = self.disk.failed(record.path, str(receiver.local_path), record.size or 0,
-                                   error.errno, self.clock.seconds())
+                                   error.errno, now)
+        # Once as a warning; later attempts of the same file quietly (no traceback: not a bug).
         log = self._log.warn if problem.tries == 1 else self._log.info
         log("{message} (attempt {tries}, next in {delay:.0f} s)",
             message=diskerrors.advice(error.errno, str(receiver.local_path), str(self.share.root)),
-            tries=problem.tries, delay=problem.retry_at - problem.since
-            if problem.tries == 1 else diskerrors.backoff(problem.tries))
+            tries=problem.tries, delay=problem.retry_at - now)
         if error.errno in diskerrors.SPACE_ERRNOS:
             self._watch_space(0.0)
 
