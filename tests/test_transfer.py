@@ -1057,9 +1057,7 @@ def test_abort_keeping_the_partial_writes_pending_pieces_for_a_resume(tmp_path):
 
 
 def test_a_failed_batch_write_fails_the_seal(tmp_path, monkeypatch):
-    """A full disk while a worker writes a batch: the rest of the payload is dropped
-    (write never raises, so the connection carries on), seal fails with the disk
-    error, and the partial file that filled the disk is gone."""
+    """ENOSPC in a batch write: later chunks are dropped (write never raises), seal fails with it, the partial is gone."""
     data = content(2 * MiB, seed=10)
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
 

@@ -103,9 +103,7 @@ def _no_internal_errors(*daemons) -> None:
 
 def test_full_disk_lets_small_files_through_and_resumes_when_space_is_freed(
         daemon_factory, mounts):
-    """One file bigger than the free space and 240 small ones: every small one arrives, the
-    status, `status DIR` and `wait` name the full disk and the file, the connection stays, no
-    partial is left, and after the disk grows the big file arrives by itself."""
+    """Full disk: all 240 small files arrive, status/wait name the big file and the fix, and it arrives once the disk grows."""
     rng = random.Random(SEED)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     big = alice.shares / "aaa-big.bin"  # first in path order: fetched first
@@ -147,8 +145,7 @@ def test_full_disk_lets_small_files_through_and_resumes_when_space_is_freed(
 
 
 def test_read_only_disk_is_reported_and_syncing_resumes_when_writable(daemon_factory, mounts):
-    """A share on a file system remounted read-only: new files wait with an EROFS error in
-    status and `wait`; after a remount read-write they arrive by themselves."""
+    """Read-only remount: new files wait with EROFS in status and wait, and arrive by themselves after a remount rw."""
     rng = random.Random(SEED + 1)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 5, 1000, rng, prefix="before")
@@ -177,8 +174,7 @@ def test_read_only_disk_is_reported_and_syncing_resumes_when_writable(daemon_fac
 
 
 def test_deleted_and_restored_root_resumes_by_itself(daemon_factory):
-    """A share folder deleted (error within seconds, nothing deleted on the peer) and then
-    restored from a backup with its marker resumes by itself, without detach and attach."""
+    """A deleted share folder stops the share (nothing deleted on the peer); restored with its marker, it resumes by itself."""
     rng = random.Random(SEED + 2)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 20, 500, rng)
@@ -207,8 +203,7 @@ def test_deleted_and_restored_root_resumes_by_itself(daemon_factory):
 
 
 def test_deleted_marker_stops_the_share_and_repair_recreates_it(daemon_factory):
-    """A marker deleted while running stops the share within seconds; `repair` refuses while
-    the folder lacks most recorded files, then recreates the marker and syncing resumes."""
+    """A lost marker stops the share within seconds; repair refuses a folder missing its files, then recreates the marker."""
     rng = random.Random(SEED + 3)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 20, 500, rng)
@@ -247,8 +242,7 @@ def test_deleted_marker_stops_the_share_and_repair_recreates_it(daemon_factory):
 
 def test_root_unmounted_mid_sync_deletes_nothing_and_resumes_when_mounted(
         daemon_factory, mounts):
-    """The disk holding a share is unmounted while a download runs: the share stops with an
-    error, nothing is deleted on the peer, and it finishes by itself once mounted again."""
+    """Unmounted mid-download: the share stops, nothing is deleted on the peer, and it finishes by itself once mounted again."""
     rng = random.Random(SEED + 4)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 30, 4096, rng)
