@@ -175,7 +175,7 @@ class DiskTrouble:
         return wide.retry_at if wide is not None and now < wide.retry_at else None
 
     def may_fetch(self, path: str, size: int, now: float) -> tuple[bool, float | None]:
-        """(may this file be fetched now, when to ask again if not: None = when space is measured)."""
+        """(fetch it now?, if not when to ask again: None = when free space is next measured)."""
         problem = self.files.get(path)
         if problem is not None and now < problem.retry_at:
             return False, problem.retry_at

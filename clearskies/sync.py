@@ -651,7 +651,7 @@ class ShareSync:
 
     def _disk_failed(self, session: SyncSession | None, receiver: FileReceiver,
                      error: OSError) -> None:
-        """Writing a download failed on our side: note it, free its space if that is short, retry later.
+        """Writing a download failed here: note it, free its space if space is short, retry later.
 
         A local problem is never the peer's fault: the connection stays, the
         file waits (see clearskies.diskerrors), and the share's status says why.
@@ -720,7 +720,7 @@ class ShareSync:
         d.addBoth(lambda _: self._watch_space())
 
     def disk_status(self) -> dict[str, Any]:
-        """Status fields for downloads the disk refused: ``problem``, ``disk_errors`` (or nothing)."""
+        """Status fields for downloads the disk refused: ``problem``, ``disk_errors``, or none."""
         return self.disk.status(self.wanted) if self.disk else {}
 
     def _look_ahead(self, starts: list[tuple[SyncSession, Wanted]], now: float) -> None:

@@ -95,7 +95,7 @@ MAX_SILENT_HELPERS = 3
 class HelperGone(OSError):
     """The disk helper process ended while it held this job."""
 
-    #: Not a problem of the disk (``clearskies.diskerrors.is_disk_error``): the job is simply retried.
+    #: Not a problem of the disk (``diskerrors.is_disk_error``): the job is simply retried.
     internal = True
 
 

@@ -255,7 +255,7 @@ class FileReceiver:
             self._write_pending()
 
     def _disk_failed(self, error: OSError) -> None:
-        """A write failed: keep the error for seal(), and drop the partial if it is what fills the disk."""
+        """A write failed: keep the error for seal(); drop the partial if it is what fills the disk."""
         self.disk_error = error
         self._close_fd()
         self._buffer = None

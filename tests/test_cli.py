@@ -530,7 +530,7 @@ class CliAgainstFakeDaemon(unittest.TestCase):
         return self.go(body)
 
     def test_wait_stops_when_only_files_the_disk_refuses_are_left(self) -> Deferred:
-        """wait polls while other files still come, then exits 1 with the reason once only refused files are left."""
+        """wait polls while files still come, then exits 1 with the reason once only refused ones are left."""
         polls = []
         error = {"path": "big.iso", "error": "ENOSPC", "message": "cannot write big.iso"}
 

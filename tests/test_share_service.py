@@ -401,7 +401,7 @@ def test_marker_event_from_the_watcher_checks_the_root_at_once(setup):
 
 
 def test_root_restored_with_its_marker_resumes_within_seconds(setup):
-    """A folder restored with its marker resumes at the next 2 s root check, and the daemon hears of it."""
+    """A folder restored with its marker resumes at the next 2 s root check; the daemon hears of it."""
     recovered = []
     setup.service.on_recovered = lambda: recovered.append(True)
     away = setup.tmp_path / "away"

@@ -622,7 +622,7 @@ def test_wanted_files_keep_their_byte_total(operations):
 
 
 def test_a_read_only_disk_keeps_the_connection_and_retries_after_a_backoff(share, monkeypatch):
-    """EROFS on a download: the connection stays, status names file and fix, and the file is asked for again after 5 s."""
+    """EROFS on a download: the connection stays, status says why, and it is asked for again in 5 s."""
     clock = Clock()
     sync, session, connection = open_session(share, clock)
     connection.sent()
@@ -654,7 +654,7 @@ def test_a_read_only_disk_keeps_the_connection_and_retries_after_a_backoff(share
 
 
 def test_a_full_disk_lets_files_that_fit_through_and_retries_the_big_one(share, monkeypatch):
-    """ENOSPC on a big download: its partial goes, files that fit still come, and it is asked for again once it fits."""
+    """ENOSPC on a big download: its partial goes, files that fit still come, it comes once it fits."""
     clock = Clock()
     sync, session, connection = open_session(share, clock)
     connection.sent()
@@ -697,7 +697,7 @@ def test_a_full_disk_lets_files_that_fit_through_and_retries_the_big_one(share, 
 
 
 def test_many_downloads_failing_at_once_count_as_one_failure_of_the_disk():
-    """Downloads failing together on a read-only disk count as one failed attempt (retry in 5 s, not minutes)."""
+    """Downloads failing together on a read-only disk count as one failed attempt (retry in 5 s)."""
     trouble = diskerrors.DiskTrouble("/share")
     for index in range(6):
         trouble.failed("f%d" % index, "/share/f%d" % index, 10, errno.EROFS, 100.0 + index / 10)

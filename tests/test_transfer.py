@@ -1057,7 +1057,7 @@ def test_abort_keeping_the_partial_writes_pending_pieces_for_a_resume(tmp_path):
 
 
 def test_a_failed_batch_write_fails_the_seal(tmp_path, monkeypatch):
-    """ENOSPC in a batch write: later chunks are dropped (write never raises), seal fails with it, the partial is gone."""
+    """ENOSPC in a batch write: later chunks are dropped, seal fails with it, the partial is gone."""
     data = content(2 * MiB, seed=10)
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
 

@@ -258,7 +258,7 @@ class ConnectionManager(Service):
         self._wake_in(0)
 
     def retry_now(self, target_id: str) -> None:
-        """``target_id`` can be served again (a share back from its error state): dial its peers now."""
+        """``target_id`` can be served again (a share out of its error state): dial it now."""
         now = self._clock.seconds()
         for candidate in self._targets.get(target_id, {}).values():
             if candidate.dialling is None and candidate.connected_since is None:

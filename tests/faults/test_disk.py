@@ -103,7 +103,7 @@ def _no_internal_errors(*daemons) -> None:
 
 def test_full_disk_lets_small_files_through_and_resumes_when_space_is_freed(
         daemon_factory, mounts):
-    """Full disk: all 240 small files arrive, status/wait name the big file and the fix, and it arrives once the disk grows."""
+    """Full disk: small files all arrive, status/wait name the big one, which arrives once it fits."""
     rng = random.Random(SEED)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     big = alice.shares / "aaa-big.bin"  # first in path order: fetched first
@@ -145,7 +145,7 @@ def test_full_disk_lets_small_files_through_and_resumes_when_space_is_freed(
 
 
 def test_read_only_disk_is_reported_and_syncing_resumes_when_writable(daemon_factory, mounts):
-    """Read-only remount: new files wait with EROFS in status and wait, and arrive by themselves after a remount rw."""
+    """Read-only remount: files wait with EROFS in status and wait, then arrive after a remount rw."""
     rng = random.Random(SEED + 1)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 5, 1000, rng, prefix="before")
@@ -174,7 +174,7 @@ def test_read_only_disk_is_reported_and_syncing_resumes_when_writable(daemon_fac
 
 
 def test_deleted_and_restored_root_resumes_by_itself(daemon_factory):
-    """A deleted share folder stops the share (nothing deleted on the peer); restored with its marker, it resumes by itself."""
+    """A deleted folder stops the share, deleting nothing; restored with its marker, it resumes."""
     rng = random.Random(SEED + 2)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 20, 500, rng)
@@ -203,7 +203,7 @@ def test_deleted_and_restored_root_resumes_by_itself(daemon_factory):
 
 
 def test_deleted_marker_stops_the_share_and_repair_recreates_it(daemon_factory):
-    """A lost marker stops the share within seconds; repair refuses a folder missing its files, then recreates the marker."""
+    """A lost marker stops the share in seconds; repair refuses a folder without its files, then works."""
     rng = random.Random(SEED + 3)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 20, 500, rng)
@@ -242,7 +242,7 @@ def test_deleted_marker_stops_the_share_and_repair_recreates_it(daemon_factory):
 
 def test_root_unmounted_mid_sync_deletes_nothing_and_resumes_when_mounted(
         daemon_factory, mounts):
-    """Unmounted mid-download: the share stops, nothing is deleted on the peer, and it finishes by itself once mounted again."""
+    """Unmounted mid-download: the share stops, deleting nothing, and finishes once mounted again."""
     rng = random.Random(SEED + 4)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 30, 4096, rng)
