@@ -3,6 +3,7 @@
 import hashlib
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet import reactor
@@ -442,3 +443,23 @@ def test_repair_never_replaces_another_share_marker(setup):
     with pytest.raises(ShareError, match="another share"):
         result_of(setup.service.repair_marker())
     assert read_marker(str(setup.root)) == "6" * 64
+
+
+def test_marker_lost_during_a_scan_keeps_the_error(tmp_path):
+    """A scan that ends after the root check found the marker gone does not clear the error."""
+    setup = Setup(tmp_path)
+    setup.service.startService()
+    result_of(setup.service.rescan())
+    held = Deferred()
+    setup.service.scanner.scan = lambda *args: held  # a scan that is still running
+    pending = setup.service.rescan()
+    os.remove(setup.root / ".clearskies")
+    setup.clock.advance(2)
+    assert setup.service.status.state == "error"
+    held.callback(SimpleNamespace(revision=1, unstable=[], directory_paths=[], full=True,
+                                  duration=0.1))
+    assert setup.service.status.state == "error" and "marker" in setup.service.status.reason
+    failures = []
+    pending.addErrback(failures.append)
+    assert failures and failures[0].check(ShareError)
+    result_of(setup.service.stopService())

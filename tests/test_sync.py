@@ -707,3 +707,27 @@ def test_many_downloads_failing_at_once_count_as_one_failure_of_the_disk():
     assert trouble.blocked_until(106.0) == 116.0
     trouble.succeeded("f0")
     assert trouble.blocked_until(106.0) is None and trouble.may_fetch("f0", 10, 106.0)[0]
+
+
+class ReadOnlyDirectoriesShare(MemoryShare):
+    """A share whose disk refuses new directories (a read-only file system)."""
+
+    def make_directory(self, path: str, mode: int | None):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.root / path))
+
+
+def test_a_directory_the_disk_refuses_skips_only_that_record(tmp_path):
+    """EROFS on a mkdir from a manifest: logged, not applied, the rest of the batch goes on."""
+    root = tmp_path / "share"
+    root.mkdir()
+    share = ReadOnlyDirectoriesShare(root)
+    sync, session, connection = open_session(share, Clock(), features=("vv", "directories"))
+    connection.sent()
+    record = file_record("a.txt", b"content", {THEM: 1})
+    directory = FileRecord(path="d", utime=1.0, is_dir=True, vv={THEM: 1})
+    session.event_received(message({"type": "manifest", "revision": 1,
+                                    "files": [record.to_wire(), directory.to_wire()]}))
+    assert connection.closed is None
+    assert "d" not in share.records and "a.txt" in sync.wanted
+    assert [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)
+            and e.body["type"] == "get"] == ["a.txt"]

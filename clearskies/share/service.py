@@ -391,6 +391,12 @@ class ShareService(Service):
                 waiter.errback(e)
             return
         self._note_revision(result.revision)
+        if self._state == "error":
+            # The root check found the folder or marker gone while this scan ran
+            # (it began as "scanning"): the error stands until the next check.
+            for waiter in waiters:
+                waiter.errback(ShareError(self._reason or "the share folder is unavailable"))
+            return
         if self._state != "stopped":
             self._state = "idle"
         try:
