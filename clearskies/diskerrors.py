@@ -79,16 +79,16 @@ def advice(code: int, local: str, root: str) -> str:
     """What happened at ``local`` and what the user can do, in one sentence."""
     if code in SPACE_ERRNOS:
         what = "the disk quota is used up" if code == errno.EDQUOT else "the disk is full"
-        return ("cannot write %s: %s; free space on the disk holding %s "
-                "(the download resumes by itself)" % (local, what, root))
+        return ("cannot write %s: %s; free space on the disk holding %s and the download "
+                "resumes by itself" % (local, what, root))
     if code == errno.EROFS:
         return ("cannot write %s: the file system holding %s is read-only; make it writable "
                 "again (e.g. remount it read-write) and syncing resumes by itself" % (local, root))
     if code == errno.EIO:
         return ("cannot write %s: input/output error; check the disk holding %s (system log, "
                 "fsck); downloads are retried by themselves" % (local, root))
-    return ("cannot write %s: %s; give the daemon's user write access to %s "
-            "(the download is retried by itself)" % (
+    return ("cannot write %s: %s; give the daemon's user write access to %s and the "
+            "download is retried by itself" % (
                 local, os.strerror(code).lower(), os.path.dirname(local) or root))
 
 

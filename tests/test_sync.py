@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from clearskies import diskerrors
 from clearskies import sync as sync_module
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
@@ -694,19 +693,6 @@ def test_a_full_disk_lets_files_that_fit_through_and_retries_the_big_one(share, 
     deliver_file(session, "a-big.bin", big)
     assert (share.root / "a-big.bin").read_bytes() == big
     assert sync.disk_status() == {}
-
-
-def test_many_downloads_failing_at_once_count_as_one_failure_of_the_disk():
-    """Downloads failing together on a read-only disk count as one failed attempt (retry in 5 s)."""
-    trouble = diskerrors.DiskTrouble("/share")
-    for index in range(6):
-        trouble.failed("f%d" % index, "/share/f%d" % index, 10, errno.EROFS, 100.0 + index / 10)
-    assert trouble.blocked_until(101.0) == 105.0
-    assert trouble.blocked_until(105.0) is None
-    trouble.failed("f0", "/share/f0", 10, errno.EROFS, 106.0)  # the probe fails too
-    assert trouble.blocked_until(106.0) == 116.0
-    trouble.succeeded("f0")
-    assert trouble.blocked_until(106.0) is None and trouble.may_fetch("f0", 10, 106.0)[0]
 
 
 class ReadOnlyDirectoriesShare(MemoryShare):
