@@ -74,6 +74,11 @@ def format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def share_trouble(share: dict[str, Any]) -> bool:
+    """True when a share's status needs the user: stopped in error, or files it cannot write."""
+    return share.get("status") == "error" or bool(share.get("disk_errors"))
+
+
 class Cli:
     """One CLI invocation: the parsed arguments, where to print, how to reach the daemon."""
 
@@ -196,7 +201,8 @@ class Cli:
                 request["skipped"] = True
             reply = self.request(request)
             self.emit(reply, lambda: self.print_share_status(reply))
-            return EXIT_OK
+            # A share that stopped, or files the disk refused, need the user: not 0.
+            return EXIT_ERROR if share_trouble(reply) else EXIT_OK
         if self.args.skipped:
             raise CommandFailed("--skipped lists one share's paths: give its folder, e.g. "
                                 "clearskies status ~/Photos --skipped")
@@ -240,6 +246,12 @@ class Cli:
         if share.get("items_to_download"):
             self.line("  downloading: %d items, %s left" % (
                 share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
+        errors = share.get("disk_errors") or []
+        for error in errors:
+            self.line("  cannot write %s: %s" % (error.get("path"), error.get("error")))
+        more = share.get("disk_errors_count", len(errors)) - len(errors)
+        if more > 0:
+            self.line("  … and %d more files" % more)
 
     def cmd_share(self) -> int:
         path = os.path.realpath(self.args.path)
@@ -299,6 +311,12 @@ class Cli:
             status = self.request({"type": ".clearskies.share_status", "path": path})
             if status.get("status") == "error":
                 raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
+            if status.get("disk_errors") and \
+                    status.get("items_to_download", 0) <= status.get("disk_errors_count", 0):
+                # Everything that could be written is; the rest waits for the user.
+                if progress:
+                    self.err.write("\n")
+                raise CommandFailed("share %s cannot finish: %s" % (path, status.get("problem")))
             connected = [p for p in status.get("peers", []) if p.get("connected")]
             in_sync = status.get("in_sync") and (connected or not require_peer)
             if in_sync:
@@ -326,6 +344,15 @@ class Cli:
         reply = self.request({"type": ".clearskies.scan", "path": path})
         self.emit(reply, lambda: self.line("scanned %s: %d changes" % (
             path, reply.get("changes", 0))))
+        return EXIT_OK
+
+    def cmd_repair(self) -> int:
+        path = os.path.realpath(self.args.path)
+        reply = self.request({"type": ".clearskies.repair", "path": path})
+        self.emit(reply, lambda: self.line(
+            "%s: marker recreated (%d of %d recorded files present); the share resumes"
+            % (path, reply.get("present", 0), reply.get("checked", 0))
+            if reply.get("repaired") else "%s: the marker is in place; nothing to repair" % path))
         return EXIT_OK
 
     def cmd_revert(self) -> int:
@@ -523,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     detach = sub.add_parser("detach", help="stop syncing a directory (files stay)")
     detach.add_argument("path")
     sub.add_parser("list", help="list shares")
+    repair = sub.add_parser("repair", help="recreate a share's lost .clearskies marker "
+                                           "(after checking the folder holds its files)")
+    repair.add_argument("path")
     revert = sub.add_parser("revert", help="read-only share: undo local changes under PATH")
     revert.add_argument("path")
 

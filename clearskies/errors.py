@@ -38,3 +38,7 @@ class ConfigurationError(ClearSkiesError):
 
 class ShareError(ClearSkiesError):
     """A share is in an error state (root vanished, marker missing, database trouble)."""
+
+
+class RootMissing(ShareError):
+    """A share's folder or its marker is not there (an unmounted disk, a deleted folder)."""

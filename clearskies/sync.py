@@ -17,6 +17,7 @@ seam below, so the whole layer can be tested against a fake.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 import os
@@ -31,7 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clearskies import readonly, wire
+from clearskies import diskerrors, readonly, wire
 from clearskies.discovery.addresses import UnsupportedProtocolError, parse_address
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share import merge
@@ -71,6 +72,9 @@ COPY_LOOKAHEAD = 512
 
 COPY_ANSWER_TTL = 10.0
 """Seconds an answer "no local copy" is trusted; after that the file is looked up alone."""
+
+SPACE_CHECK = 2.0
+"""Seconds between measurements of free space while files wait for room (clearskies.diskerrors)."""
 
 
 class LocalShare(Protocol):
@@ -220,6 +224,9 @@ class ShareSync:
         self._copy_lookup: Deferred[None] | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
+        # Downloads the local disk refused, and when to try them again.
+        self.disk = diskerrors.DiskTrouble(str(share.root))
+        self._space_call: Any = None
         # Read-only shares (clearskies.readonly): signing and relaying; None = plain.
         self.signing: readonly.ShareSigning | None = None
         #: Put downloaded files in place without write permission (set by the
@@ -340,6 +347,13 @@ class ShareSync:
                 # A valid path that our disk cannot take (through a symlink, a file
                 # where a directory should be): refuse it, keep syncing the rest.
                 self.refused(session, remote.path, str(e))
+                continue
+            except OSError as e:
+                # Our disk refused a mkdir, a deletion or a move aside (read-only,
+                # no permission, full): nothing recorded, the peer's next
+                # announcement of it tries again; the rest of the batch goes on.
+                self._log.warn("could not apply {path} from {peer}: {why}", path=remote.path,
+                               peer=session.peer_id[:8], why=e.strerror or str(e))
                 continue
             committed.extend(applied)
             # What the sender told us needs no echo; what we made of it (merged
@@ -579,8 +593,15 @@ class ShareSync:
             return  # the disk is behind: no more downloads until some are installed
         # Walk ``wanted`` in order (the manifest's path order, so one directory's
         # files come together) and stop once every window is full: called after
-        # every finished file, this must not cost O(wanted).
+        # every finished file, this must not cost O(wanted).  (While files wait for the
+        # disk, those skipped are walked too: a cost only while the disk refuses.)
         now = self.clock.seconds()
+        disk = self.disk if self.disk else None
+        if disk is not None:
+            blocked = disk.blocked_until(now)
+            if blocked is not None:  # the file system failed as a whole: wait, then probe
+                self._retry_at(blocked, now)
+                return
         open_sessions = {p: s for p, s in self.sessions.items() if s.has_room()}
         starts: list[tuple[SyncSession, Wanted]] = []
         next_retry: float | None = None
@@ -589,6 +610,12 @@ class ShareSync:
                 break
             if path in self.in_flight or path in self.finishing:
                 continue
+            if disk is not None:
+                fits, retry_at = disk.may_fetch(path, wanted.record.size or 0, now)
+                if not fits:
+                    if retry_at is not None:
+                        next_retry = retry_at if next_retry is None else min(next_retry, retry_at)
+                    continue
             candidates = []
             for peer_id in wanted.sources:
                 session = open_sessions.get(peer_id)
@@ -607,17 +634,106 @@ class ShareSync:
             if not session.has_room():
                 del open_sessions[session.peer_id]
             starts.append((session, wanted))
+            if disk is not None:
+                disk.reserve(wanted.record.size or 0)
+                if disk.share_wide is not None:
+                    break  # one file probes the file system that failed
         if starts:
             self._look_ahead(starts, now)
         for session, wanted in starts:  # may change ``wanted``: not while iterating it
             Deferred.fromCoroutine(self._start_download(session, wanted)).addErrback(
                 self._download_crashed, wanted.record.path, session.peer_id)
-        if next_retry is not None and self._retry_call is None:
-            self._retry_call = self.clock.callLater(max(0.0, next_retry - now), self._retry)
+        if next_retry is not None:
+            self._retry_at(next_retry, now)
+
+    def _retry_at(self, when: float, now: float) -> None:
+        """Pump again at ``when`` (or earlier, if a retry is already planned before it)."""
+        call = self._retry_call
+        if call is not None and call.active() and call.getTime() <= when:
+            return
+        if call is not None and call.active():
+            call.cancel()
+        self._retry_call = self.clock.callLater(max(0.0, when - now), self._retry)
 
     def _retry(self) -> None:
         self._retry_call = None
         self.pump()
+
+    # -- local disk errors (clearskies.diskerrors) ---------------------------------
+
+    def _disk_failed(self, session: SyncSession | None, receiver: FileReceiver,
+                     error: OSError) -> None:
+        """Writing a download failed here: note it, free its space if space is short, retry later.
+
+        A local problem is never the peer's fault: the connection stays, the
+        file waits (see clearskies.diskerrors), and the share's status says why.
+        """
+        record = receiver.expected
+        try:
+            receiver.abort(keep_partial=not diskerrors.frees_space(error))
+        except RuntimeError:
+            pass  # its file work is still running; what it leaves is resumed or replaced
+        if not diskerrors.is_disk_error(error):
+            # Not something the user fixes on the disk (a directory where the file
+            # goes, the share folder gone): ask this peer again after RETRY_AFTER.
+            wanted = self.wanted.get(record.path)
+            if wanted is not None and session is not None:
+                wanted.failed[session.peer_id] = self.clock.seconds()
+            self._log.warn("could not write {path}: {why}; trying again later",
+                           path=record.path, why=error.strerror or str(error))
+            check_root = getattr(self.share, "check_root", None)
+            if check_root is not None and error.errno == errno.ENOENT:
+                check_root()
+            return
+        now = self.clock.seconds()
+        problem = self.disk.failed(record.path, str(receiver.local_path), record.size or 0,
+                                   error.errno, now)
+        # Once as a warning; later attempts of the same file quietly (no traceback: not a bug).
+        log = self._log.warn if problem.tries == 1 else self._log.info
+        log("{message} (attempt {tries}, next in {delay:.0f} s)",
+            message=diskerrors.advice(error.errno, str(receiver.local_path), str(self.share.root)),
+            tries=problem.tries, delay=problem.retry_at - now)
+        if error.errno in diskerrors.SPACE_ERRNOS:
+            self._watch_space(0.0)
+
+    def _disk_succeeded(self, path: str) -> None:
+        if self.disk:
+            was = self.disk.share_wide
+            self.disk.succeeded(path)
+            if was is not None:
+                self._log.info("writing to {root} works again; downloads resume",
+                               root=str(self.share.root))
+
+    def _watch_space(self, delay: float = SPACE_CHECK) -> None:
+        if self._space_call is None and self.disk.waits_for_space:
+            self._space_call = self.clock.callLater(delay, self._measure_space)
+
+    def _measure_space(self) -> None:
+        """While files wait for room: how much is free, minus what downloads under way take."""
+        self._space_call = None
+        self.disk.status(self.wanted)  # forget files no longer wanted
+        if not self.disk.waits_for_space:
+            self.pump()
+            return
+
+        def measured(free: int) -> None:
+            busy = sum(self.wanted[p].record.size or 0
+                       for p in itertools.chain(self.in_flight, self.finishing)
+                       if p in self.wanted)
+            self.disk.measured(free - busy)
+            self.pump()
+
+        def failed(failure: Failure) -> None:
+            self._log.info("cannot measure free space in {root}: {why}",
+                           root=str(self.share.root), why=failure.getErrorMessage())
+
+        d = self.share.runner.run(free_bytes, str(self.share.root))
+        d.addCallbacks(measured, failed)
+        d.addBoth(lambda _: self._watch_space())
+
+    def disk_status(self) -> dict[str, Any]:
+        """Status fields for downloads the disk refused: ``problem``, ``disk_errors``, or none."""
+        return self.disk.status(self.wanted) if self.disk else {}
 
     def _look_ahead(self, starts: list[tuple[SyncSession, Wanted]], now: float) -> None:
         """Ask in one query which hashes of these and the next wanted files exist locally.
@@ -708,6 +824,11 @@ class ShareSync:
             try:
                 await receiver.copy_local(copy)
             except OSError as e:
+                if diskerrors.is_disk_error(e):  # our disk refused the copy: not the source
+                    self._disk_failed(None, receiver, e)
+                    self.in_flight.pop(record.path, None)
+                    self.pump()
+                    return
                 # The copy went away meanwhile (a peer's rename deletes the old
                 # name while we copy from it): fetch the content instead.
                 self._log.info("local copy for {path} is gone ({why}); fetching it",
@@ -746,9 +867,15 @@ class ShareSync:
             return
         # Verification and fsync run outside the lock, several at once; the
         # renames and the database commit are then done in batches.
-        problem = await receiver.seal()
-        result = CORRUPT if problem is not None else await self._install_batched(receiver, record)
+        try:
+            problem = await receiver.seal()
+            result = (CORRUPT if problem is not None
+                      else await self._install_batched(receiver, record))
+        except OSError as e:
+            self._disk_failed(session, receiver, e)
+            return
         if result == OK:
+            self._disk_succeeded(record.path)
             if self.wanted.get(record.path) is current:
                 # (A newer record that arrived meanwhile, if only with a merged
                 # vector, is still wanted: dropping it would leave ours stale.)
@@ -1508,6 +1635,12 @@ def _is_revision(value: object) -> bool:
     """A peer's revision: an integer, or the reference peer's float "version", in range."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and 0 <= value <= MAX_SIZE)
+
+
+def free_bytes(root: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``root`` (worker thread)."""
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
 
 
 def _opener_key(connection: Any, our_peer_id: str, their_peer_id: str,

@@ -95,6 +95,9 @@ MAX_SILENT_HELPERS = 3
 class HelperGone(OSError):
     """The disk helper process ended while it held this job."""
 
+    #: Not a problem of the disk (``diskerrors.is_disk_error``): the job is simply retried.
+    internal = True
+
 
 class ProcessRunner(Service):
     """Runs the jobs of :mod:`clearskies.diskjobs` in a helper process.

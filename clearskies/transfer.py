@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from clearskies import diskjobs, wire
+from clearskies import diskerrors, diskjobs, wire
 from clearskies.errors import ProtocolError
 from clearskies.ratelimit import MAX_WAIT, RateLimiter
 from clearskies.share.records import FileRecord
@@ -137,8 +137,10 @@ class FinishResult:
     reason: str = ""
 
 
-# Receiver states.
+# Receiver states.  _FAILED: the local disk refused a write; the rest of the
+# payload is dropped and seal() raises that error (clearskies.diskerrors).
 _NEW, _WRITING, _BUSY, _VERIFIED, _DONE = "new", "writing", "busy", "verified", "done"
+_FAILED = "failed"
 
 
 class FileReceiver:
@@ -190,6 +192,8 @@ class FileReceiver:
         # A resumed file is hashed whole at the end, in the runner.
         self._rehash = self._offset > 0
         self._buffer: list[bytes] | None = [] if small else None
+        #: The local disk error that stopped this download (state _FAILED), if any.
+        self.disk_error: OSError | None = None
 
     @property
     def offset(self) -> int:
@@ -213,7 +217,20 @@ class FileReceiver:
     # -- filling the temporary file ------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Append payload bytes, straight to the file (a small file: to its buffer)."""
+        """Append payload bytes, straight to the file (a small file: to its buffer).
+
+        An OSError of the local disk (full, read-only, …) does not escape:
+        the receiver drops the rest of the payload, and :meth:`seal` (or
+        :meth:`finish`) raises that error, so the connection carries on.
+        """
+        try:
+            self._write(data)
+        except OSError as e:
+            self._disk_failed(e)
+
+    def _write(self, data: bytes) -> None:
+        if self._state == _FAILED:
+            return
         if self._state == _NEW:
             if self._buffer is None:
                 self._open_for_writing()
@@ -236,6 +253,24 @@ class FileReceiver:
         self._received += len(data)
         if self._pending >= WRITE_BATCH:
             self._write_pending()
+
+    def _disk_failed(self, error: OSError) -> None:
+        """A write failed: keep the error for seal(); drop the partial if it is what fills the disk."""
+        self.disk_error = error
+        self._close_fd()
+        self._buffer = None
+        self._state = _FAILED
+        if diskerrors.frees_space(error):
+            self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._log.warn("could not remove partial download {path}: {why}",
+                           path=self.expected.path, why=e.strerror)
 
     def _write_pending(self) -> None:
         """Hand the collected pieces to the writer thread as one batch."""
@@ -328,6 +363,20 @@ class FileReceiver:
         return Deferred.fromCoroutine(self._seal_temp())
 
     async def _seal_temp(self) -> str | None:
+        try:
+            return await self._seal_checked()
+        except OSError as e:
+            # The disk refused (fsync, a small file's write, mkdir, chmod): the
+            # download is over; a partial that fills the disk goes.
+            if self._state != _FAILED:
+                self._disk_failed(e)
+            self._state = _DONE
+            raise
+
+    async def _seal_checked(self) -> str | None:
+        if self._state == _FAILED:
+            assert self.disk_error is not None
+            raise self.disk_error
         if self._state == _NEW:
             if self._buffer is None:
                 self._open_for_writing()  # nothing arrived: an empty file or a complete resume
@@ -439,13 +488,7 @@ class FileReceiver:
         self._state = _DONE
         self._buffer = None
         if not keep_partial:
-            try:
-                os.unlink(self.temp_path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self._log.warn("could not remove partial download {path}: {why}",
-                               path=self.expected.path, why=e.strerror)
+            self._remove_temp()
 
     def _close_fd(self, keep: bool = False) -> None:
         """Close the temporary file; with ``keep`` the bytes received so far are written first."""

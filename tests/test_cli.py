@@ -529,6 +529,58 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             self.assertEqual(self.daemon.types(), [".clearskies.share_status"])
         return self.go(body)
 
+    def test_wait_stops_when_only_files_the_disk_refuses_are_left(self) -> Deferred:
+        """wait polls while files still come, then exits 1 with the reason once only refused ones are left."""
+        polls = []
+        error = {"path": "big.iso", "error": "ENOSPC", "message": "cannot write big.iso"}
+
+        def status(request: dict[str, Any]) -> dict[str, Any]:
+            polls.append(request)
+            return share_status(
+                status="syncing", items_to_download=3 if len(polls) < 3 else 1,
+                peers=[CONNECTED_PEER], disk_errors=[error], disk_errors_count=1,
+                problem="cannot write big.iso: the disk is full; free space on the disk")
+
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = status
+            run = await self.cli("wait", self.share_dir, "--timeout", "10")
+            self.assertEqual(run.code, 1)
+            self.assertEqual(len(polls), 3)
+            self.assertEqual(run.err, "clearskies: share %s cannot finish: cannot write "
+                                      "big.iso: the disk is full; free space on the disk\n"
+                             % self.share_dir)
+        return self.go(body)
+
+    def test_share_status_with_disk_errors_exits_1(self) -> Deferred:
+        """status PATH lists files the disk refused and exits 1; a stopped share too."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = share_status(
+                path=self.share_dir, status="syncing", problem="free space on /x",
+                disk_errors=[{"path": "big.iso", "error": "ENOSPC"}], disk_errors_count=3)
+            run = await self.cli("status", self.share_dir)
+            self.assertEqual(run.code, 1)
+            self.assertEqual(run.out.splitlines()[0],
+                             "%s: syncing (free space on /x)" % self.share_dir)
+            self.assertIn("  cannot write big.iso: ENOSPC", run.out.splitlines())
+            self.assertIn("  … and 2 more files", run.out.splitlines())
+            self.daemon.script[".clearskies.share_status"] = share_status(
+                path=self.share_dir, status="error", problem="marker lost")
+            self.assertEqual((await self.cli("status", self.share_dir)).code, 1)
+        return self.go(body)
+
+    def test_repair(self) -> Deferred:
+        """repair sends .clearskies.repair with the absolute path and reports the check."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.repair"] = {
+                "repaired": True, "checked": 10, "present": 9}
+            run = await self.cli("repair", self.share_dir)
+            self.assertEqual(run.code, 0)
+            self.assertEqual(self.daemon.received, [
+                {"type": ".clearskies.repair", "path": self.share_dir}])
+            self.assertEqual(run.out, "%s: marker recreated (9 of 10 recorded files present); "
+                                      "the share resumes\n" % self.share_dir)
+        return self.go(body)
+
     # -- status, list, peers, codes -------------------------------------------------
 
     def test_status(self) -> Deferred:

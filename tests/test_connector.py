@@ -149,6 +149,19 @@ def test_backoff_doubles_to_a_minute() -> None:
     assert status.failures == 11 and status.next_attempt == times[-1] + 60
 
 
+def test_retry_now_dials_a_backed_off_target_at_once() -> None:
+    """A share back from its error state is dialled now, not at its next 60 s back-off."""
+    clock, dialer, manager = make(refuse=True)
+    manager.add_candidate(SHARE, WAN, PEER_B, "manual")
+    clock.advance(0)
+    run_for(clock, 200)
+    dialled = len(dialer.times(WAN))
+    manager.retry_now(SHARE)
+    clock.advance(0)
+    assert len(dialer.times(WAN)) == dialled + 1
+    assert manager.candidates(SHARE)[0].failures == 1  # counting afresh
+
+
 def test_lan_addresses_are_dialled_first() -> None:
     """With one dial slot, LAN addresses go before public ones, whatever the order they came in."""
     clock, dialer, manager = make(max_dials=1)

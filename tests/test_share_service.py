@@ -3,6 +3,7 @@
 import hashlib
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet import reactor
@@ -380,3 +381,85 @@ def _writing_late_file_on_first_hash():
         return hash_file(path, progress)
 
     return hasher
+
+
+def test_marker_deleted_while_running_is_noticed_by_the_periodic_check(setup):
+    """A lost marker stops the share at the next root check (2 s), with no change seen."""
+    setup.batches.clear()
+    os.remove(setup.root / ".clearskies")
+    setup.clock.advance(2)
+    status = setup.service.status
+    assert status.state == "error" and "marker" in status.reason
+    assert "clearskies repair" in status.reason
+    assert setup.batches == []
+
+
+def test_marker_event_from_the_watcher_checks_the_root_at_once(setup):
+    """The watcher's event for the marker itself triggers the check without waiting."""
+    os.remove(setup.root / ".clearskies")
+    setup.service.path_changed(".clearskies")
+    assert setup.service.status.state == "error"
+
+
+def test_root_restored_with_its_marker_resumes_within_seconds(setup):
+    """A folder restored with its marker resumes at the next 2 s root check; the daemon hears of it."""
+    recovered = []
+    setup.service.on_recovered = lambda: recovered.append(True)
+    away = setup.tmp_path / "away"
+    os.rename(setup.root, away)
+    setup.clock.advance(2)
+    assert setup.service.status.state == "error"
+    os.rename(away, setup.root)
+    setup.clock.advance(2)
+    assert setup.service.status.state == "idle" and recovered == [True]
+    assert result_of(setup.store.get_share(SHARE)).state == "ok"
+
+
+def test_repair_refuses_a_folder_without_the_share_files_and_recreates_the_marker(setup):
+    """repair writes the marker only when enough recorded files are present as recorded."""
+    for index in range(9):
+        setup.write("f%d.txt" % index, b"file %d" % index)
+    result_of(setup.service.rescan())
+    os.remove(setup.root / ".clearskies")
+    setup.clock.advance(2)
+    aside = setup.tmp_path / "aside"
+    aside.mkdir()
+    for name in ("f0.txt", "f1.txt"):  # 8 of 10 recorded files left: under 90 %
+        os.rename(setup.root / name, aside / name)
+    with pytest.raises(ShareError, match="only 8 of the 10 files"):
+        result_of(setup.service.repair_marker())
+    assert not (setup.root / ".clearskies").exists()
+    os.rename(aside / "f0.txt", setup.root / "f0.txt")  # 9 of 10
+    assert result_of(setup.service.repair_marker()) == {
+        "repaired": True, "checked": 10, "present": 9}
+    assert read_marker(str(setup.root)) == SHARE
+    setup.clock.advance(2)
+    assert setup.service.status.state == "idle"
+
+
+def test_repair_never_replaces_another_share_marker(setup):
+    """A folder holding another share's marker is refused, and the marker stays."""
+    (setup.root / ".clearskies").write_text('{"share_id": "%s"}\n' % ("6" * 64))
+    with pytest.raises(ShareError, match="another share"):
+        result_of(setup.service.repair_marker())
+    assert read_marker(str(setup.root)) == "6" * 64
+
+
+def test_marker_lost_during_a_scan_keeps_the_error(tmp_path):
+    """A scan that ends after the root check found the marker gone does not clear the error."""
+    setup = Setup(tmp_path)
+    setup.service.startService()
+    result_of(setup.service.rescan())
+    held = Deferred()
+    setup.service.scanner.scan = lambda *args: held  # a scan that is still running
+    pending = setup.service.rescan()
+    os.remove(setup.root / ".clearskies")
+    setup.clock.advance(2)
+    assert setup.service.status.state == "error"
+    held.callback(SimpleNamespace(revision=1, unstable=[], directory_paths=[], full=True,
+                                  duration=0.1))
+    assert setup.service.status.state == "error" and "marker" in setup.service.status.reason
+    failures = []
+    pending.addErrback(failures.append)
+    assert failures and failures[0].check(ShareError)
+    result_of(setup.service.stopService())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from clearskies import sync as sync_module
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
@@ -680,3 +683,101 @@ def test_a_record_with_a_huge_mtime_is_refused_alone(share):
     requests = [e.body["path"] for e in connection.sent()
                 if isinstance(e, wire.Message) and e.body["type"] == "get"]
     assert requests == ["near.txt"] and list(sync.wanted) == ["near.txt"]
+
+def test_a_read_only_disk_keeps_the_connection_and_retries_after_a_backoff(share, monkeypatch):
+    """EROFS on a download: the connection stays, status says why, and it is asked for again in 5 s."""
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    data = random.Random(7).randbytes(200 * 1024)  # streamed to disk, not buffered
+    record = file_record("big.bin", data, {THEM: 1})
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(".!clearsky"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    assert connection.sent_types() == ["get"]
+    deliver_file(session, "big.bin", data)
+    assert connection.closed is None
+    status = sync.disk_status()
+    assert [e["path"] for e in status["disk_errors"]] == ["big.bin"]
+    assert status["disk_errors"][0]["error"] == "EROFS" and "read-only" in status["problem"]
+    clock.advance(4)
+    assert connection.sent_types() == []
+    clock.advance(2)
+    assert connection.sent_types() == ["get"]
+    monkeypatch.setattr(os, "open", real_open)  # remounted read-write
+    deliver_file(session, "big.bin", data)
+    assert (share.root / "big.bin").read_bytes() == data
+    assert sync.disk_status() == {} and not sync.wanted
+
+
+def test_a_full_disk_lets_files_that_fit_through_and_retries_the_big_one(share, monkeypatch):
+    """ENOSPC on a big download: its partial goes, files that fit still come, it comes once it fits."""
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    rng = random.Random(8)
+    big = rng.randbytes(300 * 1024)
+    small = rng.randbytes(1000)
+    free = {"bytes": 100 * 1024}
+    monkeypatch.setattr(sync_module, "free_bytes", lambda root: free["bytes"])
+    real_pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if offset + len(data) > free["bytes"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    session.event_received(message({"type": "update", "file": file_record(
+        "a-big.bin", big, {THEM: 1}).to_wire()}))
+    assert connection.sent_types() == ["get"]
+    deliver_file(session, "a-big.bin", big)
+    assert connection.closed is None
+    assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
+    clock.advance(0)  # free space measured
+    session.event_received(message({"type": "update", "file": file_record(
+        "b-small.bin", small, {THEM: 1}).to_wire()}))
+    assert [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)] == [
+        "b-small.bin"]
+    deliver_file(session, "b-small.bin", small)
+    assert (share.root / "b-small.bin").read_bytes() == small
+    assert "free space on" in sync.disk_status()["problem"]
+    clock.advance(60)
+    assert connection.sent_types() == []  # still does not fit
+    free["bytes"] = 10 * 1024 * 1024
+    clock.advance(2)
+    assert [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)] == [
+        "a-big.bin"]
+    deliver_file(session, "a-big.bin", big)
+    assert (share.root / "a-big.bin").read_bytes() == big
+    assert sync.disk_status() == {}
+
+
+class ReadOnlyDirectoriesShare(MemoryShare):
+    """A share whose disk refuses new directories (a read-only file system)."""
+
+    def make_directory(self, path: str, mode: int | None):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.root / path))
+
+
+def test_a_directory_the_disk_refuses_skips_only_that_record(tmp_path):
+    """EROFS on a mkdir from a manifest: logged, not applied, the rest of the batch goes on."""
+    root = tmp_path / "share"
+    root.mkdir()
+    share = ReadOnlyDirectoriesShare(root)
+    sync, session, connection = open_session(share, Clock(), features=("vv", "directories"))
+    connection.sent()
+    record = file_record("a.txt", b"content", {THEM: 1})
+    directory = FileRecord(path="d", utime=1.0, is_dir=True, vv={THEM: 1})
+    session.event_received(message({"type": "manifest", "revision": 1,
+                                    "files": [record.to_wire(), directory.to_wire()]}))
+    assert connection.closed is None
+    assert "d" not in share.records and "a.txt" in sync.wanted
+    assert [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)
+            and e.body["type"] == "get"] == ["a.txt"]

@@ -1057,7 +1057,7 @@ def test_abort_keeping_the_partial_writes_pending_pieces_for_a_resume(tmp_path):
 
 
 def test_a_failed_batch_write_fails_the_seal(tmp_path, monkeypatch):
-    """A disk error while a worker writes a batch makes seal fail instead of verifying."""
+    """ENOSPC in a batch write: later chunks are dropped, seal fails with it, the partial is gone."""
     data = content(2 * MiB, seed=10)
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
 
@@ -1066,7 +1066,27 @@ def test_a_failed_batch_write_fails_the_seal(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transfer.os, "pwrite", full)
     receiver.write(data[:MiB])  # the batch fails in the worker
-    with pytest.raises(OSError):
-        receiver.write(data[MiB:])
+    receiver.write(data[MiB:])
+    receiver.write(data[MiB:])  # later chunks of the payload are dropped
+    assert not receiver.temp_path.exists()
     failure = result_of(receiver.seal())
     assert isinstance(failure, Failure) and failure.check(OSError)
+    assert failure.value.errno == errno.ENOSPC
+    receiver.abort(keep_partial=True)  # after the failure: nothing left to do, no error
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_read_only_disk_keeps_the_partial_for_a_resume(tmp_path, monkeypatch):
+    """EROFS while writing: seal fails with it, and the bytes already written stay."""
+    data = content(2 * MiB, seed=11)
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
+    receiver.write(data[:MiB])
+
+    def read_only(fd, data, offset):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(transfer.os, "pwrite", read_only)
+    receiver.write(data[MiB:])
+    failure = result_of(receiver.seal())
+    assert isinstance(failure, Failure) and failure.value.errno == errno.EROFS
+    assert receiver.temp_path.stat().st_size == MiB

@@ -259,6 +259,10 @@ class DaemonCommands(CommandDispatcher):
         }
         if status.reason:
             summary["problem"] = status.reason
+        else:
+            # Downloads the local disk refused (full, read-only, …): the share
+            # syncs what it can, and says what waits and what to do.
+            summary.update(sync.disk_status())
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
         if status.progress:
@@ -317,6 +321,11 @@ class DaemonCommands(CommandDispatcher):
         result = await runtime.service.rescan()
         return {"changes": len(result.records), "moves": len(result.moves),
                 "hashed_files": result.hashed_files, "duration": result.duration}
+
+    async def cmd__clearskies_repair(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Write a share's lost marker again, once its folder is shown to hold the share's files."""
+        runtime = self._share(request)
+        return await runtime.service.repair_marker()
 
     async def cmd__clearskies_revert(self, request: dict[str, Any]) -> dict[str, Any]:
         """Read-only shares: put the share's version back over local changes under path."""

@@ -257,6 +257,15 @@ class ConnectionManager(Service):
                     other.due = max(other.due, now + self._reconnect_delay)
         self._wake_in(0)
 
+    def retry_now(self, target_id: str) -> None:
+        """``target_id`` can be served again (a share out of its error state): dial it now."""
+        now = self._clock.seconds()
+        for candidate in self._targets.get(target_id, {}).values():
+            if candidate.dialling is None and candidate.connected_since is None:
+                candidate.failures = 0
+                candidate.due = now
+        self._wake_in(0)
+
     def candidates(self, target_id: str) -> list[CandidateStatus]:
         """The current candidates of a target, in the order they would be dialled."""
         found = sorted(self._targets.get(target_id, {}).values(), key=self._order)

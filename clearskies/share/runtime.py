@@ -177,6 +177,7 @@ class ShareRuntime:
         self._counted_at = 0.0
         self._count_duration = 0.0
         self.service.add_change_listener(self._local_changes)
+        self.service.on_recovered = self._recovered
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -200,6 +201,17 @@ class ShareRuntime:
     @property
     def error(self) -> str | None:
         return self.service.error
+
+    def check_root(self) -> None:
+        """Look at the share folder and its marker now (a download found the folder gone)."""
+        self.service.check_root()
+
+    def _recovered(self) -> None:
+        """The folder is back: dial its peers now rather than at their next backoff."""
+        connector = self.daemon.connector
+        if connector is not None:
+            connector.retry_now(self.share_id)
+        self.sync.pump()
 
     async def follow_read_only_files(self) -> None:
         """Apply the daemon's ``read_only_files`` setting to this share's files.

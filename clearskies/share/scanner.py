@@ -59,7 +59,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from clearskies.errors import ShareError, UnsafePathError
+from clearskies.errors import RootMissing, ShareError, UnsafePathError
 from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
 from clearskies.share.ignore import MARKER_NAME, IgnoreRules
@@ -116,15 +116,16 @@ def check_share_root(root: str, share_id: str) -> None:
     try:
         st = os.stat(root)
     except OSError as e:
-        raise ShareError("the share folder %s is not reachable (%s); reconnect the disk or "
-                         "move it back, then the share resumes" % (root, e.strerror)) from e
+        raise RootMissing("the share folder %s is not reachable (%s); reconnect the disk or "
+                          "move it back, then the share resumes" % (root, e.strerror)) from e
     if not stat.S_ISDIR(st.st_mode):
-        raise ShareError("the share folder %s is not a directory any more" % root)
+        raise RootMissing("the share folder %s is not a directory any more" % root)
     found = read_marker(root)
     if found != share_id:
-        raise ShareError(
+        raise RootMissing(
             "the share folder %s has lost its %s marker file (is the disk mounted?); "
-            "nothing is synced until it is back" % (root, MARKER_NAME))
+            "nothing is synced until it is back, or until 'clearskies repair %s' recreates "
+            "it" % (root, MARKER_NAME, root))
 
 
 # -- listing ------------------------------------------------------------------

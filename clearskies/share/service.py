@@ -11,13 +11,19 @@ every committed batch of local changes.  When it writes a file it received
 it calls ``note_remote_write`` so the next scan sees the file as known.
 
 If the folder or its ``.clearskies`` marker disappears (a disk that is not
-mounted), the share goes to the error state, records nothing, and checks
-again every ``error_retry`` seconds.
+mounted), the share goes to the error state and records nothing.  A cheap
+check of the root and its marker (a stat and a small read, in a worker)
+runs every ``root_check`` seconds and whenever the watcher sees the marker
+change: it notices a lost marker within seconds, and a folder that comes
+back (remounted, restored) resumes by itself.  Other errors are retried
+with a full scan every ``error_retry`` seconds.  ``repair_marker`` writes
+a lost marker again once the folder is shown to hold the share's files.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,14 +32,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from clearskies.errors import ConfigurationError, ShareError
+from clearskies.errors import ConfigurationError, RootMissing, ShareError
 from clearskies.share.database import CacheKey, ShareCounts, ShareInfo, ShareStore
 from clearskies.share.hashing import HashFile, hash_file
 from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX
 from clearskies.share.paths import LocalPaths
 from clearskies.share.records import FileRecord
 from clearskies.share.scanner import (
-    Move, Scanner, ScanResult, list_directories, read_marker, write_marker)
+    Move, Scanner, ScanResult, check_share_root, list_directories, read_marker, write_marker)
 from clearskies.share.watcher import (
     DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, ExpectedArrivals, InotifyWatcher,
     full_rescan_interval)
@@ -42,7 +48,12 @@ from clearskies.threads import Runner
 #: Called with each committed batch of local changes: records, moves, the revision it made.
 ChangeListener = Callable[[list[FileRecord], list[Move], int], Any]
 ERROR_RETRY = 60.0
+ROOT_CHECK = 2.0
 MAX_UNSTABLE_WAIT = 600.0
+#: ``repair_marker`` needs this share of the recorded files in the folder, as recorded.
+REPAIR_FRACTION = 0.9
+#: A file counts as present when its size matches and its time is this close (FAT: 2 s).
+REPAIR_MTIME_SLACK_NS = 2_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +102,48 @@ def _claim_root(root: str, share_id: str) -> None:
         raise ConfigurationError(
             "%s already holds the %s file of another share; remove that file if the old "
             "share is gone" % (root, MARKER_NAME))
-    write_marker(root, share_id)
+    try:
+        write_marker(root, share_id)
+    except OSError as e:
+        raise ConfigurationError(
+            "cannot write the %s marker file in %s: %s; make the folder writable (and free "
+            "some space if the disk is full), then try again"
+            % (MARKER_NAME, root, e.strerror or e)) from None
+
+
+def repair_refusal(root: str, recorded: int, present: int) -> str | None:
+    """Why a marker must not be written again into ``root``, or None when it may (pure)."""
+    if recorded == 0 or present >= REPAIR_FRACTION * recorded:
+        return None
+    return ("only %d of the %d files recorded for this share are in %s with their recorded "
+            "size and time (%d%% needed); this does not look like the share's folder (is the "
+            "right disk mounted?); nothing was changed" % (
+                present, recorded, root, round(REPAIR_FRACTION * 100)))
+
+
+def _marker_state(root: str, share_id: str) -> str:
+    """"ours", "other" (another share's marker), "none" (no marker) or "missing" (no folder)."""
+    if not os.path.isdir(root):
+        return "missing"
+    found = read_marker(root)
+    if found == share_id:
+        return "ours"
+    return "other" if os.path.lexists(os.path.join(root, MARKER_NAME)) else "none"
+
+
+def _count_present(files: list[tuple[Any, int | None, int | None]]) -> int:
+    """How many (path, size, mtime_ns) are regular files of that size and time (blocking)."""
+    present = 0
+    for path, size, mtime_ns in files:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            continue
+        if mtime_ns is None or abs(st.st_mtime_ns - mtime_ns) <= REPAIR_MTIME_SLACK_NS:
+            present += 1
+    return present
 
 
 class ShareService(Service):
@@ -102,7 +154,8 @@ class ShareService(Service):
     def __init__(self, reactor: IReactorTime, store: ShareStore, share: ShareInfo,
                  runner: Runner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
                  quiet: float = DEFAULT_QUIET, max_delay: float = DEFAULT_MAX_DELAY,
-                 error_retry: float = ERROR_RETRY, concurrency: int | None = None) -> None:
+                 error_retry: float = ERROR_RETRY, root_check: float = ROOT_CHECK,
+                 concurrency: int | None = None) -> None:
         """``reactor`` gives time and timers (and file descriptors when
         ``use_inotify``); ``runner`` runs the blocking work (a thread pool)."""
         self._reactor = reactor
@@ -121,6 +174,12 @@ class ShareService(Service):
                                         self.expected_arrivals)
                          if use_inotify and InotifyWatcher.available() else None)
         self._error_retry = error_retry
+        self._root_check = root_check
+        self._root_timer: IDelayedCall | None = None
+        self._checking_root = False
+        self._root_lost = False  # the error state is a missing folder or marker
+        #: Called when the share leaves the error state (the daemon redials its peers).
+        self.on_recovered: Callable[[], Any] | None = None
         self._listeners: list[ChangeListener] = []
         self._state = "stopped"
         self._reason: str | None = share.error if share.state == "error" else None
@@ -142,12 +201,16 @@ class ShareService(Service):
         super().startService()
         self._state = "starting"
         self._request_full()
+        self._schedule_root_check()
 
     def stopService(self) -> Deferred[None]:
         """Stop timers and the watcher; the Deferred fires when any scan has ended."""
         super().stopService()
         self._state = "stopped"
         self._cancel_timer()
+        if self._root_timer is not None and self._root_timer.active():
+            self._root_timer.cancel()
+        self._root_timer = None
         self._debouncer.clear()
         if self._watcher is not None:
             self._watcher.stop()
@@ -192,6 +255,9 @@ class ShareService(Service):
         """
         if path.endswith(TEMP_SUFFIX):
             return  # our own partial downloads (ignored anyway): the cheap test first
+        if path == MARKER_NAME:
+            self.check_root()  # removed or replaced: find out now, not at the next scan
+            return
         if not self.running or self._state == "error" or self.scanner.rules.is_ignored(path):
             return
         self._debouncer.touch(path)
@@ -314,6 +380,7 @@ class ShareService(Service):
                 waiter.errback(e)
             return
         except Exception as e:
+            self._root_lost = isinstance(e, RootMissing)
             if isinstance(e, ShareError):
                 reason = str(e)
             else:
@@ -324,6 +391,12 @@ class ShareService(Service):
                 waiter.errback(e)
             return
         self._note_revision(result.revision)
+        if self._state == "error":
+            # The root check found the folder or marker gone while this scan ran
+            # (it began as "scanning"): the error stands until the next check.
+            for waiter in waiters:
+                waiter.errback(ShareError(self._reason or "the share folder is unavailable"))
+            return
         if self._state != "stopped":
             self._state = "idle"
         try:
@@ -359,6 +432,8 @@ class ShareService(Service):
             self._log.info("share {root} is reachable again", root=self.share.path)
             self._reason = None
             await self._store.set_share_state(self.share_id, "ok", None)
+            if self.on_recovered is not None:
+                self.on_recovered()
         self._retry_unstable(result.unstable, scanned)
         # (A watcher that is not running here could not start before this full
         # scan; the next periodic one, which finds what it missed, tries again.)
@@ -398,6 +473,93 @@ class ShareService(Service):
         self._dirty, self._dirty_since = set(), None
         if self.running:
             self._schedule(self._error_retry, self._request_full)
+
+    # -- the root and its marker ------------------------------------------------
+
+    def check_root(self) -> None:
+        """Check the folder and its marker now, in a worker: error if lost, resume if back."""
+        if not self.running or self._checking_root:
+            return
+        self._checking_root = True
+        d = self._runner.run(check_share_root, self.share.path, self.share_id)
+        d.addCallbacks(self._root_present, self._root_missing)
+        d.addErrback(lambda f: self._log.failure("checking {root} failed", f,
+                                                 root=self.share.path))
+        d.addBoth(self._root_checked)
+
+    def _root_checked(self, _: object) -> None:
+        self._checking_root = False
+        self._schedule_root_check()
+
+    def _schedule_root_check(self) -> None:
+        if self.running and (self._root_timer is None or not self._root_timer.active()):
+            self._root_timer = self._reactor.callLater(self._root_check, self._root_timer_fired)
+
+    def _root_timer_fired(self) -> None:
+        self._root_timer = None
+        self.check_root()
+
+    def _root_present(self, _: object) -> None:
+        if (self._state == "error" and self._root_lost and self._full_waiters is None
+                and self.running):
+            self._request_full()  # back (remounted, restored): a full scan resumes the share
+
+    def _root_missing(self, failure: Any) -> Deferred[None] | None:
+        failure.trap(RootMissing)
+        if self._state in ("error", "stopped"):
+            return None
+        self._root_lost = True
+        # Lost while running (unmounted, marker deleted): stop before any scan
+        # could take the missing files for deletions.
+        self.scanner.stop()
+        return Deferred.fromCoroutine(self._enter_error(failure.getErrorMessage()))
+
+    def repair_marker(self) -> Deferred[dict[str, Any]]:
+        """Write a lost ``.clearskies`` marker again, if the folder holds the share's files.
+
+        At least REPAIR_FRACTION of the files the database records must be
+        in the folder with their recorded size and modification time (a
+        share that records no file needs none).  Raises ShareError saying
+        why otherwise; then nothing is written.
+        """
+        return Deferred.fromCoroutine(self._repair_marker())
+
+    async def _repair_marker(self) -> dict[str, Any]:
+        root = self.share.path
+        found = await self._runner.run(_marker_state, root, self.share_id)
+        if found == "ours":
+            self.check_root()
+            return {"repaired": False, "checked": 0, "present": 0}
+        if found == "other":
+            raise ShareError("%s holds the %s marker of another share; refusing to replace it"
+                             % (root, MARKER_NAME))
+        if found == "missing":
+            raise ShareError("the share folder %s does not exist; mount the disk or restore "
+                             "the folder first" % root)
+        checked = present = 0
+        after: str | None = None
+        while True:
+            page = await self._store.records_between(self.share_id, "", None, after)
+            if not page:
+                break
+            after = page[-1].path
+            files = [(self.paths.to_local(row.path), row.record.size, row.record.mtime_ns)
+                     for row in page if not row.record.deleted and not row.record.is_dir]
+            checked += len(files)
+            present += await self._runner.run(_count_present, files)
+        problem = repair_refusal(root, checked, present)
+        if problem is not None:
+            raise ShareError(problem)
+        try:
+            await self._runner.run(write_marker, root, self.share_id)
+        except OSError as e:
+            raise ShareError("cannot write the %s marker file in %s: %s; make the folder "
+                             "writable (free some space if the disk is full) and repair again"
+                             % (MARKER_NAME, root, e.strerror or e)) from None
+        self._log.info("share {root}: marker recreated ({present} of {checked} recorded files "
+                       "present)", root=root, present=present, checked=checked)
+        self.check_root()
+        return {"repaired": True, "checked": checked, "present": present}
 
     def _announce(self, records: list[FileRecord], moves: list[Move], revision: int) -> None:
         self._note_revision(revision)
