@@ -243,13 +243,16 @@ class Daemon(MultiService):
                               one_time=info.one_time, used=info.used, revoked=info.revoked)
             if code.is_live(self.now()):
                 self.codes[code.access_id] = code
+        completed: list[tuple[str, PendingJoin]] = []
         for entry in self.config.get("pending_joins", []):
             join = PendingJoin.from_dict(entry)
-            if self.share_by_path(join.path) is None:
-                self.joins[join.access_id] = join
-        if len(self.joins) != len(self.config.get("pending_joins", [])):
+            self.joins[join.access_id] = join
+            runtime = self.share_by_path(join.path)
+            if runtime is not None:
+                completed.append((runtime.share_id, join))
+        for share_id, join in completed:
             # Completed just before a crash: the share was stored, the join not yet dropped.
-            await self._save_joins()
+            await self._join_stored(share_id, join)
         for path in self.settings.shares:
             if self.share_by_path(path) is None:
                 await self.create_share(path)
@@ -440,6 +443,17 @@ class Daemon(MultiService):
         self._announce_changed()
         return join
 
+    async def _join_stored(self, share_id: str, join: PendingJoin) -> None:
+        """The attach's share is stored: its peer addresses become the share's, then
+        the pending attach is forgotten (in that order, so a crash loses neither)."""
+        if join.peers:
+            peers = self.config.setdefault("manual_peers", {})
+            known = peers.setdefault(share_id, [])
+            known.extend(p for p in join.peers if p not in known)
+            await self.store.set_config("manual_peers", peers)
+        self.joins.pop(join.access_id, None)
+        await self._save_joins()
+
     async def _save_joins(self) -> None:
         self.config["pending_joins"] = [j.to_dict() for j in self.joins.values()]
         await self.store.set_config("pending_joins", self.config["pending_joins"])
@@ -487,12 +501,7 @@ class Daemon(MultiService):
         existing = self.shares.get(keys.share_id)
         if existing is None:
             await self._add_share(keys, join.path, join.peer_id)
-        self.joins.pop(join.access_id, None)
-        await self._save_joins()
-        if join.peers:
-            peers = self.config.setdefault("manual_peers", {})
-            peers[keys.share_id] = list(join.peers)
-            await self.store.set_config("manual_peers", peers)
+        await self._join_stored(keys.share_id, join)
         # The dial carrying this very handshake is still in flight: move the code's
         # candidates to the share once that connection's session has started.
         self._finished_joins[keys.share_id] = join

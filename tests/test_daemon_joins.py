@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,9 +18,15 @@ def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: 
     a crash at that moment leaves the attach to retry, never nothing at all."""
     daemon = Daemon(Clock(), DaemonSettings(data_dir=str(tmp_path / "data")))
     saved: dict[str, Any] = {}
-    daemon.store = SimpleNamespace(  # type: ignore[assignment]
-        set_config=lambda key, value: saved.__setitem__(key, list(value)) or succeed(None))
-    join = PendingJoin(b"\x01" * 16, str(tmp_path / "share"), "a" * 32)
+    order: list[str] = []
+
+    def set_config(key: str, value: Any) -> Deferred[None]:
+        saved[key] = json.loads(json.dumps(value))
+        order.append(key)
+        return succeed(None)
+
+    daemon.store = SimpleNamespace(set_config=set_config)  # type: ignore[assignment]
+    join = PendingJoin(b"\x01" * 16, str(tmp_path / "share"), "a" * 32, ["127.0.0.1:4000"])
     daemon.joins[join.access_id] = join
     daemon.config["pending_joins"] = [join.to_dict()]
     saved["pending_joins"] = [join.to_dict()]
@@ -38,3 +45,6 @@ def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: 
     adding.callback(None)
     assert done.called
     assert saved["pending_joins"] == [] and join.access_id not in daemon.joins
+    # The address given with the code became the share's before the join was dropped.
+    assert saved["manual_peers"] == {"f" * 64: ["127.0.0.1:4000"]}
+    assert order == ["manual_peers", "pending_joins"]
