@@ -364,7 +364,7 @@ class _ListingNoDirectories:
 
     def run(self, fn, *args):
         if fn is list_directories:
-            return self._runner.run(lambda root: [], *args)
+            return self._runner.run(lambda root, *rest: [], *args)
         return self._runner.run(fn, *args)
 
 

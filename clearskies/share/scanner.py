@@ -154,11 +154,14 @@ def _usable_name(name: str, parent: str) -> bool:
         (parent + "/" + name).encode("utf-8")) <= MAX_PATH_BYTES
 
 
-def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> Listing:
+def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules,
+               stopping: Callable[[], bool] | None = None) -> Listing:
     """List the share (``scopes=None``) or the given subtrees (blocking).
 
     Never follows symlinks.  A listing error at the root raises ShareError;
-    below it, the unreadable directory is marked protected.
+    below it, the unreadable directory is marked protected.  Once
+    ``stopping()`` is true the walk ends early, with a listing the caller
+    must not use.
     """
     listing = Listing()
     if scopes is None:
@@ -166,22 +169,22 @@ def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> L
             os.scandir(root).close()
         except OSError as e:
             raise ShareError("cannot list the share folder %s: %s" % (root, e.strerror)) from e
-        _walk_tree(root, "", rules, listing)
+        _walk_tree(root, "", rules, listing, stopping)
     else:
         for scope in scopes:
-            _list_scope(root, scope, rules, listing)
+            _list_scope(root, scope, rules, listing, stopping)
     listing.entries.sort(key=lambda e: e.path)
     return listing
 
 
-def list_directories(root: str) -> list[str]:
+def list_directories(root: str, private: tuple[str, ...] = ()) -> list[str]:
     """Every directory a full scan would list, found without a stat call (blocking).
 
     The watcher watches these before the scan's own listing begins.  An
     error listing the root raises OSError; below it, an unreadable
     directory is simply left out (the scan marks it protected).
     """
-    rules = IgnoreRules.load(root)
+    rules = IgnoreRules.load(root, private)
     found: list[str] = []
     stack = [""]
     while stack:
@@ -205,7 +208,8 @@ def list_directories(root: str) -> list[str]:
     return found
 
 
-def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> None:
+def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing,
+                stopping: Callable[[], bool] | None = None) -> None:
     parts = scope.split("/")
     current = root
     for part in parts[:-1]:  # every parent must still be a real directory
@@ -233,7 +237,7 @@ def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> 
         return
     listing.entries.append(_entry(scope, st))
     if is_dir:
-        _walk_tree(root, scope, rules, listing)
+        _walk_tree(root, scope, rules, listing, stopping)
 
 
 def _entry(path: str, st: os.stat_result) -> LocalEntry:
@@ -242,9 +246,12 @@ def _entry(path: str, st: os.stat_result) -> LocalEntry:
                       stat.S_IMODE(st.st_mode))
 
 
-def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing) -> None:
+def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing,
+               stopping: Callable[[], bool] | None = None) -> None:
     stack = [top]
     while stack:
+        if stopping is not None and stopping():
+            return
         directory = stack.pop()
         prefix = directory + "/" if directory else ""
         try:
@@ -540,6 +547,14 @@ class Scanner:
         #: local change: 0o222 when the daemon keeps a read-only share's files
         #: unwritable on disk.
         self.ignored_mode_bits = 0
+        #: Share-relative paths never listed nor synced: the daemon's own data
+        #: directory, should it lie inside the share (IgnoreRules ``private``).
+        self.private_paths: tuple[str, ...] = ()
+        #: Set on a share just attached with --merge: files found by its first
+        #: scan are dated 0, before anything in the share, so the share's
+        #: version of each name wins (protocol/merge.md, "Attaching into a
+        #: folder that holds files").
+        self.adopting = False
         self._stopping = False
         self._skipped_before = -1
 
@@ -586,7 +601,8 @@ class Scanner:
         self.rules = await self._runner.run(self._prepare)
         if scopes == []:
             return
-        listing = await self._runner.run(walk_share, self.root, scopes, self.rules)
+        listing = await self._runner.run(walk_share, self.root, scopes, self.rules,
+                                         lambda: self._stopping)
         self._check_stop()
         # The root could have gone while we walked; only trust the listing if not.
         await self._runner.run(check_share_root, self.root, self.share_id)
@@ -614,7 +630,7 @@ class Scanner:
 
     def _prepare(self) -> IgnoreRules:
         check_share_root(self.root, self.share_id)
-        return IgnoreRules.load(self.root)
+        return IgnoreRules.load(self.root, self.private_paths)
 
     def _note_skipped(self, listing: Listing, result: ScanResult) -> None:
         result.skipped = len(listing.skipped)
@@ -735,6 +751,8 @@ class _Planner:
         self.to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
 
     def _utime(self, mtime_ns: int | None, previous: FileRecord | None) -> float:
+        if self._scanner.adopting and previous is None:
+            return 0.0
         mtime = None if mtime_ns is None else mtime_ns / 1e9
         return local_utime(mtime, self._since, self._now, previous)
 

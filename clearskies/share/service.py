@@ -135,6 +135,7 @@ class ShareService(Service):
         self._watcher_failed = False
         self._timer: IDelayedCall | None = None  # the next full rescan or error re-check
         self._unstable: dict[str, int] = {}  # path -> unstable results in a row
+        self._adopt_waiters: list[Deferred[None]] = []
 
     # -- lifetime -------------------------------------------------------------
 
@@ -155,12 +156,36 @@ class ShareService(Service):
         waiters, self._full_waiters = self._full_waiters or [], None
         for waiter in waiters:
             waiter.errback(CancelledError("the share is stopping"))
+        self._adopted()
         done: Deferred[None] = Deferred()
         if self._draining is None:
             done.callback(None)
         else:
             self._draining.addBoth(lambda _: done.callback(None))
         return done
+
+    def local_files_recorded(self) -> Deferred[None] | None:
+        """While an adopting first scan is due (see Scanner.adopting): a Deferred
+        that fires once it has run (or failed, or the share stopped); else None."""
+        if not self.scanner.adopting or not self.running:
+            return None
+        d: Deferred[None] = Deferred()
+        self._adopt_waiters.append(d)
+        return d
+
+    def _adopted(self) -> None:
+        waiters, self._adopt_waiters = self._adopt_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def refuse(self, reason: str) -> None:
+        """Never start: the share stays in the error state with ``reason``.
+
+        For a share that must not run at all (its folder holds the daemon's
+        own data, say); unlike a missing folder, nothing is retried.
+        """
+        self._state = "error"
+        self._reason = reason
 
     # -- what the sync layer and the CLI use ----------------------------------
 
@@ -324,6 +349,9 @@ class ShareService(Service):
                 waiter.errback(e)
             return
         self._note_revision(result.revision)
+        if result.full:
+            self.scanner.adopting = False  # the folder's own files are all recorded now
+            self._adopted()
         if self._state != "stopped":
             self._state = "idle"
         try:
@@ -344,7 +372,8 @@ class ShareService(Service):
         if watcher is None or watcher.running or self._watcher_failed:
             return
         try:
-            directories = await self._runner.run(list_directories, self.share.path)
+            directories = await self._runner.run(list_directories, self.share.path,
+                                                 self.scanner.private_paths)
         except OSError:
             return  # the scan reports what is wrong; the next full scan tries again
         if not self.running or watcher.running:
@@ -387,6 +416,7 @@ class ShareService(Service):
 
     async def _enter_error(self, reason: str) -> None:
         self._state = "error"
+        self._adopted()  # (peers' messages are refused in the error state)
         if reason != self._reason:
             self._log.error("share {root} stopped: {reason}", root=self.share.path,
                             reason=reason)
