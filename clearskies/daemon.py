@@ -43,6 +43,7 @@ from clearskies.logfile import LogFileService
 from clearskies.peer import FailureLimiter, PeerProtocol, PeerServerFactory, connect_peer
 from clearskies.share.database import AccessCodeInfo, PeerInfo, ShareInfo, ShareStore  # noqa: F401
 from clearskies.ratelimit import RateLimiter
+from clearskies.share import location
 from clearskies.share.runtime import ShareRuntime
 from clearskies.share.service import create_share as register_share
 from clearskies.sync import SyncSession
@@ -105,6 +106,8 @@ class DaemonSettings:
     shares: list[str] = field(default_factory=list)
     join_code: str | None = None
     join_into: str | None = None
+    #: --merge: the folder of --into may already hold files (protocol/merge.md).
+    join_merge: bool = False
     peers: list[str] = field(default_factory=list)
     trackers: list[str] = field(default_factory=list)
     lan: bool = True
@@ -252,7 +255,8 @@ class Daemon(MultiService):
         if self.settings.join_code:
             code = parse_code(self.settings.join_code)
             if access_id(code) not in self.joins:
-                await self.add_join(code, self.settings.join_into, [])
+                await self.add_join(code, self.settings.join_into, [],
+                                    merge=self.settings.join_merge)
         await self._choose_tor_mode()
         await self._listen_peers()
         self._start_tor()
@@ -299,6 +303,11 @@ class Daemon(MultiService):
     def keys_path(self, share_id: str) -> str:
         return os.path.join(self.keys_dir, share_id + ".json")
 
+    def own_paths(self) -> list[str]:
+        """What the daemon keeps for itself and no share may hold or lie in: the data
+        directory (keys, database, log) and the control socket."""
+        return [self.data_dir, self.control_path]
+
     def now(self) -> float:
         return self.reactor.seconds()
 
@@ -321,10 +330,24 @@ class Daemon(MultiService):
         """Make a new share of an existing directory, with fresh keys."""
         path = os.path.realpath(path)
         if not os.path.isdir(path):
-            raise ConfigurationError("%s is not a directory" % path)
+            raise ConfigurationError("%s is not a directory; create it first" % path)
+        await self.check_location(path)
         self._check_not_nested(path)
         keys = await self._fresh_share_keys()
         return await self._add_share(keys, path, new_peer_id())
+
+    async def check_location(self, path: str) -> None:
+        """ConfigurationError if ``path`` may not be a share (clearskies.share.location)."""
+        refused = await self.cpu_runner.run(location.refusal, path, self.own_paths())
+        if refused is not None:
+            raise ConfigurationError(refused)
+
+    async def size_warning(self, path: str) -> str | None:
+        """A warning for a share that is a home directory or very large (else None)."""
+        warning = await self.cpu_runner.run(location.size_warning, path)
+        if warning is not None:
+            self._log.warn("{warning}", warning=warning)
+        return warning
 
     async def _fresh_share_keys(self) -> ShareKeys:
         """Keys for a new share: the spare set made in the background, if it is ready.
@@ -353,16 +376,17 @@ class Daemon(MultiService):
                 raise ConfigurationError(
                     "%s overlaps the share %s; shares cannot be nested" % (path, runtime.root))
 
-    async def _add_share(self, keys: ShareKeys, path: str, peer_id: str) -> ShareRuntime:
+    async def _add_share(self, keys: ShareKeys, path: str, peer_id: str,
+                         adopt: bool = False) -> ShareRuntime:
         await self.cpu_runner.run(keys.save, self.keys_path(keys.share_id))
         info = await register_share(self.store, self.cpu_runner, path, keys.share_id, peer_id,
                                     keys.access, self.now())
-        runtime = await self._open_share(info, keys, new=True)
+        runtime = await self._open_share(info, keys, new=True, adopt=adopt)
         self._announce_changed()
         return runtime
 
     async def _open_share(self, info: ShareInfo, keys: ShareKeys | None = None,
-                          new: bool = False) -> ShareRuntime:
+                          new: bool = False, adopt: bool = False) -> ShareRuntime:
         if keys is None:
             keys = await self.cpu_runner.run(ShareKeys.load, self.keys_path(info.share_id))
         runtime = ShareRuntime(self, info, keys)
@@ -371,16 +395,17 @@ class Daemon(MultiService):
         if self.paused:
             runtime.service.pause()  # before it starts: no start scan until resume
         self.shares[info.share_id] = runtime
-        await runtime.start(new=new)
+        await runtime.start(new=new, adopt=adopt)
         return runtime
 
     async def remove_share(self, path: str) -> None:
         runtime = self.require_share(path)
         share_id = runtime.share_id
+        # Gone at once: a second detach while this one waits is told it is not a share.
+        del self.shares[share_id]
         for session in list(runtime.sync.sessions.values()):
             session.connection.close("share removed")
         await runtime.stop()
-        del self.shares[share_id]
         for code_id in [c for c, code in self.codes.items() if code.share_id == share_id]:
             del self.codes[code_id]
         if self.connector is not None:
@@ -419,15 +444,27 @@ class Daemon(MultiService):
         code.revoked = True
         await self.store.revoke_access_code(code.access_id)
 
-    async def add_join(self, code: bytes, path: str, peers: list[str]) -> PendingJoin:
-        """Remember a code we were given and start looking for its share."""
+    async def add_join(self, code: bytes, path: str, peers: list[str],
+                       merge: bool = False) -> PendingJoin:
+        """Remember a code we were given and start looking for its share.
+
+        Nothing is written to ``path`` until a peer has accepted the code
+        (:meth:`_join_completed`).  A folder that already holds files is
+        refused unless ``merge`` (protocol/merge.md, "Attaching into a folder
+        that holds files").
+        """
         path = os.path.realpath(path)
         if self.share_by_path(path) is not None:
             raise ConfigurationError("%s is already a share" % path)
+        if any(join.path == path for join in self.joins.values()):
+            raise ConfigurationError("%s is already waiting to be attached" % path)
+        await self.check_location(path)
         self._check_not_nested(path)
         for peer in peers:
             self.check_peer_address(peer)
-        os.makedirs(path, exist_ok=True)
+        problem = await self.cpu_runner.run(location.attach_problem, path, merge)
+        if problem is not None:
+            raise ConfigurationError(problem)
         join = PendingJoin(code, path, new_peer_id(), list(peers))
         self.joins[join.access_id] = join
         await self._save_joins()
@@ -478,11 +515,15 @@ class Daemon(MultiService):
         return Deferred.fromCoroutine(self._join_completed(keys, join))
 
     async def _join_completed(self, keys: ShareKeys, join: PendingJoin) -> None:
-        self.joins.pop(join.access_id, None)
-        await self._save_joins()
         existing = self.shares.get(keys.share_id)
         if existing is None:
-            await self._add_share(keys, join.path, join.peer_id)
+            # Only now, with the keys in hand, is anything written: the folder
+            # (if it is new) and, by _add_share, its marker.  If that fails the
+            # handshake fails and the join stays pending (detach drops it).
+            await self.cpu_runner.run(_make_attach_folder, join.path)
+            await self._add_share(keys, join.path, join.peer_id, adopt=True)
+        self.joins.pop(join.access_id, None)
+        await self._save_joins()
         if join.peers:
             peers = self.config.setdefault("manual_peers", {})
             peers[keys.share_id] = list(join.peers)
@@ -913,6 +954,14 @@ class Daemon(MultiService):
             last_seen=self.now(), addresses=tuple(addresses),
             manifest_revision=existing.manifest_revision if existing else None,
             acked_revision=existing.acked_revision if existing else None))
+
+
+def _make_attach_folder(path: str) -> None:
+    """Create the folder of a share just attached, unless it is there (blocking)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
 
 
 class _TrackedSession:
