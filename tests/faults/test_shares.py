@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -100,8 +101,19 @@ def test_share_made_by_an_older_version_around_the_data_dir_never_starts(daemon_
     assert _psks(bob.data_dir) == []  # no key of Alice's reached Bob
 
 
+def _pipelined(control_path: str, requests: list[dict]) -> list[dict]:
+    """Write every request at once on one control connection, then read every reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(control_path)
+        reader = sock.makefile("rb")
+        reader.readline()  # the greeting
+        sock.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
+        return [json.loads(reader.readline()) for _ in requests]
+
+
 def test_detach_twice_says_not_a_share(daemon_factory):
-    """A second detach of the same folder exits 1 with "not a share", no internal error."""
+    """A second detach, after or while the first runs, is told "not a share", never an internal error."""
     alice = daemon_factory("alice")
     (alice.shares / "a.txt").write_text("a\n")
     alice.cli("share", str(alice.shares))
@@ -109,6 +121,18 @@ def test_detach_twice_says_not_a_share(daemon_factory):
     line = _refused(alice, "detach", str(alice.shares))
     assert "is not a share" in line
     assert (alice.shares / "a.txt").read_text() == "a\n"
+
+    second_folder = alice.base / "second"
+    second_folder.mkdir()
+    alice.cli("share", str(second_folder))
+    with open(second_folder / "big.bin", "wb") as f:
+        f.truncate(256 * 1024 * 1024)  # sparse: the rescan below hashes it for a while
+    detach = {"type": "remove_share", "path": str(second_folder)}
+    scan = {"type": ".clearskies.scan", "path": str(second_folder)}
+    _, first, second = _pipelined(alice.control_path, [scan, detach, detach])
+    assert first == {}, first
+    assert second.get("error") == "refused" and "is not a share" in second["message"], second
+    assert alice.control_request({"type": "list_shares"})["shares"] == []
     assert alice.running
 
 
