@@ -32,7 +32,7 @@ def test_parse_mountinfo_reads_points_and_types():
     ("/", "holds the whole system"),
     ("/home", "holds the daemon's data directory"),
     ("/home/u", "holds the daemon's data directory"),
-    (DATA, "holds the daemon's data directory"),
+    (DATA, "is the daemon's own data directory"),
     (DATA + "/keys", "inside the daemon's data directory"),
     ("/proc/1", "/proc holds the system's run-time state"),
     ("/sys", "/sys holds"),

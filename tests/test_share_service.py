@@ -380,3 +380,30 @@ def _writing_late_file_on_first_hash():
         return hash_file(path, progress)
 
     return hasher
+
+
+def test_merging_waits_for_an_adopting_first_scan(tmp_path):
+    """While an adopting first scan is due, local_files_recorded is pending; it fires once
+    the scan has recorded the folder's files (dated 0)."""
+    s = Setup(tmp_path)
+    s.service.scanner.adopting = True
+    s.service.pause()  # no scan yet
+    s.service.startService()
+    waiting = s.service.local_files_recorded()
+    assert waiting is not None and not waiting.called
+    s.service.resume()
+    assert waiting.called and not s.service.scanner.adopting
+    assert s.record("existing.txt").utime == 0.0
+    assert s.service.local_files_recorded() is None
+    result_of(s.service.stopService())
+
+
+def test_refused_share_stays_in_error_and_never_scans(tmp_path):
+    """A refused share reports its reason in the error state and records nothing."""
+    s = Setup(tmp_path)
+    s.service.refuse("it holds the daemon's data directory")
+    status = s.service.status
+    assert (status.state, status.reason) == ("error", "it holds the daemon's data directory")
+    assert s.service.error == "it holds the daemon's data directory"
+    assert s.record("existing.txt") is None and s.batches == []
+    result_of(s.service.stopService())
