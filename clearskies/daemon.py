@@ -64,6 +64,10 @@ REMEMBERED_INTERVAL = 20 * 60.0
 #: every likely peer, and few enough to leave room for tracker and LAN candidates.
 MAX_REMEMBERED = 64
 
+#: Config key: shares attached with --merge whose first scan has not yet recorded
+#: the folder's own files (protocol/merge.md, "Attaching into a folder that holds files").
+ADOPTING = "adopting_shares"
+
 #: Tor modes: off, reachable through Tor as well ("on"), or nothing outside Tor ("only").
 TOR_MODES = ("off", "on", "only")
 #: Where the onion service's connections arrive (protocol/tor.md).
@@ -376,17 +380,16 @@ class Daemon(MultiService):
                 raise ConfigurationError(
                     "%s overlaps the share %s; shares cannot be nested" % (path, runtime.root))
 
-    async def _add_share(self, keys: ShareKeys, path: str, peer_id: str,
-                         adopt: bool = False) -> ShareRuntime:
+    async def _add_share(self, keys: ShareKeys, path: str, peer_id: str) -> ShareRuntime:
         await self.cpu_runner.run(keys.save, self.keys_path(keys.share_id))
         info = await register_share(self.store, self.cpu_runner, path, keys.share_id, peer_id,
                                     keys.access, self.now())
-        runtime = await self._open_share(info, keys, new=True, adopt=adopt)
+        runtime = await self._open_share(info, keys, new=True)
         self._announce_changed()
         return runtime
 
     async def _open_share(self, info: ShareInfo, keys: ShareKeys | None = None,
-                          new: bool = False, adopt: bool = False) -> ShareRuntime:
+                          new: bool = False) -> ShareRuntime:
         if keys is None:
             keys = await self.cpu_runner.run(ShareKeys.load, self.keys_path(info.share_id))
         runtime = ShareRuntime(self, info, keys)
@@ -395,8 +398,23 @@ class Daemon(MultiService):
         if self.paused:
             runtime.service.pause()  # before it starts: no start scan until resume
         self.shares[info.share_id] = runtime
+        adopt = info.share_id in self.config.get(ADOPTING, [])
         await runtime.start(new=new, adopt=adopt)
         return runtime
+
+    async def _set_adopting(self, share_id: str, adopting: bool) -> None:
+        """Remember (or forget) that a share's first scan must date its files before the share's."""
+        listed = [s for s in self.config.get(ADOPTING, []) if s != share_id]
+        if adopting:
+            listed.append(share_id)
+        if listed != self.config.get(ADOPTING, []):
+            self.config[ADOPTING] = listed
+            await self.store.set_config(ADOPTING, listed)
+
+    def share_adopted(self, share_id: str) -> None:
+        """The first scan of a share attached with --merge has recorded the folder's files."""
+        Deferred.fromCoroutine(self._set_adopting(share_id, False)).addErrback(
+            lambda f: self._log.failure("could not record a finished first scan", f))
 
     async def remove_share(self, path: str) -> None:
         runtime = self.require_share(path)
@@ -411,6 +429,7 @@ class Daemon(MultiService):
         if self.connector is not None:
             self.connector.remove_target(share_id)
         await self.store.remove_share(share_id)
+        await self._set_adopting(share_id, False)
         try:
             os.unlink(self.keys_path(share_id))
         except FileNotFoundError:
@@ -515,13 +534,18 @@ class Daemon(MultiService):
         return Deferred.fromCoroutine(self._join_completed(keys, join))
 
     async def _join_completed(self, keys: ShareKeys, join: PendingJoin) -> None:
+        if self.joins.get(join.access_id) is not join:
+            raise ConfigurationError("the attach of %s was cancelled" % join.path)
         existing = self.shares.get(keys.share_id)
         if existing is None:
             # Only now, with the keys in hand, is anything written: the folder
             # (if it is new) and, by _add_share, its marker.  If that fails the
             # handshake fails and the join stays pending (detach drops it).
             await self.cpu_runner.run(_make_attach_folder, join.path)
-            await self._add_share(keys, join.path, join.peer_id, adopt=True)
+            # Kept until the first scan has recorded the folder's own files, so
+            # that a restart before then still dates them before the share's.
+            await self._set_adopting(keys.share_id, True)
+            await self._add_share(keys, join.path, join.peer_id)
         self.joins.pop(join.access_id, None)
         await self._save_joins()
         if join.peers:

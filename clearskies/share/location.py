@@ -81,6 +81,10 @@ def check_location(path: str, daemon_paths: Iterable[str], mounts: Iterable[Moun
             "/ cannot be shared: it holds the whole system, the daemon's own data "
             "included; share a folder of your files instead")
     for own in daemon_paths:
+        if path == own:
+            raise ConfigurationError(
+                "%s cannot be shared: it is the daemon's own data directory (keys, "
+                "database, log); share a folder of your files instead" % path)
         if _inside(own, path):
             raise ConfigurationError(
                 "%s cannot be shared: it holds the daemon's data directory %s (its keys "

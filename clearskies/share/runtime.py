@@ -216,6 +216,16 @@ class ShareRuntime:
         if self.daemon.paused:
             self.sync.pause()
         self.service.startService()
+        if adopt:
+            recorded = self.service.local_files_recorded()
+            if recorded is None:
+                self._adopted()
+            else:
+                recorded.addCallback(lambda _: self._adopted())
+
+    def _adopted(self) -> None:
+        if not self.service.scanner.adopting:  # (not when stopped or failed first)
+            self.daemon.share_adopted(self.share_id)
 
     async def stop(self) -> None:
         if self._recount_call is not None and self._recount_call.active():

@@ -193,3 +193,32 @@ def test_a_code_that_does_not_work_leaves_no_folder(daemon_factory):
     line = _refused(bob, "attach", wrong, "/nonexistent/xyz")
     assert "does not exist" in line
     assert not os.path.exists("/nonexistent")
+
+
+def _adopting(daemon) -> list[str]:
+    with sqlite3.connect(daemon.data_dir / "state.sqlite3") as db:
+        row = db.execute("SELECT value FROM config WHERE key = 'adopting_shares'").fetchone()
+    return json.loads(row[0]) if row else []
+
+
+def test_merge_attach_restarted_before_its_first_scan_still_lets_the_share_win(daemon_factory):
+    """A --merge attach whose first scan had not run when the daemon stopped still dates
+    the local files before the share's after the restart."""
+    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    a, b = alice.shares, bob.shares
+    (a / "hello.txt").write_bytes(b"the share's hello\n")
+    code = alice.cli_json("share", str(a))["access_code"]
+    time.sleep(1.5)
+    theirs = b"bob's own hello, written later\n"
+    (b / "hello.txt").write_bytes(theirs)
+    bob.cli("pause")  # the share is created, but its first scan waits
+    bob.cli("attach", code, str(b), "--peer", alice.address, "--merge")
+    wait_until(lambda: (b / MARKER).exists() and _adopting(bob), timeout=SYNC_TIMEOUT)
+    bob.stop()
+    bob.start()
+    conflict = "hello.CONFLICT.%s.txt" % _sha(theirs)[:8]
+    wait_until(lambda: (a / conflict).exists(), timeout=SYNC_TIMEOUT)
+    wait_same_trees(a, b, SYNC_TIMEOUT)
+    assert (b / "hello.txt").read_bytes() == b"the share's hello\n"
+    assert (b / conflict).read_bytes() == theirs
+    wait_until(lambda: _adopting(bob) == [], timeout=SYNC_TIMEOUT)
