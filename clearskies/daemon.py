@@ -258,8 +258,10 @@ class Daemon(MultiService):
                 await self.create_share(path)
         if self.settings.join_code:
             code = parse_code(self.settings.join_code)
-            if access_id(code) not in self.joins:
-                await self.add_join(code, self.settings.join_into, [],
+            # (Once attached, a restart with the same options finds the share.)
+            if access_id(code) not in self.joins \
+                    and self.share_by_path(self.settings.join_into) is None:
+                await self.add_join(code, self.settings.join_into, list(self.settings.peers),
                                     merge=self.settings.join_merge)
         await self._choose_tor_mode()
         await self._listen_peers()

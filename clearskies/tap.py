@@ -105,10 +105,14 @@ class Options(usage.Options):
                 raise usage.UsageError("--code: %s" % e) from None
             self["into"] = os.path.abspath(os.path.expanduser(self["into"]))
             self._check_location("--into", self["into"])
+            from clearskies.share.ignore import MARKER_NAME
             from clearskies.share.location import attach_problem
 
-            problem = attach_problem(os.path.realpath(self["into"]), bool(self["merge"]))
-            if problem is not None:
+            into = os.path.realpath(self["into"])
+            problem = attach_problem(into, bool(self["merge"]))
+            # A folder with a share marker may be this very attach, done on an
+            # earlier run: the daemon, which knows its shares, decides.
+            if problem is not None and not os.path.lexists(os.path.join(into, MARKER_NAME)):
                 raise usage.UsageError("--into: %s" % problem)
         elif self["merge"]:
             raise usage.UsageError("--merge goes with --code and --into")

@@ -222,3 +222,20 @@ def test_merge_attach_restarted_before_its_first_scan_still_lets_the_share_win(d
     assert (b / "hello.txt").read_bytes() == b"the share's hello\n"
     assert (b / conflict).read_bytes() == theirs
     wait_until(lambda: _adopting(bob) == [], timeout=SYNC_TIMEOUT)
+
+
+def test_twistd_attach_options_kept_for_later_runs(daemon_factory):
+    """twistd --code --into --merge attaches into a folder with files; a restart with the
+    same options keeps the share instead of failing."""
+    alice = daemon_factory("alice")
+    (alice.shares / "hello.txt").write_bytes(b"the share's hello\n")
+    code = alice.cli_json("share", str(alice.shares), "--multi-use")["access_code"]
+    bob = daemon_factory("bob", "--code", code, "--into", "", "--peer", alice.address,
+                         "--merge", start=False)
+    bob.extra[bob.extra.index("--into") + 1] = str(bob.shares)
+    (bob.shares / "only_bob.txt").write_bytes(b"bob only\n")
+    bob.start()
+    wait_until(lambda: (alice.shares / "only_bob.txt").exists(), timeout=SYNC_TIMEOUT)
+    wait_same_trees(alice.shares, bob.shares, SYNC_TIMEOUT)
+    bob.restart()
+    assert [s["path"] for s in bob.cli_json("list")["shares"]] == [str(bob.shares)]
