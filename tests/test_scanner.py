@@ -615,6 +615,7 @@ def test_private_paths_are_never_listed_nor_recorded(share):
     share.write("data/keys/k.json", b"secret")
     share.write("data.txt", b"mine")
     share.scanner.private_paths = ("data",)
+    assert share.scanner.rules.is_ignored("data/keys/k.json")  # before any scan
     result = share.scan()
     assert sorted(share.by_path(result)) == ["data.txt"]
     assert scanner_module.list_directories(str(share.root), ("data",)) == []

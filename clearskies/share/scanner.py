@@ -547,9 +547,7 @@ class Scanner:
         #: local change: 0o222 when the daemon keeps a read-only share's files
         #: unwritable on disk.
         self.ignored_mode_bits = 0
-        #: Share-relative paths never listed nor synced: the daemon's own data
-        #: directory, should it lie inside the share (IgnoreRules ``private``).
-        self.private_paths: tuple[str, ...] = ()
+        self._private_paths: tuple[str, ...] = ()
         #: Set on a share just attached with --merge: files found by its first
         #: scan are dated 0, before anything in the share, so the share's
         #: version of each name wins (protocol/merge.md, "Attaching into a
@@ -557,6 +555,18 @@ class Scanner:
         self.adopting = False
         self._stopping = False
         self._skipped_before = -1
+
+    @property
+    def private_paths(self) -> tuple[str, ...]:
+        """Share-relative paths never listed nor synced: the daemon's own data
+        directory, should it lie inside the share (IgnoreRules ``private``)."""
+        return self._private_paths
+
+    @private_paths.setter
+    def private_paths(self, paths: tuple[str, ...]) -> None:
+        self._private_paths = tuple(paths)
+        # In force at once (serving, merging), not only from the next scan on.
+        self.rules = IgnoreRules(self.rules.user_patterns, self._private_paths)
 
     def stop(self) -> None:
         """Make a running scan give up at its next step (what it wrote stays valid)."""
