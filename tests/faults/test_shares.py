@@ -239,3 +239,13 @@ def test_twistd_attach_options_kept_for_later_runs(daemon_factory):
     wait_same_trees(alice.shares, bob.shares, SYNC_TIMEOUT)
     bob.restart()
     assert [s["path"] for s in bob.cli_json("list")["shares"]] == [str(bob.shares)]
+
+
+def test_sharing_a_home_directory_warns_but_works(daemon_factory):
+    """share of the user's home (data directory elsewhere) succeeds with one warning line."""
+    alice = daemon_factory("alice")
+    (alice.home / "notes.txt").write_text("mine\n")
+    result = alice.cli("share", str(alice.home))
+    assert result.returncode == 0 and result.stdout.startswith("SYNC")
+    assert result.stderr.startswith("clearskies: warning: %s is a home directory" % alice.home)
+    assert (alice.home / MARKER).exists()
