@@ -249,3 +249,24 @@ def test_sharing_a_home_directory_warns_but_works(daemon_factory):
     assert result.returncode == 0 and result.stdout.startswith("SYNC")
     assert result.stderr.startswith("clearskies: warning: %s is a home directory" % alice.home)
     assert (alice.home / MARKER).exists()
+
+
+def test_read_only_merge_keeps_local_files_to_itself(daemon_factory):
+    """With a read-only code, --merge takes the share's hello.txt, keeps the local one as a
+    conflict copy, and sends none of the local files to the share."""
+    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    a, b = alice.shares, bob.shares
+    (a / "hello.txt").write_bytes(b"the share's hello\n")
+    code = alice.cli_json("share", str(a), "--mode", "read_only")["access_code"]
+    time.sleep(1.5)
+    theirs = b"bob's own hello, written later\n"
+    (b / "hello.txt").write_bytes(theirs)
+    (b / "only_bob.txt").write_bytes(b"bob only\n")
+    bob.cli("attach", code, str(b), "--peer", alice.address, "--merge")
+    conflict = "hello.CONFLICT.%s.txt" % _sha(theirs)[:8]
+    wait_until(lambda: (b / "hello.txt").read_bytes() == b"the share's hello\n",
+               timeout=SYNC_TIMEOUT)
+    assert (b / conflict).read_bytes() == theirs
+    wait_until(lambda: bob.cli_json("status", str(b)).get("in_sync"), timeout=SYNC_TIMEOUT)
+    time.sleep(1)
+    assert sorted(p.name for p in a.iterdir()) == [MARKER, "hello.txt"]
