@@ -76,11 +76,15 @@ def test_sharing_data_dir_its_parent_or_root_is_refused(daemon_factory):
 
 
 def test_share_made_by_an_older_version_around_the_data_dir_never_starts(daemon_factory):
-    """A stored share that holds the data directory stays in error; its code gives out no keys."""
-    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    """A stored share that holds the data directory stays in error: its read-only peer gets
+    nothing more, and its code gives out no keys."""
+    alice, bob, carol = (daemon_factory(name) for name in ("alice", "bob", "carol"))
+    (alice.shares / "hello.txt").write_text("hello\n")
     code = alice.cli_json("share", str(alice.shares), "--mode", "read_only",
                           "--multi-use")["access_code"]
     share_id = alice.cli_json("list")["shares"][0]["share_id"]
+    bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
+    wait_until(lambda: (bob.shares / "hello.txt").exists(), timeout=SYNC_TIMEOUT)
     alice.stop()
     # What an older version accepted: the share's folder is the one holding the data dir.
     with sqlite3.connect(alice.data_dir / "state.sqlite3") as db:
@@ -93,12 +97,19 @@ def test_share_made_by_an_older_version_around_the_data_dir_never_starts(daemon_
     assert status["status"] == "error"
     assert "holds the daemon's data directory" in status["problem"]
 
-    target = bob.shares / "copy"
-    bob.cli("attach", code, str(target), "--peer", alice.address)
+    # Bob, who holds the read-only keys, dials again and is turned away.
+    wait_until(lambda: "cannot start a connection" in bob.log_tail(400), timeout=90)
+    assert sorted(p.name for p in bob.shares.iterdir()) == [MARKER, "hello.txt"]
+
+    target = carol.shares / "copy"
+    carol.cli("attach", code, str(target), "--peer", alice.address)
     wait_until(lambda: "keys we do not hold" in alice.log_tail(400), timeout=SYNC_TIMEOUT)
     assert not target.exists()
-    assert bob.cli_json("list")["shares"][0]["status"] == "waiting"
-    assert _psks(bob.data_dir) == []  # no key of Alice's reached Bob
+    assert carol.cli_json("list")["shares"][0]["status"] == "waiting"
+    assert _psks(carol.data_dir) == []  # no key of Alice's reached Carol
+    read_write = json.loads((alice.data_dir / "keys" / (share_id + ".json")).read_text())
+    assert read_write["psks"]["read_write"] not in json.dumps(
+        [json.loads(k.read_text()) for k in (bob.data_dir / "keys").glob("*.json")])
 
 
 def _pipelined(control_path: str, requests: list[dict]) -> list[dict]:
