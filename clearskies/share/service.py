@@ -155,7 +155,7 @@ class ShareService(Service):
         self.scanner.stop()
         waiters, self._full_waiters = self._full_waiters or [], None
         for waiter in waiters:
-            waiter.errback(CancelledError("the share is stopping"))
+            waiter.errback(self._stopped())
         self._adopted()
         done: Deferred[None] = Deferred()
         if self._draining is None:
@@ -201,8 +201,13 @@ class ShareService(Service):
     def remove_change_listener(self, listener: ChangeListener) -> None:
         self._listeners.remove(listener)
 
+    def _stopped(self) -> ShareError:
+        return ShareError("%s stopped syncing (detached, or the daemon is stopping) before "
+                          "the scan finished" % self.share.path)
+
     def rescan(self) -> Deferred[ScanResult]:
-        """Scan the whole folder now (after any scan in progress); fires with its result."""
+        """Scan the whole folder now (after any scan in progress); fires with its result,
+        or ShareError if the share stops first."""
         d: Deferred[ScanResult] = Deferred()
         if not self.running:
             d.errback(ShareError("the share %s is not running" % self.share.path))
@@ -334,9 +339,9 @@ class ShareService(Service):
                 await self._watch_before_listing()
             result = await self.scanner.scan(paths, since, self._announce)
             self._counts = await self._store.share_counts(self.share_id)
-        except CancelledError as e:
+        except CancelledError:
             for waiter in waiters:
-                waiter.errback(e)
+                waiter.errback(self._stopped())
             return
         except Exception as e:
             if isinstance(e, ShareError):
