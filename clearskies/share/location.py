@@ -26,8 +26,9 @@ PSEUDO_TREES = ("/proc", "/sys", "/dev", "/run")
 PSEUDO_FILESYSTEMS = frozenset({
     "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
     "tracefs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs",
-    "binfmt_misc", "efivarfs", "selinuxfs", "rpc_pipefs", "nsfs", "autofs",
+    "binfmt_misc", "efivarfs", "selinuxfs", "rpc_pipefs", "nsfs",
 })
+# (Not autofs: it is what mounts many NFS home directories.)
 #: A bounded walk that finds more entries than this warns that the share is large.
 LARGE_ENTRIES = 100_000
 MOUNTINFO = "/proc/self/mountinfo"
@@ -42,7 +43,8 @@ def _unescape(field: str) -> str:
     """Mount points in mountinfo escape space, tab, newline and backslash as octal."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+        digits = field[i + 1:i + 4]
+        if field[i] == "\\" and len(digits) == 3 and all(c in "01234567" for c in digits):
             out.append(chr(int(field[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -59,7 +61,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if "-" not in fields[6:]:
             continue
         dash = fields.index("-", 6)
-        if len(fields) <= dash + 1 or len(fields) < 5:
+        if len(fields) <= dash + 1:
             continue
         mounts.append(Mount(_unescape(fields[4]), fields[dash + 1]))
     return mounts
