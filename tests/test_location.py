@@ -17,6 +17,8 @@ MOUNTINFO = """\
 32 27 0:42 / /mnt/with\\040space rw - cgroup2 cgroup2 rw
 33 27 0:43 / /home rw - autofs systemd-1 rw
 34 27 0:44 / /odd\\9x rw - ext4 /dev/sdb1 rw
+35 27 0:45 / /run rw - tmpfs tmpfs rw
+36 35 8:33 / /run/media/u/USB rw - vfat /dev/sdc1 rw
 """
 MOUNTS = parse_mountinfo(MOUNTINFO)
 DATA = "/home/u/.local/share/clearskies"
@@ -41,6 +43,7 @@ def test_parse_mountinfo_reads_points_and_types():
     ("/sys", "/sys holds"),
     ("/dev/shm", "/dev holds"),
     ("/run/user/1000", "/run holds"),
+    ("/run/media/u", "/run holds"),
     ("/srv/jail", "/srv/jail/proc is a proc filesystem"),
     ("/mnt/with space/x", "is a cgroup2 filesystem"),
 ])
@@ -51,9 +54,11 @@ def test_refused(path, why):
     assert "share" in str(caught.value)
 
 
-@pytest.mark.parametrize("path", ["/home/u/Documents", "/tmp/x", "/srv/www", "/home/u/.local2"])
+@pytest.mark.parametrize("path", ["/home/u/Documents", "/tmp/x", "/srv/www", "/home/u/.local2",
+                                  "/run/media/u/USB/photos"])
 def test_allowed(path):
-    """Ordinary folders, on tmpfs /tmp or below an autofs /home included, are accepted."""
+    """Ordinary folders are accepted: on tmpfs /tmp, below an autofs /home, on a disk
+    mounted below /run."""
     check_location(path, [DATA], MOUNTS)
 
 

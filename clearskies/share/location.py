@@ -3,9 +3,9 @@
 A share is refused when it is ``/``, when it contains or lies inside one of
 the daemon's own paths (its data directory with the keys, the database and
 the log, or the control socket), and when it is on, or holds, a kernel
-pseudo-filesystem: anything under ``/proc``, ``/sys``, ``/dev`` or ``/run``,
-or a mount whose type is in ``PSEUDO_FILESYSTEMS`` according to
-``/proc/self/mountinfo``.  A large folder (a home directory, or one with
+pseudo-filesystem: anything under ``/proc``, ``/sys`` or ``/dev``, anything
+under ``/run`` but a disk mounted there, or a mount whose type is in
+``PSEUDO_FILESYSTEMS`` according to ``/proc/self/mountinfo``.  A large folder (a home directory, or one with
 more than ``LARGE_ENTRIES`` entries) is accepted with a warning.
 
 ``check_location`` and ``parse_mountinfo`` are pure; ``refusal`` and
@@ -21,7 +21,10 @@ from typing import Iterable, NamedTuple
 from clearskies.errors import ConfigurationError
 
 #: Directories that only ever hold the kernel's and the system's run-time state.
-PSEUDO_TREES = ("/proc", "/sys", "/dev", "/run")
+PSEUDO_TREES = ("/proc", "/sys", "/dev")
+#: Run-time state too, except on a disk mounted below it (/run/media/USER/… is
+#: where removable disks appear on many systems).
+RUN_TREE = "/run"
 #: Mount types whose files are the kernel's state, not a user's data.
 PSEUDO_FILESYSTEMS = frozenset({
     "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
@@ -96,8 +99,12 @@ def check_location(path: str, daemon_paths: Iterable[str], mounts: Iterable[Moun
             raise ConfigurationError(
                 "%s cannot be shared: it is inside the daemon's data directory %s; "
                 "share a folder of your files instead" % (path, own))
-    for top in PSEUDO_TREES:
+    mounts = list(mounts)
+    for top in PSEUDO_TREES + (RUN_TREE,):
         if _inside(path, top):
+            fstype = _innermost(path, mounts) if top == RUN_TREE else None
+            if fstype is not None and fstype != "tmpfs" and fstype not in PSEUDO_FILESYSTEMS:
+                continue  # a real disk mounted below /run
             raise ConfigurationError(
                 "%s cannot be shared: %s holds the system's run-time state, not files to "
                 "sync; share a folder of your files instead" % (path, top))
@@ -109,6 +116,16 @@ def check_location(path: str, daemon_paths: Iterable[str], mounts: Iterable[Moun
                 "%s cannot be shared: %s is a %s filesystem (the kernel's state, not "
                 "files to sync); share a folder of your files instead"
                 % (path, mount.point, mount.fstype))
+
+
+def _innermost(path: str, mounts: list[Mount]) -> str | None:
+    """The type of the filesystem ``path`` is on (the last, deepest mount holding it)."""
+    found: Mount | None = None
+    for mount in mounts:
+        if _inside(path, mount.point) and (
+                found is None or len(mount.point) >= len(found.point)):
+            found = mount
+    return found.fstype if found is not None else None
 
 
 def read_mounts() -> list[Mount]:
