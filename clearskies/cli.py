@@ -261,7 +261,9 @@ class Cli:
         with self.client() as client:
             shares = client.request({"type": "list_shares"})["shares"]
             if not any(share["path"] == path for share in shares):
-                client.request({"type": "create_share", "path": path})
+                created = client.request({"type": "create_share", "path": path})
+                if created.get("warning"):
+                    self.err.write("clearskies: warning: %s\n" % created["warning"])
             reply = client.request({
                 "type": "create_access_code", "path": path, "mode": self.args.mode,
                 "one_time": not self.args.multi_use, "expires": self.args.expires,
@@ -291,6 +293,8 @@ class Cli:
         request: dict[str, Any] = {"type": "add_share", "code": self.args.code, "path": path}
         if self.args.peer:
             request["peers"] = self.args.peer
+        if self.args.merge:
+            request["merge"] = True
         reply = self.request(request)
         if not self.args.wait:
             self.emit(reply or {"path": path}, lambda: self.line(
@@ -543,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("path")
     attach.add_argument("--peer", action="append", metavar="HOST:PORT",
                         help="address of a peer that has the share (repeatable)")
+    attach.add_argument("--merge", action="store_true",
+                        help="the directory may hold files: the share's version of each name "
+                             "wins, yours become conflict copies, files only you have are "
+                             "shared")
     attach.add_argument("--wait", action="store_true", help="wait until in sync, show progress")
     attach.add_argument("--timeout-wait", type=float, default=None, metavar="SECONDS")
     _auto_start_options(attach)

@@ -43,6 +43,7 @@ from clearskies.logfile import LogFileService
 from clearskies.peer import FailureLimiter, PeerProtocol, PeerServerFactory, connect_peer
 from clearskies.share.database import AccessCodeInfo, PeerInfo, ShareInfo, ShareStore  # noqa: F401
 from clearskies.ratelimit import RateLimiter
+from clearskies.share import location
 from clearskies.share.runtime import ShareRuntime
 from clearskies.share.service import create_share as register_share
 from clearskies.sync import SyncSession
@@ -62,6 +63,10 @@ REMEMBERED_INTERVAL = 20 * 60.0
 #: Remembered addresses offered per share, most recently seen peers first: enough for
 #: every likely peer, and few enough to leave room for tracker and LAN candidates.
 MAX_REMEMBERED = 64
+
+#: Config key: shares attached with --merge whose first scan has not yet recorded
+#: the folder's own files (protocol/merge.md, "Attaching into a folder that holds files").
+ADOPTING = "adopting_shares"
 
 #: Tor modes: off, reachable through Tor as well ("on"), or nothing outside Tor ("only").
 TOR_MODES = ("off", "on", "only")
@@ -105,6 +110,8 @@ class DaemonSettings:
     shares: list[str] = field(default_factory=list)
     join_code: str | None = None
     join_into: str | None = None
+    #: --merge: the folder of --into may already hold files (protocol/merge.md).
+    join_merge: bool = False
     peers: list[str] = field(default_factory=list)
     trackers: list[str] = field(default_factory=list)
     lan: bool = True
@@ -258,8 +265,11 @@ class Daemon(MultiService):
                 await self.create_share(path)
         if self.settings.join_code:
             code = parse_code(self.settings.join_code)
-            if access_id(code) not in self.joins:
-                await self.add_join(code, self.settings.join_into, [])
+            # (Once attached, a restart with the same options finds the share.)
+            if access_id(code) not in self.joins \
+                    and self.share_by_path(self.settings.join_into) is None:
+                await self.add_join(code, self.settings.join_into, list(self.settings.peers),
+                                    merge=self.settings.join_merge)
         await self._choose_tor_mode()
         await self._listen_peers()
         self._start_tor()
@@ -306,6 +316,11 @@ class Daemon(MultiService):
     def keys_path(self, share_id: str) -> str:
         return os.path.join(self.keys_dir, share_id + ".json")
 
+    def own_paths(self) -> list[str]:
+        """What the daemon keeps for itself and no share may hold or lie in: the data
+        directory (keys, database, log) and the control socket."""
+        return [self.data_dir, self.control_path]
+
     def now(self) -> float:
         return self.reactor.seconds()
 
@@ -328,10 +343,24 @@ class Daemon(MultiService):
         """Make a new share of an existing directory, with fresh keys."""
         path = os.path.realpath(path)
         if not os.path.isdir(path):
-            raise ConfigurationError("%s is not a directory" % path)
+            raise ConfigurationError("%s is not a directory; create it first" % path)
+        await self.check_location(path)
         self._check_not_nested(path)
         keys = await self._fresh_share_keys()
         return await self._add_share(keys, path, new_peer_id())
+
+    async def check_location(self, path: str) -> None:
+        """ConfigurationError if ``path`` may not be a share (clearskies.share.location)."""
+        refused = await self.cpu_runner.run(location.refusal, path, self.own_paths())
+        if refused is not None:
+            raise ConfigurationError(refused)
+
+    async def size_warning(self, path: str) -> str | None:
+        """A warning for a share that is a home directory or very large (else None)."""
+        warning = await self.cpu_runner.run(location.size_warning, path)
+        if warning is not None:
+            self._log.warn("{warning}", warning=warning)
+        return warning
 
     async def _fresh_share_keys(self) -> ShareKeys:
         """Keys for a new share: the spare set made in the background, if it is ready.
@@ -378,21 +407,38 @@ class Daemon(MultiService):
         if self.paused:
             runtime.service.pause()  # before it starts: no start scan until resume
         self.shares[info.share_id] = runtime
-        await runtime.start(new=new)
+        adopt = info.share_id in self.config.get(ADOPTING, [])
+        await runtime.start(new=new, adopt=adopt)
         return runtime
+
+    async def _set_adopting(self, share_id: str, adopting: bool) -> None:
+        """Remember (or forget) that a share's first scan must date its files before the share's."""
+        listed = [s for s in self.config.get(ADOPTING, []) if s != share_id]
+        if adopting:
+            listed.append(share_id)
+        if listed != self.config.get(ADOPTING, []):
+            self.config[ADOPTING] = listed
+            await self.store.set_config(ADOPTING, listed)
+
+    def share_adopted(self, share_id: str) -> None:
+        """The first scan of a share attached with --merge has recorded the folder's files."""
+        Deferred.fromCoroutine(self._set_adopting(share_id, False)).addErrback(
+            lambda f: self._log.failure("could not record a finished first scan", f))
 
     async def remove_share(self, path: str) -> None:
         runtime = self.require_share(path)
         share_id = runtime.share_id
+        # Gone at once: a second detach while this one waits is told it is not a share.
+        del self.shares[share_id]
         for session in list(runtime.sync.sessions.values()):
             session.connection.close("share removed")
         await runtime.stop()
-        del self.shares[share_id]
         for code_id in [c for c, code in self.codes.items() if code.share_id == share_id]:
             del self.codes[code_id]
         if self.connector is not None:
             self.connector.remove_target(share_id)
         await self.store.remove_share(share_id)
+        await self._set_adopting(share_id, False)
         try:
             os.unlink(self.keys_path(share_id))
         except FileNotFoundError:
@@ -426,15 +472,27 @@ class Daemon(MultiService):
         code.revoked = True
         await self.store.revoke_access_code(code.access_id)
 
-    async def add_join(self, code: bytes, path: str, peers: list[str]) -> PendingJoin:
-        """Remember a code we were given and start looking for its share."""
+    async def add_join(self, code: bytes, path: str, peers: list[str],
+                       merge: bool = False) -> PendingJoin:
+        """Remember a code we were given and start looking for its share.
+
+        Nothing is written to ``path`` until a peer has accepted the code
+        (:meth:`_join_completed`).  A folder that already holds files is
+        refused unless ``merge`` (protocol/merge.md, "Attaching into a folder
+        that holds files").
+        """
         path = os.path.realpath(path)
         if self.share_by_path(path) is not None:
             raise ConfigurationError("%s is already a share" % path)
+        if any(join.path == path for join in self.joins.values()):
+            raise ConfigurationError("%s is already waiting to be attached" % path)
+        await self.check_location(path)
         self._check_not_nested(path)
         for peer in peers:
             self.check_peer_address(peer)
-        os.makedirs(path, exist_ok=True)
+        problem = await self.cpu_runner.run(location.attach_problem, path, merge)
+        if problem is not None:
+            raise ConfigurationError(problem)
         join = PendingJoin(code, path, new_peer_id(), list(peers))
         self.joins[join.access_id] = join
         await self._save_joins()
@@ -496,10 +554,19 @@ class Daemon(MultiService):
         return Deferred.fromCoroutine(self._join_completed(keys, join))
 
     async def _join_completed(self, keys: ShareKeys, join: PendingJoin) -> None:
+        if self.joins.get(join.access_id) is not join:
+            raise ConfigurationError("the attach of %s was cancelled" % join.path)
         # The share (keys and record) is stored before the pending attach is
         # forgotten: a crash in between must leave one of the two on disk.
         existing = self.shares.get(keys.share_id)
         if existing is None:
+            # Only now, with the keys in hand, is anything written: the folder
+            # (if it is new) and, by _add_share, its marker.  If that fails the
+            # handshake fails and the join stays pending (detach drops it).
+            await self.cpu_runner.run(_make_attach_folder, join.path)
+            # Kept until the first scan has recorded the folder's own files, so
+            # that a restart before then still dates them before the share's.
+            await self._set_adopting(keys.share_id, True)
             await self._add_share(keys, join.path, join.peer_id)
         await self._join_stored(keys.share_id, join)
         # The dial carrying this very handshake is still in flight: move the code's
@@ -928,6 +995,14 @@ class Daemon(MultiService):
             last_seen=self.now(), addresses=tuple(addresses),
             manifest_revision=existing.manifest_revision if existing else None,
             acked_revision=existing.acked_revision if existing else None))
+
+
+def _make_attach_folder(path: str) -> None:
+    """Create the folder of a share just attached, unless it is there (blocking)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
 
 
 class _TrackedSession:

@@ -1338,6 +1338,18 @@ class SyncSession:
     def _merge_inbox(self) -> None:
         if not self._inbox or not self.alive:
             return
+        recorded = getattr(self.sync.share, "local_files_recorded", None)
+        waiting = recorded() if recorded is not None else None
+        if waiting is not None:
+            # A share just attached with --merge: its folder's files are recorded
+            # (dated before the share) first, so the share's records meet them.
+            self._merging = True
+
+            def resume(_: object) -> None:
+                self._merging = False
+                self._merge_inbox()
+            waiting.addBoth(resume)
+            return
         kind, items = self._inbox.pop(0)
         self._merging = True
         if kind == "moves":

@@ -41,6 +41,8 @@ class Options(usage.Options):
         ["tor-only", None, "Use nothing but Tor: no public port, no LAN discovery, "
                            "trackers and peers only through Tor (kept for later runs)."],
         ["no-tor", None, "Turn Tor off again after an earlier --tor or --tor-only."],
+        ["merge", None, "--into may hold files: the share's version of each name wins, "
+                        "local ones become conflict copies, files only here are shared."],
     ]
     optParameters = [
         ["data-dir", "d", None,
@@ -91,6 +93,7 @@ class Options(usage.Options):
             if not os.path.isdir(full):
                 raise usage.UsageError(
                     "--share %s: no such directory (create it first, then share it)" % path)
+            self._check_location("--share", full)
             shares.append(full)
         self["shares"] = shares
         if (self["code"] is None) != (self["into"] is None):
@@ -101,9 +104,30 @@ class Options(usage.Options):
             except AccessCodeError as e:
                 raise usage.UsageError("--code: %s" % e) from None
             self["into"] = os.path.abspath(os.path.expanduser(self["into"]))
+            self._check_location("--into", self["into"])
+            from clearskies.share.ignore import MARKER_NAME
+            from clearskies.share.location import attach_problem
+
+            into = os.path.realpath(self["into"])
+            problem = attach_problem(into, bool(self["merge"]))
+            # A folder with a share marker may be this very attach, done on an
+            # earlier run: the daemon, which knows its shares, decides.
+            if problem is not None and not os.path.lexists(os.path.join(into, MARKER_NAME)):
+                raise usage.UsageError("--into: %s" % problem)
+        elif self["merge"]:
+            raise usage.UsageError("--merge goes with --code and --into")
         if not 0 < self["lan-port"] < 65536:
             raise usage.UsageError("--lan-port must be between 1 and 65535")
         self._check_tor()
+
+    def _check_location(self, option: str, path: str) -> None:
+        """A folder no share may be (clearskies.share.location) is a usage error."""
+        from clearskies.share.location import refusal
+
+        data_dir = self["data-dir"]
+        refused = refusal(path, [data_dir, os.path.join(data_dir, "control")])
+        if refused is not None:
+            raise usage.UsageError("%s: %s" % (option, refused))
 
     def _check_tor(self) -> None:
         """Settle the Tor mode (None: the one stored in the data directory) and its options."""
@@ -174,6 +198,7 @@ def makeService(options: Options):
         shares=list(options["shares"]),
         join_code=options["code"],
         join_into=options["into"],
+        join_merge=bool(options["merge"]),
         peers=list(options["peers"]),
         trackers=list(options["trackers"]),
         lan=not options["no-lan"],

@@ -420,6 +420,28 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                                       "(see: clearskies status %s)\n" % (target, target))
         return self.go(body)
 
+    def test_attach_merge(self) -> Deferred:
+        """attach --merge asks the daemon to merge into a folder that holds files."""
+        async def body() -> None:
+            run = await self.cli("attach", CODE, self.share_dir, "--merge")
+            self.assertEqual(run.code, 0)
+            self.assertEqual(self.daemon.received, [
+                {"type": "add_share", "code": CODE, "path": self.share_dir, "merge": True}])
+        return self.go(body)
+
+    def test_share_warning_goes_to_stderr(self) -> Deferred:
+        """A warning in the create_share reply is one stderr line; the code still prints."""
+        async def body() -> None:
+            self.daemon.script["create_share"] = {
+                "path": self.share_dir, "share_id": "5" * 64,
+                "warning": "%s is a home directory" % self.share_dir}
+            run = await self.cli("share", self.share_dir)
+            self.assertEqual(run.code, 0)
+            self.assertEqual(run.err, "clearskies: warning: %s is a home directory\n"
+                             % self.share_dir)
+            self.assertEqual(run.out.splitlines()[0], CODE)
+        return self.go(body)
+
     def test_attach_url_form_json(self) -> Deferred:
         """attach accepts the clearskies:// link as typed; --json prints the reply or the path."""
         async def body() -> None:

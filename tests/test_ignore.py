@@ -55,3 +55,12 @@ def test_load_refuses_oversized_file(tmp_path):
     rules = IgnoreRules.load(tmp_path)
     assert not rules.is_ignored("a.txt")
     assert rules.is_ignored("a.!clearsky")
+
+
+def test_private_paths_are_ignored_whatever_the_patterns_say(tmp_path):
+    """The daemon's own paths in a share are ignored with all below them, despite a '!' rule."""
+    (tmp_path / IGNORE_FILE_NAME).write_text("!data/\n!data/**\n")
+    rules = IgnoreRules.load(tmp_path, ("data", "a/b"))
+    assert rules.is_ignored("data", is_dir=True) and rules.is_ignored("data/keys/x.json")
+    assert rules.is_ignored("a/b/state.sqlite3")
+    assert not rules.is_ignored("data2") and not rules.is_ignored("a/c")

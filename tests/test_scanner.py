@@ -719,3 +719,26 @@ def test_our_counter_never_passes_the_range_peers_accept():
     assert scanner_module.bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
     assert vv_bump({PEER: MAX_COUNTER}, PEER) == {PEER: MAX_COUNTER}
     assert scanner_module.bump({PEER: 4}, PEER) == {PEER: 5}
+
+def test_private_paths_are_never_listed_nor_recorded(share):
+    """The daemon's data directory inside a share is neither recorded nor watched."""
+    share.write("data/state.sqlite3", b"db")
+    share.write("data/keys/k.json", b"secret")
+    share.write("data.txt", b"mine")
+    share.scanner.private_paths = ("data",)
+    assert share.scanner.rules.is_ignored("data/keys/k.json")  # before any scan
+    result = share.scan()
+    assert sorted(share.by_path(result)) == ["data.txt"]
+    assert scanner_module.list_directories(str(share.root), ("data",)) == []
+
+
+def test_adopting_scan_dates_new_files_before_the_share(share):
+    """An adopting first scan dates new records 0, so any record of the share beats them."""
+    share.write("hello.txt", b"mine")
+    share.scanner.adopting = True
+    first = share.by_path(share.scan())["hello.txt"]
+    assert first.utime == 0.0
+    assert first.vv == {PEER: 1}
+    share.scanner.adopting = False
+    share.write("hello.txt", b"edited later")
+    assert share.by_path(share.scan())["hello.txt"].utime > 0

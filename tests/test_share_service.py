@@ -365,7 +365,7 @@ class _ListingNoDirectories:
 
     def run(self, fn, *args):
         if fn is list_directories:
-            return self._runner.run(lambda root: [], *args)
+            return self._runner.run(lambda root, *rest: [], *args)
         return self._runner.run(fn, *args)
 
 
@@ -463,3 +463,29 @@ def test_marker_lost_during_a_scan_keeps_the_error(tmp_path):
     pending.addErrback(failures.append)
     assert failures and failures[0].check(ShareError)
     result_of(setup.service.stopService())
+
+def test_merging_waits_for_an_adopting_first_scan(tmp_path):
+    """While an adopting first scan is due, local_files_recorded is pending; it fires once
+    the scan has recorded the folder's files (dated 0)."""
+    s = Setup(tmp_path)
+    s.service.scanner.adopting = True
+    s.service.pause()  # no scan yet
+    s.service.startService()
+    waiting = s.service.local_files_recorded()
+    assert waiting is not None and not waiting.called
+    s.service.resume()
+    assert waiting.called and not s.service.scanner.adopting
+    assert s.record("existing.txt").utime == 0.0
+    assert s.service.local_files_recorded() is None
+    result_of(s.service.stopService())
+
+
+def test_refused_share_stays_in_error_and_never_scans(tmp_path):
+    """A refused share reports its reason in the error state and records nothing."""
+    s = Setup(tmp_path)
+    s.service.refuse("it holds the daemon's data directory")
+    status = s.service.status
+    assert (status.state, status.reason) == ("error", "it holds the daemon's data directory")
+    assert s.service.error == "it holds the daemon's data directory"
+    assert s.record("existing.txt") is None and s.batches == []
+    result_of(s.service.stopService())

@@ -781,3 +781,32 @@ def test_a_directory_the_disk_refuses_skips_only_that_record(tmp_path):
     assert "d" not in share.records and "a.txt" in sync.wanted
     assert [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)
             and e.body["type"] == "get"] == ["a.txt"]
+
+class AdoptingShare(MemoryShare):
+    """A share just attached with --merge whose first scan has not run yet."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.scanned: Deferred[None] | None = Deferred()
+
+    def local_files_recorded(self):
+        if self.scanned is None or self.scanned.called:
+            return None
+        waiter: Deferred[None] = Deferred()
+        self.scanned.addCallback(lambda _: waiter.callback(None))
+        return waiter
+
+
+def test_records_wait_until_the_local_files_are_recorded(tmp_path):
+    """A manifest that arrives before an adopting first scan is merged only after it."""
+    share = AdoptingShare(tmp_path)
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    data = b"the share's version"
+    record = file_record("hello.txt", data, {THEM: 1})
+    session.event_received(message({"type": "manifest", "revision": 1,
+                                     "files": [record.to_wire()]}))
+    assert connection.sent_types() == [] and not sync.wanted
+    share.scanned.callback(None)
+    requests = [e.body for e in connection.sent() if isinstance(e, wire.Message)]
+    assert {"type": "get", "path": "hello.txt"} in requests

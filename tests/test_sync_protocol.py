@@ -13,6 +13,8 @@ import os
 import secrets
 import time
 
+from twisted.internet.defer import Deferred
+
 from clearskies import sync
 from tests.peerkit import (
     PeerKitCase,
@@ -433,7 +435,10 @@ class SpareKeysTests(PeerKitCase):
         daemon = self.daemon
         spare = daemon._spare_keys
         self.assertIsNotNone(spare)
-        ready = await spare  # (awaiting does not consume it: the share below gets it)
+        # Watched without taking its result (awaiting it would): the share below gets it.
+        made = Deferred()
+        spare.addCallback(lambda keys: (made.callback(keys), keys)[1])
+        ready = await made
         other = self.base / "another share"
         other.mkdir()
         runtime = await daemon.create_share(str(other))

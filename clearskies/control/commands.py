@@ -123,7 +123,11 @@ class DaemonCommands(CommandDispatcher):
         if self.daemon.share_by_path(path) is not None:
             raise ControlError("already_shared", "%s is already shared" % path)
         runtime = await self.daemon.create_share(path)
-        return {"path": str(runtime.root), "share_id": runtime.share_id}
+        reply = {"path": str(runtime.root), "share_id": runtime.share_id}
+        warning = await self.daemon.size_warning(path)
+        if warning is not None:
+            reply["warning"] = warning
+        return reply
 
     async def cmd_list_shares(self, request: dict[str, Any]) -> dict[str, Any]:
         for runtime in list(self.daemon.shares.values()):
@@ -168,10 +172,13 @@ class DaemonCommands(CommandDispatcher):
         if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers) \
                 or len(peers) > 64:
             raise ControlError("bad_request", "peers must be a list of HOST:PORT strings")
+        merge = request.get("merge", False)
+        if not isinstance(merge, bool):
+            raise ControlError("bad_request", "merge must be true or false")
         if access_id(code) in self.daemon.codes:
             raise ControlError("refused", "that access code was made by this daemon")
         try:
-            join = await self.daemon.add_join(code, path, peers)
+            join = await self.daemon.add_join(code, path, peers, merge=merge)
         except ValueError as e:
             raise ControlError("bad_request", str(e)) from None
         return {"path": join.path, "status": "waiting"}

@@ -7,6 +7,10 @@ ours at the share root: the share marker ``.clearskies`` and the user's
 with gitignore syntax (``#`` comments, ``!`` negation, trailing ``/`` for
 directories only, leading ``/`` anchors at the root).  Only the root's file is
 read, and it is not synced: each peer chooses what it leaves alone.
+
+Also always ignored, whatever the patterns say: the daemon's own paths (its
+data directory) should one lie inside the share (``private``).  Sharing such
+a folder is refused (clearskies.share.location); this is the second line.
 """
 
 from __future__ import annotations
@@ -35,13 +39,16 @@ class IgnoreRules:
 
     _log = Logger()
 
-    def __init__(self, user_patterns: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, user_patterns: list[str] | tuple[str, ...] = (),
+                 private: tuple[str, ...] = ()) -> None:
+        """``private``: share-relative paths never synced, nor anything below them."""
         self.user_patterns = tuple(user_patterns)
+        self.private = frozenset(private)
         self._spec = pathspec.GitIgnoreSpec.from_lines(
             list(BUILTIN_PATTERNS) + list(self.user_patterns))
 
     @classmethod
-    def load(cls, root: str | os.PathLike[str]) -> IgnoreRules:
+    def load(cls, root: str | os.PathLike[str], private: tuple[str, ...] = ()) -> IgnoreRules:
         """Read ``<root>/.clearskiesignore`` (blocking: call from a worker thread).
 
         A missing file means no user patterns; an unreadable or oversized one
@@ -52,22 +59,24 @@ class IgnoreRules:
             with open(path, "rb") as f:
                 data = f.read(MAX_IGNORE_FILE_BYTES + 1)
         except FileNotFoundError:
-            return cls()
+            return cls(private=private)
         except OSError as e:
             cls._log.warn("cannot read {path}: {error}; using the built-in rules only",
                           path=str(path), error=str(e))
-            return cls()
+            return cls(private=private)
         if len(data) > MAX_IGNORE_FILE_BYTES:
             cls._log.warn("{path} is larger than {limit} bytes; using the built-in rules only",
                           path=str(path), limit=MAX_IGNORE_FILE_BYTES)
-            return cls()
-        return cls(data.decode("utf-8", "replace").splitlines())
+            return cls(private=private)
+        return cls(data.decode("utf-8", "replace").splitlines(), private)
 
     def matches(self, path: str, is_dir: bool = False) -> bool:
         """True if a pattern matches ``path`` itself (its parents are not checked).
 
         For a walk that never enters ignored directories, this is enough.
         """
+        if path in self.private:
+            return True
         return self._spec.match_file(path + "/" if is_dir else path)
 
     def is_ignored(self, path: str, is_dir: bool = False) -> bool:

@@ -21,6 +21,7 @@ from clearskies import diskjobs, readonly
 from clearskies.errors import UnsafePathError
 from clearskies.keys import ShareKeys
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
+from clearskies.share import location
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
@@ -136,6 +137,17 @@ def _cache_key_of(path: str) -> CacheKey | None:
     return CacheKey(st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns))
 
 
+def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
+    """The daemon's own paths that lie inside ``root``, share-relative (never synced)."""
+    real_root = os.path.realpath(root)
+    inside = []
+    for path in own:
+        real = os.path.realpath(path)
+        if real != real_root and real.startswith(real_root.rstrip("/") + "/"):
+            inside.append(os.path.relpath(real, real_root).replace(os.sep, "/"))
+    return tuple(inside)
+
+
 #: A share's totals are recounted at most once per this many times the last
 #: count took (see ShareRuntime.fresh_counts).
 COUNT_SPACING = 4.0
@@ -181,7 +193,22 @@ class ShareRuntime:
 
     # -- lifetime ----------------------------------------------------------------
 
-    async def start(self, new: bool = False) -> None:
+    async def start(self, new: bool = False, adopt: bool = False) -> None:
+        """Bring the share up; ``adopt``: it was just attached into a folder whose files
+        lose to the share's (Scanner.adopting).
+
+        A share whose folder may not be shared (one made by an older version
+        around the daemon's data directory, say) stays in the error state and
+        syncs with nobody.
+        """
+        own = self.daemon.own_paths()
+        refused = await self.runner.run(location.refusal, str(self.root), own)
+        if refused is not None:
+            self._log.error("share {root} not started: {why}", root=str(self.root), why=refused)
+            self.service.refuse(refused)
+            return
+        self.service.scanner.private_paths = private_paths(str(self.root), own)
+        self.service.scanner.adopting = adopt
         self.peers = {p.peer_id: p for p in await self.store.list_peers(self.share_id)}
         if self.signing.read_only:
             self.signing.store.load(await self.store.list_signed(self.share_id))
@@ -190,6 +217,16 @@ class ShareRuntime:
         if self.daemon.paused:
             self.sync.pause()
         self.service.startService()
+        if adopt:
+            recorded = self.service.local_files_recorded()
+            if recorded is None:
+                self._adopted()
+            else:
+                recorded.addCallback(lambda _: self._adopted())
+
+    def _adopted(self) -> None:
+        if not self.service.scanner.adopting:  # (not when stopped or failed first)
+            self.daemon.share_adopted(self.share_id)
 
     async def stop(self) -> None:
         if self._recount_call is not None and self._recount_call.active():
@@ -212,6 +249,10 @@ class ShareRuntime:
         if connector is not None:
             connector.retry_now(self.share_id)
         self.sync.pump()
+
+    def local_files_recorded(self) -> Deferred[None] | None:
+        """Merging waits on this while an adopting first scan is due (ShareService)."""
+        return self.service.local_files_recorded()
 
     async def follow_read_only_files(self) -> None:
         """Apply the daemon's ``read_only_files`` setting to this share's files.

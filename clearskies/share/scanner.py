@@ -188,11 +188,14 @@ def name_problem(name: str, parent: str, root: str = "") -> str | None:
     return None
 
 
-def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> Listing:
+def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules,
+               stopping: Callable[[], bool] | None = None) -> Listing:
     """List the share (``scopes=None``) or the given subtrees (blocking).
 
     Never follows symlinks.  A listing error at the root raises ShareError;
-    below it, the unreadable directory is marked protected and skipped.
+    below it, the unreadable directory is marked protected and skipped.  Once
+    ``stopping()`` is true the walk ends early, with a listing the caller
+    must not use.
     """
     listing = Listing()
     if scopes is None:
@@ -200,24 +203,24 @@ def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules) -> L
             os.scandir(root).close()
         except OSError as e:
             raise ShareError("cannot list the share folder %s: %s" % (root, e.strerror)) from e
-        _walk_tree(root, "", rules, listing)
+        _walk_tree(root, "", rules, listing, stopping)
     else:
         for scope in scopes:
-            _list_scope(root, scope, rules, listing)
+            _list_scope(root, scope, rules, listing, stopping)
     if listing.denied:  # a folder we may not list gets no record (its old one stays)
         listing.entries = [e for e in listing.entries if e.path not in listing.denied]
     listing.entries.sort(key=lambda e: e.path)
     return listing
 
 
-def list_directories(root: str) -> list[str]:
+def list_directories(root: str, private: tuple[str, ...] = ()) -> list[str]:
     """Every directory a full scan would list (blocking).
 
     The watcher watches these before the scan's own listing begins.  An
     error listing the root raises OSError; below it, an unreadable
     directory is simply left out (the scan marks it protected).
     """
-    rules = IgnoreRules.load(root)
+    rules = IgnoreRules.load(root, private)
     found: list[str] = []
     stack = [""]
     while stack:
@@ -243,7 +246,8 @@ def list_directories(root: str) -> list[str]:
     return found
 
 
-def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> None:
+def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing,
+                stopping: Callable[[], bool] | None = None) -> None:
     parts = scope.split("/")
     current = root
     for part in parts[:-1]:  # every parent must still be a real, readable directory
@@ -277,7 +281,7 @@ def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing) -> 
     if rules.is_ignored(scope, is_dir):
         return
     if _add(listing, scope, st) and is_dir:
-        _walk_tree(root, scope, rules, listing)
+        _walk_tree(root, scope, rules, listing, stopping)
 
 
 def _entry(path: str, st: os.stat_result) -> LocalEntry:
@@ -302,9 +306,12 @@ def _add(listing: Listing, path: str, st: os.stat_result) -> bool:
     return False
 
 
-def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing) -> None:
+def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing,
+               stopping: Callable[[], bool] | None = None) -> None:
     stack = [top]
     while stack:
+        if stopping is not None and stopping():
+            return
         directory = stack.pop()
         prefix = directory + "/" if directory else ""
         try:
@@ -604,9 +611,27 @@ class Scanner:
         #: local change: 0o222 when the daemon keeps a read-only share's files
         #: unwritable on disk.
         self.ignored_mode_bits = 0
+        self._private_paths: tuple[str, ...] = ()
+        #: Set on a share just attached with --merge: files found by its first
+        #: scan are dated 0, before anything in the share, so the share's
+        #: version of each name wins (protocol/merge.md, "Attaching into a
+        #: folder that holds files").
+        self.adopting = False
         self._stopping = False
         #: What the share does not sync and why (the sync layer adds refused records).
         self.skipped = SkippedPaths()
+
+    @property
+    def private_paths(self) -> tuple[str, ...]:
+        """Share-relative paths never listed nor synced: the daemon's own data
+        directory, should it lie inside the share (IgnoreRules ``private``)."""
+        return self._private_paths
+
+    @private_paths.setter
+    def private_paths(self, paths: tuple[str, ...]) -> None:
+        self._private_paths = tuple(paths)
+        # In force at once (serving, merging), not only from the next scan on.
+        self.rules = IgnoreRules(self.rules.user_patterns, self._private_paths)
 
     def stop(self) -> None:
         """Make a running scan give up at its next step (what it wrote stays valid)."""
@@ -651,7 +676,8 @@ class Scanner:
         self.rules = await self._runner.run(self._prepare)
         if scopes == []:
             return
-        listing = await self._runner.run(walk_share, self.root, scopes, self.rules)
+        listing = await self._runner.run(walk_share, self.root, scopes, self.rules,
+                                         lambda: self._stopping)
         self._check_stop()
         # The root could have gone while we walked; only trust the listing if not.
         await self._runner.run(check_share_root, self.root, self.share_id)
@@ -680,7 +706,7 @@ class Scanner:
 
     def _prepare(self) -> IgnoreRules:
         check_share_root(self.root, self.share_id)
-        return IgnoreRules.load(self.root)
+        return IgnoreRules.load(self.root, self.private_paths)
 
     def _note_skipped(self, result: ScanResult, scopes: list[str] | None) -> None:
         """Keep the list of what is not synced; log each path once, when it first shows."""
@@ -807,6 +833,8 @@ class _Planner:
         self.to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
 
     def _utime(self, mtime_ns: int | None, previous: FileRecord | None) -> float:
+        if self._scanner.adopting and previous is None:
+            return 0.0
         mtime = None if mtime_ns is None else mtime_ns / 1e9
         return local_utime(mtime, self._since, self._now, previous)
 

@@ -194,6 +194,7 @@ class ShareService(Service):
         self._watcher_failed = False
         self._timer: IDelayedCall | None = None  # the next full rescan or error re-check
         self._unstable: dict[str, int] = {}  # path -> unstable results in a row
+        self._adopt_waiters: list[Deferred[None]] = []
 
     # -- lifetime -------------------------------------------------------------
 
@@ -217,13 +218,37 @@ class ShareService(Service):
         self.scanner.stop()
         waiters, self._full_waiters = self._full_waiters or [], None
         for waiter in waiters:
-            waiter.errback(CancelledError("the share is stopping"))
+            waiter.errback(self._stopped())
+        self._adopted()
         done: Deferred[None] = Deferred()
         if self._draining is None:
             done.callback(None)
         else:
             self._draining.addBoth(lambda _: done.callback(None))
         return done
+
+    def local_files_recorded(self) -> Deferred[None] | None:
+        """While an adopting first scan is due (see Scanner.adopting): a Deferred
+        that fires once it has run (or failed, or the share stopped); else None."""
+        if not self.scanner.adopting or not self.running:
+            return None
+        d: Deferred[None] = Deferred()
+        self._adopt_waiters.append(d)
+        return d
+
+    def _adopted(self) -> None:
+        waiters, self._adopt_waiters = self._adopt_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def refuse(self, reason: str) -> None:
+        """Never start: the share stays in the error state with ``reason``.
+
+        For a share that must not run at all (its folder holds the daemon's
+        own data, say); unlike a missing folder, nothing is retried.
+        """
+        self._state = "error"
+        self._reason = reason
 
     # -- what the sync layer and the CLI use ----------------------------------
 
@@ -239,8 +264,13 @@ class ShareService(Service):
     def remove_change_listener(self, listener: ChangeListener) -> None:
         self._listeners.remove(listener)
 
+    def _stopped(self) -> ShareError:
+        return ShareError("%s stopped syncing (detached, or the daemon is stopping) before "
+                          "the scan finished" % self.share.path)
+
     def rescan(self) -> Deferred[ScanResult]:
-        """Scan the whole folder now (after any scan in progress); fires with its result."""
+        """Scan the whole folder now (after any scan in progress); fires with its result,
+        or ShareError if the share stops first."""
         d: Deferred[ScanResult] = Deferred()
         if not self.running:
             d.errback(ShareError("the share %s is not running" % self.share.path))
@@ -375,9 +405,9 @@ class ShareService(Service):
                 await self._watch_before_listing()
             result = await self.scanner.scan(paths, since, self._announce)
             self._counts = await self._store.share_counts(self.share_id)
-        except CancelledError as e:
+        except CancelledError:
             for waiter in waiters:
-                waiter.errback(e)
+                waiter.errback(self._stopped())
             return
         except Exception as e:
             self._root_lost = isinstance(e, RootMissing)
@@ -397,6 +427,9 @@ class ShareService(Service):
             for waiter in waiters:
                 waiter.errback(ShareError(self._reason or "the share folder is unavailable"))
             return
+        if result.full:
+            self.scanner.adopting = False  # the folder's own files are all recorded now
+            self._adopted()
         if self._state != "stopped":
             self._state = "idle"
         try:
@@ -417,7 +450,8 @@ class ShareService(Service):
         if watcher is None or watcher.running or self._watcher_failed:
             return
         try:
-            directories = await self._runner.run(list_directories, self.share.path)
+            directories = await self._runner.run(list_directories, self.share.path,
+                                                 self.scanner.private_paths)
         except OSError:
             return  # the scan reports what is wrong; the next full scan tries again
         if not self.running or watcher.running:
@@ -462,6 +496,7 @@ class ShareService(Service):
 
     async def _enter_error(self, reason: str) -> None:
         self._state = "error"
+        self._adopted()  # (peers' messages are refused in the error state)
         if reason != self._reason:
             self._log.error("share {root} stopped: {reason}", root=self.share.path,
                             reason=reason)
