@@ -310,10 +310,16 @@ class Cli:
     def cmd_revert(self) -> int:
         path = os.path.realpath(self.args.path)
         reply = self.request({"type": ".clearskies.revert", "path": path})
-        self.emit(reply, lambda: self.line(
-            "%s: %d local changes reverted (%d files being restored from peers, %d removed)"
-            % (path, reply.get("changes", 0), reply.get("restoring", 0),
-               reply.get("removed", 0))))
+        def text() -> None:
+            self.line("%s: %d local changes reverted (%d files being restored from peers, "
+                      "%d removed)" % (path, reply.get("changes", 0), reply.get("restoring", 0),
+                                       reply.get("removed", 0)))
+            if reply.get("complete") is False:
+                self.line("  the share's full file list has not all arrived yet, so files "
+                          "that may be in it were kept; run revert again once the share is "
+                          "in sync")
+
+        self.emit(reply, text)
         return EXIT_OK
 
     def cmd_detach(self) -> int:

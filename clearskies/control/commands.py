@@ -254,7 +254,9 @@ class DaemonCommands(CommandDispatcher):
             "items_to_download": sync.items_to_download,
             "bytes_to_download": sync.bytes_to_download,
             "last_sync": runtime.last_sync,
-            "in_sync": sync.in_sync and state not in ("scanning", "starting", "error"),
+            "in_sync": sync.in_sync and state not in ("scanning", "starting", "error")
+            # A read-only share also needs every file of the share's (signed) version.
+            and (not runtime.signing.read_only or runtime.matches_share_version),
         }
         if status.reason:
             summary["problem"] = status.reason
