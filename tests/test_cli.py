@@ -544,6 +544,20 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                                       "download: 10 B/s\nshares: 2\n")
         return self.go(body)
 
+    def test_revert_says_when_added_files_were_kept(self) -> Deferred:
+        """revert prints its counts, and why files were kept while the share's list is partial."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.revert"] = {
+                "changes": 2, "restoring": 1, "removed": 0, "complete": False}
+            run = await self.cli("revert", self.share_dir)
+            self.assertEqual(run.code, 0)
+            self.assertEqual(self.daemon.received, [
+                {"type": ".clearskies.revert", "path": os.path.realpath(self.share_dir)}])
+            self.assertIn("2 local changes reverted (1 files being restored from peers, "
+                          "0 removed)", run.out)
+            self.assertIn("full file list has not all arrived yet", run.out)
+        return self.go(body)
+
     def test_status_json(self) -> Deferred:
         """status --json prints the daemon's reply unchanged."""
         async def body() -> None:

@@ -471,6 +471,26 @@ def test_relay_splits_many_pages_over_several_messages(rw_keys, ro_keys, monkeyp
     assert [len(m.body["sources"]) for m in session.messages()] == [2, 2, 1]
 
 
+def test_fuller_bitmask_goes_out_only_for_pages_that_grew(rw_keys, ro_keys):
+    """After a download, only the pages whose bitmask grew are announced again."""
+    from twisted.internet.defer import succeed
+    clock = Clock()
+    files = _files(5)
+    signing = readonly.ShareSigning(ro_keys, clock, B)
+    pages = _pages(rw_keys, files, revision=3)
+    for page in pages:
+        signing.store.add(page)
+    session = FakeSession("read_only", (readonly.FEATURE,))
+    signing.serve(session, files[:1] + files[2:], revision=9)
+    session.written.clear()
+    signing.relay(session, [files[1]], lambda: succeed((10, files)))
+    clock.advance(readonly.RESEND_DELAY)
+    [message] = session.messages()
+    [source] = message.body["sources"]
+    assert source["manifest"] == pages[0].as_source_text()
+    assert base64.b64decode(source["bitmask"]) == bytes([0b11000000])
+
+
 def test_forged_read_only_manifest_source_is_dropped(rw_keys, ro_keys):
     """A source manifest signed with anything but the read_write key yields no records."""
     receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
