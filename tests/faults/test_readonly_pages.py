@@ -102,3 +102,30 @@ def test_read_only_peer_relays_every_page_while_the_writer_is_stopped(daemon_fac
     reply = carol.cli_json("revert", str(carol.shares))
     assert (reply["changes"], reply["removed"]) == (0, 0)
     assert tree_snapshot(carol.shares) == before
+
+
+def test_replica_missing_pages_asks_for_the_whole_manifest_again(daemon_factory):
+    """A replica that kept only the first page (as before pages were kept) deletes nothing on
+    revert, and asks the writer for the whole manifest, not just what is new."""
+    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    _fill(Path(alice.shares), seed=3)
+    bob.cli("attach", _read_only_code(alice), str(bob.shares), "--peer", alice.address)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
+    before = tree_snapshot(alice.shares)
+    _settled(bob)
+    alice.stop()
+    bob.stop()
+    db = sqlite3.connect(Path(bob.data_dir) / "state.sqlite3")
+    db.execute("DELETE FROM signed_messages WHERE kind = 'manifest' AND part NOT LIKE '%/0'")
+    db.commit()
+    db.close()
+
+    bob.start()
+    reply = bob.cli_json("revert", str(bob.shares))
+    assert (reply["removed"], reply["complete"]) == (0, False)
+    assert not _status(bob)["in_sync"]
+    alice.start()
+    wait_until(lambda: len(_manifest_pages(bob)) == 3, timeout=SYNC_TIMEOUT)
+    _settled(bob)
+    assert bob.cli_json("revert", str(bob.shares))["removed"] == 0
+    assert tree_snapshot(bob.shares) == before
