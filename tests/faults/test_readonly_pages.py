@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def _manifest_pages(daemon) -> list[str]:
 
 def test_read_only_replica_of_a_multi_page_share_keeps_every_file(daemon_factory):
     """A read-only attach of a 3-page share: no local changes after a rescan, revert deletes
-    nothing, and the pages survive a restart."""
+    nothing, the pages survive a restart, and a file of the share lost here is fetched again."""
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(Path(alice.shares), seed=1)
     bob.cli("attach", _read_only_code(alice), str(bob.shares), "--peer", alice.address)
@@ -74,7 +75,24 @@ def test_read_only_replica_of_a_multi_page_share_keeps_every_file(daemon_factory
     wait_same_trees(alice, bob, 15)
     assert tree_snapshot(bob.shares) == before
 
-    bob.restart()
+    # Stopped, Bob loses a file and records its deletion as the share's version (what
+    # revert did before): after a restart the writer has nothing new to send, yet Bob is
+    # not in sync, and revert fetches the file again.
+    bob.stop()
+    db = sqlite3.connect(Path(bob.data_dir) / "state.sqlite3")
+    db.execute("UPDATE files SET deleted = 1 WHERE path = 'd42/f2149.txt'")
+    db.commit()
+    db.close()
+    (Path(bob.shares) / "d42" / "f2149.txt").unlink()
+    bob.start()
+    wait_until(lambda: _status(bob)["peers_connected"] == 1, timeout=30)
+    bob.cli("scan", str(bob.shares))
+    time.sleep(1.0)  # a recount runs 0.2 s after a change
+    status = _status(bob)
+    assert (status["in_sync"], status["local_changes_not_shared"]) == (False, 0)
+    reply = bob.cli_json("revert", str(bob.shares))
+    assert (reply["changes"], reply["removed"], reply["restoring"]) == (0, 0, 1)
+    wait_same_trees(alice, bob, 30)
     assert _settled(bob)["local_changes_not_shared"] == 0
     assert bob.cli_json("revert", str(bob.shares))["removed"] == 0
     assert tree_snapshot(bob.shares) == before
