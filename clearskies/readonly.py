@@ -380,6 +380,7 @@ class SignedStore:
         elif page in page_set.pages or (page_set.last is not None and page > page_set.last) \
                 or (not message.more and any(i > page for i in page_set.pages)):
             return []  # a page we have, or one that contradicts the pages we have
+        records = message.records()  # ProtocolError before anything changes
         changes: list[Change] = []
         if self._full(origin):
             changes += self._make_room(origin, revision)
@@ -397,7 +398,6 @@ class SignedStore:
             if not message.more:
                 page_set.last = page
         self.pages += 1
-        records = message.records()
         self._page_records[message.signature] = records
         sets = self.manifests.pop(origin, sets)
         sets[revision] = page_set
