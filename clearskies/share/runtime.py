@@ -173,6 +173,7 @@ class ShareRuntime:
         self.missing: list[str] = []
         self.share_version_known = False
         self._recount_call: Any = None
+        self._recount_again = False
         self.peers: dict[str, PeerInfo] = {}
         self._revision = info.revision
         self.last_sync: float | None = None
@@ -494,15 +495,23 @@ class ShareRuntime:
 
     def recount_unshared(self) -> None:
         """Soon, count the local changes a read-only share keeps to itself."""
-        if self.signing.read_only and self._recount_call is None:
+        if not self.signing.read_only:
+            return
+        if self._recount_call is None:
             self._recount_call = self.daemon.reactor.callLater(0.2, self._recount)
+        else:
+            self._recount_again = True  # a count under way may have read too early
 
     def _recount(self) -> None:
+        self._recount_again = False
+
         def done(comparison: readonly.Comparison) -> None:
             self._recount_call = None
             self.unshared = comparison.unshared
             self.missing = comparison.missing
             self.share_version_known = comparison.settled
+            if self._recount_again:
+                self.recount_unshared()
 
         def failed(f: Any) -> None:
             self._recount_call = None
