@@ -312,6 +312,17 @@ def test_pages_kept_per_origin_are_bounded(rw_keys, monkeypatch):
     assert store.complete_revision(A) == 1  # the complete set is never given up for room
 
 
+def test_an_origin_dropped_for_the_bound_leaves_the_share_version_unknown(rw_keys,
+                                                                          monkeypatch):
+    """When an origin's manifest is given up for the origin bound, the version is not settled."""
+    monkeypatch.setattr(readonly, "MAX_MANIFEST_ORIGINS", 1)
+    store = readonly.SignedStore()
+    store.add(_signed(rw_keys, _manifest(_files(2), revision=1, peer=A)))
+    assert store.settled
+    store.add(_signed(rw_keys, _manifest(_files(1, "b", 2), revision=1, peer="d" * 32)))
+    assert list(store.manifests) == ["d" * 32] and store.refused == 1 and not store.settled
+
+
 def test_store_migration_keeps_old_rows_for_reloading(tmp_path):
     """Schema 3 keys manifest rows by page; rows stored before keep their bytes."""
     import sqlite3
