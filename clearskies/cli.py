@@ -211,6 +211,11 @@ class Cli:
             share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
         if share.get("local_changes_not_shared"):
             self.line("  %d local changes not shared" % share["local_changes_not_shared"])
+        if share.get("share_files_missing"):
+            self.line("  %d files of the share not here (clearskies revert fetches them)"
+                      % share["share_files_missing"])
+        if share.get("share_version_complete") is False:
+            self.line("  the share's full file list has not all arrived yet")
         for peer in share.get("peers", []):
             self.line("  peer %s %s %s%s" % (
                 peer.get("name") or peer.get("peer_id"), peer.get("access", ""),

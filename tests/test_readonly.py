@@ -235,8 +235,7 @@ def test_store_keeps_every_page_of_a_signed_manifest(rw_keys, tmp_path):
 
 
 def test_newer_manifest_replaces_the_older_only_once_complete(rw_keys):
-    """Pages of a newer revision add to the older set until their last page is in; then
-    the older pages go; pages of an older or the same complete revision change nothing."""
+    """A newer revision's pages add to the older set; they replace it once their last page is in."""
     store = readonly.SignedStore()
     for page in _pages(rw_keys, _files(5), revision=3):
         store.add(page)
@@ -262,8 +261,7 @@ def test_newer_manifest_replaces_the_older_only_once_complete(rw_keys):
 
 
 def test_a_newer_manifest_cut_off_half_way_loses_nothing(rw_keys):
-    """Pages of revisions that never complete leave the complete set standing; a page that
-    contradicts the pages in hand is ignored."""
+    """Newer pages that never complete leave the complete set; contradicting pages are ignored."""
     store = readonly.SignedStore()
     for page in _pages(rw_keys, _files(5), revision=3):
         store.add(page)
@@ -279,8 +277,7 @@ def test_a_newer_manifest_cut_off_half_way_loses_nothing(rw_keys):
 
 
 def test_unnumbered_pages_are_kept_but_never_complete(rw_keys, tmp_path):
-    """Pages without a number (an older peer) are all kept and counted in the share's
-    version, but never replace a set; rows of the older schema are stored again."""
+    """Pages without a number are kept and counted but never complete; old-schema rows are rewritten."""
     store = readonly.SignedStore()
     pages = _pages(rw_keys, _files(5), revision=3, numbered=False)
     for page in pages:
@@ -346,8 +343,7 @@ def test_store_migration_keeps_old_rows_for_reloading(tmp_path):
 
 
 def test_unsettled_share_version_counts_no_additions(rw_keys):
-    """Until every page is here, files the share's version does not list are no local change;
-    files it lists that we lack are missing."""
+    """Until every page is here, unlisted files are no local change; listed ones we lack are missing."""
     share = {f.path: f for f in _files(3)}
     local = _files(2) + [_file("mine", "d", {B: 1})]
     assert readonly.unshared_paths(local, share, B, settled=True) == ["mine"]

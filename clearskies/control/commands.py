@@ -262,6 +262,8 @@ class DaemonCommands(CommandDispatcher):
             summary["problem"] = status.reason
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
+            summary["share_files_missing"] = len(runtime.missing)
+            summary["share_version_complete"] = runtime.share_version_known
         if status.progress:
             summary["scan_progress"] = status.progress
         return summary

@@ -60,8 +60,7 @@ def _manifest_pages(daemon) -> list[str]:
 
 
 def test_read_only_replica_of_a_multi_page_share_keeps_every_file(daemon_factory):
-    """A read-only attach of a 3-page share: no local changes after a rescan, revert deletes
-    nothing, the pages survive a restart, and a file of the share lost here is fetched again."""
+    """A 3-page read-only replica: no local change after a rescan or restart, revert deletes nothing."""
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(Path(alice.shares), seed=1)
     bob.cli("attach", _read_only_code(alice), str(bob.shares), "--peer", alice.address)
@@ -100,8 +99,7 @@ def test_read_only_replica_of_a_multi_page_share_keeps_every_file(daemon_factory
 
 
 def test_read_only_peer_relays_every_page_while_the_writer_is_stopped(daemon_factory):
-    """With the read_write peer stopped, a new read-only peer filled by another gets all
-    three pages and every file, byte for byte."""
+    """With the writer stopped, a read-only peer fills a new one with all 3 pages, byte for byte."""
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(Path(alice.shares), seed=2)
     bob.cli("attach", _read_only_code(alice), str(bob.shares), "--peer", alice.address)
@@ -123,8 +121,7 @@ def test_read_only_peer_relays_every_page_while_the_writer_is_stopped(daemon_fac
 
 
 def test_replica_missing_pages_asks_for_the_whole_manifest_again(daemon_factory):
-    """A replica that kept only the first page (as before pages were kept) deletes nothing on
-    revert, and asks the writer for the whole manifest, not just what is new."""
+    """A replica left with only a first page deletes nothing and asks for the whole manifest."""
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(Path(alice.shares), seed=3)
     bob.cli("attach", _read_only_code(alice), str(bob.shares), "--peer", alice.address)
