@@ -32,7 +32,10 @@ def _fill(root: Path, seed: int) -> None:
 
 
 def _read_only_code(owner) -> str:
-    return owner.cli_json("share", str(owner.shares), "--mode", "read_only")["access_code"]
+    """A read-only code, once the owner has recorded every file (so its manifest has them all)."""
+    code = owner.cli_json("share", str(owner.shares), "--mode", "read_only")["access_code"]
+    owner.cli("scan", str(owner.shares))
+    return code
 
 
 def _status(daemon) -> dict:
