@@ -230,6 +230,11 @@ class Cli:
             share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
         if share.get("local_changes_not_shared"):
             self.line("  %d local changes not shared" % share["local_changes_not_shared"])
+        if share.get("share_files_missing"):
+            self.line("  %d files of the share not here (clearskies revert fetches them)"
+                      % share["share_files_missing"])
+        if share.get("share_version_complete") is False:
+            self.line("  the share's full file list has not all arrived yet")
         if share.get("skipped"):
             self.line("  %d paths not synced%s" % (
                 share["skipped"], "" if "skipped_paths" in share else " (see: --skipped)"))
@@ -362,10 +367,16 @@ class Cli:
     def cmd_revert(self) -> int:
         path = os.path.realpath(self.args.path)
         reply = self.request({"type": ".clearskies.revert", "path": path})
-        self.emit(reply, lambda: self.line(
-            "%s: %d local changes reverted (%d files being restored from peers, %d removed)"
-            % (path, reply.get("changes", 0), reply.get("restoring", 0),
-               reply.get("removed", 0))))
+        def text() -> None:
+            self.line("%s: %d local changes reverted (%d files being restored from peers, "
+                      "%d removed)" % (path, reply.get("changes", 0), reply.get("restoring", 0),
+                                       reply.get("removed", 0)))
+            if reply.get("complete") is False:
+                self.line("  the share's full file list has not all arrived yet, so files "
+                          "that may be in it were kept; run revert again once the share is "
+                          "in sync")
+
+        self.emit(reply, text)
         return EXIT_OK
 
     def cmd_detach(self) -> int:

@@ -12,7 +12,7 @@ enforced by signatures, not by trusting the peer:
 * a read_write peer accepts no metadata at all from a read-only connection.
 
 The pure rules and the store are at the top; :class:`ShareSigning` is the
-per-share face the sync layer calls; :func:`count_unshared` and
+per-share face the sync layer calls; :func:`compare_with_share` and
 :func:`revert` serve the control commands.  See ``protocol/readonly.md``.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -44,7 +45,16 @@ SIGNED_TYPES = frozenset({"manifest", "update", "move"})
 """Messages that state file metadata: signed for peers below read_write."""
 
 MAX_MANIFEST_ORIGINS = 64
-"""Signed manifests kept per share (one per read_write peer); the oldest go first."""
+"""Origins whose signed manifests a share keeps (one per read_write peer); the oldest go first."""
+
+MAX_PAGES_PER_ORIGIN = 1024
+"""Signed manifest pages kept of one origin, all revisions together (1,000 files a page)."""
+
+MAX_PAGES = 2048
+"""Signed manifest pages kept per share; beyond it, whole origins go, the oldest first."""
+
+MAX_SOURCE_BYTES = 4 * 1024 * 1024
+"""Sources put in one ``read_only_manifest.manifest`` before another message is started."""
 
 MAX_SOURCES = 64
 RESEND_DELAY = 0.5
@@ -120,24 +130,42 @@ def newer(candidate: FileRecord, current: FileRecord) -> bool:
 
 
 def unshared_paths(local: Iterable[FileRecord], share: Mapping[str, FileRecord],
-                   our_peer_id: str) -> list[str]:
+                   our_peer_id: str, settled: bool = True) -> list[str]:
     """Paths where our files differ from the share's (signed) version by our own doing.
 
     A path counts when it exists only here, or when our record carries a
     change of ours (our counter in its version vector is past the share's)
-    and its content differs.  Files not yet downloaded do not count.
+    and its content differs.  Files not yet downloaded do not count.  Until
+    the share's version is ``settled`` (every page of its manifest here), a
+    path absent from it may sit on a page still to come: it is not counted.
     """
     out = []
     for record in local:
         theirs = share.get(record.path)
         if theirs is None:
-            if not record.deleted:
+            if not record.deleted and settled:
                 out.append(record.path)
             continue
         if record.same_content(theirs):
             continue
         if record.vv.get(our_peer_id, 0) > theirs.vv.get(our_peer_id, 0):
             out.append(record.path)
+    return sorted(out)
+
+
+def missing_paths(local: Mapping[str, FileRecord], share: Mapping[str, FileRecord],
+                  our_peer_id: str, ignored: Callable[[str], bool] = lambda path: False
+                  ) -> list[str]:
+    """Paths whose share's version we do not hold, through no change of ours."""
+    out = []
+    for path, theirs in share.items():
+        ours = local.get(path)
+        if held(theirs, ours) or ignored(path):
+            continue
+        if ours is not None and (ours.vv.get(our_peer_id, 0) > theirs.vv.get(our_peer_id, 0)
+                                 or newer(ours, theirs)):
+            continue  # our own change (counted as unshared), or newer than the store knows
+        out.append(path)
     return sorted(out)
 
 
@@ -161,11 +189,37 @@ class SignedMessage:
             raise ProtocolError("signed text is not JSON") from None
         if not isinstance(body, dict) or body.get("type") not in SIGNED_TYPES:
             raise ProtocolError("signed text is not a manifest, update or move")
-        return cls(text, signature, body)
+        message = cls(text, signature, body)
+        if message.type == MANIFEST:
+            _ = message.revision, message.page  # ProtocolError when either is malformed
+        return message
 
     @property
     def type(self) -> str:
         return self.body["type"]
+
+    @property
+    def revision(self) -> float:
+        """A manifest's revision (the draft calls it ``version``)."""
+        revision = self.body.get("revision", self.body.get("version"))
+        if isinstance(revision, bool) or not isinstance(revision, (int, float)):
+            raise ProtocolError("signed manifest without a numeric revision")
+        return revision
+
+    @property
+    def page(self) -> int | None:
+        """Which page of its manifest this is (extension ``manifest_pages``), if numbered."""
+        page = self.body.get("page")
+        if page is None:
+            return None
+        if isinstance(page, bool) or not isinstance(page, int) or page < 0:
+            raise ProtocolError("signed manifest page must be a whole number from 0")
+        return page
+
+    @property
+    def more(self) -> bool:
+        """More pages of this manifest follow."""
+        return self.body.get("more") is True
 
     def encode(self) -> bytes:
         """The ``$`` message as it arrived (same text, same signature)."""
@@ -226,23 +280,71 @@ def verify(public_pem: bytes, text: bytes, signature: bytes | None) -> bool:
     return signature is not None and keys_module.verify(public_pem, text, signature)
 
 
-class SignedStore:
-    """The newest signed manifest of each origin and the newest signed change of each path.
+@dataclass
+class _PageSet:
+    """The pages of one origin's signed manifest at one revision (protocol/sync.md, pages).
 
-    Pure and in memory; :meth:`add` returns the rows to write or delete so the
-    caller can persist them (``(kind, key, message or None)``).
+    Pages are numbered by the read_write peer (``page``, inside the signed
+    text), so a set is provably complete once pages 0 to the one without
+    ``more`` are all here.  Pages from peers that do not number them
+    (``unnumbered``) are kept too, but never make a set complete.
+    """
+
+    revision: float
+    pages: dict[int, SignedMessage] = field(default_factory=dict)
+    unnumbered: dict[bytes, SignedMessage] = field(default_factory=dict)
+    last: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.last is not None and len(self.pages) == self.last + 1
+
+    def __len__(self) -> int:
+        return len(self.pages) + len(self.unnumbered)
+
+    def messages(self) -> list[tuple[str, SignedMessage]]:
+        """(part, message) of every page: numbered ones in order, then the others."""
+        numbered = [(_part(self.revision, i), m) for i, m in sorted(self.pages.items())]
+        return numbered + [(_part(self.revision, None, m), m) for m in self.unnumbered.values()]
+
+
+def _part(revision: float, page: int | None, message: SignedMessage | None = None) -> str:
+    """Which page of which revision a stored manifest row is (``signed_messages.part``)."""
+    if page is not None:
+        return "%s/%d" % (json.dumps(revision), page)
+    assert message is not None
+    return "%s/~%s" % (json.dumps(revision), hashlib.sha256(message.signature).hexdigest()[:16])
+
+
+Change = tuple[str, str, str, "SignedMessage | None"]
+"""(kind, key, part, message): a row to write, or to delete when message is None."""
+
+
+class SignedStore:
+    """Every page of each origin's newest signed manifest, and the newest signed change of each path.
+
+    Per origin it keeps the newest *complete* page set and the pages of any
+    newer revision still arriving; a newer set replaces the older ones only
+    once it is complete, so a manifest cut off half way never makes files
+    fall out of the share's version.  Pure and in memory; :meth:`add`
+    returns the rows to write or delete (:data:`Change`) so the caller can
+    persist them.
     """
 
     def __init__(self) -> None:
-        self.manifests: dict[str, SignedMessage] = {}
+        # origin -> revision -> pages; origins in the order they last changed.
+        self.manifests: dict[str, dict[float, _PageSet]] = {}
         self.updates: dict[str, SignedMessage] = {}
         self._manifest_records: dict[str, dict[str, FileRecord]] = {}
+        self._page_records: dict[bytes, list[FileRecord]] = {}
         self._update_records: dict[str, FileRecord] = {}
+        self.pages = 0
+        self.refused = 0
 
     def __len__(self) -> int:
-        return len(self.manifests) + len(self.updates)
+        return self.pages + len(self.updates)
 
-    def add(self, message: SignedMessage) -> list[tuple[str, str, SignedMessage | None]]:
+    def add(self, message: SignedMessage) -> list[Change]:
         """Keep ``message`` if it is news; the persistence changes it causes."""
         if message.type == MANIFEST:
             return self._add_manifest(message)
@@ -256,35 +358,122 @@ class SignedStore:
         self.updates.pop(record.path, None)
         self.updates[record.path] = message
         self._update_records[record.path] = record
-        return [(UPDATE, record.path, message)]
+        return [(UPDATE, record.path, "", message)]
 
-    def _add_manifest(self, message: SignedMessage) -> list[tuple[str, str, SignedMessage | None]]:
-        origin = message.key
-        current = self.manifests.get(origin)
-        revision = message.body.get("revision", message.body.get("version"))
-        if current is not None:
-            old = current.body.get("revision", current.body.get("version"))
-            if isinstance(old, (int, float)) and isinstance(revision, (int, float)) \
-                    and revision <= old:
+    def complete_revision(self, origin: str) -> float | None:
+        """The revision of ``origin``'s newest complete manifest we hold, if any."""
+        done = [r for r, s in self.manifests.get(origin, {}).items() if s.complete]
+        return max(done) if done else None
+
+    def _add_manifest(self, message: SignedMessage) -> list[Change]:
+        origin, revision, page = message.key, message.revision, message.page
+        sets = self.manifests.get(origin, {})
+        done = self.complete_revision(origin)
+        if done is not None and revision <= done:
+            return []
+        page_set = sets.get(revision) or _PageSet(revision)
+        if page is None and not message.more and not page_set.unnumbered:
+            page = 0  # a whole manifest in one message (the draft's form)
+        if page is None:
+            if message.signature in page_set.unnumbered:
                 return []
-        records = {r.path: r for r in message.records()}
-        changes: list[tuple[str, str, SignedMessage | None]] = []
-        self.manifests.pop(origin, None)
-        self.manifests[origin] = message
-        self._manifest_records[origin] = records
-        changes.append((MANIFEST, origin, message))
+        elif page in page_set.pages or (page_set.last is not None and page > page_set.last) \
+                or (not message.more and any(i > page for i in page_set.pages)):
+            return []  # a page we have, or one that contradicts the pages we have
+        records = message.records()  # ProtocolError before anything changes
+        changes: list[Change] = []
+        if self._full(origin):
+            changes += self._make_room(origin, revision)
+            if self._full(origin):
+                self.refused += 1
+                if self.refused == 1:
+                    _log.warn("signed manifest pages of {origin} not kept: more than {limit} "
+                              "pages per share, or {origin_limit} per origin", origin=origin,
+                              limit=MAX_PAGES, origin_limit=MAX_PAGES_PER_ORIGIN)
+                return changes
+        if page is None:
+            page_set.unnumbered[message.signature] = message
+        else:
+            page_set.pages[page] = message
+            if not message.more:
+                page_set.last = page
+        self.pages += 1
+        self._page_records[message.signature] = records
+        sets = self.manifests.pop(origin, sets)
+        sets[revision] = page_set
+        self.manifests[origin] = sets  # the most recently changed origin goes last
+        changes.append((MANIFEST, origin, _part(revision, page, message), message))
+        if page_set.complete:
+            for older in [r for r in sets if r < revision]:
+                changes += self._drop_set(origin, older)
+            self._reindex(origin)
+            covers = {r.path: r for m in page_set.pages.values()
+                      for r in self._page_records[m.signature]}
+            for path, update in list(self._update_records.items()):
+                covered = covers.get(path)
+                if covered is not None and not newer(update, covered):
+                    del self.updates[path]
+                    del self._update_records[path]
+                    changes.append((UPDATE, path, "", None))
+        else:
+            merged = self._manifest_records.setdefault(origin, {})
+            for record in records:
+                current = merged.get(record.path)
+                if current is None or newer(record, current):
+                    merged[record.path] = record
         while len(self.manifests) > MAX_MANIFEST_ORIGINS:
             oldest = next(iter(self.manifests))
-            del self.manifests[oldest]
-            del self._manifest_records[oldest]
-            changes.append((MANIFEST, oldest, None))
-        for path, update in list(self._update_records.items()):
-            covered = records.get(path)
-            if covered is not None and not newer(update, covered):
-                del self.updates[path]
-                del self._update_records[path]
-                changes.append((UPDATE, path, None))
+            self.refused += 1
+            for older in list(self.manifests[oldest]):
+                changes += self._drop_set(oldest, older)
         return changes
+
+    @property
+    def settled(self) -> bool:
+        """The share's version is known in full: every kept manifest is complete, and no
+        page had to be given up for the bounds (since the store was loaded)."""
+        sets = [s for sets in self.manifests.values() for s in sets.values()]
+        return bool(sets) and all(s.complete for s in sets) and not self.refused
+
+    def _full(self, origin: str) -> bool:
+        return self.pages >= MAX_PAGES or \
+            sum(len(s) for s in self.manifests.get(origin, {}).values()) >= MAX_PAGES_PER_ORIGIN
+
+    def _make_room(self, origin: str, revision: float) -> list[Change]:
+        """Drop ``origin``'s half-arrived sets older than ``revision`` (never a complete one)."""
+        changes: list[Change] = []
+        for older in sorted(self.manifests.get(origin, {})):
+            if older < revision and not self.manifests[origin][older].complete:
+                changes += self._drop_set(origin, older)
+        if changes:
+            self._reindex(origin)
+        return changes
+
+    def _drop_set(self, origin: str, revision: float) -> list[Change]:
+        sets = self.manifests[origin]
+        page_set = sets.pop(revision)
+        if not sets:
+            del self.manifests[origin]
+            self._manifest_records.pop(origin, None)
+        changes: list[Change] = []
+        for part, message in page_set.messages():
+            self._page_records.pop(message.signature, None)
+            self.pages -= 1
+            changes.append((MANIFEST, origin, part, None))
+        return changes
+
+    def _reindex(self, origin: str) -> None:
+        """Rebuild ``origin``'s newest record per path from the pages it keeps."""
+        if origin not in self.manifests:
+            return
+        merged: dict[str, FileRecord] = {}
+        for revision in sorted(self.manifests[origin]):
+            for _, message in self.manifests[origin][revision].messages():
+                for record in self._page_records[message.signature]:
+                    current = merged.get(record.path)
+                    if current is None or newer(record, current):
+                        merged[record.path] = record
+        self._manifest_records[origin] = merged
 
     def share_record(self, path: str) -> FileRecord | None:
         """The share's version of ``path`` as the signed messages state it."""
@@ -312,29 +501,53 @@ class SignedStore:
                 offer(record)
         return out
 
-    def manifest_files(self, origin: str) -> list[FileRecord]:
-        return list(self._manifest_records.get(origin, {}).values())
+    def manifest_pages(self, origin: str) -> list[tuple[SignedMessage, list[FileRecord]]]:
+        """Every page kept of ``origin``, older revisions first, each with its files in order."""
+        return [(m, self._page_records[m.signature])
+                for revision in sorted(self.manifests.get(origin, {}))
+                for _, m in self.manifests[origin][revision].messages()]
 
     def for_path(self, path: str) -> SignedMessage | None:
         return self.updates.get(path)
 
     def in_manifest(self, record: FileRecord) -> bool:
-        """Some stored manifest states exactly this content for the path."""
+        """Some stored manifest page states exactly this content for the path."""
         return any((r := records.get(record.path)) is not None and r.same_content(record)
                    for records in self._manifest_records.values())
 
-    def rows(self) -> list[tuple[str, str, bytes, bytes]]:
-        return [(MANIFEST, k, m.text, m.signature) for k, m in self.manifests.items()] + \
-               [(UPDATE, k, m.text, m.signature) for k, m in self.updates.items()]
+    def rows(self) -> list[tuple[str, str, str, bytes, bytes]]:
+        return [(MANIFEST, origin, part, m.text, m.signature)
+                for origin, sets in self.manifests.items()
+                for revision in sorted(sets) for part, m in sets[revision].messages()] + \
+               [(UPDATE, k, "", m.text, m.signature) for k, m in self.updates.items()]
 
-    def load(self, rows: Iterable[tuple[str, str, bytes, bytes]]) -> None:
-        """Restore persisted rows (manifests first, so updates are judged against them)."""
+    def load(self, rows: Iterable[tuple[str, str, str, bytes, bytes]]) -> list[Change]:
+        """Restore persisted rows; the changes that bring the stored rows in line.
+
+        Manifests go first, so updates are judged against them.  Rows stored
+        under another key (an older schema) or no longer kept come back as
+        changes to write or delete.
+        """
         rows = sorted(rows, key=lambda row: row[0] != MANIFEST)
-        for _kind, _key, text, signature in rows:
+        for _kind, _key, _part, text, signature in rows:
             try:
                 self.add(SignedMessage.parse(bytes(text), bytes(signature)))
             except ProtocolError as e:
                 _log.warn("dropping a stored signed message: {why}", why=str(e))
+        stored = {(kind, key, part) for kind, key, part, _, _ in rows}
+        kept = {(kind, key, part) for kind, key, part, _, _ in self.rows()}
+        changes: list[Change] = [(k, key, part, None) for k, key, part in stored - kept]
+        return changes + [(k, key, part, self._message(k, key, part))
+                          for k, key, part in kept - stored]
+
+    def _message(self, kind: str, key: str, part: str) -> SignedMessage:
+        if kind == UPDATE:
+            return self.updates[key]
+        for revision, page_set in self.manifests[key].items():
+            for this, message in page_set.messages():
+                if this == part:
+                    return message
+        raise KeyError(part)
 
 
 # -- the sync layer's view ---------------------------------------------------------------
@@ -346,6 +559,9 @@ class _RelayState:
 
     sent: set[bytes] = field(default_factory=set)
     resend: Any = None
+    # The bitmask last sent for each manifest page (by signature), extension
+    # read_only_manifest: a page goes out again only when we hold more of it.
+    masks: dict[bytes, bytes] = field(default_factory=dict)
 
 
 class ShareSigning:
@@ -452,30 +668,64 @@ class ShareSigning:
     # -- relaying (read-only shares) ----------------------------------------------------------
 
     def serve(self, session: Any, local: list[FileRecord], revision: int) -> None:
-        """Answer ``get_manifest`` from the signed store; only what we hold is offered."""
+        """Answer ``get_manifest`` from the signed store, every page of every manifest."""
         state = self._state(session)
         by_path = {r.path: r for r in local}
         features = session.connection.established.features or ()
         if FEATURE in features:
-            session._send(self._read_only_manifest(by_path, revision))
+            for body in self._read_only_manifests(state, by_path, revision):
+                session._send(body)
         else:
-            for message in reversed(list(self.store.manifests.values())):
-                session._write(message.encode())
-                state.sent.add(message.signature)
+            for origin in reversed(list(self.store.manifests)):
+                for message, _ in self.store.manifest_pages(origin):
+                    session._write(message.encode())
+                    state.sent.add(message.signature)
         for message in list(self.store.updates.values()):
             if all(held(r, by_path.get(r.path)) for r in message.records()[:1]):
                 session._write(message.encode())
                 state.sent.add(message.signature)
 
-    def _read_only_manifest(self, by_path: Mapping[str, FileRecord], revision: int) -> dict:
-        sources = []
-        for origin, message in reversed(list(self.store.manifests.items())):
-            mask = held_bitmask(self.store.manifest_files(origin), by_path)
-            if any(mask):
-                sources.append({"manifest": message.as_source_text(),
-                                "bitmask": base64.b64encode(mask).decode("ascii")})
-        return {"type": RO_MANIFEST, "peer": self.our_peer_id, "version": revision,
-                "sources": sources}
+    def _read_only_manifests(self, state: _RelayState, by_path: Mapping[str, FileRecord],
+                             revision: int) -> list[dict]:
+        """``read_only_manifest.manifest`` messages: a source per page, each with its bitmask.
+
+        Every page of an origin we hold anything of goes out (a receiver needs
+        them all to know the share's version), but a page goes to a
+        connection again only when its bitmask grew.  Sources are split over
+        several messages, at most :data:`MAX_SOURCES` and about
+        :data:`MAX_SOURCE_BYTES` each.
+        """
+        bodies: list[dict] = []
+        sources: list[dict] = []
+        size = 0
+        masks: dict[bytes, bytes] = {}  # only pages the store still keeps stay remembered
+
+        def flush() -> None:
+            nonlocal sources, size
+            if sources:
+                bodies.append({"type": RO_MANIFEST, "peer": self.our_peer_id,
+                               "version": revision, "sources": sources})
+            sources, size = [], 0
+
+        for origin in reversed(list(self.store.manifests)):
+            pages = [(message, held_bitmask(files, by_path))
+                     for message, files in self.store.manifest_pages(origin)]
+            if not any(any(mask) for _, mask in pages):
+                continue
+            for message, mask in pages:
+                masks[message.signature] = mask
+                if state.masks.get(message.signature) == mask:
+                    continue
+                source = {"manifest": message.as_source_text(),
+                          "bitmask": base64.b64encode(mask).decode("ascii")}
+                if len(sources) >= MAX_SOURCES or \
+                        size + len(message.text) > MAX_SOURCE_BYTES:
+                    flush()
+                sources.append(source)
+                size += len(message.text)
+        flush()
+        state.masks = masks
+        return bodies
 
     def relay(self, session: Any, records: list[FileRecord],
               share_manifest: Callable[[], Deferred]) -> None:
@@ -504,7 +754,9 @@ class ShareSigning:
         def send(result: tuple[int, list[FileRecord]]) -> None:
             if session.alive:
                 revision, local = result
-                session._send(self._read_only_manifest({r.path: r for r in local}, revision))
+                for body in self._read_only_manifests(state, {r.path: r for r in local},
+                                                      revision):
+                    session._send(body)
 
         share_manifest().addCallback(send).addErrback(
             lambda f: self._log.failure("announcing held files failed", f))
@@ -513,10 +765,28 @@ class ShareSigning:
 # -- local changes on a read-only share ------------------------------------------------------
 
 
-async def count_unshared(runtime: Any) -> list[str]:
-    """The paths of a read-only share that differ from the share's version by local edits."""
+@dataclass(frozen=True)
+class Comparison:
+    """A read-only share's files against the share's version."""
+
+    unshared: list[str]
+    """Local changes not shared (see :func:`unshared_paths`)."""
+    missing: list[str]
+    """Files of the share's version we do not hold (see :func:`missing_paths`)."""
+    settled: bool
+    """Every page of the manifests we keep is here (:attr:`SignedStore.settled`)."""
+
+
+async def compare_with_share(runtime: Any) -> Comparison:
+    """Where a read-only share's files differ from the share's version, and why."""
     _, local = await runtime.manifest()
-    return unshared_paths(local, runtime.signing.store.share_records(), runtime.our_peer_id)
+    store = runtime.signing.store
+    share = store.share_records()
+    ours = runtime.our_peer_id
+    return Comparison(unshared_paths(local, share, ours, store.settled),
+                      missing_paths({r.path: r for r in local}, share, ours,
+                                    runtime.is_ignored),
+                      store.settled)
 
 
 def _inside(path: str, prefix: str) -> bool:
@@ -528,15 +798,31 @@ async def revert(runtime: Any, prefix: str = "") -> dict[str, int]:
 
     Files added here are deleted, edited or deleted files are fetched again
     from connected peers (replacing the edit atomically once the content is
-    verified), missing directories are made again.
+    verified), missing directories are made again.  Files the share's version
+    holds are never deleted: until every page of its manifest is here, files
+    it does not list are left alone (``complete`` is false in the reply).
     """
     from clearskies.sync import Wanted
 
     sync = runtime.sync
     share = runtime.signing.store.share_records()
-    paths = [p for p in await count_unshared(runtime) if _inside(p, prefix)]
+    comparison = await compare_with_share(runtime)
+    paths = [p for p in comparison.unshared if _inside(p, prefix)]
     removed = fetching = 0
     committed: list[FileRecord] = []
+
+    async def restore(path: str, theirs: FileRecord) -> None:
+        nonlocal fetching
+        if theirs.is_dir:
+            await runtime.make_directory(path, theirs.mode)
+            committed.append(theirs)
+            return
+        sources = {peer for peer, s in sync.sessions.items()
+                   if (known := s.remote_index.get(path)) is not None
+                   and known.same_content(theirs)} or set(sync.sessions)
+        sync.wanted[path] = Wanted(theirs, sources=sources)
+        fetching += 1
+
     for path in sorted(paths, reverse=True):  # contents before their directories
         theirs = share.get(path)
         ours = await runtime.get_record(path)
@@ -547,16 +833,16 @@ async def revert(runtime: Any, prefix: str = "") -> dict[str, int]:
                     path=path, utime=ours.utime if ours else 0.0, deleted=True,
                     vv=dict(ours.vv) if ours else {}))
             continue
-        if theirs.is_dir:
-            await runtime.make_directory(path, theirs.mode)
-            committed.append(theirs)
-            continue
-        sources = {peer for peer, s in sync.sessions.items()
-                   if (known := s.remote_index.get(path)) is not None
-                   and known.same_content(theirs)} or set(sync.sessions)
-        sync.wanted[path] = Wanted(theirs, sources=sources)
-        fetching += 1
+        await restore(path, theirs)
+    # Files of the share's version we lack through no edit of ours (say, a deletion
+    # recorded as the share's version by mistake): fetched again as well.
+    for path in comparison.missing:
+        theirs = share[path]
+        if _inside(path, prefix) and not theirs.deleted and path not in sync.wanted \
+                and path not in sync.in_flight and path not in sync.finishing:
+            await restore(path, theirs)
     if committed:
         await runtime.commit_remote(committed)
     sync.pump()
-    return {"removed": removed, "restoring": fetching, "changes": len(paths)}
+    return {"removed": removed, "restoring": fetching, "changes": len(paths),
+            "complete": comparison.settled}

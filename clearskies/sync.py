@@ -1224,11 +1224,13 @@ class SyncSession:
         files = [r.to_wire() for r in records if self._shareable(r)]
         paged = "manifest_pages" in (self.connection.established.features or ())
         step = MANIFEST_PAGE if paged else max(1, len(files))
-        for start in range(0, max(1, len(files)), step):
+        for page, start in enumerate(range(0, max(1, len(files)), step)):
             body: dict[str, Any] = {
                 "type": "manifest", "peer": self.sync.share.our_peer_id,
                 "revision": revision, "version": revision, "files": files[start:start + step],
             }
+            if paged:
+                body["page"] = page  # extension manifest_pages: which page, from 0
             if start + step < len(files):
                 body["more"] = True  # extension manifest_pages: more pages follow
             self._send(body)

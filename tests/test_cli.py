@@ -637,6 +637,19 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             run = await self.cli("status", "--skipped")
             self.assertEqual(run.code, 1)
             self.assertIn("give its folder", run.err)
+
+    def test_revert_says_when_added_files_were_kept(self) -> Deferred:
+        """revert prints its counts, and why files were kept while the share's list is partial."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.revert"] = {
+                "changes": 2, "restoring": 1, "removed": 0, "complete": False}
+            run = await self.cli("revert", self.share_dir)
+            self.assertEqual(run.code, 0)
+            self.assertEqual(self.daemon.received, [
+                {"type": ".clearskies.revert", "path": os.path.realpath(self.share_dir)}])
+            self.assertIn("2 local changes reverted (1 files being restored from peers, "
+                          "0 removed)", run.out)
+            self.assertIn("full file list has not all arrived yet", run.out)
         return self.go(body)
 
     def test_status_json(self) -> Deferred:
@@ -650,11 +663,12 @@ class CliAgainstFakeDaemon(unittest.TestCase):
         return self.go(body)
 
     def test_share_status(self) -> Deferred:
-        """status PATH asks .clearskies.share_status and prints peers and progress."""
+        """status PATH asks .clearskies.share_status and prints peers, progress, missing files."""
         async def body() -> None:
             self.daemon.script[".clearskies.share_status"] = share_status(
                 path=self.share_dir, status="syncing",
-                local_changes_not_shared=2, items_to_download=5,
+                local_changes_not_shared=2, share_files_missing=1,
+                share_version_complete=False, items_to_download=5,
                 bytes_to_download=3 * 1024 ** 2,
                 peers=[dict(CONNECTED_PEER, items_needed=4),
                        {"peer_id": "cd" * 16, "access": "read_only", "connected": False}])
@@ -666,6 +680,8 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                 "%s: syncing" % self.share_dir,
                 "  3 files, 1.0 KiB, revision 7",
                 "  2 local changes not shared",
+                "  1 files of the share not here (clearskies revert fetches them)",
+                "  the share's full file list has not all arrived yet",
                 "  peer laptop read_write connected, needs 4 items",
                 "  peer %s read_only offline" % ("cd" * 16),
                 "  downloading: 5 items, 3.0 MiB left",

@@ -139,8 +139,8 @@ def test_store_keeps_newest_update_per_path(rw_keys):
     store = readonly.SignedStore()
     old = _signed(rw_keys, _update(_file("x", "a", {A: 1})))
     new = _signed(rw_keys, _update(_file("x", "b", {A: 2})))
-    assert store.add(old) == [("update", "x", old)]
-    assert store.add(new) == [("update", "x", new)]
+    assert store.add(old) == [("update", "x", "", old)]
+    assert store.add(new) == [("update", "x", "", new)]
     assert store.add(old) == []
     assert store.for_path("x") is new
     assert store.share_records()["x"].sha256 == "b" * 64
@@ -157,7 +157,7 @@ def test_manifest_replaces_older_and_prunes_covered_updates(rw_keys):
     newer = _signed(rw_keys, _manifest([_file("x", "b", {A: 2}), _file("y", "c", {A: 3})],
                                        revision=5))
     changes = store.add(newer)
-    assert ("update", "x", None) in changes and ("manifest", A, newer) in changes
+    assert ("update", "x", "", None) in changes and ("manifest", A, "5/0", newer) in changes
     assert store.for_path("x") is None
     assert sorted(store.share_records()) == ["x", "y"]
 
@@ -180,13 +180,177 @@ def test_store_persists_through_the_database(rw_keys, tmp_path):
     store = readonly.SignedStore()
     changes = store.add(_signed(rw_keys, _manifest([_file("x", "a", {A: 1})])))
     changes += store.add(_signed(rw_keys, _update(_file("y", "b", {A: 2}))))
-    db.put_signed("s" * 64, [(k, key, m.text, m.signature) for k, key, m in changes])
+    db.put_signed("s" * 64, [(k, key, part, m.text, m.signature)
+                             for k, key, part, m in changes])
     again = readonly.SignedStore()
-    again.load(db.list_signed("s" * 64))
+    assert again.load(db.list_signed("s" * 64)) == []
     assert again.rows() == store.rows()
-    db.put_signed("s" * 64, [("update", "y", None, None)])
-    assert [row[:2] for row in db.list_signed("s" * 64)] == [("manifest", A)]
+    db.put_signed("s" * 64, [("update", "y", "", None, None)])
+    assert [row[:3] for row in db.list_signed("s" * 64)] == [("manifest", A, "1/0")]
     db.close()
+
+
+def _pages(keys: ShareKeys, records: list[FileRecord], revision: int, size: int = 2,
+           numbered: bool = True) -> list[readonly.SignedMessage]:
+    """``records`` as a paged signed manifest of A (protocol/sync.md), ``size`` files a page."""
+    chunks = [records[i:i + size] for i in range(0, len(records), size)]
+    out = []
+    for index, chunk in enumerate(chunks):
+        body = _manifest(chunk, revision)
+        if numbered:
+            body["page"] = index
+        if index + 1 < len(chunks):
+            body["more"] = True
+        out.append(_signed(keys, body))
+    return out
+
+
+def _files(n: int, sha: str = "a", counter: int = 1) -> list[FileRecord]:
+    return [_file("f%02d" % i, sha, {A: counter}) for i in range(n)]
+
+
+def test_store_keeps_every_page_of_a_signed_manifest(rw_keys, tmp_path):
+    """All pages of one manifest are kept, state the share's version, persist and load back."""
+    store = readonly.SignedStore()
+    pages = _pages(rw_keys, _files(5), revision=3)
+    changes = [c for page in pages for c in store.add(page)]
+    assert [(k, key, part) for k, key, part, _ in changes] == \
+        [("manifest", A, "3/0"), ("manifest", A, "3/1"), ("manifest", A, "3/2")]
+    assert sorted(store.share_records()) == ["f00", "f01", "f02", "f03", "f04"]
+    assert store.settled and store.complete_revision(A) == 3 and len(store) == 3
+    assert all(store.in_manifest(f) for f in _files(5))
+    assert [m for m, _ in store.manifest_pages(A)] == pages
+    assert [c for page in pages for c in store.add(page)] == []  # again: nothing new
+
+    db = StateDatabase(tmp_path / "state.sqlite3")
+    db.add_share(ShareInfo(share_id="s" * 64, path=str(tmp_path), peer_id=B,
+                           access="read_only"))
+    db.put_signed("s" * 64, [(k, key, part, m.text, m.signature)
+                             for k, key, part, m in changes])
+    again = readonly.SignedStore()
+    assert again.load(db.list_signed("s" * 64)) == []
+    assert again.rows() == store.rows() and again.settled
+    assert sorted(again.share_records()) == sorted(store.share_records())
+    db.close()
+
+
+def test_newer_manifest_replaces_the_older_only_once_complete(rw_keys):
+    """A newer revision's pages add to the older set; they replace it once their last page is in."""
+    store = readonly.SignedStore()
+    for page in _pages(rw_keys, _files(5), revision=3):
+        store.add(page)
+    # Revision 4 drops f04 (a tombstone states it) and edits f00; two of its pages arrive.
+    newer_files = _files(4, "b", 2) + [FileRecord(path="f04", utime=200.0, deleted=True,
+                                                  vv={A: 2})]
+    first, second, last = _pages(rw_keys, newer_files, revision=4)
+    store.add(first)
+    assert not store.settled and store.complete_revision(A) == 3
+    records = store.share_records()
+    assert sorted(records) == ["f00", "f01", "f02", "f03", "f04"]
+    assert records["f00"].sha256 == "b" * 64 and records["f02"].sha256 == "a" * 64
+    store.add(second)
+    stale = _pages(rw_keys, _files(5, "c", 9), revision=2)
+    assert [c for page in stale for c in store.add(page)] == []
+    changes = store.add(last)
+    assert [(k, part, m is None) for k, _, part, m in changes] == [
+        ("manifest", "4/2", False), ("manifest", "3/0", True), ("manifest", "3/1", True),
+        ("manifest", "3/2", True)]
+    assert store.settled and store.complete_revision(A) == 4 and len(store) == 3
+    assert store.share_records()["f04"].deleted
+    assert store.add(first) == []
+
+
+def test_a_newer_manifest_cut_off_half_way_loses_nothing(rw_keys):
+    """Newer pages that never complete leave the complete set; contradicting pages are ignored."""
+    store = readonly.SignedStore()
+    for page in _pages(rw_keys, _files(5), revision=3):
+        store.add(page)
+    store.add(_pages(rw_keys, _files(5, "b", 2), revision=4)[0])
+    store.add(_pages(rw_keys, _files(5, "c", 3), revision=5)[1])
+    assert sorted(store.share_records()) == ["f00", "f01", "f02", "f03", "f04"]
+    assert store.complete_revision(A) == 3 and not store.settled
+    last = _manifest(_files(1, "d", 5), revision=5)
+    assert store.add(_signed(rw_keys, dict(last, page=7)))  # the last page is number 7
+    assert store.add(_signed(rw_keys, dict(last, page=9))) == []  # so there is no page 9
+    assert store.add(_signed(rw_keys, dict(last, page=1))) == []  # and page 1 is here
+    assert store.complete_revision(A) == 3
+
+
+def test_unnumbered_pages_are_kept_but_never_complete(rw_keys, tmp_path):
+    """Pages without a number are kept and counted but never complete; old-schema rows are rewritten."""
+    store = readonly.SignedStore()
+    pages = _pages(rw_keys, _files(5), revision=3, numbered=False)
+    for page in pages:
+        store.add(page)
+    assert sorted(store.share_records()) == ["f00", "f01", "f02", "f03", "f04"]
+    assert not store.settled and store.complete_revision(A) is None
+    single = _signed(rw_keys, _manifest(_files(2, "b", 2), revision=4))
+    store.add(single)  # no "more", no page: a whole manifest in one message
+    assert store.complete_revision(A) == 4 and store.settled
+
+    legacy = readonly.SignedStore()
+    rows = [("manifest", A, "", pages[0].text, pages[0].signature)]  # as schema 2 kept it
+    changes = legacy.load(rows)
+    assert [(k, key, part, m is None) for k, key, part, m in changes] == [
+        ("manifest", A, "", True), ("manifest", A, legacy.rows()[0][2], False)]
+
+
+def test_pages_kept_per_origin_are_bounded(rw_keys, monkeypatch):
+    """Past the page bound, older half-arrived sets go first, then new pages are refused."""
+    monkeypatch.setattr(readonly, "MAX_PAGES_PER_ORIGIN", 4)
+    store = readonly.SignedStore()
+    for page in _pages(rw_keys, _files(4), revision=1):
+        store.add(page)
+    store.add(_pages(rw_keys, _files(4, "b", 2), revision=2)[0])
+    assert len(store) == 3
+    for page in _pages(rw_keys, _files(10, "c", 3), revision=3)[:3]:
+        store.add(page)
+    assert len(store) == 4 and store.refused == 1 and not store.settled
+    assert store.complete_revision(A) == 1  # the complete set is never given up for room
+
+
+def test_an_origin_dropped_for_the_bound_leaves_the_share_version_unknown(rw_keys,
+                                                                          monkeypatch):
+    """When an origin's manifest is given up for the origin bound, the version is not settled."""
+    monkeypatch.setattr(readonly, "MAX_MANIFEST_ORIGINS", 1)
+    store = readonly.SignedStore()
+    store.add(_signed(rw_keys, _manifest(_files(2), revision=1, peer=A)))
+    assert store.settled
+    store.add(_signed(rw_keys, _manifest(_files(1, "b", 2), revision=1, peer="d" * 32)))
+    assert list(store.manifests) == ["d" * 32] and store.refused == 1 and not store.settled
+
+
+def test_store_migration_keeps_old_rows_for_reloading(tmp_path):
+    """Schema 3 keys manifest rows by page; rows stored before keep their bytes."""
+    import sqlite3
+
+    from clearskies.share.database import SCHEMA_DIR, migrate
+    old = tmp_path / "old-schema"
+    old.mkdir()
+    for name in ("001_initial.sql", "002_signed.sql"):
+        (old / name).write_text((SCHEMA_DIR / name).read_text())
+    path = tmp_path / "state.sqlite3"
+    conn = sqlite3.connect(path)
+    migrate(conn, old)
+    conn.execute("INSERT INTO shares (share_id, path, peer_id, access, created)"
+                 " VALUES ('s', '/x', 'p', 'read_only', 0)")
+    conn.execute("INSERT INTO signed_messages VALUES ('s', 'manifest', ?, x'7b7d', x'00')", (A,))
+    conn.commit()
+    assert migrate(conn) >= 3
+    assert conn.execute("SELECT kind, key, part, text FROM signed_messages").fetchall() == \
+        [("manifest", A, "", b"{}")]
+    conn.close()
+
+
+def test_unsettled_share_version_counts_no_additions(rw_keys):
+    """Until every page is here, unlisted files are no local change; listed ones we lack are missing."""
+    share = {f.path: f for f in _files(3)}
+    local = _files(2) + [_file("mine", "d", {B: 1})]
+    assert readonly.unshared_paths(local, share, B, settled=True) == ["mine"]
+    assert readonly.unshared_paths(local, share, B, settled=False) == []
+    assert readonly.missing_paths({f.path: f for f in local}, share, B) == ["f02"]
+    assert readonly.missing_paths({f.path: f for f in local}, share, B,
+                                  ignored=lambda path: path == "f02") == []
 
 
 # -- ShareSigning ---------------------------------------------------------------------------
@@ -260,7 +424,78 @@ def test_serve_offers_only_held_files_with_the_extension(rw_keys, ro_keys):
     records = receiver.admit_read_only_manifest(FakeSession("read_only"), message.body,
                                                 "read_only")
     assert [r.path for r in records] == ["a"]
-    assert receiver.store.manifests[A] == manifest
+    assert [m for m, _ in receiver.store.manifest_pages(A)] == [manifest]
+
+
+def _relay_pages(rw_keys, ro_keys, features: tuple[str, ...]) -> tuple[Any, list[Any]]:
+    """A read-only share holding a 3-page manifest serves a new read-only peer; what it keeps."""
+    files = _files(5)
+    pages = _pages(rw_keys, files, revision=3)
+    relay = readonly.ShareSigning(ro_keys, Clock(), B)
+    for page in pages:
+        relay.store.add(page)
+    session = FakeSession("read_only", features)
+    relay.serve(session, files[:1] + files[2:], revision=9)  # holds all but f01
+    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    held: list[str] = []
+    for message in session.messages():
+        if message.type == readonly.RO_MANIFEST:
+            held += [r.path for r in receiver.admit_read_only_manifest(
+                FakeSession("read_only"), message.body, "read_only")]
+        else:
+            assert receiver.admit(FakeSession("read_only"), message, "read_only")
+            held += [r.path for r in readonly.SignedMessage.parse(
+                message.text, message.signature).records()]
+    assert receiver.store.rows() == relay.store.rows() and receiver.store.settled
+    return session, sorted(held)
+
+
+def test_relay_sends_every_page_with_a_bitmask_each(rw_keys, ro_keys):
+    """With read_only_manifest, every page goes out as a source with its own bitmask."""
+    session, held = _relay_pages(rw_keys, ro_keys, (readonly.FEATURE,))
+    [message] = session.messages()
+    assert [base64.b64decode(s["bitmask"]) for s in message.body["sources"]] == \
+        [bytes([0b10000000]), bytes([0b11000000]), bytes([0b10000000])]
+    assert held == ["f00", "f02", "f03", "f04"]
+
+
+def test_relay_without_the_extension_sends_every_page_verbatim(rw_keys, ro_keys):
+    """Without read_only_manifest, each stored page goes out as its signed message."""
+    session, held = _relay_pages(rw_keys, ro_keys, ())
+    assert [m.type for m in session.messages()] == ["manifest"] * 3
+    assert held == ["f00", "f01", "f02", "f03", "f04"]
+
+
+def test_relay_splits_many_pages_over_several_messages(rw_keys, ro_keys, monkeypatch):
+    """No read_only_manifest message carries more sources than a receiver takes."""
+    monkeypatch.setattr(readonly, "MAX_SOURCES", 2)
+    files = _files(5)
+    relay = readonly.ShareSigning(ro_keys, Clock(), B)
+    for page in _pages(rw_keys, files, revision=3, size=1):
+        relay.store.add(page)
+    session = FakeSession("read_only", (readonly.FEATURE,))
+    relay.serve(session, files, revision=9)
+    assert [len(m.body["sources"]) for m in session.messages()] == [2, 2, 1]
+
+
+def test_fuller_bitmask_goes_out_only_for_pages_that_grew(rw_keys, ro_keys):
+    """After a download, only the pages whose bitmask grew are announced again."""
+    from twisted.internet.defer import succeed
+    clock = Clock()
+    files = _files(5)
+    signing = readonly.ShareSigning(ro_keys, clock, B)
+    pages = _pages(rw_keys, files, revision=3)
+    for page in pages:
+        signing.store.add(page)
+    session = FakeSession("read_only", (readonly.FEATURE,))
+    signing.serve(session, files[:1] + files[2:], revision=9)
+    session.written.clear()
+    signing.relay(session, [files[1]], lambda: succeed((10, files)))
+    clock.advance(readonly.RESEND_DELAY)
+    [message] = session.messages()
+    [source] = message.body["sources"]
+    assert source["manifest"] == pages[0].as_source_text()
+    assert base64.b64decode(source["bitmask"]) == bytes([0b11000000])
 
 
 def test_forged_read_only_manifest_source_is_dropped(rw_keys, ro_keys):

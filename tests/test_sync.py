@@ -437,7 +437,7 @@ def test_ignored_paths_are_not_taken_from_peers(share):
 
 
 def test_big_manifests_go_out_in_pages_to_peers_that_take_them(share, monkeypatch):
-    """With manifest_pages, the manifest is split; only the last page lacks "more"."""
+    """With manifest_pages, the manifest is split into numbered pages; only the last lacks "more"."""
     monkeypatch.setattr("clearskies.sync.MANIFEST_PAGE", 2)
     for name in "abcde":
         share.add_local(name, name.encode(), {US: 1})
@@ -447,11 +447,13 @@ def test_big_manifests_go_out_in_pages_to_peers_that_take_them(share, monkeypatc
     pages = [e.body for e in connection.sent()]
     assert [[f["path"] for f in p["files"]] for p in pages] == [["a", "b"], ["c", "d"], ["e"]]
     assert [p.get("more") for p in pages] == [True, True, None]
+    assert [p["page"] for p in pages] == [0, 1, 2]
     _, old_session, old_connection = open_session(share, Clock(), features=("vv",))
     old_connection.sent()
     old_session.event_received(message({"type": "get_manifest"}))
     (single,) = old_connection.sent()
     assert len(single.body["files"]) == 5 and "more" not in single.body
+    assert "page" not in single.body
 
 
 def test_peer_is_in_sync_after_revisions_made_of_its_own_changes(share):

@@ -261,7 +261,9 @@ class DaemonCommands(CommandDispatcher):
             "items_to_download": sync.items_to_download,
             "bytes_to_download": sync.bytes_to_download,
             "last_sync": runtime.last_sync,
-            "in_sync": sync.in_sync and state not in ("scanning", "starting", "error"),
+            "in_sync": sync.in_sync and state not in ("scanning", "starting", "error")
+            # A read-only share also needs every file of the share's (signed) version.
+            and (not runtime.signing.read_only or runtime.matches_share_version),
             "skipped": runtime.service.scanner.skipped.count,
         }
         if status.reason:
@@ -272,6 +274,8 @@ class DaemonCommands(CommandDispatcher):
             summary.update(sync.disk_status())
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
+            summary["share_files_missing"] = len(runtime.missing)
+            summary["share_version_complete"] = runtime.share_version_known
         if status.progress:
             summary["scan_progress"] = status.progress
         return summary

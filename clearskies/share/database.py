@@ -564,22 +564,23 @@ class StateDatabase:
     # -- signed messages (read-only shares) ---------------------------------------
 
     def put_signed(self, share_id: str,
-                   rows: Sequence[tuple[str, str, bytes | None, bytes | None]]) -> None:
-        """Store (kind, key, text, signature) rows; a row without text is deleted."""
+                   rows: Sequence[tuple[str, str, str, bytes | None, bytes | None]]) -> None:
+        """Store (kind, key, part, text, signature) rows; a row without text is deleted."""
         with self._transaction() as conn:
-            for kind, key, text, signature in rows:
+            for kind, key, part, text, signature in rows:
                 if text is None:
                     conn.execute("DELETE FROM signed_messages WHERE share_id = ? AND kind = ?"
-                                 " AND key = ?", (share_id, kind, key))
+                                 " AND key = ? AND part = ?", (share_id, kind, key, part))
                 else:
                     conn.execute("INSERT OR REPLACE INTO signed_messages (share_id, kind, key,"
-                                 " text, signature) VALUES (?, ?, ?, ?, ?)",
-                                 (share_id, kind, key, text, signature))
+                                 " part, text, signature) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (share_id, kind, key, part, text, signature))
 
-    def list_signed(self, share_id: str) -> list[tuple[str, str, bytes, bytes]]:
-        return [(kind, key, bytes(text), bytes(signature)) for kind, key, text, signature in
-                self._conn.execute("SELECT kind, key, text, signature FROM signed_messages"
-                                   " WHERE share_id = ? ORDER BY rowid", (share_id,))]
+    def list_signed(self, share_id: str) -> list[tuple[str, str, str, bytes, bytes]]:
+        return [(kind, key, part, bytes(text), bytes(signature))
+                for kind, key, part, text, signature in self._conn.execute(
+                    "SELECT kind, key, part, text, signature FROM signed_messages"
+                    " WHERE share_id = ? ORDER BY rowid", (share_id,))]
 
 
 def _row_from_record(share_id: str, r: FileRecord, revision: int,
@@ -798,8 +799,9 @@ class ShareStore:
 
     # signed messages
     def put_signed(self, share_id: str,
-                   rows: Sequence[tuple[str, str, bytes | None, bytes | None]]) -> Deferred[None]:
+                   rows: Sequence[tuple[str, str, str, bytes | None, bytes | None]]
+                   ) -> Deferred[None]:
         return self._call(StateDatabase.put_signed, share_id, rows)
 
-    def list_signed(self, share_id: str) -> Deferred[list[tuple[str, str, bytes, bytes]]]:
+    def list_signed(self, share_id: str) -> Deferred[list[tuple[str, str, str, bytes, bytes]]]:
         return self._call(StateDatabase.list_signed, share_id)

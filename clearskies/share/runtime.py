@@ -180,7 +180,12 @@ class ShareRuntime:
         self.sync.advertised_addresses = lambda: [str(a) for a in daemon.advertised_addresses()]
         self.sync.addresses_received = self.peer_addresses_received
         self.unshared: list[str] = []
+        # Read-only share: files of the share's version we lack, and whether that
+        # version is known in full (every page of its manifests here).
+        self.missing: list[str] = []
+        self.share_version_known = False
         self._recount_call: Any = None
+        self._recount_again = False
         self.peers: dict[str, PeerInfo] = {}
         self._revision = info.revision
         self.last_sync: float | None = None
@@ -211,7 +216,10 @@ class ShareRuntime:
         self.service.scanner.adopting = adopt
         self.peers = {p.peer_id: p for p in await self.store.list_peers(self.share_id)}
         if self.signing.read_only:
-            self.signing.store.load(await self.store.list_signed(self.share_id))
+            changes = self.signing.store.load(await self.store.list_signed(self.share_id))
+            if changes:  # rows kept under an older key, or no longer kept
+                self._persist_signed(changes)
+            self.recount_unshared()
         self.counts = await self.store.share_counts(self.share_id)
         await self.follow_read_only_files()
         if self.daemon.paused:
@@ -530,31 +538,59 @@ class ShareRuntime:
 
     # -- read-only shares (clearskies.readonly) ---------------------------------------
 
-    def _persist_signed(self, changes: list[tuple[str, str, Any]]) -> None:
-        rows = [(kind, key, m.text if m else None, m.signature if m else None)
-                for kind, key, m in changes]
+    def _persist_signed(self, changes: list[readonly.Change]) -> None:
+        rows = [(kind, key, part, m.text if m else None, m.signature if m else None)
+                for kind, key, part, m in changes]
         self.store.put_signed(self.share_id, rows).addErrback(
             lambda f: self._log.failure("could not store signed messages", f))
+        self.recount_unshared()  # the share's version changed
+
+    @property
+    def matches_share_version(self) -> bool:
+        """A read-only share holds the whole share's version (as last counted, and counted since)."""
+        return (self.share_version_known and not self.missing
+                and self._recount_call is None)
 
     def recount_unshared(self) -> None:
         """Soon, count the local changes a read-only share keeps to itself."""
-        if self.signing.read_only and self._recount_call is None:
+        if not self.signing.read_only:
+            return
+        if self._recount_call is None:
             self._recount_call = self.daemon.reactor.callLater(0.2, self._recount)
+        else:
+            self._recount_again = True  # a count under way may have read too early
 
     def _recount(self) -> None:
-        def done(paths: list[str]) -> None:
+        self._recount_again = False
+
+        def done(comparison: readonly.Comparison) -> None:
             self._recount_call = None
-            self.unshared = paths
+            self.unshared = comparison.unshared
+            self.missing = comparison.missing
+            self.share_version_known = comparison.settled
+            if self._recount_again:
+                self.recount_unshared()
 
         def failed(f: Any) -> None:
             self._recount_call = None
             self._log.failure("could not count local changes", f)
 
-        Deferred.fromCoroutine(readonly.count_unshared(self)).addCallbacks(done, failed)
+        Deferred.fromCoroutine(readonly.compare_with_share(self)).addCallbacks(done, failed)
 
     def last_manifest_revision(self, peer_id: str) -> Any:
+        """The revision of ``peer_id``'s manifest we have all of, to ask only for news.
+
+        A read-only share must also keep every page of that manifest to relay
+        it and to know the share's version: if it does not, the whole
+        manifest is asked for again.
+        """
         known = self.peers.get(peer_id)
-        return known.manifest_revision if known is not None else None
+        revision = known.manifest_revision if known is not None else None
+        if revision is not None and self.signing.read_only:
+            kept = self.signing.store.complete_revision(peer_id)
+            if kept is None or kept < revision:
+                return None
+        return revision
 
     def peer_connected(self, info: Any, connection: Any) -> None:
         peer = connection.transport.getPeer() if connection.transport else None
