@@ -320,8 +320,9 @@ class Cli:
             status = self.request({"type": ".clearskies.share_status", "path": path})
             if status.get("status") == "error":
                 raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
-            if status.get("disk_errors") and \
-                    status.get("items_to_download", 0) <= status.get("disk_errors_count", 0):
+            if status.get("disk_errors") and (
+                    status.get("disk_blocked")
+                    or status.get("items_to_download", 0) <= status.get("disk_errors_count", 0)):
                 # Everything that could be written is; the rest waits for the user.
                 if progress:
                     self.err.write("\n")

@@ -213,4 +213,6 @@ class DiskTrouble:
         elif self.free is not None and first.code in SPACE_ERRNOS:
             line += " (%s needed, %s free)" % (_size(first.size), _size(self.free))
         return {"problem": line, "disk_errors_count": waiting,
-                "disk_errors": [p.as_dict(self.root) for p in problems[:MAX_LISTED]]}
+                "disk_errors": [p.as_dict(self.root) for p in problems[:MAX_LISTED]],
+                # The whole file system refuses writes: every wanted file waits.
+                "disk_blocked": self.share_wide is not None}

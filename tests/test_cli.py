@@ -573,6 +573,21 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                              % self.share_dir)
         return self.go(body)
 
+    def test_wait_stops_at_once_when_the_whole_disk_refuses_writes(self) -> Deferred:
+        """A read-only file system blocks every file, tried or not: wait exits 1 with the reason."""
+        error = {"path": "a.bin", "error": "EROFS", "message": "cannot write a.bin"}
+
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = share_status(
+                status="syncing", items_to_download=6, peers=[CONNECTED_PEER],
+                disk_errors=[error], disk_errors_count=1, disk_blocked=True,
+                problem="cannot write a.bin: the disk is read-only")
+            run = await self.cli("wait", self.share_dir, "--timeout", "10")
+            self.assertEqual(run.code, 1)
+            self.assertIn("the disk is read-only", run.err)
+            self.assertEqual(self.daemon.types(), [".clearskies.share_status"])
+        return self.go(body)
+
     def test_share_status_with_disk_errors_exits_1(self) -> Deferred:
         """status PATH lists files the disk refused and exits 1; a stopped share too."""
         async def body() -> None:

@@ -38,6 +38,17 @@ def test_space_problems_wait_for_room_and_say_what_to_do():
     assert trouble.status({}) == {} and trouble.free is None  # no longer wanted: over
 
 
+def test_a_read_only_file_system_blocks_every_file():
+    """EROFS is share-wide: status says every wanted file waits, tried or not."""
+    trouble = diskerrors.DiskTrouble("/mnt/s")
+    trouble.failed("a.bin", "/mnt/s/a.bin", 1000, errno.EROFS, 1.0)
+    status = trouble.status({"a.bin": None, "b.bin": None, "c.bin": None})
+    assert status["disk_blocked"] and status["disk_errors_count"] == 1
+    trouble = diskerrors.DiskTrouble("/mnt/s")
+    trouble.failed("big.iso", "/mnt/s/big.iso", 12 << 20, errno.ENOSPC, 1.0)
+    assert not trouble.status({"big.iso": None})["disk_blocked"]
+
+
 def test_only_errors_of_the_disk_count():
     """A dead helper process or a missing file are not disk problems for the user to fix."""
     assert diskerrors.is_disk_error(OSError(errno.EROFS, "Read-only file system"))
