@@ -203,6 +203,10 @@ class ShareSync:
         self._lock = DeferredLock()
         self.pending_rmdirs: dict[str, FileRecord] = {}
         self.placeholders: set[str] = set()
+        # Conflicts that could not be settled yet (our file could not be moved aside):
+        # path -> (peer ID, its record).  Decided again once the scanner records the
+        # path anew, or when the peer sends it again; reported until then.
+        self.unresolved: dict[str, tuple[str, FileRecord]] = {}
         self._retry_call: Any = None
         # Payloads received and being verified/installed (path -> session): out of
         # the request window, so the next files stream while the disk catches up.
@@ -263,9 +267,15 @@ class ShareSync:
         return self.wanted.bytes
 
     @property
+    def settled(self) -> bool:
+        """Every record merged so far is carried out: nothing to fetch, no conflict waiting."""
+        return not self.wanted and not self.unresolved
+
+    @property
     def in_sync(self) -> bool:
-        """Nothing to fetch and every connected peer has our latest revision."""
-        return not self.wanted and all(s.in_sync for s in self.sessions.values())
+        """Settled, nothing from a peer left to merge, every peer has our latest revision."""
+        return self.settled and all(s.in_sync and not s.merging
+                                    for s in self.sessions.values())
 
     # -- local changes -----------------------------------------------------------
 
@@ -273,7 +283,11 @@ class ShareSync:
                       moves: Iterable[tuple[str, FileRecord]] = ()) -> None:
         """The scanner found changes: tell every peer that has our manifest."""
         records = list(records)
+        retry: dict[str, list[FileRecord]] = {}
         for record in records:
+            waiting = self.unresolved.pop(record.path, None)
+            if waiting is not None:
+                retry.setdefault(waiting[0], []).append(waiting[1])
             wanted = self.wanted.get(record.path)
             if wanted is not None and not record.same_content(wanted.record):
                 # A local edit supersedes what we were fetching; merge decides again later.
@@ -285,6 +299,18 @@ class ShareSync:
                     del self.pending_rmdirs[directory]
         for session in list(self.sessions.values()):
             session.push_changes(records, list(moves), revision)
+        for peer_id, remote in retry.items():
+            self._decide_again(peer_id, remote)
+
+    def _decide_again(self, peer_id: str, records: list[FileRecord]) -> None:
+        """Merge a peer's records again, against what the scanner has just recorded."""
+        session = self.sessions.get(peer_id)
+        if session is None:
+            # The peer is gone; it sends the path again when it is back.
+            for record in records:
+                self.unresolved.setdefault(record.path, (peer_id, record))
+            return
+        session.merge_again(records)
 
     # -- remote records ----------------------------------------------------------
 
@@ -309,6 +335,7 @@ class ShareSync:
             if self.share.is_ignored(remote.path):
                 continue
             session.remote_index[remote.path] = remote
+            self.unresolved.pop(remote.path, None)  # decided anew below
             if remote.path in unread:
                 unread.discard(remote.path)  # a repeated path is read again, fresh
                 local = prefetched.get(remote.path)
@@ -500,8 +527,12 @@ class ShareSync:
         else:
             # Theirs takes the path; ours moves aside first, then theirs is fetched.
             if not local.deleted and not local.is_dir:
-                moved = await self.share.rename_local(local.path, conflict.path, local)
-                if moved:
+                kept = await self.share.get_record(conflict.path)
+                if kept is not None and not kept.deleted and kept.sha256 == local.sha256:
+                    # Our content already has its copy (a peer kept it so and we took
+                    # that record): theirs just replaces ours at the path.
+                    pass
+                elif await self.share.rename_local(local.path, conflict.path, local):
                     out.append(conflict)
                     # Until theirs arrives the path is empty here: record that (for the
                     # scanner), but tell nobody; it is a placeholder, not a deletion.
@@ -509,8 +540,17 @@ class ShareSync:
                                           vv=dict(local.vv)))
                     self.placeholders.add(local.path)
                 else:
-                    self._log.warn("could not move {path} aside for a conflict copy; keeping it",
-                                   path=local.path)
+                    # Changed here since the scan (or the copy's name is taken): neither
+                    # side may be dropped.  Decided again once the scanner has recorded
+                    # the path anew; until then the share is not in sync.
+                    self.unresolved[remote.path] = (session.peer_id, remote)
+                    if await self.share.get_record(local.path) != local:
+                        # The scanner has recorded the edit already: decide now.
+                        session.merge_again([remote])
+                    self._log.warn(
+                        "could not move {path} aside for a conflict copy (it changed here "
+                        "since the last scan, or {copy} is taken); deciding again after "
+                        "the next scan", path=local.path, copy=conflict.path)
                     return []
             out.extend(await self._take(session, decision.record))
         self._log.info("concurrent changes to {path}: kept both, copy at {copy}",
@@ -922,7 +962,9 @@ class SyncSession:
         self.peer_progress: dict[str, Any] | None = None
         self.messages_sent = 0
         self.last_sent_revision = 0  # the newest revision we sent this peer anything of
-        self.peer_revision_seen: Any = None
+        # The peer's newest revision whose changes are all merged here (what progress
+        # acknowledges); a revision that has only arrived, still queued, does not count.
+        self.peer_revision_merged: Any = None
         self.peer_addresses: list[str] = []  # from its last clearskies.addresses
         self._addresses_sent: list[str] = []
         self._manifest_to_remember: Any = None
@@ -930,7 +972,9 @@ class SyncSession:
         self._building_manifest = False
         self._gets_queued: list[tuple[str, tuple[int, int] | None]] = []  # awaiting a lookup
         self._gets_looked_up = 0  # requests whose records are being read
-        self._inbox: list[tuple[str, list[Any]]] = []
+        # Batches waiting to be merged: [kind, items, revision they complete, manifest
+        # revision to remember once merged]; a revision counts only after its merge.
+        self._inbox: list[list[Any]] = []
         self._merging = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -1119,59 +1163,82 @@ class SyncSession:
             previous = records.get(record.path)
             records[record.path] = record if previous is None else merge.winner(previous, record)
         self.peer_revision = revision
-        self._saw_revision(revision)
-        # Remembered only once its content is all here (send_progress): a restart
-        # before then must ask for the whole manifest again, not "anything new?".
-        if body.get("more") is not True:
-            self._manifest_to_remember = revision
+        last_page = body.get("more") is not True
         for record in records.values():
             if not record.deleted and record.sha256:
                 self.acked[record.path] = record.sha256
-        self._receive(sorted(records.values(), key=lambda r: r.path))
+        # A paged manifest's revision is complete only with its last page; it is
+        # remembered (send_progress) only once its content is all here: a restart
+        # before then must ask for the whole manifest again, not "anything new?".
+        self._enqueue("records", sorted(records.values(), key=lambda r: r.path),
+                      revision if last_page else None, revision if last_page else None)
 
     def _on_update(self, body: dict, event: wire.Message) -> None:
         record = FileRecord.from_wire(body.get("file"))
-        self._saw_revision(body.get("revision"))
-        self._receive([record])
-
-    def _saw_revision(self, revision: Any) -> None:
-        if isinstance(revision, int) and not isinstance(revision, bool):
-            if not isinstance(self.peer_revision_seen, int) or revision > self.peer_revision_seen:
-                self.peer_revision_seen = revision
+        self._enqueue("records", [record], body.get("revision"))
 
     def _on_move(self, body: dict, event: wire.Message) -> None:
         source = validate_wire_path(body.get("source"))
         destination = FileRecord.from_wire(body.get("destination"))
-        self._saw_revision(body.get("revision"))
-        self._enqueue("moves", [(source, destination)])
+        self._enqueue("moves", [(source, destination)], body.get("revision"))
 
     def _receive(self, records: list[FileRecord]) -> None:
         self._enqueue("records", records)
 
-    def _enqueue(self, kind: str, items: list[Any]) -> None:
+    def merge_again(self, records: list[FileRecord]) -> None:
+        """Records of this peer whose merge could not be carried out: merge them again."""
+        self._receive(records)
+
+    def _enqueue(self, kind: str, items: list[Any], revision: Any = None,
+                 manifest_revision: Any = None) -> None:
         """Merge what arrives in order; what arrives during a merge waits and goes in one batch.
 
         A burst of 1,000 updates (a deleted directory) or moves (a renamed one)
         is thus applied in a few large batches: one database round trip and one
-        disk job each, instead of a thousand.
+        disk job each, instead of a thousand.  ``revision`` is the peer's
+        revision the items complete: it is acknowledged only once they are merged.
         """
+        if not (isinstance(revision, int) and not isinstance(revision, bool)):
+            revision = None
         if self._inbox and self._inbox[-1][0] == kind:
-            self._inbox[-1][1].extend(items)
+            batch = self._inbox[-1]
+            batch[1].extend(items)
         else:
-            self._inbox.append((kind, list(items)))
+            batch = [kind, list(items), None, None]
+            self._inbox.append(batch)
+        if revision is not None and (batch[2] is None or revision > batch[2]):
+            batch[2] = revision
+        if manifest_revision is not None:
+            batch[3] = manifest_revision
         if not self._merging:
             self._merge_inbox()
+
+    @property
+    def merging(self) -> bool:
+        """Records from this peer are still waiting to be merged, or being merged."""
+        return self._merging or bool(self._inbox)
 
     def _merge_inbox(self) -> None:
         if not self._inbox or not self.alive:
             return
-        kind, items = self._inbox.pop(0)
+        kind, items, revision, manifest_revision = self._inbox.pop(0)
         self._merging = True
         if kind == "moves":
             d = self.sync.receive_moves(self, items)
         else:
             d = self.sync.receive_records(self, items)
-        d.addCallback(lambda _: self.send_progress() if not self.sync.wanted else None)
+
+        def merged(_: object) -> None:
+            # Changes go out in revision order, so all up to ``revision`` are merged now.
+            if revision is not None and (not isinstance(self.peer_revision_merged, int)
+                                         or revision > self.peer_revision_merged):
+                self.peer_revision_merged = revision
+            if manifest_revision is not None:
+                self._manifest_to_remember = manifest_revision
+            self._merging = False
+            self.send_progress()
+
+        d.addCallback(merged)
         d.addErrback(self._fail, "merging records")
 
         def next_batch(_: object) -> None:
@@ -1311,15 +1378,22 @@ class SyncSession:
                               "bytes": size if isinstance(size, int) else 0}
 
     def send_progress(self) -> None:
-        """Tell the peer which of its revisions we hold completely (extension message)."""
-        if self._manifest_to_remember is not None and not self.sync.wanted:
+        """Tell the peer which of its revisions we hold completely (extension message).
+
+        Only once every change up to that revision is carried out: merged,
+        renamed or deleted on disk, downloaded, and no conflict left to settle.
+        Until then nothing is sent; the acknowledgement that was last sent stands.
+        """
+        if not self.sync.settled:
+            return
+        if self._manifest_to_remember is not None:
             self.sync.share.peer_manifest_seen(self.peer_id, self._manifest_to_remember)
             self._manifest_to_remember = None
         if "progress" not in (self.connection.established.features or ()):
             return
-        if not isinstance(self.peer_revision_seen, int):
+        if not isinstance(self.peer_revision_merged, int):
             return
-        self._send({"type": "clearskies.progress", "revision": self.peer_revision_seen,
+        self._send({"type": "clearskies.progress", "revision": self.peer_revision_merged,
                     "items": self.sync.items_to_download,
                     "bytes": self.sync.bytes_to_download})
 

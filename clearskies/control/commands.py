@@ -256,8 +256,15 @@ class DaemonCommands(CommandDispatcher):
             "last_sync": runtime.last_sync,
             "in_sync": sync.in_sync and state not in ("scanning", "starting", "error"),
         }
+        if sync.unresolved:
+            # Conflicts decided again after the next scan of these paths (protocol/sync.md).
+            summary["conflicts_waiting"] = sorted(sync.unresolved)[:20]
         if status.reason:
             summary["problem"] = status.reason
+        elif sync.unresolved:
+            summary["problem"] = (
+                "%d conflicting change(s) wait for the next scan of their paths before both "
+                "versions can be kept; `clearskies scan` settles them now" % len(sync.unresolved))
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
         if status.progress:

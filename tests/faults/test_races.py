@@ -1,0 +1,80 @@
+"""A file edited while its newer version downloads: both sides end with the same tree.
+
+The scripted-peer test replays the one message order that used to lose the
+conflict; the seeded suite races real edits against real downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from clearskies.share import merge
+from tests.peerkit import PeerKitCase, async_test, file_entry, wait_until
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ConflictCopyFirstTests(PeerKitCase):
+    @async_test
+    async def test_a_conflict_whose_copy_already_exists_still_takes_their_edit(self):
+        """The peer's conflict copy of our version arrives first; its edit then replaces ours."""
+        ours = b"our newer version, which the peer kept as a conflict copy\n"
+        theirs = b"the peer's concurrent edit\n"
+        self.share_path("f.txt").write_bytes(ours)
+        runtime = await self.start_daemon()
+        local = await runtime.get_record("f.txt")
+        copy = merge.conflict_record(local)
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": []})
+        # 1. Its copy of our version: built here from our identical file, no download.
+        peer.send({"type": "update", "revision": 2, "file": copy.to_wire()})
+        await wait_until(lambda: self.share_path(copy.path).exists()
+                         and self.share_path(copy.path).read_bytes() == ours, what="the copy")
+        # 2. Its own edit of the path, concurrent with ours and newer by the clock.
+        peer.send({"type": "update", "revision": 3, "file": file_entry(
+            "f.txt", theirs, utime=time.time() + 100, vv={peer_id: 1})})
+        await peer.wait_for("get", where=lambda b: b["path"] == "f.txt")
+        peer.send_payload({"type": "file_data", "path": "f.txt"}, theirs)
+        await wait_until(lambda: self.share_path("f.txt").read_bytes() == theirs,
+                         what="their edit at the path")
+        self.assertEqual(self.share_path(copy.path).read_bytes(), ours)
+        await wait_until(lambda: runtime.sync.settled or None, what="nothing left to settle")
+        stored = await runtime.get_record("f.txt")
+        self.assertEqual(stored.sha256, sha(theirs))
+        self.assertEqual(self.temp_files(), [])
+        self.assertFalse(any("could not move" in t for t in self.logged()))
+
+    @async_test
+    async def test_a_conflict_that_cannot_be_settled_yet_is_reported_then_settled(self):
+        """Our file changed since the scan: the conflict waits (not in sync), then is settled."""
+        ours = b"our version, as last scanned\n"
+        edited = b"our version, edited after the scan\n"
+        theirs = b"the peer's concurrent edit\n"
+        self.share_path("f.txt").write_bytes(ours)
+        runtime = await self.start_daemon()
+        runtime.service.pause()  # the scanner does not see the edit until asked
+        self.share_path("f.txt").write_bytes(edited)
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": []})
+        peer.send({"type": "update", "revision": 2, "file": file_entry(
+            "f.txt", theirs, utime=time.time() + 100, vv={peer_id: 1})})
+        await wait_until(lambda: "f.txt" in runtime.sync.unresolved, what="a waiting conflict")
+        self.assertFalse(runtime.sync.in_sync)
+        self.assertEqual(self.share_path("f.txt").read_bytes(), edited)
+        runtime.service.resume()
+        await runtime.service.rescan()
+        await peer.wait_for("get", where=lambda b: b["path"] == "f.txt")
+        peer.send_payload({"type": "file_data", "path": "f.txt"}, theirs)
+        await wait_until(lambda: self.share_path("f.txt").exists()
+                         and self.share_path("f.txt").read_bytes() == theirs,
+                         what="their edit at the path")
+        copies = [p for p in self.share_dir.iterdir() if ".CONFLICT." in p.name]
+        self.assertEqual([p.read_bytes() for p in copies], [edited])
+        await wait_until(lambda: runtime.sync.settled or None, what="nothing left to settle")
+        self.assertEqual(runtime.sync.unresolved, {})
