@@ -1175,12 +1175,29 @@ class SyncSession:
 
     def _on_update(self, body: dict, event: wire.Message) -> None:
         record = FileRecord.from_wire(body.get("file"))
-        self._enqueue("records", [record], body.get("revision"))
+        self._enqueue("records", [record], self._completes(body))
 
     def _on_move(self, body: dict, event: wire.Message) -> None:
         source = validate_wire_path(body.get("source"))
         destination = FileRecord.from_wire(body.get("destination"))
-        self._enqueue("moves", [(source, destination)], body.get("revision"))
+        self._enqueue("moves", [(source, destination)], self._completes(body))
+
+    def _completes(self, body: dict) -> Any:
+        """The peer's revision whose changes have all arrived with this update or move.
+
+        With ``revision_batches`` every message of a revision but its last says
+        ``"more": true``: until the last, only the revisions before it are whole.
+        """
+        revision = body.get("revision")
+        if not isinstance(revision, int) or isinstance(revision, bool):
+            return None
+        if body.get("more") is True and self._batches_marked:
+            return revision - 1
+        return revision
+
+    @property
+    def _batches_marked(self) -> bool:
+        return "revision_batches" in (self.connection.established.features or ())
 
     def _receive(self, records: list[FileRecord]) -> None:
         self._enqueue("records", records)
@@ -1469,27 +1486,32 @@ class SyncSession:
             return
         moved_to = {dest.path: source for source, dest in moves}
         moved_from = set(moved_to.values())
-        sent_before = self.messages_sent
+        out: list[dict[str, Any]] = []
         for record in records:
             if not self._shareable(record):
                 continue
             if record.deleted and record.path in moved_from:
                 continue  # carried by the move message
             if record.path in moved_to:
-                self._send({
+                out.append({
                     "type": "move", "revision": revision, "source": moved_to[record.path],
                     "destination": record.to_wire()})
                 if self._reference_peer():
                     # Peers without move support still need the deletion.
-                    self._send({
+                    out.append({
                         "type": "update", "revision": revision,
                         "file": FileRecord(path=moved_to[record.path], utime=record.utime,
                                            deleted=True, vv=dict(record.vv)).to_wire()})
                 continue
-            self._send(
-                {"type": "update", "revision": revision, "file": record.to_wire()})
+            out.append({"type": "update", "revision": revision, "file": record.to_wire()})
+        if self._batches_marked:
+            # Extension revision_batches: the peer knows when it holds all of a revision.
+            for body in out[:-1]:
+                body["more"] = True
+        for body in out:
+            self._send(body)
         self.manifest_sent_revision = max(self.manifest_sent_revision, revision)
-        if self.messages_sent > sent_before:
+        if out:
             self.last_sent_revision = max(self.last_sent_revision, revision)
 
     def _flush_queued(self) -> None:

@@ -615,3 +615,56 @@ def test_wanted_files_keep_their_byte_total(operations):
         assert wanted.bytes == sum(w.record.size or 0 for w in wanted.values())
     with pytest.raises(TypeError):
         wanted.update({})
+
+
+def _progress(connection: FakeConnection) -> list[int]:
+    return [e.body["revision"] for e in connection.sent()
+            if isinstance(e, wire.Message) and e.type == "clearskies.progress"]
+
+
+def test_a_revision_is_acknowledged_only_once_all_its_messages_are_merged(share):
+    """With revision_batches, "more": true holds the revision's acknowledgement back."""
+    features = ("vv", "progress", "revision_batches")
+    sync, session, connection = open_session(share, Clock(), features=features)
+    connection.sent()
+    for index, more in enumerate((True, True, False)):
+        tombstone = FileRecord(path="gone%d" % index, utime=20.0, deleted=True, vv={THEM: 1})
+        body = {"type": "update", "revision": 7, "file": tombstone.to_wire()}
+        if more:
+            body["more"] = True
+        session.event_received(message(body))
+        assert max(_progress(connection), default=0) == (7 if not more else 6)
+
+
+def test_a_revision_is_acknowledged_only_once_its_files_are_downloaded(share):
+    """A merged update whose content is still to fetch is not acknowledged yet."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    data = b"content to fetch"
+    record = file_record("f.txt", data, {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 3, "file": record.to_wire()}))
+    assert _progress(connection) == [] and not sync.in_sync
+    deliver_file(session, "f.txt", data)
+    assert _progress(connection) == [3]
+
+
+def test_changes_of_one_revision_are_marked_as_a_batch(share):
+    """To revision_batches peers, every message of a revision but the last says "more"."""
+    sync, session, connection = open_session(
+        share, Clock(), features=("vv", "progress", "revision_batches"))
+    session.event_received(message({"type": "get_manifest"}))
+    connection.sent()
+    records = [share.add_local(name, name.encode(), {US: 1}) for name in ("a", "b", "c")]
+    sync.local_changes(records, share.rev)
+    sent = [e.body for e in connection.sent()]
+    assert [b.get("more") for b in sent] == [True, True, None]
+    old_connection = FakeConnection(peer_id=OTHER, port=6000)
+    old_session = SyncSession(sync, old_connection)
+    old_session.start(None)
+    old_session.event_received(message({"type": "get_manifest"}))
+    old_connection.sent()
+    more = share.add_local("d", b"d", {US: 1})
+    sync.local_changes([more, records[0]], share.rev)
+    assert [b.get("more") for b in (e.body for e in connection.sent())] == [True, None]
+    old_sent = [e.body for e in old_connection.sent()]
+    assert len(old_sent) == 2 and all("more" not in b for b in old_sent)
