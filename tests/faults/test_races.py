@@ -7,10 +7,17 @@ conflict; the seeded suite races real edits against real downloads.
 from __future__ import annotations
 
 import hashlib
+import os
+import random
 import secrets
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from clearskies.share import merge
+from tests.daemons import TEMP_SUFFIX, DaemonSet, assert_trees_equal, wait_same_trees
 from tests.peerkit import PeerKitCase, async_test, file_entry, wait_until
 
 
@@ -78,3 +85,66 @@ class ConflictCopyFirstTests(PeerKitCase):
         self.assertEqual([p.read_bytes() for p in copies], [edited])
         await wait_until(lambda: runtime.sync.settled or None, what="nothing left to settle")
         self.assertEqual(runtime.sync.unresolved, {})
+
+
+# -- real daemons: an edit racing a download ----------------------------------------
+
+SEEDS = int(os.environ.get("CLEARSKIES_FAULT_SEEDS", "3"))
+RACE_TIMEOUT = 90.0
+DOWNLOAD_LIMIT = 2_000_000  # bytes/s at Bob (after a burst): a 2-5 MB download takes a while
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Alice and Bob sharing one folder, Bob's downloads slowed to DOWNLOAD_LIMIT."""
+    with DaemonSet(tmp_path_factory.mktemp("races")) as daemons:
+        alice, bob = daemons.make("alice"), daemons.make("bob")
+        code = alice.cli_json("share", str(alice.shares))["access_code"]
+        bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
+        bob.control_request({"type": "set_config_value", "key": "download_limit",
+                             "value": DOWNLOAD_LIMIT})
+        try:
+            yield alice, bob
+        except BaseException:
+            sys.stdout.write(daemons.log_report())
+            raise
+
+
+def _wait(daemon) -> int:
+    return daemon.cli("wait", str(daemon.shares), "--timeout", str(RACE_TIMEOUT),
+                      check=False, timeout=RACE_TIMEOUT + 30).returncode
+
+
+def _contents(root: Path, name: str) -> set[str]:
+    """Hashes at ``name`` and at its conflict copies."""
+    stem, ext = name.rsplit(".", 1)
+    return {sha(p.read_bytes()) for p in root.iterdir()
+            if p.name == name or (p.name.startswith(stem + ".CONFLICT.")
+                                  and p.name.endswith("." + ext))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_an_edit_racing_a_download_ends_with_the_same_trees(pair, seed):
+    """Bob edits a file while Alice's newer version downloads: same bytes at every path after."""
+    alice, bob = pair
+    a, b = Path(alice.shares), Path(bob.shares)
+    rng = random.Random(seed)
+    name = "race%02d.bin" % seed
+    (a / name).write_bytes(rng.randbytes(rng.randrange(1000, 200_000)))
+    alice.cli("scan", str(a))
+    wait_same_trees(a, b, RACE_TIMEOUT)
+    newer = rng.randbytes(rng.randrange(2_000_000, 5_000_000))
+    edit = b"bob's edit, seed %d\n" % seed + rng.randbytes(rng.randrange(0, 50_000))
+    (a / name).write_bytes(newer)
+    alice.cli("scan", str(a))
+    time.sleep(rng.uniform(0.0, 1.2))
+    (b / name).write_bytes(edit)
+    # Bob's scanner records the edit at once, or (watcher) only after the download ends.
+    time.sleep(rng.choice((0.0, rng.uniform(0.0, 1.5))))
+    bob.cli("scan", str(b))
+    assert _wait(bob) == 0 and _wait(alice) == 0
+    # Both said in sync: the trees must match now, not eventually.
+    assert_trees_equal(a, b)
+    assert sha(edit) in _contents(a, name)  # the last edit survives, at the path or as a copy
+    assert not [p for root in (a, b) for p in root.rglob("*" + TEMP_SUFFIX)]
