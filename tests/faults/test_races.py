@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from clearskies.control.commands import DaemonCommands
 from clearskies.share import merge
 from tests.daemons import TEMP_SUFFIX, DaemonSet, assert_trees_equal, wait_same_trees
 from tests.peerkit import PeerKitCase, async_test, file_entry, wait_until
@@ -72,7 +73,10 @@ class ConflictCopyFirstTests(PeerKitCase):
         peer.send({"type": "update", "revision": 2, "file": file_entry(
             "f.txt", theirs, utime=time.time() + 100, vv={peer_id: 1})})
         await wait_until(lambda: "f.txt" in runtime.sync.unresolved, what="a waiting conflict")
-        self.assertFalse(runtime.sync.in_sync)
+        status = DaemonCommands(self.daemon).share_summary(runtime)
+        self.assertFalse(status["in_sync"])
+        self.assertEqual(status["conflicts_waiting"], ["f.txt"])
+        self.assertIn("next scan", status["problem"])
         self.assertEqual(self.share_path("f.txt").read_bytes(), edited)
         runtime.service.resume()
         await runtime.service.rescan()
