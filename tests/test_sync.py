@@ -668,3 +668,26 @@ def test_changes_of_one_revision_are_marked_as_a_batch(share):
     assert [b.get("more") for b in (e.body for e in connection.sent())] == [True, None]
     old_sent = [e.body for e in old_connection.sent()]
     assert len(old_sent) == 2 and all("more" not in b for b in old_sent)
+
+
+def test_changes_still_waiting_to_be_merged_keep_the_share_out_of_sync(tmp_path):
+    """While a peer's batch waits on its merge, neither status nor progress says it is done."""
+    share = SlowLookupShare(tmp_path)
+    share.add_local("a.txt", b"a", {US: 1})
+    share.add_local("b.txt", b"b", {US: 1})
+    sync, session, connection = open_session(share, Clock())
+    session.event_received(message({"type": "get_manifest"}))
+    session.event_received(message({"type": "clearskies.progress", "revision": share.rev,
+                                    "items": 0, "bytes": 0}))
+    connection.sent()
+    assert sync.in_sync
+    tombstones = [FileRecord(path=p, utime=30.0, deleted=True, vv={US: 1, THEM: 1})
+                  for p in ("a.txt", "b.txt")]
+    session.event_received(message({"type": "manifest", "peer": THEM, "revision": 4,
+                                    "files": [t.to_wire() for t in tombstones]}))
+    assert session.merging and not sync.in_sync
+    assert _progress(connection) == []
+    share.answer(0)
+    assert not session.merging and sync.in_sync
+    assert _progress(connection) == [4]
+    assert not (tmp_path / "a.txt").exists()
