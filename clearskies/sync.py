@@ -203,10 +203,12 @@ class ShareSync:
         self._lock = DeferredLock()
         self.pending_rmdirs: dict[str, FileRecord] = {}
         self.placeholders: set[str] = set()
-        # Conflicts that could not be settled yet (our file could not be moved aside):
-        # path -> (peer ID, its record).  Decided again once the scanner records the
-        # path anew, or when the peer sends it again; reported until then.
+        # Records that could not be carried out yet (our file could not be moved aside
+        # for a conflict copy, or the disk refused): path -> (peer ID, its record).
+        # Merged again once the scanner records the path anew, when the peer sends it
+        # again, or after RETRY_AFTER; reported (and not in sync) until then.
         self.unresolved: dict[str, tuple[str, FileRecord]] = {}
+        self._unresolved_call: Any = None
         self._retry_call: Any = None
         # Payloads received and being verified/installed (path -> session): out of
         # the request window, so the next files stream while the disk catches up.
@@ -285,7 +287,7 @@ class ShareSync:
         records = list(records)
         retry: dict[str, list[FileRecord]] = {}
         for record in records:
-            waiting = self.unresolved.pop(record.path, None)
+            waiting = self._settle(record.path)
             if waiting is not None:
                 retry.setdefault(waiting[0], []).append(waiting[1])
             wanted = self.wanted.get(record.path)
@@ -308,9 +310,36 @@ class ShareSync:
         if session is None:
             # The peer is gone; it sends the path again when it is back.
             for record in records:
-                self.unresolved.setdefault(record.path, (peer_id, record))
+                self._unsettled(record.path, peer_id, record)
             return
         session.merge_again(records)
+
+    def _unsettled(self, path: str, peer_id: str, record: FileRecord) -> None:
+        """A peer's record for ``path`` could not be carried out: keep it, retry it later."""
+        self.unresolved.setdefault(path, (peer_id, record))
+        if self._unresolved_call is None:
+            self._unresolved_call = self.clock.callLater(RETRY_AFTER, self._retry_unresolved)
+
+    def _settle(self, path: str) -> tuple[str, FileRecord] | None:
+        """``path`` is being decided anew: no longer waiting."""
+        waiting = self.unresolved.pop(path, None)
+        if not self.unresolved and self._unresolved_call is not None:
+            if self._unresolved_call.active():
+                self._unresolved_call.cancel()
+            self._unresolved_call = None
+        return waiting
+
+    def _retry_unresolved(self) -> None:
+        self._unresolved_call = None
+        by_peer: dict[str, list[FileRecord]] = {}
+        for peer_id, record in self.unresolved.values():
+            by_peer.setdefault(peer_id, []).append(record)
+        for peer_id, records in by_peer.items():
+            session = self.sessions.get(peer_id)
+            if session is not None:
+                session.merge_again(records)
+        if self.unresolved:
+            self._unresolved_call = self.clock.callLater(RETRY_AFTER, self._retry_unresolved)
 
     # -- remote records ----------------------------------------------------------
 
@@ -335,7 +364,7 @@ class ShareSync:
             if self.share.is_ignored(remote.path):
                 continue
             session.remote_index[remote.path] = remote
-            self.unresolved.pop(remote.path, None)  # decided anew below
+            self._settle(remote.path)  # decided anew below
             if remote.path in unread:
                 unread.discard(remote.path)  # a repeated path is read again, fresh
                 local = prefetched.get(remote.path)
@@ -364,6 +393,14 @@ class ShareSync:
                 # where a directory should be): refuse it, keep syncing the rest.
                 self._log.warn("not applying {path} from {peer}: {why}", path=remote.path,
                                peer=session.peer_id[:8], why=str(e))
+                continue
+            except OSError as e:
+                # The disk refused (permissions, a full disk): this record waits and
+                # is tried again; the rest of the batch goes on.
+                self._log.warn("could not apply {path} from {peer}: {why}; trying again later",
+                               path=remote.path, peer=session.peer_id[:8],
+                               why=e.strerror or str(e))
+                self._unsettled(remote.path, session.peer_id, remote)
                 continue
             committed.extend(applied)
             # What the sender told us needs no echo; what we made of it (merged
@@ -543,7 +580,7 @@ class ShareSync:
                     # Changed here since the scan (or the copy's name is taken): neither
                     # side may be dropped.  Decided again once the scanner has recorded
                     # the path anew; until then the share is not in sync.
-                    self.unresolved[remote.path] = (session.peer_id, remote)
+                    self._unsettled(remote.path, session.peer_id, remote)
                     if await self.share.get_record(local.path) != local:
                         # The scanner has recorded the edit already: decide now.
                         session.merge_again([remote])

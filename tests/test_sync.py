@@ -691,3 +691,35 @@ def test_changes_still_waiting_to_be_merged_keep_the_share_out_of_sync(tmp_path)
     assert not session.merging and sync.in_sync
     assert _progress(connection) == [4]
     assert not (tmp_path / "a.txt").exists()
+
+
+class RefusingShare(MemoryShare):
+    """A share whose disk refuses to create one directory until told otherwise."""
+
+    refuse = "locked"
+
+    def make_directory(self, path: str, mode: int | None):
+        if path == self.refuse:
+            raise PermissionError(13, "Permission denied")
+        return super().make_directory(path, mode)
+
+
+def test_a_record_the_disk_refuses_waits_and_is_tried_again(tmp_path):
+    """One refused record neither drops its batch nor is acknowledged; it is retried."""
+    share = RefusingShare(tmp_path)
+    share.add_local("x", b"x", {US: 1})
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    batch = [FileRecord(path="locked", utime=30.0, is_dir=True, vv={THEM: 1}),
+             FileRecord(path="x", utime=30.0, deleted=True, vv={US: 1, THEM: 1})]
+    session.event_received(message({"type": "manifest", "peer": THEM, "revision": 6,
+                                    "files": [r.to_wire() for r in batch]}))
+    assert not (tmp_path / "x").exists()  # the rest of the batch went on
+    assert list(sync.unresolved) == ["locked"] and not sync.in_sync
+    assert _progress(connection) == []
+    share.refuse = ""
+    clock.advance(31)
+    assert (tmp_path / "locked").is_dir() and share.records["locked"].is_dir
+    assert sync.unresolved == {} and _progress(connection) == [6]
+    assert not clock.getDelayedCalls()

@@ -16,6 +16,7 @@ from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.errors import AccessCodeError, ClearSkiesError
+from clearskies.sync import RETRY_AFTER
 
 if TYPE_CHECKING:
     from clearskies.daemon import Daemon
@@ -257,14 +258,16 @@ class DaemonCommands(CommandDispatcher):
             "in_sync": sync.in_sync and state not in ("scanning", "starting", "error"),
         }
         if sync.unresolved:
-            # Conflicts decided again after the next scan of these paths (protocol/sync.md).
+            # Peers' changes not carried out yet, tried again (protocol/sync.md).
             summary["conflicts_waiting"] = sorted(sync.unresolved)[:20]
         if status.reason:
             summary["problem"] = status.reason
         elif sync.unresolved:
             summary["problem"] = (
-                "%d conflicting change(s) wait for the next scan of their paths before both "
-                "versions can be kept; `clearskies scan` settles them now" % len(sync.unresolved))
+                "%d change(s) from peers could not be applied yet (a conflict with a file "
+                "edited since the last scan, or a disk error: see `clearskies log`); they are "
+                "tried again after the next scan of their paths (`clearskies scan`) and every "
+                "%d s" % (len(sync.unresolved), RETRY_AFTER))
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
         if status.progress:
