@@ -534,8 +534,10 @@ class ShareSync:
     async def _rename_if_safe(self, source: str, destination: str, ours: FileRecord) -> bool:
         try:
             return await self.share.rename_local(source, destination, ours)
-        except UnsafePathError:
-            return False  # handled as delete + new file, which refuses the unsafe side
+        except (UnsafePathError, OSError):
+            # Handled as delete + new file, which refuses the unsafe side and
+            # keeps what the disk refuses for another try.
+            return False
 
     async def _apply(self, session: SyncSession, local: FileRecord | None, remote: FileRecord,
                      decision: merge.MergeDecision) -> list[FileRecord]:

@@ -723,3 +723,25 @@ def test_a_record_the_disk_refuses_waits_and_is_tried_again(tmp_path):
     assert (tmp_path / "locked").is_dir() and share.records["locked"].is_dir
     assert sync.unresolved == {} and _progress(connection) == [6]
     assert not clock.getDelayedCalls()
+
+
+class RenameRefusingShare(MemoryShare):
+    def rename_local(self, source: str, destination: str, decided_on: Any = None):
+        raise PermissionError(13, "Permission denied")
+
+
+def test_a_move_the_disk_refuses_goes_the_long_way(tmp_path):
+    """A rename that fails on disk becomes a new file plus a deletion, not a lost move."""
+    share = RenameRefusingShare(tmp_path)
+    share.add_local("a", b"content of a", {THEM: 1})
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    session.event_received(message({"type": "move", "revision": 3, "source": "a",
+                                    "destination": file_record("new/a", b"content of a",
+                                                               {THEM: 2}).to_wire()}))
+    assert share.records["a"].deleted
+    assert _progress(connection) == []  # not acknowledged before new/a is here
+    deliver_file(session, "new/a", b"content of a")
+    assert share.records["new/a"].sha256 == sha(b"content of a")
+    assert (tmp_path / "new" / "a").read_bytes() == b"content of a"
+    assert _progress(connection) == [3]
