@@ -932,7 +932,21 @@ class ShareSync:
         if result.status == CONFLICT:
             # The file changed here while we fetched it: keep both, ours at the path.
             conflict = merge.conflict_record(record)
-            kept = await receiver.keep_as(self.share.local_path(conflict.path))
+            try:
+                kept = await receiver.keep_as(self.share.local_path(conflict.path))
+            except FileExistsError:
+                # Another file has the copy's name: fetching again would end the same
+                # way.  Theirs waits and is merged again once the scanner has recorded
+                # our edit (a conflict then names the copy after the content it keeps).
+                receiver.abort(keep_partial=False)
+                wanted = self.wanted.pop(record.path, None)
+                sources = sorted(wanted.sources) if wanted is not None else []
+                if sources:
+                    self._unsettled(record.path, sources[0], record)
+                self._log.warn("{path} changed here while downloading and {copy} is taken "
+                               "by another file; deciding again after the next scan",
+                               path=record.path, copy=conflict.path)
+                return SUPERSEDED
             revision = await self.share.commit_remote(
                 [conflict], {conflict.path: (kept.size, kept.mtime_ns, kept.inode)})
             self.relay([conflict], revision, origin=None)

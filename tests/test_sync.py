@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.share import merge
 from clearskies.share.records import FileRecord
 from clearskies.sync import MAX_WAITING_GETS, ShareSync, SyncSession, Wanted, WantedFiles
 from clearskies.threads import SyncRunner
@@ -745,3 +746,25 @@ def test_a_move_the_disk_refuses_goes_the_long_way(tmp_path):
     assert share.records["new/a"].sha256 == sha(b"content of a")
     assert (tmp_path / "new" / "a").read_bytes() == b"content of a"
     assert _progress(connection) == [3]
+
+
+def test_a_download_whose_copy_name_is_taken_waits_instead_of_fetching_again(share):
+    """Edited during the download, and the copy's name holds another file: no endless refetch."""
+    share.add_local("f.txt", b"ours, version 1", {US: 1})
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    theirs = b"their newer version"
+    record = file_record("f.txt", theirs, {US: 1, THEM: 1})
+    session.event_received(message({"type": "update", "revision": 2, "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    (share.root / "f.txt").write_bytes(b"edited here, not scanned yet")
+    taken = share.root / merge.conflict_record(record).path
+    taken.write_bytes(b"an unrelated file with the copy's name")
+    deliver_file(session, "f.txt", theirs)
+    clock.advance(1)
+    assert "get" not in connection.sent_types()  # tried again only after RETRY_AFTER
+    assert "f.txt" in sync.unresolved and not sync.in_sync
+    assert (share.root / "f.txt").read_bytes() == b"edited here, not scanned yet"
+    assert taken.read_bytes() == b"an unrelated file with the copy's name"
+    assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
