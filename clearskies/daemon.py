@@ -52,7 +52,8 @@ from clearskies.threads import ProcessRunner, SerialRunner, ThreadPoolRunner
 DEFAULT_LISTEN = "tcp:60106"
 """Where peers reach us unless told otherwise (the LAN announcement port, but TCP)."""
 
-FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses")
+FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
+            "revision_batches")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 RATE_INTERVAL = 1.0

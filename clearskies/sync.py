@@ -211,6 +211,12 @@ class ShareSync:
         self._lock = DeferredLock()
         self.pending_rmdirs: dict[str, FileRecord] = {}
         self.placeholders: set[str] = set()
+        # Records that could not be carried out yet (our file could not be moved aside
+        # for a conflict copy, or the disk refused): path -> (peer ID, its record).
+        # Merged again once the scanner records the path anew, when the peer sends it
+        # again, or after RETRY_AFTER; reported (and not in sync) until then.
+        self.unresolved: dict[str, tuple[str, FileRecord]] = {}
+        self._unresolved_call: Any = None
         self._retry_call: Any = None
         # Payloads received and being verified/installed (path -> session): out of
         # the request window, so the next files stream while the disk catches up.
@@ -274,9 +280,15 @@ class ShareSync:
         return self.wanted.bytes
 
     @property
+    def settled(self) -> bool:
+        """Every record merged so far is carried out: nothing to fetch, no conflict waiting."""
+        return not self.wanted and not self.unresolved
+
+    @property
     def in_sync(self) -> bool:
-        """Nothing to fetch and every connected peer has our latest revision."""
-        return not self.wanted and all(s.in_sync for s in self.sessions.values())
+        """Settled, nothing from a peer left to merge, every peer has our latest revision."""
+        return self.settled and all(s.in_sync and not s.merging
+                                    for s in self.sessions.values())
 
     # -- local changes -----------------------------------------------------------
 
@@ -284,7 +296,11 @@ class ShareSync:
                       moves: Iterable[tuple[str, FileRecord]] = ()) -> None:
         """The scanner found changes: tell every peer that has our manifest."""
         records = list(records)
+        retry: dict[str, list[FileRecord]] = {}
         for record in records:
+            waiting = self._settle(record.path)
+            if waiting is not None:
+                retry.setdefault(waiting[0], []).append(waiting[1])
             wanted = self.wanted.get(record.path)
             if wanted is not None and not record.same_content(wanted.record):
                 # A local edit supersedes what we were fetching; merge decides again later.
@@ -296,6 +312,45 @@ class ShareSync:
                     del self.pending_rmdirs[directory]
         for session in list(self.sessions.values()):
             session.push_changes(records, list(moves), revision)
+        for peer_id, remote in retry.items():
+            self._decide_again(peer_id, remote)
+
+    def _decide_again(self, peer_id: str, records: list[FileRecord]) -> None:
+        """Merge a peer's records again, against what the scanner has just recorded."""
+        session = self.sessions.get(peer_id)
+        if session is None:
+            # The peer is gone; it sends the path again when it is back.
+            for record in records:
+                self._unsettled(record.path, peer_id, record)
+            return
+        session.merge_again(records)
+
+    def _unsettled(self, path: str, peer_id: str, record: FileRecord) -> None:
+        """A peer's record for ``path`` could not be carried out: keep it, retry it later."""
+        self.unresolved.setdefault(path, (peer_id, record))
+        if self._unresolved_call is None:
+            self._unresolved_call = self.clock.callLater(RETRY_AFTER, self._retry_unresolved)
+
+    def _settle(self, path: str) -> tuple[str, FileRecord] | None:
+        """``path`` is being decided anew: no longer waiting."""
+        waiting = self.unresolved.pop(path, None)
+        if not self.unresolved and self._unresolved_call is not None:
+            if self._unresolved_call.active():
+                self._unresolved_call.cancel()
+            self._unresolved_call = None
+        return waiting
+
+    def _retry_unresolved(self) -> None:
+        self._unresolved_call = None
+        by_peer: dict[str, list[FileRecord]] = {}
+        for peer_id, record in self.unresolved.values():
+            by_peer.setdefault(peer_id, []).append(record)
+        for peer_id, records in by_peer.items():
+            session = self.sessions.get(peer_id)
+            if session is not None:
+                session.merge_again(records)
+        if self.unresolved:
+            self._unresolved_call = self.clock.callLater(RETRY_AFTER, self._retry_unresolved)
 
     # -- remote records ----------------------------------------------------------
 
@@ -320,6 +375,7 @@ class ShareSync:
             if self.share.is_ignored(remote.path):
                 continue
             session.remote_index[remote.path] = remote
+            self._settle(remote.path)  # decided anew below
             if remote.path in unread:
                 unread.discard(remote.path)  # a repeated path is read again, fresh
                 local = prefetched.get(remote.path)
@@ -349,11 +405,12 @@ class ShareSync:
                 self.refused(session, remote.path, str(e))
                 continue
             except OSError as e:
-                # Our disk refused a mkdir, a deletion or a move aside (read-only,
-                # no permission, full): nothing recorded, the peer's next
-                # announcement of it tries again; the rest of the batch goes on.
-                self._log.warn("could not apply {path} from {peer}: {why}", path=remote.path,
-                               peer=session.peer_id[:8], why=e.strerror or str(e))
+                # The disk refused (permissions, a full disk): this record waits and
+                # is tried again; the rest of the batch goes on.
+                self._log.warn("could not apply {path} from {peer}: {why}; trying again later",
+                               path=remote.path, peer=session.peer_id[:8],
+                               why=e.strerror or str(e))
+                self._unsettled(remote.path, session.peer_id, remote)
                 continue
             committed.extend(applied)
             # What the sender told us needs no echo; what we made of it (merged
@@ -487,8 +544,10 @@ class ShareSync:
     async def _rename_if_safe(self, source: str, destination: str, ours: FileRecord) -> bool:
         try:
             return await self.share.rename_local(source, destination, ours)
-        except UnsafePathError:
-            return False  # handled as delete + new file, which refuses the unsafe side
+        except (UnsafePathError, OSError):
+            # Handled as delete + new file, which refuses the unsafe side and
+            # keeps what the disk refuses for another try.
+            return False
 
     async def _apply(self, session: SyncSession, local: FileRecord | None, remote: FileRecord,
                      decision: merge.MergeDecision) -> list[FileRecord]:
@@ -517,8 +576,12 @@ class ShareSync:
         else:
             # Theirs takes the path; ours moves aside first, then theirs is fetched.
             if not local.deleted and not local.is_dir:
-                moved = await self.share.rename_local(local.path, conflict.path, local)
-                if moved:
+                kept = await self.share.get_record(conflict.path)
+                if kept is not None and not kept.deleted and kept.sha256 == local.sha256:
+                    # Our content already has its copy (a peer kept it so and we took
+                    # that record): theirs just replaces ours at the path.
+                    pass
+                elif await self.share.rename_local(local.path, conflict.path, local):
                     out.append(conflict)
                     # Until theirs arrives the path is empty here: record that (for the
                     # scanner), but tell nobody; it is a placeholder, not a deletion.
@@ -526,8 +589,17 @@ class ShareSync:
                                           vv=dict(local.vv)))
                     self.placeholders.add(local.path)
                 else:
-                    self._log.warn("could not move {path} aside for a conflict copy; keeping it",
-                                   path=local.path)
+                    # Changed here since the scan (or the copy's name is taken): neither
+                    # side may be dropped.  Decided again once the scanner has recorded
+                    # the path anew; until then the share is not in sync.
+                    self._unsettled(remote.path, session.peer_id, remote)
+                    if await self.share.get_record(local.path) != local:
+                        # The scanner has recorded the edit already: decide now.
+                        session.merge_again([remote])
+                    self._log.warn(
+                        "could not move {path} aside for a conflict copy (it changed here "
+                        "since the last scan, or {copy} is taken); deciding again after "
+                        "the next scan", path=local.path, copy=conflict.path)
                     return []
             out.extend(await self._take(session, decision.record))
         self._log.info("concurrent changes to {path}: kept both, copy at {copy}",
@@ -997,7 +1069,21 @@ class ShareSync:
         if result.status == CONFLICT:
             # The file changed here while we fetched it: keep both, ours at the path.
             conflict = merge.conflict_record(record)
-            kept = await receiver.keep_as(self.share.local_path(conflict.path))
+            try:
+                kept = await receiver.keep_as(self.share.local_path(conflict.path))
+            except FileExistsError:
+                # Another file has the copy's name: fetching again would end the same
+                # way.  Theirs waits and is merged again once the scanner has recorded
+                # our edit (a conflict then names the copy after the content it keeps).
+                receiver.abort(keep_partial=False)
+                wanted = self.wanted.pop(record.path, None)
+                sources = sorted(wanted.sources) if wanted is not None else []
+                if sources:
+                    self._unsettled(record.path, sources[0], record)
+                self._log.warn("{path} changed here while downloading and {copy} is taken "
+                               "by another file; deciding again after the next scan",
+                               path=record.path, copy=conflict.path)
+                return SUPERSEDED
             revision = await self.share.commit_remote(
                 [conflict], {conflict.path: (kept.size, kept.mtime_ns, kept.inode)})
             self.relay([conflict], revision, origin=None)
@@ -1066,7 +1152,9 @@ class SyncSession:
         self.peer_progress: dict[str, Any] | None = None
         self.messages_sent = 0
         self.last_sent_revision = 0  # the newest revision we sent this peer anything of
-        self.peer_revision_seen: Any = None
+        # The peer's newest revision whose changes are all merged here (what progress
+        # acknowledges); a revision that has only arrived, still queued, does not count.
+        self.peer_revision_merged: Any = None
         self._asked_revision: Any = None  # the revision our get_manifest named
         self.peer_addresses: list[str] = []  # from its last clearskies.addresses
         self._addresses_sent: list[str] = []
@@ -1075,7 +1163,9 @@ class SyncSession:
         self._building_manifest = False
         self._gets_queued: list[tuple[str, tuple[int, int] | None]] = []  # awaiting a lookup
         self._gets_looked_up = 0  # requests whose records are being read
-        self._inbox: list[tuple[str, list[Any]]] = []
+        # Batches waiting to be merged: [kind, items, revision they complete, manifest
+        # revision to remember once merged]; a revision counts only after its merge.
+        self._inbox: list[list[Any]] = []
         self._merging = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -1249,9 +1339,12 @@ class SyncSession:
         # We hold that revision completely (it was remembered only once its content
         # was all here), and this connection must hear so: the peer's view of us
         # starts afresh with each connection.
-        self._saw_revision(self._asked_revision)
-        if not self.sync.wanted:
-            self.send_progress()
+        revision = self._asked_revision
+        if isinstance(revision, int) and not isinstance(revision, bool) and (
+                not isinstance(self.peer_revision_merged, int)
+                or revision > self.peer_revision_merged):
+            self.peer_revision_merged = revision
+        self.send_progress()
 
     def _on_read_only_manifest_manifest(self, body: dict, event: wire.Message) -> None:
         """Extension: a read-only peer's signed manifests and which of their files it holds."""
@@ -1276,21 +1369,20 @@ class SyncSession:
             previous = records.get(record.path)
             records[record.path] = record if previous is None else merge.winner(previous, record)
         self.peer_revision = revision
-        self._saw_revision(revision)
-        # Remembered only once its content is all here (send_progress): a restart
-        # before then must ask for the whole manifest again, not "anything new?".
-        if body.get("more") is not True:
-            self._manifest_to_remember = revision
+        last_page = body.get("more") is not True
         for record in records.values():
             if not record.deleted and record.sha256:
                 self.acked[record.path] = record.sha256
-        self._receive(sorted(records.values(), key=lambda r: r.path))
+        # A paged manifest's revision is complete only with its last page; it is
+        # remembered (send_progress) only once its content is all here: a restart
+        # before then must ask for the whole manifest again, not "anything new?".
+        self._enqueue("records", sorted(records.values(), key=lambda r: r.path),
+                      revision if last_page else None, revision if last_page else None)
 
     def _on_update(self, body: dict, event: wire.Message) -> None:
         record = self._record(body.get("file"))
-        self._saw_revision(body.get("revision"))
-        if record is not None:
-            self._receive([record])
+        self._enqueue("records", [record] if record is not None else [],
+                      self._completes(body))
 
     def _record(self, entry: object) -> FileRecord | None:
         """A peer's file record, or None if a value in it is malformed or out of range.
@@ -1308,34 +1400,64 @@ class SyncSession:
                               str(e))
             return None
 
-    def _saw_revision(self, revision: Any) -> None:
-        if isinstance(revision, int) and not isinstance(revision, bool):
-            if not isinstance(self.peer_revision_seen, int) or revision > self.peer_revision_seen:
-                self.peer_revision_seen = revision
-
     def _on_move(self, body: dict, event: wire.Message) -> None:
         source = validate_wire_path(body.get("source"))
         destination = self._record(body.get("destination"))
-        self._saw_revision(body.get("revision"))
-        if destination is not None:
-            self._enqueue("moves", [(source, destination)])
+        self._enqueue("moves", [(source, destination)] if destination is not None else [],
+                      self._completes(body))
+
+    def _completes(self, body: dict) -> Any:
+        """The peer's revision whose changes have all arrived with this update or move.
+
+        With ``revision_batches`` every message of a revision but its last says
+        ``"more": true``: until the last, only the revisions before it are whole.
+        """
+        revision = body.get("revision")
+        if not isinstance(revision, int) or isinstance(revision, bool):
+            return None
+        if body.get("more") is True and self._batches_marked:
+            return revision - 1
+        return revision
+
+    @property
+    def _batches_marked(self) -> bool:
+        return "revision_batches" in (self.connection.established.features or ())
 
     def _receive(self, records: list[FileRecord]) -> None:
         self._enqueue("records", records)
 
-    def _enqueue(self, kind: str, items: list[Any]) -> None:
+    def merge_again(self, records: list[FileRecord]) -> None:
+        """Records of this peer whose merge could not be carried out: merge them again."""
+        self._receive(records)
+
+    def _enqueue(self, kind: str, items: list[Any], revision: Any = None,
+                 manifest_revision: Any = None) -> None:
         """Merge what arrives in order; what arrives during a merge waits and goes in one batch.
 
         A burst of 1,000 updates (a deleted directory) or moves (a renamed one)
         is thus applied in a few large batches: one database round trip and one
-        disk job each, instead of a thousand.
+        disk job each, instead of a thousand.  ``revision`` is the peer's
+        revision the items complete: it is acknowledged only once they are merged.
         """
+        if not (isinstance(revision, int) and not isinstance(revision, bool)):
+            revision = None
         if self._inbox and self._inbox[-1][0] == kind:
-            self._inbox[-1][1].extend(items)
+            batch = self._inbox[-1]
+            batch[1].extend(items)
         else:
-            self._inbox.append((kind, list(items)))
+            batch = [kind, list(items), None, None]
+            self._inbox.append(batch)
+        if revision is not None and (batch[2] is None or revision > batch[2]):
+            batch[2] = revision
+        if manifest_revision is not None:
+            batch[3] = manifest_revision
         if not self._merging:
             self._merge_inbox()
+
+    @property
+    def merging(self) -> bool:
+        """Records from this peer are still waiting to be merged, or being merged."""
+        return self._merging or bool(self._inbox)
 
     def _merge_inbox(self) -> None:
         if not self._inbox or not self.alive:
@@ -1352,13 +1474,24 @@ class SyncSession:
                 self._merge_inbox()
             waiting.addBoth(resume)
             return
-        kind, items = self._inbox.pop(0)
+        kind, items, revision, manifest_revision = self._inbox.pop(0)
         self._merging = True
         if kind == "moves":
             d = self.sync.receive_moves(self, items)
         else:
             d = self.sync.receive_records(self, items)
-        d.addCallback(lambda _: self.send_progress() if not self.sync.wanted else None)
+
+        def merged(_: object) -> None:
+            # Changes go out in revision order, so all up to ``revision`` are merged now.
+            if revision is not None and (not isinstance(self.peer_revision_merged, int)
+                                         or revision > self.peer_revision_merged):
+                self.peer_revision_merged = revision
+            if manifest_revision is not None:
+                self._manifest_to_remember = manifest_revision
+            self._merging = False
+            self.send_progress()
+
+        d.addCallback(merged)
         d.addErrback(self._fail, "merging records")
 
         def next_batch(_: object) -> None:
@@ -1498,15 +1631,22 @@ class SyncSession:
                               "bytes": size if isinstance(size, int) else 0}
 
     def send_progress(self) -> None:
-        """Tell the peer which of its revisions we hold completely (extension message)."""
-        if self._manifest_to_remember is not None and not self.sync.wanted:
+        """Tell the peer which of its revisions we hold completely (extension message).
+
+        Only once every change up to that revision is carried out: merged,
+        renamed or deleted on disk, downloaded, and no conflict left to settle.
+        Until then nothing is sent; the acknowledgement that was last sent stands.
+        """
+        if not self.sync.settled:
+            return
+        if self._manifest_to_remember is not None:
             self.sync.share.peer_manifest_seen(self.peer_id, self._manifest_to_remember)
             self._manifest_to_remember = None
         if "progress" not in (self.connection.established.features or ()):
             return
-        if not isinstance(self.peer_revision_seen, int):
+        if not isinstance(self.peer_revision_merged, int):
             return
-        self._send({"type": "clearskies.progress", "revision": self.peer_revision_seen,
+        self._send({"type": "clearskies.progress", "revision": self.peer_revision_merged,
                     "items": self.sync.items_to_download,
                     "bytes": self.sync.bytes_to_download})
 
@@ -1582,27 +1722,32 @@ class SyncSession:
             return
         moved_to = {dest.path: source for source, dest in moves}
         moved_from = set(moved_to.values())
-        sent_before = self.messages_sent
+        out: list[dict[str, Any]] = []
         for record in records:
             if not self._shareable(record):
                 continue
             if record.deleted and record.path in moved_from:
                 continue  # carried by the move message
             if record.path in moved_to:
-                self._send({
+                out.append({
                     "type": "move", "revision": revision, "source": moved_to[record.path],
                     "destination": record.to_wire()})
                 if self._reference_peer():
                     # Peers without move support still need the deletion.
-                    self._send({
+                    out.append({
                         "type": "update", "revision": revision,
                         "file": FileRecord(path=moved_to[record.path], utime=record.utime,
                                            deleted=True, vv=dict(record.vv)).to_wire()})
                 continue
-            self._send(
-                {"type": "update", "revision": revision, "file": record.to_wire()})
+            out.append({"type": "update", "revision": revision, "file": record.to_wire()})
+        if self._batches_marked:
+            # Extension revision_batches: the peer knows when it holds all of a revision.
+            for body in out[:-1]:
+                body["more"] = True
+        for body in out:
+            self._send(body)
         self.manifest_sent_revision = max(self.manifest_sent_revision, revision)
-        if self.messages_sent > sent_before:
+        if out:
             self.last_sent_revision = max(self.last_sent_revision, revision)
 
     def _flush_queued(self) -> None:

@@ -20,6 +20,7 @@ from twisted.internet.testing import StringTransport
 from clearskies import sync as sync_module
 from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.share import merge
 from clearskies.share.records import FileRecord
 from clearskies.sync import (
     MAX_WAITING_GETS, RETRY_AFTER, ShareSync, SyncSession, Wanted, WantedFiles)
@@ -812,3 +813,154 @@ def test_records_wait_until_the_local_files_are_recorded(tmp_path):
     share.scanned.callback(None)
     requests = [e.body for e in connection.sent() if isinstance(e, wire.Message)]
     assert {"type": "get", "path": "hello.txt"} in requests
+
+def _progress(connection: FakeConnection) -> list[int]:
+    return [e.body["revision"] for e in connection.sent()
+            if isinstance(e, wire.Message) and e.type == "clearskies.progress"]
+
+
+def test_a_revision_is_acknowledged_only_once_all_its_messages_are_merged(share):
+    """With revision_batches, "more": true holds the revision's acknowledgement back."""
+    features = ("vv", "progress", "revision_batches")
+    sync, session, connection = open_session(share, Clock(), features=features)
+    connection.sent()
+    for index, more in enumerate((True, True, False)):
+        tombstone = FileRecord(path="gone%d" % index, utime=20.0, deleted=True, vv={THEM: 1})
+        body = {"type": "update", "revision": 7, "file": tombstone.to_wire()}
+        if more:
+            body["more"] = True
+        session.event_received(message(body))
+        assert max(_progress(connection), default=0) == (7 if not more else 6)
+
+
+def test_a_revision_is_acknowledged_only_once_its_files_are_downloaded(share):
+    """A merged update whose content is still to fetch is not acknowledged yet."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    data = b"content to fetch"
+    record = file_record("f.txt", data, {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 3, "file": record.to_wire()}))
+    assert _progress(connection) == [] and not sync.in_sync
+    deliver_file(session, "f.txt", data)
+    assert _progress(connection) == [3]
+
+
+def test_changes_of_one_revision_are_marked_as_a_batch(share):
+    """To revision_batches peers, every message of a revision but the last says "more"."""
+    sync, session, connection = open_session(
+        share, Clock(), features=("vv", "progress", "revision_batches"))
+    session.event_received(message({"type": "get_manifest"}))
+    connection.sent()
+    records = [share.add_local(name, name.encode(), {US: 1}) for name in ("a", "b", "c")]
+    sync.local_changes(records, share.rev)
+    sent = [e.body for e in connection.sent()]
+    assert [b.get("more") for b in sent] == [True, True, None]
+    old_connection = FakeConnection(peer_id=OTHER, port=6000)
+    old_session = SyncSession(sync, old_connection)
+    old_session.start(None)
+    old_session.event_received(message({"type": "get_manifest"}))
+    old_connection.sent()
+    more = share.add_local("d", b"d", {US: 1})
+    sync.local_changes([more, records[0]], share.rev)
+    assert [b.get("more") for b in (e.body for e in connection.sent())] == [True, None]
+    old_sent = [e.body for e in old_connection.sent()]
+    assert len(old_sent) == 2 and all("more" not in b for b in old_sent)
+
+
+def test_changes_still_waiting_to_be_merged_keep_the_share_out_of_sync(tmp_path):
+    """While a peer's batch waits on its merge, neither status nor progress says it is done."""
+    share = SlowLookupShare(tmp_path)
+    share.add_local("a.txt", b"a", {US: 1})
+    share.add_local("b.txt", b"b", {US: 1})
+    sync, session, connection = open_session(share, Clock())
+    session.event_received(message({"type": "get_manifest"}))
+    session.event_received(message({"type": "clearskies.progress", "revision": share.rev,
+                                    "items": 0, "bytes": 0}))
+    connection.sent()
+    assert sync.in_sync
+    tombstones = [FileRecord(path=p, utime=30.0, deleted=True, vv={US: 1, THEM: 1})
+                  for p in ("a.txt", "b.txt")]
+    session.event_received(message({"type": "manifest", "peer": THEM, "revision": 4,
+                                    "files": [t.to_wire() for t in tombstones]}))
+    assert session.merging and not sync.in_sync
+    assert _progress(connection) == []
+    share.answer(0)
+    assert not session.merging and sync.in_sync
+    assert _progress(connection) == [4]
+    assert not (tmp_path / "a.txt").exists()
+
+
+class RefusingShare(MemoryShare):
+    """A share whose disk refuses to create one directory until told otherwise."""
+
+    refuse = "locked"
+
+    def make_directory(self, path: str, mode: int | None):
+        if path == self.refuse:
+            raise PermissionError(13, "Permission denied")
+        return super().make_directory(path, mode)
+
+
+def test_a_record_the_disk_refuses_waits_and_is_tried_again(tmp_path):
+    """One refused record neither drops its batch nor is acknowledged; it is retried."""
+    share = RefusingShare(tmp_path)
+    share.add_local("x", b"x", {US: 1})
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    batch = [FileRecord(path="locked", utime=30.0, is_dir=True, vv={THEM: 1}),
+             FileRecord(path="x", utime=30.0, deleted=True, vv={US: 1, THEM: 1})]
+    session.event_received(message({"type": "manifest", "peer": THEM, "revision": 6,
+                                    "files": [r.to_wire() for r in batch]}))
+    assert not (tmp_path / "x").exists()  # the rest of the batch went on
+    assert list(sync.unresolved) == ["locked"] and not sync.in_sync
+    assert _progress(connection) == []
+    share.refuse = ""
+    clock.advance(31)
+    assert (tmp_path / "locked").is_dir() and share.records["locked"].is_dir
+    assert sync.unresolved == {} and _progress(connection) == [6]
+    assert not clock.getDelayedCalls()
+
+
+class RenameRefusingShare(MemoryShare):
+    def rename_local(self, source: str, destination: str, decided_on: Any = None):
+        raise PermissionError(13, "Permission denied")
+
+
+def test_a_move_the_disk_refuses_goes_the_long_way(tmp_path):
+    """A rename that fails on disk becomes a new file plus a deletion, not a lost move."""
+    share = RenameRefusingShare(tmp_path)
+    share.add_local("a", b"content of a", {THEM: 1})
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    session.event_received(message({"type": "move", "revision": 3, "source": "a",
+                                    "destination": file_record("new/a", b"content of a",
+                                                               {THEM: 2}).to_wire()}))
+    assert share.records["a"].deleted
+    assert _progress(connection) == []  # not acknowledged before new/a is here
+    deliver_file(session, "new/a", b"content of a")
+    assert share.records["new/a"].sha256 == sha(b"content of a")
+    assert (tmp_path / "new" / "a").read_bytes() == b"content of a"
+    assert _progress(connection) == [3]
+
+
+def test_a_download_whose_copy_name_is_taken_waits_instead_of_fetching_again(share):
+    """Edited during the download, and the copy's name holds another file: no endless refetch."""
+    share.add_local("f.txt", b"ours, version 1", {US: 1})
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    theirs = b"their newer version"
+    record = file_record("f.txt", theirs, {US: 1, THEM: 1})
+    session.event_received(message({"type": "update", "revision": 2, "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    (share.root / "f.txt").write_bytes(b"edited here, not scanned yet")
+    taken = share.root / merge.conflict_record(record).path
+    taken.write_bytes(b"an unrelated file with the copy's name")
+    deliver_file(session, "f.txt", theirs)
+    clock.advance(1)
+    assert "get" not in connection.sent_types()  # tried again only after RETRY_AFTER
+    assert "f.txt" in sync.unresolved and not sync.in_sync
+    assert (share.root / "f.txt").read_bytes() == b"edited here, not scanned yet"
+    assert taken.read_bytes() == b"an unrelated file with the copy's name"
+    assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]

@@ -16,6 +16,7 @@ from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.errors import AccessCodeError, ClearSkiesError
+from clearskies.sync import RETRY_AFTER
 
 if TYPE_CHECKING:
     from clearskies.daemon import Daemon
@@ -266,12 +267,21 @@ class DaemonCommands(CommandDispatcher):
             and (not runtime.signing.read_only or runtime.matches_share_version),
             "skipped": runtime.service.scanner.skipped.count,
         }
+        if sync.unresolved:
+            # Peers' changes not carried out yet, tried again (protocol/sync.md).
+            summary["conflicts_waiting"] = sorted(sync.unresolved)[:20]
         if status.reason:
             summary["problem"] = status.reason
         else:
             # Downloads the local disk refused (full, read-only, …): the share
             # syncs what it can, and says what waits and what to do.
             summary.update(sync.disk_status())
+            if sync.unresolved and "problem" not in summary:
+                summary["problem"] = (
+                    "%d change(s) from peers could not be applied yet (a conflict with a file "
+                    "edited since the last scan, or a disk error: see `clearskies log`); they "
+                    "are tried again after the next scan of their paths (`clearskies scan`) "
+                    "and every %d s" % (len(sync.unresolved), RETRY_AFTER))
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
             summary["share_files_missing"] = len(runtime.missing)

@@ -1,0 +1,110 @@
+""""In sync" means the trees match: status and ``clearskies wait`` after big batches.
+
+A renamed directory of 1,000 files and 1,000 deletions reach the peer as
+bursts of moves and updates; while the peer still holds some of them in its
+queues, the sending side must not call it in sync.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import assert_trees_equal, tree_snapshot, wait_same_trees, wait_until
+
+pytestmark = pytest.mark.slow
+
+FILES = 1000
+SETTLE_TIMEOUT = 120.0
+
+
+def _status(daemon, path: Path) -> dict:
+    return daemon.control_request({"type": ".clearskies.share_status", "path": str(path)})
+
+
+def _start_wait(daemon, path: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "clearskies.cli", "--data-dir", str(daemon.data_dir),
+            "wait", str(path), "--timeout", str(SETTLE_TIMEOUT)]
+    return subprocess.Popen(argv, env=daemon.env, cwd=daemon.base, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _same_trees(a: Path, b: Path, when: str) -> None:
+    try:
+        assert_trees_equal(a, b)
+    except AssertionError as e:
+        raise AssertionError("%s, but %s" % (when, e)) from None
+
+
+def _watch_until_in_sync(alice, a: Path, b: Path) -> None:
+    """Poll Alice's status every few ms and run ``wait``: neither may say "in sync" early."""
+    waiter = _start_wait(alice, a)
+    wait_checked = status_checked = False
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    try:
+        while not (wait_checked and status_checked):
+            assert time.monotonic() < deadline, "never in sync"
+            if not wait_checked and waiter.poll() is not None:
+                assert waiter.returncode == 0, waiter.stderr.read()
+                # wait returned: the trees match now, or it returned too early.
+                _same_trees(a, b, "clearskies wait returned")
+                wait_checked = True
+            if not status_checked:
+                status = _status(alice, a)
+                (peer,) = [p for p in status["peers"] if p["connected"]]
+                if status["in_sync"] or peer["in_sync"]:
+                    _same_trees(a, b, "status said in sync (acknowledged revision %s of %s)"
+                                % (peer["acknowledged_revision"], status["revision"]))
+                    status_checked = True
+            time.sleep(0.003)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        waiter.wait()
+        waiter.stderr.close()
+
+
+def _pair_holding(daemon_factory, files: dict[str, bytes]):
+    alice = daemon_factory("alice")
+    bob = daemon_factory("bob")
+    a, b = Path(alice.shares), Path(bob.shares)
+    for name, data in files.items():
+        (a / name).parent.mkdir(parents=True, exist_ok=True)
+        (a / name).write_bytes(data)
+    code = alice.cli_json("share", str(a))["access_code"]
+    bob.cli("attach", code, str(b), "--peer", alice.address)
+    wait_same_trees(alice, bob, SETTLE_TIMEOUT)
+    wait_until(lambda: _status(alice, a)["in_sync"], timeout=SETTLE_TIMEOUT)
+    return alice, bob, a, b
+
+
+def _files(seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {"tree/%02d/f%04d.txt" % (i % 10, i): rng.randbytes(rng.randrange(1, 400))
+            for i in range(FILES)}
+
+
+def test_a_renamed_directory_is_in_sync_only_once_the_peer_renamed_it(daemon_factory):
+    """After renaming 1,000 files' directory, status and wait say in sync only once trees match."""
+    alice, bob, a, b = _pair_holding(daemon_factory, _files(1))
+    os.rename(a / "tree", a / "renamed")
+    alice.cli("scan", str(a))
+    _watch_until_in_sync(alice, a, b)
+    assert not (b / "tree").exists()
+    assert len(tree_snapshot(b)) == len(tree_snapshot(a))
+
+
+def test_deletions_are_in_sync_only_once_the_peer_deleted_them(daemon_factory):
+    """After 1,000 deletions and a scan, status and wait say in sync only once trees match."""
+    alice, bob, a, b = _pair_holding(daemon_factory, _files(2))
+    for path in sorted((a / "tree").rglob("*.txt")):
+        path.unlink()
+    alice.cli("scan", str(a))
+    _watch_until_in_sync(alice, a, b)
+    assert not list((b / "tree").rglob("*.txt"))
