@@ -601,7 +601,7 @@ HOSTILE_LINES = {
     "long get, type last": _fill(b'{"path":"', b"\\u0041", b'","type":"get"}'),
     "huge integer": b'{"type":"ping","timeout":1' + b"0" * 100_000 + b"}",
     "huge exponent": b'{"type":"ping","timeout":1e999999}',
-    "type given twice": b'{"type":"ping","pad":"' + b"a" * 2000 + b'","type":"manifest"}',
+    "ping outgrowing its type": b'{"type":"ping","pad":"' + b"a" * 2000 + b'"}',
 }
 
 
@@ -632,14 +632,29 @@ def test_hostile_lines_refused_at_small_cost(name):
     assert elapsed < 0.5, "%s: %.3f s" % (name, elapsed)
 
 
-def test_hostile_line_refused_before_it_is_buffered_whole():
+@pytest.mark.parametrize("prefix", [b"", b"!", b"$", b"$!"])
+def test_hostile_line_refused_before_it_is_buffered_whole(prefix):
     """A line that starts as a small type fails as soon as it outgrows that type."""
     decoder = WireDecoder(type_limits=SESSION_TYPE_LIMITS)
-    decoder.receive_data(b'{"type":"get","path":"' + b"a" * 16_000)
+    decoder.receive_data(prefix + b'{"type":"get","path":"' + b"a" * 16_000)
     assert decoder.next_event() is None
     decoder.receive_data(b"a" * 1000)
     with pytest.raises(WireError, match="'get' message is over the 16384 bytes"):
         decoder.next_event()
+    assert decoder.buffered == 0
+
+
+def test_sniffed_type_must_be_the_parsed_type():
+    """A line held to the limit of the type it starts with may not end as another type."""
+    decoder = WireDecoder(type_limits=SESSION_TYPE_LIMITS)
+    decoder.receive_data(b'{"type":"ping","pad":"' + b"a" * 200 + b'","type":"manifest"}')
+    assert decoder.next_event() is None
+    decoder.receive_data(b"\n")
+    with pytest.raises(WireError, match="states its type twice"):
+        decoder.next_event()
+    [ok] = decode_all(b'{"type":"ping","pad":"' + b"a" * 200 + b'","type":"ping"}\n',
+                      type_limits=SESSION_TYPE_LIMITS)
+    assert ok.type == "ping"
 
 
 def test_type_limits_after_parsing():
