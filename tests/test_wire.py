@@ -679,8 +679,8 @@ def test_signature_line_limit():
 def _largest_record(path_bytes: int = MAX_PATH_BYTES) -> dict:
     """A file record as large as our own code can make one (path, hashes, full vv)."""
     from clearskies.share.records import FileRecord
-    path = ("d" * 200 + "/") * (path_bytes // 201) + '"' * (path_bytes % 201 - 1)
-    path = path[:path_bytes]
+    # Quotes are escaped, so this is the longest a path's JSON gets as we write it.
+    path = ('"' * 255 + "/") * (path_bytes // 256 - 1) + '"' * 255
     record = FileRecord(
         path=path, utime=1795715305.0485027, size=2**63 - 1,
         mtime=(9_223_372_035, 999_999_999), mode=0o100755, sha256="f" * 64,
