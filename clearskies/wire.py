@@ -303,8 +303,7 @@ class WireDecoder:
         self._check_usable()
         rest = _copy(self._buf, self._pos, len(self._buf))
         self._buf = b""
-        self._pos = 0
-        self._scanned = 0
+        self._advance(0)
         return rest
 
     @property
