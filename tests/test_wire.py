@@ -713,11 +713,14 @@ def test_largest_messages_we_send_fit_their_types():
         assert message.body == body
 
 
-def test_legacy_whole_manifest_of_sixteen_mib_passes():
+@pytest.mark.parametrize("entry", [
+    '{"path":"photos/2014/IMG_%06d.JPG","utime":1795715305.0485027,"size":2048576,'
+    '"mtime":[1795715305,48502700],"mode":"100644","sha256":"' + "a" * 64 + '",'
+    '"id":"' + "b" * 32 + '","key":"' + "c" * 64 + '"}',
+    '{"path":"d/%06d","utime":1795715305.0485027,"deleted":true,"id":"' + "b" * 32 + '"}',
+], ids=["files", "deletions"])
+def test_legacy_whole_manifest_of_sixteen_mib_passes(entry):
     """A reference peer's whole manifest in one line of almost 16 MiB is still accepted."""
-    entry = ('{"path":"photos/2014/IMG_%06d.JPG","utime":1795715305.0485027,"size":2048576,'
-             '"mtime":[1795715305,48502700],"mode":"100644","sha256":"' + "a" * 64 + '",'
-             '"id":"' + "b" * 32 + '","key":"' + "c" * 64 + '"}')
     head = '{"files":['
     tail = '],"peer":"' + "d" * 32 + '","type":"manifest","version":1795715305.0485027}'
     count = (_SIXTEEN_MIB - len(head) - len(tail)) // (len(entry % 0) + 1)

@@ -41,7 +41,7 @@ SHAPES: dict[str, Callable[[], bytes]] = {
 WITHIN_BOUNDS: dict[str, Callable[[], bytes]] = {
     # Within every bound of a manifest: parsed like a legitimate one of its size;
     # the sync layer then skips its records (they are not objects).
-    "short strings": lambda: _fill(b'{"type":"manifest","files":[', b'"ab",' + b" " * 12,
+    "short strings": lambda: _fill(b'{"type":"manifest","files":[', b'"ab",' + b" " * 4,
                                    b'"ab"]}'),
 }
 """Lines no bound refuses: what the worst legitimate-looking message costs."""

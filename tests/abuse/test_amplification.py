@@ -60,7 +60,7 @@ def test_hostile_lines_after_the_handshake(daemon_factory, tmp_path):
     assert all(r["closed"] for r in results), results
     assert alice.running
     log = alice.log_path.read_text()
-    for reason in ("JSON values, more than the 1048576 allowed", "levels deep",
+    for reason in ("JSON values, more than the 2097152 allowed", "levels deep",
                    "'get' message is over the 16384 bytes",
                    "'get' message of 16777212 bytes is over the 16384 bytes",
                    "'ping' message is over the 1024 bytes", "number out of range",
