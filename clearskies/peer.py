@@ -9,11 +9,13 @@ except ``ping`` to ``session.event_received``.
 
 Protection of the listening side (REFERENCE §5.8): a handshake must finish
 within ``handshake_timeout`` seconds; handshake messages may be at most
-``HANDSHAKE_MAX_LINE`` bytes; at most ``max_unauthenticated`` connections may
-be in their handshake at once; an address whose handshakes keep failing is
-refused at once for an exponentially growing time (:class:`FailureLimiter`).
+``HANDSHAKE_MAX_LINE`` bytes and ``HANDSHAKE_MAX_ITEMS`` JSON values; at most
+``max_unauthenticated`` connections may be in their handshake at once; an
+address whose handshakes keep failing is refused at once for an exponentially growing time (:class:`FailureLimiter`).
 Any protocol error closes only the connection that carried it, with the
-reason logged.
+reason logged.  After the handshake each message may hold what its type
+needs (:data:`~clearskies.wire.SESSION_TYPE_LIMITS`), and no line may cost
+more to parse than :data:`~clearskies.wire.MAX_ITEMS` values.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ from clearskies.handshake import (
     StartTLS,
 )
 from clearskies.tls import psk_client_creator, psk_server_creator
-from clearskies.wire import Event, Message, WireDecoder, encode
+from clearskies.wire import SESSION_TYPE_LIMITS, Event, Message, WireDecoder, encode
 
 __all__ = [
-    "HANDSHAKE_TIMEOUT", "PING_TIMEOUT", "HANDSHAKE_MAX_LINE", "MAX_UNAUTHENTICATED",
+    "HANDSHAKE_TIMEOUT", "PING_TIMEOUT", "HANDSHAKE_MAX_LINE", "HANDSHAKE_MAX_ITEMS",
+    "MAX_UNAUTHENTICATED",
     "Session", "SessionFactory", "FailureLimiter", "PeerSettings",
     "PeerProtocol", "PeerServerFactory", "PeerClientFactory", "connect_peer",
 ]
@@ -64,6 +67,9 @@ MAX_PING_TIMEOUT = 3600
 
 HANDSHAKE_MAX_LINE = 256 * 1024
 """Longest line accepted before the handshake is done (the keys message is a few KiB)."""
+
+HANDSHAKE_MAX_ITEMS = 1024
+"""JSON values a handshake message may hold (``greeting`` lists at most 64 features)."""
 
 MAX_UNAUTHENTICATED = 64
 """Connections allowed in their handshake at once, per listening factory."""
@@ -226,7 +232,8 @@ class PeerProtocol(Protocol):
             self._machine = Handshake.client(
                 settings.keyring, target, settings.name,
                 software=settings.software, features=settings.features)
-        self._decoder = WireDecoder(max_line_length=HANDSHAKE_MAX_LINE)
+        self._decoder = WireDecoder(
+            max_line_length=HANDSHAKE_MAX_LINE, max_items=HANDSHAKE_MAX_ITEMS)
         self.established: Established | None = None
         self.session: Session | None = None
         self.peer_address = "?"
@@ -446,7 +453,7 @@ class PeerProtocol(Protocol):
             self._deadline.cancel()
         self._deadline = None
         rest = self._decoder.take_unprocessed()
-        self._decoder = WireDecoder()
+        self._decoder = WireDecoder(type_limits=SESSION_TYPE_LIMITS)
         self._decoder.receive_data(rest)
         self._report_handshake(success=True)
         self._log.info(

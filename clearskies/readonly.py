@@ -30,8 +30,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from clearskies import jsonshape, wire
 from clearskies import keys as keys_module
-from clearskies import wire
 from clearskies.errors import ProtocolError
 from clearskies.share import merge
 from clearskies.share.records import FileRecord
@@ -181,12 +181,19 @@ class SignedMessage:
     body: dict = field(compare=False, hash=False)
 
     @classmethod
-    def parse(cls, text: bytes, signature: bytes) -> SignedMessage:
-        """ProtocolError unless ``text`` is a JSON object of a signed type."""
-        try:
-            body = json.loads(text)
-        except ValueError:
-            raise ProtocolError("signed text is not JSON") from None
+    def parse(cls, text: bytes, signature: bytes, body: dict | None = None) -> SignedMessage:
+        """ProtocolError unless ``text`` is a JSON object of a signed type.
+
+        ``body`` is ``text`` already decoded (by the wire decoder), if it was;
+        otherwise parsing is bounded as for a wire message (``protocol/wire.md``).
+        """
+        if body is None:
+            try:
+                body = jsonshape.loads(text, wire.MAX_ITEMS, wire.MAX_DEPTH)
+            except jsonshape.ShapeError as e:
+                raise ProtocolError("signed text refused: %s" % (e,)) from None
+            except ValueError:
+                raise ProtocolError("signed text is not JSON") from None
         if not isinstance(body, dict) or body.get("type") not in SIGNED_TYPES:
             raise ProtocolError("signed text is not a manifest, update or move")
         message = cls(text, signature, body)
@@ -231,16 +238,8 @@ class SignedMessage:
 
     @classmethod
     def from_source_text(cls, value: object) -> SignedMessage:
-        if not isinstance(value, str) or "\n" not in value:
-            raise ProtocolError("a read_only_manifest source needs text and a signature line")
-        text, _, encoded = value.rstrip("\n").rpartition("\n")
-        try:
-            signature = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise ProtocolError("source signature is not base64") from None
-        if not text or not signature:
-            raise ProtocolError("empty source manifest or signature")
-        return cls.parse(text.encode("utf-8"), signature)
+        """A source of ``read_only_manifest.manifest`` (verify it first: :func:`split_source_text`)."""
+        return cls.parse(*split_source_text(value))
 
     def records(self) -> list[FileRecord]:
         """The records the message states (a move: destination then source tombstone)."""
@@ -273,6 +272,24 @@ def sign_body(private_pem: bytes, body: dict) -> bytes:
     """The ``$`` wire bytes of ``body`` signed with ``private_pem``."""
     text = wire.dumps(body)
     return wire.encode_signed(text, keys_module.sign(private_pem, text))
+
+
+def split_source_text(value: object) -> tuple[bytes, bytes]:
+    """The signed text and the signature of a ``read_only_manifest`` source, unparsed.
+
+    The signature can be checked before the text is parsed, so that a peer
+    without the key cannot make us parse anything.
+    """
+    if not isinstance(value, str) or "\n" not in value:
+        raise ProtocolError("a read_only_manifest source needs text and a signature line")
+    text, _, encoded = value.rstrip("\n").rpartition("\n")
+    try:
+        signature = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("source signature is not base64") from None
+    if not text or not signature:
+        raise ProtocolError("empty source manifest or signature")
+    return text.encode("utf-8", "surrogatepass"), signature
 
 
 def verify(public_pem: bytes, text: bytes, signature: bytes | None) -> bool:
@@ -622,7 +639,8 @@ class ShareSigning:
             return False
         if self.access != READ_WRITE:
             assert message.signature is not None
-            self._keep(session, SignedMessage.parse(message.text, message.signature))
+            self._keep(session, SignedMessage.parse(message.text, message.signature,
+                                                    message.body))
         return True
 
     def _dropped(self, session: Any, kind: str, why: str) -> None:
@@ -651,11 +669,15 @@ class ShareSigning:
         for source in sources:
             if not isinstance(source, dict):
                 raise ProtocolError("read_only_manifest source must be an object")
-            message = SignedMessage.from_source_text(source.get("manifest"))
-            if message.type != MANIFEST or not verify(self._public(), message.text,
-                                                      message.signature):
+            text, signature = split_source_text(source.get("manifest"))
+            if not verify(self._public(), text, signature):
                 self._dropped(session, RO_MANIFEST, "source manifest " + (
                     metadata_verdict(self.access, peer_access, True, False) or ""))
+                continue
+            message = SignedMessage.parse(text, signature)
+            if message.type != MANIFEST:
+                self._dropped(session, RO_MANIFEST, "source is a signed %s, not a manifest"
+                              % (message.type,))
                 continue
             try:
                 bitmask = base64.b64decode(source.get("bitmask", ""), validate=True)

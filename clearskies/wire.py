@@ -9,7 +9,10 @@ the tests and the benchmarks all drive exactly the same code.
 Every buffer is bounded: a line may hold at most ``max_line_length`` bytes,
 and payload bytes are handed on as soon as they arrive instead of being
 collected, so the decoder never holds more than about one line plus one
-``receive_data()`` argument.
+``receive_data()`` argument.  What a line may cost once parsed is bounded
+too: at most ``max_items`` JSON values nested at most ``max_depth`` deep,
+checked before the JSON parser runs (:mod:`clearskies.jsonshape`), and, with
+``type_limits``, at most as many bytes as its message type needs.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
+from clearskies import jsonshape
 from clearskies.errors import WireError
 
 __all__ = [
-    "MAX_LINE_LENGTH", "MAX_CHUNK_SIZE", "SEND_CHUNK_SIZE", "PAYLOAD_END",
+    "MAX_LINE_LENGTH", "MAX_SIGNATURE_LINE", "MAX_ITEMS", "MAX_DEPTH", "TypeLimits",
+    "SESSION_TYPE_LIMITS", "MAX_CHUNK_SIZE", "SEND_CHUNK_SIZE", "PAYLOAD_END",
     "Message", "PayloadChunk", "PayloadEnd", "Event", "WireDecoder",
     "dumps", "encode", "encode_payload_start", "encode_chunk_header",
     "encode_chunk", "encode_with_payload", "encode_signed",
@@ -33,8 +39,60 @@ __all__ = [
 MAX_LINE_LENGTH = 16 * 1024 * 1024
 """Most bytes one line (message or signature, prefix included, newline not) may hold."""
 
+MAX_SIGNATURE_LINE = 4096
+"""Most bytes a signature line may hold (base64 of a 16,384-bit RSA signature fits)."""
+
+MAX_ITEMS = 1 << 21
+"""Most JSON values one message may hold, as counted before parsing (``jsonshape``).
+
+A legacy peer's whole manifest in one 16 MiB line holds up to about 1.5
+million: 55,000 full records of 19 values, or 160,000 deletions of 9 (a
+record per 100 bytes).  Every value costs the parser at most about 80 bytes."""
+
+MAX_DEPTH = 32
+"""Deepest nesting of arrays and objects in a message (ours nest at most 4 deep)."""
+
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 """Largest payload chunk we accept."""
+
+
+@dataclass(frozen=True)
+class TypeLimits:
+    """Most bytes a message's JSON text may hold, by its ``type``."""
+
+    limits: Mapping[str, int] = field(default_factory=dict)
+    default: int = MAX_LINE_LENGTH
+    """For types not listed (unknown ones are passed on, and ignored above)."""
+
+    def for_type(self, kind: str) -> int:
+        return self.limits.get(kind, self.default)
+
+
+_PATH_MESSAGE = 16 * 1024
+_RECORD_MESSAGE = 128 * 1024
+
+SESSION_TYPE_LIMITS = TypeLimits({
+    # A whole manifest in one message (legacy peers; signed pages kept and
+    # relayed verbatim) and a read-only peer's sources may need the whole line.
+    "manifest": MAX_LINE_LENGTH,
+    "read_only_manifest.manifest": MAX_LINE_LENGTH,
+    # One record: a 4,096-byte path (twice that when escaped), hashes, and a
+    # version vector of up to 1,024 entries (about 57 KB); a move adds its source.
+    "update": _RECORD_MESSAGE,
+    "move": _RECORD_MESSAGE,
+    # A path and a few numbers or a short reason.
+    "get": _PATH_MESSAGE,
+    "get_error": _PATH_MESSAGE,
+    "file_data": _PATH_MESSAGE,
+    # At most 8 addresses.
+    "clearskies.addresses": 4096,
+    # A few numbers.
+    "ping": 1024,
+    "get_manifest": 1024,
+    "manifest_current": 1024,
+    "clearskies.progress": 1024,
+}, default=64 * 1024)
+"""What each message type after the handshake may hold (``protocol/wire.md``)."""
 
 SEND_CHUNK_SIZE = 1024 * 1024
 """Size of the payload chunks we send."""
@@ -96,25 +154,52 @@ def _parse_float(literal: str) -> float:
     return value
 
 
-def _parse_body(text: bytes) -> dict:
-    """Decode one message's JSON text, refusing anything the framing forbids."""
+def _parse_body(text: bytes, max_items: int | None = MAX_ITEMS, max_depth: int = MAX_DEPTH,
+                type_limits: TypeLimits | None = None, sniffed: str | None = None) -> dict:
+    """Decode one message's JSON text, refusing anything the framing forbids.
+
+    The cost is bounded before the parser runs (:func:`jsonshape.loads`;
+    ``max_items`` None when the caller counted already); the per-type size
+    is checked once the type is known.  ``sniffed`` is the type the line's
+    start stated (:func:`_sniff_type`), which the body must keep.
+    """
     try:
-        decoded = text.decode("utf-8")
+        body = jsonshape.loads(
+            text, max_items, max_depth, parse_float=_parse_float,
+            parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise WireError("message line is not valid UTF-8") from None
-    try:
-        body = json.loads(
-            decoded, parse_float=_parse_float, parse_constant=_reject_constant)
-    except RecursionError:
-        raise WireError("message line nests JSON too deeply") from None
+    except jsonshape.ShapeError as e:
+        raise WireError("message line refused: %s" % (e,)) from None
     except ValueError as e:
         # The JSON error text names a position, never the content (which may hold keys).
         raise WireError("message line is not valid JSON: %s" % (e,)) from None
     if not isinstance(body, dict):
         raise WireError("message line is JSON but not an object")
-    if not isinstance(body.get("type"), str):
+    kind = body.get("type")
+    if not isinstance(kind, str):
         raise WireError("message has no string 'type'")
+    if sniffed is not None and kind != sniffed:
+        raise WireError("message states its type twice")
+    if type_limits is not None and len(text) > type_limits.for_type(kind):
+        raise WireError("a %.64r message of %d bytes is over the %d bytes that type may hold"
+                        % (kind, len(text), type_limits.for_type(kind)))
     return body
+
+
+_SNIFF_BYTES = 96
+_TYPE_FIRST = re.compile(rb'(?:\$!?|!)?\{"type":"([A-Za-z0-9_.]{1,64})"')
+
+
+def _sniff_type(buf: bytes | bytearray, pos: int) -> str | None:
+    """The type a line states first thing, as we write messages (``{"type":"get",…``).
+
+    Lets a line of a small type be refused when it outgrows its type, before
+    the rest of it is buffered.  Other key orders (the reference peer's) are
+    checked once the line is complete.
+    """
+    match = _TYPE_FIRST.match(buf, pos, pos + _SNIFF_BYTES)
+    return match.group(1).decode("ascii") if match else None
 
 
 def _copy(buf: bytes | bytearray, start: int, end: int) -> bytes:
@@ -144,13 +229,23 @@ class WireDecoder:
         self,
         max_line_length: int = MAX_LINE_LENGTH,
         max_chunk_size: int = MAX_CHUNK_SIZE,
+        max_items: int = MAX_ITEMS,
+        max_depth: int = MAX_DEPTH,
+        type_limits: TypeLimits | None = None,
     ) -> None:
         if max_line_length < 1:
             raise ValueError("max_line_length must be at least 1")
+        if max_items < 1 or max_depth < 1:
+            raise ValueError("max_items and max_depth must be at least 1")
         if not 1 <= max_chunk_size <= 10**_MAX_HEADER_DIGITS - 1:
             raise ValueError("max_chunk_size must fit in 1 to 9 decimal digits")
         self._max_line = max_line_length
         self._max_chunk = max_chunk_size
+        self._max_items = max_items
+        self._max_depth = max_depth
+        self._type_limits = type_limits
+        self._line_limit = max_line_length  # the current line's, once its type is sniffed
+        self._sniffed: str | None = None
         # Unprocessed bytes are self._buf[self._pos:].  While nothing is left
         # over from earlier calls, _buf is the caller's own bytes object, so
         # payload can be handed on without copying; otherwise it is a bytearray.
@@ -209,8 +304,7 @@ class WireDecoder:
         self._check_usable()
         rest = _copy(self._buf, self._pos, len(self._buf))
         self._buf = b""
-        self._pos = 0
-        self._scanned = 0
+        self._advance(0)
         return rest
 
     @property
@@ -235,6 +329,8 @@ class WireDecoder:
     def _advance(self, count: int) -> None:
         self._pos += count
         self._scanned = 0
+        self._line_limit = self._max_line
+        self._sniffed = None
         if self._pos >= len(self._buf):
             self._buf = b""
             self._pos = 0
@@ -263,13 +359,27 @@ class WireDecoder:
         """Index of the newline ending the current line, or None if it has not arrived."""
         buf, pos = self._buf, self._pos
         available = len(buf) - pos
-        stop = pos + min(available, self._max_line + 1)
+        limit = self._line_limit
+        if self._state is _SIGNATURE:
+            limit = min(limit, MAX_SIGNATURE_LINE)
+        stop = pos + min(available, limit + 1)
         end = buf.find(b"\n", pos + self._scanned, stop)
         if end >= 0:
             return end
-        if available > self._max_line:
+        if (self._type_limits is not None and self._state is _LINE
+                and self._sniffed is None and available >= _SNIFF_BYTES):
+            self._sniffed = _sniff_type(buf, pos)
+            if self._sniffed is not None:
+                # The prefix (`!`, `$`, `$!`) counts towards the line, not the text.
+                limit = self._line_limit = min(
+                    self._max_line, self._type_limits.for_type(self._sniffed) + 2)
+        if available > limit:
+            if self._sniffed is not None and self._state is _LINE:
+                raise WireError("a %r message is over the %d bytes that type may hold"
+                                % (self._sniffed, limit - 2))
             raise WireError(
-                "line longer than %d bytes" % (self._max_line,))
+                "%s longer than %d bytes" % (
+                    "signature line" if self._state is _SIGNATURE else "line", limit))
         self._scanned = available
         return None
 
@@ -295,9 +405,15 @@ class WireDecoder:
         else:
             self._advance(end + 1 - pos)
             return None
+        try:
+            # Counted in the receive buffer: a line refused here is never copied.
+            jsonshape.check_items(buf, self._max_items, start, end)
+        except jsonshape.ShapeError as e:
+            raise WireError("message line refused: %s" % (e,)) from None
+        sniffed = self._sniffed
         text = _copy(buf, start, end)
         self._advance(end + 1 - pos)
-        body = _parse_body(text)
+        body = _parse_body(text, None, self._max_depth, self._type_limits, sniffed)
         if signed:
             self._signed = (body, text, has_payload)
             self._state = _SIGNATURE
@@ -439,6 +555,6 @@ def encode_signed(text: bytes, signature: bytes, has_payload: bool = False) -> b
     if not signature:
         raise ValueError("signature must not be empty")
     encoded = base64.b64encode(signature)
-    if len(encoded) > MAX_LINE_LENGTH:
-        raise ValueError("signature line would exceed %d bytes" % (MAX_LINE_LENGTH,))
+    if len(encoded) > MAX_SIGNATURE_LINE:
+        raise ValueError("signature line would exceed %d bytes" % (MAX_SIGNATURE_LINE,))
     return _line(b"$!" if has_payload else b"$", text) + encoded + b"\n"

@@ -417,3 +417,29 @@ def test_line_splitter_limit():
     partial.feed(b"e")
     with pytest.raises(LineTooLong):
         partial.next_line()
+
+
+@pytest.mark.parametrize("line", [
+    b'{"type":"echo","value":[' + b"[]," * 349_000 + b"[]]}",
+    b'{"type":"echo","value":' + b"[ " * 40 + b"]" * 40 + b"}",
+])
+def test_amplifying_requests_answer_bad_request_cheaply(line):
+    """Requests of a million values or deep nesting are refused unparsed; the connection lives."""
+    import time
+    import tracemalloc
+    _, proto, transport, commands = connect()
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        proto.dataReceived(line + b"\n" + b'{"type": "echo", "value": "still here"}\n')
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    elapsed = time.perf_counter() - started
+    replies = messages(transport)
+    assert replies[0]["error"] == "bad_request"
+    assert "request refused" in replies[0]["message"]
+    assert replies[1] == {"echo": "still here"}
+    assert commands.seen == ["echo"]
+    # Parsing the 349,000 empty lists whole cost about 25 MB and a quarter of a second.
+    assert peak < 8 * 1024 * 1024 and elapsed < 0.2, (peak, elapsed)

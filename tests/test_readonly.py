@@ -11,6 +11,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from clearskies import readonly, wire
+from clearskies.errors import ProtocolError
 from clearskies.keys import ShareKeys, generate_share_keys
 from clearskies.share.database import ShareInfo, StateDatabase
 from clearskies.share.records import FileRecord
@@ -506,6 +507,36 @@ def test_forged_read_only_manifest_source_is_dropped(rw_keys, ro_keys):
             "sources": [{"manifest": forged.as_source_text(), "bitmask": "gA=="}]}
     assert receiver.admit_read_only_manifest(FakeSession("read_only"), body, "read_only") == []
     assert receiver.forgeries == 1 and len(receiver.store) == 0
+
+
+def test_unsigned_sources_are_never_parsed(rw_keys, ro_keys, monkeypatch):
+    """Sources without a valid read_write signature are dropped before their JSON is read."""
+    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    parsed: list[int] = []
+    real_loads = readonly.jsonshape.loads
+    monkeypatch.setattr(readonly.jsonshape, "loads", lambda text, *a, **k: (
+        parsed.append(len(text)) or real_loads(text, *a, **k)))
+    junk = '{"type":"manifest","files":[' + "[]," * 80_000 + "[]]}"
+    source = junk + "\n" + base64.b64encode(b"\x01" * 256).decode()
+    body = {"type": readonly.RO_MANIFEST, "peer": B, "version": 1,
+            "sources": [{"manifest": source, "bitmask": "gA=="}] * 64}
+    assert len(wire.dumps(body)) < wire.MAX_LINE_LENGTH
+    assert receiver.admit_read_only_manifest(FakeSession("read_only"), body, "read_only") == []
+    assert parsed == [] and receiver.forgeries == 64
+    # A signed source is parsed with the wire's bounds.
+    page = _signed(rw_keys, _manifest([_file("a", "a", {A: 9})]))
+    ok = dict(body, sources=[{"manifest": page.as_source_text(), "bitmask": "gA=="}])
+    assert [r.path for r in receiver.admit_read_only_manifest(
+        FakeSession("read_only"), ok, "read_only")] == ["a"]
+    assert parsed and set(parsed) == {len(page.text)}
+    assert json.loads(page.text) == page.body
+
+
+def test_bounded_parse_of_stored_signed_text(rw_keys):
+    """Signed text read back (from the store or a source) is refused past the wire's bounds."""
+    deep = b'{"type":"manifest","revision":1,"files":' + b"[" * 40 + b"]" * 40 + b"}"
+    with pytest.raises(ProtocolError, match="levels deep"):
+        readonly.SignedMessage.parse(deep, b"sig")
 
 
 def test_relay_sends_each_signed_update_once_verbatim(rw_keys, ro_keys):

@@ -603,3 +603,19 @@ def test_onion_only_request_has_no_tcp_port_and_waits_for_the_onion() -> None:
     [request] = agent.requests
     assert "tcp_port" not in request["query"]
     assert request["query"]["tor"] == [name + ".onion:60106"]
+
+
+def test_answer_built_to_amplify_is_a_failure_parsed_cheaply() -> None:
+    """An answer of half a megabyte of [] is refused before parsing, as a failed request."""
+    import time
+    clock = Clock()
+    hostile = b'{"ttl":30,"others":{},"x":[' + b"[]," * 170_000 + b"[]]}"
+    agent = FakeAgent(clock, lambda r: answer(clock, hostile))
+    client, peers, _regs = make_client(clock, agent, retry_policy=lambda n: 1.0)
+    started = time.perf_counter()
+    client.startService()
+    clock.advance(0)
+    elapsed = time.perf_counter() - started
+    assert client.failures == 1 and peers == []
+    # Parsing it whole: 170,000 lists, about 12 MB and tens of milliseconds.
+    assert elapsed < 0.05, elapsed

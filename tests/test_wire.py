@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from clearskies.errors import WireError
+from clearskies.share.records import MAX_PATH_BYTES, MAX_VV_ENTRIES
 from clearskies.wire import (
-    MAX_CHUNK_SIZE, MAX_LINE_LENGTH, PAYLOAD_END, SEND_CHUNK_SIZE, Message,
+    MAX_CHUNK_SIZE, MAX_LINE_LENGTH, MAX_SIGNATURE_LINE, PAYLOAD_END, SEND_CHUNK_SIZE,
+    SESSION_TYPE_LIMITS, Message,
     PayloadChunk, PayloadEnd, WireDecoder, dumps, encode, encode_chunk,
     encode_chunk_header, encode_payload_start, encode_signed,
     encode_with_payload,
@@ -28,7 +31,7 @@ def feed(decoder: WireDecoder, *pieces: bytes) -> list:
     return out
 
 
-def decode_all(data: bytes, **limits: int) -> list:
+def decode_all(data: bytes, **limits: Any) -> list:
     """Every event a fresh decoder makes of ``data`` given in one piece."""
     return feed(WireDecoder(**limits), data)
 
@@ -573,3 +576,155 @@ def test_lone_surrogate_survives_as_escape():
     assert b"\\udc80" in wire and b"\n" not in wire[:-1]
     [message] = decode_all(wire)
     assert message.body == body
+
+
+# -- bounded parsing cost (protocol/wire.md, "What a line may cost") -------------------------
+
+_SIXTEEN_MIB = 16 * 1024 * 1024
+
+
+def _fill(prefix: bytes, unit: bytes, suffix: bytes, size: int = _SIXTEEN_MIB) -> bytes:
+    """``prefix``, ``unit`` repeated, ``suffix``: a line of at most ``size`` bytes."""
+    return prefix + unit * ((size - len(prefix) - len(suffix)) // len(unit)) + suffix
+
+
+HOSTILE_LINES = {
+    "empty arrays": _fill(b'{"type":"manifest","files":[', b"[],", b"[]]}"),
+    "empty objects": _fill(b'{"files":[', b"{},", b'{}],"type":"manifest"}'),
+    "small numbers": _fill(b'{"type":"manifest","files":[', b"1,", b"1]}"),
+    "short strings": _fill(b'{"type":"manifest","files":[', b'"ab",', b'"ab"]}'),
+    "padded nesting": b'{"type":"manifest","files":' + b"[ " * 40 + b" " * 1000
+    + b"]" * 40 + b"}",
+    "nesting": _fill(b'{"type":"manifest","files":', b"[", b"", _SIXTEEN_MIB // 2)
+    + b"]" * (_SIXTEEN_MIB // 2 - 28) + b"}",
+    "long get": _fill(b'{"type":"get","path":"', b"a", b'"}'),
+    "long get, type last": _fill(b'{"path":"', b"\\u0041", b'","type":"get"}'),
+    "huge integer": b'{"type":"ping","timeout":1' + b"0" * 100_000 + b"}",
+    "huge exponent": b'{"type":"ping","timeout":1e999999}',
+    "ping outgrowing its type": b'{"type":"ping","pad":"' + b"a" * 2000 + b'"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_LINES))
+def test_hostile_lines_refused_at_small_cost(name):
+    """Each hostile shape is a WireError, with little memory and CPU spent on it."""
+    import time
+    import tracemalloc
+    line = HOSTILE_LINES[name]
+    assert len(line) <= _SIXTEEN_MIB
+    pieces = [line[i:i + 65536] for i in range(0, len(line), 65536)] + [b"\n"]
+    decoder = WireDecoder(type_limits=SESSION_TYPE_LIMITS)
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError):
+            for piece in pieces[:-1]:
+                feed(decoder, piece)
+            # The turn that completes the line: what one message may cost the reactor.
+            started = time.perf_counter()
+            feed(decoder, pieces[-1])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    elapsed = time.perf_counter() - started if "started" in locals() else 0.0
+    # The line, its text and (for a key-last type, checked once parsed) its decoded
+    # string are up to 16 MiB each; parsing 16 MiB of "[]," whole cost 400 MB and 2 s.
+    assert peak < 64 * 1024 * 1024, "%s: peak %.1f MB" % (name, peak / 1e6)
+    assert elapsed < 0.5, "%s: %.3f s" % (name, elapsed)
+
+
+@pytest.mark.parametrize("prefix", [b"", b"!", b"$", b"$!"])
+def test_hostile_line_refused_before_it_is_buffered_whole(prefix):
+    """A line that starts as a small type fails as soon as it outgrows that type."""
+    decoder = WireDecoder(type_limits=SESSION_TYPE_LIMITS)
+    decoder.receive_data(prefix + b'{"type":"get","path":"' + b"a" * 16_000)
+    assert decoder.next_event() is None
+    decoder.receive_data(b"a" * 1000)
+    with pytest.raises(WireError, match="'get' message is over the 16384 bytes"):
+        decoder.next_event()
+    assert decoder.buffered == 0
+
+
+def test_sniffed_type_must_be_the_parsed_type():
+    """A line held to the limit of the type it starts with may not end as another type."""
+    decoder = WireDecoder(type_limits=SESSION_TYPE_LIMITS)
+    decoder.receive_data(b'{"type":"ping","pad":"' + b"a" * 200 + b'","type":"manifest"}')
+    assert decoder.next_event() is None
+    decoder.receive_data(b"\n")
+    with pytest.raises(WireError, match="states its type twice"):
+        decoder.next_event()
+    [ok] = decode_all(b'{"type":"ping","pad":"' + b"a" * 200 + b'","type":"ping"}\n',
+                      type_limits=SESSION_TYPE_LIMITS)
+    assert ok.type == "ping"
+
+
+def test_type_limits_after_parsing():
+    """A message of a type written key-last is checked against its type once parsed."""
+    big = b'{"path":"' + b"a" * 17_000 + b'","type":"get"}\n'
+    with pytest.raises(WireError, match="'get' message of 17024 bytes is over the 16384"):
+        decode_all(big, type_limits=SESSION_TYPE_LIMITS)
+    assert decode_all(big)[0].type == "get"  # no type limits: only the line limit
+
+
+def test_signature_line_limit():
+    """A signature line longer than MAX_SIGNATURE_LINE is refused before it ends."""
+    decoder = WireDecoder()
+    decoder.receive_data(b'${"type":"x"}\n' + b"A" * (MAX_SIGNATURE_LINE + 1))
+    with pytest.raises(WireError, match="signature line longer than 4096"):
+        decoder.next_event()
+    ok = b"A" * MAX_SIGNATURE_LINE
+    [message] = decode_all(b'${"type":"x"}\n' + ok + b"\n")
+    assert len(message.signature) == MAX_SIGNATURE_LINE // 4 * 3
+
+
+def _largest_record(path_bytes: int = MAX_PATH_BYTES) -> dict:
+    """A file record as large as our own code can make one (path, hashes, full vv)."""
+    from clearskies.share.records import FileRecord
+    # Quotes are escaped, so this is the longest a path's JSON gets as we write it.
+    path = ('"' * 255 + "/") * (path_bytes // 256 - 1) + '"' * 255
+    record = FileRecord(
+        path=path, utime=1795715305.0485027, size=2**63 - 1,
+        mtime=(9_223_372_035, 999_999_999), mode=0o100755, sha256="f" * 64,
+        file_id="e" * 32, key="c" * 64,
+        vv={"%032x" % i: 2**63 - 1 for i in range(MAX_VV_ENTRIES)},
+        conflict_source=path)
+    return record.to_wire()
+
+
+def test_largest_messages_we_send_fit_their_types():
+    """The largest update, move, get and file_data our code can send pass the type limits."""
+    record = _largest_record()
+    path = record["path"]
+    messages = [
+        {"type": "update", "revision": 2**63 - 1, "file": record},
+        {"type": "move", "revision": 2**63 - 1, "source": path, "destination": record},
+        {"type": "get", "path": path, "range": [2**63 - 1, 2**63 - 1]},
+        {"type": "get_error", "path": path, "message": "x" * 200},
+        {"type": "file_data", "path": path, "range": [2**63 - 1, 2**63 - 1]},
+        {"type": "clearskies.progress", "revision": 2**63 - 1, "items": 2**63 - 1,
+         "bytes": 2**63 - 1},
+        {"type": "clearskies.addresses",
+         "addresses": ["tcp:[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"] * 8},
+        {"type": "ping", "timeout": 3600},
+        {"type": "get_manifest", "revision": 2**63 - 1},
+        {"type": "manifest_current"},
+    ]
+    for body in messages:
+        [message] = decode_all(encode(body), type_limits=SESSION_TYPE_LIMITS)
+        assert message.body == body
+
+
+@pytest.mark.parametrize("entry", [
+    '{"path":"photos/2014/IMG_%06d.JPG","utime":1795715305.0485027,"size":2048576,'
+    '"mtime":[1795715305,48502700],"mode":"100644","sha256":"' + "a" * 64 + '",'
+    '"id":"' + "b" * 32 + '","key":"' + "c" * 64 + '"}',
+    '{"path":"d/%06d","utime":1795715305.0485027,"deleted":true,"id":"' + "b" * 32 + '"}',
+], ids=["files", "deletions"])
+def test_legacy_whole_manifest_of_sixteen_mib_passes(entry):
+    """A reference peer's whole manifest in one line of almost 16 MiB is still accepted."""
+    head = '{"files":['
+    tail = '],"peer":"' + "d" * 32 + '","type":"manifest","version":1795715305.0485027}'
+    count = (_SIXTEEN_MIB - len(head) - len(tail)) // (len(entry % 0) + 1)
+    text = (head + ",".join(entry % i for i in range(count)) + tail).encode()
+    assert _SIXTEEN_MIB - 1000 < len(text) <= _SIXTEEN_MIB
+    [message] = decode_all(text + b"\n", type_limits=SESSION_TYPE_LIMITS)
+    assert len(message.body["files"]) == count

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from clearskies import jsonshape
 from clearskies.errors import ClearSkiesError, ProtocolError
 
 SERVICE = "ClearSkies Control"
@@ -17,6 +18,9 @@ PROTOCOL_VERSION = 1
 
 #: Longest request line (without its newline) the daemon accepts.
 MAX_LINE_LENGTH = 1024 * 1024
+#: JSON values one request may hold, and how deep it may nest (requests hold a few).
+MAX_REQUEST_ITEMS = 4096
+MAX_REQUEST_DEPTH = 32
 #: Requests read but not yet answered, per connection, before we stop reading.
 MAX_PENDING = 64
 #: Events queued for a subscriber that does not read, before we drop it.
@@ -54,13 +58,16 @@ def encode_line(message: JSONDict) -> bytes:
 
 
 def parse_request(line: bytes) -> JSONDict:
-    """Decode one request line, or raise ``ControlError("bad_request", …)`` saying why."""
+    """Decode one request line, or raise ``ControlError("bad_request", …)`` saying why.
+
+    What parsing may cost is bounded before the parser runs (``jsonshape``).
+    """
     try:
-        text = line.decode("utf-8")
+        request = jsonshape.loads(line, MAX_REQUEST_ITEMS, MAX_REQUEST_DEPTH)
     except UnicodeDecodeError:
         raise ControlError("bad_request", "request is not valid UTF-8") from None
-    try:
-        request = json.loads(text)
+    except jsonshape.ShapeError as e:
+        raise ControlError("bad_request", f"request refused: {e}") from None
     except json.JSONDecodeError as e:
         raise ControlError(
             "bad_request", f"request is not valid JSON: {e.msg} at column {e.colno}"

@@ -18,7 +18,6 @@ entries kept per ID.  ``protocol/discovery.md`` describes the behaviour.
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -35,7 +34,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from clearskies import SOFTWARE
+from clearskies import SOFTWARE, jsonshape
 from clearskies.discovery.addresses import (
     Address,
     UnsupportedProtocolError,
@@ -49,6 +48,9 @@ MAX_BODY = 1024 * 1024
 MAX_ENTRIES = 4096
 #: Peers kept for one ID from one answer.
 MAX_PEERS_PER_ID = 256
+#: JSON values and nesting one answer or stream line may hold (entries, keys, ttl...).
+MAX_ANSWER_ITEMS = 16 * MAX_ENTRIES
+MAX_ANSWER_DEPTH = 32
 #: IDs sent in one request (what our tracker accepts; see tracker/registry.py).
 MAX_IDS_PER_REQUEST = 64
 #: ``tor=`` addresses sent in one request (likewise).
@@ -90,8 +92,13 @@ def _short(data: bytes, limit: int = 200) -> str:
 
 
 def _json_object(line: bytes) -> dict | None:
+    """The JSON object in ``line``; None for anything else, or for more than an answer holds.
+
+    Its parsing cost is bounded before the parser runs (``jsonshape``):
+    a megabyte of ``[],`` would otherwise cost tens of MB and the reactor.
+    """
     try:
-        value = json.loads(line)
+        value = jsonshape.loads(line, MAX_ANSWER_ITEMS, MAX_ANSWER_DEPTH)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

@@ -1,0 +1,111 @@
+"""A peer holding the share's keys that sends one hostile line per connection.
+
+Run as ``python -m tests.abuse.hostile_peer HOST:PORT KEYS_JSON OUT_JSON WAIT SHAPE...``
+(a child process, so the daemon under test is the only one parsing).  For
+each shape it completes the real handshake and TLS, sends the line, and
+records whether the daemon closed the connection (within WAIT seconds) and
+how long that took.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SIXTEEN_MIB = 16 * 1024 * 1024
+
+
+def _fill(prefix: bytes, unit: bytes, suffix: bytes, size: int = SIXTEEN_MIB) -> bytes:
+    return prefix + unit * ((size - len(prefix) - len(suffix)) // len(unit)) + suffix
+
+
+SHAPES: dict[str, Callable[[], bytes]] = {
+    # Refused before parsing: more values than any message may hold.
+    "empty arrays": lambda: _fill(b'{"type":"manifest","files":[', b"[],", b"[]]}"),
+    "small numbers": lambda: _fill(b'{"files":[', b"1,", b'1],"type":"manifest"}'),
+    # Refused before parsing: nested deeper than any message.
+    "deep nesting": lambda: b'{"type":"manifest","files":' + b"[ " * 100 + b"]" * 100 + b"}",
+    # Refused before it is buffered whole: outgrows its type.
+    "long get": lambda: _fill(b'{"type":"get","path":"', b"a", b'"}'),
+    # Parsed (its type comes last), then refused for its type.
+    "long get, type last": lambda: _fill(b'{"path":"', b"\\u0041", b'","type":"get"}'),
+    "huge integer": lambda: b'{"type":"ping","timeout":1' + b"0" * 100_000 + b"}",
+    "huge exponent": lambda: b'{"type":"ping","timeout":1e999999}',
+    "long signature line": lambda: b'${"type":"update"}\n' + b"A" * (SIXTEEN_MIB - 1),
+}
+"""Lines the daemon must refuse, closing the connection."""
+
+WITHIN_BOUNDS: dict[str, Callable[[], bytes]] = {
+    # Within every bound of a manifest: parsed like a legitimate one of its size;
+    # the sync layer then skips its records (they are not objects).
+    "short strings": lambda: _fill(b'{"type":"manifest","files":[', b'"ab",' + b" " * 4,
+                                   b'"ab"]}'),
+}
+"""Lines no bound refuses: what the worst legitimate-looking message costs."""
+
+
+class _Quiet:
+    """Session that ignores what the daemon sends."""
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.lost = None
+
+    def event_received(self, event) -> None:
+        pass
+
+    def connection_lost(self, reason: str) -> None:
+        self.lost = reason
+
+
+def run(address: str, keys_path: str, out_path: str, shapes: list[str],
+        timeout: float = 30.0) -> None:
+    """Send each shape on its own connection; write one result dict per shape to ``out_path``.
+
+    Ends the process (``task.react`` does).
+    """
+    from twisted.internet import endpoints, task
+    from twisted.internet.defer import Deferred
+
+    from clearskies.daemon import FEATURES, new_peer_id
+    from clearskies.handshake import ConnectTarget, MemoryKeyRing
+    from clearskies.keys import ShareKeys
+    from clearskies.peer import connect_peer
+
+    keys = ShareKeys.load(Path(keys_path))
+    results: list[dict] = []
+
+    async def main(reactor) -> None:
+        ring = MemoryKeyRing(time.time)
+        host, port = address.rsplit(":", 1)
+        for name in shapes:
+            line = {**SHAPES, **WITHIN_BOUNDS}[name]() + b"\n"
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
+            sessions: list[_Quiet] = []
+
+            def factory(connection, sessions=sessions) -> _Quiet:
+                sessions.append(_Quiet(connection))
+                return sessions[-1]
+
+            protocol = await connect_peer(reactor, endpoint,
+                                          ConnectTarget.share(keys, new_peer_id()), ring,
+                                          "hostile", factory, features=FEATURES)
+            started = time.monotonic()
+            protocol.send_bytes(line)
+            while not sessions[0].lost and time.monotonic() - started < timeout:
+                await task.deferLater(reactor, 0.02, lambda: None)
+            closed = sessions[0].lost is not None
+            if not closed:
+                protocol.transport.abortConnection()
+            results.append({"shape": name, "bytes": len(line), "closed": closed,
+                            "seconds": round(time.monotonic() - started, 3)})
+        Path(out_path).write_text(json.dumps(results))
+
+    task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5:], float(sys.argv[4]))
