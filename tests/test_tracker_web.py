@@ -245,12 +245,12 @@ class TrackerWebTests(unittest.TestCase):
                 "timeout": 1,
             })
             code, _, body = await self._get(_track((A, P2), tcp_port=30002))
-            self.assertEqual(json.loads(body)["others"][A], [P1 + "@tcp:127.0.0.1:30001", P3 + "@tcp:127.0.0.1:30003"])
+            self.assertEqual(json.loads(body)["others"][A], [P3 + "@tcp:127.0.0.1:30003", P1 + "@tcp:127.0.0.1:30001"])
             line = await lines.next_line()
             while line == b"{}":  # a ping may come first on a slow machine
                 line = await lines.next_line()
             update = json.loads(line)
-            self.assertEqual(update, {"others": {A: [P2 + "@tcp:127.0.0.1:30002", P3 + "@tcp:127.0.0.1:30003"]}})
+            self.assertEqual(update, {"others": {A: [P3 + "@tcp:127.0.0.1:30003", P2 + "@tcp:127.0.0.1:30002"]}})
             self.assertEqual(await lines.next_line(), b"{}")
             await self._close_stream(lines)
             self.assertIn(b"fast_track streams: 0", (await self._get("/"))[2])
@@ -342,7 +342,7 @@ def test_paused_stream_coalesces_updates_and_sends_them_on_resume():
     assert len(request.written) == 1
     stream.resumeProducing()
     assert [json.loads(line) for line in request.written[1:]] == [
-        {"others": {A: [P3 + "@tcp:127.0.0.3:3", P2 + "@tcp:127.0.0.2:2"]}}
+        {"others": {A: [P2 + "@tcp:127.0.0.2:2", P3 + "@tcp:127.0.0.3:3"]}}
     ]
     clock.advance(5)
     assert request.written[-1] == b"{}\n"

@@ -152,7 +152,7 @@ class _Stream:
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
         # Raises CapacityError before anything is registered or written.
-        self._subscription: Subscription = registry.subscribe(query.pairs, self._changed)
+        self._subscription: Subscription = registry.subscribe(query.pairs, self._changed, host)
 
     def start(self) -> None:
         """Register, write the first line, and begin keep-alives."""
