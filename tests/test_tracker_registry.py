@@ -400,3 +400,32 @@ def test_tables_stay_consistent(ops):
     for share_id in (A, B):
         listed = registry.others(share_id)
         assert len(listed) == len(set(listed))
+
+
+def test_a_change_heard_by_many_streams_is_listed_once(monkeypatch):
+    """Subscribers of one ID share one listing per change instead of walking the ID each."""
+    registry = Registry()
+    for i in range(50):
+        registry.register([(A, _peer(i))], "203.0.113.%d" % (i + 1), 1, None, now=0)
+    answers: dict[int, dict] = {}
+    subs = []
+    for i in range(100):
+        subs.append(registry.subscribe(
+            [(A, _peer(i % 50))],
+            lambda ids, i=i: answers.__setitem__(i, registry.others_for(subs[i], ids)),
+            "198.51.%d.1" % i))
+    walks = []
+    real = registry._id_entries
+    monkeypatch.setattr(registry, "_id_entries", lambda share_id: walks.append(share_id) or real(share_id))
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=1)
+    assert walks == [A] and len(answers) == 100
+    assert all(P1 + "@tcp:192.0.2.1:30001" in answer[A] for answer in answers.values())
+    assert _peer(0) + "@tcp:203.0.113.1:1" not in answers[0][A]
+    assert _peer(0) + "@tcp:203.0.113.1:1" in answers[1][A]
+    # A refresh that changes nothing keeps the listing; an expiry drops it.
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=2)
+    registry.others(A)
+    assert walks == [A]
+    registry.expire(301)
+    assert registry.others(A) == [P1 + "@tcp:192.0.2.1:30001"]
+    assert walks == [A, A]

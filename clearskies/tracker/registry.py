@@ -289,6 +289,8 @@ class Registry:
         self._per_source: dict[str, int] = {}
         self._per_prefix: dict[str, int] = {}
         self._subscriptions: dict[str, set[Subscription]] = {}
+        # ID -> what its answers list, for IDs that streams watch (see _candidates).
+        self._listing: dict[str, list[tuple[str, list[str]]]] = {}
         self._stream_count = 0
         self._streams_per_source: dict[str, int] = {}
         self._streams_per_prefix: dict[str, int] = {}
@@ -451,26 +453,49 @@ class Registry:
     def others(self, share_id: str, exclude: Iterable[str] = ()) -> list[str]:
         """``peer@address`` strings for ``share_id``: at most ``max_others`` peers,
         the longest-registered first, at most ``max_listed_per_source`` from one
-        source IP and ``max_listed_per_prefix`` from one prefix."""
+        source IP and ``max_listed_per_prefix`` from one prefix.
+
+        ``exclude`` (the asker's own peer IDs) are left out after those limits
+        are applied, so every asker of an ID is answered from one shared list.
+        """
         skip = frozenset(exclude)
         found: list[str] = []
         listed = 0
-        from_source: dict[str, int] = {}
-        from_prefix: dict[str, int] = {}
-        for entry in self._id_entries(share_id):
-            _id, peer, host = entry.key
+        for peer, addresses in self._candidates(share_id):
             if peer in skip:
                 continue
-            if from_source.get(host, 0) >= self.max_listed_per_source:
-                continue
-            if from_prefix.get(entry.prefix, 0) >= self.max_listed_per_prefix:
-                continue
-            from_source[host] = from_source.get(host, 0) + 1
-            from_prefix[entry.prefix] = from_prefix.get(entry.prefix, 0) + 1
-            found.extend(entry.listed())
+            found.extend(addresses)
             listed += 1
             if listed >= self.max_others:
                 break
+        return found
+
+    def _candidates(self, share_id: str) -> list[tuple[str, list[str]]]:
+        """(peer ID, its ``peer@address`` strings) an answer for ``share_id`` draws from.
+
+        Kept while fast_track streams watch the ID and until it changes, so a
+        change heard by thousands of streams is listed once, not once each.
+        """
+        cached = self._listing.get(share_id)
+        if cached is not None:
+            return cached
+        found: list[tuple[str, list[str]]] = []
+        limit = self.max_others + self.max_ids_per_request
+        from_source: dict[str, int] = {}
+        from_prefix: dict[str, int] = {}
+        for entry in self._id_entries(share_id):
+            host, prefix = entry.key[2], entry.prefix
+            if from_source.get(host, 0) >= self.max_listed_per_source:
+                continue
+            if from_prefix.get(prefix, 0) >= self.max_listed_per_prefix:
+                continue
+            from_source[host] = from_source.get(host, 0) + 1
+            from_prefix[prefix] = from_prefix.get(prefix, 0) + 1
+            found.append((entry.key[1], entry.listed()))
+            if len(found) >= limit:
+                break
+        if share_id in self._subscriptions:
+            self._listing[share_id] = found
         return found
 
     def others_for(self, subscription: Subscription, ids: Iterable[str]) -> dict[str, list[str]]:
@@ -542,12 +567,15 @@ class Registry:
                 watchers.discard(subscription)
                 if not watchers:
                     del self._subscriptions[share_id]
+                    self._listing.pop(share_id, None)
         self._stream_count -= 1
         _decrement(self._streams_per_source, subscription.host)
         _decrement(self._streams_per_prefix, subscription.prefix)
 
     def _notify(self, changed: dict[str, set[str]]) -> None:
         """Call each subscriber once with the IDs where a peer other than its own changed."""
+        for share_id in changed:
+            self._listing.pop(share_id, None)
         if not changed or not self._subscriptions:
             return
         todo: dict[Subscription, list[str]] = {}
