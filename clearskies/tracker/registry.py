@@ -43,9 +43,9 @@ MAX_IDS_PER_REQUEST = 64
 MAX_PER_SOURCE = 1024
 #: Registrations from one IPv4 /24 or IPv6 /48 together.
 MAX_PER_PREFIX = 4096
-#: A registration costs at most about 700 bytes (``bench/abuse_tracker.py``
-#: measures it: distinct IDs from distinct addresses), so a full table stays
-#: near 85 MB.
+#: A registration costs at most about 720 bytes (``bench/abuse_tracker.py``
+#: measures it: two peers per ID, each from its own address), so a full
+#: table stays near 90 MB.
 MAX_TOTAL = 125_000
 MAX_STREAMS = 2000
 MAX_STREAMS_PER_SOURCE = 16
