@@ -17,7 +17,7 @@ from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from clearskies.tracker.registry import DEFAULT_TTL, Registry
+from clearskies.tracker.registry import DEFAULT_TTL, MAX_STREAMS, Registry
 from clearskies.tracker.web import make_site
 
 MAX_TTL = 86400
@@ -80,11 +80,14 @@ def makeService(options: Options) -> MultiService:
     """The tracker's service tree; nothing listens until twistd starts it."""
     from twisted.internet import reactor
 
-    registry = Registry(ttl=options["ttl"])
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = MAX_CONNECTIONS + FD_RESERVE
-    site = make_site(registry, reactor, max_connections=connection_cap(soft))
+    connections = connection_cap(soft)
+    # Streams may take at most half the connections: the rest stay free for
+    # plain requests (a client refused a stream falls back to polling).
+    registry = Registry(ttl=options["ttl"], max_streams=min(MAX_STREAMS, connections // 2))
+    site = make_site(registry, reactor, max_connections=connections)
     top = MultiService()
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
     TimerService(sweep_interval(registry.ttl), lambda: registry.expire(reactor.seconds())).setServiceParent(top)
