@@ -428,6 +428,9 @@ class TrackerSite(Site):
     """
 
     protocol = _Channel
+    _log = Logger()
+    #: Seconds between two log lines about a full tracker.
+    REPORT_INTERVAL = 60
 
     def __init__(
         self,
@@ -442,6 +445,7 @@ class TrackerSite(Site):
         self._open = 0
         # Admitted connections without a request in progress, idle longest first.
         self._idle: OrderedDict[_Channel, None] = OrderedDict()
+        self._quiet_until = float("-inf")
 
     def log(self, request: Request) -> None:
         pass
@@ -453,13 +457,26 @@ class TrackerSite(Site):
     def admit(self, channel: _Channel) -> bool:
         if self._open >= self.max_connections:
             if not self._idle:
+                self._report("every connection is busy, refusing new ones with 503")
                 return False
+            self._report("closing the longest-idle connections to make room")
             oldest, _ = self._idle.popitem(last=False)
             # Its connectionLost (next reactor turn) frees its place and descriptor.
             oldest.transport.abortConnection()
         self._open += 1
         self._idle[channel] = None
         return True
+
+    def _report(self, what: str) -> None:
+        """Log that the connection limit is reached, at most once a minute."""
+        now = self.reactor.seconds()
+        if now >= self._quiet_until:
+            self._quiet_until = now + self.REPORT_INTERVAL
+            self._log.warn(
+                "the tracker has reached its limit of {limit} connections: {what} "
+                "(not logged again for a minute; an attack, or raise the file descriptor limit)",
+                limit=self.max_connections, what=what,
+            )
 
     def busy(self, channel: _Channel) -> None:
         self._idle.pop(channel, None)
