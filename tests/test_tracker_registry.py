@@ -417,15 +417,13 @@ def test_a_change_heard_by_many_streams_is_listed_once(monkeypatch):
     walks = []
     real = registry._id_entries
     monkeypatch.setattr(registry, "_id_entries", lambda share_id: walks.append(share_id) or real(share_id))
-    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=1)
+    registry.renew([(A, P1)], "192.0.2.1", 30001, None, now=1)
     assert walks == [A] and len(answers) == 100
     assert all(P1 + "@tcp:192.0.2.1:30001" in answer[A] for answer in answers.values())
     assert _peer(0) + "@tcp:203.0.113.1:1" not in answers[0][A]
     assert _peer(0) + "@tcp:203.0.113.1:1" in answers[1][A]
-    # A refresh that changes nothing keeps the listing; an expiry drops it.
-    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=2)
-    registry.others(A)
-    assert walks == [A]
-    registry.expire(301)
-    assert registry.others(A) == [P1 + "@tcp:192.0.2.1:30001"]
+    # The shared listing lives only while the change is told: nothing is kept.
+    assert registry._listing == {}
+    registry.expire(300.5)
     assert walks == [A, A]
+    assert all(answer[A] == [P1 + "@tcp:192.0.2.1:30001"] for answer in answers.values())

@@ -289,8 +289,10 @@ class Registry:
         self._per_source: dict[str, int] = {}
         self._per_prefix: dict[str, int] = {}
         self._subscriptions: dict[str, set[Subscription]] = {}
-        # ID -> what its answers list, for IDs that streams watch (see _candidates).
+        # ID -> what its answers list, shared by the subscribers told of one
+        # change and dropped right after (see _candidates).
         self._listing: dict[str, list[tuple[str, list[str]]]] = {}
+        self._sharing = False
         self._stream_count = 0
         self._streams_per_source: dict[str, int] = {}
         self._streams_per_prefix: dict[str, int] = {}
@@ -473,8 +475,9 @@ class Registry:
     def _candidates(self, share_id: str) -> list[tuple[str, list[str]]]:
         """(peer ID, its ``peer@address`` strings) an answer for ``share_id`` draws from.
 
-        Kept while fast_track streams watch the ID and until it changes, so a
-        change heard by thousands of streams is listed once, not once each.
+        While subscribers are told of a change, the lists are kept, so a change
+        heard by thousands of streams is listed once, not once each; they are
+        dropped afterwards, so they cost no memory between changes.
         """
         cached = self._listing.get(share_id)
         if cached is not None:
@@ -494,7 +497,7 @@ class Registry:
             found.append((entry.key[1], entry.listed()))
             if len(found) >= limit:
                 break
-        if share_id in self._subscriptions:
+        if self._sharing:
             self._listing[share_id] = found
         return found
 
@@ -567,15 +570,12 @@ class Registry:
                 watchers.discard(subscription)
                 if not watchers:
                     del self._subscriptions[share_id]
-                    self._listing.pop(share_id, None)
         self._stream_count -= 1
         _decrement(self._streams_per_source, subscription.host)
         _decrement(self._streams_per_prefix, subscription.prefix)
 
     def _notify(self, changed: dict[str, set[str]]) -> None:
         """Call each subscriber once with the IDs where a peer other than its own changed."""
-        for share_id in changed:
-            self._listing.pop(share_id, None)
         if not changed or not self._subscriptions:
             return
         todo: dict[Subscription, list[str]] = {}
@@ -583,13 +583,17 @@ class Registry:
             for subscription in self._subscriptions.get(share_id, ()):
                 if peers - subscription.wanted[share_id]:
                     todo.setdefault(subscription, []).append(share_id)
-        for subscription, ids in todo.items():
-            if not subscription.active:
-                continue
-            try:
-                subscription.callback(ids)
-            except Exception:
-                self._log.failure("fast_track subscriber failed on an update")
+        self._listing, self._sharing = {}, True
+        try:
+            for subscription, ids in todo.items():
+                if not subscription.active:
+                    continue
+                try:
+                    subscription.callback(ids)
+                except Exception:
+                    self._log.failure("fast_track subscriber failed on an update")
+        finally:
+            self._listing, self._sharing = {}, False
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:
