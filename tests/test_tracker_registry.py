@@ -395,6 +395,10 @@ def test_tables_stay_consistent(ops):
     for entry in entries.values():
         per_source[entry.host] = per_source.get(entry.host, 0) + 1
     assert per_source == registry._per_source
+    per_prefix: dict[str, int] = {}
+    for entry in entries.values():
+        per_prefix[entry.prefix] = per_prefix.get(entry.prefix, 0) + 1
+    assert per_prefix == registry._per_prefix
     assert all(count <= 5 for count in per_source.values())
     assert sum(len(list(registry._id_entries(i))) for i in registry._by_id) == len(entries)
     for share_id in (A, B):
