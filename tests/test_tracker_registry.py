@@ -431,3 +431,19 @@ def test_a_change_heard_by_many_streams_is_listed_once(monkeypatch):
     registry.expire(300.5)
     assert walks == [A, A]
     assert all(answer[A] == [P1 + "@tcp:192.0.2.1:30001"] for answer in answers.values())
+
+
+def test_an_answer_shares_a_bounded_number_of_addresses_among_its_ids():
+    """Many IDs in one request share max_answer_addresses strings, whole peers only; one ID gets them all."""
+    registry = Registry(max_answer_addresses=10, max_listed_per_source=100)
+    ids = ["%064x" % i for i in range(3)]
+    for i in range(20):
+        registry.register([(share_id, _peer(i)) for share_id in ids], "192.0.2.1", 1, 2, now=0)
+    answer = registry.register([(share_id, P1) for share_id in ids], "192.0.2.9", 1, None, now=1)
+    # 10 // 3 = 3 strings per ID, and each peer has two (tcp and utp): one peer each.
+    assert [len(listed) for listed in answer["others"].values()] == [2, 2, 2]
+    alone = registry.register([(ids[0], P2)], "192.0.2.8", 1, None, now=1)["others"][ids[0]]
+    assert len(alone) == 10 and alone[:2] == [_peer(0) + "@tcp:192.0.2.1:1", _peer(0) + "@utp:192.0.2.1:2"]
+    # A stream's updates use the same share as its first answer.
+    sub = registry.subscribe([(share_id, P3) for share_id in ids], lambda ids: None, "192.0.2.7")
+    assert [len(v) for v in registry.others_for(sub, ids).values()] == [2, 2, 2]

@@ -51,6 +51,10 @@ MAX_STREAMS = 2000
 MAX_STREAMS_PER_SOURCE = 16
 MAX_STREAMS_PER_PREFIX = 64
 MAX_OTHERS = 256
+#: ``peer@address`` strings in one answer, shared evenly by its IDs, so an
+#: answer stays near 100 KB however many IDs it covers (a client that does
+#: not read its answers holds at most that much of the tracker's memory).
+MAX_ANSWER_ADDRESSES = 1024
 #: Peers listed per ID in one answer from one source address / one prefix.
 MAX_LISTED_PER_SOURCE = 8
 MAX_LISTED_PER_PREFIX = 32
@@ -260,6 +264,7 @@ class Registry:
         max_streams_per_source: int = MAX_STREAMS_PER_SOURCE,
         max_streams_per_prefix: int = MAX_STREAMS_PER_PREFIX,
         max_others: int = MAX_OTHERS,
+        max_answer_addresses: int = MAX_ANSWER_ADDRESSES,
         max_listed_per_source: int = MAX_LISTED_PER_SOURCE,
         max_listed_per_prefix: int = MAX_LISTED_PER_PREFIX,
     ) -> None:
@@ -274,6 +279,7 @@ class Registry:
         self.max_streams_per_source = max_streams_per_source
         self.max_streams_per_prefix = max_streams_per_prefix
         self.max_others = max_others
+        self.max_answer_addresses = max_answer_addresses
         self.max_listed_per_source = max_listed_per_source
         self.max_listed_per_prefix = max_listed_per_prefix
         # Ordered by last refresh; since every entry lives exactly ``ttl``,
@@ -319,7 +325,10 @@ class Registry:
         wanted, host = self._store(ids_with_peers, host, tcp_port, utp_port, now, tor)
         return {
             "your_ip": host,
-            "others": {share_id: self.others(share_id, own) for share_id, own in wanted.items()},
+            "others": {
+                share_id: self.others(share_id, own, self._room(len(wanted)))
+                for share_id, own in wanted.items()
+            },
             "ttl": self.ttl,
         }
 
@@ -452,10 +461,17 @@ class Registry:
 
     # -- reading ----------------------------------------------------------
 
-    def others(self, share_id: str, exclude: Iterable[str] = ()) -> list[str]:
+    def _room(self, ids: int) -> int:
+        """How many ``peer@address`` strings each ID of an answer for ``ids`` IDs gets."""
+        return max(1, self.max_answer_addresses // max(1, ids))
+
+    def others(
+        self, share_id: str, exclude: Iterable[str] = (), room: int | None = None
+    ) -> list[str]:
         """``peer@address`` strings for ``share_id``: at most ``max_others`` peers,
         the longest-registered first, at most ``max_listed_per_source`` from one
-        source IP and ``max_listed_per_prefix`` from one prefix.
+        source IP and ``max_listed_per_prefix`` from one prefix, and (if given)
+        at most ``room`` strings, whole peers only.
 
         ``exclude`` (the asker's own peer IDs) are left out after those limits
         are applied, so every asker of an ID is answered from one shared list.
@@ -466,6 +482,8 @@ class Registry:
         for peer, addresses in self._candidates(share_id):
             if peer in skip:
                 continue
+            if room is not None and len(found) + len(addresses) > room:
+                break
             found.extend(addresses)
             listed += 1
             if listed >= self.max_others:
@@ -504,7 +522,9 @@ class Registry:
     def others_for(self, subscription: Subscription, ids: Iterable[str]) -> dict[str, list[str]]:
         """The current ``others`` lists of ``ids`` as that subscriber sees them."""
         return {
-            share_id: self.others(share_id, subscription.wanted[share_id])
+            share_id: self.others(
+                share_id, subscription.wanted[share_id], self._room(len(subscription.wanted))
+            )
             for share_id in ids
             if share_id in subscription.wanted
         }

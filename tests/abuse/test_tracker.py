@@ -209,3 +209,35 @@ def test_memory_at_the_registration_cap_is_bounded():
         registry.register([(A, ASKER)], "192.0.2.1", 1, None, now=1)
     # A live peer can still refresh its registration.
     registry.register([(pairs[0][0], pairs[0][1])], host, 1000, None, now=2)
+
+
+@pytest.mark.slow
+def test_clients_that_never_read_their_answers_hold_little_memory(tracker):
+    """400 connections asking for 64 crowded IDs and never reading cost the tracker a few MB, not hundreds."""
+    ids = ["%064x" % (0xABC000 + i) for i in range(64)]
+    # 256 listed peers per ID: 32 addresses in 8 /24s, 8 peers each per ID.
+    for h in range(32):
+        host = "127.%d.%d.1" % (50 + h // 4, h % 4)
+        for chunk in range(8):
+            pairs = [(share, "%032x" % (h * 1000 + chunk * 100 + j))
+                     for share in ids[chunk * 8:(chunk + 1) * 8] for j in range(8)]
+            assert get(tracker.port, _track(pairs, 1), source=host)[0] == 200
+    request = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track([(i, ASKER) for i in ids], 1).encode()
+    before = rss_mb(tracker.pid)
+    stuck = []
+    try:
+        for i in range(400):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.bind(("127.77.%d.%d" % (i // 200, i % 200 + 1), 0))
+            s.connect(("127.0.0.1", tracker.port))
+            s.sendall(request * 3)
+            stuck.append(s)
+        time.sleep(2)
+        assert rss_mb(tracker.pid) - before < 40
+        code, body = get(tracker.port, _track([(ids[0], ASKER)], 30002), source="127.0.0.1")
+        assert code == 200 and len(json.loads(body)["others"][ids[0]]) == 256
+    finally:
+        for s in stuck:
+            s.close()
+    _still_fine(tracker, "127.0.0.1")
