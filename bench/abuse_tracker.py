@@ -9,6 +9,7 @@ on 127.0.0.1 and runs one attack after another against it (all from
 - ``fast_track_hoard``: one address opens 100 fast_track streams;
 - ``hijack``: another address re-registers a real peer's (ID, peer ID);
 - ``eclipse``: 300 fake peers of one ID from one address;
+- ``slow_readers``: 400 connections that ask for 64 crowded IDs and never read;
 - ``fill``: registrations from many /24s until the tracker is full;
 
 plus, in this process, ``registry_bytes``: tracemalloc bytes per
@@ -158,6 +159,37 @@ def eclipse(tracker: TrackerProcess) -> dict:
     return _row("eclipse", tracker, success, lag, "300 fakes from one address; real peer listed")
 
 
+def slow_readers(tracker: TrackerProcess) -> dict:
+    ids = ["%064x" % (0xABC000 + i) for i in range(64)]
+    for h in range(32):  # 256 listed peers per ID: 32 addresses in 8 /24s
+        host = "127.%d.%d.1" % (50 + h // 4, h % 4)
+        for chunk in range(8):
+            pairs = [(share, "%032x" % (h * 1000 + chunk * 100 + j))
+                     for share in ids[chunk * 8:(chunk + 1) * 8] for j in range(8)]
+            get(tracker.port, _track(pairs, 1), source=host)
+    request = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track([(i, ASKER) for i in ids], 1).encode()
+    answer = len(get(tracker.port, _track([(i, ASKER) for i in ids], 1))[1])
+    before = rss_mb(tracker.pid)
+    stuck = []
+    try:
+        for i in range(400):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.bind(("127.77.%d.%d" % (i // 200, i % 200 + 1), 0))
+            s.connect(("127.0.0.1", tracker.port))
+            s.sendall(request * 3)
+            stuck.append(s)
+        time.sleep(2)
+        grown = rss_mb(tracker.pid) - before
+        success, lag = _legit(tracker, share=ids[0])
+        return _row("slow_readers", tracker, success, lag,
+                    "400 connections ask for 64 crowded IDs (%d-byte answer) and never read: "
+                    "+%.0f MB" % (answer, grown))
+    finally:
+        for s in stuck:
+            s.close()
+
+
 def fill(tracker: TrackerProcess) -> dict:
     rng = random.Random(7)
     get(tracker.port, _track([(SHARE, ASKER)], 30002), source="127.0.0.1")
@@ -256,7 +288,8 @@ def run() -> list[dict]:
         try:
             baseline, lag = _legit(tracker)
             rows.append(_row("none", tracker, baseline, lag, "no attack"))
-            for attack in (idle_flood, big_post, fast_track_hoard, hijack, eclipse, fill):
+            for attack in (idle_flood, big_post, fast_track_hoard, hijack, eclipse,
+                           slow_readers, fill):
                 rows.append(attack(tracker))
             assert tracker.alive(), tracker.output()
         finally:
