@@ -43,9 +43,9 @@ MAX_IDS_PER_REQUEST = 64
 MAX_PER_SOURCE = 1024
 #: Registrations from one IPv4 /24 or IPv6 /48 together.
 MAX_PER_PREFIX = 4096
-#: A registration costs at most about 720 bytes (``bench/abuse_tracker.py``
+#: A registration costs at most about 690 bytes (``bench/abuse_tracker.py``
 #: measures it: two peers per ID, each from its own address), so a full
-#: table stays near 90 MB.
+#: table stays under 90 MB.
 MAX_TOTAL = 125_000
 MAX_STREAMS = 2000
 MAX_STREAMS_PER_SOURCE = 16
@@ -73,10 +73,11 @@ class _Entry:
     """One registration; kept small, since a full tracker holds MAX_TOTAL of them.
 
     ``key`` is (ID, peer ID, source IP) and is shared with both tables;
-    addresses are kept as ports and formatted when listed.
+    addresses are kept as ports and formatted when listed.  How long it has
+    been registered is its place in its ID's table, not a field.
     """
 
-    __slots__ = ("key", "prefix", "tcp", "utp", "tor", "since", "expires")
+    __slots__ = ("key", "prefix", "tcp", "utp", "tor", "expires")
 
     def __init__(
         self,
@@ -85,7 +86,6 @@ class _Entry:
         tcp: int | None,
         utp: int | None,
         tor: tuple[str, ...],
-        since: float,
         expires: float,
     ) -> None:
         self.key = key
@@ -93,7 +93,6 @@ class _Entry:
         self.tcp = tcp
         self.utp = utp
         self.tor = tor
-        self.since = since
         self.expires = expires
 
     @property
@@ -388,7 +387,7 @@ class Registry:
         for key in keys:
             entry = self._entries.pop(key, None)
             if entry is None:
-                entry = _Entry(key, prefix, tcp_port, utp_port, onions, now, expires)
+                entry = _Entry(key, prefix, tcp_port, utp_port, onions, expires)
                 self._add_to_id(entry)
                 self._per_source[host] = self._per_source.get(host, 0) + 1
                 self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
