@@ -68,7 +68,7 @@ def test_onion_change_notifies_subscribers_and_tcp_port_is_optional_only_with_to
     """A new onion address for a peer is a change for streams; no tcp_port needs a tor address."""
     registry = Registry(ttl=300)
     calls: list[list[str]] = []
-    registry.subscribe([(A, P2)], calls.append)
+    registry.subscribe([(A, P2)], calls.append, "192.0.2.9")
     first, second = onion_name(b"1") + ".onion:1", onion_name(b"2") + ".onion:1"
     registry.register([(A, P1)], "127.0.0.1", None, None, 0, tor=[first])
     registry.register([(A, P1)], "127.0.0.1", None, None, 1, tor=[first])

@@ -60,9 +60,9 @@ def test_listed_entries_parse_with_the_client_parser():
     registry.register([(A, P2)], "::ffff:192.0.2.9", 1, None, now=0)
     entries = registry.others(A)
     assert [parse_tracker_entry(entry) for entry in entries] == [
-        (P2, Address("tcp", "192.0.2.9", 1)),
         (P1, Address("tcp", "2001:db8::1", 30001)),
         (P1, Address("utp", "2001:db8::1", 30002)),
+        (P2, Address("tcp", "192.0.2.9", 1)),
     ]
 
 
@@ -109,15 +109,30 @@ def test_new_port_replaces_old_address():
     assert answer["others"][A] == [P1 + "@tcp:192.0.2.1:30009"]
 
 
-def test_new_source_address_moves_the_registration():
-    """A peer that moved to another IP is listed at the new IP only and counted there."""
-    registry = Registry(max_per_source=1)
+def test_another_source_address_cannot_move_a_registration():
+    """A registration of the same (ID, peer ID) from another IP leaves the original listed, first."""
+    registry = Registry()
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=0)
+    registry.register([(A, P1)], "198.51.100.1", 666, None, now=1)
+    assert registry.others(A) == [P1 + "@tcp:192.0.2.1:30001", P1 + "@tcp:198.51.100.1:666"]
+    # Only the original address refreshes the original registration.
+    registry.register([(A, P1)], "198.51.100.1", 666, None, now=250)
+    assert registry.others(A)[0] == P1 + "@tcp:192.0.2.1:30001"
+    registry.expire(301)
+    assert registry.others(A) == [P1 + "@tcp:198.51.100.1:666"]
+
+
+def test_a_peer_that_moved_is_listed_at_both_addresses_until_the_old_lapses():
+    """A real move: the new address is listed at once, the old one until its TTL runs out."""
+    registry = Registry(ttl=10, max_per_source=1)
     registry.register([(A, P1)], "192.0.2.1", 30001, None, now=0)
     registry.register([(A, P1)], "198.51.100.1", 30001, None, now=1)
+    assert registry.stats()["sources"] == 2
+    registry.expire(10)
     assert registry.others(A) == [P1 + "@tcp:198.51.100.1:30001"]
     assert registry.stats()["sources"] == 1
     # The old source's quota is free again.
-    registry.register([(B, P2)], "192.0.2.1", 1, None, now=2)
+    registry.register([(B, P2)], "192.0.2.1", 1, None, now=11)
 
 
 def test_multiple_ids_in_one_request():
@@ -141,13 +156,54 @@ def test_duplicate_ids_are_merged_and_lists_have_no_duplicates():
     }
 
 
-def test_answers_list_newest_peers_up_to_the_cap():
-    """At most max_others peers are listed per ID, the most recently registered first."""
+def test_answers_list_the_longest_registered_peers_up_to_the_cap():
+    """At most max_others peers are listed per ID, the earliest registered first; refreshes keep their place."""
     registry = Registry(max_others=2)
     for i, peer in enumerate([P1, P2, P3]):
         registry.register([(A, peer)], "192.0.2.%d" % (i + 1), 1, None, now=i)
+    registry.register([(A, P1)], "192.0.2.1", 1, None, now=4)
     answer = registry.register([(A, "4" * 32)], "192.0.2.4", 1, None, now=5)
-    assert answer["others"][A] == [P3 + "@tcp:192.0.2.3:1", P2 + "@tcp:192.0.2.2:1"]
+    assert answer["others"][A] == [P1 + "@tcp:192.0.2.1:1", P2 + "@tcp:192.0.2.2:1"]
+
+
+def _peer(i: int) -> str:
+    return "%032x" % (0xF000 + i)
+
+
+def test_one_address_cannot_eclipse_the_real_peer():
+    """300 fake peers from one address get max_listed_per_source places; the real peer is listed."""
+    registry = Registry(max_others=16, max_listed_per_source=4)
+    for i in range(300):
+        registry.register([(A, _peer(i))], "203.0.113.66", 1000 + i, None, now=0)
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=1)
+    listed = registry.register([(A, P2)], "192.0.2.2", 30002, None, now=2)["others"][A]
+    assert P1 + "@tcp:192.0.2.1:30001" in listed
+    assert sum("@tcp:203.0.113.66:" in entry for entry in listed) == 4
+
+
+def test_one_prefix_cannot_eclipse_the_real_peer():
+    """Fakes spread over one /24 (or one IPv6 /48) get max_listed_per_prefix places together."""
+    registry = Registry(max_others=16, max_listed_per_source=2, max_listed_per_prefix=6)
+    for i in range(100):
+        registry.register([(A, _peer(i))], "203.0.113.%d" % (i % 50 + 1), 1, None, now=0)
+        registry.register([(A, _peer(100 + i))], "2001:db8:6::%x" % (i + 1), 1, None, now=0)
+    registry.register([(A, P1)], "192.0.2.1", 30001, None, now=1)
+    listed = registry.others(A)
+    assert len(listed) == 13
+    assert listed[-1] == P1 + "@tcp:192.0.2.1:30001"
+    assert sum(e.split("@")[1].startswith("tcp:203.0.113.") for e in listed) == 6
+    assert sum(e.split("@")[1].startswith("tcp:[2001:db8:6:") for e in listed) == 6
+
+
+def test_per_prefix_registration_bound():
+    """One /24 holds at most max_per_prefix registrations, whichever of its addresses they come from."""
+    registry = Registry(max_per_source=3, max_per_prefix=5)
+    for i in range(5):
+        registry.register([("%064x" % i, P1)], "203.0.113.%d" % (i + 1), 1, None, now=0)
+    with pytest.raises(CapacityError, match="network 203.0.113.0/24"):
+        registry.register([("%064x" % 9, P1)], "203.0.113.200", 1, None, now=0)
+    registry.register([("%064x" % 9, P1)], "203.0.114.1", 1, None, now=0)
+    assert registry.stats()["registrations"] == 6
 
 
 @pytest.mark.parametrize(
@@ -219,21 +275,36 @@ def test_total_bound():
 def test_stream_bound():
     """subscribe() refuses past max_streams and accepts again after an unsubscribe."""
     registry = Registry(max_streams=2)
-    first = registry.subscribe([(A, P1)], lambda ids: None)
-    registry.subscribe([(A, P2)], lambda ids: None)
+    first = registry.subscribe([(A, P1)], lambda ids: None, "192.0.2.9")
+    registry.subscribe([(A, P2)], lambda ids: None, "192.0.2.9")
     with pytest.raises(CapacityError, match="2 fast_track streams"):
-        registry.subscribe([(A, P3)], lambda ids: None)
+        registry.subscribe([(A, P3)], lambda ids: None, "192.0.2.9")
     registry.unsubscribe(first)
     registry.unsubscribe(first)
-    registry.subscribe([(A, P3)], lambda ids: None)
+    registry.subscribe([(A, P3)], lambda ids: None, "192.0.2.9")
     assert registry.stats()["streams"] == 2
+
+
+def test_one_address_cannot_hold_all_streams():
+    """Past max_streams_per_source (and per prefix) an address is refused; others still subscribe."""
+    registry = Registry(max_streams=10, max_streams_per_source=3, max_streams_per_prefix=4)
+    subs = [registry.subscribe([(A, P1)], lambda ids: None, "203.0.113.7") for _ in range(3)]
+    with pytest.raises(CapacityError, match="203.0.113.7 already holds 3"):
+        registry.subscribe([(A, P1)], lambda ids: None, "203.0.113.7")
+    registry.subscribe([(A, P1)], lambda ids: None, "203.0.113.8")
+    with pytest.raises(CapacityError, match="network 203.0.113.0/24"):
+        registry.subscribe([(A, P1)], lambda ids: None, "203.0.113.9")
+    registry.subscribe([(A, P2)], lambda ids: None, "192.0.2.1")
+    registry.unsubscribe(subs[0])
+    registry.subscribe([(A, P1)], lambda ids: None, "::ffff:203.0.113.7")
+    assert registry.stats()["streams"] == 5
 
 
 def test_subscriber_hears_when_another_peer_arrives():
     """A new peer for a watched ID calls the subscriber with that ID and others_for lists it."""
     registry = Registry()
     heard: list[list[str]] = []
-    sub = registry.subscribe([(A, P1), (B, P1)], heard.append)
+    sub = registry.subscribe([(A, P1), (B, P1)], heard.append, "192.0.2.9")
     registry.register([(A, P1), (B, P1)], "192.0.2.1", 1, None, now=0)
     assert heard == []  # its own registration is no news to it
     registry.register([(A, P2)], "192.0.2.2", 2, None, now=1)
@@ -246,7 +317,7 @@ def test_subscriber_not_called_for_unchanged_refresh_or_other_ids():
     registry = Registry()
     heard: list[list[str]] = []
     registry.register([(A, P2)], "192.0.2.2", 2, None, now=0)
-    registry.subscribe([(A, P1)], heard.append)
+    registry.subscribe([(A, P1)], heard.append, "192.0.2.9")
     registry.register([(A, P2)], "192.0.2.2", 2, None, now=1)
     registry.register([(B, P3)], "192.0.2.3", 3, None, now=1)
     assert heard == []
@@ -258,7 +329,7 @@ def test_subscriber_hears_departures_and_unsubscribe_stops_calls():
     """Expiry of a watched peer is reported (empty list); after unsubscribe, silence."""
     registry = Registry(ttl=10)
     heard: list[list[str]] = []
-    sub = registry.subscribe([(A, P1)], heard.append)
+    sub = registry.subscribe([(A, P1)], heard.append, "192.0.2.9")
     registry.register([(A, P2)], "192.0.2.2", 2, None, now=0)
     registry.expire(now=10)
     assert heard == [[A], [A]]
@@ -272,7 +343,7 @@ def test_one_call_per_subscriber_per_change_batch():
     """A request touching two watched IDs produces one callback naming both."""
     registry = Registry()
     heard: list[list[str]] = []
-    registry.subscribe([(A, P1), (B, P1)], heard.append)
+    registry.subscribe([(A, P1), (B, P1)], heard.append, "192.0.2.9")
     registry.register([(A, P2), (B, P2)], "192.0.2.2", 2, None, now=0)
     assert [sorted(ids) for ids in heard] == [[A, B]]
 
@@ -285,8 +356,8 @@ def test_failing_subscriber_does_not_break_registration():
     def broken(ids: list[str]) -> None:
         raise RuntimeError("boom")
 
-    registry.subscribe([(A, P1)], broken)
-    registry.subscribe([(A, P3)], heard.append)
+    registry.subscribe([(A, P1)], broken, "192.0.2.9")
+    registry.subscribe([(A, P3)], heard.append, "192.0.2.9")
     answer = registry.register([(A, P2)], "192.0.2.2", 2, None, now=0)
     assert answer["others"] == {A: []}
     assert heard == [[A]]
@@ -324,8 +395,55 @@ def test_tables_stay_consistent(ops):
     for entry in entries.values():
         per_source[entry.host] = per_source.get(entry.host, 0) + 1
     assert per_source == registry._per_source
+    per_prefix: dict[str, int] = {}
+    for entry in entries.values():
+        per_prefix[entry.prefix] = per_prefix.get(entry.prefix, 0) + 1
+    assert per_prefix == registry._per_prefix
     assert all(count <= 5 for count in per_source.values())
-    assert sum(len(v) for v in registry._by_id.values()) == len(entries)
+    assert sum(len(list(registry._id_entries(i))) for i in registry._by_id) == len(entries)
     for share_id in (A, B):
         listed = registry.others(share_id)
         assert len(listed) == len(set(listed))
+
+
+def test_a_change_heard_by_many_streams_is_listed_once(monkeypatch):
+    """Subscribers of one ID share one listing per change instead of walking the ID each."""
+    registry = Registry()
+    for i in range(50):
+        registry.register([(A, _peer(i))], "203.0.113.%d" % (i + 1), 1, None, now=0)
+    answers: dict[int, dict] = {}
+    subs = []
+    for i in range(100):
+        subs.append(registry.subscribe(
+            [(A, _peer(i % 50))],
+            lambda ids, i=i: answers.__setitem__(i, registry.others_for(subs[i], ids)),
+            "198.51.%d.1" % i))
+    walks = []
+    real = registry._id_entries
+    monkeypatch.setattr(registry, "_id_entries", lambda share_id: walks.append(share_id) or real(share_id))
+    registry.renew([(A, P1)], "192.0.2.1", 30001, None, now=1)
+    assert walks == [A] and len(answers) == 100
+    assert all(P1 + "@tcp:192.0.2.1:30001" in answer[A] for answer in answers.values())
+    assert _peer(0) + "@tcp:203.0.113.1:1" not in answers[0][A]
+    assert _peer(0) + "@tcp:203.0.113.1:1" in answers[1][A]
+    # The shared listing lives only while the change is told: nothing is kept.
+    assert registry._listing == {}
+    registry.expire(300.5)
+    assert walks == [A, A]
+    assert all(answer[A] == [P1 + "@tcp:192.0.2.1:30001"] for answer in answers.values())
+
+
+def test_an_answer_shares_a_bounded_number_of_addresses_among_its_ids():
+    """Many IDs in one request share max_answer_addresses strings, whole peers only; one ID gets them all."""
+    registry = Registry(max_answer_addresses=10, max_listed_per_source=100)
+    ids = ["%064x" % i for i in range(3)]
+    for i in range(20):
+        registry.register([(share_id, _peer(i)) for share_id in ids], "192.0.2.1", 1, 2, now=0)
+    answer = registry.register([(share_id, P1) for share_id in ids], "192.0.2.9", 1, None, now=1)
+    # 10 // 3 = 3 strings per ID, and each peer has two (tcp and utp): one peer each.
+    assert [len(listed) for listed in answer["others"].values()] == [2, 2, 2]
+    alone = registry.register([(ids[0], P2)], "192.0.2.8", 1, None, now=1)["others"][ids[0]]
+    assert len(alone) == 10 and alone[:2] == [_peer(0) + "@tcp:192.0.2.1:1", _peer(0) + "@utp:192.0.2.1:2"]
+    # A stream's updates use the same share as its first answer.
+    sub = registry.subscribe([(share_id, P3) for share_id in ids], lambda ids: None, "192.0.2.7")
+    assert [len(v) for v in registry.others_for(sub, ids).values()] == [2, 2, 2]

@@ -69,6 +69,22 @@ def test_make_service_builds_listener_and_sweeper():
     assert not service.running
 
 
+def test_connection_cap_stays_below_the_descriptor_limit():
+    """Connections are capped 64 below the descriptor limit, at most 4,096, at least 16."""
+    assert tap.connection_cap(1024) == 960
+    assert tap.connection_cap(1_048_576) == 4096
+    assert tap.connection_cap(40) == 16
+
+
+def test_make_service_caps_connections_and_streams_from_the_descriptor_limit(monkeypatch):
+    """With 1,024 descriptors the site holds 960 connections and streams get at most half."""
+    monkeypatch.setattr(tap.resource, "getrlimit", lambda which: (1024, 4096))
+    service = tap.makeService(_options("--listen", "tcp:0:interface=127.0.0.1"))
+    site = list(service)[0].factory
+    assert site.max_connections == 960
+    assert site.resource.children[b"clearskies"].children[b"track"]._registry.max_streams == 480
+
+
 def test_sweep_interval_bounds():
     """Sweeps happen every quarter TTL, but at least every 30 s and at most every second."""
     assert tap.sweep_interval(2) == 1.0

@@ -245,12 +245,12 @@ class TrackerWebTests(unittest.TestCase):
                 "timeout": 1,
             })
             code, _, body = await self._get(_track((A, P2), tcp_port=30002))
-            self.assertEqual(json.loads(body)["others"][A], [P1 + "@tcp:127.0.0.1:30001", P3 + "@tcp:127.0.0.1:30003"])
+            self.assertEqual(json.loads(body)["others"][A], [P3 + "@tcp:127.0.0.1:30003", P1 + "@tcp:127.0.0.1:30001"])
             line = await lines.next_line()
             while line == b"{}":  # a ping may come first on a slow machine
                 line = await lines.next_line()
             update = json.loads(line)
-            self.assertEqual(update, {"others": {A: [P2 + "@tcp:127.0.0.1:30002", P3 + "@tcp:127.0.0.1:30003"]}})
+            self.assertEqual(update, {"others": {A: [P3 + "@tcp:127.0.0.1:30003", P2 + "@tcp:127.0.0.1:30002"]}})
             self.assertEqual(await lines.next_line(), b"{}")
             await self._close_stream(lines)
             self.assertIn(b"fast_track streams: 0", (await self._get("/"))[2])
@@ -342,7 +342,7 @@ def test_paused_stream_coalesces_updates_and_sends_them_on_resume():
     assert len(request.written) == 1
     stream.resumeProducing()
     assert [json.loads(line) for line in request.written[1:]] == [
-        {"others": {A: [P3 + "@tcp:127.0.0.3:3", P2 + "@tcp:127.0.0.2:2"]}}
+        {"others": {A: [P2 + "@tcp:127.0.0.2:2", P3 + "@tcp:127.0.0.3:3"]}}
     ]
     clock.advance(5)
     assert request.written[-1] == b"{}\n"
@@ -520,3 +520,71 @@ def test_fast_track_stream_renews_and_announces_onion_addresses():
     lines = [json.loads(line) for line in b"".join(request.written).splitlines()]
     assert lines[1] == {"others": {A: [P2 + "@tcp:127.0.0.2:4000"]}}
     stream.stopProducing()
+
+
+class TrackerConnectionLimitTests(unittest.TestCase):
+    timeout = 15
+
+    def setUp(self) -> None:
+        self.registry = Registry(ttl=300)
+        self.site = make_site(self.registry, reactor, max_connections=2, idle_timeout=0.5)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    async def _connect(self, payload: bytes) -> _Raw:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        raw = _Raw(payload)
+        await connectProtocol(endpoint, raw)
+        self.addCleanup(lambda: raw.transport.abortConnection() or raw.done)
+        return raw
+
+    async def _until(self, opened: int, idle: int) -> None:
+        for _ in range(200):
+            if self.site.connections() == (opened, idle):
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("connections are %r, not %r" % (self.site.connections(), (opened, idle)))
+
+    def test_newcomer_displaces_the_longest_idle_connection(self) -> Deferred:
+        """At max_connections a new client gets in and the connection idle longest is dropped."""
+        async def go() -> None:
+            first = await self._connect(b"")
+            await self._until(1, 1)
+            second = await self._connect(b"")
+            await self._until(2, 2)
+            third = await self._connect(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            self.assertTrue((await third.done).startswith(b"HTTP/1.1 200 "))
+            self.assertEqual(await first.done, b"")
+            self.assertFalse(second.done.called)
+        return Deferred.fromCoroutine(go())
+
+    def test_when_every_connection_is_busy_a_newcomer_gets_503(self) -> Deferred:
+        """Two open fast_track streams fill a 2-connection tracker; a third client hears a plain 503."""
+        async def go() -> None:
+            for peer in (P1, P2):
+                await self._connect(
+                    b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track((A, peer), extra="&fast_track=1").encode())
+            await self._until(2, 0)
+            refused = await (await self._connect(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")).done
+            self.assertTrue(refused.startswith(b"HTTP/1.1 503 "), refused)
+            self.assertIn(b"too many open connections; try again in a minute", refused)
+            self.assertEqual(self.registry.stats()["streams"], 2)
+        return Deferred.fromCoroutine(go())
+
+    def test_idle_connection_is_closed_after_the_idle_timeout(self) -> Deferred:
+        """A connection that sends nothing is closed after idle_timeout and its place freed."""
+        async def go() -> None:
+            idle = await self._connect(b"GET / HTTP/1.1\r\n")  # a request that never finishes
+            self.assertEqual(await idle.done, b"")
+            await self._until(0, 0)
+        return Deferred.fromCoroutine(go())
+
+    def test_body_is_refused_before_it_is_read(self) -> Deferred:
+        """A POST with a large Content-Length is answered 405 at once and closed; nothing is buffered."""
+        async def go() -> None:
+            answer = await (await self._connect(
+                b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999\r\n\r\nxxxx")).done
+            self.assertTrue(answer.startswith(b"HTTP/1.1 405 "), answer)
+            self.assertIn(b"only GET is supported here", answer)
+            self.assertEqual(self.registry.stats()["registrations"], 0)
+        return Deferred.fromCoroutine(go())

@@ -6,9 +6,17 @@ A registration says "peer P of ID X listens at these addresses".  It lives
 numbers and the web layer passes ``reactor.seconds()``.
 
 Every table here is bounded: IDs per request, registrations per source
-address, registrations in total, open fast_track subscriptions, and peers
-listed per ID in one answer.  Exceeding a bound raises before anything is
-stored, so a refused request leaves no trace.
+address, per network prefix and in total, open fast_track subscriptions
+(per source address, per prefix and in total), and peers listed per ID in
+one answer.  Exceeding a bound raises before anything is stored, so a
+refused request leaves no trace.
+
+A registration belongs to the address it came from: it is keyed by
+(ID, peer ID, source IP), so a request from another address can add a
+listing for that peer ID but never moves or refreshes the one of the real
+peer (which keeps being listed until it lapses).  Answers list the
+longest-registered peers first and at most a few per address and per
+prefix, so one address (or one /24) cannot crowd the real peers out.
 """
 
 from __future__ import annotations
@@ -17,9 +25,9 @@ import base64
 import hashlib
 import ipaddress
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from twisted.logger import Logger
 
@@ -33,9 +41,26 @@ _TOR_RE = re.compile(r"([a-z2-7]{56})\.onion:([1-9][0-9]{0,4})")
 DEFAULT_TTL = 300
 MAX_IDS_PER_REQUEST = 64
 MAX_PER_SOURCE = 1024
-MAX_TOTAL = 1_000_000
+#: Registrations from one IPv4 /24 or IPv6 /48 together.
+MAX_PER_PREFIX = 4096
+#: A registration costs at most about 690 bytes (``bench/abuse_tracker.py``
+#: measures it: two peers per ID, each from its own address), so a full
+#: table stays under 90 MB.
+MAX_TOTAL = 125_000
 MAX_STREAMS = 2000
+MAX_STREAMS_PER_SOURCE = 16
+MAX_STREAMS_PER_PREFIX = 64
 MAX_OTHERS = 256
+#: ``peer@address`` strings in one answer, shared evenly by its IDs, so an
+#: answer stays near 100 KB however many IDs it covers (a client that does
+#: not read its answers holds at most that much of the tracker's memory).
+MAX_ANSWER_ADDRESSES = 1024
+#: Peers listed per ID in one answer from one source address / one prefix.
+MAX_LISTED_PER_SOURCE = 8
+MAX_LISTED_PER_PREFIX = 32
+#: Prefix lengths that count as one network for the per-prefix bounds.
+IPV4_PREFIX = 24
+IPV6_PREFIX = 48
 #: ``tor=<name>.onion:<port>`` parameters per request (our extension).
 MAX_TOR_ADDRESSES = 4
 
@@ -44,13 +69,57 @@ class CapacityError(ProtocolError):
     """A bound of the tracker is reached; the request may succeed later."""
 
 
-@dataclass(slots=True)
 class _Entry:
-    share_id: str
-    peer: str
-    host: str
-    addresses: tuple[str, ...]
-    expires: float
+    """One registration; kept small, since a full tracker holds MAX_TOTAL of them.
+
+    ``key`` is (ID, peer ID, source IP) and is shared with both tables;
+    addresses are kept as ports and formatted when listed.  How long it has
+    been registered is its place in its ID's table, not a field.
+    """
+
+    __slots__ = ("key", "prefix", "tcp", "utp", "tor", "expires")
+
+    def __init__(
+        self,
+        key: tuple[str, str, str],
+        prefix: str,
+        tcp: int | None,
+        utp: int | None,
+        tor: tuple[str, ...],
+        expires: float,
+    ) -> None:
+        self.key = key
+        self.prefix = prefix
+        self.tcp = tcp
+        self.utp = utp
+        self.tor = tor
+        self.expires = expires
+
+    @property
+    def share_id(self) -> str:
+        return self.key[0]
+
+    @property
+    def peer(self) -> str:
+        return self.key[1]
+
+    @property
+    def host(self) -> str:
+        return self.key[2]
+
+    def same_place(self, tcp: int | None, utp: int | None, tor: tuple[str, ...]) -> bool:
+        return self.tcp == tcp and self.utp == utp and self.tor == tor
+
+    def listed(self) -> list[str]:
+        """``peer@address`` strings: tcp, then utp, then each onion address."""
+        peer, host = self.key[1], self.key[2]
+        found = []
+        if self.tcp is not None:
+            found.append("%s@%s" % (peer, format_address(Address("tcp", host, self.tcp))))
+        if self.utp is not None:
+            found.append("%s@%s" % (peer, format_address(Address("utp", host, self.utp))))
+        found.extend("%s@%s" % (peer, address) for address in self.tor)
+        return found
 
 
 class Subscription:
@@ -61,14 +130,20 @@ class Subscription:
     for the current lists (so a paused stream can coalesce several changes).
     """
 
-    __slots__ = ("wanted", "callback", "active")
+    __slots__ = ("wanted", "callback", "active", "host", "prefix")
 
     def __init__(
-        self, wanted: dict[str, frozenset[str]], callback: Callable[[list[str]], None]
+        self,
+        wanted: dict[str, frozenset[str]],
+        callback: Callable[[list[str]], None],
+        host: str = "",
+        prefix: str = "",
     ) -> None:
         self.wanted = wanted
         self.callback = callback
         self.active = True
+        self.host = host
+        self.prefix = prefix
 
 
 def _show(value: object) -> str:
@@ -91,6 +166,13 @@ def canonical_host(host: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return str(ip)
+
+
+def prefix_of(host: str) -> str:
+    """The network a canonical IP belongs to for the per-prefix bounds: its /24 or /48."""
+    ip = ipaddress.ip_address(host)
+    bits = IPV4_PREFIX if ip.version == 4 else IPV6_PREFIX
+    return str(ipaddress.ip_network((ip, bits), strict=False))
 
 
 def _check_port(name: str, port: int | None) -> None:
@@ -165,7 +247,7 @@ def _check_pairs(
 
 
 class Registry:
-    """Registrations keyed by (ID, peer ID), expiring ``ttl`` seconds after refresh."""
+    """Registrations keyed by (ID, peer ID, source IP), expiring ``ttl`` seconds after refresh."""
 
     _log = Logger()
 
@@ -175,26 +257,50 @@ class Registry:
         *,
         max_ids_per_request: int = MAX_IDS_PER_REQUEST,
         max_per_source: int = MAX_PER_SOURCE,
+        max_per_prefix: int = MAX_PER_PREFIX,
         max_total: int = MAX_TOTAL,
         max_streams: int = MAX_STREAMS,
+        max_streams_per_source: int = MAX_STREAMS_PER_SOURCE,
+        max_streams_per_prefix: int = MAX_STREAMS_PER_PREFIX,
         max_others: int = MAX_OTHERS,
+        max_answer_addresses: int = MAX_ANSWER_ADDRESSES,
+        max_listed_per_source: int = MAX_LISTED_PER_SOURCE,
+        max_listed_per_prefix: int = MAX_LISTED_PER_PREFIX,
     ) -> None:
         if ttl < 1:
             raise ValueError("ttl must be at least 1 second")
         self.ttl = ttl
         self.max_ids_per_request = max_ids_per_request
         self.max_per_source = max_per_source
+        self.max_per_prefix = max_per_prefix
         self.max_total = max_total
         self.max_streams = max_streams
+        self.max_streams_per_source = max_streams_per_source
+        self.max_streams_per_prefix = max_streams_per_prefix
         self.max_others = max_others
+        self.max_answer_addresses = max_answer_addresses
+        self.max_listed_per_source = max_listed_per_source
+        self.max_listed_per_prefix = max_listed_per_prefix
         # Ordered by last refresh; since every entry lives exactly ``ttl``,
         # that is also expiry order, so a sweep only looks at the front.
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-        # ID -> peer ID -> entry, each inner dict also in refresh order.
-        self._by_id: dict[str, dict[str, _Entry]] = {}
+        self._entries: OrderedDict[tuple[str, str, str], _Entry] = OrderedDict()
+        # ID -> its entries in order of first registration (a refresh does
+        # not move an entry), so answers favour the longest-registered peers.
+        # Most IDs have one entry, held bare: a dict per ID would double the
+        # memory of a registration.
+        self._by_id: dict[str, _Entry | dict[tuple[str, str, str], _Entry]] = {}
+        # Source IP / prefix -> live registrations from there.  The keys are
+        # also the one copy of each host and prefix string the entries share.
         self._per_source: dict[str, int] = {}
+        self._per_prefix: dict[str, int] = {}
         self._subscriptions: dict[str, set[Subscription]] = {}
+        # ID -> what its answers list, shared by the subscribers told of one
+        # change and dropped right after (see _candidates).
+        self._listing: dict[str, list[tuple[str, list[str]]]] = {}
+        self._sharing = False
         self._stream_count = 0
+        self._streams_per_source: dict[str, int] = {}
+        self._streams_per_prefix: dict[str, int] = {}
 
     # -- registering ------------------------------------------------------
 
@@ -218,7 +324,10 @@ class Registry:
         wanted, host = self._store(ids_with_peers, host, tcp_port, utp_port, now, tor)
         return {
             "your_ip": host,
-            "others": {share_id: self.others(share_id, own) for share_id, own in wanted.items()},
+            "others": {
+                share_id: self.others(share_id, own, self._room(len(wanted)))
+                for share_id, own in wanted.items()
+            },
             "ttl": self.ttl,
         }
 
@@ -252,52 +361,87 @@ class Registry:
         host = canonical_host(host)
         self.expire(now)
 
-        keys = [(share_id, peer) for share_id, peers in wanted.items() for peer in sorted(peers)]
-        brand_new = sum(1 for key in keys if key not in self._entries)
-        not_ours = sum(
-            1 for key in keys
-            if key not in self._entries or self._entries[key].host != host
-        )
-        if self._per_source.get(host, 0) + not_ours > self.max_per_source:
+        # One copy of each host, prefix and ID string, however many entries.
+        host = sys.intern(host)
+        prefix = sys.intern(prefix_of(host))
+        keys = [
+            (self._known_id(share_id), peer, host)
+            for share_id, peers in wanted.items() for peer in sorted(peers)
+        ]
+        new = sum(1 for key in keys if key not in self._entries)
+        if self._per_source.get(host, 0) + new > self.max_per_source:
             raise CapacityError(
                 "too many registrations from %s (at most %d); let some expire first"
                 % (host, self.max_per_source)
             )
-        if len(self._entries) + brand_new > self.max_total:
+        if self._per_prefix.get(prefix, 0) + new > self.max_per_prefix:
+            raise CapacityError(
+                "too many registrations from the network %s (at most %d); "
+                "let some expire first" % (prefix, self.max_per_prefix)
+            )
+        if len(self._entries) + new > self.max_total:
             raise CapacityError("the tracker is full; try again later")
 
-        addresses: tuple[str, ...] = ()
-        if tcp_port is not None:
-            addresses += (format_address(Address("tcp", host, tcp_port)),)
-        if utp_port is not None:
-            addresses += (format_address(Address("utp", host, utp_port)),)
-        addresses += onions
         expires = now + self.ttl
         changed: dict[str, set[str]] = {}
-        for share_id, peer in keys:
-            old = self._remove((share_id, peer))
-            entry = _Entry(share_id, peer, host, addresses, expires)
-            self._entries[(share_id, peer)] = entry
-            self._by_id.setdefault(share_id, {})[peer] = entry
-            self._per_source[host] = self._per_source.get(host, 0) + 1
-            if old is None or old.addresses != addresses:
-                changed.setdefault(share_id, set()).add(peer)
+        for key in keys:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                entry = _Entry(key, prefix, tcp_port, utp_port, onions, expires)
+                self._add_to_id(entry)
+                self._per_source[host] = self._per_source.get(host, 0) + 1
+                self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
+                changed.setdefault(key[0], set()).add(key[1])
+            else:
+                if not entry.same_place(tcp_port, utp_port, onions):
+                    entry.tcp, entry.utp, entry.tor = tcp_port, utp_port, onions
+                    changed.setdefault(key[0], set()).add(key[1])
+                entry.expires = expires
+            self._entries[key] = entry
         self._notify(changed)
         return wanted, host
 
-    def _remove(self, key: tuple[str, str]) -> _Entry | None:
+    def _known_id(self, share_id: str) -> str:
+        """The ID string the table already holds, so equal IDs share one object."""
+        held = self._by_id.get(share_id)
+        if held is None:
+            return share_id
+        if isinstance(held, _Entry):
+            return held.key[0]
+        return next(iter(held))[0]
+
+    def _id_entries(self, share_id: str) -> Iterable[_Entry]:
+        held = self._by_id.get(share_id)
+        if held is None:
+            return ()
+        if isinstance(held, _Entry):
+            return (held,)
+        return held.values()
+
+    def _add_to_id(self, entry: _Entry) -> None:
+        share_id = entry.key[0]
+        held = self._by_id.get(share_id)
+        if held is None:
+            self._by_id[share_id] = entry
+        elif isinstance(held, _Entry):
+            self._by_id[share_id] = {held.key: held, entry.key: entry}
+        else:
+            held[entry.key] = entry
+
+    def _remove(self, key: tuple[str, str, str]) -> _Entry | None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return None
-        peers = self._by_id[entry.share_id]
-        del peers[entry.peer]
-        if not peers:
-            del self._by_id[entry.share_id]
-        left = self._per_source[entry.host] - 1
-        if left:
-            self._per_source[entry.host] = left
+        share_id, _peer, host = key
+        held = self._by_id[share_id]
+        if isinstance(held, _Entry):
+            del self._by_id[share_id]
         else:
-            del self._per_source[entry.host]
+            del held[key]
+            if len(held) == 1:
+                self._by_id[share_id] = next(iter(held.values()))
+        _decrement(self._per_source, host)
+        _decrement(self._per_prefix, entry.prefix)
         return entry
 
     def expire(self, now: float) -> int:
@@ -309,34 +453,77 @@ class Registry:
             if entry.expires > now:
                 break
             self._remove(key)
-            changed.setdefault(entry.share_id, set()).add(entry.peer)
+            changed.setdefault(key[0], set()).add(key[1])
             dropped += 1
         self._notify(changed)
         return dropped
 
     # -- reading ----------------------------------------------------------
 
-    def others(self, share_id: str, exclude: Iterable[str] = ()) -> list[str]:
-        """``peer@address`` strings for ``share_id``, newest first, at most ``max_others`` peers."""
-        peers = self._by_id.get(share_id)
-        if not peers:
-            return []
+    def _room(self, ids: int) -> int:
+        """How many ``peer@address`` strings each ID of an answer for ``ids`` IDs gets."""
+        return max(1, self.max_answer_addresses // max(1, ids))
+
+    def others(
+        self, share_id: str, exclude: Iterable[str] = (), room: int | None = None
+    ) -> list[str]:
+        """``peer@address`` strings for ``share_id``: at most ``max_others`` peers,
+        the longest-registered first, at most ``max_listed_per_source`` from one
+        source IP and ``max_listed_per_prefix`` from one prefix, and (if given)
+        at most ``room`` strings, whole peers only.
+
+        ``exclude`` (the asker's own peer IDs) are left out after those limits
+        are applied, so every asker of an ID is answered from one shared list.
+        """
         skip = frozenset(exclude)
         found: list[str] = []
         listed = 0
-        for entry in reversed(peers.values()):
-            if entry.peer in skip:
+        for peer, addresses in self._candidates(share_id):
+            if peer in skip:
                 continue
-            found.extend("%s@%s" % (entry.peer, address) for address in entry.addresses)
+            if room is not None and len(found) + len(addresses) > room:
+                break
+            found.extend(addresses)
             listed += 1
             if listed >= self.max_others:
                 break
         return found
 
+    def _candidates(self, share_id: str) -> list[tuple[str, list[str]]]:
+        """(peer ID, its ``peer@address`` strings) an answer for ``share_id`` draws from.
+
+        While subscribers are told of a change, the lists are kept, so a change
+        heard by thousands of streams is listed once, not once each; they are
+        dropped afterwards, so they cost no memory between changes.
+        """
+        cached = self._listing.get(share_id)
+        if cached is not None:
+            return cached
+        found: list[tuple[str, list[str]]] = []
+        limit = self.max_others + self.max_ids_per_request
+        from_source: dict[str, int] = {}
+        from_prefix: dict[str, int] = {}
+        for entry in self._id_entries(share_id):
+            host, prefix = entry.key[2], entry.prefix
+            if from_source.get(host, 0) >= self.max_listed_per_source:
+                continue
+            if from_prefix.get(prefix, 0) >= self.max_listed_per_prefix:
+                continue
+            from_source[host] = from_source.get(host, 0) + 1
+            from_prefix[prefix] = from_prefix.get(prefix, 0) + 1
+            found.append((entry.key[1], entry.listed()))
+            if len(found) >= limit:
+                break
+        if self._sharing:
+            self._listing[share_id] = found
+        return found
+
     def others_for(self, subscription: Subscription, ids: Iterable[str]) -> dict[str, list[str]]:
         """The current ``others`` lists of ``ids`` as that subscriber sees them."""
         return {
-            share_id: self.others(share_id, subscription.wanted[share_id])
+            share_id: self.others(
+                share_id, subscription.wanted[share_id], self._room(len(subscription.wanted))
+            )
             for share_id in ids
             if share_id in subscription.wanted
         }
@@ -356,18 +543,39 @@ class Registry:
         self,
         ids_with_peers: Iterable[tuple[str, str]],
         callback: Callable[[list[str]], None],
+        host: str,
     ) -> Subscription:
-        """Watch the given IDs; raises CapacityError when ``max_streams`` are open."""
+        """Watch the given IDs for a client at ``host``.
+
+        Raises CapacityError when ``max_streams`` are open, or that host or its
+        prefix already holds its share of them.
+        """
         wanted = _check_pairs(ids_with_peers, self.max_ids_per_request)
+        host = canonical_host(host)
+        prefix = prefix_of(host)
         if self._stream_count >= self.max_streams:
             raise CapacityError(
                 "the tracker already holds %d fast_track streams; "
                 "poll without fast_track or try again later" % (self.max_streams,)
             )
-        subscription = Subscription(wanted, callback)
+        if self._streams_per_source.get(host, 0) >= self.max_streams_per_source:
+            raise CapacityError(
+                "%s already holds %d fast_track streams (at most %d per address); "
+                "poll without fast_track or close one" % (
+                    host, self.max_streams_per_source, self.max_streams_per_source)
+            )
+        if self._streams_per_prefix.get(prefix, 0) >= self.max_streams_per_prefix:
+            raise CapacityError(
+                "the network %s already holds %d fast_track streams; "
+                "poll without fast_track or try again later" % (
+                    prefix, self.max_streams_per_prefix)
+            )
+        subscription = Subscription(wanted, callback, host, prefix)
         for share_id in wanted:
             self._subscriptions.setdefault(share_id, set()).add(subscription)
         self._stream_count += 1
+        self._streams_per_source[host] = self._streams_per_source.get(host, 0) + 1
+        self._streams_per_prefix[prefix] = self._streams_per_prefix.get(prefix, 0) + 1
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -382,6 +590,8 @@ class Registry:
                 if not watchers:
                     del self._subscriptions[share_id]
         self._stream_count -= 1
+        _decrement(self._streams_per_source, subscription.host)
+        _decrement(self._streams_per_prefix, subscription.prefix)
 
     def _notify(self, changed: dict[str, set[str]]) -> None:
         """Call each subscriber once with the IDs where a peer other than its own changed."""
@@ -392,11 +602,22 @@ class Registry:
             for subscription in self._subscriptions.get(share_id, ()):
                 if peers - subscription.wanted[share_id]:
                     todo.setdefault(subscription, []).append(share_id)
-        for subscription, ids in todo.items():
-            if not subscription.active:
-                continue
-            try:
-                subscription.callback(ids)
-            except Exception:
-                self._log.failure("fast_track subscriber failed on an update")
+        self._listing, self._sharing = {}, True
+        try:
+            for subscription, ids in todo.items():
+                if not subscription.active:
+                    continue
+                try:
+                    subscription.callback(ids)
+                except Exception:
+                    self._log.failure("fast_track subscriber failed on an update")
+        finally:
+            self._listing, self._sharing = {}, False
 
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

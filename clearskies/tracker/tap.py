@@ -9,16 +9,28 @@ even when nobody else registers).
 
 from __future__ import annotations
 
+import resource
+
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from clearskies.tracker.registry import DEFAULT_TTL, Registry
+from clearskies.tracker.registry import DEFAULT_TTL, MAX_STREAMS, Registry
 from clearskies.tracker.web import make_site
 
 MAX_TTL = 86400
+#: File descriptors kept free of HTTP connections (listening socket, logs,
+#: the ones a refused or dropped connection holds until it is closed).
+FD_RESERVE = 64
+#: Connections at most, however high the descriptor limit (each costs memory).
+MAX_CONNECTIONS = 4096
+
+
+def connection_cap(fd_limit: int) -> int:
+    """How many HTTP connections to hold open at once with ``fd_limit`` descriptors."""
+    return max(16, min(MAX_CONNECTIONS, fd_limit - FD_RESERVE))
 
 
 def sweep_interval(ttl: int) -> float:
@@ -68,8 +80,15 @@ def makeService(options: Options) -> MultiService:
     """The tracker's service tree; nothing listens until twistd starts it."""
     from twisted.internet import reactor
 
-    registry = Registry(ttl=options["ttl"])
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = MAX_CONNECTIONS + FD_RESERVE
+    connections = connection_cap(soft)
+    # Streams may take at most half the connections: the rest stay free for
+    # plain requests (a client refused a stream falls back to polling).
+    registry = Registry(ttl=options["ttl"], max_streams=min(MAX_STREAMS, connections // 2))
+    site = make_site(registry, reactor, max_connections=connections)
     top = MultiService()
-    strports.service(options["listen"], make_site(registry, reactor), reactor=reactor).setServiceParent(top)
+    strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
     TimerService(sweep_interval(registry.ttl), lambda: registry.expire(reactor.seconds())).setServiceParent(top)
     return top

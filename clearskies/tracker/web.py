@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ from clearskies.errors import ProtocolError
 from clearskies.tracker.registry import MAX_TOR_ADDRESSES, CapacityError, Registry, Subscription
 
 DEFAULT_STREAM_TIMEOUT = 60
+#: Seconds a connection may sit without a request in progress (before its
+#: first request, between requests, or while a request trickles in).
+DEFAULT_IDLE_TIMEOUT = 15
+#: Open connections at once; tap.py sets it from the file descriptor limit.
+DEFAULT_MAX_CONNECTIONS = 900
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
@@ -152,7 +158,7 @@ class _Stream:
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
         # Raises CapacityError before anything is registered or written.
-        self._subscription: Subscription = registry.subscribe(query.pairs, self._changed)
+        self._subscription: Subscription = registry.subscribe(query.pairs, self._changed, host)
 
     def start(self) -> None:
         """Register, write the first line, and begin keep-alives."""
@@ -336,40 +342,169 @@ class StatusResource(_GetOnly):
         return text.encode("utf-8")
 
 
+def _raw_response(code: int, reason: bytes, message: str, *headers: bytes) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for answers given
+    before (or instead of) twisted.web's request handling."""
+    body = message.encode("utf-8") + b"\n"
+    return b"HTTP/1.1 %d %s\r\n%sContent-Type: text/plain; charset=utf-8\r\n" \
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+            code, reason, b"".join(h + b"\r\n" for h in headers), len(body), body)
+
+
 class _Channel(HTTPChannel):
-    """HTTP/1.1 that answers an over-long request line with a 400 instead of silence."""
+    """HTTP/1.1 with the tracker's limits.
+
+    An over-long request line gets a 400 instead of silence.  A method other
+    than GET/HEAD, or any request body, is refused as soon as the headers are
+    in, before twisted.web would read the body into memory or a temporary
+    file.  The channel tells its :class:`TrackerSite` when it is busy with a
+    request and when it is idle, so the site can drop the oldest idle
+    connection when it is full.
+    """
+
+    factory: TrackerSite
+    _admitted = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if not self.factory.admit(self):
+            self._refuse(_raw_response(
+                503, b"Service Unavailable",
+                "the tracker has too many open connections; try again in a minute"))
+            return
+        self._admitted = True
+
+    def allHeadersReceived(self) -> None:
+        if self._command not in (b"GET", b"HEAD"):
+            self._refuse(_raw_response(
+                405, b"Method Not Allowed", "only GET is supported here", b"Allow: GET, HEAD"))
+            return
+        if self.length != 0:  # a Content-Length above 0, or chunked (None)
+            self._refuse(_raw_response(
+                413, b"Content Too Large",
+                "a tracker request has no body; send the parameters in the query"))
+            return
+        super().allHeadersReceived()
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer and close without reading another byte of the request."""
+        self.transport.write(response)
+        # Nothing more is parsed: lineReceived must not go on to run the request.
+        self.length = None
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        self.transport.loseConnection()
+
+    def allContentReceived(self) -> None:
+        self.factory.busy(self)
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # Before the super call: it may start on a pipelined next request at once.
+        if self.persistent:
+            self.factory.idle(self)
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._admitted:
+            self.factory.gone(self)
+        super().connectionLost(reason)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.transport.disconnecting:
             return
-        message = b"request line or header longer than %d bytes\n" % (self.MAX_LENGTH,)
-        self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(message), message)
-        )
-        self.transport.loseConnection()
+        self._refuse(_raw_response(
+            400, b"Bad Request", "request line or header longer than %d bytes" % (self.MAX_LENGTH,)))
 
 
 class TrackerSite(Site):
-    """A Site without an access log: a tracker should not record who asked for which ID."""
+    """A Site without an access log (a tracker should not record who asked for
+    which ID) that bounds its connections.
+
+    At most ``max_connections`` are open; when one more arrives, the
+    connection that has been idle longest (no request in progress: never sent
+    one, between requests, or still trickling one in) is dropped for it, and
+    only when every connection is busy is the newcomer refused with a 503.
+    Idle connections are also closed after ``idle_timeout`` seconds.
+    """
 
     protocol = _Channel
+    _log = Logger()
+    #: Seconds between two log lines about a full tracker.
+    REPORT_INTERVAL = 60
+
+    def __init__(
+        self,
+        resource: Resource,
+        *,
+        reactor: IReactorTime,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        super().__init__(resource, reactor=reactor, timeout=idle_timeout)
+        self.max_connections = max_connections
+        self._open = 0
+        # Admitted connections without a request in progress, idle longest first.
+        self._idle: OrderedDict[_Channel, None] = OrderedDict()
+        self._quiet_until = float("-inf")
 
     def log(self, request: Request) -> None:
         pass
+
+    def connections(self) -> tuple[int, int]:
+        """(open, idle) connection counts, for the status page."""
+        return self._open, len(self._idle)
+
+    def admit(self, channel: _Channel) -> bool:
+        if self._open >= self.max_connections:
+            if not self._idle:
+                self._report("every connection is busy, refusing new ones with 503")
+                return False
+            self._report("closing the longest-idle connections to make room")
+            oldest, _ = self._idle.popitem(last=False)
+            # Its connectionLost (next reactor turn) frees its place and descriptor.
+            oldest.transport.abortConnection()
+        self._open += 1
+        self._idle[channel] = None
+        return True
+
+    def _report(self, what: str) -> None:
+        """Log that the connection limit is reached, at most once a minute."""
+        now = self.reactor.seconds()
+        if now >= self._quiet_until:
+            self._quiet_until = now + self.REPORT_INTERVAL
+            self._log.warn(
+                "the tracker has reached its limit of {limit} connections: {what} "
+                "(not logged again for a minute; an attack, or raise the file descriptor limit)",
+                limit=self.max_connections, what=what,
+            )
+
+    def busy(self, channel: _Channel) -> None:
+        self._idle.pop(channel, None)
+
+    def idle(self, channel: _Channel) -> None:
+        if not channel.transport.disconnecting:
+            self._idle[channel] = None
+            self._idle.move_to_end(channel)
+
+    def gone(self, channel: _Channel) -> None:
+        self._idle.pop(channel, None)
+        self._open -= 1
 
 
 def make_site(
     registry: Registry,
     clock: IReactorTime,
     stream_timeout: int = DEFAULT_STREAM_TIMEOUT,
-) -> Site:
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+) -> TrackerSite:
     """The tracker's whole HTTP tree: ``/`` (status) and ``/clearskies/track``."""
     root = _Folder()
     root.putChild(b"", StatusResource(registry))
     clearskies = _Folder()
     clearskies.putChild(b"track", TrackResource(registry, clock, stream_timeout))
     root.putChild(b"clearskies", clearskies)
-    return TrackerSite(root, reactor=clock)
+    return TrackerSite(
+        root, reactor=clock, max_connections=max_connections, idle_timeout=idle_timeout
+    )

@@ -1,0 +1,243 @@
+"""The tracker under attack on loopback: connection floods, huge bodies, stream hoarding,
+hijacked and eclipsing registrations, and a full registration table.
+
+Each test checks both that the tracker stays up within bounded memory and
+that a legitimate client still gets its answer.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import socket
+import time
+import tracemalloc
+
+import pytest
+
+from clearskies.tracker.registry import MAX_TOTAL, CapacityError, Registry
+from tests.abuse.tracker_process import FD_LIMIT, TrackerProcess, get, rss_mb
+
+A = "a" * 64
+REAL = "1" * 32
+ASKER = "2" * 32
+MAX_RSS_MB = 150
+
+
+def _track(pairs: list[tuple[str, str]], port: int, extra: str = "") -> str:
+    ids = "&".join("id=%s%%40%s" % pair for pair in pairs)
+    return "/clearskies/track?%s&tcp_port=%d%s" % (ids, port, extra)
+
+
+def _fake(i: int) -> str:
+    return "%032x" % (0xFA4E0000 + i)
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    process = TrackerProcess(tmp_path_factory.mktemp("tracker")).start()
+    yield process
+    process.stop()
+    output = process.output()
+    assert "Traceback" not in output, output
+
+
+def _still_fine(tracker: TrackerProcess, source: str) -> None:
+    """The tracker is up, small, and answers a legitimate request from ``source``."""
+    assert tracker.alive(), tracker.output()
+    assert rss_mb(tracker.pid) < MAX_RSS_MB
+    code, body = get(tracker.port, _track([(A, ASKER)], 30002), source=source)
+    assert code == 200, body
+    assert json.loads(body)["your_ip"] == source
+
+
+@pytest.mark.slow
+def test_idle_connections_do_not_lock_out_a_legitimate_client(tracker):
+    """1,100 idle connections (more than the tracker's 1,024 descriptors) and a real request still works."""
+    idle = []
+    try:
+        for i in range(1100):
+            s = socket.socket()
+            s.bind(("127.10.%d.%d" % (i // 250, i % 250 + 1), 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", tracker.port))
+            idle.append(s)
+        assert len(idle) > FD_LIMIT
+        time.sleep(0.5)
+        started = time.monotonic()
+        _still_fine(tracker, "127.0.0.1")
+        assert time.monotonic() - started < 3
+        # The operator hears about it once, not once per connection.
+        assert tracker.output().count("reached its limit of 960 connections") == 1
+        # The idle connections were dropped oldest first to make room.
+        idle[0].settimeout(2)
+        try:
+            assert idle[0].recv(1) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        for s in idle:
+            s.close()
+
+
+@pytest.mark.slow
+def test_a_huge_post_is_refused_before_its_body_is_read(tracker):
+    """A 300 MB POST gets a 405 right after its headers; the tracker reads (almost) none of the body."""
+    with socket.create_connection(("127.0.0.1", tracker.port), timeout=5) as s:
+        s.sendall(b"POST /clearskies/track HTTP/1.1\r\nHost: t\r\n"
+                  b"Content-Length: 314572800\r\n\r\n")
+        started = time.monotonic()
+        answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 405 "), answer
+        assert b"only GET" in answer and b"Allow: GET, HEAD" in answer
+        assert time.monotonic() - started < 2
+        sent = 0
+        chunk = b"x" * (1 << 20)
+        s.settimeout(2)
+        try:
+            while sent < 300 << 20:
+                sent += s.send(chunk)
+        except OSError:
+            pass
+    # Only what fits in the socket buffers got out before the tracker closed.
+    assert sent < 32 << 20
+    _still_fine(tracker, "127.0.0.1")
+
+
+@pytest.mark.slow
+def test_a_get_with_a_body_is_refused_with_413(tracker):
+    """A GET announcing a body (Content-Length or chunked) is answered 413 without reading it."""
+    for header in (b"Content-Length: 200000000", b"Transfer-Encoding: chunked"):
+        with socket.create_connection(("127.0.0.1", tracker.port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n" + header + b"\r\n\r\n")
+            answer = s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer
+            assert b"has no body" in answer
+    _still_fine(tracker, "127.0.0.1")
+
+
+def _open_stream(port: int, source: str, pairs: list[tuple[str, str]]) -> tuple[socket.socket, bytes]:
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track(pairs, 30001, "&fast_track=1").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = s.recv(4096)
+        if not data:
+            break
+        head += data
+    return s, head
+
+
+@pytest.mark.slow
+def test_one_address_cannot_hold_all_fast_track_streams(tracker):
+    """An address gets 16 fast_track streams and then 503s; another address still opens one."""
+    streams = []
+    try:
+        for i in range(16):
+            s, head = _open_stream(tracker.port, "127.20.0.1", [(A, _fake(i))])
+            streams.append(s)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+        s, head = _open_stream(tracker.port, "127.20.0.1", [(A, _fake(99))])
+        streams.append(s)
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        s, head = _open_stream(tracker.port, "127.21.0.1", [(A, REAL)])
+        streams.append(s)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        _still_fine(tracker, "127.0.0.1")
+    finally:
+        for s in streams:
+            s.close()
+
+
+@pytest.mark.slow
+def test_reregistration_from_another_address_does_not_move_a_peer(tracker):
+    """Registering someone else's (ID, peer ID) from another address leaves the real address listed first."""
+    share = "b" * 64
+    assert get(tracker.port, _track([(share, REAL)], 30001), source="127.30.0.1")[0] == 200
+    assert get(tracker.port, _track([(share, REAL)], 666), source="127.66.0.1")[0] == 200
+    code, body = get(tracker.port, _track([(share, ASKER)], 30002), source="127.30.0.2")
+    assert code == 200
+    listed = json.loads(body)["others"][share]
+    assert listed[0] == REAL + "@tcp:127.30.0.1:30001"
+    # The real peer's refresh is still its own.
+    assert get(tracker.port, _track([(share, REAL)], 30001), source="127.30.0.1")[0] == 200
+    code, body = get(tracker.port, _track([(share, ASKER)], 30002), source="127.30.0.2")
+    assert json.loads(body)["others"][share][0] == REAL + "@tcp:127.30.0.1:30001"
+
+
+@pytest.mark.slow
+def test_300_fakes_from_one_address_do_not_eclipse_the_real_peer(tracker):
+    """300 fake peers from one address take at most 8 places; the real peer is in the answer."""
+    share = "c" * 64
+    for start in range(0, 300, 60):
+        pairs = [(share, _fake(i)) for i in range(start, start + 60)]
+        assert get(tracker.port, _track(pairs, 666), source="127.40.0.1")[0] == 200
+    assert get(tracker.port, _track([(share, REAL)], 30001), source="127.41.0.1")[0] == 200
+    code, body = get(tracker.port, _track([(share, ASKER)], 30002), source="127.42.0.1")
+    assert code == 200
+    listed = json.loads(body)["others"][share]
+    assert REAL + "@tcp:127.41.0.1:30001" in listed
+    assert sum("@tcp:127.40.0.1:" in entry for entry in listed) == 8
+    _still_fine(tracker, "127.0.0.1")
+
+
+@pytest.mark.slow
+def test_memory_at_the_registration_cap_is_bounded():
+    """A registry filled to MAX_TOTAL (distinct IDs, many addresses) stays under 100 MB and refuses more."""
+    rng = random.Random(5)
+    registry = Registry()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, MAX_TOTAL, 64):
+            host = "10.%d.%d.%d" % (i >> 16 & 255, i >> 8 & 255, i >> 6 & 3)
+            pairs = [("%064x" % rng.getrandbits(256), "%032x" % rng.getrandbits(128))
+                     for _ in range(min(64, MAX_TOTAL - i))]
+            registry.renew(pairs, host, 1000 + i % 60000, None, now=0)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert registry.stats()["registrations"] == MAX_TOTAL
+    assert used < 100 << 20, used
+    with pytest.raises(CapacityError, match="full"):
+        registry.register([(A, ASKER)], "192.0.2.1", 1, None, now=1)
+    # A live peer can still refresh its registration.
+    registry.register([(pairs[0][0], pairs[0][1])], host, 1000, None, now=2)
+
+
+@pytest.mark.slow
+def test_clients_that_never_read_their_answers_hold_little_memory(tracker):
+    """400 connections asking for 64 crowded IDs and never reading cost the tracker a few MB, not hundreds."""
+    ids = ["%064x" % (0xABC000 + i) for i in range(64)]
+    # 256 listed peers per ID: 32 addresses in 8 /24s, 8 peers each per ID.
+    for h in range(32):
+        host = "127.%d.%d.1" % (50 + h // 4, h % 4)
+        for chunk in range(8):
+            pairs = [(share, "%032x" % (h * 1000 + chunk * 100 + j))
+                     for share in ids[chunk * 8:(chunk + 1) * 8] for j in range(8)]
+            assert get(tracker.port, _track(pairs, 1), source=host)[0] == 200
+    request = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track([(i, ASKER) for i in ids], 1).encode()
+    before = rss_mb(tracker.pid)
+    stuck = []
+    try:
+        for i in range(400):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.bind(("127.77.%d.%d" % (i // 200, i % 200 + 1), 0))
+            s.connect(("127.0.0.1", tracker.port))
+            s.sendall(request * 3)
+            stuck.append(s)
+        time.sleep(2)
+        assert rss_mb(tracker.pid) - before < 40
+        code, body = get(tracker.port, _track([(ids[0], ASKER)], 30002), source="127.0.0.1")
+        assert code == 200 and len(json.loads(body)["others"][ids[0]]) == 256
+    finally:
+        for s in stuck:
+            s.close()
+    _still_fine(tracker, "127.0.0.1")
