@@ -55,11 +55,15 @@ MAX_ADDRESSES = 8
 TRACE = bool(os.environ.get("CLEARSKIES_TRACE"))
 """Log every message and merge decision (debug level): for hunting protocol problems."""
 
+MAX_REFUSED_RECORDS = 64
+"""Invalid records one manifest message may hold: each is refused alone (listed,
+logged once), but past this many the connection is closed instead."""
+
 MAX_WAITING_GETS = 64
+"""File requests a peer may have waiting on one connection before it is cut off."""
 MANIFEST_PAGE = 1000
 """Records per manifest message for peers that negotiated ``manifest_pages``: a big
 share's manifest would not fit the 16 MiB line limit, and pages merge as they arrive."""
-"""File requests a peer may have waiting on one connection before it is cut off."""
 
 MAX_FINISHING = 64
 """Received files waiting for verification and installation before no more are requested."""
@@ -1362,9 +1366,18 @@ class SyncSession:
         if revision is not None and not _is_revision(revision):
             raise ProtocolError("manifest revision must be a number from 0 to 2**63-1")
         records: dict[str, FileRecord] = {}
+        refused = 0
         for entry in files:
+            if not isinstance(entry, dict):
+                raise ProtocolError("a manifest entry is not a record object")
             record = self._record(entry)
             if record is None:
+                refused += 1
+                if refused > MAX_REFUSED_RECORDS:
+                    # A peer that sends this much junk is broken or hostile; taking
+                    # the rest one by one would only spend the reactor on it.
+                    raise ProtocolError("more than %d invalid records in one manifest"
+                                        % MAX_REFUSED_RECORDS)
                 continue
             previous = records.get(record.path)
             records[record.path] = record if previous is None else merge.winner(previous, record)

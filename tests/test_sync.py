@@ -23,7 +23,8 @@ from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.records import FileRecord
 from clearskies.sync import (
-    MAX_WAITING_GETS, RETRY_AFTER, ShareSync, SyncSession, Wanted, WantedFiles)
+    MAX_REFUSED_RECORDS, MAX_WAITING_GETS, RETRY_AFTER, ShareSync, SyncSession, Wanted,
+    WantedFiles)
 from clearskies.threads import SyncRunner
 
 US = "a" * 32
@@ -672,6 +673,20 @@ def test_a_manifest_revision_out_of_range_is_a_protocol_error(share, revision):
     with pytest.raises(ProtocolError, match="manifest revision"):
         session.event_received(message({"type": "manifest", "revision": revision,
                                         "files": []}))
+
+
+def test_a_manifest_of_junk_closes_the_connection_quickly(share):
+    """Entries that are not records, or too many invalid records, are a protocol error."""
+    _, session, _ = open_session(share, Clock())
+    with pytest.raises(ProtocolError, match="not a record"):
+        session.event_received(message({"type": "manifest", "revision": 3,
+                                        "files": ["x"] * 100_000}))
+    _, session, _ = open_session(share, Clock())
+    bad = file_record("far.txt", b"far", {THEM: 1}).to_wire()
+    bad["mtime"] = [2**62 - 1, 0]
+    junk = [dict(bad, path="f%d" % i) for i in range(MAX_REFUSED_RECORDS + 1)]
+    with pytest.raises(ProtocolError, match="invalid records"):
+        session.event_received(message({"type": "manifest", "revision": 3, "files": junk}))
 
 
 def test_a_record_with_a_huge_mtime_is_refused_alone(share):
