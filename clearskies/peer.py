@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress, IDelayedCall, IHandshakeListener, IReactorTime, IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from clearskies import SOFTWARE
 from clearskies.admission import CAPACITY, Admission
@@ -203,6 +206,7 @@ def _failure_text(reason: Failure) -> str:
 # -- the protocol -------------------------------------------------------------------------
 
 
+@implementer(IHandshakeListener)
 class PeerProtocol(Protocol):
     """One connection with another peer, from TCP connect to close.
 
@@ -390,10 +394,8 @@ class PeerProtocol(Protocol):
     def _handshake_event(self, event: Event) -> None:
         if not isinstance(event, Message) or event.has_payload or event.signature is not None:
             raise HandshakeError("payload or signed message during the handshake")
-        if self._tls_started and not self._proven:
-            # A message decrypted inside TLS: the peer holds the key we chose.
-            self._proven = True
-            self._tell_owner("handshake_proven")
+        if self._tls_started:
+            self._prove()  # a message decrypted inside TLS
         is_start = self._server and self.presented_id is None and event.type == "start"
         if is_start:
             named = event.body.get("id")
@@ -407,6 +409,15 @@ class PeerProtocol(Protocol):
         self._run(self._machine.receive(event.body, self._clock.seconds()))
         if is_start and self._tls_started:
             self._tell_owner("handshake_started")
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up, so the peer holds the key we chose."""
+        self._prove()
+
+    def _prove(self) -> None:
+        if not self._proven:
+            self._proven = True
+            self._tell_owner("handshake_proven")
 
     def _tell_owner(self, what: str) -> Any:
         report = getattr(self._owner, what, None)

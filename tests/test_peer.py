@@ -235,7 +235,7 @@ class HandshakeTests(PeerTestBase):
         self.assert_logged("cannot start")
 
     def test_slow_share_creation(self):
-        """The joiner holds the handshake until the seam's Deferred fires."""
+        """The joiner holds the handshake until the seam's Deferred fires, without a slot."""
         return Deferred.fromCoroutine(self._slow_share())
 
     async def _slow_share(self):
@@ -253,6 +253,8 @@ class HandshakeTests(PeerTestBase):
         await deferLater(reactor, 0.05, lambda: None)
         self.assertFalse(pending.called)
         self.assertEqual(self.ring_s.used, [])
+        # TLS is up, so the code was right: no handshake slot is held while the joiner works.
+        self.assertEqual((len(self.factory.handshaking), len(self.factory.admission)), (1, 0))
         self.ring_c.pending[0].callback(None)
         client = await pending
         self.assertEqual(client.established.access, "read_write")
