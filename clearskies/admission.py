@@ -1,16 +1,16 @@
 """Which incoming connections may hold a handshake slot (``protocol/handshake.md``, "Admission").
 
 Pure: no sockets, no reactor.  The listening factory tells it when a
-connection arrives, sends a well-formed ``start``, proves its key (the first
-message decrypted inside TLS) or goes away, always with ``now``; it answers
-with verdicts and the connections whose time is up.
+connection arrives, sends a well-formed ``start``, proves its key (its TLS
+handshake completes) or goes away, always with ``now``; it answers with
+verdicts and the connections whose time is up.
 
 Until its key is proven a connection is *unauthenticated* and holds one of
 ``capacity`` slots.  The rules keep a legitimate peer's chance of a slot high
 however many addresses flood the port:
 
 - **Stages.**  A connection is ``arrived`` until its ``start`` line is
-  complete, then ``started`` until a message decrypts inside TLS; then it
+  complete, then ``started`` until its TLS handshake completes; then it
   leaves this table (a valid key is never evicted or timed out here).
 - **Deadlines shrink under pressure.**  Below half the slots in use, an
   ``arrived`` connection has ``start_timeout`` seconds to send ``start`` and a

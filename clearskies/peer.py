@@ -620,7 +620,7 @@ class PeerServerFactory(Factory):
         self._schedule()
 
     def handshake_proven(self, protocol: PeerProtocol) -> None:
-        """A message decrypted inside TLS: the peer holds a valid key; its slot is free."""
+        """TLS is up: the peer holds a valid key; its slot is free."""
         self.admission.leave(protocol)
         self._schedule()
 
