@@ -594,9 +594,7 @@ class PeerServerFactory(Factory):
                            host=host, reason=verdict.reason)
             return None
         if isinstance(verdict.evict, PeerProtocol):
-            self._log.info("dropping the handshake with {peer}: {reason}",
-                           peer=verdict.evict.peer_address, reason=verdict.reason)
-            verdict.evict.evict(verdict.reason)
+            verdict.evict.evict(verdict.reason)  # logged by its close
         protocol.factory = self
         # Nobody waits on an accepted connection's outcome; it is logged.
         protocol.when_established.addErrback(lambda _: None)
