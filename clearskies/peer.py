@@ -22,6 +22,7 @@ subject to admission.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol as TypingProtocol
@@ -75,6 +76,8 @@ HANDSHAKE_MAX_LINE = 256 * 1024
 
 MAX_UNAUTHENTICATED = CAPACITY
 """Unauthenticated connections allowed at once, per listening factory."""
+
+_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 CLOSE_GRACE = 10.0
 """Seconds a closing connection may take to flush before it is aborted."""
@@ -399,7 +402,8 @@ class PeerProtocol(Protocol):
         is_start = self._server and self.presented_id is None and event.type == "start"
         if is_start:
             named = event.body.get("id")
-            self.presented_id = named if isinstance(named, str) else ""
+            # Only a well-formed ID is kept (it keys the back-off): bounded memory.
+            self.presented_id = named if isinstance(named, str) and _ID_RE.fullmatch(named) else ""
             refusal = self._tell_owner("start_received")
             if refusal:
                 self.counts_as_failure = False
@@ -609,7 +613,8 @@ class PeerServerFactory(Factory):
         if self.limiter.blocked(key):
             return ("too many failed handshakes from {} for ID {} (refused {:.0f} s more); "
                     "check the access code or share".format(
-                        protocol.source_host, protocol.presented_id, self.limiter.blocked_for(key)))
+                        protocol.source_host, protocol.presented_id or "(malformed)",
+                        self.limiter.blocked_for(key)))
         return None
 
     def handshake_started(self, protocol: PeerProtocol) -> None:

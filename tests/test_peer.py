@@ -495,6 +495,20 @@ class LimitTests(PeerTestBase):
         clock.advance(10)
         self.assertFalse(self.factory.limiter.blocked(("127.0.0.1", "cd" * 32)))
 
+    def test_malformed_ids_share_one_back_off_entry(self):
+        """A start naming a huge or malformed ID is counted under one small key, not the ID."""
+        return Deferred.fromCoroutine(self._malformed())
+
+    async def _malformed(self):
+        await self.listen()
+        for n in range(3):
+            client = await self.raw(encode({
+                "type": "start", "software": "x", "protocol": 1, "features": [],
+                "id": "x" * (50_000 + n), "access": "read_write", "peer": CLIENT_PEER}))
+            await client.lost
+        await self.settle()
+        self.assertEqual(list(self.factory.limiter._records), [("127.0.0.1", "")])
+
     def test_unauthenticated_connections_capped(self):
         """When every slot is taken a newcomer displaces the oldest connection that has
         not sent start; with every slot past start, the newcomer is refused."""
