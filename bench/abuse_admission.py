@@ -49,6 +49,8 @@ ATTACKS: list[dict[str, Any]] = [
      "per_address": 2},
     {"attack": "slowloris, 64 addresses x 1 (1 byte/s)", "mode": "slowloris", "addresses": 64},
     {"attack": "slowloris, 128 addresses x 1 (1 byte/s)", "mode": "slowloris", "addresses": 128},
+    {"attack": "TLS stall naming the share, 64 addresses x 1", "mode": "tls_stall",
+     "addresses": 64},
     {"attack": "12 failed handshakes from the peer's own address", "failing_neighbour": True},
 ]
 
@@ -87,7 +89,7 @@ async def _one(reactor: Any, daemon: DaemonProcess, keys: ShareKeys,
     if attack.get("addresses"):
         flood = Flood(reactor, daemon.port, addresses=attack["addresses"],
                       per_address=attack.get("per_address", 1), mode=attack["mode"],
-                      reconnect_delay=0.05)
+                      reconnect_delay=0.05, share_id=keys.share_id)
         flood.start()
         await sleep(reactor, WARMUP)
         notes = "attack connections open at start: %d" % flood.open

@@ -23,9 +23,10 @@ however many addresses flood the port:
   table evicts the oldest ``arrived`` connection of the most represented
   group (then address): a stalled or slow connection makes way, and a peer
   that answers at once is ``started`` long before it could be chosen.  If
-  every slot is ``started``, a newcomer evicts only from a group (or, within
-  its own group, an address) holding at least two more slots than its own;
-  otherwise it is refused.
+  every slot is ``started``, a newcomer evicts the oldest connection of a
+  group (or, within its own group, an address) holding at least two more
+  slots than its own, or one more if that connection is older than the
+  minimum start deadline; otherwise it is refused.
 
 Memory is bounded by ``capacity`` entries.
 """
@@ -171,7 +172,7 @@ class Admission:
         group = self._group(host)
         verdict = Verdict(True)
         if len(self._entries) >= self.capacity:
-            verdict = self._make_room(host, group)
+            verdict = self._make_room(host, group, now)
             if not verdict.admit:
                 return verdict
             assert verdict.evict is not None
@@ -199,7 +200,7 @@ class Admission:
 
     # -- choosing a victim -----------------------------------------------------------------
 
-    def _make_room(self, host: str, group: str) -> Verdict:
+    def _make_room(self, host: str, group: str, now: float) -> Verdict:
         def weight(item: tuple[Hashable, _Entry]) -> tuple[bool, int, int, float]:
             entry = item[1]
             return (entry.stage == ARRIVED, self._per_group[entry.group],
@@ -210,10 +211,15 @@ class Admission:
             return Verdict(True, victim, "made room for a newcomer: no start message yet "
                            "while every handshake slot was taken")
         if entry.group != group:
-            fairer = self._per_group.get(group, 0) + 1 < self._per_group[entry.group]
+            theirs, ours = self._per_group[entry.group], self._per_group.get(group, 0)
         else:
-            fairer = self._per_host.get(host, 0) + 1 < self._per_host[entry.host]
-        if fairer:
+            theirs, ours = self._per_host[entry.host], self._per_host.get(host, 0)
+        if ours + 1 < theirs:
             return Verdict(True, victim, "made room for a newcomer from a source "
                            "holding fewer handshake slots")
+        if ours + 1 == theirs and now - entry.opened >= self._start[0]:
+            # As many slots as the newcomer would hold, but slow: let the newcomer try.
+            return Verdict(True, victim, "made room for a newcomer: the handshake took "
+                           "{:.0f} s while every handshake slot was taken".format(
+                               now - entry.opened))
         return Verdict(False, None, "all {} handshake slots are taken".format(self.capacity))

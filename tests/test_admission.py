@@ -74,6 +74,18 @@ def test_started_slots_are_taken_only_from_a_bigger_group():
     assert verdict.admit and verdict.evict == "a1"
 
 
+def test_slow_started_connections_give_way_to_an_equal_newcomer():
+    """Single started connections from many groups: a newcomer evicts one only once it is 3 s old."""
+    table = Admission(4)
+    for n in range(4):
+        table.arrive(n, "127.0.1.%d" % n, float(n))
+        table.started(n)
+    assert not table.arrive("early", "127.0.0.1", 2.5).admit
+    verdict = table.arrive("legit", "127.0.0.1", 3.0)
+    assert verdict.admit and verdict.evict == 0
+    assert "took 3 s" in verdict.reason
+
+
 def test_within_a_group_the_busiest_address_gives_way():
     """Inside one group a newcomer from a quieter address evicts from the busiest one."""
     table = Admission(3)

@@ -7,7 +7,9 @@ which Linux routes to ``lo`` without setup) and holds ``per_address``
 connections, reconnecting as soon as one is closed:
 
 - ``idle``: connects and never sends a byte;
-- ``slowloris``: sends a well-formed ``start`` line one byte per second.
+- ``slowloris``: sends a well-formed ``start`` line one byte per second;
+- ``tls_stall``: sends ``start`` naming the share (so the daemon starts TLS)
+  and then nothing, as an attacker who learned the share ID would.
 
 The legitimate peer runs the real handshake (``connect_peer``, TLS with the
 share's PSK) from 127.0.0.1, retrying a refused or dropped attempt until its
@@ -46,7 +48,7 @@ class _Attacker(Protocol):
         self.mode = mode
         self.host = host
         self.line = encode({"type": "start", "software": "slow", "protocol": 1, "features": [],
-                            "id": "ab" * 32, "access": "read_write", "peer": "cd" * 16})
+                            "id": flood.share_id, "access": "read_write", "peer": "cd" * 16})
         self.sent = 0
         self.call: Any = None
 
@@ -55,6 +57,8 @@ class _Attacker(Protocol):
         self.flood.transports.add(self.transport)
         if self.mode == "slowloris":
             self.call = self.flood.reactor.callLater(0.0, self._drip)
+        elif self.mode == "tls_stall":
+            self.transport.write(self.line)
 
     def _drip(self) -> None:
         if self.sent < len(self.line):
@@ -84,6 +88,7 @@ class Flood:
     per_address: int = 1
     mode: str = "idle"
     reconnect_delay: float = 0.05
+    share_id: str = "ab" * 32
     open: int = 0
     dropped: int = 0
     connects: int = 0

@@ -50,7 +50,7 @@ class AdmissionAbuseTests(TestCase):
 
     async def _flood(self, mode: str, addresses: int) -> None:
         flood = Flood(reactor, self.daemon.port, addresses=addresses, mode=mode,
-                      reconnect_delay=0.5)
+                      reconnect_delay=0.5, share_id=self.keys.share_id)
         flood.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(flood.stop()))
         await sleep(reactor, 2.0)
@@ -66,7 +66,7 @@ class AdmissionAbuseTests(TestCase):
         self.assertTrue(self.daemon.running, self.daemon.log_tail())
         self.assertLess(self.rss_mb(), MAX_RSS_MB)
         self.assertNotIn(None, times, "connection times under a %s flood: %r\n%s" % (
-            mode, times, self.daemon.log_tail()))
+            mode, times, self.daemon.log_tail(20)))
         self.assertLessEqual(max(times), BOUND)
         self.assertGreater(dropped, 0)  # the attackers were there all along, and cut short
         # After the flood, the daemon still answers its owner.
@@ -81,6 +81,11 @@ class AdmissionAbuseTests(TestCase):
     async def test_slowloris_flood_from_64_addresses(self) -> None:
         """64 addresses sending start at 1 byte/s: a valid peer connects within 5 s, 5 times out of 5."""
         await self._flood("slowloris", 64)
+
+    @async_test
+    async def test_tls_stall_flood_from_64_addresses(self) -> None:
+        """64 addresses that name the share and stall in TLS: a valid peer connects within 5 s, 5 of 5."""
+        await self._flood("tls_stall", 64)
 
     @async_test
     async def test_valid_peer_behind_an_address_with_many_failures(self) -> None:
