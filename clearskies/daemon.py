@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from clearskies import SOFTWARE
 from clearskies.accesscode import AccessCode, access_id, new_access_code, parse_code
+from clearskies.admission import Admission
 from clearskies.control.protocol import ControlFactory, listen_control
 from clearskies.discovery.addresses import (
     Address,
@@ -40,7 +41,6 @@ from clearskies.errors import ConfigurationError, ShareError
 from clearskies.handshake import ConnectTarget
 from clearskies.keys import ShareKeys, generate_share_keys
 from clearskies.logfile import LogFileService
-from clearskies.admission import Admission
 from clearskies.peer import FailureLimiter, PeerProtocol, PeerServerFactory, connect_peer
 from clearskies.share.database import AccessCodeInfo, PeerInfo, ShareInfo, ShareStore  # noqa: F401
 from clearskies.ratelimit import RateLimiter

@@ -418,6 +418,11 @@ class PeerProtocol(Protocol):
         """IHandshakeListener: TLS is up, so the peer holds the key we chose."""
         self._prove()
 
+    @property
+    def proven(self) -> bool:
+        """Whether TLS came up, proving that the peer holds the key we chose."""
+        return self._proven
+
     def _prove(self) -> None:
         if not self._proven:
             self._proven = True
@@ -633,7 +638,9 @@ class PeerServerFactory(Factory):
         self.admission.leave(protocol)
         if success:
             self.connections.add(protocol)
-        elif protocol.counts_as_failure and protocol.presented_id is not None:
+        elif (protocol.counts_as_failure and not protocol.proven
+              and protocol.presented_id is not None):
+            # Bad credentials only: a peer whose key worked is never punished.
             self.limiter.failed((protocol.source_host, protocol.presented_id))
         self._schedule()
 

@@ -495,6 +495,20 @@ class LimitTests(PeerTestBase):
         clock.advance(10)
         self.assertFalse(self.factory.limiter.blocked(("127.0.0.1", "cd" * 32)))
 
+    def test_failures_after_tls_are_not_counted(self):
+        """A peer whose key works but whose handshake fails later (a wrong clock) is never blocked."""
+        return Deferred.fromCoroutine(self._after_tls())
+
+    async def _after_tls(self):
+        await self.listen()
+        for _ in range(6):
+            reason = await self.connect_fails(ConnectTarget.share(KEYS, CLIENT_PEER),
+                                              clock=Clock())
+            self.assertIn("clocks differ", reason)
+        await self.settle()
+        self.assertEqual(dict(self.factory.limiter._records), {})
+        await self.good_connection_works()
+
     def test_malformed_ids_share_one_back_off_entry(self):
         """A start naming a huge or malformed ID is counted under one small key, not the ID."""
         return Deferred.fromCoroutine(self._malformed())
