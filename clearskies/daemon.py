@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from clearskies import SOFTWARE
 from clearskies.accesscode import AccessCode, access_id, new_access_code, parse_code
+from clearskies.admission import Admission
 from clearskies.control.protocol import ControlFactory, listen_control
 from clearskies.discovery.addresses import (
     Address,
@@ -80,6 +81,10 @@ NEUTRAL_NAME = "ClearSkies peer"
 ONION_FAILURE_THRESHOLD = 60
 ONION_BLOCK = 5.0
 ONION_MAX_BLOCK = 60.0
+#: Every onion connection comes from 127.0.0.1 and crosses Tor (seconds per round
+#: trip): its handshake deadlines shrink less under pressure.
+ONION_MIN_START_TIMEOUT = 10.0
+ONION_MIN_HANDSHAKE_TIMEOUT = 20.0
 
 
 def is_loopback_listen(description: str) -> bool:
@@ -609,7 +614,8 @@ class Daemon(MultiService):
             listen = ONION_LISTEN
         factory = PeerServerFactory(
             self.reactor, self, self.name, self.session_factory, features=FEATURES,
-            limiter=self._onion_limiter() if self.tor_only else None)
+            limiter=self._onion_limiter() if self.tor_only else None,
+            admission=self._onion_admission() if self.tor_only else None)
         try:
             self.peer_port = await self._listen(listen, factory)
         except ConfigurationError:
@@ -630,7 +636,7 @@ class Daemon(MultiService):
             # the clearnet port's local peers, nor the other way round.
             self.onion_factory = PeerServerFactory(
                 self.reactor, self, self.name, self.session_factory, features=FEATURES,
-                limiter=self._onion_limiter())
+                limiter=self._onion_limiter(), admission=self._onion_admission())
             self.onion_listener = await self._listen(ONION_LISTEN, self.onion_factory)
 
     async def _listen(self, description: str, factory: PeerServerFactory) -> IListeningPort:
@@ -640,6 +646,10 @@ class Daemon(MultiService):
         except Exception as e:
             raise ConfigurationError("cannot listen for peers on %s: %s"
                                      % (description, e)) from None
+
+    def _onion_admission(self) -> Admission:
+        return Admission(min_start_timeout=ONION_MIN_START_TIMEOUT,
+                         min_handshake_timeout=ONION_MIN_HANDSHAKE_TIMEOUT)
 
     def _onion_limiter(self) -> FailureLimiter:
         return FailureLimiter(self.reactor, threshold=ONION_FAILURE_THRESHOLD,

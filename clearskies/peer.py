@@ -7,30 +7,40 @@ created, close).  Once the handshake is done it calls
 ``session_factory(connection)`` and from then on forwards every wire event
 except ``ping`` to ``session.event_received``.
 
-Protection of the listening side (REFERENCE §5.8): a handshake must finish
-within ``handshake_timeout`` seconds; handshake messages may be at most
-``HANDSHAKE_MAX_LINE`` bytes and ``HANDSHAKE_MAX_ITEMS`` JSON values; at most
-``max_unauthenticated`` connections may be in their handshake at once; an
-address whose handshakes keep failing is refused at once for an exponentially growing time (:class:`FailureLimiter`).
-Any protocol error closes only the connection that carried it, with the
-reason logged.  After the handshake each message may hold what its type
-needs (:data:`~clearskies.wire.SESSION_TYPE_LIMITS`), and no line may cost
-more to parse than :data:`~clearskies.wire.MAX_ITEMS` values.
+Protection of the listening side (``protocol/handshake.md``): a handshake
+must finish within ``handshake_timeout`` seconds; handshake messages may be
+at most ``HANDSHAKE_MAX_LINE`` bytes and ``HANDSHAKE_MAX_ITEMS`` JSON values,
+and the first byte a client sends must open a JSON message;
+:class:`~clearskies.admission.Admission` decides which unauthenticated
+connections hold one of ``max_unauthenticated`` slots and when they time out
+(sooner under pressure); a share or access ID whose handshakes keep failing
+from one address is refused at its ``start`` for an exponentially growing
+time (:class:`FailureLimiter`), which never touches that address's other
+IDs.  Any protocol error closes only the connection that carried it, with
+the reason logged.  Outgoing connections are not subject to admission.
+After the handshake each message may hold what its type needs
+(:data:`~clearskies.wire.SESSION_TYPE_LIMITS`), and no line may cost more to
+parse than :data:`~clearskies.wire.MAX_ITEMS` values.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import Any, Callable, Hashable, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress, IDelayedCall, IHandshakeListener, IReactorTime, IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from clearskies import SOFTWARE
+from clearskies.admission import CAPACITY, Admission
 from clearskies.errors import HandshakeError, ProtocolError
 from clearskies.handshake import (
     AwaitShare,
@@ -71,8 +81,10 @@ HANDSHAKE_MAX_LINE = 256 * 1024
 HANDSHAKE_MAX_ITEMS = 1024
 """JSON values a handshake message may hold (``greeting`` lists at most 64 features)."""
 
-MAX_UNAUTHENTICATED = 64
-"""Connections allowed in their handshake at once, per listening factory."""
+MAX_UNAUTHENTICATED = CAPACITY
+"""Unauthenticated connections allowed at once, per listening factory."""
+
+_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 CLOSE_GRACE = 10.0
 """Seconds a closing connection may take to flush before it is aborted."""
@@ -102,13 +114,15 @@ class _Record:
 
 
 class FailureLimiter:
-    """Per-address exponential back-off for failed handshakes.
+    """Exponential back-off for failed handshakes, per key.
 
-    ``threshold`` failures within ``window`` seconds block the address for
-    ``base_delay`` seconds; every further failure while the earlier ones are
-    still in the window doubles the block, up to ``max_delay``.  A whole
-    window without failures forgets the address's strikes.  At most
-    ``max_addresses`` addresses are tracked (the least recently failing are
+    The listener's key is (source address, the ID named in ``start``), so a
+    dead access code blocks only its own retries, never the address's other
+    shares.  ``threshold`` failures within ``window`` seconds block the key
+    for ``base_delay`` seconds; every further failure while the earlier ones
+    are still in the window doubles the block, up to ``max_delay``.  A whole
+    window without failures forgets the key's strikes.  At most
+    ``max_addresses`` keys are tracked (the least recently failing are
     forgotten first), so memory stays bounded under a spray of sources.
     """
 
@@ -127,21 +141,21 @@ class FailureLimiter:
         self._base = base_delay
         self._max_delay = max_delay
         self._max_addresses = max_addresses
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._records: OrderedDict[Hashable, _Record] = OrderedDict()
 
-    def blocked(self, address: str) -> bool:
-        """Whether connections from ``address`` are refused right now."""
+    def blocked(self, address: Hashable) -> bool:
+        """Whether handshakes for ``address`` (a key) are refused right now."""
         record = self._records.get(address)
         return record is not None and self._clock.seconds() < record.blocked_until
 
-    def blocked_for(self, address: str) -> float:
+    def blocked_for(self, address: Hashable) -> float:
         """Seconds until ``address`` is accepted again (0 if it is)."""
         record = self._records.get(address)
         if record is None:
             return 0.0
         return max(0.0, record.blocked_until - self._clock.seconds())
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: Hashable) -> None:
         """Count one failed handshake from ``address``."""
         now = self._clock.seconds()
         record = self._records.get(address)
@@ -202,6 +216,7 @@ def _failure_text(reason: Failure) -> str:
 # -- the protocol -------------------------------------------------------------------------
 
 
+@implementer(IHandshakeListener)
 class PeerProtocol(Protocol):
     """One connection with another peer, from TCP connect to close.
 
@@ -238,6 +253,12 @@ class PeerProtocol(Protocol):
         self.session: Session | None = None
         self.peer_address = "?"
         self.source_host = ""  # set by the server factory: the key for back-off
+        self.presented_id: str | None = None
+        """The share or access ID a client named in ``start`` (server side)."""
+        self.counts_as_failure = True
+        """False when the listener itself ended the handshake (eviction, a blocked ID)."""
+        self._tls_started = False
+        self._proven = False
         self._paused = False
         self._closing = False
         self._quiet = False
@@ -361,6 +382,11 @@ class PeerProtocol(Protocol):
             self.transport.abortConnection()
 
     def _feed(self, data: bytes) -> None:
+        if self._server and not self._tls_started and self._decoder.buffered == 0 \
+                and self.presented_id is None and data and data[:1] != b"{":
+            # Only a JSON object (start) may come first: fail garbage or a
+            # probe at its first byte instead of holding a slot for it.
+            raise HandshakeError("the first bytes are not a JSON message (start expected)")
         self._decoder.receive_data(data)
         if self._paused and self._decoder.buffered > HANDSHAKE_MAX_LINE:
             raise HandshakeError("peer sent too much while we were creating the share")
@@ -379,7 +405,47 @@ class PeerProtocol(Protocol):
     def _handshake_event(self, event: Event) -> None:
         if not isinstance(event, Message) or event.has_payload or event.signature is not None:
             raise HandshakeError("payload or signed message during the handshake")
+        if self._tls_started:
+            self._prove()  # a message decrypted inside TLS
+        is_start = self._server and self.presented_id is None and event.type == "start"
+        if is_start:
+            named = event.body.get("id")
+            # Only a well-formed ID is kept (it keys the back-off): bounded memory.
+            self.presented_id = named if isinstance(named, str) and _ID_RE.fullmatch(named) else ""
+            refusal = self._tell_owner("start_received")
+            if refusal:
+                self.counts_as_failure = False
+                self.send_message({"type": "cannot_start"})
+                self.close(refusal)
+                return
         self._run(self._machine.receive(event.body, self._clock.seconds()))
+        if is_start and self._tls_started:
+            self._tell_owner("handshake_started")
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up, so the peer holds the key we chose."""
+        self._prove()
+
+    @property
+    def proven(self) -> bool:
+        """Whether TLS came up, proving that the peer holds the key we chose."""
+        return self._proven
+
+    def _prove(self) -> None:
+        if not self._proven:
+            self._proven = True
+            self._tell_owner("handshake_proven")
+
+    def _tell_owner(self, what: str) -> Any:
+        report = getattr(self._owner, what, None)
+        return report(self) if report is not None else None
+
+    def evict(self, reason: str, failure: bool = False) -> None:
+        """The listener ends this handshake: to make room, or (``failure``) for lateness."""
+        self.counts_as_failure = self.counts_as_failure and failure
+        if not self._closing:
+            self.close(reason)
+            self.transport.abortConnection()
 
     def _session_event(self, event: Event) -> None:
         if isinstance(event, Message) and event.type == "ping" and not event.has_payload:
@@ -415,6 +481,7 @@ class PeerProtocol(Protocol):
             raise HandshakeError(
                 "{} bytes arrived in plaintext after the switch to TLS".format(len(leftover)))
         options = self._settings.tls_options
+        self._tls_started = True
         if self._server:
             creator = psk_server_creator(action.psk, **options)
         else:
@@ -508,7 +575,7 @@ class PeerProtocol(Protocol):
 
 
 class PeerServerFactory(Factory):
-    """Accepts peer connections; refuses addresses that keep failing and floods."""
+    """Accepts peer connections: fair handshake slots, back-off for failing IDs."""
 
     _log = Logger()
 
@@ -521,46 +588,106 @@ class PeerServerFactory(Factory):
         *,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
         limiter: FailureLimiter | None = None,
+        admission: Admission | None = None,
         **options: Any,
     ) -> None:
         self.settings = PeerSettings(clock, keyring, name, session_factory, **options)
         self.limiter = limiter if limiter is not None else FailureLimiter(clock)
-        self.max_unauthenticated = max_unauthenticated
+        self.admission = admission if admission is not None else Admission(max_unauthenticated)
         self.handshaking: set[PeerProtocol] = set()
         self.connections: set[PeerProtocol] = set()
+        self._check: IDelayedCall | None = None
+
+    @property
+    def max_unauthenticated(self) -> int:
+        return self.admission.capacity
 
     def buildProtocol(self, addr: IAddress) -> PeerProtocol | None:
         host = _host(addr)
-        if self.limiter.blocked(host):
-            self._log.info(
-                "refusing connection from {host}: too many failed handshakes "
-                "(blocked {seconds:.0f} s more)", host=host, seconds=self.limiter.blocked_for(host))
-            return None
-        if len(self.handshaking) >= self.max_unauthenticated:
-            self._log.warn(
-                "refusing connection from {host}: {count} connections already in handshake",
-                host=host, count=len(self.handshaking))
-            return None
         protocol = PeerProtocol(self.settings, None, owner=self)
+        verdict = self.admission.arrive(protocol, host, self.settings.clock.seconds())
+        if not verdict.admit:
+            self._log.warn("refusing connection from {host}: {reason}; try again later",
+                           host=host, reason=verdict.reason)
+            return None
+        if isinstance(verdict.evict, PeerProtocol):
+            verdict.evict.evict(verdict.reason)  # logged by its close
         protocol.factory = self
         # Nobody waits on an accepted connection's outcome; it is logged.
         protocol.when_established.addErrback(lambda _: None)
         protocol.source_host = host
         self.handshaking.add(protocol)
+        self._schedule()
         return protocol
 
+    def start_received(self, protocol: PeerProtocol) -> str | None:
+        """The client named an ID in ``start``: a reason to refuse it, or None."""
+        key = (protocol.source_host, protocol.presented_id)
+        if self.limiter.blocked(key):
+            return ("too many failed handshakes from {} for ID {} (refused {:.0f} s more); "
+                    "check the access code or share".format(
+                        protocol.source_host, protocol.presented_id or "(malformed)",
+                        self.limiter.blocked_for(key)))
+        return None
+
+    def handshake_started(self, protocol: PeerProtocol) -> None:
+        """The client's ``start`` chose a key; TLS is under way."""
+        self.admission.started(protocol)
+        self._schedule()
+
+    def handshake_proven(self, protocol: PeerProtocol) -> None:
+        """TLS is up: the peer holds a valid key; its slot is free."""
+        self.admission.leave(protocol)
+        self._schedule()
+
     def handshake_ended(self, protocol: PeerProtocol, success: bool) -> None:
-        """Called once per connection; failures count against the source address."""
+        """Called once per connection; a failure counts against (address, ID named)."""
         self.handshaking.discard(protocol)
+        self.admission.leave(protocol)
         if success:
             self.connections.add(protocol)
-        else:
-            self.limiter.failed(protocol.source_host)
+        elif (protocol.counts_as_failure and not protocol.proven
+              and protocol.presented_id is not None):
+            # Bad credentials only: a peer whose key worked is never punished.
+            self.limiter.failed((protocol.source_host, protocol.presented_id))
+        self._schedule()
 
     def connection_closed(self, protocol: PeerProtocol) -> None:
         """Called when any connection built here is gone."""
         self.handshaking.discard(protocol)
         self.connections.discard(protocol)
+        self.admission.leave(protocol)
+        self._schedule()
+
+    def stop(self) -> None:
+        """Cancel the deadline timer (the listener has stopped)."""
+        if self._check is not None and self._check.active():
+            self._check.cancel()
+        self._check = None
+
+    def doStop(self) -> None:
+        self.stop()
+        super().doStop()
+
+    def _schedule(self) -> None:
+        """Keep one timer set to the earliest admission deadline."""
+        due = self.admission.next_deadline()
+        clock = self.settings.clock
+        if self._check is not None and self._check.active():
+            if due is not None and self._check.getTime() <= due:
+                return
+            self._check.cancel()
+        self._check = None
+        if due is not None:
+            self._check = clock.callLater(max(0.0, due - clock.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        self._check = None
+        for protocol, reason in self.admission.overdue(self.settings.clock.seconds()):
+            self.admission.leave(protocol)
+            if isinstance(protocol, PeerProtocol):
+                protocol.evict(reason, failure=True)
+        self._schedule()
 
 
 class PeerClientFactory(Factory):

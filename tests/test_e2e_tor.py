@@ -300,10 +300,12 @@ def test_onion_listener_has_its_own_failure_limit(tmp_path, fake_tor):
     """Failed handshakes through the onion port never block 127.0.0.1 on the other port."""
     daemon, _ = _daemon(tmp_path, tor_mode="on")
     _run(_bring_up(daemon))
+    key = ("127.0.0.1", "ab" * 32)
     for _ in range(10):
-        daemon.onion_factory.limiter.failed("127.0.0.1")
-    assert not daemon.onion_factory.limiter.blocked("127.0.0.1")  # higher threshold
-    assert not daemon.peer_factory.limiter.blocked("127.0.0.1")
+        daemon.onion_factory.limiter.failed(key)
+    assert not daemon.onion_factory.limiter.blocked(key)  # higher threshold
+    assert not daemon.peer_factory.limiter.blocked(key)
+    assert daemon.onion_factory.admission.handshake_timeout() == 20.0
 
 
 def test_tor_failure_leaves_the_other_peers_alone(tmp_path, fake_tor):

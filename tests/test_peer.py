@@ -235,7 +235,7 @@ class HandshakeTests(PeerTestBase):
         self.assert_logged("cannot start")
 
     def test_slow_share_creation(self):
-        """The joiner holds the handshake until the seam's Deferred fires."""
+        """The joiner holds the handshake until the seam's Deferred fires, without a slot."""
         return Deferred.fromCoroutine(self._slow_share())
 
     async def _slow_share(self):
@@ -253,6 +253,8 @@ class HandshakeTests(PeerTestBase):
         await deferLater(reactor, 0.05, lambda: None)
         self.assertFalse(pending.called)
         self.assertEqual(self.ring_s.used, [])
+        # TLS is up, so the code was right: no handshake slot is held while the joiner works.
+        self.assertEqual((len(self.factory.handshaking), len(self.factory.admission)), (1, 0))
         self.ring_c.pending[0].callback(None)
         client = await pending
         self.assertEqual(client.established.access, "read_write")
@@ -373,10 +375,21 @@ class RefusalTests(PeerTestBase):
 
     async def _garbage(self):
         await self.listen()
-        client = await self.raw(b"\x00\x01 noise\n{not json at all\n")
+        client = await self.raw(b"{not json at all\n")
         await client.lost
         self.assertIn(b'"type":"greeting"', client.data)
         self.assert_logged("not valid JSON")
+        await self.good_connection_works()
+
+    def test_first_byte_must_open_a_message(self):
+        """A client whose first byte cannot start a JSON message is closed at that byte."""
+        return Deferred.fromCoroutine(self._first_byte())
+
+    async def _first_byte(self):
+        await self.listen()
+        client = await self.raw(b"\x00")
+        await client.lost
+        self.assert_logged("the first bytes are not a JSON message")
         await self.good_connection_works()
 
     def test_huge_line(self):
@@ -418,7 +431,7 @@ class RefusalTests(PeerTestBase):
 
 class LimitTests(PeerTestBase):
     def test_handshake_deadline(self):
-        """A peer that stays silent is closed when the 20 s deadline passes."""
+        """A peer that stays silent is closed when the 10 s start deadline passes."""
         return Deferred.fromCoroutine(self._deadline())
 
     async def _deadline(self):
@@ -427,6 +440,27 @@ class LimitTests(PeerTestBase):
         client = await self.raw()
         await client.got_data
         self.assertIn(b"greeting", client.data)
+        clock.advance(9)
+        await deferLater(reactor, 0.02, lambda: None)
+        self.assertFalse(client.lost.called)
+        clock.advance(1)
+        await client.lost
+        self.assert_logged("no start message within 10 s")
+
+    def test_started_handshake_deadline(self):
+        """A peer that sent start but never finishes TLS is closed after 20 s."""
+        return Deferred.fromCoroutine(self._started_deadline())
+
+    async def _started_deadline(self):
+        clock = Clock()
+        await self.listen(clock=clock)
+        client = await self.raw(encode({
+            "type": "start", "software": "x", "protocol": 1, "features": [],
+            "id": KEYS.share_id, "access": "read_write", "peer": CLIENT_PEER}))
+        for _ in range(100):
+            if b"starttls" in client.data:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
         clock.advance(19)
         await deferLater(reactor, 0.02, lambda: None)
         self.assertFalse(client.lost.called)
@@ -434,13 +468,14 @@ class LimitTests(PeerTestBase):
         await client.lost
         self.assert_logged("handshake did not finish within 20 s")
 
-    def test_failures_rate_limited_per_address(self):
-        """After 5 failed handshakes an address is refused at once, until the back-off ends."""
+    def test_failures_rate_limited_per_address_and_id(self):
+        """After 5 failed handshakes for one ID, that ID is refused from that address
+        until the back-off ends; the address's valid share still connects meanwhile."""
         return Deferred.fromCoroutine(self._rate_limit())
 
     async def _rate_limit(self):
         clock = Clock()
-        clock.advance(1000)
+        clock.advance(time.time())  # the identity message carries this clock's time
         await self.listen(clock=clock)
         bad = encode({"type": "start", "software": "x", "protocol": 1, "features": [],
                       "id": "cd" * 32, "access": "read_write", "peer": CLIENT_PEER})
@@ -449,19 +484,48 @@ class LimitTests(PeerTestBase):
             await client.lost
             self.assertIn(b"cannot_start", client.data)
         await self.settle()
-        refused = await self.raw()
+        refused = await self.raw(bad)
         await refused.lost
-        self.assertEqual(refused.data, b"")
-        self.assert_logged("too many failed handshakes")
+        self.assertIn(b"greeting", refused.data)
+        self.assertIn(b"cannot_start", refused.data)
+        self.assert_logged("too many failed handshakes from 127.0.0.1 for ID " + "cd" * 32)
+        await self.good_connection_works()  # the same address, a valid share key
+        await self.settle()
+        self.assertTrue(self.factory.limiter.blocked(("127.0.0.1", "cd" * 32)))
         clock.advance(10)
-        again = await self.raw()
-        await again.got_data
-        self.assertIn(b"greeting", again.data)
-        again.transport.loseConnection()
-        await again.lost
+        self.assertFalse(self.factory.limiter.blocked(("127.0.0.1", "cd" * 32)))
+
+    def test_failures_after_tls_are_not_counted(self):
+        """A peer whose key works but whose handshake fails later (a wrong clock) is never blocked."""
+        return Deferred.fromCoroutine(self._after_tls())
+
+    async def _after_tls(self):
+        await self.listen()
+        for _ in range(6):
+            reason = await self.connect_fails(ConnectTarget.share(KEYS, CLIENT_PEER),
+                                              clock=Clock())
+            self.assertIn("clocks differ", reason)
+        await self.settle()
+        self.assertEqual(dict(self.factory.limiter._records), {})
+        await self.good_connection_works()
+
+    def test_malformed_ids_share_one_back_off_entry(self):
+        """A start naming a huge or malformed ID is counted under one small key, not the ID."""
+        return Deferred.fromCoroutine(self._malformed())
+
+    async def _malformed(self):
+        await self.listen()
+        for n in range(3):
+            client = await self.raw(encode({
+                "type": "start", "software": "x", "protocol": 1, "features": [],
+                "id": "x" * (50_000 + n), "access": "read_write", "peer": CLIENT_PEER}))
+            await client.lost
+        await self.settle()
+        self.assertEqual(list(self.factory.limiter._records), [("127.0.0.1", "")])
 
     def test_unauthenticated_connections_capped(self):
-        """Beyond the cap, new connections are closed at once; old ones are unaffected."""
+        """When every slot is taken a newcomer displaces the oldest connection that has
+        not sent start; with every slot past start, the newcomer is refused."""
         return Deferred.fromCoroutine(self._cap())
 
     async def _cap(self):
@@ -470,14 +534,28 @@ class LimitTests(PeerTestBase):
         await first.got_data
         await second.got_data
         third = await self.raw()
-        await third.lost
-        self.assertEqual(third.data, b"")
-        self.assert_logged("connections already in handshake")
-        self.assertFalse(first.lost.called)
-        first.transport.loseConnection()
-        second.transport.loseConnection()
+        await third.got_data
         await first.lost
+        self.assertIn(b"greeting", third.data)
+        self.assertFalse(second.lost.called)
+        self.assert_logged("no start message yet while every handshake slot was taken")
+        start = encode({"type": "start", "software": "x", "protocol": 1, "features": [],
+                        "id": KEYS.share_id, "access": "read_write", "peer": CLIENT_PEER})
+        second.transport.write(start)
+        third.transport.write(start)
+        for _ in range(100):
+            if b"starttls" in second.data and b"starttls" in third.data:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        fourth = await self.raw()
+        await fourth.lost
+        self.assertEqual(fourth.data, b"")
+        self.assert_logged("all 2 handshake slots are taken")
+        self.assertFalse(second.lost.called or third.lost.called)
+        second.transport.loseConnection()
+        third.transport.loseConnection()
         await second.lost
+        await third.lost
 
     def test_keepalive(self):
         """Pings flow every timeout and stay out of the session; silence past 1.1x drops."""
