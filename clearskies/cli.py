@@ -214,6 +214,9 @@ class Cli:
             self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
             if "shares" in reply:
                 self.line("shares: %d" % reply["shares"])
+            if reply.get("failed_attaches"):
+                self.line("attaches that failed: %d (see: clearskies list)"
+                          % reply["failed_attaches"])
             if reply.get("port"):
                 self.line("listening for peers on port %d" % reply["port"])
             if reply.get("onion_address"):
@@ -320,6 +323,8 @@ class Cli:
             status = self.request({"type": ".clearskies.share_status", "path": path})
             if status.get("status") == "error":
                 raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
+            if status.get("status") == "failed":
+                raise CommandFailed("%s: %s" % (path, status.get("problem")))
             if status.get("disk_errors") and \
                     status.get("items_to_download", 0) <= status.get("disk_errors_count", 0):
                 # Everything that could be written is; the rest waits for the user.

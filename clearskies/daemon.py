@@ -27,7 +27,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clearskies import SOFTWARE
-from clearskies.accesscode import AccessCode, access_id, new_access_code, parse_code
+from clearskies.accesscode import (
+    DEAD_CODE_TEXT,
+    AccessCode,
+    access_id,
+    new_access_code,
+    parse_code,
+)
 from clearskies.control.protocol import ControlFactory, listen_control
 from clearskies.discovery.addresses import (
     Address,
@@ -36,7 +42,7 @@ from clearskies.discovery.addresses import (
     parse_user_address,
 )
 from clearskies.discovery.connector import ConnectionManager
-from clearskies.errors import ConfigurationError, ShareError
+from clearskies.errors import CannotStart, ConfigurationError, ShareError
 from clearskies.handshake import ConnectTarget
 from clearskies.keys import ShareKeys, generate_share_keys
 from clearskies.logfile import LogFileService
@@ -125,26 +131,60 @@ class DaemonSettings:
     tor_config: dict[str, Any] = field(default_factory=dict)
 
 
+#: A pending attach that no peer has accepted for this long gives up (protocol/control.md).
+JOIN_GIVE_UP = 7 * 86400.0
+#: How often pending attaches are checked against JOIN_GIVE_UP.
+JOIN_CHECK_INTERVAL = 600.0
+#: ``cannot_start`` answers with reason ``unknown`` after which an attach fails: a
+#: peer may not know a code another peer holds, so one such answer is not the end.
+JOIN_UNKNOWN_LIMIT = 3
+#: Dead codes remembered (in memory) so that their holders hear why, not just "unknown".
+MAX_DEAD_CODES = 1024
+#: Why an attach failed, as the user reads it (``PendingJoin.failed`` → text).
+JOIN_FAILURES = dict(DEAD_CODE_TEXT, gave_up=(
+    "no peer accepted the access code within %d days; check that the machine that made "
+    "it is running and reachable, then attach again" % (JOIN_GIVE_UP // 86400)))
+
+
 @dataclass
 class PendingJoin:
-    """An access code we were given and have not used yet (persisted)."""
+    """An access code we were given and have not used yet (persisted).
+
+    ``failed`` (a key of JOIN_FAILURES) marks an attach that gave up: it is no
+    longer dialled or announced, and stays listed until it is detached or
+    attached again.
+    """
 
     code: bytes
     path: str
     peer_id: str
     peers: list[str] = field(default_factory=list)
+    added: float = 0.0
+    failed: str | None = None
+    unknown_refusals: int = 0
 
     @property
     def access_id(self) -> str:
         return access_id(self.code)
 
+    @property
+    def problem(self) -> str:
+        if self.failed is not None:
+            return "attach failed: " + JOIN_FAILURES.get(self.failed, self.failed)
+        return "waiting for a peer that holds the access code"
+
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code.hex(), "path": self.path, "peer_id": self.peer_id,
-                "peers": list(self.peers)}
+                "peers": list(self.peers), "added": self.added, "failed": self.failed,
+                "unknown_refusals": self.unknown_refusals}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PendingJoin:
-        return cls(bytes.fromhex(d["code"]), d["path"], d["peer_id"], list(d.get("peers", [])))
+    def from_dict(cls, d: dict[str, Any], now: float = 0.0) -> PendingJoin:
+        failed = d.get("failed")
+        return cls(bytes.fromhex(d["code"]), d["path"], d["peer_id"], list(d.get("peers", [])),
+                   added=float(d.get("added") or now),
+                   failed=failed if failed in JOIN_FAILURES else None,
+                   unknown_refusals=int(d.get("unknown_refusals") or 0))
 
 
 class RateMeter:
@@ -187,6 +227,8 @@ class Daemon(MultiService):
         self.store: ShareStore | None = None
         self.shares: dict[str, ShareRuntime] = {}
         self.codes: dict[str, AccessCode] = {}
+        # Access ID → why the code is dead, for codes no longer in self.codes (bounded).
+        self._dead_codes: dict[str, str] = {}
         self.joins: dict[str, PendingJoin] = {}
         self._finished_joins: dict[str, PendingJoin] = {}
         self._port_number = 0
@@ -212,6 +254,7 @@ class Daemon(MultiService):
         self._stopping = False
         self._spare_keys: Deferred[ShareKeys | None] | None = None
         TimerService(RATE_INTERVAL, self._sample_rates).setServiceParent(self)
+        TimerService(JOIN_CHECK_INTERVAL, self._check_joins).setServiceParent(self)
 
     # -- start and stop ------------------------------------------------------------
 
@@ -250,12 +293,16 @@ class Daemon(MultiService):
                               one_time=info.one_time, used=info.used, revoked=info.revoked)
             if code.is_live(self.now()):
                 self.codes[code.access_id] = code
+            elif code.share_id not in self.shares:
+                self._remember_dead_code(code.access_id, "cancelled")
+            else:
+                self._remember_dead_code(code.access_id, code.dead_reason(self.now()))
         completed: list[tuple[str, PendingJoin]] = []
         for entry in self.config.get("pending_joins", []):
-            join = PendingJoin.from_dict(entry)
+            join = PendingJoin.from_dict(entry, self.now())
             self.joins[join.access_id] = join
             runtime = self.share_by_path(join.path)
-            if runtime is not None:
+            if runtime is not None and join.failed is None:
                 completed.append((runtime.share_id, join))
         for share_id, join in completed:
             # Completed just before a crash: the share was stored, the join not yet dropped.
@@ -435,6 +482,7 @@ class Daemon(MultiService):
         await runtime.stop()
         for code_id in [c for c, code in self.codes.items() if code.share_id == share_id]:
             del self.codes[code_id]
+            self._remember_dead_code(code_id, "cancelled")
         if self.connector is not None:
             self.connector.remove_target(share_id)
         await self.store.remove_share(share_id)
@@ -470,6 +518,7 @@ class Daemon(MultiService):
             raise ConfigurationError("no single live access code matches %r" % access_id_prefix)
         code = self.codes.pop(matches[0])
         code.revoked = True
+        self._remember_dead_code(code.access_id, "cancelled")
         await self.store.revoke_access_code(code.access_id)
 
     async def add_join(self, code: bytes, path: str, peers: list[str],
@@ -484,7 +533,7 @@ class Daemon(MultiService):
         path = os.path.realpath(path)
         if self.share_by_path(path) is not None:
             raise ConfigurationError("%s is already a share" % path)
-        if any(join.path == path for join in self.joins.values()):
+        if any(join.path == path and join.failed is None for join in self.joins.values()):
             raise ConfigurationError("%s is already waiting to be attached" % path)
         await self.check_location(path)
         self._check_not_nested(path)
@@ -493,7 +542,11 @@ class Daemon(MultiService):
         problem = await self.cpu_runner.run(location.attach_problem, path, merge)
         if problem is not None:
             raise ConfigurationError(problem)
-        join = PendingJoin(code, path, new_peer_id(), list(peers))
+        # An attach that failed here, or with this code, is replaced by this one.
+        for old in [j for j in self.joins.values()
+                    if j.failed is not None and (j.path == path or j.code == code)]:
+            del self.joins[old.access_id]
+        join = PendingJoin(code, path, new_peer_id(), list(peers), added=self.now())
         self.joins[join.access_id] = join
         await self._save_joins()
         for peer in peers:
@@ -511,6 +564,46 @@ class Daemon(MultiService):
             await self.store.set_config("manual_peers", peers)
         self.joins.pop(join.access_id, None)
         await self._save_joins()
+
+    def _join_refused(self, access_id_: str, reason: str | None) -> None:
+        """A peer answered our attach's ``start`` with ``cannot_start`` and ``reason``."""
+        join = self.joins.get(access_id_)
+        if join is None or join.failed is not None or reason is None:
+            return  # no reason (an older peer): nothing is known, the dials go on
+        if reason == "unknown":
+            join.unknown_refusals += 1
+            if join.unknown_refusals < JOIN_UNKNOWN_LIMIT:
+                Deferred.fromCoroutine(self._save_joins()).addErrback(
+                    lambda f: self._log.failure("could not record a refused attach", f))
+                return
+        self._fail_join(join, reason)
+
+    def _fail_join(self, join: PendingJoin, reason: str) -> None:
+        """Give up an attach: no more dials or announcements; status says why."""
+        join.failed = reason
+        self._log.warn("attaching {path} failed: {why}", path=join.path,
+                       why=JOIN_FAILURES.get(reason, reason))
+        if self.connector is not None:
+            # (Later: the dial that brought the answer is still finishing.)
+            self.reactor.callLater(0, self.connector.remove_target, join.access_id)
+        self._announce_changed()
+        Deferred.fromCoroutine(self._save_joins()).addErrback(
+            lambda f: self._log.failure("could not record a failed attach", f))
+
+    def _check_joins(self) -> None:
+        """Pending attaches that no peer accepted within JOIN_GIVE_UP give up (timer)."""
+        now = self.now()
+        for join in list(self.joins.values()):
+            if join.failed is None and now - join.added >= JOIN_GIVE_UP:
+                self._fail_join(join, "gave_up")
+
+    def _remember_dead_code(self, access_id_: str, reason: str | None) -> None:
+        if reason is None:
+            return
+        self._dead_codes.pop(access_id_, None)
+        self._dead_codes[access_id_] = reason
+        while len(self._dead_codes) > MAX_DEAD_CODES:
+            del self._dead_codes[next(iter(self._dead_codes))]
 
     async def _save_joins(self) -> None:
         self.config["pending_joins"] = [j.to_dict() for j in self.joins.values()]
@@ -535,9 +628,15 @@ class Daemon(MultiService):
 
     def pending_join(self, access_id: str) -> ConnectTarget | None:
         join = self.joins.get(access_id)
-        if join is None:
+        if join is None or join.failed is not None:
             return None
         return ConnectTarget.join(join.code, join.peer_id, note=join)
+
+    def dead_code(self, access_id: str) -> str | None:
+        code = self.codes.get(access_id)
+        if code is not None:
+            return code.dead_reason(self.now())
+        return self._dead_codes.get(access_id)
 
     def code_used(self, access_id: str) -> None:
         code = self.codes.get(access_id)
@@ -546,6 +645,7 @@ class Daemon(MultiService):
         code.used = True
         if not code.is_live(self.now()):
             del self.codes[access_id]
+            self._remember_dead_code(access_id, code.dead_reason(self.now()))
         self.store.mark_access_code_used(access_id).addErrback(
             lambda f: self._log.failure("could not record a used access code", f))
 
@@ -747,7 +847,12 @@ class Daemon(MultiService):
             protocol.dialled_address = address  # type: ignore[attr-defined]
             return _Dialled(protocol)
 
-        return d.addCallback(dialled)
+        def refused(failure: Failure) -> Failure:
+            if failure.check(CannotStart) and target_id in self.joins:
+                self._join_refused(target_id, failure.value.reason)
+            return failure  # still a failed dial: the connector backs off as usual
+
+        return d.addCallbacks(dialled, refused)
 
     def _target_for(self, target_id: str) -> ConnectTarget | None:
         runtime = self.shares.get(target_id)
@@ -805,6 +910,8 @@ class Daemon(MultiService):
             for address in self.settings.peers + self.manual_peers(target_id):
                 self.add_manual_peer(target_id, address)
         for join in self.joins.values():
+            if join.failed is not None:
+                continue
             for address in join.peers:
                 self.add_manual_peer(join.access_id, address)
         # Also at once: a restarted daemon finds its known peers without any other source.
@@ -871,7 +978,8 @@ class Daemon(MultiService):
         for code in list(self.codes.values()):
             if self.live_code(code.access_id) is not None:
                 out.append((code.access_id, self.shares[code.share_id].peer_id))
-        out.extend((join.access_id, join.peer_id) for join in self.joins.values())
+        out.extend((join.access_id, join.peer_id) for join in self.joins.values()
+                   if join.failed is None)
         return out
 
     def _on_discovered(self, target_id: str, peer_id: str | None, address: Address,
@@ -880,7 +988,8 @@ class Daemon(MultiService):
             return
         if target_id in self.codes:
             return  # the code's holder connects to us, not the other way round
-        if target_id in self.shares or target_id in self.joins:
+        join = self.joins.get(target_id)
+        if target_id in self.shares or (join is not None and join.failed is None):
             self.connector.add_candidate(target_id, address, peer_id=peer_id, source=source)
 
     def _start_lan(self) -> None:

@@ -11,7 +11,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from clearskies import SOFTWARE
 from clearskies.accesscode import new_access_code
-from clearskies.errors import HandshakeError
+from clearskies.errors import CannotStart, HandshakeError
 from clearskies.handshake import (
     AWAIT_IDENTITY,
     CREATING_SHARE,
@@ -257,7 +257,7 @@ def test_one_time_code_cannot_be_used_twice(keys):
         "type": "start", "software": "x", "protocol": 1, "features": [],
         "id": code.access_id, "access": "unknown", "peer": CLIENT_PEER,
     }, NOW)
-    assert actions[0] == Send({"type": "cannot_start"})
+    assert actions[0] == Send({"type": "cannot_start", "reason": "used"})
     assert isinstance(actions[1], Close) and not actions[1].quiet
 
 
@@ -373,9 +373,49 @@ def test_unknown_id_gets_cannot_start(keys):
     """A start naming an ID we do not know is answered cannot_start, then close."""
     server, _, _, _ = share_pair(keys)
     actions = server.receive(start_message(id="cd" * 32), NOW)
-    assert actions[0] == Send({"type": "cannot_start"})
+    assert actions[0] == Send({"type": "cannot_start", "reason": "unknown"})
     assert isinstance(actions[1], Close) and "cannot start" in actions[1].reason
     assert len(actions) == 2
+
+
+def test_cancelled_code_gets_cannot_start_cancelled(keys):
+    """A revoked code is refused with reason cancelled."""
+    server, _, ring_s, _, code, _ = code_pair(keys)
+    code.revoked = True
+    actions = server.receive(start_message(id=code.access_id, access="unknown"), NOW)
+    assert actions[0] == Send({"type": "cannot_start", "reason": "cancelled"})
+
+
+def test_keyring_without_dead_code_answers_unknown(keys):
+    """A keyring that cannot tell dead codes apart still refuses with reason unknown."""
+    class OldRing(MemoryKeyRing):
+        dead_code = None
+
+    server = Handshake.server(OldRing(), "holder")
+    actions = server.receive(start_message(id="ab" * 32, access="unknown"), NOW)
+    assert actions[0] == Send({"type": "cannot_start", "reason": "unknown"})
+
+
+@pytest.mark.parametrize("reason", ["expired", "used", "cancelled", "unknown"])
+def test_client_receiving_cannot_start_with_reason(keys, reason):
+    """The client's CannotStart carries the sharer's reason and says what to do."""
+    _, client, _, _ = share_pair(keys)
+    client.receive({"type": "greeting", "protocol": [1]}, NOW)
+    with pytest.raises(CannotStart, match="new one|check it") as caught:
+        client.receive({"type": "cannot_start", "reason": reason}, NOW)
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize("reason", [None, "tired", 7, ["used"], "x" * 5000])
+def test_client_ignores_missing_or_unknown_reasons(keys, reason):
+    """cannot_start without a reason we know (older peers) gives no reason: no conclusion."""
+    _, client, _, _ = share_pair(keys)
+    client.receive({"type": "greeting", "protocol": [1]}, NOW)
+    body = {"type": "cannot_start"} if reason is None else {"type": "cannot_start",
+                                                             "reason": reason}
+    with pytest.raises(CannotStart) as caught:
+        client.receive(body, NOW)
+    assert caught.value.reason is None
 
 
 def test_client_receiving_cannot_start_fails(keys):
@@ -398,7 +438,7 @@ def test_expired_code_gets_cannot_start(keys):
     server, _, ring_s, _, code, _ = code_pair(keys)
     ring_s._now = lambda: NOW + 2 * 86400
     actions = server.receive(start_message(id=code.access_id, access="unknown"), NOW + 2 * 86400)
-    assert actions[0] == Send({"type": "cannot_start"})
+    assert actions[0] == Send({"type": "cannot_start", "reason": "expired"})
 
 
 def test_code_holder_meeting_code_holder_gets_cannot_start(keys):

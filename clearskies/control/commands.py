@@ -45,6 +45,11 @@ def _path(request: dict[str, Any]) -> str:
     return os.path.realpath(path)
 
 
+def _join_status(join: Any) -> str:
+    """A pending attach's status: ``waiting`` for a peer, or ``failed`` for good."""
+    return "waiting" if join.failed is None else "failed"
+
+
 class DaemonCommands(CommandDispatcher):
     """What the control socket can ask of the daemon."""
 
@@ -109,7 +114,8 @@ class DaemonCommands(CommandDispatcher):
             "download_rate": int(daemon.download.rate),
             "software": SOFTWARE,
             "shares": len(daemon.shares),
-            "pending_attaches": len(daemon.joins),
+            "pending_attaches": sum(1 for j in daemon.joins.values() if j.failed is None),
+            "failed_attaches": sum(1 for j in daemon.joins.values() if j.failed is not None),
             "port": daemon.listening_port,
             "name": daemon.name,
             "tor": daemon.tor_mode,
@@ -134,9 +140,9 @@ class DaemonCommands(CommandDispatcher):
             await runtime.fresh_counts()
         shares = [self.share_summary(r) for r in self.daemon.shares.values()]
         for join in self.daemon.joins.values():
-            shares.append({"path": join.path, "status": "waiting", "access": "unknown",
+            shares.append({"path": join.path, "status": _join_status(join), "access": "unknown",
                            "files": 0, "bytes": 0, "peers_connected": 0, "peers_known": 0,
-                           "problem": "waiting for a peer that holds the access code"})
+                           "problem": join.problem})
         return {"shares": sorted(shares, key=lambda s: s["path"])}
 
     async def cmd_create_access_code(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -284,8 +290,8 @@ class DaemonCommands(CommandDispatcher):
         path = _path(request)
         for join in self.daemon.joins.values():
             if join.path == path:
-                return {"path": path, "status": "waiting", "in_sync": False, "peers": [],
-                        "problem": "waiting for a peer that holds the access code"}
+                return {"path": path, "status": _join_status(join), "in_sync": False,
+                        "peers": [], "problem": join.problem}
         runtime = self._share(request)
         await runtime.fresh_counts()
         summary = self.share_summary(runtime)
