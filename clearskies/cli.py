@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -57,6 +58,19 @@ def parse_duration(text: str) -> float | None:
             "%r is not a duration; use e.g. 90s, 30m, 24h, 7d or never" % text)
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
     return float(match.group(1)) * unit
+
+
+def _start_error(errors: Any, status: int, data_dir: str) -> str:
+    """Why a daemon exited at start-up: the last line of its standard error."""
+    errors.seek(0)
+    lines = errors.read(64 * 1024).decode("utf-8", "replace").strip().splitlines()
+    prefix = "clearskies: cannot start: "
+    reasons = [line[len(prefix):] for line in lines if line.startswith(prefix)]
+    if reasons:
+        return reasons[-1]
+    if lines:
+        return lines[-1]
+    return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
 def _printable(path: str) -> str:
@@ -133,7 +147,11 @@ class Cli:
             # copy would be the same lines again in a file nothing rotates away, and
             # --logfile /dev/null is unsafe: twistd's LogFile renames its file to
             # rotate it, which root can do to /dev/null.  So twistd's log is dropped.
-            cmd += ["--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
+            # It runs in the foreground of a new session (start_daemon detaches it),
+            # so that a failed start's exit status and reason reach us at once;
+            # the umask is the one twistd gives a daemon.
+            cmd += ["--nodaemon", "--umask", "0077",
+                    "--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
                     "--logger", "clearskies.logfile.discard"]
         cmd += ["clearskies", "--data-dir", self.data_dir]
         for option in ("listen", "name", "tor_control", "tor_config"):
@@ -154,15 +172,21 @@ class Cli:
         cmd = self.twistd_command(foreground)
         if foreground:
             return subprocess.call(cmd)
-        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CommandFailed("the daemon did not start: %s" % (
-                (result.stderr or result.stdout).strip().splitlines() or ["no output"])[-1])
-        deadline = self.monotonic() + DAEMON_START_TIMEOUT
-        while self.monotonic() < deadline:
-            if self.daemon_running():
-                return EXIT_OK
-            self.sleep(0.2)
+        # The daemon's standard error goes to an unnamed file: what a failed start
+        # says is read from it, and a running daemon writing there harms nobody.
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=errors,
+                                       cwd="/", start_new_session=True)
+            deadline = self.monotonic() + DAEMON_START_TIMEOUT
+            while self.monotonic() < deadline:
+                status = process.poll()
+                if status is not None:
+                    raise CommandFailed("the daemon did not start: %s" % _start_error(
+                        errors, status, self.data_dir))
+                if self.daemon_running():
+                    return EXIT_OK
+                self.sleep(0.1)
         raise CommandFailed("the daemon did not answer within %d s; see %s" % (
             DAEMON_START_TIMEOUT, os.path.join(self.data_dir, "clearskies.log")))
 

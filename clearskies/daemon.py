@@ -12,9 +12,11 @@ which shares and access codes it holds.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +104,57 @@ def is_loopback_listen(description: str) -> bool:
             except ValueError:
                 return False
     return False
+
+
+#: Exit status of a daemon that could not start (systemd's Restart=on-failure sees it).
+EXIT_CANNOT_START = 1
+#: The file in the data directory whose lock says a daemon is using it.
+LOCK_NAME = "daemon.lock"
+
+
+def cannot_start(why: str) -> None:
+    """Say why the daemon cannot start on its real standard error (twistd sends
+    sys.stderr to the log, which may go nowhere), where the user or systemd sees it."""
+    stream = sys.__stderr__
+    if stream is not None:
+        try:
+            stream.write("clearskies: cannot start: %s\n" % why)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Create ``data_dir`` if needed and take its lock; the open descriptor holds it.
+
+    ConfigurationError, saying what to do, when the directory cannot be used or
+    another daemon holds it.  Synchronous and quick: it runs before anything
+    listens or dials.
+    """
+    path = os.path.join(data_dir, LOCK_NAME)
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigurationError(
+            "cannot use the data directory %s: %s; check that it is a directory this user "
+            "may read and write, or choose another with --data-dir"
+            % (data_dir, e.strerror or e)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        raise ConfigurationError(
+            "another daemon%s is using the data directory %s; stop it first "
+            "(clearskies --data-dir %s stop) or choose another --data-dir"
+            % (" (pid %s)" % holder if holder.isdigit() else "", data_dir, data_dir)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    return fd
 
 
 def new_peer_id() -> str:
@@ -252,6 +305,7 @@ class Daemon(MultiService):
         self.download_limiter = RateLimiter(reactor)
         self.ready: Deferred[None] = Deferred()
         self._stopping = False
+        self._lock_fd: int | None = None
         self._spare_keys: Deferred[ShareKeys | None] | None = None
         TimerService(RATE_INTERVAL, self._sample_rates).setServiceParent(self)
         TimerService(JOIN_CHECK_INTERVAL, self._check_joins).setServiceParent(self)
@@ -259,6 +313,13 @@ class Daemon(MultiService):
     # -- start and stop ------------------------------------------------------------
 
     def startService(self) -> None:
+        # First of all, before the log file opens and long before anything
+        # listens or dials: one daemon per data directory.
+        try:
+            self._lock_fd = lock_data_dir(self.data_dir)
+        except ConfigurationError as e:
+            cannot_start(str(e))
+            raise SystemExit(EXIT_CANNOT_START) from None
         super().startService()
         self._log.info("{software} starting (pid {pid}), data in {data_dir}",
                        software=SOFTWARE, pid=os.getpid(), data_dir=self.data_dir)
@@ -272,11 +333,20 @@ class Daemon(MultiService):
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(ConfigurationError, ShareError):
-            self._log.error("cannot start: {why}", why=failure.getErrorMessage())
+            why = failure.getErrorMessage()
+            self._log.error("cannot start: {why}", why=why)
         else:
             self._log.failure("cannot start the daemon", failure)
+            why = "%s (see the log: clearskies log)" % (
+                failure.getErrorMessage() or failure.type.__name__)
         self.ready.errback(failure)
         if self.reactor.running:
+            cannot_start(why)
+            # Once every service has stopped (the database is closed): a non-zero
+            # exit, so that a service manager sees the failure.  twistd itself
+            # would exit 0 after the reactor stops.
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now,
+                                               EXIT_CANNOT_START)
             self.reactor.stop()
 
     async def _start(self) -> None:
@@ -345,6 +415,9 @@ class Daemon(MultiService):
         if self.store is not None:
             await self.store.close()  # before the database thread stops with the children
         await super().stopService()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # (the lock goes with it)
+            self._lock_fd = None
 
     def _dispatcher(self) -> Any:
         from clearskies.control.commands import DaemonCommands
@@ -1149,6 +1222,17 @@ class _ClosedSession:
 
     def connection_lost(self, reason: Any) -> None:
         pass
+
+
+def _exit_now(status: int) -> None:
+    """End the process with ``status`` (after the reactor's shutdown)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 async def _fail(error: Exception) -> None:
