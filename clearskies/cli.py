@@ -158,11 +158,14 @@ class Cli:
             value = getattr(args, option, None)
             if value:
                 cmd += ["--" + option.replace("_", "-"), value]
-        for flag in ("tor", "tor_only", "no_tor"):
+        for flag in ("tor", "tor_only", "no_tor", "lan", "no_tracker", "no_peer"):
             if getattr(args, flag, False):
                 cmd.append("--" + flag.replace("_", "-"))
         for tracker in getattr(args, "tracker", None) or []:
             cmd += ["--tracker", tracker]
+        if args.command == "start":
+            for peer in getattr(args, "peer", None) or []:
+                cmd += ["--peer", peer]
         if getattr(args, "no_lan", False):
             cmd.append("--no-lan")
         return cmd
@@ -523,8 +526,13 @@ class Cli:
             value = json.loads(self.args.value)
         except ValueError:
             value = self.args.value
-        self.request({"type": "set_config_value", "key": self.args.key, "value": value})
-        self.line("%s = %s" % (self.args.key, json.dumps(value)))
+        if self.args.key in ("name", "listen"):
+            value = self.args.value  # text, even when it looks like a number
+        reply = self.request({"type": "set_config_value", "key": self.args.key,
+                              "value": value})
+        value = reply.get("value", value)
+        self.line("%s = %s%s" % (self.args.key, json.dumps(value),
+                                 " (%s)" % reply["note"] if reply.get("note") else ""))
         return EXIT_OK
 
 
@@ -551,12 +559,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for each daemon reply (default 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    start = sub.add_parser("start", help="start the daemon in the background")
+    start = sub.add_parser(
+        "start", help="start the daemon in the background",
+        description="Start the daemon. Its options are kept: a later plain 'clearskies "
+                    "start' uses them again, an option given again replaces the kept one "
+                    "('clearskies config get' shows them).")
     start.add_argument("--foreground", action="store_true", help="stay in the foreground")
     start.add_argument("--listen", help="endpoint for peer connections (default tcp:60106, or a free port)")
     start.add_argument("--name", help="the name other peers see for this machine")
     start.add_argument("--tracker", action="append", help="tracker URL (repeatable)")
+    start.add_argument("--no-tracker", action="store_true",
+                       help="forget the trackers kept from earlier starts")
+    start.add_argument("--peer", action="append", metavar="HOST:PORT",
+                       help="a peer to connect to for every share (repeatable)")
+    start.add_argument("--no-peer", action="store_true",
+                       help="forget the peers kept from earlier starts")
     start.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    start.add_argument("--lan", action="store_true",
+                       help="LAN discovery again after an earlier --no-lan")
     start.add_argument("--tor", action="store_true",
                        help="also be reachable through Tor (an onion service)")
     start.add_argument("--tor-only", action="store_true",

@@ -173,7 +173,14 @@ class DaemonSettings:
     join_merge: bool = False
     peers: list[str] = field(default_factory=list)
     trackers: list[str] = field(default_factory=list)
-    lan: bool = True
+    #: None: the stored setting (default on).  listen, name, peers and trackers
+    #: likewise come from the stored settings when not given (see _settle_options);
+    #: ``no_trackers`` / ``no_peers`` forget the stored ones.
+    lan: bool | None = None
+    #: False: ``listen`` was implied by another option (--tor-only), not chosen.
+    remember_listen: bool = True
+    no_trackers: bool = False
+    no_peers: bool = False
     lan_port: int = 60106
     lan_group: str | None = None
     lan_interface: str = "0.0.0.0"
@@ -354,6 +361,7 @@ class Daemon(MultiService):
         os.makedirs(self.keys_dir, mode=0o700, exist_ok=True)
         self.store = ShareStore(os.path.join(self.data_dir, "state.sqlite3"), self.db_runner)
         self.config = await self.store.all_config()
+        await self._settle_options()
         self.apply_limits()
         for info in await self.store.list_shares():
             await self._open_share(info)
@@ -394,6 +402,52 @@ class Daemon(MultiService):
         self.control_port = await listen_control(
             self.reactor, self.control_path, ControlFactory(self._dispatcher(), SOFTWARE))
         self._make_spare_keys()
+
+    async def _settle_options(self) -> None:
+        """Options given on the command line are stored; those not given come from the
+        stored settings, so a plain restart comes back as it was (README, "Settings")."""
+        from clearskies.settings import SettingError, check_setting
+
+        s = self.settings
+        given: dict[str, Any] = {}
+        if s.listen is not None and s.remember_listen:
+            given["listen"] = s.listen
+        if s.name:
+            given["name"] = s.name
+        if s.lan is not None:
+            given["lan"] = s.lan
+        if s.trackers or s.no_trackers:
+            given["trackers"] = list(s.trackers)
+        if (s.peers and not s.join_code) or s.no_peers:
+            # (--peer with --code names where the code's share is: the attach keeps it.)
+            given["peers"] = list(s.peers)
+        for key, value in given.items():
+            try:
+                value = check_setting(key, value)
+            except SettingError as e:
+                raise ConfigurationError(str(e)) from None
+            if self.config.get(key) != value:
+                self.config[key] = value
+                await self.store.set_config(key, value)
+        stored: dict[str, Any] = {}
+        for key in ("listen", "name", "lan", "trackers", "peers"):
+            if key in given or self.config.get(key) is None:
+                continue
+            if (key == "listen" and s.listen is not None) or (key == "peers" and s.peers):
+                continue  # given for this run only
+            try:
+                stored[key] = check_setting(key, self.config[key])
+            except SettingError as e:
+                self._log.warn("ignoring the stored setting {key}: {why}", key=key, why=str(e))
+        if "listen" in stored:
+            s.listen = stored["listen"]
+        if "name" in stored:
+            self.name = stored["name"]
+        s.lan = stored.get("lan", True) if s.lan is None else s.lan
+        if "trackers" in stored:
+            s.trackers = stored["trackers"]
+        if "peers" in stored:
+            s.peers = stored["peers"]
 
     def stopService(self) -> Deferred[None]:
         self._stopping = True

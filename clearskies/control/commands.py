@@ -16,19 +16,15 @@ from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.errors import AccessCodeError, ClearSkiesError
+from clearskies.settings import AT_START, DEFAULTS, SettingError, check_setting
 
 if TYPE_CHECKING:
     from clearskies.daemon import Daemon
     from clearskies.share.runtime import ShareRuntime
 
 MAX_CODE_LIFETIME = 10 * 365 * 86400.0
-CONFIG_KEYS = {
-    "name": str,
-    "upload_limit": int,  # bytes/s, 0 = none
-    "download_limit": int,
-    # Keep read-only shares' files without write permission on disk.
-    "read_only_files": bool,
-}
+#: The settings (clearskies.settings checks their values).
+CONFIG_KEYS = tuple(DEFAULTS)
 
 
 def _text(request: dict[str, Any], key: str) -> str:
@@ -199,17 +195,23 @@ class DaemonCommands(CommandDispatcher):
         await self.daemon.remove_share(path)
         return {}
 
+    def _value(self, key: str) -> Any:
+        if key == "name":
+            return self.daemon.name
+        value = self.daemon.config.get(key)
+        return DEFAULTS[key] if value is None else value
+
     def cmd_get_config(self, request: dict[str, Any]) -> dict[str, Any]:
-        config = {key: self.daemon.config.get(key) for key in CONFIG_KEYS}
-        config["name"] = self.daemon.name
-        return {"config": config}
+        return {"config": {key: self._value(key) for key in CONFIG_KEYS}}
 
     async def cmd_set_config(self, request: dict[str, Any]) -> dict[str, Any]:
         values = request.get("config")
         if not isinstance(values, dict):
             raise ControlError("bad_request", "config must be an object")
-        for key, value in values.items():
-            await self._set(key, value)
+        # Every value is checked before any is stored: all or nothing.
+        checked = {key: self._check(key, value) for key, value in values.items()}
+        for key, value in checked.items():
+            await self._store(key, value)
         return {}
 
     def cmd_get_config_value(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -217,23 +219,28 @@ class DaemonCommands(CommandDispatcher):
         if key not in CONFIG_KEYS:
             raise ControlError("unknown_key", "no setting %r; settings: %s"
                                % (key, ", ".join(sorted(CONFIG_KEYS))))
-        value = self.daemon.name if key == "name" else self.daemon.config.get(key)
-        return {"key": key, "value": value}
+        return {"key": key, "value": self._value(key)}
 
     async def cmd_set_config_value(self, request: dict[str, Any]) -> dict[str, Any]:
-        await self._set(_text(request, "key"), request.get("value"))
-        return {}
+        key = _text(request, "key")
+        value = self._check(key, request.get("value"))
+        await self._store(key, value)
+        reply: dict[str, Any] = {"key": key, "value": value}
+        if key in AT_START:
+            reply["note"] = "takes effect when the daemon next starts"
+        return reply
 
-    async def _set(self, key: str, value: Any) -> None:
-        kind = CONFIG_KEYS.get(key)
-        if kind is None:
+    @staticmethod
+    def _check(key: Any, value: Any) -> Any:
+        try:
+            return check_setting(key, value)
+        except KeyError:
             raise ControlError("unknown_key", "no setting %r; settings: %s"
-                               % (key, ", ".join(sorted(CONFIG_KEYS))))
-        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ControlError("bad_request", "%s must be %s" % (
-                key, "true or false" if kind is bool else "a " + kind.__name__))
-        if kind is int and value < 0:
-            raise ControlError("bad_request", "%s must not be negative" % key)
+                               % (key, ", ".join(sorted(CONFIG_KEYS)))) from None
+        except SettingError as e:
+            raise ControlError("bad_request", str(e)) from None
+
+    async def _store(self, key: str, value: Any) -> None:
         self.daemon.config[key] = value
         if key == "name":
             self.daemon.name = value
