@@ -5,13 +5,18 @@ Real daemons (tests/daemons.py) and the real CLI, on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import json
+import random
+import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from clearskies.accesscode import format_code, new_access_code
-from tests.daemons import wait_until
+from clearskies.control.client import ControlClient, ControlError, DaemonNotRunning
+from tests.daemons import TWISTD, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +109,195 @@ def test_unknown_code_fails_the_attach(daemon_factory, tmp_path):
     result, _ = _attach_wait(bob, code, good, alice.address)
     assert result.returncode == 0, result.stderr
     wait_until(lambda: good.is_dir())
+
+
+# -- start-up failures -----------------------------------------------------------------
+
+
+def _twistd(daemon, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """twistd -n clearskies with this daemon's data directory and environment, to the end."""
+    return subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "clearskies", "--data-dir", str(daemon.data_dir),
+         *args], env=daemon.env, cwd=daemon.base, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=timeout)
+
+
+def _listener() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(0.2)
+    return sock
+
+
+def test_port_taken_exits_1_with_the_reason(daemon_factory):
+    """twistd with its --listen port taken exits 1 saying so; clearskies start says so at once."""
+    alice = daemon_factory("alice", start=False)
+    with _listener() as taken:
+        port = taken.getsockname()[1]
+        result = _twistd(alice, "--no-lan", "--listen", "tcp:%d:interface=127.0.0.1" % port)
+        assert result.returncode == 1
+        assert "cannot start: cannot listen for peers" in result.stderr
+        assert "Address already in use" in result.stderr
+        started = time.monotonic()
+        start = alice.cli("start", "--no-lan", "--listen", "tcp:%d:interface=127.0.0.1" % port,
+                          check=False)
+        assert time.monotonic() - started < 10  # not the 30 s start timeout
+        assert start.returncode == 1
+        assert "the daemon did not start: cannot listen for peers" in start.stderr
+        assert "Address already in use" in start.stderr
+
+
+def test_held_data_directory_refused_before_any_dial(daemon_factory):
+    """A second daemon on a data directory in use exits 1 at once and dials nobody."""
+    alice = daemon_factory("alice")
+    alice.cli("share", str(alice.shares))
+    with _listener() as peer:
+        result = _twistd(alice, "--no-lan", "--peer", "127.0.0.1:%d" % peer.getsockname()[1],
+                         "--listen", "tcp:0:interface=127.0.0.1")
+        assert result.returncode == 1
+        assert "another daemon (pid %d) is using the data directory" % alice.pid \
+            in result.stderr
+        with pytest.raises(TimeoutError):
+            peer.accept()  # the second daemon never dialled
+    assert alice.running and alice.cli_json("list")["shares"]  # the first one is untouched
+
+
+def test_unusable_data_directory_and_bad_options_exit_1(daemon_factory, tmp_path):
+    """A data directory that is a file, and a name peers would refuse, exit 1 with the reason."""
+    alice = daemon_factory("alice", start=False)
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("x")
+    result = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "clearskies", "--data-dir", str(not_a_dir), "--no-lan"],
+        env=alice.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot use the data directory %s" % not_a_dir in result.stderr
+    result = _twistd(alice, "--no-lan", "--name", "n" * 300)
+    assert result.returncode != 0 and "at most 256 bytes" in result.stdout + result.stderr
+
+
+def test_same_code_into_command_line_restarts(daemon_factory, tmp_path):
+    """twistd --code … --into DIR started again the same way (after the attach) runs on."""
+    alice = daemon_factory("alice")
+    (alice.shares / "a.txt").write_bytes(b"hello")
+    code = alice.cli_json("share", str(alice.shares), "--multi-use")["access_code"]
+    into = tmp_path / "bob-copy"
+    bob = daemon_factory("bob", "--code", code, "--into", str(into), "--peer", alice.address)
+    wait_until(lambda: (into / "a.txt").exists(), timeout=30)
+    bob.restart()  # the same command line
+    assert bob.running
+    assert [s["path"] for s in bob.cli_json("list")["shares"]] == [str(into.resolve())]
+
+
+# -- options kept --------------------------------------------------------------------
+
+
+def test_plain_restart_keeps_listen_tracker_and_no_lan(daemon_factory):
+    """Started once with --listen, --tracker, --no-lan and --name, a plain twistd restart
+    comes back the same; config get shows them; an explicit option replaces one."""
+    alice = daemon_factory("alice", "--tracker", "http://127.0.0.1:9/")
+    config = alice.cli_json("config", "get")["config"]
+    assert config["listen"] == "tcp:%d:interface=127.0.0.1" % alice.port
+    assert config["trackers"] == ["http://127.0.0.1:9"]
+    assert config["lan"] is False and config["name"] == "alice"
+    alice.stop()
+    plain = subprocess.Popen([*TWISTD, "-n", "--pidfile=", "clearskies", "--data-dir",
+                              str(alice.data_dir)], env=alice.env, cwd=alice.base,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        status = wait_until(lambda: _status(alice), timeout=30)
+        assert status["port"] == alice.port and status["name"] == "alice"
+        assert alice.cli_json("config", "get")["config"] == config
+        log = alice.data_dir / "clearskies.log"
+        assert "LanDiscovery" not in log.read_text(errors="replace").split(
+            "starting (pid %d)" % plain.pid)[-1]
+        # Forget the tracker from the CLI; it applies at the next start.
+        alice.cli("config", "set", "trackers", "")
+        assert alice.cli_json("config", "get", "trackers")["value"] == []
+    finally:
+        plain.terminate()
+        plain.wait(30)
+    alice.extra = []  # no --tracker this time (the harness passes --listen, --no-lan, --name)
+    alice.start()
+    assert alice.cli_json("config", "get")["config"]["trackers"] == []
+
+
+def _status(daemon):
+    try:
+        return daemon.control_request({"type": "status"}, timeout=2)
+    except (DaemonNotRunning, OSError):
+        return None
+
+
+# -- bad input at the control socket --------------------------------------------------
+
+
+def test_odd_share_paths_get_clear_errors(daemon_factory, tmp_path):
+    """create_share/add_share of /proc/self, a file, a 300-byte name, relative and NUL paths
+    answer bad_request or refused, never internal; the daemon carries on."""
+    alice = daemon_factory("alice")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    long_name = str(tmp_path / ("n" * 300))
+    code = format_code(new_access_code("ab" * 32, "read_write", time.time()).code)
+    for path in ("/proc/self", str(a_file), long_name, long_name + "/below", "relative/dir",
+                 "/tmp/a\x00b", "", "/" + "x" * 5000):
+        for request in ({"type": "create_share", "path": path},
+                        {"type": "add_share", "code": code, "path": path}):
+            with pytest.raises(ControlError) as caught:
+                alice.control_request(request)
+            assert caught.value.code in ("bad_request", "refused"), (path, caught.value)
+            assert caught.value.message and "internal" not in caught.value.message
+    assert alice.cli_json("list")["shares"] == []
+
+
+def test_config_set_refuses_what_the_daemon_cannot_use(daemon_factory):
+    """config set: a name over 256 bytes, negative or huge rates, a bad listen or tracker
+    are refused with a message; the stored values stay."""
+    alice = daemon_factory("alice")
+    for key, value in (("name", "n" * 300), ("name", "é" * 129), ("name", ""),
+                       ("name", "a\nb"), ("upload_limit", -1), ("upload_limit", 10 ** 15),
+                       ("download_limit", "fast"), ("listen", "tcp:99999"),
+                       ("listen", "unix:/tmp/x"), ("trackers", "ftp://x"),
+                       ("peers", ["nowhere"]), ("lan", "yes"), ("read_only_files", 1)):
+        result = alice.cli("config", "set", key, json.dumps(value) if not isinstance(
+            value, str) else value, check=False)
+        assert result.returncode == 1, (key, value, result.stdout)
+        assert result.stderr.startswith("clearskies: ") and "internal" not in result.stderr
+    assert alice.cli_json("config", "get", "name")["value"] == "alice"
+    assert alice.cli_json("config", "get", "upload_limit")["value"] == 0
+    alice.cli("config", "set", "name", "é" * 128)  # 256 bytes: the most a peer takes
+    assert alice.cli_json("config", "get", "name")["value"] == "é" * 128
+
+
+JUNK = [None, True, 0, -1, 2 ** 70, 1.5, 1e308, "", "x" * 70000, "\x00", "rel",
+        "/proc/self", [], ["x"] * 100, {}, {"a": 1}]
+ARGUMENTS = ["path", "code", "peers", "merge", "mode", "one_time", "expires", "key",
+             "value", "config", "address", "access_id", "skipped"]
+
+
+def test_every_command_with_junk_arguments_never_answers_internal(daemon_factory):
+    """Each control command with wrong types and over-long values gets a clear error
+    (never internal); the daemon stays up and answers a legitimate request after."""
+    from clearskies.control.commands import DaemonCommands
+
+    alice = daemon_factory("alice")
+    rng = random.Random(20261207)
+    commands = sorted(name[len("cmd_"):] for name in dir(DaemonCommands)
+                      if name.startswith("cmd_") and name != "cmd_stop")
+    kinds = [c if not c.startswith("_clearskies_") else ".clearskies." + c[len("_clearskies_"):]
+             for c in commands]
+    with ControlClient(alice.control_path, timeout=20) as client:
+        for kind in kinds:
+            for _ in range(12):
+                request: dict = {"type": kind}
+                for argument in rng.sample(ARGUMENTS, rng.randint(1, 4)):
+                    request[argument] = rng.choice(JUNK)
+                try:
+                    client.request(request)
+                except ControlError as e:
+                    assert e.code != "internal", (request, e.message)
+    assert alice.control_request({"type": "status"})["shares"] == 0
+    assert "internal error" not in alice.log_path.read_text(errors="replace")
