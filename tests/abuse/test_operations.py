@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clearskies.accesscode import format_code, new_access_code
+from clearskies.accesscode import access_id, format_code, new_access_code, parse_code
 from clearskies.control.client import ControlClient, ControlError, DaemonNotRunning
 from tests.daemons import TWISTD, wait_until
 
@@ -301,3 +301,28 @@ def test_every_command_with_junk_arguments_never_answers_internal(daemon_factory
                     assert e.code != "internal", (request, e.message)
     assert alice.control_request({"type": "status"})["shares"] == 0
     assert "internal error" not in alice.log_path.read_text(errors="replace")
+
+
+def test_flood_of_dead_code_starts_leaves_the_sharer_serving(daemon_factory, tmp_path):
+    """64 loopback addresses asking for dead or unknown codes each get a reason; the
+    sharer's memory stays bounded and a legitimate attach still gets through."""
+    from bench.abuse_operations import _flood, _rss_mb
+
+    alice = daemon_factory("alice")
+    bob = daemon_factory("bob")
+    (alice.shares / "a.txt").write_bytes(b"hello")
+    cancelled = alice.cli_json("share", str(alice.shares))["access_code"]
+    alice.cli("cancel-code", cancelled)
+    rng = random.Random(7)
+    ids = [access_id(parse_code(cancelled))] + ["%064x" % rng.getrandbits(256)
+                                                for _ in range(7)]
+    before = _rss_mb(alice.pid)
+    counts = _flood(alice.port, ids, sources=64, per_source=2)
+    assert set(counts) <= {"cancelled", "unknown"} and sum(counts.values()) == 128
+    assert counts.get("cancelled") and counts.get("unknown")
+    assert alice.running and _rss_mb(alice.pid) - before < 32
+    code = alice.cli_json("share", str(alice.shares))["access_code"]
+    into = tmp_path / "bob-copy"
+    result, _ = _attach_wait(bob, code, into, alice.address)
+    assert result.returncode == 0, result.stderr
+    assert (into / "a.txt").read_bytes() == b"hello"
