@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,16 @@ DEAD_CODE_TEXT = {
     "unknown": "no peer knows this access code (mistyped, or its share was removed "
                "where it was made); check it or ask for a new one",
 }
+
+#: The reasons only the code's maker can give; they come with a proof.
+PROVEN_REASONS = ("expired", "used", "cancelled")
+
+
+def refusal_proof(code: bytes, reason: str, peer_id: str) -> str:
+    """What shows a ``cannot_start`` reason comes from whoever made the code: an
+    HMAC-SHA256, keyed by the code, of the reason and the asking peer's ID (hex)."""
+    message = ("clearskies cannot_start %s %s" % (reason, peer_id)).encode("ascii", "replace")
+    return hmac.new(code, message, hashlib.sha256).hexdigest()
 
 
 @dataclass

@@ -287,8 +287,9 @@ class Daemon(MultiService):
         self.store: ShareStore | None = None
         self.shares: dict[str, ShareRuntime] = {}
         self.codes: dict[str, AccessCode] = {}
-        # Access ID → why the code is dead, for codes no longer in self.codes (bounded).
-        self._dead_codes: dict[str, str] = {}
+        # Access ID → (why the code is dead, the code), for codes no longer in self.codes
+        # (bounded): their holders are told why, with a proof (protocol/handshake.md).
+        self._dead_codes: dict[str, tuple[str, bytes]] = {}
         self.joins: dict[str, PendingJoin] = {}
         self._finished_joins: dict[str, PendingJoin] = {}
         self._port_number = 0
@@ -372,9 +373,9 @@ class Daemon(MultiService):
             if code.is_live(self.now()):
                 self.codes[code.access_id] = code
             elif code.share_id not in self.shares:
-                self._remember_dead_code(code.access_id, "cancelled")
+                self._remember_dead_code(code, "cancelled")
             else:
-                self._remember_dead_code(code.access_id, code.dead_reason(self.now()))
+                self._remember_dead_code(code, code.dead_reason(self.now()))
         completed: list[tuple[str, PendingJoin]] = []
         for entry in self.config.get("pending_joins", []):
             join = PendingJoin.from_dict(entry, self.now())
@@ -608,8 +609,7 @@ class Daemon(MultiService):
             session.connection.close("share removed")
         await runtime.stop()
         for code_id in [c for c, code in self.codes.items() if code.share_id == share_id]:
-            del self.codes[code_id]
-            self._remember_dead_code(code_id, "cancelled")
+            self._remember_dead_code(self.codes.pop(code_id), "cancelled")
         if self.connector is not None:
             self.connector.remove_target(share_id)
         await self.store.remove_share(share_id)
@@ -645,7 +645,7 @@ class Daemon(MultiService):
             raise ConfigurationError("no single live access code matches %r" % access_id_prefix)
         code = self.codes.pop(matches[0])
         code.revoked = True
-        self._remember_dead_code(code.access_id, "cancelled")
+        self._remember_dead_code(code, "cancelled")
         await self.store.revoke_access_code(code.access_id)
 
     async def add_join(self, code: bytes, path: str, peers: list[str],
@@ -692,12 +692,22 @@ class Daemon(MultiService):
         self.joins.pop(join.access_id, None)
         await self._save_joins()
 
-    def _join_refused(self, access_id_: str, reason: str | None) -> None:
-        """A peer answered our attach's ``start`` with ``cannot_start`` and ``reason``."""
+    def _join_refused(self, access_id_: str, reason: str | None, proven: bool,
+                      manual: bool) -> None:
+        """A peer answered our attach's ``start`` with ``cannot_start`` and ``reason``.
+
+        A reason proven to come from the code's maker ends the attach.  Anyone can
+        answer ``unknown`` (or an unproven reason), so that counts only from an
+        address the user gave, JOIN_UNKNOWN_LIMIT times: a host that announced the
+        code's ID on the LAN cannot end an attach by answering in the maker's place.
+        """
         join = self.joins.get(access_id_)
         if join is None or join.failed is not None or reason is None:
             return  # no reason (an older peer): nothing is known, the dials go on
-        if reason == "unknown":
+        if not proven:
+            if not manual:
+                return
+            reason = "unknown"
             join.unknown_refusals += 1
             if join.unknown_refusals < JOIN_UNKNOWN_LIMIT:
                 Deferred.fromCoroutine(self._save_joins()).addErrback(
@@ -724,11 +734,11 @@ class Daemon(MultiService):
             if join.failed is None and now - join.added >= JOIN_GIVE_UP:
                 self._fail_join(join, "gave_up")
 
-    def _remember_dead_code(self, access_id_: str, reason: str | None) -> None:
+    def _remember_dead_code(self, code: AccessCode, reason: str | None) -> None:
         if reason is None:
             return
-        self._dead_codes.pop(access_id_, None)
-        self._dead_codes[access_id_] = reason
+        self._dead_codes.pop(code.access_id, None)
+        self._dead_codes[code.access_id] = (reason, code.code)
         while len(self._dead_codes) > MAX_DEAD_CODES:
             del self._dead_codes[next(iter(self._dead_codes))]
 
@@ -759,10 +769,11 @@ class Daemon(MultiService):
             return None
         return ConnectTarget.join(join.code, join.peer_id, note=join)
 
-    def dead_code(self, access_id: str) -> str | None:
+    def dead_code(self, access_id: str) -> tuple[str, bytes] | None:
         code = self.codes.get(access_id)
         if code is not None:
-            return code.dead_reason(self.now())
+            reason = code.dead_reason(self.now())
+            return (reason, code.code) if reason is not None else None
         return self._dead_codes.get(access_id)
 
     def code_used(self, access_id: str) -> None:
@@ -772,7 +783,7 @@ class Daemon(MultiService):
         code.used = True
         if not code.is_live(self.now()):
             del self.codes[access_id]
-            self._remember_dead_code(access_id, code.dead_reason(self.now()))
+            self._remember_dead_code(code, code.dead_reason(self.now()))
         self.store.mark_access_code_used(access_id).addErrback(
             lambda f: self._log.failure("could not record a used access code", f))
 
@@ -975,8 +986,10 @@ class Daemon(MultiService):
             return _Dialled(protocol)
 
         def refused(failure: Failure) -> Failure:
-            if failure.check(CannotStart) and target_id in self.joins:
-                self._join_refused(target_id, failure.value.reason)
+            join = self.joins.get(target_id)
+            if failure.check(CannotStart) and join is not None:
+                self._join_refused(target_id, failure.value.reason, failure.value.proven,
+                                   manual=address in _addresses(join.peers))
             return failure  # still a failed dial: the connector backs off as usual
 
         return d.addCallbacks(dialled, refused)
@@ -1276,6 +1289,17 @@ class _ClosedSession:
 
     def connection_lost(self, reason: Any) -> None:
         pass
+
+
+def _addresses(texts: list[str]) -> set[Address]:
+    """The addresses a user typed that parse."""
+    out = set()
+    for text in texts:
+        try:
+            out.add(parse_user_address(text))
+        except ValueError:
+            continue
+    return out
 
 
 def _exit_now(status: int) -> None:

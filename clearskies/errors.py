@@ -26,11 +26,12 @@ class HandshakeError(ProtocolError):
 
 class CannotStart(HandshakeError):
     """The peer answered ``cannot_start``; ``reason`` is its reason when it gave a known one
-    (protocol/handshake.md), else None."""
+    (protocol/handshake.md), else None; ``proven`` whether it proved it made the code."""
 
-    def __init__(self, message: str, reason: str | None = None) -> None:
+    def __init__(self, message: str, reason: str | None = None, proven: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.proven = proven
 
 
 class UnsafePathError(ProtocolError):

@@ -35,7 +35,15 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from clearskies import SOFTWARE
-from clearskies.accesscode import DEAD_CODE_REASONS, DEAD_CODE_TEXT, AccessCode
+import hmac
+
+from clearskies.accesscode import (
+    DEAD_CODE_REASONS,
+    DEAD_CODE_TEXT,
+    PROVEN_REASONS,
+    AccessCode,
+    refusal_proof,
+)
 from clearskies.accesscode import access_id as _access_id
 from clearskies.errors import CannotStart, HandshakeError
 from clearskies.keys import GRANTABLE_LEVELS, LEVELS, ShareKeys, greatest_common_access, level_rank
@@ -135,10 +143,10 @@ class KeyRing(Protocol):
     def pending_join(self, access_id: str) -> ConnectTarget | None:
         """A code we were given and have not used yet (as a ``join`` target), or None."""
 
-    def dead_code(self, access_id: str) -> str | None:
+    def dead_code(self, access_id: str) -> tuple[str, bytes] | None:
         """Why a code we created can no longer be used (``expired``, ``used``,
-        ``cancelled``), or None if we know no such dead code.  Optional: a keyring
-        without it answers ``unknown`` for every ID it does not hold."""
+        ``cancelled``) and the code, or None if we know no such dead code.
+        Optional: a keyring without it answers ``unknown`` for every ID it does not hold."""
 
     def code_used(self, access_id: str) -> None:
         """The peer acknowledged the keys we gave for this code (spend single-use codes)."""
@@ -271,9 +279,10 @@ class MemoryKeyRing:
     def pending_join(self, access_id: str) -> ConnectTarget | None:
         return self.joins.get(access_id)
 
-    def dead_code(self, access_id: str) -> str | None:
+    def dead_code(self, access_id: str) -> tuple[str, bytes] | None:
         code = self.codes.get(access_id)
-        return code.dead_reason(self._now()) if code is not None else None
+        reason = code.dead_reason(self._now()) if code is not None else None
+        return (reason, code.code) if reason is not None else None
 
     def code_used(self, access_id: str) -> None:
         self.used.append(access_id)
@@ -381,7 +390,7 @@ class Handshake:
         self._access_id: str | None = None
         self._their_name: str | None = None
         self._skew = 0.0
-        self._refusal: str | None = None  # the reason our cannot_start gives, if any
+        self._refusal: dict[str, str] = {}  # what our cannot_start adds (reason, proof)
 
     @classmethod
     def server(
@@ -491,13 +500,11 @@ class Handshake:
         psk = self._choose_server_key(start_id, their_access, now)
         if psk is None:
             self.state = CLOSED
-            refusal: dict[str, Any] = {"type": "cannot_start"}
-            if self._refusal is not None:
-                refusal["reason"] = self._refusal
+            reason = self._refusal.get("reason")
             return [
-                Send(refusal),
+                Send(dict({"type": "cannot_start"}, **self._refusal)),
                 Close("cannot start: no share or usable access code for ID {}{}".format(
-                    start_id, "" if self._refusal is None else " (%s)" % self._refusal)),
+                    start_id, "" if reason is None else " (%s)" % reason)),
             ]
         if their_peer == self._our_peer:
             self.state = CLOSED
@@ -550,9 +557,16 @@ class Handshake:
         # Nothing here for this ID.  Only a code we made and that is dead gets a
         # more precise reason: naming it takes its access ID, which only its holder
         # (or whoever saw it announced while it was live) can know.
+        # Those reasons carry a proof that we made the code, so that nobody else can
+        # end an attach by answering in our place (protocol/handshake.md).
         dead = getattr(keyring, "dead_code", None)
-        reason = dead(start_id) if dead is not None else None
-        self._refusal = reason if reason in DEAD_CODE_REASONS else "unknown"
+        found = dead(start_id) if dead is not None else None
+        if found is not None and found[0] in PROVEN_REASONS:
+            reason, code = found
+            self._refusal = {"reason": reason,
+                             "proof": refusal_proof(code, reason, self._their_peer)}
+        else:
+            self._refusal = {"reason": "unknown"}
         return None
 
     def _got_cannot_start(self, body: dict[str, Any], now: float) -> list[Action]:
@@ -560,8 +574,17 @@ class Handshake:
         reason = body.get("reason")
         if reason not in DEAD_CODE_REASONS:
             reason = None  # none given (older peers), or one we do not know: no conclusion
-        raise CannotStart("the peer cannot start a connection for ID {}{}".format(
-            self._start_id, "" if reason is None else ": " + DEAD_CODE_TEXT[reason]), reason)
+        proven = False
+        target = self._target
+        proof = body.get("proof")
+        if reason in PROVEN_REASONS and target is not None and target.code is not None \
+                and isinstance(proof, str):
+            proven = hmac.compare_digest(
+                proof.encode("ascii", "replace"),
+                refusal_proof(target.code, reason, target.peer_id).encode("ascii"))
+        raise CannotStart("the peer cannot start a connection for ID {}{}{}".format(
+            self._start_id, "" if reason is None else ": " + DEAD_CODE_TEXT[reason],
+            "" if proven or reason not in PROVEN_REASONS else " (unproven)"), reason, proven)
 
     def _got_starttls(self, body: dict[str, Any], now: float) -> list[Action]:
         level = _level(body, "starttls")

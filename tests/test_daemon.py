@@ -78,27 +78,31 @@ def _daemon_with_memory_store(tmp_path: Path, **settings: Any) -> tuple[Daemon, 
 
 
 def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
-    """expired/used/cancelled fail an attach at once, unknown after three answers, and a
-    cannot_start without a reason (an older peer) never; a failed attach is not dialled."""
+    """A proven expired/used/cancelled fails an attach at once; unknown (or an unproven
+    reason) only from an address the user gave, after three answers; a cannot_start
+    without a reason (an older peer) never; a failed attach is not dialled."""
     daemon, saved = _daemon_with_memory_store(tmp_path)
     joins = {}
-    for name in ("expired", "unknown", "none"):
+    for name in ("expired", "unknown", "none", "lan"):
         join = PendingJoin(name.encode().ljust(16, b"-"), str(tmp_path / name), "a" * 32,
                            added=daemon.now())
         daemon.joins[join.access_id] = joins[name] = join
     for _ in range(10):
-        daemon._join_refused(joins["none"].access_id, None)
-    daemon._join_refused(joins["expired"].access_id, "expired")
-    daemon._join_refused(joins["unknown"].access_id, "unknown")
-    daemon._join_refused(joins["unknown"].access_id, "unknown")
+        daemon._join_refused(joins["none"].access_id, None, False, manual=True)
+        # Anyone on the LAN can answer in the maker's place: no proof, not a given address.
+        daemon._join_refused(joins["lan"].access_id, "cancelled", False, manual=False)
+        daemon._join_refused(joins["lan"].access_id, "unknown", False, manual=False)
+    daemon._join_refused(joins["expired"].access_id, "expired", True, manual=False)
+    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
+    daemon._join_refused(joins["unknown"].access_id, "cancelled", False, manual=True)
     assert joins["expired"].failed == "expired" and joins["none"].failed is None
-    assert joins["unknown"].failed is None
-    daemon._join_refused(joins["unknown"].access_id, "unknown")
+    assert joins["unknown"].failed is None and joins["lan"].failed is None
+    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
     assert joins["unknown"].failed == "unknown"
     assert daemon.pending_join(joins["expired"].access_id) is None
     assert daemon.pending_join(joins["none"].access_id) is not None
     announced = [target for target, _ in daemon.registrations()]
-    assert announced == [joins["none"].access_id]
+    assert announced == [joins["none"].access_id, joins["lan"].access_id]
     stored = {PendingJoin.from_dict(d).path: PendingJoin.from_dict(d).failed
               for d in saved["pending_joins"]}
     assert stored[str(tmp_path / "expired")] == "expired"
@@ -128,9 +132,10 @@ def test_dead_codes_say_why(tmp_path: Path):
     now = daemon.now()
     code = new_access_code("ab" * 32, "read_write", now - 100, lifetime=10)
     daemon.codes[code.access_id] = code
-    assert daemon.dead_code(code.access_id) == "expired"
-    daemon._remember_dead_code("cd" * 32, "cancelled")
-    assert daemon.dead_code("cd" * 32) == "cancelled"
+    assert daemon.dead_code(code.access_id) == ("expired", code.code)
+    other = new_access_code("ab" * 32, "read_write", now)
+    daemon._remember_dead_code(other, "cancelled")
+    assert daemon.dead_code(other.access_id) == ("cancelled", other.code)
     assert daemon.dead_code("ef" * 32) is None
 
 
