@@ -222,6 +222,8 @@ class PendingJoin:
     added: float = 0.0
     failed: str | None = None
     unknown_refusals: int = 0
+    #: Why the last accepted attempt could not be finished here (not kept on disk).
+    trouble: str | None = None
 
     @property
     def access_id(self) -> str:
@@ -231,6 +233,8 @@ class PendingJoin:
     def problem(self) -> str:
         if self.failed is not None:
             return "attach failed: " + JOIN_FAILURES.get(self.failed, self.failed)
+        if self.trouble is not None:
+            return self.trouble
         return "waiting for a peer that holds the access code"
 
     def to_dict(self) -> dict[str, Any]:
@@ -801,7 +805,14 @@ class Daemon(MultiService):
             # Only now, with the keys in hand, is anything written: the folder
             # (if it is new) and, by _add_share, its marker.  If that fails the
             # handshake fails and the join stays pending (detach drops it).
-            await self.cpu_runner.run(_make_attach_folder, join.path)
+            try:
+                await self.cpu_runner.run(_make_attach_folder, join.path)
+            except OSError as e:
+                # The code is not spent (no acknowledgment goes out): it is tried again.
+                join.trouble = ("a peer accepted the code, but %s cannot be created: %s; "
+                                "fix that (or detach and attach elsewhere) and it is "
+                                "tried again" % (join.path, e.strerror or e))
+                raise ConfigurationError(join.trouble) from None
             # Kept until the first scan has recorded the folder's own files, so
             # that a restart before then still dates them before the share's.
             await self._set_adopting(keys.share_id, True)

@@ -166,3 +166,18 @@ def test_stored_name_too_long_for_peers_is_not_used(tmp_path: Path):
     daemon.config = {"name": "n" * 300}
     Deferred.fromCoroutine(daemon._settle_options())
     assert daemon.name != "n" * 300
+
+
+def test_attach_folder_that_cannot_be_made_is_said_in_the_status(tmp_path: Path):
+    """Keys arrive but the folder cannot be created: the handshake fails (the code is not
+    spent) and the pending attach's problem says why and what to do."""
+    daemon, _ = _daemon_with_memory_store(tmp_path)
+    daemon.cpu_runner = SyncRunner()  # type: ignore[assignment]
+    join = PendingJoin(bytes(16), str(tmp_path / "gone" / "copy"), "a" * 32)
+    daemon.joins[join.access_id] = join
+    failures = []
+    Deferred.fromCoroutine(daemon._join_completed(SimpleNamespace(share_id="f" * 64),
+                                                  join)).addErrback(failures.append)
+    assert failures and failures[0].check(ConfigurationError)
+    assert "cannot be created" in join.problem and "tried again" in join.problem
+    assert join.failed is None and join.access_id in daemon.joins
