@@ -112,6 +112,28 @@ EXIT_CANNOT_START = 1
 LOCK_NAME = "daemon.lock"
 
 
+class StartupFailure(ConfigurationError):
+    """The daemon cannot start; the reason is already on standard error.
+
+    An ordinary exception, so that twistd (which exits 1 on it) reports it to
+    the parent it daemonized from; when nothing catches it, the process ends
+    without a traceback (see ``_quiet_startup_failures``)."""
+
+
+def _quiet_startup_failures() -> None:
+    """Let an uncaught StartupFailure end the process with status 1 and no traceback."""
+    previous = sys.excepthook
+    if getattr(previous, "_clearskies_quiet", False):
+        return
+
+    def hook(kind: Any, value: Any, traceback: Any) -> None:
+        if not issubclass(kind, StartupFailure):
+            previous(kind, value, traceback)
+
+    hook._clearskies_quiet = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 def cannot_start(why: str) -> None:
     """Say why the daemon cannot start on its real standard error (twistd sends
     sys.stderr to the log, which may go nowhere), where the user or systemd sees it."""
@@ -331,7 +353,8 @@ class Daemon(MultiService):
             self._lock_fd = lock_data_dir(self.data_dir)
         except ConfigurationError as e:
             cannot_start(str(e))
-            raise SystemExit(EXIT_CANNOT_START) from None
+            _quiet_startup_failures()
+            raise StartupFailure(str(e)) from None
         super().startService()
         self._log.info("{software} starting (pid {pid}), data in {data_dir}",
                        software=SOFTWARE, pid=os.getpid(), data_dir=self.data_dir)
