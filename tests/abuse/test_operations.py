@@ -160,6 +160,13 @@ def test_held_data_directory_refused_before_any_dial(daemon_factory):
             in result.stderr
         with pytest.raises(TimeoutError):
             peer.accept()  # the second daemon never dialled
+    # twistd without -n (it forks and waits for its child) says so too, and does not hang.
+    result = subprocess.run(
+        [*TWISTD, "--pidfile", str(alice.base / "second.pid"), "--logfile",
+         str(alice.base / "second.log"), "clearskies", "--data-dir", str(alice.data_dir),
+         "--no-lan"], env=alice.env, cwd=alice.base, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "is using the data directory" in result.stderr
     assert alice.running and alice.cli_json("list")["shares"]  # the first one is untouched
 
 
