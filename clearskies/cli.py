@@ -430,6 +430,8 @@ class Cli:
                     share.get("peers_known", 0), share["path"],
                     "  (%d local changes not shared)" % share["local_changes_not_shared"]
                     if share.get("local_changes_not_shared") else ""))
+                if share.get("status") in ("failed", "waiting") and share.get("problem"):
+                    self.line("         %s" % share["problem"])
         self.emit({"shares": shares}, human)
         return EXIT_OK
 

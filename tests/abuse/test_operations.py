@@ -41,6 +41,7 @@ def _assert_failed_attach(bob, into: Path, result, seconds: float, words: str) -
     listed = {s["path"]: s for s in bob.cli_json("list")["shares"]}
     entry = listed[str(into.resolve())]
     assert entry["status"] == "failed" and words in entry["problem"]
+    assert words in bob.cli("list").stdout
     status = bob.cli("status", str(into), check=False)
     assert "failed" in status.stdout and words in status.stdout
     assert bob.control_request({"type": "status"})["failed_attaches"] == 1
