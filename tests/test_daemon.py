@@ -181,3 +181,23 @@ def test_attach_folder_that_cannot_be_made_is_said_in_the_status(tmp_path: Path)
     assert failures and failures[0].check(ConfigurationError)
     assert "cannot be created" in join.problem and "tried again" in join.problem
     assert join.failed is None and join.access_id in daemon.joins
+
+
+def test_data_directory_lock_is_one_holder_at_a_time(tmp_path: Path):
+    """The lock says who holds the directory; a file in its place is a clear error."""
+    import os
+
+    import pytest
+
+    from clearskies.daemon import lock_data_dir
+
+    fd = lock_data_dir(str(tmp_path / "data"))
+    try:
+        with pytest.raises(ConfigurationError, match="another daemon \\(pid %d\\)" % os.getpid()):
+            lock_data_dir(str(tmp_path / "data"))
+    finally:
+        os.close(fd)
+    os.close(lock_data_dir(str(tmp_path / "data")))  # free again once closed
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="cannot use the data directory"):
+        lock_data_dir(str(tmp_path / "file"))
