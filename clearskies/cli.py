@@ -209,6 +209,14 @@ class Cli:
     def cmd_start(self) -> int:
         if self.daemon_running():
             self.line("the daemon is already running (%s)" % self.data_dir)
+            command = self.twistd_command(True)
+            given = [option for option in command[command.index("clearskies") + 3:]
+                     if option.startswith("--")]
+            if given:
+                # Not silently dropped: say how they take effect.
+                self.err.write("clearskies: warning: %s not applied to the running daemon; "
+                               "stop it and start it again with them (they are then kept), "
+                               "or use 'clearskies config set'\n" % " ".join(given))
             return EXIT_OK
         code = self.start_daemon(foreground=self.args.foreground)
         if not self.args.foreground:

@@ -334,3 +334,12 @@ def test_flood_of_dead_code_starts_leaves_the_sharer_serving(daemon_factory, tmp
     result, _ = _attach_wait(bob, code, into, alice.address)
     assert result.returncode == 0, result.stderr
     assert (into / "a.txt").read_bytes() == b"hello"
+
+
+def test_start_with_options_while_running_says_they_are_not_applied(daemon_factory):
+    """clearskies start --listen … on a running daemon does not drop the options silently."""
+    alice = daemon_factory("alice")
+    result = alice.cli("start", "--listen", "tcp:1", "--no-lan")
+    assert "already running" in result.stdout
+    assert "--listen --no-lan not applied to the running daemon" in result.stderr
+    assert alice.cli_json("config", "get", "listen")["value"] != "tcp:1"
