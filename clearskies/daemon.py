@@ -340,6 +340,7 @@ class Daemon(MultiService):
         self.ready: Deferred[None] = Deferred()
         self._stopping = False
         self._lock_fd: int | None = None
+        self._listen_kept = False  # the peer endpoint comes from the stored settings
         self._spare_keys: Deferred[ShareKeys | None] | None = None
         TimerService(RATE_INTERVAL, self._sample_rates).setServiceParent(self)
         TimerService(JOIN_CHECK_INTERVAL, self._check_joins).setServiceParent(self)
@@ -469,6 +470,7 @@ class Daemon(MultiService):
                 self._log.warn("ignoring the stored setting {key}: {why}", key=key, why=str(e))
         if "listen" in stored:
             s.listen = stored["listen"]
+            self._listen_kept = True
         if "name" in stored:
             self.name = stored["name"]
         s.lan = stored.get("lan", True) if s.lan is None else s.lan
@@ -883,7 +885,11 @@ class Daemon(MultiService):
             limiter=self._onion_limiter() if self.tor_only else None)
         try:
             self.peer_port = await self._listen(listen, factory)
-        except ConfigurationError:
+        except ConfigurationError as e:
+            if self._listen_kept:
+                raise ConfigurationError(
+                    "%s (an endpoint kept from an earlier start); start with --listen "
+                    "ENDPOINT to choose another, which is kept instead" % e) from None
             if self.settings.listen is not None:
                 raise
             # A stable default port keeps remembered addresses valid; taken → any port.

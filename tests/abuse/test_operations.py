@@ -230,6 +230,14 @@ def test_plain_restart_keeps_listen_tracker_and_no_lan(daemon_factory):
     alice.extra = []  # no --tracker this time (the harness passes --listen, --no-lan, --name)
     alice.start()
     assert alice.cli_json("config", "get")["config"]["trackers"] == []
+    alice.stop()
+    # The kept port taken meanwhile: the start fails, saying how to choose another.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", alice.port))
+        taken.listen(1)
+        result = _twistd(alice)
+    assert result.returncode == 1
+    assert "kept from an earlier start" in result.stderr and "--listen" in result.stderr
 
 
 def _status(daemon):
