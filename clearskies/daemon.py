@@ -414,6 +414,8 @@ class Daemon(MultiService):
         for share_id, join in completed:
             # Completed just before a crash: the share was stored, the join not yet dropped.
             await self._join_stored(share_id, join)
+        if any("added" not in entry for entry in self.config.get("pending_joins", [])):
+            await self._save_joins()  # stored by an older version: its give-up time starts now
         for path in self.settings.shares:
             if self.share_by_path(path) is None:
                 await self.create_share(path)
