@@ -416,6 +416,7 @@ class Daemon(MultiService):
             await self._join_stored(share_id, join)
         if any("added" not in entry for entry in self.config.get("pending_joins", [])):
             await self._save_joins()  # stored by an older version: its give-up time starts now
+        self._check_joins()  # (an attach that ran out while the daemon was stopped)
         for path in self.settings.shares:
             if self.share_by_path(path) is None:
                 await self.create_share(path)
