@@ -351,3 +351,41 @@ def test_start_with_options_while_running_says_they_are_not_applied(daemon_facto
     assert "already running" in result.stdout
     assert "--listen --no-lan not applied to the running daemon" in result.stderr
     assert alice.cli_json("config", "get", "listen")["value"] != "tcp:1"
+
+
+def test_unproven_cancelled_is_not_believed(daemon_factory, tmp_path):
+    """A peer that answers "cancelled" without the code's proof cannot end an attach at
+    once: it counts as "no peer knows this code", three times over."""
+    import threading
+
+    bob = daemon_factory("bob")
+    server = _listener()
+    server.settimeout(30)
+    answered = []
+
+    def impostor() -> None:
+        while len(answered) < 3:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            with connection:
+                connection.sendall(b'{"type":"greeting","protocol":[1],"features":[]}\n')
+                connection.makefile("rb").readline()
+                connection.sendall(b'{"type":"cannot_start","reason":"cancelled",'
+                                   b'"proof":"' + b"0" * 64 + b'"}\n')
+                answered.append(1)
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    try:
+        code = format_code(new_access_code("ab" * 32, "read_write", time.time()).code)
+        into = tmp_path / "bob-copy"
+        result, seconds = _attach_wait(bob, code, into,
+                                       "127.0.0.1:%d" % server.getsockname()[1])
+        assert len(answered) == 3
+        _assert_failed_attach(bob, into, result, seconds, "no peer knows this access code")
+        assert "was cancelled" not in result.stderr
+    finally:
+        server.close()
+        thread.join(5)
