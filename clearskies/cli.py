@@ -385,7 +385,9 @@ class Cli:
             if deadline is not None and self.monotonic() >= deadline:
                 if progress:
                     self.err.write("\n")
-                raise CommandFailed("not in sync after %g s" % timeout, EXIT_TIMEOUT)
+                raise CommandFailed("not in sync after %g s%s" % (
+                    timeout, ": " + status["problem"] if status.get("problem") else ""),
+                    EXIT_TIMEOUT)
             self.sleep(0.25)
 
     def cmd_scan(self) -> int:
