@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,28 @@ def passphrase_code(passphrase: str, iterations: int = 10_000_000) -> bytes:
     return digest
 
 
+#: ``cannot_start`` reasons (protocol/handshake.md): the code will never work again.
+DEAD_CODE_REASONS = ("expired", "used", "cancelled", "unknown")
+#: What the user reads for each, with what to do.
+DEAD_CODE_TEXT = {
+    "expired": "the access code has expired; ask for a new one",
+    "used": "the one-time access code was already used; ask for a new one",
+    "cancelled": "the access code was cancelled on the machine that made it; ask for a new one",
+    "unknown": "no peer knows this access code (mistyped, or its share was removed "
+               "where it was made); check it or ask for a new one",
+}
+
+#: The reasons only the code's maker can give; they come with a proof.
+PROVEN_REASONS = ("expired", "used", "cancelled")
+
+
+def refusal_proof(code: bytes, reason: str, peer_id: str) -> str:
+    """What shows a ``cannot_start`` reason comes from whoever made the code: an
+    HMAC-SHA256, keyed by the code, of the reason and the asking peer's ID (hex)."""
+    message = ("clearskies cannot_start %s %s" % (reason, peer_id)).encode("ascii", "replace")
+    return hmac.new(code, message, hashlib.sha256).hexdigest()
+
+
 @dataclass
 class AccessCode:
     """A code this daemon created for one share, with its lifetime rules.
@@ -186,6 +209,16 @@ class AccessCode:
         if self.expires is not None and now >= self.expires:
             return False
         return not (self.one_time and self.used)
+
+    def dead_reason(self, now: float) -> str | None:
+        """Why no peer may use this code any more (a ``cannot_start`` reason), or None."""
+        if self.revoked:
+            return "cancelled"
+        if self.one_time and self.used:
+            return "used"
+        if self.expires is not None and now >= self.expires:
+            return "expired"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (code as hex) for the daemon's state file."""

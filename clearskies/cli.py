@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -57,6 +58,19 @@ def parse_duration(text: str) -> float | None:
             "%r is not a duration; use e.g. 90s, 30m, 24h, 7d or never" % text)
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
     return float(match.group(1)) * unit
+
+
+def _start_error(errors: Any, status: int, data_dir: str) -> str:
+    """Why a daemon exited at start-up: the last line of its standard error."""
+    errors.seek(0)
+    lines = errors.read(64 * 1024).decode("utf-8", "replace").strip().splitlines()
+    prefix = "clearskies: cannot start: "
+    reasons = [line[len(prefix):] for line in lines if line.startswith(prefix)]
+    if reasons:
+        return reasons[-1]
+    if lines:
+        return lines[-1]
+    return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
 def _printable(path: str) -> str:
@@ -133,18 +147,25 @@ class Cli:
             # copy would be the same lines again in a file nothing rotates away, and
             # --logfile /dev/null is unsafe: twistd's LogFile renames its file to
             # rotate it, which root can do to /dev/null.  So twistd's log is dropped.
-            cmd += ["--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
+            # It runs in the foreground of a new session (start_daemon detaches it),
+            # so that a failed start's exit status and reason reach us at once;
+            # the umask is the one twistd gives a daemon.
+            cmd += ["--nodaemon", "--umask", "0077",
+                    "--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
                     "--logger", "clearskies.logfile.discard"]
         cmd += ["clearskies", "--data-dir", self.data_dir]
         for option in ("listen", "name", "tor_control", "tor_config"):
             value = getattr(args, option, None)
             if value:
                 cmd += ["--" + option.replace("_", "-"), value]
-        for flag in ("tor", "tor_only", "no_tor"):
+        for flag in ("tor", "tor_only", "no_tor", "lan", "no_tracker", "no_peer"):
             if getattr(args, flag, False):
                 cmd.append("--" + flag.replace("_", "-"))
         for tracker in getattr(args, "tracker", None) or []:
             cmd += ["--tracker", tracker]
+        if args.command == "start":
+            for peer in getattr(args, "peer", None) or []:
+                cmd += ["--peer", peer]
         if getattr(args, "no_lan", False):
             cmd.append("--no-lan")
         return cmd
@@ -154,15 +175,21 @@ class Cli:
         cmd = self.twistd_command(foreground)
         if foreground:
             return subprocess.call(cmd)
-        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CommandFailed("the daemon did not start: %s" % (
-                (result.stderr or result.stdout).strip().splitlines() or ["no output"])[-1])
-        deadline = self.monotonic() + DAEMON_START_TIMEOUT
-        while self.monotonic() < deadline:
-            if self.daemon_running():
-                return EXIT_OK
-            self.sleep(0.2)
+        # The daemon's standard error goes to an unnamed file: what a failed start
+        # says is read from it, and a running daemon writing there harms nobody.
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=errors,
+                                       cwd="/", start_new_session=True)
+            deadline = self.monotonic() + DAEMON_START_TIMEOUT
+            while self.monotonic() < deadline:
+                status = process.poll()
+                if status is not None:
+                    raise CommandFailed("the daemon did not start: %s" % _start_error(
+                        errors, status, self.data_dir))
+                if self.daemon_running():
+                    return EXIT_OK
+                self.sleep(0.1)
         raise CommandFailed("the daemon did not answer within %d s; see %s" % (
             DAEMON_START_TIMEOUT, os.path.join(self.data_dir, "clearskies.log")))
 
@@ -182,6 +209,14 @@ class Cli:
     def cmd_start(self) -> int:
         if self.daemon_running():
             self.line("the daemon is already running (%s)" % self.data_dir)
+            command = self.twistd_command(True)
+            given = [option for option in command[command.index("clearskies") + 3:]
+                     if option.startswith("--")]
+            if given:
+                # Not silently dropped: say how they take effect.
+                self.err.write("clearskies: warning: %s not applied to the running daemon; "
+                               "stop it and start it again with them (they are then kept), "
+                               "or use 'clearskies config set'\n" % " ".join(given))
             return EXIT_OK
         code = self.start_daemon(foreground=self.args.foreground)
         if not self.args.foreground:
@@ -214,6 +249,9 @@ class Cli:
             self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
             if "shares" in reply:
                 self.line("shares: %d" % reply["shares"])
+            if reply.get("failed_attaches"):
+                self.line("attaches that failed: %d (see: clearskies list)"
+                          % reply["failed_attaches"])
             if reply.get("port"):
                 self.line("listening for peers on port %d" % reply["port"])
             if reply.get("onion_address"):
@@ -320,6 +358,8 @@ class Cli:
             status = self.request({"type": ".clearskies.share_status", "path": path})
             if status.get("status") == "error":
                 raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
+            if status.get("status") == "failed":
+                raise CommandFailed("%s: %s" % (path, status.get("problem")))
             if status.get("disk_errors") and (
                     status.get("disk_blocked")
                     or status.get("items_to_download", 0) <= status.get("disk_errors_count", 0)):
@@ -346,7 +386,9 @@ class Cli:
             if deadline is not None and self.monotonic() >= deadline:
                 if progress:
                     self.err.write("\n")
-                raise CommandFailed("not in sync after %g s" % timeout, EXIT_TIMEOUT)
+                raise CommandFailed("not in sync after %g s%s" % (
+                    timeout, ": " + status["problem"] if status.get("problem") else ""),
+                    EXIT_TIMEOUT)
             self.sleep(0.25)
 
     def cmd_scan(self) -> int:
@@ -399,6 +441,8 @@ class Cli:
                     share.get("peers_known", 0), share["path"],
                     "  (%d local changes not shared)" % share["local_changes_not_shared"]
                     if share.get("local_changes_not_shared") else ""))
+                if share.get("status") in ("failed", "waiting") and share.get("problem"):
+                    self.line("         %s" % share["problem"])
         self.emit({"shares": shares}, human)
         return EXIT_OK
 
@@ -495,8 +539,13 @@ class Cli:
             value = json.loads(self.args.value)
         except ValueError:
             value = self.args.value
-        self.request({"type": "set_config_value", "key": self.args.key, "value": value})
-        self.line("%s = %s" % (self.args.key, json.dumps(value)))
+        if self.args.key in ("name", "listen"):
+            value = self.args.value  # text, even when it looks like a number
+        reply = self.request({"type": "set_config_value", "key": self.args.key,
+                              "value": value})
+        value = reply.get("value", value)
+        self.line("%s = %s%s" % (self.args.key, json.dumps(value),
+                                 " (%s)" % reply["note"] if reply.get("note") else ""))
         return EXIT_OK
 
 
@@ -523,12 +572,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for each daemon reply (default 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    start = sub.add_parser("start", help="start the daemon in the background")
+    start = sub.add_parser(
+        "start", help="start the daemon in the background",
+        description="Start the daemon. Its options are kept: a later plain 'clearskies "
+                    "start' uses them again, an option given again replaces the kept one "
+                    "('clearskies config get' shows them).")
     start.add_argument("--foreground", action="store_true", help="stay in the foreground")
     start.add_argument("--listen", help="endpoint for peer connections (default tcp:60106, or a free port)")
     start.add_argument("--name", help="the name other peers see for this machine")
     start.add_argument("--tracker", action="append", help="tracker URL (repeatable)")
+    start.add_argument("--no-tracker", action="store_true",
+                       help="forget the trackers kept from earlier starts")
+    start.add_argument("--peer", action="append", metavar="HOST:PORT",
+                       help="a peer to connect to for every share (repeatable)")
+    start.add_argument("--no-peer", action="store_true",
+                       help="forget the peers kept from earlier starts")
     start.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    start.add_argument("--lan", action="store_true",
+                       help="LAN discovery again after an earlier --no-lan")
     start.add_argument("--tor", action="store_true",
                        help="also be reachable through Tor (an onion service)")
     start.add_argument("--tor-only", action="store_true",

@@ -12,9 +12,11 @@ which shares and access codes it holds.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clearskies import SOFTWARE
-from clearskies.accesscode import AccessCode, access_id, new_access_code, parse_code
+from clearskies.accesscode import (
+    DEAD_CODE_TEXT,
+    AccessCode,
+    access_id,
+    new_access_code,
+    parse_code,
+)
 from clearskies.admission import Admission
 from clearskies.control.protocol import ControlFactory, listen_control
 from clearskies.discovery.addresses import (
@@ -37,7 +45,7 @@ from clearskies.discovery.addresses import (
     parse_user_address,
 )
 from clearskies.discovery.connector import ConnectionManager
-from clearskies.errors import ConfigurationError, ShareError
+from clearskies.errors import CannotStart, ConfigurationError, ShareError
 from clearskies.handshake import ConnectTarget
 from clearskies.keys import ShareKeys, generate_share_keys
 from clearskies.logfile import LogFileService
@@ -104,6 +112,79 @@ def is_loopback_listen(description: str) -> bool:
     return False
 
 
+#: Exit status of a daemon that could not start (systemd's Restart=on-failure sees it).
+EXIT_CANNOT_START = 1
+#: The file in the data directory whose lock says a daemon is using it.
+LOCK_NAME = "daemon.lock"
+
+
+class StartupFailure(ConfigurationError):
+    """The daemon cannot start; the reason is already on standard error.
+
+    An ordinary exception, so that twistd (which exits 1 on it) reports it to
+    the parent it daemonized from; when nothing catches it, the process ends
+    without a traceback (see ``_quiet_startup_failures``)."""
+
+
+def _quiet_startup_failures() -> None:
+    """Let an uncaught StartupFailure end the process with status 1 and no traceback."""
+    previous = sys.excepthook
+    if getattr(previous, "_clearskies_quiet", False):
+        return
+
+    def hook(kind: Any, value: Any, traceback: Any) -> None:
+        if not issubclass(kind, StartupFailure):
+            previous(kind, value, traceback)
+
+    hook._clearskies_quiet = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def cannot_start(why: str) -> None:
+    """Say why the daemon cannot start on its real standard error (twistd sends
+    sys.stderr to the log, which may go nowhere), where the user or systemd sees it."""
+    stream = sys.__stderr__
+    if stream is not None:
+        try:
+            stream.write("clearskies: cannot start: %s\n" % why)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Create ``data_dir`` if needed and take its lock; the open descriptor holds it.
+
+    ConfigurationError, saying what to do, when the directory cannot be used or
+    another daemon holds it.  Synchronous and quick: it runs before anything
+    listens or dials.
+    """
+    path = os.path.join(data_dir, LOCK_NAME)
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigurationError(
+            "cannot use the data directory %s: %s; check that it is a directory this user "
+            "may read and write, or choose another with --data-dir"
+            % (data_dir, e.strerror or e)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        raise ConfigurationError(
+            "another daemon%s is using the data directory %s; stop it first "
+            "(clearskies --data-dir %s stop) or choose another --data-dir"
+            % (" (pid %s)" % holder if holder.isdigit() else "", data_dir, data_dir)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    return fd
+
+
 def new_peer_id() -> str:
     return secrets.token_hex(16)
 
@@ -120,7 +201,14 @@ class DaemonSettings:
     join_merge: bool = False
     peers: list[str] = field(default_factory=list)
     trackers: list[str] = field(default_factory=list)
-    lan: bool = True
+    #: None: the stored setting (default on).  listen, name, peers and trackers
+    #: likewise come from the stored settings when not given (see _settle_options);
+    #: ``no_trackers`` / ``no_peers`` forget the stored ones.
+    lan: bool | None = None
+    #: False: ``listen`` was implied by another option (--tor-only), not chosen.
+    remember_listen: bool = True
+    no_trackers: bool = False
+    no_peers: bool = False
     lan_port: int = 60106
     lan_group: str | None = None
     lan_interface: str = "0.0.0.0"
@@ -131,26 +219,64 @@ class DaemonSettings:
     tor_config: dict[str, Any] = field(default_factory=dict)
 
 
+#: A pending attach that no peer has accepted for this long gives up (protocol/control.md).
+JOIN_GIVE_UP = 7 * 86400.0
+#: How often pending attaches are checked against JOIN_GIVE_UP.
+JOIN_CHECK_INTERVAL = 600.0
+#: ``cannot_start`` answers with reason ``unknown`` after which an attach fails: a
+#: peer may not know a code another peer holds, so one such answer is not the end.
+JOIN_UNKNOWN_LIMIT = 3
+#: Dead codes remembered (in memory) so that their holders hear why, not just "unknown".
+MAX_DEAD_CODES = 1024
+#: Why an attach failed, as the user reads it (``PendingJoin.failed`` → text).
+JOIN_FAILURES = dict(DEAD_CODE_TEXT, gave_up=(
+    "no peer accepted the access code within %d days; check that the machine that made "
+    "it is running and reachable, then attach again" % (JOIN_GIVE_UP // 86400)))
+
+
 @dataclass
 class PendingJoin:
-    """An access code we were given and have not used yet (persisted)."""
+    """An access code we were given and have not used yet (persisted).
+
+    ``failed`` (a key of JOIN_FAILURES) marks an attach that gave up: it is no
+    longer dialled or announced, and stays listed until it is detached or
+    attached again.
+    """
 
     code: bytes
     path: str
     peer_id: str
     peers: list[str] = field(default_factory=list)
+    added: float = 0.0
+    failed: str | None = None
+    unknown_refusals: int = 0
+    #: Why the last accepted attempt could not be finished here (not kept on disk).
+    trouble: str | None = None
 
     @property
     def access_id(self) -> str:
         return access_id(self.code)
 
+    @property
+    def problem(self) -> str:
+        if self.failed is not None:
+            return "attach failed: " + JOIN_FAILURES.get(self.failed, self.failed)
+        if self.trouble is not None:
+            return self.trouble
+        return "waiting for a peer that holds the access code"
+
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code.hex(), "path": self.path, "peer_id": self.peer_id,
-                "peers": list(self.peers)}
+                "peers": list(self.peers), "added": self.added, "failed": self.failed,
+                "unknown_refusals": self.unknown_refusals}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PendingJoin:
-        return cls(bytes.fromhex(d["code"]), d["path"], d["peer_id"], list(d.get("peers", [])))
+    def from_dict(cls, d: dict[str, Any], now: float = 0.0) -> PendingJoin:
+        failed = d.get("failed")
+        return cls(bytes.fromhex(d["code"]), d["path"], d["peer_id"], list(d.get("peers", [])),
+                   added=float(d.get("added") or now),
+                   failed=failed if failed in JOIN_FAILURES else None,
+                   unknown_refusals=int(d.get("unknown_refusals") or 0))
 
 
 class RateMeter:
@@ -193,6 +319,9 @@ class Daemon(MultiService):
         self.store: ShareStore | None = None
         self.shares: dict[str, ShareRuntime] = {}
         self.codes: dict[str, AccessCode] = {}
+        # Access ID → (why the code is dead, the code), for codes no longer in self.codes
+        # (bounded): their holders are told why, with a proof (protocol/handshake.md).
+        self._dead_codes: dict[str, tuple[str, bytes]] = {}
         self.joins: dict[str, PendingJoin] = {}
         self._finished_joins: dict[str, PendingJoin] = {}
         self._port_number = 0
@@ -216,12 +345,23 @@ class Daemon(MultiService):
         self.download_limiter = RateLimiter(reactor)
         self.ready: Deferred[None] = Deferred()
         self._stopping = False
+        self._lock_fd: int | None = None
+        self._listen_kept = False  # the peer endpoint comes from the stored settings
         self._spare_keys: Deferred[ShareKeys | None] | None = None
         TimerService(RATE_INTERVAL, self._sample_rates).setServiceParent(self)
+        TimerService(JOIN_CHECK_INTERVAL, self._check_joins).setServiceParent(self)
 
     # -- start and stop ------------------------------------------------------------
 
     def startService(self) -> None:
+        # First of all, before the log file opens and long before anything
+        # listens or dials: one daemon per data directory.
+        try:
+            self._lock_fd = lock_data_dir(self.data_dir)
+        except ConfigurationError as e:
+            cannot_start(str(e))
+            _quiet_startup_failures()
+            raise StartupFailure(str(e)) from None
         super().startService()
         self._log.info("{software} starting (pid {pid}), data in {data_dir}",
                        software=SOFTWARE, pid=os.getpid(), data_dir=self.data_dir)
@@ -235,11 +375,20 @@ class Daemon(MultiService):
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(ConfigurationError, ShareError):
-            self._log.error("cannot start: {why}", why=failure.getErrorMessage())
+            why = failure.getErrorMessage()
+            self._log.error("cannot start: {why}", why=why)
         else:
             self._log.failure("cannot start the daemon", failure)
+            why = "%s (see the log: clearskies log)" % (
+                failure.getErrorMessage() or failure.type.__name__)
         self.ready.errback(failure)
         if self.reactor.running:
+            cannot_start(why)
+            # Once every service has stopped (the database is closed): a non-zero
+            # exit, so that a service manager sees the failure.  twistd itself
+            # would exit 0 after the reactor stops.
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now,
+                                               EXIT_CANNOT_START)
             self.reactor.stop()
 
     async def _start(self) -> None:
@@ -247,6 +396,7 @@ class Daemon(MultiService):
         os.makedirs(self.keys_dir, mode=0o700, exist_ok=True)
         self.store = ShareStore(os.path.join(self.data_dir, "state.sqlite3"), self.db_runner)
         self.config = await self.store.all_config()
+        await self._settle_options()
         self.apply_limits()
         for info in await self.store.list_shares():
             await self._open_share(info)
@@ -256,16 +406,23 @@ class Daemon(MultiService):
                               one_time=info.one_time, used=info.used, revoked=info.revoked)
             if code.is_live(self.now()):
                 self.codes[code.access_id] = code
+            elif code.share_id not in self.shares:
+                self._remember_dead_code(code, "cancelled")
+            else:
+                self._remember_dead_code(code, code.dead_reason(self.now()))
         completed: list[tuple[str, PendingJoin]] = []
         for entry in self.config.get("pending_joins", []):
-            join = PendingJoin.from_dict(entry)
+            join = PendingJoin.from_dict(entry, self.now())
             self.joins[join.access_id] = join
             runtime = self.share_by_path(join.path)
-            if runtime is not None:
+            if runtime is not None and join.failed is None:
                 completed.append((runtime.share_id, join))
         for share_id, join in completed:
             # Completed just before a crash: the share was stored, the join not yet dropped.
             await self._join_stored(share_id, join)
+        if any("added" not in entry for entry in self.config.get("pending_joins", [])):
+            await self._save_joins()  # stored by an older version: its give-up time starts now
+        self._check_joins()  # (an attach that ran out while the daemon was stopped)
         for path in self.settings.shares:
             if self.share_by_path(path) is None:
                 await self.create_share(path)
@@ -283,6 +440,53 @@ class Daemon(MultiService):
         self.control_port = await listen_control(
             self.reactor, self.control_path, ControlFactory(self._dispatcher(), SOFTWARE))
         self._make_spare_keys()
+
+    async def _settle_options(self) -> None:
+        """Options given on the command line are stored; those not given come from the
+        stored settings, so a plain restart comes back as it was (README, "Settings")."""
+        from clearskies.settings import SettingError, check_setting
+
+        s = self.settings
+        given: dict[str, Any] = {}
+        if s.listen is not None and s.remember_listen:
+            given["listen"] = s.listen
+        if s.name:
+            given["name"] = s.name
+        if s.lan is not None:
+            given["lan"] = s.lan
+        if s.trackers or s.no_trackers:
+            given["trackers"] = list(s.trackers)
+        if (s.peers and not s.join_code) or s.no_peers:
+            # (--peer with --code names where the code's share is: the attach keeps it.)
+            given["peers"] = list(s.peers)
+        for key, value in given.items():
+            try:
+                value = check_setting(key, value)
+            except SettingError as e:
+                raise ConfigurationError(str(e)) from None
+            if self.config.get(key) != value:
+                self.config[key] = value
+                await self.store.set_config(key, value)
+        stored: dict[str, Any] = {}
+        for key in ("listen", "name", "lan", "trackers", "peers"):
+            if key in given or self.config.get(key) is None:
+                continue
+            if (key == "listen" and s.listen is not None) or (key == "peers" and s.peers):
+                continue  # given for this run only
+            try:
+                stored[key] = check_setting(key, self.config[key])
+            except SettingError as e:
+                self._log.warn("ignoring the stored setting {key}: {why}", key=key, why=str(e))
+        if "listen" in stored:
+            s.listen = stored["listen"]
+            self._listen_kept = True
+        if "name" in stored:
+            self.name = stored["name"]
+        s.lan = stored.get("lan", True) if s.lan is None else s.lan
+        if "trackers" in stored:
+            s.trackers = stored["trackers"]
+        if "peers" in stored:
+            s.peers = stored["peers"]
 
     def stopService(self) -> Deferred[None]:
         self._stopping = True
@@ -304,6 +508,9 @@ class Daemon(MultiService):
         if self.store is not None:
             await self.store.close()  # before the database thread stops with the children
         await super().stopService()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # (the lock goes with it)
+            self._lock_fd = None
 
     def _dispatcher(self) -> Any:
         from clearskies.control.commands import DaemonCommands
@@ -440,7 +647,7 @@ class Daemon(MultiService):
             session.connection.close("share removed")
         await runtime.stop()
         for code_id in [c for c, code in self.codes.items() if code.share_id == share_id]:
-            del self.codes[code_id]
+            self._remember_dead_code(self.codes.pop(code_id), "cancelled")
         if self.connector is not None:
             self.connector.remove_target(share_id)
         await self.store.remove_share(share_id)
@@ -476,6 +683,7 @@ class Daemon(MultiService):
             raise ConfigurationError("no single live access code matches %r" % access_id_prefix)
         code = self.codes.pop(matches[0])
         code.revoked = True
+        self._remember_dead_code(code, "cancelled")
         await self.store.revoke_access_code(code.access_id)
 
     async def add_join(self, code: bytes, path: str, peers: list[str],
@@ -490,7 +698,7 @@ class Daemon(MultiService):
         path = os.path.realpath(path)
         if self.share_by_path(path) is not None:
             raise ConfigurationError("%s is already a share" % path)
-        if any(join.path == path for join in self.joins.values()):
+        if any(join.path == path and join.failed is None for join in self.joins.values()):
             raise ConfigurationError("%s is already waiting to be attached" % path)
         await self.check_location(path)
         self._check_not_nested(path)
@@ -499,7 +707,11 @@ class Daemon(MultiService):
         problem = await self.cpu_runner.run(location.attach_problem, path, merge)
         if problem is not None:
             raise ConfigurationError(problem)
-        join = PendingJoin(code, path, new_peer_id(), list(peers))
+        # An attach that failed here, or with this code, is replaced by this one.
+        for old in [j for j in self.joins.values()
+                    if j.failed is not None and (j.path == path or j.code == code)]:
+            del self.joins[old.access_id]
+        join = PendingJoin(code, path, new_peer_id(), list(peers), added=self.now())
         self.joins[join.access_id] = join
         await self._save_joins()
         for peer in peers:
@@ -517,6 +729,56 @@ class Daemon(MultiService):
             await self.store.set_config("manual_peers", peers)
         self.joins.pop(join.access_id, None)
         await self._save_joins()
+
+    def _join_refused(self, access_id_: str, reason: str | None, proven: bool,
+                      manual: bool) -> None:
+        """A peer answered our attach's ``start`` with ``cannot_start`` and ``reason``.
+
+        A reason proven to come from the code's maker ends the attach.  Anyone can
+        answer ``unknown`` (or an unproven reason), so that counts only from an
+        address the user gave, JOIN_UNKNOWN_LIMIT times: a host that announced the
+        code's ID on the LAN cannot end an attach by answering in the maker's place.
+        """
+        join = self.joins.get(access_id_)
+        if join is None or join.failed is not None or reason is None:
+            return  # no reason (an older peer): nothing is known, the dials go on
+        if not proven:
+            if not manual:
+                return
+            reason = "unknown"
+            join.unknown_refusals += 1
+            if join.unknown_refusals < JOIN_UNKNOWN_LIMIT:
+                Deferred.fromCoroutine(self._save_joins()).addErrback(
+                    lambda f: self._log.failure("could not record a refused attach", f))
+                return
+        self._fail_join(join, reason)
+
+    def _fail_join(self, join: PendingJoin, reason: str) -> None:
+        """Give up an attach: no more dials or announcements; status says why."""
+        join.failed = reason
+        self._log.warn("attaching {path} failed: {why}", path=join.path,
+                       why=JOIN_FAILURES.get(reason, reason))
+        if self.connector is not None:
+            # (Later: the dial that brought the answer is still finishing.)
+            self.reactor.callLater(0, self.connector.remove_target, join.access_id)
+        self._announce_changed()
+        Deferred.fromCoroutine(self._save_joins()).addErrback(
+            lambda f: self._log.failure("could not record a failed attach", f))
+
+    def _check_joins(self) -> None:
+        """Pending attaches that no peer accepted within JOIN_GIVE_UP give up (timer)."""
+        now = self.now()
+        for join in list(self.joins.values()):
+            if join.failed is None and now - join.added >= JOIN_GIVE_UP:
+                self._fail_join(join, "gave_up")
+
+    def _remember_dead_code(self, code: AccessCode, reason: str | None) -> None:
+        if reason is None:
+            return
+        self._dead_codes.pop(code.access_id, None)
+        self._dead_codes[code.access_id] = (reason, code.code)
+        while len(self._dead_codes) > MAX_DEAD_CODES:
+            del self._dead_codes[next(iter(self._dead_codes))]
 
     async def _save_joins(self) -> None:
         self.config["pending_joins"] = [j.to_dict() for j in self.joins.values()]
@@ -541,9 +803,16 @@ class Daemon(MultiService):
 
     def pending_join(self, access_id: str) -> ConnectTarget | None:
         join = self.joins.get(access_id)
-        if join is None:
+        if join is None or join.failed is not None:
             return None
         return ConnectTarget.join(join.code, join.peer_id, note=join)
+
+    def dead_code(self, access_id: str) -> tuple[str, bytes] | None:
+        code = self.codes.get(access_id)
+        if code is not None:
+            reason = code.dead_reason(self.now())
+            return (reason, code.code) if reason is not None else None
+        return self._dead_codes.get(access_id)
 
     def code_used(self, access_id: str) -> None:
         code = self.codes.get(access_id)
@@ -552,6 +821,7 @@ class Daemon(MultiService):
         code.used = True
         if not code.is_live(self.now()):
             del self.codes[access_id]
+            self._remember_dead_code(code, code.dead_reason(self.now()))
         self.store.mark_access_code_used(access_id).addErrback(
             lambda f: self._log.failure("could not record a used access code", f))
 
@@ -569,7 +839,14 @@ class Daemon(MultiService):
             # Only now, with the keys in hand, is anything written: the folder
             # (if it is new) and, by _add_share, its marker.  If that fails the
             # handshake fails and the join stays pending (detach drops it).
-            await self.cpu_runner.run(_make_attach_folder, join.path)
+            try:
+                await self.cpu_runner.run(_make_attach_folder, join.path)
+            except OSError as e:
+                # The code is not spent (no acknowledgment goes out): it is tried again.
+                join.trouble = ("a peer accepted the code, but %s cannot be created: %s; "
+                                "fix that (or detach and attach elsewhere) and it is "
+                                "tried again" % (join.path, e.strerror or e))
+                raise ConfigurationError(join.trouble) from None
             # Kept until the first scan has recorded the folder's own files, so
             # that a restart before then still dates them before the share's.
             await self._set_adopting(keys.share_id, True)
@@ -618,7 +895,11 @@ class Daemon(MultiService):
             admission=self._onion_admission() if self.tor_only else None)
         try:
             self.peer_port = await self._listen(listen, factory)
-        except ConfigurationError:
+        except ConfigurationError as e:
+            if self._listen_kept:
+                raise ConfigurationError(
+                    "%s (an endpoint kept from an earlier start); start with --listen "
+                    "ENDPOINT to choose another, which is kept instead" % e) from None
             if self.settings.listen is not None:
                 raise
             # A stable default port keeps remembered addresses valid; taken → any port.
@@ -758,7 +1039,14 @@ class Daemon(MultiService):
             protocol.dialled_address = address  # type: ignore[attr-defined]
             return _Dialled(protocol)
 
-        return d.addCallback(dialled)
+        def refused(failure: Failure) -> Failure:
+            join = self.joins.get(target_id)
+            if failure.check(CannotStart) and join is not None:
+                self._join_refused(target_id, failure.value.reason, failure.value.proven,
+                                   manual=address in _addresses(join.peers))
+            return failure  # still a failed dial: the connector backs off as usual
+
+        return d.addCallbacks(dialled, refused)
 
     def _target_for(self, target_id: str) -> ConnectTarget | None:
         runtime = self.shares.get(target_id)
@@ -816,6 +1104,8 @@ class Daemon(MultiService):
             for address in self.settings.peers + self.manual_peers(target_id):
                 self.add_manual_peer(target_id, address)
         for join in self.joins.values():
+            if join.failed is not None:
+                continue
             for address in join.peers:
                 self.add_manual_peer(join.access_id, address)
         # Also at once: a restarted daemon finds its known peers without any other source.
@@ -882,7 +1172,8 @@ class Daemon(MultiService):
         for code in list(self.codes.values()):
             if self.live_code(code.access_id) is not None:
                 out.append((code.access_id, self.shares[code.share_id].peer_id))
-        out.extend((join.access_id, join.peer_id) for join in self.joins.values())
+        out.extend((join.access_id, join.peer_id) for join in self.joins.values()
+                   if join.failed is None)
         return out
 
     def _on_discovered(self, target_id: str, peer_id: str | None, address: Address,
@@ -891,7 +1182,8 @@ class Daemon(MultiService):
             return
         if target_id in self.codes:
             return  # the code's holder connects to us, not the other way round
-        if target_id in self.shares or target_id in self.joins:
+        join = self.joins.get(target_id)
+        if target_id in self.shares or (join is not None and join.failed is None):
             self.connector.add_candidate(target_id, address, peer_id=peer_id, source=source)
 
     def _start_lan(self) -> None:
@@ -1051,6 +1343,28 @@ class _ClosedSession:
 
     def connection_lost(self, reason: Any) -> None:
         pass
+
+
+def _addresses(texts: list[str]) -> set[Address]:
+    """The addresses a user typed that parse."""
+    out = set()
+    for text in texts:
+        try:
+            out.add(parse_user_address(text))
+        except ValueError:
+            continue
+    return out
+
+
+def _exit_now(status: int) -> None:
+    """End the process with ``status`` (after the reactor's shutdown)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 async def _fail(error: Exception) -> None:

@@ -24,6 +24,16 @@ class HandshakeError(ProtocolError):
     """The connection handshake cannot go on (wrong ID, clock skew, bad keys, …)."""
 
 
+class CannotStart(HandshakeError):
+    """The peer answered ``cannot_start``; ``reason`` is its reason when it gave a known one
+    (protocol/handshake.md), else None; ``proven`` whether it proved it made the code."""
+
+    def __init__(self, message: str, reason: str | None = None, proven: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.proven = proven
+
+
 class UnsafePathError(ProtocolError):
     """A path from outside (peer, control socket) that could escape the share."""
 

@@ -35,8 +35,17 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from clearskies import SOFTWARE
-from clearskies.accesscode import AccessCode, access_id as _access_id
-from clearskies.errors import HandshakeError
+import hmac
+
+from clearskies.accesscode import (
+    DEAD_CODE_REASONS,
+    DEAD_CODE_TEXT,
+    PROVEN_REASONS,
+    AccessCode,
+    refusal_proof,
+)
+from clearskies.accesscode import access_id as _access_id
+from clearskies.errors import CannotStart, HandshakeError
 from clearskies.keys import GRANTABLE_LEVELS, LEVELS, ShareKeys, greatest_common_access, level_rank
 
 __all__ = [
@@ -133,6 +142,11 @@ class KeyRing(Protocol):
 
     def pending_join(self, access_id: str) -> ConnectTarget | None:
         """A code we were given and have not used yet (as a ``join`` target), or None."""
+
+    def dead_code(self, access_id: str) -> tuple[str, bytes] | None:
+        """Why a code we created can no longer be used (``expired``, ``used``,
+        ``cancelled``) and the code, or None if we know no such dead code.
+        Optional: a keyring without it answers ``unknown`` for every ID it does not hold."""
 
     def code_used(self, access_id: str) -> None:
         """The peer acknowledged the keys we gave for this code (spend single-use codes)."""
@@ -265,6 +279,11 @@ class MemoryKeyRing:
     def pending_join(self, access_id: str) -> ConnectTarget | None:
         return self.joins.get(access_id)
 
+    def dead_code(self, access_id: str) -> tuple[str, bytes] | None:
+        code = self.codes.get(access_id)
+        reason = code.dead_reason(self._now()) if code is not None else None
+        return (reason, code.code) if reason is not None else None
+
     def code_used(self, access_id: str) -> None:
         self.used.append(access_id)
         code = self.codes.get(access_id)
@@ -371,6 +390,7 @@ class Handshake:
         self._access_id: str | None = None
         self._their_name: str | None = None
         self._skew = 0.0
+        self._refusal: dict[str, str] = {}  # what our cannot_start adds (reason, proof)
 
     @classmethod
     def server(
@@ -480,9 +500,11 @@ class Handshake:
         psk = self._choose_server_key(start_id, their_access, now)
         if psk is None:
             self.state = CLOSED
+            reason = self._refusal.get("reason")
             return [
-                Send({"type": "cannot_start"}),
-                Close("cannot start: no share or usable access code for ID {}".format(start_id)),
+                Send(dict({"type": "cannot_start"}, **self._refusal)),
+                Close("cannot start: no share or usable access code for ID {}{}".format(
+                    start_id, "" if reason is None else " (%s)" % reason)),
             ]
         if their_peer == self._our_peer:
             self.state = CLOSED
@@ -532,11 +554,37 @@ class Handshake:
             self._access_id = start_id
             self._our_peer = join.peer_id
             return join.code
+        # Nothing here for this ID.  Only a code we made and that is dead gets a
+        # more precise reason: naming it takes its access ID, which only its holder
+        # (or whoever saw it announced while it was live) can know.
+        # Those reasons carry a proof that we made the code, so that nobody else can
+        # end an attach by answering in our place (protocol/handshake.md).
+        dead = getattr(keyring, "dead_code", None)
+        found = dead(start_id) if dead is not None else None
+        if found is not None and found[0] in PROVEN_REASONS:
+            reason, code = found
+            self._refusal = {"reason": reason,
+                             "proof": refusal_proof(code, reason, self._their_peer)}
+        else:
+            self._refusal = {"reason": "unknown"}
         return None
 
     def _got_cannot_start(self, body: dict[str, Any], now: float) -> list[Action]:
         self.state = CLOSED
-        raise HandshakeError("the peer cannot start a connection for ID {}".format(self._start_id))
+        reason = body.get("reason")
+        if reason not in DEAD_CODE_REASONS:
+            reason = None  # none given (older peers), or one we do not know: no conclusion
+        proven = False
+        target = self._target
+        proof = body.get("proof")
+        if reason in PROVEN_REASONS and target is not None and target.code is not None \
+                and isinstance(proof, str):
+            proven = hmac.compare_digest(
+                proof.encode("ascii", "replace"),
+                refusal_proof(target.code, reason, target.peer_id).encode("ascii"))
+        raise CannotStart("the peer cannot start a connection for ID {}{}{}".format(
+            self._start_id, "" if reason is None else ": " + DEAD_CODE_TEXT[reason],
+            "" if proven or reason not in PROVEN_REASONS else " (unproven)"), reason, proven)
 
     def _got_starttls(self, body: dict[str, Any], now: float) -> list[Action]:
         level = _level(body, "starttls")

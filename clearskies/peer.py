@@ -263,6 +263,8 @@ class PeerProtocol(Protocol):
         self._closing = False
         self._quiet = False
         self._close_reason: str | None = None
+        # The handshake error that closed us (its type and reason reach the dialler).
+        self._handshake_error: HandshakeError | None = None
         self._handshake_reported = False
         self._deadline: IDelayedCall | None = None
         self._ping_call: IDelayedCall | None = None
@@ -316,7 +318,7 @@ class PeerProtocol(Protocol):
                                peer=self.peer_address, reason=why)
             self._report_handshake(success=False)
         if not self.when_established.called:
-            self.when_established.errback(HandshakeError(why))
+            self.when_established.errback(self._handshake_error or HandshakeError(why))
         closed = getattr(self._owner, "connection_closed", None)
         if closed is not None:
             closed(self)
@@ -374,6 +376,8 @@ class PeerProtocol(Protocol):
         try:
             step()
         except ProtocolError as e:
+            if isinstance(e, HandshakeError) and not self._closing:
+                self._handshake_error = e
             self.close(str(e))
         except Exception as e:
             self._log.failure("internal error on connection with {peer}", peer=self.peer_address)

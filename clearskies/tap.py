@@ -31,11 +31,16 @@ class Options(usage.Options):
     synopsis = "[--share PATH …] [--code SYNC… --into PATH] [--peer HOST:PORT …] [options]"
     longdesc = (
         "Run the ClearSkies daemon: keep the given directories in sync with peers. "
-        "Shares, keys and peers are kept in the data directory, so later runs "
-        "need no options at all.")
+        "Shares, keys, peers and the options --listen, --name, --peer, --tracker, "
+        "--no-lan and the Tor ones are kept in the data directory, so later runs "
+        "need no options at all; an option given again replaces the kept one.")
 
     optFlags = [
-        ["no-lan", None, "Do not announce or listen for peers on the local network."],
+        ["no-lan", None, "Do not announce or listen for peers on the local network "
+                         "(kept for later runs)."],
+        ["lan", None, "Use the local network again after an earlier --no-lan."],
+        ["no-tracker", None, "Forget the trackers kept from earlier runs."],
+        ["no-peer", None, "Forget the --peer addresses kept from earlier runs."],
         ["tor", None, "Also be reachable through Tor: publish an onion service and "
                       "reach tor: peers through Tor (kept for later runs)."],
         ["tor-only", None, "Use nothing but Tor: no public port, no LAN discovery, "
@@ -76,11 +81,11 @@ class Options(usage.Options):
         self["shares"].append(path)
 
     def opt_peer(self, address: str) -> None:
-        """Address of a peer to connect to, HOST:PORT (repeatable)."""
+        """Address of a peer to connect to, HOST:PORT (repeatable; kept for later runs)."""
         self["peers"].append(_check_address(address))
 
     def opt_tracker(self, url: str) -> None:
-        """Tracker URL to register with and ask for peers (repeatable)."""
+        """Tracker URL to register with and ask for peers (repeatable; kept for later runs)."""
         if not url.startswith(("http://", "https://")):
             raise usage.UsageError("--tracker wants an http:// or https:// URL, got %r" % url)
         self["trackers"].append(url.rstrip("/"))
@@ -118,6 +123,21 @@ class Options(usage.Options):
             raise usage.UsageError("--merge goes with --code and --into")
         if not 0 < self["lan-port"] < 65536:
             raise usage.UsageError("--lan-port must be between 1 and 65535")
+        from clearskies.settings import SettingError, check_listen, check_name
+
+        try:
+            if self["name"] is not None:
+                check_name(self["name"])
+            if self["listen"] is not None:
+                check_listen(self["listen"])
+        except SettingError as e:
+            raise usage.UsageError("--" + str(e)) from None
+        if self["lan"] and self["no-lan"]:
+            raise usage.UsageError("--lan and --no-lan contradict each other")
+        if self["no-tracker"] and self["trackers"]:
+            raise usage.UsageError("--no-tracker goes without --tracker")
+        if self["no-peer"] and self["peers"] and self["code"] is None:
+            raise usage.UsageError("--no-peer goes without --peer")
         self._check_tor()
 
     def _check_location(self, option: str, path: str) -> None:
@@ -151,6 +171,7 @@ class Options(usage.Options):
             return
         if self["listen"] in (None, "tcp:0"):
             self["listen"] = "tcp:0:interface=127.0.0.1"
+            self["listen-implied"] = True  # for this mode only: not kept for later runs
         elif not _loopback(self["listen"]):
             raise usage.UsageError(
                 "--tor-only opens no public port: --listen must be a TCP port on 127.0.0.1 "
@@ -194,6 +215,7 @@ def makeService(options: Options):
     settings = DaemonSettings(
         data_dir=options["data-dir"],
         listen=options["listen"],
+        remember_listen=not options.get("listen-implied", False),
         name=options["name"],
         shares=list(options["shares"]),
         join_code=options["code"],
@@ -201,7 +223,9 @@ def makeService(options: Options):
         join_merge=bool(options["merge"]),
         peers=list(options["peers"]),
         trackers=list(options["trackers"]),
-        lan=not options["no-lan"],
+        lan=False if options["no-lan"] else (True if options["lan"] else None),
+        no_trackers=bool(options["no-tracker"]),
+        no_peers=bool(options["no-peer"]),
         lan_port=options["lan-port"],
         lan_group=options["lan-group"],
         lan_interface=options["lan-interface"],

@@ -499,6 +499,32 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                 "type": ".clearskies.share_status", "path": self.share_dir})
         return self.go(body)
 
+    def test_attach_wait_failed_attach_exits_1_with_the_reason(self) -> Deferred:
+        """attach --wait stops at once with exit 1 and the daemon's reason when the attach failed."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = {
+                "path": self.share_dir, "status": "failed", "in_sync": False, "peers": [],
+                "problem": "attach failed: the access code has expired; ask for a new one"}
+            run = await self.cli("attach", CODE, self.share_dir, "--wait",
+                                 "--timeout-wait", "30")
+            self.assertEqual(run.code, 1)
+            self.assertEqual(run.err, "clearskies: %s: attach failed: the access code has "
+                                      "expired; ask for a new one\n" % self.share_dir)
+        return self.go(body)
+
+    def test_attach_wait_timeout_says_what_it_waits_for(self) -> Deferred:
+        """attach --wait that times out on a waiting attach says what it was waiting for."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = {
+                "path": self.share_dir, "status": "waiting", "in_sync": False, "peers": [],
+                "problem": "waiting for a peer that holds the access code"}
+            run = await self.cli("attach", CODE, self.share_dir, "--wait",
+                                 "--timeout-wait", "0.3")
+            self.assertEqual(run.code, cli.EXIT_TIMEOUT)
+            self.assertEqual(run.err, "clearskies: not in sync after 0.3 s: waiting for a "
+                                      "peer that holds the access code\n")
+        return self.go(body)
+
     # -- wait ----------------------------------------------------------------------
 
     def test_wait_until_in_sync(self) -> Deferred:

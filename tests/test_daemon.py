@@ -61,3 +61,143 @@ def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: 
     # The address given with the code became the share's before the join was dropped.
     assert saved["manual_peers"] == {"f" * 64: ["127.0.0.1:4000"]}
     assert order[-2:] == ["manual_peers", "pending_joins"]
+
+
+def _daemon_with_memory_store(tmp_path: Path, **settings: Any) -> tuple[Daemon, dict]:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    daemon = Daemon(clock, DaemonSettings(data_dir=str(tmp_path / "data"), **settings))
+    saved: dict[str, Any] = {}
+
+    def set_config(key: str, value: Any) -> Deferred[None]:
+        saved[key] = json.loads(json.dumps(value))
+        return succeed(None)
+
+    daemon.store = SimpleNamespace(set_config=set_config)  # type: ignore[assignment]
+    return daemon, saved
+
+
+def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
+    """A proven expired/used/cancelled fails an attach at once; unknown (or an unproven
+    reason) only from an address the user gave, after three answers; a cannot_start
+    without a reason (an older peer) never; a failed attach is not dialled."""
+    daemon, saved = _daemon_with_memory_store(tmp_path)
+    joins = {}
+    for name in ("expired", "unknown", "none", "lan"):
+        join = PendingJoin(name.encode().ljust(16, b"-"), str(tmp_path / name), "a" * 32,
+                           added=daemon.now())
+        daemon.joins[join.access_id] = joins[name] = join
+    for _ in range(10):
+        daemon._join_refused(joins["none"].access_id, None, False, manual=True)
+        # Anyone on the LAN can answer in the maker's place: no proof, not a given address.
+        daemon._join_refused(joins["lan"].access_id, "cancelled", False, manual=False)
+        daemon._join_refused(joins["lan"].access_id, "unknown", False, manual=False)
+    daemon._join_refused(joins["expired"].access_id, "expired", True, manual=False)
+    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
+    daemon._join_refused(joins["unknown"].access_id, "cancelled", False, manual=True)
+    assert joins["expired"].failed == "expired" and joins["none"].failed is None
+    assert joins["unknown"].failed is None and joins["lan"].failed is None
+    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
+    assert joins["unknown"].failed == "unknown"
+    assert daemon.pending_join(joins["expired"].access_id) is None
+    assert daemon.pending_join(joins["none"].access_id) is not None
+    announced = [target for target, _ in daemon.registrations()]
+    assert announced == [joins["none"].access_id, joins["lan"].access_id]
+    stored = {PendingJoin.from_dict(d).path: PendingJoin.from_dict(d).failed
+              for d in saved["pending_joins"]}
+    assert stored[str(tmp_path / "expired")] == "expired"
+    assert "ask for a new one" in joins["expired"].problem
+
+
+def test_an_attach_nobody_accepts_gives_up_after_a_week(tmp_path: Path):
+    """A pending attach gives up JOIN_GIVE_UP after it was added, with a clear problem."""
+    from clearskies.daemon import JOIN_GIVE_UP
+
+    daemon, _ = _daemon_with_memory_store(tmp_path)
+    join = PendingJoin(bytes(16), str(tmp_path / "copy"), "a" * 32, added=daemon.now())
+    daemon.joins[join.access_id] = join
+    daemon.reactor.advance(JOIN_GIVE_UP - 1)
+    daemon._check_joins()
+    assert join.failed is None
+    daemon.reactor.advance(2)
+    daemon._check_joins()
+    assert join.failed == "gave_up" and "within 7 days" in join.problem
+
+
+def test_dead_codes_say_why(tmp_path: Path):
+    """The keyring names why a code it made is dead; a code it never made is not named."""
+    from clearskies.accesscode import new_access_code
+
+    daemon, _ = _daemon_with_memory_store(tmp_path)
+    now = daemon.now()
+    code = new_access_code("ab" * 32, "read_write", now - 100, lifetime=10)
+    daemon.codes[code.access_id] = code
+    assert daemon.dead_code(code.access_id) == ("expired", code.code)
+    other = new_access_code("ab" * 32, "read_write", now)
+    daemon._remember_dead_code(other, "cancelled")
+    assert daemon.dead_code(other.access_id) == ("cancelled", other.code)
+    assert daemon.dead_code("ef" * 32) is None
+
+
+def test_command_line_options_are_kept_and_a_plain_start_reuses_them(tmp_path: Path):
+    """Options given are stored; a start without them takes the stored ones."""
+    daemon, saved = _daemon_with_memory_store(
+        tmp_path, listen="tcp:40321", name="box", lan=False,
+        trackers=["http://t.example:1"], peers=["192.0.2.1:4000"])
+    Deferred.fromCoroutine(daemon._settle_options())
+    assert saved == {"listen": "tcp:40321", "name": "box", "lan": False,
+                     "trackers": ["http://t.example:1"], "peers": ["192.0.2.1:4000"]}
+    again, _ = _daemon_with_memory_store(tmp_path)
+    again.config = dict(saved)
+    Deferred.fromCoroutine(again._settle_options())
+    s = again.settings
+    assert (s.listen, again.name, s.lan, s.trackers, s.peers) == (
+        "tcp:40321", "box", False, ["http://t.example:1"], ["192.0.2.1:4000"])
+    undone, saved2 = _daemon_with_memory_store(tmp_path, lan=True, no_trackers=True)
+    undone.config = dict(saved)
+    Deferred.fromCoroutine(undone._settle_options())
+    assert undone.settings.lan is True and undone.settings.trackers == []
+    assert saved2 == {"lan": True, "trackers": []}
+
+
+def test_stored_name_too_long_for_peers_is_not_used(tmp_path: Path):
+    """A stored name peers would refuse (an older version took it) is ignored, not sent."""
+    daemon, _ = _daemon_with_memory_store(tmp_path)
+    daemon.config = {"name": "n" * 300}
+    Deferred.fromCoroutine(daemon._settle_options())
+    assert daemon.name != "n" * 300
+
+
+def test_attach_folder_that_cannot_be_made_is_said_in_the_status(tmp_path: Path):
+    """Keys arrive but the folder cannot be created: the handshake fails (the code is not
+    spent) and the pending attach's problem says why and what to do."""
+    daemon, _ = _daemon_with_memory_store(tmp_path)
+    daemon.cpu_runner = SyncRunner()  # type: ignore[assignment]
+    join = PendingJoin(bytes(16), str(tmp_path / "gone" / "copy"), "a" * 32)
+    daemon.joins[join.access_id] = join
+    failures = []
+    Deferred.fromCoroutine(daemon._join_completed(SimpleNamespace(share_id="f" * 64),
+                                                  join)).addErrback(failures.append)
+    assert failures and failures[0].check(ConfigurationError)
+    assert "cannot be created" in join.problem and "tried again" in join.problem
+    assert join.failed is None and join.access_id in daemon.joins
+
+
+def test_data_directory_lock_is_one_holder_at_a_time(tmp_path: Path):
+    """The lock says who holds the directory; a file in its place is a clear error."""
+    import os
+
+    import pytest
+
+    from clearskies.daemon import lock_data_dir
+
+    fd = lock_data_dir(str(tmp_path / "data"))
+    try:
+        with pytest.raises(ConfigurationError, match="another daemon \\(pid %d\\)" % os.getpid()):
+            lock_data_dir(str(tmp_path / "data"))
+    finally:
+        os.close(fd)
+    os.close(lock_data_dir(str(tmp_path / "data")))  # free again once closed
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="cannot use the data directory"):
+        lock_data_dir(str(tmp_path / "file"))

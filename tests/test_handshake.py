@@ -10,8 +10,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 
 from clearskies import SOFTWARE
-from clearskies.accesscode import new_access_code
-from clearskies.errors import HandshakeError
+from clearskies.accesscode import new_access_code, refusal_proof
+from clearskies.errors import CannotStart, HandshakeError
 from clearskies.handshake import (
     AWAIT_IDENTITY,
     CREATING_SHARE,
@@ -257,7 +257,8 @@ def test_one_time_code_cannot_be_used_twice(keys):
         "type": "start", "software": "x", "protocol": 1, "features": [],
         "id": code.access_id, "access": "unknown", "peer": CLIENT_PEER,
     }, NOW)
-    assert actions[0] == Send({"type": "cannot_start"})
+    assert actions[0] == Send({"type": "cannot_start", "reason": "used",
+                               "proof": refusal_proof(code.code, "used", CLIENT_PEER)})
     assert isinstance(actions[1], Close) and not actions[1].quiet
 
 
@@ -373,9 +374,77 @@ def test_unknown_id_gets_cannot_start(keys):
     """A start naming an ID we do not know is answered cannot_start, then close."""
     server, _, _, _ = share_pair(keys)
     actions = server.receive(start_message(id="cd" * 32), NOW)
-    assert actions[0] == Send({"type": "cannot_start"})
+    assert actions[0] == Send({"type": "cannot_start", "reason": "unknown"})
     assert isinstance(actions[1], Close) and "cannot start" in actions[1].reason
     assert len(actions) == 2
+
+
+def test_cancelled_code_gets_cannot_start_cancelled(keys):
+    """A revoked code is refused with reason cancelled."""
+    server, _, ring_s, _, code, _ = code_pair(keys)
+    code.revoked = True
+    actions = server.receive(start_message(id=code.access_id, access="unknown"), NOW)
+    body = actions[0].body
+    assert body["type"] == "cannot_start" and body["reason"] == "cancelled"
+    assert body["proof"] == refusal_proof(code.code, "cancelled", start_message()["peer"])
+
+
+def test_keyring_without_dead_code_answers_unknown(keys):
+    """A keyring that cannot tell dead codes apart still refuses with reason unknown."""
+    class OldRing(MemoryKeyRing):
+        dead_code = None
+
+    server = Handshake.server(OldRing(), "holder")
+    actions = server.receive(start_message(id="ab" * 32, access="unknown"), NOW)
+    assert actions[0] == Send({"type": "cannot_start", "reason": "unknown"})
+
+
+def _joiner(keys):
+    code = new_access_code(keys.share_id, "read_write", NOW)
+    target = ConnectTarget.join(code.code, CLIENT_PEER)
+    client = Handshake.client(MemoryKeyRing(), target, "joiner")
+    client.receive({"type": "greeting", "protocol": [1]}, NOW)
+    return client, code
+
+
+@pytest.mark.parametrize("reason", ["expired", "used", "cancelled"])
+def test_code_holder_trusts_a_reason_only_with_the_makers_proof(keys, reason):
+    """A dead-code reason with the HMAC of the code is proven; a missing or wrong proof
+    (anyone could send the reason) is not."""
+    client, code = _joiner(keys)
+    with pytest.raises(CannotStart, match="new one") as caught:
+        client.receive({"type": "cannot_start", "reason": reason,
+                        "proof": refusal_proof(code.code, reason, CLIENT_PEER)}, NOW)
+    assert caught.value.reason == reason and caught.value.proven
+    for proof in (None, "00" * 32, refusal_proof(code.code, reason, SERVER_PEER),
+                  refusal_proof(bytes(16), reason, CLIENT_PEER), 7, "é"):
+        client, _ = _joiner(keys)
+        body = {"type": "cannot_start", "reason": reason}
+        if proof is not None:
+            body["proof"] = proof
+        with pytest.raises(CannotStart) as caught:
+            client.receive(body, NOW)
+        assert caught.value.reason == reason and not caught.value.proven
+
+
+def test_client_receiving_cannot_start_unknown(keys):
+    """unknown needs no proof (the peer cannot have one) and is never proven."""
+    client, _ = _joiner(keys)
+    with pytest.raises(CannotStart, match="check it") as caught:
+        client.receive({"type": "cannot_start", "reason": "unknown"}, NOW)
+    assert caught.value.reason == "unknown" and not caught.value.proven
+
+
+@pytest.mark.parametrize("reason", [None, "tired", 7, ["used"], "x" * 5000])
+def test_client_ignores_missing_or_unknown_reasons(keys, reason):
+    """cannot_start without a reason we know (older peers) gives no reason: no conclusion."""
+    _, client, _, _ = share_pair(keys)
+    client.receive({"type": "greeting", "protocol": [1]}, NOW)
+    body = {"type": "cannot_start"} if reason is None else {"type": "cannot_start",
+                                                             "reason": reason}
+    with pytest.raises(CannotStart) as caught:
+        client.receive(body, NOW)
+    assert caught.value.reason is None
 
 
 def test_client_receiving_cannot_start_fails(keys):
@@ -398,7 +467,7 @@ def test_expired_code_gets_cannot_start(keys):
     server, _, ring_s, _, code, _ = code_pair(keys)
     ring_s._now = lambda: NOW + 2 * 86400
     actions = server.receive(start_message(id=code.access_id, access="unknown"), NOW + 2 * 86400)
-    assert actions[0] == Send({"type": "cannot_start"})
+    assert actions[0].body["reason"] == "expired" and actions[0].body["proof"]
 
 
 def test_code_holder_meeting_code_holder_gets_cannot_start(keys):

@@ -51,3 +51,21 @@ def _valid_code() -> str:
     from clearskies.accesscode import format_code
 
     return format_code(bytes(16))
+
+
+def test_options_peers_would_refuse_are_usage_errors(tmp_path):
+    """--name over 256 bytes, a --listen that is no TCP endpoint, and contradictory
+    keep/forget options are refused before anything starts."""
+    data = str(tmp_path / "d")
+    for argv, why in ((["--name", "n" * 257], "at most 256 bytes"),
+                      (["--name", "a\nb"], "printable"),
+                      (["--listen", "tcp:99999"], "tcp:PORT endpoint"),
+                      (["--lan", "--no-lan"], "contradict"),
+                      (["--no-tracker", "--tracker", "http://t:1"], "--no-tracker goes"),
+                      (["--no-peer", "--peer", "127.0.0.1:4"], "--no-peer goes")):
+        with pytest.raises(usage.UsageError, match=why):
+            _options("--data-dir", data, *argv)
+    settings = tap.makeService(_options("--data-dir", data, "--lan", "--no-tracker")).settings
+    assert settings.lan is True and settings.no_trackers
+    assert tap.makeService(_options("--data-dir", data)).settings.lan is None
+    assert not (tmp_path / "d").exists()

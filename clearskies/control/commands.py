@@ -16,6 +16,7 @@ from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.errors import AccessCodeError, ClearSkiesError
+from clearskies.settings import AT_START, DEFAULTS, SettingError, check_setting
 from clearskies.sync import RETRY_AFTER
 
 if TYPE_CHECKING:
@@ -23,13 +24,8 @@ if TYPE_CHECKING:
     from clearskies.share.runtime import ShareRuntime
 
 MAX_CODE_LIFETIME = 10 * 365 * 86400.0
-CONFIG_KEYS = {
-    "name": str,
-    "upload_limit": int,  # bytes/s, 0 = none
-    "download_limit": int,
-    # Keep read-only shares' files without write permission on disk.
-    "read_only_files": bool,
-}
+#: The settings (clearskies.settings checks their values).
+CONFIG_KEYS = tuple(DEFAULTS)
 
 
 def _text(request: dict[str, Any], key: str) -> str:
@@ -44,6 +40,11 @@ def _path(request: dict[str, Any]) -> str:
     if not os.path.isabs(path):
         raise ControlError("bad_request", "'path' must be absolute, got %r" % path)
     return os.path.realpath(path)
+
+
+def _join_status(join: Any) -> str:
+    """A pending attach's status: ``waiting`` for a peer, or ``failed`` for good."""
+    return "waiting" if join.failed is None else "failed"
 
 
 class DaemonCommands(CommandDispatcher):
@@ -110,7 +111,8 @@ class DaemonCommands(CommandDispatcher):
             "download_rate": int(daemon.download.rate),
             "software": SOFTWARE,
             "shares": len(daemon.shares),
-            "pending_attaches": len(daemon.joins),
+            "pending_attaches": sum(1 for j in daemon.joins.values() if j.failed is None),
+            "failed_attaches": sum(1 for j in daemon.joins.values() if j.failed is not None),
             "port": daemon.listening_port,
             "name": daemon.name,
             "tor": daemon.tor_mode,
@@ -135,9 +137,9 @@ class DaemonCommands(CommandDispatcher):
             await runtime.fresh_counts()
         shares = [self.share_summary(r) for r in self.daemon.shares.values()]
         for join in self.daemon.joins.values():
-            shares.append({"path": join.path, "status": "waiting", "access": "unknown",
+            shares.append({"path": join.path, "status": _join_status(join), "access": "unknown",
                            "files": 0, "bytes": 0, "peers_connected": 0, "peers_known": 0,
-                           "problem": "waiting for a peer that holds the access code"})
+                           "problem": join.problem})
         return {"shares": sorted(shares, key=lambda s: s["path"])}
 
     async def cmd_create_access_code(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -194,17 +196,23 @@ class DaemonCommands(CommandDispatcher):
         await self.daemon.remove_share(path)
         return {}
 
+    def _value(self, key: str) -> Any:
+        if key == "name":
+            return self.daemon.name
+        value = self.daemon.config.get(key)
+        return DEFAULTS[key] if value is None else value
+
     def cmd_get_config(self, request: dict[str, Any]) -> dict[str, Any]:
-        config = {key: self.daemon.config.get(key) for key in CONFIG_KEYS}
-        config["name"] = self.daemon.name
-        return {"config": config}
+        return {"config": {key: self._value(key) for key in CONFIG_KEYS}}
 
     async def cmd_set_config(self, request: dict[str, Any]) -> dict[str, Any]:
         values = request.get("config")
         if not isinstance(values, dict):
             raise ControlError("bad_request", "config must be an object")
-        for key, value in values.items():
-            await self._set(key, value)
+        # Every value is checked before any is stored: all or nothing.
+        checked = {key: self._check(key, value) for key, value in values.items()}
+        for key, value in checked.items():
+            await self._store(key, value)
         return {}
 
     def cmd_get_config_value(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -212,23 +220,28 @@ class DaemonCommands(CommandDispatcher):
         if key not in CONFIG_KEYS:
             raise ControlError("unknown_key", "no setting %r; settings: %s"
                                % (key, ", ".join(sorted(CONFIG_KEYS))))
-        value = self.daemon.name if key == "name" else self.daemon.config.get(key)
-        return {"key": key, "value": value}
+        return {"key": key, "value": self._value(key)}
 
     async def cmd_set_config_value(self, request: dict[str, Any]) -> dict[str, Any]:
-        await self._set(_text(request, "key"), request.get("value"))
-        return {}
+        key = _text(request, "key")
+        value = self._check(key, request.get("value"))
+        await self._store(key, value)
+        reply: dict[str, Any] = {"key": key, "value": value}
+        if key in AT_START:
+            reply["note"] = "takes effect when the daemon next starts"
+        return reply
 
-    async def _set(self, key: str, value: Any) -> None:
-        kind = CONFIG_KEYS.get(key)
-        if kind is None:
+    @staticmethod
+    def _check(key: Any, value: Any) -> Any:
+        try:
+            return check_setting(key, value)
+        except KeyError:
             raise ControlError("unknown_key", "no setting %r; settings: %s"
-                               % (key, ", ".join(sorted(CONFIG_KEYS))))
-        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ControlError("bad_request", "%s must be %s" % (
-                key, "true or false" if kind is bool else "a " + kind.__name__))
-        if kind is int and value < 0:
-            raise ControlError("bad_request", "%s must not be negative" % key)
+                               % (key, ", ".join(sorted(CONFIG_KEYS)))) from None
+        except SettingError as e:
+            raise ControlError("bad_request", str(e)) from None
+
+    async def _store(self, key: str, value: Any) -> None:
         self.daemon.config[key] = value
         if key == "name":
             self.daemon.name = value
@@ -294,8 +307,8 @@ class DaemonCommands(CommandDispatcher):
         path = _path(request)
         for join in self.daemon.joins.values():
             if join.path == path:
-                return {"path": path, "status": "waiting", "in_sync": False, "peers": [],
-                        "problem": "waiting for a peer that holds the access code"}
+                return {"path": path, "status": _join_status(join), "in_sync": False,
+                        "peers": [], "problem": join.problem}
         runtime = self._share(request)
         await runtime.fresh_counts()
         summary = self.share_summary(runtime)

@@ -201,6 +201,20 @@ def attach_problem(path: str, merge: bool) -> str | None:
         if not os.path.isdir(parent):
             return ("%s does not exist; create it (or at least the folder that will "
                     "hold it) first" % parent)
+        # It is created only once a peer has accepted the code: whatever would stop
+        # that must be said now, not after the code is used.
+        name = os.fsencode(os.path.basename(path))
+        try:
+            most = os.pathconf(parent, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            most = 255
+        if len(name) > most:
+            return ("the name %s… is %d bytes long; the file system of %s allows at most "
+                    "%d; choose a shorter name" % (os.fsdecode(name[:40]), len(name),
+                                                    parent, most))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return ("cannot create %s: %s is not writable for this user; choose another "
+                    "folder" % (path, parent))
         return None
     if not os.path.isdir(path):
         return "%s exists and is not a folder; choose a folder to attach into" % path
