@@ -386,6 +386,14 @@ def test_parse_request_rejects_non_string_type():
     assert parse_request(b'{"type": "status", "x": 1}') == {"type": "status", "x": 1}
 
 
+def test_parse_request_rejects_a_repeated_key():
+    """A key given twice is refused, never decided by which came last (a status that stops)."""
+    for line in (b'{"type":"status","type":"stop"}', b'{"type":"scan","a":{"p":1,"p":2}}'):
+        with pytest.raises(ControlError, match="twice") as caught:
+            parse_request(line)
+        assert caught.value.code == "bad_request"
+
+
 @given(
     lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20),
     cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=20),

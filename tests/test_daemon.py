@@ -201,3 +201,16 @@ def test_data_directory_lock_is_one_holder_at_a_time(tmp_path: Path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigurationError, match="cannot use the data directory"):
         lock_data_dir(str(tmp_path / "file"))
+
+
+def test_a_path_no_file_name_can_hold_is_a_bad_request():
+    """A lone surrogate in a control path is refused as bad_request, never an internal error."""
+    import pytest
+
+    from clearskies.control.commands import _path
+    from clearskies.control.protocol import ControlError
+
+    with pytest.raises(ControlError) as caught:
+        _path({"path": "/tmp/\ud800x"})
+    assert caught.value.code == "bad_request"
+    assert _path({"path": "/tmp/\udc80x"}).endswith("/tmp/\udc80x")  # a raw byte: fine

@@ -39,6 +39,12 @@ def _path(request: dict[str, Any]) -> str:
     path = _text(request, "path")
     if not os.path.isabs(path):
         raise ControlError("bad_request", "'path' must be absolute, got %r" % path)
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        # A lone surrogate no file name can hold (only \udc80–\udcff stand for bytes).
+        raise ControlError("bad_request", "'path' is not a possible file name: %r"
+                           % path) from None
     return os.path.realpath(path)
 
 

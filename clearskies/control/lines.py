@@ -57,13 +57,23 @@ def encode_line(message: JSONDict) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> JSONDict:
+    """An object whose keys are all different: with a repeated key, which one counts
+    would be a guess (``{"type":"status","type":"stop"}`` must not stop the daemon)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    return out
+
+
 def parse_request(line: bytes) -> JSONDict:
     """Decode one request line, or raise ``ControlError("bad_request", …)`` saying why.
 
     What parsing may cost is bounded before the parser runs (``jsonshape``).
     """
     try:
-        request = jsonshape.loads(line, MAX_REQUEST_ITEMS, MAX_REQUEST_DEPTH)
+        request = jsonshape.loads(line, MAX_REQUEST_ITEMS, MAX_REQUEST_DEPTH,
+                                  object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise ControlError("bad_request", "request is not valid UTF-8") from None
     except jsonshape.ShapeError as e:
@@ -72,8 +82,8 @@ def parse_request(line: bytes) -> JSONDict:
         raise ControlError(
             "bad_request", f"request is not valid JSON: {e.msg} at column {e.colno}"
         ) from None
-    except (ValueError, RecursionError):
-        raise ControlError("bad_request", "request is not acceptable JSON") from None
+    except (ValueError, RecursionError) as e:
+        raise ControlError("bad_request", "request is not acceptable JSON: %s" % (e,)) from None
     if not isinstance(request, dict):
         raise ControlError("bad_request", "request must be a JSON object")
     if not isinstance(request.get("type"), str):

@@ -289,7 +289,7 @@ def test_config_set_refuses_what_the_daemon_cannot_use(daemon_factory):
 
 
 JUNK = [None, True, 0, -1, 2 ** 70, 1.5, 1e308, "", "x" * 70000, "\x00", "rel",
-        "/proc/self", [], ["x"] * 100, {}, {"a": 1}]
+        "/proc/self", "/tmp/\ud800x", [], ["x"] * 100, {}, {"a": 1}]
 ARGUMENTS = ["path", "code", "peers", "merge", "mode", "one_time", "expires", "key",
              "value", "config", "address", "access_id", "skipped"]
 
