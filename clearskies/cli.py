@@ -69,7 +69,8 @@ def _start_error(errors: Any, status: int, data_dir: str) -> str:
     if reasons:
         return reasons[-1]
     if lines:
-        return lines[-1]
+        # twistd's own word on a bad option: "twistd --nodaemon: <why>".
+        return re.sub(r"^twistd[^:]*: ", "", lines[-1])
     return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
@@ -139,7 +140,10 @@ class Cli:
     def twistd_command(self, foreground: bool) -> list[str]:
         args = self.args
         # twistd itself (``python -m twisted`` is the newer ``twist`` runner).
-        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+        # (Named "twistd" in its own messages, not "-c".)
+        cmd = [sys.executable, "-c",
+               "import sys; sys.argv[0] = 'twistd'; "
+               "from twisted.scripts.twistd import run; run()"]
         if foreground:
             cmd += ["--nodaemon", "--pidfile="]
         else:
@@ -175,11 +179,12 @@ class Cli:
         cmd = self.twistd_command(foreground)
         if foreground:
             return subprocess.call(cmd)
-        # The daemon's standard error goes to an unnamed file: what a failed start
-        # says is read from it, and a running daemon writing there harms nobody.
+        # The daemon's output goes to an unnamed file: what a failed start says is
+        # read from it (twistd prints a bad option on standard output, a start-up
+        # failure on standard error), and a running daemon writing there harms nobody.
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=errors,
+                                       stdout=errors, stderr=errors,
                                        cwd="/", start_new_session=True)
             deadline = self.monotonic() + DAEMON_START_TIMEOUT
             while self.monotonic() < deadline:
