@@ -284,7 +284,7 @@ class Cli:
         for entry in share.get("skipped_paths", []):
             self.line("  skipped %s: %s" % (_printable(entry.get("path", "")),
                                             entry.get("reason")))
-        if len(share.get("skipped_paths", [])) < share.get("skipped", 0):
+        if "skipped_paths" in share and len(share["skipped_paths"]) < share.get("skipped", 0):
             self.line("  (only the first %d are listed)" % len(share["skipped_paths"]))
         for peer in share.get("peers", []):
             self.line("  peer %s %s %s%s" % (

@@ -678,6 +678,17 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             run = await self.cli("status", "--skipped")
             self.assertEqual(run.code, 1)
             self.assertIn("give its folder", run.err)
+        return self.go(body)
+
+    def test_status_without_skipped_lists_only_the_count(self) -> Deferred:
+        """status DIR of a share with skipped paths prints the count and a hint, exit 0."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = share_status(skipped=2)
+            run = await self.cli("status", self.share_dir)
+            self.assertEqual(run.code, 0, run.err)
+            self.assertIn("  2 paths not synced (see: --skipped)\n", run.out)
+            self.assertNotIn("only the first", run.out)
+        return self.go(body)
 
     def test_revert_says_when_added_files_were_kept(self) -> Deferred:
         """revert prints its counts, and why files were kept while the share's list is partial."""

@@ -38,3 +38,11 @@ def test_refused_records_are_listed_until_taken():
         {"path": "far.txt", "reason": "mtime is out of range", "where": "peer"}]
     skipped.accepted("far.txt")
     assert skipped.count == 0
+
+
+def test_a_path_skipped_here_and_refused_from_a_peer_counts_once():
+    """The count is of paths: one met both locally and from a peer is one."""
+    skipped = SkippedPaths()
+    skipped.scanned([("link", "symbolic link")], None)
+    skipped.refused("link", "goes through a symbolic link")
+    assert skipped.count == 1 and len(skipped.entries()) == 1

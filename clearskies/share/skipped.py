@@ -28,7 +28,9 @@ class SkippedPaths:
 
     @property
     def count(self) -> int:
-        return (len(self._local) + len(self._remote)
+        # A path skipped here and refused from a peer too is one path not synced.
+        both = sum(1 for path in self._remote if path in self._local)
+        return (len(self._local) + len(self._remote) - both
                 + self._unlisted_local + len(self._unlisted_remote))
 
     def entries(self) -> list[dict[str, str]]:
