@@ -99,3 +99,11 @@ def test_attach_problem(tmp_path):
     assert "--merge" in attach_problem(str(tmp_path), False)
     assert attach_problem(str(tmp_path), True) is None
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_run_on_the_root_filesystem_is_still_refused():
+    """Where /run is no mount of its own (it lives on the root filesystem), /run/user
+    is refused: only a disk mounted below /run is a folder of files."""
+    mounts = parse_mountinfo("27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n")
+    with pytest.raises(ConfigurationError, match="/run holds"):
+        check_location("/run/user", [DATA], mounts)

@@ -102,9 +102,11 @@ def check_location(path: str, daemon_paths: Iterable[str], mounts: Iterable[Moun
     mounts = list(mounts)
     for top in PSEUDO_TREES + (RUN_TREE,):
         if _inside(path, top):
-            fstype = _innermost(path, mounts) if top == RUN_TREE else None
-            if fstype is not None and fstype != "tmpfs" and fstype not in PSEUDO_FILESYSTEMS:
-                continue  # a real disk mounted below /run
+            holder = _innermost(path, mounts) if top == RUN_TREE else None
+            if (holder is not None and holder.point != RUN_TREE
+                    and _inside(holder.point, RUN_TREE)
+                    and holder.fstype != "tmpfs" and holder.fstype not in PSEUDO_FILESYSTEMS):
+                continue  # a real disk mounted below /run (not /run itself, nor /)
             raise ConfigurationError(
                 "%s cannot be shared: %s holds the system's run-time state, not files to "
                 "sync; share a folder of your files instead" % (path, top))
@@ -118,14 +120,14 @@ def check_location(path: str, daemon_paths: Iterable[str], mounts: Iterable[Moun
                 % (path, mount.point, mount.fstype))
 
 
-def _innermost(path: str, mounts: list[Mount]) -> str | None:
-    """The type of the filesystem ``path`` is on (the last, deepest mount holding it)."""
+def _innermost(path: str, mounts: list[Mount]) -> Mount | None:
+    """The mount ``path`` is on (the last, deepest mount holding it)."""
     found: Mount | None = None
     for mount in mounts:
         if _inside(path, mount.point) and (
                 found is None or len(mount.point) >= len(found.point)):
             found = mount
-    return found.fstype if found is not None else None
+    return found
 
 
 def read_mounts() -> list[Mount]:
