@@ -389,3 +389,13 @@ def test_unproven_cancelled_is_not_believed(daemon_factory, tmp_path):
     finally:
         server.close()
         thread.join(5)
+
+
+def test_clearskies_start_with_a_bad_option_says_why(daemon_factory):
+    """`clearskies start --listen bogus` exits 1 with twistd's reason (it prints it on
+    standard output, which start used to throw away)."""
+    alice = daemon_factory("alice", start=False)
+    result = alice.cli("start", "--listen", "bogus", check=False)
+    assert result.returncode == 1
+    assert "--listen must be a tcp:PORT endpoint" in result.stderr, result.stderr
+    assert "twistd" not in result.stderr and not alice._answers()
