@@ -966,6 +966,13 @@ class Daemon(MultiService):
             self._log.info("Tor only: peers see this daemon as {name!r} (set it with --name)",
                            name=self.name)
 
+    def set_name(self, name: str) -> None:
+        """The name peers see, from the next handshake on, whoever opens it."""
+        self.name = name
+        for factory in (self.peer_factory, self.onion_factory):
+            if factory is not None:
+                factory.settings.name = name
+
     def _start_tor(self) -> None:
         if self.tor_mode == "off":
             return

@@ -214,3 +214,14 @@ def test_a_path_no_file_name_can_hold_is_a_bad_request():
         _path({"path": "/tmp/\ud800x"})
     assert caught.value.code == "bad_request"
     assert _path({"path": "/tmp/\udc80x"}).endswith("/tmp/\udc80x")  # a raw byte: fine
+
+
+def test_a_new_name_reaches_the_listening_side_at_once():
+    """`config set name` changes the name the listeners' handshakes announce, not only dials'."""
+    from clearskies.peer import PeerServerFactory
+
+    daemon = Daemon(Clock(), DaemonSettings(data_dir="/nonexistent-data", name="old"))
+    daemon.peer_factory = PeerServerFactory(Clock(), daemon, daemon.name,
+                                            daemon.session_factory)
+    daemon.set_name("new name")
+    assert daemon.name == "new name" and daemon.peer_factory.settings.name == "new name"

@@ -250,7 +250,7 @@ class DaemonCommands(CommandDispatcher):
     async def _store(self, key: str, value: Any) -> None:
         self.daemon.config[key] = value
         if key == "name":
-            self.daemon.name = value
+            self.daemon.set_name(value)
         if key in ("upload_limit", "download_limit"):
             self.daemon.apply_limits()
         await self.daemon.store.set_config(key, value)
