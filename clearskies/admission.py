@@ -22,7 +22,10 @@ however many addresses flood the port:
   IPv4, a /64 for IPv6, each loopback address alone.  A newcomer to a full
   table evicts the oldest ``arrived`` connection of the most represented
   group (then address): a stalled or slow connection makes way, and a peer
-  that answers at once is ``started`` long before it could be chosen.  If
+  that answers at once is ``started`` long before it could be chosen.
+  Among ``arrived`` connections, groups that recently had connections
+  evicted go first (a flood reconnects at once and keeps its connections
+  young, so age alone would pick the one peer that waits its turn).  If
   every slot is ``started``, a newcomer evicts the oldest connection of a
   group (or, within its own group, an address) holding at least two more
   slots than its own, or one more if that connection is older than the
@@ -59,6 +62,9 @@ MIN_HANDSHAKE_TIMEOUT = 6.0
 
 PRESSURE = 0.5
 """Share of slots in use above which deadlines start to shrink."""
+
+CHURN_HALF_LIFE = 10.0
+"""Seconds over which a group's count of recent evictions halves."""
 
 ARRIVED = "arrived"
 STARTED = "started"
@@ -117,6 +123,7 @@ class Admission:
         self._entries: dict[Hashable, _Entry] = {}
         self._per_group: dict[str, int] = {}
         self._per_host: dict[str, int] = {}
+        self._churn: dict[str, tuple[float, float]] = {}  # group → (evictions, as of when)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -176,6 +183,7 @@ class Admission:
             if not verdict.admit:
                 return verdict
             assert verdict.evict is not None
+            self._evicted(self._entries[verdict.evict].group, now)
             self.leave(verdict.evict)
         self._entries[key] = _Entry(host, group, now)
         self._per_group[group] = self._per_group.get(group, 0) + 1
@@ -200,10 +208,24 @@ class Admission:
 
     # -- choosing a victim -----------------------------------------------------------------
 
+    def churn(self, group: str, now: float) -> float:
+        """Recent evictions from ``group``, decayed with ``CHURN_HALF_LIFE``."""
+        count, when = self._churn.get(group, (0.0, now))
+        return count * 0.5 ** (max(0.0, now - when) / CHURN_HALF_LIFE)
+
+    def _evicted(self, group: str, now: float) -> None:
+        self._churn[group] = (self.churn(group, now) + 1.0, now)
+        if len(self._churn) > 4 * self.capacity:  # bounded: forget the calmest group
+            calmest = min(self._churn, key=lambda g: self.churn(g, now))
+            del self._churn[calmest]
+
     def _make_room(self, host: str, group: str, now: float) -> Verdict:
-        def weight(item: tuple[Hashable, _Entry]) -> tuple[bool, int, int, float]:
+        def weight(item: tuple[Hashable, _Entry]) -> tuple[bool, float, int, int, float]:
             entry = item[1]
-            return (entry.stage == ARRIVED, self._per_group[entry.group],
+            arrived = entry.stage == ARRIVED
+            # Churn only orders arrived connections: a started one has shown its key.
+            churn = round(self.churn(entry.group, now), 1) if arrived else 0.0
+            return (arrived, churn, self._per_group[entry.group],
                     self._per_host[entry.host], -entry.opened)
 
         victim, entry = max(self._entries.items(), key=weight)

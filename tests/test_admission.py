@@ -135,3 +135,22 @@ def test_leave_frees_the_slot_and_is_idempotent():
     table.leave("never seen")
     assert len(table) == 0
     assert table.arrive("b", "127.0.0.2", 1.0).admit
+
+
+def test_a_flood_that_reconnects_is_evicted_before_a_peer_waiting_its_turn():
+    """A peer with two shares arriving into a flood ties in number with the attackers,
+    who reconnect after each eviction: the attackers' churn sends them out first."""
+    table = Admission(4)
+    now = 0.0
+    for n in range(24):  # the flood, reconnecting at once, every 50 ms
+        table.arrive(("x", n), "127.0.0.9", now)
+        now += 0.05
+    assert table.arrive("bob1", "127.0.0.2", now).admit
+    assert table.arrive("bob2", "127.0.0.2", now).admit
+    evicted = []
+    for n in range(24, 60):
+        now += 0.05
+        evicted.append(table.arrive(("x", n), "127.0.0.9", now).evict)
+    assert "bob1" in table and "bob2" in table
+    assert "bob1" not in evicted and "bob2" not in evicted
+    assert table.churn("127.0.0.9", now) > 10 and table.churn("127.0.0.2", now) == 0
