@@ -214,7 +214,9 @@ def test_runtime_stores_advertised_addresses_and_offers_them(tmp_path):
     runtime: Any = object.__new__(ShareRuntime)
     runtime.daemon = daemon
     runtime.share_id = SHARE_ID
-    runtime.store = SimpleNamespace(upsert_peer=lambda p: stored.append(p) or succeed(None))
+    runtime.store = SimpleNamespace(
+        upsert_peer=lambda p, forget=(): stored.append(p) or succeed(None))
+    runtime.sync = SimpleNamespace(sessions={})
     old = tuple("tcp:10.0.0.%d:4000" % i for i in range(8))
     runtime.peers = {THEM: PeerInfo(SHARE_ID, THEM, name="bob", addresses=old,
                                     manifest_revision=3)}

@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone
@@ -221,6 +222,34 @@ def test_poll_renews_at_fraction_of_ttl_and_resets_backoff() -> None:
     assert len(agent.requests) == 4
     assert [r["time"] for r in agent.requests] == [0, 2, 6, 86]
     assert all("fast_track" not in r["query"] for r in agent.requests)
+
+
+def test_ids_a_full_tracker_did_not_register_are_logged_once() -> None:
+    """A 200 naming IDs it did not register keeps the client registered, its peers delivered, one warning."""
+    clock = Clock()
+    refusal = {"ids": [CODE + "@" + PEER_A], "reason": "the tracker is full; try again later"}
+    documents = [
+        {"your_ip": "192.0.2.7", "others": {SHARE: [entry(PEER_B, 1)], CODE: []}, "ttl": 100,
+         "not_registered": refusal},
+    ] * 3 + [{"your_ip": "192.0.2.7", "others": {SHARE: [], CODE: []}, "ttl": 100}]
+
+    def respond(record: dict) -> Deferred:
+        return answer(clock, documents.pop(0))
+
+    agent = FakeAgent(clock, respond)
+    client, peers, _regs = make_client(
+        clock, agent, registrations=[(SHARE, PEER_A), (CODE, PEER_A)], fast_track=False
+    )
+    with capturedLogs() as events:
+        client.startService()
+        clock.advance(0)
+        for _ in range(3):
+            clock.advance(80)
+    assert len(agent.requests) == 4 and client.registered and client.failures == 0
+    assert peers[0] == (SHARE, [(PEER_B, Address("tcp", "10.0.0.2", 1))])
+    said = [formatEvent(e) for e in events if "did not register" in formatEvent(e)]
+    assert len(said) == 1 and "1 of our IDs (the tracker is full" in said[0], said
+    assert any("registers all our IDs again" in formatEvent(e) for e in events)
 
 
 def test_others_are_parsed_filtered_and_bounded() -> None:

@@ -246,18 +246,58 @@ def test_too_many_ids_per_request():
     assert registry.stats()["registrations"] == 3
 
 
-def test_per_source_bound_is_all_or_nothing():
-    """A request that would pass max_per_source is refused whole; refreshes still work."""
+def test_per_source_bound_refuses_only_what_does_not_fit():
+    """Past max_per_source only the new registrations that do not fit are refused and named."""
     registry = Registry(max_per_source=3)
     registry.register([("%064x" % i, P1) for i in range(2)], "192.0.2.1", 1, None, now=0)
+    answer = registry.register(
+        [("%064x" % i, P1) for i in range(2, 4)], "192.0.2.1", 1, None, now=0
+    )
+    assert answer["not_registered"] == {
+        "ids": ["%064x@%s" % (3, P1)],
+        "reason": "too many registrations from 192.0.2.1 (at most 3); let some expire first",
+    }
+    assert sorted(answer["others"]) == ["%064x" % 2, "%064x" % 3]
+    assert registry.stats()["registrations"] == 3
+    # Nothing new fits and nothing to refresh: the request is refused whole.
     with pytest.raises(CapacityError, match="too many registrations from 192.0.2.1"):
-        registry.register([("%064x" % i, P1) for i in range(2, 4)], "192.0.2.1", 1, None, now=0)
-    assert registry.stats()["registrations"] == 2
-    # Refreshing what is already there, plus one new, fits exactly.
-    registry.register([("%064x" % i, P1) for i in range(3)], "192.0.2.1", 1, None, now=1)
+        registry.register([("%064x" % 5, P1)], "192.0.2.1", 1, None, now=0)
+    # Refreshing what is already there still works, without a refusal.
+    assert "not_registered" not in registry.register(
+        [("%064x" % i, P1) for i in range(3)], "192.0.2.1", 1, None, now=1
+    )
     # Another source is not affected.
     registry.register([("%064x" % 9, P2)], "192.0.2.2", 1, None, now=1)
     assert registry.stats()["registrations"] == 4
+
+
+def test_full_table_refreshes_existing_and_refuses_only_new():
+    """A full tracker refreshes a daemon's existing IDs and lists their peers; only a new ID is refused."""
+    registry = Registry(ttl=10, max_total=3)
+    registry.register([(A, P1), (B, P1)], "192.0.2.1", 1, None, now=0)
+    registry.register([(A, P2)], "192.0.2.2", 1, None, now=0)
+    new_id = "c" * 64
+    with pytest.raises(CapacityError, match="the tracker is full"):
+        registry.register([(new_id, P1)], "192.0.2.1", 1, None, now=5)
+    answer = registry.register([(A, P1), (new_id, P1), (B, P1)], "192.0.2.1", 1, None, now=5)
+    assert answer["others"] == {A: [P2 + "@tcp:192.0.2.2:1"], new_id: [], B: []}
+    assert answer["not_registered"] == {
+        "ids": [new_id + "@" + P1], "reason": "the tracker is full; try again later",
+    }
+    # The refreshed registrations outlive the ones that were not refreshed.
+    registry.expire(12)
+    assert registry.stats()["registrations"] == 2
+    assert registry.others(A) == [P1 + "@tcp:192.0.2.1:1"]
+    assert registry.others(new_id) == []
+
+
+def test_partly_fitting_new_registrations_are_stored_in_request_order():
+    """With room for some new registrations, the first ones of the request are stored, the rest named."""
+    registry = Registry(max_total=2)
+    pairs = [("%064x" % i, P1) for i in range(4)]
+    answer = registry.register(pairs, "192.0.2.1", 1, None, now=0)
+    assert answer["not_registered"]["ids"] == ["%064x@%s" % (i, P1) for i in (2, 3)]
+    assert registry.stats()["registrations"] == 2
 
 
 def test_total_bound():

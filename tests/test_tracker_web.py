@@ -269,6 +269,25 @@ class TrackerWebTests(unittest.TestCase):
             await self._close_stream(lines)
         return Deferred.fromCoroutine(go())
 
+    def test_full_tracker_refreshes_existing_ids_and_names_the_new_one(self) -> Deferred:
+        """On a full tracker an existing ID plus a new one gets 200, the peers and the new ID named."""
+        async def go() -> None:
+            self.registry.max_total = 2
+            code, _, _ = await self._get(_track((A, P1), (B, P1)))
+            self.assertEqual(code, 200)
+            new_id = "c" * 64
+            code, _, body = await self._get(_track((new_id, P1)))
+            self.assertEqual((code, body), (503, b"the tracker is full; try again later\n"))
+            code, _, body = await self._get(_track((A, P1), (new_id, P1), (B, P1)))
+            self.assertEqual(code, 200)
+            answer = json.loads(body)
+            self.assertEqual(answer["others"], {A: [], new_id: [], B: []})
+            self.assertEqual(answer["not_registered"], {
+                "ids": [new_id + "@" + P1], "reason": "the tracker is full; try again later",
+            })
+            self.assertEqual(self.registry.stats()["registrations"], 2)
+        return Deferred.fromCoroutine(go())
+
     def test_too_many_streams_is_503(self) -> Deferred:
         """Past max_streams a fast_track request gets 503 with a message and registers nothing."""
         async def go() -> None:

@@ -294,6 +294,9 @@ class TrackerClient(Service):
         self._last_request = float("-inf")
         self._no_stream_until = float("-inf")
         self._warned_too_many = False
+        # The reason of the last refusal logged, so a refusal repeated at
+        # every renewal is logged once, not every few minutes.
+        self._refusal_logged: str | None = None
         #: The address the tracker saw us coming from, once it told us.
         self.your_ip: str | None = None
         #: True while our registrations at this tracker are known to be current.
@@ -540,7 +543,29 @@ class TrackerClient(Service):
                 self.your_ip = str(ipaddress.ip_address(your_ip))
             except ValueError:
                 pass
+        self._note_refusal(document.get("not_registered"))
         self._deliver_others(exchange, document.get("others"))
+
+    def _note_refusal(self, refused: object) -> None:
+        """Log once that the tracker left some of our IDs unregistered (protocol/tracker.md)."""
+        if not isinstance(refused, dict):
+            if self._refusal_logged is not None:
+                self._log.info("tracker {url} registers all our IDs again", url=self.url)
+            self._refusal_logged = None
+            return
+        ids = refused.get("ids")
+        count = len(ids) if isinstance(ids, list) else 0
+        reason = refused.get("reason")
+        reason = _short(reason.encode("utf-8", "replace")) if isinstance(reason, str) else "no reason given"
+        if reason == self._refusal_logged:
+            return
+        self._refusal_logged = reason
+        self._log.warn(
+            "tracker {url} did not register {count} of our IDs ({reason}); the others are "
+            "registered, and these are asked for again at each renewal; peers can still find "
+            "those shares through other trackers, the LAN or known addresses",
+            url=self.url, count=count, reason=reason,
+        )
 
     def _failed(self, why: str, refused_stream: bool = False) -> None:
         """Count a failure and try again after the back-off delay."""

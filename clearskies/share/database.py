@@ -478,13 +478,23 @@ class StateDatabase:
 
     # -- peers --------------------------------------------------------------
 
-    def upsert_peer(self, peer: PeerInfo) -> None:
-        """Insert or replace everything we know about one peer of one share."""
+    def upsert_peer(self, peer: PeerInfo, forget: Sequence[str] = ()) -> None:
+        """Insert or replace everything we know about one peer of one share, and
+        forget the peers ``forget`` of that share in the same transaction (the
+        runtime bounds the table, see ShareRuntime)."""
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO peers (%s) VALUES (?,?,?,?,?,?,?)" % _PEER_COLUMNS,
                 (peer.share_id, peer.peer_id, peer.name, peer.last_seen,
                  json.dumps(list(peer.addresses)), peer.manifest_revision, peer.acked_revision))
+            conn.executemany("DELETE FROM peers WHERE share_id = ? AND peer_id = ?",
+                             [(peer.share_id, peer_id) for peer_id in forget])
+
+    def forget_peers(self, share_id: str, peer_ids: Sequence[str]) -> None:
+        """Forget several peers of one share at once."""
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM peers WHERE share_id = ? AND peer_id = ?",
+                             [(share_id, peer_id) for peer_id in peer_ids])
 
     def get_peer(self, share_id: str, peer_id: str) -> PeerInfo | None:
         row = self._conn.execute(
@@ -756,8 +766,11 @@ class ShareStore:
         return self._call(StateDatabase.refresh_cache_keys, share_id, list(items))
 
     # peers
-    def upsert_peer(self, peer: PeerInfo) -> Deferred[None]:
-        return self._call(StateDatabase.upsert_peer, peer)
+    def upsert_peer(self, peer: PeerInfo, forget: Sequence[str] = ()) -> Deferred[None]:
+        return self._call(StateDatabase.upsert_peer, peer, list(forget))
+
+    def forget_peers(self, share_id: str, peer_ids: Sequence[str]) -> Deferred[None]:
+        return self._call(StateDatabase.forget_peers, share_id, list(peer_ids))
 
     def get_peer(self, share_id: str, peer_id: str) -> Deferred[PeerInfo | None]:
         return self._call(StateDatabase.get_peer, share_id, peer_id)

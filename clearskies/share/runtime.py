@@ -137,6 +137,26 @@ def _cache_key_of(path: str) -> CacheKey | None:
     return CacheKey(st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns))
 
 
+#: Peers remembered per share (the peers table and ``peers``): any holder of a
+#: key can connect under ever new peer IDs, so past this the peer not seen for
+#: longest is forgotten, never a connected one (protocol/sync.md).
+MAX_KNOWN_PEERS = 128
+
+
+def peers_to_forget(peers: dict[str, PeerInfo], keep: frozenset[str] | set[str],
+                    limit: int = MAX_KNOWN_PEERS) -> list[str]:
+    """The peer IDs to forget so ``peers`` holds at most ``limit``: those not
+    seen for longest (never seen first), never one in ``keep`` (connected ones,
+    the one just recorded).  Fewer when ``keep`` alone passes the limit."""
+    excess = len(peers) - limit
+    if excess <= 0:
+        return []
+    candidates = [p for p in peers.values() if p.peer_id not in keep]
+    candidates.sort(key=lambda p: (p.last_seen if p.last_seen is not None else float("-inf"),
+                                   p.peer_id))
+    return [p.peer_id for p in candidates[:excess]]
+
+
 def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
     """The daemon's own paths that lie inside ``root``, share-relative (never synced)."""
     real_root = os.path.realpath(root)
@@ -215,6 +235,11 @@ class ShareRuntime:
         self.service.scanner.private_paths = private_paths(str(self.root), own)
         self.service.scanner.adopting = adopt
         self.peers = {p.peer_id: p for p in await self.store.list_peers(self.share_id)}
+        forget = peers_to_forget(self.peers, frozenset())  # a table from an older version
+        if forget:
+            for peer_id in forget:
+                del self.peers[peer_id]
+            await self.store.forget_peers(self.share_id, forget)
         if self.signing.read_only:
             changes = self.signing.store.load(await self.store.list_signed(self.share_id))
             if changes:  # rows kept under an older key, or no longer kept
@@ -498,9 +523,7 @@ class ShareRuntime:
             share_id=known.share_id, peer_id=known.peer_id, name=known.name,
             last_seen=self.daemon.now(), addresses=known.addresses,
             manifest_revision=revision, acked_revision=known.acked_revision)
-        self.peers[peer_id] = updated
-        self.store.upsert_peer(updated).addErrback(
-            lambda f: self._log.failure("could not store a peer's revision", f))
+        self._remember(updated, "could not store a peer's revision")
 
     # -- events ----------------------------------------------------------------------
 
@@ -612,9 +635,7 @@ class ShareRuntime:
             last_seen=self.daemon.now(), addresses=tuple(addresses),
             manifest_revision=known.manifest_revision if known else None,
             acked_revision=known.acked_revision if known else None)
-        self.peers[info.their_peer_id] = record
-        self.store.upsert_peer(record).addErrback(
-            lambda f: self._log.failure("could not store a peer", f))
+        self._remember(record, "could not store a peer")
 
     def peer_addresses_received(self, peer_id: str, addresses: list[str]) -> None:
         """A peer told us where it can be reached: remember it and offer it for dialling."""
@@ -627,10 +648,17 @@ class ShareRuntime:
                     last_seen=self.daemon.now(), addresses=tuple(merged),
                     manifest_revision=known.manifest_revision,
                     acked_revision=known.acked_revision)
-                self.peers[peer_id] = record
-                self.store.upsert_peer(record).addErrback(
-                    lambda f: self._log.failure("could not store a peer's addresses", f))
+                self._remember(record, "could not store a peer's addresses")
         self.daemon.add_peer_candidates(self.share_id, peer_id, addresses)
+
+    def _remember(self, record: PeerInfo, failed: str) -> None:
+        """Keep ``record`` in ``peers`` and the peers table, both bounded by MAX_KNOWN_PEERS."""
+        self.peers[record.peer_id] = record
+        forget = peers_to_forget(self.peers, set(self.sync.sessions) | {record.peer_id})
+        for peer_id in forget:
+            del self.peers[peer_id]
+        self.store.upsert_peer(record, forget).addErrback(
+            lambda f: self._log.failure(failed, f))
 
     def peer_disconnected(self, session: Any) -> None:
         if self.daemon.connector is not None:

@@ -8,8 +8,10 @@ numbers and the web layer passes ``reactor.seconds()``.
 Every table here is bounded: IDs per request, registrations per source
 address, per network prefix and in total, open fast_track subscriptions
 (per source address, per prefix and in total), and peers listed per ID in
-one answer.  Exceeding a bound raises before anything is stored, so a
-refused request leaves no trace.
+one answer.  A request that would exceed a registration bound stores the
+new registrations that fit and refreshes its existing ones; the rest are
+named in its answer.  One with nothing that fits raises before anything is
+stored, so a refused request leaves no trace.
 
 A registration belongs to the address it came from: it is keyed by
 (ID, peer ID, source IP), so a request from another address can add a
@@ -319,10 +321,16 @@ class Registry:
         where each list leaves out the requester's own peer IDs for that ID.
         ``tor`` holds ``<name>.onion:<port>`` values (listed as ``tor:`` addresses);
         ``tcp_port`` may be None only when ``tor`` is given (an onion-only peer).
-        Raises ProtocolError for bad input, CapacityError when a bound is hit.
+        When a bound leaves room for only some new registrations, the ones
+        that fit (in request order) are stored, existing ones are refreshed, and
+        the answer adds ``"not_registered": {"ids": ["ID@peer", …], "reason": …}``
+        for the rest.  Raises ProtocolError for bad input, and CapacityError
+        when nothing of the request would be stored or refreshed.
         """
-        wanted, host = self._store(ids_with_peers, host, tcp_port, utp_port, now, tor)
-        return {
+        wanted, host, refused, why = self._store(
+            ids_with_peers, host, tcp_port, utp_port, now, tor
+        )
+        answer: dict = {
             "your_ip": host,
             "others": {
                 share_id: self.others(share_id, own, self._room(len(wanted)))
@@ -330,6 +338,12 @@ class Registry:
             },
             "ttl": self.ttl,
         }
+        if refused:
+            answer["not_registered"] = {
+                "ids": ["%s@%s" % (key[0], key[1]) for key in refused],
+                "reason": why,
+            }
+        return answer
 
     def renew(
         self,
@@ -351,7 +365,7 @@ class Registry:
         utp_port: int | None,
         now: float,
         tor: Sequence[str] = (),
-    ) -> tuple[dict[str, frozenset[str]], str]:
+    ) -> tuple[dict[str, frozenset[str]], str, list[tuple[str, str, str]], str]:
         wanted = _check_pairs(ids_with_peers, self.max_ids_per_request)
         onions = check_tor_addresses(tor)
         if tcp_port is not None or not onions:
@@ -368,19 +382,17 @@ class Registry:
             (self._known_id(share_id), peer, host)
             for share_id, peers in wanted.items() for peer in sorted(peers)
         ]
-        new = sum(1 for key in keys if key not in self._entries)
-        if self._per_source.get(host, 0) + new > self.max_per_source:
-            raise CapacityError(
-                "too many registrations from %s (at most %d); let some expire first"
-                % (host, self.max_per_source)
-            )
-        if self._per_prefix.get(prefix, 0) + new > self.max_per_prefix:
-            raise CapacityError(
-                "too many registrations from the network %s (at most %d); "
-                "let some expire first" % (prefix, self.max_per_prefix)
-            )
-        if len(self._entries) + new > self.max_total:
-            raise CapacityError("the tracker is full; try again later")
+        new = [key for key in keys if key not in self._entries]
+        room, why = self._room_for_new(host, prefix)
+        refused: list[tuple[str, str, str]] = []
+        if len(new) > room:
+            if room == 0 and len(new) == len(keys):
+                # Nothing would be stored or refreshed: refuse the whole request.
+                raise CapacityError(why)
+            # Refuse only the new ones that do not fit; the rest go ahead.
+            refused = new[room:]
+            dropped = set(refused)
+            keys = [key for key in keys if key not in dropped]
 
         expires = now + self.ttl
         changed: dict[str, set[str]] = {}
@@ -399,7 +411,21 @@ class Registry:
                 entry.expires = expires
             self._entries[key] = entry
         self._notify(changed)
-        return wanted, host
+        return wanted, host, refused, why
+
+    def _room_for_new(self, host: str, prefix: str) -> tuple[int, str]:
+        """How many new registrations from ``host`` fit, and what refuses the next one."""
+        limits = (
+            (self.max_per_source - self._per_source.get(host, 0),
+             "too many registrations from %s (at most %d); let some expire first"
+             % (host, self.max_per_source)),
+            (self.max_per_prefix - self._per_prefix.get(prefix, 0),
+             "too many registrations from the network %s (at most %d); "
+             "let some expire first" % (prefix, self.max_per_prefix)),
+            (self.max_total - len(self._entries), "the tracker is full; try again later"),
+        )
+        room, why = min(limits, key=lambda limit: limit[0])
+        return max(0, room), why
 
     def _known_id(self, share_id: str) -> str:
         """The ID string the table already holds, so equal IDs share one object."""

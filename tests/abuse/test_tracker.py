@@ -241,3 +241,42 @@ def test_clients_that_never_read_their_answers_hold_little_memory(tracker):
         for s in stuck:
             s.close()
     _still_fine(tracker, "127.0.0.1")
+
+
+@pytest.mark.slow
+def test_a_full_tracker_still_refreshes_a_daemon_that_adds_an_id(tmp_path):
+    """At MAX_TOTAL, a daemon's request with its registered IDs and one new ID is 200: refreshed, the new one named."""
+    tracker = TrackerProcess(tmp_path).start()
+    try:
+        rng = random.Random(11)
+        own = [("%064x" % rng.getrandbits(256), REAL) for _ in range(8)]
+        assert get(tracker.port, _track(own, 30001))[0] == 200
+        friend = _track([(own[0][0], ASKER)], 30002)
+        assert get(tracker.port, friend, source="127.0.0.2")[0] == 200
+        filled, n = len(own) + 1, 0
+        while filled < MAX_TOTAL:  # 1,024 per address, 4 addresses per /24
+            source = "127.40.%d.%d" % (n // 1024 // 4, 1 + n // 1024 % 4)
+            pairs = [("%064x" % rng.getrandbits(256), _fake(n + k))
+                     for k in range(min(64, MAX_TOTAL - filled))]
+            code, body = get(tracker.port, _track(pairs, 40000), source=source)
+            assert code == 200, body
+            filled += len(pairs)
+            n += len(pairs)
+        new = ("%064x" % rng.getrandbits(256), REAL)
+        code, body = get(tracker.port, _track([new], 30001))
+        assert (code, body) == (503, b"the tracker is full; try again later\n")
+        code, body = get(tracker.port, _track(own[:4] + [new] + own[4:], 30001))
+        assert code == 200, body
+        answer = json.loads(body)
+        assert answer["not_registered"] == {
+            "ids": ["%s@%s" % new], "reason": "the tracker is full; try again later"}
+        assert sorted(answer["others"]) == sorted(dict(own + [new]))
+        # A peer of one of the daemon's shares refreshes too, and still finds it.
+        code, body = get(tracker.port, friend, source="127.0.0.2")
+        assert code == 200, body
+        assert json.loads(body)["others"] == {own[0][0]: [REAL + "@tcp:127.0.0.1:30001"]}
+        assert "not_registered" not in json.loads(body)
+        assert tracker.alive(), tracker.output()
+        assert rss_mb(tracker.pid) < MAX_RSS_MB
+    finally:
+        tracker.stop()
