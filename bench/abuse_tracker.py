@@ -39,20 +39,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clearskies.tracker.registry import MAX_TOTAL, Registry  # noqa: E402
-from tests.abuse.tracker_process import TrackerProcess, get, rss_mb  # noqa: E402
+from tests.abuse.tracker_process import (  # noqa: E402
+    TrackerProcess, crowd, fake_peer, get, rss_mb, stuck_readers, track_path)
 
 SHARE = "a" * 64
 REAL = "1" * 32
 ASKER = "2" * 32
 
 
-def _track(pairs: list[tuple[str, str]], port: int, extra: str = "") -> str:
-    return "/clearskies/track?%s&tcp_port=%d%s" % (
-        "&".join("id=%s%%40%s" % pair for pair in pairs), port, extra)
-
-
-def _fake(i: int) -> str:
-    return "%032x" % (0xFA4E0000 + i)
 
 
 def _legit(tracker: TrackerProcess, count: int = 20, share: str = SHARE,
@@ -62,7 +56,7 @@ def _legit(tracker: TrackerProcess, count: int = 20, share: str = SHARE,
     for i in range(count):
         started = time.monotonic()
         try:
-            code, body = get(tracker.port, _track([(share, ASKER)], 30002), source="127.0.0.1")
+            code, body = get(tracker.port, track_path([(share, ASKER)], 30002), source="127.0.0.1")
             ok += code == 200 and check(json.loads(body)["others"][share])
         except OSError:
             pass
@@ -120,9 +114,9 @@ def fast_track_hoard(tracker: TrackerProcess) -> dict:
             s.bind(("127.20.0.1" if i < 100 else "127.21.0.1", 0))
             s.settimeout(5)
             s.connect(("127.0.0.1", tracker.port))
-            peer = _fake(i) if i < 100 else REAL
+            peer = fake_peer(i) if i < 100 else REAL
             s.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n"
-                      % _track([(SHARE, peer)], 30001, "&fast_track=1").encode())
+                      % track_path([(SHARE, peer)], 30001, "&fast_track=1").encode())
             head = s.recv(4096)
             streams.append(s)
             if i < 100:
@@ -140,8 +134,8 @@ def fast_track_hoard(tracker: TrackerProcess) -> dict:
 
 def hijack(tracker: TrackerProcess) -> dict:
     share = "b" * 64
-    get(tracker.port, _track([(share, REAL)], 30001), source="127.30.0.1")
-    get(tracker.port, _track([(share, REAL)], 666), source="127.66.0.1")
+    get(tracker.port, track_path([(share, REAL)], 30001), source="127.30.0.1")
+    get(tracker.port, track_path([(share, REAL)], 666), source="127.66.0.1")
     success, lag = _legit(tracker, share=share,
                           check=lambda listed: listed[0] == REAL + "@tcp:127.30.0.1:30001")
     return _row("hijack", tracker, success, lag,
@@ -151,34 +145,21 @@ def hijack(tracker: TrackerProcess) -> dict:
 def eclipse(tracker: TrackerProcess) -> dict:
     share = "c" * 64
     for start in range(0, 300, 60):
-        get(tracker.port, _track([(share, _fake(i)) for i in range(start, start + 60)], 666),
+        get(tracker.port, track_path([(share, fake_peer(i)) for i in range(start, start + 60)], 666),
             source="127.40.0.1")
-    get(tracker.port, _track([(share, REAL)], 30001), source="127.41.0.1")
+    get(tracker.port, track_path([(share, REAL)], 30001), source="127.41.0.1")
     success, lag = _legit(tracker, share=share,
                           check=lambda listed: REAL + "@tcp:127.41.0.1:30001" in listed)
     return _row("eclipse", tracker, success, lag, "300 fakes from one address; real peer listed")
 
 
 def slow_readers(tracker: TrackerProcess) -> dict:
-    ids = ["%064x" % (0xABC000 + i) for i in range(64)]
-    for h in range(32):  # 256 listed peers per ID: 32 addresses in 8 /24s
-        host = "127.%d.%d.1" % (50 + h // 4, h % 4)
-        for chunk in range(8):
-            pairs = [(share, "%032x" % (h * 1000 + chunk * 100 + j))
-                     for share in ids[chunk * 8:(chunk + 1) * 8] for j in range(8)]
-            get(tracker.port, _track(pairs, 1), source=host)
-    request = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track([(i, ASKER) for i in ids], 1).encode()
-    answer = len(get(tracker.port, _track([(i, ASKER) for i in ids], 1))[1])
+    ids = crowd(tracker.port)
+    path = track_path([(i, ASKER) for i in ids], 1)
+    answer = len(get(tracker.port, path)[1])
     before = rss_mb(tracker.pid)
-    stuck = []
+    stuck = stuck_readers(tracker.port, path)
     try:
-        for i in range(400):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.bind(("127.77.%d.%d" % (i // 200, i % 200 + 1), 0))
-            s.connect(("127.0.0.1", tracker.port))
-            s.sendall(request * 3)
-            stuck.append(s)
         time.sleep(2)
         grown = rss_mb(tracker.pid) - before
         success, lag = _legit(tracker, share=ids[0])
@@ -192,7 +173,7 @@ def slow_readers(tracker: TrackerProcess) -> dict:
 
 def fill(tracker: TrackerProcess) -> dict:
     rng = random.Random(7)
-    get(tracker.port, _track([(SHARE, ASKER)], 30002), source="127.0.0.1")
+    get(tracker.port, track_path([(SHARE, ASKER)], 30002), source="127.0.0.1")
     stored, refused, started = 0, 0, time.monotonic()
     why: tuple[int, str] = (0, "")
     source = 0
@@ -204,7 +185,7 @@ def fill(tracker: TrackerProcess) -> dict:
         for _ in range(16):
             pairs = [("%064x" % rng.getrandbits(256), "%032x" % rng.getrandbits(128))
                      for _ in range(64)]
-            connection.request("GET", _track(pairs, 1))
+            connection.request("GET", track_path(pairs, 1))
             response = connection.getresponse()
             body = response.read()
             if response.status == 200:
@@ -216,12 +197,12 @@ def fill(tracker: TrackerProcess) -> dict:
         connection.close()
     for i in range(64):  # the last few places, one at a time
         pair = ("%064x" % rng.getrandbits(256), "%032x" % rng.getrandbits(128))
-        if get(tracker.port, _track([pair], 1), source="127.99.0.%d" % (i + 1))[0] != 200:
+        if get(tracker.port, track_path([pair], 1), source="127.99.0.%d" % (i + 1))[0] != 200:
             break
         stored += 1
     seconds = time.monotonic() - started
     refresh, lag = _legit(tracker)
-    code, _ = get(tracker.port, _track([(SHARE, "9" * 32)], 30009), source="127.0.0.9")
+    code, _ = get(tracker.port, track_path([(SHARE, "9" * 32)], 30009), source="127.0.0.9")
     row = _row("fill", tracker, refresh, lag,
                "%d registrations from %d addresses in %.0f s, then %s; a live peer refreshes, "
                "a new one gets %d" % (stored, source, seconds, why, code))

@@ -17,7 +17,8 @@ import tracemalloc
 import pytest
 
 from clearskies.tracker.registry import MAX_TOTAL, CapacityError, Registry
-from tests.abuse.tracker_process import FD_LIMIT, TrackerProcess, get, rss_mb
+from tests.abuse.tracker_process import (
+    FD_LIMIT, TrackerProcess, crowd, fake_peer, get, rss_mb, stuck_readers, track_path)
 
 A = "a" * 64
 REAL = "1" * 32
@@ -25,13 +26,6 @@ ASKER = "2" * 32
 MAX_RSS_MB = 150
 
 
-def _track(pairs: list[tuple[str, str]], port: int, extra: str = "") -> str:
-    ids = "&".join("id=%s%%40%s" % pair for pair in pairs)
-    return "/clearskies/track?%s&tcp_port=%d%s" % (ids, port, extra)
-
-
-def _fake(i: int) -> str:
-    return "%032x" % (0xFA4E0000 + i)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def _still_fine(tracker: TrackerProcess, source: str) -> None:
     """The tracker is up, small, and answers a legitimate request from ``source``."""
     assert tracker.alive(), tracker.output()
     assert rss_mb(tracker.pid) < MAX_RSS_MB
-    code, body = get(tracker.port, _track([(A, ASKER)], 30002), source=source)
+    code, body = get(tracker.port, track_path([(A, ASKER)], 30002), source=source)
     assert code == 200, body
     assert json.loads(body)["your_ip"] == source
 
@@ -122,7 +116,7 @@ def _open_stream(port: int, source: str, pairs: list[tuple[str, str]]) -> tuple[
     s.bind((source, 0))
     s.settimeout(5)
     s.connect(("127.0.0.1", port))
-    s.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track(pairs, 30001, "&fast_track=1").encode())
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % track_path(pairs, 30001, "&fast_track=1").encode())
     head = b""
     while b"\r\n\r\n" not in head:
         data = s.recv(4096)
@@ -138,10 +132,10 @@ def test_one_address_cannot_hold_all_fast_track_streams(tracker):
     streams = []
     try:
         for i in range(16):
-            s, head = _open_stream(tracker.port, "127.20.0.1", [(A, _fake(i))])
+            s, head = _open_stream(tracker.port, "127.20.0.1", [(A, fake_peer(i))])
             streams.append(s)
             assert head.startswith(b"HTTP/1.1 200 "), head
-        s, head = _open_stream(tracker.port, "127.20.0.1", [(A, _fake(99))])
+        s, head = _open_stream(tracker.port, "127.20.0.1", [(A, fake_peer(99))])
         streams.append(s)
         assert head.startswith(b"HTTP/1.1 503 "), head
         s, head = _open_stream(tracker.port, "127.21.0.1", [(A, REAL)])
@@ -157,15 +151,15 @@ def test_one_address_cannot_hold_all_fast_track_streams(tracker):
 def test_reregistration_from_another_address_does_not_move_a_peer(tracker):
     """Registering someone else's (ID, peer ID) from another address leaves the real address listed first."""
     share = "b" * 64
-    assert get(tracker.port, _track([(share, REAL)], 30001), source="127.30.0.1")[0] == 200
-    assert get(tracker.port, _track([(share, REAL)], 666), source="127.66.0.1")[0] == 200
-    code, body = get(tracker.port, _track([(share, ASKER)], 30002), source="127.30.0.2")
+    assert get(tracker.port, track_path([(share, REAL)], 30001), source="127.30.0.1")[0] == 200
+    assert get(tracker.port, track_path([(share, REAL)], 666), source="127.66.0.1")[0] == 200
+    code, body = get(tracker.port, track_path([(share, ASKER)], 30002), source="127.30.0.2")
     assert code == 200
     listed = json.loads(body)["others"][share]
     assert listed[0] == REAL + "@tcp:127.30.0.1:30001"
     # The real peer's refresh is still its own.
-    assert get(tracker.port, _track([(share, REAL)], 30001), source="127.30.0.1")[0] == 200
-    code, body = get(tracker.port, _track([(share, ASKER)], 30002), source="127.30.0.2")
+    assert get(tracker.port, track_path([(share, REAL)], 30001), source="127.30.0.1")[0] == 200
+    code, body = get(tracker.port, track_path([(share, ASKER)], 30002), source="127.30.0.2")
     assert json.loads(body)["others"][share][0] == REAL + "@tcp:127.30.0.1:30001"
 
 
@@ -174,10 +168,10 @@ def test_300_fakes_from_one_address_do_not_eclipse_the_real_peer(tracker):
     """300 fake peers from one address take at most 8 places; the real peer is in the answer."""
     share = "c" * 64
     for start in range(0, 300, 60):
-        pairs = [(share, _fake(i)) for i in range(start, start + 60)]
-        assert get(tracker.port, _track(pairs, 666), source="127.40.0.1")[0] == 200
-    assert get(tracker.port, _track([(share, REAL)], 30001), source="127.41.0.1")[0] == 200
-    code, body = get(tracker.port, _track([(share, ASKER)], 30002), source="127.42.0.1")
+        pairs = [(share, fake_peer(i)) for i in range(start, start + 60)]
+        assert get(tracker.port, track_path(pairs, 666), source="127.40.0.1")[0] == 200
+    assert get(tracker.port, track_path([(share, REAL)], 30001), source="127.41.0.1")[0] == 200
+    code, body = get(tracker.port, track_path([(share, ASKER)], 30002), source="127.42.0.1")
     assert code == 200
     listed = json.loads(body)["others"][share]
     assert REAL + "@tcp:127.41.0.1:30001" in listed
@@ -214,28 +208,13 @@ def test_memory_at_the_registration_cap_is_bounded():
 @pytest.mark.slow
 def test_clients_that_never_read_their_answers_hold_little_memory(tracker):
     """400 connections asking for 64 crowded IDs and never reading cost the tracker a few MB, not hundreds."""
-    ids = ["%064x" % (0xABC000 + i) for i in range(64)]
-    # 256 listed peers per ID: 32 addresses in 8 /24s, 8 peers each per ID.
-    for h in range(32):
-        host = "127.%d.%d.1" % (50 + h // 4, h % 4)
-        for chunk in range(8):
-            pairs = [(share, "%032x" % (h * 1000 + chunk * 100 + j))
-                     for share in ids[chunk * 8:(chunk + 1) * 8] for j in range(8)]
-            assert get(tracker.port, _track(pairs, 1), source=host)[0] == 200
-    request = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track([(i, ASKER) for i in ids], 1).encode()
+    ids = crowd(tracker.port)
     before = rss_mb(tracker.pid)
-    stuck = []
+    stuck = stuck_readers(tracker.port, track_path([(i, ASKER) for i in ids], 1))
     try:
-        for i in range(400):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.bind(("127.77.%d.%d" % (i // 200, i % 200 + 1), 0))
-            s.connect(("127.0.0.1", tracker.port))
-            s.sendall(request * 3)
-            stuck.append(s)
         time.sleep(2)
         assert rss_mb(tracker.pid) - before < 40
-        code, body = get(tracker.port, _track([(ids[0], ASKER)], 30002), source="127.0.0.1")
+        code, body = get(tracker.port, track_path([(ids[0], ASKER)], 30002), source="127.0.0.1")
         assert code == 200 and len(json.loads(body)["others"][ids[0]]) == 256
     finally:
         for s in stuck:
@@ -250,22 +229,22 @@ def test_a_full_tracker_still_refreshes_a_daemon_that_adds_an_id(tmp_path):
     try:
         rng = random.Random(11)
         own = [("%064x" % rng.getrandbits(256), REAL) for _ in range(8)]
-        assert get(tracker.port, _track(own, 30001))[0] == 200
-        friend = _track([(own[0][0], ASKER)], 30002)
+        assert get(tracker.port, track_path(own, 30001))[0] == 200
+        friend = track_path([(own[0][0], ASKER)], 30002)
         assert get(tracker.port, friend, source="127.0.0.2")[0] == 200
         filled, n = len(own) + 1, 0
         while filled < MAX_TOTAL:  # 1,024 per address, 4 addresses per /24
             source = "127.40.%d.%d" % (n // 1024 // 4, 1 + n // 1024 % 4)
-            pairs = [("%064x" % rng.getrandbits(256), _fake(n + k))
+            pairs = [("%064x" % rng.getrandbits(256), fake_peer(n + k))
                      for k in range(min(64, MAX_TOTAL - filled))]
-            code, body = get(tracker.port, _track(pairs, 40000), source=source)
+            code, body = get(tracker.port, track_path(pairs, 40000), source=source)
             assert code == 200, body
             filled += len(pairs)
             n += len(pairs)
         new = ("%064x" % rng.getrandbits(256), REAL)
-        code, body = get(tracker.port, _track([new], 30001))
+        code, body = get(tracker.port, track_path([new], 30001))
         assert (code, body) == (503, b"the tracker is full; try again later\n")
-        code, body = get(tracker.port, _track(own[:4] + [new] + own[4:], 30001))
+        code, body = get(tracker.port, track_path(own[:4] + [new] + own[4:], 30001))
         assert code == 200, body
         answer = json.loads(body)
         assert answer["not_registered"] == {

@@ -102,3 +102,43 @@ class TrackerProcess:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+def track_path(pairs: list[tuple[str, str]], port: int, extra: str = "") -> str:
+    """A ``/clearskies/track`` request path registering ``(ID, peer ID)`` pairs at ``port``."""
+    ids = "&".join("id=%s%%40%s" % pair for pair in pairs)
+    return "/clearskies/track?%s&tcp_port=%d%s" % (ids, port, extra)
+
+
+def fake_peer(i: int) -> str:
+    """The ``i``-th made-up peer ID of an attack."""
+    return "%032x" % (0xFA4E0000 + i)
+
+
+def crowd(port: int, count: int = 64) -> list[str]:
+    """``count`` IDs with 256 listed peers each (32 addresses in 8 /24s, 8 peers each)."""
+    ids = ["%064x" % (0xABC000 + i) for i in range(count)]
+    for h in range(32):
+        host = "127.%d.%d.1" % (50 + h // 4, h % 4)
+        for chunk in range(8):
+            pairs = [(share, "%032x" % (h * 1000 + chunk * 100 + j))
+                     for share in ids[chunk * 8:(chunk + 1) * 8] for j in range(8)]
+            code, _ = get(port, track_path(pairs, 1), source=host)
+            if code != 200:
+                raise AssertionError("the tracker refused a crowd registration: %d" % code)
+    return ids
+
+
+def stuck_readers(port: int, path: str, count: int = 400) -> list[socket.socket]:
+    """``count`` connections from their own addresses that ask ``path`` three times and never
+    read the answers; the caller closes them."""
+    request = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode()
+    stuck = []
+    for i in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.bind(("127.77.%d.%d" % (i // 200, i % 200 + 1), 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(request * 3)
+        stuck.append(s)
+    return stuck
