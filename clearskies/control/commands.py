@@ -282,6 +282,8 @@ class DaemonCommands(CommandDispatcher):
             "bytes_to_download": sync.bytes_to_download,
             "last_sync": runtime.last_sync,
             "in_sync": sync.in_sync and state not in ("scanning", "starting", "error")
+            # Local changes the watcher holds, or a scan due, are not shared yet.
+            and not runtime.service.local_changes_pending()
             # A read-only share also needs every file of the share's (signed) version.
             and (not runtime.signing.read_only or runtime.matches_share_version),
             "skipped": runtime.service.scanner.skipped.count,
