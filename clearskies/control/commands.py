@@ -300,7 +300,9 @@ class DaemonCommands(CommandDispatcher):
             if sync.unresolved and "problem" not in summary:
                 summary["problem"] = (
                     "%d change(s) from peers could not be applied yet (a conflict with a file "
-                    "edited since the last scan, or a disk error: see `clearskies log`); they "
+                    "edited since the last scan, a disk error, or a symbolic link or unreadable "
+                    "folder in the way: see `clearskies status DIR --skipped` and `clearskies "
+                    "log`); they "
                     "are tried again after the next scan of their paths (`clearskies scan`) "
                     "and every %d s" % (len(sync.unresolved), RETRY_AFTER))
         if runtime.signing.read_only:
@@ -361,6 +363,8 @@ class DaemonCommands(CommandDispatcher):
     async def cmd__clearskies_scan(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
         result = await runtime.service.rescan()
+        # What the disk had in the way (a symlink, an unreadable folder) may be gone now.
+        runtime.sync.retry_unresolved()
         return {"changes": len(result.records), "moves": len(result.moves),
                 "hashed_files": result.hashed_files, "duration": result.duration}
 
