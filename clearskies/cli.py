@@ -389,6 +389,9 @@ class Cli:
                 if waiting_for_peer:
                     self.err.write("\r\x1b[K%s: %s, waiting for a peer to connect" % (
                         os.path.basename(path) or path, status.get("status")))
+                elif status.get("local_changes_pending"):
+                    self.err.write("\r\x1b[K%s: %s, local changes to scan" % (
+                        os.path.basename(path) or path, status.get("status")))
                 else:
                     self.err.write("\r\x1b[K%s: %s, %d items / %s to download, %s/s" % (
                         os.path.basename(path) or path, status.get("status"),

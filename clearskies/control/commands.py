@@ -267,6 +267,8 @@ class DaemonCommands(CommandDispatcher):
         if state == "idle" and sync.wanted:
             state = "syncing"
         counts = runtime.counts or status
+        # Local changes the watcher holds, or a scan due, are not shared yet.
+        unscanned = runtime.service.local_changes_pending()
         summary = {
             "path": str(runtime.root),
             "share_id": runtime.share_id,
@@ -282,12 +284,13 @@ class DaemonCommands(CommandDispatcher):
             "bytes_to_download": sync.bytes_to_download,
             "last_sync": runtime.last_sync,
             "in_sync": sync.in_sync and state not in ("scanning", "starting", "error")
-            # Local changes the watcher holds, or a scan due, are not shared yet.
-            and not runtime.service.local_changes_pending()
+            and not unscanned
             # A read-only share also needs every file of the share's (signed) version.
             and (not runtime.signing.read_only or runtime.matches_share_version),
             "skipped": runtime.service.scanner.skipped.count,
         }
+        if unscanned:
+            summary["local_changes_pending"] = True
         if sync.unresolved:
             # Peers' changes not carried out yet, tried again (protocol/sync.md).
             summary["conflicts_waiting"] = sorted(sync.unresolved)[:20]

@@ -116,6 +116,8 @@ def test_wait_right_after_writing_files_returns_only_once_the_peer_has_them(daem
     rng = random.Random(3)
     for i in range(200):
         (a / ("new%03d.txt" % i)).write_bytes(rng.randbytes(rng.randrange(1, 300)))
+    status = _status(alice, a)  # (well within the watcher's 1 s of quiet)
+    assert (status["in_sync"], status.get("local_changes_pending")) == (False, True), status
     result = alice.cli("wait", str(a), "--timeout", str(SETTLE_TIMEOUT))
     assert "in sync" in result.stdout
     _same_trees(a, b, "clearskies wait returned")
