@@ -924,6 +924,8 @@ class ShareSync:
             if isinstance(e, PathObstacle):  # in the way since the merge: it waits
                 self._unsettled(record.path, session.peer_id,
                                 session.remote_index.get(record.path, record))
+            now = self.clock.seconds()
+            self._retry_at(now, now)  # its window slot is free: the next files go
             return
         copy = await self._local_copy(record)
         receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
