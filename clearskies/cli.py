@@ -373,7 +373,10 @@ class Cli:
                     self.err.write("\n")
                 raise CommandFailed("share %s cannot finish: %s" % (path, status.get("problem")))
             connected = [p for p in status.get("peers", []) if p.get("connected")]
-            in_sync = status.get("in_sync") and (connected or not require_peer)
+            # In sync with nobody is not in sync: once the share knows a peer
+            # (or an attach needs one), one must be connected and caught up.
+            need_peer = require_peer or status.get("peers_known", 0) > 0
+            in_sync = status.get("in_sync") and (connected or not need_peer)
             if in_sync:
                 if progress:
                     self.err.write("\r\x1b[K")
@@ -381,19 +384,29 @@ class Cli:
                     path, status.get("files", 0), format_bytes(status.get("bytes", 0)))
                 self.emit(status, functools.partial(self.line, summary))
                 return EXIT_OK
+            waiting_for_peer = need_peer and not connected and status.get("status") != "waiting"
             if progress:
-                self.err.write("\r\x1b[K%s: %s, %d items / %s to download, %s/s" % (
-                    os.path.basename(path) or path, status.get("status"),
-                    status.get("items_to_download", 0),
-                    format_bytes(status.get("bytes_to_download", 0)),
-                    format_bytes(status.get("download_rate", 0))))
+                if waiting_for_peer:
+                    self.err.write("\r\x1b[K%s: %s, waiting for a peer to connect" % (
+                        os.path.basename(path) or path, status.get("status")))
+                elif status.get("local_changes_pending"):
+                    self.err.write("\r\x1b[K%s: %s, local changes to scan" % (
+                        os.path.basename(path) or path, status.get("status")))
+                else:
+                    self.err.write("\r\x1b[K%s: %s, %d items / %s to download, %s/s" % (
+                        os.path.basename(path) or path, status.get("status"),
+                        status.get("items_to_download", 0),
+                        format_bytes(status.get("bytes_to_download", 0)),
+                        format_bytes(status.get("download_rate", 0))))
                 self.err.flush()
             if deadline is not None and self.monotonic() >= deadline:
                 if progress:
                     self.err.write("\n")
+                why = status.get("problem") or (
+                    "no peer connected (waiting for a peer to connect)"
+                    if waiting_for_peer and status.get("peers_known", 0) > 0 else "")
                 raise CommandFailed("not in sync after %g s%s" % (
-                    timeout, ": " + status["problem"] if status.get("problem") else ""),
-                    EXIT_TIMEOUT)
+                    timeout, ": " + why if why else ""), EXIT_TIMEOUT)
             self.sleep(0.25)
 
     def cmd_scan(self) -> int:

@@ -38,6 +38,12 @@ class UnsafePathError(ProtocolError):
     """A path from outside (peer, control socket) that could escape the share."""
 
 
+class PathObstacle(UnsafePathError):
+    """A valid path that something on our disk blocks for now (a symbolic link,
+    an unreadable folder, a file where a folder should be): tried again once
+    the obstacle may be gone."""
+
+
 class AccessCodeError(ClearSkiesError, ValueError):
     """An access code that cannot be parsed; the message says which check failed."""
 

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from clearskies import diskerrors, readonly, wire
 from clearskies.discovery.addresses import UnsupportedProtocolError, parse_address
-from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.errors import PathObstacle, ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.records import MAX_SIZE, FileRecord, validate_wire_path
 from clearskies.ratelimit import RateLimiter, ReadThrottle
@@ -216,9 +216,10 @@ class ShareSync:
         self.pending_rmdirs: dict[str, FileRecord] = {}
         self.placeholders: set[str] = set()
         # Records that could not be carried out yet (our file could not be moved aside
-        # for a conflict copy, or the disk refused): path -> (peer ID, its record).
-        # Merged again once the scanner records the path anew, when the peer sends it
-        # again, or after RETRY_AFTER; reported (and not in sync) until then.
+        # for a conflict copy, the disk refused, a symlink or unreadable folder in the
+        # way): path -> (peer ID, its record). Merged again once the scanner records
+        # the path or a folder above it anew, after `clearskies scan`, when the peer
+        # sends it again, or after RETRY_AFTER; reported (and not in sync) until then.
         self.unresolved: dict[str, tuple[str, FileRecord]] = {}
         self._unresolved_call: Any = None
         self._retry_call: Any = None
@@ -314,6 +315,14 @@ class ShareSync:
                 for directory in [d for d in self.pending_rmdirs
                                   if record.path == d or record.path.startswith(d + "/")]:
                     del self.pending_rmdirs[directory]
+        if self.unresolved:
+            # A folder above a waiting path changed (a symlink or file in the way
+            # removed, permissions given back): its records may go through now.
+            changed = {record.path for record in records}
+            for path in [p for p in self.unresolved if _has_ancestor_in(p, changed)]:
+                waiting = self._settle(path)
+                if waiting is not None:
+                    retry.setdefault(waiting[0], []).append(waiting[1])
         for session in list(self.sessions.values()):
             session.push_changes(records, list(moves), revision)
         for peer_id, remote in retry.items():
@@ -343,6 +352,12 @@ class ShareSync:
                 self._unresolved_call.cancel()
             self._unresolved_call = None
         return waiting
+
+    def retry_unresolved(self) -> None:
+        """Merge the waiting records again now (the user rescanned the share)."""
+        if self._unresolved_call is not None and self._unresolved_call.active():
+            self._unresolved_call.cancel()
+        self._retry_unresolved()
 
     def _retry_unresolved(self) -> None:
         self._unresolved_call = None
@@ -407,6 +422,8 @@ class ShareSync:
                 # A valid path that our disk cannot take (through a symlink, a file
                 # where a directory should be): refuse it, keep syncing the rest.
                 self.refused(session, remote.path, str(e))
+                if isinstance(e, PathObstacle):  # it may go away: the record waits
+                    self._unsettled(remote.path, session.peer_id, remote)
                 continue
             except OSError as e:
                 # The disk refused (permissions, a full disk): this record waits and
@@ -432,6 +449,8 @@ class ShareSync:
                 if gone:
                     self.wanted.pop(record.path, None)
                     committed.append(record)
+                else:
+                    self._blocked_deletion(session, record)
         committed.extend(await self._retry_directory_deletions())
         if committed:
             revision = await self.share.commit_remote(committed)
@@ -441,6 +460,17 @@ class ShareSync:
                     [r for r in for_origin if not (r.deleted and r.path in self.placeholders)],
                     [], revision, force=True)
         self.pump()
+
+    def _blocked_deletion(self, session: SyncSession, record: FileRecord) -> None:
+        """A deletion not carried out: if a symlink or unreadable folder is in the
+        way (not a local edit, which wins), it waits like any blocked record."""
+        try:
+            self.share.local_path(record.path)
+        except PathObstacle as e:
+            self.refused(session, record.path, str(e))
+            self._unsettled(record.path, session.peer_id, record)
+        except UnsafePathError:
+            pass
 
     async def _retry_directory_deletions(self) -> list[FileRecord]:
         """Directories deleted remotely go once their contents have gone (deepest first)."""
@@ -891,6 +921,11 @@ class ShareSync:
             self.refused(session, record.path, str(e))
             self.wanted.pop(record.path, None)
             self.in_flight.pop(record.path, None)
+            if isinstance(e, PathObstacle):  # in the way since the merge: it waits
+                self._unsettled(record.path, session.peer_id,
+                                session.remote_index.get(record.path, record))
+            now = self.clock.seconds()
+            self._retry_at(now, now)  # its window slot is free: the next files go
             return
         copy = await self._local_copy(record)
         receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
@@ -1123,6 +1158,13 @@ class ShareSync:
     def resume(self) -> None:
         self.paused = False
         self.pump()
+
+    def stop(self) -> None:
+        """The share stops: no retry is left scheduled on the reactor."""
+        for call in (self._unresolved_call, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._unresolved_call = self._retry_call = None
 
 
 class SyncSession:
@@ -1838,3 +1880,14 @@ def _parse_range(value: object) -> tuple[int, int] | None:
 
 
 __all__ = ["ShareSync", "SyncSession", "LocalShare", "Wanted", "get_error_message"]
+
+
+def _has_ancestor_in(path: str, folders: set[str]) -> bool:
+    """True when a folder strictly above ``path`` is one of ``folders``."""
+    cut = path.rfind("/")
+    while cut > 0:
+        path = path[:cut]
+        if path in folders:
+            return True
+        cut = path.rfind("/")
+    return False

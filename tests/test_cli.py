@@ -545,6 +545,36 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
         return self.go(body)
 
+    def test_wait_needs_a_connected_peer_once_the_share_knows_one(self) -> Deferred:
+        """wait on a share that knows a peer keeps waiting while none is connected, and says so."""
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = share_status(
+                in_sync=True, peers_known=1,
+                peers=[dict(CONNECTED_PEER, connected=False)])
+            run = await self.cli("wait", self.share_dir, "--timeout", "0.3")
+            self.assertEqual(run.code, cli.EXIT_TIMEOUT)
+            self.assertEqual(run.err, "clearskies: not in sync after 0.3 s: no peer connected "
+                                      "(waiting for a peer to connect)\n")
+            self.assertEqual(run.out, "")
+        return self.go(body)
+
+    def test_wait_ends_once_a_known_peer_is_connected_and_in_sync(self) -> Deferred:
+        """wait exits 0 once a known peer is connected again and the share is in sync."""
+        polls = []
+
+        def status(request: dict[str, Any]) -> dict[str, Any]:
+            polls.append(request)
+            peer = dict(CONNECTED_PEER, connected=len(polls) >= 3)
+            return share_status(in_sync=True, peers_known=1, peers=[peer])
+
+        async def body() -> None:
+            self.daemon.script[".clearskies.share_status"] = status
+            run = await self.cli("wait", self.share_dir, "--timeout", "10")
+            self.assertEqual(run.code, 0)
+            self.assertEqual(len(polls), 3)
+            self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
+        return self.go(body)
+
     def test_wait_timeout(self) -> Deferred:
         """wait --timeout exits 3 when the share never gets in sync."""
         async def body() -> None:

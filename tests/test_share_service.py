@@ -95,6 +95,17 @@ def test_two_quick_writes_give_one_change_with_final_hash(setup):
         ("doc.txt", sha(b"final version"), {PEER: 1})]
 
 
+def test_local_changes_are_pending_until_scanned(setup):
+    """A changed path is pending while it settles and until its scan ran."""
+    assert not setup.service.local_changes_pending()
+    setup.write("doc.txt", b"draft")
+    setup.service.path_changed("doc.txt")
+    assert setup.service.local_changes_pending()
+    setup.clock.advance(DEFAULT_QUIET + 0.1)
+    assert [r.path for r in setup.announced()][-1:] == ["doc.txt"]
+    assert not setup.service.local_changes_pending()
+
+
 def test_periodic_full_rescan_finds_unwatched_changes(setup):
     """Without any event, the periodic full rescan (60 s) still finds a change."""
     setup.batches.clear()
@@ -353,6 +364,25 @@ class RealReactorTests(TestCase):
             await self.wait_until(lambda: announced, "announced")
             self.assertEqual([(r.path, r.sha256) for r in announced],
                              [("hello.txt", sha(b"hello"))])
+
+        return self.run_service(exercise)
+
+    def test_changes_the_watcher_holds_are_pending_until_scanned(self):
+        """Files just written are pending at once (events read now), and no longer once scanned."""
+        async def exercise(service, root, announced):
+            service.startService()
+            await self.wait_until(lambda: service.status.state == "idle"
+                                  and service.status.watching, "idle and watching")
+            await self.wait_until(lambda: not service.local_changes_pending(), "settled")
+            del announced[:]
+            for i in range(20):
+                with open(os.path.join(root, "sub", "n%02d.txt" % i), "wb") as f:
+                    f.write(b"%d" % i)
+            # No reactor turn yet: only reading the kernel's queue now can know.
+            self.assertTrue(service.local_changes_pending())
+            self.assertEqual(service.status.state, "idle")
+            await self.wait_until(lambda: not service.local_changes_pending(), "scanned")
+            self.assertEqual(len([r for r in announced if not r.is_dir]), 20)
 
         return self.run_service(exercise)
 

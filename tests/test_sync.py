@@ -19,7 +19,7 @@ from twisted.internet.testing import StringTransport
 
 from clearskies import sync as sync_module
 from clearskies import wire
-from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.errors import PathObstacle, ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.records import FileRecord
 from clearskies.sync import (
@@ -979,3 +979,52 @@ def test_a_download_whose_copy_name_is_taken_waits_instead_of_fetching_again(sha
     assert (share.root / "f.txt").read_bytes() == b"edited here, not scanned yet"
     assert taken.read_bytes() == b"an unrelated file with the copy's name"
     assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
+
+
+class BlockedFolderShare(MemoryShare):
+    """A share where folders in ``blocked`` stand in the way (as a symlink would)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.blocked: set[str] = set()
+
+    def local_path(self, path: str) -> Path:
+        if any(path.startswith(folder + "/") for folder in self.blocked):
+            raise PathObstacle("%r goes through a symbolic link" % path)
+        return super().local_path(path)
+
+
+def _blocked_file(tmp_path: Path):
+    root = tmp_path / "share"
+    root.mkdir()
+    share = BlockedFolderShare(root)
+    share.blocked.add("sub")
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    record = file_record("sub/new.txt", b"new", {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 2, "file": record.to_wire()}))
+    assert "sub/new.txt" in sync.unresolved and not sync.wanted and not sync.in_sync
+    assert "get" not in connection.sent_types()
+    share.blocked.clear()
+    return share, clock, sync, connection
+
+
+def test_a_record_blocked_by_a_folder_is_merged_again_when_the_folder_changes(tmp_path):
+    """A blocked record waits; once the scanner records the folder above it anew, it is fetched."""
+    share, clock, sync, connection = _blocked_file(tmp_path)
+    folder = FileRecord.from_wire({"path": "sub", "utime": 11.0, "directory": True,
+                                   "vv": {US: 1}})
+    sync.local_changes([folder], 2)
+    assert {"type": "get", "path": "sub/new.txt"} in [
+        e.body for e in connection.sent() if isinstance(e, wire.Message)]
+    assert not sync.unresolved
+
+
+def test_a_record_blocked_by_a_folder_is_merged_again_after_the_retry_delay(tmp_path):
+    """With no local change at all, the blocked record is tried again every RETRY_AFTER."""
+    share, clock, sync, connection = _blocked_file(tmp_path)
+    clock.advance(RETRY_AFTER + 1)
+    assert {"type": "get", "path": "sub/new.txt"} in [
+        e.body for e in connection.sent() if isinstance(e, wire.Message)]
+    assert not sync.unresolved

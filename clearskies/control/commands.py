@@ -267,6 +267,8 @@ class DaemonCommands(CommandDispatcher):
         if state == "idle" and sync.wanted:
             state = "syncing"
         counts = runtime.counts or status
+        # Local changes the watcher holds, or a scan due, are not shared yet.
+        unscanned = runtime.service.local_changes_pending()
         summary = {
             "path": str(runtime.root),
             "share_id": runtime.share_id,
@@ -282,10 +284,13 @@ class DaemonCommands(CommandDispatcher):
             "bytes_to_download": sync.bytes_to_download,
             "last_sync": runtime.last_sync,
             "in_sync": sync.in_sync and state not in ("scanning", "starting", "error")
+            and not unscanned
             # A read-only share also needs every file of the share's (signed) version.
             and (not runtime.signing.read_only or runtime.matches_share_version),
             "skipped": runtime.service.scanner.skipped.count,
         }
+        if unscanned:
+            summary["local_changes_pending"] = True
         if sync.unresolved:
             # Peers' changes not carried out yet, tried again (protocol/sync.md).
             summary["conflicts_waiting"] = sorted(sync.unresolved)[:20]
@@ -298,7 +303,9 @@ class DaemonCommands(CommandDispatcher):
             if sync.unresolved and "problem" not in summary:
                 summary["problem"] = (
                     "%d change(s) from peers could not be applied yet (a conflict with a file "
-                    "edited since the last scan, or a disk error: see `clearskies log`); they "
+                    "edited since the last scan, a disk error, or a symbolic link or unreadable "
+                    "folder in the way: see `clearskies status DIR --skipped` and `clearskies "
+                    "log`); they "
                     "are tried again after the next scan of their paths (`clearskies scan`) "
                     "and every %d s" % (len(sync.unresolved), RETRY_AFTER))
         if runtime.signing.read_only:
@@ -359,6 +366,8 @@ class DaemonCommands(CommandDispatcher):
     async def cmd__clearskies_scan(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
         result = await runtime.service.rescan()
+        # What the disk had in the way (a symlink, an unreadable folder) may be gone now.
+        runtime.sync.retry_unresolved()
         return {"changes": len(result.records), "moves": len(result.moves),
                 "hashed_files": result.hashed_files, "duration": result.duration}
 

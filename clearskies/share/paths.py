@@ -34,7 +34,7 @@ import stat
 import unicodedata
 from pathlib import Path
 
-from clearskies.errors import UnsafePathError
+from clearskies.errors import PathObstacle, UnsafePathError
 from clearskies.share.records import validate_wire_path
 
 _NFC_CACHE_SIZE = 256
@@ -119,18 +119,18 @@ class LocalPaths:
                 current = os.path.join(current, *parts[index + 1:])
                 break
             except PermissionError:
-                raise UnsafePathError("%r lies in a folder this daemon may not read "
-                                      "(permission denied); it is left as it is" % wire_path
-                                      ) from None
+                raise PathObstacle("%r lies in a folder this daemon may not read "
+                                   "(permission denied); it is left as it is" % wire_path
+                                   ) from None
             if stat.S_ISLNK(st.st_mode):
-                raise UnsafePathError("%r goes through a symbolic link" % wire_path)
+                raise PathObstacle("%r goes through a symbolic link" % wire_path)
             if unreadable(st):
-                raise UnsafePathError(
+                raise PathObstacle(
                     "%r %s not readable here (permission denied); it is left as it is"
                     % (wire_path, "is" if index == len(parts) - 1 else "lies in a folder that is"))
             if index < len(parts) - 1:
                 if not stat.S_ISDIR(st.st_mode):
-                    raise UnsafePathError(
+                    raise PathObstacle(
                         "%r goes through something that is not a directory" % wire_path)
                 if len(self._checked) >= _CHECKED_CACHE_SIZE:
                     self._checked.pop(next(iter(self._checked)))
@@ -166,7 +166,7 @@ class LocalPaths:
         """Refuse ``name`` if another spelling of it already lives in ``directory``."""
         other = self._non_nfc_names(directory).get(name)
         if other is not None:
-            raise UnsafePathError(
+            raise PathObstacle(
                 "%r would sit next to %r, which is the same name in another Unicode form"
                 % (wire_path, other))
 

@@ -266,6 +266,7 @@ class ShareRuntime:
             self._recount_call.cancel()
         for session in list(self.sync.sessions.values()):
             session.connection.close("share stopping")
+        self.sync.stop()
         await self.service.stopService()
 
     @property

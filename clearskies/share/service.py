@@ -343,6 +343,14 @@ class ShareService(Service):
             watching=self._watcher is not None and self._watcher.complete,
             progress=self.scanner.progress.as_dict() if state == "scanning" else None)
 
+    def local_changes_pending(self) -> bool:
+        """Whether changes on disk may not be recorded yet: the watcher holds
+        paths not scanned yet (settling), or a scan is queued or running."""
+        if self._watcher is not None and self.running:
+            self._watcher.read_events()
+        return bool(self._debouncer.pending or self._dirty or self._full_waiters is not None
+                    or self._busy)
+
     # -- scheduling -------------------------------------------------------------
 
     def _note_revision(self, revision: int) -> int:

@@ -320,6 +320,12 @@ class InotifyWatcher:
     def running(self) -> bool:
         return self._notifier is not None
 
+    def read_events(self) -> None:
+        """Take now the events the kernel holds, not at the reactor's next turn
+        (a non-blocking read: nothing happens when there are none)."""
+        if self._notifier is not None:
+            self._notifier.doRead()
+
     def watch_directories(self, paths: Iterable[str]) -> list[str]:
         """Add a watch for each share-relative directory not watched yet; returns those."""
         added = []

@@ -108,3 +108,30 @@ def test_deletions_are_in_sync_only_once_the_peer_deleted_them(daemon_factory):
     alice.cli("scan", str(a))
     _watch_until_in_sync(alice, a, b)
     assert not list((b / "tree").rglob("*.txt"))
+
+
+def test_wait_right_after_writing_files_returns_only_once_the_peer_has_them(daemon_factory):
+    """Files written just before `wait` (not scanned yet) keep it waiting until the peer has them."""
+    alice, bob, a, b = _pair_holding(daemon_factory, {"start.txt": b"start"})
+    rng = random.Random(3)
+    for i in range(200):
+        (a / ("new%03d.txt" % i)).write_bytes(rng.randbytes(rng.randrange(1, 300)))
+    status = _status(alice, a)  # (well within the watcher's 1 s of quiet)
+    assert (status["in_sync"], status.get("local_changes_pending")) == (False, True), status
+    result = alice.cli("wait", str(a), "--timeout", str(SETTLE_TIMEOUT))
+    assert "in sync" in result.stdout
+    _same_trees(a, b, "clearskies wait returned")
+    assert len(tree_snapshot(b)) == 201
+
+
+def test_wait_with_the_only_peer_stopped_is_not_in_sync(daemon_factory):
+    """With its only peer stopped, `wait` times out naming the missing peer, and succeeds once it is back."""
+    alice, bob, a, b = _pair_holding(daemon_factory, {"start.txt": b"start"})
+    bob.stop()
+    wait_until(lambda: not [p for p in _status(alice, a)["peers"] if p["connected"]],
+               timeout=30)
+    result = alice.cli("wait", str(a), "--timeout", "1", check=False)
+    assert result.returncode == 3, result
+    assert "no peer connected" in result.stderr
+    bob.start()
+    alice.cli("wait", str(a), "--timeout", str(SETTLE_TIMEOUT))
