@@ -979,3 +979,29 @@ def test_a_download_whose_copy_name_is_taken_waits_instead_of_fetching_again(sha
     assert (share.root / "f.txt").read_bytes() == b"edited here, not scanned yet"
     assert taken.read_bytes() == b"an unrelated file with the copy's name"
     assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
+
+
+def test_concurrent_record_of_bytes_we_hold_is_kept_without_a_copy_or_a_fetch(share):
+    """A peer's concurrent record of the same bytes (as after a restart whose downloads
+    reached the disk but not the database): no conflict copy, nothing fetched or rewritten,
+    and the merged vector goes back to the peer."""
+    clock = Clock()
+    data = b"downloaded before the database filled up\n"
+    ours = share.add_local("f001.txt", data, {US: 1})  # what our scanner recorded
+    inode = (share.root / "f001.txt").stat().st_ino
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    theirs = file_record("f001.txt", data, {THEM: 1}, utime=ours.utime + 50)
+    session.event_received(message({"type": "update", "revision": 3, "file": theirs.to_wire()}))
+    clock.advance(1)
+    sent = [e.body for e in connection.sent() if isinstance(e, wire.Message)]
+    assert not [b for b in sent if b["type"] == "get"]
+    assert sorted(p.name for p in share.root.iterdir()) == ["f001.txt"]
+    assert (share.root / "f001.txt").read_bytes() == data
+    assert (share.root / "f001.txt").stat().st_ino == inode  # not rewritten
+    assert share.records["f001.txt"] == ours.with_changes(vv={US: 1, THEM: 1})
+    assert len(sync.wanted) == 0
+    session.event_received(message({"type": "get_manifest"}))
+    (manifest,) = [e for e in connection.sent() if isinstance(e, wire.Message)]
+    (entry,) = manifest.body["files"]
+    assert entry["vv"] == {US: 1, THEM: 1} and entry["sha256"] == sha(data)
