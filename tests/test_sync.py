@@ -1005,3 +1005,28 @@ def test_concurrent_record_of_bytes_we_hold_is_kept_without_a_copy_or_a_fetch(sh
     (manifest,) = [e for e in connection.sent() if isinstance(e, wire.Message)]
     (entry,) = manifest.body["files"]
     assert entry["vv"] == {US: 1, THEM: 1} and entry["sha256"] == sha(data)
+
+
+def test_a_download_meeting_its_own_bytes_at_the_path_makes_no_conflict_copy(share):
+    """The path gained the very bytes and mode being fetched (an earlier install whose
+    record was never stored): the download is recorded, no conflict copy is made."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    data = b"installed once, but the database was full\n"
+    record = file_record("f002.txt", data, {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 2, "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    (share.root / "f002.txt").write_bytes(data)  # not recorded: is_unchanged says no
+    os.chmod(share.root / "f002.txt", 0o644)
+    deliver_file(session, "f002.txt", data)
+    assert sorted(p.name for p in share.root.iterdir()) == ["f002.txt"]
+    assert (share.root / "f002.txt").read_bytes() == data
+    assert share.records["f002.txt"] == record
+    # Other bytes at the path are still kept apart, as before.
+    other = file_record("f003.txt", b"theirs\n", {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 3, "file": other.to_wire()}))
+    (share.root / "f003.txt").write_bytes(b"ours, unrecorded\n")
+    deliver_file(session, "f003.txt", b"theirs\n")
+    copy = "f003.CONFLICT.%s.txt" % sha(b"theirs\n")[:8]
+    assert (share.root / copy).read_bytes() == b"theirs\n"
+    assert (share.root / "f003.txt").read_bytes() == b"ours, unrecorded\n"
