@@ -321,3 +321,25 @@ def test_downloads_whose_records_a_full_database_refused_make_no_conflict_copies
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
     status = _status(bob, bob.shares)
     assert status["status"] != "error", status
+
+
+def test_share_stopped_by_a_full_database_resumes_by_itself_when_space_is_freed(
+        daemon_factory, mounts):
+    """A scan the full database refuses puts the share in error with the reason; once space
+    is freed it resumes without a restart and the new file reaches the peer."""
+    alice, bob = daemon_factory("alice"), daemon_factory("bob", start=False)
+    bob.data_dir.mkdir(parents=True, exist_ok=True)
+    mounts.tmpfs(bob.data_dir, "8m")
+    bob.start()
+    _share_and_attach(alice, bob)
+    wait_until(lambda: (bob.shares / MARKER_NAME).exists(), timeout=SYNC_TIMEOUT)
+    filler = _fill_up(bob.data_dir)
+    (bob.shares / "made-while-full.txt").write_bytes(b"written while the disk was full\n")
+    bob.cli("rescan", str(bob.shares), check=False)
+    status = wait_until(lambda: (s := _status(bob, bob.shares)).get("status") == "error" and s,
+                        timeout=SYNC_TIMEOUT, message="the share stops with the reason")
+    assert "full" in status["problem"], status
+    filler.unlink()
+    wait_until(lambda: (alice.shares / "made-while-full.txt").exists(), timeout=SYNC_TIMEOUT,
+               message="the share resumes by itself and the file arrives")
+    assert _status(bob, bob.shares)["status"] != "error"
