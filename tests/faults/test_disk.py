@@ -303,7 +303,8 @@ def test_downloads_whose_records_a_full_database_refused_make_no_conflict_copies
     mounts.tmpfs(bob.data_dir, "8m")
     bob.start()
     _share_and_attach(alice, bob)
-    wait_until(lambda: (bob.shares / MARKER_NAME).exists(), timeout=SYNC_TIMEOUT)
+    wait_until(lambda: _status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
+               message="the attach is stored and scanned before the disk fills")
     filler = _fill_up(bob.data_dir)
     for index in range(40):
         (alice.shares / ("f%03d_note.txt" % index)).write_bytes(rng.randbytes(3000))
@@ -332,7 +333,8 @@ def test_share_stopped_by_a_full_database_resumes_by_itself_when_space_is_freed(
     mounts.tmpfs(bob.data_dir, "8m")
     bob.start()
     _share_and_attach(alice, bob)
-    wait_until(lambda: (bob.shares / MARKER_NAME).exists(), timeout=SYNC_TIMEOUT)
+    wait_until(lambda: _status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
+               message="the attach is stored and scanned before the disk fills")
     filler = _fill_up(bob.data_dir)
     (bob.shares / "made-while-full.txt").write_bytes(b"written while the disk was full\n")
     bob.cli("rescan", str(bob.shares), check=False)
