@@ -231,7 +231,12 @@ MAX_DEAD_CODES = 1024
 #: Why an attach failed, as the user reads it (``PendingJoin.failed`` → text).
 JOIN_FAILURES = dict(DEAD_CODE_TEXT, gave_up=(
     "no peer accepted the access code within %d days; check that the machine that made "
-    "it is running and reachable, then attach again" % (JOIN_GIVE_UP // 86400)))
+    "it is running and reachable, then attach again" % (JOIN_GIVE_UP // 86400)),
+    synced_elsewhere=("this share is already synced at {detail}; detach it first or use "
+                      "that folder (the access code was not used)"),
+    synced_read_only=("this share is already synced read-only at {detail}; a share cannot "
+                      "be made read-write in place yet: detach it first, then attach with "
+                      "this code (the access code was not used)"))
 
 
 @dataclass
@@ -250,6 +255,8 @@ class PendingJoin:
     added: float = 0.0
     failed: str | None = None
     unknown_refusals: int = 0
+    #: What the failure's text names (the folder a share is already synced at).
+    detail: str | None = None
     #: Why the last accepted attempt could not be finished here (not kept on disk).
     trouble: str | None = None
 
@@ -260,7 +267,8 @@ class PendingJoin:
     @property
     def problem(self) -> str:
         if self.failed is not None:
-            return "attach failed: " + JOIN_FAILURES.get(self.failed, self.failed)
+            text = JOIN_FAILURES.get(self.failed, self.failed)
+            return "attach failed: " + text.replace("{detail}", self.detail or "another folder")
         if self.trouble is not None:
             return self.trouble
         return "waiting for a peer that holds the access code"
@@ -268,7 +276,7 @@ class PendingJoin:
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code.hex(), "path": self.path, "peer_id": self.peer_id,
                 "peers": list(self.peers), "added": self.added, "failed": self.failed,
-                "unknown_refusals": self.unknown_refusals}
+                "unknown_refusals": self.unknown_refusals, "detail": self.detail}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], now: float = 0.0) -> PendingJoin:
@@ -276,7 +284,8 @@ class PendingJoin:
         return cls(bytes.fromhex(d["code"]), d["path"], d["peer_id"], list(d.get("peers", [])),
                    added=float(d.get("added") or now),
                    failed=failed if failed in JOIN_FAILURES else None,
-                   unknown_refusals=int(d.get("unknown_refusals") or 0))
+                   unknown_refusals=int(d.get("unknown_refusals") or 0),
+                   detail=d["detail"] if isinstance(d.get("detail"), str) else None)
 
 
 class RateMeter:
@@ -757,7 +766,7 @@ class Daemon(MultiService):
         """Give up an attach: no more dials or announcements; status says why."""
         join.failed = reason
         self._log.warn("attaching {path} failed: {why}", path=join.path,
-                       why=JOIN_FAILURES.get(reason, reason))
+                       why=join.problem.removeprefix("attach failed: "))
         if self.connector is not None:
             # (Later: the dial that brought the answer is still finishing.)
             self.reactor.callLater(0, self.connector.remove_target, join.access_id)
@@ -835,6 +844,14 @@ class Daemon(MultiService):
         # The share (keys and record) is stored before the pending attach is
         # forgotten: a crash in between must leave one of the two on disk.
         existing = self.shares.get(keys.share_id)
+        if existing is not None and str(existing.root) != join.path:
+            # One share syncs one folder.  Failing here fails the handshake before
+            # the keys are acknowledged, so the code is not spent (its maker spends
+            # it on the acknowledgment), and the attach stops with the reason.
+            read_only = existing.keys.access == "read_only" and keys.access == "read_write"
+            join.detail = str(existing.root)
+            self._fail_join(join, "synced_read_only" if read_only else "synced_elsewhere")
+            raise ConfigurationError(join.problem)
         if existing is None:
             # Only now, with the keys in hand, is anything written: the folder
             # (if it is new) and, by _add_share, its marker.  If that fails the

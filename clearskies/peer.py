@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from clearskies import SOFTWARE
 from clearskies.admission import CAPACITY, Admission
-from clearskies.errors import HandshakeError, ProtocolError
+from clearskies.errors import ConfigurationError, HandshakeError, ProtocolError
 from clearskies.handshake import (
     AwaitShare,
     Close,
@@ -506,7 +506,12 @@ class PeerProtocol(Protocol):
             self._run(self._machine.share_created(self._clock.seconds())), self._process()))
 
     def _share_failed(self, failure: Failure) -> None:
-        self._log.failure("creating the share for {peer} failed", failure, peer=self.peer_address)
+        if failure.check(ConfigurationError):  # a reason for the user, not a fault
+            self._log.warn("not creating the share offered by {peer}: {why}",
+                           peer=self.peer_address, why=failure.getErrorMessage())
+        else:
+            self._log.failure("creating the share for {peer} failed", failure,
+                              peer=self.peer_address)
         if not self._closing:
             self.close("could not create the share: {}".format(_failure_text(failure)))
 

@@ -36,6 +36,7 @@ from clearskies import diskerrors, readonly, wire
 from clearskies.discovery.addresses import UnsupportedProtocolError, parse_address
 from clearskies.errors import PathObstacle, ProtocolError, UnsafePathError
 from clearskies.share import merge
+from clearskies.share.hashing import HashResult, hash_file
 from clearskies.share.records import MAX_SIZE, FileRecord, validate_wire_path
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.transfer import (
@@ -144,6 +145,13 @@ class LocalShare(Protocol):
     @property
     def disk_runner(self) -> Any:
         """The runner for downloads' small-file jobs (``clearskies.diskjobs``)."""
+
+
+def _holds_content(path: Path, record: FileRecord) -> bool:
+    """True when the file at ``path`` has ``record``'s bytes and mode (worker thread)."""
+    outcome = hash_file(str(path))
+    return (isinstance(outcome, HashResult) and outcome.sha256 == record.sha256
+            and outcome.size == record.size and record.mode in (None, outcome.mode))
 
 
 @dataclass
@@ -1106,6 +1114,18 @@ class ShareSync:
     async def _finish_other(self, receiver: FileReceiver, record: FileRecord,
                             result: FinishResult) -> str:
         if result.status == CONFLICT:
+            if await self.share.runner.run(_holds_content, self.share.local_path(record.path),
+                                           record):
+                # The path already holds these very bytes and mode (a download that
+                # reached the disk before its record was stored): nothing to keep apart.
+                done = await receiver.finish(lambda: True)
+                if done.status != OK:
+                    return done.status
+                revision = await self.share.commit_remote(
+                    [record], {record.path: (done.size, done.mtime_ns, done.inode)})
+                self.placeholders.discard(record.path)
+                self.relay([record], revision, origin=None)
+                return OK
             # The file changed here while we fetched it: keep both, ours at the path.
             conflict = merge.conflict_record(record)
             try:

@@ -225,3 +225,40 @@ def test_a_new_name_reaches_the_listening_side_at_once():
                                             daemon.session_factory)
     daemon.set_name("new name")
     assert daemon.name == "new name" and daemon.peer_factory.settings.name == "new name"
+
+
+def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothing(
+        tmp_path: Path):
+    """Keys for a share we already sync elsewhere: the handshake fails (no acknowledgment,
+    the code stays unspent), nothing is created, and the attach fails saying where it is."""
+    daemon, saved = _daemon_with_memory_store(tmp_path)
+    daemon.cpu_runner = SyncRunner()  # type: ignore[assignment]
+    added: list[str] = []
+
+    async def add_share(keys: Any, path: str, peer_id: str) -> None:
+        added.append(path)
+
+    daemon._add_share = add_share  # type: ignore[method-assign]
+    for held, given, reason, words in (("read_write", "read_write", "synced_elsewhere",
+                                        "detach it first or use that folder"),
+                                       ("read_only", "read_write", "synced_read_only",
+                                        "cannot be made read-write in place yet")):
+        share_id = held[:2].encode().hex() * 32
+        daemon.shares[share_id] = SimpleNamespace(  # type: ignore[assignment]
+            root=tmp_path / ("s2-" + held), keys=SimpleNamespace(access=held), error=None)
+        join = PendingJoin(held.encode().ljust(16, b"-"), str(tmp_path / ("other-" + held)),
+                           "a" * 32)
+        daemon.joins[join.access_id] = join
+        failures: list = []
+        Deferred.fromCoroutine(daemon._join_completed(
+            SimpleNamespace(share_id=share_id, access=given), join)).addErrback(failures.append)
+        assert failures and failures[0].check(ConfigurationError)
+        assert join.failed == reason and words in join.problem
+        assert str(tmp_path / ("s2-" + held)) in join.problem
+        assert "was not used" in join.problem
+        assert not (tmp_path / ("other-" + held)).exists() and added == []
+        assert daemon.pending_join(join.access_id) is None  # no more dials
+        # The reason survives a restart.
+        stored = [PendingJoin.from_dict(d) for d in saved["pending_joins"]
+                  if d["path"] == join.path]
+        assert stored[0].problem == join.problem

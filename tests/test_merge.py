@@ -249,12 +249,12 @@ PAIRS = [("file", "file", "same"), ("file", "file", "diff"), ("file", "gone", "d
 # Expected (action, whose version holds the path, whose content becomes the copy).
 # In every row the remote version was detected later (higher utime).
 _CONCURRENT = {
-    ("file", "file", "same"): (ACCEPT, "remote", None),
+    ("file", "file", "same"): (KEEP, "local", None),  # the bytes are here: nothing to fetch
     ("file", "file", "diff"): (CONFLICT, "remote", "local"),
     ("file", "gone", "diff"): (KEEP, "local", None),   # the edit beats the deletion
     ("file", "dir", "diff"): (CONFLICT, "remote", "local"),  # the directory keeps the path
     ("gone", "file", "diff"): (ACCEPT, "remote", None),
-    ("gone", "gone", "same"): (ACCEPT, "remote", None),
+    ("gone", "gone", "same"): (KEEP, "local", None),
     ("gone", "dir", "diff"): (ACCEPT, "remote", None),
     ("dir", "file", "diff"): (CONFLICT, "local", "remote"),
     ("dir", "gone", "diff"): (KEEP, "local", None),
@@ -279,6 +279,8 @@ EXPECTED: dict[str, dict] = {
                      ("dir", "file", "diff"): (CONFLICT, "local", "remote")},
     # No vector and our change is unacknowledged: a different version is concurrent.
     "absent-unacked": {**_CONCURRENT,
+                       ("file", "file", "same"): (ACCEPT, "remote", None),
+                       ("gone", "gone", "same"): (ACCEPT, "remote", None),
                        ("file", "gone", "diff"): (IGNORE, None, None),
                        ("dir", "gone", "diff"): (IGNORE, None, None)},
 }
@@ -500,3 +502,29 @@ def test_three_way_conflict_keeps_all_three_contents():
                 "a.CONFLICT.%s.txt" % sha("v0")[:8]: sha("v0"),
                 "a.CONFLICT.%s.txt" % sha("v1")[:8]: sha("v1"),
             }
+
+
+@pytest.mark.parametrize("kind", ["file", "gone"])
+def test_concurrent_identical_content_is_kept_without_a_copy(kind):
+    """Concurrent records of the same bytes and mode (or two deletions) keep ours, merged."""
+    # As after a restart whose downloads reached the disk but not the database:
+    # our scanner recorded the bytes anew, concurrent with the sender's record.
+    ours = make(kind, utime=100.0, content="same", vv={B: 1}, mtime=10)
+    theirs = make(kind, utime=200.0, content="same", vv={A: 1}, mtime=10)
+    for local, remote, me in ((ours, theirs, B), (theirs, ours, A)):
+        decision = merge_remote(local, remote, local_unacked=True, our_peer_id=me)
+        assert decision.action == KEEP and decision.conflict is None
+        assert decision.record == local.with_changes(vv={A: 1, B: 1})
+        # Each side then meets the other's merged record: nothing more happens.
+        again = merge_remote(decision.record, remote.with_changes(vv={A: 1, B: 1}),
+                             local_unacked=False, our_peer_id=me)
+        assert again.action == IGNORE and again.conflict is None
+
+
+def test_concurrent_same_bytes_other_mode_takes_the_winner():
+    """Same bytes with another mode is still a change to take (the later one), never a copy."""
+    local = make("file", utime=100.0, content="same", vv={B: 1})
+    remote = make("file", utime=200.0, content="same", vv={A: 1}).with_changes(mode=0o755)
+    decision = merge_remote(local, remote, local_unacked=False, our_peer_id=B)
+    assert decision.action == ACCEPT and decision.conflict is None
+    assert decision.record.mode == 0o755

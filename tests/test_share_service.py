@@ -519,3 +519,43 @@ def test_refused_share_stays_in_error_and_never_scans(tmp_path):
     assert s.service.error == "it holds the daemon's data directory"
     assert s.record("existing.txt") is None and s.batches == []
     result_of(s.service.stopService())
+
+
+def test_scan_failing_on_a_full_disk_is_retried_with_backoff_until_it_succeeds(setup):
+    """A scan error (database or disk full) is retried 5 s, 10 s, 20 s … and clears by itself."""
+    import sqlite3
+    service, store = setup.service, setup.store
+    service._error_retry = 5.0  # the default; the fixture's is longer
+    real_scan, real_set_state = service.scanner.scan, store.set_share_state
+    scans = []
+
+    def full_scan(*args, **kwargs):
+        scans.append(setup.clock.seconds())
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def full_set_state(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    service.scanner.scan = full_scan
+    store.set_share_state = full_set_state  # the same full disk refuses the error state too
+    setup.write("new.txt", b"arrived while full")
+    failure = []
+    service.rescan().addErrback(failure.append)
+    assert failure
+    start = setup.clock.seconds()
+    for _ in range(4):
+        setup.clock.advance(1)
+        status = service.status
+        assert status.state == "error"
+        assert status.reason == "scanning failed: database or disk is full"
+    for _ in range(5 + 10 + 20 - 4):
+        setup.clock.advance(1)
+    assert [round(t - start) for t in scans] == [0, 5, 15, 35]
+    service.scanner.scan, store.set_share_state = real_scan, real_set_state  # space freed
+    for _ in range(40):
+        setup.clock.advance(1)
+    assert [round(t - start) for t in scans] == [0, 5, 15, 35]
+    status = service.status
+    assert (status.state, status.reason) == ("idle", None)
+    assert setup.record("new.txt").sha256 == sha(b"arrived while full")
+    assert result_of(store.get_share(SHARE)).state == "ok"

@@ -619,6 +619,8 @@ def test_a_local_edit_recorded_during_the_install_is_not_overwritten(tmp_path):
 @given(st.lists(st.tuples(st.sampled_from(["set", "del", "pop", "pop_missing"]),
                           st.sampled_from(["a", "b", "c", "d"]),
                           st.integers(0, 10**12)), max_size=60))
+
+
 def test_wanted_files_keep_their_byte_total(operations):
     """After any sequence of adds, replacements and removals the total is the plain sum."""
     wanted = WantedFiles()
@@ -701,6 +703,7 @@ def test_a_record_with_a_huge_mtime_is_refused_alone(share):
     requests = [e.body["path"] for e in connection.sent()
                 if isinstance(e, wire.Message) and e.body["type"] == "get"]
     assert requests == ["near.txt"] and list(sync.wanted) == ["near.txt"]
+
 
 def test_a_read_only_disk_keeps_the_connection_and_retries_after_a_backoff(share, monkeypatch):
     """EROFS on a download: the connection stays, status says why, and it is asked for again in 5 s."""
@@ -1028,3 +1031,54 @@ def test_a_record_blocked_by_a_folder_is_merged_again_after_the_retry_delay(tmp_
     assert {"type": "get", "path": "sub/new.txt"} in [
         e.body for e in connection.sent() if isinstance(e, wire.Message)]
     assert not sync.unresolved
+
+
+def test_concurrent_record_of_bytes_we_hold_is_kept_without_a_copy_or_a_fetch(share):
+    """A peer's concurrent record of the same bytes (as after a restart whose downloads
+    reached the disk but not the database): no conflict copy, nothing fetched or rewritten,
+    and the merged vector goes back to the peer."""
+    clock = Clock()
+    data = b"downloaded before the database filled up\n"
+    ours = share.add_local("f001.txt", data, {US: 1})  # what our scanner recorded
+    inode = (share.root / "f001.txt").stat().st_ino
+    sync, session, connection = open_session(share, clock)
+    connection.sent()
+    theirs = file_record("f001.txt", data, {THEM: 1}, utime=ours.utime + 50)
+    session.event_received(message({"type": "update", "revision": 3, "file": theirs.to_wire()}))
+    clock.advance(1)
+    sent = [e.body for e in connection.sent() if isinstance(e, wire.Message)]
+    assert not [b for b in sent if b["type"] == "get"]
+    assert sorted(p.name for p in share.root.iterdir()) == ["f001.txt"]
+    assert (share.root / "f001.txt").read_bytes() == data
+    assert (share.root / "f001.txt").stat().st_ino == inode  # not rewritten
+    assert share.records["f001.txt"] == ours.with_changes(vv={US: 1, THEM: 1})
+    assert len(sync.wanted) == 0
+    session.event_received(message({"type": "get_manifest"}))
+    (manifest,) = [e for e in connection.sent() if isinstance(e, wire.Message)]
+    (entry,) = manifest.body["files"]
+    assert entry["vv"] == {US: 1, THEM: 1} and entry["sha256"] == sha(data)
+
+
+def test_a_download_meeting_its_own_bytes_at_the_path_makes_no_conflict_copy(share):
+    """The path gained the very bytes and mode being fetched (an earlier install whose
+    record was never stored): the download is recorded, no conflict copy is made."""
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    data = b"installed once, but the database was full\n"
+    record = file_record("f002.txt", data, {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 2, "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    (share.root / "f002.txt").write_bytes(data)  # not recorded: is_unchanged says no
+    os.chmod(share.root / "f002.txt", 0o644)
+    deliver_file(session, "f002.txt", data)
+    assert sorted(p.name for p in share.root.iterdir()) == ["f002.txt"]
+    assert (share.root / "f002.txt").read_bytes() == data
+    assert share.records["f002.txt"] == record
+    # Other bytes at the path are still kept apart, as before.
+    other = file_record("f003.txt", b"theirs\n", {THEM: 1})
+    session.event_received(message({"type": "update", "revision": 3, "file": other.to_wire()}))
+    (share.root / "f003.txt").write_bytes(b"ours, unrecorded\n")
+    deliver_file(session, "f003.txt", b"theirs\n")
+    copy = "f003.CONFLICT.%s.txt" % sha(b"theirs\n")[:8]
+    assert (share.root / copy).read_bytes() == b"theirs\n"
+    assert (share.root / "f003.txt").read_bytes() == b"ours, unrecorded\n"

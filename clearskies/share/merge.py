@@ -298,7 +298,10 @@ def _resolve(local: FileRecord, remote: FileRecord,
              vv_for: Callable[[FileRecord], dict[str, int]], our_peer_id: str,
              random_suffix: Callable[[], str] | None) -> MergeDecision:
     """Two versions made without seeing each other: choose, and keep what loses."""
-    if same_version(local, remote):
+    if same_version(local, remote) or _same_bytes(local, remote):
+        # Nothing to copy or fetch: the file (or the deletion) stays as it is
+        # here, and its vector now covers both versions.  Taking theirs would
+        # fetch bytes we hold, and the fetch could meet our file as a change.
         return _take(local, local, vv_for)
     if local.same_content(remote):
         return _take(winner(local, remote), local, vv_for)
@@ -318,6 +321,14 @@ def _resolve(local: FileRecord, remote: FileRecord,
         conflict_record(loser, random_suffix, our_peer_id=our_peer_id),
         local_wins=keeper is local,
     )
+
+
+def _same_bytes(a: FileRecord, b: FileRecord) -> bool:
+    """Both live files with the same content and mode, or both deletions."""
+    if a.deleted or b.deleted:
+        return a.deleted and b.deleted
+    return (not a.is_dir and not b.is_dir and a.sha256 == b.sha256 and a.size == b.size
+            and a.mode == b.mode)
 
 
 def _take(keeper: FileRecord, local: FileRecord,

@@ -15,8 +15,10 @@ mounted), the share goes to the error state and records nothing.  A cheap
 check of the root and its marker (a stat and a small read, in a worker)
 runs every ``root_check`` seconds and whenever the watcher sees the marker
 change: it notices a lost marker within seconds, and a folder that comes
-back (remounted, restored) resumes by itself.  Other errors are retried
-with a full scan every ``error_retry`` seconds.  ``repair_marker`` writes
+back (remounted, restored) resumes by itself.  Other errors (a full disk,
+a database that refuses writes) are retried with a full scan, after
+``error_retry`` seconds and twice as long after each failure up to
+``MAX_ERROR_RETRY``; the first scan that succeeds clears the error.  ``repair_marker`` writes
 a lost marker again once the folder is shown to hold the share's files.
 """
 
@@ -47,7 +49,8 @@ from clearskies.threads import Runner
 
 #: Called with each committed batch of local changes: records, moves, the revision it made.
 ChangeListener = Callable[[list[FileRecord], list[Move], int], Any]
-ERROR_RETRY = 60.0
+ERROR_RETRY = 5.0
+MAX_ERROR_RETRY = 300.0
 ROOT_CHECK = 2.0
 MAX_UNSTABLE_WAIT = 600.0
 #: ``repair_marker`` needs this share of the recorded files in the folder, as recorded.
@@ -174,6 +177,7 @@ class ShareService(Service):
                                         self.expected_arrivals)
                          if use_inotify and InotifyWatcher.available() else None)
         self._error_retry = error_retry
+        self._error_tries = 0  # failed scans in a row: the retry backs off
         self._root_check = root_check
         self._root_timer: IDelayedCall | None = None
         self._checking_root = False
@@ -470,6 +474,7 @@ class ShareService(Service):
         watcher.watch_directories(directories)
 
     async def _after_scan(self, result: ScanResult, scanned: list[str] | None) -> None:
+        self._error_tries = 0
         if self._reason is not None:
             self._log.info("share {root} is reachable again", root=self.share.path)
             self._reason = None
@@ -505,17 +510,25 @@ class ShareService(Service):
     async def _enter_error(self, reason: str) -> None:
         self._state = "error"
         self._adopted()  # (peers' messages are refused in the error state)
-        if reason != self._reason:
-            self._log.error("share {root} stopped: {reason}", root=self.share.path,
-                            reason=reason)
-            self._reason = reason
-            await self._store.set_share_state(self.share_id, "error", reason)
         if self._watcher is not None:
             self._watcher.stop()
         self._debouncer.clear()
         self._dirty, self._dirty_since = set(), None
         if self.running:
-            self._schedule(self._error_retry, self._request_full)
+            # Scheduled before the state is stored: the store may be what fails
+            # (a full disk), and the retry is what brings the share back.
+            wait = min(self._error_retry * 2 ** self._error_tries, MAX_ERROR_RETRY)
+            self._error_tries += 1
+            self._schedule(wait, self._request_full)
+        if reason != self._reason:
+            self._log.error("share {root} stopped: {reason}", root=self.share.path,
+                            reason=reason)
+            self._reason = reason
+            try:
+                await self._store.set_share_state(self.share_id, "error", reason)
+            except Exception as e:
+                self._log.warn("could not store the error of share {root} ({why}); "
+                               "it is retried all the same", root=self.share.path, why=e)
 
     # -- the root and its marker ------------------------------------------------
 

@@ -399,3 +399,29 @@ def test_clearskies_start_with_a_bad_option_says_why(daemon_factory):
     assert result.returncode == 1
     assert "--listen must be a tcp:PORT endpoint" in result.stderr, result.stderr
     assert "twistd" not in result.stderr and not alice._answers()
+
+
+def test_code_for_a_share_already_synced_fails_the_attach_and_stays_unspent(
+        daemon_factory, tmp_path):
+    """A new code for a share bob already syncs: attach --wait exits 1 naming bob's folder,
+    nothing is created, and the one-time code still works for someone else."""
+    alice = daemon_factory("alice")
+    bob = daemon_factory("bob")
+    (alice.shares / "a.txt").write_bytes(b"hello")
+    first = tmp_path / "bob-first"
+    code = alice.cli_json("share", str(alice.shares))["access_code"]
+    result, _ = _attach_wait(bob, code, first, alice.address)
+    assert result.returncode == 0, result.stderr
+    again = alice.cli_json("share", str(alice.shares))["access_code"]
+    into = tmp_path / "bob-second"
+    result, seconds = _attach_wait(bob, again, into, alice.address)
+    _assert_failed_attach(bob, into, result, seconds, "already synced at %s" % first.resolve())
+    assert "detach it first or use that folder" in result.stderr
+    assert (first / "a.txt").read_bytes() == b"hello"
+    assert "Traceback" not in bob.log_path.read_text(errors="replace")
+    carol = daemon_factory("carol")
+    theirs = tmp_path / "carol-copy"
+    result, _ = _attach_wait(carol, again, theirs, alice.address)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: (theirs / "a.txt").exists(), timeout=30)
+    assert (theirs / "a.txt").read_bytes() == b"hello"
