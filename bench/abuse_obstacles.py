@@ -29,28 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.abuse_operations import _lag_probe, _rss_mb  # noqa: E402
 from tests.daemons import DaemonSet, tree_snapshot, wait_until  # noqa: E402
 
 SEED = 20261207
-
-
-def _rss_mb(pid: int) -> float:
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _lag_probe(daemon: Any, stop: threading.Event, worst: list[float]) -> None:
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            daemon.control_request({"type": "status"}, timeout=10)
-        except Exception:
-            pass
-        worst[0] = max(worst[0], time.monotonic() - started)
-        time.sleep(0.05)
 
 
 def _waiting(daemon: Any) -> int:
