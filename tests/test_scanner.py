@@ -742,3 +742,22 @@ def test_adopting_scan_dates_new_files_before_the_share(share):
     share.scanner.adopting = False
     share.write("hello.txt", b"edited later")
     assert share.by_path(share.scan())["hello.txt"].utime > 0
+
+
+def test_the_marker_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A crash while the marker is written leaves no empty marker (it is renamed into
+    place); an empty one left by an older version does not block claiming the folder."""
+    from clearskies.share import scanner as scanner_module
+    from clearskies.share.service import _claim_root
+
+    def crash(*args):
+        raise OSError(5, "power cut")
+
+    monkeypatch.setattr(scanner_module.os, "rename", crash)
+    with pytest.raises(OSError):
+        scanner_module.write_marker(str(tmp_path), "f" * 64)
+    assert sorted(os.listdir(tmp_path)) == []
+    monkeypatch.undo()
+    (tmp_path / ".clearskies").write_bytes(b"")
+    _claim_root(str(tmp_path), "f" * 64)
+    assert scanner_module.read_marker(str(tmp_path)) == "f" * 64

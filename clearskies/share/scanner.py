@@ -62,7 +62,7 @@ from twisted.logger import Logger
 from clearskies.errors import RootMissing, ShareError, UnsafePathError
 from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
-from clearskies.share.ignore import MARKER_NAME, IgnoreRules
+from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX, IgnoreRules
 from clearskies.share.paths import LOCAL_PATH_MAX, MAX_PATH_DEPTH, depth_problem, unreadable
 from clearskies.share.records import (
     MAX_COUNTER, MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns,
@@ -83,15 +83,34 @@ _PLAIN_NAME = re.compile(r"[^\x00-\x1f\x7f\\]+")
 # -- the share marker ---------------------------------------------------------
 
 def write_marker(root: str, share_id: str) -> None:
-    """Create ``<root>/.clearskies`` naming the share (blocking)."""
+    """Create ``<root>/.clearskies`` naming the share, atomically (blocking).
+
+    Written to a temporary name and renamed into place, so a crash leaves the
+    whole marker or none, never an empty file that would name no share.
+    """
     path = os.path.join(root, MARKER_NAME)
+    # A partial-download name: never scanned or synced, should a crash leave it.
+    temporary = os.path.join(root, "%s.%d%s" % (MARKER_NAME, os.getpid(), TEMP_SUFFIX))
     data = json.dumps({"share_id": share_id}) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def read_marker(root: str) -> str | None:

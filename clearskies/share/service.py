@@ -101,7 +101,8 @@ def _claim_root(root: str, share_id: str) -> None:
     if not os.path.isdir(root):
         raise ConfigurationError("%s is not a folder; create it first" % root)
     found = read_marker(root)
-    if os.path.lexists(os.path.join(root, MARKER_NAME)) and found != share_id:
+    marker = os.path.join(root, MARKER_NAME)
+    if os.path.lexists(marker) and found != share_id and not _empty_file(marker):
         raise ConfigurationError(
             "%s already holds the %s file of another share; remove that file if the old "
             "share is gone" % (root, MARKER_NAME))
@@ -112,6 +113,15 @@ def _claim_root(root: str, share_id: str) -> None:
             "cannot write the %s marker file in %s: %s; make the folder writable (and free "
             "some space if the disk is full), then try again"
             % (MARKER_NAME, root, e.strerror or e)) from None
+
+
+def _empty_file(path: str) -> bool:
+    """An empty regular file (a marker whose writing a crash cut short names no share)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
 
 
 def repair_refusal(root: str, recorded: int, present: int) -> str | None:
