@@ -1243,7 +1243,7 @@ class Daemon(MultiService):
             address = self.onion_address()
             return address[len("tor:"):] if address is not None else None
 
-        # On a real network also IPv4 broadcast and IPv6 ff02::1 (REFERENCE §11); a
+        # On a real network also IPv4 broadcast and IPv6 ff02::1 (protocol/discovery-lan.md); a
         # daemon told to use one interface (tests: 127.0.0.1) sticks to multicast there.
         everywhere = self.settings.lan_interface == "0.0.0.0"
         self.lan = LanDiscovery(

@@ -16,7 +16,7 @@ received message bodies and the current time in, and carries out the
 Anything a peer sends that the handshake does not allow raises
 :class:`~clearskies.errors.HandshakeError` with a reason fit for the log.
 
-Who does what (REFERENCE §5): the server greets; the client answers ``start``
+Who does what (protocol/handshake.md): the server greets; the client answers ``start``
 naming a share ID or an access ID; the server answers ``cannot_start`` or
 ``starttls`` with the negotiated level; both switch to TLS; inside TLS both
 send ``identity``.  When the level is ``unknown`` (one side holds only an

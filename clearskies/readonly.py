@@ -1,4 +1,4 @@
-"""Read-only shares (REFERENCE §10): signed metadata, verbatim relaying, the rules.
+"""Read-only shares (protocol/readonly.md): signed metadata, verbatim relaying, the rules.
 
 A read-only peer may pass a share on but never change it, and that is
 enforced by signatures, not by trusting the peer:

@@ -1,4 +1,4 @@
-"""Keeping one share identical with its connected peers (REFERENCE §6–§8).
+"""Keeping one share identical with its connected peers (protocol/sync.md).
 
 Two classes:
 

@@ -1,4 +1,4 @@
-"""Moving file content between peers (REFERENCE §8).
+"""Moving file content between peers (protocol/transfer.md).
 
 Receiving: :class:`FileReceiver` writes a download into a hidden temporary
 file next to its target, hashing as the bytes arrive, then verifies size and

@@ -1,4 +1,4 @@
-"""Merge rules: the winner order, version vectors, and every merge case (REFERENCE §7)."""
+"""Merge rules: the winner order, version vectors, and every merge case (protocol/merge.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""File transfer: sending with backpressure, receiving with verification (REFERENCE §8)."""
+"""File transfer: sending with backpressure, receiving with verification (protocol/transfer.md)."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ class DaemonCommands(CommandDispatcher):
             raise ControlError("no_such_share", "%s is not a share of this daemon" % path)
         return runtime
 
-    # -- REFERENCE §13 ------------------------------------------------------------
+    # -- the draft's commands (protocol/control.md) ------------------------------
 
     def cmd_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         reactor = self.daemon.reactor

@@ -1,4 +1,4 @@
-"""What to do with a record a peer sent us (REFERENCE §7): pure rules, no I/O.
+"""What to do with a record a peer sent us (protocol/merge.md): pure rules, no I/O.
 
 Two questions are kept apart:
 

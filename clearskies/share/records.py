@@ -1,4 +1,4 @@
-"""File records: what the protocol says about one path (REFERENCE §6).
+"""File records: what the protocol says about one path (protocol/records.md).
 
 A record is immutable.  ``from_wire`` is the single place where a record
 received from a peer is checked, so everything downstream may trust its
@@ -107,7 +107,7 @@ class FileRecord:
         return self.sha256 == other.sha256 and self.size == other.size
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON object of REFERENCE §6 (plus our extra keys)."""
+        """The JSON object of protocol/records.md (plus our extra keys)."""
         out: dict[str, Any] = {"path": self.path, "utime": self.utime}
         if self.deleted:
             out["deleted"] = True

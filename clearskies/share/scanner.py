@@ -467,7 +467,7 @@ def bump(vv: dict[str, int], peer_id: str, *others: dict[str, int]) -> dict[str,
 
 def local_utime(mtime: float | None, since: float | None, now: float,
                 previous: FileRecord | None) -> float:
-    """When a local change is said to have happened (REFERENCE §6, see module doc).
+    """When a local change is said to have happened (protocol/records.md, see module doc).
 
     ``mtime`` is None for a deletion, which is dated ``since``.
     """
