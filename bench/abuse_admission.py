@@ -18,9 +18,7 @@ TLS-PSK handshake, retrying within ``BOUND`` seconds).  Measured:
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -36,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clearskies.keys import ShareKeys  # noqa: E402
 from tests.abuse.flood import Flood, fail_handshakes, legit_connect, sleep  # noqa: E402
-from tests.daemons import DaemonProcess  # noqa: E402
+from tests.daemons import DaemonProcess, start_sharing  # noqa: E402
 
 BOUND = 5.0
 ATTEMPTS = 20
@@ -137,13 +135,10 @@ def _run_here() -> list[dict[str, Any]]:
     from twisted.internet.defer import Deferred
 
     base = tempfile.mkdtemp(prefix="cs-abuse-bench-")
-    daemon = DaemonProcess(base, "target")
+    daemon = None
     rows: list[dict[str, Any]] = []
     try:
-        daemon.start()
-        daemon.cli_json("share", str(daemon.shares))
-        [path] = glob.glob(os.path.join(str(daemon.data_dir), "keys", "*.json"))
-        keys = ShareKeys.load(path)
+        daemon, keys = start_sharing(base)
 
         async def main() -> None:
             for seed, attack in enumerate(ATTACKS):
@@ -156,7 +151,8 @@ def _run_here() -> list[dict[str, Any]]:
         if failure:
             failure[0].raiseException()
     finally:
-        daemon.cleanup()
+        if daemon is not None:
+            daemon.cleanup()
         shutil.rmtree(base, ignore_errors=True)
     return rows
 

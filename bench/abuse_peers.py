@@ -20,9 +20,7 @@ legitimate peer connects ``ATTEMPTS`` times.  Measured:
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -41,7 +39,7 @@ from clearskies.keys import ShareKeys  # noqa: E402
 from clearskies.peer import connect_peer  # noqa: E402
 from tests.abuse.flood import legit_connect, sleep  # noqa: E402
 from tests.abuse.fresh_ids import FEATURES, _Quiet, fresh_id_connections  # noqa: E402
-from tests.daemons import DaemonProcess  # noqa: E402
+from tests.daemons import DaemonProcess, start_sharing  # noqa: E402
 
 BOUND = 5.0
 ATTEMPTS = 10
@@ -106,13 +104,10 @@ def _run_here() -> list[dict[str, Any]]:
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
     base = tempfile.mkdtemp(prefix="cs-abuse-peers-")
-    daemon = DaemonProcess(base, "target")
+    daemon = None
     rows: list[dict[str, Any]] = []
     try:
-        daemon.start()
-        daemon.cli_json("share", str(daemon.shares))
-        [path] = glob.glob(os.path.join(str(daemon.data_dir), "keys", "*.json"))
-        keys = ShareKeys.load(path)
+        daemon, keys = start_sharing(base)
 
         async def main() -> None:
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port, timeout=5)
@@ -132,7 +127,8 @@ def _run_here() -> list[dict[str, Any]]:
         if failure:
             failure[0].raiseException()
     finally:
-        daemon.cleanup()
+        if daemon is not None:
+            daemon.cleanup()
         shutil.rmtree(base, ignore_errors=True)
     return rows
 

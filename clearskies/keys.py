@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.logger import Logger
 
+from clearskies.atomicwrite import install_atomically
 from clearskies.errors import HandshakeError, ShareError
 from clearskies.levels import GRANTABLE_LEVELS, LEVELS, RSA_LEVELS
 
@@ -366,23 +367,7 @@ class ShareKeys:
         # mkstemp creates the file with mode 0600, so the secrets are never
         # readable by anyone else, not even between creation and rename.
         fd, temporary = tempfile.mkstemp(prefix=".keys.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        install_atomically(fd, temporary, path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ShareKeys:

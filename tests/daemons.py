@@ -527,3 +527,34 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
         yield daemons.make
         # pytest shows teardown output only for failing tests: the logs land in the report.
         sys.stdout.write(daemons.log_report())
+
+
+def start_sharing(base: str | os.PathLike[str], name: str = "target") -> tuple[DaemonProcess, Any]:
+    """A started daemon sharing its own folder, and that share's keys (what an attacker
+    holding the keys, or a scripted peer, connects with).  The caller stops the daemon."""
+    from clearskies.keys import ShareKeys  # only the tests that need keys pay for the import
+
+    daemon = DaemonProcess(base, name)
+    try:
+        daemon.start()
+        daemon.cli_json("share", str(daemon.shares))
+        [path] = (Path(daemon.data_dir) / "keys").glob("*.json")
+        return daemon, ShareKeys.load(path)
+    except BaseException:
+        daemon.cleanup()
+        raise
+
+
+def synced_pair(daemon_factory: Callable[..., DaemonProcess], files: Mapping[str, bytes],
+                timeout: float = 30.0) -> tuple[DaemonProcess, DaemonProcess, Path, Path]:
+    """Alice sharing ``files``, Bob attached, both trees already identical."""
+    alice = daemon_factory("alice")
+    bob = daemon_factory("bob")
+    a, b = Path(alice.shares), Path(bob.shares)
+    for name, data in files.items():
+        (a / name).parent.mkdir(parents=True, exist_ok=True)
+        (a / name).write_bytes(data)
+    code = alice.cli_json("share", str(a))["access_code"]
+    bob.cli("attach", code, str(b), "--peer", alice.address)
+    wait_same_trees(alice, bob, timeout)
+    return alice, bob, a, b

@@ -753,7 +753,7 @@ def test_the_marker_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError(5, "power cut")
 
-    monkeypatch.setattr(scanner_module.os, "rename", crash)
+    monkeypatch.setattr("clearskies.atomicwrite.os.replace", crash)
     with pytest.raises(OSError):
         scanner_module.write_marker(str(tmp_path), "f" * 64)
     assert sorted(os.listdir(tmp_path)) == []

@@ -59,6 +59,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from clearskies.atomicwrite import install_atomically
 from clearskies.errors import RootMissing, ShareError, UnsafePathError
 from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
@@ -91,26 +92,10 @@ def write_marker(root: str, share_id: str) -> None:
     path = os.path.join(root, MARKER_NAME)
     # A partial-download name: never scanned or synced, should a crash leave it.
     temporary = os.path.join(root, "%s.%d%s" % (MARKER_NAME, os.getpid(), TEMP_SUFFIX))
-    data = json.dumps({"share_id": share_id}) + "\n"
+    data = (json.dumps({"share_id": share_id}) + "\n").encode("ascii")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                  | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    install_atomically(fd, temporary, path, data)
 
 
 def read_marker(root: str) -> str | None:

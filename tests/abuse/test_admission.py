@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 
@@ -12,9 +11,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from clearskies.keys import ShareKeys
 from tests.abuse.flood import Flood, fail_handshakes, legit_connect, sleep
-from tests.daemons import DaemonProcess, _kill_leftovers
+from tests.daemons import _kill_leftovers, start_sharing
 from tests.peerkit import async_test
 
 pytestmark = pytest.mark.slow
@@ -30,18 +28,15 @@ class AdmissionAbuseTests(TestCase):
 
     def setUp(self) -> None:
         base = "/tmp/cs-abuse-%d-%d" % (os.getpid(), time.monotonic_ns())
-        self.daemon = DaemonProcess(base, "target")
         self.addCleanup(self._cleanup, base)
-        self.daemon.start()
-        self.daemon.cli_json("share", str(self.daemon.shares))
-        [path] = glob.glob(os.path.join(str(self.daemon.data_dir), "keys", "*.json"))
-        self.keys = ShareKeys.load(path)
+        self.daemon, self.keys = start_sharing(base)
         self.process = psutil.Process(self.daemon.pid)
 
     def _cleanup(self, base: str) -> None:
         import shutil
 
-        self.daemon.cleanup()
+        if hasattr(self, "daemon"):  # start_sharing cleans up after itself if it fails
+            self.daemon.cleanup()
         _kill_leftovers()
         shutil.rmtree(base, ignore_errors=True)
 

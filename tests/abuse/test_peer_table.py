@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import sqlite3
 import time
@@ -14,12 +13,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from clearskies.handshake import ConnectTarget, MemoryKeyRing
-from clearskies.keys import ShareKeys
 from clearskies.peer import connect_peer
 from clearskies.share.runtime import MAX_KNOWN_PEERS
 from tests.abuse.flood import legit_connect
 from tests.abuse.fresh_ids import FEATURES, _Quiet, fresh_id_connections
-from tests.daemons import DaemonProcess, _kill_leftovers
+from tests.daemons import _kill_leftovers, start_sharing
 from tests.peerkit import async_test
 
 pytestmark = pytest.mark.slow
@@ -35,17 +33,14 @@ class PeerTableAbuseTests(TestCase):
 
     def setUp(self) -> None:
         base = "/tmp/cs-abuse-peers-%d-%d" % (os.getpid(), time.monotonic_ns())
-        self.daemon = DaemonProcess(base, "target")
         self.addCleanup(self._cleanup, base)
-        self.daemon.start()
-        self.daemon.cli_json("share", str(self.daemon.shares))
-        [path] = glob.glob(os.path.join(str(self.daemon.data_dir), "keys", "*.json"))
-        self.keys = ShareKeys.load(path)
+        self.daemon, self.keys = start_sharing(base)
 
     def _cleanup(self, base: str) -> None:
         import shutil
 
-        self.daemon.cleanup()
+        if hasattr(self, "daemon"):  # start_sharing cleans up after itself if it fails
+            self.daemon.cleanup()
         _kill_leftovers()
         shutil.rmtree(base, ignore_errors=True)
 

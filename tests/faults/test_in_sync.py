@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import assert_trees_equal, tree_snapshot, wait_same_trees, wait_until
+from tests.daemons import (
+    assert_trees_equal, synced_pair, tree_snapshot, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -71,15 +72,7 @@ def _watch_until_in_sync(alice, a: Path, b: Path) -> None:
 
 
 def _pair_holding(daemon_factory, files: dict[str, bytes]):
-    alice = daemon_factory("alice")
-    bob = daemon_factory("bob")
-    a, b = Path(alice.shares), Path(bob.shares)
-    for name, data in files.items():
-        (a / name).parent.mkdir(parents=True, exist_ok=True)
-        (a / name).write_bytes(data)
-    code = alice.cli_json("share", str(a))["access_code"]
-    bob.cli("attach", code, str(b), "--peer", alice.address)
-    wait_same_trees(alice, bob, SETTLE_TIMEOUT)
+    alice, bob, a, b = synced_pair(daemon_factory, files, SETTLE_TIMEOUT)
     wait_until(lambda: _status(alice, a)["in_sync"], timeout=SETTLE_TIMEOUT)
     return alice, bob, a, b
 

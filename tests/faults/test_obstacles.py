@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import assert_trees_equal, wait_same_trees, wait_until
+from tests.daemons import assert_trees_equal, synced_pair, wait_same_trees, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +31,7 @@ def _refused(daemon, path: Path, wire_path: str) -> bool:
 
 
 def _pair(daemon_factory, files: dict[str, bytes]):
-    alice = daemon_factory("alice")
-    bob = daemon_factory("bob")
-    a, b = Path(alice.shares), Path(bob.shares)
-    for name, data in files.items():
-        (a / name).parent.mkdir(parents=True, exist_ok=True)
-        (a / name).write_bytes(data)
-    code = alice.cli_json("share", str(a))["access_code"]
-    bob.cli("attach", code, str(b), "--peer", alice.address)
-    wait_same_trees(alice, bob, SETTLE_TIMEOUT)
+    alice, bob, a, b = synced_pair(daemon_factory, files, SETTLE_TIMEOUT)
     bob.cli("wait", str(b), "--timeout", str(SETTLE_TIMEOUT))
     return alice, bob, a, b
 
