@@ -9,7 +9,7 @@ ones that are due, with these rules (``protocol/discovery.md`` explains why):
 - one dial in flight per (target, address), and per (target, peer ID) when the
   peer ID is known; no dial to a peer that is already connected for that target;
 - LAN addresses first;
-- after a failed dial, wait 2 s, then 4 s, … up to 10 minutes for that address;
+- after a failed dial, wait 2 s, then 4 s, … up to 1 minute for that address;
   the wait resets once a connection through it has lasted a minute;
 - manual peers are kept and retried forever; tracker and LAN candidates are
   forgotten when no source has announced them for ``expire_after`` seconds;
