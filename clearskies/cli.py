@@ -3,14 +3,19 @@
 Every command except ``start`` and ``log`` is one or a few control-socket
 requests (protocol/control.md).  ``share`` and ``attach`` start the daemon
 first when none is running, so a new user needs a single command.
+
+What the command is made of:
+
+- this module: the argument parser, :func:`main`, and :class:`Cli`, one
+  invocation: how it reaches the daemon and starts one when none runs;
+- :mod:`clearskies.cli_commands`: the commands, in groups (the daemon, a share,
+  who may sync it), each a ``cmd_<name>`` method that :class:`Cli` combines;
+- :mod:`clearskies.cli_output`: how a reply is printed (``--json`` or lines).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
-import json
 import os
 import re
 import subprocess
@@ -21,7 +26,18 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from clearskies import __version__
-from clearskies.accesscode import code_url, parse_code
+from clearskies.cli_commands import (
+    EXIT_ERROR,
+    EXIT_NO_DAEMON,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    AccessCommands,
+    CommandFailed,
+    DaemonCommands,
+    ShareCommands,
+    share_trouble,
+)
+from clearskies.cli_output import Output, format_bytes
 from clearskies.control.client import (
     ControlClient,
     ControlError,
@@ -29,22 +45,14 @@ from clearskies.control.client import (
     default_control_path,
     default_data_dir,
 )
-from clearskies.errors import AccessCodeError, ConfigurationError, ProtocolError
+from clearskies.errors import ConfigurationError, ProtocolError
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_NO_DAEMON = 2
-EXIT_TIMEOUT = 3
+__all__ = [
+    "EXIT_ERROR", "EXIT_NO_DAEMON", "EXIT_OK", "EXIT_TIMEOUT", "Cli", "CommandFailed",
+    "build_parser", "format_bytes", "main", "parse_duration", "share_trouble",
+]
 
 DAEMON_START_TIMEOUT = 30.0
-
-
-class CommandFailed(Exception):
-    """A CLI command failed; the message is the one line the user sees."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def parse_duration(text: str) -> float | None:
@@ -74,28 +82,12 @@ def _start_error(errors: Any, status: int, data_dir: str) -> str:
     return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
-def _printable(path: str) -> str:
-    """A path for one terminal line: newlines and other control characters escaped."""
-    if path.isprintable():
-        return path
-    return path.encode("unicode_escape", "backslashreplace").decode("ascii")
+class Cli(DaemonCommands, ShareCommands, AccessCommands):
+    """One CLI invocation: the parsed arguments, where to print, how to reach the daemon.
 
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
-def share_trouble(share: dict[str, Any]) -> bool:
-    """True when a share's status needs the user: stopped in error, or files it cannot write."""
-    return share.get("status") == "error" or bool(share.get("disk_errors"))
-
-
-class Cli:
-    """One CLI invocation: the parsed arguments, where to print, how to reach the daemon."""
+    The commands come from the groups of :mod:`clearskies.cli_commands`; what
+    they print goes through ``self.output``.
+    """
 
     def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO,
                  sleep: Callable[[float], None] = time.sleep,
@@ -107,6 +99,7 @@ class Cli:
         self.monotonic = monotonic
         self.data_dir = os.path.abspath(args.data_dir or default_data_dir())
         self.control_path = default_control_path(self.data_dir)
+        self.output = Output(out, args.json)
 
     # -- talking to the daemon ---------------------------------------------
 
@@ -197,375 +190,6 @@ class Cli:
                 self.sleep(0.1)
         raise CommandFailed("the daemon did not answer within %d s; see %s" % (
             DAEMON_START_TIMEOUT, os.path.join(self.data_dir, "clearskies.log")))
-
-    # -- output --------------------------------------------------------------
-
-    def emit(self, data: Any, human: Callable[[], None]) -> None:
-        if self.args.json:
-            self.out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        else:
-            human()
-
-    def line(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-
-    # -- commands ------------------------------------------------------------
-
-    def cmd_start(self) -> int:
-        if self.daemon_running():
-            self.line("the daemon is already running (%s)" % self.data_dir)
-            command = self.twistd_command(True)
-            given = [option for option in command[command.index("clearskies") + 3:]
-                     if option.startswith("--")]
-            if given:
-                # Not silently dropped: say how they take effect.
-                self.err.write("clearskies: warning: %s not applied to the running daemon; "
-                               "stop it and start it again with them (they are then kept), "
-                               "or use 'clearskies config set'\n" % " ".join(given))
-            return EXIT_OK
-        code = self.start_daemon(foreground=self.args.foreground)
-        if not self.args.foreground:
-            self.line("daemon started (data in %s)" % self.data_dir)
-        return code
-
-    def cmd_stop(self) -> int:
-        self.request({"type": "stop"})
-        self.line("daemon stopping")
-        return EXIT_OK
-
-    def cmd_status(self) -> int:
-        if self.args.path:
-            request = {"type": ".clearskies.share_status",
-                       "path": os.path.realpath(self.args.path)}
-            if self.args.skipped:
-                request["skipped"] = True
-            reply = self.request(request)
-            self.emit(reply, lambda: self.print_share_status(reply))
-            # A share that stopped, or files the disk refused, need the user: not 0.
-            return EXIT_ERROR if share_trouble(reply) else EXIT_OK
-        if self.args.skipped:
-            raise CommandFailed("--skipped lists one share's paths: give its folder, e.g. "
-                                "clearskies status ~/Photos --skipped")
-        reply = self.request({"type": "status"})
-
-        def human() -> None:
-            self.line("paused: %s" % ("yes" if reply.get("paused") else "no"))
-            self.line("upload:   %s/s" % format_bytes(reply.get("upload_rate", 0)))
-            self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
-            if "shares" in reply:
-                self.line("shares: %d" % reply["shares"])
-            if reply.get("failed_attaches"):
-                self.line("attaches that failed: %d (see: clearskies list)"
-                          % reply["failed_attaches"])
-            if reply.get("port"):
-                self.line("listening for peers on port %d" % reply["port"])
-            if reply.get("onion_address"):
-                self.line("reachable through Tor at %s" % reply["onion_address"])
-            if reply.get("tor_error"):
-                self.line("Tor problem: %s" % reply["tor_error"])
-        self.emit(reply, human)
-        return EXIT_OK
-
-    def print_share_status(self, share: dict[str, Any]) -> None:
-        self.line("%s: %s%s" % (share.get("path"), share.get("status"),
-                                (" (%s)" % share["problem"]) if share.get("problem") else ""))
-        self.line("  %d files, %s, revision %s" % (
-            share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
-        if share.get("local_changes_not_shared"):
-            self.line("  %d local changes not shared" % share["local_changes_not_shared"])
-        if share.get("share_files_missing"):
-            self.line("  %d files of the share not here (clearskies revert fetches them)"
-                      % share["share_files_missing"])
-        if share.get("share_version_complete") is False:
-            self.line("  the share's full file list has not all arrived yet")
-        if share.get("skipped"):
-            self.line("  %d paths not synced%s" % (
-                share["skipped"], "" if "skipped_paths" in share else " (see: --skipped)"))
-        for entry in share.get("skipped_paths", []):
-            self.line("  skipped %s: %s" % (_printable(entry.get("path", "")),
-                                            entry.get("reason")))
-        if "skipped_paths" in share and len(share["skipped_paths"]) < share.get("skipped", 0):
-            self.line("  (only the first %d are listed)" % len(share["skipped_paths"]))
-        for peer in share.get("peers", []):
-            self.line("  peer %s %s %s%s" % (
-                peer.get("name") or peer.get("peer_id"), peer.get("access", ""),
-                "connected" if peer.get("connected") else "offline",
-                (", needs %d items" % peer["items_needed"]) if peer.get("items_needed") else ""))
-        if share.get("items_to_download"):
-            self.line("  downloading: %d items, %s left" % (
-                share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
-        errors = share.get("disk_errors") or []
-        for error in errors:
-            self.line("  cannot write %s: %s" % (error.get("path"), error.get("error")))
-        more = share.get("disk_errors_count", len(errors)) - len(errors)
-        if more > 0:
-            self.line("  … and %d more files" % more)
-
-    def cmd_share(self) -> int:
-        path = os.path.realpath(self.args.path)
-        if not os.path.isdir(path):
-            raise CommandFailed("%s is not a directory; create it first" % path)
-        self.ensure_daemon()
-        with self.client() as client:
-            shares = client.request({"type": "list_shares"})["shares"]
-            if not any(share["path"] == path for share in shares):
-                created = client.request({"type": "create_share", "path": path})
-                if created.get("warning"):
-                    self.err.write("clearskies: warning: %s\n" % created["warning"])
-            reply = client.request({
-                "type": "create_access_code", "path": path, "mode": self.args.mode,
-                "one_time": not self.args.multi_use, "expires": self.args.expires,
-            })
-        code = reply["access_code"]
-
-        def human() -> None:
-            self.line(code)
-            self.line()
-            self.line("On the other machine run:  clearskies attach %s DIRECTORY" % code)
-            self.line("(or open %s)" % code_url(parse_code(code)))
-            lifetime = self.args.expires
-            self.line("This %s code %s." % (
-                "multi-use" if self.args.multi_use else "one-time",
-                "never expires" if lifetime is None else
-                "expires in %s" % self.args.expires_text))
-        self.emit({"access_code": code, "url": code_url(parse_code(code)), "path": path}, human)
-        return EXIT_OK
-
-    def cmd_attach(self) -> int:
-        try:
-            parse_code(self.args.code)
-        except AccessCodeError as e:
-            raise CommandFailed("invalid access code: %s" % e) from None
-        path = os.path.realpath(self.args.path)
-        self.ensure_daemon()
-        request: dict[str, Any] = {"type": "add_share", "code": self.args.code, "path": path}
-        if self.args.peer:
-            request["peers"] = self.args.peer
-        if self.args.merge:
-            request["merge"] = True
-        reply = self.request(request)
-        if not self.args.wait:
-            self.emit(reply or {"path": path}, lambda: self.line(
-                "attached %s; it fills as soon as a peer is found "
-                "(see: clearskies status %s)" % (path, path)))
-            return EXIT_OK
-        return self.wait_for_sync(path, self.args.timeout_wait, require_peer=True)
-
-    def cmd_wait(self) -> int:
-        path = os.path.realpath(self.args.path)
-        return self.wait_for_sync(path, self.args.timeout_wait, require_peer=False)
-
-    def wait_for_sync(self, path: str, timeout: float | None, require_peer: bool) -> int:
-        """Poll the share until it is idle and every connected peer is in sync."""
-        deadline = None if timeout is None else self.monotonic() + timeout
-        progress = not self.args.json and self.err.isatty()
-        while True:
-            status = self.request({"type": ".clearskies.share_status", "path": path})
-            if status.get("status") == "error":
-                raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
-            if status.get("status") == "failed":
-                raise CommandFailed("%s: %s" % (path, status.get("problem")))
-            if status.get("disk_errors") and (
-                    status.get("disk_blocked")
-                    or status.get("items_to_download", 0) <= status.get("disk_errors_count", 0)):
-                # Everything that could be written is; the rest waits for the user.
-                if progress:
-                    self.err.write("\n")
-                raise CommandFailed("share %s cannot finish: %s" % (path, status.get("problem")))
-            connected = [p for p in status.get("peers", []) if p.get("connected")]
-            # In sync with nobody is not in sync: once the share knows a peer
-            # (or an attach needs one), one must be connected and caught up.
-            need_peer = require_peer or status.get("peers_known", 0) > 0
-            in_sync = status.get("in_sync") and (connected or not need_peer)
-            if in_sync:
-                if progress:
-                    self.err.write("\r\x1b[K")
-                summary = "%s is in sync (%d files, %s)" % (
-                    path, status.get("files", 0), format_bytes(status.get("bytes", 0)))
-                self.emit(status, functools.partial(self.line, summary))
-                return EXIT_OK
-            waiting_for_peer = need_peer and not connected and status.get("status") != "waiting"
-            if progress:
-                if waiting_for_peer:
-                    self.err.write("\r\x1b[K%s: %s, waiting for a peer to connect" % (
-                        os.path.basename(path) or path, status.get("status")))
-                elif status.get("local_changes_pending"):
-                    self.err.write("\r\x1b[K%s: %s, local changes to scan" % (
-                        os.path.basename(path) or path, status.get("status")))
-                else:
-                    self.err.write("\r\x1b[K%s: %s, %d items / %s to download, %s/s" % (
-                        os.path.basename(path) or path, status.get("status"),
-                        status.get("items_to_download", 0),
-                        format_bytes(status.get("bytes_to_download", 0)),
-                        format_bytes(status.get("download_rate", 0))))
-                self.err.flush()
-            if deadline is not None and self.monotonic() >= deadline:
-                if progress:
-                    self.err.write("\n")
-                why = status.get("problem") or (
-                    "no peer connected (waiting for a peer to connect)"
-                    if waiting_for_peer and status.get("peers_known", 0) > 0 else "")
-                raise CommandFailed("not in sync after %g s%s" % (
-                    timeout, ": " + why if why else ""), EXIT_TIMEOUT)
-            self.sleep(0.25)
-
-    def cmd_scan(self) -> int:
-        path = os.path.realpath(self.args.path)
-        reply = self.request({"type": ".clearskies.scan", "path": path})
-        self.emit(reply, lambda: self.line("scanned %s: %d changes" % (
-            path, reply.get("changes", 0))))
-        return EXIT_OK
-
-    def cmd_repair(self) -> int:
-        path = os.path.realpath(self.args.path)
-        reply = self.request({"type": ".clearskies.repair", "path": path})
-        self.emit(reply, lambda: self.line(
-            "%s: marker recreated (%d of %d recorded files present); the share resumes"
-            % (path, reply.get("present", 0), reply.get("checked", 0))
-            if reply.get("repaired") else "%s: the marker is in place; nothing to repair" % path))
-        return EXIT_OK
-
-    def cmd_revert(self) -> int:
-        path = os.path.realpath(self.args.path)
-        reply = self.request({"type": ".clearskies.revert", "path": path})
-        def text() -> None:
-            self.line("%s: %d local changes reverted (%d files being restored from peers, "
-                      "%d removed)" % (path, reply.get("changes", 0), reply.get("restoring", 0),
-                                       reply.get("removed", 0)))
-            if reply.get("complete") is False:
-                self.line("  the share's full file list has not all arrived yet, so files "
-                          "that may be in it were kept; run revert again once the share is "
-                          "in sync")
-
-        self.emit(reply, text)
-        return EXIT_OK
-
-    def cmd_detach(self) -> int:
-        path = os.path.realpath(self.args.path)
-        self.request({"type": "remove_share", "path": path})
-        self.line("%s is no longer synced (its files stay where they are)" % path)
-        return EXIT_OK
-
-    def cmd_list(self) -> int:
-        shares = self.request({"type": "list_shares"})["shares"]
-
-        def human() -> None:
-            if not shares:
-                self.line("no shares; share a directory with: clearskies share DIRECTORY")
-            for share in shares:
-                self.line("%-8s %-10s %6d files %10s  %d/%d peers  %s%s" % (
-                    share.get("status", "?"), share.get("access", ""), share.get("files", 0),
-                    format_bytes(share.get("bytes", 0)), share.get("peers_connected", 0),
-                    share.get("peers_known", 0), share["path"],
-                    "  (%d local changes not shared)" % share["local_changes_not_shared"]
-                    if share.get("local_changes_not_shared") else ""))
-                if share.get("status") in ("failed", "waiting") and share.get("problem"):
-                    self.line("         %s" % share["problem"])
-        self.emit({"shares": shares}, human)
-        return EXIT_OK
-
-    def cmd_peers(self) -> int:
-        path = os.path.realpath(self.args.path)
-        if self.args.peers_action == "add":
-            self.request({"type": ".clearskies.add_peer", "path": path,
-                          "address": self.args.address})
-            self.line("added %s to %s" % (self.args.address, path))
-            return EXIT_OK
-        peers = self.request({"type": ".clearskies.peers", "path": path})["peers"]
-
-        def human() -> None:
-            if not peers:
-                self.line("no peers known yet")
-            for peer in peers:
-                self.line("%s  %-10s %-9s %s" % (
-                    peer.get("peer_id"), peer.get("access", ""),
-                    "connected" if peer.get("connected") else "offline",
-                    peer.get("name") or ", ".join(peer.get("addresses", []))))
-        self.emit({"peers": peers}, human)
-        return EXIT_OK
-
-    def cmd_codes(self) -> int:
-        path = os.path.realpath(self.args.path)
-        codes = self.request({"type": ".clearskies.codes", "path": path})["codes"]
-
-        def human() -> None:
-            if not codes:
-                self.line("no live access codes")
-            for code in codes:
-                self.line("%s  %-10s %s %s" % (
-                    code["access_id"][:16], code["level"],
-                    "one-time" if code.get("one_time") else "multi-use",
-                    "never expires" if code.get("expires") is None else
-                    time.strftime("expires %Y-%m-%d %H:%M", time.localtime(code["expires"]))))
-        self.emit({"codes": codes}, human)
-        return EXIT_OK
-
-    def cmd_cancel_code(self) -> int:
-        value = self.args.code
-        request: dict[str, Any] = {"type": ".clearskies.cancel_code"}
-        if re.fullmatch(r"[0-9a-fA-F]{8,64}", value):
-            request["access_id"] = value.lower()
-        else:
-            try:
-                parse_code(value)
-            except AccessCodeError as e:
-                raise CommandFailed("invalid access code: %s" % e) from None
-            request["code"] = value
-        self.request(request)
-        self.line("access code cancelled")
-        return EXIT_OK
-
-    def cmd_pause(self) -> int:
-        self.request({"type": "pause"})
-        self.line("paused: no transfers until 'clearskies resume'")
-        return EXIT_OK
-
-    def cmd_resume(self) -> int:
-        self.request({"type": "resume"})
-        self.line("resumed")
-        return EXIT_OK
-
-    def cmd_log(self) -> int:
-        log_path = os.path.join(self.data_dir, "clearskies.log")
-        if not os.path.exists(log_path):
-            raise CommandFailed("no log at %s (is the daemon started with 'clearskies start'?)"
-                                % log_path)
-        with open(log_path, encoding="utf-8", errors="replace") as log:
-            lines = collections.deque(log, maxlen=max(0, self.args.lines))
-            self.out.write("".join(lines))
-            self.out.flush()
-            while self.args.follow:
-                line = log.readline()
-                if line:
-                    self.out.write(line)
-                    self.out.flush()
-                else:
-                    self.sleep(0.5)
-        return EXIT_OK
-
-    def cmd_config(self) -> int:
-        if self.args.config_action == "get":
-            if self.args.key:
-                reply = self.request({"type": "get_config_value", "key": self.args.key})
-                self.emit(reply, lambda: self.line(json.dumps(reply.get("value"))))
-            else:
-                reply = self.request({"type": "get_config"})
-                self.emit(reply, lambda: [self.line("%s = %s" % (k, json.dumps(v)))
-                                          for k, v in sorted(reply.get("config", {}).items())])
-            return EXIT_OK
-        try:
-            value = json.loads(self.args.value)
-        except ValueError:
-            value = self.args.value
-        if self.args.key in ("name", "listen"):
-            value = self.args.value  # text, even when it looks like a number
-        reply = self.request({"type": "set_config_value", "key": self.args.key,
-                              "value": value})
-        value = reply.get("value", value)
-        self.line("%s = %s%s" % (self.args.key, json.dumps(value),
-                                 " (%s)" % reply["note"] if reply.get("note") else ""))
-        return EXIT_OK
-
 
 def _auto_start_options(parser: argparse.ArgumentParser) -> None:
     """Options for the daemon that ``share``/``attach`` start when none is running."""

@@ -1,0 +1,133 @@
+"""What the ``clearskies`` command prints: JSON with ``--json``, else lines for people.
+
+:class:`Output` writes every reply the CLI shows; the commands
+(:mod:`clearskies.cli_commands`) decide what to ask the daemon, this module how
+the answer looks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+
+def printable(path: str) -> str:
+    """A path for one terminal line: newlines and other control characters escaped."""
+    if path.isprintable():
+        return path
+    return path.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+class Output:
+    """Where one invocation prints, and how: ``emit`` a reply, or ``line`` by line."""
+
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.as_json:
+            self.out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        else:
+            human()
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def daemon_status(self, reply: dict[str, Any]) -> None:
+        """The daemon's status, as ``clearskies status`` prints it."""
+        self.line("paused: %s" % ("yes" if reply.get("paused") else "no"))
+        self.line("upload:   %s/s" % format_bytes(reply.get("upload_rate", 0)))
+        self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
+        if "shares" in reply:
+            self.line("shares: %d" % reply["shares"])
+        if reply.get("failed_attaches"):
+            self.line("attaches that failed: %d (see: clearskies list)"
+                      % reply["failed_attaches"])
+        if reply.get("port"):
+            self.line("listening for peers on port %d" % reply["port"])
+        if reply.get("onion_address"):
+            self.line("reachable through Tor at %s" % reply["onion_address"])
+        if reply.get("tor_error"):
+            self.line("Tor problem: %s" % reply["tor_error"])
+
+    def share_status(self, share: dict[str, Any]) -> None:
+        """One share's status, as ``clearskies status PATH`` prints it."""
+        self.line("%s: %s%s" % (share.get("path"), share.get("status"),
+                                (" (%s)" % share["problem"]) if share.get("problem") else ""))
+        self.line("  %d files, %s, revision %s" % (
+            share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
+        if share.get("local_changes_not_shared"):
+            self.line("  %d local changes not shared" % share["local_changes_not_shared"])
+        if share.get("share_files_missing"):
+            self.line("  %d files of the share not here (clearskies revert fetches them)"
+                      % share["share_files_missing"])
+        if share.get("share_version_complete") is False:
+            self.line("  the share's full file list has not all arrived yet")
+        if share.get("skipped"):
+            self.line("  %d paths not synced%s" % (
+                share["skipped"], "" if "skipped_paths" in share else " (see: --skipped)"))
+        for entry in share.get("skipped_paths", []):
+            self.line("  skipped %s: %s" % (printable(entry.get("path", "")),
+                                            entry.get("reason")))
+        if "skipped_paths" in share and len(share["skipped_paths"]) < share.get("skipped", 0):
+            self.line("  (only the first %d are listed)" % len(share["skipped_paths"]))
+        for peer in share.get("peers", []):
+            self.line("  peer %s %s %s%s" % (
+                peer.get("name") or peer.get("peer_id"), peer.get("access", ""),
+                "connected" if peer.get("connected") else "offline",
+                (", needs %d items" % peer["items_needed"]) if peer.get("items_needed") else ""))
+        if share.get("items_to_download"):
+            self.line("  downloading: %d items, %s left" % (
+                share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
+        errors = share.get("disk_errors") or []
+        for error in errors:
+            self.line("  cannot write %s: %s" % (error.get("path"), error.get("error")))
+        more = share.get("disk_errors_count", len(errors)) - len(errors)
+        if more > 0:
+            self.line("  … and %d more files" % more)
+
+    def share_list(self, shares: list[dict[str, Any]]) -> None:
+        """The shares, one line each, as ``clearskies list`` prints them."""
+        if not shares:
+            self.line("no shares; share a directory with: clearskies share DIRECTORY")
+        for share in shares:
+            self.line("%-8s %-10s %6d files %10s  %d/%d peers  %s%s" % (
+                share.get("status", "?"), share.get("access", ""), share.get("files", 0),
+                format_bytes(share.get("bytes", 0)), share.get("peers_connected", 0),
+                share.get("peers_known", 0), share["path"],
+                "  (%d local changes not shared)" % share["local_changes_not_shared"]
+                if share.get("local_changes_not_shared") else ""))
+            if share.get("status") in ("failed", "waiting") and share.get("problem"):
+                self.line("         %s" % share["problem"])
+
+    def peers(self, peers: list[dict[str, Any]]) -> None:
+        """A share's peers, one line each."""
+        if not peers:
+            self.line("no peers known yet")
+        for peer in peers:
+            self.line("%s  %-10s %-9s %s" % (
+                peer.get("peer_id"), peer.get("access", ""),
+                "connected" if peer.get("connected") else "offline",
+                peer.get("name") or ", ".join(peer.get("addresses", []))))
+
+    def codes(self, codes: list[dict[str, Any]]) -> None:
+        """A share's live access codes, one line each."""
+        if not codes:
+            self.line("no live access codes")
+        for code in codes:
+            self.line("%s  %-10s %s %s" % (
+                code["access_id"][:16], code["level"],
+                "one-time" if code.get("one_time") else "multi-use",
+                "never expires" if code.get("expires") is None else
+                time.strftime("expires %Y-%m-%d %H:%M", time.localtime(code["expires"]))))
