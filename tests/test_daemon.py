@@ -19,7 +19,7 @@ def test_keys_for_an_attach_detached_meanwhile_create_nothing(tmp_path):
     daemon = Daemon(reactor, DaemonSettings(data_dir=str(tmp_path / "data")))
     join = PendingJoin(bytes(16), str(tmp_path / "copy"), "a" * 32)
     failures = []
-    Deferred.fromCoroutine(daemon._join_completed(object(), join)).addErrback(failures.append)
+    Deferred.fromCoroutine(daemon.access_codes.join_completed(object(), join)).addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError)
     assert "cancelled" in failures[0].getErrorMessage()
     assert not (tmp_path / "copy").exists() and daemon.shares == {}
@@ -50,8 +50,8 @@ def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: 
         stored_while_adding.append(list(saved["pending_joins"]))
         await adding  # the crash would come here
 
-    daemon._add_share = add_share  # type: ignore[method-assign]
-    done = Deferred.fromCoroutine(daemon._join_completed(SimpleNamespace(share_id="f" * 64),
+    daemon.share_registry.add_share = add_share  # type: ignore[method-assign]
+    done = Deferred.fromCoroutine(daemon.access_codes.join_completed(SimpleNamespace(share_id="f" * 64),
                                                          join))
     assert stored_while_adding == [[join.to_dict()]]
     assert saved["pending_joins"] == [join.to_dict()]
@@ -88,16 +88,16 @@ def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
                            added=daemon.now())
         daemon.joins[join.access_id] = joins[name] = join
     for _ in range(10):
-        daemon._join_refused(joins["none"].access_id, None, False, manual=True)
+        daemon.access_codes.join_refused(joins["none"].access_id, None, False, manual=True)
         # Anyone on the LAN can answer in the maker's place: no proof, not a given address.
-        daemon._join_refused(joins["lan"].access_id, "cancelled", False, manual=False)
-        daemon._join_refused(joins["lan"].access_id, "unknown", False, manual=False)
-    daemon._join_refused(joins["expired"].access_id, "expired", True, manual=False)
-    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
-    daemon._join_refused(joins["unknown"].access_id, "cancelled", False, manual=True)
+        daemon.access_codes.join_refused(joins["lan"].access_id, "cancelled", False, manual=False)
+        daemon.access_codes.join_refused(joins["lan"].access_id, "unknown", False, manual=False)
+    daemon.access_codes.join_refused(joins["expired"].access_id, "expired", True, manual=False)
+    daemon.access_codes.join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
+    daemon.access_codes.join_refused(joins["unknown"].access_id, "cancelled", False, manual=True)
     assert joins["expired"].failed == "expired" and joins["none"].failed is None
     assert joins["unknown"].failed is None and joins["lan"].failed is None
-    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
+    daemon.access_codes.join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
     assert joins["unknown"].failed == "unknown"
     assert daemon.pending_join(joins["expired"].access_id) is None
     assert daemon.pending_join(joins["none"].access_id) is not None
@@ -111,16 +111,16 @@ def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
 
 def test_an_attach_nobody_accepts_gives_up_after_a_week(tmp_path: Path):
     """A pending attach gives up JOIN_GIVE_UP after it was added, with a clear problem."""
-    from clearskies.daemon import JOIN_GIVE_UP
+    from clearskies.daemon.codes import JOIN_GIVE_UP
 
     daemon, _ = _daemon_with_memory_store(tmp_path)
     join = PendingJoin(bytes(16), str(tmp_path / "copy"), "a" * 32, added=daemon.now())
     daemon.joins[join.access_id] = join
     daemon.reactor.advance(JOIN_GIVE_UP - 1)
-    daemon._check_joins()
+    daemon.access_codes.check_joins()
     assert join.failed is None
     daemon.reactor.advance(2)
-    daemon._check_joins()
+    daemon.access_codes.check_joins()
     assert join.failed == "gave_up" and "within 7 days" in join.problem
 
 
@@ -134,7 +134,7 @@ def test_dead_codes_say_why(tmp_path: Path):
     daemon.codes[code.access_id] = code
     assert daemon.dead_code(code.access_id) == ("expired", code.code)
     other = new_access_code("ab" * 32, "read_write", now)
-    daemon._remember_dead_code(other, "cancelled")
+    daemon.access_codes.remember_dead_code(other, "cancelled")
     assert daemon.dead_code(other.access_id) == ("cancelled", other.code)
     assert daemon.dead_code("ef" * 32) is None
 
@@ -176,7 +176,7 @@ def test_attach_folder_that_cannot_be_made_is_said_in_the_status(tmp_path: Path)
     join = PendingJoin(bytes(16), str(tmp_path / "gone" / "copy"), "a" * 32)
     daemon.joins[join.access_id] = join
     failures = []
-    Deferred.fromCoroutine(daemon._join_completed(SimpleNamespace(share_id="f" * 64),
+    Deferred.fromCoroutine(daemon.access_codes.join_completed(SimpleNamespace(share_id="f" * 64),
                                                   join)).addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError)
     assert "cannot be created" in join.problem and "tried again" in join.problem
@@ -189,7 +189,7 @@ def test_data_directory_lock_is_one_holder_at_a_time(tmp_path: Path):
 
     import pytest
 
-    from clearskies.daemon import lock_data_dir
+    from clearskies.daemon.startup import lock_data_dir
 
     fd = lock_data_dir(str(tmp_path / "data"))
     try:
@@ -221,8 +221,8 @@ def test_a_new_name_reaches_the_listening_side_at_once():
     from clearskies.peer import PeerServerFactory
 
     daemon = Daemon(Clock(), DaemonSettings(data_dir="/nonexistent-data", name="old"))
-    daemon.peer_factory = PeerServerFactory(Clock(), daemon, daemon.name,
-                                            daemon.session_factory)
+    daemon.peer_factory = PeerServerFactory(Clock(), daemon.keyring, daemon.name,
+                                            daemon.dialling.session_factory)
     daemon.set_name("new name")
     assert daemon.name == "new name" and daemon.peer_factory.settings.name == "new name"
 
@@ -238,7 +238,7 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
     async def add_share(keys: Any, path: str, peer_id: str) -> None:
         added.append(path)
 
-    daemon._add_share = add_share  # type: ignore[method-assign]
+    daemon.share_registry.add_share = add_share  # type: ignore[method-assign]
     for held, given, reason, words in (("read_write", "read_write", "synced_elsewhere",
                                         "detach it first or use that folder"),
                                        ("read_only", "read_write", "synced_read_only",
@@ -250,7 +250,7 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
                            "a" * 32)
         daemon.joins[join.access_id] = join
         failures: list = []
-        Deferred.fromCoroutine(daemon._join_completed(
+        Deferred.fromCoroutine(daemon.access_codes.join_completed(
             SimpleNamespace(share_id=share_id, access=given), join)).addErrback(failures.append)
         assert failures and failures[0].check(ConfigurationError)
         assert join.failed == reason and words in join.problem
