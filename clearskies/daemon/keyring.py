@@ -60,7 +60,6 @@ class SpareKeys:
     def __init__(self, resources: Resources) -> None:
         self._resources = resources
         self.stopping = False
-        #: The set being made (or made), or None.
         #: The set being made (or made), or None: taken by the next new share.
         self.spare: Deferred[ShareKeys | None] | None = None
 
