@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from clearskies.daemon import Daemon, DaemonSettings, PendingJoin
 from clearskies.errors import ConfigurationError
 from clearskies.threads import SyncRunner
+from tests.peerkit import PeerKitCase, async_test
 
 
 def test_keys_for_an_attach_detached_meanwhile_create_nothing(tmp_path):
@@ -262,3 +263,88 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
         stored = [PendingJoin.from_dict(d) for d in saved["pending_joins"]
                   if d["path"] == join.path]
         assert stored[0].problem == join.problem
+
+
+def test_the_daemon_provides_what_runtimes_and_commands_see(tmp_path: Path):
+    """The daemon offers every method of IShareHost and IDaemonControl, and says so."""
+    from zope.interface.verify import verifyObject
+
+    from clearskies.interfaces import IDaemonControl, IShareHost
+
+    daemon = Daemon(Clock(), DaemonSettings(data_dir=str(tmp_path / "data")))
+    assert verifyObject(IShareHost, daemon)
+    assert verifyObject(IDaemonControl, daemon)
+
+
+def test_nothing_below_the_daemon_imports_it():
+    """No module outside clearskies.daemon but the entry points imports it, not even
+    for type checking: the runtime and the commands see it through interfaces only."""
+    import ast
+
+    import clearskies
+
+    package = Path(clearskies.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if relative.startswith("daemon/") or relative in ("tap.py", "cli.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [node.module + "." + a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "clearskies.daemon" or n.startswith("clearskies.daemon.")
+                   for n in names):
+                offenders.append(relative)
+    assert offenders == []
+    assert not (package / "share" / "runtime.py").exists()
+
+
+def test_a_start_that_fails_says_why_and_exits_1(monkeypatch):
+    """After a failed start the entry point prints the reason, stops the reactor and
+    exits 1 once it has stopped; an unexpected error points at the log."""
+    import io
+    import sys
+
+    from twisted.python.failure import Failure
+
+    from clearskies.daemon import startup
+
+    class Reactor:
+        running = True
+
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def addSystemEventTrigger(self, phase: str, event: str, fn: Any, *args: Any) -> None:
+            self.calls.append((phase, event, fn, args))
+
+        def stop(self) -> None:
+            self.calls.append(("stop",))
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", err)
+    reactor_ = Reactor()
+    startup.exit_on_startup_failure(reactor_, Failure(ConfigurationError("port taken")))
+    assert err.getvalue() == "clearskies: cannot start: port taken\n"
+    assert reactor_.calls == [("after", "shutdown", startup.exit_now,
+                               (startup.EXIT_CANNOT_START,)), ("stop",)]
+    assert startup.startup_reason(Failure(KeyError("x"))) == \
+        "'x' (see the log: clearskies log)"
+
+
+class ShareServiceTreeTests(PeerKitCase):
+    @async_test
+    async def test_each_share_is_a_child_service_started_and_stopped_with_the_tree(self):
+        """A share runs as a child of the registry; detaching it stops it and takes it out."""
+        runtime = await self.start_daemon()
+        daemon = self.daemon
+        self.assertIs(runtime.parent, daemon.share_registry)
+        self.assertTrue(runtime.running and daemon.share_registry.running)
+        self.assertIn(daemon.share_registry, list(daemon))
+        await daemon.remove_share(str(self.share_dir))
+        self.assertFalse(runtime.running)
+        self.assertNotIn(runtime, list(daemon.share_registry))
+        self.assertEqual(daemon.shares, {})
