@@ -213,7 +213,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from clearskies.daemon import Daemon, DaemonSettings
-    from clearskies.daemon.startup import exit_on_startup_failure
+    from clearskies.daemon.startup import exit_on_startup_failure, report_startup_failures
 
     settings = DaemonSettings(
         data_dir=options["data-dir"],
@@ -237,6 +237,9 @@ def makeService(options: Options):
         tor_config=dict(options["tor-extra"]),
     )
     daemon = Daemon(reactor, settings)
+    # A start refused at once (the data directory held by another daemon): its reason,
+    # status 1 and no traceback.
+    report_startup_failures()
     # A start that fails once the reactor runs (a port taken, a bad stored setting):
     # the reason on standard error and exit status 1, whatever twistd would do.
     daemon.ready.addErrback(lambda failure: exit_on_startup_failure(reactor, failure))

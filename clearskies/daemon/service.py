@@ -37,13 +37,7 @@ from clearskies.daemon.listeners import PeerListeners
 from clearskies.daemon.options import DaemonSettings, settle_options
 from clearskies.daemon.resources import Resources
 from clearskies.daemon.shares import Shares
-from clearskies.daemon.startup import (
-    StartupFailure,
-    cannot_start,
-    lock_data_dir,
-    quiet_startup_failures,
-    startup_reason,
-)
+from clearskies.daemon.startup import StartupFailure, lock_data_dir, startup_reason
 from clearskies.daemon.tor import NEUTRAL_NAME, TorLink
 from clearskies.errors import ConfigurationError, ShareError
 from clearskies.interfaces import IDaemonControl, IShareHost
@@ -160,8 +154,6 @@ class Daemon(MultiService):
         try:
             self._lock_fd = lock_data_dir(self.data_dir)
         except ConfigurationError as e:
-            cannot_start(str(e))
-            quiet_startup_failures()
             raise StartupFailure(str(e)) from None
         super().startService()
         self._log.info("{software} starting (pid {pid}), data in {data_dir}",

@@ -23,21 +23,24 @@ LOCK_NAME = "daemon.lock"
 
 
 class StartupFailure(ConfigurationError):
-    """The daemon cannot start; the reason is already on standard error.
+    """The daemon cannot start, found before anything runs (``Daemon.startService``).
 
     An ordinary exception, so that twistd (which exits 1 on it) reports it to
     the parent it daemonized from; when nothing catches it, the process ends
-    without a traceback (see ``quiet_startup_failures``)."""
+    saying why, without a traceback (see ``report_startup_failures``)."""
 
 
-def quiet_startup_failures() -> None:
-    """Let an uncaught StartupFailure end the process with status 1 and no traceback."""
+def report_startup_failures() -> None:
+    """Let an uncaught StartupFailure end the process with status 1, its reason on the
+    real standard error and no traceback (the entry point installs this)."""
     previous = sys.excepthook
     if getattr(previous, "_clearskies_quiet", False):
         return
 
     def hook(kind: Any, value: Any, traceback: Any) -> None:
-        if not issubclass(kind, StartupFailure):
+        if issubclass(kind, StartupFailure):
+            cannot_start(str(value))
+        else:
             previous(kind, value, traceback)
 
     hook._clearskies_quiet = True  # type: ignore[attr-defined]
