@@ -203,7 +203,7 @@ def test_remembered_addresses_become_expiring_candidates_newest_peers_first(tmp_
 def test_tor_only_daemon_dials_only_remembered_onion_addresses(tmp_path):
     """Under --tor-only, remembered tcp: addresses are never offered for dialling."""
     daemon = _daemon(tmp_path, tor_mode="only")
-    daemon.add_peer_candidates(SHARE_ID, THEM, ["tcp:10.0.0.1:4000", THEIR_ONION, "junk"])
+    daemon.dialling.add_peer_candidates(SHARE_ID, THEM, ["tcp:10.0.0.1:4000", THEIR_ONION, "junk"])
     assert [(a, s) for _, a, _, s in daemon.connector.added] == [
         (Address("tor", THEIR_ONION[4:-6], 60106), "tracker")]
 
@@ -213,7 +213,7 @@ def test_runtime_stores_advertised_addresses_and_offers_them(tmp_path):
     daemon = _daemon(tmp_path, tor_mode="on")
     stored: list[PeerInfo] = []
     runtime: Any = object.__new__(ShareRuntime)
-    runtime.host = daemon
+    runtime.host = daemon.share_registry.host
     runtime.share_id = SHARE_ID
     runtime.store = SimpleNamespace(
         upsert_peer=lambda p, forget=(): stored.append(p) or succeed(None))

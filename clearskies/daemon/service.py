@@ -32,6 +32,7 @@ from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.discovery import Discovery
+from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing, SpareKeys
 from clearskies.daemon.listeners import PeerListeners
 from clearskies.daemon.options import DaemonSettings, settle_options
@@ -40,7 +41,7 @@ from clearskies.daemon.shares import Shares
 from clearskies.daemon.startup import StartupFailure, lock_data_dir, startup_reason
 from clearskies.daemon.tor import NEUTRAL_NAME, TorLink
 from clearskies.errors import ConfigurationError, ShareError
-from clearskies.interfaces import IDaemonControl, IShareHost
+from clearskies.interfaces import IDaemonControl
 from clearskies.logfile import LogFileService
 from clearskies.share.database import ShareStore
 from clearskies.threads import ProcessRunner, SerialRunner, ThreadPoolRunner
@@ -72,7 +73,7 @@ class _Via:
         setattr(getattr(daemon, self.room), self.name, value)
 
 
-@implementer(IShareHost, IDaemonControl)
+@implementer(IDaemonControl)
 class Daemon(MultiService):
     """One ClearSkies daemon: the root of its service tree, and the composition of its rooms."""
 
@@ -93,7 +94,7 @@ class Daemon(MultiService):
         self.resources = Resources(reactor, self.data_dir, *runners)
         self.activity = Activity(reactor, lambda: self.shares.values())
         self.spare_keys = SpareKeys(self.resources)
-        self.share_registry = Shares(self.resources, self, self.activity, self.spare_keys,
+        self.share_registry = Shares(self.resources, self.activity, self.spare_keys,
                                      self._announce_changed)
         self.share_registry.setServiceParent(self)
         self.access_codes = AccessCodes(self.resources, self.share_registry,
@@ -108,6 +109,9 @@ class Daemon(MultiService):
         self.listeners.setServiceParent(self)
         self.discovery = Discovery(reactor, settings, self.share_registry, self.access_codes,
                                    self.dialling, self.tor_link, lambda: self.listening_port)
+        # What each share's runtime sees of all this (and nothing else of the daemon).
+        self.share_registry.host = ShareHost(self.resources, self.activity, self.share_registry,
+                                             self.dialling, self.discovery)
         self.control_port: Any = None
         self.ready: Deferred[None] = Deferred()
         self._lock_fd: int | None = None
@@ -123,7 +127,6 @@ class Daemon(MultiService):
     disk_runner = _Via("resources", "disk_runner")
     keys_dir = _Via("resources", "keys_dir")
     control_path = _Via("resources", "control_path")
-    keys_path = _Via("resources", "keys_path")
     shares = _Via("share_registry", "by_id")
     codes = _Via("access_codes", "codes")
     joins = _Via("access_codes", "joins")
@@ -285,31 +288,8 @@ class Daemon(MultiService):
         """Set the rate limiters from the config; running transfers follow at once."""
         self.activity.apply_limits(self.config)
 
-    # -- what a share's runtime sees (IShareHost) ----------------------------------------
-
     def now(self) -> float:
         return self.resources.now()
-
-    def own_paths(self) -> list[str]:
-        return self.resources.own_paths()
-
-    def read_only_files(self) -> bool:
-        return bool(self.config.get("read_only_files"))
-
-    def share_adopted(self, share_id: str) -> None:
-        self.share_registry.share_adopted(share_id)
-
-    def advertised_addresses(self) -> list[Any]:
-        return self.discovery.advertised_addresses()
-
-    def add_peer_candidates(self, share_id: str, peer_id: str | None, addresses: Any) -> None:
-        self.dialling.add_peer_candidates(share_id, peer_id, addresses)
-
-    def retry_peers(self, share_id: str) -> None:
-        self.dialling.retry_peers(share_id)
-
-    def peer_connection_lost(self, share_id: str, peer_id: str, address: Any) -> None:
-        self.dialling.connection_lost(share_id, peer_id, address)
 
     # -- what the control commands see (IDaemonControl) ----------------------------------
 

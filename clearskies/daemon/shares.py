@@ -33,17 +33,18 @@ ADOPTING = "adopting_shares"
 class Shares(MultiService):
     """Share ID → :class:`ShareRuntime` (``by_id``), and making, opening and removing them.
 
-    ``host`` is what each runtime sees of the daemon; ``announce`` is called
-    when a share appears, so that discovery tells the world at once.
+    ``host`` (set by the daemon once the rooms it reaches exist) is what each
+    runtime sees of the daemon; ``announce`` is called when a share appears, so
+    that discovery tells the world at once.
     """
 
     _log = Logger()
 
-    def __init__(self, resources: Resources, host: IShareHost, activity: Activity,
-                 spare_keys: SpareKeys, announce: Callable[[], None]) -> None:
+    def __init__(self, resources: Resources, activity: Activity, spare_keys: SpareKeys,
+                 announce: Callable[[], None]) -> None:
         super().__init__()
         self._resources = resources
-        self._host = host
+        self.host: IShareHost | None = None
         self._activity = activity
         self._spare_keys = spare_keys
         self._announce = announce
@@ -124,7 +125,7 @@ class Shares(MultiService):
         if keys is None:
             keys = await resources.cpu_runner.run(ShareKeys.load,
                                                   resources.keys_path(info.share_id))
-        runtime = ShareRuntime(self._host, resources.reactor, resources.store,
+        runtime = ShareRuntime(self.host, resources.reactor, resources.store,
                                resources.cpu_runner, resources.disk_runner, info, keys)
         runtime.sync.upload_limiter = self._activity.upload_limiter
         runtime.sync.download_limiter = self._activity.download_limiter
