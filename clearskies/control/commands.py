@@ -52,7 +52,7 @@ def _join_status(join: Any) -> str:
 
 
 class DaemonCommands(CommandDispatcher):
-    """What the control socket can ask of the daemon."""
+    """What the control socket can ask of the daemon (which it sees as ``IDaemonControl``)."""
 
     _log = Logger()
 
