@@ -149,3 +149,26 @@ class PeerListeners(Service):
                 continue
             for protocol in list(factory.connections | factory.handshaking):
                 protocol.close("daemon shutting down")
+
+
+class ControlListener(Service):
+    """The control socket (protocol/control.md); stopping closes it first of all."""
+
+    def __init__(self, reactor: Any, path: str, dispatcher: Any) -> None:
+        self.reactor = reactor
+        self.path = path
+        self._dispatcher = dispatcher
+        self.port: IListeningPort | None = None
+
+    async def listen(self) -> None:
+        from clearskies import SOFTWARE
+        from clearskies.control.protocol import ControlFactory, listen_control
+
+        self.port = await listen_control(self.reactor, self.path,
+                                         ControlFactory(self._dispatcher, SOFTWARE))
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        return self.port.stopListening()

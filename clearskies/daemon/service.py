@@ -5,7 +5,8 @@ touching the disk; ``startService`` then takes the data directory's lock,
 opens the state database, brings back every share, key, access code and
 pending attach, and starts listening.  Its children are the log file, the
 thread pools, the shares (one child service each, under :class:`Shares`),
-the peer listeners, Tor, the connection manager and the discovery sources.
+the control socket, the peer listeners, Tor, the connection manager and the
+discovery sources.
 Blocking work (key generation, SQLite, scans) runs in the thread pools.
 
 A start that fails fails :attr:`Daemon.ready`; what that does to the process
@@ -27,14 +28,13 @@ from zope.interface import implementer
 
 from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, parse_code
-from clearskies.control.protocol import ControlFactory, listen_control
 from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing, SpareKeys
-from clearskies.daemon.listeners import PeerListeners
+from clearskies.daemon.listeners import ControlListener, PeerListeners
 from clearskies.daemon.options import DaemonSettings, settle_options
 from clearskies.daemon.resources import Resources
 from clearskies.daemon.shares import Shares
@@ -107,12 +107,13 @@ class Daemon(MultiService):
         self.access_codes.dialling = self.dialling
         self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
         self.listeners.setServiceParent(self)
+        self.control = ControlListener(reactor, self.control_path, self._dispatcher())
+        self.control.setServiceParent(self)
         self.discovery = Discovery(reactor, settings, self.share_registry, self.access_codes,
                                    self.dialling, self.tor_link, lambda: self.listening_port)
         # What each share's runtime sees of all this (and nothing else of the daemon).
         self.share_registry.host = ShareHost(self.resources, self.activity, self.share_registry,
                                              self.dialling, self.discovery)
-        self.control_port: Any = None
         self.ready: Deferred[None] = Deferred()
         self._lock_fd: int | None = None
         self._listen_kept = False  # the peer endpoint comes from the stored settings
@@ -142,6 +143,7 @@ class Daemon(MultiService):
     tor_mode = _Via("tor_link", "mode")
     tor = _Via("tor_link", "tor")
     tor_only = _Via("tor_link", "tor_only")
+    control_port = _Via("control", "port")
     peer_port = _Via("listeners", "peer_port")
     peer_factory = _Via("listeners", "peer_factory")
     onion_listener = _Via("listeners", "onion_listener")
@@ -200,8 +202,7 @@ class Daemon(MultiService):
         await self._listen_peers()
         self._start_tor()
         self._start_discovery()
-        self.control_port = await listen_control(
-            self.reactor, self.control_path, ControlFactory(self._dispatcher(), SOFTWARE))
+        await self.control.listen()
         self.spare_keys.make()
 
     async def _settle_options(self) -> None:
@@ -249,9 +250,7 @@ class Daemon(MultiService):
     async def _stop(self) -> None:
         # In order: nobody new gets in, every share stops, the database closes; then
         # the rest (the thread pools among them) stop together.
-        if self.control_port is not None:
-            await self.control_port.stopListening()
-        for child in (self.listeners, self.share_registry):
+        for child in (self.control, self.listeners, self.share_registry):
             if child.running:
                 await child.stopService()
         if self.store is not None:
