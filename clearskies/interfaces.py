@@ -27,3 +27,106 @@ from zope.interface import Attribute, Interface  # noqa: F401
 
 
 # --- the daemon, as a share runtime and the control commands see it ---------
+
+
+class IShareHost(Interface):
+    """What one share's runtime (``clearskies.daemon.runtime.ShareRuntime``) needs
+    from the daemon that runs it: the daemon-wide state it follows and the
+    places it reports to.  The runtime gets its reactor, store and runners as
+    constructor arguments, and nothing else of the daemon."""
+
+    paused = Attribute("True while the daemon is paused: a share started now starts paused.")
+
+    def now() -> float:
+        """The reactor's time, in seconds."""
+
+    def own_paths() -> list[str]:
+        """What the daemon keeps for itself (data directory, control socket): no share
+        may hold or lie in them, and a share that holds one never syncs it."""
+
+    def read_only_files() -> bool:
+        """Whether read-only shares keep their files without write permission (a setting)."""
+
+    def share_adopted(share_id: str) -> None:
+        """The first scan of a share attached with --merge has recorded the folder's files."""
+
+    def advertised_addresses() -> list[object]:
+        """Where peers can reach us beyond what they see (protocol/sync.md, "Addresses")."""
+
+    def add_peer_candidates(share_id: str, peer_id: str | None, addresses: object) -> None:
+        """Offer addresses a peer told us (or we remembered) for dialling."""
+
+    def retry_peers(share_id: str) -> None:
+        """The share is usable again: dial its peers now rather than at their next backoff."""
+
+    def peer_connection_lost(share_id: str, peer_id: str, address: object) -> None:
+        """A session of the share ended (``address``: the one we dialled, or None)."""
+
+
+class IDaemonControl(Interface):
+    """The daemon as the control commands (``clearskies.control.commands``) see it."""
+
+    name = Attribute("The name peers see.")
+    paused = Attribute("True between ``pause`` and ``resume``.")
+    shares = Attribute("Share ID -> the share's runtime, for every share of the daemon.")
+    joins = Attribute("Access ID -> pending (or failed) attach, for codes we were given.")
+    codes = Attribute("Access ID -> live access code, for codes we made.")
+    tor_mode = Attribute('"off", "on" or "only".')
+    listening_port = Attribute("The TCP port peers reach us on (0 before it is known).")
+
+    def now() -> float:
+        """The reactor's time, in seconds."""
+
+    def request_stop() -> None:
+        """Stop the daemon shortly (after the reply to ``stop`` has gone out)."""
+
+    def pause() -> None:
+        """No new transfers, scans or announcements until ``resume``."""
+
+    def resume() -> None:
+        """Undo ``pause``."""
+
+    def is_tracking() -> bool:
+        """Whether some tracker has our registration."""
+
+    def rates() -> tuple[float, float]:
+        """Upload and download rates, bytes per second over the last few seconds."""
+
+    def onion_address() -> str | None:
+        """``tor:<name>.onion:<port>`` while our onion service is published."""
+
+    def tor_error() -> str | None:
+        """Why Tor is not working, or None."""
+
+    def share_by_path(path: str) -> object:
+        """The runtime of the share at ``path`` (a real path), or None."""
+
+    def create_share(path: str) -> object:
+        """(async) Make a new share of an existing directory; its runtime."""
+
+    def size_warning(path: str) -> object:
+        """(async) A warning for a share that is a home directory or very large, or None."""
+
+    def remove_share(path: str) -> object:
+        """(async) Detach the share at ``path``."""
+
+    def create_code(path: str, level: str, one_time: bool, lifetime: float | None) -> object:
+        """(async) A new access code for the share at ``path``."""
+
+    def cancel_code(access_id_prefix: str) -> object:
+        """(async) Cancel the one live code whose access ID starts with the prefix."""
+
+    def add_join(code: bytes, path: str, peers: list[str], merge: bool = False) -> object:
+        """(async) Remember a code we were given and start looking for its share."""
+
+    def remove_join(path: str) -> object:
+        """(async) Forget the pending or failed attach into ``path``; whether there was one."""
+
+    def setting(key: str) -> object:
+        """The stored value of a setting, or None when it was never set."""
+
+    def set_setting(key: str, value: object) -> object:
+        """(async) Store a checked setting and apply what applies at once."""
+
+    def remember_manual_peer(share_id: str, address: str) -> object:
+        """(async) Keep a peer address for a share and dial it."""

@@ -3,7 +3,9 @@
 ``Options`` checks what can be checked without touching the disk or the
 network; ``makeService`` only builds the service tree.  Everything that
 blocks (opening the database, generating keys, scanning) happens after the
-reactor starts, inside ``clearskies.daemon.Daemon``.
+reactor starts, inside ``clearskies.daemon.Daemon``.  This module is the
+composition root: it reads the options, builds the daemon with the global
+reactor, and decides what a failed start does to the process.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ class Options(usage.Options):
 
 
 def _loopback(listen: str) -> bool:
-    from clearskies.daemon import is_loopback_listen
+    from clearskies.daemon.listeners import is_loopback_listen
 
     return is_loopback_listen(listen)
 
@@ -211,6 +213,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from clearskies.daemon import Daemon, DaemonSettings
+    from clearskies.daemon.startup import exit_on_startup_failure, report_startup_failures
 
     settings = DaemonSettings(
         data_dir=options["data-dir"],
@@ -233,4 +236,11 @@ def makeService(options: Options):
         tor_control=options["tor-control"],
         tor_config=dict(options["tor-extra"]),
     )
-    return Daemon(reactor, settings)
+    daemon = Daemon(reactor, settings)
+    # A start refused at once (the data directory held by another daemon): its reason,
+    # status 1 and no traceback.
+    report_startup_failures()
+    # A start that fails once the reactor runs (a port taken, a bad stored setting):
+    # the reason on standard error and exit status 1, whatever twistd would do.
+    daemon.ready.addErrback(lambda failure: exit_on_startup_failure(reactor, failure))
+    return daemon

@@ -32,7 +32,7 @@ from clearskies import wire
 from clearskies.daemon import Daemon, DaemonSettings
 from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.peer import PeerProtocol, connect_peer
-from clearskies.share.runtime import ShareRuntime
+from clearskies.daemon.runtime import ShareRuntime
 
 ALL_FEATURES = ("vv", "directories", "progress")
 POLL = 0.02

@@ -15,11 +15,12 @@ import pytest
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
-from clearskies.daemon import MAX_REMEMBERED, Daemon, DaemonSettings
+from clearskies.daemon import Daemon, DaemonSettings
+from clearskies.daemon.dialling import MAX_REMEMBERED
 from clearskies.discovery.addresses import Address
 from clearskies.errors import ProtocolError
 from clearskies.share.database import PeerInfo
-from clearskies.share.runtime import ShareRuntime
+from clearskies.daemon.runtime import ShareRuntime
 from clearskies.tracker.registry import Registry, check_tor_addresses, is_v3_onion
 from tests.daemons import wait_same_trees
 from tests.test_sync import THEM, FakeConnection, MemoryShare, message
@@ -191,7 +192,7 @@ def test_remembered_addresses_become_expiring_candidates_newest_peers_first(tmp_
         for i in range(10)
     }
     daemon.shares = {SHARE_ID: SimpleNamespace(peers=peers)}  # type: ignore[dict-item]
-    daemon._offer_remembered_peers()
+    daemon.dialling.offer_remembered_peers()
     added = daemon.connector.added
     assert len(added) == MAX_REMEMBERED == 64
     assert {source for _, _, _, source in added} == {"tracker"}
@@ -202,7 +203,7 @@ def test_remembered_addresses_become_expiring_candidates_newest_peers_first(tmp_
 def test_tor_only_daemon_dials_only_remembered_onion_addresses(tmp_path):
     """Under --tor-only, remembered tcp: addresses are never offered for dialling."""
     daemon = _daemon(tmp_path, tor_mode="only")
-    daemon.add_peer_candidates(SHARE_ID, THEM, ["tcp:10.0.0.1:4000", THEIR_ONION, "junk"])
+    daemon.dialling.add_peer_candidates(SHARE_ID, THEM, ["tcp:10.0.0.1:4000", THEIR_ONION, "junk"])
     assert [(a, s) for _, a, _, s in daemon.connector.added] == [
         (Address("tor", THEIR_ONION[4:-6], 60106), "tracker")]
 
@@ -212,7 +213,7 @@ def test_runtime_stores_advertised_addresses_and_offers_them(tmp_path):
     daemon = _daemon(tmp_path, tor_mode="on")
     stored: list[PeerInfo] = []
     runtime: Any = object.__new__(ShareRuntime)
-    runtime.daemon = daemon
+    runtime.host = daemon.share_registry.host
     runtime.share_id = SHARE_ID
     runtime.store = SimpleNamespace(
         upsert_peer=lambda p, forget=(): stored.append(p) or succeed(None))

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from clearskies.daemon import Daemon, DaemonSettings, PendingJoin
 from clearskies.errors import ConfigurationError
 from clearskies.threads import SyncRunner
+from tests.peerkit import PeerKitCase, async_test
 
 
 def test_keys_for_an_attach_detached_meanwhile_create_nothing(tmp_path):
@@ -19,7 +20,7 @@ def test_keys_for_an_attach_detached_meanwhile_create_nothing(tmp_path):
     daemon = Daemon(reactor, DaemonSettings(data_dir=str(tmp_path / "data")))
     join = PendingJoin(bytes(16), str(tmp_path / "copy"), "a" * 32)
     failures = []
-    Deferred.fromCoroutine(daemon._join_completed(object(), join)).addErrback(failures.append)
+    Deferred.fromCoroutine(daemon.access_codes.join_completed(object(), join)).addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError)
     assert "cancelled" in failures[0].getErrorMessage()
     assert not (tmp_path / "copy").exists() and daemon.shares == {}
@@ -50,8 +51,8 @@ def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: 
         stored_while_adding.append(list(saved["pending_joins"]))
         await adding  # the crash would come here
 
-    daemon._add_share = add_share  # type: ignore[method-assign]
-    done = Deferred.fromCoroutine(daemon._join_completed(SimpleNamespace(share_id="f" * 64),
+    daemon.share_registry.add_share = add_share  # type: ignore[method-assign]
+    done = Deferred.fromCoroutine(daemon.access_codes.join_completed(SimpleNamespace(share_id="f" * 64),
                                                          join))
     assert stored_while_adding == [[join.to_dict()]]
     assert saved["pending_joins"] == [join.to_dict()]
@@ -88,16 +89,16 @@ def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
                            added=daemon.now())
         daemon.joins[join.access_id] = joins[name] = join
     for _ in range(10):
-        daemon._join_refused(joins["none"].access_id, None, False, manual=True)
+        daemon.access_codes.join_refused(joins["none"].access_id, None, False, manual=True)
         # Anyone on the LAN can answer in the maker's place: no proof, not a given address.
-        daemon._join_refused(joins["lan"].access_id, "cancelled", False, manual=False)
-        daemon._join_refused(joins["lan"].access_id, "unknown", False, manual=False)
-    daemon._join_refused(joins["expired"].access_id, "expired", True, manual=False)
-    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
-    daemon._join_refused(joins["unknown"].access_id, "cancelled", False, manual=True)
+        daemon.access_codes.join_refused(joins["lan"].access_id, "cancelled", False, manual=False)
+        daemon.access_codes.join_refused(joins["lan"].access_id, "unknown", False, manual=False)
+    daemon.access_codes.join_refused(joins["expired"].access_id, "expired", True, manual=False)
+    daemon.access_codes.join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
+    daemon.access_codes.join_refused(joins["unknown"].access_id, "cancelled", False, manual=True)
     assert joins["expired"].failed == "expired" and joins["none"].failed is None
     assert joins["unknown"].failed is None and joins["lan"].failed is None
-    daemon._join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
+    daemon.access_codes.join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
     assert joins["unknown"].failed == "unknown"
     assert daemon.pending_join(joins["expired"].access_id) is None
     assert daemon.pending_join(joins["none"].access_id) is not None
@@ -111,16 +112,16 @@ def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
 
 def test_an_attach_nobody_accepts_gives_up_after_a_week(tmp_path: Path):
     """A pending attach gives up JOIN_GIVE_UP after it was added, with a clear problem."""
-    from clearskies.daemon import JOIN_GIVE_UP
+    from clearskies.daemon.codes import JOIN_GIVE_UP
 
     daemon, _ = _daemon_with_memory_store(tmp_path)
     join = PendingJoin(bytes(16), str(tmp_path / "copy"), "a" * 32, added=daemon.now())
     daemon.joins[join.access_id] = join
     daemon.reactor.advance(JOIN_GIVE_UP - 1)
-    daemon._check_joins()
+    daemon.access_codes.check_joins()
     assert join.failed is None
     daemon.reactor.advance(2)
-    daemon._check_joins()
+    daemon.access_codes.check_joins()
     assert join.failed == "gave_up" and "within 7 days" in join.problem
 
 
@@ -134,7 +135,7 @@ def test_dead_codes_say_why(tmp_path: Path):
     daemon.codes[code.access_id] = code
     assert daemon.dead_code(code.access_id) == ("expired", code.code)
     other = new_access_code("ab" * 32, "read_write", now)
-    daemon._remember_dead_code(other, "cancelled")
+    daemon.access_codes.remember_dead_code(other, "cancelled")
     assert daemon.dead_code(other.access_id) == ("cancelled", other.code)
     assert daemon.dead_code("ef" * 32) is None
 
@@ -176,7 +177,7 @@ def test_attach_folder_that_cannot_be_made_is_said_in_the_status(tmp_path: Path)
     join = PendingJoin(bytes(16), str(tmp_path / "gone" / "copy"), "a" * 32)
     daemon.joins[join.access_id] = join
     failures = []
-    Deferred.fromCoroutine(daemon._join_completed(SimpleNamespace(share_id="f" * 64),
+    Deferred.fromCoroutine(daemon.access_codes.join_completed(SimpleNamespace(share_id="f" * 64),
                                                   join)).addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError)
     assert "cannot be created" in join.problem and "tried again" in join.problem
@@ -189,7 +190,7 @@ def test_data_directory_lock_is_one_holder_at_a_time(tmp_path: Path):
 
     import pytest
 
-    from clearskies.daemon import lock_data_dir
+    from clearskies.daemon.startup import lock_data_dir
 
     fd = lock_data_dir(str(tmp_path / "data"))
     try:
@@ -221,8 +222,8 @@ def test_a_new_name_reaches_the_listening_side_at_once():
     from clearskies.peer import PeerServerFactory
 
     daemon = Daemon(Clock(), DaemonSettings(data_dir="/nonexistent-data", name="old"))
-    daemon.peer_factory = PeerServerFactory(Clock(), daemon, daemon.name,
-                                            daemon.session_factory)
+    daemon.peer_factory = PeerServerFactory(Clock(), daemon.keyring, daemon.name,
+                                            daemon.dialling.session_factory)
     daemon.set_name("new name")
     assert daemon.name == "new name" and daemon.peer_factory.settings.name == "new name"
 
@@ -238,7 +239,7 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
     async def add_share(keys: Any, path: str, peer_id: str) -> None:
         added.append(path)
 
-    daemon._add_share = add_share  # type: ignore[method-assign]
+    daemon.share_registry.add_share = add_share  # type: ignore[method-assign]
     for held, given, reason, words in (("read_write", "read_write", "synced_elsewhere",
                                         "detach it first or use that folder"),
                                        ("read_only", "read_write", "synced_read_only",
@@ -250,7 +251,7 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
                            "a" * 32)
         daemon.joins[join.access_id] = join
         failures: list = []
-        Deferred.fromCoroutine(daemon._join_completed(
+        Deferred.fromCoroutine(daemon.access_codes.join_completed(
             SimpleNamespace(share_id=share_id, access=given), join)).addErrback(failures.append)
         assert failures and failures[0].check(ConfigurationError)
         assert join.failed == reason and words in join.problem
@@ -262,3 +263,88 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
         stored = [PendingJoin.from_dict(d) for d in saved["pending_joins"]
                   if d["path"] == join.path]
         assert stored[0].problem == join.problem
+
+
+def test_the_daemon_provides_what_runtimes_and_commands_see(tmp_path: Path):
+    """The share runtimes' host offers all of IShareHost, the daemon all of IDaemonControl."""
+    from zope.interface.verify import verifyObject
+
+    from clearskies.interfaces import IDaemonControl, IShareHost
+
+    daemon = Daemon(Clock(), DaemonSettings(data_dir=str(tmp_path / "data")))
+    assert verifyObject(IShareHost, daemon.share_registry.host)
+    assert verifyObject(IDaemonControl, daemon)
+
+
+def test_nothing_below_the_daemon_imports_it():
+    """No module outside clearskies.daemon but the entry points imports it, not even
+    for type checking: the runtime and the commands see it through interfaces only."""
+    import ast
+
+    import clearskies
+
+    package = Path(clearskies.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if relative.startswith("daemon/") or relative in ("tap.py", "cli.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [node.module + "." + a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "clearskies.daemon" or n.startswith("clearskies.daemon.")
+                   for n in names):
+                offenders.append(relative)
+    assert offenders == []
+    assert not (package / "share" / "runtime.py").exists()
+
+
+def test_a_start_that_fails_says_why_and_exits_1(monkeypatch):
+    """After a failed start the entry point prints the reason, stops the reactor and
+    exits 1 once it has stopped; an unexpected error points at the log."""
+    import io
+    import sys
+
+    from twisted.python.failure import Failure
+
+    from clearskies.daemon import startup
+
+    class Reactor:
+        running = True
+
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def addSystemEventTrigger(self, phase: str, event: str, fn: Any, *args: Any) -> None:
+            self.calls.append((phase, event, fn, args))
+
+        def stop(self) -> None:
+            self.calls.append(("stop",))
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", err)
+    reactor_ = Reactor()
+    startup.exit_on_startup_failure(reactor_, Failure(ConfigurationError("port taken")))
+    assert err.getvalue() == "clearskies: cannot start: port taken\n"
+    assert reactor_.calls == [("after", "shutdown", startup.exit_now,
+                               (startup.EXIT_CANNOT_START,)), ("stop",)]
+    assert startup.startup_reason(Failure(KeyError("x"))) == \
+        "'x' (see the log: clearskies log)"
+
+
+class ShareServiceTreeTests(PeerKitCase):
+    @async_test
+    async def test_each_share_is_a_child_service_started_and_stopped_with_the_tree(self):
+        """A share runs as a child of the registry; detaching it stops it and takes it out."""
+        runtime = await self.start_daemon()
+        daemon = self.daemon
+        self.assertIs(runtime.parent, daemon.share_registry)
+        self.assertTrue(runtime.running and daemon.share_registry.running)
+        self.assertIn(daemon.share_registry, list(daemon))
+        await daemon.remove_share(str(self.share_dir))
+        self.assertFalse(runtime.running)
+        self.assertNotIn(runtime, list(daemon.share_registry))
+        self.assertEqual(daemon.shares, {})

@@ -244,7 +244,8 @@ def _forge(alice_address: str, code_text: str, bob_address: str, out_path: str) 
 
     from clearskies import wire
     from clearskies.accesscode import parse_code
-    from clearskies.daemon import FEATURES, new_peer_id
+    from clearskies.daemon.dialling import FEATURES
+    from clearskies.daemon.resources import new_peer_id
     from clearskies.handshake import ConnectTarget, MemoryKeyRing
     from clearskies.keys import sign
     from clearskies.peer import PeerProtocol, connect_peer

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from clearskies.share.database import PeerInfo, ShareInfo, ShareStore
-from clearskies.share.runtime import MAX_KNOWN_PEERS, ShareRuntime, peers_to_forget
+from clearskies.daemon.runtime import MAX_KNOWN_PEERS, ShareRuntime, peers_to_forget
 from clearskies.threads import SyncRunner
 from tests.test_database import result_of
 
@@ -20,7 +20,7 @@ def _runtime(tmp_path) -> tuple[Any, ShareStore, dict]:
     result_of(store.add_share(ShareInfo(SHARE_ID, str(tmp_path), OURS, "read_write")))
     clock = {"now": 0.0}
     runtime: Any = object.__new__(ShareRuntime)
-    runtime.daemon = SimpleNamespace(now=lambda: clock["now"])
+    runtime.host = SimpleNamespace(now=lambda: clock["now"])
     runtime.share_id = SHARE_ID
     runtime.store = store
     runtime.peers = {}

@@ -578,7 +578,7 @@ def test_write_permission_pass_touches_only_files_as_recorded(tmp_path):
     import stat
 
     from clearskies.share.database import CacheKey, StoredRecord
-    from clearskies.share.runtime import _set_write_permission
+    from clearskies.daemon.localshare import _set_write_permission
 
     def stored(name: str, mode: int) -> tuple[str, StoredRecord]:
         path = tmp_path / name

@@ -419,7 +419,7 @@ class ShareTotalsTests(PeerKitCase):
         await runtime.service.rescan()
         await wait_until(lambda: runtime._counts_dirty, what="the change to be announced")
         runtime._count_duration = 60.0  # as if counting were slow: recounts are spaced out
-        runtime._counted_at = runtime.daemon.reactor.seconds()
+        runtime._counted_at = runtime.reactor.seconds()
         self.assertEqual(await self.counts_and_recounts(runtime), (first, 0))
 
         runtime._count_duration = 0.0
@@ -433,7 +433,7 @@ class SpareKeysTests(PeerKitCase):
         """create_share uses the key set generated in the background, never twice."""
         await self.start_daemon()
         daemon = self.daemon
-        spare = daemon._spare_keys
+        spare = daemon.spare_keys.spare
         self.assertIsNotNone(spare)
         # Watched without taking its result (awaiting it would): the share below gets it.
         made = Deferred()
@@ -443,7 +443,7 @@ class SpareKeysTests(PeerKitCase):
         other.mkdir()
         runtime = await daemon.create_share(str(other))
         self.assertEqual(runtime.keys.share_id, ready.share_id)
-        self.assertIsNot(daemon._spare_keys, spare)
-        next_spare = await daemon._spare_keys
+        self.assertIsNot(daemon.spare_keys.spare, spare)
+        next_spare = await daemon.spare_keys.spare
         self.assertNotEqual(next_spare.share_id, ready.share_id)
         self.assertNotIn(next_spare.share_id, daemon.shares)

@@ -8,7 +8,7 @@ request gets a clear ``bad_request`` reply and never reaches the daemon.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -16,12 +16,10 @@ from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.errors import AccessCodeError, ClearSkiesError
+from clearskies.interfaces import IDaemonControl
 from clearskies.settings import AT_START, DEFAULTS, SettingError, check_setting
 from clearskies.sync import RETRY_AFTER
 
-if TYPE_CHECKING:
-    from clearskies.daemon import Daemon
-    from clearskies.share.runtime import ShareRuntime
 
 MAX_CODE_LIFETIME = 10 * 365 * 86400.0
 #: The settings (clearskies.settings checks their values).
@@ -54,11 +52,11 @@ def _join_status(join: Any) -> str:
 
 
 class DaemonCommands(CommandDispatcher):
-    """What the control socket can ask of the daemon."""
+    """What the control socket can ask of the daemon (which it sees as ``IDaemonControl``)."""
 
     _log = Logger()
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: IDaemonControl) -> None:
         self.daemon = daemon
 
     def dispatch(self, request: dict[str, Any]) -> Any:
@@ -85,7 +83,7 @@ class DaemonCommands(CommandDispatcher):
             return ControlError("invalid_code", str(error))
         return ControlError("refused", str(error))
 
-    def _share(self, request: dict[str, Any]) -> ShareRuntime:
+    def _share(self, request: dict[str, Any]) -> Any:
         path = _path(request)
         runtime = self.daemon.share_by_path(path)
         if runtime is None:
@@ -95,8 +93,7 @@ class DaemonCommands(CommandDispatcher):
     # -- the draft's commands (protocol/control.md) ------------------------------
 
     def cmd_stop(self, request: dict[str, Any]) -> dict[str, Any]:
-        reactor = self.daemon.reactor
-        reactor.callLater(0.1, reactor.stop)
+        self.daemon.request_stop()
         return {}
 
     def cmd_pause(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -109,12 +106,13 @@ class DaemonCommands(CommandDispatcher):
 
     def cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         daemon = self.daemon
+        upload_rate, download_rate = daemon.rates()
         return {
             "paused": daemon.paused,
-            "tracking": any(getattr(t, "registered", False) for t in daemon.trackers),
+            "tracking": daemon.is_tracking(),
             "nat_punctured": False,
-            "upload_rate": int(daemon.upload.rate),
-            "download_rate": int(daemon.download.rate),
+            "upload_rate": int(upload_rate),
+            "download_rate": int(download_rate),
             "software": SOFTWARE,
             "shares": len(daemon.shares),
             "pending_attaches": sum(1 for j in daemon.joins.values() if j.failed is None),
@@ -123,8 +121,7 @@ class DaemonCommands(CommandDispatcher):
             "name": daemon.name,
             "tor": daemon.tor_mode,
             "onion_address": daemon.onion_address(),
-            "tor_error": str(daemon.tor.error) if daemon.tor is not None and daemon.tor.error
-            else None,
+            "tor_error": daemon.tor_error(),
         }
 
     async def cmd_create_share(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -194,18 +191,14 @@ class DaemonCommands(CommandDispatcher):
 
     async def cmd_remove_share(self, request: dict[str, Any]) -> dict[str, Any]:
         path = _path(request)
-        for join_id, join in list(self.daemon.joins.items()):
-            if join.path == path:
-                del self.daemon.joins[join_id]
-                await self.daemon._save_joins()
-                return {}
-        await self.daemon.remove_share(path)
+        if not await self.daemon.remove_join(path):
+            await self.daemon.remove_share(path)
         return {}
 
     def _value(self, key: str) -> Any:
         if key == "name":
             return self.daemon.name
-        value = self.daemon.config.get(key)
+        value = self.daemon.setting(key)
         return DEFAULTS[key] if value is None else value
 
     def cmd_get_config(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -248,19 +241,11 @@ class DaemonCommands(CommandDispatcher):
             raise ControlError("bad_request", str(e)) from None
 
     async def _store(self, key: str, value: Any) -> None:
-        self.daemon.config[key] = value
-        if key == "name":
-            self.daemon.set_name(value)
-        if key in ("upload_limit", "download_limit"):
-            self.daemon.apply_limits()
-        await self.daemon.store.set_config(key, value)
-        if key == "read_only_files":
-            for runtime in list(self.daemon.shares.values()):
-                await runtime.follow_read_only_files()
+        await self.daemon.set_setting(key, value)
 
     # -- extensions ------------------------------------------------------------------
 
-    def share_summary(self, runtime: ShareRuntime) -> dict[str, Any]:
+    def share_summary(self, runtime: Any) -> dict[str, Any]:
         status = runtime.service.status
         sync = runtime.sync
         state = status.state
@@ -328,11 +313,12 @@ class DaemonCommands(CommandDispatcher):
         summary["peers"] = self._peers(runtime)
         if request.get("skipped") is True:
             summary["skipped_paths"] = runtime.service.scanner.skipped.entries()
-        summary["download_rate"] = int(self.daemon.download.rate)
-        summary["upload_rate"] = int(self.daemon.upload.rate)
+        upload_rate, download_rate = self.daemon.rates()
+        summary["download_rate"] = int(download_rate)
+        summary["upload_rate"] = int(upload_rate)
         return summary
 
-    def _peers(self, runtime: ShareRuntime) -> list[dict[str, Any]]:
+    def _peers(self, runtime: Any) -> list[dict[str, Any]]:
         out = []
         for peer_id, info in runtime.peers.items():
             session = runtime.sync.sessions.get(peer_id)

@@ -70,7 +70,8 @@ def run(address: str, keys_path: str, out_path: str, shapes: list[str],
     from twisted.internet import endpoints, task
     from twisted.internet.defer import Deferred
 
-    from clearskies.daemon import FEATURES, new_peer_id
+    from clearskies.daemon.dialling import FEATURES
+    from clearskies.daemon.resources import new_peer_id
     from clearskies.handshake import ConnectTarget, MemoryKeyRing
     from clearskies.keys import ShareKeys
     from clearskies.peer import connect_peer

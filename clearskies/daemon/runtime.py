@@ -1,140 +1,33 @@
 """One share inside the running daemon: its engine, its sync, its peers.
 
-``ShareRuntime`` ties the share engine (``ShareService``: scanning and
-watching) to the sync layer (``ShareSync``), and implements the
-``LocalShare`` seam the sync layer uses to read and change the share.
-Every file operation runs in the CPU thread pool; every database call goes
-through the store's own thread.
+``ShareRuntime`` is the per-share service.  It ties the share engine
+(``ShareService``: scanning and watching) to the sync layer (``ShareSync``),
+and is the ``LocalShare`` the sync layer reads and changes the share through
+(its file operations are in :mod:`clearskies.daemon.localshare`).  It sees the
+daemon only through ``IShareHost``.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from clearskies import diskjobs, readonly
-from clearskies.errors import UnsafePathError
+from clearskies import readonly
+from clearskies.daemon.localshare import LocalShareFiles, _cache_key_of
+from clearskies.interfaces import IShareHost
 from clearskies.keys import ShareKeys
-from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
+from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo
 from clearskies.share import location
-from clearskies.share.records import FileRecord, clamp_mtime_ns
+from clearskies.share.records import FileRecord
 from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
 from clearskies.sync import ShareSync
-from clearskies.transfer import WRITE_BITS, unwritable_mode
-
-if TYPE_CHECKING:
-    from clearskies.daemon import Daemon
-
-
-def expected_on_disk(stored: StoredRecord | None) -> diskjobs.Expected:
-    """What the database says about a path, as the plain values disk jobs take."""
-    if stored is None or stored.record.deleted:
-        return ("absent",)
-    if stored.record.is_dir:
-        return ("directory",)
-    cache = stored.cache
-    return ("file", stored.record.size, stored.record.sha256,
-            None if cache is None else (cache.inode, cache.size, cache.mtime_ns))
-
-
-def _matches(path: str, stored: StoredRecord | None) -> bool:
-    """True if the file at ``path`` still holds the content ``stored`` records."""
-    expected = expected_on_disk(stored)
-    return expected[0] == "file" and diskjobs.matches(path, *expected[1:])
-
-
-def _unchanged(path: str, stored: StoredRecord | None) -> bool:
-    """The path on disk is as the database says: the same file, or absent when it is absent."""
-    return diskjobs.unchanged(path, expected_on_disk(stored))
-
-
-def _remove(path: str, stored: StoredRecord | None) -> bool:
-    if not os.path.lexists(path):
-        return True
-    if stored is None or stored.record.deleted:
-        return False  # something we never recorded: not ours to delete
-    if stored.record.is_dir:
-        try:
-            os.rmdir(path)
-        except OSError:
-            return False  # holds files we still keep: the directory stays
-        return True
-    if not _matches(path, stored):
-        return False
-    os.unlink(path)
-    return True
-
-
-def _make_directory(path: str, mode: int | None) -> None:
-    os.makedirs(path, exist_ok=True)
-    if mode is not None:
-        os.chmod(path, mode & 0o7777 | 0o700)
-
-
-def _rename(source: str, destination: str, stored: StoredRecord | None) -> bool:
-    if not _matches(source, stored):
-        return False
-    if os.path.lexists(destination):
-        return False
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
-    os.rename(source, destination)
-    return True
-
-
-def _set_write_permission(jobs: list[tuple[str, StoredRecord]], writable: bool) -> int:
-    """Give files their record's mode back, or take write permission away; returns how many.
-
-    Only files that are as the database says are touched, and only when
-    their bits are the ones the daemon set (a user's own chmod stays).
-    """
-    changed = 0
-    for path, stored in jobs:
-        mode = stored.record.mode if stored.record.mode is not None else 0o644
-        now, wanted = (unwritable_mode(mode), mode) if writable else (mode, unwritable_mode(mode))
-        try:
-            st = os.lstat(path)
-            if stat.S_IMODE(st.st_mode) == now and now != wanted and _matches(path, stored):
-                os.chmod(path, wanted)
-                changed += 1
-        except OSError:
-            continue  # gone or not ours to change: the next scan sees it
-    return changed
-
-
-def _if_still(stored: StoredRecord | None, decided_on: FileRecord | None) -> StoredRecord | None:
-    """The stored row, or None when it moved on from the record a decision was made against.
-
-    The scanner may record a new local edit between a merge decision and the
-    disk work it asks for; with None the work refuses (``_remove`` and
-    ``_rename`` only touch what the row vouches for), so the edit survives.
-    """
-    if decided_on is not None and stored is not None and stored.record != decided_on:
-        return None
-    return stored
-
-
-def _quietly(job: Any, *args: Any) -> bool:
-    """One file of a batch: a failure (permissions, a vanished file) fails only that one."""
-    try:
-        return bool(job(*args))
-    except OSError:
-        return False
-
-
-def _cache_key_of(path: str) -> CacheKey | None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return CacheKey(st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns))
+from clearskies.transfer import WRITE_BITS
 
 
 #: Peers remembered per share (the peers table and ``peers``): any holder of a
@@ -173,31 +66,34 @@ def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
 COUNT_SPACING = 4.0
 
 
-class ShareRuntime:
-    """A share the daemon runs: engine + sync + what we know of its peers."""
+class ShareRuntime(LocalShareFiles, Service):
+    """A share the daemon runs: engine + sync + what we know of its peers.
+
+    :meth:`prepare` reads what the share needs from the database; the share
+    then runs while the service runs (a child of ``clearskies.daemon.shares.Shares``).
+    """
 
     _log = Logger()
 
-    def __init__(self, daemon: Daemon, info: ShareInfo, keys: ShareKeys) -> None:
-        self.daemon = daemon
+    def __init__(self, host: IShareHost, reactor: Any, store: Any, runner: Any,
+                 disk_runner: Any, info: ShareInfo, keys: ShareKeys) -> None:
+        self.host = host
+        self.reactor = reactor
         self.info = info
         self.keys = keys
-        self.share_id = info.share_id
         self.our_peer_id = info.peer_id
         self.peer_id = info.peer_id
         self.root = Path(info.path)
-        self.store = daemon.store
-        self.runner = daemon.cpu_runner
         # The many small per-download jobs (see clearskies.diskjobs).
-        self.disk_runner = daemon.disk_runner
-        self.service = ShareService(daemon.reactor, daemon.store, info, daemon.cpu_runner)
-        self.paths = self.service.paths
-        self.sync = ShareSync(self, daemon.reactor)
-        self.signing = readonly.ShareSigning(keys, daemon.reactor, info.peer_id,
+        self.disk_runner = disk_runner
+        LocalShareFiles.__init__(self, info.share_id, store, runner,
+                                 ShareService(reactor, store, info, runner))
+        self.sync = ShareSync(self, reactor)
+        self.signing = readonly.ShareSigning(keys, reactor, info.peer_id,
                                              persist=self._persist_signed)
         self.sync.signing = self.signing
         # Extension "addresses" (protocol/sync.md): what we advertise, what peers tell us.
-        self.sync.advertised_addresses = lambda: [str(a) for a in daemon.advertised_addresses()]
+        self.sync.advertised_addresses = lambda: [str(a) for a in host.advertised_addresses()]
         self.sync.addresses_received = self.peer_addresses_received
         self.unshared: list[str] = []
         # Read-only share: files of the share's version we lack, and whether that
@@ -213,20 +109,22 @@ class ShareRuntime:
         self._counts_dirty = True
         self._counted_at = 0.0
         self._count_duration = 0.0
+        self._prepared = False
+        self._adopt = False
         self.service.add_change_listener(self._local_changes)
         self.service.on_recovered = self._recovered
 
     # -- lifetime ----------------------------------------------------------------
 
-    async def start(self, new: bool = False, adopt: bool = False) -> None:
-        """Bring the share up; ``adopt``: it was just attached into a folder whose files
-        lose to the share's (Scanner.adopting).
+    async def prepare(self, new: bool = False, adopt: bool = False) -> None:
+        """Read what the share needs before it runs; ``adopt``: it was just attached
+        into a folder whose files lose to the share's (Scanner.adopting).
 
         A share whose folder may not be shared (one made by an older version
-        around the daemon's data directory, say) stays in the error state and
-        syncs with nobody.
+        around the daemon's data directory, say) stays in the error state, is
+        never started and syncs with nobody.
         """
-        own = self.daemon.own_paths()
+        own = self.host.own_paths()
         refused = await self.runner.run(location.refusal, str(self.root), own)
         if refused is not None:
             self._log.error("share {root} not started: {why}", root=str(self.root), why=refused)
@@ -247,10 +145,17 @@ class ShareRuntime:
             self.recount_unshared()
         self.counts = await self.store.share_counts(self.share_id)
         await self.follow_read_only_files()
-        if self.daemon.paused:
+        self._prepared, self._adopt = True, adopt
+
+    def startService(self) -> None:
+        """Start scanning, watching and syncing (a prepared share only)."""
+        super().startService()
+        if not self._prepared:
+            return  # refused: it stays in the error state
+        if self.host.paused:
             self.sync.pause()
         self.service.startService()
-        if adopt:
+        if self._adopt:
             recorded = self.service.local_files_recorded()
             if recorded is None:
                 self._adopted()
@@ -259,9 +164,13 @@ class ShareRuntime:
 
     def _adopted(self) -> None:
         if not self.service.scanner.adopting:  # (not when stopped or failed first)
-            self.daemon.share_adopted(self.share_id)
+            self.host.share_adopted(self.share_id)
 
-    async def stop(self) -> None:
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         if self._recount_call is not None and self._recount_call.active():
             self._recount_call.cancel()
         for session in list(self.sync.sessions.values()):
@@ -279,9 +188,7 @@ class ShareRuntime:
 
     def _recovered(self) -> None:
         """The folder is back: dial its peers now rather than at their next backoff."""
-        connector = self.daemon.connector
-        if connector is not None:
-            connector.retry_now(self.share_id)
+        self.host.retry_peers(self.share_id)
         self.sync.pump()
 
     def local_files_recorded(self) -> Deferred[None] | None:
@@ -297,7 +204,7 @@ class ShareRuntime:
         the scanner does not count the missing write bits as a change.
         Turning it off gives the files their modes back.
         """
-        wanted = bool(self.signing.read_only and self.daemon.config.get("read_only_files"))
+        wanted = bool(self.signing.read_only and self.host.read_only_files())
         if wanted == self.sync.unwritable_files:
             return
         if wanted:
@@ -311,72 +218,10 @@ class ShareRuntime:
         self._log.info("{share}: {count} files made {how}", share=self.share_id[:8],
                        count=changed, how="read-only" if wanted else "writable again")
 
-    async def _set_write_permission(self, writable: bool) -> int:
-        changed, after = 0, None
-        while True:
-            page = await self.store.records_between(self.share_id, "", None, after)
-            jobs = [(local, row) for row in page
-                    if not row.record.deleted and not row.record.is_dir
-                    and (local := self._safe_local(row.path)) is not None]
-            changed += await self.runner.run(_set_write_permission, jobs, writable)
-            if not page:
-                return changed
-            after = page[-1].path
-
     # -- LocalShare (what ShareSync uses) ---------------------------------------------
 
     def revision(self) -> int:
         return max(self._revision, self.service.status.revision)
-
-    def manifest(self) -> Deferred[tuple[int, list[FileRecord]]]:
-        return Deferred.fromCoroutine(self._manifest())
-
-    async def _manifest(self) -> tuple[int, list[FileRecord]]:
-        revision = await self.store.get_revision(self.share_id)
-        records: list[FileRecord] = []
-        async for page in self.store.iter_records(self.share_id):
-            records.extend(page)
-        return revision, records
-
-    def get_record(self, path: str) -> Deferred[FileRecord | None]:
-        return self.store.get_record(self.share_id, path)
-
-    def get_records(self, paths: list[str]) -> Deferred[dict[str, FileRecord]]:
-        """Our records of many paths in one database round trip."""
-        d = self.store.get_stored_many(self.share_id, paths)
-        return d.addCallback(lambda found: {p: s.record for p, s in found.items()})
-
-    def unchanged_many(self, paths: list[str],
-                       local_paths: list[Path] | None = None) -> Deferred[dict[str, bool]]:
-        """``is_unchanged`` for many paths: one database query, one worker call.
-
-        ``local_paths``: their local paths, when the caller has them already
-        (each costs file-system checks to work out again).
-        """
-        return Deferred.fromCoroutine(self._unchanged_many(paths, local_paths))
-
-    async def _unchanged_many(self, paths: list[str],
-                              local_paths: list[Path] | None = None) -> dict[str, bool]:
-        stored = await self.store.get_stored_many(self.share_id, paths)
-        if local_paths is None:
-            local_paths = [self.local_path(p) for p in paths]
-        locals_ = [(p, str(local), stored.get(p)) for p, local in zip(paths, local_paths)]
-        return await self.disk_runner.run(
-            diskjobs.unchanged_many,
-            [(p, local, expected_on_disk(row)) for p, local, row in locals_])
-
-    def local_path(self, path: str) -> Path:
-        return self.paths.to_local(path)
-
-    def is_ignored(self, path: str) -> bool:
-        return self.service.is_ignored(path)
-
-    def is_unchanged(self, path: str) -> Deferred[bool]:
-        return Deferred.fromCoroutine(self._is_unchanged(path))
-
-    async def _is_unchanged(self, path: str) -> bool:
-        stored = await self.store.get_stored(self.share_id, path)
-        return await self.runner.run(_unchanged, str(self.local_path(path)), stored)
 
     def commit_remote(self, records: list[FileRecord],
                       written: dict[str, tuple[int, int, int]] | None = None) -> Deferred[int]:
@@ -406,115 +251,10 @@ class ShareRuntime:
                     keys[record.path] = key
         revision = await self.store.apply_changes(self.share_id, records, keys)
         self._revision = max(self._revision, revision)
-        self.last_sync = self.daemon.now()
+        self.last_sync = self.host.now()
         self._counts_dirty = True  # recounted when someone asks (fresh_counts)
         self.recount_unshared()
         return revision
-
-    def find_local_copy(self, sha256: str) -> Deferred[Path | None]:
-        return Deferred.fromCoroutine(self._find_local_copy(sha256))
-
-    async def _find_local_copy(self, sha256: str) -> Path | None:
-        for stored in await self.store.find_by_sha256(self.share_id, sha256):
-            local = str(self.local_path(stored.path))
-            if await self.runner.run(_matches, local, stored):
-                return Path(local)
-        return None
-
-    def hashes_present(self, hashes: list[str]) -> Deferred[set[str]]:
-        """Which of ``hashes`` some live file of the share has, in one database query.
-
-        A hash left out has no local copy to take the content from.
-        """
-        d = self.store.find_by_sha256_many(self.share_id, hashes)
-        return d.addCallback(set)
-
-    def remove_local(self, path: str) -> Deferred[bool]:
-        return Deferred.fromCoroutine(self._remove_local(path))
-
-    async def _remove_local(self, path: str) -> bool:
-        stored = await self.store.get_stored(self.share_id, path)
-        return await self.runner.run(_remove, str(self.local_path(path)), stored)
-
-    def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
-        return self.runner.run(_make_directory, str(self.local_path(path)), mode)
-
-    def rename_many(self, moves: list[tuple[str, str]],
-                    decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
-        """``rename_local`` for many files: one database query, one worker job.
-
-        ``decided_on``: for each move, our record of the source that the
-        caller's decision was made against; see :meth:`remove_many`.
-        """
-        return Deferred.fromCoroutine(self._rename_many(moves, decided_on))
-
-    async def _rename_many(self, moves: list[tuple[str, str]],
-                           decided_on: list[FileRecord] | None) -> list[bool]:
-        if not moves:
-            return []
-        stored = await self.store.get_stored_many(self.share_id, [src for src, _ in moves])
-        jobs = [(self._safe_local(src), self._safe_local(dst),
-                 _if_still(stored.get(src), decided_on[index] if decided_on else None))
-                for index, (src, dst) in enumerate(moves)]
-        destinations = [dst for src, dst in moves]
-        self.expect_own_renames(destinations)
-        try:
-            done = await self.runner.run(
-                lambda: [None not in job[:2] and _quietly(_rename, *job) for job in jobs])
-        except BaseException:
-            self.own_renames_failed(destinations)
-            raise
-        self.own_renames_failed([dst for dst, ok in zip(destinations, done) if not ok])
-        return done
-
-    def expect_own_renames(self, paths: list[str]) -> None:
-        """We are about to rename files into these paths: their "moved in" events are ours."""
-        self.service.expected_arrivals.expect(paths)
-
-    def own_renames_failed(self, paths: list[str]) -> None:
-        self.service.expected_arrivals.cancel(paths)
-
-    def remove_many(self, paths: list[str],
-                    decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
-        """``remove_local`` for many paths: one database query, one worker job.
-
-        ``decided_on``: for each path, our record that the caller's merge
-        found superseded.  A path whose record has changed since (the scanner
-        recorded a new local edit meanwhile) is left alone: that edit was not
-        part of the decision, and deleting it would lose it.
-        """
-        return Deferred.fromCoroutine(self._remove_many(paths, decided_on))
-
-    async def _remove_many(self, paths: list[str],
-                           decided_on: list[FileRecord] | None) -> list[bool]:
-        if not paths:
-            return []
-        stored = await self.store.get_stored_many(self.share_id, paths)
-        jobs = [(self._safe_local(path),
-                 _if_still(stored.get(path), decided_on[index] if decided_on else None))
-                for index, path in enumerate(paths)]
-        return await self.runner.run(
-            lambda: [job[0] is not None and _quietly(_remove, *job) for job in jobs])
-
-    def _safe_local(self, path: str) -> str | None:
-        """The local path, or None for one our disk cannot take safely (that item fails)."""
-        try:
-            return str(self.local_path(path))
-        except UnsafePathError:
-            return None
-
-    def rename_local(self, source: str, destination: str,
-                     decided_on: FileRecord | None = None) -> Deferred[bool]:
-        return Deferred.fromCoroutine(self._rename_local(source, destination, decided_on))
-
-    async def _rename_local(self, source: str, destination: str,
-                            decided_on: FileRecord | None) -> bool:
-        stored = _if_still(await self.store.get_stored(self.share_id, source), decided_on)
-        return await self.runner.run(_rename, str(self.local_path(source)),
-                                     str(self.local_path(destination)), stored)
-
-    def note_refused(self, path: str, why: str) -> bool:
-        return self.service.scanner.skipped.refused(path, why)
 
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         known = self.peers.get(peer_id)
@@ -522,7 +262,7 @@ class ShareRuntime:
             return
         updated = PeerInfo(
             share_id=known.share_id, peer_id=known.peer_id, name=known.name,
-            last_seen=self.daemon.now(), addresses=known.addresses,
+            last_seen=self.host.now(), addresses=known.addresses,
             manifest_revision=revision, acked_revision=known.acked_revision)
         self._remember(updated, "could not store a peer's revision")
 
@@ -549,14 +289,14 @@ class ShareRuntime:
         a second on a big share then gets totals a moment old instead of
         keeping the database thread busy counting.
         """
-        now = self.daemon.reactor.seconds()
+        now = self.reactor.seconds()
         if self.counts is not None and (
                 not self._counts_dirty
                 or now - self._counted_at < COUNT_SPACING * self._count_duration):
             return self.counts
         self._counts_dirty = False
         self.counts = await self.store.share_counts(self.share_id)
-        self._counted_at = self.daemon.reactor.seconds()
+        self._counted_at = self.reactor.seconds()
         self._count_duration = self._counted_at - now
         return self.counts
 
@@ -580,7 +320,7 @@ class ShareRuntime:
         if not self.signing.read_only:
             return
         if self._recount_call is None:
-            self._recount_call = self.daemon.reactor.callLater(0.2, self._recount)
+            self._recount_call = self.reactor.callLater(0.2, self._recount)
         else:
             self._recount_again = True  # a count under way may have read too early
 
@@ -633,7 +373,7 @@ class ShareRuntime:
             addresses = ([address] + addresses)[:8]
         record = PeerInfo(
             share_id=self.share_id, peer_id=info.their_peer_id, name=info.their_name,
-            last_seen=self.daemon.now(), addresses=tuple(addresses),
+            last_seen=self.host.now(), addresses=tuple(addresses),
             manifest_revision=known.manifest_revision if known else None,
             acked_revision=known.acked_revision if known else None)
         self._remember(record, "could not store a peer")
@@ -646,11 +386,11 @@ class ShareRuntime:
             if tuple(merged) != known.addresses:
                 record = PeerInfo(
                     share_id=known.share_id, peer_id=peer_id, name=known.name,
-                    last_seen=self.daemon.now(), addresses=tuple(merged),
+                    last_seen=self.host.now(), addresses=tuple(merged),
                     manifest_revision=known.manifest_revision,
                     acked_revision=known.acked_revision)
                 self._remember(record, "could not store a peer's addresses")
-        self.daemon.add_peer_candidates(self.share_id, peer_id, addresses)
+        self.host.add_peer_candidates(self.share_id, peer_id, addresses)
 
     def _remember(self, record: PeerInfo, failed: str) -> None:
         """Keep ``record`` in ``peers`` and the peers table, both bounded by MAX_KNOWN_PEERS."""
@@ -662,6 +402,5 @@ class ShareRuntime:
             lambda f: self._log.failure(failed, f))
 
     def peer_disconnected(self, session: Any) -> None:
-        if self.daemon.connector is not None:
-            address = getattr(session.connection, "dialled_address", None)
-            self.daemon.connector.connection_lost(self.share_id, session.peer_id, address)
+        address = getattr(session.connection, "dialled_address", None)
+        self.host.peer_connection_lost(self.share_id, session.peer_id, address)

@@ -1,0 +1,313 @@
+"""A share's files as the sync layer reads and changes them (the ``LocalShare`` seam).
+
+:class:`LocalShareFiles` answers the sync layer's questions about records and
+files and carries out its disk work: every file operation runs in the CPU
+thread pool (the module-level functions here are those jobs), every database
+call goes through the store's own thread.  A path whose record moved on since a
+decision was made against it is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from clearskies import diskjobs
+from clearskies.errors import UnsafePathError
+from clearskies.share.database import CacheKey, StoredRecord
+from clearskies.share.records import FileRecord, clamp_mtime_ns
+from clearskies.share.service import ShareService
+from clearskies.transfer import unwritable_mode
+
+
+def expected_on_disk(stored: StoredRecord | None) -> diskjobs.Expected:
+    """What the database says about a path, as the plain values disk jobs take."""
+    if stored is None or stored.record.deleted:
+        return ("absent",)
+    if stored.record.is_dir:
+        return ("directory",)
+    cache = stored.cache
+    return ("file", stored.record.size, stored.record.sha256,
+            None if cache is None else (cache.inode, cache.size, cache.mtime_ns))
+
+
+def _matches(path: str, stored: StoredRecord | None) -> bool:
+    """True if the file at ``path`` still holds the content ``stored`` records."""
+    expected = expected_on_disk(stored)
+    return expected[0] == "file" and diskjobs.matches(path, *expected[1:])
+
+
+def _unchanged(path: str, stored: StoredRecord | None) -> bool:
+    """The path on disk is as the database says: the same file, or absent when it is absent."""
+    return diskjobs.unchanged(path, expected_on_disk(stored))
+
+
+def _remove(path: str, stored: StoredRecord | None) -> bool:
+    if not os.path.lexists(path):
+        return True
+    if stored is None or stored.record.deleted:
+        return False  # something we never recorded: not ours to delete
+    if stored.record.is_dir:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return False  # holds files we still keep: the directory stays
+        return True
+    if not _matches(path, stored):
+        return False
+    os.unlink(path)
+    return True
+
+
+def _make_directory(path: str, mode: int | None) -> None:
+    os.makedirs(path, exist_ok=True)
+    if mode is not None:
+        os.chmod(path, mode & 0o7777 | 0o700)
+
+
+def _rename(source: str, destination: str, stored: StoredRecord | None) -> bool:
+    if not _matches(source, stored):
+        return False
+    if os.path.lexists(destination):
+        return False
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    os.rename(source, destination)
+    return True
+
+
+def _set_write_permission(jobs: list[tuple[str, StoredRecord]], writable: bool) -> int:
+    """Give files their record's mode back, or take write permission away; returns how many.
+
+    Only files that are as the database says are touched, and only when
+    their bits are the ones the daemon set (a user's own chmod stays).
+    """
+    changed = 0
+    for path, stored in jobs:
+        mode = stored.record.mode if stored.record.mode is not None else 0o644
+        now, wanted = (unwritable_mode(mode), mode) if writable else (mode, unwritable_mode(mode))
+        try:
+            st = os.lstat(path)
+            if stat.S_IMODE(st.st_mode) == now and now != wanted and _matches(path, stored):
+                os.chmod(path, wanted)
+                changed += 1
+        except OSError:
+            continue  # gone or not ours to change: the next scan sees it
+    return changed
+
+
+def _if_still(stored: StoredRecord | None, decided_on: FileRecord | None) -> StoredRecord | None:
+    """The stored row, or None when it moved on from the record a decision was made against.
+
+    The scanner may record a new local edit between a merge decision and the
+    disk work it asks for; with None the work refuses (``_remove`` and
+    ``_rename`` only touch what the row vouches for), so the edit survives.
+    """
+    if decided_on is not None and stored is not None and stored.record != decided_on:
+        return None
+    return stored
+
+
+def _quietly(job: Any, *args: Any) -> bool:
+    """One file of a batch: a failure (permissions, a vanished file) fails only that one."""
+    try:
+        return bool(job(*args))
+    except OSError:
+        return False
+
+
+def _cache_key_of(path: str) -> CacheKey | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return CacheKey(st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns))
+
+#: key can connect under ever new peer IDs, so past this the peer not seen for
+
+
+class LocalShareFiles:
+    """The file and record operations of one share (part of ``LocalShare``).
+
+    ``service`` is the share's engine (its scanner, ignore rules, paths and
+    expected arrivals); ``runner`` runs the blocking jobs.
+    """
+
+    def __init__(self, share_id: str, store: Any, runner: Any, service: ShareService) -> None:
+        self.share_id = share_id
+        self.store = store
+        self.runner = runner
+        self.service = service
+        self.paths = service.paths
+
+    def manifest(self) -> Deferred[tuple[int, list[FileRecord]]]:
+        return Deferred.fromCoroutine(self._manifest())
+
+    async def _manifest(self) -> tuple[int, list[FileRecord]]:
+        revision = await self.store.get_revision(self.share_id)
+        records: list[FileRecord] = []
+        async for page in self.store.iter_records(self.share_id):
+            records.extend(page)
+        return revision, records
+
+    def get_record(self, path: str) -> Deferred[FileRecord | None]:
+        return self.store.get_record(self.share_id, path)
+
+    def get_records(self, paths: list[str]) -> Deferred[dict[str, FileRecord]]:
+        """Our records of many paths in one database round trip."""
+        d = self.store.get_stored_many(self.share_id, paths)
+        return d.addCallback(lambda found: {p: s.record for p, s in found.items()})
+
+    def unchanged_many(self, paths: list[str],
+                       local_paths: list[Path] | None = None) -> Deferred[dict[str, bool]]:
+        """``is_unchanged`` for many paths: one database query, one worker call.
+
+        ``local_paths``: their local paths, when the caller has them already
+        (each costs file-system checks to work out again).
+        """
+        return Deferred.fromCoroutine(self._unchanged_many(paths, local_paths))
+
+    async def _unchanged_many(self, paths: list[str],
+                              local_paths: list[Path] | None = None) -> dict[str, bool]:
+        stored = await self.store.get_stored_many(self.share_id, paths)
+        if local_paths is None:
+            local_paths = [self.local_path(p) for p in paths]
+        locals_ = [(p, str(local), stored.get(p)) for p, local in zip(paths, local_paths)]
+        return await self.disk_runner.run(
+            diskjobs.unchanged_many,
+            [(p, local, expected_on_disk(row)) for p, local, row in locals_])
+
+    def local_path(self, path: str) -> Path:
+        return self.paths.to_local(path)
+
+    def is_ignored(self, path: str) -> bool:
+        return self.service.is_ignored(path)
+
+    def is_unchanged(self, path: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._is_unchanged(path))
+
+    async def _is_unchanged(self, path: str) -> bool:
+        stored = await self.store.get_stored(self.share_id, path)
+        return await self.runner.run(_unchanged, str(self.local_path(path)), stored)
+
+    def find_local_copy(self, sha256: str) -> Deferred[Path | None]:
+        return Deferred.fromCoroutine(self._find_local_copy(sha256))
+
+    async def _find_local_copy(self, sha256: str) -> Path | None:
+        for stored in await self.store.find_by_sha256(self.share_id, sha256):
+            local = str(self.local_path(stored.path))
+            if await self.runner.run(_matches, local, stored):
+                return Path(local)
+        return None
+
+    def hashes_present(self, hashes: list[str]) -> Deferred[set[str]]:
+        """Which of ``hashes`` some live file of the share has, in one database query.
+
+        A hash left out has no local copy to take the content from.
+        """
+        d = self.store.find_by_sha256_many(self.share_id, hashes)
+        return d.addCallback(set)
+
+    def remove_local(self, path: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._remove_local(path))
+
+    async def _remove_local(self, path: str) -> bool:
+        stored = await self.store.get_stored(self.share_id, path)
+        return await self.runner.run(_remove, str(self.local_path(path)), stored)
+
+    def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
+        return self.runner.run(_make_directory, str(self.local_path(path)), mode)
+
+    def rename_many(self, moves: list[tuple[str, str]],
+                    decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
+        """``rename_local`` for many files: one database query, one worker job.
+
+        ``decided_on``: for each move, our record of the source that the
+        caller's decision was made against; see :meth:`remove_many`.
+        """
+        return Deferred.fromCoroutine(self._rename_many(moves, decided_on))
+
+    async def _rename_many(self, moves: list[tuple[str, str]],
+                           decided_on: list[FileRecord] | None) -> list[bool]:
+        if not moves:
+            return []
+        stored = await self.store.get_stored_many(self.share_id, [src for src, _ in moves])
+        jobs = [(self._safe_local(src), self._safe_local(dst),
+                 _if_still(stored.get(src), decided_on[index] if decided_on else None))
+                for index, (src, dst) in enumerate(moves)]
+        destinations = [dst for src, dst in moves]
+        self.expect_own_renames(destinations)
+        try:
+            done = await self.runner.run(
+                lambda: [None not in job[:2] and _quietly(_rename, *job) for job in jobs])
+        except BaseException:
+            self.own_renames_failed(destinations)
+            raise
+        self.own_renames_failed([dst for dst, ok in zip(destinations, done) if not ok])
+        return done
+
+    def expect_own_renames(self, paths: list[str]) -> None:
+        """We are about to rename files into these paths: their "moved in" events are ours."""
+        self.service.expected_arrivals.expect(paths)
+
+    def own_renames_failed(self, paths: list[str]) -> None:
+        self.service.expected_arrivals.cancel(paths)
+
+    def remove_many(self, paths: list[str],
+                    decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
+        """``remove_local`` for many paths: one database query, one worker job.
+
+        ``decided_on``: for each path, our record that the caller's merge
+        found superseded.  A path whose record has changed since (the scanner
+        recorded a new local edit meanwhile) is left alone: that edit was not
+        part of the decision, and deleting it would lose it.
+        """
+        return Deferred.fromCoroutine(self._remove_many(paths, decided_on))
+
+    async def _remove_many(self, paths: list[str],
+                           decided_on: list[FileRecord] | None) -> list[bool]:
+        if not paths:
+            return []
+        stored = await self.store.get_stored_many(self.share_id, paths)
+        jobs = [(self._safe_local(path),
+                 _if_still(stored.get(path), decided_on[index] if decided_on else None))
+                for index, path in enumerate(paths)]
+        return await self.runner.run(
+            lambda: [job[0] is not None and _quietly(_remove, *job) for job in jobs])
+
+    def _safe_local(self, path: str) -> str | None:
+        """The local path, or None for one our disk cannot take safely (that item fails)."""
+        try:
+            return str(self.local_path(path))
+        except UnsafePathError:
+            return None
+
+    def rename_local(self, source: str, destination: str,
+                     decided_on: FileRecord | None = None) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._rename_local(source, destination, decided_on))
+
+    async def _rename_local(self, source: str, destination: str,
+                            decided_on: FileRecord | None) -> bool:
+        stored = _if_still(await self.store.get_stored(self.share_id, source), decided_on)
+        return await self.runner.run(_rename, str(self.local_path(source)),
+                                     str(self.local_path(destination)), stored)
+
+    def note_refused(self, path: str, why: str) -> bool:
+        return self.service.scanner.skipped.refused(path, why)
+
+    async def _set_write_permission(self, writable: bool) -> int:
+        changed, after = 0, None
+        while True:
+            page = await self.store.records_between(self.share_id, "", None, after)
+            jobs = [(local, row) for row in page
+                    if not row.record.deleted and not row.record.is_dir
+                    and (local := self._safe_local(row.path)) is not None]
+            changed += await self.runner.run(_set_write_permission, jobs, writable)
+            if not page:
+                return changed
+            after = page[-1].path

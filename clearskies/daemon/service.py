@@ -1,0 +1,351 @@
+"""The daemon's root service: it builds the rooms, starts them in order and stops them.
+
+``Daemon`` is a ``MultiService``.  ``makeService`` (tap.py) builds it without
+touching the disk; ``startService`` then takes the data directory's lock,
+opens the state database, brings back every share, key, access code and
+pending attach, and starts listening.  Its children are the log file, the
+thread pools, the shares (one child service each, under :class:`Shares`),
+the control socket, the peer listeners, Tor, the connection manager and the
+discovery sources.
+Blocking work (key generation, SQLite, scans) runs in the thread pools.
+
+A start that fails fails :attr:`Daemon.ready`; what that does to the process
+is the entry point's business (``clearskies.tap``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from clearskies import SOFTWARE
+from clearskies.accesscode import access_id, parse_code
+from clearskies.daemon.activity import RATE_INTERVAL, Activity
+from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
+from clearskies.daemon.dialling import Dialling
+from clearskies.daemon.discovery import Discovery
+from clearskies.daemon.host import ShareHost
+from clearskies.daemon.keyring import DaemonKeyRing, SpareKeys
+from clearskies.daemon.listeners import ControlListener, PeerListeners
+from clearskies.daemon.options import DaemonSettings, settle_options
+from clearskies.daemon.resources import Resources
+from clearskies.daemon.shares import Shares
+from clearskies.daemon.startup import StartupFailure, lock_data_dir, startup_reason
+from clearskies.daemon.tor import NEUTRAL_NAME, TorLink
+from clearskies.errors import ConfigurationError, ShareError
+from clearskies.interfaces import IDaemonControl
+from clearskies.logfile import LogFileService
+from clearskies.share.database import ShareStore
+from clearskies.threads import ProcessRunner, SerialRunner, ThreadPoolRunner
+
+
+def make_runners(reactor: Any) -> tuple[Any, Any, Any]:
+    """The daemon's thread pools and helper process: (database, CPU and files, disk jobs)."""
+    db_runner = SerialRunner(reactor)
+    # Mostly fsync and file I/O (which wait on the disk, not the CPU), and hashing,
+    # which the scanner caps at one job per core itself: more threads than cores.
+    cpu_runner = ThreadPoolRunner(reactor, max(8, 2 * (os.cpu_count() or 1)))
+    # Downloads' small-file jobs, in a helper process (threads.ProcessRunner).
+    disk_runner = ProcessRunner(reactor, cpu_runner)
+    return db_runner, cpu_runner, disk_runner
+
+
+class _Via:
+    """An attribute of the daemon that lives in one of its rooms (read and written there)."""
+
+    def __init__(self, room: str, name: str) -> None:
+        self.room, self.name = room, name
+
+    def __get__(self, daemon: Any, owner: Any = None) -> Any:
+        if daemon is None:
+            return self
+        return getattr(getattr(daemon, self.room), self.name)
+
+    def __set__(self, daemon: Any, value: Any) -> None:
+        setattr(getattr(daemon, self.room), self.name, value)
+
+
+@implementer(IDaemonControl)
+class Daemon(MultiService):
+    """One ClearSkies daemon: the root of its service tree, and the composition of its rooms."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, settings: DaemonSettings) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.name = settings.name or socket.gethostname()
+        # First child: it starts before (and stops after) everything that logs.
+        self.log_file = LogFileService(self.data_dir)
+        self.log_file.setServiceParent(self)
+        runners = make_runners(reactor)
+        for runner in runners:
+            runner.setServiceParent(self)
+        self.resources = Resources(reactor, self.data_dir, *runners)
+        self.activity = Activity(reactor, lambda: self.shares.values())
+        self.spare_keys = SpareKeys(self.resources)
+        self.share_registry = Shares(self.resources, self.activity, self.spare_keys,
+                                     self._announce_changed)
+        self.share_registry.setServiceParent(self)
+        self.access_codes = AccessCodes(self.resources, self.share_registry,
+                                        self._announce_changed)
+        self.keyring = DaemonKeyRing(self.share_registry, self.access_codes)
+        self.tor_link = TorLink(self.resources, settings)
+        self.dialling = Dialling(self.resources, self.share_registry, self.access_codes,
+                                 self.tor_link, self.keyring, lambda: self.listening_port,
+                                 lambda: self.name)
+        self.access_codes.dialling = self.dialling
+        self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
+        self.listeners.setServiceParent(self)
+        self.control = ControlListener(reactor, self.control_path, self._dispatcher())
+        self.control.setServiceParent(self)
+        self.discovery = Discovery(reactor, settings, self.share_registry, self.access_codes,
+                                   self.dialling, self.tor_link, lambda: self.listening_port)
+        # What each share's runtime sees of all this (and nothing else of the daemon).
+        self.share_registry.host = ShareHost(self.resources, self.activity, self.share_registry,
+                                             self.dialling, self.discovery)
+        self.ready: Deferred[None] = Deferred()
+        self._lock_fd: int | None = None
+        self._listen_kept = False  # the peer endpoint comes from the stored settings
+        TimerService(RATE_INTERVAL, self.activity.sample_rates).setServiceParent(self)
+        TimerService(JOIN_CHECK_INTERVAL, self.access_codes.check_joins).setServiceParent(self)
+
+    # What lives in the rooms, by the names the rest of the program knows it by.
+    store = _Via("resources", "store")
+    config = _Via("resources", "config")
+    db_runner = _Via("resources", "db_runner")
+    cpu_runner = _Via("resources", "cpu_runner")
+    disk_runner = _Via("resources", "disk_runner")
+    keys_dir = _Via("resources", "keys_dir")
+    control_path = _Via("resources", "control_path")
+    shares = _Via("share_registry", "by_id")
+    codes = _Via("access_codes", "codes")
+    joins = _Via("access_codes", "joins")
+    pending_join = _Via("keyring", "pending_join")
+    dead_code = _Via("keyring", "dead_code")
+    connector = _Via("dialling", "connector")
+    dial = _Via("dialling", "dial")
+    check_peer_address = _Via("dialling", "check_peer_address")
+    own_addresses = _Via("dialling", "own_addresses")
+    lan = _Via("discovery", "lan")
+    trackers = _Via("discovery", "trackers")
+    registrations = _Via("discovery", "registrations")
+    tor_mode = _Via("tor_link", "mode")
+    tor = _Via("tor_link", "tor")
+    tor_only = _Via("tor_link", "tor_only")
+    control_port = _Via("control", "port")
+    peer_port = _Via("listeners", "peer_port")
+    peer_factory = _Via("listeners", "peer_factory")
+    onion_listener = _Via("listeners", "onion_listener")
+    onion_factory = _Via("listeners", "onion_factory")
+    listening_port = _Via("listeners", "port_number")
+    paused = _Via("activity", "paused")
+
+    # -- start -----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        # First of all, before the log file opens and long before anything
+        # listens or dials: one daemon per data directory.
+        try:
+            self._lock_fd = lock_data_dir(self.data_dir)
+        except ConfigurationError as e:
+            raise StartupFailure(str(e)) from None
+        super().startService()
+        self._log.info("{software} starting (pid {pid}), data in {data_dir}",
+                       software=SOFTWARE, pid=os.getpid(), data_dir=self.data_dir)
+        d = Deferred.fromCoroutine(self._start())
+        d.addCallbacks(self._started, self._start_failed)
+
+    def _started(self, _: object) -> None:
+        self._log.info("ClearSkies daemon ready: {count} share(s), peers on port {port}",
+                       count=len(self.shares), port=self.listening_port)
+        self.ready.callback(None)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(ConfigurationError, ShareError):
+            self._log.error("cannot start: {why}", why=startup_reason(failure))
+        else:
+            self._log.failure("cannot start the daemon", failure)
+        self.ready.errback(failure)
+
+    async def _start(self) -> None:
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.keys_dir, mode=0o700, exist_ok=True)
+        self.store = ShareStore(os.path.join(self.data_dir, "state.sqlite3"), self.db_runner)
+        self.config = await self.store.all_config()
+        await self._settle_options()
+        self.activity.apply_limits(self.config)
+        for info in await self.store.list_shares():
+            await self.share_registry.open_share(info)
+        await self.access_codes.restore()
+        for path in self.settings.shares:
+            if self.share_by_path(path) is None:
+                await self.create_share(path)
+        if self.settings.join_code:
+            code = parse_code(self.settings.join_code)
+            # (Once attached, a restart with the same options finds the share.)
+            if access_id(code) not in self.joins \
+                    and self.share_by_path(self.settings.join_into) is None:
+                await self.add_join(code, self.settings.join_into, list(self.settings.peers),
+                                    merge=self.settings.join_merge)
+        await self._choose_tor_mode()
+        await self._listen_peers()
+        self._start_tor()
+        self._start_discovery()
+        await self.control.listen()
+        self.spare_keys.make()
+
+    async def _settle_options(self) -> None:
+        """Options given on the command line are stored; those not given come from the
+        stored settings, so a plain restart comes back as it was (README, "Settings")."""
+        settled = await settle_options(self.settings, self.config, self.store.set_config)
+        if settled.listen_kept:
+            self._listen_kept = True
+        if settled.name is not None:
+            self.name = settled.name
+
+    async def _choose_tor_mode(self) -> None:
+        await self.tor_link.choose_mode()
+        if self.tor_only and not self.settings.name:
+            self.name = self.config.get("name") or NEUTRAL_NAME
+            self._log.info("Tor only: peers see this daemon as {name!r} (set it with --name)",
+                           name=self.name)
+
+    async def _listen_peers(self) -> None:
+        await self.listeners.listen(self.settings.listen, self.tor_mode, self.name,
+                                    chosen=self.settings.listen is not None,
+                                    kept=self._listen_kept)
+
+    def _start_tor(self) -> None:
+        self.tor_link.start(self, self.listeners.onion_port, self._tor_ready)
+
+    def _tor_ready(self, address: str) -> None:
+        self._log.info("reachable through Tor at {address}", address=address)
+        self.discovery.tor_ready(address)
+
+    def _start_discovery(self) -> None:
+        self.dialling.start(self, self.settings.peers)
+        self.discovery.start(self)
+
+    def _dispatcher(self) -> Any:
+        from clearskies.control.commands import DaemonCommands
+        return DaemonCommands(self)
+
+    # -- stop ------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        self.spare_keys.stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        # In order: nobody new gets in, every share stops, the database closes; then
+        # the rest (the thread pools among them) stop together.
+        for child in (self.control, self.listeners, self.share_registry):
+            if child.running:
+                await child.stopService()
+        if self.store is not None:
+            await self.store.close()  # before the database thread stops with the children
+        Service.stopService(self)
+        rest = [child for child in reversed(list(self)) if child.running]
+        await DeferredList([maybeDeferred(child.stopService) for child in rest])
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # (the lock goes with it)
+            self._lock_fd = None
+
+    # -- the rooms together ------------------------------------------------------------
+
+    async def create_share(self, path: str) -> Any:
+        """Make a new share of an existing directory, with fresh keys."""
+        return await self.share_registry.create_share(path)
+
+    async def remove_share(self, path: str) -> None:
+        def forget(share_id: str) -> None:
+            self.access_codes.share_removed(share_id)
+            self.dialling.forget_target(share_id)
+
+        await self.share_registry.remove_share(path, forget)
+
+    def _announce_changed(self) -> None:
+        self.discovery.announce_changed()
+
+    def set_name(self, name: str) -> None:
+        """The name peers see, from the next handshake on, whoever opens it."""
+        self.name = name
+        self.listeners.set_name(name)
+
+    def apply_limits(self) -> None:
+        """Set the rate limiters from the config; running transfers follow at once."""
+        self.activity.apply_limits(self.config)
+
+    def now(self) -> float:
+        return self.resources.now()
+
+    # -- what the control commands see (IDaemonControl) ----------------------------------
+
+    def request_stop(self) -> None:
+        self.reactor.callLater(0.1, self.reactor.stop)
+
+    def pause(self) -> None:
+        self.activity.pause()
+
+    def resume(self) -> None:
+        self.activity.resume()
+
+    def is_tracking(self) -> bool:
+        return any(getattr(t, "registered", False) for t in self.trackers)
+
+    def rates(self) -> tuple[float, float]:
+        return self.activity.upload.rate, self.activity.download.rate
+
+    def onion_address(self) -> str | None:
+        return self.tor_link.onion_address()
+
+    def tor_error(self) -> str | None:
+        return self.tor_link.error()
+
+    def share_by_path(self, path: str) -> Any:
+        return self.share_registry.share_by_path(path)
+
+    async def size_warning(self, path: str) -> str | None:
+        return await self.share_registry.size_warning(path)
+
+    async def create_code(self, path: str, level: str, one_time: bool,
+                          lifetime: float | None) -> Any:
+        return await self.access_codes.create_code(path, level, one_time, lifetime)
+
+    async def cancel_code(self, access_id_prefix: str) -> None:
+        await self.access_codes.cancel_code(access_id_prefix)
+
+    async def add_join(self, code: bytes, path: str, peers: list[str],
+                       merge: bool = False) -> Any:
+        return await self.access_codes.add_join(code, path, peers, merge=merge)
+
+    async def remove_join(self, path: str) -> bool:
+        return await self.access_codes.remove_join(path)
+
+    async def remember_manual_peer(self, share_id: str, address: str) -> None:
+        await self.dialling.remember_manual_peer(share_id, address)
+
+    def setting(self, key: str) -> Any:
+        return self.config.get(key)
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        self.config[key] = value
+        if key == "name":
+            self.set_name(value)
+        if key in ("upload_limit", "download_limit"):
+            self.apply_limits()
+        await self.store.set_config(key, value)
+        if key == "read_only_files":
+            for runtime in list(self.shares.values()):
+                await runtime.follow_read_only_files()

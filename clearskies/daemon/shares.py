@@ -1,0 +1,180 @@
+"""The share registry: every share the daemon runs, each one a child service.
+
+A share is brought up in two steps: its runtime is prepared (the database
+read, the folder checked), then it becomes a child of :class:`Shares`, which
+starts it; it stops with the registry, or alone when it is detached.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from clearskies.daemon.activity import Activity
+from clearskies.daemon.keyring import SpareKeys
+from clearskies.daemon.resources import Resources, new_peer_id
+from clearskies.daemon.runtime import ShareRuntime
+from clearskies.errors import ConfigurationError
+from clearskies.interfaces import IShareHost
+from clearskies.keys import ShareKeys
+from clearskies.share import location
+from clearskies.share.database import ShareInfo
+from clearskies.share.service import create_share as register_share
+
+#: Config key: shares attached with --merge whose first scan has not yet recorded
+#: the folder's own files (protocol/merge.md, "Attaching into a folder that holds files").
+ADOPTING = "adopting_shares"
+
+
+class Shares(MultiService):
+    """Share ID → :class:`ShareRuntime` (``by_id``), and making, opening and removing them.
+
+    ``host`` (set by the daemon once the rooms it reaches exist) is what each
+    runtime sees of the daemon; ``announce`` is called when a share appears, so
+    that discovery tells the world at once.
+    """
+
+    _log = Logger()
+
+    def __init__(self, resources: Resources, activity: Activity, spare_keys: SpareKeys,
+                 announce: Callable[[], None]) -> None:
+        super().__init__()
+        self._resources = resources
+        self.host: IShareHost | None = None
+        self._activity = activity
+        self._spare_keys = spare_keys
+        self._announce = announce
+        self.by_id: dict[str, ShareRuntime] = {}
+
+    def stopService(self) -> Deferred[None]:
+        """Stop every share, one after the other."""
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        for runtime in list(self.by_id.values()):
+            await runtime.stopService()
+
+    # -- finding shares --------------------------------------------------------------
+
+    def share_by_path(self, path: str) -> ShareRuntime | None:
+        path = os.path.realpath(path)
+        for runtime in self.by_id.values():
+            if str(runtime.root) == path:
+                return runtime
+        return None
+
+    def require_share(self, path: str) -> ShareRuntime:
+        runtime = self.share_by_path(path)
+        if runtime is None:
+            raise ConfigurationError("%s is not a share of this daemon" % path)
+        return runtime
+
+    # -- making shares -----------------------------------------------------------------
+
+    async def create_share(self, path: str) -> ShareRuntime:
+        """Make a new share of an existing directory, with fresh keys."""
+        path = os.path.realpath(path)
+        if not os.path.isdir(path):
+            raise ConfigurationError("%s is not a directory; create it first" % path)
+        await self.check_location(path)
+        self.check_not_nested(path)
+        keys = await self._spare_keys.fresh()
+        return await self.add_share(keys, path, new_peer_id())
+
+    async def check_location(self, path: str) -> None:
+        """ConfigurationError if ``path`` may not be a share (clearskies.share.location)."""
+        refused = await self._resources.cpu_runner.run(location.refusal, path,
+                                                       self._resources.own_paths())
+        if refused is not None:
+            raise ConfigurationError(refused)
+
+    async def size_warning(self, path: str) -> str | None:
+        """A warning for a share that is a home directory or very large (else None)."""
+        warning = await self._resources.cpu_runner.run(location.size_warning, path)
+        if warning is not None:
+            self._log.warn("{warning}", warning=warning)
+        return warning
+
+    def check_not_nested(self, path: str) -> None:
+        for runtime in self.by_id.values():
+            root = str(runtime.root)
+            inside = os.path.commonpath([root, path])
+            if inside in (root, path):
+                raise ConfigurationError(
+                    "%s overlaps the share %s; shares cannot be nested" % (path, runtime.root))
+
+    async def add_share(self, keys: ShareKeys, path: str, peer_id: str) -> ShareRuntime:
+        """Store a share's keys and record, then run it."""
+        resources = self._resources
+        await resources.cpu_runner.run(keys.save, resources.keys_path(keys.share_id))
+        info = await register_share(resources.store, resources.cpu_runner, path,
+                                    keys.share_id, peer_id, keys.access, resources.now())
+        runtime = await self.open_share(info, keys, new=True)
+        self._announce()
+        return runtime
+
+    async def open_share(self, info: ShareInfo, keys: ShareKeys | None = None,
+                         new: bool = False) -> ShareRuntime:
+        """Run a stored share: prepare its runtime, then start it as a child service."""
+        resources = self._resources
+        if keys is None:
+            keys = await resources.cpu_runner.run(ShareKeys.load,
+                                                  resources.keys_path(info.share_id))
+        runtime = ShareRuntime(self.host, resources.reactor, resources.store,
+                               resources.cpu_runner, resources.disk_runner, info, keys)
+        runtime.sync.upload_limiter = self._activity.upload_limiter
+        runtime.sync.download_limiter = self._activity.download_limiter
+        if self._activity.paused:
+            runtime.service.pause()  # before it starts: no start scan until resume
+        self.by_id[info.share_id] = runtime
+        adopt = info.share_id in resources.config.get(ADOPTING, [])
+        await runtime.prepare(new=new, adopt=adopt)
+        runtime.setServiceParent(self)
+        return runtime
+
+    # -- attached with --merge -----------------------------------------------------------
+
+    async def set_adopting(self, share_id: str, adopting: bool) -> None:
+        """Remember (or forget) that a share's first scan must date its files before the share's."""
+        config = self._resources.config
+        listed = [s for s in config.get(ADOPTING, []) if s != share_id]
+        if adopting:
+            listed.append(share_id)
+        if listed != config.get(ADOPTING, []):
+            await self._resources.save_config(ADOPTING, listed)
+
+    def share_adopted(self, share_id: str) -> None:
+        """The first scan of a share attached with --merge has recorded the folder's files."""
+        Deferred.fromCoroutine(self.set_adopting(share_id, False)).addErrback(
+            lambda f: self._log.failure("could not record a finished first scan", f))
+
+    # -- removing shares -----------------------------------------------------------------
+
+    async def remove_share(self, path: str, forget: Callable[[str], None]) -> None:
+        """Stop the share at ``path`` and forget it: keys, records, settings.
+
+        ``forget(share_id)`` is called once it is stopped, for what other rooms
+        of the daemon hold about it (its codes, its dial targets).
+        """
+        runtime = self.require_share(path)
+        share_id = runtime.share_id
+        # Gone at once: a second detach while this one waits is told it is not a share.
+        del self.by_id[share_id]
+        for session in list(runtime.sync.sessions.values()):
+            session.connection.close("share removed")
+        if runtime.parent is self:
+            await runtime.disownServiceParent()
+        else:
+            await runtime.stopService()
+        forget(share_id)
+        await self._resources.store.remove_share(share_id)
+        await self.set_adopting(share_id, False)
+        try:
+            os.unlink(self._resources.keys_path(share_id))
+        except FileNotFoundError:
+            pass
