@@ -2,7 +2,7 @@
 
 ``ShareRuntime`` ties the share engine (``ShareService``: scanning and
 watching) to the sync layer (``ShareSync``), and implements the
-``LocalShare`` seam the sync layer uses to read and change the share.
+``ILocalShare`` seam the sync layer uses to read and change the share.
 Every file operation runs in the CPU thread pool; every database call goes
 through the store's own thread.
 """
@@ -16,16 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from clearskies import diskjobs, readonly
+from clearskies import diskjobs
 from clearskies.errors import UnsafePathError
+from clearskies.interfaces import ILocalShare
 from clearskies.keys import ShareKeys
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo, StoredRecord
 from clearskies.share import location
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
-from clearskies.sync import ShareSync
+from clearskies.sync import ShareSync, readonly
 from clearskies.transfer import WRITE_BITS, unwritable_mode
 
 if TYPE_CHECKING:
@@ -173,6 +175,7 @@ def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
 COUNT_SPACING = 4.0
 
 
+@implementer(ILocalShare)
 class ShareRuntime:
     """A share the daemon runs: engine + sync + what we know of its peers."""
 
@@ -192,13 +195,13 @@ class ShareRuntime:
         self.disk_runner = daemon.disk_runner
         self.service = ShareService(daemon.reactor, daemon.store, info, daemon.cpu_runner)
         self.paths = self.service.paths
-        self.sync = ShareSync(self, daemon.reactor)
-        self.signing = readonly.ShareSigning(keys, daemon.reactor, info.peer_id,
-                                             persist=self._persist_signed)
-        self.sync.signing = self.signing
-        # Extension "addresses" (protocol/sync.md): what we advertise, what peers tell us.
-        self.sync.advertised_addresses = lambda: [str(a) for a in daemon.advertised_addresses()]
-        self.sync.addresses_received = self.peer_addresses_received
+        self.signing = readonly.ShareSigning(keys, info.peer_id, persist=self._persist_signed)
+        self.sync = ShareSync(
+            self, daemon.reactor, signing=self.signing,
+            upload_limiter=daemon.upload_limiter, download_limiter=daemon.download_limiter,
+            # Extension "addresses" (protocol/sync.md): what we advertise, what peers tell us.
+            advertised_addresses=lambda: [str(a) for a in daemon.advertised_addresses()],
+            addresses_received=self.peer_addresses_received)
         self.unshared: list[str] = []
         # Read-only share: files of the share's version we lack, and whether that
         # version is known in full (every page of its manifests here).
@@ -323,7 +326,7 @@ class ShareRuntime:
                 return changed
             after = page[-1].path
 
-    # -- LocalShare (what ShareSync uses) ---------------------------------------------
+    # -- ILocalShare (what ShareSync uses) --------------------------------------------
 
     def revision(self) -> int:
         return max(self._revision, self.service.status.revision)
@@ -560,7 +563,7 @@ class ShareRuntime:
         self._count_duration = self._counted_at - now
         return self.counts
 
-    # -- read-only shares (clearskies.readonly) ---------------------------------------
+    # -- read-only shares (clearskies.sync.readonly) ----------------------------------
 
     def _persist_signed(self, changes: list[readonly.Change]) -> None:
         rows = [(kind, key, part, m.text if m else None, m.signature if m else None)
@@ -599,7 +602,8 @@ class ShareRuntime:
             self._recount_call = None
             self._log.failure("could not count local changes", f)
 
-        Deferred.fromCoroutine(readonly.compare_with_share(self)).addCallbacks(done, failed)
+        Deferred.fromCoroutine(readonly.compare_with_share(self, self.signing.store)).addCallbacks(
+            done, failed)
 
     def last_manifest_revision(self, peer_id: str) -> Any:
         """The revision of ``peer_id``'s manifest we have all of, to ask only for news.
