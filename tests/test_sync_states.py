@@ -115,3 +115,15 @@ def _second(sync, port: int):
     session = SyncSession(sync, connection)
     session.start(None)
     return session, connection
+
+
+def test_the_session_and_the_share_runtime_provide_their_seams(share):
+    """SyncSession provides ISyncSession; the share runtime declares all of ILocalShare."""
+    from zope.interface.verify import verifyClass, verifyObject
+
+    from clearskies.interfaces import ILocalShare, ISyncSession
+    from clearskies.share.runtime import ShareRuntime
+
+    _, session, _ = open_session(share, Clock())
+    assert verifyObject(ISyncSession, session)
+    assert verifyClass(ILocalShare, ShareRuntime)
