@@ -22,10 +22,54 @@ def share(tmp_path: Path) -> MemoryShare:
 
 
 def test_session_drawing_and_table_agree():
-    """protocol/session.dot draws exactly the transitions and outputs of the table."""
+    """protocol/session.dot draws exactly the transitions and outputs of both tables."""
     table = {(before, event, after, tuple(outputs))
-             for (before, event), (after, outputs) in states.TRANSITIONS.items()}
+             for transitions in (states.TRANSITIONS, states.INBOX_TRANSITIONS)
+             for (before, event), (after, outputs) in transitions.items()}
     assert edges("session.dot") == table
+
+
+def test_inbox_merges_one_batch_at_a_time():
+    """The inbox machine: a merge, its end, a wait for the first scan; a second merge raises."""
+    steps: list[tuple[str, str, str, list[str]]] = []
+    inbox = states.InboxMachine(lambda *step: steps.append(step))
+    assert inbox.fire("merge") == []
+    with pytest.raises(states.IllegalTransition):
+        inbox.fire("merge")
+    assert inbox.fire("merged") == ["send_progress", "merge_next"]
+    assert inbox.fire("scan_pending") == []
+    assert inbox.fire("scan_done") == ["merge_next"]
+    assert inbox.fire("merge") == [] and inbox.fire("merge_failed") == ["merge_next"]
+    assert [after for _, _, after, _ in steps] == [
+        "merging", "idle", "awaiting_scan", "idle", "merging", "idle"]
+
+
+def test_a_session_inbox_is_merging_until_the_batch_is_merged(share):
+    """Records arriving while a merge is held wait in the inbox; then both batches are merged."""
+    from twisted.internet.defer import Deferred
+
+    clock = Clock()
+    sync, session, connection = open_session(share, clock)
+    held: list[Deferred] = []
+    real = sync.receive_records
+
+    def slow(peer, records):
+        d: Deferred = Deferred()
+        held.append(d)
+        d.addCallback(lambda _: real(peer, records))
+        return d
+
+    sync.receive_records = slow
+    session.event_received(message({"type": "update", "revision": 1, "file": file_record(
+        "a.txt", b"a", {THEM: 1}).to_wire()}))
+    session.event_received(message({"type": "update", "revision": 2, "file": file_record(
+        "b.txt", b"b", {THEM: 2}).to_wire()}))
+    assert session.metadata.inbox.state == states.MERGING and session.merging
+    assert len(held) == 1
+    held[0].callback(None)
+    assert len(held) == 2  # the second update went as the next batch
+    held[1].callback(None)
+    assert session.metadata.inbox.state == states.IDLE and not session.merging
 
 
 def test_machine_returns_the_outputs_of_each_input():

@@ -22,7 +22,7 @@ from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.interfaces import ISyncSession
 from clearskies.share import merge
 from clearskies.share.records import MAX_SIZE, FileRecord, validate_wire_path
-from clearskies.sync import limits
+from clearskies.sync import limits, states
 from clearskies.sync.engine import ShareSync
 from clearskies.sync.gate import ReadOnlyGate
 from clearskies.sync.limits import MAX_REFUSED_RECORDS
@@ -62,7 +62,7 @@ class MetadataExchange:
         # Batches waiting to be merged: [kind, items, revision they complete, manifest
         # revision to remember once merged]; a revision counts only after its merge.
         self._inbox: list[list[Any]] = []
-        self._merging = False
+        self.inbox = states.InboxMachine()
 
     @property
     def _relaying(self) -> bool:
@@ -264,13 +264,20 @@ class MetadataExchange:
             batch[2] = revision
         if manifest_revision is not None:
             batch[3] = manifest_revision
-        if not self._merging:
+        if self.inbox.state == states.IDLE:
             self._merge_inbox()
 
     @property
     def merging(self) -> bool:
         """Records from this peer are still waiting to be merged, or being merged."""
-        return self._merging or bool(self._inbox)
+        return self.inbox.state != states.IDLE or bool(self._inbox)
+
+    def _carry_out(self, outputs: list[str]) -> None:
+        for output in outputs:
+            if output == "send_progress":
+                self.send_progress()
+            elif output == "merge_next":
+                self._merge_inbox()
 
     def _merge_inbox(self) -> None:
         if not self._inbox or not self.session.alive:
@@ -279,15 +286,11 @@ class MetadataExchange:
         if waiting is not None:
             # A share just attached with --merge: its folder's files are recorded
             # (dated before the share) first, so the share's records meet them.
-            self._merging = True
-
-            def resume(_: object) -> None:
-                self._merging = False
-                self._merge_inbox()
-            waiting.addBoth(resume)
+            self.inbox.fire("scan_pending")
+            waiting.addBoth(lambda _: self._carry_out(self.inbox.fire("scan_done")))
             return
         kind, items, revision, manifest_revision = self._inbox.pop(0)
-        self._merging = True
+        self.inbox.fire("merge")
         if kind == "moves":
             d = self.sync.receive_moves(self.session, items)
         else:
@@ -300,17 +303,17 @@ class MetadataExchange:
                 self.peer_revision_merged = revision
             if manifest_revision is not None:
                 self._manifest_to_remember = manifest_revision
-            self._merging = False
-            self.send_progress()
+            self._carry_out(self.inbox.fire("merged"))
+
+        def failed(failure: Failure) -> None:
+            self._fail(failure, "merging records")
+            if self.inbox.state == states.MERGING:  # the merge itself failed
+                self._carry_out(self.inbox.fire("merge_failed"))
+            elif self.inbox.state == states.IDLE:  # what followed it failed: go on
+                self._merge_inbox()
 
         d.addCallback(merged)
-        d.addErrback(self._fail, "merging records")
-
-        def next_batch(_: object) -> None:
-            self._merging = False
-            self._merge_inbox()
-
-        d.addBoth(next_batch)
+        d.addErrback(failed)
 
     def on_clearskies_progress(self, body: dict, event: wire.Message) -> None:
         """Extension: how far the peer has got with our changes (for status and wait)."""

@@ -1,12 +1,14 @@
-"""A sync session's life as an explicit state machine (drawn in protocol/session.dot).
+"""A sync session's states as explicit machines (drawn in protocol/session.dot).
 
-Pure: no connection, no reactor.  :class:`SyncSession` feeds it one input
-per thing that happens to the connection and carries out the outputs it
-returns, in order.  A peer's input that the current state does not take (a
-payload chunk outside a ``file_data`` message) raises
-:class:`~clearskies.errors.ProtocolError`, which closes the connection; any
-other input the state does not take is our own bug and raises
-:class:`IllegalTransition`.
+Pure: no connection, no reactor.  Two tables: the session's life
+(:data:`TRANSITIONS`: started, receiving a payload, closed) and its inbox
+(:data:`INBOX_TRANSITIONS`: idle, waiting for the share's first scan,
+merging a batch).  The session feeds a machine one input per thing that
+happens and carries out the outputs it returns, in order.  A peer's input
+that the current state does not take (a payload chunk outside a
+``file_data`` message) raises :class:`~clearskies.errors.ProtocolError`,
+which closes the connection; any other input the state does not take is our
+own bug and raises :class:`IllegalTransition`.
 """
 
 from __future__ import annotations
@@ -67,27 +69,66 @@ _PEER_ERRORS = {
 """Inputs a peer causes, and why they are refused where the table has no room for them."""
 
 
+# The inbox: what the peer sent, merged one batch at a time.
+IDLE = "idle"
+"""No batch being merged: the next one that arrives is merged at once."""
+AWAITING_SCAN = "awaiting_scan"
+"""A share attached with --merge records its folder's files first; batches wait."""
+MERGING = "merging"
+"""A batch is being merged; what arrives meanwhile joins the next batch."""
+
+INBOX_STATES = (IDLE, AWAITING_SCAN, MERGING)
+
+INBOX_TRANSITIONS: dict[tuple[str, str], tuple[str, list[str]]] = {
+    (IDLE, "scan_pending"): (AWAITING_SCAN, []),
+    (AWAITING_SCAN, "scan_done"): (IDLE, ["merge_next"]),
+    (IDLE, "merge"): (MERGING, []),
+    (MERGING, "merged"): (IDLE, ["send_progress", "merge_next"]),
+    (MERGING, "merge_failed"): (IDLE, ["merge_next"]),
+}
+"""(state, input) -> (next state, outputs) of the inbox.  Any other pair raises."""
+
+
 class IllegalTransition(RuntimeError):
-    """An input the session's current state does not take, caused by our own code."""
+    """An input a machine's current state does not take, caused by our own code."""
 
 
-class SessionMachine:
-    """The state of one sync session; :meth:`fire` takes an input and returns the outputs."""
+class Machine:
+    """A state and a transition table; :meth:`fire` takes an input and returns the outputs."""
 
-    def __init__(self, observer: Callable[[str, str, str, list[str]], None] | None = None
-                 ) -> None:
-        self.state = NEW
+    def __init__(self, table: dict[tuple[str, str], tuple[str, list[str]]], initial: str,
+                 peer_errors: dict[str, str] | None = None,
+                 observer: Callable[[str, str, str, list[str]], None] | None = None) -> None:
+        self.table = table
+        self.state = initial
+        self._peer_errors = peer_errors or {}
         #: Called with (state, input, next state, outputs) after every transition.
         self.observer = observer
 
     def fire(self, event: str) -> list[str]:
-        step = TRANSITIONS.get((self.state, event))
+        step = self.table.get((self.state, event))
         if step is None:
-            if event in _PEER_ERRORS:
-                raise ProtocolError(_PEER_ERRORS[event])
-            raise IllegalTransition("%s while the session is %s" % (event, self.state))
+            if event in self._peer_errors:
+                raise ProtocolError(self._peer_errors[event])
+            raise IllegalTransition("%s while %s" % (event, self.state))
         before = self.state
         self.state, outputs = step
         if self.observer is not None:
             self.observer(before, event, self.state, list(outputs))
         return list(outputs)
+
+
+class SessionMachine(Machine):
+    """The life of one sync session (:data:`TRANSITIONS`)."""
+
+    def __init__(self, observer: Callable[[str, str, str, list[str]], None] | None = None
+                 ) -> None:
+        super().__init__(TRANSITIONS, NEW, _PEER_ERRORS, observer)
+
+
+class InboxMachine(Machine):
+    """Whether a session's received records are being merged (:data:`INBOX_TRANSITIONS`)."""
+
+    def __init__(self, observer: Callable[[str, str, str, list[str]], None] | None = None
+                 ) -> None:
+        super().__init__(INBOX_TRANSITIONS, IDLE, None, observer)
