@@ -311,10 +311,42 @@ class ShareSync:
         """Status fields for downloads the disk refused: ``problem``, ``disk_errors``, or none."""
         return self.diskwatch.status()
 
-    def finish_download(self, session: ISyncSession, receiver: FileReceiver,
-                        record: FileRecord, asked: str | None = None) -> Deferred[None]:
-        """A payload ended: verify, put in place, record; or queue a retry (Downloads.finish)."""
-        return Deferred.fromCoroutine(self.downloads.finish(session, receiver, record, asked))
+    # -- the request windows of the sessions ----------------------------------------
+
+    def requests_of(self, session: ISyncSession) -> int:
+        """Files handed to ``session`` whose payload has not arrived yet."""
+        return sum(1 for s in self.in_flight.values() if s is session)
+
+    def request_withdrawn(self, session: ISyncSession, path: str) -> None:
+        """``session`` did not ask for ``path`` after all: it may be handed out again."""
+        if self.in_flight.get(path) is session:
+            del self.in_flight[path]
+
+    def payload_received(self, session: ISyncSession, receiver: FileReceiver,
+                         asked: str | None = None) -> Deferred[None]:
+        """A payload ended: verify, put in place, record (Downloads.finish); or retry later.
+
+        The file leaves the session's request window at once, so the next
+        files stream while this one is installed; ``asked`` is the remote
+        path that was requested.
+        """
+        path = receiver.expected.path
+        if self.in_flight.get(path) is session:
+            del self.in_flight[path]
+            self.finishing[path] = session
+            self.pump()  # the window has room again while this file is installed
+
+        def done(result: object) -> object:
+            if self.finishing.get(path) is session:
+                del self.finishing[path]
+            if self.in_flight.get(path) is session:
+                del self.in_flight[path]
+            self.pump()
+            return result
+
+        d = Deferred.fromCoroutine(
+            self.downloads.finish(session, receiver, receiver.expected, asked))
+        return d.addBoth(done)
 
     def download_failed(self, session: ISyncSession, path: str,
                         asked: tuple[FileRecord, str] | None = None) -> None:

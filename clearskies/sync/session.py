@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -269,16 +268,14 @@ class SyncSession:
     # -- requests ------------------------------------------------------------------
 
     def has_room(self) -> bool:
-        in_flight = sum(1 for s in self.sync.in_flight.values() if s is self)
-        return self.alive and in_flight < self.window
+        return self.alive and self.sync.requests_of(self) < self.window
 
     def request(self, receiver: FileReceiver, remote_path: str) -> None:
         record = receiver.expected
         if remote_path in self.pending:
             # Already asking this peer for that path (for another target): later.
             receiver.abort(keep_partial=True)
-            if self.sync.in_flight.get(record.path) is self:
-                del self.sync.in_flight[record.path]
+            self.sync.request_withdrawn(self, record.path)
             return
         self.pending[remote_path] = receiver
         message: dict[str, Any] = {"type": "get", "path": remote_path}
@@ -290,24 +287,8 @@ class SyncSession:
         self._send(message)
 
     def _finish(self, receiver: FileReceiver) -> None:
-        record = receiver.expected
-        sync = self.sync
-        if sync.in_flight.get(record.path) is self:
-            del sync.in_flight[record.path]
-            sync.finishing[record.path] = self
-            sync.pump()  # the window has room again while this file is installed
-
-        def done(_: object) -> None:
-            if sync.finishing.get(record.path) is self:
-                del sync.finishing[record.path]
-            if sync.in_flight.get(record.path) is self:
-                del sync.in_flight[record.path]
-            sync.pump()
-
-        d: Deferred[None] = sync.finish_download(self, receiver, record,
-                                                 asked=self.receiving_path)
-        d.addErrback(self._log_failure, "finishing " + record.path)
-        d.addBoth(done)
+        d = self.sync.payload_received(self, receiver, asked=self.receiving_path)
+        d.addErrback(self._log_failure, "finishing " + receiver.expected.path)
 
     # -- errors -------------------------------------------------------------------------
 
