@@ -11,7 +11,7 @@ depend on it, and it depends on none.
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface  # noqa: F401
+from zope.interface import Attribute, Interface
 
 
 # --- blocking work: runners and disk jobs -----------------------------------
@@ -20,7 +20,134 @@ from zope.interface import Attribute, Interface  # noqa: F401
 # --- the share store, as the sync layer sees it -----------------------------
 
 
+class ILocalShare(Interface):
+    """Everything syncing needs from one share's store and folder.
+
+    Implemented by the share runtime; faked by the sync tests.  Every path
+    argument is a share path (``/``-separated, relative to the share root),
+    already checked by ``clearskies.share.records.validate_wire_path``.
+    """
+
+    share_id = Attribute("The share's ID (hex).")
+    our_peer_id = Attribute("Our peer ID in this share.")
+    root = Attribute("The share folder (pathlib.Path).")
+    runner = Attribute("The thread runner for blocking file work (clearskies.threads).")
+    disk_runner = Attribute("The runner for downloads' small-file jobs (clearskies.diskjobs).")
+    error = Attribute("Why the share is in error (an unmounted folder, say), or None: "
+                      "nothing is then taken from or given to peers.")
+
+    def revision():
+        """Our current manifest revision (an int)."""
+
+    def manifest():
+        """Deferred (revision, every record sorted by path) they make up."""
+
+    def get_record(path):
+        """Deferred: our record for ``path``, or None."""
+
+    def get_records(paths):
+        """Deferred {path: record} of those ``paths`` we have a record of (one round trip)."""
+
+    def local_path(path):
+        """The checked local Path of a share path (UnsafePathError, PathObstacle)."""
+
+    def is_ignored(path):
+        """True for paths the user excluded: never announced, never overwritten."""
+
+    def unchanged_many(paths, local_paths=None):
+        """Deferred {path: True when the file on disk is as our last scan recorded it}."""
+
+    def commit_remote(records, written=None):
+        """Store records whose on-disk state is now in place; Deferred new revision.
+
+        ``written`` maps paths of files just written to (size, mtime_ns,
+        inode), so that the next scan knows them.
+        """
+
+    def find_local_copy(sha256):
+        """Deferred: a local Path holding this content (to copy, not download), or None."""
+
+    def hashes_present(hashes):
+        """Deferred set of those ``hashes`` some live file of the share has (one query)."""
+
+    def remove_local(path):
+        """Deferred bool: the file or empty folder was deleted (False: changed since the scan)."""
+
+    def remove_many(paths, decided_on=None):
+        """``remove_local`` for many paths; ``decided_on``: our records the caller judged."""
+
+    def make_directory(path, mode):
+        """Deferred: a folder (and its parents) exists inside the share."""
+
+    def rename_local(source, destination, decided_on=None):
+        """Deferred bool: moved within the share, if the source is unchanged since the scan.
+
+        ``decided_on``: our record of the source that the caller decided
+        against; if the database holds a newer one, the move is refused.
+        """
+
+    def rename_many(moves, decided_on=None):
+        """``rename_local`` for many (source, destination) pairs; a list of bools."""
+
+    def expect_own_renames(paths):
+        """Downloads are about to be renamed into ``paths``: the watcher must not report them."""
+
+    def own_renames_failed(paths):
+        """Those announced renames did not happen after all."""
+
+    def check_root():
+        """Look at the share folder now (a download found it gone)."""
+
+    def local_files_recorded():
+        """A Deferred merging must wait for (an adopting first scan), or None."""
+
+    def peer_manifest_seen(peer_id, revision):
+        """Remember the revision of a peer's manifest, to ask for changes since it next time."""
+
+    def note_refused(path, why):
+        """List a peer's record that cannot be taken (``status --skipped``); True if new."""
+
+
 # --- sync: engine, sessions, read-only signing ------------------------------
+
+
+class ISyncSession(Interface):
+    """One authenticated connection of a share, as the share's sync engine sees it."""
+
+    peer_id = Attribute("The peer's ID.")
+    opener_key = Attribute("(peer ID of the side that opened the TCP connection, its source "
+                           "port): of two connections with one peer, the smaller stays.")
+    connection = Attribute("The peer connection (its ``established`` info, ``close(reason)``).")
+    alive = Attribute("False once the connection is lost.")
+    remote_index = Attribute("path -> the peer's latest record of it that we merged.")
+    manifest_sent_revision = Attribute(
+        "The newest revision of ours the peer has (int), or None before our manifest.")
+    in_sync = Attribute("The peer has our latest revision (and all its content, if it says).")
+    merging = Attribute("Records from this peer are waiting to be merged, or being merged.")
+
+    def keep_over(newcomer):
+        """Of two connections with one peer, True when this one stays."""
+
+    def has_room():
+        """The request window has room for another download."""
+
+    def request(receiver, remote_path):
+        """Ask the peer for a file, into ``receiver`` (clearskies.transfer.FileReceiver)."""
+
+    def push_changes(records, moves, revision, force=False):
+        """Send our changes at ``revision`` unless the peer has them already."""
+
+    def merge_again(records):
+        """Records of this peer whose merge could not be carried out: merge them again."""
+
+    def acknowledge(record):
+        """The peer holds our version of ``record`` (for peers without version vectors)."""
+
+    def local_unacked(local):
+        """Our version of a path has changes this peer has not confirmed holding."""
+
+    def send_progress():
+        """Tell the peer which of its revisions we hold completely, if we do."""
 
 
 # --- discovery sources and transports ---------------------------------------

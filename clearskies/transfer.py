@@ -12,9 +12,17 @@ chunk at a time, as a Twisted push producer, so a slow peer or a full socket
 buffer stops the disk reads.  :class:`SendQueue` serialises everything one
 connection writes: one file at a time, small messages in between.
 
-The small file-system calls (open, stat, a 1 MiB read or write) run on the
-reactor thread; the slow ones (fsync, rename, hashing a resumed or copied
-file) go through the injected runner.
+Threads: received bytes are written and hashed by the injected runner in
+batches (:class:`_BatchWriter`; the reactor writes only a backlog past
+``MAX_QUEUED_BATCHES``); a small download is held in memory and created,
+hashed and fsynced in one worker job, several at once (:class:`BufferedSeals`);
+verifying, fsync, renames (:func:`finish_many`) and the sender's opens and
+reads run in the runner too.  The reactor thread keeps only the calls that
+set a download up (stat of a partial file, opening the temporary file).
+
+A receiver's life is an explicit state machine (:data:`RECEIVER_TRANSITIONS`,
+drawn in ``protocol/receiver.dot``); a call its state does not allow raises
+:class:`IllegalTransition`.
 """
 
 from __future__ import annotations
@@ -137,10 +145,67 @@ class FinishResult:
     reason: str = ""
 
 
-# Receiver states.  _FAILED: the local disk refused a write; the rest of the
-# payload is dropped and seal() raises that error (clearskies.diskerrors).
+# -- the receiver's state machine (protocol/receiver.dot) ------------------------------
+
 _NEW, _WRITING, _BUSY, _VERIFIED, _DONE = "new", "writing", "busy", "verified", "done"
 _FAILED = "failed"
+"""The local disk refused a write: the rest of the payload is dropped and seal()
+raises that error (clearskies.diskerrors)."""
+
+RECEIVER_STATES = (_NEW, _WRITING, _BUSY, _VERIFIED, _DONE, _FAILED)
+
+RECEIVER_TRANSITIONS: dict[tuple[str, str], str] = {
+    # Filling the temporary file (or the memory buffer of a small file).
+    (_NEW, "open"): _WRITING,
+    (_WRITING, "write"): _WRITING,
+    (_FAILED, "write"): _FAILED,  # the rest of the payload is dropped
+    (_NEW, "copy"): _BUSY,
+    (_WRITING, "copy"): _BUSY,
+    (_BUSY, "copied"): _WRITING,
+    (_BUSY, "copy_failed"): _NEW,
+    # Verifying and fsyncing (seal).
+    (_WRITING, "seal"): _BUSY,
+    (_BUSY, "sealed"): _VERIFIED,
+    (_BUSY, "rejected"): _DONE,
+    (_NEW, "disk_failed"): _FAILED,
+    (_WRITING, "disk_failed"): _FAILED,
+    (_BUSY, "disk_failed"): _FAILED,
+    (_FAILED, "seal_failed"): _DONE,
+    # Putting the verified content in place (finish, finish_many, keep_as).
+    (_VERIFIED, "install"): _BUSY,
+    (_BUSY, "installed"): _DONE,
+    (_BUSY, "install_failed"): _VERIFIED,
+    # Giving up (not while file work runs).
+    (_NEW, "abort"): _DONE,
+    (_WRITING, "abort"): _DONE,
+    (_VERIFIED, "abort"): _DONE,
+    (_FAILED, "abort"): _DONE,
+    (_DONE, "abort"): _DONE,
+}
+"""(state, input) -> next state.  Any other pair raises IllegalTransition."""
+
+
+class IllegalTransition(RuntimeError):
+    """An input the machine's current state does not take: the caller's bug, not the peer's."""
+
+
+class ReceiverMachine:
+    """Where one download is: a transition table, an observer for tests and logs."""
+
+    def __init__(self, observer: Callable[[str, str, str], None] | None = None) -> None:
+        self.state = _NEW
+        #: Called with (state, input, next state) after every transition.
+        self.observer = observer
+
+    def fire(self, event: str) -> str:
+        """Take ``event``; the new state.  IllegalTransition if this state does not take it."""
+        after = RECEIVER_TRANSITIONS.get((self.state, event))
+        if after is None:
+            raise IllegalTransition("%s of a download that is %s" % (event, self.state))
+        before, self.state = self.state, after
+        if self.observer is not None:
+            self.observer(before, event, after)
+        return after
 
 
 class FileReceiver:
@@ -173,7 +238,8 @@ class FileReceiver:
         self._runner = runner
         self._sealer = sealer
         diskjobs.check_inside(self.root, self.local_path, resolve=False)
-        self._state = _NEW
+        #: The download's state machine (RECEIVER_TRANSITIONS).
+        self.machine = ReceiverMachine()
         self._fd: int | None = None
         self._hasher: Any = hashlib.sha256()
         self._writer: _BatchWriter | None = None
@@ -228,16 +294,19 @@ class FileReceiver:
         except OSError as e:
             self._disk_failed(e)
 
+    @property
+    def state(self) -> str:
+        """One of RECEIVER_STATES."""
+        return self.machine.state
+
     def _write(self, data: bytes) -> None:
-        if self._state == _FAILED:
-            return
-        if self._state == _NEW:
+        if self.machine.state == _NEW:
             if self._buffer is None:
                 self._open_for_writing()
             else:
-                self._state = _WRITING
-        elif self._state != _WRITING:
-            raise RuntimeError("write to a download that is %s" % self._state)
+                self.machine.fire("open")
+        if self.machine.fire("write") == _FAILED:
+            return
         if self._overflow or self.received + len(data) > self.expected.size:
             # More than the record's size: refuse to fill the disk; finish() reports it.
             self._overflow = True
@@ -259,7 +328,7 @@ class FileReceiver:
         self.disk_error = error
         self._close_fd()
         self._buffer = None
-        self._state = _FAILED
+        self.machine.fire("disk_failed")
         if diskerrors.frees_space(error):
             self._remove_temp()
 
@@ -311,7 +380,7 @@ class FileReceiver:
         self._fd = fd
         self._writer = _BatchWriter(self._runner, fd, self._offset,
                                     None if self._rehash else self._hasher)
-        self._state = _WRITING
+        self.machine.fire("open")
 
     def _prepare_directory(self) -> None:
         if not self.root.is_dir():
@@ -328,12 +397,12 @@ class FileReceiver:
         Replaces whatever was received so far; :meth:`finish` still verifies
         it, so a source that changed meanwhile ends as CORRUPT.
         """
-        if self._state not in (_NEW, _WRITING):
-            raise RuntimeError("copy into a download that is %s" % self._state)
+        if self.machine.state not in (_NEW, _WRITING):
+            raise IllegalTransition("copy into a download that is %s" % self.machine.state)
         self._close_fd()
         self._buffer = None
         self._prepare_directory()
-        self._state = _BUSY
+        self.machine.fire("copy")
         d = self._runner.run(_copy_into, Path(source), self.temp_path, self.expected.size)
 
         def copied(result: tuple[Any, int, int]) -> None:
@@ -342,10 +411,10 @@ class FileReceiver:
             self._offset = 0
             self._rehash = False
             self._overflow = self._received > self.expected.size
-            self._state = _WRITING
+            self.machine.fire("copied")
 
         def failed(failure: Failure) -> Failure:
-            self._state = _NEW
+            self.machine.fire("copy_failed")
             return failure
 
         return d.addCallbacks(copied, failed)
@@ -368,23 +437,21 @@ class FileReceiver:
         except OSError as e:
             # The disk refused (fsync, a small file's write, mkdir, chmod): the
             # download is over; a partial that fills the disk goes.
-            if self._state != _FAILED:
+            if self.machine.state != _FAILED:
                 self._disk_failed(e)
-            self._state = _DONE
+            self.machine.fire("seal_failed")
             raise
 
     async def _seal_checked(self) -> str | None:
-        if self._state == _FAILED:
+        if self.machine.state == _FAILED:
             assert self.disk_error is not None
             raise self.disk_error
-        if self._state == _NEW:
+        if self.machine.state == _NEW:
             if self._buffer is None:
                 self._open_for_writing()  # nothing arrived: an empty file or a complete resume
             else:
-                self._state = _WRITING
-        if self._state != _WRITING:
-            raise RuntimeError("finish of a download that is %s" % self._state)
-        self._state = _BUSY
+                self.machine.fire("open")
+        self.machine.fire("seal")
         if self._buffer is not None:
             data, self._buffer = b"".join(self._buffer), None
             args = (self.root, self.local_path, self.temp_path, data, self._overflow,
@@ -409,11 +476,11 @@ class FileReceiver:
             problem = await self._runner.run(
                 _seal, fd, self.temp_path, hasher, self._overflow, self._on_disk)
         if problem is not None:
-            self._state = _DONE
+            self.machine.fire("rejected")
             self._log.info("download of {path} failed verification: {why}",
                            path=self.expected.path, why=problem)
             return problem
-        self._state = _VERIFIED
+        self.machine.fire("sealed")
         return None
 
     def finish(self, is_unchanged: Callable[[], bool | Deferred[bool]], *,
@@ -430,21 +497,21 @@ class FileReceiver:
 
     async def _finish(self, is_unchanged: Callable[[], bool | Deferred[bool]],
                       sync_directory: bool) -> FinishResult:
-        if self._state != _VERIFIED:
+        if self.machine.state != _VERIFIED:
             problem = await self._seal_temp()
             if problem is not None:
                 return FinishResult(CORRUPT, self.local_path, reason=problem)
         if not await maybeDeferred(is_unchanged):
             return FinishResult(CONFLICT, self.temp_path,
                                 reason="the file changed locally during the download")
-        self._state = _BUSY
+        self.machine.fire("install")
         try:
             size, mtime_ns, inode = await self._runner.run(
                 _install, self.temp_path, self.local_path, sync_directory)
         except BaseException:
-            self._state = _VERIFIED
+            self.machine.fire("install_failed")
             raise
-        self._state = _DONE
+        self.machine.fire("installed")
         return FinishResult(OK, self.local_path, size, mtime_ns, inode)
 
     def keep_as(self, other_path: Path) -> Deferred[FinishResult]:
@@ -454,22 +521,22 @@ class FileReceiver:
         the temporary file is simply dropped; if it holds something else,
         the Deferred fails with FileExistsError and the temporary file stays.
         """
-        if self._state != _VERIFIED:
-            raise RuntimeError("keep_as on a download that is %s" % self._state)
+        if self.machine.state != _VERIFIED:
+            raise IllegalTransition("keep_as on a download that is %s" % self.machine.state)
         other_path = Path(other_path)
         diskjobs.check_inside(self.root, other_path, resolve=False)
         if not other_path.parent.is_dir():
             other_path.parent.mkdir(parents=True, exist_ok=True)
         diskjobs.check_inside(self.root, other_path, resolve=True)
-        self._state = _BUSY
+        self.machine.fire("install")
         d = self._runner.run(_keep, self.temp_path, other_path, self.expected.sha256)
 
         def kept(info: tuple[int, int, int]) -> FinishResult:
-            self._state = _DONE
+            self.machine.fire("installed")
             return FinishResult(OK, other_path, *info)
 
         def failed(failure: Failure) -> Failure:
-            self._state = _VERIFIED
+            self.machine.fire("install_failed")
             return failure
 
         return d.addCallbacks(kept, failed)
@@ -480,12 +547,12 @@ class FileReceiver:
         A buffered small file keeps nothing: fetching it again is cheaper than
         writing a partial out on the reactor thread.  Not allowed while a copy, a verification or a rename is running.
         """
-        if self._state == _DONE:
+        if self.machine.state == _DONE:
             return
-        if self._state == _BUSY:
-            raise RuntimeError("cannot abort a download while its file work is running")
+        if self.machine.state == _BUSY:
+            raise IllegalTransition("cannot abort a download while its file work is running")
         self._close_fd(keep=keep_partial)
-        self._state = _DONE
+        self.machine.fire("abort")
         self._buffer = None
         if not keep_partial:
             self._remove_temp()
@@ -686,9 +753,9 @@ async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
     results: list[FinishResult | Failure | None] = []
     moving: list[tuple[int, FileReceiver]] = []
     for index, (receiver, unchanged) in enumerate(items):
-        if receiver._state != _VERIFIED:
-            results.append(Failure(RuntimeError(
-                "install of a download that is %s" % receiver._state)))
+        if receiver.state != _VERIFIED:
+            results.append(Failure(IllegalTransition(
+                "install of a download that is %s" % receiver.state)))
             continue
         if not unchanged:
             results.append(FinishResult(CONFLICT, receiver.temp_path,
@@ -699,20 +766,20 @@ async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
     if not moving:
         return [r for r in results if r is not None]
     for _, receiver in moving:
-        receiver._state = _BUSY
+        receiver.machine.fire("install")
     try:
         outcomes = await runner.run(
             diskjobs.install_batch, [(r.temp_path, r.local_path) for _, r in moving])
     except BaseException:
         for _, receiver in moving:
-            receiver._state = _VERIFIED
+            receiver.machine.fire("install_failed")
         raise
     for (index, receiver), outcome in zip(moving, outcomes):
         if isinstance(outcome, BaseException):
-            receiver._state = _VERIFIED
+            receiver.machine.fire("install_failed")
             results[index] = Failure(outcome)
         else:
-            receiver._state = _DONE
+            receiver.machine.fire("installed")
             results[index] = FinishResult(OK, receiver.local_path, *outcome)
     return [r for r in results if r is not None]
 

@@ -87,10 +87,9 @@ def _session(share: MemoryShare, features: tuple[str, ...] = ("vv", "progress", 
              advertised: list[str] | None = None):
     from clearskies.sync import ShareSync, SyncSession
 
-    sync = ShareSync(share, Clock())
     received: list[tuple[str, list[str]]] = []
-    sync.advertised_addresses = lambda: list(advertised or [])
-    sync.addresses_received = lambda peer, addresses: received.append((peer, addresses))
+    sync = ShareSync(share, Clock(), advertised_addresses=lambda: list(advertised or []),
+                     addresses_received=lambda peer, addresses: received.append((peer, addresses)))
     connection = FakeConnection(features=features)
     session = SyncSession(sync, connection)
     return session, connection, received
@@ -129,7 +128,6 @@ def test_addresses_are_sent_again_only_when_they_change(share):
     """Tor becoming ready later sends the new list once; repeating it sends nothing."""
     advertised: list[str] = []
     session, connection, _ = _session(share, advertised=advertised)
-    session.sync.advertised_addresses = lambda: list(advertised)
     session.start(None)
     connection.sent()
     advertised.append(ONION)

@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from clearskies import readonly, wire
+from clearskies import wire
+from clearskies.sync import readonly
+from clearskies.sync import signed as rules
+from clearskies.sync.gate import ReadOnlyGate
 from clearskies.errors import ProtocolError
 from clearskies.keys import ShareKeys, generate_share_keys
 from clearskies.share.database import ShareInfo, StateDatabase
@@ -44,10 +47,10 @@ def _file(path: str, sha: str, vv: dict[str, int], utime: float = 100.0) -> File
                       sha256=sha * 64, vv=vv)
 
 
-def _signed(keys: ShareKeys, body: dict, level: str = "read_write") -> readonly.SignedMessage:
+def _signed(keys: ShareKeys, body: dict, level: str = "read_write") -> rules.SignedMessage:
     text = wire.dumps(body)
     from clearskies.keys import sign
-    return readonly.SignedMessage.parse(text, sign(keys.private_keys[level], text))
+    return rules.SignedMessage.parse(text, sign(keys.private_keys[level], text))
 
 
 def _update(record: FileRecord) -> dict:
@@ -64,11 +67,11 @@ def _manifest(records: list[FileRecord], revision: int = 1, peer: str = A) -> di
 
 def test_who_signs_and_who_relays():
     """Only a read_write share signs, and only for less trusted peers; others only relay."""
-    assert readonly.signs_for("read_write", "read_only")
-    assert readonly.signs_for("read_write", "untrusted")
-    assert not readonly.signs_for("read_write", "read_write")
-    assert not readonly.signs_for("read_only", "read_only")
-    assert readonly.relays_only("read_only") and not readonly.relays_only("read_write")
+    assert rules.signs_for("read_write", "read_only")
+    assert rules.signs_for("read_write", "untrusted")
+    assert not rules.signs_for("read_write", "read_write")
+    assert not rules.signs_for("read_only", "read_only")
+    assert rules.relays_only("read_only") and not rules.relays_only("read_write")
 
 
 @pytest.mark.parametrize("ours, theirs, signed, valid, accepted", [
@@ -82,16 +85,16 @@ def test_who_signs_and_who_relays():
 ])
 def test_metadata_verdict(ours, theirs, signed, valid, accepted):
     """Metadata is merged only from read_write peers or with a valid read_write signature."""
-    assert (readonly.metadata_verdict(ours, theirs, signed, valid) is None) == accepted
+    assert (rules.metadata_verdict(ours, theirs, signed, valid) is None) == accepted
 
 
 def test_bitmask_marks_held_files_most_significant_bit_first():
     """The bitmask has one bit per manifest file, set where our content matches."""
     files = [_file("f%d" % i, "ab"[i % 2], {A: 1}) for i in range(10)]
     local = {f.path: f for f in files if f.sha256.startswith("a")}  # holds f0, f2, f4…
-    mask = readonly.held_bitmask(files, local)
+    mask = rules.held_bitmask(files, local)
     assert mask == bytes([0b10101010, 0b10000000])
-    assert [f.path for f in readonly.bitmask_selects(mask, files)] == \
+    assert [f.path for f in rules.bitmask_selects(mask, files)] == \
         ["f0", "f2", "f4", "f6", "f8"]
 
 
@@ -107,7 +110,7 @@ def test_unshared_paths_are_our_edits_and_additions_only():
         _file("added", "d", {B: 1}),
         FileRecord(path="added-then-deleted", utime=5.0, deleted=True, vv={B: 2}),
     ]
-    assert readonly.unshared_paths(local, share, B) == ["added", "edited", "gone"]
+    assert rules.unshared_paths(local, share, B) == ["added", "edited", "gone"]
 
 
 # -- signatures ----------------------------------------------------------------------------
@@ -115,20 +118,20 @@ def test_unshared_paths_are_our_edits_and_additions_only():
 
 def test_signed_body_verifies_and_tampering_does_not(rw_keys):
     """A signed message verifies with the read_write public key; changed text or key fail."""
-    data = readonly.sign_body(rw_keys.private_keys["read_write"], _update(_file("x", "a", {})))
+    data = rules.sign_body(rw_keys.private_keys["read_write"], _update(_file("x", "a", {})))
     [message] = _decode(data)
     assert data.startswith(b"$")
     public = rw_keys.public_keys["read_write"]
-    assert readonly.verify(public, message.text, message.signature)
-    assert not readonly.verify(public, message.text.replace(b'"x"', b'"y"'), message.signature)
-    assert not readonly.verify(rw_keys.public_keys["read_only"], message.text, message.signature)
-    assert not readonly.verify(public, message.text, None)
+    assert rules.verify(public, message.text, message.signature)
+    assert not rules.verify(public, message.text.replace(b'"x"', b'"y"'), message.signature)
+    assert not rules.verify(rw_keys.public_keys["read_only"], message.text, message.signature)
+    assert not rules.verify(public, message.text, None)
 
 
 def test_source_text_round_trip(rw_keys):
     """The §10 source form (text, newline, base64 signature) parses back to the same message."""
     message = _signed(rw_keys, _manifest([_file("x", "a", {A: 1})]))
-    again = readonly.SignedMessage.from_source_text(message.as_source_text())
+    again = rules.SignedMessage.from_source_text(message.as_source_text())
     assert again == message and again.encode() == message.encode()
 
 
@@ -137,7 +140,7 @@ def test_source_text_round_trip(rw_keys):
 
 def test_store_keeps_newest_update_per_path(rw_keys):
     """A newer update replaces an older one; a stale one changes nothing."""
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     old = _signed(rw_keys, _update(_file("x", "a", {A: 1})))
     new = _signed(rw_keys, _update(_file("x", "b", {A: 2})))
     assert store.add(old) == [("update", "x", "", old)]
@@ -149,7 +152,7 @@ def test_store_keeps_newest_update_per_path(rw_keys):
 
 def test_manifest_replaces_older_and_prunes_covered_updates(rw_keys):
     """A newer manifest of the same origin wins and drops updates it already states."""
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     store.add(_signed(rw_keys, _manifest([_file("x", "a", {A: 1})], revision=1)))
     update = _signed(rw_keys, _update(_file("x", "b", {A: 2})))
     store.add(update)
@@ -165,7 +168,7 @@ def test_manifest_replaces_older_and_prunes_covered_updates(rw_keys):
 
 def test_move_states_destination_and_source_deletion(rw_keys):
     """A stored move makes the source a deletion and the destination the file."""
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     store.add(_signed(rw_keys, _manifest([_file("old", "a", {A: 1})])))
     store.add(_signed(rw_keys, {"type": "move", "revision": 2, "source": "old",
                                 "destination": _file("new", "a", {A: 2}).to_wire()}))
@@ -178,12 +181,12 @@ def test_store_persists_through_the_database(rw_keys, tmp_path):
     db = StateDatabase(tmp_path / "state.sqlite3")
     db.add_share(ShareInfo(share_id="s" * 64, path=str(tmp_path), peer_id=B,
                            access="read_only"))
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     changes = store.add(_signed(rw_keys, _manifest([_file("x", "a", {A: 1})])))
     changes += store.add(_signed(rw_keys, _update(_file("y", "b", {A: 2}))))
     db.put_signed("s" * 64, [(k, key, part, m.text, m.signature)
                              for k, key, part, m in changes])
-    again = readonly.SignedStore()
+    again = rules.SignedStore()
     assert again.load(db.list_signed("s" * 64)) == []
     assert again.rows() == store.rows()
     db.put_signed("s" * 64, [("update", "y", "", None, None)])
@@ -192,7 +195,7 @@ def test_store_persists_through_the_database(rw_keys, tmp_path):
 
 
 def _pages(keys: ShareKeys, records: list[FileRecord], revision: int, size: int = 2,
-           numbered: bool = True) -> list[readonly.SignedMessage]:
+           numbered: bool = True) -> list[rules.SignedMessage]:
     """``records`` as a paged signed manifest of A (protocol/sync.md), ``size`` files a page."""
     chunks = [records[i:i + size] for i in range(0, len(records), size)]
     out = []
@@ -212,7 +215,7 @@ def _files(n: int, sha: str = "a", counter: int = 1) -> list[FileRecord]:
 
 def test_store_keeps_every_page_of_a_signed_manifest(rw_keys, tmp_path):
     """All pages of one manifest are kept, state the share's version, persist and load back."""
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     pages = _pages(rw_keys, _files(5), revision=3)
     changes = [c for page in pages for c in store.add(page)]
     assert [(k, key, part) for k, key, part, _ in changes] == \
@@ -228,7 +231,7 @@ def test_store_keeps_every_page_of_a_signed_manifest(rw_keys, tmp_path):
                            access="read_only"))
     db.put_signed("s" * 64, [(k, key, part, m.text, m.signature)
                              for k, key, part, m in changes])
-    again = readonly.SignedStore()
+    again = rules.SignedStore()
     assert again.load(db.list_signed("s" * 64)) == []
     assert again.rows() == store.rows() and again.settled
     assert sorted(again.share_records()) == sorted(store.share_records())
@@ -237,7 +240,7 @@ def test_store_keeps_every_page_of_a_signed_manifest(rw_keys, tmp_path):
 
 def test_newer_manifest_replaces_the_older_only_once_complete(rw_keys):
     """A newer revision's pages add to the older set; they replace it once their last page is in."""
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     for page in _pages(rw_keys, _files(5), revision=3):
         store.add(page)
     # Revision 4 drops f04 (a tombstone states it) and edits f00; two of its pages arrive.
@@ -263,7 +266,7 @@ def test_newer_manifest_replaces_the_older_only_once_complete(rw_keys):
 
 def test_a_newer_manifest_cut_off_half_way_loses_nothing(rw_keys):
     """Newer pages that never complete leave the complete set; contradicting pages are ignored."""
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     for page in _pages(rw_keys, _files(5), revision=3):
         store.add(page)
     store.add(_pages(rw_keys, _files(5, "b", 2), revision=4)[0])
@@ -279,7 +282,7 @@ def test_a_newer_manifest_cut_off_half_way_loses_nothing(rw_keys):
 
 def test_unnumbered_pages_are_kept_but_never_complete(rw_keys, tmp_path):
     """Pages without a number are kept and counted but never complete; old-schema rows are rewritten."""
-    store = readonly.SignedStore()
+    store = rules.SignedStore()
     pages = _pages(rw_keys, _files(5), revision=3, numbered=False)
     for page in pages:
         store.add(page)
@@ -289,7 +292,7 @@ def test_unnumbered_pages_are_kept_but_never_complete(rw_keys, tmp_path):
     store.add(single)  # no "more", no page: a whole manifest in one message
     assert store.complete_revision(A) == 4 and store.settled
 
-    legacy = readonly.SignedStore()
+    legacy = rules.SignedStore()
     rows = [("manifest", A, "", pages[0].text, pages[0].signature)]  # as schema 2 kept it
     changes = legacy.load(rows)
     assert [(k, key, part, m is None) for k, key, part, m in changes] == [
@@ -298,8 +301,8 @@ def test_unnumbered_pages_are_kept_but_never_complete(rw_keys, tmp_path):
 
 def test_pages_kept_per_origin_are_bounded(rw_keys, monkeypatch):
     """Past the page bound, older half-arrived sets go first, then new pages are refused."""
-    monkeypatch.setattr(readonly, "MAX_PAGES_PER_ORIGIN", 4)
-    store = readonly.SignedStore()
+    monkeypatch.setattr(rules, "MAX_PAGES_PER_ORIGIN", 4)
+    store = rules.SignedStore()
     for page in _pages(rw_keys, _files(4), revision=1):
         store.add(page)
     store.add(_pages(rw_keys, _files(4, "b", 2), revision=2)[0])
@@ -313,8 +316,8 @@ def test_pages_kept_per_origin_are_bounded(rw_keys, monkeypatch):
 def test_an_origin_dropped_for_the_bound_leaves_the_share_version_unknown(rw_keys,
                                                                           monkeypatch):
     """When an origin's manifest is given up for the origin bound, the version is not settled."""
-    monkeypatch.setattr(readonly, "MAX_MANIFEST_ORIGINS", 1)
-    store = readonly.SignedStore()
+    monkeypatch.setattr(rules, "MAX_MANIFEST_ORIGINS", 1)
+    store = rules.SignedStore()
     store.add(_signed(rw_keys, _manifest(_files(2), revision=1, peer=A)))
     assert store.settled
     store.add(_signed(rw_keys, _manifest(_files(1, "b", 2), revision=1, peer="d" * 32)))
@@ -347,10 +350,10 @@ def test_unsettled_share_version_counts_no_additions(rw_keys):
     """Until every page is here, unlisted files are no local change; listed ones we lack are missing."""
     share = {f.path: f for f in _files(3)}
     local = _files(2) + [_file("mine", "d", {B: 1})]
-    assert readonly.unshared_paths(local, share, B, settled=True) == ["mine"]
-    assert readonly.unshared_paths(local, share, B, settled=False) == []
-    assert readonly.missing_paths({f.path: f for f in local}, share, B) == ["f02"]
-    assert readonly.missing_paths({f.path: f for f in local}, share, B,
+    assert rules.unshared_paths(local, share, B, settled=True) == ["mine"]
+    assert rules.unshared_paths(local, share, B, settled=False) == []
+    assert rules.missing_paths({f.path: f for f in local}, share, B) == ["f02"]
+    assert rules.missing_paths({f.path: f for f in local}, share, B,
                                   ignored=lambda path: path == "f02") == []
 
 
@@ -358,7 +361,7 @@ def test_unsettled_share_version_counts_no_additions(rw_keys):
 
 
 class FakeSession:
-    """Records what the signing face writes for one connection."""
+    """One connection as the signing face sees it; ``written`` collects what is sent on it."""
 
     def __init__(self, access: str, features: tuple[str, ...] = ()) -> None:
         self.peer_id = "c" * 32
@@ -366,12 +369,6 @@ class FakeSession:
         self.connection = SimpleNamespace(
             established=SimpleNamespace(access=access, features=features))
         self.written: list[bytes] = []
-
-    def _write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def _send(self, body: dict) -> None:
-        self.written.append(wire.encode(body))
 
     def messages(self) -> list[Any]:
         return _decode(b"".join(self.written))
@@ -384,22 +381,22 @@ def _as_wire(data: bytes) -> wire.Message:
 
 def test_read_only_share_admits_only_read_write_signatures(rw_keys, ro_keys):
     """Unsigned and wrongly signed updates are dropped and counted; a signed one is stored."""
-    signing = readonly.ShareSigning(ro_keys, Clock(), B)
+    signing = readonly.ShareSigning(ro_keys, B)
     session = FakeSession("read_only")
     body = _update(_file("x", "a", {A: 1}))
     assert not signing.admit(session, _as_wire(wire.encode(body)), "read_only")
-    forged = readonly.sign_body(ro_keys.private_keys["read_only"], body)
+    forged = rules.sign_body(ro_keys.private_keys["read_only"], body)
     assert not signing.admit(session, _as_wire(forged), "read_only")
     assert signing.forgeries == 2 and len(signing.store) == 0
-    good = readonly.sign_body(rw_keys.private_keys["read_write"], body)
+    good = rules.sign_body(rw_keys.private_keys["read_write"], body)
     assert signing.admit(session, _as_wire(good), "read_only")
     assert signing.store.for_path("x").encode() == good
 
 
 def test_read_write_share_drops_metadata_from_read_only_peers(rw_keys):
     """Even a validly signed update from a read-only connection changes nothing."""
-    signing = readonly.ShareSigning(rw_keys, Clock(), A)
-    good = readonly.sign_body(rw_keys.private_keys["read_write"], _update(_file("x", "a", {})))
+    signing = readonly.ShareSigning(rw_keys, A)
+    good = rules.sign_body(rw_keys.private_keys["read_write"], _update(_file("x", "a", {})))
     assert not signing.admit(FakeSession("read_only"), _as_wire(good), "read_only")
     assert signing.admit(FakeSession("read_write"), _as_wire(wire.encode(
         _update(_file("x", "a", {})))), "read_write")
@@ -409,19 +406,19 @@ def test_read_write_share_drops_metadata_from_read_only_peers(rw_keys):
 
 def test_serve_offers_only_held_files_with_the_extension(rw_keys, ro_keys):
     """A read-only share serves the signed manifest with a bitmask of the files it holds."""
-    signing = readonly.ShareSigning(ro_keys, Clock(), B)
+    signing = readonly.ShareSigning(ro_keys, B)
     files = [_file("a", "a", {A: 1}), _file("b", "b", {A: 1})]
     manifest = _signed(rw_keys, _manifest(files))
     signing.store.add(manifest)
-    session = FakeSession("read_only", (readonly.FEATURE,))
-    signing.serve(session, [files[0]], revision=7)
+    session = FakeSession("read_only", (rules.FEATURE,))
+    session.written += signing.serve(session, [files[0]], revision=7)
     [message] = session.messages()
-    assert message.type == readonly.RO_MANIFEST
+    assert message.type == rules.RO_MANIFEST
     [source] = message.body["sources"]
     assert source["manifest"] == manifest.as_source_text()
     assert base64.b64decode(source["bitmask"]) == bytes([0b10000000])
 
-    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    receiver = readonly.ShareSigning(ro_keys, "c" * 32)
     records = receiver.admit_read_only_manifest(FakeSession("read_only"), message.body,
                                                 "read_only")
     assert [r.path for r in records] == ["a"]
@@ -432,20 +429,20 @@ def _relay_pages(rw_keys, ro_keys, features: tuple[str, ...]) -> tuple[Any, list
     """A read-only share holding a 3-page manifest serves a new read-only peer; what it keeps."""
     files = _files(5)
     pages = _pages(rw_keys, files, revision=3)
-    relay = readonly.ShareSigning(ro_keys, Clock(), B)
+    relay = readonly.ShareSigning(ro_keys, B)
     for page in pages:
         relay.store.add(page)
     session = FakeSession("read_only", features)
-    relay.serve(session, files[:1] + files[2:], revision=9)  # holds all but f01
-    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    session.written += relay.serve(session, files[:1] + files[2:], revision=9)  # holds all but f01
+    receiver = readonly.ShareSigning(ro_keys, "c" * 32)
     held: list[str] = []
     for message in session.messages():
-        if message.type == readonly.RO_MANIFEST:
+        if message.type == rules.RO_MANIFEST:
             held += [r.path for r in receiver.admit_read_only_manifest(
                 FakeSession("read_only"), message.body, "read_only")]
         else:
             assert receiver.admit(FakeSession("read_only"), message, "read_only")
-            held += [r.path for r in readonly.SignedMessage.parse(
+            held += [r.path for r in rules.SignedMessage.parse(
                 message.text, message.signature).records()]
     assert receiver.store.rows() == relay.store.rows() and receiver.store.settled
     return session, sorted(held)
@@ -453,7 +450,7 @@ def _relay_pages(rw_keys, ro_keys, features: tuple[str, ...]) -> tuple[Any, list
 
 def test_relay_sends_every_page_with_a_bitmask_each(rw_keys, ro_keys):
     """With read_only_manifest, every page goes out as a source with its own bitmask."""
-    session, held = _relay_pages(rw_keys, ro_keys, (readonly.FEATURE,))
+    session, held = _relay_pages(rw_keys, ro_keys, (rules.FEATURE,))
     [message] = session.messages()
     assert [base64.b64decode(s["bitmask"]) for s in message.body["sources"]] == \
         [bytes([0b10000000]), bytes([0b11000000]), bytes([0b10000000])]
@@ -471,11 +468,11 @@ def test_relay_splits_many_pages_over_several_messages(rw_keys, ro_keys, monkeyp
     """No read_only_manifest message carries more sources than a receiver takes."""
     monkeypatch.setattr(readonly, "MAX_SOURCES", 2)
     files = _files(5)
-    relay = readonly.ShareSigning(ro_keys, Clock(), B)
+    relay = readonly.ShareSigning(ro_keys, B)
     for page in _pages(rw_keys, files, revision=3, size=1):
         relay.store.add(page)
-    session = FakeSession("read_only", (readonly.FEATURE,))
-    relay.serve(session, files, revision=9)
+    session = FakeSession("read_only", (rules.FEATURE,))
+    session.written += relay.serve(session, files, revision=9)
     assert [len(m.body["sources"]) for m in session.messages()] == [2, 2, 1]
 
 
@@ -484,14 +481,15 @@ def test_fuller_bitmask_goes_out_only_for_pages_that_grew(rw_keys, ro_keys):
     from twisted.internet.defer import succeed
     clock = Clock()
     files = _files(5)
-    signing = readonly.ShareSigning(ro_keys, clock, B)
+    signing = readonly.ShareSigning(ro_keys, B)
     pages = _pages(rw_keys, files, revision=3)
     for page in pages:
         signing.store.add(page)
-    session = FakeSession("read_only", (readonly.FEATURE,))
+    session = FakeSession("read_only", (rules.FEATURE,))
     signing.serve(session, files[:1] + files[2:], revision=9)
-    session.written.clear()
-    signing.relay(session, [files[1]], lambda: succeed((10, files)))
+    gate = ReadOnlyGate(signing, clock, session, session.written.append,
+                        lambda: succeed((10, files)))
+    gate.relay([files[1]])
     clock.advance(readonly.RESEND_DELAY)
     [message] = session.messages()
     [source] = message.body["sources"]
@@ -501,9 +499,9 @@ def test_fuller_bitmask_goes_out_only_for_pages_that_grew(rw_keys, ro_keys):
 
 def test_forged_read_only_manifest_source_is_dropped(rw_keys, ro_keys):
     """A source manifest signed with anything but the read_write key yields no records."""
-    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    receiver = readonly.ShareSigning(ro_keys, "c" * 32)
     forged = _signed(ro_keys, _manifest([_file("a", "a", {A: 9})]), level="read_only")
-    body = {"type": readonly.RO_MANIFEST, "peer": B, "version": 1,
+    body = {"type": rules.RO_MANIFEST, "peer": B, "version": 1,
             "sources": [{"manifest": forged.as_source_text(), "bitmask": "gA=="}]}
     assert receiver.admit_read_only_manifest(FakeSession("read_only"), body, "read_only") == []
     assert receiver.forgeries == 1 and len(receiver.store) == 0
@@ -511,14 +509,14 @@ def test_forged_read_only_manifest_source_is_dropped(rw_keys, ro_keys):
 
 def test_unsigned_sources_are_never_parsed(rw_keys, ro_keys, monkeypatch):
     """Sources without a valid read_write signature are dropped before their JSON is read."""
-    receiver = readonly.ShareSigning(ro_keys, Clock(), "c" * 32)
+    receiver = readonly.ShareSigning(ro_keys, "c" * 32)
     parsed: list[int] = []
-    real_loads = readonly.jsonshape.loads
-    monkeypatch.setattr(readonly.jsonshape, "loads", lambda text, *a, **k: (
+    real_loads = rules.jsonshape.loads
+    monkeypatch.setattr(rules.jsonshape, "loads", lambda text, *a, **k: (
         parsed.append(len(text)) or real_loads(text, *a, **k)))
     junk = '{"type":"manifest","files":[' + "[]," * 80_000 + "[]]}"
     source = junk + "\n" + base64.b64encode(b"\x01" * 256).decode()
-    body = {"type": readonly.RO_MANIFEST, "peer": B, "version": 1,
+    body = {"type": rules.RO_MANIFEST, "peer": B, "version": 1,
             "sources": [{"manifest": source, "bitmask": "gA=="}] * 64}
     assert len(wire.dumps(body)) < wire.MAX_LINE_LENGTH
     assert receiver.admit_read_only_manifest(FakeSession("read_only"), body, "read_only") == []
@@ -536,20 +534,19 @@ def test_bounded_parse_of_stored_signed_text(rw_keys):
     """Signed text read back (from the store or a source) is refused past the wire's bounds."""
     deep = b'{"type":"manifest","revision":1,"files":' + b"[" * 40 + b"]" * 40 + b"}"
     with pytest.raises(ProtocolError, match="levels deep"):
-        readonly.SignedMessage.parse(deep, b"sig")
+        rules.SignedMessage.parse(deep, b"sig")
 
 
 def test_relay_sends_each_signed_update_once_verbatim(rw_keys, ro_keys):
     """Relaying passes on the exact signed bytes, once per connection, only when held."""
-    signing = readonly.ShareSigning(ro_keys, Clock(), B)
+    signing = readonly.ShareSigning(ro_keys, B)
     record = _file("x", "a", {A: 1})
     update = _signed(rw_keys, _update(record))
     signing.store.add(update)
     session = FakeSession("read_only")
-    signing.relay(session, [_file("x", "z", {A: 1, B: 1})], lambda: None)  # our edit
-    assert session.written == []
-    signing.relay(session, [record], lambda: None)
-    signing.relay(session, [record], lambda: None)
+    assert signing.relay(session, [_file("x", "z", {A: 1, B: 1})]) == ([], False)  # our edit
+    session.written += signing.relay(session, [record]).messages
+    session.written += signing.relay(session, [record]).messages
     assert session.written == [update.encode()]
     assert json.loads(session.messages()[0].text)["file"]["path"] == "x"
 
@@ -558,11 +555,14 @@ def test_relay_announces_a_fuller_bitmask_after_downloads(rw_keys, ro_keys):
     """Files from a manifest that arrive later are announced again after a short delay."""
     from twisted.internet.defer import succeed
     clock = Clock()
-    signing = readonly.ShareSigning(ro_keys, clock, B)
+    signing = readonly.ShareSigning(ro_keys, B)
     files = [_file("a", "a", {A: 1}), _file("b", "b", {A: 1})]
     signing.store.add(_signed(rw_keys, _manifest(files)))
-    session = FakeSession("read_only", (readonly.FEATURE,))
-    signing.relay(session, [files[1]], lambda: succeed((3, files)))
+    session = FakeSession("read_only", (rules.FEATURE,))
+    gate = ReadOnlyGate(signing, clock, session, session.written.append,
+                        lambda: succeed((3, files)))
+    gate.relay([files[1]])
+    gate.relay([files[0]])  # within the delay: still one announcement
     assert session.written == []
     clock.advance(readonly.RESEND_DELAY)
     [message] = session.messages()

@@ -16,10 +16,13 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from clearskies import sync as sync_module
+from clearskies.sync import diskspace
 from clearskies import wire
 from clearskies.errors import PathObstacle, ProtocolError, UnsafePathError
+from clearskies.interfaces import ILocalShare
 from clearskies.share import merge
 from clearskies.share.records import FileRecord
 from clearskies.sync import (
@@ -41,8 +44,11 @@ def file_record(path: str, data: bytes, vv: dict[str, int], utime: float = 10.0)
                       sha256=sha(data), vv=vv)
 
 
+@implementer(ILocalShare)
 class MemoryShare:
-    """A LocalShare whose records live in a dict and whose files live in a temp dir."""
+    """An ILocalShare whose records live in a dict and whose files live in a temp dir."""
+
+    error = None
 
     def __init__(self, root: Path) -> None:
         self.share_id = "f" * 64
@@ -125,6 +131,28 @@ class MemoryShare:
         self.batch_calls.append(("remove", len(paths)))
         return succeed([self.remove_local(p).result for p in paths])
 
+    def unchanged_many(self, paths: list[str], local_paths: Any = None):
+        return succeed({p: self.is_unchanged(p).result for p in paths})
+
+    def hashes_present(self, hashes: list[str]):
+        live = {r.sha256 for r in self.records.values() if not r.deleted}
+        return succeed({h for h in hashes if h in live})
+
+    def expect_own_renames(self, paths: list[str]) -> None:
+        pass
+
+    def own_renames_failed(self, paths: list[str]) -> None:
+        pass
+
+    def check_root(self) -> None:
+        pass
+
+    def local_files_recorded(self) -> None:
+        return None
+
+    def note_refused(self, path: str, why: str) -> bool:
+        return True
+
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         self.seen = (peer_id, revision)
 
@@ -190,6 +218,11 @@ def deliver_file(session: SyncSession, path: str, data: bytes) -> None:
     if data:
         session.event_received(wire.PayloadChunk(data))
     session.event_received(wire.PayloadEnd())
+
+
+def test_memory_share_provides_the_share_seam(share):
+    """The fake share the sync tests use offers all of ILocalShare."""
+    assert verifyObject(ILocalShare, share)
 
 
 def test_start_asks_for_the_manifest(share):
@@ -440,7 +473,7 @@ def test_ignored_paths_are_not_taken_from_peers(share):
 
 def test_big_manifests_go_out_in_pages_to_peers_that_take_them(share, monkeypatch):
     """With manifest_pages, the manifest is split into numbered pages; only the last lacks "more"."""
-    monkeypatch.setattr("clearskies.sync.MANIFEST_PAGE", 2)
+    monkeypatch.setattr("clearskies.sync.limits.MANIFEST_PAGE", 2)
     for name in "abcde":
         share.add_local(name, name.encode(), {US: 1})
     _, session, connection = open_session(share, Clock(), features=("vv", "manifest_pages"))
@@ -746,7 +779,7 @@ def test_a_full_disk_lets_files_that_fit_through_and_retries_the_big_one(share, 
     big = rng.randbytes(300 * 1024)
     small = rng.randbytes(1000)
     free = {"bytes": 100 * 1024}
-    monkeypatch.setattr(sync_module, "free_bytes", lambda root: free["bytes"])
+    monkeypatch.setattr(diskspace, "free_bytes", lambda root: free["bytes"])
     real_pwrite = os.pwrite
 
     def full(fd, data, offset):

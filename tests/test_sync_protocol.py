@@ -15,7 +15,7 @@ import time
 
 from twisted.internet.defer import Deferred
 
-from clearskies import sync
+from clearskies.sync import limits
 from tests.peerkit import (
     PeerKitCase,
     ScriptedSession,
@@ -35,7 +35,7 @@ class BadPayloadTests(PeerKitCase):
     @async_test
     async def test_bad_payloads_are_refused_then_fetched_again(self):
         """Wrong, short and overlong payloads leave nothing behind; the file is asked again."""
-        self.patch(sync, "RETRY_AFTER", 0.3)
+        self.patch(limits, "RETRY_AFTER", 0.3)
         await self.start_daemon()
         peer_id = secrets.token_hex(16)
         peer = await self.connect(peer_id=peer_id)

@@ -25,9 +25,11 @@ from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner, ThreadPoolRunner
 from clearskies.transfer import (
-    CONFLICT, CORRUPT, OK, FileReceiver, FileSender, SendQueue, SendResult, describe_os_error,
-    finish_many, get_error_message, is_temp_name, temp_name,
+    CONFLICT, CORRUPT, OK, RECEIVER_STATES, RECEIVER_TRANSITIONS, FileReceiver, FileSender,
+    IllegalTransition, ReceiverMachine, SendQueue, SendResult, describe_os_error, finish_many,
+    get_error_message, is_temp_name, temp_name,
 )
+from tests.dotfile import edges
 
 MiB = 1024 * 1024
 MTIME = (1_700_000_000, 123_456_789)
@@ -1090,3 +1092,85 @@ def test_a_read_only_disk_keeps_the_partial_for_a_resume(tmp_path, monkeypatch):
     failure = result_of(receiver.seal())
     assert isinstance(failure, Failure) and failure.value.errno == errno.EROFS
     assert receiver.temp_path.stat().st_size == MiB
+
+
+# -- the receiver's state machine ----------------------------------------------------
+
+
+def test_receiver_drawing_and_table_agree():
+    """protocol/receiver.dot draws exactly the transitions of RECEIVER_TRANSITIONS."""
+    table = {(before, event, after, ()) for (before, event), after in RECEIVER_TRANSITIONS.items()}
+    assert edges("receiver.dot") == table
+    assert {s for pair in RECEIVER_TRANSITIONS for s in (pair[0], RECEIVER_TRANSITIONS[pair])} \
+        == set(RECEIVER_STATES)
+
+
+def test_receiver_machine_records_its_transitions_and_refuses_the_rest():
+    """Driven by hand, the machine reports each step; an input its state lacks raises."""
+    steps: list[tuple[str, str, str]] = []
+    machine = ReceiverMachine(lambda *step: steps.append(step))
+    for event in ("open", "write", "seal", "sealed", "install", "install_failed", "abort"):
+        machine.fire(event)
+    assert steps == [("new", "open", "writing"), ("writing", "write", "writing"),
+                     ("writing", "seal", "busy"), ("busy", "sealed", "verified"),
+                     ("verified", "install", "busy"), ("busy", "install_failed", "verified"),
+                     ("verified", "abort", "done")]
+    with pytest.raises(IllegalTransition, match="write of a download that is done"):
+        machine.fire("write")
+    assert machine.state == "done" and len(steps) == 7
+
+
+def _watched(receiver: FileReceiver) -> list[tuple[str, str, str]]:
+    steps: list[tuple[str, str, str]] = []
+    receiver.machine.observer = lambda *step: steps.append(step)
+    return steps
+
+
+def test_a_download_goes_from_new_to_done_through_each_named_state(tmp_path):
+    """Writing, sealing and installing a download walks the drawn states in order."""
+    data = content(300 * 1024, seed=3)
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
+    steps = _watched(receiver)
+    receiver.write(data[:1000])
+    receiver.write(data[1000:])
+    assert result_of(receiver.finish(lambda: True)).status == OK
+    assert [event for _, event, _ in steps] == [
+        "open", "write", "write", "seal", "sealed", "install", "installed"]
+    assert receiver.state == "done"
+
+
+def test_misuse_of_a_receiver_raises_and_changes_nothing(tmp_path):
+    """Writing after the end, sealing twice or keep_as before verification raise IllegalTransition."""
+    data = content(1000, seed=4)
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
+    with pytest.raises(IllegalTransition):
+        receiver.keep_as(tmp_path / "copy")
+    receiver.write(data)
+    assert result_of(receiver.seal()) is None
+    sealed_again = result_of(receiver.seal())
+    assert isinstance(sealed_again, Failure) and sealed_again.check(IllegalTransition)
+    assert receiver.state == "verified"
+    receiver.abort(keep_partial=False)
+    with pytest.raises(IllegalTransition):
+        receiver.write(b"more")
+    assert receiver.state == "done" and not (tmp_path / "f").exists()
+
+
+def test_a_disk_failure_takes_the_failed_state_then_ends(tmp_path, monkeypatch):
+    """A refused write moves to failed, drops the rest, and the seal ends the download."""
+    data = content(2 * MiB, seed=5)
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
+    steps = _watched(receiver)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transfer.os, "pwrite", full)
+    receiver.write(data[:MiB])
+    receiver.write(data[MiB:])
+    failure = result_of(receiver.seal())
+    assert isinstance(failure, Failure) and failure.check(OSError)
+    events = [event for _, event, _ in steps]
+    assert events[:2] == ["open", "write"] and events[-1] == "seal_failed"
+    assert events.count("disk_failed") == 1 and steps[-2][2] == "failed"
+    assert receiver.state == "done"

@@ -372,9 +372,8 @@ class DaemonCommands(CommandDispatcher):
         if not runtime.signing.read_only:
             raise ControlError("refused", "%s is a read_write share: its local changes are "
                                           "the share's version" % runtime.root)
-        from clearskies.readonly import revert
         prefix = os.path.relpath(path, runtime.root).replace(os.sep, "/")
-        return await revert(runtime, "" if prefix == "." else prefix)
+        return await runtime.sync.revert("" if prefix == "." else prefix)
 
     def cmd__clearskies_codes(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)

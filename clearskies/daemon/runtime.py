@@ -2,7 +2,7 @@
 
 ``ShareRuntime`` is the per-share service.  It ties the share engine
 (``ShareService``: scanning and watching) to the sync layer (``ShareSync``),
-and is the ``LocalShare`` the sync layer reads and changes the share through
+and implements the ``ILocalShare`` seam the sync layer uses to read and change the share
 (its file operations are in :mod:`clearskies.daemon.localshare`).  It sees the
 daemon only through ``IShareHost``.
 """
@@ -16,17 +16,18 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from clearskies import readonly
 from clearskies.daemon.localshare import LocalShareFiles, _cache_key_of
-from clearskies.interfaces import IShareHost
+from clearskies.interfaces import ILocalShare, IShareHost
 from clearskies.keys import ShareKeys
+from clearskies.ratelimit import RateLimiter
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo
 from clearskies.share import location
 from clearskies.share.records import FileRecord
 from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
-from clearskies.sync import ShareSync
+from clearskies.sync import ShareSync, readonly
 from clearskies.transfer import WRITE_BITS
 
 
@@ -66,6 +67,7 @@ def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
 COUNT_SPACING = 4.0
 
 
+@implementer(ILocalShare)
 class ShareRuntime(LocalShareFiles, Service):
     """A share the daemon runs: engine + sync + what we know of its peers.
 
@@ -76,7 +78,8 @@ class ShareRuntime(LocalShareFiles, Service):
     _log = Logger()
 
     def __init__(self, host: IShareHost, reactor: Any, store: Any, runner: Any,
-                 disk_runner: Any, info: ShareInfo, keys: ShareKeys) -> None:
+                 disk_runner: Any, info: ShareInfo, keys: ShareKeys,
+                 upload_limiter: RateLimiter, download_limiter: RateLimiter) -> None:
         self.host = host
         self.reactor = reactor
         self.info = info
@@ -88,13 +91,13 @@ class ShareRuntime(LocalShareFiles, Service):
         self.disk_runner = disk_runner
         LocalShareFiles.__init__(self, info.share_id, store, runner,
                                  ShareService(reactor, store, info, runner))
-        self.sync = ShareSync(self, reactor)
-        self.signing = readonly.ShareSigning(keys, reactor, info.peer_id,
-                                             persist=self._persist_signed)
-        self.sync.signing = self.signing
-        # Extension "addresses" (protocol/sync.md): what we advertise, what peers tell us.
-        self.sync.advertised_addresses = lambda: [str(a) for a in host.advertised_addresses()]
-        self.sync.addresses_received = self.peer_addresses_received
+        self.signing = readonly.ShareSigning(keys, info.peer_id, persist=self._persist_signed)
+        self.sync = ShareSync(
+            self, reactor, signing=self.signing,
+            upload_limiter=upload_limiter, download_limiter=download_limiter,
+            # Extension "addresses" (protocol/sync.md): what we advertise, what peers tell us.
+            advertised_addresses=lambda: [str(a) for a in host.advertised_addresses()],
+            addresses_received=self.peer_addresses_received)
         self.unshared: list[str] = []
         # Read-only share: files of the share's version we lack, and whether that
         # version is known in full (every page of its manifests here).
@@ -218,7 +221,7 @@ class ShareRuntime(LocalShareFiles, Service):
         self._log.info("{share}: {count} files made {how}", share=self.share_id[:8],
                        count=changed, how="read-only" if wanted else "writable again")
 
-    # -- LocalShare (what ShareSync uses) ---------------------------------------------
+    # -- ILocalShare (what ShareSync uses) ---------------------------------------------
 
     def revision(self) -> int:
         return max(self._revision, self.service.status.revision)
@@ -300,7 +303,7 @@ class ShareRuntime(LocalShareFiles, Service):
         self._count_duration = self._counted_at - now
         return self.counts
 
-    # -- read-only shares (clearskies.readonly) ---------------------------------------
+    # -- read-only shares (clearskies.sync.readonly) ----------------------------------
 
     def _persist_signed(self, changes: list[readonly.Change]) -> None:
         rows = [(kind, key, part, m.text if m else None, m.signature if m else None)
@@ -339,7 +342,8 @@ class ShareRuntime(LocalShareFiles, Service):
             self._recount_call = None
             self._log.failure("could not count local changes", f)
 
-        Deferred.fromCoroutine(readonly.compare_with_share(self)).addCallbacks(done, failed)
+        Deferred.fromCoroutine(readonly.compare_with_share(self, self.signing.store)).addCallbacks(
+            done, failed)
 
     def last_manifest_revision(self, peer_id: str) -> Any:
         """The revision of ``peer_id``'s manifest we have all of, to ask only for news.

@@ -126,9 +126,8 @@ class Shares(MultiService):
             keys = await resources.cpu_runner.run(ShareKeys.load,
                                                   resources.keys_path(info.share_id))
         runtime = ShareRuntime(self.host, resources.reactor, resources.store,
-                               resources.cpu_runner, resources.disk_runner, info, keys)
-        runtime.sync.upload_limiter = self._activity.upload_limiter
-        runtime.sync.download_limiter = self._activity.download_limiter
+                               resources.cpu_runner, resources.disk_runner, info, keys,
+                               self._activity.upload_limiter, self._activity.download_limiter)
         if self._activity.paused:
             runtime.service.pause()  # before it starts: no start scan until resume
         self.by_id[info.share_id] = runtime

@@ -1,4 +1,4 @@
-"""Read-only shares (protocol/readonly.md): signed metadata, verbatim relaying, the rules.
+"""Read-only shares' signed metadata (protocol/readonly.md): the rules and the store.
 
 A read-only peer may pass a share on but never change it, and that is
 enforced by signatures, not by trusting the peer:
@@ -11,9 +11,9 @@ enforced by signatures, not by trusting the peer:
   own records — so whatever it relays still proves itself;
 * a read_write peer accepts no metadata at all from a read-only connection.
 
-The pure rules and the store are at the top; :class:`ShareSigning` is the
-per-share face the sync layer calls; :func:`compare_with_share` and
-:func:`revert` serve the control commands.  See ``protocol/readonly.md``.
+This module holds the pure rules, one signed message
+(:class:`SignedMessage`) and the store of them; no I/O, no clock.  The
+per-share face the sync layer calls is ``clearskies.sync.readonly``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ import base64
 import binascii
 import hashlib
 import json
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clearskies import jsonshape, wire
@@ -52,13 +50,6 @@ MAX_PAGES_PER_ORIGIN = 1024
 
 MAX_PAGES = 2048
 """Signed manifest pages kept per share; beyond it, whole origins go, the oldest first."""
-
-MAX_SOURCE_BYTES = 4 * 1024 * 1024
-"""Sources put in one ``read_only_manifest.manifest`` before another message is started."""
-
-MAX_SOURCES = 64
-RESEND_DELAY = 0.5
-"""Seconds to gather downloads before announcing a fuller bitmask again."""
 
 MANIFEST = "manifest"
 UPDATE = "update"
@@ -565,306 +556,3 @@ class SignedStore:
                 if this == part:
                     return message
         raise KeyError(part)
-
-
-# -- the sync layer's view ---------------------------------------------------------------
-
-
-@dataclass
-class _RelayState:
-    """What one connection already holds of our signed messages."""
-
-    sent: set[bytes] = field(default_factory=set)
-    resend: Any = None
-    # The bitmask last sent for each manifest page (by signature), extension
-    # read_only_manifest: a page goes out again only when we hold more of it.
-    masks: dict[bytes, bytes] = field(default_factory=dict)
-
-
-class ShareSigning:
-    """Per share: sign what we send, judge what we receive, relay the signed store."""
-
-    _log = Logger()
-
-    def __init__(self, keys: Any, clock: Any, our_peer_id: str,
-                 persist: Callable[[list[tuple[str, str, SignedMessage | None]]], None]
-                 | None = None) -> None:
-        self.keys = keys
-        self.our_peer_id = our_peer_id
-        self.clock = clock
-        self.store = SignedStore()
-        self.persist = persist
-        self.forgeries = 0
-        self._states: weakref.WeakKeyDictionary[Any, _RelayState] = weakref.WeakKeyDictionary()
-
-    @property
-    def access(self) -> str:
-        return self.keys.access
-
-    @property
-    def read_only(self) -> bool:
-        return relays_only(self.access)
-
-    def _state(self, session: Any) -> _RelayState:
-        state = self._states.get(session)
-        if state is None:
-            state = self._states[session] = _RelayState()
-        return state
-
-    # -- sending ---------------------------------------------------------------------------
-
-    def signs_for(self, peer_access: str) -> bool:
-        return signs_for(self.access, peer_access)
-
-    def requests_manifest_from(self, peer_access: str) -> bool:
-        """A read_write share never asks a lower peer for changes it would drop."""
-        return not (self.access == READ_WRITE and peer_access != READ_WRITE)
-
-    def encode(self, body: dict) -> bytes:
-        return sign_body(self.keys.private_keys[READ_WRITE], body)
-
-    # -- receiving -------------------------------------------------------------------------
-
-    def _public(self) -> bytes:
-        return self.keys.public_keys[READ_WRITE]
-
-    def admit(self, session: Any, message: wire.Message, peer_access: str) -> bool:
-        """Whether a received manifest/update/move may be merged; stores signed ones."""
-        signed = message.signature is not None
-        valid = signed and self.access != READ_WRITE and \
-            verify(self._public(), message.text, message.signature)
-        why = metadata_verdict(self.access, peer_access, signed, valid)
-        if why is not None:
-            self._dropped(session, message.type, why)
-            return False
-        if self.access != READ_WRITE:
-            assert message.signature is not None
-            self._keep(session, SignedMessage.parse(message.text, message.signature,
-                                                    message.body))
-        return True
-
-    def _dropped(self, session: Any, kind: str, why: str) -> None:
-        self.forgeries += 1
-        self._log.warn("dropped {type} from {peer} ({access}): {why}", type=kind,
-                       peer=session.peer_id, access=session.connection.established.access,
-                       why=why)
-
-    def _keep(self, session: Any, message: SignedMessage) -> None:
-        self._state(session).sent.add(message.signature)  # it has it: never echo it back
-        changes = self.store.add(message)
-        if changes and self.persist is not None:
-            self.persist(changes)
-
-    def admit_read_only_manifest(self, session: Any, body: dict,
-                                 peer_access: str) -> list[FileRecord]:
-        """Verify each source of a ``read_only_manifest.manifest``; the records it holds."""
-        sources = body.get("sources")
-        if not isinstance(sources, list) or len(sources) > MAX_SOURCES:
-            raise ProtocolError("read_only_manifest.manifest needs a list of sources")
-        if self.access == READ_WRITE:
-            self._dropped(session, RO_MANIFEST, metadata_verdict(
-                self.access, peer_access, True, True) or "not needed")
-            return []
-        records: list[FileRecord] = []
-        for source in sources:
-            if not isinstance(source, dict):
-                raise ProtocolError("read_only_manifest source must be an object")
-            text, signature = split_source_text(source.get("manifest"))
-            if not verify(self._public(), text, signature):
-                self._dropped(session, RO_MANIFEST, "source manifest " + (
-                    metadata_verdict(self.access, peer_access, True, False) or ""))
-                continue
-            message = SignedMessage.parse(text, signature)
-            if message.type != MANIFEST:
-                self._dropped(session, RO_MANIFEST, "source is a signed %s, not a manifest"
-                              % (message.type,))
-                continue
-            try:
-                bitmask = base64.b64decode(source.get("bitmask", ""), validate=True)
-            except (binascii.Error, ValueError, TypeError):
-                raise ProtocolError("read_only_manifest bitmask is not base64") from None
-            self._keep(session, message)
-            records.extend(bitmask_selects(bitmask, message.records()))
-        return records
-
-    # -- relaying (read-only shares) ----------------------------------------------------------
-
-    def serve(self, session: Any, local: list[FileRecord], revision: int) -> None:
-        """Answer ``get_manifest`` from the signed store, every page of every manifest."""
-        state = self._state(session)
-        by_path = {r.path: r for r in local}
-        features = session.connection.established.features or ()
-        if FEATURE in features:
-            for body in self._read_only_manifests(state, by_path, revision):
-                session._send(body)
-        else:
-            for origin in reversed(list(self.store.manifests)):
-                for message, _ in self.store.manifest_pages(origin):
-                    session._write(message.encode())
-                    state.sent.add(message.signature)
-        for message in list(self.store.updates.values()):
-            if all(held(r, by_path.get(r.path)) for r in message.records()[:1]):
-                session._write(message.encode())
-                state.sent.add(message.signature)
-
-    def _read_only_manifests(self, state: _RelayState, by_path: Mapping[str, FileRecord],
-                             revision: int) -> list[dict]:
-        """``read_only_manifest.manifest`` messages: a source per page, each with its bitmask.
-
-        Every page of an origin we hold anything of goes out (a receiver needs
-        them all to know the share's version), but a page goes to a
-        connection again only when its bitmask grew.  Sources are split over
-        several messages, at most :data:`MAX_SOURCES` and about
-        :data:`MAX_SOURCE_BYTES` each.
-        """
-        bodies: list[dict] = []
-        sources: list[dict] = []
-        size = 0
-        masks: dict[bytes, bytes] = {}  # only pages the store still keeps stay remembered
-
-        def flush() -> None:
-            nonlocal sources, size
-            if sources:
-                bodies.append({"type": RO_MANIFEST, "peer": self.our_peer_id,
-                               "version": revision, "sources": sources})
-            sources, size = [], 0
-
-        for origin in reversed(list(self.store.manifests)):
-            pages = [(message, held_bitmask(files, by_path))
-                     for message, files in self.store.manifest_pages(origin)]
-            if not any(any(mask) for _, mask in pages):
-                continue
-            for message, mask in pages:
-                masks[message.signature] = mask
-                if state.masks.get(message.signature) == mask:
-                    continue
-                source = {"manifest": message.as_source_text(),
-                          "bitmask": base64.b64encode(mask).decode("ascii")}
-                if len(sources) >= MAX_SOURCES or \
-                        size + len(message.text) > MAX_SOURCE_BYTES:
-                    flush()
-                sources.append(source)
-                size += len(message.text)
-        flush()
-        state.masks = masks
-        return bodies
-
-    def relay(self, session: Any, records: list[FileRecord],
-              share_manifest: Callable[[], Deferred]) -> None:
-        """We now hold ``records``: pass on the signed messages that state them."""
-        state = self._state(session)
-        announce_manifest = False
-        for record in records:
-            message = self.store.for_path(record.path)
-            if message is not None and message.records()[0].same_content(record):
-                if message.signature not in state.sent:
-                    session._write(message.encode())
-                    state.sent.add(message.signature)
-            elif self.store.in_manifest(record):
-                announce_manifest = True
-        features = session.connection.established.features or ()
-        if announce_manifest and FEATURE in features and state.resend is None:
-            state.resend = self.clock.callLater(
-                RESEND_DELAY, self._resend, session, state, share_manifest)
-
-    def _resend(self, session: Any, state: _RelayState,
-                share_manifest: Callable[[], Deferred]) -> None:
-        state.resend = None
-        if not session.alive:
-            return
-
-        def send(result: tuple[int, list[FileRecord]]) -> None:
-            if session.alive:
-                revision, local = result
-                for body in self._read_only_manifests(state, {r.path: r for r in local},
-                                                      revision):
-                    session._send(body)
-
-        share_manifest().addCallback(send).addErrback(
-            lambda f: self._log.failure("announcing held files failed", f))
-
-
-# -- local changes on a read-only share ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A read-only share's files against the share's version."""
-
-    unshared: list[str]
-    """Local changes not shared (see :func:`unshared_paths`)."""
-    missing: list[str]
-    """Files of the share's version we do not hold (see :func:`missing_paths`)."""
-    settled: bool
-    """Every page of the manifests we keep is here (:attr:`SignedStore.settled`)."""
-
-
-async def compare_with_share(runtime: Any) -> Comparison:
-    """Where a read-only share's files differ from the share's version, and why."""
-    _, local = await runtime.manifest()
-    store = runtime.signing.store
-    share = store.share_records()
-    ours = runtime.our_peer_id
-    return Comparison(unshared_paths(local, share, ours, store.settled),
-                      missing_paths({r.path: r for r in local}, share, ours,
-                                    runtime.is_ignored),
-                      store.settled)
-
-
-def _inside(path: str, prefix: str) -> bool:
-    return not prefix or path == prefix or path.startswith(prefix + "/")
-
-
-async def revert(runtime: Any, prefix: str = "") -> dict[str, int]:
-    """Put the share's version back for every local change under ``prefix``.
-
-    Files added here are deleted, edited or deleted files are fetched again
-    from connected peers (replacing the edit atomically once the content is
-    verified), missing directories are made again.  Files the share's version
-    holds are never deleted: until every page of its manifest is here, files
-    it does not list are left alone (``complete`` is false in the reply).
-    """
-    from clearskies.sync import Wanted
-
-    sync = runtime.sync
-    share = runtime.signing.store.share_records()
-    comparison = await compare_with_share(runtime)
-    paths = [p for p in comparison.unshared if _inside(p, prefix)]
-    removed = fetching = 0
-    committed: list[FileRecord] = []
-
-    async def restore(path: str, theirs: FileRecord) -> None:
-        nonlocal fetching
-        if theirs.is_dir:
-            await runtime.make_directory(path, theirs.mode)
-            committed.append(theirs)
-            return
-        sources = {peer for peer, s in sync.sessions.items()
-                   if (known := s.remote_index.get(path)) is not None
-                   and known.same_content(theirs)} or set(sync.sessions)
-        sync.wanted[path] = Wanted(theirs, sources=sources)
-        fetching += 1
-
-    for path in sorted(paths, reverse=True):  # contents before their directories
-        theirs = share.get(path)
-        ours = await runtime.get_record(path)
-        if theirs is None or theirs.deleted:
-            if await runtime.remove_local(path):
-                removed += 1
-                committed.append(theirs or FileRecord(
-                    path=path, utime=ours.utime if ours else 0.0, deleted=True,
-                    vv=dict(ours.vv) if ours else {}))
-            continue
-        await restore(path, theirs)
-    # Files of the share's version we lack through no edit of ours (say, a deletion
-    # recorded as the share's version by mistake): fetched again as well.
-    for path in comparison.missing:
-        theirs = share[path]
-        if _inside(path, prefix) and not theirs.deleted and path not in sync.wanted \
-                and path not in sync.in_flight and path not in sync.finishing:
-            await restore(path, theirs)
-    if committed:
-        await runtime.commit_remote(committed)
-    sync.pump()
-    return {"removed": removed, "restoring": fetching, "changes": len(paths),
-            "complete": comparison.settled}
