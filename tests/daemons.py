@@ -558,3 +558,28 @@ def synced_pair(daemon_factory: Callable[..., DaemonProcess], files: Mapping[str
     bob.cli("attach", code, str(b), "--peer", alice.address)
     wait_same_trees(alice, bob, timeout)
     return alice, bob, a, b
+
+
+def share_and_attach(owner: DaemonProcess, joiner: DaemonProcess, *share_args: str,
+                     direct: bool = True) -> str:
+    """``owner`` shares its folder, ``joiner`` attaches with the code; returns the code.
+
+    ``direct`` hands the joiner the owner's address (``--peer``); without it the
+    joiner has nothing but the code and must find the owner by discovery.
+    """
+    code = owner.cli_json("share", str(owner.shares), *share_args)["access_code"]
+    via = ("--peer", owner.address) if direct else ()
+    joiner.cli("attach", code, str(joiner.shares), *via)
+    return code
+
+
+def stop_with_cli(daemon: DaemonProcess, timeout: float = 15.0) -> None:
+    """Stop a daemon the way a user does and wait until its process is gone."""
+    daemon.cli("stop")
+    wait_until(lambda: not daemon.running, timeout=timeout, message="%s stopping" % daemon.name)
+
+
+def share_status(daemon: DaemonProcess, path: str | os.PathLike[str], **fields: Any) -> dict:
+    """The daemon's ``share_status`` reply for the share at ``path`` (extra request ``fields``)."""
+    return daemon.control_request({"type": ".clearskies.share_status", "path": str(path),
+                                   **fields})

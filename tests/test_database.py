@@ -2,13 +2,11 @@
 
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -24,27 +22,11 @@ from clearskies.share.database import (
     ShareStore, StateDatabase, migrations)
 from clearskies.share.records import FileRecord
 from clearskies.threads import SerialRunner, SyncRunner
+from tests.helpers import result_of, temporary_dir
 
 SHARE = "5" * 64
 PEER = "a" * 32
 OTHER = "b" * 32
-
-
-def temporary_dir(case: TestCase) -> str:
-    """A fresh directory removed after the test (trial's mktemp writes into the cwd)."""
-    path = os.path.realpath(tempfile.mkdtemp(prefix="clearskies-test-"))
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
-
-
-def result_of(d: Deferred):
-    """The result of an already-fired Deferred (raising its failure)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from clearskies import diskhelper, diskjobs
 from clearskies.diskhelper import FrameError, FrameReader, answer, encode_frame
 from clearskies.threads import MAX_SILENT_HELPERS, HelperGone, ProcessRunner, SyncRunner
-from tests.test_database import temporary_dir
+from tests.helpers import temporary_dir
 
 MTIME_NS = 1_700_000_000_123_456_789
 

@@ -32,6 +32,7 @@ from tests.daemons import (
     DaemonProcess,
     LanSettings,
     free_port,
+    share_and_attach,
     wait_until,
 )
 
@@ -160,11 +161,6 @@ def tracker(tmp_path: Path) -> Iterator[TrackerProcess]:
         sys.stdout.write("--- tracker log:\n%s" % process.log())
 
 
-def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until both share trees are identical."""
-    wait_same_trees(a, b, timeout)
-
-
 def _share_id(daemon: DaemonProcess) -> str:
     return daemon.cli_json("status", str(daemon.shares))["share_id"]
 
@@ -178,13 +174,6 @@ def _seed(root: Path) -> None:
     (root / "hello.txt").write_text("hello from alice\n")
     (root / "sub").mkdir()
     (root / "sub" / "data.bin").write_bytes(os.urandom(100_000))
-
-
-def _share_and_attach(alice: DaemonProcess, bob: DaemonProcess) -> str:
-    """A shares, B attaches with nothing but the code; returns the code."""
-    code = alice.cli_json("share", str(alice.shares))["access_code"]
-    bob.cli("attach", code, str(bob.shares))
-    return code
 
 
 def test_attach_with_only_a_code_and_a_tracker(daemon_factory, tracker):
@@ -209,13 +198,13 @@ def test_attach_with_only_a_code_and_a_tracker(daemon_factory, tracker):
     assert address == make_address("tcp", "127.0.0.1", alice.port)
 
     bob.cli("attach", code, str(bob.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (Path(bob.shares) / "hello.txt").read_text() == "hello from alice\n"
     assert all(d.cli_json("status")["tracking"] for d in (alice, bob))
 
     (Path(bob.shares) / "from-bob.txt").write_text("back the other way\n")
     bob.cli("scan", str(bob.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
 
 def test_attach_with_only_a_code_on_the_lan(daemon_factory):
@@ -226,8 +215,8 @@ def test_attach_with_only_a_code_on_the_lan(daemon_factory):
     bob = daemon_factory("bob", lan=lan)
     _seed(Path(alice.shares))
     started = time.monotonic()
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob, direct=False)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     # Well before the 60 s periodic announcement: A answers B's announcement.
     assert time.monotonic() - started < SYNC_TIMEOUT
     assert (Path(bob.shares) / "sub" / "data.bin").read_bytes() == \
@@ -240,8 +229,8 @@ def test_tracker_restart_both_register_again_and_sync_goes_on(daemon_factory, tr
     alice = daemon_factory("alice", "--tracker", tracker.url)
     bob = daemon_factory("bob", "--tracker", tracker.url)
     _seed(Path(alice.shares))
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob, direct=False)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
     tracker.restart()
     assert tracker.status()["peers"] == 0
@@ -253,13 +242,13 @@ def test_tracker_restart_both_register_again_and_sync_goes_on(daemon_factory, tr
 
     (Path(alice.shares) / "after-restart.txt").write_text("the tracker came back\n")
     alice.cli("scan", str(alice.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
     # Only the new tracker knows where A is now: B, restarted, must find A through it.
     bob.restart()
     (Path(alice.shares) / "after-bob-restart.txt").write_text("found again\n")
     alice.cli("scan", str(alice.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
 
 def test_peer_restarting_on_a_new_port_is_found_again(daemon_factory, tracker):
@@ -268,8 +257,8 @@ def test_peer_restarting_on_a_new_port_is_found_again(daemon_factory, tracker):
     alice = daemon_factory("alice", "--tracker", tracker.url)
     bob = daemon_factory("bob", "--tracker", tracker.url)
     _seed(Path(alice.shares))
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob, direct=False)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     wait_until(lambda: _connected(bob), timeout=10, message="B is connected to A")
     old_port = alice.port
 
@@ -297,5 +286,5 @@ def test_peer_restarting_on_a_new_port_is_found_again(daemon_factory, tracker):
             parse_tracker_entry(e)[1] for e in others}
     wait_until(new_port_listed, timeout=10, message="A registered its new port")
     alice.cli("scan", str(alice.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (Path(bob.shares) / "while-moving.txt").exists()

@@ -18,7 +18,7 @@ from clearskies.share.records import MAX_COUNTER, MAX_TIME_SECONDS, FileRecord
 from clearskies.share.scanner import (
     Scanner, local_utime, normalize_scopes, read_marker, write_marker)
 from clearskies.threads import SyncRunner
-from tests.test_database import result_of
+from tests.helpers import result_of
 
 SHARE = "5" * 64
 PEER = "a" * 32

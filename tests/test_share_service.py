@@ -19,7 +19,7 @@ from clearskies.share.scanner import list_directories, read_marker
 from clearskies.share.service import ShareService, create_share
 from clearskies.share.watcher import DEFAULT_QUIET, InotifyWatcher
 from clearskies.threads import SyncRunner, ThreadPoolRunner
-from tests.test_database import result_of, temporary_dir
+from tests.helpers import result_of, temporary_dir
 
 SHARE = "5" * 64
 PEER = "a" * 32

@@ -570,7 +570,7 @@ class TrackerIntegrationTests(TestCase):
 
     def test_onion_only_peer_is_found_at_its_onion_address(self) -> Deferred:
         """A client with no TCP port registers its onion address; another client is told it."""
-        from tests.test_address_exchange import onion_name
+        from tests.helpers import onion_name
 
         name = onion_name(b"integration")
 
@@ -595,7 +595,7 @@ class TrackerIntegrationTests(TestCase):
 
 def test_request_carries_onion_addresses_as_tor_parameters() -> None:
     """extra_addresses' tor ones (deduplicated, at most 4) go out as tor=; others are not sent."""
-    from tests.test_address_exchange import onion_name
+    from tests.helpers import onion_name
 
     names = [onion_name(b"%d" % i) for i in range(6)]
     extra = [Address("tor", names[0] + ".onion", 60106), Address("tcp", "10.0.0.9", 5000),
@@ -614,7 +614,7 @@ def test_request_carries_onion_addresses_as_tor_parameters() -> None:
 
 def test_onion_only_request_has_no_tcp_port_and_waits_for_the_onion() -> None:
     """With no TCP port, nothing is sent until an onion address exists; then no tcp_port."""
-    from tests.test_address_exchange import onion_name
+    from tests.helpers import onion_name
 
     name = onion_name(b"later")
     onions: list[Address] = []

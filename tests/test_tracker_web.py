@@ -435,7 +435,7 @@ def test_unexpected_fault_is_503_not_500():
 
 
 def _onion(seed: str) -> str:
-    from tests.test_address_exchange import onion_name
+    from tests.helpers import onion_name
     return onion_name(seed.encode())
 
 

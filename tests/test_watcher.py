@@ -13,7 +13,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from clearskies.share.watcher import (
     Debouncer, ExpectedArrivals, InotifyWatcher, full_rescan_interval)
-from tests.test_database import temporary_dir
+from tests.helpers import temporary_dir
 
 
 class Recorder:

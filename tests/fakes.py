@@ -1,0 +1,222 @@
+"""Fakes shared by the test modules: each stands in for one seam of the daemon.
+
+Every fake says which seam it implements.  The seams are becoming
+``zope.interface`` declarations in ``clearskies.interfaces``; once one is
+declared there, its fake gets ``@implementer(IFoo)`` and a
+``verifyObject(IFoo, fake)`` check in tests/test_fakes.py, the one place
+where fakes are checked against what they stand in for.
+
+- ``MemoryShare``: the share store as syncing sees it (``clearskies.sync.LocalShare``).
+- ``FakeConnection``: the connection a sync session is given (what it uses of
+  ``clearskies.peer.PeerProtocol``).
+- ``QuietSession``: a session (``clearskies.peer.Session``) that ignores traffic.
+- ``RecordingProtocol``: an application protocol that records what reaches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet.defer import succeed
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from clearskies import wire
+from clearskies.errors import UnsafePathError
+from clearskies.share.records import FileRecord
+from clearskies.threads import SyncRunner
+
+US = "a" * 32
+THEM = "b" * 32
+
+
+def sha(data: bytes) -> str:
+    """The hex SHA-256 of ``data``, as records carry it."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_record(path: str, data: bytes, vv: dict[str, int], utime: float = 10.0) -> FileRecord:
+    """A live file record for ``data`` at ``path``."""
+    return FileRecord(path=path, utime=utime, size=len(data), mtime=(1, 0), mode=0o644,
+                      sha256=sha(data), vv=vv)
+
+
+class MemoryShare:
+    """A LocalShare whose records live in a dict and whose files live in a temp dir.
+
+    Seam: ``clearskies.sync.LocalShare``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.share_id = "f" * 64
+        self.our_peer_id = US
+        self.root = root
+        self.runner = self.disk_runner = SyncRunner()
+        self.records: dict[str, FileRecord] = {}
+        self.rev = 0
+        self.ignored: set[str] = set()
+        self.commits: list[list[FileRecord]] = []
+        self.batch_calls: list[tuple[str, int]] = []
+
+    def revision(self) -> int:
+        return self.rev
+
+    def manifest(self):
+        return succeed((self.rev, [self.records[p] for p in sorted(self.records)]))
+
+    def get_record(self, path: str):
+        return succeed(self.records.get(path))
+
+    def local_path(self, path: str) -> Path:
+        if ".." in path.split("/") or path.startswith("/"):
+            raise UnsafePathError(path)
+        return self.root / path
+
+    def is_ignored(self, path: str) -> bool:
+        return path in self.ignored
+
+    def is_unchanged(self, path: str):
+        record = self.records.get(path)
+        local = self.root / path
+        if record is None or record.deleted:
+            return succeed(not local.exists())
+        return succeed(local.exists() and sha(local.read_bytes()) == record.sha256)
+
+    def commit_remote(self, records: list[FileRecord], written: Any = None):
+        self.rev += 1
+        for record in records:
+            self.records[record.path] = record
+        self.commits.append(list(records))
+        return succeed(self.rev)
+
+    def find_local_copy(self, digest: str):
+        for record in self.records.values():
+            if record.sha256 == digest and (self.root / record.path).exists():
+                return succeed(self.root / record.path)
+        return succeed(None)
+
+    def remove_local(self, path: str):
+        local = self.root / path
+        if local.is_dir():
+            local.rmdir()
+        elif local.exists():
+            local.unlink()
+        return succeed(True)
+
+    def make_directory(self, path: str, mode: int | None):
+        (self.root / path).mkdir(parents=True, exist_ok=True)
+        return succeed(None)
+
+    def rename_local(self, source: str, destination: str, decided_on: Any = None):
+        if decided_on is not None and self.records.get(source) != decided_on:
+            return succeed(False)  # as the real share: a newer local record wins
+        target = self.root / destination
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.root / source, target)
+        return succeed(True)
+
+    def get_records(self, paths: list[str]):
+        return succeed({p: self.records[p] for p in paths if p in self.records})
+
+    def rename_many(self, moves: list[tuple[str, str]], decided_on: Any = None):
+        self.batch_calls.append(("rename", len(moves)))
+        decided = decided_on or [None] * len(moves)
+        return succeed([self.rename_local(src, dst, ours).result
+                        for (src, dst), ours in zip(moves, decided)])
+
+    def remove_many(self, paths: list[str], decided_on: Any = None):
+        self.batch_calls.append(("remove", len(paths)))
+        return succeed([self.remove_local(p).result for p in paths])
+
+    def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
+        self.seen = (peer_id, revision)
+
+    def add_local(self, path: str, data: bytes, vv: dict[str, int]) -> FileRecord:
+        local = self.root / path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(data)
+        record = file_record(path, data, vv)
+        self.records[path] = record
+        self.rev += 1
+        return record
+
+
+class FakeConnection:
+    """What a session sees of PeerProtocol: established info, a transport, close().
+
+    Seam: the connection a ``clearskies.peer.SessionFactory`` is given.
+    """
+
+    def __init__(self, peer_id: str = THEM, features: tuple[str, ...] = ("vv", "progress"),
+                 we_are_server: bool = True, port: int = 5000) -> None:
+        self.established = SimpleNamespace(
+            their_peer_id=peer_id, we_are_server=we_are_server, features=features,
+            access="read_write")
+        self.transport = StringTransport(
+            hostAddress=SimpleNamespace(port=port), peerAddress=SimpleNamespace(port=port))
+        self.closed: str | None = None
+        self.message_writer = None
+
+    def close(self, reason: str, quiet: bool = False) -> None:
+        self.closed = reason
+
+    def sent(self) -> list[Any]:
+        """Every wire event written so far (and clear the transport)."""
+        decoder = wire.WireDecoder()
+        decoder.receive_data(self.transport.value())
+        self.transport.clear()
+        return list(decoder.events())
+
+    def sent_types(self) -> list[str]:
+        return [e.type for e in self.sent() if isinstance(e, wire.Message)]
+
+
+def message(body: dict[str, Any]) -> wire.Message:
+    """``body`` as the decoder hands it to a session."""
+    return wire.Message(body=body, text=wire.dumps(body))
+
+
+class QuietSession:
+    """A session that ignores what the other side sends and remembers why the connection ended.
+
+    Seam: ``clearskies.peer.Session`` (made by a ``SessionFactory`` from the connection).
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.lost: str | None = None
+
+    def event_received(self, event: Any) -> None:
+        pass
+
+    def connection_lost(self, reason: str) -> None:
+        self.lost = reason
+
+
+@implementer(IHandshakeListener)
+class RecordingProtocol(Protocol):
+    """Records what a transport (TLS, SOCKS, …) hands to the application.
+
+    Seam: ``twisted.internet.interfaces.IProtocol`` and ``IHandshakeListener``.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Failure | None = None
+        self.handshake_done = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = reason
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
