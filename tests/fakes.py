@@ -11,22 +11,29 @@ where fakes are checked against what they stand in for.
   ``clearskies.peer.PeerProtocol``).
 - ``QuietSession``: a session (``clearskies.peer.Session``) that ignores traffic.
 - ``RecordingProtocol``: an application protocol that records what reaches it.
+- ``MemoryNetwork`` / ``MemoryEndpoint`` / ``TLSTransport``: TCP and STARTTLS between
+  in-memory peers (``twisted.test.iosim`` pumps on a ``Clock``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from twisted.internet.defer import succeed
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IHandshakeListener, ISSLTransport, IStreamClientEndpoint, ITLSTransport)
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.test import iosim
+from zope.interface import alsoProvides, implementer
 
 from clearskies import wire
 from clearskies.errors import UnsafePathError
@@ -220,3 +227,162 @@ class RecordingProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
+
+
+# --- two peers in memory: iosim with real TLS ---------------------------------------
+
+
+class _BelowTLS:
+    """The raw side of a ``TLSTransport``: what the TLS layer writes its records to."""
+
+    def __init__(self, transport: TLSTransport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        iosim.FakeTransport.write(self._transport, data)
+
+    def writeSequence(self, data: Any) -> None:
+        iosim.FakeTransport.write(self._transport, b"".join(data))
+
+    def loseConnection(self) -> None:
+        iosim.FakeTransport.loseConnection(self._transport)
+
+    def abortConnection(self) -> None:
+        iosim.FakeTransport.abortConnection(self._transport)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+@implementer(ITLSTransport)
+class TLSTransport(iosim.FakeTransport):
+    """An ``iosim`` transport whose ``startTLS`` runs real TLS (OpenSSL, in memory).
+
+    ``iosim.FakeTransport.startTLS`` only pretends; this one inserts a
+    ``TLSMemoryBIOProtocol`` between the bytes and the protocol the way a TCP
+    transport does, so PSK suites, wrong keys and version pins behave as on a
+    socket.  The TLS layer's small-write buffer runs on ``clock``, which the
+    pump advances.
+
+    Seam: ``twisted.internet.interfaces.ITCPTransport`` and ``ITLSTransport``.
+    """
+
+    def __init__(self, protocol: Any, isServer: bool, hostAddress: Any, peerAddress: Any,
+                 clock: Any) -> None:
+        super().__init__(protocol, isServer, hostAddress, peerAddress)
+        self._clock = clock
+        self._tls: Any = None
+
+    def startTLS(self, contextFactory: Any, beNormal: bool = True) -> None:
+        client = (not self.isServer) if beNormal else self.isServer
+        factory = TLSMemoryBIOFactory(contextFactory, client, None, clock=self._clock)
+        tls_protocol = factory.protocol(factory, self.protocol, False)
+        self.protocol = self._tls = tls_protocol
+        self.getHandle = tls_protocol.getHandle
+        self.getPeerCertificate = tls_protocol.getPeerCertificate
+        alsoProvides(self, ISSLTransport)
+        tls_protocol.makeConnection(_BelowTLS(self))
+
+    def write(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.write(data)
+        else:
+            super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if self._tls is not None:
+            self._tls.loseConnection()
+        else:
+            super().loseConnection()
+
+    def abortConnection(self) -> None:
+        if self._tls is not None:
+            self._tls.abortConnection()
+        else:
+            super().abortConnection()
+
+
+class MemoryNetwork:
+    """TCP between in-memory peers on 127.0.0.1, moved by ``iosim`` pumps on one clock.
+
+    ``listen(factory)`` gives an address; ``endpoint(port)`` connects to it
+    (``IStreamClientEndpoint``); ``flush()`` moves every byte and
+    disconnection until all connections are quiet.  Nothing happens between
+    flushes, so a test decides exactly when bytes arrive.  A server factory
+    whose ``buildProtocol`` returns None gets the connection closed at once,
+    as a listening port does.
+    """
+
+    def __init__(self, clock: Any, host: str = "127.0.0.1") -> None:
+        self.clock = clock
+        self.host = host
+        self.pumps: list[iosim.IOPump] = []
+        self._listeners: dict[int, Any] = {}
+        self._ports = itertools.count(40000)
+
+    def listen(self, factory: Any) -> IPv4Address:
+        """Accept connections to a new port with ``factory``; returns its address."""
+        port = next(self._ports)
+        self._listeners[port] = factory
+        factory.doStart()
+        return IPv4Address("TCP", self.host, port)
+
+    def stop_listening(self, address: IPv4Address) -> None:
+        self._listeners.pop(address.port).doStop()
+
+    def connect(self, port: int, client: Any) -> iosim.IOPump:
+        """Connect protocol ``client`` to the listener on ``port`` (bytes move on flush)."""
+        server_address = IPv4Address("TCP", self.host, port)
+        client_address = IPv4Address("TCP", self.host, next(self._ports))
+        server = self._listeners[port].buildProtocol(client_address)
+        refused = server is None
+        if refused:
+            server = Protocol()
+        pump = iosim.connect(
+            server, TLSTransport(server, True, server_address, client_address, self.clock),
+            client, TLSTransport(client, False, client_address, server_address, self.clock),
+            greet=False, clock=self.clock)
+        if refused:
+            server.transport.loseConnection()
+        self.pumps.append(pump)
+        return pump
+
+    def endpoint(self, port: int) -> MemoryEndpoint:
+        return MemoryEndpoint(self, port)
+
+    def flush(self) -> None:
+        """Pump every connection until nothing moves (pending ``callLater(0)`` calls run)."""
+        for _ in range(10_000):
+            moved = False
+            for pump in list(self.pumps):
+                moved = pump.pump() or moved
+            self.pumps = [p for p in self.pumps
+                          if not (p.clientIO.disconnected and p.serverIO.disconnected)]
+            if not moved:
+                return
+        raise AssertionError("the connections never went quiet")
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass on the clock, then flush what that set off."""
+        self.clock.advance(seconds)
+        self.flush()
+
+
+@implementer(IStreamClientEndpoint)
+class MemoryEndpoint:
+    """Connects to one port of a ``MemoryNetwork``.
+
+    Seam: ``twisted.internet.interfaces.IStreamClientEndpoint``.
+    """
+
+    def __init__(self, network: MemoryNetwork, port: int) -> None:
+        self.network = network
+        self.port = port
+
+    def connect(self, factory: Any) -> Deferred:
+        protocol = factory.buildProtocol(IPv4Address("TCP", self.network.host, self.port))
+        self.network.connect(self.port, protocol)
+        return succeed(protocol)
