@@ -22,7 +22,7 @@ from clearskies.share.database import (
     ShareStore, StateDatabase, migrations)
 from clearskies.share.records import FileRecord
 from clearskies.threads import SerialRunner, SyncRunner
-from tests.helpers import result_of, temporary_dir
+from tests.helpers import async_test, result_of, temporary_dir
 
 SHARE = "5" * 64
 PEER = "a" * 32
@@ -327,7 +327,8 @@ def test_store_with_sync_runner(tmp_path):
 
 
 class SerialRunnerTests(TestCase):
-    def test_all_calls_on_one_thread(self):
+    @async_test
+    async def test_all_calls_on_one_thread(self) -> None:
         """With a SerialRunner every database call runs on the same non-reactor thread."""
         runner = SerialRunner(reactor)
         runner.startService()
@@ -338,21 +339,15 @@ class SerialRunnerTests(TestCase):
         def where(db):
             threads.append(threading.get_ident())
 
-        async def go():
-            await store.add_share(ShareInfo(SHARE, "/s", PEER, "read_write", created=1.0))
-            for n in range(5):
-                await store.apply_changes(SHARE, [file("f%d" % n)])
-                await store._call(where)
-            self.assertEqual(await store.get_revision(SHARE), 5)
-            await store.close()
+        await store.add_share(ShareInfo(SHARE, "/s", PEER, "read_write", created=1.0))
+        for n in range(5):
+            await store.apply_changes(SHARE, [file("f%d" % n)])
+            await store._call(where)
+        self.assertEqual(await store.get_revision(SHARE), 5)
+        await store.close()
 
-        d = Deferred.fromCoroutine(go())
-
-        def check(_):
-            self.assertEqual(len(set(threads)), 1)
-            self.assertNotEqual(threads[0], threading.get_ident())
-
-        return d.addCallback(check)
+        self.assertEqual(len(set(threads)), 1)
+        self.assertNotEqual(threads[0], threading.get_ident())
 
 
 # -- crash consistency -----------------------------------------------------------------------

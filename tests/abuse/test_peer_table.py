@@ -19,7 +19,7 @@ from tests.abuse.flood import legit_connect
 from tests.abuse.fresh_ids import FEATURES, fresh_id_connections
 from tests.fakes import QuietSession
 from tests.daemons import _kill_leftovers, start_sharing
-from tests.peerkit import async_test
+from tests.helpers import async_test
 
 pytestmark = pytest.mark.slow
 

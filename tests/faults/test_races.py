@@ -19,7 +19,8 @@ import pytest
 from clearskies.control.commands import DaemonCommands
 from clearskies.share import merge
 from tests.daemons import TEMP_SUFFIX, DaemonSet, assert_trees_equal, wait_same_trees
-from tests.peerkit import PeerKitCase, async_test, file_entry, wait_until
+from tests.helpers import async_test
+from tests.peerkit import PeerKitCase, file_entry, wait_until
 
 
 def sha(data: bytes) -> str:
