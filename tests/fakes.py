@@ -71,6 +71,7 @@ class MemoryShare:
         self.ignored: set[str] = set()
         self.commits: list[list[FileRecord]] = []
         self.batch_calls: list[tuple[str, int]] = []
+        self.refused: set[tuple[str, str]] = set()
 
     def revision(self) -> int:
         return self.rev
@@ -103,9 +104,9 @@ class MemoryShare:
         self.commits.append(list(records))
         return succeed(self.rev)
 
-    def find_local_copy(self, digest: str):
+    def find_local_copy(self, sha256: str):
         for record in self.records.values():
-            if record.sha256 == digest and (self.root / record.path).exists():
+            if record.sha256 == sha256 and (self.root / record.path).exists():
                 return succeed(self.root / record.path)
         return succeed(None)
 
@@ -144,6 +145,12 @@ class MemoryShare:
 
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         self.seen = (peer_id, revision)
+
+    def note_refused(self, path: str, why: str) -> bool:
+        """Remember a refused record; True the first time for this path and reason."""
+        new = (path, why) not in self.refused
+        self.refused.add((path, why))
+        return new
 
     def add_local(self, path: str, data: bytes, vv: dict[str, int]) -> FileRecord:
         local = self.root / path
