@@ -17,7 +17,6 @@ where fakes are checked against what they stand in for.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from pathlib import Path
@@ -39,14 +38,10 @@ from clearskies import wire
 from clearskies.errors import UnsafePathError
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner
+from tests.helpers import sha
 
 US = "a" * 32
 THEM = "b" * 32
-
-
-def sha(data: bytes) -> str:
-    """The hex SHA-256 of ``data``, as records carry it."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def file_record(path: str, data: bytes, vv: dict[str, int], utime: float = 10.0) -> FileRecord:

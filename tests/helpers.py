@@ -58,3 +58,8 @@ def onion_name(seed: bytes) -> str:
     key = hashlib.sha256(seed).digest()
     checksum = hashlib.sha3_256(b".onion checksum" + key + b"\x03").digest()[:2]
     return base64.b32encode(key + checksum + b"\x03").decode("ascii").lower()
+
+
+def sha(data: bytes) -> str:
+    """The hex SHA-256 of ``data``, as records carry it."""
+    return hashlib.sha256(data).hexdigest()

@@ -1,6 +1,5 @@
 """ShareService: scans on start, debounced rescans, error state, listeners, remote writes."""
 
-import hashlib
 import os
 import time
 from types import SimpleNamespace
@@ -19,15 +18,11 @@ from clearskies.share.scanner import list_directories, read_marker
 from clearskies.share.service import ShareService, create_share
 from clearskies.share.watcher import DEFAULT_QUIET, InotifyWatcher
 from clearskies.threads import SyncRunner, ThreadPoolRunner
-from tests.helpers import async_test, result_of, temporary_dir
+from tests.helpers import async_test, result_of, sha, temporary_dir
 
 SHARE = "5" * 64
 PEER = "a" * 32
 OTHER = "b" * 32
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 class Setup:

@@ -22,7 +22,8 @@ from clearskies.share.records import FileRecord
 from clearskies.sync import (
     MAX_REFUSED_RECORDS, MAX_WAITING_GETS, RETRY_AFTER, ShareSync, SyncSession, Wanted,
     WantedFiles)
-from tests.fakes import US, THEM, FakeConnection, MemoryShare, file_record, message, sha
+from tests.fakes import US, THEM, FakeConnection, MemoryShare, file_record, message
+from tests.helpers import sha
 
 OTHER = "c" * 32
 
