@@ -9,18 +9,13 @@ address: B learns where A is from the tracker or from A's LAN announcements
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlencode
 
 import pytest
 
@@ -28,9 +23,9 @@ from clearskies.accesscode import access_id, parse_code
 from clearskies.discovery.addresses import make_address, parse_tracker_entry
 from tests.daemons import (
     wait_same_trees,
-    REPO_ROOT,
     DaemonProcess,
     LanSettings,
+    TrackerProcess,
     free_port,
     share_and_attach,
     wait_until,
@@ -41,77 +36,6 @@ pytestmark = pytest.mark.slow
 #: The documented command: the twistd script next to this interpreter.
 TWISTD = Path(sys.executable).with_name("twistd")
 SYNC_TIMEOUT = 25.0
-
-
-class TrackerProcess:
-    """A real ``clearskies-tracker`` on 127.0.0.1; ``restart()`` keeps the port, not the state."""
-
-    def __init__(self, base: Path) -> None:
-        self.port = free_port()
-        self.log_path = base / "tracker.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return "http://127.0.0.1:%d" % self.port
-
-    def argv(self) -> list[str]:
-        return [str(TWISTD), "-n", "--pidfile=", "clearskies-tracker",
-                "--listen", "tcp:%d:interface=127.0.0.1" % self.port]
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(
-                   [str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), cwd=self.log_path.parent, env=env,
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-
-        def answers() -> bool:
-            assert self.proc.poll() is None, "the tracker exited:\n" + self.log()
-            try:
-                return b"ClearSkies tracker" in self._get("/")
-            except OSError:
-                return False
-        wait_until(answers, timeout=20, message="the tracker answers on " + self.url)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
-
-    def _get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=5) as response:
-            return response.read()
-
-    def status(self) -> dict[str, int]:
-        """The counts on the status page: ``IDs``, ``peers``, …"""
-        counts = {}
-        for line in self._get("/").decode().splitlines():
-            key, sep, value = line.partition(": ")
-            if sep and value.isdigit():
-                counts[key] = int(value)
-        return counts
-
-    def track(self, ids: list[tuple[str, str]], tcp_port: int) -> dict:
-        """One plain registration, as a peer would send it; the parsed answer."""
-        query = urlencode([("tcp_port", str(tcp_port))] + [("id", "%s@%s" % p) for p in ids])
-        return json.loads(self._get("/clearskies/track?" + query))
 
 
 class KnockCounter:
@@ -158,7 +82,7 @@ def tracker(tmp_path: Path) -> Iterator[TrackerProcess]:
         yield process
     finally:
         process.stop()
-        sys.stdout.write("--- tracker log:\n%s" % process.log())
+        sys.stdout.write("--- tracker log:\n%s" % process.output()[-4000:])
 
 
 def _share_id(daemon: DaemonProcess) -> str:
