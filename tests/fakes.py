@@ -41,7 +41,9 @@ from clearskies.threads import SyncRunner
 from tests.helpers import sha
 
 US = "a" * 32
+"""The peer ID of the share the fakes hold."""
 THEM = "b" * 32
+"""The peer ID at the other end of a FakeConnection."""
 
 
 def file_record(path: str, data: bytes, vv: dict[str, int], utime: float = 10.0) -> FileRecord:
