@@ -38,7 +38,8 @@ from clearskies.handshake import ConnectTarget, MemoryKeyRing  # noqa: E402
 from clearskies.keys import ShareKeys  # noqa: E402
 from clearskies.peer import connect_peer  # noqa: E402
 from tests.abuse.flood import legit_connect, sleep  # noqa: E402
-from tests.abuse.fresh_ids import FEATURES, _Quiet, fresh_id_connections  # noqa: E402
+from tests.abuse.fresh_ids import FEATURES, fresh_id_connections  # noqa: E402
+from tests.fakes import QuietSession  # noqa: E402
 from tests.daemons import DaemonProcess, start_sharing  # noqa: E402
 
 BOUND = 5.0
@@ -112,7 +113,7 @@ def _run_here() -> list[dict[str, Any]]:
         async def main() -> None:
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port, timeout=5)
             friend = await connect_peer(reactor, endpoint, ConnectTarget.share(keys, FRIEND),
-                                        MemoryKeyRing(time.time), "friend", _Quiet,
+                                        MemoryKeyRing(time.time), "friend", QuietSession,
                                         features=FEATURES)
             seed = 0
             for count in ATTACKS:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clearskies.tracker.registry import MAX_TOTAL, Registry  # noqa: E402
 from tests.abuse.tracker_process import (  # noqa: E402
-    TrackerProcess, crowd, fake_peer, get, rss_mb, stuck_readers, track_path)
+    TrackerProcess, crowd, fake_peer, get, rss_mb, start_tracker, stuck_readers, track_path)
 
 SHARE = "a" * 64
 REAL = "1" * 32
@@ -265,7 +265,7 @@ def run() -> list[dict]:
     """One row per attack (see the module docstring)."""
     rows = [registry_bytes(), fast_track_fanout()]
     with tempfile.TemporaryDirectory() as workdir:
-        tracker = TrackerProcess(Path(workdir)).start()
+        tracker = start_tracker(Path(workdir))
         try:
             baseline, lag = _legit(tracker)
             rows.append(_row("none", tracker, baseline, lag, "no attack"))

@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clearskies.tracker.registry import MAX_TOTAL  # noqa: E402
-from tests.abuse.tracker_process import TrackerProcess, get, rss_mb  # noqa: E402
+from tests.abuse.tracker_process import get, rss_mb, start_tracker  # noqa: E402
 
 DAEMONS = 8
 ROUNDS = 5
@@ -42,7 +42,7 @@ def run() -> list[dict[str, Any]]:
     """One row: renewals of registered daemons that add an ID while the tracker is full."""
     rng = random.Random(3)
     with tempfile.TemporaryDirectory(prefix="cs-abuse-tracker-full-") as workdir:
-        tracker = TrackerProcess(Path(workdir)).start()
+        tracker = start_tracker(Path(workdir))
         try:
             daemons = []
             for d in range(DAEMONS):

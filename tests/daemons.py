@@ -44,10 +44,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import pytest
 
@@ -475,6 +477,104 @@ def wait_same_trees(a: Any, b: Any, timeout: float = 30.0, interval: float = 0.2
         raise
 
 
+class TrackerProcess:
+    """A real ``twistd -n clearskies-tracker`` on 127.0.0.1 (the documented command).
+
+    ``start()`` returns it once it answers; ``restart()`` keeps the port, not
+    the state.  ``ttl`` is passed as ``--ttl``; ``fd_limit`` caps its open files
+    (the limit a service meets in the wild, for flood tests).
+    """
+
+    def __init__(self, base: str | os.PathLike[str], ttl: int | None = None,
+                 fd_limit: int | None = None) -> None:
+        self.port = free_port()
+        self.log_path = Path(base) / "tracker.log"
+        self.ttl = ttl
+        self.fd_limit = fd_limit
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def argv(self) -> list[str]:
+        ttl = ["--ttl", str(self.ttl)] if self.ttl is not None else []
+        return [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
+                "clearskies-tracker", "--listen", "tcp:%d:interface=127.0.0.1" % self.port, *ttl]
+
+    def start(self) -> TrackerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(
+                   [str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        limit = self.fd_limit
+
+        def limit_files() -> None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv(), cwd=self.log_path.parent, env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=limit_files if limit is not None else None)
+
+        def answers() -> bool:
+            assert self.alive(), "the tracker exited:\n" + self.output()[-4000:]
+            try:
+                return b"ClearSkies tracker" in self.get("/")
+            except OSError:
+                return False
+        wait_until(answers, timeout=30, message="the tracker answers on " + self.url)
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def output(self) -> str:
+        """Everything the tracker logged so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return response.read()
+
+    def status(self) -> dict[str, int]:
+        """The counts on the status page: ``IDs``, ``peers``, …"""
+        counts = {}
+        for line in self.get("/").decode().splitlines():
+            key, sep, value = line.partition(": ")
+            if sep and value.isdigit():
+                counts[key] = int(value)
+        return counts
+
+    def track(self, ids: list[tuple[str, str]], tcp_port: int) -> dict:
+        """One plain registration, as a peer would send it; the parsed answer."""
+        query = urlencode([("tcp_port", str(tcp_port))] + [("id", "%s@%s" % p) for p in ids])
+        return json.loads(self.get("/clearskies/track?" + query))
+
+
 class DaemonSet:
     """Makes daemons for one test and kills them all on ``close()``."""
 
@@ -558,3 +658,28 @@ def synced_pair(daemon_factory: Callable[..., DaemonProcess], files: Mapping[str
     bob.cli("attach", code, str(b), "--peer", alice.address)
     wait_same_trees(alice, bob, timeout)
     return alice, bob, a, b
+
+
+def share_and_attach(owner: DaemonProcess, joiner: DaemonProcess, *share_args: str,
+                     direct: bool = True) -> str:
+    """``owner`` shares its folder, ``joiner`` attaches with the code; returns the code.
+
+    ``direct`` hands the joiner the owner's address (``--peer``); without it the
+    joiner has nothing but the code and must find the owner by discovery.
+    """
+    code = owner.cli_json("share", str(owner.shares), *share_args)["access_code"]
+    via = ("--peer", owner.address) if direct else ()
+    joiner.cli("attach", code, str(joiner.shares), *via)
+    return code
+
+
+def stop_with_cli(daemon: DaemonProcess, timeout: float = 15.0) -> None:
+    """Stop a daemon the way a user does and wait until its process is gone."""
+    daemon.cli("stop")
+    wait_until(lambda: not daemon.running, timeout=timeout, message="%s stopping" % daemon.name)
+
+
+def share_status(daemon: DaemonProcess, path: str | os.PathLike[str], **fields: Any) -> dict:
+    """The daemon's ``share_status`` reply for the share at ``path`` (extra request ``fields``)."""
+    return daemon.control_request({"type": ".clearskies.share_status", "path": str(path),
+                                   **fields})

@@ -10,19 +10,17 @@ with wrong content, or raw bytes that break the framing.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
@@ -37,14 +35,6 @@ from clearskies.daemon.runtime import ShareRuntime
 ALL_FEATURES = ("vv", "directories", "progress")
 POLL = 0.02
 DEFAULT_TIMEOUT = 10.0
-
-
-def async_test(method: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Deferred]:
-    """Let trial run an ``async def`` test method (it wants a Deferred)."""
-    @functools.wraps(method)
-    def run(self: TestCase) -> Deferred:
-        return Deferred.fromCoroutine(method(self))
-    return run
 
 
 async def sleep(seconds: float) -> None:

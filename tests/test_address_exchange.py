@@ -4,7 +4,6 @@ and remembered addresses that bring a restarted daemon back to its peers."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -23,19 +22,13 @@ from clearskies.share.database import PeerInfo
 from clearskies.daemon.runtime import ShareRuntime
 from clearskies.tracker.registry import Registry, check_tor_addresses, is_v3_onion
 from tests.daemons import wait_same_trees
-from tests.test_sync import THEM, FakeConnection, MemoryShare, message
+from tests.helpers import onion_name
+from tests.fakes import THEM, FakeConnection, MemoryShare, message
 
 SHARE_ID = "f" * 64
 A = "a" * 64
 P1 = "1" * 32
 P2 = "2" * 32
-
-
-def onion_name(seed: bytes) -> str:
-    """A well-formed v3 onion name (no ``.onion``) derived from ``seed``: key, checksum, version 3."""
-    key = hashlib.sha256(seed).digest()
-    checksum = hashlib.sha3_256(b".onion checksum" + key + b"\x03").digest()[:2]
-    return base64.b32encode(key + checksum + b"\x03").decode("ascii").lower()
 
 
 ONION = "tor:%s.onion:60106" % onion_name(b"us")
@@ -231,11 +224,6 @@ def test_runtime_stores_advertised_addresses_and_offers_them(tmp_path):
 # -- end to end: a restarted daemon finds its peer from the peers table ------------------------
 
 
-def _in_sync(a, b, timeout: float = 30.0) -> None:
-    """Wait until both share trees are identical."""
-    wait_same_trees(a, b, timeout)
-
-
 @pytest.mark.slow
 def test_restarted_peer_reconnects_from_remembered_address(daemon_factory):
     """Bob, restarted with no --peer, tracker or LAN, reconnects to Alice and syncs again."""
@@ -245,7 +233,7 @@ def test_restarted_peer_reconnects_from_remembered_address(daemon_factory):
     (a / "before.txt").write_text("from before the restart\n")
     code = alice.cli_json("share", str(a))["access_code"]
     bob.cli("attach", code, str(b), "--peer", alice.address)
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob)
 
     bob.stop()
     # `attach --peer` also kept the address as a manual peer: forget it, so the only
@@ -264,9 +252,9 @@ def test_restarted_peer_reconnects_from_remembered_address(daemon_factory):
     (a / "after.txt").write_text("written while bob was away\n")
     alice.cli("scan", str(a))
     bob.start()
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob)
     assert (b / "after.txt").read_text() == "written while bob was away\n"
     (b / "from-bob.txt").write_text("bob is back\n")
     bob.cli("scan", str(b))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob)
     assert (a / "from-bob.txt").read_text() == "bob is back\n"

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from io import StringIO
 from typing import Any
@@ -37,6 +36,7 @@ from clearskies.control.protocol import (
     ControlProtocol,
     listen_control,
 )
+from tests.helpers import async_test
 
 CODE_BYTES = bytes(range(16))
 CODE = format_code(CODE_BYTES)
@@ -320,141 +320,136 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             await deferLater(reactor, 0.01)
         return Run(code, out.getvalue(), err.getvalue())
 
-    def go(self, body: Callable[[], Any]) -> Deferred:
-        async def run() -> None:
-            await self.listen()
-            await body()
-        return Deferred.fromCoroutine(run())
-
     # -- share -----------------------------------------------------------------
 
-    def test_share_new_directory(self) -> Deferred:
+    @async_test
+    async def test_share_new_directory(self) -> None:
         """share --mode read_only --multi-use --expires 7d: creates the share, then the code."""
-        async def body() -> None:
-            run = await self.cli("share", self.share_dir, "--mode", "read_only",
-                                 "--multi-use", "--expires", "7d")
-            self.assertEqual((run.code, run.err), (0, ""))
-            self.assertEqual(self.daemon.received, [
-                {"type": "list_shares"},
-                {"type": "create_share", "path": self.share_dir},
-                {"type": "create_access_code", "path": self.share_dir, "mode": "read_only",
-                 "one_time": False, "expires": 604800},
-            ])
-            lines = run.out.splitlines()
-            self.assertEqual(lines[0], CODE)
-            self.assertIn("clearskies attach %s DIRECTORY" % CODE, run.out)
-            self.assertIn(code_url(CODE_BYTES), run.out)
-            self.assertEqual(lines[-1], "This multi-use code expires in 7d.")
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("share", self.share_dir, "--mode", "read_only",
+                             "--multi-use", "--expires", "7d")
+        self.assertEqual((run.code, run.err), (0, ""))
+        self.assertEqual(self.daemon.received, [
+            {"type": "list_shares"},
+            {"type": "create_share", "path": self.share_dir},
+            {"type": "create_access_code", "path": self.share_dir, "mode": "read_only",
+             "one_time": False, "expires": 604800},
+        ])
+        lines = run.out.splitlines()
+        self.assertEqual(lines[0], CODE)
+        self.assertIn("clearskies attach %s DIRECTORY" % CODE, run.out)
+        self.assertIn(code_url(CODE_BYTES), run.out)
+        self.assertEqual(lines[-1], "This multi-use code expires in 7d.")
 
-    def test_share_already_shared(self) -> Deferred:
+    @async_test
+    async def test_share_already_shared(self) -> None:
         """A directory the daemon already lists is not created again; defaults are one-time, 24h."""
-        async def body() -> None:
-            self.daemon.script["list_shares"] = {"shares": [
-                {"path": "/elsewhere", "status": "idle"},
-                {"path": self.share_dir, "status": "idle"},
-            ]}
-            run = await self.cli("share", self.share_dir)
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.types(), ["list_shares", "create_access_code"])
-            self.assertEqual(self.daemon.received[1], {
-                "type": "create_access_code", "path": self.share_dir, "mode": "read_write",
-                "one_time": True, "expires": 86400})
-            self.assertEqual(run.out.splitlines()[-1], "This one-time code expires in 24h.")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["list_shares"] = {"shares": [
+            {"path": "/elsewhere", "status": "idle"},
+            {"path": self.share_dir, "status": "idle"},
+        ]}
+        run = await self.cli("share", self.share_dir)
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.types(), ["list_shares", "create_access_code"])
+        self.assertEqual(self.daemon.received[1], {
+            "type": "create_access_code", "path": self.share_dir, "mode": "read_write",
+            "one_time": True, "expires": 86400})
+        self.assertEqual(run.out.splitlines()[-1], "This one-time code expires in 24h.")
 
-    def test_share_never_expires_json(self) -> Deferred:
+    @async_test
+    async def test_share_never_expires_json(self) -> None:
         """share --expires never --json: expires is null; stdout is the code, URL and path."""
-        async def body() -> None:
-            run = await self.cli("--json", "share", self.share_dir, "--expires", "never")
-            self.assertEqual(run.code, 0)
-            self.assertIsNone(self.daemon.received[-1]["expires"])
-            self.assertEqual(json.loads(run.out), {
-                "access_code": CODE, "url": code_url(CODE_BYTES), "path": self.share_dir})
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("--json", "share", self.share_dir, "--expires", "never")
+        self.assertEqual(run.code, 0)
+        self.assertIsNone(self.daemon.received[-1]["expires"])
+        self.assertEqual(json.loads(run.out), {
+            "access_code": CODE, "url": code_url(CODE_BYTES), "path": self.share_dir})
 
-    def test_share_relative_path_is_made_absolute(self) -> Deferred:
+    @async_test
+    async def test_share_relative_path_is_made_absolute(self) -> None:
         """A relative PATH is sent to the daemon as an absolute path."""
-        async def body() -> None:
-            here = os.getcwd()
-            os.chdir(self.tmp)
-            self.addCleanup(os.chdir, here)
-            run = await self.cli("share", "photos")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received[1]["path"], self.share_dir)
-        return self.go(body)
+        await self.listen()
+        here = os.getcwd()
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, here)
+        run = await self.cli("share", "photos")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received[1]["path"], self.share_dir)
 
-    def test_share_not_a_directory(self) -> Deferred:
+    @async_test
+    async def test_share_not_a_directory(self) -> None:
         """share of a missing directory exits 1 and sends no request."""
-        async def body() -> None:
-            missing = os.path.join(self.tmp, "missing")
-            run = await self.cli("share", missing)
-            self.assertEqual(run.code, 1)
-            self.assertEqual(run.err, "clearskies: %s is not a directory; create it first\n" % missing)
-            self.assertEqual(self.daemon.received, [])
-        return self.go(body)
+        await self.listen()
+        missing = os.path.join(self.tmp, "missing")
+        run = await self.cli("share", missing)
+        self.assertEqual(run.code, 1)
+        self.assertEqual(run.err, "clearskies: %s is not a directory; create it first\n" % missing)
+        self.assertEqual(self.daemon.received, [])
 
-    def test_share_refused(self) -> Deferred:
+    @async_test
+    async def test_share_refused(self) -> None:
         """A refused create_access_code exits 1 with the daemon's message as one stderr line."""
-        async def body() -> None:
-            self.daemon.script["create_access_code"] = ControlError(
-                "share_error", "share root vanished")
-            run = await self.cli("share", self.share_dir)
-            self.assertEqual((run.code, run.out), (1, ""))
-            self.assertEqual(run.err, "clearskies: share root vanished\n")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["create_access_code"] = ControlError(
+            "share_error", "share root vanished")
+        run = await self.cli("share", self.share_dir)
+        self.assertEqual((run.code, run.out), (1, ""))
+        self.assertEqual(run.err, "clearskies: share root vanished\n")
 
     # -- attach ------------------------------------------------------------------
 
-    def test_attach(self) -> Deferred:
+    @async_test
+    async def test_attach(self) -> None:
         """attach sends add_share with the code, absolute path and --peer addresses."""
-        async def body() -> None:
-            target = os.path.join(self.tmp, "copy")
-            run = await self.cli("attach", CODE, target, "--peer", "127.0.0.1:4000",
-                                 "--peer", "[::1]:4001")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [{
-                "type": "add_share", "code": CODE, "path": target,
-                "peers": ["127.0.0.1:4000", "[::1]:4001"]}])
-            self.assertEqual(run.out, "attached %s; it fills as soon as a peer is found "
-                                      "(see: clearskies status %s)\n" % (target, target))
-        return self.go(body)
+        await self.listen()
+        target = os.path.join(self.tmp, "copy")
+        run = await self.cli("attach", CODE, target, "--peer", "127.0.0.1:4000",
+                             "--peer", "[::1]:4001")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [{
+            "type": "add_share", "code": CODE, "path": target,
+            "peers": ["127.0.0.1:4000", "[::1]:4001"]}])
+        self.assertEqual(run.out, "attached %s; it fills as soon as a peer is found "
+                                  "(see: clearskies status %s)\n" % (target, target))
 
-    def test_attach_merge(self) -> Deferred:
+    @async_test
+    async def test_attach_merge(self) -> None:
         """attach --merge asks the daemon to merge into a folder that holds files."""
-        async def body() -> None:
-            run = await self.cli("attach", CODE, self.share_dir, "--merge")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [
-                {"type": "add_share", "code": CODE, "path": self.share_dir, "merge": True}])
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("attach", CODE, self.share_dir, "--merge")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [
+            {"type": "add_share", "code": CODE, "path": self.share_dir, "merge": True}])
 
-    def test_share_warning_goes_to_stderr(self) -> Deferred:
+    @async_test
+    async def test_share_warning_goes_to_stderr(self) -> None:
         """A warning in the create_share reply is one stderr line; the code still prints."""
-        async def body() -> None:
-            self.daemon.script["create_share"] = {
-                "path": self.share_dir, "share_id": "5" * 64,
-                "warning": "%s is a home directory" % self.share_dir}
-            run = await self.cli("share", self.share_dir)
-            self.assertEqual(run.code, 0)
-            self.assertEqual(run.err, "clearskies: warning: %s is a home directory\n"
-                             % self.share_dir)
-            self.assertEqual(run.out.splitlines()[0], CODE)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["create_share"] = {
+            "path": self.share_dir, "share_id": "5" * 64,
+            "warning": "%s is a home directory" % self.share_dir}
+        run = await self.cli("share", self.share_dir)
+        self.assertEqual(run.code, 0)
+        self.assertEqual(run.err, "clearskies: warning: %s is a home directory\n"
+                         % self.share_dir)
+        self.assertEqual(run.out.splitlines()[0], CODE)
 
-    def test_attach_url_form_json(self) -> Deferred:
+    @async_test
+    async def test_attach_url_form_json(self) -> None:
         """attach accepts the clearskies:// link as typed; --json prints the reply or the path."""
-        async def body() -> None:
-            target = os.path.join(self.tmp, "copy")
-            link = code_url(CODE_BYTES)
-            run = await self.cli("--json", "attach", link, target)
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [
-                {"type": "add_share", "code": link, "path": target}])
-            self.assertEqual(json.loads(run.out), {"path": target})
-        return self.go(body)
+        await self.listen()
+        target = os.path.join(self.tmp, "copy")
+        link = code_url(CODE_BYTES)
+        run = await self.cli("--json", "attach", link, target)
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [
+            {"type": "add_share", "code": link, "path": target}])
+        self.assertEqual(json.loads(run.out), {"path": target})
 
-    def test_attach_malformed_codes(self) -> Deferred:
+    @async_test
+    async def test_attach_malformed_codes(self) -> None:
         """A malformed code exits 1 naming the failed check, without contacting the daemon."""
         wrong_check = CODE[:-1] + ("A" if CODE[-1] != "A" else "B")
         cases = [
@@ -464,101 +459,99 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             (wrong_check, "check character does not match"),
             ("", "is empty"),
         ]
+        await self.listen()
+        for code, check in cases:
+            run = await self.cli("attach", code, os.path.join(self.tmp, "copy"))
+            self.assertEqual(run.code, 1, code)
+            self.assertTrue(run.err.startswith("clearskies: invalid access code: "), run.err)
+            self.assertIn(check, run.err)
+            self.assertEqual(run.err.count("\n"), 1)
+        self.assertEqual(self.factory.connections, 0)
 
-        async def body() -> None:
-            for code, check in cases:
-                run = await self.cli("attach", code, os.path.join(self.tmp, "copy"))
-                self.assertEqual(run.code, 1, code)
-                self.assertTrue(run.err.startswith("clearskies: invalid access code: "), run.err)
-                self.assertIn(check, run.err)
-                self.assertEqual(run.err.count("\n"), 1)
-            self.assertEqual(self.factory.connections, 0)
-        return self.go(body)
-
-    def test_attach_wait_needs_a_connected_peer(self) -> Deferred:
+    @async_test
+    async def test_attach_wait_needs_a_connected_peer(self) -> None:
         """attach --wait keeps polling while in_sync has no connected peer; exit 3 at timeout."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(in_sync=True)
-            run = await self.cli("attach", CODE, self.share_dir, "--wait",
-                                 "--timeout-wait", "0.3")
-            self.assertEqual(run.code, cli.EXIT_TIMEOUT)
-            self.assertEqual(run.err, "clearskies: not in sync after 0.3 s\n")
-            self.assertEqual(self.daemon.types()[0], "add_share")
-            self.assertGreaterEqual(self.daemon.types().count(".clearskies.share_status"), 2)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(in_sync=True)
+        run = await self.cli("attach", CODE, self.share_dir, "--wait",
+                             "--timeout-wait", "0.3")
+        self.assertEqual(run.code, cli.EXIT_TIMEOUT)
+        self.assertEqual(run.err, "clearskies: not in sync after 0.3 s\n")
+        self.assertEqual(self.daemon.types()[0], "add_share")
+        self.assertGreaterEqual(self.daemon.types().count(".clearskies.share_status"), 2)
 
-    def test_attach_wait_in_sync(self) -> Deferred:
+    @async_test
+    async def test_attach_wait_in_sync(self) -> None:
         """attach --wait exits 0 once the share is in sync with a connected peer."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                in_sync=True, peers=[CONNECTED_PEER])
-            run = await self.cli("attach", CODE, self.share_dir, "--wait")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
-            self.assertEqual(self.daemon.received[1], {
-                "type": ".clearskies.share_status", "path": self.share_dir})
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            in_sync=True, peers=[CONNECTED_PEER])
+        run = await self.cli("attach", CODE, self.share_dir, "--wait")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
+        self.assertEqual(self.daemon.received[1], {
+            "type": ".clearskies.share_status", "path": self.share_dir})
 
-    def test_attach_wait_failed_attach_exits_1_with_the_reason(self) -> Deferred:
+    @async_test
+    async def test_attach_wait_failed_attach_exits_1_with_the_reason(self) -> None:
         """attach --wait stops at once with exit 1 and the daemon's reason when the attach failed."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = {
-                "path": self.share_dir, "status": "failed", "in_sync": False, "peers": [],
-                "problem": "attach failed: the access code has expired; ask for a new one"}
-            run = await self.cli("attach", CODE, self.share_dir, "--wait",
-                                 "--timeout-wait", "30")
-            self.assertEqual(run.code, 1)
-            self.assertEqual(run.err, "clearskies: %s: attach failed: the access code has "
-                                      "expired; ask for a new one\n" % self.share_dir)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = {
+            "path": self.share_dir, "status": "failed", "in_sync": False, "peers": [],
+            "problem": "attach failed: the access code has expired; ask for a new one"}
+        run = await self.cli("attach", CODE, self.share_dir, "--wait",
+                             "--timeout-wait", "30")
+        self.assertEqual(run.code, 1)
+        self.assertEqual(run.err, "clearskies: %s: attach failed: the access code has "
+                                  "expired; ask for a new one\n" % self.share_dir)
 
-    def test_attach_wait_timeout_says_what_it_waits_for(self) -> Deferred:
+    @async_test
+    async def test_attach_wait_timeout_says_what_it_waits_for(self) -> None:
         """attach --wait that times out on a waiting attach says what it was waiting for."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = {
-                "path": self.share_dir, "status": "waiting", "in_sync": False, "peers": [],
-                "problem": "waiting for a peer that holds the access code"}
-            run = await self.cli("attach", CODE, self.share_dir, "--wait",
-                                 "--timeout-wait", "0.3")
-            self.assertEqual(run.code, cli.EXIT_TIMEOUT)
-            self.assertEqual(run.err, "clearskies: not in sync after 0.3 s: waiting for a "
-                                      "peer that holds the access code\n")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = {
+            "path": self.share_dir, "status": "waiting", "in_sync": False, "peers": [],
+            "problem": "waiting for a peer that holds the access code"}
+        run = await self.cli("attach", CODE, self.share_dir, "--wait",
+                             "--timeout-wait", "0.3")
+        self.assertEqual(run.code, cli.EXIT_TIMEOUT)
+        self.assertEqual(run.err, "clearskies: not in sync after 0.3 s: waiting for a "
+                                  "peer that holds the access code\n")
 
     # -- wait ----------------------------------------------------------------------
 
-    def test_wait_until_in_sync(self) -> Deferred:
+    @async_test
+    async def test_wait_until_in_sync(self) -> None:
         """wait polls share_status and exits 0 on the first reply that says in_sync."""
         polls = []
 
         def status(request: dict[str, Any]) -> dict[str, Any]:
             polls.append(request)
             return share_status(in_sync=len(polls) >= 3)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = status
+        run = await self.cli("wait", self.share_dir, "--timeout", "10")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(len(polls), 3)
+        self.assertEqual(polls[0], {"type": ".clearskies.share_status",
+                                    "path": self.share_dir})
+        self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
 
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = status
-            run = await self.cli("wait", self.share_dir, "--timeout", "10")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(len(polls), 3)
-            self.assertEqual(polls[0], {"type": ".clearskies.share_status",
-                                        "path": self.share_dir})
-            self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
-        return self.go(body)
-
-    def test_wait_needs_a_connected_peer_once_the_share_knows_one(self) -> Deferred:
+    @async_test
+    async def test_wait_needs_a_connected_peer_once_the_share_knows_one(self) -> None:
         """wait on a share that knows a peer keeps waiting while none is connected, and says so."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                in_sync=True, peers_known=1,
-                peers=[dict(CONNECTED_PEER, connected=False)])
-            run = await self.cli("wait", self.share_dir, "--timeout", "0.3")
-            self.assertEqual(run.code, cli.EXIT_TIMEOUT)
-            self.assertEqual(run.err, "clearskies: not in sync after 0.3 s: no peer connected "
-                                      "(waiting for a peer to connect)\n")
-            self.assertEqual(run.out, "")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            in_sync=True, peers_known=1,
+            peers=[dict(CONNECTED_PEER, connected=False)])
+        run = await self.cli("wait", self.share_dir, "--timeout", "0.3")
+        self.assertEqual(run.code, cli.EXIT_TIMEOUT)
+        self.assertEqual(run.err, "clearskies: not in sync after 0.3 s: no peer connected "
+                                  "(waiting for a peer to connect)\n")
+        self.assertEqual(run.out, "")
 
-    def test_wait_ends_once_a_known_peer_is_connected_and_in_sync(self) -> Deferred:
+    @async_test
+    async def test_wait_ends_once_a_known_peer_is_connected_and_in_sync(self) -> None:
         """wait exits 0 once a known peer is connected again and the share is in sync."""
         polls = []
 
@@ -566,48 +559,47 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             polls.append(request)
             peer = dict(CONNECTED_PEER, connected=len(polls) >= 3)
             return share_status(in_sync=True, peers_known=1, peers=[peer])
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = status
+        run = await self.cli("wait", self.share_dir, "--timeout", "10")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(len(polls), 3)
+        self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
 
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = status
-            run = await self.cli("wait", self.share_dir, "--timeout", "10")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(len(polls), 3)
-            self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
-        return self.go(body)
-
-    def test_wait_timeout(self) -> Deferred:
+    @async_test
+    async def test_wait_timeout(self) -> None:
         """wait --timeout exits 3 when the share never gets in sync."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                status="syncing", items_to_download=4, peers=[CONNECTED_PEER])
-            started = time.monotonic()
-            run = await self.cli("wait", self.share_dir, "--timeout", "0.4")
-            self.assertEqual(run.code, 3)
-            self.assertEqual(run.err, "clearskies: not in sync after 0.4 s\n")
-            self.assertGreaterEqual(time.monotonic() - started, 0.4)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            status="syncing", items_to_download=4, peers=[CONNECTED_PEER])
+        started = time.monotonic()
+        run = await self.cli("wait", self.share_dir, "--timeout", "0.4")
+        self.assertEqual(run.code, 3)
+        self.assertEqual(run.err, "clearskies: not in sync after 0.4 s\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.4)
 
-    def test_wait_json(self) -> Deferred:
+    @async_test
+    async def test_wait_json(self) -> None:
         """wait --json prints the final share status as JSON."""
-        async def body() -> None:
-            status = share_status(in_sync=True)
-            self.daemon.script[".clearskies.share_status"] = status
-            run = await self.cli("--json", "wait", self.share_dir)
-            self.assertEqual((run.code, json.loads(run.out)), (0, status))
-        return self.go(body)
+        await self.listen()
+        status = share_status(in_sync=True)
+        self.daemon.script[".clearskies.share_status"] = status
+        run = await self.cli("--json", "wait", self.share_dir)
+        self.assertEqual((run.code, json.loads(run.out)), (0, status))
 
-    def test_wait_share_in_error(self) -> Deferred:
+    @async_test
+    async def test_wait_share_in_error(self) -> None:
         """wait on a share whose status is "error" exits 1 at once, naming the share."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(status="error")
-            run = await self.cli("wait", self.share_dir, "--timeout", "5")
-            self.assertEqual(run.code, 1)
-            self.assertTrue(run.err.startswith(
-                "clearskies: share %s is in error" % self.share_dir), run.err)
-            self.assertEqual(self.daemon.types(), [".clearskies.share_status"])
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(status="error")
+        run = await self.cli("wait", self.share_dir, "--timeout", "5")
+        self.assertEqual(run.code, 1)
+        self.assertTrue(run.err.startswith(
+            "clearskies: share %s is in error" % self.share_dir), run.err)
+        self.assertEqual(self.daemon.types(), [".clearskies.share_status"])
 
-    def test_wait_stops_when_only_files_the_disk_refuses_are_left(self) -> Deferred:
+    @async_test
+    async def test_wait_stops_when_only_files_the_disk_refuses_are_left(self) -> None:
         """wait polls while files still come, then exits 1 with the reason once only refused ones are left."""
         polls = []
         error = {"path": "big.iso", "error": "ENOSPC", "message": "cannot write big.iso"}
@@ -618,281 +610,279 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                 status="syncing", items_to_download=3 if len(polls) < 3 else 1,
                 peers=[CONNECTED_PEER], disk_errors=[error], disk_errors_count=1,
                 problem="cannot write big.iso: the disk is full; free space on the disk")
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = status
+        run = await self.cli("wait", self.share_dir, "--timeout", "10")
+        self.assertEqual(run.code, 1)
+        self.assertEqual(len(polls), 3)
+        self.assertEqual(run.err, "clearskies: share %s cannot finish: cannot write "
+                                  "big.iso: the disk is full; free space on the disk\n"
+                         % self.share_dir)
 
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = status
-            run = await self.cli("wait", self.share_dir, "--timeout", "10")
-            self.assertEqual(run.code, 1)
-            self.assertEqual(len(polls), 3)
-            self.assertEqual(run.err, "clearskies: share %s cannot finish: cannot write "
-                                      "big.iso: the disk is full; free space on the disk\n"
-                             % self.share_dir)
-        return self.go(body)
-
-    def test_wait_stops_at_once_when_the_whole_disk_refuses_writes(self) -> Deferred:
+    @async_test
+    async def test_wait_stops_at_once_when_the_whole_disk_refuses_writes(self) -> None:
         """A read-only file system blocks every file, tried or not: wait exits 1 with the reason."""
         error = {"path": "a.bin", "error": "EROFS", "message": "cannot write a.bin"}
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            status="syncing", items_to_download=6, peers=[CONNECTED_PEER],
+            disk_errors=[error], disk_errors_count=1, disk_blocked=True,
+            problem="cannot write a.bin: the disk is read-only")
+        run = await self.cli("wait", self.share_dir, "--timeout", "10")
+        self.assertEqual(run.code, 1)
+        self.assertIn("the disk is read-only", run.err)
+        self.assertEqual(self.daemon.types(), [".clearskies.share_status"])
 
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                status="syncing", items_to_download=6, peers=[CONNECTED_PEER],
-                disk_errors=[error], disk_errors_count=1, disk_blocked=True,
-                problem="cannot write a.bin: the disk is read-only")
-            run = await self.cli("wait", self.share_dir, "--timeout", "10")
-            self.assertEqual(run.code, 1)
-            self.assertIn("the disk is read-only", run.err)
-            self.assertEqual(self.daemon.types(), [".clearskies.share_status"])
-        return self.go(body)
-
-    def test_share_status_with_disk_errors_exits_1(self) -> Deferred:
+    @async_test
+    async def test_share_status_with_disk_errors_exits_1(self) -> None:
         """status PATH lists files the disk refused and exits 1; a stopped share too."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                path=self.share_dir, status="syncing", problem="free space on /x",
-                disk_errors=[{"path": "big.iso", "error": "ENOSPC"}], disk_errors_count=3)
-            run = await self.cli("status", self.share_dir)
-            self.assertEqual(run.code, 1)
-            self.assertEqual(run.out.splitlines()[0],
-                             "%s: syncing (free space on /x)" % self.share_dir)
-            self.assertIn("  cannot write big.iso: ENOSPC", run.out.splitlines())
-            self.assertIn("  … and 2 more files", run.out.splitlines())
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                path=self.share_dir, status="error", problem="marker lost")
-            self.assertEqual((await self.cli("status", self.share_dir)).code, 1)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            path=self.share_dir, status="syncing", problem="free space on /x",
+            disk_errors=[{"path": "big.iso", "error": "ENOSPC"}], disk_errors_count=3)
+        run = await self.cli("status", self.share_dir)
+        self.assertEqual(run.code, 1)
+        self.assertEqual(run.out.splitlines()[0],
+                         "%s: syncing (free space on /x)" % self.share_dir)
+        self.assertIn("  cannot write big.iso: ENOSPC", run.out.splitlines())
+        self.assertIn("  … and 2 more files", run.out.splitlines())
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            path=self.share_dir, status="error", problem="marker lost")
+        self.assertEqual((await self.cli("status", self.share_dir)).code, 1)
 
-    def test_repair(self) -> Deferred:
+    @async_test
+    async def test_repair(self) -> None:
         """repair sends .clearskies.repair with the absolute path and reports the check."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.repair"] = {
-                "repaired": True, "checked": 10, "present": 9}
-            run = await self.cli("repair", self.share_dir)
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [
-                {"type": ".clearskies.repair", "path": self.share_dir}])
-            self.assertEqual(run.out, "%s: marker recreated (9 of 10 recorded files present); "
-                                      "the share resumes\n" % self.share_dir)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.repair"] = {
+            "repaired": True, "checked": 10, "present": 9}
+        run = await self.cli("repair", self.share_dir)
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [
+            {"type": ".clearskies.repair", "path": self.share_dir}])
+        self.assertEqual(run.out, "%s: marker recreated (9 of 10 recorded files present); "
+                                  "the share resumes\n" % self.share_dir)
 
     # -- status, list, peers, codes -------------------------------------------------
 
-    def test_status(self) -> Deferred:
+    @async_test
+    async def test_status(self) -> None:
         """status sends {"type": "status"} and prints paused state and rates."""
-        async def body() -> None:
-            self.daemon.script["status"] = {"paused": True, "tracking": False,
-                                            "upload_rate": 2048, "download_rate": 10,
-                                            "shares": 2}
-            run = await self.cli("status")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [{"type": "status"}])
-            self.assertEqual(run.out, "paused: yes\nupload:   2.0 KiB/s\n"
-                                      "download: 10 B/s\nshares: 2\n")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["status"] = {"paused": True, "tracking": False,
+                                        "upload_rate": 2048, "download_rate": 10,
+                                        "shares": 2}
+        run = await self.cli("status")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [{"type": "status"}])
+        self.assertEqual(run.out, "paused: yes\nupload:   2.0 KiB/s\n"
+                                  "download: 10 B/s\nshares: 2\n")
 
-    def test_status_skipped_lists_each_path_on_one_line(self) -> Deferred:
+    @async_test
+    async def test_status_skipped_lists_each_path_on_one_line(self) -> None:
         """status DIR --skipped asks for the list; odd names stay on one line; no DIR is an error."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                skipped=3, skipped_paths=[
-                    {"path": "new\nline", "reason": "name cannot be synced", "where": "local"},
-                    {"path": "pipe", "reason": "special file (FIFO, socket or device)",
-                     "where": "local"}])
-            run = await self.cli("status", self.share_dir, "--skipped")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [{
-                "type": ".clearskies.share_status", "path": self.share_dir, "skipped": True}])
-            self.assertIn("  3 paths not synced\n", run.out)
-            self.assertIn("  skipped new\\nline: name cannot be synced\n", run.out)
-            self.assertIn("  skipped pipe: special file (FIFO, socket or device)\n", run.out)
-            self.assertIn("(only the first 2 are listed)", run.out)
-            run = await self.cli("status", "--skipped")
-            self.assertEqual(run.code, 1)
-            self.assertIn("give its folder", run.err)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            skipped=3, skipped_paths=[
+                {"path": "new\nline", "reason": "name cannot be synced", "where": "local"},
+                {"path": "pipe", "reason": "special file (FIFO, socket or device)",
+                 "where": "local"}])
+        run = await self.cli("status", self.share_dir, "--skipped")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [{
+            "type": ".clearskies.share_status", "path": self.share_dir, "skipped": True}])
+        self.assertIn("  3 paths not synced\n", run.out)
+        self.assertIn("  skipped new\\nline: name cannot be synced\n", run.out)
+        self.assertIn("  skipped pipe: special file (FIFO, socket or device)\n", run.out)
+        self.assertIn("(only the first 2 are listed)", run.out)
+        run = await self.cli("status", "--skipped")
+        self.assertEqual(run.code, 1)
+        self.assertIn("give its folder", run.err)
 
-    def test_status_without_skipped_lists_only_the_count(self) -> Deferred:
+    @async_test
+    async def test_status_without_skipped_lists_only_the_count(self) -> None:
         """status DIR of a share with skipped paths prints the count and a hint, exit 0."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(skipped=2)
-            run = await self.cli("status", self.share_dir)
-            self.assertEqual(run.code, 0, run.err)
-            self.assertIn("  2 paths not synced (see: --skipped)\n", run.out)
-            self.assertNotIn("only the first", run.out)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(skipped=2)
+        run = await self.cli("status", self.share_dir)
+        self.assertEqual(run.code, 0, run.err)
+        self.assertIn("  2 paths not synced (see: --skipped)\n", run.out)
+        self.assertNotIn("only the first", run.out)
 
-    def test_revert_says_when_added_files_were_kept(self) -> Deferred:
+    @async_test
+    async def test_revert_says_when_added_files_were_kept(self) -> None:
         """revert prints its counts, and why files were kept while the share's list is partial."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.revert"] = {
-                "changes": 2, "restoring": 1, "removed": 0, "complete": False}
-            run = await self.cli("revert", self.share_dir)
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [
-                {"type": ".clearskies.revert", "path": os.path.realpath(self.share_dir)}])
-            self.assertIn("2 local changes reverted (1 files being restored from peers, "
-                          "0 removed)", run.out)
-            self.assertIn("full file list has not all arrived yet", run.out)
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.revert"] = {
+            "changes": 2, "restoring": 1, "removed": 0, "complete": False}
+        run = await self.cli("revert", self.share_dir)
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [
+            {"type": ".clearskies.revert", "path": os.path.realpath(self.share_dir)}])
+        self.assertIn("2 local changes reverted (1 files being restored from peers, "
+                      "0 removed)", run.out)
+        self.assertIn("full file list has not all arrived yet", run.out)
 
-    def test_status_json(self) -> Deferred:
+    @async_test
+    async def test_status_json(self) -> None:
         """status --json prints the daemon's reply unchanged."""
-        async def body() -> None:
-            reply = {"paused": False, "tracking": True, "nat_punctured": False,
-                     "upload_rate": 0, "download_rate": 0}
-            self.daemon.script["status"] = reply
-            run = await self.cli("--json", "status")
-            self.assertEqual(json.loads(run.out), reply)
-        return self.go(body)
+        await self.listen()
+        reply = {"paused": False, "tracking": True, "nat_punctured": False,
+                 "upload_rate": 0, "download_rate": 0}
+        self.daemon.script["status"] = reply
+        run = await self.cli("--json", "status")
+        self.assertEqual(json.loads(run.out), reply)
 
-    def test_share_status(self) -> Deferred:
+    @async_test
+    async def test_share_status(self) -> None:
         """status PATH asks .clearskies.share_status and prints peers, progress, missing files."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.share_status"] = share_status(
-                path=self.share_dir, status="syncing",
-                local_changes_not_shared=2, share_files_missing=1,
-                share_version_complete=False, items_to_download=5,
-                bytes_to_download=3 * 1024 ** 2,
-                peers=[dict(CONNECTED_PEER, items_needed=4),
-                       {"peer_id": "cd" * 16, "access": "read_only", "connected": False}])
-            run = await self.cli("status", self.share_dir)
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [
-                {"type": ".clearskies.share_status", "path": self.share_dir}])
-            self.assertEqual(run.out.splitlines(), [
-                "%s: syncing" % self.share_dir,
-                "  3 files, 1.0 KiB, revision 7",
-                "  2 local changes not shared",
-                "  1 files of the share not here (clearskies revert fetches them)",
-                "  the share's full file list has not all arrived yet",
-                "  peer laptop read_write connected, needs 4 items",
-                "  peer %s read_only offline" % ("cd" * 16),
-                "  downloading: 5 items, 3.0 MiB left",
-            ])
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            path=self.share_dir, status="syncing",
+            local_changes_not_shared=2, share_files_missing=1,
+            share_version_complete=False, items_to_download=5,
+            bytes_to_download=3 * 1024 ** 2,
+            peers=[dict(CONNECTED_PEER, items_needed=4),
+                   {"peer_id": "cd" * 16, "access": "read_only", "connected": False}])
+        run = await self.cli("status", self.share_dir)
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [
+            {"type": ".clearskies.share_status", "path": self.share_dir}])
+        self.assertEqual(run.out.splitlines(), [
+            "%s: syncing" % self.share_dir,
+            "  3 files, 1.0 KiB, revision 7",
+            "  2 local changes not shared",
+            "  1 files of the share not here (clearskies revert fetches them)",
+            "  the share's full file list has not all arrived yet",
+            "  peer laptop read_write connected, needs 4 items",
+            "  peer %s read_only offline" % ("cd" * 16),
+            "  downloading: 5 items, 3.0 MiB left",
+        ])
 
-    def test_list(self) -> Deferred:
+    @async_test
+    async def test_list(self) -> None:
         """list prints one line per share with status, access, counts and path."""
-        async def body() -> None:
-            self.daemon.script["list_shares"] = {"shares": [
-                {"path": self.share_dir, "status": "synced", "access": "read_write",
-                 "files": 3, "bytes": 4096, "peers_connected": 1, "peers_known": 2},
-                {"path": "/other", "status": "error"},
-            ]}
-            run = await self.cli("list")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [{"type": "list_shares"}])
-            first, second = run.out.splitlines()
-            self.assertEqual(first.split(), ["synced", "read_write", "3", "files", "4.0",
-                                             "KiB", "1/2", "peers", self.share_dir])
-            self.assertEqual(second.split(), ["error", "0", "files", "0", "B", "0/0",
-                                              "peers", "/other"])
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["list_shares"] = {"shares": [
+            {"path": self.share_dir, "status": "synced", "access": "read_write",
+             "files": 3, "bytes": 4096, "peers_connected": 1, "peers_known": 2},
+            {"path": "/other", "status": "error"},
+        ]}
+        run = await self.cli("list")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [{"type": "list_shares"}])
+        first, second = run.out.splitlines()
+        self.assertEqual(first.split(), ["synced", "read_write", "3", "files", "4.0",
+                                         "KiB", "1/2", "peers", self.share_dir])
+        self.assertEqual(second.split(), ["error", "0", "files", "0", "B", "0/0",
+                                          "peers", "/other"])
 
-    def test_list_empty_and_json(self) -> Deferred:
+    @async_test
+    async def test_list_empty_and_json(self) -> None:
         """list with no shares suggests `share`; --json prints {"shares": [...]}."""
-        async def body() -> None:
-            run = await self.cli("list")
-            self.assertIn("clearskies share DIRECTORY", run.out)
-            run = await self.cli("--json", "list")
-            self.assertEqual(json.loads(run.out), {"shares": []})
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("list")
+        self.assertIn("clearskies share DIRECTORY", run.out)
+        run = await self.cli("--json", "list")
+        self.assertEqual(json.loads(run.out), {"shares": []})
 
-    def test_peers(self) -> Deferred:
+    @async_test
+    async def test_peers(self) -> None:
         """peers PATH (and peers list PATH) ask .clearskies.peers and print each peer."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.peers"] = {"peers": [
-                CONNECTED_PEER,
-                {"peer_id": "cd" * 16, "access": "untrusted", "connected": False,
-                 "addresses": ["127.0.0.1:4000", "[::1]:4000"]},
-            ]}
-            run = await self.cli("peers", self.share_dir)
-            again = await self.cli("peers", "list", self.share_dir)
-            self.assertEqual((run.code, again.out), (0, run.out))
-            self.assertEqual(self.daemon.received, [
-                {"type": ".clearskies.peers", "path": self.share_dir}] * 2)
-            first, second = run.out.splitlines()
-            self.assertEqual(first.split(), ["ab" * 16, "read_write", "connected", "laptop"])
-            self.assertEqual(second.split(), ["cd" * 16, "untrusted", "offline",
-                                              "127.0.0.1:4000,", "[::1]:4000"])
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.peers"] = {"peers": [
+            CONNECTED_PEER,
+            {"peer_id": "cd" * 16, "access": "untrusted", "connected": False,
+             "addresses": ["127.0.0.1:4000", "[::1]:4000"]},
+        ]}
+        run = await self.cli("peers", self.share_dir)
+        again = await self.cli("peers", "list", self.share_dir)
+        self.assertEqual((run.code, again.out), (0, run.out))
+        self.assertEqual(self.daemon.received, [
+            {"type": ".clearskies.peers", "path": self.share_dir}] * 2)
+        first, second = run.out.splitlines()
+        self.assertEqual(first.split(), ["ab" * 16, "read_write", "connected", "laptop"])
+        self.assertEqual(second.split(), ["cd" * 16, "untrusted", "offline",
+                                          "127.0.0.1:4000,", "[::1]:4000"])
 
-    def test_peers_add(self) -> Deferred:
+    @async_test
+    async def test_peers_add(self) -> None:
         """peers add PATH HOST:PORT sends .clearskies.add_peer with the address."""
-        async def body() -> None:
-            run = await self.cli("peers", "add", self.share_dir, "127.0.0.1:4000")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(self.daemon.received, [{
-                "type": ".clearskies.add_peer", "path": self.share_dir,
-                "address": "127.0.0.1:4000"}])
-            self.assertEqual(run.out, "added 127.0.0.1:4000 to %s\n" % self.share_dir)
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("peers", "add", self.share_dir, "127.0.0.1:4000")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(self.daemon.received, [{
+            "type": ".clearskies.add_peer", "path": self.share_dir,
+            "address": "127.0.0.1:4000"}])
+        self.assertEqual(run.out, "added 127.0.0.1:4000 to %s\n" % self.share_dir)
 
-    def test_codes(self) -> Deferred:
+    @async_test
+    async def test_codes(self) -> None:
         """codes PATH lists live codes by short access ID, level, use and expiry."""
-        async def body() -> None:
-            expires = time.mktime((2031, 5, 6, 7, 8, 0, 0, 0, -1))
-            self.daemon.script[".clearskies.codes"] = {"codes": [
-                {"access_id": ACCESS_ID, "level": "read_only", "one_time": True,
-                 "expires": expires},
-                {"access_id": "f" * 64, "level": "read_write", "one_time": False,
-                 "expires": None},
-            ]}
-            run = await self.cli("codes", self.share_dir)
-            self.assertEqual(self.daemon.received, [
-                {"type": ".clearskies.codes", "path": self.share_dir}])
-            first, second = run.out.splitlines()
-            self.assertEqual(first.split(), [ACCESS_ID[:16], "read_only", "one-time",
-                                             "expires", "2031-05-06", "07:08"])
-            self.assertEqual(second.split(), ["f" * 16, "read_write", "multi-use",
-                                              "never", "expires"])
-            self.daemon.script[".clearskies.codes"] = {"codes": []}
-            self.assertEqual((await self.cli("codes", self.share_dir)).out,
-                             "no live access codes\n")
-        return self.go(body)
+        await self.listen()
+        expires = time.mktime((2031, 5, 6, 7, 8, 0, 0, 0, -1))
+        self.daemon.script[".clearskies.codes"] = {"codes": [
+            {"access_id": ACCESS_ID, "level": "read_only", "one_time": True,
+             "expires": expires},
+            {"access_id": "f" * 64, "level": "read_write", "one_time": False,
+             "expires": None},
+        ]}
+        run = await self.cli("codes", self.share_dir)
+        self.assertEqual(self.daemon.received, [
+            {"type": ".clearskies.codes", "path": self.share_dir}])
+        first, second = run.out.splitlines()
+        self.assertEqual(first.split(), [ACCESS_ID[:16], "read_only", "one-time",
+                                         "expires", "2031-05-06", "07:08"])
+        self.assertEqual(second.split(), ["f" * 16, "read_write", "multi-use",
+                                          "never", "expires"])
+        self.daemon.script[".clearskies.codes"] = {"codes": []}
+        self.assertEqual((await self.cli("codes", self.share_dir)).out,
+                         "no live access codes\n")
 
     # -- cancel-code --------------------------------------------------------------
 
-    def test_cancel_code_by_code(self) -> Deferred:
+    @async_test
+    async def test_cancel_code_by_code(self) -> None:
         """cancel-code CODE sends the code itself."""
-        async def body() -> None:
-            run = await self.cli("cancel-code", CODE)
-            self.assertEqual((run.code, run.out), (0, "access code cancelled\n"))
-            self.assertEqual(self.daemon.received, [
-                {"type": ".clearskies.cancel_code", "code": CODE}])
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("cancel-code", CODE)
+        self.assertEqual((run.code, run.out), (0, "access code cancelled\n"))
+        self.assertEqual(self.daemon.received, [
+            {"type": ".clearskies.cancel_code", "code": CODE}])
 
-    def test_cancel_code_by_access_id(self) -> Deferred:
+    @async_test
+    async def test_cancel_code_by_access_id(self) -> None:
         """cancel-code with a full or 16-digit access ID sends access_id, not code."""
-        async def body() -> None:
-            await self.cli("cancel-code", ACCESS_ID)
-            await self.cli("cancel-code", ACCESS_ID[:16])
-            self.assertEqual(self.daemon.received, [
-                {"type": ".clearskies.cancel_code", "access_id": ACCESS_ID},
-                {"type": ".clearskies.cancel_code", "access_id": ACCESS_ID[:16]}])
-        return self.go(body)
+        await self.listen()
+        await self.cli("cancel-code", ACCESS_ID)
+        await self.cli("cancel-code", ACCESS_ID[:16])
+        self.assertEqual(self.daemon.received, [
+            {"type": ".clearskies.cancel_code", "access_id": ACCESS_ID},
+            {"type": ".clearskies.cancel_code", "access_id": ACCESS_ID[:16]}])
 
-    def test_cancel_code_malformed(self) -> Deferred:
+    @async_test
+    async def test_cancel_code_malformed(self) -> None:
         """cancel-code with neither a code nor an access ID exits 1 without contacting the daemon."""
-        async def body() -> None:
-            run = await self.cli("cancel-code", "SYNC-not-a-code")
-            self.assertEqual(run.code, 1)
-            self.assertTrue(run.err.startswith("clearskies: invalid access code: "))
-            self.assertEqual(self.factory.connections, 0)
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("cancel-code", "SYNC-not-a-code")
+        self.assertEqual(run.code, 1)
+        self.assertTrue(run.err.startswith("clearskies: invalid access code: "))
+        self.assertEqual(self.factory.connections, 0)
 
-    def test_cancel_code_unknown(self) -> Deferred:
+    @async_test
+    async def test_cancel_code_unknown(self) -> None:
         """A cancel-code the daemon refuses exits 1 with its message."""
-        async def body() -> None:
-            self.daemon.script[".clearskies.cancel_code"] = ControlError(
-                "no_such_code", "no live code with that access ID")
-            run = await self.cli("cancel-code", ACCESS_ID)
-            self.assertEqual((run.code, run.out), (1, ""))
-            self.assertEqual(run.err, "clearskies: no live code with that access ID\n")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script[".clearskies.cancel_code"] = ControlError(
+            "no_such_code", "no live code with that access ID")
+        run = await self.cli("cancel-code", ACCESS_ID)
+        self.assertEqual((run.code, run.out), (1, ""))
+        self.assertEqual(run.err, "clearskies: no live code with that access ID\n")
 
     # -- simple commands -----------------------------------------------------------
 
-    def test_one_request_commands(self) -> Deferred:
+    @async_test
+    async def test_one_request_commands(self) -> None:
         """stop, pause, resume, detach and scan each send their one request and confirm."""
         cases = [
             (["stop"], {"type": "stop"}, "daemon stopping\n"),
@@ -903,74 +893,72 @@ class CliAgainstFakeDaemon(unittest.TestCase):
             (["scan", "photos"], {"type": ".clearskies.scan", "path": "SHARE"},
              "scanned SHARE: 2 changes\n"),
         ]
+        await self.listen()
+        self.daemon.script[".clearskies.scan"] = {"changes": 2}
+        here = os.getcwd()
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, here)
+        for argv, request, output in cases:
+            self.daemon.received.clear()
+            run = await self.cli(*argv)
+            request = {k: v.replace("SHARE", self.share_dir) for k, v in request.items()}
+            self.assertEqual((run.code, run.err), (0, ""), argv)
+            self.assertEqual(self.daemon.received, [request])
+            self.assertEqual(run.out, output.replace("SHARE", self.share_dir))
 
-        async def body() -> None:
-            self.daemon.script[".clearskies.scan"] = {"changes": 2}
-            here = os.getcwd()
-            os.chdir(self.tmp)
-            self.addCleanup(os.chdir, here)
-            for argv, request, output in cases:
-                self.daemon.received.clear()
-                run = await self.cli(*argv)
-                request = {k: v.replace("SHARE", self.share_dir) for k, v in request.items()}
-                self.assertEqual((run.code, run.err), (0, ""), argv)
-                self.assertEqual(self.daemon.received, [request])
-                self.assertEqual(run.out, output.replace("SHARE", self.share_dir))
-        return self.go(body)
-
-    def test_start_when_running(self) -> Deferred:
+    @async_test
+    async def test_start_when_running(self) -> None:
         """start with a daemon already answering says so, exits 0 and sends nothing."""
-        async def body() -> None:
-            run = await self.cli("start")
-            self.assertEqual(run.code, 0)
-            self.assertEqual(run.out, "the daemon is already running (%s)\n" % self.data_dir)
-            self.assertEqual(self.daemon.received, [])
-            self.assertEqual(self.factory.connections, 1)
-        return self.go(body)
+        await self.listen()
+        run = await self.cli("start")
+        self.assertEqual(run.code, 0)
+        self.assertEqual(run.out, "the daemon is already running (%s)\n" % self.data_dir)
+        self.assertEqual(self.daemon.received, [])
+        self.assertEqual(self.factory.connections, 1)
 
-    def test_config(self) -> Deferred:
+    @async_test
+    async def test_config(self) -> None:
         """config get / get KEY / set KEY VALUE send the documented requests."""
-        async def body() -> None:
-            self.daemon.script["get_config"] = {"config": {"b": [1], "a": "x"}}
-            self.daemon.script["get_config_value"] = {"value": {"k": 1}}
-            run = await self.cli("config", "get")
-            self.assertEqual(run.out, 'a = "x"\nb = [1]\n')
-            run = await self.cli("config", "get", "upload_limit")
-            self.assertEqual(run.out, '{"k": 1}\n')
-            run = await self.cli("config", "set", "upload_limit", "1024")
-            self.assertEqual(run.out, "upload_limit = 1024\n")
-            run = await self.cli("config", "set", "name", "my laptop")
-            self.assertEqual(run.out, 'name = "my laptop"\n')
-            self.assertEqual(self.daemon.received, [
-                {"type": "get_config"},
-                {"type": "get_config_value", "key": "upload_limit"},
-                {"type": "set_config_value", "key": "upload_limit", "value": 1024},
-                {"type": "set_config_value", "key": "name", "value": "my laptop"},
-            ])
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["get_config"] = {"config": {"b": [1], "a": "x"}}
+        self.daemon.script["get_config_value"] = {"value": {"k": 1}}
+        run = await self.cli("config", "get")
+        self.assertEqual(run.out, 'a = "x"\nb = [1]\n')
+        run = await self.cli("config", "get", "upload_limit")
+        self.assertEqual(run.out, '{"k": 1}\n')
+        run = await self.cli("config", "set", "upload_limit", "1024")
+        self.assertEqual(run.out, "upload_limit = 1024\n")
+        run = await self.cli("config", "set", "name", "my laptop")
+        self.assertEqual(run.out, 'name = "my laptop"\n')
+        self.assertEqual(self.daemon.received, [
+            {"type": "get_config"},
+            {"type": "get_config_value", "key": "upload_limit"},
+            {"type": "set_config_value", "key": "upload_limit", "value": 1024},
+            {"type": "set_config_value", "key": "name", "value": "my laptop"},
+        ])
 
     # -- failures --------------------------------------------------------------------
 
-    def test_error_replies(self) -> Deferred:
+    @async_test
+    async def test_error_replies(self) -> None:
         """Error replies exit 1 with the daemon's message (or its code) as one stderr line."""
-        async def body() -> None:
-            self.daemon.script["remove_share"] = ControlError("no_such_share", "no share at /x")
-            self.daemon.script["list_shares"] = ControlError("internal", "")
-            run = await self.cli("detach", "/x")
-            self.assertEqual((run.code, run.out, run.err),
-                             (1, "", "clearskies: no share at /x\n"))
-            run = await self.cli("list")
-            self.assertEqual((run.code, run.err), (1, "clearskies: internal\n"))
-            run = await self.cli("codes", "/x")  # the fake has no handler: not_understood
-            self.assertEqual(run.code, 1)
-            self.assertEqual(run.err, "clearskies: unknown command '.clearskies.codes'\n")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["remove_share"] = ControlError("no_such_share", "no share at /x")
+        self.daemon.script["list_shares"] = ControlError("internal", "")
+        run = await self.cli("detach", "/x")
+        self.assertEqual((run.code, run.out, run.err),
+                         (1, "", "clearskies: no share at /x\n"))
+        run = await self.cli("list")
+        self.assertEqual((run.code, run.err), (1, "clearskies: internal\n"))
+        run = await self.cli("codes", "/x")  # the fake has no handler: not_understood
+        self.assertEqual(run.code, 1)
+        self.assertEqual(run.err, "clearskies: unknown command '.clearskies.codes'\n")
 
-    def test_daemon_too_slow(self) -> Deferred:
+    @async_test
+    async def test_daemon_too_slow(self) -> None:
         """A reply slower than --timeout exits 3 saying the daemon did not answer."""
-        async def body() -> None:
-            self.daemon.script["status"] = lambda request: Deferred()
-            run = await self.cli("--timeout", "0.3", "status")
-            self.assertEqual(run.code, 3)
-            self.assertEqual(run.err, "clearskies: the daemon did not answer within 0.3 s\n")
-        return self.go(body)
+        await self.listen()
+        self.daemon.script["status"] = lambda request: Deferred()
+        run = await self.cli("--timeout", "0.3", "status")
+        self.assertEqual(run.code, 3)
+        self.assertEqual(run.err, "clearskies: the daemon did not answer within 0.3 s\n")

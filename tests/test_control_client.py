@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -32,6 +31,7 @@ from clearskies.control.protocol import (
     listen_control,
 )
 from clearskies.errors import ConfigurationError, ProtocolError
+from tests.helpers import async_test
 
 GREETING = b'{"service":"ClearSkies Control","software":"fake","protocol":1}\n'
 
@@ -269,33 +269,31 @@ class ControlSocketTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         return port
 
-    def test_socket_and_directory_modes(self) -> Deferred:
+    @async_test
+    async def test_socket_and_directory_modes(self) -> None:
         """The parent directory is created 0700 and the socket is 0600."""
-        async def go() -> None:
-            await self._listen()
-            self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
-            mode = os.lstat(self.path).st_mode
-            self.assertTrue(stat.S_ISSOCK(mode))
-            self.assertEqual(stat.S_IMODE(mode), 0o600)
-        return Deferred.fromCoroutine(go())
+        await self._listen()
+        self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
+        mode = os.lstat(self.path).st_mode
+        self.assertTrue(stat.S_ISSOCK(mode))
+        self.assertEqual(stat.S_IMODE(mode), 0o600)
 
-    def test_pipelined_burst_of_100(self) -> Deferred:
+    @async_test
+    async def test_pipelined_burst_of_100(self) -> None:
         """A blocking client pipelines 100 requests and gets the replies in order."""
         def burst() -> tuple[dict, list[dict]]:
             with ControlClient(self.path, timeout=5) as client:
                 replies = client.requests([{"type": "echo", "n": n} for n in range(100)])
                 return client.greeting, replies
+        await self._listen()
+        greeting, replies = await deferToThread(burst)
+        self.assertEqual(greeting, {
+            "service": "ClearSkies Control", "software": "clearskies-test 1", "protocol": 1,
+        })
+        self.assertEqual(replies, [{"n": n} for n in range(100)])
 
-        async def go() -> None:
-            await self._listen()
-            greeting, replies = await deferToThread(burst)
-            self.assertEqual(greeting, {
-                "service": "ClearSkies Control", "software": "clearskies-test 1", "protocol": 1,
-            })
-            self.assertEqual(replies, [{"n": n} for n in range(100)])
-        return Deferred.fromCoroutine(go())
-
-    def test_error_replies_raise(self) -> Deferred:
+    @async_test
+    async def test_error_replies_raise(self) -> None:
         """request raises ControlError with the daemon's code and message."""
         def ask() -> list[ControlError]:
             errors = []
@@ -307,16 +305,14 @@ class ControlSocketTests(unittest.TestCase):
                         errors.append(e)
                 errors.append(client.request({"type": "echo", "n": 3}))
             return errors
+        await self._listen()
+        refused, unknown, ok = await deferToThread(ask)
+        self.assertEqual((refused.code, refused.message), ("no_such_share", "no share at /p"))
+        self.assertEqual(unknown.code, "not_understood")
+        self.assertEqual(ok, {"n": 3})
 
-        async def go() -> None:
-            await self._listen()
-            refused, unknown, ok = await deferToThread(ask)
-            self.assertEqual((refused.code, refused.message), ("no_such_share", "no share at /p"))
-            self.assertEqual(unknown.code, "not_understood")
-            self.assertEqual(ok, {"n": 3})
-        return Deferred.fromCoroutine(go())
-
-    def test_events_reach_subscribed_client(self) -> Deferred:
+    @async_test
+    async def test_events_reach_subscribed_client(self) -> None:
         """Events broadcast by the daemon reach a subscribed blocking client, in order."""
         def watch() -> list[dict]:
             with ControlClient(self.path, timeout=5) as client:
@@ -327,65 +323,56 @@ class ControlSocketTests(unittest.TestCase):
                     if len(got) == 3:
                         return got
             return got
+        await self._listen()
+        watched = deferToThread(watch)
+        for _ in range(500):
+            if self.factory.subscribers:
+                break
+            await deferLater(reactor, 0.01)
+        for n in range(3):
+            self.factory.broadcast({"type": "tick", "n": n})
+        self.assertEqual(await watched, [{"type": "tick", "n": n} for n in range(3)])
 
-        async def go() -> None:
-            await self._listen()
-            watched = deferToThread(watch)
-            for _ in range(500):
-                if self.factory.subscribers:
-                    break
-                await deferLater(reactor, 0.01)
-            for n in range(3):
-                self.factory.broadcast({"type": "tick", "n": n})
-            self.assertEqual(await watched, [{"type": "tick", "n": n} for n in range(3)])
-        return Deferred.fromCoroutine(go())
-
-    def test_stale_socket_is_replaced(self) -> Deferred:
+    @async_test
+    async def test_stale_socket_is_replaced(self) -> None:
         """A socket file left by a dead daemon is removed and listening succeeds."""
         def ask() -> dict:
             with ControlClient(self.path, timeout=5) as client:
                 return client.request({"type": "echo", "n": 0})
+        os.makedirs(self.data_dir, mode=0o700)
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(self.path)
+        dead.close()
+        await self._listen()
+        self.assertEqual(await deferToThread(ask), {"n": 0})
 
-        async def go() -> None:
-            os.makedirs(self.data_dir, mode=0o700)
-            dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            dead.bind(self.path)
-            dead.close()
-            await self._listen()
-            self.assertEqual(await deferToThread(ask), {"n": 0})
-        return Deferred.fromCoroutine(go())
-
-    def test_second_daemon_refused(self) -> Deferred:
+    @async_test
+    async def test_second_daemon_refused(self) -> None:
         """Listening where a live daemon answers raises ConfigurationError and keeps it alive."""
         def ask() -> dict:
             with ControlClient(self.path, timeout=5) as client:
                 return client.request({"type": "echo", "n": 0})
+        await self._listen()
+        with self.assertRaises(ConfigurationError) as caught:
+            await listen_control(reactor, self.path, ControlFactory(Commands(reactor), "b"))
+        self.assertIn("another daemon is already running", str(caught.exception))
+        self.assertEqual(await deferToThread(ask), {"n": 0})
 
-        async def go() -> None:
-            await self._listen()
-            with self.assertRaises(ConfigurationError) as caught:
-                await listen_control(reactor, self.path, ControlFactory(Commands(reactor), "b"))
-            self.assertIn("another daemon is already running", str(caught.exception))
-            self.assertEqual(await deferToThread(ask), {"n": 0})
-        return Deferred.fromCoroutine(go())
-
-    def test_non_socket_file_left_alone(self) -> Deferred:
+    @async_test
+    async def test_non_socket_file_left_alone(self) -> None:
         """A regular file at the socket path is refused and not deleted."""
-        async def go() -> None:
-            os.makedirs(self.data_dir, mode=0o700)
-            with open(self.path, "w") as f:
-                f.write("precious")
-            with self.assertRaises(ConfigurationError):
-                await listen_control(reactor, self.path, self.factory)
-            with open(self.path) as f:
-                self.assertEqual(f.read(), "precious")
-        return Deferred.fromCoroutine(go())
+        os.makedirs(self.data_dir, mode=0o700)
+        with open(self.path, "w") as f:
+            f.write("precious")
+        with self.assertRaises(ConfigurationError):
+            await listen_control(reactor, self.path, self.factory)
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "precious")
 
-    def test_path_too_long(self) -> Deferred:
+    @async_test
+    async def test_path_too_long(self) -> None:
         """A socket path beyond the UNIX limit gives a ConfigurationError saying so."""
-        async def go() -> None:
-            path = os.path.join(self.tmp, "d" * 120, "control")
-            with self.assertRaises(ConfigurationError) as caught:
-                await listen_control(reactor, path, self.factory)
-            self.assertIn("shorter data directory", str(caught.exception))
-        return Deferred.fromCoroutine(go())
+        path = os.path.join(self.tmp, "d" * 120, "control")
+        with self.assertRaises(ConfigurationError) as caught:
+            await listen_control(reactor, path, self.factory)
+        self.assertIn("shorter data directory", str(caught.exception))

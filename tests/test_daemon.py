@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 from clearskies.daemon import Daemon, DaemonSettings, PendingJoin
 from clearskies.errors import ConfigurationError
 from clearskies.threads import SyncRunner
-from tests.peerkit import PeerKitCase, async_test
+from tests.helpers import async_test
+from tests.peerkit import PeerKitCase
 
 
 def test_keys_for_an_attach_detached_meanwhile_create_nothing(tmp_path):

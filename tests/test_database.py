@@ -2,13 +2,11 @@
 
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -24,27 +22,11 @@ from clearskies.share.database import (
     ShareStore, StateDatabase, migrations)
 from clearskies.share.records import FileRecord
 from clearskies.threads import SerialRunner, SyncRunner
+from tests.helpers import async_test, result_of, temporary_dir
 
 SHARE = "5" * 64
 PEER = "a" * 32
 OTHER = "b" * 32
-
-
-def temporary_dir(case: TestCase) -> str:
-    """A fresh directory removed after the test (trial's mktemp writes into the cwd)."""
-    path = os.path.realpath(tempfile.mkdtemp(prefix="clearskies-test-"))
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
-
-
-def result_of(d: Deferred):
-    """The result of an already-fired Deferred (raising its failure)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 @pytest.fixture
@@ -345,7 +327,8 @@ def test_store_with_sync_runner(tmp_path):
 
 
 class SerialRunnerTests(TestCase):
-    def test_all_calls_on_one_thread(self):
+    @async_test
+    async def test_all_calls_on_one_thread(self) -> None:
         """With a SerialRunner every database call runs on the same non-reactor thread."""
         runner = SerialRunner(reactor)
         runner.startService()
@@ -356,21 +339,15 @@ class SerialRunnerTests(TestCase):
         def where(db):
             threads.append(threading.get_ident())
 
-        async def go():
-            await store.add_share(ShareInfo(SHARE, "/s", PEER, "read_write", created=1.0))
-            for n in range(5):
-                await store.apply_changes(SHARE, [file("f%d" % n)])
-                await store._call(where)
-            self.assertEqual(await store.get_revision(SHARE), 5)
-            await store.close()
+        await store.add_share(ShareInfo(SHARE, "/s", PEER, "read_write", created=1.0))
+        for n in range(5):
+            await store.apply_changes(SHARE, [file("f%d" % n)])
+            await store._call(where)
+        self.assertEqual(await store.get_revision(SHARE), 5)
+        await store.close()
 
-        d = Deferred.fromCoroutine(go())
-
-        def check(_):
-            self.assertEqual(len(set(threads)), 1)
-            self.assertNotEqual(threads[0], threading.get_ident())
-
-        return d.addCallback(check)
+        self.assertEqual(len(set(threads)), 1)
+        self.assertNotEqual(threads[0], threading.get_ident())
 
 
 # -- crash consistency -----------------------------------------------------------------------

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from clearskies import diskhelper, diskjobs
 from clearskies.diskhelper import FrameError, FrameReader, answer, encode_frame
 from clearskies.threads import MAX_SILENT_HELPERS, HelperGone, ProcessRunner, SyncRunner
-from tests.test_database import temporary_dir
+from tests.helpers import async_test, temporary_dir
 
 MTIME_NS = 1_700_000_000_123_456_789
 
@@ -101,99 +100,84 @@ class ProcessRunnerTests(TestCase):
         if self.runner.running:
             return self.runner.stopService()
 
-    def run_async(self, coroutine):
-        return Deferred.fromCoroutine(coroutine)
+    @async_test
+    async def test_downloads_are_written_and_installed_by_the_helper(self):
+        root = self.base / "share"
+        root.mkdir()
+        data = b"hello helper"
+        content = diskjobs.Content(len(data), hashlib.sha256(data).hexdigest(), 0o640,
+                                   MTIME_NS)
+        target, temp = root / "dir" / "a.txt", root / "dir" / ".a.txt.tmp"
+        sealed = await self.runner.run(diskjobs.seal_buffered_many,
+                                       [(root, target, temp, data, False, content),
+                                        (root, root / "b", root / ".b", b"bad", False,
+                                         content)])
+        self.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
+        [key] = await self.runner.run(diskjobs.install_batch, [(temp, target)])
+        st = os.lstat(target)
+        self.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
+        self.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
+                         (data, 0o640, MTIME_NS))
+        self.assertFalse((root / ".b").exists())
+        answers = await self.runner.run(diskjobs.unchanged_many,
+                                        [("a", str(target), ("file", len(data),
+                                                             content.sha256, None)),
+                                         ("b", str(root / "b"), ("absent",))])
+        self.assertEqual(answers, {"a": True, "b": True})
+        self.assertEqual(self.fallback.calls, [])  # all of it in the helper
 
-    def test_downloads_are_written_and_installed_by_the_helper(self):
-        async def go():
-            root = self.base / "share"
-            root.mkdir()
-            data = b"hello helper"
-            content = diskjobs.Content(len(data), hashlib.sha256(data).hexdigest(), 0o640,
-                                       MTIME_NS)
-            target, temp = root / "dir" / "a.txt", root / "dir" / ".a.txt.tmp"
-            sealed = await self.runner.run(diskjobs.seal_buffered_many,
-                                           [(root, target, temp, data, False, content),
-                                            (root, root / "b", root / ".b", b"bad", False,
-                                             content)])
-            self.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
-            [key] = await self.runner.run(diskjobs.install_batch, [(temp, target)])
-            st = os.lstat(target)
-            self.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
-            self.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
-                             (data, 0o640, MTIME_NS))
-            self.assertFalse((root / ".b").exists())
-            answers = await self.runner.run(diskjobs.unchanged_many,
-                                            [("a", str(target), ("file", len(data),
-                                                                 content.sha256, None)),
-                                             ("b", str(root / "b"), ("absent",))])
-            self.assertEqual(answers, {"a": True, "b": True})
-            self.assertEqual(self.fallback.calls, [])  # all of it in the helper
+    @async_test
+    async def test_a_job_error_arrives_as_itself(self):
+        with self.assertRaises(TypeError):  # an expectation without its values
+            await self.runner.run(diskjobs.unchanged_many, [("a", "/", ("file",))])
 
-        return self.run_async(go())
-
-    def test_a_job_error_arrives_as_itself(self):
-        async def go():
-            with self.assertRaises(TypeError):  # an expectation without its values
-                await self.runner.run(diskjobs.unchanged_many, [("a", "/", ("file",))])
-
-        return self.run_async(go())
-
-    def test_a_garbled_answer_stream_replaces_the_helper(self):
-        async def go():
-            await self.runner.run(diskjobs.unchanged_many, [])
-            first = self.runner._helper
-            job = self.runner.run(diskjobs.unchanged_many, [])
-            first.outReceived((diskhelper.MAX_FRAME + 1).to_bytes(4, "big"))
-            with self.assertRaises(HelperGone):
-                await job
-            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
-            self.assertIsNot(self.runner._helper, first)
-            self.flushLoggedErrors()
-
-        return self.run_async(go())
+    @async_test
+    async def test_a_garbled_answer_stream_replaces_the_helper(self):
+        await self.runner.run(diskjobs.unchanged_many, [])
+        first = self.runner._helper
+        job = self.runner.run(diskjobs.unchanged_many, [])
+        first.outReceived((diskhelper.MAX_FRAME + 1).to_bytes(4, "big"))
+        with self.assertRaises(HelperGone):
+            await job
+        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertIsNot(self.runner._helper, first)
+        self.flushLoggedErrors()
 
     def test_only_disk_jobs_are_accepted(self):
         with self.assertRaises(ValueError):
             self.runner.run(os.unlink, "/tmp/x")
 
-    def test_a_killed_helper_fails_its_jobs_and_is_started_again(self):
-        async def go():
-            job = self.runner.run(diskjobs.unchanged_many, [])
-            first = self.runner.helper_pid
-            os.kill(first, 9)
+    @async_test
+    async def test_a_killed_helper_fails_its_jobs_and_is_started_again(self):
+        job = self.runner.run(diskjobs.unchanged_many, [])
+        first = self.runner.helper_pid
+        os.kill(first, 9)
+        with self.assertRaises(HelperGone):
+            await job
+        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertNotEqual(self.runner.helper_pid, first)
+        self.assertEqual(self.fallback.calls, [])
+
+    @async_test
+    async def test_stopping_ends_the_helper(self):
+        await self.runner.run(diskjobs.unchanged_many, [])
+        pid = self.runner.helper_pid
+        await self.runner.stopService()
+        for _ in range(100):
+            if not os.path.exists("/proc/%d" % pid):
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertFalse(os.path.exists("/proc/%d" % pid))
+        # Stopped: jobs run on the fallback.
+        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertEqual(self.fallback.calls, [diskjobs.unchanged_many])
+
+    @async_test
+    async def test_a_helper_that_cannot_work_leaves_the_jobs_to_threads(self):
+        self.runner.command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+        for _ in range(MAX_SILENT_HELPERS):
             with self.assertRaises(HelperGone):
-                await job
-            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
-            self.assertNotEqual(self.runner.helper_pid, first)
-            self.assertEqual(self.fallback.calls, [])
-
-        return self.run_async(go())
-
-    def test_stopping_ends_the_helper(self):
-        async def go():
-            await self.runner.run(diskjobs.unchanged_many, [])
-            pid = self.runner.helper_pid
-            await self.runner.stopService()
-            for _ in range(100):
-                if not os.path.exists("/proc/%d" % pid):
-                    break
-                await deferLater(reactor, 0.02, lambda: None)
-            self.assertFalse(os.path.exists("/proc/%d" % pid))
-            # Stopped: jobs run on the fallback.
-            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
-            self.assertEqual(self.fallback.calls, [diskjobs.unchanged_many])
-
-        return self.run_async(go())
-
-    def test_a_helper_that_cannot_work_leaves_the_jobs_to_threads(self):
-        async def go():
-            self.runner.command = [sys.executable, "-c", "import sys; sys.exit(3)"]
-            for _ in range(MAX_SILENT_HELPERS):
-                with self.assertRaises(HelperGone):
-                    await self.runner.run(diskjobs.unchanged_many, [])
-            self.assertEqual(self.fallback.calls, [])
-            self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
-            self.assertEqual(self.fallback.calls, [diskjobs.unchanged_many])
-
-        return self.run_async(go())
+                await self.runner.run(diskjobs.unchanged_many, [])
+        self.assertEqual(self.fallback.calls, [])
+        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertEqual(self.fallback.calls, [diskjobs.unchanged_many])

@@ -9,18 +9,13 @@ address: B learns where A is from the tracker or from A's LAN announcements
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlencode
 
 import pytest
 
@@ -28,10 +23,11 @@ from clearskies.accesscode import access_id, parse_code
 from clearskies.discovery.addresses import make_address, parse_tracker_entry
 from tests.daemons import (
     wait_same_trees,
-    REPO_ROOT,
     DaemonProcess,
     LanSettings,
+    TrackerProcess,
     free_port,
+    share_and_attach,
     wait_until,
 )
 
@@ -40,77 +36,6 @@ pytestmark = pytest.mark.slow
 #: The documented command: the twistd script next to this interpreter.
 TWISTD = Path(sys.executable).with_name("twistd")
 SYNC_TIMEOUT = 25.0
-
-
-class TrackerProcess:
-    """A real ``clearskies-tracker`` on 127.0.0.1; ``restart()`` keeps the port, not the state."""
-
-    def __init__(self, base: Path) -> None:
-        self.port = free_port()
-        self.log_path = base / "tracker.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return "http://127.0.0.1:%d" % self.port
-
-    def argv(self) -> list[str]:
-        return [str(TWISTD), "-n", "--pidfile=", "clearskies-tracker",
-                "--listen", "tcp:%d:interface=127.0.0.1" % self.port]
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(
-                   [str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), cwd=self.log_path.parent, env=env,
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-
-        def answers() -> bool:
-            assert self.proc.poll() is None, "the tracker exited:\n" + self.log()
-            try:
-                return b"ClearSkies tracker" in self._get("/")
-            except OSError:
-                return False
-        wait_until(answers, timeout=20, message="the tracker answers on " + self.url)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
-
-    def _get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=5) as response:
-            return response.read()
-
-    def status(self) -> dict[str, int]:
-        """The counts on the status page: ``IDs``, ``peers``, …"""
-        counts = {}
-        for line in self._get("/").decode().splitlines():
-            key, sep, value = line.partition(": ")
-            if sep and value.isdigit():
-                counts[key] = int(value)
-        return counts
-
-    def track(self, ids: list[tuple[str, str]], tcp_port: int) -> dict:
-        """One plain registration, as a peer would send it; the parsed answer."""
-        query = urlencode([("tcp_port", str(tcp_port))] + [("id", "%s@%s" % p) for p in ids])
-        return json.loads(self._get("/clearskies/track?" + query))
 
 
 class KnockCounter:
@@ -157,12 +82,7 @@ def tracker(tmp_path: Path) -> Iterator[TrackerProcess]:
         yield process
     finally:
         process.stop()
-        sys.stdout.write("--- tracker log:\n%s" % process.log())
-
-
-def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until both share trees are identical."""
-    wait_same_trees(a, b, timeout)
+        sys.stdout.write("--- tracker log:\n%s" % process.output()[-4000:])
 
 
 def _share_id(daemon: DaemonProcess) -> str:
@@ -178,13 +98,6 @@ def _seed(root: Path) -> None:
     (root / "hello.txt").write_text("hello from alice\n")
     (root / "sub").mkdir()
     (root / "sub" / "data.bin").write_bytes(os.urandom(100_000))
-
-
-def _share_and_attach(alice: DaemonProcess, bob: DaemonProcess) -> str:
-    """A shares, B attaches with nothing but the code; returns the code."""
-    code = alice.cli_json("share", str(alice.shares))["access_code"]
-    bob.cli("attach", code, str(bob.shares))
-    return code
 
 
 def test_attach_with_only_a_code_and_a_tracker(daemon_factory, tracker):
@@ -209,13 +122,13 @@ def test_attach_with_only_a_code_and_a_tracker(daemon_factory, tracker):
     assert address == make_address("tcp", "127.0.0.1", alice.port)
 
     bob.cli("attach", code, str(bob.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (Path(bob.shares) / "hello.txt").read_text() == "hello from alice\n"
     assert all(d.cli_json("status")["tracking"] for d in (alice, bob))
 
     (Path(bob.shares) / "from-bob.txt").write_text("back the other way\n")
     bob.cli("scan", str(bob.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
 
 def test_attach_with_only_a_code_on_the_lan(daemon_factory):
@@ -226,8 +139,8 @@ def test_attach_with_only_a_code_on_the_lan(daemon_factory):
     bob = daemon_factory("bob", lan=lan)
     _seed(Path(alice.shares))
     started = time.monotonic()
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob, direct=False)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     # Well before the 60 s periodic announcement: A answers B's announcement.
     assert time.monotonic() - started < SYNC_TIMEOUT
     assert (Path(bob.shares) / "sub" / "data.bin").read_bytes() == \
@@ -240,8 +153,8 @@ def test_tracker_restart_both_register_again_and_sync_goes_on(daemon_factory, tr
     alice = daemon_factory("alice", "--tracker", tracker.url)
     bob = daemon_factory("bob", "--tracker", tracker.url)
     _seed(Path(alice.shares))
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob, direct=False)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
     tracker.restart()
     assert tracker.status()["peers"] == 0
@@ -253,13 +166,13 @@ def test_tracker_restart_both_register_again_and_sync_goes_on(daemon_factory, tr
 
     (Path(alice.shares) / "after-restart.txt").write_text("the tracker came back\n")
     alice.cli("scan", str(alice.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
     # Only the new tracker knows where A is now: B, restarted, must find A through it.
     bob.restart()
     (Path(alice.shares) / "after-bob-restart.txt").write_text("found again\n")
     alice.cli("scan", str(alice.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
 
 def test_peer_restarting_on_a_new_port_is_found_again(daemon_factory, tracker):
@@ -268,8 +181,8 @@ def test_peer_restarting_on_a_new_port_is_found_again(daemon_factory, tracker):
     alice = daemon_factory("alice", "--tracker", tracker.url)
     bob = daemon_factory("bob", "--tracker", tracker.url)
     _seed(Path(alice.shares))
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob, direct=False)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     wait_until(lambda: _connected(bob), timeout=10, message="B is connected to A")
     old_port = alice.port
 
@@ -297,5 +210,5 @@ def test_peer_restarting_on_a_new_port_is_found_again(daemon_factory, tracker):
             parse_tracker_entry(e)[1] for e in others}
     wait_until(new_port_listed, timeout=10, message="A registered its new port")
     alice.cli("scan", str(alice.shares))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (Path(bob.shares) / "while-moving.txt").exists()

@@ -24,6 +24,7 @@ from tests.daemons import (
     DaemonProcess,
     Snapshot,
     assert_trees_equal,
+    stop_with_cli,
     tree_snapshot,
     wait_until,
 )
@@ -306,11 +307,6 @@ def _attached(daemon: DaemonProcess) -> None:
     wait_until(holds_share, timeout=30, interval=0.2, message="%s attached" % daemon.name)
 
 
-def _stop(daemon: DaemonProcess) -> None:
-    daemon.cli("stop")
-    wait_until(lambda: not daemon.running, timeout=15, message="%s stopping" % daemon.name)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_three_peers_random_operations_converge(daemon_factory, seed):
     """Three peers under seeded random edits, one of them stopped for a while,
@@ -348,7 +344,7 @@ def test_three_peers_random_operations_converge(daemon_factory, seed):
     offline = rng.choice(daemons)
     online = [d for d in daemons if d is not offline]
     edits.history.append("-- %s stopped" % offline.name)
-    _stop(offline)
+    stop_with_cli(offline)
     edits.overlapping_edit(rng.choice(online).name, offline.name)
     for _ in range(4):
         edits.random_op(rng.choice([d.name for d in daemons]))

@@ -18,23 +18,12 @@ from typing import Any
 
 import pytest
 
-from tests.daemons import wait_same_trees, REPO_ROOT, TWISTD, wait_until
+from tests.daemons import wait_same_trees, REPO_ROOT, TWISTD, wait_until, share_and_attach
 
 pytestmark = pytest.mark.slow
 
 SYNC_TIMEOUT = 30.0
 CODE_RE = re.compile(r"^SYNC[A-Z2-7]{29}$", re.MULTILINE)
-
-
-def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until both share trees are identical."""
-    wait_same_trees(a, b, timeout)
-
-
-def _share_and_attach(alice, bob) -> str:
-    code = alice.cli_json("share", str(alice.shares))["access_code"]
-    bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
-    return code
 
 
 def _arrives(path: Path, data: bytes) -> bool:
@@ -71,8 +60,8 @@ def test_log_shows_lines_and_never_a_secret(daemon_factory):
     """`clearskies log` shows the daemon's own log; no code or PSK is in any log or loose file."""
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     (alice.shares / "hello.txt").write_text("hello\n")
-    code = _share_and_attach(alice, bob)
-    _in_sync(alice.shares, bob.shares)
+    code = share_and_attach(alice, bob)
+    wait_same_trees(alice.shares, bob.shares, SYNC_TIMEOUT)
 
     for daemon in (alice, bob):
         shown = daemon.cli("log", "-n", "50").stdout.splitlines()
@@ -113,8 +102,8 @@ def test_rate_limits_and_pause(daemon_factory):
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     a, b = alice.shares, bob.shares
     (a / "first.txt").write_text("connected\n")
-    _share_and_attach(alice, bob)
-    _in_sync(a, b)
+    share_and_attach(alice, bob)
+    wait_same_trees(a, b, SYNC_TIMEOUT)
 
     # Upload limit on the sender.
     alice.cli("config", "set", "upload_limit", "200000")
@@ -148,7 +137,7 @@ def test_rate_limits_and_pause(daemon_factory):
     time.sleep(3)
     assert not (b / "to-paused.txt").exists()
     bob.cli("resume")
-    _in_sync(a, b)
+    wait_same_trees(a, b, SYNC_TIMEOUT)
 
 
 # -- a new user, CLI only ---------------------------------------------------------------------
@@ -234,7 +223,7 @@ def test_new_user_share_and_attach_start_the_daemons(tmp_path):
         pids[data2] = _daemon_pid(data2)
         assert pids[data2] is not None and pids[data2] != pids[data1]
         assert "attached" in attached.stdout
-        _in_sync(mine, theirs)
+        wait_same_trees(mine, theirs, SYNC_TIMEOUT)
         assert (theirs / "photos" / "cat.jpg").read_bytes() == \
             (mine / "photos" / "cat.jpg").read_bytes()
 

@@ -29,11 +29,6 @@ SYNC_TIMEOUT = 40.0
 FORGED = b"forged content\n"
 
 
-def _same_trees(a, b, timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until both share trees are identical."""
-    wait_same_trees(a, b, timeout)
-
-
 def _read_only_code(owner) -> str:
     return owner.cli_json("share", str(owner.shares), "--mode", "read_only")["access_code"]
 
@@ -67,7 +62,7 @@ def test_read_only_peers_relay_signed_changes_while_the_writer_is_offline(daemon
     (a / "dir" / "sub").mkdir(parents=True)
     (a / "dir" / "sub" / "data.bin").write_bytes(os.urandom(200_000))
     _attach(bob, _read_only_code(alice), alice)
-    _same_trees(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert _listing(bob)["access"] == "read_only"
     peers = alice.cli_json("peers", str(a))["peers"]
     assert [p["access"] for p in peers if p["connected"]] == ["read_only"]
@@ -77,14 +72,14 @@ def test_read_only_peers_relay_signed_changes_while_the_writer_is_offline(daemon
     (a / "new.txt").write_text("a new file\n")
     os.rename(a / "dir" / "sub" / "data.bin", a / "dir" / "moved.bin")
     alice.cli("scan", str(a))
-    _same_trees(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
     code = _read_only_code(bob)  # a read-only share hands out read-only codes
     alice.cli("stop")
     wait_until(lambda: not alice.running, timeout=15)
     carol = daemon_factory("carol")
     _attach(carol, code, bob)
-    _same_trees(bob, carol)
+    wait_same_trees(bob, carol, SYNC_TIMEOUT)
     assert (Path(carol.shares) / "hello.txt").read_text() == "hello again, edited\n"
     assert not (Path(carol.shares) / "dir" / "sub" / "data.bin").exists()
     assert _listing(carol)["access"] == "read_only"
@@ -110,7 +105,7 @@ def test_local_edits_on_a_read_only_peer_stay_there_and_revert(daemon_factory):
     (a / "notes.txt").write_text("alice's notes\n")
     (a / "keep.txt").write_text("keep me\n")
     _attach(bob, _read_only_code(alice), alice)
-    _same_trees(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     before = tree_snapshot(a)
 
     (b / "notes.txt").write_text("bob scribbled here\n")
@@ -138,7 +133,7 @@ def test_local_edits_on_a_read_only_peer_stay_there_and_revert(daemon_factory):
 
     reply = bob.cli_json("revert", str(b))
     assert reply["changes"] == 3  # the conflict copy, bobs-own.txt, keep.txt
-    _same_trees(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (b / "keep.txt").read_text() == "keep me\n"
     wait_until(lambda: _share_status(bob).get("local_changes_not_shared") == 0, timeout=15)
 
@@ -180,7 +175,7 @@ def test_read_only_files_setting_keeps_a_read_only_peers_files_unwritable(daemon
     wait_until(lambda: _modes(b, names) == [0o644, 0o755], timeout=15)
     bob.cli("scan", str(b))
     assert _share_status(bob).get("local_changes_not_shared") == 0
-    _same_trees(alice, bob)  # contents and modes alike
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)  # contents and modes alike
     assert _modes(a, names) == [0o644, 0o755]  # the writer's files were never touched
 
 
@@ -190,7 +185,7 @@ def test_forged_updates_from_a_read_only_peer_change_nothing(daemon_factory, tmp
     a, b = Path(alice.shares), Path(bob.shares)
     (a / "hello.txt").write_text("the real hello\n")
     _attach(bob, _read_only_code(alice), alice)
-    _same_trees(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
     out = tmp_path / "forger.json"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -210,7 +205,7 @@ def test_forged_updates_from_a_read_only_peer_change_nothing(daemon_factory, tmp
     time.sleep(1.0)
     assert (a / "hello.txt").read_text() == "the real hello\n"
     assert (b / "hello.txt").read_text() == "the real hello\n"
-    _same_trees(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     alice_log, bob_log = alice.log_path.read_text(), bob.log_path.read_text()
     assert alice_log.count("dropped update from " + result["peer_id"]) == 2
     assert "dropped update from %s (read_only): not signed" % result["peer_id"] in bob_log

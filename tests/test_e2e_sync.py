@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.daemons import DaemonProcess, wait_same_trees, wait_until
+from tests.daemons import DaemonProcess, share_and_attach, stop_with_cli, wait_same_trees
 
 pytestmark = pytest.mark.slow
 
@@ -26,26 +26,9 @@ def _synced_pair_holding(daemon_factory, name: str, text: str):
     alice, bob = _attach_pair(daemon_factory)
     a, b = Path(alice.shares), Path(bob.shares)
     (a / name).write_text(text)
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     return alice, bob, a, b
-
-
-def _in_sync(a, b, timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until both share trees are identical."""
-    wait_same_trees(a, b, timeout)
-
-
-def _stop(daemon) -> None:
-    """Stop a daemon the way a user does and wait until its process is gone."""
-    daemon.cli("stop")
-    wait_until(lambda: not daemon.running, timeout=15)
-
-
-def _share_and_attach(alice, bob, *share_args: str) -> str:
-    code = alice.cli_json("share", str(alice.shares), *share_args)["access_code"]
-    bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
-    return code
 
 
 def _no_temp_files(root: Path) -> None:
@@ -66,8 +49,8 @@ def test_share_attach_and_edit_both_ways(daemon_factory):
     script.write_text("#!/bin/sh\necho hi\n")
     script.chmod(0o755)
 
-    _share_and_attach(alice, bob)
-    _in_sync(alice, bob)
+    share_and_attach(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (b / "hello.txt").read_text() == "hello from alice\n"
     assert (b / "empty-dir").is_dir()
     assert os.stat(b / "run.sh").st_mode & 0o777 == 0o755
@@ -77,7 +60,7 @@ def test_share_attach_and_edit_both_ways(daemon_factory):
     (b / "from-bob.txt").write_text("new file\n")
     (b / "empty").unlink()
     bob.cli("scan", str(b))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (a / "hello.txt").read_text() == "bob was here\n"
     assert not (a / "empty").exists()
 
@@ -86,10 +69,10 @@ def test_share_attach_and_edit_both_ways(daemon_factory):
     (a / "run.sh").chmod(0o700)
     (a / "grows").write_bytes(b"")
     alice.cli("scan", str(a))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     (a / "grows").write_bytes(os.urandom(2_000_000))
     alice.cli("scan", str(a))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert not (b / "deep").exists()
     assert (b / "moved" / "er" / "tree" / "leaf.bin").read_bytes() == \
         (a / "moved" / "er" / "tree" / "leaf.bin").read_bytes()
@@ -114,12 +97,12 @@ def test_changes_made_while_a_peer_is_down_sync_after_restart(daemon_factory):
     """Bob stops, both sides change things, Bob starts again: everything converges."""
     alice, bob, a, b = _synced_pair_holding(daemon_factory, "keep.txt", "1\n")
 
-    _stop(bob)
+    stop_with_cli(bob)
     (a / "while-away.txt").write_text("alice wrote this while bob was away\n")
     (b / "offline-edit.txt").write_text("bob wrote this offline\n")
     alice.cli("scan", str(a))
     bob.start()
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
     assert (b / "while-away.txt").exists() and (a / "offline-edit.txt").exists()
 
     listing = {s["path"]: s for s in bob.cli_json("list")["shares"]}
@@ -130,13 +113,13 @@ def test_concurrent_edits_keep_both_versions(daemon_factory):
     """The same file edited on both sides while apart ends as the file plus a conflict copy."""
     alice, bob, a, b = _synced_pair_holding(daemon_factory, "notes.txt", "original\n")
 
-    _stop(bob)
+    stop_with_cli(bob)
     (a / "notes.txt").write_text("alice's version\n")
     alice.cli("scan", str(a))
     (b / "notes.txt").write_text("bob's version, a bit longer\n")
     bob.start()
     bob.cli("scan", str(b))
-    _in_sync(alice, bob)
+    wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
     contents = sorted(p.read_text() for p in a.iterdir() if p.name.startswith("notes"))
     assert contents == ["alice's version\n", "bob's version, a bit longer\n"]

@@ -26,6 +26,7 @@ from clearskies.discovery.lan import (
     encode_announcement,
 )
 from clearskies.errors import ConfigurationError
+from tests.helpers import async_test
 
 SHARE = "a" * 64
 OTHER_SHARE = "b" * 64
@@ -606,7 +607,8 @@ class RealMulticastTests(unittest.TestCase):
 
     timeout = 10
 
-    def test_two_daemons_hear_each_other(self):
+    @async_test
+    async def test_two_daemons_hear_each_other(self):
         """Each of two services on the same port receives the other's announcement."""
         from twisted.internet import reactor
 
@@ -633,13 +635,9 @@ class RealMulticastTests(unittest.TestCase):
         # The first start burst went out before the second service listened;
         # its next burst (held back by the 2 s gap) is the one the second hears.
         first.announce_now()
-
-        async def both() -> None:
-            try:
-                await both_heard.addTimeout(5, reactor)
-            except defer.TimeoutError:
-                self.fail("no loopback multicast exchange within 5 s; heard: %r" % (heard,))
-            self.assertEqual(heard[PEER], [(Announcement(SHARE, OTHER_PEER, 5002), "127.0.0.1")])
-            self.assertEqual(heard[OTHER_PEER], [(Announcement(SHARE, PEER, 5001), "127.0.0.1")])
-
-        return defer.Deferred.fromCoroutine(both())
+        try:
+            await both_heard.addTimeout(5, reactor)
+        except defer.TimeoutError:
+            self.fail("no loopback multicast exchange within 5 s; heard: %r" % (heard,))
+        self.assertEqual(heard[PEER], [(Announcement(SHARE, OTHER_PEER, 5002), "127.0.0.1")])
+        self.assertEqual(heard[OTHER_PEER], [(Announcement(SHARE, PEER, 5001), "127.0.0.1")])

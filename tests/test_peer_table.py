@@ -8,7 +8,7 @@ from typing import Any
 from clearskies.share.database import PeerInfo, ShareInfo, ShareStore
 from clearskies.daemon.runtime import MAX_KNOWN_PEERS, ShareRuntime, peers_to_forget
 from clearskies.threads import SyncRunner
-from tests.test_database import result_of
+from tests.helpers import result_of
 
 SHARE_ID = "f" * 64
 OURS = "0" * 32

@@ -1,6 +1,5 @@
 """The scanner: exactly the right records for each kind of local change."""
 
-import hashlib
 import os
 import time
 
@@ -18,7 +17,7 @@ from clearskies.share.records import MAX_COUNTER, MAX_TIME_SECONDS, FileRecord
 from clearskies.share.scanner import (
     Scanner, local_utime, normalize_scopes, read_marker, write_marker)
 from clearskies.threads import SyncRunner
-from tests.test_database import result_of
+from tests.helpers import result_of, sha
 
 SHARE = "5" * 64
 PEER = "a" * 32
@@ -84,10 +83,6 @@ class Share:
 @pytest.fixture
 def share(tmp_path):
     return Share(tmp_path)
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def test_first_scan_records_files_and_directories(share):

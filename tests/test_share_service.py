@@ -1,6 +1,5 @@
 """ShareService: scans on start, debounced rescans, error state, listeners, remote writes."""
 
-import hashlib
 import os
 import time
 from types import SimpleNamespace
@@ -19,15 +18,11 @@ from clearskies.share.scanner import list_directories, read_marker
 from clearskies.share.service import ShareService, create_share
 from clearskies.share.watcher import DEFAULT_QUIET, InotifyWatcher
 from clearskies.threads import SyncRunner, ThreadPoolRunner
-from tests.test_database import result_of, temporary_dir
+from tests.helpers import async_test, result_of, sha, temporary_dir
 
 SHARE = "5" * 64
 PEER = "a" * 32
 OTHER = "b" * 32
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 class Setup:
@@ -269,7 +264,7 @@ def test_list_directories_finds_what_a_scan_would_list(tmp_path):
 class RealReactorTests(TestCase):
     """The whole service with inotify, a thread pool and the real reactor."""
 
-    def run_service(self, exercise, hasher=hash_file):
+    async def run_service(self, exercise, hasher=hash_file):
         """Start a real service on a folder holding ``sub/first.txt``; run ``exercise(service, root, announced)``."""
         if not InotifyWatcher.available():
             raise SkipTest("inotify is not available here")
@@ -284,21 +279,17 @@ class RealReactorTests(TestCase):
         db.startService()
         store = ShareStore(os.path.join(base, "state.sqlite3"), db)
         announced = []
-
-        async def go():
-            info = await create_share(store, pool, root, SHARE, PEER, "read_write",
-                                      reactor.seconds())
-            service = ShareService(reactor, store, info, pool, quiet=0.1, hasher=hasher)
-            service.add_change_listener(lambda records, moves, revision: announced.extend(records))
-            try:
-                await exercise(service, root, announced)
-            finally:
-                await service.stopService()
-                await store.close()
-                pool.stopService()
-                db.stopService()
-
-        return Deferred.fromCoroutine(go())
+        info = await create_share(store, pool, root, SHARE, PEER, "read_write",
+                                  reactor.seconds())
+        service = ShareService(reactor, store, info, pool, quiet=0.1, hasher=hasher)
+        service.add_change_listener(lambda records, moves, revision: announced.extend(records))
+        try:
+            await exercise(service, root, announced)
+        finally:
+            await service.stopService()
+            await store.close()
+            pool.stopService()
+            db.stopService()
 
     async def wait_until(self, predicate, what):
         for _ in range(250):
@@ -307,7 +298,8 @@ class RealReactorTests(TestCase):
             await deferLater(reactor, 0.02, lambda: None)
         self.fail("not %s after 5 s" % what)
 
-    def test_first_scan_watches_before_listing(self):
+    @async_test
+    async def test_first_scan_watches_before_listing(self):
         """A change during the first scan is caught by the watcher: no second full scan.
 
         The file appears after the listing (while the scan hashes), in a
@@ -334,9 +326,10 @@ class RealReactorTests(TestCase):
             self.assertEqual(len(full_scans), 1)
             self.assertTrue(service.status.watching)
 
-        return self.run_service(exercise, hasher)
+        await self.run_service(exercise, hasher)
 
-    def test_directory_watched_after_the_listing_is_rescanned(self):
+    @async_test
+    async def test_directory_watched_after_the_listing_is_rescanned(self):
         """A directory the early watch missed is watched after the scan and looked at again.
 
         (It appeared between the watcher's listing and the scan's.)  A file
@@ -350,9 +343,10 @@ class RealReactorTests(TestCase):
             await self.wait_until(
                 lambda: "sub/late.txt" in [r.path for r in announced], "announced")
 
-        return self.run_service(exercise, hasher)
+        await self.run_service(exercise, hasher)
 
-    def test_change_is_announced_via_inotify(self):
+    @async_test
+    async def test_change_is_announced_via_inotify(self):
         """A file written into a running share is announced shortly after, with its hash."""
         async def exercise(service, root, announced):
             service.startService()
@@ -365,9 +359,10 @@ class RealReactorTests(TestCase):
             self.assertEqual([(r.path, r.sha256) for r in announced],
                              [("hello.txt", sha(b"hello"))])
 
-        return self.run_service(exercise)
+        await self.run_service(exercise)
 
-    def test_changes_the_watcher_holds_are_pending_until_scanned(self):
+    @async_test
+    async def test_changes_the_watcher_holds_are_pending_until_scanned(self):
         """Files just written are pending at once (events read now), and no longer once scanned."""
         async def exercise(service, root, announced):
             service.startService()
@@ -384,7 +379,7 @@ class RealReactorTests(TestCase):
             await self.wait_until(lambda: not service.local_changes_pending(), "scanned")
             self.assertEqual(len([r for r in announced if not r.is_dir]), 20)
 
-        return self.run_service(exercise)
+        await self.run_service(exercise)
 
 
 class _ListingNoDirectories:

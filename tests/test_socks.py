@@ -14,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from clearskies.discovery.socks import SocksClientEndpoint, SocksError, SocksHandshake
+from tests.fakes import RecordingProtocol
 
 ONION = "a" * 56 + ".onion"
 METHOD_OK = b"\x05\x00"
@@ -143,18 +144,6 @@ class FakeProxy:
         return succeed(self.protocol)
 
 
-class Recorder(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.lost = reason
-
-
 def results(d: Deferred) -> list[Any]:
     out: list[Any] = []
     d.addBoth(out.append)
@@ -164,7 +153,7 @@ def results(d: Deferred) -> list[Any]:
 def test_bytes_riding_with_the_reply_reach_the_protocol_at_once():
     """The peer's greeting often shares a read with tor's reply: it must not wait for more data."""
     proxy = FakeProxy()
-    outcome = results(SocksClientEndpoint(proxy, ONION, 60106).connect(Factory.forProtocol(Recorder)))
+    outcome = results(SocksClientEndpoint(proxy, ONION, 60106).connect(Factory.forProtocol(RecordingProtocol)))
     assert proxy.transport.value() == b"\x05\x01\x00"
     proxy.transport.clear()
     proxy.protocol.dataReceived(METHOD_OK)
@@ -172,7 +161,7 @@ def test_bytes_riding_with_the_reply_reach_the_protocol_at_once():
     assert outcome == []
     proxy.protocol.dataReceived(REPLY_IPV4 + b'{"type": "greeting"}\n')
     [recorder] = outcome
-    assert isinstance(recorder, Recorder)
+    assert isinstance(recorder, RecordingProtocol)
     assert recorder.data == b'{"type": "greeting"}\n'
     assert recorder.transport is proxy.transport
     proxy.protocol.dataReceived(b"more")
@@ -183,7 +172,7 @@ def test_bytes_riding_with_the_reply_reach_the_protocol_at_once():
 
 def test_a_refusal_fails_the_connect_and_drops_the_socket():
     proxy = FakeProxy()
-    outcome = results(SocksClientEndpoint(proxy, ONION, 60106).connect(Factory.forProtocol(Recorder)))
+    outcome = results(SocksClientEndpoint(proxy, ONION, 60106).connect(Factory.forProtocol(RecordingProtocol)))
     proxy.protocol.dataReceived(METHOD_OK + b"\x05\xf0\x00\x01" + bytes(6))
     [failure] = outcome
     assert failure.check(SocksError) and failure.value.code == 0xF0
@@ -194,7 +183,7 @@ def test_a_refusal_fails_the_connect_and_drops_the_socket():
 
 def test_a_proxy_closing_before_answering_is_an_error():
     proxy = FakeProxy()
-    outcome = results(SocksClientEndpoint(proxy, ONION, 60106).connect(Factory.forProtocol(Recorder)))
+    outcome = results(SocksClientEndpoint(proxy, ONION, 60106).connect(Factory.forProtocol(RecordingProtocol)))
     proxy.protocol.dataReceived(METHOD_OK)
     proxy.protocol.connectionLost(Failure(ConnectionDone()))
     [failure] = outcome
@@ -204,7 +193,7 @@ def test_a_proxy_closing_before_answering_is_an_error():
 
 def test_a_proxy_that_cannot_be_reached_fails_the_connect():
     proxy = FakeProxy(fail(ConnectionRefusedError("no tor")))
-    outcome = results(SocksClientEndpoint(proxy, ONION, 1).connect(Factory.forProtocol(Recorder)))
+    outcome = results(SocksClientEndpoint(proxy, ONION, 1).connect(Factory.forProtocol(RecordingProtocol)))
     assert outcome[0].check(ConnectionRefusedError)
 
 
@@ -220,7 +209,7 @@ def test_a_factory_that_refuses_fails_the_connect():
 
 def test_cancelling_while_the_proxy_answers_aborts_the_socket():
     proxy = FakeProxy()
-    connecting = SocksClientEndpoint(proxy, ONION, 1).connect(Factory.forProtocol(Recorder))
+    connecting = SocksClientEndpoint(proxy, ONION, 1).connect(Factory.forProtocol(RecordingProtocol))
     outcome = results(connecting)
     connecting.cancel()
     assert outcome[0].check(CancelledError)
@@ -232,7 +221,7 @@ def test_cancelling_while_the_proxy_answers_aborts_the_socket():
 def test_cancelling_before_the_proxy_accepts_cancels_that_connect():
     pending: Deferred = Deferred()
     proxy = FakeProxy(pending)
-    connecting = SocksClientEndpoint(proxy, ONION, 1).connect(Factory.forProtocol(Recorder))
+    connecting = SocksClientEndpoint(proxy, ONION, 1).connect(Factory.forProtocol(RecordingProtocol))
     outcome = results(connecting)
     connecting.cancel()
     assert outcome[0].check(CancelledError)

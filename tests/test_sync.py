@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,182 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from clearskies.sync import diskspace
 from clearskies import wire
-from clearskies.errors import PathObstacle, ProtocolError, UnsafePathError
+from clearskies.errors import PathObstacle, ProtocolError
 from clearskies.interfaces import ILocalShare
 from clearskies.share import merge
 from clearskies.share.records import FileRecord
 from clearskies.sync import (
     MAX_REFUSED_RECORDS, MAX_WAITING_GETS, RETRY_AFTER, ShareSync, SyncSession, Wanted,
     WantedFiles)
-from clearskies.threads import SyncRunner
+from tests.fakes import US, THEM, FakeConnection, MemoryShare, file_record, message
+from tests.helpers import sha
 
-US = "a" * 32
-THEM = "b" * 32
 OTHER = "c" * 32
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_record(path: str, data: bytes, vv: dict[str, int], utime: float = 10.0) -> FileRecord:
-    return FileRecord(path=path, utime=utime, size=len(data), mtime=(1, 0), mode=0o644,
-                      sha256=sha(data), vv=vv)
-
-
-@implementer(ILocalShare)
-class MemoryShare:
-    """An ILocalShare whose records live in a dict and whose files live in a temp dir."""
-
-    error = None
-
-    def __init__(self, root: Path) -> None:
-        self.share_id = "f" * 64
-        self.our_peer_id = US
-        self.root = root
-        self.runner = self.disk_runner = SyncRunner()
-        self.records: dict[str, FileRecord] = {}
-        self.rev = 0
-        self.ignored: set[str] = set()
-        self.commits: list[list[FileRecord]] = []
-        self.batch_calls: list[tuple[str, int]] = []
-
-    def revision(self) -> int:
-        return self.rev
-
-    def manifest(self):
-        return succeed((self.rev, [self.records[p] for p in sorted(self.records)]))
-
-    def get_record(self, path: str):
-        return succeed(self.records.get(path))
-
-    def local_path(self, path: str) -> Path:
-        if ".." in path.split("/") or path.startswith("/"):
-            raise UnsafePathError(path)
-        return self.root / path
-
-    def is_ignored(self, path: str) -> bool:
-        return path in self.ignored
-
-    def is_unchanged(self, path: str):
-        record = self.records.get(path)
-        local = self.root / path
-        if record is None or record.deleted:
-            return succeed(not local.exists())
-        return succeed(local.exists() and sha(local.read_bytes()) == record.sha256)
-
-    def commit_remote(self, records: list[FileRecord], written: Any = None):
-        self.rev += 1
-        for record in records:
-            self.records[record.path] = record
-        self.commits.append(list(records))
-        return succeed(self.rev)
-
-    def find_local_copy(self, digest: str):
-        for record in self.records.values():
-            if record.sha256 == digest and (self.root / record.path).exists():
-                return succeed(self.root / record.path)
-        return succeed(None)
-
-    def remove_local(self, path: str):
-        local = self.root / path
-        if local.is_dir():
-            local.rmdir()
-        elif local.exists():
-            local.unlink()
-        return succeed(True)
-
-    def make_directory(self, path: str, mode: int | None):
-        (self.root / path).mkdir(parents=True, exist_ok=True)
-        return succeed(None)
-
-    def rename_local(self, source: str, destination: str, decided_on: Any = None):
-        if decided_on is not None and self.records.get(source) != decided_on:
-            return succeed(False)  # as the real share: a newer local record wins
-        target = self.root / destination
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self.root / source, target)
-        return succeed(True)
-
-    def get_records(self, paths: list[str]):
-        return succeed({p: self.records[p] for p in paths if p in self.records})
-
-    def rename_many(self, moves: list[tuple[str, str]], decided_on: Any = None):
-        self.batch_calls.append(("rename", len(moves)))
-        decided = decided_on or [None] * len(moves)
-        return succeed([self.rename_local(src, dst, ours).result
-                        for (src, dst), ours in zip(moves, decided)])
-
-    def remove_many(self, paths: list[str], decided_on: Any = None):
-        self.batch_calls.append(("remove", len(paths)))
-        return succeed([self.remove_local(p).result for p in paths])
-
-    def unchanged_many(self, paths: list[str], local_paths: Any = None):
-        return succeed({p: self.is_unchanged(p).result for p in paths})
-
-    def hashes_present(self, hashes: list[str]):
-        live = {r.sha256 for r in self.records.values() if not r.deleted}
-        return succeed({h for h in hashes if h in live})
-
-    def expect_own_renames(self, paths: list[str]) -> None:
-        pass
-
-    def own_renames_failed(self, paths: list[str]) -> None:
-        pass
-
-    def check_root(self) -> None:
-        pass
-
-    def local_files_recorded(self) -> None:
-        return None
-
-    def note_refused(self, path: str, why: str) -> bool:
-        return True
-
-    def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
-        self.seen = (peer_id, revision)
-
-    def add_local(self, path: str, data: bytes, vv: dict[str, int]) -> FileRecord:
-        local = self.root / path
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(data)
-        record = file_record(path, data, vv)
-        self.records[path] = record
-        self.rev += 1
-        return record
-
-
-class FakeConnection:
-    """What a session sees of PeerProtocol: established info, a transport, close()."""
-
-    def __init__(self, peer_id: str = THEM, features: tuple[str, ...] = ("vv", "progress"),
-                 we_are_server: bool = True, port: int = 5000) -> None:
-        self.established = SimpleNamespace(
-            their_peer_id=peer_id, we_are_server=we_are_server, features=features,
-            access="read_write")
-        self.transport = StringTransport(
-            hostAddress=SimpleNamespace(port=port), peerAddress=SimpleNamespace(port=port))
-        self.closed: str | None = None
-        self.message_writer = None
-
-    def close(self, reason: str, quiet: bool = False) -> None:
-        self.closed = reason
-
-    def sent(self) -> list[Any]:
-        """Every wire event written so far (and clear the transport)."""
-        decoder = wire.WireDecoder()
-        decoder.receive_data(self.transport.value())
-        self.transport.clear()
-        return list(decoder.events())
-
-    def sent_types(self) -> list[str]:
-        return [e.type for e in self.sent() if isinstance(e, wire.Message)]
 
 
 @pytest.fixture
@@ -206,10 +43,6 @@ def open_session(share: MemoryShare, clock: Clock, **options: Any):
     session = SyncSession(sync, connection)
     session.start(None)
     return sync, session, connection
-
-
-def message(body: dict[str, Any]) -> wire.Message:
-    return wire.Message(body=body, text=wire.dumps(body))
 
 
 def deliver_file(session: SyncSession, path: str, data: bytes) -> None:

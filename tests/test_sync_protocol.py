@@ -16,10 +16,10 @@ import time
 from twisted.internet.defer import Deferred
 
 from clearskies.sync import limits
+from tests.helpers import async_test
 from tests.peerkit import (
     PeerKitCase,
     ScriptedSession,
-    async_test,
     file_entry,
     sleep,
     snapshot,

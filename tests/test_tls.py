@@ -7,18 +7,17 @@ import gc
 import pytest
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
-    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
-from zope.interface import implementer
 
 from clearskies import tls
+from tests.fakes import RecordingProtocol
 
 # Old pyOpenSSL (< 25.1) cannot name the group; the GnuTLS interop tests
 # still show the key exchange there.
@@ -28,32 +27,13 @@ CODE_PSK = bytes(range(16))  # raw access-code bytes
 IDENTITY = b"clearskies:1:" + b"ab" * 32
 
 
-@implementer(IHandshakeListener)
-class Recorder(Protocol):
-    """Records what the TLS layer hands to the application."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost = None
-        self.handshake_done = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.lost = reason
-
-    def handshakeCompleted(self) -> None:
-        self.handshake_done = True
-
-
 class Pair:
     """A TLS server and client joined by an in-memory pump."""
 
     def __init__(self, server_creator, client_creator) -> None:
         clock = MemoryReactorClock()
-        self.server_app = Recorder()
-        self.client_app = Recorder()
+        self.server_app = RecordingProtocol()
+        self.client_app = RecordingProtocol()
         server_factory = TLSMemoryBIOFactory(
             server_creator, False, Factory.forProtocol(lambda: self.server_app), clock=clock
         )

@@ -29,6 +29,7 @@ from clearskies.accesscode import new_access_code
 from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.keys import generate_share_keys
 from clearskies.peer import PeerServerFactory, connect_peer
+from tests.helpers import async_test
 
 SERVER_PEER = "48d09b6b6a8ae0edb8fc14c64bbc604b"
 CLIENT_PEER = "e358644d71f4f10c95f3707d414ff162"
@@ -335,55 +336,43 @@ class GnuTLSInteropTests(TestCase):
         self.assertEqual(session.established.access, "read_write")
         return result
 
-    def test_tls12_draft_suite(self):
+    @async_test
+    async def test_tls12_draft_suite(self):
         """GnuTLS with TLS 1.2 DHE-PSK-AES128-CBC-SHA (the draft's suite) talks to our server."""
-        return Deferred.fromCoroutine(self._tls12_draft())
-
-    async def _tls12_draft(self):
         result = await self.client_succeeds(TLS12_DRAFT_SUITE)
         self.assertEqual((result["version"], result["kx"], result["cipher"]),
                          ("TLS1.2", "DHE-PSK", "AES-128-CBC"))
 
-    def test_tls12_dhe_psk(self):
+    @async_test
+    async def test_tls12_dhe_psk(self):
         """GnuTLS limited to TLS 1.2 DHE-PSK gets an AEAD suite from our server."""
-        return Deferred.fromCoroutine(self._tls12_dhe())
-
-    async def _tls12_dhe(self):
         result = await self.client_succeeds(TLS12_DHE)
         self.assertEqual((result["version"], result["kx"]), ("TLS1.2", "DHE-PSK"))
         self.assertEqual(result["cipher"], "AES-256-GCM")
 
-    def test_tls12_ecdhe_psk(self):
+    @async_test
+    async def test_tls12_ecdhe_psk(self):
         """GnuTLS limited to TLS 1.2 ECDHE-PSK negotiates with our server."""
-        return Deferred.fromCoroutine(self._tls12_ecdhe())
-
-    async def _tls12_ecdhe(self):
         result = await self.client_succeeds(TLS12_ECDHE)
         self.assertEqual((result["version"], result["kx"]), ("TLS1.2", "ECDHE-PSK"))
 
-    def test_tls13_psk_dhe(self):
+    @async_test
+    async def test_tls13_psk_dhe(self):
         """GnuTLS with TLS 1.3 external PSK gets a key share (forward secret) from our server."""
-        return Deferred.fromCoroutine(self._tls13())
-
-    async def _tls13(self):
         result = await self.client_succeeds(TLS13)
         self.assertEqual(result["version"], "TLS1.3")
         self.assertIn(result["kx"], ("ECDHE-PSK", "DHE-PSK"))
 
-    def test_reference_peer_priority(self):
+    @async_test
+    async def test_reference_peer_priority(self):
         """The reference peer's own GnuTLS priority string lands on TLS 1.3 with (EC)DHE."""
-        return Deferred.fromCoroutine(self._reference())
-
-    async def _reference(self):
         result = await self.client_succeeds(REFERENCE_PEER)
         self.assertEqual(result["version"], "TLS1.3")
         self.assertIn(result["kx"], ("ECDHE-PSK", "DHE-PSK"))
 
-    def test_access_code_key(self):
+    @async_test
+    async def test_access_code_key(self):
         """The 16 raw access-code bytes key TLS for GnuTLS too, and the keys message follows."""
-        return Deferred.fromCoroutine(self._code())
-
-    async def _code(self):
         code = new_access_code(KEYS.share_id, "read_only", time.time())
         self.ring.add_code(code)
         port = await self.listen()
@@ -407,43 +396,42 @@ class GnuTLSInteropTests(TestCase):
         self.assertEqual(result["keys"]["read_only"]["psk"], KEYS.psks["read_only"])
         self.assertNotIn("psk", result["keys"]["read_write"])
 
-    def assert_refused(self, priority: str):
-        async def run():
-            try:
-                await self.client_run(priority, KEYS.share_id, "read_write",
-                                      KEYS.psk("read_write"))
-            except GnuTLSFailed as e:
-                self.assertIn("handshake", str(e))
-            else:
-                self.fail("a key exchange without forward secrecy was accepted")
-            for _ in range(100):
-                if any("handshake with 127.0.0.1" in formatEvent(e) for e in self.events):
-                    break
-                await deferLater(reactor, 0.01, lambda: None)
-            self.assertEqual(self.sessions, [])
-            self.assertTrue(any("handshake with 127.0.0.1" in formatEvent(e)
-                                for e in self.events))
-        return Deferred.fromCoroutine(run())
+    async def assert_refused(self, priority: str) -> None:
+        try:
+            await self.client_run(priority, KEYS.share_id, "read_write",
+                                  KEYS.psk("read_write"))
+        except GnuTLSFailed as e:
+            self.assertIn("handshake", str(e))
+        else:
+            self.fail("a key exchange without forward secrecy was accepted")
+        for _ in range(100):
+            if any("handshake with 127.0.0.1" in formatEvent(e) for e in self.events):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.sessions, [])
+        self.assertTrue(any("handshake with 127.0.0.1" in formatEvent(e)
+                            for e in self.events))
 
-    def test_tls13_psk_ke_only_refused(self):
+    @async_test
+    async def test_tls13_psk_ke_only_refused(self):
         """A TLS 1.3 client offering only psk_ke (no forward secrecy) is refused."""
-        return self.assert_refused(TLS13_PSK_KE_ONLY)
+        await self.assert_refused(TLS13_PSK_KE_ONLY)
 
-    def test_tls12_plain_psk_refused(self):
+    @async_test
+    async def test_tls12_plain_psk_refused(self):
         """A TLS 1.2 client offering only plain PSK key exchange is refused."""
-        return self.assert_refused(TLS12_PLAIN_PSK)
+        await self.assert_refused(TLS12_PLAIN_PSK)
 
-    def test_wrong_key_refused(self):
+    @async_test
+    async def test_wrong_key_refused(self):
         """GnuTLS with the wrong key fails on both sides; nothing hangs."""
-        async def run():
-            try:
-                await self.client_run(TLS13, KEYS.share_id, "read_write", b"0" * 32)
-            except GnuTLSFailed:
-                pass
-            else:
-                self.fail("a wrong key was accepted")
-            self.assertEqual(self.sessions, [])
-        return Deferred.fromCoroutine(run())
+        try:
+            await self.client_run(TLS13, KEYS.share_id, "read_write", b"0" * 32)
+        except GnuTLSFailed:
+            pass
+        else:
+            self.fail("a wrong key was accepted")
+        self.assertEqual(self.sessions, [])
 
     # -- our client against a GnuTLS server ---------------------------------------------
 
@@ -482,11 +470,9 @@ class GnuTLSInteropTests(TestCase):
         await lost
         return await serving, connection
 
-    def test_our_client_against_gnutls_server_tls13(self):
+    @async_test
+    async def test_our_client_against_gnutls_server_tls13(self):
         """Our client completes TLS 1.3 with a GnuTLS server, sending identity clearskies:1:<id>."""
-        return Deferred.fromCoroutine(self._server13())
-
-    async def _server13(self):
         result, connection = await self.server_run("NORMAL:+ECDHE-PSK:+DHE-PSK")
         self.assertEqual(result["username"], "clearskies:1:" + KEYS.share_id)
         self.assertEqual(result["version"], "TLS1.3")
@@ -495,11 +481,9 @@ class GnuTLSInteropTests(TestCase):
         self.assertEqual(result["identity"]["name"], "our client")
         self.assertEqual(connection.established.their_name, "gnutls server")
 
-    def test_our_client_against_gnutls_server_tls12(self):
+    @async_test
+    async def test_our_client_against_gnutls_server_tls12(self):
         """Our client completes TLS 1.2 DHE-PSK with a GnuTLS server."""
-        return Deferred.fromCoroutine(self._server12())
-
-    async def _server12(self):
         result, connection = await self.server_run(TLS12_DHE)
         self.assertEqual(result["username"], "clearskies:1:" + KEYS.share_id)
         self.assertEqual((result["version"], result["kx"]), ("TLS1.2", "DHE-PSK"))

@@ -24,6 +24,7 @@ from twisted.trial import unittest
 from clearskies.discovery.socks import SocksError
 from clearskies.discovery.tor import TorService
 from tests.tornet import PrivateTorNetwork, missing_tor
+from tests.helpers import async_test
 
 #: The whole test, network boot included, must finish within this many seconds.
 TIME_CAP = 240
@@ -113,11 +114,9 @@ class PrivateNetworkTests(unittest.TestCase):
             raise unittest.SkipTest(reason)
 
     @pytest.mark.timeout(TIME_CAP + 30)
-    def test_onion_services_exchange_bytes(self):
+    @async_test
+    async def test_onion_services_exchange_bytes(self) -> None:
         """A connects to B's tor: address through Tor; both directions carry the exact bytes."""
-        return Deferred.fromCoroutine(self._exchange())
-
-    async def _exchange(self) -> None:
         # Short paths: tor's control socket must fit in a UNIX socket address.
         base = tempfile.mkdtemp(prefix="tornet-")
         self.addCleanup(shutil.rmtree, base, ignore_errors=True)

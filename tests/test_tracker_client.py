@@ -34,6 +34,7 @@ from clearskies.discovery.tracker_client import (
 from clearskies.errors import ConfigurationError
 from clearskies.tracker.registry import Registry
 from clearskies.tracker.web import make_site
+from tests.helpers import async_test, onion_name
 
 SHARE = "a" * 64
 CODE = "c" * 64
@@ -485,61 +486,53 @@ class TrackerIntegrationTests(TestCase):
             await deferLater(reactor, 0.02, lambda: None)
         raise AssertionError("condition not reached in 4 s")
 
-    def test_plain_registration_returns_others(self) -> Deferred:
+    @async_test
+    async def test_plain_registration_returns_others(self) -> None:
         """A polling registration stores us at the tracker and returns the peers already there."""
+        tracker = _Tracker()
+        self.addCleanup(lambda: Deferred.fromCoroutine(tracker.stop()))
+        tracker.registry.register([(SHARE, PEER_B)], "127.0.0.1", 4001, None, reactor.seconds())
+        client, found = self._client(tracker.url, PEER_A, 4000, fast_track=False)
+        await self._until(lambda: found)
+        assert found == [(SHARE, [(PEER_B, Address("tcp", "127.0.0.1", 4001))])]
+        assert client.registered and not client.streaming
+        assert client.your_ip == "127.0.0.1"
+        assert tracker.registry.others(SHARE, [PEER_B]) == [PEER_A + "@tcp:127.0.0.1:4000"]
 
-        async def run() -> None:
-            tracker = _Tracker()
-            self.addCleanup(lambda: Deferred.fromCoroutine(tracker.stop()))
-            tracker.registry.register([(SHARE, PEER_B)], "127.0.0.1", 4001, None, reactor.seconds())
-            client, found = self._client(tracker.url, PEER_A, 4000, fast_track=False)
-            await self._until(lambda: found)
-            assert found == [(SHARE, [(PEER_B, Address("tcp", "127.0.0.1", 4001))])]
-            assert client.registered and not client.streaming
-            assert client.your_ip == "127.0.0.1"
-            assert tracker.registry.others(SHARE, [PEER_B]) == [PEER_A + "@tcp:127.0.0.1:4000"]
-
-        return Deferred.fromCoroutine(run())
-
-    def test_fast_track_delivers_arrival(self) -> Deferred:
+    @async_test
+    async def test_fast_track_delivers_arrival(self) -> None:
         """With fast_track, a peer that registers later reaches us over the open stream."""
+        tracker = _Tracker()
+        self.addCleanup(lambda: Deferred.fromCoroutine(tracker.stop()))
+        client_a, found_a = self._client(tracker.url, PEER_A, 4000)
+        await self._until(lambda: client_a.streaming)
+        assert found_a == [(SHARE, [])]
+        client_b, found_b = self._client(tracker.url, PEER_B, 4001)
+        await self._until(lambda: len(found_a) >= 2)
+        assert found_a[-1] == (SHARE, [(PEER_B, Address("tcp", "127.0.0.1", 4001))])
+        assert found_b[0] == (SHARE, [(PEER_A, Address("tcp", "127.0.0.1", 4000))])
+        assert tracker.registry.stats()["streams"] == 2
 
-        async def run() -> None:
-            tracker = _Tracker()
-            self.addCleanup(lambda: Deferred.fromCoroutine(tracker.stop()))
-            client_a, found_a = self._client(tracker.url, PEER_A, 4000)
-            await self._until(lambda: client_a.streaming)
-            assert found_a == [(SHARE, [])]
-            client_b, found_b = self._client(tracker.url, PEER_B, 4001)
-            await self._until(lambda: len(found_a) >= 2)
-            assert found_a[-1] == (SHARE, [(PEER_B, Address("tcp", "127.0.0.1", 4001))])
-            assert found_b[0] == (SHARE, [(PEER_A, Address("tcp", "127.0.0.1", 4000))])
-            assert tracker.registry.stats()["streams"] == 2
-
-        return Deferred.fromCoroutine(run())
-
-    def test_tracker_restart_reregisters(self) -> Deferred:
+    @async_test
+    async def test_tracker_restart_reregisters(self) -> None:
         """When the tracker restarts with an empty table, the client registers there again."""
+        tracker = _Tracker()
+        client, found = self._client(
+            tracker.url, PEER_A, 4000, retry_policy=lambda attempt: 0.1
+        )
+        await self._until(lambda: client.streaming)
+        port = tracker.port.getHost().port
+        await tracker.stop()
+        await self._until(lambda: client.failures >= 2)
+        assert not client.registered
+        restarted = _Tracker(port)
+        self.addCleanup(lambda: Deferred.fromCoroutine(restarted.stop()))
+        await self._until(lambda: client.streaming)
+        assert restarted.registry.others(SHARE) == [PEER_A + "@tcp:127.0.0.1:4000"]
+        assert client.failures == 0
 
-        async def run() -> None:
-            tracker = _Tracker()
-            client, found = self._client(
-                tracker.url, PEER_A, 4000, retry_policy=lambda attempt: 0.1
-            )
-            await self._until(lambda: client.streaming)
-            port = tracker.port.getHost().port
-            await tracker.stop()
-            await self._until(lambda: client.failures >= 2)
-            assert not client.registered
-            restarted = _Tracker(port)
-            self.addCleanup(lambda: Deferred.fromCoroutine(restarted.stop()))
-            await self._until(lambda: client.streaming)
-            assert restarted.registry.others(SHARE) == [PEER_A + "@tcp:127.0.0.1:4000"]
-            assert client.failures == 0
-
-        return Deferred.fromCoroutine(run())
-
-    def test_polling_tracker_resource(self) -> Deferred:
+    @async_test
+    async def test_polling_tracker_resource(self) -> None:
         """A tracker that ignores fast_track and answers one indented document is polled."""
 
         class OldTracker(Resource):
@@ -550,44 +543,36 @@ class TrackerIntegrationTests(TestCase):
                 self.seen.append(dict(request.args))
                 body = {"your_ip": "127.0.0.1", "others": {SHARE: [entry(PEER_B, 4001, "127.0.0.1")]}, "ttl": 30}
                 return json.dumps(body, indent=1).encode()
+        root = Resource()
+        clearskies = Resource()
+        old = OldTracker()
+        clearskies.putChild(b"track", old)
+        root.putChild(b"clearskies", clearskies)
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client, found = self._client("http://127.0.0.1:%d" % port.getHost().port, PEER_A, 4000)
+        await self._until(lambda: found)
+        assert found == [(SHARE, [(PEER_B, Address("tcp", "127.0.0.1", 4001))])]
+        assert old.seen[0][b"fast_track"] == [b"1"]
+        assert old.seen[0][b"id"] == [(SHARE + "@" + PEER_A).encode()]
+        assert client.registered and not client.streaming
 
-        async def run() -> None:
-            root = Resource()
-            clearskies = Resource()
-            old = OldTracker()
-            clearskies.putChild(b"track", old)
-            root.putChild(b"clearskies", clearskies)
-            port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            client, found = self._client("http://127.0.0.1:%d" % port.getHost().port, PEER_A, 4000)
-            await self._until(lambda: found)
-            assert found == [(SHARE, [(PEER_B, Address("tcp", "127.0.0.1", 4001))])]
-            assert old.seen[0][b"fast_track"] == [b"1"]
-            assert old.seen[0][b"id"] == [(SHARE + "@" + PEER_A).encode()]
-            assert client.registered and not client.streaming
-
-        return Deferred.fromCoroutine(run())
-
-    def test_onion_only_peer_is_found_at_its_onion_address(self) -> Deferred:
+    @async_test
+    async def test_onion_only_peer_is_found_at_its_onion_address(self) -> None:
         """A client with no TCP port registers its onion address; another client is told it."""
-        from tests.test_address_exchange import onion_name
 
         name = onion_name(b"integration")
-
-        async def run() -> None:
-            tracker = _Tracker()
-            self.addCleanup(lambda: Deferred.fromCoroutine(tracker.stop()))
-            onion_only = TrackerClient(
-                reactor, tracker.url, lambda: [(SHARE, PEER_A)], lambda: (None, None),
-                lambda *a: None, extra_addresses=lambda: [Address("tor", name + ".onion", 60106)])
-            onion_only.startService()
-            self.addCleanup(onion_only.stopService)
-            await self._until(lambda: onion_only.registered)
-            _client, found = self._client(tracker.url, PEER_B, 4001, fast_track=False)
-            await self._until(lambda: found)
-            assert found == [(SHARE, [(PEER_A, Address("tor", name + ".onion", 60106))])]
-
-        return Deferred.fromCoroutine(run())
+        tracker = _Tracker()
+        self.addCleanup(lambda: Deferred.fromCoroutine(tracker.stop()))
+        onion_only = TrackerClient(
+            reactor, tracker.url, lambda: [(SHARE, PEER_A)], lambda: (None, None),
+            lambda *a: None, extra_addresses=lambda: [Address("tor", name + ".onion", 60106)])
+        onion_only.startService()
+        self.addCleanup(onion_only.stopService)
+        await self._until(lambda: onion_only.registered)
+        _client, found = self._client(tracker.url, PEER_B, 4001, fast_track=False)
+        await self._until(lambda: found)
+        assert found == [(SHARE, [(PEER_A, Address("tor", name + ".onion", 60106))])]
 
 
 # -- extension: onion addresses (Clock-driven) ------------------------------------------
@@ -595,7 +580,6 @@ class TrackerIntegrationTests(TestCase):
 
 def test_request_carries_onion_addresses_as_tor_parameters() -> None:
     """extra_addresses' tor ones (deduplicated, at most 4) go out as tor=; others are not sent."""
-    from tests.test_address_exchange import onion_name
 
     names = [onion_name(b"%d" % i) for i in range(6)]
     extra = [Address("tor", names[0] + ".onion", 60106), Address("tcp", "10.0.0.9", 5000),
@@ -614,7 +598,6 @@ def test_request_carries_onion_addresses_as_tor_parameters() -> None:
 
 def test_onion_only_request_has_no_tcp_port_and_waits_for_the_onion() -> None:
     """With no TCP port, nothing is sent until an onion address exists; then no tcp_port."""
-    from tests.test_address_exchange import onion_name
 
     name = onion_name(b"later")
     onions: list[Address] = []

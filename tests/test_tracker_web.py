@@ -19,6 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from clearskies.tracker.registry import Registry
 from clearskies.tracker.web import TrackQuery, TrackResource, _Stream, make_site
+from tests.helpers import async_test, onion_name
 
 # Agent's own body transport lacks abortConnection; readBody warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
@@ -127,52 +128,50 @@ class TrackerWebTests(unittest.TestCase):
         await lines.closed
         await self._until_no_streams()
 
-    def test_reference_shaped_request(self) -> Deferred:
+    @async_test
+    async def test_reference_shaped_request(self) -> None:
         """The reference peer's exact request gets the reference JSON shape, then sees the next peer."""
-        async def go() -> None:
-            code, headers, body = await self._get(
-                "/clearskies/track?id=%s%%40%s&tcp_port=30001" % (A, P1)
-            )
-            self.assertEqual(code, 200)
-            self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
-            self.assertEqual(
-                body,
-                b'{"your_ip":"127.0.0.1","others":{"%s":[]},"ttl":300}' % A.encode(),
-            )
-            code, _, body = await self._get(
-                "/clearskies/track?id=%s%%40%s&tcp_port=30002" % (A, P2)
-            )
-            self.assertEqual(
-                json.loads(body),
-                {"your_ip": "127.0.0.1", "others": {A: [P1 + "@tcp:127.0.0.1:30001"]}, "ttl": 300},
-            )
-        return Deferred.fromCoroutine(go())
+        code, headers, body = await self._get(
+            "/clearskies/track?id=%s%%40%s&tcp_port=30001" % (A, P1)
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(
+            body,
+            b'{"your_ip":"127.0.0.1","others":{"%s":[]},"ttl":300}' % A.encode(),
+        )
+        code, _, body = await self._get(
+            "/clearskies/track?id=%s%%40%s&tcp_port=30002" % (A, P2)
+        )
+        self.assertEqual(
+            json.loads(body),
+            {"your_ip": "127.0.0.1", "others": {A: [P1 + "@tcp:127.0.0.1:30001"]}, "ttl": 300},
+        )
 
-    def test_literal_at_multiple_ids_and_utp_port(self) -> Deferred:
+    @async_test
+    async def test_literal_at_multiple_ids_and_utp_port(self) -> None:
         """A raw '@', several id parameters and utp_port are understood."""
-        async def go() -> None:
-            await self._get("/clearskies/track?id=%s@%s&id=%s@%s&tcp_port=7&utp_port=8" % (A, P1, B, P1))
-            code, _, body = await self._get(_track((A, P2), (B, P2), tcp_port=9))
-            self.assertEqual(code, 200)
-            self.assertEqual(json.loads(body)["others"], {
-                A: [P1 + "@tcp:127.0.0.1:7", P1 + "@utp:127.0.0.1:8"],
-                B: [P1 + "@tcp:127.0.0.1:7", P1 + "@utp:127.0.0.1:8"],
-            })
-        return Deferred.fromCoroutine(go())
+        await self._get("/clearskies/track?id=%s@%s&id=%s@%s&tcp_port=7&utp_port=8" % (A, P1, B, P1))
+        code, _, body = await self._get(_track((A, P2), (B, P2), tcp_port=9))
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body)["others"], {
+            A: [P1 + "@tcp:127.0.0.1:7", P1 + "@utp:127.0.0.1:8"],
+            B: [P1 + "@tcp:127.0.0.1:7", P1 + "@utp:127.0.0.1:8"],
+        })
 
-    def test_status_page_counts(self) -> Deferred:
+    @async_test
+    async def test_status_page_counts(self) -> None:
         """GET / shows how many IDs and peers are registered."""
-        async def go() -> None:
-            await self._get(_track((A, P1), (B, P1)))
-            await self._get(_track((A, P2)))
-            code, headers, body = await self._get("/")
-            self.assertEqual(code, 200)
-            self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
-            self.assertIn(b"IDs: 2\n", body)
-            self.assertIn(b"peers: 3\n", body)
-        return Deferred.fromCoroutine(go())
+        await self._get(_track((A, P1), (B, P1)))
+        await self._get(_track((A, P2)))
+        code, headers, body = await self._get("/")
+        self.assertEqual(code, 200)
+        self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+        self.assertIn(b"IDs: 2\n", body)
+        self.assertIn(b"peers: 3\n", body)
 
-    def test_bad_parameters_get_400_with_a_message(self) -> Deferred:
+    @async_test
+    async def test_bad_parameters_get_400_with_a_message(self) -> None:
         """Each malformed query is answered 400 text/plain naming the problem; nothing is stored."""
         cases = [
             ("/clearskies/track", b"at least one id"),
@@ -191,122 +190,113 @@ class TrackerWebTests(unittest.TestCase):
             ("/clearskies/track?id=%s%%40%s%%ff&tcp_port=1" % (A, P1), b"ASCII"),
             (_track(*[("%064x" % i, P1) for i in range(5)]), b"at most 4"),
         ]
+        for path, words in cases:
+            code, headers, body = await self._get(path)
+            self.assertEqual((path, code), (path, 400))
+            self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+            self.assertIn(words, body)
+        self.assertEqual(self.registry.stats()["registrations"], 0)
+        code, _, _ = await self._get(_track((A, P1)))
+        self.assertEqual(code, 200)
 
-        async def go() -> None:
-            for path, words in cases:
-                code, headers, body = await self._get(path)
-                self.assertEqual((path, code), (path, 400))
-                self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
-                self.assertIn(words, body)
-            self.assertEqual(self.registry.stats()["registrations"], 0)
-            code, _, _ = await self._get(_track((A, P1)))
-            self.assertEqual(code, 200)
-        return Deferred.fromCoroutine(go())
-
-    def test_oversized_and_garbage_requests_leave_the_tracker_serving(self) -> Deferred:
+    @async_test
+    async def test_oversized_and_garbage_requests_leave_the_tracker_serving(self) -> None:
         """A 40 KB request line and a non-HTTP line get 400; the next request is served."""
-        async def go() -> None:
-            huge = b"GET /clearskies/track?id=" + b"a" * 40_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-            answer = await self._raw(huge)
-            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
-            self.assertIn(b"longer than", answer)
-            answer = await self._raw(b"\x00\xffGARBAGE\r\n\r\n")
-            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
-            code, _, body = await self._get(_track((A, P1)))
-            self.assertEqual(code, 200)
-            self.assertEqual(json.loads(body)["your_ip"], "127.0.0.1")
-        return Deferred.fromCoroutine(go())
+        huge = b"GET /clearskies/track?id=" + b"a" * 40_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = await self._raw(huge)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+        self.assertIn(b"longer than", answer)
+        answer = await self._raw(b"\x00\xffGARBAGE\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+        code, _, body = await self._get(_track((A, P1)))
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body)["your_ip"], "127.0.0.1")
 
-    def test_other_methods_and_paths_are_not_server_errors(self) -> Deferred:
+    @async_test
+    async def test_other_methods_and_paths_are_not_server_errors(self) -> None:
         """POST to the track URL is 405 and an unknown path is 404, never 500."""
-        async def go() -> None:
-            code, headers, body = await self._get(_track((A, P1)), method=b"POST")
-            self.assertEqual((code, body), (405, b"only GET is supported here\n"))
-            self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
-            for path in ("/nothing/here", "/clearskies", "/clearskies/other"):
-                code, _, body = await self._get(path)
-                self.assertEqual(code, 404)
-                self.assertIn(b"/clearskies/track", body)
-            code, _, body = await self._get("/", method=b"HEAD")
-            self.assertEqual((code, body), (200, b""))
-            self.assertEqual(self.registry.stats()["registrations"], 0)
-        return Deferred.fromCoroutine(go())
+        code, headers, body = await self._get(_track((A, P1)), method=b"POST")
+        self.assertEqual((code, body), (405, b"only GET is supported here\n"))
+        self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        for path in ("/nothing/here", "/clearskies", "/clearskies/other"):
+            code, _, body = await self._get(path)
+            self.assertEqual(code, 404)
+            self.assertIn(b"/clearskies/track", body)
+        code, _, body = await self._get("/", method=b"HEAD")
+        self.assertEqual((code, body), (200, b""))
+        self.assertEqual(self.registry.stats()["registrations"], 0)
 
-    def test_fast_track_streams_updates_and_keepalives(self) -> Deferred:
+    @async_test
+    async def test_fast_track_streams_updates_and_keepalives(self) -> None:
         """fast_track=1: first line with timeout, an others line when a peer arrives, then {} pings."""
-        async def go() -> None:
-            await self._get(_track((A, P3), tcp_port=30003))
-            lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
-            first = json.loads(await lines.next_line())
-            self.assertEqual(first, {
-                "your_ip": "127.0.0.1",
-                "others": {A: [P3 + "@tcp:127.0.0.1:30003"]},
-                "ttl": 300,
-                "timeout": 1,
-            })
-            code, _, body = await self._get(_track((A, P2), tcp_port=30002))
-            self.assertEqual(json.loads(body)["others"][A], [P3 + "@tcp:127.0.0.1:30003", P1 + "@tcp:127.0.0.1:30001"])
+        await self._get(_track((A, P3), tcp_port=30003))
+        lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
+        first = json.loads(await lines.next_line())
+        self.assertEqual(first, {
+            "your_ip": "127.0.0.1",
+            "others": {A: [P3 + "@tcp:127.0.0.1:30003"]},
+            "ttl": 300,
+            "timeout": 1,
+        })
+        code, _, body = await self._get(_track((A, P2), tcp_port=30002))
+        self.assertEqual(json.loads(body)["others"][A], [P3 + "@tcp:127.0.0.1:30003", P1 + "@tcp:127.0.0.1:30001"])
+        line = await lines.next_line()
+        while line == b"{}":  # a ping may come first on a slow machine
             line = await lines.next_line()
-            while line == b"{}":  # a ping may come first on a slow machine
-                line = await lines.next_line()
-            update = json.loads(line)
-            self.assertEqual(update, {"others": {A: [P3 + "@tcp:127.0.0.1:30003", P2 + "@tcp:127.0.0.1:30002"]}})
-            self.assertEqual(await lines.next_line(), b"{}")
-            await self._close_stream(lines)
-            self.assertIn(b"fast_track streams: 0", (await self._get("/"))[2])
-        return Deferred.fromCoroutine(go())
+        update = json.loads(line)
+        self.assertEqual(update, {"others": {A: [P3 + "@tcp:127.0.0.1:30003", P2 + "@tcp:127.0.0.1:30002"]}})
+        self.assertEqual(await lines.next_line(), b"{}")
+        await self._close_stream(lines)
+        self.assertIn(b"fast_track streams: 0", (await self._get("/"))[2])
 
-    def test_fast_track_keeps_its_registration_alive(self) -> Deferred:
+    @async_test
+    async def test_fast_track_keeps_its_registration_alive(self) -> None:
         """While a stream is open its peer stays registered past the TTL."""
         self.registry.ttl = 1
+        lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
+        await lines.next_line()
+        await deferLater(reactor, 1.6, lambda: None)
+        self.registry.expire(reactor.seconds())
+        self.assertEqual(self.registry.others(A), [P1 + "@tcp:127.0.0.1:30001"])
+        await self._close_stream(lines)
 
-        async def go() -> None:
-            lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
-            await lines.next_line()
-            await deferLater(reactor, 1.6, lambda: None)
-            self.registry.expire(reactor.seconds())
-            self.assertEqual(self.registry.others(A), [P1 + "@tcp:127.0.0.1:30001"])
-            await self._close_stream(lines)
-        return Deferred.fromCoroutine(go())
-
-    def test_full_tracker_refreshes_existing_ids_and_names_the_new_one(self) -> Deferred:
+    @async_test
+    async def test_full_tracker_refreshes_existing_ids_and_names_the_new_one(self) -> None:
         """On a full tracker an existing ID plus a new one gets 200, the peers and the new ID named."""
-        async def go() -> None:
-            self.registry.max_total = 2
-            code, _, _ = await self._get(_track((A, P1), (B, P1)))
-            self.assertEqual(code, 200)
-            new_id = "c" * 64
-            code, _, body = await self._get(_track((new_id, P1)))
-            self.assertEqual((code, body), (503, b"the tracker is full; try again later\n"))
-            code, _, body = await self._get(_track((A, P1), (new_id, P1), (B, P1)))
-            self.assertEqual(code, 200)
-            answer = json.loads(body)
-            self.assertEqual(answer["others"], {A: [], new_id: [], B: []})
-            self.assertEqual(answer["not_registered"], {
-                "ids": [new_id + "@" + P1], "reason": "the tracker is full; try again later",
-            })
-            self.assertEqual(self.registry.stats()["registrations"], 2)
-        return Deferred.fromCoroutine(go())
+        self.registry.max_total = 2
+        code, _, _ = await self._get(_track((A, P1), (B, P1)))
+        self.assertEqual(code, 200)
+        new_id = "c" * 64
+        code, _, body = await self._get(_track((new_id, P1)))
+        self.assertEqual((code, body), (503, b"the tracker is full; try again later\n"))
+        code, _, body = await self._get(_track((A, P1), (new_id, P1), (B, P1)))
+        self.assertEqual(code, 200)
+        answer = json.loads(body)
+        self.assertEqual(answer["others"], {A: [], new_id: [], B: []})
+        self.assertEqual(answer["not_registered"], {
+            "ids": [new_id + "@" + P1], "reason": "the tracker is full; try again later",
+        })
+        self.assertEqual(self.registry.stats()["registrations"], 2)
 
-    def test_too_many_streams_is_503(self) -> Deferred:
+    @async_test
+    async def test_too_many_streams_is_503(self) -> None:
         """Past max_streams a fast_track request gets 503 with a message and registers nothing."""
-        async def go() -> None:
-            lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
-            await lines.next_line()
-            code, headers, body = await self._get(_track((A, P2), extra="&fast_track=1"))
-            self.assertEqual(code, 503)
-            self.assertIn(b"fast_track streams", body)
-            self.assertEqual(self.registry.others(A), [P1 + "@tcp:127.0.0.1:30001"])
-            await self._close_stream(lines)
-            code, _, _ = await self._get(_track((A, P2)))
-            self.assertEqual(code, 200)
-        return Deferred.fromCoroutine(go())
+        lines = await self._open_stream(_track((A, P1), extra="&fast_track=1"))
+        await lines.next_line()
+        code, headers, body = await self._get(_track((A, P2), extra="&fast_track=1"))
+        self.assertEqual(code, 503)
+        self.assertIn(b"fast_track streams", body)
+        self.assertEqual(self.registry.others(A), [P1 + "@tcp:127.0.0.1:30001"])
+        await self._close_stream(lines)
+        code, _, _ = await self._get(_track((A, P2)))
+        self.assertEqual(code, 200)
 
 
 class TrackerWebIPv6Tests(unittest.TestCase):
     timeout = 15
 
-    def test_ipv6_client_is_listed_in_brackets(self) -> Deferred:
+    @async_test
+    async def test_ipv6_client_is_listed_in_brackets(self) -> None:
         """Over ::1, your_ip is '::1' and the peer's address is tcp:[::1]:PORT."""
         registry = Registry()
         try:
@@ -318,13 +308,10 @@ class TrackerWebIPv6Tests(unittest.TestCase):
         self.addCleanup(pool.closeCachedConnections)
         agent = Agent(reactor, pool=pool)
         base = "http://[::1]:%d" % (port.getHost().port,)
-
-        async def go() -> None:
-            for peer in (P1, P2):
-                response = await agent.request(b"GET", (base + _track((A, peer))).encode())
-                body = json.loads(await readBody(response))
-            self.assertEqual(body, {"your_ip": "::1", "others": {A: [P1 + "@tcp:[::1]:30001"]}, "ttl": 300})
-        return Deferred.fromCoroutine(go())
+        for peer in (P1, P2):
+            response = await agent.request(b"GET", (base + _track((A, peer))).encode())
+            body = json.loads(await readBody(response))
+        self.assertEqual(body, {"your_ip": "::1", "others": {A: [P1 + "@tcp:[::1]:30001"]}, "ttl": 300})
 
 
 class _PushRequest(DummyRequest):
@@ -435,7 +422,6 @@ def test_unexpected_fault_is_503_not_500():
 
 
 def _onion(seed: str) -> str:
-    from tests.test_address_exchange import onion_name
     return onion_name(seed.encode())
 
 
@@ -456,40 +442,37 @@ class TrackerOnionTests(unittest.TestCase):
         response = await self.agent.request(b"GET", (self.base + path).encode("ascii"))
         return response.code, await readBody(response)
 
-    def test_tor_addresses_are_listed_beside_tcp(self) -> Deferred:
+    @async_test
+    async def test_tor_addresses_are_listed_beside_tcp(self) -> None:
         """tor= values (name and %3A-encoded colon) are listed as tor: entries after the tcp one."""
         one, two = _onion("one"), _onion("two")
+        code, _ = await self._get(
+            _track((A, P1), extra="&tor=%s.onion%%3A60106&tor=%s.onion:80" % (one, two)))
+        self.assertEqual(code, 200)
+        code, body = await self._get(_track((A, P2), tcp_port=30002))
+        self.assertEqual(json.loads(body)["others"][A], [
+            P1 + "@tcp:127.0.0.1:30001",
+            "%s@tor:%s.onion:60106" % (P1, one),
+            "%s@tor:%s.onion:80" % (P1, two),
+        ])
+        # The reference peer's own request is answered exactly as before.
+        code, body = await self._get("/clearskies/track?id=%s%%40%s&tcp_port=30003" % (B, P3))
+        self.assertEqual(body, b'{"your_ip":"127.0.0.1","others":{"%s":[]},"ttl":300}'
+                         % B.encode())
 
-        async def go() -> None:
-            code, _ = await self._get(
-                _track((A, P1), extra="&tor=%s.onion%%3A60106&tor=%s.onion:80" % (one, two)))
-            self.assertEqual(code, 200)
-            code, body = await self._get(_track((A, P2), tcp_port=30002))
-            self.assertEqual(json.loads(body)["others"][A], [
-                P1 + "@tcp:127.0.0.1:30001",
-                "%s@tor:%s.onion:60106" % (P1, one),
-                "%s@tor:%s.onion:80" % (P1, two),
-            ])
-            # The reference peer's own request is answered exactly as before.
-            code, body = await self._get("/clearskies/track?id=%s%%40%s&tcp_port=30003" % (B, P3))
-            self.assertEqual(body, b'{"your_ip":"127.0.0.1","others":{"%s":[]},"ttl":300}'
-                             % B.encode())
-        return Deferred.fromCoroutine(go())
-
-    def test_onion_only_peer_has_no_tcp_entry(self) -> Deferred:
+    @async_test
+    async def test_onion_only_peer_has_no_tcp_entry(self) -> None:
         """Without tcp_port, a peer giving tor= is listed only at its onion address."""
         name = _onion("only")
+        code, body = await self._get("/clearskies/track?id=%s%%40%s&tor=%s.onion:60106"
+                                     % (A, P1, name))
+        self.assertEqual((code, json.loads(body)["others"]), (200, {A: []}))
+        code, body = await self._get(_track((A, P2)))
+        self.assertEqual(json.loads(body)["others"][A],
+                         ["%s@tor:%s.onion:60106" % (P1, name)])
 
-        async def go() -> None:
-            code, body = await self._get("/clearskies/track?id=%s%%40%s&tor=%s.onion:60106"
-                                         % (A, P1, name))
-            self.assertEqual((code, json.loads(body)["others"]), (200, {A: []}))
-            code, body = await self._get(_track((A, P2)))
-            self.assertEqual(json.loads(body)["others"][A],
-                             ["%s@tor:%s.onion:60106" % (P1, name)])
-        return Deferred.fromCoroutine(go())
-
-    def test_bad_tor_values_get_400_and_store_nothing(self) -> Deferred:
+    @async_test
+    async def test_bad_tor_values_get_400_and_store_nothing(self) -> None:
         """Malformed, mistyped (bad checksum) or too many tor= values are refused with 400."""
         good = _onion("good")
         typo = good[:10] + ("a" if good[10] != "a" else "b") + good[11:]
@@ -504,20 +487,17 @@ class TrackerOnionTests(unittest.TestCase):
             ("tor=%s.onion:1" % ("a" * 56,), b"tor must be"),
             ("&".join("tor=%s.onion:%d" % (good, p) for p in range(1, 6)), b"at most 4 tor"),
         ]
-
-        async def go() -> None:
-            for query, words in cases:
-                path = "/clearskies/track?id=%s%%40%s&%s" % (A, P1, query)
-                code, body = await self._get(path)
-                self.assertEqual((query, code), (query, 400))
-                self.assertIn(words, body)
-                code, body = await self._get(_track((A, P1), extra="&" + query))
-                self.assertEqual((query, code), (query, 400))
-            code, body = await self._get("/clearskies/track?id=%s%%40%s" % (A, P1))
-            self.assertEqual(code, 400)
-            self.assertIn(b"tcp_port is required", body)
-            self.assertEqual(self.registry.stats()["registrations"], 0)
-        return Deferred.fromCoroutine(go())
+        for query, words in cases:
+            path = "/clearskies/track?id=%s%%40%s&%s" % (A, P1, query)
+            code, body = await self._get(path)
+            self.assertEqual((query, code), (query, 400))
+            self.assertIn(words, body)
+            code, body = await self._get(_track((A, P1), extra="&" + query))
+            self.assertEqual((query, code), (query, 400))
+        code, body = await self._get("/clearskies/track?id=%s%%40%s" % (A, P1))
+        self.assertEqual(code, 400)
+        self.assertIn(b"tcp_port is required", body)
+        self.assertEqual(self.registry.stats()["registrations"], 0)
 
 
 def test_fast_track_stream_renews_and_announces_onion_addresses():
@@ -564,46 +544,42 @@ class TrackerConnectionLimitTests(unittest.TestCase):
             await deferLater(reactor, 0.01, lambda: None)
         self.fail("connections are %r, not %r" % (self.site.connections(), (opened, idle)))
 
-    def test_newcomer_displaces_the_longest_idle_connection(self) -> Deferred:
+    @async_test
+    async def test_newcomer_displaces_the_longest_idle_connection(self) -> None:
         """At max_connections a new client gets in and the connection idle longest is dropped."""
-        async def go() -> None:
-            first = await self._connect(b"")
-            await self._until(1, 1)
-            second = await self._connect(b"")
-            await self._until(2, 2)
-            third = await self._connect(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            self.assertTrue((await third.done).startswith(b"HTTP/1.1 200 "))
-            self.assertEqual(await first.done, b"")
-            self.assertFalse(second.done.called)
-        return Deferred.fromCoroutine(go())
+        first = await self._connect(b"")
+        await self._until(1, 1)
+        second = await self._connect(b"")
+        await self._until(2, 2)
+        third = await self._connect(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        self.assertTrue((await third.done).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(await first.done, b"")
+        self.assertFalse(second.done.called)
 
-    def test_when_every_connection_is_busy_a_newcomer_gets_503(self) -> Deferred:
+    @async_test
+    async def test_when_every_connection_is_busy_a_newcomer_gets_503(self) -> None:
         """Two open fast_track streams fill a 2-connection tracker; a third client hears a plain 503."""
-        async def go() -> None:
-            for peer in (P1, P2):
-                await self._connect(
-                    b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track((A, peer), extra="&fast_track=1").encode())
-            await self._until(2, 0)
-            refused = await (await self._connect(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")).done
-            self.assertTrue(refused.startswith(b"HTTP/1.1 503 "), refused)
-            self.assertIn(b"too many open connections; try again in a minute", refused)
-            self.assertEqual(self.registry.stats()["streams"], 2)
-        return Deferred.fromCoroutine(go())
+        for peer in (P1, P2):
+            await self._connect(
+                b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % _track((A, peer), extra="&fast_track=1").encode())
+        await self._until(2, 0)
+        refused = await (await self._connect(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")).done
+        self.assertTrue(refused.startswith(b"HTTP/1.1 503 "), refused)
+        self.assertIn(b"too many open connections; try again in a minute", refused)
+        self.assertEqual(self.registry.stats()["streams"], 2)
 
-    def test_idle_connection_is_closed_after_the_idle_timeout(self) -> Deferred:
+    @async_test
+    async def test_idle_connection_is_closed_after_the_idle_timeout(self) -> None:
         """A connection that sends nothing is closed after idle_timeout and its place freed."""
-        async def go() -> None:
-            idle = await self._connect(b"GET / HTTP/1.1\r\n")  # a request that never finishes
-            self.assertEqual(await idle.done, b"")
-            await self._until(0, 0)
-        return Deferred.fromCoroutine(go())
+        idle = await self._connect(b"GET / HTTP/1.1\r\n")  # a request that never finishes
+        self.assertEqual(await idle.done, b"")
+        await self._until(0, 0)
 
-    def test_body_is_refused_before_it_is_read(self) -> Deferred:
+    @async_test
+    async def test_body_is_refused_before_it_is_read(self) -> None:
         """A POST with a large Content-Length is answered 405 at once and closed; nothing is buffered."""
-        async def go() -> None:
-            answer = await (await self._connect(
-                b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999\r\n\r\nxxxx")).done
-            self.assertTrue(answer.startswith(b"HTTP/1.1 405 "), answer)
-            self.assertIn(b"only GET is supported here", answer)
-            self.assertEqual(self.registry.stats()["registrations"], 0)
-        return Deferred.fromCoroutine(go())
+        answer = await (await self._connect(
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999\r\n\r\nxxxx")).done
+        self.assertTrue(answer.startswith(b"HTTP/1.1 405 "), answer)
+        self.assertIn(b"only GET is supported here", answer)
+        self.assertEqual(self.registry.stats()["registrations"], 0)

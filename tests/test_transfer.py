@@ -30,6 +30,7 @@ from clearskies.transfer import (
     get_error_message, is_temp_name, temp_name,
 )
 from tests.dotfile import edges
+from tests.helpers import async_test
 
 MiB = 1024 * 1024
 MTIME = (1_700_000_000, 123_456_789)
@@ -943,11 +944,9 @@ class LoopbackTransferTests(unittest.TestCase):
         self.runner.startService()
         self.addCleanup(self.runner.stopService)
 
-    def test_files_cross_loopback_and_verify(self):
+    @async_test
+    async def test_files_cross_loopback_and_verify(self):
         """Two files stream back to back over TCP and land verified, using worker threads."""
-        return Deferred.fromCoroutine(self._transfer())
-
-    async def _transfer(self):
         base = Path(self.mktemp())
         source, target = base / "src", base / "dst"
         source.mkdir(parents=True)

@@ -7,13 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from clearskies.share.watcher import (
     Debouncer, ExpectedArrivals, InotifyWatcher, full_rescan_interval)
-from tests.test_database import temporary_dir
+from tests.helpers import async_test, temporary_dir
 
 
 class Recorder:
@@ -224,96 +223,86 @@ class InotifyWatcherTests(TestCase):
         self.watcher.watch_directories(["sub"])
         self.addCleanup(self.watcher.stop)
 
-    def run_async(self, coro):
-        return Deferred.fromCoroutine(coro)
-
     def write(self, path: str, data: str = "x", mode: str = "w") -> None:
         """Write (or with mode "a" append) ``data`` to the share-relative ``path``."""
         with open(os.path.join(self.root, *path.split("/")), mode) as f:
             f.write(data)
 
-    def test_reports_relative_paths(self):
+    @async_test
+    async def test_reports_relative_paths(self):
         """Writing a file in a watched subdirectory reports its share-relative path."""
-        async def go():
-            self.write("sub/f.txt")
-            await eventually(lambda: "sub/f.txt" in self.changes)
-        return self.run_async(go())
+        self.write("sub/f.txt")
+        await eventually(lambda: "sub/f.txt" in self.changes)
 
-    def test_our_own_renames_are_not_reported_but_later_edits_are(self):
+    @async_test
+    async def test_our_own_renames_are_not_reported_but_later_edits_are(self):
         """An expected rename into a path is swallowed once; a user's edit after it is not."""
         self.watcher.expected = ExpectedArrivals(reactor)
-        async def go():
-            self.write("sub/.f.txt.0123.!clearsky", "downloaded")
-            temp = os.path.join(self.root, "sub", ".f.txt.0123.!clearsky")
-            self.watcher.expected.expect(["sub/f.txt"])
-            os.rename(temp, os.path.join(self.root, "sub", "f.txt"))
-            # A marker written afterwards proves the rename's event was processed.
-            self.write("sub/marker")
-            await eventually(lambda: "sub/marker" in self.changes)
-            self.assertNotIn("sub/f.txt", self.changes)
-            self.assertEqual(len(self.watcher.expected), 0)
-            self.write("sub/f.txt", " and edited", mode="a")
-            await eventually(lambda: "sub/f.txt" in self.changes)
-        return self.run_async(go())
+        self.write("sub/.f.txt.0123.!clearsky", "downloaded")
+        temp = os.path.join(self.root, "sub", ".f.txt.0123.!clearsky")
+        self.watcher.expected.expect(["sub/f.txt"])
+        os.rename(temp, os.path.join(self.root, "sub", "f.txt"))
+        # A marker written afterwards proves the rename's event was processed.
+        self.write("sub/marker")
+        await eventually(lambda: "sub/marker" in self.changes)
+        self.assertNotIn("sub/f.txt", self.changes)
+        self.assertEqual(len(self.watcher.expected), 0)
+        self.write("sub/f.txt", " and edited", mode="a")
+        await eventually(lambda: "sub/f.txt" in self.changes)
 
-    def test_partial_download_names_are_never_reported(self):
+    @async_test
+    async def test_partial_download_names_are_never_reported(self):
         """Events for ``*.!clearsky`` files are dropped; the file renamed from one is not."""
-        async def go():
-            self.write("sub/.g.txt.0123.!clearsky", "partial")
-            temp = os.path.join(self.root, "sub", ".g.txt.0123.!clearsky")
-            os.chmod(temp, 0o644)
-            os.rename(temp, os.path.join(self.root, "sub", "g.txt"))
-            await eventually(lambda: "sub/g.txt" in self.changes)
-            self.assertEqual([c for c in self.changes if c.endswith(".!clearsky")], [])
-        return self.run_async(go())
+        self.write("sub/.g.txt.0123.!clearsky", "partial")
+        temp = os.path.join(self.root, "sub", ".g.txt.0123.!clearsky")
+        os.chmod(temp, 0o644)
+        os.rename(temp, os.path.join(self.root, "sub", "g.txt"))
+        await eventually(lambda: "sub/g.txt" in self.changes)
+        self.assertEqual([c for c in self.changes if c.endswith(".!clearsky")], [])
 
-    def test_new_directories_are_watched(self):
+    @async_test
+    async def test_new_directories_are_watched(self):
         """A directory created after start is watched at once: changes inside it show up."""
-        async def go():
-            os.mkdir(os.path.join(self.root, "new"))
-            await eventually(lambda: "new" in self.changes)
-            self.write("new/inner")
-            await eventually(lambda: "new/inner" in self.changes)
-        return self.run_async(go())
+        os.mkdir(os.path.join(self.root, "new"))
+        await eventually(lambda: "new" in self.changes)
+        self.write("new/inner")
+        await eventually(lambda: "new/inner" in self.changes)
 
-    def test_deleting_a_subdirectory_keeps_the_rest_watched(self):
+    @async_test
+    async def test_deleting_a_subdirectory_keeps_the_rest_watched(self):
         """Removing a watched subdirectory loses only its watch, not the whole watcher."""
-        async def go():
-            shutil.rmtree(os.path.join(self.root, "sub"))
-            await eventually(lambda: "sub" in self.changes)
-            await deferLater(reactor, 0.05, lambda: None)
-            self.write("after.txt")
-            await eventually(lambda: "after.txt" in self.changes)
-            os.mkdir(os.path.join(self.root, "sub"))  # same name again: watched again
-            await eventually(lambda: self.changes.count("sub") >= 2)
-            self.write("sub/again")
-            await eventually(lambda: "sub/again" in self.changes)
-        return self.run_async(go())
+        shutil.rmtree(os.path.join(self.root, "sub"))
+        await eventually(lambda: "sub" in self.changes)
+        await deferLater(reactor, 0.05, lambda: None)
+        self.write("after.txt")
+        await eventually(lambda: "after.txt" in self.changes)
+        os.mkdir(os.path.join(self.root, "sub"))  # same name again: watched again
+        await eventually(lambda: self.changes.count("sub") >= 2)
+        self.write("sub/again")
+        await eventually(lambda: "sub/again" in self.changes)
 
-    def test_directory_moved_away_and_back(self):
+    @async_test
+    async def test_directory_moved_away_and_back(self):
         """A moved directory is reported at both names and watched under the new one."""
-        async def go():
-            os.rename(os.path.join(self.root, "sub"), os.path.join(self.root, "moved"))
-            await eventually(lambda: "sub" in self.changes and "moved" in self.changes)
-            self.write("moved/f")
-            await eventually(lambda: "moved/f" in self.changes)
-        return self.run_async(go())
+        os.rename(os.path.join(self.root, "sub"), os.path.join(self.root, "moved"))
+        await eventually(lambda: "sub" in self.changes and "moved" in self.changes)
+        self.write("moved/f")
+        await eventually(lambda: "moved/f" in self.changes)
 
-    def test_symlinked_directory_is_not_watched(self):
+    @async_test
+    async def test_symlinked_directory_is_not_watched(self):
         """watch_directories refuses to follow a symlink to a directory outside."""
         outside = temporary_dir(self)
         os.symlink(outside, os.path.join(self.root, "link"))
         self.watcher.watch_directories(["link"])
+        with open(os.path.join(outside, "secret"), "w") as f:
+            f.write("x")
+        self.write("marker")
+        await eventually(lambda: "marker" in self.changes)
+        self.assertNotIn("link/secret", self.changes)
 
-        async def go():
-            with open(os.path.join(outside, "secret"), "w") as f:
-                f.write("x")
-            self.write("marker")
-            await eventually(lambda: "marker" in self.changes)
-            self.assertNotIn("link/secret", self.changes)
-        return self.run_async(go())
-
-    def test_queue_overflow_asks_for_full_rescan(self):
+    @async_test
+    async def test_queue_overflow_asks_for_full_rescan(self):
         """When the kernel queue overflows, the watcher reports lost events."""
         try:
             with open("/proc/sys/fs/inotify/max_queued_events") as f:
@@ -327,14 +316,10 @@ class InotifyWatcherTests(TestCase):
             open(name, "w").close()
         for n in range(limit + 100):  # alternate so the kernel cannot merge events
             os.utime(names[n % 2], ns=(n, n))
+        await eventually(lambda: self.overflows)
 
-        async def go():
-            await eventually(lambda: self.overflows)
-        return self.run_async(go())
-
-    def test_root_removed_is_reported(self):
+    @async_test
+    async def test_root_removed_is_reported(self):
         """Removing the share root itself reports a root change."""
-        async def go():
-            shutil.rmtree(self.root)
-            await eventually(lambda: self.root_events)
-        return self.run_async(go())
+        shutil.rmtree(self.root)
+        await eventually(lambda: self.root_events)

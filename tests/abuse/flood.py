@@ -33,6 +33,7 @@ from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.keys import ShareKeys
 from clearskies.peer import connect_peer
 from clearskies.wire import encode
+from tests.fakes import QuietSession
 
 LEGIT_HOST = "127.0.0.1"
 
@@ -143,17 +144,6 @@ class Flood:
             await sleep(self.reactor, 0.01)
 
 
-class _Session:
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-
-    def event_received(self, event: Any) -> None:
-        pass
-
-    def connection_lost(self, reason: str) -> None:
-        pass
-
-
 async def sleep(reactor: Any, seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
@@ -174,7 +164,7 @@ async def legit_connect(reactor: Any, port: int, keys: ShareKeys, bound: float,
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=bound,
                                       bindAddress=(host, 0))
         attempt: Deferred = connect_peer(reactor, endpoint, ConnectTarget.share(keys, peer_id),
-                                         ring, "legit", _Session)
+                                         ring, "legit", QuietSession)
         timer = reactor.callLater(max(0.01, bound - (time.monotonic() - began)), attempt.cancel)
         try:
             connection = await attempt

@@ -20,19 +20,9 @@ from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.keys import ShareKeys
 from clearskies.peer import connect_peer
 from clearskies.wire import encode
+from tests.fakes import QuietSession
 
 FEATURES = ("vv", "directories", "progress", "addresses")
-
-
-class _Quiet:
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-
-    def event_received(self, event: Any) -> None:
-        pass
-
-    def connection_lost(self, reason: str) -> None:
-        pass
 
 
 def host_for(n: int) -> str:
@@ -52,7 +42,7 @@ async def fresh_id_connections(reactor: Any, port: int, keys: ShareKeys, count: 
                                       bindAddress=(host_for(n), 0))
         try:
             connection = await connect_peer(reactor, endpoint, ConnectTarget.share(keys, peer_id),
-                                            ring, "fresh id %d" % n, _Quiet, features=FEATURES)
+                                            ring, "fresh id %d" % n, QuietSession, features=FEATURES)
         except Exception:
             continue
         admitted += 1

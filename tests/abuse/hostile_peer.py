@@ -47,20 +47,6 @@ WITHIN_BOUNDS: dict[str, Callable[[], bytes]] = {
 """Lines no bound refuses: what the worst legitimate-looking message costs."""
 
 
-class _Quiet:
-    """Session that ignores what the daemon sends."""
-
-    def __init__(self, connection) -> None:
-        self.connection = connection
-        self.lost = None
-
-    def event_received(self, event) -> None:
-        pass
-
-    def connection_lost(self, reason: str) -> None:
-        self.lost = reason
-
-
 def run(address: str, keys_path: str, out_path: str, shapes: list[str],
         timeout: float = 30.0) -> None:
     """Send each shape on its own connection; write one result dict per shape to ``out_path``.
@@ -75,6 +61,7 @@ def run(address: str, keys_path: str, out_path: str, shapes: list[str],
     from clearskies.handshake import ConnectTarget, MemoryKeyRing
     from clearskies.keys import ShareKeys
     from clearskies.peer import connect_peer
+    from tests.fakes import QuietSession
 
     keys = ShareKeys.load(Path(keys_path))
     results: list[dict] = []
@@ -85,10 +72,10 @@ def run(address: str, keys_path: str, out_path: str, shapes: list[str],
         for name in shapes:
             line = {**SHAPES, **WITHIN_BOUNDS}[name]() + b"\n"
             endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
-            sessions: list[_Quiet] = []
+            sessions: list[QuietSession] = []
 
-            def factory(connection, sessions=sessions) -> _Quiet:
-                sessions.append(_Quiet(connection))
+            def factory(connection, sessions=sessions) -> QuietSession:
+                sessions.append(QuietSession(connection))
                 return sessions[-1]
 
             protocol = await connect_peer(reactor, endpoint,

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.abuse.flood import Flood, fail_handshakes, legit_connect, sleep
 from tests.daemons import _kill_leftovers, start_sharing
-from tests.peerkit import async_test
+from tests.helpers import async_test
 
 pytestmark = pytest.mark.slow
 

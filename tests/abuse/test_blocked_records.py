@@ -12,7 +12,8 @@ import secrets
 import time
 
 from clearskies import sync
-from tests.peerkit import PeerKitCase, async_test, file_entry, sleep, snapshot, wait_until
+from tests.helpers import async_test
+from tests.peerkit import PeerKitCase, file_entry, sleep, snapshot, wait_until
 
 FLOOD = 2000
 

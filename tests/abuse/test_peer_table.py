@@ -16,9 +16,10 @@ from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.peer import connect_peer
 from clearskies.daemon.runtime import MAX_KNOWN_PEERS
 from tests.abuse.flood import legit_connect
-from tests.abuse.fresh_ids import FEATURES, _Quiet, fresh_id_connections
+from tests.abuse.fresh_ids import FEATURES, fresh_id_connections
+from tests.fakes import QuietSession
 from tests.daemons import _kill_leftovers, start_sharing
-from tests.peerkit import async_test
+from tests.helpers import async_test
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ class PeerTableAbuseTests(TestCase):
         """200 connections under fresh peer IDs: 128 peers kept, the connected friend among them, a new peer gets in."""
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.daemon.port, timeout=5)
         friend = await connect_peer(reactor, endpoint, ConnectTarget.share(self.keys, FRIEND),
-                                    MemoryKeyRing(time.time), "friend", _Quiet,
+                                    MemoryKeyRing(time.time), "friend", QuietSession,
                                     features=FEATURES)
         self.addCleanup(friend.close, "done", quiet=True)
         admitted = await fresh_id_connections(reactor, self.daemon.port, self.keys, FRESH_IDS,

@@ -18,7 +18,8 @@ import pytest
 
 from clearskies.tracker.registry import MAX_TOTAL, CapacityError, Registry
 from tests.abuse.tracker_process import (
-    FD_LIMIT, TrackerProcess, crowd, fake_peer, get, rss_mb, stuck_readers, track_path)
+    FD_LIMIT, TrackerProcess, crowd, fake_peer, get, rss_mb, start_tracker, stuck_readers,
+    track_path)
 
 A = "a" * 64
 REAL = "1" * 32
@@ -30,7 +31,7 @@ MAX_RSS_MB = 150
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
-    process = TrackerProcess(tmp_path_factory.mktemp("tracker")).start()
+    process = start_tracker(tmp_path_factory.mktemp("tracker"))
     yield process
     process.stop()
     output = process.output()
@@ -225,7 +226,7 @@ def test_clients_that_never_read_their_answers_hold_little_memory(tracker):
 @pytest.mark.slow
 def test_a_full_tracker_still_refreshes_a_daemon_that_adds_an_id(tmp_path):
     """At MAX_TOTAL, a daemon's request with its registered IDs and one new ID is 200: refreshed, the new one named."""
-    tracker = TrackerProcess(tmp_path).start()
+    tracker = start_tracker(tmp_path)
     try:
         rng = random.Random(11)
         own = [("%064x" % rng.getrandbits(256), REAL) for _ in range(8)]

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import MARKER_NAME, TEMP_SUFFIX, tree_snapshot, wait_same_trees, wait_until
+from tests.daemons import (
+    MARKER_NAME, TEMP_SUFFIX, share_and_attach, share_status, tree_snapshot, wait_same_trees,
+    wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +84,8 @@ def _fill(root: Path, count: int, size: int, rng: random.Random, prefix: str = "
         path.write_bytes(rng.randbytes(size))
 
 
-def _status(daemon, root: Path) -> dict:
-    return daemon.control_request({"type": ".clearskies.share_status", "path": str(root)})
-
-
 def _partials(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*" + TEMP_SUFFIX))
-
-
-def _share_and_attach(alice, bob) -> None:
-    code = alice.cli_json("share", str(alice.shares))["access_code"]
-    bob.cli("attach", code, str(bob.shares), "--peer", alice.address)
 
 
 def _no_internal_errors(*daemons) -> None:
@@ -110,13 +103,13 @@ def test_full_disk_lets_small_files_through_and_resumes_when_space_is_freed(
     big.write_bytes(rng.randbytes(12 * 1024 * 1024))
     _fill(alice.shares, 240, 2048, rng)
     mounts.tmpfs(bob.shares, "6m")
-    _share_and_attach(alice, bob)
+    share_and_attach(alice, bob)
 
     small = {p: v for p, v in tree_snapshot(alice.shares).items() if p != big.name}
     wait_until(lambda: all(item in tree_snapshot(bob.shares).items()
                            for item in small.items()),
                timeout=SYNC_TIMEOUT, interval=0.5, message="every small file arrives")
-    status = wait_until(lambda: (s := _status(bob, bob.shares)).get("disk_errors") and s,
+    status = wait_until(lambda: (s := share_status(bob, bob.shares)).get("disk_errors") and s,
                         timeout=SYNC_TIMEOUT, message="the full disk shows in status")
     assert [e["path"] for e in status["disk_errors"]] == [big.name]
     assert status["disk_errors"][0]["error"] == "ENOSPC"
@@ -138,7 +131,7 @@ def test_full_disk_lets_small_files_through_and_resumes_when_space_is_freed(
 
     mounts.remount(bob.shares, "size=40m")
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
-    wait_until(lambda: "disk_errors" not in _status(bob, bob.shares), timeout=10)
+    wait_until(lambda: "disk_errors" not in share_status(bob, bob.shares), timeout=10)
     assert bob.cli("wait", str(bob.shares), "--timeout", "30").returncode == 0
     assert bob.cli("status", str(bob.shares)).returncode == 0
     _no_internal_errors(alice, bob)
@@ -150,25 +143,25 @@ def test_read_only_disk_is_reported_and_syncing_resumes_when_writable(daemon_fac
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 5, 1000, rng, prefix="before")
     mounts.tmpfs(bob.shares, "16m")
-    _share_and_attach(alice, bob)
+    share_and_attach(alice, bob)
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
     bob.cli("wait", str(bob.shares), "--timeout", "30")
 
     mounts.remount(bob.shares, "ro")
     _fill(alice.shares, 5, 300 * 1024, rng, prefix="after")  # streamed, not buffered
     (alice.shares / "note.txt").write_bytes(b"small and new\n")
-    status = wait_until(lambda: (s := _status(bob, bob.shares)).get("disk_errors") and s,
+    status = wait_until(lambda: (s := share_status(bob, bob.shares)).get("disk_errors") and s,
                         timeout=SYNC_TIMEOUT, message="the read-only disk shows in status")
     assert status["disk_errors"][0]["error"] == "EROFS"
     assert "read-only" in status["problem"] and "remount" in status["problem"]
     waited = bob.cli("wait", str(bob.shares), "--timeout", "30", check=False)
     assert waited.returncode == 1 and "read-only" in waited.stderr
     assert bob.cli("status", str(bob.shares), check=False).returncode == 1
-    assert [p["connected"] for p in _status(bob, bob.shares)["peers"]] == [True]
+    assert [p["connected"] for p in share_status(bob, bob.shares)["peers"]] == [True]
 
     mounts.remount(bob.shares, "rw")
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
-    wait_until(lambda: "disk_errors" not in _status(bob, bob.shares), timeout=10)
+    wait_until(lambda: "disk_errors" not in share_status(bob, bob.shares), timeout=10)
     assert bob.cli("wait", str(bob.shares), "--timeout", "30").returncode == 0
     _no_internal_errors(alice, bob)
 
@@ -178,7 +171,7 @@ def test_deleted_and_restored_root_resumes_by_itself(daemon_factory):
     rng = random.Random(SEED + 2)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 20, 500, rng)
-    _share_and_attach(alice, bob)
+    share_and_attach(alice, bob)
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
     bob.cli("wait", str(bob.shares), "--timeout", "30")
     before = tree_snapshot(alice.shares)
@@ -186,7 +179,7 @@ def test_deleted_and_restored_root_resumes_by_itself(daemon_factory):
     backup = bob.base / "backup"
     shutil.copytree(bob.shares, backup)  # copy2: times kept, like a restore would
     shutil.rmtree(bob.shares)
-    status = wait_until(lambda: (s := _status(bob, bob.shares))["status"] == "error" and s,
+    status = wait_until(lambda: (s := share_status(bob, bob.shares))["status"] == "error" and s,
                         timeout=10, message="the share stops")
     # The check may land while rmtree has taken the marker but not yet the folder.
     said = ("not reachable", "lost its .clearskies")
@@ -196,7 +189,7 @@ def test_deleted_and_restored_root_resumes_by_itself(daemon_factory):
     (alice.shares / "while-away.txt").write_bytes(b"written while bob's folder was gone\n")
 
     shutil.copytree(backup, bob.shares)
-    wait_until(lambda: _status(bob, bob.shares)["status"] != "error", timeout=15,
+    wait_until(lambda: share_status(bob, bob.shares)["status"] != "error", timeout=15,
                message="the share resumes by itself")
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
     assert {p: v for p, v in tree_snapshot(alice.shares).items()
@@ -209,13 +202,13 @@ def test_deleted_marker_stops_the_share_and_repair_recreates_it(daemon_factory):
     rng = random.Random(SEED + 3)
     alice, bob = daemon_factory("alice"), daemon_factory("bob")
     _fill(alice.shares, 20, 500, rng)
-    _share_and_attach(alice, bob)
+    share_and_attach(alice, bob)
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
     bob.cli("wait", str(bob.shares), "--timeout", "30")
     before = tree_snapshot(alice.shares)
 
     (bob.shares / MARKER_NAME).unlink()
-    status = wait_until(lambda: (s := _status(bob, bob.shares))["status"] == "error" and s,
+    status = wait_until(lambda: (s := share_status(bob, bob.shares))["status"] == "error" and s,
                         timeout=5, message="the lost marker is noticed within seconds")
     assert "marker" in status["problem"] and "clearskies repair" in status["problem"]
     waited = bob.cli("wait", str(bob.shares), "--timeout", "10", check=False)
@@ -227,13 +220,13 @@ def test_deleted_marker_stops_the_share_and_repair_recreates_it(daemon_factory):
     assert refused.returncode == 1
     assert "only 0 of the 20 files" in refused.stderr and "nothing was changed" in refused.stderr
     assert not (bob.shares / MARKER_NAME).exists()
-    assert _status(bob, bob.shares)["status"] == "error"
+    assert share_status(bob, bob.shares)["status"] == "error"
 
     shutil.move(aside, bob.shares / "small")
     repaired = bob.cli("--json", "repair", str(bob.shares))
     assert json.loads(repaired.stdout) == {"repaired": True, "checked": 20, "present": 20}
     assert (bob.shares / MARKER_NAME).exists()
-    wait_until(lambda: _status(bob, bob.shares)["status"] != "error", timeout=15,
+    wait_until(lambda: share_status(bob, bob.shares)["status"] != "error", timeout=15,
                message="the share resumes after repair")
     (alice.shares / "after-repair.txt").write_bytes(b"new\n")
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
@@ -254,7 +247,7 @@ def test_root_unmounted_mid_sync_deletes_nothing_and_resumes_when_mounted(
     disk.mkdir()
     mounts.bind(disk, bob.shares)
     bob.cli("config", "set", "download_limit", "4000000")  # the big file takes seconds
-    _share_and_attach(alice, bob)
+    share_and_attach(alice, bob)
     wait_until(lambda: len(list((bob.shares / "small").glob("*.bin"))) == 30
                if (bob.shares / "small").is_dir() else False,
                timeout=SYNC_TIMEOUT, message="the small files arrive")
@@ -262,7 +255,7 @@ def test_root_unmounted_mid_sync_deletes_nothing_and_resumes_when_mounted(
                message="the big download is under way")
 
     mounts.unmount(bob.shares)
-    status = wait_until(lambda: (s := _status(bob, bob.shares))["status"] == "error" and s,
+    status = wait_until(lambda: (s := share_status(bob, bob.shares))["status"] == "error" and s,
                         timeout=10, message="the share stops")
     assert "marker" in status["problem"]
     assert os.listdir(bob.shares) == []  # nothing written into the bare mount point
@@ -271,7 +264,7 @@ def test_root_unmounted_mid_sync_deletes_nothing_and_resumes_when_mounted(
         time.sleep(1)
 
     mounts.bind(disk, bob.shares)
-    wait_until(lambda: _status(bob, bob.shares)["status"] != "error", timeout=15,
+    wait_until(lambda: share_status(bob, bob.shares)["status"] != "error", timeout=15,
                message="the share resumes when mounted again")
     bob.cli("config", "set", "download_limit", "0")
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
@@ -304,8 +297,8 @@ def test_downloads_whose_records_a_full_database_refused_make_no_conflict_copies
     bob.data_dir.mkdir(parents=True, exist_ok=True)
     mounts.tmpfs(bob.data_dir, "8m")
     bob.start()
-    _share_and_attach(alice, bob)
-    wait_until(lambda: _status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
+    share_and_attach(alice, bob)
+    wait_until(lambda: share_status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
                message="the attach is stored and scanned before the disk fills")
     filler = _fill_up(bob.data_dir)
     for index in range(40):
@@ -322,7 +315,7 @@ def test_downloads_whose_records_a_full_database_refused_make_no_conflict_copies
         copies = [p.name for p in daemon.shares.rglob("*.CONFLICT.*")]
         assert copies == [], (daemon.name, copies)
     wait_same_trees(alice, bob, timeout=SYNC_TIMEOUT)
-    status = _status(bob, bob.shares)
+    status = share_status(bob, bob.shares)
     assert status["status"] != "error", status
 
 
@@ -334,13 +327,13 @@ def test_share_stopped_by_a_full_database_resumes_by_itself_when_space_is_freed(
     bob.data_dir.mkdir(parents=True, exist_ok=True)
     mounts.tmpfs(bob.data_dir, "8m")
     bob.start()
-    _share_and_attach(alice, bob)
-    wait_until(lambda: _status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
+    share_and_attach(alice, bob)
+    wait_until(lambda: share_status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
                message="the attach is stored and scanned before the disk fills")
     filler = _fill_up(bob.data_dir)
     (bob.shares / "made-while-full.txt").write_bytes(b"written while the disk was full\n")
     bob.cli("rescan", str(bob.shares), check=False)
-    status = wait_until(lambda: (s := _status(bob, bob.shares)).get("status") == "error" and s,
+    status = wait_until(lambda: (s := share_status(bob, bob.shares)).get("status") == "error" and s,
                         timeout=SYNC_TIMEOUT, message="the share stops with the reason")
     assert "full" in status["problem"], status
     filler.unlink()
@@ -348,4 +341,4 @@ def test_share_stopped_by_a_full_database_resumes_by_itself_when_space_is_freed(
     # error state itself could not be stored).
     wait_until(lambda: (alice.shares / "made-while-full.txt").exists(), timeout=20,
                message="the share resumes by itself and the file arrives")
-    assert _status(bob, bob.shares)["status"] != "error"
+    assert share_status(bob, bob.shares)["status"] != "error"

@@ -17,16 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import (
-    assert_trees_equal, synced_pair, tree_snapshot, wait_until)
+    assert_trees_equal, synced_pair, share_status, tree_snapshot, wait_until)
 
 pytestmark = pytest.mark.slow
 
 FILES = 1000
 SETTLE_TIMEOUT = 120.0
-
-
-def _status(daemon, path: Path) -> dict:
-    return daemon.control_request({"type": ".clearskies.share_status", "path": str(path)})
 
 
 def _start_wait(daemon, path: Path) -> subprocess.Popen:
@@ -57,7 +53,7 @@ def _watch_until_in_sync(alice, a: Path, b: Path) -> None:
                 _same_trees(a, b, "clearskies wait returned")
                 wait_checked = True
             if not status_checked:
-                status = _status(alice, a)
+                status = share_status(alice, a)
                 (peer,) = [p for p in status["peers"] if p["connected"]]
                 if status["in_sync"] or peer["in_sync"]:
                     _same_trees(a, b, "status said in sync (acknowledged revision %s of %s)"
@@ -73,7 +69,7 @@ def _watch_until_in_sync(alice, a: Path, b: Path) -> None:
 
 def _pair_holding(daemon_factory, files: dict[str, bytes]):
     alice, bob, a, b = synced_pair(daemon_factory, files, SETTLE_TIMEOUT)
-    wait_until(lambda: _status(alice, a)["in_sync"], timeout=SETTLE_TIMEOUT)
+    wait_until(lambda: share_status(alice, a)["in_sync"], timeout=SETTLE_TIMEOUT)
     return alice, bob, a, b
 
 
@@ -109,7 +105,7 @@ def test_wait_right_after_writing_files_returns_only_once_the_peer_has_them(daem
     rng = random.Random(3)
     for i in range(200):
         (a / ("new%03d.txt" % i)).write_bytes(rng.randbytes(rng.randrange(1, 300)))
-    status = _status(alice, a)  # (well within the watcher's 1 s of quiet)
+    status = share_status(alice, a)  # (well within the watcher's 1 s of quiet)
     assert (status["in_sync"], status.get("local_changes_pending")) == (False, True), status
     result = alice.cli("wait", str(a), "--timeout", str(SETTLE_TIMEOUT))
     assert "in sync" in result.stdout
@@ -121,7 +117,7 @@ def test_wait_with_the_only_peer_stopped_is_not_in_sync(daemon_factory):
     """With its only peer stopped, `wait` times out naming the missing peer, and succeeds once it is back."""
     alice, bob, a, b = _pair_holding(daemon_factory, {"start.txt": b"start"})
     bob.stop()
-    wait_until(lambda: not [p for p in _status(alice, a)["peers"] if p["connected"]],
+    wait_until(lambda: not [p for p in share_status(alice, a)["peers"] if p["connected"]],
                timeout=30)
     result = alice.cli("wait", str(a), "--timeout", "1", check=False)
     assert result.returncode == 3, result

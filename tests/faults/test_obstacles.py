@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import assert_trees_equal, synced_pair, wait_same_trees, wait_until
+from tests.daemons import (
+    assert_trees_equal, share_status, synced_pair, wait_same_trees, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +21,9 @@ SETTLE_TIMEOUT = 60.0
 AFTER_SCAN = 15.0
 
 
-def _status(daemon, path: Path) -> dict:
-    return daemon.control_request({"type": ".clearskies.share_status", "path": str(path),
-                                   "skipped": True})
-
-
 def _refused(daemon, path: Path, wire_path: str) -> bool:
     return any(e["path"] == wire_path and e["where"] == "peer"
-               for e in _status(daemon, path)["skipped_paths"])
+               for e in share_status(daemon, path, skipped=True)["skipped_paths"])
 
 
 def _pair(daemon_factory, files: dict[str, bytes]):
@@ -46,7 +42,7 @@ def _blocked_then_freed(alice, bob, a: Path, b: Path, free) -> None:
     alice.cli("scan", str(a))
     wait_until(lambda: _refused(bob, b, "sub/new.txt"), timeout=SETTLE_TIMEOUT,
                message="bob never refused sub/new.txt")
-    status = _status(bob, b)
+    status = share_status(bob, b, skipped=True)
     assert status["in_sync"] is False, status
     assert "sub/new.txt" in status.get("conflicts_waiting", []), status
     result = bob.cli("wait", str(b), "--timeout", "1", check=False)
@@ -57,7 +53,7 @@ def _blocked_then_freed(alice, bob, a: Path, b: Path, free) -> None:
     assert (b / "sub" / "new.txt").read_bytes() == b"new from alice\n"
     bob.cli("wait", str(b), "--timeout", str(SETTLE_TIMEOUT))
     assert_trees_equal(a, b)
-    status = _status(bob, b)
+    status = share_status(bob, b, skipped=True)
     assert status["in_sync"] is True, status
     assert [e for e in status["skipped_paths"] if e["where"] == "peer"] == [], status
     assert "conflicts_waiting" not in status, status

@@ -6,7 +6,6 @@ conflict; the seeded suite races real edits against real downloads.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import secrets
@@ -19,11 +18,8 @@ import pytest
 from clearskies.control.commands import DaemonCommands
 from clearskies.share import merge
 from tests.daemons import TEMP_SUFFIX, DaemonSet, assert_trees_equal, wait_same_trees
-from tests.peerkit import PeerKitCase, async_test, file_entry, wait_until
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+from tests.helpers import async_test, sha
+from tests.peerkit import PeerKitCase, file_entry, wait_until
 
 
 class ConflictCopyFirstTests(PeerKitCase):

@@ -13,7 +13,8 @@ import pytest
 
 from clearskies.control.commands import DaemonCommands
 from tests.daemons import wait_same_trees, wait_until
-from tests.peerkit import PeerKitCase, async_test, file_entry, sleep
+from tests.helpers import async_test
+from tests.peerkit import PeerKitCase, file_entry, sleep
 from tests.peerkit import wait_until as wait_on_reactor
 
 YEAR_2286_NS = 10**19
