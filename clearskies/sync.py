@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clearskies import diskerrors, readonly, wire
-from clearskies.discovery.addresses import UnsupportedProtocolError, parse_address
+from clearskies.addresses import UnsupportedProtocolError, parse_address
 from clearskies.errors import PathObstacle, ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.hashing import HashResult, hash_file

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 import pytest
 
 from clearskies.accesscode import access_id, parse_code
-from clearskies.discovery.addresses import make_address, parse_tracker_entry
+from clearskies.addresses import make_address, parse_tracker_entry
 from tests.daemons import (
     wait_same_trees,
     REPO_ROOT,

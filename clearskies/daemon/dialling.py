@@ -12,15 +12,15 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clearskies.daemon.codes import AccessCodes
-from clearskies.daemon.resources import Resources
-from clearskies.daemon.shares import Shares
-from clearskies.discovery.addresses import (
+from clearskies.addresses import (
     Address,
     make_address,
     parse_address,
     parse_user_address,
 )
+from clearskies.daemon.codes import AccessCodes
+from clearskies.daemon.resources import Resources
+from clearskies.daemon.shares import Shares
 from clearskies.discovery.connector import ConnectionManager
 from clearskies.errors import CannotStart, ConfigurationError
 from clearskies.handshake import ConnectTarget, KeyRing

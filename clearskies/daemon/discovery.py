@@ -7,12 +7,12 @@ from typing import Any, Callable
 
 from twisted.application.internet import TimerService
 
+from clearskies.addresses import Address, make_address
 from clearskies.daemon.codes import AccessCodes
 from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.options import DaemonSettings
 from clearskies.daemon.shares import Shares
 from clearskies.daemon.tor import TorLink
-from clearskies.discovery.addresses import Address, make_address
 
 #: How often remembered peer addresses are handed to the connection manager again.
 #: They go in as "tracker" candidates, which are forgotten after an hour without a

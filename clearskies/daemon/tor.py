@@ -9,9 +9,9 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
+from clearskies.addresses import Address
 from clearskies.daemon.options import TOR_MODES, DaemonSettings
 from clearskies.daemon.resources import Resources
-from clearskies.discovery.addresses import Address
 from clearskies.errors import ConfigurationError
 
 #: The name peers see under --tor-only when none was chosen (never the host name).

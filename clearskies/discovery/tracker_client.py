@@ -4,7 +4,7 @@ The daemon runs one :class:`TrackerClient` per configured tracker URL (none
 when the user configured none: nothing here contacts anything on its own).
 It sends ``GET <url>/clearskies/track?tcp_port=P[&utp_port=U][&tor=…]&id=<ID>@<peer>…``
 for every share ID and live access ID we have, passes the ``others`` lists to
-a callback as parsed :class:`~clearskies.discovery.addresses.Address` values,
+a callback as parsed :class:`~clearskies.addresses.Address` values,
 and registers again before the tracker's ``ttl`` runs out.
 
 When the tracker supports ``fast_track=1`` the answer is a stream of JSON
@@ -35,7 +35,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from clearskies import SOFTWARE, jsonshape
-from clearskies.discovery.addresses import (
+from clearskies.addresses import (
     Address,
     UnsupportedProtocolError,
     parse_tracker_entry,
