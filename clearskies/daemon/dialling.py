@@ -67,7 +67,8 @@ class Dialling:
         self._peers_everywhere: list[str] = []
         self.manual = ManualPeers(self.offer_candidate, self.check_peer_address,
                                   self._manual_addresses)
-        self.remembered = RememberedPeers(self.offer_candidate, lambda: self._shares.by_id,
+        self.remembered = RememberedPeers(self.reactor, self.offer_candidate,
+                                          lambda: self._shares.by_id,
                                           lambda: self._tor.tor_only)
 
     def start(self, parent: Any, peers: list[str]) -> None:

@@ -68,7 +68,7 @@ class ManualPeers(Service):
 class RememberedPeers(TimerService):
     """The addresses of the peers table (``shares()``: share ID -> runtime), and those
     peers tell us (protocol/sync.md, "Addresses"), offered at start and every
-    ``REMEMBERED_INTERVAL``.
+    ``REMEMBERED_INTERVAL`` on ``clock``.
 
     They are hints like a tracker's, so they carry the "tracker" lifetime: retried
     with back-off, forgotten after an hour unless offered again (which the timer
@@ -79,9 +79,10 @@ class RememberedPeers(TimerService):
     name = "remembered-peers"
     source = "tracker"
 
-    def __init__(self, found: Found, shares: Callable[[], dict[str, Any]],
+    def __init__(self, clock: Any, found: Found, shares: Callable[[], dict[str, Any]],
                  tor_only: Callable[[], bool]) -> None:
         super().__init__(REMEMBERED_INTERVAL, self.offer_all)
+        self.clock = clock
         self._found = found
         self._shares = shares
         self._tor_only = tor_only
