@@ -150,7 +150,8 @@ def test_the_built_in_sources_report_through_the_same_path(tmp_path):
 
 
 def test_a_change_in_what_we_announce_reaches_every_source(tmp_path):
-    """announce_changed (a share, code or join came) is passed to every source alike."""
+    """announce_changed (a share, code or join came; our onion address was published)
+    is passed to every source alike."""
     daemon, _reactor, _relay, _tcp = _running_daemon(tmp_path)
     sources = [FakeDiscoverySource(daemon.dialling.add_candidate, name="fake-%d" % i)
                for i in range(2)]
@@ -158,6 +159,8 @@ def test_a_change_in_what_we_announce_reaches_every_source(tmp_path):
         daemon.discovery.add_source(source)
     daemon.discovery.announce_changed()
     assert [s.announced for s in sources] == [1, 1]
+    daemon.discovery.tor_ready(ONION)  # and so is news of our onion address
+    assert [s.announced for s in sources] == [2, 2]
     _stop(daemon)
 
 
