@@ -84,8 +84,7 @@ def test_tcp_reaches_tcp_addresses_and_owns_its_loopback_port():
 
 
 def test_tor_reaches_onion_addresses_and_everything_under_tor_only(tmp_path):
-    """Tor takes tor: addresses in every mode, and tcp: ones too under --tor-only;
-    without Tor running its endpoints fail with a message naming --tor."""
+    """Tor takes tor: addresses (and, under --tor-only, all); without Tor it says --tor."""
     reactor = MemoryReactorClock()
     tor = TorLink(_resources(reactor, tmp_path), DaemonSettings(data_dir=str(tmp_path)))
     tcp_address = parse_address("tcp:192.0.2.7:4000")
@@ -114,8 +113,7 @@ def test_the_daemon_asks_tor_first_so_tor_only_sends_nothing_directly(tmp_path):
 
 
 def test_a_candidate_from_any_source_is_dialled_through_the_transport_that_reaches_it(tmp_path):
-    """Candidates a fake source reports go to the connection manager and are dialled
-    through the first fake transport that can reach each; nothing goes out directly."""
+    """A source's candidates are dialled through the first transport that reaches each."""
     daemon, reactor, relay, tcp = _running_daemon(tmp_path)
     source = FakeDiscoverySource(daemon.dialling.add_candidate, daemon.registrations)
     daemon.discovery.add_source(source)
@@ -132,8 +130,7 @@ def test_a_candidate_from_any_source_is_dialled_through_the_transport_that_reach
 
 
 def test_the_built_in_sources_report_through_the_same_path(tmp_path):
-    """Manual peers (from the settings) and remembered ones are sources in the list,
-    and their candidates reach the transports like any other's."""
+    """Manual and remembered peers are sources in the list, dialled like any other's."""
     peers = {PEER: SimpleNamespace(peer_id=PEER, last_seen=1.0,
                                    addresses=("tcp:198.51.100.20:4000",))}
     daemon, reactor, relay, tcp = _running_daemon(tmp_path, peers=["192.0.2.30:4000"],
@@ -150,8 +147,7 @@ def test_the_built_in_sources_report_through_the_same_path(tmp_path):
 
 
 def test_a_change_in_what_we_announce_reaches_every_source(tmp_path):
-    """announce_changed (a share, code or join came; our onion address was published)
-    is passed to every source alike."""
+    """A change in what we announce (a share, a code, our onion address) reaches every source."""
     daemon, _reactor, _relay, _tcp = _running_daemon(tmp_path)
     sources = [FakeDiscoverySource(daemon.dialling.add_candidate, name="fake-%d" % i)
                for i in range(2)]
