@@ -11,6 +11,7 @@ depend on it, and it depends on none.
 
 from __future__ import annotations
 
+from twisted.application.service import IService
 from zope.interface import Attribute, Interface
 
 
@@ -151,6 +152,57 @@ class ISyncSession(Interface):
 
 
 # --- discovery sources and transports ---------------------------------------
+
+
+class IDiscoverySource(IService):
+    """One way of finding peers (protocol/discovery.md): the LAN announcer, a tracker
+    client, the peers a user named, the peers we remember (later a DHT or a relay).
+
+    A source is a service the daemon starts and stops.  It is made with what
+    it needs from the daemon, which is at most two things: ``registrations``,
+    a callable returning the (target ID, our peer ID) pairs we announce now
+    (share IDs, live access IDs, pending attaches), and ``found``, the one
+    callback every candidate goes through::
+
+        found(target_id: str, address: Address, peer_id: str | None, source: str)
+
+    where ``source`` is the source's :attr:`source`.  What it does with
+    neither (the network it asks, its timers) is its own business.
+    """
+
+    source = Attribute(
+        'The name its candidates carry ("lan", "tracker", "manual"; see '
+        "clearskies.discovery.connector.SOURCES): it sets how long an unrefreshed "
+        "candidate is kept.")
+
+    def announce_changed() -> None:
+        """What we announce (or where we can be reached) changed: tell the world now
+        rather than at the next round.  A source that announces nothing ignores it."""
+
+
+class IPeerTransport(Interface):
+    """One way of reaching a peer's address: TCP and Tor today, a relay later.
+
+    The daemon dials an address through the first of its transports that
+    :meth:`can_reach` it; the listening side that matters to the dialler is
+    :meth:`own_addresses`, the addresses that are ourselves.
+    """
+
+    name = Attribute('What the transport is called ("tcp", "tor").')
+
+    def can_reach(address: object) -> bool:
+        """Whether this transport is the one for ``address`` (a
+        ``clearskies.addresses.Address``) in the daemon's current mode.  It may still
+        fail to dial it, saying why (Tor not running, not yet bootstrapped)."""
+
+    def endpoint_for(address: object) -> object:
+        """(async) A Deferred firing with the ``IStreamClientEndpoint`` that connects
+        to ``address``, once the transport is ready; or failing with the reason it
+        cannot be reached."""
+
+    def own_addresses() -> list[object]:
+        """The addresses this transport reaches us at ourselves: never dialled, and
+        (for those peers cannot see, like an onion address) told to peers."""
 
 
 # --- the daemon, as a share runtime and the control commands see it ---------

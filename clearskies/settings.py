@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clearskies.discovery.addresses import parse_user_address
+from clearskies.addresses import parse_user_address
 
 #: The handshake refuses longer names (protocol/handshake.md, "identity").
 MAX_NAME_BYTES = 256

@@ -1,18 +1,18 @@
 """Fakes shared by the test modules: each stands in for one seam of the daemon.
 
-Every fake says which seam it implements.  The seams are becoming
-``zope.interface`` declarations in ``clearskies.interfaces``; once one is
-declared there, its fake gets ``@implementer(IFoo)`` and a
-``verifyObject(IFoo, fake)`` check in tests/test_fakes.py, the one place
-where fakes are checked against what they stand in for.
+Every fake says which seam it implements.  Fakes of the zope interfaces in
+``clearskies.interfaces`` declare ``@implementer(IFoo)`` and are checked with
+``verifyObject`` in tests/test_fakes.py and tests/test_discovery_seams.py.
 
-- ``MemoryShare``: the share store as syncing sees it (``clearskies.sync.LocalShare``).
+- ``MemoryShare``: the share store as syncing sees it (``ILocalShare``).
 - ``FakeConnection``: the connection a sync session is given (what it uses of
   ``clearskies.peer.PeerProtocol``).
 - ``QuietSession``: a session (``clearskies.peer.Session``) that ignores traffic.
 - ``RecordingProtocol``: an application protocol that records what reaches it.
 - ``MemoryNetwork`` / ``MemoryEndpoint`` / ``TLSTransport``: TCP and STARTTLS between
   in-memory peers (``twisted.test.iosim`` pumps on a ``Clock``).
+- ``FakeDiscoverySource`` / ``FakeTransport`` / ``FakeEndpoint``: a way of finding
+  peers (``IDiscoverySource``) and of reaching them (``IPeerTransport``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import itertools
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
+from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IHandshakeListener, ISSLTransport, IStreamClientEndpoint, ITLSTransport)
 from twisted.internet.protocol import Protocol
@@ -35,8 +36,9 @@ from twisted.test import iosim
 from zope.interface import alsoProvides, implementer
 
 from clearskies import wire
+from clearskies.addresses import Address
 from clearskies.errors import UnsafePathError
-from clearskies.interfaces import ILocalShare
+from clearskies.interfaces import IDiscoverySource, ILocalShare, IPeerTransport
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner
 from tests.helpers import sha
@@ -413,3 +415,67 @@ class MemoryEndpoint:
         protocol = factory.buildProtocol(IPv4Address("TCP", self.network.host, self.port))
         self.network.connect(self.port, protocol)
         return succeed(protocol)
+
+
+# --- discovery sources and transports ---------------------------------------
+
+
+@implementer(IDiscoverySource)
+class FakeDiscoverySource(Service):
+    """An ``IDiscoverySource`` a test drives: :meth:`find` reports a candidate through
+    ``found``; ``announced`` counts :meth:`announce_changed` calls."""
+
+    def __init__(self, found: Callable[[str, Address, str | None, str], None],
+                 registrations: Callable[[], list[tuple[str, str]]] | None = None,
+                 source: str = "tracker", name: str | None = None) -> None:
+        self.found = found
+        self.registrations = registrations
+        self.source = source
+        self.name = name
+        self.announced = 0
+
+    def find(self, target_id: str, address: Address, peer_id: str | None = None) -> None:
+        self.found(target_id, address, peer_id, self.source)
+
+    def announce_changed(self) -> None:
+        self.announced += 1
+
+
+class FakeEndpoint:
+    """A client endpoint whose ``connect`` never completes; it records the factories."""
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.factories: list[Any] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.factories.append(factory)
+        return Deferred()
+
+
+@implementer(IPeerTransport)
+class FakeTransport:
+    """An ``IPeerTransport`` that reaches what ``reaches(address)`` says; ``dialled``
+    lists the addresses it made endpoints for.  With ``refuse`` set, every
+    ``endpoint_for`` fails with it."""
+
+    def __init__(self, name: str, reaches: Callable[[Address], bool],
+                 own: list[Address] | None = None, refuse: Exception | None = None) -> None:
+        self.name = name
+        self._reaches = reaches
+        self._own = list(own or [])
+        self._refuse = refuse
+        self.dialled: list[Address] = []
+
+    def can_reach(self, address: Address) -> bool:
+        return self._reaches(address)
+
+    def endpoint_for(self, address: Address) -> Deferred[Any]:
+        self.dialled.append(address)
+        if self._refuse is not None:
+            return fail(self._refuse)
+        return succeed(FakeEndpoint(address))
+
+    def own_addresses(self) -> list[Address]:
+        return list(self._own)
+

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 
 from clearskies.daemon import Daemon, DaemonSettings
 from clearskies.daemon.dialling import MAX_REMEMBERED
-from clearskies.discovery.addresses import Address
+from clearskies.addresses import Address
 from clearskies.errors import ProtocolError
 from clearskies.share.database import PeerInfo
 from clearskies.daemon.runtime import ShareRuntime

@@ -1,4 +1,4 @@
-"""Tests for clearskies.discovery.addresses: parsing, formatting, LAN ranges."""
+"""Tests for clearskies.addresses: parsing, formatting, LAN ranges."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import Clock
 
-from clearskies.discovery.addresses import (
+from clearskies.addresses import (
     Address,
     UnsupportedProtocolError,
     format_address,

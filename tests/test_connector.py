@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
-from clearskies.discovery.addresses import Address
+from clearskies.addresses import Address
 from clearskies.discovery.connector import ConnectionManager
 
 SHARE = "a" * 64

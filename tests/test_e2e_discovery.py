@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from clearskies.accesscode import access_id, parse_code
-from clearskies.discovery.addresses import make_address, parse_tracker_entry
+from clearskies.addresses import make_address, parse_tracker_entry
 from tests.daemons import (
     wait_same_trees,
     DaemonProcess,

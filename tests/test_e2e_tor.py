@@ -24,9 +24,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from clearskies import tap
+from clearskies.addresses import parse_address
 from clearskies.daemon import Daemon, DaemonSettings
 from clearskies.daemon.listeners import is_loopback_listen
-from clearskies.discovery.addresses import parse_address
 from clearskies.discovery.lan import Announcement
 from clearskies.discovery.tor import TorUnavailable
 from clearskies.errors import ConfigurationError

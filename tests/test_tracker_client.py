@@ -25,7 +25,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from clearskies.discovery.addresses import Address
+from clearskies.addresses import Address
 from clearskies.discovery.tracker_client import (
     MIN_REQUEST_GAP,
     STREAM_RETRY_AFTER,

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clearskies.errors import ProtocolError
-from clearskies.discovery.addresses import Address, parse_tracker_entry
+from clearskies.addresses import Address, parse_tracker_entry
 from clearskies.tracker.registry import CapacityError, Registry, canonical_host
 
 A = "a" * 64
@@ -54,7 +54,7 @@ def test_ipv6_hosts_are_bracketed_and_mapped_ipv4_is_plain():
 
 
 def test_listed_entries_parse_with_the_client_parser():
-    """Every entry the tracker lists is read back by discovery.addresses as the same address."""
+    """Every entry the tracker lists is read back by clearskies.addresses as the same address."""
     registry = Registry()
     registry.register([(A, P1)], "2001:db8::1", 30001, 30002, now=0)
     registry.register([(A, P2)], "::ffff:192.0.2.9", 1, None, now=0)

@@ -5,8 +5,10 @@ Rooms: ``service`` (the root ``MultiService`` and its lifecycle), ``shares``
 ``localshare`` (one share at run time), ``host`` (what a share sees of the
 daemon), ``codes`` (access codes and attaches), ``keyring`` (the handshake's
 view of our keys), ``listeners`` and ``tor`` (where peers reach us),
-``dialling`` (whom we dial, and the sessions connections start),
-``discovery`` (LAN and trackers), ``activity`` (pause and rates), ``options``
+``dialling`` (whom we dial, through which transport, and the sessions
+connections start), ``known`` (the peers a user gave and the ones we remember),
+``discovery`` (every discovery source: known peers, LAN, trackers),
+``activity`` (pause and rates), ``options``
 (command-line and stored settings), ``startup`` (the data directory's lock, and
 saying why a start failed) and ``resources`` (what the rooms share).
 """

@@ -1,29 +1,28 @@
-"""Dialling peers: the connection manager's targets and candidates, the peer
-addresses a user gave or a peer told us, and the sessions a connection starts.
+"""Dialling peers: the connection manager's targets and candidates, the transport
+each address is dialled through, the peer addresses a user gave or a peer told us
+(``clearskies.daemon.known``), and the sessions a connection starts.
 
 protocol/discovery.md says where candidates come from and how long they live.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from clearskies.addresses import Address, parse_user_address
 from clearskies.daemon.codes import AccessCodes
+from clearskies.daemon.known import MAX_REMEMBERED, ManualPeers, RememberedPeers
 from clearskies.daemon.resources import Resources
 from clearskies.daemon.shares import Shares
-from clearskies.discovery.addresses import (
-    Address,
-    make_address,
-    parse_address,
-    parse_user_address,
-)
 from clearskies.discovery.connector import ConnectionManager
+from clearskies.discovery.tcp import TcpTransport
 from clearskies.errors import CannotStart, ConfigurationError
 from clearskies.handshake import ConnectTarget, KeyRing
+from clearskies.interfaces import IDiscoverySource, IPeerTransport
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync import SyncSession
 
@@ -34,9 +33,7 @@ FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manife
             "revision_batches")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
-#: Remembered addresses offered per share, most recently seen peers first: enough for
-#: every likely peer, and few enough to leave room for tracker and LAN candidates.
-MAX_REMEMBERED = 64
+__all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
 
 
 class Dialling:
@@ -44,13 +41,18 @@ class Dialling:
 
     ``connector`` is the ``ConnectionManager`` once :meth:`start` made it (None
     before); ``port`` gives our listening TCP port and ``name`` the name peers see.
+    An address is dialled through the first of ``transports`` (``IPeerTransport``)
+    that can reach it: by default Tor (which, under --tor-only, takes every
+    address), then plain TCP.  ``manual`` and ``remembered`` are the discovery
+    sources of the peers we know without asking the network.
     """
 
     _log = Logger()
 
     def __init__(self, resources: Resources, shares: Shares, codes: AccessCodes,
                  tor: TorLink, keyring: KeyRing, port: Callable[[], int],
-                 name: Callable[[], str]) -> None:
+                 name: Callable[[], str],
+                 transports: Sequence[IPeerTransport] | None = None) -> None:
         self.reactor = resources.reactor
         self._resources = resources
         self._shares = shares
@@ -59,23 +61,39 @@ class Dialling:
         self._keyring = keyring
         self._port = port
         self._name = name
+        self.transports: list[IPeerTransport] = list(
+            transports if transports is not None else (tor, TcpTransport(self.reactor, port)))
         self.connector: ConnectionManager | None = None
+        self._peers_everywhere: list[str] = []
+        self.manual = ManualPeers(self.offer_candidate, self.check_peer_address,
+                                  self._manual_addresses)
+        self.remembered = RememberedPeers(self.reactor, self.offer_candidate,
+                                          lambda: self._shares.by_id,
+                                          lambda: self._tor.tor_only)
 
     def start(self, parent: Any, peers: list[str]) -> None:
-        """Make the connection manager (a child of ``parent``) and give it the peers
-        the user named: ``peers`` (for every share) and each share's and attach's own."""
+        """Make the connection manager (a child of ``parent``); ``peers`` are the peers
+        the user named for every share (dialled once :attr:`manual` starts)."""
+        self._peers_everywhere = list(peers)
         self.connector = ConnectionManager(
             self.reactor, self.dial, self.is_connected, self.own_peer_ids, self.own_addresses,
             protocols=("tcp", "tor") if self._tor.mode != "off" else ("tcp",))
         self.connector.setServiceParent(parent)
+
+    def known_sources(self) -> list[IDiscoverySource]:
+        """The discovery sources of the peers we know: manual, then remembered."""
+        return [self.manual, self.remembered]
+
+    def _manual_addresses(self) -> Iterator[tuple[str, str]]:
+        """(target ID, address) the user gave: for every share and live attach."""
         for target_id in list(self._shares.by_id):
-            for address in peers + self.manual_peers(target_id):
-                self.add_manual_peer(target_id, address)
-        for join in self._codes.joins.values():
+            for address in self._peers_everywhere + self.manual_peers(target_id):
+                yield target_id, address
+        for join in list(self._codes.joins.values()):
             if join.failed is not None:
                 continue
             for address in join.peers:
-                self.add_manual_peer(join.access_id, address)
+                yield join.access_id, address
 
     # -- dialling ----------------------------------------------------------------------
 
@@ -84,8 +102,11 @@ class Dialling:
         target = self._target_for(target_id)
         if target is None:
             return fail(ConfigurationError("nothing to connect for"))
+        transport = self.transport_for(address)
+        if transport is None:
+            return fail(ConfigurationError("no transport reaches %s" % (address,)))
         try:
-            d = self._tor.endpoint(address)
+            d = transport.endpoint_for(address)
         except Exception as e:  # e.g. Tor went away: this dial fails, others go on
             d = fail(e)
 
@@ -113,6 +134,13 @@ class Dialling:
 
         return d.addCallbacks(dialled, refused)
 
+    def transport_for(self, address: Address) -> IPeerTransport | None:
+        """The first transport that can reach ``address``, or None."""
+        for transport in self.transports:
+            if transport.can_reach(address):
+                return transport
+        return None
+
     def _target_for(self, target_id: str) -> ConnectTarget | None:
         runtime = self._shares.by_id.get(target_id)
         if runtime is not None:
@@ -131,15 +159,9 @@ class Dialling:
         return ids
 
     def own_addresses(self) -> list[Address]:
-        port = self._port()
-        own = []
-        if port:
-            own = [make_address("tcp", "127.0.0.1", port), make_address("tcp", "::1", port)]
-        onion = self._tor.onion_address()
-        if onion is not None:
-            _, host, onion_port = onion.split(":")
-            own.append(make_address("tor", host, int(onion_port)))
-        return own
+        """What every transport says is ourselves: never dialled."""
+        return [address for transport in self.transports
+                for address in transport.own_addresses()]
 
     def forget_target(self, target_id: str) -> None:
         if self.connector is not None:
@@ -170,57 +192,34 @@ class Dialling:
         return address
 
     def add_manual_peer(self, target_id: str, address: str) -> None:
-        if self.connector is None:
-            return
-        try:
-            parsed = self.check_peer_address(address)
-        except ConfigurationError as e:
-            self._log.warn("ignoring manual peer: {why}", why=str(e))
-            return
-        self.connector.add_candidate(target_id, parsed, source="manual")
+        """Dial an address the user gave for a share or attach (see :attr:`manual`)."""
+        self.manual.add(target_id, address)
+
+    def offer_candidate(self, target_id: str, address: Address, peer_id: str | None,
+                        source: str) -> None:
+        """Hand a candidate to the connection manager (the known peers' ``found``)."""
+        if self.connector is not None:
+            self.connector.add_candidate(target_id, address, peer_id=peer_id, source=source)
 
     def add_candidate(self, target_id: str, address: Address, peer_id: str | None,
                       source: str) -> None:
-        """A discovery source found ``address`` for ``target_id`` (LAN, tracker)."""
-        if self.connector is None:
-            return
+        """A discovery source found ``address`` for ``target_id`` (LAN, tracker): the
+        ``found`` of sources that hear the network, which may name IDs we no longer want."""
         if target_id in self._codes.codes:
             return  # the code's holder connects to us, not the other way round
         join = self._codes.joins.get(target_id)
         if target_id in self._shares.by_id or (join is not None and join.failed is None):
-            self.connector.add_candidate(target_id, address, peer_id=peer_id, source=source)
+            self.offer_candidate(target_id, address, peer_id, source)
 
     def add_peer_candidates(self, share_id: str, peer_id: str | None,
                             addresses: Any) -> None:
-        """Offer a peer's remembered or advertised addresses (protocol form) for dialling.
-
-        They are hints like a tracker's, so they use the "tracker" lifetime: retried
-        with back-off, forgotten after an hour unless offered again (which
-        :meth:`offer_remembered_peers` does while they stay in the peers table).
-        Under --tor-only only ``tor:`` addresses are taken.
-        """
-        if self.connector is None:
-            return
-        for text in addresses:
-            try:
-                address = parse_address(text) if isinstance(text, str) else text
-            except ValueError:
-                continue
-            if self._tor.tor_only and address.proto != "tor":
-                continue
-            self.connector.add_candidate(share_id, address, peer_id=peer_id, source="tracker")
+        """Offer a peer's remembered or advertised addresses (protocol form) for dialling
+        (see :attr:`remembered`: "tracker" lifetime; under --tor-only only ``tor:``)."""
+        self.remembered.offer(share_id, peer_id, addresses)
 
     def offer_remembered_peers(self) -> None:
         """Hand the peers table's addresses to the connection manager (start-up and timer)."""
-        for share_id, runtime in list(self._shares.by_id.items()):
-            peers = sorted(runtime.peers.values(), key=lambda p: p.last_seen or 0, reverse=True)
-            budget = MAX_REMEMBERED
-            for peer in peers:
-                if budget <= 0:
-                    break
-                addresses = list(peer.addresses)[:budget]
-                budget -= len(addresses)
-                self.add_peer_candidates(share_id, peer.peer_id, addresses)
+        self.remembered.offer_all()
 
     def manual_peers(self, target_id: str) -> list[str]:
         return list(self._resources.config.get("manual_peers", {}).get(target_id, []))
@@ -253,8 +252,8 @@ class Dialling:
             # We know who is at the address we attached through: no second connection.
             known = info.their_peer_id if len(finished_join.peers) == 1 else None
             for address in finished_join.peers:
-                self.connector.add_candidate(info.share_id, parse_user_address(address),
-                                             peer_id=known, source="manual")
+                self.offer_candidate(info.share_id, parse_user_address(address), known,
+                                     self.manual.source)
         session = SyncSession(runtime.sync, connection)
         runtime.peer_connected(info, connection)
         session.start(runtime.last_manifest_revision(info.their_peer_id))

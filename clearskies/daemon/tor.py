@@ -5,22 +5,28 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from clearskies.addresses import Address, make_address
 from clearskies.daemon.options import TOR_MODES, DaemonSettings
 from clearskies.daemon.resources import Resources
-from clearskies.discovery.addresses import Address
 from clearskies.errors import ConfigurationError
+from clearskies.interfaces import IPeerTransport
 
 #: The name peers see under --tor-only when none was chosen (never the host name).
 NEUTRAL_NAME = "ClearSkies peer"
 
 
+@implementer(IPeerTransport)
 class TorLink:
     """The Tor mode (``mode``: one of TOR_MODES) and, when it is on, the
-    ``TorService`` (``tor``) that publishes our onion service and dials through Tor."""
+    ``TorService`` (``tor``) that publishes our onion service and dials through Tor.
+
+    It is also the daemon's Tor transport (``IPeerTransport``)."""
+
+    name = "tor"
 
     _log = Logger()
 
@@ -85,13 +91,25 @@ class TorLink:
         """Why Tor does not work, or None."""
         return str(self.tor.error) if self.tor is not None and self.tor.error else None
 
-    def endpoint(self, address: Address) -> Deferred[Any]:
-        """The client endpoint for ``address``: through Tor for ``tor:`` (and, under
-        --tor-only, every) address, once Tor is ready; directly otherwise."""
-        if address.proto != "tor" and not self.tor_only:
-            return succeed(endpoints.clientFromString(self.reactor, address.endpoint_string()))
+    # -- the transport (IPeerTransport) ---------------------------------------------
+
+    def can_reach(self, address: Address) -> bool:
+        """``tor:`` addresses always (without Tor, dialling them says to start it with
+        --tor), and under --tor-only every address: nothing goes out directly."""
+        return address.proto == "tor" or self.tor_only
+
+    def endpoint_for(self, address: Address) -> Deferred[Any]:
+        """The client endpoint for ``address`` through Tor, once Tor is ready."""
         tor = self.tor
         if tor is None:
             return fail(ConfigurationError(
                 "%s can only be reached through Tor; start the daemon with --tor" % (address,)))
         return tor.ready.addCallback(lambda _: tor.client_endpoint(address.host, address.port))
+
+    def own_addresses(self) -> list[Address]:
+        """Our onion address, once published."""
+        onion = self.onion_address()
+        if onion is None:
+            return []
+        _, host, port = onion.split(":")
+        return [make_address("tor", host, int(port))]

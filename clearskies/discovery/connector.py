@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clearskies.discovery.addresses import Address, is_lan
+from clearskies.addresses import Address, is_lan
 
 SOURCES = ("manual", "tracker", "lan")
 #: Candidate addresses kept per share ID or access ID.

@@ -28,8 +28,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from clearskies.errors import ConfigurationError
+from clearskies.interfaces import IDiscoverySource
 
 DEFAULT_PORT = 60106
 #: Organisation-local scope (RFC 2365, 239.192.0.0/14): routers at the edge of
@@ -199,6 +201,7 @@ def _plain_host(host: str) -> str:
     return host
 
 
+@implementer(IDiscoverySource)
 class LanDiscovery(Service):
     """Announces our IDs on the LAN and passes on what other daemons announce.
 
@@ -214,6 +217,7 @@ class LanDiscovery(Service):
     """
 
     name = "lan-discovery"
+    source = "lan"
 
     def __init__(
         self,
@@ -363,6 +367,10 @@ class LanDiscovery(Service):
         if self._pending is not None:
             # The burst is postponed: learn new IDs now so their hints pass.
             self._refresh_own()
+
+    def announce_changed(self) -> None:
+        """What we announce changed (``IDiscoverySource``): :meth:`announce_now`."""
+        self.announce_now()
 
     def _request_burst(self) -> None:
         """Send a burst now, or once ``MIN_BURST_GAP`` has passed since the last one."""

@@ -4,7 +4,7 @@ The daemon runs one :class:`TrackerClient` per configured tracker URL (none
 when the user configured none: nothing here contacts anything on its own).
 It sends ``GET <url>/clearskies/track?tcp_port=P[&utp_port=U][&tor=…]&id=<ID>@<peer>…``
 for every share ID and live access ID we have, passes the ``others`` lists to
-a callback as parsed :class:`~clearskies.discovery.addresses.Address` values,
+a callback as parsed :class:`~clearskies.addresses.Address` values,
 and registers again before the tracker's ``ttl`` runs out.
 
 When the tracker supports ``fast_track=1`` the answer is a stream of JSON
@@ -33,14 +33,16 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
 
 from clearskies import SOFTWARE, jsonshape
-from clearskies.discovery.addresses import (
+from clearskies.addresses import (
     Address,
     UnsupportedProtocolError,
     parse_tracker_entry,
 )
 from clearskies.errors import ConfigurationError
+from clearskies.interfaces import IDiscoverySource
 
 #: Largest answer body, and largest single line of a fast_track stream.
 MAX_BODY = 1024 * 1024
@@ -233,6 +235,7 @@ class _Exchange:
             self.finished.callback(None)
 
 
+@implementer(IDiscoverySource)
 class TrackerClient(Service):
     """Keeps our registrations alive at one tracker and reports the peers it lists.
 
@@ -251,6 +254,7 @@ class TrackerClient(Service):
     """
 
     _log = Logger()
+    source = "tracker"
 
     def __init__(
         self,
@@ -328,6 +332,10 @@ class TrackerClient(Service):
             return
         gap = self._last_request + MIN_REQUEST_GAP - self._reactor.seconds()
         self._schedule(max(0.0, gap))
+
+    def announce_changed(self) -> None:
+        """What we announce changed (``IDiscoverySource``): :meth:`refresh`."""
+        self.refresh()
 
     @property
     def failures(self) -> int:

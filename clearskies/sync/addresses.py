@@ -1,7 +1,4 @@
 """Extension ``addresses`` (protocol/sync.md, "Addresses"): where else a peer can be reached.
-
-Only ``clearskies.discovery.addresses`` is used from discovery: it parses
-address strings and imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -12,7 +9,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from clearskies import wire
-from clearskies.discovery.addresses import UnsupportedProtocolError, parse_address
+from clearskies.addresses import UnsupportedProtocolError, parse_address
 from clearskies.errors import ProtocolError
 from clearskies.sync.limits import MAX_ADDRESSES
 

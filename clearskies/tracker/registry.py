@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from twisted.logger import Logger
 
-from clearskies.discovery.addresses import Address, format_address
+from clearskies.addresses import Address, format_address
 from clearskies.errors import ProtocolError
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
