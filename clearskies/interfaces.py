@@ -242,6 +242,21 @@ class IShareHost(Interface):
         """A session of the share ended (``address``: the one we dialled, or None)."""
 
 
+class IAttachDialler(Interface):
+    """What an attach waiting for its answer needs of the daemon's dialling:
+    the peers the user named, checked and dialled; and to stop dialling once
+    the attach failed."""
+
+    def check_peer_address(text):
+        """Parse a peer address the user gave; raise ``ConfigurationError`` if unusable."""
+
+    def add_manual_peer(target_id, address):
+        """Dial ``address`` (text) for ``target_id`` (an access ID) until told otherwise."""
+
+    def forget_target_soon(target_id):
+        """Stop dialling for ``target_id`` once the dial under way has finished."""
+
+
 class IDaemonControl(Interface):
     """The daemon as the control commands (``clearskies.control.commands``) see it."""
 

@@ -267,14 +267,16 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
 
 
 def test_the_daemon_provides_what_runtimes_and_commands_see(tmp_path: Path):
-    """The share runtimes' host offers all of IShareHost, the daemon all of IDaemonControl."""
+    """The share runtimes' host offers all of IShareHost, the daemon all of
+    IDaemonControl, its dialling all an attach needs (IAttachDialler)."""
     from zope.interface.verify import verifyObject
 
-    from clearskies.interfaces import IDaemonControl, IShareHost
+    from clearskies.interfaces import IAttachDialler, IDaemonControl, IShareHost
 
     daemon = Daemon(Clock(), DaemonSettings(data_dir=str(tmp_path / "data")))
     assert verifyObject(IShareHost, daemon.share_registry.host)
     assert verifyObject(IDaemonControl, daemon)
+    assert verifyObject(IAttachDialler, daemon.access_codes.dialling)
 
 
 def test_nothing_below_the_daemon_imports_it():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -18,12 +18,11 @@ from clearskies.daemon.resources import Resources, new_peer_id
 from clearskies.daemon.shares import Shares
 from clearskies.errors import ConfigurationError
 from clearskies.handshake import ConnectTarget
+from clearskies.interfaces import IAttachDialler
 from clearskies.keys import ShareKeys
 from clearskies.share import location
 from clearskies.share.database import AccessCodeInfo
 
-if TYPE_CHECKING:  # (in this package)
-    from clearskies.daemon.dialling import Dialling
 
 #: A pending attach that no peer has accepted for this long gives up (protocol/control.md).
 JOIN_GIVE_UP = 7 * 86400.0
@@ -116,7 +115,7 @@ class AccessCodes:
         self._resources = resources
         self._shares = shares
         self._announce = announce
-        self.dialling: Dialling | None = None
+        self.dialling: IAttachDialler | None = None
         self.codes: dict[str, AccessCode] = {}
         # Access ID → (why the code is dead, the code), for codes no longer in self.codes
         # (bounded): their holders are told why, with a proof (protocol/handshake.md).

@@ -13,6 +13,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from zope.interface import implementer
+
 from clearskies.addresses import Address, parse_user_address
 from clearskies.daemon.codes import AccessCodes
 from clearskies.daemon.known import MAX_REMEMBERED, ManualPeers, RememberedPeers
@@ -22,7 +24,7 @@ from clearskies.discovery.connector import ConnectionManager
 from clearskies.discovery.tcp import TcpTransport
 from clearskies.errors import CannotStart, ConfigurationError
 from clearskies.handshake import ConnectTarget, KeyRing
-from clearskies.interfaces import IDiscoverySource, IPeerTransport
+from clearskies.interfaces import IAttachDialler, IDiscoverySource, IPeerTransport
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync import SyncSession
 
@@ -36,6 +38,7 @@ FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manife
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
 
 
+@implementer(IAttachDialler)
 class Dialling:
     """Who we dial, and the sessions our connections (dialled or accepted) start.
 

@@ -33,7 +33,8 @@ from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.host import ShareHost
-from clearskies.daemon.keyring import DaemonKeyRing, SpareKeys
+from clearskies.daemon.keyring import DaemonKeyRing
+from clearskies.daemon.sparekeys import SpareKeys
 from clearskies.daemon.listeners import ControlListener, PeerListeners
 from clearskies.daemon.options import DaemonSettings, settle_options
 from clearskies.daemon.resources import Resources

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clearskies.daemon.activity import Activity
-from clearskies.daemon.keyring import SpareKeys
+from clearskies.daemon.sparekeys import SpareKeys
 from clearskies.daemon.resources import Resources, new_peer_id
 from clearskies.daemon.runtime import ShareRuntime
 from clearskies.errors import ConfigurationError

@@ -1,0 +1,148 @@
+"""The package's shape: layers, cycles and sizes that keep it easy to change.
+
+The layer contracts themselves live in ``setup.cfg`` (import-linter); these
+tests run them inside the suite, and add two checks import-linter does not
+make: no import cycle between any two modules (``TYPE_CHECKING`` imports
+included), and no class so long that it holds more than one job.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+from pathlib import Path
+
+import grimp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "clearskies"
+
+#: The longest class allowed, in source lines (docstring and blank lines
+#: included).  A class past it does several jobs; split it.
+MAX_CLASS_LINES = 420
+
+
+def _graph() -> grimp.ImportGraph:
+    return grimp.build_graph("clearskies", include_external_packages=False)
+
+
+def _strongly_connected(graph: grimp.ImportGraph) -> list[set[str]]:
+    """Tarjan's algorithm over the module graph: the groups of mutual importers."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+    counter = [0]
+
+    def visit(start: str) -> None:
+        work = [(start, iter(sorted(graph.find_modules_directly_imported_by(start))))]
+        index[start] = low[start] = counter[0]
+        counter[0] += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            advanced = False
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append(
+                        (child, iter(sorted(graph.find_modules_directly_imported_by(child))))
+                    )
+                    advanced = True
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                group = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.add(member)
+                    if member == node:
+                        break
+                groups.append(group)
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    return groups
+
+
+def test_no_module_imports_another_that_imports_it_back() -> None:
+    """No import cycle anywhere in the package, TYPE_CHECKING imports included."""
+    cycles = [sorted(group) for group in _strongly_connected(_graph()) if len(group) > 1]
+    assert cycles == []
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cycle check fails on a package where two modules import each other."""
+    package = tmp_path / "cyclic_example"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from cyclic_example import b\n")
+    (package / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cyclic_example import a\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    graph = grimp.build_graph("cyclic_example", include_external_packages=False)
+    groups = [g for g in _strongly_connected(graph) if len(g) > 1]
+    assert groups == [{"cyclic_example.a", "cyclic_example.b"}]
+
+
+def test_no_class_is_longer_than_the_limit() -> None:
+    """Every class in the package fits in MAX_CLASS_LINES source lines."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.name} ({lines})")
+    assert too_long == []
+
+
+def _lint(config: Path) -> int:
+    from importlinter.cli import lint_imports
+
+    return lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+
+
+def test_layer_contracts_hold() -> None:
+    """import-linter's contracts in setup.cfg hold: no layer imports one above it."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    contracts = [s for s in config.sections() if s.startswith("importlinter:contract:")]
+    assert len(contracts) >= 3
+    assert _lint(ROOT / "setup.cfg") == 0
+
+
+def test_an_upward_import_breaks_the_layer_contract(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers contract fails when a lower layer imports a higher one."""
+    package = tmp_path / "layered_example"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "high.py").write_text("from layered_example import low\n")
+    (package / "low.py").write_text("def f():\n    from layered_example import high\n")
+    config = tmp_path / "contracts.ini"
+    config.write_text(
+        "[importlinter]\nroot_package = layered_example\n\n"
+        "[importlinter:contract:layers]\nname = layers\ntype = layers\n"
+        "layers =\n    layered_example.high\n    layered_example.low\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert _lint(config) == 1
+    (package / "low.py").write_text("")
+    assert _lint(config) == 0
