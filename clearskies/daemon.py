@@ -56,7 +56,7 @@ from clearskies.share import location
 from clearskies.share.runtime import ShareRuntime
 from clearskies.share.service import create_share as register_share
 from clearskies.sync import SyncSession
-from clearskies.threads import ProcessRunner, SerialRunner, ThreadPoolRunner
+from clearskies.threads import make_runners
 
 DEFAULT_LISTEN = "tcp:60106"
 """Where peers reach us unless told otherwise (the LAN announcement port, but TCP)."""
@@ -316,15 +316,11 @@ class Daemon(MultiService):
         # First child: it starts before (and stops after) everything that logs.
         self.log_file = LogFileService(self.data_dir)
         self.log_file.setServiceParent(self)
-        self.db_runner = SerialRunner(reactor)
-        self.db_runner.setServiceParent(self)
-        # Mostly fsync and file I/O (which wait on the disk, not the CPU), and hashing,
-        # which the scanner caps at one job per core itself: more threads than cores.
-        self.cpu_runner = ThreadPoolRunner(reactor, max(8, 2 * (os.cpu_count() or 1)))
-        self.cpu_runner.setServiceParent(self)
-        # Downloads' small-file jobs, in a helper process (threads.ProcessRunner).
-        self.disk_runner = ProcessRunner(reactor, self.cpu_runner)
-        self.disk_runner.setServiceParent(self)
+        # Where blocking work runs: the database thread and the files pool (clearskies.threads).
+        self.runners = make_runners(reactor)
+        self.runners.setServiceParent(self)
+        self.db_runner = self.runners.database
+        self.cpu_runner = self.disk_runner = self.runners.files
         self.store: ShareStore | None = None
         self.shares: dict[str, ShareRuntime] = {}
         self.codes: dict[str, AccessCode] = {}
