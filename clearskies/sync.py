@@ -38,6 +38,7 @@ from clearskies.errors import PathObstacle, ProtocolError, UnsafePathError
 from clearskies.share import merge
 from clearskies.share.hashing import HashResult, hash_file
 from clearskies.share.records import MAX_SIZE, FileRecord, validate_wire_path
+from clearskies.backpressure import SharedPause
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.transfer import (
     CONFLICT, CORRUPT, OK, SMALL_FILE, BufferedSeals, FileReceiver, FinishResult, SendQueue,
@@ -1212,7 +1213,8 @@ class SyncSession:
         self.receiving_path: str | None = None  # the remote path its payload was asked for
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
                                runner=sync.share.runner)
-        self._read_throttle = (ReadThrottle(connection.transport, sync.download_limiter, sync.clock)
+        self.reading = SharedPause(connection.transport)  # a rate limit and slow writes pause it
+        self._read_throttle = (ReadThrottle(self.reading, sync.download_limiter, sync.clock)
                                if sync.download_limiter is not None else None)
         connection.message_writer = self._write  # keep-alives queue behind payloads too
         self.peer_progress: dict[str, Any] | None = None
@@ -1653,6 +1655,7 @@ class SyncSession:
             receiver.abort(keep_partial=False)
             raise ProtocolError("file_data for %r starts at %d, we asked for %d"
                                 % (path, start, receiver.offset))
+        receiver.producer = self.reading
         self.receiving = receiver
         self.receiving_path = path
 

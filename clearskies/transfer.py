@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import threading
 import stat
 from collections import deque
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -39,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clearskies import diskerrors, diskjobs, wire
+from clearskies.backpressure import BatchWriter
 from clearskies.errors import ProtocolError
 from clearskies.ratelimit import MAX_WAIT, RateLimiter
 from clearskies.share.records import FileRecord
@@ -60,7 +60,7 @@ WRITE_BATCH = 512 * 1024
 """Received bytes collected before they go to the writer thread as one batch."""
 
 MAX_QUEUED_BATCHES = 4
-"""Batches a download may have waiting for its writer; beyond that the reactor writes them itself."""
+"""Batches a download may have waiting for its writer; beyond that its connection is paused."""
 
 MAX_QUEUED_FILES = 64
 """Most ``get`` requests one connection may have waiting for their turn."""
@@ -176,7 +176,9 @@ class FileReceiver:
         self._state = _NEW
         self._fd: int | None = None
         self._hasher: Any = hashlib.sha256()
-        self._writer: _BatchWriter | None = None
+        self._writer: BatchWriter | None = None
+        #: Paused while this download's writes fall behind: the connection it arrives on.
+        self.producer: IPushProducer | None = None
         self._pieces: list[bytes] = []  # received, not yet handed to the writer
         self._pending = 0
         self._received = 0
@@ -309,8 +311,9 @@ class FileReceiver:
             os.close(fd)
             raise
         self._fd = fd
-        self._writer = _BatchWriter(self._runner, fd, self._offset,
-                                    None if self._rehash else self._hasher)
+        self._writer = BatchWriter(self._runner, fd, self._offset,
+                                   None if self._rehash else self._hasher,
+                                   producer=self.producer, max_queued=MAX_QUEUED_BATCHES)
         self._state = _WRITING
 
     def _prepare_directory(self) -> None:
@@ -338,7 +341,8 @@ class FileReceiver:
 
         def copied(result: tuple[Any, int, int]) -> None:
             self._hasher, self._received, self._fd = result
-            self._writer = _BatchWriter(self._runner, self._fd, self._received, self._hasher)
+            self._writer = BatchWriter(self._runner, self._fd, self._received, self._hasher,
+                                       producer=self.producer, max_queued=MAX_QUEUED_BATCHES)
             self._offset = 0
             self._rehash = False
             self._overflow = self._received > self.expected.size
@@ -549,122 +553,6 @@ class BufferedSeals:
             else:
                 done.callback(result)
         self._start()
-
-
-class _BatchWriter:
-    """Writes and hashes one download's batches in worker threads, in arrival order.
-
-    The reactor only queues batches (lists of received pieces).  One runner
-    job at a time drains the queue, writing at explicit offsets and feeding
-    the hasher, so neither the write calls nor the hashing hold the reactor.
-    Whoever drains holds the lock, so the worker and a synchronous drain on
-    the reactor (a backlog over ``MAX_QUEUED_BATCHES``, or a close) take
-    turns and every batch is written and hashed exactly once, in order.
-    """
-
-    _log = Logger()
-
-    def __init__(self, runner: Runner, fd: int, position: int, hasher: Any) -> None:
-        self._runner = runner
-        self._fd = fd
-        self._position = position  # changed only by whoever holds the lock
-        self._hasher = hasher  # None: the whole file is hashed when sealed
-        self._queue: deque[list[bytes]] = deque()
-        self._lock = threading.Lock()
-        self._running = False
-        self._closed = False
-        self._waiters: list[Deferred[None]] = []
-        self.error: Exception | None = None
-
-    def submit(self, batch: list[bytes]) -> None:
-        """Queue a batch; raises the error of an earlier write that failed."""
-        if self.error is not None:
-            raise self.error
-        self._queue.append(batch)
-        if len(self._queue) > MAX_QUEUED_BATCHES:
-            # The workers fall behind (busy pool, slow disk): keep memory bounded.
-            self._drain()
-            if self.error is not None:
-                raise self.error
-        elif not self._running:
-            self._start()
-
-    def flush(self) -> Deferred[None]:
-        """Fires when every queued batch is written and hashed (fails with a write error)."""
-        if not self._running and (not self._queue or self.error is not None):
-            return fail(self.error) if self.error is not None else succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._waiters.append(waiter)
-        if not self._running:
-            self._start()
-        return waiter
-
-    def close(self, last: list[bytes] | None) -> None:
-        """Stop; with ``last`` (possibly empty) write what is queued plus ``last`` first.
-
-        Waits (briefly, on the calling thread) for a batch a worker is writing,
-        so the caller may close the descriptor afterwards.
-        """
-        self._closed = True
-        if last is None:
-            self._queue.clear()
-        elif last:
-            self._queue.append(last)
-        self._drain()
-        if last is not None and self.error is not None:
-            self._log.warn("writing a partial download failed: {why}", why=str(self.error))
-
-    def _start(self) -> None:
-        self._running = True
-        self._runner.run(self._drain).addBoth(self._drained)
-
-    def _drained(self, result: object) -> None:
-        self._running = False
-        if isinstance(result, Failure) and self.error is None:
-            self.error = result.value if isinstance(result.value, Exception) else None
-        if self._queue and self.error is None and not self._closed:
-            self._start()  # batches queued while the job was finishing
-            return
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if self.error is not None:
-                waiter.errback(self.error)
-            else:
-                waiter.callback(None)
-
-    def _drain(self) -> None:
-        """Write and hash queued batches until none is left (worker or reactor thread)."""
-        with self._lock:
-            while self.error is None:
-                # Everything queued goes out as one write: the further the worker
-                # falls behind, the fewer GIL hand-overs it needs per byte.
-                batch: list[bytes] = []
-                while True:
-                    try:
-                        batch += self._queue.popleft()
-                    except IndexError:
-                        break
-                if not batch:
-                    return
-                try:
-                    self._write(batch)
-                except Exception as e:
-                    self.error = e
-                    self._queue.clear()
-
-    def _write(self, batch: list[bytes]) -> None:
-        # One buffer, so the write and the hash each release the GIL once per
-        # batch: a worker that waits for the GIL after every small piece
-        # falls far behind a busy reactor thread.
-        data = batch[0] if len(batch) == 1 else b"".join(batch)
-        position = self._position
-        with memoryview(data) as view:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], position + done)
-        if self._hasher is not None:
-            self._hasher.update(data)
-        self._position = position + len(data)
 
 
 def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]

@@ -1023,21 +1023,30 @@ def test_received_pieces_are_written_and_hashed_in_worker_batches(tmp_path, monk
 
 
 def test_a_stalled_worker_does_not_let_batches_pile_up(tmp_path, monkeypatch):
-    """Past MAX_QUEUED_BATCHES waiting, the caller writes them itself; late jobs add nothing."""
+    """Past MAX_QUEUED_BATCHES waiting, the connection is paused (nothing is written on
+    the calling thread) until a worker job has caught up; then it reads again."""
     monkeypatch.setattr(transfer, "WRITE_BATCH", 1000)
     monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 4)
     data = content(20_000, seed=8)
-    runner = HeldRunner()
+    runner, connection = HeldRunner(), StringTransport()
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
-    for start in range(0, 5000, 1000):
+    receiver.producer = connection
+    for start in range(0, 4000, 1000):
         receiver.write(data[start:start + 1000])
-    assert receiver.temp_path.stat().st_size == 5000  # the fifth batch drained all five
+    assert connection.producerState == "producing"  # four waiting: within the bound
+    receiver.write(data[4000:5000])
+    assert connection.producerState == "paused"
+    assert receiver.temp_path.stat().st_size == 0  # the reactor wrote nothing itself
+    runner.release()  # the worker job writes all five
+    assert receiver.temp_path.stat().st_size == 5000
+    assert connection.producerState == "producing"
     for start in range(5000, len(data), 1000):
         receiver.write(data[start:start + 1000])
     sealed = receiver.seal()
     runner.release_all()
     assert result_of(sealed) is None
     assert receiver.temp_path.read_bytes() == data
+    assert connection.producerState == "producing"
 
 
 def test_abort_keeping_the_partial_writes_pending_pieces_for_a_resume(tmp_path):
