@@ -82,7 +82,8 @@ class BatchWriter:
     the hasher, so neither the write calls nor the hashing hold the reactor.
     Once more than ``max_queued`` batches wait, ``producer`` is paused; it
     is resumed when a job has brought the queue back within that bound (or
-    the writer fails or closes).  Without a producer, or if it keeps
+    the writer fails or closes).  The writer owns the descriptor it was
+    given once :meth:`close` is called.  Without a producer, or if it keeps
     delivering, more than ``OVERRUN_FACTOR * max_queued`` waiting batches
     fail the download with :class:`WriterOverrun`.
     """
@@ -92,13 +93,14 @@ class BatchWriter:
     def __init__(self, runner: IRunner, fd: int, position: int, hasher: Any, *,
                  producer: IPushProducer | None = None, max_queued: int = MAX_QUEUED) -> None:
         self._runner = runner
-        self._fd = fd
+        self._fd: int | None = fd
         self._position = position  # changed only by whoever holds the lock
         self._hasher = hasher  # None: the whole file is hashed when sealed
         self._queue: deque[list[bytes]] = deque()
         self._lock = threading.Lock()
         self._running = False
         self._closed = False
+        self._keep = False  # closed with the last batches still to write
         self._waiters: list[Deferred[None]] = []
         self._producer = producer
         self._max_queued = max(1, max_queued)
@@ -138,19 +140,39 @@ class BatchWriter:
         return waiter
 
     def close(self, last: list[bytes] | None) -> None:
-        """Stop; with ``last`` (possibly empty) write what is queued plus ``last`` first.
+        """Stop, and close the descriptor (the writer's from now on).
 
-        Waits (briefly, on the calling thread) for a batch a worker is writing,
-        so the caller may close the descriptor afterwards.
+        Without ``last``, what is queued is dropped; a batch a worker is
+        writing is waited for (briefly, on the calling thread), so the
+        descriptor is never closed under it.  With ``last`` (possibly
+        empty), what is queued plus ``last`` is written by a worker job,
+        which closes the descriptor after it: nothing is written on the
+        calling thread.
         """
         self._closed = True
         self._resume()
         if last is None:
             self._queue.clear()
-        elif last:
+            with self._lock:
+                self._close_descriptor()
+            return
+        self._keep = True
+        if last:
             self._queue.append(last)
-        self._drain()
-        if last is not None and self.error is not None:
+        if not self._running:
+            if self._queue and self.error is None:
+                self._start()
+            else:
+                self._closed_after_last_job()
+
+    def _close_descriptor(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _closed_after_last_job(self) -> None:
+        self._close_descriptor()
+        if self.error is not None:
             self._log.warn("writing a partial download failed: {why}", why=str(self.error))
 
     def _pause(self) -> None:
@@ -175,9 +197,11 @@ class BatchWriter:
         if self.error is not None or len(self._queue) <= self._max_queued:
             # Caught up (or failed: the rest of the payload is read and dropped).
             self._resume()
-        if self._queue and self.error is None and not self._closed:
+        if self._queue and self.error is None and (self._keep or not self._closed):
             self._start()  # batches queued while the job was finishing
             return
+        if self._keep:
+            self._closed_after_last_job()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if self.error is not None:
@@ -186,7 +210,7 @@ class BatchWriter:
                 waiter.callback(None)
 
     def _drain(self) -> None:
-        """Write and hash queued batches until none is left (worker thread, or close())."""
+        """Write and hash queued batches until none is left (worker thread)."""
         with self._lock:
             while self.error is None:
                 # Everything queued goes out as one write: the further the worker
@@ -210,11 +234,12 @@ class BatchWriter:
         # batch: a worker that waits for the GIL after every small piece
         # falls far behind a busy reactor thread.
         data = batch[0] if len(batch) == 1 else b"".join(batch)
-        position = self._position
+        position, fd = self._position, self._fd
+        assert fd is not None
         with memoryview(data) as view:
             done = 0
             while done < len(view):
-                done += os.pwrite(self._fd, view[done:], position + done)
+                done += os.pwrite(fd, view[done:], position + done)
         if self._hasher is not None:
             self._hasher.update(data)
         self._position = position + len(data)

@@ -499,7 +499,8 @@ class FileReceiver:
         writer, self._writer = self._writer, None
         pieces, self._pieces, self._pending = self._pieces, [], 0
         if writer is not None:
-            writer.close(pieces if keep else None)
+            writer.close(pieces if keep else None)  # and the descriptor with it
+            self._fd = None
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

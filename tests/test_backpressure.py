@@ -105,8 +105,7 @@ def test_the_writer_pauses_past_its_bound_and_resumes_once_a_job_caught_up(tmp_p
     runner.release()
     assert producer.calls == ["pause", "resume"] and writer.waiting == 0
     assert os.fstat(fd).st_size == 5
-    writer.close(None)
-    os.close(fd)
+    writer.close(None)  # and the descriptor with it
 
 
 def test_a_producer_that_does_not_pause_meets_a_hard_bound(tmp_path):
@@ -150,7 +149,6 @@ def test_a_failed_write_or_a_close_resumes_the_producer(tmp_path, monkeypatch):
     closing.close(None)
     assert producer.calls == ["pause", "resume", "pause", "resume"]
     runner.release_all()
-    os.close(fd)
 
 
 class FloodTests(TestCase):
@@ -257,3 +255,32 @@ def test_a_sync_runner_never_pauses(tmp_path):
     assert producer.calls == [] and writer.waiting == 0
     os.close(fd)
     assert (tmp_path / "f.tmp").read_bytes() == b"abc"
+
+
+def test_closing_with_the_last_pieces_leaves_writing_and_closing_to_a_worker(tmp_path):
+    """close(last) writes nothing on the calling thread: a worker job writes what is
+    queued plus the last pieces, then the descriptor is closed."""
+    runner = HeldRunner()
+    fd = open_temp(tmp_path)
+    writer = BatchWriter(runner, fd, 0, None, max_queued=4)
+    writer.submit([b"ab"])
+    writer.close([b"c", b"d"])
+    assert os.fstat(fd).st_size == 0
+    runner.release_all()
+    assert (tmp_path / "f.tmp").read_bytes() == b"abcd"
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
+
+
+def test_closing_without_keeping_drops_the_queue_and_closes_at_once(tmp_path):
+    """close(None) drops what waits and closes the descriptor; the late job writes nothing."""
+    runner = HeldRunner()
+    fd = open_temp(tmp_path)
+    writer = BatchWriter(runner, fd, 0, None, max_queued=4)
+    writer.submit([b"ab"])
+    writer.close(None)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    runner.release_all()
+    assert (tmp_path / "f.tmp").read_bytes() == b""
