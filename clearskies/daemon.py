@@ -320,7 +320,7 @@ class Daemon(MultiService):
         self.runners = make_runners(reactor)
         self.runners.setServiceParent(self)
         self.db_runner = self.runners.database
-        self.cpu_runner = self.disk_runner = self.runners.files
+        self.cpu_runner = self.disk_runner = self.runners.files  # the names its users know
         self.store: ShareStore | None = None
         self.shares: dict[str, ShareRuntime] = {}
         self.codes: dict[str, AccessCode] = {}
