@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 
 from clearskies import backpressure
 from clearskies.backpressure import BatchWriter, SharedPause, WriterOverrun
+from clearskies.interfaces import IRunner
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.threads import SyncRunner, ThreadPoolRunner
 from tests.test_database import temporary_dir
@@ -73,6 +74,7 @@ def test_a_rate_limit_running_out_does_not_undo_the_writers_pause(tmp_path):
     """The download limiter's wait ends while the writer still lags: the connection stays
     paused until the writer has caught up too."""
     clock, transport, runner = Clock(), StringTransport(), HeldRunner()
+    verifyObject(IRunner, runner)
     shared = SharedPause(transport)
     throttle = ReadThrottle(shared, RateLimiter(clock, 1000), clock)
     fd = open_temp(tmp_path)

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from clearskies import transfer, wire
 from clearskies.errors import ProtocolError, UnsafePathError
+from clearskies.interfaces import IRunner
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner, ThreadPoolRunner
 from clearskies.transfer import (
@@ -392,6 +393,7 @@ def test_transport_stopping_the_producer_stops_the_queue(tmp_path):
     assert queue.sending is None and queue.waiting_files == 0
 
 
+@implementer(IRunner)
 class HeldRunner:
     """A runner whose jobs wait until the test releases them, in order: a busy
     worker pool, or a worker's timing chosen by the test."""
