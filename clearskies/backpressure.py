@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from collections import deque
 from typing import Any
 
@@ -97,10 +96,10 @@ class BatchWriter:
         self._position = position  # changed only by whoever holds the lock
         self._hasher = hasher  # None: the whole file is hashed when sealed
         self._queue: deque[list[bytes]] = deque()
-        self._lock = threading.Lock()
         self._running = False
         self._closed = False
         self._keep = False  # closed with the last batches still to write
+        self._closing: list[Deferred[None]] = []
         self._waiters: list[Deferred[None]] = []
         self._producer = producer
         self._max_queued = max(1, max_queued)
@@ -139,41 +138,41 @@ class BatchWriter:
             self._start()
         return waiter
 
-    def close(self, last: list[bytes] | None) -> None:
-        """Stop, and close the descriptor (the writer's from now on).
+    def close(self, last: list[bytes] | None) -> Deferred[None]:
+        """Stop, and close the descriptor (the writer's from now on); fires once it is closed.
 
-        Without ``last``, what is queued is dropped; a batch a worker is
-        writing is waited for (briefly, on the calling thread), so the
-        descriptor is never closed under it.  With ``last`` (possibly
-        empty), what is queued plus ``last`` is written by a worker job,
-        which closes the descriptor after it: nothing is written on the
-        calling thread.
+        Without ``last``, what is queued is dropped; with ``last`` (possibly
+        empty), what is queued plus ``last`` is written first, by a worker.
+        The descriptor is closed on the reactor thread once no worker job
+        uses it any more (at once if none does): the calling thread neither
+        writes nor waits for the disk.
         """
         self._closed = True
         self._resume()
+        closed: Deferred[None] = Deferred()
+        self._closing.append(closed)
         if last is None:
             self._queue.clear()
-            with self._lock:
-                self._close_descriptor()
-            return
-        self._keep = True
-        if last:
-            self._queue.append(last)
+        else:
+            self._keep = True
+            if last:
+                self._queue.append(last)
         if not self._running:
             if self._queue and self.error is None:
                 self._start()
             else:
-                self._closed_after_last_job()
+                self._close_descriptor()
+        return closed
 
     def _close_descriptor(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
-
-    def _closed_after_last_job(self) -> None:
-        self._close_descriptor()
-        if self.error is not None:
+        if self._keep and self.error is not None:
             self._log.warn("writing a partial download failed: {why}", why=str(self.error))
+        closing, self._closing = self._closing, []
+        for closed in closing:
+            closed.callback(None)
 
     def _pause(self) -> None:
         if self._producer is not None and not self.pausing:
@@ -200,8 +199,8 @@ class BatchWriter:
         if self._queue and self.error is None and (self._keep or not self._closed):
             self._start()  # batches queued while the job was finishing
             return
-        if self._keep:
-            self._closed_after_last_job()
+        if self._closed:
+            self._close_descriptor()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if self.error is not None:
@@ -210,24 +209,27 @@ class BatchWriter:
                 waiter.callback(None)
 
     def _drain(self) -> None:
-        """Write and hash queued batches until none is left (worker thread)."""
-        with self._lock:
-            while self.error is None:
-                # Everything queued goes out as one write: the further the worker
-                # falls behind, the fewer GIL hand-overs it needs per byte.
-                batch: list[bytes] = []
-                while True:
-                    try:
-                        batch += self._queue.popleft()
-                    except IndexError:
-                        break
-                if not batch:
-                    return
+        """Write and hash queued batches until none is left (worker thread).
+
+        One such job runs at a time, so the position and the hasher have a
+        single user; the reactor thread only appends to and clears the queue.
+        """
+        while self.error is None:
+            # Everything queued goes out as one write: the further the worker
+            # falls behind, the fewer GIL hand-overs it needs per byte.
+            batch: list[bytes] = []
+            while True:
                 try:
-                    self._write(batch)
-                except Exception as e:
-                    self.error = e
-                    self._queue.clear()
+                    batch += self._queue.popleft()
+                except IndexError:
+                    break
+            if not batch:
+                return
+            try:
+                self._write(batch)
+            except Exception as e:
+                self.error = e
+                self._queue.clear()
 
     def _write(self, batch: list[bytes]) -> None:
         # One buffer, so the write and the hash each release the GIL once per

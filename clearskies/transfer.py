@@ -333,11 +333,12 @@ class FileReceiver:
         """
         if self._state not in (_NEW, _WRITING):
             raise RuntimeError("copy into a download that is %s" % self._state)
-        self._close_fd()
+        closed = self._close_fd()
         self._buffer = None
         self._prepare_directory()
         self._state = _BUSY
-        d = self._runner.run(_copy_into, Path(source), self.temp_path, self.expected.size)
+        d = closed.addCallback(lambda _: self._runner.run(
+            _copy_into, Path(source), self.temp_path, self.expected.size))
 
         def copied(result: tuple[Any, int, int]) -> None:
             self._hasher, self._received, self._fd = result
@@ -494,16 +495,19 @@ class FileReceiver:
         if not keep_partial:
             self._remove_temp()
 
-    def _close_fd(self, keep: bool = False) -> None:
-        """Close the temporary file; with ``keep`` the bytes received so far are written first."""
+    def _close_fd(self, keep: bool = False) -> Deferred[None]:
+        """Close the temporary file; with ``keep`` the bytes received so far are written first.
+
+        Fires once it is closed (its writer's last job may still be running).
+        """
         writer, self._writer = self._writer, None
         pieces, self._pieces, self._pending = self._pieces, [], 0
-        if writer is not None:
-            writer.close(pieces if keep else None)  # and the descriptor with it
-            self._fd = None
         fd, self._fd = self._fd, None
+        if writer is not None:
+            return writer.close(pieces if keep else None)  # and the descriptor with it
         if fd is not None:
             os.close(fd)
+        return succeed(None)
 
 
 class BufferedSeals:

@@ -23,8 +23,9 @@ from clearskies.backpressure import BatchWriter, SharedPause, WriterOverrun
 from clearskies.interfaces import IRunner
 from clearskies.ratelimit import RateLimiter, ReadThrottle
 from clearskies.threads import SyncRunner, ThreadPoolRunner
+from clearskies.transfer import OK, FileReceiver
 from tests.test_database import temporary_dir
-from tests.test_transfer import HeldRunner
+from tests.test_transfer import HeldRunner, content, record_for
 
 
 @implementer(IPushProducer)
@@ -266,23 +267,53 @@ def test_closing_with_the_last_pieces_leaves_writing_and_closing_to_a_worker(tmp
     fd = open_temp(tmp_path)
     writer = BatchWriter(runner, fd, 0, None, max_queued=4)
     writer.submit([b"ab"])
-    writer.close([b"c", b"d"])
-    assert os.fstat(fd).st_size == 0
+    closed = writer.close([b"c", b"d"])
+    assert os.fstat(fd).st_size == 0 and not closed.called
     runner.release_all()
+    assert closed.called
     assert (tmp_path / "f.tmp").read_bytes() == b"abcd"
     with pytest.raises(OSError) as closed:
         os.fstat(fd)
     assert closed.value.errno == errno.EBADF
 
 
-def test_closing_without_keeping_drops_the_queue_and_closes_at_once(tmp_path):
-    """close(None) drops what waits and closes the descriptor; the late job writes nothing."""
+def test_closing_without_keeping_drops_the_queue_and_closes_after_the_job_in_flight(tmp_path):
+    """close(None) drops what waits; the descriptor is closed once the job already handed
+    to the pool is back (it then writes nothing), never under it and never by waiting."""
     runner = HeldRunner()
     fd = open_temp(tmp_path)
     writer = BatchWriter(runner, fd, 0, None, max_queued=4)
     writer.submit([b"ab"])
-    writer.close(None)
+    closed = writer.close(None)
+    assert not closed.called
+    os.fstat(fd)  # still open: the job may be using it
+    runner.release_all()
+    assert closed.called
     with pytest.raises(OSError):
         os.fstat(fd)
-    runner.release_all()
     assert (tmp_path / "f.tmp").read_bytes() == b""
+    idle = BatchWriter(runner, open_temp(tmp_path), 0, None)
+    assert idle.close(None).called  # no job: closed at once
+
+
+def test_a_local_copy_starts_only_after_the_received_bytes_writer_is_done(tmp_path):
+    """copy_local after some payload: the copy job is handed to the pool only once the
+    writer's job in flight is back, so the two never write the same file at once."""
+    data = content(3 * 1024 * 1024, seed=12)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    runner = HeldRunner()
+    receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
+    receiver.write(data[:1024 * 1024])  # two batches: a drain job waits in the pool
+    assert [fn.__name__ for _, fn, _ in runner.jobs] == ["_drain"]
+    copied = receiver.copy_local(source)
+    assert [fn.__name__ for _, fn, _ in runner.jobs] == ["_drain"]
+    runner.release()
+    assert [fn.__name__ for _, fn, _ in runner.jobs] == ["_copy_into"]
+    runner.release_all()
+    assert copied.called
+    finished = receiver.finish(lambda: True)
+    while runner.jobs:
+        runner.release_all()
+    assert finished.result.status == OK
+    assert (tmp_path / "f").read_bytes() == data
