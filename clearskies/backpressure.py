@@ -93,7 +93,7 @@ class BatchWriter:
                  producer: IPushProducer | None = None, max_queued: int = MAX_QUEUED) -> None:
         self._runner = runner
         self._fd: int | None = fd
-        self._position = position  # changed only by whoever holds the lock
+        self._position = position  # changed only by the one job that runs at a time
         self._hasher = hasher  # None: the whole file is hashed when sealed
         self._queue: deque[list[bytes]] = deque()
         self._running = False
