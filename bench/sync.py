@@ -22,10 +22,10 @@ machine's disk is slow to create many files right after many were deleted
 between runs.  Remove old runs by hand when the disk fills.
 
 For each phase: wall time, CPU seconds (user + system, all threads) of
-each daemon with its disk helper process from psutil, and each daemon's
-peak memory sampled every 50 ms: its RSS plus the helper's own memory
-(USS; the helper's RSS would count the shared interpreter and libraries
-twice).
+each daemon with any child processes from psutil (the daemon starts none
+now; older versions ran a disk helper process), and each daemon's peak
+memory sampled every 50 ms: its RSS plus its children's own memory (USS;
+a child's RSS would count the shared interpreter and libraries twice).
 A phase ends when the receiver's files have the sender's sizes and
 mtimes (checked cheaply while polling); the contents are compared by
 SHA-256 after the clock stops.
@@ -76,7 +76,7 @@ TARGETS = {
 
 
 def _uss(proc: psutil.Process) -> int:
-    """A helper process's own memory: what it adds to the daemon's RSS.
+    """A child process's own memory: what it adds to the daemon's RSS.
 
     (Its RSS would count again the interpreter and libraries that the
     daemon's RSS already holds.)
@@ -97,7 +97,7 @@ def _cpu(proc: psutil.Process) -> float:
 
 class Sampler:
     """Samples the memory of some processes in a background thread: each one's RSS
-    plus its helper processes' own memory (USS); keeps the peak per phase."""
+    plus its child processes' own memory (USS); keeps the peak per phase."""
 
     def __init__(self, pids: dict[str, int], interval: float = POLL) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
@@ -128,7 +128,7 @@ class Sampler:
             self.peak = {name: 0 for name in self.procs}
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far of each daemon with its helper processes (live or ended)."""
+        """CPU seconds so far of each daemon with its child processes (live or ended)."""
         out = {}
         for name, proc in self.procs.items():
             times = proc.cpu_times()

@@ -47,13 +47,8 @@ MAX_LISTED = 20
 
 
 def is_disk_error(error: BaseException) -> bool:
-    """True for an error of the local file system that a user can fix (not a bug of ours).
-
-    An OSError subclass may set ``internal = True`` (a helper process that
-    died) to say it is not about the disk.
-    """
-    return (isinstance(error, OSError) and getattr(error, "errno", None) in DISK_ERRNOS
-            and not getattr(error, "internal", False))
+    """True for an error of the local file system that a user can fix (not a bug of ours)."""
+    return isinstance(error, OSError) and getattr(error, "errno", None) in DISK_ERRNOS
 
 
 def frees_space(error: BaseException) -> bool:

@@ -1,10 +1,9 @@
 """Disk work for downloads: plain values in, plain values out, standard library only.
 
 Writing, fsyncing and renaming many small downloads costs a handful of
-system calls each.  Run in worker threads, every one of those calls hands
-the GIL to and from the reactor thread; so the daemon runs these jobs in a
-helper process instead (:mod:`clearskies.diskhelper`), which imports this
-module and nothing heavier.  Threads (and tests) may call them directly.
+system calls each, so these jobs take whole batches of files: one trip to
+the ``files`` pool (:mod:`clearskies.threads`) per batch, not per file.
+Tests may call them directly.
 """
 
 from __future__ import annotations

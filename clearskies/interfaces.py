@@ -18,6 +18,21 @@ from zope.interface import Attribute, Interface
 # --- blocking work: runners and disk jobs -----------------------------------
 
 
+class IRunner(Interface):
+    """Runs a blocking callable off the reactor thread and answers on it.
+
+    The contract every runner honours, for any callable: ``run(fn, *args)``
+    returns a Deferred that fires on the reactor thread with ``fn(*args)``'s
+    result, or fails with the exception it raised (never raised by ``run``
+    itself). ``fn`` gets plain values, returns plain values and never
+    touches Twisted objects. A runner that runs its work in order says so;
+    the one for tests runs it at once on the calling thread.
+    """
+
+    def run(fn, *args):  # type: ignore[no-untyped-def]
+        """Run ``fn(*args)``; a Deferred with its result or its exception."""
+
+
 # --- the share store, as the sync layer sees it -----------------------------
 
 

@@ -13,8 +13,8 @@ buffer stops the disk reads.  :class:`SendQueue` serialises everything one
 connection writes: one file at a time, small messages in between.
 
 Threads: received bytes are written and hashed by the injected runner in
-batches (:class:`_BatchWriter`; the reactor writes only a backlog past
-``MAX_QUEUED_BATCHES``); a small download is held in memory and created,
+batches (:class:`clearskies.backpressure.BatchWriter`, which pauses the
+connection while more than ``MAX_QUEUED_BATCHES`` wait); a small download is held in memory and created,
 hashed and fsynced in one worker job, several at once (:class:`BufferedSeals`);
 verifying, fsync, renames (:func:`finish_many`) and the sender's opens and
 reads run in the runner too.  The reactor thread keeps only the calls that
@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import threading
 import stat
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -47,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clearskies import diskerrors, diskjobs, wire
+from clearskies.backpressure import BatchWriter
 from clearskies.errors import ProtocolError
 from clearskies.ratelimit import MAX_WAIT, RateLimiter
 from clearskies.share.records import FileRecord
@@ -68,7 +68,7 @@ WRITE_BATCH = 512 * 1024
 """Received bytes collected before they go to the writer thread as one batch."""
 
 MAX_QUEUED_BATCHES = 4
-"""Batches a download may have waiting for its writer; beyond that the reactor writes them itself."""
+"""Batches a download may have waiting for its writer; beyond that its connection is paused."""
 
 MAX_QUEUED_FILES = 64
 """Most ``get`` requests one connection may have waiting for their turn."""
@@ -242,7 +242,9 @@ class FileReceiver:
         self.machine = ReceiverMachine()
         self._fd: int | None = None
         self._hasher: Any = hashlib.sha256()
-        self._writer: _BatchWriter | None = None
+        self._writer: BatchWriter | None = None
+        #: Paused while this download's writes fall behind: the connection it arrives on.
+        self.producer: IPushProducer | None = None
         self._pieces: list[bytes] = []  # received, not yet handed to the writer
         self._pending = 0
         self._received = 0
@@ -378,8 +380,9 @@ class FileReceiver:
             os.close(fd)
             raise
         self._fd = fd
-        self._writer = _BatchWriter(self._runner, fd, self._offset,
-                                    None if self._rehash else self._hasher)
+        self._writer = BatchWriter(self._runner, fd, self._offset,
+                                   None if self._rehash else self._hasher,
+                                   producer=self.producer, max_queued=MAX_QUEUED_BATCHES)
         self.machine.fire("open")
 
     def _prepare_directory(self) -> None:
@@ -399,15 +402,17 @@ class FileReceiver:
         """
         if self.machine.state not in (_NEW, _WRITING):
             raise IllegalTransition("copy into a download that is %s" % self.machine.state)
-        self._close_fd()
+        closed = self._close_fd()
         self._buffer = None
         self._prepare_directory()
         self.machine.fire("copy")
-        d = self._runner.run(_copy_into, Path(source), self.temp_path, self.expected.size)
+        d = closed.addCallback(lambda _: self._runner.run(
+            _copy_into, Path(source), self.temp_path, self.expected.size))
 
         def copied(result: tuple[Any, int, int]) -> None:
             self._hasher, self._received, self._fd = result
-            self._writer = _BatchWriter(self._runner, self._fd, self._received, self._hasher)
+            self._writer = BatchWriter(self._runner, self._fd, self._received, self._hasher,
+                                       producer=self.producer, max_queued=MAX_QUEUED_BATCHES)
             self._offset = 0
             self._rehash = False
             self._overflow = self._received > self.expected.size
@@ -557,15 +562,19 @@ class FileReceiver:
         if not keep_partial:
             self._remove_temp()
 
-    def _close_fd(self, keep: bool = False) -> None:
-        """Close the temporary file; with ``keep`` the bytes received so far are written first."""
+    def _close_fd(self, keep: bool = False) -> Deferred[None]:
+        """Close the temporary file; with ``keep`` the bytes received so far are written first.
+
+        Fires once it is closed (its writer's last job may still be running).
+        """
         writer, self._writer = self._writer, None
         pieces, self._pieces, self._pending = self._pieces, [], 0
-        if writer is not None:
-            writer.close(pieces if keep else None)
         fd, self._fd = self._fd, None
+        if writer is not None:
+            return writer.close(pieces if keep else None)  # and the descriptor with it
         if fd is not None:
             os.close(fd)
+        return succeed(None)
 
 
 class BufferedSeals:
@@ -616,122 +625,6 @@ class BufferedSeals:
             else:
                 done.callback(result)
         self._start()
-
-
-class _BatchWriter:
-    """Writes and hashes one download's batches in worker threads, in arrival order.
-
-    The reactor only queues batches (lists of received pieces).  One runner
-    job at a time drains the queue, writing at explicit offsets and feeding
-    the hasher, so neither the write calls nor the hashing hold the reactor.
-    Whoever drains holds the lock, so the worker and a synchronous drain on
-    the reactor (a backlog over ``MAX_QUEUED_BATCHES``, or a close) take
-    turns and every batch is written and hashed exactly once, in order.
-    """
-
-    _log = Logger()
-
-    def __init__(self, runner: Runner, fd: int, position: int, hasher: Any) -> None:
-        self._runner = runner
-        self._fd = fd
-        self._position = position  # changed only by whoever holds the lock
-        self._hasher = hasher  # None: the whole file is hashed when sealed
-        self._queue: deque[list[bytes]] = deque()
-        self._lock = threading.Lock()
-        self._running = False
-        self._closed = False
-        self._waiters: list[Deferred[None]] = []
-        self.error: Exception | None = None
-
-    def submit(self, batch: list[bytes]) -> None:
-        """Queue a batch; raises the error of an earlier write that failed."""
-        if self.error is not None:
-            raise self.error
-        self._queue.append(batch)
-        if len(self._queue) > MAX_QUEUED_BATCHES:
-            # The workers fall behind (busy pool, slow disk): keep memory bounded.
-            self._drain()
-            if self.error is not None:
-                raise self.error
-        elif not self._running:
-            self._start()
-
-    def flush(self) -> Deferred[None]:
-        """Fires when every queued batch is written and hashed (fails with a write error)."""
-        if not self._running and (not self._queue or self.error is not None):
-            return fail(self.error) if self.error is not None else succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._waiters.append(waiter)
-        if not self._running:
-            self._start()
-        return waiter
-
-    def close(self, last: list[bytes] | None) -> None:
-        """Stop; with ``last`` (possibly empty) write what is queued plus ``last`` first.
-
-        Waits (briefly, on the calling thread) for a batch a worker is writing,
-        so the caller may close the descriptor afterwards.
-        """
-        self._closed = True
-        if last is None:
-            self._queue.clear()
-        elif last:
-            self._queue.append(last)
-        self._drain()
-        if last is not None and self.error is not None:
-            self._log.warn("writing a partial download failed: {why}", why=str(self.error))
-
-    def _start(self) -> None:
-        self._running = True
-        self._runner.run(self._drain).addBoth(self._drained)
-
-    def _drained(self, result: object) -> None:
-        self._running = False
-        if isinstance(result, Failure) and self.error is None:
-            self.error = result.value if isinstance(result.value, Exception) else None
-        if self._queue and self.error is None and not self._closed:
-            self._start()  # batches queued while the job was finishing
-            return
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if self.error is not None:
-                waiter.errback(self.error)
-            else:
-                waiter.callback(None)
-
-    def _drain(self) -> None:
-        """Write and hash queued batches until none is left (worker or reactor thread)."""
-        with self._lock:
-            while self.error is None:
-                # Everything queued goes out as one write: the further the worker
-                # falls behind, the fewer GIL hand-overs it needs per byte.
-                batch: list[bytes] = []
-                while True:
-                    try:
-                        batch += self._queue.popleft()
-                    except IndexError:
-                        break
-                if not batch:
-                    return
-                try:
-                    self._write(batch)
-                except Exception as e:
-                    self.error = e
-                    self._queue.clear()
-
-    def _write(self, batch: list[bytes]) -> None:
-        # One buffer, so the write and the hash each release the GIL once per
-        # batch: a worker that waits for the GIL after every small piece
-        # falls far behind a busy reactor thread.
-        data = batch[0] if len(batch) == 1 else b"".join(batch)
-        position = self._position
-        with memoryview(data) as view:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], position + done)
-        if self._hasher is not None:
-            self._hasher.update(data)
-        self._position = position + len(data)
 
 
 def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]

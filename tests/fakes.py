@@ -17,6 +17,7 @@ Every fake says which seam it implements.  Fakes of the zope interfaces in
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from pathlib import Path
@@ -29,6 +30,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IHandshakeListener, ISSLTransport, IStreamClientEndpoint, ITLSTransport)
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -38,8 +40,9 @@ from zope.interface import alsoProvides, implementer
 from clearskies import wire
 from clearskies.addresses import Address
 from clearskies.errors import UnsafePathError
-from clearskies.interfaces import IDiscoverySource, ILocalShare, IPeerTransport
+from clearskies.interfaces import IDiscoverySource, ILocalShare, IPeerTransport, IRunner
 from clearskies.share.records import FileRecord
+from clearskies.sync import ShareSync, SyncSession
 from clearskies.threads import SyncRunner
 from tests.helpers import sha
 
@@ -415,6 +418,66 @@ class MemoryEndpoint:
         protocol = factory.buildProtocol(IPv4Address("TCP", self.network.host, self.port))
         self.network.connect(self.port, protocol)
         return succeed(protocol)
+
+
+@implementer(IRunner)
+class HeldRunner:
+    """A runner whose jobs wait until the test releases them, in order: a busy
+    worker pool, or a worker's timing chosen by the test."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Deferred, object, tuple]] = []
+
+    def run(self, fn, *args) -> Deferred:
+        d: Deferred = Deferred()
+        self.jobs.append((d, fn, args))
+        return d
+
+    def release(self):
+        """Run the oldest job; returns its result (None if it raised: its Deferred failed)."""
+        d, fn, args = self.jobs.pop(0)
+        try:
+            result = fn(*args)
+        except Exception:
+            d.errback(Failure())
+            return None
+        d.callback(result)
+        return result
+
+    def release_all(self) -> None:
+        while self.jobs:
+            self.release()
+
+
+def content(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating-looking bytes of the given size."""
+    block = hashlib.sha256(b"%d" % seed).digest() * 2048  # 64 KiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+MTIME = (1_700_000_000, 123_456_789)
+"""The mtime record_for gives a file."""
+
+
+def record_for(path: str, data: bytes, mode: int = 0o640) -> FileRecord:
+    return FileRecord(path=path, utime=1.0, size=len(data), mtime=MTIME, mode=mode,
+                      sha256=hashlib.sha256(data).hexdigest(), vv={"a" * 32: 1})
+
+
+def open_session(share: MemoryShare, clock: Clock, **options: Any):
+    sync = ShareSync(share, clock)
+    connection = FakeConnection(**options)
+    session = SyncSession(sync, connection)
+    session.start(None)
+    return sync, session, connection
+
+
+def deliver_file(session: SyncSession, path: str, data: bytes) -> None:
+    session.event_received(wire.Message(body={"type": "file_data", "path": path},
+                                        text=b"", has_payload=True))
+    if data:
+        session.event_received(wire.PayloadChunk(data))
+    session.event_received(wire.PayloadEnd())
 
 
 # --- discovery sources and transports ---------------------------------------

@@ -3,7 +3,6 @@
 import errno
 
 from clearskies import diskerrors
-from clearskies.threads import HelperGone
 
 
 def test_many_downloads_failing_at_once_count_as_one_failure_of_the_disk():
@@ -50,7 +49,7 @@ def test_a_read_only_file_system_blocks_every_file():
 
 
 def test_only_errors_of_the_disk_count():
-    """A dead helper process or a missing file are not disk problems for the user to fix."""
+    """A missing file or an error that is no OSError are not disk problems for the user to fix."""
     assert diskerrors.is_disk_error(OSError(errno.EROFS, "Read-only file system"))
-    assert not diskerrors.is_disk_error(HelperGone(errno.EIO, "the disk helper process ended"))
+    assert not diskerrors.is_disk_error(RuntimeError(errno.EIO, "not from the disk"))
     assert not diskerrors.is_disk_error(FileNotFoundError(errno.ENOENT, "gone"))

@@ -24,7 +24,9 @@ from clearskies.share.records import FileRecord
 from clearskies.sync import (
     MAX_REFUSED_RECORDS, MAX_WAITING_GETS, RETRY_AFTER, ShareSync, SyncSession, Wanted,
     WantedFiles)
-from tests.fakes import US, THEM, FakeConnection, MemoryShare, file_record, message
+from tests.fakes import (
+    US, THEM, FakeConnection, HeldRunner, MemoryShare, deliver_file, file_record, message,
+    open_session)
 from tests.helpers import sha
 
 OTHER = "c" * 32
@@ -35,22 +37,6 @@ def share(tmp_path: Path) -> MemoryShare:
     root = tmp_path / "share"
     root.mkdir()
     return MemoryShare(root)
-
-
-def open_session(share: MemoryShare, clock: Clock, **options: Any):
-    sync = ShareSync(share, clock)
-    connection = FakeConnection(**options)
-    session = SyncSession(sync, connection)
-    session.start(None)
-    return sync, session, connection
-
-
-def deliver_file(session: SyncSession, path: str, data: bytes) -> None:
-    session.event_received(wire.Message(body={"type": "file_data", "path": path},
-                                        text=b"", has_payload=True))
-    if data:
-        session.event_received(wire.PayloadChunk(data))
-    session.event_received(wire.PayloadEnd())
 
 
 def test_memory_share_provides_the_share_seam(share):
@@ -948,3 +934,30 @@ def test_a_download_meeting_its_own_bytes_at_the_path_makes_no_conflict_copy(sha
     copy = "f003.CONFLICT.%s.txt" % sha(b"theirs\n")[:8]
     assert (share.root / copy).read_bytes() == b"theirs\n"
     assert (share.root / "f003.txt").read_bytes() == b"ours, unrecorded\n"
+
+
+def test_a_download_the_disk_cannot_keep_up_with_pauses_the_connection(share):
+    """While a big file's writes queue up in a busy worker pool, the session stops reading
+    from the peer (no write on the reactor thread); it reads again once they are written."""
+    share.runner = share.disk_runner = runner = HeldRunner()
+    sync, session, connection = open_session(share, Clock())
+    connection.sent()
+    data = os.urandom(4 * 1024 * 1024)
+    record = file_record("big.bin", data, {THEM: 1})
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    session.event_received(wire.Message(body={"type": "file_data", "path": "big.bin"},
+                                        text=b"", has_payload=True))
+    piece = 256 * 1024
+    for start in range(0, len(data), piece):
+        session.event_received(wire.PayloadChunk(data[start:start + piece]))
+    assert connection.transport.producerState == "paused"
+    temp = [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
+    assert [p.stat().st_size for p in temp] == [0]  # nothing written on this thread
+    runner.release()
+    assert connection.transport.producerState == "producing"
+    session.event_received(wire.PayloadEnd())
+    while runner.jobs:
+        runner.release_all()
+    assert (share.root / "big.bin").read_bytes() == data
+    assert connection.transport.producerState == "producing"

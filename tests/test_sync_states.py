@@ -11,7 +11,7 @@ from clearskies import wire
 from clearskies.errors import ProtocolError
 from clearskies.sync import states
 from tests.dotfile import edges
-from tests.test_sync import THEM, MemoryShare, deliver_file, file_record, message, open_session
+from tests.fakes import THEM, MemoryShare, deliver_file, file_record, message, open_session
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_a_duplicate_session_closes_and_drops_what_still_arrives(share):
 
 def _second(sync, port: int):
     from clearskies.sync import SyncSession
-    from tests.test_sync import FakeConnection
+    from tests.fakes import FakeConnection
 
     connection = FakeConnection(port=port)
     session = SyncSession(sync, connection)

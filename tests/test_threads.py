@@ -1,15 +1,25 @@
-"""The worker-thread runners: results and errors come back on the reactor thread."""
+"""The runners: results and errors come back on the reactor thread, for any callable."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
 
-from clearskies.threads import SerialRunner, ThreadPoolRunner
+from clearskies import diskjobs
+from clearskies.interfaces import IRunner
+from clearskies.threads import (
+    FILES_THREADS, Runners, SerialRunner, SyncRunner, ThreadPoolRunner, make_runners)
+from tests.helpers import temporary_dir
+
+MTIME_NS = 1_700_000_000_123_456_789
 
 
 class ThreadPoolRunnerTests(TestCase):
@@ -95,3 +105,102 @@ class ThreadPoolRunnerTests(TestCase):
     def test_a_pool_needs_a_thread(self) -> None:
         with self.assertRaises(ValueError):
             ThreadPoolRunner(reactor, 0)
+
+
+class RunnerContractTests(TestCase):
+    """One contract, checked against every runner: any callable, errors as failures."""
+
+    def runners(self) -> list[IRunner]:
+        made = [SyncRunner(), ThreadPoolRunner(reactor, 2), SerialRunner(reactor)]
+        for runner in made[1:]:
+            runner.startService()
+            self.addCleanup(lambda r=runner: r.running and r.stopService())
+        return made
+
+    def test_every_runner_provides_the_interface(self) -> None:
+        """SyncRunner, ThreadPoolRunner and SerialRunner all provide IRunner."""
+        for runner in self.runners():
+            verifyObject(IRunner, runner)
+
+    def test_every_runner_runs_any_callable_and_never_raises(self) -> Deferred:
+        """Builtins, lambdas, disk jobs: each gives its result; an exception arrives
+        as the Deferred's failure, never out of run() itself."""
+        jobs = []
+        for runner in self.runners():
+            jobs.append(runner.run(sum, [1, 2, 3]).addCallback(self.assertEqual, 6))
+            jobs.append(runner.run(lambda a, b: a + b, "x", "y").addCallback(
+                self.assertEqual, "xy"))
+            jobs.append(runner.run(diskjobs.unchanged_many, []).addCallback(
+                self.assertEqual, {}))
+            jobs.append(self.assertFailure(runner.run(os.unlink, "/nonexistent/x"),
+                                           FileNotFoundError))
+        return DeferredList(jobs, fireOnOneErrback=True)
+
+
+class MakeRunnersTests(TestCase):
+    def test_two_named_pools_started_and_stopped_together(self) -> None:
+        """make_runners gives a one-thread database runner and a files pool, both
+        services of one parent; stopping it joins every thread of both."""
+        runners = make_runners(reactor, 3)
+        self.assertIsInstance(runners, Runners)
+        self.assertEqual((runners.database.name, runners.files.name),
+                         ("clearskies-database", "clearskies-files"))
+        self.assertEqual((runners.database.pool_size, runners.files.pool_size), (1, 3))
+        self.assertEqual(list(runners), [runners.database, runners.files])
+        self.assertGreaterEqual(FILES_THREADS, os.cpu_count() or 1)
+        runners.startService()
+        self.assertTrue(runners.database.running and runners.files.running)
+        runners.stopService()
+        self.assertFalse(runners.database.running or runners.files.running)
+        self.assertFalse([t for t in threading.enumerate()
+                          if t.name.startswith(("clearskies-database", "clearskies-files"))])
+
+
+class DiskJobsOnThreadsTests(TestCase):
+    """The downloads' disk jobs through a real files pool on the real reactor."""
+
+    def setUp(self):
+        self.base = Path(temporary_dir(self))
+        self.runner = ThreadPoolRunner(reactor, 2)
+        self.runner.startService()
+        self.addCleanup(lambda: self.runner.running and self.runner.stopService())
+
+    def run_async(self, coroutine):
+        return Deferred.fromCoroutine(coroutine)
+
+    def test_downloads_are_written_and_installed_by_the_files_pool(self):
+        """Small downloads are verified, written with their mode and mtime, renamed
+        into place and checked as unchanged, all in worker threads."""
+        async def go():
+            root = self.base / "share"
+            root.mkdir()
+            data = b"hello helper"
+            content = diskjobs.Content(len(data), hashlib.sha256(data).hexdigest(), 0o640,
+                                       MTIME_NS)
+            target, temp = root / "dir" / "a.txt", root / "dir" / ".a.txt.tmp"
+            sealed = await self.runner.run(diskjobs.seal_buffered_many,
+                                           [(root, target, temp, data, False, content),
+                                            (root, root / "b", root / ".b", b"bad", False,
+                                             content)])
+            self.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
+            [key] = await self.runner.run(diskjobs.install_batch, [(temp, target)])
+            st = os.lstat(target)
+            self.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
+            self.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
+                             (data, 0o640, MTIME_NS))
+            self.assertFalse((root / ".b").exists())
+            answers = await self.runner.run(diskjobs.unchanged_many,
+                                            [("a", str(target), ("file", len(data),
+                                                                 content.sha256, None)),
+                                             ("b", str(root / "b"), ("absent",))])
+            self.assertEqual(answers, {"a": True, "b": True})
+
+        return self.run_async(go())
+
+    def test_a_job_error_arrives_as_itself(self):
+        """A disk job's exception fails its Deferred with that very exception type."""
+        async def go():
+            with self.assertRaises(TypeError):  # an expectation without its values
+                await self.runner.run(diskjobs.unchanged_many, [("a", "/", ("file",))])
+
+        return self.run_async(go())

@@ -30,21 +30,11 @@ from clearskies.transfer import (
     get_error_message, is_temp_name, temp_name,
 )
 from tests.dotfile import edges
+from tests.fakes import HeldRunner, content, record_for
 from tests.helpers import async_test
 
 MiB = 1024 * 1024
 MTIME = (1_700_000_000, 123_456_789)
-
-
-def content(size: int, seed: int = 0) -> bytes:
-    """Deterministic, non-repeating-looking bytes of the given size."""
-    block = hashlib.sha256(b"%d" % seed).digest() * 2048  # 64 KiB
-    return (block * (size // len(block) + 1))[:size]
-
-
-def record_for(path: str, data: bytes, mode: int = 0o640) -> FileRecord:
-    return FileRecord(path=path, utime=1.0, size=len(data), mtime=MTIME, mode=mode,
-                      sha256=hashlib.sha256(data).hexdigest(), vv={"a" * 32: 1})
 
 
 def parse_payload(raw: bytes) -> tuple[dict, list[int], bytes, bytes]:
@@ -393,34 +383,6 @@ def test_transport_stopping_the_producer_stops_the_queue(tmp_path):
     transport.producer.stopProducing()
     assert not result_of(first).sent and not result_of(second).sent
     assert queue.sending is None and queue.waiting_files == 0
-
-
-class HeldRunner:
-    """A runner whose jobs wait until the test releases them, in order: a busy
-    worker pool, or a worker's timing chosen by the test."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Deferred, object, tuple]] = []
-
-    def run(self, fn, *args) -> Deferred:
-        d: Deferred = Deferred()
-        self.jobs.append((d, fn, args))
-        return d
-
-    def release(self):
-        """Run the oldest job; returns its result (None if it raised: its Deferred failed)."""
-        d, fn, args = self.jobs.pop(0)
-        try:
-            result = fn(*args)
-        except Exception:
-            d.errback(Failure())
-            return None
-        d.callback(result)
-        return result
-
-    def release_all(self) -> None:
-        while self.jobs:
-            self.release()
 
 
 def test_reads_in_a_worker_wait_out_a_pause_and_a_stop_closes_the_file_after_them(tmp_path):
@@ -1024,21 +986,30 @@ def test_received_pieces_are_written_and_hashed_in_worker_batches(tmp_path, monk
 
 
 def test_a_stalled_worker_does_not_let_batches_pile_up(tmp_path, monkeypatch):
-    """Past MAX_QUEUED_BATCHES waiting, the caller writes them itself; late jobs add nothing."""
+    """Past MAX_QUEUED_BATCHES waiting, the connection is paused (nothing is written on
+    the calling thread) until a worker job has caught up; then it reads again."""
     monkeypatch.setattr(transfer, "WRITE_BATCH", 1000)
     monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 4)
     data = content(20_000, seed=8)
-    runner = HeldRunner()
+    runner, connection = HeldRunner(), StringTransport()
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
-    for start in range(0, 5000, 1000):
+    receiver.producer = connection
+    for start in range(0, 4000, 1000):
         receiver.write(data[start:start + 1000])
-    assert receiver.temp_path.stat().st_size == 5000  # the fifth batch drained all five
+    assert connection.producerState == "producing"  # four waiting: within the bound
+    receiver.write(data[4000:5000])
+    assert connection.producerState == "paused"
+    assert receiver.temp_path.stat().st_size == 0  # the reactor wrote nothing itself
+    runner.release()  # the worker job writes all five
+    assert receiver.temp_path.stat().st_size == 5000
+    assert connection.producerState == "producing"
     for start in range(5000, len(data), 1000):
         receiver.write(data[start:start + 1000])
     sealed = receiver.seal()
     runner.release_all()
     assert result_of(sealed) is None
     assert receiver.temp_path.read_bytes() == data
+    assert connection.producerState == "producing"
 
 
 def test_abort_keeping_the_partial_writes_pending_pieces_for_a_resume(tmp_path):

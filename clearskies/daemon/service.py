@@ -45,18 +45,7 @@ from clearskies.errors import ConfigurationError, ShareError
 from clearskies.interfaces import IDaemonControl
 from clearskies.logfile import LogFileService
 from clearskies.share.database import ShareStore
-from clearskies.threads import ProcessRunner, SerialRunner, ThreadPoolRunner
-
-
-def make_runners(reactor: Any) -> tuple[Any, Any, Any]:
-    """The daemon's thread pools and helper process: (database, CPU and files, disk jobs)."""
-    db_runner = SerialRunner(reactor)
-    # Mostly fsync and file I/O (which wait on the disk, not the CPU), and hashing,
-    # which the scanner caps at one job per core itself: more threads than cores.
-    cpu_runner = ThreadPoolRunner(reactor, max(8, 2 * (os.cpu_count() or 1)))
-    # Downloads' small-file jobs, in a helper process (threads.ProcessRunner).
-    disk_runner = ProcessRunner(reactor, cpu_runner)
-    return db_runner, cpu_runner, disk_runner
+from clearskies.threads import make_runners
 
 
 class _Via:
@@ -89,10 +78,11 @@ class Daemon(MultiService):
         # First child: it starts before (and stops after) everything that logs.
         self.log_file = LogFileService(self.data_dir)
         self.log_file.setServiceParent(self)
-        runners = make_runners(reactor)
-        for runner in runners:
-            runner.setServiceParent(self)
-        self.resources = Resources(reactor, self.data_dir, *runners)
+        # Where blocking work runs: the database thread and the files pool (clearskies.threads).
+        self.runners = make_runners(reactor)
+        self.runners.setServiceParent(self)
+        self.resources = Resources(reactor, self.data_dir, self.runners.database,
+                                   self.runners.files, self.runners.files)
         self.activity = Activity(reactor, lambda: self.shares.values())
         self.spare_keys = SpareKeys(self.resources)
         self.share_registry = Shares(self.resources, self.activity, self.spare_keys,

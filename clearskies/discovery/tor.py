@@ -51,7 +51,8 @@ from twisted.python.failure import Failure
 
 from clearskies.discovery.socks import SocksClientEndpoint
 from clearskies.errors import ConfigurationError
-from clearskies.threads import Runner, SyncRunner
+from clearskies.interfaces import IRunner
+from clearskies.threads import SyncRunner
 
 #: The port our onion service offers to other peers.  Any port works inside
 #: Tor; a fixed one keeps the advertised address the same across restarts,
@@ -298,7 +299,7 @@ def find_tor_binary() -> str | None:
     return None
 
 
-# -- blocking file work (through a Runner) ------------------------------------
+# -- blocking file work (through an IRunner) ----------------------------------
 
 
 def prepare_directories(data_dir: str) -> tuple[str, str]:
@@ -453,7 +454,7 @@ class TorService(Service):
                  public_port: int = DEFAULT_ONION_PORT,
                  launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
                  publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT,
-                 runner: Runner | None = None,
+                 runner: IRunner | None = None,
                  txtorcon_module: Any = None) -> None:
         if control_endpoint is not None and (tor_binary is not None or extra_config):
             raise ConfigurationError(
@@ -470,7 +471,7 @@ class TorService(Service):
         self.public_port = public_port
         self.launch_timeout = launch_timeout
         self.publish_timeout = publish_timeout
-        self._runner: Runner = runner if runner is not None else SyncRunner()
+        self._runner: IRunner = runner if runner is not None else SyncRunner()
         self._txtorcon = txtorcon_module
         self.output = TorOutput()
         self.error: TorUnavailable | None = None

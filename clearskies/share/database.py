@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred
 
 from clearskies.errors import ConfigurationError
 from clearskies.share.records import FileRecord
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 T = TypeVar("T")
 
@@ -650,7 +650,7 @@ class ShareStore:
     ``StateDatabase`` method returns.
     """
 
-    def __init__(self, db_path: str | os.PathLike[str], runner: Runner,
+    def __init__(self, db_path: str | os.PathLike[str], runner: IRunner,
                  schema_dir: Path = SCHEMA_DIR) -> None:
         self.db_path = Path(db_path)
         self._runner = runner

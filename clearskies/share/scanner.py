@@ -69,7 +69,7 @@ from clearskies.share.records import (
     MAX_COUNTER, MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns,
     validate_wire_path)
 from clearskies.share.skipped import SkippedPaths
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 HASH_JOB_FILES = 64
 #: A partial scan asks for the rows of this many path ranges in one database call,
@@ -596,7 +596,7 @@ class Scanner:
     _log = Logger()
 
     def __init__(self, root: str, share_id: str, peer_id: str, store: ShareStore,
-                 runner: Runner, clock: IReactorTime, *, hasher: HashFile = hash_file,
+                 runner: IRunner, clock: IReactorTime, *, hasher: HashFile = hash_file,
                  concurrency: int | None = None, batch_size: int = 1000,
                  racy_window: float = 1.0) -> None:
         self.root = root

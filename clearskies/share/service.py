@@ -45,7 +45,7 @@ from clearskies.share.scanner import (
 from clearskies.share.watcher import (
     DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, ExpectedArrivals, InotifyWatcher,
     full_rescan_interval)
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 #: Called with each committed batch of local changes: records, moves, the revision it made.
 ChangeListener = Callable[[list[FileRecord], list[Move], int], Any]
@@ -74,7 +74,7 @@ class ShareStatus:
     progress: dict[str, object] | None  # counters of the scan in progress
 
 
-def create_share(store: ShareStore, runner: Runner, root: str, share_id: str, peer_id: str,
+def create_share(store: ShareStore, runner: IRunner, root: str, share_id: str, peer_id: str,
                  access: str, now: float) -> Deferred[ShareInfo]:
     """Register a new share at ``root`` and write its marker file.
 
@@ -85,7 +85,7 @@ def create_share(store: ShareStore, runner: Runner, root: str, share_id: str, pe
         _create_share(store, runner, root, share_id, peer_id, access, now))
 
 
-async def _create_share(store: ShareStore, runner: Runner, root: str, share_id: str,
+async def _create_share(store: ShareStore, runner: IRunner, root: str, share_id: str,
                         peer_id: str, access: str, now: float) -> ShareInfo:
     root = os.path.realpath(root)
     for other in await store.list_shares():
@@ -165,7 +165,7 @@ class ShareService(Service):
     _log = Logger()
 
     def __init__(self, reactor: IReactorTime, store: ShareStore, share: ShareInfo,
-                 runner: Runner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
+                 runner: IRunner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
                  quiet: float = DEFAULT_QUIET, max_delay: float = DEFAULT_MAX_DELAY,
                  error_retry: float = ERROR_RETRY, root_check: float = ROOT_CHECK,
                  concurrency: int | None = None) -> None:

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from clearskies import wire
 from clearskies.errors import ProtocolError
 from clearskies.interfaces import ISyncSession
+from clearskies.backpressure import SharedPause
 from clearskies.ratelimit import ReadThrottle
 from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.sync import states
@@ -70,7 +71,8 @@ class SyncSession:
         self.messages_sent = 0
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
                                runner=sync.share.runner)
-        self._read_throttle = (ReadThrottle(connection.transport, sync.download_limiter, sync.clock)
+        self.reading = SharedPause(connection.transport)  # a rate limit and slow writes pause it
+        self._read_throttle = (ReadThrottle(self.reading, sync.download_limiter, sync.clock)
                                if sync.download_limiter is not None else None)
         connection.message_writer = self._write  # keep-alives queue behind payloads too
         self.gate = (ReadOnlyGate(sync.signing, sync.clock, self, self._write, sync.share.manifest)
@@ -252,6 +254,7 @@ class SyncSession:
             raise ProtocolError("file_data for %r starts at %d, we asked for %d"
                                 % (path, start, receiver.offset))
         self.machine.fire("file_data")  # BEGIN_PAYLOAD
+        receiver.producer = self.reading
         self.receiving = receiver
         self.receiving_path = path
 
