@@ -154,3 +154,17 @@ def test_an_upward_import_breaks_the_layer_contract(tmp_path: Path) -> None:
     assert _lint(config, cwd=tmp_path) == 1
     (package / "low.py").write_text("")
     assert _lint(config, cwd=tmp_path) == 0
+
+
+def test_every_module_has_a_layer() -> None:
+    """Each module of the package falls in one of the contract's layers, so a new
+    module cannot slip past the layer check."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    layers = config["importlinter:contract:layers"]["layers"]
+    names = {part.strip() for line in layers.splitlines()
+             for part in line.replace(":", "|").split("|") if part.strip()}
+    outside = [module for module in sorted(_graph().modules)
+               if module != "clearskies"
+               and not any(module == n or module.startswith(n + ".") for n in names)]
+    assert outside == []
