@@ -148,7 +148,7 @@ class ISyncSession(Interface):
         """The request window has room for another download."""
 
     def request(receiver, remote_path):
-        """Ask the peer for a file, into ``receiver`` (clearskies.transfer.FileReceiver)."""
+        """Ask the peer for a file, into ``receiver`` (clearskies.transfer.receiver.FileReceiver)."""
 
     def push_changes(records, moves, revision, force=False):
         """Send our changes at ``revision`` unless the peer has them already."""

@@ -23,7 +23,7 @@ in order.
 
 Queues: a pool's queue holds what its callers submitted; each caller bounds
 its own share of it (the scanner's hash jobs, ``sync.MAX_FINISHING``
-downloads, a download's ``transfer.MAX_QUEUED_BATCHES``, whose producer is
+downloads, a download's ``transfer.receiver.MAX_QUEUED_BATCHES``, whose producer is
 paused beyond that).
 """
 

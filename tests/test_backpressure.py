@@ -309,7 +309,7 @@ def test_a_local_copy_starts_only_after_the_received_bytes_writer_is_done(tmp_pa
     copied = receiver.copy_local(source)
     assert [fn.__name__ for _, fn, _ in runner.jobs] == ["_drain"]
     runner.release()
-    assert [fn.__name__ for _, fn, _ in runner.jobs] == ["_copy_into"]
+    assert [fn.__name__ for _, fn, _ in runner.jobs] == ["copy_into"]
     runner.release_all()
     assert copied.called
     finished = receiver.finish(lambda: True)

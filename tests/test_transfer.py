@@ -20,14 +20,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from clearskies import transfer, wire
+from clearskies import wire
 from clearskies.errors import ProtocolError, UnsafePathError
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner, ThreadPoolRunner
 from clearskies.transfer import (
-    CONFLICT, CORRUPT, OK, RECEIVER_STATES, RECEIVER_TRANSITIONS, FileReceiver, FileSender,
-    IllegalTransition, ReceiverMachine, SendQueue, SendResult, describe_os_error, finish_many,
-    get_error_message, is_temp_name, temp_name,
+    CONFLICT, CORRUPT, OK, RECEIVER_STATES, RECEIVER_TRANSITIONS, BufferedSeals, FileReceiver,
+    FileSender, IllegalTransition, ReceiverMachine, SendQueue, SendResult, describe_os_error,
+    finish_many, get_error_message, is_temp_name, temp_name,
 )
 from tests.dotfile import edges
 from tests.fakes import HeldRunner, content, record_for
@@ -461,13 +461,13 @@ def test_an_open_job_that_crashes_answers_get_error_and_the_queue_goes_on(tmp_pa
     (tmp_path / "f").write_bytes(b"fine")
     clock, transport, runner = Clock(), StringTransport(), HeldRunner()
     queue = SendQueue(transport, clock, runner=runner)
-    real = transfer._open_many_to_send
-    monkeypatch.setattr(transfer, "_open_many_to_send", lambda jobs, first: 1 / 0)
+    monkeypatch.setattr("clearskies.transfer.sendqueue._open_many_to_send",
+                        lambda jobs, first: 1 / 0)
     crashed = queue.send_file("f", tmp_path / "f", expected_size=4)
     runner.release()
     reason = describe_os_error(OSError(errno.EIO, "the file could not be read"))
     assert result_of(crashed) == SendResult("f", False, error=reason)
-    monkeypatch.setattr(transfer, "_open_many_to_send", real)
+    monkeypatch.undo()  # the real open job again
     fine = queue.send_file("f", tmp_path / "f", expected_size=4)
     runner.release()
     run_clock(clock)
@@ -524,7 +524,7 @@ def test_unwritable_download_lands_without_write_permission(tmp_path, size, buff
 
 def test_target_keeps_old_content_until_the_rename(tmp_path, monkeypatch):
     """Until finish, the old file is untouched and the bytes sit in the hidden temp file."""
-    monkeypatch.setattr(transfer, "WRITE_BATCH", 1)  # every write goes out at once
+    monkeypatch.setattr("clearskies.transfer.receiver.WRITE_BATCH", 1)  # every write at once
     old, new = b"old content", content(5000, seed=1)
     target = tmp_path / "f.txt"
     target.write_bytes(old)
@@ -582,7 +582,7 @@ def test_truncated_payload_is_corrupt(tmp_path):
 
 def test_oversized_payload_is_corrupt_and_not_written_past_the_size(tmp_path, monkeypatch):
     """Extra bytes beyond the record's size are dropped, then reported as CORRUPT."""
-    monkeypatch.setattr(transfer, "WRITE_BATCH", 1)  # every write goes out at once
+    monkeypatch.setattr("clearskies.transfer.receiver.WRITE_BATCH", 1)  # every write at once
     data = content(1000)
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=SyncRunner())
     receiver.write(data)
@@ -742,7 +742,7 @@ def test_buffered_seals_run_in_few_jobs_of_many_files(tmp_path):
     """At most max_jobs seal jobs at once; what waits goes in batches of max_batch; every
     download still gets its own outcome (a wrong one is CORRUPT, the others are OK)."""
     runner = HeldRunner()
-    seals = transfer.BufferedSeals(runner, max_batch=4, max_jobs=2)
+    seals = BufferedSeals(runner, max_batch=4, max_jobs=2)
     receivers, outcomes = [], []
     for n in range(12):
         data = content(1000 + n, seed=n)
@@ -772,7 +772,7 @@ def test_buffered_seal_failures_reach_only_their_download(tmp_path):
     """A seal that raises (its folder is a file) fails that download; the batch goes on."""
     (tmp_path / "blocked").write_bytes(b"a file where a folder should be")
     runner = HeldRunner()
-    seals = transfer.BufferedSeals(runner, max_batch=8, max_jobs=1)
+    seals = BufferedSeals(runner, max_batch=8, max_jobs=1)
     results = []
     for name in ("first", "blocked/inner", "last"):
         data = content(500, seed=len(name))
@@ -960,9 +960,10 @@ def test_seal_reports_corruption_and_removes_the_temp_file(tmp_path):
 def test_large_download_flushes_ahead_and_still_lands_intact(tmp_path, monkeypatch):
     """Past FLUSH_AHEAD bytes a write-behind flush runs on a duplicate fd; content is unharmed."""
     flushed: list[int] = []
-    monkeypatch.setattr(transfer, "FLUSH_AHEAD", 64 * 1024)
-    monkeypatch.setattr(transfer, "WRITE_BATCH", 50_000)  # one batch per write
-    monkeypatch.setattr(transfer, "_flush_copy", lambda fd: (flushed.append(fd), os.close(fd)))
+    monkeypatch.setattr("clearskies.transfer.receiver.FLUSH_AHEAD", 64 * 1024)
+    monkeypatch.setattr("clearskies.transfer.receiver.WRITE_BATCH", 50_000)  # one batch per write
+    monkeypatch.setattr("clearskies.transfer.jobs.flush_copy",
+                        lambda fd: (flushed.append(fd), os.close(fd)))
     data = content(300_000, seed=4)
     receiver, result = receive(tmp_path, "big.bin", data, pieces=50_000)
     assert result.status == OK and (tmp_path / "big.bin").read_bytes() == data
@@ -971,8 +972,8 @@ def test_large_download_flushes_ahead_and_still_lands_intact(tmp_path, monkeypat
 
 def test_received_pieces_are_written_and_hashed_in_worker_batches(tmp_path, monkeypatch):
     """Writes only queue batches; the worker job writes them in order and the hash verifies."""
-    monkeypatch.setattr(transfer, "WRITE_BATCH", 64 * 1024)
-    monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 32)
+    monkeypatch.setattr("clearskies.transfer.receiver.WRITE_BATCH", 64 * 1024)
+    monkeypatch.setattr("clearskies.transfer.receiver.MAX_QUEUED_BATCHES", 32)
     data = content(MiB + 3, seed=7)
     runner = HeldRunner()
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
@@ -988,8 +989,8 @@ def test_received_pieces_are_written_and_hashed_in_worker_batches(tmp_path, monk
 def test_a_stalled_worker_does_not_let_batches_pile_up(tmp_path, monkeypatch):
     """Past MAX_QUEUED_BATCHES waiting, the connection is paused (nothing is written on
     the calling thread) until a worker job has caught up; then it reads again."""
-    monkeypatch.setattr(transfer, "WRITE_BATCH", 1000)
-    monkeypatch.setattr(transfer, "MAX_QUEUED_BATCHES", 4)
+    monkeypatch.setattr("clearskies.transfer.receiver.WRITE_BATCH", 1000)
+    monkeypatch.setattr("clearskies.transfer.receiver.MAX_QUEUED_BATCHES", 4)
     data = content(20_000, seed=8)
     runner, connection = HeldRunner(), StringTransport()
     receiver = FileReceiver(tmp_path, tmp_path / "f", record_for("f", data), runner=runner)
@@ -1036,7 +1037,7 @@ def test_a_failed_batch_write_fails_the_seal(tmp_path, monkeypatch):
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(transfer.os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full)
     receiver.write(data[:MiB])  # the batch fails in the worker
     receiver.write(data[MiB:])
     receiver.write(data[MiB:])  # later chunks of the payload are dropped
@@ -1057,7 +1058,7 @@ def test_a_read_only_disk_keeps_the_partial_for_a_resume(tmp_path, monkeypatch):
     def read_only(fd, data, offset):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(transfer.os, "pwrite", read_only)
+    monkeypatch.setattr(os, "pwrite", read_only)
     receiver.write(data[MiB:])
     failure = result_of(receiver.seal())
     assert isinstance(failure, Failure) and failure.value.errno == errno.EROFS
@@ -1135,7 +1136,7 @@ def test_a_disk_failure_takes_the_failed_state_then_ends(tmp_path, monkeypatch):
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(transfer.os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full)
     receiver.write(data[:MiB])
     receiver.write(data[MiB:])
     failure = result_of(receiver.seal())

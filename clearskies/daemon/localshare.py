@@ -21,7 +21,7 @@ from clearskies.errors import UnsafePathError
 from clearskies.share.database import CacheKey, StoredRecord
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
-from clearskies.transfer import unwritable_mode
+from clearskies.transfer.modes import unwritable_mode
 
 
 def expected_on_disk(stored: StoredRecord | None) -> diskjobs.Expected:

@@ -28,7 +28,7 @@ from clearskies.share.records import FileRecord
 from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
 from clearskies.sync import ShareSync, readonly
-from clearskies.transfer import WRITE_BITS
+from clearskies.transfer.modes import WRITE_BITS
 
 
 #: Peers remembered per share (the peers table and ``peers``): any holder of a

@@ -25,7 +25,7 @@ from clearskies.sync.limits import (
 )
 from clearskies.sync.session import SyncSession
 from clearskies.sync.wanted import Wanted, WantedFiles
-from clearskies.transfer import get_error_message
+from clearskies.transfer.refusals import get_error_message
 
 __all__ = [
     "ShareSync", "SyncSession", "Wanted", "WantedFiles", "get_error_message",

@@ -20,7 +20,7 @@ from clearskies import diskerrors
 from clearskies.interfaces import ILocalShare, ISyncSession
 from clearskies.sync.limits import SPACE_CHECK
 from clearskies.sync.wanted import WantedFiles
-from clearskies.transfer import FileReceiver
+from clearskies.transfer.receiver import FileReceiver
 
 
 def free_bytes(root: str) -> int:

@@ -1,7 +1,7 @@
 """Downloads of one share: start, verify, install in batches, record (protocol/transfer.md).
 
 :class:`Downloads` turns a wanted file handed to a session into a
-:class:`~clearskies.transfer.FileReceiver` (filled from a local copy when
+:class:`~clearskies.transfer.receiver.FileReceiver` (filled from a local copy when
 the share already holds the content, else asked of the peer), and once its
 payload has arrived verifies it, puts it in place and commits its record.
 Verification and fsync run several at once outside the share's merge lock;
@@ -31,9 +31,11 @@ from clearskies.sync.limits import SUPERSEDED
 from clearskies.sync.merging import Relay
 from clearskies.sync.unresolved import UnresolvedRecords
 from clearskies.sync.wanted import Wanted, WantedFiles
-from clearskies.transfer import (
-    CONFLICT, CORRUPT, OK, SMALL_FILE, BufferedSeals, FileReceiver, FinishResult, finish_many,
+from clearskies.transfer.install import finish_many
+from clearskies.transfer.receiver import (
+    CONFLICT, CORRUPT, OK, SMALL_FILE, FileReceiver, FinishResult,
 )
+from clearskies.transfer.seals import BufferedSeals
 
 
 def _holds_content(path: Path, record: FileRecord) -> bool:

@@ -32,7 +32,7 @@ from clearskies.sync.limits import MAX_FINISHING, WINDOW
 from clearskies.sync.merging import RecordMerger
 from clearskies.sync.unresolved import UnresolvedRecords
 from clearskies.sync.wanted import Wanted, WantedFiles
-from clearskies.transfer import FileReceiver
+from clearskies.transfer.receiver import FileReceiver
 
 
 class ShareSync:

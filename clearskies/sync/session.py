@@ -8,7 +8,7 @@ records, :class:`~clearskies.sync.uploads.Uploads` for file requests,
 :class:`~clearskies.sync.gate.ReadOnlyGate` on a share with signing), and
 owns the request window: at most ``window`` outstanding ``get`` requests,
 one incoming payload at a time.  Everything it writes goes through one
-:class:`~clearskies.transfer.SendQueue`, so no message lands inside a payload.
+:class:`~clearskies.transfer.sendqueue.SendQueue`, so no message lands inside a payload.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from clearskies.sync.gate import ReadOnlyGate
 from clearskies.sync.limits import TRACE
 from clearskies.sync.metadata import MetadataExchange
 from clearskies.sync.uploads import Uploads, parse_range
-from clearskies.transfer import FileReceiver, SendQueue
+from clearskies.transfer.receiver import FileReceiver
+from clearskies.transfer.sendqueue import SendQueue
 
 
 def _opener_key(connection: Any, our_peer_id: str, their_peer_id: str,

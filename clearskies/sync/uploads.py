@@ -14,7 +14,8 @@ from clearskies.interfaces import ISyncSession
 from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.sync.engine import ShareSync
 from clearskies.sync.limits import MAX_RANGE, MAX_WAITING_GETS
-from clearskies.transfer import SendQueue, get_error_message
+from clearskies.transfer.refusals import get_error_message
+from clearskies.transfer.sendqueue import SendQueue
 
 
 def parse_range(value: object) -> tuple[int, int] | None:

@@ -1,0 +1,75 @@
+"""Putting many verified downloads in place at once (protocol/transfer.md, "Receiving").
+
+:func:`finish_many` is the batch form of
+:meth:`~clearskies.transfer.receiver.FileReceiver.finish`: the sync layer
+seals a batch of downloads, checks which targets are still as scanned, then
+renames them all in one worker job (:func:`clearskies.diskjobs.install_batch`).
+A target that changed meanwhile gives CONFLICT; the sync layer then keeps
+the download as a conflict copy (:meth:`~clearskies.transfer.receiver.FileReceiver.keep_as`).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from clearskies import diskjobs
+from clearskies.threads import Runner
+from clearskies.transfer.receiver import CONFLICT, OK, FileReceiver, FinishResult
+from clearskies.transfer.states import VERIFIED, IllegalTransition
+
+
+def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
+                ) -> Deferred[list[FinishResult | Failure]]:
+    """Put many sealed downloads in place with one runner call; one result per item.
+
+    ``items`` pairs each receiver (after :meth:`FileReceiver.seal`) with the
+    answer of its unchanged-since-scan check, taken just before: False gives
+    CONFLICT (the verified content waits in the temporary file).  The others
+    are renamed and their directories fsynced once each in a single worker
+    job, so a batch of small files costs one thread hop instead of one per
+    file.  A rename that fails gives that item a Failure; the rest go on.
+    """
+    return Deferred.fromCoroutine(_finish_many(runner, items))
+
+
+async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
+                       ) -> list[FinishResult | Failure]:
+    results: list[FinishResult | Failure | None] = []
+    moving: list[tuple[int, FileReceiver]] = []
+    for index, (receiver, unchanged) in enumerate(items):
+        if receiver.state != VERIFIED:
+            results.append(Failure(IllegalTransition(
+                "install of a download that is %s" % receiver.state)))
+            continue
+        if not unchanged:
+            results.append(FinishResult(CONFLICT, receiver.temp_path,
+                                        reason="the file changed locally during the download"))
+            continue
+        results.append(None)
+        moving.append((index, receiver))
+    if not moving:
+        return [r for r in results if r is not None]
+    for _, receiver in moving:
+        receiver.machine.fire("install")
+    try:
+        outcomes = await runner.run(
+            diskjobs.install_batch, [(r.temp_path, r.local_path) for _, r in moving])
+    except BaseException:
+        for _, receiver in moving:
+            receiver.machine.fire("install_failed")
+        raise
+    for (index, receiver), outcome in zip(moving, outcomes):
+        if isinstance(outcome, BaseException):
+            receiver.machine.fire("install_failed")
+            results[index] = Failure(outcome)
+        else:
+            receiver.machine.fire("installed")
+            results[index] = FinishResult(OK, receiver.local_path, *outcome)
+    return [r for r in results if r is not None]
+
+
+# Worker-thread jobs: plain values in and out, no Twisted objects.
+
+
+__all__ = ["finish_many"]

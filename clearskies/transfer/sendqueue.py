@@ -1,0 +1,269 @@
+"""Everything one connection writes, in an order the framing allows (protocol/transfer.md).
+
+:class:`SendQueue` serialises a connection's output: one file at a time
+(:class:`~clearskies.transfer.sender.FileSender`), small messages in
+between, both queues bounded.  It opens waiting files in worker threads, a
+batch of small ones per job, and answers a ``get`` whose file cannot be
+served with ``get_error`` (:mod:`clearskies.transfer.refusals`).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from clearskies import wire
+from clearskies.errors import ProtocolError
+from clearskies.ratelimit import RateLimiter
+from clearskies.threads import Runner
+from clearskies.transfer.refusals import describe_os_error, get_error_message
+from clearskies.transfer.sender import FileSender, OpenedFile, open_to_send
+
+
+MAX_QUEUED_FILES = 64
+"""Most ``get`` requests one connection may have waiting for their turn."""
+
+MAX_QUEUED_MESSAGE_BYTES = 32 * 1024 * 1024
+"""Most bytes of messages held back while a file is being sent (two maximal lines)."""
+
+#: A sender opens at most this many queued small files (and bytes of them) in one worker job.
+PREPARE_FILES = 32
+PREPARE_BYTES = 4 * 1024 * 1024
+
+
+def _open_many_to_send(jobs: list[tuple[Path, int | None, tuple[int, int] | None]],
+                       first_chunk: int) -> list[OpenedFile | OSError]:
+    """:func:`open_to_send` for several files (worker thread); an error takes its file's place."""
+    out: list[OpenedFile | OSError] = []
+    for local_path, expected_size, request_range in jobs:
+        try:
+            out.append(open_to_send(local_path, expected_size, request_range, first_chunk))
+        except OSError as e:
+            out.append(e)
+    return out
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What became of one queued file: sent (``size`` payload bytes) or not (``error``)."""
+
+    path: str
+    sent: bool
+    size: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _FileRequest:
+    path: str
+    local_path: Path
+    expected_size: int | None
+    request_range: tuple[int, int] | None
+    on_sent: Callable[[int], None] | None
+    done: Deferred[SendResult]
+
+
+class SendQueue:
+    """Everything one connection writes, in an order the framing allows.
+
+    A file's payload must not be interrupted, so while a file is being sent
+    other messages wait (bounded) and go out before the next file starts.
+    When no file is in flight, messages are written at once.  Files are
+    opened only when their turn comes, so a file deleted or changed while
+    waiting is answered with ``get_error``.  Opening a file and reading it
+    happen through ``runner``, in worker threads (see FileSender).
+    """
+
+    _log = Logger()
+
+    def __init__(self, consumer: IConsumer, clock: IReactorTime, *, runner: Runner,
+                 max_files: int = MAX_QUEUED_FILES,
+                 max_message_bytes: int = MAX_QUEUED_MESSAGE_BYTES,
+                 chunk_size: int = wire.SEND_CHUNK_SIZE,
+                 limiter: RateLimiter | None = None) -> None:
+        self._consumer = consumer
+        self._runner = runner
+        self._clock = clock
+        self._limiter = limiter
+        self._max_files = max_files
+        self._max_message_bytes = max_message_bytes
+        self._chunk_size = chunk_size
+        self._messages: deque[bytes] = deque()
+        self._message_bytes = 0
+        self._files: deque[_FileRequest] = deque()
+        self._current: FileSender | None = None
+        # Requests a worker is opening, and those it opened (or could not
+        # open), in order, waiting for their turn.
+        self._opening: list[_FileRequest] = []
+        self._prepared: deque[tuple[_FileRequest, OpenedFile | OSError]] = deque()
+        self._stopped = False
+
+    @property
+    def sending(self) -> str | None:
+        """The path whose payload is being written (or whose file is being opened), if any."""
+        if self._current is not None:
+            return self._current.path
+        if self._opening:
+            return self._opening[0].path
+        return self._prepared[0][0].path if self._prepared else None
+
+    @property
+    def waiting_files(self) -> int:
+        return len(self._files) + len(self._prepared) + max(0, len(self._opening) - 1)
+
+    @property
+    def waiting_message_bytes(self) -> int:
+        return self._message_bytes
+
+    def send_message(self, data: bytes) -> None:
+        """Write encoded message bytes now, or right after the file being sent.
+
+        Raises ProtocolError when more than ``max_message_bytes`` wait: the
+        peer is not reading, and the connection should be closed.
+        """
+        if self._stopped:
+            return
+        if self._current is None:
+            self._consumer.write(data)
+            return
+        if self._message_bytes + len(data) > self._max_message_bytes:
+            raise ProtocolError("the peer is not reading: over %d bytes of messages queued"
+                                % self._max_message_bytes)
+        self._messages.append(data)
+        self._message_bytes += len(data)
+
+    def send_file(self, path: str, local_path: Path, *, expected_size: int | None = None,
+                  request_range: tuple[int, int] | None = None,
+                  on_sent: Callable[[int], None] | None = None) -> Deferred[SendResult]:
+        """Queue the answer to a ``get``: ``file_data`` with the content, or ``get_error``.
+
+        Raises ProtocolError when the peer already has ``max_files`` requests waiting.
+        The Deferred never fails; after the connection is gone it reports ``sent=False``.
+        """
+        if self._stopped:
+            return succeed(SendResult(path, False, error="connection closed"))
+        if self.waiting_files >= self._max_files:
+            raise ProtocolError("more than %d file requests pending" % self._max_files)
+        request = _FileRequest(path, Path(local_path), expected_size, request_range, on_sent,
+                               Deferred())
+        self._files.append(request)
+        self._pump()
+        return request.done
+
+    def stop(self) -> None:
+        """The connection is gone: stop reading, drop what waits, report unsent files."""
+        if self._stopped:
+            return
+        self._stopped = True
+        current, self._current = self._current, None
+        if current is not None:
+            current.stopProducing()
+        self._messages.clear()
+        self._message_bytes = 0
+        prepared, self._prepared = self._prepared, deque()
+        for request, opened in prepared:
+            if isinstance(opened, OpenedFile):
+                opened.file.close()
+            request.done.callback(SendResult(request.path, False, error="connection closed"))
+        files, self._files = self._files, deque()
+        for request in files:
+            request.done.callback(SendResult(request.path, False, error="connection closed"))
+
+    def _pump(self) -> None:
+        while self._current is None and not self._opening and not self._stopped:
+            while self._messages:
+                data = self._messages.popleft()
+                self._message_bytes -= len(data)
+                self._consumer.write(data)
+            if self._prepared:
+                request, opened = self._prepared.popleft()
+                if isinstance(opened, OSError):
+                    self._refuse(request, opened)
+                else:
+                    self._start(request, opened)
+                continue
+            if not self._files:
+                return
+            self._open_in_worker()
+
+    def _open_in_worker(self) -> None:
+        """Open the next file, and the small ones right behind it, in one worker job.
+
+        A job per file would cost the sender more than the reads of many
+        small files; the batch is bounded by PREPARE_FILES and PREPARE_BYTES
+        (small files are read whole, so their content waits in memory).
+        """
+        batch = [self._files.popleft()]
+        size = 0
+        while (self._files and len(batch) < PREPARE_FILES
+               and self._small(self._files[0]) and self._small(batch[-1])
+               and size + (self._files[0].expected_size or 0) <= PREPARE_BYTES):
+            size += self._files[0].expected_size or 0
+            batch.append(self._files.popleft())
+        self._opening = batch
+        jobs = [(r.local_path, r.expected_size, r.request_range) for r in batch]
+        self._runner.run(_open_many_to_send, jobs, self._chunk_size).addBoth(self._opened)
+
+    def _small(self, request: _FileRequest) -> bool:
+        return (request.request_range is None and request.expected_size is not None
+                and request.expected_size <= self._chunk_size)
+
+    def _opened(self, results: list[OpenedFile | OSError] | Failure) -> None:
+        batch, self._opening = self._opening, []
+        if isinstance(results, Failure):
+            self._log.failure("opening files to send failed", results)
+            results = [OSError(errno.EIO, "the file could not be read")] * len(batch)
+        if self._stopped:
+            for request, opened in zip(batch, results):
+                if isinstance(opened, OpenedFile):
+                    opened.file.close()
+                request.done.callback(SendResult(request.path, False, error="connection closed"))
+            return
+        self._prepared.extend(zip(batch, results))
+        self._pump()
+
+    def _refuse(self, request: _FileRequest, error: OSError) -> None:
+        """Answer a ``get`` whose file cannot be sent with ``get_error``."""
+        reason = describe_os_error(error)
+        self._log.info("cannot send {path}: {why}", path=request.path, why=reason)
+        self._consumer.write(wire.encode(get_error_message(request.path, reason)))
+        request.done.callback(SendResult(request.path, False, error=reason))
+
+    def _start(self, request: _FileRequest, opened: OpenedFile) -> None:
+        sender = FileSender(
+            self._clock, request.path, opened.file, opened.start, opened.length,
+            include_range=request.request_range is not None, chunk_size=self._chunk_size,
+            on_sent=request.on_sent, limiter=self._limiter, runner=self._runner,
+            first=opened.first)
+        self._current = sender
+        sender.begin(self._consumer).addCallbacks(
+            self._file_sent, self._file_stopped,
+            callbackArgs=(request, sender), errbackArgs=(request, sender))
+
+    def _file_sent(self, size: int, request: _FileRequest, sender: FileSender) -> None:
+        if self._current is sender:
+            self._current = None
+        request.done.callback(SendResult(request.path, True, size))
+        self._pump()
+
+    def _file_stopped(self, failure: Failure, request: _FileRequest, sender: FileSender) -> None:
+        failure.trap(ConnectionLost)
+        if self._current is sender:
+            self._current = None
+        request.done.callback(SendResult(request.path, False, error="connection closed"))
+        self.stop()
+
+
+__all__ = [
+    "MAX_QUEUED_FILES", "MAX_QUEUED_MESSAGE_BYTES", "PREPARE_FILES", "PREPARE_BYTES",
+    "SendResult", "SendQueue",
+]
