@@ -1,4 +1,4 @@
-"""Putting many verified downloads in place at once (protocol/transfer.md, "Receiving").
+"""Putting many verified downloads in place at once (protocol/transfer.md, 4.2).
 
 :func:`finish_many` is the batch form of
 :meth:`~clearskies.transfer.receiver.FileReceiver.finish`: the sync layer

@@ -1,4 +1,4 @@
-"""The names of partial downloads (protocol/transfer.md, "Receiving").
+"""The names of partial downloads (protocol/transfer.md, section 4).
 
 A download is written under a hidden temporary name beside its target.  The
 name depends only on the target's name and the expected hash, so a download

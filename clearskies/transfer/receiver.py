@@ -1,4 +1,4 @@
-"""Receiving one file (protocol/transfer.md, "Receiving").
+"""Receiving one file (protocol/transfer.md, section 4 "Receiving").
 
 :class:`FileReceiver` writes a download into a hidden temporary file next to
 its target (:mod:`clearskies.transfer.names`), hashing as the bytes arrive,
@@ -429,7 +429,8 @@ class FileReceiver:
         """Give up; with ``keep_partial`` the bytes so far stay for a resume.
 
         A buffered small file keeps nothing: fetching it again is cheaper than
-        writing a partial out on the reactor thread.  Not allowed while a copy, a verification or a rename is running.
+        writing a partial out on the reactor thread.  Not allowed while a
+        copy, a verification or a rename is running.
         """
         if self.machine.state == DONE:
             return

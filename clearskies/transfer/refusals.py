@@ -1,4 +1,4 @@
-"""Refusing a ``get`` (protocol/transfer.md): the ``get_error`` message and its reason.
+"""Refusing a ``get`` (protocol/transfer.md, section 3): the ``get_error`` message and its reason.
 
 The reason tells the peer what went wrong without naming local paths.
 """

@@ -1,4 +1,4 @@
-"""Sealing small downloads several at a time (protocol/transfer.md, "Receiving").
+"""Sealing small downloads several at a time (protocol/transfer.md, 4.2).
 
 A small download is held in memory until its payload ends; sealing it means
 checking it, then writing and fsyncing its temporary file.  :class:`BufferedSeals`

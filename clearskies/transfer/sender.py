@@ -1,4 +1,4 @@
-"""Sending one file (protocol/transfer.md, "Sending").
+"""Sending one file (protocol/transfer.md, section 3 "Answering").
 
 :class:`FileSender` streams one file as a ``file_data`` message, a chunk at a
 time, as a Twisted push producer, so a slow peer or a full socket buffer

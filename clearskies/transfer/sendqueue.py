@@ -1,4 +1,4 @@
-"""Everything one connection writes, in an order the framing allows (protocol/transfer.md).
+"""What one connection writes, in an order the framing allows (protocol/transfer.md, 3.1).
 
 :class:`SendQueue` serialises a connection's output: one file at a time
 (:class:`~clearskies.transfer.sender.FileSender`), small messages in
