@@ -19,8 +19,8 @@ attaches an empty folder and downloads everything.  Printed per daemon:
   (USS, sampled; it shares the daemon's interpreter pages).
 
 ``--tracemalloc DIR`` starts both daemons with tracemalloc on (much slower)
-and writes, every time a daemon's RSS reaches a new high by 8 MB, the
-largest allocation sites of that moment to ``DIR/<daemon>-<N>.txt``: where
+and writes, every time a daemon's traced Python memory reaches a new high
+by 4 MB, the largest allocation sites of that moment to ``DIR/<daemon>-<N>.txt``: where
 the memory of the peak is held.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import textwrap
 import threading
@@ -57,21 +58,23 @@ FILES_PER_SECOND = 700
 _TRACE_HOOK = textwrap.dedent('''\
     import os, threading, time, tracemalloc
 
-    def _watch(out, step=8 * 1024 * 1024):
-        page = os.sysconf("SC_PAGE_SIZE")
+    def _watch(out, step=4 * 1024 * 1024):
+        noise = [tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+                 tracemalloc.Filter(False, tracemalloc.__file__),
+                 tracemalloc.Filter(False, "*/linecache.py")]
         best = 0
         while True:
             time.sleep(0.5)
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * page
-            if rss < best + step:
+            traced = tracemalloc.get_traced_memory()[0]
+            if traced < best + step:
                 continue
-            best = rss
-            snapshot = tracemalloc.take_snapshot().filter_traces(
-                [tracemalloc.Filter(False, tracemalloc.__file__)])
-            lines = ["=== rss %.1f MiB, traced %.1f MiB at %s" % (
-                rss / 2**20, tracemalloc.get_traced_memory()[0] / 2**20, time.strftime("%X"))]
-            for stat in snapshot.statistics("traceback")[:25]:
+            best = traced
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            snapshot = tracemalloc.take_snapshot().filter_traces(noise)
+            lines = ["=== traced %.1f MiB (rss %.1f MiB, tracing included) at %s" % (
+                traced / 2**20, rss / 2**20, time.strftime("%X"))]
+            for stat in snapshot.statistics("traceback")[:30]:
                 lines.append("%8.1f MiB %8d blocks" % (stat.size / 2**20, stat.count))
                 lines.extend("      " + line for line in stat.traceback.format()[-8:])
             with open(out, "w") as f:
@@ -279,6 +282,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the data afterwards")
     args = parser.parse_args()
     counts = [int(c.replace("_", "")) for c in args.counts.split(",") if c.strip()]
+    # A plain kill still stops the daemons and removes the data (the finally clauses).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit("stopped by signal %d" % signum))
     run_dir = Path(args.data) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     trace_dir = Path(args.tracemalloc) if args.tracemalloc else None

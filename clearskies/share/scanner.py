@@ -53,7 +53,7 @@ import re
 import stat
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Awaitable, Callable, Iterable, NamedTuple, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -64,6 +64,7 @@ from clearskies.errors import RootMissing, ShareError, UnsafePathError
 from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
 from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX, IgnoreRules
+from clearskies.share.pages import PagedStore, StagedFile
 from clearskies.share.paths import LOCAL_PATH_MAX, MAX_PATH_DEPTH, depth_problem, unreadable
 from clearskies.share.records import (
     MAX_COUNTER, MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns,
@@ -346,6 +347,109 @@ def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing,
             listing.protected.append(directory)
 
 
+class TreeWalk:
+    """Lists a share's whole tree in path order, a page at a time (blocking).
+
+    What ``walk_share(root, None, …)`` finds, in the same order, but held
+    one directory listing per level of the current path instead of whole:
+    a directory's subtree is one block of the sorted order (every path from
+    ``d/`` up to ``d0`` starts with ``d/``), so each listing is sorted with
+    a key ``name/`` standing for the subtree, which is listed when its turn
+    comes.  Skipped, protected and denied paths go to ``listing`` as they
+    are met, always before any path below them.  Call :meth:`take` from
+    one thread at a time.
+    """
+
+    def __init__(self, root: str, rules: IgnoreRules, listing: Listing,
+                 stopping: Callable[[], bool] | None = None) -> None:
+        self._root = root
+        self._rules = rules
+        self._listing = listing
+        self._stopping = stopping
+        #: Per level, the rest of one directory's sorted (key, entry or subtree) items.
+        self._stack: list[list[tuple[str, LocalEntry | str]]] = []
+        #: Listings of directories already returned whose subtree's turn has not come.
+        self._pending: dict[str, list[tuple[str, LocalEntry | str]]] = {}
+        self._started = False
+
+    def take(self, count: int) -> list[LocalEntry]:
+        """The next ``count`` entries (fewer only at the end, or once stopping)."""
+        if not self._started:
+            self._started = True
+            top = self._read("")
+            if top is not None:
+                self._stack.append(top)
+        found: list[LocalEntry] = []
+        stack = self._stack
+        while stack and len(found) < count:
+            if self._stopping is not None and self._stopping():
+                stack.clear()
+                break
+            level = stack[-1]
+            if not level:
+                stack.pop()
+                continue
+            _, item = level.pop()
+            if isinstance(item, str):  # a subtree's turn
+                below = self._pending.pop(item, None)
+                if below:
+                    stack.append(below)
+            elif item.is_dir:
+                below = self._read(item.path)
+                if below is not None:  # (None: may not be listed, gets no record)
+                    self._pending[item.path] = below
+                    found.append(item)
+            else:
+                found.append(item)
+        return found
+
+    def _read(self, directory: str) -> list[tuple[str, LocalEntry | str]] | None:
+        """One directory's items, sorted last first (for ``pop``); None if denied."""
+        listing = self._listing
+        root = self._root
+        prefix = directory + "/" if directory else ""
+        items: list[tuple[str, LocalEntry | str]] = []
+        try:
+            with os.scandir(os.path.join(root, directory) if directory else root) as entries:
+                for entry in entries:
+                    name = entry.name
+                    path = prefix + name
+                    problem = name_problem(name, directory, root)
+                    if problem is not None:
+                        listing.skipped.append((path, problem))
+                        listing.protected.append(path)
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        listing.protected.append(path)  # vanished or unreadable just now
+                        continue
+                    if self._rules.matches(path, stat.S_ISDIR(st.st_mode)):
+                        continue
+                    mode = st.st_mode
+                    if stat.S_ISLNK(mode):
+                        listing.skipped.append((path, SYMLINK))
+                    elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                        listing.skipped.append((path, SPECIAL))
+                    elif unreadable(st):
+                        listing.skipped.append((path, UNREADABLE))
+                        listing.protected.append(path)
+                    else:
+                        items.append((name, _entry(path, st)))
+                        if stat.S_ISDIR(mode):
+                            items.append((name + "/", path))
+        except PermissionError:
+            listing.protected.append(directory)
+            if directory:
+                listing.skipped.append((directory, UNREADABLE))
+                listing.denied.add(directory)
+                return None
+        except OSError:
+            listing.protected.append(directory)
+        items.sort(key=lambda item: item[0], reverse=True)
+        return items
+
+
 def normalize_scopes(paths: Iterable[str]) -> list[str]:
     """Sorted, valid, non-overlapping subtrees (a path below another is dropped)."""
     kept: list[str] = []
@@ -545,11 +649,19 @@ class Move:
     destination: FileRecord
 
 
+#: A ScanResult keeps the first this many records and moves it wrote (it counts them all).
+RESULT_RECORDS = 1000
+
+
 @dataclass
 class ScanResult:
     full: bool
-    records: list[FileRecord] = field(default_factory=list)  # written, in write order
-    moves: list[Move] = field(default_factory=list)
+    #: Written, in write order: the first RESULT_RECORDS (``changes`` counts them all;
+    #: every batch goes to ``on_batch`` whole).
+    records: list[FileRecord] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)  # the first RESULT_RECORDS
+    changes: int = 0  # records written
+    moved: int = 0  # moves written
     files: int = 0  # regular files listed
     directories: int = 0
     unchanged: int = 0
@@ -562,6 +674,13 @@ class ScanResult:
     revision: int = 0
     started: float = 0.0
     duration: float = 0.0
+
+    def add_written(self, records: list[FileRecord], moves: list[Move]) -> None:
+        """Count a committed batch, keeping the first RESULT_RECORDS of each kind."""
+        self.changes += len(records)
+        self.moved += len(moves)
+        self.records.extend(records[:max(0, RESULT_RECORDS - len(self.records))])
+        self.moves.extend(moves[:max(0, RESULT_RECORDS - len(self.moves))])
 
 
 class ScanProgress:
@@ -680,33 +799,65 @@ class Scanner:
         self.rules = await self._runner.run(self._prepare)
         if scopes == []:
             return
-        listing = await self._runner.run(walk_share, self.root, scopes, self.rules,
-                                         lambda: self._stopping)
-        self._check_stop()
-        # The root could have gone while we walked; only trust the listing if not.
-        await self._runner.run(check_share_root, self.root, self.share_id)
-        result.skipped_paths = listing.skipped
-        result.directory_paths = [e.path for e in listing.entries if e.is_dir]
-        result.directories = len(result.directory_paths)
-        result.files = len(listing.entries) - result.directories
-
-        progress.phase = "comparing"
-        comparison = await self._compare(listing, scopes, share.revision)
-        result.unchanged = comparison.unchanged
+        listing = Listing()
+        result.skipped_paths = listing.skipped  # filled as the walk goes
+        if scopes is None:
+            walk = TreeWalk(self.root, self.rules, listing, lambda: self._stopping)
+            sources: list[tuple[tuple[str, str | None], EntrySource]] = [
+                (("", None), self._walk_pages(walk))]
+        else:
+            # Partial scans list what changed (a few subtrees) at once, as before.
+            listing = await self._runner.run(walk_share, self.root, scopes, self.rules,
+                                             lambda: self._stopping)
+            result.skipped_paths = listing.skipped
+            sources = self._scope_sources(listing, scopes)
+        # Nothing recorded as a live file: nothing can have vanished, so no new
+        # file can be a move and none needs setting aside until the end.
+        counts = await self._store.share_counts(self.share_id)
         writer = _Writer(self._store, self.share_id, self._batch_size, result, on_batch)
-        plan = _Planner(self, result, since, comparison, writer)
-        await plan.directories()
-        await plan.without_hashing()
-        progress.phase = "hashing"
-        progress.files_total = len(plan.to_hash)
-        progress.bytes_total = sum(entry.size for entry, _ in plan.to_hash)
-        await plan.hash_all()
-        progress.phase = "writing"
-        await plan.deletions()
-        await writer.flush()
+        # A partial scan's listing is in memory anyway: its new files wait there.
+        stage = None if counts.files == 0 or scopes is not None else \
+            await self._pages.stage_open()
+        try:
+            plan = _Planner(self, result, since, writer, stage,
+                            hold=counts.files > 0 and scopes is not None)
+            progress.phase = "comparing"
+            await self._compare(sources, listing, share.revision, plan)
+            self._check_stop()
+            # The root could have gone while we walked: what the listing did not
+            # find counts as gone (deletions, move sources) only if it is still here.
+            await self._runner.run(check_share_root, self.root, self.share_id)
+            progress.phase = "hashing"
+            await plan.staged()
+            progress.phase = "writing"
+            await plan.deletions()
+            await writer.flush()
+        finally:
+            if stage is not None:
+                try:
+                    await self._pages.stage_close(stage)
+                except Exception:
+                    self._log.failure("clearing a scan's staged files")
         self._note_skipped(result, scopes)
         if result.full:
             await self._store.set_last_scan(self.share_id, result.started)
+
+    def _walk_pages(self, walk: TreeWalk) -> EntrySource:
+        async def next_page() -> tuple[list[LocalEntry], bool]:
+            entries = await self._runner.run(walk.take, self._batch_size)
+            return entries, len(entries) < self._batch_size
+        return next_page
+
+    def _scope_sources(self, listing: Listing, scopes: list[str]
+                       ) -> list[tuple[tuple[str, str | None], EntrySource]]:
+        keys = [entry.path for entry in listing.entries]
+        sources: list[tuple[tuple[str, str | None], EntrySource]] = []
+        for scope in scopes:
+            for low, high in scope_ranges(scope):
+                start = bisect.bisect_left(keys, low)
+                stop = bisect.bisect_left(keys, high)
+                sources.append(((low, high), _once(listing.entries[start:stop])))
+        return sources
 
     def _prepare(self) -> IgnoreRules:
         check_share_root(self.root, self.share_id)
@@ -725,51 +876,96 @@ class Scanner:
                 "({why}); see: clearskies status {root} --skipped",
                 count=len(new), root=self.root, example=path, why=why)
 
-    async def _compare(self, listing: Listing, scopes: list[str] | None,
-                       listed_at_revision: int) -> Comparison:
-        comparison = Comparison(ignored_mode_bits=self.ignored_mode_bits)
-        keys = [entry.path for entry in listing.entries]
-        unknown = set(listing.protected)
+    async def _compare(self, sources: list[tuple[tuple[str, str | None], EntrySource]],
+                       listing: Listing, listed_at_revision: int, plan: _Planner) -> None:
+        """Merge each range's listing with its stored rows, a page of each at a time,
+        and hand every compared page to ``plan``."""
+        unknown = listing.protected  # grows as the walk goes, always ahead of the rows
+        marked: set[str] = set()
+        taken = [0]
 
         def protected(row: StoredRecord) -> bool:
             if row.revision > listed_at_revision:
                 # Written (by the sync layer) after our listing began: the listing
                 # cannot know the file, which does not make it deleted.
                 return True
-            parts = row.path.split("/")
-            if any("/".join(parts[:n]) in unknown for n in range(1, len(parts) + 1)):
-                return True
+            if unknown:
+                if taken[0] < len(unknown):  # (the list only grows)
+                    marked.update(unknown[taken[0]:])
+                    taken[0] = len(unknown)
+                parts = row.path.split("/")
+                if any("/".join(parts[:n]) in marked for n in range(1, len(parts) + 1)):
+                    return True
             return self.rules.is_ignored(row.path, row.record.is_dir)
 
-        ranges: list[tuple[str, str | None]] = [("", None)] if scopes is None else [
-            r for scope in scopes for r in scope_ranges(scope)]
+        def newer(row: StoredRecord) -> bool:
+            return row.revision > listed_at_revision
+
+        result = plan.result
         # The start of many ranges in one round trip (a partial scan of many single
         # files must not cost a query hop per file); a range with more rows than
         # that start goes on page by page.
-        for chunk in range(0, len(ranges), _RANGES_PER_QUERY):
+        for chunk in range(0, len(sources), _RANGES_PER_QUERY):
             self._check_stop()
-            some = ranges[chunk:chunk + _RANGES_PER_QUERY]
+            some = sources[chunk:chunk + _RANGES_PER_QUERY]
             first_limit = self._batch_size if len(some) == 1 else min(
                 self._batch_size, _FIRST_PAGE_ROWS)
-            first_pages = await self._store.records_between_many(self.share_id, some,
-                                                                 first_limit)
-            for (low, high), first_page in zip(some, first_pages):
-                start = bisect.bisect_left(keys, low)
-                stop = len(keys) if high is None else bisect.bisect_left(keys, high)
-                page, limit = first_page, first_limit
+            first_pages = await self._store.records_between_many(
+                self.share_id, [bounds for bounds, _ in some], first_limit)
+            for ((low, high), source), rows in zip(some, first_pages):
+                rows_done = len(rows) < first_limit
+                last_row = rows[-1].path if rows else None
+                entries: list[LocalEntry] = []
+                entries_done = False
                 while True:
-                    more = len(page) == limit
-                    upto = bisect.bisect_right(keys, page[-1].path, start, stop) if more else stop
-                    comparison.add_page(listing.entries[start:upto], page, protected,
-                                        lambda row: row.revision > listed_at_revision)
-                    start = upto
-                    if not more:
-                        break
                     self._check_stop()
-                    page = await self._store.records_between(
-                        self.share_id, low, high, page[-1].path, self._batch_size)
-                    limit = self._batch_size
-        return comparison
+                    if not entries and not entries_done:
+                        entries, entries_done = await source()
+                    if not rows and not rows_done:
+                        rows = await self._store.records_between(
+                            self.share_id, low, high, last_row, self._batch_size)
+                        rows_done = len(rows) < self._batch_size
+                        last_row = rows[-1].path if rows else last_row
+                    if not entries and not rows:
+                        break
+                    # Up to where both sides are known: at least one side is used up.
+                    bound: str | None = None
+                    if not entries_done and entries:
+                        bound = entries[-1].path
+                    if not rows_done and rows and (bound is None or rows[-1].path < bound):
+                        bound = rows[-1].path
+                    if bound is None:
+                        these, entries = entries, []
+                        mine, rows = rows, []
+                    else:
+                        cut = bisect.bisect_right([e.path for e in entries], bound)
+                        these, entries = entries[:cut], entries[cut:]
+                        cut = bisect.bisect_right([r.path for r in rows], bound)
+                        mine, rows = rows[:cut], rows[cut:]
+                    comparison = Comparison(ignored_mode_bits=self.ignored_mode_bits)
+                    comparison.add_page(these, mine, protected, newer)
+                    result.unchanged += comparison.unchanged
+                    for entry in these:
+                        if entry.is_dir:
+                            result.directories += 1
+                            result.directory_paths.append(entry.path)
+                        else:
+                            result.files += 1
+                    await plan.page(comparison)
+
+    @property
+    def _pages(self) -> PagedStore:
+        return PagedStore(self._store)
+
+
+#: The next page of a range's listing, and whether it was the last.
+EntrySource = Callable[[], Awaitable[tuple[list[LocalEntry], bool]]]
+
+
+def _once(entries: list[LocalEntry]) -> EntrySource:
+    async def whole() -> tuple[list[LocalEntry], bool]:
+        return entries, True
+    return whole
 
 
 class _Writer:
@@ -813,28 +1009,37 @@ class _Writer:
             return
         paths = {record.path for record in written}
         moves = [m for m in moves if m.source in paths and m.destination.path in paths]
-        self._result.records.extend(written)
-        self._result.moves.extend(moves)
+        self._result.add_written(written, moves)
         self._on_batch(written, moves, revision)
 
 
 class _Planner:
-    """Turns a comparison into records: directories, renames, hashing, deletions."""
+    """Turns compared pages into records: directories, renames, hashing, deletions.
+
+    Per page, directories and changes to recorded files are written at once.
+    New files (no live record) could be the far end of a move whose
+    vanished source comes later in the listing: they are set aside in the
+    database (``stage``) and looked at once the whole listing is compared
+    (``staged``), unless nothing can have vanished (``stage`` None); with
+    ``hold`` they wait in memory instead (a partial scan's few files).
+    """
 
     def __init__(self, scanner: Scanner, result: ScanResult, since: float | None,
-                 comparison: Comparison, writer: _Writer) -> None:
+                 writer: _Writer, stage: int | None, hold: bool = False) -> None:
         self._scanner = scanner
-        self._result = result
+        self.result = result
         self._since = since
         self._now = result.started
         self._racy_after_ns = int((result.started - scanner._racy_window) * 1e9)
         # A file dated further ahead was dated so on purpose (or comes from a
         # skewed clock): a write now would move its mtime back, to now.
         self._racy_until_ns = int((result.started + scanner._racy_window) * 1e9)
-        self._comparison = comparison
         self._writer = writer
-        self._pairer = MovePairer(comparison.gone)
-        self.to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
+        self._stage = stage
+        #: Recorded files the listing did not find: deletions, or sources of moves.
+        self._gone: list[StoredRecord] = []
+        self._pairer = MovePairer(())
+        self._held: list[tuple[LocalEntry, StoredRecord | None]] | None = [] if hold else None
 
     def _utime(self, mtime_ns: int | None, previous: FileRecord | None) -> float:
         if self._scanner.adopting and previous is None:
@@ -854,32 +1059,83 @@ class _Planner:
             return None  # may still change within the same timestamp tick
         return CacheKey(inode, size, mtime_ns)
 
-    async def directories(self) -> None:
+    async def page(self, comparison: Comparison) -> None:
+        """Write what one compared page shows, hashing what needs it."""
         peer_id = self._scanner.peer_id
-        for entry, row in self._comparison.directories:
+        for entry, row in comparison.directories:
             previous = row.record if row else None
             record = dir_record(entry, previous, peer_id, self._utime(entry.mtime_ns, previous))
             await self._writer.add(LocalChange(record, None, row.revision if row else None))
-
-    async def without_hashing(self) -> None:
-        """Changes whose content is known: renames (a vanished file's inode, size and
-        mtime at a new path) and permission changes.  The rest waits for hashing."""
-        peer_id = self._scanner.peer_id
-        for entry, row in self._comparison.files:
+        self._gone.extend(comparison.gone)
+        to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
+        staged: list[StagedFile] = []
+        for entry, row in comparison.files:
             previous = row.record if row else None
             if previous is None or previous.deleted:
-                source = self._pairer.by_cache_key(entry.cache_key)
-                if source is not None:
-                    await self._moved(entry.path, source.record.sha256, entry.size,
-                                      entry.mtime_ns, entry.mode, entry.inode, row, source)
+                if self._stage is not None:
+                    staged.append(StagedFile(entry.path, entry.size, entry.mtime_ns, entry.inode,
+                                             entry.mode, row.revision if row else None))
+                    continue
+                if self._held is not None:
+                    self._held.append((entry, row))
                     continue
             elif _is_live_file(previous) and row.cache == entry.cache_key:
-                record = file_record(entry.path, previous.sha256, entry.size, entry.mtime_ns,
-                                     self._mode(entry.mode, previous), previous, peer_id,
-                                     self._utime(entry.mtime_ns, previous))
-                await self._writer.add(LocalChange(record, row.cache, row.revision))
+                await self._same_content(entry, row)
                 continue
-            self.to_hash.append((entry, row))
+            to_hash.append((entry, row))
+        if staged:
+            await self._scanner._pages.stage_add(self._stage, staged)
+        await self.hash_all(to_hash)
+
+    async def _same_content(self, entry: LocalEntry, row: StoredRecord) -> None:
+        """A permission change: the content is known, nothing to hash."""
+        previous = row.record
+        record = file_record(entry.path, previous.sha256, entry.size, entry.mtime_ns,
+                             self._mode(entry.mode, previous), previous,
+                             self._scanner.peer_id, self._utime(entry.mtime_ns, previous))
+        await self._writer.add(LocalChange(record, row.cache, row.revision))
+
+    async def staged(self) -> None:
+        """The new files set aside, a page at a time, now that every vanished file is known:
+        renames (a vanished file's inode, size and mtime at a new path) cost no hashing."""
+        if self._held is not None:
+            self._pairer = MovePairer(self._gone)
+            held, self._held = self._held, []
+            await self.hash_all([item for item in held if not await self._renamed(*item)])
+        if self._stage is None:
+            return
+        self._pairer = MovePairer(self._gone)
+        scanner = self._scanner
+        after = None
+        while True:
+            scanner._check_stop()
+            page = await scanner._pages.stage_page(self._stage, after, scanner._batch_size)
+            if not page:
+                return
+            after = page[-1].path
+            rows = await scanner._store.get_stored_many(scanner.share_id,
+                                                        [f.path for f in page])
+            to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
+            for staged in page:
+                row = rows.get(staged.path)
+                if (row.revision if row else None) != staged.revision:
+                    continue  # rewritten meanwhile (by the sync layer): the next scan looks
+                entry = LocalEntry(staged.path, False, staged.size, staged.mtime_ns,
+                                   staged.inode, staged.mode)
+                if not await self._renamed(entry, row):
+                    to_hash.append((entry, row))
+            await self.hash_all(to_hash)
+            if len(page) < scanner._batch_size:
+                return
+
+    async def _renamed(self, entry: LocalEntry, row: StoredRecord | None) -> bool:
+        """Record a new file as a vanished one's rename, if it has its inode, size and mtime."""
+        source = self._pairer.by_cache_key(entry.cache_key)
+        if source is None:
+            return False
+        await self._moved(entry.path, source.record.sha256, entry.size, entry.mtime_ns,
+                          entry.mode, entry.inode, row, source)
+        return True
 
     async def _moved(self, path: str, sha256: str, size: int, mtime_ns: int, mode: int,
                      inode: int, row: StoredRecord | None, source: StoredRecord) -> None:
@@ -895,12 +1151,19 @@ class _Planner:
                         row.revision if row else None),
             move=Move(source.path, record))
 
-    async def hash_all(self) -> None:
+    async def hash_all(self, to_hash: list[tuple[LocalEntry, StoredRecord | None]]) -> None:
         """Hash with ``concurrency`` jobs in flight; the first error stops the rest."""
-        jobs = iter(_hash_jobs(self.to_hash))
+        if not to_hash:
+            return
+        progress = self._scanner.progress
+        progress.files_total += len(to_hash)
+        progress.bytes_total += sum(entry.size for entry, _ in to_hash)
+        phase, progress.phase = progress.phase, "hashing"
+        jobs = iter(_hash_jobs(to_hash))
         workers = [Deferred.fromCoroutine(self._hash_worker(jobs))
                    for _ in range(self._scanner._concurrency)]
         outcomes = await DeferredList(workers, consumeErrors=True)
+        progress.phase = phase
         for ok, value in outcomes:
             if not ok:
                 value.raiseException()
@@ -923,14 +1186,14 @@ class _Planner:
         for (entry, row), outcome in zip(job, outcomes):
             scanner.progress.files_done += 1
             if isinstance(outcome, HashResult):
-                self._result.hashed_files += 1
-                self._result.hashed_bytes += outcome.size
+                self.result.hashed_files += 1
+                self.result.hashed_bytes += outcome.size
                 await self._hashed(entry.path, outcome, row)
             elif outcome.denied:
                 # Left as it is (its record too) until it can be read.
-                self._result.skipped_paths.append((entry.path, UNREADABLE))
+                self.result.skipped_paths.append((entry.path, UNREADABLE))
             else:
-                self._result.unstable.append(entry.path)
+                self.result.unstable.append(entry.path)
 
     async def _hashed(self, path: str, h: HashResult, row: StoredRecord | None) -> None:
         previous = row.record if row else None
@@ -954,7 +1217,7 @@ class _Planner:
 
     async def deletions(self) -> None:
         peer_id = self._scanner.peer_id
-        for row in self._comparison.gone:
+        for row in self._gone:
             if row.path in self._pairer.claimed:
                 continue
             # The deletion happened after ``since`` (the last look at it).
