@@ -18,7 +18,8 @@ attaches an empty folder and downloads everything.  Printed per daemon:
   the 50 ms sampling cannot miss), and the disk helper's peak own memory
   (USS, sampled; it shares the daemon's interpreter pages).
 
-``--tracemalloc DIR`` starts both daemons with tracemalloc on (much slower)
+``--tracemalloc DIR`` turns tracemalloc on in both daemons (from two seconds
+after they start: what is allocated later; much slower)
 and writes, every time a daemon's traced Python memory reaches a new high
 by 4 MB, the largest allocation sites of that moment to ``DIR/<daemon>-<N>.txt``: where
 the memory of the peak is held.
@@ -59,6 +60,8 @@ _TRACE_HOOK = textwrap.dedent('''\
     import os, threading, time, tracemalloc
 
     def _watch(out, step=4 * 1024 * 1024):
+        time.sleep(2.0)  # traced from start-up, the daemon starts too slowly
+        tracemalloc.start(6)
         noise = [tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
                  tracemalloc.Filter(False, tracemalloc.__file__),
                  tracemalloc.Filter(False, "*/linecache.py")]
@@ -83,8 +86,6 @@ _TRACE_HOOK = textwrap.dedent('''\
     # Taken out of the environment so that the disk helper process does not trace too.
     _out = os.environ.pop("CLEARSKIES_TRACEMALLOC_OUT", None)
     if _out:
-        if not tracemalloc.is_tracing():
-            tracemalloc.start(6)
         threading.Thread(target=_watch, args=(_out,), daemon=True).start()
 ''')
 

@@ -750,7 +750,7 @@ def test_the_marker_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A crash while the marker is written leaves no empty marker (it is renamed into
     place); an empty one left by an older version does not block claiming the folder."""
     from clearskies.share import scanner as scanner_module
-    from clearskies.share.service import _claim_root
+    from clearskies.share.folder import _claim_root
 
     def crash(*args):
         raise OSError(5, "power cut")
