@@ -24,7 +24,7 @@ from clearskies.errors import ConfigurationError, ShareError
 from clearskies.share.database import ShareInfo, ShareStore
 from clearskies.share.ignore import MARKER_NAME
 from clearskies.share.paths import LocalPaths
-from clearskies.share.scanner import check_share_root, read_marker, write_marker
+from clearskies.share.listing import check_share_root, read_marker, write_marker
 from clearskies.threads import Runner
 
 ROOT_CHECK = 2.0

@@ -41,7 +41,8 @@ from clearskies.share.hashing import HashFile, hash_file
 from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX
 from clearskies.share.paths import LocalPaths
 from clearskies.share.records import FileRecord
-from clearskies.share.scanner import Move, Scanner, ScanResult, list_directories
+from clearskies.share.listing import list_directories
+from clearskies.share.scanner import Move, Scanner, ScanResult
 from clearskies.share.watcher import (
     DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, ExpectedArrivals, InotifyWatcher,
     full_rescan_interval)
