@@ -119,8 +119,8 @@ def test_acknowledged_content(db):
 
 
 def test_wanted_files_with_sources_and_totals(db):
-    """Wanted files page with their sources; totals count files and bytes; a leaving peer
-    is no source any more; new content forgets the old content's sources."""
+    """Wanted files page with their sources (or only those one peer has); totals count files
+    and bytes; a leaving peer is no source any more; new content forgets the old sources."""
     items = [(file("w%04d" % n, size=n), None, [PEER]) for n in range(1500)]
     pages.put_wanted(db, SHARE, items)
     pages.put_wanted(db, SHARE, [(file("w0002", size=2), "elsewhere", [OTHER])])
@@ -131,6 +131,9 @@ def test_wanted_files_with_sources_and_totals(db):
     assert got[3].sources == {PEER} and got[3].remote_path == "w0003"
     pages.put_wanted(db, SHARE, [(file("w0003", sha="9" * 64, size=3), None, [OTHER])])
     assert pages.wanted_page(db, SHARE, "w0002", 1)[0].sources == {OTHER}
+    assert [w.record.path for w in pages.wanted_page(db, SHARE, None, 10, source=OTHER)] == [
+        "w0002", "w0003"]
+    assert set(pages.wanted_many(db, SHARE, ["w0002", "nope", "w0100"])) == {"w0002", "w0100"}
     pages.drop_source(db, SHARE, PEER)
     assert pages.wanted_page(db, SHARE, None, 1)[0].sources == frozenset()
     pages.remove_wanted(db, SHARE, ["w%04d" % n for n in range(1000)])

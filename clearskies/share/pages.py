@@ -253,16 +253,39 @@ def put_wanted(db: StateDatabase, share_id: str,
                 [(share_id, record.path, peer) for peer in sources])
 
 
+_WANTED_SELECT = (
+    "SELECT %s, fetch_path, (SELECT group_concat(peer_id, ' ') FROM wanted_sources s"
+    " WHERE s.share_id = w.share_id AND s.path = w.path) FROM wanted w" % _RECORD_COLUMNS)
+
+
+def _wanted_row(row: Sequence[Any]) -> WantedRow:
+    return WantedRow(record_from(row[:13]), row[13], frozenset((row[14] or "").split()))
+
+
 def wanted_page(db: StateDatabase, share_id: str, after: str | None = None,
-                limit: int = PAGE_SIZE) -> list[WantedRow]:
-    """The next ``limit`` wanted files after the path ``after``, with their sources."""
-    rows = db.connection.execute(
-        "SELECT %s, fetch_path, (SELECT group_concat(peer_id, ' ') FROM wanted_sources s"
-        " WHERE s.share_id = w.share_id AND s.path = w.path) FROM wanted w"
-        " WHERE share_id = ? AND path > ? ORDER BY path LIMIT ?" % _RECORD_COLUMNS,
-        (share_id, "" if after is None else after, limit))
-    return [WantedRow(record_from(row[:13]), row[13], frozenset((row[14] or "").split()))
-            for row in rows]
+                limit: int = PAGE_SIZE, source: str | None = None) -> list[WantedRow]:
+    """The next ``limit`` wanted files after the path ``after``, with their sources;
+    with ``source``, only those that peer has."""
+    sql = _WANTED_SELECT + " WHERE share_id = ? AND path > ?"
+    args: list[Any] = [share_id, "" if after is None else after]
+    if source is not None:
+        sql += (" AND EXISTS (SELECT 1 FROM wanted_sources s WHERE s.share_id = w.share_id"
+                " AND s.path = w.path AND s.peer_id = ?)")
+        args.append(source)
+    rows = db.connection.execute(sql + " ORDER BY path LIMIT ?", [*args, limit])
+    return [_wanted_row(row) for row in rows]
+
+
+def wanted_many(db: StateDatabase, share_id: str, paths: Sequence[str]) -> dict[str, WantedRow]:
+    """The wanted files among ``paths`` (the others are left out)."""
+    found: dict[str, WantedRow] = {}
+    for chunk in _chunks(list(dict.fromkeys(paths))):
+        rows = db.connection.execute(
+            _WANTED_SELECT + " WHERE share_id = ? AND path IN (%s)" % ",".join("?" * len(chunk)),
+            [share_id, *chunk])
+        for row in rows:
+            found[row[0]] = _wanted_row(row)
+    return found
 
 
 def wanted_totals(db: StateDatabase, share_id: str) -> tuple[int, int]:
@@ -339,9 +362,12 @@ class PagedStore:
         return self._store.call(put_wanted, share_id,
                                 [(r, f, tuple(s)) for r, f, s in items])
 
-    def wanted_page(self, share_id: str, after: str | None = None,
-                    limit: int = PAGE_SIZE) -> Deferred[list[WantedRow]]:
-        return self._store.call(wanted_page, share_id, after, limit)
+    def wanted_page(self, share_id: str, after: str | None = None, limit: int = PAGE_SIZE,
+                    source: str | None = None) -> Deferred[list[WantedRow]]:
+        return self._store.call(wanted_page, share_id, after, limit, source)
+
+    def wanted_many(self, share_id: str, paths: Sequence[str]) -> Deferred[dict[str, WantedRow]]:
+        return self._store.call(wanted_many, share_id, list(paths))
 
     def wanted_totals(self, share_id: str) -> Deferred[tuple[int, int]]:
         return self._store.call(wanted_totals, share_id)
