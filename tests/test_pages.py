@@ -166,3 +166,20 @@ def test_paged_store_iterates_whole_lists(tmp_path):
     assert [len(p) for p in announced] == [len(p) for p in wanted] == [100, 100, 50]
     assert result_of(paged.wanted_totals(SHARE)) == (250, 250)
     result_of(store.close())
+
+
+def test_signed_messages_page_by_kind_in_key_order(db):
+    """A read-only share's kept signed messages come back one kind at a time, page by page."""
+    rows = [("manifest", "o%d" % (n % 3), "1/%d" % n, b"text %d" % n, b"sig") for n in range(7)]
+    rows.append(("update", "a/path", "", b"update", b"sig"))
+    db.put_signed(SHARE, rows)
+    got, after = [], None
+    while True:
+        page = pages.signed_page(db, SHARE, "manifest", after, 2)
+        got.extend(page)
+        if len(page) < 2:
+            break
+        after = page[-1][:2]
+    assert [(key, part) for key, part, _, _ in got] == sorted(
+        (key, part) for _, key, part, _, _ in rows[:7])
+    assert pages.signed_page(db, SHARE, "update") == [("a/path", "", b"update", b"sig")]

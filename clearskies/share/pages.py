@@ -1,10 +1,11 @@
 """Per-file lists kept in the state database and read back one page at a time.
 
 Whatever grows with the number of files in a share has its whole list
-here, not in memory: what a scan found and must look at again
-(``ScanStage``, a temporary table of the database connection), what each
-peer announced (``announced``), and the files the share still needs
-(``wanted`` and ``wanted_sources``; schema/004_pages.sql).  Callers hold
+here, not in memory: what a scan found and must look at again (the
+``scan_stage`` temporary table of the database connection), what each
+peer announced (``announced``), the files the share still needs
+(``wanted`` and ``wanted_sources``; schema/004_pages.sql), and a read-only
+share's kept signed messages (``signed_messages``, read by ``signed_page``).  Callers hold
 one page (``PAGE_SIZE`` rows, or what they ask for) at a time.
 
 The functions take a ``StateDatabase`` and run on the database thread;
@@ -211,6 +212,21 @@ def forget_announced(db: StateDatabase, share_id: str, peer_id: str | None = Non
                          (share_id, peer_id))
 
 
+def signed_page(db: StateDatabase, share_id: str, kind: str,
+                after: tuple[str, str] | None = None, limit: int = PAGE_SIZE
+                ) -> list[tuple[str, str, bytes, bytes]]:
+    """Read-only shares: the next ``limit`` kept signed messages of one kind ("manifest"
+    or "update") after (key, part) ``after``, as (key, part, text, signature), in
+    (key, part) order: what ``ShareStore.list_signed`` returns whole, a page at a time."""
+    sql = "SELECT key, part, text, signature FROM signed_messages WHERE share_id = ? AND kind = ?"
+    args: list[Any] = [share_id, kind]
+    if after is not None:
+        sql += " AND (key, part) > (?, ?)"
+        args.extend(after)
+    rows = db.connection.execute(sql + " ORDER BY key, part LIMIT ?", [*args, limit])
+    return [(key, part, bytes(text), bytes(signature)) for key, part, text, signature in rows]
+
+
 # -- what the share wants --------------------------------------------------------
 
 
@@ -354,6 +370,10 @@ class PagedStore:
 
     def forget_announced(self, share_id: str, peer_id: str | None = None) -> Deferred[None]:
         return self._store.call(forget_announced, share_id, peer_id)
+
+    def signed_page(self, share_id: str, kind: str, after: tuple[str, str] | None = None,
+                    limit: int = PAGE_SIZE) -> Deferred[list[tuple[str, str, bytes, bytes]]]:
+        return self._store.call(signed_page, share_id, kind, after, limit)
 
     # wanted files
     def put_wanted(self, share_id: str,
