@@ -1,6 +1,9 @@
 """Per-file lists kept in the state database and read back page by page (clearskies.share.pages)."""
 
 import pytest
+from zope.interface.verify import verifyObject
+
+from clearskies.interfaces import IPagedLists
 
 from clearskies.share import pages
 from clearskies.share.database import CacheKey, ShareInfo, ShareStore, StateDatabase
@@ -154,6 +157,7 @@ def test_paged_store_iterates_whole_lists(tmp_path):
     store = ShareStore(tmp_path / "state.sqlite3", SyncRunner())
     result_of(store.add_share(ShareInfo(SHARE, "/srv/share", PEER, "read_write", created=1.0)))
     paged = PagedStore(store)
+    assert verifyObject(IPagedLists, paged)
     result_of(paged.put_announced(SHARE, PEER, [file("f%03d" % n) for n in range(250)]))
     result_of(paged.put_wanted(SHARE, [(file("w%03d" % n), None, {PEER}) for n in range(250)]))
 

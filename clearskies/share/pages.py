@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
+from clearskies.interfaces import IPagedLists
 from clearskies.share.database import PAGE_SIZE, CacheKey, ShareStore, StateDatabase
 from clearskies.share.records import FileRecord
 
@@ -327,6 +329,7 @@ def drop_source(db: StateDatabase, share_id: str, peer_id: str) -> None:
                      (share_id, peer_id))
 
 
+@implementer(IPagedLists)
 class PagedStore:
     """The functions above as Deferreds, run on the store's database thread."""
 
