@@ -5,6 +5,7 @@ import tracemalloc
 
 import pytest
 
+from clearskies.errors import ShareError
 from clearskies.share.ignore import IgnoreRules
 from clearskies.share.scanner import Listing, TreeWalk, walk_share
 from tests.test_database import result_of
@@ -63,6 +64,35 @@ def test_an_unreadable_folder_is_left_out_of_the_lazy_walk(tmp_path):
         os.chmod(root / "closed", 0o755)
     assert [e.path for e in entries] == ["open"]
     assert "closed" in listing.protected and "closed" in listing.denied
+
+
+def test_a_share_folder_that_cannot_be_listed_is_an_error_not_deletions(tmp_path):
+    """A root whose marker can be read but whose entries cannot be listed fails the scan:
+    nothing is taken for deleted."""
+    if os.geteuid() == 0:
+        pytest.skip("root lists every folder")
+    share = Share(tmp_path)
+    share.write("kept.txt", b"data")
+    share.scan()
+    os.chmod(share.root, 0o311)  # search (the marker opens), no listing
+    try:
+        with pytest.raises(ShareError):
+            share.scan()
+    finally:
+        os.chmod(share.root, 0o755)
+    assert not share.record("kept.txt").deleted
+
+
+def test_the_lazy_walk_raises_when_the_root_cannot_be_listed(tmp_path, monkeypatch):
+    """TreeWalk refuses a root it cannot list, like walk_share (an empty listing would
+    make every record a deletion)."""
+    import clearskies.share.listing as listing_module
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(listing_module.os, "scandir", refuse)
+    with pytest.raises(ShareError):
+        TreeWalk(str(tmp_path), IgnoreRules(), Listing()).take(10)
 
 
 def test_a_rename_across_pages_is_still_a_move(tmp_path):

@@ -300,7 +300,8 @@ class TreeWalk:
     ``d/`` up to ``d0`` starts with ``d/``), so each listing is sorted with
     a key ``name/`` standing for the subtree, which is listed when its turn
     comes.  Skipped, protected and denied paths go to ``listing`` as they
-    are met, always before any path below them.  Call :meth:`take` from
+    are met, always before any path below them.  A root that cannot be
+    listed raises ShareError, as in ``walk_share``.  Call :meth:`take` from
     one thread at a time.
     """
 
@@ -320,6 +321,11 @@ class TreeWalk:
         """The next ``count`` entries (fewer only at the end, or once stopping)."""
         if not self._started:
             self._started = True
+            try:
+                os.scandir(self._root).close()
+            except OSError as e:  # (an empty listing would make every record a deletion)
+                raise ShareError("cannot list the share folder %s: %s"
+                                 % (self._root, e.strerror)) from e
             top = self._read("")
             if top is not None:
                 self._stack.append(top)
