@@ -3,6 +3,7 @@
     .venv/bin/python bench/memory.py                       # N = 10,000 and 100,000
     .venv/bin/python bench/memory.py --counts 10000 --tracemalloc /tmp/tm
     .venv/bin/python bench/memory.py --counts 1000000      # only if disk and time allow
+    .venv/bin/python bench/memory.py --counts 1000000 --scan-only   # Alice's scan alone
 
 For each N: a fresh pair of daemons (``twistd -n clearskies``, the harness of
 ``tests/daemons.py``, on 127.0.0.1 only).  Alice holds N small files (16-200
@@ -52,7 +53,8 @@ SPARE_BYTES = 4 * 1024 ** 3
 TIMEOUT_PER_FILE = 0.02  # seconds; at least 10 minutes per phase
 #: Reckoned files per second for a whole run (create, scan, sync) on this machine: a
 #: count whose run would take more than --max-minutes is skipped with a message.
-FILES_PER_SECOND = 700
+FILES_PER_SECOND = 600
+SCAN_FILES_PER_SECOND = 4000  # creating the files and scanning them, with --scan-only
 
 #: Loaded into each daemon by ``--tracemalloc`` (a sitecustomize module): a thread that
 #: writes the top allocation sites whenever the RSS reaches a new high.
@@ -177,7 +179,8 @@ def status(daemon: DaemonProcess, path: Path) -> dict:
                                    "path": os.path.realpath(path)}, timeout=60)
 
 
-def run(count: int, run_dir: Path, trace_dir: Path | None) -> dict[str, float]:
+def run(count: int, run_dir: Path, trace_dir: Path | None,
+        scan_only: bool = False) -> dict[str, float]:
     """One pair of daemons syncing ``count`` files; the figures in MiB (and seconds)."""
     base = run_dir / ("n%d" % count)
     alice, bob = DaemonProcess(base, "alice"), DaemonProcess(base, "bob")
@@ -216,6 +219,9 @@ def run(count: int, run_dir: Path, trace_dir: Path | None) -> dict[str, float]:
         print("  scan %.1f s, alice peak %.0f MiB" % (out["scan_s"], out["scan_alice"]),
               file=sys.stderr)
 
+        if scan_only:
+            out["hwm_alice"] = vm_hwm(alice.pid) / MiB
+            return out
         sampler.reset()
         t0 = time.monotonic()
         bob.cli("attach", code, str(b), "--peer", alice.address)
@@ -256,6 +262,11 @@ def print_table(results: dict[int, dict[str, float]], skipped: list[str]) -> Non
           " | helper peak alice / bob | after sync alice / bob | scan s | sync s |")
     print("|" + "---|" * 9)
     for count, r in results.items():
+        if "sync_s" not in r:
+            print("| {:,} | {:.0f} / {:.0f} | {:.0f} | (scan only) | {:.0f} / – | | | {:.1f} | |".format(
+                count, r["idle_alice"], r["idle_bob"], r["scan_alice"], r["hwm_alice"],
+                r["scan_s"]))
+            continue
         print("| {:,} | {:.0f} / {:.0f} | {:.0f} | {:.0f} / {:.0f} | {:.0f} / {:.0f} "
               "| {:.0f} / {:.0f} | {:.0f} / {:.0f} | {:.1f} | {:.1f} |".format(
                   count, r["idle_alice"], r["idle_bob"], r["scan_alice"], r["sync_alice"],
@@ -265,7 +276,7 @@ def print_table(results: dict[int, dict[str, float]], skipped: list[str]) -> Non
         "{:,}: alice +{:.0f}, bob +{:.0f}".format(
             count, max(r["scan_alice"], r["sync_alice"], r["hwm_alice"]) - r["idle_alice"],
             max(r["sync_bob"], r["hwm_bob"]) - r["idle_bob"])
-        for count, r in results.items()))
+        for count, r in results.items() if "sync_s" in r))
     for line in skipped:
         print(line)
 
@@ -281,6 +292,8 @@ def main() -> int:
     parser.add_argument("--tracemalloc", metavar="DIR",
                         help="run the daemons under tracemalloc; top allocation sites to DIR")
     parser.add_argument("--keep", action="store_true", help="keep the data afterwards")
+    parser.add_argument("--scan-only", action="store_true",
+                        help="stop after Alice's initial scan (no second daemon syncing)")
     args = parser.parse_args()
     counts = [int(c.replace("_", "")) for c in args.counts.split(",") if c.strip()]
     # A plain kill still stops the daemons and removes the data (the finally clauses).
@@ -295,9 +308,9 @@ def main() -> int:
     skipped: list[str] = []
     try:
         for count in counts:
-            need = 2 * count * BYTES_PER_FILE + SPARE_BYTES
+            need = (1 if args.scan_only else 2) * count * BYTES_PER_FILE + SPARE_BYTES
             free = shutil.disk_usage(run_dir).free
-            minutes = count / FILES_PER_SECOND / 60
+            minutes = count / (SCAN_FILES_PER_SECOND if args.scan_only else FILES_PER_SECOND) / 60
             if free < need:
                 skipped.append("{:,} files skipped: {:.1f} GB free, {:.1f} GB needed".format(
                     count, free / 1e9, need / 1e9))
@@ -305,7 +318,7 @@ def main() -> int:
                 skipped.append("{:,} files skipped: reckoned {:.0f} min, more than "
                                "--max-minutes {:g}".format(count, minutes, args.max_minutes))
             else:
-                results[count] = run(count, run_dir, trace_dir)
+                results[count] = run(count, run_dir, trace_dir, args.scan_only)
                 continue
             print(skipped[-1], file=sys.stderr)
     finally:
