@@ -161,3 +161,34 @@ def test_scanning_memory_does_not_grow_with_the_tree(tmp_path):
     for low, high in zip(small, big):
         # Held whole, four times the files would take about four times the memory.
         assert high < 1.5 * low + 256 * 1024, (small, big)
+
+
+def test_a_new_file_stored_by_the_sync_layer_during_the_scan_keeps_that_record(tmp_path,
+                                                                               monkeypatch):
+    """A new file set aside by a scan, whose row the sync layer writes before the scan looks
+    at it again, keeps the sync layer's record (the next scan looks at the file)."""
+    from clearskies.share.pages import PagedStore
+    from clearskies.share.records import FileRecord
+    from tests.test_scanner import SHARE, sha
+
+    share = Share(tmp_path)
+    share.write("old.txt", b"old")  # a live file: new files are set aside
+    share.scan()
+    data = b"arrived"
+    share.write("new.txt", data)
+    landed = FileRecord(path="new.txt", utime=5.0, size=len(data), mtime=(5, 0), mode=0o644,
+                        sha256=sha(data), vv={"b" * 32: 1})
+    real_page = PagedStore.stage_page
+    staged = []
+
+    def store_then_read(paged, token, after=None, limit=1000):
+        if after is None:  # the listing is compared; the new file waits in the stage
+            result_of(share.store.apply_changes(SHARE, [landed]))
+        d = real_page(paged, token, after, limit)
+        return d.addCallback(lambda page: staged.extend(page) or page)
+
+    monkeypatch.setattr(PagedStore, "stage_page", store_then_read)
+    result = share.scan()
+    assert [f.path for f in staged] == ["new.txt"]
+    assert "new.txt" not in share.by_path(result)
+    assert share.record("new.txt") == landed
