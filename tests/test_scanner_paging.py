@@ -113,6 +113,22 @@ def test_a_rename_across_pages_is_still_a_move(tmp_path):
     assert not share.record("new/f07").deleted
 
 
+def test_renames_are_matched_before_copies_take_their_source(tmp_path):
+    """A folder renamed and a copy of one of its files made elsewhere (listed pages before
+    the renamed file): the renamed file keeps its source, the copy is a new file."""
+    share = Share(tmp_path, batch_size=4)
+    for n in range(10):
+        share.write("old/f%02d" % n, b"content %d" % n)
+    share.scan()
+    os.rename(share.root / "old", share.root / "zz")
+    share.write("a/copy", b"content 3")  # "a/copy" sorts before "zz/f03"
+    result = share.scan()
+    assert sorted((m.source, m.destination.path) for m in result.moves) == [
+        ("old/f%02d" % n, "zz/f%02d" % n) for n in range(10)]
+    assert not share.record("a/copy").deleted
+    assert share.hasher.calls == ["copy"]
+
+
 def test_a_copy_then_delete_across_pages_is_a_move_by_content(tmp_path):
     """A vanished file listed after its copy (another page) still pairs with it by content."""
     share = Share(tmp_path, batch_size=4)
@@ -182,13 +198,13 @@ def test_a_new_file_stored_by_the_sync_layer_during_the_scan_keeps_that_record(t
     staged = []
 
     def store_then_read(paged, token, after=None, limit=1000):
-        if after is None:  # the listing is compared; the new file waits in the stage
+        if not staged:  # the listing is compared; the new file waits in the stage
             result_of(share.store.apply_changes(SHARE, [landed]))
         d = real_page(paged, token, after, limit)
         return d.addCallback(lambda page: staged.extend(page) or page)
 
     monkeypatch.setattr(PagedStore, "stage_page", store_then_read)
     result = share.scan()
-    assert [f.path for f in staged] == ["new.txt"]
+    assert {f.path for f in staged} == {"new.txt"}
     assert "new.txt" not in share.by_path(result)
     assert share.record("new.txt") == landed

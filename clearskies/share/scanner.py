@@ -48,13 +48,15 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections import deque
 import threading
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Sequence
+from typing import Awaitable, Callable, Iterable
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from clearskies.errors import ShareError
 # The listing and the pure record rules live in their own modules; their names
@@ -244,10 +246,11 @@ class Scanner:
             return
         listing = Listing()
         result.skipped_paths = listing.skipped  # filled as the walk goes
+        ahead: list[Deferred[list[LocalEntry]]] = []  # a walk page listed in advance
         if scopes is None:
             walk = TreeWalk(self.root, self.rules, listing, lambda: self._stopping)
             sources: list[tuple[tuple[str, str | None], EntrySource]] = [
-                (("", None), self._walk_pages(walk))]
+                (("", None), self._walk_pages(walk, ahead))]
         else:
             # Partial scans list what changed (a few subtrees) at once, as before.
             listing = await self._runner.run(walk_share, self.root, scopes, self.rules,
@@ -266,16 +269,20 @@ class Scanner:
                             hold=counts.files > 0 and scopes is not None)
             progress.phase = "comparing"
             await self._compare(sources, listing, share.revision, plan)
+            await plan.drain()
             self._check_stop()
             # The root could have gone while we walked: what the listing did not
             # find counts as gone (deletions, move sources) only if it is still here.
             await self._runner.run(check_share_root, self.root, self.share_id)
             progress.phase = "hashing"
             await plan.staged()
+            await plan.drain()
             progress.phase = "writing"
             await plan.deletions()
             await writer.flush()
         finally:
+            for d in ahead:  # a scan that ended early leaves its next page unread
+                d.addErrback(lambda _: None)
             if stage is not None:
                 try:
                     await self._pages.stage_close(stage)
@@ -285,10 +292,16 @@ class Scanner:
         if result.full:
             await self._store.set_last_scan(self.share_id, result.started)
 
-    def _walk_pages(self, walk: TreeWalk) -> EntrySource:
+    def _walk_pages(self, walk: TreeWalk, ahead: list[Deferred[list[LocalEntry]]]
+                    ) -> EntrySource:
+        """The walk's pages; the next is listed (in a worker) while this one is compared."""
         async def next_page() -> tuple[list[LocalEntry], bool]:
-            entries = await self._runner.run(walk.take, self._batch_size)
-            return entries, len(entries) < self._batch_size
+            entries = await (ahead.pop(0) if ahead else
+                             self._runner.run(walk.take, self._batch_size))
+            done = len(entries) < self._batch_size
+            if not done:
+                ahead.append(self._runner.run(walk.take, self._batch_size))
+            return entries, done
         return next_page
 
     def _scope_sources(self, listing: Listing, scopes: list[str]
@@ -483,6 +496,11 @@ class _Planner:
         self._gone: list[StoredRecord] = []
         self._pairer = MovePairer(())
         self._held: list[tuple[LocalEntry, StoredRecord | None]] | None = [] if hold else None
+        # Files waiting for a hashing job, how many jobs run, and who waits for room.
+        self._queue: deque[tuple[LocalEntry, StoredRecord | None]] = deque()
+        self._running = 0
+        self._waiting: list[Deferred[None]] = []
+        self._failure: Failure | None = None
 
     def _utime(self, mtime_ns: int | None, previous: FileRecord | None) -> float:
         if self._scanner.adopting and previous is None:
@@ -539,8 +557,13 @@ class _Planner:
         await self._writer.add(LocalChange(record, row.cache, row.revision))
 
     async def staged(self) -> None:
-        """The new files set aside, a page at a time, now that every vanished file is known:
-        renames (a vanished file's inode, size and mtime at a new path) cost no hashing."""
+        """The new files set aside, now that every vanished file is known.
+
+        First every rename (a vanished file's inode, size and mtime at a new
+        path: no hashing), then the rest is hashed, which may pair a file
+        with a vanished one of the same content: renames are matched before
+        any copy can take their source, as when the whole listing was held.
+        """
         if self._held is not None:
             self._pairer = MovePairer(self._gone)
             held, self._held = self._held, []
@@ -548,6 +571,12 @@ class _Planner:
         if self._stage is None:
             return
         self._pairer = MovePairer(self._gone)
+        await self._staged_pass(renames=True)
+        await self._writer.flush()  # the renames' rows are rewritten: the next pass skips them
+        await self._staged_pass(renames=False)
+
+    async def _staged_pass(self, renames: bool) -> None:
+        """One pass over the stage, a page at a time: renames, or hashing the rest."""
         scanner = self._scanner
         after = None
         while True:
@@ -562,10 +591,12 @@ class _Planner:
             for staged in page:
                 row = rows.get(staged.path)
                 if (row.revision if row else None) != staged.revision:
-                    continue  # rewritten meanwhile (by the sync layer): the next scan looks
+                    continue  # rewritten meanwhile (a rename, or the sync layer's download)
                 entry = LocalEntry(staged.path, False, staged.size, staged.mtime_ns,
                                    staged.inode, staged.mode)
-                if not await self._renamed(entry, row):
+                if renames:
+                    await self._renamed(entry, row)
+                else:
                     to_hash.append((entry, row))
             await self.hash_all(to_hash)
             if len(page) < scanner._batch_size:
@@ -595,34 +626,73 @@ class _Planner:
             move=Move(source.path, record))
 
     async def hash_all(self, to_hash: list[tuple[LocalEntry, StoredRecord | None]]) -> None:
-        """Hash with ``concurrency`` jobs in flight; the first error stops the rest."""
-        if not to_hash:
-            return
-        progress = self._scanner.progress
-        progress.files_total += len(to_hash)
-        progress.bytes_total += sum(entry.size for entry, _ in to_hash)
-        phase, progress.phase = progress.phase, "hashing"
-        jobs = iter(_hash_jobs(to_hash))
-        workers = [Deferred.fromCoroutine(self._hash_worker(jobs))
-                   for _ in range(self._scanner._concurrency)]
-        outcomes = await DeferredList(workers, consumeErrors=True)
-        progress.phase = phase
-        for ok, value in outcomes:
-            if not ok:
-                value.raiseException()
+        """Queue files for hashing by ``concurrency`` jobs running in the background.
 
-    async def _hash_worker(self, jobs: Iterable[list[tuple[LocalEntry, StoredRecord | None]]]
-                           ) -> None:
+        Pages overlap: this returns once no more than a page of files waits
+        (the listing and comparing of the next page go on meanwhile).
+        ``drain`` waits for the rest.  The first error stops the scan and is
+        raised here or by ``drain``.
+        """
+        if to_hash:
+            progress = self._scanner.progress
+            progress.files_total += len(to_hash)
+            progress.bytes_total += sum(entry.size for entry, _ in to_hash)
+            self._queue.extend(to_hash)
+            while self._queue and self._running < self._scanner._concurrency:
+                self._running += 1
+                Deferred.fromCoroutine(self._hash_worker())  # (it keeps its own errors)
+        while len(self._queue) > self._scanner._batch_size and self._failure is None:
+            waiting: Deferred[None] = Deferred()
+            self._waiting.append(waiting)
+            await waiting
+        self._raise_failure()
+
+    async def drain(self) -> None:
+        """Wait until every queued file is hashed and written; raise the first error."""
+        while self._running and self._failure is None:
+            waiting: Deferred[None] = Deferred()
+            self._waiting.append(waiting)
+            await waiting
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            failure.raiseException()
+
+    def _next_job(self) -> list[tuple[LocalEntry, StoredRecord | None]]:
+        """Up to HASH_JOB_FILES files / HASH_JOB_BYTES from the queue."""
+        job: list[tuple[LocalEntry, StoredRecord | None]] = []
+        size = 0
+        while self._queue and len(job) < HASH_JOB_FILES and size < HASH_JOB_BYTES:
+            item = self._queue.popleft()
+            job.append(item)
+            size += item[0].size
+        return job
+
+    async def _hash_worker(self) -> None:
         try:
-            for job in jobs:
-                await self._hash_job(job)
+            while self._queue and self._failure is None:
+                await self._hash_job(self._next_job())
+                self._wake()
         except BaseException:
+            if self._failure is None:
+                self._failure = Failure()
+            self._queue.clear()
             self._scanner.stop()  # the other workers stop at their next job
-            raise
+        finally:
+            self._running -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     async def _hash_job(self, job: list[tuple[LocalEntry, StoredRecord | None]]) -> None:
         scanner = self._scanner
         scanner._check_stop()
+        scanner.progress.phase = "hashing"
         paths = [os.path.join(scanner.root, entry.path) for entry, _ in job]
         outcomes = await scanner._runner.run(
             hash_files, paths, scanner._hasher, scanner.progress.add_bytes)
@@ -666,18 +736,3 @@ class _Planner:
             # The deletion happened after ``since`` (the last look at it).
             record = tombstone(row.record, peer_id, self._utime(None, row.record))
             await self._writer.add(LocalChange(record, None, row.revision))
-
-
-def _hash_jobs(items: Sequence[tuple[LocalEntry, StoredRecord | None]]
-               ) -> Iterable[list[tuple[LocalEntry, StoredRecord | None]]]:
-    """Group files into worker jobs of up to HASH_JOB_FILES files / HASH_JOB_BYTES."""
-    job: list[tuple[LocalEntry, StoredRecord | None]] = []
-    size = 0
-    for item in items:
-        job.append(item)
-        size += item[0].size
-        if len(job) >= HASH_JOB_FILES or size >= HASH_JOB_BYTES:
-            yield job
-            job, size = [], 0
-    if job:
-        yield job
