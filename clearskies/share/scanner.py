@@ -1,16 +1,22 @@
 """Finding local changes: walk the share, compare with the database, hash what moved.
 
-A scan runs in phases so the reactor stays responsive:
+A scan runs in steps so the reactor stays responsive, and holds about a
+page (``batch_size`` entries) of the tree at a time, whatever its size:
 
 1. check the root and its marker, load the ignore rules (worker thread);
-2. list the whole tree, or the subtrees asked for (worker thread, one job);
-3. compare the sorted listing with the database rows, one page of
-   ``batch_size`` rows at a time (pure code on the reactor, pages fetched on
-   the database thread);
+2. list the tree in path order a page at a time (``listing.TreeWalk``, in
+   a worker; the next page is listed while one is compared), or the
+   subtrees a partial scan asks for at once;
+3. merge each page of the listing with a page of database rows (pure code
+   on the reactor, rows fetched on the database thread);
 4. hash only files whose cache key (size, mtime_ns, inode) changed, in
-   jobs of several small files, ``concurrency`` jobs at a time;
+   jobs of several small files, ``concurrency`` jobs at a time, in the
+   background while further pages are compared (at most a page waits);
+   new files that could be the far end of a move wait in a temporary
+   table (``pages.stage_*``) until every vanished file is known;
 5. write records in transactions of about ``batch_size`` rows and tell
-   ``on_batch`` what was written.
+   ``on_batch`` what was written; deletions last, once the root is known
+   to be still there.
 
 Rules this module implements:
 
