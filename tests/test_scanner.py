@@ -15,7 +15,7 @@ from clearskies.share.paths import MAX_PATH_DEPTH
 from clearskies.share.merge import vv_bump
 from clearskies.share.records import MAX_COUNTER, MAX_TIME_SECONDS, FileRecord
 from clearskies.share.scanner import (
-    Scanner, local_utime, normalize_scopes, read_marker, write_marker)
+    RESULT_RECORDS, Scanner, local_utime, normalize_scopes, read_marker, write_marker)
 from clearskies.threads import SyncRunner
 from tests.helpers import result_of, sha
 
@@ -316,11 +316,12 @@ def test_unchanged_tree_of_10000_files_is_not_rehashed(share):
         for f in range(100):
             (folder / ("f%02d" % f)).write_bytes(b"%d" % f)
     first = share.scan()
-    assert first.hashed_files == 10_000 and len(first.records) == 10_100
+    assert first.hashed_files == 10_000 and first.changes == 10_100
+    assert len(first.records) == RESULT_RECORDS  # the first ones only: memory stays bounded
     revision = first.revision
     second = share.scan()
     assert share.hasher.calls == []
-    assert second.records == [] and second.unchanged == 10_100
+    assert second.records == [] and second.changes == 0 and second.unchanged == 10_100
     assert result_of(share.store.get_revision(SHARE)) == revision
 
 
@@ -587,22 +588,23 @@ def test_hash_file_refuses_symlinks_fifos_and_missing(tmp_path):
 def test_file_written_by_sync_after_the_listing_is_not_a_deletion(share, monkeypatch):
     """A row stored after the scan listed the folder (a download landing) gets no tombstone."""
     share.scan()
-    real_walk = scanner_module.walk_share
+    real_take = scanner_module.TreeWalk.take
     data = b"downloaded meanwhile"
     landed = FileRecord(path="landed.txt", utime=5.0, size=len(data), mtime=(5, 0),
                         mode=0o644, sha256=sha(data), vv={"b" * 32: 1})
 
-    def walk_then_download(*args):
-        listing = real_walk(*args)  # the listing does not contain landed.txt yet
-        share.write("landed.txt", data)
-        result_of(share.store.apply_changes(SHARE, [landed]))
+    def walk_then_download(walk, count):
+        listing = real_take(walk, count)  # the listing does not contain landed.txt yet
+        if len(listing) < count:  # the walk is over
+            share.write("landed.txt", data)
+            result_of(share.store.apply_changes(SHARE, [landed]))
         return listing
 
-    monkeypatch.setattr(scanner_module, "walk_share", walk_then_download)
+    monkeypatch.setattr(scanner_module.TreeWalk, "take", walk_then_download)
     result = share.scan()
     assert "landed.txt" not in share.by_path(result)
     assert share.record("landed.txt") == landed
-    monkeypatch.setattr(scanner_module, "walk_share", real_walk)
+    monkeypatch.setattr(scanner_module.TreeWalk, "take", real_take)
     assert not share.record("landed.txt").deleted
 
 
@@ -743,7 +745,7 @@ def test_the_marker_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A crash while the marker is written leaves no empty marker (it is renamed into
     place); an empty one left by an older version does not block claiming the folder."""
     from clearskies.share import scanner as scanner_module
-    from clearskies.share.service import _claim_root
+    from clearskies.share.folder import _claim_root
 
     def crash(*args):
         raise OSError(5, "power cut")

@@ -354,7 +354,7 @@ class DaemonCommands(CommandDispatcher):
         result = await runtime.service.rescan()
         # What the disk had in the way (a symlink, an unreadable folder) may be gone now.
         runtime.sync.retry_unresolved()
-        return {"changes": len(result.records), "moves": len(result.moves),
+        return {"changes": result.changes, "moves": result.moved,
                 "hashed_files": result.hashed_files, "duration": result.duration}
 
     async def cmd__clearskies_repair(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -221,6 +221,15 @@ class StateDatabase:
     def close(self) -> None:
         self._conn.close()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection, for queries kept in other modules (clearskies.share.pages)."""
+        return self._conn
+
+    def transaction(self) -> Any:
+        """A write transaction (``with db.transaction() as conn:``), committed on exit."""
+        return self._transaction()
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self._conn.execute("BEGIN IMMEDIATE")
@@ -656,6 +665,13 @@ class ShareStore:
         self._runner = runner
         self._schema_dir = schema_dir
         self._db: StateDatabase | None = None
+
+    def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``function(state_database, *args)`` on the database thread.
+
+        For queries kept in other modules (clearskies.share.pages).
+        """
+        return self._runner.run(self._invoke, function, args)
 
     def _call(self, method: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._runner.run(self._invoke, method, args)

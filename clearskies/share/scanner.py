@@ -1,16 +1,22 @@
 """Finding local changes: walk the share, compare with the database, hash what moved.
 
-A scan runs in phases so the reactor stays responsive:
+A scan runs in steps so the reactor stays responsive, and holds about a
+page (``batch_size`` entries) of the tree at a time, whatever its size:
 
 1. check the root and its marker, load the ignore rules (worker thread);
-2. list the whole tree, or the subtrees asked for (worker thread, one job);
-3. compare the sorted listing with the database rows, one page of
-   ``batch_size`` rows at a time (pure code on the reactor, pages fetched on
-   the database thread);
+2. list the tree in path order a page at a time (``listing.TreeWalk``, in
+   a worker; the next page is listed while one is compared), or the
+   subtrees a partial scan asks for at once;
+3. merge each page of the listing with a page of database rows (pure code
+   on the reactor, rows fetched on the database thread);
 4. hash only files whose cache key (size, mtime_ns, inode) changed, in
-   jobs of several small files, ``concurrency`` jobs at a time;
+   jobs of several small files, ``concurrency`` jobs at a time, in the
+   background while further pages are compared (at most a page waits);
+   new files that could be the far end of a move wait in a temporary
+   table (``pages.stage_*``) until every vanished file is known;
 5. write records in transactions of about ``batch_size`` rows and tell
-   ``on_batch`` what was written.
+   ``on_batch`` what was written; deletions last, once the root is known
+   to be still there.
 
 Rules this module implements:
 
@@ -47,27 +53,32 @@ Rules this module implements:
 from __future__ import annotations
 
 import bisect
-import json
 import os
-import re
-import stat
+from collections import deque
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Awaitable, Callable, Iterable
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from clearskies.atomicwrite import install_atomically
-from clearskies.errors import RootMissing, ShareError, UnsafePathError
+from clearskies.errors import ShareError
+# The listing and the pure record rules live in their own modules; their names
+# stay importable from here, where callers found them.
+from clearskies.share.changes import (  # noqa: F401
+    UTIME_STEP, Comparison, MovePairer, _is_live_file, bump, dir_record, file_record,
+    local_utime, same_mode, tombstone)
 from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
-from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX, IgnoreRules
-from clearskies.share.paths import LOCAL_PATH_MAX, MAX_PATH_DEPTH, depth_problem, unreadable
-from clearskies.share.records import (
-    MAX_COUNTER, MAX_PATH_BYTES, MAX_TIME_SECONDS, FileRecord, clamp_mtime_ns,
-    validate_wire_path)
+from clearskies.share.ignore import IgnoreRules
+from clearskies.share.listing import (  # noqa: F401
+    BAD_NAME, NOT_UTF8, SPECIAL, SYMLINK, TOO_DEEP, UNREADABLE, Listing, LocalEntry, TreeWalk,
+    check_share_root, list_directories, name_problem, normalize_scopes, read_marker,
+    scope_ranges, walk_share, write_marker)
+from clearskies.share.pages import PagedStore, StagedFile
+from clearskies.share.records import FileRecord
 from clearskies.share.skipped import SkippedPaths
 from clearskies.interfaces import IRunner
 
@@ -77,462 +88,6 @@ HASH_JOB_FILES = 64
 _RANGES_PER_QUERY = 256
 _FIRST_PAGE_ROWS = 32
 HASH_JOB_BYTES = 16 * 1024 * 1024
-UTIME_STEP = 0.001  # how far after the replaced record a local change is dated
-_PLAIN_NAME = re.compile(r"[^\x00-\x1f\x7f\\]+")
-
-
-# -- the share marker ---------------------------------------------------------
-
-def write_marker(root: str, share_id: str) -> None:
-    """Create ``<root>/.clearskies`` naming the share, atomically (blocking).
-
-    Written to a temporary name and renamed into place, so a crash leaves the
-    whole marker or none, never an empty file that would name no share.
-    """
-    path = os.path.join(root, MARKER_NAME)
-    # A partial-download name: never scanned or synced, should a crash leave it.
-    temporary = os.path.join(root, "%s.%d%s" % (MARKER_NAME, os.getpid(), TEMP_SUFFIX))
-    data = (json.dumps({"share_id": share_id}) + "\n").encode("ascii")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                 | os.O_CLOEXEC, 0o644)
-    install_atomically(fd, temporary, path, data)
-
-
-def read_marker(root: str) -> str | None:
-    """The share ID in ``<root>/.clearskies``, or None if absent or unreadable."""
-    try:
-        fd = os.open(os.path.join(root, MARKER_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read(4096))
-    except (OSError, ValueError):
-        return None
-    share_id = data.get("share_id") if isinstance(data, dict) else None
-    return share_id if isinstance(share_id, str) else None
-
-
-def check_share_root(root: str, share_id: str) -> None:
-    """Raise ShareError unless the root is a directory holding our marker (blocking).
-
-    A missing marker usually means the disk holding the share is not
-    mounted and we are looking at the empty mount point: scanning it would
-    turn every file into a deletion.
-    """
-    try:
-        st = os.stat(root)
-    except OSError as e:
-        raise RootMissing("the share folder %s is not reachable (%s); reconnect the disk or "
-                          "move it back, then the share resumes" % (root, e.strerror)) from e
-    if not stat.S_ISDIR(st.st_mode):
-        raise RootMissing("the share folder %s is not a directory any more" % root)
-    found = read_marker(root)
-    if found != share_id:
-        raise RootMissing(
-            "the share folder %s has lost its %s marker file (is the disk mounted?); "
-            "nothing is synced until it is back, or until 'clearskies repair %s' recreates "
-            "it" % (root, MARKER_NAME, root))
-
-
-# -- listing ------------------------------------------------------------------
-
-class LocalEntry(NamedTuple):
-    """One directory or regular file found on disk."""
-
-    path: str  # wire form
-    is_dir: bool
-    size: int
-    mtime_ns: int
-    inode: int
-    mode: int  # permission bits
-
-    @property
-    def cache_key(self) -> CacheKey:
-        return CacheKey(self.inode, self.size, self.mtime_ns)
-
-
-#: Why a path found on disk is not synced (``Listing.skipped``, ``status --skipped``).
-UNREADABLE = "unreadable (permission denied)"
-SYMLINK = "symbolic link"
-SPECIAL = "special file (FIFO, socket or device)"
-NOT_UTF8 = "name is not valid UTF-8"
-BAD_NAME = "name cannot be synced"
-TOO_DEEP = "path too deep or too long"
-
-
-@dataclass
-class Listing:
-    """What a walk found, sorted by path, plus what it had to leave out."""
-
-    entries: list[LocalEntry] = field(default_factory=list)
-    protected: list[str] = field(default_factory=list)  # unknown state: no tombstones there
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) not synced
-    denied: set[str] = field(default_factory=set)  # directories we may not list
-
-
-def name_problem(name: str, parent: str, root: str = "") -> str | None:
-    """Why ``parent/name`` cannot be a synced path, or None (cheap for plain ASCII names)."""
-    if not (name.isascii() and _PLAIN_NAME.fullmatch(name)):
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            return NOT_UTF8
-        try:
-            validate_wire_path(name)
-        except UnsafePathError as e:
-            return "%s: %s" % (BAD_NAME, str(e).replace("path ", "the name ", 1))
-    # A path too deep or too long has at least this many characters: most are
-    # shorter and cost nothing more.
-    if len(parent) + len(name) + 1 >= min(2 * MAX_PATH_DEPTH - 1, MAX_PATH_BYTES // 4,
-                                          (LOCAL_PATH_MAX - len(root)) // 4):
-        path = parent + "/" + name if parent else name
-        if len(path.encode("utf-8")) > MAX_PATH_BYTES:
-            return "%s: longer than %d bytes" % (TOO_DEEP, MAX_PATH_BYTES)
-        problem = depth_problem(root, path)
-        if problem is not None:
-            return "%s: %s" % (TOO_DEEP, problem)
-    return None
-
-
-def walk_share(root: str, scopes: Sequence[str] | None, rules: IgnoreRules,
-               stopping: Callable[[], bool] | None = None) -> Listing:
-    """List the share (``scopes=None``) or the given subtrees (blocking).
-
-    Never follows symlinks.  A listing error at the root raises ShareError;
-    below it, the unreadable directory is marked protected and skipped.  Once
-    ``stopping()`` is true the walk ends early, with a listing the caller
-    must not use.
-    """
-    listing = Listing()
-    if scopes is None:
-        try:
-            os.scandir(root).close()
-        except OSError as e:
-            raise ShareError("cannot list the share folder %s: %s" % (root, e.strerror)) from e
-        _walk_tree(root, "", rules, listing, stopping)
-    else:
-        for scope in scopes:
-            _list_scope(root, scope, rules, listing, stopping)
-    if listing.denied:  # a folder we may not list gets no record (its old one stays)
-        listing.entries = [e for e in listing.entries if e.path not in listing.denied]
-    listing.entries.sort(key=lambda e: e.path)
-    return listing
-
-
-def list_directories(root: str, private: tuple[str, ...] = ()) -> list[str]:
-    """Every directory a full scan would list (blocking).
-
-    The watcher watches these before the scan's own listing begins.  An
-    error listing the root raises OSError; below it, an unreadable
-    directory is simply left out (the scan marks it protected).
-    """
-    rules = IgnoreRules.load(root, private)
-    found: list[str] = []
-    stack = [""]
-    while stack:
-        directory = stack.pop()
-        prefix = directory + "/" if directory else ""
-        try:
-            with os.scandir(os.path.join(root, directory) if directory else root) as entries:
-                for entry in entries:
-                    try:
-                        if not entry.is_dir(follow_symlinks=False):
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    path = prefix + entry.name
-                    if not unreadable(st) and name_problem(entry.name, directory, root) is None \
-                            and not rules.matches(path, True):
-                        found.append(path)
-                        stack.append(path)
-        except OSError:
-            if not directory:
-                raise
-    return found
-
-
-def _list_scope(root: str, scope: str, rules: IgnoreRules, listing: Listing,
-                stopping: Callable[[], bool] | None = None) -> None:
-    parts = scope.split("/")
-    current = root
-    for part in parts[:-1]:  # every parent must still be a real, readable directory
-        current = os.path.join(current, part)
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            return
-        except OSError:
-            listing.protected.append(scope)
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            return
-        if unreadable(st):
-            listing.protected.append(scope)  # its own skip is listed by a full scan
-            return
-    try:
-        st = os.lstat(os.path.join(root, scope))
-    except FileNotFoundError:
-        return
-    except OSError:
-        listing.protected.append(scope)
-        return
-    parent, _, name = scope.rpartition("/")
-    problem = name_problem(name, parent, root)
-    if problem is not None:
-        listing.skipped.append((scope, problem))
-        listing.protected.append(scope)
-        return
-    is_dir = stat.S_ISDIR(st.st_mode)
-    if rules.is_ignored(scope, is_dir):
-        return
-    if _add(listing, scope, st) and is_dir:
-        _walk_tree(root, scope, rules, listing, stopping)
-
-
-def _entry(path: str, st: os.stat_result) -> LocalEntry:
-    is_dir = stat.S_ISDIR(st.st_mode)
-    return LocalEntry(path, is_dir, 0 if is_dir else st.st_size,
-                      clamp_mtime_ns(st.st_mtime_ns), st.st_ino, stat.S_IMODE(st.st_mode))
-
-
-def _add(listing: Listing, path: str, st: os.stat_result) -> bool:
-    """List one entry, or skip it with the reason; True for a directory to descend into."""
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        listing.skipped.append((path, SYMLINK))
-    elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-        listing.skipped.append((path, SPECIAL))
-    elif unreadable(st):
-        listing.skipped.append((path, UNREADABLE))
-        listing.protected.append(path)  # its record (if any) stays as it was
-    else:
-        listing.entries.append(_entry(path, st))
-        return stat.S_ISDIR(mode)
-    return False
-
-
-def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing,
-               stopping: Callable[[], bool] | None = None) -> None:
-    stack = [top]
-    while stack:
-        if stopping is not None and stopping():
-            return
-        directory = stack.pop()
-        prefix = directory + "/" if directory else ""
-        try:
-            with os.scandir(os.path.join(root, directory) if directory else root) as entries:
-                for entry in entries:
-                    name = entry.name
-                    path = prefix + name
-                    problem = name_problem(name, directory, root)
-                    if problem is not None:
-                        listing.skipped.append((path, problem))
-                        listing.protected.append(path)
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        listing.protected.append(path)  # vanished or unreadable just now
-                        continue
-                    if rules.matches(path, stat.S_ISDIR(st.st_mode)):
-                        continue
-                    if _add(listing, path, st):
-                        stack.append(path)
-        except PermissionError:
-            listing.protected.append(directory)
-            if directory:
-                listing.skipped.append((directory, UNREADABLE))
-                listing.denied.add(directory)
-        except OSError:
-            listing.protected.append(directory)
-
-
-def normalize_scopes(paths: Iterable[str]) -> list[str]:
-    """Sorted, valid, non-overlapping subtrees (a path below another is dropped)."""
-    kept: list[str] = []
-    kept_set: set[str] = set()
-    for path in sorted(set(paths)):
-        try:
-            validate_wire_path(path)
-        except UnsafePathError:
-            continue
-        if kept and (path == kept[-1] or path.startswith(kept[-1] + "/")):
-            continue
-        # Sorting puts "a b" between "a" and "a/x": look further back for an ancestor.
-        parts = path.split("/")
-        if any("/".join(parts[:n]) in kept_set for n in range(1, len(parts))):
-            continue
-        kept.append(path)
-        kept_set.add(path)
-    return kept
-
-
-def scope_ranges(scope: str) -> list[tuple[str, str]]:
-    """Key ranges [low, high) covering ``scope`` and everything below it."""
-    return [(scope, scope + "\x00"), (scope + "/", scope + "0")]
-
-
-# -- comparing with the database ---------------------------------------------
-
-def _is_live_file(record: FileRecord) -> bool:
-    return not record.deleted and not record.is_dir
-
-
-def same_mode(recorded: int | None, on_disk: int | None, ignored_bits: int = 0) -> bool:
-    """Whether the disk's permission bits match the record's, apart from ``ignored_bits``."""
-    if recorded is None or on_disk is None:
-        return recorded == on_disk
-    return (recorded ^ on_disk) & ~ignored_bits == 0
-
-
-@dataclass
-class Comparison:
-    """The outcome of merging a sorted listing with the stored rows (pure)."""
-
-    unchanged: int = 0
-    #: Permission bits the daemon itself manages on disk (see Scanner.ignored_mode_bits).
-    ignored_mode_bits: int = 0
-    files: list[tuple[LocalEntry, StoredRecord | None]] = field(default_factory=list)
-    directories: list[tuple[LocalEntry, StoredRecord | None]] = field(default_factory=list)
-    gone: list[StoredRecord] = field(default_factory=list)
-
-    def add_page(self, entries: Sequence[LocalEntry], stored: Sequence[StoredRecord],
-                 protected: Callable[[StoredRecord], bool],
-                 newer: Callable[[StoredRecord], bool] = lambda row: False) -> None:
-        """Merge entries and rows covering the same key interval, both sorted by path.
-
-        ``newer(row)``: the row was written after the listing was taken, so the
-        listing says nothing about it; such paths are left for the next scan.
-        """
-        i = j = 0
-        while i < len(entries) or j < len(stored):
-            entry = entries[i] if i < len(entries) else None
-            row = stored[j] if j < len(stored) else None
-            if row is None or (entry is not None and entry.path < row.path):
-                self._found(entry, None)
-                i += 1
-            elif entry is None or row.path < entry.path:
-                if not row.record.deleted and not protected(row):
-                    self.gone.append(row)
-                j += 1
-            else:
-                if not newer(row):
-                    self._found(entry, row)
-                i += 1
-                j += 1
-
-    def _found(self, entry: LocalEntry, row: StoredRecord | None) -> None:
-        record = row.record if row else None
-        if entry.is_dir:
-            if record is not None and record.is_dir and not record.deleted \
-                    and record.mode == entry.mode:
-                self.unchanged += 1
-            else:
-                self.directories.append((entry, row))
-        elif (record is not None and _is_live_file(record) and row.cache == entry.cache_key
-              and same_mode(record.mode, entry.mode, self.ignored_mode_bits)):
-            self.unchanged += 1
-        else:
-            self.files.append((entry, row))
-
-
-# -- building records (pure) ------------------------------------------------
-
-def bump(vv: dict[str, int], peer_id: str, *others: dict[str, int]) -> dict[str, int]:
-    """Element-wise max of the vectors, then our own counter plus one."""
-    merged = dict(vv)
-    for other in others:
-        for peer, counter in other.items():
-            if counter > merged.get(peer, 0):
-                merged[peer] = counter
-    # A counter at the top of the range (only a hostile peer gets it there) stays
-    # there: one past it, every peer would refuse our records.
-    merged[peer_id] = min(merged.get(peer_id, 0) + 1, MAX_COUNTER)
-    return merged
-
-
-def local_utime(mtime: float | None, since: float | None, now: float,
-                previous: FileRecord | None) -> float:
-    """When a local change is said to have happened (protocol/records.md, see module doc).
-
-    ``mtime`` is None for a deletion, which is dated ``since``.
-    """
-    if since is None:
-        utime = now
-    else:
-        utime = since if mtime is None else min(mtime, since)
-    if previous is not None:
-        utime = max(utime, previous.utime + UTIME_STEP)
-    # Never past the range records allow (a peer may have dated the record it
-    # replaces at the very end of it): peers would refuse the record.
-    return min(max(utime, 0.0), float(MAX_TIME_SECONDS))
-
-
-def _split_ns(ns: int) -> tuple[int, int]:
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    return (seconds, nanos)
-
-
-def file_record(path: str, sha256: str, size: int, mtime_ns: int, mode: int,
-                previous: FileRecord | None, peer_id: str, utime: float,
-                source: FileRecord | None = None) -> FileRecord:
-    """The record of a file we changed (or moved here from ``source``)."""
-    base = previous.vv if previous is not None else {}
-    vv = bump(base, peer_id, source.vv) if source is not None else bump(base, peer_id)
-    keep = previous if previous is not None and previous.file_id is not None else source
-    live = previous is not None and not previous.deleted
-    return FileRecord(
-        path=path, utime=utime, size=size, mtime=_split_ns(mtime_ns), mode=mode,
-        sha256=sha256, vv=vv, file_id=keep.file_id if keep else None,
-        key=keep.key if keep else None,
-        conflict_source=previous.conflict_source if live else None)
-
-
-def dir_record(entry: LocalEntry, previous: FileRecord | None, peer_id: str,
-               utime: float) -> FileRecord:
-    return FileRecord(path=entry.path, utime=utime, is_dir=True, mode=entry.mode,
-                      vv=bump(previous.vv if previous else {}, peer_id),
-                      file_id=previous.file_id if previous else None)
-
-
-def tombstone(previous: FileRecord, peer_id: str, utime: float) -> FileRecord:
-    return FileRecord(path=previous.path, utime=utime, deleted=True,
-                      vv=bump(previous.vv, peer_id), file_id=previous.file_id)
-
-
-class MovePairer:
-    """Matches vanished files with new files of the same content."""
-
-    def __init__(self, gone: Iterable[StoredRecord]) -> None:
-        self._by_sha: dict[str, list[StoredRecord]] = {}
-        self._by_key: dict[CacheKey, StoredRecord] = {}
-        self.claimed: set[str] = set()
-        for row in gone:
-            record = row.record
-            if _is_live_file(record) and record.sha256 and record.size:
-                self._by_sha.setdefault(record.sha256, []).append(row)
-                if row.cache is not None:
-                    self._by_key[row.cache] = row
-
-    def by_cache_key(self, key: CacheKey) -> StoredRecord | None:
-        """A vanished file with this exact inode, size and mtime: a plain rename."""
-        row = self._by_key.get(key)
-        if row is None or row.path in self.claimed:
-            return None
-        self.claimed.add(row.path)
-        return row
-
-    def by_content(self, sha256: str, size: int, path: str) -> StoredRecord | None:
-        """A vanished file with this content, preferring one with the same name."""
-        if not size:
-            return None  # every empty file looks alike: never a move
-        candidates = [row for row in self._by_sha.get(sha256, ())
-                      if row.path not in self.claimed]
-        if not candidates:
-            return None
-        name = path.rsplit("/", 1)[-1]
-        row = next((c for c in candidates if c.path.rsplit("/", 1)[-1] == name), candidates[0])
-        self.claimed.add(row.path)
-        return row
 
 
 # -- the scan -----------------------------------------------------------------
@@ -545,11 +100,19 @@ class Move:
     destination: FileRecord
 
 
+#: A ScanResult keeps the first this many records and moves it wrote (it counts them all).
+RESULT_RECORDS = 1000
+
+
 @dataclass
 class ScanResult:
     full: bool
-    records: list[FileRecord] = field(default_factory=list)  # written, in write order
-    moves: list[Move] = field(default_factory=list)
+    #: Written, in write order: the first RESULT_RECORDS (``changes`` counts them all;
+    #: every batch goes to ``on_batch`` whole).
+    records: list[FileRecord] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)  # the first RESULT_RECORDS
+    changes: int = 0  # records written
+    moved: int = 0  # moves written
     files: int = 0  # regular files listed
     directories: int = 0
     unchanged: int = 0
@@ -562,6 +125,13 @@ class ScanResult:
     revision: int = 0
     started: float = 0.0
     duration: float = 0.0
+
+    def add_written(self, records: list[FileRecord], moves: list[Move]) -> None:
+        """Count a committed batch, keeping the first RESULT_RECORDS of each kind."""
+        self.changes += len(records)
+        self.moved += len(moves)
+        self.records.extend(records[:max(0, RESULT_RECORDS - len(self.records))])
+        self.moves.extend(moves[:max(0, RESULT_RECORDS - len(self.moves))])
 
 
 class ScanProgress:
@@ -680,33 +250,76 @@ class Scanner:
         self.rules = await self._runner.run(self._prepare)
         if scopes == []:
             return
-        listing = await self._runner.run(walk_share, self.root, scopes, self.rules,
-                                         lambda: self._stopping)
-        self._check_stop()
-        # The root could have gone while we walked; only trust the listing if not.
-        await self._runner.run(check_share_root, self.root, self.share_id)
-        result.skipped_paths = listing.skipped
-        result.directory_paths = [e.path for e in listing.entries if e.is_dir]
-        result.directories = len(result.directory_paths)
-        result.files = len(listing.entries) - result.directories
-
-        progress.phase = "comparing"
-        comparison = await self._compare(listing, scopes, share.revision)
-        result.unchanged = comparison.unchanged
+        listing = Listing()
+        result.skipped_paths = listing.skipped  # filled as the walk goes
+        ahead: list[Deferred[list[LocalEntry]]] = []  # a walk page listed in advance
+        if scopes is None:
+            walk = TreeWalk(self.root, self.rules, listing, lambda: self._stopping)
+            sources: list[tuple[tuple[str, str | None], EntrySource]] = [
+                (("", None), self._walk_pages(walk, ahead))]
+        else:
+            # Partial scans list what changed (a few subtrees) at once, as before.
+            listing = await self._runner.run(walk_share, self.root, scopes, self.rules,
+                                             lambda: self._stopping)
+            result.skipped_paths = listing.skipped
+            sources = self._scope_sources(listing, scopes)
+        # Nothing recorded as a live file: nothing can have vanished, so no new
+        # file can be a move and none needs setting aside until the end.
+        counts = await self._store.share_counts(self.share_id)
         writer = _Writer(self._store, self.share_id, self._batch_size, result, on_batch)
-        plan = _Planner(self, result, since, comparison, writer)
-        await plan.directories()
-        await plan.without_hashing()
-        progress.phase = "hashing"
-        progress.files_total = len(plan.to_hash)
-        progress.bytes_total = sum(entry.size for entry, _ in plan.to_hash)
-        await plan.hash_all()
-        progress.phase = "writing"
-        await plan.deletions()
-        await writer.flush()
+        # A partial scan's listing is in memory anyway: its new files wait there.
+        stage = None if counts.files == 0 or scopes is not None else \
+            await self._pages.stage_open()
+        try:
+            plan = _Planner(self, result, since, writer, stage,
+                            hold=counts.files > 0 and scopes is not None)
+            progress.phase = "comparing"
+            await self._compare(sources, listing, share.revision, plan)
+            await plan.drain()
+            self._check_stop()
+            # The root could have gone while we walked: what the listing did not
+            # find counts as gone (deletions, move sources) only if it is still here.
+            await self._runner.run(check_share_root, self.root, self.share_id)
+            progress.phase = "hashing"
+            await plan.staged()
+            await plan.drain()
+            progress.phase = "writing"
+            await plan.deletions()
+            await writer.flush()
+        finally:
+            for d in ahead:  # a scan that ended early leaves its next page unread
+                d.addErrback(lambda _: None)
+            if stage is not None:
+                try:
+                    await self._pages.stage_close(stage)
+                except Exception:
+                    self._log.failure("clearing a scan's staged files")
         self._note_skipped(result, scopes)
         if result.full:
             await self._store.set_last_scan(self.share_id, result.started)
+
+    def _walk_pages(self, walk: TreeWalk, ahead: list[Deferred[list[LocalEntry]]]
+                    ) -> EntrySource:
+        """The walk's pages; the next is listed (in a worker) while this one is compared."""
+        async def next_page() -> tuple[list[LocalEntry], bool]:
+            entries = await (ahead.pop(0) if ahead else
+                             self._runner.run(walk.take, self._batch_size))
+            done = len(entries) < self._batch_size
+            if not done:
+                ahead.append(self._runner.run(walk.take, self._batch_size))
+            return entries, done
+        return next_page
+
+    def _scope_sources(self, listing: Listing, scopes: list[str]
+                       ) -> list[tuple[tuple[str, str | None], EntrySource]]:
+        keys = [entry.path for entry in listing.entries]
+        sources: list[tuple[tuple[str, str | None], EntrySource]] = []
+        for scope in scopes:
+            for low, high in scope_ranges(scope):
+                start = bisect.bisect_left(keys, low)
+                stop = bisect.bisect_left(keys, high)
+                sources.append(((low, high), _once(listing.entries[start:stop])))
+        return sources
 
     def _prepare(self) -> IgnoreRules:
         check_share_root(self.root, self.share_id)
@@ -725,51 +338,96 @@ class Scanner:
                 "({why}); see: clearskies status {root} --skipped",
                 count=len(new), root=self.root, example=path, why=why)
 
-    async def _compare(self, listing: Listing, scopes: list[str] | None,
-                       listed_at_revision: int) -> Comparison:
-        comparison = Comparison(ignored_mode_bits=self.ignored_mode_bits)
-        keys = [entry.path for entry in listing.entries]
-        unknown = set(listing.protected)
+    async def _compare(self, sources: list[tuple[tuple[str, str | None], EntrySource]],
+                       listing: Listing, listed_at_revision: int, plan: _Planner) -> None:
+        """Merge each range's listing with its stored rows, a page of each at a time,
+        and hand every compared page to ``plan``."""
+        unknown = listing.protected  # grows as the walk goes, always ahead of the rows
+        marked: set[str] = set()
+        taken = [0]
 
         def protected(row: StoredRecord) -> bool:
             if row.revision > listed_at_revision:
                 # Written (by the sync layer) after our listing began: the listing
                 # cannot know the file, which does not make it deleted.
                 return True
-            parts = row.path.split("/")
-            if any("/".join(parts[:n]) in unknown for n in range(1, len(parts) + 1)):
-                return True
+            if unknown:
+                if taken[0] < len(unknown):  # (the list only grows)
+                    marked.update(unknown[taken[0]:])
+                    taken[0] = len(unknown)
+                parts = row.path.split("/")
+                if any("/".join(parts[:n]) in marked for n in range(1, len(parts) + 1)):
+                    return True
             return self.rules.is_ignored(row.path, row.record.is_dir)
 
-        ranges: list[tuple[str, str | None]] = [("", None)] if scopes is None else [
-            r for scope in scopes for r in scope_ranges(scope)]
+        def newer(row: StoredRecord) -> bool:
+            return row.revision > listed_at_revision
+
+        result = plan.result
         # The start of many ranges in one round trip (a partial scan of many single
         # files must not cost a query hop per file); a range with more rows than
         # that start goes on page by page.
-        for chunk in range(0, len(ranges), _RANGES_PER_QUERY):
+        for chunk in range(0, len(sources), _RANGES_PER_QUERY):
             self._check_stop()
-            some = ranges[chunk:chunk + _RANGES_PER_QUERY]
+            some = sources[chunk:chunk + _RANGES_PER_QUERY]
             first_limit = self._batch_size if len(some) == 1 else min(
                 self._batch_size, _FIRST_PAGE_ROWS)
-            first_pages = await self._store.records_between_many(self.share_id, some,
-                                                                 first_limit)
-            for (low, high), first_page in zip(some, first_pages):
-                start = bisect.bisect_left(keys, low)
-                stop = len(keys) if high is None else bisect.bisect_left(keys, high)
-                page, limit = first_page, first_limit
+            first_pages = await self._store.records_between_many(
+                self.share_id, [bounds for bounds, _ in some], first_limit)
+            for ((low, high), source), rows in zip(some, first_pages):
+                rows_done = len(rows) < first_limit
+                last_row = rows[-1].path if rows else None
+                entries: list[LocalEntry] = []
+                entries_done = False
                 while True:
-                    more = len(page) == limit
-                    upto = bisect.bisect_right(keys, page[-1].path, start, stop) if more else stop
-                    comparison.add_page(listing.entries[start:upto], page, protected,
-                                        lambda row: row.revision > listed_at_revision)
-                    start = upto
-                    if not more:
-                        break
                     self._check_stop()
-                    page = await self._store.records_between(
-                        self.share_id, low, high, page[-1].path, self._batch_size)
-                    limit = self._batch_size
-        return comparison
+                    if not entries and not entries_done:
+                        entries, entries_done = await source()
+                    if not rows and not rows_done:
+                        rows = await self._store.records_between(
+                            self.share_id, low, high, last_row, self._batch_size)
+                        rows_done = len(rows) < self._batch_size
+                        last_row = rows[-1].path if rows else last_row
+                    if not entries and not rows:
+                        break
+                    # Up to where both sides are known: at least one side is used up.
+                    bound: str | None = None
+                    if not entries_done and entries:
+                        bound = entries[-1].path
+                    if not rows_done and rows and (bound is None or rows[-1].path < bound):
+                        bound = rows[-1].path
+                    if bound is None:
+                        these, entries = entries, []
+                        mine, rows = rows, []
+                    else:
+                        cut = bisect.bisect_right([e.path for e in entries], bound)
+                        these, entries = entries[:cut], entries[cut:]
+                        cut = bisect.bisect_right([r.path for r in rows], bound)
+                        mine, rows = rows[:cut], rows[cut:]
+                    comparison = Comparison(ignored_mode_bits=self.ignored_mode_bits)
+                    comparison.add_page(these, mine, protected, newer)
+                    result.unchanged += comparison.unchanged
+                    for entry in these:
+                        if entry.is_dir:
+                            result.directories += 1
+                            result.directory_paths.append(entry.path)
+                        else:
+                            result.files += 1
+                    await plan.page(comparison)
+
+    @property
+    def _pages(self) -> PagedStore:
+        return PagedStore(self._store)
+
+
+#: The next page of a range's listing, and whether it was the last.
+EntrySource = Callable[[], Awaitable[tuple[list[LocalEntry], bool]]]
+
+
+def _once(entries: list[LocalEntry]) -> EntrySource:
+    async def whole() -> tuple[list[LocalEntry], bool]:
+        return entries, True
+    return whole
 
 
 class _Writer:
@@ -813,28 +471,42 @@ class _Writer:
             return
         paths = {record.path for record in written}
         moves = [m for m in moves if m.source in paths and m.destination.path in paths]
-        self._result.records.extend(written)
-        self._result.moves.extend(moves)
+        self._result.add_written(written, moves)
         self._on_batch(written, moves, revision)
 
 
 class _Planner:
-    """Turns a comparison into records: directories, renames, hashing, deletions."""
+    """Turns compared pages into records: directories, renames, hashing, deletions.
+
+    Per page, directories and changes to recorded files are written at once.
+    New files (no live record) could be the far end of a move whose
+    vanished source comes later in the listing: they are set aside in the
+    database (``stage``) and looked at once the whole listing is compared
+    (``staged``), unless nothing can have vanished (``stage`` None); with
+    ``hold`` they wait in memory instead (a partial scan's few files).
+    """
 
     def __init__(self, scanner: Scanner, result: ScanResult, since: float | None,
-                 comparison: Comparison, writer: _Writer) -> None:
+                 writer: _Writer, stage: int | None, hold: bool = False) -> None:
         self._scanner = scanner
-        self._result = result
+        self.result = result
         self._since = since
         self._now = result.started
         self._racy_after_ns = int((result.started - scanner._racy_window) * 1e9)
         # A file dated further ahead was dated so on purpose (or comes from a
         # skewed clock): a write now would move its mtime back, to now.
         self._racy_until_ns = int((result.started + scanner._racy_window) * 1e9)
-        self._comparison = comparison
         self._writer = writer
-        self._pairer = MovePairer(comparison.gone)
-        self.to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
+        self._stage = stage
+        #: Recorded files the listing did not find: deletions, or sources of moves.
+        self._gone: list[StoredRecord] = []
+        self._pairer = MovePairer(())
+        self._held: list[tuple[LocalEntry, StoredRecord | None]] | None = [] if hold else None
+        # Files waiting for a hashing job, how many jobs run, and who waits for room.
+        self._queue: deque[tuple[LocalEntry, StoredRecord | None]] = deque()
+        self._running = 0
+        self._waiting: list[Deferred[None]] = []
+        self._failure: Failure | None = None
 
     def _utime(self, mtime_ns: int | None, previous: FileRecord | None) -> float:
         if self._scanner.adopting and previous is None:
@@ -854,32 +526,96 @@ class _Planner:
             return None  # may still change within the same timestamp tick
         return CacheKey(inode, size, mtime_ns)
 
-    async def directories(self) -> None:
+    async def page(self, comparison: Comparison) -> None:
+        """Write what one compared page shows, hashing what needs it."""
         peer_id = self._scanner.peer_id
-        for entry, row in self._comparison.directories:
+        for entry, row in comparison.directories:
             previous = row.record if row else None
             record = dir_record(entry, previous, peer_id, self._utime(entry.mtime_ns, previous))
             await self._writer.add(LocalChange(record, None, row.revision if row else None))
-
-    async def without_hashing(self) -> None:
-        """Changes whose content is known: renames (a vanished file's inode, size and
-        mtime at a new path) and permission changes.  The rest waits for hashing."""
-        peer_id = self._scanner.peer_id
-        for entry, row in self._comparison.files:
+        self._gone.extend(comparison.gone)
+        to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
+        staged: list[StagedFile] = []
+        for entry, row in comparison.files:
             previous = row.record if row else None
             if previous is None or previous.deleted:
-                source = self._pairer.by_cache_key(entry.cache_key)
-                if source is not None:
-                    await self._moved(entry.path, source.record.sha256, entry.size,
-                                      entry.mtime_ns, entry.mode, entry.inode, row, source)
+                if self._stage is not None:
+                    staged.append(StagedFile(entry.path, entry.size, entry.mtime_ns, entry.inode,
+                                             entry.mode, row.revision if row else None))
+                    continue
+                if self._held is not None:
+                    self._held.append((entry, row))
                     continue
             elif _is_live_file(previous) and row.cache == entry.cache_key:
-                record = file_record(entry.path, previous.sha256, entry.size, entry.mtime_ns,
-                                     self._mode(entry.mode, previous), previous, peer_id,
-                                     self._utime(entry.mtime_ns, previous))
-                await self._writer.add(LocalChange(record, row.cache, row.revision))
+                await self._same_content(entry, row)
                 continue
-            self.to_hash.append((entry, row))
+            to_hash.append((entry, row))
+        if staged:
+            await self._scanner._pages.stage_add(self._stage, staged)
+        await self.hash_all(to_hash)
+
+    async def _same_content(self, entry: LocalEntry, row: StoredRecord) -> None:
+        """A permission change: the content is known, nothing to hash."""
+        previous = row.record
+        record = file_record(entry.path, previous.sha256, entry.size, entry.mtime_ns,
+                             self._mode(entry.mode, previous), previous,
+                             self._scanner.peer_id, self._utime(entry.mtime_ns, previous))
+        await self._writer.add(LocalChange(record, row.cache, row.revision))
+
+    async def staged(self) -> None:
+        """The new files set aside, now that every vanished file is known.
+
+        First every rename (a vanished file's inode, size and mtime at a new
+        path: no hashing), then the rest is hashed, which may pair a file
+        with a vanished one of the same content: renames are matched before
+        any copy can take their source, as when the whole listing was held.
+        """
+        if self._held is not None:
+            self._pairer = MovePairer(self._gone)
+            held, self._held = self._held, []
+            await self.hash_all([item for item in held if not await self._renamed(*item)])
+        if self._stage is None:
+            return
+        self._pairer = MovePairer(self._gone)
+        await self._staged_pass(renames=True)
+        await self._writer.flush()  # the renames' rows are rewritten: the next pass skips them
+        await self._staged_pass(renames=False)
+
+    async def _staged_pass(self, renames: bool) -> None:
+        """One pass over the stage, a page at a time: renames, or hashing the rest."""
+        scanner = self._scanner
+        after = None
+        while True:
+            scanner._check_stop()
+            page = await scanner._pages.stage_page(self._stage, after, scanner._batch_size)
+            if not page:
+                return
+            after = page[-1].path
+            rows = await scanner._store.get_stored_many(scanner.share_id,
+                                                        [f.path for f in page])
+            to_hash: list[tuple[LocalEntry, StoredRecord | None]] = []
+            for staged in page:
+                row = rows.get(staged.path)
+                if (row.revision if row else None) != staged.revision:
+                    continue  # rewritten meanwhile (a rename, or the sync layer's download)
+                entry = LocalEntry(staged.path, False, staged.size, staged.mtime_ns,
+                                   staged.inode, staged.mode)
+                if renames:
+                    await self._renamed(entry, row)
+                else:
+                    to_hash.append((entry, row))
+            await self.hash_all(to_hash)
+            if len(page) < scanner._batch_size:
+                return
+
+    async def _renamed(self, entry: LocalEntry, row: StoredRecord | None) -> bool:
+        """Record a new file as a vanished one's rename, if it has its inode, size and mtime."""
+        source = self._pairer.by_cache_key(entry.cache_key)
+        if source is None:
+            return False
+        await self._moved(entry.path, source.record.sha256, entry.size, entry.mtime_ns,
+                          entry.mode, entry.inode, row, source)
+        return True
 
     async def _moved(self, path: str, sha256: str, size: int, mtime_ns: int, mode: int,
                      inode: int, row: StoredRecord | None, source: StoredRecord) -> None:
@@ -895,42 +631,88 @@ class _Planner:
                         row.revision if row else None),
             move=Move(source.path, record))
 
-    async def hash_all(self) -> None:
-        """Hash with ``concurrency`` jobs in flight; the first error stops the rest."""
-        jobs = iter(_hash_jobs(self.to_hash))
-        workers = [Deferred.fromCoroutine(self._hash_worker(jobs))
-                   for _ in range(self._scanner._concurrency)]
-        outcomes = await DeferredList(workers, consumeErrors=True)
-        for ok, value in outcomes:
-            if not ok:
-                value.raiseException()
+    async def hash_all(self, to_hash: list[tuple[LocalEntry, StoredRecord | None]]) -> None:
+        """Queue files for hashing by ``concurrency`` jobs running in the background.
 
-    async def _hash_worker(self, jobs: Iterable[list[tuple[LocalEntry, StoredRecord | None]]]
-                           ) -> None:
+        Pages overlap: this returns once no more than a page of files waits
+        (the listing and comparing of the next page go on meanwhile).
+        ``drain`` waits for the rest.  The first error stops the scan and is
+        raised here or by ``drain``.
+        """
+        if to_hash:
+            progress = self._scanner.progress
+            progress.files_total += len(to_hash)
+            progress.bytes_total += sum(entry.size for entry, _ in to_hash)
+            self._queue.extend(to_hash)
+            while self._queue and self._running < self._scanner._concurrency:
+                self._running += 1
+                Deferred.fromCoroutine(self._hash_worker())  # (it keeps its own errors)
+        while len(self._queue) > self._scanner._batch_size and self._failure is None:
+            waiting: Deferred[None] = Deferred()
+            self._waiting.append(waiting)
+            await waiting
+        self._raise_failure()
+
+    async def drain(self) -> None:
+        """Wait until every queued file is hashed and written; raise the first error."""
+        while self._running and self._failure is None:
+            waiting: Deferred[None] = Deferred()
+            self._waiting.append(waiting)
+            await waiting
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            failure.raiseException()
+
+    def _next_job(self) -> list[tuple[LocalEntry, StoredRecord | None]]:
+        """Up to HASH_JOB_FILES files / HASH_JOB_BYTES from the queue."""
+        job: list[tuple[LocalEntry, StoredRecord | None]] = []
+        size = 0
+        while self._queue and len(job) < HASH_JOB_FILES and size < HASH_JOB_BYTES:
+            item = self._queue.popleft()
+            job.append(item)
+            size += item[0].size
+        return job
+
+    async def _hash_worker(self) -> None:
         try:
-            for job in jobs:
-                await self._hash_job(job)
+            while self._queue and self._failure is None:
+                await self._hash_job(self._next_job())
+                self._wake()
         except BaseException:
+            if self._failure is None:
+                self._failure = Failure()
+            self._queue.clear()
             self._scanner.stop()  # the other workers stop at their next job
-            raise
+        finally:
+            self._running -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     async def _hash_job(self, job: list[tuple[LocalEntry, StoredRecord | None]]) -> None:
         scanner = self._scanner
         scanner._check_stop()
+        scanner.progress.phase = "hashing"
         paths = [os.path.join(scanner.root, entry.path) for entry, _ in job]
         outcomes = await scanner._runner.run(
             hash_files, paths, scanner._hasher, scanner.progress.add_bytes)
         for (entry, row), outcome in zip(job, outcomes):
             scanner.progress.files_done += 1
             if isinstance(outcome, HashResult):
-                self._result.hashed_files += 1
-                self._result.hashed_bytes += outcome.size
+                self.result.hashed_files += 1
+                self.result.hashed_bytes += outcome.size
                 await self._hashed(entry.path, outcome, row)
             elif outcome.denied:
                 # Left as it is (its record too) until it can be read.
-                self._result.skipped_paths.append((entry.path, UNREADABLE))
+                self.result.skipped_paths.append((entry.path, UNREADABLE))
             else:
-                self._result.unstable.append(entry.path)
+                self.result.unstable.append(entry.path)
 
     async def _hashed(self, path: str, h: HashResult, row: StoredRecord | None) -> None:
         previous = row.record if row else None
@@ -954,24 +736,9 @@ class _Planner:
 
     async def deletions(self) -> None:
         peer_id = self._scanner.peer_id
-        for row in self._comparison.gone:
+        for row in self._gone:
             if row.path in self._pairer.claimed:
                 continue
             # The deletion happened after ``since`` (the last look at it).
             record = tombstone(row.record, peer_id, self._utime(None, row.record))
             await self._writer.add(LocalChange(record, None, row.revision))
-
-
-def _hash_jobs(items: Sequence[tuple[LocalEntry, StoredRecord | None]]
-               ) -> Iterable[list[tuple[LocalEntry, StoredRecord | None]]]:
-    """Group files into worker jobs of up to HASH_JOB_FILES files / HASH_JOB_BYTES."""
-    job: list[tuple[LocalEntry, StoredRecord | None]] = []
-    size = 0
-    for item in items:
-        job.append(item)
-        size += item[0].size
-        if len(job) >= HASH_JOB_FILES or size >= HASH_JOB_BYTES:
-            yield job
-            job, size = [], 0
-    if job:
-        yield job

@@ -12,10 +12,11 @@ it calls ``note_remote_write`` so the next scan sees the file as known.
 
 If the folder or its ``.clearskies`` marker disappears (a disk that is not
 mounted), the share goes to the error state and records nothing.  A cheap
-check of the root and its marker (a stat and a small read, in a worker)
-runs every ``root_check`` seconds and whenever the watcher sees the marker
-change: it notices a lost marker within seconds, and a folder that comes
-back (remounted, restored) resumes by itself.  Other errors (a full disk,
+check of the root and its marker (``clearskies.share.folder.RootWatch``: a
+stat and a small read, in a worker) runs every ``root_check`` seconds and
+whenever the watcher sees the marker change: it notices a lost marker
+within seconds, and a folder that comes back (remounted, restored)
+resumes by itself.  Other errors (a full disk,
 a database that refuses writes) are retried with a full scan, after
 ``error_retry`` seconds and twice as long after each failure up to
 ``MAX_ERROR_RETRY``; the first scan that succeeds clears the error.  ``repair_marker`` writes
@@ -24,8 +25,6 @@ a lost marker again once the folder is shown to hold the share's files.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,29 +33,26 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from clearskies.errors import ConfigurationError, RootMissing, ShareError
+from clearskies.errors import RootMissing, ShareError
 from clearskies.share.database import CacheKey, ShareCounts, ShareInfo, ShareStore
+from clearskies.share.folder import ROOT_CHECK, RootWatch
+from clearskies.share.folder import create_share as create_share  # where callers found it
 from clearskies.share.hashing import HashFile, hash_file
 from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX
 from clearskies.share.paths import LocalPaths
 from clearskies.share.records import FileRecord
-from clearskies.share.scanner import (
-    Move, Scanner, ScanResult, check_share_root, list_directories, read_marker, write_marker)
+from clearskies.share.listing import list_directories
+from clearskies.share.scanner import Move, Scanner, ScanResult
 from clearskies.share.watcher import (
     DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, ExpectedArrivals, InotifyWatcher,
     full_rescan_interval)
-from clearskies.interfaces import IRunner
+from clearskies.threads import Runner
 
 #: Called with each committed batch of local changes: records, moves, the revision it made.
 ChangeListener = Callable[[list[FileRecord], list[Move], int], Any]
 ERROR_RETRY = 5.0
 MAX_ERROR_RETRY = 300.0
-ROOT_CHECK = 2.0
 MAX_UNSTABLE_WAIT = 600.0
-#: ``repair_marker`` needs this share of the recorded files in the folder, as recorded.
-REPAIR_FRACTION = 0.9
-#: A file counts as present when its size matches and its time is this close (FAT: 2 s).
-REPAIR_MTIME_SLACK_NS = 2_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,89 +70,26 @@ class ShareStatus:
     progress: dict[str, object] | None  # counters of the scan in progress
 
 
-def create_share(store: ShareStore, runner: IRunner, root: str, share_id: str, peer_id: str,
-                 access: str, now: float) -> Deferred[ShareInfo]:
-    """Register a new share at ``root`` and write its marker file.
+class UnstableFiles:
+    """Files that were changing while hashed: looked at again, backing off
+    (3 s, 6 s, 12 s … 10 min) while they keep changing."""
 
-    ConfigurationError if the folder is missing, belongs to another share,
-    or lies inside (or around) an existing share.
-    """
-    return Deferred.fromCoroutine(
-        _create_share(store, runner, root, share_id, peer_id, access, now))
+    def __init__(self, debouncer: Debouncer) -> None:
+        self._debouncer = debouncer
+        self._tries: dict[str, int] = {}  # path -> unstable results in a row
 
-
-async def _create_share(store: ShareStore, runner: IRunner, root: str, share_id: str,
-                        peer_id: str, access: str, now: float) -> ShareInfo:
-    root = os.path.realpath(root)
-    for other in await store.list_shares():
-        inside = os.path.commonpath([root, other.path]) in (root, other.path)
-        if inside:
-            raise ConfigurationError(
-                "%s overlaps the share at %s; choose a folder outside it" % (root, other.path))
-    await runner.run(_claim_root, root, share_id)
-    return await store.add_share(ShareInfo(share_id, root, peer_id, access, created=now))
-
-
-def _claim_root(root: str, share_id: str) -> None:
-    if not os.path.isdir(root):
-        raise ConfigurationError("%s is not a folder; create it first" % root)
-    found = read_marker(root)
-    marker = os.path.join(root, MARKER_NAME)
-    if os.path.lexists(marker) and found != share_id and not _empty_file(marker):
-        raise ConfigurationError(
-            "%s already holds the %s file of another share; remove that file if the old "
-            "share is gone" % (root, MARKER_NAME))
-    try:
-        write_marker(root, share_id)
-    except OSError as e:
-        raise ConfigurationError(
-            "cannot write the %s marker file in %s: %s; make the folder writable (and free "
-            "some space if the disk is full), then try again"
-            % (MARKER_NAME, root, e.strerror or e)) from None
-
-
-def _empty_file(path: str) -> bool:
-    """An empty regular file (a marker whose writing a crash cut short names no share)."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and info.st_size == 0
-
-
-def repair_refusal(root: str, recorded: int, present: int) -> str | None:
-    """Why a marker must not be written again into ``root``, or None when it may (pure)."""
-    if recorded == 0 or present >= REPAIR_FRACTION * recorded:
-        return None
-    return ("only %d of the %d files recorded for this share are in %s with their recorded "
-            "size and time (%d%% needed); this does not look like the share's folder (is the "
-            "right disk mounted?); nothing was changed" % (
-                present, recorded, root, round(REPAIR_FRACTION * 100)))
-
-
-def _marker_state(root: str, share_id: str) -> str:
-    """"ours", "other" (another share's marker), "none" (no marker) or "missing" (no folder)."""
-    if not os.path.isdir(root):
-        return "missing"
-    found = read_marker(root)
-    if found == share_id:
-        return "ours"
-    return "other" if os.path.lexists(os.path.join(root, MARKER_NAME)) else "none"
-
-
-def _count_present(files: list[tuple[Any, int | None, int | None]]) -> int:
-    """How many (path, size, mtime_ns) are regular files of that size and time (blocking)."""
-    present = 0
-    for path, size, mtime_ns in files:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            continue
-        if mtime_ns is None or abs(st.st_mtime_ns - mtime_ns) <= REPAIR_MTIME_SLACK_NS:
-            present += 1
-    return present
+    def scanned(self, unstable: list[str], scanned: list[str] | None) -> None:
+        """A scan of ``scanned`` (None: everything) found ``unstable`` still changing."""
+        if scanned is None:  # a full scan: whatever is not unstable now is settled
+            self._tries = {path: self._tries.get(path, 0) for path in unstable}
+        else:
+            for path in set(scanned).difference(unstable):
+                self._tries.pop(path, None)
+        for path in unstable:
+            tries = self._tries.get(path, 0) + 1
+            self._tries[path] = tries
+            self._debouncer.touch(path, min(self._debouncer.quiet * 2 ** tries,
+                                            MAX_UNSTABLE_WAIT))
 
 
 class ShareService(Service):
@@ -165,7 +98,7 @@ class ShareService(Service):
     _log = Logger()
 
     def __init__(self, reactor: IReactorTime, store: ShareStore, share: ShareInfo,
-                 runner: IRunner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
+                 runner: Runner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
                  quiet: float = DEFAULT_QUIET, max_delay: float = DEFAULT_MAX_DELAY,
                  error_retry: float = ERROR_RETRY, root_check: float = ROOT_CHECK,
                  concurrency: int | None = None) -> None:
@@ -188,9 +121,8 @@ class ShareService(Service):
                          if use_inotify and InotifyWatcher.available() else None)
         self._error_retry = error_retry
         self._error_tries = 0  # failed scans in a row: the retry backs off
-        self._root_check = root_check
-        self._root_timer: IDelayedCall | None = None
-        self._checking_root = False
+        self._root = RootWatch(reactor, runner, store, share, self.paths, interval=root_check,
+                               on_missing=self._root_missing, on_present=self._root_present)
         self._root_lost = False  # the error state is a missing folder or marker
         #: Called when the share leaves the error state (the daemon redials its peers).
         self.on_recovered: Callable[[], Any] | None = None
@@ -207,7 +139,7 @@ class ShareService(Service):
         self._draining: Deferred[None] | None = None
         self._watcher_failed = False
         self._timer: IDelayedCall | None = None  # the next full rescan or error re-check
-        self._unstable: dict[str, int] = {}  # path -> unstable results in a row
+        self._unstable = UnstableFiles(self._debouncer)
         self._adopt_waiters: list[Deferred[None]] = []
 
     # -- lifetime -------------------------------------------------------------
@@ -216,16 +148,14 @@ class ShareService(Service):
         super().startService()
         self._state = "starting"
         self._request_full()
-        self._schedule_root_check()
+        self._root.start()
 
     def stopService(self) -> Deferred[None]:
         """Stop timers and the watcher; the Deferred fires when any scan has ended."""
         super().stopService()
         self._state = "stopped"
         self._cancel_timer()
-        if self._root_timer is not None and self._root_timer.active():
-            self._root_timer.cancel()
-        self._root_timer = None
+        self._root.stop()
         self._debouncer.clear()
         if self._watcher is not None:
             self._watcher.stop()
@@ -476,12 +406,11 @@ class ShareService(Service):
                                                  self.scanner.private_paths)
         except OSError:
             return  # the scan reports what is wrong; the next full scan tries again
-        if not self.running or watcher.running:
-            return
-        if not watcher.start():
-            self._watcher_failed = True  # periodic rescans only
-            return
-        watcher.watch_directories(directories)
+        if self.running and not watcher.running:
+            # (If it cannot start: periodic rescans only.)
+            self._watcher_failed = not watcher.start()
+            if not self._watcher_failed:
+                watcher.watch_directories(directories)
 
     async def _after_scan(self, result: ScanResult, scanned: list[str] | None) -> None:
         self._error_tries = 0
@@ -491,7 +420,7 @@ class ShareService(Service):
             await self._store.set_share_state(self.share_id, "ok", None)
             if self.on_recovered is not None:
                 self.on_recovered()
-        self._retry_unstable(result.unstable, scanned)
+        self._unstable.scanned(result.unstable, scanned)
         # (A watcher that is not running here could not start before this full
         # scan; the next periodic one, which finds what it missed, tries again.)
         watcher = self._watcher
@@ -502,20 +431,6 @@ class ShareService(Service):
                 self.path_changed(path)
         if result.full:
             self._schedule(full_rescan_interval(result.duration), self._request_full)
-
-    def _retry_unstable(self, unstable: list[str], scanned: list[str] | None) -> None:
-        """Look again at files that were changing while hashed, backing off
-        (3 s, 6 s, 12 s … 10 min) while they keep changing."""
-        if scanned is None:  # a full scan: whatever is not unstable now is settled
-            self._unstable = {path: self._unstable.get(path, 0) for path in unstable}
-        else:
-            for path in set(scanned).difference(unstable):
-                self._unstable.pop(path, None)
-        for path in unstable:
-            tries = self._unstable.get(path, 0) + 1
-            self._unstable[path] = tries
-            wait = min(self._debouncer.quiet * 2 ** tries, MAX_UNSTABLE_WAIT)
-            self._debouncer.touch(path, wait)
 
     async def _enter_error(self, reason: str) -> None:
         self._state = "error"
@@ -540,32 +455,14 @@ class ShareService(Service):
                 self._log.warn("could not store the error of share {root} ({why}); "
                                "it is retried all the same", root=self.share.path, why=e)
 
-    # -- the root and its marker ------------------------------------------------
+    # -- the root and its marker (clearskies.share.folder) ------------------------
 
     def check_root(self) -> None:
         """Check the folder and its marker now, in a worker: error if lost, resume if back."""
-        if not self.running or self._checking_root:
-            return
-        self._checking_root = True
-        d = self._runner.run(check_share_root, self.share.path, self.share_id)
-        d.addCallbacks(self._root_present, self._root_missing)
-        d.addErrback(lambda f: self._log.failure("checking {root} failed", f,
-                                                 root=self.share.path))
-        d.addBoth(self._root_checked)
+        if self.running:
+            self._root.check()
 
-    def _root_checked(self, _: object) -> None:
-        self._checking_root = False
-        self._schedule_root_check()
-
-    def _schedule_root_check(self) -> None:
-        if self.running and (self._root_timer is None or not self._root_timer.active()):
-            self._root_timer = self._reactor.callLater(self._root_check, self._root_timer_fired)
-
-    def _root_timer_fired(self) -> None:
-        self._root_timer = None
-        self.check_root()
-
-    def _root_present(self, _: object) -> None:
+    def _root_present(self) -> None:
         if (self._state == "error" and self._root_lost and self._full_waiters is None
                 and self.running):
             self._request_full()  # back (remounted, restored): a full scan resumes the share
@@ -581,51 +478,9 @@ class ShareService(Service):
         return Deferred.fromCoroutine(self._enter_error(failure.getErrorMessage()))
 
     def repair_marker(self) -> Deferred[dict[str, Any]]:
-        """Write a lost ``.clearskies`` marker again, if the folder holds the share's files.
-
-        At least REPAIR_FRACTION of the files the database records must be
-        in the folder with their recorded size and modification time (a
-        share that records no file needs none).  Raises ShareError saying
-        why otherwise; then nothing is written.
-        """
-        return Deferred.fromCoroutine(self._repair_marker())
-
-    async def _repair_marker(self) -> dict[str, Any]:
-        root = self.share.path
-        found = await self._runner.run(_marker_state, root, self.share_id)
-        if found == "ours":
-            self.check_root()
-            return {"repaired": False, "checked": 0, "present": 0}
-        if found == "other":
-            raise ShareError("%s holds the %s marker of another share; refusing to replace it"
-                             % (root, MARKER_NAME))
-        if found == "missing":
-            raise ShareError("the share folder %s does not exist; mount the disk or restore "
-                             "the folder first" % root)
-        checked = present = 0
-        after: str | None = None
-        while True:
-            page = await self._store.records_between(self.share_id, "", None, after)
-            if not page:
-                break
-            after = page[-1].path
-            files = [(self.paths.to_local(row.path), row.record.size, row.record.mtime_ns)
-                     for row in page if not row.record.deleted and not row.record.is_dir]
-            checked += len(files)
-            present += await self._runner.run(_count_present, files)
-        problem = repair_refusal(root, checked, present)
-        if problem is not None:
-            raise ShareError(problem)
-        try:
-            await self._runner.run(write_marker, root, self.share_id)
-        except OSError as e:
-            raise ShareError("cannot write the %s marker file in %s: %s; make the folder "
-                             "writable (free some space if the disk is full) and repair again"
-                             % (MARKER_NAME, root, e.strerror or e)) from None
-        self._log.info("share {root}: marker recreated ({present} of {checked} recorded files "
-                       "present)", root=root, present=present, checked=checked)
-        self.check_root()
-        return {"repaired": True, "checked": checked, "present": present}
+        """Write a lost ``.clearskies`` marker again, if the folder holds the share's files
+        (see RootWatch.repair); ShareError saying why not otherwise."""
+        return self._root.repair()
 
     def _announce(self, records: list[FileRecord], moves: list[Move], revision: int) -> None:
         self._note_revision(revision)
