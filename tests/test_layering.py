@@ -168,3 +168,15 @@ def test_every_module_has_a_layer() -> None:
                if module != "clearskies"
                and not any(module == n or module.startswith(n + ".") for n in names)]
     assert outside == []
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """Every module of the package is named in the README's Layout section, so a
+    newcomer finds each file from there."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.find("\n## ", 1)]
+    unnamed = [str(path.relative_to(ROOT)) for path in sorted(PACKAGE.rglob("*.py"))
+               if path.name != "__init__.py" and "`%s`" % path.name not in layout
+               and "`clearskies/%s`" % path.relative_to(PACKAGE) not in layout]
+    assert unnamed == []
