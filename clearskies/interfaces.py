@@ -47,8 +47,9 @@ class ILocalShare(Interface):
     share_id = Attribute("The share's ID (hex).")
     our_peer_id = Attribute("Our peer ID in this share.")
     root = Attribute("The share folder (pathlib.Path).")
-    runner = Attribute("The thread runner for blocking file work (clearskies.threads).")
-    disk_runner = Attribute("The runner for downloads' small-file jobs (clearskies.diskjobs).")
+    files_runner = Attribute(
+        "The daemon's files pool (an IRunner, clearskies.threads): blocking file work, "
+        "the small jobs of downloads among it (clearskies.diskjobs).")
     error = Attribute("Why the share is in error (an unmounted folder, say), or None: "
                       "nothing is then taken from or given to peers.")
 
