@@ -227,8 +227,8 @@ class IPeerTransport(Interface):
 class IShareHost(Interface):
     """What one share's runtime (``clearskies.daemon.runtime.ShareRuntime``) needs
     from the daemon that runs it: the daemon-wide state it follows and the
-    places it reports to.  The runtime gets its reactor, store and runners as
-    constructor arguments, and nothing else of the daemon."""
+    places it reports to.  The runtime gets its reactor, store and the files
+    runner as constructor arguments, and nothing else of the daemon."""
 
     paused = Attribute("True while the daemon is paused: a share started now starts paused.")
 
@@ -274,7 +274,10 @@ class IAttachDialler(Interface):
 
 
 class IDaemonControl(Interface):
-    """The daemon as the control commands (``clearskies.control.commands``) see it."""
+    """The daemon as the control commands (``clearskies.control.commands``) see it.
+
+    Its attributes are read-only: the commands change the daemon through its methods.
+    """
 
     name = Attribute("The name peers see.")
     paused = Attribute("True between ``pause`` and ``resume``.")

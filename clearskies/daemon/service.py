@@ -4,10 +4,16 @@
 touching the disk; ``startService`` then takes the data directory's lock,
 opens the state database, brings back every share, key, access code and
 pending attach, and starts listening.  Its children are the log file, the
-thread pools, the shares (one child service each, under :class:`Shares`),
-the control socket, the peer listeners, Tor, the connection manager and the
-discovery sources.
-Blocking work (key generation, SQLite, scans) runs in the thread pools.
+two places for blocking work (``clearskies.threads``: the database thread for
+SQLite, the files pool for key generation, scans and file work), the shares
+(one child service each, under :class:`Shares`), the control socket, the peer
+listeners, Tor, the connection manager and the discovery sources.
+
+Each room gets the rooms it uses as constructor arguments (or, for one made
+after it, a callable).  Two pairs depend on each other, so one side of each is
+linked once both exist: :meth:`Shares.attach_host` and
+:meth:`AccessCodes.attach_dialler`.  The control commands see the daemon
+through ``IDaemonControl``; everything else reaches the room that owns a thing.
 
 A start that fails fails :attr:`Daemon.ready`; what that does to the process
 is the entry point's business (``clearskies.tap``).
