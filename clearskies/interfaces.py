@@ -47,8 +47,9 @@ class ILocalShare(Interface):
     share_id = Attribute("The share's ID (hex).")
     our_peer_id = Attribute("Our peer ID in this share.")
     root = Attribute("The share folder (pathlib.Path).")
-    runner = Attribute("The thread runner for blocking file work (clearskies.threads).")
-    disk_runner = Attribute("The runner for downloads' small-file jobs (clearskies.diskjobs).")
+    files_runner = Attribute(
+        "The daemon's files pool (an IRunner, clearskies.threads): blocking file work, "
+        "the small jobs of downloads among it (clearskies.diskjobs).")
     error = Attribute("Why the share is in error (an unmounted folder, say), or None: "
                       "nothing is then taken from or given to peers.")
 
@@ -277,8 +278,8 @@ class IPeerTransport(Interface):
 class IShareHost(Interface):
     """What one share's runtime (``clearskies.daemon.runtime.ShareRuntime``) needs
     from the daemon that runs it: the daemon-wide state it follows and the
-    places it reports to.  The runtime gets its reactor, store and runners as
-    constructor arguments, and nothing else of the daemon."""
+    places it reports to.  The runtime gets its reactor, store and the files
+    runner as constructor arguments, and nothing else of the daemon."""
 
     paused = Attribute("True while the daemon is paused: a share started now starts paused.")
 
@@ -324,7 +325,10 @@ class IAttachDialler(Interface):
 
 
 class IDaemonControl(Interface):
-    """The daemon as the control commands (``clearskies.control.commands``) see it."""
+    """The daemon as the control commands (``clearskies.control.commands``) see it.
+
+    Its attributes are read-only: the commands change the daemon through its methods.
+    """
 
     name = Attribute("The name peers see.")
     paused = Attribute("True between ``pause`` and ``resume``.")

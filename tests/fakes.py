@@ -71,7 +71,7 @@ class MemoryShare:
         self.share_id = "f" * 64
         self.our_peer_id = US
         self.root = root
-        self.runner = self.disk_runner = SyncRunner()
+        self.files_runner = SyncRunner()
         self.records: dict[str, FileRecord] = {}
         self.rev = 0
         self.ignored: set[str] = set()

@@ -175,7 +175,7 @@ class PeerKitCase(TestCase):
         self.addCleanup(self._stop_daemon, daemon)
         await daemon.ready
         self.daemon = daemon
-        (runtime,) = daemon.shares.values()
+        (runtime,) = daemon.share_registry.by_id.values()
         self.runtime = runtime
         await wait_until(lambda: runtime.service.status.state == "idle", what="the first scan")
         return runtime
@@ -190,7 +190,7 @@ class PeerKitCase(TestCase):
         finally:
             # Whatever went wrong, no worker thread may outlive the test: a live
             # one keeps the whole test process from exiting.
-            for runner in (daemon.cpu_runner, daemon.db_runner):
+            for runner in (daemon.runners.files, daemon.runners.database):
                 if runner.running:
                     runner.stopService()
 
@@ -206,7 +206,7 @@ class PeerKitCase(TestCase):
             return session
 
         target = ConnectTarget.share(self.runtime.keys, peer_id or secrets.token_hex(16))
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.daemon.listening_port)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.daemon.listeners.port_number)
         await connect_peer(reactor, endpoint, target, MemoryKeyRing(time.time),
                            "scripted peer", factory, features=features)
         (session,) = made

@@ -169,8 +169,8 @@ class _FakeConnector:
 
 def _daemon(tmp_path: Path, tor_mode: str = "off") -> Daemon:
     daemon = Daemon(Clock(), DaemonSettings(data_dir=str(tmp_path / "data")))
-    daemon.connector = _FakeConnector()  # type: ignore[assignment]
-    daemon.tor_mode = tor_mode
+    daemon.dialling.connector = _FakeConnector()  # type: ignore[assignment]
+    daemon.tor_link.mode = tor_mode
     return daemon
 
 
@@ -182,9 +182,10 @@ def test_remembered_addresses_become_expiring_candidates_newest_peers_first(tmp_
                               addresses=tuple("tcp:10.0.%d.%d:4000" % (i, j) for j in range(8)))
         for i in range(10)
     }
-    daemon.shares = {SHARE_ID: SimpleNamespace(peers=peers)}  # type: ignore[dict-item]
+    daemon.share_registry.by_id = {  # type: ignore[dict-item]
+        SHARE_ID: SimpleNamespace(peers=peers)}
     daemon.dialling.offer_remembered_peers()
-    added = daemon.connector.added
+    added = daemon.dialling.connector.added
     assert len(added) == MAX_REMEMBERED == 64
     assert {source for _, _, _, source in added} == {"tracker"}
     assert added[0] == (SHARE_ID, Address("tcp", "10.0.9.0", 4000), "%032x" % 9, "tracker")
@@ -195,7 +196,7 @@ def test_tor_only_daemon_dials_only_remembered_onion_addresses(tmp_path):
     """Under --tor-only, remembered tcp: addresses are never offered for dialling."""
     daemon = _daemon(tmp_path, tor_mode="only")
     daemon.dialling.add_peer_candidates(SHARE_ID, THEM, ["tcp:10.0.0.1:4000", THEIR_ONION, "junk"])
-    assert [(a, s) for _, a, _, s in daemon.connector.added] == [
+    assert [(a, s) for _, a, _, s in daemon.dialling.connector.added] == [
         (Address("tor", THEIR_ONION[4:-6], 60106), "tracker")]
 
 
@@ -204,7 +205,7 @@ def test_runtime_stores_advertised_addresses_and_offers_them(tmp_path):
     daemon = _daemon(tmp_path, tor_mode="on")
     stored: list[PeerInfo] = []
     runtime: Any = object.__new__(ShareRuntime)
-    runtime.host = daemon.share_registry.host
+    runtime.host = daemon.share_host
     runtime.share_id = SHARE_ID
     runtime.store = SimpleNamespace(
         upsert_peer=lambda p, forget=(): stored.append(p) or succeed(None))
@@ -215,7 +216,7 @@ def test_runtime_stores_advertised_addresses_and_offers_them(tmp_path):
     runtime.peer_addresses_received(THEM, [THEIR_ONION])
     assert runtime.peers[THEM].addresses == (THEIR_ONION,) + old[:7]
     assert stored == [runtime.peers[THEM]] and stored[0].manifest_revision == 3
-    assert daemon.connector.added == [
+    assert daemon.dialling.connector.added == [
         (SHARE_ID, Address("tor", THEIR_ONION[4:-6], 60106), THEM, "tracker")]
     runtime.peer_addresses_received(THEM, [THEIR_ONION])
     assert len(stored) == 1  # nothing new: not written again

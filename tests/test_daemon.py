@@ -24,14 +24,14 @@ def test_keys_for_an_attach_detached_meanwhile_create_nothing(tmp_path):
     Deferred.fromCoroutine(daemon.access_codes.join_completed(object(), join)).addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError)
     assert "cancelled" in failures[0].getErrorMessage()
-    assert not (tmp_path / "copy").exists() and daemon.shares == {}
+    assert not (tmp_path / "copy").exists() and daemon.share_registry.by_id == {}
 
 
 def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: Path):
     """While the new share is being stored, the pending attach is still on disk:
     a crash at that moment leaves the attach to retry, never nothing at all."""
     daemon = Daemon(Clock(), DaemonSettings(data_dir=str(tmp_path / "data")))
-    daemon.cpu_runner = SyncRunner()  # type: ignore[assignment]
+    daemon.resources.files_runner = SyncRunner()
     saved: dict[str, Any] = {}
     order: list[str] = []
 
@@ -40,10 +40,10 @@ def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: 
         order.append(key)
         return succeed(None)
 
-    daemon.store = SimpleNamespace(set_config=set_config)  # type: ignore[assignment]
+    daemon.resources.store = SimpleNamespace(set_config=set_config)  # type: ignore[assignment]
     join = PendingJoin(b"\x01" * 16, str(tmp_path / "share"), "a" * 32, ["127.0.0.1:4000"])
-    daemon.joins[join.access_id] = join
-    daemon.config["pending_joins"] = [join.to_dict()]
+    daemon.access_codes.joins[join.access_id] = join
+    daemon.resources.config["pending_joins"] = [join.to_dict()]
     saved["pending_joins"] = [join.to_dict()]
     stored_while_adding: list[list[dict]] = []
     adding: Deferred[None] = Deferred()
@@ -59,7 +59,7 @@ def test_completed_attach_stores_the_share_before_it_forgets_the_join(tmp_path: 
     assert saved["pending_joins"] == [join.to_dict()]
     adding.callback(None)
     assert done.called
-    assert saved["pending_joins"] == [] and join.access_id not in daemon.joins
+    assert saved["pending_joins"] == [] and join.access_id not in daemon.access_codes.joins
     # The address given with the code became the share's before the join was dropped.
     assert saved["manual_peers"] == {"f" * 64: ["127.0.0.1:4000"]}
     assert order[-2:] == ["manual_peers", "pending_joins"]
@@ -75,7 +75,7 @@ def _daemon_with_memory_store(tmp_path: Path, **settings: Any) -> tuple[Daemon, 
         saved[key] = json.loads(json.dumps(value))
         return succeed(None)
 
-    daemon.store = SimpleNamespace(set_config=set_config)  # type: ignore[assignment]
+    daemon.resources.store = SimpleNamespace(set_config=set_config)  # type: ignore[assignment]
     return daemon, saved
 
 
@@ -88,7 +88,7 @@ def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
     for name in ("expired", "unknown", "none", "lan"):
         join = PendingJoin(name.encode().ljust(16, b"-"), str(tmp_path / name), "a" * 32,
                            added=daemon.now())
-        daemon.joins[join.access_id] = joins[name] = join
+        daemon.access_codes.joins[join.access_id] = joins[name] = join
     for _ in range(10):
         daemon.access_codes.join_refused(joins["none"].access_id, None, False, manual=True)
         # Anyone on the LAN can answer in the maker's place: no proof, not a given address.
@@ -101,9 +101,9 @@ def test_refusals_fail_an_attach_only_for_known_reasons(tmp_path: Path):
     assert joins["unknown"].failed is None and joins["lan"].failed is None
     daemon.access_codes.join_refused(joins["unknown"].access_id, "unknown", False, manual=True)
     assert joins["unknown"].failed == "unknown"
-    assert daemon.pending_join(joins["expired"].access_id) is None
-    assert daemon.pending_join(joins["none"].access_id) is not None
-    announced = [target for target, _ in daemon.registrations()]
+    assert daemon.keyring.pending_join(joins["expired"].access_id) is None
+    assert daemon.keyring.pending_join(joins["none"].access_id) is not None
+    announced = [target for target, _ in daemon.discovery.registrations()]
     assert announced == [joins["none"].access_id, joins["lan"].access_id]
     stored = {PendingJoin.from_dict(d).path: PendingJoin.from_dict(d).failed
               for d in saved["pending_joins"]}
@@ -117,7 +117,7 @@ def test_an_attach_nobody_accepts_gives_up_after_a_week(tmp_path: Path):
 
     daemon, _ = _daemon_with_memory_store(tmp_path)
     join = PendingJoin(bytes(16), str(tmp_path / "copy"), "a" * 32, added=daemon.now())
-    daemon.joins[join.access_id] = join
+    daemon.access_codes.joins[join.access_id] = join
     daemon.reactor.advance(JOIN_GIVE_UP - 1)
     daemon.access_codes.check_joins()
     assert join.failed is None
@@ -133,12 +133,12 @@ def test_dead_codes_say_why(tmp_path: Path):
     daemon, _ = _daemon_with_memory_store(tmp_path)
     now = daemon.now()
     code = new_access_code("ab" * 32, "read_write", now - 100, lifetime=10)
-    daemon.codes[code.access_id] = code
-    assert daemon.dead_code(code.access_id) == ("expired", code.code)
+    daemon.access_codes.codes[code.access_id] = code
+    assert daemon.keyring.dead_code(code.access_id) == ("expired", code.code)
     other = new_access_code("ab" * 32, "read_write", now)
     daemon.access_codes.remember_dead_code(other, "cancelled")
-    assert daemon.dead_code(other.access_id) == ("cancelled", other.code)
-    assert daemon.dead_code("ef" * 32) is None
+    assert daemon.keyring.dead_code(other.access_id) == ("cancelled", other.code)
+    assert daemon.keyring.dead_code("ef" * 32) is None
 
 
 def test_command_line_options_are_kept_and_a_plain_start_reuses_them(tmp_path: Path):
@@ -150,13 +150,13 @@ def test_command_line_options_are_kept_and_a_plain_start_reuses_them(tmp_path: P
     assert saved == {"listen": "tcp:40321", "name": "box", "lan": False,
                      "trackers": ["http://t.example:1"], "peers": ["192.0.2.1:4000"]}
     again, _ = _daemon_with_memory_store(tmp_path)
-    again.config = dict(saved)
+    again.resources.config = dict(saved)
     Deferred.fromCoroutine(again._settle_options())
     s = again.settings
     assert (s.listen, again.name, s.lan, s.trackers, s.peers) == (
         "tcp:40321", "box", False, ["http://t.example:1"], ["192.0.2.1:4000"])
     undone, saved2 = _daemon_with_memory_store(tmp_path, lan=True, no_trackers=True)
-    undone.config = dict(saved)
+    undone.resources.config = dict(saved)
     Deferred.fromCoroutine(undone._settle_options())
     assert undone.settings.lan is True and undone.settings.trackers == []
     assert saved2 == {"lan": True, "trackers": []}
@@ -165,7 +165,7 @@ def test_command_line_options_are_kept_and_a_plain_start_reuses_them(tmp_path: P
 def test_stored_name_too_long_for_peers_is_not_used(tmp_path: Path):
     """A stored name peers would refuse (an older version took it) is ignored, not sent."""
     daemon, _ = _daemon_with_memory_store(tmp_path)
-    daemon.config = {"name": "n" * 300}
+    daemon.resources.config = {"name": "n" * 300}
     Deferred.fromCoroutine(daemon._settle_options())
     assert daemon.name != "n" * 300
 
@@ -174,15 +174,15 @@ def test_attach_folder_that_cannot_be_made_is_said_in_the_status(tmp_path: Path)
     """Keys arrive but the folder cannot be created: the handshake fails (the code is not
     spent) and the pending attach's problem says why and what to do."""
     daemon, _ = _daemon_with_memory_store(tmp_path)
-    daemon.cpu_runner = SyncRunner()  # type: ignore[assignment]
+    daemon.resources.files_runner = SyncRunner()
     join = PendingJoin(bytes(16), str(tmp_path / "gone" / "copy"), "a" * 32)
-    daemon.joins[join.access_id] = join
+    daemon.access_codes.joins[join.access_id] = join
     failures = []
     Deferred.fromCoroutine(daemon.access_codes.join_completed(SimpleNamespace(share_id="f" * 64),
                                                   join)).addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError)
     assert "cannot be created" in join.problem and "tried again" in join.problem
-    assert join.failed is None and join.access_id in daemon.joins
+    assert join.failed is None and join.access_id in daemon.access_codes.joins
 
 
 def test_data_directory_lock_is_one_holder_at_a_time(tmp_path: Path):
@@ -223,10 +223,11 @@ def test_a_new_name_reaches_the_listening_side_at_once():
     from clearskies.peer import PeerServerFactory
 
     daemon = Daemon(Clock(), DaemonSettings(data_dir="/nonexistent-data", name="old"))
-    daemon.peer_factory = PeerServerFactory(Clock(), daemon.keyring, daemon.name,
-                                            daemon.dialling.session_factory)
+    listeners = daemon.listeners
+    listeners.peer_factory = PeerServerFactory(Clock(), daemon.keyring, daemon.name,
+                                               daemon.dialling.session_factory)
     daemon.set_name("new name")
-    assert daemon.name == "new name" and daemon.peer_factory.settings.name == "new name"
+    assert daemon.name == "new name" and listeners.peer_factory.settings.name == "new name"
 
 
 def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothing(
@@ -234,7 +235,7 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
     """Keys for a share we already sync elsewhere: the handshake fails (no acknowledgment,
     the code stays unspent), nothing is created, and the attach fails saying where it is."""
     daemon, saved = _daemon_with_memory_store(tmp_path)
-    daemon.cpu_runner = SyncRunner()  # type: ignore[assignment]
+    daemon.resources.files_runner = SyncRunner()
     added: list[str] = []
 
     async def add_share(keys: Any, path: str, peer_id: str) -> None:
@@ -246,11 +247,11 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
                                        ("read_only", "read_write", "synced_read_only",
                                         "cannot be made read-write in place yet")):
         share_id = held[:2].encode().hex() * 32
-        daemon.shares[share_id] = SimpleNamespace(  # type: ignore[assignment]
+        daemon.share_registry.by_id[share_id] = SimpleNamespace(  # type: ignore[assignment]
             root=tmp_path / ("s2-" + held), keys=SimpleNamespace(access=held), error=None)
         join = PendingJoin(held.encode().ljust(16, b"-"), str(tmp_path / ("other-" + held)),
                            "a" * 32)
-        daemon.joins[join.access_id] = join
+        daemon.access_codes.joins[join.access_id] = join
         failures: list = []
         Deferred.fromCoroutine(daemon.access_codes.join_completed(
             SimpleNamespace(share_id=share_id, access=given), join)).addErrback(failures.append)
@@ -259,7 +260,7 @@ def test_keys_for_a_share_held_at_another_folder_fail_the_attach_and_spend_nothi
         assert str(tmp_path / ("s2-" + held)) in join.problem
         assert "was not used" in join.problem
         assert not (tmp_path / ("other-" + held)).exists() and added == []
-        assert daemon.pending_join(join.access_id) is None  # no more dials
+        assert daemon.keyring.pending_join(join.access_id) is None  # no more dials
         # The reason survives a restart.
         stored = [PendingJoin.from_dict(d) for d in saved["pending_joins"]
                   if d["path"] == join.path]
@@ -274,9 +275,11 @@ def test_the_daemon_provides_what_runtimes_and_commands_see(tmp_path: Path):
     from clearskies.interfaces import IAttachDialler, IDaemonControl, IShareHost
 
     daemon = Daemon(Clock(), DaemonSettings(data_dir=str(tmp_path / "data")))
-    assert verifyObject(IShareHost, daemon.share_registry.host)
+    assert daemon.share_registry.host is daemon.share_host
+    assert verifyObject(IShareHost, daemon.share_host)
     assert verifyObject(IDaemonControl, daemon)
-    assert verifyObject(IAttachDialler, daemon.access_codes.dialling)
+    assert daemon.access_codes.dialler is daemon.dialling
+    assert verifyObject(IAttachDialler, daemon.dialling)
 
 
 def test_nothing_below_the_daemon_imports_it():
@@ -350,4 +353,4 @@ class ShareServiceTreeTests(PeerKitCase):
         await daemon.remove_share(str(self.share_dir))
         self.assertFalse(runtime.running)
         self.assertNotIn(runtime, list(daemon.share_registry))
-        self.assertEqual(daemon.shares, {})
+        self.assertEqual(daemon.share_registry.by_id, {})

@@ -105,7 +105,7 @@ def test_the_daemon_asks_tor_first_so_tor_only_sends_nothing_directly(tmp_path):
     assert daemon.dialling.transport_for(tcp_address).name == "tcp"
     assert daemon.dialling.transport_for(parse_address(ONION)).name == "tor"
     assert daemon.dialling.transport_for(Address("utp", "192.0.2.7", 4000)) is None
-    daemon.tor_mode = "only"
+    daemon.tor_link.mode = "only"
     assert daemon.dialling.transport_for(tcp_address).name == "tor"
 
 
@@ -115,7 +115,7 @@ def test_the_daemon_asks_tor_first_so_tor_only_sends_nothing_directly(tmp_path):
 def test_a_candidate_from_any_source_is_dialled_through_the_transport_that_reaches_it(tmp_path):
     """A source's candidates are dialled through the first transport that reaches each."""
     daemon, reactor, relay, tcp = _running_daemon(tmp_path)
-    source = FakeDiscoverySource(daemon.dialling.add_candidate, daemon.registrations)
+    source = FakeDiscoverySource(daemon.dialling.add_candidate, daemon.discovery.registrations)
     daemon.discovery.add_source(source)
     assert source.running and source in daemon.discovery.sources
     far = make_address("tcp", "198.51.100.9", 4000)
@@ -125,7 +125,8 @@ def test_a_candidate_from_any_source_is_dialled_through_the_transport_that_reach
     reactor.advance(0)
     assert relay.dialled == [far] and tcp.dialled == [near]
     assert reactor.tcpClients == []
-    assert {c.sources for c in daemon.connector.candidates(SHARE)} == {frozenset({"tracker"})}
+    candidates = daemon.dialling.connector.candidates(SHARE)
+    assert {c.sources for c in candidates} == {frozenset({"tracker"})}
     _stop(daemon)
 
 
@@ -140,7 +141,7 @@ def test_the_built_in_sources_report_through_the_same_path(tmp_path):
     reactor.advance(0)
     assert [str(a) for a in tcp.dialled] == ["tcp:192.0.2.30:4000"]
     assert [str(a) for a in relay.dialled] == ["tcp:198.51.100.20:4000"]
-    sources = {str(c.address): c.sources for c in daemon.connector.candidates(SHARE)}
+    sources = {str(c.address): c.sources for c in daemon.dialling.connector.candidates(SHARE)}
     assert sources == {"tcp:192.0.2.30:4000": frozenset({"manual"}),
                        "tcp:198.51.100.20:4000": frozenset({"tracker"})}
     _stop(daemon)
@@ -164,7 +165,7 @@ def test_an_address_no_transport_reaches_fails_its_dial(tmp_path):
     """An address none of the transports can reach fails the dial and is not dialled."""
     daemon, _reactor, relay, tcp = _running_daemon(tmp_path)
     failures: list[Any] = []
-    daemon.dial(parse_address(ONION), SHARE).addErrback(failures.append)
+    daemon.dialling.dial(parse_address(ONION), SHARE).addErrback(failures.append)
     assert "no transport reaches" in failures[0].getErrorMessage()
     assert relay.dialled == tcp.dialled == []
     _stop(daemon)
@@ -181,7 +182,7 @@ def test_a_transport_that_fails_fails_only_that_dial(tmp_path):
     source.find(SHARE, make_address("tcp", "203.0.113.5", 4000), PEER)
     reactor.advance(0)
     assert [str(a) for a in broken.dialled] == ["tcp:203.0.113.5:4000"]
-    [candidate] = daemon.connector.candidates(SHARE)
+    [candidate] = daemon.dialling.connector.candidates(SHARE)
     assert candidate.failures == 1 and not candidate.dialling
     _stop(daemon)
 
@@ -190,7 +191,7 @@ def test_a_transport_that_fails_fails_only_that_dial(tmp_path):
 
 
 def _resources(reactor: Any, tmp_path: Path) -> Resources:
-    return Resources(reactor, str(tmp_path), None, None, None)
+    return Resources(reactor, str(tmp_path), None, None)
 
 
 class _Runtime:
@@ -213,11 +214,11 @@ def _running_daemon(tmp_path: Path, peers: list[str] | None = None,
     reactor = MemoryReactorClock()
     daemon = Daemon(reactor, DaemonSettings(data_dir=str(tmp_path / "data"), lan=False,
                                             peers=list(peers or [])))
-    daemon.config = {}
+    daemon.resources.config = {}
     relay = FakeTransport("relay", lambda a: a.host.startswith("198.51.100."))
     tcp = FakeTransport("tcp", lambda a: a.proto == "tcp")
     daemon.dialling.transports = [relay, tcp]
-    daemon.shares[SHARE] = _Runtime(remembered or {})
+    daemon.share_registry.by_id[SHARE] = _Runtime(remembered or {})
     Service.startService(daemon)  # (only what starts from here on runs)
     daemon._start_discovery()
     return daemon, reactor, relay, tcp

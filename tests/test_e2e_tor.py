@@ -179,13 +179,13 @@ def _daemon(tmp_path: Path, **settings: Any) -> tuple[Daemon, MemoryReactorClock
     reactor = MemoryReactorClock()
     settings.setdefault("lan", False)
     daemon = Daemon(reactor, DaemonSettings(data_dir=str(tmp_path / "data"), **settings))
-    daemon.config = {}
+    daemon.resources.config = {}
 
     class Store:
         async def set_config(self, key: str, value: Any) -> None:
             daemon.stored = (key, value)  # type: ignore[attr-defined]
 
-    daemon.store = Store()  # type: ignore[assignment]
+    daemon.resources.store = Store()  # type: ignore[assignment]
     return daemon, reactor
 
 
@@ -212,13 +212,13 @@ def test_tor_mode_publishes_a_separate_loopback_target(tmp_path, fake_tor):
     assert ports == [(4000, ""), (0, "127.0.0.1")]
     [tor] = fake_tor
     assert tor.parent is daemon and tor.control_endpoint is None
-    assert daemon.onion_factory is not daemon.peer_factory
+    assert daemon.listeners.onion_factory is not daemon.listeners.peer_factory
     assert daemon.stored == ("tor", {"mode": "on", "control": None})
     assert daemon.onion_address() is None
     tor.publish()
     assert daemon.onion_address() == ONION
-    assert parse_address(ONION) in daemon.own_addresses()
-    assert daemon.connector._protocols == frozenset({"tcp", "tor"})
+    assert parse_address(ONION) in daemon.dialling.own_addresses()
+    assert daemon.dialling.connector._protocols == frozenset({"tcp", "tor"})
 
 
 def test_tor_addresses_are_dialled_through_tor_once_it_is_ready(tmp_path, fake_tor):
@@ -226,10 +226,10 @@ def test_tor_addresses_are_dialled_through_tor_once_it_is_ready(tmp_path, fake_t
     daemon, reactor = _daemon(tmp_path, tor_mode="on")
     _run(_bring_up(daemon))
     [tor] = fake_tor
-    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
-    daemon.dial(parse_address(PEER_ONION), "s" * 64)
+    daemon.share_registry.by_id["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    daemon.dialling.dial(parse_address(PEER_ONION), "s" * 64)
     assert tor.dialled == []  # still bootstrapping
-    daemon.dial(parse_address("tcp:192.0.2.7:4000"), "s" * 64)
+    daemon.dialling.dial(parse_address("tcp:192.0.2.7:4000"), "s" * 64)
     assert [(c[0], c[1]) for c in reactor.tcpClients] == [("192.0.2.7", 4000)]
     tor.publish()
     assert tor.dialled == [("b" * 56 + ".onion", 60106)]
@@ -242,14 +242,15 @@ def test_lan_announcements_carry_the_onion_address_and_lan_onions_are_dialled(tm
     daemon, _ = _daemon(tmp_path, tor_mode="on", lan=True, lan_interface="127.0.0.1")
     _run(_bring_up(daemon))
     [tor] = fake_tor
-    assert daemon.lan is not None and daemon.lan._our_onion() is None
+    assert daemon.discovery.lan is not None and daemon.discovery.lan._our_onion() is None
     tor.publish()
-    assert daemon.lan._our_onion() == "a" * 56 + ".onion:60106"
-    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    assert daemon.discovery.lan._our_onion() == "a" * 56 + ".onion:60106"
+    daemon.share_registry.by_id["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
     peer = "c" * 32
-    daemon.lan._on_hint(Announcement("s" * 64, peer, 4000, onion="b" * 56 + ".onion:60106"),
-                        "192.0.2.7")
-    found = {str(c.address) for c in daemon.connector.candidates("s" * 64)}
+    lan = daemon.discovery.lan
+    lan._on_hint(Announcement("s" * 64, peer, 4000, onion="b" * 56 + ".onion:60106"),
+                 "192.0.2.7")
+    found = {str(c.address) for c in daemon.dialling.connector.candidates("s" * 64)}
     assert found == {"tcp:192.0.2.7:4000", PEER_ONION}
 
 
@@ -257,11 +258,12 @@ def test_lan_onion_addresses_are_ignored_without_tor(tmp_path, fake_tor):
     """A daemon without Tor keeps only the direct address of a LAN hint, and announces no onion."""
     daemon, _ = _daemon(tmp_path, lan=True, lan_interface="127.0.0.1")
     _run(_bring_up(daemon))
-    assert fake_tor == [] and daemon.lan._our_onion() is None
-    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
-    daemon.lan._on_hint(Announcement("s" * 64, "c" * 32, 4000, onion="b" * 56 + ".onion:60106"),
-                        "192.0.2.7")
-    assert [str(c.address) for c in daemon.connector.candidates("s" * 64)] == [
+    assert fake_tor == [] and daemon.discovery.lan._our_onion() is None
+    daemon.share_registry.by_id["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    lan = daemon.discovery.lan
+    lan._on_hint(Announcement("s" * 64, "c" * 32, 4000, onion="b" * 56 + ".onion:60106"),
+                 "192.0.2.7")
+    assert [str(c.address) for c in daemon.dialling.connector.candidates("s" * 64)] == [
         "tcp:192.0.2.7:4000"]
 
 
@@ -272,27 +274,27 @@ def test_tor_only_sends_nothing_outside_tor(tmp_path, fake_tor):
     _run(_bring_up(daemon))
     [tor] = fake_tor
     assert [(p[0], p[3]) for p in reactor.tcpServers] == [(0, "127.0.0.1")]
-    assert daemon.onion_listener is daemon.peer_port
-    assert daemon.lan is None
-    assert daemon.trackers == [] and tor.agents == 0  # trackers wait for Tor
+    assert daemon.listeners.onion_listener is daemon.listeners.peer_port
+    assert daemon.discovery.lan is None
+    assert daemon.discovery.trackers == [] and tor.agents == 0  # trackers wait for Tor
     assert daemon.name == "ClearSkies peer"
-    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    daemon.share_registry.by_id["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
     tor.publish()
-    assert len(daemon.trackers) == 1 and tor.agents == 1
-    daemon.dial(parse_address("tcp:192.0.2.7:4000"), "s" * 64)
+    assert len(daemon.discovery.trackers) == 1 and tor.agents == 1
+    daemon.dialling.dial(parse_address("tcp:192.0.2.7:4000"), "s" * 64)
     assert tor.dialled == [("192.0.2.7", 4000)]
     assert reactor.tcpClients == []
     with pytest.raises(ConfigurationError, match="tor:NAME.onion:PORT"):
-        daemon.check_peer_address("192.0.2.7:4000")
-    assert daemon.check_peer_address(PEER_ONION) == parse_address(PEER_ONION)
+        daemon.dialling.check_peer_address("192.0.2.7:4000")
+    assert daemon.dialling.check_peer_address(PEER_ONION) == parse_address(PEER_ONION)
 
 
 def test_stored_tor_mode_applies_without_options(tmp_path, fake_tor):
     """A daemon started again without Tor options keeps the stored --tor-only mode."""
     daemon, reactor = _daemon(tmp_path)
-    daemon.config = {"tor": {"mode": "only", "control": "unix:/run/tor/control"}}
+    daemon.resources.config = {"tor": {"mode": "only", "control": "unix:/run/tor/control"}}
     _run(_bring_up(daemon))
-    assert daemon.tor_mode == "only"
+    assert daemon.tor_link.mode == "only"
     assert fake_tor[0].control_endpoint == "unix:/run/tor/control"
     assert [(p[0], p[3]) for p in reactor.tcpServers] == [(0, "127.0.0.1")]
 
@@ -303,10 +305,10 @@ def test_onion_listener_has_its_own_failure_limit(tmp_path, fake_tor):
     _run(_bring_up(daemon))
     key = ("127.0.0.1", "ab" * 32)
     for _ in range(10):
-        daemon.onion_factory.limiter.failed(key)
-    assert not daemon.onion_factory.limiter.blocked(key)  # higher threshold
-    assert not daemon.peer_factory.limiter.blocked(key)
-    assert daemon.onion_factory.admission.handshake_timeout() == 20.0
+        daemon.listeners.onion_factory.limiter.failed(key)
+    assert not daemon.listeners.onion_factory.limiter.blocked(key)  # higher threshold
+    assert not daemon.listeners.peer_factory.limiter.blocked(key)
+    assert daemon.listeners.onion_factory.admission.handshake_timeout() == 20.0
 
 
 def test_tor_failure_leaves_the_other_peers_alone(tmp_path, fake_tor):
@@ -315,11 +317,11 @@ def test_tor_failure_leaves_the_other_peers_alone(tmp_path, fake_tor):
     _run(_bring_up(daemon))
     [tor] = fake_tor
     tor.fail_start("the tor program is not installed")
-    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    daemon.share_registry.by_id["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
     failures: list[Any] = []
-    daemon.dial(parse_address(PEER_ONION), "s" * 64).addErrback(failures.append)
+    daemon.dialling.dial(parse_address(PEER_ONION), "s" * 64).addErrback(failures.append)
     assert failures and failures[0].check(TorUnavailable)
-    daemon.dial(parse_address("tcp:192.0.2.7:4000"), "s" * 64)
+    daemon.dialling.dial(parse_address("tcp:192.0.2.7:4000"), "s" * 64)
     assert len(reactor.tcpClients) == 1
 
 
@@ -327,10 +329,10 @@ def test_tor_addresses_without_tor_are_refused(tmp_path, fake_tor):
     """Without --tor, dialling a tor: address fails with a message naming --tor."""
     daemon, _ = _daemon(tmp_path)
     _run(_bring_up(daemon))
-    assert fake_tor == [] and daemon.tor_mode == "off"
-    daemon.shares["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
+    assert fake_tor == [] and daemon.tor_link.mode == "off"
+    daemon.share_registry.by_id["s" * 64] = _FakeRuntime()  # type: ignore[assignment]
     failures: list[Any] = []
-    daemon.dial(parse_address(PEER_ONION), "s" * 64).addErrback(failures.append)
+    daemon.dialling.dial(parse_address(PEER_ONION), "s" * 64).addErrback(failures.append)
     assert "--tor" in failures[0].getErrorMessage()
 
 

@@ -939,7 +939,7 @@ def test_a_download_meeting_its_own_bytes_at_the_path_makes_no_conflict_copy(sha
 def test_a_download_the_disk_cannot_keep_up_with_pauses_the_connection(share):
     """While a big file's writes queue up in a busy worker pool, the session stops reading
     from the peer (no write on the reactor thread); it reads again once they are written."""
-    share.runner = share.disk_runner = runner = HeldRunner()
+    share.files_runner = runner = HeldRunner()
     sync, session, connection = open_session(share, Clock())
     connection.sent()
     data = os.urandom(4 * 1024 * 1024)

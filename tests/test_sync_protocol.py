@@ -446,4 +446,4 @@ class SpareKeysTests(PeerKitCase):
         self.assertIsNot(daemon.spare_keys.spare, spare)
         next_spare = await daemon.spare_keys.spare
         self.assertNotEqual(next_spare.share_id, ready.share_id)
-        self.assertNotIn(next_spare.share_id, daemon.shares)
+        self.assertNotIn(next_spare.share_id, daemon.share_registry.by_id)

@@ -104,8 +104,8 @@ def _make_attach_folder(path: str) -> None:
 class AccessCodes:
     """The codes we made (``codes``) and the attaches we wait on (``joins``).
 
-    ``announce`` is called when one appears or goes; ``dialling`` (set by the
-    daemon once it is made) checks peer addresses and dials them.
+    ``announce`` is called when one appears or goes; the dialler given to
+    :meth:`attach_dialler` checks the peer addresses of an attach and dials them.
     """
 
     _log = Logger()
@@ -115,13 +115,27 @@ class AccessCodes:
         self._resources = resources
         self._shares = shares
         self._announce = announce
-        self.dialling: IAttachDialler | None = None
+        self._dialler: IAttachDialler | None = None
         self.codes: dict[str, AccessCode] = {}
         # Access ID → (why the code is dead, the code), for codes no longer in self.codes
         # (bounded): their holders are told why, with a proof (protocol/handshake.md).
         self._dead_codes: dict[str, tuple[str, bytes]] = {}
         self.joins: dict[str, PendingJoin] = {}
         self._finished_joins: dict[str, PendingJoin] = {}
+
+    def attach_dialler(self, dialler: IAttachDialler) -> None:
+        """Give the codes the dialler of their attaches (``IAttachDialler``).
+
+        A link made after construction because the dependency is mutual: the
+        dialling is made from these codes (it dials for pending attaches and
+        reports their refusals here), and an attach needs it to dial its peers.
+        """
+        self._dialler = dialler
+
+    @property
+    def dialler(self) -> IAttachDialler | None:
+        """The dialler given to :meth:`attach_dialler` (None before)."""
+        return self._dialler
 
     def now(self) -> float:
         return self._resources.now()
@@ -243,9 +257,10 @@ class AccessCodes:
             raise ConfigurationError("%s is already waiting to be attached" % path)
         await self._shares.check_location(path)
         self._shares.check_not_nested(path)
+        dialler = self._attached_dialler()
         for peer in peers:
-            self.dialling.check_peer_address(peer)
-        problem = await self._resources.cpu_runner.run(location.attach_problem, path, merge)
+            dialler.check_peer_address(peer)
+        problem = await self._resources.files_runner.run(location.attach_problem, path, merge)
         if problem is not None:
             raise ConfigurationError(problem)
         # An attach that failed here, or with this code, is replaced by this one.
@@ -256,9 +271,14 @@ class AccessCodes:
         self.joins[join.access_id] = join
         await self.save_joins()
         for peer in peers:
-            self.dialling.add_manual_peer(join.access_id, peer)
+            dialler.add_manual_peer(join.access_id, peer)
         self._announce()
         return join
+
+    def _attached_dialler(self) -> IAttachDialler:
+        if self._dialler is None:
+            raise RuntimeError("an attach added before the codes were given their dialler")
+        return self._dialler
 
     async def remove_join(self, path: str) -> bool:
         """Forget the pending or failed attach into ``path``; whether there was one."""
@@ -313,9 +333,9 @@ class AccessCodes:
         join.failed = reason
         self._log.warn("attaching {path} failed: {why}", path=join.path,
                        why=join.problem.removeprefix("attach failed: "))
-        if self.dialling is not None:
+        if self._dialler is not None:
             # (Later: the dial that brought the answer is still finishing.)
-            self.dialling.forget_target_soon(join.access_id)
+            self._dialler.forget_target_soon(join.access_id)
         self._announce()
         Deferred.fromCoroutine(self.save_joins()).addErrback(
             lambda f: self._log.failure("could not record a failed attach", f))
@@ -347,7 +367,7 @@ class AccessCodes:
             # (if it is new) and, by add_share, its marker.  If that fails the
             # handshake fails and the join stays pending (detach drops it).
             try:
-                await self._resources.cpu_runner.run(_make_attach_folder, join.path)
+                await self._resources.files_runner.run(_make_attach_folder, join.path)
             except OSError as e:
                 # The code is not spent (no acknowledgment goes out): it is tried again.
                 join.trouble = ("a peer accepted the code, but %s cannot be created: %s; "

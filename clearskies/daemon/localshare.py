@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 
 from clearskies import diskjobs
 from clearskies.errors import UnsafePathError
+from clearskies.interfaces import IRunner
 from clearskies.share.database import CacheKey, StoredRecord
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
@@ -135,13 +136,15 @@ class LocalShareFiles:
     """The file and record operations of one share (part of ``LocalShare``).
 
     ``service`` is the share's engine (its scanner, ignore rules, paths and
-    expected arrivals); ``runner`` runs the blocking jobs.
+    expected arrivals); ``files_runner`` (the daemon's files pool) runs the
+    blocking jobs, the many small ones of downloads included (clearskies.diskjobs).
     """
 
-    def __init__(self, share_id: str, store: Any, runner: Any, service: ShareService) -> None:
+    def __init__(self, share_id: str, store: Any, files_runner: IRunner,
+                 service: ShareService) -> None:
         self.share_id = share_id
         self.store = store
-        self.runner = runner
+        self.files_runner = files_runner
         self.service = service
         self.paths = service.paths
 
@@ -178,7 +181,7 @@ class LocalShareFiles:
         if local_paths is None:
             local_paths = [self.local_path(p) for p in paths]
         locals_ = [(p, str(local), stored.get(p)) for p, local in zip(paths, local_paths)]
-        return await self.disk_runner.run(
+        return await self.files_runner.run(
             diskjobs.unchanged_many,
             [(p, local, expected_on_disk(row)) for p, local, row in locals_])
 
@@ -193,7 +196,7 @@ class LocalShareFiles:
 
     async def _is_unchanged(self, path: str) -> bool:
         stored = await self.store.get_stored(self.share_id, path)
-        return await self.runner.run(_unchanged, str(self.local_path(path)), stored)
+        return await self.files_runner.run(_unchanged, str(self.local_path(path)), stored)
 
     def find_local_copy(self, sha256: str) -> Deferred[Path | None]:
         return Deferred.fromCoroutine(self._find_local_copy(sha256))
@@ -201,7 +204,7 @@ class LocalShareFiles:
     async def _find_local_copy(self, sha256: str) -> Path | None:
         for stored in await self.store.find_by_sha256(self.share_id, sha256):
             local = str(self.local_path(stored.path))
-            if await self.runner.run(_matches, local, stored):
+            if await self.files_runner.run(_matches, local, stored):
                 return Path(local)
         return None
 
@@ -218,10 +221,10 @@ class LocalShareFiles:
 
     async def _remove_local(self, path: str) -> bool:
         stored = await self.store.get_stored(self.share_id, path)
-        return await self.runner.run(_remove, str(self.local_path(path)), stored)
+        return await self.files_runner.run(_remove, str(self.local_path(path)), stored)
 
     def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
-        return self.runner.run(_make_directory, str(self.local_path(path)), mode)
+        return self.files_runner.run(_make_directory, str(self.local_path(path)), mode)
 
     def rename_many(self, moves: list[tuple[str, str]],
                     decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
@@ -243,7 +246,7 @@ class LocalShareFiles:
         destinations = [dst for src, dst in moves]
         self.expect_own_renames(destinations)
         try:
-            done = await self.runner.run(
+            done = await self.files_runner.run(
                 lambda: [None not in job[:2] and _quietly(_rename, *job) for job in jobs])
         except BaseException:
             self.own_renames_failed(destinations)
@@ -277,7 +280,7 @@ class LocalShareFiles:
         jobs = [(self._safe_local(path),
                  _if_still(stored.get(path), decided_on[index] if decided_on else None))
                 for index, path in enumerate(paths)]
-        return await self.runner.run(
+        return await self.files_runner.run(
             lambda: [job[0] is not None and _quietly(_remove, *job) for job in jobs])
 
     def _safe_local(self, path: str) -> str | None:
@@ -294,8 +297,8 @@ class LocalShareFiles:
     async def _rename_local(self, source: str, destination: str,
                             decided_on: FileRecord | None) -> bool:
         stored = _if_still(await self.store.get_stored(self.share_id, source), decided_on)
-        return await self.runner.run(_rename, str(self.local_path(source)),
-                                     str(self.local_path(destination)), stored)
+        return await self.files_runner.run(_rename, str(self.local_path(source)),
+                                           str(self.local_path(destination)), stored)
 
     def note_refused(self, path: str, why: str) -> bool:
         return self.service.scanner.skipped.refused(path, why)
@@ -307,7 +310,7 @@ class LocalShareFiles:
             jobs = [(local, row) for row in page
                     if not row.record.deleted and not row.record.is_dir
                     and (local := self._safe_local(row.path)) is not None]
-            changed += await self.runner.run(_set_write_permission, jobs, writable)
+            changed += await self.files_runner.run(_set_write_permission, jobs, writable)
             if not page:
                 return changed
             after = page[-1].path

@@ -1,5 +1,6 @@
 """What every room of the daemon shares: the reactor, the data directory and its
-paths, the state database, the stored settings and the thread pools."""
+paths, the state database, the stored settings and the two places for blocking
+work (``clearskies.threads``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import secrets
 from typing import Any
 
+from clearskies.interfaces import IRunner
 from clearskies.share.database import ShareStore
 
 
@@ -18,16 +20,18 @@ class Resources:
     """The daemon's shared resources, owned by the root service (``service.Daemon``).
 
     ``store`` is None until the daemon has started (it opens the database);
-    ``config`` holds the stored settings, read at start.
+    ``config`` holds the stored settings, read at start.  ``database_runner`` is
+    the database thread (the state database's every SQLite call) and
+    ``files_runner`` the files pool (hashing, directory walks, file I/O, key
+    generation), both :class:`~clearskies.interfaces.IRunner`.
     """
 
-    def __init__(self, reactor: Any, data_dir: str, db_runner: Any, cpu_runner: Any,
-                 disk_runner: Any) -> None:
+    def __init__(self, reactor: Any, data_dir: str, database_runner: IRunner,
+                 files_runner: IRunner) -> None:
         self.reactor = reactor
         self.data_dir = data_dir
-        self.db_runner = db_runner
-        self.cpu_runner = cpu_runner
-        self.disk_runner = disk_runner
+        self.database_runner = database_runner
+        self.files_runner = files_runner
         self.store: ShareStore | None = None
         self.config: dict[str, Any] = {}
 

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from clearskies.daemon.localshare import LocalShareFiles, _cache_key_of
-from clearskies.interfaces import ILocalShare, IShareHost
+from clearskies.interfaces import ILocalShare, IRunner, IShareHost
 from clearskies.keys import ShareKeys
 from clearskies.ratelimit import RateLimiter
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo
@@ -77,8 +77,8 @@ class ShareRuntime(LocalShareFiles, Service):
 
     _log = Logger()
 
-    def __init__(self, host: IShareHost, reactor: Any, store: Any, runner: Any,
-                 disk_runner: Any, info: ShareInfo, keys: ShareKeys,
+    def __init__(self, host: IShareHost, reactor: Any, store: Any, files_runner: IRunner,
+                 info: ShareInfo, keys: ShareKeys,
                  upload_limiter: RateLimiter, download_limiter: RateLimiter) -> None:
         self.host = host
         self.reactor = reactor
@@ -87,10 +87,8 @@ class ShareRuntime(LocalShareFiles, Service):
         self.our_peer_id = info.peer_id
         self.peer_id = info.peer_id
         self.root = Path(info.path)
-        # The many small per-download jobs (see clearskies.diskjobs).
-        self.disk_runner = disk_runner
-        LocalShareFiles.__init__(self, info.share_id, store, runner,
-                                 ShareService(reactor, store, info, runner))
+        LocalShareFiles.__init__(self, info.share_id, store, files_runner,
+                                 ShareService(reactor, store, info, files_runner))
         self.signing = readonly.ShareSigning(keys, info.peer_id, persist=self._persist_signed)
         self.sync = ShareSync(
             self, reactor, signing=self.signing,
@@ -128,7 +126,7 @@ class ShareRuntime(LocalShareFiles, Service):
         never started and syncs with nobody.
         """
         own = self.host.own_paths()
-        refused = await self.runner.run(location.refusal, str(self.root), own)
+        refused = await self.files_runner.run(location.refusal, str(self.root), own)
         if refused is not None:
             self._log.error("share {root} not started: {why}", root=str(self.root), why=refused)
             self.service.refuse(refused)
@@ -249,7 +247,7 @@ class ShareRuntime(LocalShareFiles, Service):
                     stored.record.sha256 == record.sha256:
                 keys[record.path] = stored.cache
             else:
-                key = await self.runner.run(_cache_key_of, str(self.local_path(record.path)))
+                key = await self.files_runner.run(_cache_key_of, str(self.local_path(record.path)))
                 if key is not None and key.size == record.size:
                     keys[record.path] = key
         revision = await self.store.apply_changes(self.share_id, records, keys)

@@ -4,10 +4,16 @@
 touching the disk; ``startService`` then takes the data directory's lock,
 opens the state database, brings back every share, key, access code and
 pending attach, and starts listening.  Its children are the log file, the
-thread pools, the shares (one child service each, under :class:`Shares`),
-the control socket, the peer listeners, Tor, the connection manager and the
-discovery sources.
-Blocking work (key generation, SQLite, scans) runs in the thread pools.
+two places for blocking work (``clearskies.threads``: the database thread for
+SQLite, the files pool for key generation, scans and file work), the shares
+(one child service each, under :class:`Shares`), the control socket, the peer
+listeners, Tor, the connection manager and the discovery sources.
+
+Each room gets the rooms it uses as constructor arguments (or, for one made
+after it, a callable).  Two pairs depend on each other, so one side of each is
+linked once both exist: :meth:`Shares.attach_host` and
+:meth:`AccessCodes.attach_dialler`.  The control commands see the daemon
+through ``IDaemonControl``; everything else reaches the room that owns a thing.
 
 A start that fails fails :attr:`Daemon.ready`; what that does to the process
 is the entry point's business (``clearskies.tap``).
@@ -48,21 +54,6 @@ from clearskies.share.database import ShareStore
 from clearskies.threads import make_runners
 
 
-class _Via:
-    """An attribute of the daemon that lives in one of its rooms (read and written there)."""
-
-    def __init__(self, room: str, name: str) -> None:
-        self.room, self.name = room, name
-
-    def __get__(self, daemon: Any, owner: Any = None) -> Any:
-        if daemon is None:
-            return self
-        return getattr(getattr(daemon, self.room), self.name)
-
-    def __set__(self, daemon: Any, value: Any) -> None:
-        setattr(getattr(daemon, self.room), self.name, value)
-
-
 @implementer(IDaemonControl)
 class Daemon(MultiService):
     """One ClearSkies daemon: the root of its service tree, and the composition of its rooms."""
@@ -82,8 +73,8 @@ class Daemon(MultiService):
         self.runners = make_runners(reactor)
         self.runners.setServiceParent(self)
         self.resources = Resources(reactor, self.data_dir, self.runners.database,
-                                   self.runners.files, self.runners.files)
-        self.activity = Activity(reactor, lambda: self.shares.values())
+                                   self.runners.files)
+        self.activity = Activity(reactor, lambda: self.share_registry.by_id.values())
         self.spare_keys = SpareKeys(self.resources)
         self.share_registry = Shares(self.resources, self.activity, self.spare_keys,
                                      self._announce_changed)
@@ -93,54 +84,24 @@ class Daemon(MultiService):
         self.keyring = DaemonKeyRing(self.share_registry, self.access_codes)
         self.tor_link = TorLink(self.resources, settings)
         self.dialling = Dialling(self.resources, self.share_registry, self.access_codes,
-                                 self.tor_link, self.keyring, lambda: self.listening_port,
+                                 self.tor_link, self.keyring, lambda: self.listeners.port_number,
                                  lambda: self.name)
-        self.access_codes.dialling = self.dialling
+        self.access_codes.attach_dialler(self.dialling)
         self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
         self.listeners.setServiceParent(self)
-        self.control = ControlListener(reactor, self.control_path, self._dispatcher())
+        self.control = ControlListener(reactor, self.resources.control_path, self._dispatcher())
         self.control.setServiceParent(self)
         self.discovery = Discovery(reactor, settings, self.share_registry, self.access_codes,
-                                   self.dialling, self.tor_link, lambda: self.listening_port)
+                                   self.dialling, self.tor_link, lambda: self.listeners.port_number)
         # What each share's runtime sees of all this (and nothing else of the daemon).
-        self.share_registry.host = ShareHost(self.resources, self.activity, self.share_registry,
-                                             self.dialling, self.discovery)
+        self.share_host = ShareHost(self.resources, self.activity, self.share_registry,
+                                    self.dialling, self.discovery)
+        self.share_registry.attach_host(self.share_host)
         self.ready: Deferred[None] = Deferred()
         self._lock_fd: int | None = None
         self._listen_kept = False  # the peer endpoint comes from the stored settings
         TimerService(RATE_INTERVAL, self.activity.sample_rates).setServiceParent(self)
         TimerService(JOIN_CHECK_INTERVAL, self.access_codes.check_joins).setServiceParent(self)
-
-    # What lives in the rooms, by the names the rest of the program knows it by.
-    store = _Via("resources", "store")
-    config = _Via("resources", "config")
-    db_runner = _Via("resources", "db_runner")
-    cpu_runner = _Via("resources", "cpu_runner")
-    disk_runner = _Via("resources", "disk_runner")
-    keys_dir = _Via("resources", "keys_dir")
-    control_path = _Via("resources", "control_path")
-    shares = _Via("share_registry", "by_id")
-    codes = _Via("access_codes", "codes")
-    joins = _Via("access_codes", "joins")
-    pending_join = _Via("keyring", "pending_join")
-    dead_code = _Via("keyring", "dead_code")
-    connector = _Via("dialling", "connector")
-    dial = _Via("dialling", "dial")
-    check_peer_address = _Via("dialling", "check_peer_address")
-    own_addresses = _Via("dialling", "own_addresses")
-    lan = _Via("discovery", "lan")
-    trackers = _Via("discovery", "trackers")
-    registrations = _Via("discovery", "registrations")
-    tor_mode = _Via("tor_link", "mode")
-    tor = _Via("tor_link", "tor")
-    tor_only = _Via("tor_link", "tor_only")
-    control_port = _Via("control", "port")
-    peer_port = _Via("listeners", "peer_port")
-    peer_factory = _Via("listeners", "peer_factory")
-    onion_listener = _Via("listeners", "onion_listener")
-    onion_factory = _Via("listeners", "onion_factory")
-    listening_port = _Via("listeners", "port_number")
-    paused = _Via("activity", "paused")
 
     # -- start -----------------------------------------------------------------------
 
@@ -159,7 +120,7 @@ class Daemon(MultiService):
 
     def _started(self, _: object) -> None:
         self._log.info("ClearSkies daemon ready: {count} share(s), peers on port {port}",
-                       count=len(self.shares), port=self.listening_port)
+                       count=len(self.share_registry.by_id), port=self.listeners.port_number)
         self.ready.callback(None)
 
     def _start_failed(self, failure: Failure) -> None:
@@ -170,13 +131,16 @@ class Daemon(MultiService):
         self.ready.errback(failure)
 
     async def _start(self) -> None:
+        resources = self.resources
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        os.makedirs(self.keys_dir, mode=0o700, exist_ok=True)
-        self.store = ShareStore(os.path.join(self.data_dir, "state.sqlite3"), self.db_runner)
-        self.config = await self.store.all_config()
+        os.makedirs(resources.keys_dir, mode=0o700, exist_ok=True)
+        # The state database: every SQLite call on the database thread.
+        resources.store = ShareStore(os.path.join(self.data_dir, "state.sqlite3"),
+                                     resources.database_runner)
+        resources.config = await resources.store.all_config()
         await self._settle_options()
-        self.activity.apply_limits(self.config)
-        for info in await self.store.list_shares():
+        self.activity.apply_limits(resources.config)
+        for info in await resources.store.list_shares():
             await self.share_registry.open_share(info)
         await self.access_codes.restore()
         for path in self.settings.shares:
@@ -185,7 +149,7 @@ class Daemon(MultiService):
         if self.settings.join_code:
             code = parse_code(self.settings.join_code)
             # (Once attached, a restart with the same options finds the share.)
-            if access_id(code) not in self.joins \
+            if access_id(code) not in self.access_codes.joins \
                     and self.share_by_path(self.settings.join_into) is None:
                 await self.add_join(code, self.settings.join_into, list(self.settings.peers),
                                     merge=self.settings.join_merge)
@@ -199,7 +163,8 @@ class Daemon(MultiService):
     async def _settle_options(self) -> None:
         """Options given on the command line are stored; those not given come from the
         stored settings, so a plain restart comes back as it was (README, "Settings")."""
-        settled = await settle_options(self.settings, self.config, self.store.set_config)
+        resources = self.resources
+        settled = await settle_options(self.settings, resources.config, resources.store.set_config)
         if settled.listen_kept:
             self._listen_kept = True
         if settled.name is not None:
@@ -207,13 +172,13 @@ class Daemon(MultiService):
 
     async def _choose_tor_mode(self) -> None:
         await self.tor_link.choose_mode()
-        if self.tor_only and not self.settings.name:
-            self.name = self.config.get("name") or NEUTRAL_NAME
+        if self.tor_link.tor_only and not self.settings.name:
+            self.name = self.resources.config.get("name") or NEUTRAL_NAME
             self._log.info("Tor only: peers see this daemon as {name!r} (set it with --name)",
                            name=self.name)
 
     async def _listen_peers(self) -> None:
-        await self.listeners.listen(self.settings.listen, self.tor_mode, self.name,
+        await self.listeners.listen(self.settings.listen, self.tor_link.mode, self.name,
                                     chosen=self.settings.listen is not None,
                                     kept=self._listen_kept)
 
@@ -244,8 +209,9 @@ class Daemon(MultiService):
         for child in (self.control, self.listeners, self.share_registry):
             if child.running:
                 await child.stopService()
-        if self.store is not None:
-            await self.store.close()  # before the database thread stops with the children
+        store = self.resources.store
+        if store is not None:
+            await store.close()  # before the database thread stops with the children
         Service.stopService(self)
         rest = [child for child in reversed(list(self)) if child.running]
         await DeferredList([maybeDeferred(child.stopService) for child in rest])
@@ -276,12 +242,43 @@ class Daemon(MultiService):
 
     def apply_limits(self) -> None:
         """Set the rate limiters from the config; running transfers follow at once."""
-        self.activity.apply_limits(self.config)
+        self.activity.apply_limits(self.resources.config)
 
     def now(self) -> float:
         return self.resources.now()
 
     # -- what the control commands see (IDaemonControl) ----------------------------------
+    # (Its attributes are properties: each reads the room that owns the value.)
+
+    @property
+    def shares(self) -> dict[str, Any]:
+        """Share ID -> the share's runtime (the share registry's ``by_id``)."""
+        return self.share_registry.by_id
+
+    @property
+    def codes(self) -> dict[str, Any]:
+        """Access ID -> live access code we made (kept by the access codes)."""
+        return self.access_codes.codes
+
+    @property
+    def joins(self) -> dict[str, Any]:
+        """Access ID -> pending (or failed) attach (kept by the access codes)."""
+        return self.access_codes.joins
+
+    @property
+    def paused(self) -> bool:
+        """True between ``pause`` and ``resume`` (the activity room's state)."""
+        return self.activity.paused
+
+    @property
+    def tor_mode(self) -> str:
+        """``"off"``, ``"on"`` or ``"only"`` (chosen by the Tor link at start)."""
+        return self.tor_link.mode
+
+    @property
+    def listening_port(self) -> int:
+        """The TCP port peers reach us on (the peer listeners'; 0 before it is known)."""
+        return self.listeners.port_number
 
     def request_stop(self) -> None:
         self.reactor.callLater(0.1, self.reactor.stop)
@@ -293,7 +290,7 @@ class Daemon(MultiService):
         self.activity.resume()
 
     def is_tracking(self) -> bool:
-        return any(getattr(t, "registered", False) for t in self.trackers)
+        return any(getattr(t, "registered", False) for t in self.discovery.trackers)
 
     def rates(self) -> tuple[float, float]:
         return self.activity.upload.rate, self.activity.download.rate
@@ -328,15 +325,15 @@ class Daemon(MultiService):
         await self.dialling.remember_manual_peer(share_id, address)
 
     def setting(self, key: str) -> Any:
-        return self.config.get(key)
+        return self.resources.config.get(key)
 
     async def set_setting(self, key: str, value: Any) -> None:
-        self.config[key] = value
+        self.resources.config[key] = value
         if key == "name":
             self.set_name(value)
         if key in ("upload_limit", "download_limit"):
             self.apply_limits()
-        await self.store.set_config(key, value)
+        await self.resources.store.set_config(key, value)
         if key == "read_only_files":
-            for runtime in list(self.shares.values()):
+            for runtime in list(self.share_registry.by_id.values()):
                 await runtime.follow_read_only_files()

@@ -33,9 +33,9 @@ ADOPTING = "adopting_shares"
 class Shares(MultiService):
     """Share ID → :class:`ShareRuntime` (``by_id``), and making, opening and removing them.
 
-    ``host`` (set by the daemon once the rooms it reaches exist) is what each
-    runtime sees of the daemon; ``announce`` is called when a share appears, so
-    that discovery tells the world at once.
+    ``announce`` is called when a share appears, so that discovery tells the
+    world at once.  What each runtime sees of the daemon comes in through
+    :meth:`attach_host`, before the first share is opened.
     """
 
     _log = Logger()
@@ -44,11 +44,25 @@ class Shares(MultiService):
                  announce: Callable[[], None]) -> None:
         super().__init__()
         self._resources = resources
-        self.host: IShareHost | None = None
+        self._host: IShareHost | None = None
         self._activity = activity
         self._spare_keys = spare_keys
         self._announce = announce
         self.by_id: dict[str, ShareRuntime] = {}
+
+    def attach_host(self, host: IShareHost) -> None:
+        """Give the registry what its runtimes see of the daemon (``IShareHost``).
+
+        A link made after construction because the dependency is mutual: the
+        host reports to the dialling, which is made from this registry (it
+        dials for the registry's shares and hands each session to its share).
+        """
+        self._host = host
+
+    @property
+    def host(self) -> IShareHost | None:
+        """The host given to :meth:`attach_host` (None before)."""
+        return self._host
 
     def stopService(self) -> Deferred[None]:
         """Stop every share, one after the other."""
@@ -88,14 +102,14 @@ class Shares(MultiService):
 
     async def check_location(self, path: str) -> None:
         """ConfigurationError if ``path`` may not be a share (clearskies.share.location)."""
-        refused = await self._resources.cpu_runner.run(location.refusal, path,
-                                                       self._resources.own_paths())
+        refused = await self._resources.files_runner.run(location.refusal, path,
+                                                         self._resources.own_paths())
         if refused is not None:
             raise ConfigurationError(refused)
 
     async def size_warning(self, path: str) -> str | None:
         """A warning for a share that is a home directory or very large (else None)."""
-        warning = await self._resources.cpu_runner.run(location.size_warning, path)
+        warning = await self._resources.files_runner.run(location.size_warning, path)
         if warning is not None:
             self._log.warn("{warning}", warning=warning)
         return warning
@@ -111,8 +125,8 @@ class Shares(MultiService):
     async def add_share(self, keys: ShareKeys, path: str, peer_id: str) -> ShareRuntime:
         """Store a share's keys and record, then run it."""
         resources = self._resources
-        await resources.cpu_runner.run(keys.save, resources.keys_path(keys.share_id))
-        info = await register_share(resources.store, resources.cpu_runner, path,
+        await resources.files_runner.run(keys.save, resources.keys_path(keys.share_id))
+        info = await register_share(resources.store, resources.files_runner, path,
                                     keys.share_id, peer_id, keys.access, resources.now())
         runtime = await self.open_share(info, keys, new=True)
         self._announce()
@@ -123,10 +137,12 @@ class Shares(MultiService):
         """Run a stored share: prepare its runtime, then start it as a child service."""
         resources = self._resources
         if keys is None:
-            keys = await resources.cpu_runner.run(ShareKeys.load,
-                                                  resources.keys_path(info.share_id))
-        runtime = ShareRuntime(self.host, resources.reactor, resources.store,
-                               resources.cpu_runner, resources.disk_runner, info, keys,
+            keys = await resources.files_runner.run(ShareKeys.load,
+                                                    resources.keys_path(info.share_id))
+        if self._host is None:
+            raise RuntimeError("a share opened before the registry was given its host")
+        runtime = ShareRuntime(self._host, resources.reactor, resources.store,
+                               resources.files_runner, info, keys,
                                self._activity.upload_limiter, self._activity.download_limiter)
         if self._activity.paused:
             runtime.service.pause()  # before it starts: no start scan until resume

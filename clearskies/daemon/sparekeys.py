@@ -26,13 +26,13 @@ class SpareKeys:
         spare, self.spare = self.spare, None
         keys = await spare if spare is not None else None  # (still being made: wait for it)
         if keys is None:
-            keys = await self._resources.cpu_runner.run(generate_share_keys)
+            keys = await self._resources.files_runner.run(generate_share_keys)
         self.make()
         return keys
 
     def make(self) -> None:
         """Start making the spare set, unless there is one or the daemon is stopping."""
         if self.spare is None and not self.stopping:
-            self.spare = self._resources.cpu_runner.run(generate_share_keys)
+            self.spare = self._resources.files_runner.run(generate_share_keys)
             # A set that failed is simply made again when it is needed.
             self.spare.addErrback(lambda failure: None)

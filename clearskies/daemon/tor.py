@@ -75,7 +75,7 @@ class TorLink:
                 self.reactor, self._resources.data_dir, onion_port,
                 control_endpoint=self.control,
                 extra_config=self._settings.tor_config if self.control is None else None,
-                runner=self._resources.cpu_runner)
+                runner=self._resources.files_runner)
         except ConfigurationError as e:
             self._log.error("Tor is not available; peers are reached without it: {why}",
                             why=str(e))

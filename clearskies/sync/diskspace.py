@@ -109,7 +109,7 @@ class DiskWatch:
             self._log.info("cannot measure free space in {root}: {why}",
                            root=str(self.share.root), why=failure.getErrorMessage())
 
-        d = self.share.runner.run(free_bytes, str(self.share.root))
+        d = self.share.files_runner.run(free_bytes, str(self.share.root))
         d.addCallbacks(measured, failed)
         d.addBoth(lambda _: self.watch_space())
 

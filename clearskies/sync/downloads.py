@@ -82,7 +82,7 @@ class Downloads:
     def _buffered_seals(self) -> BufferedSeals:
         """Small downloads of this share are written and fsynced in batches."""
         if self._seals is None:
-            self._seals = BufferedSeals(self.share.disk_runner)
+            self._seals = BufferedSeals(self.share.files_runner)
         return self._seals
 
     def crashed(self, failure: Failure, path: str, peer_id: str) -> None:
@@ -107,7 +107,8 @@ class Downloads:
             self._pump_at(now, now)  # its window slot is free: the next files go
             return
         copy = await self.copies.find(record)
-        receiver = FileReceiver(self.share.root, local_path, record, runner=self.share.runner,
+        receiver = FileReceiver(self.share.root, local_path, record,
+                                runner=self.share.files_runner,
                                 buffer_limit=SMALL_FILE, sealer=self._buffered_seals(),
                                 unwritable=self.unwritable_files)
         if copy is not None:
@@ -125,7 +126,7 @@ class Downloads:
                                path=record.path, why=e.strerror)
                 receiver.abort(keep_partial=False)
                 receiver = FileReceiver(self.share.root, local_path, record,
-                                        runner=self.share.runner, buffer_limit=SMALL_FILE,
+                                        runner=self.share.files_runner, buffer_limit=SMALL_FILE,
                                         sealer=self._buffered_seals(),
                                         unwritable=self.unwritable_files)
                 copy = None
@@ -234,7 +235,7 @@ class Downloads:
         self.share.expect_own_renames(
             [receiver.expected.path for receiver, unchanged in checked if unchanged])
         try:
-            installed_now = await finish_many(self.share.disk_runner, checked)
+            installed_now = await finish_many(self.share.files_runner, checked)
         except Exception:
             installed_now = [Failure()] * len(checked)
         self.share.own_renames_failed([
@@ -278,8 +279,8 @@ class Downloads:
     async def _finish_other(self, receiver: FileReceiver, record: FileRecord,
                             result: FinishResult) -> str:
         if result.status == CONFLICT:
-            if await self.share.runner.run(_holds_content, self.share.local_path(record.path),
-                                           record):
+            if await self.share.files_runner.run(_holds_content,
+                                                 self.share.local_path(record.path), record):
                 # The path already holds these very bytes and mode (a download that
                 # reached the disk before its record was stored): nothing to keep apart.
                 done = await receiver.finish(lambda: True)

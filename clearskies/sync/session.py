@@ -71,7 +71,7 @@ class SyncSession:
         self.receiving_path: str | None = None  # the remote path its payload was asked for
         self.messages_sent = 0
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
-                               runner=sync.share.runner)
+                               runner=sync.share.files_runner)
         self.reading = SharedPause(connection.transport)  # a rate limit and slow writes pause it
         self._read_throttle = (ReadThrottle(self.reading, sync.download_limiter, sync.clock)
                                if sync.download_limiter is not None else None)
