@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -167,8 +167,8 @@ class ControlListener(Service):
         self.port = await listen_control(self.reactor, self.path,
                                          ControlFactory(self._dispatcher, SOFTWARE))
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         if self.port is None:
-            return None
-        return self.port.stopListening()
+            return succeed(None)
+        return maybeDeferred(self.port.stopListening)

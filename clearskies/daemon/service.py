@@ -200,24 +200,32 @@ class Daemon(MultiService):
     # -- stop ------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
-        self.spare_keys.stopping = True
+        self.spare_keys.stop()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         # In order: nobody new gets in, every share stops, the database closes; then
         # the rest (the thread pools among them) stop together.
+        # A step that fails is logged and the next still runs: the database must close.
         for child in (self.control, self.listeners, self.share_registry):
             if child.running:
-                await child.stopService()
+                await self._stop_step(maybeDeferred(child.stopService), child)
         store = self.resources.store
         if store is not None:
-            await store.close()  # before the database thread stops with the children
+            # before the database thread stops with the children
+            await self._stop_step(maybeDeferred(store.close), "the database")
         Service.stopService(self)
         rest = [child for child in reversed(list(self)) if child.running]
         await DeferredList([maybeDeferred(child.stopService) for child in rest])
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # (the lock goes with it)
             self._lock_fd = None
+
+    async def _stop_step(self, step: Deferred, what: Any) -> None:
+        try:
+            await step
+        except Exception:
+            self._log.failure("stopping {what} failed", what=what)
 
     # -- the rooms together ------------------------------------------------------------
 

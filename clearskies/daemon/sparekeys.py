@@ -30,6 +30,10 @@ class SpareKeys:
         self.make()
         return keys
 
+    def stop(self) -> None:
+        """Make no more sets: the daemon is stopping."""
+        self.stopping = True
+
     def make(self) -> None:
         """Start making the spare set, unless there is one or the daemon is stopping."""
         if self.spare is None and not self.stopping:

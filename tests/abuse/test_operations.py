@@ -132,7 +132,8 @@ def _listener() -> socket.socket:
 
 
 def test_port_taken_exits_1_with_the_reason(daemon_factory):
-    """twistd with its --listen port taken exits 1 saying so; clearskies start says so at once."""
+    """twistd with its --listen port taken exits 1 saying so, its database closed;
+    clearskies start says so at once."""
     alice = daemon_factory("alice", start=False)
     with _listener() as taken:
         port = taken.getsockname()[1]
@@ -140,6 +141,9 @@ def test_port_taken_exits_1_with_the_reason(daemon_factory):
         assert result.returncode == 1
         assert "cannot start: cannot listen for peers" in result.stderr
         assert "Address already in use" in result.stderr
+        # It stopped in order: the database was closed (SQLite removes its log then).
+        assert (alice.data_dir / "state.sqlite3").exists()
+        assert not (alice.data_dir / "state.sqlite3-wal").exists()
         started = time.monotonic()
         start = alice.cli("start", "--no-lan", "--listen", "tcp:%d:interface=127.0.0.1" % port,
                           check=False)
