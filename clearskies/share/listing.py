@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from clearskies.atomicwrite import install_atomically
 from clearskies.errors import RootMissing, ShareError, UnsafePathError
@@ -255,6 +255,27 @@ def _add(listing: Listing, path: str, st: os.stat_result) -> bool:
     return False
 
 
+def _kept_entries(entries: Iterable[os.DirEntry], root: str, directory: str,
+                  listing: Listing) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, share path, lstat) of each entry of ``directory`` a share can hold;
+    the others are noted in ``listing`` (skipped with a reason, or protected)."""
+    prefix = directory + "/" if directory else ""
+    for entry in entries:
+        name = entry.name
+        path = prefix + name
+        problem = name_problem(name, directory, root)
+        if problem is not None:
+            listing.skipped.append((path, problem))
+            listing.protected.append(path)
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            listing.protected.append(path)  # vanished or unreadable just now
+            continue
+        yield name, path, st
+
+
 def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing,
                stopping: Callable[[], bool] | None = None) -> None:
     stack = [top]
@@ -262,22 +283,9 @@ def _walk_tree(root: str, top: str, rules: IgnoreRules, listing: Listing,
         if stopping is not None and stopping():
             return
         directory = stack.pop()
-        prefix = directory + "/" if directory else ""
         try:
             with os.scandir(os.path.join(root, directory) if directory else root) as entries:
-                for entry in entries:
-                    name = entry.name
-                    path = prefix + name
-                    problem = name_problem(name, directory, root)
-                    if problem is not None:
-                        listing.skipped.append((path, problem))
-                        listing.protected.append(path)
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        listing.protected.append(path)  # vanished or unreadable just now
-                        continue
+                for name, path, st in _kept_entries(entries, root, directory, listing):
                     if rules.matches(path, stat.S_ISDIR(st.st_mode)):
                         continue
                     if _add(listing, path, st):
@@ -357,23 +365,10 @@ class TreeWalk:
         """One directory's items, sorted last first (for ``pop``); None if denied."""
         listing = self._listing
         root = self._root
-        prefix = directory + "/" if directory else ""
         items: list[tuple[str, LocalEntry | str]] = []
         try:
             with os.scandir(os.path.join(root, directory) if directory else root) as entries:
-                for entry in entries:
-                    name = entry.name
-                    path = prefix + name
-                    problem = name_problem(name, directory, root)
-                    if problem is not None:
-                        listing.skipped.append((path, problem))
-                        listing.protected.append(path)
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        listing.protected.append(path)  # vanished or unreadable just now
-                        continue
+                for name, path, st in _kept_entries(entries, root, directory, listing):
                     if self._rules.matches(path, stat.S_ISDIR(st.st_mode)):
                         continue
                     mode = st.st_mode
