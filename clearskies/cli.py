@@ -56,16 +56,25 @@ DAEMON_START_TIMEOUT = 30.0
 
 
 def parse_duration(text: str) -> float | None:
-    """``24h``, ``30m``, ``7d``, ``90s`` or ``never`` → seconds (None = never)."""
+    """``24h``, ``30m``, ``7d``, ``90s`` or ``never`` → seconds (None = never).
+
+    A zero lifetime is refused: a code that expires at once is of no use, and
+    "never" is spelled ``never``.
+    """
     text = text.strip().lower()
-    if text in ("never", "none", "0"):
+    if text in ("never", "none"):
         return None
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text)
     if not match:
         raise argparse.ArgumentTypeError(
             "%r is not a duration; use e.g. 90s, 30m, 24h, 7d or never" % text)
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
-    return float(match.group(1)) * unit
+    seconds = float(match.group(1)) * unit
+    if seconds == 0:
+        raise argparse.ArgumentTypeError(
+            "%r: a code that expires at once is of no use; give a lifetime such as 24h or 7d, "
+            "or never for a code that does not expire" % text)
+    return seconds
 
 
 def _start_error(errors: Any, status: int, data_dir: str) -> str:
@@ -254,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default="read_write", help="what the code's holder may do")
     share.add_argument("--multi-use", action="store_true", help="the code can be used again")
     share.add_argument("--expires", default="24h",
-                       help="code lifetime: e.g. 1h, 24h, 7d or never (default 24h)")
+                       help="code lifetime: e.g. 1h, 24h, 7d or never (default 24h; 0 is refused)")
     _auto_start_options(share)
 
     attach = sub.add_parser("attach", help="sync a directory using an access code")

@@ -83,7 +83,6 @@ def no_daemon_start(self: cli.Cli, foreground: bool) -> int:
     ("never", None),
     ("NEVER", None),
     ("none", None),
-    ("0", None),
 ])
 def test_parse_duration(text, seconds):
     """parse_duration turns the documented spellings into seconds, or None for never."""
@@ -95,6 +94,21 @@ def test_parse_duration_rejects(text):
     """Anything but a number with one unit letter is refused with an example in the message."""
     with pytest.raises(argparse.ArgumentTypeError, match="not a duration; use e.g."):
         cli.parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "0h", "0.0d"])
+def test_parse_duration_rejects_a_lifetime_that_ends_at_once(text):
+    """A zero lifetime is not "never" (that is spelled never): a code that expires at once is refused."""
+    with pytest.raises(argparse.ArgumentTypeError, match="expires at once.*never"):
+        cli.parse_duration(text)
+
+
+def test_share_expires_0_is_a_usage_error(capsys):
+    """`share --expires 0` stops at argument parsing: no code that never expires is made."""
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["share", ".", "--expires", "0"], out=StringIO(), err=StringIO())
+    assert caught.value.code == 2
+    assert "expires at once" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("count, text", [

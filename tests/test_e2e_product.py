@@ -140,6 +140,23 @@ def test_rate_limits_and_pause(daemon_factory):
     wait_same_trees(a, b, SYNC_TIMEOUT)
 
 
+def test_scan_while_paused_is_refused_at_once(daemon_factory):
+    """``clearskies scan`` on a paused daemon says so at once and names ``resume``; after it, scans run."""
+    alice = daemon_factory("alice")
+    a = alice.shares
+    (a / "one.txt").write_text("one\n")
+    alice.cli_json("share", str(a))
+    alice.cli("pause")
+    started = time.monotonic()
+    result = alice.cli("scan", str(a), check=False, timeout=20)
+    assert time.monotonic() - started < 10, result
+    assert result.returncode == 1, result
+    assert "paused" in result.stderr and "clearskies resume" in result.stderr, result
+    alice.cli("resume")
+    (a / "two.txt").write_text("two\n")
+    assert alice.cli_json("scan", str(a))["changes"] >= 1
+
+
 # -- a new user, CLI only ---------------------------------------------------------------------
 
 

@@ -554,3 +554,27 @@ def test_scan_failing_on_a_full_disk_is_retried_with_backoff_until_it_succeeds(s
     assert (status.state, status.reason) == ("idle", None)
     assert setup.record("new.txt").sha256 == sha(b"arrived while full")
     assert result_of(store.get_share(SHARE)).state == "ok"
+
+
+def test_remove_marker_removes_only_our_own_marker(tmp_path):
+    """The marker goes only if it names this share; another share's, or a symlink, stays as it was."""
+    from clearskies.share.folder import remove_marker
+    from clearskies.share.listing import write_marker
+    (tmp_path / "file.txt").write_text("user data\n")
+    write_marker(str(tmp_path), "a" * 64)
+    assert remove_marker(str(tmp_path), "a" * 64) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    assert remove_marker(str(tmp_path), "a" * 64) is False  # nothing there: nothing done
+
+    write_marker(str(tmp_path), "b" * 64)
+    assert remove_marker(str(tmp_path), "a" * 64) is False
+    assert read_marker(str(tmp_path)) == "b" * 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".clearskies", "file.txt"]
+
+    os.unlink(tmp_path / ".clearskies")
+    os.symlink("file.txt", tmp_path / ".clearskies")
+    assert remove_marker(str(tmp_path), "a" * 64) is False
+    assert os.readlink(tmp_path / ".clearskies") == "file.txt"
+    assert (tmp_path / "file.txt").read_text() == "user data\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".clearskies", "file.txt"]
+    assert remove_marker(str(tmp_path / "missing"), "a" * 64) is False

@@ -961,3 +961,46 @@ def test_a_download_the_disk_cannot_keep_up_with_pauses_the_connection(share):
         runner.release_all()
     assert (share.root / "big.bin").read_bytes() == data
     assert connection.transport.producerState == "producing"
+
+
+def _gets(connection: FakeConnection) -> list[str]:
+    return [e.body["path"] for e in connection.sent() if isinstance(e, wire.Message)
+            and e.body["type"] == "get"]
+
+
+def test_a_file_replaced_by_a_folder_takes_the_folder_and_its_files(share):
+    """Their newer folder where we hold the file: the file goes, the folder and its file come."""
+    (share.root / "victim").write_bytes(b"old")
+    share.records["victim"] = file_record("victim", b"old", {US: 1})
+    sync, session, connection = open_session(share, Clock(), features=("vv", "directories"))
+    connection.sent()
+    folder = FileRecord(path="victim", utime=20.0, is_dir=True, vv={US: 1, THEM: 1})
+    inside = file_record("victim/in", b"x\n", {THEM: 1}, utime=20.0)
+    session.event_received(message({"type": "manifest", "revision": 1,
+                                    "files": [folder.to_wire(), inside.to_wire()]}))
+    assert (share.root / "victim").is_dir()
+    assert share.records["victim"].is_dir and not sync._unresolved.waiting
+    assert _gets(connection) == ["victim/in"]
+    deliver_file(session, "victim/in", b"x\n")
+    assert (share.root / "victim" / "in").read_bytes() == b"x\n"
+
+
+def test_a_folder_replaced_by_a_file_goes_once_emptied_and_the_file_comes(share):
+    """Their newer file where we hold a folder: its contents go, then the folder, then the file comes."""
+    (share.root / "victim").mkdir()
+    (share.root / "victim" / "in").write_bytes(b"x\n")
+    share.records["victim"] = FileRecord(path="victim", utime=10.0, is_dir=True, vv={US: 1})
+    share.records["victim/in"] = file_record("victim/in", b"x\n", {US: 1})
+    sync, session, connection = open_session(share, Clock(), features=("vv", "directories"))
+    connection.sent()
+    replacement = file_record("victim", b"a file again\n", {US: 1, THEM: 1}, utime=20.0)
+    gone = FileRecord(path="victim/in", utime=20.0, deleted=True, vv={US: 1, THEM: 1})
+    # The file comes first, alone: the folder waits for its contents' deletion.
+    session.event_received(message({"type": "update", "file": replacement.to_wire()}))
+    assert (share.root / "victim").is_dir() and "victim" in sync._unresolved.waiting
+    session.event_received(message({"type": "update", "file": gone.to_wire()}))
+    assert not (share.root / "victim").exists()
+    assert _gets(connection) == ["victim"]
+    deliver_file(session, "victim", b"a file again\n")
+    assert (share.root / "victim").read_bytes() == b"a file again\n"
+    assert not sync._unresolved.waiting

@@ -351,6 +351,10 @@ class DaemonCommands(CommandDispatcher):
 
     async def cmd__clearskies_scan(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
+        if self.daemon.paused:
+            # Scans wait for resume: refused now rather than an answer that never comes.
+            raise ControlError("refused", "the daemon is paused: nothing is scanned until "
+                               "`clearskies resume`")
         result = await runtime.service.rescan()
         # What the disk had in the way (a symlink, an unreadable folder) may be gone now.
         runtime.sync.retry_unresolved()

@@ -23,6 +23,7 @@ from clearskies.interfaces import IShareHost
 from clearskies.keys import ShareKeys
 from clearskies.share import location
 from clearskies.share.database import ShareInfo
+from clearskies.share.folder import remove_marker
 from clearskies.share.service import create_share as register_share
 
 #: Config key: shares attached with --merge whose first scan has not yet recorded
@@ -193,3 +194,10 @@ class Shares(MultiService):
             os.unlink(self._resources.keys_path(share_id))
         except FileNotFoundError:
             pass
+        # The marker we wrote goes too (only if it still names this share), so the
+        # folder can be shared or attached again; the files stay.
+        try:
+            await self._resources.files_runner.run(remove_marker, str(runtime.root), share_id)
+        except OSError as e:
+            self._log.warn("could not remove the marker of the detached share in {root}: {why}",
+                           root=runtime.root, why=e.strerror or e)

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from clearskies.errors import ConfigurationError, ShareError
 from clearskies.share.database import ShareInfo, ShareStore
-from clearskies.share.ignore import MARKER_NAME
+from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX
 from clearskies.share.paths import LocalPaths
 from clearskies.share.listing import check_share_root, read_marker, write_marker
 from clearskies.threads import Runner
@@ -32,6 +32,8 @@ ROOT_CHECK = 2.0
 REPAIR_FRACTION = 0.9
 #: A file counts as present when its size matches and its time is this close (FAT: 2 s).
 REPAIR_MTIME_SLACK_NS = 2_000_000_000
+
+_log = Logger()
 
 
 def create_share(store: ShareStore, runner: Runner, root: str, share_id: str, peer_id: str,
@@ -73,6 +75,38 @@ def _claim_root(root: str, share_id: str) -> None:
             "cannot write the %s marker file in %s: %s; make the folder writable (and free "
             "some space if the disk is full), then try again"
             % (MARKER_NAME, root, e.strerror or e)) from None
+
+
+def remove_marker(root: str, share_id: str) -> bool:
+    """Remove ``<root>/.clearskies`` if it names ``share_id``; True if it did (blocking).
+
+    The marker is first renamed aside (atomic) and read there, so what is
+    removed is exactly what was checked; anything else (another share's
+    marker, a symlink, a user's file) is put back where it was, never over
+    something that appeared meanwhile.  Nothing else in the folder is touched.
+    """
+    marker = os.path.join(root, MARKER_NAME)
+    aside = os.path.join(root, "%s.%d.detach%s" % (MARKER_NAME, os.getpid(), TEMP_SUFFIX))
+    try:
+        os.rename(marker, aside)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # no marker, or no folder
+    if read_marker(root, os.path.basename(aside)) == share_id:
+        os.unlink(aside)
+        return True
+    try:
+        os.link(aside, marker, follow_symlinks=False)  # fails if the name is taken again
+    except FileExistsError:
+        _log.warn("left {aside}: {marker} was created again meanwhile", aside=aside,
+                  marker=marker)
+        return False
+    except OSError:
+        if os.path.lexists(marker):
+            raise
+        os.rename(aside, marker)  # no hard links here: put back by renaming
+        return False
+    os.unlink(aside)
+    return False
 
 
 def _empty_file(path: str) -> bool:

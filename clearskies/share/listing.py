@@ -43,10 +43,10 @@ def write_marker(root: str, share_id: str) -> None:
     install_atomically(fd, temporary, path, data)
 
 
-def read_marker(root: str) -> str | None:
-    """The share ID in ``<root>/.clearskies``, or None if absent or unreadable."""
+def read_marker(root: str, name: str = MARKER_NAME) -> str | None:
+    """The share ID in ``<root>/.clearskies`` (or ``name``), or None if absent or unreadable."""
     try:
-        fd = os.open(os.path.join(root, MARKER_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
             data = json.loads(f.read(4096))
     except (OSError, ValueError):

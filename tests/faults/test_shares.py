@@ -151,6 +151,20 @@ def test_detach_twice_says_not_a_share(daemon_factory):
     assert alice.running and "#critical" not in alice.log_tail(400)
 
 
+def test_a_detached_folder_can_be_shared_again(daemon_factory):
+    """detach removes the marker it wrote (the files stay), so ``share`` takes the folder again."""
+    alice = daemon_factory("alice")
+    (alice.shares / "a.txt").write_text("a\n")
+    first = alice.cli_json("share", str(alice.shares))["access_code"]
+    alice.cli("detach", str(alice.shares))
+    assert sorted(p.name for p in alice.shares.iterdir()) == ["a.txt"]
+    second = alice.cli_json("share", str(alice.shares))["access_code"]
+    assert second != first
+    assert [s["path"] for s in alice.cli_json("list")["shares"]] == [str(alice.shares)]
+    assert sorted(p.name for p in alice.shares.iterdir()) == [MARKER, "a.txt"]
+    assert (alice.shares / "a.txt").read_text() == "a\n"
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
