@@ -78,12 +78,19 @@ class MemoryShare:
         self.commits: list[list[FileRecord]] = []
         self.batch_calls: list[tuple[str, int]] = []
         self.refused: set[tuple[str, str]] = set()
+        self.pages_read = 0
 
     def revision(self) -> int:
         return self.rev
 
     def manifest(self):
         return succeed((self.rev, [self.records[p] for p in sorted(self.records)]))
+
+    def manifest_page(self, after: str | None, limit: int):
+        """The revision and the next ``limit`` records after ``after``, in path order."""
+        self.pages_read += 1
+        paths = sorted(p for p in self.records if after is None or p > after)[:limit]
+        return succeed((self.rev, [self.records[p] for p in paths]))
 
     def get_record(self, path: str):
         return succeed(self.records.get(path))
