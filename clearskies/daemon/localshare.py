@@ -128,6 +128,7 @@ def _cache_key_of(path: str) -> CacheKey | None:
         return None
     return CacheKey(st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns))
 
+
 def _manifest_page(db: StateDatabase, share_id: str, after: str | None,
                    limit: int) -> tuple[int, list[FileRecord]]:
     """The share's revision and a page of its records, read together (database thread)."""

@@ -73,7 +73,8 @@ class SyncSession:
         self.messages_sent = 0
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
                                runner=sync.share.runner)
-        self.reading = SharedPause(connection.transport)  # a rate limit and slow writes pause it
+        # A rate limit, slow writes and a full merge inbox pause it.
+        self.reading = SharedPause(connection.transport)
         self._read_throttle = (ReadThrottle(self.reading, sync.download_limiter, sync.clock)
                                if sync.download_limiter is not None else None)
         connection.message_writer = self._write  # keep-alives queue behind payloads too
