@@ -57,7 +57,20 @@ class ILocalShare(Interface):
         """Our current manifest revision (an int)."""
 
     def manifest():
-        """Deferred (revision, every record sorted by path) they make up."""
+        """Deferred (revision, every record sorted by path) they make up.
+
+        The whole share in one list: only for read-only shares' signed
+        manifests, which are compared with it whole; a manifest we send
+        reads :meth:`manifest_page` instead.
+        """
+
+    def manifest_page(after, limit):
+        """Deferred (revision, the next ``limit`` records after path ``after``).
+
+        Records in path order, tombstones included, from the start when
+        ``after`` is None; a page shorter than ``limit`` is the last.  The
+        revision is read in the same database call as the page.
+        """
 
     def get_record(path):
         """Deferred: our record for ``path``, or None."""

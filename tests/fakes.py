@@ -7,6 +7,7 @@ Every fake says which seam it implements.  Fakes of the zope interfaces in
 - ``MemoryShare``: the share store as syncing sees it (``ILocalShare``).
 - ``FakeConnection``: the connection a sync session is given (what it uses of
   ``clearskies.peer.PeerProtocol``).
+- ``PausingTransport``: a transport whose buffer fills up and pauses its producer.
 - ``QuietSession``: a session (``clearskies.peer.Session``) that ignores traffic.
 - ``RecordingProtocol``: an application protocol that records what reaches it.
 - ``MemoryNetwork`` / ``MemoryEndpoint`` / ``TLSTransport``: TCP and STARTTLS between
@@ -78,12 +79,19 @@ class MemoryShare:
         self.commits: list[list[FileRecord]] = []
         self.batch_calls: list[tuple[str, int]] = []
         self.refused: set[tuple[str, str]] = set()
+        self.pages_read = 0
 
     def revision(self) -> int:
         return self.rev
 
     def manifest(self):
         return succeed((self.rev, [self.records[p] for p in sorted(self.records)]))
+
+    def manifest_page(self, after: str | None, limit: int):
+        """The revision and the next ``limit`` records after ``after``, in path order."""
+        self.pages_read += 1
+        paths = sorted(p for p in self.records if after is None or p > after)[:limit]
+        return succeed((self.rev, [self.records[p] for p in paths]))
 
     def get_record(self, path: str):
         return succeed(self.records.get(path))
@@ -215,6 +223,33 @@ class FakeConnection:
 
     def sent_types(self) -> list[str]:
         return [e.type for e in self.sent() if isinstance(e, wire.Message)]
+
+
+class PausingTransport(StringTransport):
+    """A StringTransport whose buffer "fills up": it pauses its producer past ``limit`` bytes.
+
+    Like a real transport it pauses from inside ``write``; ``drain()`` empties
+    the buffer (keeping what was written in ``sent``) and resumes the producer.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.limit and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.sent += self.value()
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    def everything(self) -> bytes:
+        return self.sent + self.value()
 
 
 def message(body: dict[str, Any]) -> wire.Message:

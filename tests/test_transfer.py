@@ -30,7 +30,7 @@ from clearskies.transfer import (
     finish_many, get_error_message, is_temp_name, temp_name,
 )
 from tests.dotfile import edges
-from tests.fakes import HeldRunner, content, record_for
+from tests.fakes import HeldRunner, PausingTransport, content, record_for
 from tests.helpers import async_test
 
 MiB = 1024 * 1024
@@ -53,33 +53,6 @@ def parse_payload(raw: bytes) -> tuple[dict, list[int], bytes, bytes]:
         sizes.append(size)
         data.append(raw[pos:pos + size])
         pos += size
-
-
-class PausingTransport(StringTransport):
-    """A StringTransport whose buffer "fills up": it pauses its producer past ``limit`` bytes.
-
-    Like a real transport it pauses from inside ``write``; ``drain()`` empties
-    the buffer (keeping what was written in ``sent``) and resumes the producer.
-    """
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.sent = b""
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        if len(self.value()) > self.limit and self.producer is not None:
-            self.producer.pauseProducing()
-
-    def drain(self) -> None:
-        self.sent += self.value()
-        self.clear()
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-    def everything(self) -> bytes:
-        return self.sent + self.value()
 
 
 def run_clock(clock: Clock, limit: int = 10_000) -> None:

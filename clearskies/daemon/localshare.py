@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from clearskies import diskjobs
 from clearskies.errors import UnsafePathError
 from clearskies.interfaces import IRunner
-from clearskies.share.database import CacheKey, StoredRecord
+from clearskies.share.database import CacheKey, StateDatabase, StoredRecord
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
 from clearskies.transfer.modes import unwritable_mode
@@ -129,6 +129,13 @@ def _cache_key_of(path: str) -> CacheKey | None:
         return None
     return CacheKey(st.st_ino, st.st_size, clamp_mtime_ns(st.st_mtime_ns))
 
+
+def _manifest_page(db: StateDatabase, share_id: str, after: str | None,
+                   limit: int) -> tuple[int, list[FileRecord]]:
+    """The share's revision and a page of its records, read together (database thread)."""
+    return db.get_revision(share_id), db.records_page(share_id, after, limit)
+
+
 #: key can connect under ever new peer IDs, so past this the peer not seen for
 
 
@@ -149,7 +156,13 @@ class LocalShareFiles:
         self.paths = service.paths
 
     def manifest(self) -> Deferred[tuple[int, list[FileRecord]]]:
+        """The revision and every record, in one list (read-only shares' comparisons only)."""
         return Deferred.fromCoroutine(self._manifest())
+
+    def manifest_page(self, after: str | None,
+                      limit: int) -> Deferred[tuple[int, list[FileRecord]]]:
+        """The revision and the next ``limit`` records after ``after``, from one database call."""
+        return self.store.call(_manifest_page, self.share_id, after, limit)
 
     async def _manifest(self) -> tuple[int, list[FileRecord]]:
         revision = await self.store.get_revision(self.share_id)

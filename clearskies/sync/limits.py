@@ -30,6 +30,14 @@ MANIFEST_PAGE = 1000
 """Records per manifest message for peers that negotiated ``manifest_pages``: a big
 share's manifest would not fit the 16 MiB line limit, and pages merge as they arrive."""
 
+MERGE_BATCH = MANIFEST_PAGE
+"""Records (or moves) of one peer merged in one batch: what arrives during a merge
+waits in batches of at most this many."""
+
+MAX_WAITING_RECORDS = 2 * MERGE_BATCH
+"""Records of one peer waiting behind a merge before its connection is no longer read
+(until the merges catch up)."""
+
 MAX_FINISHING = 64
 """Received files waiting for verification and installation before no more are requested."""
 

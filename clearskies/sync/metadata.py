@@ -1,12 +1,15 @@
 """What a session says about the share's records: manifests, changes, progress (protocol/sync.md).
 
 :class:`MetadataExchange` is one connection's metadata side.  Out: our
-manifest (in pages for peers with ``manifest_pages``; from the signed store
+manifest (streamed from the database a page at a time for peers with
+``manifest_pages``, :mod:`clearskies.sync.manifests`; from the signed store
 on a read-only share), then our changes as ``update`` and ``move`` messages
 once the peer has the manifest, and ``clearskies.progress`` once what the
 peer sent is carried out.  In: the peer's manifest, updates and moves,
-queued and merged in order by the share's engine, a few large batches at a
-time.
+queued and merged in order by the share's engine, in batches of at most
+:data:`~clearskies.sync.limits.MERGE_BATCH` records; while more than
+:data:`~clearskies.sync.limits.MAX_WAITING_RECORDS` wait behind a merge,
+the peer's connection is not read.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 
 from clearskies import wire
@@ -26,6 +31,7 @@ from clearskies.sync import limits, states
 from clearskies.sync.engine import ShareSync
 from clearskies.sync.gate import ReadOnlyGate
 from clearskies.sync.limits import MAX_REFUSED_RECORDS
+from clearskies.sync.manifests import send_manifest
 
 
 def _is_revision(value: object) -> bool:
@@ -38,12 +44,19 @@ class MetadataExchange:
     """One connection's manifests, updates, moves and progress, both ways."""
 
     def __init__(self, sync: ShareSync, session: ISyncSession, connection: Any, *,
-                 send: Callable[[dict[str, Any]], None], gate: ReadOnlyGate | None,
+                 send: Callable[[dict[str, Any]], None],
+                 send_paced: Callable[[dict[str, Any]], Deferred[None]],
+                 reading: IPushProducer, gate: ReadOnlyGate | None,
                  fail: Callable[[Failure, str], None]) -> None:
+        """``send_paced`` sends one of a run of large messages and fires when the
+        next may go; ``reading`` pauses reading the peer's connection."""
         self.sync = sync
         self.session = session
         self.connection = connection
         self._send = send
+        self._send_paced = send_paced
+        self._reading = reading
+        self._reading_paused = False
         self.gate = gate
         self._fail = fail
         self.supports_dirs = "directories" in (connection.established.features or ())
@@ -62,6 +75,7 @@ class MetadataExchange:
         # Batches waiting to be merged: [kind, items, revision they complete, manifest
         # revision to remember once merged]; a revision counts only after its merge.
         self._inbox: list[list[Any]] = []
+        self._waiting = 0  # items in the batches of the inbox
         self.inbox = states.InboxMachine()
 
     @property
@@ -107,27 +121,20 @@ class MetadataExchange:
         if self._building_manifest:
             return
         self._building_manifest = True
-        self.sync.share.manifest().addCallback(self._send_manifest).addErrback(
-            self._fail, "building the manifest")
-
-    def _send_manifest(self, result: tuple[int, list[FileRecord]]) -> None:
-        self._building_manifest = False
-        if not self.session.alive:
-            return
-        revision, records = result
-        files = [r.to_wire() for r in records if self._shareable(r)]
         paged = "manifest_pages" in (self.connection.established.features or ())
-        step = limits.MANIFEST_PAGE if paged else max(1, len(files))
-        for page, start in enumerate(range(0, max(1, len(files)), step)):
-            body: dict[str, Any] = {
-                "type": "manifest", "peer": self.sync.share.our_peer_id,
-                "revision": revision, "version": revision, "files": files[start:start + step],
-            }
-            if paged:
-                body["page"] = page  # extension manifest_pages: which page, from 0
-            if start + step < len(files):
-                body["more"] = True  # extension manifest_pages: more pages follow
-            self._send(body)
+        Deferred.fromCoroutine(send_manifest(
+            self.sync.share, paged=paged, shareable=self._shareable,
+            send_paced=self._send_paced, alive=lambda: self.session.alive,
+        )).addCallback(self._manifest_sent).addErrback(self._manifest_failed)
+
+    def _manifest_failed(self, failure: Failure) -> None:
+        self._building_manifest = False
+        self._fail(failure, "sending the manifest")
+
+    def _manifest_sent(self, revision: int | None) -> None:
+        self._building_manifest = False
+        if revision is None or not self.session.alive:
+            return
         self.manifest_sent_revision = revision
         self.last_sent_revision = max(self.last_sent_revision, revision)
         self._flush_queued()
@@ -249,23 +256,45 @@ class MetadataExchange:
 
         A burst of 1,000 updates (a deleted directory) or moves (a renamed one)
         is thus applied in a few large batches: one database round trip and one
-        disk job each, instead of a thousand.  ``revision`` is the peer's
-        revision the items complete: it is acknowledged only once they are merged.
+        disk job each, instead of a thousand.  A batch takes at most
+        ``MERGE_BATCH`` items (a manifest page), so what waits is merged a page
+        at a time, never read back in one call; past ``MAX_WAITING_RECORDS``
+        waiting behind a merge, the peer's connection is not read until the
+        merges catch up.  ``revision`` is the peer's revision the items
+        complete: it is acknowledged only once they are merged.
         """
         if not (isinstance(revision, int) and not isinstance(revision, bool)):
             revision = None
-        if self._inbox and self._inbox[-1][0] == kind:
+        if (self._inbox and self._inbox[-1][0] == kind
+                and len(self._inbox[-1][1]) + len(items) <= limits.MERGE_BATCH):
             batch = self._inbox[-1]
             batch[1].extend(items)
         else:
             batch = [kind, list(items), None, None]
             self._inbox.append(batch)
+        self._waiting += len(items)
         if revision is not None and (batch[2] is None or revision > batch[2]):
             batch[2] = revision
         if manifest_revision is not None:
             batch[3] = manifest_revision
         if self.inbox.state == states.IDLE:
             self._merge_inbox()
+        self._pace_reading()
+
+    def _pace_reading(self) -> None:
+        """Read the peer's connection only while the records waiting behind a merge are few.
+
+        Not while the share's first scan is awaited (it may take longer than
+        the peer's keep-alive allows): those batches wait in full.
+        """
+        full = (self.inbox.state == states.MERGING and self._waiting > limits.MAX_WAITING_RECORDS
+                and self.session.alive)
+        if full and not self._reading_paused:
+            self._reading_paused = True
+            self._reading.pauseProducing()
+        elif not full and self._reading_paused:
+            self._reading_paused = False
+            self._reading.resumeProducing()
 
     @property
     def merging(self) -> bool:
@@ -278,6 +307,7 @@ class MetadataExchange:
                 self.send_progress()
             elif output == "merge_next":
                 self._merge_inbox()
+        self._pace_reading()
 
     def _merge_inbox(self) -> None:
         if not self._inbox or not self.session.alive:
@@ -290,6 +320,7 @@ class MetadataExchange:
             waiting.addBoth(lambda _: self._carry_out(self.inbox.fire("scan_done")))
             return
         kind, items, revision, manifest_revision = self._inbox.pop(0)
+        self._waiting -= len(items)
         self.inbox.fire("merge")
         if kind == "moves":
             d = self.sync.receive_moves(self.session, items)
@@ -311,6 +342,7 @@ class MetadataExchange:
                 self._carry_out(self.inbox.fire("merge_failed"))
             elif self.inbox.state == states.IDLE:  # what followed it failed: go on
                 self._merge_inbox()
+                self._pace_reading()
 
         d.addCallback(merged)
         d.addErrback(failed)

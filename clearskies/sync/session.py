@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -72,14 +73,16 @@ class SyncSession:
         self.messages_sent = 0
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
                                runner=sync.share.files_runner)
-        self.reading = SharedPause(connection.transport)  # a rate limit and slow writes pause it
+        # A rate limit, slow writes and a full merge inbox pause it.
+        self.reading = SharedPause(connection.transport)
         self._read_throttle = (ReadThrottle(self.reading, sync.download_limiter, sync.clock)
                                if sync.download_limiter is not None else None)
         connection.message_writer = self._write  # keep-alives queue behind payloads too
         self.gate = (ReadOnlyGate(sync.signing, sync.clock, self, self._write, sync.share.manifest)
                      if sync.signing is not None else None)
-        self.metadata = MetadataExchange(sync, self, connection, send=self._send, gate=self.gate,
-                                         fail=self._fail)
+        self.metadata = MetadataExchange(sync, self, connection, send=self._send,
+                                         send_paced=self._send_paced, reading=self.reading,
+                                         gate=self.gate, fail=self._fail)
         self.uploads = Uploads(sync, self, self.sends, send=self._send, fail=self._fail,
                                log_failure=self._log_failure)
         self.addresses = AddressExchange(
@@ -160,6 +163,18 @@ class SyncSession:
         if TRACE:
             self._log.debug("sending {type} to {peer}", peer=self.peer_id[:8], type=body["type"])
         self._write(self.gate.encode(body) if self.gate is not None else wire.encode(body))
+
+    def _send_paced(self, body: dict[str, Any]) -> Deferred[None]:
+        """Send one of a run of large messages (a manifest's pages); fires when the next may go."""
+        self.messages_sent += 1
+        if TRACE:
+            self._log.debug("sending {type} to {peer}", peer=self.peer_id[:8], type=body["type"])
+        try:
+            return self.sends.send_paced(
+                self.gate.encode(body) if self.gate is not None else wire.encode(body))
+        except ProtocolError as e:
+            self.connection.close(str(e))
+            return succeed(None)
 
     def _write(self, data: bytes) -> None:
         """Every message goes through the send queue, so none lands inside a payload."""

@@ -4,7 +4,9 @@
 (:class:`~clearskies.transfer.sender.FileSender`), small messages in
 between, both queues bounded.  It opens waiting files in worker threads, a
 batch of small ones per job, and answers a ``get`` whose file cannot be
-served with ``get_error`` (:mod:`clearskies.transfer.refusals`).
+served with ``get_error`` (:mod:`clearskies.transfer.refusals`).  A run
+of large messages (a manifest's pages) is paced with :meth:`SendQueue.send_paced`:
+the next goes once the connection has taken the last one in.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from clearskies import wire
 from clearskies.errors import ProtocolError
@@ -60,6 +63,29 @@ class SendResult:
     sent: bool
     size: int = 0
     error: str | None = None
+
+
+@implementer(IPushProducer)
+class _Pacer:
+    """The connection's producer while a paced message is being taken in.
+
+    The transport pauses it when its buffer is over its bound and resumes
+    it once the buffer has drained; that is all a paced sender waits for.
+    """
+
+    def __init__(self, queue: SendQueue) -> None:
+        self._queue = queue
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._queue._release_paced()
+
+    def stopProducing(self) -> None:
+        self._queue._release_paced(stopped=True)
 
 
 @dataclass
@@ -106,6 +132,10 @@ class SendQueue:
         self._opening: list[_FileRequest] = []
         self._prepared: deque[tuple[_FileRequest, OpenedFile | OSError]] = deque()
         self._stopped = False
+        # Senders of paced messages waiting for the connection to take them in,
+        # and the producer standing in the consumer's producer slot meanwhile.
+        self._paced: list[Deferred[None]] = []
+        self._pacer: _Pacer | None = None
 
     @property
     def sending(self) -> str | None:
@@ -140,6 +170,50 @@ class SendQueue:
                                 % self._max_message_bytes)
         self._messages.append(data)
         self._message_bytes += len(data)
+
+    def send_paced(self, data: bytes) -> Deferred[None]:
+        """Write one of a run of large messages; the Deferred fires when the next may go.
+
+        That is once this message has left the queue (after the file being
+        sent, if any) and the connection's buffer has drained below its
+        bound: a sender of many pages thus holds one or two at a time, and
+        never more than one waits here.  While it waits, the queue holds
+        the consumer's producer slot (files take it over when they start).
+        The Deferred also fires once the connection is gone: the sender
+        must then stop.  Raises ProtocolError as :meth:`send_message` does.
+        """
+        waiter: Deferred[None] = Deferred()
+        if self._stopped:
+            waiter.callback(None)
+            return waiter
+        if self._current is None and self._pacer is None:
+            self._pacer = _Pacer(self)
+            self._consumer.registerProducer(self._pacer, True)
+        self._paced.append(waiter)
+        try:
+            self.send_message(data)
+        except ProtocolError:
+            self._paced.remove(waiter)
+            raise
+        self._release_paced()
+        return waiter
+
+    def _release_paced(self, stopped: bool = False) -> None:
+        """Let paced senders go on if what they wrote is taken in (or can never be)."""
+        if not stopped and not self._stopped and (
+                self._current is not None or self._messages
+                or (self._pacer is not None and self._pacer.paused)):
+            return
+        self._drop_pacer()
+        waiters, self._paced = self._paced, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _drop_pacer(self) -> None:
+        """Give the consumer's producer slot back (to a file sender, or to nobody)."""
+        pacer, self._pacer = self._pacer, None
+        if pacer is not None and not self._stopped:
+            self._consumer.unregisterProducer()
 
     def send_file(self, path: str, local_path: Path, *, expected_size: int | None = None,
                   request_range: tuple[int, int] | None = None,
@@ -177,6 +251,7 @@ class SendQueue:
         files, self._files = self._files, deque()
         for request in files:
             request.done.callback(SendResult(request.path, False, error="connection closed"))
+        self._release_paced(stopped=True)
 
     def _pump(self) -> None:
         while self._current is None and not self._opening and not self._stopped:
@@ -192,8 +267,10 @@ class SendQueue:
                     self._start(request, opened)
                 continue
             if not self._files:
-                return
+                break
             self._open_in_worker()
+        if self._paced:
+            self._release_paced()
 
     def _open_in_worker(self) -> None:
         """Open the next file, and the small ones right behind it, in one worker job.
@@ -239,6 +316,7 @@ class SendQueue:
         request.done.callback(SendResult(request.path, False, error=reason))
 
     def _start(self, request: _FileRequest, opened: OpenedFile) -> None:
+        self._drop_pacer()  # the file's sender registers itself; paced senders wait for it
         sender = FileSender(
             self._clock, request.path, opened.file, opened.start, opened.length,
             include_range=request.request_range is not None, chunk_size=self._chunk_size,
