@@ -49,6 +49,7 @@ class ILocalShare(Interface):
     root = Attribute("The share folder (pathlib.Path).")
     runner = Attribute("The thread runner for blocking file work (clearskies.threads).")
     disk_runner = Attribute("The runner for downloads' small-file jobs (clearskies.diskjobs).")
+    lists = Attribute("The share's per-file lists in the state database (IPagedLists).")
     error = Attribute("Why the share is in error (an unmounted folder, say), or None: "
                       "nothing is then taken from or given to peers.")
 
@@ -186,7 +187,9 @@ class ISyncSession(Interface):
                            "port): of two connections with one peer, the smaller stays.")
     connection = Attribute("The peer connection (its ``established`` info, ``close(reason)``).")
     alive = Attribute("False once the connection is lost.")
-    remote_index = Attribute("path -> the peer's latest record of it that we merged.")
+    remote_index = Attribute(
+        "The peer's latest record of each path that we merged, in the database "
+        "(clearskies.sync.announced.AnnouncedRecords: ``many(paths)``, ``put(records)``).")
     manifest_sent_revision = Attribute(
         "The newest revision of ours the peer has (int), or None before our manifest.")
     in_sync = Attribute("The peer has our latest revision (and all its content, if it says).")

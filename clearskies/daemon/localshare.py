@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from clearskies import diskjobs
 from clearskies.errors import UnsafePathError
 from clearskies.share.database import CacheKey, StoredRecord
+from clearskies.share.pages import PagedStore
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
 from clearskies.transfer.modes import unwritable_mode
@@ -141,6 +142,7 @@ class LocalShareFiles:
     def __init__(self, share_id: str, store: Any, runner: Any, service: ShareService) -> None:
         self.share_id = share_id
         self.store = store
+        self.lists = PagedStore(store)  # what peers announced, page by page (IPagedLists)
         self.runner = runner
         self.service = service
         self.paths = service.paths
