@@ -50,6 +50,7 @@ class ILocalShare(Interface):
     files_runner = Attribute(
         "The daemon's files pool (an IRunner, clearskies.threads): blocking file work, "
         "the small jobs of downloads among it (clearskies.diskjobs).")
+    lists = Attribute("The share's per-file lists in the state database (IPagedLists).")
     error = Attribute("Why the share is in error (an unmounted folder, say), or None: "
                       "nothing is then taken from or given to peers.")
 
@@ -200,7 +201,9 @@ class ISyncSession(Interface):
                            "port): of two connections with one peer, the smaller stays.")
     connection = Attribute("The peer connection (its ``established`` info, ``close(reason)``).")
     alive = Attribute("False once the connection is lost.")
-    remote_index = Attribute("path -> the peer's latest record of it that we merged.")
+    remote_index = Attribute(
+        "The peer's latest record of each path that we merged, in the database "
+        "(clearskies.sync.announced.AnnouncedRecords: ``many(paths)``, ``put(records)``).")
     manifest_sent_revision = Attribute(
         "The newest revision of ours the peer has (int), or None before our manifest.")
     in_sync = Attribute("The peer has our latest revision (and all its content, if it says).")

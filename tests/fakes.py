@@ -42,6 +42,8 @@ from clearskies import wire
 from clearskies.addresses import Address
 from clearskies.errors import UnsafePathError
 from clearskies.interfaces import IDiscoverySource, ILocalShare, IPeerTransport, IRunner
+from clearskies.share.database import ShareInfo, ShareStore
+from clearskies.share.pages import PagedStore
 from clearskies.share.records import FileRecord
 from clearskies.sync import ShareSync, SyncSession
 from clearskies.threads import SyncRunner
@@ -73,6 +75,11 @@ class MemoryShare:
         self.our_peer_id = US
         self.root = root
         self.files_runner = SyncRunner()
+        # What peers announced lives in a real state database beside the folder.
+        store = ShareStore(root.parent / (root.name + ".state.sqlite3"), SyncRunner())
+        store.call(lambda db: db.get_share(self.share_id) or db.add_share(
+            ShareInfo(self.share_id, str(root), US, "read_write", created=1.0)))
+        self.lists = PagedStore(store)
         self.records: dict[str, FileRecord] = {}
         self.rev = 0
         self.ignored: set[str] = set()

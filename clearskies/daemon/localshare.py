@@ -20,6 +20,7 @@ from clearskies import diskjobs
 from clearskies.errors import UnsafePathError
 from clearskies.interfaces import IRunner
 from clearskies.share.database import CacheKey, StateDatabase, StoredRecord
+from clearskies.share.pages import PagedStore
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
 from clearskies.transfer.modes import unwritable_mode
@@ -151,6 +152,7 @@ class LocalShareFiles:
                  service: ShareService) -> None:
         self.share_id = share_id
         self.store = store
+        self.lists = PagedStore(store)  # what peers announced, page by page (IPagedLists)
         self.files_runner = files_runner
         self.service = service
         self.paths = service.paths

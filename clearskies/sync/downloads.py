@@ -28,6 +28,7 @@ from clearskies.share.records import FileRecord
 from clearskies.sync.copies import LocalCopies
 from clearskies.sync.diskspace import DiskWatch
 from clearskies.sync.limits import SUPERSEDED
+from clearskies.sync.announced import Known
 from clearskies.sync.merging import Relay
 from clearskies.sync.unresolved import UnresolvedRecords
 from clearskies.sync.wanted import Wanted, WantedFiles
@@ -56,7 +57,11 @@ class Downloads:
                  copies: LocalCopies, relay: Relay, pump: Callable[[], None],
                  pump_at: Callable[[float, float], None],
                  refused: Callable[[ISyncSession, object, str], None],
-                 report_progress: Callable[[], None], unwritable_files: bool = False) -> None:
+                 report_progress: Callable[[], None],
+                 announced: Callable[[list[FileRecord], ISyncSession | None], Deferred[Known]],
+                 unwritable_files: bool = False) -> None:
+        """``announced``: what the sessions announced of records about to be committed
+        (for ``relay``, which tells no peer what it told us)."""
         self.share = share
         self.clock = clock
         self.wanted = wanted
@@ -71,6 +76,7 @@ class Downloads:
         self._pump_at = pump_at
         self._refused = refused
         self._report_progress = report_progress
+        self._announced = announced
         #: Put downloaded files in place without write permission (a read-only
         #: share's ``read_only_files`` setting).
         self.unwritable_files = unwritable_files
@@ -101,8 +107,9 @@ class Downloads:
             self.wanted.pop(record.path, None)
             self.in_flight.pop(record.path, None)
             if isinstance(e, PathObstacle):  # in the way since the merge: it waits
+                announced = await session.remote_index.many([record.path])
                 self.unresolved.keep(record.path, session.peer_id,
-                                session.remote_index.get(record.path, record))
+                                     announced.get(record.path, record))
             now = self.clock.seconds()
             self._pump_at(now, now)  # its window slot is free: the next files go
             return
@@ -263,12 +270,13 @@ class Downloads:
             results.append((done, status))
         if records:
             try:
+                known = await self._announced(records, None)
                 revision = await self.share.commit_remote(records, written)
             except Exception:
                 failure = Failure()
                 results.extend((done, failure) for done in installed)
             else:
-                self._relay(records, revision, origin=None)
+                self._relay(records, revision, None, known)
                 results.extend((done, OK) for done in installed)
         for done, outcome in results:
             if isinstance(outcome, Failure):
@@ -286,10 +294,11 @@ class Downloads:
                 done = await receiver.finish(lambda: True)
                 if done.status != OK:
                     return done.status
+                known = await self._announced([record], None)
                 revision = await self.share.commit_remote(
                     [record], {record.path: (done.size, done.mtime_ns, done.inode)})
                 self.placeholders.discard(record.path)
-                self._relay([record], revision, origin=None)
+                self._relay([record], revision, None, known)
                 return OK
             # The file changed here while we fetched it: keep both, ours at the path.
             conflict = merge.conflict_record(record)
@@ -308,9 +317,10 @@ class Downloads:
                                "by another file; deciding again after the next scan",
                                path=record.path, copy=conflict.path)
                 return SUPERSEDED
+            known = await self._announced([conflict], None)
             revision = await self.share.commit_remote(
                 [conflict], {conflict.path: (kept.size, kept.mtime_ns, kept.inode)})
-            self._relay([conflict], revision, origin=None)
+            self._relay([conflict], revision, None, known)
             self._log.info("{path} changed here while downloading; theirs kept as {copy}",
                            path=record.path, copy=conflict.path)
             return OK

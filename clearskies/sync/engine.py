@@ -24,6 +24,7 @@ from clearskies.interfaces import ILocalShare, ISyncSession
 from clearskies.ratelimit import RateLimiter
 from clearskies.share.records import FileRecord
 from clearskies.sync import readonly
+from clearskies.sync.announced import Known, announced_by
 from clearskies.sync.copies import LocalCopies
 from clearskies.sync.diskspace import DiskWatch
 from clearskies.sync.downloads import Downloads
@@ -77,6 +78,9 @@ class ShareSync:
         self._retry_call: Any = None
         lock = DeferredLock()
         self._unresolved = UnresolvedRecords(clock, self._merge_again)
+        # Rows a daemon that stopped left behind: no connection of ours announced them.
+        share.lists.forget_announced(share.share_id).addErrback(
+            lambda f: self._log.failure("forgetting what peers announced", f))
         self.merger = RecordMerger(share, self.wanted, self.sessions, self._unresolved, lock,
                                    self.relay, self.pump)
         self.diskwatch = DiskWatch(share, clock, self.wanted, self.in_flight, self.finishing,
@@ -86,7 +90,7 @@ class ShareSync:
             share, clock, wanted=self.wanted, in_flight=self.in_flight,
             placeholders=self.merger.placeholders, unresolved=self._unresolved, lock=lock,
             disk=self.diskwatch, copies=self.copies, relay=self.relay, pump=self.pump,
-            pump_at=self._retry_at, refused=self.refused,
+            pump_at=self._retry_at, refused=self.refused, announced=self.announced_elsewhere,
             report_progress=self.report_progress, unwritable_files=unwritable_files)
 
     @property
@@ -219,13 +223,23 @@ class ShareSync:
         """A peer's record we do not take: listed as skipped, logged once per path and reason."""
         self.merger.refused(session, path, why)
 
+    def announced_elsewhere(self, records: list[FileRecord],
+                            origin: ISyncSession | None) -> Deferred[Known]:
+        """What every session but ``origin`` announced of ``records``' paths, for
+        :meth:`relay`: looked up before the commit whose revision is relayed."""
+        return Deferred.fromCoroutine(
+            announced_by(self.sessions.values(), [r.path for r in records], origin))
+
     def relay(self, records: list[FileRecord], revision: int,
-              origin: ISyncSession | None) -> None:
+              origin: ISyncSession | None, known: Known) -> None:
+        """Pass committed records on; ``known``: :meth:`announced_elsewhere` of them
+        (a session it leaves out, one attached since, has announced none of them)."""
         records = [r for r in records if not (r.deleted and r.path in self.merger.placeholders)]
         for session in list(self.sessions.values()):
             if session is not origin:
                 # Never tell a peer what it told us (it would only answer with progress).
-                news = [r for r in records if session.remote_index.get(r.path) != r]
+                theirs = known.get(session, {})
+                news = [r for r in records if theirs.get(r.path) != r]
                 session.push_changes(news, [], revision)
             elif session.manifest_sent_revision is not None:
                 # The origin already holds these records: nothing to send it.
@@ -408,9 +422,11 @@ class ShareSync:
                 await self.share.make_directory(path, theirs.mode)
                 committed.append(theirs)
                 return
-            sources = {peer for peer, s in self.sessions.items()
-                       if (known := s.remote_index.get(path)) is not None
-                       and known.same_content(theirs)} or set(self.sessions)
+            # (Merges of other peers go on meanwhile: asked path by path, not ahead.)
+            announced = await announced_by(self.sessions.values(), [path])
+            sources = {s.peer_id for s, known in announced.items()
+                       if path in known and known[path].same_content(theirs)
+                       } or set(self.sessions)
             self.wanted[path] = Wanted(theirs, sources=sources)
             fetching += 1
 

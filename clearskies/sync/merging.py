@@ -19,12 +19,14 @@ from clearskies.errors import PathObstacle, UnsafePathError
 from clearskies.interfaces import ILocalShare, ISyncSession
 from clearskies.share import merge
 from clearskies.share.records import FileRecord
+from clearskies.sync.announced import Known, announced_by
 from clearskies.sync.limits import TRACE
 from clearskies.sync.unresolved import UnresolvedRecords
 from clearskies.sync.wanted import WantedFiles
 
-Relay = Callable[[list[FileRecord], int, "ISyncSession | None"], None]
-"""Pass records just committed (at a revision) on to every peer but the one named."""
+Relay = Callable[[list[FileRecord], int, "ISyncSession | None", Known], None]
+"""Pass records just committed (at a revision) on to every peer but the one named,
+with what the others announced of them (``announced_by``, looked up before the commit)."""
 
 
 class RecordMerger:
@@ -48,6 +50,10 @@ class RecordMerger:
         self.placeholders: set[str] = set()
         # Our folders a peer's file replaces, waiting for their contents' deletions.
         self.emptying: set[str] = set()
+        # What the other sessions announced of the batch being merged (one query
+        # each per batch), for the other sources of wanted files; see _take.
+        self._elsewhere: Known = {}
+        self._elsewhere_paths: set[str] = set()
 
     def receive_records(self, session: ISyncSession, records: list[FileRecord]) -> Deferred[None]:
         """Merge what a peer announced; serialised so two peers cannot race on one path."""
@@ -65,10 +71,13 @@ class RecordMerger:
         removals: list[FileRecord] = []
         superseded: list[FileRecord] = []  # our record each removal was decided against
         replaced: list[tuple[FileRecord, FileRecord, FileRecord]] = []  # folders made files
-        for remote in records:
-            if self.share.is_ignored(remote.path):
-                continue
-            session.remote_index[remote.path] = remote
+        taken = [r for r in records if not self.share.is_ignored(r.path)]
+        await session.remote_index.put(taken)
+        self._elsewhere_paths = {r.path for r in taken}
+        self._elsewhere = await announced_by(
+            [s for s in self.sessions.values() if s.peer_id != session.peer_id],
+            sorted(self._elsewhere_paths))
+        for remote in taken:
             self.unresolved.settle(remote.path)  # decided anew below
             if remote.path in unread:
                 unread.discard(remote.path)  # a repeated path is read again, fresh
@@ -138,9 +147,12 @@ class RecordMerger:
         committed.extend(await self._retry_directory_deletions())
         if self.emptying and committed:
             self._retry_emptied(committed)
+        self._elsewhere = {}
         if committed:
+            known = await announced_by(self.sessions.values(), [r.path for r in committed],
+                                       but=session)
             revision = await self.share.commit_remote(committed)
-            self._relay(committed, revision, origin=session)
+            self._relay(committed, revision, session, known)
             if for_origin:
                 session.push_changes(
                     [r for r in for_origin if not (r.deleted and r.path in self.placeholders)],
@@ -225,12 +237,10 @@ class RecordMerger:
                                               our_peer_id=self.share.our_peer_id)
                 if decision.action == merge.ACCEPT and \
                         await self._rename_if_safe(source, destination.path, ours):
-                    session.remote_index[destination.path] = destination
-                    session.remote_index[source] = tombstone
+                    await session.remote_index.put([destination, tombstone])
                     records = [decision.record, tombstone]
                     records.extend(await self._retry_directory_deletions())
-                    revision = await self.share.commit_remote(records)
-                    self._relay(records, revision, origin=session)
+                    await self._commit_and_relay(session, records)
                     return
         await self._merge(session, [destination, tombstone])
 
@@ -269,19 +279,25 @@ class RecordMerger:
         except UnsafePathError:
             done = [False] * len(plan)
         records: list[FileRecord] = []
+        announced: list[FileRecord] = []
         for (source, destination, record, tombstone), renamed in zip(plan, done):
             if renamed:
-                session.remote_index[destination.path] = destination
-                session.remote_index[source] = tombstone
+                announced.extend((destination, tombstone))
                 records.extend((record, tombstone))
             else:
                 slow.append((source, destination))
         if records:
+            await session.remote_index.put(announced)
             records.extend(await self._retry_directory_deletions())
-            revision = await self.share.commit_remote(records)
-            self._relay(records, revision, origin=session)
+            await self._commit_and_relay(session, records)
         for source, destination in slow:
             await self._move(session, source, destination)
+
+    async def _commit_and_relay(self, session: ISyncSession, records: list[FileRecord]) -> None:
+        known = await announced_by(self.sessions.values(), [r.path for r in records],
+                                   but=session)
+        revision = await self.share.commit_remote(records)
+        self._relay(records, revision, session, known)
 
     def _renamable(self, source: str, destination: FileRecord, ours: FileRecord | None,
                    there: FileRecord | None) -> bool:
@@ -390,8 +406,15 @@ class RecordMerger:
             await self.share.make_directory(record.path, record.mode)
             return [record]
         wanted = self.wanted.want(record, session.peer_id, fetch_path)
-        for other in self.sessions.values():
-            known = other.remote_index.get(wanted.remote_path)
+        remote_path = wanted.remote_path
+        for other in list(self.sessions.values()):
+            if other.peer_id == session.peer_id:
+                continue  # a source already
+            elsewhere = self._elsewhere.get(other)
+            if elsewhere is None or remote_path not in self._elsewhere_paths:
+                # Not looked up with the batch (attached since, or another fetch path).
+                elsewhere = await other.remote_index.many([remote_path])
+            known = elsewhere.get(remote_path)
             if known is not None and known.same_content(record):
                 wanted.sources.add(other.peer_id)
         return []

@@ -29,6 +29,7 @@ from clearskies.ratelimit import ReadThrottle
 from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.sync import states
 from clearskies.sync.addresses import AddressExchange
+from clearskies.sync.announced import AnnouncedRecords
 from clearskies.sync.engine import ShareSync
 from clearskies.sync.gate import ReadOnlyGate
 from clearskies.sync.limits import TRACE
@@ -66,7 +67,7 @@ class SyncSession:
                                       self.we_initiated)
         self.window = window or sync.window
         self.machine = states.SessionMachine()
-        self.remote_index: dict[str, FileRecord] = {}
+        self.remote_index = AnnouncedRecords(sync.share.lists, sync.share.share_id, self.peer_id)
         self.pending: dict[str, FileReceiver] = {}
         self.receiving: FileReceiver | None = None
         self.receiving_path: str | None = None  # the remote path its payload was asked for
@@ -224,6 +225,8 @@ class SyncSession:
                     self.gate.stop()
             elif output == states.DETACH:
                 self.sync.detach(self)
+                self.remote_index.forget().addErrback(
+                    self._log_failure, "forgetting what the peer announced")
 
     # -- wire events ---------------------------------------------------------------
 
