@@ -63,3 +63,26 @@ def onion_name(seed: bytes) -> str:
 def sha(data: bytes) -> str:
     """The hex SHA-256 of ``data``, as records carry it."""
     return hashlib.sha256(data).hexdigest()
+
+
+#: The share and peers of :func:`state_database` and :func:`stored_file`.
+STATE_SHARE = "5" * 64
+STATE_PEER = "a" * 32
+
+
+def state_database(path: Any) -> Any:
+    """A state database at ``path`` holding one read-write share (STATE_SHARE)."""
+    from clearskies.share.database import ShareInfo, StateDatabase
+
+    database = StateDatabase(path)
+    database.add_share(ShareInfo(STATE_SHARE, "/srv/share", STATE_PEER, "read_write",
+                                 created=1.0))
+    return database
+
+
+def stored_file(path: str, sha: str = "0" * 64, size: int = 1, **kw: Any) -> Any:
+    """A file record as the state database tests store it (STATE_PEER's first version)."""
+    from clearskies.share.records import FileRecord
+
+    return FileRecord(path=path, utime=10.0, size=size, mtime=(5, 6), mode=0o644,
+                      sha256=sha, vv={STATE_PEER: 1}, **kw)

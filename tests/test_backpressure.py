@@ -205,30 +205,21 @@ class FloodTests(TestCase):
         return done.addCallback(check)
 
 
-@implementer(IPushProducer)
-class _Flood:
+class _Flood(RecordingProducer):
     """Offers one batch per reactor turn while not paused (like a socket's reads)."""
 
     def __init__(self, batches: list[bytes]) -> None:
+        super().__init__()
         self.batches = list(batches)
-        self.calls: list[str] = []
         self.paused = True
         self.writer: BatchWriter | None = None
         self.done: Deferred[None] | None = None
         self.most_waiting = 0
         self._scheduled = False
 
-    def pauseProducing(self) -> None:
-        self.calls.append("pause")
-        self.paused = True
-
     def resumeProducing(self) -> None:
-        self.calls.append("resume")
-        self.paused = False
+        super().resumeProducing()
         self._schedule()
-
-    def stopProducing(self) -> None:
-        self.calls.append("stop")
 
     def _schedule(self) -> None:
         if not self._scheduled:

@@ -22,24 +22,22 @@ from clearskies.share.database import (
     ShareStore, StateDatabase, migrations)
 from clearskies.share.records import FileRecord
 from clearskies.threads import SerialRunner, SyncRunner
-from tests.helpers import async_test, result_of, temporary_dir
+from tests.helpers import (
+    STATE_PEER, STATE_SHARE, async_test, result_of, state_database, stored_file, temporary_dir)
 
-SHARE = "5" * 64
-PEER = "a" * 32
+SHARE = STATE_SHARE
+PEER = STATE_PEER
 OTHER = "b" * 32
 
 
 @pytest.fixture
 def db(tmp_path):
-    database = StateDatabase(tmp_path / "state.sqlite3")
-    database.add_share(ShareInfo(SHARE, "/srv/share", PEER, "read_write", created=1.0))
+    database = state_database(tmp_path / "state.sqlite3")
     yield database
     database.close()
 
 
-def file(path, sha="0" * 64, size=1, **kw):
-    return FileRecord(path=path, utime=10.0, size=size, mtime=(5, 6), mode=0o644,
-                      sha256=sha, vv={PEER: 1}, **kw)
+file = stored_file
 
 
 # -- schema --------------------------------------------------------------------

@@ -10,32 +10,21 @@ from clearskies.share.database import CacheKey, ShareInfo, ShareStore, StateData
 from clearskies.share.pages import PagedStore, StagedFile
 from clearskies.share.records import FileRecord
 from clearskies.threads import SyncRunner
+from tests.helpers import STATE_PEER, STATE_SHARE, result_of, state_database, stored_file
 
-SHARE = "5" * 64
-PEER = "a" * 32
+SHARE = STATE_SHARE
+PEER = STATE_PEER
 OTHER = "b" * 32
 
 
 @pytest.fixture
 def db(tmp_path):
-    database = StateDatabase(tmp_path / "state.sqlite3")
-    database.add_share(ShareInfo(SHARE, "/srv/share", PEER, "read_write", created=1.0))
+    database = state_database(tmp_path / "state.sqlite3")
     yield database
     database.close()
 
 
-def file(path, sha="0" * 64, size=1, **kw):
-    return FileRecord(path=path, utime=10.0, size=size, mtime=(5, 6), mode=0o644,
-                      sha256=sha, vv={PEER: 1}, **kw)
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
+file = stored_file
 
 
 def all_pages(read, limit):
