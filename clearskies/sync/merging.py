@@ -147,8 +147,6 @@ class RecordMerger:
         committed.extend(await self._retry_directory_deletions())
         if self.emptying and committed:
             self._retry_emptied(committed)
-        if self.unresolved.waiting and committed:
-            self._retry_below_new_folders(committed)
         self._elsewhere = {}
         if committed:
             known = await announced_by(self.sessions.values(), [r.path for r in committed],
@@ -196,15 +194,6 @@ class RecordMerger:
                    if any(r.deleted and r.path.startswith(folder + "/") for r in committed)]
         if emptied:
             self.unresolved.retry(emptied)
-
-    def _retry_below_new_folders(self, committed: list[FileRecord]) -> None:
-        """Records that waited because a path of theirs was a file here are merged
-        again at once when that path has just become a folder (a file a peer
-        replaced by a folder, decided after the records inside it came)."""
-        folders = tuple(r.path + "/" for r in committed if r.is_dir and not r.deleted)
-        below = [path for path in self.unresolved.waiting if path.startswith(folders)]
-        if folders and below:
-            self.unresolved.retry(below)
 
     def _blocked_deletion(self, session: ISyncSession, record: FileRecord) -> None:
         """A deletion not carried out: if a symlink or unreadable folder is in the
