@@ -171,8 +171,6 @@ class RecordMerger:
             emptied = await self.share.remove_local(local.path)
         except UnsafePathError as e:
             self.refused(session, remote.path, str(e))
-            if not isinstance(e, PathObstacle):
-                return []  # never on this disk
             emptied = False
         except OSError:
             emptied = False
@@ -342,7 +340,6 @@ class RecordMerger:
                 if not removed:
                     await self._wait_for_scan(session, local, remote)
                     return []
-                self.wanted.pop(local.path, None)  # an older version of the file: no more
             return await self._take(session, decision.record)
         if decision.action == merge.KEEP:
             return [decision.record]  # ours stays on disk; its merged vv goes out
