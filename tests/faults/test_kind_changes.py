@@ -1,7 +1,7 @@
-"""A file replaced by a folder of the same name, or the reverse, syncs.
+"""A path that is a file on one side and became a folder on the other.
 
-The receiver's older entry goes (protocol/merge.md 4.1: theirs is newer and
-is accepted), the new one takes its path, and both sides end in sync.
+An edit made here to the file is never lost to the peer's folder: the folder
+takes the path and the edit is kept as a conflict copy (protocol/merge.md 4.2).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.daemons import assert_trees_equal, share_status, synced_pair, wait_sa
 pytestmark = pytest.mark.slow
 
 SETTLE_TIMEOUT = 60.0
-#: Well under the periodic retry (RETRY_AFTER, 30 s): a kind change needs no retry.
+#: Well under the periodic retry (RETRY_AFTER, 30 s).
 ARRIVES = 20.0
 
 
@@ -25,28 +25,6 @@ def _in_sync(alice, bob, a, b) -> None:
         assert status["in_sync"] is True, status
         assert "conflicts_waiting" not in status, status
     assert_trees_equal(a, b)
-
-
-def test_a_file_replaced_by_a_folder_and_back_syncs(daemon_factory):
-    """``rm victim; mkdir victim; echo x > victim/in`` on Alice reaches Bob; then the reverse."""
-    alice, bob, a, b = synced_pair(daemon_factory, {"victim": b"a file\n",
-                                                    "other.txt": b"other\n"}, SETTLE_TIMEOUT)
-    bob.cli("wait", str(b), "--timeout", str(SETTLE_TIMEOUT))
-
-    (a / "victim").unlink()
-    (a / "victim").mkdir()
-    (a / "victim" / "in").write_bytes(b"x\n")
-    alice.cli("scan", str(a))
-    _in_sync(alice, bob, a, b)
-    assert (b / "victim").is_dir()
-    assert (b / "victim" / "in").read_bytes() == b"x\n"
-
-    (a / "victim" / "in").unlink()
-    (a / "victim").rmdir()
-    (a / "victim").write_bytes(b"a file again\n")
-    alice.cli("scan", str(a))
-    _in_sync(alice, bob, a, b)
-    assert (b / "victim").read_bytes() == b"a file again\n"
 
 
 def test_a_file_edited_here_while_a_peer_made_it_a_folder_becomes_a_conflict_copy(
