@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clearskies.keys import ShareKeys  # noqa: E402
 from tests.abuse.flood import Flood, fail_handshakes, legit_connect, sleep  # noqa: E402
+from bench.reactorrun import print_rows, run_on_reactor  # noqa: E402
 from tests.daemons import DaemonProcess, start_sharing  # noqa: E402
 
 BOUND = 5.0
@@ -132,7 +133,6 @@ def run() -> list[dict[str, Any]]:
 
 def _run_here() -> list[dict[str, Any]]:
     from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
 
     base = tempfile.mkdtemp(prefix="cs-abuse-bench-")
     daemon = None
@@ -144,12 +144,7 @@ def _run_here() -> list[dict[str, Any]]:
             for seed, attack in enumerate(ATTACKS):
                 rows.append(await _one(reactor, daemon, keys, attack, seed))
 
-        failure: list[Any] = []
-        done = Deferred.fromCoroutine(main())
-        done.addErrback(failure.append).addBoth(lambda _: reactor.stop())
-        reactor.run()
-        if failure:
-            failure[0].raiseException()
+        run_on_reactor(reactor, main)
     finally:
         if daemon is not None:
             daemon.cleanup()
@@ -158,8 +153,4 @@ def _run_here() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--json"]:
-        print(json.dumps(_run_here()))
-    else:
-        for row in _run_here():
-            print(row)
+    print_rows(_run_here)

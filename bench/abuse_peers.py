@@ -40,6 +40,7 @@ from clearskies.peer import connect_peer  # noqa: E402
 from tests.abuse.flood import legit_connect, sleep  # noqa: E402
 from tests.abuse.fresh_ids import FEATURES, fresh_id_connections  # noqa: E402
 from tests.fakes import QuietSession  # noqa: E402
+from bench.reactorrun import print_rows, run_on_reactor  # noqa: E402
 from tests.daemons import DaemonProcess, start_sharing  # noqa: E402
 
 BOUND = 5.0
@@ -101,7 +102,6 @@ def run() -> list[dict[str, Any]]:
 
 def _run_here() -> list[dict[str, Any]]:
     from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
     base = tempfile.mkdtemp(prefix="cs-abuse-peers-")
@@ -121,12 +121,7 @@ def _run_here() -> list[dict[str, Any]]:
                 rows.append(await _one(reactor, daemon, keys, count, seed))
             friend.close("done", quiet=True)
 
-        failure: list[Any] = []
-        done = Deferred.fromCoroutine(main())
-        done.addErrback(failure.append).addBoth(lambda _: reactor.stop())
-        reactor.run()
-        if failure:
-            failure[0].raiseException()
+        run_on_reactor(reactor, main)
     finally:
         if daemon is not None:
             daemon.cleanup()
@@ -135,8 +130,4 @@ def _run_here() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--json"]:
-        print(json.dumps(_run_here()))
-    else:
-        for row in _run_here():
-            print(row)
+    print_rows(_run_here)

@@ -239,8 +239,9 @@ def _entry(path: str, st: os.stat_result) -> LocalEntry:
                       clamp_mtime_ns(st.st_mtime_ns), st.st_ino, stat.S_IMODE(st.st_mode))
 
 
-def _add(listing: Listing, path: str, st: os.stat_result) -> bool:
-    """List one entry, or skip it with the reason; True for a directory to descend into."""
+def _listable(listing: Listing, path: str, st: os.stat_result) -> LocalEntry | None:
+    """The entry for a directory or readable regular file; anything else is noted
+    in ``listing`` as skipped, with the reason, and None is returned."""
     mode = st.st_mode
     if stat.S_ISLNK(mode):
         listing.skipped.append((path, SYMLINK))
@@ -250,9 +251,17 @@ def _add(listing: Listing, path: str, st: os.stat_result) -> bool:
         listing.skipped.append((path, UNREADABLE))
         listing.protected.append(path)  # its record (if any) stays as it was
     else:
-        listing.entries.append(_entry(path, st))
-        return stat.S_ISDIR(mode)
-    return False
+        return _entry(path, st)
+    return None
+
+
+def _add(listing: Listing, path: str, st: os.stat_result) -> bool:
+    """List one entry, or skip it with the reason; True for a directory to descend into."""
+    entry = _listable(listing, path, st)
+    if entry is None:
+        return False
+    listing.entries.append(entry)
+    return entry.is_dir
 
 
 def _kept_entries(entries: Iterable[os.DirEntry], root: str, directory: str,
@@ -371,17 +380,10 @@ class TreeWalk:
                 for name, path, st in _kept_entries(entries, root, directory, listing):
                     if self._rules.matches(path, stat.S_ISDIR(st.st_mode)):
                         continue
-                    mode = st.st_mode
-                    if stat.S_ISLNK(mode):
-                        listing.skipped.append((path, SYMLINK))
-                    elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                        listing.skipped.append((path, SPECIAL))
-                    elif unreadable(st):
-                        listing.skipped.append((path, UNREADABLE))
-                        listing.protected.append(path)
-                    else:
-                        items.append((name, _entry(path, st)))
-                        if stat.S_ISDIR(mode):
+                    entry = _listable(listing, path, st)
+                    if entry is not None:
+                        items.append((name, entry))
+                        if entry.is_dir:
                             items.append((name + "/", path))
         except PermissionError:
             listing.protected.append(directory)

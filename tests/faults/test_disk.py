@@ -288,11 +288,9 @@ def _fill_up(point: Path) -> Path:
     return filler
 
 
-def test_downloads_whose_records_a_full_database_refused_make_no_conflict_copies(
-        daemon_factory, mounts):
-    """Bob's database disk fills while files arrive: after space is freed and bob restarts,
-    the files on disk meet alice's records without a single conflict copy anywhere."""
-    rng = random.Random(SEED)
+def _bob_with_a_small_database_disk(daemon_factory, mounts):
+    """Alice sharing, Bob attached with his data directory (the database) on an 8 MiB
+    tmpfs, his attach stored and scanned: ready for that disk to fill."""
     alice, bob = daemon_factory("alice"), daemon_factory("bob", start=False)
     bob.data_dir.mkdir(parents=True, exist_ok=True)
     mounts.tmpfs(bob.data_dir, "8m")
@@ -300,6 +298,15 @@ def test_downloads_whose_records_a_full_database_refused_make_no_conflict_copies
     share_and_attach(alice, bob)
     wait_until(lambda: share_status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
                message="the attach is stored and scanned before the disk fills")
+    return alice, bob
+
+
+def test_downloads_whose_records_a_full_database_refused_make_no_conflict_copies(
+        daemon_factory, mounts):
+    """Bob's database disk fills while files arrive: after space is freed and bob restarts,
+    the files on disk meet alice's records without a single conflict copy anywhere."""
+    rng = random.Random(SEED)
+    alice, bob = _bob_with_a_small_database_disk(daemon_factory, mounts)
     filler = _fill_up(bob.data_dir)
     for index in range(40):
         (alice.shares / ("f%03d_note.txt" % index)).write_bytes(rng.randbytes(3000))
@@ -323,13 +330,7 @@ def test_share_stopped_by_a_full_database_resumes_by_itself_when_space_is_freed(
         daemon_factory, mounts):
     """A scan the full database refuses puts the share in error with the reason; once space
     is freed it resumes without a restart and the new file reaches the peer."""
-    alice, bob = daemon_factory("alice"), daemon_factory("bob", start=False)
-    bob.data_dir.mkdir(parents=True, exist_ok=True)
-    mounts.tmpfs(bob.data_dir, "8m")
-    bob.start()
-    share_and_attach(alice, bob)
-    wait_until(lambda: share_status(bob, bob.shares).get("status") == "idle", timeout=SYNC_TIMEOUT,
-               message="the attach is stored and scanned before the disk fills")
+    alice, bob = _bob_with_a_small_database_disk(daemon_factory, mounts)
     filler = _fill_up(bob.data_dir)
     (bob.shares / "made-while-full.txt").write_bytes(b"written while the disk was full\n")
     bob.cli("rescan", str(bob.shares), check=False)
