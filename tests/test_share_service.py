@@ -578,3 +578,25 @@ def test_remove_marker_removes_only_our_own_marker(tmp_path):
     assert (tmp_path / "file.txt").read_text() == "user data\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".clearskies", "file.txt"]
     assert remove_marker(str(tmp_path / "missing"), "a" * 64) is False
+
+
+def test_writing_the_marker_removes_those_of_writers_killed_before_their_rename(tmp_path):
+    """A `.clearskies.<pid>.!clearsky` left by a killed writer goes when the marker is
+    written again; a live writer's one, and other files, stay."""
+    import subprocess
+    import sys
+
+    from clearskies.share.listing import read_marker, write_marker
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = tmp_path / (".clearskies.%s.!clearsky" % gone.stdout.strip())
+    dead.write_text('{"share_id": "old"}\n')
+    live = tmp_path / (".clearskies.%d.!clearsky" % os.getppid())
+    live.write_text("being written\n")
+    mine = tmp_path / "notes.!clearsky"
+    mine.write_text("a download\n")
+    write_marker(str(tmp_path), "f" * 64)
+    assert read_marker(str(tmp_path)) == "f" * 64
+    assert not dead.exists()
+    assert live.exists() and mine.exists()

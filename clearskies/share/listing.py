@@ -41,6 +41,31 @@ def write_marker(root: str, share_id: str) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                  | os.O_CLOEXEC, 0o644)
     install_atomically(fd, temporary, path, data)
+    _remove_dead_writers_markers(root)
+
+
+def _remove_dead_writers_markers(root: str) -> None:
+    """Remove the temporary markers of writers killed before their rename (blocking).
+
+    Only names of ours (``.clearskies.<pid>.!clearsky``) whose process is gone:
+    another daemon writing its marker right now keeps its file.
+    """
+    pattern = re.compile(r"%s\.(\d+)%s\Z" % (re.escape(MARKER_NAME), re.escape(TEMP_SUFFIX)))
+    for name in os.listdir(root):
+        found = pattern.match(name)
+        if found is None or int(found.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            os.unlink(os.path.join(root, name))
+        except OSError:
+            pass
 
 
 def read_marker(root: str, name: str = MARKER_NAME) -> str | None:
