@@ -212,8 +212,11 @@ def _read_tor_config(path: str) -> dict:
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    from clearskies import allocator
     from clearskies.daemon import Daemon, DaemonSettings
     from clearskies.daemon.startup import exit_on_startup_failure, report_startup_failures
+
+    allocator.tune()  # before the daemon allocates anything big (see clearskies/allocator.py)
 
     settings = DaemonSettings(
         data_dir=options["data-dir"],
