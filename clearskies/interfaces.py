@@ -167,7 +167,8 @@ class IPagedLists(Interface):
         """Drop what one peer (None: every peer) of the share announced."""
 
     def put_wanted(share_id, items):
-        """Want (record, fetch path or None, source peer IDs) items; sources add up."""
+        """Want (record, fetch path or None, source peer IDs) items; sources add up for the
+        same content; (files added, change in bytes)."""
 
     def wanted_page(share_id, after=None, limit=1000, source=None):
         """The next page of wanted files (WantedRow: record, fetch_path, sources), or only
@@ -180,7 +181,17 @@ class IPagedLists(Interface):
         """(how many files are wanted, their bytes)."""
 
     def remove_wanted(share_id, paths):
-        """No longer want these paths."""
+        """No longer want these paths; (files removed, their bytes)."""
+
+    def remove_wanted_superseded(share_id, records):
+        """Local edits came first: unwant their paths unless for the same content;
+        (files removed, their bytes)."""
+
+    def take_wanted_page(share_id, after, limit):
+        """The next page of wanted files after ``after``, taken out of the list."""
+
+    def clear_wanted(share_id):
+        """Forget every wanted file of the share."""
 
     def drop_source(share_id, peer_id):
         """The peer left: no longer a source of any wanted file."""

@@ -114,12 +114,18 @@ def test_wanted_files_with_sources_and_totals(db):
     """Wanted files page with their sources (or only those one peer has); totals count files
     and bytes; a leaving peer is no source any more; new content forgets the old sources."""
     items = [(file("w%04d" % n, size=n), None, [PEER]) for n in range(1500)]
-    pages.put_wanted(db, SHARE, items)
-    pages.put_wanted(db, SHARE, [(file("w0002", size=2), "elsewhere", [OTHER])])
+    assert pages.put_wanted(db, SHARE, items) == (1500, sum(range(1500)))
+    # The same content: sources add up; it is still fetched under its own path.
+    assert pages.put_wanted(db, SHARE, [(file("w0002", size=2), "elsewhere", [OTHER])]) == (0, 0)
+    # Wanted under another path first, then announced under its own: its own path.
+    pages.put_wanted(db, SHARE, [(file("x", size=1), "elsewhere", [PEER])])
+    pages.put_wanted(db, SHARE, [(file("x", size=1), None, [OTHER])])
+    assert pages.wanted_many(db, SHARE, ["x"])["x"].remote_path == "x"
+    assert pages.remove_wanted(db, SHARE, ["x", "x", "not wanted"]) == (1, 1)
     assert pages.wanted_totals(db, SHARE) == (1500, sum(range(1500)))
     got = all_pages(lambda after, limit: pages.wanted_page(db, SHARE, after, limit), 1000)
     assert len(got) == 1500
-    assert got[2].sources == {PEER, OTHER} and got[2].remote_path == "elsewhere"
+    assert got[2].sources == {PEER, OTHER} and got[2].remote_path == "w0002"
     assert got[3].sources == {PEER} and got[3].remote_path == "w0003"
     pages.put_wanted(db, SHARE, [(file("w0003", sha="9" * 64, size=3), None, [OTHER])])
     assert pages.wanted_page(db, SHARE, "w0002", 1)[0].sources == {OTHER}
@@ -128,8 +134,17 @@ def test_wanted_files_with_sources_and_totals(db):
     assert set(pages.wanted_many(db, SHARE, ["w0002", "nope", "w0100"])) == {"w0002", "w0100"}
     pages.drop_source(db, SHARE, PEER)
     assert pages.wanted_page(db, SHARE, None, 1)[0].sources == frozenset()
-    pages.remove_wanted(db, SHARE, ["w%04d" % n for n in range(1000)])
+    assert pages.remove_wanted(db, SHARE, ["w%04d" % n for n in range(1000)]) == (
+        1000, sum(range(1000)))
     assert pages.wanted_totals(db, SHARE) == (500, sum(range(1000, 1500)))
+    # A local edit supersedes other content only; a page taken leaves the table.
+    assert pages.remove_wanted_superseded(db, SHARE, [
+        file("w1000", size=1000), file("w1001", sha="7" * 64, size=5), file("nope")]) == (1, 1001)
+    taken = pages.take_wanted_page(db, SHARE, "w1000", 2)
+    assert [w.record.path for w in taken] == ["w1002", "w1003"]
+    assert pages.wanted_totals(db, SHARE) == (497, sum(range(1000, 1500)) - 1001 - 1002 - 1003)
+    pages.clear_wanted(db, SHARE)
+    assert pages.wanted_totals(db, SHARE) == (0, 0)
 
 
 def test_lists_go_with_their_share(db):

@@ -246,19 +246,32 @@ class WantedRow:
 
 
 def put_wanted(db: StateDatabase, share_id: str,
-               items: Sequence[tuple[FileRecord, str | None, Iterable[str]]]) -> None:
-    """Want (record, fetch path, sources) items; a wanted path gets the new record and
-    fetch path, and the sources are added to the ones it had."""
+               items: Sequence[tuple[FileRecord, str | None, Iterable[str]]]) -> tuple[int, int]:
+    """Want (record, fetch path, sources) items; returns (files added, change in bytes).
+
+    A path wanted with other content gets the new record, fetch path and
+    sources only (who had the old content need not have this).  With the same
+    content the sources are added; the fetch path becomes None when the new
+    one is None (the content is now announced under its own path) and stays
+    as it was otherwise.
+    """
+    added = grown = 0
     with db.transaction() as conn:
         for record, fetch_path, sources in items:
-            old = conn.execute("SELECT sha256, size, deleted, is_dir FROM wanted"
+            old = conn.execute("SELECT sha256, size, deleted, is_dir, fetch_path FROM wanted"
                                " WHERE share_id = ? AND path = ?",
                                (share_id, record.path)).fetchone()
-            if old is not None and old != (record.sha256, record.size, int(record.deleted),
-                                           int(record.is_dir)):
-                # Other content: who had the old one need not have this.
-                conn.execute("DELETE FROM wanted_sources WHERE share_id = ? AND path = ?",
-                             (share_id, record.path))
+            if old is None:
+                added += 1
+            else:
+                grown -= old[1] or 0
+                if tuple(old[:4]) != (record.sha256, record.size, int(record.deleted),
+                                      int(record.is_dir)):
+                    conn.execute("DELETE FROM wanted_sources WHERE share_id = ? AND path = ?",
+                                 (share_id, record.path))
+                elif fetch_path is not None:
+                    fetch_path = old[4]
+            grown += record.size or 0
             # An upsert: a REPLACE would delete the row, and its sources with it.
             conn.execute(
                 "INSERT INTO wanted (share_id, %s, fetch_path)"
@@ -269,6 +282,7 @@ def put_wanted(db: StateDatabase, share_id: str,
             conn.executemany(
                 "INSERT OR IGNORE INTO wanted_sources (share_id, path, peer_id) VALUES (?, ?, ?)",
                 [(share_id, record.path, peer) for peer in sources])
+    return added, grown
 
 
 _WANTED_SELECT = (
@@ -314,12 +328,54 @@ def wanted_totals(db: StateDatabase, share_id: str) -> tuple[int, int]:
     return count, size
 
 
-def remove_wanted(db: StateDatabase, share_id: str, paths: Sequence[str]) -> None:
-    """No longer want these paths (fetched, superseded, or no longer needed)."""
+def remove_wanted(db: StateDatabase, share_id: str, paths: Sequence[str]) -> tuple[int, int]:
+    """No longer want these paths (fetched, superseded, or no longer needed);
+    returns (files removed, their bytes)."""
+    removed = freed = 0
     with db.transaction() as conn:
-        for chunk in _chunks(list(paths)):
-            conn.execute("DELETE FROM wanted WHERE share_id = ? AND path IN (%s)"
-                         % ",".join("?" * len(chunk)), [share_id, *chunk])
+        for chunk in _chunks(list(dict.fromkeys(paths))):
+            where = " WHERE share_id = ? AND path IN (%s)" % ",".join("?" * len(chunk))
+            count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM wanted"
+                                       + where, [share_id, *chunk]).fetchone()
+            conn.execute("DELETE FROM wanted" + where, [share_id, *chunk])
+            removed, freed = removed + count, freed + size
+    return removed, freed
+
+
+def remove_wanted_superseded(db: StateDatabase, share_id: str,
+                             records: Sequence[FileRecord]) -> tuple[int, int]:
+    """Local edits came first: no longer want their paths unless for the same content;
+    returns (files removed, their bytes)."""
+    removed = freed = 0
+    with db.transaction() as conn:
+        for record in records:
+            row = conn.execute("SELECT sha256, size, deleted, is_dir FROM wanted"
+                               " WHERE share_id = ? AND path = ?",
+                               (share_id, record.path)).fetchone()
+            if row is None:
+                continue
+            wanted = FileRecord(path=record.path, utime=0.0, sha256=row[0], size=row[1],
+                                deleted=bool(row[2]), is_dir=bool(row[3]))
+            if not record.same_content(wanted):
+                conn.execute("DELETE FROM wanted WHERE share_id = ? AND path = ?",
+                             (share_id, record.path))
+                removed, freed = removed + 1, freed + (row[1] or 0)
+    return removed, freed
+
+
+def take_wanted_page(db: StateDatabase, share_id: str, after: str | None,
+                     limit: int) -> list[WantedRow]:
+    """The next ``limit`` wanted files after ``after``, removed from the table (they are
+    kept elsewhere from now on)."""
+    rows = wanted_page(db, share_id, after, limit)
+    remove_wanted(db, share_id, [row.record.path for row in rows])
+    return rows
+
+
+def clear_wanted(db: StateDatabase, share_id: str) -> None:
+    """Forget every wanted file of the share (a daemon that stopped left them)."""
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM wanted WHERE share_id = ?", (share_id,))
 
 
 def drop_source(db: StateDatabase, share_id: str, peer_id: str) -> None:
@@ -381,7 +437,7 @@ class PagedStore:
     # wanted files
     def put_wanted(self, share_id: str,
                    items: Sequence[tuple[FileRecord, str | None, Iterable[str]]]
-                   ) -> Deferred[None]:
+                   ) -> Deferred[tuple[int, int]]:
         return self._store.call(put_wanted, share_id,
                                 [(r, f, tuple(s)) for r, f, s in items])
 
@@ -395,8 +451,19 @@ class PagedStore:
     def wanted_totals(self, share_id: str) -> Deferred[tuple[int, int]]:
         return self._store.call(wanted_totals, share_id)
 
-    def remove_wanted(self, share_id: str, paths: Sequence[str]) -> Deferred[None]:
+    def remove_wanted(self, share_id: str, paths: Sequence[str]) -> Deferred[tuple[int, int]]:
         return self._store.call(remove_wanted, share_id, list(paths))
+
+    def remove_wanted_superseded(self, share_id: str,
+                                 records: Sequence[FileRecord]) -> Deferred[tuple[int, int]]:
+        return self._store.call(remove_wanted_superseded, share_id, list(records))
+
+    def take_wanted_page(self, share_id: str, after: str | None,
+                         limit: int) -> Deferred[list[WantedRow]]:
+        return self._store.call(take_wanted_page, share_id, after, limit)
+
+    def clear_wanted(self, share_id: str) -> Deferred[None]:
+        return self._store.call(clear_wanted, share_id)
 
     def drop_source(self, share_id: str, peer_id: str) -> Deferred[None]:
         return self._store.call(drop_source, share_id, peer_id)

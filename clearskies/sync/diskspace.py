@@ -95,7 +95,7 @@ class DiskWatch:
     def _measure_space(self) -> None:
         """While files wait for room: how much is free, minus what downloads under way take."""
         self._space_call = None
-        self.disk.status(self.wanted)  # forget files no longer wanted
+        self.disk.status(_PossiblyWanted(self.wanted))  # forget files no longer wanted
         if not self.disk.waits_for_space:
             self._pump()
             return
@@ -115,4 +115,14 @@ class DiskWatch:
 
     def status(self) -> dict[str, Any]:
         """Status fields for downloads the disk refused: ``problem``, ``disk_errors``, or none."""
-        return self.disk.status(self.wanted) if self.disk else {}
+        return self.disk.status(_PossiblyWanted(self.wanted)) if self.disk else {}
+
+
+class _PossiblyWanted:
+    """``in``: wanted, or past the window in memory (the database may list it)."""
+
+    def __init__(self, wanted: WantedFiles) -> None:
+        self._wanted = wanted
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self._wanted.possibly(path)

@@ -67,7 +67,8 @@ class ShareSync:
         self.rng = rng or random.Random()
         self.window = window
         self.sessions: dict[str, ISyncSession] = {}
-        self.wanted = WantedFiles()
+        self.wanted = WantedFiles(share.lists, share.share_id, refilled=self.pump,
+                                  busy=lambda p: p in self.in_flight or p in self.finishing)
         self.in_flight: dict[str, ISyncSession] = {}
         # Payloads received and being verified/installed (path -> session): out of
         # the request window, so the next files stream while the disk catches up.
@@ -78,9 +79,10 @@ class ShareSync:
         self._retry_call: Any = None
         lock = DeferredLock()
         self._unresolved = UnresolvedRecords(clock, self._merge_again)
-        # Rows a daemon that stopped left behind: no connection of ours announced them.
-        share.lists.forget_announced(share.share_id).addErrback(
-            lambda f: self._log.failure("forgetting what peers announced", f))
+        # Rows a daemon that stopped left behind: no connection of ours announced them,
+        # and what the share wants is worked out anew from the peers' manifests.
+        for forget in (share.lists.forget_announced, share.lists.clear_wanted):
+            forget(share.share_id).addErrback(lambda f: self._log.failure("old lists", f))
         self.merger = RecordMerger(share, self.wanted, self.sessions, self._unresolved, lock,
                                    self.relay, self.pump)
         self.diskwatch = DiskWatch(share, clock, self.wanted, self.in_flight, self.finishing,
@@ -166,10 +168,8 @@ class ShareSync:
             waiting = self._unresolved.settle(record.path)
             if waiting is not None:
                 retry.setdefault(waiting[0], []).append(waiting[1])
-            wanted = self.wanted.get(record.path)
-            if wanted is not None and not record.same_content(wanted.record):
-                # A local edit supersedes what we were fetching; merge decides again later.
-                self.wanted.pop(record.path, None)
+            # A local edit supersedes what we were fetching; merge decides again later.
+            self.wanted.supersede(record)
             if not record.deleted and self.merger.pending_rmdirs:
                 # Something new lives here now: its directories stay.
                 for directory in [d for d in self.merger.pending_rmdirs
@@ -300,6 +300,8 @@ class ShareSync:
                 disk.reserve(wanted.record.size or 0)
                 if disk.share_wide is not None:
                     break  # one file probes the file system that failed
+        if not starts and open_sessions:
+            self.wanted.look_further()  # all in memory wait: later files may go
         if starts:
             self.copies.look_ahead([wanted for _, wanted in starts], now)
         for session, wanted in starts:  # may change ``wanted``: not while iterating it
@@ -427,7 +429,7 @@ class ShareSync:
             sources = {s.peer_id for s, known in announced.items()
                        if path in known and known[path].same_content(theirs)
                        } or set(self.sessions)
-            self.wanted[path] = Wanted(theirs, sources=sources)
+            self.wanted.put(Wanted(theirs, sources=sources))
             fetching += 1
 
         for path in sorted(paths, reverse=True):  # contents before their directories
@@ -446,8 +448,8 @@ class ShareSync:
         for path in comparison.missing:
             theirs = share[path]
             if readonly.inside(path, prefix) and not theirs.deleted \
-                    and path not in self.wanted and path not in self.in_flight \
-                    and path not in self.finishing:
+                    and path not in self.in_flight and path not in self.finishing \
+                    and not await self.wanted.contains(path):
                 await restore(path, theirs)
         if committed:
             await self.share.commit_remote(committed)

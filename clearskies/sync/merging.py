@@ -128,7 +128,7 @@ class RecordMerger:
             for record, gone in zip(removals, removed):
                 # Not removed: changed here since the scan; the edit wins and is announced.
                 if gone:
-                    self.wanted.pop(record.path, None)
+                    self.wanted.discard(record.path)
                     committed.append(record)
                 else:
                     self._blocked_deletion(session, record)
@@ -334,13 +334,13 @@ class RecordMerger:
             if not removed:
                 # Changed locally since the scan: the edit wins, the scan will announce it.
                 return []
-            self.wanted.pop(record.path, None)
+            self.wanted.discard(record.path)
             return [record]
         if record.is_dir:
             await self.share.make_directory(record.path, record.mode)
             return [record]
-        wanted = self.wanted.want(record, session.peer_id, fetch_path)
-        remote_path = wanted.remote_path
+        remote_path = self.wanted.remote_path(record, fetch_path)
+        also: set[str] = set()
         for other in list(self.sessions.values()):
             if other.peer_id == session.peer_id:
                 continue  # a source already
@@ -350,7 +350,8 @@ class RecordMerger:
                 elsewhere = await other.remote_index.many([remote_path])
             known = elsewhere.get(remote_path)
             if known is not None and known.same_content(record):
-                wanted.sources.add(other.peer_id)
+                also.add(other.peer_id)
+        self.wanted.want(record, session.peer_id, fetch_path, also)
         return []
 
     def refused(self, session: ISyncSession, path: object, why: str) -> None:
