@@ -31,6 +31,7 @@ from clearskies.sync.downloads import Downloads
 from clearskies.sync import limits
 from clearskies.sync.limits import MAX_FINISHING, WINDOW
 from clearskies.sync.merging import RecordMerger
+from clearskies.sync.revert import ShareRevert
 from clearskies.sync.unresolved import UnresolvedRecords
 from clearskies.sync.wanted import Wanted, WantedFiles
 from clearskies.transfer.receiver import FileReceiver
@@ -67,7 +68,7 @@ class ShareSync:
         self.rng = rng or random.Random()
         self.window = window
         self.sessions: dict[str, ISyncSession] = {}
-        self.wanted = WantedFiles(share.lists, share.share_id, refilled=self.pump,
+        self.wanted = WantedFiles(share.lists, share.share_id, refilled=self.pump, clock=clock,
                                   busy=lambda p: p in self.in_flight or p in self.finishing)
         self.in_flight: dict[str, ISyncSession] = {}
         # Payloads received and being verified/installed (path -> session): out of
@@ -94,6 +95,8 @@ class ShareSync:
             disk=self.diskwatch, copies=self.copies, relay=self.relay, pump=self.pump,
             pump_at=self._retry_at, refused=self.refused, announced=self.announced_elsewhere,
             report_progress=self.report_progress, unwritable_files=unwritable_files)
+        self.reverting = ShareRevert(share, signing, self.sessions, self.wanted, self.in_flight,
+                                     self.finishing, self.pump)
 
     @property
     def unresolved(self) -> dict[str, tuple[str, FileRecord]]:
@@ -395,67 +398,16 @@ class ShareSync:
     def stop(self) -> None:
         """The share stops: no retry is left scheduled on the reactor."""
         self._unresolved.stop()
+        self.wanted.stop()
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
 
     # -- read-only shares: the share's version back --------------------------------
 
-    async def revert(self, prefix: str = "") -> dict[str, Any]:
-        """Put the share's version back for every local change under ``prefix``.
-
-        Files added here are deleted, edited or deleted files are fetched again
-        from connected peers (replacing the edit atomically once the content is
-        verified), missing directories are made again.  Files the share's version
-        holds are never deleted: until every page of its manifest is here, files
-        it does not list are left alone (``complete`` is false in the reply).
-        """
-        assert self.signing is not None, "only a read-only share has a version to go back to"
-        store = self.signing.store
-        share = store.share_records()
-        comparison = await readonly.compare_with_share(self.share, store)
-        paths = [p for p in comparison.unshared if readonly.inside(p, prefix)]
-        removed = fetching = 0
-        committed: list[FileRecord] = []
-
-        async def restore(path: str, theirs: FileRecord) -> None:
-            nonlocal fetching
-            if theirs.is_dir:
-                await self.share.make_directory(path, theirs.mode)
-                committed.append(theirs)
-                return
-            # (Merges of other peers go on meanwhile: asked path by path, not ahead.)
-            announced = await announced_by(self.sessions.values(), [path])
-            sources = {s.peer_id for s, known in announced.items()
-                       if path in known and known[path].same_content(theirs)
-                       } or set(self.sessions)
-            self.wanted.put(Wanted(theirs, sources=sources))
-            fetching += 1
-
-        for path in sorted(paths, reverse=True):  # contents before their directories
-            theirs = share.get(path)
-            ours = await self.share.get_record(path)
-            if theirs is None or theirs.deleted:
-                if await self.share.remove_local(path):
-                    removed += 1
-                    committed.append(theirs or FileRecord(
-                        path=path, utime=ours.utime if ours else 0.0, deleted=True,
-                        vv=dict(ours.vv) if ours else {}))
-                continue
-            await restore(path, theirs)
-        # Files of the share's version we lack through no edit of ours (say, a deletion
-        # recorded as the share's version by mistake): fetched again as well.
-        for path in comparison.missing:
-            theirs = share[path]
-            if readonly.inside(path, prefix) and not theirs.deleted \
-                    and path not in self.in_flight and path not in self.finishing \
-                    and not await self.wanted.contains(path):
-                await restore(path, theirs)
-        if committed:
-            await self.share.commit_remote(committed)
-        self.pump()
-        return {"removed": removed, "restoring": fetching, "changes": len(paths),
-                "complete": comparison.settled}
+    def revert(self, prefix: str = "") -> Deferred[dict[str, Any]]:
+        """Read-only share: its version back over local changes under ``prefix`` (ShareRevert)."""
+        return Deferred.fromCoroutine(self.reverting.revert(prefix))
 
 
 def _has_ancestor_in(path: str, folders: set[str]) -> bool:

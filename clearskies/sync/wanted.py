@@ -22,12 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from clearskies.share.records import FileRecord
 
 #: Wanted files held in memory before the later ones (in path order) go to the database.
 MEMORY_LIMIT = 2000
+
+#: Files wanted past the window are written to the database together, up to this many
+#: at a time (a peer's manifest of 100,000 files is not 100,000 transactions).
+WRITE_BATCH = 1000
 
 #: Below this share of the limit in memory, the next page is read back from the database.
 REFILL_BELOW = 0.25
@@ -70,10 +75,13 @@ class WantedFiles(dict[str, Wanted]):
     def __init__(self, lists: Any = None, share_id: str = "", *,
                  memory_limit: int = MEMORY_LIMIT,
                  busy: Callable[[str], bool] | None = None,
-                 refilled: Callable[[], None] | None = None) -> None:
+                 refilled: Callable[[], None] | None = None,
+                 clock: IReactorTime | None = None) -> None:
         """``lists``: the database's paged lists (None: everything stays in memory).
         ``busy``: True for a path being downloaded (never moved out of memory).
-        ``refilled``: called when entries came back from the database (pump)."""
+        ``refilled``: called when entries came back from the database (pump).
+        ``clock``: files wanted past the window in one reactor turn are written
+        together (None: each at once)."""
         super().__init__()
         self._lists = lists
         self._share_id = share_id
@@ -88,6 +96,9 @@ class WantedFiles(dict[str, Wanted]):
         self._writes = 0  # database writes whose totals are not counted yet
         self._refilling = False
         self._held: list[Callable[[], None]] = []  # past-the-limit changes during a refill
+        self._clock = clock
+        self._outbox: list[tuple[FileRecord, str | None, tuple[str, ...]]] = []
+        self._flush_call: Any = None
 
     # -- totals ------------------------------------------------------------------
 
@@ -100,7 +111,7 @@ class WantedFiles(dict[str, Wanted]):
         return dict.__len__(self) + self.stored_count
 
     def __bool__(self) -> bool:
-        return len(self) > 0 or self._writes > 0 or bool(self._held)
+        return len(self) > 0 or self._writes > 0 or bool(self._held) or bool(self._outbox)
 
     @property
     def in_memory(self) -> int:
@@ -149,7 +160,11 @@ class WantedFiles(dict[str, Wanted]):
         if self._held_back(lambda: self.want(record, peer_id, fetch_path, also), record.path):
             return
         if self._stored(record.path):
-            self._put_stored(record, fetch_path, {peer_id, *also})
+            self._outbox.append((record, fetch_path, (peer_id, *also)))
+            if len(self._outbox) >= WRITE_BATCH or self._clock is None:
+                self._flush()
+            elif self._flush_call is None:
+                self._flush_call = self._clock.callLater(0, self._flush)
             return
         wanted = self.get(record.path)
         if wanted is None or wanted.record != record:
@@ -196,6 +211,7 @@ class WantedFiles(dict[str, Wanted]):
         if self._held_back(lambda: self.supersede(record), record.path):
             return
         if self._stored(record.path):
+            self._flush()
             self._count(self._lists.remove_wanted_superseded(self._share_id, [record]), -1)
             return
         wanted = self.get(record.path)
@@ -214,6 +230,7 @@ class WantedFiles(dict[str, Wanted]):
         if not self._stored(path):
             return path in self
         # The database thread runs calls in order: every write asked before is done.
+        self._flush()
         found = await self._lists.wanted_many(self._share_id, [path])
         return path in found
 
@@ -224,6 +241,7 @@ class WantedFiles(dict[str, Wanted]):
         if self._refilling:  # the page on its way may list it: taken out once it is here
             self._held.append(lambda: self.drop_source(peer_id))
         elif self.limit is not None:
+            self._flush()
             self._track(self._lists.drop_source(self._share_id, peer_id))
 
     def failed(self, path: str, peer_id: str, now: float) -> None:
@@ -237,6 +255,12 @@ class WantedFiles(dict[str, Wanted]):
         return sum(self[p].record.size or 0 for p in paths if p in self)
 
     # -- the database past the window -------------------------------------------------
+
+    def stop(self) -> None:
+        """The share stops: no write is left scheduled on the reactor."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
 
     def _held_back(self, change: Callable[[], None], path: str) -> bool:
         """True when ``path`` lies past the window while a refill moves it: the change
@@ -262,12 +286,25 @@ class WantedFiles(dict[str, Wanted]):
 
         return self._track(d.addCallback(counted))
 
+    def _flush(self) -> None:
+        """Write the files wanted past the window so far; every other database call of
+        ours comes after it, so the table sees the changes in the order they were made."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            self._count(self._lists.put_wanted(self._share_id, items), 1)
+
     def _put_stored(self, record: FileRecord, fetch_path: str | None,
                     sources: Iterable[str]) -> Deferred[Any]:
+        self._flush()
         return self._count(self._lists.put_wanted(
             self._share_id, [(record, fetch_path, tuple(sources))]), 1)
 
     def _discard_stored(self, path: str) -> Deferred[Any]:
+        self._flush()
         return self._count(self._lists.remove_wanted(self._share_id, [path]), -1)
 
     def _failed(self, failure: Any) -> None:
@@ -294,6 +331,7 @@ class WantedFiles(dict[str, Wanted]):
             self.stored_bytes += wanted.record.size or 0
             items.append((wanted.record, wanted.fetch_path, tuple(wanted.sources)))
         self.limit = cut
+        self._flush()
         # Counted already (they were in memory, so not in the table): totals not added again.
         self._track(self._lists.put_wanted(self._share_id, items))
 
@@ -310,6 +348,7 @@ class WantedFiles(dict[str, Wanted]):
 
     def refill(self) -> Deferred[None]:
         """Take the next page past the window out of the database into memory."""
+        self._flush()
         self._refilling = True
         page = self._memory_limit // 2
 
