@@ -236,16 +236,16 @@ class VersionStore:
             return None
         return version
 
-    def local_copy(self, sha256: str, size: int) -> Path | None:
+    def local_copy(self, sha256: str, size: int | None = None) -> Path | None:
         """A kept version holding this content, to copy instead of downloading it."""
         for version in reversed(self.versions()):
-            if version.sha256 == sha256 and version.size == size:
+            if version.sha256 == sha256 and size in (None, version.size):
                 content = self._content(version.version_id)
                 try:
                     st = os.lstat(content)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode) and st.st_size == size:
+                if stat.S_ISREG(st.st_mode) and st.st_size == version.size:
                     return content
         return None
 

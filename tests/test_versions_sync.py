@@ -1,0 +1,127 @@
+"""Versions kept when a peer's change replaces or deletes a file (a real daemon, scripted peers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+
+from clearskies.share.versions import VersionStore
+from tests.helpers import async_test
+from tests.peerkit import PeerKitCase, file_entry, wait_until
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class KeptVersionTests(PeerKitCase):
+    async def local_file(self, name: str, data: bytes):
+        """The daemon running with ``name`` holding ``data``, scanned; (runtime, record)."""
+        self.share_path(name).write_bytes(data)
+        runtime = await self.start_daemon()
+        record = await runtime.get_record(name)
+        assert record is not None and record.sha256 == sha(data)
+        return runtime, record
+
+    async def peer_changes(self, name: str, record, data: bytes | None):
+        """A scripted peer announces its change of ``name`` over ``record``: new content or a
+        deletion; returns (peer id, session) once the disk shows it."""
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        vv = dict(record.vv)
+        vv[peer_id] = 1
+        if data is None:
+            entry = {"path": name, "utime": record.utime + 10, "deleted": True, "vv": vv}
+        else:
+            entry = file_entry(name, data, vv=vv, utime=record.utime + 10)
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": [entry]})
+        if data is None:
+            await wait_until(lambda: not self.share_path(name).exists(), what="the deletion")
+        else:
+            await peer.wait_for("get", where=lambda b: b["path"] == name)
+            peer.send_payload({"type": "file_data", "path": name}, data)
+            await wait_until(lambda: self.share_path(name).read_bytes() == data,
+                             what="the new content")
+        return peer_id, peer
+
+    def kept(self):
+        return VersionStore(self.share_dir).versions()
+
+    @async_test
+    async def test_a_replaced_file_is_kept_with_the_peer_that_replaced_it(self):
+        """A peer's new content over our file: the old bytes are kept, with hash and peer."""
+        _, record = await self.local_file("notes.txt", b"the old notes\n")
+        peer_id, _ = await self.peer_changes("notes.txt", record, b"their notes\n")
+        [version] = self.kept()
+        self.assertEqual((version.path, version.size, version.sha256, version.peer,
+                          version.cause),
+                         ("notes.txt", 14, sha(b"the old notes\n"), peer_id, "replaced"))
+        content = self.share_dir / ".clearskies-versions" / version.version_id
+        self.assertEqual(content.read_bytes(), b"the old notes\n")
+
+    @async_test
+    async def test_a_deleted_file_is_kept(self):
+        """A peer's deletion moves our file into the versions folder instead of unlinking it."""
+        _, record = await self.local_file("photo.jpg", b"\xff\xd8 pixels")
+        inode = os.stat(self.share_path("photo.jpg")).st_ino
+        peer_id, _ = await self.peer_changes("photo.jpg", record, None)
+        [version] = self.kept()
+        self.assertEqual((version.path, version.peer, version.cause),
+                         ("photo.jpg", peer_id, "deleted"))
+        content = self.share_dir / ".clearskies-versions" / version.version_id
+        self.assertEqual(content.stat().st_ino, inode)  # a rename, not a copy
+
+    @async_test
+    async def test_mode_off_keeps_nothing(self):
+        """versions off: a peer's deletion deletes, nothing is kept."""
+        runtime, record = await self.local_file("a.txt", b"gone for good")
+        await runtime.versions.configure("mode", "off")
+        await self.peer_changes("a.txt", record, None)
+        self.assertEqual(self.kept(), [])
+
+    @async_test
+    async def test_versions_folder_in_the_way_loses_nothing(self):
+        """When the versions folder cannot take the file, the deletion waits: the file stays,
+        the daemon says why and keeps running."""
+        self.share_path(".clearskies-versions").write_bytes(b"a file, not a folder")
+        _, record = await self.local_file("keep.txt", b"precious")
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        vv = dict(record.vv)
+        vv[peer_id] = 1
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": [
+            {"path": "keep.txt", "utime": record.utime + 10, "deleted": True, "vv": vv}]})
+        await wait_until(lambda: any("could not be kept" in line for line in self.logged()),
+                         what="the warning")
+        self.assertEqual(self.share_path("keep.txt").read_bytes(), b"precious")
+        self.assertFalse(peer.closed)
+        self.assertEqual(self.runtime.service.status.state, "idle")
+
+    @async_test
+    async def test_a_kept_version_is_copied_instead_of_downloaded(self):
+        """Content a peer deleted and another brings back is taken from the kept version."""
+        data = os.urandom(100_000)
+        _, record = await self.local_file("big.bin", data)
+        await self.peer_changes("big.bin", record, None)
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1,
+                   "files": [file_entry("again.bin", data, vv={peer_id: 1})]})
+        await wait_until(lambda: self.share_path("again.bin").exists()
+                         and self.share_path("again.bin").read_bytes() == data,
+                         what="the copy")
+        self.assertEqual(peer.messages("get"), [])
+
+    @async_test
+    async def test_peers_never_see_the_versions_folder(self):
+        """The versions folder is not announced, and a peer cannot write into it."""
+        _, record = await self.local_file("x.txt", b"x")
+        peer_id, peer = await self.peer_changes("x.txt", record, b"y")
+        hostile = file_entry(".clearskies-versions/evil", b"evil", vv={peer_id: 1})
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 2, "files": [hostile]})
+        peer.send({"type": "get_manifest", "revision": 0})
+        _, reply = await peer.wait_for("manifest")
+        self.assertNotIn(".clearskies-versions", json.dumps(reply))
+        self.assertFalse((self.share_dir / ".clearskies-versions" / "evil").exists())
