@@ -89,7 +89,7 @@ class ShareVersions:
         policy = self.policy.with_setting(key, value)
         await self._config.set_config(self.config_key, policy.to_json())
         self.policy = policy
-        await self.clean()
+        await self._clean_logged()
         return policy
 
     # -- cleaning -----------------------------------------------------------------

@@ -7,9 +7,10 @@ has one :class:`VersionPolicy`:
 - ``off``: nothing new is kept;
 - ``trash``: every replaced or deleted file is kept;
 - ``simple``: the newest ``keep`` versions of each path are kept;
-- ``staggered``: versions thin out with age.  Between two versions of a path
-  kept, going from the newest back, lies at least an hour while they are
-  under a day old, a day while under 30 days, a week after that.
+- ``staggered``: versions thin out with age.  Every version under an hour
+  old stays; going back from the newest, between two versions of a path
+  kept lies at least an hour while they are under a day old, a day while
+  under 30 days, a week after that.
 
 In every mode a version older than ``days`` days goes (0: no age limit), and
 when the share's kept versions together pass ``max_bytes`` (0: no cap) the
@@ -28,7 +29,7 @@ HOUR = 3600.0
 DAY = 24 * HOUR
 WEEK = 7 * DAY
 #: ``staggered``: (age below which, the spacing kept); older versions keep one per week.
-STAGGER = ((DAY, HOUR), (30 * DAY, DAY))
+STAGGER = ((HOUR, 0.0), (DAY, HOUR), (30 * DAY, DAY))
 
 MAX_DAYS = 100 * 365
 MAX_KEEP = 10_000

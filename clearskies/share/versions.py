@@ -195,6 +195,9 @@ class VersionStore:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise VersionError("cannot read the versions folder %s: %s"
+                               % (self.directory, e.strerror or e)) from None
         found = []
         for name in names:
             if not name.endswith(".json"):
