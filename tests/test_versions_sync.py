@@ -125,3 +125,31 @@ class KeptVersionTests(PeerKitCase):
         _, reply = await peer.wait_for("manifest")
         self.assertNotIn(".clearskies-versions", json.dumps(reply))
         self.assertFalse((self.share_dir / ".clearskies-versions" / "evil").exists())
+
+    @async_test
+    async def test_a_replacement_waits_while_its_old_content_cannot_be_kept(self):
+        """A download over a file the versions folder cannot take is not put in place (the
+        old bytes stay); once the folder is usable again it arrives, and the old is kept."""
+        from clearskies.sync import limits
+        self.patch(limits, "RETRY_AFTER", 0.3)
+        self.share_path(".clearskies-versions").write_bytes(b"in the way")
+        _, record = await self.local_file("doc.txt", b"old words")
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        vv = dict(record.vv)
+        vv[peer_id] = 1
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": [
+            file_entry("doc.txt", b"new words", vv=vv, utime=record.utime + 10)]})
+        first, _ = await peer.wait_for("get", where=lambda b: b["path"] == "doc.txt")
+        peer.send_payload({"type": "file_data", "path": "doc.txt"}, b"new words")
+        await wait_until(lambda: any("could not write doc.txt" in line
+                                     for line in self.logged()), what="the warning")
+        self.assertEqual(self.share_path("doc.txt").read_bytes(), b"old words")
+        self.assertFalse(peer.closed)
+        os.unlink(self.share_path(".clearskies-versions"))
+        await peer.wait_for("get", since=first + 1, where=lambda b: b["path"] == "doc.txt")
+        peer.send_payload({"type": "file_data", "path": "doc.txt"}, b"new words")
+        await wait_until(lambda: self.share_path("doc.txt").read_bytes() == b"new words",
+                         what="the new content")
+        [version] = self.kept()
+        self.assertEqual((version.sha256, version.peer), (sha(b"old words"), peer_id))
