@@ -83,9 +83,13 @@ def _remove(path: str, stored: StoredRecord | None, keep: Keep | None = None) ->
 
 
 def _remove_all(jobs: list[tuple[str | None, StoredRecord | None]], keep: Keep | None,
-                versions: VersionStore | None) -> list[bool]:
-    """``_remove`` for a batch; then one fsync of the versions folder, if files went there."""
-    done = [job[0] is not None and _quietly(_remove, *job, keep) for job in jobs]
+                versions: VersionStore | None, quietly: bool = True) -> list[bool]:
+    """``_remove`` for a batch; then one fsync of the versions folder, if files went there.
+
+    ``quietly``: a failure fails only its own item (else it is raised).
+    """
+    done = [job[0] is not None and (_quietly(_remove, *job, keep) if quietly
+                                    else _remove(*job, keep)) for job in jobs]
     if keep is not None and versions is not None and any(done):
         versions.sync()
     return done
@@ -269,26 +273,35 @@ class LocalShareFiles:
 
     async def _remove_local(self, path: str) -> bool:
         stored = await self.store.get_stored(self.share_id, path)
-        [done] = await self._remove_kept([(str(self.local_path(path)), stored)], {})
+        [done] = await self._remove_kept([(str(self.local_path(path)), stored)], {},
+                                         quietly=False)
         return done
 
     async def _remove_kept(self, jobs: list[tuple[str | None, StoredRecord | None]],
-                           changes: dict[str, FileRecord]) -> list[bool]:
+                           changes: dict[str, FileRecord], quietly: bool = True) -> list[bool]:
         """Remove files, keeping them as versions when the share keeps them."""
         failed: list[tuple[str, str]] = []
         keep = self.versions.remover(changes, failed) if self.versions is not None else None
-        done = await self.files_runner.run(
-            _remove_all, jobs, keep, self.versions.store if self.versions else None)
+        try:
+            done = await self.files_runner.run(
+                _remove_all, jobs, keep, self.versions.store if self.versions else None,
+                quietly)
+        except OSError:
+            self._not_kept(failed)
+            raise
         if keep is not None and self.versions is not None:
             self.versions.note_kept([row.record.sha256 for (_, row), ok in zip(jobs, done)
                                      if ok and row is not None and not row.record.is_dir])
-        if failed:
+        self._not_kept(failed)
+        return done
+
+    def _not_kept(self, failed: list[tuple[str, str]]) -> None:
+        if failed and self.versions is not None:
             self._log.warn("{count} file(s) deleted by peers were not deleted here: they could "
                            "not be kept in {folder} ({why}); make it writable, or choose "
                            "'clearskies config set versions off --share {root}'",
                            count=len(failed), folder=str(self.versions.store.directory),
                            why=failed[0][1], root=str(self.versions.store.root))
-        return done
 
     def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
         return self.files_runner.run(_make_directory, str(self.local_path(path)), mode)
