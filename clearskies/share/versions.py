@@ -37,6 +37,8 @@ from clearskies.share.versionpolicy import KeptVersion
 VERSION_ID = re.compile(r"\A\d{8}-\d{6}-[0-9a-f]{8}\Z")
 #: A description larger than this is not ours.
 MAX_DESCRIPTION = 64 * 1024
+#: The suffix of files being written inside the versions folder.
+PARTIAL = ".partial"
 #: Descriptions without content are removed once this old (a crash mid-keep).
 ORPHAN_AGE = 3600.0
 
@@ -176,13 +178,13 @@ class VersionStore:
 
     @staticmethod
     def _copy(source: str, destination: Path) -> None:
-        temp = destination.with_name(destination.name + TEMP_SUFFIX)
+        temp = destination.with_name(destination.name + PARTIAL)
         shutil.copy2(source, temp, follow_symlinks=False)
         os.replace(temp, destination)
 
     def _describe(self, version: Version) -> None:
         path = self._description(version.version_id)
-        temp = path.with_name(path.name + TEMP_SUFFIX)
+        temp = path.with_name(path.name + PARTIAL)
         with open(temp, "w", encoding="utf-8") as f:
             json.dump(version.to_json(), f)
         os.replace(temp, path)
@@ -320,7 +322,7 @@ class VersionStore:
         for name in names:
             full = self.directory / name
             stem = name[:-5] if name.endswith(".json") else None
-            stray = (name.endswith(TEMP_SUFFIX)
+            stray = (name.endswith(PARTIAL)
                      or (stem is not None and stem not in present))
             if not stray:
                 continue
