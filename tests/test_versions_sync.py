@@ -153,3 +153,23 @@ class KeptVersionTests(PeerKitCase):
                          what="the new content")
         [version] = self.kept()
         self.assertEqual((version.sha256, version.peer), (sha(b"old words"), peer_id))
+
+    @async_test
+    async def test_keeping_a_replaced_file_is_not_seen_as_a_local_change(self):
+        """The hard link that keeps the old content raises no watcher event for the path:
+        the replacement is not rescanned."""
+        runtime, record = await self.local_file("watched.txt", b"before")
+        touched: list[str] = []
+        debouncer = runtime.service._debouncer
+        original_touch = debouncer.touch
+
+        def spy(path: str, wait: float | None = None) -> None:
+            touched.append(path)
+            original_touch(path, wait)
+
+        debouncer.touch = spy  # type: ignore[method-assign]
+        await self.peer_changes("watched.txt", record, b"after")
+        self.share_path("marker").write_bytes(b"x")
+        await wait_until(lambda: "marker" in touched, what="the marker's event")
+        self.assertNotIn("watched.txt", touched)
+        self.assertEqual(len(self.kept()), 1)
