@@ -160,3 +160,29 @@ def test_local_copy_by_hash(tmp_path: Path) -> None:
     copy = store.local_copy(sha(b"content"), 7)
     assert copy is not None and copy.read_bytes() == b"content"
     assert store.local_copy(sha(b"content"), 8) is None
+
+
+def test_author_is_the_peer_whose_counter_grew() -> None:
+    """The peer credited with a change is the one whose version-vector counter grew most."""
+    from clearskies.daemon.versions import author
+    from clearskies.share.records import FileRecord
+    ours = FileRecord("a", 1.0, vv={"us": 3, "bob": 1})
+    assert author(FileRecord("a", 2.0, vv={"us": 3, "bob": 2}), ours) == "bob"
+    assert author(FileRecord("a", 2.0, vv={"us": 3, "bob": 1, "carol": 4}), ours) == "carol"
+    assert author(FileRecord("a", 2.0, vv={"us": 3, "bob": 1}), ours) is None
+    assert author(None, ours) is None
+
+
+def test_clean_job_applies_the_policy_at_a_given_time(tmp_path: Path) -> None:
+    """Cleaning drops what the policy no longer keeps at ``now`` and reports the hashes left."""
+    from clearskies.daemon.versions import clean_job
+    from clearskies.share.versionpolicy import DAY, VersionPolicy
+    store = VersionStore(tmp_path)
+    old = store.keep(make(tmp_path, "a", b"old"), "a", NOW - 40 * DAY, sha256=sha(b"old"))
+    new = store.keep(make(tmp_path, "a", b"new"), "a", NOW, sha256=sha(b"new"))
+    assert old is not None and new is not None
+    dropped, freed, hashes = clean_job(store, VersionPolicy(), NOW)
+    assert (dropped, freed, hashes) == (1, 3, {sha(b"new"): 1})
+    assert [v.version_id for v in store.versions()] == [new.version_id]
+    assert clean_job(store, VersionPolicy("trash", days=0), NOW + 1000 * DAY)[0] == 0
+    assert clean_job(store, VersionPolicy(max_bytes=2), NOW)[:2] == (1, 3)
