@@ -173,3 +173,75 @@ class KeptVersionTests(PeerKitCase):
         await wait_until(lambda: "marker" in touched, what="the marker's event")
         self.assertNotIn("watched.txt", touched)
         self.assertEqual(len(self.kept()), 1)
+
+
+class VersionControlTests(PeerKitCase):
+    async def ask(self, request: dict):
+        from twisted.internet.defer import maybeDeferred
+
+        from clearskies.control.commands import DaemonCommands
+        return await maybeDeferred(DaemonCommands(self.daemon).dispatch, request)
+
+    async def refused(self, request: dict, code: str, says: str) -> None:
+        from clearskies.control.protocol import ControlError
+        try:
+            await self.ask(request)
+        except ControlError as e:
+            self.assertEqual(e.code, code, e.message)
+            self.assertIn(says, e.message)
+        else:
+            self.fail("%r was not refused" % (request,))
+
+    @async_test
+    async def test_bad_requests_are_refused_and_change_nothing(self):
+        """Malformed or impossible restores and settings get clear errors; the file stays."""
+        self.share_path("a.txt").write_bytes(b"mine")
+        await self.start_daemon()
+        root, a = str(self.share_dir), str(self.share_path("a.txt"))
+        for request, code, says in [
+            ({"type": ".clearskies.restore", "path": "a.txt"}, "bad_request", "absolute"),
+            ({"type": ".clearskies.restore", "path": root}, "bad_request", "not its folder"),
+            ({"type": ".clearskies.restore", "path": a, "version": 5}, "bad_request", "ID"),
+            ({"type": ".clearskies.restore", "path": a, "at": float("nan")}, "bad_request",
+             "at must"),
+            ({"type": ".clearskies.restore", "path": a, "at": 1, "version": "x"},
+             "bad_request", "not both"),
+            ({"type": ".clearskies.restore", "path": a, "version": "x" * 40},
+             "no_such_version", "not a version ID"),
+            ({"type": ".clearskies.restore", "path": a}, "no_such_version", "no version of"),
+            ({"type": ".clearskies.restore", "path": str(self.outside / "a.txt")},
+             "no_such_share", "not inside a share"),
+            ({"type": ".clearskies.share_config", "path": a}, "bad_request", "belong to a share"),
+            ({"type": ".clearskies.share_config", "path": root, "key": "versions"},
+             "bad_request", "needs a value"),
+            ({"type": ".clearskies.share_config", "path": root, "key": "versions_keep",
+              "value": 0}, "bad_request", "from 1"),
+            ({"type": ".clearskies.share_config", "path": root, "key": "mode", "value": 1},
+             "unknown_key", "share settings"),
+            ({"type": ".clearskies.versions", "path": root, "clean": True, "now": "soon"},
+             "bad_request", "now must"),
+        ]:
+            await self.refused(request, code, says)
+        self.assertEqual(self.share_path("a.txt").read_bytes(), b"mine")
+
+    @async_test
+    async def test_restore_through_a_symlink_out_of_the_share_is_refused(self):
+        """A path whose folder is a symbolic link leading out of the share is not written."""
+        await self.start_daemon()
+        os.symlink(self.outside, self.share_path("link"))
+        await self.refused({"type": ".clearskies.restore",
+                            "path": str(self.share_path("link") / "x.txt")},
+                           "no_such_share", "not inside a share")
+        self.assertEqual(os.listdir(self.outside), [])
+
+    @async_test
+    async def test_settings_are_stored_and_read_back(self):
+        """A share's versions settings are stored in the state database and read back from it."""
+        runtime = await self.start_daemon()
+        reply = await self.ask({"type": ".clearskies.share_config", "path": str(self.share_dir),
+                                "key": "versions_max_bytes", "value": 1000})
+        self.assertEqual(reply["config"]["versions_max_bytes"], 1000)
+        await runtime.versions.load()
+        self.assertEqual(runtime.versions.policy.max_bytes, 1000)
+        stored = await runtime.store.get_config(runtime.versions.config_key)
+        self.assertEqual(stored["max_bytes"], 1000)
