@@ -92,7 +92,9 @@ class VersionCommands:
                 self.output.line("%s  %s  %9s  %s  (%s)" % (
                     version["id"], show_time(version["time"]),
                     format_bytes(version["size"]), version["path"], by.strip()))
-            self.output.line("%d version(s) in %s" % (len(kept), reply.get("folder")))
+            total = reply.get("total", len(kept))
+            shown = "" if total == len(kept) else " (the newest %d shown)" % len(kept)
+            self.output.line("%d version(s)%s in %s" % (total, shown, reply.get("folder")))
 
         self.output.emit(reply, text)
         return EXIT_OK

@@ -21,8 +21,9 @@ from clearskies.share.versions import VersionError
 #: Per-share settings (``share_config``) -> the versions policy's own names.
 SHARE_KEYS = {"versions": "mode", "versions_days": "days", "versions_keep": "keep",
               "versions_max_bytes": "max_bytes"}
-#: Versions listed in one reply, at most (the newest).
-MAX_LISTED = 10_000
+#: Versions listed in one reply, at most (the newest): with paths of up to
+#: 4 KiB the reply stays well under the client's 16 MiB line limit.
+MAX_LISTED = 2_000
 
 
 def share_settings(policy: Any) -> dict[str, Any]:
@@ -80,7 +81,7 @@ class VersionCommands:
         return {
             "share": str(runtime.root), "path": relative,
             "settings": share_settings(versions.policy),
-            "folder": str(versions.store.directory),
+            "folder": str(versions.store.directory), "total": len(kept),
             "versions": [{
                 "id": v.version_id, "path": v.path, "time": v.time, "size": v.size,
                 "sha256": v.sha256, "peer": v.peer, "peer_name": names.get(v.peer or ""),

@@ -98,6 +98,15 @@ class ShareVersions:
         self._loop = LoopingCall(self._clean_logged)
         self._loop.clock = self._clock
         self._first = self._clock.callLater(FIRST_CLEAN, self._start_loop)
+        # What the kept versions hold, known before the first cleaning (local copies).
+        d = self._runner.run(lambda: _hashes(self.store.versions()))
+        d.addCallbacks(self._known_hashes, lambda f: self._log.info(
+            "cannot read the kept versions in {folder}: {why}",
+            folder=str(self.store.directory), why=f.getErrorMessage()))
+
+    def _known_hashes(self, hashes: dict[str, int]) -> None:
+        for digest, count in hashes.items():
+            self.hashes[digest] = max(count, self.hashes.get(digest, 0))
 
     def _start_loop(self) -> None:
         self._first = None
