@@ -245,3 +245,16 @@ class VersionControlTests(PeerKitCase):
         self.assertEqual(runtime.versions.policy.max_bytes, 1000)
         stored = await runtime.store.get_config(runtime.versions.config_key)
         self.assertEqual(stored["max_bytes"], 1000)
+
+    @async_test
+    async def test_restore_over_a_folder_is_refused(self):
+        """A path that became a folder is not replaced by a restore: refused, folder intact."""
+        self.share_path("d").write_bytes(b"a file once")
+        runtime = await self.start_daemon()
+        record = await runtime.get_record("d")
+        await runtime.remove_many(["d"], [record])  # as a peer's deletion would: kept
+        self.share_path("d").mkdir()
+        (self.share_path("d") / "inside.txt").write_bytes(b"new")
+        await self.refused({"type": ".clearskies.restore", "path": str(self.share_path("d"))},
+                           "refused", "not a file now")
+        self.assertEqual((self.share_path("d") / "inside.txt").read_bytes(), b"new")

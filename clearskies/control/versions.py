@@ -16,7 +16,7 @@ from clearskies.control.protocol import ControlError
 from clearskies.errors import UnsafePathError
 from clearskies.share.ignore import VERSIONS_NAME
 from clearskies.share.versionpolicy import PolicyError
-from clearskies.share.versions import VersionError
+from clearskies.share.versions import RestoreRefused, VersionError
 
 #: Per-share settings (``share_config``) -> the versions policy's own names.
 SHARE_KEYS = {"versions": "mode", "versions_days": "days", "versions_keep": "keep",
@@ -109,6 +109,8 @@ class VersionCommands:
             raise ControlError("refused", "cannot restore %s: %s" % (relative, e)) from None
         try:
             version, previous = await runtime.versions.restore(relative, local, version_id, at)
+        except RestoreRefused as e:
+            raise ControlError("refused", str(e)) from None
         except VersionError as e:
             raise ControlError("no_such_version", str(e)) from None
         except OSError as e:

@@ -51,6 +51,10 @@ class VersionError(Exception):
     """A version that cannot be found, read or put back; the message says why."""
 
 
+class RestoreRefused(VersionError):
+    """The version exists, but cannot be put back (its content changed, the path is a folder)."""
+
+
 @dataclass(frozen=True)
 class Version:
     """One kept version, as its description says."""
@@ -272,7 +276,7 @@ class VersionStore:
         try:
             digest = _copy_hashing(content, temp)
             if version.sha256 is not None and digest != version.sha256:
-                raise VersionError("version %s no longer holds the content it was kept with "
+                raise RestoreRefused("version %s no longer holds the content it was kept with "
                                    "(its file was changed); nothing restored" % version.version_id)
             if version.mode is not None:
                 os.chmod(temp, version.mode & 0o7777 | 0o600)
@@ -281,7 +285,7 @@ class VersionStore:
             previous = None
             if os.path.lexists(local):
                 if not os.path.isfile(local) or os.path.islink(local):
-                    raise VersionError("%s is not a file now; move it away to restore "
+                    raise RestoreRefused("%s is not a file now; move it away to restore "
                                        "there" % local)
                 previous = self.keep(local, path, now, move=False, cause="restore")
             os.replace(temp, local)
@@ -385,4 +389,5 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["VERSION_ID", "Version", "VersionError", "VersionStore", "new_version_id"]
+__all__ = ["VERSION_ID", "RestoreRefused", "Version", "VersionError", "VersionStore",
+           "new_version_id"]
