@@ -15,7 +15,7 @@ from typing import Any
 from clearskies.cli_commands import EXIT_OK, CommandFailed
 from clearskies.cli_output import format_bytes
 
-CAUSES = {"replaced": "replaced by", "deleted": "deleted by", "restore": "replaced by a restore"}
+CAUSES = {"replaced": "replaced", "deleted": "deleted", "restore": "replaced by a restore"}
 
 
 def parse_time(text: str) -> float:
@@ -87,11 +87,12 @@ class VersionCommands:
                 return
             for version in reversed(kept):
                 peer = version.get("peer_name") or (version.get("peer") or "")[:16]
-                cause = CAUSES.get(version.get("cause"), version.get("cause"))
-                by = "%s %s" % (cause, peer) if version.get("cause") != "restore" else cause
+                by = str(CAUSES.get(version.get("cause"), version.get("cause")))
+                if peer and version.get("cause") != "restore":
+                    by += " by " + peer
                 self.output.line("%s  %s  %9s  %s  (%s)" % (
                     version["id"], show_time(version["time"]),
-                    format_bytes(version["size"]), version["path"], by.strip()))
+                    format_bytes(version["size"]), version["path"], by))
             total = reply.get("total", len(kept))
             shown = "" if total == len(kept) else " (the newest %d shown)" % len(kept)
             self.output.line("%d version(s)%s in %s" % (total, shown, reply.get("folder")))
