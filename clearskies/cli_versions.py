@@ -14,6 +14,7 @@ from typing import Any
 
 from clearskies.cli_commands import EXIT_OK, CommandFailed
 from clearskies.cli_output import format_bytes
+from clearskies.control.versions import SHARE_KEYS
 
 CAUSES = {"replaced": "replaced", "deleted": "deleted", "restore": "replaced by a restore"}
 
@@ -63,9 +64,14 @@ def add_arguments(sub: Any) -> None:
 
 
 def config_share_option(config: Any) -> None:
-    config.add_argument("--share", metavar="DIR",
-                        help="a share's own settings: versions (off, trash, simple, "
-                             "staggered), versions_days, versions_keep, versions_max_bytes")
+    """``config … --share DIR``, unless another group of share settings added it already."""
+    try:
+        config.add_argument("--share", metavar="DIR",
+                            help="a share's own settings: versions (off, trash, simple, "
+                                 "staggered), versions_days, versions_keep, "
+                                 "versions_max_bytes")
+    except argparse.ArgumentError:
+        pass  # the option is there: the settings below are one more group it reaches
 
 
 class VersionCommands:
@@ -119,7 +125,9 @@ class VersionCommands:
         return EXIT_OK
 
     def cmd_config(self) -> int:
-        if self.args.share is None:
+        # The versions settings; any other key goes on to the other groups of settings.
+        if self.args.share is None or (self.args.key is not None
+                                       and self.args.key not in SHARE_KEYS):
             return super().cmd_config()  # type: ignore[misc]
         request: dict[str, Any] = {"type": ".clearskies.share_config",
                                    "path": os.path.realpath(self.args.share)}

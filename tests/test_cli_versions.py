@@ -126,8 +126,19 @@ class VersionCommandsTests(unittest.TestCase):
             "value": "staggered"})
         run = await self.cli("config", "get", "versions_days", "--share", self.share_dir)
         self.assertEqual(run.out, "versions_days = 30\n")
-        run = await self.cli("config", "get", "colour", "--share", self.share_dir)
-        self.assertEqual(run.code, 1)
-        self.assertIn("no share setting 'colour'", run.err)
+        run = await self.cli("config", "get", "--share", self.share_dir)
+        self.assertEqual(run.out, 'versions = "trash"\nversions_days = 30\n')
         await self.cli("config", "set", "upload_limit", "5")
         self.assertEqual(self.daemon.received[-1]["type"], "set_config_value")
+        # Other keys are not the versions group's: they go on to the other settings.
+        await self.cli("config", "get", "watcher", "--share", self.share_dir)
+        self.assertNotEqual(self.daemon.received[-1]["type"], ".clearskies.share_config")
+
+
+def test_share_option_added_once() -> None:
+    """Another group of share settings may have given config its --share already."""
+    from clearskies.cli_versions import config_share_option
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--share")
+    config_share_option(parser)
+    assert parser.parse_args(["--share", "/x"]).share == "/x"
