@@ -38,6 +38,7 @@ from clearskies.cli_commands import (
     share_trouble,
 )
 from clearskies.cli_output import Output, format_bytes
+from clearskies.cli_versions import VersionCommands, add_arguments, config_share_option
 from clearskies.control.client import (
     ControlClient,
     ControlError,
@@ -91,7 +92,7 @@ def _start_error(errors: Any, status: int, data_dir: str) -> str:
     return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
-class Cli(DaemonCommands, ShareCommands, AccessCommands):
+class Cli(VersionCommands, DaemonCommands, ShareCommands, AccessCommands):
     """One CLI invocation: the parsed arguments, where to print, how to reach the daemon.
 
     The commands come from the groups of :mod:`clearskies.cli_commands`; what
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config_action", choices=["get", "set"])
     config.add_argument("key", nargs="?")
     config.add_argument("value", nargs="?")
+    config_share_option(config)
+    add_arguments(sub)
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
     scan.add_argument("path")

@@ -14,7 +14,7 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -183,17 +183,22 @@ def sync_directories(directories: Iterable[Path]) -> None:
         fsync_directory(directory)
 
 
-def install_batch(pairs: list[tuple[Path, Path]]
+def install_batch(pairs: list[tuple[Path, Path]],
+                  keep: Callable[[Path], None] | None = None
                   ) -> list[tuple[int, int, int] | OSError]:
     """Rename each (temp, target), then fsync every directory that got a file.
 
     A failed rename is returned in its place; a failed directory fsync
     fails the whole job (nothing in the batch may then be recorded).
+    ``keep``: called with each target just before the rename (it keeps
+    the file there as a version); when it fails, that target is left as it is.
     """
     outcomes: list[tuple[int, int, int] | OSError] = []
     directories: set[Path] = set()
     for temp, target in pairs:
         try:
+            if keep is not None:
+                keep(target)
             os.replace(temp, target)
             outcomes.append(stat_key(target))
         except OSError as e:

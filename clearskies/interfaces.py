@@ -104,8 +104,13 @@ class ILocalShare(Interface):
     def remove_local(path):
         """Deferred bool: the file or empty folder was deleted (False: changed since the scan)."""
 
-    def remove_many(paths, decided_on=None):
-        """``remove_local`` for many paths; ``decided_on``: our records the caller judged."""
+    def remove_many(paths, decided_on=None, changes=None):
+        """``remove_local`` for many paths; ``decided_on``: our records the caller judged;
+        ``changes``: the peers' records deleting them (who deleted what, for kept versions)."""
+
+    def keeper_for(records):
+        """Deferred: a worker-thread job ``keep(target)`` that keeps what the downloads of
+        ``records`` are about to replace as versions, or None when the share keeps none."""
 
     def make_directory(path, mode):
         """Deferred: a folder (and its parents) exists inside the share."""

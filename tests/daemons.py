@@ -74,6 +74,7 @@ LOG_TAIL_LINES = 40
 #: (the same names as clearskies.share.ignore; repeated so this module only
 #: depends on the control client).
 MARKER_NAME = ".clearskies"
+VERSIONS_NAME = ".clearskies-versions"  # a share's kept versions, never synced
 TEMP_SUFFIX = ".!clearsky"
 
 #: Leave room under the 107-byte UNIX socket limit for "/control".
@@ -389,11 +390,12 @@ def tree_snapshot(path: str | os.PathLike[str], ignore: Iterable[str] = ()) -> S
     Content is the file's SHA-256, ``"<dir>"`` for a directory,
     ``"<symlink> TARGET"`` for a symbolic link (never followed) and
     ``"<special>"`` for anything else.  Left out: the share marker
-    ``.clearskies`` at the root, partial downloads ``*.!clearsky`` anywhere,
+    ``.clearskies`` and the kept versions ``.clearskies-versions`` at the root,
+    partial downloads ``*.!clearsky`` anywhere,
     and the root-relative paths in ``ignore`` with everything under them.
     """
     root = os.fspath(path)
-    skipped = {MARKER_NAME, *ignore}
+    skipped = {MARKER_NAME, VERSIONS_NAME, *ignore}
     snapshot: Snapshot = {}
     for directory, dirnames, filenames in os.walk(root):
         relative_dir = os.path.relpath(directory, root)

@@ -160,7 +160,10 @@ class MemoryShare:
         return succeed([self.rename_local(src, dst, ours).result
                         for (src, dst), ours in zip(moves, decided)])
 
-    def remove_many(self, paths: list[str], decided_on: Any = None):
+    def keeper_for(self, records: list[FileRecord]):
+        return succeed(None)  # keeps no versions
+
+    def remove_many(self, paths: list[str], decided_on: Any = None, changes: Any = None):
         self.batch_calls.append(("remove", len(paths)))
         return succeed([self.remove_local(p).result for p in paths])
 

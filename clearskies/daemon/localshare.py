@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from clearskies import diskjobs
 from clearskies.errors import UnsafePathError
@@ -23,7 +25,14 @@ from clearskies.share.database import CacheKey, StateDatabase, StoredRecord
 from clearskies.share.pages import PagedStore
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
+from clearskies.share.versions import VersionStore
 from clearskies.transfer.modes import unwritable_mode
+
+if TYPE_CHECKING:
+    from clearskies.daemon.versions import ShareVersions
+
+Keep = Callable[[str, str, FileRecord], None]
+"""A job keeping a file as a version: (local path, share path, our record)."""
 
 
 def expected_on_disk(stored: StoredRecord | None) -> diskjobs.Expected:
@@ -48,7 +57,12 @@ def _unchanged(path: str, stored: StoredRecord | None) -> bool:
     return diskjobs.unchanged(path, expected_on_disk(stored))
 
 
-def _remove(path: str, stored: StoredRecord | None) -> bool:
+def _remove(path: str, stored: StoredRecord | None, keep: Keep | None = None) -> bool:
+    """Delete the file or empty folder at ``path`` if it is as ``stored`` says.
+
+    ``keep``: a file goes by being kept as a version (clearskies.daemon.versions)
+    instead of unlinked; when it cannot be kept (OSError) it stays.
+    """
     if not os.path.lexists(path):
         return True
     if stored is None or stored.record.deleted:
@@ -61,8 +75,24 @@ def _remove(path: str, stored: StoredRecord | None) -> bool:
         return True
     if not _matches(path, stored):
         return False
-    os.unlink(path)
+    if keep is not None:
+        keep(path, stored.path, stored.record)
+    else:
+        os.unlink(path)
     return True
+
+
+def _remove_all(jobs: list[tuple[str | None, StoredRecord | None]], keep: Keep | None,
+                versions: VersionStore | None, quietly: bool = True) -> list[bool]:
+    """``_remove`` for a batch; then one fsync of the versions folder, if files went there.
+
+    ``quietly``: a failure fails only its own item (else it is raised).
+    """
+    done = [job[0] is not None and (_quietly(_remove, *job, keep) if quietly
+                                    else _remove(*job, keep)) for job in jobs]
+    if keep is not None and versions is not None and any(done):
+        versions.sync()
+    return done
 
 
 def _make_directory(path: str, mode: int | None) -> None:
@@ -146,7 +176,11 @@ class LocalShareFiles:
     ``service`` is the share's engine (its scanner, ignore rules, paths and
     expected arrivals); ``files_runner`` (the daemon's files pool) runs the
     blocking jobs, the many small ones of downloads included (clearskies.diskjobs).
+    ``versions``, when set, keeps what peers' changes delete or replace.
     """
+
+    _log = Logger()
+    versions: ShareVersions | None = None
 
     def __init__(self, share_id: str, store: Any, files_runner: IRunner,
                  service: ShareService) -> None:
@@ -221,6 +255,8 @@ class LocalShareFiles:
             local = str(self.local_path(stored.path))
             if await self.files_runner.run(_matches, local, stored):
                 return Path(local)
+        if self.versions is not None and sha256 in self.versions.hashes:
+            return await self.versions.local_copy(sha256)  # a kept version has it
         return None
 
     def hashes_present(self, hashes: list[str]) -> Deferred[set[str]]:
@@ -229,14 +265,43 @@ class LocalShareFiles:
         A hash left out has no local copy to take the content from.
         """
         d = self.store.find_by_sha256_many(self.share_id, hashes)
-        return d.addCallback(set)
+        kept = self.versions.hashes if self.versions is not None else {}
+        return d.addCallback(lambda live: set(live) | {h for h in hashes if h in kept})
 
     def remove_local(self, path: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._remove_local(path))
 
     async def _remove_local(self, path: str) -> bool:
         stored = await self.store.get_stored(self.share_id, path)
-        return await self.files_runner.run(_remove, str(self.local_path(path)), stored)
+        [done] = await self._remove_kept([(str(self.local_path(path)), stored)], {},
+                                         quietly=False)
+        return done
+
+    async def _remove_kept(self, jobs: list[tuple[str | None, StoredRecord | None]],
+                           changes: dict[str, FileRecord], quietly: bool = True) -> list[bool]:
+        """Remove files, keeping them as versions when the share keeps them."""
+        failed: list[tuple[str, str]] = []
+        keep = self.versions.remover(changes, failed) if self.versions is not None else None
+        try:
+            done = await self.files_runner.run(
+                _remove_all, jobs, keep, self.versions.store if self.versions else None,
+                quietly)
+        except OSError:
+            self._not_kept(failed)
+            raise
+        if keep is not None and self.versions is not None:
+            self.versions.note_kept([row.record.sha256 for (_, row), ok in zip(jobs, done)
+                                     if ok and row is not None and not row.record.is_dir])
+        self._not_kept(failed)
+        return done
+
+    def _not_kept(self, failed: list[tuple[str, str]]) -> None:
+        if failed and self.versions is not None:
+            self._log.warn("{count} file(s) deleted by peers were not deleted here: they could "
+                           "not be kept in {folder} ({why}); make it writable, or choose "
+                           "'clearskies config set versions off --share {root}'",
+                           count=len(failed), folder=str(self.versions.store.directory),
+                           why=failed[0][1], root=str(self.versions.store.root))
 
     def make_directory(self, path: str, mode: int | None) -> Deferred[None]:
         return self.files_runner.run(_make_directory, str(self.local_path(path)), mode)
@@ -276,27 +341,45 @@ class LocalShareFiles:
     def own_renames_failed(self, paths: list[str]) -> None:
         self.service.expected_arrivals.cancel(paths)
 
-    def remove_many(self, paths: list[str],
-                    decided_on: list[FileRecord] | None = None) -> Deferred[list[bool]]:
+    def remove_many(self, paths: list[str], decided_on: list[FileRecord] | None = None,
+                    changes: list[FileRecord] | None = None) -> Deferred[list[bool]]:
         """``remove_local`` for many paths: one database query, one worker job.
 
         ``decided_on``: for each path, our record that the caller's merge
         found superseded.  A path whose record has changed since (the scanner
         recorded a new local edit meanwhile) is left alone: that edit was not
-        part of the decision, and deleting it would lose it.
+        part of the decision, and deleting it would lose it.  ``changes``:
+        the peers' records deleting them (for the versions kept).
         """
-        return Deferred.fromCoroutine(self._remove_many(paths, decided_on))
+        return Deferred.fromCoroutine(self._remove_many(paths, decided_on, changes))
 
-    async def _remove_many(self, paths: list[str],
-                           decided_on: list[FileRecord] | None) -> list[bool]:
+    async def _remove_many(self, paths: list[str], decided_on: list[FileRecord] | None,
+                           changes: list[FileRecord] | None = None) -> list[bool]:
         if not paths:
             return []
         stored = await self.store.get_stored_many(self.share_id, paths)
         jobs = [(self._safe_local(path),
                  _if_still(stored.get(path), decided_on[index] if decided_on else None))
                 for index, path in enumerate(paths)]
-        return await self.files_runner.run(
-            lambda: [job[0] is not None and _quietly(_remove, *job) for job in jobs])
+        return await self._remove_kept(jobs, {r.path: r for r in changes or []})
+
+    def keeper_for(self, records: list[FileRecord]) -> Deferred[Callable[[Path], None] | None]:
+        """The job keeping what downloads of ``records`` are about to replace, or None."""
+        return Deferred.fromCoroutine(self._keeper_for(records))
+
+    async def _keeper_for(self, records: list[FileRecord]) -> Callable[[Path], None] | None:
+        if self.versions is None or not self.versions.policy.keeping or not records:
+            return None
+        stored = await self.store.get_stored_many(self.share_id, [r.path for r in records])
+        jobs: dict[str, tuple[str, FileRecord, FileRecord]] = {}
+        for record in records:
+            row = stored.get(record.path)
+            local = self._safe_local(record.path)
+            if row is None or row.record.deleted or row.record.is_dir or local is None:
+                continue
+            jobs[local] = (record.path, row.record, record)
+        self.versions.note_kept([ours.sha256 for _, ours, _ in jobs.values()])
+        return self.versions.replacer(jobs)
 
     def _safe_local(self, path: str) -> str | None:
         """The local path, or None for one our disk cannot take safely (that item fails)."""

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from clearskies.daemon.localshare import LocalShareFiles, _cache_key_of
+from clearskies.daemon.versions import ShareVersions
 from clearskies.interfaces import ILocalShare, IRunner, IShareHost
 from clearskies.keys import ShareKeys
 from clearskies.ratelimit import RateLimiter
@@ -89,6 +90,8 @@ class ShareRuntime(LocalShareFiles, Service):
         self.root = Path(info.path)
         LocalShareFiles.__init__(self, info.share_id, store, files_runner,
                                  ShareService(reactor, store, info, files_runner))
+        # What peers' changes replace or delete is kept (clearskies.daemon.versions).
+        self.versions = ShareVersions(info.share_id, self.root, store, files_runner, reactor)
         self.signing = readonly.ShareSigning(keys, info.peer_id, persist=self._persist_signed)
         self.sync = ShareSync(
             self, reactor, signing=self.signing,
@@ -145,6 +148,8 @@ class ShareRuntime(LocalShareFiles, Service):
                 self._persist_signed(changes)
             self.recount_unshared()
         self.counts = await self.store.share_counts(self.share_id)
+        if self.versions is not None:
+            await self.versions.load()
         await self.follow_read_only_files()
         self._prepared, self._adopt = True, adopt
 
@@ -155,6 +160,8 @@ class ShareRuntime(LocalShareFiles, Service):
             return  # refused: it stays in the error state
         if self.host.paused:
             self.sync.pause()
+        if self.versions is not None:
+            self.versions.start()
         self.service.startService()
         if self._adopt:
             recorded = self.service.local_files_recorded()
@@ -174,6 +181,8 @@ class ShareRuntime(LocalShareFiles, Service):
     async def _stop(self) -> None:
         if self._recount_call is not None and self._recount_call.active():
             self._recount_call.cancel()
+        if self.versions is not None:
+            self.versions.stop()
         for session in list(self.sync.sessions.values()):
             session.connection.close("share stopping")
         self.sync.stop()

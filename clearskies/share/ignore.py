@@ -8,7 +8,8 @@ with gitignore syntax (``#`` comments, ``!`` negation, trailing ``/`` for
 directories only, leading ``/`` anchors at the root).  Only the root's file is
 read, and it is not synced: each peer chooses what it leaves alone.
 
-Also always ignored, whatever the patterns say: the daemon's own paths (its
+Also always ignored, whatever the patterns say: the folder of kept versions
+at the share root (``.clearskies-versions``), and the daemon's own paths (its
 data directory) should one lie inside the share (``private``).  Sharing such
 a folder is refused (clearskies.share.location); this is the second line.
 """
@@ -24,6 +25,8 @@ from twisted.logger import Logger
 MARKER_NAME = ".clearskies"
 IGNORE_FILE_NAME = ".clearskiesignore"
 TEMP_SUFFIX = ".!clearsky"
+#: Where a share keeps the old content peers' changes replaced (clearskies.share.versions).
+VERSIONS_NAME = ".clearskies-versions"
 MAX_IGNORE_FILE_BYTES = 256 * 1024
 
 BUILTIN_PATTERNS = (
@@ -75,7 +78,7 @@ class IgnoreRules:
 
         For a walk that never enters ignored directories, this is enough.
         """
-        if path in self.private:
+        if path in self.private or path == VERSIONS_NAME:
             return True
         return self._spec.match_file(path + "/" if is_dir else path)
 

@@ -242,7 +242,9 @@ class Downloads:
         self.share.expect_own_renames(
             [receiver.expected.path for receiver, unchanged in checked if unchanged])
         try:
-            installed_now = await finish_many(self.share.files_runner, checked)
+            keep = await self.share.keeper_for(  # kept versions of what gets replaced
+                [receiver.expected for receiver, unchanged in checked if unchanged])
+            installed_now = await finish_many(self.share.files_runner, checked, keep)
         except Exception:
             installed_now = [Failure()] * len(checked)
         self.share.own_renames_failed([

@@ -120,7 +120,8 @@ class RecordMerger:
             for_origin.extend(r for r in applied if r != remote)
         if removals:
             try:
-                removed = await self.share.remove_many([r.path for r in removals], superseded)
+                removed = await self.share.remove_many([r.path for r in removals], superseded,
+                                                       removals)
             except UnsafePathError as e:
                 self._log.warn("not applying deletions from {peer}: {why}",
                                peer=session.peer_id[:8], why=str(e))

@@ -10,6 +10,9 @@ the download as a conflict copy (:meth:`~clearskies.transfer.receiver.FileReceiv
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -19,7 +22,8 @@ from clearskies.transfer.receiver import CONFLICT, OK, FileReceiver, FinishResul
 from clearskies.transfer.states import VERIFIED, IllegalTransition
 
 
-def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
+def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]],
+                keep: Callable[[Path], None] | None = None
                 ) -> Deferred[list[FinishResult | Failure]]:
     """Put many sealed downloads in place with one runner call; one result per item.
 
@@ -29,11 +33,14 @@ def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
     are renamed and their directories fsynced once each in a single worker
     job, so a batch of small files costs one thread hop instead of one per
     file.  A rename that fails gives that item a Failure; the rest go on.
+    ``keep`` (worker thread) keeps each target as a version just before
+    its rename (clearskies.diskjobs.install_batch).
     """
-    return Deferred.fromCoroutine(_finish_many(runner, items))
+    return Deferred.fromCoroutine(_finish_many(runner, items, keep))
 
 
-async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
+async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]],
+                       keep: Callable[[Path], None] | None = None
                        ) -> list[FinishResult | Failure]:
     results: list[FinishResult | Failure | None] = []
     moving: list[tuple[int, FileReceiver]] = []
@@ -54,7 +61,7 @@ async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]]
         receiver.machine.fire("install")
     try:
         outcomes = await runner.run(
-            diskjobs.install_batch, [(r.temp_path, r.local_path) for _, r in moving])
+            diskjobs.install_batch, [(r.temp_path, r.local_path) for _, r in moving], keep)
     except BaseException:
         for _, receiver in moving:
             receiver.machine.fire("install_failed")
