@@ -298,8 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel-code", help="cancel an access code (code or access ID)")
     cancel.add_argument("code")
 
-    sub.add_parser("pause", help="pause all transfers")
-    sub.add_parser("resume", help="resume transfers")
+    pause = sub.add_parser("pause", help="pause all transfers, or one share's with PATH")
+    pause.add_argument("path", nargs="?")
+    resume = sub.add_parser("resume", help="resume transfers, or one share's with PATH")
+    resume.add_argument("path", nargs="?")
 
     log = sub.add_parser("log", help="show the daemon's log")
     log.add_argument("-f", "--follow", action="store_true")
@@ -309,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config_action", choices=["get", "set"])
     config.add_argument("key", nargs="?")
     config.add_argument("value", nargs="?")
+    config.add_argument("--share", metavar="DIR",
+                        help="a share's own settings (watcher) instead of the daemon's")
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
     scan.add_argument("path")

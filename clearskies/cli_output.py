@@ -67,6 +67,16 @@ class Output:
                                 (" (%s)" % share["problem"]) if share.get("problem") else ""))
         self.line("  %d files, %s, revision %s" % (
             share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
+        if share.get("share_paused"):
+            self.line("  paused (neither sends nor receives): clearskies resume %s"
+                      % share.get("path"))
+        if share.get("watcher") is False:
+            self.line("  file watcher off: local changes are found by periodic scans")
+        for warning in share.get("warnings", []):
+            self.line("  warning: %s" % warning)
+        for entry in share.get("damaged", []):
+            self.line("  damaged on disk (bit rot): %s: %s" % (
+                printable(entry.get("path", "")), entry.get("state", "")))
         if share.get("local_changes_not_shared"):
             self.line("  %d local changes not shared" % share["local_changes_not_shared"])
         if share.get("share_files_missing"):

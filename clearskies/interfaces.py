@@ -402,6 +402,15 @@ class IDaemonControl(Interface):
     def remove_join(path: str) -> object:
         """(async) Forget the pending or failed attach into ``path``; whether there was one."""
 
+    def share_health(runtime: object) -> dict:
+        """A share's health for its status: ``last_in_sync``, and ``warnings`` if any."""
+
+    def share_setting(share_id: str, key: str) -> object:
+        """The stored value of a share's own setting, or None when it was never set."""
+
+    def set_share_setting(share_id: str, key: str, value: object) -> object:
+        """(async) Store a share's own checked setting (or ``paused``) and apply it."""
+
     def setting(key: str) -> object:
         """The stored value of a setting, or None when it was never set."""
 

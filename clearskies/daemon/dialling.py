@@ -149,6 +149,8 @@ class Dialling:
         if runtime is not None:
             if getattr(runtime, "error", None) is not None:
                 return None  # a share in error syncs with nobody; the dial backs off
+            if getattr(runtime, "share_paused", False):
+                return None  # paused on its own: dialled again on resume
             return ConnectTarget.share(runtime.keys, runtime.peer_id)
         return self._codes.pending_join(target_id)
 
@@ -244,6 +246,9 @@ class Dialling:
         runtime = self._shares.by_id.get(info.share_id)
         if runtime is None:
             connection.close("share is gone")
+            return _ClosedSession()
+        if getattr(runtime, "share_paused", False):
+            connection.close("share paused")
             return _ClosedSession()
         if info.access not in ("read_write", "read_only"):
             # An untrusted peer may only ever hold encrypted files (not supported yet).

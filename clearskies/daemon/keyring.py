@@ -21,8 +21,9 @@ class DaemonKeyRing:
 
     def share_keys(self, share_id: str) -> ShareKeys | None:
         runtime = self._shares.by_id.get(share_id)
-        if runtime is None or runtime.error is not None:
-            return None
+        if runtime is None or runtime.error is not None \
+                or getattr(runtime, "share_paused", False):
+            return None  # (a paused share syncs with nobody)
         return runtime.keys
 
     def peer_id(self, share_id: str) -> str:

@@ -37,6 +37,7 @@ from clearskies.accesscode import access_id, parse_code
 from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling
+from clearskies.daemon.health import HEALTH_INTERVAL, ShareHealth
 from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing
@@ -102,6 +103,9 @@ class Daemon(MultiService):
         self._listen_kept = False  # the peer endpoint comes from the stored settings
         TimerService(RATE_INTERVAL, self.activity.sample_rates).setServiceParent(self)
         TimerService(JOIN_CHECK_INTERVAL, self.access_codes.check_joins).setServiceParent(self)
+        # How long each share and peer has gone without syncing (status warns).
+        self.health = ShareHealth(self.resources, lambda: self.share_registry.by_id.values())
+        TimerService(HEALTH_INTERVAL, self._check_health).setServiceParent(self)
 
     # -- start -----------------------------------------------------------------------
 
@@ -207,6 +211,8 @@ class Daemon(MultiService):
         # In order: nobody new gets in, every share stops, the database closes; then
         # the rest (the thread pools among them) stop together.
         # A step that fails is logged and the next still runs: the database must close.
+        if self.resources.store is not None and self.ready.called:
+            await self._stop_step(self.health.save(), "keeping share health")
         for child in (self.control, self.listeners, self.share_registry):
             if child.running:
                 await self._stop_step(maybeDeferred(child.stopService), child)
@@ -235,10 +241,15 @@ class Daemon(MultiService):
 
     async def remove_share(self, path: str) -> None:
         def forget(share_id: str) -> None:
+            self.health.forget(share_id)
             self.access_codes.share_removed(share_id)
             self.dialling.forget_target(share_id)
 
         await self.share_registry.remove_share(path, forget)
+
+    def _check_health(self) -> None:
+        if self.resources.store is not None and self.ready.called:
+            self.health.check()
 
     def _announce_changed(self) -> None:
         self.discovery.announce_changed()
@@ -331,6 +342,15 @@ class Daemon(MultiService):
 
     async def remember_manual_peer(self, share_id: str, address: str) -> None:
         await self.dialling.remember_manual_peer(share_id, address)
+
+    def share_health(self, runtime: Any) -> dict[str, Any]:
+        return self.health.summary(runtime)
+
+    def share_setting(self, share_id: str, key: str) -> Any:
+        return self.share_registry.share_settings(share_id).get(key)
+
+    async def set_share_setting(self, share_id: str, key: str, value: Any) -> None:
+        await self.share_registry.set_share_setting(share_id, key, value)
 
     def setting(self, key: str) -> Any:
         return self.resources.config.get(key)
