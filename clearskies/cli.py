@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
     scan.add_argument("path")
+    verify = sub.add_parser("verify", help="read a share's files back against their "
+                                           "SHA-256 now (bit rot)")
+    verify.add_argument("path")
     wait = sub.add_parser("wait", help="wait until every connected peer is in sync")
     wait.add_argument("path")
     wait.add_argument("--timeout", dest="timeout_wait", type=float, default=None,

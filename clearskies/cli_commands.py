@@ -303,6 +303,22 @@ class ShareCommands:
             path, reply.get("changes", 0))))
         return EXIT_OK
 
+    def cmd_verify(self) -> int:
+        path = os.path.realpath(self.args.path)
+        reply = self.request({"type": ".clearskies.verify", "path": path})
+        damaged = reply.get("damaged", [])
+
+        def text() -> None:
+            self.output.line("verified %s: %d files read back, %d damaged" % (
+                path, reply.get("checked", 0), len(damaged)))
+            for entry in damaged:
+                self.output.line("  damaged on disk (bit rot): %s (%s)" % (
+                    entry.get("path"), "a clean copy is being fetched from a peer"
+                    if entry.get("state") == "fetching" else "no peer connected to fetch "
+                    "a clean copy from yet"))
+        self.output.emit(reply, text)
+        return EXIT_ERROR if damaged else EXIT_OK
+
     def cmd_repair(self) -> int:
         path = os.path.realpath(self.args.path)
         reply = self.request({"type": ".clearskies.repair", "path": path})

@@ -403,7 +403,11 @@ class IDaemonControl(Interface):
         """(async) Forget the pending or failed attach into ``path``; whether there was one."""
 
     def share_health(runtime: object) -> dict:
-        """A share's health for its status: ``last_in_sync``, and ``warnings`` if any."""
+        """A share's health for its status: ``last_in_sync``, ``last_verified``, and
+        ``warnings`` and ``damaged`` files if any."""
+
+    def verify_share(runtime: object) -> object:
+        """(async) Read every file of the share back against its SHA-256 now."""
 
     def share_setting(share_id: str, key: str) -> object:
         """The stored value of a share's own setting, or None when it was never set."""

@@ -405,6 +405,13 @@ class DaemonCommands(CommandDispatcher):
         ]
         return {"codes": sorted(codes, key=lambda c: c["created"])}
 
+    async def cmd__clearskies_verify(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Read every stored file of a share back against its SHA-256 now (bit rot)."""
+        runtime = self._share(request)
+        if runtime.error is not None:
+            raise ControlError("refused", "the share is in error: %s" % runtime.error)
+        return await self.daemon.verify_share(runtime)
+
     def cmd__clearskies_get_share_config(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
         config = {}

@@ -156,6 +156,9 @@ class LocalShareFiles:
         self.files_runner = files_runner
         self.service = service
         self.paths = service.paths
+        #: Files found rotted on disk (path → the SHA-256 they should hold,
+        #: clearskies.daemon.verify): never a local copy of anything.
+        self.damaged_paths: dict[str, str] = {}
 
     def manifest(self) -> Deferred[tuple[int, list[FileRecord]]]:
         """The revision and every record, in one list (read-only shares' comparisons only)."""
@@ -218,6 +221,8 @@ class LocalShareFiles:
 
     async def _find_local_copy(self, sha256: str) -> Path | None:
         for stored in await self.store.find_by_sha256(self.share_id, sha256):
+            if stored.path in self.damaged_paths:
+                continue
             local = str(self.local_path(stored.path))
             if await self.files_runner.run(_matches, local, stored):
                 return Path(local)
@@ -229,7 +234,8 @@ class LocalShareFiles:
         A hash left out has no local copy to take the content from.
         """
         d = self.store.find_by_sha256_many(self.share_id, hashes)
-        return d.addCallback(set)
+        # (Content only a damaged file holds is fetched; find_local_copy skips those.)
+        return d.addCallback(lambda found: set(found) - set(self.damaged_paths.values()))
 
     def remove_local(self, path: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._remove_local(path))

@@ -38,6 +38,7 @@ from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.health import HEALTH_INTERVAL, ShareHealth
+from clearskies.daemon.verify import VERIFY_TICK, Verification
 from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing
@@ -106,6 +107,10 @@ class Daemon(MultiService):
         # How long each share and peer has gone without syncing (status warns).
         self.health = ShareHealth(self.resources, lambda: self.share_registry.by_id.values())
         TimerService(HEALTH_INTERVAL, self._check_health).setServiceParent(self)
+        # Stored files read back against their SHA-256, slowly (bit rot).
+        self.verification = Verification(self.resources,
+                                         lambda: self.share_registry.by_id.values())
+        TimerService(VERIFY_TICK, self._verify_tick).setServiceParent(self)
 
     # -- start -----------------------------------------------------------------------
 
@@ -213,6 +218,7 @@ class Daemon(MultiService):
         # A step that fails is logged and the next still runs: the database must close.
         if self.resources.store is not None and self.ready.called:
             await self._stop_step(self.health.save(), "keeping share health")
+            await self._stop_step(self.verification.save(), "keeping verification state")
         for child in (self.control, self.listeners, self.share_registry):
             if child.running:
                 await self._stop_step(maybeDeferred(child.stopService), child)
@@ -242,6 +248,7 @@ class Daemon(MultiService):
     async def remove_share(self, path: str) -> None:
         def forget(share_id: str) -> None:
             self.health.forget(share_id)
+            self.verification.forget(share_id)
             self.access_codes.share_removed(share_id)
             self.dialling.forget_target(share_id)
 
@@ -250,6 +257,10 @@ class Daemon(MultiService):
     def _check_health(self) -> None:
         if self.resources.store is not None and self.ready.called:
             self.health.check()
+
+    def _verify_tick(self) -> None:
+        if self.resources.store is not None and self.ready.called:
+            self.verification.tick()
 
     def _announce_changed(self) -> None:
         self.discovery.announce_changed()
@@ -344,7 +355,10 @@ class Daemon(MultiService):
         await self.dialling.remember_manual_peer(share_id, address)
 
     def share_health(self, runtime: Any) -> dict[str, Any]:
-        return self.health.summary(runtime)
+        return {**self.health.summary(runtime), **self.verification.summary(runtime)}
+
+    async def verify_share(self, runtime: Any) -> dict[str, Any]:
+        return await self.verification.verify_now(runtime)
 
     def share_setting(self, share_id: str, key: str) -> Any:
         return self.share_registry.share_settings(share_id).get(key)
