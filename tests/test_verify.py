@@ -77,3 +77,126 @@ def test_kept_pass_state_reads_back_and_garbage_is_nothing():
     assert (again.after, again.started, again.finished) == ("m/n", 5.0, None)
     assert SharePass.from_dict("junk").after is None
     assert SharePass.from_dict({"damaged": [{"path": 1}, "x"]}).damaged == {}
+
+
+# -- the paced passes, on a fake clock ------------------------------------------------------
+
+
+class _Store:
+    """The two reads the verification makes, over a list of StoredRecords."""
+
+    def __init__(self, rows: list) -> None:
+        self.rows = sorted(rows, key=lambda r: r.path)
+        self.pages = 0
+
+    def records_between(self, share_id, low, high, after, limit):
+        from twisted.internet.defer import succeed
+        self.pages += 1
+        return succeed([r for r in self.rows if after is None or r.path > after][:limit])
+
+    def get_stored_many(self, share_id, paths):
+        from twisted.internet.defer import succeed
+        return succeed({r.path: r for r in self.rows if r.path in paths})
+
+
+class _Wanted(dict):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list = []
+
+    def want(self, record, peer_id):
+        self.asked.append((record.path, peer_id))
+
+
+def _share_of(tmp_path: Path, count: int):
+    from types import SimpleNamespace
+
+    from clearskies.share.database import CacheKey, ShareCounts, StoredRecord
+    from clearskies.share.records import FileRecord
+    from clearskies.threads import SyncRunner
+
+    rows = []
+    for index in range(count):
+        path = tmp_path / ("f%03d" % index)
+        path.write_bytes(b"content %d" % index * 100)
+        sha, (inode, size, mtime) = _recorded(path)
+        record = FileRecord(path=path.name, utime=1.0, size=size, sha256=sha)
+        rows.append(StoredRecord(record, 1, CacheKey(inode, size, mtime)))
+    wanted = _Wanted()
+    pumps: list = []
+    runtime = SimpleNamespace(
+        share_id="s" * 64, root=tmp_path, error=None, share_paused=False, running=True,
+        store=_Store(rows), files_runner=SyncRunner(), damaged_paths={},
+        counts=ShareCounts(count, 0, sum(r.record.size for r in rows), 0),
+        local_path=lambda p: tmp_path / p,
+        sync=SimpleNamespace(wanted=wanted, in_flight={}, finishing={}, paused=False,
+                             sessions={"peer": object()}, pump=lambda: pumps.append(1)))
+    return runtime, wanted
+
+
+def test_a_pass_is_spread_over_the_interval_and_finds_a_flipped_byte(tmp_path: Path):
+    from twisted.internet.task import Clock
+
+    from clearskies.daemon.verify import BATCH_FILES, STATE_KEY, VERIFY_TICK, Verification
+    from tests.test_health import Resources
+
+    clock = Clock()
+    runtime, wanted = _share_of(tmp_path, BATCH_FILES * 3)
+    _flip_keeping_time(tmp_path / "f100")
+    resources = Resources(clock, {"verify_interval": 3600})
+    resources.reactor = clock
+    verification = Verification(resources, lambda: [runtime])
+    verification.tick()
+    state = verification.share_pass(runtime)
+    assert state.checked == BATCH_FILES and state.after == "f%03d" % (BATCH_FILES - 1)
+    # Tiny files: the slowest pace, MIN_RATE, decides when the next batch goes.
+    resume_at = state.resume_at
+    assert resume_at - clock.seconds() > VERIFY_TICK
+
+    def until_next_batch() -> None:
+        checked = state.checked
+        while state.checked == checked:
+            assert clock.seconds() < 1000, "no progress"
+            clock.advance(VERIFY_TICK)
+            verification.tick()
+
+    until_next_batch()
+    assert state.checked == BATCH_FILES * 2 and clock.seconds() >= resume_at
+    assert "f100" in runtime.damaged_paths and wanted.asked == [("f100", "peer")]
+    assert verification.summary(runtime)["damaged"][0]["state"] == "fetching"
+    # Damage is written down at once (a restart still reports it).
+    assert resources.config[STATE_KEY]["s" * 64]["damaged"][0]["path"] == "f100"
+    until_next_batch()
+    assert state.checked == BATCH_FILES * 3
+    while state.after is not None:  # the next page is empty: the end of the share
+        clock.advance(VERIFY_TICK)
+        verification.tick()
+    assert state.finished is not None and state.finished < 1000
+    # The next pass waits for the interval since this one started.
+    pages = runtime.store.pages
+    for _ in range(10):
+        clock.advance(VERIFY_TICK)
+        verification.tick()
+    assert runtime.store.pages == pages
+    assert state.resume_at >= state.started + 3600
+
+
+def test_no_passes_with_the_interval_zero_nor_while_paused(tmp_path: Path):
+    from twisted.internet.task import Clock
+
+    from clearskies.daemon.verify import Verification
+    from tests.test_health import Resources
+
+    clock = Clock()
+    runtime, _ = _share_of(tmp_path, 3)
+    resources = Resources(clock, {"verify_interval": 0})
+    verification = Verification(resources, lambda: [runtime])
+    verification.tick()
+    assert runtime.store.pages == 0
+    resources.config["verify_interval"] = 60
+    runtime.share_paused = True
+    verification.tick()
+    assert runtime.store.pages == 0
+    runtime.share_paused = False
+    verification.tick()
+    assert runtime.store.pages == 1 and verification.share_pass(runtime).checked == 3
