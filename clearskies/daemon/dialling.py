@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches")
+            "revision_batches", "code_spread")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
@@ -67,6 +67,8 @@ class Dialling:
         self.transports: list[IPeerTransport] = list(
             transports if transports is not None else (tor, TcpTransport(self.reactor, port)))
         self.connector: ConnectionManager | None = None
+        #: Our access codes as peers see them (a CodeSpreading; set by the daemon).
+        self.code_spreading: Any = None
         self._peers_everywhere: list[str] = []
         self.manual = ManualPeers(self.offer_candidate, self.check_peer_address,
                                   self._manual_addresses)
@@ -263,6 +265,11 @@ class Dialling:
                 self.offer_candidate(info.share_id, parse_user_address(address), known,
                                      self.manual.source)
         session = SyncSession(runtime.sync, connection)
+        spreading = self.code_spreading
+        if spreading is not None:  # extension code_spread (protocol/code_spread.md)
+            session.codes.connect(
+                lambda access: spreading.outgoing(info.share_id, access),
+                lambda codes: spreading.incoming(info.share_id, info.access, codes))
         runtime.peer_connected(info, connection)
         session.start(runtime.last_manifest_revision(info.their_peer_id))
         return _TrackedSession(session, runtime, info.their_peer_id)

@@ -43,6 +43,7 @@ from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing
 from clearskies.daemon.sparekeys import SpareKeys
+from clearskies.daemon.spreading import CodeSpreading
 from clearskies.daemon.listeners import ControlListener, PeerListeners
 from clearskies.daemon.options import DaemonSettings, settle_options
 from clearskies.daemon.resources import Resources
@@ -89,6 +90,11 @@ class Daemon(MultiService):
                                  self.tor_link, self.keyring, lambda: self.listeners.port_number,
                                  lambda: self.name)
         self.access_codes.attach_dialler(self.dialling)
+        # Extension code_spread: our codes held by our peers, theirs by us.
+        self.code_spreading = CodeSpreading(self.resources, self.share_registry,
+                                            self.access_codes)
+        self.access_codes.on_change = self.code_spreading.changed
+        self.dialling.code_spreading = self.code_spreading
         self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
         self.listeners.setServiceParent(self)
         self.control = ControlListener(reactor, self.resources.control_path, self._dispatcher())
@@ -152,6 +158,7 @@ class Daemon(MultiService):
         for info in await resources.store.list_shares():
             await self.share_registry.open_share(info)
         await self.access_codes.restore()
+        await self.code_spreading.restore()
         for path in self.settings.shares:
             if self.share_by_path(path) is None:
                 await self.create_share(path)
@@ -250,6 +257,7 @@ class Daemon(MultiService):
             self.health.forget(share_id)
             self.verification.forget(share_id)
             self.access_codes.share_removed(share_id)
+            self.code_spreading.share_removed(share_id)
             self.dialling.forget_target(share_id)
 
         await self.share_registry.remove_share(path, forget)
