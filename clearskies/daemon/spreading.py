@@ -16,7 +16,7 @@ every connection of the share (each a :class:`~clearskies.sync.codespread.CodeEx
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from clearskies.accesscode import AccessCode, access_id
@@ -46,6 +46,8 @@ class CodeSpreading:
         #: Access ID → a code that died used or cancelled (its news still spreads).
         self.tombstones: dict[str, AccessCode] = {}
         self._utimes: dict[str, float] = {}
+        # One peer message merged at a time: the limits count what earlier ones added.
+        self._merging = DeferredLock()
 
     async def restore(self) -> None:
         """Tombstones from the stored codes (after the codes are restored)."""
@@ -91,7 +93,8 @@ class CodeSpreading:
     def incoming(self, share_id: str, access: str, codes: list[SpreadCode]) -> Deferred[None]:
         """A peer on a connection of level ``access`` sent these codes (already checked
         for shape and level by the connection)."""
-        d = Deferred.fromCoroutine(self._incoming(share_id, access, codes))
+        d = self._merging.run(lambda: Deferred.fromCoroutine(
+            self._incoming(share_id, access, codes)))
         return d.addErrback(lambda f: self._log.failure("taking in a peer's access codes", f))
 
     async def _incoming(self, share_id: str, access: str, codes: list[SpreadCode]) -> None:
@@ -160,8 +163,8 @@ class CodeSpreading:
             self._codes.remember_dead_code(code, reason)
             return True
         self._codes.codes[code.access_id] = code
-        self._log.info("share {share}: learned access code {id} from a peer ({level}, {use})",
-                       share=share_id[:8], id=code.access_id[:8], level=code.level,
+        self._log.info("share {share}: learned access code {id} from a peer ({grants}, {use})",
+                       share=share_id[:8], id=code.access_id[:8], grants=code.level,
                        use="one-time" if code.one_time else "multi-use")
         self._codes.announce()
         self.changed(code)  # passed on to our other peers

@@ -28,6 +28,8 @@ MAX_CODES_PER_MESSAGE = 256
 #: Messages a peer may send in a burst, and how fast the allowance refills.
 BURST = 8
 REFILL_EVERY = 2.0
+#: Our own updates are gathered and sent at most this often (below REFILL_EVERY).
+SEND_EVERY = 2.5
 #: The levels a code may hand out, by rank.
 _RANK = {"read_only": 1, "read_write": 2}
 _HEX = re.compile(r"(?:[0-9a-f]{32}|[0-9a-f]{64})")
@@ -140,6 +142,9 @@ class CodeExchange:
         self._allowance = float(BURST)
         self._counted_at = clock.seconds()
         self._list_seen = False
+        self._waiting: dict[bytes, SpreadCode] = {}
+        self._flush_call: Any = None
+        self._stopped = False
 
     def connect(self, outgoing: Callable[[str], list[SpreadCode]],
                 incoming: Callable[[list[SpreadCode]], None]) -> None:
@@ -154,13 +159,33 @@ class CodeExchange:
                     "codes": [c.to_wire() for c in codes[:MAX_CODES_PER_MESSAGE]]})
 
     def send_update(self, codes: list[SpreadCode]) -> None:
-        """Codes that changed here; only those this connection's level may know go out."""
-        if not self.negotiated or self._outgoing is None:
+        """Codes that changed here; only those this connection's level may know go out,
+        gathered into one message every SEND_EVERY seconds (the peer's rate limit)."""
+        if not self.negotiated or self._outgoing is None or self._stopped:
             return
-        codes = [c for c in codes if rank(c.level) <= rank(self.access)]
-        for start in range(0, len(codes), MAX_CODES_PER_MESSAGE):
-            self._send({"type": "code_spread.update", "codes": [
-                c.to_wire() for c in codes[start:start + MAX_CODES_PER_MESSAGE]]})
+        for code in codes:
+            if rank(code.level) <= rank(self.access):
+                self._waiting[code.code] = code
+        if self._waiting and self._flush_call is None:
+            self._flush_call = self._clock.callLater(SEND_EVERY, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self._stopped or not self._waiting:
+            return
+        codes = list(self._waiting.values())[:MAX_CODES_PER_MESSAGE]
+        for code in codes:
+            del self._waiting[code.code]
+        self._send({"type": "code_spread.update", "codes": [c.to_wire() for c in codes]})
+        if self._waiting:
+            self._flush_call = self._clock.callLater(SEND_EVERY, self._flush)
+
+    def stop(self) -> None:
+        """The connection is gone: nothing more is sent."""
+        self._stopped = True
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
 
     def _spend(self, kind: str) -> None:
         now = self._clock.seconds()

@@ -226,6 +226,7 @@ class SyncSession:
                 self.receiving = None
             elif output == states.STOP_SENDING:
                 self.sends.stop()
+                self.codes.stop()
                 if self._read_throttle is not None:
                     self._read_throttle.stop()
                 if self.gate is not None:
