@@ -50,6 +50,8 @@ def test_one_share_paused_neither_sends_nor_receives_and_stays_paused_across_a_r
     code, status = _status(bob, b)
     assert status["status"] == "paused" and status["share_paused"] is True
     assert "paused" in bob.cli("status", str(b), check=False).stdout
+    scan = bob.cli("scan", str(b), check=False)
+    assert scan.returncode == 1 and "is paused" in scan.stderr
     (a / "from-alice.txt").write_bytes(b"new")
     (b / "from-bob.txt").write_bytes(b"mine")
     time.sleep(3)

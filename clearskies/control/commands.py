@@ -370,6 +370,9 @@ class DaemonCommands(CommandDispatcher):
             # Scans wait for resume: refused now rather than an answer that never comes.
             raise ControlError("refused", "the daemon is paused: nothing is scanned until "
                                "`clearskies resume`")
+        if runtime.share_paused:
+            raise ControlError("refused", "%s is paused: nothing is scanned until "
+                               "`clearskies resume %s`" % (runtime.root, runtime.root))
         result = await runtime.service.rescan()
         # What the disk had in the way (a symlink, an unreadable folder) may be gone now.
         runtime.sync.retry_unresolved()
