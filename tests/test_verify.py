@@ -200,3 +200,31 @@ def test_no_passes_with_the_interval_zero_nor_while_paused(tmp_path: Path):
     runtime.share_paused = False
     verification.tick()
     assert runtime.store.pages == 1 and verification.share_pass(runtime).checked == 3
+
+
+def test_a_restart_between_passes_waits_for_the_interval_and_one_mid_pass_goes_on(tmp_path):
+    from twisted.internet.task import Clock
+
+    from clearskies.daemon.verify import STATE_KEY, Verification
+    from tests.test_health import Resources
+
+    clock = Clock()
+    clock.advance(10_000)
+    runtime, _ = _share_of(tmp_path, 3)
+    resources = Resources(clock, {"verify_interval": 3600, STATE_KEY: {
+        "s" * 64: {"after": None, "started": 9_000.0, "finished": 9_001.0}}})
+    verification = Verification(resources, lambda: [runtime])
+    verification.tick()
+    assert runtime.store.pages == 0
+    clock.advance(2_600)
+    verification.tick()
+    assert runtime.store.pages == 1
+    # Stopped in the middle of a pass: it goes on from there.
+    other = tmp_path / "other"
+    other.mkdir()
+    runtime2, _ = _share_of(other, 3)
+    resources2 = Resources(clock, {"verify_interval": 3600, STATE_KEY: {
+        "s" * 64: {"after": "f000", "started": 9_000.0}}})
+    again = Verification(resources2, lambda: [runtime2])
+    again.tick()
+    assert again.share_pass(runtime2).checked == 2

@@ -127,6 +127,10 @@ class Verification:
             stored = self._resources.config.get(STATE_KEY)
             state = SharePass.from_dict(stored.get(runtime.share_id)
                                         if isinstance(stored, dict) else None)
+            if state.after is None and state.started is not None:
+                # Between passes when the daemon stopped: the next is due an
+                # interval after the last began, not at once.
+                state.resume_at = state.started + self.interval()
             self._passes[runtime.share_id] = state
             runtime.damaged_paths.update({d.path: d.sha256 for d in state.damaged.values()})
         return state
