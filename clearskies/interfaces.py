@@ -85,6 +85,9 @@ class ILocalShare(Interface):
     def is_ignored(path):
         """True for paths the user excluded: never announced, never overwritten."""
 
+    def is_damaged(path):
+        """True for a file found rotted on disk (its bytes are not its record's): never served."""
+
     def unchanged_many(paths, local_paths=None):
         """Deferred {path: True when the file on disk is as our last scan recorded it}."""
 

@@ -209,6 +209,9 @@ class LocalShareFiles:
     def is_ignored(self, path: str) -> bool:
         return self.service.is_ignored(path)
 
+    def is_damaged(self, path: str) -> bool:
+        return path in self.damaged_paths
+
     def is_unchanged(self, path: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._is_unchanged(path))
 
