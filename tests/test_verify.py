@@ -128,6 +128,7 @@ def _share_of(tmp_path: Path, count: int):
         share_id="s" * 64, root=tmp_path, error=None, share_paused=False, running=True,
         store=_Store(rows), files_runner=SyncRunner(), damaged_paths={},
         counts=ShareCounts(count, 0, sum(r.record.size for r in rows), 0),
+        service=SimpleNamespace(status=SimpleNamespace(state="idle")),
         local_path=lambda p: tmp_path / p,
         sync=SimpleNamespace(wanted=wanted, in_flight={}, finishing={}, paused=False,
                              sessions={"peer": object()}, pump=lambda: pumps.append(1)))
@@ -198,6 +199,10 @@ def test_no_passes_with_the_interval_zero_nor_while_paused(tmp_path: Path):
     verification.tick()
     assert runtime.store.pages == 0
     runtime.share_paused = False
+    runtime.service.status.state = "scanning"
+    verification.tick()
+    assert runtime.store.pages == 0
+    runtime.service.status.state = "idle"
     verification.tick()
     assert runtime.store.pages == 1 and verification.share_pass(runtime).checked == 3
 

@@ -147,7 +147,9 @@ class Verification:
             state = self.share_pass(runtime)
             if state.busy:
                 continue
-            due = interval > 0 and now >= state.resume_at
+            # (Not while the share scans: the scan reads the disk first.)
+            due = interval > 0 and now >= state.resume_at \
+                and runtime.service.status.state not in ("scanning", "starting")
             if due or state.damaged:
                 state.busy = True
                 d = Deferred.fromCoroutine(self._tick_share(runtime, state, due))
