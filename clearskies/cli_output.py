@@ -51,6 +51,8 @@ class Output:
         self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
         if "shares" in reply:
             self.line("shares: %d" % reply["shares"])
+        for path in reply.get("shares_with_warnings", []):
+            self.line("warning: %s needs a look (see: clearskies status %s)" % (path, path))
         if reply.get("failed_attaches"):
             self.line("attaches that failed: %d (see: clearskies list)"
                       % reply["failed_attaches"])

@@ -33,6 +33,8 @@ def test_status_warns_after_the_set_time_without_sync_and_a_restart_keeps_it(dae
     assert any(w.startswith("peer bob") and "not seen for" in w for w in status["warnings"])
     human = alice.cli("status", str(a), check=False)
     assert human.returncode == 1 and "warning: not in sync with any peer" in human.stdout
+    assert alice.cli_json("status")["shares_with_warnings"] == [str(a.resolve())]
+    assert "warning: %s needs a look" % a.resolve() in alice.cli("status").stdout
     # A restart does not reset the times: the warning is still there at once.
     alice.restart()
     code, status = _status(alice, a)

@@ -132,6 +132,10 @@ class DaemonCommands(CommandDispatcher):
             "tor": daemon.tor_mode,
             "onion_address": daemon.onion_address(),
             "tor_error": daemon.tor_error(),
+            # Shares whose status warns (not synced for long, files damaged on disk).
+            "shares_with_warnings": sorted(
+                str(r.root) for r in daemon.shares.values()
+                if any(k in daemon.share_health(r) for k in ("warnings", "damaged"))),
         }
 
     async def cmd_create_share(self, request: dict[str, Any]) -> dict[str, Any]:
