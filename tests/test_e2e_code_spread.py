@@ -33,7 +33,8 @@ def test_a_multi_use_code_made_on_a_lets_c_join_through_b_while_a_is_stopped(dae
     carol.cli("attach", code, str(c), "--peer", bob.address, "--wait", "--timeout-wait", "40")
     wait_same_trees(bob, carol, timeout=30)
     assert (c / "docs" / "readme.txt").read_bytes() == b"hello"
-    # Multi-use: it still works, for a fourth machine too.
+    # Multi-use: it still works, for a fourth machine too, after bob restarted.
+    bob.restart()
     dave = daemon_factory("dave")
     dave.cli("attach", code, str(dave.shares), "--peer", bob.address, "--wait",
              "--timeout-wait", "40")
