@@ -299,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel-code", help="cancel an access code (code or access ID)")
     cancel.add_argument("code")
 
-    sub.add_parser("pause", help="pause all transfers")
-    sub.add_parser("resume", help="resume transfers")
+    pause = sub.add_parser("pause", help="pause all transfers, or one share's with PATH")
+    pause.add_argument("path", nargs="?")
+    resume = sub.add_parser("resume", help="resume transfers, or one share's with PATH")
+    resume.add_argument("path", nargs="?")
 
     log = sub.add_parser("log", help="show the daemon's log")
     log.add_argument("-f", "--follow", action="store_true")
@@ -310,11 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config_action", choices=["get", "set"])
     config.add_argument("key", nargs="?")
     config.add_argument("value", nargs="?")
+    config.add_argument("--share", metavar="DIR",
+                        help="a share's own settings instead of the daemon's: watcher, "
+                             "versions (off, trash, simple, staggered), versions_days, "
+                             "versions_keep, versions_max_bytes")
     config_share_option(config)
     add_arguments(sub)
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
     scan.add_argument("path")
+    verify = sub.add_parser("verify", help="read a share's files back against their "
+                                           "SHA-256 now (bit rot)")
+    verify.add_argument("path")
     wait = sub.add_parser("wait", help="wait until every connected peer is in sync")
     wait.add_argument("path")
     wait.add_argument("--timeout", dest="timeout_wait", type=float, default=None,

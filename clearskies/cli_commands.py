@@ -41,8 +41,10 @@ class CommandFailed(Exception):
 
 
 def share_trouble(share: dict[str, Any]) -> bool:
-    """True when a share's status needs the user: stopped in error, or files it cannot write."""
-    return share.get("status") == "error" or bool(share.get("disk_errors"))
+    """True when a share's status needs the user: stopped in error, files it cannot
+    write, files damaged on disk, or not synced for too long (``warnings``)."""
+    return share.get("status") == "error" or bool(share.get("disk_errors")) \
+        or bool(share.get("warnings")) or bool(share.get("damaged"))
 
 
 class DaemonCommands:
@@ -89,11 +91,22 @@ class DaemonCommands:
         return EXIT_OK
 
     def cmd_pause(self) -> int:
+        if getattr(self.args, "path", None):
+            path = os.path.realpath(self.args.path)
+            self.request({"type": "pause", "path": path})
+            self.output.line("%s paused: it neither sends nor receives until "
+                             "'clearskies resume %s'" % (path, path))
+            return EXIT_OK
         self.request({"type": "pause"})
         self.output.line("paused: no transfers until 'clearskies resume'")
         return EXIT_OK
 
     def cmd_resume(self) -> int:
+        if getattr(self.args, "path", None):
+            path = os.path.realpath(self.args.path)
+            self.request({"type": "resume", "path": path})
+            self.output.line("%s resumed" % path)
+            return EXIT_OK
         self.request({"type": "resume"})
         self.output.line("resumed")
         return EXIT_OK
@@ -117,6 +130,8 @@ class DaemonCommands:
         return EXIT_OK
 
     def cmd_config(self) -> int:
+        if getattr(self.args, "share", None):
+            return self.share_config(os.path.realpath(self.args.share))
         if self.args.config_action == "get":
             if self.args.key:
                 reply = self.request({"type": "get_config_value", "key": self.args.key})
@@ -138,6 +153,34 @@ class DaemonCommands:
         value = reply.get("value", value)
         self.output.line("%s = %s%s" % (self.args.key, json.dumps(value),
                                         " (%s)" % reply["note"] if reply.get("note") else ""))
+        return EXIT_OK
+
+
+    def share_config(self, path: str) -> int:
+        """``config get|set … --share DIR``: one share's own settings."""
+        if self.args.config_action == "get":
+            reply = self.request({"type": ".clearskies.get_share_config", "path": path})
+            config = reply.get("config", {})
+            if self.args.key:
+                if self.args.key not in config:
+                    raise CommandFailed("no share setting %r; share settings: %s"
+                                        % (self.args.key, ", ".join(sorted(config))))
+                value = config[self.args.key]
+                self.output.emit({"key": self.args.key, "value": value},
+                                 lambda: self.output.line(json.dumps(value)))
+            else:
+                self.output.emit(reply, lambda: [
+                    self.output.line("%s = %s" % (k, json.dumps(v)))
+                    for k, v in sorted(config.items())])
+            return EXIT_OK
+        try:
+            value = json.loads(self.args.value)
+        except ValueError:
+            value = self.args.value
+        reply = self.request({"type": ".clearskies.set_share_config", "path": path,
+                              "key": self.args.key, "value": value})
+        self.output.line("%s: %s = %s" % (path, self.args.key,
+                                          json.dumps(reply.get("value", value))))
         return EXIT_OK
 
 
@@ -259,6 +302,22 @@ class ShareCommands:
         self.output.emit(reply, lambda: self.output.line("scanned %s: %d changes" % (
             path, reply.get("changes", 0))))
         return EXIT_OK
+
+    def cmd_verify(self) -> int:
+        path = os.path.realpath(self.args.path)
+        reply = self.request({"type": ".clearskies.verify", "path": path})
+        damaged = reply.get("damaged", [])
+
+        def text() -> None:
+            self.output.line("verified %s: %d files read back, %d damaged" % (
+                path, reply.get("checked", 0), len(damaged)))
+            for entry in damaged:
+                self.output.line("  damaged on disk (bit rot): %s (%s)" % (
+                    entry.get("path"), "a clean copy is being fetched from a peer"
+                    if entry.get("state") == "fetching" else "no peer connected to fetch "
+                    "a clean copy from yet"))
+        self.output.emit(reply, text)
+        return EXIT_ERROR if damaged else EXIT_OK
 
     def cmd_repair(self) -> int:
         path = os.path.realpath(self.args.path)

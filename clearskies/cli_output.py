@@ -51,6 +51,8 @@ class Output:
         self.line("download: %s/s" % format_bytes(reply.get("download_rate", 0)))
         if "shares" in reply:
             self.line("shares: %d" % reply["shares"])
+        for path in reply.get("shares_with_warnings", []):
+            self.line("warning: %s needs a look (see: clearskies status %s)" % (path, path))
         if reply.get("failed_attaches"):
             self.line("attaches that failed: %d (see: clearskies list)"
                       % reply["failed_attaches"])
@@ -67,6 +69,16 @@ class Output:
                                 (" (%s)" % share["problem"]) if share.get("problem") else ""))
         self.line("  %d files, %s, revision %s" % (
             share.get("files", 0), format_bytes(share.get("bytes", 0)), share.get("revision")))
+        if share.get("share_paused"):
+            self.line("  paused (neither sends nor receives): clearskies resume %s"
+                      % share.get("path"))
+        if share.get("watcher") is False:
+            self.line("  file watcher off: local changes are found by periodic scans")
+        for warning in share.get("warnings", []):
+            self.line("  warning: %s" % warning)
+        for entry in share.get("damaged", []):
+            self.line("  damaged on disk (bit rot): %s: %s" % (
+                printable(entry.get("path", "")), entry.get("state", "")))
         if share.get("local_changes_not_shared"):
             self.line("  %d local changes not shared" % share["local_changes_not_shared"])
         if share.get("share_files_missing"):

@@ -139,7 +139,12 @@ class VersionCommands:
             request.update(key=self.args.key, value=value)
         reply = self.request(request)
         config = reply.get("config", {})
-        if self.args.config_action == "get" and self.args.key:
+        if self.args.config_action == "get" and not self.args.key:
+            # Every setting of the share: the versions ones and the others.
+            other = self.request({"type": ".clearskies.get_share_config", "path": request["path"]})
+            config = {**other.get("config", {}), **config}
+            reply = {**reply, "config": config}
+        elif self.args.config_action == "get" and self.args.key:
             if self.args.key not in config:
                 raise CommandFailed("no share setting %r; share settings: %s"
                                     % (self.args.key, ", ".join(sorted(config))))

@@ -85,6 +85,9 @@ class ILocalShare(Interface):
     def is_ignored(path):
         """True for paths the user excluded: never announced, never overwritten."""
 
+    def is_damaged(path):
+        """True for a file found rotted on disk (its bytes are not its record's): never served."""
+
     def unchanged_many(paths, local_paths=None):
         """Deferred {path: True when the file on disk is as our last scan recorded it}."""
 
@@ -417,6 +420,19 @@ class IDaemonControl(Interface):
 
     def remove_join(path: str) -> object:
         """(async) Forget the pending or failed attach into ``path``; whether there was one."""
+
+    def share_health(runtime: object) -> dict:
+        """A share's health for its status: ``last_in_sync``, ``last_verified``, and
+        ``warnings`` and ``damaged`` files if any."""
+
+    def verify_share(runtime: object) -> object:
+        """(async) Read every file of the share back against its SHA-256 now."""
+
+    def share_setting(share_id: str, key: str) -> object:
+        """The stored value of a share's own setting, or None when it was never set."""
+
+    def set_share_setting(share_id: str, key: str, value: object) -> object:
+        """(async) Store a share's own checked setting (or ``paused``) and apply it."""
 
     def setting(key: str) -> object:
         """The stored value of a setting, or None when it was never set."""

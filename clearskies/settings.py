@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "lan": True,
     "trackers": [],
     "peers": [],
+    "stale_after": 7 * 86400,  # status warns about a share or peer not synced for this long
+    "verify_interval": 7 * 86400,  # one full re-verification pass of every share per this
 }
 #: Settings read only when the daemon starts (the others apply at once).
 AT_START = ("listen", "lan", "trackers", "peers")
@@ -122,6 +124,20 @@ def _flag(key: str) -> Any:
     return check
 
 
+#: The longest ``stale_after`` and ``verify_interval`` (ten years, in seconds).
+MAX_PERIOD = 10 * 365 * 86400
+
+
+def _period(key: str, least: int) -> Any:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) \
+                or not (value == 0 or least <= value <= MAX_PERIOD):
+            raise SettingError("%s must be a whole number of seconds from %d to %d, "
+                               "or 0 for never" % (key, least, MAX_PERIOD))
+        return value
+    return check
+
+
 CHECKS: dict[str, Any] = {
     "name": check_name,
     "upload_limit": _rate("upload_limit"),
@@ -131,12 +147,32 @@ CHECKS: dict[str, Any] = {
     "lan": _flag("lan"),
     "trackers": lambda v: _listed(v, check_tracker, MAX_TRACKERS, "trackers"),
     "peers": lambda v: _listed(v, check_peer, MAX_PEERS, "peers"),
+    "stale_after": _period("stale_after", 1),
+    "verify_interval": _period("verify_interval", 60),
 }
 
 
 def check_setting(key: Any, value: Any) -> Any:
     """The value to store for ``key``; KeyError for an unknown key, SettingError for a bad value."""
     check = CHECKS.get(key) if isinstance(key, str) else None
+    if check is None:
+        raise KeyError(key)
+    return check(value)
+
+
+#: A share's own settings (``config set KEY VALUE --share DIR``): key → default.
+SHARE_DEFAULTS: dict[str, Any] = {
+    "watcher": True,  # false: no file watcher, local changes are found by periodic scans
+}
+
+SHARE_CHECKS: dict[str, Any] = {
+    "watcher": _flag("watcher"),
+}
+
+
+def check_share_setting(key: Any, value: Any) -> Any:
+    """Like :func:`check_setting`, for a share's own settings."""
+    check = SHARE_CHECKS.get(key) if isinstance(key, str) else None
     if check is None:
         raise KeyError(key)
     return check(value)

@@ -83,6 +83,7 @@ class MemoryShare:
         self.records: dict[str, FileRecord] = {}
         self.rev = 0
         self.ignored: set[str] = set()
+        self.damaged: set[str] = set()  # files found rotted (is_damaged)
         self.commits: list[list[FileRecord]] = []
         self.batch_calls: list[tuple[str, int]] = []
         self.refused: set[tuple[str, str]] = set()
@@ -110,6 +111,9 @@ class MemoryShare:
 
     def is_ignored(self, path: str) -> bool:
         return path in self.ignored
+
+    def is_damaged(self, path: str) -> bool:
+        return path in self.damaged
 
     def is_unchanged(self, path: str):
         record = self.records.get(path)

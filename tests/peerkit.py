@@ -195,8 +195,9 @@ class PeerKitCase(TestCase):
                     runner.stopService()
 
     async def connect(self, features: tuple[str, ...] = ALL_FEATURES,
-                      peer_id: str | None = None) -> ScriptedSession:
-        """A scripted peer, authenticated with the share's keys, past the handshake."""
+                      peer_id: str | None = None, keys: Any = None) -> ScriptedSession:
+        """A scripted peer, authenticated with the share's keys (or ``keys``: those of
+        a lower level), past the handshake."""
         assert self.daemon is not None
         made: list[ScriptedSession] = []
 
@@ -205,7 +206,7 @@ class PeerKitCase(TestCase):
             made.append(session)
             return session
 
-        target = ConnectTarget.share(self.runtime.keys, peer_id or secrets.token_hex(16))
+        target = ConnectTarget.share(keys or self.runtime.keys, peer_id or secrets.token_hex(16))
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.daemon.listeners.port_number)
         await connect_peer(reactor, endpoint, target, MemoryKeyRing(time.time),
                            "scripted peer", factory, features=features)

@@ -126,8 +126,11 @@ class VersionCommandsTests(unittest.TestCase):
             "value": "staggered"})
         run = await self.cli("config", "get", "versions_days", "--share", self.share_dir)
         self.assertEqual(run.out, "versions_days = 30\n")
+        # Without a key: every setting of the share, the versions ones and the others.
+        self.daemon.script[".clearskies.get_share_config"] = lambda request: {
+            "path": self.share_dir, "config": {"watcher": True}}
         run = await self.cli("config", "get", "--share", self.share_dir)
-        self.assertEqual(run.out, 'versions = "trash"\nversions_days = 30\n')
+        self.assertEqual(run.out, 'versions = "trash"\nversions_days = 30\nwatcher = true\n')
         await self.cli("config", "set", "upload_limit", "5")
         self.assertEqual(self.daemon.received[-1]["type"], "set_config_value")
         # Other keys are not the versions group's: they go on to the other settings.

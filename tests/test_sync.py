@@ -138,6 +138,18 @@ def test_get_of_an_unknown_path_is_answered_with_get_error(share):
     assert reply.body["type"] == "get_error" and reply.body["path"] == "nope.txt"
 
 
+def test_a_file_damaged_on_disk_is_not_served(share):
+    """Bit rot found by re-verification: the peer is told, and gets none of the bytes."""
+    share.add_local("rot.bin", b"x" * 5000, {US: 1})
+    share.damaged.add("rot.bin")
+    _, session, connection = open_session(share, Clock())
+    connection.sent()
+    session.event_received(message({"type": "get", "path": "rot.bin"}))
+    (reply,) = connection.sent()
+    assert reply.body == {"type": "get_error", "path": "rot.bin",
+                          "message": "damaged on disk here"}
+
+
 def test_get_of_a_held_file_streams_its_content(share):
     """A get for a file we hold is answered with file_data and exactly its bytes."""
     data = os.urandom(5000)

@@ -18,7 +18,8 @@ from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.control.versions import VersionCommands
 from clearskies.errors import AccessCodeError, ClearSkiesError
 from clearskies.interfaces import IDaemonControl
-from clearskies.settings import AT_START, DEFAULTS, SettingError, check_setting
+from clearskies.settings import (
+    AT_START, DEFAULTS, SHARE_DEFAULTS, SettingError, check_setting, check_share_setting)
 from clearskies.sync import RETRY_AFTER
 
 
@@ -97,13 +98,22 @@ class DaemonCommands(VersionCommands, CommandDispatcher):
         self.daemon.request_stop()
         return {}
 
-    def cmd_pause(self, request: dict[str, Any]) -> dict[str, Any]:
+    def cmd_pause(self, request: dict[str, Any]) -> Any:
+        if "path" in request:  # one share (kept across restarts)
+            return self._pause_share(request, True)
         self.daemon.pause()
         return {}
 
-    def cmd_resume(self, request: dict[str, Any]) -> dict[str, Any]:
+    def cmd_resume(self, request: dict[str, Any]) -> Any:
+        if "path" in request:
+            return self._pause_share(request, False)
         self.daemon.resume()
         return {}
+
+    async def _pause_share(self, request: dict[str, Any], paused: bool) -> dict[str, Any]:
+        runtime = self._share(request)
+        await self.daemon.set_share_setting(runtime.share_id, "paused", paused)
+        return {"path": str(runtime.root), "paused": paused}
 
     def cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         daemon = self.daemon
@@ -123,6 +133,10 @@ class DaemonCommands(VersionCommands, CommandDispatcher):
             "tor": daemon.tor_mode,
             "onion_address": daemon.onion_address(),
             "tor_error": daemon.tor_error(),
+            # Shares whose status warns (not synced for long, files damaged on disk).
+            "shares_with_warnings": sorted(
+                str(r.root) for r in daemon.shares.values()
+                if any(k in daemon.share_health(r) for k in ("warnings", "damaged"))),
         }
 
     async def cmd_create_share(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -277,6 +291,11 @@ class DaemonCommands(VersionCommands, CommandDispatcher):
         }
         if unscanned:
             summary["local_changes_pending"] = True
+        if runtime.share_paused:
+            summary["share_paused"] = True
+        if self.daemon.share_setting(runtime.share_id, "watcher") is False:
+            summary["watcher"] = False  # periodic scans only
+        summary.update(self.daemon.share_health(runtime))
         if sync.unresolved:
             # Peers' changes not carried out yet, tried again (protocol/sync.md).
             summary["conflicts_waiting"] = sorted(sync.unresolved)[:20]
@@ -356,6 +375,9 @@ class DaemonCommands(VersionCommands, CommandDispatcher):
             # Scans wait for resume: refused now rather than an answer that never comes.
             raise ControlError("refused", "the daemon is paused: nothing is scanned until "
                                "`clearskies resume`")
+        if runtime.share_paused:
+            raise ControlError("refused", "%s is paused: nothing is scanned until "
+                               "`clearskies resume %s`" % (runtime.root, runtime.root))
         result = await runtime.service.rescan()
         # What the disk had in the way (a symlink, an unreadable folder) may be gone now.
         runtime.sync.retry_unresolved()
@@ -390,6 +412,34 @@ class DaemonCommands(VersionCommands, CommandDispatcher):
             if code.share_id == runtime.share_id and code.is_live(now)
         ]
         return {"codes": sorted(codes, key=lambda c: c["created"])}
+
+    async def cmd__clearskies_verify(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Read every stored file of a share back against its SHA-256 now (bit rot)."""
+        runtime = self._share(request)
+        if runtime.error is not None:
+            raise ControlError("refused", "the share is in error: %s" % runtime.error)
+        return await self.daemon.verify_share(runtime)
+
+    def cmd__clearskies_get_share_config(self, request: dict[str, Any]) -> dict[str, Any]:
+        runtime = self._share(request)
+        config = {}
+        for key, default in SHARE_DEFAULTS.items():
+            value = self.daemon.share_setting(runtime.share_id, key)
+            config[key] = default if value is None else value
+        return {"path": str(runtime.root), "config": config}
+
+    async def cmd__clearskies_set_share_config(self, request: dict[str, Any]) -> dict[str, Any]:
+        runtime = self._share(request)
+        key = _text(request, "key")
+        try:
+            value = check_share_setting(key, request.get("value"))
+        except KeyError:
+            raise ControlError("unknown_key", "no share setting %r; share settings: %s"
+                               % (key, ", ".join(sorted(SHARE_DEFAULTS)))) from None
+        except SettingError as e:
+            raise ControlError("bad_request", str(e)) from None
+        await self.daemon.set_share_setting(runtime.share_id, key, value)
+        return {"path": str(runtime.root), "key": key, "value": value}
 
     async def cmd__clearskies_cancel_code(self, request: dict[str, Any]) -> dict[str, Any]:
         if "code" in request:

@@ -55,6 +55,8 @@ class Activity:
     def resume(self) -> None:
         self.paused = False
         for runtime in list(self._runtimes()):
+            if getattr(runtime, "share_paused", False):
+                continue  # paused on its own: stays so until `clearskies resume DIR`
             runtime.service.resume()
             runtime.sync.resume()
 

@@ -122,6 +122,16 @@ class AccessCodes:
         self._dead_codes: dict[str, tuple[str, bytes]] = {}
         self.joins: dict[str, PendingJoin] = {}
         self._finished_joins: dict[str, PendingJoin] = {}
+        #: Called with a code of ours that was made, used or cancelled (code spreading).
+        self.on_change: Callable[[AccessCode], None] | None = None
+
+    def announce(self) -> None:
+        """A code appeared or went: discovery says so."""
+        self._announce()
+
+    def _changed(self, code: AccessCode) -> None:
+        if self.on_change is not None:
+            self.on_change(code)
 
     def attach_dialler(self, dialler: IAttachDialler) -> None:
         """Give the codes the dialler of their attaches (``IAttachDialler``).
@@ -185,6 +195,7 @@ class AccessCodes:
             one_time=code.one_time))
         self.codes[code.access_id] = code
         self._announce()
+        self._changed(code)
         return code
 
     async def cancel_code(self, access_id_prefix: str) -> None:
@@ -195,6 +206,7 @@ class AccessCodes:
         code.revoked = True
         self.remember_dead_code(code, "cancelled")
         await self._resources.store.revoke_access_code(code.access_id)
+        self._changed(code)
 
     def share_removed(self, share_id: str) -> None:
         """A share is gone: its codes die with it."""
@@ -232,6 +244,7 @@ class AccessCodes:
             self.remember_dead_code(code, code.dead_reason(self.now()))
         self._resources.store.mark_access_code_used(access_id).addErrback(
             lambda f: self._log.failure("could not record a used access code", f))
+        self._changed(code)
 
     # -- codes we were given -----------------------------------------------------------
 

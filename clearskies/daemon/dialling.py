@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches")
+            "revision_batches", "code_spread")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
@@ -67,6 +67,8 @@ class Dialling:
         self.transports: list[IPeerTransport] = list(
             transports if transports is not None else (tor, TcpTransport(self.reactor, port)))
         self.connector: ConnectionManager | None = None
+        #: Our access codes as peers see them (a CodeSpreading; set by the daemon).
+        self.code_spreading: Any = None
         self._peers_everywhere: list[str] = []
         self.manual = ManualPeers(self.offer_candidate, self.check_peer_address,
                                   self._manual_addresses)
@@ -149,6 +151,8 @@ class Dialling:
         if runtime is not None:
             if getattr(runtime, "error", None) is not None:
                 return None  # a share in error syncs with nobody; the dial backs off
+            if getattr(runtime, "share_paused", False):
+                return None  # paused on its own: dialled again on resume
             return ConnectTarget.share(runtime.keys, runtime.peer_id)
         return self._codes.pending_join(target_id)
 
@@ -245,6 +249,9 @@ class Dialling:
         if runtime is None:
             connection.close("share is gone")
             return _ClosedSession()
+        if getattr(runtime, "share_paused", False):
+            connection.close("share paused")
+            return _ClosedSession()
         if info.access not in ("read_write", "read_only"):
             # An untrusted peer may only ever hold encrypted files (not supported yet).
             connection.close("access level %s is not supported" % info.access)
@@ -258,6 +265,11 @@ class Dialling:
                 self.offer_candidate(info.share_id, parse_user_address(address), known,
                                      self.manual.source)
         session = SyncSession(runtime.sync, connection)
+        spreading = self.code_spreading
+        if spreading is not None:  # extension code_spread (protocol/code_spread.md)
+            session.codes.connect(
+                lambda access: spreading.outgoing(info.share_id, access),
+                lambda codes: spreading.incoming(info.share_id, info.access, codes))
         runtime.peer_connected(info, connection)
         session.start(runtime.last_manifest_revision(info.their_peer_id))
         return _TrackedSession(session, runtime, info.their_peer_id)

@@ -21,15 +21,20 @@ class DaemonKeyRing:
 
     def share_keys(self, share_id: str) -> ShareKeys | None:
         runtime = self._shares.by_id.get(share_id)
-        if runtime is None or runtime.error is not None:
-            return None
+        if runtime is None or runtime.error is not None \
+                or getattr(runtime, "share_paused", False):
+            return None  # (a paused share syncs with nobody)
         return runtime.keys
 
     def peer_id(self, share_id: str) -> str:
         return self._shares.by_id[share_id].peer_id
 
     def live_code(self, access_id: str) -> AccessCode | None:
-        return self._codes.live_code(access_id)
+        code = self._codes.live_code(access_id)
+        runtime = self._shares.by_id.get(code.share_id) if code is not None else None
+        if runtime is not None and getattr(runtime, "share_paused", False):
+            return None  # a paused share takes no new peer either
+        return code
 
     def pending_join(self, access_id: str) -> ConnectTarget | None:
         return self._codes.pending_join(access_id)

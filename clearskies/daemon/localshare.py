@@ -190,6 +190,9 @@ class LocalShareFiles:
         self.files_runner = files_runner
         self.service = service
         self.paths = service.paths
+        #: Files found rotted on disk (path → the SHA-256 they should hold,
+        #: clearskies.daemon.verify): never a local copy of anything.
+        self.damaged_paths: dict[str, str] = {}
 
     def manifest(self) -> Deferred[tuple[int, list[FileRecord]]]:
         """The revision and every record, in one list (read-only shares' comparisons only)."""
@@ -240,6 +243,9 @@ class LocalShareFiles:
     def is_ignored(self, path: str) -> bool:
         return self.service.is_ignored(path)
 
+    def is_damaged(self, path: str) -> bool:
+        return path in self.damaged_paths
+
     def is_unchanged(self, path: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._is_unchanged(path))
 
@@ -252,6 +258,8 @@ class LocalShareFiles:
 
     async def _find_local_copy(self, sha256: str) -> Path | None:
         for stored in await self.store.find_by_sha256(self.share_id, sha256):
+            if stored.path in self.damaged_paths:
+                continue
             local = str(self.local_path(stored.path))
             if await self.files_runner.run(_matches, local, stored):
                 return Path(local)
@@ -266,7 +274,9 @@ class LocalShareFiles:
         """
         d = self.store.find_by_sha256_many(self.share_id, hashes)
         kept = self.versions.hashes if self.versions is not None else {}
-        return d.addCallback(lambda live: set(live) | {h for h in hashes if h in kept})
+        # (Content only a damaged file holds is fetched; find_local_copy skips those.)
+        return d.addCallback(lambda live: (set(live) - set(self.damaged_paths.values()))
+                             | {h for h in hashes if h in kept})
 
     def remove_local(self, path: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._remove_local(path))

@@ -115,6 +115,8 @@ class ShareRuntime(LocalShareFiles, Service):
         self._count_duration = 0.0
         self._prepared = False
         self._adopt = False
+        #: Paused on its own (``clearskies pause DIR``): no scans, no sessions.
+        self.share_paused = False
         self.service.add_change_listener(self._local_changes)
         self.service.on_recovered = self._recovered
 
@@ -158,7 +160,7 @@ class ShareRuntime(LocalShareFiles, Service):
         super().startService()
         if not self._prepared:
             return  # refused: it stays in the error state
-        if self.host.paused:
+        if self.host.paused or self.share_paused:
             self.sync.pause()
         if self.versions is not None:
             self.versions.start()
@@ -187,6 +189,22 @@ class ShareRuntime(LocalShareFiles, Service):
             session.connection.close("share stopping")
         self.sync.stop()
         await self.service.stopService()
+
+    def set_share_paused(self, paused: bool, daemon_paused: bool) -> None:
+        """Pause this share alone (it neither sends nor receives: its connections
+        close and none is made or accepted), or resume it."""
+        self.share_paused = paused
+        if paused:
+            self.sync.pause()
+            self.service.pause()
+            for session in list(self.sync.sessions.values()):
+                session.connection.close("share paused")
+            return
+        if not daemon_paused:
+            self.service.resume()
+            self.sync.resume()
+        if self.running:
+            self.host.retry_peers(self.share_id)
 
     @property
     def error(self) -> str | None:
@@ -275,6 +293,17 @@ class ShareRuntime(LocalShareFiles, Service):
             last_seen=self.host.now(), addresses=known.addresses,
             manifest_revision=revision, acked_revision=known.acked_revision)
         self._remember(updated, "could not store a peer's revision")
+
+    def peer_seen(self, peer_id: str) -> None:
+        """A peer is still connected: its ``last_seen`` moves to now (share health)."""
+        known = self.peers.get(peer_id)
+        if known is None:
+            return
+        updated = PeerInfo(
+            share_id=known.share_id, peer_id=known.peer_id, name=known.name,
+            last_seen=self.host.now(), addresses=known.addresses,
+            manifest_revision=known.manifest_revision, acked_revision=known.acked_revision)
+        self._remember(updated, "could not store when a peer was seen")
 
     # -- events ----------------------------------------------------------------------
 

@@ -37,10 +37,13 @@ from clearskies.accesscode import access_id, parse_code
 from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling
+from clearskies.daemon.health import HEALTH_INTERVAL, ShareHealth
+from clearskies.daemon.verify import VERIFY_TICK, Verification
 from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing
 from clearskies.daemon.sparekeys import SpareKeys
+from clearskies.daemon.spreading import CodeSpreading
 from clearskies.daemon.listeners import ControlListener, PeerListeners
 from clearskies.daemon.options import DaemonSettings, settle_options
 from clearskies.daemon.resources import Resources
@@ -87,6 +90,11 @@ class Daemon(MultiService):
                                  self.tor_link, self.keyring, lambda: self.listeners.port_number,
                                  lambda: self.name)
         self.access_codes.attach_dialler(self.dialling)
+        # Extension code_spread: our codes held by our peers, theirs by us.
+        self.code_spreading = CodeSpreading(self.resources, self.share_registry,
+                                            self.access_codes)
+        self.access_codes.on_change = self.code_spreading.changed
+        self.dialling.code_spreading = self.code_spreading
         self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
         self.listeners.setServiceParent(self)
         self.control = ControlListener(reactor, self.resources.control_path, self._dispatcher())
@@ -102,6 +110,13 @@ class Daemon(MultiService):
         self._listen_kept = False  # the peer endpoint comes from the stored settings
         TimerService(RATE_INTERVAL, self.activity.sample_rates).setServiceParent(self)
         TimerService(JOIN_CHECK_INTERVAL, self.access_codes.check_joins).setServiceParent(self)
+        # How long each share and peer has gone without syncing (status warns).
+        self.health = ShareHealth(self.resources, lambda: self.share_registry.by_id.values())
+        TimerService(HEALTH_INTERVAL, self._check_health).setServiceParent(self)
+        # Stored files read back against their SHA-256, slowly (bit rot).
+        self.verification = Verification(self.resources,
+                                         lambda: self.share_registry.by_id.values())
+        TimerService(VERIFY_TICK, self._verify_tick).setServiceParent(self)
 
     # -- start -----------------------------------------------------------------------
 
@@ -143,6 +158,7 @@ class Daemon(MultiService):
         for info in await resources.store.list_shares():
             await self.share_registry.open_share(info)
         await self.access_codes.restore()
+        await self.code_spreading.restore()
         for path in self.settings.shares:
             if self.share_by_path(path) is None:
                 await self.create_share(path)
@@ -207,6 +223,9 @@ class Daemon(MultiService):
         # In order: nobody new gets in, every share stops, the database closes; then
         # the rest (the thread pools among them) stop together.
         # A step that fails is logged and the next still runs: the database must close.
+        if self.resources.store is not None and self.ready.called:
+            await self._stop_step(self.health.save(), "keeping share health")
+            await self._stop_step(self.verification.save(), "keeping verification state")
         for child in (self.control, self.listeners, self.share_registry):
             if child.running:
                 await self._stop_step(maybeDeferred(child.stopService), child)
@@ -235,10 +254,21 @@ class Daemon(MultiService):
 
     async def remove_share(self, path: str) -> None:
         def forget(share_id: str) -> None:
+            self.health.forget(share_id)
+            self.verification.forget(share_id)
             self.access_codes.share_removed(share_id)
+            self.code_spreading.share_removed(share_id)
             self.dialling.forget_target(share_id)
 
         await self.share_registry.remove_share(path, forget)
+
+    def _check_health(self) -> None:
+        if self.resources.store is not None and self.ready.called:
+            self.health.check()
+
+    def _verify_tick(self) -> None:
+        if self.resources.store is not None and self.ready.called:
+            self.verification.tick()
 
     def _announce_changed(self) -> None:
         self.discovery.announce_changed()
@@ -331,6 +361,18 @@ class Daemon(MultiService):
 
     async def remember_manual_peer(self, share_id: str, address: str) -> None:
         await self.dialling.remember_manual_peer(share_id, address)
+
+    def share_health(self, runtime: Any) -> dict[str, Any]:
+        return {**self.health.summary(runtime), **self.verification.summary(runtime)}
+
+    async def verify_share(self, runtime: Any) -> dict[str, Any]:
+        return await self.verification.verify_now(runtime)
+
+    def share_setting(self, share_id: str, key: str) -> Any:
+        return self.share_registry.share_settings(share_id).get(key)
+
+    async def set_share_setting(self, share_id: str, key: str, value: Any) -> None:
+        await self.share_registry.set_share_setting(share_id, key, value)
 
     def setting(self, key: str) -> Any:
         return self.resources.config.get(key)

@@ -29,6 +29,9 @@ from clearskies.share.service import create_share as register_share
 #: Config key: shares attached with --merge whose first scan has not yet recorded
 #: the folder's own files (protocol/merge.md, "Attaching into a folder that holds files").
 ADOPTING = "adopting_shares"
+#: Config key: share ID → that share's own settings (settings.SHARE_DEFAULTS; and
+#: ``paused``, set by ``clearskies pause DIR``).
+SHARE_SETTINGS = "share_settings"
 
 
 class Shares(MultiService):
@@ -145,8 +148,11 @@ class Shares(MultiService):
         runtime = ShareRuntime(self._host, resources.reactor, resources.store,
                                resources.files_runner, info, keys,
                                self._activity.upload_limiter, self._activity.download_limiter)
-        if self._activity.paused:
+        own = self.share_settings(info.share_id)
+        runtime.share_paused = bool(own.get("paused"))
+        if self._activity.paused or runtime.share_paused:
             runtime.service.pause()  # before it starts: no start scan until resume
+        runtime.service.set_watching(own.get("watcher", True) is not False)
         self.by_id[info.share_id] = runtime
         adopt = info.share_id in resources.config.get(ADOPTING, [])
         await runtime.prepare(new=new, adopt=adopt)
@@ -169,6 +175,36 @@ class Shares(MultiService):
         Deferred.fromCoroutine(self.set_adopting(share_id, False)).addErrback(
             lambda f: self._log.failure("could not record a finished first scan", f))
 
+    # -- a share's own settings ------------------------------------------------------------
+
+    def share_settings(self, share_id: str) -> dict:
+        """The settings stored for one share (only those set)."""
+        stored = self._resources.config.get(SHARE_SETTINGS)
+        own = stored.get(share_id) if isinstance(stored, dict) else None
+        return dict(own) if isinstance(own, dict) else {}
+
+    async def set_share_setting(self, share_id: str, key: str, value: object) -> None:
+        """Store one (checked) setting of a share and apply it to the running share."""
+        stored = self._resources.config.get(SHARE_SETTINGS)
+        stored = dict(stored) if isinstance(stored, dict) else {}
+        own = self.share_settings(share_id)
+        own[key] = value
+        stored[share_id] = own
+        await self._resources.save_config(SHARE_SETTINGS, stored)
+        runtime = self.by_id.get(share_id)
+        if runtime is None:
+            return
+        if key == "watcher":
+            runtime.service.set_watching(value is not False)
+        elif key == "paused":
+            runtime.set_share_paused(bool(value), daemon_paused=self._activity.paused)
+
+    async def forget_share_settings(self, share_id: str) -> None:
+        stored = self._resources.config.get(SHARE_SETTINGS)
+        if isinstance(stored, dict) and share_id in stored:
+            stored = {k: v for k, v in stored.items() if k != share_id}
+            await self._resources.save_config(SHARE_SETTINGS, stored)
+
     # -- removing shares -----------------------------------------------------------------
 
     async def remove_share(self, path: str, forget: Callable[[str], None]) -> None:
@@ -190,6 +226,7 @@ class Shares(MultiService):
         forget(share_id)
         await self._resources.store.remove_share(share_id)
         await self.set_adopting(share_id, False)
+        await self.forget_share_settings(share_id)
         try:
             os.unlink(self._resources.keys_path(share_id))
         except FileNotFoundError:

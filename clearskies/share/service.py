@@ -138,6 +138,7 @@ class ShareService(Service):
         self._busy = False  # a _drain is running
         self._draining: Deferred[None] | None = None
         self._watcher_failed = False
+        self._watch_off = False  # the share's ``watcher`` setting: False, periodic scans only
         self._timer: IDelayedCall | None = None  # the next full rescan or error re-check
         self._unstable = UnstableFiles(self._debouncer)
         self._adopt_waiters: list[Deferred[None]] = []
@@ -251,6 +252,14 @@ class ShareService(Service):
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def set_watching(self, enabled: bool) -> None:
+        """Watch the folder (inotify), or only scan it periodically (and on ``rescan``)."""
+        self._watch_off, was_off = not enabled, self._watch_off
+        if not enabled and self._watcher is not None:
+            self._watcher.stop()
+        elif enabled and was_off and self.running:
+            self._request_full()  # starts the watcher, then finds what it missed
 
     def note_remote_write(self, record: FileRecord, inode: int, size: int,
                           mtime_ns: int) -> Deferred[int]:
@@ -399,7 +408,7 @@ class ShareService(Service):
         full scan is needed to catch up.
         """
         watcher = self._watcher
-        if watcher is None or watcher.running or self._watcher_failed:
+        if watcher is None or watcher.running or self._watcher_failed or self._watch_off:
             return
         try:
             directories = await self._runner.run(list_directories, self.share.path,

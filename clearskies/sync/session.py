@@ -30,6 +30,7 @@ from clearskies.share.records import FileRecord, validate_wire_path
 from clearskies.sync import states
 from clearskies.sync.addresses import AddressExchange
 from clearskies.sync.announced import AnnouncedRecords
+from clearskies.sync.codespread import CodeExchange
 from clearskies.sync.engine import ShareSync
 from clearskies.sync.gate import ReadOnlyGate
 from clearskies.sync.limits import TRACE
@@ -89,6 +90,9 @@ class SyncSession:
         self.addresses = AddressExchange(
             self.peer_id, info.features or (), send=self._send,
             advertised=sync.advertised_addresses, received=sync.addresses_received)
+        # Extension code_spread: inert until the daemon connects it to its codes.
+        self.codes = CodeExchange(self.peer_id, info.features or (), info.access, sync.clock,
+                                  send=self._send)
         metadata = self.metadata
         self._handlers: dict[str, Callable[[dict, wire.Message], None]] = {
             "get_manifest": metadata.on_get_manifest,
@@ -102,6 +106,8 @@ class SyncSession:
             "get_error": self._on_get_error,
             "file_data": self._on_file_data,
             "clearskies.addresses": self.addresses.on_clearskies_addresses,
+            "code_spread.list": self.codes.on_message,
+            "code_spread.update": self.codes.on_message,
         }
 
     # -- what the engine and the daemon see (ISyncSession) -------------------------
@@ -198,6 +204,7 @@ class SyncSession:
                     self._send(request)
             elif output == states.SEND_ADDRESSES:
                 self.send_addresses()
+                self.codes.start()
 
     def keep_over(self, newcomer: ISyncSession) -> bool:
         """Of two connections with one peer, both sides keep the same one.
@@ -219,6 +226,7 @@ class SyncSession:
                 self.receiving = None
             elif output == states.STOP_SENDING:
                 self.sends.stop()
+                self.codes.stop()
                 if self._read_throttle is not None:
                     self._read_throttle.stop()
                 if self.gate is not None:

@@ -92,8 +92,11 @@ class Uploads:
     def _serve(self, path: str, requested_range: tuple[int, int] | None,
                record: FileRecord | None) -> None:
         if (record is None or record.deleted or record.is_dir or record.size is None
-                or self.share.is_ignored(path) or self.sync.paused):
-            why = "paused" if self.sync.paused else "no such file in this share"
+                or self.share.is_ignored(path) or self.sync.paused
+                or self.share.is_damaged(path)):
+            why = "paused" if self.sync.paused else (
+                "damaged on disk here" if self.share.is_damaged(path)
+                else "no such file in this share")
             self._send(get_error_message(path, why))
             return
         local = self.share.local_path(path)
