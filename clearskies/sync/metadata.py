@@ -60,6 +60,8 @@ class MetadataExchange:
         self.gate = gate
         self._fail = fail
         self.supports_dirs = "directories" in (connection.established.features or ())
+        # path -> SHA-256 the peer holds, kept only for a peer without version vectors
+        # (the merge needs it only then): a whole share's worth for such a peer.
         self.acked: dict[str, str] = {}
         self.manifest_sent_revision: int | None = None
         self.peer_revision: Any = None
@@ -190,9 +192,10 @@ class MetadataExchange:
             records[record.path] = record if previous is None else merge.winner(previous, record)
         self.peer_revision = revision
         last_page = body.get("more") is not True
-        for record in records.values():
-            if not record.deleted and record.sha256:
-                self.acked[record.path] = record.sha256
+        if self._reference_peer():  # (a peer with version vectors needs no acknowledgements)
+            for record in records.values():
+                if not record.deleted and record.sha256:
+                    self.acked[record.path] = record.sha256
         # A paged manifest's revision is complete only with its last page; it is
         # remembered (send_progress) only once its content is all here: a restart
         # before then must ask for the whole manifest again, not "anything new?".
@@ -440,7 +443,7 @@ class MetadataExchange:
     # -- acknowledgement (for peers without version vectors) ---------------------------
 
     def acknowledge(self, record: FileRecord) -> None:
-        if record.sha256:
+        if record.sha256 and self._reference_peer():
             self.acked[record.path] = record.sha256
 
     def local_unacked(self, local: FileRecord | None) -> bool:
