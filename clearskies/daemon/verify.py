@@ -188,14 +188,10 @@ class Verification:
             if record.deleted or record.is_dir or not record.sha256 or row.path in busy \
                     or row.path in state.damaged:
                 continue
-            try:
-                local = str(runtime.local_path(row.path))
-            except UnsafePathError:
-                continue
-            cache = None if row.cache is None else (row.cache.inode, row.cache.size,
-                                                    row.cache.mtime_ns)
-            items.append((row.path, local, record.sha256, cache))
-            stored_by_path[row.path] = row
+            item = _verify_item(runtime, row)
+            if item is not None:
+                items.append(item)
+                stored_by_path[row.path] = row
         verdicts = await runtime.files_runner.run(verify.verify_files, items) if items else []
         cost = 0
         for path, verdict in verdicts:
@@ -247,13 +243,9 @@ class Verification:
             if row is None or row.record.deleted or row.record.sha256 != damage.sha256:
                 self._settled(runtime, state, damage, None)  # a newer version replaced it
                 continue
-            try:
-                local = str(runtime.local_path(damage.path))
-            except UnsafePathError:
-                continue
-            cache = None if row.cache is None else (row.cache.inode, row.cache.size,
-                                                    row.cache.mtime_ns)
-            items.append((damage.path, local, damage.sha256, cache))
+            item = _verify_item(runtime, row)
+            if item is not None:
+                items.append(item)
         verdicts = await runtime.files_runner.run(verify.verify_files, items) if items else []
         busy = runtime.sync.wanted
         for path, verdict in verdicts:
@@ -330,3 +322,14 @@ class Verification:
         value = {share_id: state.to_dict() for share_id, state in self._passes.items()
                  if share_id in live}
         return Deferred.fromCoroutine(self._resources.save_config(STATE_KEY, value))
+
+
+def _verify_item(runtime: Any, row: Any) -> tuple[str, str, str, Any] | None:
+    """What ``verify.verify_files`` takes for a stored row: (path, local path, SHA-256,
+    cache key), or None for a path the share cannot hold (never read)."""
+    try:
+        local = str(runtime.local_path(row.path))
+    except UnsafePathError:
+        return None
+    cache = None if row.cache is None else (row.cache.inode, row.cache.size, row.cache.mtime_ns)
+    return (row.path, local, row.record.sha256, cache)
