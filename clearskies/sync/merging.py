@@ -52,6 +52,8 @@ class RecordMerger:
         # each per batch), for the other sources of wanted files; see _take.
         self._elsewhere: Known = {}
         self._elsewhere_paths: set[str] = set()
+        # Our folders a peer's file replaces, waiting for their contents' deletions.
+        self.emptying: set[str] = set()
 
     def receive_records(self, session: ISyncSession, records: list[FileRecord]) -> Deferred[None]:
         """Merge what a peer announced; serialised so two peers cannot race on one path."""
@@ -68,6 +70,7 @@ class RecordMerger:
             prefetched = await self.share.get_records(sorted(unread))
         removals: list[FileRecord] = []
         superseded: list[FileRecord] = []  # our record each removal was decided against
+        replaced: list[tuple[FileRecord, FileRecord, FileRecord]] = []  # folders made files
         taken = [r for r in records if not self.share.is_ignored(r.path)]
         await session.remote_index.put(taken)
         self._elsewhere_paths = {r.path for r in taken}
@@ -96,6 +99,13 @@ class RecordMerger:
                     and not local.deleted and not local.is_dir):
                 removals.append(decision.record)  # deleted together after the loop
                 superseded.append(local)
+                continue
+            if (decision.action == merge.ACCEPT and local is not None and local.is_dir
+                    and not local.deleted and not decision.record.deleted
+                    and not decision.record.is_dir):
+                # A folder replaced by a file: its contents' deletions come in this
+                # batch and go after the loop; the folder after them.
+                replaced.append((remote, local, decision.record))
                 continue
             try:
                 applied = await self._apply(session, local, remote, decision)
@@ -133,7 +143,13 @@ class RecordMerger:
                     committed.append(record)
                 else:
                     self._blocked_deletion(session, record)
+        for remote, local, record in replaced:
+            committed.extend(await self._folder_to_file(session, remote, local, record))
         committed.extend(await self._retry_directory_deletions())
+        if self.emptying and committed:
+            self._retry_emptied(committed)
+        if self.unresolved.waiting and committed:
+            self._retry_below_new_folders(committed)
         self._elsewhere = {}
         if committed:
             known = await announced_by(self.sessions.values(), [r.path for r in committed],
@@ -145,6 +161,49 @@ class RecordMerger:
                     [r for r in for_origin if not (r.deleted and r.path in self.placeholders)],
                     [], revision, force=True)
         self._pump()
+
+    async def _folder_to_file(self, session: ISyncSession, remote: FileRecord,
+                              local: FileRecord, record: FileRecord) -> list[FileRecord]:
+        """Their file takes the path of our folder (newer than it, protocol/merge.md 4.1).
+
+        The folder goes once it is empty (its entries' deletions are records of
+        their own); the path then stays empty here until the file arrives.
+        A folder that still holds something waits and is decided again.
+        """
+        try:
+            emptied = await self.share.remove_local(local.path)
+        except UnsafePathError as e:
+            self.refused(session, remote.path, str(e))
+            emptied = False
+        except OSError:
+            emptied = False
+        if not emptied:
+            # Tried again as soon as a deletion inside it is carried out.
+            self.emptying.add(local.path)
+            self.unresolved.keep(remote.path, session.peer_id, remote)
+            return []
+        self.emptying.discard(local.path)
+        self.placeholders.add(local.path)
+        placeholder = FileRecord(path=local.path, utime=local.utime, deleted=True,
+                                 vv=dict(local.vv))
+        return [placeholder, *await self._take(session, record)]
+
+    def _retry_emptied(self, committed: list[FileRecord]) -> None:
+        """Folders waiting to be replaced by a file, in which something was just deleted."""
+        self.emptying &= set(self.unresolved.waiting)
+        emptied = [folder for folder in self.emptying
+                   if any(r.deleted and r.path.startswith(folder + "/") for r in committed)]
+        if emptied:
+            self.unresolved.retry(emptied)
+
+    def _retry_below_new_folders(self, committed: list[FileRecord]) -> None:
+        """Records that waited because a path of theirs was a file here are merged
+        again at once when that path has just become a folder (a file a peer
+        replaced by a folder, decided after the records inside it came)."""
+        folders = tuple(r.path + "/" for r in committed if r.is_dir and not r.deleted)
+        below = [path for path in self.unresolved.waiting if path.startswith(folders)]
+        if folders and below:
+            self.unresolved.retry(below)
 
     def _blocked_deletion(self, session: ISyncSession, record: FileRecord) -> None:
         """A deletion not carried out: if a symlink or unreadable folder is in the
@@ -283,6 +342,15 @@ class RecordMerger:
                 # Its contents may still be on their way out: retried after each batch.
                 self.pending_rmdirs[local.path] = decision.record
                 return []
+            if (decision.record.is_dir and local is not None and not local.deleted
+                    and not local.is_dir):
+                # A file replaced by a folder: ours goes first, unless it changed
+                # here since the scan; then, decided again once the scanner has
+                # recorded it, the folder keeps the path and ours becomes a
+                # conflict copy (protocol/merge.md 4.2, step 3).
+                if not await self._removed(local, decision):
+                    await self._wait_for_scan(session, local, remote)
+                    return []
             return await self._take(session, decision.record)
         if decision.action == merge.KEEP:
             return [decision.record]  # ours stays on disk; its merged vv goes out
@@ -300,8 +368,11 @@ class RecordMerger:
                 kept = await self.share.get_record(conflict.path)
                 if kept is not None and not kept.deleted and kept.sha256 == local.sha256:
                     # Our content already has its copy (a peer kept it so and we took
-                    # that record): theirs just replaces ours at the path.
-                    pass
+                    # that record): theirs just replaces ours at the path (a folder
+                    # once our file, unchanged since the scan, is gone).
+                    if decision.record.is_dir and not await self._removed(local, decision):
+                        await self._wait_for_scan(session, local, remote)
+                        return []
                 elif await self.share.rename_local(local.path, conflict.path, local):
                     out.append(conflict)
                     # Until theirs arrives the path is empty here: record that (for the
@@ -313,10 +384,7 @@ class RecordMerger:
                     # Changed here since the scan (or the copy's name is taken): neither
                     # side may be dropped.  Decided again once the scanner has recorded
                     # the path anew; until then the share is not in sync.
-                    self.unresolved.keep(remote.path, session.peer_id, remote)
-                    if await self.share.get_record(local.path) != local:
-                        # The scanner has recorded the edit already: decide now.
-                        session.merge_again([remote])
+                    await self._wait_for_scan(session, local, remote)
                     self._log.warn(
                         "could not move {path} aside for a conflict copy (it changed here "
                         "since the last scan, or {copy} is taken); deciding again after "
@@ -326,6 +394,19 @@ class RecordMerger:
         self._log.info("concurrent changes to {path}: kept both, copy at {copy}",
                        path=remote.path, copy=conflict.path)
         return out
+
+    async def _removed(self, local: FileRecord, decision: merge.MergeDecision) -> bool:
+        """Our file gone for the peer's folder, if unchanged since the scan (kept as a version)."""
+        (removed,) = await self.share.remove_many([local.path], [local], [decision.record])
+        return removed
+
+    async def _wait_for_scan(self, session: ISyncSession, local: FileRecord,
+                             remote: FileRecord) -> None:
+        """Our file changed since the scan: their record waits until the scanner has it."""
+        self.unresolved.keep(remote.path, session.peer_id, remote)
+        if await self.share.get_record(local.path) != local:
+            # The scanner has recorded the edit already: decide now.
+            session.merge_again([remote])
 
     async def _take(self, session: ISyncSession, record: FileRecord,
                     fetch_path: str | None = None) -> list[FileRecord]:

@@ -44,6 +44,16 @@ class UnresolvedRecords:
             self._call = None
         return waiting
 
+    def retry(self, paths: list[str]) -> None:
+        """Merge the records waiting for these paths again now (what blocked them went)."""
+        by_peer: dict[str, list[FileRecord]] = {}
+        for path in paths:
+            if path in self.waiting:
+                peer_id, record = self.waiting[path]
+                by_peer.setdefault(peer_id, []).append(record)
+        for peer_id, records in by_peer.items():
+            self._merge_again(peer_id, records)
+
     def retry_now(self) -> None:
         """Merge the waiting records again now (the user rescanned the share)."""
         self._cancel()
