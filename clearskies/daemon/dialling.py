@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches")
+            "revision_batches", "gzip")
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
