@@ -581,9 +581,11 @@ class PeerProtocol(Protocol):
         self._decoder.receive_data(rest)
         self._report_handshake(success=True)
         self._log.info(
-            "connected with {name} ({peer}) in share {share} as {role}, access {access}",
+            "connected with {name} ({peer}) in share {share} as {role}, access {access}"
+            "{compressed}",
             name=established.their_name, peer=self.peer_address,
             share=established.share_id, access=established.access,
+            compressed=", compressed ({})".format(self.compression) if self.compression else "",
             role="server" if established.we_are_server else "client")
         self._start_keepalive()
         self.session = self._settings.session_factory(self)
