@@ -207,7 +207,9 @@ class Phase:
 def wire_counters(ports: set[int]) -> dict[tuple[str, str], int]:
     """Bytes each established TCP connection on 127.0.0.1 carried so far, both ways
     (the kernel's counts from ``ss``: TLS records and TCP payload, no headers), for
-    the connections whose local side is one of the listening ``ports``."""
+    the connections with one of the listening ``ports`` at either end.  Both ends of
+    a loopback connection are listed; each connection is counted once (Syncthing
+    dials from its listening port, so both ends may be listening ports)."""
     out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True,
                          text=True, check=True).stdout
     counters: dict[tuple[str, str], int] = {}
@@ -216,8 +218,8 @@ def wire_counters(ports: set[int]) -> dict[tuple[str, str], int]:
         if not line.startswith((" ", "\t")):
             fields = line.split()
             local, peer = fields[2], fields[3]
-            port = int(local.rsplit(":", 1)[1])
-            key = (local, peer) if port in ports else None
+            ends = {int(local.rsplit(":", 1)[1]), int(peer.rsplit(":", 1)[1])}
+            key = (min(local, peer), max(local, peer)) if ends & ports else None
             continue
         if key is None:
             continue
@@ -225,7 +227,7 @@ def wire_counters(ports: set[int]) -> dict[tuple[str, str], int]:
         for item in line.split():
             if item.startswith(("bytes_sent:", "bytes_received:")):
                 total += int(item.split(":", 1)[1])
-        counters[key] = total
+        counters[key] = max(total, counters.get(key, 0))
     return counters
 
 

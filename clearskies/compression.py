@@ -207,7 +207,10 @@ class FrameDecoder:
         self._max_inflated = max_inflated
         self._step = step
         self._zlib = zlib.decompressobj()
-        self._buf = bytearray()
+        # Unprocessed input is self._buf[self._pos:] (the caller's bytes while nothing
+        # was left over, so a frame's body is inflated without a copy).
+        self._buf = b""
+        self._pos = 0
         self._state = _PREFIX
         self._remaining = 0
         self._inflated = 0  # of the current frame
@@ -221,17 +224,21 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Compressed bytes received and not yet inflated."""
-        return len(self._buf) + len(self._zlib.unconsumed_tail)
+        return len(self._buf) - self._pos + len(self._zlib.unconsumed_tail)
 
     @property
     def at_frame_boundary(self) -> bool:
         """False while a frame is only partly received (a connection cut mid-frame)."""
-        return self._state is _PREFIX and not self._buf
+        return self._state is _PREFIX and self._pos >= len(self._buf)
 
     def receive_data(self, data: bytes) -> None:
         self._check_usable()
         self.bytes_in += len(data)
-        self._buf += data
+        if self._pos >= len(self._buf):
+            self._buf = bytes(data)
+        else:
+            self._buf = self._buf[self._pos:] + data
+        self._pos = 0
 
     def next_piece(self) -> bytes | None:
         """Up to ``step`` bytes of the wire stream, or None when more input is needed."""
@@ -240,7 +247,8 @@ class FrameDecoder:
             return self._next_piece()
         except WireError as e:
             self._error = e
-            self._buf = bytearray()
+            self._buf = b""
+            self._pos = 0
             raise
 
     def _check_usable(self) -> None:
@@ -263,29 +271,31 @@ class FrameDecoder:
             if not self._remaining:
                 self._end_frame()
                 continue
-            if not self._buf:
+            available = len(self._buf) - self._pos
+            if not available:
                 return None
-            take = min(len(self._buf), self._remaining)
-            data = bytes(self._buf[:take])
-            del self._buf[:take]
-            self._remaining -= take
-            out = self._inflate(data)
+            take = min(available, self._remaining)
+            with memoryview(self._buf) as view:
+                data = view[self._pos:self._pos + take]
+                self._pos += take
+                self._remaining -= take
+                out = self._inflate(data)
             if out:
                 return out
 
     def _prefix(self) -> bool:
         """Consume one length prefix; False if it has not fully arrived."""
-        buf = self._buf
-        end = buf.find(b":", 0, MAX_FRAME_DIGITS + 1)
+        buf, pos = self._buf, self._pos
+        end = buf.find(b":", pos, pos + MAX_FRAME_DIGITS + 1)
         if end < 0:
-            window = bytes(buf[:MAX_FRAME_DIGITS + 1])
+            window = buf[pos:pos + MAX_FRAME_DIGITS + 1]
             if window and not window.isdigit():
                 raise WireError("compressed frame does not start with an ASCII length")
-            if len(buf) > MAX_FRAME_DIGITS:
+            if len(buf) - pos > MAX_FRAME_DIGITS:
                 raise WireError("compressed frame length longer than %d digits"
                                 % (MAX_FRAME_DIGITS,))
             return False
-        digits = bytes(buf[:end])
+        digits = buf[pos:end]
         if not digits.isdigit():
             raise WireError("compressed frame length is not 1 to %d ASCII digits"
                             % (MAX_FRAME_DIGITS,))
@@ -293,13 +303,13 @@ class FrameDecoder:
         if size > self._max_frame:
             raise WireError("compressed frame of %d bytes is over the limit of %d"
                             % (size, self._max_frame))
-        del buf[:end + 1]
+        self._pos = end + 1
         self._state = _BODY
         self._remaining = size
         self._inflated = 0
         return True
 
-    def _inflate(self, data: bytes) -> bytes:
+    def _inflate(self, data: bytes | memoryview) -> bytes:
         try:
             out = self._zlib.decompress(data, self._step)
         except zlib.error as e:
@@ -314,7 +324,8 @@ class FrameDecoder:
             self._zlib = zlib.decompressobj()
             if rest:
                 # Another stream right behind the one that ended, in the same frame.
-                self._buf[:0] = rest
+                self._buf = rest + self._buf[self._pos:]
+                self._pos = 0
                 self._remaining += len(rest)
         self.bytes_out += len(out)
         return out
