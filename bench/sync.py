@@ -256,6 +256,14 @@ def stat_tree(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def same_trees(a: Path, b: Path) -> bool:
+    """Both trees hold the same content; False while one is still changing under the walk."""
+    try:
+        return tree_snapshot(a) == tree_snapshot(b)
+    except FileNotFoundError:
+        return False  # a folder removed by the sync while it was being listed
+
+
 def inodes(root: Path) -> dict[str, int]:
     return {os.path.relpath(os.path.join(b, n), root): os.lstat(os.path.join(b, n)).st_ino
             for b, _, files in os.walk(root) for n in files}
@@ -328,8 +336,16 @@ class Pair:
     def wire(self) -> dict[tuple[str, str], int]:
         return wire_counters({self.alice.port, self.bob.port})
 
+    scan_now = False
+    """Set by ``--scan-now``: after a change, ask for a scan over the control socket
+    (``.clearskies.scan``, as Syncthing is asked over REST) instead of waiting for
+    the watcher's quiet period."""
+
     def changed(self, *paths: str) -> None:
         """Files under these share-relative paths changed (our watcher notices by itself)."""
+        if self.scan_now:
+            self.alice.control_request({"type": ".clearskies.scan",
+                                        "path": os.path.realpath(self.a)}, timeout=120)
 
     def stop(self) -> None:
         if self.sampler is not None:
@@ -374,8 +390,7 @@ class Pair:
 
     def verify(self) -> None:
         """Both trees hold the same content (SHA-256 of every file), after the clock stopped."""
-        wait_for(lambda: tree_snapshot(self.a) == tree_snapshot(self.b), "trees identical",
-                 timeout=60, interval=0.5)
+        wait_for(lambda: same_trees(self.a, self.b), "trees identical", timeout=60, interval=0.5)
 
     def settle(self) -> None:
         """Let both daemons go idle (and the watcher quiet) before a change is timed."""
@@ -459,8 +474,7 @@ class SyncthingPair:
         return phase.row(size)
 
     def verify(self) -> None:
-        wait_for(lambda: tree_snapshot(self.a) == tree_snapshot(self.b), "trees identical",
-                 timeout=60, interval=0.5)
+        wait_for(lambda: same_trees(self.a, self.b), "trees identical", timeout=60, interval=0.5)
 
     def settle(self) -> None:
         def idle() -> bool:
@@ -673,7 +687,7 @@ def run_workloads(run_dir: Path, scale: float, only: set[str], make_pair: Callab
 
 
 def _mb(value: float | None) -> str:
-    return "" if value is None else "%.1f" % (value / 1e6)
+    return "" if value is None else "%.3f" % (value / 1e6)
 
 
 def print_comparison(arms: list[tuple[str, list[Row]]], out=sys.stdout) -> None:
@@ -710,6 +724,9 @@ def main() -> int:
     parser.add_argument("--vs", choices=["syncthing"],
                         help="also run every workload on Debian's syncthing (installed with "
                              "apt-get when missing), alternating with ours, and print ratios")
+    parser.add_argument("--scan-now", action="store_true",
+                        help="after a change (W3-W5), ask our sender for a scan over the control "
+                             "socket instead of waiting for its watcher (as Syncthing is asked)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --vs: how many times to alternate ours and theirs")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -742,6 +759,7 @@ def main() -> int:
     # The daemons run the code of the checkout this script belongs to
     # (tests.daemons puts it first on their PYTHONPATH), whatever PYTHONPATH says.
     print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
+    Pair.scan_now = args.scan_now
     if args.vs:
         return compare_with_syncthing(run_dir, args.scale, only, args.rounds, args.json)
     rows = run_workloads(run_dir, args.scale, only - {"W6"}, Pair, "gzip")
