@@ -721,9 +721,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6",
                         help="comma-separated workloads (W3 implies W1, W4/W5 imply W2)")
-    parser.add_argument("--vs", choices=["syncthing"],
+    parser.add_argument("--vs", choices=["syncthing", "plain"],
                         help="also run every workload on Debian's syncthing (installed with "
-                             "apt-get when missing), alternating with ours, and print ratios")
+                             "apt-get when missing), or on our daemons without gzip ('plain'), "
+                             "alternating with ours, and print ratios")
     parser.add_argument("--scan-now", action="store_true",
                         help="after a change (W3-W5), ask our sender for a scan over the control "
                              "socket instead of waiting for its watcher (as Syncthing is asked)")
@@ -761,7 +762,7 @@ def main() -> int:
     print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
     Pair.scan_now = args.scan_now
     if args.vs:
-        return compare_with_syncthing(run_dir, args.scale, only, args.rounds, args.json)
+        return compare(run_dir, args.scale, only, args.rounds, args.json, args.vs)
     rows = run_workloads(run_dir, args.scale, only - {"W6"}, Pair, "gzip")
     text_arms: list[tuple[str, list[Row]]] = []
     if "W6" in only:
@@ -786,31 +787,39 @@ def main() -> int:
     return 0
 
 
-def compare_with_syncthing(run_dir: Path, scale: float, only: set[str], rounds: int,
-                           json_path: str | None) -> int:
-    """Each workload on our daemons, then on Syncthing, ``rounds`` times; ratios per phase."""
-    from syncthing import ensure_installed
-    ensure_installed()
+def compare(run_dir: Path, scale: float, only: set[str], rounds: int,
+            json_path: str | None, other: str) -> int:
+    """Each workload on our daemons, then on the other arm (Syncthing, or our daemons
+    without gzip), ``rounds`` times; ratios per phase from the same run."""
+    if other == "syncthing":
+        from syncthing import ensure_installed
+        ensure_installed()
+        version = subprocess.run(["syncthing", "--version"], capture_output=True,
+                                 text=True).stdout.split(" (")[0]
+        theirs_factory: Callable[..., Any] = SyncthingPair
+        name = "syncthing"
+    else:
+        version = "clearskies with CLEARSKIES_NO_COMPRESSION=1"
+        theirs_factory = lambda d, label: Pair(d, label, compress=False)  # noqa: E731
+        name = "plain"
     ours: list[list[Row]] = []
     theirs: list[list[Row]] = []
     for n in range(rounds):
         print("round %d: clearskies" % (n + 1), file=sys.stderr)
         ours.append(run_workloads(run_dir, scale, only, Pair, "ours%d" % n))
-        print("round %d: syncthing" % (n + 1), file=sys.stderr)
-        theirs.append(run_workloads(run_dir, scale, only, SyncthingPair, "syncthing%d" % n))
+        print("round %d: %s" % (n + 1, name), file=sys.stderr)
+        theirs.append(run_workloads(run_dir, scale, only, theirs_factory, "%s%d" % (name, n)))
     print("scale %g, %s, load average at the end %.1f (2 CPUs)"
           % (scale, time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()[0]))
     for n in range(rounds):
         print()
-        print("Round %d: clearskies (gzip offered) against syncthing %s" % (
-            n + 1, subprocess.run(["syncthing", "--version"], capture_output=True,
-                                  text=True).stdout.split(" (")[0]))
+        print("Round %d: clearskies (gzip offered) against %s" % (n + 1, version))
         print()
-        print_comparison([("clearskies", ours[n]), ("syncthing", theirs[n])])
+        print_comparison([("clearskies", ours[n]), (name, theirs[n])])
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"clearskies": [[r.__dict__ for r in rows] for rows in ours],
-                       "syncthing": [[r.__dict__ for r in rows] for rows in theirs]}, f, indent=1)
+                       name: [[r.__dict__ for r in rows] for rows in theirs]}, f, indent=1)
     return 0
 
 
