@@ -1,6 +1,7 @@
 """Benchmark: two real daemons syncing on loopback (issue 4).
 
     .venv/bin/python bench/sync.py [--only W1,W3] [--scale 0.25] [--data /work/bench-data/sync]
+    .venv/bin/python bench/sync.py --vs syncthing [--rounds 2] [--scan-now] [--scale 0.05]
 
 Workloads (at ``--scale 1``):
 
@@ -12,9 +13,21 @@ Workloads (at ``--scale 1``):
       sender's watcher, until the receiver holds the new content;
 * W4  a directory of 1,000 files (one top directory of W2) renamed;
       the receiver must rename, not download: its inodes are checked;
-* W5  1,000 files (another top directory of W2) deleted.
+* W5  1,000 files (another top directory of W2) deleted;
+* W6  about 200 MB of generated text (source-like files and logs): scan,
+      then transfer; run twice, with the ``gzip`` extension and without it
+      (``CLEARSKIES_NO_COMPRESSION=1``), to print the wire bytes of each.
 
-W3 runs on the W1 pair, W4 and W5 on the W2 pair.  Each pair of daemons
+W3 runs on the W1 pair, W4 and W5 on the W2 pair.
+
+``--vs syncthing`` runs every selected workload on our daemons and then on
+two Syncthing devices (Debian's package, installed with apt-get when
+missing, configured by ``bench/syncthing.py`` for loopback only), ``--rounds``
+times, and prints one table per round with each phase's wall time, CPU
+seconds, wire bytes and the ratio of our time to Syncthing's.  ``--vs
+plain`` does the same against our daemons without ``gzip``.  Wire bytes are
+the kernel's byte counts of the TCP connections between the two (``ss``),
+so they include TLS.  Each pair of daemons
 (``twistd -n clearskies``, the same command line as the end-to-end tests)
 lives under a fresh ``<data>/<run-id>/`` and is left there: this
 machine's disk is slow to create many files right after many were deleted

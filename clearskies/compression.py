@@ -153,34 +153,36 @@ class FrameEncoder:
 
     def encode(self, data: bytes | memoryview, sample: bool = True) -> bytes:
         """Frames carrying ``data``; with ``sample`` False it is compressed whatever it is."""
-        out: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         with memoryview(data) as view:
             for offset in range(0, len(view), self.frame_size):
                 piece = view[offset:offset + self.frame_size]
                 if sample and not compressible(piece):
-                    out.append(self._stored_frame(piece))
+                    self._stored_frame(piece, parts)
                 else:
-                    out.append(self._compressed_frame(piece))
+                    parts.append(self._compressed_frame(piece))
+            # One copy of the data, into the frames returned.
+            frames = parts[0] if len(parts) == 1 else b"".join(parts)
         self.bytes_in += len(data)
-        frames = b"".join(out)
         self.bytes_out += len(frames)
-        return frames
+        return bytes(frames)
 
     def _compressed_frame(self, piece: memoryview) -> bytes:
         body = self._zlib.compress(piece) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
         self._clean = False
         return b"%d:%s" % (len(body), body)
 
-    def _stored_frame(self, piece: memoryview) -> bytes:
-        parts: list[bytes | memoryview] = []
+    def _stored_frame(self, piece: memoryview, parts: list[bytes | memoryview]) -> None:
+        """Append the parts of one frame holding ``piece`` in stored blocks."""
+        flushed = b""
         if not self._clean:
             # Also writes the zlib header when nothing was sent yet.
-            parts.append(self._zlib.flush(zlib.Z_FULL_FLUSH))
+            flushed = self._zlib.flush(zlib.Z_FULL_FLUSH)
             self._clean = True
-        parts.extend(_stored_blocks(piece))
-        body = b"".join(parts)
+        blocks = _stored_blocks(piece)
+        parts.append(b"%d:%s" % (len(flushed) + len(piece) + 5 * (len(blocks) // 2), flushed))
+        parts.extend(blocks)
         self.bytes_stored += len(piece)
-        return b"%d:%s" % (len(body), body)
 
 
 # Decoder states.
@@ -256,32 +258,41 @@ class FrameDecoder:
             raise WireError("compressed stream already failed: %s" % (self._error,))
 
     def _next_piece(self) -> bytes | None:
-        while True:
-            tail = self._zlib.unconsumed_tail
-            if tail or self._full:
-                # Input zlib kept back, or output it may hold after a full step.
-                out = self._inflate(tail)
-                if out:
-                    return out
-                continue
-            if self._state is _PREFIX:
-                if not self._prefix():
-                    return None
-                continue
-            if not self._remaining:
-                self._end_frame()
-                continue
-            available = len(self._buf) - self._pos
-            if not available:
-                return None
-            take = min(available, self._remaining)
-            with memoryview(self._buf) as view:
-                data = view[self._pos:self._pos + take]
-                self._pos += take
-                self._remaining -= take
-                out = self._inflate(data)
+        # Output of several frames is gathered into one piece (a small file's frames
+        # all arrive together): one hand-over to the wire decoder instead of several.
+        pieces: list[bytes] = []
+        size = 0
+        while size < self._step:
+            out = self._inflate_some(self._step - size)
+            if out is None:
+                break
             if out:
-                return out
+                pieces.append(out)
+                size += len(out)
+        if not pieces:
+            return None
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _inflate_some(self, limit: int) -> bytes | None:
+        """At most ``limit`` more inflated bytes (maybe none); None when input is needed."""
+        tail = self._zlib.unconsumed_tail
+        if tail or self._full:
+            # Input zlib kept back, or output it may hold after a full step.
+            return self._inflate(tail, limit)
+        if self._state is _PREFIX:
+            return b"" if self._prefix() else None
+        if not self._remaining:
+            self._end_frame()
+            return b""
+        available = len(self._buf) - self._pos
+        if not available:
+            return None
+        take = min(available, self._remaining)
+        with memoryview(self._buf) as view:
+            data = view[self._pos:self._pos + take]
+            self._pos += take
+            self._remaining -= take
+            return self._inflate(data, limit)
 
     def _prefix(self) -> bool:
         """Consume one length prefix; False if it has not fully arrived."""
@@ -309,12 +320,12 @@ class FrameDecoder:
         self._inflated = 0
         return True
 
-    def _inflate(self, data: bytes | memoryview) -> bytes:
+    def _inflate(self, data: bytes | memoryview, limit: int) -> bytes:
         try:
-            out = self._zlib.decompress(data, self._step)
+            out = self._zlib.decompress(data, limit)
         except zlib.error as e:
             raise WireError("compressed data is corrupt (%s)" % (e,)) from None
-        self._full = len(out) >= self._step
+        self._full = len(out) >= limit
         self._inflated += len(out)
         if self._inflated > self._max_inflated:
             raise WireError("a compressed frame inflates past %d bytes (a zip bomb?)"
