@@ -64,9 +64,8 @@ before inflating more, and stops inflating while reading is paused: memory
 stays at about one line plus one step, however well a frame compresses."""
 
 LEVEL = 1
-"""zlib level we compress with: the fastest; level 6 costs about 3x the CPU for
-about a fifth fewer bytes on source code (``bench/wire.py``-style measurement
-in ``bench/README.md``)."""
+"""zlib level we compress with: the fastest.  Level 6 costs about 3x the CPU for
+about a fifth fewer bytes on source code (bench/README.md, "Compression")."""
 
 SAMPLE_MIN = 4096
 """Writes shorter than this are always compressed (messages, chunk headers)."""
