@@ -40,7 +40,7 @@ class CompressedTransport:
         self.wrapped.write(self.encoder.encode(data))
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
-        self.write(b"".join(data))
+        self.wrapped.write(self.encoder.encode_many(list(data)))
 
     def loseConnection(self) -> None:
         self.wrapped.loseConnection()

@@ -143,6 +143,7 @@ class FrameEncoder:
         self.frame_size = frame_size
         """Most wire-stream bytes put into one frame."""
         self._clean = False  # no input since the last full flush (and the header is out)
+        self._dirty = False  # input given to the compressor since its last flush
         self.bytes_in = 0
         """Wire-stream bytes encoded so far."""
         self.bytes_out = 0
@@ -152,36 +153,53 @@ class FrameEncoder:
 
     def encode(self, data: bytes | memoryview, sample: bool = True) -> bytes:
         """Frames carrying ``data``; with ``sample`` False it is compressed whatever it is."""
-        parts: list[bytes | memoryview] = []
-        with memoryview(data) as view:
-            for offset in range(0, len(view), self.frame_size):
-                piece = view[offset:offset + self.frame_size]
-                if sample and not compressible(piece):
-                    self._stored_frame(piece, parts)
-                else:
-                    parts.append(self._compressed_frame(piece))
-            # One copy of the data, into the frames returned.
-            frames = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.bytes_in += len(data)
+        return self.encode_many([data], sample)
+
+    def encode_many(self, writes: Sequence[bytes | memoryview], sample: bool = True) -> bytes:
+        """Frames carrying ``writes`` one after the other, as few as ``frame_size`` allows.
+
+        Each write is judged on its own (:func:`compressible`); a frame ends
+        with a sync flush, or right after stored blocks (already aligned).
+        """
+        out: list[bytes | memoryview] = []
+        body: list[bytes | memoryview] = []
+        carried = 0  # wire-stream bytes in the frame being built
+        for data in writes:
+            with memoryview(data) as view:
+                for offset in range(0, len(view), self.frame_size):
+                    piece = view[offset:offset + self.frame_size]
+                    if carried and carried + len(piece) > self.frame_size:
+                        self._close_frame(body, out)
+                        carried = 0
+                    if sample and not compressible(piece):
+                        if not self._clean:
+                            # Also writes the zlib header when nothing was sent yet.
+                            body.append(self._zlib.flush(zlib.Z_FULL_FLUSH))
+                            self._clean = True
+                            self._dirty = False
+                        body.extend(_stored_blocks(piece))
+                        self.bytes_stored += len(piece)
+                    else:
+                        body.append(self._zlib.compress(piece))
+                        self._clean = False
+                        self._dirty = True
+                    carried += len(piece)
+            self.bytes_in += len(data)
+        if body:
+            self._close_frame(body, out)
+        # One copy of the data, into the frames returned.
+        frames = b"".join(out)
         self.bytes_out += len(frames)
-        return bytes(frames)
+        return frames
 
-    def _compressed_frame(self, piece: memoryview) -> bytes:
-        body = self._zlib.compress(piece) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
-        self._clean = False
-        return b"%d:%s" % (len(body), body)
-
-    def _stored_frame(self, piece: memoryview, parts: list[bytes | memoryview]) -> None:
-        """Append the parts of one frame holding ``piece`` in stored blocks."""
-        flushed = b""
-        if not self._clean:
-            # Also writes the zlib header when nothing was sent yet.
-            flushed = self._zlib.flush(zlib.Z_FULL_FLUSH)
-            self._clean = True
-        blocks = _stored_blocks(piece)
-        parts.append(b"%d:%s" % (len(flushed) + len(piece) + 5 * (len(blocks) // 2), flushed))
-        parts.extend(blocks)
-        self.bytes_stored += len(piece)
+    def _close_frame(self, body: list[bytes | memoryview], out: list[bytes | memoryview]) -> None:
+        """Move ``body`` into ``out`` as one frame, flushed so that all of it decodes."""
+        if self._dirty:
+            body.append(self._zlib.flush(zlib.Z_SYNC_FLUSH))
+            self._dirty = False
+        out.append(b"%d:" % sum(len(part) for part in body))
+        out.extend(body)
+        body.clear()
 
 
 # Decoder states.

@@ -260,3 +260,18 @@ def test_limits_are_documented_constants():
         assert '%s = ' % name in source
         after = source.split("\n%s = " % name, 1)[1].split("\n", 2)[1]
         assert after.startswith('"""'), name
+
+
+def test_several_writes_in_one_frame():
+    """encode_many puts writes judged each on its own (text compressed, noise stored) into
+    as few frames as the frame size allows, and they inflate in order."""
+    noise = os.urandom(50_000)
+    writes = [b'!{"type":"file_data","path":"a"}\n', b"50000\n", noise, b"0\n", SOURCE[:20_000]]
+    encoder = FrameEncoder()
+    data = encoder.encode_many(writes)
+    assert data.count(b":") >= 1 and int(data.split(b":", 1)[0]) == len(data) - len(
+        data.split(b":", 1)[0]) - 1  # exactly one frame
+    assert encoder.bytes_stored == len(noise)
+    assert inflate_all(FrameDecoder(), data, 1000) == b"".join(writes)
+    big = FrameEncoder(frame_size=30_000).encode_many([SOURCE[:50_000], noise])
+    assert inflate_all(FrameDecoder(max_inflated=30_000), big) == SOURCE[:50_000] + noise
