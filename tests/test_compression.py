@@ -275,3 +275,26 @@ def test_several_writes_in_one_frame():
     assert inflate_all(FrameDecoder(), data, 1000) == b"".join(writes)
     big = FrameEncoder(frame_size=30_000).encode_many([SOURCE[:50_000], noise])
     assert inflate_all(FrameDecoder(max_inflated=30_000), big) == SOURCE[:50_000] + noise
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches=st.lists(st.lists(st.sampled_from(["text", "noise", "tiny", "zeros"]), max_size=6),
+                        max_size=6),
+       frame_size=st.sampled_from([5000, 20_000, SEND_FRAME]),
+       cut=st.integers(min_value=1, max_value=9000))
+def test_mixed_batches_round_trip(batches, frame_size, cut):
+    """Batches mixing text, random and tiny writes, in frames of any size, cut anywhere,
+    inflate to exactly what was written."""
+    rng = random.Random(len(batches) * 31 + cut)
+    make = {"text": lambda: SOURCE[:rng.randrange(1, 12_000)],
+            "noise": lambda: rng.randbytes(rng.randrange(1, 30_000)),
+            "tiny": lambda: b"%d\n" % rng.randrange(10 ** 6),
+            "zeros": lambda: b"\0" * rng.randrange(1, 40_000)}
+    encoder = FrameEncoder(frame_size=frame_size)
+    written = []
+    data = []
+    for batch in batches:
+        writes = [make[kind]() for kind in batch]
+        written.extend(writes)
+        data.append(encoder.encode_many(writes))
+    assert inflate_all(FrameDecoder(), b"".join(data), cut) == b"".join(written)
