@@ -313,6 +313,13 @@ class PeerProtocol(Protocol):
             if self._close_reason is None:
                 self._log.info("connection with {peer} ended: {reason}",
                                peer=self.peer_address, reason=why)
+            if self._compressed is not None and self._frames is not None:
+                sent = self._compressed.encoder
+                self._log.info(
+                    "{codec} on the connection with {peer}: sent {sent_in} bytes as {sent_out}, "
+                    "received {received_in} bytes as {received_out}", codec=self.compression,
+                    peer=self.peer_address, sent_in=sent.bytes_in, sent_out=sent.bytes_out,
+                    received_in=self._frames.bytes_out, received_out=self._frames.bytes_in)
             session, self.session = self.session, None
             if session is not None:
                 try:

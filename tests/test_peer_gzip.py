@@ -45,6 +45,9 @@ class GzipTests(PeerTestBase):
         # The identity message and everything after it went through the encoder, shrunk.
         self.assertGreater(encoder.bytes_in, len(TEXT))
         self.assertLess(encoder.bytes_out, encoder.bytes_in / 3)
+        client.close("done", quiet=True)
+        self.flush()
+        self.assert_logged("gzip on the connection with 127.0.0.1:")
 
     def test_random_payload_is_not_compressed(self):
         """A payload of random bytes goes out stored: the wire carries about its size."""
