@@ -202,6 +202,8 @@ class StartTLS:
 
     psk: bytes = field(repr=False)
     identity: bytes
+    features: tuple[str, ...] = ()
+    """The features both sides listed: some (``gzip``) change the framing inside TLS."""
 
 
 @dataclass(frozen=True)
@@ -511,7 +513,7 @@ class Handshake:
             return [Close("loopback: the peer is ourselves", quiet=True)]
         actions: list[Action] = [
             Send({"type": "starttls", "peer": self._our_peer, "access": self._level}),
-            StartTLS(psk, psk_identity(start_id)),
+            StartTLS(psk, psk_identity(start_id), self._features),
         ]
         return actions + self._enter_tls(now)
 
@@ -614,7 +616,7 @@ class Handshake:
                 self._grant = target.grant
             else:
                 self._join = target
-        return [StartTLS(psk, psk_identity(target.id))] + self._enter_tls(now)
+        return [StartTLS(psk, psk_identity(target.id), self._features)] + self._enter_tls(now)
 
     # -- inside TLS ---------------------------------------------------------------------
 

@@ -53,6 +53,8 @@ from clearskies.handshake import (
     Send,
     StartTLS,
 )
+from clearskies.compressing import CompressedTransport
+from clearskies.compression import FrameDecoder, FrameEncoder, choose
 from clearskies.tls import psk_client_creator, psk_server_creator
 from clearskies.wire import SESSION_TYPE_LIMITS, Event, Message, WireDecoder, encode
 
@@ -274,6 +276,11 @@ class PeerProtocol(Protocol):
         self._last_received = 0.0
         self.when_established: Deferred[PeerProtocol] = Deferred()
         self.message_writer: Callable[[bytes], None] | None = None
+        # With a negotiated compression (protocol/gzip.md), from the switch to TLS on.
+        self.compression: str | None = None
+        self._frames: FrameDecoder | None = None
+        self._compressed: CompressedTransport | None = None
+        self._inflate_call: IDelayedCall | None = None
 
     # -- Twisted entry points --------------------------------------------------------
 
@@ -296,7 +303,8 @@ class PeerProtocol(Protocol):
         self._guarded(lambda: self._feed(data))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        for call in (self._deadline, self._ping_call, self._idle_call, self._abort_call):
+        for call in (self._deadline, self._ping_call, self._idle_call, self._abort_call,
+                     self._inflate_call):
             if call is not None and call.active():
                 call.cancel()
         why = self._close_reason or "connection lost: {}".format(_failure_text(reason))
@@ -305,6 +313,13 @@ class PeerProtocol(Protocol):
             if self._close_reason is None:
                 self._log.info("connection with {peer} ended: {reason}",
                                peer=self.peer_address, reason=why)
+            if self._compressed is not None and self._frames is not None:
+                sent = self._compressed.encoder
+                self._log.info(
+                    "{codec} on the connection with {peer}: sent {sent_in} bytes as {sent_out}, "
+                    "received {received_in} bytes as {received_out}", codec=self.compression,
+                    peer=self.peer_address, sent_in=sent.bytes_in, sent_out=sent.bytes_out,
+                    received_in=self._frames.bytes_out, received_out=self._frames.bytes_in)
             session, self.session = self.session, None
             if session is not None:
                 try:
@@ -391,8 +406,13 @@ class PeerProtocol(Protocol):
             # Only a JSON object (start) may come first: fail garbage or a
             # probe at its first byte instead of holding a slot for it.
             raise HandshakeError("the first bytes are not a JSON message (start expected)")
-        self._decoder.receive_data(data)
-        if self._paused and self._decoder.buffered > HANDSHAKE_MAX_LINE:
+        if self._frames is not None:
+            self._frames.receive_data(data)
+            held = self._frames.buffered + self._decoder.buffered
+        else:
+            self._decoder.receive_data(data)
+            held = self._decoder.buffered
+        if self._paused and held > HANDSHAKE_MAX_LINE:
             raise HandshakeError("peer sent too much while we were creating the share")
         self._process()
 
@@ -400,11 +420,38 @@ class PeerProtocol(Protocol):
         while not self._paused and not self._closing:
             event = self._decoder.next_event()
             if event is None:
+                if self._inflate():
+                    continue
                 return
             if self.established is None:
                 self._handshake_event(event)
             else:
                 self._session_event(event)
+
+    def _inflate(self) -> bool:
+        """Hand the decoder the next piece of the inflated stream; False if there is none.
+
+        Nothing is inflated while reading is paused: what arrived waits
+        compressed, so a pause holds however well the data compresses.
+        """
+        if self._frames is None or (self._compressed is not None
+                                    and self._compressed.reading_paused):
+            return False
+        piece = self._frames.next_piece()
+        if piece is None:
+            return False
+        self._decoder.receive_data(piece)
+        return True
+
+    def _reading_resumed(self) -> None:
+        """Reading goes on: inflate what waits, on the next reactor turn."""
+        if self._inflate_call is None and not self._closing:
+            self._inflate_call = self._clock.callLater(0, self._inflate_waiting)
+
+    def _inflate_waiting(self) -> None:
+        self._inflate_call = None
+        if not self._closing:
+            self._guarded(self._process)
 
     def _handshake_event(self, event: Event) -> None:
         if not isinstance(event, Message) or event.has_payload or event.signature is not None:
@@ -491,6 +538,14 @@ class PeerProtocol(Protocol):
         else:
             creator = psk_client_creator(action.psk, action.identity, **options)
         self.transport.startTLS(creator)
+        codec = choose(action.features)
+        if codec is not None:
+            # Everything after the switch travels in frames (protocol/gzip.md).
+            self.compression = codec
+            self._frames = FrameDecoder()
+            self._compressed = CompressedTransport(
+                self.transport, FrameEncoder(), self._reading_resumed)
+            self.transport = self._compressed
 
     def _await_share(self, result: Deferred) -> None:
         self._paused = True
@@ -533,9 +588,11 @@ class PeerProtocol(Protocol):
         self._decoder.receive_data(rest)
         self._report_handshake(success=True)
         self._log.info(
-            "connected with {name} ({peer}) in share {share} as {role}, access {access}",
+            "connected with {name} ({peer}) in share {share} as {role}, access {access}"
+            "{compressed}",
             name=established.their_name, peer=self.peer_address,
             share=established.share_id, access=established.access,
+            compressed=", compressed ({})".format(self.compression) if self.compression else "",
             role="server" if established.we_are_server else "client")
         self._start_keepalive()
         self.session = self._settings.session_factory(self)

@@ -7,6 +7,7 @@ protocol/discovery.md says where candidates come from and how long they live.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, fail
@@ -16,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clearskies.addresses import Address, parse_user_address
+from clearskies.compression import CODECS
 from clearskies.daemon.codes import AccessCodes
 from clearskies.daemon.known import MAX_REMEMBERED, ManualPeers, RememberedPeers
 from clearskies.daemon.resources import Resources
@@ -31,8 +33,12 @@ from clearskies.sync import SyncSession
 if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
 
+COMPRESSION: tuple[str, ...] = () if os.environ.get("CLEARSKIES_NO_COMPRESSION") else CODECS
+"""Compression extensions we offer (protocol/gzip.md); none with
+``CLEARSKIES_NO_COMPRESSION=1`` in the environment (for measurements)."""
+
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches", "code_spread")
+            "revision_batches", "code_spread") + COMPRESSION
 """Feature strings we offer in the handshake (protocol/handshake.md)."""
 
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]

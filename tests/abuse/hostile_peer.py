@@ -46,6 +46,18 @@ WITHIN_BOUNDS: dict[str, Callable[[], bytes]] = {
 }
 """Lines no bound refuses: what the worst legitimate-looking message costs."""
 
+COMPRESSED: dict[str, Callable[[], tuple[str, bytes]]] = {
+    # In one frame of the connection's own zlib stream: 100 MB of zeros (about 0.5 MB).
+    "zip bomb": lambda: ("frame", b"\0" * (100 * 1024 * 1024)),
+    # One endless line, compressed: refused at its type's limit, not after 100 MB.
+    "zip bomb line": lambda: ("frame", b'{"type":"ping","x":"' + b"a" * (100 * 1024 * 1024)),
+    # Written under TLS as they are, past the encoder.
+    "garbage frame": lambda: ("raw", b"12:garbage-data"),
+    "frame length over the limit": lambda: ("raw", b"999999999:"),
+    "plain line": lambda: ("raw", b'{"type":"get_manifest"}\n'),
+}
+"""With ``gzip`` negotiated: frames the daemon must refuse (protocol/gzip.md)."""
+
 
 def run(address: str, keys_path: str, out_path: str, shapes: list[str],
         timeout: float = 30.0) -> None:
@@ -70,7 +82,8 @@ def run(address: str, keys_path: str, out_path: str, shapes: list[str],
         ring = MemoryKeyRing(time.time)
         host, port = address.rsplit(":", 1)
         for name in shapes:
-            line = {**SHAPES, **WITHIN_BOUNDS}[name]() + b"\n"
+            compressed = COMPRESSED.get(name)
+            line = b"" if compressed else {**SHAPES, **WITHIN_BOUNDS}[name]() + b"\n"
             endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
             sessions: list[QuietSession] = []
 
@@ -82,7 +95,17 @@ def run(address: str, keys_path: str, out_path: str, shapes: list[str],
                                           ConnectTarget.share(keys, new_peer_id()), ring,
                                           "hostile", factory, features=FEATURES)
             started = time.monotonic()
-            protocol.send_bytes(line)
+            if compressed is not None:
+                how, line = compressed()
+                if protocol.compression is None:
+                    raise SystemExit("the daemon did not negotiate compression")
+                if how == "raw":
+                    protocol.transport.wrapped.write(line)
+                else:
+                    protocol.transport.encoder.frame_size = len(line)
+                    protocol.transport.write(line)
+            else:
+                protocol.send_bytes(line)
             while not sessions[0].lost and time.monotonic() - started < timeout:
                 await task.deferLater(reactor, 0.02, lambda: None)
             closed = sessions[0].lost is not None
