@@ -1,0 +1,440 @@
+"""librsync's rdiff format: signatures, deltas and patches (protocol/rsync.md).
+
+A thin binding, through :mod:`ctypes`, over the system's librsync (Debian's
+``librsync2``): the rolling checksums, block matching and patching run in C.
+The library is optional: :data:`AVAILABLE` is False without it, and the
+daemon then simply does not offer the ``rsync`` feature.
+
+Everything streams, a bounded piece at a time, so a file of any size costs
+bounded memory:
+
+- :class:`SignatureReader` reads an old file and hands out its signature a
+  piece at a time (``read(n)``, as a file would);
+- :class:`SignatureLoader` takes a peer's signature as it arrives
+  (``feed``), refusing one larger than :data:`MAX_SIGNATURE_BYTES` or not in
+  the rdiff format; :meth:`SignatureLoader.finish` gives a
+  :class:`Signature`;
+- :class:`DeltaReader` reads the new file and hands out the delta against a
+  :class:`Signature` a piece at a time;
+- :func:`patch_file` applies a delta read from one descriptor to an old
+  file, writing (and hashing) the result, never past a stated size, and
+  refusing a delta that reads outside the old file.
+
+All of these block and burn CPU: callers run them in worker threads.  None
+touches Twisted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import math
+import os
+import struct
+from typing import Any
+
+RS_DONE = 0
+RS_BLOCKED = 1
+RS_RUNNING = 2
+RS_INPUT_ENDED = 103
+RS_CORRUPT = 106
+
+DELTA_MAGIC = 0x72730236
+"""The first four bytes (big-endian) of every rdiff delta."""
+
+SIGNATURE_MAGICS = {
+    0x72730136: "md4",
+    0x72730137: "blake2",
+    0x72730146: "rabinkarp-md4",
+    0x72730147: "rabinkarp-blake2",
+}
+"""Signature formats librsync reads, by their first four bytes (big-endian)."""
+
+OUR_SIGNATURE_MAGIC = 0x72730147
+"""The signatures we make: Rabin-Karp rolling sums and BLAKE2 strong sums (rdiff's default)."""
+
+MIN_BLOCK = 2 * 1024
+"""Smallest block we sign with: below it a signature costs more than it saves."""
+
+MAX_BLOCK = 1024 * 1024
+"""Largest block we sign with, and the largest we accept in a peer's signature."""
+
+MIN_PEER_BLOCK = 256
+"""Smallest block a peer's signature may declare (rdiff's own minimum)."""
+
+STRONG_LEN = 16
+"""Bytes of each block's strong sum in our signatures: with the SHA-256
+check of the result, a false match only costs a normal download."""
+
+MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
+"""Most bytes of signature we take from a peer (librsync holds it in memory,
+indexed, while it makes the delta: about twice this at most)."""
+
+MAX_OLD_SIZE = 256 * 1024 * 1024 * 1024
+"""Largest old file we sign (its signature is about 10 MiB, within
+:data:`MAX_SIGNATURE_BYTES`); a larger file is fetched whole."""
+
+SIGNATURE_HEADER = 12
+"""Magic, block length and strong sum length: three big-endian 32-bit words."""
+
+PIECE = 1024 * 1024
+"""Bytes read from a file, or handed out, per step."""
+
+_LIBRARY_NAMES = ("librsync.so.2", "librsync.so")
+
+
+class RdiffError(Exception):
+    """A signature or delta that is not valid rdiff, or one we refuse to apply."""
+
+
+class _Buffers(ctypes.Structure):
+    _fields_ = [
+        ("next_in", ctypes.c_void_p),
+        ("avail_in", ctypes.c_size_t),
+        ("eof_in", ctypes.c_int),
+        ("next_out", ctypes.c_void_p),
+        ("avail_out", ctypes.c_size_t),
+    ]
+
+
+_COPY_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                            ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_void_p))
+
+
+def _load() -> Any:
+    """The librsync shared library with its signatures declared, or None."""
+    names = list(_LIBRARY_NAMES)
+    found = ctypes.util.find_library("rsync")
+    if found:
+        names.append(found)
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+            lib.rs_sig_begin.restype = ctypes.c_void_p
+            lib.rs_sig_begin.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+            lib.rs_loadsig_begin.restype = ctypes.c_void_p
+            lib.rs_loadsig_begin.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+            lib.rs_delta_begin.restype = ctypes.c_void_p
+            lib.rs_delta_begin.argtypes = [ctypes.c_void_p]
+            lib.rs_patch_begin.restype = ctypes.c_void_p
+            lib.rs_patch_begin.argtypes = [_COPY_CB, ctypes.c_void_p]
+            lib.rs_build_hash_table.restype = ctypes.c_int
+            lib.rs_build_hash_table.argtypes = [ctypes.c_void_p]
+            lib.rs_job_iter.restype = ctypes.c_int
+            lib.rs_job_iter.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buffers)]
+            lib.rs_job_free.restype = ctypes.c_int
+            lib.rs_job_free.argtypes = [ctypes.c_void_p]
+            lib.rs_free_sumset.restype = None
+            lib.rs_free_sumset.argtypes = [ctypes.c_void_p]
+            lib.rs_strerror.restype = ctypes.c_char_p
+            lib.rs_strerror.argtypes = [ctypes.c_int]
+            lib.rs_trace_set_level.restype = None
+            lib.rs_trace_set_level.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError):
+            continue
+        lib.rs_trace_set_level(2)  # errors only: hostile input must not flood stderr
+        return lib
+    return None
+
+
+_lib = _load()
+
+AVAILABLE = _lib is not None
+"""True when librsync could be loaded: only then is ``rsync`` offered."""
+
+
+def _require() -> Any:
+    if _lib is None:
+        raise RdiffError("librsync is not installed (Debian: apt-get install librsync2)")
+    return _lib
+
+
+def _why(code: int) -> str:
+    return _require().rs_strerror(code).decode("ascii", "replace")
+
+
+def block_size(size: int) -> int:
+    """The block length to sign an old file of ``size`` bytes with.
+
+    About the square root of the size (librsync's recommendation: the
+    signature and the delta's overhead then grow alike), rounded up to a
+    multiple of 1 KiB, at least :data:`MIN_BLOCK` and at most
+    :data:`MAX_BLOCK`.  Up to :data:`MAX_OLD_SIZE` the signature stays
+    within :data:`MAX_SIGNATURE_BYTES`.
+    """
+    root = math.isqrt(max(size, 0))
+    return min(MAX_BLOCK, max(MIN_BLOCK, -(-root // 1024) * 1024))
+
+
+def signature_size(size: int, block: int | None = None) -> int:
+    """Bytes of our signature of a file of ``size`` bytes."""
+    block = block or block_size(size)
+    return SIGNATURE_HEADER + -(-size // block) * (4 + STRONG_LEN)
+
+
+class _Job:
+    """One librsync job driven a buffer at a time; subclasses say where input comes from."""
+
+    def __init__(self, job: int | None, what: str) -> None:
+        if not job:
+            raise RdiffError("librsync could not start a %s job" % what)
+        self._job: int | None = job
+        self._what = what
+        self._out = ctypes.create_string_buffer(PIECE)
+        self._buffers = _Buffers()
+        self._in: Any = None  # keeps the input bytes alive while librsync reads them
+        self.done = False
+
+    def _iterate(self, data: bytes, eof: bool, out_room: int) -> tuple[bytes, int]:
+        """One rs_job_iter call: input ``data``; returns (output, input bytes consumed)."""
+        if self._job is None:
+            raise RdiffError("the %s job is closed" % self._what)
+        self._in = data  # librsync reads it in place: keep it alive during the call
+        b = self._buffers
+        b.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value if data else None
+        b.avail_in = len(data)
+        b.eof_in = 1 if eof else 0
+        room = min(out_room, PIECE)
+        out_at = ctypes.addressof(self._out)
+        b.next_out = out_at
+        b.avail_out = room
+        result = _require().rs_job_iter(self._job, ctypes.byref(b))
+        produced = room - b.avail_out
+        consumed = len(data) - b.avail_in
+        self._in = None
+        if result == RS_DONE:
+            self.done = True
+        elif result != RS_BLOCKED:
+            raise RdiffError("%s failed: %s" % (self._what, _why(result)))
+        return ctypes.string_at(out_at, produced) if produced else b"", consumed
+
+    def close(self) -> None:
+        """Free the job (idempotent)."""
+        job, self._job = self._job, None
+        if job:
+            _require().rs_job_free(job)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class _Reader(_Job):
+    """A job reading a file descriptor and handing out its output as ``read(n)``."""
+
+    def __init__(self, job: int | None, what: str, fd: int) -> None:
+        super().__init__(job, what)
+        self._fd = fd
+        self._pending = b""  # read from the file, not yet taken by librsync
+        self._eof = False
+
+    def read(self, n: int = PIECE) -> bytes:
+        """Up to ``n`` bytes of output (fewer only at the end); b"" once it is all out."""
+        pieces: list[bytes] = []
+        wanted = n
+        while wanted > 0 and not self.done:
+            if not self._pending and not self._eof:
+                self._pending = os.read(self._fd, PIECE)
+                self._eof = not self._pending
+            out, used = self._iterate(self._pending, self._eof, wanted)
+            self._pending = self._pending[used:]
+            if self._eof and not out and not used and not self.done:
+                raise RdiffError("%s stopped before its end" % self._what)
+            if out:
+                pieces.append(out)
+                wanted -= len(out)
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        super().close()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class SignatureReader(_Reader):
+    """The signature of an open file (descriptor ``fd``, owned from now on)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.block = block_size(size)
+        super().__init__(_require().rs_sig_begin(self.block, STRONG_LEN, OUR_SIGNATURE_MAGIC),
+                         "signature", fd)
+
+
+class Signature:
+    """A peer's signature, loaded and indexed, ready to make deltas against."""
+
+    def __init__(self, handle: int, block: int) -> None:
+        self._handle: int | None = handle
+        self.block = block
+
+    @property
+    def handle(self) -> int:
+        if self._handle is None:
+            raise RdiffError("the signature was freed")
+        return self._handle
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle:
+            _require().rs_free_sumset(handle)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class SignatureLoader(_Job):
+    """Takes a peer's signature piece by piece (:meth:`feed`), then :meth:`finish`.
+
+    Refuses (RdiffError) a signature over ``limit`` bytes, one whose header
+    is not an rdiff signature with sane block and strong sum lengths, and a
+    truncated one.  The header is checked here before librsync sees it.
+    """
+
+    def __init__(self, limit: int = MAX_SIGNATURE_BYTES) -> None:
+        self._sumset = ctypes.c_void_p()
+        super().__init__(_require().rs_loadsig_begin(ctypes.byref(self._sumset)), "signature")
+        self.limit = limit
+        self.received = 0
+        self.block = 0
+        self._head = b""
+
+    def feed(self, data: bytes) -> None:
+        """Take the next bytes of the signature."""
+        self.received += len(data)
+        if self.received > self.limit:
+            raise RdiffError("signature larger than %d bytes" % self.limit)
+        data = bytes(data)
+        if len(self._head) < SIGNATURE_HEADER:
+            self._head += data[:SIGNATURE_HEADER - len(self._head)]
+            if len(self._head) == SIGNATURE_HEADER:
+                self._check_header(self._head)
+        while data:
+            if self.done:
+                raise RdiffError("bytes after the end of the signature")
+            _, used = self._iterate(data, False, PIECE)
+            if not used:
+                raise RdiffError("librsync stopped taking the signature")
+            data = data[used:]
+
+    def _check_header(self, head: bytes) -> None:
+        magic, block, strong = struct.unpack(">III", head)
+        if magic not in SIGNATURE_MAGICS:
+            raise RdiffError("not an rdiff signature (magic %#x)" % magic)
+        if not MIN_PEER_BLOCK <= block <= MAX_BLOCK:
+            raise RdiffError("signature block length %d is outside %d..%d"
+                             % (block, MIN_PEER_BLOCK, MAX_BLOCK))
+        if not 1 <= strong <= 32:
+            raise RdiffError("signature strong sum length %d is outside 1..32" % strong)
+        self.block = block
+
+    def finish(self) -> Signature:
+        """The complete signature, indexed (RdiffError if truncated)."""
+        if len(self._head) < SIGNATURE_HEADER:
+            raise RdiffError("truncated signature (%d bytes)" % self.received)
+        try:
+            if not self.done:
+                self._iterate(b"", True, PIECE)
+        except RdiffError:
+            raise RdiffError("truncated signature (%d bytes)" % self.received) from None
+        if not self.done:
+            raise RdiffError("truncated signature (%d bytes)" % self.received)
+        self.close()
+        handle = self._sumset.value
+        if not handle:
+            raise RdiffError("empty signature")
+        signature = Signature(handle, self.block)
+        result = _require().rs_build_hash_table(handle)
+        if result != RS_DONE:
+            signature.close()
+            raise RdiffError("signature could not be indexed: %s" % _why(result))
+        return signature
+
+
+class DeltaReader(_Reader):
+    """The delta turning a peer's old file (its ``signature``) into ours (``fd``, owned)."""
+
+    def __init__(self, fd: int, signature: Signature) -> None:
+        self.signature = signature  # freed with the reader, not before
+        super().__init__(_require().rs_delta_begin(signature.handle), "delta", fd)
+
+    def close(self) -> None:
+        super().close()
+        self.signature.close()
+
+
+def patch_file(old_fd: int, delta_fd: int, out_fd: int, limit: int) -> tuple[Any, int]:
+    """Apply the delta read from ``delta_fd`` to ``old_fd``, writing to ``out_fd``.
+
+    Returns (SHA-256 hasher of what was written, its byte count).  Raises
+    RdiffError for a delta that is not rdiff, is truncated, copies from
+    beyond the end of the old file, or would write more than ``limit``
+    bytes (the size the result must have): nothing past ``limit`` is ever
+    written.  Descriptors stay open; the caller closes them.
+    """
+    lib = _require()
+    old_size = os.fstat(old_fd).st_size
+    trouble: list[str] = []
+
+    def copy(_opaque: int, pos: int, length_p: Any, buf_p: Any) -> int:
+        length = length_p[0]
+        if pos < 0 or pos + length > old_size:
+            trouble.append("the delta copies bytes %d..%d of an old file of %d bytes"
+                           % (pos, pos + length, old_size))
+            return RS_CORRUPT
+        data = os.pread(old_fd, length, pos)
+        if len(data) != length:
+            trouble.append("the old file shrank while patching")
+            return RS_CORRUPT
+        ctypes.memmove(buf_p[0], data, length)
+        return RS_DONE
+
+    callback = _COPY_CB(copy)
+    job = _Job(lib.rs_patch_begin(callback, None), "patch")
+    hasher = hashlib.sha256()
+    written = 0
+    try:
+        head = os.pread(delta_fd, 4, 0)
+        if len(head) < 4 or struct.unpack(">I", head)[0] != DELTA_MAGIC:
+            raise RdiffError("not an rdiff delta")
+        pending = b""
+        eof = False
+        while not job.done:
+            if not pending and not eof:
+                pending = os.read(delta_fd, PIECE)
+                eof = not pending
+            try:
+                out, used = job._iterate(pending, eof, PIECE)
+            except RdiffError as e:
+                raise RdiffError(trouble[0] if trouble else str(e)) from None
+            pending = pending[used:]
+            if out:
+                written += len(out)
+                if written > limit:
+                    raise RdiffError("the delta makes more than %d bytes" % limit)
+                hasher.update(out)
+                view = memoryview(out)
+                while view:
+                    view = view[os.write(out_fd, view):]
+            elif eof and not used and not job.done:
+                raise RdiffError("truncated delta")
+        if pending or os.read(delta_fd, 1):
+            raise RdiffError("bytes after the end of the delta")
+    finally:
+        job.close()
+    del callback
+    return hasher, written
+
+
+__all__ = [
+    "AVAILABLE", "DELTA_MAGIC", "SIGNATURE_MAGICS", "OUR_SIGNATURE_MAGIC", "MIN_BLOCK",
+    "MAX_BLOCK", "MIN_PEER_BLOCK", "STRONG_LEN", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
+    "RdiffError", "block_size", "signature_size", "SignatureReader", "SignatureLoader",
+    "Signature", "DeltaReader", "patch_file",
+]
