@@ -102,10 +102,17 @@ _COPY_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                             ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_void_p))
 
 
+LIBRARY_VARIABLE = "CLEARSKIES_LIBRSYNC"
+"""Environment variable naming the librsync to load (a path), or ``none`` to do without."""
+
+
 def _load() -> Any:
     """The librsync shared library with its signatures declared, or None."""
-    names = list(_LIBRARY_NAMES)
-    found = ctypes.util.find_library("rsync")
+    chosen = os.environ.get(LIBRARY_VARIABLE, "")
+    if chosen.lower() == "none":
+        return None
+    names = [chosen] if chosen else list(_LIBRARY_NAMES)
+    found = ctypes.util.find_library("rsync") if not chosen else None
     if found:
         names.append(found)
     for name in names:
@@ -433,7 +440,7 @@ def patch_file(old_fd: int, delta_fd: int, out_fd: int, limit: int) -> tuple[Any
 
 
 __all__ = [
-    "AVAILABLE", "DELTA_MAGIC", "SIGNATURE_MAGICS", "OUR_SIGNATURE_MAGIC", "MIN_BLOCK",
+    "LIBRARY_VARIABLE", "AVAILABLE", "DELTA_MAGIC", "SIGNATURE_MAGICS", "OUR_SIGNATURE_MAGIC", "MIN_BLOCK",
     "MAX_BLOCK", "MIN_PEER_BLOCK", "STRONG_LEN", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
     "RdiffError", "block_size", "signature_size", "SignatureReader", "SignatureLoader",
     "Signature", "DeltaReader", "patch_file",

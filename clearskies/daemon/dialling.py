@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from zope.interface import implementer
 
+from clearskies import rdiff
 from clearskies.addresses import Address, parse_user_address
 from clearskies.daemon.codes import AccessCodes
 from clearskies.daemon.known import MAX_REMEMBERED, ManualPeers, RememberedPeers
@@ -27,13 +28,15 @@ from clearskies.handshake import ConnectTarget, KeyRing
 from clearskies.interfaces import IAttachDialler, IDiscoverySource, IPeerTransport
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync import SyncSession
+from clearskies.sync.rsyncs import FEATURE as RSYNC
 
 if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches")
-"""Feature strings we offer in the handshake (protocol/handshake.md)."""
+            "revision_batches") + ((RSYNC,) if rdiff.AVAILABLE else ())
+"""Feature strings we offer in the handshake (protocol/handshake.md); ``rsync`` only
+when librsync is installed (protocol/rsync.md)."""
 
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
 

@@ -1,0 +1,316 @@
+"""The ``rsync`` extension on one connection (protocol/rsync.md): deltas instead of whole files.
+
+Both roles of one session:
+
+- **asking**: instead of ``get``, a download of a file we hold an older
+  copy of (same path, at least :data:`MIN_RSYNC_SIZE` bytes) sends
+  ``!{"type":"rsync.signature","path":…}`` with the old copy's signature;
+  the ``rsync.patch`` answer's delta is spooled to disk, applied to the old
+  copy into the download's temporary file and checked against the record's
+  SHA-256 (:mod:`clearskies.transfer.deltas`); the download then ends like
+  any other.  Whatever goes wrong (``get_error``, a bad or oversize delta,
+  a mismatch) falls back to a plain ``get``; the old copy is only read.
+- **answering**: a peer's signature is taken as it arrives (at most
+  :data:`clearskies.rdiff.MAX_SIGNATURE_BYTES`), and the delta of our file
+  against it is made a piece at a time while the connection takes it.
+
+The CPU work (signatures, deltas, patches) runs in the share's files
+runner, never on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from clearskies import diskjobs, rdiff, wire
+from clearskies.errors import ProtocolError
+from clearskies.interfaces import ISyncSession
+from clearskies.share.records import validate_wire_path
+from clearskies.sync.engine import ShareSync
+from clearskies.transfer.deltas import (
+    DeltaSpool, max_delta_size, open_delta, open_signature, patch_into, spool_path,
+)
+from clearskies.transfer.receiver import FileReceiver
+from clearskies.transfer.refusals import get_error_message
+from clearskies.transfer.sendqueue import SendQueue, SendResult
+from clearskies.transfer.states import NEW, WRITING
+
+FEATURE = "rsync"
+"""The feature string of the extension (protocol/handshake.md, protocol/rsync.md)."""
+
+MIN_RSYNC_SIZE = 1024 * 1024
+"""Smallest file asked for by delta: below it a signature, a delta and a patch
+cost about what sending the file does (bench: a 1 MiB file sends in a few
+milliseconds on a LAN, as long as signing the old copy takes)."""
+
+MAX_HELD_SIGNATURE_BYTES = 64 * 1024 * 1024
+"""Most signature bytes one connection may have us hold (received, their delta
+not yet sent); a peer sending more is breaking the protocol."""
+
+BAD_SIGNATURE = "bad rsync signature"
+"""The start of the ``get_error`` message answering a signature we cannot use."""
+
+
+class SignatureIntake:
+    """A peer's signature arriving for ``path`` (we answer with a delta)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.loader: rdiff.SignatureLoader | None = rdiff.SignatureLoader()
+        self.received = 0
+        self.error: str | None = None
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > rdiff.MAX_SIGNATURE_BYTES:
+            raise ProtocolError("rsync.signature for %r is larger than %d bytes"
+                                % (self.path, rdiff.MAX_SIGNATURE_BYTES))
+        if self.loader is None:
+            return
+        try:
+            self.loader.feed(data)
+        except rdiff.RdiffError as e:
+            self.error = str(e)
+            self.loader.close()
+            self.loader = None
+
+    def abort(self, keep_partial: bool) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+
+
+class DeltaIntake:
+    """The delta arriving for one of our downloads (``remote_path`` as asked)."""
+
+    def __init__(self, receiver: FileReceiver, remote_path: str,
+                 spool: DeltaSpool | None, problem: str | None) -> None:
+        self.receiver = receiver
+        self.remote_path = remote_path
+        self.spool = spool
+        self.problem = problem
+
+    def write(self, data: bytes) -> None:
+        if self.spool is None:
+            return
+        try:
+            self.spool.write(data)
+        except OSError as e:
+            self.problem = "writing the delta failed: %s" % (e.strerror or e)
+            self.spool.discard()
+            self.spool = None
+
+    def abort(self, keep_partial: bool) -> None:
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
+        self.receiver.abort(keep_partial=False)
+
+
+PayloadIntake = SignatureIntake | DeltaIntake
+
+
+class RsyncExchange:
+    """One connection's ``rsync`` requests and answers."""
+
+    _log = Logger()
+
+    def __init__(self, sync: ShareSync, session: ISyncSession, sends: SendQueue,
+                 features: tuple[str, ...] | list[str], *,
+                 send: Callable[[dict[str, Any]], None],
+                 get: Callable[[FileReceiver, str], None],
+                 fail: Callable[[Failure, str], None]) -> None:
+        self.sync = sync
+        self.share = sync.share
+        self.session = session
+        self.sends = sends
+        self._send = send
+        self._get = get
+        self._fail = fail
+        #: Negotiated, and librsync is here.
+        self.enabled = rdiff.AVAILABLE and FEATURE in features
+        #: Downloads asked for by signature whose ``rsync.patch`` has not come yet.
+        self.waiting: dict[str, FileReceiver] = {}
+        self._held = 0
+        #: Downloads that arrived as deltas, and those that fell back to ``get``.
+        self.patched = 0
+        self.fell_back = 0
+
+    # -- asking ---------------------------------------------------------------------
+
+    def wants(self, receiver: FileReceiver) -> bool:
+        """Whether to ask for this download by delta (an old copy is looked for next)."""
+        size = receiver.expected.size or 0
+        return (self.enabled and receiver.offset == 0 and size >= MIN_RSYNC_SIZE
+                and receiver.state == NEW)
+
+    def ask(self, receiver: FileReceiver, remote_path: str) -> None:
+        """Sign our old copy in a worker and send the signature; else a plain ``get``."""
+        self.waiting[remote_path] = receiver
+        d = self.share.files_runner.run(open_signature, receiver.local_path, MIN_RSYNC_SIZE)
+
+        def opened(reader: rdiff.SignatureReader) -> None:
+            if not self.session.alive or self.waiting.get(remote_path) is not receiver:
+                self.share.files_runner.run(reader.close)
+                return
+            try:
+                self.sends.send_stream(remote_path,
+                                       {"type": "rsync.signature", "path": remote_path},
+                                       lambda: reader, on_sent=self._sent_bytes)
+            except ProtocolError:
+                self.share.files_runner.run(reader.close)
+                self._fall_back(remote_path, receiver, "", quiet=True)
+
+        def no_old_copy(failure: Failure) -> None:
+            if not failure.check(OSError, rdiff.RdiffError):
+                self._log.failure("signing the old copy of {path} failed", failure,
+                                  path=receiver.expected.path)
+            self._fall_back(remote_path, receiver, "", quiet=True)
+
+        d.addCallbacks(opened, no_old_copy)
+
+    def _fall_back(self, remote_path: str, receiver: FileReceiver, why: str,
+                   quiet: bool = False) -> None:
+        """Ask for the whole file after all (if it is still ours to ask for)."""
+        if self.waiting.get(remote_path) is receiver:
+            del self.waiting[remote_path]
+        if not quiet:
+            self.fell_back += 1
+            self._log.warn("delta of {path} from {peer} refused: {why}; fetching it whole",
+                           path=receiver.expected.path, peer=self.session.peer_id, why=why)
+        if not self.session.alive:
+            if receiver.state in (NEW, WRITING):
+                receiver.abort(keep_partial=False)
+            return
+        self._get(receiver, remote_path)
+
+    def on_get_error(self, path: str, message: str) -> bool:
+        """A ``get_error`` answering one of our signatures: fetch whole.  False if not ours."""
+        receiver = self.waiting.get(path)
+        if receiver is None:
+            return False
+        self._fall_back(path, receiver, "the peer answered: %s" % message[:200])
+        return True
+
+    def on_patch(self, body: dict, event: wire.Message) -> DeltaIntake:
+        """``rsync.patch``: where its payload goes."""
+        if not event.has_payload:
+            raise ProtocolError("rsync.patch without a payload")
+        path = validate_wire_path(body.get("path"))
+        receiver = self.waiting.pop(path, None)
+        if receiver is None:
+            raise ProtocolError("rsync.patch for %r, which we did not ask for" % path)
+        spool_at = spool_path(receiver.local_path, receiver.expected.sha256 or "")
+        try:
+            diskjobs.check_inside(self.share.root, spool_at, resolve=True)
+            spool = DeltaSpool(spool_at, max_delta_size(receiver.expected.size or 0),
+                               runner=self.share.files_runner, producer=self.session.reading)
+        except OSError as e:
+            return DeltaIntake(receiver, path, None,
+                                "cannot write the delta: %s" % (e.strerror or e))
+        return DeltaIntake(receiver, path, spool, None)
+
+    def delta_ended(self, intake: DeltaIntake) -> None:
+        """The delta is all here: apply it in a worker, then finish the download."""
+        Deferred.fromCoroutine(self._apply(intake)).addErrback(
+            self._fail, "applying the delta of " + intake.receiver.expected.path)
+
+    async def _apply(self, intake: DeltaIntake) -> None:
+        receiver, spool = intake.receiver, intake.spool
+        record = receiver.expected
+        try:
+            if intake.problem is not None or spool is None:
+                raise rdiff.RdiffError(intake.problem or "no delta")
+            intake.spool = None
+            await spool.close()
+            if spool.overflow:
+                raise rdiff.RdiffError("the delta is larger than %d bytes" % spool.limit)
+            await receiver.fill_with(patch_into, receiver.local_path, spool.path,
+                                     receiver.temp_path, record.size, record.sha256)
+        except (OSError, rdiff.RdiffError) as e:
+            if spool is not None:
+                spool.discard()
+            self._fall_back(intake.remote_path, receiver, str(e))
+            return
+        self.patched += 1
+        await self.sync.payload_received(self.session, receiver, asked=intake.remote_path)
+
+    # -- answering ------------------------------------------------------------------
+
+    def on_signature(self, body: dict, event: wire.Message) -> SignatureIntake:
+        """``rsync.signature``: where its payload goes."""
+        if not self.enabled:
+            raise ProtocolError("rsync.signature, but rsync was not negotiated")
+        if not event.has_payload:
+            raise ProtocolError("rsync.signature without a payload")
+        path = validate_wire_path(body.get("path"))
+        if self._held >= MAX_HELD_SIGNATURE_BYTES:
+            raise ProtocolError("more than %d bytes of rsync signatures waiting"
+                                % MAX_HELD_SIGNATURE_BYTES)
+        return SignatureIntake(path)
+
+    def signature_ended(self, intake: SignatureIntake) -> None:
+        Deferred.fromCoroutine(self._answer(intake)).addErrback(
+            self._fail, "answering the signature of " + intake.path)
+
+    async def _answer(self, intake: SignatureIntake) -> None:
+        path, loader = intake.path, intake.loader
+        intake.loader = None
+        if loader is None:
+            self._refuse_signature(path, intake.error or "unreadable")
+            return
+        self._held += intake.received
+        try:
+            try:
+                signature = await self.share.files_runner.run(loader.finish)
+            except rdiff.RdiffError as e:
+                self._refuse_signature(path, str(e))
+                return
+            records = await self.share.get_records([path])
+            record = records.get(path)
+            if not self.session.alive:
+                signature.close()
+                return
+            if (record is None or record.deleted or record.is_dir or record.size is None
+                    or self.share.is_ignored(path) or self.sync.paused):
+                signature.close()
+                self._send(get_error_message(
+                    path, "paused" if self.sync.paused else "no such file in this share"))
+                return
+            local = self.share.local_path(path)
+            size = record.size
+            done = self.sends.send_stream(path, {"type": "rsync.patch", "path": path},
+                                          lambda: open_delta(local, size, signature),
+                                          on_sent=self._sent_bytes)
+        except BaseException:
+            self._held -= intake.received
+            raise
+        done.addBoth(self._delta_sent, intake.received)
+
+    def _delta_sent(self, result: SendResult | Failure, held: int) -> None:
+        self._held -= held
+
+    def _refuse_signature(self, path: str, why: str) -> None:
+        self._log.warn("refused the rsync signature {peer} sent for {path}: {why}",
+                       peer=self.session.peer_id, path=path, why=why)
+        self._send(get_error_message(path, "%s: %s" % (BAD_SIGNATURE, why[:200])))
+
+    def _sent_bytes(self, count: int) -> None:
+        self.sync.bytes_sent += count
+
+    # -- the connection is gone -----------------------------------------------------
+
+    def stop(self) -> None:
+        waiting, self.waiting = self.waiting, {}
+        for receiver in waiting.values():
+            if receiver.state in (NEW, WRITING):
+                receiver.abort(keep_partial=False)
+
+
+__all__ = ["FEATURE", "MIN_RSYNC_SIZE", "MAX_HELD_SIGNATURE_BYTES", "BAD_SIGNATURE", "SignatureIntake", "DeltaIntake",
+           "PayloadIntake", "RsyncExchange"]
