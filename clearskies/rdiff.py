@@ -16,9 +16,10 @@ bounded memory:
   :class:`Signature`;
 - :class:`DeltaReader` reads the new file and hands out the delta against a
   :class:`Signature` a piece at a time;
-- :func:`patch_file` applies a delta read from one descriptor to an old
-  file, writing (and hashing) the result, never past a stated size, and
-  refusing a delta that reads outside the old file.
+- :class:`Patcher` applies a delta fed a piece at a time to an old file,
+  writing (and hashing) the result, never past a stated size, and refusing
+  a delta that reads outside the old file (:func:`patch_file`: the same
+  from a descriptor).
 
 All of these block and burn CPU: callers run them in worker threads.  None
 touches Twisted.
@@ -376,72 +377,99 @@ class DeltaReader(_Reader):
         self.signature.close()
 
 
-def patch_file(old_fd: int, delta_fd: int, out_fd: int, limit: int) -> tuple[Any, int]:
-    """Apply the delta read from ``delta_fd`` to ``old_fd``, writing to ``out_fd``.
+class Patcher(_Job):
+    """Applies a delta, fed a piece at a time (:meth:`feed`), to an old file.
 
-    Returns (SHA-256 hasher of what was written, its byte count).  Raises
-    RdiffError for a delta that is not rdiff, is truncated, copies from
-    beyond the end of the old file, or would write more than ``limit``
-    bytes (the size the result must have): nothing past ``limit`` is ever
-    written.  Descriptors stay open; the caller closes them.
+    ``old_fd`` is read (never past its end), the result written to
+    ``out_fd`` and hashed (:attr:`hasher`, :attr:`written`).  RdiffError for
+    a delta that is not rdiff, copies from beyond the end of the old file,
+    would write more than ``limit`` bytes (nothing past ``limit`` is ever
+    written), ends inside a command (:meth:`finish`) or goes on after its
+    end.  Descriptors stay the caller's.
     """
-    lib = _require()
-    old_size = os.fstat(old_fd).st_size
-    trouble: list[str] = []
 
-    def copy(_opaque: int, pos: int, length_p: Any, buf_p: Any) -> int:
+    def __init__(self, old_fd: int, out_fd: int, limit: int) -> None:
+        self._old_fd = old_fd
+        self._out_fd = out_fd
+        self.limit = limit
+        self.old_size = os.fstat(old_fd).st_size
+        self.hasher: Any = hashlib.sha256()
+        self.written = 0
+        self._head = b""
+        self._trouble: list[str] = []
+        self._callback = _COPY_CB(self._copy)  # kept alive as long as the job
+        super().__init__(_require().rs_patch_begin(self._callback, None), "patch")
+
+    def _copy(self, _opaque: int, pos: int, length_p: Any, buf_p: Any) -> int:
         length = length_p[0]
-        if pos < 0 or pos + length > old_size:
-            trouble.append("the delta copies bytes %d..%d of an old file of %d bytes"
-                           % (pos, pos + length, old_size))
+        if pos < 0 or pos + length > self.old_size:
+            self._trouble.append("the delta copies bytes %d..%d of an old file of %d bytes"
+                                 % (pos, pos + length, self.old_size))
             return RS_CORRUPT
-        data = os.pread(old_fd, length, pos)
+        data = os.pread(self._old_fd, length, pos)
         if len(data) != length:
-            trouble.append("the old file shrank while patching")
+            self._trouble.append("the old file shrank while patching")
             return RS_CORRUPT
         ctypes.memmove(buf_p[0], data, length)
         return RS_DONE
 
-    callback = _COPY_CB(copy)
-    job = _Job(lib.rs_patch_begin(callback, None), "patch")
-    hasher = hashlib.sha256()
-    written = 0
-    try:
-        head = os.pread(delta_fd, 4, 0)
-        if len(head) < 4 or struct.unpack(">I", head)[0] != DELTA_MAGIC:
-            raise RdiffError("not an rdiff delta")
-        pending = b""
-        eof = False
-        while not job.done:
-            if not pending and not eof:
-                pending = os.read(delta_fd, PIECE)
-                eof = not pending
+    def feed(self, data: bytes, eof: bool = False) -> None:
+        """Apply the next bytes of the delta (``eof``: there are no more)."""
+        data = bytes(data)
+        if len(self._head) < 4:
+            self._head += data[:4 - len(self._head)]
+            if len(self._head) == 4 and struct.unpack(">I", self._head)[0] != DELTA_MAGIC:
+                raise RdiffError("not an rdiff delta")
+            if eof and len(self._head) < 4:
+                raise RdiffError("not an rdiff delta")
+        while not self.done:
             try:
-                out, used = job._iterate(pending, eof, PIECE)
+                out, used = self._iterate(data, eof, PIECE)
             except RdiffError as e:
-                raise RdiffError(trouble[0] if trouble else str(e)) from None
-            pending = pending[used:]
+                raise RdiffError(self._trouble[0] if self._trouble else
+                                 "truncated delta" if eof else str(e)) from None
+            data = data[used:]
             if out:
-                written += len(out)
-                if written > limit:
-                    raise RdiffError("the delta makes more than %d bytes" % limit)
-                hasher.update(out)
+                self.written += len(out)
+                if self.written > self.limit:
+                    raise RdiffError("the delta makes more than %d bytes" % self.limit)
+                self.hasher.update(out)
                 view = memoryview(out)
                 while view:
-                    view = view[os.write(out_fd, view):]
-            elif eof and not used and not job.done:
-                raise RdiffError("truncated delta")
-        if pending or os.read(delta_fd, 1):
+                    view = view[os.write(self._out_fd, view):]
+            elif not used:
+                if eof:
+                    raise RdiffError("truncated delta")
+                if data:
+                    raise RdiffError("librsync stopped taking the delta")
+                break
+        if data:
             raise RdiffError("bytes after the end of the delta")
+
+    def finish(self) -> tuple[Any, int]:
+        """The delta is all fed: (SHA-256 hasher of the result, its byte count)."""
+        self.feed(b"", eof=True)
+        self.close()
+        return self.hasher, self.written
+
+
+def patch_file(old_fd: int, delta_fd: int, out_fd: int, limit: int) -> tuple[Any, int]:
+    """Apply the whole delta read from ``delta_fd`` (see :class:`Patcher`).
+
+    Returns (SHA-256 hasher of what was written, its byte count).
+    """
+    patcher = Patcher(old_fd, out_fd, limit)
+    try:
+        while data := os.read(delta_fd, PIECE):
+            patcher.feed(data)
+        return patcher.finish()
     finally:
-        job.close()
-    del callback
-    return hasher, written
+        patcher.close()
 
 
 __all__ = [
     "LIBRARY_VARIABLE", "AVAILABLE", "DELTA_MAGIC", "SIGNATURE_MAGICS", "OUR_SIGNATURE_MAGIC", "MIN_BLOCK",
     "MAX_BLOCK", "MIN_PEER_BLOCK", "STRONG_LEN", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
     "RdiffError", "block_size", "signature_size", "SignatureReader", "SignatureLoader",
-    "Signature", "DeltaReader", "patch_file",
+    "Signature", "DeltaReader", "Patcher", "patch_file",
 ]

@@ -139,10 +139,11 @@ class RsyncTests(PeerKitCase):
 
     @async_test
     async def test_an_oversize_delta_is_refused(self):
-        """More delta bytes than the file could need: refused."""
+        """More delta bytes than the file could need (one-byte copies): refused."""
         peer, _ = await self.offer_new_version()
-        await self.refused_then_fetched(peer, b"\0" * (SIZE + SIZE // 32 + 100_000),
-                                        "larger than")
+        one_byte_copies = b"\x45\x00\x01" * ((SIZE + SIZE // 32 + 100_000) // 3)
+        await self.refused_then_fetched(
+            peer, struct.pack(">I", rdiff.DELTA_MAGIC) + one_byte_copies, "larger than")
 
     @async_test
     async def test_a_delta_to_other_content_is_refused(self):

@@ -5,10 +5,10 @@ Both roles of one session:
 - **asking**: instead of ``get``, a download of a file we hold an older
   copy of (same path, at least :data:`MIN_RSYNC_SIZE` bytes) sends
   ``!{"type":"rsync.signature","path":…}`` with the old copy's signature;
-  the ``rsync.patch`` answer's delta is spooled to disk, applied to the old
-  copy into the download's temporary file and checked against the record's
-  SHA-256 (:mod:`clearskies.transfer.deltas`); the download then ends like
-  any other.  Whatever goes wrong (``get_error``, a bad or oversize delta,
+  the ``rsync.patch`` answer's delta is applied to the old copy as it
+  arrives, into the download's temporary file, and the result checked
+  against the record's SHA-256 (:mod:`clearskies.transfer.deltas`); the
+  download then ends like any other.  Whatever goes wrong (``get_error``, a bad or oversize delta,
   a mismatch) falls back to a plain ``get``; the old copy is only read.
 - **answering**: a peer's signature is taken as it arrives (at most
   :data:`clearskies.rdiff.MAX_SIGNATURE_BYTES`), and the delta of our file
@@ -32,9 +32,7 @@ from clearskies.errors import ProtocolError
 from clearskies.interfaces import ISyncSession
 from clearskies.share.records import validate_wire_path
 from clearskies.sync.engine import ShareSync
-from clearskies.transfer.deltas import (
-    DeltaSpool, max_delta_size, open_delta, open_signature, patch_into, spool_path,
-)
+from clearskies.transfer.deltas import DeltaApplier, open_delta, open_signature
 from clearskies.transfer.receiver import FileReceiver
 from clearskies.transfer.refusals import get_error_message
 from clearskies.transfer.sendqueue import SendQueue, SendResult
@@ -89,26 +87,16 @@ class DeltaIntake:
     """The delta arriving for one of our downloads (``remote_path`` as asked)."""
 
     def __init__(self, receiver: FileReceiver, remote_path: str,
-                 spool: DeltaSpool | None, problem: str | None) -> None:
+                 applier: DeltaApplier) -> None:
         self.receiver = receiver
         self.remote_path = remote_path
-        self.spool = spool
-        self.problem = problem
+        self.applier = applier
 
     def write(self, data: bytes) -> None:
-        if self.spool is None:
-            return
-        try:
-            self.spool.write(data)
-        except OSError as e:
-            self.problem = "writing the delta failed: %s" % (e.strerror or e)
-            self.spool.discard()
-            self.spool = None
+        self.applier.write(data)
 
     def abort(self, keep_partial: bool) -> None:
-        if self.spool is not None:
-            self.spool.discard()
-            self.spool = None
+        self.applier.discard()
         self.receiver.abort(keep_partial=False)
 
 
@@ -205,15 +193,14 @@ class RsyncExchange:
         receiver = self.waiting.pop(path, None)
         if receiver is None:
             raise ProtocolError("rsync.patch for %r, which we did not ask for" % path)
-        spool_at = spool_path(receiver.local_path, receiver.expected.sha256 or "")
-        try:
-            diskjobs.check_inside(self.share.root, spool_at, resolve=True)
-            spool = DeltaSpool(spool_at, max_delta_size(receiver.expected.size or 0),
+        applier = DeltaApplier(receiver.local_path, receiver.temp_path,
+                               receiver.expected.size or 0, receiver.expected.sha256 or "",
                                runner=self.share.files_runner, producer=self.session.reading)
+        try:
+            diskjobs.check_inside(self.share.root, receiver.temp_path, resolve=True)
         except OSError as e:
-            return DeltaIntake(receiver, path, None,
-                                "cannot write the delta: %s" % (e.strerror or e))
-        return DeltaIntake(receiver, path, spool, None)
+            applier.error = e  # the payload is read and dropped, then the file fetched whole
+        return DeltaIntake(receiver, path, applier)
 
     def delta_ended(self, intake: DeltaIntake) -> None:
         """The delta is all here: apply it in a worker, then finish the download."""
@@ -221,21 +208,16 @@ class RsyncExchange:
             self._fail, "applying the delta of " + intake.receiver.expected.path)
 
     async def _apply(self, intake: DeltaIntake) -> None:
-        receiver, spool = intake.receiver, intake.spool
-        record = receiver.expected
+        receiver, applier = intake.receiver, intake.applier
         try:
-            if intake.problem is not None or spool is None:
-                raise rdiff.RdiffError(intake.problem or "no delta")
-            intake.spool = None
-            await spool.close()
-            if spool.overflow:
-                raise rdiff.RdiffError("the delta is larger than %d bytes" % spool.limit)
-            await receiver.fill_with(patch_into, receiver.local_path, spool.path,
-                                     receiver.temp_path, record.size, record.sha256)
+            await applier.drained()
+            if applier.error is not None:
+                raise applier.error
+            await receiver.fill_with(applier.complete)
         except (OSError, rdiff.RdiffError) as e:
-            if spool is not None:
-                spool.discard()
-            self._fall_back(intake.remote_path, receiver, str(e))
+            # Both files closed and the partial result gone before a get may write there.
+            await applier.discard()
+            self._fall_back(intake.remote_path, receiver, str(e) or type(e).__name__)
             return
         self.patched += 1
         await self.sync.payload_received(self.session, receiver, asked=intake.remote_path)

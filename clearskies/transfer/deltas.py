@@ -5,12 +5,11 @@ signature or a delta, made a piece at a time by :mod:`clearskies.rdiff` in
 a worker thread while the connection takes it); :func:`open_signature` and
 :func:`open_delta` open the file it is made from, in a worker.
 
-Receiving: :class:`DeltaSpool` writes an arriving delta into a hidden
-temporary file beside the target (a worker writes, the connection pauses
-when the disk falls behind); :func:`patch_into` then builds the download's
-temporary file from the old copy plus the delta and checks its size and
-SHA-256, in a worker.  Nothing is written outside those two hidden files,
-and a delta that fails leaves the old copy as it was.
+Receiving: :class:`DeltaApplier` applies an arriving delta to the old
+copy as it comes, in a worker, writing the download's temporary file (the
+connection pauses when the worker falls behind), then checks its size and
+SHA-256.  Nothing is written outside that hidden file, and a delta that
+fails leaves the old copy as it was.
 """
 
 from __future__ import annotations
@@ -21,21 +20,16 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
 
 from clearskies import diskjobs, rdiff
-from clearskies.backpressure import BatchWriter
 from clearskies.threads import Runner
-from clearskies.transfer.names import temp_name
 from clearskies.transfer.sender import FileSender
 
 UNKNOWN_LENGTH = 1 << 62
 """The length a stream claims until it ends (only the ``0`` chunk ends it)."""
-
-SPOOL_BATCH = 512 * 1024
-"""Delta bytes collected before a worker writes them to the spool file."""
-
 
 def max_delta_size(size: int) -> int:
     """Most delta bytes taken for a result of ``size`` bytes.
@@ -115,62 +109,162 @@ def open_delta(local_path: Path, expected_size: int | None,
     return rdiff.DeltaReader(fd, signature)
 
 
-def spool_path(local_path: Path, sha256: str) -> Path:
-    """Where the delta for ``local_path``'s new content ``sha256`` waits to be applied."""
-    return local_path.with_name(temp_name(local_path.name + ".delta", sha256))
+MAX_QUEUED_DELTA = 4 * 1024 * 1024
+"""Delta bytes waiting for the patching worker before the connection is paused."""
 
 
-class DeltaSpool:
-    """An arriving delta, written by workers to a hidden file; bounded by ``limit`` bytes.
+class DeltaApplier:
+    """An arriving delta, applied to the old copy as it comes, into the download's temporary file.
 
-    :meth:`write` takes the payload's pieces (dropping everything once past
-    ``limit``: :attr:`overflow`); :meth:`close` fires once every byte is on
-    disk and the file is closed.  The caller applies it with
-    :func:`patch_into`, which deletes it.
+    The reactor only queues the payload's pieces (:meth:`write`); one
+    worker job at a time feeds them to a :class:`clearskies.rdiff.Patcher`
+    that reads ``old`` and writes ``temp``, so the patch runs while the
+    sender is still making the delta.  More than :data:`MAX_QUEUED_DELTA`
+    waiting pauses ``producer``.  At most ``limit`` delta bytes are taken
+    (:func:`max_delta_size`).  Then :meth:`drained` and :meth:`complete`
+    (a job for :meth:`~clearskies.transfer.receiver.FileReceiver.fill_with`)
+    verify the result; after any failure :meth:`discard` removes ``temp``.
+    ``old`` is only ever read.
     """
 
-    def __init__(self, path: Path, limit: int, *, runner: Runner,
+    def __init__(self, old: Path, temp: Path, size: int, sha256: str, *, runner: Runner,
                  producer: IPushProducer | None = None) -> None:
-        self.path = path
-        self.limit = limit
+        self.old = old
+        self.temp = temp
+        self.size = size
+        self.sha256 = sha256
+        self.limit = max_delta_size(size)
         self.received = 0
-        self.overflow = False
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | diskjobs.OPEN_FLAGS, 0o600)
-        self._writer = BatchWriter(runner, fd, 0, None, producer=producer)
-        self._pieces: list[bytes] = []
-        self._pending = 0
+        #: Why the delta cannot be used (set on the reactor thread), or None.
+        self.error: Exception | None = None
+        self._runner = runner
+        self._producer = producer
+        self._pausing = False
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._running = False
+        self._waiters: list[Deferred[None]] = []
+        self._patcher: rdiff.Patcher | None = None
+        self._fds: list[int] = []
+        self._inode: tuple[int, int] | None = None
 
     def write(self, data: bytes) -> None:
-        if self.overflow:
+        if self.error is not None:
             return
         self.received += len(data)
         if self.received > self.limit:
-            self.overflow = True
-            self._pieces, self._pending = [], 0
+            self._failed(rdiff.RdiffError("the delta is larger than %d bytes" % self.limit))
             return
-        self._pieces.append(bytes(data))
-        self._pending += len(data)
-        if self._pending >= SPOOL_BATCH:
-            pieces, self._pieces, self._pending = self._pieces, [], 0
-            self._writer.submit(pieces)
+        self._queue.append(bytes(data))
+        self._queued += len(data)
+        if self._queued > MAX_QUEUED_DELTA and self._producer is not None and not self._pausing:
+            self._pausing = True
+            self._producer.pauseProducing()
+        if not self._running:
+            self._start()
 
-    def close(self) -> Deferred[None]:
-        """Write what is left, close the file; fails with the first write error."""
-        pieces, self._pieces, self._pending = self._pieces, [], 0
-        writer = self._writer
-        if writer.error is not None:
-            return writer.close(None).addCallback(lambda _: _raise(writer.error))
-        return writer.close(pieces).addCallback(
-            lambda _: _raise(writer.error) if writer.error is not None else None)
+    def _failed(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self._queue, self._queued = [], 0
+        self._resume()
 
-    def discard(self) -> None:
-        """Drop what arrived (the file too)."""
-        self._writer.close(None).addCallback(lambda _: _unlink(self.path))
+    def _resume(self) -> None:
+        if self._pausing and self._producer is not None:
+            self._pausing = False
+            self._producer.resumeProducing()
 
+    def _start(self) -> None:
+        batch, self._queue = self._queue, []
+        self._running = True
+        self._runner.run(self._apply, batch).addBoth(self._applied, sum(map(len, batch)))
 
-def _raise(error: BaseException | None) -> None:
-    if error is not None:
-        raise error
+    def _apply(self, batch: list[bytes]) -> None:
+        """(Worker thread.)  Open the files on the first batch, then patch on."""
+        if self._patcher is None:
+            old_fd, _ = _open_regular(self.old)
+            self._fds.append(old_fd)
+            out = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | diskjobs.OPEN_FLAGS,
+                          0o600)
+            self._fds.append(out)
+            st = os.fstat(out)
+            self._inode = (st.st_dev, st.st_ino)
+            self._patcher = rdiff.Patcher(old_fd, out, self.size)
+        for data in batch:
+            self._patcher.feed(data)
+
+    def _applied(self, result: object, count: int) -> None:
+        self._running = False
+        self._queued -= count
+        if isinstance(result, Failure):
+            error = result.value
+            self._failed(error if isinstance(error, Exception) else RuntimeError(str(error)))
+        if self._queued <= MAX_QUEUED_DELTA:
+            self._resume()
+        if self._queue and self.error is None:
+            self._start()
+            return
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def drained(self) -> Deferred[None]:
+        """Fires once every piece received so far is applied (or the delta failed)."""
+        if not self._running and (not self._queue or self.error is not None):
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def complete(self) -> tuple[Any, int, int]:
+        """(Worker thread, after :meth:`drained`.)  End the patch and verify the result.
+
+        Returns (SHA-256 hasher, byte count, the open descriptor of
+        ``temp``), as :func:`clearskies.transfer.jobs.copy_into` does.
+        Raises RdiffError when the delta was bad or the result is not
+        ``size`` bytes with SHA-256 ``sha256``; ``temp`` is then gone.
+        """
+        try:
+            if self.error is not None:
+                raise self.error
+            if self._patcher is None:
+                self._apply([])  # an empty payload: still a (truncated) delta
+            assert self._patcher is not None
+            hasher, written = self._patcher.finish()
+            if written != self.size:
+                raise rdiff.RdiffError("the delta made %d bytes, expected %d"
+                                       % (written, self.size))
+            if hasher.hexdigest() != self.sha256:
+                raise rdiff.RdiffError("the patched file does not match its SHA-256")
+        except BaseException:
+            self._close_and_remove()
+            raise
+        old_fd, out = self._fds
+        self._fds = []
+        os.close(old_fd)
+        return hasher, written, out
+
+    def discard(self) -> Deferred[None]:
+        """Give up: close the files and remove ``temp``; fires once done (not before a running job ends)."""
+        self._failed(self.error or rdiff.RdiffError("discarded"))
+        return self.drained().addCallback(
+            lambda _: self._runner.run(self._close_and_remove))
+
+    def _close_and_remove(self) -> None:
+        """(Worker thread.)  Close what is open; remove ``temp`` if it is still the file we made."""
+        if self._patcher is not None:
+            self._patcher.close()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        inode, self._inode = self._inode, None
+        if inode is not None:
+            try:
+                st = os.lstat(self.temp)
+            except FileNotFoundError:
+                return
+            if (st.st_dev, st.st_ino) == inode:
+                _unlink(self.temp)
 
 
 def _unlink(path: Path) -> None:
@@ -180,44 +274,7 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def patch_into(old: Path, delta: Path, temp: Path, size: int,
-               sha256: str) -> tuple[Any, int, int]:
-    """Build ``temp`` from ``old`` plus the delta at ``delta``, then check it (worker thread).
-
-    Returns (SHA-256 hasher, byte count, the open descriptor of ``temp``),
-    as :func:`clearskies.transfer.jobs.copy_into` does.  Raises
-    :class:`clearskies.rdiff.RdiffError` when the delta is bad or the result
-    is not ``size`` bytes with SHA-256 ``sha256``; ``temp`` is then gone.
-    The delta file is deleted either way; ``old`` is only read.
-    """
-    try:
-        old_fd, _ = _open_regular(old)
-        try:
-            delta_fd = os.open(delta, os.O_RDONLY | diskjobs.OPEN_FLAGS)
-            try:
-                out = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | diskjobs.OPEN_FLAGS,
-                              0o600)
-                try:
-                    hasher, written = rdiff.patch_file(old_fd, delta_fd, out, size)
-                    if written != size:
-                        raise rdiff.RdiffError("the delta made %d bytes, expected %d"
-                                               % (written, size))
-                    if hasher.hexdigest() != sha256:
-                        raise rdiff.RdiffError("the patched file does not match its SHA-256")
-                except BaseException:
-                    os.close(out)
-                    _unlink(temp)
-                    raise
-            finally:
-                os.close(delta_fd)
-        finally:
-            os.close(old_fd)
-    finally:
-        _unlink(delta)
-    return hasher, written, out
-
-
 __all__ = [
-    "UNKNOWN_LENGTH", "SPOOL_BATCH", "max_delta_size", "StreamSender", "open_signature",
-    "open_delta", "spool_path", "DeltaSpool", "patch_into",
+    "UNKNOWN_LENGTH", "MAX_QUEUED_DELTA", "max_delta_size", "StreamSender", "open_signature",
+    "open_delta", "DeltaApplier",
 ]
