@@ -45,8 +45,8 @@ def one_round(old: Path, new: Path, out: Path, block: int) -> tuple[int, int, fl
     t0 = time.perf_counter()
     fd = os.open(old, os.O_RDONLY)
     # A SignatureReader, but with the block size under test.
-    job = rdiff._Reader(rdiff._require().rs_sig_begin(block, rdiff.STRONG_LEN,
-                                                      rdiff.OUR_SIGNATURE_MAGIC),
+    strong = rdiff.strong_length(os.path.getsize(old), block)
+    job = rdiff._Reader(rdiff._require().rs_sig_begin(block, strong, rdiff.OUR_SIGNATURE_MAGIC),
                         "signature", fd)
     with open(sig_path, "wb") as f:
         while data := job.read(rdiff.PIECE):

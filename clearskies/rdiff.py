@@ -64,16 +64,13 @@ MAX_BLOCK = 1024 * 1024
 MIN_PEER_BLOCK = 256
 """Smallest block a peer's signature may declare (rdiff's own minimum)."""
 
-STRONG_LEN = 16
-"""Bytes of each block's strong sum in our signatures: with the SHA-256
-check of the result, a false match only costs a normal download."""
 
 MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
 """Most bytes of signature we take from a peer (librsync holds it in memory,
 indexed, while it makes the delta: about twice this at most)."""
 
 MAX_OLD_SIZE = 256 * 1024 * 1024 * 1024
-"""Largest old file we sign (its signature is about 10 MiB, within
+"""Largest old file we sign (its signature is about 7 MiB, well within
 :data:`MAX_SIGNATURE_BYTES`); a larger file is fetched whole."""
 
 SIGNATURE_HEADER = 12
@@ -175,10 +172,24 @@ def block_size(size: int) -> int:
     return min(MAX_BLOCK, max(MIN_BLOCK, -(-root // 1024) * 1024))
 
 
+def strong_length(size: int, block: int) -> int:
+    """Bytes of each block's strong sum in our signature of a ``size``-byte file.
+
+    librsync's own minimum: enough bits that, with the 32-bit rolling sum,
+    a false block match in a whole file stays below about 2^-40 (8 bytes
+    for 1 GiB, 10 for 256 GiB).  A false match would only cost a normal
+    download: the result's SHA-256 is checked before it is installed.
+    """
+    def log2(n: int) -> int:
+        return max(n, 1).bit_length() - 1
+
+    return min(32, 2 + (log2(size + (1 << 24)) + log2(size // block + 1) + 7) // 8)
+
+
 def signature_size(size: int, block: int | None = None) -> int:
     """Bytes of our signature of a file of ``size`` bytes."""
     block = block or block_size(size)
-    return SIGNATURE_HEADER + -(-size // block) * (4 + STRONG_LEN)
+    return SIGNATURE_HEADER + -(-size // block) * (4 + strong_length(size, block))
 
 
 class _Job:
@@ -268,7 +279,8 @@ class SignatureReader(_Reader):
 
     def __init__(self, fd: int, size: int) -> None:
         self.block = block_size(size)
-        super().__init__(_require().rs_sig_begin(self.block, STRONG_LEN, OUR_SIGNATURE_MAGIC),
+        self.strong = strong_length(size, self.block)
+        super().__init__(_require().rs_sig_begin(self.block, self.strong, OUR_SIGNATURE_MAGIC),
                          "signature", fd)
 
 
@@ -469,7 +481,7 @@ def patch_file(old_fd: int, delta_fd: int, out_fd: int, limit: int) -> tuple[Any
 
 __all__ = [
     "LIBRARY_VARIABLE", "AVAILABLE", "DELTA_MAGIC", "SIGNATURE_MAGICS", "OUR_SIGNATURE_MAGIC", "MIN_BLOCK",
-    "MAX_BLOCK", "MIN_PEER_BLOCK", "STRONG_LEN", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
-    "RdiffError", "block_size", "signature_size", "SignatureReader", "SignatureLoader",
+    "MAX_BLOCK", "MIN_PEER_BLOCK", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
+    "RdiffError", "block_size", "strong_length", "signature_size", "SignatureReader", "SignatureLoader",
     "Signature", "DeltaReader", "Patcher", "patch_file",
 ]
