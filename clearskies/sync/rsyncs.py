@@ -124,6 +124,7 @@ class RsyncExchange:
         self.enabled = rdiff.AVAILABLE and FEATURE in features
         #: Downloads asked for by signature whose ``rsync.patch`` has not come yet.
         self.waiting: dict[str, FileReceiver] = {}
+        self._asked_at: dict[str, float] = {}  # when each delta was asked for (for the log)
         self._held = 0
         #: Downloads that arrived as deltas, and those that fell back to ``get``.
         self.patched = 0
@@ -140,6 +141,7 @@ class RsyncExchange:
     def ask(self, receiver: FileReceiver, remote_path: str) -> None:
         """Sign our old copy in a worker and send the signature; else a plain ``get``."""
         self.waiting[remote_path] = receiver
+        self._asked_at[remote_path] = self.sync.clock.seconds()
         d = self.share.files_runner.run(open_signature, receiver.local_path, MIN_RSYNC_SIZE)
 
         def opened(reader: rdiff.SignatureReader) -> None:
@@ -149,7 +151,8 @@ class RsyncExchange:
             try:
                 self.sends.send_stream(remote_path,
                                        {"type": "rsync.signature", "path": remote_path},
-                                       lambda: reader, on_sent=self._sent_bytes)
+                                       lambda: reader, on_sent=self._sent_bytes
+                                       ).addCallback(self._signature_sent, remote_path)
             except ProtocolError:
                 self.share.files_runner.run(reader.close)
                 self._fall_back(remote_path, receiver, "", quiet=True)
@@ -162,11 +165,22 @@ class RsyncExchange:
 
         d.addCallbacks(opened, no_old_copy)
 
+    def _signature_sent(self, result: SendResult, remote_path: str) -> None:
+        if result.sent:
+            self._log.info("sent the signature of {path} to {peer}: {size} bytes in {seconds} s",
+                           path=remote_path, peer=self.session.peer_id[:8], size=result.size,
+                           seconds=self._since(remote_path))
+
+    def _since(self, remote_path: str) -> str:
+        started = self._asked_at.get(remote_path)
+        return "%.2f" % (self.sync.clock.seconds() - started) if started is not None else "?"
+
     def _fall_back(self, remote_path: str, receiver: FileReceiver, why: str,
                    quiet: bool = False) -> None:
         """Ask for the whole file after all (if it is still ours to ask for)."""
         if self.waiting.get(remote_path) is receiver:
             del self.waiting[remote_path]
+        self._asked_at.pop(remote_path, None)
         if not quiet:
             self.fell_back += 1
             self._log.warn("delta of {path} from {peer} refused: {why}; fetching it whole",
@@ -220,6 +234,11 @@ class RsyncExchange:
             self._fall_back(intake.remote_path, receiver, str(e) or type(e).__name__)
             return
         self.patched += 1
+        self._log.info("{path} from {peer} came as a delta: {delta} bytes for {size} in {seconds} s",
+                       path=receiver.expected.path, peer=self.session.peer_id[:8],
+                       delta=applier.received, size=receiver.expected.size,
+                       seconds=self._since(intake.remote_path))
+        self._asked_at.pop(intake.remote_path, None)
         await self.sync.payload_received(self.session, receiver, asked=intake.remote_path)
 
     # -- answering ------------------------------------------------------------------
@@ -272,10 +291,15 @@ class RsyncExchange:
         except BaseException:
             self._held -= intake.received
             raise
-        done.addBoth(self._delta_sent, intake.received)
+        done.addBoth(self._delta_sent, intake.received, path, self.sync.clock.seconds())
 
-    def _delta_sent(self, result: SendResult | Failure, held: int) -> None:
+    def _delta_sent(self, result: SendResult | Failure, held: int, path: str,
+                    started: float) -> None:
         self._held -= held
+        if isinstance(result, SendResult) and result.sent:
+            self._log.info("sent a delta of {path} to {peer}: {size} bytes in {seconds} s",
+                           path=path, peer=self.session.peer_id[:8], size=result.size,
+                           seconds="%.2f" % (self.sync.clock.seconds() - started))
 
     def _refuse_signature(self, path: str, why: str) -> None:
         self._log.warn("refused the rsync signature {peer} sent for {path}: {why}",
