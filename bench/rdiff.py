@@ -41,7 +41,7 @@ def parse_size(text: str) -> int:
 
 def one_round(old: Path, new: Path, out: Path, block: int) -> tuple[int, int, float, float, float]:
     """(signature bytes, delta bytes, seconds to sign, to delta, to patch)."""
-    sig_path, delta_path = out.with_suffix(".sig"), out.with_suffix(".delta")
+    sig_path, delta_path = old.with_suffix(".sig"), old.with_suffix(".delta")
     t0 = time.perf_counter()
     fd = os.open(old, os.O_RDONLY)
     # A SignatureReader, but with the block size under test.
@@ -79,7 +79,7 @@ def one_round(old: Path, new: Path, out: Path, block: int) -> tuple[int, int, fl
 
 def memory_child(size: int, data: Path) -> None:
     """Signature, delta and patch of sparse files of ``size`` bytes; prints peak RSS."""
-    old, new, out = data / "old", data / "new", data / "out"
+    old, new, out = data / "old", data / "new", Path(os.devnull)  # the result is not kept
     for p in (old, new):
         with open(p, "wb") as f:
             f.truncate(size)
@@ -91,7 +91,7 @@ def memory_child(size: int, data: Path) -> None:
     print("size %.1f GiB: signature %d B, delta %d B, %.1f s, peak RSS %d MiB"
           % (size / 1024 ** 3, signature, delta, time.perf_counter() - start,
              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
-    for p in (old, new, out):
+    for p in (old, new):
         p.unlink()
 
 
