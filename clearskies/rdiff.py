@@ -52,8 +52,14 @@ SIGNATURE_MAGICS = {
 }
 """Signature formats librsync reads, by their first four bytes (big-endian)."""
 
-OUR_SIGNATURE_MAGIC = 0x72730147
-"""The signatures we make: Rabin-Karp rolling sums and BLAKE2 strong sums (rdiff's default)."""
+OUR_SIGNATURE_MAGIC = 0x72730146
+"""The signatures we make: Rabin-Karp rolling sums and MD4 strong sums.
+
+Measured (bench/rdiff.py), signing and making deltas with MD4 takes about
+two thirds of the time BLAKE2 (rdiff's default) takes.  MD4's weakness
+(collisions can be made) does not matter here: every result is checked
+against its SHA-256 before it is installed, and a sender able to craft
+collisions chooses the file's content anyway."""
 
 MIN_BLOCK = 2 * 1024
 """Smallest block we sign with: below it a signature costs more than it saves."""
