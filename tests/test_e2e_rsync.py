@@ -55,13 +55,26 @@ def test_an_edit_in_the_middle_travels_as_a_delta(daemon_factory) -> None:  # no
     _edit_middle(alice, a / "big.bin", rng)
     wait_same_trees(alice.shares, bob.shares, timeout=60)
     got = _received(bob) - before
-    print("delta bytes received", got)
     assert MiB <= got < 1.3 * MiB, got
     # And back the other way: bob edits, alice gets a delta too.
     before = _received(alice)
     _edit_middle(bob, b / "big.bin", rng)
     wait_same_trees(alice.shares, bob.shares, timeout=60)
     assert MiB <= _received(alice) - before < 1.3 * MiB
+
+
+@pytest.mark.skipif(not rdiff.AVAILABLE, reason="librsync is not installed")
+def test_a_rename_then_an_edit_is_still_a_delta(daemon_factory) -> None:  # noqa: F811
+    """big.bin renamed (carried out as a rename), then edited: the edit still travels as a delta."""
+    rng = random.Random(1705)
+    alice, bob, a, b = _pair(daemon_factory, rng.randbytes(8 * MiB))
+    (a / "big.bin").rename(a / "moved.bin")
+    alice.cli("scan", str(a))
+    wait_same_trees(alice.shares, bob.shares, timeout=60)
+    before = _received(bob)
+    _edit_middle(alice, a / "moved.bin", rng)
+    wait_same_trees(alice.shares, bob.shares, timeout=60)
+    assert MiB <= _received(bob) - before < 1.3 * MiB
 
 
 def test_a_peer_without_librsync_still_syncs_whole_files(daemon_factory) -> None:  # noqa: F811
