@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 RS_DONE = 0
@@ -207,12 +208,18 @@ class _Job:
         self._job: int | None = job
         self._what = what
         self._out = ctypes.create_string_buffer(PIECE)
+        self._view = memoryview(self._out).cast("B")
         self._buffers = _Buffers()
         self._in: Any = None  # keeps the input bytes alive while librsync reads them
         self.done = False
 
-    def _iterate(self, data: bytes, eof: bool, out_room: int) -> tuple[bytes, int]:
-        """One rs_job_iter call: input ``data``; returns (output, input bytes consumed)."""
+    def _iterate(self, data: bytes, eof: bool, out_room: int,
+                 copy_out: bool = True) -> tuple[Any, int]:
+        """One rs_job_iter call: input ``data``; returns (output, input bytes consumed).
+
+        Without ``copy_out`` the output is a view of the job's buffer, valid
+        until the next call.
+        """
         if self._job is None:
             raise RdiffError("the %s job is closed" % self._what)
         self._in = data  # librsync reads it in place: keep it alive during the call
@@ -232,7 +239,11 @@ class _Job:
             self.done = True
         elif result != RS_BLOCKED:
             raise RdiffError("%s failed: %s" % (self._what, _why(result)))
-        return ctypes.string_at(out_at, produced) if produced else b"", consumed
+        if not produced:
+            return b"", consumed
+        if not copy_out:
+            return self._view[:produced], consumed
+        return ctypes.string_at(out_at, produced), consumed
 
     def close(self) -> None:
         """Free the job (idempotent)."""
@@ -383,16 +394,92 @@ class SignatureLoader(_Job):
         return signature
 
 
-class DeltaReader(_Reader):
-    """The delta turning a peer's old file (its ``signature``) into ours (``fd``, owned)."""
+DELTA_SEGMENT = 128 * 1024 * 1024
+"""The new file is delta'd in segments of about this size (a whole number of
+blocks), each by its own librsync job, their commands joined into one delta.
+librsync holds back a run of matching blocks until the run ends, so without
+segments the receiver of a file changed in one place could patch only once
+the sender had read to the end; with them it patches one segment while the
+next is being made.  A block-aligned segment loses nothing; content shifted
+by an insertion costs at most one block of literal bytes per segment."""
 
-    def __init__(self, fd: int, signature: Signature) -> None:
+
+class DeltaReader:
+    """The delta turning a peer's old file (its ``signature``) into ours (``fd``, owned).
+
+    ``read(n)`` as a file's: the delta a piece at a time, b"" at its end.
+    """
+
+    def __init__(self, fd: int, signature: Signature, segment: int = DELTA_SEGMENT) -> None:
         self.signature = signature  # freed with the reader, not before
-        super().__init__(_require().rs_delta_begin(signature.handle), "delta", fd)
+        self._fd = fd
+        self._segment = max(1, segment // signature.block) * signature.block
+        self._first = True
+        self._tail = b""  # the last byte out so far: the END command if the segment ended
+        self._file_eof = False
+        self.done = False
+        self._job: _Job | None = None
+        self._start_segment()
+
+    def _start_segment(self) -> None:
+        self._job = _Job(_require().rs_delta_begin(self.signature.handle), "delta")
+        self._left = self._segment
+        self._skip = 0 if self._first else 4  # a later segment's magic goes
+        self._pending = b""
+        self._segment_eof = False
+
+    def read(self, n: int = PIECE) -> bytes:
+        """Up to ``n`` bytes of the delta (fewer only at the end); b"" once it is all out."""
+        pieces: list[bytes] = []
+        wanted = n
+        while wanted > 0 and not self.done:
+            job = self._job
+            assert job is not None
+            if not self._pending and not self._segment_eof:
+                self._pending = os.read(self._fd, min(PIECE, self._left))
+                self._left -= len(self._pending)
+                self._file_eof = not self._pending
+                self._segment_eof = self._file_eof or not self._left
+            out, used = job._iterate(self._pending, self._segment_eof, min(wanted, PIECE))
+            self._pending = self._pending[used:]
+            if self._skip and out:
+                cut = min(self._skip, len(out))
+                out, self._skip = out[cut:], self._skip - cut
+            if out:
+                out = self._tail + out
+                self._tail = out[-1:]
+                pieces.append(out[:-1])
+                wanted -= len(out) - 1
+            if job.done:
+                job.close()
+                if self._file_eof:
+                    pieces.append(self._tail)  # the END of the last segment ends the delta
+                    self.done = True
+                else:
+                    if self._tail != b"\0":
+                        raise RdiffError("a delta segment did not end with END")
+                    self._tail = b""
+                    self._first = False
+                    self._start_segment()
+            elif self._segment_eof and not out and not used:
+                raise RdiffError("delta stopped before its end")
+        return b"".join(pieces)
 
     def close(self) -> None:
-        super().close()
+        """Free the job, the file and the signature (idempotent)."""
+        if self._job is not None:
+            self._job.close()
+            self._job = None
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
         self.signature.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class Patcher(_Job):
@@ -406,7 +493,10 @@ class Patcher(_Job):
     end.  Descriptors stay the caller's.
     """
 
-    def __init__(self, old_fd: int, out_fd: int, limit: int) -> None:
+    def __init__(self, old_fd: int, out_fd: int, limit: int,
+                 wrote: Callable[[int], None] | None = None) -> None:
+        """``wrote(total)`` is called after each write with the bytes written so far."""
+        self._wrote = wrote
         self._old_fd = old_fd
         self._out_fd = out_fd
         self.limit = limit
@@ -424,11 +514,15 @@ class Patcher(_Job):
             self._trouble.append("the delta copies bytes %d..%d of an old file of %d bytes"
                                  % (pos, pos + length, self.old_size))
             return RS_CORRUPT
-        data = os.pread(self._old_fd, length, pos)
-        if len(data) != length:
-            self._trouble.append("the old file shrank while patching")
-            return RS_CORRUPT
-        ctypes.memmove(buf_p[0], data, length)
+        # Read straight into librsync's output buffer: no copy in between.
+        target = memoryview((ctypes.c_char * length).from_address(buf_p[0])).cast("B")
+        done = 0
+        while done < length:
+            got = os.preadv(self._old_fd, [target[done:]], pos + done)
+            if not got:
+                self._trouble.append("the old file shrank while patching")
+                return RS_CORRUPT
+            done += got
         return RS_DONE
 
     def feed(self, data: bytes, eof: bool = False) -> None:
@@ -442,7 +536,7 @@ class Patcher(_Job):
                 raise RdiffError("not an rdiff delta")
         while not self.done:
             try:
-                out, used = self._iterate(data, eof, PIECE)
+                out, used = self._iterate(data, eof, PIECE, copy_out=False)
             except RdiffError as e:
                 raise RdiffError(self._trouble[0] if self._trouble else
                                  "truncated delta" if eof else str(e)) from None
@@ -452,9 +546,11 @@ class Patcher(_Job):
                 if self.written > self.limit:
                     raise RdiffError("the delta makes more than %d bytes" % self.limit)
                 self.hasher.update(out)
-                view = memoryview(out)
+                view = out
                 while view:
                     view = view[os.write(self._out_fd, view):]
+                if self._wrote is not None:
+                    self._wrote(self.written)
             elif not used:
                 if eof:
                     raise RdiffError("truncated delta")
@@ -489,5 +585,5 @@ __all__ = [
     "LIBRARY_VARIABLE", "AVAILABLE", "DELTA_MAGIC", "SIGNATURE_MAGICS", "OUR_SIGNATURE_MAGIC", "MIN_BLOCK",
     "MAX_BLOCK", "MIN_PEER_BLOCK", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
     "RdiffError", "block_size", "strong_length", "signature_size", "SignatureReader", "SignatureLoader",
-    "Signature", "DeltaReader", "Patcher", "patch_file",
+    "Signature", "DELTA_SEGMENT", "DeltaReader", "Patcher", "patch_file",
 ]

@@ -55,8 +55,8 @@ def load(signature: bytes, piece: int = 4099) -> rdiff.Signature:
     return loader.finish()
 
 
-def delta_of(signature: bytes, new: Path) -> bytes:
-    return _drain(rdiff.DeltaReader(os.open(new, os.O_RDONLY), load(signature)))
+def delta_of(signature: bytes, new: Path, segment: int = rdiff.DELTA_SEGMENT) -> bytes:
+    return _drain(rdiff.DeltaReader(os.open(new, os.O_RDONLY), load(signature), segment))
 
 
 def patch(old: Path, delta: bytes, out: Path, limit: int) -> tuple[str, int]:
@@ -83,6 +83,29 @@ def test_round_trip(files: tuple[Path, Path], tmp_path: Path) -> None:
     assert (tmp_path / "out").read_bytes() == new.read_bytes()
     assert digest == hashlib.sha256(new.read_bytes()).hexdigest()
     assert size == new.stat().st_size
+
+
+@pytest.mark.parametrize("shift", [0, 1000])
+def test_a_delta_made_in_segments_is_one_valid_delta(files: tuple[Path, Path], tmp_path: Path,
+                                                     shift: int) -> None:
+    """Segments of 8 blocks join into one delta that we and rdiff apply, costing little."""
+    old, new = files
+    if shift:  # bytes inserted at the start: every block boundary moves
+        new.write_bytes(b"x" * shift + new.read_bytes())
+    signature = signature_of(old)
+    whole = delta_of(signature, new)
+    block = rdiff.block_size(old.stat().st_size)
+    pieces = delta_of(signature, new, segment=8 * block)
+    segments = -(-new.stat().st_size // (8 * block))
+    # Aligned: one more COPY command (a few bytes) per segment; shifted: up to a block each.
+    assert len(pieces) <= len(whole) + segments * (block if shift else 16)
+    patch(old, pieces, tmp_path / "out", new.stat().st_size)
+    assert (tmp_path / "out").read_bytes() == new.read_bytes()
+    if shutil.which("rdiff"):
+        (tmp_path / "d").write_bytes(pieces)
+        subprocess.run(["rdiff", "patch", str(old), str(tmp_path / "d"), str(tmp_path / "r")],
+                       check=True)
+        assert (tmp_path / "r").read_bytes() == new.read_bytes()
 
 
 def test_empty_files(tmp_path: Path) -> None:
