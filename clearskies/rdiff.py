@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -261,9 +262,12 @@ class _Job:
 class _Reader(_Job):
     """A job reading a file descriptor and handing out its output as ``read(n)``."""
 
-    def __init__(self, job: int | None, what: str, fd: int) -> None:
+    def __init__(self, job: int | None, what: str, fd: int, start: int = 0,
+                 end: int | None = None) -> None:
         super().__init__(job, what)
         self._fd = fd
+        self._position = start
+        self._end = end  # None: to the end of the file
         self._pending = b""  # read from the file, not yet taken by librsync
         self._eof = False
 
@@ -273,7 +277,9 @@ class _Reader(_Job):
         wanted = n
         while wanted > 0 and not self.done:
             if not self._pending and not self._eof:
-                self._pending = os.read(self._fd, PIECE)
+                room = PIECE if self._end is None else min(PIECE, self._end - self._position)
+                self._pending = os.pread(self._fd, room, self._position) if room > 0 else b""
+                self._position += len(self._pending)
                 self._eof = not self._pending
             out, used = self._iterate(self._pending, self._eof, wanted)
             self._pending = self._pending[used:]
@@ -292,13 +298,91 @@ class _Reader(_Job):
 
 
 class SignatureReader(_Reader):
-    """The signature of an open file (descriptor ``fd``, owned from now on)."""
+    """The signature of an open file (descriptor ``fd``, owned from now on).
 
-    def __init__(self, fd: int, size: int) -> None:
+    With ``start``/``end`` (multiples of the block length), the signature
+    entries of those bytes only, without the header when ``start`` > 0:
+    pieces made so can be joined, in order, into the whole file's signature.
+    """
+
+    def __init__(self, fd: int, size: int, start: int = 0, end: int | None = None) -> None:
         self.block = block_size(size)
         self.strong = strong_length(size, self.block)
         super().__init__(_require().rs_sig_begin(self.block, self.strong, OUR_SIGNATURE_MAGIC),
-                         "signature", fd)
+                         "signature", fd, start, end)
+        self._skip = SIGNATURE_HEADER if start else 0
+
+    def read(self, n: int = PIECE) -> bytes:
+        out = super().read(n + self._skip)
+        if self._skip:
+            out, self._skip = out[self._skip:], 0
+        return out
+
+
+SPLIT_SIGNATURE = 64 * 1024 * 1024
+"""Files from this size are signed in two halves at once (two worker threads)."""
+
+
+class SplitSignatureReader:
+    """The signature of a big file made in two halves at once.
+
+    :meth:`read` hands out the first half's signature as it is made; the
+    second half's is made meanwhile by :meth:`make_second`, called from a
+    second worker thread, and held (half a signature, at most a few MiB)
+    until the first is out.  If no other thread has started it by then,
+    :meth:`read` makes it itself: nothing ever waits on a job not running.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        block = block_size(size)
+        middle = (-(-size // block) // 2) * block
+        self.block = block
+        self.first = SignatureReader(fd, size, 0, middle)
+        self.second = SignatureReader(os.dup(fd), size, middle, size)
+        self._lock = threading.Lock()
+        self._started = False
+        self._made = threading.Event()
+        self._second: bytes = b""
+        self._error: BaseException | None = None
+        self._position = 0
+
+    def make_second(self) -> None:
+        """Make the second half's signature (worker thread); at most once."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        try:
+            pieces = []
+            while data := self.second.read(PIECE):
+                pieces.append(data)
+            self._second = b"".join(pieces)
+        except BaseException as e:
+            self._error = e
+        finally:
+            self.second.close()
+            self._made.set()
+
+    def read(self, n: int = PIECE) -> bytes:
+        if not self.first.done:
+            out = self.first.read(n)
+            if out:
+                return out
+        self.make_second()
+        self._made.wait()
+        if self._error is not None:
+            raise RdiffError("signing the second half failed: %s" % self._error)
+        out = self._second[self._position:self._position + n]
+        self._position += len(out)
+        return out
+
+    def close(self) -> None:
+        self.first.close()
+        with self._lock:
+            if not self._started:  # nobody will make it now
+                self._started = True
+                self.second.close()
+                self._made.set()
 
 
 class Signature:
@@ -584,6 +668,7 @@ def patch_file(old_fd: int, delta_fd: int, out_fd: int, limit: int) -> tuple[Any
 __all__ = [
     "LIBRARY_VARIABLE", "AVAILABLE", "DELTA_MAGIC", "SIGNATURE_MAGICS", "OUR_SIGNATURE_MAGIC", "MIN_BLOCK",
     "MAX_BLOCK", "MIN_PEER_BLOCK", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
-    "RdiffError", "block_size", "strong_length", "signature_size", "SignatureReader", "SignatureLoader",
+    "RdiffError", "block_size", "strong_length", "signature_size", "SignatureReader",
+    "SPLIT_SIGNATURE", "SplitSignatureReader", "SignatureLoader",
     "Signature", "DELTA_SEGMENT", "DeltaReader", "Patcher", "patch_file",
 ]

@@ -35,7 +35,8 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "old", tmp_path / "new"
 
 
-def _drain(reader: rdiff.SignatureReader | rdiff.DeltaReader, piece: int = 100_000) -> bytes:
+def _drain(reader: rdiff.SignatureReader | rdiff.SplitSignatureReader | rdiff.DeltaReader,
+           piece: int = 100_000) -> bytes:
     out = []
     while data := reader.read(piece):
         out.append(data)
@@ -106,6 +107,28 @@ def test_a_delta_made_in_segments_is_one_valid_delta(files: tuple[Path, Path], t
         subprocess.run(["rdiff", "patch", str(old), str(tmp_path / "d"), str(tmp_path / "r")],
                        check=True)
         assert (tmp_path / "r").read_bytes() == new.read_bytes()
+
+
+@pytest.mark.parametrize("second_first", [True, False])
+def test_a_signature_made_in_two_halves_is_the_same_signature(files: tuple[Path, Path],
+                                                              second_first: bool) -> None:
+    """Both halves joined equal the whole file's signature, whichever thread makes the second."""
+    old = files[0]
+    fd = os.open(old, os.O_RDONLY)
+    reader = rdiff.SplitSignatureReader(fd, os.fstat(fd).st_size)
+    if second_first:
+        reader.make_second()
+    assert _drain(reader, piece=10_000) == signature_of(old)
+
+
+def test_a_split_signature_closed_early_frees_both_halves(files: tuple[Path, Path]) -> None:
+    """Closed before the second half was made: it is never made, nothing waits."""
+    reader = rdiff.SplitSignatureReader(os.open(files[0], os.O_RDONLY),
+                                        files[0].stat().st_size)
+    reader.read(100)
+    reader.close()
+    reader.make_second()
+    assert reader.second._fd == -1 and reader.first._fd == -1
 
 
 def test_empty_files(tmp_path: Path) -> None:

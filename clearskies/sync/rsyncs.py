@@ -144,10 +144,12 @@ class RsyncExchange:
         self._asked_at[remote_path] = self.sync.clock.seconds()
         d = self.share.files_runner.run(open_signature, receiver.local_path, MIN_RSYNC_SIZE)
 
-        def opened(reader: rdiff.SignatureReader) -> None:
+        def opened(reader: rdiff.SignatureReader | rdiff.SplitSignatureReader) -> None:
             if not self.session.alive or self.waiting.get(remote_path) is not receiver:
                 self.share.files_runner.run(reader.close)
                 return
+            if isinstance(reader, rdiff.SplitSignatureReader):
+                self.share.files_runner.run(reader.make_second)  # beside the first half
             try:
                 self.sends.send_stream(remote_path,
                                        {"type": "rsync.signature", "path": remote_path},

@@ -77,17 +77,23 @@ def _open_regular(local_path: Path) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def open_signature(local_path: Path, min_size: int) -> rdiff.SignatureReader:
+def open_signature(local_path: Path, min_size: int
+                   ) -> rdiff.SignatureReader | rdiff.SplitSignatureReader:
     """The signature of our old copy at ``local_path``, to be read a piece at a time (worker).
 
-    OSError when there is no usable old copy: missing, not a regular file,
-    under ``min_size`` or over :data:`clearskies.rdiff.MAX_OLD_SIZE` bytes.
+    From :data:`clearskies.rdiff.SPLIT_SIGNATURE` bytes on, a
+    :class:`~clearskies.rdiff.SplitSignatureReader`: the caller should run
+    its ``make_second`` in another worker.  OSError when there is no
+    usable old copy: missing, not a regular file, under ``min_size`` or
+    over :data:`clearskies.rdiff.MAX_OLD_SIZE` bytes.
     """
     fd, size = _open_regular(local_path)
     if not min_size <= size <= rdiff.MAX_OLD_SIZE:
         os.close(fd)
         raise OSError(errno.EFBIG if size > rdiff.MAX_OLD_SIZE else errno.ENODATA,
                       "no old copy worth a delta")
+    if size >= rdiff.SPLIT_SIGNATURE:
+        return rdiff.SplitSignatureReader(fd, size)
     return rdiff.SignatureReader(fd, size)
 
 
