@@ -516,6 +516,7 @@ def run_big(run_dir: Path, scale: float, only: set[str], make_pair: Callable[...
             pair.settle()
             assert pair.sampler is not None
             change = os.urandom(MiB)
+            before = pair.status(pair.bob, pair.b) if pair.kind.startswith("clearskies") else {}
             with pair.phase("W3 change") as phase:
                 with open(pair.a / "big.bin", "r+b") as f:
                     f.seek(size // 2 - MiB // 2)
@@ -530,8 +531,16 @@ def run_big(run_dir: Path, scale: float, only: set[str], make_pair: Callable[...
                         return False
                 wait_for(arrived, "W3")
             pair.verify()
-            rows.append(phase.row(MiB, "whole file re-sent (no delta)"
-                                  if pair.kind.startswith("clearskies") else ""))
+            if pair.kind.startswith("clearskies"):
+                after = pair.status(pair.bob, pair.b)
+                # Payload bytes both ways (content or delta in, rsync signature out).
+                moved = {k: after.get(k, 0) - before.get(k, 0)
+                         for k in ("bytes_received", "bytes_sent")}
+                note = "payload %.2f MB in + %.2f MB out (file %.0f MB)" % (
+                    moved["bytes_received"] / 1e6, moved["bytes_sent"] / 1e6, size / 1e6)
+            else:
+                note = ""
+            rows.append(phase.row(MiB, note))
     finally:
         pair.stop()
     return rows

@@ -282,6 +282,9 @@ class DaemonCommands(VersionCommands, CommandDispatcher):
             "peers_known": len(runtime.peers),
             "items_to_download": sync.items_to_download,
             "bytes_to_download": sync.bytes_to_download,
+            # Payload bytes (content, rsync signatures and deltas) since the daemon started.
+            "bytes_sent": sync.bytes_sent,
+            "bytes_received": sync.bytes_received,
             "last_sync": runtime.last_sync,
             "in_sync": sync.in_sync and state not in ("scanning", "starting", "error")
             and not unscanned

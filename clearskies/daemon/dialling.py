@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from zope.interface import implementer
 
+from clearskies import rdiff
 from clearskies.addresses import Address, parse_user_address
 from clearskies.compression import CODECS
 from clearskies.daemon.codes import AccessCodes
@@ -29,6 +30,7 @@ from clearskies.handshake import ConnectTarget, KeyRing
 from clearskies.interfaces import IAttachDialler, IDiscoverySource, IPeerTransport
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync import SyncSession
+from clearskies.sync.rsyncs import FEATURE as RSYNC
 
 if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
@@ -38,8 +40,10 @@ COMPRESSION: tuple[str, ...] = () if os.environ.get("CLEARSKIES_NO_COMPRESSION")
 ``CLEARSKIES_NO_COMPRESSION=1`` in the environment (for measurements)."""
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches", "code_spread") + COMPRESSION
-"""Feature strings we offer in the handshake (protocol/handshake.md)."""
+            "revision_batches", "code_spread") + COMPRESSION + (
+    (RSYNC,) if rdiff.AVAILABLE else ())
+"""Feature strings we offer in the handshake (protocol/handshake.md); ``rsync`` only
+when librsync is installed (protocol/rsync.md)."""
 
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
 

@@ -35,6 +35,7 @@ from clearskies.sync.engine import ShareSync
 from clearskies.sync.gate import ReadOnlyGate
 from clearskies.sync.limits import TRACE
 from clearskies.sync.metadata import MetadataExchange
+from clearskies.sync.rsyncs import DeltaIntake, PayloadIntake, RsyncExchange
 from clearskies.sync.uploads import Uploads, parse_range
 from clearskies.transfer.receiver import FileReceiver
 from clearskies.transfer.sendqueue import SendQueue
@@ -50,6 +51,10 @@ def _opener_key(connection: Any, our_peer_id: str, their_peer_id: str,
     except Exception:
         port = 0
     return (our_peer_id if we_opened else their_peer_id, port)
+
+
+_PAYLOAD_TYPES = frozenset({"file_data", "rsync.signature", "rsync.patch"})
+"""Message types that carry a payload (protocol/transfer.md, protocol/rsync.md)."""
 
 
 @implementer(ISyncSession)
@@ -70,7 +75,7 @@ class SyncSession:
         self.machine = states.SessionMachine()
         self.remote_index = AnnouncedRecords(sync.share.lists, sync.share.share_id, self.peer_id)
         self.pending: dict[str, FileReceiver] = {}
-        self.receiving: FileReceiver | None = None
+        self.receiving: FileReceiver | PayloadIntake | None = None
         self.receiving_path: str | None = None  # the remote path its payload was asked for
         self.messages_sent = 0
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
@@ -93,6 +98,8 @@ class SyncSession:
         # Extension code_spread: inert until the daemon connects it to its codes.
         self.codes = CodeExchange(self.peer_id, info.features or (), info.access, sync.clock,
                                   send=self._send)
+        self.rsync = RsyncExchange(sync, self, self.sends, info.features or (), send=self._send,
+                                   get=self._get, fail=self._fail)
         metadata = self.metadata
         self._handlers: dict[str, Callable[[dict, wire.Message], None]] = {
             "get_manifest": metadata.on_get_manifest,
@@ -108,6 +115,8 @@ class SyncSession:
             "clearskies.addresses": self.addresses.on_clearskies_addresses,
             "code_spread.list": self.codes.on_message,
             "code_spread.update": self.codes.on_message,
+            "rsync.signature": self._on_rsync_payload,
+            "rsync.patch": self._on_rsync_payload,
         }
 
     # -- what the engine and the daemon see (ISyncSession) -------------------------
@@ -224,6 +233,7 @@ class SyncSession:
                     self.receiving.abort(keep_partial=True)
                 self.pending.clear()
                 self.receiving = None
+                self.rsync.stop()
             elif output == states.STOP_SENDING:
                 self.sends.stop()
                 self.codes.stop()
@@ -261,7 +271,7 @@ class SyncSession:
         if not self.machine.fire("message"):
             return  # closed: what still arrives is dropped
         handler = self._handlers.get(event.type)
-        if event.has_payload and event.type != "file_data":
+        if event.has_payload and event.type not in _PAYLOAD_TYPES:
             raise ProtocolError("unexpected payload on a %r message" % event.type)
         if handler is None or (self.gate is not None and not self.gate.admits(event)):
             return
@@ -285,10 +295,21 @@ class SyncSession:
         self.receiving = receiver
         self.receiving_path = path
 
+    def _on_rsync_payload(self, body: dict, event: wire.Message) -> None:
+        """``rsync.signature`` or ``rsync.patch`` (protocol/rsync.md): take in its payload."""
+        if event.type == "rsync.signature":
+            intake: PayloadIntake = self.rsync.on_signature(body, event)
+        else:
+            intake = self.rsync.on_patch(body, event)
+        self.machine.fire("file_data")  # BEGIN_PAYLOAD
+        self.receiving = intake
+        self.receiving_path = None
+
     def _on_get_error(self, body: dict, event: wire.Message) -> None:
         path = validate_wire_path(body.get("path"))
         receiver = self.pending.pop(path, None)
         if receiver is None:
+            self.rsync.on_get_error(path, str(body.get("message", "")))
             return
         receiver.abort(keep_partial=True)
         self._log.info("{peer} cannot send {path}: {message}", peer=self.peer_id, path=path,
@@ -301,12 +322,18 @@ class SyncSession:
         return self.alive and self.sync.requests_of(self) < self.window
 
     def request(self, receiver: FileReceiver, remote_path: str) -> None:
-        record = receiver.expected
-        if remote_path in self.pending:
+        if remote_path in self.pending or remote_path in self.rsync.waiting:
             # Already asking this peer for that path (for another target): later.
             receiver.abort(keep_partial=True)
-            self.sync.request_withdrawn(self, record.path)
+            self.sync.request_withdrawn(self, receiver.expected.path)
             return
+        if self.rsync.wants(receiver):
+            self.rsync.ask(receiver, remote_path)  # falls back to _get without an old copy
+            return
+        self._get(receiver, remote_path)
+
+    def _get(self, receiver: FileReceiver, remote_path: str) -> None:
+        record = receiver.expected
         self.pending[remote_path] = receiver
         message: dict[str, Any] = {"type": "get", "path": remote_path}
         if receiver.offset:
@@ -316,7 +343,13 @@ class SyncSession:
                             peer=self.peer_id[:8], path=remote_path, offset=receiver.offset)
         self._send(message)
 
-    def _finish(self, receiver: FileReceiver) -> None:
+    def _finish(self, receiver: FileReceiver | PayloadIntake) -> None:
+        if not isinstance(receiver, FileReceiver):
+            if isinstance(receiver, DeltaIntake):
+                self.rsync.delta_ended(receiver)
+            else:
+                self.rsync.signature_ended(receiver)
+            return
         d = self.sync.payload_received(self, receiver, asked=self.receiving_path)
         d.addErrback(self._log_failure, "finishing " + receiver.expected.path)
 

@@ -279,14 +279,25 @@ class FileReceiver:
         Replaces whatever was received so far; :meth:`finish` still verifies
         it, so a source that changed meanwhile ends as CORRUPT.
         """
+        return self.fill_with(jobs.copy_into, Path(source), self.temp_path, self.expected.size)
+
+    def fill_with(self, job: Callable[..., tuple[Any, int, int]], *args: Any) -> Deferred[None]:
+        """Fill the temporary file whole by ``job(*args)`` in a worker thread.
+
+        The job writes :attr:`temp_path` and returns (SHA-256 hasher of its
+        content, byte count, open read-write descriptor), as
+        :func:`~clearskies.transfer.jobs.copy_into` does; :meth:`finish`
+        then verifies and installs it like a download.  If the job fails the
+        download is back where it started (nothing received), so it may
+        still be asked of a peer.
+        """
         if self.machine.state not in (NEW, WRITING):
             raise IllegalTransition("copy into a download that is %s" % self.machine.state)
         closed = self._close_fd()
         self._buffer = None
         self._prepare_directory()
         self.machine.fire("copy")
-        d = closed.addCallback(lambda _: self._runner.run(
-            jobs.copy_into, Path(source), self.temp_path, self.expected.size))
+        d = closed.addCallback(lambda _: self._runner.run(job, *args))
 
         def copied(result: tuple[Any, int, int]) -> None:
             self._hasher, self._received, self._fd = result

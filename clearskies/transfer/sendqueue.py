@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
@@ -30,6 +31,7 @@ from clearskies.ratelimit import RateLimiter
 from clearskies.threads import Runner
 from clearskies.transfer.refusals import describe_os_error, get_error_message
 from clearskies.transfer.sender import FileSender, OpenedFile, open_to_send
+from clearskies.transfer.deltas import StreamSender
 
 
 MAX_QUEUED_FILES = 64
@@ -53,6 +55,19 @@ def _open_many_to_send(jobs: list[tuple[Path, int | None, tuple[int, int] | None
         except OSError as e:
             out.append(e)
     return out
+
+
+def _open_stream(open_stream: Callable[[], Any]) -> list[Any]:
+    """Open a stream's reader (worker thread); an OSError takes its place."""
+    try:
+        return [open_stream()]
+    except OSError as e:
+        return [e]
+
+
+def _close_quietly(opened: Any) -> None:
+    """Close an opened file or stream reader that will not be sent."""
+    (opened.file if isinstance(opened, OpenedFile) else opened).close()
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,10 @@ class _FileRequest:
     request_range: tuple[int, int] | None
     on_sent: Callable[[int], None] | None
     done: Deferred[SendResult]
+    #: A payload made while it is sent (protocol/rsync.md): its first line, and
+    #: what opens its reader in a worker thread when its turn comes.
+    header: dict | None = None
+    open_stream: Callable[[], Any] | None = None
 
 
 class SendQueue:
@@ -233,6 +252,24 @@ class SendQueue:
         self._pump()
         return request.done
 
+    def send_stream(self, path: str, header: dict, open_stream: Callable[[], Any], *,
+                    on_sent: Callable[[int], None] | None = None) -> Deferred[SendResult]:
+        """Queue a payload made as it is sent: ``!header``, then what its reader hands out.
+
+        ``open_stream()`` runs in a worker thread when its turn comes and
+        returns a reader (``read(n)``, ``close()``, both safe in a worker);
+        an OSError from it is answered with ``get_error`` for ``path``, as a
+        file that cannot be opened is.  It waits in line with the files.
+        """
+        if self._stopped:
+            return succeed(SendResult(path, False, error="connection closed"))
+        if self.waiting_files >= self._max_files:
+            raise ProtocolError("more than %d file requests pending" % self._max_files)
+        request = _FileRequest(path, Path(), None, None, on_sent, Deferred(), header, open_stream)
+        self._files.append(request)
+        self._pump()
+        return request.done
+
     def stop(self) -> None:
         """The connection is gone: stop reading, drop what waits, report unsent files."""
         if self._stopped:
@@ -245,8 +282,8 @@ class SendQueue:
         self._message_bytes = 0
         prepared, self._prepared = self._prepared, deque()
         for request, opened in prepared:
-            if isinstance(opened, OpenedFile):
-                opened.file.close()
+            if not isinstance(opened, OSError):
+                _close_quietly(opened)
             request.done.callback(SendResult(request.path, False, error="connection closed"))
         files, self._files = self._files, deque()
         for request in files:
@@ -280,6 +317,10 @@ class SendQueue:
         (small files are read whole, so their content waits in memory).
         """
         batch = [self._files.popleft()]
+        if batch[0].open_stream is not None:
+            self._opening = batch
+            self._runner.run(_open_stream, batch[0].open_stream).addBoth(self._opened)
+            return
         size = 0
         while (self._files and len(batch) < PREPARE_FILES
                and self._small(self._files[0]) and self._small(batch[-1])
@@ -291,7 +332,7 @@ class SendQueue:
         self._runner.run(_open_many_to_send, jobs, self._chunk_size).addBoth(self._opened)
 
     def _small(self, request: _FileRequest) -> bool:
-        return (request.request_range is None and request.expected_size is not None
+        return (request.open_stream is None and request.request_range is None and request.expected_size is not None
                 and request.expected_size <= self._chunk_size)
 
     def _opened(self, results: list[OpenedFile | OSError] | Failure) -> None:
@@ -301,8 +342,8 @@ class SendQueue:
             results = [OSError(errno.EIO, "the file could not be read")] * len(batch)
         if self._stopped:
             for request, opened in zip(batch, results):
-                if isinstance(opened, OpenedFile):
-                    opened.file.close()
+                if not isinstance(opened, OSError):
+                    _close_quietly(opened)
                 request.done.callback(SendResult(request.path, False, error="connection closed"))
             return
         self._prepared.extend(zip(batch, results))
@@ -315,8 +356,17 @@ class SendQueue:
         self._consumer.write(wire.encode(get_error_message(request.path, reason)))
         request.done.callback(SendResult(request.path, False, error=reason))
 
-    def _start(self, request: _FileRequest, opened: OpenedFile) -> None:
+    def _start(self, request: _FileRequest, opened: Any) -> None:
         self._drop_pacer()  # the file's sender registers itself; paced senders wait for it
+        if request.header is not None:
+            sender: FileSender = StreamSender(
+                self._clock, request.header, opened, chunk_size=self._chunk_size,
+                on_sent=request.on_sent, limiter=self._limiter, runner=self._runner)
+            self._current = sender
+            sender.begin(self._consumer).addCallbacks(
+                self._file_sent, self._file_stopped,
+                callbackArgs=(request, sender), errbackArgs=(request, sender))
+            return
         sender = FileSender(
             self._clock, request.path, opened.file, opened.start, opened.length,
             include_range=request.request_range is not None, chunk_size=self._chunk_size,
