@@ -44,9 +44,6 @@ from clearskies.interfaces import IRunner
 
 T = TypeVar("T")
 
-#: The name modules took the runner seam by before it was an interface.
-Runner = IRunner
-
 #: Threads of the ``files`` pool: its jobs mostly wait in fsync and other
 #: file-system calls (on this kind of disk several fsyncs at once finish
 #: sooner than one after another, bench/README.md).

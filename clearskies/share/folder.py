@@ -25,7 +25,7 @@ from clearskies.share.database import ShareInfo, ShareStore
 from clearskies.share.ignore import MARKER_NAME, TEMP_SUFFIX
 from clearskies.share.paths import LocalPaths
 from clearskies.share.listing import check_share_root, read_marker, write_marker
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 ROOT_CHECK = 2.0
 #: ``repair`` needs this share of the recorded files in the folder, as recorded.
@@ -36,7 +36,7 @@ REPAIR_MTIME_SLACK_NS = 2_000_000_000
 _log = Logger()
 
 
-def create_share(store: ShareStore, runner: Runner, root: str, share_id: str, peer_id: str,
+def create_share(store: ShareStore, runner: IRunner, root: str, share_id: str, peer_id: str,
                  access: str, now: float) -> Deferred[ShareInfo]:
     """Register a new share at ``root`` and write its marker file.
 
@@ -47,7 +47,7 @@ def create_share(store: ShareStore, runner: Runner, root: str, share_id: str, pe
         _create_share(store, runner, root, share_id, peer_id, access, now))
 
 
-async def _create_share(store: ShareStore, runner: Runner, root: str, share_id: str,
+async def _create_share(store: ShareStore, runner: IRunner, root: str, share_id: str,
                         peer_id: str, access: str, now: float) -> ShareInfo:
     root = os.path.realpath(root)
     for other in await store.list_shares():
@@ -163,7 +163,7 @@ class RootWatch:
 
     _log = Logger()
 
-    def __init__(self, reactor: IReactorTime, runner: Runner, store: ShareStore,
+    def __init__(self, reactor: IReactorTime, runner: IRunner, store: ShareStore,
                  share: ShareInfo, paths: LocalPaths, *, interval: float = ROOT_CHECK,
                  on_missing: Callable[[Failure], Deferred[None] | None],
                  on_present: Callable[[], None]) -> None:

@@ -46,7 +46,7 @@ from clearskies.share.scanner import Move, Scanner, ScanResult
 from clearskies.share.watcher import (
     DEFAULT_MAX_DELAY, DEFAULT_QUIET, Debouncer, ExpectedArrivals, InotifyWatcher,
     full_rescan_interval)
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 #: Called with each committed batch of local changes: records, moves, the revision it made.
 ChangeListener = Callable[[list[FileRecord], list[Move], int], Any]
@@ -98,7 +98,7 @@ class ShareService(Service):
     _log = Logger()
 
     def __init__(self, reactor: IReactorTime, store: ShareStore, share: ShareInfo,
-                 runner: Runner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
+                 runner: IRunner, *, hasher: HashFile = hash_file, use_inotify: bool = True,
                  quiet: float = DEFAULT_QUIET, max_delay: float = DEFAULT_MAX_DELAY,
                  error_retry: float = ERROR_RETRY, root_check: float = ROOT_CHECK,
                  concurrency: int | None = None) -> None:

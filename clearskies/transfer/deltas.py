@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 
 from clearskies import diskjobs, rdiff
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 from clearskies.transfer.sender import FileSender
 
 UNKNOWN_LENGTH = 1 << 62
@@ -50,7 +50,7 @@ class StreamSender(FileSender):
     """
 
     def __init__(self, clock: Any, header: dict[str, Any], reader: Any, *,
-                 runner: Runner, **kwargs: Any) -> None:
+                 runner: IRunner, **kwargs: Any) -> None:
         super().__init__(clock, str(header.get("path", "")), reader, 0, UNKNOWN_LENGTH,
                          runner=runner, **kwargs)
         self._header = dict(header)
@@ -137,7 +137,7 @@ class DeltaApplier:
     ``old`` is only ever read.
     """
 
-    def __init__(self, old: Path, temp: Path, size: int, sha256: str, *, runner: Runner,
+    def __init__(self, old: Path, temp: Path, size: int, sha256: str, *, runner: IRunner,
                  producer: IPushProducer | None = None) -> None:
         self.old = old
         self.temp = temp

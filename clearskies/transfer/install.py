@@ -17,12 +17,12 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from clearskies import diskjobs
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 from clearskies.transfer.receiver import CONFLICT, OK, FileReceiver, FinishResult
 from clearskies.transfer.states import VERIFIED, IllegalTransition
 
 
-def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]],
+def finish_many(runner: IRunner, items: list[tuple[FileReceiver, bool]],
                 keep: Callable[[Path], None] | None = None
                 ) -> Deferred[list[FinishResult | Failure]]:
     """Put many sealed downloads in place with one runner call; one result per item.
@@ -39,7 +39,7 @@ def finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]],
     return Deferred.fromCoroutine(_finish_many(runner, items, keep))
 
 
-async def _finish_many(runner: Runner, items: list[tuple[FileReceiver, bool]],
+async def _finish_many(runner: IRunner, items: list[tuple[FileReceiver, bool]],
                        keep: Callable[[Path], None] | None = None
                        ) -> list[FinishResult | Failure]:
     results: list[FinishResult | Failure | None] = []

@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from clearskies import diskerrors, diskjobs
 from clearskies.backpressure import BatchWriter
 from clearskies.share.records import FileRecord
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 from clearskies.transfer import jobs
 from clearskies.transfer.modes import unwritable_mode
 from clearskies.transfer.names import temp_name
@@ -100,7 +100,7 @@ class FileReceiver:
     _log = Logger()
 
     def __init__(self, root: Path, local_path: Path, expected: FileRecord, *,
-                 runner: Runner, resume: bool = True, buffer_limit: int = 0,
+                 runner: IRunner, resume: bool = True, buffer_limit: int = 0,
                  sealer: BufferedSeals | None = None, unwritable: bool = False) -> None:
         """``unwritable``: the file is put in place without write permission
         (a read-only share's option); its record keeps the share's mode."""

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from clearskies import diskjobs
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 
 class BufferedSeals:
@@ -32,7 +32,7 @@ class BufferedSeals:
     once (``sync.MAX_FINISHING``), each at most ``SMALL_FILE`` bytes.
     """
 
-    def __init__(self, runner: Runner, *, max_batch: int = 32, max_jobs: int = 2) -> None:
+    def __init__(self, runner: IRunner, *, max_batch: int = 32, max_jobs: int = 2) -> None:
         self._runner = runner
         self.max_batch = max_batch
         self.max_jobs = max_jobs

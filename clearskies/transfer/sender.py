@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from clearskies import diskjobs, wire
 from clearskies.ratelimit import MAX_WAIT, RateLimiter
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 
 @dataclass
@@ -86,7 +86,7 @@ class FileSender:
     def __init__(self, clock: IReactorTime, path: str, file: BinaryIO, start: int, length: int,
                  *, include_range: bool = False, chunk_size: int = wire.SEND_CHUNK_SIZE,
                  on_sent: Callable[[int], None] | None = None,
-                 limiter: RateLimiter | None = None, runner: Runner,
+                 limiter: RateLimiter | None = None, runner: IRunner,
                  first: bytes = b"") -> None:
         if not 1 <= chunk_size <= wire.MAX_CHUNK_SIZE:
             raise ValueError("chunk_size must be 1 to %d" % wire.MAX_CHUNK_SIZE)
@@ -115,7 +115,7 @@ class FileSender:
              expected_size: int | None = None, request_range: tuple[int, int] | None = None,
              chunk_size: int = wire.SEND_CHUNK_SIZE,
              on_sent: Callable[[int], None] | None = None,
-             limiter: RateLimiter | None = None, runner: Runner) -> FileSender:
+             limiter: RateLimiter | None = None, runner: IRunner) -> FileSender:
         """Open ``local_path`` to answer a ``get`` for ``path``, on the calling thread.
 
         Raises OSError when it cannot be served as recorded: missing,

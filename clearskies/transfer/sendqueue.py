@@ -28,7 +28,7 @@ from zope.interface import implementer
 from clearskies import wire
 from clearskies.errors import ProtocolError
 from clearskies.ratelimit import RateLimiter
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 from clearskies.transfer.refusals import describe_os_error, get_error_message
 from clearskies.transfer.sender import FileSender, OpenedFile, open_to_send
 from clearskies.transfer.deltas import StreamSender
@@ -130,7 +130,7 @@ class SendQueue:
 
     _log = Logger()
 
-    def __init__(self, consumer: IConsumer, clock: IReactorTime, *, runner: Runner,
+    def __init__(self, consumer: IConsumer, clock: IReactorTime, *, runner: IRunner,
                  max_files: int = MAX_QUEUED_FILES,
                  max_message_bytes: int = MAX_QUEUED_MESSAGE_BYTES,
                  chunk_size: int = wire.SEND_CHUNK_SIZE,
