@@ -156,3 +156,78 @@ def test_without_a_database_everything_stays_in_memory():
     assert wanted.in_memory == 50 and wanted.limit is None
     with pytest.raises(TypeError):
         wanted.clear()
+
+
+# -- the engine with a small window ------------------------------------------------
+
+
+def _engine(tmp_path, window: int):
+    from twisted.internet.task import Clock
+
+    from clearskies.sync import ShareSync, SyncSession
+    from tests.fakes import FakeConnection, MemoryShare
+
+    root = tmp_path / "share"
+    root.mkdir()
+    share = MemoryShare(root)
+    clock = Clock()
+    sync = ShareSync(share, clock, wanted_window=window)
+    connection = FakeConnection()
+    session = SyncSession(sync, connection)
+    session.start(None)
+    connection.sent()
+    return sync, session, connection, clock
+
+
+def _gets(connection) -> list[str]:
+    from clearskies import wire
+
+    return [e.body["path"] for e in connection.sent()
+            if isinstance(e, wire.Message) and e.body["type"] == "get"]
+
+
+def test_a_peers_manifest_past_the_window_is_fetched_in_path_order(tmp_path):
+    """30 files against a window of 10: every one is asked for, each once, in order."""
+    from tests.fakes import deliver_file, file_record, message
+
+    sync, session, connection, clock = _engine(tmp_path, window=10)
+    files = {"f%02d" % n: b"content %d" % n for n in range(30)}
+    session.event_received(message({"type": "manifest", "revision": 3, "files": [
+        file_record(p, d, {"b" * 32: 1}).to_wire() for p, d in files.items()]}))
+    clock.advance(0)
+    assert len(sync.wanted) == 30 and sync.wanted.in_memory <= 10
+    asked: list[str] = []
+    for _ in range(100):
+        gets = _gets(connection)
+        if not gets:
+            break
+        asked.extend(gets)
+        for path in gets:
+            deliver_file(session, path, files[path])
+        clock.advance(0)
+    assert asked == sorted(files)
+    assert not sync.wanted and all((sync.share.root / p).read_bytes() == d
+                                   for p, d in files.items())
+
+
+def test_when_every_file_in_the_window_is_refused_later_ones_still_go(tmp_path):
+    """The peer cannot give the first files (get_error): the window looks further."""
+    from tests.fakes import deliver_file, file_record, message
+
+    sync, session, connection, clock = _engine(tmp_path, window=10)
+    files = {"f%02d" % n: b"content %d" % n for n in range(30)}
+    session.event_received(message({"type": "manifest", "revision": 3, "files": [
+        file_record(p, d, {"b" * 32: 1}).to_wire() for p, d in files.items()]}))
+    clock.advance(0)
+    first = _gets(connection)
+    assert first and first == sorted(first)
+    for path in first:
+        session.event_received(message({"type": "get_error", "path": path,
+                                        "error": "not readable here"}))
+    clock.advance(0)
+    later = _gets(connection)
+    assert later and min(later) > max(first)  # not the refused ones again
+    for path in later:
+        deliver_file(session, path, files[path])
+    assert all((sync.share.root / p).exists() for p in later)
+    assert not any((sync.share.root / p).exists() for p in first)

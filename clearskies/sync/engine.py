@@ -33,7 +33,7 @@ from clearskies.sync.limits import MAX_FINISHING, WINDOW
 from clearskies.sync.merging import RecordMerger
 from clearskies.sync.revert import ShareRevert
 from clearskies.sync.unresolved import UnresolvedRecords
-from clearskies.sync.wanted import Wanted, WantedFiles
+from clearskies.sync.wanted import MEMORY_LIMIT, Wanted, WantedFiles
 from clearskies.transfer.receiver import FileReceiver
 
 
@@ -49,13 +49,15 @@ class ShareSync:
                  advertised_addresses: Callable[[], list[str]] | None = None,
                  addresses_received: Callable[[str, list[str]], None] | None = None,
                  unwritable_files: bool = False,
-                 rng: random.Random | None = None, window: int = WINDOW) -> None:
+                 rng: random.Random | None = None, window: int = WINDOW,
+                 wanted_window: int = MEMORY_LIMIT) -> None:
         """``signing``: a read-only share's signing and relaying (None: a plain share).
         ``upload_limiter``/``download_limiter``: the daemon-wide rate limits.
         ``advertised_addresses``/``addresses_received``: extension ``addresses``,
         where we can be reached beyond what peers see themselves, and what to do
         with a peer's list (peer ID, addresses).  ``unwritable_files``: put
         downloads in place without write permission (``read_only_files``).
+        ``wanted_window``: wanted files held in memory (the rest in the database).
         """
         self.share = share
         self.clock = clock
@@ -68,7 +70,8 @@ class ShareSync:
         self.rng = rng or random.Random()
         self.window = window
         self.sessions: dict[str, ISyncSession] = {}
-        self.wanted = WantedFiles(share.lists, share.share_id, refilled=self.pump, clock=clock,
+        self.wanted = WantedFiles(share.lists, share.share_id, memory_limit=wanted_window,
+                                  refilled=self.pump, clock=clock,
                                   busy=lambda p: p in self.in_flight or p in self.finishing)
         self.in_flight: dict[str, ISyncSession] = {}
         # Payloads received and being verified/installed (path -> session): out of
