@@ -247,6 +247,24 @@ class VersionControlTests(PeerKitCase):
         self.assertEqual(stored["max_bytes"], 1000)
 
     @async_test
+    async def test_one_pair_of_share_settings_commands_reaches_every_setting(self):
+        """get_share_config lists the versions settings with the others; set_share_config sets them."""
+        await self.start_daemon()
+        path = str(self.share_dir)
+        config = (await self.ask({"type": ".clearskies.get_share_config", "path": path}))["config"]
+        self.assertEqual(config["versions"], "trash")
+        self.assertIn("watcher", config)
+        reply = await self.ask({"type": ".clearskies.set_share_config", "path": path,
+                                "key": "versions", "value": "simple"})
+        self.assertEqual(reply, {"path": path, "key": "versions", "value": "simple"})
+        config = (await self.ask({"type": ".clearskies.get_share_config", "path": path}))["config"]
+        self.assertEqual(config["versions"], "simple")
+        await self.refused({"type": ".clearskies.set_share_config", "path": path,
+                            "key": "versions", "value": "sometimes"}, "bad_request", "")
+        await self.refused({"type": ".clearskies.set_share_config", "path": path,
+                            "key": "nope", "value": 1}, "unknown_key", "versions_keep")
+
+    @async_test
     async def test_restore_over_a_folder_is_refused(self):
         """A path that became a folder is not replaced by a restore: refused, folder intact."""
         self.share_path("d").write_bytes(b"a file once")

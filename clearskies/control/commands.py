@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.protocol import CommandDispatcher, ControlError
-from clearskies.control.versions import VersionCommands
+from clearskies.control.versions import SHARE_KEYS, VersionCommands, share_settings
 from clearskies.errors import AccessCodeError, ClearSkiesError
 from clearskies.interfaces import IDaemonControl
 from clearskies.settings import (
@@ -429,16 +429,23 @@ class DaemonCommands(VersionCommands, CommandDispatcher):
         for key, default in SHARE_DEFAULTS.items():
             value = self.daemon.share_setting(runtime.share_id, key)
             config[key] = default if value is None else value
+        if getattr(runtime, "versions", None) is not None:  # kept versions' settings too
+            config.update(share_settings(runtime.versions.policy))
         return {"path": str(runtime.root), "config": config}
 
     async def cmd__clearskies_set_share_config(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
         key = _text(request, "key")
+        if key in SHARE_KEYS:  # a kept versions' setting (section 6.5)
+            reply = await self.cmd__clearskies_share_config(
+                {"path": str(runtime.root), "key": key, "value": request.get("value")})
+            return {"path": reply["path"], "key": key, "value": reply["config"][key]}
         try:
             value = check_share_setting(key, request.get("value"))
         except KeyError:
+            known = ", ".join(sorted({*SHARE_DEFAULTS, *SHARE_KEYS}))
             raise ControlError("unknown_key", "no share setting %r; share settings: %s"
-                               % (key, ", ".join(sorted(SHARE_DEFAULTS)))) from None
+                               % (key, known)) from None
         except SettingError as e:
             raise ControlError("bad_request", str(e)) from None
         await self.daemon.set_share_setting(runtime.share_id, key, value)
