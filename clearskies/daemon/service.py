@@ -38,6 +38,7 @@ from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.discovery import Discovery
+from clearskies.daemon.eventfeed import EventFeed, EventFeedService
 from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing
 from clearskies.daemon.sparekeys import SpareKeys
@@ -48,6 +49,7 @@ from clearskies.daemon.shares import Shares
 from clearskies.daemon.startup import StartupFailure, lock_data_dir, startup_reason
 from clearskies.daemon.tor import NEUTRAL_NAME, TorLink
 from clearskies.errors import ConfigurationError, ShareError
+from clearskies.events import EventBus
 from clearskies.interfaces import IDaemonControl
 from clearskies.logfile import LogFileService
 from clearskies.share.database import ShareStore
@@ -89,8 +91,12 @@ class Daemon(MultiService):
         self.access_codes.attach_dialler(self.dialling)
         self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
         self.listeners.setServiceParent(self)
-        self.control = ControlListener(reactor, self.resources.control_path, self._dispatcher())
+        # What happened, numbered, for GUIs (control socket events, HTTP API).
+        self.events = EventBus(self.resources.now)
+        self.control = ControlListener(reactor, self.resources.control_path, self._dispatcher(),
+                                       events=self.events)
         self.control.setServiceParent(self)
+        self.web = None if settings.no_web else self._web_listener()
         self.discovery = Discovery(reactor, settings, self.share_registry, self.access_codes,
                                    self.dialling, self.tor_link, lambda: self.listeners.port_number)
         # What each share's runtime sees of all this (and nothing else of the daemon).
@@ -102,6 +108,9 @@ class Daemon(MultiService):
         self._listen_kept = False  # the peer endpoint comes from the stored settings
         TimerService(RATE_INTERVAL, self.activity.sample_rates).setServiceParent(self)
         TimerService(JOIN_CHECK_INTERVAL, self.access_codes.check_joins).setServiceParent(self)
+        EventFeedService(RATE_INTERVAL, EventFeed(
+            self.events, lambda: self.share_registry.by_id.values(), lambda: self.paused,
+            self.rates)).setServiceParent(self)
 
     # -- start -----------------------------------------------------------------------
 
@@ -158,6 +167,8 @@ class Daemon(MultiService):
         self._start_tor()
         self._start_discovery()
         await self.control.listen()
+        if self.web is not None:
+            await self.web.listen()
         self.spare_keys.make()
 
     async def _settle_options(self) -> None:
@@ -197,6 +208,17 @@ class Daemon(MultiService):
         from clearskies.control.commands import DaemonCommands
         return DaemonCommands(self)
 
+    def _web_listener(self) -> Any:
+        from clearskies.web.service import WebListener
+        web = WebListener(self.reactor, self.data_dir, self._dispatcher(), self.events,
+                          self.settings.web)
+        web.setServiceParent(self)
+        return web
+
+    def web_login(self) -> dict | None:
+        """A one-time login URL for the web UI, or None when it is off."""
+        return None if self.web is None else self.web.login()
+
     # -- stop ------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
@@ -207,7 +229,9 @@ class Daemon(MultiService):
         # In order: nobody new gets in, every share stops, the database closes; then
         # the rest (the thread pools among them) stop together.
         # A step that fails is logged and the next still runs: the database must close.
-        for child in (self.control, self.listeners, self.share_registry):
+        for child in (self.control, self.web, self.listeners, self.share_registry):
+            if child is None:
+                continue
             if child.running:
                 await self._stop_step(maybeDeferred(child.stopService), child)
         store = self.resources.store
