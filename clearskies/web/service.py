@@ -24,6 +24,7 @@ from clearskies.errors import ConfigurationError
 from clearskies.events import EventBus
 from clearskies.web.api import Api, Gate, Site, login_url
 from clearskies.web.auth import Guard, Origins, new_token
+from clearskies.web.qr import qr_svg
 
 #: The API's default endpoint (the peer port + 74: 60180).
 DEFAULT_WEB = "tcp:60180:interface=127.0.0.1"
@@ -122,7 +123,7 @@ class WebListener(Service):
         tls, exposed = check_web_endpoint(description)
         key = read_or_make_key(self.data_dir)
         self.guard = Guard(key, self.reactor.seconds)
-        api = Api(self.dispatcher, self.bus, self.reactor)
+        api = Api(self.dispatcher, self.bus, self.reactor, extra={"qr": qr_svg})
         try:
             self.port = await self._listen(description, api, tls, exposed)
         except ConfigurationError:

@@ -1,0 +1,95 @@
+"""The web UI in a real headless browser (Debian's chromium driven by Playwright) against
+real daemons: log in through the printed URL, see the share, make a code and its QR code,
+watch a peer attach and the activity list move."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemons import REPO_ROOT, wait_same_trees
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = next((path for path in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                                   "/usr/bin/chromium") if path and os.path.exists(path)), None)
+#: The screenshot the README shows, taken by this test (written there only with
+#: CLEARSKIES_SCREENSHOT=1 in the environment, so a test run leaves the checkout alone).
+SCREENSHOT = REPO_ROOT / "docs" / "web-ui.png"
+
+
+@pytest.fixture
+def browser() -> Any:
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    with sync_api.sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                 args=["--no-sandbox"])
+        except Exception as e:  # a chromium that cannot start here
+            pytest.skip("chromium does not start: %s" % str(e).splitlines()[0])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_log_in_see_a_share_make_a_code_and_watch_a_peer_attach(
+        browser: Any, daemon_factory: Any, tmp_path: Path) -> None:
+    alice = daemon_factory("alice")
+    for n in range(20):
+        (alice.shares / ("photo-%02d.jpg" % n)).write_bytes(os.urandom(200_000))
+    alice.cli_json("share", str(alice.shares))
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    # Without logging in: told how, shown nothing.
+    page.goto(alice.cli_json("web")["url"].split("/login")[0] + "/")
+    page.get_by_text("Not logged in").wait_for()
+    assert str(alice.shares) not in page.content()
+    # The printed URL logs in; the share appears.
+    url = alice.cli_json("web")["url"]
+    page.goto(url)
+    assert "token" not in page.url
+    share = page.locator("#shares li", has_text=str(alice.shares))
+    share.wait_for()
+    page.get_by_text("20 files").wait_for(timeout=20_000)
+    # The login link was used up.
+    other = browser.new_page()
+    other.goto(url)
+    assert "used already" in other.content()
+    other.close()
+    # A code, as text and as a QR code.
+    share.get_by_role("button", name="Code (read and write)").click()
+    code = page.locator("#code-text")
+    code.wait_for()
+    page.locator("#code-qr").wait_for(state="visible")
+    text = code.inner_text()
+    assert text.startswith("SYNC")
+    assert page.locator("#code-qr").get_attribute("alt").endswith(text)
+    # Bob attaches with it: the peer shows up live (no reload), the files arrive.
+    bob = daemon_factory("bob")
+    target = Path(bob.shares) / "from-alice"
+    bob.cli("attach", text, str(target), "--peer", alice.address)
+    page.locator("#events li", has_text="peer connected").first.wait_for(timeout=30_000)
+    wait_same_trees(alice.shares, target, timeout=60)
+    page.locator("#shares li", has_text="peers connected").first.wait_for()
+    page.get_by_role("button", name="Peers").click()
+    page.locator(".peers li", has_text="bob").wait_for(timeout=20_000)
+    shot = SCREENSHOT if os.environ.get("CLEARSKIES_SCREENSHOT") == "1" else \
+        tmp_path / "web-ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    # Keyboard: every control can be reached with Tab and has a label.
+    for field in ("share-path", "share-mode", "attach-code", "attach-path"):
+        assert page.locator("label[for=%s]" % field).count() == 1
+    # Pause and resume from the header.
+    page.get_by_role("button", name="Pause").click()
+    page.get_by_role("button", name="Resume").wait_for()
+    assert alice.cli_json("status")["paused"] is True
+    page.get_by_role("button", name="Resume").click()
+    page.get_by_role("button", name="Pause").wait_for()
+    assert alice.cli_json("status")["paused"] is False
