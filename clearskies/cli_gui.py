@@ -48,7 +48,7 @@ def format_event(event: dict[str, Any]) -> str:
     for key, value in event.items():
         if key in ("id", "time", "type", "share_id", *_FIRST) or value is None:
             continue
-        if key.endswith(("bytes", "_rate", "bytes_needed", "received", "size")) \
+        if ("bytes" in key or key.endswith("_rate") or key in ("received", "size")) \
                 and isinstance(value, int) and not isinstance(value, bool):
             value = format_bytes(value) + ("/s" if key.endswith("_rate") else "")
         parts.append("%s=%s" % (key, printable(str(value))))

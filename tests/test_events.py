@@ -94,7 +94,7 @@ def test_the_feed_publishes_what_changed_between_looks() -> None:
     runtime = _runtime("s1", {"big": 100}, {"p1": session}, {"big": session})
     runtimes = [runtime]
     rates = [(0.0, 0.0)]
-    feed = EventFeed(bus, lambda: runtimes, lambda: False, lambda: rates[0])
+    feed = EventFeed(bus, lambda: runtimes, lambda: rates[0])
     feed.look()
     kinds = [e["type"] for e in bus.since(0)[0]]
     assert kinds == ["share_added", "share_status", "share_progress", "peer_connected",

@@ -6,10 +6,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -326,13 +328,19 @@ def test_control_socket_subscribers_get_the_same_events(web: Web) -> None:
          "events", "--json"], env=web.daemon.env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     lines = []
+    received: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [received.put(line) for line in process.stdout],
+                     daemon=True).start()
     try:
         time.sleep(1.5)
         web.daemon.cli("pause")
         web.daemon.cli("resume")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            event = json.loads(process.stdout.readline())
+            try:
+                event = json.loads(received.get(timeout=1.0))
+            except queue.Empty:
+                continue
             if event["type"] in ("paused", "resumed"):
                 lines.append(event)
             if event["type"] == "resumed":
@@ -345,6 +353,25 @@ def test_control_socket_subscribers_get_the_same_events(web: Web) -> None:
     since = lines[0]["id"] - 1
     out = web.daemon.cli("events", "--since", str(since), "--count", "1").stdout
     assert " paused" in out.splitlines()[0]
+
+
+def test_every_command_honours_json_after_it(web: Web) -> None:
+    daemon = web.daemon
+    assert daemon.cli("pause", "--json").stdout.strip() == "{}"
+    assert json.loads(daemon.cli("resume", "--json").stdout) == {}
+    shares = json.loads(daemon.cli("list", "--json").stdout)["shares"]
+    assert shares[0]["path"] == str(daemon.shares)
+    reply = json.loads(daemon.cli("config", "set", "download_limit", "1.5MiB/s",
+                                  "--json").stdout)
+    assert reply == {"key": "download_limit", "value": int(1.5 * 1024 * 1024)}
+    assert daemon.cli_json("config", "get", "download_limit")["value"] == 1572864
+    daemon.cli("config", "set", "download_limit", "0")
+    log = daemon.cli("log", "-n", "3", "--json").stdout.splitlines()
+    assert log and all("line" in json.loads(line) for line in log)
+    extra = daemon.shares.parent / "extra"
+    extra.mkdir(exist_ok=True)
+    daemon.cli_json("share", str(extra))
+    assert json.loads(daemon.cli("detach", str(extra), "--json").stdout)["path"] == str(extra)
 
 
 # -- where it listens ------------------------------------------------------------------

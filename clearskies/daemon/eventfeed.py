@@ -5,7 +5,8 @@ Two sources feed ``clearskies.events.EventBus``:
 - :class:`EventFeed` looks at the running shares every ``RATE_INTERVAL`` and
   publishes what changed since the last look: share state, peers connected
   and their progress, the files being downloaded (with bytes so far), the
-  share's remaining items and bytes, the rates, pause.  A file that starts
+  share's remaining items and bytes, the rates.  (``paused`` and ``resumed``
+  the daemon publishes itself, as they happen.)  A file that starts
   and ends between two looks shows in the share's totals only.
 - :class:`LogEvents` turns the daemon's warnings and errors, and the
   conflicts it logs, into ``warning``, ``error`` and ``conflict`` events.
@@ -53,13 +54,11 @@ class EventFeed:
     """Publishes the differences between two looks at the daemon."""
 
     def __init__(self, bus: EventBus, runtimes: Callable[[], Iterable[Any]],
-                 paused: Callable[[], bool], rates: Callable[[], tuple[float, float]]) -> None:
+                 rates: Callable[[], tuple[float, float]]) -> None:
         self.bus = bus
         self._runtimes = runtimes
-        self._paused = paused
         self._rates = rates
         self._shares: dict[str, dict[str, Any]] = {}
-        self._was_paused = False
         self._last_rates = (0, 0)
 
     def look(self) -> None:
@@ -75,10 +74,6 @@ class EventFeed:
             if share_id not in seen:
                 old = self._shares.pop(share_id)
                 self.bus.publish("share_removed", path=old["path"], share_id=share_id)
-        paused = bool(self._paused())
-        if paused != self._was_paused:
-            self._was_paused = paused
-            self.bus.publish("paused" if paused else "resumed")
         up, down = self._rates()
         rates = (int(up), int(down))
         if rates != self._last_rates:

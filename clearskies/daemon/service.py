@@ -109,8 +109,8 @@ class Daemon(MultiService):
         TimerService(RATE_INTERVAL, self.activity.sample_rates).setServiceParent(self)
         TimerService(JOIN_CHECK_INTERVAL, self.access_codes.check_joins).setServiceParent(self)
         EventFeedService(RATE_INTERVAL, EventFeed(
-            self.events, lambda: self.share_registry.by_id.values(), lambda: self.paused,
-            self.rates)).setServiceParent(self)
+            self.events, lambda: self.share_registry.by_id.values(), self.rates)
+        ).setServiceParent(self)
 
     # -- start -----------------------------------------------------------------------
 
@@ -317,9 +317,11 @@ class Daemon(MultiService):
 
     def pause(self) -> None:
         self.activity.pause()
+        self.events.publish("paused")
 
     def resume(self) -> None:
         self.activity.resume()
+        self.events.publish("resumed")
 
     def is_tracking(self) -> bool:
         return any(getattr(t, "registered", False) for t in self.discovery.trackers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,10 +36,12 @@ API_KEY_NAME = "web-api-key"
 
 
 def endpoint_parts(description: str) -> tuple[str, dict[str, str]]:
-    """``tcp:8080:interface=::1`` → ``("tcp", {"port": "8080", "interface": "::1"})``."""
+    """``tcp:8080:interface=\\:\\:1`` → ``("tcp", {"port": "8080", "interface": "::1"})``
+    (colons inside a value are escaped with a backslash, as Twisted's endpoints want)."""
     kind, _, rest = description.partition(":")
     fields: dict[str, str] = {}
-    for i, part in enumerate(p for p in rest.split(":") if p):
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", rest) if p]
+    for i, part in enumerate(parts):
         name, equals, value = part.partition("=")
         if equals:
             fields[name] = value
