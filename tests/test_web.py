@@ -320,6 +320,23 @@ def test_event_subscribers_are_bounded_and_the_daemon_stays_up(web: Web) -> None
         for sock in sockets:
             sock.close()
     wait_until(lambda: web.api("GET", "/rest/events?timeout=0").status == 200)
+    # Idle connections beyond the limit are closed; the API keeps answering once they go.
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", web.port), timeout=10))
+        closed = 0
+        for sock in idle[-30:]:
+            sock.settimeout(5)
+            try:
+                closed += sock.recv(10) == b""
+            except OSError:
+                closed += 1
+        assert closed == 30
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: web.api("GET", "/rest/status").status == 200)
 
 
 def test_control_socket_subscribers_get_the_same_events(web: Web) -> None:

@@ -38,6 +38,8 @@ from clearskies.web.auth import Guard, Origins, Session
 
 #: Largest request body (bytes); more is 413 and the connection closes.
 MAX_BODY = 1024 * 1024
+#: HTTP connections open at once; more are closed as they arrive.
+MAX_CONNECTIONS = 256
 #: Longest a long poll waits (seconds), and its default.
 MAX_POLL = 60.0
 DEFAULT_POLL = 30.0
@@ -346,7 +348,7 @@ class Command(Resource):
         self.kind = kind
 
     def render_GET(self, request: server.Request) -> Any:
-        if self.kind not in READ_ONLY:
+        if self.kind not in READ_ONLY or b"clean" in request.args:
             request.setHeader(b"Allow", b"POST")
             return send_error(request, "method_not_allowed",
                               "%s changes things: use POST" % self.kind)
@@ -556,15 +558,34 @@ class EventStream:
         self.closed()
 
 
+class Channel(http.HTTPChannel):
+    """One HTTP connection, counted by its site."""
+
+    def connectionMade(self) -> None:
+        self.site.open_connections += 1  # type: ignore[attr-defined]
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.site.open_connections -= 1  # type: ignore[attr-defined]
+        super().connectionLost(reason)
+
+
 class Site(server.Site):
-    """The API's site: bounded requests, no server version in replies, quiet access log."""
+    """The API's site: bounded requests and connections, no tracebacks, quiet access log."""
 
     requestFactory = BoundedRequest
+    protocol = Channel
     displayTracebacks = False
 
     def __init__(self, root: Resource, guard: Guard | None = None, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.clearskies_guard = guard
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.open_connections >= MAX_CONNECTIONS:
+            return None  # closed at once; the daemon carries on
+        return super().buildProtocol(addr)
 
     def log(self, request: server.Request) -> None:
         pass  # the daemon log is not an access log (and URLs may hold login tokens)

@@ -71,6 +71,11 @@ function shareItem(share) {
     item.append(el("div", {}, items + " items, " + formatBytes(bytes) + " to download"), bar);
   }
   if (share.problem) item.append(el("p", { role: "alert" }, share.problem));
+  if (share.conflicts_waiting && share.conflicts_waiting.length) {
+    item.append(el("details", {}, el("summary", {}, share.conflicts_waiting.length +
+      " change(s) from peers waiting (conflicts)"),
+      el("ul", {}, ...share.conflicts_waiting.map((p) => el("li", {}, p)))));
+  }
   if (share.peers && share.peers.length) {
     item.append(el("ul", { class: "peers" }, ...share.peers.map((p) =>
       el("li", {}, (p.name || p.peer_id.slice(0, 8)) + ": " +
