@@ -1,11 +1,12 @@
 """The web UI in a real headless browser (Debian's chromium driven by Playwright) against
 real daemons: log in through the printed URL, see the share, make a code and its QR code,
-watch a peer attach and the activity list move."""
+attach with it in a second daemon's page and watch its progress bar move."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,29 @@ def test_log_in_see_a_share_make_a_code_and_watch_a_peer_attach(
     text = code.inner_text()
     assert text.startswith("SYNC")
     assert page.locator("#code-qr").get_attribute("alt").endswith(text)
-    # Bob attaches with it: the peer shows up live (no reload), the files arrive.
+    # Bob attaches with it in his own browser, downloading at 1 MiB/s: his progress bar
+    # moves without a reload, and alice's page shows the peer live.
     bob = daemon_factory("bob")
+    bob.cli("config", "set", "download_limit", "1M")
     target = Path(bob.shares) / "from-alice"
-    bob.cli("attach", text, str(target), "--peer", alice.address)
+    bob_page = browser.new_page()
+    bob_page.goto(bob.cli_json("web")["url"])
+    bob_page.get_by_label("Access code").fill(text)
+    bob_page.get_by_label("Into folder (absolute path)").fill(str(target))
+    bob_page.get_by_label("Peer address", exact=False).fill(alice.address)
+    bob_page.get_by_label("Peer address", exact=False).press("Enter")
+    bar = bob_page.locator("#shares progress")
+    bar.wait_for(timeout=30_000)
+    values = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and bar.count():
+        values.append(float(bar.first.get_attribute("value") or 0))
+        time.sleep(0.3)
+    assert len(set(values)) >= 2 and values == sorted(values), values
+    bob_page.locator("#shares li .state", has_text="in sync").wait_for(timeout=60_000)
     page.locator("#events li", has_text="peer connected").first.wait_for(timeout=30_000)
     wait_same_trees(alice.shares, target, timeout=60)
+    bob_page.close()
     page.locator("#shares li", has_text="peers connected").first.wait_for()
     page.get_by_role("button", name="Peers").click()
     page.locator(".peers li", has_text="bob").wait_for(timeout=20_000)
@@ -84,7 +102,7 @@ def test_log_in_see_a_share_make_a_code_and_watch_a_peer_attach(
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     # Keyboard: every control can be reached with Tab and has a label.
-    for field in ("share-path", "share-mode", "attach-code", "attach-path"):
+    for field in ("share-path", "share-mode", "attach-code", "attach-path", "attach-peer"):
         assert page.locator("label[for=%s]" % field).count() == 1
     # Pause and resume from the header.
     page.get_by_role("button", name="Pause").click()

@@ -235,7 +235,10 @@ async function start() {
   $("attach-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     try {
-      await api("add_share", { code: $("attach-code").value.trim(), path: $("attach-path").value.trim() });
+      const args = { code: $("attach-code").value.trim(), path: $("attach-path").value.trim() };
+      const peer = $("attach-peer").value.trim();
+      if (peer) args.peers = [peer];
+      await api("add_share", args);
       say("Waiting for a peer that has this share…");
     } catch (error) { say(error.message); }
     refresh();
