@@ -139,3 +139,12 @@ def test_logged_warnings_and_conflicts_become_events_a_bounded_number_per_look()
     observer.new_look()
     observer({"log_level": LogLevel.error, "log_format": "boom"})
     assert bus.last_id == MAX_LOG_EVENTS + 1
+
+
+def test_what_a_listener_logs_while_handed_a_logged_event_is_not_published_again() -> None:
+    bus = _bus()
+    observer = LogEvents(bus)
+    bus.add_listener(lambda event: observer({"log_level": LogLevel.warn,
+                                             "log_format": "a client fell behind"}))
+    observer({"log_level": LogLevel.warn, "log_format": "first"})
+    assert [e["message"] for e in bus.since(0)[0]] == ["first"]

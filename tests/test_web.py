@@ -370,6 +370,20 @@ def test_control_socket_subscribers_get_the_same_events(web: Web) -> None:
     since = lines[0]["id"] - 1
     out = web.daemon.cli("events", "--since", str(since), "--count", "1").stdout
     assert " paused" in out.splitlines()[0]
+    # Polling, and bad arguments.
+    polled = web.daemon.control_request({"type": ".clearskies.events", "since": since,
+                                         "limit": 1})
+    assert [e["type"] for e in polled["events"]] == ["paused"]
+    assert polled["last_id"] >= since + 2 and polled["gap"] is False
+    from clearskies.control.client import ControlError
+
+    for body in ({"type": ".events.subscribe", "since": "x"},
+                 {"type": ".clearskies.events", "since": -1},
+                 {"type": ".clearskies.events", "limit": 0},
+                 {"type": ".clearskies.events", "limit": True}):
+        with pytest.raises(ControlError) as refused:
+            web.daemon.control_request(body)
+        assert refused.value.code == "bad_request"
 
 
 def test_every_command_honours_json_after_it(web: Web) -> None:

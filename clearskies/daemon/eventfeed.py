@@ -166,6 +166,9 @@ class LogEvents:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self._count = 0
+        # What a listener logs while an event of ours is handed out (a control client
+        # dropped for falling behind) is not turned into another event: no loop.
+        self._publishing = False
 
     def new_look(self) -> None:
         """(Every RATE_INTERVAL: the budget of log events starts again.)"""
@@ -177,7 +180,7 @@ class LogEvents:
         conflict = any(mark in text for mark in _CONFLICT_MARKS)
         if not conflict and level not in (LogLevel.warn, LogLevel.error, LogLevel.critical):
             return
-        if self._count >= MAX_LOG_EVENTS:
+        if self._count >= MAX_LOG_EVENTS or self._publishing:
             return
         self._count += 1
         from twisted.logger import formatEvent
@@ -186,12 +189,16 @@ class LogEvents:
             message = redact(formatEvent(event))
         except Exception:
             return
-        if conflict:
-            self.bus.publish("conflict", file=str(event.get("path", "")),
-                             copy=str(event.get("copy", "")), message=message)
-        else:
-            self.bus.publish("error" if level != LogLevel.warn else "warning",
-                             message=message[:2000])
+        self._publishing = True
+        try:
+            if conflict:
+                self.bus.publish("conflict", file=str(event.get("path", "")),
+                                 copy=str(event.get("copy", "")), message=message)
+            else:
+                self.bus.publish("error" if level != LogLevel.warn else "warning",
+                                 message=message[:2000])
+        finally:
+            self._publishing = False
 
 
 class EventFeedService(TimerService):
