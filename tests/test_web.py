@@ -430,3 +430,57 @@ def test_no_web_serves_nothing(tmp_path: Any) -> None:
         assert not os.path.exists(os.path.join(daemon.data_dir, "web-api-key"))
     finally:
         daemon.cleanup()
+
+
+def test_tls_when_asked_for(tmp_path: Any) -> None:
+    """ssl: serves HTTPS with a Secure cookie (on 127.0.0.1 here: tests stay on loopback)."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    key_path, cert_path = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    port = free_port()
+    daemon = DaemonProcess(tmp_path, "secure", extra=[
+        "--web", "ssl:%d:interface=127.0.0.1:privateKey=%s:certKey=%s"
+        % (port, key_path, cert_path)])
+    daemon.start()
+    try:
+        login = daemon.cli_json("web")
+        assert login["url"].startswith("https://127.0.0.1:%d/login?token=" % port)
+        context = ssl.create_default_context(cafile=str(cert_path))
+        context.check_hostname = False
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context,
+                                                 timeout=10)
+        url = urlsplit(login["url"])
+        connection.request("GET", url.path + "?" + url.query,
+                           headers={"Host": "127.0.0.1:%d" % port})
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 303
+        assert "Secure" in [part.strip() for part in response.headers["Set-Cookie"].split(";")]
+        connection.close()
+        # Plain HTTP on that port gets nothing.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /rest/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            try:
+                answer = sock.recv(100)
+            except OSError:
+                answer = b""
+            assert not answer.startswith(b"HTTP/1.1 200")
+    finally:
+        daemon.cleanup()
