@@ -484,3 +484,40 @@ def test_tls_when_asked_for(tmp_path: Any) -> None:
             assert not answer.startswith(b"HTTP/1.1 200")
     finally:
         daemon.cleanup()
+
+
+def test_a_client_that_never_reads_its_events_is_dropped(web: Web) -> None:
+    """An event stream nobody reads, and a control subscriber that never reads, are
+    dropped once 1,000 events wait for them; the daemon and other clients carry on."""
+    from clearskies.control.client import ControlClient
+
+    stream = socket.socket()
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stream.settimeout(30)
+    stream.connect(("127.0.0.1", web.port))
+    stream.sendall(("GET /rest/events/stream HTTP/1.1\r\nHost: %s\r\nX-API-Key: %s\r\n\r\n"
+                    % (web.host, web.key)).encode())
+    lazy = ControlClient(web.daemon.control_path, timeout=30)
+    lazy.connect()
+    lazy.subscribe()
+    lazy._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        with ControlClient(web.daemon.control_path, timeout=60) as busy:
+            for _ in range(6):
+                replies = busy.requests([{"type": kind} for _ in range(1000)
+                                         for kind in ("pause", "resume")])
+                assert all(reply == {} for reply in replies)
+        # The stream was ended by the daemon (the chunked body's last chunk), not by us.
+        received = b""
+        while not received.endswith(b"0\r\n\r\n"):
+            data = stream.recv(65536)
+            assert data, "the daemon closed the connection instead of ending the stream"
+            received += data
+        assert received.count(b"\nid: ") < 12000
+        # The control subscriber was hung up on: its events end (they would wait forever
+        # for more otherwise), short of the 12,000 sent.
+        assert sum(1 for _ in lazy.events()) < 12000
+    finally:
+        stream.close()
+        lazy.close()
+    assert web.api("GET", "/rest/status").json()["paused"] is False
