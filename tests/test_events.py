@@ -106,8 +106,9 @@ def test_the_feed_publishes_what_changed_between_looks() -> None:
     rates[0] = (0.0, 50.0)
     feed.look()
     new = bus.since(last)[0]
-    assert [(e["type"], e.get("received")) for e in new] == [
-        ("download_progress", 60), ("rates", None)]
+    assert [(e["type"], e.get("received"), e.get("bytes_remaining")) for e in new] == [
+        ("share_progress", None, 40), ("download_progress", 60, None), ("rates", None, None)]
+    assert new[0]["bytes_to_download"] == 100  # the whole file, until it is in place
     # The file arrives, the peer leaves, the share goes.
     last = bus.last_id
     del runtime.sync.in_flight["big"]

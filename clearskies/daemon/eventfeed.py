@@ -95,12 +95,16 @@ class EventFeed:
             old["summary"] = summary
             publish("share_status", **where, **summary)
         sync = runtime.sync
-        totals = (len(sync.wanted), int(sync.wanted.bytes) if hasattr(sync.wanted, "bytes")
-                  else int(getattr(sync, "bytes_to_download", 0)))
+        wanted_bytes = int(getattr(sync.wanted, "bytes", 0))
+        # Bytes already here of the files arriving now: what remains counts down
+        # within a big file too.
+        arriving = sum(session.receiving.received for session in list(sync.sessions.values())
+                       if getattr(session, "receiving", None) is not None)
+        totals = (len(sync.wanted), wanted_bytes, max(0, wanted_bytes - arriving))
         if totals != old["totals"]:
             old["totals"] = totals
             publish("share_progress", **where, items_to_download=totals[0],
-                    bytes_to_download=totals[1])
+                    bytes_to_download=totals[1], bytes_remaining=totals[2])
         self._look_at_peers(runtime, where, old["peers"])
         self._look_at_files(sync, where, old["files"])
 

@@ -187,8 +187,9 @@ function onEvent(event) {
     const known = state.progress[event.path];
     const started = known && known.items > 0 ? Math.max(known.started, event.bytes_to_download)
                                              : event.bytes_to_download;
-    state.progress[event.path] = { items: event.items_to_download, bytes: event.bytes_to_download,
-                                   started };
+    const remaining = event.bytes_remaining === undefined ? event.bytes_to_download
+                                                          : event.bytes_remaining;
+    state.progress[event.path] = { items: event.items_to_download, bytes: remaining, started };
   }
   if (event.type === "rates" || event.type.startsWith("share_") || event.type.startsWith("peer_") ||
       event.type === "paused" || event.type === "resumed" || event.type === "download_finished") {
