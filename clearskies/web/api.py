@@ -24,25 +24,22 @@ from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from clearskies import jsonshape
 from clearskies.control.lines import MAX_REQUEST_DEPTH, MAX_REQUEST_ITEMS, ControlError
-from clearskies.events import EventBus, TooManySubscribers
-from clearskies.web.auth import Guard, Origins, Session
+from clearskies.events import EventBus
+from clearskies.web.auth import Guard, Origins, Session, same
+from clearskies.web.replies import header, send_error, send_json
+from clearskies.web.stream import Events
 
 #: Largest request body (bytes); more is 413 and the connection closes.
 MAX_BODY = 1024 * 1024
 #: HTTP connections open at once; more are closed as they arrive.
 MAX_CONNECTIONS = 256
-#: Longest a long poll waits (seconds), and its default.
-MAX_POLL = 60.0
-DEFAULT_POLL = 30.0
 #: Commands that change nothing: they also answer GET.
 READ_ONLY = frozenset({
     "status", "list_shares", "get_config", "get_config_value", ".clearskies.share_status",
@@ -50,15 +47,6 @@ READ_ONLY = frozenset({
 })
 #: Control commands HTTP does not offer (they belong to a connection).
 SOCKET_ONLY = frozenset({".events.subscribe", ".events.unsubscribe"})
-#: Error code -> HTTP status.
-STATUS = {
-    "bad_request": 400, "invalid_code": 400, "unknown_key": 400,
-    "unauthorized": 401, "forbidden": 403,
-    "not_understood": 404, "no_such_share": 404, "no_such_version": 404, "not_found": 404,
-    "method_not_allowed": 405, "already_shared": 409, "refused": 409,
-    "too_large": 413, "unsupported_media_type": 415, "busy": 503,
-    "not_supported": 501, "internal": 500,
-}
 SECURITY_HEADERS = {
     b"X-Content-Type-Options": b"nosniff",
     b"X-Frame-Options": b"DENY",
@@ -109,22 +97,6 @@ def query_value(text: str) -> Any:
     if text.isdigit() and len(text) < 19:
         return int(text)
     return text
-
-
-def header(request: server.Request, name: bytes) -> str | None:
-    """A request header as text (None when absent)."""
-    value = request.getHeader(name)
-    return None if value is None else value.decode("latin-1")
-
-
-def send_json(request: server.Request, status: int, body: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
-
-
-def send_error(request: server.Request, code: str, message: str) -> bytes:
-    return send_json(request, STATUS.get(code, 400), {"error": code, "message": message})
 
 
 class BoundedRequest(server.Request):
@@ -207,7 +179,7 @@ class Gate(Resource):
         request.clearskies_session = session  # type: ignore[attr-defined]
         if request.method not in (b"GET", b"HEAD"):
             csrf = header(request, b"x-csrf-token")
-            if not (csrf is not None and _same(csrf, session.csrf)):
+            if not same(csrf, session.csrf):
                 return Refusal("forbidden", "this request needs the X-CSRF-Token header")
         return self.api
 
@@ -217,11 +189,6 @@ class Gate(Resource):
         if self.tls:
             attributes.append(b"Secure")
         return b"; ".join(attributes)
-
-
-def _same(a: str, b: str) -> bool:
-    from clearskies.web.auth import same
-    return same(a, b)
 
 
 class Refusal(Resource):
@@ -301,7 +268,7 @@ class Api(Resource):
         self.bus = bus
         self.clock = clock
         self.extra = extra or {}
-        self.putChild(b"events", Events(bus, clock))
+        self.putChild(b"events", Events(bus, clock))  # (clearskies.web.stream)
         self.putChild(b"session", SessionInfo())
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
@@ -423,141 +390,6 @@ class SessionInfo(Resource):
         return send_json(request, 200, {})
 
 
-def _int_arg(request: server.Request, name: bytes, default: float, top: float) -> float:
-    values = request.args.get(name)
-    if not values:
-        return default
-    text = values[-1].decode("ascii", "replace")
-    try:
-        value = float(text)
-    except ValueError:
-        raise ControlError("bad_request", "%s must be a number" % name.decode()) from None
-    if not 0 <= value <= top:
-        raise ControlError("bad_request", "%s must be 0 to %d" % (name.decode(), top))
-    return value
-
-
-class Events(Resource):
-    """``GET /rest/events?since=N&timeout=S``: the events after ``N``, waiting up to ``S``
-    seconds for one; ``GET /rest/events/stream``: Server-Sent Events."""
-
-    isLeaf = True
-
-    def __init__(self, bus: EventBus, clock: Any) -> None:
-        super().__init__()
-        self.bus = bus
-        self.clock = clock
-
-    def render_GET(self, request: server.Request) -> Any:
-        try:
-            since = int(_int_arg(request, b"since", 0, 2 ** 62))
-            timeout = _int_arg(request, b"timeout", DEFAULT_POLL, MAX_POLL)
-            limit = int(_int_arg(request, b"limit", 1000, 1000)) or 1000
-        except ControlError as e:
-            return send_error(request, e.code, e.message)
-        if request.postpath == [b"stream"]:
-            last = header(request, b"last-event-id")
-            if last is not None and last.isdigit():
-                since = int(last)
-            return self._stream(request, since if (request.args.get(b"since") or last) else None)
-        if request.postpath:
-            return send_error(request, "not_found", "no such resource")
-        events, gap = self.bus.since(since, limit)
-        if events or timeout == 0:
-            return send_json(request, 200, {"events": events, "gap": gap,
-                                            "last_id": self.bus.last_id})
-        return self._wait(request, since, timeout, limit)
-
-    def _wait(self, request: server.Request, since: int, timeout: float, limit: int) -> Any:
-        answered = []
-
-        def answer() -> None:
-            if answered:
-                return
-            answered.append(True)
-            subscription.close()
-            if call.active():
-                call.cancel()
-            if request._disconnected:
-                return
-            events, gap = self.bus.since(since, limit)
-            request.write(send_json(request, 200, {"events": events, "gap": gap,
-                                                   "last_id": self.bus.last_id}))
-            request.finish()
-
-        try:
-            subscription = self.bus.subscribe(ready=lambda: self.clock.callLater(0, answer),
-                                              dropped=lambda: self.clock.callLater(0, answer),
-                                              limit=1)
-        except TooManySubscribers as e:
-            return send_error(request, "busy", str(e))
-        call = self.clock.callLater(timeout, answer)
-
-        def gone(_: object) -> None:
-            subscription.close()
-            if call.active():
-                call.cancel()
-        request.notifyFinish().addBoth(gone)
-        return server.NOT_DONE_YET
-
-    def _stream(self, request: server.Request, since: int | None) -> Any:
-        stream = EventStream(request)
-        try:
-            stream.subscription = self.bus.subscribe(since=since, ready=stream.flush,
-                                                     dropped=stream.dropped)
-        except TooManySubscribers as e:
-            return send_error(request, "busy", str(e))
-        request.setHeader(b"Content-Type", b"text/event-stream")
-        request.registerProducer(stream, True)
-        request.write(b"retry: 2000\n\n")
-        if stream.subscription.gap:
-            request.write(b"event: gap\ndata: {}\n\n")
-        stream.flush()
-        request.notifyFinish().addBoth(stream.closed)
-        return server.NOT_DONE_YET
-
-
-@implementer(IPushProducer)
-class EventStream:
-    """One Server-Sent Events client: writes while it reads; when its transport is
-    full, events wait in the (bounded) subscription, and a client that falls too
-    far behind is dropped."""
-
-    def __init__(self, request: server.Request) -> None:
-        self.request = request
-        self.subscription: Any = None
-        self.paused = False
-        self.done = False
-
-    def flush(self) -> None:
-        if self.paused or self.done or self.subscription is None:
-            return
-        for event in self.subscription.take():
-            data = json.dumps(event, ensure_ascii=True, separators=(",", ":"))
-            self.request.write(("id: %d\ndata: %s\n\n" % (event["id"], data)).encode("ascii"))
-
-    def dropped(self) -> None:
-        if not self.done:
-            self.done = True
-            self.request.unregisterProducer()
-            self.request.finish()
-
-    def closed(self, _: object = None) -> None:
-        self.done = True
-        if self.subscription is not None:
-            self.subscription.close()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.flush()
-
-    def stopProducing(self) -> None:
-        self.closed()
-
-
 class Channel(http.HTTPChannel):
     """One HTTP connection, counted by its site."""
 
@@ -595,4 +427,4 @@ def login_url(base: str, token: str) -> str:
     return "%s/login?token=%s" % (base, quote(token))
 
 
-__all__ = ["Api", "Gate", "Site", "http", "login_url"]
+__all__ = ["Api", "Gate", "Site", "login_url"]
