@@ -128,3 +128,31 @@ def test_event_lines_for_people() -> None:
                          "bytes_to_download": 3 * 1024 * 1024, "problem": None})
     assert "share_progress /p\\nx items_to_download=2 bytes_to_download=3.0 MiB" in line
     assert "share_id" not in line and "problem" not in line
+
+
+def test_start_passes_the_web_options_to_the_daemon(tmp_path: object) -> None:
+    import io
+
+    from clearskies.cli import Cli
+
+    parser = build_parser()
+    for argv, expected in ((["start", "--web", "tcp:8000:interface=127.0.0.1"],
+                            ["--web", "tcp:8000:interface=127.0.0.1"]),
+                           (["start", "--no-web"], ["--no-web"])):
+        args = parser.parse_args(["--data-dir", str(tmp_path), *argv])
+        command = Cli(args, io.StringIO(), io.StringIO()).twistd_command(foreground=False)
+        joined = " ".join(command)
+        assert " ".join(expected) in joined, joined
+
+
+def test_twistd_options_check_the_web_endpoint() -> None:
+    from twisted.python import usage
+
+    from clearskies.tap import Options
+
+    options = Options()
+    options.parseOptions(["--web", "tcp:0:interface=127.0.0.1"])
+    assert options["web"] == "tcp:0:interface=127.0.0.1"
+    for argv in (["--web", "tcp:8080"], ["--web", "tcp:0:interface=127.0.0.1", "--no-web"]):
+        with pytest.raises(usage.UsageError):
+            Options().parseOptions(argv)
