@@ -521,3 +521,42 @@ def test_a_client_that_never_reads_its_events_is_dropped(web: Web) -> None:
         stream.close()
         lazy.close()
     assert web.api("GET", "/rest/status").json()["paused"] is False
+
+
+def test_a_conflict_and_a_transfer_show_as_events(daemon_factory: Any) -> None:
+    """Real daemons: a download's start and end, a peer, and a conflict are events."""
+    from pathlib import Path
+
+    from tests.daemons import wait_same_trees
+
+    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    a, b = Path(alice.shares), Path(bob.shares)
+    (a / "notes.txt").write_text("original\n")
+    (a / "big.bin").write_bytes(os.urandom(2_000_000))
+    bob.cli("config", "set", "download_limit", "1M")  # the download lasts a few looks
+    code = alice.cli_json("share", str(a))["access_code"]
+    bob.cli("attach", code, str(b), "--peer", alice.address)
+    wait_same_trees(alice, bob, 60)
+    wanted = {"share_added", "peer_connected", "share_progress", "download_started",
+              "download_progress", "download_finished", "share_status"}
+
+    def seen() -> bool:
+        events = bob.control_request({"type": ".clearskies.events"})["events"]
+        return wanted <= {e["type"] for e in events}
+    wait_until(seen, timeout=10)
+    bob.cli("config", "set", "download_limit", "0")
+    bob.stop()
+    (a / "notes.txt").write_text("alice's version\n")
+    alice.cli("scan", str(a))
+    (b / "notes.txt").write_text("bob's version, a bit longer\n")
+    bob.start()
+    bob.cli("scan", str(b))
+
+    def conflicts() -> list[dict[str, Any]]:
+        found = []
+        for daemon in (alice, bob):
+            events = daemon.control_request({"type": ".clearskies.events"})["events"]
+            found += [e for e in events if e["type"] == "conflict"]
+        return found
+    [conflict] = wait_until(conflicts, timeout=60)
+    assert conflict["file"] == "notes.txt" and ".CONFLICT." in conflict["copy"]
