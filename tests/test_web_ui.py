@@ -110,6 +110,18 @@ def test_log_in_see_a_share_make_a_code_and_watch_a_peer_attach(
     # Keyboard: every control can be reached with Tab and has a label.
     for field in ("share-path", "share-mode", "attach-code", "attach-path", "attach-peer"):
         assert page.locator("label[for=%s]" % field).count() == 1
+    # On a phone's screen nothing sticks out sideways.
+    page.set_viewport_size({"width": 360, "height": 740})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+    # Keyboard only: Tab reaches the first code button, Enter presses it.
+    page.locator("#pause").focus()
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.textContent") == "Code (read only)":
+            break
+    page.keyboard.press("Enter")
+    page.locator("#code-qr").wait_for(state="visible")
+    page.set_viewport_size({"width": 1000, "height": 900})
     # Pause and resume from the header.
     page.get_by_role("button", name="Pause").click()
     page.get_by_role("button", name="Resume").wait_for()
