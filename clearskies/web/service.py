@@ -104,6 +104,11 @@ def read_or_make_key(data_dir: str) -> str:
     return key
 
 
+def _url_host(address: str) -> str:
+    """An address as a URL's host: IPv6 in brackets."""
+    return "[%s]" % address if ":" in address else address
+
+
 class WebListener(Service):
     """The HTTP API's listening port; ``login()`` makes one-time login URLs."""
 
@@ -137,7 +142,9 @@ class WebListener(Service):
             self.port = await self._listen(FALLBACK_WEB, api, tls, exposed)
         port = self.port.getHost().port
         scheme = "https" if tls else "http"
-        self.base_url = "%s://%s:%d" % (scheme, exposed or "127.0.0.1", port)
+        # (Bound to every address: the login URL is for this machine's browser.)
+        named = _url_host(exposed) if exposed not in (None, "0.0.0.0", "::") else "127.0.0.1"
+        self.base_url = "%s://%s:%d" % (scheme, named, port)
         if exposed:
             self._log.warn(
                 "THE WEB UI AND HTTP API ARE REACHABLE FROM THE NETWORK at {url} (TLS). Anyone "
@@ -155,7 +162,7 @@ class WebListener(Service):
             raise ConfigurationError("cannot listen for the web UI on %s: %s"
                                      % (description, e)) from None
         number = port.getHost().port
-        hosts = [exposed] if exposed and exposed not in ("0.0.0.0", "::") else []
+        hosts = [_url_host(exposed)] if exposed and exposed not in ("0.0.0.0", "::") else []
         origins = Origins(number, tls, hosts)
         gate = Gate(self.guard, origins, api, tls, "clearskies_%d" % number)
         site.resource = gate
