@@ -37,6 +37,8 @@ from clearskies.cli_commands import (
     ShareCommands,
     share_trouble,
 )
+from clearskies.cli_gui import GuiCommands
+from clearskies.cli_gui import add_arguments as add_gui_arguments
 from clearskies.cli_output import Output, format_bytes
 from clearskies.cli_versions import VersionCommands, add_arguments, config_share_option
 from clearskies.control.client import (
@@ -92,7 +94,7 @@ def _start_error(errors: Any, status: int, data_dir: str) -> str:
     return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
-class Cli(VersionCommands, DaemonCommands, ShareCommands, AccessCommands):
+class Cli(GuiCommands, VersionCommands, DaemonCommands, ShareCommands, AccessCommands):
     """One CLI invocation: the parsed arguments, where to print, how to reach the daemon.
 
     The commands come from the groups of :mod:`clearskies.cli_commands`; what
@@ -161,11 +163,11 @@ class Cli(VersionCommands, DaemonCommands, ShareCommands, AccessCommands):
                     "--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
                     "--logger", "clearskies.logfile.discard"]
         cmd += ["clearskies", "--data-dir", self.data_dir]
-        for option in ("listen", "name", "tor_control", "tor_config"):
+        for option in ("listen", "name", "tor_control", "tor_config", "web"):
             value = getattr(args, option, None)
             if value:
                 cmd += ["--" + option.replace("_", "-"), value]
-        for flag in ("tor", "tor_only", "no_tor", "lan", "no_tracker", "no_peer"):
+        for flag in ("tor", "tor_only", "no_tor", "lan", "no_tracker", "no_peer", "no_web"):
             if getattr(args, flag, False):
                 cmd.append("--" + flag.replace("_", "-"))
         for tracker in getattr(args, "tracker", None) or []:
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use a running tor's control port instead of starting one")
     start.add_argument("--tor-config", metavar="FILE",
                        help="advanced/testing: JSON file of extra torrc options")
+    start.add_argument("--web", metavar="ENDPOINT",
+                       help="the web UI's endpoint (default tcp:60180:interface=127.0.0.1)")
+    start.add_argument("--no-web", action="store_true", help="no web UI or HTTP API")
     sub.add_parser("stop", help="stop the daemon")
 
     status = sub.add_parser("status", help="daemon status, or one share's with PATH")
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "versions_keep, versions_max_bytes")
     config_share_option(config)
     add_arguments(sub)
+    add_gui_arguments(sub)
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
     scan.add_argument("path")
@@ -328,7 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("path")
     wait.add_argument("--timeout", dest="timeout_wait", type=float, default=None,
                       metavar="SECONDS", help="give up (exit 3) after this long")
+    _json_after_command(sub)
     return parser
+
+
+def _json_after_command(sub: Any) -> None:
+    """``--json`` after the command too (``clearskies list --json``), for every command."""
+    for command in sub.choices.values():
+        if any("--json" in action.option_strings for action in command._actions):
+            continue
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="machine-readable output")
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout,

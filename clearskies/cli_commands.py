@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 from clearskies.accesscode import code_url, parse_code
-from clearskies.cli_output import format_bytes
+from clearskies.cli_output import format_bytes, parse_setting_units
 from clearskies.errors import AccessCodeError
 
 EXIT_OK = 0
@@ -68,8 +68,8 @@ class DaemonCommands:
         return code
 
     def cmd_stop(self) -> int:
-        self.request({"type": "stop"})
-        self.output.line("daemon stopping")
+        reply = self.request({"type": "stop"})
+        self.output.emit(reply, lambda: self.output.line("daemon stopping"))
         return EXIT_OK
 
     def cmd_status(self) -> int:
@@ -93,22 +93,24 @@ class DaemonCommands:
     def cmd_pause(self) -> int:
         if getattr(self.args, "path", None):
             path = os.path.realpath(self.args.path)
-            self.request({"type": "pause", "path": path})
-            self.output.line("%s paused: it neither sends nor receives until "
-                             "'clearskies resume %s'" % (path, path))
+            reply = self.request({"type": "pause", "path": path})
+            self.output.emit(reply, lambda: self.output.line(
+                "%s paused: it neither sends nor receives until 'clearskies resume %s'"
+                % (path, path)))
             return EXIT_OK
-        self.request({"type": "pause"})
-        self.output.line("paused: no transfers until 'clearskies resume'")
+        reply = self.request({"type": "pause"})
+        self.output.emit(reply, lambda: self.output.line(
+            "paused: no transfers until 'clearskies resume'"))
         return EXIT_OK
 
     def cmd_resume(self) -> int:
         if getattr(self.args, "path", None):
             path = os.path.realpath(self.args.path)
-            self.request({"type": "resume", "path": path})
-            self.output.line("%s resumed" % path)
+            reply = self.request({"type": "resume", "path": path})
+            self.output.emit(reply, lambda: self.output.line("%s resumed" % path))
             return EXIT_OK
-        self.request({"type": "resume"})
-        self.output.line("resumed")
+        reply = self.request({"type": "resume"})
+        self.output.emit(reply, lambda: self.output.line("resumed"))
         return EXIT_OK
 
     def cmd_log(self) -> int:
@@ -118,12 +120,12 @@ class DaemonCommands:
                                 % log_path)
         with open(log_path, encoding="utf-8", errors="replace") as log:
             lines = collections.deque(log, maxlen=max(0, self.args.lines))
-            self.out.write("".join(lines))
+            self.out.write("".join(self.output.log_line(line) for line in lines))
             self.out.flush()
             while self.args.follow:
                 line = log.readline()
                 if line:
-                    self.out.write(line)
+                    self.out.write(self.output.log_line(line))
                     self.out.flush()
                 else:
                     self.sleep(0.5)
@@ -145,14 +147,15 @@ class DaemonCommands:
         try:
             value = json.loads(self.args.value)
         except ValueError:
-            value = self.args.value
+            value = parse_setting_units(self.args.key, self.args.value)
         if self.args.key in ("name", "listen"):
             value = self.args.value  # text, even when it looks like a number
         reply = self.request({"type": "set_config_value", "key": self.args.key,
                               "value": value})
         value = reply.get("value", value)
-        self.output.line("%s = %s%s" % (self.args.key, json.dumps(value),
-                                        " (%s)" % reply["note"] if reply.get("note") else ""))
+        self.output.emit(reply, lambda: self.output.line("%s = %s%s" % (
+            self.args.key, json.dumps(value),
+            " (%s)" % reply["note"] if reply.get("note") else "")))
         return EXIT_OK
 
 
@@ -346,8 +349,9 @@ class ShareCommands:
 
     def cmd_detach(self) -> int:
         path = os.path.realpath(self.args.path)
-        self.request({"type": "remove_share", "path": path})
-        self.output.line("%s is no longer synced (its files stay where they are)" % path)
+        reply = self.request({"type": "remove_share", "path": path})
+        self.output.emit(dict(reply, path=path), lambda: self.output.line(
+            "%s is no longer synced (its files stay where they are)" % path))
         return EXIT_OK
 
     def cmd_list(self) -> int:

@@ -8,6 +8,7 @@ the answer looks.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -28,6 +29,34 @@ def format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+#: Settings whose values are sizes or rates: ``config set`` takes units for them.
+SIZE_SETTINGS = ("upload_limit", "download_limit", "versions_max_bytes")
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4,
+          "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4,
+          "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/s)?\s*")
+
+
+def parse_size(text: str) -> int:
+    """``20M``, ``1.5MiB/s``, ``500kB``, ``0`` → bytes (K, M, G and KiB… are powers of
+    1024, kB, MB, GB powers of 1000; a trailing ``/s`` is allowed).  ValueError otherwise."""
+    match = _SIZE_RE.fullmatch(text.lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError("%r is not a size: write e.g. 20M, 1.5MiB/s, 500kB or 0" % text)
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_setting_units(key: str | None, text: str) -> object:
+    """A ``config set`` value that is not JSON: a size with units for the size
+    settings (``20M``), else the text itself."""
+    if key in SIZE_SETTINGS or (key or "").endswith("_bytes"):
+        try:
+            return parse_size(text)
+        except ValueError:
+            return text  # the daemon says what it wants
+    return text
+
+
 class Output:
     """Where one invocation prints, and how: ``emit`` a reply, or ``line`` by line."""
 
@@ -43,6 +72,12 @@ class Output:
 
     def line(self, text: str = "") -> None:
         self.out.write(text + "\n")
+
+    def log_line(self, line: str) -> str:
+        """A line of the daemon's log as ``log`` prints it (with --json: one JSON object)."""
+        if self.as_json:
+            return json.dumps({"line": line.rstrip("\n")}) + "\n"
+        return line
 
     def daemon_status(self, reply: dict[str, Any]) -> None:
         """The daemon's status, as ``clearskies status`` prints it."""

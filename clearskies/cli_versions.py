@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from clearskies.cli_commands import EXIT_OK, CommandFailed
-from clearskies.cli_output import format_bytes
+from clearskies.cli_output import format_bytes, parse_setting_units
 from clearskies.control.versions import SHARE_KEYS
 
 CAUSES = {"replaced": "replaced", "deleted": "deleted", "restore": "replaced by a restore"}
@@ -135,7 +135,7 @@ class VersionCommands:
             try:
                 value = json.loads(self.args.value)
             except ValueError:
-                value = self.args.value
+                value = parse_setting_units(self.args.key, self.args.value)
             request.update(key=self.args.key, value=value)
         reply = self.request(request)
         config = reply.get("config", {})

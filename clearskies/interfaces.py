@@ -372,6 +372,7 @@ class IDaemonControl(Interface):
     codes = Attribute("Access ID -> live access code, for codes we made.")
     tor_mode = Attribute('"off", "on" or "only".')
     listening_port = Attribute("The TCP port peers reach us on (0 before it is known).")
+    events = Attribute("The event bus (clearskies.events.EventBus): what happened, numbered.")
 
     def now() -> float:
         """The reactor's time, in seconds."""
@@ -439,6 +440,9 @@ class IDaemonControl(Interface):
 
     def set_setting(key: str, value: object) -> object:
         """(async) Store a checked setting and apply what applies at once."""
+
+    def web_login() -> dict | None:
+        """``{"url": …, "expires": …}`` to log a browser in once; None without a web UI."""
 
     def remember_manual_peer(share_id: str, address: str) -> object:
         """(async) Keep a peer address for a share and dial it."""

@@ -50,6 +50,7 @@ class Options(usage.Options):
         ["no-tor", None, "Turn Tor off again after an earlier --tor or --tor-only."],
         ["merge", None, "--into may hold files: the share's version of each name wins, "
                         "local ones become conflict copies, files only here are shared."],
+        ["no-web", None, "Serve no web UI and no HTTP API."],
     ]
     optParameters = [
         ["data-dir", "d", None,
@@ -67,6 +68,10 @@ class Options(usage.Options):
         ["tor-control", None, None,
          "Use the running tor at this control endpoint (e.g. unix:/run/tor/control) "
          "instead of starting one; implies --tor."],
+        ["web", None, None,
+         "Endpoint of the web UI and HTTP API (default: tcp:60180:interface=127.0.0.1, or a "
+         "free loopback port when that one is taken). Any address but loopback needs TLS: "
+         "ssl:PORT:interface=ADDRESS:privateKey=KEY.pem:certKey=CERT.pem."],
         ["tor-config", None, None,
          "Advanced and testing use: a JSON file of extra torrc options for the tor the "
          "daemon starts, e.g. {\"DirAuthority\": [...]} to join a private Tor network."],
@@ -141,6 +146,20 @@ class Options(usage.Options):
         if self["no-peer"] and self["peers"] and self["code"] is None:
             raise usage.UsageError("--no-peer goes without --peer")
         self._check_tor()
+        self._check_web()
+
+    def _check_web(self) -> None:
+        if self["web"] is None:
+            return
+        if self["no-web"]:
+            raise usage.UsageError("--web and --no-web contradict each other")
+        from clearskies.errors import ConfigurationError
+        from clearskies.web.service import check_web_endpoint
+
+        try:
+            check_web_endpoint(self["web"])
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _check_location(self, option: str, path: str) -> None:
         """A folder no share may be (clearskies.share.location) is a usage error."""
@@ -238,6 +257,8 @@ def makeService(options: Options):
         tor_mode=options["tor-mode"],
         tor_control=options["tor-control"],
         tor_config=dict(options["tor-extra"]),
+        web=options["web"],
+        no_web=bool(options["no-web"]),
     )
     daemon = Daemon(reactor, settings)
     # A start refused at once (the data directory held by another daemon): its reason,

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
+from clearskies.control.gui import GuiCommands
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.control.versions import SHARE_KEYS, VersionCommands, share_settings
 from clearskies.errors import AccessCodeError, ClearSkiesError
@@ -53,7 +54,7 @@ def _join_status(join: Any) -> str:
     return "waiting" if join.failed is None else "failed"
 
 
-class DaemonCommands(VersionCommands, CommandDispatcher):
+class DaemonCommands(GuiCommands, VersionCommands, CommandDispatcher):
     """What the control socket can ask of the daemon (which it sees as ``IDaemonControl``)."""
 
     _log = Logger()

@@ -213,7 +213,11 @@ class ControlProtocol(Protocol):
             return succeed(e.to_reply())
         kind = request["type"]
         if kind == SUBSCRIBE:
-            self.factory.subscribe(self)
+            since = request.get("since")
+            if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
+                return succeed(ControlError("bad_request", "since must be an event id "
+                                            "(an integer)").to_reply())
+            self.factory.subscribe(self, since)
             return succeed({})
         if kind == UNSUBSCRIBE:
             self.factory.unsubscribe(self)
@@ -281,12 +285,24 @@ class ControlFactory(Factory):
 
     protocol = ControlProtocol
 
-    def __init__(self, dispatcher: Dispatcher, software: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, software: str, events: Any = None) -> None:
         self.dispatcher = dispatcher
         self.software = software
         self._subscribers: set[ControlProtocol] = set()
+        #: The daemon's event bus (clearskies.events), if any: its events are broadcast.
+        self.events = events
+        if events is not None:
+            events.add_listener(self.broadcast)
 
-    def subscribe(self, connection: ControlProtocol) -> None:
+    def subscribe(self, connection: ControlProtocol, since: int | None = None) -> None:
+        """From now on ``connection`` gets every event; with ``since``, first the kept
+        events after that id (and ``{"type":"gap"}`` when some are no longer kept)."""
+        if since is not None and self.events is not None:
+            events, gap = self.events.since(since)
+            if gap:
+                connection.send_event({"type": "gap", "since": since})
+            for event in events:
+                connection.send_event(event)
         self._subscribers.add(connection)
 
     def unsubscribe(self, connection: ControlProtocol) -> None:

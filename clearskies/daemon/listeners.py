@@ -154,18 +154,19 @@ class PeerListeners(Service):
 class ControlListener(Service):
     """The control socket (protocol/control.md); stopping closes it first of all."""
 
-    def __init__(self, reactor: Any, path: str, dispatcher: Any) -> None:
+    def __init__(self, reactor: Any, path: str, dispatcher: Any, events: Any = None) -> None:
         self.reactor = reactor
         self.path = path
         self._dispatcher = dispatcher
+        self._events = events  # the daemon's EventBus: its events go to subscribers
         self.port: IListeningPort | None = None
 
     async def listen(self) -> None:
         from clearskies import SOFTWARE
         from clearskies.control.protocol import ControlFactory, listen_control
 
-        self.port = await listen_control(self.reactor, self.path,
-                                         ControlFactory(self._dispatcher, SOFTWARE))
+        factory = ControlFactory(self._dispatcher, SOFTWARE, events=self._events)
+        self.port = await listen_control(self.reactor, self.path, factory)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

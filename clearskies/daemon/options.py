@@ -47,6 +47,10 @@ class DaemonSettings:
     tor_control: str | None = None
     #: Extra torrc options for a tor we start (testing and advanced use).
     tor_config: dict[str, Any] = field(default_factory=dict)
+    #: The web UI's endpoint (None: clearskies.web.service.DEFAULT_WEB, or a free
+    #: loopback port when it is taken); ``no_web``: no web UI or HTTP API at all.
+    web: str | None = None
+    no_web: bool = False
 
 
 @dataclass

@@ -40,6 +40,7 @@ from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.health import HEALTH_INTERVAL, ShareHealth
 from clearskies.daemon.verify import VERIFY_TICK, Verification
 from clearskies.daemon.discovery import Discovery
+from clearskies.daemon.eventfeed import EventFeed, EventFeedService
 from clearskies.daemon.host import ShareHost
 from clearskies.daemon.keyring import DaemonKeyRing
 from clearskies.daemon.sparekeys import SpareKeys
@@ -51,6 +52,7 @@ from clearskies.daemon.shares import Shares
 from clearskies.daemon.startup import StartupFailure, lock_data_dir, startup_reason
 from clearskies.daemon.tor import NEUTRAL_NAME, TorLink
 from clearskies.errors import ConfigurationError, ShareError
+from clearskies.events import EventBus
 from clearskies.interfaces import IDaemonControl
 from clearskies.logfile import LogFileService
 from clearskies.share.database import ShareStore
@@ -97,8 +99,12 @@ class Daemon(MultiService):
         self.dialling.code_spreading = self.code_spreading
         self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
         self.listeners.setServiceParent(self)
-        self.control = ControlListener(reactor, self.resources.control_path, self._dispatcher())
+        # What happened, numbered, for GUIs (control socket events, HTTP API).
+        self.events = EventBus(self.resources.now)
+        self.control = ControlListener(reactor, self.resources.control_path, self._dispatcher(),
+                                       events=self.events)
         self.control.setServiceParent(self)
+        self.web = None if settings.no_web else self._web_listener()
         self.discovery = Discovery(reactor, settings, self.share_registry, self.access_codes,
                                    self.dialling, self.tor_link, lambda: self.listeners.port_number)
         # What each share's runtime sees of all this (and nothing else of the daemon).
@@ -117,6 +123,9 @@ class Daemon(MultiService):
         self.verification = Verification(self.resources,
                                          lambda: self.share_registry.by_id.values())
         TimerService(VERIFY_TICK, self._verify_tick).setServiceParent(self)
+        EventFeedService(RATE_INTERVAL, EventFeed(
+            self.events, lambda: self.share_registry.by_id.values(), self.rates)
+        ).setServiceParent(self)
 
     # -- start -----------------------------------------------------------------------
 
@@ -174,6 +183,8 @@ class Daemon(MultiService):
         self._start_tor()
         self._start_discovery()
         await self.control.listen()
+        if self.web is not None:
+            await self.web.listen()
         self.spare_keys.make()
 
     async def _settle_options(self) -> None:
@@ -213,6 +224,17 @@ class Daemon(MultiService):
         from clearskies.control.commands import DaemonCommands
         return DaemonCommands(self)
 
+    def _web_listener(self) -> Any:
+        from clearskies.web.service import WebListener
+        web = WebListener(self.reactor, self.data_dir, self._dispatcher(), self.events,
+                          self.settings.web)
+        web.setServiceParent(self)
+        return web
+
+    def web_login(self) -> dict | None:
+        """A one-time login URL for the web UI, or None when it is off."""
+        return None if self.web is None else self.web.login()
+
     # -- stop ------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
@@ -226,7 +248,9 @@ class Daemon(MultiService):
         if self.resources.store is not None and self.ready.called:
             await self._stop_step(self.health.save(), "keeping share health")
             await self._stop_step(self.verification.save(), "keeping verification state")
-        for child in (self.control, self.listeners, self.share_registry):
+        for child in (self.control, self.web, self.listeners, self.share_registry):
+            if child is None:
+                continue
             if child.running:
                 await self._stop_step(maybeDeferred(child.stopService), child)
         store = self.resources.store
@@ -323,9 +347,11 @@ class Daemon(MultiService):
 
     def pause(self) -> None:
         self.activity.pause()
+        self.events.publish("paused")
 
     def resume(self) -> None:
         self.activity.resume()
+        self.events.publish("resumed")
 
     def is_tracking(self) -> bool:
         return any(getattr(t, "registered", False) for t in self.discovery.trackers)

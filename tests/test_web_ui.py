@@ -1,0 +1,131 @@
+"""The web UI in a real headless browser (Debian's chromium driven by Playwright) against
+real daemons: log in through the printed URL, see the share, make a code and its QR code,
+attach with it in a second daemon's page and watch its progress bar move."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemons import REPO_ROOT, wait_same_trees
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = next((path for path in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                                   "/usr/bin/chromium") if path and os.path.exists(path)), None)
+#: The screenshot the README shows, taken by this test (written there only with
+#: CLEARSKIES_SCREENSHOT=1 in the environment, so a test run leaves the checkout alone).
+SCREENSHOT = REPO_ROOT / "docs" / "web-ui.png"
+
+
+@pytest.fixture
+def browser() -> Any:
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    with sync_api.sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                 args=["--no-sandbox"])
+        except Exception as e:  # a chromium that cannot start here
+            pytest.skip("chromium does not start: %s" % str(e).splitlines()[0])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_log_in_see_a_share_make_a_code_and_watch_a_peer_attach(
+        browser: Any, daemon_factory: Any, tmp_path: Path) -> None:
+    alice = daemon_factory("alice")
+    for n in range(10):
+        (alice.shares / ("photo-%02d.jpg" % n)).write_bytes(os.urandom(100_000))
+    # One big file: the progress bar must move within it, not only between files.
+    (alice.shares / "video.mkv").write_bytes(os.urandom(3_000_000))
+    alice.cli_json("share", str(alice.shares))
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    # Without logging in: told how, shown nothing.
+    page.goto(alice.cli_json("web")["url"].split("/login")[0] + "/")
+    page.get_by_text("Not logged in").wait_for()
+    assert str(alice.shares) not in page.content()
+    # The printed URL logs in; the share appears.
+    url = alice.cli_json("web")["url"]
+    page.goto(url)
+    assert "token" not in page.url
+    share = page.locator("#shares li", has_text=str(alice.shares))
+    share.wait_for()
+    page.get_by_text("11 files").wait_for(timeout=20_000)
+    # The login link was used up.
+    other = browser.new_page()
+    other.goto(url)
+    assert "used already" in other.content()
+    other.close()
+    # A code, as text and as a QR code.
+    share.get_by_role("button", name="Code (read and write)").click()
+    code = page.locator("#code-text")
+    code.wait_for()
+    page.locator("#code-qr").wait_for(state="visible")
+    text = code.inner_text()
+    assert text.startswith("SYNC")
+    assert page.locator("#code-qr").get_attribute("alt").endswith(text)
+    # Bob attaches with it in his own browser, downloading at 1 MiB/s: his progress bar
+    # moves without a reload, and alice's page shows the peer live.
+    bob = daemon_factory("bob")
+    bob.cli("config", "set", "download_limit", "1M")
+    target = Path(bob.shares) / "from-alice"
+    bob_page = browser.new_page()
+    bob_page.goto(bob.cli_json("web")["url"])
+    bob_page.get_by_label("Access code").fill(text)
+    bob_page.get_by_label("Into folder (absolute path)").fill(str(target))
+    bob_page.get_by_label("Peer address", exact=False).fill(alice.address)
+    bob_page.get_by_label("Peer address", exact=False).press("Enter")
+    bar = bob_page.locator("#shares progress")
+    bar.wait_for(timeout=30_000)
+    values = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = bob_page.evaluate(
+            "() => Array.from(document.querySelectorAll('#shares progress'), p => p.value)")
+        if not now:
+            break  # done: the bar is gone
+        values.append(now[0])
+        time.sleep(0.3)
+    assert len(set(values)) >= 2 and values == sorted(values), values
+    bob_page.locator("#shares li .state", has_text="in sync").wait_for(timeout=60_000)
+    page.locator("#events li", has_text="peer connected").first.wait_for(timeout=30_000)
+    wait_same_trees(alice.shares, target, timeout=60)
+    bob_page.close()
+    page.locator("#shares li", has_text="peers connected").first.wait_for()
+    page.get_by_role("button", name="Peers").click()
+    page.locator(".peers li", has_text="bob").wait_for(timeout=20_000)
+    shot = SCREENSHOT if os.environ.get("CLEARSKIES_SCREENSHOT") == "1" else \
+        tmp_path / "web-ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    # Keyboard: every control can be reached with Tab and has a label.
+    for field in ("share-path", "share-mode", "attach-code", "attach-path", "attach-peer"):
+        assert page.locator("label[for=%s]" % field).count() == 1
+    # On a phone's screen nothing sticks out sideways.
+    page.set_viewport_size({"width": 360, "height": 740})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+    # Keyboard only: Tab reaches the first code button, Enter presses it.
+    page.locator("#pause").focus()
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.textContent") == "Code (read only)":
+            break
+    page.keyboard.press("Enter")
+    page.locator("#code-qr").wait_for(state="visible")
+    page.set_viewport_size({"width": 1000, "height": 900})
+    # Pause and resume from the header.
+    page.get_by_role("button", name="Pause").click()
+    page.get_by_role("button", name="Resume").wait_for()
+    assert alice.cli_json("status")["paused"] is True
+    page.get_by_role("button", name="Resume").click()
+    page.get_by_role("button", name="Pause").wait_for()
+    assert alice.cli_json("status")["paused"] is False
