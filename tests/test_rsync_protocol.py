@@ -207,6 +207,31 @@ class RsyncTests(PeerKitCase):
         self.assertEqual((self.outside / "out").read_bytes(), self.new)
 
     @async_test
+    async def test_a_big_file_is_delta_d_in_two_halves(self):
+        """From SPLIT_DELTA bytes on, the two halves made at once join into the same delta."""
+        self.patch(rdiff, "SPLIT_DELTA", SIZE)
+        self.patch(rdiff, "DELTA_SEGMENT", 256 * 1024)
+        made = []
+        original = rdiff.SplitDeltaReader.make_second
+        self.patch(rdiff.SplitDeltaReader, "make_second",
+                   lambda reader: (made.append(True), original(reader))[1])
+        self.share_path("big.bin").write_bytes(self.new)
+        await self.start_daemon()
+        peer = await self.connect(RSYNC)
+        scratch = self.outside / "old"
+        scratch.write_bytes(self.old)
+        signature = drain(rdiff.SignatureReader(os.open(scratch, os.O_RDONLY), SIZE))
+        peer.send_payload({"type": "rsync.signature", "path": "big.bin"}, signature,
+                          chunk_size=5000)
+        _, delta = await payload_of(peer, "rsync.patch", "big.bin")
+        self.assertTrue(made)
+        loader = rdiff.SignatureLoader()
+        loader.feed(signature)
+        expected = drain(rdiff.DeltaReader(os.open(self.share_path("big.bin"), os.O_RDONLY),
+                                           loader.finish(), segment=256 * 1024))
+        self.assertEqual(delta, expected)
+
+    @async_test
     async def test_bad_signatures_are_answered_with_get_error(self):
         """Truncated, garbage and unknown-path signatures get ``get_error``; the connection stays."""
         await self.start_daemon()

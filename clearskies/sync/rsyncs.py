@@ -34,7 +34,7 @@ from clearskies.share.records import validate_wire_path
 from clearskies.sync.engine import ShareSync
 from clearskies.transfer.deltas import DeltaApplier, open_delta, open_signature
 from clearskies.transfer.receiver import FileReceiver
-from clearskies.transfer.refusals import get_error_message
+from clearskies.transfer.refusals import describe_os_error, get_error_message
 from clearskies.transfer.sendqueue import SendQueue, SendResult
 from clearskies.transfer.states import NEW, WRITING
 
@@ -62,6 +62,8 @@ class SignatureIntake:
         self.loader: rdiff.SignatureLoader | None = rdiff.SignatureLoader()
         self.received = 0
         self.error: str | None = None
+        #: The bytes as they came (a second copy is loaded for a delta made in two halves).
+        self.chunks: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
@@ -70,6 +72,7 @@ class SignatureIntake:
                                 % (self.path, rdiff.MAX_SIGNATURE_BYTES))
         if self.loader is None:
             return
+        self.chunks.append(bytes(data))
         try:
             self.loader.feed(data)
         except rdiff.RdiffError as e:
@@ -78,6 +81,7 @@ class SignatureIntake:
             self.loader = None
 
     def abort(self, keep_partial: bool) -> None:
+        self.chunks = []
         if self.loader is not None:
             self.loader.close()
             self.loader = None
@@ -262,8 +266,8 @@ class RsyncExchange:
             self._fail, "answering the signature of " + intake.path)
 
     async def _answer(self, intake: SignatureIntake) -> None:
-        path, loader = intake.path, intake.loader
-        intake.loader = None
+        path, loader, chunks = intake.path, intake.loader, intake.chunks
+        intake.loader, intake.chunks = None, []
         if loader is None:
             self._refuse_signature(path, intake.error or "unreadable")
             return
@@ -287,9 +291,30 @@ class RsyncExchange:
                 return
             local = self.share.local_path(path)
             size = record.size
-            done = self.sends.send_stream(path, {"type": "rsync.patch", "path": path},
-                                          lambda: open_delta(local, size, signature),
-                                          on_sent=self._sent_bytes)
+            runner = self.share.files_runner
+            second = None
+            if size >= rdiff.SPLIT_DELTA:  # two halves at once, each with its own copy
+                try:
+                    second = await runner.run(rdiff.load_signature, b"".join(chunks))
+                except rdiff.RdiffError:
+                    second = None  # then in one piece
+            del chunks
+            try:
+                reader = await runner.run(open_delta, local, size, signature, second)
+            except OSError as e:
+                self._send(get_error_message(path, describe_os_error(e)))
+                return
+            if not self.session.alive:
+                runner.run(reader.close)
+                return
+            if isinstance(reader, rdiff.SplitDeltaReader):
+                runner.run(reader.make_second)  # beside the first half
+            try:
+                done = self.sends.send_stream(path, {"type": "rsync.patch", "path": path},
+                                              lambda: reader, on_sent=self._sent_bytes)
+            except BaseException:
+                runner.run(reader.close)
+                raise
         except BaseException:
             self._held -= intake.received
             raise

@@ -97,21 +97,33 @@ def open_signature(local_path: Path, min_size: int
     return rdiff.SignatureReader(fd, size)
 
 
-def open_delta(local_path: Path, expected_size: int | None,
-               signature: rdiff.Signature) -> rdiff.DeltaReader:
+def open_delta(local_path: Path, expected_size: int | None, signature: rdiff.Signature,
+               second: rdiff.Signature | None = None
+               ) -> rdiff.DeltaReader | rdiff.SplitDeltaReader:
     """The delta from a peer's old copy (``signature``) to our file, read a piece at a time (worker).
 
-    OSError when the file cannot be served as recorded, as for ``get``.
+    With ``second`` (another copy of the same signature) and a file of at
+    least :data:`clearskies.rdiff.SPLIT_DELTA` bytes, a
+    :class:`~clearskies.rdiff.SplitDeltaReader`: the caller should run its
+    ``make_second`` in another worker.  OSError when the file cannot be
+    served as recorded, as for ``get``.
     """
+    signatures = [signature] if second is None else [signature, second]
     try:
         fd, size = _open_regular(local_path)
     except BaseException:
-        signature.close()
+        for s in signatures:
+            s.close()
         raise
     if expected_size is not None and size != expected_size:
         os.close(fd)
-        signature.close()
+        for s in signatures:
+            s.close()
         raise OSError(errno.ESTALE, "the file changed since it was last scanned")
+    if second is not None:
+        if size >= rdiff.SPLIT_DELTA:
+            return rdiff.SplitDeltaReader(fd, size, signature, second)
+        second.close()
     return rdiff.DeltaReader(fd, signature)
 
 
