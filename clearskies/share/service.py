@@ -117,7 +117,8 @@ class ShareService(Service):
         self.expected_arrivals = ExpectedArrivals(reactor)
         self._watcher = (InotifyWatcher(reactor, share.path, self.path_changed,
                                         self._events_lost, self._root_changed,
-                                        self.expected_arrivals, on_closed=self.path_closed)
+                                        self.expected_arrivals,
+                                        on_closed=lambda p: self.path_changed(p, closed=True))
                          if use_inotify and InotifyWatcher.available() else None)
         self._error_retry = error_retry
         self._error_tries = 0  # failed scans in a row: the retry backs off
@@ -222,10 +223,6 @@ class ShareService(Service):
             return d
         self._request_full(d)
         return d
-
-    def path_closed(self, path: str) -> None:
-        """A writer closed this share-relative file: rescan it after the short quiet period."""
-        self.path_changed(path, closed=True)
 
     def path_changed(self, path: str, closed: bool = False) -> None:
         """Something changed at this share-relative path: rescan it once it settles.

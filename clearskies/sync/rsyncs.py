@@ -146,7 +146,7 @@ class RsyncExchange:
         """Sign our old copy in a worker and send the signature; else a plain ``get``."""
         self.waiting[remote_path] = receiver
         self._asked_at[remote_path] = self.sync.clock.seconds()
-        d = self.share.files_runner.run(open_signature, receiver.local_path, MIN_RSYNC_SIZE)
+        d = Deferred.fromCoroutine(self._open_signature(receiver))
 
         def opened(reader: rdiff.SignatureReader | rdiff.SplitSignatureReader) -> None:
             if not self.session.alive or self.waiting.get(remote_path) is not receiver:
@@ -170,6 +170,20 @@ class RsyncExchange:
             self._fall_back(remote_path, receiver, "", quiet=True)
 
         d.addCallbacks(opened, no_old_copy)
+
+    async def _open_signature(self, receiver: FileReceiver) -> Any:
+        """Our old copy's signature: made ahead if the cache has it for exactly this file."""
+        cache = getattr(self.share, "signatures", None)
+        cached = None
+        if cache is not None:
+            path = receiver.expected.path
+            ours = (await self.share.get_records([path])).get(path)
+            sha256 = ours.sha256 if ours is not None and not ours.deleted else None
+            if sha256:
+                share_id = self.share.share_id
+                cached = lambda fd: cache.open(share_id, path, fd, sha256)  # noqa: E731
+        return await self.share.files_runner.run(open_signature, receiver.local_path,
+                                                 MIN_RSYNC_SIZE, cached)
 
     def _signature_sent(self, result: SendResult, remote_path: str) -> None:
         if result.sent:

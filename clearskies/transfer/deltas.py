@@ -77,9 +77,13 @@ def _open_regular(local_path: Path) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def open_signature(local_path: Path, min_size: int
-                   ) -> rdiff.SignatureReader | rdiff.SplitSignatureReader:
+def open_signature(local_path: Path, min_size: int, cached: Any = None
+                   ) -> rdiff.SignatureReader | rdiff.SplitSignatureReader | Any:
     """The signature of our old copy at ``local_path``, to be read a piece at a time (worker).
+
+    ``cached(fd)``, when given, returns the signature made ahead for exactly
+    the open file ``fd`` (clearskies.transfer.sigcache), or None: then the
+    file is signed now.
 
     From :data:`clearskies.rdiff.SPLIT_SIGNATURE` bytes on, a
     :class:`~clearskies.rdiff.SplitSignatureReader`: the caller should run
@@ -92,6 +96,15 @@ def open_signature(local_path: Path, min_size: int
         os.close(fd)
         raise OSError(errno.EFBIG if size > rdiff.MAX_OLD_SIZE else errno.ENODATA,
                       "no old copy worth a delta")
+    if cached is not None:
+        try:
+            reader = cached(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if reader is not None:
+            os.close(fd)
+            return reader
     if size >= rdiff.SPLIT_SIGNATURE:
         return rdiff.SplitSignatureReader(fd, size)
     return rdiff.SignatureReader(fd, size)
