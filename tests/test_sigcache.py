@@ -140,7 +140,8 @@ def test_the_cache_is_bounded_and_keeps_one_entry_per_path(setup, tmp_path: Path
 
 
 def test_installs_are_signed_later_one_at_a_time(setup) -> None:
-    """``installed`` waits SIGN_DELAY, then signs; small files and a stopped cache sign nothing."""
+    """``installed`` waits SIGN_DELAY, then signs once the share is idle; small files and a
+    stopped cache sign nothing."""
     cache, big = setup
     clock = cache._clock
     small = big.with_name("small")
@@ -150,7 +151,16 @@ def test_installs_are_signed_later_one_at_a_time(setup) -> None:
     assert cache.made == 0
     clock.advance(cache.delay)
     assert cache.made == 1 and lookup(cache, big) is not None
+    busy = [True]
+    cache._idle = lambda: not busy[0]
+    big.write_bytes(random.Random(5).randbytes(2 * MiB))
+    cache.installed("s1", "big.bin", big, SHA, key_of(big))
+    clock.advance(cache.delay * 5)
+    assert cache.made == 1  # waits while the share is busy
+    busy[0] = False
+    clock.advance(cache.delay)
+    assert cache.made == 2 and drain(lookup(cache, big)) == fresh_signature(big)
     cache.stop()
     cache.installed("s1", "again", big, SHA, key_of(big))
     clock.advance(cache.delay)
-    assert cache.made == 1 and clock.getDelayedCalls() == []
+    assert cache.made == 2 and clock.getDelayedCalls() == []

@@ -151,8 +151,10 @@ class Shares(MultiService):
         runtime = ShareRuntime(self._host, resources.reactor, resources.store,
                                resources.files_runner, info, keys,
                                self._activity.upload_limiter, self._activity.download_limiter)
-        runtime.signatures = SignatureCache(os.path.join(resources.data_dir, SIGNATURES_DIR),
-                                            resources.files_runner, resources.reactor)
+        runtime.signatures = SignatureCache(
+            os.path.join(resources.data_dir, SIGNATURES_DIR), resources.files_runner,
+            resources.reactor, idle=lambda: (runtime.service.status.state == "idle"
+                                             and not runtime.sync.wanted))
         own = self.share_settings(info.share_id)
         runtime.share_paused = bool(own.get("paused"))
         if self._activity.paused or runtime.share_paused:

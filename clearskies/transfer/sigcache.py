@@ -2,8 +2,9 @@
 
 Signing the old copy is most of the asking side's work for a big file
 (about 1.5 s per GiB).  A :class:`SignatureCache` makes that signature
-when a big download has just been installed, one file at a time, a few
-seconds later (:data:`SIGN_DELAY`), in the files pool; when a newer
+when a big download has just been installed, one file at a time, once the
+share is idle (nothing to scan or download; looked at every
+:data:`SIGN_DELAY` seconds), in the files pool; when a newer
 version of the file then comes, the signature is read from the cache
 instead of signing the whole file again.
 
@@ -28,6 +29,7 @@ import os
 import stat
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,9 @@ from clearskies.threads import Runner
 MAX_CACHE_BYTES = 64 * 1024 * 1024
 """Most bytes of cached signatures kept in all (a 1 GiB file's is 0.4 MB)."""
 
-SIGN_DELAY = 3.0
-"""Seconds after an install before its signature is made: the download
-burst that brought it (and the checks after it) goes first."""
+SIGN_DELAY = 1.0
+"""Seconds after an install before its signature is made, and between looks
+at whether the share is idle: signatures wait while it scans or downloads."""
 
 MAX_QUEUED = 1000
 """Most files waiting to be signed; more are simply not cached."""
@@ -98,11 +100,13 @@ class SignatureCache:
 
     def __init__(self, directory: str | Path, runner: Runner, clock: Any, *,
                  max_bytes: int = MAX_CACHE_BYTES, delay: float = SIGN_DELAY,
-                 min_size: int = 1024 * 1024) -> None:
+                 min_size: int = 1024 * 1024, idle: Callable[[], bool] | None = None) -> None:
+        """``idle()``: whether the share has nothing else to do now."""
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.delay = delay
         self.min_size = min_size
+        self._idle = idle
         self._runner = runner
         self._clock = clock
         self._queue: deque[tuple[str, str, Path, str, tuple[int, int, int]]] = deque()
@@ -132,6 +136,9 @@ class SignatureCache:
     def _next(self) -> None:
         self._call = None
         if not self._queue:
+            return
+        if self._idle is not None and not self._idle():
+            self._wake(self.delay)  # busy: look again later
             return
         job = self._queue.popleft()
         self._running = True
