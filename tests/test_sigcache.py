@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from clearskies import rdiff
@@ -164,3 +165,29 @@ def test_installs_are_signed_later_one_at_a_time(setup) -> None:
     cache.installed("s1", "again", big, SHA, key_of(big))
     clock.advance(cache.delay)
     assert cache.made == 2 and clock.getDelayedCalls() == []
+
+
+def test_one_may_wait_for_the_signature_being_made(setup) -> None:
+    """``being_made`` answers only for the path being signed, and fires once it is cached."""
+    cache, big = setup
+    held = []
+
+    class HeldRunner:
+        def run(self, fn, *args):
+            d = Deferred()
+            held.append((d, fn, args))
+            return d
+
+    cache._runner = HeldRunner()
+    cache.installed("s1", "big.bin", big, SHA, key_of(big))
+    assert cache.being_made("s1", "big.bin") is None  # not started yet
+    cache._clock.advance(cache.delay)
+    assert cache.being_made("s1", "other") is None
+    waiter = cache.being_made("s1", "big.bin")
+    fired = []
+    waiter.addCallback(fired.append)
+    [(d, fn, args)] = held
+    assert fired == []
+    d.callback(fn(*args))
+    assert fired == [None] and lookup(cache, big) is not None
+    assert cache.being_made("s1", "big.bin") is None

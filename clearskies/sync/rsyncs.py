@@ -181,6 +181,9 @@ class RsyncExchange:
             sha256 = ours.sha256 if ours is not None and not ours.deleted else None
             if sha256:
                 share_id = self.share.share_id
+                running = cache.being_made(share_id, path)
+                if running is not None:  # sooner than signing it a second time
+                    await running
                 cached = lambda fd: cache.open(share_id, path, fd, sha256)  # noqa: E731
         return await self.share.files_runner.run(open_signature, receiver.local_path,
                                                  MIN_RSYNC_SIZE, cached)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clearskies import diskjobs, rdiff
@@ -112,6 +113,8 @@ class SignatureCache:
         self._queue: deque[tuple[str, str, Path, str, tuple[int, int, int]]] = deque()
         self._call: Any = None
         self._running = False
+        self._current: tuple[str, str] | None = None  # (share, path) being signed
+        self._waiters: list[Deferred[None]] = []
         self._stopped = False
         #: Signatures made, and made ones taken from the cache (for tests and logs).
         self.made = 0
@@ -142,10 +145,23 @@ class SignatureCache:
             return
         job = self._queue.popleft()
         self._running = True
+        self._current = (job[0], job[1])
         self._runner.run(self.make, *job).addBoth(self._made)
+
+    def being_made(self, share_id: str, path: str) -> Deferred[None] | None:
+        """If this path's signature is being made right now: fires once it is done."""
+        if self._current != (share_id, path):
+            return None
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
     def _made(self, result: object) -> None:
         self._running = False
+        self._current = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         if result is True:
             self.made += 1
         elif not isinstance(result, bool):
