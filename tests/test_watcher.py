@@ -156,7 +156,7 @@ def test_a_closed_file_needs_only_the_short_quiet_period(debounce):
     clock, debouncer, recorder = debounce
     debouncer.touch("big")  # the writes
     clock.advance(0.3)
-    debouncer.touch("big", closed=True)  # the close
+    debouncer.touch_closed("big")  # the close
     clock.advance(0.19)
     assert recorder.ready == []
     clock.advance(0.02)
@@ -167,17 +167,17 @@ def test_a_closed_file_needs_only_the_short_quiet_period(debounce):
 def test_a_change_after_the_close_brings_back_the_full_quiet_period(debounce):
     """Writing again after a close (a file still being written) waits the whole quiet period."""
     clock, debouncer, recorder = debounce
-    debouncer.touch("f", closed=True)
+    debouncer.touch_closed("f")
     clock.advance(0.1)
     debouncer.touch("f")  # reopened and written: not finished after all
     clock.advance(1.0)
     assert recorder.ready == []
     clock.advance(0.5)
     assert recorder.ready == [(["f"], 1000.0)]
-    debouncer.touch("g", closed=True)
+    debouncer.touch_closed("g")
     for _ in range(10):  # closed again and again: each close restarts the short wait
         clock.advance(0.15)
-        debouncer.touch("g", closed=True)
+        debouncer.touch_closed("g")
     assert recorder.ready == [(["f"], 1000.0)]
     clock.advance(0.21)
     assert recorder.ready[-1] == (["g"], pytest.approx(1001.6))
@@ -188,7 +188,7 @@ def test_a_close_does_not_cut_a_back_off(debounce):
     """A path held back (still changing when hashed) stays held back after a close."""
     clock, debouncer, recorder = debounce
     debouncer.touch("busy", wait=10.0)
-    debouncer.touch("busy", closed=True)
+    debouncer.touch_closed("busy")
     clock.advance(9.9)
     assert recorder.ready == []
     clock.advance(0.1)

@@ -236,7 +236,7 @@ class ShareService(Service):
             return
         if not self.running or self._state == "error" or self.scanner.rules.is_ignored(path):
             return
-        self._debouncer.touch(path, closed=closed)
+        (self._debouncer.touch_closed if closed else self._debouncer.touch)(path)
 
     def pause(self) -> None:
         """Hold local change detection, and so every announcement, until ``resume``.

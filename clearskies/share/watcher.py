@@ -97,11 +97,17 @@ class Debouncer:
     def pending(self) -> int:
         return len(self._first)
 
-    def touch(self, path: str, wait: float | None = None, closed: bool = False) -> None:
+    def touch(self, path: str, wait: float | None = None) -> None:
         """Note that ``path`` changed now; with ``wait``, release it no earlier
-        than ``wait`` seconds from now (a back-off for files that keep changing);
-        ``closed``: this change is its writer closing it (``closed_quiet`` then
-        suffices, until another change comes)."""
+        than ``wait`` seconds from now (a back-off for files that keep changing)."""
+        self._touch(path, wait, False)
+
+    def touch_closed(self, path: str) -> None:
+        """Note that ``path``'s writer closed it now: ``closed_quiet`` then
+        suffices, until another change comes."""
+        self._touch(path, None, True)
+
+    def _touch(self, path: str, wait: float | None, closed: bool) -> None:
         now = self._clock.seconds()
         new = path not in self._first
         if new:
