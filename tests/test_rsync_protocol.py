@@ -281,6 +281,10 @@ class RsyncTests(PeerKitCase):
         self.assertEqual(peer.messages("rsync.patch"), [])
         self.assertFalse(peer.closed)
         self.assertTrue(any("refused the rsync signature" in t for t in self.logged()))
+        # Nothing is counted as held for signatures answered so (the budget comes back).
+        sessions = list(self.runtime.sync.sessions.values())
+        self.assertEqual([s.rsync._held for s in sessions], [0] * len(sessions))
+        self.assertTrue(sessions)
 
     @async_test
     async def test_an_oversize_signature_closes_the_connection(self):

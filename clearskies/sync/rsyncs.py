@@ -289,6 +289,7 @@ class RsyncExchange:
             self._refuse_signature(path, intake.error or "unreadable")
             return
         self._held += intake.received
+        done = None
         try:
             try:
                 signature = await self.share.files_runner.run(loader.finish)
@@ -332,9 +333,9 @@ class RsyncExchange:
             except BaseException:
                 runner.run(reader.close)
                 raise
-        except BaseException:
-            self._held -= intake.received
-            raise
+        finally:
+            if done is None:  # answered otherwise, or failed: nothing held for it now
+                self._held -= intake.received
         done.addBoth(self._delta_sent, intake.received, path, self.sync.clock.seconds())
 
     def _delta_sent(self, result: SendResult | Failure, held: int, path: str,
