@@ -494,11 +494,18 @@ class DeltaReader:
     ``read(n)`` as a file's: the delta a piece at a time, b"" at its end.
     """
 
-    def __init__(self, fd: int, signature: Signature, segment: int = DELTA_SEGMENT) -> None:
+    def __init__(self, fd: int, signature: Signature, segment: int = DELTA_SEGMENT,
+                 start: int = 0, end: int | None = None, last: bool = True) -> None:
+        """With ``start``/``end``, the delta of those bytes only: without the
+        magic when ``start`` > 0, without the final END unless ``last``, so the
+        pieces made so join, in order, into the whole file's delta."""
         self.signature = signature  # freed with the reader, not before
         self._fd = fd
         self._segment = max(1, segment // signature.block) * signature.block
-        self._first = True
+        self._position = start
+        self._end = end
+        self._last = last
+        self._first = start == 0
         self._tail = b""  # the last byte out so far: the END command if the segment ended
         self._file_eof = False
         self.done = False
@@ -520,7 +527,11 @@ class DeltaReader:
             job = self._job
             assert job is not None
             if not self._pending and not self._segment_eof:
-                self._pending = os.read(self._fd, min(PIECE, self._left))
+                room = min(PIECE, self._left)
+                if self._end is not None:
+                    room = min(room, self._end - self._position)
+                self._pending = os.pread(self._fd, room, self._position) if room > 0 else b""
+                self._position += len(self._pending)
                 self._left -= len(self._pending)
                 self._file_eof = not self._pending
                 self._segment_eof = self._file_eof or not self._left
@@ -537,7 +548,10 @@ class DeltaReader:
             if job.done:
                 job.close()
                 if self._file_eof:
-                    pieces.append(self._tail)  # the END of the last segment ends the delta
+                    if self._last:
+                        pieces.append(self._tail)  # the END of the last segment ends the delta
+                    elif self._tail != b"\0":
+                        raise RdiffError("a delta segment did not end with END")
                     self.done = True
                 else:
                     if self._tail != b"\0":
@@ -564,6 +578,105 @@ class DeltaReader:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+SPLIT_DELTA = 2 * DELTA_SEGMENT
+"""Files from this size are delta'd in two halves at once (two worker threads)."""
+
+SPLIT_DELTA_HELD = 16 * 1024 * 1024
+"""Most bytes of the second half's delta made ahead and held while the first
+half is sent; past it the second half is finished by the reading thread."""
+
+
+def load_signature(data: bytes, limit: int = MAX_SIGNATURE_BYTES) -> Signature:
+    """A whole signature at once (see :class:`SignatureLoader`)."""
+    loader = SignatureLoader(limit)
+    try:
+        loader.feed(data)
+        return loader.finish()
+    finally:
+        loader.close()
+
+
+class SplitDeltaReader:
+    """The delta of a big file made in two halves at once.
+
+    The halves meet at a segment boundary (:data:`DELTA_SEGMENT`), where
+    the delta is cut into independent jobs anyway, so the result is
+    byte for byte the one :class:`DeltaReader` makes.  Each half has its
+    own copy of the peer's signature (``first``, ``second``: librsync
+    jobs sharing one would share its counters).  :meth:`read` hands out
+    the first half's delta as it is made; :meth:`make_second`, called from
+    a second worker thread, makes the second half's meanwhile, holding at
+    most :data:`SPLIT_DELTA_HELD` bytes, and stops there; :meth:`read`
+    then takes what is held and makes the rest itself.  Nothing ever waits
+    on a job that is not running.
+    """
+
+    def __init__(self, fd: int, size: int, first: Signature, second: Signature,
+                 segment: int | None = None) -> None:
+        segment = segment or DELTA_SEGMENT
+        step = max(1, segment // first.block) * first.block
+        middle = (-(-size // step) // 2) * step
+        self.signature = first
+        self.first = DeltaReader(fd, first, segment, 0, middle, last=False)
+        self.second = DeltaReader(os.dup(fd), second, segment, middle)
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self._made = threading.Event()
+        self._held: list[bytes] = []
+        self._error: BaseException | None = None
+
+    def make_second(self) -> None:
+        """Make (most of) the second half's delta (worker thread); at most once."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        try:
+            held = 0
+            while held < SPLIT_DELTA_HELD and not self._closed:
+                data = self.second.read(PIECE)
+                if not data:
+                    break
+                self._held.append(data)
+                held += len(data)
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._made.set()
+
+    def read(self, n: int = PIECE) -> bytes:
+        if not self.first.done:
+            out = self.first.read(n)
+            if out:
+                return out
+        self.make_second()  # nothing if another thread has started it
+        self._made.wait()
+        if self._error is not None:
+            raise RdiffError("the second half's delta failed: %s" % self._error)
+        if self._held:
+            out = b"".join(self._held)
+            self._held = []
+            if len(out) > n:
+                self._held.append(out[n:])
+                out = out[:n]
+            return out
+        return self.second.read(n)
+
+    def close(self) -> None:
+        self._closed = True
+        self.first.close()
+        with self._lock:
+            started, self._started = self._started, True
+        if started:
+            self._made.wait()  # its thread ends within a piece
+        self.second.close()
+
+    @property
+    def done(self) -> bool:
+        return self.first.done and self.second.done and not self._held
 
 
 class Patcher(_Job):
@@ -670,5 +783,6 @@ __all__ = [
     "MAX_BLOCK", "MIN_PEER_BLOCK", "MAX_SIGNATURE_BYTES", "MAX_OLD_SIZE", "PIECE",
     "RdiffError", "block_size", "strong_length", "signature_size", "SignatureReader",
     "SPLIT_SIGNATURE", "SplitSignatureReader", "SignatureLoader",
-    "Signature", "DELTA_SEGMENT", "DeltaReader", "Patcher", "patch_file",
+    "Signature", "DELTA_SEGMENT", "DeltaReader", "SPLIT_DELTA", "SPLIT_DELTA_HELD",
+    "load_signature", "SplitDeltaReader", "Patcher", "patch_file",
 ]

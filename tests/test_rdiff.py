@@ -131,6 +131,53 @@ def test_a_split_signature_closed_early_frees_both_halves(files: tuple[Path, Pat
     assert reader.second._fd == -1 and reader.first._fd == -1
 
 
+@pytest.mark.parametrize("how", ["beside", "before", "never", "held"])
+def test_a_delta_made_in_two_halves_is_the_same_delta(files: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      how: str) -> None:
+    """Both halves joined equal the one-piece delta, whichever thread makes the second half,
+    and also when it stops at its bound (all-new content) and the reader finishes it."""
+    old, new = files
+    if how == "held":  # nothing in common: the second half's delta is the content itself
+        new.write_bytes(random.Random(5).randbytes(new.stat().st_size))
+        monkeypatch.setattr(rdiff, "SPLIT_DELTA_HELD", 200_000)
+    signature = signature_of(old)
+    segment = 8 * rdiff.block_size(old.stat().st_size)
+    whole = delta_of(signature, new, segment=segment)
+    fd = os.open(new, os.O_RDONLY)
+    reader = rdiff.SplitDeltaReader(fd, os.fstat(fd).st_size, load(signature), load(signature),
+                                    segment=segment)
+    if how in ("before", "held"):
+        reader.make_second()
+    elif how == "beside":
+        first = reader.read(10_000)
+        reader.make_second()
+    split = (first if how == "beside" else b"") + _drain(reader, piece=10_000)
+    assert split == whole
+    if how == "held":
+        assert len(whole) > 1_000_000  # the bound was reached, and the rest made after
+    patch(old, split, tmp_path / "out", new.stat().st_size)
+    assert (tmp_path / "out").read_bytes() == new.read_bytes()
+
+
+def test_a_split_delta_closed_early_frees_both_halves(files: tuple[Path, Path]) -> None:
+    """Closed before or after its second half started: files and signatures are freed."""
+    old, new = files
+    signature = signature_of(old)
+    segment = 8 * rdiff.block_size(old.stat().st_size)
+    for started in (False, True):
+        reader = rdiff.SplitDeltaReader(os.open(new, os.O_RDONLY), new.stat().st_size,
+                                        load(signature), load(signature), segment=segment)
+        if started:
+            reader.make_second()
+        reader.read(100)
+        reader.close()
+        reader.make_second()
+        assert reader.first._fd == -1 and reader.second._fd == -1
+        assert reader.first.signature._handle is None
+        assert reader.second.signature._handle is None
+
+
 def test_empty_files(tmp_path: Path) -> None:
     """An empty old file and an empty new file still make a valid signature and delta."""
     (tmp_path / "old").write_bytes(b"")

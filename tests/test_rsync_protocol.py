@@ -117,6 +117,37 @@ class RsyncTests(PeerKitCase):
         self.assertFalse(peer.closed)
 
     @async_test
+    async def test_a_download_s_signature_is_made_ahead_and_used_for_the_next_version(self):
+        """A big file fetched whole is signed once the share is idle; its next version is
+        asked for with that signature, not with one made then; the delta applies."""
+        self.share_path("big.bin").unlink()
+        runtime = await self.start_daemon()
+        cache = runtime.signatures
+        self.assertIsNotNone(cache)
+        cache.delay = 0.05
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(RSYNC, peer_id=peer_id)
+        peer.send(update(file_entry("big.bin", self.old, vv={peer_id: 1}), revision=1))
+        await peer.wait_for("get", where=lambda b: b["path"] == "big.bin")
+        peer.send_payload({"type": "file_data", "path": "big.bin"}, self.old)
+        await wait_until(lambda: cache.made == 1, what="the signature made ahead")
+        made_now = []
+        original = rdiff.SignatureReader.__init__
+        self.patch(rdiff.SignatureReader, "__init__",
+                   lambda reader, *a, **k: (made_now.append(True), original(reader, *a, **k))[1])
+        peer.send(update(file_entry("big.bin", self.new, vv={peer_id: 2}), revision=2))
+        _, signature = await payload_of(peer, "rsync.signature", "big.bin")
+        self.assertEqual((made_now, cache.used), ([], 1))
+        scratch = self.outside / "old"
+        scratch.write_bytes(self.old)
+        self.assertEqual(signature, drain(rdiff.SignatureReader(os.open(scratch, os.O_RDONLY),
+                                                                 SIZE)))
+        peer.send_payload({"type": "rsync.patch", "path": "big.bin"},
+                          delta_for(signature, self.new, str(self.outside / "new")))
+        await self.installed()
+        self.assertEqual(len(peer.messages("get")), 1)  # the first version's only
+
+    @async_test
     async def test_a_peer_without_rsync_is_asked_with_get(self):
         """Without the negotiated feature the daemon sends a plain ``get``."""
         peer, _ = await self.offer_new_version(ALL_FEATURES)
@@ -207,6 +238,31 @@ class RsyncTests(PeerKitCase):
         self.assertEqual((self.outside / "out").read_bytes(), self.new)
 
     @async_test
+    async def test_a_big_file_is_delta_d_in_two_halves(self):
+        """From SPLIT_DELTA bytes on, the two halves made at once join into the same delta."""
+        self.patch(rdiff, "SPLIT_DELTA", SIZE)
+        self.patch(rdiff, "DELTA_SEGMENT", 256 * 1024)
+        made = []
+        original = rdiff.SplitDeltaReader.make_second
+        self.patch(rdiff.SplitDeltaReader, "make_second",
+                   lambda reader: (made.append(True), original(reader))[1])
+        self.share_path("big.bin").write_bytes(self.new)
+        await self.start_daemon()
+        peer = await self.connect(RSYNC)
+        scratch = self.outside / "old"
+        scratch.write_bytes(self.old)
+        signature = drain(rdiff.SignatureReader(os.open(scratch, os.O_RDONLY), SIZE))
+        peer.send_payload({"type": "rsync.signature", "path": "big.bin"}, signature,
+                          chunk_size=5000)
+        _, delta = await payload_of(peer, "rsync.patch", "big.bin")
+        self.assertTrue(made)
+        loader = rdiff.SignatureLoader()
+        loader.feed(signature)
+        expected = drain(rdiff.DeltaReader(os.open(self.share_path("big.bin"), os.O_RDONLY),
+                                           loader.finish(), segment=256 * 1024))
+        self.assertEqual(delta, expected)
+
+    @async_test
     async def test_bad_signatures_are_answered_with_get_error(self):
         """Truncated, garbage and unknown-path signatures get ``get_error``; the connection stays."""
         await self.start_daemon()
@@ -225,6 +281,10 @@ class RsyncTests(PeerKitCase):
         self.assertEqual(peer.messages("rsync.patch"), [])
         self.assertFalse(peer.closed)
         self.assertTrue(any("refused the rsync signature" in t for t in self.logged()))
+        # Nothing is counted as held for signatures answered so (the budget comes back).
+        sessions = list(self.runtime.sync.sessions.values())
+        self.assertEqual([s.rsync._held for s in sessions], [0] * len(sessions))
+        self.assertTrue(sessions)
 
     @async_test
     async def test_an_oversize_signature_closes_the_connection(self):

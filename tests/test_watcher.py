@@ -151,6 +151,50 @@ def test_wait_holds_a_path_back(debounce):
     assert recorder.ready == [(["busy"], 1000.0)]
 
 
+def test_a_closed_file_needs_only_the_short_quiet_period(debounce):
+    """A write ended by its writer closing the file is released after closed_quiet."""
+    clock, debouncer, recorder = debounce
+    debouncer.touch("big")  # the writes
+    clock.advance(0.3)
+    debouncer.touch_closed("big")  # the close
+    clock.advance(0.19)
+    assert recorder.ready == []
+    clock.advance(0.02)
+    assert recorder.ready == [(["big"], 1000.0)]
+    assert debouncer.pending == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_change_after_the_close_brings_back_the_full_quiet_period(debounce):
+    """Writing again after a close (a file still being written) waits the whole quiet period."""
+    clock, debouncer, recorder = debounce
+    debouncer.touch_closed("f")
+    clock.advance(0.1)
+    debouncer.touch("f")  # reopened and written: not finished after all
+    clock.advance(1.0)
+    assert recorder.ready == []
+    clock.advance(0.5)
+    assert recorder.ready == [(["f"], 1000.0)]
+    debouncer.touch_closed("g")
+    for _ in range(10):  # closed again and again: each close restarts the short wait
+        clock.advance(0.15)
+        debouncer.touch_closed("g")
+    assert recorder.ready == [(["f"], 1000.0)]
+    clock.advance(0.21)
+    assert recorder.ready[-1] == (["g"], pytest.approx(1001.6))
+    assert debouncer.pending == 0
+
+
+def test_a_close_does_not_cut_a_back_off(debounce):
+    """A path held back (still changing when hashed) stays held back after a close."""
+    clock, debouncer, recorder = debounce
+    debouncer.touch("busy", wait=10.0)
+    debouncer.touch_closed("busy")
+    clock.advance(9.9)
+    assert recorder.ready == []
+    clock.advance(0.1)
+    assert recorder.ready == [(["busy"], 1000.0)]
+
+
 def test_too_many_paths_collapse_into_overflow(debounce):
     """More pending paths than the bound drop the set and ask for a full rescan."""
     clock, debouncer, recorder = debounce
@@ -233,6 +277,22 @@ class InotifyWatcherTests(TestCase):
         """Writing a file in a watched subdirectory reports its share-relative path."""
         self.write("sub/f.txt")
         await eventually(lambda: "sub/f.txt" in self.changes)
+
+    @async_test
+    async def test_a_file_closed_after_writing_is_reported_as_closed(self):
+        """With on_closed, the writer's close comes there; the writes before it as changes."""
+        closed = []
+        self.watcher.stop()
+        self.watcher = InotifyWatcher(reactor, self.root, self.changes.append,
+                                      lambda: None, lambda: None, on_closed=closed.append)
+        self.assertTrue(self.watcher.start())
+        self.addCleanup(self.watcher.stop)
+        with open(os.path.join(self.root, "f.bin"), "wb") as f:
+            f.write(b"x" * 1000)
+            f.flush()
+            await eventually(lambda: "f.bin" in self.changes)
+            self.assertEqual(closed, [])  # still open: only changes so far
+        await eventually(lambda: closed == ["f.bin"])
 
     @async_test
     async def test_our_own_renames_are_not_reported_but_later_edits_are(self):

@@ -27,6 +27,7 @@ from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
 from clearskies.share.versions import VersionStore
 from clearskies.transfer.modes import unwritable_mode
+from clearskies.transfer.sigcache import SignatureCache
 
 if TYPE_CHECKING:
     from clearskies.daemon.versions import ShareVersions
@@ -181,6 +182,8 @@ class LocalShareFiles:
 
     _log = Logger()
     versions: ShareVersions | None = None
+    #: Signatures of big installed files made ahead (the rsync extension), or None.
+    signatures: SignatureCache | None = None
 
     def __init__(self, share_id: str, store: Any, files_runner: IRunner,
                  service: ShareService) -> None:

@@ -185,6 +185,8 @@ class ShareRuntime(LocalShareFiles, Service):
             self._recount_call.cancel()
         if self.versions is not None:
             self.versions.stop()
+        if self.signatures is not None:
+            self.signatures.stop()
         for session in list(self.sync.sessions.values()):
             session.connection.close("share stopping")
         self.sync.stop()
@@ -278,6 +280,13 @@ class ShareRuntime(LocalShareFiles, Service):
                 if key is not None and key.size == record.size:
                     keys[record.path] = key
         revision = await self.store.apply_changes(self.share_id, records, keys)
+        if self.signatures is not None:  # big downloads: their signature made ahead
+            for record in records:
+                if record.path in written and record.sha256:
+                    size, mtime_ns, inode = written[record.path]
+                    self.signatures.installed(self.share_id, record.path,
+                                              self.local_path(record.path), record.sha256,
+                                              (inode, size, mtime_ns))
         self._revision = max(self._revision, revision)
         self.last_sync = self.host.now()
         self._counts_dirty = True  # recounted when someone asks (fresh_counts)

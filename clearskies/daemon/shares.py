@@ -25,6 +25,7 @@ from clearskies.share import location
 from clearskies.share.database import ShareInfo
 from clearskies.share.folder import remove_marker
 from clearskies.share.service import create_share as register_share
+from clearskies.transfer.sigcache import SignatureCache
 
 #: Config key: shares attached with --merge whose first scan has not yet recorded
 #: the folder's own files (protocol/merge.md, "Attaching into a folder that holds files").
@@ -32,6 +33,8 @@ ADOPTING = "adopting_shares"
 #: Config key: share ID → that share's own settings (settings.SHARE_DEFAULTS; and
 #: ``paused``, set by ``clearskies pause DIR``).
 SHARE_SETTINGS = "share_settings"
+#: Under the data directory: signatures of big files made ahead (clearskies.transfer.sigcache).
+SIGNATURES_DIR = "signatures"
 
 
 class Shares(MultiService):
@@ -148,6 +151,10 @@ class Shares(MultiService):
         runtime = ShareRuntime(self._host, resources.reactor, resources.store,
                                resources.files_runner, info, keys,
                                self._activity.upload_limiter, self._activity.download_limiter)
+        runtime.signatures = SignatureCache(
+            os.path.join(resources.data_dir, SIGNATURES_DIR), resources.files_runner,
+            resources.reactor, idle=lambda: (runtime.service.status.state == "idle"
+                                             and not runtime.sync.wanted))
         own = self.share_settings(info.share_id)
         runtime.share_paused = bool(own.get("paused"))
         if self._activity.paused or runtime.share_paused:

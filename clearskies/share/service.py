@@ -117,7 +117,8 @@ class ShareService(Service):
         self.expected_arrivals = ExpectedArrivals(reactor)
         self._watcher = (InotifyWatcher(reactor, share.path, self.path_changed,
                                         self._events_lost, self._root_changed,
-                                        self.expected_arrivals)
+                                        self.expected_arrivals,
+                                        on_closed=lambda p: self.path_changed(p, closed=True))
                          if use_inotify and InotifyWatcher.available() else None)
         self._error_retry = error_retry
         self._error_tries = 0  # failed scans in a row: the retry backs off
@@ -223,7 +224,7 @@ class ShareService(Service):
         self._request_full(d)
         return d
 
-    def path_changed(self, path: str) -> None:
+    def path_changed(self, path: str, closed: bool = False) -> None:
         """Something changed at this share-relative path: rescan it once it settles.
 
         Ignored in the error state, whose periodic re-check scans everything.
@@ -235,7 +236,7 @@ class ShareService(Service):
             return
         if not self.running or self._state == "error" or self.scanner.rules.is_ignored(path):
             return
-        self._debouncer.touch(path)
+        (self._debouncer.touch_closed if closed else self._debouncer.touch)(path)
 
     def pause(self) -> None:
         """Hold local change detection, and so every announcement, until ``resume``.

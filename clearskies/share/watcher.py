@@ -3,6 +3,11 @@
 ``Debouncer`` (pure, clock-driven) turns a stream of "this path changed"
 into batches: a path is ready once it has been quiet for ``quiet`` seconds,
 or ``max_delay`` seconds after its first event if it never stops changing.
+A path whose last event was a writer closing it (``IN_CLOSE_WRITE``) needs
+only ``closed_quiet`` seconds: the write is most likely complete, and if it
+is not, the scanner's own check holds (a file that changes while it is
+hashed is recorded as still changing and looked at again), as it does for
+a writer pausing longer than ``quiet``.
 Too many pending paths (a bounded set) collapse into one full rescan.
 
 ``InotifyWatcher`` feeds it from Linux inotify through Twisted's ``INotify``,
@@ -35,6 +40,11 @@ except ImportError:  # not Linux
     inotify = None  # type: ignore[assignment]
 
 DEFAULT_QUIET = 1.0
+DEFAULT_CLOSED_QUIET = 0.2
+"""Quiet seconds for a path whose last event was its writer closing it: long
+enough for the next event of a save made of several steps (a close and a
+rename, a reopen to append) to keep it waiting, short enough not to add a
+second to every change."""
 DEFAULT_MAX_DELAY = 30.0
 MAX_PENDING_PATHS = 10_000
 #: How long an announced rename of our own may take to show up as an event.
@@ -63,7 +73,8 @@ class Debouncer:
     def __init__(self, clock: IReactorTime, on_ready: Callable[[set[str], float], None],
                  on_overflow: Callable[[float], None], quiet: float = DEFAULT_QUIET,
                  max_delay: float = DEFAULT_MAX_DELAY,
-                 max_paths: int = MAX_PENDING_PATHS) -> None:
+                 max_paths: int = MAX_PENDING_PATHS,
+                 closed_quiet: float = DEFAULT_CLOSED_QUIET) -> None:
         """``on_ready(paths, first_seen)`` gets each settled batch and when its
         first event came; ``on_overflow(first_seen)`` replaces it when more
         than ``max_paths`` paths were pending."""
@@ -73,10 +84,13 @@ class Debouncer:
         self.quiet = quiet
         self.max_delay = max_delay
         self.max_paths = max_paths
+        self.closed_quiet = min(closed_quiet, quiet)
         self._first: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self._not_before: dict[str, float] = {}
-        self._due: list[tuple[float, str]] = []  # heap: (deadline, path), one per pending path
+        self._closed: set[str] = set()  # pending paths whose last event was a close after writing
+        self._due: list[tuple[float, str]] = []  # heap: (deadline, path); stale entries skipped
+        self._scheduled: dict[str, float] = {}  # each pending path's live entry in the heap
         self._timer: IDelayedCall | None = None
 
     @property
@@ -86,11 +100,23 @@ class Debouncer:
     def touch(self, path: str, wait: float | None = None) -> None:
         """Note that ``path`` changed now; with ``wait``, release it no earlier
         than ``wait`` seconds from now (a back-off for files that keep changing)."""
+        self._touch(path, wait, False)
+
+    def touch_closed(self, path: str) -> None:
+        """Note that ``path``'s writer closed it now: ``closed_quiet`` then
+        suffices, until another change comes."""
+        self._touch(path, None, True)
+
+    def _touch(self, path: str, wait: float | None, closed: bool) -> None:
         now = self._clock.seconds()
         new = path not in self._first
         if new:
             self._first[path] = now
         self._last[path] = now
+        if closed:
+            self._closed.add(path)
+        else:
+            self._closed.discard(path)
         if wait is not None:
             self._not_before[path] = max(self._not_before.get(path, 0.0), now + wait)
         if len(self._first) > self.max_paths:
@@ -98,8 +124,9 @@ class Debouncer:
             self.clear()
             self._on_overflow(earliest)
             return
-        if new:
-            deadline = self._deadline(path)
+        deadline = self._deadline(path)
+        if new or deadline < self._scheduled[path]:  # else its entry comes first anyway
+            self._scheduled[path] = deadline
             heapq.heappush(self._due, (deadline, path))
             if self._timer is None or deadline < self._timer.getTime():
                 self._schedule(deadline)
@@ -109,13 +136,16 @@ class Debouncer:
         self._first.clear()
         self._last.clear()
         self._not_before.clear()
+        self._closed.clear()
         self._due.clear()
+        self._scheduled.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _deadline(self, path: str) -> float:
-        settled = min(self._last[path] + self.quiet, self._first[path] + self.max_delay)
+        quiet = self.closed_quiet if path in self._closed else self.quiet
+        settled = min(self._last[path] + quiet, self._first[path] + self.max_delay)
         return max(settled, self._not_before.get(path, 0.0))
 
     def _schedule(self, when: float) -> None:
@@ -128,16 +158,23 @@ class Debouncer:
         now = self._clock.seconds()
         ready: set[str] = set()
         while self._due and self._due[0][0] <= now:
-            _, path = heapq.heappop(self._due)
+            due, path = heapq.heappop(self._due)
+            if self._scheduled.get(path) != due:
+                continue  # replaced by an earlier entry (a close), or released already
             deadline = self._deadline(path)
             if deadline <= now:
                 ready.add(path)
+                del self._scheduled[path]
             else:  # touched again since: wait for its new deadline
+                self._scheduled[path] = deadline
                 heapq.heappush(self._due, (deadline, path))
         first_seen = min((self._first[path] for path in ready), default=now)
         for path in ready:
             del self._first[path], self._last[path]
             self._not_before.pop(path, None)
+            self._closed.discard(path)
+        while self._due and self._scheduled.get(self._due[0][1]) != self._due[0][0]:
+            heapq.heappop(self._due)  # stale: no timer for it
         if self._due:
             self._schedule(self._due[0][0])
         if ready:
@@ -276,10 +313,14 @@ class InotifyWatcher:
 
     def __init__(self, reactor: IReactorFDSet, root: str, on_change: Callable[[str], None],
                  on_overflow: Callable[[], None], on_root_changed: Callable[[], None],
-                 expected: ExpectedArrivals | None = None) -> None:
+                 expected: ExpectedArrivals | None = None,
+                 on_closed: Callable[[str], None] | None = None) -> None:
+        """``on_closed(path)``, if given, replaces ``on_change(path)`` for a file
+        whose writer just closed it."""
         self._reactor = reactor
         self.root = os.path.realpath(root)
         self._on_change = on_change
+        self._on_closed = on_closed
         self._on_overflow = on_overflow
         self._on_root_changed = on_root_changed
         self.expected = expected
@@ -404,4 +445,7 @@ class InotifyWatcher:
         elif mask & inotify.IN_MOVED_TO and self.expected is not None \
                 and self.expected.arrived(path):
             return  # a download we installed ourselves: nothing to rescan
+        if mask & inotify.IN_CLOSE_WRITE and self._on_closed is not None:
+            self._on_closed(path)
+            return
         self._on_change(path)

@@ -34,7 +34,7 @@ from clearskies.share.records import validate_wire_path
 from clearskies.sync.engine import ShareSync
 from clearskies.transfer.deltas import DeltaApplier, open_delta, open_signature
 from clearskies.transfer.receiver import FileReceiver
-from clearskies.transfer.refusals import get_error_message
+from clearskies.transfer.refusals import describe_os_error, get_error_message
 from clearskies.transfer.sendqueue import SendQueue, SendResult
 from clearskies.transfer.states import NEW, WRITING
 
@@ -62,6 +62,8 @@ class SignatureIntake:
         self.loader: rdiff.SignatureLoader | None = rdiff.SignatureLoader()
         self.received = 0
         self.error: str | None = None
+        #: The bytes as they came (a second copy is loaded for a delta made in two halves).
+        self.chunks: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
@@ -70,6 +72,7 @@ class SignatureIntake:
                                 % (self.path, rdiff.MAX_SIGNATURE_BYTES))
         if self.loader is None:
             return
+        self.chunks.append(bytes(data))
         try:
             self.loader.feed(data)
         except rdiff.RdiffError as e:
@@ -78,6 +81,7 @@ class SignatureIntake:
             self.loader = None
 
     def abort(self, keep_partial: bool) -> None:
+        self.chunks = []
         if self.loader is not None:
             self.loader.close()
             self.loader = None
@@ -142,7 +146,7 @@ class RsyncExchange:
         """Sign our old copy in a worker and send the signature; else a plain ``get``."""
         self.waiting[remote_path] = receiver
         self._asked_at[remote_path] = self.sync.clock.seconds()
-        d = self.share.files_runner.run(open_signature, receiver.local_path, MIN_RSYNC_SIZE)
+        d = Deferred.fromCoroutine(self._open_signature(receiver))
 
         def opened(reader: rdiff.SignatureReader | rdiff.SplitSignatureReader) -> None:
             if not self.session.alive or self.waiting.get(remote_path) is not receiver:
@@ -166,6 +170,23 @@ class RsyncExchange:
             self._fall_back(remote_path, receiver, "", quiet=True)
 
         d.addCallbacks(opened, no_old_copy)
+
+    async def _open_signature(self, receiver: FileReceiver) -> Any:
+        """Our old copy's signature: made ahead if the cache has it for exactly this file."""
+        cache = getattr(self.share, "signatures", None)
+        cached = None
+        if cache is not None:
+            path = receiver.expected.path
+            ours = (await self.share.get_records([path])).get(path)
+            sha256 = ours.sha256 if ours is not None and not ours.deleted else None
+            if sha256:
+                share_id = self.share.share_id
+                running = cache.being_made(share_id, path)
+                if running is not None:  # sooner than signing it a second time
+                    await running
+                cached = lambda fd: cache.open(share_id, path, fd, sha256)  # noqa: E731
+        return await self.share.files_runner.run(open_signature, receiver.local_path,
+                                                 MIN_RSYNC_SIZE, cached)
 
     def _signature_sent(self, result: SendResult, remote_path: str) -> None:
         if result.sent:
@@ -262,12 +283,13 @@ class RsyncExchange:
             self._fail, "answering the signature of " + intake.path)
 
     async def _answer(self, intake: SignatureIntake) -> None:
-        path, loader = intake.path, intake.loader
-        intake.loader = None
+        path, loader, chunks = intake.path, intake.loader, intake.chunks
+        intake.loader, intake.chunks = None, []
         if loader is None:
             self._refuse_signature(path, intake.error or "unreadable")
             return
         self._held += intake.received
+        done = None
         try:
             try:
                 signature = await self.share.files_runner.run(loader.finish)
@@ -287,12 +309,33 @@ class RsyncExchange:
                 return
             local = self.share.local_path(path)
             size = record.size
-            done = self.sends.send_stream(path, {"type": "rsync.patch", "path": path},
-                                          lambda: open_delta(local, size, signature),
-                                          on_sent=self._sent_bytes)
-        except BaseException:
-            self._held -= intake.received
-            raise
+            runner = self.share.files_runner
+            second = None
+            if size >= rdiff.SPLIT_DELTA:  # two halves at once, each with its own copy
+                try:
+                    second = await runner.run(rdiff.load_signature, b"".join(chunks))
+                except rdiff.RdiffError:
+                    second = None  # then in one piece
+            del chunks
+            try:
+                reader = await runner.run(open_delta, local, size, signature, second)
+            except OSError as e:
+                self._send(get_error_message(path, describe_os_error(e)))
+                return
+            if not self.session.alive:
+                runner.run(reader.close)
+                return
+            if isinstance(reader, rdiff.SplitDeltaReader):
+                runner.run(reader.make_second)  # beside the first half
+            try:
+                done = self.sends.send_stream(path, {"type": "rsync.patch", "path": path},
+                                              lambda: reader, on_sent=self._sent_bytes)
+            except BaseException:
+                runner.run(reader.close)
+                raise
+        finally:
+            if done is None:  # answered otherwise, or failed: nothing held for it now
+                self._held -= intake.received
         done.addBoth(self._delta_sent, intake.received, path, self.sync.clock.seconds())
 
     def _delta_sent(self, result: SendResult | Failure, held: int, path: str,

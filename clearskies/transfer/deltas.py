@@ -77,9 +77,13 @@ def _open_regular(local_path: Path) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def open_signature(local_path: Path, min_size: int
-                   ) -> rdiff.SignatureReader | rdiff.SplitSignatureReader:
+def open_signature(local_path: Path, min_size: int, cached: Any = None
+                   ) -> rdiff.SignatureReader | rdiff.SplitSignatureReader | Any:
     """The signature of our old copy at ``local_path``, to be read a piece at a time (worker).
+
+    ``cached(fd)``, when given, returns the signature made ahead for exactly
+    the open file ``fd`` (clearskies.transfer.sigcache), or None: then the
+    file is signed now.
 
     From :data:`clearskies.rdiff.SPLIT_SIGNATURE` bytes on, a
     :class:`~clearskies.rdiff.SplitSignatureReader`: the caller should run
@@ -92,26 +96,47 @@ def open_signature(local_path: Path, min_size: int
         os.close(fd)
         raise OSError(errno.EFBIG if size > rdiff.MAX_OLD_SIZE else errno.ENODATA,
                       "no old copy worth a delta")
+    if cached is not None:
+        try:
+            reader = cached(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if reader is not None:
+            os.close(fd)
+            return reader
     if size >= rdiff.SPLIT_SIGNATURE:
         return rdiff.SplitSignatureReader(fd, size)
     return rdiff.SignatureReader(fd, size)
 
 
-def open_delta(local_path: Path, expected_size: int | None,
-               signature: rdiff.Signature) -> rdiff.DeltaReader:
+def open_delta(local_path: Path, expected_size: int | None, signature: rdiff.Signature,
+               second: rdiff.Signature | None = None
+               ) -> rdiff.DeltaReader | rdiff.SplitDeltaReader:
     """The delta from a peer's old copy (``signature``) to our file, read a piece at a time (worker).
 
-    OSError when the file cannot be served as recorded, as for ``get``.
+    With ``second`` (another copy of the same signature) and a file of at
+    least :data:`clearskies.rdiff.SPLIT_DELTA` bytes, a
+    :class:`~clearskies.rdiff.SplitDeltaReader`: the caller should run its
+    ``make_second`` in another worker.  OSError when the file cannot be
+    served as recorded, as for ``get``.
     """
+    signatures = [signature] if second is None else [signature, second]
     try:
         fd, size = _open_regular(local_path)
     except BaseException:
-        signature.close()
+        for s in signatures:
+            s.close()
         raise
     if expected_size is not None and size != expected_size:
         os.close(fd)
-        signature.close()
+        for s in signatures:
+            s.close()
         raise OSError(errno.ESTALE, "the file changed since it was last scanned")
+    if second is not None:
+        if size >= rdiff.SPLIT_DELTA:
+            return rdiff.SplitDeltaReader(fd, size, signature, second)
+        second.close()
     return rdiff.DeltaReader(fd, signature)
 
 
