@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from clearskies.errors import WireError
 from clearskies.wire import MAX_LINE_LENGTH
@@ -31,6 +31,7 @@ __all__ = [
     "GZIP", "CODECS", "MAX_FRAME", "MAX_INFLATED_FRAME", "MAX_FRAME_DIGITS", "SEND_FRAME",
     "INFLATE_STEP", "LEVEL", "SAMPLE_BYTES", "SAMPLE_MIN", "DISTINCT_PROBE",
     "DISTINCT_LIMIT", "MIN_SAVING", "choose", "compressible", "FrameEncoder", "FrameDecoder",
+    "EPOCH", "IDLE_GAP", "MIN_GAIN", "FIRST_HOLD", "MAX_HOLD", "SendPolicy",
 ]
 
 GZIP = "gzip"
@@ -151,15 +152,19 @@ class FrameEncoder:
         self.bytes_stored = 0
         """Of ``bytes_in``, those sent in stored blocks."""
 
-    def encode(self, data: bytes | memoryview, sample: bool = True) -> bytes:
+    def encode(self, data: bytes | memoryview, sample: bool = True, store: bool = False) -> bytes:
         """Frames carrying ``data``; with ``sample`` False it is compressed whatever it is."""
-        return self.encode_many([data], sample)
+        return self.encode_many([data], sample, store)
 
-    def encode_many(self, writes: Sequence[bytes | memoryview], sample: bool = True) -> bytes:
+    def encode_many(self, writes: Sequence[bytes | memoryview], sample: bool = True,
+                    store: bool = False) -> bytes:
         """Frames carrying ``writes`` one after the other, as few as ``frame_size`` allows.
 
         Each write is judged on its own (:func:`compressible`); a frame ends
         with a sync flush, or right after stored blocks (already aligned).
+        With ``store`` True, writes of :data:`SAMPLE_MIN` bytes or more go
+        stored without a sample (the link is not the bottleneck: see
+        :class:`SendPolicy`); shorter ones are still compressed.
         """
         out: list[bytes | memoryview] = []
         body: list[bytes | memoryview] = []
@@ -171,7 +176,8 @@ class FrameEncoder:
                     if carried and carried + len(piece) > self.frame_size:
                         self._close_frame(body, out)
                         carried = 0
-                    if sample and not compressible(piece):
+                    if len(piece) >= SAMPLE_MIN and (
+                            store or (sample and not compressible(piece))):
                         if not self._clean:
                             # Also writes the zlib header when nothing was sent yet.
                             body.append(self._zlib.flush(zlib.Z_FULL_FLUSH))
@@ -360,3 +366,110 @@ class FrameDecoder:
 
     def _end_frame(self) -> None:
         self._state = _PREFIX
+
+
+EPOCH = 0.25
+"""Seconds of sending over which :class:`SendPolicy` measures one mode's rate."""
+
+IDLE_GAP = 0.05
+"""A pause between writes longer than this, with no push-back from the connection,
+means the sender had nothing to send: the measurement starts over."""
+
+MIN_GAIN = 1.15
+"""Compressing must move this many times the bytes per second of sending stored
+to be chosen (it costs CPU on both sides, and measurements are noisy)."""
+
+FIRST_HOLD = 8
+"""Epochs the better mode is kept before the other is tried again."""
+
+MAX_HOLD = 128
+"""Most epochs between two tries; the hold doubles each time the try loses."""
+
+
+class SendPolicy:
+    """Whether bulk writes should be compressed now: only while that is faster.
+
+    Compressing pays only while the connection is the bottleneck: on a link
+    that drains faster than zlib compresses (loopback, a fast LAN), it makes
+    sending slower.  So the sender measures.  Time is cut into epochs of
+    :data:`EPOCH` seconds of sending; in each, one mode is used (compressing
+    bulk writes, or sending them stored) and the bytes written per second
+    are counted (before framing: the wire stream, which is what a user
+    waits for; a write is accepted only as fast as the connection drains,
+    since the producer is paused meanwhile).  The first epoch compresses,
+    the second sends stored, then the faster mode (compressing must be
+    :data:`MIN_GAIN` times faster) is kept for :data:`FIRST_HOLD` epochs,
+    after which the other is tried for one epoch; a try that loses doubles
+    the hold (up to :data:`MAX_HOLD`), a try that wins switches.
+
+    Call :meth:`wrote` before each write with its size, :meth:`pushed_back`
+    whenever the connection pauses its producer, and read
+    :attr:`compressing`.  Pure: ``clock`` returns seconds.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.compressing = True
+        """Whether bulk writes are compressed now."""
+        self.rates: dict[bool, float | None] = {True: None, False: None}
+        """Bytes per second last measured with compression (True) and without (False)."""
+        self.switches = 0
+        """How often the mode changed after a decision (tries not counted)."""
+        self._hold = FIRST_HOLD
+        self._left = 0  # epochs the current mode is still kept; 0 while trying
+        self._start: float | None = None
+        self._last = 0.0
+        self._bytes = 0
+        self._pushed = False
+        self._decided: bool | None = None
+
+    def pushed_back(self) -> None:
+        """The connection paused its producer: its buffer is full, the link is busy."""
+        self._pushed = True
+
+    def wrote(self, count: int) -> None:
+        """``count`` bytes are about to be written in the current mode."""
+        now = self._clock()
+        if self._start is None or (now - self._last > IDLE_GAP and not self._pushed):
+            # Nothing was waiting to be sent: the gap says nothing about the link.
+            self._start = now
+            self._bytes = 0
+        else:
+            self._bytes += count
+        self._last = now
+        self._pushed = False
+        elapsed = now - self._start
+        if elapsed >= EPOCH:
+            self._end_epoch(self._bytes / elapsed)
+            self._start = now
+            self._bytes = 0
+
+    def _end_epoch(self, rate: float) -> None:
+        mode = self.compressing
+        known = self.rates[mode]
+        if self._left and known is not None:
+            self.rates[mode] = (known + rate) / 2  # the kept mode: a running mean
+        else:
+            self.rates[mode] = rate
+        other = self.rates[not mode]
+        if other is None:
+            self.compressing = not mode  # the very first epoch: try the other mode
+            return
+        if self._left:
+            self._left -= 1
+            if not self._left:
+                self.compressing = not mode
+            return
+        # A try just ended: decide.
+        compressed, stored = self.rates[True], self.rates[False]
+        assert compressed is not None and stored is not None
+        best = compressed >= stored * MIN_GAIN
+        if best == mode:
+            self._hold = FIRST_HOLD
+        else:
+            self._hold = min(self._hold * 2, MAX_HOLD)
+        if self._decided is not None and best != self._decided:
+            self.switches += 1
+        self._decided = best
+        self.compressing = best
+        self._left = self._hold

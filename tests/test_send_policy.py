@@ -1,0 +1,167 @@
+"""When a sender compresses bulk writes under ``gzip``: only while that moves more bytes
+per second than sending them stored (the sender's choice; the receiver accepts either).
+A simulated link and a simulated zlib, on a fake clock."""
+
+from __future__ import annotations
+
+import zlib
+
+from clearskies.compression import (
+    EPOCH, FIRST_HOLD, IDLE_GAP, MAX_HOLD, SAMPLE_MIN, FrameDecoder, FrameEncoder, SendPolicy,
+)
+
+CHUNK = 1 << 20
+TEXT = b"".join(b"line %d of a log file, status=ok\n" % (n % 500) for n in range(40000))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def send(policy: SendPolicy, clock: Clock, seconds: float, link: float, zlib_rate: float,
+         ratio: float = 0.3) -> list[bool]:
+    """Write 1 MiB chunks for ``seconds``: each takes the time the bottleneck needs.
+
+    ``link`` is the wire's bytes/s; compressing costs ``1/zlib_rate`` s per byte and
+    shrinks the chunk to ``ratio``.  Returns the mode of each write.
+    """
+    modes = []
+    end = clock.now + seconds
+    while clock.now < end:
+        policy.wrote(CHUNK)
+        modes.append(policy.compressing)
+        if policy.compressing:
+            clock.now += max(CHUNK / zlib_rate, CHUNK * ratio / link)
+        else:
+            clock.now += CHUNK / link
+        policy.pushed_back()  # a busy link pauses the producer between chunks
+    return modes
+
+
+def test_first_epoch_compresses_then_stored_is_tried():
+    clock = Clock()
+    policy = SendPolicy(clock)
+    assert policy.compressing
+    policy.wrote(CHUNK)
+    policy.pushed_back()
+    clock.now += EPOCH
+    policy.wrote(CHUNK)
+    assert not policy.compressing
+    assert policy.rates[True] is not None and policy.rates[False] is None
+
+
+def test_fast_link_sends_stored_nearly_all_the_time():
+    """Loopback: the wire drains 2 GB/s, zlib level 1 does 180 MB/s: compressing would
+    make sending ten times slower, so after the first try it is tried rarely."""
+    clock = Clock()
+    policy = SendPolicy(clock)
+    modes = send(policy, clock, 60, link=2e9, zlib_rate=180e6)
+    assert policy.rates[False] > 5 * policy.rates[True]
+    # After the first two epochs: tries of compression at 2, 4, 8, 16, 32 s: few writes.
+    late = modes[len(modes) // 10:]
+    assert late.count(True) < len(late) * 0.02
+    assert policy.switches == 0
+
+
+def test_slow_link_compresses():
+    """10 MB/s: compressed text goes three times as fast; stored is tried rarely."""
+    clock = Clock()
+    policy = SendPolicy(clock)
+    modes = send(policy, clock, 60, link=10e6, zlib_rate=180e6)
+    assert policy.rates[True] > 2.5 * policy.rates[False]
+    late = modes[len(modes) // 10:]
+    assert late.count(False) < len(late) * 0.1
+
+
+def test_incompressible_data_is_not_compressed_even_on_a_slow_link():
+    """Data that does not shrink gains nothing from zlib but its cost: stored wins."""
+    clock = Clock()
+    policy = SendPolicy(clock)
+    send(policy, clock, 30, link=10e6, zlib_rate=180e6, ratio=1.0)
+    assert not policy.compressing
+
+
+def test_small_gain_is_not_enough():
+    """Compressing must win by MIN_GAIN: a few percent is noise, and costs CPU."""
+    clock = Clock()
+    policy = SendPolicy(clock)
+    # The link is 105 MB/s; compressed the wire would allow 350 MB/s but zlib does 110.
+    send(policy, clock, 20, link=105e6, zlib_rate=110e6)
+    assert not policy.compressing
+
+
+def test_link_that_slows_down_is_noticed_and_one_that_speeds_up_too():
+    clock = Clock()
+    policy = SendPolicy(clock)
+    send(policy, clock, 10, link=2e9, zlib_rate=180e6)
+    assert not policy.compressing
+    # The link drops to 5 MB/s: within the longest hold the next try shows it.
+    modes = send(policy, clock, MAX_HOLD * EPOCH * 1.5, link=5e6, zlib_rate=180e6)
+    assert policy.compressing and modes[-1]
+    assert policy.switches == 1
+    modes = send(policy, clock, MAX_HOLD * EPOCH * 1.5, link=2e9, zlib_rate=180e6)
+    assert not policy.compressing
+    assert policy.switches == 2
+
+
+def test_tries_back_off_while_they_lose():
+    clock = Clock()
+    policy = SendPolicy(clock)
+    modes = send(policy, clock, EPOCH * (2 + FIRST_HOLD + 1 + 2 * FIRST_HOLD + 1) + 0.01,
+                 link=1e9, zlib_rate=180e6)
+    runs = []  # lengths of runs of stored writes
+    for mode in modes:
+        if not mode:
+            runs.append(runs.pop() + 1 if runs and runs[-1] else 1)
+        elif not runs or runs[-1]:
+            runs.append(0)
+    stored = [r for r in runs if r]
+    assert len(stored) >= 2 and stored[1] > 1.5 * stored[0]
+
+
+def test_idle_gaps_are_not_counted_as_a_slow_link():
+    """A sender with nothing to send (no push-back) writes seldom; that is not a rate."""
+    clock = Clock()
+    policy = SendPolicy(clock)
+    for _ in range(100):
+        policy.wrote(CHUNK)
+        clock.now += IDLE_GAP * 4  # no pushed_back(): the link was idle
+    assert policy.rates == {True: None, False: None}
+    assert policy.compressing
+
+
+def test_push_back_keeps_a_long_gap_in_the_measurement():
+    clock = Clock()
+    policy = SendPolicy(clock)
+    policy.wrote(CHUNK)
+    policy.pushed_back()
+    clock.now += 1.0
+    policy.wrote(CHUNK)
+    assert policy.rates[True] == CHUNK / 1.0
+
+
+def test_store_sends_bulk_writes_stored_and_small_ones_compressed():
+    """What the policy chooses is only a sender's choice: any mix inflates back."""
+    encoder = FrameEncoder()
+    decoder = FrameDecoder()
+    small = b'{"type":"ping","timeout":60}\n' * 10
+    writes = [(small, True), (TEXT, True), (small, False), (TEXT, False), (TEXT, True)]
+    out = []
+    sizes = []
+    for data, store in writes:
+        frames = encoder.encode(data, store=store)
+        sizes.append(len(frames))
+        decoder.receive_data(frames)
+        while (piece := decoder.next_piece()) is not None:
+            out.append(piece)
+    assert b"".join(out) == b"".join(data for data, _ in writes)
+    assert len(small) < SAMPLE_MIN
+    assert sizes[0] < len(small) / 2  # small writes compress whatever the policy says
+    assert sizes[1] >= len(TEXT) and sizes[3] < len(TEXT) / 5
+    assert encoder.bytes_stored == 2 * len(TEXT)
+    # Stored blocks are valid deflate for any inflater, not only ours.
+    assert len(zlib.compress(TEXT, 1)) < len(TEXT) / 5
