@@ -217,13 +217,42 @@ class Phase:
         return Row(self.name, self.wall, self.cpu, self.rss, size, note, extra)
 
 
+NETNS_PREFIX: list[str] = []
+"""With ``--link``: ``ip netns exec NAME``, which runs the daemons (and ``ss``) in the
+benchmark's own network namespace, whose loopback is shaped by a tc qdisc."""
+
+
+def make_link(spec: str) -> str:
+    """A fresh network namespace whose loopback has an Ethernet MTU and the root qdisc
+    ``spec`` (e.g. ``tbf rate 100mbit burst 64kb latency 100ms``); its name.
+    Needs root; removed at exit."""
+    import atexit
+    name = "csbench%d" % os.getpid()
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    atexit.register(subprocess.run, ["ip", "netns", "delete", name], check=False)
+    inside = ["ip", "netns", "exec", name]
+    subprocess.run([*inside, "ip", "link", "set", "lo", "mtu", "1500", "up"], check=True)
+    subprocess.run([*inside, "tc", "qdisc", "add", "dev", "lo", "root", *spec.split()],
+                   check=True)
+    NETNS_PREFIX[:] = inside
+    return name
+
+
+def in_netns(daemon: DaemonProcess) -> None:
+    """Run ``daemon`` inside the ``--link`` namespace, if there is one (``ip netns exec``
+    execs the daemon: the process id stays the daemon's)."""
+    if NETNS_PREFIX:
+        argv = daemon.daemon_argv
+        daemon.daemon_argv = lambda: [*NETNS_PREFIX, *argv()]  # type: ignore[method-assign]
+
+
 def wire_counters(ports: set[int]) -> dict[tuple[str, str], int]:
     """Bytes each established TCP connection on 127.0.0.1 carried so far, both ways
     (the kernel's counts from ``ss``: TLS records and TCP payload, no headers), for
     the connections with one of the listening ``ports`` at either end.  Both ends of
     a loopback connection are listed; each connection is counted once (Syncthing
     dials from its listening port, so both ends may be listening ports)."""
-    out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True,
+    out = subprocess.run([*NETNS_PREFIX, "ss", "-tinH", "state", "established"], capture_output=True,
                          text=True, check=True).stdout
     counters: dict[tuple[str, str], int] = {}
     key: tuple[str, str] | None = None
@@ -333,6 +362,8 @@ class Pair:
             self.kind = "clearskies without gzip"
             for daemon in (self.alice, self.bob):
                 daemon.env["CLEARSKIES_NO_COMPRESSION"] = "1"
+        in_netns(self.alice)
+        in_netns(self.bob)
         self.a = Path(self.alice.shares)
         self.b = Path(self.bob.shares)
         self.sampler: Sampler | None = None
@@ -763,6 +794,11 @@ def main() -> int:
                         help='more py-spy options, e.g. "--gil" (only threads holding the GIL) '
                              'or "--idle" (waiting threads too)')
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--link", metavar="QDISC",
+                        help="run the daemons in a network namespace of their own whose "
+                             "loopback (MTU 1500) has this tc root qdisc, e.g. 'tbf rate "
+                             "100mbit burst 64kb latency 100ms' (needs root; not with "
+                             "--vs syncthing)")
     args = parser.parse_args()
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     run_dir = Path(args.data) / time.strftime("%Y%m%d-%H%M%S")
@@ -780,6 +816,9 @@ def main() -> int:
         Phase.profile_dir.mkdir(parents=True, exist_ok=True)
         Phase.profile_options = args.profile_options.split()
     print("data in %s, scale %g" % (run_dir, args.scale), file=sys.stderr)
+    if args.link:
+        print("link: %s in namespace %s" % (args.link, make_link(args.link)),
+              file=sys.stderr)
     # The daemons run the code of the checkout this script belongs to
     # (tests.daemons puts it first on their PYTHONPATH), whatever PYTHONPATH says.
     print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
