@@ -165,3 +165,59 @@ def test_store_sends_bulk_writes_stored_and_small_ones_compressed():
     assert encoder.bytes_stored == 2 * len(TEXT)
     # Stored blocks are valid deflate for any inflater, not only ours.
     assert len(zlib.compress(TEXT, 1)) < len(TEXT) / 5
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+def test_transport_follows_the_policy_and_reports_push_back():
+    from clearskies.compressing import CompressedTransport
+    clock = Clock()
+    policy = SendPolicy(clock)
+    wrapped = FakeTransport()
+    transport = CompressedTransport(wrapped, FrameEncoder(), lambda: None, policy)
+    producer = Producer()
+    transport.registerProducer(producer, True)
+    transport.write(TEXT)
+    assert len(wrapped.written[-1]) < len(TEXT) / 5  # compressing at first
+    wrapped.producer.pauseProducing()  # the connection's buffer is full
+    wrapped.producer.resumeProducing()
+    wrapped.producer.stopProducing()
+    assert producer.calls == ["pause", "resume", "stop"]
+    clock.now += 1.0  # a long wait, but pushed back: a slow measured rate
+    transport.writeSequence([TEXT[:100], TEXT])
+    assert policy.rates[True] is not None and not policy.compressing
+    assert len(wrapped.written[-1]) > len(TEXT)  # now stored
+    assert "stored" in transport.describe()
+    decoder = FrameDecoder()
+    decoder.receive_data(b"".join(wrapped.written))
+    out = []
+    while (piece := decoder.next_piece()) is not None:
+        out.append(piece)
+    assert b"".join(out) == TEXT + TEXT[:100] + TEXT
