@@ -31,7 +31,8 @@ __all__ = [
     "GZIP", "CODECS", "MAX_FRAME", "MAX_INFLATED_FRAME", "MAX_FRAME_DIGITS", "SEND_FRAME",
     "INFLATE_STEP", "LEVEL", "SAMPLE_BYTES", "SAMPLE_MIN", "DISTINCT_PROBE",
     "DISTINCT_LIMIT", "MIN_SAVING", "choose", "compressible", "FrameEncoder", "FrameDecoder",
-    "EPOCH", "IDLE_GAP", "MIN_GAIN", "FIRST_HOLD", "MAX_HOLD", "SendPolicy",
+    "FIRST_BYTES", "EPOCH", "WARMUP", "IDLE_GAP", "MIN_GAIN", "FIRST_HOLD", "MAX_HOLD",
+    "SendPolicy",
 ]
 
 GZIP = "gzip"
@@ -368,21 +369,33 @@ class FrameDecoder:
         self._state = _PREFIX
 
 
-EPOCH = 0.25
-"""Seconds of sending over which :class:`SendPolicy` measures one mode's rate."""
+
+FIRST_BYTES = 4 * 1024 * 1024
+"""A connection's first bulk bytes (manifests, a few files) are compressed unmeasured:
+cheap, and what a small sync over a slow link needs."""
+
+EPOCH = 0.5
+"""Seconds of sending in one mode per measurement, warm-up included."""
+
+WARMUP = 0.25
+"""The start of each epoch is not counted: the socket buffers still drain what the
+other mode wrote (compressed data in them makes a switch to stored look slow, and
+stored data in them makes a switch to compressing look fast)."""
 
 IDLE_GAP = 0.05
 """A pause between writes longer than this, with no push-back from the connection,
 means the sender had nothing to send: the measurement starts over."""
 
-MIN_GAIN = 1.15
+MIN_GAIN = 1.5
 """Compressing must move this many times the bytes per second of sending stored
-to be chosen (it costs CPU on both sides, and measurements are noisy)."""
+to be chosen.  Where the link is the bottleneck, text gains 3 to 5 times; where
+the receiver is, compressing gains nothing but looks a little faster for a while
+(its smaller bytes fill the buffers with more data), and costs CPU on both sides."""
 
 FIRST_HOLD = 8
 """Epochs the better mode is kept before the other is tried again."""
 
-MAX_HOLD = 128
+MAX_HOLD = 64
 """Most epochs between two tries; the hold doubles each time the try loses."""
 
 
@@ -390,17 +403,19 @@ class SendPolicy:
     """Whether bulk writes should be compressed now: only while that is faster.
 
     Compressing pays only while the connection is the bottleneck: on a link
-    that drains faster than zlib compresses (loopback, a fast LAN), it makes
-    sending slower.  So the sender measures.  Time is cut into epochs of
-    :data:`EPOCH` seconds of sending; in each, one mode is used (compressing
-    bulk writes, or sending them stored) and the bytes written per second
-    are counted (before framing: the wire stream, which is what a user
-    waits for; a write is accepted only as fast as the connection drains,
-    since the producer is paused meanwhile).  The first epoch compresses,
-    the second sends stored, then the faster mode (compressing must be
-    :data:`MIN_GAIN` times faster) is kept for :data:`FIRST_HOLD` epochs,
-    after which the other is tried for one epoch; a try that loses doubles
-    the hold (up to :data:`MAX_HOLD`), a try that wins switches.
+    that drains faster than zlib compresses (loopback, a fast LAN), or when
+    the receiver is slower than the link, it only makes sending slower.  So
+    the sender measures.  After the first :data:`FIRST_BYTES`, compressed,
+    time is cut into epochs of :data:`EPOCH` seconds of sending; in each,
+    one mode is used (compressing bulk writes, or sending them stored) and,
+    after :data:`WARMUP`, the bytes written per second are counted (before
+    framing: the wire stream, which is what a user waits for; a write is
+    accepted only as fast as the connection drains, since the producer is
+    paused meanwhile).  Stored is measured first, then compressing; the
+    faster mode (compressing must be :data:`MIN_GAIN` times faster) is kept
+    for :data:`FIRST_HOLD` epochs, after which the other is tried for one
+    epoch; a try that loses doubles the hold (up to :data:`MAX_HOLD`), a
+    try that wins switches.
 
     Call :meth:`wrote` before each write with its size, :meth:`pushed_back`
     whenever the connection pauses its producer, and read
@@ -414,10 +429,12 @@ class SendPolicy:
         self.rates: dict[bool, float | None] = {True: None, False: None}
         """Bytes per second last measured with compression (True) and without (False)."""
         self.switches = 0
-        """How often the mode changed after a decision (tries not counted)."""
+        """How often the decision changed (tries not counted)."""
+        self._first: int | None = FIRST_BYTES
         self._hold = FIRST_HOLD
         self._left = 0  # epochs the current mode is still kept; 0 while trying
-        self._start: float | None = None
+        self._start: float | None = None  # of the epoch
+        self._counted: float | None = None  # when counting began (after the warm-up)
         self._last = 0.0
         self._bytes = 0
         self._pushed = False
@@ -429,20 +446,29 @@ class SendPolicy:
 
     def wrote(self, count: int) -> None:
         """``count`` bytes are about to be written in the current mode."""
+        if self._first is not None:
+            if self._first > 0:
+                self._first -= count  # this write is still compressed
+                return
+            self._first = None
+            self.compressing = False  # measure stored first
         now = self._clock()
         if self._start is None or (now - self._last > IDLE_GAP and not self._pushed):
             # Nothing was waiting to be sent: the gap says nothing about the link.
             self._start = now
-            self._bytes = 0
+            self._counted = None
+        elif self._counted is None:
+            if now - self._start >= WARMUP:
+                self._counted = now
+                self._bytes = 0
         else:
             self._bytes += count
         self._last = now
         self._pushed = False
-        elapsed = now - self._start
-        if elapsed >= EPOCH:
-            self._end_epoch(self._bytes / elapsed)
+        if self._counted is not None and now - self._start >= EPOCH and now > self._counted:
+            self._end_epoch(self._bytes / (now - self._counted))
             self._start = now
-            self._bytes = 0
+            self._counted = None
 
     def _end_epoch(self, rate: float) -> None:
         mode = self.compressing
@@ -453,7 +479,7 @@ class SendPolicy:
             self.rates[mode] = rate
         other = self.rates[not mode]
         if other is None:
-            self.compressing = not mode  # the very first epoch: try the other mode
+            self.compressing = not mode  # the first measurement: try the other mode
             return
         if self._left:
             self._left -= 1

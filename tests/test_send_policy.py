@@ -7,7 +7,8 @@ from __future__ import annotations
 import zlib
 
 from clearskies.compression import (
-    EPOCH, FIRST_HOLD, IDLE_GAP, MAX_HOLD, SAMPLE_MIN, FrameDecoder, FrameEncoder, SendPolicy,
+    EPOCH, FIRST_BYTES, FIRST_HOLD, IDLE_GAP, MAX_HOLD, SAMPLE_MIN, WARMUP, FrameDecoder,
+    FrameEncoder, SendPolicy,
 )
 
 CHUNK = 1 << 20
@@ -42,16 +43,17 @@ def send(policy: SendPolicy, clock: Clock, seconds: float, link: float, zlib_rat
     return modes
 
 
-def test_first_epoch_compresses_then_stored_is_tried():
+def test_first_bytes_compress_then_stored_and_compressing_are_measured():
     clock = Clock()
     policy = SendPolicy(clock)
     assert policy.compressing
-    policy.wrote(CHUNK)
-    policy.pushed_back()
-    clock.now += EPOCH
-    policy.wrote(CHUNK)
-    assert not policy.compressing
-    assert policy.rates[True] is not None and policy.rates[False] is None
+    policy.wrote(FIRST_BYTES - 1)
+    assert policy.compressing  # unmeasured, whatever the time
+    policy.wrote(1)
+    assert policy.compressing  # the write that reaches FIRST_BYTES too
+    modes = send(policy, clock, EPOCH * 1.5, link=1e7, zlib_rate=180e6)
+    assert modes[0] is False and modes[-1] is True
+    assert policy.rates[False] is not None and policy.rates[True] is None
 
 
 def test_fast_link_sends_stored_nearly_all_the_time():
@@ -127,21 +129,26 @@ def test_idle_gaps_are_not_counted_as_a_slow_link():
     """A sender with nothing to send (no push-back) writes seldom; that is not a rate."""
     clock = Clock()
     policy = SendPolicy(clock)
+    policy.wrote(FIRST_BYTES)
     for _ in range(100):
         policy.wrote(CHUNK)
         clock.now += IDLE_GAP * 4  # no pushed_back(): the link was idle
     assert policy.rates == {True: None, False: None}
-    assert policy.compressing
 
 
-def test_push_back_keeps_a_long_gap_in_the_measurement():
+def test_warm_up_is_not_counted_and_push_back_keeps_long_gaps():
     clock = Clock()
     policy = SendPolicy(clock)
-    policy.wrote(CHUNK)
+    policy.wrote(FIRST_BYTES)
+    policy.wrote(CHUNK)  # the epoch starts
     policy.pushed_back()
-    clock.now += 1.0
+    clock.now += WARMUP
+    policy.wrote(10 * CHUNK)  # counting starts: what went before was the warm-up
+    policy.pushed_back()
+    clock.now += EPOCH - WARMUP
     policy.wrote(CHUNK)
-    assert policy.rates[True] == CHUNK / 1.0
+    assert policy.rates[False] == CHUNK / (EPOCH - WARMUP)
+    assert policy.compressing  # the next epoch tries compressing
 
 
 def test_store_sends_bulk_writes_stored_and_small_ones_compressed():
@@ -206,18 +213,22 @@ def test_transport_follows_the_policy_and_reports_push_back():
     transport.registerProducer(producer, True)
     transport.write(TEXT)
     assert len(wrapped.written[-1]) < len(TEXT) / 5  # compressing at first
-    wrapped.producer.pauseProducing()  # the connection's buffer is full
+    policy.wrote(FIRST_BYTES)  # as if more had been sent
+    transport.writeSequence([TEXT[:100], TEXT])
+    assert len(wrapped.written[-1]) > len(TEXT)  # now stored, to be measured
+    for wait in (WARMUP, EPOCH - WARMUP):
+        wrapped.producer.pauseProducing()  # the connection's buffer is full
+        clock.now += wait  # a long wait, but pushed back: part of the measurement
+        transport.write(TEXT)
+    assert policy.rates[False] == len(TEXT) / (EPOCH - WARMUP)
+    assert policy.compressing
     wrapped.producer.resumeProducing()
     wrapped.producer.stopProducing()
-    assert producer.calls == ["pause", "resume", "stop"]
-    clock.now += 1.0  # a long wait, but pushed back: a slow measured rate
-    transport.writeSequence([TEXT[:100], TEXT])
-    assert policy.rates[True] is not None and not policy.compressing
-    assert len(wrapped.written[-1]) > len(TEXT)  # now stored
+    assert producer.calls == ["pause", "pause", "resume", "stop"]
     assert "stored" in transport.describe()
     decoder = FrameDecoder()
     decoder.receive_data(b"".join(wrapped.written))
     out = []
     while (piece := decoder.next_piece()) is not None:
         out.append(piece)
-    assert b"".join(out) == TEXT + TEXT[:100] + TEXT
+    assert b"".join(out) == TEXT + TEXT[:100] + TEXT + TEXT + TEXT
