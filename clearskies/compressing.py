@@ -21,8 +21,16 @@ from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from zope.interface import implementer
 
 from clearskies.compression import FrameEncoder, SendPolicy
+from clearskies.ratelimit import RateLimiter
 
 __all__ = ["CompressedTransport"]
+
+
+def _chunk_length(data: bytes) -> int | None:
+    """The length ``data`` announces if it is a payload chunk's header (protocol/wire.md)."""
+    if 2 <= len(data) <= 10 and data[-1:] == b"\n" and data[:-1].isdigit():
+        return int(data[:-1])
+    return None
 
 
 @implementer(IPushProducer)
@@ -54,6 +62,8 @@ class CompressedTransport:
         self.encoder = encoder
         self.policy = policy
         """Decides whether bulk writes are compressed; None: always (after a sample)."""
+        self.limiter: RateLimiter | None = None
+        self._chunk: int | None = None  # the length the last write announced as a chunk header
         self._resumed = resumed
         self.reading_paused = False
         """True while a user of the connection paused reading."""
@@ -67,16 +77,34 @@ class CompressedTransport:
 
     # ITransport / IConsumer
 
+    def count_wire_bytes(self, limiter: RateLimiter) -> None:
+        """Make ``limiter`` (the upload limit, charged with payload bytes by the file
+        senders) count what their payload chunks take on the wire instead.
+
+        While the limit is in force, bulk writes are compressed (after a sample)
+        whatever the policy measured: the limiter, not the link, paces the
+        sender, and every byte compression saves lets more payload through."""
+        self.limiter = limiter
+
     def write(self, data: bytes) -> None:
-        self.wrapped.write(self.encoder.encode(data, store=self._store(len(data))))
+        limited = self.limiter is not None and self.limiter.limited
+        frames = self.encoder.encode(data, store=self._store(len(data), limited))
+        if limited and self._chunk == len(data):
+            # The chunk's sender charges len(data): make that what went on the wire.
+            assert self.limiter is not None
+            self.limiter.consume(len(frames) - len(data))
+        self._chunk = _chunk_length(data)
+        self.wrapped.write(frames)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         writes = list(data)
-        store = self._store(sum(len(w) for w in writes))
+        limited = self.limiter is not None and self.limiter.limited
+        store = self._store(sum(len(w) for w in writes), limited)
+        self._chunk = None
         self.wrapped.write(self.encoder.encode_many(writes, store=store))
 
-    def _store(self, count: int) -> bool:
-        if self.policy is None:
+    def _store(self, count: int, limited: bool) -> bool:
+        if self.policy is None or limited:
             return False
         self.policy.wrote(count)
         return not self.policy.compressing

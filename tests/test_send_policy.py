@@ -232,3 +232,46 @@ def test_transport_follows_the_policy_and_reports_push_back():
     while (piece := decoder.next_piece()) is not None:
         out.append(piece)
     assert b"".join(out) == TEXT + TEXT[:100] + TEXT + TEXT + TEXT
+
+
+class LimiterClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def seconds(self) -> float:
+        return self.now
+
+
+def test_an_upload_limit_counts_wire_bytes_and_compresses():
+    """Under a limit the sender compresses whatever was measured, and a payload
+    chunk costs the limiter what it took on the wire, not its size."""
+    from clearskies.compressing import CompressedTransport
+    from clearskies.ratelimit import RateLimiter
+    from clearskies.wire import encode_chunk_header
+    clock = Clock()
+    policy = SendPolicy(clock)
+    policy.wrote(FIRST_BYTES)
+    policy.wrote(CHUNK)
+    assert not policy.compressing  # measuring stored
+    limiter = RateLimiter(LimiterClock(), rate=1_000_000)
+    wrapped = FakeTransport()
+    transport = CompressedTransport(wrapped, FrameEncoder(), lambda: None, policy)
+    transport.count_wire_bytes(limiter)
+    full = limiter.delay()
+    transport.write(encode_chunk_header(len(TEXT)))
+    transport.write(TEXT)
+    wire = len(wrapped.written[-1])
+    assert wire < len(TEXT) / 5  # compressed although the policy measures stored
+    wait = limiter.consume(len(TEXT))  # what the file sender charges after the write
+    assert full == 0
+    # Only the wire bytes are owed: 0.5 s of burst covers them, the payload would not.
+    assert wire < limiter.burst < len(TEXT)
+    assert wait == 0
+    # A message that merely looks big is not a chunk: nothing is refunded for it.
+    transport.write(b'{"type":"ping"}\n')
+    transport.write(TEXT)
+    assert limiter.consume(0) == 0
+    # Without a limit the policy decides again.
+    limiter.set_rate(0)
+    transport.write(TEXT)
+    assert len(wrapped.written[-1]) > len(TEXT)
