@@ -371,6 +371,8 @@ class Pair:
     def start(self) -> None:
         self.alice.start()
         self.bob.start()
+        if self.upload_limit:
+            self.alice.cli("config", "set", "upload_limit", str(self.upload_limit))
         self.sampler = Sampler({"alice": self.alice.pid, "bob": self.bob.pid})
 
     def phase(self, name: str) -> Phase:
@@ -381,6 +383,7 @@ class Pair:
         return wire_counters({self.alice.port, self.bob.port})
 
     scan_now = False
+    upload_limit = 0  # bytes/s set on the sender (--upload-limit)
     """Set by ``--scan-now``: after a change, ask for a scan over the control socket
     (``.clearskies.scan``, as Syncthing is asked over REST) instead of waiting for
     the watcher's quiet period."""
@@ -794,6 +797,8 @@ def main() -> int:
                         help='more py-spy options, e.g. "--gil" (only threads holding the GIL) '
                              'or "--idle" (waiting threads too)')
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--upload-limit", type=int, default=0, metavar="BYTES_PER_S",
+                        help="the sender's upload_limit (our daemons only)")
     parser.add_argument("--link", metavar="QDISC",
                         help="run the daemons in a network namespace of their own whose "
                              "loopback (MTU 1500) has this tc root qdisc, e.g. 'tbf rate "
@@ -823,6 +828,7 @@ def main() -> int:
     # (tests.daemons puts it first on their PYTHONPATH), whatever PYTHONPATH says.
     print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
     Pair.scan_now = args.scan_now
+    Pair.upload_limit = args.upload_limit
     if args.vs:
         return compare(run_dir, args.scale, only, args.rounds, args.json, args.vs)
     rows = run_workloads(run_dir, args.scale, only - {"W6"}, Pair, "gzip")
