@@ -383,10 +383,11 @@ class Pair:
         return wire_counters({self.alice.port, self.bob.port})
 
     scan_now = False
-    upload_limit = 0  # bytes/s set on the sender (--upload-limit)
     """Set by ``--scan-now``: after a change, ask for a scan over the control socket
     (``.clearskies.scan``, as Syncthing is asked over REST) instead of waiting for
     the watcher's quiet period."""
+    upload_limit = 0
+    """Set by ``--upload-limit``: the sender's ``upload_limit`` in bytes/s (0: none)."""
 
     def changed(self, *paths: str) -> None:
         """Files under these share-relative paths changed (our watcher notices by itself)."""
