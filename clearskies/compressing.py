@@ -75,8 +75,6 @@ class CompressedTransport:
             self.encoder.bytes_stored, *("-" if rates.get(mode) is None else "%.0f" % rates[mode]
                                          for mode in (True, False)))
 
-    # ITransport / IConsumer
-
     def count_wire_bytes(self, limiter: RateLimiter) -> None:
         """Make ``limiter`` (the upload limit, charged with payload bytes by the file
         senders) count what their payload chunks take on the wire instead.
@@ -85,6 +83,8 @@ class CompressedTransport:
         whatever the policy measured: the limiter, not the link, paces the
         sender, and every byte compression saves lets more payload through."""
         self.limiter = limiter
+
+    # ITransport / IConsumer
 
     def write(self, data: bytes) -> None:
         limited = self.limiter is not None and self.limiter.limited
