@@ -392,10 +392,10 @@ to be chosen.  Where the link is the bottleneck, text gains 3 to 5 times; where
 the receiver is, compressing gains nothing but looks a little faster for a while
 (its smaller bytes fill the buffers with more data), and costs CPU on both sides."""
 
-FIRST_HOLD = 8
+FIRST_HOLD = 16
 """Epochs the better mode is kept before the other is tried again."""
 
-MAX_HOLD = 64
+MAX_HOLD = 120
 """Most epochs between two tries; the hold doubles each time the try loses."""
 
 
