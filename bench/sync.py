@@ -20,6 +20,11 @@ Workloads (at ``--scale 1``):
 
 W3 runs on the W1 pair, W4 and W5 on the W2 pair.
 
+``--link QDISC`` runs our daemons in a network namespace of the
+benchmark's own whose loopback (MTU 1500) has that tc root qdisc (a
+token bucket: a slow link; needs root); ``--upload-limit`` sets the
+sender's ``upload_limit``.
+
 ``--vs syncthing`` runs every selected workload on our daemons and then on
 two Syncthing devices (Debian's package, installed with apt-get when
 missing, configured by ``bench/syncthing.py`` for loopback only), ``--rounds``
