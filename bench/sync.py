@@ -20,6 +20,11 @@ Workloads (at ``--scale 1``):
 
 W3 runs on the W1 pair, W4 and W5 on the W2 pair.
 
+``--link QDISC`` runs our daemons in a network namespace of the
+benchmark's own whose loopback (MTU 1500) has that tc root qdisc (a
+token bucket: a slow link; needs root); ``--upload-limit`` sets the
+sender's ``upload_limit``.
+
 ``--vs syncthing`` runs every selected workload on our daemons and then on
 two Syncthing devices (Debian's package, installed with apt-get when
 missing, configured by ``bench/syncthing.py`` for loopback only), ``--rounds``
@@ -217,13 +222,42 @@ class Phase:
         return Row(self.name, self.wall, self.cpu, self.rss, size, note, extra)
 
 
+NETNS_PREFIX: list[str] = []
+"""With ``--link``: ``ip netns exec NAME``, which runs the daemons (and ``ss``) in the
+benchmark's own network namespace, whose loopback is shaped by a tc qdisc."""
+
+
+def make_link(spec: str) -> str:
+    """A fresh network namespace whose loopback has an Ethernet MTU and the root qdisc
+    ``spec`` (e.g. ``tbf rate 100mbit burst 64kb latency 100ms``); its name.
+    Needs root; removed at exit."""
+    import atexit
+    name = "csbench%d" % os.getpid()
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    atexit.register(subprocess.run, ["ip", "netns", "delete", name], check=False)
+    inside = ["ip", "netns", "exec", name]
+    subprocess.run([*inside, "ip", "link", "set", "lo", "mtu", "1500", "up"], check=True)
+    subprocess.run([*inside, "tc", "qdisc", "add", "dev", "lo", "root", *spec.split()],
+                   check=True)
+    NETNS_PREFIX[:] = inside
+    return name
+
+
+def in_netns(daemon: DaemonProcess) -> None:
+    """Run ``daemon`` inside the ``--link`` namespace, if there is one (``ip netns exec``
+    execs the daemon: the process id stays the daemon's)."""
+    if NETNS_PREFIX:
+        argv = daemon.daemon_argv
+        daemon.daemon_argv = lambda: [*NETNS_PREFIX, *argv()]  # type: ignore[method-assign]
+
+
 def wire_counters(ports: set[int]) -> dict[tuple[str, str], int]:
     """Bytes each established TCP connection on 127.0.0.1 carried so far, both ways
     (the kernel's counts from ``ss``: TLS records and TCP payload, no headers), for
     the connections with one of the listening ``ports`` at either end.  Both ends of
     a loopback connection are listed; each connection is counted once (Syncthing
     dials from its listening port, so both ends may be listening ports)."""
-    out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True,
+    out = subprocess.run([*NETNS_PREFIX, "ss", "-tinH", "state", "established"], capture_output=True,
                          text=True, check=True).stdout
     counters: dict[tuple[str, str], int] = {}
     key: tuple[str, str] | None = None
@@ -333,6 +367,8 @@ class Pair:
             self.kind = "clearskies without gzip"
             for daemon in (self.alice, self.bob):
                 daemon.env["CLEARSKIES_NO_COMPRESSION"] = "1"
+        in_netns(self.alice)
+        in_netns(self.bob)
         self.a = Path(self.alice.shares)
         self.b = Path(self.bob.shares)
         self.sampler: Sampler | None = None
@@ -340,6 +376,8 @@ class Pair:
     def start(self) -> None:
         self.alice.start()
         self.bob.start()
+        if self.upload_limit:
+            self.alice.cli("config", "set", "upload_limit", str(self.upload_limit))
         self.sampler = Sampler({"alice": self.alice.pid, "bob": self.bob.pid})
 
     def phase(self, name: str) -> Phase:
@@ -353,6 +391,8 @@ class Pair:
     """Set by ``--scan-now``: after a change, ask for a scan over the control socket
     (``.clearskies.scan``, as Syncthing is asked over REST) instead of waiting for
     the watcher's quiet period."""
+    upload_limit = 0
+    """Set by ``--upload-limit``: the sender's ``upload_limit`` in bytes/s (0: none)."""
 
     def changed(self, *paths: str) -> None:
         """Files under these share-relative paths changed (our watcher notices by itself)."""
@@ -763,6 +803,13 @@ def main() -> int:
                         help='more py-spy options, e.g. "--gil" (only threads holding the GIL) '
                              'or "--idle" (waiting threads too)')
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--upload-limit", type=int, default=0, metavar="BYTES_PER_S",
+                        help="the sender's upload_limit (our daemons only)")
+    parser.add_argument("--link", metavar="QDISC",
+                        help="run the daemons in a network namespace of their own whose "
+                             "loopback (MTU 1500) has this tc root qdisc, e.g. 'tbf rate "
+                             "100mbit burst 64kb latency 100ms' (needs root; not with "
+                             "--vs syncthing)")
     args = parser.parse_args()
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     run_dir = Path(args.data) / time.strftime("%Y%m%d-%H%M%S")
@@ -780,10 +827,14 @@ def main() -> int:
         Phase.profile_dir.mkdir(parents=True, exist_ok=True)
         Phase.profile_options = args.profile_options.split()
     print("data in %s, scale %g" % (run_dir, args.scale), file=sys.stderr)
+    if args.link:
+        print("link: %s in namespace %s" % (args.link, make_link(args.link)),
+              file=sys.stderr)
     # The daemons run the code of the checkout this script belongs to
     # (tests.daemons puts it first on their PYTHONPATH), whatever PYTHONPATH says.
     print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
     Pair.scan_now = args.scan_now
+    Pair.upload_limit = args.upload_limit
     if args.vs:
         return compare(run_dir, args.scale, only, args.rounds, args.json, args.vs)
     rows = run_workloads(run_dir, args.scale, only - {"W6"}, Pair, "gzip")

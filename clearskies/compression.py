@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from clearskies.errors import WireError
 from clearskies.wire import MAX_LINE_LENGTH
@@ -31,6 +31,8 @@ __all__ = [
     "GZIP", "CODECS", "MAX_FRAME", "MAX_INFLATED_FRAME", "MAX_FRAME_DIGITS", "SEND_FRAME",
     "INFLATE_STEP", "LEVEL", "SAMPLE_BYTES", "SAMPLE_MIN", "DISTINCT_PROBE",
     "DISTINCT_LIMIT", "MIN_SAVING", "choose", "compressible", "FrameEncoder", "FrameDecoder",
+    "FIRST_BYTES", "EPOCH", "WARMUP", "IDLE_GAP", "MIN_GAIN", "FIRST_HOLD", "MAX_HOLD",
+    "SendPolicy",
 ]
 
 GZIP = "gzip"
@@ -151,15 +153,19 @@ class FrameEncoder:
         self.bytes_stored = 0
         """Of ``bytes_in``, those sent in stored blocks."""
 
-    def encode(self, data: bytes | memoryview, sample: bool = True) -> bytes:
+    def encode(self, data: bytes | memoryview, sample: bool = True, store: bool = False) -> bytes:
         """Frames carrying ``data``; with ``sample`` False it is compressed whatever it is."""
-        return self.encode_many([data], sample)
+        return self.encode_many([data], sample, store)
 
-    def encode_many(self, writes: Sequence[bytes | memoryview], sample: bool = True) -> bytes:
+    def encode_many(self, writes: Sequence[bytes | memoryview], sample: bool = True,
+                    store: bool = False) -> bytes:
         """Frames carrying ``writes`` one after the other, as few as ``frame_size`` allows.
 
         Each write is judged on its own (:func:`compressible`); a frame ends
         with a sync flush, or right after stored blocks (already aligned).
+        With ``store`` True, writes of :data:`SAMPLE_MIN` bytes or more go
+        stored without a sample (the link is not the bottleneck: see
+        :class:`SendPolicy`); shorter ones are still compressed.
         """
         out: list[bytes | memoryview] = []
         body: list[bytes | memoryview] = []
@@ -171,7 +177,8 @@ class FrameEncoder:
                     if carried and carried + len(piece) > self.frame_size:
                         self._close_frame(body, out)
                         carried = 0
-                    if sample and not compressible(piece):
+                    if len(piece) >= SAMPLE_MIN and (
+                            store or (sample and not compressible(piece))):
                         if not self._clean:
                             # Also writes the zlib header when nothing was sent yet.
                             body.append(self._zlib.flush(zlib.Z_FULL_FLUSH))
@@ -360,3 +367,135 @@ class FrameDecoder:
 
     def _end_frame(self) -> None:
         self._state = _PREFIX
+
+
+
+FIRST_BYTES = 4 * 1024 * 1024
+"""A connection's first bulk bytes (manifests, a few files) are compressed unmeasured:
+cheap, and what a small sync over a slow link needs."""
+
+EPOCH = 0.5
+"""Seconds of sending in one mode per measurement, warm-up included."""
+
+WARMUP = 0.25
+"""The start of each epoch is not counted: the socket buffers still drain what the
+other mode wrote (compressed data in them makes a switch to stored look slow, and
+stored data in them makes a switch to compressing look fast)."""
+
+IDLE_GAP = 0.05
+"""A pause between writes longer than this, with no push-back from the connection,
+means the sender had nothing to send: the measurement starts over."""
+
+MIN_GAIN = 1.5
+"""Compressing must move this many times the bytes per second of sending stored
+to be chosen.  Where the link is the bottleneck, text gains 3 to 5 times; where
+the receiver is, compressing gains nothing but looks a little faster for a while
+(its smaller bytes fill the buffers with more data), and costs CPU on both sides."""
+
+FIRST_HOLD = 16
+"""Epochs the better mode is kept before the other is tried again."""
+
+MAX_HOLD = 120
+"""Most epochs between two tries; the hold doubles each time the try loses."""
+
+
+class SendPolicy:
+    """Whether bulk writes should be compressed now: only while that is faster.
+
+    Compressing pays only while the connection is the bottleneck: on a link
+    that drains faster than zlib compresses (loopback, a fast LAN), or when
+    the receiver is slower than the link, it only makes sending slower.  So
+    the sender measures.  After the first :data:`FIRST_BYTES`, compressed,
+    time is cut into epochs of :data:`EPOCH` seconds of sending; in each,
+    one mode is used (compressing bulk writes, or sending them stored) and,
+    after :data:`WARMUP`, the bytes written per second are counted (before
+    framing: the wire stream, which is what a user waits for; a write is
+    accepted only as fast as the connection drains, since the producer is
+    paused meanwhile).  Stored is measured first, then compressing; the
+    faster mode (compressing must be :data:`MIN_GAIN` times faster) is kept
+    for :data:`FIRST_HOLD` epochs, after which the other is tried for one
+    epoch; a try that loses doubles the hold (up to :data:`MAX_HOLD`), a
+    try that wins switches.
+
+    Call :meth:`wrote` before each write with its size, :meth:`pushed_back`
+    whenever the connection pauses its producer, and read
+    :attr:`compressing`.  Pure: ``clock`` returns seconds.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.compressing = True
+        """Whether bulk writes are compressed now."""
+        self.rates: dict[bool, float | None] = {True: None, False: None}
+        """Bytes per second last measured with compression (True) and without (False)."""
+        self.switches = 0
+        """How often the decision changed (tries not counted)."""
+        self._first: int | None = FIRST_BYTES
+        self._hold = FIRST_HOLD
+        self._left = 0  # epochs the current mode is still kept; 0 while trying
+        self._start: float | None = None  # of the epoch
+        self._counted: float | None = None  # when counting began (after the warm-up)
+        self._last = 0.0
+        self._bytes = 0
+        self._pushed = False
+        self._decided: bool | None = None
+
+    def pushed_back(self) -> None:
+        """The connection paused its producer: its buffer is full, the link is busy."""
+        self._pushed = True
+
+    def wrote(self, count: int) -> None:
+        """``count`` bytes are about to be written in the current mode."""
+        if self._first is not None:
+            if self._first > 0:
+                self._first -= count  # this write is still compressed
+                return
+            self._first = None
+            self.compressing = False  # measure stored first
+        now = self._clock()
+        if self._start is None or (now - self._last > IDLE_GAP and not self._pushed):
+            # Nothing was waiting to be sent: the gap says nothing about the link.
+            self._start = now
+            self._counted = None
+        elif self._counted is None:
+            if now - self._start >= WARMUP:
+                self._counted = now
+                self._bytes = 0
+        else:
+            self._bytes += count
+        self._last = now
+        self._pushed = False
+        if self._counted is not None and now - self._start >= EPOCH and now > self._counted:
+            self._end_epoch(self._bytes / (now - self._counted))
+            self._start = now
+            self._counted = None
+
+    def _end_epoch(self, rate: float) -> None:
+        mode = self.compressing
+        known = self.rates[mode]
+        if self._left and known is not None:
+            self.rates[mode] = (known + rate) / 2  # the kept mode: a running mean
+        else:
+            self.rates[mode] = rate
+        other = self.rates[not mode]
+        if other is None:
+            self.compressing = not mode  # the first measurement: try the other mode
+            return
+        if self._left:
+            self._left -= 1
+            if not self._left:
+                self.compressing = not mode
+            return
+        # A try just ended: decide.
+        compressed, stored = self.rates[True], self.rates[False]
+        assert compressed is not None and stored is not None
+        best = compressed >= stored * MIN_GAIN
+        if best == mode:
+            self._hold = FIRST_HOLD
+        else:
+            self._hold = min(self._hold * 2, MAX_HOLD)
+        if self._decided is not None and best != self._decided:
+            self.switches += 1
+        self._decided = best
+        self.compressing = best
+        self._left = self._hold

@@ -54,7 +54,7 @@ from clearskies.handshake import (
     StartTLS,
 )
 from clearskies.compressing import CompressedTransport
-from clearskies.compression import FrameDecoder, FrameEncoder, choose
+from clearskies.compression import FrameDecoder, FrameEncoder, SendPolicy, choose
 from clearskies.tls import psk_client_creator, psk_server_creator
 from clearskies.wire import SESSION_TYPE_LIMITS, Event, Message, WireDecoder, encode
 
@@ -316,8 +316,9 @@ class PeerProtocol(Protocol):
             if self._compressed is not None and self._frames is not None:
                 sent = self._compressed.encoder
                 self._log.info(
-                    "{codec} on the connection with {peer}: sent {sent_in} bytes as {sent_out}, "
-                    "received {received_in} bytes as {received_out}", codec=self.compression,
+                    "{codec} on the connection with {peer}: sent {sent_in} bytes as {sent_out} "
+                    "({how}), received {received_in} bytes as {received_out}",
+                    codec=self.compression, how=self._compressed.describe(),
                     peer=self.peer_address, sent_in=sent.bytes_in, sent_out=sent.bytes_out,
                     received_in=self._frames.bytes_out, received_out=self._frames.bytes_in)
             session, self.session = self.session, None
@@ -544,7 +545,8 @@ class PeerProtocol(Protocol):
             self.compression = codec
             self._frames = FrameDecoder()
             self._compressed = CompressedTransport(
-                self.transport, FrameEncoder(), self._reading_resumed)
+                self.transport, FrameEncoder(), self._reading_resumed,
+                SendPolicy(self._clock.seconds))
             self.transport = self._compressed
 
     def _await_share(self, result: Deferred) -> None:

@@ -68,11 +68,14 @@ class RateLimiter:
         now = self._clock.seconds()
         elapsed = max(0.0, now - self._updated)
         self._updated = now
-        if self._rate:
+        if self._rate and self._tokens < self.burst:
+            # (Above the burst only by a refund: a negative count given to consume.)
             self._tokens = min(self.burst, self._tokens + elapsed * self._rate)
 
     def consume(self, count: int) -> float:
-        """``count`` bytes moved; returns the seconds to wait before the next (0 = go on)."""
+        """``count`` bytes moved; returns the seconds to wait before the next (0 = go on).
+
+        A negative ``count`` gives bytes back (charged, then found smaller on the wire)."""
         if not self._rate:
             return 0.0
         self._refill()

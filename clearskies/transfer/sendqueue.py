@@ -139,6 +139,9 @@ class SendQueue:
         self._runner = runner
         self._clock = clock
         self._limiter = limiter
+        count_wire_bytes = getattr(consumer, "count_wire_bytes", None)
+        if limiter is not None and count_wire_bytes is not None:
+            count_wire_bytes(limiter)  # a compressed connection (protocol/gzip.md)
         self._max_files = max_files
         self._max_message_bytes = max_message_bytes
         self._chunk_size = chunk_size
