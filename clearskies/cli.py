@@ -41,6 +41,8 @@ from clearskies.cli_gui import GuiCommands
 from clearskies.cli_gui import add_arguments as add_gui_arguments
 from clearskies.cli_output import Output, format_bytes
 from clearskies.cli_versions import VersionCommands, add_arguments, config_share_option
+from clearskies.cli_conflicts import ConflictCommands
+from clearskies.cli_conflicts import add_arguments as add_conflict_arguments
 from clearskies.control.client import (
     ControlClient,
     ControlError,
@@ -94,7 +96,7 @@ def _start_error(errors: Any, status: int, data_dir: str) -> str:
     return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
-class Cli(GuiCommands, VersionCommands, DaemonCommands, ShareCommands, AccessCommands):
+class Cli(GuiCommands, VersionCommands, ConflictCommands, DaemonCommands, ShareCommands, AccessCommands):
     """One CLI invocation: the parsed arguments, where to print, how to reach the daemon.
 
     The commands come from the groups of :mod:`clearskies.cli_commands`; what
@@ -323,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "versions_keep, versions_max_bytes")
     config_share_option(config)
     add_arguments(sub)
+    add_conflict_arguments(sub)
     add_gui_arguments(sub)
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
