@@ -64,7 +64,8 @@ class ConflictCommands:
     _inside: Any
 
     async def conflicts_of(self, runtime: Any, limit: int = MAX_CONFLICTS) -> list[dict[str, Any]]:
-        """The share's conflicts not dismissed, each with both versions as the disk has them."""
+        """The share's conflicts not dismissed whose copy is on disk, each with both
+        versions as the disk has them."""
         records = await runtime.store.call(_copies, runtime.share_id, limit)
         dismissed = runtime.share_events.dismissed
         records = [r for r in records if r.path not in dismissed]
@@ -82,6 +83,8 @@ class ConflictCommands:
         names = {peer_id: info.name for peer_id, info in runtime.peers.items()}
         out = []
         for record, (file_disk, copy_disk) in zip(records, disk):
+            if copy_disk is None:
+                continue  # the copy is still on its way here, or was just settled
             peer = peers.get(record.path)
             out.append({
                 "id": record.path, "file": record.conflict_source, "copy": record.path,
