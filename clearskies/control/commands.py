@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.gui import GuiCommands
-from clearskies.control.conflicts import STATUS_CONFLICTS, ConflictCommands
+from clearskies.control.conflicts import STATUS_CONFLICTS, ConflictCommands, downloading
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.control.versions import SHARE_KEYS, VersionCommands, share_settings
 from clearskies.errors import AccessCodeError, ClearSkiesError
@@ -341,6 +341,7 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, CommandDisp
         upload_rate, download_rate = self.daemon.rates()
         summary["download_rate"] = int(download_rate)
         summary["upload_rate"] = int(upload_rate)
+        summary.update(downloading(runtime.sync))
         conflicts = await self.conflicts_of(runtime, STATUS_CONFLICTS + 1)
         summary["conflicts"] = conflicts[:STATUS_CONFLICTS]
         summary["conflicts_more"] = len(conflicts) > STATUS_CONFLICTS

@@ -57,6 +57,27 @@ def _drop_copy(copy: str) -> None:
     os.remove(copy)
 
 
+#: Files arriving now that a share's status names, at most.
+STATUS_DOWNLOADING = 10
+
+
+def downloading(sync: Any) -> dict[str, Any]:
+    """A share status's ``bytes_remaining`` (counting down within the files arriving now)
+    and ``downloading``: those files, with the bytes here so far."""
+    files = []
+    arrived = 0
+    for peer_id, session in list(sync.sessions.items()):
+        receiver = getattr(session, "receiving", None)
+        if receiver is None:
+            continue
+        arrived += receiver.received
+        files.append({"file": receiver.expected.path, "received": receiver.received,
+                      "size": receiver.expected.size or 0, "peer_id": peer_id})
+    files.sort(key=lambda f: f["file"])
+    return {"bytes_remaining": max(0, int(sync.bytes_to_download) - arrived),
+            "downloading": files[:STATUS_DOWNLOADING]}
+
+
 class ConflictCommands:
     """``.clearskies.conflicts``, ``.clearskies.resolve_conflict``, ``.clearskies.changes``."""
 
