@@ -106,3 +106,21 @@ def test_attach_wait_draws_a_moving_bar_on_a_terminal(daemon_factory: Any) -> No
     assert len(set(percents)) >= 2 and percents == sorted(percents), frames
     assert any("video.mkv" in f and "iB/s" in f for f in frames), frames
     assert any("ETA 0:0" in f for f in frames), frames
+
+
+def test_one_spelling_for_timeouts_with_units_and_the_old_one_still_works() -> None:
+    from clearskies.cli import build_parser
+
+    parser = build_parser()
+    code = "SYNC" + "A" * 29
+    assert parser.parse_args(["wait", "/d", "--timeout", "5m"]).timeout_wait == 300
+    assert parser.parse_args(["attach", code, "/d", "--wait", "--timeout", "30s"]
+                             ).timeout_wait == 30
+    assert parser.parse_args(["attach", code, "/d", "--timeout-wait", "1.5"]).timeout_wait == 1.5
+    assert parser.parse_args(["attach", code, "/d"]).timeout_wait is None
+    assert parser.parse_args(["--timeout", "2m", "list"]).timeout == 120
+    assert "--timeout-wait" not in parser._subparsers._group_actions[0].choices[
+        "attach"].format_help()
+    for bad in ("-1", "soon", "5y", "1e99"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["wait", "/d", "--timeout", bad])
