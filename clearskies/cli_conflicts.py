@@ -1,5 +1,5 @@
 """``clearskies conflicts``, ``resolve`` and ``changes``: conflicts and recent changes from the
-shell (protocol/control.md, section 6.4).  A group of commands :class:`~clearskies.cli.Cli`
+shell (protocol/control.md, sections 6.6 and 6.7).  A group of commands :class:`~clearskies.cli.Cli`
 combines, like those of :mod:`clearskies.cli_versions`.
 """
 

@@ -1,5 +1,5 @@
 """Conflicts and recent changes with real daemons: listed in status, settled by command, over
-the control socket, the CLI and the HTTP API (protocol/control.md 6.4, protocol/http-api.md)."""
+the control socket, the CLI and the HTTP API (protocol/control.md 6.6, protocol/http-api.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The control commands of conflicts and recent changes (protocol/control.md, section 6.4).
+"""The control commands of conflicts and recent changes (protocol/control.md, sections 6.6 and 6.7).
 
 ``.clearskies.conflicts`` lists a share's conflict copies next to the files they
 were made for, ``.clearskies.resolve_conflict`` settles one (keep the file, keep
