@@ -27,6 +27,14 @@ def _make_conflict(alice: Any, bob: Any, name: str = "notes.txt") -> None:
     bob.cli("scan", str(b))
 
 
+def _only_peer(daemon: Any) -> str:
+    """The peer ID of the one peer of the daemon's share."""
+    peers = daemon.control_request({"type": ".clearskies.peers",
+                                    "path": str(daemon.shares)})["peers"]
+    assert len(peers) == 1, peers
+    return peers[0]["peer_id"]
+
+
 def _conflicts(daemon: Any) -> list[dict[str, Any]]:
     return daemon.cli_json("conflicts", str(daemon.shares))["conflicts"]
 
@@ -39,6 +47,15 @@ def test_a_real_conflict_is_listed_and_settled_every_way(daemon_factory: Any) ->
     code = alice.cli_json("share", str(a))["access_code"]
     bob.cli("attach", code, str(b), "--peer", alice.address, "--wait")
     wait_same_trees(alice, bob, 60)
+    # Each small download, over in milliseconds, was reported as it started and ended,
+    # with the peer and the size; alice reported sending each.
+    events = bob.control_request({"type": ".clearskies.events"})["events"]
+    for kind in ("download_started", "download_finished"):
+        assert {(e["file"], e["peer_id"], e["size"]) for e in events if e["type"] == kind} \
+            == {(n, _only_peer(bob), 9) for n in ("notes.txt", "plan.txt", "todo.txt")}, events
+    sent = alice.control_request({"type": ".clearskies.events"})["events"]
+    assert {e["file"] for e in sent if e["type"] == "upload_started"} == {
+        "notes.txt", "plan.txt", "todo.txt"}
     bob.stop()
     for name in ("notes.txt", "plan.txt", "todo.txt"):
         (a / name).write_text("alice's version of %s\n" % name)
