@@ -61,9 +61,10 @@ class Downloads:
                  announced: Callable[[list[FileRecord], ISyncSession | None], Deferred[Known]],
                  unwritable_files: bool = False,
                  report: Callable[..., None] | None = None) -> None:
-        """``report``: ``report(kind, **fields)`` of each download finished or failed
-        and each conflict copy made (ISyncEvents).  ``announced``: what the sessions announced of records about to be committed
-        (for ``relay``, which tells no peer what it told us)."""
+        """``announced``: what the sessions announced of records about to be committed
+        (for ``relay``, which tells no peer what it told us).  ``report``:
+        ``report(kind, **fields)`` of each download finished or failed and each conflict
+        copy made (ISyncEvents)."""
         self.share = share
         self.clock = clock
         self.wanted = wanted

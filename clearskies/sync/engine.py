@@ -52,15 +52,15 @@ class ShareSync:
                  rng: random.Random | None = None, window: int = WINDOW,
                  wanted_window: int = MEMORY_LIMIT,
                  events: ISyncEvents | None = None) -> None:
-        """``events``: told of each download started, finished or failed and each
-        conflict copy made, as it happens (None: nobody listens).
-``signing``: a read-only share's signing and relaying (None: a plain share).
+        """``signing``: a read-only share's signing and relaying (None: a plain share).
         ``upload_limiter``/``download_limiter``: the daemon-wide rate limits.
         ``advertised_addresses``/``addresses_received``: extension ``addresses``,
         where we can be reached beyond what peers see themselves, and what to do
         with a peer's list (peer ID, addresses).  ``unwritable_files``: put
         downloads in place without write permission (``read_only_files``).
         ``wanted_window``: wanted files held in memory (the rest in the database).
+        ``events``: told of each download started, finished or failed, each upload,
+        deletion and conflict copy, as it happens (None: nobody listens).
         """
         self.share = share
         self.clock = clock
