@@ -255,7 +255,8 @@ class ShareCommands:
         meter = None if self.args.json else Progress(
             self.err, path, terminal=progress, width=shutil.get_terminal_size().columns)
         while True:
-            status = self.request({"type": ".clearskies.share_status", "path": path})
+            status = self.request({"type": ".clearskies.share_status", "path": path,
+                                   "conflicts": False})
             if status.get("status") == "error":
                 raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
             if status.get("status") == "failed":

@@ -75,6 +75,9 @@ def test_a_real_conflict_is_listed_and_settled_every_way(daemon_factory: Any) ->
     status = alice.cli_json("status", str(a))
     assert {c["file"] for c in status["conflicts"]} == set(by_file)
     assert "conflict: notes.txt and " in alice.cli("status", str(a)).stdout
+    spared = alice.control_request({"type": ".clearskies.share_status", "path": str(a),
+                                    "conflicts": False})
+    assert "conflicts" not in spared and "bytes_remaining" in spared
     # The engine reported each as an event, with the peer.
     events = alice.control_request({"type": ".clearskies.events"})["events"] + \
         bob.control_request({"type": ".clearskies.events"})["events"]

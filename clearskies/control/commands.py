@@ -342,9 +342,10 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, CommandDisp
         summary["download_rate"] = int(download_rate)
         summary["upload_rate"] = int(upload_rate)
         summary.update(downloading(runtime.sync))
-        conflicts = await self.conflicts_of(runtime, STATUS_CONFLICTS + 1)
-        summary["conflicts"] = conflicts[:STATUS_CONFLICTS]
-        summary["conflicts_more"] = len(conflicts) > STATUS_CONFLICTS
+        if request.get("conflicts") is not False:  # (a poller may spare the lookup)
+            conflicts = await self.conflicts_of(runtime, STATUS_CONFLICTS + 1)
+            summary["conflicts"] = conflicts[:STATUS_CONFLICTS]
+            summary["conflicts_more"] = len(conflicts) > STATUS_CONFLICTS
         return summary
 
     def _peers(self, runtime: Any) -> list[dict[str, Any]]:
