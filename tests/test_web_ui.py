@@ -153,6 +153,12 @@ def test_resolve_a_real_conflict_in_the_browser(browser: Any, daemon_factory: An
     copy = item.get_attribute("data-conflict")
     other = (a / copy).read_bytes()
     page.locator("#changes li", has_text="conflict").first.wait_for(timeout=20_000)
+    if os.environ.get("CLEARSKIES_SCREENSHOT") == "1":
+        top = page.locator("section", has=page.locator("#conflicts-title")).bounding_box()
+        end = page.locator("section", has=page.locator("#changes-title")).bounding_box()
+        page.screenshot(path=str(SCREENSHOT.with_name("web-ui-conflicts.png")), full_page=True,
+                        clip={"x": 0, "y": top["y"] - 8, "width": 1000,
+                              "height": end["y"] + end["height"] - top["y"] + 16})
     item.get_by_role("button", name="Keep the other").click()
     page.locator("#conflicts li").first.wait_for(state="detached", timeout=20_000)
     page.locator("#no-conflicts").wait_for(state="visible")
