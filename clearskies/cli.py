@@ -41,6 +41,8 @@ from clearskies.cli_gui import GuiCommands
 from clearskies.cli_gui import add_arguments as add_gui_arguments
 from clearskies.cli_output import Output, format_bytes
 from clearskies.cli_versions import VersionCommands, add_arguments, config_share_option
+from clearskies.cli_conflicts import ConflictCommands
+from clearskies.cli_conflicts import add_arguments as add_conflict_arguments
 from clearskies.control.client import (
     ControlClient,
     ControlError,
@@ -80,6 +82,19 @@ def parse_duration(text: str) -> float | None:
     return seconds
 
 
+def parse_timeout(text: str) -> float:
+    """A ``--timeout``: seconds, or with a unit (``90s``, ``5m``, ``1.5h``, ``1d``)."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h|d)?", text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            "%r is not a timeout; give seconds or a duration such as 30s, 5m or 1h" % text)
+    unit = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+    seconds = float(match.group(1)) * unit[match.group(2)]
+    if seconds > 10 ** 9:
+        raise argparse.ArgumentTypeError("%r is too long a timeout" % text)
+    return seconds
+
+
 def _start_error(errors: Any, status: int, data_dir: str) -> str:
     """Why a daemon exited at start-up: the last line of its standard error."""
     errors.seek(0)
@@ -94,7 +109,7 @@ def _start_error(errors: Any, status: int, data_dir: str) -> str:
     return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
-class Cli(GuiCommands, VersionCommands, DaemonCommands, ShareCommands, AccessCommands):
+class Cli(GuiCommands, VersionCommands, ConflictCommands, DaemonCommands, ShareCommands, AccessCommands):
     """One CLI invocation: the parsed arguments, where to print, how to reach the daemon.
 
     The commands come from the groups of :mod:`clearskies.cli_commands`; what
@@ -222,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the daemon's data directory (default: $CLEARSKIES_DATA_DIR or "
                              "~/.local/share/clearskies); selects one of several daemons")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds to wait for each daemon reply (default 30)")
+    parser.add_argument("--timeout", type=parse_timeout, default=30.0, metavar="SECONDS",
+                        help="how long to wait for each daemon reply (default 30; units: "
+                             "30s, 5m)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     start = sub.add_parser(
@@ -282,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "wins, yours become conflict copies, files only you have are "
                              "shared")
     attach.add_argument("--wait", action="store_true", help="wait until in sync, show progress")
-    attach.add_argument("--timeout-wait", type=float, default=None, metavar="SECONDS")
+    attach.add_argument("--timeout", dest="timeout_wait", type=parse_timeout, default=None,
+                        metavar="SECONDS", help="with --wait: give up (exit 3) after this "
+                                                "long (seconds, or 30s, 5m, 1h)")
+    attach.add_argument("--timeout-wait", dest="timeout_wait", type=parse_timeout,
+                        help=argparse.SUPPRESS)  # the old spelling
     _auto_start_options(attach)
 
     detach = sub.add_parser("detach", help="stop syncing a directory (files stay)")
@@ -323,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "versions_keep, versions_max_bytes")
     config_share_option(config)
     add_arguments(sub)
+    add_conflict_arguments(sub)
     add_gui_arguments(sub)
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
@@ -332,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("path")
     wait = sub.add_parser("wait", help="wait until every connected peer is in sync")
     wait.add_argument("path")
-    wait.add_argument("--timeout", dest="timeout_wait", type=float, default=None,
-                      metavar="SECONDS", help="give up (exit 3) after this long")
+    wait.add_argument("--timeout", dest="timeout_wait", type=parse_timeout, default=None,
+                      metavar="SECONDS", help="give up (exit 3) after this long (seconds, "
+                                              "or 30s, 5m, 1h)")
     _json_after_command(sub)
     return parser
 

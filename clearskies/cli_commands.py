@@ -19,10 +19,12 @@ import collections
 import functools
 import json
 import os
+import shutil
 import re
 from typing import Any
 
 from clearskies.accesscode import code_url, parse_code
+from clearskies.cli_progress import Progress
 from clearskies.cli_output import format_bytes, parse_setting_units
 from clearskies.errors import AccessCodeError
 
@@ -249,8 +251,12 @@ class ShareCommands:
         """Poll the share until it is idle and every connected peer is in sync."""
         deadline = None if timeout is None else self.monotonic() + timeout
         progress = not self.args.json and self.err.isatty()
+        # A bar on a terminal, a plain line every few seconds otherwise; nothing with --json.
+        meter = None if self.args.json else Progress(
+            self.err, path, terminal=progress, width=shutil.get_terminal_size().columns)
         while True:
-            status = self.request({"type": ".clearskies.share_status", "path": path})
+            status = self.request({"type": ".clearskies.share_status", "path": path,
+                                   "conflicts": False})
             if status.get("status") == "error":
                 raise CommandFailed("share %s is in error: %s" % (path, status.get("problem")))
             if status.get("status") == "failed":
@@ -283,12 +289,11 @@ class ShareCommands:
                     self.err.write("\r\x1b[K%s: %s, local changes to scan" % (
                         os.path.basename(path) or path, status.get("status")))
                 else:
-                    self.err.write("\r\x1b[K%s: %s, %d items / %s to download, %s/s" % (
-                        os.path.basename(path) or path, status.get("status"),
-                        status.get("items_to_download", 0),
-                        format_bytes(status.get("bytes_to_download", 0)),
-                        format_bytes(status.get("download_rate", 0))))
+                    assert meter is not None
+                    meter.show(status, self.monotonic())
                 self.err.flush()
+            elif meter is not None and status.get("items_to_download"):
+                meter.show(status, self.monotonic())
             if deadline is not None and self.monotonic() >= deadline:
                 if progress:
                     self.err.write("\n")

@@ -137,6 +137,14 @@ class Output:
         if share.get("items_to_download"):
             self.line("  downloading: %d items, %s left" % (
                 share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
+        for conflict in share.get("conflicts", []):
+            self.line("  conflict: %s and %s%s" % (
+                printable(conflict.get("file", "")), printable(conflict.get("copy", "")),
+                (" (from %s)" % (conflict.get("peer_name") or conflict["peer_id"]))
+                if conflict.get("peer_id") else ""))
+        if share.get("conflicts"):
+            self.line("  (clearskies conflicts %s: both versions; keep one or both)"
+                      % share.get("path"))
         errors = share.get("disk_errors") or []
         for error in errors:
             self.line("  cannot write %s: %s" % (error.get("path"), error.get("error")))

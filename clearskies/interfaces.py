@@ -15,6 +15,22 @@ from twisted.application.service import IService
 from zope.interface import Attribute, Interface
 
 
+# --- what the sync layer reports as it happens -----------------------------
+
+
+class ISyncEvents(Interface):
+    """Where a share's sync engine reports what happens, as it happens: each
+    download started, finished or failed and each conflict copy made
+    (protocol/http-api.md, "Events").  The daemon turns them into events for
+    the GUIs; the sync layer knows nothing of who listens.  ``fields`` hold
+    plain JSON values (``file``, ``peer_id``, ``size``, ``copy``, ``reason``).
+    Implementations must not raise and must not block."""
+
+    def sync_event(kind: str, fields: dict) -> None:
+        """``kind``: ``download_started``, ``download_finished``, ``download_failed``,
+        ``conflict``, ``deleted`` (a peer's deletion carried out here)."""
+
+
 # --- blocking work: runners and disk jobs -----------------------------------
 
 
@@ -342,6 +358,9 @@ class IShareHost(Interface):
 
     def peer_connection_lost(share_id: str, peer_id: str, address: object) -> None:
         """A session of the share ended (``address``: the one we dialled, or None)."""
+
+    def share_event(share_id: str, path: str, kind: str, fields: dict) -> None:
+        """What a share's engine reported (ISyncEvents), for the daemon's events."""
 
 
 class IAttachDialler(Interface):

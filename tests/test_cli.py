@@ -504,7 +504,7 @@ class CliAgainstFakeDaemon(unittest.TestCase):
         self.assertEqual(run.code, 0)
         self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
         self.assertEqual(self.daemon.received[1], {
-            "type": ".clearskies.share_status", "path": self.share_dir})
+            "type": ".clearskies.share_status", "path": self.share_dir, "conflicts": False})
 
     @async_test
     async def test_attach_wait_failed_attach_exits_1_with_the_reason(self) -> None:
@@ -548,7 +548,7 @@ class CliAgainstFakeDaemon(unittest.TestCase):
         self.assertEqual(run.code, 0)
         self.assertEqual(len(polls), 3)
         self.assertEqual(polls[0], {"type": ".clearskies.share_status",
-                                    "path": self.share_dir})
+                                    "path": self.share_dir, "conflicts": False})
         self.assertEqual(run.out, "%s is in sync (3 files, 1.0 KiB)\n" % self.share_dir)
 
     @async_test

@@ -98,7 +98,7 @@ def test_the_feed_publishes_what_changed_between_looks() -> None:
     feed.look()
     kinds = [e["type"] for e in bus.since(0)[0]]
     assert kinds == ["share_added", "share_status", "share_progress", "peer_connected",
-                     "peer_progress", "download_started", "download_progress"]
+                     "peer_progress", "download_progress"]
     last = bus.last_id
     feed.look()
     assert bus.last_id == last  # nothing changed, nothing said
@@ -116,13 +116,14 @@ def test_the_feed_publishes_what_changed_between_looks() -> None:
     runtime.sync.sessions.clear()
     feed.look()
     kinds = [e["type"] for e in bus.since(last)[0]]
-    assert "download_finished" in kinds and "peer_disconnected" in kinds
+    # (Downloads started and finished the engine reports itself, as they happen.)
+    assert "peer_disconnected" in kinds and "download_finished" not in kinds
     runtimes.clear()
     feed.look()
     assert bus.since(0)[0][-1]["type"] == "share_removed"
 
 
-def test_logged_warnings_and_conflicts_become_events_a_bounded_number_per_look() -> None:
+def test_logged_warnings_become_events_a_bounded_number_per_look() -> None:
     bus = _bus()
     observer = LogEvents(bus)
     observer({"log_level": LogLevel.info, "log_format": "nothing to see"})
@@ -131,9 +132,9 @@ def test_logged_warnings_and_conflicts_become_events_a_bounded_number_per_look()
     observer({"log_level": LogLevel.warn, "log_format": "could not write {path}",
               "path": "SYNCAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"})
     events = bus.since(0)[0]
-    assert [e["type"] for e in events] == ["conflict", "warning"]
-    assert events[0]["file"] == "a.txt" and events[0]["copy"] == "a (conflict).txt"
-    assert "SYNCAAAA" not in events[1]["message"]  # codes never leave in an event
+    # (Conflicts the engine reports itself, not through the log.)
+    assert [e["type"] for e in events] == ["warning"]
+    assert "SYNCAAAA" not in events[0]["message"]  # codes never leave in an event
     for _ in range(MAX_LOG_EVENTS + 50):
         observer({"log_level": LogLevel.error, "log_format": "boom"})
     assert bus.last_id == MAX_LOG_EVENTS
@@ -149,3 +150,33 @@ def test_what_a_listener_logs_while_handed_a_logged_event_is_not_published_again
                                              "log_format": "a client fell behind"}))
     observer({"log_level": LogLevel.warn, "log_format": "first"})
     assert [e["message"] for e in bus.since(0)[0]] == ["first"]
+
+
+def test_what_a_share_engine_reports_becomes_an_event_and_a_recent_change() -> None:
+    from clearskies.daemon.runtime import RECENT_CHANGES, ShareEvents
+
+    bus = _bus()
+    published: list = []
+
+    class Host:
+        def now(self) -> float:
+            return 5.0
+
+        def share_event(self, share_id: str, path: str, kind: str, fields: dict) -> None:
+            published.append(bus.publish(kind, path=path, share_id=share_id, **fields))
+
+    events = ShareEvents(Host(), "s1", "/s/one")  # type: ignore[arg-type]
+    events.sync_event("download_started", {"file": "a", "peer_id": "p", "size": 3})
+    events.sync_event("download_finished", {"file": "a", "peer_id": "p", "size": 3})
+    events.sync_event("conflict", {"file": "b", "copy": "b.CONFLICT.12345678",
+                                   "peer_id": "p", "size": 1})
+    assert [e["type"] for e in published] == ["download_started", "download_finished",
+                                              "conflict"]
+    assert published[1] == {"id": 2, "time": published[1]["time"], "type": "download_finished",
+                            "path": "/s/one", "share_id": "s1", "file": "a", "peer_id": "p",
+                            "size": 3}
+    assert [c["kind"] for c in events.recent] == ["received", "conflict"]
+    for n in range(RECENT_CHANGES + 10):
+        events.sync_event("upload_started", {"file": str(n), "peer_id": "p", "size": 1})
+    assert len(events.recent) == RECENT_CHANGES  # bounded
+    assert events.recent[-1]["file"] == str(RECENT_CHANGES + 9)

@@ -129,3 +129,39 @@ def test_log_in_see_a_share_make_a_code_and_watch_a_peer_attach(
     page.get_by_role("button", name="Resume").click()
     page.get_by_role("button", name="Pause").wait_for()
     assert alice.cli_json("status")["paused"] is False
+
+
+def test_resolve_a_real_conflict_in_the_browser(browser: Any, daemon_factory: Any) -> None:
+    """Both sides edit a file while apart; the conflicts view shows both versions and
+    "Keep the other" puts the copy's content in place, on both machines."""
+    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    a, b = Path(alice.shares), Path(bob.shares)
+    (a / "notes.txt").write_text("original\n")
+    code = alice.cli_json("share", str(a))["access_code"]
+    bob.cli("attach", code, str(b), "--peer", alice.address, "--wait")
+    bob.stop()
+    (a / "notes.txt").write_text("alice's version\n")
+    alice.cli("scan", str(a))
+    (b / "notes.txt").write_text("bob's version, a bit longer\n")
+    bob.start()
+    bob.cli("scan", str(b))
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(alice.cli_json("web")["url"])
+    item = page.locator("#conflicts li", has_text="notes.txt")
+    item.wait_for(timeout=60_000)
+    assert "The other: notes.CONFLICT." in item.inner_text()
+    copy = item.get_attribute("data-conflict")
+    other = (a / copy).read_bytes()
+    page.locator("#changes li", has_text="conflict").first.wait_for(timeout=20_000)
+    if os.environ.get("CLEARSKIES_SCREENSHOT") == "1":
+        top = page.locator("section", has=page.locator("#conflicts-title")).bounding_box()
+        end = page.locator("section", has=page.locator("#changes-title")).bounding_box()
+        page.screenshot(path=str(SCREENSHOT.with_name("web-ui-conflicts.png")), full_page=True,
+                        clip={"x": 0, "y": top["y"] - 8, "width": 1000,
+                              "height": end["y"] + end["height"] - top["y"] + 16})
+    item.get_by_role("button", name="Keep the other").click()
+    page.locator("#conflicts li").first.wait_for(state="detached", timeout=20_000)
+    page.locator("#no-conflicts").wait_for(state="visible")
+    assert (a / "notes.txt").read_bytes() == other and not (a / copy).exists()
+    wait_same_trees(a, b, timeout=60)
+    assert (b / "notes.txt").read_bytes() == other

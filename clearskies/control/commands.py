@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.gui import GuiCommands
+from clearskies.control.conflicts import STATUS_CONFLICTS, ConflictCommands, downloading
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.control.versions import SHARE_KEYS, VersionCommands, share_settings
 from clearskies.errors import AccessCodeError, ClearSkiesError
@@ -54,7 +55,7 @@ def _join_status(join: Any) -> str:
     return "waiting" if join.failed is None else "failed"
 
 
-class DaemonCommands(GuiCommands, VersionCommands, CommandDispatcher):
+class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, CommandDispatcher):
     """What the control socket can ask of the daemon (which it sees as ``IDaemonControl``)."""
 
     _log = Logger()
@@ -340,6 +341,11 @@ class DaemonCommands(GuiCommands, VersionCommands, CommandDispatcher):
         upload_rate, download_rate = self.daemon.rates()
         summary["download_rate"] = int(download_rate)
         summary["upload_rate"] = int(upload_rate)
+        summary.update(downloading(runtime.sync))
+        if request.get("conflicts") is not False:  # (a poller may spare the lookup)
+            conflicts = await self.conflicts_of(runtime, STATUS_CONFLICTS + 1)
+            summary["conflicts"] = conflicts[:STATUS_CONFLICTS]
+            summary["conflicts_more"] = len(conflicts) > STATUS_CONFLICTS
         return summary
 
     def _peers(self, runtime: Any) -> list[dict[str, Any]]:

@@ -23,7 +23,9 @@ class RateMeter:
     def sample(self, total: int, interval: float) -> None:
         current = max(0, total - self._last_total) / interval
         self._last_total = total
-        self.rate = self.smoothing * current + (1 - self.smoothing) * self.rate
+        # Nothing moved in the last interval: the rate is 0 now, not a fading average.
+        self.rate = 0.0 if current == 0 else (
+            self.smoothing * current + (1 - self.smoothing) * self.rate)
 
 
 class Activity:

@@ -1,18 +1,19 @@
 """What the daemon tells its event bus (protocol/http-api.md, "Events").
 
-Two sources feed ``clearskies.events.EventBus``:
+Three sources feed ``clearskies.events.EventBus``:
 
+- Each share's engine reports downloads started, finished and failed, uploads
+  started, deletions and conflict copies as they happen (``ISyncEvents``,
+  through ``clearskies.daemon.runtime.ShareEvents`` and the share host).
 - :class:`EventFeed` looks at the running shares every ``RATE_INTERVAL`` and
   publishes what changed since the last look: share state, peers connected
-  and their progress, the files being downloaded (with bytes so far), the
+  and their progress, the bytes so far of the files being downloaded, the
   share's remaining items and bytes, the rates.  (``paused`` and ``resumed``
-  the daemon publishes itself, as they happen.)  A file that starts
-  and ends between two looks shows in the share's totals only.
-- :class:`LogEvents` turns the daemon's warnings and errors, and the
-  conflicts it logs, into ``warning``, ``error`` and ``conflict`` events.
+  the daemon publishes itself, as they happen.)
+- :class:`LogEvents` turns the daemon's warnings and errors into ``warning``
+  and ``error`` events.
 
-Both only read: the sync layer is not told that anyone watches.  What one
-look may publish is bounded (``MAX_FILES_PER_LOOK`` file events per share,
+The feed and the log observer only read.  What one look may publish is bounded (``MAX_FILES_PER_LOOK`` file events per share,
 ``MAX_LOG_EVENTS`` log events per look), so a flood of changes cannot flood
 the bus.
 """
@@ -32,9 +33,6 @@ from clearskies.logfile import redact
 MAX_FILES_PER_LOOK = 50
 #: Events from the log between two looks.
 MAX_LOG_EVENTS = 100
-
-_CONFLICT_MARKS = ("kept both", "theirs kept as")
-
 
 def _summary(runtime: Any) -> dict[str, Any]:
     """The parts of a share's state an event reports."""
@@ -137,35 +135,22 @@ class EventFeed:
             if receiver is not None:
                 receiving[receiver.expected.path] = (receiver.received,
                                                      receiver.expected.size or 0, peer_id)
-        current = set(sync.in_flight) | set(getattr(sync, "finishing", ()))
         budget = MAX_FILES_PER_LOOK
-        for path in sorted(current - set(old)):
-            if budget <= 0:
-                break
-            budget -= 1
-            session = sync.in_flight.get(path)
-            publish("download_started", **where, file=path,
-                    peer_id=getattr(session, "peer_id", None))
-            old[path] = -1
         for path, (received, size, peer_id) in sorted(receiving.items()):
             if budget <= 0:
                 break
-            if path in old and old[path] != received:
+            if old.get(path) != received:
                 budget -= 1
                 old[path] = received
                 publish("download_progress", **where, file=path, peer_id=peer_id,
                         received=received, size=size)
-        for path in sorted(set(old) - current):
-            if budget <= 0:
-                break
-            budget -= 1
-            del old[path]
-            done = sync.wanted.get(path) is None
-            publish("download_finished" if done else "download_stopped", **where, file=path)
+        for path in list(old):
+            if path not in receiving:
+                del old[path]
 
 
 class LogEvents:
-    """A log observer: warnings, errors and logged conflicts become events."""
+    """A log observer: warnings and errors become events."""
 
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
@@ -180,9 +165,7 @@ class LogEvents:
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level")
-        text = event.get("log_format") or ""
-        conflict = any(mark in text for mark in _CONFLICT_MARKS)
-        if not conflict and level not in (LogLevel.warn, LogLevel.error, LogLevel.critical):
+        if level not in (LogLevel.warn, LogLevel.error, LogLevel.critical):
             return
         if self._count >= MAX_LOG_EVENTS or self._publishing:
             return
@@ -195,12 +178,8 @@ class LogEvents:
             return
         self._publishing = True
         try:
-            if conflict:
-                self.bus.publish("conflict", file=str(event.get("path", "")),
-                                 copy=str(event.get("copy", "")), message=message)
-            else:
-                self.bus.publish("error" if level != LogLevel.warn else "warning",
-                                 message=message[:2000])
+            self.bus.publish("error" if level != LogLevel.warn else "warning",
+                             message=message[:2000])
         finally:
             self._publishing = False
 

@@ -11,6 +11,7 @@ from clearskies.daemon.dialling import Dialling
 from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.resources import Resources
 from clearskies.daemon.shares import Shares
+from clearskies.events import EventBus
 from clearskies.interfaces import IShareHost
 
 
@@ -19,12 +20,14 @@ class ShareHost:
     """The daemon-wide state a share follows and the rooms it reports to."""
 
     def __init__(self, resources: Resources, activity: Activity, shares: Shares,
-                 dialling: Dialling, discovery: Discovery) -> None:
+                 dialling: Dialling, discovery: Discovery,
+                 events: EventBus | None = None) -> None:
         self._resources = resources
         self._activity = activity
         self._shares = shares
         self._dialling = dialling
         self._discovery = discovery
+        self._events = events
 
     @property
     def paused(self) -> bool:
@@ -53,3 +56,7 @@ class ShareHost:
 
     def peer_connection_lost(self, share_id: str, peer_id: str, address: Any) -> None:
         self._dialling.connection_lost(share_id, peer_id, address)
+
+    def share_event(self, share_id: str, path: str, kind: str, fields: dict) -> None:
+        if self._events is not None:
+            self._events.publish(kind, **{"path": path, "share_id": share_id, **fields})

@@ -10,6 +10,7 @@ daemon only through ``IShareHost``.
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from zope.interface import implementer
 
 from clearskies.daemon.localshare import LocalShareFiles, _cache_key_of
 from clearskies.daemon.versions import ShareVersions
-from clearskies.interfaces import ILocalShare, IRunner, IShareHost
+from clearskies.interfaces import ILocalShare, IRunner, IShareHost, ISyncEvents
 from clearskies.keys import ShareKeys
 from clearskies.ratelimit import RateLimiter
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo
@@ -63,6 +64,49 @@ def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
     return tuple(inside)
 
 
+#: Recent changes a share remembers (``changes``), and conflicts dismissed.
+RECENT_CHANGES = 500
+MAX_DISMISSED = 10_000
+#: Engine reports -> the kind of change the recent-changes list shows.
+_CHANGE_KINDS = {"download_finished": "received", "upload_started": "sent",
+                 "deleted": "deleted", "conflict": "conflict"}
+
+
+@implementer(ISyncEvents)
+class ShareEvents:
+    """What a share's engine reports, handed to the host with the share's ID and folder;
+    the last ``RECENT_CHANGES`` changes it made are kept (in memory) for ``changes``."""
+
+    def __init__(self, host: IShareHost, share_id: str, root: Path,
+                 clock: Any = None) -> None:
+        self._host = host
+        self._share_id = share_id
+        self._root = str(root)
+        self._clock = clock or host.now
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_CHANGES)
+        #: Conflict copies the user chose to keep both of ("keep both"), until restart.
+        self.dismissed: set[str] = set()
+
+    def sync_event(self, kind: str, fields: dict) -> None:
+        change = _CHANGE_KINDS.get(kind)
+        if change is not None:
+            entry = {"time": round(self._clock(), 3), "kind": change}
+            entry.update(fields)
+            self.recent.append(entry)
+        self._host.share_event(self._share_id, self._root, kind, fields)
+
+    def local_change(self, kind: str, **fields: Any) -> None:
+        """A change made here through a command (a conflict resolved)."""
+        entry = {"time": round(self._clock(), 3), "kind": kind}
+        entry.update(fields)
+        self.recent.append(entry)
+        self._host.share_event(self._share_id, self._root, kind, fields)
+
+    def dismiss(self, copy: str) -> None:
+        if len(self.dismissed) < MAX_DISMISSED:
+            self.dismissed.add(copy)
+
+
 #: A share's totals are recounted at most once per this many times the last
 #: count took (see ShareRuntime.fresh_counts).
 COUNT_SPACING = 4.0
@@ -92,13 +136,16 @@ class ShareRuntime(LocalShareFiles, Service):
                                  ShareService(reactor, store, info, files_runner))
         # What peers' changes replace or delete is kept (clearskies.daemon.versions).
         self.versions = ShareVersions(info.share_id, self.root, store, files_runner, reactor)
+        # What the engine reports (events), and the share's recent changes.
+        self.share_events = ShareEvents(host, info.share_id, self.root)
         self.signing = readonly.ShareSigning(keys, info.peer_id, persist=self._persist_signed)
         self.sync = ShareSync(
             self, reactor, signing=self.signing,
             upload_limiter=upload_limiter, download_limiter=download_limiter,
             # Extension "addresses" (protocol/sync.md): what we advertise, what peers tell us.
             advertised_addresses=lambda: [str(a) for a in host.advertised_addresses()],
-            addresses_received=self.peer_addresses_received)
+            addresses_received=self.peer_addresses_received,
+            events=self.share_events)
         self.unshared: list[str] = []
         # Read-only share: files of the share's version we lack, and whether that
         # version is known in full (every page of its manifests here).

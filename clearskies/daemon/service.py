@@ -109,7 +109,7 @@ class Daemon(MultiService):
                                    self.dialling, self.tor_link, lambda: self.listeners.port_number)
         # What each share's runtime sees of all this (and nothing else of the daemon).
         self.share_host = ShareHost(self.resources, self.activity, self.share_registry,
-                                    self.dialling, self.discovery)
+                                    self.dialling, self.discovery, events=self.events)
         self.share_registry.attach_host(self.share_host)
         self.ready: Deferred[None] = Deferred()
         self._lock_fd: int | None = None

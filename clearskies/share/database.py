@@ -350,6 +350,13 @@ class StateDatabase:
         args.append(limit)
         return [_stored_from_row(row) for row in self._conn.execute(sql, args)]
 
+    def conflict_copies(self, share_id: str, limit: int = PAGE_SIZE) -> list[FileRecord]:
+        """Live conflict copies of the share (records with a ``conflict_source``), by path."""
+        rows = self._conn.execute(
+            "SELECT %s FROM files WHERE share_id = ? AND conflict_source IS NOT NULL"
+            " AND deleted = 0 ORDER BY path LIMIT ?" % _FILE_COLUMNS, (share_id, limit))
+        return [_stored_from_row(row).record for row in rows]
+
     def records_between_many(self, share_id: str, ranges: Sequence[tuple[str, str | None]],
                              limit: int = PAGE_SIZE) -> list[list[StoredRecord]]:
         """The first page of :meth:`records_between` for each (low, high) range.

@@ -59,9 +59,12 @@ class Downloads:
                  refused: Callable[[ISyncSession, object, str], None],
                  report_progress: Callable[[], None],
                  announced: Callable[[list[FileRecord], ISyncSession | None], Deferred[Known]],
-                 unwritable_files: bool = False) -> None:
+                 unwritable_files: bool = False,
+                 report: Callable[..., None] | None = None) -> None:
         """``announced``: what the sessions announced of records about to be committed
-        (for ``relay``, which tells no peer what it told us)."""
+        (for ``relay``, which tells no peer what it told us).  ``report``:
+        ``report(kind, **fields)`` of each download finished or failed and each conflict
+        copy made (ISyncEvents)."""
         self.share = share
         self.clock = clock
         self.wanted = wanted
@@ -77,6 +80,9 @@ class Downloads:
         self._refused = refused
         self._report_progress = report_progress
         self._announced = announced
+        self._report = report or (lambda kind, **fields: None)
+        # The peer each file being installed came from (for the conflict it may make).
+        self._from: dict[str, str] = {}
         #: Put downloaded files in place without write permission (a read-only
         #: share's ``read_only_files`` setting).
         self.unwritable_files = unwritable_files
@@ -94,6 +100,8 @@ class Downloads:
     def crashed(self, failure: Failure, path: str, peer_id: str) -> None:
         self._log.failure("download of {path} failed", failure, path=path)
         self.in_flight.pop(path, None)
+        self._report("download_failed", file=path, peer_id=peer_id,
+                     reason=failure.getErrorMessage()[:200])
         # Asked of that peer again only after RETRY_AFTER: whatever went
         # wrong, the next pump must not run into it again at once, forever.
         self.wanted.failed(path, peer_id, self.clock.seconds())
@@ -104,6 +112,8 @@ class Downloads:
             local_path = self.share.local_path(record.path)
         except UnsafePathError as e:
             self._refused(session, record.path, str(e))
+            self._report("download_failed", file=record.path, peer_id=session.peer_id,
+                         reason=str(e)[:200])
             self.wanted.pop(record.path, None)
             self.in_flight.pop(record.path, None)
             if isinstance(e, PathObstacle):  # in the way since the merge: it waits
@@ -162,17 +172,26 @@ class Downloads:
         current = self.wanted.get(record.path)
         if current is None or current.record != record:
             receiver.abort(keep_partial=False)  # superseded while we fetched it
+            self._report("download_failed", file=record.path, peer_id=session.peer_id,
+                         reason="superseded by a newer change")
             return
         # Verification and fsync run outside the lock, several at once; the
         # renames and the database commit are then done in batches.
+        self._from[record.path] = session.peer_id
         try:
             problem = await receiver.seal()
             result = (CORRUPT if problem is not None
                       else await self._install_batched(receiver, record))
         except OSError as e:
             self.disk.failed(session, receiver, e)
+            self._report("download_failed", file=record.path, peer_id=session.peer_id,
+                         reason=str(e)[:200])
             return
+        finally:
+            self._from.pop(record.path, None)
         if result == OK:
+            self._report("download_finished", file=record.path, peer_id=session.peer_id,
+                         size=record.size or 0)
             self.disk.succeeded(record.path)
             if self.wanted.get(record.path) is current:
                 # (A newer record that arrived meanwhile, if only with a merged
@@ -180,7 +199,10 @@ class Downloads:
                 del self.wanted[record.path]
             if not self.wanted:
                 self._report_progress()
-        elif result == CORRUPT:
+        else:
+            self._report("download_failed", file=record.path, peer_id=session.peer_id,
+                         reason="did not match its hash" if result == CORRUPT else str(result))
+        if result == CORRUPT:
             if asked is None or asked == current.remote_path:
                 current.failed[session.peer_id] = self.clock.seconds()
             self._log.warn("{path} from {peer} did not match its hash; will fetch again",
@@ -325,5 +347,8 @@ class Downloads:
             self._relay([conflict], revision, None, known)
             self._log.info("{path} changed here while downloading; theirs kept as {copy}",
                            path=record.path, copy=conflict.path)
+            self._report("conflict", file=record.path, copy=conflict.path,
+                         peer_id=self._from.get(record.path), size=kept.size,
+                         kept="ours")
             return OK
         return result.status

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from clearskies.interfaces import ILocalShare, ISyncSession
+from clearskies.interfaces import ILocalShare, ISyncEvents, ISyncSession
 from clearskies.ratelimit import RateLimiter
 from clearskies.share.records import FileRecord
 from clearskies.sync import readonly
@@ -50,7 +50,8 @@ class ShareSync:
                  addresses_received: Callable[[str, list[str]], None] | None = None,
                  unwritable_files: bool = False,
                  rng: random.Random | None = None, window: int = WINDOW,
-                 wanted_window: int = MEMORY_LIMIT) -> None:
+                 wanted_window: int = MEMORY_LIMIT,
+                 events: ISyncEvents | None = None) -> None:
         """``signing``: a read-only share's signing and relaying (None: a plain share).
         ``upload_limiter``/``download_limiter``: the daemon-wide rate limits.
         ``advertised_addresses``/``addresses_received``: extension ``addresses``,
@@ -58,6 +59,8 @@ class ShareSync:
         with a peer's list (peer ID, addresses).  ``unwritable_files``: put
         downloads in place without write permission (``read_only_files``).
         ``wanted_window``: wanted files held in memory (the rest in the database).
+        ``events``: told of each download started, finished or failed, each upload,
+        deletion and conflict copy, as it happens (None: nobody listens).
         """
         self.share = share
         self.clock = clock
@@ -69,6 +72,7 @@ class ShareSync:
         # Only picks which peer to ask: no secret, so no system call per pick.
         self.rng = rng or random.Random()
         self.window = window
+        self.events = events
         self.sessions: dict[str, ISyncSession] = {}
         self.wanted = WantedFiles(share.lists, share.share_id, memory_limit=wanted_window,
                                   refilled=self.pump, clock=clock,
@@ -88,7 +92,7 @@ class ShareSync:
         for forget in (share.lists.forget_announced, share.lists.clear_wanted):
             forget(share.share_id).addErrback(lambda f: self._log.failure("old lists", f))
         self.merger = RecordMerger(share, self.wanted, self.sessions, self._unresolved, lock,
-                                   self.relay, self.pump)
+                                   self.relay, self.pump, report=self.report)
         self.diskwatch = DiskWatch(share, clock, self.wanted, self.in_flight, self.finishing,
                                    self.pump)
         self.copies = LocalCopies(share, clock, self.wanted, self.finishing)
@@ -97,7 +101,8 @@ class ShareSync:
             placeholders=self.merger.placeholders, unresolved=self._unresolved, lock=lock,
             disk=self.diskwatch, copies=self.copies, relay=self.relay, pump=self.pump,
             pump_at=self._retry_at, refused=self.refused, announced=self.announced_elsewhere,
-            report_progress=self.report_progress, unwritable_files=unwritable_files)
+            report_progress=self.report_progress, unwritable_files=unwritable_files,
+            report=self.report)
         self.reverting = ShareRevert(share, signing, self.sessions, self.wanted, self.in_flight,
                                      self.finishing, self.pump)
 
@@ -120,6 +125,15 @@ class ShareSync:
         """Downloads the local disk refused (clearskies.diskerrors.DiskTrouble)."""
         return self.diskwatch.disk
 
+    def report(self, kind: str, **fields: Any) -> None:
+        """Tell ``events`` what just happened (see ISyncEvents); never raises."""
+        if self.events is None:
+            return
+        try:
+            self.events.sync_event(kind, fields)
+        except Exception:
+            self._log.failure("reporting {kind} failed", kind=kind)
+
     # -- sessions --------------------------------------------------------------
 
     def attach(self, session: ISyncSession) -> bool:
@@ -138,6 +152,8 @@ class ShareSync:
             del self.sessions[session.peer_id]
         for path in [p for p, s in self.in_flight.items() if s is session]:
             del self.in_flight[path]
+            self.report("download_failed", file=path, peer_id=session.peer_id,
+                        reason="the connection ended")
         if session.peer_id not in self.sessions:
             self.wanted.drop_source(session.peer_id)
         self.pump()
@@ -311,6 +327,8 @@ class ShareSync:
         if starts:
             self.copies.look_ahead([wanted for _, wanted in starts], now)
         for session, wanted in starts:  # may change ``wanted``: not while iterating it
+            self.report("download_started", file=wanted.record.path, peer_id=session.peer_id,
+                        size=wanted.record.size or 0)
             Deferred.fromCoroutine(self.downloads.start(session, wanted)).addErrback(
                 self.downloads.crashed, wanted.record.path, session.peer_id)
         if next_retry is not None:
@@ -383,6 +401,8 @@ class ShareSync:
             self.wanted.failed(path, session.peer_id, self.clock.seconds())
         if self.in_flight.get(path) is session:
             del self.in_flight[path]
+        self.report("download_failed", file=path, peer_id=session.peer_id,
+                    reason="the peer could not send it")
         self.pump()
 
     def report_progress(self) -> None:

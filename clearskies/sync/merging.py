@@ -36,7 +36,8 @@ class RecordMerger:
 
     def __init__(self, share: ILocalShare, wanted: WantedFiles,
                  sessions: dict[str, ISyncSession], unresolved: UnresolvedRecords,
-                 lock: DeferredLock, relay: Relay, pump: Callable[[], None]) -> None:
+                 lock: DeferredLock, relay: Relay, pump: Callable[[], None],
+                 report: Callable[..., None] | None = None) -> None:
         self.share = share
         self.wanted = wanted
         self.sessions = sessions
@@ -44,6 +45,7 @@ class RecordMerger:
         self._lock = lock
         self._relay = relay
         self._pump = pump
+        self._report = report or (lambda kind, **fields: None)  # conflicts, deletions
         # Folders deleted remotely whose contents have yet to go: path -> the deletion.
         self.pending_rmdirs: dict[str, FileRecord] = {}
         # Paths emptied here for a conflict copy until theirs arrives: told to nobody.
@@ -338,6 +340,8 @@ class RecordMerger:
                 session.acknowledge(local)
             return []
         if decision.action == merge.ACCEPT:
+            if decision.record.deleted and local is not None and not local.deleted:
+                self._report("deleted", file=local.path, peer_id=session.peer_id)
             if decision.record.deleted and local is not None and local.is_dir:
                 # Its contents may still be on their way out: retried after each batch.
                 self.pending_rmdirs[local.path] = decision.record
@@ -393,6 +397,8 @@ class RecordMerger:
             out.extend(await self._take(session, decision.record))
         self._log.info("concurrent changes to {path}: kept both, copy at {copy}",
                        path=remote.path, copy=conflict.path)
+        self._report("conflict", file=remote.path, copy=conflict.path, peer_id=session.peer_id,
+                     size=conflict.size or 0, kept="ours" if decision.local_wins else "theirs")
         return out
 
     async def _removed(self, local: FileRecord, decision: merge.MergeDecision) -> bool:

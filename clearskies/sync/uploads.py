@@ -99,6 +99,8 @@ class Uploads:
                 else "no such file in this share")
             self._send(get_error_message(path, why))
             return
+        self.sync.report("upload_started", file=path, peer_id=self.session.peer_id,
+                         size=record.size)
         local = self.share.local_path(path)
         self.sends.send_file(path, local, expected_size=record.size,
                              request_range=requested_range, on_sent=self._sent_bytes)

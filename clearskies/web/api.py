@@ -44,6 +44,7 @@ MAX_CONNECTIONS = 256
 READ_ONLY = frozenset({
     "status", "list_shares", "get_config", "get_config_value", ".clearskies.share_status",
     ".clearskies.peers", ".clearskies.codes", ".clearskies.versions", ".clearskies.events",
+    ".clearskies.conflicts", ".clearskies.changes",
 })
 #: Control commands HTTP does not offer (they belong to a connection).
 SOCKET_ONLY = frozenset({".events.subscribe", ".events.unsubscribe"})

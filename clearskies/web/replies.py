@@ -13,6 +13,7 @@ STATUS = {
     "bad_request": 400, "invalid_code": 400, "unknown_key": 400,
     "unauthorized": 401, "forbidden": 403,
     "not_understood": 404, "no_such_share": 404, "no_such_version": 404, "not_found": 404,
+    "no_such_conflict": 404,
     "method_not_allowed": 405, "already_shared": 409, "refused": 409,
     "too_large": 413, "unsupported_media_type": 415, "busy": 503,
     "not_supported": 501, "internal": 500,

@@ -165,6 +165,73 @@ async function detach(path) {
   refresh();
 }
 
+function version(side) {
+  if (!side) return "not on disk";
+  return formatBytes(side.size) + ", changed " + new Date(side.mtime * 1000).toLocaleString();
+}
+
+function conflictItem(share, conflict) {
+  const peer = conflict.peer_name || (conflict.peer_id ? conflict.peer_id.slice(0, 8) : null);
+  const settle = (keep, text, label) => el("button", {
+    type: "button", "aria-label": text + " (" + label + ")",
+    onclick: () => resolveConflict(share, conflict, keep) }, text);
+  return el("li", { "data-conflict": conflict.id },
+    el("div", { class: "share-path" }, conflict.file, " ", el("span", { class: "state error" },
+       peer ? "conflict with " + peer : "conflict")),
+    el("dl", {},
+      el("dt", {}, "This one: ", conflict.file), el("dd", {}, version(conflict.file_version)),
+      el("dt", {}, "The other: ", conflict.copy), el("dd", {}, version(conflict.copy_version))),
+    el("div", { class: "actions" },
+      settle("file", "Keep this one", "Keep " + conflict.file + ", remove the other"),
+      settle("copy", "Keep the other", "Keep " + conflict.copy + " in its place"),
+      settle("both", "Keep both", "Keep both versions")));
+}
+
+async function resolveConflict(share, conflict, keep) {
+  try {
+    await api(".clearskies.resolve_conflict", { path: share, id: conflict.id, keep });
+    say(keep === "both" ? "Kept both versions of " + conflict.file + "."
+                        : "Settled the conflict of " + conflict.file + ".");
+  } catch (error) { say(error.message); }
+  refreshDetails();
+}
+
+function changeItem(change) {
+  const time = new Date(change.time * 1000).toLocaleTimeString();
+  const peer = change.peer_name || (change.peer_id ? change.peer_id.slice(0, 8) : "");
+  const how = { received: "from", sent: "to", deleted: "by", conflict: "with" }[change.kind];
+  return el("li", {}, time + " " + change.kind.replace(/_/g, " ") + " " + (change.file || "") +
+    (change.size ? " (" + formatBytes(change.size) + ")" : "") +
+    (peer && how ? " " + how + " " + peer : ""));
+}
+
+let detailsTimer = null;
+function refreshDetails() {
+  // At most one round of requests per second, however many events arrive.
+  if (detailsTimer) return;
+  detailsTimer = setTimeout(async () => {
+    detailsTimer = null;
+    const conflicts = [], changes = [];
+    for (const share of state.shares.filter((s) => s.share_id)) {
+      const q = "?path=" + encodeURIComponent(share.path);
+      try {
+        const [c, r] = await Promise.all([api(".clearskies.conflicts" + q),
+                                          api(".clearskies.changes" + q)]);
+        conflicts.push(...c.conflicts.map((x) => conflictItem(share.path, x)));
+        changes.push(...r.changes.slice(0, MAX_EVENTS_SHOWN));
+      } catch (error) { /* the share went meanwhile */ }
+    }
+    changes.sort((a, b) => b.time - a.time);
+    $("conflicts").replaceChildren(...conflicts);
+    $("no-conflicts").hidden = conflicts.length > 0;
+    $("changes").replaceChildren(...changes.slice(0, MAX_EVENTS_SHOWN).map(changeItem));
+    $("no-changes").hidden = changes.length > 0;
+  }, 300);
+}
+
+const DETAIL_EVENTS = new Set(["conflict", "conflict_resolved", "download_finished", "deleted",
+                               "upload_started", "share_added", "share_removed"]);
+
 function describe(event) {
   const time = new Date(event.time * 1000).toLocaleTimeString();
   const what = event.file || event.path || "";
@@ -191,6 +258,7 @@ function onEvent(event) {
                                                           : event.bytes_remaining;
     state.progress[event.path] = { items: event.items_to_download, bytes: remaining, started };
   }
+  if (DETAIL_EVENTS.has(event.type)) refreshDetails();
   if (event.type === "rates" || event.type.startsWith("share_") || event.type.startsWith("peer_") ||
       event.type === "paused" || event.type === "resumed" || event.type === "download_finished") {
     refresh();
@@ -245,6 +313,7 @@ async function start() {
     refresh();
   });
   await refresh();
+  refreshDetails();
   listen();
 }
 
