@@ -353,20 +353,20 @@ def make_small(root: Path, count: int) -> int:
 class Pair:
     """Alice (the sender, holding the data) and Bob (attaching an empty directory).
 
-    With ``compress`` False both daemons run with ``CLEARSKIES_NO_COMPRESSION=1``:
-    they do not offer the ``gzip`` extension.
+    With ``compress`` both daemons run with ``CLEARSKIES_COMPRESSION=gzip`` and offer
+    the ``gzip`` extension; without, they offer none (the daemon's default).
     """
 
     kind = "clearskies"
     ignore: tuple[str, ...] = ()
 
-    def __init__(self, run_dir: Path, label: str, compress: bool = True) -> None:
+    def __init__(self, run_dir: Path, label: str, compress: bool = False) -> None:
         self.alice = DaemonProcess(run_dir / label, "alice")
         self.bob = DaemonProcess(run_dir / label, "bob")
-        if not compress:
-            self.kind = "clearskies without gzip"
+        if compress:
+            self.kind = "clearskies with gzip"
             for daemon in (self.alice, self.bob):
-                daemon.env["CLEARSKIES_NO_COMPRESSION"] = "1"
+                daemon.env["CLEARSKIES_COMPRESSION"] = "gzip"
         in_netns(self.alice)
         in_netns(self.bob)
         self.a = Path(self.alice.shares)
@@ -786,8 +786,8 @@ def main() -> int:
                         help="comma-separated workloads (W3 implies W1, W4/W5 imply W2)")
     parser.add_argument("--vs", choices=["syncthing", "plain"],
                         help="also run every workload on Debian's syncthing (installed with "
-                             "apt-get when missing), or on our daemons without gzip ('plain'), "
-                             "alternating with ours, and print ratios")
+                             "apt-get when missing), or ('plain') our daemons with gzip against "
+                             "without it (the default), alternating, and print ratios")
     parser.add_argument("--scan-now", action="store_true",
                         help="after a change (W3-W5), ask our sender for a scan over the control "
                              "socket instead of waiting for its watcher (as Syncthing is asked)")
@@ -837,12 +837,13 @@ def main() -> int:
     Pair.upload_limit = args.upload_limit
     if args.vs:
         return compare(run_dir, args.scale, only, args.rounds, args.json, args.vs)
-    rows = run_workloads(run_dir, args.scale, only - {"W6"}, Pair, "gzip")
+    rows = run_workloads(run_dir, args.scale, only - {"W6"}, Pair, "pair")
     text_arms: list[tuple[str, list[Row]]] = []
     if "W6" in only:
         # Text with and without compression, one after the other.
         text_arms = [
-            ("gzip", run_text(run_dir, args.scale, Pair, "text-gzip")),
+            ("gzip", run_text(run_dir, args.scale,
+                              lambda d, label: Pair(d, label, compress=True), "text-gzip")),
             ("plain", run_text(run_dir, args.scale,
                                lambda d, label: Pair(d, label, compress=False), "text-plain")),
         ]
@@ -871,16 +872,18 @@ def compare(run_dir: Path, scale: float, only: set[str], rounds: int,
         version = subprocess.run(["syncthing", "--version"], capture_output=True,
                                  text=True).stdout.split(" (")[0]
         theirs_factory: Callable[..., Any] = SyncthingPair
+        ours_factory: Callable[..., Any] = Pair
         name = "syncthing"
     else:
-        version = "clearskies with CLEARSKIES_NO_COMPRESSION=1"
-        theirs_factory = lambda d, label: Pair(d, label, compress=False)  # noqa: E731
+        version = "clearskies without gzip (the default)"
+        theirs_factory = Pair
+        ours_factory = lambda d, label: Pair(d, label, compress=True)  # noqa: E731
         name = "plain"
     ours: list[list[Row]] = []
     theirs: list[list[Row]] = []
     for n in range(rounds):
         print("round %d: clearskies" % (n + 1), file=sys.stderr)
-        ours.append(run_workloads(run_dir, scale, only, Pair, "ours%d" % n))
+        ours.append(run_workloads(run_dir, scale, only, ours_factory, "ours%d" % n))
         print("round %d: %s" % (n + 1, name), file=sys.stderr)
         theirs.append(run_workloads(run_dir, scale, only, theirs_factory, "%s%d" % (name, n)))
     print("scale %g, %s, load average at the end %.1f (2 CPUs)"

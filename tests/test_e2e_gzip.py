@@ -40,8 +40,11 @@ def connected_lines(daemon) -> list[str]:
 
 def test_two_daemons_with_gzip_sync_a_text_tree(daemon_factory):
     """Both offer gzip: the connection is compressed, and the trees end byte-identical."""
-    alice = daemon_factory("alice")
-    bob = daemon_factory("bob")
+    alice = daemon_factory("alice", start=False)
+    bob = daemon_factory("bob", start=False)
+    for daemon in (alice, bob):
+        daemon.env["CLEARSKIES_COMPRESSION"] = "gzip"
+        daemon.start()
     make_text_tree(Path(alice.shares))
     share_and_attach(alice, bob)
     wait_same_trees(alice, bob, SYNC_TIMEOUT)
@@ -56,10 +59,10 @@ def test_two_daemons_with_gzip_sync_a_text_tree(daemon_factory):
 def test_daemon_without_gzip_syncs_with_one_that_offers_it(daemon_factory):
     """A peer that does not list gzip (as the reference peer) gets plain framing both as
     the attaching and as the sharing side, and everything syncs."""
-    alice = daemon_factory("alice")
-    bob = daemon_factory("bob", start=False)
-    bob.env["CLEARSKIES_NO_COMPRESSION"] = "1"
-    bob.start()
+    alice = daemon_factory("alice", start=False)
+    alice.env["CLEARSKIES_COMPRESSION"] = "gzip"
+    alice.start()
+    bob = daemon_factory("bob")  # offers no compression: the default
     make_text_tree(Path(alice.shares))
     share_and_attach(alice, bob)
     wait_same_trees(alice, bob, SYNC_TIMEOUT)

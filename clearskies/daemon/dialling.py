@@ -35,9 +35,14 @@ from clearskies.sync.rsyncs import FEATURE as RSYNC
 if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
 
-COMPRESSION: tuple[str, ...] = () if os.environ.get("CLEARSKIES_NO_COMPRESSION") else CODECS
-"""Compression extensions we offer (protocol/gzip.md); none with
-``CLEARSKIES_NO_COMPRESSION=1`` in the environment (for measurements)."""
+COMPRESSION: tuple[str, ...] = (
+    CODECS if os.environ.get("CLEARSKIES_COMPRESSION", "").lower() in ("1", "gzip", "on")
+    and not os.environ.get("CLEARSKIES_NO_COMPRESSION") else ())
+"""Compression extensions we offer (protocol/gzip.md): ``gzip`` only with
+``CLEARSKIES_COMPRESSION=gzip`` in the daemon's environment.  Off by default: on
+a fast link the receiver's inflating (stored blocks included) cost W2 8-21 %
+more time than plain framing (bench/README.md, "Compressing only when it pays"),
+so it pays only on links slower than the sender's CPU."""
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
             "revision_batches", "code_spread") + COMPRESSION + (

@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clearskies import diskjobs, rdiff
-from clearskies.threads import Runner
+from clearskies.interfaces import IRunner
 
 MAX_CACHE_BYTES = 64 * 1024 * 1024
 """Most bytes of cached signatures kept in all (a 1 GiB file's is 0.4 MB)."""
@@ -99,7 +99,7 @@ class SignatureCache:
 
     _log = Logger()
 
-    def __init__(self, directory: str | Path, runner: Runner, clock: Any, *,
+    def __init__(self, directory: str | Path, runner: IRunner, clock: Any, *,
                  max_bytes: int = MAX_CACHE_BYTES, delay: float = SIGN_DELAY,
                  min_size: int = 1024 * 1024, idle: Callable[[], bool] | None = None) -> None:
         """``idle()``: whether the share has nothing else to do now."""

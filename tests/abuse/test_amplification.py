@@ -36,7 +36,7 @@ def share_keys_path(daemon) -> Path:
 
 def send_hostile(daemon, shapes: list[str], out: Path, wait: float = 30.0) -> list[dict]:
     """Run the hostile peer in a child process against ``daemon``; its results."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CLEARSKIES_COMPRESSION="gzip")
     subprocess.run([sys.executable, "-m", "tests.abuse.hostile_peer", daemon.address,
                     str(share_keys_path(daemon)), str(out), str(wait), *shapes],
                    env=env, cwd=REPO_ROOT, check=True, timeout=240)
@@ -85,7 +85,10 @@ def test_hostile_compressed_frames(daemon_factory, tmp_path):
     """Under gzip, a zip bomb, an endless compressed line, garbage, an oversize frame length
     and a plain line each close their connection with a clear reason; the daemon's memory
     stays bounded and a real peer still syncs."""
-    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    alice, bob = daemon_factory("alice", start=False), daemon_factory("bob", start=False)
+    for daemon in (alice, bob):
+        daemon.env["CLEARSKIES_COMPRESSION"] = "gzip"
+        daemon.start()
     a, b = Path(alice.shares), Path(bob.shares)
     (a / "before.txt").write_text("synced before the attack\n")
     code = alice.cli_json("share", str(a))["access_code"]
