@@ -179,6 +179,18 @@ def _engine(tmp_path, window: int):
     return sync, session, connection, clock
 
 
+def _engine_with_manifest(tmp_path, window: int, count: int):
+    """An engine whose peer announced ``count`` small files in one manifest."""
+    from tests.fakes import file_record, message
+
+    sync, session, connection, clock = _engine(tmp_path, window)
+    files = {"f%02d" % n: b"content %d" % n for n in range(count)}
+    session.event_received(message({"type": "manifest", "revision": 3, "files": [
+        file_record(p, d, {"b" * 32: 1}).to_wire() for p, d in files.items()]}))
+    clock.advance(0)
+    return sync, session, connection, clock, files
+
+
 def _gets(connection) -> list[str]:
     from clearskies import wire
 
@@ -188,13 +200,9 @@ def _gets(connection) -> list[str]:
 
 def test_a_peers_manifest_past_the_window_is_fetched_in_path_order(tmp_path):
     """30 files against a window of 10: every one is asked for, each once, in order."""
-    from tests.fakes import deliver_file, file_record, message
+    from tests.fakes import deliver_file
 
-    sync, session, connection, clock = _engine(tmp_path, window=10)
-    files = {"f%02d" % n: b"content %d" % n for n in range(30)}
-    session.event_received(message({"type": "manifest", "revision": 3, "files": [
-        file_record(p, d, {"b" * 32: 1}).to_wire() for p, d in files.items()]}))
-    clock.advance(0)
+    sync, session, connection, clock, files = _engine_with_manifest(tmp_path, window=10, count=30)
     assert len(sync.wanted) == 30 and sync.wanted.in_memory <= 10
     asked: list[str] = []
     for _ in range(100):
@@ -212,13 +220,9 @@ def test_a_peers_manifest_past_the_window_is_fetched_in_path_order(tmp_path):
 
 def test_when_every_file_in_the_window_is_refused_later_ones_still_go(tmp_path):
     """The peer cannot give the first files (get_error): the window looks further."""
-    from tests.fakes import deliver_file, file_record, message
+    from tests.fakes import deliver_file, message
 
-    sync, session, connection, clock = _engine(tmp_path, window=10)
-    files = {"f%02d" % n: b"content %d" % n for n in range(30)}
-    session.event_received(message({"type": "manifest", "revision": 3, "files": [
-        file_record(p, d, {"b" * 32: 1}).to_wire() for p, d in files.items()]}))
-    clock.advance(0)
+    sync, session, connection, clock, files = _engine_with_manifest(tmp_path, window=10, count=30)
     first = _gets(connection)
     assert first and first == sorted(first)
     for path in first:
