@@ -387,8 +387,10 @@ class LocalShareFiles:
         jobs: dict[str, tuple[str, FileRecord, FileRecord]] = {}
         for record in records:
             row = stored.get(record.path)
+            if row is None or row.record.deleted or row.record.is_dir:
+                continue  # nothing there to keep (asked first: a local path costs checks)
             local = self._safe_local(record.path)
-            if row is None or row.record.deleted or row.record.is_dir or local is None:
+            if local is None:
                 continue
             jobs[local] = (record.path, row.record, record)
         self.versions.note_kept([ours.sha256 for _, ours, _ in jobs.values()])
