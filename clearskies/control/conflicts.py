@@ -90,6 +90,8 @@ class ConflictCommands:
         records = await runtime.store.call(_copies, runtime.share_id, limit)
         dismissed = runtime.share_events.dismissed
         records = [r for r in records if r.path not in dismissed]
+        if not records:
+            return []  # (every status asks: no worker job, no look at the changes feed)
         pairs = []
         for record in records:
             try:

@@ -314,6 +314,8 @@ class ControlFactory(Factory):
 
     def broadcast(self, event: JSONDict) -> None:
         """Send ``{"event": event}`` to every subscribed connection."""
+        if not self._subscribers:
+            return
         line = encode_line({"event": event})
         for connection in list(self._subscribers):
             connection.send_event_line(line)

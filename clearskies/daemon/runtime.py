@@ -329,7 +329,8 @@ class ShareRuntime(LocalShareFiles, Service):
         revision = await self.store.apply_changes(self.share_id, records, keys)
         if self.signatures is not None:  # big downloads: their signature made ahead
             for record in records:
-                if record.path in written and record.sha256:
+                if record.path in written and record.sha256 and \
+                        self.signatures.wants(written[record.path][0]):
                     size, mtime_ns, inode = written[record.path]
                     self.signatures.installed(self.share_id, record.path,
                                               self.local_path(record.path), record.sha256,

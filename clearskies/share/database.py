@@ -353,7 +353,8 @@ class StateDatabase:
     def conflict_copies(self, share_id: str, limit: int = PAGE_SIZE) -> list[FileRecord]:
         """Live conflict copies of the share (records with a ``conflict_source``), by path."""
         rows = self._conn.execute(
-            "SELECT %s FROM files WHERE share_id = ? AND conflict_source IS NOT NULL"
+            "SELECT %s FROM files INDEXED BY files_conflict_copies"
+            " WHERE share_id = ? AND conflict_source IS NOT NULL"
             " AND deleted = 0 ORDER BY path LIMIT ?" % _FILE_COLUMNS, (share_id, limit))
         return [_stored_from_row(row).record for row in rows]
 

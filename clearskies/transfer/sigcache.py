@@ -122,10 +122,15 @@ class SignatureCache:
 
     # -- making (reactor thread queues, a worker makes) ----------------------------
 
+    def wants(self, size: int) -> bool:
+        """Whether a file of ``size`` bytes is worth a signature made ahead (cheap: ask
+        before working out its local path)."""
+        return self.min_size <= size <= rdiff.MAX_OLD_SIZE and rdiff.AVAILABLE
+
     def installed(self, share_id: str, path: str, local_path: Path, sha256: str,
                   key: tuple[int, int, int]) -> None:
         """A file was put in place with content ``sha256`` and (inode, size, mtime_ns) ``key``."""
-        if key[1] < self.min_size or key[1] > rdiff.MAX_OLD_SIZE or not rdiff.AVAILABLE:
+        if not self.wants(key[1]):
             return
         if len(self._queue) >= MAX_QUEUED:
             return
