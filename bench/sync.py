@@ -77,6 +77,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 MARKER = ".clearskies"
 TEMP_SUFFIX = ".!clearsky"
+VERSIONS = ".clearskies-versions"
 TIMEOUT = 900.0
 POLL = 0.05
 #: Disk a full-size run leaves behind (two copies of 1 GiB and of 330 MB, W3's
@@ -291,6 +292,8 @@ def stat_tree(root: Path) -> dict[str, tuple[int, int]]:
     """path -> (size, mtime_ns) of every regular file, leaving out our own files."""
     out = {}
     for base, dirs, files in os.walk(root):
+        if base == str(root):
+            dirs[:] = [d for d in dirs if d != VERSIONS]
         for name in files:
             if name == MARKER or name.endswith(TEMP_SUFFIX):
                 continue

@@ -8,6 +8,9 @@ import os
 import secrets
 
 from clearskies.share.versions import VersionStore
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
 from tests.helpers import async_test
 from tests.peerkit import PeerKitCase, file_entry, wait_until
 
@@ -112,6 +115,31 @@ class KeptVersionTests(PeerKitCase):
         await wait_until(lambda: self.share_path("again.bin").exists()
                          and self.share_path("again.bin").read_bytes() == data,
                          what="the copy")
+        self.assertEqual(peer.messages("get"), [])
+
+    @async_test
+    async def test_the_same_content_again_keeps_no_version(self):
+        """A peer's newer record with the bytes we hold (another mtime): the file takes
+        its record, and no copy of identical bytes piles up among the versions."""
+        data = b"the same notes\n"
+        runtime, record = await self.local_file("notes.txt", data)
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        vv = dict(record.vv)
+        vv[peer_id] = 1
+        entry = file_entry("notes.txt", data, vv=vv, utime=record.utime + 10)
+        entry["mtime"] = [1_600_000_000, 0]
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": [entry]})
+
+        for _ in range(200):
+            now = await runtime.get_record("notes.txt")
+            if now is not None and now.vv.get(peer_id) == 1:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("the peer's record was never taken")
+        self.assertEqual(self.share_path("notes.txt").read_bytes(), data)
+        self.assertEqual(self.kept(), [])
         self.assertEqual(peer.messages("get"), [])
 
     @async_test

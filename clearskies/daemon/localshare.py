@@ -389,6 +389,8 @@ class LocalShareFiles:
             row = stored.get(record.path)
             if row is None or row.record.deleted or row.record.is_dir:
                 continue  # nothing there to keep (asked first: a local path costs checks)
+            if row.record.same_content(record):
+                continue  # the same bytes again: the file itself stays what it was
             local = self._safe_local(record.path)
             if local is None:
                 continue
