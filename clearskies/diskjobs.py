@@ -103,15 +103,16 @@ def seal_buffered_many(items: list[tuple[Path, Path, Path, bytes, bool, Content]
     small files of a batch share a directory.
     """
     outcomes: list[str | None | BaseException] = []
-    ready_directories: set[Path] = set()
+    ready_directories: set[str] = set()  # (strings: a Path's hash costs more than the check)
     for root, target, temp, data, overflow, expected in items:
         try:
             problem = check_buffered(data, overflow, expected)
             if problem is None:
-                if target.parent not in ready_directories:
+                directory = os.path.dirname(target)
+                if directory not in ready_directories:
                     prepare_directory_of(root, target)
-                    ready_directories.add(target.parent)
-                write_temp(temp, data, expected)
+                    ready_directories.add(directory)
+                write_temp(str(temp), data, expected)
             outcomes.append(problem)
         except Exception as e:
             outcomes.append(e)
@@ -140,7 +141,7 @@ def prepare_directory_of(root: Path, target: Path) -> None:
     check_inside(root, target, resolve=True)
 
 
-def write_temp(temp: Path, data: bytes, expected: Content) -> None:
+def write_temp(temp: str | Path, data: bytes, expected: Content) -> None:
     """Create ``temp`` afresh with ``data``, the expected mode and mtime, and fsync it."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | OPEN_FLAGS
     try:
