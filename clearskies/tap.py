@@ -233,7 +233,11 @@ def makeService(options: Options):
 
     from clearskies import allocator
     from clearskies.daemon import Daemon, DaemonSettings
-    from clearskies.daemon.startup import exit_on_startup_failure, report_startup_failures
+    from clearskies.daemon.startup import (
+        DaemonizedStartReport,
+        exit_on_startup_failure,
+        report_startup_failures,
+    )
 
     allocator.tune()  # before the daemon allocates anything big (see clearskies/allocator.py)
 
@@ -266,5 +270,7 @@ def makeService(options: Options):
     report_startup_failures()
     # A start that fails once the reactor runs (a port taken, a bad stored setting):
     # the reason on standard error and exit status 1, whatever twistd would do.
+    # Without -n, twistd's parent process exits with what the start came to.
+    DaemonizedStartReport(getattr(options, "parent", None), daemon.ready).setServiceParent(daemon)
     daemon.ready.addErrback(lambda failure: exit_on_startup_failure(reactor, failure))
     return daemon

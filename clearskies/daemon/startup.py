@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.python.failure import Failure
 
 from clearskies.errors import ConfigurationError, ShareError
@@ -122,3 +123,67 @@ def exit_on_startup_failure(reactor: Any, failure: Failure) -> None:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+class DaemonizedStartReport(Service):
+    """Tells the parent of a daemonized twistd (run without ``-n``) how the start went.
+
+    twistd's parent process waits on a pipe and exits with what the child
+    writes there; twistd writes "started" as soon as ``startService`` returns,
+    before our start (listening, opening the shares) is done, so a port
+    already taken would leave the user with exit status 0 and no daemon.
+    This service takes the pipe over from twistd's ``config["statusPipe"]``
+    (the options object of ``twistd``, our options' parent) when the
+    daemon's children start, which is after twistd has forked and after the
+    data directory's lock was taken (a refusal there is twistd's to report), and writes the
+    outcome of ``ready`` instead: ``0``, or ``1`` and the reason, which the
+    parent prints before exiting 1.  Under ``-n`` there is no pipe and it does nothing.
+    """
+
+    #: The parent reads this many bytes of the answer at most.
+    MAX_ANSWER = 100
+
+    def __init__(self, twistd_config: Any, ready: Any) -> None:
+        self._config = twistd_config
+        self.pipe: int | None = None
+        # Before anything else handles the outcome (tap's errback consumes a failure).
+        ready.addBoth(self._answer)
+
+    def startService(self) -> None:
+        super().startService()
+        config = self._config
+        if config is None or not hasattr(config, "get"):
+            return
+        pipe = config.get("statusPipe")
+        if pipe is None:
+            return
+        config["statusPipe"] = None  # twistd now writes nothing there: we answer
+        self.pipe = pipe
+
+    def _answer(self, result: object) -> object:
+        if self.pipe is None:
+            return result  # run with -n: nobody waits
+        if isinstance(result, Failure):
+            reason = startup_reason(result)
+            answer = ("1 " + reason).encode("utf-8", "replace")[:self.MAX_ANSWER]
+        else:
+            answer = b"0"
+        self.answer(answer)
+        return result
+
+    def answer(self, answer: bytes) -> None:
+        """Write ``answer`` once and close the pipe."""
+        pipe, self.pipe = self.pipe, None
+        if pipe is None:
+            return
+        try:
+            os.write(pipe, answer)
+        except OSError:
+            pass  # the parent is gone: nobody is waiting
+        finally:
+            os.close(pipe)
+
+    def stopService(self) -> Any:
+        # Stopped before the start finished (a signal): the parent must not wait forever.
+        self.answer(b"1 stopped before it had started")
+        return super().stopService()
