@@ -29,7 +29,8 @@ def share_relative(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise ControlError("bad_request", "%r must be a path relative to the share" % what)
     try:
-        path = validate_wire_path(value.strip("/") if value.strip("/") else value)
+        path = validate_wire_path(value[:-1] if value.endswith("/") and len(value) > 1
+                                  else value)
     except UnsafePathError as e:
         raise ControlError("bad_request", "%r is refused: %s" % (what, e)) from None
     if path.split("/")[0] == VERSIONS_NAME:
@@ -76,6 +77,10 @@ class BrowseCommands:
                                        record.sha256, False, True))
         wanted.sort(key=lambda e: e.path)
         entries, more = browse.merge(held, wanted, limit)
+        if directory and not entries and not after:
+            stored = await runtime.store.get_stored(runtime.share_id, directory)
+            if stored is None or stored.record.deleted or not stored.record.is_dir:
+                raise ControlError("not_found", "the share has no folder %s" % directory)
         out = []
         for entry in entries:
             if runtime.is_ignored(entry.path):

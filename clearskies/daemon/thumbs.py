@@ -70,7 +70,7 @@ class ShareThumbnails:
         if record is None or record.deleted or record.is_dir or not record.sha256:
             return None
         if sha256 is not None and record.sha256 != sha256:
-            return None
+            raise ThumbnailError("changed", "the file here has other content now")
         try:
             local = str(runtime.local_path(path))
         except UnsafePathError:
@@ -107,17 +107,18 @@ class ShareThumbnails:
             raise ThumbnailError("refused", "the file name is refused: %s" % e) from None
         if runtime.is_ignored(path):
             raise ThumbnailError("refused", "%s is ignored (.clearskiesignore)" % path)
+        held: ThumbnailError | None = None
         try:
             data = await self._local(runtime, path, sha256)
         except ThumbnailError as e:
             if e.code not in ("not_found", "changed"):
                 raise
-            data = None
+            data, held = None, e
         if data is not None:
             return data
         wanted = await self._wanted(runtime, path)
         if wanted is None:
-            raise ThumbnailError("not_found", "the share has no file %s" % path)
+            raise held or ThumbnailError("not_found", "the share has no file %s" % path)
         record, remote_path, sources = wanted
         if sha256 is not None and record.sha256 != sha256:
             raise ThumbnailError("changed", "the share now wants other content at %s" % path)
