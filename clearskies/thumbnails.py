@@ -80,6 +80,9 @@ MAX_RUNNING = 2
 """Thumbnail jobs in the files pool at once (it has other work to do)."""
 MAX_WAITING = 64
 """Jobs waiting for their turn; more requests are refused (:class:`Busy`)."""
+MAX_FETCHING = 8
+"""Thumbnails being fetched from peers at once (they wait on the network, not the
+pool, so they do not take a turn of :data:`MAX_RUNNING`); more are refused."""
 RETRY_AFTER = 2
 """Seconds a refused caller is told to wait."""
 
@@ -367,18 +370,22 @@ class Thumbnailer:
 
     :meth:`local` makes (or finds) the thumbnail of a file on disk;
     :meth:`fetched` finds one in the cache or gets it with a callable (a
-    peer, protocol/thumbnails.md) and keeps it.  Either fails with
+    peer, protocol/thumbnails.md) and keeps it.  :meth:`local` fails with
     :class:`Busy` when :data:`MAX_RUNNING` jobs run and :data:`MAX_WAITING`
-    wait, with :class:`ThumbnailError` when the content has none.
+    wait, :meth:`fetched` when :data:`MAX_FETCHING` fetches are under way;
+    either with :class:`ThumbnailError` when the content has none.
     """
 
     def __init__(self, runner: IRunner, cache: ThumbnailCache,
-                 max_running: int = MAX_RUNNING, max_waiting: int = MAX_WAITING) -> None:
+                 max_running: int = MAX_RUNNING, max_waiting: int = MAX_WAITING,
+                 max_fetching: int = MAX_FETCHING) -> None:
         self.runner = runner
         self.cache = cache
         self.max_running = max_running
         self.max_waiting = max_waiting
+        self.max_fetching = max_fetching
         self.running = 0
+        self.fetching = 0
         self._jobs: dict[str, list[Deferred[bytes]]] = {}
         self._queue: deque[tuple[str, Callable[[], Deferred[bytes]]]] = deque()
 
@@ -401,10 +408,21 @@ class Thumbnailer:
             key = cache_key(sha256, size)
         except ValueError as e:
             return fail(ThumbnailError("not_found", str(e)))
-        return self._job(key, lambda: self._fetch(key, fetch))
+        waiters = self._jobs.get(key)
+        d: Deferred[bytes] = Deferred()
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        if self.fetching >= self.max_fetching:
+            return fail(Busy())
+        self._jobs[key] = [d]
+        self.fetching += 1
+        Deferred.fromCoroutine(self._fetch_async(key, fetch)).addBoth(self._fetched, key)
+        return d
 
-    def _fetch(self, key: str, fetch: Callable[[], Deferred[bytes]]) -> Deferred[bytes]:
-        return Deferred.fromCoroutine(self._fetch_async(key, fetch))
+    def _fetched(self, result: Any, key: str) -> None:
+        self.fetching -= 1
+        self._settle(result, key)
 
     async def _fetch_async(self, key: str, fetch: Callable[[], Deferred[bytes]]) -> bytes:
         cached = await self.runner.run(self.cache.get, key)
@@ -445,13 +463,15 @@ class Thumbnailer:
 
     def _done(self, result: Any, key: str) -> None:
         self.running -= 1
+        self._settle(result, key)
+        self._pump()
+
+    def _settle(self, result: Any, key: str) -> None:
         for waiter in self._jobs.pop(key, []):
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
                 waiter.callback(result)
-        self._pump()
-        return None  # (the failure went to the waiters)
 
 
 __all__ = ["AVAILABLE", "Busy", "MAX_IMAGE_PIXELS", "MAX_SIDE", "MAX_THUMBNAIL_BYTES",

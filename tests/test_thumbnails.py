@@ -71,6 +71,7 @@ def test_transparent_png_and_a_tall_image(tmp_path: Path) -> None:
         assert thumb.size == (26, MAX_SIDE) and thumb.mode == "RGB"
 
 
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # as the daemon
 def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
     """A few KiB PNG claiming 100,000 × 100,000 pixels is refused as too large, at once."""
     source = tmp_path / "bomb.png"
@@ -222,3 +223,21 @@ class ThumbnailerTests(TestCase):
             return d
         failure = self.failureResultOf(maker.fetched("0" * 64, 10, bad), ThumbnailError)
         assert failure.value.code == "bad_image" and len(self.cache) == 1
+
+    def test_fetches_are_bounded_apart_from_local_jobs(self) -> None:
+        """Fetches waiting on peers take no turn of the local jobs; past max_fetching a
+        fetch is refused with Busy; one fetch serves every request for its content."""
+        maker = Thumbnailer(SyncRunner(), self.cache, max_running=1, max_fetching=2)
+        pending = [Deferred() for _ in range(2)]
+        waiting = [maker.fetched("%064x" % n, 10, lambda n=n: pending[n]) for n in range(2)]
+        again = maker.fetched("%064x" % 0, 10, lambda: pending[0])
+        refused = maker.fetched("9" * 64, 10, lambda: Deferred())
+        self.failureResultOf(refused, Busy)
+        assert self.successResultOf(maker.local(str(self.photo), "e" * 64, self.size))
+        good = image_bytes("JPEG", (64, 48))
+        pending[0].callback(good)
+        assert self.successResultOf(waiting[0]) == good == self.successResultOf(again)
+        assert maker.fetching == 1
+        pending[1].callback(b"junk")
+        self.failureResultOf(waiting[1], ThumbnailError)
+        assert maker.fetching == 0
