@@ -4,6 +4,7 @@ attach with it in a second daemon's page and watch its progress bar move."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
@@ -167,6 +168,23 @@ def test_resolve_a_real_conflict_in_the_browser(browser: Any, daemon_factory: An
     assert (b / "notes.txt").read_bytes() == other
 
 
+def sunset() -> bytes:
+    """A photo-like JPEG: a sky from orange to violet, a sun, the sea."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (900, 600))
+    draw = ImageDraw.Draw(image)
+    for y in range(600):
+        t = y / 420
+        draw.line([(0, y), (900, y)], fill=(int(250 - 120 * t), int(160 - 110 * t),
+                                             int(60 + 100 * t)) if y < 420
+                  else (20, 40 + (y - 420) // 6, 90 + (y - 420) // 4))
+    draw.ellipse((380, 300, 520, 440), fill=(255, 220, 120))
+    draw.rectangle((0, 420, 900, 600), fill=(25, 50, 110))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def test_browse_a_share_and_see_thumbnails_made_here_and_by_a_peer(
         browser: Any, daemon_factory: Any) -> None:
     """Alice's page browses her share's folders and shows the thumbnail of a photo; Bob,
@@ -180,13 +198,14 @@ def test_browse_a_share_and_see_thumbnails_made_here_and_by_a_peer(
     for n in range(48):
         (a / "a-filler" / ("part-%02d.bin" % n)).write_bytes(os.urandom(256 * 1024))
     (a / "z-photos").mkdir()
-    (a / "z-photos" / "sunset.jpg").write_bytes(image_bytes("JPEG", (900, 600)))
+    (a / "z-photos" / "sunset.jpg").write_bytes(sunset())
+    (a / "z-photos" / "tiles.png").write_bytes(image_bytes("PNG", (300, 300)))
     (a / "z-photos" / "notes.txt").write_text("no thumbnail for me\n")
     code = alice.cli_json("share", str(a))["access_code"]
     page = browser.new_page(viewport={"width": 1000, "height": 900})
     page.goto(alice.cli_json("web")["url"])
     share = page.locator("#shares li", has_text=str(a))
-    share.get_by_text("50 files").wait_for(timeout=30_000)
+    share.get_by_text("51 files").wait_for(timeout=30_000)
     share.get_by_role("button", name="Files").click()
     page.get_by_role("button", name="Open folder z-photos").click()
     photo = page.locator("#entries li", has_text="sunset.jpg").locator("img")
@@ -196,6 +215,8 @@ def test_browse_a_share_and_see_thumbnails_made_here_and_by_a_peer(
     assert photo.evaluate("(img) => img.naturalWidth") == 256
     assert photo.get_attribute("alt") == "Thumbnail of sunset.jpg"
     assert page.locator("#entries li", has_text="notes.txt").locator("img").count() == 0
+    if os.environ.get("CLEARSKIES_SCREENSHOT") == "1":
+        page.locator("#browser").screenshot(path=str(SCREENSHOT.with_name("web-ui-files.png")))
     # Back to the top with the keyboard, through the folder trail.
     page.get_by_role("button", name="Top").focus()
     page.keyboard.press("Enter")

@@ -210,10 +210,15 @@ function thumbnailImage(entry) {
     // Busy (503): the daemon makes a few at a time; ask again a little later.
     if (++tries <= 4) setTimeout(() => { image.src = "/rest/thumbnail?" + query + "&try=" + tries; },
                                  1500 * tries);
-    else image.replaceWith(el("span", { class: "thumb none", "aria-hidden": "true" }, "🖼"));
+    else image.replaceWith(el("span", { class: "thumb none", "aria-hidden": "true" }, "IMG"));
   });
   image.src = "/rest/thumbnail?" + query;
   return image;
+}
+
+function kindOf(name) {
+  const dot = name.lastIndexOf(".");
+  return dot > 0 && name.length - dot <= 5 ? name.slice(dot + 1).toUpperCase() : "FILE";
 }
 
 function entryItem(entry) {
@@ -224,12 +229,13 @@ function entryItem(entry) {
   else if (entry.wanted) facts.push("a newer version is coming");
   const item = el("li", { "data-path": entry.path, class: entry.held ? "" : "coming" });
   if (entry.type === "dir") {
-    item.append(el("span", { class: "thumb none", "aria-hidden": "true" }, "📁"),
+    item.append(el("span", { class: "thumb none folder", "aria-hidden": "true" }, "DIR"),
       el("button", { type: "button", class: "link", "aria-label": "Open folder " + entry.name,
                      onclick: () => browse(browser.share, entry.path) }, entry.name + "/"));
   } else {
     item.append(entry.thumbnail ? thumbnailImage(entry)
-                                : el("span", { class: "thumb none", "aria-hidden": "true" }, "📄"),
+                                : el("span", { class: "thumb none", "aria-hidden": "true" },
+                                     kindOf(entry.name)),
                 el("span", { class: "name" }, entry.name));
   }
   item.append(el("span", { class: "facts" }, facts.join(" · ")));
