@@ -241,3 +241,20 @@ class ThumbnailerTests(TestCase):
         pending[1].callback(b"junk")
         self.failureResultOf(waiting[1], ThumbnailError)
         assert maker.fetching == 0
+
+
+def test_without_pillow_nothing_is_made_and_nothing_breaks(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the image library a thumbnail is refused as not_supported, and a peer's
+    bytes are never taken for a thumbnail."""
+    monkeypatch.setattr(thumbnails, "AVAILABLE", False)
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(image_bytes("JPEG", (50, 50)))
+    with pytest.raises(ThumbnailError) as caught:
+        make_thumbnail(str(source))
+    assert caught.value.code == "not_supported"
+    assert not is_thumbnail(image_bytes("JPEG", (50, 50)))
+    maker = Thumbnailer(SyncRunner(), ThumbnailCache(str(tmp_path / "cache")))
+    failures: list = []
+    maker.local(str(source), "a" * 64, 10).addErrback(failures.append)
+    assert failures[0].value.code == "not_supported"
