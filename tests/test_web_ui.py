@@ -258,3 +258,7 @@ def test_browse_a_share_and_see_thumbnails_made_here_and_by_a_peer(
         "before the file: raise the filler or lower the limit"
     bob.cli("config", "set", "download_limit", "0")
     wait_same_trees(a, target, timeout=120)
+    # Once it arrived the page says so, without a reload.
+    coming.wait_for(state="detached", timeout=20_000)
+    arrived = bob_page.locator("#entries li", has_text="sunset.jpg")
+    assert "not downloaded yet" not in arrived.inner_text()

@@ -242,6 +242,18 @@ function entryItem(entry) {
   return item;
 }
 
+function arrived(event) {
+  // A file the browser shows as coming is here now.
+  if ($("browser").hidden || event.path !== browser.share) return;
+  for (const item of $("entries").children) {
+    if (item.dataset.path !== event.file || !item.classList.contains("coming")) continue;
+    item.classList.remove("coming");
+    const facts = item.querySelector(".facts");
+    facts.textContent = facts.textContent.replace(" · not downloaded yet", "")
+      .replace("not downloaded yet", "");
+  }
+}
+
 async function browseMore() {
   const args = { path: browser.share, dir: browser.dir, limit: BROWSE_PAGE };
   if (browser.next) args.after = browser.next;
@@ -348,6 +360,7 @@ function onEvent(event) {
     state.progress[event.path] = { items: event.items_to_download, bytes: remaining, started };
   }
   if (DETAIL_EVENTS.has(event.type)) refreshDetails();
+  if (event.type === "download_finished") arrived(event);
   if (event.type === "rates" || event.type.startsWith("share_") || event.type.startsWith("peer_") ||
       event.type === "paused" || event.type === "resumed" || event.type === "download_finished") {
     refresh();
