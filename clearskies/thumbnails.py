@@ -37,10 +37,10 @@ from twisted.python.failure import Failure
 from clearskies.interfaces import IRunner
 
 try:
-    from PIL import Image, ImageFile
+    from PIL import Image, ImageOps
 except ImportError:  # pragma: no cover - Pillow is a dependency, but the daemon runs without
     Image = None  # type: ignore[assignment]
-    ImageFile = None  # type: ignore[assignment]
+    ImageOps = None  # type: ignore[assignment]
 
 AVAILABLE = Image is not None
 """Whether Pillow could be imported: without it no thumbnail is made."""
@@ -125,6 +125,10 @@ def thumbnail_of(image: Any) -> bytes:
         image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4 or 1/8 size: faster
     image.seek(0)  # the first frame of an animation
     image.load()
+    try:  # a phone's photo stands as it was taken
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:
+        pass  # unreadable orientation data: shown as stored
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P"
                                               and "transparency" in image.info):
         rgba = image.convert("RGBA")

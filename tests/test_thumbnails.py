@@ -71,6 +71,20 @@ def test_transparent_png_and_a_tall_image(tmp_path: Path) -> None:
         assert thumb.size == (26, MAX_SIDE) and thumb.mode == "RGB"
 
 
+def test_a_phone_photo_stands_as_it_was_taken(tmp_path: Path) -> None:
+    """A JPEG whose EXIF says "turn 90°" (as phones store portrait photos) gives a
+    portrait thumbnail."""
+    image = Image.open(io.BytesIO(image_bytes("JPEG", (800, 600))))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif)
+    source = tmp_path / "portrait.jpg"
+    source.write_bytes(out.getvalue())
+    with Image.open(io.BytesIO(make_thumbnail(str(source)))) as thumb:
+        assert thumb.size == (192, MAX_SIDE)
+
+
 @pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # as the daemon
 def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
     """A few KiB PNG claiming 100,000 × 100,000 pixels is refused as too large, at once."""
