@@ -12,6 +12,7 @@ import secrets
 import pytest
 from twisted.trial.unittest import SkipTest
 
+from clearskies.keys import ShareKeys
 from clearskies.sync.thumbs import FLOOD, MAX_PAYLOAD
 from clearskies.thumbnails import AVAILABLE, ThumbnailError
 from tests.helpers import async_test
@@ -67,6 +68,15 @@ class AnsweringTests(PeerKitCase):
         self.assertLessEqual(len(data), MAX_PAYLOAD)
         with Image.open(io.BytesIO(data)) as thumb:
             self.assertEqual((thumb.format, thumb.size), ("JPEG", (256, 192)))
+
+    @async_test
+    async def test_a_read_only_peer_is_answered_too(self):
+        """A connection with the read-only keys may ask as well."""
+        runtime = await self.start_daemon()
+        keys = ShareKeys.from_keys_message(runtime.keys.keys_message("read_only"))
+        peer = await self.connect(THUMBS, keys=keys)
+        ask(peer, 1, "photos/beach.jpg", self.sha)
+        self.assertEqual((await answer_of(peer, 1))["type"], "thumbnail.data")
 
     @async_test
     async def test_nothing_beyond_the_share_is_answered(self):
