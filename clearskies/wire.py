@@ -84,6 +84,9 @@ SESSION_TYPE_LIMITS = TypeLimits({
     "get": _PATH_MESSAGE,
     "get_error": _PATH_MESSAGE,
     "file_data": _PATH_MESSAGE,
+    "thumbnail.get": _PATH_MESSAGE,
+    "thumbnail.data": _PATH_MESSAGE,
+    "thumbnail.error": _PATH_MESSAGE,
     # At most 8 addresses.
     "clearskies.addresses": 4096,
     # A few numbers.

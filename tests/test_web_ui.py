@@ -4,6 +4,7 @@ attach with it in a second daemon's page and watch its progress bar move."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
@@ -165,3 +166,99 @@ def test_resolve_a_real_conflict_in_the_browser(browser: Any, daemon_factory: An
     assert (a / "notes.txt").read_bytes() == other and not (a / copy).exists()
     wait_same_trees(a, b, timeout=60)
     assert (b / "notes.txt").read_bytes() == other
+
+
+def sunset() -> bytes:
+    """A photo-like JPEG: a sky from orange to violet, a sun, the sea."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (900, 600))
+    draw = ImageDraw.Draw(image)
+    for y in range(600):
+        t = y / 420
+        draw.line([(0, y), (900, y)], fill=(int(250 - 120 * t), int(160 - 110 * t),
+                                             int(60 + 100 * t)) if y < 420
+                  else (20, 40 + (y - 420) // 6, 90 + (y - 420) // 4))
+    draw.ellipse((380, 300, 520, 440), fill=(255, 220, 120))
+    draw.rectangle((0, 420, 900, 600), fill=(25, 50, 110))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_browse_a_share_and_see_thumbnails_made_here_and_by_a_peer(
+        browser: Any, daemon_factory: Any) -> None:
+    """Alice's page browses her share's folders and shows the thumbnail of a photo; Bob,
+    attached and still downloading, sees the photo he does not have yet with a thumbnail
+    his daemon asked of Alice's (protocol/thumbnails.md).  Both with the keyboard, on a
+    phone's screen."""
+    from tests.test_thumbnails import image_bytes
+    alice, bob = daemon_factory("alice"), daemon_factory("bob")
+    a = Path(alice.shares)
+    (a / "a-filler").mkdir()
+    for n in range(48):
+        (a / "a-filler" / ("part-%02d.bin" % n)).write_bytes(os.urandom(256 * 1024))
+    (a / "z-photos").mkdir()
+    (a / "z-photos" / "sunset.jpg").write_bytes(sunset())
+    (a / "z-photos" / "tiles.png").write_bytes(image_bytes("PNG", (300, 300)))
+    (a / "z-photos" / "notes.txt").write_text("no thumbnail for me\n")
+    code = alice.cli_json("share", str(a))["access_code"]
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(alice.cli_json("web")["url"])
+    share = page.locator("#shares li", has_text=str(a))
+    share.get_by_text("51 files").wait_for(timeout=30_000)
+    share.get_by_role("button", name="Files").click()
+    page.get_by_role("button", name="Open folder z-photos").click()
+    photo = page.locator("#entries li", has_text="sunset.jpg").locator("img")
+    photo.wait_for(timeout=20_000)
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=photo
+                           .element_handle(), timeout=20_000)
+    assert photo.evaluate("(img) => img.naturalWidth") == 256
+    assert photo.get_attribute("alt") == "Thumbnail of sunset.jpg"
+    assert page.locator("#entries li", has_text="notes.txt").locator("img").count() == 0
+    if os.environ.get("CLEARSKIES_SCREENSHOT") == "1":
+        page.locator("#browser").screenshot(path=str(SCREENSHOT.with_name("web-ui-files.png")))
+    # Back to the top with the keyboard, through the folder trail.
+    page.get_by_role("button", name="Top").focus()
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name="Open folder a-filler").wait_for()
+    page.set_viewport_size({"width": 360, "height": 740})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+    # Bob downloads slowly, the photo last (paths in order): meanwhile its thumbnail
+    # comes from Alice.
+    bob.cli("config", "set", "download_limit", "512K")
+    target = Path(bob.shares) / "from-alice"
+    bob.cli("attach", code, str(target), "--peer", alice.address)
+    bob_page = browser.new_page(viewport={"width": 360, "height": 740})
+    bob_page.goto(bob.cli_json("web")["url"])
+    files = bob_page.locator("#shares li", has_text=str(target)).get_by_role(
+        "button", name="Files")
+    files.wait_for(timeout=30_000)
+    coming = bob_page.locator("#entries li.coming", has_text="sunset.jpg")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        files.click()
+        folder = bob_page.get_by_role("button", name="Open folder z-photos")
+        try:
+            folder.wait_for(timeout=2_000)
+        except Exception:
+            continue
+        folder.click()
+        try:
+            coming.wait_for(timeout=3_000)
+            break
+        except Exception:
+            continue
+    assert "not downloaded yet" in coming.inner_text()
+    assert not (target / "z-photos" / "sunset.jpg").exists()
+    image = coming.locator("img")
+    bob_page.wait_for_function("(img) => img.complete && img.naturalWidth > 0",
+                               arg=image.element_handle(), timeout=30_000)
+    assert image.evaluate("(img) => img.naturalWidth") == 256
+    assert not (target / "z-photos" / "sunset.jpg").exists(), "the thumbnail must come " \
+        "before the file: raise the filler or lower the limit"
+    bob.cli("config", "set", "download_limit", "0")
+    wait_same_trees(a, target, timeout=120)
+    # Once it arrived the page says so, without a reload.
+    coming.wait_for(state="detached", timeout=20_000)
+    arrived = bob_page.locator("#entries li", has_text="sunset.jpg")
+    assert "not downloaded yet" not in arrived.inner_text()

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
+from clearskies.control.browse import BrowseCommands
 from clearskies.control.gui import GuiCommands
 from clearskies.control.conflicts import STATUS_CONFLICTS, ConflictCommands, downloading
 from clearskies.control.protocol import CommandDispatcher, ControlError
@@ -55,7 +56,8 @@ def _join_status(join: Any) -> str:
     return "waiting" if join.failed is None else "failed"
 
 
-class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, CommandDispatcher):
+class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, BrowseCommands,
+                     CommandDispatcher):
     """What the control socket can ask of the daemon (which it sees as ``IDaemonControl``)."""
 
     _log = Logger()

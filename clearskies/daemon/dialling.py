@@ -31,6 +31,8 @@ from clearskies.interfaces import IAttachDialler, IDiscoverySource, IPeerTranspo
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync import SyncSession
 from clearskies.sync.rsyncs import FEATURE as RSYNC
+from clearskies.sync.thumbs import FEATURE as THUMBNAILS
+from clearskies.thumbnails import AVAILABLE as PILLOW
 
 if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
@@ -46,9 +48,10 @@ so it pays only on links slower than the sender's CPU."""
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
             "revision_batches", "code_spread") + COMPRESSION + (
-    (RSYNC,) if rdiff.AVAILABLE else ())
+    (RSYNC,) if rdiff.AVAILABLE else ()) + ((THUMBNAILS,) if PILLOW else ())
 """Feature strings we offer in the handshake (protocol/handshake.md); ``rsync`` only
-when librsync is installed (protocol/rsync.md)."""
+when librsync is installed (protocol/rsync.md), ``thumbnails`` only with Pillow
+(protocol/thumbnails.md)."""
 
 __all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
 
@@ -84,6 +87,8 @@ class Dialling:
         self.connector: ConnectionManager | None = None
         #: Our access codes as peers see them (a CodeSpreading; set by the daemon).
         self.code_spreading: Any = None
+        #: Thumbnails peers may ask for (a ShareThumbnails; set by the daemon).
+        self.thumbnails: Any = None
         self._peers_everywhere: list[str] = []
         self.manual = ManualPeers(self.offer_candidate, self.check_peer_address,
                                   self._manual_addresses)
@@ -285,6 +290,8 @@ class Dialling:
             session.codes.connect(
                 lambda access: spreading.outgoing(info.share_id, access),
                 lambda codes: spreading.incoming(info.share_id, info.access, codes))
+        if self.thumbnails is not None:  # extension thumbnails (protocol/thumbnails.md)
+            self.thumbnails.connect(session, runtime)
         runtime.peer_connected(info, connection)
         session.start(runtime.last_manifest_revision(info.their_peer_id))
         return _TrackedSession(session, runtime, info.their_peer_id)

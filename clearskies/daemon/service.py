@@ -50,6 +50,7 @@ from clearskies.daemon.options import DaemonSettings, settle_options
 from clearskies.daemon.resources import Resources
 from clearskies.daemon.shares import Shares
 from clearskies.daemon.startup import StartupFailure, lock_data_dir, startup_reason
+from clearskies.daemon.thumbs import ShareThumbnails
 from clearskies.daemon.tor import NEUTRAL_NAME, TorLink
 from clearskies.errors import ConfigurationError, ShareError
 from clearskies.events import EventBus
@@ -97,6 +98,10 @@ class Daemon(MultiService):
                                             self.access_codes)
         self.access_codes.on_change = self.code_spreading.changed
         self.dialling.code_spreading = self.code_spreading
+        # Extension thumbnails (protocol/thumbnails.md), and the web UI's thumbnails.
+        self.thumbnails = ShareThumbnails(self.data_dir, self.runners.files,
+                                          self.share_registry.share_by_path)
+        self.dialling.thumbnails = self.thumbnails
         self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
         self.listeners.setServiceParent(self)
         # What happened, numbered, for GUIs (control socket events, HTTP API).
@@ -227,7 +232,7 @@ class Daemon(MultiService):
     def _web_listener(self) -> Any:
         from clearskies.web.service import WebListener
         web = WebListener(self.reactor, self.data_dir, self._dispatcher(), self.events,
-                          self.settings.web)
+                          self.settings.web, thumbnails=self.thumbnails.for_browser)
         web.setServiceParent(self)
         return web
 

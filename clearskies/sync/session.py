@@ -36,6 +36,7 @@ from clearskies.sync.gate import ReadOnlyGate
 from clearskies.sync.limits import TRACE
 from clearskies.sync.metadata import MetadataExchange
 from clearskies.sync.rsyncs import DeltaIntake, PayloadIntake, RsyncExchange
+from clearskies.sync.thumbs import ThumbnailExchange, ThumbnailIntake
 from clearskies.sync.uploads import Uploads, parse_range
 from clearskies.transfer.receiver import FileReceiver
 from clearskies.transfer.sendqueue import SendQueue
@@ -53,8 +54,9 @@ def _opener_key(connection: Any, our_peer_id: str, their_peer_id: str,
     return (our_peer_id if we_opened else their_peer_id, port)
 
 
-_PAYLOAD_TYPES = frozenset({"file_data", "rsync.signature", "rsync.patch"})
-"""Message types that carry a payload (protocol/transfer.md, protocol/rsync.md)."""
+_PAYLOAD_TYPES = frozenset({"file_data", "rsync.signature", "rsync.patch", "thumbnail.data"})
+"""Message types that carry a payload (protocol/transfer.md, protocol/rsync.md,
+protocol/thumbnails.md)."""
 
 
 @implementer(ISyncSession)
@@ -75,7 +77,7 @@ class SyncSession:
         self.machine = states.SessionMachine()
         self.remote_index = AnnouncedRecords(sync.share.lists, sync.share.share_id, self.peer_id)
         self.pending: dict[str, FileReceiver] = {}
-        self.receiving: FileReceiver | PayloadIntake | None = None
+        self.receiving: FileReceiver | PayloadIntake | ThumbnailIntake | None = None
         self.receiving_path: str | None = None  # the remote path its payload was asked for
         self.messages_sent = 0
         self.sends = SendQueue(connection.transport, sync.clock, limiter=sync.upload_limiter,
@@ -100,6 +102,9 @@ class SyncSession:
                                   send=self._send)
         self.rsync = RsyncExchange(sync, self, self.sends, info.features or (), send=self._send,
                                    get=self._get, fail=self._fail)
+        # Extension thumbnails: answers only once the daemon connects its thumbnails.
+        self.thumbs = ThumbnailExchange(self.peer_id, info.features or (), info.access,
+                                        sync.clock, write=self._write)
         metadata = self.metadata
         self._handlers: dict[str, Callable[[dict, wire.Message], None]] = {
             "get_manifest": metadata.on_get_manifest,
@@ -117,6 +122,9 @@ class SyncSession:
             "code_spread.update": self.codes.on_message,
             "rsync.signature": self._on_rsync_payload,
             "rsync.patch": self._on_rsync_payload,
+            "thumbnail.get": self.thumbs.on_get,
+            "thumbnail.data": self._on_thumbnail_data,
+            "thumbnail.error": self.thumbs.on_error,
         }
 
     # -- what the engine and the daemon see (ISyncSession) -------------------------
@@ -234,6 +242,7 @@ class SyncSession:
                 self.pending.clear()
                 self.receiving = None
                 self.rsync.stop()
+                self.thumbs.stop()
             elif output == states.STOP_SENDING:
                 self.sends.stop()
                 self.codes.stop()
@@ -305,6 +314,13 @@ class SyncSession:
         self.receiving = intake
         self.receiving_path = None
 
+    def _on_thumbnail_data(self, body: dict, event: wire.Message) -> None:
+        """``thumbnail.data`` (protocol/thumbnails.md): take in its payload (bounded)."""
+        intake = self.thumbs.on_data(body, event)
+        self.machine.fire("file_data")  # BEGIN_PAYLOAD
+        self.receiving = intake
+        self.receiving_path = None
+
     def _on_get_error(self, body: dict, event: wire.Message) -> None:
         path = validate_wire_path(body.get("path"))
         receiver = self.pending.pop(path, None)
@@ -343,7 +359,10 @@ class SyncSession:
                             peer=self.peer_id[:8], path=remote_path, offset=receiver.offset)
         self._send(message)
 
-    def _finish(self, receiver: FileReceiver | PayloadIntake) -> None:
+    def _finish(self, receiver: FileReceiver | PayloadIntake | ThumbnailIntake) -> None:
+        if isinstance(receiver, ThumbnailIntake):
+            self.thumbs.data_ended(receiver)
+            return
         if not isinstance(receiver, FileReceiver):
             if isinstance(receiver, DeltaIntake):
                 self.rsync.delta_ended(receiver)

@@ -35,6 +35,7 @@ from clearskies.events import EventBus
 from clearskies.web.auth import Guard, Origins, Session, same
 from clearskies.web.replies import header, send_error, send_json
 from clearskies.web.stream import Events
+from clearskies.web.thumbs import Thumbnail
 
 #: Largest request body (bytes); more is 413 and the connection closes.
 MAX_BODY = 1024 * 1024
@@ -44,7 +45,7 @@ MAX_CONNECTIONS = 256
 READ_ONLY = frozenset({
     "status", "list_shares", "get_config", "get_config_value", ".clearskies.share_status",
     ".clearskies.peers", ".clearskies.codes", ".clearskies.versions", ".clearskies.events",
-    ".clearskies.conflicts", ".clearskies.changes",
+    ".clearskies.conflicts", ".clearskies.changes", ".clearskies.browse",
 })
 #: Control commands HTTP does not offer (they belong to a connection).
 SOCKET_ONLY = frozenset({".events.subscribe", ".events.unsubscribe"})
@@ -263,7 +264,9 @@ class Api(Resource):
     _log = Logger()
 
     def __init__(self, dispatcher: Any, bus: EventBus, clock: Any,
-                 extra: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
+                 extra: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+                 thumbnails: Callable[[str, str, str | None], Deferred[bytes]] | None = None,
+                 ) -> None:
         super().__init__()
         self.dispatcher = dispatcher
         self.bus = bus
@@ -271,6 +274,7 @@ class Api(Resource):
         self.extra = extra or {}
         self.putChild(b"events", Events(bus, clock))  # (clearskies.web.stream)
         self.putChild(b"session", SessionInfo())
+        self.putChild(b"thumbnail", Thumbnail(thumbnails))  # (clearskies.web.thumbs)
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
         if request.postpath:

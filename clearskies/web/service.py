@@ -115,12 +115,13 @@ class WebListener(Service):
     _log = Logger()
 
     def __init__(self, reactor: Any, data_dir: str, dispatcher: Any, bus: EventBus,
-                 description: str | None) -> None:
+                 description: str | None, thumbnails: Any = None) -> None:
         self.reactor = reactor
         self.data_dir = data_dir
         self.dispatcher = dispatcher
         self.bus = bus
         self.description = description
+        self.thumbnails = thumbnails
         self.port: IListeningPort | None = None
         self.guard: Guard | None = None
         self.base_url: str | None = None
@@ -131,7 +132,8 @@ class WebListener(Service):
         tls, exposed = check_web_endpoint(description)
         key = read_or_make_key(self.data_dir)
         self.guard = Guard(key, self.reactor.seconds)
-        api = Api(self.dispatcher, self.bus, self.reactor, extra={"qr": qr_svg})
+        api = Api(self.dispatcher, self.bus, self.reactor, extra={"qr": qr_svg},
+                  thumbnails=self.thumbnails)
         try:
             self.port = await self._listen(description, api, tls, exposed)
         except ConfigurationError:

@@ -89,6 +89,8 @@ function shareItem(share) {
       el("button", { type: "button", onclick: () => makeCode(share.path, "read_only") },
          "Code (read only)"),
       el("button", { type: "button", onclick: () => showPeers(share.path) }, "Peers"),
+      el("button", { type: "button", "aria-label": "Browse files of " + share.path,
+                     onclick: () => browse(share.path, "") }, "Files"),
       el("button", { type: "button", onclick: () => detach(share.path) }, "Detach")));
   } else {
     item.append(el("div", { class: "actions" },
@@ -163,6 +165,105 @@ async function detach(path) {
   try { await api("remove_share", { path }); say(path + " is no longer synced."); }
   catch (error) { say(error.message); }
   refresh();
+}
+
+// -- the file browser: one folder of a share, a page at a time, with thumbnails --------
+
+const BROWSE_PAGE = 100;
+const browser = { share: null, dir: "", next: null };
+
+async function browse(share, dir) {
+  browser.share = share;
+  browser.dir = dir;
+  browser.next = null;
+  $("entries").replaceChildren();
+  $("browser").hidden = false;
+  $("browser-title").textContent = "Files of " + share;
+  crumbs();
+  await browseMore();
+  $("browser").scrollIntoView();
+  const first = $("crumbs").querySelector("button:last-of-type");
+  if (first) first.focus();
+}
+
+function crumbs() {
+  const parts = browser.dir ? browser.dir.split("/") : [];
+  const trail = [el("button", { type: "button", class: "crumb",
+                                onclick: () => browse(browser.share, "") }, "Top")];
+  parts.forEach((name, i) => {
+    const dir = parts.slice(0, i + 1).join("/");
+    trail.push(" / ", el("button", { type: "button", class: "crumb",
+                                     onclick: () => browse(browser.share, dir) }, name));
+  });
+  const last = trail[trail.length - 1];
+  last.setAttribute("aria-current", "location");
+  $("crumbs").replaceChildren(...trail);
+}
+
+function thumbnailImage(entry) {
+  const query = "path=" + encodeURIComponent(browser.share) + "&file=" +
+    encodeURIComponent(entry.path) + (entry.sha256 ? "&sha256=" + entry.sha256 : "");
+  const image = el("img", { class: "thumb", loading: "lazy", alt: "Thumbnail of " + entry.name,
+                            width: "96", height: "96" });
+  let tries = 0;
+  image.addEventListener("error", () => {
+    // Busy (503): the daemon makes a few at a time; ask again a little later.
+    if (++tries <= 4) setTimeout(() => { image.src = "/rest/thumbnail?" + query + "&try=" + tries; },
+                                 1500 * tries);
+    else image.replaceWith(el("span", { class: "thumb none", "aria-hidden": "true" }, "IMG"));
+  });
+  image.src = "/rest/thumbnail?" + query;
+  return image;
+}
+
+function kindOf(name) {
+  const dot = name.lastIndexOf(".");
+  return dot > 0 && name.length - dot <= 5 ? name.slice(dot + 1).toUpperCase() : "FILE";
+}
+
+function entryItem(entry) {
+  const facts = [];
+  if (entry.type === "file") facts.push(formatBytes(entry.size || 0));
+  if (entry.mtime) facts.push(new Date(entry.mtime * 1000).toLocaleString());
+  if (!entry.held) facts.push("not downloaded yet");
+  else if (entry.wanted) facts.push("a newer version is coming");
+  const item = el("li", { "data-path": entry.path, class: entry.held ? "" : "coming" });
+  if (entry.type === "dir") {
+    item.append(el("span", { class: "thumb none folder", "aria-hidden": "true" }, "DIR"),
+      el("button", { type: "button", class: "link", "aria-label": "Open folder " + entry.name,
+                     onclick: () => browse(browser.share, entry.path) }, entry.name + "/"));
+  } else {
+    item.append(entry.thumbnail ? thumbnailImage(entry)
+                                : el("span", { class: "thumb none", "aria-hidden": "true" },
+                                     kindOf(entry.name)),
+                el("span", { class: "name" }, entry.name));
+  }
+  item.append(el("span", { class: "facts" }, facts.join(" · ")));
+  return item;
+}
+
+function arrived(event) {
+  // A file the browser shows as coming is here now.
+  if ($("browser").hidden || event.path !== browser.share) return;
+  for (const item of $("entries").children) {
+    if (item.dataset.path !== event.file || !item.classList.contains("coming")) continue;
+    item.classList.remove("coming");
+    const facts = item.querySelector(".facts");
+    facts.textContent = facts.textContent.replace(" · not downloaded yet", "")
+      .replace("not downloaded yet", "");
+  }
+}
+
+async function browseMore() {
+  const args = { path: browser.share, dir: browser.dir, limit: BROWSE_PAGE };
+  if (browser.next) args.after = browser.next;
+  try {
+    const page = await api(".clearskies.browse", args);
+    $("entries").append(...page.entries.map(entryItem));
+    browser.next = page.next;
+    $("browser-more").hidden = !page.next;
+    $("browser-empty").hidden = $("entries").children.length > 0;
+  } catch (error) { say(error.message); }
 }
 
 function version(side) {
@@ -259,6 +360,7 @@ function onEvent(event) {
     state.progress[event.path] = { items: event.items_to_download, bytes: remaining, started };
   }
   if (DETAIL_EVENTS.has(event.type)) refreshDetails();
+  if (event.type === "download_finished") arrived(event);
   if (event.type === "rates" || event.type.startsWith("share_") || event.type.startsWith("peer_") ||
       event.type === "paused" || event.type === "resumed" || event.type === "download_finished") {
     refresh();
@@ -290,6 +392,8 @@ async function start() {
     catch (error) { say(error.message); }
     refresh();
   });
+  $("browser-more").addEventListener("click", browseMore);
+  $("browser-close").addEventListener("click", () => { $("browser").hidden = true; });
   $("share-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const path = $("share-path").value.trim();
