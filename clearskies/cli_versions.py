@@ -16,7 +16,8 @@ from clearskies.cli_commands import EXIT_OK, CommandFailed
 from clearskies.cli_output import format_bytes, parse_setting_units
 from clearskies.control.versions import SHARE_KEYS
 
-CAUSES = {"replaced": "replaced", "deleted": "deleted", "restore": "replaced by a restore"}
+CAUSES = {"replaced": "replaced", "deleted": "deleted", "restore": "replaced by a restore",
+          "resolved": "set aside settling a conflict"}
 
 
 def parse_time(text: str) -> float:

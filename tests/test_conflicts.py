@@ -87,13 +87,20 @@ def test_a_real_conflict_is_listed_and_settled_every_way(daemon_factory: Any) ->
     # keep the copy: its content at the path, the copy gone, on both sides.
     notes = by_file["notes.txt"]
     wanted = (a / notes["copy"]).read_bytes()
+    replaced = (a / "notes.txt").read_bytes()
     reply = alice.cli_json("resolve", str(a / notes["copy"]), "--keep", "copy")
     assert reply["kept"] == "copy"
     assert (a / "notes.txt").read_bytes() == wanted and not (a / notes["copy"]).exists()
-    # keep the file: the copy goes.
+    # ... and what the path held is kept as a version, which can be restored.
+    [version] = alice.cli_json("versions", str(a / "notes.txt"))["versions"]
+    assert (version["cause"], version["size"]) == ("resolved", len(replaced))
+    # keep the file: the copy goes (into the versions folder).
     plan = by_file["plan.txt"]
     kept = (a / "plan.txt").read_bytes()
+    dropped = (a / plan["copy"]).read_bytes()
     alice.cli("resolve", str(a / plan["copy"]), "--keep", "file")
+    [version] = alice.cli_json("versions", str(a / plan["copy"]))["versions"]
+    assert (version["cause"], version["size"]) == ("resolved", len(dropped))
     # keep both: nothing moves, the conflict is no longer listed.
     todo = by_file["todo.txt"]
     out = alice.cli("resolve", str(a / todo["copy"]), "--keep", "both").stdout
@@ -140,7 +147,7 @@ def test_a_real_conflict_is_listed_and_settled_every_way(daemon_factory: Any) ->
     web = Web(alice)
     listed = wait_until(lambda: [c for c in web.api(
         "GET", "/rest/.clearskies.conflicts?path=" + str(a)).json()["conflicts"]
-        if c["file"] == "web.txt"], timeout=60)
+        if c["file"] == "web.txt" and c["file_version"] is not None], timeout=60)
     cookie, csrf = web.browser_session()
     body = json.dumps({"path": str(a), "id": listed[0]["id"], "keep": "file"}).encode()
     headers = {"Cookie": cookie, "Content-Type": "application/json",
@@ -163,3 +170,22 @@ def test_a_real_conflict_is_listed_and_settled_every_way(daemon_factory: Any) ->
     assert missing.status == 404 and missing.json()["error"] == "no_such_conflict"
     assert alice.running and bob.running
     assert os.path.exists(a / "web.txt")
+
+    # A conflict whose file is not here (deleted meanwhile, or still arriving): only
+    # "both" may settle it, since "file" or "copy" would leave one version or none.
+    _make_conflict(alice, bob, "gone.txt")
+    gone = wait_until(lambda: [c for c in _conflicts(alice) if c["file"] == "gone.txt"
+                               and c["file_version"] is not None], timeout=60)[0]
+    wait_same_trees(alice, bob, 60)
+    (a / "gone.txt").unlink()
+    for keep in ("file", "copy"):
+        refused = alice.cli("resolve", str(a / gone["copy"]), "--keep", keep, check=False)
+        assert refused.returncode == 1 and "not here yet" in refused.stderr, refused
+    assert (a / gone["copy"]).exists()
+
+    # A conflict kept both ways stays settled after a restart; bob's, not settled, stays.
+    alice.stop()
+    alice.start()
+    assert (a / todo["copy"]).exists()
+    assert "todo.txt" not in [c["file"] for c in _conflicts(alice)]
+    assert "todo.txt" in [c["file"] for c in _conflicts(bob)]

@@ -10,6 +10,7 @@ gives it ``daemon`` and ``_inside`` (the share holding a path).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from clearskies.control.protocol import ControlError
@@ -28,6 +29,10 @@ def _copies(db: StateDatabase, share_id: str, limit: int) -> list[Any]:
     return db.conflict_copies(share_id, limit)
 
 
+#: A versions job: (local path, share path, move).
+Keeper = Callable[[str, str, bool], None]
+
+
 def _stat(path: str) -> dict[str, Any] | None:
     """Size and modification time of a regular file on disk, or None (worker thread)."""
     try:
@@ -44,17 +49,24 @@ def _describe(pairs: list[tuple[str, str]]) -> list[tuple[Any, Any]]:
     return [(_stat(file), _stat(copy)) for file, copy in pairs]
 
 
-def _keep_copy(file: str, copy: str) -> None:
-    """The copy's content replaces the file's; the copy is gone (worker thread)."""
+def _keep_copy(file: str, copy: str, file_path: str, keep: Keeper | None) -> None:
+    """The copy's content replaces the file's, which is kept as a version when the
+    share keeps versions; the copy is gone (worker thread)."""
     if _stat(copy) is None:
         raise FileNotFoundError(copy)
+    if keep is not None and _stat(file) is not None:
+        keep(file, file_path, False)  # a link: the file stays until the rename over it
     os.replace(copy, file)
 
 
-def _drop_copy(copy: str) -> None:
+def _drop_copy(copy: str, copy_path: str, keep: Keeper | None) -> None:
+    """The copy goes: into the versions folder when the share keeps versions (worker thread)."""
     if _stat(copy) is None:
         raise FileNotFoundError(copy)
-    os.remove(copy)
+    if keep is not None:
+        keep(copy, copy_path, True)
+    else:
+        os.remove(copy)
 
 
 #: Files arriving now that a share's status names, at most.
@@ -141,6 +153,13 @@ class ConflictCommands:
             raise ControlError("no_such_conflict", "no conflict %r in %s (see `clearskies "
                                "status %s`)" % (conflict_id, runtime.root, runtime.root))
         file, copy = conflict["file"], conflict["copy"]
+        if conflict["file_version"] is None and keep != "both":
+            # The other side is still on its way (or was removed): settling now would
+            # leave one version of the two, or none.
+            raise ControlError("refused", "%s is not here yet (its other version is still "
+                               "arriving); settle the conflict once both are here" % file)
+        versions = getattr(runtime, "versions", None)
+        keeper = versions.keeper("resolved") if versions is not None else None
         try:
             file_local = str(runtime.local_path(file))
             copy_local = str(runtime.local_path(copy))
@@ -148,14 +167,14 @@ class ConflictCommands:
             raise ControlError("refused", "cannot resolve %s: %s" % (file, e)) from None
         try:
             if keep == "copy":
-                await runtime.files_runner.run(_keep_copy, file_local, copy_local)
+                await runtime.files_runner.run(_keep_copy, file_local, copy_local, file, keeper)
             elif keep == "file":
-                await runtime.files_runner.run(_drop_copy, copy_local)
+                await runtime.files_runner.run(_drop_copy, copy_local, copy, keeper)
         except OSError as e:
             raise ControlError("refused", "cannot resolve %s: %s; nothing was changed"
                                % (file, e.strerror or e)) from None
         if keep == "both":
-            runtime.share_events.dismiss(copy)
+            await runtime.share_events.dismiss(copy)
         else:
             # Local edits: scanned, then synced like any other.
             runtime.service.path_changed(file)

@@ -78,14 +78,29 @@ class ShareEvents:
     the last ``RECENT_CHANGES`` changes it made are kept (in memory) for ``changes``."""
 
     def __init__(self, host: IShareHost, share_id: str, root: Path,
-                 clock: Any = None) -> None:
+                 clock: Any = None, config: Any = None) -> None:
+        """``config``: where the dismissed conflicts are kept across restarts
+        (``get_config``/``set_config`` Deferreds; None: in memory only)."""
         self._host = host
         self._share_id = share_id
         self._root = str(root)
         self._clock = clock or host.now
+        self._config = config
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_CHANGES)
-        #: Conflict copies the user chose to keep both of ("keep both"), until restart.
+        #: Conflict copies the user chose to keep both of ("keep both").
         self.dismissed: set[str] = set()
+
+    @property
+    def dismissed_key(self) -> str:
+        return "dismissed_conflicts:" + self._share_id
+
+    async def load(self) -> None:
+        """Read back the conflicts dismissed before a restart."""
+        if self._config is None:
+            return
+        kept = await self._config.get_config(self.dismissed_key, [])
+        if isinstance(kept, list):
+            self.dismissed = {p for p in kept[:MAX_DISMISSED] if isinstance(p, str)}
 
     def sync_event(self, kind: str, fields: dict) -> None:
         change = _CHANGE_KINDS.get(kind)
@@ -102,9 +117,14 @@ class ShareEvents:
         self.recent.append(entry)
         self._host.share_event(self._share_id, self._root, kind, fields)
 
-    def dismiss(self, copy: str) -> None:
-        if len(self.dismissed) < MAX_DISMISSED:
-            self.dismissed.add(copy)
+    async def dismiss(self, copy: str) -> None:
+        """The user kept both sides of the conflict whose copy is ``copy``: it is no longer
+        listed, after a restart neither."""
+        if len(self.dismissed) >= MAX_DISMISSED or copy in self.dismissed:
+            return
+        self.dismissed.add(copy)
+        if self._config is not None:
+            await self._config.set_config(self.dismissed_key, sorted(self.dismissed))
 
 
 #: A share's totals are recounted at most once per this many times the last
@@ -137,7 +157,7 @@ class ShareRuntime(LocalShareFiles, Service):
         # What peers' changes replace or delete is kept (clearskies.daemon.versions).
         self.versions = ShareVersions(info.share_id, self.root, store, files_runner, reactor)
         # What the engine reports (events), and the share's recent changes.
-        self.share_events = ShareEvents(host, info.share_id, self.root)
+        self.share_events = ShareEvents(host, info.share_id, self.root, config=store)
         self.signing = readonly.ShareSigning(keys, info.peer_id, persist=self._persist_signed)
         self.sync = ShareSync(
             self, reactor, signing=self.signing,
@@ -199,6 +219,7 @@ class ShareRuntime(LocalShareFiles, Service):
         self.counts = await self.store.share_counts(self.share_id)
         if self.versions is not None:
             await self.versions.load()
+        await self.share_events.load()
         await self.follow_read_only_files()
         self._prepared, self._adopt = True, adopt
 

@@ -186,6 +186,19 @@ class ShareVersions:
                        peer=author(theirs, ours))
         return keep
 
+    def keeper(self, cause: str) -> Callable[[str, str, bool], None] | None:
+        """The job keeping a file a user's command replaces or removes (``cause``), or
+        None when nothing is kept.  It takes (local path, share path, move): ``move``
+        when the file leaves its place, else it is about to be replaced."""
+        if not self.policy.keeping:
+            return None
+        now = self._clock.seconds()
+        store = self.store
+
+        def keep(local: str, path: str, move: bool) -> None:
+            store.keep(local, path, now, cause=cause, move=move)
+        return keep
+
     def note_kept(self, hashes: list[str | None]) -> None:
         """Versions with this content were (or are about to be) kept: local copies."""
         for digest in hashes:

@@ -42,7 +42,7 @@ PARTIAL = ".partial"
 #: Descriptions without content are removed once this old (a crash mid-keep).
 ORPHAN_AGE = 3600.0
 
-CAUSES = ("replaced", "deleted", "restore")
+CAUSES = ("replaced", "deleted", "restore", "resolved")
 
 _NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV)
 
@@ -67,7 +67,8 @@ class Version:
     peer: str | None = None  # the peer whose change replaced it, when known
     mode: int | None = None
     mtime_ns: int | None = None
-    cause: str = "replaced"  # replaced, deleted, or restore (a restore here replaced it)
+    cause: str = "replaced"  # replaced, deleted, restore (a restore here replaced it), or
+    # resolved (a conflict settled with `clearskies resolve`)
 
     def kept(self) -> KeptVersion:
         return KeptVersion(self.version_id, self.path, self.time, self.size)
