@@ -143,6 +143,32 @@ class KeptVersionTests(PeerKitCase):
         self.assertEqual(peer.messages("get"), [])
 
     @async_test
+    async def test_a_newer_version_of_the_very_same_file_is_only_recorded(self):
+        """A peer's newer record of exactly our file (bytes, mode, mtime): taken as it is,
+        with no fetch, no copy and no rename (the file keeps its inode)."""
+        data = b"both of us recorded this\n"
+        runtime, record = await self.local_file("same.txt", data)
+        inode = os.stat(self.share_path("same.txt")).st_ino
+        peer_id = secrets.token_hex(16)
+        peer = await self.connect(peer_id=peer_id)
+        vv = dict(record.vv)
+        vv[peer_id] = 1
+        entry = file_entry("same.txt", data, vv=vv, utime=record.utime + 10,
+                           mode="%04o" % record.mode)
+        entry["mtime"] = list(record.mtime)
+        peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": [entry]})
+        for _ in range(200):
+            now = await runtime.get_record("same.txt")
+            if now is not None and now.vv.get(peer_id) == 1:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("the peer's record was never taken")
+        self.assertEqual(os.stat(self.share_path("same.txt")).st_ino, inode)
+        self.assertEqual(self.kept(), [])
+        self.assertEqual(peer.messages("get"), [])
+
+    @async_test
     async def test_peers_never_see_the_versions_folder(self):
         """The versions folder is not announced, and a peer cannot write into it."""
         _, record = await self.local_file("x.txt", b"x")

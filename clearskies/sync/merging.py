@@ -10,7 +10,7 @@ never race on one path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
@@ -151,7 +151,7 @@ class RecordMerger:
         if self.emptying and committed:
             self._retry_emptied(committed)
         if self.unresolved.waiting and committed:
-            self._retry_below_new_folders(committed)
+            self.unresolved.retry(waiting_below_new_folders(committed, self.unresolved.waiting))
         self._elsewhere = {}
         if committed:
             known = await announced_by(self.sessions.values(), [r.path for r in committed],
@@ -197,15 +197,6 @@ class RecordMerger:
                    if any(r.deleted and r.path.startswith(folder + "/") for r in committed)]
         if emptied:
             self.unresolved.retry(emptied)
-
-    def _retry_below_new_folders(self, committed: list[FileRecord]) -> None:
-        """Records that waited because a path of theirs was a file here are merged
-        again at once when that path has just become a folder (a file a peer
-        replaced by a folder, decided after the records inside it came)."""
-        folders = tuple(r.path + "/" for r in committed if r.is_dir and not r.deleted)
-        below = [path for path in self.unresolved.waiting if path.startswith(folders)]
-        if folders and below:
-            self.unresolved.retry(below)
 
     def _blocked_deletion(self, session: ISyncSession, record: FileRecord) -> None:
         """A deletion not carried out: if a symlink or unreadable folder is in the
@@ -355,6 +346,9 @@ class RecordMerger:
                 if not await self._removed(local, decision):
                     await self._wait_for_scan(session, local, remote)
                     return []
+            if await already_here(self.share, local, decision.record):
+                self.wanted.discard(decision.record.path)
+                return [decision.record]  # only the version changed: nothing to fetch
             return await self._take(session, decision.record)
         if decision.action == merge.KEEP:
             return [decision.record]  # ours stays on disk; its merged vv goes out
@@ -449,3 +443,23 @@ class RecordMerger:
             shown = key if len(key) <= 200 else key[:100] + "…" + key[-100:]
             self._log.warn("not taking {path} from {peer}: {why}", path=shown,
                            peer=session.peer_id[:8], why=why)
+
+
+def waiting_below_new_folders(committed: list[FileRecord], waiting: Iterable[str]) -> list[str]:
+    """Records that waited because a path of theirs was a file here are merged
+    again at once when that path has just become a folder (a file a peer
+    replaced by a folder, decided after the records inside it came)."""
+    folders = tuple(r.path + "/" for r in committed if r.is_dir and not r.deleted)
+    return [path for path in waiting if path.startswith(folders)] if folders else []
+
+
+async def already_here(share: ILocalShare, local: FileRecord | None,
+                       record: FileRecord) -> bool:
+    """True when our file already is ``record`` (bytes, mode, mtime) and unchanged on
+    disk since the scan: a newer version of the same file (both sides recorded it,
+    say, and merged their vectors) costs no fetch, no copy and no rename."""
+    if (local is None or local.deleted or local.is_dir or record.deleted or record.is_dir
+            or not record.same_content(local) or record.mode != local.mode
+            or record.mtime != local.mtime):
+        return False
+    return await share.is_unchanged(record.path)
