@@ -28,7 +28,7 @@ def entries(keys: ShareKeys) -> list[BlobEntry]:
     ck = ContentKeys(keys.share_id, keys.psks["read_only"])
     out = []
     for path in ("b.txt", "a/c.txt", "z"):
-        file_id, meta = ck.seal_meta(FileMeta(path, "1" * 64, 10, 1.0, 0o644))
+        file_id, meta = ck.seal_meta(FileMeta(path, "1" * 64, 10, (1, 0), 0o644))
         out.append(BlobEntry(file_id, 4128, "2" * 64, meta))
     return out
 

@@ -36,7 +36,7 @@ def ck() -> ContentKeys:
 
 
 def _meta(ck: ContentKeys, path: str, data: bytes, mode: int = 0o644) -> FileMeta:
-    return FileMeta(path, hashlib.sha256(data).hexdigest(), len(data), 1_700_000_000.5, mode)
+    return FileMeta(path, hashlib.sha256(data).hexdigest(), len(data), (1_700_000_000, 500), mode)
 
 
 def _seal(ck: ContentKeys, path: str, data: bytes) -> tuple[str, bytes, FileMeta]:
@@ -295,7 +295,7 @@ def test_opener_direct_construction_matches_meta(ck: ContentKeys) -> None:
 
 
 def test_meta_round_trip_hides_the_path(ck: ContentKeys) -> None:
-    meta = FileMeta("Photos/2026/holiday é.jpg", "0" * 64, 123456, 1.5, 0o755)
+    meta = FileMeta("Photos/2026/holiday é.jpg", "0" * 64, 123456, (1, 5), 0o755)
     file_id, sealed = ck.seal_meta(meta)
     assert file_id == ck.file_id(meta.path)
     assert "holiday" not in sealed and ck.open_meta(file_id, sealed) == meta
@@ -303,14 +303,14 @@ def test_meta_round_trip_hides_the_path(ck: ContentKeys) -> None:
 
 def test_meta_is_deterministic_and_padded(ck: ContentKeys) -> None:
     """The same record seals to the same text; path lengths hide in 256-byte steps."""
-    a = FileMeta("a", "0" * 64, 1, 1.0, 0o644)
-    b = FileMeta("a" * 100, "0" * 64, 1, 1.0, 0o644)
+    a = FileMeta("a", "0" * 64, 1, (1, 0), 0o644)
+    b = FileMeta("a" * 100, "0" * 64, 1, (1, 0), 0o644)
     assert ck.seal_meta(a) == ck.seal_meta(a)
     assert len(ck.seal_meta(a)[1]) == len(ck.seal_meta(b)[1])
 
 
 def test_meta_moved_to_another_id_is_refused(ck: ContentKeys) -> None:
-    _, sealed = ck.seal_meta(FileMeta("a", "0" * 64, 1, 1.0, 0o644))
+    _, sealed = ck.seal_meta(FileMeta("a", "0" * 64, 1, (1, 0), 0o644))
     with pytest.raises(SealError, match="does not authenticate"):
         ck.open_meta(ck.file_id("b"), sealed)
 
@@ -323,20 +323,20 @@ def test_meta_moved_to_another_id_is_refused(ck: ContentKeys) -> None:
     lambda s: 5,
 ])
 def test_damaged_meta_is_refused(ck: ContentKeys, damage) -> None:
-    file_id, sealed = ck.seal_meta(FileMeta("a", "0" * 64, 1, 1.0, 0o644))
+    file_id, sealed = ck.seal_meta(FileMeta("a", "0" * 64, 1, (1, 0), 0o644))
     with pytest.raises(SealError):
         ck.open_meta(file_id, damage(sealed))
 
 
 def test_meta_of_another_share_is_refused(ck: ContentKeys) -> None:
-    file_id, sealed = ck.seal_meta(FileMeta("a", "0" * 64, 1, 1.0, 0o644))
+    file_id, sealed = ck.seal_meta(FileMeta("a", "0" * 64, 1, (1, 0), 0o644))
     with pytest.raises(SealError, match="does not authenticate"):
         ContentKeys("cd" * 32, RO_PSK).open_meta(file_id, sealed)
 
 
 @pytest.mark.parametrize("bad", [
-    FileMeta("", "0" * 64, 1, 1.0, 0o644), FileMeta("a", "0" * 63, 1, 1.0, 0o644),
-    FileMeta("a", "0" * 64, -1, 1.0, 0o644), FileMeta("a", "0" * 64, 1, 1.0, 0o10000),
+    FileMeta("", "0" * 64, 1, (1, 0), 0o644), FileMeta("a", "0" * 63, 1, (1, 0), 0o644),
+    FileMeta("a", "0" * 64, -1, (1, 0), 0o644), FileMeta("a", "0" * 64, 1, (1, 0), 0o10000),
 ])
 def test_impossible_meta_is_not_sealed(ck: ContentKeys, bad: FileMeta) -> None:
     with pytest.raises(SealError):

@@ -98,12 +98,13 @@ class FileMeta:
     path: str
     sha256: str
     size: int
-    mtime: float
+    mtime: tuple[int, int]
+    """(seconds, nanoseconds), as records carry it."""
     mode: int
 
     def to_json(self) -> bytes:
         return json.dumps({"v": 1, "path": self.path, "sha256": self.sha256, "size": self.size,
-                           "mtime": self.mtime, "mode": self.mode},
+                           "mtime": list(self.mtime), "mode": self.mode},
                           separators=(",", ":"), ensure_ascii=False,
                           allow_nan=False).encode("utf-8")
 
@@ -122,12 +123,12 @@ class FileMeta:
         _sha256_bytes(sha256)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise SealError("meta's size is not a non-negative integer")
-        if isinstance(mtime, bool) or not isinstance(mtime, (int, float)) \
-                or not math.isfinite(mtime):
-            raise SealError("meta's mtime is not a number")
+        if not isinstance(mtime, list) or len(mtime) != 2 \
+                or not all(type(x) is int for x in mtime) or not 0 <= mtime[1] < 10**9:
+            raise SealError("meta's mtime is not [seconds, nanoseconds]")
         if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= MAX_MODE:
             raise SealError("meta's mode is not permission bits")
-        return cls(path, sha256, size, mtime, mode)
+        return cls(path, sha256, size, (mtime[0], mtime[1]), mode)
 
 
 class ContentKeys:
@@ -225,6 +226,11 @@ class BlobSealer:
         self._hash = hashlib.sha256()
         self._buffer = bytearray()
         self._header_sent = False
+
+    @property
+    def taken(self) -> int:
+        """Plaintext bytes written so far."""
+        return self._taken
 
     def _seal(self, plain: bytes) -> bytes:
         final = self._index == self._chunks - 1
