@@ -317,7 +317,7 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, KeyCommands
                     "log`); they "
                     "are tried again after the next scan of their paths (`clearskies scan`) "
                     "and every %d s" % (len(sync.unresolved), RETRY_AFTER))
-        summary.update(sealed.share_status(runtime.sealed))  # (protocol/untrusted.md)
+        summary.update(sealed.share_status(getattr(runtime, "sealed", None)))  # (protocol/untrusted.md)
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
             summary["share_files_missing"] = len(runtime.missing)
@@ -356,7 +356,7 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, KeyCommands
                 "peer_id": peer_id, "name": info.name, "connected": session is not None,
                 "last_seen": info.last_seen, "addresses": list(info.addresses),
             }
-            entry.update(sealed.peer_status(runtime.sealed, peer_id))
+            entry.update(sealed.peer_status(getattr(runtime, "sealed", None), peer_id))
             if session is not None:
                 established = session.connection.established
                 entry["access"] = established.access

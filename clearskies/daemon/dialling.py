@@ -174,8 +174,8 @@ class Dialling:
 
     def is_connected(self, target_id: str, peer_id: str) -> bool:
         runtime = self._shares.by_id.get(target_id)
-        if runtime is not None and runtime.sealed is not None \
-                and peer_id in runtime.sealed.sessions:
+        sealed_peers = getattr(runtime, "sealed", None)
+        if sealed_peers is not None and peer_id in sealed_peers.sessions:
             return True
         return runtime is not None and peer_id in runtime.sync.sessions
 
