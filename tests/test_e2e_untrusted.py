@@ -2,9 +2,11 @@
 
 Alice (read_write) shares a folder with Ursula through an untrusted code.
 Ursula keeps only ciphertext: no byte under her share folder or data
-directory holds a file's content or name.  Then Alice is stopped and her
-data deleted; Bob, given the share's keys, restores the whole tree from
-Ursula alone.  A blob deleted on Ursula is caught by a challenge.
+directory holds a file's content or name.  Blobs deleted on Ursula are
+caught by a challenge and uploaded again.  Victor, a second untrusted peer,
+gets his copy from Ursula.  Then Alice and Ursula are stopped and Alice's
+data deleted; Bob, given the share's keys, restores the whole tree (content,
+names, modes, mtimes) from Victor alone.
 """
 
 from __future__ import annotations
@@ -89,23 +91,38 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
     wait_until(lambda: len([p for p in Path(ursula.shares).iterdir()
                             if len(p.name) == 65]) >= 1, timeout=TIMEOUT)
 
-    # (b) Alice is gone; Bob restores everything from Ursula alone, with the keys saved.
+    # Untrusted peers serve each other: Victor gets his copy from Ursula's code and blobs.
+    victor = daemon_factory("victor")
+    code = ursula.cli_json("share", str(ursula.shares), "--mode", "untrusted")["access_code"]
+    victor.cli("attach", code, str(victor.shares), "--peer", ursula.address)
+    wait_until(lambda: _keeps(victor).get("files") == 5, timeout=TIMEOUT)
+    _ciphertext_only(Path(victor.base))
+
+    # (b) Alice and Ursula are gone; Bob restores everything from Victor alone, with the
+    # keys saved.
     keys_file = Path(alice.base).parent / "saved-share-keys.json"
     alice.cli("export-keys", str(a), str(keys_file))
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
     expected = tree_snapshot(a)
-    modes = {p.relative_to(a): stat.S_IMODE(p.stat().st_mode) for p in a.rglob("*")
-             if p.is_file()}
+    modes = {p.relative_to(a): (stat.S_IMODE(p.stat().st_mode), p.stat().st_mtime_ns)
+             for p in a.rglob("*") if p.is_file() and p.name != ".clearskies"}
+    assert len(modes) == 5
     alice.cli("stop")
     wait_until(lambda: not alice.running, timeout=15)
     wait_until(lambda: len([p for p in Path(ursula.shares).iterdir()
                             if len(p.name) == 65]) == 5, timeout=TIMEOUT)
+    wait_until(lambda: _keeps(victor).get("revision") == _keeps(ursula).get("revision"),
+               timeout=TIMEOUT)
+    ursula.cli("stop")
+    wait_until(lambda: not ursula.running, timeout=15)
     shutil.rmtree(a)
     shutil.rmtree(alice.data_dir)
     bob = daemon_factory("bob")
-    bob.cli("import-keys", str(keys_file), str(bob.shares), "--peer", ursula.address)
+    bob.cli("import-keys", str(keys_file), str(bob.shares), "--peer", victor.address)
     b = Path(bob.shares)
     wait_until(lambda: tree_snapshot(b) == expected, timeout=TIMEOUT)
     assert_trees_equal(expected, b)
-    for relative, mode in modes.items():
-        assert stat.S_IMODE((b / relative).stat().st_mode) == mode, relative
+    for relative, (mode, mtime_ns) in modes.items():
+        restored = (b / relative).stat()
+        assert (stat.S_IMODE(restored.st_mode), restored.st_mtime_ns) == (mode, mtime_ns), \
+            relative

@@ -14,10 +14,16 @@ import hashlib
 import json
 import os
 import secrets
+import time
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from clearskies import keys as keymod
 from clearskies import wire
+from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.keys import ShareKeys
+from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync.sealed.sessions import FEATURE, peer_status
 from clearskies.untrusted.manifest import BlobEntry, make_manifest, read_manifest
 from clearskies.untrusted.sealing import ContentKeys, FileMeta, blob_size
@@ -125,6 +131,34 @@ class TrustedDaemonTests(PeerKitCase):
                        b"PRIVATE KEY"):
             assert secret not in said, secret
         assert not peer.messages("manifest") and not peer.messages("keys")
+
+    @async_test
+    async def test_an_untrusted_code_hands_over_no_key_that_opens_anything(self) -> None:
+        """The key exchange of an untrusted code grants the untrusted PSK and the public
+        keys, and nothing else; what follows on that connection is sealed."""
+        (self.share_dir / SECRET_NAME).write_bytes(SECRET)
+        await self.start_daemon()
+        code = await self.daemon.create_code(str(self.share_dir), "untrusted", True, 3600)
+        made: list[ScriptedSession] = []
+
+        def factory(connection: PeerProtocol) -> ScriptedSession:
+            made.append(ScriptedSession(connection))
+            return made[-1]
+
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.daemon.listeners.port_number)
+        await connect_peer(reactor, endpoint, ConnectTarget.join(code.code, secrets.token_hex(16)),
+                           MemoryKeyRing(time.time), "scripted peer", factory,
+                           features=(FEATURE,))
+        (peer,) = made
+        self.sessions.append(peer)
+        info = peer.connection.established
+        assert info.access == "untrusted"
+        assert set(info.keys.psks) == {"untrusted"} and info.keys.private_keys == {}
+        assert set(info.keys.public_keys) == {"read_only", "read_write"}
+        peer.send({"type": "untrusted.state", "revision": 0})
+        await peer.wait_for("untrusted.manifest")
+        said = _wire_bytes(peer)
+        assert SECRET[:30] not in said and SECRET_NAME.encode() not in said
 
     async def _restore_from(self, backup: _Backup, revision: int = 1,
                             serve: dict[str, bytes] | None = None) -> ScriptedSession:
