@@ -351,3 +351,48 @@ class UntrustedDaemonTests(PeerKitCase):
         results = peer.messages("untrusted.verify_result")
         assert results[0]["result"] == hashlib.sha256(bytes.fromhex(prefix) + blob).hexdigest()
         assert peer.messages("untrusted.verify_busy")
+
+
+class ReadOnlyDaemonTests(PeerKitCase):
+    """The daemon holds the share read_only: it restores, serves and relays, signs nothing."""
+
+    @async_test
+    async def test_a_read_only_share_restores_serves_and_relays(self) -> None:
+        await self.start_daemon()
+        owner = keymod.generate_share_keys(rsa_bits=1024)
+        folder = self.base / "read-only"
+        folder.mkdir()
+        held_data = b"a file the read-only peer holds\n"
+        (folder / "held.txt").write_bytes(held_data)
+        runtime = await self.daemon.share_registry.add_share(
+            ShareKeys.from_keys_message(owner.keys_message("read_only")), str(folder),
+            secrets.token_hex(16))
+        await wait_until(lambda: runtime.service.status.state == "idle", what="the scan")
+        backup = _Backup(owner)
+        held = backup.add("held.txt", held_data)
+        gone = backup.add("gone.txt", b"restored onto the read-only peer\n")
+
+        first = await self.connect(features=(FEATURE,), keys=_untrusted_keys(owner))
+        first.send_raw(backup.manifest(3))
+        first.send({"type": "untrusted.state", "revision": 3})
+        index, asked = await first.wait_for("untrusted.get")
+        assert asked["id"] == gone.id  # it holds held.txt already
+        blob = backup.blobs[gone.id]
+        first.send_payload({"type": "untrusted.data", "id": gone.id, "sha256": gone.sha256,
+                            "size": len(blob)}, blob)
+        await wait_until(lambda: (folder / "gone.txt").exists(), what="the restore")
+
+        # A second untrusted peer, empty, is handed the read_write-signed manifest and
+        # served the blob of the file the read-only peer holds, sealed as it reads it.
+        second = await self.connect(features=(FEATURE,), keys=_untrusted_keys(owner))
+        second.send({"type": "untrusted.state", "revision": 0})
+        index, _ = await second.wait_for("untrusted.manifest", timeout=15)
+        event = second.events[index]
+        relayed = read_manifest(event.text, event.signature, owner.share_id,
+                                owner.public_keys["read_write"])
+        assert relayed.revision == 3
+        second.send({"type": "untrusted.get", "id": held.id, "sha256": held.sha256})
+        index, _ = await second.wait_for("untrusted.data")
+        await wait_until(lambda: any(isinstance(e, wire.PayloadEnd)
+                                     for e in second.events[index:]))
+        assert _payload_after(second, index) == backup.blobs[held.id]

@@ -90,7 +90,7 @@ class Owner:
         self.sources: dict[str, Source] = {}
         self.peers: dict[str, PeerBackup] = {}
         self._digests: dict[tuple[str, str], tuple[int, str]] = {}
-        self._built_at_revision: int | None = None
+        self._built_for: tuple[int, str | None] | None = None
         self._loaded = False
         self._building = False
 
@@ -124,23 +124,46 @@ class Owner:
     # -- our manifest ---------------------------------------------------------------------
 
     async def build(self, force: bool = False) -> SignedManifest | None:
-        """Our manifest now, signed, if the share changed since the last (read_write only).
+        """Our manifest now, signed, if the share changed since the last (read_write).
 
         Files whose path we know nothing of (the accepted manifest lists them, our
         records do not: being restored, or not restorable here) are listed as
         they were, so a share that has not restored everything yet never drops
-        anything from its backups.
+        anything from its backups.  A read_only share signs nothing: it offers
+        the newest manifest it accepted, and serves the blobs of it that seal
+        files it holds in the same version.
         """
-        if self.signing_key is None or self._building:
+        if self._building:
             return None
         revision = self.share.revision()
-        if not force and self.made is not None and revision == self._built_at_revision:
+        state = (revision, self.accepted.digest if self.accepted is not None else None)
+        if not force and self.made is not None and state == self._built_for:
             return None
         self._building = True
         try:
-            return await self._build(revision)
+            if self.signing_key is None:
+                await self._adopt_accepted()
+                result = None
+            else:
+                result = await self._build(revision)
+            self._built_for = (revision,
+                               self.accepted.digest if self.accepted is not None else None)
+            return result
         finally:
             self._building = False
+
+    async def _adopt_accepted(self) -> None:
+        accepted = self.accepted
+        sources: dict[str, Source] = {}
+        for entry in accepted.files if accepted is not None else ():
+            meta = self.open_meta(entry)
+            if meta is None:
+                continue
+            record = await self.store.get_record(self.share_id, meta.path)
+            if record is not None and not record.deleted and record.sha256 == meta.sha256:
+                sources[entry.id] = Source(meta.path, meta.sha256, meta.size, entry.size,
+                                           entry.sha256)
+        self.sources, self.made = sources, accepted
 
     async def _build(self, revision: int) -> SignedManifest | None:
         entries: dict[str, BlobEntry] = {}
@@ -156,18 +179,23 @@ class Owner:
                 meta = FileMeta(record.path, record.sha256, record.size or 0,
                                 record.mtime or (0, 0),
                                 record.mode if record.mode is not None else 0o644)
-                digest = await self._digest(file_id, meta)
-                if digest is None:  # changed since it was scanned: as it was, if listed
-                    if file_id in previous:
-                        entries[file_id] = previous[file_id]
-                    continue
                 _, sealed = self.content.seal_meta(meta)
+                listed = previous.get(file_id)
+                if listed is not None and listed.meta == sealed:
+                    # This very version is listed (the metadata is deterministic): its
+                    # signed entry gives the blob's digest without sealing it again.
+                    digest: tuple[int, str] | None = (listed.size, listed.sha256)
+                else:
+                    digest = await self._digest(file_id, meta)
+                if digest is None:  # changed since it was scanned: as it was, if listed
+                    if listed is not None:
+                        entries[file_id] = listed
+                    continue
                 entries[file_id] = BlobEntry(file_id, digest[0], digest[1], sealed)
                 sources[file_id] = Source(record.path, record.sha256, meta.size, *digest)
         for file_id, entry in previous.items():
             if file_id not in known:
                 entries[file_id] = entry
-        self._built_at_revision = revision
         self._digests = {(file_id, s.sha256): (s.blob_size, s.blob_sha256)
                          for file_id, s in sources.items()}
         if self.accepted is not None and set(entries.values()) == set(self.accepted.files):
