@@ -94,8 +94,9 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
     # Untrusted peers serve each other: Victor gets his copy from Ursula's code and blobs.
     victor = daemon_factory("victor")
     code = ursula.cli_json("share", str(ursula.shares), "--mode", "untrusted")["access_code"]
-    victor.cli("attach", code, str(victor.shares), "--peer", ursula.address)
-    wait_until(lambda: _keeps(victor).get("files") == 5, timeout=TIMEOUT)
+    victor.cli("attach", code, str(victor.shares), "--peer", ursula.address, "--wait",
+               "--timeout", str(int(TIMEOUT)))
+    assert _keeps(victor).get("files") == 5
     _ciphertext_only(Path(victor.base))
 
     # (b) Alice and Ursula are gone; Bob restores everything from Victor alone, with the

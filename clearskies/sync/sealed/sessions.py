@@ -105,6 +105,8 @@ def share_status(peers: SealedPeers | None) -> dict[str, Any]:
             "revision": side.revision, "files": len(held.files) if held else 0,
             "bytes": sum(e.size for e in held.files) if held else 0,
             "fetching_revision": side.pending.revision if side.pending else None}
+        # In sync: holding a manifest, and fetching no newer one.
+        out["in_sync"] = held is not None and side.pending is None
     else:
         lost = sorted({path for backup in side.peers.values() for path in backup.lost})
         if lost:
