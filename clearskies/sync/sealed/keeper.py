@@ -109,7 +109,9 @@ class Keeper:
         await self._maybe_complete()
 
     async def stored(self, entry: BlobEntry) -> None:
-        if self._missing.pop(entry.id, None) is not None:
+        """A blob was put in place: one less to wait for, if it is the one awaited."""
+        if self._missing.get(entry.id) == entry:
+            del self._missing[entry.id]
             await self._maybe_complete()
 
     async def _maybe_complete(self) -> None:
