@@ -49,6 +49,7 @@ class Keeper:
         self._missing: dict[str, BlobEntry] = {}
         self.sessions: list[KeeperSession] = []
         self.busy = False  # a challenge is being answered
+        self.challenges: dict[str, list[float]] = {}  # peer ID -> when it challenged (an hour)
         self._loaded: Deferred[None] | None = None
 
     def loaded(self) -> Deferred[None]:
@@ -146,7 +147,6 @@ class KeeperSession:
         self.alive = True
         self._requested: dict[str, BlobEntry] = {}
         self._receiving: tuple[BlobEntry, SerialWriter] | None = None
-        self._challenges: list[float] = []
         keeper.sessions.append(self)
 
     def start(self) -> None:
@@ -275,13 +275,14 @@ class KeeperSession:
             self._log.warn("refused an unsigned challenge from {peer}", peer=self.peer_id[:8])
             return
         now = self.keeper.clock.seconds()
-        self._challenges = [t for t in self._challenges if t > now - 3600]
-        if self.keeper.busy or len(self._challenges) >= CHALLENGES_PER_HOUR:
-            retry = 60 if self.keeper.busy else int(self._challenges[0] + 3600 - now) + 1
+        recent = [t for t in self.keeper.challenges.get(self.peer_id, []) if t > now - 3600]
+        if self.keeper.busy or len(recent) >= CHALLENGES_PER_HOUR:
+            retry = 60 if self.keeper.busy else int(recent[0] + 3600 - now) + 1
             self.channel.send({"type": "untrusted.verify_busy", "file_id": file_id,
                                "retry_in": retry})
             return
-        self._challenges.append(now)
+        recent.append(now)
+        self.keeper.challenges[self.peer_id] = recent
         Deferred.fromCoroutine(self._answer(file_id, prefix))
 
     async def _answer(self, file_id: str, prefix: str) -> None:
@@ -347,6 +348,8 @@ class KeeperSession:
             self._receiving = None
         if self in self.keeper.sessions:
             self.keeper.sessions.remove(self)
+        if len(self.keeper.challenges) > 256:  # (peers come and go under new IDs)
+            self.keeper.challenges.pop(self.peer_id, None)
         self.keeper.source_lost(self)
 
 
