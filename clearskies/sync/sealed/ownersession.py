@@ -51,6 +51,7 @@ class OwnerSession:
         self._asked: tuple[BlobEntry, FileMeta, str] | None = None
         self._receiving: tuple[BlobEntry, FileMeta, SerialWriter] | None = None
         self._restoring = False
+        self._fetching = False  # a blob asked for and not yet written or refused
         self._sent_revision = 0
         self._challenge: tuple[str, str, str, str] | None = None  # id, prefix, expected, path
         self._timer: Any = None
@@ -145,7 +146,14 @@ class OwnerSession:
 
     async def _plan_restore(self, manifest: Any) -> None:
         owner = self.owner
+        queued = {entry.id for entry, _, _ in self._restores}
+        if self._asked is not None:
+            queued.add(self._asked[0].id)
+        if self._receiving is not None:
+            queued.add(self._receiving[0].id)
         for entry in manifest.files:
+            if entry.id in queued:
+                continue
             meta = owner.open_meta(entry)
             if meta is None:
                 continue
@@ -163,15 +171,18 @@ class OwnerSession:
             self._log.info("restoring {count} files from untrusted peer {peer}",
                            count=len(self._restores), peer=self.peer_id[:8])
         self._restoring = True
-        self._next_restore()
+        if not self._fetching:
+            self._next_restore()  # (else the one under way goes on to the next)
 
     def _next_restore(self) -> None:
+        self._fetching = False
         if not self.alive:
             return
         if not self._restores:
             self._restoring = False
             self._build_now()
             return
+        self._fetching = True
         self._asked = self._restores.popleft()
         entry = self._asked[0]
         self.channel.send({"type": "untrusted.get", "id": entry.id, "sha256": entry.sha256})
