@@ -25,6 +25,7 @@ from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.keys import ShareKeys
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync.sealed.sessions import FEATURE, peer_status
+from clearskies.sync.sealed.sessions import in_sync as sealed_in_sync
 from clearskies.untrusted.manifest import BlobEntry, make_manifest, read_manifest
 from clearskies.untrusted.sealing import ContentKeys, FileMeta, blob_size
 from tests.helpers import async_test
@@ -270,8 +271,10 @@ class TrustedDaemonTests(PeerKitCase):
         peer.send({"type": "untrusted.state", "revision": 0})
         index, _ = await peer.wait_for("untrusted.manifest")
         revision = json.loads(peer.events[index].text)["revision"]
+        assert not sealed_in_sync(runtime.sealed)  # the peer holds nothing of ours yet
         peer.send({"type": "untrusted.state", "revision": revision})
         index, challenge = await peer.wait_for("untrusted.verify", timeout=15)
+        assert sealed_in_sync(runtime.sealed)  # (share health counts it as in sync)
         event = peer.events[index]
         assert keymod.verify(runtime.keys.public_keys["read_write"], event.text,
                              event.signature)
@@ -340,6 +343,8 @@ class UntrustedDaemonTests(PeerKitCase):
         names = sorted(os.listdir(self.kept))
         assert names == [".clearskies", entry.id + "." + entry.sha256[:32],
                          "untrusted-manifest"]
+        kept = self.daemon.share_registry.share_by_path(str(self.kept))
+        assert sealed_in_sync(kept.sealed)
 
         # Challenges: answered with SHA-256(prefix ‖ blob), then busy past the hourly limit.
         prefix = secrets.token_hex(32)

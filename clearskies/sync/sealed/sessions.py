@@ -112,3 +112,22 @@ def share_status(peers: SealedPeers | None) -> dict[str, Any]:
         if lost:
             out["lost_on_untrusted_peers"] = lost[:20]
     return out
+
+
+def connected(peers: SealedPeers | None) -> list[str]:
+    """The peer IDs of the share's connections at level untrusted."""
+    return list(peers.sessions) if peers is not None else []
+
+
+def in_sync(peers: SealedPeers | None) -> bool:
+    """Whether a connection at level untrusted is in step: an untrusted share holds
+    the newest manifest it was shown; a trusted one's untrusted peer holds ours."""
+    if peers is None or not peers.sessions:
+        return False
+    side = peers.side
+    if isinstance(side, Keeper):
+        return side.held is not None and side.pending is None
+    made = side.made
+    return made is not None and any(
+        peer_id in side.peers and side.peers[peer_id].revision >= made.revision
+        for peer_id in peers.sessions)
