@@ -72,6 +72,9 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
     wait_until(lambda: _keeps(ursula).get("files") == 5, timeout=TIMEOUT)
     [listed] = ursula.cli_json("list")["shares"]
     assert listed["access"] == "untrusted"
+    alice.cli("wait", str(a), "--timeout", "30")  # in sync once Ursula holds it all
+    [listed] = alice.cli_json("list")["shares"]
+    assert listed["peers_connected"] == 1 and listed["untrusted_peers_connected"] == 1
     peers = alice.cli_json("status", str(a))["peers"]
     assert [p.get("access") for p in peers if p["connected"]] == ["untrusted"]
 

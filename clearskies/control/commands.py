@@ -317,7 +317,9 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, KeyCommands
                     "log`); they "
                     "are tried again after the next scan of their paths (`clearskies scan`) "
                     "and every %d s" % (len(sync.unresolved), RETRY_AFTER))
-        summary.update(sealed.share_status(getattr(runtime, "sealed", None)))  # (protocol/untrusted.md)
+        untrusted = getattr(runtime, "sealed", None)  # (protocol/untrusted.md)
+        summary.update(sealed.share_status(untrusted, summary["in_sync"]))
+        summary["peers_connected"] += len(sealed.connected(untrusted))
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
             summary["share_files_missing"] = len(runtime.missing)

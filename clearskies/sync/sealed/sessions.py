@@ -93,8 +93,9 @@ def peer_status(peers: SealedPeers | None, peer_id: str) -> dict[str, Any]:
     return out
 
 
-def share_status(peers: SealedPeers | None) -> dict[str, Any]:
-    """What ``status`` and ``list`` show of a share's untrusted side (empty without one)."""
+def share_status(peers: SealedPeers | None, in_sync_now: bool) -> dict[str, Any]:
+    """What ``status`` and ``list`` show of a share's untrusted side (empty without one);
+    ``in_sync_now`` is the share's own, which untrusted peers still behind make false."""
     if peers is None:
         return {}
     out: dict[str, Any] = {"untrusted_peers_connected": len(peers.sessions)}
@@ -108,6 +109,11 @@ def share_status(peers: SealedPeers | None) -> dict[str, Any]:
         # In sync: holding a manifest, and fetching no newer one.
         out["in_sync"] = held is not None and side.pending is None
     else:
+        made = side.made
+        behind = made is not None and any(
+            side.peers[peer_id].revision < made.revision
+            for peer_id in peers.sessions if peer_id in side.peers)
+        out["in_sync"] = in_sync_now and not behind
         lost = sorted({path for backup in side.peers.values() for path in backup.lost})
         if lost:
             out["lost_on_untrusted_peers"] = lost[:20]
