@@ -140,3 +140,15 @@ def test_rollback_is_refused(keys: ShareKeys, entries: list[BlobEntry]) -> None:
     remembered = RevisionGuard(guard.revision, guard.digest)  # after a restart
     with pytest.raises(RollbackError):
         remembered.check(old)
+
+
+def test_a_manifest_must_fit_one_line(keys: ShareKeys, monkeypatch) -> None:
+    """Too many files, or a line past the wire's limit, is refused before signing."""
+    import clearskies.untrusted.manifest as manifest_module
+
+    many = [BlobEntry("%032x" % n, 1, "2" * 64, "m") for n in range(manifest_module.MAX_FILES + 1)]
+    with pytest.raises(ValueError, match="more than one manifest may list"):
+        _make(keys, many)
+    monkeypatch.setattr(wire, "MAX_LINE_LENGTH", 2000)
+    with pytest.raises(ValueError, match="more than one line may hold"):
+        _make(keys, [BlobEntry("%032x" % n, 1, "2" * 64, "m" * 500) for n in range(5)])

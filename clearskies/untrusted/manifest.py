@@ -19,8 +19,8 @@ from clearskies import jsonshape, keys, wire
 from clearskies.untrusted.sealing import MAX_META_CHARS, SealError
 
 MESSAGE_TYPE = "untrusted.manifest"
-MAX_FILES = 40_000
-"""Most entries one manifest may list (one line of at most 16 MiB holds them)."""
+MAX_FILES = 30_000
+"""Most entries one manifest may list (with short paths, one line of 16 MiB holds them)."""
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -76,7 +76,13 @@ def make_manifest(share_id: str, revision: int, time: float, files: list[BlobEnt
         raise ValueError("a file id is listed twice")
     body = {"type": MESSAGE_TYPE, "share_id": share_id, "revision": revision, "time": time,
             "files": [entry.to_json() for entry in ordered]}
+    if len(ordered) > MAX_FILES:
+        raise ValueError("%d files are more than one manifest may list (%d)"
+                         % (len(ordered), MAX_FILES))
     text = wire.dumps(body)
+    if len(text) > wire.MAX_LINE_LENGTH - 1:
+        raise ValueError("the manifest would be %d bytes, more than one line may hold"
+                         % len(text))
     manifest = _parse(text)  # what a receiver checks, checked before we sign
     signature = keys.sign(read_write_private_pem, text)
     return SignedManifest(manifest.share_id, manifest.revision, manifest.time, manifest.files,

@@ -93,6 +93,7 @@ class Owner:
         self._built_for: tuple[int, str | None] | None = None
         self._loaded = False
         self._building = False
+        self.problem: str | None = None  # why no manifest can be made (too many files)
 
     async def load(self) -> None:
         if self._loaded:
@@ -203,9 +204,17 @@ class Owner:
             if self.made is None or self.made.digest != self.accepted.digest:
                 self.made = self.accepted
             return None
-        manifest = make_manifest(self.share_id, self.guard.next_revision(),
-                                 round(self.clock.seconds()), list(entries.values()),
-                                 self.signing_key)
+        try:
+            manifest = make_manifest(self.share_id, self.guard.next_revision(),
+                                     round(self.clock.seconds()), list(entries.values()),
+                                     self.signing_key)
+        except ValueError as e:
+            if self.problem is None:
+                self._log.warn("share {share} cannot be backed up on untrusted peers: {why}",
+                               share=self.share_id[:8], why=e)
+            self.problem = "cannot be backed up on untrusted peers: %s" % e
+            return None
+        self.problem = None
         await self.accept(manifest)
         self.made, self.sources = manifest, sources
         self._log.info("made untrusted manifest revision {revision} of share {share} "

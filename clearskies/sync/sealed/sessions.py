@@ -114,6 +114,8 @@ def share_status(peers: SealedPeers | None, in_sync_now: bool) -> dict[str, Any]
             side.peers[peer_id].revision < made.revision
             for peer_id in peers.sessions if peer_id in side.peers)
         out["in_sync"] = in_sync_now and not behind
+        if side.problem is not None:
+            out["untrusted_problem"] = side.problem
         lost = sorted({path for backup in side.peers.values() for path in backup.lost})
         if lost:
             out["lost_on_untrusted_peers"] = lost[:20]
