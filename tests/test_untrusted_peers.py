@@ -357,6 +357,25 @@ class UntrustedDaemonTests(PeerKitCase):
         assert results[0]["result"] == hashlib.sha256(bytes.fromhex(prefix) + blob).hexdigest()
         assert peer.messages("untrusted.verify_busy")
 
+        # A copy damaged on its disk: the answer cannot be right, and the untrusted
+        # peer, finding its copy is not the listed blob, fetches it again.
+        stored = self.kept / (entry.id + "." + entry.sha256[:32])
+        damaged = bytearray(stored.read_bytes())
+        damaged[20] ^= 0xFF
+        stored.write_bytes(bytes(damaged))
+        other = await self.connect(features=(FEATURE,), keys=keys)
+        await other.wait_for("untrusted.state")
+        other.send_raw(_signed({"type": "untrusted.verify", "file_id": entry.id,
+                                "prefix": prefix}, keys.private_keys["read_write"]))
+        _, answer = await other.wait_for("untrusted.verify_result")
+        assert answer["result"] != results[0]["result"]
+        _, asked = await other.wait_for("untrusted.get")
+        assert asked["id"] == entry.id and not stored.exists()
+        other.send_payload({"type": "untrusted.data", "id": entry.id, "sha256": entry.sha256,
+                            "size": len(blob)}, blob)
+        await wait_until(lambda: stored.exists() and stored.read_bytes() == blob,
+                         what="the blob fetched again")
+
 
 class ReadOnlyDaemonTests(PeerKitCase):
     """The daemon holds the share read_only: it restores, serves and relays, signs nothing."""
