@@ -139,6 +139,7 @@ class SerialWriter:
         self._paused = False
         self.handle: Any = None
         self.error: BaseException | None = None
+        self._buffer = bytearray()
         self._tail: Deferred[Any] = self._step(lambda: self._open(first))
 
     def _open(self, first: Callable[[], Any]) -> Deferred[Any]:
@@ -161,6 +162,16 @@ class SerialWriter:
         return self._tail
 
     def write(self, data: bytes) -> None:
+        """Queue ``data``; written in pieces of about :data:`PIECE` (a payload arrives in
+        TLS-record-sized chunks: a thread hop for each would cost more than the write)."""
+        self._buffer += data
+        if len(self._buffer) >= PIECE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        data, self._buffer = bytes(self._buffer), bytearray()
         self._pending += 1
         if self._pending > MAX_PENDING_WRITES and not self._paused:
             self._paused = True
@@ -177,6 +188,7 @@ class SerialWriter:
     def close(self, then: Callable[[Any], Any]) -> Deferred[Any]:
         """Run ``then(handle)`` in the runner after every write; its result, or the error."""
         result: Deferred[Any] = Deferred()
+        self._flush()
 
         def finish(_: Any) -> Any:
             if self.error is not None:
