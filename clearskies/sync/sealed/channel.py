@@ -10,7 +10,7 @@ and pauses the connection while they fall behind.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -24,6 +24,15 @@ PIECE = 1 << 20
 """Bytes of blob read and sent at a time."""
 MAX_PENDING_WRITES = 8
 """Received pieces waiting for the disk before the connection is paused."""
+
+_log = Logger()
+
+
+def spawn(work: Coroutine[Any, Any, Any], what: str) -> Deferred[Any]:
+    """Run ``work`` from the reactor; a failure is logged as ``what`` failing."""
+    d = Deferred.fromCoroutine(work)
+    d.addErrback(lambda f: _log.failure("{what} failed", f, what=what))
+    return d
 
 
 @implementer(IPushProducer)
@@ -65,7 +74,7 @@ class Channel:
         after any stream already under way."""
         self._streams.append(lambda: self._stream(body, size, read))
         if len(self._streams) == 1 and not self._streaming:
-            Deferred.fromCoroutine(self._run_streams())
+            spawn(self._run_streams(), "sending blobs")
 
     async def _run_streams(self) -> None:
         while self._streams and not self.closed:

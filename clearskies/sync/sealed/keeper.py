@@ -22,7 +22,7 @@ from clearskies import wire
 from clearskies.errors import ProtocolError
 from clearskies.interfaces import IRunner
 from clearskies.sync.sealed import vault
-from clearskies.sync.sealed.channel import Channel, SerialWriter
+from clearskies.sync.sealed.channel import Channel, SerialWriter, spawn
 from clearskies.sync.sealed.messages import check_data, check_get, check_hex
 from clearskies.untrusted.manifest import BlobEntry, SignedManifest, read_manifest
 from clearskies.untrusted.sealing import SealError
@@ -61,7 +61,12 @@ class Keeper:
         return d
 
     async def _load(self) -> None:
-        found = await self.runner.run(vault.load_manifest, self.root)
+        try:
+            found = await self.runner.run(vault.load_manifest, self.root)
+        except OSError as e:
+            self._log.warn("cannot read the untrusted manifest kept in {root}: {why}",
+                           root=self.root, why=e)
+            return
         if found is None:
             return
         try:
@@ -177,7 +182,7 @@ class KeeperSession:
             if self._receiving is not None:
                 entry, writer = self._receiving
                 self._receiving = None
-                Deferred.fromCoroutine(self._finish(entry, writer))
+                spawn(self._finish(entry, writer), "storing a blob")
             return
         kind = event.type
         if event.has_payload and kind != "untrusted.data":
@@ -206,8 +211,7 @@ class KeeperSession:
             manifest = self.keeper.verify(event.text, event.signature)
         except SealError as e:
             raise ProtocolError(str(e)) from None
-        Deferred.fromCoroutine(self.keeper.offer(manifest, self)).addErrback(
-            lambda f: self._log.failure("taking an untrusted manifest failed", f))
+        spawn(self.keeper.offer(manifest, self), "taking an untrusted manifest")
 
     def _on_get(self, body: dict) -> None:
         file_id, sha256 = check_get(body)
@@ -227,7 +231,7 @@ class KeeperSession:
                 {"type": "untrusted.data", "id": file_id, "sha256": sha256, "size": entry.size},
                 entry.size, lambda offset, length: self.keeper.runner.run(
                     vault.read_piece, self.keeper.root, name, offset, length))
-        Deferred.fromCoroutine(serve())
+        spawn(serve(), "serving a blob")
 
     def _on_data(self, event: Any) -> None:
         if not event.has_payload:
@@ -283,7 +287,7 @@ class KeeperSession:
             return
         recent.append(now)
         self.keeper.challenges[self.peer_id] = recent
-        Deferred.fromCoroutine(self._answer(file_id, prefix))
+        spawn(self._answer(file_id, prefix), "answering a challenge")
 
     async def _answer(self, file_id: str, prefix: str) -> None:
         held = self.keeper.held
@@ -319,7 +323,7 @@ class KeeperSession:
         held = self.keeper.held
         entry = held.by_id().get(file_id) if held is not None else None
         if entry is not None:
-            Deferred.fromCoroutine(self._refetch(entry))
+            spawn(self._refetch(entry), "fetching a lost blob again")
 
     async def _refetch(self, entry: BlobEntry) -> None:
         self._log.warn("blob {id} is missing or damaged here; fetching it again",

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from clearskies import keys as keymod
 from clearskies import wire
 from clearskies.errors import ClearSkiesError, ProtocolError
-from clearskies.sync.sealed.channel import Channel, SerialWriter
+from clearskies.sync.sealed.channel import Channel, SerialWriter, spawn
 from clearskies.sync.sealed.files import RestoreFile, SealedReader, challenge_expected
 from clearskies.sync.sealed.messages import check_data, check_get, check_hex
 from clearskies.sync.sealed.owner import Owner
@@ -65,7 +65,7 @@ class OwnerSession:
         self.restored = 0
 
     def start(self) -> None:
-        Deferred.fromCoroutine(self.owner.load())
+        spawn(self.owner.load(), "reading what untrusted peers were shown")
 
     async def _become_ready(self) -> None:
         if self._taking is not None:
@@ -84,7 +84,7 @@ class OwnerSession:
         if isinstance(event, wire.PayloadEnd):
             if self._receiving is not None:
                 receiving, self._receiving = self._receiving, None
-                Deferred.fromCoroutine(self._restored(*receiving))
+                spawn(self._restored(*receiving), "restoring a file")
             return
         kind = event.type
         if event.has_payload and kind != "untrusted.data":
@@ -99,7 +99,7 @@ class OwnerSession:
                     self._maybe_send()
                 elif not self._becoming:
                     self._becoming = True
-                    Deferred.fromCoroutine(self._become_ready())
+                    spawn(self._become_ready(), "taking an untrusted peer's state")
         elif kind == "untrusted.get":
             self._on_get(event.body)
         elif kind == "untrusted.data":
@@ -280,7 +280,7 @@ class OwnerSession:
                 {"type": "untrusted.data", "id": file_id, "sha256": sha256,
                  "size": source.blob_size}, source.blob_size,
                 lambda offset, length: owner.runner.run(reader.read, offset, length))
-        Deferred.fromCoroutine(serve())
+        spawn(serve(), "sealing a blob")
 
     # -- proof of storage -------------------------------------------------------------------
 
@@ -319,7 +319,7 @@ class OwnerSession:
             text = wire.dumps(body)
             self.channel.send_encoded(wire.encode_signed(
                 text, keymod.sign(owner.challenge_key, text)))
-        Deferred.fromCoroutine(send())
+        spawn(send(), "challenging an untrusted peer")
 
     def _on_verify_result(self, body: dict) -> None:
         pending = self._challenge
