@@ -10,6 +10,7 @@ side and a scripted trusted peer tries forged messages on it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -26,7 +27,13 @@ from clearskies.keys import ShareKeys
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync.sealed.sessions import FEATURE, peer_status
 from clearskies.sync.sealed.sessions import in_sync as sealed_in_sync
-from clearskies.untrusted.manifest import BlobEntry, make_manifest, read_manifest
+from clearskies.sync.sealed.owner import Owner
+from clearskies.untrusted.manifest import (
+    BlobEntry,
+    RollbackError,
+    make_manifest,
+    read_manifest,
+)
 from clearskies.untrusted.sealing import ContentKeys, FileMeta, blob_size
 from tests.helpers import async_test
 from tests.peerkit import PeerKitCase, ScriptedSession, wait_until
@@ -59,6 +66,12 @@ def _payload_after(peer: ScriptedSession, index: int) -> bytes:
         if isinstance(event, wire.PayloadChunk):
             data.append(bytes(event.data))
     raise AssertionError("payload not complete")
+
+
+def _lines(encoded: bytes) -> tuple[bytes, bytes]:
+    """(text, signature) of an encoded ``$`` message."""
+    text, signature = encoded.rstrip(b"\n").split(b"\n")
+    return text[1:], base64.b64decode(signature)
 
 
 def _signed(body: dict, private_pem: bytes) -> bytes:
@@ -261,6 +274,16 @@ class TrustedDaemonTests(PeerKitCase):
         self._serve()
         assert not (self.share_dir / "old-only.txt").exists()
         assert not (self.share_dir / "forged.txt").exists()
+
+        # The newest revision seen outlives the daemon: a share opened again (a restart)
+        # still refuses revision 6.
+        again = Owner(runtime, runtime.keys, reactor, lambda: 0)
+        await again.load()
+        assert again.guard.revision == 7
+        with self.assertRaises(RollbackError):
+            await again.accept(read_manifest(
+                *_lines(old.manifest(6)), runtime.share_id,
+                runtime.keys.public_keys["read_write"]))
 
     @async_test
     async def test_a_garbage_proof_marks_the_file_lost_and_asks_again(self) -> None:
