@@ -271,6 +271,17 @@ class KeeperSession:
         return any(keymod.verify(self.keeper.public_keys[level], event.text, event.signature)
                    for level in ("read_write", "read_only"))
 
+    def _within_limit(self) -> float | None:
+        """Count one more challenge (or ``lost``) of this peer; None if it is within the
+        hourly limit, else the seconds until it will be."""
+        now = self.keeper.clock.seconds()
+        recent = [t for t in self.keeper.challenges.get(self.peer_id, []) if t > now - 3600]
+        if len(recent) >= CHALLENGES_PER_HOUR:
+            return int(recent[0] + 3600 - now) + 1
+        recent.append(now)
+        self.keeper.challenges[self.peer_id] = recent
+        return None
+
     def _on_verify(self, event: Any) -> None:
         body = event.body
         file_id = check_hex(body.get("file_id"), 32, "file_id")
@@ -278,15 +289,11 @@ class KeeperSession:
         if not self._signed_by_trusted(event):
             self._log.warn("refused an unsigned challenge from {peer}", peer=self.peer_id[:8])
             return
-        now = self.keeper.clock.seconds()
-        recent = [t for t in self.keeper.challenges.get(self.peer_id, []) if t > now - 3600]
-        if self.keeper.busy or len(recent) >= CHALLENGES_PER_HOUR:
-            retry = 60 if self.keeper.busy else int(recent[0] + 3600 - now) + 1
+        retry = 60 if self.keeper.busy else self._within_limit()
+        if retry is not None:
             self.channel.send({"type": "untrusted.verify_busy", "file_id": file_id,
                                "retry_in": retry})
             return
-        recent.append(now)
-        self.keeper.challenges[self.peer_id] = recent
         spawn(self._answer(file_id, prefix), "answering a challenge")
 
     async def _answer(self, file_id: str, prefix: str) -> None:
@@ -322,14 +329,14 @@ class KeeperSession:
             return
         held = self.keeper.held
         entry = held.by_id().get(file_id) if held is not None else None
-        if entry is not None:
+        if entry is not None and self._within_limit() is None:
             spawn(self._refetch(entry), "fetching a lost blob again")
 
     async def _refetch(self, entry: BlobEntry) -> None:
+        # The copy here stays until the new one replaces it whole: a trusted peer
+        # that says "lost" wrongly (or maliciously) costs a transfer, never the blob.
         self._log.warn("blob {id} is missing or damaged here; fetching it again",
                        id=entry.id)
-        await self.keeper.runner.run(vault.remove_blob, self.keeper.root,
-                                     vault.blob_name(entry.id, entry.sha256))
         if self.alive:
             self.fetch(entry)
 

@@ -75,13 +75,6 @@ def prune(root: str, keep: set[str]) -> int:
     return removed
 
 
-def remove_blob(root: str, name: str) -> None:
-    try:
-        os.unlink(os.path.join(root, name))
-    except FileNotFoundError:
-        pass
-
-
 def read_piece(root: str, name: str, offset: int, length: int) -> bytes:
     """``length`` bytes of a blob from ``offset`` (fewer at its end)."""
     with open(os.path.join(root, name), "rb") as f:
