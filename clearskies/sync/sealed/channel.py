@@ -69,7 +69,7 @@ class Channel:
     # -- blobs ------------------------------------------------------------------------
 
     def stream(self, body: dict[str, Any], size: int,
-               read: Callable[[int, int], Awaitable[bytes]]) -> None:
+               read: Callable[[int, int], Deferred[bytes]]) -> None:
         """Send ``body`` with a payload of ``size`` bytes got by ``read(offset, length)``,
         after any stream already under way."""
         self._streams.append(lambda: self._stream(body, size, read))
@@ -89,18 +89,25 @@ class Channel:
         self._streams.clear()
 
     async def _stream(self, body: dict[str, Any], size: int,
-                      read: Callable[[int, int], Awaitable[bytes]]) -> None:
+                      read: Callable[[int, int], Deferred[bytes]]) -> None:
         self._streaming = True
         transport = self.connection.transport
         transport.registerProducer(self, True)
+        # The next piece is read (and sealed) while this one is written: the reads
+        # stay in order, one at a time, and the disk or cipher overlaps the network.
+        ahead: Deferred[bytes] | None = read(0, min(PIECE, size)) if size else None
         try:
             self.connection.send_bytes(wire.encode_payload_start(body))
             offset = 0
-            while offset < size and not self.closed:
-                piece = await read(offset, min(PIECE, size - offset))
-                if len(piece) != min(PIECE, size - offset):
+            while ahead is not None and not self.closed:
+                want = min(PIECE, size - offset)
+                piece = await ahead
+                ahead = None
+                if len(piece) != want:
                     raise ValueError("the blob is shorter than announced")
                 offset += len(piece)
+                if offset < size:
+                    ahead = read(offset, min(PIECE, size - offset))
                 self.connection.send_bytes(wire.encode_chunk(piece))
                 while self._paused and not self.closed:
                     self._resumed = Deferred()
@@ -108,6 +115,8 @@ class Channel:
             if not self.closed:
                 self.connection.send_bytes(wire.PAYLOAD_END)
         finally:
+            if ahead is not None:
+                ahead.addErrback(lambda _: None)  # abandoned: its outcome no longer matters
             self._streaming = False
             try:
                 transport.unregisterProducer()
