@@ -27,6 +27,8 @@ from clearskies.keys import ShareKeys
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync.sealed.sessions import FEATURE, peer_status
 from clearskies.sync.sealed.sessions import in_sync as sealed_in_sync
+from clearskies.sync.sealed import owner as owner_module
+from clearskies.sync.sealed import ownersession as ownersession_module
 from clearskies.sync.sealed.owner import Owner
 from clearskies.untrusted.manifest import (
     BlobEntry,
@@ -173,6 +175,26 @@ class TrustedDaemonTests(PeerKitCase):
         await peer.wait_for("untrusted.manifest")
         said = _wire_bytes(peer)
         assert SECRET[:30] not in said and SECRET_NAME.encode() not in said
+
+    @async_test
+    async def test_a_big_first_manifest_goes_out_in_growing_steps(self) -> None:
+        """Sealing for digests is time-sliced: each manifest lists what is ready, never
+        fewer files than the one before."""
+        for name in ("a.bin", "b.bin", "c.bin"):
+            (self.share_dir / name).write_bytes(os.urandom(20_000))
+        runtime = await self.start_daemon()
+        self.patch(owner_module, "BUILD_SLICE", 0.0)
+        self.patch(ownersession_module, "CHECK_EVERY", 0.05)
+        peer = await self._untrusted_peer()
+        peer.send({"type": "untrusted.state", "revision": 0})
+        await wait_until(lambda: any(len(json.loads(e.text)["files"]) == 3
+                                     for e in peer.events if isinstance(e, wire.Message)
+                                     and e.type == "untrusted.manifest"),
+                         what="a manifest of every file")
+        counts = [len(json.loads(e.text)["files"]) for e in peer.events
+                  if isinstance(e, wire.Message) and e.type == "untrusted.manifest"]
+        assert counts == [1, 2, 3]
+        assert not runtime.sealed.owner.incomplete
 
     async def _restore_from(self, backup: _Backup, revision: int = 1,
                             serve: dict[str, bytes] | None = None) -> ScriptedSession:

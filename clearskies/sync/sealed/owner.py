@@ -29,6 +29,9 @@ from clearskies.untrusted.sealing import ContentKeys, FileMeta, SealError
 #: Store config key prefix: the newest accepted manifest revision of a share.
 SEEN_KEY = "untrusted_seen:"
 DEFAULT_CHALLENGE_INTERVAL = 86400
+BUILD_SLICE = 10.0
+"""Seconds one manifest spends sealing new versions for their digests: a big share's
+first manifest goes out with what is ready and grows at each look after."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Owner:
         self._loaded = False
         self._building = False
         self.problem: str | None = None  # why no manifest can be made (too many files)
+        self.incomplete = False  # the last manifest left out new versions not sealed yet
 
     async def load(self) -> None:
         if self._loaded:
@@ -138,7 +142,8 @@ class Owner:
             return None
         revision = self.share.revision()
         state = (revision, self.accepted.digest if self.accepted is not None else None)
-        if not force and self.made is not None and state == self._built_for:
+        if not force and self.made is not None and state == self._built_for \
+                and not self.incomplete:
             return None
         self._building = True
         try:
@@ -171,6 +176,9 @@ class Owner:
         sources: dict[str, Source] = {}
         known: set[str] = set()
         previous = self.accepted.by_id() if self.accepted is not None else {}
+        deadline = self.clock.seconds() + BUILD_SLICE
+        sealed_now = 0
+        incomplete = False
         async for page in self.store.iter_records(self.share_id):
             for record in page:
                 file_id = self.content.file_id(record.path)
@@ -186,8 +194,12 @@ class Owner:
                     # This very version is listed (the metadata is deterministic): its
                     # signed entry gives the blob's digest without sealing it again.
                     digest: tuple[int, str] | None = (listed.size, listed.sha256)
+                elif sealed_now and self.clock.seconds() >= deadline:
+                    incomplete = True  # next time: listed as it was, or not yet
+                    digest = None
                 else:
                     digest = await self._digest(file_id, meta)
+                    sealed_now += 1
                 if digest is None:  # changed since it was scanned: as it was, if listed
                     if listed is not None:
                         entries[file_id] = listed
@@ -199,6 +211,7 @@ class Owner:
                 entries[file_id] = entry
         self._digests = {(file_id, s.sha256): (s.blob_size, s.blob_sha256)
                          for file_id, s in sources.items()}
+        self.incomplete = incomplete
         if self.accepted is not None and set(entries.values()) == set(self.accepted.files):
             self.sources = sources
             if self.made is None or self.made.digest != self.accepted.digest:
