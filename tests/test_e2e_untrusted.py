@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 TIMEOUT = 60.0
 MARKER = b"plaintext-marker-5e1f0c"
 NAMES = ("quarterly-secret-report.txt", "holiday-beach-photos", "run-backup-script.sh",
-         "empty-notes.md", "big-archive.bin")
+         "empty-notes.md", "big-archive.bin", "new-ledger.csv")
 
 
 def _fill(root: Path) -> None:
@@ -38,6 +38,11 @@ def _fill(root: Path) -> None:
     script.chmod(0o755)
     (root / NAMES[3]).write_bytes(b"")
     (root / NAMES[4]).write_bytes(MARKER + os.urandom(3 * 1024 * 1024 + 17) + MARKER)
+
+
+def _blobs(daemon) -> list[Path]:
+    """The blob files in an untrusted peer's share folder."""
+    return [p for p in Path(daemon.shares).iterdir() if len(p.name) == 65]
 
 
 def _keeps(daemon) -> dict:
@@ -78,11 +83,22 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
     peers = alice.cli_json("status", str(a))["peers"]
     assert [p.get("access") for p in peers if p["connected"]] == ["untrusted"]
 
+    # Changes reach her as a new signed manifest: an edit replaces a blob, a deletion
+    # drops one, a new file adds one; nothing old is left behind.
+    first = _keeps(ursula)["revision"]
+    (a / NAMES[0]).write_bytes(MARKER + b" the report, edited\n" * 60)
+    (a / NAMES[3]).unlink()
+    (a / "new-ledger.csv").write_bytes(MARKER + b",1,2,3\n")
+    alice.cli("scan", str(a))
+    wait_until(lambda: _keeps(ursula).get("revision", 0) > first
+               and _keeps(ursula).get("files") == 5
+               and len(_blobs(ursula)) == 5, timeout=TIMEOUT)
+
     # (a) Ursula holds ciphertext only, in her share folder and in her data directory.
     _ciphertext_only(Path(ursula.shares), Path(ursula.data_dir), Path(ursula.base))
 
     # (c) A blob deleted on Ursula is caught by a challenge, shown, and uploaded again.
-    blobs = [p for p in Path(ursula.shares).iterdir() if len(p.name) == 65]
+    blobs = _blobs(ursula)
     assert len(blobs) == 5
     for blob in blobs:
         blob.unlink()
@@ -91,8 +107,7 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
         status = alice.cli_json("status", str(a))
         return any(p.get("challenges_failed") for p in status["peers"])
     wait_until(lost_seen, timeout=TIMEOUT)
-    wait_until(lambda: len([p for p in Path(ursula.shares).iterdir()
-                            if len(p.name) == 65]) >= 1, timeout=TIMEOUT)
+    wait_until(lambda: len(_blobs(ursula)) >= 1, timeout=TIMEOUT)
 
     # Untrusted peers serve each other: Victor gets his copy from Ursula's code and blobs.
     victor = daemon_factory("victor")
@@ -113,8 +128,7 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
     assert len(modes) == 5
     alice.cli("stop")
     wait_until(lambda: not alice.running, timeout=15)
-    wait_until(lambda: len([p for p in Path(ursula.shares).iterdir()
-                            if len(p.name) == 65]) == 5, timeout=TIMEOUT)
+    wait_until(lambda: len(_blobs(ursula)) == 5, timeout=TIMEOUT)
     wait_until(lambda: _keeps(victor).get("revision") == _keeps(ursula).get("revision"),
                timeout=TIMEOUT)
     ursula.cli("stop")
