@@ -111,6 +111,8 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
 
     # Untrusted peers serve each other: Victor gets his copy from Ursula's code and blobs.
     victor = daemon_factory("victor")
+    refused = ursula.cli("share", str(ursula.shares), "--mode", "read_only", check=False)
+    assert refused.returncode == 1 and "only hand out untrusted codes" in refused.stderr
     code = ursula.cli_json("share", str(ursula.shares), "--mode", "untrusted")["access_code"]
     victor.cli("attach", code, str(victor.shares), "--peer", ursula.address, "--wait",
                "--timeout", str(int(TIMEOUT)))
