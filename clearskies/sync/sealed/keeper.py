@@ -55,10 +55,14 @@ class Keeper:
     def loaded(self) -> Deferred[None]:
         """Fires once the held manifest was read (and checked) from disk."""
         if self._loaded is None:
-            self._loaded = Deferred.fromCoroutine(self._load())
-        d: Deferred[None] = Deferred()
-        self._loaded.addBoth(lambda r: (d.callback(None), r)[1])
-        return d
+            self._loaded = spawn(self._load(), "reading the kept untrusted manifest")
+        waiter: Deferred[None] = Deferred()
+
+        def done(result: Any) -> Any:
+            waiter.callback(None)
+            return result
+        self._loaded.addBoth(done)
+        return waiter
 
     async def _load(self) -> None:
         try:
@@ -211,7 +215,9 @@ class KeeperSession:
             manifest = self.keeper.verify(event.text, event.signature)
         except SealError as e:
             raise ProtocolError(str(e)) from None
-        spawn(self.keeper.offer(manifest, self), "taking an untrusted manifest")
+        # (After the manifest kept on disk is known: an older one must not win.)
+        self.keeper.loaded().addCallback(
+            lambda _: spawn(self.keeper.offer(manifest, self), "taking an untrusted manifest"))
 
     def _on_get(self, body: dict) -> None:
         file_id, sha256 = check_get(body)
