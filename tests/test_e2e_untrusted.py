@@ -135,6 +135,8 @@ def test_backup_to_an_untrusted_peer_restores_from_it_alone(daemon_factory):
                timeout=TIMEOUT)
     ursula.cli("stop")
     wait_until(lambda: not ursula.running, timeout=15)
+    victor.restart()  # what he keeps is read back from his disk
+    wait_until(lambda: _keeps(victor).get("files") == 5, timeout=TIMEOUT)
     shutil.rmtree(a)
     shutil.rmtree(alice.data_dir)
     bob = daemon_factory("bob")

@@ -25,6 +25,7 @@ from clearskies.share import location
 from clearskies.share.database import ShareInfo
 from clearskies.share.folder import remove_marker
 from clearskies.share.service import create_share as register_share
+from clearskies.sync.sealed import sessions as sealed
 from clearskies.transfer.sigcache import SignatureCache
 
 #: Config key: shares attached with --merge whose first scan has not yet recorded
@@ -178,6 +179,9 @@ class Shares(MultiService):
         self.by_id[info.share_id] = runtime
         adopt = info.share_id in resources.config.get(ADOPTING, [])
         await runtime.prepare(new=new, adopt=adopt)
+        if keys.access == "untrusted":
+            # What it keeps is known (status) before any peer connects.
+            sealed.sealed_peers(runtime, resources.reactor, lambda: 0).side.loaded()
         runtime.setServiceParent(self)
         return runtime
 
