@@ -32,6 +32,8 @@ from clearskies.untrusted.sealing import FileMeta, SealError
 
 CHECK_EVERY = 5.0
 """Seconds between looks at whether the share changed (a new manifest to send)."""
+RESTORE_WINDOW = 8
+"""Blobs asked for at once while restoring (one round trip per file would be slow)."""
 
 
 class OwnerSession:
@@ -48,10 +50,10 @@ class OwnerSession:
         self.backup = owner.peer(peer_id)
         self.backup.connected = True
         self._restores: deque[tuple[BlobEntry, FileMeta, str]] = deque()
-        self._asked: tuple[BlobEntry, FileMeta, str] | None = None
+        self._asked: dict[str, tuple[BlobEntry, FileMeta, str]] = {}  # id -> asked for
+        self._writing: set[str] = set()  # ids received, being checked and put in place
         self._receiving: tuple[BlobEntry, FileMeta, SerialWriter] | None = None
         self._restoring = False
-        self._fetching = False  # a blob asked for and not yet written or refused
         self._sent_revision = 0
         self._challenge: tuple[str, str, str, str] | None = None  # id, prefix, expected, path
         self._timer: Any = None
@@ -146,11 +148,8 @@ class OwnerSession:
 
     async def _plan_restore(self, manifest: Any) -> None:
         owner = self.owner
-        queued = {entry.id for entry, _, _ in self._restores}
-        if self._asked is not None:
-            queued.add(self._asked[0].id)
-        if self._receiving is not None:
-            queued.add(self._receiving[0].id)
+        queued = {entry.id for entry, _, _ in self._restores} | set(self._asked) \
+            | self._writing
         for entry in manifest.files:
             if entry.id in queued:
                 continue
@@ -171,34 +170,34 @@ class OwnerSession:
             self._log.info("restoring {count} files from untrusted peer {peer}",
                            count=len(self._restores), peer=self.peer_id[:8])
         self._restoring = True
-        if not self._fetching:
-            self._next_restore()  # (else the one under way goes on to the next)
+        self._next_restore()
 
     def _next_restore(self) -> None:
-        self._fetching = False
+        """Keep up to RESTORE_WINDOW blobs asked for; once none is left to ask for or
+        under way, the restore is over and our own manifest may be made."""
         if not self.alive:
             return
-        if not self._restores:
+        while self._restores and len(self._asked) + len(self._writing) < RESTORE_WINDOW:
+            entry, meta, target = self._restores.popleft()
+            self._asked[entry.id] = (entry, meta, target)
+            self.channel.send({"type": "untrusted.get", "id": entry.id,
+                               "sha256": entry.sha256})
+        if self._restoring and not (self._restores or self._asked or self._writing):
             self._restoring = False
             self._build_now()
-            return
-        self._fetching = True
-        self._asked = self._restores.popleft()
-        entry = self._asked[0]
-        self.channel.send({"type": "untrusted.get", "id": entry.id, "sha256": entry.sha256})
 
     def _on_data(self, event: Any) -> None:
         if not event.has_payload:
             raise ProtocolError("untrusted.data without a payload")
         file_id, sha256, size = check_data(event.body)
-        asked, self._asked = self._asked, None
-        if asked is None or asked[0].id != file_id or asked[0].sha256 != sha256 \
-                or asked[0].size != size:
+        asked = self._asked.pop(file_id, None)
+        if asked is None or asked[0].sha256 != sha256 or asked[0].size != size:
             raise ProtocolError("untrusted.data for a blob we did not ask for")
         entry, meta, target = asked
         content = self.owner.content
         writer = SerialWriter(self.owner.runner, self.connection, lambda: RestoreFile(
             target, content, entry.id, meta, entry.sha256, entry.size))
+        self._writing.add(entry.id)
         self._receiving = (entry, meta, writer)
 
     async def _restored(self, entry: BlobEntry, meta: FileMeta, writer: SerialWriter) -> None:
@@ -217,13 +216,15 @@ class OwnerSession:
                 self.restored += 1
                 self._log.info("restored {path} from untrusted peer {peer}", path=meta.path,
                                peer=self.peer_id[:8])
+        finally:
+            self._writing.discard(entry.id)
         self._next_restore()
 
     def _on_get_error(self, body: dict) -> None:
         file_id = check_hex(body.get("id"), 32, "id")
-        if self._asked is not None and self._asked[0].id == file_id:
-            meta = self._asked[1]
-            self._asked = None
+        asked = self._asked.pop(file_id, None)
+        if asked is not None:
+            meta = asked[1]
             self.backup.lost[meta.path] = self.owner.clock.seconds()
             self._log.warn("untrusted peer {peer} does not have {path}", peer=self.peer_id[:8],
                            path=meta.path)
