@@ -240,6 +240,21 @@ class TrustedDaemonTests(PeerKitCase):
         assert self.temp_files() == []
 
     @async_test
+    async def test_many_small_files_are_asked_for_a_window_at_a_time(self) -> None:
+        runtime = await self.start_daemon()
+        backup = _Backup(runtime.keys)
+        for n in range(30):
+            backup.add("many/%02d.txt" % n, b"file %d\n" % n)
+        peer = await self._restore_from(backup)
+        await wait_until(lambda: len(peer.messages("untrusted.get")) >= 8)
+        assert len(peer.messages("untrusted.get")) == 8  # nothing answered yet
+        many = self.share_dir / "many"
+        await self._serving_until(lambda: many.exists() and len(
+            [p for p in many.iterdir() if not p.name.endswith(".!clearsky")]) == 30)
+        assert (self.share_dir / "many" / "17.txt").read_bytes() == b"file 17\n"
+        assert self.temp_files() == []
+
+    @async_test
     async def test_tampered_or_swapped_blobs_never_reach_the_share(self) -> None:
         """A flipped byte, or another file's blob under this one's name: refused, logged,
         the connection closed, nothing written, the daemon still serving."""
