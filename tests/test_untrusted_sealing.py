@@ -365,3 +365,60 @@ def test_challenge_answer_needs_the_whole_blob(ck: ContentKeys, sample: tuple) -
     assert challenge_answer(secrets.token_bytes(32), [blob]) != answer
     with pytest.raises(ValueError):
         challenge_answer(b"short", [blob])
+
+
+# -- format 1 exactly as protocol/untrusted.md writes it --------------------------------
+
+
+def _hkdf(ikm: bytes, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def test_format_1_is_what_the_specification_says() -> None:
+    """Keys, ids, blobs and metadata rebuilt step by step from sections 2 to 4 (an
+    independent reading of the text), and a known answer pinned so the format never
+    drifts."""
+    import base64
+    import hmac as hmac_module
+    import json
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+
+    content = _hkdf(bytes.fromhex(RO_PSK), b"clearskies untrusted v1 content",
+                    salt=bytes.fromhex(SHARE))
+    id_key = _hkdf(content, b"clearskies untrusted v1 file id")
+    meta_key = _hkdf(content, b"clearskies untrusted v1 metadata", 64)
+    path = "docs/a.txt"
+    file_id = hmac_module.new(id_key, path.encode(), hashlib.sha256).digest()[:16]
+    header = b"CSU1" + bytes([16]) + bytes(11)
+    keys = ContentKeys(SHARE, RO_PSK)
+    assert keys.file_id(path) == file_id.hex()
+
+    for data in (b"hello, backup\n", os.urandom(70_000)):
+        sha = hashlib.sha256(data).digest()
+        version_key = _hkdf(content, b"clearskies untrusted v1 file" + file_id + sha)
+        padded = data + bytes(padded_size(len(data)) - len(data))
+        chunks = [padded[i:i + CHUNK_SIZE] for i in range(0, len(padded), CHUNK_SIZE)]
+        blob = header + b"".join(
+            AESGCM(version_key).encrypt(
+                i.to_bytes(11, "big") + (b"\x01" if i == len(chunks) - 1 else b"\x00"),
+                chunk, header + file_id)
+            for i, chunk in enumerate(chunks))
+        assert keys.seal_bytes(file_id.hex(), data) == blob
+    assert padded_size(70_000) == 73_728  # two chunks: 65,536 + 8,192
+
+    small = keys.seal_bytes(file_id.hex(), b"hello, backup\n")
+    assert hashlib.sha256(small).hexdigest() == \
+        "b88de3c7ef2780c55cb57c525533965c3a76c13b5c45b2a1689cb724eab3cb42"
+
+    meta = FileMeta(path, hashlib.sha256(b"hello, backup\n").hexdigest(), 14,
+                    (1_700_000_000, 0), 0o644)
+    plain = json.dumps({"v": 1, "path": path, "sha256": meta.sha256, "size": 14,
+                        "mtime": [1_700_000_000, 0], "mode": 0o644},
+                       separators=(",", ":")).encode()
+    plain += bytes(-len(plain) % 256)
+    sealed = AESSIV(meta_key).encrypt(plain, [b"clearskies untrusted v1 meta",
+                                              bytes.fromhex(SHARE), file_id])
+    assert keys.seal_meta(meta) == (file_id.hex(), base64.b64encode(sealed).decode())
