@@ -140,6 +140,8 @@ class Output:
                 "connected" if peer.get("connected") else "offline",
                 (", needs %d items" % peer["items_needed"]) if peer.get("items_needed") else "",
                 _backup_of(peer)))
+        if share.get("untrusted_problem"):
+            self.line("  untrusted peers: %s" % share["untrusted_problem"])
         for path in share.get("lost_on_untrusted_peers", []):
             self.line("  lost on an untrusted peer (uploaded again): %s" % printable(path))
         if share.get("items_to_download"):

@@ -674,8 +674,11 @@ class CliAgainstFakeDaemon(unittest.TestCase):
                 "untrusted": True, "holds_files": 4, "holds_bytes": 2048,
                 "last_challenge_passed": None, "challenges_failed": 2}
         self.daemon.script[".clearskies.share_status"] = share_status(
-            path=self.share_dir, peers=[peer], lost_on_untrusted_peers=["a/b.txt"])
+            path=self.share_dir, peers=[peer], lost_on_untrusted_peers=["a/b.txt"],
+            untrusted_problem="cannot be backed up on untrusted peers: too many files")
         lines = (await self.cli("status", self.share_dir)).out.splitlines()
+        self.assertIn("  untrusted peers: cannot be backed up on untrusted peers: too many "
+                      "files", lines)
         self.assertIn("  peer nas untrusted connected, untrusted: holds 4 files (2.0 KiB), "
                       "last proof of storage never, 2 challenges failed", lines)
         self.assertIn("  lost on an untrusted peer (uploaded again): a/b.txt", lines)
