@@ -237,6 +237,8 @@ class TrustedDaemonTests(PeerKitCase):
         assert os.stat(target).st_mode & 0o7777 == 0o600
         assert os.stat(self.share_dir / "run.sh").st_mode & 0o7777 == 0o755
         assert os.stat(target).st_mtime_ns == 1_700_000_000 * 10**9 + 7
+        received = [c["file"] for c in runtime.share_events.recent if c["kind"] == "received"]
+        assert sorted(received) == ["docs/a.txt", "empty", "run.sh"]  # (clearskies changes)
         assert self.temp_files() == []
 
     @async_test

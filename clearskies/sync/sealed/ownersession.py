@@ -216,6 +216,10 @@ class OwnerSession:
                 self.restored += 1
                 self._log.info("restored {path} from untrusted peer {peer}", path=meta.path,
                                peer=self.peer_id[:8])
+                events = getattr(self.owner.share, "share_events", None)
+                if events is not None:  # (recent changes, the event feed)
+                    events.sync_event("download_finished", {
+                        "file": meta.path, "peer_id": self.peer_id, "size": meta.size})
         finally:
             self._writing.discard(entry.id)
         self._next_restore()
