@@ -34,6 +34,8 @@ CHECK_EVERY = 5.0
 """Seconds between looks at whether the share changed (a new manifest to send)."""
 RESTORE_WINDOW = 8
 """Blobs asked for at once while restoring (one round trip per file would be slow)."""
+LOOKUP_BATCH = 500
+"""Paths of a manifest looked up in the database at once."""
 
 
 class OwnerSession:
@@ -150,14 +152,17 @@ class OwnerSession:
         owner = self.owner
         queued = {entry.id for entry, _, _ in self._restores} | set(self._asked) \
             | self._writing
-        for entry in manifest.files:
-            if entry.id in queued:
-                continue
-            meta = owner.open_meta(entry)
-            if meta is None:
-                continue
-            if await owner.store.get_record(owner.share_id, meta.path) is not None:
-                continue  # we know this path: our own version rules
+        opened = [(entry, owner.open_meta(entry)) for entry in manifest.files
+                   if entry.id not in queued]
+        candidates = [(entry, meta) for entry, meta in opened if meta is not None]
+        unknown = []
+        for start in range(0, len(candidates), LOOKUP_BATCH):
+            batch = candidates[start:start + LOOKUP_BATCH]
+            known = await owner.store.get_stored_many(owner.share_id,
+                                                      [meta.path for _, meta in batch])
+            # A path we know (a file or a deletion): our own version rules.
+            unknown.extend((entry, meta) for entry, meta in batch if meta.path not in known)
+        for entry, meta in unknown:
             try:
                 target = await owner.runner.run(owner.share.paths.to_local, meta.path)
             except ClearSkiesError as e:
