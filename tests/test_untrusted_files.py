@@ -139,6 +139,7 @@ def test_the_vault_keeps_its_manifest_and_prunes_only_blobs(tmp_path: Path) -> N
     for name in (keep, drop, ".clearskies", "not-a-blob"):
         (tmp_path / name).write_bytes(b"123")
     assert vault.blob_present(root, keep, 3) and not vault.blob_present(root, keep, 4)
+    assert vault.absent(root, [(keep, 3), (keep, 4), ("e" * 65, 3)]) == [keep, "e" * 65]
     assert vault.prune(root, {keep}) == 1
     assert sorted(os.listdir(root)) == sorted([".clearskies", keep, vault.MANIFEST_NAME,
                                                "not-a-blob"])

@@ -105,12 +105,10 @@ class Keeper:
                 and self._pending_from is not None and self._pending_from.alive:
             return
         self.pending, self._pending_from = manifest, source
-        missing = {}
-        for entry in manifest.files:
-            present = await self.runner.run(vault.blob_present, self.root,
-                                            vault.blob_name(entry.id, entry.sha256), entry.size)
-            if not present:
-                missing[entry.id] = entry
+        names = {vault.blob_name(entry.id, entry.sha256): entry for entry in manifest.files}
+        gone = await self.runner.run(vault.absent, self.root,
+                                     [(name, entry.size) for name, entry in names.items()])
+        missing = {names[name].id: names[name] for name in gone}
         if self.pending is not manifest:
             return  # a newer one came meanwhile
         self._missing = missing
@@ -348,14 +346,14 @@ class KeeperSession:
 
     async def _refetch_missing(self) -> None:
         held = self.keeper.held
-        for entry in held.files if held is not None else ():
-            if entry.id in self._requested:
-                continue
-            if not await self.keeper.runner.run(vault.blob_present, self.keeper.root,
-                                                vault.blob_name(entry.id, entry.sha256),
-                                                entry.size):
-                if self.alive:
-                    self.fetch(entry)
+        names = {vault.blob_name(entry.id, entry.sha256): entry
+                 for entry in (held.files if held is not None else ())
+                 if entry.id not in self._requested}
+        gone = await self.keeper.runner.run(vault.absent, self.keeper.root,
+                                            [(name, entry.size) for name, entry in names.items()])
+        for name in gone:
+            if self.alive:
+                self.fetch(names[name])
 
     def connection_lost(self, reason: Any) -> None:
         self.alive = False

@@ -61,6 +61,11 @@ def blob_present(root: str, name: str, size: int) -> bool:
         return False
 
 
+def absent(root: str, blobs: list[tuple[str, int]]) -> list[str]:
+    """The names among ``blobs`` (name, size) that are not there with that size."""
+    return [name for name, size in blobs if not blob_present(root, name, size)]
+
+
 def prune(root: str, keep: set[str]) -> int:
     """Remove blob files not in ``keep`` (nothing else); how many were removed."""
     removed = 0
