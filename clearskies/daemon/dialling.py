@@ -295,7 +295,6 @@ class Dialling:
         session.start(runtime.last_manifest_revision(info.their_peer_id))
         return _TrackedSession(session, runtime, info.their_peer_id)
 
-
     def _untrusted_session(self, runtime: Any, connection: PeerProtocol) -> Any:
         config = self._resources.config
         peers = sealed.sealed_peers(runtime, self.reactor, lambda: config.get(
