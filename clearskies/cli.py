@@ -42,6 +42,8 @@ from clearskies.cli_gui import add_arguments as add_gui_arguments
 from clearskies.cli_output import Output, format_bytes
 from clearskies.cli_versions import VersionCommands, add_arguments, config_share_option
 from clearskies.cli_conflicts import ConflictCommands
+from clearskies.cli_keys import KeyCommands
+from clearskies.cli_keys import add_arguments as add_key_arguments
 from clearskies.cli_conflicts import add_arguments as add_conflict_arguments
 from clearskies.control.client import (
     ControlClient,
@@ -109,7 +111,8 @@ def _start_error(errors: Any, status: int, data_dir: str) -> str:
     return "it exited with status %d; see %s" % (status, os.path.join(data_dir, "clearskies.log"))
 
 
-class Cli(GuiCommands, VersionCommands, ConflictCommands, DaemonCommands, ShareCommands, AccessCommands):
+class Cli(GuiCommands, VersionCommands, ConflictCommands, KeyCommands, DaemonCommands,
+          ShareCommands, AccessCommands):
     """One CLI invocation: the parsed arguments, where to print, how to reach the daemon.
 
     The commands come from the groups of :mod:`clearskies.cli_commands`; what
@@ -281,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     share = sub.add_parser("share", help="share a directory and print an access code")
     share.add_argument("path")
-    share.add_argument("--mode", choices=["read_write", "read_only"],
-                       default="read_write", help="what the code's holder may do")
+    share.add_argument("--mode", choices=["read_write", "read_only", "untrusted"],
+                       default="read_write",
+                       help="what the code's holder may do (untrusted: keep an encrypted "
+                            "backup it cannot read)")
     share.add_argument("--multi-use", action="store_true", help="the code can be used again")
     share.add_argument("--expires", default="24h",
                        help="code lifetime: e.g. 1h, 24h, 7d or never (default 24h; 0 is refused)")
@@ -345,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sub)
     add_conflict_arguments(sub)
     add_gui_arguments(sub)
+    add_key_arguments(sub)
 
     scan = sub.add_parser("scan", help="rescan a share now and wait for it")
     scan.add_argument("path")

@@ -219,6 +219,10 @@ class ShareCommands:
                 "multi-use" if self.args.multi_use else "one-time",
                 "never expires" if lifetime is None else
                 "expires in %s" % self.args.expires_text))
+            if self.args.mode == "untrusted":
+                self.output.line("That machine keeps an encrypted backup it cannot read. To "
+                                 "restore without your machines, save the keys now: "
+                                 "clearskies export-keys %s FILE" % path)
         self.output.emit({"access_code": code, "url": code_url(parse_code(code)), "path": path},
                          human)
         return EXIT_OK

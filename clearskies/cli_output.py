@@ -129,11 +129,21 @@ class Output:
                                             entry.get("reason")))
         if "skipped_paths" in share and len(share["skipped_paths"]) < share.get("skipped", 0):
             self.line("  (only the first %d are listed)" % len(share["skipped_paths"]))
+        keeps = share.get("keeps_encrypted")
+        if keeps:
+            self.line("  keeps an encrypted backup it cannot read: %d files, %s, revision %s"
+                      % (keeps.get("files", 0), format_bytes(keeps.get("bytes", 0)),
+                         keeps.get("revision")))
         for peer in share.get("peers", []):
-            self.line("  peer %s %s %s%s" % (
+            self.line("  peer %s %s %s%s%s" % (
                 peer.get("name") or peer.get("peer_id"), peer.get("access", ""),
                 "connected" if peer.get("connected") else "offline",
-                (", needs %d items" % peer["items_needed"]) if peer.get("items_needed") else ""))
+                (", needs %d items" % peer["items_needed"]) if peer.get("items_needed") else "",
+                _backup_of(peer)))
+        if share.get("untrusted_problem"):
+            self.line("  untrusted peers: %s" % share["untrusted_problem"])
+        for path in share.get("lost_on_untrusted_peers", []):
+            self.line("  lost on an untrusted peer (uploaded again): %s" % printable(path))
         if share.get("items_to_download"):
             self.line("  downloading: %d items, %s left" % (
                 share["items_to_download"], format_bytes(share.get("bytes_to_download", 0))))
@@ -186,3 +196,15 @@ class Output:
                 "one-time" if code.get("one_time") else "multi-use",
                 "never expires" if code.get("expires") is None else
                 time.strftime("expires %Y-%m-%d %H:%M", time.localtime(code["expires"]))))
+
+
+def _backup_of(peer: dict[str, Any]) -> str:
+    """What an untrusted peer's ``status`` line adds: what it holds, its last proof."""
+    if not peer.get("untrusted"):
+        return ""
+    passed = peer.get("last_challenge_passed")
+    return ", untrusted: holds %d files (%s), last proof of storage %s%s" % (
+        peer.get("holds_files", 0), format_bytes(peer.get("holds_bytes", 0)),
+        time.strftime("%Y-%m-%d %H:%M", time.localtime(passed)) if passed else "never",
+        (", %d challenges failed" % peer["challenges_failed"])
+        if peer.get("challenges_failed") else "")

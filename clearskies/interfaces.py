@@ -423,6 +423,9 @@ class IDaemonControl(Interface):
     def create_share(path: str) -> object:
         """(async) Make a new share of an existing directory; its runtime."""
 
+    def share_with_keys(keys: object, path: str) -> object:
+        """(async) Make an empty directory the share whose saved keys are given; its runtime."""
+
     def size_warning(path: str) -> object:
         """(async) A warning for a share that is a home directory or very large, or None."""
 

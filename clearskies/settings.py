@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "peers": [],
     "stale_after": 7 * 86400,  # status warns about a share or peer not synced for this long
     "verify_interval": 7 * 86400,  # one full re-verification pass of every share per this
+    # each untrusted peer is challenged to prove it holds one file per this (protocol/untrusted.md)
+    "untrusted_challenge_interval": 86400,
 }
 #: Settings read only when the daemon starts (the others apply at once).
 AT_START = ("listen", "lan", "trackers", "peers")
@@ -149,6 +151,7 @@ CHECKS: dict[str, Any] = {
     "peers": lambda v: _listed(v, check_peer, MAX_PEERS, "peers"),
     "stale_after": _period("stale_after", 1),
     "verify_interval": _period("verify_interval", 60),
+    "untrusted_challenge_interval": _period("untrusted_challenge_interval", 1),
 }
 
 

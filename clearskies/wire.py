@@ -76,6 +76,8 @@ SESSION_TYPE_LIMITS = TypeLimits({
     # relayed verbatim) and a read-only peer's sources may need the whole line.
     "manifest": MAX_LINE_LENGTH,
     "read_only_manifest.manifest": MAX_LINE_LENGTH,
+    # Every blob of a share in one signed line (protocol/untrusted.md, section 5).
+    "untrusted.manifest": MAX_LINE_LENGTH,
     # One record: a 4,096-byte path (twice that when escaped), hashes, and a
     # version vector of up to 1,024 entries (about 57 KB); a move adds its source.
     "update": _RECORD_MESSAGE,

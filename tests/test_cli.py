@@ -44,7 +44,8 @@ ACCESS_ID = access_id(CODE_BYTES)
 
 SUBCOMMANDS = [
     "start", "stop", "status", "share", "attach", "detach", "list", "peers", "codes",
-    "cancel-code", "pause", "resume", "log", "config", "scan", "wait",
+    "cancel-code", "pause", "resume", "log", "config", "scan", "wait", "export-keys",
+    "import-keys",
 ]
 
 
@@ -663,6 +664,29 @@ class CliAgainstFakeDaemon(unittest.TestCase):
         self.daemon.script[".clearskies.share_status"] = share_status(
             path=self.share_dir, status="error", problem="marker lost")
         self.assertEqual((await self.cli("status", self.share_dir)).code, 1)
+
+    @async_test
+    async def test_share_status_shows_untrusted_peers_and_what_they_keep(self) -> None:
+        """An untrusted peer's line says what it holds and its last proof; files it
+        lost are listed; an untrusted share says it keeps a backup it cannot read."""
+        await self.listen()
+        peer = {"peer_id": "cd" * 16, "name": "nas", "access": "untrusted", "connected": True,
+                "untrusted": True, "holds_files": 4, "holds_bytes": 2048,
+                "last_challenge_passed": None, "challenges_failed": 2}
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            path=self.share_dir, peers=[peer], lost_on_untrusted_peers=["a/b.txt"],
+            untrusted_problem="cannot be backed up on untrusted peers: too many files")
+        lines = (await self.cli("status", self.share_dir)).out.splitlines()
+        self.assertIn("  untrusted peers: cannot be backed up on untrusted peers: too many "
+                      "files", lines)
+        self.assertIn("  peer nas untrusted connected, untrusted: holds 4 files (2.0 KiB), "
+                      "last proof of storage never, 2 challenges failed", lines)
+        self.assertIn("  lost on an untrusted peer (uploaded again): a/b.txt", lines)
+        self.daemon.script[".clearskies.share_status"] = share_status(
+            path=self.share_dir, keeps_encrypted={"files": 4, "bytes": 2048, "revision": 9})
+        lines = (await self.cli("status", self.share_dir)).out.splitlines()
+        self.assertIn("  keeps an encrypted backup it cannot read: 4 files, 2.0 KiB, "
+                      "revision 9", lines)
 
     @async_test
     async def test_repair(self) -> None:

@@ -16,6 +16,7 @@ from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, format_code, parse_code
 from clearskies.control.browse import BrowseCommands
 from clearskies.control.gui import GuiCommands
+from clearskies.control.keys import KeyCommands
 from clearskies.control.conflicts import STATUS_CONFLICTS, ConflictCommands, downloading
 from clearskies.control.protocol import CommandDispatcher, ControlError
 from clearskies.control.versions import SHARE_KEYS, VersionCommands, share_settings
@@ -24,6 +25,7 @@ from clearskies.interfaces import IDaemonControl
 from clearskies.settings import (
     AT_START, DEFAULTS, SHARE_DEFAULTS, SettingError, check_setting, check_share_setting)
 from clearskies.sync import RETRY_AFTER
+from clearskies.sync.sealed import sessions as sealed
 
 
 MAX_CODE_LIFETIME = 10 * 365 * 86400.0
@@ -56,7 +58,7 @@ def _join_status(join: Any) -> str:
     return "waiting" if join.failed is None else "failed"
 
 
-class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, BrowseCommands,
+class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, BrowseCommands, KeyCommands,
                      CommandDispatcher):
     """What the control socket can ask of the daemon (which it sees as ``IDaemonControl``)."""
 
@@ -167,13 +169,9 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, BrowseComma
     async def cmd_create_access_code(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self._share(request)
         mode = request.get("mode", "read_write")
-        if mode == "untrusted":
-            # Untrusted peers must only ever hold encrypted files; until that
-            # extension exists, no code may hand out that level.
-            raise ControlError("not_supported", "untrusted (encrypted backup) peers are not "
-                                                "supported yet; use read_only")
-        if mode not in ("read_write", "read_only"):
-            raise ControlError("bad_request", "mode must be read_write or read_only")
+        # untrusted: an encrypted backup that can read nothing (protocol/untrusted.md).
+        if mode not in ("read_write", "read_only", "untrusted"):
+            raise ControlError("bad_request", "mode must be read_write, read_only or untrusted")
         one_time = request.get("one_time", True)
         if not isinstance(one_time, bool):
             raise ControlError("bad_request", "one_time must be true or false")
@@ -320,6 +318,9 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, BrowseComma
                     "log`); they "
                     "are tried again after the next scan of their paths (`clearskies scan`) "
                     "and every %d s" % (len(sync.unresolved), RETRY_AFTER))
+        untrusted = getattr(runtime, "sealed", None)  # (protocol/untrusted.md)
+        summary.update(sealed.share_status(untrusted, summary["in_sync"]))
+        summary["peers_connected"] += len(sealed.connected(untrusted))
         if runtime.signing.read_only:
             summary["local_changes_not_shared"] = len(runtime.unshared)
             summary["share_files_missing"] = len(runtime.missing)
@@ -358,6 +359,7 @@ class DaemonCommands(GuiCommands, VersionCommands, ConflictCommands, BrowseComma
                 "peer_id": peer_id, "name": info.name, "connected": session is not None,
                 "last_seen": info.last_seen, "addresses": list(info.addresses),
             }
+            entry.update(sealed.peer_status(getattr(runtime, "sealed", None), peer_id))
             if session is not None:
                 established = session.connection.established
                 entry["access"] = established.access

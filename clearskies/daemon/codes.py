@@ -182,11 +182,13 @@ class AccessCodes:
     async def create_code(self, path: str, level: str, one_time: bool,
                           lifetime: float | None) -> AccessCode:
         runtime = self._shares.require_share(path)
-        if level not in ("read_write", "read_only"):
-            raise ConfigurationError("mode must be read_write or read_only (untrusted "
-                                     "peers are not supported yet)")
+        if level not in ("read_write", "read_only", "untrusted"):
+            raise ConfigurationError("mode must be read_write, read_only or untrusted")
         if runtime.keys.access != "read_write" and level == "read_write":
             raise ConfigurationError("a read-only share can only hand out read_only codes")
+        if runtime.keys.access == "untrusted" and level != "untrusted":
+            raise ConfigurationError("an untrusted share holds no key that opens the files: "
+                                     "it can only hand out untrusted codes")
         code = new_access_code(runtime.share_id, level, self.now(), lifetime=lifetime,
                                one_time=one_time)
         await self._resources.store.add_access_code(AccessCodeInfo(

@@ -33,6 +33,7 @@ from clearskies.sync import SyncSession
 from clearskies.sync.rsyncs import FEATURE as RSYNC
 from clearskies.sync.thumbs import FEATURE as THUMBNAILS
 from clearskies.thumbnails import AVAILABLE as PILLOW
+from clearskies.sync.sealed import sessions as sealed
 
 if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
@@ -47,7 +48,7 @@ more time than plain framing (bench/README.md, "Compressing only when it pays"),
 so it pays only on links slower than the sender's CPU."""
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches", "code_spread") + COMPRESSION + (
+            "revision_batches", "code_spread", sealed.FEATURE) + COMPRESSION + (
     (RSYNC,) if rdiff.AVAILABLE else ()) + ((THUMBNAILS,) if PILLOW else ())
 """Feature strings we offer in the handshake (protocol/handshake.md); ``rsync`` only
 when librsync is installed (protocol/rsync.md), ``thumbnails`` only with Pillow
@@ -178,6 +179,9 @@ class Dialling:
 
     def is_connected(self, target_id: str, peer_id: str) -> bool:
         runtime = self._shares.by_id.get(target_id)
+        sealed_peers = getattr(runtime, "sealed", None)
+        if sealed_peers is not None and peer_id in sealed_peers.sessions:
+            return True
         return runtime is not None and peer_id in runtime.sync.sessions
 
     def own_peer_ids(self) -> set[str]:
@@ -272,8 +276,7 @@ class Dialling:
         if getattr(runtime, "share_paused", False):
             connection.close("share paused")
             return _ClosedSession()
-        if info.access not in ("read_write", "read_only"):
-            # An untrusted peer may only ever hold encrypted files (not supported yet).
+        if info.access not in ("read_write", "read_only", "untrusted"):
             connection.close("access level %s is not supported" % info.access)
             return _ClosedSession()
         finished_join = self._codes.take_finished_join(info.share_id)
@@ -284,6 +287,9 @@ class Dialling:
             for address in finished_join.peers:
                 self.offer_candidate(info.share_id, parse_user_address(address), known,
                                      self.manual.source)
+        if info.access == "untrusted":
+            # Only encrypted blobs and sealed metadata (protocol/untrusted.md).
+            return self._untrusted_session(runtime, connection)
         session = SyncSession(runtime.sync, connection)
         spreading = self.code_spreading
         if spreading is not None:  # extension code_spread (protocol/code_spread.md)
@@ -295,6 +301,36 @@ class Dialling:
         runtime.peer_connected(info, connection)
         session.start(runtime.last_manifest_revision(info.their_peer_id))
         return _TrackedSession(session, runtime, info.their_peer_id)
+
+    def _untrusted_session(self, runtime: Any, connection: PeerProtocol) -> Any:
+        config = self._resources.config
+        peers = sealed.sealed_peers(runtime, self.reactor, lambda: config.get(
+            "untrusted_challenge_interval", sealed.DEFAULT_CHALLENGE_INTERVAL))
+        session = sealed.start_session(peers, connection)
+        if session is None:
+            return _ClosedSession()
+        runtime.peer_connected(connection.established, connection)
+        return _UntrustedSession(session, runtime, peers)
+
+
+class _UntrustedSession:
+    """Wraps an untrusted connection's session so the share hears when it ends."""
+
+    def __init__(self, session: Any, runtime: Any, peers: Any) -> None:
+        self.session = session
+        self.runtime = runtime
+        self.peers = peers
+
+    def event_received(self, event: Any) -> None:
+        if self.runtime.error is not None:
+            self.session.connection.close("the share is unavailable on this peer", quiet=True)
+            return
+        self.session.event_received(event)
+
+    def connection_lost(self, reason: Any) -> None:
+        self.session.connection_lost(reason)
+        sealed.session_ended(self.peers, self.session)
+        self.runtime.peer_disconnected(self.session)
 
 
 class _TrackedSession:

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from clearskies.sync.sealed import sessions as sealed
+
 #: Config key: share ID → {"last_in_sync": time or null, "since": time}.
 HEALTH_KEY = "share_health"
 #: How often the running shares are looked at (seconds).
@@ -136,8 +138,10 @@ class ShareHealth:
     def in_sync_now(runtime: Any) -> bool:
         """In sync with at least one connected peer, and the share itself settled."""
         sync = runtime.sync
-        return bool(sync.sessions) and any(s.in_sync for s in sync.sessions.values()) \
-            and runtime.service.status.state not in ("scanning", "starting", "error")
+        peers_in_sync = (bool(sync.sessions) and any(s.in_sync for s in sync.sessions.values())
+                         or sealed.in_sync(getattr(runtime, "sealed", None)))
+        return peers_in_sync and runtime.service.status.state not in ("scanning", "starting",
+                                                                      "error")
 
     def check(self) -> None:
         """(Every HEALTH_INTERVAL.)  Note what is in sync and who is connected; save now and then."""
@@ -147,7 +151,8 @@ class ShareHealth:
             if self.in_sync_now(runtime):
                 times.last_in_sync = now
                 self._dirty = True
-            for peer_id in list(runtime.sync.sessions):
+            for peer_id in list(runtime.sync.sessions) + sealed.connected(
+                    getattr(runtime, "sealed", None)):
                 key = (runtime.share_id, peer_id)
                 if now - self._peer_refreshed.get(key, float("-inf")) >= SAVE_SPACING:
                     self._peer_refreshed[key] = now
@@ -171,7 +176,8 @@ class ShareHealth:
 
     def warnings(self, runtime: Any) -> list[str]:
         """What ``status`` warns about for ``runtime``'s share."""
-        sessions = runtime.sync.sessions
+        sessions = set(runtime.sync.sessions) | set(
+            sealed.connected(getattr(runtime, "sealed", None)))
         peers = [PeerSighting(p.peer_id, p.name, p.last_seen, p.peer_id in sessions)
                  for p in runtime.peers.values()]
         in_sync = self.in_sync_now(runtime)

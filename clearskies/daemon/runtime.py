@@ -158,6 +158,9 @@ class ShareRuntime(LocalShareFiles, Service):
         self.versions = ShareVersions(info.share_id, self.root, store, files_runner, reactor)
         # What the engine reports (events), and the share's recent changes.
         self.share_events = ShareEvents(host, info.share_id, self.root, config=store)
+        #: Its connections at level untrusted (clearskies.sync.sealed.sessions.SealedPeers),
+        #: made at the first one.
+        self.sealed: Any = None
         self.signing = readonly.ShareSigning(keys, info.peer_id, persist=self._persist_signed)
         self.sync = ShareSync(
             self, reactor, signing=self.signing,

@@ -281,6 +281,10 @@ class Daemon(MultiService):
         """Make a new share of an existing directory, with fresh keys."""
         return await self.share_registry.create_share(path)
 
+    async def share_with_keys(self, keys: Any, path: str) -> Any:
+        """Make an empty directory the share whose saved keys are given."""
+        return await self.share_registry.share_with_keys(keys, path)
+
     async def remove_share(self, path: str) -> None:
         def forget(share_id: str) -> None:
             self.health.forget(share_id)

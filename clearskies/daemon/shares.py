@@ -25,6 +25,7 @@ from clearskies.share import location
 from clearskies.share.database import ShareInfo
 from clearskies.share.folder import remove_marker
 from clearskies.share.service import create_share as register_share
+from clearskies.sync.sealed import sessions as sealed
 from clearskies.transfer.sigcache import SignatureCache
 
 #: Config key: shares attached with --merge whose first scan has not yet recorded
@@ -107,6 +108,21 @@ class Shares(MultiService):
         keys = await self._spare_keys.fresh()
         return await self.add_share(keys, path, new_peer_id())
 
+    async def share_with_keys(self, keys: ShareKeys, path: str) -> ShareRuntime:
+        """Make an existing, empty directory the share whose saved keys are given (a
+        restore: it fills from the share's peers, untrusted ones included)."""
+        path = os.path.realpath(path)
+        if not os.path.isdir(path):
+            raise ConfigurationError("%s is not a directory; create it first" % path)
+        if keys.share_id in self.by_id:
+            raise ConfigurationError("this daemon already has that share, at %s"
+                                     % self.by_id[keys.share_id].root)
+        if await self._resources.files_runner.run(os.listdir, path):
+            raise ConfigurationError("%s is not empty; restore into an empty directory" % path)
+        await self.check_location(path)
+        self.check_not_nested(path)
+        return await self.add_share(keys, path, new_peer_id())
+
     async def check_location(self, path: str) -> None:
         """ConfigurationError if ``path`` may not be a share (clearskies.share.location)."""
         refused = await self._resources.files_runner.run(location.refusal, path,
@@ -163,6 +179,9 @@ class Shares(MultiService):
         self.by_id[info.share_id] = runtime
         adopt = info.share_id in resources.config.get(ADOPTING, [])
         await runtime.prepare(new=new, adopt=adopt)
+        if keys.access == "untrusted":
+            # What it keeps is known (status) before any peer connects.
+            sealed.sealed_peers(runtime, resources.reactor, lambda: 0).side.loaded()
         runtime.setServiceParent(self)
         return runtime
 
