@@ -52,6 +52,15 @@ class KeptVersionTests(PeerKitCase):
     def kept(self):
         return VersionStore(self.share_dir).versions()
 
+    async def record_taken(self, runtime, path: str, peer_id: str) -> None:
+        """Wait until the share's record of ``path`` carries ``peer_id``'s change."""
+        for _ in range(200):
+            now = await runtime.get_record(path)
+            if now is not None and now.vv.get(peer_id) == 1:
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail("the peer's record of %s was never taken" % path)
+
     @async_test
     async def test_a_replaced_file_is_kept_with_the_peer_that_replaced_it(self):
         """A peer's new content over our file: the old bytes are kept, with hash and peer."""
@@ -130,14 +139,7 @@ class KeptVersionTests(PeerKitCase):
         entry = file_entry("notes.txt", data, vv=vv, utime=record.utime + 10)
         entry["mtime"] = [1_600_000_000, 0]
         peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": [entry]})
-
-        for _ in range(200):
-            now = await runtime.get_record("notes.txt")
-            if now is not None and now.vv.get(peer_id) == 1:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        else:
-            self.fail("the peer's record was never taken")
+        await self.record_taken(runtime, "notes.txt", peer_id)
         self.assertEqual(self.share_path("notes.txt").read_bytes(), data)
         self.assertEqual(self.kept(), [])
         self.assertEqual(peer.messages("get"), [])
@@ -157,13 +159,7 @@ class KeptVersionTests(PeerKitCase):
                            mode="%04o" % record.mode)
         entry["mtime"] = list(record.mtime)
         peer.send({"type": "manifest", "peer": peer_id, "revision": 1, "files": [entry]})
-        for _ in range(200):
-            now = await runtime.get_record("same.txt")
-            if now is not None and now.vv.get(peer_id) == 1:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        else:
-            self.fail("the peer's record was never taken")
+        await self.record_taken(runtime, "same.txt", peer_id)
         self.assertEqual(os.stat(self.share_path("same.txt")).st_ino, inode)
         self.assertEqual(self.kept(), [])
         self.assertEqual(peer.messages("get"), [])

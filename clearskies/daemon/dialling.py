@@ -313,30 +313,10 @@ class Dialling:
         return _UntrustedSession(session, runtime, peers)
 
 
-class _UntrustedSession:
-    """Wraps an untrusted connection's session so the share hears when it ends."""
-
-    def __init__(self, session: Any, runtime: Any, peers: Any) -> None:
-        self.session = session
-        self.runtime = runtime
-        self.peers = peers
-
-    def event_received(self, event: Any) -> None:
-        if self.runtime.error is not None:
-            self.session.connection.close("the share is unavailable on this peer", quiet=True)
-            return
-        self.session.event_received(event)
-
-    def connection_lost(self, reason: Any) -> None:
-        self.session.connection_lost(reason)
-        sealed.session_ended(self.peers, self.session)
-        self.runtime.peer_disconnected(self.session)
-
-
 class _TrackedSession:
     """Wraps a SyncSession so the share runtime hears when the connection ends."""
 
-    def __init__(self, session: SyncSession, runtime: Any, peer_id: str) -> None:
+    def __init__(self, session: Any, runtime: Any, peer_id: str) -> None:
         self.session = session
         self.runtime = runtime
         self.peer_id = peer_id
@@ -379,3 +359,17 @@ def _addresses(texts: list[str]) -> set[Address]:
         except ValueError:
             continue
     return out
+
+
+class _UntrustedSession(_TrackedSession):
+    """Wraps an untrusted connection's session; its end is told to the share's
+    untrusted peers (``peers``) too."""
+
+    def __init__(self, session: Any, runtime: Any, peers: Any) -> None:
+        super().__init__(session, runtime, session.peer_id)
+        self.peers = peers
+
+    def connection_lost(self, reason: Any) -> None:
+        self.session.connection_lost(reason)
+        sealed.session_ended(self.peers, self.session)
+        self.runtime.peer_disconnected(self.session)
