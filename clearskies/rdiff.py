@@ -491,7 +491,10 @@ by an insertion costs at most one block of literal bytes per segment."""
 class DeltaReader:
     """The delta turning a peer's old file (its ``signature``) into ours (``fd``, owned).
 
-    ``read(n)`` as a file's: the delta a piece at a time, b"" at its end.
+    ``read(n)`` as a file's: the delta a piece at a time, b"" at its end;
+    a piece ends early where a segment ends, so that a segment's commands
+    (for an unchanged segment, a few bytes copying all of it) reach the
+    receiver as soon as they are made, not once ``n`` bytes are.
     """
 
     def __init__(self, fd: int, signature: Signature, segment: int = DELTA_SEGMENT,
@@ -520,7 +523,7 @@ class DeltaReader:
         self._segment_eof = False
 
     def read(self, n: int = PIECE) -> bytes:
-        """Up to ``n`` bytes of the delta (fewer only at the end); b"" once it is all out."""
+        """Up to ``n`` bytes of the delta (fewer at a segment's end); b"" once it is all out."""
         pieces: list[bytes] = []
         wanted = n
         while wanted > 0 and not self.done:
@@ -559,6 +562,8 @@ class DeltaReader:
                     self._tail = b""
                     self._first = False
                     self._start_segment()
+                    if pieces:  # what the segment decided goes out now, not with the next
+                        break
             elif self._segment_eof and not out and not used:
                 raise RdiffError("delta stopped before its end")
         return b"".join(pieces)

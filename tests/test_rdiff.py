@@ -109,6 +109,18 @@ def test_a_delta_made_in_segments_is_one_valid_delta(files: tuple[Path, Path], t
         assert (tmp_path / "r").read_bytes() == new.read_bytes()
 
 
+def test_a_segment_s_commands_go_out_when_the_segment_ends(files: tuple[Path, Path]) -> None:
+    """read(n) returns at a segment's end: an unchanged segment's few bytes of copy are not
+    held back until n bytes of delta are made further on."""
+    old, new = files
+    signature = load(signature_of(old))
+    reader = rdiff.DeltaReader(os.open(new, os.O_RDONLY), signature, segment=1024 * 1024)
+    first = reader.read(10 * 1024 * 1024)
+    assert 4 < len(first) < 100  # the magic and a copy of the first MiB, nothing more
+    rest = _drain(reader)
+    assert len(first) + len(rest) == len(delta_of(signature_of(old), new, 1024 * 1024))
+
+
 @pytest.mark.parametrize("second_first", [True, False])
 def test_a_signature_made_in_two_halves_is_the_same_signature(files: tuple[Path, Path],
                                                               second_first: bool) -> None:

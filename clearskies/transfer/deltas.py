@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 
-from clearskies import diskjobs, rdiff
+from clearskies import diskjobs, rdiff, rdiffpatch
 from clearskies.interfaces import IRunner
 from clearskies.transfer.sender import FileSender
 
@@ -140,6 +140,14 @@ def open_delta(local_path: Path, expected_size: int | None, signature: rdiff.Sig
     return rdiff.DeltaReader(fd, signature)
 
 
+PATCHER: Any = rdiffpatch.DirectPatcher
+"""What applies a delta: our own reader of the delta's commands, whose copies
+from the old file the kernel does (``copy_file_range``).  Measured on a 1 GiB
+file with 1 MiB changed (bench/README.md, "W3: applying the delta
+ourselves"): about a third less CPU and time than librsync's patch
+(:class:`clearskies.rdiff.Patcher`, which takes the same arguments), which
+hands every byte of the result through Python."""
+
 MAX_QUEUED_DELTA = 4 * 1024 * 1024
 """Delta bytes waiting for the patching worker before the connection is paused."""
 
@@ -179,7 +187,7 @@ class DeltaApplier:
         self._queued = 0
         self._running = False
         self._waiters: list[Deferred[None]] = []
-        self._patcher: rdiff.Patcher | None = None
+        self._patcher: rdiffpatch.DirectPatcher | rdiff.Patcher | None = None
         self._fds: list[int] = []
         self._inode: tuple[int, int] | None = None
         self._flushed = 0
@@ -225,7 +233,7 @@ class DeltaApplier:
             self._fds.append(out)
             st = os.fstat(out)
             self._inode = (st.st_dev, st.st_ino)
-            self._patcher = rdiff.Patcher(old_fd, out, self.size, wrote=self._write_back)
+            self._patcher = PATCHER(old_fd, out, self.size, wrote=self._write_back)
         for data in batch:
             self._patcher.feed(data)
 
