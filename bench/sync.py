@@ -353,8 +353,8 @@ def make_small(root: Path, count: int) -> int:
 class Pair:
     """Alice (the sender, holding the data) and Bob (attaching an empty directory).
 
-    With ``compress`` both daemons run with ``CLEARSKIES_COMPRESSION=gzip`` and offer
-    the ``gzip`` extension; without, they offer none (the daemon's default).
+    With ``compress`` both daemons run with ``--compress gzip`` and offer the ``gzip``
+    extension; without, they offer none (the daemon's default).
     """
 
     kind = "clearskies"
@@ -366,7 +366,7 @@ class Pair:
         if compress:
             self.kind = "clearskies with gzip"
             for daemon in (self.alice, self.bob):
-                daemon.env["CLEARSKIES_COMPRESSION"] = "gzip"
+                daemon.extra += ["--compress", "gzip"]
         in_netns(self.alice)
         in_netns(self.bob)
         self.a = Path(self.alice.shares)
@@ -890,7 +890,8 @@ def compare(run_dir: Path, scale: float, only: set[str], rounds: int,
           % (scale, time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()[0]))
     for n in range(rounds):
         print()
-        print("Round %d: clearskies (gzip offered) against %s" % (n + 1, version))
+        print("Round %d: clearskies (%s) against %s"
+              % (n + 1, "gzip offered" if other == "plain" else "default options", version))
         print()
         print_comparison([("clearskies", ours[n]), (name, theirs[n])])
     if json_path:
