@@ -13,7 +13,9 @@ contract as :class:`clearskies.rdiff.Patcher`: copies are done by the
 kernel (``os.copy_file_range``, falling back to ``pread``/``pwrite``
 where the file system refuses), literal bytes are written as they come,
 and the result is hashed (SHA-256) from the old file's ranges and the
-literal bytes, so nothing is read back.  A delta that does not start
+literal bytes, so nothing is read back; a write to the old file while the
+delta is applied (whose copies might then differ from what was hashed)
+makes :meth:`DirectPatcher.finish` refuse the result.  A delta that does not start
 with the magic, copies from outside the old file, would make more than
 the limit, ends inside a command, has an unknown command or has bytes
 after its end is refused (:class:`clearskies.rdiff.RdiffError`) before
@@ -46,6 +48,11 @@ PIECE = 1024 * 1024
 """Bytes of the old file read (to hash) per step of a copy."""
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What any write to a file changes (the ctime: no user can set it back)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _parameters(op: int) -> tuple[int, ...]:
     """Widths of the numbers following command byte ``op`` (ValueError: not a command)."""
     if OP_LITERAL_N1 <= op < OP_COPY_N1_N1:
@@ -72,7 +79,9 @@ class DirectPatcher:
         self._out_fd = out_fd
         self.limit = limit
         self._wrote = wrote
-        self.old_size = os.fstat(old_fd).st_size
+        st = os.fstat(old_fd)
+        self.old_size = st.st_size
+        self._old_stamp = _stamp(st)
         self.hasher: Any = hashlib.sha256()
         self.written = 0
         self.done = False
@@ -203,8 +212,15 @@ class DirectPatcher:
         self._advance(at)
 
     def finish(self) -> tuple[Any, int]:
-        """The delta is all fed: (SHA-256 hasher of the result, its byte count)."""
+        """The delta is all fed: (SHA-256 hasher of the result, its byte count).
+
+        RdiffError if the old file was written to meanwhile: the kernel's
+        copies read it a second time, after it was hashed, so they might
+        not be what the hash saw.
+        """
         self.feed(b"", eof=True)
+        if _stamp(os.fstat(self._old_fd)) != self._old_stamp:
+            raise RdiffError("the old copy changed while the delta was applied")
         return self.hasher, self.written
 
     def close(self) -> None:

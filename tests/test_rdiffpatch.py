@@ -11,6 +11,7 @@ import random
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,18 @@ def test_nothing_but_the_output_is_written(old: Path, tmp_path: Path) -> None:
             apply(old, delta, tmp_path / "out", limit=50)
     assert old.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "out"]
+
+
+def test_a_write_to_the_old_file_meanwhile_refuses_the_result(old: Path, tmp_path: Path) -> None:
+    """The kernel copies read the old file again after hashing it: a write in between
+    could make the result differ from its hash, so any write refuses it."""
+    with open(old, "rb") as o, open(tmp_path / "out", "wb") as w:
+        patcher = rdiffpatch.DirectPatcher(o.fileno(), w.fileno(), 10 ** 9)
+        patcher.feed(MAGIC + copy(0, 1000))
+        time.sleep(0.05)  # past the clock tick of the fixture's write (coarse ctime)
+        with open(old, "r+b") as writer:
+            writer.seek(500)
+            writer.write(b"changed by someone")
+        patcher.feed(b"\0")
+        with pytest.raises(RdiffError, match="old copy changed"):
+            patcher.finish()

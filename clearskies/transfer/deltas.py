@@ -160,7 +160,7 @@ class DeltaApplier:
     """An arriving delta, applied to the old copy as it comes, into the download's temporary file.
 
     The reactor only queues the payload's pieces (:meth:`write`); one
-    worker job at a time feeds them to a :class:`clearskies.rdiff.Patcher`
+    worker job at a time feeds them to a :data:`PATCHER`
     that reads ``old`` and writes ``temp``, so the patch runs while the
     sender is still making the delta.  More than :data:`MAX_QUEUED_DELTA`
     waiting pauses ``producer``.  At most ``limit`` delta bytes are taken
