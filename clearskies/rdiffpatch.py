@@ -17,8 +17,9 @@ literal bytes, so nothing is read back; a write to the old file while the
 delta is applied (whose copies might then differ from what was hashed)
 makes :meth:`DirectPatcher.finish` refuse the result.  A delta that does not start
 with the magic, copies from outside the old file, would make more than
-the limit, ends inside a command, has an unknown command or has bytes
-after its end is refused (:class:`clearskies.rdiff.RdiffError`) before
+the limit, has far more commands than its result needs
+(:data:`BYTES_PER_COMMAND`), ends inside a command, has an unknown command
+or has bytes after its end is refused (:class:`clearskies.rdiff.RdiffError`) before
 anything of the offending command is written.
 
 This blocks: callers run it in a worker thread.
@@ -46,6 +47,17 @@ _FORMATS = {1: ">B", 2: ">H", 4: ">I", 8: ">Q"}
 
 PIECE = 1024 * 1024
 """Bytes of the old file read (to hash) per step of a copy."""
+
+BYTES_PER_COMMAND = 256
+"""A delta may have one command per this many bytes of its result (plus
+:data:`SPARE_COMMANDS`); more is refused.  A delta made against our own
+signatures (blocks of at least 2 KiB) has at most about two commands per
+block: a copy covers at least a block, and at most one literal run lies
+between two copies.  The bound keeps a delta of millions of one-byte
+commands from costing minutes of CPU here."""
+
+SPARE_COMMANDS = 4096
+"""Commands a delta may have whatever the size of its result."""
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -85,6 +97,8 @@ class DirectPatcher:
         self.hasher: Any = hashlib.sha256()
         self.written = 0
         self.done = False
+        self.commands = 0
+        self.max_commands = limit // BYTES_PER_COMMAND + SPARE_COMMANDS
         self._magic = b""
         self._command = b""  # a command's bytes so far, while they are incomplete
         self._literal = 0  # literal bytes of the current command still to come
@@ -121,6 +135,11 @@ class DirectPatcher:
     def _take_command(self, view: memoryview) -> memoryview:
         """Read (part of) one command from ``view``, run it when whole; the rest of ``view``."""
         op = self._command[0] if self._command else view[0]
+        if not self._command:
+            self.commands += 1
+            if self.commands > self.max_commands:
+                raise RdiffError("the delta has more than %d commands for at most %d bytes"
+                                 % (self.max_commands, self.limit))
         if op == OP_END:
             self.done = True
             return view[1:]
@@ -227,4 +246,4 @@ class DirectPatcher:
         """Nothing to free (the descriptors are the caller's); for symmetry with rdiff.Patcher."""
 
 
-__all__ = ["PIECE", "DirectPatcher"]
+__all__ = ["PIECE", "BYTES_PER_COMMAND", "SPARE_COMMANDS", "DirectPatcher"]

@@ -205,3 +205,44 @@ def test_a_write_to_the_old_file_meanwhile_refuses_the_result(old: Path, tmp_pat
         patcher.feed(b"\0")
         with pytest.raises(RdiffError, match="old copy changed"):
             patcher.finish()
+
+
+def test_a_delta_of_tiny_commands_is_refused(old: Path, tmp_path: Path) -> None:
+    """Millions of one-byte commands would cost minutes of Python: past one command per
+    BYTES_PER_COMMAND bytes of the result (plus a spare) the delta is refused."""
+    limit = 100_000
+    allowed = limit // rdiffpatch.BYTES_PER_COMMAND + rdiffpatch.SPARE_COMMANDS
+    delta = MAGIC + literal(b"x") * (allowed + 10) + b"\0"
+    with pytest.raises(RdiffError, match="more than %d commands" % allowed):
+        apply(old, delta, tmp_path / "out", limit=limit)
+    assert (tmp_path / "out").stat().st_size == allowed
+
+
+@needs_librsync
+def test_a_delta_changing_every_other_block_is_within_the_command_bound(
+        tmp_path: Path) -> None:
+    """The most commands a delta against our signature needs (a copy and a literal per
+    block pair) stays well inside the bound."""
+    rng = random.Random(8)
+    size = 8 * 1024 * 1024
+    base = rng.randbytes(size)
+    block = rdiff.block_size(size)
+    new = bytearray(base)
+    for at in range(0, size, 2 * block):
+        new[at:at + 10] = rng.randbytes(10)
+    (tmp_path / "old").write_bytes(base)
+    (tmp_path / "new").write_bytes(bytes(new))
+    fd = os.open(tmp_path / "old", os.O_RDONLY)
+    reader = rdiff.SignatureReader(fd, size)
+    signature = b"".join(iter(lambda: reader.read(65536), b""))
+    reader.close()
+    delta_reader = rdiff.DeltaReader(os.open(tmp_path / "new", os.O_RDONLY),
+                                     rdiff.load_signature(signature))
+    delta = b"".join(iter(lambda: delta_reader.read(65536), b""))
+    delta_reader.close()
+    with open(tmp_path / "old", "rb") as o, open(tmp_path / "out", "wb") as w:
+        patcher = rdiffpatch.DirectPatcher(o.fileno(), w.fileno(), size)
+        patcher.feed(delta)
+        patcher.finish()
+        assert patcher.commands * 4 < patcher.max_commands
+    assert (tmp_path / "out").read_bytes() == bytes(new)
