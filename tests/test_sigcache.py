@@ -123,7 +123,9 @@ def test_a_torn_or_garbled_entry_is_ignored(setup) -> None:
 def test_the_cache_is_bounded_and_keeps_one_entry_per_path(setup, tmp_path: Path) -> None:
     """Past max_bytes the least recently used entries go; a path's older entry goes at once."""
     cache, big = setup
-    one = len(fresh_signature(big)) + 200  # an entry: the signature and a short header
+    # An entry: the signature, 4 bytes of checksum per block and a short header.
+    blocks = -(-big.stat().st_size // rdiff.block_size(big.stat().st_size))
+    one = len(fresh_signature(big)) + 4 * blocks + 400
     cache.max_bytes = 3 * one
     for n in range(6):
         assert cache.make("s1", "f%d" % n, big, SHA, key_of(big))
@@ -191,3 +193,36 @@ def test_one_may_wait_for_the_signature_being_made(setup) -> None:
     d.callback(fn(*args))
     assert fired == [None] and lookup(cache, big) is not None
     assert cache.being_made("s1", "big.bin") is None
+
+
+def test_a_sent_file_s_entry_answers_a_delta_from_checksums(setup) -> None:
+    """sent(): signature and block checksums made; previous() finds them by the signature
+    a peer would send, also once our file has changed (that is when they are used)."""
+    import hashlib
+
+    from clearskies import rdiffblocks
+
+    cache, big = setup
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)  # queued once
+    assert len(cache._queue) == 1
+    job = cache._queue.popleft()
+    assert cache.make(*job)
+    signature = fresh_signature(big)
+    block = rdiff.block_size(big.stat().st_size)
+    fd = os.open(big, os.O_RDONLY)
+    crcs = rdiffblocks.block_crcs(fd, big.stat().st_size, block)
+    os.close(fd)
+    digest = hashlib.sha256(signature).hexdigest()
+    assert cache.previous("s1", "big.bin", digest) == (2 * MiB, block, crcs)
+    assert drain(lookup(cache, big)) == signature  # the checksums do not disturb open()
+    assert not cache.make(*job)  # an entry for the file as it is: not made again
+    with open(big, "r+b") as f:  # changed in place: the old version's entry still answers
+        f.seek(MiB)
+        f.write(b"new content")
+    assert lookup(cache, big) is None
+    assert cache.previous("s1", "big.bin", digest) == (2 * MiB, block, crcs)
+    assert cache.previous("s1", "big.bin", "0" * 64) is None
+    assert cache.previous("s1", "other.bin", digest) is None
+    cache.sent("s1", "small.bin", big, SHA, 1000)  # too small to be worth it
+    assert not cache._queue

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 
-from clearskies import diskjobs, rdiff, rdiffpatch
+from clearskies import diskjobs, rdiff, rdiffblocks, rdiffpatch
 from clearskies.interfaces import IRunner
 from clearskies.transfer.sender import FileSender
 
@@ -138,6 +138,32 @@ def open_delta(local_path: Path, expected_size: int | None, signature: rdiff.Sig
             return rdiff.SplitDeltaReader(fd, size, signature, second)
         second.close()
     return rdiff.DeltaReader(fd, signature)
+
+
+def open_block_delta(local_path: Path, expected_size: int,
+                     previous: tuple[int, int, bytes] | None
+                     ) -> rdiffblocks.BlockDeltaReader | None:
+    """The delta to our file from ``previous`` (size, block length, block checksums of
+    the version the peer holds: clearskies.transfer.sigcache), made from checksums
+    (worker); None when that is not worth it (more than
+    :data:`clearskies.rdiffblocks.MAX_CHANGED` of the file changed, or nothing to
+    compare with): then librsync makes it.  OSError as for :func:`open_delta`."""
+    if previous is None:
+        return None
+    old_size, block, old_crcs = previous
+    fd, size = _open_regular(local_path)
+    try:
+        if size != expected_size:
+            raise OSError(errno.ESTALE, "the file changed since it was last scanned")
+        new_crcs = rdiffblocks.block_crcs(fd, size, block)
+        if rdiffblocks.changed_share(size, block, old_size, old_crcs,
+                                     new_crcs) > rdiffblocks.MAX_CHANGED:
+            os.close(fd)
+            return None
+        return rdiffblocks.BlockDeltaReader(fd, size, block, old_size, old_crcs, new_crcs)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 PATCHER: Any = rdiffpatch.DirectPatcher

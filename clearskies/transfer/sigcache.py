@@ -36,7 +36,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from clearskies import diskjobs, rdiff
+from clearskies import diskjobs, rdiff, rdiffblocks
 from clearskies.interfaces import IRunner
 
 MAX_CACHE_BYTES = 64 * 1024 * 1024
@@ -123,14 +123,24 @@ class SignatureCache:
     # -- making (reactor thread queues, a worker makes) ----------------------------
 
     def installed(self, share_id: str, path: str, local_path: Path, sha256: str,
-                  key: tuple[int, int, int]) -> None:
+                  key: tuple[int, int, int] | None) -> None:
         """A file was put in place with content ``sha256`` and (inode, size, mtime_ns) ``key``."""
-        if key[1] < self.min_size or key[1] > rdiff.MAX_OLD_SIZE or not rdiff.AVAILABLE:
+        if key is not None and (key[1] < self.min_size or key[1] > rdiff.MAX_OLD_SIZE):
             return
-        if len(self._queue) >= MAX_QUEUED:
+        if not rdiff.AVAILABLE or len(self._queue) >= MAX_QUEUED:
+            return
+        if any(job[0] == share_id and job[1] == path for job in self._queue):
             return
         self._queue.append((share_id, path, local_path, sha256, key))
         self._wake(self.delay)
+
+    def sent(self, share_id: str, path: str, local_path: Path, sha256: str, size: int) -> None:
+        """We sent a peer this whole file, recorded with content ``sha256``: when it
+        changes, that peer will likely ask for a delta from this version, and the
+        signature and block checksums made now let us answer from checksums
+        (:meth:`previous`).  Nothing if an entry for the file as it is exists."""
+        if self.min_size <= size <= rdiff.MAX_OLD_SIZE:
+            self.installed(share_id, path, local_path, sha256, None)
 
     def _wake(self, delay: float) -> None:
         if self._call is None and not self._running and self._queue and not self._stopped:
@@ -185,9 +195,12 @@ class SignatureCache:
             return False
         try:
             before = os.fstat(fd)
-            if (not stat.S_ISREG(before.st_mode)
-                    or (before.st_ino, before.st_size, before.st_mtime_ns) != tuple(key)):
+            if not stat.S_ISREG(before.st_mode) or (
+                    key is not None
+                    and (before.st_ino, before.st_size, before.st_mtime_ns) != tuple(key)):
                 return False  # changed since it was installed: the scanner will see to it
+            if key is None and (self.directory / _name(share_id, path, before)).exists():
+                return False  # already made for the file as it is
             reader = rdiff.SignatureReader(os.dup(fd), before.st_size)
             pieces = []
             try:
@@ -195,19 +208,22 @@ class SignatureCache:
                     pieces.append(data)
             finally:
                 reader.close()
+            crcs = rdiffblocks.block_crcs(fd, before.st_size, reader.block)
             if _identity(os.fstat(fd)) != _identity(before):
                 return False  # written while we read it
         finally:
             os.close(fd)
         signature = b"".join(pieces)
         header = json.dumps({"sha256": sha256, "file": _identity(before),
-                             "length": len(signature)}).encode() + b"\n"
+                             "length": len(signature), "block": reader.block,
+                             "signature_sha256": hashlib.sha256(signature).hexdigest(),
+                             "crcs": len(crcs)}).encode() + b"\n"
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = _name(share_id, path, before)
         temp = self.directory / (".%s.tmp" % name)
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | diskjobs.OPEN_FLAGS, 0o600)
         try:
-            diskjobs.write_all(out, header + signature)
+            diskjobs.write_all(out, header + signature + crcs)
         finally:
             os.close(out)
         os.replace(temp, self.directory / name)
@@ -263,7 +279,8 @@ class SignatureCache:
             if (not isinstance(meta, dict) or meta.get("sha256") != sha256
                     or meta.get("file") != _identity(st)
                     or not isinstance(meta.get("length"), int)
-                    or os.fstat(cached).st_size != len(line) + 1 + meta["length"]):
+                    or os.fstat(cached).st_size
+                    != len(line) + 1 + meta["length"] + _int(meta.get("crcs"))):
                 os.close(cached)
                 return None
         except (OSError, ValueError):
@@ -275,6 +292,51 @@ class SignatureCache:
             pass
         self.used += 1
         return CachedSignatureReader(cached, len(line) + 1, meta["length"])
+
+    def previous(self, share_id: str, path: str, signature_sha256: str
+                 ) -> tuple[int, int, bytes] | None:
+        """(Worker thread.)  For a peer's signature of ``path`` whose SHA-256 is
+        ``signature_sha256``: if it is the very signature we made of a version of our
+        file (the peer holds that version), (that version's size, block length,
+        block checksums: see clearskies.rdiffblocks); else None.  Our file may have
+        changed since: this is what a delta from checksums needs."""
+        prefix = _prefix(share_id, path) + "-"
+        try:
+            names = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
+        except OSError:
+            return None
+        for name in names:
+            try:
+                fd = os.open(self.directory / name, os.O_RDONLY | diskjobs.OPEN_FLAGS)
+            except OSError:
+                continue
+            try:
+                head = os.pread(fd, _HEADER_LIMIT, 0)
+                line, newline, _ = head.partition(b"\n")
+                meta = json.loads(line) if newline else None
+                if (not isinstance(meta, dict)
+                        or meta.get("signature_sha256") != signature_sha256):
+                    continue
+                length, count, block = (_int(meta.get("length")), _int(meta.get("crcs")),
+                                        _int(meta.get("block")))
+                identity = meta.get("file")
+                if (not count or not block or not isinstance(identity, list)
+                        or len(identity) != 5 or not isinstance(identity[2], int)):
+                    continue
+                crcs = os.pread(fd, count, len(line) + 1 + length)
+                if len(crcs) != count or count != -(-identity[2] // block) * 4:
+                    continue
+                self.used += 1
+                return identity[2], block, crcs
+            except (OSError, ValueError):
+                continue
+            finally:
+                os.close(fd)
+        return None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _unlink(path: Path) -> None:
