@@ -226,3 +226,29 @@ def test_a_sent_file_s_entry_answers_a_delta_from_checksums(setup) -> None:
     assert cache.previous("s1", "other.bin", digest) is None
     cache.sent("s1", "small.bin", big, SHA, 1000)  # too small to be worth it
     assert not cache._queue
+
+
+def test_a_file_written_while_signed_stops_the_signing_early(setup, monkeypatch) -> None:
+    """The file is looked at every few MiB: a write stops the signing there, not at the end
+    (a change soon after a sync must not wait for a useless signature of the old version)."""
+    import time
+
+    from clearskies.transfer import sigcache as module
+
+    cache, big = setup
+    big.write_bytes(random.Random(5).randbytes(64 * MiB))
+    calls = []
+
+    class Writing(rdiff.SignatureReader):
+        def read(self, n: int = rdiff.PIECE) -> bytes:
+            calls.append(n)
+            if len(calls) == 2:
+                time.sleep(0.02)  # past the clock tick of the file's last write
+                with open(big, "r+b") as f:
+                    f.write(b"written by someone")
+            return super().read(n)
+
+    monkeypatch.setattr(module.rdiff, "SignatureReader", Writing)
+    assert not cache.make("s1", "big.bin", big, SHA, key_of(big))
+    assert len(calls) == 2  # 64 MiB would take many more looks
+    assert not cache.directory.exists() or not any(cache.directory.iterdir())

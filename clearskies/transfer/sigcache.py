@@ -52,6 +52,9 @@ MAX_QUEUED = 1000
 STALE_TEMP_SECONDS = 3600
 """A temporary entry this old was left by a crash, and is removed."""
 
+CHECK_EVERY = 4096
+"""Signature bytes made between two looks at whether the file was written meanwhile."""
+
 SUFFIX = ".sig"
 _HEADER_LIMIT = 4096
 
@@ -204,8 +207,12 @@ class SignatureCache:
             reader = rdiff.SignatureReader(os.dup(fd), before.st_size)
             pieces = []
             try:
-                while data := reader.read(rdiff.PIECE):
+                # A little signature at a time (4 KiB: a few MiB of the file), so that a
+                # file written meanwhile stops the signing at once, not at its end.
+                while data := reader.read(CHECK_EVERY):
                     pieces.append(data)
+                    if _identity(os.fstat(fd)) != _identity(before):
+                        return False
             finally:
                 reader.close()
             crcs = rdiffblocks.block_crcs(fd, before.st_size, reader.block)
