@@ -123,9 +123,7 @@ def test_a_torn_or_garbled_entry_is_ignored(setup) -> None:
 def test_the_cache_is_bounded_and_keeps_one_entry_per_path(setup, tmp_path: Path) -> None:
     """Past max_bytes the least recently used entries go; a path's older entry goes at once."""
     cache, big = setup
-    # An entry: the signature, 4 bytes of checksum per block and a short header.
-    blocks = -(-big.stat().st_size // rdiff.block_size(big.stat().st_size))
-    one = len(fresh_signature(big)) + 4 * blocks + 400
+    one = len(fresh_signature(big)) + 300  # an entry: the signature and a short header
     cache.max_bytes = 3 * one
     for n in range(6):
         assert cache.make("s1", "f%d" % n, big, SHA, key_of(big))
@@ -252,3 +250,22 @@ def test_a_file_written_while_signed_stops_the_signing_early(setup, monkeypatch)
     assert not cache.make("s1", "big.bin", big, SHA, key_of(big))
     assert len(calls) == 2  # 64 MiB would take many more looks
     assert not cache.directory.exists() or not any(cache.directory.iterdir())
+
+
+def test_a_sent_file_is_signed_only_after_a_while(setup) -> None:
+    """Signing what we sent waits SENT_DELAY (a file still being edited would waste it);
+    installs keep their short delay and are not held up behind it."""
+    from clearskies.transfer.sigcache import SENT_DELAY, SIGN_DELAY
+
+    cache, big = setup
+    clock = cache._clock
+    other = big.with_name("other.bin")
+    other.write_bytes(random.Random(9).randbytes(2 * MiB))
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)
+    cache.installed("s1", "other.bin", other, SHA, key_of(other))
+    clock.advance(SIGN_DELAY)
+    assert cache.made == 1 and lookup(cache, other, path="other.bin") is not None
+    clock.advance(SENT_DELAY / 2)
+    assert cache.made == 1
+    clock.advance(SENT_DELAY / 2)
+    assert cache.made == 2 and lookup(cache, big) is not None

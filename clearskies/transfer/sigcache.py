@@ -52,6 +52,11 @@ MAX_QUEUED = 1000
 STALE_TEMP_SECONDS = 3600
 """A temporary entry this old was left by a crash, and is removed."""
 
+SENT_DELAY = 10.0
+"""Seconds after we sent a file before it is signed (with block checksums) for a
+delta from checksums: a file edited again within seconds would waste the work,
+and signing it would compete with sending those edits."""
+
 CHECK_EVERY = 4096
 """Signature bytes made between two looks at whether the file was written meanwhile."""
 
@@ -104,11 +109,14 @@ class SignatureCache:
 
     def __init__(self, directory: str | Path, runner: IRunner, clock: Any, *,
                  max_bytes: int = MAX_CACHE_BYTES, delay: float = SIGN_DELAY,
-                 min_size: int = 1024 * 1024, idle: Callable[[], bool] | None = None) -> None:
+                 min_size: int = 1024 * 1024, idle: Callable[[], bool] | None = None,
+                 sent_delay: float = SENT_DELAY) -> None:
         """``idle()``: whether the share has nothing else to do now."""
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.delay = delay
+        self.sent_delay = sent_delay
+        self._due: dict[tuple[str, str], float] = {}  # sent files: not signed before
         self.min_size = min_size
         self._idle = idle
         self._runner = runner
@@ -142,8 +150,11 @@ class SignatureCache:
         changes, that peer will likely ask for a delta from this version, and the
         signature and block checksums made now let us answer from checksums
         (:meth:`previous`).  Nothing if an entry for the file as it is exists."""
-        if self.min_size <= size <= rdiff.MAX_OLD_SIZE:
+        if self.min_size <= size <= rdiff.MAX_OLD_SIZE and (share_id, path) not in self._due:
+            self._due[(share_id, path)] = self._clock.seconds() + self.sent_delay
             self.installed(share_id, path, local_path, sha256, None)
+            if not any(job[0] == share_id and job[1] == path for job in self._queue):
+                self._due.pop((share_id, path), None)  # not queued after all
 
     def _wake(self, delay: float) -> None:
         if self._call is None and not self._running and self._queue and not self._stopped:
@@ -153,10 +164,16 @@ class SignatureCache:
         self._call = None
         if not self._queue:
             return
+        now = self._clock.seconds()
+        job = next((j for j in self._queue if self._due.get((j[0], j[1]), now) <= now), None)
+        if job is None:  # only sent files, not due yet
+            self._wake(min(self._due.get((j[0], j[1]), now) for j in self._queue) - now)
+            return
         if self._idle is not None and not self._idle():
             self._wake(self.delay)  # busy: look again later
             return
-        job = self._queue.popleft()
+        self._queue.remove(job)
+        self._due.pop((job[0], job[1]), None)
         self._running = True
         self._current = (job[0], job[1])
         self._runner.run(self.make, *job).addBoth(self._made)
@@ -185,6 +202,7 @@ class SignatureCache:
         """Make no more signatures (one being made ends on its own)."""
         self._stopped = True
         self._queue.clear()
+        self._due.clear()
         if self._call is not None:
             self._call.cancel()
             self._call = None
@@ -202,7 +220,7 @@ class SignatureCache:
                     key is not None
                     and (before.st_ino, before.st_size, before.st_mtime_ns) != tuple(key)):
                 return False  # changed since it was installed: the scanner will see to it
-            if key is None and (self.directory / _name(share_id, path, before)).exists():
+            if key is None and _has_checksums(self.directory / _name(share_id, path, before)):
                 return False  # already made for the file as it is
             reader = rdiff.SignatureReader(os.dup(fd), before.st_size)
             pieces = []
@@ -215,7 +233,10 @@ class SignatureCache:
                         return False
             finally:
                 reader.close()
-            crcs = rdiffblocks.block_crcs(fd, before.st_size, reader.block)
+            # Block checksums for a file we sent (a delta from checksums, :meth:`previous`);
+            # an installed file is signed for asking only, the sooner.
+            crcs = (rdiffblocks.block_crcs(fd, before.st_size, reader.block)
+                    if key is None else b"")
             if _identity(os.fstat(fd)) != _identity(before):
                 return False  # written while we read it
         finally:
@@ -340,6 +361,16 @@ class SignatureCache:
             finally:
                 os.close(fd)
         return None
+
+
+def _has_checksums(entry: Path) -> bool:
+    """Whether the cache entry ``entry`` exists and holds block checksums."""
+    try:
+        with open(entry, "rb") as f:
+            meta = json.loads(f.readline(_HEADER_LIMIT))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and _int(meta.get("crcs")) > 0
 
 
 def _int(value: object) -> int:
