@@ -457,7 +457,7 @@ class Pair:
             for d, root in ((self.alice, self.a), (self.bob, self.b)):
                 print(json.dumps(self.status(d, root)), file=sys.stderr)
             raise
-        time.sleep(2.0)
+        time.sleep(2.0 + QUIET)
 
 
 class SyncthingPair:
@@ -534,7 +534,11 @@ class SyncthingPair:
             return all(d.status().get("state") == "idle" and not d.status().get("needTotalItems")
                        for d in (self.alice, self.bob))
         wait_for(idle, "idle", timeout=120, interval=0.2)
-        time.sleep(2.0)
+        time.sleep(2.0 + QUIET)
+
+
+QUIET = 0.0
+"""Set by ``--quiet``: seconds more that both arms wait, idle, before a change (W3-W5)."""
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -791,6 +795,10 @@ def main() -> int:
     parser.add_argument("--scan-now", action="store_true",
                         help="after a change (W3-W5), ask our sender for a scan over the control "
                              "socket instead of waiting for its watcher (as Syncthing is asked)")
+    parser.add_argument("--quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before a change (W3-W5), let both arms stay idle this much longer "
+                             "than the usual 2 s, as when a file is edited a while after it "
+                             "synced (our daemons sign what they sent after 10 s of it)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --vs: how many times to alternate ours and theirs")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -834,6 +842,8 @@ def main() -> int:
     # (tests.daemons puts it first on their PYTHONPATH), whatever PYTHONPATH says.
     print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
     Pair.scan_now = args.scan_now
+    global QUIET
+    QUIET = args.quiet
     Pair.upload_limit = args.upload_limit
     if args.vs:
         return compare(run_dir, args.scale, only, args.rounds, args.json, args.vs)
