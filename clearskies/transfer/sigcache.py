@@ -1,4 +1,5 @@
-"""Signatures of big files made ahead, so a delta can be asked for at once (protocol/rsync.md).
+"""Signatures of big files made ahead, so a delta can be asked for at once (protocol/rsync.md),
+and, for files we sent, answered from block checksums (clearskies.rdiffblocks).
 
 Signing the old copy is most of the asking side's work for a big file
 (about 1.5 s per GiB).  A :class:`SignatureCache` makes that signature
@@ -14,7 +15,13 @@ and the file's device, inode, size, mtime and ctime.  Any write, truncate
 or replacement changes the ctime (which no user can set) or the inode, so
 an entry never stands for a file that changed; and a wrong signature
 could cost bandwidth only: the patched result is always checked against
-the announced SHA-256 before it is installed.  Entries live in one
+the announced SHA-256 before it is installed.
+
+A file we sent a peer (whole or by delta) is signed too, :data:`SENT_DELAY`
+seconds later, with a CRC-32 of each block: when it changes, that peer asks
+with the very signature we made, and :meth:`SignatureCache.previous` then
+gives the old version's checksums, even though our file has changed since,
+for a delta from checksums.  Entries live in one
 directory under the daemon's data directory, at most
 :data:`MAX_CACHE_BYTES` in all (least recently used go first); a torn
 entry (a crash while writing one) is ignored and replaced.
