@@ -269,3 +269,23 @@ def test_a_sent_file_is_signed_only_after_a_while(setup) -> None:
     assert cache.made == 1
     clock.advance(SENT_DELAY / 2)
     assert cache.made == 2 and lookup(cache, big) is not None
+
+
+def test_a_newer_install_replaces_the_one_waiting(setup) -> None:
+    """Two versions installed before the first was signed: the newer one is signed (the
+    older's key no longer matches the file), and a sent file waiting gives way to it."""
+    import time
+
+    from clearskies.transfer.sigcache import SIGN_DELAY
+
+    cache, big = setup
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)
+    first = key_of(big)
+    cache.installed("s1", "big.bin", big, SHA, first)
+    time.sleep(0.02)  # past the clock tick of the first version's mtime
+    big.write_bytes(random.Random(11).randbytes(2 * MiB))
+    cache.installed("s1", "big.bin", big, "cd" * 32, key_of(big))
+    assert len(cache._queue) == 1 and cache._queue[0][4] == key_of(big) != first
+    cache._clock.advance(SIGN_DELAY)
+    assert cache.made == 1
+    assert drain(lookup(cache, big, sha="cd" * 32)) == fresh_signature(big)

@@ -145,11 +145,18 @@ class SignatureCache:
         """A file was put in place with content ``sha256`` and (inode, size, mtime_ns) ``key``."""
         if key is not None and (key[1] < self.min_size or key[1] > rdiff.MAX_OLD_SIZE):
             return
-        if not rdiff.AVAILABLE or len(self._queue) >= MAX_QUEUED:
+        if not rdiff.AVAILABLE:
             return
-        if any(job[0] == share_id and job[1] == path for job in self._queue):
+        job = (share_id, path, local_path, sha256, key)
+        for index, queued in enumerate(self._queue):
+            if queued[0] == share_id and queued[1] == path:
+                if key is not None:  # a newer install replaces what waited, in its place
+                    self._queue[index] = job
+                    self._due.pop((share_id, path), None)
+                return
+        if len(self._queue) >= MAX_QUEUED:
             return
-        self._queue.append((share_id, path, local_path, sha256, key))
+        self._queue.append(job)
         self._wake(self.delay)
 
     def sent(self, share_id: str, path: str, local_path: Path, sha256: str, size: int) -> None:
@@ -157,11 +164,14 @@ class SignatureCache:
         changes, that peer will likely ask for a delta from this version, and the
         signature and block checksums made now let us answer from checksums
         (:meth:`previous`).  Nothing if an entry for the file as it is exists."""
-        if self.min_size <= size <= rdiff.MAX_OLD_SIZE and (share_id, path) not in self._due:
-            self._due[(share_id, path)] = self._clock.seconds() + self.sent_delay
-            self.installed(share_id, path, local_path, sha256, None)
-            if not any(job[0] == share_id and job[1] == path for job in self._queue):
-                self._due.pop((share_id, path), None)  # not queued after all
+        if not self.min_size <= size <= rdiff.MAX_OLD_SIZE:
+            return
+        if any(job[0] == share_id and job[1] == path for job in self._queue):
+            return  # waiting already (sent to another peer, or installed)
+        self._due[(share_id, path)] = self._clock.seconds() + self.sent_delay
+        self.installed(share_id, path, local_path, sha256, None)
+        if not any(job[0] == share_id and job[1] == path for job in self._queue):
+            self._due.pop((share_id, path), None)  # not queued after all
 
     def _wake(self, delay: float) -> None:
         if self._call is None and not self._running and self._queue and not self._stopped:
