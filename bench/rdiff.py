@@ -6,7 +6,8 @@
 For an old file of ``--size`` random bytes and a new one with 1 MiB
 overwritten in the middle (the W3 change of ``bench/sync.py``), it prints
 per block size: signature bytes, delta bytes, their sum (what crosses the
-wire), and the seconds each of signature, delta and patch took.  The row
+wire), and the seconds each of signature, delta and patch took (the patch
+both by librsync and by ``clearskies.rdiffpatch``, which the daemon uses).  The row
 marked ``*`` is the block size the daemon picks (``rdiff.block_size``).
 
 ``--memory-only`` uses sparse files (no disk space, no random data) and
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clearskies import rdiff  # noqa: E402
+from clearskies import rdiff, rdiffpatch  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -39,8 +40,10 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
-def one_round(old: Path, new: Path, out: Path, block: int) -> tuple[int, int, float, float, float]:
-    """(signature bytes, delta bytes, seconds to sign, to delta, to patch)."""
+def one_round(old: Path, new: Path, out: Path, block: int
+              ) -> tuple[int, int, float, float, float, float]:
+    """(signature bytes, delta bytes, seconds to sign, to delta, to patch with librsync,
+    to patch with clearskies.rdiffpatch, as the daemon does)."""
     sig_path, delta_path = old.with_suffix(".sig"), old.with_suffix(".delta")
     t0 = time.perf_counter()
     fd = os.open(old, os.O_RDONLY)
@@ -71,10 +74,18 @@ def one_round(old: Path, new: Path, out: Path, block: int) -> tuple[int, int, fl
         for fd in fds:
             os.close(fd)
     t3 = time.perf_counter()
+    # Not over librsync's result, still being written back (nor a file next to /dev/null).
+    ours_out = out if str(out) == os.devnull else out.with_name(out.name + ".ours")
+    with open(old, "rb") as o, open(ours_out, "wb") as w, open(delta_path, "rb") as d:
+        ours = rdiffpatch.DirectPatcher(o.fileno(), w.fileno(), os.path.getsize(new))
+        while data := d.read(rdiff.PIECE):
+            ours.feed(data)
+        ours.finish()
+    t4 = time.perf_counter()
     sizes = os.path.getsize(sig_path), os.path.getsize(delta_path)
-    for p in (sig_path, delta_path):
-        p.unlink()
-    return sizes[0], sizes[1], t1 - t0, t2 - t1, t3 - t2
+    for p in (sig_path, delta_path) + ((ours_out,) if ours_out != out else ()):
+        p.unlink(missing_ok=True)
+    return sizes[0], sizes[1], t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
 
 def memory_child(size: int, data: Path) -> None:
@@ -126,14 +137,15 @@ def main() -> None:
     with open(new, "r+b") as f:
         f.seek(size // 2 - MiB // 2 + 12345)
         f.write(rng.randbytes(MiB))
-    print("| block | signature B | delta B | on the wire B | sign s | delta s | patch s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| block | signature B | delta B | on the wire B | sign s | delta s | patch s "
+          "(librsync) | patch s (ours) |")
+    print("|---|---|---|---|---|---|---|---|")
     chosen = rdiff.block_size(size)
     blocks = sorted({parse_size(b) for b in args.blocks.split(",")} | {chosen})
     for block in blocks:
-        sig, delta, ts, td, tp = one_round(old, new, data / "out", block)
-        print("| %d%s | %d | %d | %d | %.2f | %.2f | %.2f |"
-              % (block, " *" if block == chosen else "", sig, delta, sig + delta, ts, td, tp))
+        sig, delta, ts, td, tp, to = one_round(old, new, data / "out", block)
+        print("| %d%s | %d | %d | %d | %.2f | %.2f | %.2f | %.2f |"
+              % (block, " *" if block == chosen else "", sig, delta, sig + delta, ts, td, tp, to))
     for p in (old, new, data / "out"):
         p.unlink()
     data.rmdir()

@@ -356,8 +356,8 @@ def make_small(root: Path, count: int) -> int:
 class Pair:
     """Alice (the sender, holding the data) and Bob (attaching an empty directory).
 
-    With ``compress`` both daemons run with ``CLEARSKIES_COMPRESSION=gzip`` and offer
-    the ``gzip`` extension; without, they offer none (the daemon's default).
+    With ``compress`` both daemons run with ``--compress gzip`` and offer the ``gzip``
+    extension; without, they offer none (the daemon's default).
     """
 
     kind = "clearskies"
@@ -369,7 +369,7 @@ class Pair:
         if compress:
             self.kind = "clearskies with gzip"
             for daemon in (self.alice, self.bob):
-                daemon.env["CLEARSKIES_COMPRESSION"] = "gzip"
+                daemon.extra += ["--compress", "gzip"]
         in_netns(self.alice)
         in_netns(self.bob)
         self.a = Path(self.alice.shares)
@@ -460,7 +460,7 @@ class Pair:
             for d, root in ((self.alice, self.a), (self.bob, self.b)):
                 print(json.dumps(self.status(d, root)), file=sys.stderr)
             raise
-        time.sleep(2.0)
+        time.sleep(2.0 + QUIET)
 
 
 class SyncthingPair:
@@ -537,7 +537,11 @@ class SyncthingPair:
             return all(d.status().get("state") == "idle" and not d.status().get("needTotalItems")
                        for d in (self.alice, self.bob))
         wait_for(idle, "idle", timeout=120, interval=0.2)
-        time.sleep(2.0)
+        time.sleep(2.0 + QUIET)
+
+
+QUIET = 0.0
+"""Set by ``--quiet``: seconds more that both arms wait, idle, before a change (W3-W5)."""
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -794,6 +798,10 @@ def main() -> int:
     parser.add_argument("--scan-now", action="store_true",
                         help="after a change (W3-W5), ask our sender for a scan over the control "
                              "socket instead of waiting for its watcher (as Syncthing is asked)")
+    parser.add_argument("--quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before a change (W3-W5), let both arms stay idle this much longer "
+                             "than the usual 2 s, as when a file is edited a while after it "
+                             "synced (our daemons sign what they sent after 10 s of it)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --vs: how many times to alternate ours and theirs")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -837,6 +845,8 @@ def main() -> int:
     # (tests.daemons puts it first on their PYTHONPATH), whatever PYTHONPATH says.
     print("daemon code from %s" % REPO_ROOT, file=sys.stderr)
     Pair.scan_now = args.scan_now
+    global QUIET
+    QUIET = args.quiet
     Pair.upload_limit = args.upload_limit
     if args.vs:
         return compare(run_dir, args.scale, only, args.rounds, args.json, args.vs)
@@ -893,7 +903,8 @@ def compare(run_dir: Path, scale: float, only: set[str], rounds: int,
           % (scale, time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()[0]))
     for n in range(rounds):
         print()
-        print("Round %d: clearskies (gzip offered) against %s" % (n + 1, version))
+        print("Round %d: clearskies (%s) against %s"
+              % (n + 1, "gzip offered" if other == "plain" else "default options", version))
         print()
         print_comparison([("clearskies", ours[n]), (name, theirs[n])])
     if json_path:

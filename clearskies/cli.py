@@ -181,7 +181,7 @@ class Cli(GuiCommands, VersionCommands, ConflictCommands, KeyCommands, DaemonCom
                     "--pidfile", os.path.join(self.data_dir, "clearskies.pid"),
                     "--logger", "clearskies.logfile.discard"]
         cmd += ["clearskies", "--data-dir", self.data_dir]
-        for option in ("listen", "name", "tor_control", "tor_config", "web"):
+        for option in ("listen", "name", "tor_control", "tor_config", "web", "compress"):
             value = getattr(args, option, None)
             if value:
                 cmd += ["--" + option.replace("_", "-"), value]
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--web", metavar="ENDPOINT",
                        help="the web UI's endpoint (default tcp:60180:interface=127.0.0.1)")
     start.add_argument("--no-web", action="store_true", help="no web UI or HTTP API")
+    start.add_argument("--compress", choices=("gzip", "off"),
+                       help="gzip: offer compressed connections (pays on links slower than "
+                            "the CPU); default off (not kept: give it at every start)")
     sub.add_parser("stop", help="stop the daemon")
 
     status = sub.add_parser("status", help="daemon status, or one share's with PATH")

@@ -491,15 +491,21 @@ by an insertion costs at most one block of literal bytes per segment."""
 class DeltaReader:
     """The delta turning a peer's old file (its ``signature``) into ours (``fd``, owned).
 
-    ``read(n)`` as a file's: the delta a piece at a time, b"" at its end.
+    ``read(n)`` as a file's: the delta a piece at a time, b"" at its end;
+    a piece ends early where a segment ends, so that a segment's commands
+    (for an unchanged segment, a few bytes copying all of it) reach the
+    receiver as soon as they are made, not once ``n`` bytes are.
     """
 
     def __init__(self, fd: int, signature: Signature, segment: int = DELTA_SEGMENT,
-                 start: int = 0, end: int | None = None, last: bool = True) -> None:
+                 start: int = 0, end: int | None = None, last: bool = True,
+                 own: bool = True) -> None:
         """With ``start``/``end``, the delta of those bytes only: without the
         magic when ``start`` > 0, without the final END unless ``last``, so the
-        pieces made so join, in order, into the whole file's delta."""
-        self.signature = signature  # freed with the reader, not before
+        pieces made so join, in order, into the whole file's delta.  Without
+        ``own`` the signature stays the caller's to free."""
+        self.signature = signature  # freed with the reader (if ``own``), not before
+        self._own = own
         self._fd = fd
         self._segment = max(1, segment // signature.block) * signature.block
         self._position = start
@@ -520,7 +526,7 @@ class DeltaReader:
         self._segment_eof = False
 
     def read(self, n: int = PIECE) -> bytes:
-        """Up to ``n`` bytes of the delta (fewer only at the end); b"" once it is all out."""
+        """Up to ``n`` bytes of the delta (fewer at a segment's end); b"" once it is all out."""
         pieces: list[bytes] = []
         wanted = n
         while wanted > 0 and not self.done:
@@ -559,6 +565,8 @@ class DeltaReader:
                     self._tail = b""
                     self._first = False
                     self._start_segment()
+                    if pieces:  # what the segment decided goes out now, not with the next
+                        break
             elif self._segment_eof and not out and not used:
                 raise RdiffError("delta stopped before its end")
         return b"".join(pieces)
@@ -571,7 +579,8 @@ class DeltaReader:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-        self.signature.close()
+        if self._own:
+            self.signature.close()
 
     def __del__(self) -> None:
         try:
@@ -581,11 +590,11 @@ class DeltaReader:
 
 
 SPLIT_DELTA = 2 * DELTA_SEGMENT
-"""Files from this size are delta'd in two halves at once (two worker threads)."""
+"""Files from this size are delta'd by two worker threads at once, taking turns."""
 
 SPLIT_DELTA_HELD = 16 * 1024 * 1024
-"""Most bytes of the second half's delta made ahead and held while the first
-half is sent; past it the second half is finished by the reading thread."""
+"""Most bytes of delta the second thread makes ahead and holds until they are
+sent; past it the reading thread makes the rest."""
 
 
 def load_signature(data: bytes, limit: int = MAX_SIGNATURE_BYTES) -> Signature:
@@ -599,84 +608,162 @@ def load_signature(data: bytes, limit: int = MAX_SIGNATURE_BYTES) -> Signature:
 
 
 class SplitDeltaReader:
-    """The delta of a big file made in two halves at once.
+    """The delta of a big file made by two threads at once, segment by segment.
 
-    The halves meet at a segment boundary (:data:`DELTA_SEGMENT`), where
-    the delta is cut into independent jobs anyway, so the result is
-    byte for byte the one :class:`DeltaReader` makes.  Each half has its
-    own copy of the peer's signature (``first``, ``second``: librsync
-    jobs sharing one would share its counters).  :meth:`read` hands out
-    the first half's delta as it is made; :meth:`make_second`, called from
-    a second worker thread, makes the second half's meanwhile, holding at
-    most :data:`SPLIT_DELTA_HELD` bytes, and stops there; :meth:`read`
-    then takes what is held and makes the rest itself.  Nothing ever waits
-    on a job that is not running.
+    The file is cut into segments (:data:`DELTA_SEGMENT`, a whole number
+    of blocks), where the delta is cut into independent jobs anyway, so
+    the result is byte for byte the one :class:`DeltaReader` makes.
+    :meth:`read` makes the even segments' delta and hands out every
+    segment's in order; :meth:`make_second`, called from a second worker
+    thread, makes the odd segments' meanwhile and holds them (at most
+    :data:`SPLIT_DELTA_HELD` bytes; past it, it stops, and :meth:`read`
+    makes the rest itself).  Taking turns, rather than halves, hands the
+    receiver the commands of the whole file at the pace of both threads,
+    so its patching follows the sender closely instead of starting on the
+    second half only once the first is out.  Each thread has its own copy
+    of the peer's signature (``first``, ``second``: librsync jobs sharing
+    one would share its counters).  Nothing ever waits on a job that is not
+    running.
     """
 
     def __init__(self, fd: int, size: int, first: Signature, second: Signature,
                  segment: int | None = None) -> None:
         segment = segment or DELTA_SEGMENT
         step = max(1, segment // first.block) * first.block
-        middle = (-(-size // step) // 2) * step
+        self._bounds = [(at, min(at + step, size)) for at in range(0, max(size, 1), step)]
+        self._step = step
         self.signature = first
-        self.first = DeltaReader(fd, first, segment, 0, middle, last=False)
-        self.second = DeltaReader(os.dup(fd), second, segment, middle)
-        self._lock = threading.Lock()
+        self.second_signature = second
+        self._fd = fd
+        self._cond = threading.Condition()
         self._started = False
         self._closed = False
-        self._made = threading.Event()
-        self._held: list[bytes] = []
+        self._helper_at: int | None = None  # the segment the second thread is making
+        self._reader_at = -1  # the segment read() is at (the second thread skips those)
+        self._held: dict[int, list[bytes]] = {}  # segment -> its whole delta
+        self._partial: dict[int, tuple[list[bytes], DeltaReader]] = {}  # stopped at the bound
+        self._held_bytes = 0
         self._error: BaseException | None = None
+        self._current: DeltaReader | None = None
+        self._pending: list[bytes] = []  # held pieces of the current segment not yet out
+        self._index = 0  # the segment being handed out
+        self._opened = False  # whether _index is set up (_current or _pending)
+        self.done = False
+
+    def _segment_reader(self, index: int, signature: Signature) -> DeltaReader:
+        start, end = self._bounds[index]
+        return DeltaReader(os.dup(self._fd), signature, self._step, start, end,
+                           last=index == len(self._bounds) - 1, own=False)
 
     def make_second(self) -> None:
-        """Make (most of) the second half's delta (worker thread); at most once."""
-        with self._lock:
+        """Make the odd segments' delta (worker thread); at most once."""
+        with self._cond:
             if self._started:
                 return
             self._started = True
         try:
-            held = 0
-            while held < SPLIT_DELTA_HELD and not self._closed:
-                data = self.second.read(PIECE)
-                if not data:
+            for index in range(1, len(self._bounds), 2):
+                with self._cond:
+                    if self._closed or self._held_bytes >= SPLIT_DELTA_HELD:
+                        break
+                    if index <= self._reader_at:
+                        continue  # read() got there first and makes it itself
+                    self._helper_at = index
+                reader = self._segment_reader(index, self.second_signature)
+                pieces: list[bytes] = []
+                while not self._closed:
+                    data = reader.read(PIECE)
+                    if not data:
+                        break
+                    pieces.append(data)
+                    with self._cond:
+                        self._held_bytes += len(data)
+                        full = self._held_bytes >= SPLIT_DELTA_HELD
+                    if full and not reader.done:
+                        break
+                with self._cond:
+                    if reader.done:
+                        reader.close()
+                        self._held[index] = pieces
+                    else:  # stopped at the bound (or closed): read() goes on from here
+                        self._partial[index] = (pieces, reader)
+                    self._helper_at = None
+                    self._cond.notify_all()
+                if not reader.done:
                     break
-                self._held.append(data)
-                held += len(data)
         except BaseException as e:
-            self._error = e
+            with self._cond:
+                self._error = e
         finally:
-            self._made.set()
+            with self._cond:
+                self._helper_at = None
+                self._started = True
+                self._cond.notify_all()
+
+    def _open_next(self) -> None:
+        """Set up the segment at ``_index``: ours to make, or the second thread's output."""
+        index = self._index
+        with self._cond:
+            self._reader_at = index
+            while self._helper_at == index:  # being made right now: wait for it
+                self._cond.wait()
+            if self._error is not None:
+                raise RdiffError("the second thread's delta failed: %s" % self._error)
+            if index in self._held:
+                self._pending = self._held.pop(index)
+                self._held_bytes -= sum(map(len, self._pending))
+                return
+            if index in self._partial:
+                self._pending, self._current = self._partial.pop(index)
+                self._held_bytes -= sum(map(len, self._pending))
+                return
+        # Ours (even), or an odd one the second thread never reached and now skips:
+        # made here, with the signature only this thread uses.
+        self._current = self._segment_reader(index, self.signature)
 
     def read(self, n: int = PIECE) -> bytes:
-        if not self.first.done:
-            out = self.first.read(n)
-            if out:
-                return out
-        self.make_second()  # nothing if another thread has started it
-        self._made.wait()
-        if self._error is not None:
-            raise RdiffError("the second half's delta failed: %s" % self._error)
-        if self._held:
-            out = b"".join(self._held)
-            self._held = []
-            if len(out) > n:
-                self._held.append(out[n:])
-                out = out[:n]
-            return out
-        return self.second.read(n)
+        """Up to ``n`` bytes of the delta, in order (fewer at a segment's end); b"" at its end."""
+        while not self.done:
+            if not self._opened:
+                self._open_next()
+                self._opened = True
+            if self._pending:
+                first = self._pending[0]
+                if len(first) > n:
+                    self._pending[0] = first[n:]
+                    return first[:n]
+                self._pending.pop(0)
+                return first
+            if self._current is not None:
+                out = self._current.read(n)
+                if out:
+                    return out
+                self._current.close()
+                self._current = None
+            self._opened = False
+            self._index += 1
+            self.done = self._index >= len(self._bounds)
+        return b""
 
     def close(self) -> None:
-        self._closed = True
-        self.first.close()
-        with self._lock:
+        """Free everything (idempotent); waits for the second thread's segment to stop."""
+        with self._cond:
+            self._closed = True
             started, self._started = self._started, True
-        if started:
-            self._made.wait()  # its thread ends within a piece
-        self.second.close()
-
-    @property
-    def done(self) -> bool:
-        return self.first.done and self.second.done and not self._held
+            while started and self._helper_at is not None:  # it stops within a piece
+                self._cond.wait()
+            partial, self._partial = self._partial, {}
+            self._held = {}
+        for _, reader in partial.values():
+            reader.close()
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        self.signature.close()
+        self.second_signature.close()
 
 
 class Patcher(_Job):

@@ -75,6 +75,10 @@ class Options(usage.Options):
         ["tor-config", None, None,
          "Advanced and testing use: a JSON file of extra torrc options for the tor the "
          "daemon starts, e.g. {\"DirAuthority\": [...]} to join a private Tor network."],
+        ["compress", None, None,
+         "gzip: offer compressed connections (the gzip extension; used when the peer "
+         "offers it too), worth it on links slower than this machine's CPU; off: do not "
+         "(default: off, or gzip when $CLEARSKIES_COMPRESSION=gzip). Not kept."],
     ]
 
     def __init__(self) -> None:
@@ -139,6 +143,8 @@ class Options(usage.Options):
                 check_listen(self["listen"])
         except SettingError as e:
             raise usage.UsageError("--" + str(e)) from None
+        if self["compress"] is not None and self["compress"] not in ("gzip", "off"):
+            raise usage.UsageError("--compress must be gzip or off, not %r" % self["compress"])
         if self["lan"] and self["no-lan"]:
             raise usage.UsageError("--lan and --no-lan contradict each other")
         if self["no-tracker"] and self["trackers"]:
@@ -263,6 +269,7 @@ def makeService(options: Options):
         tor_config=dict(options["tor-extra"]),
         web=options["web"],
         no_web=bool(options["no-web"]),
+        compress=options["compress"],
     )
     daemon = Daemon(reactor, settings)
     # A start refused at once (the data directory held by another daemon): its reason,

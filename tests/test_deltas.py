@@ -189,3 +189,24 @@ def test_discard_spares_a_file_someone_else_put_there(versions, tmp_path) -> Non
     temp.write_bytes(b"a plain download started meanwhile")
     result_of(applier.discard())
     assert temp.read_bytes() == b"a plain download started meanwhile"
+
+
+def test_a_hostile_delta_leaves_only_the_old_copy(versions, tmp_path) -> None:
+    """A delta copying beyond the old copy fails as it is applied; discard() leaves the
+    directory as it was (the old copy, unchanged) and no temporary file."""
+    old, new = versions
+    before = sorted(p.name for p in tmp_path.iterdir())
+    temp = tmp_path / ".f.tmp"
+    applier = DeltaApplier(old, temp, len(new), hashlib.sha256(new).hexdigest(),
+                           runner=SyncRunner())
+    # RS_OP_COPY_N8_N8 from 1 MiB before the end of the old copy, 2 MiB long.
+    applier.write(rdiff.DELTA_MAGIC.to_bytes(4, "big") + b"\x54"
+                  + (2 * MiB).to_bytes(8, "big") + (2 * MiB).to_bytes(8, "big") + b"\0")
+    assert result_of(applier.drained()) is None
+    assert isinstance(applier.error, rdiff.RdiffError)
+    assert "copies bytes" in str(applier.error)
+    with pytest.raises(rdiff.RdiffError, match="copies bytes"):
+        applier.complete()
+    result_of(applier.discard())
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert old.stat().st_size == 3 * MiB

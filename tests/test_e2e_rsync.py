@@ -85,3 +85,24 @@ def test_a_peer_without_librsync_still_syncs_whole_files(daemon_factory) -> None
     _edit_middle(alice, a / "big.bin", rng)
     wait_same_trees(alice.shares, bob.shares, timeout=60)
     assert _received(bob) - before >= 6 * MiB
+
+
+@pytest.mark.skipif(not rdiff.AVAILABLE, reason="librsync is not installed")
+def test_an_edit_after_the_sender_signed_ahead_is_a_delta_from_checksums(
+        daemon_factory) -> None:  # noqa: F811
+    """Once alice has signed what she sent bob (when idle, after the upload), bob's
+    signature is hers: the delta is made from block checksums, without librsync's search."""
+    import time
+
+    rng = random.Random(1704)
+    alice, bob, a, b = _pair(daemon_factory, rng.randbytes(12 * MiB))
+    signatures = Path(alice.data_dir) / "signatures"
+    deadline = time.monotonic() + 30
+    while not any(signatures.glob("*.sig")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(signatures.glob("*.sig")), "alice made no signature ahead"
+    before = _received(bob)
+    _edit_middle(alice, a / "big.bin", rng)
+    wait_same_trees(alice.shares, bob.shares, timeout=60)
+    assert MiB <= _received(bob) - before < 1.3 * MiB
+    assert "(from block checksums)" in Path(alice.log_path).read_text()

@@ -9,6 +9,7 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,18 @@ def test_a_delta_made_in_segments_is_one_valid_delta(files: tuple[Path, Path], t
         assert (tmp_path / "r").read_bytes() == new.read_bytes()
 
 
+def test_a_segment_s_commands_go_out_when_the_segment_ends(files: tuple[Path, Path]) -> None:
+    """read(n) returns at a segment's end: an unchanged segment's few bytes of copy are not
+    held back until n bytes of delta are made further on."""
+    old, new = files
+    signature = load(signature_of(old))
+    reader = rdiff.DeltaReader(os.open(new, os.O_RDONLY), signature, segment=1024 * 1024)
+    first = reader.read(10 * 1024 * 1024)
+    assert 4 < len(first) < 100  # the magic and a copy of the first MiB, nothing more
+    rest = _drain(reader)
+    assert len(first) + len(rest) == len(delta_of(signature_of(old), new, 1024 * 1024))
+
+
 @pytest.mark.parametrize("second_first", [True, False])
 def test_a_signature_made_in_two_halves_is_the_same_signature(files: tuple[Path, Path],
                                                               second_first: bool) -> None:
@@ -131,12 +144,13 @@ def test_a_split_signature_closed_early_frees_both_halves(files: tuple[Path, Pat
     assert reader.second._fd == -1 and reader.first._fd == -1
 
 
-@pytest.mark.parametrize("how", ["beside", "before", "never", "held"])
+@pytest.mark.parametrize("how", ["beside", "before", "never", "held", "thread"])
 def test_a_delta_made_in_two_halves_is_the_same_delta(files: tuple[Path, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       how: str) -> None:
-    """Both halves joined equal the one-piece delta, whichever thread makes the second half,
-    and also when it stops at its bound (all-new content) and the reader finishes it."""
+    """Two threads taking turns make the one-piece delta, whenever the second one runs
+    (before, between reads, in a thread of its own, never), and also when it stops at its
+    bound (all-new content) and the reader finishes its segment."""
     old, new = files
     if how == "held":  # nothing in common: the second half's delta is the content itself
         new.write_bytes(random.Random(5).randbytes(new.stat().st_size))
@@ -147,12 +161,19 @@ def test_a_delta_made_in_two_halves_is_the_same_delta(files: tuple[Path, Path], 
     fd = os.open(new, os.O_RDONLY)
     reader = rdiff.SplitDeltaReader(fd, os.fstat(fd).st_size, load(signature), load(signature),
                                     segment=segment)
+    helper = None
     if how in ("before", "held"):
         reader.make_second()
+        assert reader._held and all(index % 2 for index in reader._held)
     elif how == "beside":
         first = reader.read(10_000)
         reader.make_second()
+    elif how == "thread":
+        helper = threading.Thread(target=reader.make_second)
+        helper.start()
     split = (first if how == "beside" else b"") + _drain(reader, piece=10_000)
+    if helper is not None:
+        helper.join()
     assert split == whole
     if how == "held":
         assert len(whole) > 1_000_000  # the bound was reached, and the rest made after
@@ -173,9 +194,9 @@ def test_a_split_delta_closed_early_frees_both_halves(files: tuple[Path, Path]) 
         reader.read(100)
         reader.close()
         reader.make_second()
-        assert reader.first._fd == -1 and reader.second._fd == -1
-        assert reader.first.signature._handle is None
-        assert reader.second.signature._handle is None
+        assert reader._fd == -1 and reader._current is None and not reader._partial
+        assert reader.signature._handle is None
+        assert reader.second_signature._handle is None
 
 
 def test_empty_files(tmp_path: Path) -> None:
@@ -279,3 +300,22 @@ def test_broken_deltas_are_refused(files: tuple[Path, Path], tmp_path: Path,
     with pytest.raises(rdiff.RdiffError, match=why):
         patch(files[0], delta, tmp_path / "out", 10 ** 9)
 
+
+
+def test_a_split_delta_closed_after_its_bound_frees_the_stopped_segment(
+        files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second thread stopped at its bound inside a segment (all-new content); closing
+    then frees that segment's job too."""
+    old, new = files
+    new.write_bytes(random.Random(6).randbytes(new.stat().st_size))
+    monkeypatch.setattr(rdiff, "SPLIT_DELTA_HELD", 100_000)
+    signature = signature_of(old)
+    segment = 64 * rdiff.block_size(old.stat().st_size)
+    reader = rdiff.SplitDeltaReader(os.open(new, os.O_RDONLY), new.stat().st_size,
+                                    load(signature), load(signature), segment=segment)
+    reader.make_second()
+    assert reader._partial
+    stopped = next(iter(reader._partial.values()))[1]
+    reader.close()
+    assert stopped._fd == -1 and reader._fd == -1 and not reader._partial
+    assert reader.signature._handle is None and reader.second_signature._handle is None

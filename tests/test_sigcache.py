@@ -123,7 +123,7 @@ def test_a_torn_or_garbled_entry_is_ignored(setup) -> None:
 def test_the_cache_is_bounded_and_keeps_one_entry_per_path(setup, tmp_path: Path) -> None:
     """Past max_bytes the least recently used entries go; a path's older entry goes at once."""
     cache, big = setup
-    one = len(fresh_signature(big)) + 200  # an entry: the signature and a short header
+    one = len(fresh_signature(big)) + 300  # an entry: the signature and a short header
     cache.max_bytes = 3 * one
     for n in range(6):
         assert cache.make("s1", "f%d" % n, big, SHA, key_of(big))
@@ -191,3 +191,101 @@ def test_one_may_wait_for_the_signature_being_made(setup) -> None:
     d.callback(fn(*args))
     assert fired == [None] and lookup(cache, big) is not None
     assert cache.being_made("s1", "big.bin") is None
+
+
+def test_a_sent_file_s_entry_answers_a_delta_from_checksums(setup) -> None:
+    """sent(): signature and block checksums made; previous() finds them by the signature
+    a peer would send, also once our file has changed (that is when they are used)."""
+    import hashlib
+
+    from clearskies import rdiffblocks
+
+    cache, big = setup
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)  # queued once
+    assert len(cache._queue) == 1
+    job = cache._queue.popleft()
+    assert cache.make(*job)
+    signature = fresh_signature(big)
+    block = rdiff.block_size(big.stat().st_size)
+    fd = os.open(big, os.O_RDONLY)
+    crcs = rdiffblocks.block_crcs(fd, big.stat().st_size, block)
+    os.close(fd)
+    digest = hashlib.sha256(signature).hexdigest()
+    assert cache.previous("s1", "big.bin", digest) == (2 * MiB, block, crcs)
+    assert drain(lookup(cache, big)) == signature  # the checksums do not disturb open()
+    assert not cache.make(*job)  # an entry for the file as it is: not made again
+    with open(big, "r+b") as f:  # changed in place: the old version's entry still answers
+        f.seek(MiB)
+        f.write(b"new content")
+    assert lookup(cache, big) is None
+    assert cache.previous("s1", "big.bin", digest) == (2 * MiB, block, crcs)
+    assert cache.previous("s1", "big.bin", "0" * 64) is None
+    assert cache.previous("s1", "other.bin", digest) is None
+    cache.sent("s1", "small.bin", big, SHA, 1000)  # too small to be worth it
+    assert not cache._queue
+
+
+def test_a_file_written_while_signed_stops_the_signing_early(setup, monkeypatch) -> None:
+    """The file is looked at every few MiB: a write stops the signing there, not at the end
+    (a change soon after a sync must not wait for a useless signature of the old version)."""
+    import time
+
+    from clearskies.transfer import sigcache as module
+
+    cache, big = setup
+    big.write_bytes(random.Random(5).randbytes(64 * MiB))
+    calls = []
+
+    class Writing(rdiff.SignatureReader):
+        def read(self, n: int = rdiff.PIECE) -> bytes:
+            calls.append(n)
+            if len(calls) == 2:
+                time.sleep(0.02)  # past the clock tick of the file's last write
+                with open(big, "r+b") as f:
+                    f.write(b"written by someone")
+            return super().read(n)
+
+    monkeypatch.setattr(module.rdiff, "SignatureReader", Writing)
+    assert not cache.make("s1", "big.bin", big, SHA, key_of(big))
+    assert len(calls) == 2  # 64 MiB would take many more looks
+    assert not cache.directory.exists() or not any(cache.directory.iterdir())
+
+
+def test_a_sent_file_is_signed_only_after_a_while(setup) -> None:
+    """Signing what we sent waits SENT_DELAY (a file still being edited would waste it);
+    installs keep their short delay and are not held up behind it."""
+    from clearskies.transfer.sigcache import SENT_DELAY, SIGN_DELAY
+
+    cache, big = setup
+    clock = cache._clock
+    other = big.with_name("other.bin")
+    other.write_bytes(random.Random(9).randbytes(2 * MiB))
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)
+    cache.installed("s1", "other.bin", other, SHA, key_of(other))
+    clock.advance(SIGN_DELAY)
+    assert cache.made == 1 and lookup(cache, other, path="other.bin") is not None
+    clock.advance(SENT_DELAY / 2)
+    assert cache.made == 1
+    clock.advance(SENT_DELAY / 2)
+    assert cache.made == 2 and lookup(cache, big) is not None
+
+
+def test_a_newer_install_replaces_the_one_waiting(setup) -> None:
+    """Two versions installed before the first was signed: the newer one is signed (the
+    older's key no longer matches the file), and a sent file waiting gives way to it."""
+    import time
+
+    from clearskies.transfer.sigcache import SIGN_DELAY
+
+    cache, big = setup
+    cache.sent("s1", "big.bin", big, SHA, big.stat().st_size)
+    first = key_of(big)
+    cache.installed("s1", "big.bin", big, SHA, first)
+    time.sleep(0.02)  # past the clock tick of the first version's mtime
+    big.write_bytes(random.Random(11).randbytes(2 * MiB))
+    cache.installed("s1", "big.bin", big, "cd" * 32, key_of(big))
+    assert len(cache._queue) == 1 and cache._queue[0][4] == key_of(big) != first
+    cache._clock.advance(SIGN_DELAY)
+    assert cache.made == 1
+    assert drain(lookup(cache, big, sha="cd" * 32)) == fresh_signature(big)

@@ -38,23 +38,49 @@ from clearskies.sync.sealed import sessions as sealed
 if TYPE_CHECKING:  # (in this package)
     from clearskies.daemon.tor import TorLink
 
-COMPRESSION: tuple[str, ...] = (
-    CODECS if os.environ.get("CLEARSKIES_COMPRESSION", "").lower() in ("1", "gzip", "on")
-    and not os.environ.get("CLEARSKIES_NO_COMPRESSION") else ())
-"""Compression extensions we offer (protocol/gzip.md): ``gzip`` only with
-``CLEARSKIES_COMPRESSION=gzip`` in the daemon's environment.  Off by default: on
-a fast link the receiver's inflating (stored blocks included) cost W2 8-21 %
-more time than plain framing (bench/README.md, "Compressing only when it pays"),
-so it pays only on links slower than the sender's CPU."""
+COMPRESS_CHOICES = ("gzip", "off")
+"""The values of the daemon's ``--compress`` option."""
 
-FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches", "code_spread", sealed.FEATURE) + COMPRESSION + (
-    (RSYNC,) if rdiff.AVAILABLE else ()) + ((THUMBNAILS,) if PILLOW else ())
-"""Feature strings we offer in the handshake (protocol/handshake.md); ``rsync`` only
-when librsync is installed (protocol/rsync.md), ``thumbnails`` only with Pillow
-(protocol/thumbnails.md)."""
+COMPRESSION_VARIABLE = "CLEARSKIES_COMPRESSION"
+"""Environment variable read when ``--compress`` is not given (``gzip``: as
+``--compress gzip``); it was the only switch before the option."""
 
-__all__ = ["FEATURES", "MAX_REMEMBERED", "Dialling"]
+
+def default_compress() -> str:
+    """``--compress`` when it is not given: ``gzip`` if the environment asks for it, else ``off``."""
+    if (os.environ.get(COMPRESSION_VARIABLE, "").lower() in ("1", "gzip", "on")
+            and not os.environ.get("CLEARSKIES_NO_COMPRESSION")):
+        return "gzip"
+    return "off"
+
+
+def offered_features(compress: str | None = None) -> tuple[str, ...]:
+    """Feature strings we offer in the handshake (protocol/handshake.md).
+
+    ``gzip`` (protocol/gzip.md) only with ``compress`` ``gzip`` (None:
+    :func:`default_compress`).  Off by default: on a fast link the
+    receiver's inflating (stored blocks included) cost W2 8-21 % more time
+    than plain framing (bench/README.md, "Compressing only when it pays"),
+    so it pays only on links slower than the sender's CPU.  ``rsync`` only
+    when librsync is installed (protocol/rsync.md), ``thumbnails`` only with
+    Pillow (protocol/thumbnails.md).
+    """
+    if compress is None:
+        compress = default_compress()
+    if compress not in COMPRESS_CHOICES:
+        raise ConfigurationError("--compress must be one of %s, not %r"
+                                 % (", ".join(COMPRESS_CHOICES), compress))
+    return (("vv", "directories", "progress", "manifest_pages", "read_only_manifest",
+             "addresses", "revision_batches", "code_spread", sealed.FEATURE)
+            + (CODECS if compress == "gzip" else ()) + ((RSYNC,) if rdiff.AVAILABLE else ())
+            + ((THUMBNAILS,) if PILLOW else ()))
+
+
+FEATURES = offered_features()
+"""What a daemon started without ``--compress`` offers."""
+
+__all__ = ["COMPRESS_CHOICES", "COMPRESSION_VARIABLE", "default_compress", "offered_features",
+           "FEATURES", "MAX_REMEMBERED", "Dialling"]
 
 
 @implementer(IAttachDialler)
@@ -74,8 +100,11 @@ class Dialling:
     def __init__(self, resources: Resources, shares: Shares, codes: AccessCodes,
                  tor: TorLink, keyring: KeyRing, port: Callable[[], int],
                  name: Callable[[], str],
-                 transports: Sequence[IPeerTransport] | None = None) -> None:
+                 transports: Sequence[IPeerTransport] | None = None,
+                 features: Sequence[str] = FEATURES) -> None:
         self.reactor = resources.reactor
+        #: The feature strings our connections offer (:func:`offered_features`).
+        self.features = tuple(features)
         self._resources = resources
         self._shares = shares
         self._codes = codes
@@ -144,7 +173,7 @@ class Dialling:
 
         d.addCallback(lambda endpoint: connect_peer(self.reactor, endpoint, target,
                                                     self._keyring, self._name(),
-                                                    session_factory, features=FEATURES))
+                                                    session_factory, features=self.features))
 
         def dialled(protocol: PeerProtocol) -> _Dialled:
             protocol.dialled_address = address  # type: ignore[attr-defined]

@@ -3,7 +3,7 @@ own loopback listener (protocol/tor.md)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
@@ -57,8 +57,11 @@ class PeerListeners(Service):
     _log = Logger()
 
     def __init__(self, reactor: Any, keyring: KeyRing,
-                 session_factory: Callable[[Any], Any]) -> None:
+                 session_factory: Callable[[Any], Any],
+                 features: Sequence[str] = FEATURES) -> None:
         self.reactor = reactor
+        #: The feature strings offered to those who connect (clearskies.daemon.dialling).
+        self.features = tuple(features)
         self._keyring = keyring
         self._session_factory = session_factory
         self.peer_port: IListeningPort | None = None
@@ -81,7 +84,7 @@ class PeerListeners(Service):
                            "the onion service on {local}", listen=listen, local=ONION_LISTEN)
             listen = ONION_LISTEN
         factory = PeerServerFactory(
-            self.reactor, self._keyring, name, self._session_factory, features=FEATURES,
+            self.reactor, self._keyring, name, self._session_factory, features=self.features,
             limiter=self._onion_limiter() if tor_only else None,
             admission=self._onion_admission() if tor_only else None)
         try:
@@ -107,7 +110,7 @@ class PeerListeners(Service):
             # from 127.0.0.1) have their own failure limit and never lock out
             # the clearnet port's local peers, nor the other way round.
             self.onion_factory = PeerServerFactory(
-                self.reactor, self._keyring, name, self._session_factory, features=FEATURES,
+                self.reactor, self._keyring, name, self._session_factory, features=self.features,
                 limiter=self._onion_limiter(), admission=self._onion_admission())
             self.onion_listener = await self._listen(ONION_LISTEN, self.onion_factory)
 

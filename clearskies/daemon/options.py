@@ -51,6 +51,9 @@ class DaemonSettings:
     #: loopback port when it is taken); ``no_web``: no web UI or HTTP API at all.
     web: str | None = None
     no_web: bool = False
+    #: --compress: ``gzip`` offers the gzip extension, ``off`` does not (None: the
+    #: environment decides, see clearskies.daemon.dialling.default_compress).  Not kept.
+    compress: str | None = None
 
 
 @dataclass

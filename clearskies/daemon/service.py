@@ -36,7 +36,7 @@ from clearskies import SOFTWARE
 from clearskies.accesscode import access_id, parse_code
 from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
-from clearskies.daemon.dialling import Dialling
+from clearskies.daemon.dialling import Dialling, offered_features
 from clearskies.daemon.health import HEALTH_INTERVAL, ShareHealth
 from clearskies.daemon.verify import VERIFY_TICK, Verification
 from clearskies.daemon.discovery import Discovery
@@ -91,7 +91,8 @@ class Daemon(MultiService):
         self.tor_link = TorLink(self.resources, settings)
         self.dialling = Dialling(self.resources, self.share_registry, self.access_codes,
                                  self.tor_link, self.keyring, lambda: self.listeners.port_number,
-                                 lambda: self.name)
+                                 lambda: self.name,
+                                 features=offered_features(settings.compress))
         self.access_codes.attach_dialler(self.dialling)
         # Extension code_spread: our codes held by our peers, theirs by us.
         self.code_spreading = CodeSpreading(self.resources, self.share_registry,
@@ -102,7 +103,8 @@ class Daemon(MultiService):
         self.thumbnails = ShareThumbnails(self.data_dir, self.runners.files,
                                           self.share_registry.share_by_path)
         self.dialling.thumbnails = self.thumbnails
-        self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory)
+        self.listeners = PeerListeners(reactor, self.keyring, self.dialling.session_factory,
+                                       features=self.dialling.features)
         self.listeners.setServiceParent(self)
         # What happened, numbered, for GUIs (control socket events, HTTP API).
         self.events = EventBus(self.resources.now)

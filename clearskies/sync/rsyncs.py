@@ -20,6 +20,7 @@ runner, never on the reactor thread.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,8 @@ from clearskies.errors import ProtocolError
 from clearskies.interfaces import ISyncSession
 from clearskies.share.records import validate_wire_path
 from clearskies.sync.engine import ShareSync
-from clearskies.transfer.deltas import DeltaApplier, open_delta, open_signature
+from clearskies.rdiffblocks import BlockDeltaReader
+from clearskies.transfer.deltas import DeltaApplier, open_block_delta, open_delta, open_signature
 from clearskies.transfer.receiver import FileReceiver
 from clearskies.transfer.refusals import describe_os_error, get_error_message
 from clearskies.transfer.sendqueue import SendQueue, SendResult
@@ -310,18 +312,22 @@ class RsyncExchange:
             local = self.share.local_path(path)
             size = record.size
             runner = self.share.files_runner
-            second = None
-            if size >= rdiff.SPLIT_DELTA:  # two halves at once, each with its own copy
+            reader: Any = await self._block_delta(path, local, size, chunks)
+            if reader is not None:  # from block checksums: librsync is not needed
+                signature.close()
+            else:
+                second = None
+                if size >= rdiff.SPLIT_DELTA:  # two threads at once, each with its own copy
+                    try:
+                        second = await runner.run(rdiff.load_signature, b"".join(chunks))
+                    except rdiff.RdiffError:
+                        second = None  # then by one
                 try:
-                    second = await runner.run(rdiff.load_signature, b"".join(chunks))
-                except rdiff.RdiffError:
-                    second = None  # then in one piece
+                    reader = await runner.run(open_delta, local, size, signature, second)
+                except OSError as e:
+                    self._send(get_error_message(path, describe_os_error(e)))
+                    return
             del chunks
-            try:
-                reader = await runner.run(open_delta, local, size, signature, second)
-            except OSError as e:
-                self._send(get_error_message(path, describe_os_error(e)))
-                return
             if not self.session.alive:
                 runner.run(reader.close)
                 return
@@ -336,15 +342,39 @@ class RsyncExchange:
         finally:
             if done is None:  # answered otherwise, or failed: nothing held for it now
                 self._held -= intake.received
-        done.addBoth(self._delta_sent, intake.received, path, self.sync.clock.seconds())
+        done.addBoth(self._delta_sent, intake.received, path, self.sync.clock.seconds(),
+                     record, isinstance(reader, BlockDeltaReader))
+
+    async def _block_delta(self, path: str, local: Any, size: int,
+                           chunks: list[bytes]) -> BlockDeltaReader | None:
+        """The delta from block checksums, if the peer's signature is one we made of a
+        version of this file (clearskies.rdiffblocks) and few blocks changed; else None."""
+        cache = getattr(self.share, "signatures", None)
+        if cache is None or not chunks:
+            return None
+        share_id = self.share.share_id
+
+        def find() -> BlockDeltaReader | None:
+            digest = hashlib.sha256(b"".join(chunks)).hexdigest()
+            return open_block_delta(local, size, cache.previous(share_id, path, digest))
+        try:
+            return await self.share.files_runner.run(find)
+        except (OSError, rdiff.RdiffError):
+            return None  # librsync's delta then (an OSError again is answered there)
 
     def _delta_sent(self, result: SendResult | Failure, held: int, path: str,
-                    started: float) -> None:
+                    started: float, record: Any = None, from_blocks: bool = False) -> None:
         self._held -= held
         if isinstance(result, SendResult) and result.sent:
-            self._log.info("sent a delta of {path} to {peer}: {size} bytes in {seconds} s",
+            cache = getattr(self.share, "signatures", None)
+            if cache is not None and record is not None and record.sha256:
+                # The peer now holds this version: sign it ahead for its next change.
+                cache.sent(self.share.share_id, path, self.share.local_path(path),
+                           record.sha256, record.size or 0)
+            self._log.info("sent a delta of {path} to {peer}: {size} bytes in {seconds} s{how}",
                            path=path, peer=self.session.peer_id[:8], size=result.size,
-                           seconds="%.2f" % (self.sync.clock.seconds() - started))
+                           seconds="%.2f" % (self.sync.clock.seconds() - started),
+                           how=" (from block checksums)" if from_blocks else "")
 
     def _refuse_signature(self, path: str, why: str) -> None:
         self._log.warn("refused the rsync signature {peer} sent for {path}: {why}",

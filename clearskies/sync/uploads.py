@@ -102,8 +102,18 @@ class Uploads:
         self.sync.report("upload_started", file=path, peer_id=self.session.peer_id,
                          size=record.size)
         local = self.share.local_path(path)
-        self.sends.send_file(path, local, expected_size=record.size,
-                             request_range=requested_range, on_sent=self._sent_bytes)
+        done = self.sends.send_file(path, local, expected_size=record.size,
+                                    request_range=requested_range, on_sent=self._sent_bytes)
+        if requested_range is None and (record.size or 0) >= 1024 * 1024:
+            done.addCallback(self._sent_whole, path, local, record)
+
+    def _sent_whole(self, result: Any, path: str, local: Any, record: FileRecord) -> Any:
+        """A big file went out whole: its signature and block checksums are made ahead
+        (clearskies.transfer.sigcache), for the delta the peer may ask for next."""
+        cache = getattr(self.share, "signatures", None)
+        if getattr(result, "sent", False) and cache is not None and record.sha256:
+            cache.sent(self.share.share_id, path, local, record.sha256, record.size or 0)
+        return result
 
     def _sent_bytes(self, count: int) -> None:
         self.sync.bytes_sent += count
