@@ -226,3 +226,20 @@ def open_entry(code: bytes, text: bytes, signature: bytes) -> ShareKeys:
     keys = open_keys(code, body.get("share_id"), body.get("access"), body["sealed"])
     _signed_body(text, signature, ENTRY_TYPE, keys.share_id, keys.public_keys)
     return keys
+
+
+class CodeEscrow:
+    """What a code we were given derives for escrow (``handshake.EscrowKey``)."""
+
+    feature = FEATURE
+
+    def __init__(self, code: bytes) -> None:
+        self._code = code
+        self.lookup = escrow_lookup(code)
+        self.psk = escrow_psk(code)
+
+    def __repr__(self) -> str:  # the key is a secret
+        return "CodeEscrow(lookup=%r)" % self.lookup[:16]
+
+    def open(self, text: bytes, signature: bytes) -> ShareKeys:
+        return open_entry(self._code, text, signature)
