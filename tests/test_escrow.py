@@ -124,3 +124,14 @@ def test_removals_are_signed_too():
     entry_text, entry_sig = escrow.make_entry(CODE, KEYS, "read_only")
     with pytest.raises(SealError):  # an entry is not a removal
         escrow.read_removal(entry_text, entry_sig, KEYS.share_id, _untrusted_view(KEYS))
+
+
+def test_an_expired_entry_does_not_open():
+    text, signature = escrow.make_entry(CODE, KEYS, "read_write", expires=1000.5)
+    entry = escrow.read_entry(text, signature, KEYS.share_id, _untrusted_view(KEYS))
+    assert entry.expires == 1001 and entry.expired(1001) and not entry.expired(1000)
+    assert escrow.open_entry(CODE, text, signature, now=1000.0).share_id == KEYS.share_id
+    with pytest.raises(SealError, match="expired"):
+        escrow.open_entry(CODE, text, signature, now=1001.0)
+    with pytest.raises(SealError, match="expired"):
+        escrow.CodeEscrow(CODE).open(text, signature)

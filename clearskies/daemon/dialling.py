@@ -26,7 +26,7 @@ from clearskies.daemon.shares import Shares
 from clearskies.discovery.connector import ConnectionManager
 from clearskies.discovery.tcp import TcpTransport
 from clearskies.errors import CannotStart, ConfigurationError
-from clearskies.handshake import ConnectTarget, KeyRing
+from clearskies.handshake import ESCROW_FEATURE, ConnectTarget, KeyRing
 from clearskies.interfaces import IAttachDialler, IDiscoverySource, IPeerTransport
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync import SyncSession
@@ -48,7 +48,7 @@ more time than plain framing (bench/README.md, "Compressing only when it pays"),
 so it pays only on links slower than the sender's CPU."""
 
 FEATURES = ("vv", "directories", "progress", "manifest_pages", "read_only_manifest", "addresses",
-            "revision_batches", "code_spread", sealed.FEATURE) + COMPRESSION + (
+            "revision_batches", "code_spread", sealed.FEATURE, ESCROW_FEATURE) + COMPRESSION + (
     (RSYNC,) if rdiff.AVAILABLE else ()) + ((THUMBNAILS,) if PILLOW else ())
 """Feature strings we offer in the handshake (protocol/handshake.md); ``rsync`` only
 when librsync is installed (protocol/rsync.md), ``thumbnails`` only with Pillow
@@ -306,6 +306,8 @@ class Dialling:
         config = self._resources.config
         peers = sealed.sealed_peers(runtime, self.reactor, lambda: config.get(
             "untrusted_challenge_interval", sealed.DEFAULT_CHALLENGE_INTERVAL))
+        if peers.owner is not None:  # code escrow (protocol/untrusted.md, section 8)
+            peers.owner.escrow_codes = lambda: self._codes.escrow_codes(runtime.share_id)
         session = sealed.start_session(peers, connection)
         if session is None:
             return _ClosedSession()

@@ -20,8 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,9 +120,12 @@ def _signing_level(keys: ShareKeys, level: str) -> str:
     raise ValueError("this share cannot sign for %s codes" % level)
 
 
-def make_entry(code: bytes, keys: ShareKeys, level: str) -> tuple[bytes, bytes]:
-    """The signed ``untrusted.escrow`` line (text, signature) for ``code`` of ``level``."""
+def make_entry(code: bytes, keys: ShareKeys, level: str,
+               expires: float | None = None) -> tuple[bytes, bytes]:
+    """The signed ``untrusted.escrow`` line (text, signature) for ``code`` of ``level``,
+    which dies at ``expires`` (Unix seconds; None: when revoked)."""
     body = {"type": ENTRY_TYPE, "share_id": keys.share_id, "access": level,
+            "expires": None if expires is None else int(math.ceil(expires)),
             "lookup": escrow_lookup(code), "psk": escrow_psk(code).hex(),
             "sealed": seal_keys(code, keys, level)}
     text = json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -145,6 +150,10 @@ class EscrowEntry:
     psk: bytes
     text: bytes
     signature: bytes
+    expires: int | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
 
     def __repr__(self) -> str:
         return "EscrowEntry(share_id={!r}, access={!r})".format(self.share_id[:16], self.access)
@@ -198,8 +207,11 @@ def read_entry(text: bytes, signature: bytes, share_id: str,
         raise SealError("an escrow entry's psk must be 64 hex characters")
     if not isinstance(sealed, str) or not 0 < len(sealed) <= MAX_SEALED_CHARS:
         raise SealError("an escrow entry's sealed keys are missing or too long")
+    expires = body.get("expires")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int)):
+        raise SealError("an escrow entry's expiry must be Unix seconds or null")
     return EscrowEntry(share_id, body["access"], body["lookup"], bytes.fromhex(psk),
-                       text, signature)
+                       text, signature, expires)
 
 
 def read_removal(text: bytes, signature: bytes, share_id: str,
@@ -209,12 +221,12 @@ def read_removal(text: bytes, signature: bytes, share_id: str,
     return body["lookup"], body["access"]
 
 
-def open_entry(code: bytes, text: bytes, signature: bytes) -> ShareKeys:
+def open_entry(code: bytes, text: bytes, signature: bytes, now: float | None = None) -> ShareKeys:
     """The keys an escrow entry handed to a restoring machine opens to.
 
     The entry must be for ``code`` (its lookup), open with the code's key (which
     authenticates share and level too), and be signed by the share's key of its
-    level as found inside the opened keys.  SealError otherwise.
+    level as found inside the opened keys, and not expired at ``now``.  SealError otherwise.
     """
     try:
         body = json.loads(text)
@@ -224,7 +236,9 @@ def open_entry(code: bytes, text: bytes, signature: bytes) -> ShareKeys:
             or body.get("lookup") != escrow_lookup(code) or not isinstance(body.get("sealed"), str):
         raise SealError("the escrow entry is not the one of this code")
     keys = open_keys(code, body.get("share_id"), body.get("access"), body["sealed"])
-    _signed_body(text, signature, ENTRY_TYPE, keys.share_id, keys.public_keys)
+    entry = read_entry(text, signature, keys.share_id, keys.public_keys)
+    if now is not None and entry.expired(now):
+        raise SealError("the escrow entry is of a code that expired")
     return keys
 
 
@@ -242,4 +256,4 @@ class CodeEscrow:
         return "CodeEscrow(lookup=%r)" % self.lookup[:16]
 
     def open(self, text: bytes, signature: bytes) -> ShareKeys:
-        return open_entry(self._code, text, signature)
+        return open_entry(self._code, text, signature, time.time())
