@@ -14,6 +14,7 @@ import os
 import tempfile
 from typing import Any, Callable
 
+from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
 from clearskies import wire
@@ -63,6 +64,7 @@ class EscrowBox:
         self.entries: dict[str, escrow.EscrowEntry] = {}
         self.removed: dict[str, None] = {}  # in the order removed (oldest forgotten first)
         self._tries: dict[str, list[float]] = {}
+        self._lock = DeferredLock()
 
     async def load(self) -> None:
         try:
@@ -87,9 +89,15 @@ class EscrowBox:
                                          if isinstance(r, str) and r not in self.entries)
 
     async def _store(self) -> None:
-        data = json.dumps({"entries": [e.to_json() for e in self.entries.values()],
-                           "removed": list(self.removed)}).encode("utf-8")
-        await self.runner.run(_save, self.root, data)
+        # One write at a time, each of the state when it starts: the last one on disk
+        # is always the newest.
+        await self._lock.acquire()
+        try:
+            data = json.dumps({"entries": [e.to_json() for e in self.entries.values()],
+                               "removed": list(self.removed)}).encode("utf-8")
+            await self.runner.run(_save, self.root, data)
+        finally:
+            self._lock.release()
 
     async def received(self, kind: str, text: bytes, signature: bytes | None) -> None:
         """A signed ``untrusted.escrow`` or ``untrusted.escrow_remove`` line from a peer;
