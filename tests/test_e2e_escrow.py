@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from clearskies.accesscode import parse_code
 from tests.daemons import assert_trees_equal, tree_snapshot, wait_until
 from tests.test_e2e_untrusted import MARKER, _ciphertext_only, _fill, _keeps
 
@@ -55,6 +56,12 @@ def test_an_access_code_restores_from_an_untrusted_peer_alone(daemon_factory):
     _ciphertext_only(Path(ursula.shares), Path(ursula.data_dir), Path(ursula.base))
     kept = (Path(ursula.shares) / "untrusted-escrow").read_text()
     assert MARKER.decode() not in kept and "PRIVATE" not in kept
+    secrets = [c.encode() for c in (read_write, read_only, cancelled)] + [
+        parse_code(c).hex().encode() for c in (read_write, read_only, cancelled)]
+    for path in Path(ursula.base).rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(s in data for s in secrets), path
 
     expected = tree_snapshot(a)
     modes = {str(p.relative_to(a)): stat.S_IMODE(p.stat().st_mode)
