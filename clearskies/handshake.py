@@ -743,6 +743,8 @@ class Handshake:
         return self._got_keys(keys, now)
 
     def _got_keys(self, body: dict[str, Any] | ShareKeys, now: float) -> list[Action]:
+        if self._escrow_join and not isinstance(body, ShareKeys):
+            raise HandshakeError("keys: an escrow connection hands over an entry, not keys")
         keys = body if isinstance(body, ShareKeys) else ShareKeys.from_keys_message(body)
         target = self._join
         assert target is not None

@@ -127,3 +127,27 @@ def test_an_escrow_starttls_nobody_asked_for_is_refused(keys):
     with pytest.raises(HandshakeError, match="did not ask"):
         client.receive({"type": "starttls", "access": "unknown", "peer": SERVER_PEER,
                         "escrow": True}, 0)
+
+
+def test_a_code_connection_takes_no_escrow_entry_and_an_escrow_one_no_keys(keys):
+    code = os.urandom(16)
+    ring_c = MemoryKeyRing()
+    target = ConnectTarget.join(code, CLIENT_PEER)
+    target.escrow = escrow.CodeEscrow(code)
+    ring_c.add_join(target)
+    text, signature = escrow.make_entry(code, keys, "read_write")
+    entry = {"type": "escrow", "entry": text.decode(),
+             "signature": escrow.base64.b64encode(signature).decode()}
+    greeting = {"type": "greeting", "protocol": [1], "features": list(FEATURES)}
+    starttls = {"type": "starttls", "access": "unknown", "peer": SERVER_PEER}
+    plain = Handshake.client(ring_c, target, "new box", features=FEATURES)
+    plain.receive(greeting, 0)
+    plain.receive(starttls, 0)
+    with pytest.raises(HandshakeError, match="did not ask"):
+        plain.receive(entry, 0)
+    escrowed = Handshake.client(ring_c, target, "new box", features=FEATURES)
+    escrowed.receive(greeting, 0)
+    escrowed.receive(dict(starttls, escrow=True), 0)
+    with pytest.raises(HandshakeError, match="not keys"):
+        escrowed.receive(keys.keys_message("read_write"), 0)
+    assert ring_c.created == []
