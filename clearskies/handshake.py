@@ -26,6 +26,7 @@ creates the share and acknowledges, and only then do both send ``identity``.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from clearskies.accesscode import (
     refusal_proof,
 )
 from clearskies.accesscode import access_id as _access_id
-from clearskies.errors import CannotStart, HandshakeError
+from clearskies.errors import CannotStart, ClearSkiesError, HandshakeError
 from clearskies.keys import GRANTABLE_LEVELS, LEVELS, ShareKeys, greatest_common_access, level_rank
 
 __all__ = [
@@ -67,6 +68,8 @@ MAX_SKEW = 600.0
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 _PEER_RE = re.compile(r"[0-9a-f]{32}")
 _MAX_TEXT = 256  # software, name, feature strings
+ESCROW_FEATURE = "code_escrow"
+"""The feature string of code escrow (protocol/untrusted.md, section 8)."""
 _MAX_FEATURES = 64
 
 
@@ -94,6 +97,9 @@ class ConnectTarget:
     code: bytes | None = None
     grant: str | None = None
     note: Any = None
+    #: For a ``join``: the code's escrow (``escrow`` in protocol/untrusted.md, section 8),
+    #: tried when the peer lists its feature; None to use only the code.
+    escrow: EscrowKey | None = None
 
     def __repr__(self) -> str:  # the code is a secret
         return "ConnectTarget(id={!r}, peer_id={!r}, kind={!r})".format(
@@ -125,6 +131,17 @@ class ConnectTarget:
         return "join" if self.keys is None else "offer"
 
 
+class EscrowKey(Protocol):
+    """What an access code derives for code escrow (protocol/untrusted.md, section 8)."""
+
+    feature: str
+    lookup: str
+    psk: bytes
+
+    def open(self, text: bytes, signature: bytes) -> ShareKeys:
+        """The keys an escrow entry seals for this code; an error if it does not open."""
+
+
 class KeyRing(Protocol):
     """What the handshake needs to know from the daemon (both roles).
 
@@ -150,6 +167,11 @@ class KeyRing(Protocol):
 
     def code_used(self, access_id: str) -> None:
         """The peer acknowledged the keys we gave for this code (spend single-use codes)."""
+
+    def escrow_entry(self, lookup: str) -> Any | None:
+        """An escrow entry we keep for ``lookup`` (with ``share_id``, ``psk``, ``text``,
+        ``signature``), or None, also when too many were asked for lately.  Optional:
+        a keyring without it keeps no escrow (protocol/untrusted.md, section 8)."""
 
     def create_share_from_keys(self, keys: ShareKeys, target: ConnectTarget) -> Deferred | None:
         """Store keys received for ``target`` and create the share; a Deferred if slow."""
@@ -393,6 +415,8 @@ class Handshake:
         self._their_name: str | None = None
         self._skew = 0.0
         self._refusal: dict[str, str] = {}  # what our cannot_start adds (reason, proof)
+        self._escrow: Any = None  # the escrow entry we hand over (server)
+        self._escrow_join = False  # we asked for an escrow entry and the peer has it
 
     @classmethod
     def server(
@@ -438,7 +462,8 @@ class Handshake:
             AWAIT_GREETING: {"greeting": self._got_greeting},
             AWAIT_START: {"start": self._got_start},
             AWAIT_STARTTLS: {"starttls": self._got_starttls, "cannot_start": self._got_cannot_start},
-            AWAIT_KEYS: {"keys": self._got_keys, "identity": self._got_identity},
+            AWAIT_KEYS: {"keys": self._got_keys, "escrow": self._got_escrow,
+                         "identity": self._got_identity},
             CREATING_SHARE: {"identity": self._got_identity},
             AWAIT_ACK: {"keys_acknowledgment": self._got_ack, "identity": self._got_identity},
             AWAIT_IDENTITY: {"identity": self._got_identity},
@@ -473,7 +498,7 @@ class Handshake:
         self._our_peer = target.peer_id
         access = "unknown" if target.keys is None else target.keys.access
         self.state = AWAIT_STARTTLS
-        return [Send({
+        start = {
             "type": "start",
             "software": self._software,
             "protocol": PROTOCOL_VERSION,
@@ -481,7 +506,11 @@ class Handshake:
             "id": target.id,
             "access": access,
             "peer": target.peer_id,
-        })]
+        }
+        if target.kind == "join" and target.escrow is not None \
+                and target.escrow.feature in self._features:
+            start["escrow"] = target.escrow.lookup  # (protocol/untrusted.md, section 8)
+        return [Send(start)]
 
     def _got_start(self, body: dict[str, Any], now: float) -> list[Action]:
         version = body.get("protocol")
@@ -500,6 +529,8 @@ class Handshake:
         self._their_peer = their_peer
 
         psk = self._choose_server_key(start_id, their_access, now)
+        if psk is None and their_access == "unknown":
+            psk = self._choose_escrow(body.get("escrow"))
         if psk is None:
             self.state = CLOSED
             reason = self._refusal.get("reason")
@@ -511,9 +542,13 @@ class Handshake:
         if their_peer == self._our_peer:
             self.state = CLOSED
             return [Close("loopback: the peer is ourselves", quiet=True)]
+        starttls = {"type": "starttls", "peer": self._our_peer, "access": self._level}
+        if self._escrow is not None:
+            starttls["escrow"] = True
         actions: list[Action] = [
-            Send({"type": "starttls", "peer": self._our_peer, "access": self._level}),
-            StartTLS(psk, psk_identity(start_id), self._features),
+            Send(starttls),
+            StartTLS(psk, psk_identity(self._escrow.lookup if self._escrow is not None
+                                       else start_id), self._features),
         ]
         return actions + self._enter_tls(now)
 
@@ -571,6 +606,26 @@ class Handshake:
             self._refusal = {"reason": "unknown"}
         return None
 
+    def _choose_escrow(self, lookup: object) -> bytes | None:
+        """The escrow key for ``start.escrow``, if we keep that entry (protocol/untrusted.md,
+        section 8); None leaves the refusal as it was."""
+        find = getattr(self._keyring, "escrow_entry", None)
+        if find is None or not isinstance(lookup, str) or not _ID_RE.fullmatch(lookup) \
+                or ESCROW_FEATURE not in self._features:
+            return None
+        entry = find(lookup)
+        if entry is None:
+            return None
+        keys = self._keyring.share_keys(entry.share_id)
+        if keys is None:
+            return None
+        self._escrow = entry
+        self._keys = keys
+        self._level = "unknown"
+        self._our_peer = self._keyring.peer_id(entry.share_id)
+        self._refusal = {}
+        return bytes(entry.psk)
+
     def _got_cannot_start(self, body: dict[str, Any], now: float) -> list[Action]:
         self.state = CLOSED
         reason = body.get("reason")
@@ -610,18 +665,31 @@ class Handshake:
                     "starttls: level {!r} for an access code (expected 'unknown')".format(level))
             assert target.code is not None
             psk = target.code
+            identity = psk_identity(target.id)
             self._access_id = target.id
+            if body.get("escrow") is True:
+                # The peer keeps the code's escrow entry, not the code.
+                if target.kind != "join" or target.escrow is None \
+                        or target.escrow.feature not in self._features:
+                    raise HandshakeError("starttls: an escrow we did not ask for")
+                psk, identity = target.escrow.psk, psk_identity(target.escrow.lookup)
+                self._escrow_join = True
             if target.kind == "offer":
                 self._keys = target.keys
                 self._grant = target.grant
             else:
                 self._join = target
+            return [StartTLS(psk, identity, self._features)] + self._enter_tls(now)
         return [StartTLS(psk, psk_identity(target.id), self._features)] + self._enter_tls(now)
 
     # -- inside TLS ---------------------------------------------------------------------
 
     def _enter_tls(self, now: float) -> list[Action]:
         """First messages after the switch to TLS, by role."""
+        if self._escrow is not None:
+            self.state = AWAIT_ACK
+            return [Send({"type": "escrow", "entry": self._escrow.text.decode("utf-8"),
+                          "signature": base64.b64encode(self._escrow.signature).decode("ascii")})]
         if self._grant is not None:
             assert self._keys is not None
             self.state = AWAIT_ACK
@@ -660,12 +728,29 @@ class Handshake:
             return self._finish()
         return []
 
-    def _got_keys(self, body: dict[str, Any], now: float) -> list[Action]:
-        keys = ShareKeys.from_keys_message(body)
+    def _got_escrow(self, body: dict[str, Any], now: float) -> list[Action]:
+        target = self._join
+        if not self._escrow_join or target is None or target.escrow is None:
+            raise HandshakeError("escrow: an entry we did not ask for")
+        entry, signature = body.get("entry"), body.get("signature")
+        try:
+            if not isinstance(entry, str) or not isinstance(signature, str):
+                raise ValueError("the entry and its signature must be strings")
+            keys = target.escrow.open(entry.encode("utf-8"),
+                                      base64.b64decode(signature.encode("ascii"), validate=True))
+        except (ValueError, ClearSkiesError) as e:
+            raise HandshakeError("escrow: the entry does not open: %s" % e) from None
+        return self._got_keys(keys, now)
+
+    def _got_keys(self, body: dict[str, Any] | ShareKeys, now: float) -> list[Action]:
+        if self._escrow_join and not isinstance(body, ShareKeys):
+            raise HandshakeError("keys: an escrow connection hands over an entry, not keys")
+        keys = body if isinstance(body, ShareKeys) else ShareKeys.from_keys_message(body)
         target = self._join
         assert target is not None
         self._keys = keys
-        self._level = keys.access
+        # Over an escrow the peer is untrusted: the connection goes on at that level.
+        self._level = "untrusted" if self._escrow_join else keys.access
         self._our_peer = target.peer_id
         self.state = CREATING_SHARE
         try:
@@ -679,6 +764,9 @@ class Handshake:
         return self.share_created(now)
 
     def _got_ack(self, body: dict[str, Any], now: float) -> list[Action]:
+        if self._escrow is not None:
+            self._level = "untrusted"
+            return self._after_exchange(self._send_identity(now), now)
         assert self._access_id is not None and self._grant is not None
         self._keyring.code_used(self._access_id)
         self._level = self._grant

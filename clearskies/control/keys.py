@@ -2,9 +2,10 @@
 
 ``.clearskies.export_keys`` hands out a share's keys, secrets included, so
 the user can keep them for a restore; ``.clearskies.import_keys`` makes an
-empty folder that share again.  An access code cannot do this when only
-untrusted peers are left: they never hold the keys a code fetches
-(protocol/untrusted.md, section 2.1).  A mixin of
+empty folder that share again.  An access code does this from untrusted
+peers alone only when it was escrowed (long-lived, read_write or read_only):
+they never hold the keys a code fetches (protocol/untrusted.md, sections 2.1
+and 8).  A mixin of
 :class:`clearskies.control.commands.DaemonCommands`, which gives it ``daemon``
 and ``_share``.
 """

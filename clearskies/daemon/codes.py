@@ -22,6 +22,7 @@ from clearskies.interfaces import IAttachDialler
 from clearskies.keys import ShareKeys
 from clearskies.share import location
 from clearskies.share.database import AccessCodeInfo
+from clearskies.untrusted.escrow import ESCROW_LEVELS, CodeEscrow
 
 
 #: A pending attach that no peer has accepted for this long gives up (protocol/control.md).
@@ -120,6 +121,8 @@ class AccessCodes:
         # Access ID → (why the code is dead, the code), for codes no longer in self.codes
         # (bounded): their holders are told why, with a proof (protocol/handshake.md).
         self._dead_codes: dict[str, tuple[str, bytes]] = {}
+        # Dead multi-use codes that had an escrow entry: trusted peers remove it.
+        self._dead_escrowed: dict[str, AccessCode] = {}
         self.joins: dict[str, PendingJoin] = {}
         self._finished_joins: dict[str, PendingJoin] = {}
         #: Called with a code of ours that was made, used or cancelled (code spreading).
@@ -222,6 +225,26 @@ class AccessCodes:
         self._dead_codes[code.access_id] = (reason, code.code)
         while len(self._dead_codes) > MAX_DEAD_CODES:
             del self._dead_codes[next(iter(self._dead_codes))]
+        if not code.one_time and code.level in ESCROW_LEVELS:
+            self._dead_escrowed.pop(code.access_id, None)
+            self._dead_escrowed[code.access_id] = code
+            while len(self._dead_escrowed) > MAX_DEAD_CODES:
+                del self._dead_escrowed[next(iter(self._dead_escrowed))]
+
+    def escrow_codes(self, share_id: str) -> list[tuple[bytes, str, float | None, bool]]:
+        """The share's multi-use read_write and read_only codes, live and dead, as
+        (code, level, expires, live): what code escrow deposits on untrusted peers or
+        removes from them (protocol/untrusted.md, section 8)."""
+        now = self.now()
+        out = [(c.code, c.level, c.expires, True) for c in self.codes.values()
+               if c.share_id == share_id and not c.one_time and c.level in ESCROW_LEVELS
+               and c.is_live(now)]
+        out.extend((c.code, c.level, c.expires, False) for c in self._dead_escrowed.values()
+                   if c.share_id == share_id)
+        out.extend((c.code, c.level, c.expires, False) for c in self.codes.values()
+                   if c.share_id == share_id and not c.one_time and c.level in ESCROW_LEVELS
+                   and not c.is_live(now))
+        return out
 
     def live_code(self, access_id: str) -> AccessCode | None:
         code = self.codes.get(access_id)
@@ -254,7 +277,9 @@ class AccessCodes:
         join = self.joins.get(access_id)
         if join is None or join.failed is not None:
             return None
-        return ConnectTarget.join(join.code, join.peer_id, note=join)
+        target = ConnectTarget.join(join.code, join.peer_id, note=join)
+        target.escrow = CodeEscrow(join.code)  # (protocol/untrusted.md, section 8)
+        return target
 
     async def add_join(self, code: bytes, path: str, peers: list[str],
                        merge: bool = False) -> PendingJoin:

@@ -26,7 +26,7 @@ from clearskies.daemon.shares import Shares
 from clearskies.discovery.connector import ConnectionManager
 from clearskies.discovery.tcp import TcpTransport
 from clearskies.errors import CannotStart, ConfigurationError
-from clearskies.handshake import ConnectTarget, KeyRing
+from clearskies.handshake import ESCROW_FEATURE, ConnectTarget, KeyRing
 from clearskies.interfaces import IAttachDialler, IDiscoverySource, IPeerTransport
 from clearskies.peer import PeerProtocol, connect_peer
 from clearskies.sync import SyncSession
@@ -71,7 +71,7 @@ def offered_features(compress: str | None = None) -> tuple[str, ...]:
         raise ConfigurationError("--compress must be one of %s, not %r"
                                  % (", ".join(COMPRESS_CHOICES), compress))
     return (("vv", "directories", "progress", "manifest_pages", "read_only_manifest",
-             "addresses", "revision_batches", "code_spread", sealed.FEATURE)
+             "addresses", "revision_batches", "code_spread", sealed.FEATURE, ESCROW_FEATURE)
             + (CODECS if compress == "gzip" else ()) + ((RSYNC,) if rdiff.AVAILABLE else ())
             + ((THUMBNAILS,) if PILLOW else ()))
 
@@ -335,6 +335,8 @@ class Dialling:
         config = self._resources.config
         peers = sealed.sealed_peers(runtime, self.reactor, lambda: config.get(
             "untrusted_challenge_interval", sealed.DEFAULT_CHALLENGE_INTERVAL))
+        if peers.owner is not None:  # code escrow (protocol/untrusted.md, section 8)
+            peers.owner.escrow_codes = lambda: self._codes.escrow_codes(runtime.share_id)
         session = sealed.start_session(peers, connection)
         if session is None:
             return _ClosedSession()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred
 
 from clearskies.accesscode import AccessCode
@@ -41,6 +43,17 @@ class DaemonKeyRing:
 
     def dead_code(self, access_id: str) -> tuple[str, bytes] | None:
         return self._codes.dead_code(access_id)
+
+    def escrow_entry(self, lookup: str) -> Any | None:
+        """An escrow entry an untrusted share of ours keeps (protocol/untrusted.md, section 8)."""
+        for runtime in self._shares.by_id.values():
+            box = getattr(getattr(getattr(runtime, "sealed", None), "side", None), "escrow", None)
+            if box is not None and runtime.error is None \
+                    and not getattr(runtime, "share_paused", False):
+                entry = box.entry(lookup)
+                if entry is not None:
+                    return entry
+        return None
 
     def code_used(self, access_id: str) -> None:
         self._codes.code_used(access_id)

@@ -23,6 +23,7 @@ from clearskies.errors import ProtocolError
 from clearskies.interfaces import IRunner
 from clearskies.sync.sealed import vault
 from clearskies.sync.sealed.channel import Channel, SerialWriter, spawn
+from clearskies.sync.sealed.escrowing import EscrowBox
 from clearskies.sync.sealed.messages import check_data, check_get, check_hex
 from clearskies.untrusted.manifest import BlobEntry, SignedManifest, read_manifest
 from clearskies.untrusted.sealing import SealError
@@ -51,6 +52,8 @@ class Keeper:
         self.busy = False  # a challenge is being answered
         self.challenges: dict[str, list[float]] = {}  # peer ID -> when it challenged (an hour)
         self._loaded: Deferred[None] | None = None
+        # Code escrow (protocol/untrusted.md, section 8).
+        self.escrow = EscrowBox(share_id, root, public_keys, runner, clock)
 
     def loaded(self) -> Deferred[None]:
         """Fires once the held manifest was read (and checked) from disk."""
@@ -65,6 +68,7 @@ class Keeper:
         return waiter
 
     async def _load(self) -> None:
+        await self.escrow.load()
         try:
             found = await self.runner.run(vault.load_manifest, self.root)
         except OSError as e:
@@ -205,6 +209,19 @@ class KeeperSession:
             self._on_verify(event)
         elif kind == "untrusted.lost":
             self._on_lost(event)
+        elif kind in ("untrusted.escrow", "untrusted.escrow_remove"):
+            self._on_escrow(kind, event)
+
+    def _on_escrow(self, kind: str, event: Any) -> None:
+        def refused(failure: Any) -> None:
+            if failure.check(ProtocolError):
+                self._log.warn("refused an escrow line from {peer}: {why}",
+                               peer=self.peer_id[:8], why=failure.getErrorMessage())
+                self.connection.close(failure.getErrorMessage())
+            else:
+                self._log.failure("keeping an escrow entry failed", failure)
+        Deferred.fromCoroutine(self.keeper.escrow.received(
+            kind, event.text, event.signature)).addErrback(refused)
 
     def _on_manifest(self, event: Any) -> None:
         if event.signature is None:

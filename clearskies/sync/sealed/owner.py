@@ -84,6 +84,10 @@ class Owner:
         self.challenge_interval = challenge_interval
         self.content = ContentKeys(self.share_id, keys.psks["read_only"])
         self.public_keys: dict[str, bytes] = dict(keys.public_keys)
+        self.keys = keys
+        #: The share's codes for escrow, (code, level, expires, live) (protocol/untrusted.md,
+        #: section 8); set by the daemon.
+        self.escrow_codes: Callable[[], list[tuple[bytes, str, Any, bool]]] = lambda: []
         self.signing_key: bytes | None = keys.private_keys.get("read_write")
         self.challenge_key: bytes = keys.private_keys.get("read_write") \
             or keys.private_keys["read_only"]

@@ -24,6 +24,7 @@ from clearskies import keys as keymod
 from clearskies import wire
 from clearskies.errors import ClearSkiesError, ProtocolError
 from clearskies.sync.sealed.channel import Channel, SerialWriter, spawn
+from clearskies.sync.sealed.escrowing import EscrowSender
 from clearskies.sync.sealed.files import RestoreFile, SealedReader, challenge_expected
 from clearskies.sync.sealed.messages import check_data, check_get, check_hex
 from clearskies.sync.sealed.owner import Owner
@@ -67,6 +68,9 @@ class OwnerSession:
         self._taking: Deferred[None] | None = None
         self._becoming = False
         self.restored = 0
+        self.escrow: EscrowSender | None = None
+        if "code_escrow" in getattr(connection.established, "features", ()):
+            self.escrow = EscrowSender(owner.keys, owner.escrow_codes)
 
     def start(self) -> None:
         spawn(self.owner.load(), "reading what untrusted peers were shown")
@@ -245,6 +249,9 @@ class OwnerSession:
         if not self.alive:
             return
         self._timer = self.owner.clock.callLater(CHECK_EVERY, self._tick)
+        if self.escrow is not None:
+            for line in self.escrow.lines():
+                self.channel.send_encoded(line)
         self._build_now()
 
     def _build_now(self) -> None:
