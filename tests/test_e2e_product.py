@@ -146,6 +146,8 @@ def test_scan_while_paused_is_refused_at_once(daemon_factory):
     a = alice.shares
     (a / "one.txt").write_text("one\n")
     alice.cli_json("share", str(a))
+    # Only the scan asked for may find two.txt below (the watcher could come first).
+    alice.cli("config", "set", "watcher", "false", "--share", str(a))
     alice.cli("pause")
     started = time.monotonic()
     result = alice.cli("scan", str(a), check=False, timeout=20)
