@@ -191,3 +191,55 @@ def test_signed_messages_page_by_kind_in_key_order(db):
     assert [(key, part) for key, part, _, _ in got] == sorted(
         (key, part) for _, key, part, _, _ in rows[:7])
     assert pages.signed_page(db, SHARE, "update") == [("a/path", "", b"update", b"sig")]
+
+
+def test_announced_and_wanted_never_reach_the_database_file(tmp_path):
+    """Lists that last only while the daemon runs stay out of the file (and its WAL),
+    are gone on reopening, and leave with their share."""
+    import sqlite3
+
+    path = tmp_path / "state.sqlite3"
+    database = state_database(path)
+    pages.put_announced(database, SHARE, PEER, [file("a"), file("b")], acked=True)
+    pages.put_wanted(database, SHARE, [(file("w", size=3), None, [PEER])])
+    assert [r.path for r in pages.announced_page(database, SHARE, PEER)] == ["a", "b"]
+    assert pages.wanted_totals(database, SHARE) == (1, 3)
+    other = sqlite3.connect(path)
+    tables = {name for (name,) in other.execute("SELECT name FROM sqlite_master")}
+    other.close()
+    assert tables.isdisjoint({"announced", "wanted", "wanted_sources"})
+    database.remove_share(SHARE)
+    assert pages.announced_page(database, SHARE, PEER) == []
+    assert pages.wanted_totals(database, SHARE) == (0, 0)
+    pages.put_announced(database, SHARE, OTHER, [file("c")])
+    database.close()
+    again = StateDatabase(path)
+    assert pages.announced_page(again, SHARE, OTHER) == []
+    again.close()
+
+
+def test_upgrade_drops_the_old_tables_of_the_lists(tmp_path):
+    """A database of schema 5 loses its announced/wanted tables (and their rows) on upgrade."""
+    import shutil
+    import sqlite3
+
+    from clearskies.share.database import SCHEMA_DIR
+
+    five = tmp_path / "schema5"
+    five.mkdir()
+    for entry in SCHEMA_DIR.glob("00[1-5]_*.sql"):
+        shutil.copy(entry, five)
+    path = tmp_path / "state.sqlite3"
+    old = StateDatabase(path, five)
+    assert old.schema_version == 5
+    old.connection.execute("INSERT INTO main.shares (share_id, path, peer_id, access, created)"
+                           " VALUES ('s', '/s', 'p', 'read_write', 1)")
+    old.connection.execute("INSERT INTO main.wanted (share_id, path, utime) VALUES ('s', 'p', 1)")
+    old.close()
+    new = StateDatabase(path)
+    assert new.schema_version == 6
+    new.close()
+    conn = sqlite3.connect(path)
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert tables.isdisjoint({"announced", "wanted", "wanted_sources", "wanted_sources_by_peer"})

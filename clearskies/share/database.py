@@ -36,6 +36,10 @@ from clearskies.interfaces import IRunner
 T = TypeVar("T")
 
 SCHEMA_DIR = Path(__file__).with_name("schema")
+#: Temporary tables every connection makes for itself (lists that last only
+#: while the daemon runs; clearskies.share.pages), and their names.
+SCRATCH_FILE = "scratch.sql"
+SCRATCH_TABLES = ("wanted_sources", "wanted", "announced")
 DB_FILENAME = "state.sqlite3"
 PAGE_SIZE = 1000
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -217,6 +221,9 @@ class StateDatabase:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self.schema_version = migrate(self._conn, schema_dir)
+        scratch = schema_dir / SCRATCH_FILE
+        if scratch.exists():  # (test schemas may have none)
+            self._conn.executescript(scratch.read_text(encoding="utf-8"))
 
     def close(self) -> None:
         self._conn.close()
@@ -280,6 +287,8 @@ class StateDatabase:
         """Forget a share and everything about it (records, peers, codes)."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM shares WHERE share_id = ?", (share_id,))
+            for table in SCRATCH_TABLES:  # (temporary tables: no cascade from shares)
+                conn.execute("DELETE FROM temp.%s WHERE share_id = ?" % table, (share_id,))
 
     def set_share_state(self, share_id: str, state: str, error: str | None = None) -> None:
         with self._transaction() as conn:
