@@ -105,7 +105,8 @@ class ILocalShare(Interface):
         """True for a file found rotted on disk (its bytes are not its record's): never served."""
 
     def unchanged_many(paths, local_paths=None):
-        """Deferred {path: True when the file on disk is as our last scan recorded it}."""
+        """Deferred ({path: True when the file on disk is as our last scan recorded it},
+        {path: our record it was checked against}, paths we hold no record of left out)."""
 
     def commit_remote(records, written=None):
         """Store records whose on-disk state is now in place; Deferred new revision.
@@ -127,9 +128,12 @@ class ILocalShare(Interface):
         """``remove_local`` for many paths; ``decided_on``: our records the caller judged;
         ``changes``: the peers' records deleting them (who deleted what, for kept versions)."""
 
-    def keeper_for(records):
+    def keeper_for(records, ours=None):
         """Deferred: a worker-thread job ``keep(target)`` that keeps what the downloads of
-        ``records`` are about to replace as versions, or None when the share keeps none."""
+        ``records`` are about to replace as versions, or None when the share keeps none.
+
+        ``ours``: our records of those paths as :meth:`unchanged_many` gave them (the
+        state the disk was checked against); without it they are read again."""
 
     def make_directory(path, mode):
         """Deferred: a folder (and its parents) exists inside the share."""

@@ -164,7 +164,7 @@ class MemoryShare:
         return succeed([self.rename_local(src, dst, ours).result
                         for (src, dst), ours in zip(moves, decided)])
 
-    def keeper_for(self, records: list[FileRecord]):
+    def keeper_for(self, records: list[FileRecord], ours: Any = None):
         return succeed(None)  # keeps no versions
 
     def remove_many(self, paths: list[str], decided_on: Any = None, changes: Any = None):
@@ -175,7 +175,8 @@ class MemoryShare:
         self.seen = (peer_id, revision)
 
     def unchanged_many(self, paths: list[str], local_paths: Any = None):
-        return succeed({p: self.is_unchanged(p).result for p in paths})
+        return succeed(({p: self.is_unchanged(p).result for p in paths},
+                        {p: self.records[p] for p in paths if p in self.records}))
 
     def hashes_present(self, hashes: list[str]):
         live = {r.sha256 for r in self.records.values() if not r.deleted}

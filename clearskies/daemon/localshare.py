@@ -221,24 +221,26 @@ class LocalShareFiles:
         d = self.store.get_stored_many(self.share_id, paths)
         return d.addCallback(lambda found: {p: s.record for p, s in found.items()})
 
-    def unchanged_many(self, paths: list[str],
-                       local_paths: list[Path] | None = None) -> Deferred[dict[str, bool]]:
+    def unchanged_many(self, paths: list[str], local_paths: list[Path] | None = None
+                       ) -> Deferred[tuple[dict[str, bool], dict[str, FileRecord]]]:
         """``is_unchanged`` for many paths: one database query, one worker call.
 
+        Also gives our records the disk was compared with, for :meth:`keeper_for`.
         ``local_paths``: their local paths, when the caller has them already
         (each costs file-system checks to work out again).
         """
         return Deferred.fromCoroutine(self._unchanged_many(paths, local_paths))
 
-    async def _unchanged_many(self, paths: list[str],
-                              local_paths: list[Path] | None = None) -> dict[str, bool]:
+    async def _unchanged_many(self, paths: list[str], local_paths: list[Path] | None = None
+                              ) -> tuple[dict[str, bool], dict[str, FileRecord]]:
         stored = await self.store.get_stored_many(self.share_id, paths)
         if local_paths is None:
             local_paths = [self.local_path(p) for p in paths]
         locals_ = [(p, str(local), stored.get(p)) for p, local in zip(paths, local_paths)]
-        return await self.files_runner.run(
+        answers = await self.files_runner.run(
             diskjobs.unchanged_many,
             [(p, local, expected_on_disk(row)) for p, local, row in locals_])
+        return answers, {path: row.record for path, row in stored.items()}
 
     def local_path(self, path: str) -> Path:
         return self.paths.to_local(path)
@@ -376,25 +378,33 @@ class LocalShareFiles:
                 for index, path in enumerate(paths)]
         return await self._remove_kept(jobs, {r.path: r for r in changes or []})
 
-    def keeper_for(self, records: list[FileRecord]) -> Deferred[Callable[[Path], None] | None]:
-        """The job keeping what downloads of ``records`` are about to replace, or None."""
-        return Deferred.fromCoroutine(self._keeper_for(records))
+    def keeper_for(self, records: list[FileRecord], ours: dict[str, FileRecord] | None = None
+                   ) -> Deferred[Callable[[Path], None] | None]:
+        """The job keeping what downloads of ``records`` are about to replace, or None.
 
-    async def _keeper_for(self, records: list[FileRecord]) -> Callable[[Path], None] | None:
+        ``ours``: our records of those paths, as :meth:`unchanged_many` checked them
+        against the disk (so no second query); without it they are read.
+        """
+        return Deferred.fromCoroutine(self._keeper_for(records, ours))
+
+    async def _keeper_for(self, records: list[FileRecord], ours: dict[str, FileRecord] | None
+                          ) -> Callable[[Path], None] | None:
         if self.versions is None or not self.versions.policy.keeping or not records:
             return None
-        stored = await self.store.get_stored_many(self.share_id, [r.path for r in records])
+        if ours is None:
+            stored = await self.store.get_stored_many(self.share_id, [r.path for r in records])
+            ours = {path: row.record for path, row in stored.items()}
         jobs: dict[str, tuple[str, FileRecord, FileRecord]] = {}
         for record in records:
-            row = stored.get(record.path)
-            if row is None or row.record.deleted or row.record.is_dir:
+            mine = ours.get(record.path)
+            if mine is None or mine.deleted or mine.is_dir:
                 continue  # nothing there to keep (asked first: a local path costs checks)
-            if row.record.same_content(record):
+            if mine.same_content(record):
                 continue  # the same bytes again: the file itself stays what it was
             local = self._safe_local(record.path)
             if local is None:
                 continue
-            jobs[local] = (record.path, row.record, record)
+            jobs[local] = (record.path, mine, record)
         self.versions.note_kept([ours.sha256 for _, ours, _ in jobs.values()])
         return self.versions.replacer(jobs)
 

@@ -239,8 +239,9 @@ class Downloads:
         written: dict[str, tuple[int, int, int]] = {}
         # Checks and renames are issued together so their thread hops overlap.
         checks: list[tuple[bool, Any]]
+        ours: dict[str, FileRecord] | None = None
         try:
-            answers = await self.share.unchanged_many(
+            answers, ours = await self.share.unchanged_many(
                 [record.path for _, record, _ in batch],
                 [receiver.local_path for receiver, _, _ in batch])
             checks = [(True, answers[record.path]) for _, record, _ in batch]
@@ -265,7 +266,7 @@ class Downloads:
             [receiver.expected.path for receiver, unchanged in checked if unchanged])
         try:
             keep = await self.share.keeper_for(  # kept versions of what gets replaced
-                [receiver.expected for receiver, unchanged in checked if unchanged])
+                [receiver.expected for receiver, unchanged in checked if unchanged], ours)
             installed_now = await finish_many(self.share.files_runner, checked, keep)
         except Exception:
             installed_now = [Failure()] * len(checked)
