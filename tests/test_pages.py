@@ -243,3 +243,24 @@ def test_upgrade_drops_the_old_tables_of_the_lists(tmp_path):
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
     assert tables.isdisjoint({"announced", "wanted", "wanted_sources", "wanted_sources_by_peer"})
+
+
+def test_one_batch_of_wanted_files_applies_its_items_in_order(db):
+    """A path twice in one put_wanted: counted once, the later item wins, and new content
+    in the same batch forgets the sources the earlier item gave (as two calls would)."""
+    first = file("p", sha="1" * 64, size=10)
+    assert pages.put_wanted(db, SHARE, [(file("q", size=4), None, [PEER])]) == (1, 4)
+    assert pages.put_wanted(db, SHARE, [
+        (first, "there", [PEER]),
+        (first, "elsewhere", [OTHER]),            # same content: sources add, fetch path stays
+        (file("q", sha="2" * 64, size=6), None, [OTHER]),   # new content: old sources go
+    ]) == (1, 10 + 6 - 4)
+    rows = pages.wanted_many(db, SHARE, ["p", "q"])
+    assert rows["p"].sources == {PEER, OTHER} and rows["p"].remote_path == "there"
+    assert rows["q"].sources == {OTHER} and rows["q"].record.sha256 == "2" * 64
+    assert pages.put_wanted(db, SHARE, [
+        (file("p", sha="3" * 64, size=1), None, [PEER]),
+        (file("p", sha="4" * 64, size=2), None, [OTHER]),
+    ]) == (0, 2 - 10)
+    assert pages.wanted_many(db, SHARE, ["p"])["p"].sources == {OTHER}
+    assert pages.wanted_totals(db, SHARE) == (2, 8)

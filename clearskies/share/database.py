@@ -51,6 +51,8 @@ _FILE_COLUMNS = (
     "path, utime, deleted, is_dir, size, mtime_sec, mtime_nsec, mode, sha256, vv,"
     " file_id, file_key, conflict_source, revision, local_inode, local_size, local_mtime_ns"
 )
+#: The same columns for :func:`select_json` (``utime`` through ``quote``, which keeps it exact).
+_FILE_COLUMNS_JSON = _FILE_COLUMNS.replace("utime", "quote(utime)", 1)
 _SHARE_COLUMNS = "share_id, path, peer_id, access, revision, state, error, last_scan, created"
 _PEER_COLUMNS = ("share_id, peer_id, name, last_seen, addresses, manifest_revision,"
                  " acked_revision")
@@ -328,16 +330,16 @@ class StateDatabase:
 
     def get_stored_many(self, share_id: str, paths: Sequence[str]) -> dict[str, StoredRecord]:
         """The stored rows of many paths at once (absent paths are left out)."""
+        if not paths:
+            return {}
+        rows = select_json(self._conn, _FILE_COLUMNS_JSON,
+                           "FROM files WHERE share_id = ? AND path IN"
+                           " (SELECT value FROM json_each(?))",
+                           (share_id, as_json(list(dict.fromkeys(paths)))))
         found: dict[str, StoredRecord] = {}
-        unique = list(dict.fromkeys(paths))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
-            rows = self._conn.execute(
-                "SELECT %s FROM files WHERE share_id = ? AND path IN (%s)"
-                % (_FILE_COLUMNS, ",".join("?" * len(chunk))), [share_id, *chunk])
-            for row in rows:
-                stored = _stored_from_row(row)
-                found[stored.path] = stored
+        for row in rows:
+            stored = _stored_from_json(row)
+            found[stored.path] = stored
         return found
 
     def records_between(self, share_id: str, low: str = "", high: str | None = None,
@@ -347,7 +349,7 @@ class StateDatabase:
         Paths compare as UTF-8 bytes, which is the order of Python's ``str``
         comparison, so a caller can merge a page with a sorted Python list.
         """
-        sql = "SELECT %s FROM files WHERE share_id = ? AND path >= ?" % _FILE_COLUMNS
+        sql = "FROM files WHERE share_id = ? AND path >= ?"
         args: list[Any] = [share_id, low]
         if high is not None:
             sql += " AND path < ?"
@@ -357,7 +359,9 @@ class StateDatabase:
             args.append(after)
         sql += " ORDER BY path LIMIT ?"
         args.append(limit)
-        return [_stored_from_row(row) for row in self._conn.execute(sql, args)]
+        rows = select_json(self._conn, _FILE_COLUMNS_JSON, sql, args)
+        rows.sort(key=lambda row: row[0])  # (already in order: a linear check)
+        return [_stored_from_json(row) for row in rows]
 
     def conflict_copies(self, share_id: str, limit: int = PAGE_SIZE) -> list[FileRecord]:
         """Live conflict copies of the share (records with a ``conflict_source``), by path."""
@@ -443,10 +447,8 @@ class StateDatabase:
         keys = cache_keys or {}
         with self._transaction() as conn:
             revision = self._bump_revision(conn, share_id)
-            conn.executemany(
-                "INSERT OR REPLACE INTO files (share_id, %s) VALUES (?%s)"
-                % (_FILE_COLUMNS, ",?" * 17),
-                [_row_from_record(share_id, r, revision, keys.get(r.path)) for r in records])
+            _write_rows(conn, [_row_from_record(share_id, r, revision, keys.get(r.path))
+                               for r in records])
         return revision
 
     def apply_local_changes(self, share_id: str, changes: Sequence[LocalChange]
@@ -469,10 +471,8 @@ class StateDatabase:
             if not fresh:
                 return self._current_revision(conn, share_id), []
             revision = self._bump_revision(conn, share_id)
-            conn.executemany(
-                "INSERT OR REPLACE INTO files (share_id, %s) VALUES (?%s)"
-                % (_FILE_COLUMNS, ",?" * 17),
-                [_row_from_record(share_id, c.record, revision, c.cache) for c in fresh])
+            _write_rows(conn, [_row_from_record(share_id, c.record, revision, c.cache)
+                               for c in fresh])
         return revision, [c.record for c in fresh]
 
     def refresh_cache_keys(self, share_id: str,
@@ -619,6 +619,50 @@ class StateDatabase:
                     " WHERE share_id = ? ORDER BY rowid", (share_id,))]
 
 
+# -- many rows in one SQLite step ---------------------------------------------------
+#
+# Python's sqlite3 lets go of the GIL around every step of a statement: one per
+# row read, and one per row of an ``executemany``.  On the database thread of a
+# busy daemon each hand-off back costs the reactor thread a wait for the lock
+# (bench/README.md, "Fewer hand-offs of the database thread").  So the lists
+# that cross the database by the thousand during a sync go in and come out as
+# one JSON text each: one step, one hand-off.
+
+
+def select_json(conn: sqlite3.Connection, columns: str, tail: str,
+                args: Sequence[Any]) -> list[list[Any]]:
+    """The rows of ``SELECT columns tail`` read in one step, each a list of its values.
+
+    ``columns`` must give every REAL column through ``quote()`` (JSON would
+    write it with 15 digits, losing bits; ``quote`` writes it exactly): the
+    caller turns those strings back with ``float``.  No BLOB columns.  The
+    rows keep ``tail``'s ORDER BY (SQLite concatenates them in the order the
+    inner query gives them; callers that page sort again to be sure).
+    """
+    text = conn.execute(
+        "SELECT '[' || group_concat(j, ',') || ']' FROM (SELECT json_array(%s) AS j %s)"
+        % (columns, tail), args).fetchone()[0]
+    return json.loads(text) if text else []
+
+
+def as_json(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows to hand to ``json_each(?)`` (see :func:`insert_json`)."""
+    return json.dumps(rows, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def json_values(count: int) -> str:
+    """``value->>0, …, value->>count-1``: the columns of one row given by ``json_each``.
+
+    JSON numbers arrive exactly: SQLite's parser rounds them correctly, so a
+    float written by Python's ``json`` comes back the same double."""
+    return ", ".join("value->>%d" % index for index in range(count))
+
+
+def _stored_from_json(row: list[Any]) -> StoredRecord:
+    row[1] = float(row[1])
+    return _stored_from_row(row)
+
+
 def _row_from_record(share_id: str, r: FileRecord, revision: int,
                      cache: CacheKey | None) -> tuple[Any, ...]:
     mtime = r.mtime or (None, None)
@@ -636,6 +680,12 @@ def _row_from_record(share_id: str, r: FileRecord, revision: int,
             raise ValueError("the record of %r holds %d, which does not fit the database"
                              % (r.path, value))
     return row
+
+
+def _write_rows(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
+    """INSERT OR REPLACE rows of ``files`` (from :func:`_row_from_record`) in one step."""
+    conn.execute("INSERT OR REPLACE INTO files (share_id, %s) SELECT %s FROM json_each(?)"
+                 % (_FILE_COLUMNS, json_values(18)), (as_json(rows),))
 
 
 def _stored_from_row(row: Sequence[Any]) -> StoredRecord:

@@ -26,13 +26,15 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from clearskies.interfaces import IPagedLists
-from clearskies.share.database import PAGE_SIZE, CacheKey, ShareStore, StateDatabase
+from clearskies.share.database import (
+    PAGE_SIZE, CacheKey, ShareStore, StateDatabase, as_json, json_values, select_json)
 from clearskies.share.records import FileRecord
 
 #: Paths per ``IN (…)`` list: below SQLite's oldest default limit of 999 parameters.
 _CHUNK = 500
 _RECORD_COLUMNS = ("path, utime, deleted, is_dir, size, mtime_sec, mtime_nsec, mode, sha256,"
                    " vv, file_id, file_key, conflict_source")
+_RECORD_COLUMNS_JSON = _RECORD_COLUMNS.replace("utime", "quote(utime)", 1)
 _UPDATED = [c.strip() for c in _RECORD_COLUMNS.split(",")][1:] + ["fetch_path"]
 _tokens = itertools.count(1)
 
@@ -44,6 +46,16 @@ def record_values(record: FileRecord) -> tuple[Any, ...]:
             mtime[0], mtime[1], record.mode, record.sha256,
             json.dumps(record.vv, sort_keys=True, separators=(",", ":")), record.file_id,
             record.key, record.conflict_source)
+
+
+def _record_from_json(values: list[Any]) -> FileRecord:
+    """:func:`record_from` of a row read by ``select_json`` (``utime`` quoted)."""
+    values[1] = float(values[1])
+    return record_from(values)
+
+
+def _in_json(column: str = "path") -> str:
+    return "%s IN (SELECT value FROM json_each(?))" % column
 
 
 def record_from(values: Sequence[Any]) -> FileRecord:
@@ -140,18 +152,20 @@ def put_announced(db: StateDatabase, share_id: str, peer_id: str,
     holds (a manifest's records); otherwise the acknowledgement stays.
     """
     with db.transaction() as conn:
-        conn.executemany(
+        conn.execute(
             "INSERT INTO announced (share_id, peer_id, %s, acked)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " SELECT ?, ?, %s FROM json_each(?) WHERE true"
             " ON CONFLICT (share_id, peer_id, path) DO UPDATE SET utime = excluded.utime,"
             " deleted = excluded.deleted, is_dir = excluded.is_dir, size = excluded.size,"
             " mtime_sec = excluded.mtime_sec, mtime_nsec = excluded.mtime_nsec,"
             " mode = excluded.mode, sha256 = excluded.sha256, vv = excluded.vv,"
             " file_id = excluded.file_id, file_key = excluded.file_key,"
             " conflict_source = excluded.conflict_source, announced = 1,"
-            " acked = COALESCE(excluded.acked, announced.acked)" % _RECORD_COLUMNS,
-            [(share_id, peer_id, *record_values(r),
-              r.sha256 if acked and not r.deleted and r.sha256 else None) for r in records])
+            " acked = COALESCE(excluded.acked, announced.acked)"
+            % (_RECORD_COLUMNS, json_values(14)),
+            (share_id, peer_id, as_json([
+                (*record_values(r), r.sha256 if acked and not r.deleted and r.sha256 else None)
+                for r in records])))
 
 
 def announced_page(db: StateDatabase, share_id: str, peer_id: str, after: str | None = None,
@@ -167,14 +181,12 @@ def announced_page(db: StateDatabase, share_id: str, peer_id: str, after: str | 
 def announced_many(db: StateDatabase, share_id: str, peer_id: str,
                    paths: Sequence[str]) -> dict[str, FileRecord]:
     """The peer's records of these paths (paths it never announced are left out)."""
-    found: dict[str, FileRecord] = {}
-    for chunk in _chunks(list(dict.fromkeys(paths))):
-        rows = db.connection.execute(
-            "SELECT %s FROM announced WHERE share_id = ? AND peer_id = ? AND announced"
-            " AND path IN (%s)" % (_RECORD_COLUMNS, ",".join("?" * len(chunk))), [share_id, peer_id, *chunk])
-        for row in rows:
-            found[row[0]] = record_from(row)
-    return found
+    if not paths:
+        return {}
+    rows = select_json(db.connection, _RECORD_COLUMNS_JSON,
+                       "FROM announced WHERE share_id = ? AND peer_id = ? AND announced AND "
+                       + _in_json(), (share_id, peer_id, as_json(list(dict.fromkeys(paths)))))
+    return {row[0]: _record_from_json(row) for row in rows}
 
 
 def set_acked(db: StateDatabase, share_id: str, peer_id: str,
@@ -257,67 +269,82 @@ def put_wanted(db: StateDatabase, share_id: str,
     """
     added = grown = 0
     with db.transaction() as conn:
+        # What is there already, for every path at once.
+        rows = select_json(conn, "path, sha256, size, deleted, is_dir, fetch_path",
+                           "FROM wanted WHERE share_id = ? AND " + _in_json(),
+                           (share_id, as_json(list({r.path: None for r, _, _ in items}))))
+        old: dict[str, list[Any]] = {row[0]: row[1:] for row in rows}
+        upserts: list[tuple[Any, ...]] = []
+        new_content: list[str] = []
+        sources_of: list[tuple[str, str]] = []
         for record, fetch_path, sources in items:
-            old = conn.execute("SELECT sha256, size, deleted, is_dir, fetch_path FROM wanted"
-                               " WHERE share_id = ? AND path = ?",
-                               (share_id, record.path)).fetchone()
-            if old is None:
+            before = old.get(record.path)
+            if before is None:
                 added += 1
             else:
-                grown -= old[1] or 0
-                if tuple(old[:4]) != (record.sha256, record.size, int(record.deleted),
-                                      int(record.is_dir)):
-                    conn.execute("DELETE FROM wanted_sources WHERE share_id = ? AND path = ?",
-                                 (share_id, record.path))
+                grown -= before[1] or 0
+                if tuple(before[:4]) != (record.sha256, record.size, int(record.deleted),
+                                         int(record.is_dir)):
+                    new_content.append(record.path)
+                    sources_of = [s for s in sources_of if s[0] != record.path]
                 elif fetch_path is not None:
-                    fetch_path = old[4]
+                    fetch_path = before[4]
             grown += record.size or 0
-            # An upsert: a REPLACE would delete the row, and its sources with it.
-            conn.execute(
-                "INSERT INTO wanted (share_id, %s, fetch_path)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (share_id, path) DO UPDATE SET %s" % (
-                    _RECORD_COLUMNS, ", ".join("%s = excluded.%s" % (c, c) for c in _UPDATED)),
-                (share_id, *record_values(record), fetch_path))
-            conn.executemany(
-                "INSERT OR IGNORE INTO wanted_sources (share_id, path, peer_id) VALUES (?, ?, ?)",
-                [(share_id, record.path, peer) for peer in sources])
+            old[record.path] = [record.sha256, record.size, int(record.deleted),
+                                int(record.is_dir), fetch_path]
+            upserts.append((*record_values(record), fetch_path))
+            sources_of.extend((record.path, peer) for peer in sources)
+        if new_content:  # who had the old content need not have this
+            conn.execute("DELETE FROM wanted_sources WHERE share_id = ? AND " + _in_json(),
+                         (share_id, as_json(new_content)))
+        # An upsert: a REPLACE would delete the row, and its sources with it.
+        conn.execute(
+            "INSERT INTO wanted (share_id, %s, fetch_path) SELECT ?, %s FROM json_each(?)"
+            " WHERE true ON CONFLICT (share_id, path) DO UPDATE SET %s" % (
+                _RECORD_COLUMNS, json_values(14),
+                ", ".join("%s = excluded.%s" % (c, c) for c in _UPDATED)),
+            (share_id, as_json(upserts)))
+        conn.execute(
+            "INSERT OR IGNORE INTO wanted_sources (share_id, path, peer_id)"
+            " SELECT ?, value->>0, value->>1 FROM json_each(?)",
+            (share_id, as_json(sources_of)))
     return added, grown
 
 
-_WANTED_SELECT = (
-    "SELECT %s, fetch_path, (SELECT group_concat(peer_id, ' ') FROM wanted_sources s"
-    " WHERE s.share_id = w.share_id AND s.path = w.path) FROM wanted w" % _RECORD_COLUMNS)
+#: A wanted row's columns for ``select_json``: the record, the fetch path, the sources.
+_WANTED_COLUMNS = (
+    "%s, fetch_path, (SELECT group_concat(peer_id, ' ') FROM wanted_sources s"
+    " WHERE s.share_id = w.share_id AND s.path = w.path)" % _RECORD_COLUMNS_JSON)
 
 
-def _wanted_row(row: Sequence[Any]) -> WantedRow:
-    return WantedRow(record_from(row[:13]), row[13], frozenset((row[14] or "").split()))
+def _wanted_row(row: list[Any]) -> WantedRow:
+    return WantedRow(_record_from_json(row[:13]), row[13], frozenset((row[14] or "").split()))
 
 
 def wanted_page(db: StateDatabase, share_id: str, after: str | None = None,
                 limit: int = PAGE_SIZE, source: str | None = None) -> list[WantedRow]:
     """The next ``limit`` wanted files after the path ``after``, with their sources;
     with ``source``, only those that peer has."""
-    sql = _WANTED_SELECT + " WHERE share_id = ? AND path > ?"
+    sql = "FROM wanted w WHERE share_id = ? AND path > ?"
     args: list[Any] = [share_id, "" if after is None else after]
     if source is not None:
         sql += (" AND EXISTS (SELECT 1 FROM wanted_sources s WHERE s.share_id = w.share_id"
                 " AND s.path = w.path AND s.peer_id = ?)")
         args.append(source)
-    rows = db.connection.execute(sql + " ORDER BY path LIMIT ?", [*args, limit])
+    rows = select_json(db.connection, _WANTED_COLUMNS, sql + " ORDER BY path LIMIT ?",
+                       [*args, limit])
+    rows.sort(key=lambda row: row[0])  # (already in order: a linear check)
     return [_wanted_row(row) for row in rows]
 
 
 def wanted_many(db: StateDatabase, share_id: str, paths: Sequence[str]) -> dict[str, WantedRow]:
     """The wanted files among ``paths`` (the others are left out)."""
-    found: dict[str, WantedRow] = {}
-    for chunk in _chunks(list(dict.fromkeys(paths))):
-        rows = db.connection.execute(
-            _WANTED_SELECT + " WHERE share_id = ? AND path IN (%s)" % ",".join("?" * len(chunk)),
-            [share_id, *chunk])
-        for row in rows:
-            found[row[0]] = _wanted_row(row)
-    return found
+    if not paths:
+        return {}
+    rows = select_json(db.connection, _WANTED_COLUMNS,
+                       "FROM wanted w WHERE share_id = ? AND " + _in_json(),
+                       (share_id, as_json(list(dict.fromkeys(paths)))))
+    return {row[0]: _wanted_row(row) for row in rows}
 
 
 def wanted_totals(db: StateDatabase, share_id: str) -> tuple[int, int]:
