@@ -16,7 +16,8 @@ from zope.interface.verify import verifyObject
 from clearskies import diskjobs
 from clearskies.interfaces import IRunner
 from clearskies.threads import (
-    FILES_THREADS, Runners, SerialRunner, SyncRunner, ThreadPoolRunner, make_runners)
+    FILES_THREADS, FilesRunner, Runners, SerialRunner, SyncRunner, ThreadPoolRunner,
+    make_runners)
 from tests.helpers import temporary_dir
 
 MTIME_NS = 1_700_000_000_123_456_789
@@ -111,14 +112,15 @@ class RunnerContractTests(TestCase):
     """One contract, checked against every runner: any callable, errors as failures."""
 
     def runners(self) -> list[IRunner]:
-        made = [SyncRunner(), ThreadPoolRunner(reactor, 2), SerialRunner(reactor)]
+        made = [SyncRunner(), ThreadPoolRunner(reactor, 2), SerialRunner(reactor),
+                FilesRunner(reactor, 2)]
         for runner in made[1:]:
             runner.startService()
             self.addCleanup(lambda r=runner: r.running and r.stopService())
         return made
 
     def test_every_runner_provides_the_interface(self) -> None:
-        """SyncRunner, ThreadPoolRunner and SerialRunner all provide IRunner."""
+        """SyncRunner, ThreadPoolRunner, SerialRunner and FilesRunner all provide IRunner."""
         for runner in self.runners():
             verifyObject(IRunner, runner)
 
@@ -138,22 +140,30 @@ class RunnerContractTests(TestCase):
 
 
 class MakeRunnersTests(TestCase):
-    def test_two_named_pools_started_and_stopped_together(self) -> None:
-        """make_runners gives a one-thread database runner and a files pool, both
-        services of one parent; stopping it joins every thread of both."""
+    def test_two_named_places_started_and_stopped_together(self) -> Deferred:
+        """make_runners gives a one-thread database runner and the files place (a pool
+        and its helper process), all services of one parent; stopping it joins every
+        thread of both."""
         runners = make_runners(reactor, 3)
         self.assertIsInstance(runners, Runners)
+        self.assertIsInstance(runners.files, FilesRunner)
         self.assertEqual((runners.database.name, runners.files.name),
                          ("clearskies-database", "clearskies-files"))
         self.assertEqual((runners.database.pool_size, runners.files.pool_size), (1, 3))
         self.assertEqual(list(runners), [runners.database, runners.files])
+        self.assertEqual(list(runners.files), [runners.files.pool, runners.files.helper])
         self.assertGreaterEqual(FILES_THREADS, os.cpu_count() or 1)
         runners.startService()
         self.assertTrue(runners.database.running and runners.files.running)
-        runners.stopService()
-        self.assertFalse(runners.database.running or runners.files.running)
-        self.assertFalse([t for t in threading.enumerate()
-                          if t.name.startswith(("clearskies-database", "clearskies-files"))])
+        self.assertTrue(runners.files.pool.running and runners.files.helper.running)
+
+        def check(_: object) -> None:
+            self.assertFalse(runners.database.running or runners.files.running)
+            self.assertFalse(runners.files.pool.running or runners.files.helper.running)
+            self.assertFalse([t for t in threading.enumerate()
+                              if t.name.startswith(("clearskies-database", "clearskies-files"))])
+
+        return runners.stopService().addCallback(check)
 
 
 class DiskJobsOnThreadsTests(TestCase):
