@@ -80,9 +80,14 @@ def test_share_attach_and_edit_both_ways(daemon_factory):
     _no_temp_files(a)
     _no_temp_files(b)
 
-    # Bob's downloads ran in his own worker threads: he starts no child process.
+    # Bob's small downloads were sealed and installed by his disk helper: his one
+    # child process, which ends with him (a stop from the CLI: twistd's SIGTERM).
     assert bob.pid is not None
-    assert psutil.Process(bob.pid).children() == []
+    [helper] = psutil.Process(bob.pid).children(recursive=True)
+    assert helper.cmdline()[-2:] == ["-m", "clearskies.diskhelper"]
+    stop_with_cli(bob)
+    helper.wait(timeout=15)
+    assert not helper.is_running()
 
 
 def test_changes_made_while_a_peer_is_down_sync_after_restart(daemon_factory):
