@@ -40,8 +40,8 @@ machine's disk is slow to create many files right after many were deleted
 between runs.  Remove old runs by hand when the disk fills.
 
 For each phase: wall time, CPU seconds (user + system, all threads) of
-each daemon with any child processes from psutil (the daemon starts none
-now; older versions ran a disk helper process), and each daemon's peak
+each daemon with its child processes from psutil (its disk helper
+process, which writes small downloads), and each daemon's peak
 memory sampled every 50 ms: its RSS plus its children's own memory (USS;
 a child's RSS would count the shared interpreter and libraries twice).
 A phase ends when the receiver's files have the sender's sizes and

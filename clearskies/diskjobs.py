@@ -2,8 +2,11 @@
 
 Writing, fsyncing and renaming many small downloads costs a handful of
 system calls each, so these jobs take whole batches of files: one trip to
-the ``files`` pool (:mod:`clearskies.threads`) per batch, not per file.
-Tests may call them directly.
+the ``files`` place (:mod:`clearskies.threads`) per batch, not per file.
+That place runs them in the disk helper process (:mod:`clearskies.diskhelper`)
+when it can, so arguments and results stay plain, picklable values
+(``install_batch``'s ``keep``, a callable, keeps that job in the daemon's
+threads).  Tests may call them directly.
 """
 
 from __future__ import annotations

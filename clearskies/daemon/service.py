@@ -5,7 +5,8 @@ touching the disk; ``startService`` then takes the data directory's lock,
 opens the state database, brings back every share, key, access code and
 pending attach, and starts listening.  Its children are the log file, the
 two places for blocking work (``clearskies.threads``: the database thread for
-SQLite, the files pool for key generation, scans and file work), the shares
+SQLite, the files place for key generation, scans and file work, with its
+disk helper process for small downloads), the shares
 (one child service each, under :class:`Shares`), the control socket, the peer
 listeners, Tor, the connection manager and the discovery sources.
 
@@ -75,7 +76,7 @@ class Daemon(MultiService):
         # First child: it starts before (and stops after) everything that logs.
         self.log_file = LogFileService(self.data_dir)
         self.log_file.setServiceParent(self)
-        # Where blocking work runs: the database thread and the files pool (clearskies.threads).
+        # Where blocking work runs: the database thread and the files place (clearskies.threads).
         self.runners = make_runners(reactor)
         self.runners.setServiceParent(self)
         self.resources = Resources(reactor, self.data_dir, self.runners.database,
