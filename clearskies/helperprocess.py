@@ -168,7 +168,8 @@ class _Helper(ProcessProtocol):
         self._pending: dict[int, Deferred[Any]] = {}
         self._on_ended = on_ended
         self.answered = False
-        #: Fires (with None) once the helper has ended and its jobs have failed.
+        self._lost = False  # its jobs failed, the runner forgot it
+        #: Fires (with None) once the helper has ended and been reaped.
         self.ended: Deferred[None] = Deferred()
 
     def submit(self, job_id: int, frame: list[bytes]) -> Deferred[Any]:
@@ -215,15 +216,17 @@ class _Helper(ProcessProtocol):
             self._gone(Failure(HelperGone("the disk helper closed its output")))
 
     def processEnded(self, reason: Failure) -> None:
+        # Reaped, every pipe closed: nothing of it is left in the reactor.
         self._gone(reason)
+        self.ended.callback(None)
 
     def _gone(self, reason: Failure) -> None:
-        if self.ended.called:
+        if self._lost:
             return
+        self._lost = True
         self.kill()  # (if it closed its output without exiting)
         # Forgotten by the runner first: a failed job's callbacks may submit more.
         self._on_ended(self, reason)
-        self.ended.callback(None)
         pending, self._pending = self._pending, {}
         for done in pending.values():
             done.errback(Failure(HelperGone("the disk helper process ended")))
