@@ -289,3 +289,27 @@ def test_a_newer_install_replaces_the_one_waiting(setup) -> None:
     cache._clock.advance(SIGN_DELAY)
     assert cache.made == 1
     assert drain(lookup(cache, big, sha="cd" * 32)) == fresh_signature(big)
+
+
+def test_a_share_signs_ahead_only_when_nothing_moves():
+    """The daemon's idle test for signing ahead: not while the share scans, still wants
+    files, or sent bytes since the last look (a peer is downloading from us)."""
+    from types import SimpleNamespace
+
+    from clearskies.daemon.shares import signing_idle
+
+    runtime = SimpleNamespace(sync=SimpleNamespace(bytes_sent=0, wanted={}),
+                              service=SimpleNamespace(status=SimpleNamespace(state="idle")))
+    idle = signing_idle(runtime)
+    assert not idle()  # the first look has nothing to compare with
+    assert idle()
+    runtime.sync.bytes_sent = 4096  # an upload went on meanwhile
+    assert not idle()
+    assert idle()
+    runtime.sync.wanted = {"a": object()}
+    assert not idle()
+    runtime.sync.wanted = {}
+    runtime.service.status.state = "scanning"
+    assert not idle()
+    runtime.service.status.state = "idle"
+    assert idle()

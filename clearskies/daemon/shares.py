@@ -169,8 +169,7 @@ class Shares(MultiService):
                                self._activity.upload_limiter, self._activity.download_limiter)
         runtime.signatures = SignatureCache(
             os.path.join(resources.data_dir, SIGNATURES_DIR), resources.files_runner,
-            resources.reactor, idle=lambda: (runtime.service.status.state == "idle"
-                                             and not runtime.sync.wanted))
+            resources.reactor, idle=signing_idle(runtime))
         own = self.share_settings(info.share_id)
         runtime.share_paused = bool(own.get("paused"))
         if self._activity.paused or runtime.share_paused:
@@ -264,3 +263,17 @@ class Shares(MultiService):
         except OSError as e:
             self._log.warn("could not remove the marker of the detached share in {root}: {why}",
                            root=runtime.root, why=e.strerror or e)
+
+
+def signing_idle(runtime: ShareRuntime) -> Callable[[], bool]:
+    """When a share may make signatures ahead (clearskies.transfer.sigcache): nothing to
+    scan or fetch, and nothing sent to a peer since the last look (a second before):
+    a big file's signature costs seconds of CPU that a transfer under way needs."""
+    last_sent: list[int | None] = [None]
+
+    def idle() -> bool:
+        sent = runtime.sync.bytes_sent
+        quiet, last_sent[0] = sent == last_sent[0], sent
+        return quiet and runtime.service.status.state == "idle" and not runtime.sync.wanted
+
+    return idle

@@ -4,8 +4,8 @@ and, for files we sent, answered from block checksums (clearskies.rdiffblocks).
 Signing the old copy is most of the asking side's work for a big file
 (about 1.5 s per GiB).  A :class:`SignatureCache` makes that signature
 when a big download has just been installed, one file at a time, once the
-share is idle (nothing to scan or download; looked at every
-:data:`SIGN_DELAY` seconds), in the files pool; when a newer
+share is idle (nothing to scan or download, nothing sent since the last look;
+looked at every :data:`SIGN_DELAY` seconds), in the files pool; when a newer
 version of the file then comes, the signature is read from the cache
 instead of signing the whole file again.
 
@@ -51,7 +51,7 @@ MAX_CACHE_BYTES = 64 * 1024 * 1024
 
 SIGN_DELAY = 1.0
 """Seconds after an install before its signature is made, and between looks
-at whether the share is idle: signatures wait while it scans or downloads."""
+at whether the share is idle: signatures wait while it scans, downloads or sends."""
 
 MAX_QUEUED = 1000
 """Most files waiting to be signed; more are simply not cached."""
