@@ -313,3 +313,39 @@ def test_a_share_signs_ahead_only_when_nothing_moves():
     assert not idle()
     runtime.service.status.state = "idle"
     assert idle()
+
+
+def test_a_share_that_gets_busy_stops_the_signature_being_made(setup) -> None:
+    """A transfer that starts while a big file is signed stops the signing at its next
+    piece; the file waits first in line and is signed once the share is quiet again."""
+    cache, big = setup
+    held = []
+
+    class HeldRunner:
+        def run(self, fn, *args):
+            d = Deferred()
+            held.append((d, fn, args))
+            return d
+
+    busy = [False]
+    cache._idle = lambda: not busy[0]
+    cache._runner = HeldRunner()
+    cache.installed("s1", "big.bin", big, SHA, key_of(big))
+    clock = cache._clock
+    clock.advance(cache.delay)
+    [(d, fn, args)] = held
+    clock.advance(cache.delay)  # still idle: signing goes on
+    assert not cache._interrupt.is_set()
+    busy[0] = True
+    clock.advance(cache.delay)
+    assert cache._interrupt.is_set()
+    d.callback(fn(*args))  # the worker sees it at its first piece
+    assert cache.made == 0 and lookup(cache, big) is None
+    assert [job[1] for job in cache._queue] == ["big.bin"]
+    clock.advance(cache.delay * 3)
+    assert len(held) == 1  # waits while busy
+    busy[0] = False
+    cache._runner = SyncRunner()
+    clock.advance(cache.delay)
+    assert cache.made == 1 and drain(lookup(cache, big)) == fresh_signature(big)
+    assert clock.getDelayedCalls() == []

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -134,6 +135,10 @@ class SignatureCache:
         self._current: tuple[str, str] | None = None  # (share, path) being signed
         self._waiters: list[Deferred[None]] = []
         self._stopped = False
+        # Set while a signature is being made and the share stopped being idle: the
+        # worker stops at its next piece and the file waits in the queue again.
+        self._interrupt = threading.Event()
+        self._watch: Any = None
         #: Signatures made, and made ones taken from the cache (for tests and logs).
         self.made = 0
         self.used = 0
@@ -198,7 +203,19 @@ class SignatureCache:
         self._due.pop((job[0], job[1]), None)
         self._running = True
         self._current = (job[0], job[1])
-        self._runner.run(self.make, *job).addBoth(self._made)
+        self._interrupt.clear()
+        self._watch = self._clock.callLater(self.delay, self._still_idle)
+        self._runner.run(self.make, *job).addBoth(self._made, job)
+
+    def _still_idle(self) -> None:
+        """While a signature is made: a share that got busy (a transfer began) stops it."""
+        self._watch = None
+        if not self._running:
+            return
+        if self._idle is not None and not self._idle():
+            self._interrupt.set()
+        else:
+            self._watch = self._clock.callLater(self.delay, self._still_idle)
 
     def being_made(self, share_id: str, path: str) -> Deferred[None] | None:
         """If this path's signature is being made right now: fires once it is done."""
@@ -208,21 +225,33 @@ class SignatureCache:
         self._waiters.append(waiter)
         return waiter
 
-    def _made(self, result: object) -> None:
+    def _made(self, result: object, job: tuple[str, str, Path, str, Any]) -> None:
         self._running = False
         self._current = None
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
         if result is True:
             self.made += 1
+        elif result is None:  # interrupted: the file waits, first in line, for a quiet share
+            if not self._stopped and not any(q[:2] == job[:2] for q in self._queue):
+                self._queue.appendleft(job)
+            self._wake(self.delay)
+            return
         elif not isinstance(result, bool):
             self._log.info("could not cache a signature: {error}", error=result)
         self._wake(0.0)
 
     def stop(self) -> None:
-        """Make no more signatures (one being made ends on its own)."""
+        """Make no more signatures (one being made stops at its next piece)."""
         self._stopped = True
+        self._interrupt.set()
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
         self._queue.clear()
         self._due.clear()
         if self._call is not None:
@@ -230,8 +259,9 @@ class SignatureCache:
             self._call = None
 
     def make(self, share_id: str, path: str, local_path: Path, sha256: str,
-             key: tuple[int, int, int]) -> bool:
-        """(Worker thread.)  Sign the file if it still is as installed; True if cached."""
+             key: tuple[int, int, int]) -> bool | None:
+        """(Worker thread.)  Sign the file if it still is as installed; True if cached,
+        None if interrupted (the share got busy, or the cache stops)."""
         try:
             fd = os.open(local_path, os.O_RDONLY | diskjobs.OPEN_FLAGS)
         except OSError:
@@ -253,6 +283,8 @@ class SignatureCache:
                     pieces.append(data)
                     if _identity(os.fstat(fd)) != _identity(before):
                         return False
+                    if self._interrupt.is_set():
+                        return None
             finally:
                 reader.close()
             # Block checksums for a file we sent (a delta from checksums, :meth:`previous`);
