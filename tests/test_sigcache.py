@@ -40,6 +40,18 @@ def key_of(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+class HeldRunner:
+    """A runner that holds each job: (Deferred, function, arguments) go to ``held``."""
+
+    def __init__(self, held: list) -> None:
+        self.held = held
+
+    def run(self, fn, *args):
+        d: Deferred = Deferred()
+        self.held.append((d, fn, args))
+        return d
+
+
 @pytest.fixture
 def setup(tmp_path: Path):
     big = tmp_path / "share" / "big.bin"
@@ -172,13 +184,7 @@ def test_one_may_wait_for_the_signature_being_made(setup) -> None:
     cache, big = setup
     held = []
 
-    class HeldRunner:
-        def run(self, fn, *args):
-            d = Deferred()
-            held.append((d, fn, args))
-            return d
-
-    cache._runner = HeldRunner()
+    cache._runner = HeldRunner(held)
     cache.installed("s1", "big.bin", big, SHA, key_of(big))
     assert cache.being_made("s1", "big.bin") is None  # not started yet
     cache._clock.advance(cache.delay)
@@ -321,15 +327,9 @@ def test_a_share_that_gets_busy_stops_the_signature_being_made(setup) -> None:
     cache, big = setup
     held = []
 
-    class HeldRunner:
-        def run(self, fn, *args):
-            d = Deferred()
-            held.append((d, fn, args))
-            return d
-
     busy = [False]
     cache._idle = lambda: not busy[0]
-    cache._runner = HeldRunner()
+    cache._runner = HeldRunner(held)
     cache.installed("s1", "big.bin", big, SHA, key_of(big))
     clock = cache._clock
     clock.advance(cache.delay)
