@@ -131,6 +131,7 @@ def _share_of(tmp_path: Path, count: int):
         service=SimpleNamespace(status=SimpleNamespace(state="idle")),
         local_path=lambda p: tmp_path / p,
         sync=SimpleNamespace(wanted=wanted, in_flight={}, finishing={}, paused=False,
+                             bytes_sent=0,
                              sessions={"peer": object()}, pump=lambda: pumps.append(1)))
     return runtime, wanted
 
@@ -147,6 +148,9 @@ def test_a_pass_is_spread_over_the_interval_and_finds_a_flipped_byte(tmp_path: P
     resources = Resources(clock, {"verify_interval": 3600})
     resources.reactor = clock
     verification = Verification(resources, lambda: [runtime])
+    verification.tick()  # a share seen for the first time: its first pass waits an interval
+    assert runtime.store.pages == 0
+    clock.advance(3600)
     verification.tick()
     state = verification.share_pass(runtime)
     assert state.checked == BATCH_FILES and state.after == "f%03d" % (BATCH_FILES - 1)
@@ -157,7 +161,7 @@ def test_a_pass_is_spread_over_the_interval_and_finds_a_flipped_byte(tmp_path: P
     def until_next_batch() -> None:
         checked = state.checked
         while state.checked == checked:
-            assert clock.seconds() < 1000, "no progress"
+            assert clock.seconds() < 3600 + 1000, "no progress"
             clock.advance(VERIFY_TICK)
             verification.tick()
 
@@ -172,7 +176,7 @@ def test_a_pass_is_spread_over_the_interval_and_finds_a_flipped_byte(tmp_path: P
     while state.after is not None:  # the next page is empty: the end of the share
         clock.advance(VERIFY_TICK)
         verification.tick()
-    assert state.finished is not None and state.finished < 1000
+    assert state.finished is not None and state.finished < 3600 + 1000
     # The next pass waits for the interval since this one started.
     pages = runtime.store.pages
     for _ in range(10):
@@ -231,5 +235,41 @@ def test_a_restart_between_passes_waits_for_the_interval_and_one_mid_pass_goes_o
     resources2 = Resources(clock, {"verify_interval": 3600, STATE_KEY: {
         "s" * 64: {"after": "f000", "started": 9_000.0}}})
     again = Verification(resources2, lambda: [runtime2])
+    again.tick()  # (the first tick only learns what the share has sent so far)
     again.tick()
     assert again.share_pass(runtime2).checked == 2
+
+
+def test_a_new_share_waits_an_interval_and_a_busy_one_waits_until_it_is_quiet(tmp_path):
+    """A share seen for the first time counts its first scan as a pass (saved at once:
+    a restart does not put the next off); no step while files are fetched or sent."""
+    from twisted.internet.task import Clock
+
+    from clearskies.daemon.verify import STATE_KEY, VERIFY_TICK, Verification
+    from tests.test_health import Resources
+
+    clock = Clock()
+    clock.advance(50_000)
+    runtime, wanted = _share_of(tmp_path, 3)
+    resources = Resources(clock, {"verify_interval": 600})
+    resources.reactor = clock
+    verification = Verification(resources, lambda: [runtime])
+    for _ in range(100):  # 500 s
+        clock.advance(VERIFY_TICK)
+        verification.tick()
+    assert runtime.store.pages == 0
+    assert resources.config[STATE_KEY]["s" * 64]["started"] == 50_005.0
+    restarted = Verification(Resources(clock, dict(resources.config)), lambda: [runtime])
+    assert restarted.share_pass(runtime).resume_at == 50_605.0
+    clock.advance(200)
+    runtime.sync.bytes_sent += 1  # a peer is downloading from us
+    verification.tick()
+    assert runtime.store.pages == 0
+    wanted["x"] = object()  # and we fetch a file
+    runtime.sync.bytes_sent += 1
+    verification.tick()
+    verification.tick()
+    assert runtime.store.pages == 0
+    del wanted["x"]
+    verification.tick()
+    assert runtime.store.pages == 1 and verification.share_pass(runtime).checked == 3

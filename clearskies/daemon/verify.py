@@ -5,7 +5,12 @@ hashed in the files pool (``clearskies.share.verify``) and compared with the
 SHA-256 its record holds.  The walk is paced so that a full pass takes about
 the ``verify_interval`` setting (0: no passes; ``clearskies verify DIR``
 still runs one at once), never faster than :data:`MIN_RATE`; where it is
-is kept in the stored settings, so restarts do not start it over.
+is kept in the stored settings, so restarts do not start it over.  A new
+share's first pass comes one interval after it was first seen (its first
+scan hashed every file, and every download is checked as it arrives), and
+a step is taken only while the share is quiet: nothing to fetch, and
+nothing sent to a peer since the step before (a pass must not take the
+disk and the CPU from a transfer under way).
 
 A file that rotted (inode, size and time as recorded, other bytes) is an
 error in ``status`` with its path.  Its damaged bytes are never offered as
@@ -68,6 +73,7 @@ class SharePass:
     checked: int = 0
     resume_at: float = 0.0
     busy: bool = False
+    last_sent: int | None = None  # the share's bytes sent at the last tick
     damaged: dict[str, Damage] = field(default_factory=dict)
     repaired: list[Damage] = field(default_factory=list)
     more_damaged: int = 0
@@ -127,6 +133,12 @@ class Verification:
             stored = self._resources.config.get(STATE_KEY)
             state = SharePass.from_dict(stored.get(runtime.share_id)
                                         if isinstance(stored, dict) else None)
+            if state.after is None and state.started is None:
+                # A share seen for the first time: its first scan (or the downloads that
+                # filled it, each checked) counts as the first pass.  Saved at once, so
+                # that restarts do not keep putting the next one off.
+                state.started = state.finished = self.now()
+                self._saved_at = None
             if state.after is None and state.started is not None:
                 # Between passes when the daemon stopped: the next is due an
                 # interval after the last began, not at once.
@@ -147,8 +159,12 @@ class Verification:
             state = self.share_pass(runtime)
             if state.busy:
                 continue
-            # (Not while the share scans: the scan reads the disk first.)
-            due = interval > 0 and now >= state.resume_at \
+            # Not while the share scans (the scan reads the disk first), nor while it
+            # fetches or sends files.
+            sent = runtime.sync.bytes_sent
+            quiet = sent == state.last_sent and not runtime.sync.wanted
+            state.last_sent = sent
+            due = interval > 0 and now >= state.resume_at and quiet \
                 and runtime.service.status.state not in ("scanning", "starting")
             if due or state.damaged:
                 state.busy = True
