@@ -90,6 +90,20 @@ def test_versions_folder_replaced_by_a_file_is_refused(tmp_path: Path) -> None:
     assert Path(local).read_bytes() == b"data"
 
 
+def test_versions_folder_a_symlink_or_a_share_gone_is_refused(tmp_path: Path) -> None:
+    """A symlink under the versions name (even to a folder) is refused, and so is a share
+    folder that went away: the file stays, nothing is written elsewhere."""
+    local = make(tmp_path, "a.txt", b"data")
+    elsewhere = tmp_path.parent / (tmp_path.name + "-elsewhere")
+    elsewhere.mkdir()
+    (tmp_path / ".clearskies-versions").symlink_to(elsewhere)
+    with pytest.raises(NotADirectoryError):
+        VersionStore(tmp_path).keep(local, "a.txt", NOW)
+    assert Path(local).read_bytes() == b"data" and list(elsewhere.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="share folder is missing"):
+        VersionStore(tmp_path / "gone").keep(local, "a.txt", NOW)
+
+
 def test_restore_keeps_what_it_replaces(tmp_path: Path) -> None:
     """Restoring copies the version back (it stays) and keeps the current file as a version."""
     local = make(tmp_path, "a.txt", b"one")

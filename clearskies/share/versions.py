@@ -171,12 +171,14 @@ class VersionStore:
             os.close(fd)
 
     def _ensure_directory(self) -> None:
-        if not self.root.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "the share folder is missing", str(self.root))
+        # (Two system calls, not four: this runs for every file a deletion keeps.)
         try:
             os.mkdir(self.directory, 0o700)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "the share folder is missing",
+                                    str(self.root)) from None
         except FileExistsError:
-            if not self.directory.is_dir() or self.directory.is_symlink():
+            if not stat.S_ISDIR(os.lstat(self.directory).st_mode):  # (a symlink is not)
                 raise NotADirectoryError(
                     errno.ENOTDIR, "versions folder is not a folder", str(self.directory)
                 ) from None
@@ -188,10 +190,17 @@ class VersionStore:
         os.replace(temp, destination)
 
     def _describe(self, version: Version) -> None:
-        path = self._description(version.version_id)
-        temp = path.with_name(path.name + PARTIAL)
-        with open(temp, "w", encoding="utf-8") as f:
-            json.dump(version.to_json(), f)
+        path = str(self._description(version.version_id))
+        temp = path + PARTIAL
+        data = json.dumps(version.to_json()).encode("utf-8")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                     | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(temp, path)
 
     # -- reading ----------------------------------------------------------------
