@@ -306,19 +306,31 @@ def test_a_share_signs_ahead_only_when_nothing_moves():
 
     runtime = SimpleNamespace(sync=SimpleNamespace(bytes_sent=0, wanted={}),
                               service=SimpleNamespace(status=SimpleNamespace(state="idle")))
-    idle = signing_idle(runtime)
-    assert not idle()  # the first look has nothing to compare with
+    clock = Clock()
+    idle = signing_idle(runtime, clock.seconds, quiet_for=10)
+
+    def quiet_after() -> float:
+        """Seconds of looks, one a second, until the share counts as idle."""
+        start = clock.seconds()
+        while not idle():
+            assert clock.seconds() - start < 100
+            clock.advance(1)
+        return clock.seconds() - start
+
+    assert quiet_after() == 10
     assert idle()
     runtime.sync.bytes_sent = 4096  # an upload went on meanwhile
-    assert not idle()
-    assert idle()
+    assert quiet_after() == 10
     runtime.sync.wanted = {"a": object()}
-    assert not idle()
+    for _ in range(20):
+        clock.advance(1)
+        assert not idle()
     runtime.sync.wanted = {}
+    assert quiet_after() == 10
     runtime.service.status.state = "scanning"
     assert not idle()
     runtime.service.status.state = "idle"
-    assert idle()
+    assert quiet_after() == 10
 
 
 def test_a_share_that_gets_busy_stops_the_signature_being_made(setup) -> None:

@@ -169,7 +169,7 @@ class Shares(MultiService):
                                self._activity.upload_limiter, self._activity.download_limiter)
         runtime.signatures = SignatureCache(
             os.path.join(resources.data_dir, SIGNATURES_DIR), resources.files_runner,
-            resources.reactor, idle=signing_idle(runtime))
+            resources.reactor, idle=signing_idle(runtime, resources.reactor.seconds))
         own = self.share_settings(info.share_id)
         runtime.share_paused = bool(own.get("paused"))
         if self._activity.paused or runtime.share_paused:
@@ -265,15 +265,28 @@ class Shares(MultiService):
                            root=runtime.root, why=e.strerror or e)
 
 
-def signing_idle(runtime: ShareRuntime) -> Callable[[], bool]:
-    """When a share may make signatures ahead (clearskies.transfer.sigcache): nothing to
-    scan or fetch, and nothing sent to a peer since the last look (a second before):
-    a big file's signature costs seconds of CPU that a transfer under way needs."""
+#: Seconds a share must have had nothing to scan, fetch or send before it makes
+#: signatures ahead: a big file's signature costs seconds of CPU and a read of the
+#: whole file, which the next transfer (often a few seconds away) needs more.
+SIGNING_QUIET = 10.0
+
+
+def signing_idle(runtime: ShareRuntime, now: Callable[[], float],
+                 quiet_for: float = SIGNING_QUIET) -> Callable[[], bool]:
+    """When a share may make signatures ahead (clearskies.transfer.sigcache): nothing
+    scanned, fetched or sent to a peer for ``quiet_for`` seconds, as seen by the looks
+    the cache takes (every second)."""
     last_sent: list[int | None] = [None]
+    busy_at: list[float] = [now()]
 
     def idle() -> bool:
         sent = runtime.sync.bytes_sent
-        quiet, last_sent[0] = sent == last_sent[0], sent
-        return quiet and runtime.service.status.state == "idle" and not runtime.sync.wanted
+        busy = (sent != last_sent[0] or runtime.service.status.state != "idle"
+                or bool(runtime.sync.wanted))
+        last_sent[0] = sent
+        if busy:
+            busy_at[0] = now()
+            return False
+        return now() - busy_at[0] >= quiet_for
 
     return idle

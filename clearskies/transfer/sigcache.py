@@ -4,8 +4,9 @@ and, for files we sent, answered from block checksums (clearskies.rdiffblocks).
 Signing the old copy is most of the asking side's work for a big file
 (about 1.5 s per GiB).  A :class:`SignatureCache` makes that signature
 when a big download has just been installed, one file at a time, once the
-share is idle (nothing to scan or download, nothing sent since the last look;
-looked at every :data:`SIGN_DELAY` seconds), in the files pool; when a newer
+share is idle (the daemon's test: nothing scanned, downloaded or sent for
+ten seconds; looked at every :data:`SIGN_DELAY` seconds, and a share that gets
+busy stops a signature being made), in the files pool; when a newer
 version of the file then comes, the signature is read from the cache
 instead of signing the whole file again.
 
