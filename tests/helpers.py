@@ -86,3 +86,37 @@ def stored_file(path: str, sha: str = "0" * 64, size: int = 1, **kw: Any) -> Any
 
     return FileRecord(path=path, utime=10.0, size=size, mtime=(5, 6), mode=0o644,
                       sha256=sha, vv={STATE_PEER: 1}, **kw)
+
+
+#: The modification time the download jobs' tests give their file.
+DOWNLOAD_MTIME_NS = 1_700_000_000_123_456_789
+
+
+async def seal_install_and_check(test: Any, runner: Any, base: Any) -> None:
+    """The download jobs of a small file through ``runner``: one sealed (another refused
+    for its size), installed with its mode and mtime, then found unchanged."""
+    import hashlib
+    import os
+
+    from clearskies import diskjobs
+
+    root = base / "share"
+    root.mkdir()
+    data = b"hello helper"
+    content = diskjobs.Content(len(data), hashlib.sha256(data).hexdigest(), 0o640,
+                               DOWNLOAD_MTIME_NS)
+    target, temp = root / "dir" / "a.txt", root / "dir" / ".a.txt.tmp"
+    sealed = await runner.run(diskjobs.seal_buffered_many,
+                              [(root, target, temp, data, False, content),
+                               (root, root / "b", root / ".b", b"bad", False, content)])
+    test.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
+    [key] = await runner.run(diskjobs.install_batch, [(temp, target)], None)
+    st = os.lstat(target)
+    test.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
+    test.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
+                     (data, 0o640, DOWNLOAD_MTIME_NS))
+    test.assertFalse((root / ".b").exists())
+    answers = await runner.run(diskjobs.unchanged_many,
+                               [("a", str(target), ("file", len(data), content.sha256, None)),
+                                ("b", str(root / "b"), ("absent",))])
+    test.assertEqual(answers, {"a": True, "b": True})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import signal
@@ -21,9 +20,8 @@ from clearskies.helperframes import FrameError, FrameReader, encode_frame
 from clearskies.helperprocess import (
     HELPER_JOBS, MAX_SILENT_HELPERS, HelperGone, HelperProcess, helper_job)
 from clearskies.threads import FilesRunner
-from tests.helpers import async_test, temporary_dir
+from tests.helpers import async_test, seal_install_and_check, temporary_dir
 
-MTIME_NS = 1_700_000_000_123_456_789
 UNCHANGED = "clearskies.diskjobs.unchanged_many"
 
 
@@ -162,29 +160,8 @@ class FilesRunnerTests(TestCase):
     @async_test
     async def test_downloads_are_written_and_installed_by_the_helper(self):
         """Seal, install and the unchanged check run in the helper, not the pool."""
-        root = self.base / "share"
-        root.mkdir()
-        data = b"hello helper"
-        content = diskjobs.Content(len(data), hashlib.sha256(data).hexdigest(), 0o640,
-                                   MTIME_NS)
-        target, temp = root / "dir" / "a.txt", root / "dir" / ".a.txt.tmp"
-        sealed = await self.runner.run(diskjobs.seal_buffered_many,
-                                       [(root, target, temp, data, False, content),
-                                        (root, root / "b", root / ".b", b"bad", False,
-                                         content)])
-        self.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
+        await seal_install_and_check(self, self.runner, self.base)
         self.assertIsNotNone(self.helper.helper_pid)
-        [key] = await self.runner.run(diskjobs.install_batch, [(temp, target)], None)
-        st = os.lstat(target)
-        self.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
-        self.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
-                         (data, 0o640, MTIME_NS))
-        self.assertFalse((root / ".b").exists())
-        answers = await self.runner.run(diskjobs.unchanged_many,
-                                        [("a", str(target), ("file", len(data),
-                                                             content.sha256, None)),
-                                         ("b", str(root / "b"), ("absent",))])
-        self.assertEqual(answers, {"a": True, "b": True})
         self.assertEqual(self.pool_calls, [])  # all of it in the helper
 
     @async_test

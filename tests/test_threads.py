@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -18,9 +17,8 @@ from clearskies.interfaces import IRunner
 from clearskies.threads import (
     FILES_THREADS, FilesRunner, Runners, SerialRunner, SyncRunner, ThreadPoolRunner,
     make_runners)
-from tests.helpers import temporary_dir
+from tests.helpers import seal_install_and_check, temporary_dir
 
-MTIME_NS = 1_700_000_000_123_456_789
 
 
 class ThreadPoolRunnerTests(TestCase):
@@ -181,31 +179,7 @@ class DiskJobsOnThreadsTests(TestCase):
     def test_downloads_are_written_and_installed_by_the_files_pool(self):
         """Small downloads are verified, written with their mode and mtime, renamed
         into place and checked as unchanged, all in worker threads."""
-        async def go():
-            root = self.base / "share"
-            root.mkdir()
-            data = b"hello helper"
-            content = diskjobs.Content(len(data), hashlib.sha256(data).hexdigest(), 0o640,
-                                       MTIME_NS)
-            target, temp = root / "dir" / "a.txt", root / "dir" / ".a.txt.tmp"
-            sealed = await self.runner.run(diskjobs.seal_buffered_many,
-                                           [(root, target, temp, data, False, content),
-                                            (root, root / "b", root / ".b", b"bad", False,
-                                             content)])
-            self.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
-            [key] = await self.runner.run(diskjobs.install_batch, [(temp, target)])
-            st = os.lstat(target)
-            self.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
-            self.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
-                             (data, 0o640, MTIME_NS))
-            self.assertFalse((root / ".b").exists())
-            answers = await self.runner.run(diskjobs.unchanged_many,
-                                            [("a", str(target), ("file", len(data),
-                                                                 content.sha256, None)),
-                                             ("b", str(root / "b"), ("absent",))])
-            self.assertEqual(answers, {"a": True, "b": True})
-
-        return self.run_async(go())
+        return self.run_async(seal_install_and_check(self, self.runner, self.base))
 
     def test_a_job_error_arrives_as_itself(self):
         """A disk job's exception fails its Deferred with that very exception type."""
@@ -214,3 +188,4 @@ class DiskJobsOnThreadsTests(TestCase):
                 await self.runner.run(diskjobs.unchanged_many, [("a", "/", ("file",))])
 
         return self.run_async(go())
+
