@@ -8,9 +8,11 @@ import random
 import secrets
 import struct
 
+from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest
 
 from clearskies import rdiff, wire
+from clearskies.daemon.shares import signing_idle
 from tests.helpers import async_test
 from tests.peerkit import ALL_FEATURES, PeerKitCase, ScriptedSession, file_entry, wait_until
 
@@ -125,6 +127,8 @@ class RsyncTests(PeerKitCase):
         cache = runtime.signatures
         self.assertIsNotNone(cache)
         cache.delay = 0.05
+        # (The daemon waits SIGNING_QUIET seconds of a quiet share; a tenth here.)
+        cache._idle = signing_idle(runtime, reactor.seconds, quiet_for=0.1)
         peer_id = secrets.token_hex(16)
         peer = await self.connect(RSYNC, peer_id=peer_id)
         peer.send(update(file_entry("big.bin", self.old, vv={peer_id: 1}), revision=1))
