@@ -11,6 +11,7 @@ the answer is None.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 from typing import Any, Callable
@@ -116,13 +117,14 @@ class HelperProcess(Service):
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
         helper = _Helper(self._helper_ended)
         try:
-            self._reactor.spawnProcess(helper, self.command[0], self.command, env=env,
-                                       childFDs={0: "w", 1: "r", 2: "r"})
+            process = self._reactor.spawnProcess(helper, self.command[0], self.command,
+                                                 env=env, childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
             self._log.warn("cannot start the disk helper process ({why}); "
                            "downloads are written by threads", why=e)
             self.broken = True
             return None
+        _widen_pipe(getattr(process, "pipes", {}).get(0))
         self._helper = helper
         return helper
 
@@ -156,6 +158,23 @@ class HelperProcess(Service):
 
         helper.ended.addBoth(done)
         return ended
+
+
+#: Bytes the pipe to the helper holds (Linux lets any process ask for up to 1 MiB):
+#: a batch of small downloads (up to a few MiB) then goes in a few writes, not one
+#: per 64 KiB with a wait for the helper in between.
+PIPE_SIZE = 1024 * 1024
+
+
+def _widen_pipe(writer: Any) -> None:
+    """Ask for a larger pipe to the helper; where that is refused, the default stays."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if writer is None or set_size is None:
+        return
+    try:
+        fcntl.fcntl(writer.fileno(), set_size, PIPE_SIZE)
+    except OSError:
+        pass
 
 
 class _Helper(ProcessProtocol):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from clearskies import diskerrors, diskhelper, diskjobs, helperframes
 from clearskies.helperframes import FrameError, FrameReader, encode_frame
@@ -163,6 +163,26 @@ class FilesRunnerTests(TestCase):
         await seal_install_and_check(self, self.runner, self.base)
         self.assertIsNotNone(self.helper.helper_pid)
         self.assertEqual(self.pool_calls, [])  # all of it in the helper
+
+    @async_test
+    async def test_the_pipe_to_the_helper_holds_a_batch(self):
+        """Where the system allows it, the pipe to the helper holds PIPE_SIZE bytes, so a
+        batch of small downloads goes in a few writes."""
+        import fcntl
+
+        from clearskies.helperprocess import PIPE_SIZE
+
+        if not hasattr(fcntl, "F_GETPIPE_SZ"):
+            raise SkipTest("no F_GETPIPE_SZ here")
+        try:
+            allowed = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        except (OSError, ValueError):
+            allowed = 0
+        if allowed < PIPE_SIZE and os.geteuid() != 0:
+            raise SkipTest("this system caps pipes at %d bytes" % allowed)
+        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        writer = self.helper._helper.transport.pipes[0]
+        self.assertEqual(fcntl.fcntl(writer.fileno(), fcntl.F_GETPIPE_SZ), PIPE_SIZE)
 
     @async_test
     async def test_a_job_error_arrives_as_itself(self):
