@@ -258,3 +258,44 @@ def snapshot(directory: Path) -> dict[str, tuple[bytes | None, int]]:
                 not os.path.islink(full) else None
             out[os.path.relpath(full, directory)] = (content, st.st_mtime_ns)
     return out
+
+
+# -- untrusted shares: what both sides' scripted tests need ----------------------------
+
+
+def untrusted_keys(keys: Any) -> Any:
+    """The keys a peer at level untrusted is given of a share."""
+    from clearskies.keys import ShareKeys
+
+    return ShareKeys.from_keys_message(keys.keys_message("untrusted"))
+
+
+def wire_bytes(peer: ScriptedSession) -> bytes:
+    """Everything the daemon said to ``peer``: message lines, signatures and payloads."""
+    out = []
+    for event in peer.events:
+        if isinstance(event, wire.Message):
+            out.append(event.text)
+            out.append(event.signature or b"")
+        elif isinstance(event, wire.PayloadChunk):
+            out.append(bytes(event.data))
+    return b"\n".join(out)
+
+
+async def untrusted_keeper(case: PeerKitCase, features: Any) -> tuple[Any, ScriptedSession]:
+    """The daemon keeps a new share at level untrusted (in ``case.kept``); a scripted
+    trusted peer of it connects: (the share's full keys, the peer), once the daemon
+    has said what it holds."""
+    from clearskies import keys as keymod
+
+    await case.start_daemon()
+    owner_keys = keymod.generate_share_keys(rsa_bits=1024)
+    folder = case.base / "kept"
+    folder.mkdir()
+    await case.daemon.share_registry.add_share(untrusted_keys(owner_keys), str(folder),
+                                               secrets.token_hex(16))
+    case.kept = folder
+    peer = await case.connect(features=features, keys=owner_keys)
+    assert peer.connection.established.access == "untrusted"
+    await peer.wait_for("untrusted.state")
+    return owner_keys, peer

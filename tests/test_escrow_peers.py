@@ -20,8 +20,9 @@ from clearskies.sync.sealed import ownersession as ownersession_module
 from clearskies.sync.sealed.sessions import FEATURE
 from clearskies.untrusted import escrow
 from tests.helpers import async_test
-from tests.peerkit import PeerKitCase, ScriptedSession, sleep, wait_until
-from tests.test_untrusted_peers import _untrusted_keys, _wire_bytes
+from tests.peerkit import (
+    PeerKitCase, ScriptedSession, sleep, untrusted_keeper, untrusted_keys, wait_until,
+    wire_bytes)
 
 FEATURES = (FEATURE, escrow.FEATURE)
 
@@ -42,7 +43,7 @@ class TrustedSideTests(PeerKitCase):
         long_lived = await self.daemon.create_code(path, "read_write", False, None)
         read_only = await self.daemon.create_code(path, "read_only", False, 3600)
         one_time = await self.daemon.create_code(path, "read_write", True, 3600)
-        peer = await self.connect(features=FEATURES, keys=_untrusted_keys(keys))
+        peer = await self.connect(features=FEATURES, keys=untrusted_keys(keys))
         peer.send({"type": "untrusted.state", "revision": 0})
         await wait_until(lambda: len(_escrow_lines(peer, escrow.ENTRY_TYPE)) == 2,
                          what="two escrow entries")
@@ -59,7 +60,7 @@ class TrustedSideTests(PeerKitCase):
         assert entries[escrow.escrow_lookup(read_only.code)].expires == \
             int(read_only.expires) + (read_only.expires % 1 > 0)
         # Nothing on the wire opens a code or a key: only the code opens an entry.
-        said = _wire_bytes(peer)
+        said = wire_bytes(peer)
         for secret in [c.code.hex().encode() for c in (long_lived, read_only, one_time)] + [
                 escrow._derive(long_lived.code, escrow._KEY_INFO).hex().encode(),
                 keys.psks["read_only"].encode(), keys.psks["read_write"].encode(),
@@ -85,7 +86,7 @@ class TrustedSideTests(PeerKitCase):
         runtime = await self.start_daemon()
         self.patch(ownersession_module, "CHECK_EVERY", 0.05)
         await self.daemon.create_code(str(self.share_dir), "read_write", False, None)
-        peer = await self.connect(features=(FEATURE,), keys=_untrusted_keys(runtime.keys))
+        peer = await self.connect(features=(FEATURE,), keys=untrusted_keys(runtime.keys))
         peer.send({"type": "untrusted.state", "revision": 0})
         await peer.wait_for("untrusted.manifest")
         await sleep(0.3)
@@ -95,16 +96,7 @@ class TrustedSideTests(PeerKitCase):
 class UntrustedSideTests(PeerKitCase):
 
     async def _keeper(self) -> tuple[ShareKeys, ScriptedSession]:
-        await self.start_daemon()
-        owner_keys = keymod.generate_share_keys(rsa_bits=1024)
-        folder = self.base / "kept"
-        folder.mkdir()
-        await self.daemon.share_registry.add_share(_untrusted_keys(owner_keys), str(folder),
-                                                   secrets.token_hex(16))
-        self.kept = folder
-        peer = await self.connect(features=FEATURES, keys=owner_keys)
-        await peer.wait_for("untrusted.state")
-        return owner_keys, peer
+        return await untrusted_keeper(self, FEATURES)
 
     @async_test
     async def test_entries_kept_removed_and_handed_out_at_a_limited_rate(self) -> None:

@@ -38,26 +38,11 @@ from clearskies.untrusted.manifest import (
 )
 from clearskies.untrusted.sealing import ContentKeys, FileMeta, blob_size
 from tests.helpers import async_test
-from tests.peerkit import PeerKitCase, ScriptedSession, wait_until
+from tests.peerkit import (
+    PeerKitCase, ScriptedSession, untrusted_keeper, untrusted_keys, wait_until, wire_bytes)
 
 SECRET_NAME = "tax-return-2026-very-private.pdf"
 SECRET = b"plaintext content that must never leave unsealed " * 40
-
-
-def _untrusted_keys(keys: ShareKeys) -> ShareKeys:
-    return ShareKeys.from_keys_message(keys.keys_message("untrusted"))
-
-
-def _wire_bytes(peer: ScriptedSession) -> bytes:
-    """Everything the daemon said to ``peer``: message lines, signatures and payloads."""
-    out = []
-    for event in peer.events:
-        if isinstance(event, wire.Message):
-            out.append(event.text)
-            out.append(event.signature or b"")
-        elif isinstance(event, wire.PayloadChunk):
-            out.append(bytes(event.data))
-    return b"\n".join(out)
 
 
 def _payload_after(peer: ScriptedSession, index: int) -> bytes:
@@ -113,7 +98,7 @@ class TrustedDaemonTests(PeerKitCase):
     """The daemon holds the share read_write; the scripted peer is untrusted."""
 
     async def _untrusted_peer(self) -> ScriptedSession:
-        return await self.connect(features=(FEATURE,), keys=_untrusted_keys(self.runtime.keys))
+        return await self.connect(features=(FEATURE,), keys=untrusted_keys(self.runtime.keys))
 
     @async_test
     async def test_an_untrusted_peer_receives_nothing_it_can_open(self) -> None:
@@ -141,7 +126,7 @@ class TrustedDaemonTests(PeerKitCase):
         meta = content.open_meta(entry.id, entry.meta)
         assert meta.path == "folder/" + SECRET_NAME
         assert content.opener(entry.id, meta).open_all(blob) == SECRET
-        said = _wire_bytes(peer)
+        said = wire_bytes(peer)
         for secret in (SECRET[:30], SECRET_NAME.encode(), b"folder",
                        keys.psks["read_only"].encode(), keys.psks["read_write"].encode(),
                        b"PRIVATE KEY"):
@@ -173,7 +158,7 @@ class TrustedDaemonTests(PeerKitCase):
         assert set(info.keys.public_keys) == {"read_only", "read_write"}
         peer.send({"type": "untrusted.state", "revision": 0})
         await peer.wait_for("untrusted.manifest")
-        said = _wire_bytes(peer)
+        said = wire_bytes(peer)
         assert SECRET[:30] not in said and SECRET_NAME.encode() not in said
 
     @async_test
@@ -355,17 +340,7 @@ class UntrustedDaemonTests(PeerKitCase):
     """The daemon keeps a share at level untrusted; the scripted peer is trusted."""
 
     async def _keeper(self) -> tuple[ShareKeys, ScriptedSession]:
-        await self.start_daemon()
-        owner_keys = keymod.generate_share_keys(rsa_bits=1024)
-        folder = self.base / "kept"
-        folder.mkdir()
-        await self.daemon.share_registry.add_share(_untrusted_keys(owner_keys), str(folder),
-                                                   secrets.token_hex(16))
-        self.kept = folder
-        peer = await self.connect(features=(FEATURE,), keys=owner_keys)
-        assert peer.connection.established.access == "untrusted"
-        await peer.wait_for("untrusted.state")
-        return owner_keys, peer
+        return await untrusted_keeper(self, (FEATURE,))
 
     @async_test
     async def test_forged_messages_to_an_untrusted_peer_are_refused(self) -> None:
@@ -458,7 +433,7 @@ class ReadOnlyDaemonTests(PeerKitCase):
         held = backup.add("held.txt", held_data)
         gone = backup.add("gone.txt", b"restored onto the read-only peer\n")
 
-        first = await self.connect(features=(FEATURE,), keys=_untrusted_keys(owner))
+        first = await self.connect(features=(FEATURE,), keys=untrusted_keys(owner))
         first.send_raw(backup.manifest(3))
         first.send({"type": "untrusted.state", "revision": 3})
         index, asked = await first.wait_for("untrusted.get")
@@ -470,7 +445,7 @@ class ReadOnlyDaemonTests(PeerKitCase):
 
         # A second untrusted peer, empty, is handed the read_write-signed manifest and
         # served the blob of the file the read-only peer holds, sealed as it reads it.
-        second = await self.connect(features=(FEATURE,), keys=_untrusted_keys(owner))
+        second = await self.connect(features=(FEATURE,), keys=untrusted_keys(owner))
         second.send({"type": "untrusted.state", "revision": 0})
         index, _ = await second.wait_for("untrusted.manifest", timeout=15)
         event = second.events[index]

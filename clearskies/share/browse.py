@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from clearskies.share.database import StateDatabase
+from clearskies.share.database import StateDatabase, path_range
 
 #: Entries one page holds by default, and at most.
 PAGE = 100
@@ -51,18 +51,11 @@ def bounds(directory: str) -> tuple[str, str | None]:
 def _rows(db: StateDatabase, table: str, share_id: str, directory: str, after: str | None,
           limit: int) -> list[tuple[Any, ...]]:
     low, high = bounds(directory)
-    sql = ("SELECT path, is_dir, size, mtime_sec, sha256 FROM %s WHERE share_id = ?"
-           " AND deleted = 0 AND path >= ? AND instr(substr(path, ?), '/') = 0" % table)
-    args: list[Any] = [share_id, low, len(low) + 1]
-    if high is not None:
-        sql += " AND path < ?"
-        args.append(high)
-    if after is not None:
-        sql += " AND path > ?"
-        args.append(after)
-    sql += " ORDER BY path LIMIT ?"
-    args.append(limit)
-    return list(db.connection.execute(sql, args))
+    where, args = path_range(low, high, after, limit)
+    return list(db.connection.execute(
+        "SELECT path, is_dir, size, mtime_sec, sha256 FROM %s WHERE share_id = ?"
+        " AND deleted = 0 AND instr(substr(path, ?), '/') = 0%s" % (table, where),
+        [share_id, len(low) + 1, *args]))
 
 
 def folder_page(db: StateDatabase, share_id: str, directory: str, after: str | None,

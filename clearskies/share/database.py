@@ -349,17 +349,9 @@ class StateDatabase:
         Paths compare as UTF-8 bytes, which is the order of Python's ``str``
         comparison, so a caller can merge a page with a sorted Python list.
         """
-        sql = "FROM files WHERE share_id = ? AND path >= ?"
-        args: list[Any] = [share_id, low]
-        if high is not None:
-            sql += " AND path < ?"
-            args.append(high)
-        if after is not None:
-            sql += " AND path > ?"
-            args.append(after)
-        sql += " ORDER BY path LIMIT ?"
-        args.append(limit)
-        rows = select_json(self._conn, _FILE_COLUMNS_JSON, sql, args)
+        where, args = path_range(low, high, after, limit)
+        rows = select_json(self._conn, _FILE_COLUMNS_JSON, "FROM files WHERE share_id = ?"
+                           + where, [share_id, *args])
         rows.sort(key=lambda row: row[0])  # (already in order: a linear check)
         return [_stored_from_json(row) for row in rows]
 
@@ -643,6 +635,20 @@ def select_json(conn: sqlite3.Connection, columns: str, tail: str,
         "SELECT '[' || group_concat(j, ',') || ']' FROM (SELECT json_array(%s) AS j %s)"
         % (columns, tail), args).fetchone()[0]
     return json.loads(text) if text else []
+
+
+def path_range(low: str, high: str | None, after: str | None,
+               limit: int) -> tuple[str, list[Any]]:
+    """`` AND path >= low [AND path < high] [AND path > after] ORDER BY path LIMIT limit``
+    and its arguments: one page of a path range, for a query's tail."""
+    sql, args = " AND path >= ?", [low]
+    if high is not None:
+        sql += " AND path < ?"
+        args.append(high)
+    if after is not None:
+        sql += " AND path > ?"
+        args.append(after)
+    return sql + " ORDER BY path LIMIT ?", [*args, limit]
 
 
 def as_json(rows: Sequence[Sequence[Any]]) -> str:

@@ -4,7 +4,9 @@
 blob's payload is being written (so a keep-alive never lands inside it), and
 a blob is streamed a piece at a time as the transport asks for more (a push
 producer).  :class:`SerialWriter` runs one file's blocking writes in order
-and pauses the connection while they fall behind.
+and pauses the connection while they fall behind.  :class:`SealedSession`
+and :class:`HeldShare` are what both sides' sessions, and the untrusted
+side's per-share keepers, start from.
 """
 
 from __future__ import annotations
@@ -233,3 +235,26 @@ class SerialWriter:
     def _discard(self) -> None:
         if self.handle is not None:
             self._runner.run(self.handle.discard)
+
+
+class SealedSession:
+    """What a session of either side holds: its connection, its peer, its channel."""
+
+    def __init__(self, connection: Any, peer_id: str) -> None:
+        self.connection = connection
+        self.peer_id = peer_id
+        self.channel = Channel(connection)
+        self.alive = True
+
+
+class HeldShare:
+    """What the untrusted side keeps per share starts from: the share, its folder,
+    the public keys that sign for it, where its blocking work runs, and a clock."""
+
+    def __init__(self, share_id: str, root: str, public_keys: dict[str, bytes],
+                 runner: IRunner, clock: Any) -> None:
+        self.share_id = share_id
+        self.root = root
+        self.public_keys = public_keys
+        self.runner = runner
+        self.clock = clock

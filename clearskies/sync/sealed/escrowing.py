@@ -22,6 +22,7 @@ from clearskies.atomicwrite import install_atomically
 from clearskies.errors import ProtocolError
 from clearskies.interfaces import IRunner
 from clearskies.keys import level_rank
+from clearskies.sync.sealed.channel import HeldShare
 from clearskies.untrusted import escrow
 from clearskies.untrusted.sealing import SealError
 
@@ -49,18 +50,14 @@ def _save(root: str, data: bytes) -> None:
     install_atomically(fd, temporary, os.path.join(root, ESCROW_NAME), data)
 
 
-class EscrowBox:
+class EscrowBox(HeldShare):
     """The escrow entries an untrusted share keeps, and the lookups removed."""
 
     _log = Logger()
 
     def __init__(self, share_id: str, root: str, public_keys: dict[str, bytes],
                  runner: IRunner, clock: Any) -> None:
-        self.share_id = share_id
-        self.root = root
-        self.public_keys = public_keys
-        self.runner = runner
-        self.clock = clock
+        super().__init__(share_id, root, public_keys, runner, clock)
         self.entries: dict[str, escrow.EscrowEntry] = {}
         self.removed: dict[str, None] = {}  # in the order removed (oldest forgotten first)
         self._tries: dict[str, list[float]] = {}

@@ -22,7 +22,7 @@ from clearskies import wire
 from clearskies.errors import ProtocolError
 from clearskies.interfaces import IRunner
 from clearskies.sync.sealed import vault
-from clearskies.sync.sealed.channel import Channel, SerialWriter, spawn
+from clearskies.sync.sealed.channel import HeldShare, SealedSession, SerialWriter, spawn
 from clearskies.sync.sealed.escrowing import EscrowBox
 from clearskies.sync.sealed.messages import check_data, check_get, check_hex
 from clearskies.untrusted.manifest import BlobEntry, SignedManifest, read_manifest
@@ -32,18 +32,14 @@ CHALLENGES_PER_HOUR = 8
 """Challenges answered per peer per hour; more get ``verify_busy``."""
 
 
-class Keeper:
+class Keeper(HeldShare):
     """One untrusted share's held manifest, and the newer one whose blobs are coming."""
 
     _log = Logger()
 
     def __init__(self, share_id: str, root: str, public_keys: dict[str, bytes],
                  runner: IRunner, clock: Any) -> None:
-        self.share_id = share_id
-        self.root = root
-        self.public_keys = public_keys
-        self.runner = runner
-        self.clock = clock
+        super().__init__(share_id, root, public_keys, runner, clock)
         self.held: SignedManifest | None = None
         self.pending: SignedManifest | None = None
         self._pending_from: KeeperSession | None = None
@@ -145,17 +141,14 @@ class Keeper:
             self.pending, self._pending_from, self._missing = None, None, {}
 
 
-class KeeperSession:
+class KeeperSession(SealedSession):
     """One connection of an untrusted share."""
 
     _log = Logger()
 
     def __init__(self, keeper: Keeper, connection: Any, peer_id: str) -> None:
+        super().__init__(connection, peer_id)
         self.keeper = keeper
-        self.connection = connection
-        self.peer_id = peer_id
-        self.channel = Channel(connection)
-        self.alive = True
         self._requested: dict[str, BlobEntry] = {}
         self._receiving: tuple[BlobEntry, SerialWriter] | None = None
         keeper.sessions.append(self)

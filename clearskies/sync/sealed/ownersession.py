@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from clearskies import keys as keymod
 from clearskies import wire
 from clearskies.errors import ClearSkiesError, ProtocolError
-from clearskies.sync.sealed.channel import Channel, SerialWriter, spawn
+from clearskies.sync.sealed.channel import SealedSession, SerialWriter, spawn
 from clearskies.sync.sealed.escrowing import EscrowSender
 from clearskies.sync.sealed.files import RestoreFile, SealedReader, challenge_expected
 from clearskies.sync.sealed.messages import check_data, check_get, check_hex
@@ -39,17 +39,14 @@ LOOKUP_BATCH = 500
 """Paths of a manifest looked up in the database at once."""
 
 
-class OwnerSession:
+class OwnerSession(SealedSession):
     """A trusted share's connection with one untrusted peer."""
 
     _log = Logger()
 
     def __init__(self, owner: Owner, connection: Any, peer_id: str) -> None:
+        super().__init__(connection, peer_id)
         self.owner = owner
-        self.connection = connection
-        self.peer_id = peer_id
-        self.channel = Channel(connection)
-        self.alive = True
         self.backup = owner.peer(peer_id)
         self.backup.connected = True
         self._restores: deque[tuple[BlobEntry, FileMeta, str]] = deque()
