@@ -32,7 +32,6 @@ def _named(*functions: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
 JOBS: dict[str, Callable[..., Any]] = _named(
     diskjobs.seal_buffered_many,
     diskjobs.install_batch,
-    diskjobs.unchanged_many,
 )
 
 WORKERS = 3

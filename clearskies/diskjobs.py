@@ -187,22 +187,33 @@ def sync_directories(directories: Iterable[Path]) -> None:
         fsync_directory(directory)
 
 
-def install_batch(pairs: list[tuple[Path, Path]],
+def install_batch(items: list[tuple[Path, Path, Expected | None]],
                   keep: Callable[[Path], None] | None = None
-                  ) -> list[tuple[int, int, int] | OSError]:
-    """Rename each (temp, target), then fsync every directory that got a file.
+                  ) -> list[tuple[int, int, int] | OSError | None]:
+    """Rename each (temp, target, expected), then fsync every directory that got a file.
 
+    Just before its rename each target is checked against ``expected``
+    (:func:`unchanged`; None: no check): one that changed since the
+    database saw it is left as it is and gets None in place of its
+    outcome (a local edit is never renamed over, however late it came).
     A failed rename is returned in its place; a failed directory fsync
     fails the whole job (nothing in the batch may then be recorded).
     ``keep``: called with each target just before the rename (it keeps
     the file there as a version); when it fails, that target is left as it is.
     """
-    outcomes: list[tuple[int, int, int] | OSError] = []
+    outcomes: list[tuple[int, int, int] | OSError | None] = []
     directories: set[Path] = set()
-    for temp, target in pairs:
+    for temp, target, expected in items:
         try:
+            if expected is not None and not unchanged(str(target), expected):
+                outcomes.append(None)
+                continue
             if keep is not None:
                 keep(target)
+                # Keeping takes a while: the check again, right before the rename.
+                if expected is not None and not unchanged(str(target), expected):
+                    outcomes.append(None)
+                    continue
             os.replace(temp, target)
             outcomes.append(stat_key(target))
         except OSError as e:
@@ -261,8 +272,3 @@ def unchanged(path: str, expected: Expected) -> bool:
     if expected[0] == "directory":
         return os.path.isdir(path) and not os.path.islink(path)
     return matches(path, *expected[1:])
-
-
-def unchanged_many(items: list[tuple[str, str, Expected]]) -> dict[str, bool]:
-    """:func:`unchanged` for each (key, local path, expected); answers by key."""
-    return {key: unchanged(path, expected) for key, path, expected in items}

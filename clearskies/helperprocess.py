@@ -33,7 +33,6 @@ from clearskies.helperframes import FrameError, FrameReader, encode_frame
 HELPER_JOBS = frozenset({
     "clearskies.diskjobs.seal_buffered_many",
     "clearskies.diskjobs.install_batch",
-    "clearskies.diskjobs.unchanged_many",
 })
 
 #: Helpers in a row that may end before answering anything; then threads take over.

@@ -104,9 +104,10 @@ class ILocalShare(Interface):
     def is_damaged(path):
         """True for a file found rotted on disk (its bytes are not its record's): never served."""
 
-    def unchanged_many(paths, local_paths=None):
-        """Deferred ({path: True when the file on disk is as our last scan recorded it},
-        {path: our record it was checked against}, paths we hold no record of left out)."""
+    def recorded_many(paths):
+        """Deferred ({path: what the disk should hold there, as our last scan recorded it
+        (:data:`clearskies.diskjobs.Expected`)}, {path: our record of it}, paths we hold
+        no record of left out of the second): one database query."""
 
     def commit_remote(records, written=None):
         """Store records whose on-disk state is now in place; Deferred new revision.
@@ -132,8 +133,8 @@ class ILocalShare(Interface):
         """Deferred: a worker-thread job ``keep(target)`` that keeps what the downloads of
         ``records`` are about to replace as versions, or None when the share keeps none.
 
-        ``ours``: our records of those paths as :meth:`unchanged_many` gave them (the
-        state the disk was checked against); without it they are read again."""
+        ``ours``: our records of those paths as :meth:`recorded_many` gave them (the
+        state the disk is checked against); without it they are read again."""
 
     def make_directory(path, mode):
         """Deferred: a folder (and its parents) exists inside the share."""

@@ -174,9 +174,18 @@ class MemoryShare:
     def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
         self.seen = (peer_id, revision)
 
-    def unchanged_many(self, paths: list[str], local_paths: Any = None):
-        return succeed(({p: self.is_unchanged(p).result for p in paths},
-                        {p: self.records[p] for p in paths if p in self.records}))
+    def recorded_many(self, paths: list[str]):
+        """As the daemon's share: what the disk should hold, with no cache key (so hashed)."""
+        expected: dict[str, tuple[Any, ...]] = {}
+        for path in paths:
+            record = self.records.get(path)
+            if record is None or record.deleted:
+                expected[path] = ("absent",)
+            elif record.is_dir:
+                expected[path] = ("directory",)
+            else:
+                expected[path] = ("file", record.size, record.sha256, None)
+        return succeed((expected, {p: self.records[p] for p in paths if p in self.records}))
 
     def hashes_present(self, hashes: list[str]):
         live = {r.sha256 for r in self.records.values() if not r.deleted}

@@ -94,7 +94,7 @@ DOWNLOAD_MTIME_NS = 1_700_000_000_123_456_789
 
 async def seal_install_and_check(test: Any, runner: Any, base: Any) -> None:
     """The download jobs of a small file through ``runner``: one sealed (another refused
-    for its size), installed with its mode and mtime, then found unchanged."""
+    for its size), installed with its mode and mtime; one whose target changed is not."""
     import hashlib
     import os
 
@@ -110,13 +110,14 @@ async def seal_install_and_check(test: Any, runner: Any, base: Any) -> None:
                               [(root, target, temp, data, False, content),
                                (root, root / "b", root / ".b", b"bad", False, content)])
     test.assertEqual(sealed, [None, "got 3 bytes, expected 12"])
-    [key] = await runner.run(diskjobs.install_batch, [(temp, target)], None)
+    (root / "c").write_bytes(b"edited here")
+    key, changed = await runner.run(diskjobs.install_batch,
+                                    [(temp, target, ("absent",)),
+                                     (root / "b.tmp", root / "c", ("absent",))], None)
+    test.assertIsNone(changed)
+    test.assertEqual((root / "c").read_bytes(), b"edited here")
     st = os.lstat(target)
     test.assertEqual(key, (st.st_size, st.st_mtime_ns, st.st_ino))
     test.assertEqual((target.read_bytes(), st.st_mode & 0o777, st.st_mtime_ns),
                      (data, 0o640, DOWNLOAD_MTIME_NS))
     test.assertFalse((root / ".b").exists())
-    answers = await runner.run(diskjobs.unchanged_many,
-                               [("a", str(target), ("file", len(data), content.sha256, None)),
-                                ("b", str(root / "b"), ("absent",))])
-    test.assertEqual(answers, {"a": True, "b": True})

@@ -22,7 +22,7 @@ from clearskies.helperprocess import (
 from clearskies.threads import FilesRunner
 from tests.helpers import async_test, seal_install_and_check, temporary_dir
 
-UNCHANGED = "clearskies.diskjobs.unchanged_many"
+INSTALL = "clearskies.diskjobs.install_batch"
 
 
 def frame_bytes(value):
@@ -64,16 +64,15 @@ def test_the_helper_and_the_daemon_name_the_same_jobs():
     assert diskhelper.JOBS == {
         "clearskies.diskjobs.seal_buffered_many": diskjobs.seal_buffered_many,
         "clearskies.diskjobs.install_batch": diskjobs.install_batch,
-        "clearskies.diskjobs.unchanged_many": diskjobs.unchanged_many,
     }
 
 
 def test_which_jobs_the_helper_takes():
-    """The three download jobs, by name; anything else, or a job given a callable
+    """The two download jobs, by name; anything else, or a job given a callable
     (install_batch's keep), stays in this process."""
-    assert helper_job(diskjobs.unchanged_many, ([],)) == UNCHANGED
-    assert helper_job(diskjobs.install_batch, ([],)) == "clearskies.diskjobs.install_batch"
-    assert helper_job(diskjobs.install_batch, ([], None)) == "clearskies.diskjobs.install_batch"
+    assert helper_job(diskjobs.seal_buffered_many, ([],)) == "clearskies.diskjobs.seal_buffered_many"
+    assert helper_job(diskjobs.install_batch, ([],)) == INSTALL
+    assert helper_job(diskjobs.install_batch, ([], None)) == INSTALL
     assert helper_job(diskjobs.install_batch, ([], lambda target: None)) is None
     assert helper_job(diskjobs.stat_key, (Path("/"),)) is None
     assert helper_job(os.unlink, ("/tmp/x",)) is None
@@ -81,15 +80,16 @@ def test_which_jobs_the_helper_takes():
 
 
 def test_answer_runs_a_job_by_name_and_reports_unknown_jobs_and_errors():
-    assert answer_of((6, UNCHANGED, ([("a", "/nonexistent/a", ("absent",))],))) == (
-        6, True, {"a": True})
+    # A target that is not as expected is left alone: None in its place.
+    assert answer_of((6, INSTALL, ([(Path("/nonexistent/t"), Path("/"), ("absent",))],))) == (
+        6, True, [None])
     job_id, ok, error = answer_of((7, "os.unlink", ("/tmp/x",)))
     assert (job_id, ok) == (7, False) and isinstance(error, FrameError)
     job_id, ok, outcomes = answer_of(
         (8, "clearskies.diskjobs.install_batch",
-         ([(Path("/nonexistent/t"), Path("/nonexistent/x"))],)))
+         ([(Path("/nonexistent/t"), Path("/nonexistent/x"), ("absent",))],)))
     assert (job_id, ok) == (8, True) and isinstance(outcomes[0], FileNotFoundError)
-    job_id, ok, error = answer_of((9, UNCHANGED, ([("a", "/", ("file",))],)))
+    job_id, ok, error = answer_of((9, INSTALL, ([(Path("/t"), Path("/x"), ("file",))],)))
     assert (job_id, ok) == (9, False) and isinstance(error, TypeError)
     job_id, ok, error = answer_of("not a job")
     assert (job_id, ok) == (None, False) and isinstance(error, FrameError)
@@ -106,13 +106,13 @@ def test_the_helper_outlives_signals_and_ends_with_its_input():
     helper = subprocess.Popen([sys.executable, "-m", "clearskies.diskhelper"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        helper.stdin.write(frame_bytes((1, UNCHANGED, ([],))))
+        helper.stdin.write(frame_bytes((1, INSTALL, ([],))))
         helper.stdin.flush()
         reader = FrameReader()
         answers = []
         while not answers:
             answers = reader.feed(os.read(helper.stdout.fileno(), 65536))
-        assert answers == [(1, True, {})]
+        assert answers == [(1, True, [])]
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             helper.send_signal(signal_number)
         time.sleep(0.2)
@@ -180,14 +180,14 @@ class FilesRunnerTests(TestCase):
             allowed = 0
         if allowed < PIPE_SIZE and os.geteuid() != 0:
             raise SkipTest("this system caps pipes at %d bytes" % allowed)
-        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertEqual(await self.runner.run(diskjobs.install_batch, []), [])
         writer = self.helper._helper.transport.pipes[0]
         self.assertEqual(fcntl.fcntl(writer.fileno(), fcntl.F_GETPIPE_SZ), PIPE_SIZE)
 
     @async_test
     async def test_a_job_error_arrives_as_itself(self):
         with self.assertRaises(TypeError):  # an expectation without its values
-            await self.runner.run(diskjobs.unchanged_many, [("a", "/", ("file",))])
+            await self.runner.run(diskjobs.install_batch, [(Path("/t"), Path("/x"), ("file",))])
         self.assertEqual(self.pool_calls, [])
 
     @async_test
@@ -211,33 +211,33 @@ class FilesRunnerTests(TestCase):
         def keep(path: Path) -> None:
             kept.append(path.read_bytes())
 
-        [key] = await self.runner.run(diskjobs.install_batch, [(temp, target)], keep)
+        [key] = await self.runner.run(diskjobs.install_batch, [(temp, target, None)], keep)
         self.assertEqual((kept, target.read_bytes(), key[0]), ([b"old"], b"new", 3))
         self.assertEqual(self.pool_calls, [diskjobs.install_batch])
 
     @async_test
     async def test_a_killed_helper_fails_its_jobs_and_is_started_again(self):
-        await self.runner.run(diskjobs.unchanged_many, [])
+        await self.runner.run(diskjobs.install_batch, [])
         first = self.helper.helper_pid
-        job = self.runner.run(diskjobs.unchanged_many, [])  # held: no answer read yet
+        job = self.runner.run(diskjobs.install_batch, [])  # held: no answer read yet
         self.assertFalse(job.called)
         os.kill(first, signal.SIGKILL)
         with self.assertRaises(HelperGone) as caught:
             await job
         self.assertIsInstance(caught.exception, OSError)
-        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertEqual(await self.runner.run(diskjobs.install_batch, []), [])
         self.assertNotIn(self.helper.helper_pid, (None, first))
         self.assertEqual(self.pool_calls, [])
 
     @async_test
     async def test_a_garbled_answer_stream_replaces_the_helper(self):
-        await self.runner.run(diskjobs.unchanged_many, [])
+        await self.runner.run(diskjobs.install_batch, [])
         first = self.helper._helper
-        job = self.runner.run(diskjobs.unchanged_many, [])
+        job = self.runner.run(diskjobs.install_batch, [])
         first.outReceived((helperframes.MAX_FRAME + 1).to_bytes(4, "big"))
         with self.assertRaises(HelperGone):
             await job
-        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertEqual(await self.runner.run(diskjobs.install_batch, []), [])
         self.assertIsNot(self.helper._helper, first)
         self.flushLoggedErrors()
 
@@ -245,11 +245,11 @@ class FilesRunnerTests(TestCase):
     async def test_stopping_lets_the_helper_end(self):
         """stopService closes the helper's input: it finishes the job it holds and ends,
         and the Deferred waits for it."""
-        await self.runner.run(diskjobs.unchanged_many, [])
+        await self.runner.run(diskjobs.install_batch, [])
         pid = self.helper.helper_pid
-        job = self.runner.run(diskjobs.unchanged_many, [("a", "/nonexistent/a", ("absent",))])
+        job = self.runner.run(diskjobs.install_batch, [(Path("/t"), Path("/"), ("absent",))])
         await self.runner.stopService()
-        self.assertEqual(await job, {"a": True})
+        self.assertEqual(await job, [None])
         for _ in range(100):
             if _gone(pid):
                 break
@@ -264,11 +264,11 @@ class FilesRunnerTests(TestCase):
         self.helper.command = [sys.executable, "-c", "import sys; sys.exit(3)"]
         for _ in range(MAX_SILENT_HELPERS):
             with self.assertRaises(HelperGone):
-                await self.runner.run(diskjobs.unchanged_many, [])
+                await self.runner.run(diskjobs.install_batch, [])
         self.assertEqual(self.pool_calls, [])
         self.assertTrue(self.helper.broken)
-        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
-        self.assertEqual(self.pool_calls, [diskjobs.unchanged_many])
+        self.assertEqual(await self.runner.run(diskjobs.install_batch, []), [])
+        self.assertEqual(self.pool_calls, [diskjobs.install_batch])
 
     @async_test
     async def test_a_helper_that_cannot_be_spawned_leaves_the_jobs_to_the_pool(self):
@@ -276,9 +276,9 @@ class FilesRunnerTests(TestCase):
             raise OSError(11, "Resource temporarily unavailable")
 
         self.patch(reactor, "spawnProcess", refuse)
-        self.assertEqual(await self.runner.run(diskjobs.unchanged_many, []), {})
+        self.assertEqual(await self.runner.run(diskjobs.install_batch, []), [])
         self.assertTrue(self.helper.broken)
-        self.assertEqual(self.pool_calls, [diskjobs.unchanged_many])
+        self.assertEqual(self.pool_calls, [diskjobs.install_batch])
 
 
 def test_without_processes_the_files_place_is_its_pool():
@@ -286,4 +286,4 @@ def test_without_processes_the_files_place_is_its_pool():
     runner = FilesRunner(Clock(), 1)
     assert runner.helper.broken
     runner.helper.startService()
-    assert runner.helper.submit(UNCHANGED, ([],)) is None
+    assert runner.helper.submit(INSTALL, ([],)) is None

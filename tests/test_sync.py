@@ -453,13 +453,47 @@ class EditDuringInstallShare(MemoryShare):
         self.sync: ShareSync | None = None
         self.edit: tuple[str, bytes] | None = None
 
-    def is_unchanged(self, path: str):
-        if self.edit is not None and self.edit[0] == path:
+    def recorded_many(self, paths: list[str]):
+        if self.edit is not None and self.edit[0] in paths:
             name, data = self.edit
             self.edit = None
             edited = self.add_local(name, data, {US: 2, THEM: 1})
             self.sync.local_changes([edited], self.rev)
-        return super().is_unchanged(path)
+        return super().recorded_many(paths)
+
+
+class SavedBeforeInstallShare(MemoryShare):
+    """The user saves over a file after the database was asked about it, before the
+    rename: the scanner has not seen it (the window of the old two-step install)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.edit: tuple[str, bytes] | None = None
+
+    def keeper_for(self, records: list[FileRecord], ours: Any = None):
+        if self.edit is not None:
+            name, data = self.edit
+            (self.root / name).write_bytes(data)
+        return super().keeper_for(records, ours)
+
+
+def test_an_edit_saved_just_before_the_rename_is_kept_at_the_path(tmp_path):
+    """The install job checks the target just before renaming over it: the edit stays,
+    the download becomes the conflict copy; nothing is lost."""
+    share = SavedBeforeInstallShare(tmp_path)
+    share.add_local("f.txt", b"ours, version 1", {US: 1})
+    sync, session, connection = open_session(share, Clock())
+    theirs = b"their newer version"
+    record = file_record("f.txt", theirs, {US: 1, THEM: 1})
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    share.edit = ("f.txt", b"ours, saved while theirs was being put in place")
+    deliver_file(session, "f.txt", theirs)
+    assert (tmp_path / "f.txt").read_bytes() == b"ours, saved while theirs was being put in place"
+    (copy,) = [p for p in tmp_path.iterdir() if ".CONFLICT." in p.name]
+    assert copy.read_bytes() == theirs
+    assert share.records[copy.name].sha256 == sha(theirs)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".!clearsky")]
 
 
 def test_a_local_edit_recorded_during_the_install_is_not_overwritten(tmp_path):
@@ -932,7 +966,7 @@ def test_a_download_meeting_its_own_bytes_at_the_path_makes_no_conflict_copy(sha
     record = file_record("f002.txt", data, {THEM: 1})
     session.event_received(message({"type": "update", "revision": 2, "file": record.to_wire()}))
     assert "get" in connection.sent_types()
-    (share.root / "f002.txt").write_bytes(data)  # not recorded: is_unchanged says no
+    (share.root / "f002.txt").write_bytes(data)  # not as recorded: the install job finds it changed
     os.chmod(share.root / "f002.txt", 0o644)
     deliver_file(session, "f002.txt", data)
     assert sorted(p.name for p in share.root.iterdir()) == ["f002.txt"]

@@ -130,8 +130,8 @@ class RunnerContractTests(TestCase):
             jobs.append(runner.run(sum, [1, 2, 3]).addCallback(self.assertEqual, 6))
             jobs.append(runner.run(lambda a, b: a + b, "x", "y").addCallback(
                 self.assertEqual, "xy"))
-            jobs.append(runner.run(diskjobs.unchanged_many, []).addCallback(
-                self.assertEqual, {}))
+            jobs.append(runner.run(diskjobs.install_batch, []).addCallback(
+                self.assertEqual, []))
             jobs.append(self.assertFailure(runner.run(os.unlink, "/nonexistent/x"),
                                            FileNotFoundError))
         return DeferredList(jobs, fireOnOneErrback=True)
@@ -185,7 +185,7 @@ class DiskJobsOnThreadsTests(TestCase):
         """A disk job's exception fails its Deferred with that very exception type."""
         async def go():
             with self.assertRaises(TypeError):  # an expectation without its values
-                await self.runner.run(diskjobs.unchanged_many, [("a", "/", ("file",))])
+                await self.runner.run(diskjobs.install_batch, [("/t", "/x", ("file",))])
 
         return self.run_async(go())
 

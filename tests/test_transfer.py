@@ -522,8 +522,10 @@ def test_finish_many_installs_a_batch_and_keeps_conflicts_and_failures_apart(tmp
         assert result_of(receiver.seal()) is None
         receivers.append(receiver)
     receivers[3].temp_path.unlink()  # its rename can only fail
+    receivers[1].local_path.write_bytes(b"edited here")  # where our record says: nothing
     results = result_of(finish_many(SyncRunner(), [
-        (receivers[0], True), (receivers[1], False), (receivers[2], True), (receivers[3], True)]))
+        (receivers[0], ("absent",)), (receivers[1], ("absent",)), (receivers[2], None),
+        (receivers[3], ("absent",))]))
     assert [r.status for r in results[:3]] == [OK, CONFLICT, OK]
     assert isinstance(results[3], Failure) and results[3].check(FileNotFoundError)
     for n in (0, 2):
@@ -531,8 +533,39 @@ def test_finish_many_installs_a_batch_and_keeps_conflicts_and_failures_apart(tmp
         assert results[n].path.read_bytes() == datas[n]
         assert (results[n].size, results[n].mtime_ns, results[n].inode) == (
             st.st_size, st.st_mtime_ns, st.st_ino)
-    assert not receivers[1].local_path.exists()
+    assert receivers[1].local_path.read_bytes() == b"edited here"  # never renamed over
     assert results[1].path.read_bytes() == datas[1]  # verified, waiting for keep_as/abort
+    assert receivers[1].state == "verified"
+
+
+def test_install_batch_checks_each_target_again_after_keeping_it(tmp_path):
+    """An editor that saves (write, then rename) while the old file is being kept as
+    a version: the check right before the rename finds it, the save stays."""
+    from clearskies import diskjobs
+
+    target, temp = tmp_path / "f.txt", tmp_path / ".f.txt.tmp"
+    target.write_bytes(b"ours")
+    temp.write_bytes(b"theirs")
+    st = os.lstat(target)
+    expected = ("file", 4, hashlib.sha256(b"ours").hexdigest(),
+                (st.st_ino, st.st_size, st.st_mtime_ns))
+    kept = []
+
+    def keep_while_the_editor_saves(path):
+        kept.append(path.read_bytes())
+        saved = tmp_path / ".f.txt.editor"
+        saved.write_bytes(b"ours, saved again")
+        os.replace(saved, path)
+
+    outcomes = diskjobs.install_batch([(temp, target, expected)], keep_while_the_editor_saves)
+    assert outcomes == [None] and kept == [b"ours"]
+    assert target.read_bytes() == b"ours, saved again" and temp.read_bytes() == b"theirs"
+    # Unchanged, the same target is kept and replaced.
+    target.write_bytes(b"ours")
+    st = os.lstat(target)
+    expected = expected[:3] + ((st.st_ino, st.st_size, st.st_mtime_ns),)
+    [key] = diskjobs.install_batch([(temp, target, expected)], lambda path: None)
+    assert target.read_bytes() == b"theirs" and key[0] == 6
 
 
 def test_wrong_bytes_are_corrupt_and_leave_nothing(tmp_path):
@@ -735,7 +768,7 @@ def test_buffered_seals_run_in_few_jobs_of_many_files(tmp_path):
     assert len(outcomes) == 12
     assert [o is None for o in outcomes] == [n != 5 for n in range(12)]
     assert "SHA-256" in outcomes[5]
-    installed = result_of(finish_many(SyncRunner(), [(r, True) for i, r in enumerate(receivers)
+    installed = result_of(finish_many(SyncRunner(), [(r, ("absent",)) for i, r in enumerate(receivers)
                                                      if i != 5]))
     assert [r.status for r in installed] == [OK] * 11
     assert sorted(os.listdir(tmp_path)) == sorted("f%d" % n for n in range(12) if n != 5)

@@ -221,26 +221,17 @@ class LocalShareFiles:
         d = self.store.get_stored_many(self.share_id, paths)
         return d.addCallback(lambda found: {p: s.record for p, s in found.items()})
 
-    def unchanged_many(self, paths: list[str], local_paths: list[Path] | None = None
-                       ) -> Deferred[tuple[dict[str, bool], dict[str, FileRecord]]]:
-        """``is_unchanged`` for many paths: one database query, one worker call.
+    def recorded_many(self, paths: list[str]
+                      ) -> Deferred[tuple[dict[str, diskjobs.Expected], dict[str, FileRecord]]]:
+        """What the disk should hold at each path, and our records: one database query.
 
-        Also gives our records the disk was compared with, for :meth:`keeper_for`.
-        ``local_paths``: their local paths, when the caller has them already
-        (each costs file-system checks to work out again).
+        The install job checks each target against the first just before
+        its rename; :meth:`keeper_for` takes the second.
         """
-        return Deferred.fromCoroutine(self._unchanged_many(paths, local_paths))
-
-    async def _unchanged_many(self, paths: list[str], local_paths: list[Path] | None = None
-                              ) -> tuple[dict[str, bool], dict[str, FileRecord]]:
-        stored = await self.store.get_stored_many(self.share_id, paths)
-        if local_paths is None:
-            local_paths = [self.local_path(p) for p in paths]
-        locals_ = [(p, str(local), stored.get(p)) for p, local in zip(paths, local_paths)]
-        answers = await self.files_runner.run(
-            diskjobs.unchanged_many,
-            [(p, local, expected_on_disk(row)) for p, local, row in locals_])
-        return answers, {path: row.record for path, row in stored.items()}
+        d = self.store.get_stored_many(self.share_id, paths)
+        return d.addCallback(lambda stored: (
+            {path: expected_on_disk(stored.get(path)) for path in paths},
+            {path: row.record for path, row in stored.items()}))
 
     def local_path(self, path: str) -> Path:
         return self.paths.to_local(path)
@@ -382,8 +373,8 @@ class LocalShareFiles:
                    ) -> Deferred[Callable[[Path], None] | None]:
         """The job keeping what downloads of ``records`` are about to replace, or None.
 
-        ``ours``: our records of those paths, as :meth:`unchanged_many` checked them
-        against the disk (so no second query); without it they are read.
+        ``ours``: our records of those paths, as :meth:`recorded_many` read them
+        (so no second query); without it they are read.
         """
         return Deferred.fromCoroutine(self._keeper_for(records, ours))
 

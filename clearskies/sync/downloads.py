@@ -237,44 +237,44 @@ class Downloads:
         installed: list[Deferred[str]] = []
         records: list[FileRecord] = []
         written: dict[str, tuple[int, int, int]] = {}
-        # Checks and renames are issued together so their thread hops overlap.
+        # What each target should hold, as our database says: the install job
+        # checks the disk against it just before each rename.
         checks: list[tuple[bool, Any]]
         ours: dict[str, FileRecord] | None = None
         try:
-            answers, ours = await self.share.unchanged_many(
-                [record.path for _, record, _ in batch],
-                [receiver.local_path for receiver, _, _ in batch])
-            checks = [(True, answers[record.path]) for _, record, _ in batch]
+            expected, ours = await self.share.recorded_many(
+                [record.path for _, record, _ in batch])
+            checks = [(True, expected[record.path]) for _, record, _ in batch]
         except Exception:
             failure = Failure()
             checks = [(False, failure) for _ in batch]
         # A local edit the scanner recorded meanwhile drops the path from ``wanted``
-        # (local_changes).  The check above compared the disk with that newer
-        # record, so it passes; but the download was chosen against the older one
-        # and must not replace the edit.  (The scanner's commit reaches us before
-        # the check's answer: both come through the one database thread.)
+        # (local_changes).  The disk matches that newer record, so the check would
+        # pass; but the download was chosen against the older one and must not
+        # replace the edit.  (The scanner's commit reaches us before the query's
+        # answer: both come through the one database thread.)
         for index, (receiver, record, _) in enumerate(batch):
             wanted = self.wanted.get(record.path)
             if checks[index][0] and (wanted is None or not wanted.record.same_content(record)):
                 receiver.abort(keep_partial=False)
                 checks[index] = (False, SUPERSEDED)
-        # All renames of the batch, and the fsync of their directories, in one worker job.
-        checked = [(receiver, unchanged)
-                   for (receiver, _, _), (ok, unchanged) in zip(batch, checks) if ok]
+        # All checks and renames of the batch, and the fsync of their directories,
+        # in one worker job.
+        checked = [(receiver, on_disk)
+                   for (receiver, _, _), (ok, on_disk) in zip(batch, checks) if ok]
         # The share's watcher then knows the renames it is about to see are ours.
-        self.share.expect_own_renames(
-            [receiver.expected.path for receiver, unchanged in checked if unchanged])
+        self.share.expect_own_renames([receiver.expected.path for receiver, _ in checked])
         try:
             keep = await self.share.keeper_for(  # kept versions of what gets replaced
-                [receiver.expected for receiver, unchanged in checked if unchanged], ours)
+                [receiver.expected for receiver, _ in checked], ours)
             installed_now = await finish_many(self.share.files_runner, checked, keep)
         except Exception:
             installed_now = [Failure()] * len(checked)
         self.share.own_renames_failed([
-            receiver.expected.path for (receiver, unchanged), result
-            in zip(checked, installed_now) if unchanged and isinstance(result, Failure)])
+            receiver.expected.path for (receiver, _), result in zip(checked, installed_now)
+            if isinstance(result, Failure) or result.status != OK])
         installs = iter(installed_now)
-        finishes = [next(installs) if ok else unchanged for ok, unchanged in checks]
+        finishes = [next(installs) if ok else outcome for ok, outcome in checks]
         for (receiver, record, done), result in zip(batch, finishes):
             if result == SUPERSEDED:
                 results.append((done, SUPERSEDED))
