@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clearskies.share.ignore import IgnoreRules
-from clearskies.share.versions import Version, VersionError, VersionStore
+from clearskies.share.versions import DescriptionBatch, Version, VersionError, VersionStore
 
 NOW = 1_800_000_000.0
 
@@ -165,6 +165,79 @@ def test_drop_and_orphans(tmp_path: Path) -> None:
     assert store.drop_orphans(0.0) == 0  # (its mtime is "now": too young)
     assert store.drop_orphans(NOW * 2) == 1
     assert os.listdir(tmp_path / ".clearskies-versions") == []
+
+
+def test_a_batch_is_described_in_one_file(tmp_path: Path) -> None:
+    """A job's many versions share one descriptions file, a line each; listing, get,
+    restore and drop treat them as any other version."""
+    store = VersionStore(tmp_path)
+    batch = DescriptionBatch()
+    kept = [store.keep(make(tmp_path, "d/f%03d" % i, b"%d" % i), "d/f%03d" % i, NOW,
+                       sha256=sha(b"%d" % i), cause="deleted", durable=False, batch=batch)
+            for i in range(250)]
+    store.sync()
+    directory = tmp_path / ".clearskies-versions"
+    [described] = [n for n in os.listdir(directory) if n.endswith(".jsonl")]
+    assert described == kept[0].version_id + ".jsonl"
+    assert not [n for n in os.listdir(directory) if n.endswith(".json")]
+    assert len((directory / described).read_bytes().splitlines()) == 250
+    assert sorted(v.version_id for v in store.versions("d")) == sorted(
+        v.version_id for v in kept)
+    assert store.get(kept[123].version_id) == kept[123]
+    assert store.local_copy(sha(b"77"), 2) == directory / kept[77].version_id
+    store.restore(kept[5], str(tmp_path / "d/f005"), "d/f005", NOW + 1)
+    assert (tmp_path / "d/f005").read_bytes() == b"5"
+    # Dropping some leaves the file; dropping the last of its versions removes it.
+    assert store.drop([v.version_id for v in kept[:200]]) == sum(
+        len(b"%d" % i) for i in range(200))
+    assert len(store.versions()) == 50 and (directory / described).exists()
+    store.drop([v.version_id for v in kept[200:]])
+    assert os.listdir(directory) == []
+
+
+def test_a_full_batch_starts_another_file_and_a_torn_line_is_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BATCH_VERSIONS lines a file; a crash mid-line loses only that line's version
+    (its content never moved: the line is written first)."""
+    monkeypatch.setattr("clearskies.share.versions.BATCH_VERSIONS", 3)
+    store = VersionStore(tmp_path)
+    batch = DescriptionBatch()
+    kept = [store.keep(make(tmp_path, "f%d" % i, b"x"), "f%d" % i, NOW, batch=batch)
+            for i in range(7)]
+    directory = tmp_path / ".clearskies-versions"
+    files = sorted(n for n in os.listdir(directory) if n.endswith(".jsonl"))
+    assert files == sorted(kept[i].version_id + ".jsonl" for i in (0, 3, 6))
+    last = directory / (kept[6].version_id + ".jsonl")  # it holds only the seventh
+    with open(directory / (kept[3].version_id + ".jsonl"), "ab") as f:
+        f.write(b'{"version_id": "2026')  # a crash while a line was written
+    assert len(store.versions()) == 7
+    last.write_bytes(last.read_bytes()[:-20])  # the last line torn: its version unlisted
+    assert len(store.versions()) == 6
+    with pytest.raises(VersionError, match="no version"):
+        store.get(kept[6].version_id)
+
+
+def test_a_batch_file_dropped_under_a_job_is_started_again(tmp_path: Path) -> None:
+    """Every version of a job's file so far dropped (a clean between two of its keeps):
+    the job's next version starts a new file; none is left undescribed."""
+    store = VersionStore(tmp_path)
+    batch = DescriptionBatch()
+    first = store.keep(make(tmp_path, "a", b"a"), "a", NOW, batch=batch)
+    store.drop([first.version_id])
+    second = store.keep(make(tmp_path, "b", b"b"), "b", NOW, batch=batch)
+    assert [v.version_id for v in store.versions()] == [second.version_id]
+    assert sorted(os.listdir(tmp_path / ".clearskies-versions")) == [
+        second.version_id, second.version_id + ".jsonl"]
+
+
+def test_a_foreign_jsonl_file_is_not_a_batch(tmp_path: Path) -> None:
+    directory = tmp_path / ".clearskies-versions"
+    directory.mkdir()
+    (directory / "notes.jsonl").write_text(json.dumps({
+        "version_id": "20261207-104858-00000003", "path": "a", "time": 1.0, "size": 1}))
+    (directory / "20261207-104858-00000003").write_text("x")
+    (directory / "20261207-104858-00000004.jsonl").write_bytes(b"\x00" * 100)
+    assert VersionStore(tmp_path).versions() == []
 
 
 def test_local_copy_by_hash(tmp_path: Path) -> None:

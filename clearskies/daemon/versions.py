@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from clearskies.interfaces import IRunner
 from clearskies.share.records import FileRecord
 from clearskies.share.versionpolicy import VersionPolicy, to_drop
-from clearskies.share.versions import Version, VersionError, VersionStore
+from clearskies.share.versions import DescriptionBatch, Version, VersionError, VersionStore
 
 #: Seconds between two cleanings of a share's kept versions.
 CLEAN_EVERY = 3600.0
@@ -153,12 +153,13 @@ class ShareVersions:
         if not self.policy.keeping:
             return None
         now = self._clock.seconds()
-        store = self.store
+        store, batch = self.store, DescriptionBatch()
 
         def keep(local: str, path: str, ours: FileRecord) -> None:
             try:
                 store.keep(local, path, now, sha256=ours.sha256, cause="deleted",
-                           peer=author(changes.get(path), ours), durable=False)
+                           peer=author(changes.get(path), ours), durable=False,
+                           batch=batch)
             except OSError as e:
                 failed.append((path, e.strerror or str(e)))
                 raise
@@ -175,7 +176,7 @@ class ShareVersions:
         if not self.policy.keeping or not jobs:
             return None
         now = self._clock.seconds()
-        store = self.store
+        store, batch = self.store, DescriptionBatch()
 
         def keep(target: Path) -> None:
             job = jobs.get(str(target))
@@ -183,7 +184,7 @@ class ShareVersions:
                 return
             path, ours, theirs = job
             store.keep(str(target), path, now, sha256=ours.sha256, move=False,
-                       peer=author(theirs, ours))
+                       peer=author(theirs, ours), batch=batch)
         return keep
 
     def keeper(self, cause: str) -> Callable[[str, str, bool], None] | None:

@@ -4,10 +4,13 @@ A share keeps its versions in ``<root>/.clearskies-versions`` (never
 scanned, watched or synced: clearskies.share.ignore).  Inside the share,
 keeping a file is a rename or a hard link on the same file system, never a
 copy of its bytes; the daemon's data directory may lie on another disk.
-Each version is two files named by its ID (``20261207-104858-1a2b3c4d``):
-the content, and ``<ID>.json`` saying where it came from (share-relative
-path, when it was replaced, size, SHA-256 when known, which peer's change
-replaced it, mode and mtime).  The description is written first, so a
+Each version's content is a file named by its ID (``20261207-104858-1a2b3c4d``);
+its description says where it came from (share-relative path, when it was
+replaced, size, SHA-256 when known, which peer's change replaced it, mode
+and mtime).  A version kept on its own is described in ``<ID>.json``; the
+versions one job keeps by the hundred (a peer deleting a folder) share one
+``<first ID>.jsonl``, a line each: creating a file costs the file system
+far more than a line in one.  The description is written first, so a
 crash leaves at worst a description without content, which listing skips
 and :meth:`VersionStore.drop_orphans` removes.
 
@@ -25,6 +28,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,6 +41,10 @@ from clearskies.share.versionpolicy import KeptVersion
 VERSION_ID = re.compile(r"\A\d{8}-\d{6}-[0-9a-f]{8}\Z")
 #: A description larger than this is not ours.
 MAX_DESCRIPTION = 64 * 1024
+#: A batch's descriptions file takes this many versions; the next one starts a new file.
+BATCH_VERSIONS = 1000
+#: A batch's descriptions file larger than this is not ours (a line is under 5 KiB).
+MAX_BATCH_FILE = 8 * 1024 * 1024
 #: The suffix of files being written inside the versions folder.
 PARTIAL = ".partial"
 #: Descriptions without content are removed once this old (a crash mid-keep).
@@ -98,6 +106,17 @@ class Version:
         return version
 
 
+class DescriptionBatch:
+    """Where the versions one job keeps are described: lines of one ``<ID>.jsonl`` file.
+
+    Made where the job is planned (no I/O), used by that job alone, in turn.
+    """
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.count = 0
+
+
 def new_version_id(now: float) -> str:
     return "%s-%s" % (time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)), secrets.token_hex(4))
 
@@ -108,12 +127,16 @@ class VersionStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.directory = self.root / VERSIONS_NAME
+        # Held from a description's line to its content's rename, and while a
+        # batch's file is removed: a file is never removed under a job adding to it.
+        self._batches = threading.Lock()
 
     # -- keeping ----------------------------------------------------------------
 
     def keep(self, local: str, path: str, now: float, *, sha256: str | None = None,
              peer: str | None = None, move: bool = True,
-             cause: str = "replaced", durable: bool = True) -> Version | None:
+             cause: str = "replaced", durable: bool = True,
+             batch: DescriptionBatch | None = None) -> Version | None:
         """Keep the file at ``local`` (share path ``path``) as a version; None if it is gone.
 
         ``move``: the file leaves its place (a deletion), by a rename.  Else it
@@ -121,7 +144,8 @@ class VersionStore:
         is a hard link to it, or, where links are refused, a copy.  Raises
         OSError when the versions folder cannot take it: the caller must then
         leave the file alone.  ``durable``: fsync the versions folder (else
-        the caller calls :meth:`sync` once for a batch).
+        the caller calls :meth:`sync` once for a batch).  ``batch``: describe
+        it there, with the job's other versions (else in a file of its own).
         """
         try:
             st = os.lstat(local)
@@ -134,7 +158,18 @@ class VersionStore:
                           stat.S_IMODE(st.st_mode), st.st_mtime_ns, cause)
         while os.path.lexists(self._content(version.version_id)):
             version = replace(version, version_id=new_version_id(now))
-        self._describe(version)
+        with self._batches:
+            self._keep_content(local, version, move, batch)
+        if durable:
+            self.sync()
+        return version
+
+    def _keep_content(self, local: str, version: Version, move: bool,
+                      batch: DescriptionBatch | None) -> None:
+        if batch is None:
+            self._describe(version)
+        else:
+            self._describe_in(batch, version)
         content = self._content(version.version_id)
         try:
             if move:
@@ -155,9 +190,6 @@ class VersionStore:
         except BaseException:
             self._forget(version.version_id)
             raise
-        if durable:
-            self.sync()
-        return version
 
     def sync(self) -> None:
         """fsync the versions folder: the versions kept so far survive a crash."""
@@ -203,6 +235,27 @@ class VersionStore:
             os.close(fd)
         os.replace(temp, path)
 
+    def _describe_in(self, batch: DescriptionBatch, version: Version) -> None:
+        """Append ``version``'s description to its batch's file (a new file when full)."""
+        line = json.dumps(version.to_json()).encode("utf-8") + b"\n"
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        fd = -1
+        if batch.name is not None and batch.count < BATCH_VERSIONS:
+            try:
+                fd = os.open(self.directory / batch.name, flags, 0o600)
+            except FileNotFoundError:
+                pass  # dropped meanwhile, with all it described: a new one
+        if fd < 0:
+            batch.name, batch.count = version.version_id + ".jsonl", 0
+            fd = os.open(self.directory / batch.name, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        batch.count += 1
+
     # -- reading ----------------------------------------------------------------
 
     def versions(self, under: str = "") -> list[Version]:
@@ -216,26 +269,64 @@ class VersionStore:
                                % (self.directory, e.strerror or e)) from None
         found = []
         for name in names:
-            if not name.endswith(".json"):
-                continue
-            version = self._read(name[:-5])
-            if version is None or not os.path.lexists(self._content(version.version_id)):
-                continue
-            if under and version.path != under and not version.path.startswith(under + "/"):
-                continue
-            found.append(version)
+            for version in self._described_in(name):
+                if not os.path.lexists(self._content(version.version_id)):
+                    continue
+                if under and version.path != under and not version.path.startswith(under + "/"):
+                    continue
+                found.append(version)
         return sorted(found, key=lambda v: (v.time, v.version_id))
+
+    def _described_in(self, name: str) -> list[Version]:
+        """The versions the file ``name`` of the versions folder describes (none: not ours)."""
+        if name.endswith(".json"):
+            version = self._read(name[:-5])
+            return [] if version is None else [version]
+        if name.endswith(".jsonl") and VERSION_ID.match(name[:-6]):
+            return self._read_batch(name)
+        return []
 
     def get(self, version_id: str) -> Version:
         """The version with this ID; VersionError if there is none."""
         if not isinstance(version_id, str) or not VERSION_ID.match(version_id):
             raise VersionError("%r is not a version ID (they look like "
                                "20261207-104858-1a2b3c4d)" % (version_id,))
-        version = self._read(version_id)
+        version = self._read(version_id) or self._find_in_batches(version_id)
         if version is None or not os.path.lexists(self._content(version_id)):
             raise VersionError("no version %s is kept (see 'clearskies versions PATH')"
                                % version_id)
         return version
+
+    def _find_in_batches(self, version_id: str) -> Version | None:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return None
+        for name in names:
+            if name.endswith(".jsonl"):
+                for version in self._described_in(name):
+                    if version.version_id == version_id:
+                        return version
+        return None
+
+    def _read_batch(self, name: str) -> list[Version]:
+        """The versions of a batch's file; a torn last line (a crash) is skipped."""
+        try:
+            with open(self.directory / name, "rb") as f:
+                data = f.read(MAX_BATCH_FILE + 1)
+        except OSError:
+            return []
+        if len(data) > MAX_BATCH_FILE:
+            return []
+        found = []
+        for line in data.splitlines():
+            try:
+                version = Version.from_json(json.loads(line))
+            except ValueError:
+                continue
+            if version is not None:
+                found.append(version)
+        return found
 
     def _read(self, version_id: str) -> Version | None:
         if not VERSION_ID.match(version_id):
@@ -311,8 +402,12 @@ class VersionStore:
     # -- cleaning ---------------------------------------------------------------
 
     def drop(self, version_ids: list[str]) -> int:
-        """Remove these versions (content first); returns how many bytes that freed."""
+        """Remove these versions (content first); returns how many bytes that freed.
+
+        A batch's file goes with the last of the versions it describes.
+        """
         freed = 0
+        batched = False
         for version_id in version_ids:
             if not VERSION_ID.match(version_id):
                 continue
@@ -322,11 +417,30 @@ class VersionStore:
                 os.unlink(content)
             except FileNotFoundError:
                 pass
-            self._forget(version_id)
+            batched = not self._forget(version_id) or batched
+        if batched:
+            self._drop_empty_batches()
         return freed
 
+    def _drop_empty_batches(self) -> None:
+        with self._batches:
+            try:
+                names = os.listdir(self.directory)
+            except OSError:
+                return
+            present = set(names)
+            for name in names:
+                if name.endswith(".jsonl") and not any(
+                        v.version_id in present for v in self._described_in(name)):
+                    try:
+                        os.unlink(self.directory / name)
+                    except OSError:
+                        continue
+
     def drop_orphans(self, now: float) -> int:
-        """Remove what a crash left: descriptions without content, stray temporary files."""
+        """Remove what a crash left, and what dropping versions left: descriptions
+        without content (a batch's file once none of its versions is left), stray
+        temporary files."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
@@ -337,7 +451,9 @@ class VersionStore:
             full = self.directory / name
             stem = name[:-5] if name.endswith(".json") else None
             stray = (name.endswith(PARTIAL)
-                     or (stem is not None and stem not in present))
+                     or (stem is not None and stem not in present)
+                     or (name.endswith(".jsonl") and not any(
+                         v.version_id in present for v in self._described_in(name))))
             if not stray:
                 continue
             try:
@@ -349,11 +465,13 @@ class VersionStore:
                 continue
         return removed
 
-    def _forget(self, version_id: str) -> None:
+    def _forget(self, version_id: str) -> bool:
+        """Remove the version's own description; False when it has none (a batch's)."""
         try:
             os.unlink(self._description(version_id))
         except FileNotFoundError:
-            pass
+            return False
+        return True
 
     def _content(self, version_id: str) -> Path:
         return self.directory / version_id
@@ -399,5 +517,5 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["VERSION_ID", "RestoreRefused", "Version", "VersionError", "VersionStore",
-           "new_version_id"]
+__all__ = ["VERSION_ID", "DescriptionBatch", "RestoreRefused", "Version", "VersionError",
+           "VersionStore", "new_version_id"]
