@@ -179,6 +179,7 @@ class Phase:
 
     profile_dir: Path | None = None
     profile_options: list[str] = []
+    profile_rate = 200
 
     def __init__(self, sampler: Sampler, name: str,
                  wire: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
@@ -194,7 +195,7 @@ class Phase:
                 out = self.profile_dir / ("%s-%s.txt" % (self.name.replace(" ", "-"), who))
                 self.profilers.append(subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
-                     "-r", "200", "-f", "raw", *self.profile_options, "-p", str(proc.pid), "-o", str(out)],
+                     "-r", str(self.profile_rate), "-f", "raw", *self.profile_options, "-p", str(proc.pid), "-o", str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(0.5)
         self.sampler.sample()
@@ -813,6 +814,8 @@ def main() -> int:
     parser.add_argument("--profile-options", default="", metavar="OPTIONS",
                         help='more py-spy options, e.g. "--gil" (only threads holding the GIL) '
                              'or "--idle" (waiting threads too)')
+    parser.add_argument("--profile-rate", type=int, default=200, metavar="HZ",
+                        help="py-spy samples per second (more for short phases)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--upload-limit", type=int, default=0, metavar="BYTES_PER_S",
                         help="the sender's upload_limit (our daemons only)")
@@ -837,6 +840,7 @@ def main() -> int:
         Phase.profile_dir = Path(args.profile)
         Phase.profile_dir.mkdir(parents=True, exist_ok=True)
         Phase.profile_options = args.profile_options.split()
+        Phase.profile_rate = args.profile_rate
     print("data in %s, scale %g" % (run_dir, args.scale), file=sys.stderr)
     if args.link:
         print("link: %s in namespace %s" % (args.link, make_link(args.link)),

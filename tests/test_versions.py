@@ -191,6 +191,7 @@ def test_a_batch_is_described_in_one_file(tmp_path: Path) -> None:
     assert store.drop([v.version_id for v in kept[:200]]) == sum(
         len(b"%d" % i) for i in range(200))
     assert len(store.versions()) == 50 and (directory / described).exists()
+    batch.close()  # the job is done
     store.drop([v.version_id for v in kept[200:]])
     assert os.listdir(directory) == []
 
@@ -217,17 +218,20 @@ def test_a_full_batch_starts_another_file_and_a_torn_line_is_skipped(
         store.get(kept[6].version_id)
 
 
-def test_a_batch_file_dropped_under_a_job_is_started_again(tmp_path: Path) -> None:
+def test_a_batch_file_stays_while_its_job_holds_it(tmp_path: Path) -> None:
     """Every version of a job's file so far dropped (a clean between two of its keeps):
-    the job's next version starts a new file; none is left undescribed."""
+    the file stays for the job's next version; it goes once the job is done and the
+    last of its versions is dropped."""
     store = VersionStore(tmp_path)
     batch = DescriptionBatch()
     first = store.keep(make(tmp_path, "a", b"a"), "a", NOW, batch=batch)
     store.drop([first.version_id])
+    assert store.drop_orphans(NOW * 2) == 0
     second = store.keep(make(tmp_path, "b", b"b"), "b", NOW, batch=batch)
     assert [v.version_id for v in store.versions()] == [second.version_id]
-    assert sorted(os.listdir(tmp_path / ".clearskies-versions")) == [
-        second.version_id, second.version_id + ".jsonl"]
+    del batch  # the job is done: its file closes
+    store.drop([second.version_id])
+    assert os.listdir(tmp_path / ".clearskies-versions") == []
 
 
 def test_a_foreign_jsonl_file_is_not_a_batch(tmp_path: Path) -> None:

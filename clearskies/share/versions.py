@@ -110,11 +110,26 @@ class DescriptionBatch:
     """Where the versions one job keeps are described: lines of one ``<ID>.jsonl`` file.
 
     Made where the job is planned (no I/O), used by that job alone, in turn.
+    Its file stays open while it is in use; it closes when the job lets go
+    of it (or when full, for the next file).
     """
 
     def __init__(self) -> None:
         self.name: str | None = None
         self.count = 0
+        self.fd = -1
+        self.folder_checked = False
+        self._open_in: set[str] | None = None  # the store's names of files being written
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            if self._open_in is not None:
+                self._open_in.discard(self.name or "")
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def new_version_id(now: float) -> str:
@@ -130,6 +145,7 @@ class VersionStore:
         # Held from a description's line to its content's rename, and while a
         # batch's file is removed: a file is never removed under a job adding to it.
         self._batches = threading.Lock()
+        self._writing: set[str] = set()  # batches' files open for their job
 
     # -- keeping ----------------------------------------------------------------
 
@@ -153,7 +169,10 @@ class VersionStore:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        self._ensure_directory()
+        if batch is None or not batch.folder_checked:
+            self._ensure_directory()  # (once for a batch: it runs for every file)
+            if batch is not None:
+                batch.folder_checked = True
         version = Version(new_version_id(now), path, now, st.st_size, sha256, peer,
                           stat.S_IMODE(st.st_mode), st.st_mtime_ns, cause)
         while os.path.lexists(self._content(version.version_id)):
@@ -238,22 +257,17 @@ class VersionStore:
     def _describe_in(self, batch: DescriptionBatch, version: Version) -> None:
         """Append ``version``'s description to its batch's file (a new file when full)."""
         line = json.dumps(version.to_json()).encode("utf-8") + b"\n"
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        fd = -1
-        if batch.name is not None and batch.count < BATCH_VERSIONS:
-            try:
-                fd = os.open(self.directory / batch.name, flags, 0o600)
-            except FileNotFoundError:
-                pass  # dropped meanwhile, with all it described: a new one
-        if fd < 0:
-            batch.name, batch.count = version.version_id + ".jsonl", 0
-            fd = os.open(self.directory / batch.name, flags | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        if batch.fd < 0 or batch.count >= BATCH_VERSIONS:
+            batch.close()
+            name = version.version_id + ".jsonl"
+            batch.fd = os.open(self.directory / name,
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                               | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            batch.name, batch.count, batch._open_in = name, 0, self._writing
+            self._writing.add(name)
+        view = memoryview(line)
+        while view:
+            view = view[os.write(batch.fd, view):]
         batch.count += 1
 
     # -- reading ----------------------------------------------------------------
@@ -430,7 +444,7 @@ class VersionStore:
                 return
             present = set(names)
             for name in names:
-                if name.endswith(".jsonl") and not any(
+                if name.endswith(".jsonl") and name not in self._writing and not any(
                         v.version_id in present for v in self._described_in(name)):
                     try:
                         os.unlink(self.directory / name)
@@ -452,7 +466,7 @@ class VersionStore:
             stem = name[:-5] if name.endswith(".json") else None
             stray = (name.endswith(PARTIAL)
                      or (stem is not None and stem not in present)
-                     or (name.endswith(".jsonl") and not any(
+                     or (name.endswith(".jsonl") and name not in self._writing and not any(
                          v.version_id in present for v in self._described_in(name))))
             if not stray:
                 continue
