@@ -18,8 +18,8 @@ from twisted.trial.unittest import TestCase
 
 from clearskies.errors import ConfigurationError
 from clearskies.share.database import (
-    SCHEMA_DIR, AccessCodeInfo, CacheKey, LocalChange, PeerInfo, ShareCounts, ShareInfo,
-    ShareStore, StateDatabase, migrations)
+    ROWS_PER_STATEMENT, SCHEMA_DIR, AccessCodeInfo, CacheKey, LocalChange, PeerInfo,
+    ShareCounts, ShareInfo, ShareStore, StateDatabase, insert_rows, migrations)
 from clearskies.share.records import FileRecord
 from clearskies.threads import SerialRunner, SyncRunner
 from tests.helpers import (
@@ -428,3 +428,24 @@ def test_an_integer_beyond_64_bits_is_a_clear_error(db):
     with pytest.raises(ValueError, match="'huge' holds"):
         db.apply_changes(SHARE, [file("huge")], {"huge": CacheKey(1, 1, 10**19)})
     assert db.get_record(SHARE, "huge") is None
+
+
+def test_insert_rows_takes_any_number_of_rows_in_order() -> None:
+    """Rows past one statement's worth, a key repeated within a statement and across
+    two: the last row of a key wins, as row by row; an upsert tail applies to each."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v REAL, n INTEGER)")
+    count = 2 * ROWS_PER_STATEMENT + 17
+    rows = [("k%d" % (i % (count - 5)), i + 0.1, i) for i in range(count)]
+    insert_rows(conn, "INSERT OR REPLACE INTO t (k, v, n)", rows)
+    expected = {}
+    for k, v, n in rows:
+        expected[k] = (v, n)
+    assert {k: (v, n) for k, v, n in conn.execute("SELECT k, v, n FROM t")} == expected
+    insert_rows(conn, "INSERT INTO t (k, v, n)", [("k0", 0.5, 1), ("k0", 0.25, 2)],
+                " ON CONFLICT (k) DO UPDATE SET n = t.n + excluded.n")
+    assert conn.execute("SELECT v, n FROM t WHERE k = 'k0'").fetchone() == (
+        expected["k0"][0], expected["k0"][1] + 3)
+    insert_rows(conn, "INSERT INTO t (k, v, n)", [])  # nothing: no statement

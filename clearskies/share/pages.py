@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from clearskies.interfaces import IPagedLists
 from clearskies.share.database import (
-    PAGE_SIZE, CacheKey, ShareStore, StateDatabase, as_json, json_values, select_json)
+    PAGE_SIZE, CacheKey, ShareStore, StateDatabase, as_json, insert_rows, select_json)
 from clearskies.share.records import FileRecord
 
 #: Paths per ``IN (…)`` list: below SQLite's oldest default limit of 999 parameters.
@@ -152,20 +152,17 @@ def put_announced(db: StateDatabase, share_id: str, peer_id: str,
     holds (a manifest's records); otherwise the acknowledgement stays.
     """
     with db.transaction() as conn:
-        conn.execute(
-            "INSERT INTO announced (share_id, peer_id, %s, acked)"
-            " SELECT ?, ?, %s FROM json_each(?) WHERE true"
+        insert_rows(
+            conn, "INSERT INTO announced (share_id, peer_id, %s, acked)" % _RECORD_COLUMNS,
+            [(share_id, peer_id, *record_values(r),
+              r.sha256 if acked and not r.deleted and r.sha256 else None) for r in records],
             " ON CONFLICT (share_id, peer_id, path) DO UPDATE SET utime = excluded.utime,"
             " deleted = excluded.deleted, is_dir = excluded.is_dir, size = excluded.size,"
             " mtime_sec = excluded.mtime_sec, mtime_nsec = excluded.mtime_nsec,"
             " mode = excluded.mode, sha256 = excluded.sha256, vv = excluded.vv,"
             " file_id = excluded.file_id, file_key = excluded.file_key,"
             " conflict_source = excluded.conflict_source, announced = 1,"
-            " acked = COALESCE(excluded.acked, announced.acked)"
-            % (_RECORD_COLUMNS, json_values(14)),
-            (share_id, peer_id, as_json([
-                (*record_values(r), r.sha256 if acked and not r.deleted and r.sha256 else None)
-                for r in records])))
+            " acked = COALESCE(excluded.acked, announced.acked)")
 
 
 def announced_page(db: StateDatabase, share_id: str, peer_id: str, after: str | None = None,
@@ -292,22 +289,17 @@ def put_wanted(db: StateDatabase, share_id: str,
             grown += record.size or 0
             old[record.path] = [record.sha256, record.size, int(record.deleted),
                                 int(record.is_dir), fetch_path]
-            upserts.append((*record_values(record), fetch_path))
+            upserts.append((share_id, *record_values(record), fetch_path))
             sources_of.extend((record.path, peer) for peer in sources)
         if new_content:  # who had the old content need not have this
             conn.execute("DELETE FROM wanted_sources WHERE share_id = ? AND " + _in_json(),
                          (share_id, as_json(new_content)))
         # An upsert: a REPLACE would delete the row, and its sources with it.
-        conn.execute(
-            "INSERT INTO wanted (share_id, %s, fetch_path) SELECT ?, %s FROM json_each(?)"
-            " WHERE true ON CONFLICT (share_id, path) DO UPDATE SET %s" % (
-                _RECORD_COLUMNS, json_values(14),
-                ", ".join("%s = excluded.%s" % (c, c) for c in _UPDATED)),
-            (share_id, as_json(upserts)))
-        conn.execute(
-            "INSERT OR IGNORE INTO wanted_sources (share_id, path, peer_id)"
-            " SELECT ?, value->>0, value->>1 FROM json_each(?)",
-            (share_id, as_json(sources_of)))
+        insert_rows(conn, "INSERT INTO wanted (share_id, %s, fetch_path)" % _RECORD_COLUMNS,
+                    upserts, " ON CONFLICT (share_id, path) DO UPDATE SET %s"
+                    % ", ".join("%s = excluded.%s" % (c, c) for c in _UPDATED))
+        insert_rows(conn, "INSERT OR IGNORE INTO wanted_sources (share_id, path, peer_id)",
+                    [(share_id, path, peer) for path, peer in sources_of])
     return added, grown
 
 
