@@ -397,6 +397,9 @@ class Pair:
     the watcher's quiet period."""
     upload_limit = 0
     """Set by ``--upload-limit``: the sender's ``upload_limit`` in bytes/s (0: none)."""
+    versions = ""
+    """Set by ``--versions``: the receiver's ``versions`` mode, set once a transfer is
+    measured (W3-W5 then keep, or do not keep, what they replace and delete)."""
 
     def changed(self, *paths: str) -> None:
         """Files under these share-relative paths changed (our watcher notices by itself)."""
@@ -443,6 +446,8 @@ class Pair:
                 return stat_tree(self.b) == expected
             wait_for(done, name)
         self.verify()
+        if self.versions:
+            self.bob.cli("config", "set", "versions", self.versions, "--share", str(self.b))
         return phase.row(size)
 
     def verify(self) -> None:
@@ -816,6 +821,9 @@ def main() -> int:
                              'or "--idle" (waiting threads too)')
     parser.add_argument("--profile-rate", type=int, default=200, metavar="HZ",
                         help="py-spy samples per second (more for short phases)")
+    parser.add_argument("--versions", default="", metavar="MODE",
+                        help="the receiver's versions mode for W3-W5 (e.g. off: deletions "
+                             "and replaced files are not kept; our daemons only)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--upload-limit", type=int, default=0, metavar="BYTES_PER_S",
                         help="the sender's upload_limit (our daemons only)")
@@ -852,6 +860,7 @@ def main() -> int:
     global QUIET
     QUIET = args.quiet
     Pair.upload_limit = args.upload_limit
+    Pair.versions = args.versions
     if args.vs:
         return compare(run_dir, args.scale, only, args.rounds, args.json, args.vs)
     rows = run_workloads(run_dir, args.scale, only - {"W6"}, Pair, "pair")
