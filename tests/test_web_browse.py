@@ -107,6 +107,29 @@ def test_a_folder_of_250_files_comes_in_pages(web: Web) -> None:
     assert len(photos["pic.png"]["sha256"]) == 64
 
 
+def test_get_keeps_folder_names_that_look_like_numbers_or_flags(web: Web) -> None:
+    """GET arguments are text but for counts and flags: ``dir=2024`` and ``dir=true``
+    browse those folders; a count that is none (``limit=ten``, ``limit=²``) is refused."""
+    for name in ("2024", "true"):
+        (web.daemon.shares / name).mkdir(exist_ok=True)
+        (web.daemon.shares / name / "inside.txt").write_text(name)
+
+    def listed(name: str) -> list[str] | None:
+        reply = web.api("GET", "/rest/.clearskies.browse?path=%s&dir=%s&limit=5"
+                        % (quote(str(web.daemon.shares)), name))
+        if reply.status == 404:  # not scanned yet
+            return None
+        assert reply.status == 200, reply.body
+        return [e["name"] for e in reply.json()["entries"]]
+
+    wait_until(lambda: listed("2024") == ["inside.txt"] and listed("true") == ["inside.txt"],
+               timeout=30)
+    for bad in ("ten", quote("²"), "-1"):
+        reply = web.api("GET", "/rest/.clearskies.browse?path=%s&limit=%s"
+                        % (quote(str(web.daemon.shares)), bad))
+        assert (reply.status, reply.json()["error"]) == (400, "bad_request"), bad
+
+
 def test_paths_outside_the_share_are_refused(web: Web) -> None:
     """`..`, absolute paths, empty parts, the versions folder and a symbolic link's folder:
     a 4xx with a reason, never a listing of something outside."""

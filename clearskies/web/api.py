@@ -92,11 +92,20 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return value
 
 
-def query_value(text: str) -> Any:
-    """A query-string argument: ``true``/``false``, an integer, or the text itself."""
-    if text in ("true", "false"):
+#: The GET arguments that are counts, and flags, in the commands that take them; every
+#: other argument is text as given (a folder named ``2024`` or ``true`` stays a name).
+QUERY_COUNTS = frozenset({"limit", "since"})
+QUERY_FLAGS = frozenset({"skipped"})
+
+
+def query_value(name: str, text: str) -> Any:
+    """A query-string argument: a count or a flag where the name says so, else the text.
+
+    A count that is not one (``limit=ten``) stays text, for the command to refuse.
+    """
+    if name in QUERY_FLAGS and text in ("true", "false"):
         return text == "true"
-    if text.isdigit() and len(text) < 19:
+    if name in QUERY_COUNTS and text.isascii() and text.isdigit() and len(text) < 19:
         return int(text)
     return text
 
@@ -326,8 +335,8 @@ class Command(Resource):
                               "%s changes things: use POST" % self.kind)
         arguments = {}
         for key, values in request.args.items():
-            arguments[key.decode("utf-8", "replace")] = query_value(
-                values[-1].decode("utf-8", "replace"))
+            name = key.decode("utf-8", "replace")
+            arguments[name] = query_value(name, values[-1].decode("utf-8", "replace"))
         return self._run(request, arguments)
 
     def render_POST(self, request: server.Request) -> Any:
