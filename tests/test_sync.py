@@ -468,6 +468,7 @@ class SavedBeforeInstallShare(MemoryShare):
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
+        self.sync: ShareSync | None = None
         self.edit: tuple[str, bytes] | None = None
 
     def keeper_for(self, records: list[FileRecord], ours: Any = None):
@@ -477,40 +478,39 @@ class SavedBeforeInstallShare(MemoryShare):
         return super().keeper_for(records, ours)
 
 
+THEIRS = b"their newer version"
+
+
+def _download_while_editing(share: MemoryShare, edit: bytes) -> None:
+    """Their newer f.txt downloads over ours; ``share.edit`` makes ``edit`` on the way."""
+    share.add_local("f.txt", b"ours, version 1", {US: 1})
+    sync, session, connection = open_session(share, Clock())
+    share.sync = sync
+    record = file_record("f.txt", THEIRS, {US: 1, THEM: 1})
+    session.event_received(message({"type": "update", "file": record.to_wire()}))
+    assert "get" in connection.sent_types()
+    share.edit = ("f.txt", edit)
+    deliver_file(session, "f.txt", THEIRS)
+    assert not [p for p in share.root.rglob("*") if p.name.endswith(".!clearsky")]
+
+
 def test_an_edit_saved_just_before_the_rename_is_kept_at_the_path(tmp_path):
     """The install job checks the target just before renaming over it: the edit stays,
     the download becomes the conflict copy; nothing is lost."""
     share = SavedBeforeInstallShare(tmp_path)
-    share.add_local("f.txt", b"ours, version 1", {US: 1})
-    sync, session, connection = open_session(share, Clock())
-    theirs = b"their newer version"
-    record = file_record("f.txt", theirs, {US: 1, THEM: 1})
-    session.event_received(message({"type": "update", "file": record.to_wire()}))
-    assert "get" in connection.sent_types()
-    share.edit = ("f.txt", b"ours, saved while theirs was being put in place")
-    deliver_file(session, "f.txt", theirs)
+    _download_while_editing(share, b"ours, saved while theirs was being put in place")
     assert (tmp_path / "f.txt").read_bytes() == b"ours, saved while theirs was being put in place"
     (copy,) = [p for p in tmp_path.iterdir() if ".CONFLICT." in p.name]
-    assert copy.read_bytes() == theirs
-    assert share.records[copy.name].sha256 == sha(theirs)
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".!clearsky")]
+    assert copy.read_bytes() == THEIRS
+    assert share.records[copy.name].sha256 == sha(THEIRS)
 
 
 def test_a_local_edit_recorded_during_the_install_is_not_overwritten(tmp_path):
     """The download was chosen against our older version; the newer local edit stays."""
     share = EditDuringInstallShare(tmp_path)
-    share.add_local("f.txt", b"ours, version 1", {US: 1})
-    sync, session, connection = open_session(share, Clock())
-    share.sync = sync
-    theirs = b"their newer version"
-    record = file_record("f.txt", theirs, {US: 1, THEM: 1})
-    session.event_received(message({"type": "update", "file": record.to_wire()}))
-    assert "get" in connection.sent_types()
-    share.edit = ("f.txt", b"ours, edited again while it downloaded")
-    deliver_file(session, "f.txt", theirs)
+    _download_while_editing(share, b"ours, edited again while it downloaded")
     assert (tmp_path / "f.txt").read_bytes() == b"ours, edited again while it downloaded"
     assert share.records["f.txt"].vv == {US: 2, THEM: 1}
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".!clearsky")]
 
 
 @settings(max_examples=200, deadline=None)
