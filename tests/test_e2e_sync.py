@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from tests.daemons import (
-    share_and_attach, stop_with_cli, wait_same_trees)
+    share_and_attach, stop_with_cli, wait_same_trees, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -118,11 +118,25 @@ def test_concurrent_edits_keep_both_versions(daemon_factory):
     bob.cli("scan", str(b))
     wait_same_trees(alice, bob, SYNC_TIMEOUT)
 
-    contents = sorted(p.read_text() for p in a.iterdir() if p.name.startswith("notes"))
-    # Both versions are kept.  (When bob reconnects before his scan has recorded his
-    # edit, his download sets alice's version aside while alice's merge sets bob's
-    # aside: the copy of the version that then wins the path is a second, identical
-    # copy, a known leftover that loses nothing.)
-    assert set(contents) == {"alice's version\n", "bob's version, a bit longer\n"}
-    assert len(contents) in (2, 3), contents
+    # Both versions are kept, once each.  (When bob reconnects before his scan has
+    # recorded his edit, his download sets alice's version aside while alice's merge
+    # sets bob's aside: the version that then wins the path also has a copy, identical
+    # to it, which the daemons remove once in sync: clearskies.daemon.identical.)
+    def notes(root: Path) -> list[str]:
+        return sorted(p.read_text() for p in root.iterdir() if p.name.startswith("notes"))
+
+    wait_until(lambda: len(notes(a)) == 2 and notes(a) == notes(b), timeout=SYNC_TIMEOUT,
+               message="one file and one conflict copy on both sides")
+    assert notes(a) == ["alice's version\n", "bob's version, a bit longer\n"]
     assert any(".CONFLICT." in p.name for p in a.iterdir())
+
+    # Bob settles it by hand: the copy's bytes over the file.  The copy now holds what
+    # its file holds; both daemons let it go (kept as a version), and nothing else.
+    (copy,) = [p for p in b.iterdir() if ".CONFLICT." in p.name]
+    kept = copy.read_text()
+    (b / "notes.txt").write_text(kept)
+    bob.cli("scan", str(b))
+    wait_until(lambda: notes(a) == notes(b) == [kept], timeout=SYNC_TIMEOUT + 15,
+               message="the copy identical to its file gone on both sides")
+    assert [v["path"] for v in bob.cli_json("versions", str(b))["versions"]
+            if v["path"] == copy.name]

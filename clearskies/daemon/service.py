@@ -39,6 +39,7 @@ from clearskies.daemon.activity import RATE_INTERVAL, Activity
 from clearskies.daemon.codes import JOIN_CHECK_INTERVAL, AccessCodes
 from clearskies.daemon.dialling import Dialling, offered_features
 from clearskies.daemon.health import HEALTH_INTERVAL, ShareHealth
+from clearskies.daemon.identical import IDENTICAL_INTERVAL, IdenticalCopies
 from clearskies.daemon.verify import VERIFY_TICK, Verification
 from clearskies.daemon.discovery import Discovery
 from clearskies.daemon.eventfeed import EventFeed, EventFeedService
@@ -131,6 +132,9 @@ class Daemon(MultiService):
         self.verification = Verification(self.resources,
                                          lambda: self.share_registry.by_id.values())
         TimerService(VERIFY_TICK, self._verify_tick).setServiceParent(self)
+        # Conflict copies left identical to their file by a conflict settled both ways.
+        self.identical_copies = IdenticalCopies(lambda: self.share_registry.by_id.values())
+        TimerService(IDENTICAL_INTERVAL, self._identical_tick).setServiceParent(self)
         EventFeedService(RATE_INTERVAL, EventFeed(
             self.events, lambda: self.share_registry.by_id.values(), self.rates)
         ).setServiceParent(self)
@@ -305,6 +309,10 @@ class Daemon(MultiService):
     def _verify_tick(self) -> None:
         if self.resources.store is not None and self.ready.called:
             self.verification.tick()
+
+    def _identical_tick(self) -> None:
+        if self.resources.store is not None and self.ready.called:
+            self.identical_copies.tick()
 
     def _announce_changed(self) -> None:
         self.discovery.announce_changed()

@@ -707,6 +707,21 @@ def _write_rows(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None
     insert_rows(conn, "INSERT OR REPLACE INTO files (share_id, %s)" % _FILE_COLUMNS, rows)
 
 
+def identical_conflict_copies(db: StateDatabase, share_id: str, limit: int = PAGE_SIZE
+                              ) -> list[tuple[StoredRecord, StoredRecord]]:
+    """(copy, its file) for live conflict copies holding what their file holds now."""
+    columns = ", ".join("%s.%s" % (side, c.strip()) for side in ("c", "f")
+                        for c in _FILE_COLUMNS.split(","))
+    rows = db.connection.execute(
+        "SELECT %s FROM files AS c INDEXED BY files_conflict_copies"
+        " JOIN files AS f ON f.share_id = c.share_id AND f.path = c.conflict_source"
+        " WHERE c.share_id = ? AND c.conflict_source IS NOT NULL AND c.deleted = 0"
+        " AND c.is_dir = 0 AND f.deleted = 0 AND f.is_dir = 0 AND f.sha256 = c.sha256"
+        " AND f.size = c.size ORDER BY c.path LIMIT ?" % columns, (share_id, limit))
+    width = len(_FILE_COLUMNS.split(","))
+    return [(_stored_from_row(row[:width]), _stored_from_row(row[width:])) for row in rows]
+
+
 def _stored_from_row(row: Sequence[Any]) -> StoredRecord:
     (path, utime, deleted, is_dir, size, mtime_sec, mtime_nsec, mode, sha256, vv, file_id,
      file_key, conflict_source, revision, inode, local_size, local_mtime_ns) = row
