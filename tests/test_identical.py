@@ -56,8 +56,7 @@ class Runtime:
     def local_path(self, path: str) -> Path:
         return self.root / path
 
-    def put(self, path: str, data: bytes, conflict_source: str | None = None,
-            on_disk: bool = True) -> None:
+    def put(self, path: str, data: bytes, conflict_source: str | None = None) -> None:
         """A file recorded as the scanner leaves it (its cache key matches the disk)."""
         local = self.root / path
         local.write_bytes(data)
@@ -66,28 +65,31 @@ class Runtime:
                             sha256=_sha(data), vv={US: 1}, conflict_source=conflict_source)
         key = CacheKey(st.st_ino, st.st_size, st.st_mtime_ns)
         result_of(self.store.apply_changes(SHARE, [record], {path: key}))
-        if not on_disk:
-            local.unlink()
+
+
+def _share(tmp_path: Path, files: list[tuple[str, bytes, str | None]],
+           keeps: bool = False) -> Runtime:
+    """A share holding ``files`` (path, bytes, the file a conflict copy was made for)."""
+    root = tmp_path / "share"
+    root.mkdir()
+    runtime = Runtime(root, keeps)
+    for path, data, source in files:
+        runtime.put(path, data, conflict_source=source)
+    return runtime
 
 
 def test_a_copy_identical_to_its_file_goes_others_stay(tmp_path: Path) -> None:
     """Only a live copy with its file's bytes goes; a copy of other bytes, one the user
     kept ("keep both"), one changed since its scan and one whose file changed stay."""
-    root = tmp_path / "share"
-    root.mkdir()
-    runtime = Runtime(root, keeps=True)
-    runtime.put("a.txt", b"same")
-    runtime.put("a.CONFLICT.11111111.txt", b"same", conflict_source="a.txt")
-    runtime.put("b.txt", b"theirs")
-    runtime.put("b.CONFLICT.22222222.txt", b"ours", conflict_source="b.txt")
-    runtime.put("c.txt", b"same")
-    runtime.put("c.CONFLICT.33333333.txt", b"same", conflict_source="c.txt")
+    files: list[tuple[str, bytes, str | None]] = []
+    for n, name in enumerate("abcde", 1):
+        files.append((name + ".txt", b"theirs" if name == "b" else b"same", None))
+        files.append(("%s.CONFLICT.%s.txt" % (name, str(n) * 8),
+                      b"ours" if name == "b" else b"same", name + ".txt"))
+    runtime = _share(tmp_path, files, keeps=True)
+    root = runtime.root
     runtime.share_events.dismissed.add("c.CONFLICT.33333333.txt")
-    runtime.put("d.txt", b"same")
-    runtime.put("d.CONFLICT.44444444.txt", b"same", conflict_source="d.txt")
     (root / "d.CONFLICT.44444444.txt").write_bytes(b"edited, not scanned yet")
-    runtime.put("e.txt", b"same")
-    runtime.put("e.CONFLICT.55555555.txt", b"same", conflict_source="e.txt")
     (root / "e.txt").write_bytes(b"edited, not scanned yet")
 
     removed = result_of(Deferred.fromCoroutine(IdenticalCopies(lambda: [runtime]).drop(runtime)))
@@ -106,11 +108,9 @@ def test_a_copy_identical_to_its_file_goes_others_stay(tmp_path: Path) -> None:
 
 def test_nothing_goes_while_the_share_is_not_in_sync(tmp_path: Path) -> None:
     """A merge still on its way may yet decide differently: no look before it is done."""
-    root = tmp_path / "share"
-    root.mkdir()
-    runtime = Runtime(root)
-    runtime.put("a.txt", b"same")
-    runtime.put("a.CONFLICT.11111111.txt", b"same", conflict_source="a.txt")
+    runtime = _share(tmp_path, [("a.txt", b"same", None),
+                                ("a.CONFLICT.11111111.txt", b"same", "a.txt")])
+    root = runtime.root
     runtime.sync.in_sync = False
     result_of(IdenticalCopies(lambda: [runtime]).tick())
     assert (root / "a.CONFLICT.11111111.txt").exists()
@@ -126,14 +126,10 @@ def test_nothing_goes_while_the_share_is_not_in_sync(tmp_path: Path) -> None:
 
 def test_the_query_pairs_each_live_copy_with_its_file(tmp_path: Path) -> None:
     """Deleted copies and files, and files of other content, are not paired."""
-    root = tmp_path / "share"
-    root.mkdir()
-    runtime = Runtime(root)
-    runtime.put("x.txt", b"1")
-    runtime.put("x.CONFLICT.1.txt", b"1", conflict_source="x.txt")
-    runtime.put("y.CONFLICT.2.txt", b"2", conflict_source="y.txt")  # its file never recorded
-    runtime.put("z.txt", b"3")
-    runtime.put("z.CONFLICT.3.txt", b"3", conflict_source="z.txt")
+    runtime = _share(tmp_path, [
+        ("x.txt", b"1", None), ("x.CONFLICT.1.txt", b"1", "x.txt"),
+        ("y.CONFLICT.2.txt", b"2", "y.txt"),  # its file never recorded
+        ("z.txt", b"3", None), ("z.CONFLICT.3.txt", b"3", "z.txt")])
     result_of(runtime.store.apply_changes(SHARE, [FileRecord(
         path="z.txt", utime=11.0, deleted=True, vv={US: 2})]))
     pairs = result_of(runtime.store.call(identical_conflict_copies, SHARE, 10))
