@@ -405,16 +405,19 @@ def tree_snapshot(path: str | os.PathLike[str], ignore: Iterable[str] = ()) -> S
             if relative in skipped or name.endswith(TEMP_SUFFIX):
                 continue
             full = os.path.join(directory, name)
-            info = os.lstat(full)
-            if stat.S_ISDIR(info.st_mode):
-                content = "<dir>"
-                kept.append(name)
-            elif stat.S_ISREG(info.st_mode):
-                content = _file_sha256(full)
-            elif stat.S_ISLNK(info.st_mode):
-                content = "<symlink> " + os.readlink(full)
-            else:
-                content = "<special>"
+            try:
+                info = os.lstat(full)
+                if stat.S_ISDIR(info.st_mode):
+                    content = "<dir>"
+                    kept.append(name)
+                elif stat.S_ISREG(info.st_mode):
+                    content = _file_sha256(full)
+                elif stat.S_ISLNK(info.st_mode):
+                    content = "<symlink> " + os.readlink(full)
+                else:
+                    content = "<special>"
+            except FileNotFoundError:
+                continue  # removed while we looked (a daemon at work): the tree without it
             snapshot[relative.replace(os.sep, "/")] = (content, stat.S_IMODE(info.st_mode))
         dirnames[:] = [d for d in dirnames if d in kept]  # os.walk descends only into these
     return dict(sorted(snapshot.items()))
