@@ -352,8 +352,11 @@ class _FakeRuntime:
 # -- two real daemons over a private Tor network ---------------------------------------
 
 #: Network boot, two tors, publication and sync must fit in this.
-E2E_CAP = 300
+E2E_CAP = 420
 SYNC_TIMEOUT = 90.0
+#: The first connection: in a young private network the first circuits to an onion
+#: service can fail, and a dial gives up after 60 s before the next try (seen in CI).
+FIRST_SYNC_TIMEOUT = 180.0
 
 
 def _watch_sockets(net: PrivateTorNetwork, pids: list[int], stop: threading.Event,
@@ -416,7 +419,7 @@ def test_two_daemons_sync_knowing_only_their_onion_addresses(daemon_factory):
         started = time.monotonic()
         wait_until(lambda: (b / "from-alice.bin").exists()
                    and (b / "from-alice.bin").read_bytes() == payload,
-                   timeout=SYNC_TIMEOUT, interval=0.5, message="alice's file on bob")
+                   timeout=FIRST_SYNC_TIMEOUT, interval=0.5, message="alice's file on bob")
         first_sync = time.monotonic() - started
 
         (b / "from-alice.bin").write_bytes(b"bob changed this\n")
