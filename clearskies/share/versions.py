@@ -305,23 +305,12 @@ class VersionStore:
         if not isinstance(version_id, str) or not VERSION_ID.match(version_id):
             raise VersionError("%r is not a version ID (they look like "
                                "20261207-104858-1a2b3c4d)" % (version_id,))
-        version = self._read(version_id) or self._find_in_batches(version_id)
+        version = self._read(version_id) or next(  # (one of a batch: every description read)
+            (v for v in self.versions() if v.version_id == version_id), None)
         if version is None or not os.path.lexists(self._content(version_id)):
             raise VersionError("no version %s is kept (see 'clearskies versions PATH')"
                                % version_id)
         return version
-
-    def _find_in_batches(self, version_id: str) -> Version | None:
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return None
-        for name in names:
-            if name.endswith(".jsonl"):
-                for version in self._described_in(name):
-                    if version.version_id == version_id:
-                        return version
-        return None
 
     def _read_batch(self, name: str) -> list[Version]:
         """The versions of a batch's file; a torn last line (a crash) is skipped."""
@@ -444,12 +433,16 @@ class VersionStore:
                 return
             present = set(names)
             for name in names:
-                if name.endswith(".jsonl") and name not in self._writing and not any(
-                        v.version_id in present for v in self._described_in(name)):
+                if self._spent_batch(name, present):
                     try:
                         os.unlink(self.directory / name)
                     except OSError:
                         continue
+
+    def _spent_batch(self, name: str, present: set[str]) -> bool:
+        """``name`` is a batch's file no job writes to and none of whose versions is left."""
+        return (name.endswith(".jsonl") and name not in self._writing
+                and not any(v.version_id in present for v in self._described_in(name)))
 
     def drop_orphans(self, now: float) -> int:
         """Remove what a crash left, and what dropping versions left: descriptions
@@ -466,8 +459,7 @@ class VersionStore:
             stem = name[:-5] if name.endswith(".json") else None
             stray = (name.endswith(PARTIAL)
                      or (stem is not None and stem not in present)
-                     or (name.endswith(".jsonl") and name not in self._writing and not any(
-                         v.version_id in present for v in self._described_in(name))))
+                     or self._spent_batch(name, present))
             if not stray:
                 continue
             try:
