@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from clearskies import wire
 from clearskies.share.records import FileRecord
+from clearskies.sync.announced import answers
 from clearskies.sync import ShareSync, SyncSession
 from tests.fakes import (
     US, THEM, FakeConnection, MemoryShare, deliver_file, file_record, message, open_session)
@@ -133,3 +135,16 @@ def test_a_downloaded_file_is_not_echoed_to_the_peer_that_announced_it(share):
     relayed = [e.body for e in other.connection.sent() if isinstance(e, wire.Message)]
     assert [b["file"]["path"] for b in relayed if b["type"] == "update"] == ["a.txt"]
     assert US not in record.vv
+
+
+def test_queries_sent_together_are_all_awaited_before_a_failure_is_raised():
+    """``answers``: the first failure is raised once every query has answered, so the
+    others neither fail unheard nor fire into a caller that already gave up."""
+    later: Deferred[int] = Deferred()
+    result = Deferred.fromCoroutine(answers(fail(KeyError("first")), succeed(1), later))
+    assert not result.called  # still waiting for ``later``
+    later.errback(ValueError("second"))
+    failure = []
+    result.addErrback(failure.append)
+    assert failure and failure[0].check(KeyError)
+    assert Deferred.fromCoroutine(answers(succeed(1), succeed("a"))).result == [1, "a"]

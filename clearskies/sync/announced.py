@@ -70,11 +70,27 @@ Known = dict[ISyncSession, dict[str, FileRecord]]
 """session -> path -> the record its peer announced, for the paths looked up."""
 
 
+async def answers(*asked: Deferred[Any]) -> list[Any]:
+    """The results of queries already sent (the database thread answers them back to
+    back, so several cost one wait, not several).  Every one is awaited, so none
+    fails unheard; the first failure is raised once all have answered."""
+    results: list[Any] = []
+    failure: BaseException | None = None
+    for answer in asked:
+        try:
+            results.append(await answer)
+        except Exception as e:
+            results.append(None)
+            failure = failure or e
+    if failure is not None:
+        raise failure
+    return results
+
+
 async def announced_by(sessions: Iterable[ISyncSession], paths: Sequence[str],
                        but: ISyncSession | None = None) -> Known:
-    """What each of ``sessions`` (except ``but``) announced of ``paths``: a query each."""
-    known: Known = {}
-    for session in list(sessions):
-        if session is not but:
-            known[session] = await session.remote_index.many(paths)
-    return known
+    """What each of ``sessions`` (except ``but``) announced of ``paths``: a query each,
+    all sent at once."""
+    others = [session for session in list(sessions) if session is not but]
+    found = await answers(*[session.remote_index.many(paths) for session in others])
+    return dict(zip(others, found))

@@ -28,7 +28,7 @@ from clearskies.share.records import FileRecord
 from clearskies.sync.copies import LocalCopies
 from clearskies.sync.diskspace import DiskWatch
 from clearskies.sync.limits import SUPERSEDED
-from clearskies.sync.announced import Known
+from clearskies.sync.announced import Known, answers
 from clearskies.sync.merging import Relay
 from clearskies.sync.unresolved import UnresolvedRecords
 from clearskies.sync.wanted import Wanted, WantedFiles
@@ -241,9 +241,14 @@ class Downloads:
         # checks the disk against it just before each rename.
         checks: list[tuple[bool, Any]]
         ours: dict[str, FileRecord] | None = None
+        known: Known = {}
         try:
-            expected, ours = await self.share.recorded_many(
-                [record.path for _, record, _ in batch])
+            # Asked in the same trip: what the peers announced of these paths, for the
+            # relay after the commit (a record one announced meanwhile is at worst
+            # sent back to it once, which it ignores).
+            (expected, ours), known = await answers(
+                self.share.recorded_many([record.path for _, record, _ in batch]),
+                self._announced([record for _, record, _ in batch], None))
             checks = [(True, expected[record.path]) for _, record, _ in batch]
         except Exception:
             failure = Failure()
@@ -295,7 +300,6 @@ class Downloads:
             results.append((done, status))
         if records:
             try:
-                known = await self._announced(records, None)
                 revision = await self.share.commit_remote(records, written)
             except Exception:
                 failure = Failure()

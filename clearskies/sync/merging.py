@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 
 from clearskies.errors import PathObstacle, UnsafePathError
 from clearskies.interfaces import ILocalShare, ISyncSession
 from clearskies.share import merge
 from clearskies.share.records import FileRecord
-from clearskies.sync.announced import Known, announced_by
+from clearskies.sync.announced import Known, announced_by, answers
 from clearskies.sync.limits import TRACE
 from clearskies.sync.unresolved import UnresolvedRecords
 from clearskies.sync.wanted import WantedFiles
@@ -64,21 +64,21 @@ class RecordMerger:
     async def _merge(self, session: ISyncSession, records: list[FileRecord]) -> None:
         committed: list[FileRecord] = []
         for_origin: list[FileRecord] = []
-        # One database round trip for the whole batch (a manifest page), not one per record.
-        prefetched: dict[str, FileRecord] = {}
-        unread: set[str] = set()
-        if len(records) > 1:
-            unread = {r.path for r in records}
-            prefetched = await self.share.get_records(sorted(unread))
+        # One database round trip for the whole batch (a manifest page), not one per
+        # record: remembering what the peer announced, reading our records of those
+        # paths and what the other peers announced of them, queued together.
+        unread = {r.path for r in records} if len(records) > 1 else set()
+        taken = [r for r in records if not self.share.is_ignored(r.path)]
+        self._elsewhere_paths = {r.path for r in taken}
+        _, prefetched, self._elsewhere = await answers(
+            session.remote_index.put(taken),
+            self.share.get_records(sorted(unread)) if unread else succeed({}),
+            Deferred.fromCoroutine(announced_by(
+                [s for s in self.sessions.values() if s.peer_id != session.peer_id],
+                sorted(self._elsewhere_paths))))
         removals: list[FileRecord] = []
         superseded: list[FileRecord] = []  # our record each removal was decided against
         replaced: list[tuple[FileRecord, FileRecord, FileRecord]] = []  # folders made files
-        taken = [r for r in records if not self.share.is_ignored(r.path)]
-        await session.remote_index.put(taken)
-        self._elsewhere_paths = {r.path for r in taken}
-        self._elsewhere = await announced_by(
-            [s for s in self.sessions.values() if s.peer_id != session.peer_id],
-            sorted(self._elsewhere_paths))
         for remote in taken:
             self.unresolved.settle(remote.path)  # decided anew below
             if remote.path in unread:
