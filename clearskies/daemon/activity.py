@@ -28,6 +28,24 @@ class RateMeter:
             self.smoothing * current + (1 - self.smoothing) * self.rate)
 
 
+class Quiet:
+    """Whether a share sent no file data since the last look and wants no file.
+
+    Background work that reads the disk (verification, signatures made
+    ahead) waits for a quiet share, so it never competes with a sync.
+    """
+
+    def __init__(self) -> None:
+        self._last_sent: int | None = None  # the share's bytes sent at the last look
+
+    def look(self, sync: Any) -> bool:
+        """``sync``: the share's ShareSync.  The first look is never quiet."""
+        sent = sync.bytes_sent
+        quiet = sent == self._last_sent and not sync.wanted
+        self._last_sent = sent
+        return quiet
+
+
 class Activity:
     """Whether the daemon is paused, how fast it sends and receives, and the
     daemon-wide limits (config ``upload_limit`` / ``download_limit``, bytes/s, 0 = none).

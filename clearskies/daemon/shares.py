@@ -14,7 +14,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from clearskies.daemon.activity import Activity
+from clearskies.daemon.activity import Activity, Quiet
 from clearskies.daemon.sparekeys import SpareKeys
 from clearskies.daemon.resources import Resources, new_peer_id
 from clearskies.daemon.runtime import ShareRuntime
@@ -276,15 +276,11 @@ def signing_idle(runtime: ShareRuntime, now: Callable[[], float],
     """When a share may make signatures ahead (clearskies.transfer.sigcache): nothing
     scanned, fetched or sent to a peer for ``quiet_for`` seconds, as seen by the looks
     the cache takes (every second)."""
-    last_sent: list[int | None] = [None]
+    quiet = Quiet()
     busy_at: list[float] = [now()]
 
     def idle() -> bool:
-        sent = runtime.sync.bytes_sent
-        busy = (sent != last_sent[0] or runtime.service.status.state != "idle"
-                or bool(runtime.sync.wanted))
-        last_sent[0] = sent
-        if busy:
+        if not quiet.look(runtime.sync) or runtime.service.status.state != "idle":
             busy_at[0] = now()
             return False
         return now() - busy_at[0] >= quiet_for

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from clearskies.daemon.activity import Quiet
 from clearskies.errors import UnsafePathError
 from clearskies.share import verify
 
@@ -73,7 +74,7 @@ class SharePass:
     checked: int = 0
     resume_at: float = 0.0
     busy: bool = False
-    last_sent: int | None = None  # the share's bytes sent at the last tick
+    quiet: Quiet = field(default_factory=Quiet)
     damaged: dict[str, Damage] = field(default_factory=dict)
     repaired: list[Damage] = field(default_factory=list)
     more_damaged: int = 0
@@ -161,9 +162,7 @@ class Verification:
                 continue
             # Not while the share scans (the scan reads the disk first), nor while it
             # fetches or sends files.
-            sent = runtime.sync.bytes_sent
-            quiet = sent == state.last_sent and not runtime.sync.wanted
-            state.last_sent = sent
+            quiet = state.quiet.look(runtime.sync)
             due = interval > 0 and now >= state.resume_at and quiet \
                 and runtime.service.status.state not in ("scanning", "starting")
             if due or state.damaged:
