@@ -10,6 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
+from clearskies.share.ignore import VERSIONS_NAME
 from clearskies.share.watcher import (
     Debouncer, ExpectedArrivals, InotifyWatcher, full_rescan_interval)
 from tests.helpers import async_test, temporary_dir
@@ -327,6 +328,20 @@ class InotifyWatcherTests(TestCase):
         await eventually(lambda: "new" in self.changes)
         self.write("new/inner")
         await eventually(lambda: "new/inner" in self.changes)
+
+    @async_test
+    async def test_the_versions_folder_is_neither_watched_nor_reported(self):
+        """Kept versions are the daemon's own: a deletion of many files moved there
+        is no event for the scanner, and the folder gets no watch."""
+        versions = os.path.join(self.root, VERSIONS_NAME)
+        os.mkdir(versions)
+        self.write(VERSIONS_NAME + "/20261207-223804-b0de5602")
+        os.rename(os.path.join(self.root, "sub"), os.path.join(versions, "sub-kept"))
+        self.write("marker")  # processed after the events above
+        await eventually(lambda: "marker" in self.changes)
+        self.assertEqual([c for c in self.changes if c.startswith(VERSIONS_NAME)], [])
+        self.assertNotIn(VERSIONS_NAME, self.watcher._watched)
+        self.assertIn("sub", self.changes)  # the folder that left the share is a change
 
     @async_test
     async def test_deleting_a_subdirectory_keeps_the_rest_watched(self):

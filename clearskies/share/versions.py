@@ -21,6 +21,7 @@ Plain values in and out, standard library only.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ import shutil
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,9 @@ class Version:
         return KeptVersion(self.version_id, self.path, self.time, self.size)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # (Field by field: ``dataclasses.asdict`` deep-copies, and this runs for
+        # every file a deletion keeps.)
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_json(cls, value: Any) -> Version | None:
@@ -133,7 +136,13 @@ class DescriptionBatch:
 
 
 def new_version_id(now: float) -> str:
-    return "%s-%s" % (time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)), secrets.token_hex(4))
+    return "%s-%s" % (_second_of(int(now)), secrets.token_hex(4))
+
+
+@functools.lru_cache(maxsize=4)
+def _second_of(now: int) -> str:
+    """The ID's time part (a job keeping 1,000 files asks for one second 1,000 times)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
 
 
 class VersionStore:
@@ -142,6 +151,7 @@ class VersionStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.directory = self.root / VERSIONS_NAME
+        self._directory = str(self.directory)  # (joined for every file kept: no Path there)
         # Held from a description's line to its content's rename, and while a
         # batch's file is removed: a file is never removed under a job adding to it.
         self._batches = threading.Lock()
@@ -235,8 +245,8 @@ class VersionStore:
                 ) from None
 
     @staticmethod
-    def _copy(source: str, destination: Path) -> None:
-        temp = destination.with_name(destination.name + PARTIAL)
+    def _copy(source: str, destination: str) -> None:
+        temp = destination + PARTIAL
         shutil.copy2(source, temp, follow_symlinks=False)
         os.replace(temp, destination)
 
@@ -359,7 +369,7 @@ class VersionStore:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode) and st.st_size == version.size:
-                    return content
+                    return Path(content)
         return None
 
     # -- restoring ----------------------------------------------------------------
@@ -479,14 +489,14 @@ class VersionStore:
             return False
         return True
 
-    def _content(self, version_id: str) -> Path:
-        return self.directory / version_id
+    def _content(self, version_id: str) -> str:
+        return os.path.join(self._directory, version_id)
 
     def _description(self, version_id: str) -> Path:
         return self.directory / (version_id + ".json")
 
 
-def _copy_hashing(source: Path, temp: Path) -> str:
+def _copy_hashing(source: str | Path, temp: Path) -> str:
     """Copy ``source`` to a new ``temp`` (fsynced); the SHA-256 of what was copied."""
     digest = hashlib.sha256()
     flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)

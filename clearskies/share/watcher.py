@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTim
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from clearskies.share.ignore import TEMP_SUFFIX
+from clearskies.share.ignore import TEMP_SUFFIX, VERSIONS_NAME
 
 try:
     from twisted.internet import inotify
@@ -431,6 +431,10 @@ class InotifyWatcher:
         if path == "":
             if mask & _ROOT_GONE:
                 self._on_root_changed()
+            return
+        if path == VERSIONS_NAME or path.startswith(VERSIONS_NAME + "/"):
+            # The daemon's own kept versions: never synced, so neither watched nor
+            # rescanned (a deletion of 1,000 files would be 1,000 events more).
             return
         if mask & (inotify.IN_DELETE_SELF | inotify.IN_IGNORED):
             self._watched.discard(path)  # its parent reports the deletion itself
