@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from clearskies.errors import ConfigurationError
 from clearskies.share.database import (
     ROWS_PER_STATEMENT, SCHEMA_DIR, AccessCodeInfo, CacheKey, LocalChange, PeerInfo,
-    ShareCounts, ShareInfo, ShareStore, StateDatabase, insert_rows, migrations)
+    ShareCounts, ShareInfo, ShareStore, StateDatabase, has_live_files, insert_rows, migrations)
 from clearskies.share.records import FileRecord
 from clearskies.threads import SerialRunner, SyncRunner
 from tests.helpers import (
@@ -137,6 +137,17 @@ def test_shares(db):
     assert db.get_share(SHARE).last_scan == 123.5
     db.remove_share("6" * 64)
     assert db.get_share("6" * 64) is None
+
+
+def test_has_live_files_ignores_deletions_and_folders(db):
+    """The scanner asks whether anything live is recorded (a move needs a vanished file)."""
+    assert not has_live_files(db, SHARE)
+    db.apply_changes(SHARE, [file("gone", deleted=True, size=None, sha=None),
+                             FileRecord(path="dir", utime=1.0, is_dir=True, vv={PEER: 1})])
+    assert not has_live_files(db, SHARE)
+    db.apply_changes(SHARE, [file("a")])
+    assert has_live_files(db, SHARE)
+    assert not has_live_files(db, OTHER)
 
 
 def test_remove_share_cascades(db):

@@ -707,6 +707,14 @@ def _write_rows(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None
     insert_rows(conn, "INSERT OR REPLACE INTO files (share_id, %s)" % _FILE_COLUMNS, rows)
 
 
+def has_live_files(db: StateDatabase, share_id: str) -> bool:
+    """Whether the share records any live file (the first found ends the look: unlike
+    ``share_counts``, this costs the same for 100 or 1,000,000 rows)."""
+    return bool(db.connection.execute(
+        "SELECT EXISTS (SELECT 1 FROM files WHERE share_id = ? AND deleted = 0"
+        " AND is_dir = 0)", (share_id,)).fetchone()[0])
+
+
 def identical_conflict_copies(db: StateDatabase, share_id: str, limit: int = PAGE_SIZE
                               ) -> list[tuple[StoredRecord, StoredRecord]]:
     """(copy, its file) for live conflict copies holding what their file holds now."""

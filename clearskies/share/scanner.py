@@ -70,7 +70,8 @@ from clearskies.errors import ShareError
 from clearskies.share.changes import (  # noqa: F401
     UTIME_STEP, Comparison, MovePairer, _is_live_file, bump, dir_record, file_record,
     local_utime, same_mode, tombstone)
-from clearskies.share.database import CacheKey, LocalChange, ShareStore, StoredRecord
+from clearskies.share.database import (
+    CacheKey, LocalChange, ShareStore, StoredRecord, has_live_files)
 from clearskies.share.hashing import HashFile, HashResult, hash_file, hash_files
 from clearskies.share.ignore import IgnoreRules
 from clearskies.share.listing import (  # noqa: F401
@@ -265,14 +266,14 @@ class Scanner:
             sources = self._scope_sources(listing, scopes)
         # Nothing recorded as a live file: nothing can have vanished, so no new
         # file can be a move and none needs setting aside until the end.
-        counts = await self._store.share_counts(self.share_id)
+        recorded = await self._store.call(has_live_files, self.share_id)
         writer = _Writer(self._store, self.share_id, self._batch_size, result, on_batch)
         # A partial scan's listing is in memory anyway: its new files wait there.
-        stage = None if counts.files == 0 or scopes is not None else \
+        stage = None if not recorded or scopes is not None else \
             await self._pages.stage_open()
         try:
             plan = _Planner(self, result, since, writer, stage,
-                            hold=counts.files > 0 and scopes is not None)
+                            hold=recorded and scopes is not None)
             progress.phase = "comparing"
             await self._compare(sources, listing, share.revision, plan)
             await plan.drain()
