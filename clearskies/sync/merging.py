@@ -62,20 +62,30 @@ class RecordMerger:
         return self._lock.run(lambda: Deferred.fromCoroutine(self._merge(session, records)))
 
     async def _merge(self, session: ISyncSession, records: list[FileRecord]) -> None:
-        committed: list[FileRecord] = []
-        for_origin: list[FileRecord] = []
         # One database round trip for the whole batch (a manifest page), not one per
-        # record: remembering what the peer announced, reading our records of those
-        # paths and what the other peers announced of them, queued together.
+        # record: our records of these paths and what the other peers announced of
+        # them.  What this peer announced is remembered meanwhile: the database
+        # thread answers in order, so every later query sees it; nothing here waits
+        # for it but the end.
         unread = {r.path for r in records} if len(records) > 1 else set()
         taken = [r for r in records if not self.share.is_ignored(r.path)]
         self._elsewhere_paths = {r.path for r in taken}
-        _, prefetched, self._elsewhere = await answers(
-            session.remote_index.put(taken),
+        reads = Deferred.fromCoroutine(answers(
             self.share.get_records(sorted(unread)) if unread else succeed({}),
             Deferred.fromCoroutine(announced_by(
                 [s for s in self.sessions.values() if s.peer_id != session.peer_id],
-                sorted(self._elsewhere_paths))))
+                sorted(self._elsewhere_paths)))))
+        remembered = session.remote_index.put(taken)
+        try:
+            prefetched, self._elsewhere = await reads
+            await self._merge_taken(session, taken, unread, prefetched)
+        finally:
+            await remembered
+
+    async def _merge_taken(self, session: ISyncSession, taken: list[FileRecord],
+                           unread: set[str], prefetched: dict[str, FileRecord]) -> None:
+        committed: list[FileRecord] = []
+        for_origin: list[FileRecord] = []
         removals: list[FileRecord] = []
         superseded: list[FileRecord] = []  # our record each removal was decided against
         replaced: list[tuple[FileRecord, FileRecord, FileRecord]] = []  # folders made files
@@ -258,13 +268,25 @@ class RecordMerger:
             for source, destination in moves:
                 await self._move(session, source, destination)
             return
-        known = await self.share.get_records(sorted({p for s, d in moves for p in (s, d.path)}))
+        tombstones = [FileRecord(path=source, utime=destination.utime, deleted=True,
+                                 vv=dict(destination.vv)) for source, destination in moves]
+        reads = self.share.get_records(sorted({p for s, d in moves for p in (s, d.path)}))
+        # Remembered while the renames run (see _merge); those that go the long way
+        # below are remembered again there, which changes nothing.
+        remembered = session.remote_index.put(
+            [r for (_, destination), tombstone in zip(moves, tombstones)
+             for r in (destination, tombstone)])
+        try:
+            await self._moves_known(session, moves, tombstones, await reads)
+        finally:
+            await remembered
+
+    async def _moves_known(self, session: ISyncSession, moves: list[tuple[str, FileRecord]],
+                           tombstones: list[FileRecord], known: dict[str, FileRecord]) -> None:
         touched: set[str] = set()
         plan: list[tuple[str, FileRecord, FileRecord, FileRecord]] = []
         slow: list[tuple[str, FileRecord]] = []
-        for source, destination in moves:
-            tombstone = FileRecord(path=source, utime=destination.utime, deleted=True,
-                                   vv=dict(destination.vv))
+        for (source, destination), tombstone in zip(moves, tombstones):
             ours, there = known.get(source), known.get(destination.path)
             decision = None
             if not ({source, destination.path} & touched) and self._renamable(
@@ -282,15 +304,12 @@ class RecordMerger:
         except UnsafePathError:
             done = [False] * len(plan)
         records: list[FileRecord] = []
-        announced: list[FileRecord] = []
         for (source, destination, record, tombstone), renamed in zip(plan, done):
             if renamed:
-                announced.extend((destination, tombstone))
                 records.extend((record, tombstone))
             else:
                 slow.append((source, destination))
         if records:
-            await session.remote_index.put(announced)
             records.extend(await self._retry_directory_deletions())
             await self._commit_and_relay(session, records)
         for source, destination in slow:
