@@ -62,11 +62,9 @@ class RecordMerger:
         return self._lock.run(lambda: Deferred.fromCoroutine(self._merge(session, records)))
 
     async def _merge(self, session: ISyncSession, records: list[FileRecord]) -> None:
-        # One database round trip for the whole batch (a manifest page), not one per
-        # record: our records of these paths and what the other peers announced of
-        # them.  What this peer announced is remembered meanwhile: the database
-        # thread answers in order, so every later query sees it; nothing here waits
-        # for it but the end.
+        # One database round trip for the batch (a manifest page): our records of these
+        # paths, what the other peers announced of them.  What this peer announced is
+        # remembered meanwhile (the database thread answers in order: later queries see it).
         unread = {r.path for r in records} if len(records) > 1 else set()
         taken = [r for r in records if not self.share.is_ignored(r.path)]
         self._elsewhere_paths = {r.path for r in taken}
@@ -289,8 +287,8 @@ class RecordMerger:
         for (source, destination), tombstone in zip(moves, tombstones):
             ours, there = known.get(source), known.get(destination.path)
             decision = None
-            if not ({source, destination.path} & touched) and self._renamable(
-                    source, destination, ours, there):
+            if not ({source, destination.path} & touched) and renamable(
+                    self.share, source, destination, ours, there):
                 decision = merge.merge_remote(there, destination, local_unacked=False,
                                               our_peer_id=self.share.our_peer_id)
             touched.update((source, destination.path))
@@ -320,18 +318,6 @@ class RecordMerger:
                                    but=session)
         revision = await self.share.commit_remote(records)
         self._relay(records, revision, session, known)
-
-    def _renamable(self, source: str, destination: FileRecord, ours: FileRecord | None,
-                   there: FileRecord | None) -> bool:
-        """A move we can carry out as a local rename of the very content it names."""
-        return (not (self.share.is_ignored(source) or self.share.is_ignored(destination.path)
-                     or destination.deleted or destination.is_dir)
-                and ours is not None and not ours.deleted and not ours.is_dir
-                and ours.sha256 == destination.sha256
-                # A rename cannot carry a new mode: renamed and chmodded goes the long way.
-                and destination.mode in (None, ours.mode)
-                and (there is None or there.deleted)
-                and merge.vv_compare(ours.vv, destination.vv) in (merge.BEFORE, merge.EQUAL))
 
     async def _rename_if_safe(self, source: str, destination: str, ours: FileRecord) -> bool:
         try:
@@ -462,6 +448,19 @@ class RecordMerger:
             shown = key if len(key) <= 200 else key[:100] + "…" + key[-100:]
             self._log.warn("not taking {path} from {peer}: {why}", path=shown,
                            peer=session.peer_id[:8], why=why)
+
+
+def renamable(share: ILocalShare, source: str, destination: FileRecord,
+              ours: FileRecord | None, there: FileRecord | None) -> bool:
+    """A move we can carry out as a local rename of the very content it names."""
+    return (not (share.is_ignored(source) or share.is_ignored(destination.path)
+                 or destination.deleted or destination.is_dir)
+            and ours is not None and not ours.deleted and not ours.is_dir
+            and ours.sha256 == destination.sha256
+            # A rename cannot carry a new mode: renamed and chmodded goes the long way.
+            and destination.mode in (None, ours.mode)
+            and (there is None or there.deleted)
+            and merge.vv_compare(ours.vv, destination.vv) in (merge.BEFORE, merge.EQUAL))
 
 
 def waiting_below_new_folders(committed: list[FileRecord], waiting: Iterable[str]) -> list[str]:
