@@ -537,14 +537,6 @@ def deliver_file(session: SyncSession, path: str, data: bytes) -> None:
     if data:
         session.event_received(wire.PayloadChunk(data))
     session.event_received(wire.PayloadEnd())
-    end_of_turn(session.sync.clock)
-
-
-def end_of_turn(clock: Any) -> None:
-    """What the reactor runs once the current turn ends (a small download's seal waits
-    for it, with the other files the same read finished): the fake clock's 0 s calls."""
-    if isinstance(clock, Clock):
-        clock.advance(0)
 
 
 # --- discovery sources and transports ---------------------------------------

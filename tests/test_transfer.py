@@ -774,26 +774,6 @@ def test_buffered_seals_run_in_few_jobs_of_many_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted("f%d" % n for n in range(12) if n != 5)
 
 
-def test_buffered_seals_finished_in_one_reactor_turn_go_in_one_job(tmp_path):
-    """With a clock, seals wait for the end of the turn: the downloads one read of the
-    connection finished go together, not one job per free slot."""
-    runner, clock = HeldRunner(), Clock()
-    seals = BufferedSeals(runner, max_batch=4, max_jobs=2, clock=clock)
-    outcomes: list = []
-    for n in range(6):
-        data = content(800 + n, seed=n)
-        receiver = FileReceiver(tmp_path, tmp_path / ("g%d" % n), record_for("g%d" % n, data),
-                                runner=runner, buffer_limit=8192, sealer=seals)
-        receiver.write(data)
-        receiver.seal().addBoth(outcomes.append)
-    assert runner.jobs == []  # nothing yet: the turn is not over
-    clock.advance(0)
-    assert [len(args[0]) for _, _, args in runner.jobs] == [4, 2]
-    while runner.jobs:
-        runner.release()
-    assert outcomes == [None] * 6
-
-
 def test_buffered_seal_failures_reach_only_their_download(tmp_path):
     """A seal that raises (its folder is a file) fails that download; the batch goes on."""
     (tmp_path / "blocked").write_bytes(b"a file where a folder should be")

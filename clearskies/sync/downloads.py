@@ -94,7 +94,7 @@ class Downloads:
     def _buffered_seals(self) -> BufferedSeals:
         """Small downloads of this share are written and fsynced in batches."""
         if self._seals is None:
-            self._seals = BufferedSeals(self.share.files_runner, clock=self.clock)
+            self._seals = BufferedSeals(self.share.files_runner)
         return self._seals
 
     def crashed(self, failure: Failure, path: str, peer_id: str) -> None:

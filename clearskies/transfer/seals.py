@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from clearskies import diskjobs
@@ -33,17 +32,12 @@ class BufferedSeals:
     once (``sync.MAX_FINISHING``), each at most ``SMALL_FILE`` bytes.
     """
 
-    def __init__(self, runner: IRunner, *, max_batch: int = 32, max_jobs: int = 2,
-                 clock: IReactorTime | None = None) -> None:
-        """``clock``: a seal waits for the end of the reactor's turn, so the downloads
-        one read of the connection finished go in one job (None: at once)."""
+    def __init__(self, runner: IRunner, *, max_batch: int = 32, max_jobs: int = 2) -> None:
         self._runner = runner
         self.max_batch = max_batch
         self.max_jobs = max_jobs
-        self._clock = clock
         self._queue: list[tuple[tuple[Any, ...], Deferred[str | None]]] = []
         self._jobs = 0
-        self._starting: IDelayedCall | None = None
 
     def seal(self, root: Path, target: Path, temp: Path, data: bytes, overflow: bool,
              expected: diskjobs.Content) -> Deferred[str | None]:
@@ -51,14 +45,10 @@ class BufferedSeals:
         fires with None or the problem."""
         done: Deferred[str | None] = Deferred()
         self._queue.append(((root, target, temp, data, overflow, expected), done))
-        if self._clock is None:
-            self._start()
-        elif self._starting is None:
-            self._starting = self._clock.callLater(0, self._start)
+        self._start()
         return done
 
     def _start(self) -> None:
-        self._starting = None
         while self._queue and self._jobs < self.max_jobs:
             batch = self._queue[:self.max_batch]
             del self._queue[:self.max_batch]
