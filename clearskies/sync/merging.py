@@ -266,25 +266,15 @@ class RecordMerger:
             for source, destination in moves:
                 await self._move(session, source, destination)
             return
-        tombstones = [FileRecord(path=source, utime=destination.utime, deleted=True,
-                                 vv=dict(destination.vv)) for source, destination in moves]
-        reads = self.share.get_records(sorted({p for s, d in moves for p in (s, d.path)}))
-        # Remembered while the renames run (see _merge); those that go the long way
-        # below are remembered again there, which changes nothing.
-        remembered = session.remote_index.put(
-            [r for (_, destination), tombstone in zip(moves, tombstones)
-             for r in (destination, tombstone)])
-        try:
-            await self._moves_known(session, moves, tombstones, await reads)
-        finally:
-            await remembered
-
-    async def _moves_known(self, session: ISyncSession, moves: list[tuple[str, FileRecord]],
-                           tombstones: list[FileRecord], known: dict[str, FileRecord]) -> None:
+        known = await self.share.get_records(sorted({p for s, d in moves for p in (s, d.path)}))
         touched: set[str] = set()
         plan: list[tuple[str, FileRecord, FileRecord, FileRecord]] = []
         slow: list[tuple[str, FileRecord]] = []
-        for (source, destination), tombstone in zip(moves, tombstones):
+        announced: list[FileRecord] = []
+        for source, destination in moves:
+            tombstone = FileRecord(path=source, utime=destination.utime, deleted=True,
+                                   vv=dict(destination.vv))
+            announced.extend((destination, tombstone))
             ours, there = known.get(source), known.get(destination.path)
             decision = None
             if not ({source, destination.path} & touched) and renamable(
@@ -296,22 +286,29 @@ class RecordMerger:
                 plan.append((source, destination, decision.record, tombstone))
             else:
                 slow.append((source, destination))
+        renaming = self.share.rename_many([(src, dest.path) for src, dest, _, _ in plan],
+                                          [known[src] for src, _, _, _ in plan])
+        # Remembered while the renames run, after their own query (see _merge); those
+        # that go the long way below are remembered again there, which changes nothing.
+        remembered = session.remote_index.put(announced)
         try:
-            done = await self.share.rename_many([(src, dest.path) for src, dest, _, _ in plan],
-                                     [known[src] for src, _, _, _ in plan])
-        except UnsafePathError:
-            done = [False] * len(plan)
-        records: list[FileRecord] = []
-        for (source, destination, record, tombstone), renamed in zip(plan, done):
-            if renamed:
-                records.extend((record, tombstone))
-            else:
-                slow.append((source, destination))
-        if records:
-            records.extend(await self._retry_directory_deletions())
-            await self._commit_and_relay(session, records)
-        for source, destination in slow:
-            await self._move(session, source, destination)
+            try:
+                done = await renaming
+            except UnsafePathError:
+                done = [False] * len(plan)
+            records: list[FileRecord] = []
+            for (source, destination, record, tombstone), renamed in zip(plan, done):
+                if renamed:
+                    records.extend((record, tombstone))
+                else:
+                    slow.append((source, destination))
+            if records:
+                records.extend(await self._retry_directory_deletions())
+                await self._commit_and_relay(session, records)
+            for source, destination in slow:
+                await self._move(session, source, destination)
+        finally:
+            await remembered
 
     async def _commit_and_relay(self, session: ISyncSession, records: list[FileRecord]) -> None:
         known = await announced_by(self.sessions.values(), [r.path for r in records],
