@@ -153,7 +153,7 @@ def test_what_a_listener_logs_while_handed_a_logged_event_is_not_published_again
 
 
 def test_what_a_share_engine_reports_becomes_an_event_and_a_recent_change() -> None:
-    from clearskies.daemon.runtime import RECENT_CHANGES, ShareEvents
+    from clearskies.daemon.shareevents import RECENT_CHANGES, ShareEvents
 
     bus = _bus()
     published: list = []

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from clearskies.share.database import PeerInfo, ShareInfo, ShareStore
-from clearskies.daemon.runtime import MAX_KNOWN_PEERS, ShareRuntime, peers_to_forget
+from clearskies.daemon.runtime import ShareRuntime
+from clearskies.daemon.sharepeers import MAX_KNOWN_PEERS, peers_to_forget
 from clearskies.threads import SyncRunner
 from tests.helpers import result_of
 

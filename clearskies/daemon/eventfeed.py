@@ -4,7 +4,7 @@ Three sources feed ``clearskies.events.EventBus``:
 
 - Each share's engine reports downloads started, finished and failed, uploads
   started, deletions and conflict copies as they happen (``ISyncEvents``,
-  through ``clearskies.daemon.runtime.ShareEvents`` and the share host).
+  through ``clearskies.daemon.shareevents.ShareEvents`` and the share host).
 - :class:`EventFeed` looks at the running shares every ``RATE_INTERVAL`` and
   publishes what changed since the last look: share state, peers connected
   and their progress, the bytes so far of the files being downloaded, the

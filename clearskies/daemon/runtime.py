@@ -10,7 +10,6 @@ daemon only through ``IShareHost``.
 from __future__ import annotations
 
 import os
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from clearskies.daemon.localshare import LocalShareFiles, _cache_key_of
+from clearskies.daemon.shareevents import ShareEvents
+from clearskies.daemon.sharepeers import SharePeers, peers_to_forget
 from clearskies.daemon.versions import ShareVersions
-from clearskies.interfaces import ILocalShare, IRunner, IShareHost, ISyncEvents
+from clearskies.interfaces import ILocalShare, IRunner, IShareHost
 from clearskies.keys import ShareKeys
 from clearskies.ratelimit import RateLimiter
 from clearskies.share.database import CacheKey, PeerInfo, ShareCounts, ShareInfo
@@ -31,26 +32,6 @@ from clearskies.share.scanner import Move
 from clearskies.share.service import ShareService
 from clearskies.sync import ShareSync, readonly
 from clearskies.transfer.modes import WRITE_BITS
-
-
-#: Peers remembered per share (the peers table and ``peers``): any holder of a
-#: key can connect under ever new peer IDs, so past this the peer not seen for
-#: longest is forgotten, never a connected one (protocol/sync.md).
-MAX_KNOWN_PEERS = 128
-
-
-def peers_to_forget(peers: dict[str, PeerInfo], keep: frozenset[str] | set[str],
-                    limit: int = MAX_KNOWN_PEERS) -> list[str]:
-    """The peer IDs to forget so ``peers`` holds at most ``limit``: those not
-    seen for longest (never seen first), never one in ``keep`` (connected ones,
-    the one just recorded).  Fewer when ``keep`` alone passes the limit."""
-    excess = len(peers) - limit
-    if excess <= 0:
-        return []
-    candidates = [p for p in peers.values() if p.peer_id not in keep]
-    candidates.sort(key=lambda p: (p.last_seen if p.last_seen is not None else float("-inf"),
-                                   p.peer_id))
-    return [p.peer_id for p in candidates[:excess]]
 
 
 def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
@@ -64,76 +45,13 @@ def private_paths(root: str, own: list[str]) -> tuple[str, ...]:
     return tuple(inside)
 
 
-#: Recent changes a share remembers (``changes``), and conflicts dismissed.
-RECENT_CHANGES = 500
-MAX_DISMISSED = 10_000
-#: Engine reports -> the kind of change the recent-changes list shows.
-_CHANGE_KINDS = {"download_finished": "received", "upload_started": "sent",
-                 "deleted": "deleted", "conflict": "conflict"}
-
-
-@implementer(ISyncEvents)
-class ShareEvents:
-    """What a share's engine reports, handed to the host with the share's ID and folder;
-    the last ``RECENT_CHANGES`` changes it made are kept (in memory) for ``changes``."""
-
-    def __init__(self, host: IShareHost, share_id: str, root: Path,
-                 clock: Any = None, config: Any = None) -> None:
-        """``config``: where the dismissed conflicts are kept across restarts
-        (``get_config``/``set_config`` Deferreds; None: in memory only)."""
-        self._host = host
-        self._share_id = share_id
-        self._root = str(root)
-        self._clock = clock or host.now
-        self._config = config
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_CHANGES)
-        #: Conflict copies the user chose to keep both of ("keep both").
-        self.dismissed: set[str] = set()
-
-    @property
-    def dismissed_key(self) -> str:
-        return "dismissed_conflicts:" + self._share_id
-
-    async def load(self) -> None:
-        """Read back the conflicts dismissed before a restart."""
-        if self._config is None:
-            return
-        kept = await self._config.get_config(self.dismissed_key, [])
-        if isinstance(kept, list):
-            self.dismissed = {p for p in kept[:MAX_DISMISSED] if isinstance(p, str)}
-
-    def sync_event(self, kind: str, fields: dict) -> None:
-        change = _CHANGE_KINDS.get(kind)
-        if change is not None:
-            entry = {"time": round(self._clock(), 3), "kind": change}
-            entry.update(fields)
-            self.recent.append(entry)
-        self._host.share_event(self._share_id, self._root, kind, fields)
-
-    def local_change(self, kind: str, **fields: Any) -> None:
-        """A change made here through a command (a conflict resolved)."""
-        entry = {"time": round(self._clock(), 3), "kind": kind}
-        entry.update(fields)
-        self.recent.append(entry)
-        self._host.share_event(self._share_id, self._root, kind, fields)
-
-    async def dismiss(self, copy: str) -> None:
-        """The user kept both sides of the conflict whose copy is ``copy``: it is no longer
-        listed, after a restart neither."""
-        if len(self.dismissed) >= MAX_DISMISSED or copy in self.dismissed:
-            return
-        self.dismissed.add(copy)
-        if self._config is not None:
-            await self._config.set_config(self.dismissed_key, sorted(self.dismissed))
-
-
 #: A share's totals are recounted at most once per this many times the last
 #: count took (see ShareRuntime.fresh_counts).
 COUNT_SPACING = 4.0
 
 
 @implementer(ILocalShare)
-class ShareRuntime(LocalShareFiles, Service):
+class ShareRuntime(LocalShareFiles, SharePeers, Service):
     """A share the daemon runs: engine + sync + what we know of its peers.
 
     :meth:`prepare` reads what the share needs from the database; the share
@@ -365,27 +283,6 @@ class ShareRuntime(LocalShareFiles, Service):
         self.recount_unshared()
         return revision
 
-    def peer_manifest_seen(self, peer_id: str, revision: Any) -> None:
-        known = self.peers.get(peer_id)
-        if known is None or revision is None:
-            return
-        updated = PeerInfo(
-            share_id=known.share_id, peer_id=known.peer_id, name=known.name,
-            last_seen=self.host.now(), addresses=known.addresses,
-            manifest_revision=revision, acked_revision=known.acked_revision)
-        self._remember(updated, "could not store a peer's revision")
-
-    def peer_seen(self, peer_id: str) -> None:
-        """A peer is still connected: its ``last_seen`` moves to now (share health)."""
-        known = self.peers.get(peer_id)
-        if known is None:
-            return
-        updated = PeerInfo(
-            share_id=known.share_id, peer_id=known.peer_id, name=known.name,
-            last_seen=self.host.now(), addresses=known.addresses,
-            manifest_revision=known.manifest_revision, acked_revision=known.acked_revision)
-        self._remember(updated, "could not store when a peer was seen")
-
     # -- events ----------------------------------------------------------------------
 
     def _local_changes(self, records: list[FileRecord], moves: list[Move],
@@ -461,67 +358,3 @@ class ShareRuntime(LocalShareFiles, Service):
 
         Deferred.fromCoroutine(readonly.compare_with_share(self, self.signing.store)).addCallbacks(
             done, failed)
-
-    def last_manifest_revision(self, peer_id: str) -> Any:
-        """The revision of ``peer_id``'s manifest we have all of, to ask only for news.
-
-        A read-only share must also keep every page of that manifest to relay
-        it and to know the share's version: if it does not, the whole
-        manifest is asked for again.
-        """
-        known = self.peers.get(peer_id)
-        revision = known.manifest_revision if known is not None else None
-        if revision is not None and self.signing.read_only:
-            kept = self.signing.store.complete_revision(peer_id)
-            if kept is None or kept < revision:
-                return None
-        return revision
-
-    def peer_connected(self, info: Any, connection: Any) -> None:
-        peer = connection.transport.getPeer() if connection.transport else None
-        address = None
-        host = getattr(peer, "host", None)
-        dialled = getattr(connection, "dialled_address", None)
-        if dialled is not None:
-            address = str(dialled)  # what we dialled: a tor: address stays one
-        elif host and not info.we_are_server:
-            port = getattr(peer, "port", None)
-            address = ("tcp:[%s]:%d" % (host, port)) if ":" in host else (
-                "tcp:%s:%d" % (host, port))
-        known = self.peers.get(info.their_peer_id)
-        addresses = list(known.addresses) if known else []
-        if address and address not in addresses:
-            addresses = ([address] + addresses)[:8]
-        record = PeerInfo(
-            share_id=self.share_id, peer_id=info.their_peer_id, name=info.their_name,
-            last_seen=self.host.now(), addresses=tuple(addresses),
-            manifest_revision=known.manifest_revision if known else None,
-            acked_revision=known.acked_revision if known else None)
-        self._remember(record, "could not store a peer")
-
-    def peer_addresses_received(self, peer_id: str, addresses: list[str]) -> None:
-        """A peer told us where it can be reached: remember it and offer it for dialling."""
-        known = self.peers.get(peer_id)
-        if known is not None:
-            merged = list(dict.fromkeys(list(addresses) + list(known.addresses)))[:8]
-            if tuple(merged) != known.addresses:
-                record = PeerInfo(
-                    share_id=known.share_id, peer_id=peer_id, name=known.name,
-                    last_seen=self.host.now(), addresses=tuple(merged),
-                    manifest_revision=known.manifest_revision,
-                    acked_revision=known.acked_revision)
-                self._remember(record, "could not store a peer's addresses")
-        self.host.add_peer_candidates(self.share_id, peer_id, addresses)
-
-    def _remember(self, record: PeerInfo, failed: str) -> None:
-        """Keep ``record`` in ``peers`` and the peers table, both bounded by MAX_KNOWN_PEERS."""
-        self.peers[record.peer_id] = record
-        forget = peers_to_forget(self.peers, set(self.sync.sessions) | {record.peer_id})
-        for peer_id in forget:
-            del self.peers[peer_id]
-        self.store.upsert_peer(record, forget).addErrback(
-            lambda f: self._log.failure(failed, f))
-
-    def peer_disconnected(self, session: Any) -> None:
-        address = getattr(session.connection, "dialled_address", None)
-        self.host.peer_connection_lost(self.share_id, session.peer_id, address)

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from clearskies.handshake import ConnectTarget, MemoryKeyRing
 from clearskies.peer import connect_peer
-from clearskies.daemon.runtime import MAX_KNOWN_PEERS
+from clearskies.daemon.sharepeers import MAX_KNOWN_PEERS
 from tests.abuse.flood import legit_connect
 from tests.abuse.fresh_ids import FEATURES, fresh_id_connections
 from tests.fakes import QuietSession
