@@ -63,8 +63,12 @@ def test_idle_connections_do_not_lock_out_a_legitimate_client(tracker):
         started = time.monotonic()
         _still_fine(tracker, "127.0.0.1")
         assert time.monotonic() - started < 3
-        # The operator hears about it once, not once per connection.
-        assert tracker.output().count("reached its limit of 960 connections") == 1
+        # The operator hears about it once, not once per connection.  (On a slow
+        # machine the first connections can reach the 15 s idle timeout before
+        # 960 are open: the accept queue of 50 drops connects, which retry after
+        # a second.  Then the limit is never reached and nothing is said.)
+        said = tracker.output().count("reached its limit of 960 connections")
+        assert said == 1 or (said == 0 and "Timing out client" in tracker.output())
         # The idle connections were dropped oldest first to make room.
         idle[0].settimeout(2)
         try:
