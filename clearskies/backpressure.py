@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -81,7 +81,9 @@ class BatchWriter:
     the hasher, so neither the write calls nor the hashing hold the reactor.
     Once more than ``max_queued`` batches wait, ``producer`` is paused; it
     is resumed when a job has brought the queue back within that bound (or
-    the writer fails or closes).  The writer owns the descriptor it was
+    the writer fails or closes).  With ``wake`` (the reactor's
+    ``callFromThread``) it is resumed as soon as the job has taken the queued
+    batches, so the next data is read and decrypted while they are written.  The writer owns the descriptor it was
     given once :meth:`close` is called.  Without a producer, or if it keeps
     delivering, more than ``OVERRUN_FACTOR * max_queued`` waiting batches
     fail the download with :class:`WriterOverrun`.
@@ -90,8 +92,10 @@ class BatchWriter:
     _log = Logger()
 
     def __init__(self, runner: IRunner, fd: int, position: int, hasher: Any, *,
-                 producer: IPushProducer | None = None, max_queued: int = MAX_QUEUED) -> None:
+                 producer: IPushProducer | None = None, max_queued: int = MAX_QUEUED,
+                 wake: Callable[[Callable[[], None]], None] | None = None) -> None:
         self._runner = runner
+        self._wake = wake
         self._fd: int | None = fd
         self._position = position  # changed only by the one job that runs at a time
         self._hasher = hasher  # None: the whole file is hashed when sealed
@@ -185,6 +189,11 @@ class BatchWriter:
             assert self._producer is not None
             self._producer.resumeProducing()
 
+    def _taken(self) -> None:
+        """(Reactor.)  A job took the queued batches: the source may deliver again."""
+        if self.error is None and not self._closed and len(self._queue) <= self._max_queued:
+            self._resume()
+
     def _start(self) -> None:
         self._running = True
         self._runner.run(self._drain).addBoth(self._drained)
@@ -225,6 +234,8 @@ class BatchWriter:
                     break
             if not batch:
                 return
+            if self.pausing and self._wake is not None:
+                self._wake(self._taken)  # (read here, checked again on the reactor)
             try:
                 self._write(batch)
             except Exception as e:

@@ -111,6 +111,35 @@ def test_the_writer_pauses_past_its_bound_and_resumes_once_a_job_caught_up(tmp_p
     writer.close(None)  # and the descriptor with it
 
 
+def test_with_wake_the_producer_resumes_while_the_taken_batches_are_written(tmp_path):
+    """The job asks the reactor (``wake``) to resume the producer as soon as it has
+    taken the waiting batches, so the next data arrives while they are written and
+    hashed; without ``wake`` the producer waits for the job's end."""
+    class Probe:
+        """A hasher noting whether the producer is paused when it is fed."""
+
+        def __init__(self, producer: RecordingProducer) -> None:
+            self.producer = producer
+            self.paused: list[bool] = []
+
+        def update(self, data: bytes) -> None:
+            self.paused.append(self.producer.paused)
+
+    for wake in (None, lambda function: function()):
+        producer, runner = RecordingProducer(), HeldRunner()
+        probe = Probe(producer)
+        fd = open_temp(tmp_path)
+        writer = BatchWriter(runner, fd, 0, probe, producer=producer, max_queued=3,
+                             wake=wake)
+        for piece in (b"1", b"2", b"3", b"4", b"5"):
+            writer.submit([piece])
+        assert producer.paused
+        runner.release()
+        assert probe.paused == [wake is None]
+        assert producer.calls == ["pause", "resume"] and os.fstat(fd).st_size == 5
+        writer.close(None)
+
+
 def test_a_producer_that_does_not_pause_meets_a_hard_bound(tmp_path):
     """Without a producer to pause, past OVERRUN_FACTOR * max_queued batches the download
     fails (ENOBUFS) rather than holding more in memory."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -87,6 +87,9 @@ class Downloads:
         #: share's ``read_only_files`` setting).
         self.unwritable_files = unwritable_files
         self._seals: BufferedSeals | None = None
+        # A big download's writer resumes its connection from its worker thread's
+        # side as soon as it has taken what waited (a test's Clock has no threads).
+        self._wake = clock.callFromThread if IReactorFromThreads.providedBy(clock) else None
         # Verified downloads waiting for the next install batch.
         self._ready: list[tuple[FileReceiver, FileRecord, Deferred[str]]] = []
         self._installing = False
@@ -127,7 +130,7 @@ class Downloads:
         receiver = FileReceiver(self.share.root, local_path, record,
                                 runner=self.share.files_runner,
                                 buffer_limit=SMALL_FILE, sealer=self._buffered_seals(),
-                                unwritable=self.unwritable_files)
+                                unwritable=self.unwritable_files, wake=self._wake)
         if copy is not None:
             try:
                 await receiver.copy_local(copy)
@@ -145,7 +148,7 @@ class Downloads:
                 receiver = FileReceiver(self.share.root, local_path, record,
                                         runner=self.share.files_runner, buffer_limit=SMALL_FILE,
                                         sealer=self._buffered_seals(),
-                                        unwritable=self.unwritable_files)
+                                        unwritable=self.unwritable_files, wake=self._wake)
                 copy = None
         if copy is not None or record.size == 0:
             # Content already here (or nothing to fetch): no network needed.

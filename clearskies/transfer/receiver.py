@@ -101,9 +101,11 @@ class FileReceiver:
 
     def __init__(self, root: Path, local_path: Path, expected: FileRecord, *,
                  runner: IRunner, resume: bool = True, buffer_limit: int = 0,
-                 sealer: BufferedSeals | None = None, unwritable: bool = False) -> None:
+                 sealer: BufferedSeals | None = None, unwritable: bool = False,
+                 wake: Callable[[Callable[[], None]], None] | None = None) -> None:
         """``unwritable``: the file is put in place without write permission
-        (a read-only share's option); its record keeps the share's mode."""
+        (a read-only share's option); its record keeps the share's mode.
+        ``wake``: the reactor's ``callFromThread``, for the writer (BatchWriter)."""
         if expected.deleted or expected.is_dir or expected.sha256 is None or expected.size is None:
             raise ValueError("only a file record with size and sha256 can be downloaded")
         self.root = Path(root)
@@ -116,6 +118,7 @@ class FileReceiver:
             temp_name(self.local_path.name, expected.sha256))
         self._runner = runner
         self._sealer = sealer
+        self._wake = wake
         diskjobs.check_inside(self.root, self.local_path, resolve=False)
         #: The download's state machine (RECEIVER_TRANSITIONS).
         self.machine = ReceiverMachine()
@@ -261,7 +264,8 @@ class FileReceiver:
         self._fd = fd
         self._writer = BatchWriter(self._runner, fd, self._offset,
                                    None if self._rehash else self._hasher,
-                                   producer=self.producer, max_queued=MAX_QUEUED_BATCHES)
+                                   producer=self.producer, max_queued=MAX_QUEUED_BATCHES,
+                                   wake=self._wake)
         self.machine.fire("open")
 
     def _prepare_directory(self) -> None:
@@ -302,7 +306,8 @@ class FileReceiver:
         def copied(result: tuple[Any, int, int]) -> None:
             self._hasher, self._received, self._fd = result
             self._writer = BatchWriter(self._runner, self._fd, self._received, self._hasher,
-                                       producer=self.producer, max_queued=MAX_QUEUED_BATCHES)
+                                       producer=self.producer, max_queued=MAX_QUEUED_BATCHES,
+                                       wake=self._wake)
             self._offset = 0
             self._rehash = False
             self._overflow = self._received > self.expected.size
