@@ -83,8 +83,8 @@ class BatchWriter:
     is resumed when a job has brought the queue back within that bound (or
     the writer fails or closes).  With ``wake`` (the reactor's
     ``callFromThread``) it is resumed as soon as the job has taken the queued
-    batches, so the next data is read and decrypted while they are written.  The writer owns the descriptor it was
-    given once :meth:`close` is called.  Without a producer, or if it keeps
+    batches, so the next data is read and decrypted while they are written.
+    The writer owns the descriptor it was given once :meth:`close` is called.  Without a producer, or if it keeps
     delivering, more than ``OVERRUN_FACTOR * max_queued`` waiting batches
     fail the download with :class:`WriterOverrun`.
     """

@@ -7,6 +7,7 @@ methods the sync layer and the listeners call when something happens to a peer.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twisted.logger import Logger
@@ -64,22 +65,16 @@ class SharePeers:
         known = self.peers.get(peer_id)
         if known is None or revision is None:
             return
-        updated = PeerInfo(
-            share_id=known.share_id, peer_id=known.peer_id, name=known.name,
-            last_seen=self.host.now(), addresses=known.addresses,
-            manifest_revision=revision, acked_revision=known.acked_revision)
-        self._remember(updated, "could not store a peer's revision")
+        self._remember(replace(known, last_seen=self.host.now(), manifest_revision=revision),
+                       "could not store a peer's revision")
 
     def peer_seen(self, peer_id: str) -> None:
         """A peer is still connected: its ``last_seen`` moves to now (share health)."""
         known = self.peers.get(peer_id)
         if known is None:
             return
-        updated = PeerInfo(
-            share_id=known.share_id, peer_id=known.peer_id, name=known.name,
-            last_seen=self.host.now(), addresses=known.addresses,
-            manifest_revision=known.manifest_revision, acked_revision=known.acked_revision)
-        self._remember(updated, "could not store when a peer was seen")
+        self._remember(replace(known, last_seen=self.host.now()),
+                       "could not store when a peer was seen")
 
     def peer_connected(self, info: Any, connection: Any) -> None:
         peer = connection.transport.getPeer() if connection.transport else None
@@ -109,12 +104,8 @@ class SharePeers:
         if known is not None:
             merged = list(dict.fromkeys(list(addresses) + list(known.addresses)))[:8]
             if tuple(merged) != known.addresses:
-                record = PeerInfo(
-                    share_id=known.share_id, peer_id=peer_id, name=known.name,
-                    last_seen=self.host.now(), addresses=tuple(merged),
-                    manifest_revision=known.manifest_revision,
-                    acked_revision=known.acked_revision)
-                self._remember(record, "could not store a peer's addresses")
+                self._remember(replace(known, last_seen=self.host.now(), addresses=tuple(merged)),
+                               "could not store a peer's addresses")
         self.host.add_peer_candidates(self.share_id, peer_id, addresses)
 
     def _remember(self, record: PeerInfo, failed: str) -> None:

@@ -708,8 +708,9 @@ def _write_rows(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None
 
 
 def has_live_files(db: StateDatabase, share_id: str) -> bool:
-    """Whether the share records any live file (the first found ends the look: unlike
-    ``share_counts``, this costs the same for 100 or 1,000,000 rows)."""
+    """Whether the share records any live file.  The look ends at the first one found,
+    where ``share_counts`` reads every row (only a share of nothing but deletions
+    and folders is read whole)."""
     return bool(db.connection.execute(
         "SELECT EXISTS (SELECT 1 FROM files WHERE share_id = ? AND deleted = 0"
         " AND is_dir = 0)", (share_id,)).fetchone()[0])
