@@ -14,7 +14,7 @@ from typing import Any
 
 from clearskies.cli_commands import EXIT_OK, CommandFailed
 from clearskies.cli_output import format_bytes, parse_setting_units
-from clearskies.control.versions import SHARE_KEYS
+from clearskies.share.versionpolicy import SHARE_KEYS
 
 CAUSES = {"replaced": "replaced", "deleted": "deleted", "restore": "replaced by a restore",
           "resolved": "set aside settling a conflict"}

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -1000,3 +1001,15 @@ class CliAgainstFakeDaemon(unittest.TestCase):
         run = await self.cli("--timeout", "0.3", "status")
         self.assertEqual(run.code, 3)
         self.assertEqual(run.err, "clearskies: the daemon did not answer within 0.3 s\n")
+
+
+def test_the_cli_starts_without_twisted():
+    """Every ``clearskies`` command is a process of its own: importing the daemon's
+    libraries (Twisted alone costs ~0.1 s) would slow each one.  The CLI talks to
+    the daemon with a blocking client and needs none of them."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, clearskies.cli; "
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+         "('twisted', 'zope', 'pathspec', 'cryptography')))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

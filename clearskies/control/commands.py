@@ -19,9 +19,10 @@ from clearskies.control.gui import GuiCommands
 from clearskies.control.keys import KeyCommands
 from clearskies.control.conflicts import STATUS_CONFLICTS, ConflictCommands, downloading
 from clearskies.control.protocol import CommandDispatcher, ControlError
-from clearskies.control.versions import SHARE_KEYS, VersionCommands, share_settings
+from clearskies.control.versions import VersionCommands, share_settings
 from clearskies.errors import AccessCodeError, ClearSkiesError
 from clearskies.interfaces import IDaemonControl
+from clearskies.share.versionpolicy import SHARE_KEYS
 from clearskies.settings import (
     AT_START, DEFAULTS, SHARE_DEFAULTS, SettingError, check_setting, check_share_setting)
 from clearskies.sync import RETRY_AFTER

@@ -15,12 +15,9 @@ from typing import Any
 from clearskies.control.protocol import ControlError
 from clearskies.errors import UnsafePathError
 from clearskies.share.ignore import VERSIONS_NAME
-from clearskies.share.versionpolicy import PolicyError
+from clearskies.share.versionpolicy import SHARE_KEYS, PolicyError
 from clearskies.share.versions import RestoreRefused, VersionError
 
-#: Per-share settings (``share_config``) -> the versions policy's own names.
-SHARE_KEYS = {"versions": "mode", "versions_days": "days", "versions_keep": "keep",
-              "versions_max_bytes": "max_bytes"}
 #: Versions listed in one reply, at most (the newest): with paths of up to
 #: 4 KiB the reply stays well under the client's 16 MiB line limit.
 MAX_LISTED = 2_000

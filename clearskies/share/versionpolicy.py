@@ -35,6 +35,11 @@ MAX_DAYS = 100 * 365
 MAX_KEEP = 10_000
 MAX_BYTES = 1 << 60
 
+#: A share's settings of how it keeps versions (``share_config``, the CLI's
+#: ``config set … --share``) -> the policy's own names.
+SHARE_KEYS = {"versions": "mode", "versions_days": "days", "versions_keep": "keep",
+              "versions_max_bytes": "max_bytes"}
+
 
 class PolicyError(ValueError):
     """A value a versions setting may not hold; the message says what it may."""
@@ -164,5 +169,5 @@ def _thinned(newest_first: list[KeptVersion], now: float) -> list[str]:
     return out
 
 
-__all__ = ["MODES", "KeptVersion", "PolicyError", "VersionPolicy", "stagger_spacing",
+__all__ = ["MODES", "SHARE_KEYS", "KeptVersion", "PolicyError", "VersionPolicy", "stagger_spacing",
            "to_drop"]
