@@ -140,9 +140,19 @@ def test_wanted_files_with_sources_and_totals(db):
     # A local edit supersedes other content only; a page taken leaves the table.
     assert pages.remove_wanted_superseded(db, SHARE, [
         file("w1000", size=1000), file("w1001", sha="7" * 64, size=5), file("nope")]) == (1, 1001)
+    pages.put_wanted(db, SHARE, [(file("w%04d" % n, size=n), None, [OTHER])
+                                 for n in (1000, 1002, 1004)])
     taken = pages.take_wanted_page(db, SHARE, "w1000", 2)
     assert [w.record.path for w in taken] == ["w1002", "w1003"]
     assert pages.wanted_totals(db, SHARE) == (497, sum(range(1000, 1500)) - 1001 - 1002 - 1003)
+    # Only that page left, with its sources; the paths either side of it stayed.
+    assert set(pages.wanted_many(db, SHARE, ["w1000", "w1002", "w1003", "w1004"])) == {
+        "w1000", "w1004"}
+    assert db.connection.execute("SELECT path FROM wanted_sources ORDER BY path").fetchall() \
+        == [("w1000",), ("w1004",)]
+    assert pages.take_wanted_page(db, SHARE, "w1499", 5) == []
+    assert [w.record.path for w in pages.take_wanted_page(db, SHARE, "w1497", 5)] == [
+        "w1498", "w1499"]
     pages.clear_wanted(db, SHARE)
     assert pages.wanted_totals(db, SHARE) == (0, 0)
 

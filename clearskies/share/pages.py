@@ -386,8 +386,13 @@ def take_wanted_page(db: StateDatabase, share_id: str, after: str | None,
                      limit: int) -> list[WantedRow]:
     """The next ``limit`` wanted files after ``after``, removed from the table (they are
     kept elsewhere from now on)."""
-    rows = wanted_page(db, share_id, after, limit)
-    remove_wanted(db, share_id, [row.record.path for row in rows])
+    with db.transaction() as conn:
+        rows = wanted_page(db, share_id, after, limit)
+        if rows:
+            # The page is every row in (after, its last path]: one range goes, with
+            # its sources (ON DELETE CASCADE), and no count is needed.
+            conn.execute("DELETE FROM wanted WHERE share_id = ? AND path > ? AND path <= ?",
+                         (share_id, "" if after is None else after, rows[-1].record.path))
     return rows
 
 
