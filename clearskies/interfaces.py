@@ -132,6 +132,7 @@ class ILocalShare(Interface):
     def keeper_for(records, ours=None):
         """Deferred: a worker-thread job ``keep(target)`` that keeps what the downloads of
         ``records`` are about to replace as versions, or None when the share keeps none.
+        The caller calls its ``close()`` once the job is over.
 
         ``ours``: our records of those paths as :meth:`recorded_many` gave them (the
         state the disk is checked against); without it they are read again."""

@@ -229,7 +229,7 @@ def test_a_batch_file_stays_while_its_job_holds_it(tmp_path: Path) -> None:
     assert store.drop_orphans(NOW * 2) == 0
     second = store.keep(make(tmp_path, "b", b"b"), "b", NOW, batch=batch)
     assert [v.version_id for v in store.versions()] == [second.version_id]
-    del batch  # the job is done: its file closes
+    batch.close()  # the job is done
     store.drop([second.version_id])
     assert os.listdir(tmp_path / ".clearskies-versions") == []
 

@@ -52,6 +52,23 @@ class KeptVersionTests(PeerKitCase):
     def kept(self):
         return VersionStore(self.share_dir).versions()
 
+    async def descriptions_closed(self) -> None:
+        """Wait until no file describing kept versions is open (the keeping job is over:
+        a file left open would stay on disk, unremovable, after its versions went)."""
+        folder = os.path.join(str(self.share_dir), ".clearskies-versions", "")
+
+        def open_ones() -> list[str]:
+            found = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink("/proc/self/fd/" + fd)
+                except OSError:
+                    continue
+                if target.startswith(folder) and target.endswith(".jsonl"):
+                    found.append(target)
+            return found
+        await wait_until(lambda: not open_ones(), what="the versions' description file closed")
+
     async def record_taken(self, runtime, path: str, peer_id: str) -> None:
         """Wait until the share's record of ``path`` carries ``peer_id``'s change."""
         for _ in range(200):
@@ -72,6 +89,7 @@ class KeptVersionTests(PeerKitCase):
                          ("notes.txt", 14, sha(b"the old notes\n"), peer_id, "replaced"))
         content = self.share_dir / ".clearskies-versions" / version.version_id
         self.assertEqual(content.read_bytes(), b"the old notes\n")
+        await self.descriptions_closed()
 
     @async_test
     async def test_a_deleted_file_is_kept(self):
@@ -84,6 +102,7 @@ class KeptVersionTests(PeerKitCase):
                          ("photo.jpg", peer_id, "deleted"))
         content = self.share_dir / ".clearskies-versions" / version.version_id
         self.assertEqual(content.stat().st_ino, inode)  # a rename, not a copy
+        await self.descriptions_closed()
 
     @async_test
     async def test_mode_off_keeps_nothing(self):

@@ -25,7 +25,7 @@ from clearskies.share.database import CacheKey, StateDatabase, StoredRecord
 from clearskies.share.pages import PagedStore
 from clearskies.share.records import FileRecord, clamp_mtime_ns
 from clearskies.share.service import ShareService
-from clearskies.share.versions import VersionStore
+from clearskies.share.versions import KeepJob, VersionStore
 from clearskies.transfer.modes import unwritable_mode
 from clearskies.transfer.sigcache import SignatureCache
 
@@ -295,6 +295,9 @@ class LocalShareFiles:
         except OSError:
             self._not_kept(failed)
             raise
+        finally:
+            if keep is not None:
+                keep.close()
         if keep is not None and self.versions is not None:
             self.versions.note_kept([row.record.sha256 for (_, row), ok in zip(jobs, done)
                                      if ok and row is not None and not row.record.is_dir])
@@ -370,7 +373,7 @@ class LocalShareFiles:
         return await self._remove_kept(jobs, {r.path: r for r in changes or []})
 
     def keeper_for(self, records: list[FileRecord], ours: dict[str, FileRecord] | None = None
-                   ) -> Deferred[Callable[[Path], None] | None]:
+                   ) -> Deferred[KeepJob | None]:
         """The job keeping what downloads of ``records`` are about to replace, or None.
 
         ``ours``: our records of those paths, as :meth:`recorded_many` read them
@@ -379,7 +382,7 @@ class LocalShareFiles:
         return Deferred.fromCoroutine(self._keeper_for(records, ours))
 
     async def _keeper_for(self, records: list[FileRecord], ours: dict[str, FileRecord] | None
-                          ) -> Callable[[Path], None] | None:
+                          ) -> KeepJob | None:
         if self.versions is None or not self.versions.policy.keeping or not records:
             return None
         if ours is None:

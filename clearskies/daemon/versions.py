@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from clearskies.interfaces import IRunner
 from clearskies.share.records import FileRecord
 from clearskies.share.versionpolicy import VersionPolicy, to_drop
-from clearskies.share.versions import DescriptionBatch, Version, VersionError, VersionStore
+from clearskies.share.versions import (
+    DescriptionBatch, KeepJob, Version, VersionError, VersionStore)
 
 #: Seconds between two cleanings of a share's kept versions.
 CLEAN_EVERY = 3600.0
@@ -142,13 +143,13 @@ class ShareVersions:
     # -- keeping (the jobs run in the files pool) -----------------------------------
 
     def remover(self, changes: dict[str, FileRecord], failed: list[tuple[str, str]]
-                ) -> Callable[[str, str, FileRecord], None] | None:
+                ) -> KeepJob | None:
         """The job removing a file by keeping it, or None when nothing is kept.
 
         It takes (local path, share path, our record of it); ``changes``:
         the peers' records deleting them (who deleted what).  A file it
         cannot keep stays where it is (OSError) and (its path, why) is
-        added to ``failed``.
+        added to ``failed``.  The caller closes it once the removals are over.
         """
         if not self.policy.keeping:
             return None
@@ -163,15 +164,16 @@ class ShareVersions:
             except OSError as e:
                 failed.append((path, e.strerror or str(e)))
                 raise
-        return keep
+        return KeepJob(keep, batch)
 
     def replacer(self, jobs: dict[str, tuple[str, FileRecord, FileRecord]]
-                 ) -> Callable[[Path], None] | None:
+                 ) -> KeepJob | None:
         """The job keeping what a download is about to be renamed over, or None.
 
         ``jobs`` maps each local path to (share path, our record, the
         peer's record replacing it).  The job raises OSError when the file
-        cannot be kept: that download is then not put in place.
+        cannot be kept: that download is then not put in place.  The caller
+        closes it once the installs are over.
         """
         if not self.policy.keeping or not jobs:
             return None
@@ -185,7 +187,7 @@ class ShareVersions:
             path, ours, theirs = job
             store.keep(str(target), path, now, sha256=ours.sha256, move=False,
                        peer=author(theirs, ours), batch=batch)
-        return keep
+        return KeepJob(keep, batch)
 
     def keeper(self, cause: str) -> Callable[[str, str, bool], None] | None:
         """The job keeping a file a user's command replaces or removes (``cause``), or

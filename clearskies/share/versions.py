@@ -31,6 +31,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,8 @@ class DescriptionBatch:
     """Where the versions one job keeps are described: lines of one ``<ID>.jsonl`` file.
 
     Made where the job is planned (no I/O), used by that job alone, in turn.
-    Its file stays open while it is in use; it closes when the job lets go
-    of it (or when full, for the next file).
+    Its file stays open while it is in use; the job's owner closes it when
+    the job is over (:class:`KeepJob`), and a full one closes for the next file.
     """
 
     def __init__(self) -> None:
@@ -131,8 +132,24 @@ class DescriptionBatch:
             if self._open_in is not None:
                 self._open_in.discard(self.name or "")
 
-    def __del__(self) -> None:
-        self.close()
+
+
+class KeepJob:
+    """What a disk job keeps as versions: ``job(...)`` keeps one file, in the job's thread.
+
+    Its versions are described in one :class:`DescriptionBatch`; whoever runs
+    the job calls :meth:`close` once it is over (on any thread: the job is done).
+    """
+
+    def __init__(self, keep: Callable[..., None], batch: DescriptionBatch) -> None:
+        self._keep = keep
+        self.batch = batch
+
+    def __call__(self, *args: Any) -> None:
+        self._keep(*args)
+
+    def close(self) -> None:
+        self.batch.close()
 
 
 def new_version_id(now: float) -> str:
@@ -533,5 +550,5 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["VERSION_ID", "DescriptionBatch", "RestoreRefused", "Version", "VersionError",
+__all__ = ["VERSION_ID", "DescriptionBatch", "KeepJob", "RestoreRefused", "Version", "VersionError",
            "VersionStore", "new_version_id"]

@@ -272,12 +272,16 @@ class Downloads:
                    for (receiver, _, _), (ok, on_disk) in zip(batch, checks) if ok]
         # The share's watcher then knows the renames it is about to see are ours.
         self.share.expect_own_renames([receiver.expected.path for receiver, _ in checked])
+        keep = None
         try:
             keep = await self.share.keeper_for(  # kept versions of what gets replaced
                 [receiver.expected for receiver, _ in checked], ours)
             installed_now = await finish_many(self.share.files_runner, checked, keep)
         except Exception:
             installed_now = [Failure()] * len(checked)
+        finally:
+            if keep is not None:
+                keep.close()  # the job is over: the file describing its versions too
         self.share.own_renames_failed([
             receiver.expected.path for (receiver, _), result in zip(checked, installed_now)
             if isinstance(result, Failure) or result.status != OK])
