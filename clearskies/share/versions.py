@@ -133,7 +133,6 @@ class DescriptionBatch:
                 self._open_in.discard(self.name or "")
 
 
-
 class KeepJob:
     """What a disk job keeps as versions: ``job(...)`` keeps one file, in the job's thread.
 
@@ -550,5 +549,5 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["VERSION_ID", "DescriptionBatch", "KeepJob", "RestoreRefused", "Version", "VersionError",
-           "VersionStore", "new_version_id"]
+__all__ = ["VERSION_ID", "DescriptionBatch", "KeepJob", "RestoreRefused", "Version",
+           "VersionError", "VersionStore", "new_version_id"]
