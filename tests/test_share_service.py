@@ -362,6 +362,34 @@ class RealReactorTests(TestCase):
         await self.run_service(exercise)
 
     @async_test
+    async def test_a_new_ignored_folder_gets_no_watch(self):
+        """A folder the ignore rules exclude, made while the share runs (``npm install``
+        making ``node_modules``), uses none of the user's inotify watches; a new folder
+        that is not ignored is watched, and what is written in it announced."""
+        async def exercise(service, root, announced):
+            with open(os.path.join(root, ".clearskiesignore"), "w") as f:
+                f.write("node_modules/\n")
+            service.startService()
+            await self.wait_until(lambda: service.status.state == "idle"
+                                  and service.status.watching, "idle and watching")
+            for folder in ("node_modules/pkg/lib", "src/lib"):
+                os.makedirs(os.path.join(root, folder))
+            watched = service._watcher._watched
+            await self.wait_until(lambda: "src/lib" in watched, "the new folder watched")
+            self.assertEqual([w for w in watched if w.startswith("node_modules")], [])
+            with open(os.path.join(root, "src", "lib", "a.txt"), "wb") as f:
+                f.write(b"a")
+            with open(os.path.join(root, "node_modules", "pkg", "b.txt"), "wb") as f:
+                f.write(b"b")
+            await self.wait_until(lambda: "src/lib/a.txt" in [r.path for r in announced],
+                                  "the new file announced")
+            self.assertEqual([r.path for r in announced if r.path.startswith("node_modules")],
+                             [])
+            self.assertEqual([w for w in watched if w.startswith("node_modules")], [])
+
+        await self.run_service(exercise)
+
+    @async_test
     async def test_changes_the_watcher_holds_are_pending_until_scanned(self):
         """Files just written are pending at once (events read now), and no longer once scanned."""
         async def exercise(service, root, announced):
