@@ -117,9 +117,8 @@ class ShareService(Service):
         self.expected_arrivals = ExpectedArrivals(reactor)
         self._watcher = (InotifyWatcher(reactor, share.path, self.path_changed,
                                         self._events_lost, self._root_changed,
-                                        self.expected_arrivals,
-                                        on_closed=lambda p: self.path_changed(p, closed=True),
-                                        ignored=lambda p: self.is_ignored(p, True))
+                                        self.expected_arrivals, self.is_ignored,
+                                        on_closed=lambda p: self.path_changed(p, closed=True))
                          if use_inotify and InotifyWatcher.available() else None)
         self._error_retry = error_retry
         self._error_tries = 0  # failed scans in a row: the retry backs off

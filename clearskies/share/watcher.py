@@ -314,12 +314,12 @@ class InotifyWatcher:
     def __init__(self, reactor: IReactorFDSet, root: str, on_change: Callable[[str], None],
                  on_overflow: Callable[[], None], on_root_changed: Callable[[], None],
                  expected: ExpectedArrivals | None = None,
-                 on_closed: Callable[[str], None] | None = None,
-                 ignored: Callable[[str], bool] | None = None) -> None:
+                 ignored: Callable[[str, bool], bool] | None = None,
+                 on_closed: Callable[[str], None] | None = None) -> None:
         """``on_closed(path)``, if given, replaces ``on_change(path)`` for a file
-        whose writer just closed it.  ``ignored(path)``: True for a new directory
-        the share ignores, which gets no watch (a ``node_modules`` of 10,000
-        folders would use as many of the user's inotify watches, for nothing)."""
+        whose writer just closed it.  ``ignored(path, is_dir)``: True for a path
+        the share ignores; such a new directory gets no watch (a ``node_modules``
+        of 10,000 folders would use as many of the user's inotify watches)."""
         self._reactor = reactor
         self.root = os.path.realpath(root)
         self._on_change = on_change
@@ -327,7 +327,7 @@ class InotifyWatcher:
         self._on_overflow = on_overflow
         self._on_root_changed = on_root_changed
         self.expected = expected
-        self._ignored = ignored or (lambda path: False)
+        self._ignored = ignored or (lambda path, is_dir: False)
         self._notifier: _ShareINotify | None = None
         self._watched: set[str] = set()
         self.complete = False  # every directory handed to us is watched
@@ -448,7 +448,7 @@ class InotifyWatcher:
         if mask & inotify.IN_ISDIR:
             if mask & inotify.IN_MOVED_FROM:
                 self._unwatch_tree(path)
-            elif mask & _NEW_DIR and not self._ignored(path):
+            elif mask & _NEW_DIR and not self._ignored(path, True):
                 self._watch(path)
         elif mask & inotify.IN_MOVED_TO and self.expected is not None \
                 and self.expected.arrived(path):
