@@ -1,11 +1,14 @@
 """The tracker registry: registrations, expiry, bounds and fast_track notifications."""
 
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from clearskies.errors import ProtocolError
 from clearskies.addresses import Address, parse_tracker_entry
+from clearskies.tracker import registry as registry_module
 from clearskies.tracker.registry import CapacityError, Registry, canonical_host
 
 A = "a" * 64
@@ -487,3 +490,33 @@ def test_an_answer_shares_a_bounded_number_of_addresses_among_its_ids():
     # A stream's updates use the same share as its first answer.
     sub = registry.subscribe([(share_id, P3) for share_id in ids], lambda ids: None, "192.0.2.7")
     assert [len(v) for v in registry.others_for(sub, ids).values()] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("max_others", [3, 30])  # lists that fill up / that never do
+def test_kept_answer_lists_always_match_a_fresh_listing(monkeypatch, max_others):
+    """Crowded IDs' answer lists are kept between requests; whatever registrations come,
+    refresh, move to other ports or expire, every answer equals one listed afresh."""
+    monkeypatch.setattr(registry_module, "ANSWER_CACHE_MIN_PEERS", 1)
+    monkeypatch.setattr(registry_module, "ANSWER_CACHE_IDS", 4)  # evictions too
+    rng = random.Random(7)
+    registry = Registry(ttl=50, max_others=max_others, max_ids_per_request=2,
+                        max_listed_per_source=3, max_listed_per_prefix=5)
+    ids = ["%064x" % n for n in range(5)]
+    peers = ["%032x" % n for n in range(12)]
+    hosts = ["10.0.%d.%d" % (n // 4, n % 4 + 1) for n in range(24)]
+    for step in range(3000):
+        share_ids = rng.sample(ids, rng.randint(1, 2))
+        pairs = [(share_id, rng.choice(peers)) for share_id in share_ids]
+        try:
+            registry.register(pairs, rng.choice(hosts), rng.choice([4000, 4001]), None,
+                              step / 10)
+        except CapacityError:
+            pass
+        exclude = {rng.choice(peers)}
+        for share_id in rng.sample(ids, len(ids)):
+            kept = share_id in registry._answers
+            answer, listed = registry.others(share_id, exclude), list(
+                registry._candidates(share_id))
+            registry._answers.pop(share_id, None)  # listed afresh, and kept again
+            assert listed == registry._candidates(share_id), (step, kept)
+            assert answer == registry.others(share_id, exclude), (step, kept)
