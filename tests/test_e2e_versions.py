@@ -114,6 +114,9 @@ def test_restore_at_a_time_and_bad_input(daemon_factory):
     assert bob.cli_json("versions", str(b))["versions"] == []
     result = bob.cli("restore", str(b / "notes.txt"), check=False)
     assert result.returncode == 1 and "no version of notes.txt" in result.stderr
+    # Alice has what Bob restored before she edits again (edited while that download is
+    # on its way, her edit and his restore are concurrent: a conflict copy, no version).
+    wait_same_trees(a, b)
     (a / "notes.txt").write_bytes(b"v4")
     wait_until(lambda: (b / "notes.txt").read_bytes() == b"v4", timeout=30,
                message="bob getting v4")
