@@ -16,7 +16,8 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -84,9 +85,10 @@ class BatchWriter:
     the writer fails or closes).  With ``wake`` (the reactor's
     ``callFromThread``) it is resumed as soon as the job has taken the queued
     batches, so the next data is read and decrypted while they are written.
-    The writer owns the descriptor it was given once :meth:`close` is called.  Without a producer, or if it keeps
-    delivering, more than ``OVERRUN_FACTOR * max_queued`` waiting batches
-    fail the download with :class:`WriterOverrun`.
+    The writer owns the descriptor it was given once :meth:`close` is called.
+    Without a producer, or if it keeps delivering, more than
+    ``OVERRUN_FACTOR * max_queued`` waiting batches fail the download with
+    :class:`WriterOverrun`.
     """
 
     _log = Logger()

@@ -55,6 +55,8 @@ class KeptVersionTests(PeerKitCase):
     async def descriptions_closed(self) -> None:
         """Wait until no file describing kept versions is open (the keeping job is over:
         a file left open would stay on disk, unremovable, after its versions went)."""
+        if not os.path.isdir("/proc/self/fd"):
+            return  # (no way to list open files here)
         folder = os.path.join(str(self.share_dir), ".clearskies-versions", "")
 
         def open_ones() -> list[str]:

@@ -109,6 +109,11 @@ class Downloads:
         # wrong, the next pump must not run into it again at once, forever.
         self.wanted.failed(path, peer_id, self.clock.seconds())
 
+    def _receiver(self, local_path: Path, record: FileRecord) -> FileReceiver:
+        return FileReceiver(self.share.root, local_path, record, runner=self.share.files_runner,
+                            buffer_limit=SMALL_FILE, sealer=self._buffered_seals(),
+                            unwritable=self.unwritable_files, wake=self._wake)
+
     async def start(self, session: ISyncSession, wanted: Wanted) -> None:
         record = wanted.record
         try:
@@ -127,10 +132,7 @@ class Downloads:
             self._pump_at(now, now)  # its window slot is free: the next files go
             return
         copy = await self.copies.find(record)
-        receiver = FileReceiver(self.share.root, local_path, record,
-                                runner=self.share.files_runner,
-                                buffer_limit=SMALL_FILE, sealer=self._buffered_seals(),
-                                unwritable=self.unwritable_files, wake=self._wake)
+        receiver = self._receiver(local_path, record)
         if copy is not None:
             try:
                 await receiver.copy_local(copy)
@@ -145,10 +147,7 @@ class Downloads:
                 self._log.info("local copy for {path} is gone ({why}); fetching it",
                                path=record.path, why=e.strerror)
                 receiver.abort(keep_partial=False)
-                receiver = FileReceiver(self.share.root, local_path, record,
-                                        runner=self.share.files_runner, buffer_limit=SMALL_FILE,
-                                        sealer=self._buffered_seals(),
-                                        unwritable=self.unwritable_files, wake=self._wake)
+                receiver = self._receiver(local_path, record)
                 copy = None
         if copy is not None or record.size == 0:
             # Content already here (or nothing to fetch): no network needed.

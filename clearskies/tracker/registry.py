@@ -134,15 +134,18 @@ class _Entry:
 class _Answer:
     """One ID's answer list kept between requests, with what it was cut by."""
 
-    __slots__ = ("found", "places", "from_source", "from_prefix", "full")
+    __slots__ = ("found", "places", "from_source", "from_prefix", "room")
 
     def __init__(self, found: list[tuple[str, list[str]]], keys: list[tuple[str, str, str]],
-                 from_source: dict[str, int], from_prefix: dict[str, int], limit: int) -> None:
+                 from_source: dict[str, int], from_prefix: dict[str, int],
+                 room: tuple[int, int] | None) -> None:
+        """``room``: (peers listed per source, per prefix) when the list is not full,
+        else None (nothing added later is listed)."""
         self.found = found
         self.places = {key: index for index, key in enumerate(keys)}  # listed key -> index
         self.from_source = from_source
         self.from_prefix = from_prefix
-        self.full = len(found) >= limit
+        self.room = room
 
     def relist(self, entry: _Entry) -> None:
         """A registration's addresses changed: its line, if listed, says the new ones."""
@@ -150,11 +153,11 @@ class _Answer:
         if index is not None:
             self.found[index] = (entry.key[1], entry.listed())
 
-    def would_list(self, entry: _Entry, registry: Registry) -> bool:
+    def would_list(self, entry: _Entry) -> bool:
         """Whether a registration added at the end of the ID's table would be listed."""
-        return not self.full \
-            and self.from_source.get(entry.key[2], 0) < registry.max_listed_per_source \
-            and self.from_prefix.get(entry.prefix, 0) < registry.max_listed_per_prefix
+        return self.room is not None \
+            and self.from_source.get(entry.key[2], 0) < self.room[0] \
+            and self.from_prefix.get(entry.prefix, 0) < self.room[1]
 
 
 class Subscription:
@@ -487,7 +490,7 @@ class Registry:
     def _add_to_id(self, entry: _Entry) -> None:
         share_id = entry.key[0]
         answer = self._answers.get(share_id)
-        if answer is not None and answer.would_list(entry, self):
+        if answer is not None and answer.would_list(entry):
             del self._answers[share_id]  # (it comes last: only then would it be listed)
         held = self._by_id.get(share_id)
         if held is None:
@@ -597,7 +600,9 @@ class Registry:
         if self._sharing:
             self._listing[share_id] = found
         if len(found) >= ANSWER_CACHE_MIN_PEERS:
-            self._answers[share_id] = _Answer(found, keys, from_source, from_prefix, limit)
+            room = None if len(found) >= limit else (
+                self.max_listed_per_source, self.max_listed_per_prefix)
+            self._answers[share_id] = _Answer(found, keys, from_source, from_prefix, room)
             if len(self._answers) > ANSWER_CACHE_IDS:
                 self._answers.popitem(last=False)
         return found
